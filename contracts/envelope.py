@@ -1,0 +1,272 @@
+"""The CloudEvents 1.0 envelope in the Kafka *binary* binding.
+
+Every message on every driftloop topic is one CloudEvent: the attributes travel as ``ce_*`` headers,
+``content-type`` is ``application/json``, and the value is the JSON payload. Any CloudEvents SDK can read
+it. Payload classes subclass :class:`EventPayload`; their ``event_type`` names them on the wire and their
+``topic`` says where they are published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SPEC_VERSION = "1.0"
+CONTENT_TYPE = "application/json"
+TYPE_PREFIX = "io.driftloop."
+DEFAULT_MAX_EVENT_BYTES = 1_000_000
+
+HeaderList = list[tuple[str, bytes]]
+
+
+class EventPayload(BaseModel):
+    """Base of every event payload: frozen, no unknown fields, described fields, a wire name and a topic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=False)
+
+    # Set on each concrete payload class (see contracts/<family>.py).
+    event_name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    topic: ClassVar[str] = ""
+
+    @classmethod
+    def event_type(cls) -> str:
+        """The CloudEvents ``type`` attribute, e.g. ``io.driftloop.TrainingCompleted.v1``."""
+        return f"{TYPE_PREFIX}{cls.event_name or cls.__name__}.v{cls.version}"
+
+
+P = TypeVar("P", bound=EventPayload)
+
+
+# --- decoding errors: typed, so a consumer can dead-letter with a precise reason -------------------
+
+
+class MalformedEvent(ValueError):
+    """A message that cannot become a valid event. ``reason`` is a short machine-readable code."""
+
+    reason: str = "malformed"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class OversizedEvent(MalformedEvent):
+    reason = "oversized"
+
+
+class MissingAttribute(MalformedEvent):
+    reason = "missing-attribute"
+
+
+class NotJson(MalformedEvent):
+    reason = "not-json"
+
+
+class UnknownEventType(MalformedEvent):
+    reason = "unknown-type"
+
+
+class UnknownSchemaVersion(MalformedEvent):
+    reason = "unknown-schema-version"
+
+
+class SchemaInvalid(MalformedEvent):
+    reason = "schema-invalid"
+
+
+# --- the envelope ---------------------------------------------------------------------------------
+
+
+def new_event_id() -> str:
+    """A fresh event id: a random UUID (time-ordered ids are not needed; Kafka offsets give order)."""
+    return str(uuid.uuid4())
+
+
+class CloudEvent(BaseModel, Generic[P]):
+    """One event: the CloudEvents attributes plus a typed payload in ``data``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_event_id, description="Unique event id (CloudEvents `id`).")
+    source: str = Field(description="URI-reference of the producer, e.g. `/driftloop/registry`.")
+    type: str = Field(description="Event type, e.g. `io.driftloop.TrainingCompleted.v1`.")
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC), description="When it happened (UTC).")
+    subject: str | None = Field(default=None, description="The model name the event is about.")
+    specversion: str = Field(default=SPEC_VERSION, description="CloudEvents spec version.")
+    datacontenttype: str = Field(default=CONTENT_TYPE, description="Always `application/json`.")
+    correlationid: str = Field(description="Id of the root event of the cascade this event belongs to.")
+    causationid: str | None = Field(default=None, description="Id of the event that directly caused this.")
+    actor: str | None = Field(default=None, description="Who asked, for manual commands (`user:alice`).")
+    data: P = Field(description="The typed payload.")
+
+    @property
+    def topic(self) -> str:
+        return type(self.data).topic
+
+    @property
+    def key(self) -> bytes | None:
+        """Kafka key: the model name, so each model's events stay in order on one partition."""
+        return self.subject.encode() if self.subject else None
+
+    def payload_bytes(self) -> bytes:
+        return orjson.dumps(self.data.model_dump(mode="json"))
+
+    def payload_sha256(self) -> str:
+        return hashlib.sha256(self.payload_bytes()).hexdigest()
+
+    def to_kafka(self) -> tuple[bytes | None, bytes, HeaderList]:
+        """(key, value, headers) in the CloudEvents Kafka binary binding."""
+        headers: HeaderList = [
+            ("ce_specversion", self.specversion.encode()),
+            ("ce_id", self.id.encode()),
+            ("ce_source", self.source.encode()),
+            ("ce_type", self.type.encode()),
+            ("ce_time", self.time.astimezone(UTC).isoformat().replace("+00:00", "Z").encode()),
+            ("content-type", self.datacontenttype.encode()),
+            ("ce_correlationid", self.correlationid.encode()),
+        ]
+        if self.subject is not None:
+            headers.append(("ce_subject", self.subject.encode()))
+        if self.causationid is not None:
+            headers.append(("ce_causationid", self.causationid.encode()))
+        if self.actor is not None:
+            headers.append(("ce_actor", self.actor.encode()))
+        return self.key, self.payload_bytes(), headers
+
+
+def new_event(
+    payload: P,
+    *,
+    source: str,
+    subject: str | None = None,
+    cause: CloudEvent[Any] | None = None,
+    actor: str | None = None,
+    event_id: str | None = None,
+) -> CloudEvent[P]:
+    """Wrap a payload. With ``cause``, the new event joins the cause's cascade (correlation) and
+    names it as its direct cause; the actor is inherited unless given."""
+    eid = event_id or new_event_id()
+    return CloudEvent[P](
+        id=eid,
+        source=source,
+        type=type(payload).event_type(),
+        subject=subject if subject is not None else (cause.subject if cause else None),
+        correlationid=cause.correlationid if cause else eid,
+        causationid=cause.id if cause else None,
+        actor=actor if actor is not None else (cause.actor if cause else None),
+        data=payload,
+    )
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class EventTypeRegistry:
+    """Maps wire types to payload classes, with upcasters from old versions to the current one."""
+
+    def __init__(self, payload_classes: Sequence[type[EventPayload]] = ()) -> None:
+        self._classes: dict[str, type[EventPayload]] = {}
+        self._upcasters: dict[str, tuple[Upcaster, str]] = {}
+        for cls in payload_classes:
+            self.register(cls)
+
+    def register(self, cls: type[EventPayload]) -> None:
+        self._classes[cls.event_type()] = cls
+
+    def register_upcaster(self, old_type: str, new_type: str, upcast: Upcaster) -> None:
+        """``old_type`` payloads are converted by ``upcast`` and read as ``new_type``."""
+        self._upcasters[old_type] = (upcast, new_type)
+
+    def classes(self) -> list[type[EventPayload]]:
+        return list(self._classes.values())
+
+    def resolve(self, ce_type: str, payload: dict[str, Any]) -> tuple[str, type[EventPayload], dict[str, Any]]:
+        seen = set()
+        while ce_type in self._upcasters and ce_type not in seen:
+            seen.add(ce_type)
+            upcast, ce_type = self._upcasters[ce_type]
+            payload = upcast(payload)
+        cls = self._classes.get(ce_type)
+        if cls is not None:
+            return ce_type, cls, payload
+        base, _, version = ce_type.rpartition(".v")
+        if base and version.isdigit() and any(t.rpartition(".v")[0] == base for t in self._classes):
+            raise UnknownSchemaVersion(f"event type {ce_type!r} has a schema version this consumer does not know")
+        raise UnknownEventType(f"unknown event type {ce_type!r}")
+
+    def decode(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes],
+        *,
+        max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> CloudEvent[Any]:
+        """Kafka record -> CloudEvent, or a :class:`MalformedEvent` saying exactly what is wrong."""
+        if value is not None and len(value) > max_bytes:
+            raise OversizedEvent(f"payload is {len(value)} bytes, the limit is {max_bytes}")
+        hdr = dict(headers.items() if isinstance(headers, Mapping) else headers)
+
+        def attr(name: str, *, required: bool = True) -> str | None:
+            raw = hdr.get(name)
+            if raw is None:
+                if required:
+                    raise MissingAttribute(f"header {name!r} is missing: not a CloudEvents binary-mode message")
+                return None
+            try:
+                return raw.decode()
+            except UnicodeDecodeError as exc:
+                raise MissingAttribute(f"header {name!r} is not UTF-8") from exc
+
+        ce_type = attr("ce_type")
+        ce_id = attr("ce_id")
+        source = attr("ce_source")
+        specversion = attr("ce_specversion")
+        assert ce_type is not None and ce_id is not None and source is not None
+        if specversion != SPEC_VERSION:
+            raise MalformedEvent(f"ce_specversion is {specversion!r}, expected {SPEC_VERSION!r}")
+        content_type = attr("content-type", required=False) or CONTENT_TYPE
+        if content_type.split(";")[0].strip() != CONTENT_TYPE:
+            raise NotJson(f"content-type is {content_type!r}, expected {CONTENT_TYPE!r}")
+        if value is None:
+            raise NotJson("the message has no value")
+        try:
+            payload = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise NotJson(f"value is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise SchemaInvalid(f"payload must be a JSON object, got {type(payload).__name__}")
+        ce_type, cls, payload = self.resolve(ce_type, payload)
+        try:
+            data = cls.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(root)"
+            raise SchemaInvalid(
+                f"{cls.__name__} payload is invalid at {where}: {first['msg']} ({exc.error_count()} error(s))"
+            ) from exc
+        raw_time = attr("ce_time", required=False)
+        try:
+            time = datetime.fromisoformat(raw_time.replace("Z", "+00:00")) if raw_time else datetime.now(UTC)
+        except ValueError as exc:
+            raise MalformedEvent(f"ce_time {raw_time!r} is not an RFC 3339 timestamp") from exc
+        correlationid = attr("ce_correlationid", required=False) or ce_id
+        return CloudEvent[Any](
+            id=ce_id,
+            source=source,
+            type=ce_type,
+            time=time,
+            subject=attr("ce_subject", required=False),
+            correlationid=correlationid,
+            causationid=attr("ce_causationid", required=False),
+            actor=attr("ce_actor", required=False),
+            data=data,
+        )
