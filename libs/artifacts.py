@@ -1,0 +1,205 @@
+"""A content-addressed artifact store, and the only way models are saved and loaded.
+
+Keys are sha256 hashes of the content, never user paths, and every read verifies the hash. The store
+is a local folder by default and any fsspec URL (``s3://bucket/prefix``, ``gcs://...``) when configured.
+Models are written with skops and loaded only if every type in them is on an explicit trusted list;
+pickle and joblib blobs are refused before any of their bytes are interpreted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1024 * 1024
+
+# Types a driftloop model may contain beyond what skops trusts by default: the estimators, transformers
+# and numpy/scipy pieces that the training service's specs can build. Anything else is refused.
+TRUSTED_TYPES: frozenset[str] = frozenset(
+    {
+        "builtins.slice",
+        "collections.OrderedDict",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.float64",
+        "numpy.int64",
+        "numpy.random._mt19937.MT19937",
+        "numpy.random.mtrand.RandomState",
+        "scipy.sparse._csr.csr_matrix",
+        "sklearn.compose._column_transformer.ColumnTransformer",
+        "sklearn.compose._column_transformer._RemainderColsList",
+        "sklearn.pipeline.Pipeline",
+        "sklearn.preprocessing._encoders.OneHotEncoder",
+        "sklearn.preprocessing._data.StandardScaler",
+        "sklearn.impute._base.SimpleImputer",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.linear_model._ridge.Ridge",
+        "sklearn.linear_model._base.LinearRegression",
+        "sklearn.ensemble._forest.RandomForestClassifier",
+        "sklearn.ensemble._forest.RandomForestRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn._loss.link.Interval",
+        "sklearn._loss.link.IdentityLink",
+        "sklearn._loss.link.LogitLink",
+        "sklearn._loss.link.MultinomialLogit",
+        "sklearn._loss.loss.HalfBinomialLoss",
+        "sklearn._loss.loss.HalfMultinomialLoss",
+        "sklearn._loss.loss.HalfSquaredError",
+        "sklearn.tree._classes.DecisionTreeClassifier",
+        "sklearn.tree._classes.DecisionTreeRegressor",
+        "sklearn.tree._tree.Tree",
+        "sklearn.dummy.DummyClassifier",
+        "sklearn.dummy.DummyRegressor",
+    }
+)
+
+
+class ArtifactError(Exception):
+    """Base of artifact store errors."""
+
+
+class ArtifactNotFound(ArtifactError):
+    """No artifact has that key."""
+
+
+class ArtifactCorrupted(ArtifactError):
+    """The stored bytes no longer hash to their key: the artifact was modified or damaged."""
+
+
+class UntrustedArtifact(ArtifactError):
+    """The blob is not a skops file, or holds types outside the trusted list."""
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """Where an artifact is: its key (sha256), its size and a URI for people."""
+
+    sha256: str
+    size: int
+    uri: str
+
+
+def check_key(key: str) -> str:
+    """Keys are hashes; anything else (a path, ``..``) is refused before it reaches the file system."""
+    if not _SHA256.match(key):
+        raise ArtifactNotFound(f"{key!r} is not an artifact key (64 lower-case hex digits)")
+    return key
+
+
+class ArtifactStore:
+    """Content-addressed blobs under ``<root>/sha256/<2 hex>/<64 hex>``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _path(self, key: str) -> str:
+        check_key(key)
+        return f"{self.root}/sha256/{key[:2]}/{key}"
+
+    def uri(self, key: str) -> str:
+        return f"{self.url}/sha256/{key[:2]}/{key}"
+
+    def put(self, data: bytes) -> StoredArtifact:
+        """Store bytes; storing the same content twice is a no-op."""
+        return self.put_chunks([data])
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> StoredArtifact:
+        """Store a stream of chunks without holding it in memory; returns its key once hashed."""
+        digest = hashlib.sha256()
+        size = 0
+        tmp = f"{self.root}/tmp/{uuid.uuid4().hex}"
+        self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
+        with self.fs.open(tmp, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        key = digest.hexdigest()
+        final = self._path(key)
+        if self.fs.exists(final):
+            self.fs.rm(tmp)
+        else:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(tmp, final)
+        return StoredArtifact(key, size, self.uri(key))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def get(self, key: str) -> bytes:
+        """The artifact's bytes, verified against its key."""
+        data = b"".join(self.stream(key))
+        return data
+
+    def verify(self, key: str) -> int:
+        """Hash the stored bytes; returns the size, or raises :class:`ArtifactCorrupted`."""
+        return sum(len(c) for c in self.stream(key))
+
+    def stream(self, key: str) -> Iterator[bytes]:
+        """Chunks of the artifact; the last step verifies the hash, so a consumer never silently gets
+        modified bytes (verify first with :meth:`verify` when nothing may be sent before the check)."""
+        path = self._path(key)
+        if not self.fs.exists(path):
+            raise ArtifactNotFound(f"no artifact {key}")
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                yield chunk
+        if digest.hexdigest() != key:
+            raise ArtifactCorrupted(
+                f"artifact {key} is corrupted: its content hashes to {digest.hexdigest()}; "
+                "restore it from a backup or retrain"
+            )
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+_PICKLE_PROTOCOL = re.compile(rb"^\x80[\x02-\x05]")
+
+
+def dump_model(model: Any) -> bytes:
+    """Serialise a fitted scikit-learn object with skops."""
+    import skops.io
+
+    return bytes(skops.io.dumps(model))
+
+
+def load_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) -> Any:
+    """Load a skops blob, refusing pickles and any type not in ``trusted`` — before running any of it."""
+    import skops.io
+
+    if _PICKLE_PROTOCOL.match(data) or data[:1] in (b"(", b"]", b"}"):
+        raise UntrustedArtifact("the artifact is a pickle (or joblib) stream; only skops files are loaded")
+    if not data.startswith(b"PK"):
+        raise UntrustedArtifact("the artifact is not a skops file (no zip header)")
+    try:
+        untrusted = skops.io.get_untrusted_types(data=data)
+    except Exception as exc:
+        raise UntrustedArtifact(f"the artifact is not a readable skops file: {exc}") from exc
+    refused = sorted(set(untrusted) - trusted)
+    if refused:
+        raise UntrustedArtifact(f"the model holds types that are not trusted: {', '.join(refused)}")
+    return skops.io.load(io.BytesIO(data), trusted=list(untrusted))
+
+
+def save_model(store: ArtifactStore, model: Any) -> StoredArtifact:
+    """Store a model as a skops artifact."""
+    return store.put(dump_model(model))
+
+
+def load_model(store: ArtifactStore, key: str, *, trusted: frozenset[str] = TRUSTED_TYPES) -> Any:
+    """Load a model by key: hash verified, skops only, trusted types only."""
+    return load_model_bytes(store.get(key), trusted=trusted)

@@ -1,0 +1,281 @@
+"""The transport-independent heart of the bus: subscriptions, deliveries, and the dispatch rules.
+
+One :class:`Dispatcher` decides what happens to each record — decode, dedupe through the inbox, run the
+handler in a transaction, retry, dead-letter — whether the records come from Kafka
+(:mod:`libs.bus.kafka`) or from the in-memory bus used in unit tests (:mod:`libs.bus.memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, MalformedEvent
+from libs.bus import metrics
+from libs.logging import bound, get_logger
+
+log = get_logger(__name__)
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message as it came off a topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A record and the event decoded from it (``event`` is None only in raw subscriptions)."""
+
+    record: Record
+    event: CloudEvent[Any] | None
+    error: MalformedEvent | None = None
+
+
+class Transaction(Protocol):
+    """What a handler gets: the open database transaction and a way to emit events inside it."""
+
+    conn: Any
+
+    async def publish(self, event: CloudEvent[Any]) -> None:
+        """Emit an event; it leaves only if the transaction commits (transactional outbox)."""
+        ...
+
+
+class Claim(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REUSED_ID = "reused-id"
+
+
+class InboxTransaction(Transaction, Protocol):
+    """A transaction that can also record handled events in the inbox."""
+
+    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        """Record (event_id, payload_sha256) pairs; say for each whether it is new, a duplicate or reused."""
+        ...
+
+
+TransactionFactory = Callable[[], AbstractAsyncContextManager[InboxTransaction]]
+Handler = Callable[[CloudEvent[Any], Transaction], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Delivery], Transaction], Awaitable[None]]
+
+
+class DeadLetterSink(Protocol):
+    """Where records that cannot be handled go, with the reason; returns once the write is durable."""
+
+    async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None: ...
+
+
+class PermanentError(Exception):
+    """Raised by a handler when retrying cannot help (the event is wrong, not the world)."""
+
+
+class ReusedEventId(PermanentError):
+    """An event id seen before arrived with a different payload."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors of the infrastructure (database or broker unreachable) rather than of the event.
+
+    These are retried without limit: dead-lettering a good event because Postgres restarted would lose it.
+    """
+    import asyncpg
+
+    transient_pg = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.InterfaceError,
+        asyncpg.AdminShutdownError,
+        asyncpg.SerializationError,
+        asyncpg.DeadlockDetectedError,
+    )
+    return isinstance(exc, (*transient_pg, ConnectionError, OSError, asyncio.TimeoutError))
+
+
+@dataclass
+class Subscription:
+    """A consumer group, the topics it reads, and what to do with each event type.
+
+    ``handlers`` map payload classes to per-event handlers. A ``batch_handler`` instead receives every
+    handled event of one poll in one transaction (for high-volume topics). ``raw`` subscriptions get
+    every record, undecodable ones too, and keep their own dedupe (the audit trail does).
+    """
+
+    consumer: str
+    topics: Sequence[str]
+    handlers: Mapping[type[EventPayload], Handler] = field(default_factory=dict)
+    batch_handler: BatchHandler | None = None
+    batch_types: frozenset[type[EventPayload]] | None = None
+    raw: bool = False
+    max_retries: int = 3
+    retry_backoff_s: float = 0.2
+    max_event_bytes: int = 1_000_000
+
+    def wants(self, payload_type: type[EventPayload]) -> bool:
+        if self.batch_handler is not None:
+            return self.batch_types is None or payload_type in self.batch_types
+        return payload_type in self.handlers
+
+
+class Dispatcher:
+    """Applies one subscription's rules to batches of records. Returns only when each record is settled:
+    handled, skipped as duplicate or not wanted, or durably dead-lettered."""
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        *,
+        registry: EventTypeRegistry,
+        begin: TransactionFactory,
+        dead_letters: DeadLetterSink,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.sub = subscription
+        self.registry = registry
+        self.begin = begin
+        self.dead_letters = dead_letters
+        self.stopping = stopping
+
+    async def dispatch(self, records: Sequence[Record]) -> None:
+        """Settle every record, in order."""
+        if not records:
+            return
+        for r in records:
+            metrics.CONSUMED.labels(self.sub.consumer, r.topic).inc()
+        deliveries: list[Delivery] = []
+        for r in records:
+            try:
+                event = self.registry.decode(r.value, r.headers, max_bytes=self.sub.max_event_bytes)
+            except MalformedEvent as exc:
+                if self.sub.raw:
+                    deliveries.append(Delivery(r, None, exc))
+                else:
+                    await self._dead_letter(r, exc.reason, exc.detail)
+                continue
+            if self.sub.raw or self.sub.wants(type(event.data)):
+                deliveries.append(Delivery(r, event))
+            else:
+                metrics.IGNORED.labels(self.sub.consumer, r.topic).inc()
+        if not deliveries:
+            return
+        if self.sub.batch_handler is not None:
+            await self._dispatch_batch(deliveries)
+        else:
+            for d in deliveries:
+                await self._dispatch_one(d)
+
+    async def _dispatch_one(self, d: Delivery) -> None:
+        assert d.event is not None
+        event = d.event
+        handler = self.sub.handlers[type(event.data)]
+        with bound(event_id=event.id, correlation_id=event.correlationid, event_type=event.type):
+            await self._with_retries(
+                [d],
+                lambda tx, fresh: handler(fresh[0].event, tx) if fresh else _noop(),  # type: ignore[arg-type]
+            )
+
+    async def _dispatch_batch(self, deliveries: list[Delivery]) -> None:
+        handler = self.sub.batch_handler
+        assert handler is not None
+        try:
+            await self._attempt(deliveries, lambda tx, fresh: handler(fresh, tx) if fresh else _noop())
+            return
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("batch failed, isolating the failing event", size=len(deliveries), error=repr(exc))
+        # One poison event must not sink the rest: replay one per transaction.
+        for d in deliveries:
+            await self._with_retries([d], lambda tx, fresh: handler(fresh, tx) if fresh else _noop())
+
+    async def _with_retries(
+        self, deliveries: list[Delivery], run: Callable[[Transaction, list[Delivery]], Awaitable[None]]
+    ) -> None:
+        record = deliveries[0].record
+        attempt = 0
+        transient_delay = self.sub.retry_backoff_s
+        while True:
+            try:
+                await self._attempt(deliveries, run)
+                return
+            except ReusedEventId as exc:
+                await self._dead_letter(record, "reused-event-id", str(exc))
+                return
+            except PermanentError as exc:
+                await self._dead_letter(record, "rejected", f"{type(exc).__name__}: {exc}")
+                return
+            except Exception as exc:
+                if is_transient(exc):
+                    if self.stopping():
+                        raise
+                    # Not the event's fault: wait for the infrastructure, never dead-letter.
+                    log.warning(
+                        "infrastructure unavailable, retrying", error=repr(exc), delay_s=transient_delay
+                    )
+                    metrics.RETRIED.labels(self.sub.consumer, record.topic).inc()
+                    await asyncio.sleep(transient_delay)
+                    transient_delay = min(transient_delay * 2, 5.0)
+                    continue
+                attempt += 1
+                if attempt > self.sub.max_retries:
+                    log.error("handler failed, dead-lettering", attempts=attempt, error=repr(exc))
+                    await self._dead_letter(record, "handler-failed", f"{type(exc).__name__}: {exc}")
+                    return
+                metrics.RETRIED.labels(self.sub.consumer, record.topic).inc()
+                log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
+                await asyncio.sleep(self.sub.retry_backoff_s * 2 ** (attempt - 1))
+
+    async def _attempt(
+        self, deliveries: list[Delivery], run: Callable[[Transaction, list[Delivery]], Awaitable[None]]
+    ) -> None:
+        async with self.begin() as tx:
+            if self.sub.raw:
+                fresh = deliveries
+            else:
+                items = [(d.event.id, d.event.payload_sha256()) for d in deliveries if d.event is not None]
+                claims = await tx.claim(self.sub.consumer, items)
+                fresh = []
+                for d, claim in zip(deliveries, claims, strict=True):
+                    if claim is Claim.NEW:
+                        fresh.append(d)
+                    elif claim is Claim.DUPLICATE:
+                        metrics.DUPLICATES.labels(self.sub.consumer, d.record.topic).inc()
+                    else:
+                        assert d.event is not None
+                        raise ReusedEventId(
+                            f"event id {d.event.id} was handled before with a different payload"
+                        )
+            await run(tx, fresh)
+        for d in fresh:
+            metrics.PROCESSED.labels(self.sub.consumer, d.record.topic).inc()
+
+    async def _dead_letter(self, record: Record, reason: str, error: str) -> None:
+        log.warning(
+            "dead-lettered",
+            reason=reason,
+            error=error,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        await self.dead_letters.dead_letter(record, consumer=self.sub.consumer, reason=reason, error=error)
+        metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
+
+
+async def _noop() -> None:
+    return None

@@ -1,0 +1,197 @@
+"""The bus's Kafka side: an idempotent producer, the dead-letter writer, and the consumer runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from contracts.topics import DEAD_LETTER
+
+from contracts.envelope import CloudEvent, EventTypeRegistry
+from libs.bus import metrics
+from libs.bus.core import Dispatcher, Record, Subscription, TransactionFactory
+from libs.logging import get_logger
+from libs.settings import KafkaSettings
+
+log = get_logger(__name__)
+
+
+class KafkaPublisher:
+    """An idempotent producer (acks=all): a retried send never duplicates a record in the log."""
+
+    def __init__(self, kafka: KafkaSettings, *, linger_ms: int = 2, client_id: str = "driftloop") -> None:
+        self.kafka = kafka
+        self.linger_ms = linger_ms
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.linger_ms,
+            max_request_size=self.kafka.max_event_bytes + 64 * 1024,
+            client_id=self.client_id,
+            **self.kafka.client_options(),  # type: ignore[arg-type]
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("KafkaPublisher.start() was not awaited")
+        return self._producer
+
+    async def publish(self, event: CloudEvent[Any]) -> None:
+        """Send one event and wait for the broker's acknowledgement."""
+        key, value, headers = event.to_kafka()
+        await self.send_many([(event.topic, key, value, headers)])
+
+    async def send_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+    ) -> None:
+        """Send records (in order per partition) and wait until all are acknowledged."""
+        futures = [
+            await self.producer.send(topic, value=value, key=key, headers=headers)
+            for topic, key, value, headers in items
+        ]
+        await asyncio.gather(*futures)
+        for topic, *_ in items:
+            metrics.PUBLISHED.labels(topic).inc()
+
+
+class KafkaDeadLetters:
+    """Writes unhandleable records to the dead-letter topic with their origin and the reason."""
+
+    def __init__(self, publisher: KafkaPublisher, topic: str = DEAD_LETTER) -> None:
+        self.publisher = publisher
+        self.topic = topic
+
+    async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None:
+        headers = [h for h in record.headers if not h[0].startswith("dlq_")]
+        headers += [
+            ("dlq_reason", reason.encode()),
+            ("dlq_error", error[:4000].encode()),
+            ("dlq_consumer", consumer.encode()),
+            ("dlq_origin_topic", record.topic.encode()),
+            ("dlq_origin_partition", str(record.partition).encode()),
+            ("dlq_origin_offset", str(record.offset).encode()),
+        ]
+        await self.publisher.send_many([(self.topic, record.key, record.value or b"", headers)])
+
+
+class ConsumerRunner:
+    """Runs one subscription on Kafka: poll, dispatch, then commit offsets by hand.
+
+    Offsets are committed only after every record of the batch is settled (its transaction committed, or
+    it is durably dead-lettered). If settling fails for reasons outside the event — the database or the
+    broker is away — the runner seeks back and tries the same records again; the inbox makes the retry
+    harmless.
+    """
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        *,
+        kafka: KafkaSettings,
+        registry: EventTypeRegistry,
+        begin: TransactionFactory,
+        dead_letters: KafkaDeadLetters,
+        max_records: int = 500,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        self.sub = subscription
+        self.kafka = kafka
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self._stopping = False
+        self.dispatcher = Dispatcher(
+            subscription,
+            registry=registry,
+            begin=begin,
+            dead_letters=dead_letters,
+            stopping=lambda: self._stopping,
+        )
+        self.consumer: AIOKafkaConsumer | None = None
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, commit, and leave the group."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            *self.sub.topics,
+            group_id=self.sub.consumer,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=max(1_048_576, self.kafka.max_event_bytes * 2),
+            fetch_max_bytes=max(52_428_800, self.kafka.max_event_bytes * 4),
+            **self.kafka.client_options(),  # type: ignore[arg-type]
+        )
+        await self._start_with_retry()
+        try:
+            while not self._stopping:
+                batches = await self.consumer.getmany(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                )
+                if self.consumer.assignment():
+                    self.ready.set()
+                for tp, messages in batches.items():
+                    if not messages:
+                        continue
+                    await self._settle(tp, messages)
+        finally:
+            await self.consumer.stop()
+
+    async def _start_with_retry(self) -> None:
+        assert self.consumer is not None
+        delay = 0.5
+        while True:
+            try:
+                await self.consumer.start()
+                return
+            except KafkaError as exc:
+                if self._stopping:
+                    raise
+                log.warning("broker unavailable, retrying", consumer=self.sub.consumer, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _settle(self, tp: TopicPartition, messages: Sequence[Any]) -> None:
+        assert self.consumer is not None
+        records = [
+            Record(
+                topic=m.topic,
+                partition=m.partition,
+                offset=m.offset,
+                key=m.key,
+                value=m.value,
+                headers=tuple(m.headers or ()),
+                timestamp_ms=m.timestamp,
+            )
+            for m in messages
+        ]
+        try:
+            await self.dispatcher.dispatch(records)
+        except Exception as exc:
+            # Nothing of this batch is committed; read it again after a pause.
+            log.error(
+                "batch not settled, will re-read it", topic=tp.topic, partition=tp.partition, error=repr(exc)
+            )
+            self.consumer.seek(tp, records[0].offset)
+            await asyncio.sleep(1.0)
+            return
+        try:
+            await self.consumer.commit({tp: records[-1].offset + 1})
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partition away: the new owner re-reads, the inbox absorbs the repeat.
+            log.warning("offset commit failed", topic=tp.topic, partition=tp.partition, error=repr(exc))

@@ -1,0 +1,20 @@
+"""Prometheus counters of the bus, labelled by consumer and topic."""
+
+from prometheus_client import Counter, Gauge
+
+CONSUMED = Counter("driftloop_bus_consumed_total", "Records read from Kafka.", ["consumer", "topic"])
+PROCESSED = Counter("driftloop_bus_processed_total", "Events handled and committed.", ["consumer", "topic"])
+DUPLICATES = Counter(
+    "driftloop_bus_duplicates_total", "Redelivered events skipped by the inbox.", ["consumer", "topic"]
+)
+IGNORED = Counter(
+    "driftloop_bus_ignored_total", "Events of types this consumer has no handler for.", ["consumer", "topic"]
+)
+RETRIED = Counter("driftloop_bus_retried_total", "Handler attempts that were retried.", ["consumer", "topic"])
+DEAD_LETTERED = Counter(
+    "driftloop_bus_dead_lettered_total",
+    "Records sent to the dead-letter topic.",
+    ["consumer", "topic", "reason"],
+)
+PUBLISHED = Counter("driftloop_bus_published_total", "Events published to Kafka.", ["topic"])
+OUTBOX_BACKLOG = Gauge("driftloop_bus_outbox_backlog", "Outbox rows not yet published.", ["schema"])

@@ -1,0 +1,208 @@
+"""The bus's Postgres side: handler transactions with inbox and outbox, and the outbox relay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+
+from contracts.envelope import CloudEvent
+from libs.bus import metrics
+from libs.bus.core import Claim, TransactionFactory
+from libs.db import Migration, check_schema_name, migrations_in
+from libs.logging import get_logger
+
+log = get_logger(__name__)
+
+BUS_MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def bus_migrations() -> list[Migration]:
+    """The inbox and outbox tables; every service applies them in its own schema, before its own."""
+    return migrations_in(BUS_MIGRATIONS_DIR, source="bus")
+
+
+def outbox_channel(schema: str) -> str:
+    return f"driftloop_outbox_{check_schema_name(schema)}"
+
+
+_CLAIM_SQL = """
+WITH input AS (
+    SELECT * FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(event_id, sha, ord)
+), inserted AS (
+    INSERT INTO inbox (consumer, event_id, payload_sha256)
+    SELECT $1, event_id, sha FROM input
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+)
+SELECT input.event_id, input.sha, inserted.event_id IS NOT NULL AS is_new, existing.payload_sha256 AS old_sha
+FROM input
+LEFT JOIN inserted USING (event_id)
+LEFT JOIN inbox existing ON existing.consumer = $1 AND existing.event_id = input.event_id
+ORDER BY input.ord
+"""
+
+
+class PgTransaction:
+    """An open transaction on one connection; ``publish`` writes to the outbox inside it."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self.conn = conn
+        self._channel = outbox_channel(schema)
+        self._notified = False
+
+    async def publish(self, event: CloudEvent[Any]) -> None:
+        """Add the event to the outbox; the relay sends it after this transaction commits."""
+        key, value, headers = event.to_kafka()
+        await self.conn.execute(
+            "INSERT INTO outbox (event_id, topic, key, value, headers) VALUES ($1, $2, $3, $4, $5)",
+            event.id,
+            event.topic,
+            key,
+            value,
+            [[k, v.decode()] for k, v in headers],
+        )
+        if not self._notified:
+            # NOTIFY is delivered at commit, so the relay wakes exactly when the rows become visible.
+            await self.conn.execute("SELECT pg_notify($1, '')", self._channel)
+            self._notified = True
+
+    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        """Record handled events in the inbox, telling new ones from redeliveries and reused ids."""
+        rows = await self.conn.fetch(_CLAIM_SQL, consumer, [i for i, _ in items], [s for _, s in items])
+        seen: dict[str, str] = {}
+        claims: list[Claim] = []
+        for row in rows:
+            event_id, sha = row["event_id"], row["sha"]
+            if event_id in seen:
+                # The same id twice in one poll: the first one is the one that counts.
+                claims.append(Claim.DUPLICATE if seen[event_id] == sha else Claim.REUSED_ID)
+            elif row["is_new"]:
+                claims.append(Claim.NEW)
+            else:
+                claims.append(Claim.DUPLICATE if row["old_sha"] == sha else Claim.REUSED_ID)
+            seen.setdefault(event_id, sha)
+        return claims
+
+
+def pg_transactions(pool: asyncpg.Pool, schema: str) -> TransactionFactory:
+    """A factory of handler transactions on the service's pool."""
+
+    @asynccontextmanager
+    async def begin() -> AsyncIterator[PgTransaction]:
+        async with pool.acquire() as conn, conn.transaction():
+            yield PgTransaction(conn, schema)
+
+    return begin
+
+
+class RawSender(Protocol):
+    async def send_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+    ) -> None:
+        """Send (topic, key, value, headers) records and return once the broker acknowledged them all."""
+        ...
+
+
+class OutboxRelay:
+    """Publishes a service's outbox in order. One relay per schema works at a time (advisory lock), so
+    per-model order survives several replicas; rows are claimed with FOR UPDATE SKIP LOCKED and marked
+    sent only after the broker acknowledged them. A relay killed mid-batch republishes the unmarked
+    rows on restart; consumers absorb the duplicates through their inbox."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        sender: RawSender,
+        *,
+        batch_size: int = 500,
+        idle_s: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.schema = check_schema_name(schema)
+        self.sender = sender
+        self.batch_size = batch_size
+        self.idle_s = idle_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    async def flush_once(self) -> int:
+        """Publish up to one batch; returns how many rows were sent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_name):
+                return 0
+            rows = await conn.fetch(
+                """SELECT seq, topic, key, value, headers FROM outbox
+                   WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                self.batch_size,
+            )
+            if not rows:
+                return 0
+            await self.sender.send_many(
+                [(r["topic"], r["key"], r["value"], [(k, v.encode()) for k, v in r["headers"]]) for r in rows]
+            )
+            await conn.execute(
+                "UPDATE outbox SET sent_at = now() WHERE seq = ANY($1::bigint[])", [r["seq"] for r in rows]
+            )
+        for r in rows:
+            metrics.PUBLISHED.labels(r["topic"]).inc()
+        return len(rows)
+
+    @property
+    def _lock_name(self) -> str:
+        return f"driftloop-outbox-{self.schema}"
+
+    async def backlog(self) -> int:
+        """Rows not yet published."""
+        async with self.pool.acquire() as conn:
+            n = int(await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
+        metrics.OUTBOX_BACKLOG.labels(self.schema).set(n)
+        return n
+
+    async def run(self) -> None:
+        """Relay until stopped; wakes on NOTIFY from committing transactions, or every ``idle_s``."""
+        listener: asyncpg.Connection | None = None
+        delay = 0.2
+        while not self._stopping:
+            try:
+                if listener is None or listener.is_closed():
+                    listener = await self.pool.acquire()
+                    await listener.add_listener(outbox_channel(self.schema), self._on_notify)
+                sent = await self.flush_once()
+                delay = 0.2
+                if sent:
+                    continue
+                await self.backlog()
+                self._wake.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.idle_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay error, retrying", error=repr(exc), delay_s=delay)
+                if listener is not None:
+                    await self._release(listener)
+                    listener = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if listener is not None:
+            await self._release(listener)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        try:
+            await conn.remove_listener(outbox_channel(self.schema), self._on_notify)
+            await self.pool.release(conn)
+        except Exception as exc:  # the connection may be gone with the database
+            log.debug("listener release failed", error=repr(exc))
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,112 @@
+"""The one database helper: an asyncpg pool bound to a service's schema, and SQL migrations.
+
+Each service owns one schema. Its pool sets ``search_path`` to that schema, so SQL in a service never
+names its schema and can never reach another service's tables by accident. Migrations are plain SQL
+files applied in name order at start, each recorded with its sha256 so an edited, already-applied
+migration is refused instead of silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from libs.logging import get_logger
+
+log = get_logger(__name__)
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class MigrationError(RuntimeError):
+    """A migration could not be applied, or an applied one was edited afterwards."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL file to apply: ``id`` is ``<source>/<file name>``."""
+
+    id: str
+    sql: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations_in(folder: Path, *, source: str) -> list[Migration]:
+    """The ``*.sql`` files of a folder, in name order."""
+    return [Migration(f"{source}/{p.name}", p.read_text()) for p in sorted(folder.glob("*.sql"))]
+
+
+def check_schema_name(schema: str) -> str:
+    """Schema names are interpolated into SQL, so only plain identifiers are allowed."""
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"schema name {schema!r} must be a lower-case identifier")
+    return schema
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(
+    dsn: str, *, schema: str, min_size: int = 1, max_size: int = 8, **kwargs: Any
+) -> asyncpg.Pool:
+    """A pool whose connections see the service's schema first; JSON columns map to Python values."""
+    check_schema_name(schema)
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"search_path": f"{schema},public", "application_name": f"driftloop-{schema}"},
+        **kwargs,
+    )
+    assert pool is not None
+    return pool
+
+
+async def apply_migrations(pool: asyncpg.Pool, schema: str, migrations: Sequence[Migration]) -> list[str]:
+    """Create the schema if needed and apply the migrations not yet recorded; returns the ids applied."""
+    check_schema_name(schema)
+    applied_now: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        # Several replicas may start at once; one applies, the others wait and find nothing to do.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"driftloop-migrate-{schema}")
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(f"SET LOCAL search_path TO {schema}, public")
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   id text PRIMARY KEY,
+                   sha256 text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["id"]: r["sha256"] for r in await conn.fetch("SELECT id, sha256 FROM schema_migrations")}
+        for m in migrations:
+            if m.id in done:
+                if done[m.id] != m.sha256:
+                    raise MigrationError(
+                        f"migration {m.id} was changed after it was applied to schema {schema}; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            try:
+                await conn.execute(m.sql)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"migration {m.id} failed in schema {schema}: {exc}") from exc
+            await conn.execute("INSERT INTO schema_migrations (id, sha256) VALUES ($1, $2)", m.id, m.sha256)
+            applied_now.append(m.id)
+    if applied_now:
+        log.info("migrations applied", schema=schema, migrations=applied_now)
+    return applied_now

@@ -1,0 +1,128 @@
+"""The one HTTP app factory: every service's API has the same health, metrics, limits and error shape."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, ORJSONResponse
+from prometheus_client import make_asgi_app
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from libs.auth import TokenStore
+from libs.errors import DomainError
+from libs.settings import ServiceSettings
+
+ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class BodySizeLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        response = JSONResponse(
+            {
+                "detail": f"request body is larger than the limit of {self.max_bytes} bytes",
+                "code": "payload-too-large",
+            },
+            status_code=413,
+        )
+        await response({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(
+    settings: ServiceSettings,
+    *,
+    title: str,
+    description: str,
+    routers: Sequence[APIRouter] = (),
+    ready: ReadyCheck | None = None,
+    lifespan: Any = None,
+) -> FastAPI:
+    """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping and a body limit."""
+    app = FastAPI(
+        title=title,
+        description=description,
+        version="0.1.0",
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.tokens = TokenStore.load(settings.auth_tokens_file, dev=settings.env != "prod")
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            {"detail": exc.message, "code": exc.code, **exc.extra}, status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(
+            {
+                "detail": f"{where}: {first['msg']}" if where else str(first["msg"]),
+                "code": "invalid-input",
+                "errors": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:20]],
+            },
+            status_code=422,
+        )
+
+    @app.get("/health/live", tags=["health"], summary="The process is up.")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready", tags=["health"], summary="The service can do its work.")
+    async def ready_check() -> JSONResponse:
+        checks = await ready() if ready is not None else {}
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not-ready", "checks": checks}, status_code=200 if ok else 503
+        )
+
+    for router in routers:
+        app.include_router(router)
+    app.mount("/metrics", make_asgi_app())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

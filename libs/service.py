@@ -1,0 +1,188 @@
+"""How every service runs: one runtime (pool, producer, bus), one HTTP server, its consumers and relay,
+all in one event loop, stopped gracefully on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import uvicorn
+from contracts.registry import EVENT_TYPES
+from fastapi import FastAPI
+
+from contracts.envelope import CloudEvent, EventTypeRegistry
+from libs.bus.core import Subscription, TransactionFactory
+from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
+from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
+from libs.db import Migration, apply_migrations, create_pool
+from libs.logging import configure_logging, get_logger
+from libs.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    """The connections a service owns. Built by :meth:`start`; nothing connects at import time."""
+
+    settings: ServiceSettings
+    pool: asyncpg.Pool
+    publisher: KafkaPublisher
+    dead_letters: KafkaDeadLetters
+    begin: TransactionFactory
+    registry: EventTypeRegistry
+
+    @classmethod
+    async def start(
+        cls, settings: ServiceSettings, migrations: Sequence[Migration], *, connect_deadline_s: float = 60.0
+    ) -> Runtime:
+        """Connect to Postgres (waiting up to ``connect_deadline_s``), migrate, and start the producer."""
+        pool = await _connect_with_deadline(settings, connect_deadline_s)
+        await apply_migrations(pool, settings.schema, [*bus_migrations(), *migrations])
+        publisher = KafkaPublisher(settings.kafka, client_id=f"driftloop-{settings.service}")
+        await publisher.start()
+        return cls(
+            settings=settings,
+            pool=pool,
+            publisher=publisher,
+            dead_letters=KafkaDeadLetters(publisher),
+            begin=pg_transactions(pool, settings.schema),
+            registry=EVENT_TYPES,
+        )
+
+    def source(self) -> str:
+        """CloudEvents ``source`` of this service's events."""
+        return f"/driftloop/{self.settings.service}"
+
+    def consumer(self, subscription: Subscription) -> ConsumerRunner:
+        return ConsumerRunner(
+            subscription,
+            kafka=self.settings.kafka,
+            registry=self.registry,
+            begin=self.begin,
+            dead_letters=self.dead_letters,
+        )
+
+    def relay(self) -> OutboxRelay:
+        return OutboxRelay(self.pool, self.settings.schema, self.publisher)
+
+    async def publish_in_transaction(self, event: CloudEvent[Any]) -> None:
+        """Emit one event through the outbox, for a request that changes nothing else."""
+        async with self.begin() as tx:
+            await tx.publish(event)
+
+    async def ready(self) -> dict[str, bool]:
+        """Readiness: the database answers (the producer reconnects on its own)."""
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1")
+            return {"database": True}
+        except Exception:
+            return {"database": False}
+
+    async def close(self) -> None:
+        await self.publisher.stop()
+        await self.pool.close()
+
+
+async def _connect_with_deadline(settings: ServiceSettings, deadline_s: float) -> asyncpg.Pool:
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_s
+    delay = 0.25
+    while True:
+        try:
+            return await create_pool(
+                settings.database_url,
+                schema=settings.schema,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            if loop.time() > until:
+                raise RuntimeError(
+                    f"cannot reach Postgres at {settings.database_url} after {deadline_s:.0f}s: {exc}. "
+                    "Is it running? Try `driftloop infra status`."
+                ) from exc
+            log.warning("database not reachable yet, retrying", error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+
+@dataclass
+class ServiceParts:
+    """What a service's bootstrap hands back: its API, its subscriptions, and any long-running tasks."""
+
+    app: FastAPI
+    subscriptions: list[Subscription] = field(default_factory=list)
+    tasks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    relay: bool = True
+
+
+Build = Callable[[Runtime], Awaitable[ServiceParts]]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service stops everything together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], build: Build) -> None:
+    """Run a service until SIGTERM/SIGINT; then stop taking requests, finish the batches in hand, exit."""
+    configure_logging(settings.service, level=settings.log_level, json=settings.log_json)
+    runtime = await Runtime.start(settings, migrations)
+    parts = await build(runtime)
+    runners = [runtime.consumer(s) for s in parts.subscriptions]
+    relay = runtime.relay() if parts.relay else None
+    server = _Server(
+        uvicorn.Config(
+            parts.app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    tasks = [asyncio.create_task(server.serve(), name="http")]
+    tasks += [asyncio.create_task(r.run(), name=f"consumer:{r.sub.consumer}") for r in runners]
+    if relay is not None:
+        tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+    tasks += [asyncio.create_task(t(), name=getattr(t, "__name__", "task")) for t in parts.tasks]
+    log.info("service started", port=settings.http_port, consumers=[r.sub.consumer for r in runners])
+
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    crashed = [t for t in done if t is not stopper and t.exception() is not None]
+    for t in crashed:
+        log.error("task crashed, stopping the service", task=t.get_name(), error=repr(t.exception()))
+    log.info("service stopping")
+    server.should_exit = True
+    for r in runners:
+        r.stop()
+    if relay is not None:
+        relay.stop()
+    for hook in parts.on_stop:
+        await hook()
+    _, pending = await asyncio.wait(tasks, timeout=15)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    stopper.cancel()
+    await runtime.close()
+    log.info("service stopped")
+    if crashed:
+        raise SystemExit(1)
+
+
+def run(settings: ServiceSettings, *, migrations: Sequence[Migration], build: Build) -> None:
+    """Entry point for ``python -m services.<name>``."""
+    asyncio.run(serve(settings, migrations=migrations, build=build))

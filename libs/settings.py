@@ -1,0 +1,126 @@
+"""The one settings loader: pydantic-settings, one env prefix per service, shared values under DRIFTLOOP_.
+
+A service reads ``DRIFTLOOP_<SERVICE>_<FIELD>`` first and falls back to ``DRIFTLOOP_<FIELD>``, so the
+broker and database URLs are set once for all services and still overridable per service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_STATE = PROJECT_ROOT / ".driftloop"
+
+# Values that mark a secret as "not chosen yet"; refused outside development.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "dev", "driftloop"})
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach Kafka; TLS and SASL for a real cluster."""
+
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_KAFKA_", extra="ignore")
+
+    bootstrap: str = Field("127.0.0.1:19092", description="Comma-separated bootstrap servers.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when security_protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for TLS to the brokers.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    max_event_bytes: int = Field(1_000_000, description="Events larger than this are dead-lettered.")
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        return options
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service has. Subclasses set ``service`` and their own env prefix."""
+
+    service: ClassVar[str] = "service"
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", extra="ignore", env_nested_delimiter="__")
+
+    env: Literal["dev", "test", "prod"] = Field(
+        "dev", description="Deployment mode; prod refuses placeholders."
+    )
+    database_url: str = Field(
+        "postgresql://driftloop@127.0.0.1:54329/driftloop", description="Postgres URL (asyncpg DSN)."
+    )
+    db_pool_min: int = Field(1, description="Minimum connections in the pool.")
+    db_pool_max: int = Field(8, description="Maximum connections in the pool.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    http_port: int = Field(8100, description="Port the HTTP API binds to.")
+    log_level: str = Field("INFO", description="Log level.")
+    log_json: bool = Field(True, description="JSON logs (true) or console-friendly logs (false).")
+    artifacts_url: str = Field(
+        str(LOCAL_STATE / "artifacts"), description="Content-addressed artifact store: folder or fsspec URL."
+    )
+    auth_tokens_file: Path = Field(
+        LOCAL_STATE / "tokens.json", description="File with hashed bearer tokens and their roles."
+    )
+    consumer_max_retries: int = Field(3, description="Handler attempts before an event is dead-lettered.")
+    consumer_retry_backoff_s: float = Field(0.2, description="First retry delay; doubles per attempt.")
+    max_request_bytes: int = Field(8 * 1024 * 1024, description="HTTP request bodies above this get 413.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        service_env = EnvSettingsSource(
+            settings_cls, env_prefix=f"DRIFTLOOP_{cls.service.upper()}_", env_nested_delimiter="__"
+        )
+        return (init_settings, service_env, env_settings, file_secret_settings)
+
+    @property
+    def schema(self) -> str:
+        """The Postgres schema this service owns."""
+        return self.service
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_outside_dev(self) -> ServiceSettings:
+        if self.env == "prod":
+            for name, value in self._secrets().items():
+                if value is None or value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+                    raise ValueError(
+                        f"{name} is unset or a placeholder; set a real secret for DRIFTLOOP_ENV=prod"
+                    )
+        return self
+
+    def _secrets(self) -> dict[str, SecretStr | None]:
+        """Secrets that must be real outside dev; subclasses add theirs."""
+        if self.kafka.security_protocol.startswith("SASL"):
+            return {"DRIFTLOOP_KAFKA_SASL_PASSWORD": self.kafka.sasl_password}
+        return {}

@@ -1,0 +1,91 @@
+"""Small tools for integration tests on the real broker and database: fresh topics, fresh schemas,
+reading a topic back, and waiting by polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic import Field
+
+from contracts.envelope import EventPayload
+
+T = TypeVar("T")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+        )
+    finally:
+        await admin.close()
+
+
+async def read_topic(bootstrap: str, topic: str, *, expect: int, deadline_s: float = 30.0) -> list[Any]:
+    """Read a topic from the beginning until ``expect`` records arrived or the deadline passed."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        until = time.monotonic() + deadline_s
+        while len(records) < expect and time.monotonic() < until:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                records.extend(msgs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, deadline_s: float = 30.0, interval_s: float = 0.1
+) -> T:
+    """Poll ``check`` until it returns a truthy value; fail with the last value at the deadline."""
+    until = time.monotonic() + deadline_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > until:
+            raise AssertionError(f"condition not met within {deadline_s}s (last value: {value!r})")
+        await asyncio.sleep(interval_s)
+
+
+async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+def payload_on(topic: str) -> type[EventPayload]:
+    """A test payload class bound to a fresh topic, so runs never see each other's records."""
+
+    class Tick(EventPayload):
+        """A numbered test event."""
+
+        event_name = "Tick"
+        n: int = Field(description="Sequence number.")
+
+    Tick.topic = topic
+    return Tick

@@ -1,0 +1,200 @@
+"""The bus's rules (dedupe, outbox, retries, dead letters), shown on the in-memory bus."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import Field
+
+from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, new_event
+from libs.bus import InMemoryBus, PermanentError, Subscription, Transaction
+
+
+class ThingHappened(EventPayload):
+    """A test fact."""
+
+    event_name = "ThingHappened"
+    topic = "test.things"
+    n: int = Field(description="A number.")
+
+
+class ThingCounted(EventPayload):
+    """What the test handler emits."""
+
+    event_name = "ThingCounted"
+    topic = "test.counts"
+    n: int = Field(description="The number seen.")
+
+
+REGISTRY = EventTypeRegistry([ThingHappened, ThingCounted])
+
+
+def thing(n: int, **kw: Any) -> CloudEvent[ThingHappened]:
+    return new_event(ThingHappened(n=n), source="/test", subject="model-a", **kw)
+
+
+@pytest.fixture
+def bus() -> InMemoryBus:
+    return InMemoryBus(REGISTRY)
+
+
+def counting_subscription(seen: list[int], **kw: Any) -> Subscription:
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        seen.append(event.data.n)
+        await tx.publish(new_event(ThingCounted(n=event.data.n), source="/counter", cause=event))
+
+    return Subscription(consumer="counter", topics=["test.things"], handlers={ThingHappened: on_thing}, **kw)
+
+
+async def test_handler_effect_and_emitted_event_follow_the_cause(bus: InMemoryBus) -> None:
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    cause = thing(7, actor="user:alice")
+    await bus.publish(cause)
+    await bus.drain()
+    assert seen == [7]
+    [emitted] = bus.events("test.counts")
+    assert emitted.correlationid == cause.id
+    assert emitted.causationid == cause.id
+    assert emitted.actor == "user:alice"
+    assert emitted.subject == "model-a"
+
+
+async def test_duplicate_event_changes_nothing(bus: InMemoryBus) -> None:
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    event = thing(1)
+    await bus.publish(event)
+    await bus.publish(event)
+    await bus.drain()
+    assert seen == [1]
+    assert len(bus.events("test.counts")) == 1
+    assert bus.dead_letters == []
+
+
+async def test_reused_id_with_other_payload_is_dead_lettered_not_skipped(bus: InMemoryBus) -> None:
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    first = thing(1)
+    await bus.publish(first)
+    await bus.publish(thing(2, event_id=first.id))
+    await bus.drain()
+    assert seen == [1]
+    [dead] = bus.dead_letters
+    assert dead.reason == "reused-event-id"
+
+
+async def test_failing_handler_is_retried_then_dead_lettered_and_the_next_event_proceeds(
+    bus: InMemoryBus,
+) -> None:
+    attempts: list[int] = []
+    seen: list[int] = []
+
+    async def flaky(event: CloudEvent[Any], tx: Transaction) -> None:
+        if event.data.n == 13:
+            attempts.append(13)
+            await tx.publish(new_event(ThingCounted(n=-1), source="/x", cause=event))
+            raise RuntimeError("unlucky")
+        seen.append(event.data.n)
+
+    bus.subscribe(
+        Subscription(
+            consumer="flaky",
+            topics=["test.things"],
+            handlers={ThingHappened: flaky},
+            max_retries=2,
+            retry_backoff_s=0.0,
+        )
+    )
+    await bus.publish(thing(13))
+    await bus.publish(thing(14))
+    await bus.drain()
+    assert len(attempts) == 3  # the first try and two retries
+    assert seen == [14]
+    [dead] = bus.dead_letters
+    assert dead.reason == "handler-failed"
+    assert "unlucky" in dead.error
+    # Events published by a failed attempt never leave: the transaction rolled back.
+    assert bus.events("test.counts") == []
+
+
+async def test_permanent_error_skips_retries(bus: InMemoryBus) -> None:
+    calls: list[int] = []
+
+    async def refuse(event: CloudEvent[Any], tx: Transaction) -> None:
+        calls.append(1)
+        raise PermanentError("model 'x' is unknown")
+
+    bus.subscribe(Subscription(consumer="c", topics=["test.things"], handlers={ThingHappened: refuse}))
+    await bus.publish(thing(1))
+    await bus.drain()
+    assert calls == [1]
+    assert bus.dead_letters[0].reason == "rejected"
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "reason"),
+    [
+        (b"not json", None, "not-json"),
+        (b'{"n": 1}', {"ce_type": b"io.driftloop.NoSuchThing.v1"}, "unknown-type"),
+        (b'{"n": 1}', {"ce_type": b"io.driftloop.ThingHappened.v9"}, "unknown-schema-version"),
+        (b'{"n": "many"}', None, "schema-invalid"),
+        (b'{"n": 1, "extra": true}', None, "schema-invalid"),
+        (b'{"n": 1}', {"ce_type": None}, "missing-attribute"),
+        (b'{"n": 1, "pad": "' + b"x" * 2_000_000 + b'"}', None, "oversized"),
+    ],
+)
+async def test_poison_message_is_dead_lettered_with_reason_and_consumer_goes_on(
+    bus: InMemoryBus, value: bytes, headers: dict[str, bytes | None] | None, reason: str
+) -> None:
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    _, _, good_headers = thing(0).to_kafka()
+    raw = dict(good_headers)
+    for k, v in (headers or {}).items():
+        if v is None:
+            raw.pop(k)
+        else:
+            raw[k] = v
+    bus.append_raw("test.things", b"model-a", value, list(raw.items()))
+    await bus.publish(thing(5))
+    await bus.drain()
+    [dead] = bus.dead_letters
+    assert dead.reason == reason
+    assert dead.error
+    assert seen == [5]
+
+
+async def test_batch_handler_isolates_the_poison_event(bus: InMemoryBus) -> None:
+    stored: list[int] = []
+
+    async def store(deliveries: Any, tx: Transaction) -> None:
+        ns = [d.event.data.n for d in deliveries]
+        if 666 in ns:
+            raise ValueError("cannot store 666")
+        stored.extend(ns)
+
+    bus.subscribe(
+        Subscription(
+            consumer="batch", topics=["test.things"], batch_handler=store, max_retries=1, retry_backoff_s=0
+        )
+    )
+    for n in (1, 2, 666, 3):
+        await bus.publish(thing(n))
+    await bus.drain()
+    assert stored == [1, 2, 3]
+    assert [d.reason for d in bus.dead_letters] == ["handler-failed"]
+
+
+async def test_events_of_other_types_on_the_topic_are_ignored_not_dead_lettered(bus: InMemoryBus) -> None:
+    seen: list[int] = []
+    bus.subscribe(
+        Subscription(
+            consumer="c", topics=["test.counts"], handlers={ThingHappened: lambda e, tx: seen.append(1)}
+        )  # type: ignore[arg-type,return-value,func-returns-value]
+    )
+    await bus.publish(new_event(ThingCounted(n=1), source="/t"))
+    await bus.drain()
+    assert seen == []
+    assert bus.dead_letters == []
