@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -100,7 +101,7 @@ def issue_token(path: Path, *, name: str, role: Role) -> str:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require(role: Role):  # type: ignore[no-untyped-def]
+def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency that returns the caller if their token grants ``role``; 401 or 403 otherwise."""
 
     async def check(

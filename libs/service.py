@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ class Runtime:
     ) -> Runtime:
         """Connect to Postgres (waiting up to ``connect_deadline_s``), migrate, and start the producer."""
         pool = await _connect_with_deadline(settings, connect_deadline_s)
-        await apply_migrations(pool, settings.schema, [*bus_migrations(), *migrations])
+        await apply_migrations(pool, settings.db_schema, [*bus_migrations(), *migrations])
         publisher = KafkaPublisher(settings.kafka, client_id=f"driftloop-{settings.service}")
         await publisher.start()
         return cls(
@@ -51,7 +51,7 @@ class Runtime:
             pool=pool,
             publisher=publisher,
             dead_letters=KafkaDeadLetters(publisher),
-            begin=pg_transactions(pool, settings.schema),
+            begin=pg_transactions(pool, settings.db_schema),
             registry=EVENT_TYPES,
         )
 
@@ -69,7 +69,7 @@ class Runtime:
         )
 
     def relay(self) -> OutboxRelay:
-        return OutboxRelay(self.pool, self.settings.schema, self.publisher)
+        return OutboxRelay(self.pool, self.settings.db_schema, self.publisher)
 
     async def publish_in_transaction(self, event: CloudEvent[Any]) -> None:
         """Emit one event through the outbox, for a request that changes nothing else."""
@@ -98,7 +98,7 @@ async def _connect_with_deadline(settings: ServiceSettings, deadline_s: float) -
         try:
             return await create_pool(
                 settings.database_url,
-                schema=settings.schema,
+                schema=settings.db_schema,
                 min_size=settings.db_pool_min,
                 max_size=settings.db_pool_max,
             )
@@ -119,7 +119,7 @@ class ServiceParts:
 
     app: FastAPI
     subscriptions: list[Subscription] = field(default_factory=list)
-    tasks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     relay: bool = True
 

@@ -75,7 +75,7 @@ class ServiceSettings(BaseSettings):
     )
     db_pool_min: int = Field(1, description="Minimum connections in the pool.")
     db_pool_max: int = Field(8, description="Maximum connections in the pool.")
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka connection.")
+    kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings(), description="Kafka connection.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     http_port: int = Field(8100, description="Port the HTTP API binds to.")
     log_level: str = Field("INFO", description="Log level.")
@@ -105,7 +105,7 @@ class ServiceSettings(BaseSettings):
         return (init_settings, service_env, env_settings, file_secret_settings)
 
     @property
-    def schema(self) -> str:
+    def db_schema(self) -> str:
         """The Postgres schema this service owns."""
         return self.service
 

@@ -35,7 +35,7 @@ class KafkaPublisher:
             linger_ms=self.linger_ms,
             max_request_size=self.kafka.max_event_bytes + 64 * 1024,
             client_id=self.client_id,
-            **self.kafka.client_options(),  # type: ignore[arg-type]
+            **self.kafka.client_options(),
         )
         await self._producer.start()
 
@@ -135,7 +135,7 @@ class ConsumerRunner:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(1_048_576, self.kafka.max_event_bytes * 2),
             fetch_max_bytes=max(52_428_800, self.kafka.max_event_bytes * 4),
-            **self.kafka.client_options(),  # type: ignore[arg-type]
+            **self.kafka.client_options(),
         )
         await self._start_with_retry()
         try:
