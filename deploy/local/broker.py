@@ -1,0 +1,388 @@
+"""A single-node Apache Kafka broker (KRaft) run from jars that Maven fetches from Maven Central."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from contracts.topics import TOPICS
+from deploy.local.console import say
+from deploy.local.errors import InfraError, JarsDownloadFailed, JavaMissing, MavenMissing, StartFailed
+from deploy.local.processes import (
+    command_line,
+    ensure_port_free,
+    log_tail,
+    pid_alive,
+    port_open,
+    read_pid,
+    run_async,
+    terminate,
+    text_tail,
+)
+from deploy.local.settings import LocalInfraSettings, StateLayout
+from deploy.local.status import ComponentStatus
+
+MIN_JAVA = 17
+POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
+MAIN_CLASS = "kafka.Kafka"
+VERSION_STAMP = ".kafka-version"
+TOPIC_ALREADY_EXISTS = 36
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+
+BROKER_LOG4J = """\
+status = error
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+"""
+
+# Kafka's tools log INFO to stdout by default, which would mix with their output.
+TOOLS_LOG4J = """\
+status = error
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = STDERR
+"""
+
+
+def _server_properties(settings: LocalInfraSettings, layout: StateLayout) -> str:
+    port, controller = settings.kafka_port, settings.kafka_controller_port
+    return f"""\
+# Written by driftloop (deploy/local/broker.py) before every start: edits here are overwritten.
+process.roles=broker,controller
+node.id=1
+controller.listener.names=CONTROLLER
+controller.quorum.voters=1@127.0.0.1:{controller}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={layout.kafka_data}
+# One broker: every internal topic must have replication factor 1, or groups and transactions hang.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1
+num.partitions=3
+# Topics come from contracts/topics.py through the Admin API, never from a typo in a producer.
+auto.create.topics.enable=false
+# Tests and local runs should not wait for late joiners before the first rebalance.
+group.initial.rebalance.delay.ms=0
+message.max.bytes={MAX_MESSAGE_BYTES}
+replica.fetch.max.bytes={MAX_MESSAGE_BYTES}
+log.retention.hours=168
+"""
+
+
+def _new_cluster_id() -> str:
+    # Kafka's Uuid.randomUuid(): 16 random bytes, url-safe base64 without padding, never starting with '-'.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def java_executable() -> str:
+    """The java binary to use: $JAVA_HOME/bin/java when set, else java on PATH; checks the version."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    install = "install a Java 17+ runtime, e.g. `apt-get install -y openjdk-17-jre-headless`"
+    if not java or not Path(java).exists():
+        raise JavaMissing("Java is not installed (no `java` on PATH or in $JAVA_HOME).", hint=install + ".")
+    try:
+        probe = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise JavaMissing(f"`{java} -version` failed: {err}.", hint=install + ".") from err
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', probe.stderr + probe.stdout)
+    if not match:
+        raise JavaMissing(f"could not read the Java version from `{java} -version`.", hint=install + ".")
+    major = int(match.group(1))
+    if major == 1 and match.group(2):
+        major = int(match.group(2))
+    if major < MIN_JAVA:
+        raise JavaMissing(
+            f"Kafka needs Java {MIN_JAVA} or newer; {java} is Java {major}.",
+            hint=f"{install}, or point JAVA_HOME at one.",
+        )
+    return java
+
+
+async def _broker_count(bootstrap: str, timeout_s: float) -> int:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="driftloop-infra", request_timeout_ms=int(timeout_s * 1000)
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+        return len(cluster["brokers"])
+    finally:
+        await admin.close()
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    """True when a Kafka metadata request to the bootstrap servers gets an answer naming a broker."""
+    try:
+        return run_async(lambda: _broker_count(bootstrap, timeout_s)) > 0
+    except Exception:
+        # Any failure here means "not ready yet"; the caller owns the deadline and reports the log.
+        return False
+
+
+async def _create_topics(bootstrap: str, replication_factor: int) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftloop-infra")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                spec.name,
+                spec.partitions,
+                replication_factor,
+                topic_configs={"retention.ms": str(spec.retention_ms)},
+            )
+            for spec in TOPICS.values()
+            if spec.name not in existing
+        ]
+        if not missing:
+            return []
+        response = await admin.create_topics(missing)
+        failures = [
+            f"{topic}: {message or code}"
+            for topic, code, message in response.topic_errors
+            if code not in (0, TOPIC_ALREADY_EXISTS)
+        ]
+        if failures:
+            raise InfraError(
+                "Kafka refused to create topics: " + "; ".join(failures),
+                hint="check the broker log and that the replication factor fits the number of brokers.",
+            )
+        return [topic.name for topic in missing]
+    finally:
+        await admin.close()
+
+
+def create_platform_topics(bootstrap: str, replication_factor: int = 1) -> list[str]:
+    """Create every topic of contracts.topics that is missing (idempotent); returns the ones created."""
+    return run_async(lambda: _create_topics(bootstrap, replication_factor))
+
+
+class KafkaBroker:
+    """The project's own broker: jars in .driftloop/kafka/libs, data, config and pid beside them."""
+
+    name = "kafka"
+
+    def __init__(self, settings: LocalInfraSettings, layout: StateLayout) -> None:
+        self.settings = settings
+        self.layout = layout
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap servers clients should use."""
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def _is_ours(self, pid: int) -> bool:
+        cmd = command_line(pid)
+        return MAIN_CLASS in cmd.split() and str(self.layout.kafka_config) in cmd
+
+    def running_pid(self) -> int | None:
+        """The pid of our broker if it runs (from the pid file, else found in /proc by its config path)."""
+        pid = read_pid(self.layout.kafka_pid)
+        if pid is not None and pid_alive(pid) and self._is_ours(pid):
+            return pid
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and self._is_ours(int(proc.name)) and pid_alive(int(proc.name)):
+                return int(proc.name)
+        return None
+
+    def jars_present(self) -> bool:
+        """True when the jars of the configured Kafka version are already downloaded."""
+        stamp = self.layout.kafka_libs / VERSION_STAMP
+        return stamp.exists() and stamp.read_text().strip() == self.settings.kafka_version
+
+    def preflight(self) -> None:
+        """Check, before anything starts, that Java, Maven (if needed) and both ports are usable."""
+        if self.running_pid() is not None:
+            return
+        ensure_port_free(self.settings.kafka_port, "Kafka", "DRIFTLOOP_LOCAL_KAFKA_PORT")
+        ensure_port_free(
+            self.settings.kafka_controller_port, "Kafka controller", "DRIFTLOOP_LOCAL_KAFKA_CONTROLLER_PORT"
+        )
+        java_executable()
+        if not self.jars_present() and shutil.which("mvn") is None:
+            raise MavenMissing(
+                "Maven is needed once to fetch the Kafka jars from Maven Central, and `mvn` is not on PATH.",
+                hint="install it, e.g. `apt-get install -y maven`, then run the command again.",
+            )
+
+    def ensure_jars(self) -> None:
+        """Fetch the broker's runtime jars with Maven unless the right version is already there."""
+        if self.jars_present():
+            return
+        version = self.settings.kafka_version
+        say(f"downloading Kafka {version} jars from Maven Central (first run only) ...")
+        staging = self.layout.kafka / "libs.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        started = time.monotonic()
+        command = [
+            "mvn", "-q", "-B", "-f", str(POM), f"-Dkafka.version={version}",
+            "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = text_tail(result.stdout + result.stderr)
+            raise JarsDownloadFailed(
+                f"Maven could not fetch Kafka {version} (exit code {result.returncode}):\n{output}",
+                hint="check that Maven Central is reachable (proxy settings in ~/.m2/settings.xml) "
+                "and that the version exists.",
+            )
+        (staging / VERSION_STAMP).write_text(version + "\n")
+        shutil.rmtree(self.layout.kafka_libs, ignore_errors=True)
+        staging.rename(self.layout.kafka_libs)
+        count = len(list(self.layout.kafka_libs.glob("*.jar")))
+        say(f"fetched {count} jars in {time.monotonic() - started:.0f}s into {self.layout.kafka_libs}")
+
+    def _classpath(self) -> str:
+        # Quoted wildcard: the JVM expands it, so the command line stays short.
+        return f"{self.layout.kafka_libs}/*"
+
+    def _write_config(self) -> None:
+        self.layout.kafka.mkdir(parents=True, exist_ok=True)
+        self.layout.kafka_config.write_text(_server_properties(self.settings, self.layout))
+        (self.layout.kafka / "log4j2.properties").write_text(BROKER_LOG4J)
+        (self.layout.kafka / "tools-log4j2.properties").write_text(TOOLS_LOG4J)
+
+    def _format_storage(self, java: str) -> None:
+        if (self.layout.kafka_data / "meta.properties").exists():
+            return
+        say(f"formatting Kafka storage in {self.layout.kafka_data} ...")
+        command = [
+            java, f"-Dlog4j2.configurationFile={self.layout.kafka / 'tools-log4j2.properties'}",
+            "-cp", self._classpath(), "kafka.tools.StorageTool", "format",
+            "-t", _new_cluster_id(), "-c", str(self.layout.kafka_config),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise StartFailed(
+                f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}",
+                hint=f"delete {self.layout.kafka_data} and try again.",
+            )
+
+    def start(self) -> bool:
+        """Start the broker unless it already runs, and wait until it answers; True if started now."""
+        if self.running_pid() is not None:
+            return False
+        self.preflight()
+        self.ensure_jars()
+        java = java_executable()
+        self._write_config()
+        self._format_storage(java)
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        say(f"starting Kafka {self.settings.kafka_version} on {self.bootstrap} ...")
+        started = time.monotonic()
+        command = [
+            java, f"-Xmx{self.settings.kafka_heap}", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.layout.kafka / 'log4j2.properties'}",
+            "-cp", self._classpath(), MAIN_CLASS, str(self.layout.kafka_config),
+        ]  # fmt: skip
+        with self.layout.kafka_log.open("ab") as log:
+            # Own session: the broker outlives this command and ignores the terminal's Ctrl-C.
+            process = subprocess.Popen(
+                command,
+                cwd=self.layout.kafka,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.layout.kafka_pid.write_text(f"{process.pid}\n")
+        self._wait_ready(process.pid)
+        say(f"Kafka is ready on {self.bootstrap} (pid {process.pid}, {time.monotonic() - started:.1f}s)")
+        return True
+
+    def _wait_ready(self, pid: int) -> None:
+        timeout = self.settings.ready_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            if not pid_alive(pid):
+                self.layout.kafka_pid.unlink(missing_ok=True)
+                raise StartFailed(
+                    f"the Kafka broker exited while starting. Last lines of {self.layout.kafka_log}:\n"
+                    + log_tail(self.layout.kafka_log),
+                    hint="fix the cause shown above; `driftloop infra down` then `up` retries.",
+                )
+            # The client port opens only once the broker is unfenced; the metadata answer confirms it.
+            if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
+                return
+            if time.monotonic() >= deadline:
+                terminate(pid, timeout_s=20)
+                self.layout.kafka_pid.unlink(missing_ok=True)
+                raise StartFailed(
+                    f"Kafka did not become ready within {timeout:.0f}s and was stopped. "
+                    f"Last lines of {self.layout.kafka_log}:\n{log_tail(self.layout.kafka_log)}",
+                    hint="on a busy machine raise DRIFTLOOP_LOCAL_READY_TIMEOUT_S; otherwise see the log.",
+                )
+            time.sleep(0.25)
+
+    def stop(self) -> bool:
+        """Stop our broker (SIGTERM, SIGKILL after 30 s); True if one was running."""
+        pid = self.running_pid()
+        if pid is None:
+            self.layout.kafka_pid.unlink(missing_ok=True)
+            return False
+        say(f"stopping Kafka (pid {pid}) ...")
+        if terminate(pid, timeout_s=30):
+            say("Kafka did not stop within 30s after SIGTERM and was killed")
+        self.layout.kafka_pid.unlink(missing_ok=True)
+        return True
+
+    def status(self) -> ComponentStatus:
+        """Running or not, answering or not, and where."""
+        pid = self.running_pid()
+        if pid is None:
+            return ComponentStatus(self.name, "stopped", False, self.bootstrap)
+        ready = port_open(self.settings.kafka_port) and broker_answers(self.bootstrap)
+        version = f"Kafka {self.settings.kafka_version}"
+        state = "ready" if ready else "not ready"
+        return ComponentStatus(self.name, state, ready, self.bootstrap, pid, version)
+
+
+class ExternalKafka:
+    """A broker the user pointed us at with DRIFTLOOP_KAFKA_BOOTSTRAP: used, never started or stopped."""
+
+    name = "kafka"
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def status(self) -> ComponentStatus:
+        """Whether the external broker answers a metadata request."""
+        ready = broker_answers(self.bootstrap)
+        state = "ready" if ready else "unreachable"
+        detail = "external (DRIFTLOOP_KAFKA_BOOTSTRAP)"
+        return ComponentStatus(self.name, state, ready, self.bootstrap, None, detail)

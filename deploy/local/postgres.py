@@ -1,0 +1,333 @@
+"""A project-private PostgreSQL cluster in .driftloop/postgres, made from Debian's postgresql binaries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import asyncpg
+
+from deploy.local.console import say
+from deploy.local.errors import PermissionProblem, PostgresMissing, StartFailed
+from deploy.local.processes import (
+    command_line,
+    ensure_port_free,
+    log_tail,
+    pid_alive,
+    read_pid,
+    run_async,
+    terminate,
+    text_tail,
+)
+from deploy.local.settings import LocalInfraSettings, StateLayout
+from deploy.local.status import ComponentStatus
+
+DATABASE = "driftloop"
+ROLE = "driftloop"
+SERVICE_USER = "driftloop"
+# Unix socket paths are limited to 107 bytes; deeper checkouts fall back to TCP only.
+MAX_SOCKET_DIR = 90
+# A dev cluster: durability across a power cut is not worth the fsync cost in every test transaction.
+SERVER_OPTIONS = (
+    "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+    "-c max_connections=200"
+)
+
+
+async def _select_one(url: str, timeout_s: float) -> None:
+    connection = await asyncpg.connect(url, timeout=timeout_s)
+    try:
+        await connection.fetchval("select 1")
+    finally:
+        await connection.close()
+
+
+def database_answers(url: str, timeout_s: float = 5.0) -> bool:
+    """True when the database at the URL accepts a connection and answers ``select 1``."""
+    try:
+        run_async(lambda: _select_one(url, timeout_s))
+    except Exception:
+        # Unreachable, refused, auth failure, unknown database: all mean "not usable now".
+        return False
+    return True
+
+
+def _installed_bin_dirs() -> list[Path]:
+    found = [
+        path
+        for path in Path("/usr/lib/postgresql").glob("*/bin")
+        if (path / "initdb").exists() and (path / "pg_ctl").exists()
+    ]
+    found.sort(key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0, reverse=True)
+    on_path = shutil.which("pg_ctl")
+    if on_path and (Path(on_path).resolve().parent / "initdb").exists():
+        found.append(Path(on_path).resolve().parent)
+    return found
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+class LocalPostgres:
+    """The project's own cluster on 127.0.0.1, trust auth, superuser role and database ``driftloop``."""
+
+    name = "postgres"
+
+    def __init__(self, settings: LocalInfraSettings, layout: StateLayout) -> None:
+        self.settings = settings
+        self.layout = layout
+
+    @property
+    def url(self) -> str:
+        """The connection URL clients should use."""
+        return f"postgresql://{ROLE}@127.0.0.1:{self.settings.postgres_port}/{DATABASE}"
+
+    @property
+    def address(self) -> str:
+        """host:port of the cluster."""
+        return f"127.0.0.1:{self.settings.postgres_port}"
+
+    def _cluster_version(self) -> str | None:
+        try:
+            return (self.layout.postgres_data / "PG_VERSION").read_text().strip()
+        except OSError:
+            return None
+
+    def bin_dir(self) -> Path | None:
+        """The binaries to use: the version that made the existing cluster, else the newest installed."""
+        installed = _installed_bin_dirs()
+        version = self._cluster_version()
+        if version is None:
+            return installed[0] if installed else None
+        for path in installed:
+            if path.parent.name == version:
+                return path
+        if installed:
+            raise PostgresMissing(
+                f"the cluster in {self.layout.postgres_data} was made by PostgreSQL {version}, "
+                f"which is not installed (found: {', '.join(str(p) for p in installed)}).",
+                hint=f"install postgresql-{version}, or delete {self.layout.postgres} to make a new cluster.",
+            )
+        return None
+
+    def running_pid(self) -> int | None:
+        """The postmaster's pid when our cluster runs."""
+        pid = read_pid(self.layout.postgres_data / "postmaster.pid")
+        if pid is not None and pid_alive(pid) and "postgres" in command_line(pid):
+            return pid
+        return None
+
+    def preflight(self) -> None:
+        """Check the port and that the binaries are there or can be installed, before anything starts."""
+        if self.running_pid() is not None:
+            return
+        ensure_port_free(self.settings.postgres_port, "Postgres", "DRIFTLOOP_LOCAL_POSTGRES_PORT")
+        if self.bin_dir() is None and not (_is_root() and shutil.which("apt-get")):
+            raise PostgresMissing(
+                "the PostgreSQL server is not installed, and this user cannot install it.",
+                hint="run `sudo apt-get update && sudo apt-get install -y postgresql`, or set "
+                "DRIFTLOOP_DATABASE_URL to a Postgres you already have.",
+            )
+
+    def _install(self) -> Path:
+        say("PostgreSQL is not installed: running `apt-get update && apt-get install -y postgresql` ...")
+        # Debian's postinst would start its own cluster on 5432; policy-rc.d 101 tells it not to.
+        policy = Path("/usr/sbin/policy-rc.d")
+        own_policy = not policy.exists()
+        if own_policy:
+            policy.write_text("#!/bin/sh\n# driftloop: installing postgresql, start no services\nexit 101\n")
+            policy.chmod(0o755)
+        try:
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            install = ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]
+            for command in (["apt-get", "update"], install):
+                result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+                if result.returncode != 0:
+                    raise PostgresMissing(
+                        f"`{' '.join(command)}` failed:\n{text_tail(result.stdout + result.stderr)}",
+                        hint="fix the package problem above, or set DRIFTLOOP_DATABASE_URL to a Postgres.",
+                    )
+        finally:
+            if own_policy:
+                policy.unlink(missing_ok=True)
+        found = self.bin_dir()
+        if found is None:
+            raise PostgresMissing("postgresql was installed but no initdb/pg_ctl were found.")
+        say(f"installed PostgreSQL ({found})")
+        return found
+
+    def _os_user(self) -> str | None:
+        # Postgres refuses to run as root; as root we run it as a system user, otherwise as ourselves.
+        if not _is_root():
+            return None
+        for candidate in ("postgres", SERVICE_USER):
+            try:
+                pwd.getpwnam(candidate)
+                return candidate
+            except KeyError:
+                continue
+        say(f"creating the system user `{SERVICE_USER}` to run Postgres (it refuses to run as root) ...")
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
+            check=True,
+        )
+        return SERVICE_USER
+
+    @staticmethod
+    def _as_user(command: list[str], user: str | None) -> list[str]:
+        return ["runuser", "-u", user, "--", *command] if user else command
+
+    def _prepare_dirs(self, user: str | None) -> None:
+        for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.logs):
+            path.mkdir(parents=True, exist_ok=True)
+        self.layout.postgres_log.touch()
+        if user is None:
+            return
+        account = pwd.getpwnam(user)
+        for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.postgres_log):
+            os.chown(path, account.pw_uid, account.pw_gid)
+        if self.layout.postgres_data.exists():
+            os.chown(self.layout.postgres_data, account.pw_uid, account.pw_gid)
+        # The server user must be able to walk down to .driftloop/postgres, e.g. inside a mktemp -d checkout.
+        for parent in self.layout.postgres.parents:
+            mode = parent.stat().st_mode
+            if parent.stat().st_uid != account.pw_uid and not mode & stat.S_IXOTH:
+                say(f"letting the `{user}` user pass through {parent} (chmod o+x) to reach Postgres's data")
+                try:
+                    parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+                except PermissionError as err:
+                    raise PermissionProblem(
+                        f"the `{user}` user cannot reach {self.layout.postgres}: {parent} is closed to it.",
+                        hint=f"run `chmod o+x {parent}`, or set DRIFTLOOP_LOCAL_STATE_DIR to an open folder.",
+                    ) from err
+
+    def _initdb(self, bin_dir: Path, user: str | None) -> None:
+        say(f"creating the Postgres cluster in {self.layout.postgres_data} ...")
+        command = [
+            str(bin_dir / "initdb"), "-D", str(self.layout.postgres_data), "-U", ROLE, "--auth=trust",
+            "--encoding=UTF8", "--locale=C", "--no-sync",
+        ]  # fmt: skip
+        result = subprocess.run(self._as_user(command, user), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            shutil.rmtree(self.layout.postgres_data, ignore_errors=True)
+            raise StartFailed(
+                f"initdb failed:\n{text_tail(result.stdout + result.stderr)}",
+                hint=f"check that {self.layout.postgres} is writable by {user or 'this user'}.",
+            )
+
+    def _server_options(self) -> str:
+        socket_dir = str(self.layout.postgres_socket_dir)
+        sockets = socket_dir if len(socket_dir) <= MAX_SOCKET_DIR else ""
+        return f"-p {self.settings.postgres_port} -k {shlex.quote(sockets)} {SERVER_OPTIONS}"
+
+    def start(self) -> bool:
+        """Start the cluster unless it runs (making it on first use); True if started now."""
+        if self.running_pid() is not None:
+            self._ensure_database()
+            return False
+        self.preflight()
+        bin_dir = self.bin_dir() or self._install()
+        user = self._os_user()
+        self._prepare_dirs(user)
+        if self._cluster_version() is None:
+            self._initdb(bin_dir, user)
+        say(f"starting Postgres {bin_dir.parent.name} on {self.address} ...")
+        started = time.monotonic()
+        timeout = int(self.settings.ready_timeout_s)
+        command = [
+            str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(timeout), "-D", str(self.layout.postgres_data),
+            "-l", str(self.layout.postgres_log), "-o", self._server_options(),
+        ]  # fmt: skip
+        # Own session: the server must not receive the terminal's Ctrl-C meant for this command.
+        result = subprocess.run(
+            self._as_user(command, user), capture_output=True, text=True, start_new_session=True, check=False
+        )
+        if result.returncode != 0:
+            raise StartFailed(
+                f"Postgres did not start ({result.stdout.strip()} {result.stderr.strip()}). "
+                f"Last lines of {self.layout.postgres_log}:\n{log_tail(self.layout.postgres_log)}",
+                hint="fix the cause shown above and run the command again.",
+            )
+        self._ensure_database()
+        elapsed = time.monotonic() - started
+        say(f"Postgres is ready on {self.address} (pid {self.running_pid()}, {elapsed:.1f}s)")
+        return True
+
+    def _ensure_database(self) -> None:
+        admin_url = f"postgresql://{ROLE}@127.0.0.1:{self.settings.postgres_port}/postgres"
+
+        async def create() -> None:
+            deadline = time.monotonic() + self.settings.ready_timeout_s
+            while True:
+                try:
+                    connection = await asyncpg.connect(admin_url, timeout=5)
+                    break
+                except (TimeoutError, OSError, asyncpg.PostgresError):
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.25)
+            try:
+                if not await connection.fetchval("select 1 from pg_database where datname = $1", DATABASE):
+                    await connection.execute(f'create database "{DATABASE}"')
+            finally:
+                await connection.close()
+
+        try:
+            run_async(create)
+        except Exception as err:
+            raise StartFailed(
+                f"Postgres runs but the `{DATABASE}` database could not be reached or created: {err}",
+                hint=f"see {self.layout.postgres_log}.",
+            ) from err
+
+    def stop(self) -> bool:
+        """Stop the cluster with ``pg_ctl stop -m fast``; True if it was running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        say(f"stopping Postgres (pid {pid}) ...")
+        bin_dir = self.bin_dir()
+        user = self._os_user()
+        if bin_dir is not None:
+            data = str(self.layout.postgres_data)
+            command = [str(bin_dir / "pg_ctl"), "stop", "-D", data, "-m", "fast", "-w"]
+            subprocess.run(self._as_user(command, user), capture_output=True, text=True, check=False)
+        if pid_alive(pid):
+            # pg_ctl could not do it (binaries gone, timeout): SIGINT is the server's own "fast" shutdown.
+            terminate(pid, timeout_s=30, first_signal=signal.SIGINT)
+        return True
+
+    def status(self) -> ComponentStatus:
+        """Running or not, answering or not, and where."""
+        pid = self.running_pid()
+        version = self._cluster_version()
+        detail = f"PostgreSQL {version}" if version else ""
+        if pid is None:
+            return ComponentStatus(self.name, "stopped", False, self.address, None, detail)
+        ready = database_answers(self.url)
+        return ComponentStatus(self.name, "ready" if ready else "not ready", ready, self.address, pid, detail)
+
+
+class ExternalPostgres:
+    """A database the user pointed us at with DRIFTLOOP_DATABASE_URL: used, never started or stopped."""
+
+    name = "postgres"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def status(self) -> ComponentStatus:
+        """Whether the external database answers ``select 1``."""
+        ready = database_answers(self.url)
+        host = self.url.rsplit("@", 1)[-1]
+        state = "ready" if ready else "unreachable"
+        return ComponentStatus(self.name, state, ready, host, None, "external (DRIFTLOOP_DATABASE_URL)")

@@ -1,0 +1,88 @@
+"""Where the local infrastructure lives and which ports it uses; DRIFTLOOP_LOCAL_* variables override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class LocalInfraSettings(BaseSettings):
+    """Ports, versions and limits of the local Kafka broker and Postgres cluster."""
+
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_LOCAL_", extra="ignore")
+
+    state_dir: Path | None = Field(
+        default=None,
+        description="Folder for jars, data, logs and pids; defaults to .driftloop/ in the project root.",
+    )
+    kafka_version: str = Field(default="4.4.0", description="Apache Kafka release from Maven Central.")
+    kafka_port: int = Field(default=19092, description="Kafka client listener on 127.0.0.1.")
+    kafka_controller_port: int = Field(default=19093, description="KRaft controller listener on 127.0.0.1.")
+    kafka_heap: str = Field(default="768m", description="Maximum JVM heap of the broker (-Xmx).")
+    postgres_port: int = Field(default=54329, description="Port of the project-private Postgres cluster.")
+    ready_timeout_s: float = Field(default=90.0, description="How long a component may take to become ready.")
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The paths under the state folder (.driftloop/), one place so nothing hard-codes them twice."""
+
+    root: Path
+
+    @classmethod
+    def from_settings(cls, settings: LocalInfraSettings) -> StateLayout:
+        """Resolve the state folder to an absolute path (Kafka's log.dirs must be absolute)."""
+        return cls((settings.state_dir or PROJECT_ROOT / ".driftloop").resolve())
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "infra.lock"
+
+    @property
+    def kafka(self) -> Path:
+        return self.root / "kafka"
+
+    @property
+    def kafka_libs(self) -> Path:
+        return self.kafka / "libs"
+
+    @property
+    def kafka_data(self) -> Path:
+        return self.kafka / "data"
+
+    @property
+    def kafka_config(self) -> Path:
+        return self.kafka / "server.properties"
+
+    @property
+    def kafka_pid(self) -> Path:
+        return self.kafka / "kafka.pid"
+
+    @property
+    def kafka_log(self) -> Path:
+        return self.logs / "kafka.log"
+
+    @property
+    def postgres(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def postgres_data(self) -> Path:
+        return self.postgres / "data"
+
+    @property
+    def postgres_socket_dir(self) -> Path:
+        return self.postgres / "run"
+
+    @property
+    def postgres_log(self) -> Path:
+        return self.logs / "postgres.log"
