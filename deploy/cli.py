@@ -1,0 +1,263 @@
+"""The `driftloop` command line: one function per subcommand, listed in the COMMANDS table at the bottom."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deploy.local.broker import broker_answers, create_platform_topics
+from deploy.local.console import say
+from deploy.local.errors import InfraError, StartFailed
+from deploy.local.infra import KAFKA_ENV, LocalInfra
+from deploy.local.processes import wait_until
+from deploy.local.settings import PROJECT_ROOT
+from deploy.local.status import ComponentStatus
+
+LINT_TARGETS = ("contracts", "libs", "services", "deploy")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One row of the command table: where it sits, what it says in --help, what runs."""
+
+    path: tuple[str, ...]
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    # Unknown arguments are handed to the command (e.g. pytest's) instead of being refused.
+    passthrough: bool = False
+
+
+GROUPS: dict[tuple[str, ...], str] = {
+    ("infra",): "the local Kafka broker and Postgres (no Docker needed)",
+}
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def print_status(rows: Sequence[ComponentStatus]) -> None:
+    """Print the component table."""
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("component", "state", "pid", "address", "detail"):
+        table.add_column(column)
+    for row in rows:
+        colour = "green" if row.ready else "red" if row.state != "stopped" else "yellow"
+        table.add_row(
+            row.name, f"[{colour}]{row.state}[/{colour}]", str(row.pid or "-"), row.address, row.detail
+        )
+    Console().print(table)
+
+
+# --- infra ------------------------------------------------------------------------------------------
+
+
+def cmd_infra_up(args: argparse.Namespace) -> int:
+    """Start broker and database unless they run, create the topics, show the status."""
+    infra = LocalInfra()
+    infra.up()
+    rows = infra.status()
+    print_status(rows)
+    return 0 if all(row.ready for row in rows) else 1
+
+
+def cmd_infra_down(args: argparse.Namespace) -> int:
+    """Stop our broker and database."""
+    stopped = LocalInfra().down()
+    say(f"stopped: {', '.join(stopped)}" if stopped else "nothing of ours was running")
+    return 0
+
+
+def cmd_infra_status(args: argparse.Namespace) -> int:
+    """Show each component; exit 1 unless all are ready."""
+    rows = LocalInfra().status()
+    print_status(rows)
+    return 0 if all(row.ready for row in rows) else 1
+
+
+def _topics_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=os.environ.get(KAFKA_ENV), help=f"default: ${KAFKA_ENV}")
+    parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the broker")
+
+
+def cmd_infra_topics(args: argparse.Namespace) -> int:
+    """Create the platform topics on a running broker (the compose topic-init container runs this)."""
+    bootstrap = args.bootstrap or LocalInfra().broker.bootstrap
+    say(f"waiting for Kafka at {bootstrap} ...")
+    if not wait_until(lambda: broker_answers(bootstrap), timeout_s=args.wait, interval_s=1.0):
+        raise StartFailed(
+            f"no Kafka broker answered at {bootstrap} within {args.wait:.0f}s.",
+            hint=f"start one (`driftloop infra up`) or set {KAFKA_ENV}.",
+        )
+    created = create_platform_topics(bootstrap, args.replication_factor)
+    say(f"created topics: {', '.join(created)}" if created else "all topics already exist")
+    return 0
+
+
+# --- top-level workflows ----------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Bring the platform up (for now: the infrastructure) and show its status."""
+    return cmd_infra_up(args)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop everything `up` started."""
+    return cmd_infra_down(args)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run pytest against the local infrastructure, starting it (and stopping it after) if needed."""
+    infra = LocalInfra()
+    result = infra.up()
+    try:
+        env = {**os.environ, **result.client_env()}
+        command = [sys.executable, "-m", "pytest", *args.passthrough]
+        say(f"running {' '.join(command[1:])} against Kafka {result.kafka_bootstrap} ...")
+        return subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False).returncode
+    finally:
+        if result.started:
+            infra.down(result.started)
+
+
+def _tool(name: str) -> str:
+    # The venv's own tools first, so the locked versions run even when the venv is not activated.
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+def _run_steps(steps: Sequence[tuple[str, list[str]]]) -> int:
+    failed = []
+    for label, command in steps:
+        say(f"{label}: {' '.join(command)}")
+        started = time.monotonic()
+        try:
+            code = subprocess.run(command, cwd=PROJECT_ROOT, check=False).returncode
+        except FileNotFoundError:
+            code = 127
+            say(f"{label}: `{command[0]}` is not installed (run deploy/local/driftloop to set up .venv)")
+        if code != 0:
+            failed.append(label)
+        say(f"{label}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {time.monotonic() - started:.1f}s")
+    if failed:
+        say(f"failed: {', '.join(failed)}")
+        return 1
+    say("all checks passed")
+    return 0
+
+
+def _lint_steps() -> list[tuple[str, list[str]]]:
+    return [
+        ("ruff check", [_tool("ruff"), "check", "."]),
+        ("ruff format", [_tool("ruff"), "format", "--check", "."]),
+        ("mypy", [_tool("mypy"), *LINT_TARGETS]),
+        ("import boundaries", [_tool("lint-imports")]),
+    ]
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    """ruff check, ruff format --check, mypy, import-linter."""
+    return _run_steps(_lint_steps())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Everything CI checks before the tests: lint, plus generated contracts specs are up to date."""
+    steps = _lint_steps()
+    if importlib.util.find_spec("contracts.generate") is not None:
+        steps.append(("contracts up to date", [sys.executable, "-m", "contracts.generate", "--check"]))
+    else:
+        say("contracts up to date: skipped (contracts/generate.py does not exist yet)")
+    return _run_steps(steps)
+
+
+# --- the table and the parser ------------------------------------------------------------------------
+
+COMMANDS: list[Subcommand] = [
+    Subcommand(("up",), "bring the platform up and show its status", cmd_up),
+    Subcommand(("down",), "stop what `up` started", cmd_down),
+    Subcommand(
+        ("test",),
+        "run pytest against local Kafka and Postgres (extra args go to pytest)",
+        cmd_test,
+        passthrough=True,
+    ),
+    Subcommand(("lint",), "ruff, ruff format --check, mypy, import boundaries", cmd_lint),
+    Subcommand(("check",), "lint plus contracts staleness: what CI runs before the tests", cmd_check),
+    Subcommand(("infra", "up"), "start Kafka and Postgres (idempotent) and create the topics", cmd_infra_up),
+    Subcommand(("infra", "down"), "stop our Kafka and Postgres", cmd_infra_down),
+    Subcommand(
+        ("infra", "status"), "show Kafka and Postgres; exit 1 unless both are ready", cmd_infra_status
+    ),
+    Subcommand(
+        ("infra", "topics"),
+        "create the platform topics on $DRIFTLOOP_KAFKA_BOOTSTRAP",
+        cmd_infra_topics,
+        _topics_arguments,
+    ),
+]
+
+
+def build_parser(commands: Sequence[Subcommand] = COMMANDS) -> argparse.ArgumentParser:
+    """An argparse tree built from the command table; groups (``infra``) appear as needed."""
+    root = argparse.ArgumentParser(
+        prog="driftloop", description="driftloop: models that keep themselves healthy.", allow_abbrev=False
+    )
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): root}
+    children: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+
+    def parser_for(path: tuple[str, ...], help_text: str) -> argparse.ArgumentParser:
+        if path in parsers:
+            return parsers[path]
+        parent = parser_for(path[:-1], GROUPS.get(path[:-1], ""))
+        if path[:-1] not in children:
+            children[path[:-1]] = parent.add_subparsers(title="commands", metavar="COMMAND")
+        parser = children[path[:-1]].add_parser(
+            path[-1], help=help_text, description=help_text, allow_abbrev=False
+        )
+        parser.set_defaults(usage_of=parser)
+        parsers[path] = parser
+        return parser
+
+    root.set_defaults(usage_of=root)
+    for command in commands:
+        parser = parser_for(command.path, command.help)
+        if command.arguments:
+            command.arguments(parser)
+        parser.set_defaults(command=command)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `driftloop` console script."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    command: Subcommand | None = getattr(args, "command", None)
+    if command is None:
+        args.usage_of.print_help()
+        return 2
+    if extra and not command.passthrough:
+        args.usage_of.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough = extra
+    try:
+        return command.run(args)
+    except InfraError as err:
+        print(f"driftloop: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"driftloop: what to do: {err.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("driftloop: interrupted", file=sys.stderr)
+        return 130
