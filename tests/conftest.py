@@ -1,0 +1,139 @@
+"""Where the real broker and database come from, for every test level that needs them.
+
+In this order: DRIFTLOOP_KAFKA_BOOTSTRAP / DRIFTLOOP_DATABASE_URL from the environment (what
+`driftloop test` sets); else the project's own local infrastructure (deploy.local), started once per
+session and stopped at the end if this session started it; else testcontainers when a Docker engine
+answers. Tests under tests/integration and tests/e2e are marked by their folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.local.broker import create_platform_topics
+from deploy.local.errors import InfraError
+from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, LocalInfra
+
+TESTS = Path(__file__).resolve().parent
+LEVEL_MARKERS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by folder, so `-m "not integration"` runs the unit tests alone."""
+    for item in items:
+        with contextlib.suppress(ValueError):
+            level = item.path.resolve().relative_to(TESTS).parts[0]
+            if level in LEVEL_MARKERS:
+                item.add_marker(LEVEL_MARKERS[level])
+
+
+def docker_engine_answers() -> bool:
+    """True when a Docker engine is reachable (`docker info` succeeds)."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        probe = subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+class TestBackends:
+    """Finds (and, if it must, starts) the broker and the database once per session."""
+
+    __test__ = False  # a helper class, not a test case
+
+    def __init__(self) -> None:
+        self.infra = LocalInfra()
+        self.started: list[str] = []
+        self.containers: list[Any] = []
+        self.local_errors: dict[str, InfraError] = {}
+
+    def _local(self, component: str) -> str | None:
+        try:
+            result = self.infra.up((component,))
+        except InfraError as err:
+            self.local_errors[component] = err
+            return None
+        self.started.extend(result.started)
+        return result.kafka_bootstrap if component == "kafka" else result.database_url
+
+    def _nothing_found(self, component: str, variable: str) -> None:
+        err = self.local_errors.get(component)
+        reason = f"{err.message} ({err.hint})" if err else "unknown reason"
+        pytest.fail(
+            f"no {component} for the tests: {variable} is not set, the local infrastructure could not start "
+            f"({reason}), and no Docker engine answers for testcontainers.",
+            pytrace=False,
+        )
+
+    def kafka_bootstrap(self) -> str:
+        """Bootstrap servers of a broker that has the platform topics."""
+        if bootstrap := os.environ.get(KAFKA_ENV):
+            return bootstrap
+        if bootstrap := self._local("kafka"):
+            return bootstrap
+        if docker_engine_answers():
+            from testcontainers.community.kafka import KafkaContainer
+
+            container = KafkaContainer().with_kraft().start()
+            self.containers.append(container)
+            bootstrap = container.get_bootstrap_server()
+            create_platform_topics(bootstrap)
+            return bootstrap
+        self._nothing_found("kafka", KAFKA_ENV)
+        raise AssertionError("unreachable")
+
+    def database_url(self) -> str:
+        """URL of a Postgres database the tests may create schemas in."""
+        if url := os.environ.get(DATABASE_ENV):
+            return url
+        if url := self._local("postgres"):
+            return url
+        if docker_engine_answers():
+            from testcontainers.community.postgres import PostgresContainer
+
+            container = PostgresContainer(
+                "postgres:16", username="driftloop", password="driftloop", dbname="driftloop", driver=None
+            ).start()
+            self.containers.append(container)
+            return str(container.get_connection_url())
+        self._nothing_found("postgres", DATABASE_ENV)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Stop what this session started, and nothing else."""
+        for container in reversed(self.containers):
+            container.stop()
+        if self.started:
+            self.infra.down(tuple(self.started))
+
+
+@pytest.fixture(scope="session")
+def test_backends() -> Iterator[TestBackends]:
+    """The session's source of broker and database; cleans up what it started."""
+    backends = TestBackends()
+    try:
+        yield backends
+    finally:
+        backends.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(test_backends: TestBackends) -> str:
+    """Bootstrap servers of the real broker, with the platform topics created."""
+    return test_backends.kafka_bootstrap()
+
+
+@pytest.fixture(scope="session")
+def database_url(test_backends: TestBackends) -> str:
+    """URL of the real Postgres database."""
+    return test_backends.database_url()
