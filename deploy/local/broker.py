@@ -311,6 +311,7 @@ class KafkaBroker:
             "-cp", self._classpath(), MAIN_CLASS, str(self.layout.kafka_config),
         ]  # fmt: skip
         with self.layout.kafka_log.open("ab") as log:
+            log_start = log.tell()
             # Own session: the broker outlives this command and ignores the terminal's Ctrl-C.
             process = subprocess.Popen(
                 command,
@@ -321,11 +322,11 @@ class KafkaBroker:
                 start_new_session=True,
             )
         self.layout.kafka_pid.write_text(f"{process.pid}\n")
-        self._wait_ready(process.pid)
+        self._wait_ready(process.pid, log_start)
         say(f"Kafka is ready on {self.bootstrap} (pid {process.pid}, {time.monotonic() - started:.1f}s)")
         return True
 
-    def _wait_ready(self, pid: int) -> None:
+    def _wait_ready(self, pid: int, log_start: int) -> None:
         timeout = self.settings.ready_timeout_s
         deadline = time.monotonic() + timeout
         while True:
@@ -333,8 +334,8 @@ class KafkaBroker:
                 self.layout.kafka_pid.unlink(missing_ok=True)
                 raise StartFailed(
                     f"the Kafka broker exited while starting. Last lines of {self.layout.kafka_log}:\n"
-                    + log_tail(self.layout.kafka_log),
-                    hint="fix the cause shown above; `driftloop infra down` then `up` retries.",
+                    + log_tail(self.layout.kafka_log, since=log_start),
+                    hint="fix the cause shown above and run the command again.",
                 )
             # The client port opens only once the broker is unfenced; the metadata answer confirms it.
             if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
@@ -344,7 +345,8 @@ class KafkaBroker:
                 self.layout.kafka_pid.unlink(missing_ok=True)
                 raise StartFailed(
                     f"Kafka did not become ready within {timeout:.0f}s and was stopped. "
-                    f"Last lines of {self.layout.kafka_log}:\n{log_tail(self.layout.kafka_log)}",
+                    f"Last lines of {self.layout.kafka_log}:\n"
+                    + log_tail(self.layout.kafka_log, since=log_start),
                     hint="on a busy machine raise DRIFTLOOP_LOCAL_READY_TIMEOUT_S; otherwise see the log.",
                 )
             time.sleep(0.25)

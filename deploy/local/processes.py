@@ -30,7 +30,7 @@ class PortOwner:
         """Human description such as ``pid 1234 (java -cp ...)``."""
         if self.pid is None:
             return "a process this user cannot see (another user's, or outside this machine's namespace)"
-        return f"pid {self.pid} ({self.command[:120]})"
+        return f"pid {self.pid} ({' '.join(self.command.split())[:120]})"
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,10 +154,12 @@ def terminate(pid: int, *, timeout_s: float, first_signal: signal.Signals = sign
     return True
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The last lines of a log file, for error messages."""
+def log_tail(path: Path, lines: int = 30, since: int = 0) -> str:
+    """The last lines of a log file written after byte offset ``since``, for error messages."""
     try:
-        return text_tail(path.read_text(errors="replace"), lines)
+        with path.open("rb") as log:
+            log.seek(since)
+            return text_tail(log.read().decode(errors="replace"), lines)
     except OSError:
         return f"(no log at {path})"
 
