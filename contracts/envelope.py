@@ -28,17 +28,31 @@ HeaderList = list[tuple[str, bytes]]
 class EventPayload(BaseModel):
     """Base of every event payload: frozen, no unknown fields, described fields, a wire name and a topic."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=False)
+    # allow_inf_nan=False: JSON has no NaN or infinity; orjson would write them as null and the consumer
+    # would then reject the event, so they are refused where the payload is built.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=False, allow_inf_nan=False
+    )
 
     # Set on each concrete payload class (see contracts/<family>.py).
     event_name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     topic: ClassVar[str] = ""
+    # The payload field whose value becomes the CloudEvents subject and so the Kafka key: the model name
+    # on model topics, so each model's events stay in order on one partition. None: no natural subject.
+    subject_field: ClassVar[str | None] = "model"
 
     @classmethod
     def event_type(cls) -> str:
         """The CloudEvents ``type`` attribute, e.g. ``io.driftloop.TrainingCompleted.v1``."""
         return f"{TYPE_PREFIX}{cls.event_name or cls.__name__}.v{cls.version}"
+
+    def event_subject(self) -> str | None:
+        """The CloudEvents ``subject`` this payload implies (its ``subject_field``), or None."""
+        if self.subject_field is None:
+            return None
+        value = getattr(self, self.subject_field, None)
+        return value if isinstance(value, str) else None
 
 
 P = TypeVar("P", bound=EventPayload)
@@ -58,26 +72,38 @@ class MalformedEvent(ValueError):
 
 
 class OversizedEvent(MalformedEvent):
+    """The value is larger than the consumer's limit."""
+
     reason = "oversized"
 
 
 class MissingAttribute(MalformedEvent):
+    """A required CloudEvents header is absent or not UTF-8."""
+
     reason = "missing-attribute"
 
 
 class NotJson(MalformedEvent):
+    """The value is not JSON, or the content type is not application/json."""
+
     reason = "not-json"
 
 
 class UnknownEventType(MalformedEvent):
+    """The ``ce_type`` names no event this consumer knows."""
+
     reason = "unknown-type"
 
 
 class UnknownSchemaVersion(MalformedEvent):
+    """The event type is known, but not in this schema version (and no upcaster applies)."""
+
     reason = "unknown-schema-version"
 
 
 class SchemaInvalid(MalformedEvent):
+    """The JSON does not match the payload schema of its type."""
+
     reason = "schema-invalid"
 
 
@@ -151,13 +177,16 @@ def new_event(
     event_id: str | None = None,
 ) -> CloudEvent[P]:
     """Wrap a payload. With ``cause``, the new event joins the cause's cascade (correlation) and
-    names it as its direct cause; the actor is inherited unless given."""
+    names it as its direct cause; the actor is inherited unless given. The subject defaults to the
+    payload's own (its model name), then to the cause's."""
     eid = event_id or new_event_id()
+    if subject is None:
+        subject = payload.event_subject() or (cause.subject if cause else None)
     return CloudEvent[P](
         id=eid,
         source=source,
         type=type(payload).event_type(),
-        subject=subject if subject is not None else (cause.subject if cause else None),
+        subject=subject,
         correlationid=cause.correlationid if cause else eid,
         causationid=cause.id if cause else None,
         actor=actor if actor is not None else (cause.actor if cause else None),
@@ -189,18 +218,28 @@ class EventTypeRegistry:
     def classes(self) -> list[type[EventPayload]]:
         return list(self._classes.values())
 
-    def resolve(self, ce_type: str, payload: dict[str, Any]) -> tuple[str, type[EventPayload], dict[str, Any]]:
+    def resolve(
+        self, ce_type: str, payload: dict[str, Any]
+    ) -> tuple[str, type[EventPayload], dict[str, Any]]:
         seen = set()
         while ce_type in self._upcasters and ce_type not in seen:
             seen.add(ce_type)
-            upcast, ce_type = self._upcasters[ce_type]
-            payload = upcast(payload)
+            upcast, new_type = self._upcasters[ce_type]
+            try:
+                payload = upcast(payload)
+            except Exception as exc:
+                # An old payload the upcaster cannot read is as malformed as an invalid one: dead-letter it
+                # with a reason instead of crashing the consumer.
+                raise SchemaInvalid(f"upcasting {ce_type!r} to {new_type!r} failed: {exc!r}") from exc
+            ce_type = new_type
         cls = self._classes.get(ce_type)
         if cls is not None:
             return ce_type, cls, payload
         base, _, version = ce_type.rpartition(".v")
         if base and version.isdigit() and any(t.rpartition(".v")[0] == base for t in self._classes):
-            raise UnknownSchemaVersion(f"event type {ce_type!r} has a schema version this consumer does not know")
+            raise UnknownSchemaVersion(
+                f"event type {ce_type!r} has a schema version this consumer does not know"
+            )
         raise UnknownEventType(f"unknown event type {ce_type!r}")
 
     def decode(
@@ -219,7 +258,9 @@ class EventTypeRegistry:
             raw = hdr.get(name)
             if raw is None:
                 if required:
-                    raise MissingAttribute(f"header {name!r} is missing: not a CloudEvents binary-mode message")
+                    raise MissingAttribute(
+                        f"header {name!r} is missing: not a CloudEvents binary-mode message"
+                    )
                 return None
             try:
                 return raw.decode()
