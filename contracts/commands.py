@@ -1,0 +1,76 @@
+"""Manual commands: requests from people (or client programs) that the platform may refuse.
+
+They are accepted over HTTP, checked for the caller's role, and published here; the caller is in the
+envelope's ``actor`` (``user:alice``), so the audit trail records who asked. The outcome is the ordinary
+fact event (TrainingRequested or TrainingSkipped, RolloutPromoted, RolloutRolledBack, ModelStageChanged).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from contracts.common import ModelName, ModelVersion
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.commands"
+
+
+class RetrainRequested(EventPayload):
+    """Someone asks for a model to be retrained now; the retrain policy still decides."""
+
+    event_name: ClassVar[str] = "RetrainRequested"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model to retrain.", examples=["churn"])
+    reason: str = Field(
+        min_length=1, description="Why, for the audit trail.", examples=["new labelled export"]
+    )
+    ignore_cooldown: bool = Field(
+        default=False,
+        description="Bypass the cooldown (never the one-run-in-flight rule or the budget).",
+    )
+
+
+class PromoteRequested(EventPayload):
+    """Someone asks for a version to take all traffic now, cutting any rollout of it short."""
+
+    event_name: ClassVar[str] = "PromoteRequested"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="Version to promote.", examples=[7])
+    reason: str = Field(min_length=1, description="Why, for the audit trail.", examples=["canary looks fine"])
+
+
+class RollbackRequested(EventPayload):
+    """Someone asks for a version to be taken off traffic at once."""
+
+    event_name: ClassVar[str] = "RollbackRequested"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(
+        description="Version to take off traffic: the live canary, or the production version.", examples=[7]
+    )
+    to_version: ModelVersion | None = Field(
+        default=None,
+        description="Version to serve instead when rolling back production; null: the stable (or previous "
+        "production) version.",
+        examples=[6],
+    )
+    reason: str = Field(
+        min_length=1, description="Why, for the audit trail.", examples=["complaints from sales"]
+    )
+
+
+class ArchiveRequested(EventPayload):
+    """Someone asks for a version that no longer serves to be archived."""
+
+    event_name: ClassVar[str] = "ArchiveRequested"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="Version to archive.", examples=[4])
+    reason: str = Field(min_length=1, description="Why, for the audit trail.", examples=["superseded"])

@@ -1,0 +1,62 @@
+"""Dataset events: an immutable, content-hashed dataset version became available."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from contracts.common import ArtifactRef, DatasetName, DatasetRef, ModelName, Sha256Hex
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.datasets"
+
+
+class DatasetRegistered(EventPayload):
+    """A dataset version was stored, verified and registered; its bytes never change."""
+
+    event_name: ClassVar[str] = "DatasetRegistered"
+    topic: ClassVar[str] = TOPIC
+    # Dataset events are keyed by dataset name: a dataset may serve several models.
+    subject_field: ClassVar[str | None] = "name"
+
+    name: DatasetName = Field(description="Dataset name.", examples=["churn-base"])
+    dataset_version: int = Field(
+        ge=1,
+        description="Version number within the name; the producer that registers a name owns its numbering.",
+        examples=[3],
+    )
+    sha256: Sha256Hex = Field(
+        description="sha256 of the stored file's bytes (equal to `artifact.key`).",
+        examples=["b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"],
+    )
+    artifact: ArtifactRef = Field(description="The dataset file in the artifact store (Parquet or CSV).")
+    row_count: int = Field(ge=0, description="Number of rows.", examples=[50000])
+    columns: dict[str, str] = Field(
+        min_length=1,
+        description="Column name -> dtype, in file order (pandas dtype names: int64, float64, string, ...).",
+        examples=[{"tenure_months": "int64", "plan": "string", "churned": "int64"}],
+    )
+    source: str = Field(
+        min_length=1,
+        description="Where the data came from: `upload`, `traffic-window:<window id>`, "
+        "`training-set:<job id>`, or a URL.",
+        examples=["upload", "traffic-window:churn:7:000142"],
+    )
+    derived_from: list[DatasetRef] = Field(
+        default_factory=list,
+        description="Dataset versions this one was built from (training set = base data + traffic window).",
+    )
+    models: list[ModelName] = Field(
+        default_factory=list,
+        description="Models this dataset is meant for, when the producer knows; training policies may "
+        "retrain them on new data.",
+        examples=[["churn"]],
+    )
+    description: str | None = Field(default=None, description="Free text for people.", examples=["Q3 export"])
+
+    def ref(self) -> DatasetRef:
+        """This version as a :class:`DatasetRef`, for lineage."""
+        return DatasetRef(
+            name=self.name, version=self.dataset_version, sha256=self.sha256, rows=self.row_count
+        )

@@ -1,0 +1,32 @@
+"""Feedback events: the ground truth for an earlier prediction, arriving whenever it is known."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import AwareDatetime, Field
+
+from contracts.common import Label, ModelName, ModelVersion
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.feedback"
+
+
+class GroundTruthReceived(EventPayload):
+    """The true outcome of a prediction became known; monitoring joins it to the prediction by id."""
+
+    event_name: ClassVar[str] = "GroundTruthReceived"
+    topic: ClassVar[str] = TOPIC
+
+    prediction_id: str = Field(
+        min_length=1, description="Id of the prediction this label is for.", examples=["p-01J9Z6M3K2Q8"]
+    )
+    model: ModelName = Field(description="Model that made the prediction.", examples=["churn"])
+    model_version: ModelVersion | None = Field(
+        default=None, description="Version that made it, when the sender knows; monitoring knows anyway."
+    )
+    label: Label = Field(description="The true class label or value.", examples=[1, "churned", 42.5])
+    observed_at: AwareDatetime = Field(description="When the outcome was observed (not when it was sent).")
+    entity_key: str | None = Field(
+        default=None, description="Caller's entity id, if given.", examples=["customer-48213"]
+    )

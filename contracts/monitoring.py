@@ -1,0 +1,229 @@
+"""Monitoring events: what live traffic says about a model — drift, performance, data quality, and the
+canary's health during a rollout.
+
+DriftDetected is debounced: a feature must drift in several consecutive windows before it counts, then
+a cooldown follows, so one shift gives one event.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar, Self
+
+from pydantic import Field, model_validator
+
+from contracts.common import ContractModel, FeatureType, ModelName, ModelVersion, TrafficWindow
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.monitoring"
+
+
+class DriftTest(StrEnum):
+    """Statistical test or distance used to compare a feature's live values with its reference."""
+
+    KS = "ks"
+    PSI = "psi"
+    WASSERSTEIN = "wasserstein"
+    JENSEN_SHANNON = "jensen_shannon"
+    CHI2 = "chi2"
+
+
+class CorrectionMethod(StrEnum):
+    """Correction of p-values for testing many features at once."""
+
+    BONFERRONI = "bonferroni"
+    FDR_BH = "fdr_bh"
+    NONE = "none"
+
+
+class FeatureDrift(ContractModel):
+    """Drift evidence for one feature (or for the model's predictions) in one window."""
+
+    feature: str = Field(
+        min_length=1,
+        description="Feature name, or `prediction` for prediction drift.",
+        examples=["tenure_months"],
+    )
+    feature_type: FeatureType = Field(
+        description="Numeric or categorical: decides the eligible tests.", examples=["numeric"]
+    )
+    test: DriftTest = Field(description="The test chosen for this feature.", examples=["ks"])
+    statistic: float = Field(description="The test statistic or distance.", examples=[0.183])
+    p_value: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="p-value after correction for many features; null for distances (psi, wasserstein, "
+        "jensen_shannon), which are judged by their threshold.",
+        examples=[0.00012],
+    )
+    threshold: float = Field(
+        description="Drift when p_value < threshold (tests) or statistic >= threshold (distances).",
+        examples=[0.05],
+    )
+    drifted: bool = Field(description="Verdict for this window, before debouncing.")
+    consecutive_windows: int = Field(
+        default=1, ge=0, description="Consecutive windows in which this feature drifted, this one included."
+    )
+    n_current: int = Field(ge=0, description="Non-missing values in the current window.", examples=[5000])
+    n_reference: int = Field(ge=0, description="Values in the reference sample or profile.", examples=[40000])
+    n_missing: int = Field(default=0, ge=0, description="Missing (null or NaN) values in the current window.")
+
+
+class DriftDetected(EventPayload):
+    """Live inputs of a model version no longer look like its training data, with per-feature evidence."""
+
+    event_name: ClassVar[str] = "DriftDetected"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="Version whose traffic drifted.", examples=[6])
+    window: TrafficWindow = Field(description="The window judged (time range, size, and its data).")
+    reference_size: int = Field(ge=0, description="Rows behind the reference profile.", examples=[40000])
+    features: list[FeatureDrift] = Field(
+        min_length=1, description="Evidence for every feature tested, drifted or not."
+    )
+    drifted_features: list[str] = Field(
+        min_length=1,
+        description="Features that drifted after debouncing (the reason for this event).",
+        examples=[["tenure_months", "monthly_charges"]],
+    )
+    drift_share: float = Field(
+        ge=0, le=1, description="Share of tested features that drifted.", examples=[0.13]
+    )
+    share_threshold: float = Field(
+        ge=0, le=1, description="Dataset-level drift when drift_share >= this.", examples=[0.1]
+    )
+    correction: CorrectionMethod = Field(
+        description="Correction applied to p-values.", examples=["bonferroni"]
+    )
+    alpha: float = Field(
+        gt=0, lt=1, description="Family-wise significance level before correction.", examples=[0.05]
+    )
+    prediction_drift: FeatureDrift | None = Field(
+        default=None, description="Drift of the model's predictions (feature `prediction`), when computed."
+    )
+
+    @model_validator(mode="after")
+    def _drifted_are_tested(self) -> Self:
+        tested = {f.feature for f in self.features}
+        unknown = [name for name in self.drifted_features if name not in tested]
+        if unknown:
+            raise ValueError(f"drifted_features {unknown} have no evidence in features")
+        return self
+
+
+class PerformanceDegraded(EventPayload):
+    """A labelled metric of a model version fell below what validation measured, beyond the tolerance."""
+
+    event_name: ClassVar[str] = "PerformanceDegraded"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="Version whose performance degraded.", examples=[6])
+    metric: str = Field(
+        min_length=1, description="Metric: accuracy, f1, roc_auc, rmse, mae, ...", examples=["roc_auc"]
+    )
+    value: float = Field(description="Metric over the labelled rows of the window.", examples=[0.71])
+    baseline: float = Field(description="Metric measured at validation (holdout).", examples=[0.86])
+    threshold: float = Field(
+        description="Degraded when value is worse than this (below it if higher is better, above otherwise).",
+        examples=[0.80],
+    )
+    higher_is_better: bool = Field(description="Direction of the metric.", examples=[True])
+    window: TrafficWindow = Field(description="The window the metric was computed on.")
+    labelled_rows: int = Field(
+        ge=0, description="Predictions in the window with a joined label.", examples=[1800]
+    )
+    late_labels: int = Field(
+        default=0, ge=0, description="Labels that arrived after their prediction's window closed."
+    )
+
+
+class Verdict(StrEnum):
+    """Outcome of comparing canary with stable for one rollout step."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    INCONCLUSIVE = "inconclusive"
+
+
+class CanaryComparison(ContractModel):
+    """One named comparison of canary against stable over the same window."""
+
+    name: str = Field(
+        min_length=1,
+        description="What was compared: error_rate, latency_p95_ms, prediction_divergence, accuracy, ...",
+        examples=["latency_p95_ms"],
+    )
+    stable_value: float | None = Field(
+        description="Value for the stable version (null: not measurable).", examples=[4.2]
+    )
+    canary_value: float | None = Field(
+        description="Value for the canary version (null: not measurable).", examples=[4.9]
+    )
+    threshold: float | None = Field(
+        default=None,
+        description="Largest tolerated canary-vs-stable difference (or divergence).",
+        examples=[5.0],
+    )
+    passed: bool | None = Field(description="Within tolerance; null when there was not enough data to judge.")
+    detail: str = Field(
+        default="", description="Explanation for people.", examples=["+0.7 ms, tolerance 5 ms"]
+    )
+
+
+class CanaryVerdict(EventPayload):
+    """Monitoring's verdict on one rollout step, with the comparisons behind it."""
+
+    event_name: ClassVar[str] = "CanaryVerdict"
+    topic: ClassVar[str] = TOPIC
+
+    rollout_id: str = Field(min_length=1, description="Rollout judged.", examples=["r-91c2"])
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
+    canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
+    step_index: int = Field(ge=0, description="The rollout step judged.", examples=[0])
+    verdict: Verdict = Field(description="Healthy, unhealthy or inconclusive.", examples=["healthy"])
+    evidence: list[CanaryComparison] = Field(description="Every comparison made.")
+    stable_samples: int = Field(ge=0, description="Stable predictions in the window.", examples=[4480])
+    canary_samples: int = Field(ge=0, description="Canary predictions in the window.", examples=[512])
+    window: TrafficWindow = Field(description="The window both variants were compared over.")
+    reason: str = Field(
+        default="", description="Summary for people.", examples=["all 4 comparisons within tolerance"]
+    )
+
+
+class DataQualityIssueKind(StrEnum):
+    """Kind of data-quality finding."""
+
+    MISSING_VALUES = "missing-values"
+    UNSEEN_CATEGORY = "unseen-category"
+    OUT_OF_RANGE = "out-of-range"
+    TYPE_MISMATCH = "type-mismatch"
+    UNKNOWN_MODEL = "unknown-model"
+
+
+class DataQualityIssue(EventPayload):
+    """Live inputs have a quality problem (missing values, unseen categories, ...) worth a person's look."""
+
+    event_name: ClassVar[str] = "DataQualityIssue"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion | None = Field(
+        description="Version concerned; null when the version is unknown to monitoring.", examples=[6]
+    )
+    kind: DataQualityIssueKind = Field(description="Kind of finding.", examples=["missing-values"])
+    feature: str | None = Field(
+        default=None, description="Feature concerned, if one.", examples=["monthly_charges"]
+    )
+    count: int = Field(ge=0, description="Rows affected in the window.", examples=[412])
+    share: float = Field(ge=0, le=1, description="Share of the window's rows affected.", examples=[0.082])
+    window: TrafficWindow | None = Field(
+        default=None, description="The window, when the finding is per window."
+    )
+    message: str = Field(
+        description="What was seen, for people.",
+        examples=["8.2% of monthly_charges missing (reference: 0.1%)"],
+    )

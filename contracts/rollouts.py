@@ -1,0 +1,147 @@
+"""Rollout events: serving exposes a validated version to a growing share of traffic, then promotes it
+or rolls it back.
+
+One rollout: RolloutStarted -> RolloutStepAdvanced ... -> RolloutPromoted | RolloutRolledBack. Weights are
+fractions of traffic (0.1 = 10%) routed to the canary; in shadow mode the canary scores the traffic but its
+answers are never returned.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar, Self
+
+from pydantic import Field, model_validator
+
+from contracts.common import ModelName, ModelVersion
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.rollouts"
+
+
+class RolloutMode(StrEnum):
+    """How the canary meets traffic."""
+
+    CANARY = "canary"
+    SHADOW = "shadow"
+
+
+class RollbackReason(StrEnum):
+    """Why a rollout was rolled back."""
+
+    UNHEALTHY_VERDICT = "unhealthy-verdict"
+    ERROR_RATE = "error-rate"
+    MANUAL = "manual"
+    LOAD_FAILED = "load-failed"
+    SUPERSEDED = "superseded"
+
+
+class RolloutStarted(EventPayload):
+    """A rollout began: the canary version takes the first step's share of traffic."""
+
+    event_name: ClassVar[str] = "RolloutStarted"
+    topic: ClassVar[str] = TOPIC
+
+    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    stable_version: ModelVersion | None = Field(
+        description="Version serving the rest of the traffic; null for a model's first rollout.", examples=[6]
+    )
+    canary_version: ModelVersion = Field(description="Version being rolled out.", examples=[7])
+    mode: RolloutMode = Field(
+        default=RolloutMode.CANARY, description="Canary or shadow.", examples=["canary"]
+    )
+    steps: list[float] = Field(
+        min_length=1,
+        description="Canary traffic share of each step, strictly increasing, ending at 1.0.",
+        examples=[[0.1, 0.5, 1.0]],
+    )
+    step_index: int = Field(
+        default=0, ge=0, description="Index of the current step in `steps`.", examples=[0]
+    )
+    weight: float = Field(
+        gt=0, le=1, description="Current canary share (`steps[step_index]`).", examples=[0.1]
+    )
+    min_samples: int = Field(
+        ge=0, description="Canary predictions needed before a step can advance.", examples=[500]
+    )
+    bake_seconds: float = Field(
+        ge=0, description="Minimum time on each step before it can advance.", examples=[30]
+    )
+    validation_report_id: str | None = Field(
+        default=None, description="The validation report that let the version in.", examples=["vr-5d1e"]
+    )
+
+    @model_validator(mode="after")
+    def _steps_consistent(self) -> Self:
+        if any(not 0 < w <= 1 for w in self.steps):
+            raise ValueError("every step weight must be in (0, 1]")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("step weights must be strictly increasing")
+        if self.steps[-1] != 1.0:
+            raise ValueError("the last step must be 1.0 (all traffic)")
+        if self.step_index >= len(self.steps) or self.steps[self.step_index] != self.weight:
+            raise ValueError("weight must equal steps[step_index]")
+        if self.stable_version == self.canary_version:
+            raise ValueError("canary_version must differ from stable_version")
+        return self
+
+
+class RolloutStepAdvanced(EventPayload):
+    """The canary passed a step (enough samples, bake time over, healthy verdict) and got a larger share."""
+
+    event_name: ClassVar[str] = "RolloutStepAdvanced"
+    topic: ClassVar[str] = TOPIC
+
+    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
+    canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
+    step_index: int = Field(ge=1, description="Index of the step now in force.", examples=[1])
+    previous_weight: float = Field(
+        gt=0, le=1, description="Canary share of the step just passed.", examples=[0.1]
+    )
+    weight: float = Field(gt=0, le=1, description="Canary share from now on.", examples=[0.5])
+    samples_seen: int = Field(
+        ge=0, description="Canary predictions during the step just passed.", examples=[812]
+    )
+    step_seconds: float = Field(ge=0, description="How long the step just passed lasted.", examples=[34.2])
+
+
+class RolloutPromoted(EventPayload):
+    """The canary took all traffic: it is the model's production version now."""
+
+    event_name: ClassVar[str] = "RolloutPromoted"
+    topic: ClassVar[str] = TOPIC
+
+    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="The version promoted to production.", examples=[7])
+    previous_version: ModelVersion | None = Field(
+        description="The production version it replaced (to be archived); null for a first rollout.",
+        examples=[6],
+    )
+    steps_completed: int = Field(ge=0, description="Steps passed before promotion.", examples=[3])
+    duration_seconds: float = Field(
+        ge=0, description="Time from RolloutStarted to promotion.", examples=[104.0]
+    )
+    manual: bool = Field(default=False, description="True when a PromoteRequested cut the rollout short.")
+
+
+class RolloutRolledBack(EventPayload):
+    """The canary was taken off traffic (share 0 at once); the stable version serves everything."""
+
+    event_name: ClassVar[str] = "RolloutRolledBack"
+    topic: ClassVar[str] = TOPIC
+
+    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    stable_version: ModelVersion | None = Field(description="Version that keeps serving.", examples=[6])
+    canary_version: ModelVersion = Field(description="Version rolled back (to be rejected).", examples=[7])
+    step_index: int = Field(ge=0, description="Step the rollout was on.", examples=[0])
+    weight: float = Field(ge=0, le=1, description="Canary share at the moment of rollback.", examples=[0.1])
+    reason: RollbackReason = Field(description="Machine-readable reason.", examples=["unhealthy-verdict"])
+    message: str = Field(
+        description="What was seen, for people.",
+        examples=["canary error rate 4.1% vs stable 0.2% over 612 vs 5,480 requests"],
+    )

@@ -1,0 +1,133 @@
+"""Validation events: the gate between a registered candidate and live traffic, with the full report."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar, Self
+
+from pydantic import Field, model_validator
+
+from contracts.common import ContractModel, DatasetRef, ModelName, ModelVersion
+from contracts.envelope import EventPayload
+
+TOPIC = "mlops.validation"
+
+
+class Comparator(StrEnum):
+    """How a check's value is compared with its threshold: passed when ``value <comparator> threshold``."""
+
+    GE = ">="
+    GT = ">"
+    LE = "<="
+    LT = "<"
+    EQ = "=="
+
+
+class CheckKind(StrEnum):
+    """The family a validation check belongs to."""
+
+    THRESHOLD = "threshold"
+    CHAMPION_CHALLENGER = "champion-challenger"
+    SLICE = "slice"
+    SIGNATURE = "signature"
+    LATENCY = "latency"
+    SANITY = "sanity"
+
+
+class ConfidenceInterval(ContractModel):
+    """A two-sided confidence interval (bootstrap, for champion/challenger differences)."""
+
+    low: float = Field(description="Lower bound.", examples=[-0.004])
+    high: float = Field(description="Upper bound.", examples=[0.021])
+    level: float = Field(gt=0, lt=1, description="Confidence level.", examples=[0.95])
+
+
+class CheckResult(ContractModel):
+    """One validation check: what was measured, against what, and the verdict."""
+
+    name: str = Field(
+        min_length=1,
+        description="Unique name of the check within the report.",
+        examples=["roc_auc>=0.75", "challenger-vs-champion:roc_auc", "slice:plan=basic:roc_auc"],
+    )
+    kind: CheckKind = Field(description="Family of the check.", examples=["threshold"])
+    metric: str | None = Field(
+        default=None, description="Metric measured, when there is one.", examples=["roc_auc"]
+    )
+    value: float | None = Field(
+        default=None,
+        description="Measured value (for champion/challenger: challenger minus champion); null for checks "
+        "with no number, such as signature compatibility.",
+        examples=[0.861],
+    )
+    threshold: float | None = Field(
+        default=None, description="Threshold the value is compared with.", examples=[0.75]
+    )
+    comparator: Comparator | None = Field(
+        default=None, description="Passed when value <comparator> threshold."
+    )
+    interval: ConfidenceInterval | None = Field(
+        default=None, description="Confidence interval of the value, when it was estimated."
+    )
+    passed: bool = Field(description="The check's verdict.")
+    detail: str = Field(
+        default="", description="Explanation for people.", examples=["0.861 >= 0.75 on 10,000 holdout rows"]
+    )
+
+
+class _ValidationReport(EventPayload):
+    """Fields shared by both outcomes of a validation run."""
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="The candidate version validated.", examples=[7])
+    report_id: str = Field(
+        min_length=1,
+        description="Id of the stored report (served by validation over HTTP).",
+        examples=["vr-5d1e"],
+    )
+    checks: list[CheckResult] = Field(min_length=1, description="Every check run, in order.")
+    failed_checks: list[str] = Field(
+        default_factory=list, description="Names of the checks that failed (empty when passed)."
+    )
+    champion_version: ModelVersion | None = Field(
+        default=None,
+        description="The production version compared against; null when there is none yet.",
+        examples=[6],
+    )
+    holdout: DatasetRef | None = Field(
+        default=None, description="The rows champion and challenger were both scored on."
+    )
+    duration_seconds: float = Field(ge=0, description="Wall time of the validation.", examples=[1.9])
+
+    @model_validator(mode="after")
+    def _failed_checks_match(self) -> Self:
+        failed = [c.name for c in self.checks if not c.passed]
+        if sorted(failed) != sorted(self.failed_checks):
+            raise ValueError(f"failed_checks must name exactly the checks that did not pass: {failed}")
+        return self
+
+
+class ValidationPassed(_ValidationReport):
+    """Every check passed: the candidate may take traffic."""
+
+    event_name: ClassVar[str] = "ValidationPassed"
+    topic: ClassVar[str] = TOPIC
+
+    @model_validator(mode="after")
+    def _all_passed(self) -> Self:
+        if self.failed_checks:
+            raise ValueError(f"a passed validation has no failed checks, got {self.failed_checks}")
+        return self
+
+
+class ValidationFailed(_ValidationReport):
+    """At least one check failed: the candidate is rejected; `failed_checks` says which."""
+
+    event_name: ClassVar[str] = "ValidationFailed"
+    topic: ClassVar[str] = TOPIC
+
+    @model_validator(mode="after")
+    def _has_failure(self) -> Self:
+        if not self.failed_checks:
+            raise ValueError("a failed validation names at least one failed check")
+        return self
