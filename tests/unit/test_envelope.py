@@ -1,0 +1,461 @@
+"""The CloudEvents envelope: encoding to Kafka, decoding back, cascades, and every way decoding can fail."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
+from cloudevents.v1 import kafka as ce_kafka_v1
+from pydantic import ValidationError
+
+from contracts.audit import AuditCheckpoint
+from contracts.commands import RollbackRequested
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import (
+    CloudEvent,
+    EventPayload,
+    EventTypeRegistry,
+    MalformedEvent,
+    MissingAttribute,
+    NotJson,
+    OversizedEvent,
+    SchemaInvalid,
+    UnknownEventType,
+    UnknownSchemaVersion,
+    new_event,
+)
+from contracts.examples import EXAMPLES
+from contracts.monitoring import DriftDetected
+from contracts.registry import EVENT_TYPES
+from contracts.training import TrainingCompleted, TrainingRequested
+
+EXAMPLE_LIST = list(EXAMPLES.values())
+IDS = [type(e).__name__ for e in EXAMPLE_LIST]
+
+
+def _encoded(payload: EventPayload, **kwargs: Any) -> tuple[bytes | None, bytes, dict[str, bytes]]:
+    event = new_event(payload, source="/driftloop/test", **kwargs)
+    key, value, headers = event.to_kafka()
+    return key, value, dict(headers)
+
+
+# --- round trip -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
+def test_every_event_type_survives_a_kafka_round_trip(payload: EventPayload) -> None:
+    event = new_event(payload, source="/driftloop/test", actor="user:alice")
+    key, value, headers = event.to_kafka()
+
+    decoded = EVENT_TYPES.decode(value, headers)
+
+    assert decoded.data == payload
+    assert type(decoded.data) is type(payload)
+    assert decoded.model_dump() == event.model_dump()
+    assert decoded.topic == payload.topic
+    assert key == event.key
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
+def test_headers_follow_the_cloudevents_kafka_binary_binding(payload: EventPayload) -> None:
+    event = new_event(payload, source="/driftloop/test")
+    _, value, header_list = event.to_kafka()
+    headers = dict(header_list)
+
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_id"] == event.id.encode()
+    assert headers["ce_type"] == type(payload).event_type().encode()
+    assert headers["ce_source"] == b"/driftloop/test"
+    assert headers["content-type"] == b"application/json"
+    assert headers["ce_time"].endswith(b"Z")
+    assert orjson.loads(value) == payload.model_dump(mode="json")
+    assert len(header_list) == len(headers), "a header appears twice"
+
+
+def test_model_events_are_keyed_by_model_name() -> None:
+    key, _, headers = _encoded(EXAMPLES[TrainingCompleted])
+
+    assert key == b"churn"
+    assert headers["ce_subject"] == b"churn"
+
+
+def test_dataset_events_are_keyed_by_dataset_name() -> None:
+    key, _, _ = _encoded(EXAMPLES[DatasetRegistered])
+
+    assert key == b"churn-base"
+
+
+def test_audit_checkpoints_have_no_subject_and_no_key() -> None:
+    key, _, headers = _encoded(EXAMPLES[AuditCheckpoint])
+
+    assert key is None
+    assert "ce_subject" not in headers
+
+
+def test_an_explicit_subject_wins_over_the_payloads() -> None:
+    event = new_event(EXAMPLES[TrainingCompleted], source="/driftloop/test", subject="other")
+
+    assert event.subject == "other"
+
+
+def test_decode_accepts_headers_as_a_list_or_a_mapping() -> None:
+    event = new_event(EXAMPLES[DriftDetected], source="/driftloop/monitoring")
+    _, value, header_list = event.to_kafka()
+
+    assert EVENT_TYPES.decode(value, header_list) == EVENT_TYPES.decode(value, dict(header_list))
+
+
+# --- cascades -----------------------------------------------------------------------------------------
+
+
+def test_an_event_without_a_cause_starts_its_own_cascade() -> None:
+    event = new_event(EXAMPLES[DriftDetected], source="/driftloop/monitoring")
+
+    assert event.correlationid == event.id
+    assert event.causationid is None
+    assert event.actor is None
+
+
+def test_an_event_joins_the_cascade_of_its_cause_and_names_it() -> None:
+    drift = new_event(EXAMPLES[DriftDetected], source="/driftloop/monitoring")
+    requested = new_event(EXAMPLES[TrainingRequested], source="/driftloop/training", cause=drift)
+    completed = new_event(EXAMPLES[TrainingCompleted], source="/driftloop/training", cause=requested)
+
+    assert requested.correlationid == drift.id
+    assert requested.causationid == drift.id
+    assert completed.correlationid == drift.id
+    assert completed.causationid == requested.id
+
+
+def test_the_actor_of_a_manual_command_follows_its_consequences() -> None:
+    command = new_event(EXAMPLES[RollbackRequested], source="/driftloop/registry", actor="user:alice")
+    consequence = new_event(EXAMPLES[TrainingRequested], source="/driftloop/training", cause=command)
+    overridden = new_event(
+        EXAMPLES[TrainingRequested], source="/driftloop/training", cause=command, actor="system:policy"
+    )
+
+    assert consequence.actor == "user:alice"
+    assert overridden.actor == "system:policy"
+
+
+def test_cascade_extensions_travel_as_headers() -> None:
+    command = new_event(EXAMPLES[RollbackRequested], source="/driftloop/registry", actor="user:alice")
+    consequence = new_event(EXAMPLES[TrainingRequested], source="/driftloop/training", cause=command)
+    _, value, headers = consequence.to_kafka()
+
+    decoded = EVENT_TYPES.decode(value, headers)
+
+    assert (decoded.correlationid, decoded.causationid, decoded.actor) == (
+        command.id,
+        command.id,
+        "user:alice",
+    )
+
+
+def test_a_message_without_correlation_header_is_its_own_cascade() -> None:
+    _, value, headers = _encoded(EXAMPLES[DriftDetected])
+    del headers["ce_correlationid"]
+
+    decoded = EVENT_TYPES.decode(value, headers)
+
+    assert decoded.correlationid == decoded.id
+
+
+# --- decoding failures -------------------------------------------------------------------------------
+
+
+def _valid_message() -> tuple[bytes, dict[str, bytes]]:
+    _, value, headers = _encoded(EXAMPLES[TrainingCompleted])
+    return value, headers
+
+
+def _payload_without(field: str) -> bytes:
+    payload = EXAMPLES[TrainingCompleted].model_dump(mode="json")
+    del payload[field]
+    return orjson.dumps(payload)
+
+
+def test_a_value_that_is_not_json_is_refused_as_not_json() -> None:
+    _, headers = _valid_message()
+
+    with pytest.raises(NotJson, match="not JSON") as caught:
+        EVENT_TYPES.decode(b"{this is not json", headers)
+    assert caught.value.reason == "not-json"
+
+
+def test_a_non_json_content_type_is_refused_as_not_json() -> None:
+    value, headers = _valid_message()
+    headers["content-type"] = b"application/avro"
+
+    with pytest.raises(NotJson, match="application/avro"):
+        EVENT_TYPES.decode(value, headers)
+
+
+def test_a_message_without_value_is_refused_as_not_json() -> None:
+    _, headers = _valid_message()
+
+    with pytest.raises(NotJson, match="no value"):
+        EVENT_TYPES.decode(None, headers)
+
+
+def test_an_unknown_event_type_is_refused() -> None:
+    value, headers = _valid_message()
+    headers["ce_type"] = b"io.driftloop.SomethingElse.v1"
+
+    with pytest.raises(UnknownEventType, match="SomethingElse") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "unknown-type"
+
+
+def test_an_unknown_schema_version_of_a_known_type_is_refused_as_such() -> None:
+    value, headers = _valid_message()
+    headers["ce_type"] = b"io.driftloop.TrainingCompleted.v9"
+
+    with pytest.raises(UnknownSchemaVersion, match=r"TrainingCompleted\.v9") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "unknown-schema-version"
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (_payload_without("model"), "model"),
+        (_payload_without("artifact"), "artifact"),
+        (
+            orjson.dumps({**EXAMPLES[TrainingCompleted].model_dump(mode="json"), "surprise": 1}),
+            "surprise",
+        ),
+        (
+            orjson.dumps(
+                {
+                    **EXAMPLES[TrainingCompleted].model_dump(mode="json"),
+                    "artifact": {
+                        **EXAMPLES[TrainingCompleted].model_dump(mode="json")["artifact"],
+                        "key": "x",
+                    },
+                }
+            ),
+            "artifact.key",
+        ),
+    ],
+    ids=["missing-field", "missing-nested-object", "unknown-field", "invalid-nested-field"],
+)
+def test_a_schema_invalid_payload_is_refused_naming_the_field(value: bytes, named: str) -> None:
+    _, headers = _valid_message()
+
+    with pytest.raises(SchemaInvalid, match=rf"TrainingCompleted payload is invalid at {named}\b") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "schema-invalid"
+
+
+def test_a_json_value_that_is_not_an_object_is_schema_invalid() -> None:
+    _, headers = _valid_message()
+
+    with pytest.raises(SchemaInvalid, match="JSON object"):
+        EVENT_TYPES.decode(b"[1, 2, 3]", headers)
+
+
+def test_a_payload_breaking_a_cross_field_rule_is_schema_invalid() -> None:
+    payload = EXAMPLES[DriftDetected].model_dump(mode="json")
+    payload["drifted_features"] = ["no_such_feature"]
+    _, _, headers = _encoded(EXAMPLES[DriftDetected])
+
+    with pytest.raises(SchemaInvalid, match="no_such_feature"):
+        EVENT_TYPES.decode(orjson.dumps(payload), headers)
+
+
+def test_an_oversized_message_is_refused_before_parsing() -> None:
+    value, headers = _valid_message()
+
+    with pytest.raises(OversizedEvent, match=f"{len(value)} bytes") as caught:
+        EVENT_TYPES.decode(value, headers, max_bytes=len(value) - 1)
+    assert caught.value.reason == "oversized"
+
+
+@pytest.mark.parametrize("header", ["ce_id", "ce_type", "ce_source", "ce_specversion"])
+def test_a_message_missing_a_required_cloudevents_header_is_refused(header: str) -> None:
+    value, headers = _valid_message()
+    del headers[header]
+
+    with pytest.raises(MissingAttribute, match=header) as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "missing-attribute"
+
+
+def test_a_header_that_is_not_utf8_is_refused() -> None:
+    value, headers = _valid_message()
+    headers["ce_source"] = b"\xff\xfe"
+
+    with pytest.raises(MissingAttribute, match="UTF-8"):
+        EVENT_TYPES.decode(value, headers)
+
+
+def test_another_cloudevents_spec_version_is_refused() -> None:
+    value, headers = _valid_message()
+    headers["ce_specversion"] = b"0.3"
+
+    with pytest.raises(MalformedEvent, match=r"0\.3"):
+        EVENT_TYPES.decode(value, headers)
+
+
+def test_a_time_that_is_not_rfc3339_is_refused() -> None:
+    value, headers = _valid_message()
+    headers["ce_time"] = b"yesterday"
+
+    with pytest.raises(MalformedEvent, match="yesterday"):
+        EVENT_TYPES.decode(value, headers)
+
+
+def test_every_decoding_failure_is_a_malformed_event_with_a_distinct_reason() -> None:
+    failures = [
+        OversizedEvent,
+        MissingAttribute,
+        NotJson,
+        UnknownEventType,
+        UnknownSchemaVersion,
+        SchemaInvalid,
+    ]
+
+    assert all(issubclass(cls, MalformedEvent) for cls in failures)
+    assert len({cls.reason for cls in failures} | {MalformedEvent.reason}) == len(failures) + 1
+
+
+# --- versions -----------------------------------------------------------------------------------------
+
+
+def _v0_message() -> tuple[bytes, dict[str, bytes]]:
+    value, headers = _valid_message()
+    old = orjson.loads(value)
+    old["model_name"] = old.pop("model")
+    headers["ce_type"] = b"io.driftloop.TrainingCompleted.v0"
+    return orjson.dumps(old), headers
+
+
+def test_an_upcaster_reads_an_old_version_as_the_current_one() -> None:
+    registry = EventTypeRegistry(EVENT_TYPES.classes())
+
+    def rename_model(payload: dict[str, Any]) -> dict[str, Any]:
+        payload = dict(payload)
+        payload["model"] = payload.pop("model_name")
+        return payload
+
+    registry.register_upcaster(
+        "io.driftloop.TrainingCompleted.v0", TrainingCompleted.event_type(), rename_model
+    )
+    value, headers = _v0_message()
+
+    decoded = registry.decode(value, headers)
+
+    assert decoded.type == TrainingCompleted.event_type()
+    assert decoded.data == EXAMPLES[TrainingCompleted]
+
+
+def test_an_upcaster_that_cannot_read_the_old_payload_gives_schema_invalid() -> None:
+    registry = EventTypeRegistry(EVENT_TYPES.classes())
+
+    def broken(payload: dict[str, Any]) -> dict[str, Any]:
+        return {"model": payload["field_that_is_not_there"]}
+
+    registry.register_upcaster("io.driftloop.TrainingCompleted.v0", TrainingCompleted.event_type(), broken)
+    value, headers = _v0_message()
+
+    with pytest.raises(SchemaInvalid, match="upcasting"):
+        registry.decode(value, headers)
+
+
+# --- numbers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_payload_with_a_non_finite_number_cannot_be_built(bad: float) -> None:
+    payload = EXAMPLES[TrainingCompleted].model_dump()
+    payload["metrics"] = {"roc_auc": bad}
+
+    with pytest.raises(ValidationError, match="finite"):
+        TrainingCompleted.model_validate(payload)
+
+
+# --- interoperability: the CloudEvents SDK ------------------------------------------------------------
+
+
+def _caused_event(payload: EventPayload) -> CloudEvent[Any]:
+    root = new_event(EXAMPLES[DriftDetected], source="/driftloop/monitoring", actor="user:alice")
+    return new_event(payload, source="/driftloop/test", cause=root)
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
+def test_the_cloudevents_sdk_reads_every_message_we_produce(payload: EventPayload) -> None:
+    event = _caused_event(payload)
+    key, value, headers = event.to_kafka()
+
+    read = ce_kafka.from_binary(
+        ce_kafka.KafkaMessage(headers=dict(headers), key=key, value=value), JSONFormat()
+    )
+
+    assert read.get_specversion() == "1.0"
+    assert read.get_id() == event.id
+    assert read.get_type() == event.type
+    assert read.get_source() == event.source
+    assert read.get_subject() == event.subject
+    assert read.get_time() == event.time
+    assert read.get_datacontenttype() == "application/json"
+    assert read.get_extension("correlationid") == event.correlationid
+    assert read.get_extension("causationid") == event.causationid
+    assert read.get_extension("actor") == "user:alice"
+    assert read.get_extension("partitionkey") == event.subject
+    assert read.get_data() == payload.model_dump(mode="json")
+
+
+def test_the_legacy_cloudevents_sdk_api_reads_our_messages_too() -> None:
+    event = _caused_event(EXAMPLES[TrainingCompleted])
+    key, value, headers = event.to_kafka()
+
+    read = ce_kafka_v1.from_binary(ce_kafka_v1.KafkaMessage(headers=dict(headers), key=key, value=value))
+
+    assert (read["id"], read["type"], read["source"], read["subject"]) == (
+        event.id,
+        event.type,
+        event.source,
+        event.subject,
+    )
+    assert (read["correlationid"], read["causationid"], read["actor"]) == (
+        event.correlationid,
+        event.causationid,
+        event.actor,
+    )
+    assert read.get_data() == EXAMPLES[TrainingCompleted].model_dump(mode="json")
+
+
+def test_a_message_written_by_the_cloudevents_sdk_decodes() -> None:
+    payload = EXAMPLES[TrainingCompleted]
+    sdk_event = SdkCloudEvent(
+        attributes={
+            "id": "ext-1",
+            "source": "/external/producer",
+            "type": TrainingCompleted.event_type(),
+            "subject": "churn",
+            "time": datetime(2025, 6, 2, 9, 0, tzinfo=UTC),
+            "datacontenttype": "application/json",
+            "correlationid": "root-1",
+            "actor": "user:bob",
+        },
+        data=payload.model_dump(mode="json"),
+    )
+    message = ce_kafka.to_binary(sdk_event, JSONFormat())
+
+    decoded = EVENT_TYPES.decode(message.value, message.headers)
+
+    assert decoded.data == payload
+    assert (decoded.id, decoded.subject, decoded.correlationid, decoded.actor) == (
+        "ext-1",
+        "churn",
+        "root-1",
+        "user:bob",
+    )
+    assert decoded.time == datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
