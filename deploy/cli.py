@@ -1,4 +1,8 @@
-"""The `driftloop` command line: one function per subcommand, listed in the COMMANDS table at the bottom."""
+"""The `driftloop` command line: one function per subcommand, listed in the COMMANDS table at the bottom.
+
+A new subcommand is a ``cmd_*`` function plus one ``Subcommand`` row; a new group (like ``infra``) also
+gets one line in GROUPS for its --help text.
+"""
 
 from __future__ import annotations
 
