@@ -115,7 +115,7 @@ def ensure_port_free(port: int, purpose: str, setting: str) -> None:
         return
     who = owner.describe() if owner else "another process"
     raise PortTaken(
-        f"port {port} ({purpose}) is already in use by {who}, which is not driftloop's.",
+        f"port {port} ({purpose}) is already in use by {who}, which is not this checkout's.",
         hint=f"stop that process, or choose another port with {setting}=<port>.",
     )
 
