@@ -89,3 +89,14 @@ def payload_on(topic: str) -> type[EventPayload]:
 
     Tick.topic = topic
     return Tick
+
+
+async def count_rows(database_url: str, table: str, where: str = "true") -> int:
+    """Rows in ``table`` matching ``where``; 0 while the table does not exist yet (a process starting)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+            return 0
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE {where}"))
+    finally:
+        await conn.close()
