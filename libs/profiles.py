@@ -1,0 +1,164 @@
+"""Reference profiles: what a feature looked like in the data a model was trained on.
+
+Training computes a profile from the training set and stores it (JSON) in the artifact store next to
+the model; monitoring loads it and compares live windows against it. Numeric features keep quantile bin
+edges with their histogram (for PSI and Jensen–Shannon), summary statistics, and a bounded sorted sample
+(for Kolmogorov–Smirnov and Wasserstein); categorical features keep category frequencies.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import numpy as np
+import orjson
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_SAMPLE_SIZE = 10_000
+DEFAULT_BINS = 10
+MISSING_CATEGORY = "__missing__"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NumericProfile(_Frozen):
+    """A numeric feature in the reference data."""
+
+    kind: Literal["numeric"] = "numeric"
+    name: str = Field(description="Feature name.")
+    count: int = Field(description="Non-missing values.")
+    missing: int = Field(description="Missing (null or NaN) values.")
+    mean: float | None = Field(description="Mean of the non-missing values.")
+    std: float | None = Field(description="Standard deviation (ddof=0).")
+    min: float | None = Field(description="Smallest value.")
+    max: float | None = Field(description="Largest value.")
+    edges: list[float] = Field(
+        description="Inner bin edges at reference quantiles; bins (-inf, e0], (e0, e1], ..., (e_last, inf)."
+    )
+    histogram: list[int] = Field(description="Reference counts per bin (len(edges) + 1 bins).")
+    sample: list[float] = Field(description="Sorted random sample of the values, for KS and Wasserstein.")
+
+
+class CategoricalProfile(_Frozen):
+    """A categorical feature in the reference data."""
+
+    kind: Literal["categorical"] = "categorical"
+    name: str = Field(description="Feature name.")
+    count: int = Field(description="Non-missing values.")
+    missing: int = Field(description="Missing values.")
+    frequencies: dict[str, int] = Field(description="Count per category (as text).")
+
+
+FeatureProfile = Annotated[NumericProfile | CategoricalProfile, Field(discriminator="kind")]
+
+
+class ReferenceProfile(_Frozen):
+    """Per-feature reference distributions of one model version's training data."""
+
+    rows: int = Field(description="Rows behind the profile.")
+    created_at: datetime = Field(description="When the profile was computed.")
+    features: list[FeatureProfile] = Field(description="One profile per input feature, in signature order.")
+    prediction: FeatureProfile | None = Field(
+        default=None, description="The model's outputs on the reference data (score or class), if known."
+    )
+
+    def feature(self, name: str) -> NumericProfile | CategoricalProfile:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReferenceProfile:
+        return cls.model_validate(orjson.loads(data))
+
+
+def numeric_bin_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Inner edges at the reference quantiles, deduplicated (ties collapse bins)."""
+    if values.size == 0:
+        return np.array([], dtype=float)
+    qs = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.unique(qs)
+
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts in the bins (-inf, e0], (e0, e1], ..., (e_last, inf)."""
+    idx = np.searchsorted(edges, values, side="left")
+    return np.bincount(idx, minlength=edges.size + 1)
+
+
+def profile_numeric(
+    name: str,
+    series: pd.Series,
+    *,
+    bins: int = DEFAULT_BINS,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+) -> NumericProfile:
+    raw = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+    present = raw[np.isfinite(raw)]
+    edges = numeric_bin_edges(present, bins)
+    if present.size > sample_size:
+        sample = np.random.default_rng(seed).choice(present, size=sample_size, replace=False)
+    else:
+        sample = present
+    return NumericProfile(
+        name=name,
+        count=int(present.size),
+        missing=int(raw.size - present.size),
+        mean=float(present.mean()) if present.size else None,
+        std=float(present.std()) if present.size else None,
+        min=float(present.min()) if present.size else None,
+        max=float(present.max()) if present.size else None,
+        edges=[float(e) for e in edges],
+        histogram=[int(c) for c in bin_counts(present, edges)],
+        sample=[float(v) for v in np.sort(sample)],
+    )
+
+
+def profile_categorical(name: str, series: pd.Series) -> CategoricalProfile:
+    present = series.dropna()
+    counts = present.astype(str).value_counts()
+    return CategoricalProfile(
+        name=name,
+        count=int(present.size),
+        missing=int(series.size - present.size),
+        frequencies={str(k): int(v) for k, v in counts.sort_index().items()},
+    )
+
+
+def build_profile(
+    frame: pd.DataFrame,
+    features: list[tuple[str, Literal["numeric", "categorical"]]],
+    *,
+    predictions: pd.Series | None = None,
+    prediction_kind: Literal["numeric", "categorical"] = "numeric",
+    bins: int = DEFAULT_BINS,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+) -> ReferenceProfile:
+    """Profile the given feature columns (and optionally the model's outputs) of a reference frame."""
+    profiles: list[NumericProfile | CategoricalProfile] = []
+    for name, kind in features:
+        if kind == "numeric":
+            profiles.append(profile_numeric(name, frame[name], bins=bins, sample_size=sample_size, seed=seed))
+        else:
+            profiles.append(profile_categorical(name, frame[name]))
+    prediction: NumericProfile | CategoricalProfile | None = None
+    if predictions is not None:
+        if prediction_kind == "numeric":
+            prediction = profile_numeric(
+                "prediction", predictions, bins=bins, sample_size=sample_size, seed=seed
+            )
+        else:
+            prediction = profile_categorical("prediction", predictions)
+    return ReferenceProfile(
+        rows=len(frame), created_at=datetime.now(UTC), features=profiles, prediction=prediction
+    )
