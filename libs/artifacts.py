@@ -177,8 +177,9 @@ def dump_model(model: Any) -> bytes:
     return bytes(skops.io.dumps(model))
 
 
-def load_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) -> Any:
-    """Load a skops blob, refusing pickles and any type not in ``trusted`` — before running any of it."""
+def check_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) -> list[str]:
+    """Refuse pickles, non-skops blobs and untrusted types without constructing anything; returns the
+    types outside skops' own defaults that the blob holds (all of them in ``trusted``)."""
     import skops.io
 
     if _PICKLE_PROTOCOL.match(data) or data[:1] in (b"(", b"]", b"}"):
@@ -192,7 +193,14 @@ def load_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) ->
     refused = sorted(set(untrusted) - trusted)
     if refused:
         raise UntrustedArtifact(f"the model holds types that are not trusted: {', '.join(refused)}")
-    return skops.io.load(io.BytesIO(data), trusted=list(untrusted))
+    return list(untrusted)
+
+
+def load_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) -> Any:
+    """Load a skops blob, refusing pickles and any type not in ``trusted`` — before running any of it."""
+    import skops.io
+
+    return skops.io.load(io.BytesIO(data), trusted=check_model_bytes(data, trusted=trusted))
 
 
 def save_model(store: ArtifactStore, model: Any) -> StoredArtifact:
@@ -203,3 +211,10 @@ def save_model(store: ArtifactStore, model: Any) -> StoredArtifact:
 def load_model(store: ArtifactStore, key: str, *, trusted: frozenset[str] = TRUSTED_TYPES) -> Any:
     """Load a model by key: hash verified, skops only, trusted types only."""
     return load_model_bytes(store.get(key), trusted=trusted)
+
+
+def check_model(store: ArtifactStore, key: str, *, trusted: frozenset[str] = TRUSTED_TYPES) -> int:
+    """Check a stored model without loading it (hash, skops, trusted types); returns its size."""
+    data = store.get(key)
+    check_model_bytes(data, trusted=trusted)
+    return len(data)

@@ -1,0 +1,162 @@
+"""The artifact store: content addressing, hash checks on every read, and skops-only model loading."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from libs.artifacts import (
+    TRUSTED_TYPES,
+    ArtifactCorrupted,
+    ArtifactNotFound,
+    ArtifactStore,
+    UntrustedArtifact,
+    check_model,
+    check_model_bytes,
+    dump_model,
+    load_model,
+    load_model_bytes,
+    save_model,
+)
+
+
+def pickle_that_creates(marker: Path, *, protocol: int) -> bytes:
+    """A pickle stream that, when unpickled, calls ``open(marker, "w")``: the file appearing means it ran.
+
+    Written opcode by opcode so no test imports a pickler to make it."""
+    body = b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
+    return (b"\x80\x02" + body) if protocol == 2 else body
+
+
+class Sneaky:
+    """A type no model needs: skops records it, and the loader must refuse it."""
+
+    def __init__(self) -> None:
+        self.payload = "x"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(str(tmp_path / "artifacts"))
+
+
+def stored_path(store: ArtifactStore, key: str) -> Path:
+    return Path(store.root) / "sha256" / key[:2] / key
+
+
+def small_model() -> object:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression().fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1])
+
+
+def test_same_content_is_stored_once_under_its_sha256(store: ArtifactStore) -> None:
+    first = store.put(b"hello")
+    second = store.put_chunks([b"hel", b"lo"])
+    assert first == second
+    assert first.sha256 == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert store.get(first.sha256) == b"hello"
+    assert len(list((Path(store.root) / "sha256").rglob("*"))) == 2  # one folder, one file
+
+
+def test_keys_that_are_not_hashes_never_reach_the_file_system(store: ArtifactStore) -> None:
+    for key in ("../../etc/passwd", "ABC", "a" * 63, "/abs/path"):
+        with pytest.raises(ArtifactNotFound, match="not an artifact key"):
+            store.get(key)
+
+
+def test_missing_artifact_is_not_found(store: ArtifactStore) -> None:
+    with pytest.raises(ArtifactNotFound, match="no artifact"):
+        store.get("0" * 64)
+
+
+def test_artifact_modified_on_disk_is_refused_with_a_clear_error(store: ArtifactStore) -> None:
+    stored = save_model(store, small_model())
+    path = stored_path(store, stored.sha256)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    for read in (lambda: store.get(stored.sha256), lambda: store.verify(stored.sha256)):
+        with pytest.raises(ArtifactCorrupted, match=f"artifact {stored.sha256} is corrupted"):
+            read()
+    with pytest.raises(ArtifactCorrupted, match="restore it from a backup or retrain"):
+        load_model(store, stored.sha256)
+    with pytest.raises(ArtifactCorrupted):
+        check_model(store, stored.sha256)
+
+
+def test_streaming_a_modified_artifact_fails_before_the_last_chunk_is_accepted(store: ArtifactStore) -> None:
+    key = store.put(b"original bytes").sha256
+    stored_path(store, key).write_bytes(b"tampered bytes")
+    chunks = store.stream(key)
+    assert next(chunks) == b"tampered bytes"
+    with pytest.raises(ArtifactCorrupted):
+        next(chunks)
+
+
+def test_skops_model_round_trips_through_the_store(store: ArtifactStore) -> None:
+    stored = save_model(store, small_model())
+    model = load_model(store, stored.sha256)
+    assert list(model.predict([[0.0], [3.0]])) == [0, 1]
+    assert check_model(store, stored.sha256) == stored.size
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_pickle_payload_is_refused_and_never_executed(tmp_path: Path, protocol: int) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle_that_creates(marker, protocol=protocol)
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    key = store.put(payload).sha256
+
+    for attempt in (
+        lambda: load_model_bytes(payload),
+        lambda: check_model_bytes(payload),
+        lambda: load_model(store, key),
+        lambda: check_model(store, key),
+    ):
+        with pytest.raises(UntrustedArtifact, match=r"pickle|not a skops file"):
+            attempt()
+    assert not marker.exists()
+
+
+def test_the_pickle_payload_of_these_tests_is_live(tmp_path: Path) -> None:
+    """Control: unpickled by an ordinary loader (in a throw-away process) the payload does run, so the
+    refusals above prove something."""
+    marker = tmp_path / "control"
+    loader = "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"
+    for protocol in (0, 2):
+        marker.unlink(missing_ok=True)
+        subprocess.run(
+            [sys.executable, "-c", loader], input=pickle_that_creates(marker, protocol=protocol), check=True
+        )
+        assert marker.exists()
+
+
+def test_skops_file_with_an_untrusted_type_is_refused_naming_the_type() -> None:
+    import skops.io
+
+    blob = bytes(skops.io.dumps(Sneaky()))
+    with pytest.raises(UntrustedArtifact, match=r"not trusted: tests\.unit\.test_artifacts\.Sneaky"):
+        load_model_bytes(blob)
+
+
+def test_zip_that_is_not_a_skops_file_is_refused() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("model.txt", "not a model")
+    with pytest.raises(UntrustedArtifact, match="not a readable skops file"):
+        load_model_bytes(buf.getvalue())
+
+
+def test_checking_a_model_lists_only_trusted_types() -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(n_estimators=2, random_state=0).fit([[0.0], [1.0]], [0, 1])
+    types = check_model_bytes(dump_model(forest))
+    assert types and set(types) <= TRUSTED_TYPES
