@@ -155,8 +155,7 @@ class Dispatcher:
         """Settle every record, in order."""
         if not records:
             return
-        for r in records:
-            metrics.CONSUMED.labels(self.sub.consumer, r.topic).inc()
+        metrics.CONSUMED.labels(self.sub.consumer, records[0].topic).inc(len(records))
         deliveries: list[Delivery] = []
         for r in records:
             try:
@@ -175,9 +174,31 @@ class Dispatcher:
             return
         if self.sub.batch_handler is not None:
             await self._dispatch_batch(deliveries)
-        else:
+        elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
             for d in deliveries:
                 await self._dispatch_one(d)
+
+    async def _dispatch_group(self, deliveries: list[Delivery]) -> bool:
+        """Group commit: every event of the poll in one transaction, in order. One commit per poll instead
+        of one per event is what lets the inbox keep up with Kafka. Returns False (nothing committed) if
+        any handler failed, and the caller replays the events one transaction each, isolating the failure.
+        """
+
+        async def run_all(tx: Transaction, fresh: list[Delivery]) -> None:
+            for d in fresh:
+                event = d.event
+                assert event is not None
+                with bound(event_id=event.id, correlation_id=event.correlationid, event_type=event.type):
+                    await self.sub.handlers[type(event.data)](event, tx)
+
+        try:
+            await self._attempt(deliveries, run_all)
+            return True
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.info("group commit failed, replaying one event per transaction", error=repr(exc))
+            return False
 
     async def _dispatch_one(self, d: Delivery) -> None:
         assert d.event is not None
@@ -261,8 +282,8 @@ class Dispatcher:
                             f"event id {d.event.id} was handled before with a different payload"
                         )
             await run(tx, fresh)
-        for d in fresh:
-            metrics.PROCESSED.labels(self.sub.consumer, d.record.topic).inc()
+        if fresh:
+            metrics.PROCESSED.labels(self.sub.consumer, fresh[0].record.topic).inc(len(fresh))
 
     async def _dead_letter(self, record: Record, reason: str, error: str) -> None:
         log.warning(

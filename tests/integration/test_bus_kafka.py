@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 
@@ -95,16 +96,21 @@ async def test_crash_between_db_commit_and_offset_commit_still_gives_one_effect(
         await publisher.publish(new_event(tick(n=n), source="/test", subject="m"))
     env = {"DRIFTLOOP_KAFKA_BOOTSTRAP": kafka_bootstrap, "DRIFTLOOP_DATABASE_URL": database_url}
 
-    first = worker(env, "consume", topic, schema, "--group", group, "--die-after-commit", "3")
-    assert await wait_exit(first) == -9  # killed itself right after the third DB commit
-    assert await fetchval(database_url, f"SELECT count(*) FROM {schema}.effects") == 3
+    first = worker(env, "consume", topic, schema, "--group", group, "--die-after-commit", "1")
+    assert await wait_exit(first) == -9  # killed itself right after its first DB commit
+    done_before_crash = await fetchval(database_url, f"SELECT count(*) FROM {schema}.effects")
+    assert done_before_crash >= 1
+    # The offsets of what it handled were never committed: Kafka will deliver those events again.
+    assert await committed_offset(kafka_bootstrap, group, topic) is None
 
     second = worker(env, "consume", topic, schema, "--group", group)
     try:
         await eventually(lambda: _equals(count_rows(database_url, f"{schema}.effects"), 5))
+        await eventually(lambda: _as_async(committed_offset(kafka_bootstrap, group, topic)), deadline_s=30)
     finally:
         second.terminate()
         second.wait(30)
+    assert await committed_offset(kafka_bootstrap, group, topic) == 5
     assert await fetchval(database_url, f"SELECT count(*) FROM {schema}.effects") == 5
     assert await fetchval(database_url, f"SELECT count(DISTINCT n) FROM {schema}.effects") == 5
 
@@ -177,7 +183,17 @@ async def test_poison_message_goes_to_dead_letter_with_reason_and_consumer_goes_
 
 
 async def _as_async(value: Any) -> Any:
-    return value
+    return await value if asyncio.iscoroutine(value) else value
+
+
+async def committed_offset(bootstrap: str, group: str, topic: str) -> int | None:
+    """The group's committed offset on partition 0, read without joining the group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
 
 
 async def _equals(count: Any, expected: int) -> bool:
