@@ -195,6 +195,11 @@ class Lineage(ContractModel):
         description="Versions of the libraries the model was trained with (scikit-learn, numpy, ...).",
         examples=[{"python": "3.11.9", "scikit-learn": "1.9.1"}],
     )
+    spec: ArtifactRef | None = Field(
+        default=None,
+        description="The canonical model spec (JSON) in the artifact store, so validation can read its "
+        "validation section; null for versions trained before specs were stored.",
+    )
 
 
 class TrafficWindow(ContractModel):
