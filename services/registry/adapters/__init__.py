@@ -1,0 +1,1 @@
+"""The registry's ports on real infrastructure: Postgres and the artifact store."""

@@ -1,0 +1,505 @@
+"""The registry's HTTP API: models, versions, lineage, artifacts, datasets, manual commands, model cards.
+
+Reads go straight to the read models (one query each); writes and commands run the same core functions
+as the event handlers, in one transaction with the events they publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal, cast
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+
+from contracts.common import NAME_PATTERN, Stage
+from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
+from libs.auth import OperatorDep, ViewerDep
+from libs.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
+from libs.service import Runtime
+from services.registry import core
+from services.registry.adapters.artifacts import StoreArtifacts
+from services.registry.adapters.postgres import PgDatasets, PgQueries, PgVersions
+from services.registry.dataset_files import canonicalise
+from services.registry.domain import (
+    Command,
+    decode_cursor,
+    encode_cursor,
+    parse_tag_filter,
+    render_html,
+    render_markdown,
+)
+from services.registry.schemas import (
+    CommandAccepted,
+    CommandCreate,
+    DatasetPage,
+    DatasetPublic,
+    DatasetUploaded,
+    ModelPage,
+    ModelPublic,
+    RetrainCreate,
+    RollbackCreate,
+    TagCreate,
+    VersionPage,
+    VersionPublic,
+)
+from services.registry.settings import RegistrySettings
+
+PAGE_SIZE_MAX = 100
+_NAME = re.compile(NAME_PATTERN)
+
+router = APIRouter()
+
+
+class ArtifactIntegrityError(DomainError):
+    """A stored artifact no longer matches its hash: nothing is sent."""
+
+    status = 500
+    code = "artifact-corrupted"
+
+
+# --- dependencies ---------------------------------------------------------------------------------------
+
+
+def _runtime(request: Request) -> Runtime:
+    return cast(Runtime, request.app.state.runtime)
+
+
+def _artifacts(request: Request) -> StoreArtifacts:
+    return cast(StoreArtifacts, request.app.state.artifacts)
+
+
+def _settings(request: Request) -> RegistrySettings:
+    return cast(RegistrySettings, request.app.state.settings)
+
+
+@asynccontextmanager
+async def _queries(request: Request) -> AsyncIterator[PgQueries]:
+    async with _runtime(request).pool.acquire() as conn:
+        yield PgQueries(conn)
+
+
+Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description=f"Page size, at most {PAGE_SIZE_MAX}.")]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
+Prefix = Annotated[str | None, Query(description="Only names starting with this.")]
+StageFilter = Annotated[Stage | None, Query(description="Only versions in this stage.")]
+TagFilter = Annotated[str | None, Query(description="Only versions with this tag: `key` or `key=value`.")]
+
+
+async def _resolve(q: PgQueries, model: str, ref: str) -> int:
+    """A version number from a path segment: a number, or an alias (`champion`)."""
+    if ref.isdigit():
+        return int(ref)
+    version = await q.version_by_alias(model, ref)
+    if version is None:
+        if await q.model(model) is None:
+            raise NotFound(f"model {model!r} is not registered")
+        raise NotFound(f"model {model!r} has no alias {ref!r}")
+    return version
+
+
+async def _version(q: PgQueries, model: str, ref: str) -> VersionPublic:
+    number = await _resolve(q, model, ref)
+    found = await q.version(model, number)
+    if found is None:
+        if await q.model(model) is None:
+            raise NotFound(f"model {model!r} is not registered")
+        raise NotFound(f"model {model!r} has no version {number}")
+    return found
+
+
+# --- models and versions --------------------------------------------------------------------------------
+
+
+@router.get("/models", tags=["models"], summary="List and search registered models.")
+async def list_models(
+    request: Request,
+    _: ViewerDep,
+    prefix: Prefix = None,
+    stage: Annotated[Stage | None, Query(description="Only models with a version in this stage.")] = None,
+    tag: Annotated[
+        str | None, Query(description="Only models with a version tagged `key` or `key=value`.")
+    ] = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> ModelPage:
+    after = decode_cursor(cursor, (str,))[0] if cursor else None
+    async with _queries(request) as q:
+        items = await q.models(
+            prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
+        )
+    next_cursor = encode_cursor([items[-1].name]) if len(items) == limit else None
+    return ModelPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/models/{model}", tags=["models"], summary="One registered model.")
+async def get_model(request: Request, _: ViewerDep, model: str) -> ModelPublic:
+    async with _queries(request) as q:
+        found = await q.model(model)
+    if found is None:
+        raise NotFound(f"model {model!r} is not registered")
+    return found
+
+
+async def _version_page(
+    request: Request,
+    *,
+    model: str | None,
+    prefix: str | None,
+    stage: Stage | None,
+    tag: str | None,
+    limit: int,
+    cursor: str | None,
+) -> VersionPage:
+    after = cast(tuple[str, int], decode_cursor(cursor, (str, int))) if cursor else None
+    async with _queries(request) as q:
+        if model is not None and await q.model(model) is None:
+            raise NotFound(f"model {model!r} is not registered")
+        items = await q.versions(
+            model=model, prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
+        )
+    next_cursor = encode_cursor([items[-1].model, items[-1].version]) if len(items) == limit else None
+    return VersionPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/models/{model}/versions", tags=["versions"], summary="A model's versions, newest first.")
+async def list_model_versions(
+    request: Request,
+    _: ViewerDep,
+    model: str,
+    stage: StageFilter = None,
+    tag: TagFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> VersionPage:
+    return await _version_page(
+        request, model=model, prefix=None, stage=stage, tag=tag, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/versions", tags=["versions"], summary="Search versions of every model.")
+async def search_versions(
+    request: Request,
+    _: ViewerDep,
+    prefix: Annotated[str | None, Query(description="Only models whose name starts with this.")] = None,
+    stage: StageFilter = None,
+    tag: TagFilter = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> VersionPage:
+    return await _version_page(
+        request, model=None, prefix=prefix, stage=stage, tag=tag, limit=limit, cursor=cursor
+    )
+
+
+@router.get(
+    "/models/{model}/versions/{version}",
+    tags=["versions"],
+    summary="One version with lineage, stage history and validation reports.",
+    description="`version` is a number or an alias (`champion`, `challenger`).",
+)
+async def get_version(request: Request, _: ViewerDep, model: str, version: str) -> VersionPublic:
+    async with _queries(request) as q:
+        return await _version(q, model, version)
+
+
+@router.get(
+    "/models/{model}/versions/{version}/artifact",
+    tags=["versions"],
+    summary="Download the model (skops) or its reference profile (JSON), verified before the first byte.",
+    response_class=StreamingResponse,
+)
+async def download_artifact(
+    request: Request,
+    _: ViewerDep,
+    model: str,
+    version: str,
+    kind: Annotated[Literal["model", "profile"], Query(description="Which artifact.")] = "model",
+) -> StreamingResponse:
+    async with _queries(request) as q:
+        v = await _version(q, model, version)
+    ref = v.artifact if kind == "model" else v.profile
+    suffix = "skops" if kind == "model" else "json"
+    media = "application/octet-stream" if kind == "model" else "application/json"
+    return await _stream(request, ref.key, media, f"{v.model}-v{v.version}-{kind}.{suffix}")
+
+
+async def _stream(request: Request, key: str, media_type: str, filename: str) -> StreamingResponse:
+    artifacts = _artifacts(request)
+    # The whole file is hashed before the response starts, so a client never receives bytes that were
+    # modified in the store; the stream checks the hash again at its end.
+    try:
+        size = await artifacts.verify(key)
+    except ArtifactNotFound as exc:
+        raise NotFound(f"artifact {key} is not in the store: {exc}") from exc
+    except ArtifactCorrupted as exc:
+        raise ArtifactIntegrityError(str(exc), key=key) from exc
+    return StreamingResponse(
+        artifacts.stream(key),
+        media_type=media_type,
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "ETag": f'"{key}"',
+            "X-Content-SHA256": key,
+        },
+    )
+
+
+@router.get(
+    "/models/{model}/versions/{version}/card",
+    tags=["versions"],
+    summary="The model card, from lineage, validation reports and stage history.",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/markdown": {}, "text/html": {}}}},
+)
+async def model_card(
+    request: Request,
+    _: ViewerDep,
+    model: str,
+    version: str,
+    format: Annotated[Literal["markdown", "html"], Query(description="Markdown or HTML.")] = "markdown",
+) -> Response:
+    async with _queries(request) as q:
+        v = await _version(q, model, version)
+    if format == "html":
+        return HTMLResponse(render_html(v))
+    return PlainTextResponse(render_markdown(v), media_type="text/markdown; charset=utf-8")
+
+
+@router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
+async def set_tag(
+    request: Request, who: OperatorDep, model: str, version: int, key: str, body: TagCreate
+) -> dict[str, str]:
+    async with _runtime(request).begin() as tx:
+        versions = PgVersions(tx.conn)
+        await core.require_stage(versions, model, version)
+        await versions.set_tag(model, version, key, body.value, who.actor)
+    return {"key": key, "value": body.value}
+
+
+@router.delete(
+    "/models/{model}/versions/{version}/tags/{key}",
+    tags=["versions"],
+    summary="Remove a tag.",
+    status_code=204,
+)
+async def delete_tag(request: Request, _: OperatorDep, model: str, version: int, key: str) -> Response:
+    async with _runtime(request).begin() as tx:
+        versions = PgVersions(tx.conn)
+        await core.require_stage(versions, model, version)
+        if not await versions.delete_tag(model, version, key):
+            raise NotFound(f"{model} version {version} has no tag {key!r}")
+    return Response(status_code=204)
+
+
+# --- manual commands ------------------------------------------------------------------------------------
+
+
+async def _command(
+    request: Request,
+    command: Command,
+    model: str,
+    version: int,
+    actor: str,
+    reason: str,
+    to_version: int | None = None,
+) -> CommandAccepted:
+    rt = _runtime(request)
+    async with rt.begin() as tx:
+        event = await core.request_command(
+            command,
+            model,
+            version,
+            reason=reason,
+            actor=actor,
+            to_version=to_version,
+            versions=PgVersions(tx.conn),
+            publish=tx.publish,
+            source=rt.source(),
+        )
+    return CommandAccepted(event_id=event.id, event_type=event.type, topic=event.topic, actor=actor)
+
+
+_COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown model or version."},
+    409: {"description": "The version's stage does not allow it; the body lists the allowed moves."},
+    403: {"description": "The token's role is not operator or admin."},
+}
+
+
+@router.post(
+    "/models/{model}/versions/{version}/promote",
+    tags=["commands"],
+    status_code=202,
+    responses=_COMMAND_RESPONSES,
+    summary="Ask serving to put the version on all traffic now (PromoteRequested).",
+)
+async def promote(
+    request: Request, who: OperatorDep, model: str, version: int, body: CommandCreate
+) -> CommandAccepted:
+    return await _command(request, Command.PROMOTE, model, version, who.actor, body.reason)
+
+
+@router.post(
+    "/models/{model}/versions/{version}/rollback",
+    tags=["commands"],
+    status_code=202,
+    responses=_COMMAND_RESPONSES,
+    summary="Ask serving to take the version off traffic at once (RollbackRequested).",
+)
+async def rollback(
+    request: Request, who: OperatorDep, model: str, version: int, body: RollbackCreate
+) -> CommandAccepted:
+    return await _command(request, Command.ROLLBACK, model, version, who.actor, body.reason, body.to_version)
+
+
+@router.post(
+    "/models/{model}/versions/{version}/archive",
+    tags=["commands"],
+    status_code=202,
+    responses=_COMMAND_RESPONSES,
+    summary="Archive a version that does not serve (ArchiveRequested; the registry carries it out).",
+)
+async def archive(
+    request: Request, who: OperatorDep, model: str, version: int, body: CommandCreate
+) -> CommandAccepted:
+    return await _command(request, Command.ARCHIVE, model, version, who.actor, body.reason)
+
+
+@router.post(
+    "/models/{model}/retrain",
+    tags=["commands"],
+    status_code=202,
+    responses=_COMMAND_RESPONSES,
+    summary="Ask training for a new run of the model (RetrainRequested; its retrain policy decides).",
+)
+async def retrain(request: Request, who: OperatorDep, model: str, body: RetrainCreate) -> CommandAccepted:
+    rt = _runtime(request)
+    async with rt.begin() as tx:
+        event = await core.request_retrain(
+            model,
+            reason=body.reason,
+            ignore_cooldown=body.ignore_cooldown,
+            actor=who.actor,
+            versions=PgVersions(tx.conn),
+            datasets=PgDatasets(tx.conn),
+            publish=tx.publish,
+            source=rt.source(),
+        )
+    return CommandAccepted(event_id=event.id, event_type=event.type, topic=event.topic, actor=who.actor)
+
+
+# --- datasets -------------------------------------------------------------------------------------------
+
+
+def _split_models(values: list[str]) -> list[str]:
+    models: list[str] = []
+    for value in values:
+        for name in (m.strip() for m in value.split(",")):
+            if not name:
+                continue
+            if not _NAME.match(name):
+                raise InvalidInput(f"model name {name!r} must match {NAME_PATTERN}", field="models")
+            if name not in models:
+                models.append(name)
+    return models
+
+
+@router.post(
+    "/datasets",
+    tags=["datasets"],
+    status_code=201,
+    summary="Upload a dataset (CSV or Parquet) as the name's next version.",
+    description="Stored as canonical Parquet under its sha256 and announced with DatasetRegistered. The same "
+    "content as an existing version of the name answers 200 with that version.",
+    responses={
+        200: {"description": "The same content is already a version of this name."},
+        413: {"description": "The file is larger than the upload limit."},
+        422: {"description": "The file cannot be read; the body names the column or the encoding problem."},
+    },
+)
+async def upload_dataset(
+    request: Request,
+    response: Response,
+    who: OperatorDep,
+    file: Annotated[UploadFile, File(description="CSV (UTF-8, header row) or Parquet.")],
+    name: Annotated[str, Form(description="Dataset name.")],
+    models: Annotated[
+        list[str], Form(description="Models it is meant for (repeat, or comma-separate).")
+    ] = [],  # noqa: B006
+    description: Annotated[str | None, Form(description="Free text.")] = None,
+) -> DatasetUploaded:
+    settings = _settings(request)
+    if not _NAME.match(name):
+        raise InvalidInput(f"dataset name {name!r} must match {NAME_PATTERN}", field="name")
+    wanted = _split_models(models)
+    limit = settings.max_upload_bytes
+    if file.size is not None and file.size > limit:
+        raise PayloadTooLarge(f"{file.filename} is {file.size} bytes; the upload limit is {limit} bytes")
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{file.filename} is larger than the upload limit of {limit} bytes")
+    dataset = await asyncio.to_thread(
+        canonicalise, data, filename=file.filename, max_columns=settings.max_dataset_columns
+    )
+    rt = _runtime(request)
+    async with rt.begin() as tx:
+        stored, created = await core.upload_dataset(
+            name,
+            dataset,
+            models=wanted,
+            description=description,
+            actor=who.actor,
+            versions=PgVersions(tx.conn),
+            datasets=PgDatasets(tx.conn),
+            artifacts=_artifacts(request),
+            publish=tx.publish,
+            source=rt.source(),
+        )
+    response.status_code = 201 if created else 200
+    return DatasetUploaded(created=created, dataset=stored)
+
+
+@router.get("/datasets", tags=["datasets"], summary="List dataset versions, newest first per name.")
+async def list_datasets(
+    request: Request,
+    _: ViewerDep,
+    prefix: Prefix = None,
+    model: Annotated[str | None, Query(description="Only datasets meant for this model.")] = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> DatasetPage:
+    after = cast(tuple[str, int], decode_cursor(cursor, (str, int))) if cursor else None
+    async with _runtime(request).pool.acquire() as conn:
+        items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
+    next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None
+    return DatasetPage(items=items, next_cursor=next_cursor)
+
+
+async def _dataset(request: Request, name: str, version: int) -> DatasetPublic:
+    async with _runtime(request).pool.acquire() as conn:
+        found = await PgDatasets(conn).get(name, version)
+    if found is None:
+        raise NotFound(f"dataset {name!r} has no version {version}")
+    return found
+
+
+@router.get("/datasets/{name}/versions/{version}", tags=["datasets"], summary="One dataset version.")
+async def get_dataset(request: Request, _: ViewerDep, name: str, version: int) -> DatasetPublic:
+    return await _dataset(request, name, version)
+
+
+@router.get(
+    "/datasets/{name}/versions/{version}/file",
+    tags=["datasets"],
+    summary="Download the dataset file, verified before the first byte.",
+    response_class=StreamingResponse,
+)
+async def download_dataset(request: Request, _: ViewerDep, name: str, version: int) -> StreamingResponse:
+    ds = await _dataset(request, name, version)
+    suffix = ds.artifact.format.value
+    return await _stream(request, ds.sha256, "application/vnd.apache.parquet", f"{name}-v{version}.{suffix}")

@@ -1,0 +1,373 @@
+"""The registry's use cases, shared by the event handlers and the HTTP API (one core, thin transports).
+
+Each function runs inside one transaction: the ports it gets are bound to it, and ``publish`` writes to
+the outbox, so a state change and the events announcing it commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested, RollbackRequested
+from contracts.common import EventRef, Stage
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.training import TrainingCompleted
+from libs.artifacts import ArtifactCorrupted, UntrustedArtifact
+from libs.bus import PermanentError
+from libs.errors import Conflict, InvalidInput, NotFound
+from libs.logging import get_logger
+from services.registry.dataset_files import CanonicalDataset
+from services.registry.domain import (
+    CHALLENGER,
+    Command,
+    alias_effect,
+    check_command,
+    check_transition,
+    dataset_problems,
+    may_be_challenger,
+)
+from services.registry.ports import Artifacts, Cause, Datasets, Publish, Versions
+from services.registry.schemas import DatasetPublic
+
+log = get_logger(__name__)
+
+
+async def register_version(
+    event: CloudEvent[TrainingCompleted],
+    *,
+    versions: Versions,
+    artifacts: Artifacts,
+    publish: Publish,
+    source: str,
+) -> int:
+    """A training run becomes the model's next version at stage candidate, exactly once per run id."""
+    done = event.data
+    existing = await versions.find_run(done.model, done.run_id)
+    if existing is not None:
+        if (existing.artifact_key, existing.profile_key) != (done.artifact.key, done.profile.key):
+            raise PermanentError(
+                f"run {done.run_id} of {done.model} is already version {existing.version} with artifact "
+                f"{existing.artifact_key}; this TrainingCompleted names artifact {done.artifact.key}"
+            )
+        log.info("run already registered", model=done.model, run_id=done.run_id, version=existing.version)
+        return existing.version
+    # The store must hold exactly what training announced, and the model must be loadable safely,
+    # before any service is told the version exists.
+    try:
+        await artifacts.check_model(done.artifact.key)
+        await artifacts.verify(done.profile.key)
+    except (ArtifactCorrupted, UntrustedArtifact) as exc:
+        raise PermanentError(f"{done.model} run {done.run_id} is not registered: {exc}") from exc
+    number = await versions.register(done, Cause.of(event))
+    await publish(
+        new_event(
+            ModelVersionRegistered(
+                model=done.model,
+                model_version=number,
+                stage=Stage.CANDIDATE,
+                run_id=done.run_id,
+                job_id=done.job_id,
+                artifact=done.artifact,
+                profile=done.profile,
+                signature=done.signature,
+                metrics=done.metrics,
+                lineage=done.lineage,
+            ),
+            source=source,
+            cause=event,
+        )
+    )
+    log.info("version registered", model=done.model, version=number, run_id=done.run_id)
+    return number
+
+
+async def change_stage(
+    model: str,
+    version: int,
+    to_stage: Stage,
+    *,
+    reason: str,
+    event: CloudEvent[Any],
+    versions: Versions,
+    publish: Publish,
+    source: str,
+) -> bool:
+    """Move a version to ``to_stage`` (aliases follow), record it and announce it; False when it already
+    was there. An illegal move raises :class:`PermanentError` (the event is dead-lettered with the reason)."""
+    current = await versions.stage_for_update(model, version)
+    if current is None:
+        raise PermanentError(
+            f"{event.type} names {model} version {version}, which the registry does not have"
+        )
+    if current is to_stage:
+        return False
+    try:
+        check_transition(model, version, current, to_stage)
+    except Conflict as exc:
+        raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
+    cause = Cause.of(event)
+    await versions.move(model, version, current, to_stage, reason, cause)
+    effect = alias_effect(to_stage)
+    await versions.drop_aliases(model, version, effect.drop)
+    for alias in effect.take:
+        await versions.take_alias(model, alias, version, cause)
+    await publish(
+        new_event(
+            ModelStageChanged(
+                model=model,
+                model_version=version,
+                from_stage=current,
+                to_stage=to_stage,
+                reason=reason,
+                caused_by=EventRef(id=event.id, type=event.type),
+                aliases=await versions.aliases_of(model, version),
+            ),
+            source=source,
+            cause=event,
+        )
+    )
+    log.info("stage changed", model=model, version=version, from_stage=current, to_stage=to_stage)
+    return True
+
+
+async def promote(
+    model: str,
+    version: int,
+    *,
+    reason: str,
+    event: CloudEvent[Any],
+    versions: Versions,
+    publish: Publish,
+    source: str,
+) -> None:
+    """The version is production now; whatever was production before is archived."""
+    for previous in await versions.versions_in(model, Stage.PRODUCTION):
+        if previous != version:
+            await change_stage(
+                model,
+                previous,
+                Stage.ARCHIVED,
+                reason=f"replaced in production by version {version}",
+                event=event,
+                versions=versions,
+                publish=publish,
+                source=source,
+            )
+    await change_stage(
+        model,
+        version,
+        Stage.PRODUCTION,
+        reason=reason,
+        event=event,
+        versions=versions,
+        publish=publish,
+        source=source,
+    )
+
+
+async def record_validation(
+    event: CloudEvent[Any], *, versions: Versions, publish: Publish, source: str
+) -> None:
+    """Keep the report; a pass makes the version the challenger, a failure rejects it."""
+    report = event.data
+    if await versions.stage_for_update(report.model, report.model_version) is None:
+        raise PermanentError(
+            f"{event.type} names {report.model} version {report.model_version}, which the registry lacks"
+        )
+    await versions.record_validation(report, Cause.of(event))
+    if report.failed_checks:
+        await change_stage(
+            report.model,
+            report.model_version,
+            Stage.REJECTED,
+            reason=f"validation {report.report_id} failed: {', '.join(report.failed_checks)}",
+            event=event,
+            versions=versions,
+            publish=publish,
+            source=source,
+        )
+        return
+    stage = await versions.stage_for_update(report.model, report.model_version)
+    assert stage is not None
+    if may_be_challenger(stage):
+        await versions.take_alias(report.model, CHALLENGER, report.model_version, Cause.of(event))
+    else:
+        log.info("validation passed for a version past the gate; report kept", stage=stage)
+
+
+async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Datasets, source: str) -> bool:
+    """Record a dataset version another service registered; False when it was already recorded."""
+    ds = event.data
+    if event.source == source:
+        # The registry's own uploads were recorded in the transaction that published them.
+        return False
+    existing = await datasets.get(ds.name, ds.dataset_version)
+    if existing is not None:
+        if existing.sha256 != ds.sha256:
+            raise PermanentError(
+                f"dataset {ds.name} version {ds.dataset_version} is already registered with sha256 "
+                f"{existing.sha256} (source {existing.source}); this event says {ds.sha256}"
+            )
+        return False
+    await datasets.add(ds, event_id=event.id, actor=event.actor)
+    return True
+
+
+# --- manual commands ------------------------------------------------------------------------------------
+
+
+async def require_stage(versions: Versions, model: str, version: int) -> Stage:
+    """The version's stage, or 404 naming what is unknown."""
+    stage = await versions.stage_for_update(model, version)
+    if stage is None:
+        if not await versions.model_exists(model):
+            raise NotFound(f"model {model!r} is not registered")
+        raise NotFound(f"model {model!r} has no version {version}")
+    return stage
+
+
+def command_event(payload: EventPayload, *, source: str, actor: str) -> CloudEvent[Any]:
+    """A manual command as an event that carries who asked."""
+    return new_event(payload, source=source, actor=actor)
+
+
+async def request_command(
+    command: Command,
+    model: str,
+    version: int,
+    *,
+    reason: str,
+    actor: str,
+    to_version: int | None = None,
+    versions: Versions,
+    publish: Publish,
+    source: str,
+) -> CloudEvent[Any]:
+    """Check that the command can apply now (404, 409 listing the allowed moves), then publish it."""
+    stage = await require_stage(versions, model, version)
+    check_command(command, model, version, stage)
+    payload: EventPayload
+    if command is Command.PROMOTE:
+        payload = PromoteRequested(model=model, model_version=version, reason=reason)
+    elif command is Command.ARCHIVE:
+        payload = ArchiveRequested(model=model, model_version=version, reason=reason)
+    else:
+        if to_version is not None:
+            if to_version == version:
+                raise Conflict("to_version must differ from the version rolled back", field="to_version")
+            target = await require_stage(versions, model, to_version)
+            if target is not Stage.PRODUCTION:
+                check_transition(model, to_version, target, Stage.PRODUCTION)
+        payload = RollbackRequested(model=model, model_version=version, to_version=to_version, reason=reason)
+    event = command_event(payload, source=source, actor=actor)
+    await publish(event)
+    return event
+
+
+async def request_retrain(
+    model: str,
+    *,
+    reason: str,
+    ignore_cooldown: bool,
+    actor: str,
+    versions: Versions,
+    datasets: Datasets,
+    publish: Publish,
+    source: str,
+) -> CloudEvent[Any]:
+    """Ask training for a run; the model must be known here (a version, or a dataset meant for it)."""
+    if not (await versions.model_exists(model) or await datasets.named_for(model)):
+        raise NotFound(
+            f"model {model!r} is unknown to the registry: it has no version and no dataset names it "
+            "(upload one with models=<name>)"
+        )
+    event = command_event(
+        RetrainRequested(model=model, reason=reason, ignore_cooldown=ignore_cooldown),
+        source=source,
+        actor=actor,
+    )
+    await publish(event)
+    return event
+
+
+async def archive(
+    event: CloudEvent[ArchiveRequested], *, versions: Versions, publish: Publish, source: str
+) -> None:
+    """Carry out an ArchiveRequested: the registry owns that stage."""
+    req = event.data
+    stage = await versions.stage_for_update(req.model, req.model_version)
+    if stage is None:
+        raise PermanentError(
+            f"ArchiveRequested names {req.model} version {req.model_version}, which does not exist"
+        )
+    if stage is Stage.ARCHIVED:
+        return
+    try:
+        check_command(Command.ARCHIVE, req.model, req.model_version, stage)
+    except Conflict as exc:
+        raise PermanentError(f"ArchiveRequested {event.id}: {exc.message}") from exc
+    await change_stage(
+        req.model,
+        req.model_version,
+        Stage.ARCHIVED,
+        reason=f"archived on request: {req.reason}",
+        event=event,
+        versions=versions,
+        publish=publish,
+        source=source,
+    )
+
+
+# --- datasets ---------------------------------------------------------------------------------------------
+
+
+async def upload_dataset(
+    name: str,
+    dataset: CanonicalDataset,
+    *,
+    models: list[str],
+    description: str | None,
+    actor: str,
+    versions: Versions,
+    datasets: Datasets,
+    artifacts: Artifacts,
+    publish: Publish,
+    source: str,
+) -> tuple[DatasetPublic, bool]:
+    """Store a validated upload as the name's next version and announce it; the same content as an
+    existing version of the name gives that version back (False: nothing new)."""
+    for model in models:
+        latest = await versions.latest_signature(model)
+        if latest is None:
+            continue
+        problems = dataset_problems(dataset.columns, model, latest[0], latest[1])
+        if problems:
+            column, message = problems[0]
+            raise InvalidInput(message, field="file", column=column, problems=[m for _, m in problems])
+    sha256 = hashlib.sha256(dataset.parquet).hexdigest()
+    existing = await datasets.with_content(name, sha256)
+    if existing is not None:
+        return existing, False
+    ref = await artifacts.put(dataset.parquet)
+    version = await datasets.next_version(name)
+    registered = DatasetRegistered(
+        name=name,
+        dataset_version=version,
+        sha256=ref.key,
+        artifact=ref,
+        row_count=dataset.row_count,
+        columns=dataset.columns,
+        source="upload",
+        models=models,
+        description=description,
+    )
+    event = new_event(registered, source=source, actor=actor)
+    await datasets.add(registered, event_id=event.id, actor=actor)
+    await publish(event)
+    stored = await datasets.get(name, version)
+    assert stored is not None
+    log.info("dataset uploaded", dataset=name, version=version, rows=dataset.row_count, sha256=ref.key)
+    return stored, True

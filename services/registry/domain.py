@@ -1,0 +1,368 @@
+"""The registry's rules, free of I/O: the stage machine, aliases, manual commands, cursors, model cards."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from contracts.common import FeatureType, ModelSignature, Stage
+from libs.errors import Conflict, InvalidInput
+from services.registry.schemas import VersionPublic
+
+# --- stages -----------------------------------------------------------------------------------------
+
+TRANSITIONS: dict[Stage, tuple[Stage, ...]] = {
+    # A candidate goes to canary (a rollout starts), or straight to production (a manual promote of a
+    # validated candidate), or is rejected (validation failed) or archived (nobody wants it).
+    Stage.CANDIDATE: (Stage.CANARY, Stage.PRODUCTION, Stage.REJECTED, Stage.ARCHIVED),
+    # A live canary is promoted or rolled back; it is never archived while it takes traffic.
+    Stage.CANARY: (Stage.PRODUCTION, Stage.REJECTED),
+    # Production is archived when another version replaces it, rejected when it is rolled back.
+    Stage.PRODUCTION: (Stage.ARCHIVED, Stage.REJECTED),
+    # An archived version can come back: rolled out again, or restored by a rollback of its successor.
+    Stage.ARCHIVED: (Stage.CANARY, Stage.PRODUCTION),
+    # A rejected version never serves again; it can only be put away.
+    Stage.REJECTED: (Stage.ARCHIVED,),
+}
+
+
+class IllegalTransition(Conflict):
+    """A stage change the stage machine does not allow (409 over HTTP, dead-lettered from an event)."""
+
+
+def allowed_targets(stage: Stage) -> list[str]:
+    """Stages a version in ``stage`` may move to."""
+    return [s.value for s in TRANSITIONS[stage]]
+
+
+def check_transition(model: str, version: int, current: Stage, target: Stage) -> None:
+    """Raise :class:`IllegalTransition` unless ``current -> target`` is allowed (and is a change)."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransition(
+            f"{model} version {version} is {current.value}; it cannot move to {target.value} "
+            f"(allowed: {', '.join(allowed_targets(current)) or 'none'})",
+            stage=current.value,
+            allowed=allowed_targets(current),
+        )
+
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class AliasEffect:
+    """What a stage change does to the version's aliases: ``take`` moves an alias to it from any other
+    version of the model, ``drop`` removes aliases it holds."""
+
+    take: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+def alias_effect(to_stage: Stage) -> AliasEffect:
+    """Champion follows production; challenger is a validated version that does not serve all traffic yet."""
+    if to_stage is Stage.PRODUCTION:
+        return AliasEffect(take=(CHAMPION,), drop=(CHALLENGER,))
+    if to_stage in (Stage.ARCHIVED, Stage.REJECTED):
+        return AliasEffect(drop=(CHAMPION, CHALLENGER))
+    return AliasEffect()
+
+
+def may_be_challenger(stage: Stage) -> bool:
+    """A passed validation makes a version the challenger only while it is on its way to production."""
+    return stage in (Stage.CANDIDATE, Stage.CANARY)
+
+
+# --- manual commands ----------------------------------------------------------------------------------
+
+
+class Command(StrEnum):
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    ARCHIVE = "archive"
+
+
+COMMAND_STAGES: dict[Command, tuple[Stage, ...]] = {
+    # Whatever may move to production may be promoted.
+    Command.PROMOTE: tuple(s for s, targets in TRANSITIONS.items() if Stage.PRODUCTION in targets),
+    # Only a version taking traffic can be taken off it.
+    Command.ROLLBACK: (Stage.CANARY, Stage.PRODUCTION),
+    # Only a version that does not serve is archived on request (production is archived by its successor).
+    Command.ARCHIVE: (Stage.CANDIDATE, Stage.REJECTED),
+}
+
+
+def commands_for(stage: Stage) -> list[str]:
+    """Commands that make sense for a version in ``stage``."""
+    return [c.value for c, stages in COMMAND_STAGES.items() if stage in stages]
+
+
+def check_command(command: Command, model: str, version: int, stage: Stage) -> None:
+    """Raise :class:`IllegalTransition` (409) when the command cannot apply to a version in ``stage``."""
+    if stage not in COMMAND_STAGES[command]:
+        wanted = ", ".join(s.value for s in COMMAND_STAGES[command])
+        raise IllegalTransition(
+            f"cannot {command.value} {model} version {version}: it is {stage.value}, and {command.value} "
+            f"applies to {wanted} versions",
+            stage=stage.value,
+            allowed=allowed_targets(stage),
+            commands=commands_for(stage),
+        )
+
+
+# --- cursors ------------------------------------------------------------------------------------------
+
+
+def encode_cursor(position: Sequence[Any]) -> str:
+    """An opaque cursor for the row after ``position`` (the sort key of the page's last row)."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, types: Sequence[type]) -> tuple[Any, ...]:
+    """The sort key inside a cursor; 422 when it was not made by :func:`encode_cursor` for this list."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        position = orjson.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(
+            "cursor is not valid: pass the next_cursor of a previous page", field="cursor"
+        ) from exc
+    if (
+        not isinstance(position, list)
+        or len(position) != len(types)
+        or not all(type(v) is t for v, t in zip(position, types, strict=True))
+    ):
+        raise InvalidInput("cursor does not belong to this list: pass its own next_cursor", field="cursor")
+    return tuple(position)
+
+
+def parse_tag_filter(tag: str | None) -> tuple[str, str | None] | None:
+    """``key`` or ``key=value`` -> (key, value or None)."""
+    if tag is None:
+        return None
+    key, sep, value = tag.partition("=")
+    if not key:
+        raise InvalidInput("tag filter must be `key` or `key=value`", field="tag")
+    return key, (value if sep else None)
+
+
+# --- datasets -----------------------------------------------------------------------------------------
+
+NUMERIC_DTYPES = ("int", "uint", "float", "bool", "Int", "UInt", "Float", "boolean")
+
+
+def dataset_problems(
+    columns: dict[str, str], model: str, version: int, signature: ModelSignature
+) -> list[tuple[str, str]]:
+    """What keeps a dataset from feeding ``model``: missing feature or target columns, text in numeric
+    features. Each problem is (column, message naming it)."""
+    problems = []
+    where = f"{model} (signature of version {version})"
+    for feature in signature.features:
+        dtype = columns.get(feature.name)
+        if dtype is None:
+            problems.append((feature.name, f"column {feature.name!r} is missing: it is a feature of {where}"))
+        elif feature.type is FeatureType.NUMERIC and not dtype.startswith(NUMERIC_DTYPES):
+            problems.append(
+                (
+                    feature.name,
+                    f"column {feature.name!r} must be numeric for {where} but holds {dtype} values",
+                )
+            )
+    if signature.target not in columns:
+        problems.append(
+            (signature.target, f"column {signature.target!r} is missing: it is the target of {where}")
+        )
+    return problems
+
+
+# --- model cards --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardSection:
+    """A titled part of a model card: paragraphs, then an optional table."""
+
+    title: str
+    paragraphs: tuple[str, ...] = ()
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def card_sections(v: VersionPublic) -> list[CardSection]:
+    """The content of a version's model card, from lineage, validation reports and stage history."""
+    lineage = v.lineage.document
+    sig = v.signature
+    sections = [
+        CardSection(
+            "Summary",
+            paragraphs=(
+                f"Version {v.version} of `{v.model}` is **{v.stage.value}**"
+                + (f" (aliases: {', '.join(v.aliases)})" if v.aliases else "")
+                + f". It is a {sig.task.value} model predicting `{sig.target}` from {len(sig.features)} "
+                f"features, trained by run `{v.lineage.run_id}` (job `{v.lineage.job_id}`) on "
+                f"{v.train_rows} rows and evaluated on {v.holdout_rows} held-out rows.",
+            ),
+            header=("field", "value"),
+            rows=(
+                ("registered", v.created_at.isoformat()),
+                ("artifact (skops, sha256)", v.artifact.key),
+                ("size", f"{v.artifact.size_bytes} bytes"),
+                ("reference profile (sha256)", v.profile.key),
+            ),
+        ),
+        CardSection(
+            "Metrics (holdout, from training)",
+            header=("metric", "value"),
+            rows=tuple((k, _fmt(val)) for k, val in sorted(v.metrics.items())),
+        ),
+        CardSection(
+            "Inputs and output",
+            paragraphs=(
+                f"Target `{sig.target}`"
+                + (f", classes {', '.join(str(c) for c in sig.classes)}" if sig.classes else "")
+                + ".",
+            ),
+            header=("feature", "type", "categories"),
+            rows=tuple(
+                (f.name, f.type.value, ", ".join(str(c) for c in f.categories) if f.categories else "—")
+                for f in sig.features
+            ),
+        ),
+        CardSection(
+            "Training data",
+            header=("role", "dataset", "version", "rows", "sha256", "source"),
+            rows=tuple(
+                (d.role, d.name, str(d.version), _fmt(d.rows), d.sha256, d.source or "not registered")
+                for d in v.lineage.datasets
+            ),
+        ),
+        CardSection(
+            "How it was made",
+            header=("field", "value"),
+            rows=(
+                ("code version", lineage.code_version),
+                ("spec hash", lineage.spec_hash),
+                ("seed", str(lineage.seed)),
+                ("parent version", _fmt(lineage.parent_version)),
+                ("training duration", f"{v.duration_seconds:.1f} s"),
+                ("correlation id", v.lineage.correlation_id),
+                *((f"param {k}", _fmt(val)) for k, val in sorted(lineage.params.items())),
+                *((f"env {k}", val) for k, val in sorted(lineage.environment.items())),
+            ),
+        ),
+    ]
+    if v.validation_reports:
+        for report in v.validation_reports:
+            verdict = "passed" if report.passed else f"failed ({', '.join(report.failed_checks)})"
+            against = (
+                f" against champion version {report.champion_version}"
+                if report.champion_version is not None
+                else ""
+            )
+            sections.append(
+                CardSection(
+                    f"Validation report {report.report_id}",
+                    paragraphs=(
+                        f"Validation {verdict}{against}, received {report.received_at.isoformat()}.",
+                    ),
+                    header=("check", "kind", "value", "threshold", "passed", "detail"),
+                    rows=tuple(
+                        (
+                            str(c.get("name")),
+                            str(c.get("kind")),
+                            _fmt(c.get("value")),
+                            f"{c.get('comparator') or ''} {_fmt(c.get('threshold'))}".strip(),
+                            "yes" if c.get("passed") else "no",
+                            str(c.get("detail") or ""),
+                        )
+                        for c in report.checks
+                    ),
+                )
+            )
+    else:
+        sections.append(CardSection("Validation", paragraphs=("No validation report received yet.",)))
+    sections.append(
+        CardSection(
+            "Stage history",
+            header=("when", "from", "to", "by", "reason", "caused by"),
+            rows=tuple(
+                (
+                    h.changed_at.isoformat(),
+                    h.from_stage.value if h.from_stage else "—",
+                    h.to_stage.value,
+                    h.actor or h.source,
+                    h.reason,
+                    f"{h.event_type} {h.event_id}",
+                )
+                for h in v.stage_history
+            ),
+        )
+    )
+    return sections
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(v: VersionPublic) -> str:
+    """The model card as Markdown."""
+    out = [f"# Model card: {v.model} version {v.version}", ""]
+    for s in card_sections(v):
+        out += [f"## {s.title}", ""]
+        for p in s.paragraphs:
+            out += [p, ""]
+        if s.header:
+            out.append("| " + " | ".join(s.header) + " |")
+            out.append("|" + "---|" * len(s.header))
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in s.rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then render the two inline marks the card uses (`code` and **bold**)."""
+    escaped = html.escape(text)
+    parts = escaped.split("`")
+    escaped = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    parts = escaped.split("**")
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(v: VersionPublic) -> str:
+    """The model card as a self-contained HTML page (every value escaped)."""
+    title = html.escape(f"Model card: {v.model} version {v.version}")
+    body: list[str] = [f"<h1>{title}</h1>"]
+    for s in card_sections(v):
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        body += [f"<p>{_inline_html(p)}</p>" for p in s.paragraphs]
+        if s.header:
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header))
+            body.append("</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in s.rows]
+            body.append("</tbody></table>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse;margin-bottom:1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+        "text-align:left;vertical-align:top}code{background:#f4f4f4}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

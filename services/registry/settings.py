@@ -1,0 +1,37 @@
+"""Settings of the registry (env prefix DRIFTLOOP_REGISTRY_, falling back to DRIFTLOOP_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from libs.settings import ServiceSettings
+
+MIB = 1024 * 1024
+
+
+class RegistrySettings(ServiceSettings):
+    """Settings of the registry (env prefix DRIFTLOOP_REGISTRY_, falling back to DRIFTLOOP_)."""
+
+    service: ClassVar[str] = "registry"
+
+    http_port: int = Field(8101, description="Port of the registry's HTTP API.")
+    consumer_group: str = Field(
+        "registry", description="Kafka consumer group of the registry's event handlers (and its inbox name)."
+    )
+    max_upload_bytes: int = Field(
+        64 * MIB, description="Dataset uploads whose file is larger than this get 413."
+    )
+    max_request_bytes: int = Field(
+        65 * MIB,
+        description="HTTP request bodies above this get 413; raised to max_upload_bytes + 1 MiB when lower, "
+        "so the upload limit is the one that speaks.",
+    )
+    max_dataset_columns: int = Field(2000, description="Dataset uploads with more columns get 422.")
+
+    @model_validator(mode="after")
+    def _body_limit_covers_uploads(self) -> RegistrySettings:
+        if self.max_request_bytes < self.max_upload_bytes + MIB:
+            self.max_request_bytes = self.max_upload_bytes + MIB
+        return self

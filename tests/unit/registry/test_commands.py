@@ -1,0 +1,199 @@
+"""Manual commands and dataset uploads: the core functions the HTTP API calls, on fakes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested, RollbackRequested
+from contracts.common import Stage
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent
+from libs.errors import Conflict, InvalidInput, NotFound
+from services.registry import core
+from services.registry.dataset_files import canonicalise
+from services.registry.domain import Command
+from services.registry.ports import Cause
+from tests.unit.registry.fakes import FakeArtifacts, FakeDatasets, FakeVersions, training_completed
+
+SOURCE = "/driftloop/registry"
+CAUSE = Cause("e-1", "io.driftloop.TrainingCompleted.v1", None, "/driftloop/training", "e-1")
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self.events: list[CloudEvent[Any]] = []
+
+    async def __call__(self, event: CloudEvent[Any]) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+async def versions() -> FakeVersions:
+    v = FakeVersions()
+    artifacts = FakeArtifacts()
+    for run in ("a", "b", "c"):
+        await v.register(training_completed(artifacts, run_id=run), CAUSE)
+    v.versions[("churn", 2)].stage = Stage.PRODUCTION
+    v.versions[("churn", 3)].stage = Stage.REJECTED
+    return v
+
+
+async def command(versions: FakeVersions, which: Command, version: int, **kw: Any) -> tuple[Any, Outbox]:
+    outbox = Outbox()
+    event = await core.request_command(
+        which,
+        "churn",
+        version,
+        reason="because",
+        actor="user:alice",
+        versions=versions,
+        publish=outbox,
+        source=SOURCE,
+        **kw,
+    )
+    return event, outbox
+
+
+async def test_promote_of_a_candidate_publishes_the_command_with_the_actor(versions: FakeVersions) -> None:
+    event, outbox = await command(versions, Command.PROMOTE, 1)
+    assert outbox.events == [event]
+    assert isinstance(event.data, PromoteRequested) and event.data.model_version == 1
+    assert event.actor == "user:alice" and event.source == SOURCE and event.subject == "churn"
+    assert versions.stage("churn", 1) is Stage.CANDIDATE  # serving acts; the registry records the outcome
+
+
+async def test_promote_of_a_rejected_version_is_a_conflict_listing_the_allowed_moves(
+    versions: FakeVersions,
+) -> None:
+    with pytest.raises(Conflict) as caught:
+        await command(versions, Command.PROMOTE, 3)
+    assert caught.value.status == 409
+    assert caught.value.extra == {"stage": "rejected", "allowed": ["archived"], "commands": ["archive"]}
+    assert "cannot promote churn version 3: it is rejected" in caught.value.message
+
+
+async def test_rollback_applies_to_versions_on_traffic_only(versions: FakeVersions) -> None:
+    event, _ = await command(versions, Command.ROLLBACK, 2)
+    assert isinstance(event.data, RollbackRequested)
+    with pytest.raises(Conflict) as caught:
+        await command(versions, Command.ROLLBACK, 1)
+    assert caught.value.extra["commands"] == ["promote", "archive"]
+
+
+async def test_rollback_to_a_rejected_version_is_a_conflict(versions: FakeVersions) -> None:
+    with pytest.raises(Conflict, match="version 3 is rejected; it cannot move to production"):
+        await command(versions, Command.ROLLBACK, 2, to_version=3)
+
+
+async def test_archive_of_production_is_a_conflict(versions: FakeVersions) -> None:
+    with pytest.raises(Conflict, match="archive applies to candidate, rejected versions"):
+        await command(versions, Command.ARCHIVE, 2)
+    event, _ = await command(versions, Command.ARCHIVE, 3)
+    assert isinstance(event.data, ArchiveRequested)
+
+
+async def test_unknown_model_or_version_is_not_found(versions: FakeVersions) -> None:
+    with pytest.raises(NotFound, match="has no version 9"):
+        await command(versions, Command.PROMOTE, 9)
+    outbox = Outbox()
+    with pytest.raises(NotFound, match="model 'nope' is not registered"):
+        await core.request_command(
+            Command.PROMOTE,
+            "nope",
+            1,
+            reason="x",
+            actor="user:a",
+            versions=versions,
+            publish=outbox,
+            source=SOURCE,
+        )
+    assert outbox.events == []
+
+
+async def test_retrain_needs_a_version_or_a_dataset_naming_the_model(versions: FakeVersions) -> None:
+    datasets = FakeDatasets()
+    outbox = Outbox()
+    event = await core.request_retrain(
+        "churn",
+        reason="new export",
+        ignore_cooldown=True,
+        actor="user:bob",
+        versions=versions,
+        datasets=datasets,
+        publish=outbox,
+        source=SOURCE,
+    )
+    assert isinstance(event.data, RetrainRequested) and event.data.ignore_cooldown
+    assert event.actor == "user:bob"
+    with pytest.raises(NotFound, match="no dataset names it"):
+        await core.request_retrain(
+            "fraud",
+            reason="x",
+            ignore_cooldown=False,
+            actor="user:bob",
+            versions=versions,
+            datasets=datasets,
+            publish=outbox,
+            source=SOURCE,
+        )
+
+
+CSV = b"tenure_months,monthly_charges,plan,churned\n1,20.5,basic,0\n24,70.1,premium,1\n"
+
+
+async def upload(
+    versions: FakeVersions, datasets: FakeDatasets, data: bytes, models: list[str], outbox: Outbox
+) -> tuple[Any, bool]:
+    return await core.upload_dataset(
+        "churn-base",
+        canonicalise(data, filename="churn.csv", max_columns=100),
+        models=models,
+        description="export",
+        actor="user:alice",
+        versions=versions,
+        datasets=datasets,
+        artifacts=FakeArtifacts(),
+        publish=outbox,
+        source=SOURCE,
+    )
+
+
+async def test_upload_stores_a_new_version_and_announces_it_once(versions: FakeVersions) -> None:
+    datasets, outbox = FakeDatasets(), Outbox()
+    first, created = await upload(versions, datasets, CSV, ["churn"], outbox)
+    assert created and first.version == 1 and first.row_count == 2
+    again, created_again = await upload(versions, datasets, CSV, ["churn"], outbox)
+    assert not created_again and again.version == 1
+    changed, _ = await upload(versions, datasets, CSV + b"3,30.0,plus,0\n", ["churn"], outbox)
+    assert changed.version == 2
+    assert [e.data.dataset_version for e in outbox.events] == [1, 2]
+    announced = outbox.events[0]
+    assert isinstance(announced.data, DatasetRegistered)
+    assert announced.data.models == ["churn"] and announced.data.source == "upload"
+    assert announced.data.sha256 == first.sha256 == announced.data.artifact.key
+    assert announced.actor == "user:alice"
+
+
+async def test_upload_missing_a_feature_of_the_model_names_the_column(versions: FakeVersions) -> None:
+    data = b"tenure_months,monthly_charges,churned\n1,20.5,0\n"
+    with pytest.raises(InvalidInput) as caught:
+        await upload(versions, FakeDatasets(), data, ["churn"], Outbox())
+    assert caught.value.extra["column"] == "plan"
+    assert (
+        "column 'plan' is missing: it is a feature of churn (signature of version 3)" in caught.value.message
+    )
+
+
+async def test_upload_with_text_in_a_numeric_feature_names_the_column(versions: FakeVersions) -> None:
+    data = b"tenure_months,monthly_charges,plan,churned\ntwelve,20.5,basic,0\n"
+    with pytest.raises(InvalidInput, match="column 'tenure_months' must be numeric"):
+        await upload(versions, FakeDatasets(), data, ["churn"], Outbox())
+
+
+async def test_upload_for_a_model_without_versions_is_not_checked_against_a_signature(
+    versions: FakeVersions,
+) -> None:
+    stored, created = await upload(versions, FakeDatasets(), b"a,b\n1,2\n", ["fraud"], Outbox())
+    assert created and stored.columns == {"a": "int64", "b": "int64"}

@@ -1,0 +1,377 @@
+"""The registry's handlers on fakes, wired through the in-memory bus (same dispatch rules as Kafka)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested
+from contracts.common import ArtifactFormat, Stage
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, EventPayload
+from contracts.examples import EXAMPLES
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.registry import EVENT_TYPES
+from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
+from contracts.validation import CheckKind, CheckResult, ValidationFailed, ValidationPassed
+from libs.bus import InMemoryBus, Subscription, Transaction
+from services.registry.bootstrap import TOPICS
+from services.registry.handlers import HANDLERS, RegistryHandler
+from tests.unit.registry.fakes import (
+    FakeArtifacts,
+    FakeDatasets,
+    FakeVersions,
+    artifact,
+    event_of,
+    training_completed,
+)
+
+SOURCE = "/driftloop/registry"
+
+
+class Registry:
+    """The registry's handlers on fakes. A failed delivery leaves the fakes as they were, as a rolled-back
+    transaction leaves Postgres."""
+
+    def __init__(self) -> None:
+        self.versions = FakeVersions()
+        self.datasets = FakeDatasets()
+        self.artifacts = FakeArtifacts()
+        self.bus = InMemoryBus(EVENT_TYPES)
+        self.bus.subscribe(
+            Subscription(
+                consumer="registry",
+                topics=list(TOPICS),
+                handlers={t: self._bind(h) for t, h in HANDLERS.items()},
+                retry_backoff_s=0,
+            )
+        )
+
+    def _bind(self, handler: RegistryHandler) -> Any:
+        async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+            saved = copy.deepcopy((self.versions, self.datasets))
+            try:
+                await handler(
+                    event,
+                    versions=self.versions,
+                    datasets=self.datasets,
+                    artifacts=self.artifacts,
+                    publish=tx.publish,
+                    source=SOURCE,
+                )
+            except Exception:
+                self.versions, self.datasets = saved
+                raise
+
+        return run
+
+    async def deliver(self, *payloads: EventPayload | CloudEvent[Any]) -> list[CloudEvent[Any]]:
+        events = [p if isinstance(p, CloudEvent) else event_of(p) for p in payloads]
+        for e in events:
+            await self.bus.publish(e)
+        await self.bus.drain()
+        return events
+
+    def stage_changes(self) -> list[ModelStageChanged]:
+        return [e.data for e in self.bus.events(of=ModelStageChanged)]
+
+
+def passed(model: str, version: int) -> ValidationPassed:
+    base = EXAMPLES[ValidationPassed]
+    assert isinstance(base, ValidationPassed)
+    return base.model_copy(update={"model": model, "model_version": version})
+
+
+def failed(model: str, version: int) -> ValidationFailed:
+    check = CheckResult(
+        name="roc_auc>=0.75", kind=CheckKind.THRESHOLD, value=0.6, threshold=0.75, passed=False
+    )
+    return ValidationFailed(
+        model=model,
+        model_version=version,
+        report_id="vr-f",
+        checks=[check],
+        failed_checks=["roc_auc>=0.75"],
+        duration_seconds=1.0,
+    )
+
+
+def started(model: str, version: int, stable: int | None = None) -> RolloutStarted:
+    return RolloutStarted(
+        rollout_id=f"r-{version}",
+        model=model,
+        stable_version=stable,
+        canary_version=version,
+        steps=[0.1, 1.0],
+        weight=0.1,
+        min_samples=10,
+        bake_seconds=1,
+    )
+
+
+def promoted(model: str, version: int, previous: int | None = None) -> RolloutPromoted:
+    return RolloutPromoted(
+        rollout_id=f"r-{version}",
+        model=model,
+        model_version=version,
+        previous_version=previous,
+        steps_completed=2,
+        duration_seconds=10,
+    )
+
+
+def rolled_back(model: str, version: int, stable: int | None) -> RolloutRolledBack:
+    return RolloutRolledBack(
+        rollout_id=f"r-{version}",
+        model=model,
+        stable_version=stable,
+        canary_version=version,
+        step_index=0,
+        weight=0.1,
+        reason=RollbackReason.UNHEALTHY_VERDICT,
+        message="canary error rate 4% vs 0.2%",
+    )
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
+async def to_production(r: Registry, model: str, run_id: str, previous: int | None = None) -> int:
+    await r.deliver(training_completed(r.artifacts, model=model, run_id=run_id))
+    version = max(n for m, n in r.versions.versions if m == model)
+    await r.deliver(
+        passed(model, version), started(model, version, previous), promoted(model, version, previous)
+    )
+    return version
+
+
+# --- registration ---------------------------------------------------------------------------------------
+
+
+async def test_training_completed_becomes_a_candidate_and_is_announced(registry: Registry) -> None:
+    done = training_completed(registry.artifacts)
+    [cause] = await registry.deliver(done)
+    assert registry.versions.stage("churn", 1) is Stage.CANDIDATE
+    [announced] = registry.bus.events(of=ModelVersionRegistered)
+    assert announced.data.model_version == 1
+    assert announced.data.lineage == done.lineage
+    assert announced.data.artifact == done.artifact
+    assert announced.causationid == cause.id and announced.correlationid == cause.correlationid
+    assert announced.source == SOURCE
+
+
+async def test_duplicate_event_changes_nothing(registry: Registry) -> None:
+    [event] = await registry.deliver(training_completed(registry.artifacts))
+    await registry.deliver(event)
+    assert list(registry.versions.versions) == [("churn", 1)]
+    assert len(registry.bus.events(of=ModelVersionRegistered)) == 1
+
+
+async def test_same_run_announced_twice_under_new_event_ids_gives_one_version(registry: Registry) -> None:
+    done = training_completed(registry.artifacts, run_id="run-a")
+    await registry.deliver(done, done)
+    assert list(registry.versions.versions) == [("churn", 1)]
+    assert len(registry.bus.events(of=ModelVersionRegistered)) == 1
+    assert registry.bus.dead_letters == []
+
+
+async def test_versions_are_numbered_per_model(registry: Registry) -> None:
+    await registry.deliver(
+        training_completed(registry.artifacts, model="churn", run_id="a"),
+        training_completed(registry.artifacts, model="fraud", run_id="b"),
+        training_completed(registry.artifacts, model="churn", run_id="c"),
+    )
+    assert sorted(registry.versions.versions) == [("churn", 1), ("churn", 2), ("fraud", 1)]
+
+
+async def test_same_run_with_another_artifact_is_dead_lettered(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-a", model_bytes=b"one"))
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-a", model_bytes=b"two"))
+    assert list(registry.versions.versions) == [("churn", 1)]
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected" and "already version 1" in dead.error
+
+
+async def test_pickle_artifact_is_not_registered(registry: Registry) -> None:
+    done = training_completed(registry.artifacts, model_bytes=b"\x80\x05pickle")
+    registry.artifacts.untrusted.add(done.artifact.key)
+    await registry.deliver(done)
+    assert registry.versions.versions == {}
+    assert registry.bus.events(of=ModelVersionRegistered) == []
+    [dead] = registry.bus.dead_letters
+    assert "pickle" in dead.error
+
+
+async def test_corrupted_artifact_is_not_registered(registry: Registry) -> None:
+    done = training_completed(registry.artifacts)
+    registry.artifacts.corrupted.add(done.profile.key)
+    await registry.deliver(done)
+    assert registry.versions.versions == {}
+    [dead] = registry.bus.dead_letters
+    assert "corrupted" in dead.error
+
+
+async def test_missing_artifact_is_retried_then_dead_lettered(registry: Registry) -> None:
+    done = training_completed(registry.artifacts)
+    del registry.artifacts.blobs[done.artifact.key]
+    await registry.deliver(done)
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "handler-failed" and "ArtifactNotFound" in dead.error
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+async def test_validation_passed_keeps_candidate_and_makes_it_challenger(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts), passed("churn", 1))
+    assert registry.versions.stage("churn", 1) is Stage.CANDIDATE
+    assert registry.versions.aliases == {("churn", "challenger"): 1}
+    [(report, _)] = registry.versions.reports
+    assert report.report_id == "vr-5d1e"
+    assert registry.stage_changes() == []
+
+
+async def test_validation_failed_rejects_the_candidate(registry: Registry) -> None:
+    _, cause = await registry.deliver(training_completed(registry.artifacts), failed("churn", 1))
+    assert registry.versions.stage("churn", 1) is Stage.REJECTED
+    [change] = registry.bus.events(of=ModelStageChanged)
+    assert (change.data.from_stage, change.data.to_stage) == (Stage.CANDIDATE, Stage.REJECTED)
+    assert change.data.caused_by is not None and change.data.caused_by.id == cause.id
+    assert "roc_auc>=0.75" in change.data.reason
+    assert len(registry.versions.reports) == 1
+
+
+async def test_validation_of_an_unknown_version_is_dead_lettered(registry: Registry) -> None:
+    await registry.deliver(passed("churn", 9))
+    [dead] = registry.bus.dead_letters
+    assert "lacks" in dead.error
+
+
+# --- rollouts --------------------------------------------------------------------------------------------
+
+
+async def test_promotion_archives_the_previous_production_and_moves_champion(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    await to_production(registry, "churn", "run-2", previous=1)
+    assert registry.versions.stage("churn", 1) is Stage.ARCHIVED
+    assert registry.versions.stage("churn", 2) is Stage.PRODUCTION
+    assert registry.versions.aliases == {("churn", "champion"): 2}
+    assert registry.versions.stages_of("churn", 1) == [
+        Stage.CANDIDATE,
+        Stage.CANARY,
+        Stage.PRODUCTION,
+        Stage.ARCHIVED,
+    ]
+    moves = [(c.model_version, c.from_stage, c.to_stage, c.aliases) for c in registry.stage_changes()]
+    assert moves == [
+        (1, Stage.CANDIDATE, Stage.CANARY, ["challenger"]),
+        (1, Stage.CANARY, Stage.PRODUCTION, ["champion"]),
+        (2, Stage.CANDIDATE, Stage.CANARY, ["challenger"]),
+        (1, Stage.PRODUCTION, Stage.ARCHIVED, []),
+        (2, Stage.CANARY, Stage.PRODUCTION, ["champion"]),
+    ]
+    archive = registry.bus.events(of=ModelStageChanged)[3]
+    assert archive.data.caused_by is not None and archive.data.caused_by.type == RolloutPromoted.event_type()
+
+
+async def test_rollback_rejects_the_canary_and_production_stays(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-2"))
+    await registry.deliver(passed("churn", 2), started("churn", 2, 1), rolled_back("churn", 2, 1))
+    assert registry.versions.stage("churn", 2) is Stage.REJECTED
+    assert registry.versions.stage("churn", 1) is Stage.PRODUCTION
+    assert registry.versions.aliases == {("churn", "champion"): 1}
+    assert registry.versions.stages_of("churn", 2) == [Stage.CANDIDATE, Stage.CANARY, Stage.REJECTED]
+
+
+async def test_rollback_of_production_restores_the_archived_stable_version(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    await to_production(registry, "churn", "run-2", previous=1)
+    await registry.deliver(rolled_back("churn", 2, 1))
+    assert registry.versions.stage("churn", 2) is Stage.REJECTED
+    assert registry.versions.stage("churn", 1) is Stage.PRODUCTION
+    assert registry.versions.aliases == {("churn", "champion"): 1}
+
+
+async def test_illegal_transition_is_dead_lettered_with_the_allowed_ones(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts), failed("churn", 1), started("churn", 1))
+    assert registry.versions.stage("churn", 1) is Stage.REJECTED
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert "is rejected; it cannot move to canary (allowed: archived)" in dead.error
+
+
+async def test_a_fact_repeated_under_a_new_id_changes_nothing(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    before = len(registry.stage_changes())
+    await registry.deliver(promoted("churn", 1))
+    assert len(registry.stage_changes()) == before
+    assert registry.bus.dead_letters == []
+
+
+# --- datasets and commands --------------------------------------------------------------------------------
+
+
+def dataset(version: int, sha_byte: str = "a", **kw: Any) -> DatasetRegistered:
+    sha = sha_byte * 64
+    return DatasetRegistered(
+        name="churn-training",
+        dataset_version=version,
+        sha256=sha,
+        artifact=artifact(b"x", ArtifactFormat.PARQUET).model_copy(update={"key": sha}),
+        row_count=10,
+        columns={"a": "int64"},
+        source="training-set:job-1",
+        **kw,
+    )
+
+
+async def test_dataset_registered_by_training_is_recorded_once(registry: Registry) -> None:
+    await registry.deliver(dataset(3, models=["churn"]), dataset(3, models=["churn"]))
+    assert list(registry.datasets.rows) == [("churn-training", 3)]
+    assert registry.datasets.rows[("churn-training", 3)].models == ["churn"]
+
+
+async def test_datasets_the_registry_published_itself_are_skipped(registry: Registry) -> None:
+    await registry.deliver(event_of(dataset(1), source=SOURCE))
+    assert registry.datasets.rows == {}
+
+
+async def test_dataset_version_reused_with_other_content_is_dead_lettered(registry: Registry) -> None:
+    await registry.deliver(dataset(1, "a"), dataset(1, "b"))
+    assert registry.datasets.rows[("churn-training", 1)].sha256 == "a" * 64
+    [dead] = registry.bus.dead_letters
+    assert "already registered with sha256" in dead.error
+
+
+async def test_archive_request_archives_a_candidate_with_the_actor_in_history(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts))
+    request = ArchiveRequested(model="churn", model_version=1, reason="superseded")
+    [cause] = await registry.deliver(event_of(request, actor="user:alice"))
+    assert registry.versions.stage("churn", 1) is Stage.ARCHIVED
+    last = registry.versions.history[-1]
+    assert last.cause.actor == "user:alice" and last.cause.event_id == cause.id
+    [change] = registry.bus.events(of=ModelStageChanged)
+    assert change.actor == "user:alice"
+
+
+async def test_archive_request_for_production_is_dead_lettered(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    await registry.deliver(ArchiveRequested(model="churn", model_version=1, reason="tidy"))
+    assert registry.versions.stage("churn", 1) is Stage.PRODUCTION
+    [dead] = registry.bus.dead_letters
+    assert "archive applies to candidate, rejected versions" in dead.error
+
+
+async def test_commands_for_serving_and_training_are_skipped(registry: Registry) -> None:
+    await registry.deliver(
+        training_completed(registry.artifacts),
+        PromoteRequested(model="churn", model_version=1, reason="x"),
+        RetrainRequested(model="churn", reason="x"),
+    )
+    assert registry.versions.stage("churn", 1) is Stage.CANDIDATE
+    assert registry.bus.dead_letters == []
