@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -32,14 +34,28 @@ SOURCE = "/driftloop/registry"
 
 
 class Registry:
-    """The registry's handlers on fakes. A failed delivery leaves the fakes as they were, as a rolled-back
-    transaction leaves Postgres."""
+    """The registry's handlers on fakes. A failed transaction leaves the fakes as they were, as a rolled-back
+    transaction leaves Postgres (the bus may run several events in one transaction: group commit)."""
 
     def __init__(self) -> None:
         self.versions = FakeVersions()
         self.datasets = FakeDatasets()
         self.artifacts = FakeArtifacts()
         self.bus = InMemoryBus(EVENT_TYPES)
+        # The bus's own transactions, wrapped so the fakes roll back with them.
+        bus_begin = self.bus._begin
+
+        @asynccontextmanager
+        async def begin() -> AsyncIterator[Any]:
+            saved = copy.deepcopy((self.versions, self.datasets))
+            try:
+                async with bus_begin() as tx:
+                    yield tx
+            except BaseException:
+                self.versions, self.datasets = saved
+                raise
+
+        self.bus._begin = begin  # type: ignore[method-assign]
         self.bus.subscribe(
             Subscription(
                 consumer="registry",
@@ -51,19 +67,14 @@ class Registry:
 
     def _bind(self, handler: RegistryHandler) -> Any:
         async def run(event: CloudEvent[Any], tx: Transaction) -> None:
-            saved = copy.deepcopy((self.versions, self.datasets))
-            try:
-                await handler(
-                    event,
-                    versions=self.versions,
-                    datasets=self.datasets,
-                    artifacts=self.artifacts,
-                    publish=tx.publish,
-                    source=SOURCE,
-                )
-            except Exception:
-                self.versions, self.datasets = saved
-                raise
+            await handler(
+                event,
+                versions=self.versions,
+                datasets=self.datasets,
+                artifacts=self.artifacts,
+                publish=tx.publish,
+                source=SOURCE,
+            )
 
         return run
 

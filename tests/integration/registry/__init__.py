@@ -1,0 +1,1 @@
+"""Registry integration tests: real Kafka, real Postgres, real artifact store."""

@@ -1,0 +1,365 @@
+"""The registry on the real broker, the real database and a real artifact store folder."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.commands import ArchiveRequested, PromoteRequested
+from contracts.common import ArtifactFormat
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, new_event
+from contracts.examples import EXAMPLES
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.registry import EVENT_TYPES
+from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
+from contracts.validation import ValidationPassed
+from libs.artifacts import ArtifactCorrupted, UntrustedArtifact, load_model
+from tests.integration.kafka_tools import unique
+from tests.integration.registry.harness import AUTH, RunningRegistry, running_registry
+from tests.unit.test_artifacts import pickle_that_creates
+
+
+@pytest.fixture(scope="module")
+async def registry(
+    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningRegistry]:
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    async with running_registry(kafka_bootstrap, database_url, artifacts, max_upload_bytes=64 * 1024) as r:
+        yield r
+
+
+def model_name() -> str:
+    return unique("itest").replace("_", "-")
+
+
+def serving(payload: Any, cause: CloudEvent[Any] | None = None) -> CloudEvent[Any]:
+    return new_event(payload, source="/driftloop/serving", cause=cause)
+
+
+def passed(model: str, version: int) -> CloudEvent[Any]:
+    base = EXAMPLES[ValidationPassed]
+    assert isinstance(base, ValidationPassed)
+    payload = base.model_copy(update={"model": model, "model_version": version})
+    return new_event(payload, source="/driftloop/validation")
+
+
+def rollout(model: str, version: int, stable: int | None) -> list[CloudEvent[Any]]:
+    return [
+        passed(model, version),
+        serving(
+            RolloutStarted(
+                rollout_id=f"r-{version}",
+                model=model,
+                stable_version=stable,
+                canary_version=version,
+                steps=[0.5, 1.0],
+                weight=0.5,
+                min_samples=1,
+                bake_seconds=0,
+            )
+        ),
+    ]
+
+
+async def register(registry: RunningRegistry, model: str, run_id: str) -> CloudEvent[Any]:
+    event = registry.training_completed(model, run_id)
+    await registry.send(event)
+    await registry.wait_handled(event)
+    return event
+
+
+async def test_training_completed_delivered_twice_gives_one_version(registry: RunningRegistry) -> None:
+    model = model_name()
+    event = registry.training_completed(model, "run-1")
+    same_run_new_id = new_event(event.data, source="/driftloop/training")
+    await registry.send(event, event, same_run_new_id)
+    await registry.wait_handled(same_run_new_id)
+
+    assert await registry.versions_of(model) == [1]
+    [announced] = await registry.outbox(ModelVersionRegistered, model)
+    assert announced["payload"]["model_version"] == 1
+    assert announced["headers"]["ce_causationid"] == event.id
+    page = (await registry.http.get(f"/models/{model}/versions", headers=AUTH["viewer"])).json()
+    assert [(v["version"], v["stage"]) for v in page["items"]] == [(1, "candidate")]
+
+
+async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered(
+    registry: RunningRegistry,
+) -> None:
+    model = model_name()
+    await register(registry, model, "run-1")
+    promoted = serving(
+        RolloutPromoted(
+            rollout_id="r-1",
+            model=model,
+            model_version=1,
+            previous_version=None,
+            steps_completed=2,
+            duration_seconds=5,
+        )
+    )
+    await registry.send(*rollout(model, 1, None), promoted)
+    await registry.wait_handled(promoted)
+
+    await register(registry, model, "run-2")
+    rolled_back = serving(
+        RolloutRolledBack(
+            rollout_id="r-2",
+            model=model,
+            stable_version=1,
+            canary_version=2,
+            step_index=0,
+            weight=0.5,
+            reason=RollbackReason.UNHEALTHY_VERDICT,
+            message="errors 5% vs 0.1%",
+        )
+    )
+    await registry.send(*rollout(model, 2, 1), rolled_back)
+    await registry.wait_handled(rolled_back)
+
+    v1 = (await registry.http.get(f"/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    v2 = (await registry.http.get(f"/models/{model}/versions/2", headers=AUTH["viewer"])).json()
+    history = {
+        n: [(h["from_stage"], h["to_stage"], h["event_type"].split(".")[2]) for h in v["stage_history"]]
+        for n, v in ((1, v1), (2, v2))
+    }
+    assert history[1] == [
+        (None, "candidate", "TrainingCompleted"),
+        ("candidate", "canary", "RolloutStarted"),
+        ("canary", "production", "RolloutPromoted"),
+    ]
+    assert history[2] == [
+        (None, "candidate", "TrainingCompleted"),
+        ("candidate", "canary", "RolloutStarted"),
+        ("canary", "rejected", "RolloutRolledBack"),
+    ]
+    assert v1["stage_history"][2]["event_id"] == promoted.id
+    assert v2["stage_history"][2]["event_id"] == rolled_back.id
+    assert v2["stage_history"][2]["source"] == "/driftloop/serving"
+    times = [h["changed_at"] for h in v1["stage_history"] + v2["stage_history"][1:]]
+    assert times == sorted(times)
+    assert v1["stage"] == "production" and v1["aliases"] == ["champion"]
+    assert v2["stage"] == "rejected" and v2["aliases"] == []
+    assert [r["report_id"] for r in v2["validation_reports"]] == ["vr-5d1e"]
+
+    changes = [e["payload"] for e in await registry.outbox(ModelStageChanged, model)]
+    assert [(c["model_version"], c["from_stage"], c["to_stage"]) for c in changes] == [
+        (1, "candidate", "canary"),
+        (1, "canary", "production"),
+        (2, "candidate", "canary"),
+        (2, "canary", "rejected"),
+    ]
+    assert changes[1]["caused_by"] == {"id": promoted.id, "type": promoted.type}
+
+    champion = await registry.http.get(f"/models/{model}/versions/champion", headers=AUTH["viewer"])
+    assert champion.json()["version"] == 1
+
+
+async def test_commands_over_http_become_events_with_the_actor(registry: RunningRegistry) -> None:
+    model = model_name()
+    await register(registry, model, "run-1")
+
+    denied = await registry.http.post(
+        f"/models/{model}/versions/1/promote", json={"reason": "go"}, headers=AUTH["viewer"]
+    )
+    assert denied.status_code == 403
+    missing = await registry.http.post(
+        f"/models/{model}/versions/9/promote", json={"reason": "go"}, headers=AUTH["operator"]
+    )
+    assert missing.status_code == 404 and "has no version 9" in missing.json()["detail"]
+    illegal = await registry.http.post(
+        f"/models/{model}/versions/1/rollback", json={"reason": "bad"}, headers=AUTH["operator"]
+    )
+    assert illegal.status_code == 409
+    assert illegal.json()["allowed"] == ["canary", "production", "rejected", "archived"]
+    assert illegal.json()["commands"] == ["promote", "archive"]
+
+    accepted = await registry.http.post(
+        f"/models/{model}/versions/1/promote", json={"reason": "looks good"}, headers=AUTH["operator"]
+    )
+    assert accepted.status_code == 202
+    assert accepted.json()["actor"] == "user:dev-operator"
+    [promote] = await registry.outbox(PromoteRequested, model)
+    assert promote["headers"]["ce_actor"] == "user:dev-operator"
+    assert promote["payload"] == {"model": model, "model_version": 1, "reason": "looks good"}
+
+    archive = await registry.http.post(
+        f"/models/{model}/versions/1/archive", json={"reason": "superseded"}, headers=AUTH["admin"]
+    )
+    assert archive.status_code == 202
+    # The registry owns archiving: the command comes back to it as an event, as through the relay.
+    [row] = await registry.fetch(
+        "SELECT value, headers FROM outbox WHERE event_id = $1", archive.json()["event_id"]
+    )
+    request = EVENT_TYPES.decode(row["value"], [(k, v.encode()) for k, v in row["headers"]])
+    assert isinstance(request.data, ArchiveRequested)
+    await registry.send(request)
+    await registry.wait_handled(request)
+    v1 = (await registry.http.get(f"/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    assert v1["stage"] == "archived"
+    assert v1["stage_history"][-1]["actor"] == "user:dev-admin"
+    assert v1["stage_history"][-1]["reason"] == "archived on request: superseded"
+
+
+async def test_artifact_modified_on_disk_is_refused_with_a_clear_error(registry: RunningRegistry) -> None:
+    model = model_name()
+    event = await register(registry, model, "run-1")
+    key = event.data.artifact.key
+    ok = await registry.http.get(f"/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
+    assert ok.status_code == 200 and ok.headers["x-content-sha256"] == key
+    assert len(ok.content) == event.data.artifact.size_bytes
+
+    path = registry.stored_path(key)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    refused = await registry.http.get(f"/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
+    assert refused.status_code == 500
+    body = refused.json()
+    assert body["code"] == "artifact-corrupted"
+    assert (
+        f"artifact {key} is corrupted" in body["detail"]
+        and "restore it from a backup or retrain" in body["detail"]
+    )
+    with pytest.raises(ArtifactCorrupted, match=f"artifact {key} is corrupted"):
+        load_model(registry.store, key)
+
+    # A new run announcing the damaged artifact is not registered either.
+    again = registry.training_completed(model, "run-2", artifact=event.data.artifact)
+    await registry.send(again)
+    later = await register(registry, model, "run-3")  # one partition: settled after `again`
+    rows = await registry.fetch(
+        "SELECT version, run_id FROM model_versions WHERE model = $1 ORDER BY 1", model
+    )
+    assert [(r["version"], r["run_id"]) for r in rows] == [(1, "run-1"), (2, later.data.run_id)]
+
+
+async def test_pickle_payload_is_refused_and_never_executed(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    model = model_name()
+    marker = tmp_path / "pickle-ran"
+    payload = registry.raw_artifact(pickle_that_creates(marker, protocol=2), ArtifactFormat.SKOPS)
+    poisoned = registry.training_completed(model, "run-pickle", artifact=payload)
+    await registry.send(poisoned)
+    after = await register(registry, model, "run-clean")  # same partition: settled after the pickle
+
+    assert await registry.versions_of(model) == [1]
+    [v1] = await registry.fetch("SELECT run_id FROM model_versions WHERE model = $1", model)
+    assert v1["run_id"] == after.data.run_id
+    with pytest.raises(UntrustedArtifact, match="pickle"):
+        load_model(registry.store, payload.key)
+    assert not marker.exists()
+
+
+async def test_lists_are_paginated_with_an_opaque_cursor(registry: RunningRegistry) -> None:
+    model = model_name()
+    for run in ("a", "b", "c"):
+        await register(registry, model, f"run-{run}")
+    first = (await registry.http.get(f"/models/{model}/versions?limit=2", headers=AUTH["viewer"])).json()
+    assert [v["version"] for v in first["items"]] == [3, 2]
+    second = (
+        await registry.http.get(
+            f"/models/{model}/versions",
+            params={"limit": 2, "cursor": first["next_cursor"]},
+            headers=AUTH["viewer"],
+        )
+    ).json()
+    assert [v["version"] for v in second["items"]] == [1] and second["next_cursor"] is None
+
+    too_big = await registry.http.get(f"/models/{model}/versions?limit=101", headers=AUTH["viewer"])
+    assert too_big.status_code == 422
+    garbage = await registry.http.get(f"/models/{model}/versions?cursor=xyz", headers=AUTH["viewer"])
+    assert garbage.status_code == 422 and "cursor" in garbage.json()["detail"]
+    unknown = await registry.http.get("/models/no-such-model/versions", headers=AUTH["viewer"])
+    assert unknown.status_code == 404
+    searched = (
+        await registry.http.get(
+            "/versions", params={"prefix": model, "stage": "candidate"}, headers=AUTH["viewer"]
+        )
+    ).json()
+    assert [v["version"] for v in searched["items"]] == [3, 2, 1]
+
+    tagged = await registry.http.put(
+        f"/models/{model}/versions/2/tags/team", json={"value": "growth"}, headers=AUTH["operator"]
+    )
+    assert tagged.status_code == 200
+    by_tag = (
+        await registry.http.get(
+            f"/models/{model}/versions", params={"tag": "team=growth"}, headers=AUTH["viewer"]
+        )
+    ).json()
+    assert [(v["version"], v["tags"]) for v in by_tag["items"]] == [(2, {"team": "growth"})]
+    models = (await registry.http.get("/models", params={"prefix": model}, headers=AUTH["viewer"])).json()
+    assert [(m["name"], m["latest_version"], m["stages"]) for m in models["items"]] == [
+        (model, 3, {"candidate": 3})
+    ]
+
+
+async def test_dataset_upload_is_validated_stored_and_announced(registry: RunningRegistry) -> None:
+    model = model_name()
+    await register(registry, model, "run-1")
+    name = model_name()
+    csv = b"tenure_months,monthly_charges,plan,churned\n1,20.5,basic,0\n24,70.1,premium,1\n"
+
+    async def upload(data: bytes, filename: str = "d.csv", role: str = "operator", **form: str) -> Any:
+        return await registry.http.post(
+            "/datasets",
+            files={"file": (filename, data, "text/csv")},
+            data={"name": name, "models": model, "description": "export", **form},
+            headers=AUTH[role],
+        )
+
+    assert (await upload(csv, role="viewer")).status_code == 403
+    created = await upload(csv)
+    assert created.status_code == 201, created.text
+    dataset = created.json()["dataset"]
+    assert (dataset["version"], dataset["row_count"], dataset["models"]) == (1, 2, [model])
+    assert dataset["columns"]["plan"] == "string"
+    assert registry.stored_path(dataset["sha256"]).read_bytes()[:4] == b"PAR1"
+    same = await upload(csv)
+    assert same.status_code == 200 and same.json() == {"created": False, "dataset": dataset}
+
+    [announced] = await registry.outbox(DatasetRegistered, name)
+    assert announced["payload"]["models"] == [model]
+    assert announced["headers"]["ce_actor"] == "user:dev-operator"
+
+    latin1 = await upload(b"tenure_months,monthly_charges,plan,churned\n1,2.0,b\xe1sic,0\n")
+    assert latin1.status_code == 422 and latin1.json()["column"] == "plan"
+    assert "not UTF-8" in latin1.json()["detail"]
+    missing = await upload(b"tenure_months,monthly_charges,churned\n1,2.0,0\n")
+    assert missing.status_code == 422 and missing.json()["column"] == "plan"
+    too_large = await upload(b"a,b\n" + b"1,2\n" * 20_000)
+    assert too_large.status_code == 413
+
+    downloaded = await registry.http.get(f"/datasets/{name}/versions/1/file", headers=AUTH["viewer"])
+    assert downloaded.status_code == 200 and downloaded.content[:4] == b"PAR1"
+    listed = (await registry.http.get("/datasets", params={"model": model}, headers=AUTH["viewer"])).json()
+    assert [(d["name"], d["version"]) for d in listed["items"]] == [(name, 1)]
+
+    retrain = await registry.http.post(
+        f"/models/{model_name()}/retrain", json={"reason": "x"}, headers=AUTH["operator"]
+    )
+    assert retrain.status_code == 404
+
+
+async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> None:
+    model = model_name()
+    await register(registry, model, "run-1")
+    check = passed(model, 1)
+    await registry.send(check)
+    await registry.wait_handled(check)
+    md = await registry.http.get(f"/models/{model}/versions/1/card", headers=AUTH["viewer"])
+    assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
+    assert f"# Model card: {model} version 1" in md.text
+    assert "## Validation report vr-5d1e" in md.text and "## Stage history" in md.text
+    html = await registry.http.get(
+        f"/models/{model}/versions/challenger/card?format=html", headers=AUTH["viewer"]
+    )
+    assert html.status_code == 200 and html.text.startswith("<!doctype html>")
+    assert (await registry.http.get(f"/models/{model}/versions/1/card")).status_code == 401
