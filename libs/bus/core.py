@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -155,7 +157,8 @@ class Dispatcher:
         """Settle every record, in order."""
         if not records:
             return
-        metrics.CONSUMED.labels(self.sub.consumer, records[0].topic).inc(len(records))
+        for topic, count in Counter(r.topic for r in records).items():
+            metrics.CONSUMED.labels(self.sub.consumer, topic).inc(count)
         deliveries: list[Delivery] = []
         for r in records:
             try:
@@ -268,7 +271,12 @@ class Dispatcher:
             if self.sub.raw:
                 fresh = deliveries
             else:
-                items = [(d.event.id, d.event.payload_sha256()) for d in deliveries if d.event is not None]
+                # The hash of the bytes as delivered: a reused id with other content is caught as sent.
+                items = [
+                    (d.event.id, hashlib.sha256(d.record.value or b"").hexdigest())
+                    for d in deliveries
+                    if d.event is not None
+                ]
                 claims = await tx.claim(self.sub.consumer, items)
                 fresh = []
                 for d, claim in zip(deliveries, claims, strict=True):
@@ -282,8 +290,8 @@ class Dispatcher:
                             f"event id {d.event.id} was handled before with a different payload"
                         )
             await run(tx, fresh)
-        if fresh:
-            metrics.PROCESSED.labels(self.sub.consumer, fresh[0].record.topic).inc(len(fresh))
+        for topic, count in Counter(d.record.topic for d in fresh).items():
+            metrics.PROCESSED.labels(self.sub.consumer, topic).inc(count)
 
     async def _dead_letter(self, record: Record, reason: str, error: str) -> None:
         log.warning(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from contracts.topics import DEAD_LETTER
 
 from contracts.envelope import CloudEvent, EventTypeRegistry
+from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
 from libs.bus.core import Dispatcher, Record, Subscription, TransactionFactory
 from libs.logging import get_logger
@@ -89,12 +89,14 @@ class KafkaDeadLetters:
 
 
 class ConsumerRunner:
-    """Runs one subscription on Kafka: poll, dispatch, then commit offsets by hand.
+    """Runs one subscription on Kafka: poll, dispatch, and commit offsets by hand.
 
-    Offsets are committed only after every record of the batch is settled (its transaction committed, or
-    it is durably dead-lettered). If settling fails for reasons outside the event — the database or the
-    broker is away — the runner seeks back and tries the same records again; the inbox makes the retry
-    harmless.
+    An offset is committed only after its record is settled (its transaction committed, or it was durably
+    dead-lettered). Settled offsets are committed every ``commit_interval_s``, when partitions are revoked,
+    and on stop — not after every poll, which would add a broker round trip to each batch. A crash
+    therefore re-delivers at most the last interval's events, and the inbox makes them no-ops. If settling
+    fails for reasons outside the event (the database or the broker is away), the runner seeks back and
+    reads the same records again.
     """
 
     def __init__(
@@ -105,13 +107,15 @@ class ConsumerRunner:
         registry: EventTypeRegistry,
         begin: TransactionFactory,
         dead_letters: KafkaDeadLetters,
-        max_records: int = 500,
+        max_records: int = 1000,
         poll_timeout_ms: int = 200,
+        commit_interval_s: float = 0.2,
     ) -> None:
         self.sub = subscription
         self.kafka = kafka
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
+        self.commit_interval_s = commit_interval_s
         self._stopping = False
         self.dispatcher = Dispatcher(
             subscription,
@@ -122,6 +126,9 @@ class ConsumerRunner:
         )
         self.consumer: AIOKafkaConsumer | None = None
         self.ready = asyncio.Event()
+        self._settled: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._commit_lock = asyncio.Lock()
 
     def stop(self) -> None:
         """Finish the batch in hand, commit, and leave the group."""
@@ -129,7 +136,6 @@ class ConsumerRunner:
 
     async def run(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            *self.sub.topics,
             group_id=self.sub.consumer,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -137,7 +143,9 @@ class ConsumerRunner:
             fetch_max_bytes=max(52_428_800, self.kafka.max_event_bytes * 4),
             **self.kafka.client_options(),
         )
+        self.consumer.subscribe(list(self.sub.topics), listener=_CommitOnRevoke(self))
         await self._start_with_retry()
+        committer = asyncio.create_task(self._commit_periodically())
         try:
             while not self._stopping:
                 batches = await self.consumer.getmany(
@@ -145,11 +153,13 @@ class ConsumerRunner:
                 )
                 if self.consumer.assignment():
                     self.ready.set()
-                for tp, messages in batches.items():
-                    if not messages:
-                        continue
-                    await self._settle(tp, messages)
+                batches = {tp: msgs for tp, msgs in batches.items() if msgs}
+                if batches:
+                    await self._settle(batches)
         finally:
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
+            await self.commit_settled()
             await self.consumer.stop()
 
     async def _start_with_retry(self) -> None:
@@ -166,7 +176,8 @@ class ConsumerRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _settle(self, tp: TopicPartition, messages: Sequence[Any]) -> None:
+    async def _settle(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Dispatch one poll's records (each partition in order) and mark their offsets settled."""
         assert self.consumer is not None
         records = [
             Record(
@@ -178,20 +189,61 @@ class ConsumerRunner:
                 headers=tuple(m.headers or ()),
                 timestamp_ms=m.timestamp,
             )
+            for messages in batches.values()
             for m in messages
         ]
         try:
             await self.dispatcher.dispatch(records)
         except Exception as exc:
-            # Nothing of this batch is committed; read it again after a pause.
-            log.error(
-                "batch not settled, will re-read it", topic=tp.topic, partition=tp.partition, error=repr(exc)
-            )
-            self.consumer.seek(tp, records[0].offset)
+            # Nothing of this poll is settled; read it again after a pause.
+            log.error("batch not settled, will re-read it", error=repr(exc))
+            for tp, messages in batches.items():
+                self.consumer.seek(tp, messages[0].offset)
             await asyncio.sleep(1.0)
             return
-        try:
-            await self.consumer.commit({tp: records[-1].offset + 1})
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took the partition away: the new owner re-reads, the inbox absorbs the repeat.
-            log.warning("offset commit failed", topic=tp.topic, partition=tp.partition, error=repr(exc))
+        for tp, messages in batches.items():
+            self._settled[tp] = messages[-1].offset + 1
+
+    async def commit_settled(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the settled offsets not committed yet (of some partitions, or all)."""
+        assert self.consumer is not None
+        async with self._commit_lock:
+            wanted = set(partitions) if partitions is not None else set(self._settled)
+            offsets = {
+                tp: off
+                for tp, off in self._settled.items()
+                if tp in wanted and self._committed.get(tp) != off
+            }
+            if not offsets:
+                return
+            try:
+                await self.consumer.commit(offsets)
+                self._committed.update(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                # A rebalance took a partition away: the new owner re-reads, the inbox absorbs the repeat.
+                log.warning("offset commit failed", error=repr(exc))
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval_s)
+            await self.commit_settled()
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._settled.pop(tp, None)
+            self._committed.pop(tp, None)
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    """Before partitions move to another member, commit what this member settled on them."""
+
+    def __init__(self, runner: ConsumerRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        await self.runner.commit_settled(revoked)
+        self.runner.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        return None

@@ -31,19 +31,10 @@ def outbox_channel(schema: str) -> str:
 
 
 _CLAIM_SQL = """
-WITH input AS (
-    SELECT * FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(event_id, sha, ord)
-), inserted AS (
-    INSERT INTO inbox (consumer, event_id, payload_sha256)
-    SELECT $1, event_id, sha FROM input
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
-)
-SELECT input.event_id, input.sha, inserted.event_id IS NOT NULL AS is_new, existing.payload_sha256 AS old_sha
-FROM input
-LEFT JOIN inserted USING (event_id)
-LEFT JOIN inbox existing ON existing.consumer = $1 AND existing.event_id = input.event_id
-ORDER BY input.ord
+INSERT INTO inbox (consumer, event_id, payload_sha256)
+SELECT $1, event_id, sha FROM unnest($2::text[], $3::text[]) AS t(event_id, sha)
+ON CONFLICT DO NOTHING
+RETURNING event_id
 """
 
 
@@ -73,19 +64,30 @@ class PgTransaction:
 
     async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
         """Record handled events in the inbox, telling new ones from redeliveries and reused ids."""
-        rows = await self.conn.fetch(_CLAIM_SQL, consumer, [i for i, _ in items], [s for _, s in items])
-        seen: dict[str, str] = {}
+        ids = [i for i, _ in items]
+        new = {r["event_id"] for r in await self.conn.fetch(_CLAIM_SQL, consumer, ids, [h for _, h in items])}
+        known: dict[str, str] = {}
+        if len(new) < len(items):
+            # Only redeliveries pay for this second look-up.
+            rows = await self.conn.fetch(
+                "SELECT event_id, payload_sha256 FROM inbox"
+                " WHERE consumer = $1 AND event_id = ANY($2::text[])",
+                consumer,
+                [i for i in ids if i not in new],
+            )
+            known = {r["event_id"]: r["payload_sha256"] for r in rows}
         claims: list[Claim] = []
-        for row in rows:
-            event_id, sha = row["event_id"], row["sha"]
-            if event_id in seen:
+        first_sha: dict[str, str] = {}
+        for event_id, sha in items:
+            if event_id in first_sha:
                 # The same id twice in one poll: the first one is the one that counts.
-                claims.append(Claim.DUPLICATE if seen[event_id] == sha else Claim.REUSED_ID)
-            elif row["is_new"]:
+                claims.append(Claim.DUPLICATE if first_sha[event_id] == sha else Claim.REUSED_ID)
+                continue
+            first_sha[event_id] = sha
+            if event_id in new:
                 claims.append(Claim.NEW)
             else:
-                claims.append(Claim.DUPLICATE if row["old_sha"] == sha else Claim.REUSED_ID)
-            seen.setdefault(event_id, sha)
+                claims.append(Claim.DUPLICATE if known.get(event_id) == sha else Claim.REUSED_ID)
         return claims
 
 
