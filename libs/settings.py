@@ -37,6 +37,19 @@ class KafkaSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
     max_event_bytes: int = Field(1_000_000, description="Events larger than this are dead-lettered.")
+    topic_prefix: str = Field(
+        "",
+        pattern=r"^[a-z0-9._-]*$",
+        description="Prefix of every topic name on the cluster, so platforms (or test runs) can share one.",
+    )
+
+    def physical(self, topic: str) -> str:
+        """The topic's name on the cluster."""
+        return self.topic_prefix + topic
+
+    def logical(self, topic: str) -> str:
+        """The topic's name in contracts.topics, from its name on the cluster."""
+        return topic[len(self.topic_prefix) :] if topic.startswith(self.topic_prefix) else topic
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments shared by aiokafka producers, consumers and admin clients."""

@@ -152,20 +152,20 @@ def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
-async def _create_topics(bootstrap: str, replication_factor: int) -> list[str]:
+async def _create_topics(bootstrap: str, replication_factor: int, prefix: str = "") -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftloop-infra")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [
             NewTopic(
-                spec.name,
+                prefix + spec.name,
                 spec.partitions,
                 replication_factor,
                 topic_configs={"retention.ms": str(spec.retention_ms)},
             )
             for spec in TOPICS.values()
-            if spec.name not in existing
+            if prefix + spec.name not in existing
         ]
         if not missing:
             return []
@@ -185,9 +185,11 @@ async def _create_topics(bootstrap: str, replication_factor: int) -> list[str]:
         await admin.close()
 
 
-def create_platform_topics(bootstrap: str, replication_factor: int = 1) -> list[str]:
-    """Create every topic of contracts.topics that is missing (idempotent); returns the ones created."""
-    return run_async(lambda: _create_topics(bootstrap, replication_factor))
+def create_platform_topics(bootstrap: str, replication_factor: int = 1, *, prefix: str = "") -> list[str]:
+    """Create every topic of contracts.topics that is missing (idempotent); returns the ones created.
+
+    ``prefix`` is the platform's topic prefix (DRIFTLOOP_KAFKA_TOPIC_PREFIX), for isolated namespaces."""
+    return run_async(lambda: _create_topics(bootstrap, replication_factor, prefix))
 
 
 class KafkaBroker:

@@ -60,7 +60,7 @@ class KafkaPublisher:
     ) -> None:
         """Send records (in order per partition) and wait until all are acknowledged."""
         futures = [
-            await self.producer.send(topic, value=value, key=key, headers=headers)
+            await self.producer.send(self.kafka.physical(topic), value=value, key=key, headers=headers)
             for topic, key, value, headers in items
         ]
         await asyncio.gather(*futures)
@@ -143,7 +143,9 @@ class ConsumerRunner:
             fetch_max_bytes=max(52_428_800, self.kafka.max_event_bytes * 4),
             **self.kafka.client_options(),
         )
-        self.consumer.subscribe(list(self.sub.topics), listener=_CommitOnRevoke(self))
+        self.consumer.subscribe(
+            [self.kafka.physical(t) for t in self.sub.topics], listener=_CommitOnRevoke(self)
+        )
         await self._start_with_retry()
         committer = asyncio.create_task(self._commit_periodically())
         try:
@@ -181,7 +183,7 @@ class ConsumerRunner:
         assert self.consumer is not None
         records = [
             Record(
-                topic=m.topic,
+                topic=self.kafka.logical(m.topic),
                 partition=m.partition,
                 offset=m.offset,
                 key=m.key,
