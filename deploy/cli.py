@@ -23,10 +23,11 @@ from rich.table import Table
 from deploy.local.broker import broker_answers, create_platform_topics
 from deploy.local.console import say
 from deploy.local.errors import InfraError, StartFailed
-from deploy.local.infra import KAFKA_ENV, LocalInfra
+from deploy.local.infra import KAFKA_ENV, LocalInfra, UpResult
 from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
+from deploy.platform import Platform
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy")
 
@@ -113,14 +114,75 @@ def cmd_infra_topics(args: argparse.Namespace) -> int:
 # --- top-level workflows ----------------------------------------------------------------------------
 
 
+def local_platform() -> Platform:
+    """The platform of this checkout: state in .driftloop/, services on ports 8101-8106."""
+    return Platform(PROJECT_ROOT / ".driftloop")
+
+
+def platform_env(result: UpResult) -> dict[str, str]:
+    """What the services need to find the infrastructure (the caller's settings win)."""
+    return {**result.client_env(), **os.environ}
+
+
+def print_services(platform: Platform) -> bool:
+    """Print each service's state; True when all are ready."""
+    health = platform.health()
+    state = platform.state()
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("service", "state", "pid", "restarts", "address"):
+        table.add_column(column)
+    for name, ready in health.items():
+        row = state.get(name, {})
+        colour = "green" if ready == "ready" else "red"
+        table.add_row(
+            name,
+            f"[{colour}]{ready}[/{colour}]",
+            str(row.get("pid") or "-"),
+            str(row.get("restarts", "-")),
+            platform.url(name),
+        )
+    Console().print(table)
+    return all(v == "ready" for v in health.values())
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Bring the platform up (for now: the infrastructure) and show its status."""
-    return cmd_infra_up(args)
+    """Bring the infrastructure and all six services up (supervised), and show their health."""
+    infra = LocalInfra()
+    result = infra.up()
+    print_status(infra.status())
+    platform = local_platform()
+    running = platform.supervisor_pid() is not None
+    pid = platform.start(platform_env(result))
+    say(
+        f"services already supervised (pid {pid})"
+        if running
+        else f"starting the six services under a supervisor (pid {pid}); logs in .driftloop/logs/ ..."
+    )
+    health = platform.wait_ready(timeout_s=args.wait)
+    ok = print_services(platform)
+    if not ok:
+        say(f"not ready after {args.wait:.0f}s: {', '.join(n for n, h in health.items() if h != 'ready')}")
+        say("see .driftloop/logs/<service>.log")
+    return 0 if ok else 1
+
+
+def _up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the services")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    """Stop everything `up` started."""
+    """Stop the services, then the infrastructure this checkout started."""
+    if local_platform().stop():
+        say("services stopped")
     return cmd_infra_down(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Infrastructure and services, with their health."""
+    rows = LocalInfra().status()
+    print_status(rows)
+    services_ok = print_services(local_platform())
+    return 0 if services_ok and all(row.ready for row in rows) else 1
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -190,8 +252,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --- the table and the parser ------------------------------------------------------------------------
 
 COMMANDS: list[Subcommand] = [
-    Subcommand(("up",), "bring the platform up and show its status", cmd_up),
-    Subcommand(("down",), "stop what `up` started", cmd_down),
+    Subcommand(("up",), "start Kafka, Postgres and the six services (supervised)", cmd_up, _up_arguments),
+    Subcommand(("down",), "stop the services and what `up` started", cmd_down),
+    Subcommand(("status",), "infrastructure and services, with their health", cmd_status),
     Subcommand(
         ("test",),
         "run pytest against local Kafka and Postgres (extra args go to pytest)",
