@@ -1,0 +1,243 @@
+"""Serving's ports on asyncpg: model versions, routes, and the routing source every replica follows."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from contracts.common import ModelSignature
+from contracts.rollouts import RolloutMode
+from libs.db import check_schema_name
+from libs.logging import get_logger
+from services.serving.domain import ModelRoute, Rollout, RolloutStatus
+from services.serving.ports import VersionRecord
+
+log = get_logger(__name__)
+
+
+def routes_channel(schema: str) -> str:
+    """The NOTIFY channel on which a committed route change wakes every replica of this schema."""
+    return f"driftloop_routes_{check_schema_name(schema)}"
+
+
+def _record(row: Any) -> VersionRecord:
+    sig = row["signature"]
+    return VersionRecord(
+        model=row["model"],
+        version=row["version"],
+        artifact_key=row["artifact_key"],
+        signature=ModelSignature.model_validate(sig) if sig is not None else None,
+        validated=row["validated_at"] is not None,
+        validation_report_id=row["validation_report_id"],
+        stage=row["stage"],
+        load_error=row["load_error"],
+    )
+
+
+class PgModelVersions:
+    """:class:`services.serving.ports.ModelVersions` on one connection (the handler's transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def registered(
+        self, model: str, version: int, *, artifact_key: str, signature: ModelSignature, stage: str
+    ) -> VersionRecord:
+        row = await self.conn.fetchrow(
+            """INSERT INTO model_versions (model, version, artifact_key, signature, stage)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (model, version) DO UPDATE
+                 SET artifact_key = EXCLUDED.artifact_key, signature = EXCLUDED.signature,
+                     stage = coalesce(model_versions.stage, EXCLUDED.stage), updated_at = now()
+               RETURNING *""",
+            model,
+            version,
+            artifact_key,
+            signature.model_dump(mode="json"),
+            stage,
+        )
+        return _record(row)
+
+    async def validated(self, model: str, version: int, *, report_id: str) -> VersionRecord:
+        row = await self.conn.fetchrow(
+            """INSERT INTO model_versions (model, version, validated_at, validation_report_id)
+               VALUES ($1, $2, now(), $3)
+               ON CONFLICT (model, version) DO UPDATE
+                 SET validated_at = coalesce(model_versions.validated_at, now()),
+                     validation_report_id = EXCLUDED.validation_report_id, updated_at = now()
+               RETURNING *""",
+            model,
+            version,
+            report_id,
+        )
+        return _record(row)
+
+    async def get(self, model: str, version: int) -> VersionRecord | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM model_versions WHERE model = $1 AND version = $2", model, version
+        )
+        return _record(row) if row is not None else None
+
+    async def set_stage(self, model: str, version: int, stage: str) -> None:
+        await self.conn.execute(
+            """INSERT INTO model_versions (model, version, stage) VALUES ($1, $2, $3)
+               ON CONFLICT (model, version) DO UPDATE SET stage = EXCLUDED.stage, updated_at = now()""",
+            model,
+            version,
+            stage,
+        )
+
+    async def load_failed(self, model: str, version: int, error: str) -> None:
+        await self.conn.execute(
+            "UPDATE model_versions SET load_error = $3, updated_at = now() WHERE model = $1 AND version = $2",
+            model,
+            version,
+            error[:2000],
+        )
+
+
+def _route(row: Any) -> ModelRoute:
+    rollout = None
+    if row["rollout_id"] is not None:
+        rollout = Rollout(
+            rollout_id=row["rollout_id"],
+            canary_version=row["canary_version"],
+            stable_version=row["rollout_stable_version"],
+            mode=RolloutMode(row["mode"]),
+            steps=tuple(row["steps"]),
+            step_index=row["step_index"],
+            min_samples=row["min_samples"],
+            bake_seconds=row["bake_seconds"],
+            started_at=row["started_at"],
+            step_started_at=row["step_started_at"],
+            samples_seen=row["samples_seen"],
+            status=RolloutStatus(row["status"]),
+            ended_at=row["ended_at"],
+            end_reason=row["end_reason"],
+        )
+    return ModelRoute(
+        model=row["model"],
+        stable_version=row["stable_version"],
+        previous_stable_version=row["previous_stable_version"],
+        rollout=rollout,
+    )
+
+
+class PgRoutes:
+    """:class:`services.serving.ports.Routes` on one connection (the handler's or request's transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self.conn = conn
+        self.channel = routes_channel(schema)
+
+    async def lock(self, model: str) -> ModelRoute:
+        # Insert first so two replicas deciding for a new model serialise on the same row.
+        await self.conn.execute("INSERT INTO model_routes (model) VALUES ($1) ON CONFLICT DO NOTHING", model)
+        row = await self.conn.fetchrow("SELECT * FROM model_routes WHERE model = $1 FOR UPDATE", model)
+        return _route(row)
+
+    async def save(self, route: ModelRoute, *, now: datetime) -> None:
+        r = route.rollout
+        await self.conn.execute(
+            """UPDATE model_routes SET
+                 stable_version = $2, previous_stable_version = $3, rollout_id = $4, canary_version = $5,
+                 rollout_stable_version = $6, mode = $7, steps = $8, step_index = $9, min_samples = $10,
+                 bake_seconds = $11, started_at = $12, step_started_at = $13, samples_seen = $14,
+                 status = $15, ended_at = $16, end_reason = $17, revision = revision + 1, updated_at = $18
+               WHERE model = $1""",
+            route.model,
+            route.stable_version,
+            route.previous_stable_version,
+            r.rollout_id if r else None,
+            r.canary_version if r else None,
+            r.stable_version if r else None,
+            r.mode.value if r else None,
+            list(r.steps) if r else None,
+            r.step_index if r else None,
+            r.min_samples if r else None,
+            r.bake_seconds if r else None,
+            r.started_at if r else None,
+            r.step_started_at if r else None,
+            r.samples_seen if r else 0,
+            r.status.value if r else None,
+            r.ended_at if r else None,
+            r.end_reason if r else None,
+            now,
+        )
+        # Delivered at commit: every replica rebuilds its routing exactly when the change is visible.
+        await self.conn.execute("SELECT pg_notify($1, $2)", self.channel, route.model)
+
+
+async def read_route(pool: asyncpg.Pool, model: str) -> ModelRoute | None:
+    """One model's route, unlocked (for the read API)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM model_routes WHERE model = $1", model)
+    return _route(row) if row is not None else None
+
+
+async def read_routes(pool: asyncpg.Pool) -> list[ModelRoute]:
+    """Every model's route (for the read API)."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT * FROM model_routes ORDER BY model")
+    return [_route(r) for r in rows]
+
+
+async def add_samples(pool: asyncpg.Pool, items: list[tuple[str, str, int, int]]) -> None:
+    """Add canary rows served by this replica to the live step's count (ignored once the step moved on)."""
+    async with pool.acquire() as conn:
+        await conn.executemany(
+            """UPDATE model_routes SET samples_seen = samples_seen + $4
+               WHERE model = $1 AND rollout_id = $2 AND step_index = $3 AND status = 'active'""",
+            items,
+        )
+
+
+class PgRoutingSource:
+    """Reads every route with the records of the versions it serves; LISTENs for committed changes."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.channel = routes_channel(schema)
+        self._changed = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+
+    async def snapshot(self) -> list[tuple[ModelRoute, dict[int, VersionRecord]]]:
+        await self._listen()
+        # Clear before reading: a change committed during the read wakes the next wait at once.
+        self._changed.clear()
+        async with self.pool.acquire() as conn:
+            routes = [_route(r) for r in await conn.fetch("SELECT * FROM model_routes ORDER BY model")]
+            rows = await conn.fetch(
+                """SELECT v.* FROM model_versions v JOIN model_routes r ON r.model = v.model
+                   WHERE v.version = r.stable_version
+                      OR (v.version = r.canary_version AND r.status = 'active')"""
+            )
+        records: dict[str, dict[int, VersionRecord]] = {}
+        for row in rows:
+            rec = _record(row)
+            records.setdefault(rec.model, {})[rec.version] = rec
+        return [(route, records.get(route.model, {})) for route in routes]
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listener = await self.pool.acquire()
+        await self._listener.add_listener(self.channel, self._on_notify)
+
+    def _on_notify(self, *_: object) -> None:
+        self._changed.set()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with suppress(Exception):
+                await self._listener.remove_listener(self.channel, self._on_notify)
+                await self.pool.release(self._listener)
+            self._listener = None

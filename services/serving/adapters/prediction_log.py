@@ -1,0 +1,194 @@
+"""The prediction log on Kafka: a bounded buffer, one sender task, batched sends.
+
+Prediction logs are telemetry, not state: they bypass the outbox (one Postgres write per prediction would
+cost more than the prediction). The request path only puts an item in a bounded in-memory buffer and
+never waits; when the buffer is full the newest item is dropped and counted
+(``driftloop_serving_prediction_log_dropped_total{reason="buffer-full"}``), and a send the broker refuses
+is counted too (``reason="send-failed"``). Loss is therefore bounded (the buffer, plus a crash's worth of
+in-flight items) and always visible in /metrics, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter, Gauge
+
+from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, new_event_id
+from contracts.predictions import TOPIC, PredictionsLogged
+from libs.logging import get_logger
+from libs.settings import KafkaSettings
+from services.serving.domain import rows_of
+from services.serving.scoring import LogItem
+
+log = get_logger(__name__)
+
+DROPPED = Counter(
+    "driftloop_serving_prediction_log_dropped_total",
+    "PredictionsLogged events not published: buffer-full (dropped newest) or send-failed.",
+    ["reason"],
+)
+SENT = Counter("driftloop_serving_prediction_log_sent_total", "PredictionsLogged events published.")
+BUFFERED = Gauge("driftloop_serving_prediction_log_buffered", "PredictionsLogged events waiting to be sent.")
+
+Wire = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
+
+_EVENT_TYPE = PredictionsLogged.event_type()
+
+
+def _payload_rows(item: LogItem) -> list[dict[str, Any]]:
+    inputs = rows_of(item.columns, item.raw_rows)
+    probs = item.scores.probabilities
+    classes = [str(c) for c in item.scores.classes] if item.scores.classes is not None else None
+    rows = []
+    for j, pid in enumerate(item.prediction_ids):
+        output: dict[str, Any] = {"prediction": item.scores.labels[j]}
+        if probs is not None and classes is not None:
+            output["probabilities"] = dict(zip(classes, probs[j], strict=True))
+        rows.append(
+            {"prediction_id": pid, "entity_key": item.entity_keys[j], "inputs": inputs[j], "output": output}
+        )
+    return rows
+
+
+def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
+    """The item as PredictionsLogged records in the CloudEvents Kafka binding, split to fit ``max_bytes``.
+
+    Built straight to JSON instead of through the pydantic model: validating every row of every request
+    would cost more than the prediction. tests/unit/serving checks that the bytes decode as the contract.
+    """
+    rows = _payload_rows(item)
+    head = {
+        "model": item.model,
+        "model_version": item.version,
+        "variant": item.variant.value,
+        "rollout_id": item.rollout_id,
+        "request_id": item.request_id,
+        "predicted_at": item.predicted_at.isoformat(),
+        "latency_ms": max(0.0, item.latency_ms),
+    }
+    out: list[Wire] = []
+    pending = [rows]
+    while pending:
+        part = pending.pop(0)
+        value = orjson.dumps({**head, "rows": part}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(value) > max_bytes and len(part) > 1:
+            half = len(part) // 2
+            pending[:0] = [part[:half], part[half:]]
+            continue
+        event_id = new_event_id()
+        headers = [
+            ("ce_specversion", SPEC_VERSION.encode()),
+            ("ce_id", event_id.encode()),
+            ("ce_source", source.encode()),
+            ("ce_type", _EVENT_TYPE.encode()),
+            ("ce_time", item.predicted_at.isoformat().replace("+00:00", "Z").encode()),
+            ("content-type", CONTENT_TYPE.encode()),
+            ("ce_correlationid", event_id.encode()),
+            ("ce_subject", item.model.encode()),
+        ]
+        out.append((TOPIC, item.model.encode(), value, headers))
+    return out
+
+
+class KafkaPredictionLog:
+    """Bounded buffer + one sender task; ``offer`` never blocks the request."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        source: str,
+        buffer: int,
+        batch: int,
+        linger_ms: int,
+        producer_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.source = source
+        self.batch = batch
+        self.linger_ms = linger_ms
+        self.queue: asyncio.Queue[LogItem] = asyncio.Queue(maxsize=buffer)
+        self._producer_factory = producer_factory
+        self._producer: Any = None
+        self._stopping = False
+
+    def offer(self, item: LogItem) -> bool:
+        """Queue an item; when the buffer is full, drop it and count it."""
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            DROPPED.labels("buffer-full").inc()
+            return False
+        return True
+
+    def _new_producer(self) -> Any:
+        if self._producer_factory is not None:
+            return self._producer_factory()
+        # acks=1 and no idempotence: telemetry favours throughput; a retried duplicate row is harmless
+        # to monitoring's windows, and the contract does not promise exactly-once for this topic.
+        return AIOKafkaProducer(
+            acks=1,
+            linger_ms=self.linger_ms,
+            max_request_size=self.kafka.max_event_bytes + 64 * 1024,
+            client_id="driftloop-serving-predictions",
+            **self.kafka.client_options(),
+        )
+
+    async def run(self) -> None:
+        """Send until stopped, then flush what is buffered (bounded by the stop timeout)."""
+        delay = 0.5
+        while self._producer is None:
+            producer = self._new_producer()
+            try:
+                await producer.start()
+                self._producer = producer
+            except Exception as exc:
+                if self._stopping:
+                    return
+                log.warning("prediction log cannot reach Kafka yet", error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        try:
+            while not (self._stopping and self.queue.empty()):
+                try:
+                    first = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    continue
+                items = [first]
+                while len(items) < self.batch and not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                BUFFERED.set(self.queue.qsize())
+                await self._send(items)
+        finally:
+            await self._producer.stop()
+
+    async def _send(self, items: list[LogItem]) -> None:
+        futures = []
+        for item in items:
+            try:
+                wires = encode(item, source=self.source, max_bytes=self.kafka.max_event_bytes)
+            except Exception as exc:
+                DROPPED.labels("unencodable").inc()
+                log.error("prediction log item cannot be encoded", model=item.model, error=repr(exc))
+                continue
+            for topic, key, value, headers in wires:
+                try:
+                    futures.append(await self._producer.send(topic, value=value, key=key, headers=headers))
+                except Exception as exc:
+                    DROPPED.labels("send-failed").inc()
+                    log.warning("prediction log send failed", error=repr(exc))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = sum(1 for r in results if isinstance(r, BaseException))
+        if failed:
+            DROPPED.labels("send-failed").inc(failed)
+            log.warning("prediction log events not acknowledged", failed=failed)
+        SENT.inc(len(results) - failed)
+
+    async def stop(self) -> None:
+        """Stop taking new work; ``run`` flushes the buffer and returns."""
+        self._stopping = True

@@ -1,0 +1,217 @@
+"""Wires serving: the state consumer (group ``serving``), the routing sync every replica runs, the
+prediction log, the shadow scorer, the canary sample counter, and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from contracts import commands, models, monitoring, validation
+from contracts.envelope import CloudEvent
+from libs.artifacts import ArtifactStore
+from libs.bus.core import Subscription, Transaction
+from libs.db import migrations_in
+from libs.errors import DomainError
+from libs.http import create_app
+from libs.logging import get_logger
+from libs.service import Runtime, ServiceParts
+from services.serving import api, handlers
+from services.serving.adapters.artifacts import ArtifactModelLoader
+from services.serving.adapters.postgres import (
+    PgModelVersions,
+    PgRoutes,
+    PgRoutingSource,
+    add_samples,
+    read_route,
+    read_routes,
+)
+from services.serving.adapters.prediction_log import KafkaPredictionLog
+from services.serving.domain import RolloutPolicy
+from services.serving.routing import RoutingState, RoutingSync
+from services.serving.scoring import CanaryStats, LogItem, Predictor
+from services.serving.settings import ServingSettings
+
+log = get_logger(__name__)
+
+MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="serving")
+
+
+class _NoLog:
+    """The prediction log when switched off (benchmarks measure its cost this way)."""
+
+    def offer(self, item: LogItem) -> bool:
+        return True
+
+
+async def build(rt: Runtime) -> ServiceParts:
+    """Wire handlers, routing and routes to the real adapters; called once the runtime is connected."""
+    settings = rt.settings
+    assert isinstance(settings, ServingSettings)
+    schema = settings.db_schema
+    instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    store = ArtifactStore(settings.artifacts_url)
+    loader = ArtifactModelLoader(store)
+    policy = RolloutPolicy(
+        steps=tuple(settings.rollout_steps),
+        min_samples=settings.rollout_min_samples,
+        bake_seconds=settings.rollout_bake_seconds,
+        mode=settings.rollout_mode,
+    )
+    source = rt.source()
+    state = RoutingState()
+    routing_source = PgRoutingSource(rt.pool, schema)
+    sync = RoutingSync(state, routing_source, loader, poll_s=settings.routing_poll_s)
+    prediction_log = KafkaPredictionLog(
+        settings.kafka,
+        source=source,
+        buffer=settings.prediction_log_buffer,
+        batch=settings.prediction_log_batch,
+        linger_ms=settings.prediction_log_linger_ms,
+    )
+    breaches: set[str] = set()
+    background: set[asyncio.Task[Any]] = set()
+
+    async def roll_back_for_errors(model: str, rollout_id: str, message: str) -> None:
+        try:
+            async with rt.begin() as tx:
+                await handlers.roll_back_for_error_rate(
+                    model,
+                    rollout_id,
+                    message,
+                    versions=PgModelVersions(tx.conn),
+                    routes=PgRoutes(tx.conn, schema),
+                    publish=tx.publish,
+                    source=source,
+                )
+        except Exception as exc:
+            breaches.discard(rollout_id)  # let the next failure try again
+            log.error("error-rate rollback failed", model=model, rollout_id=rollout_id, error=repr(exc))
+
+    def on_breach(model: str, rollout_id: str, message: str) -> None:
+        # At most one rollback attempt in flight per rollout on this replica; the task is kept referenced.
+        if rollout_id in breaches:
+            return
+        breaches.add(rollout_id)
+        task = asyncio.create_task(roll_back_for_errors(model, rollout_id, message))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    stats = CanaryStats(
+        threshold=settings.error_rate_threshold,
+        min_requests=settings.error_rate_min_requests,
+        on_breach=on_breach,
+    )
+    predictor = Predictor(
+        state,
+        prediction_log if settings.prediction_log_enabled else _NoLog(),
+        stats,
+        max_rows=settings.max_rows_per_request,
+        shadow_buffer=settings.shadow_buffer,
+    )
+
+    def bind(
+        handler: Callable[..., Awaitable[None]],
+    ) -> Callable[[CloudEvent[Any], Transaction], Awaitable[None]]:
+        async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+            await handler(
+                event,
+                versions=PgModelVersions(tx.conn),
+                routes=PgRoutes(tx.conn, schema),
+                loader=loader,
+                publish=tx.publish,
+                source=source,
+                policy=policy,
+            )
+
+        return run
+
+    subscription = Subscription(
+        consumer=settings.consumer_group,
+        topics=[models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC],
+        handlers={payload: bind(h) for payload, h in handlers.HANDLERS.items()},
+        max_retries=settings.consumer_max_retries,
+        retry_backoff_s=settings.consumer_retry_backoff_s,
+        max_event_bytes=settings.kafka.max_event_bytes,
+    )
+
+    stopping = asyncio.Event()
+
+    async def ready() -> dict[str, bool]:
+        checks = await rt.ready()
+        checks["routing"] = state.synced.is_set()
+        return checks
+
+    async def follow_routing() -> None:
+        await sync.run()
+
+    async def send_prediction_log() -> None:
+        if settings.prediction_log_enabled:
+            await prediction_log.run()
+        else:
+            await stopping.wait()
+
+    async def score_shadows() -> None:
+        await predictor.run_shadow(stopping.is_set)
+
+    async def flush_samples() -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=settings.samples_flush_s)
+            items = stats.unflushed()
+            if not items:
+                continue
+            try:
+                await add_samples(rt.pool, items)
+            except Exception as exc:
+                stats.restore(items)
+                log.warning("canary sample count not saved, will retry", error=repr(exc))
+
+    async def stop() -> None:
+        stopping.set()
+        sync.stop()
+        await prediction_log.stop()
+        await routing_source.close()
+
+    app = create_app(
+        settings,
+        title="driftloop serving",
+        description="Predictions (Open Inference Protocol v2 and a simple JSON API), progressive canary "
+        "rollouts, prediction and feedback logging.",
+        routers=[api.router],
+        ready=ready,
+    )
+
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DomainError)
+        response = api.oip_error_body(exc.status, exc.message, exc.code, exc.extra)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    app.add_exception_handler(DomainError, domain_error)
+    app.state.runtime = rt
+    app.state.serving = api.ServingContext(
+        predictor=predictor,
+        state=state,
+        begin=rt.begin,
+        source=source,
+        read_route=lambda model: read_route(rt.pool, model),
+        read_routes=lambda: read_routes(rt.pool),
+        ready=ready,
+        max_feedback_items=settings.max_rows_per_request,
+    )
+    log.info("serving built", instance=instance, schema=schema, consumer_group=settings.consumer_group)
+    return ServiceParts(
+        app=app,
+        subscriptions=[subscription],
+        tasks=[follow_routing, send_prediction_log, score_shadows, flush_samples],
+        on_stop=[stop],
+    )

@@ -1,0 +1,733 @@
+"""Serving's pure logic: the rollout state machine, sticky routing, and the input rules of a signature.
+
+Nothing here does I/O. The rollout functions take the persisted :class:`ModelRoute` of one model and
+return a :class:`Transition`: the new route and the events to publish with it (in one transaction), or
+why nothing happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from contracts.common import FeatureType, ModelSignature
+from contracts.envelope import EventPayload
+from contracts.predictions import Variant
+from contracts.rollouts import (
+    RollbackReason,
+    RolloutMode,
+    RolloutPromoted,
+    RolloutRolledBack,
+    RolloutStarted,
+    RolloutStepAdvanced,
+)
+from libs.errors import InvalidInput, PayloadTooLarge
+
+# --- the rollout state machine -----------------------------------------------------------------------
+
+
+class RolloutStatus(StrEnum):
+    """Where a rollout is: live, or finished one way or the other."""
+
+    ACTIVE = "active"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled-back"
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How a new version meets traffic: its steps, and what each step needs before it may advance."""
+
+    steps: tuple[float, ...] = (0.1, 0.5, 1.0)
+    min_samples: int = 200
+    bake_seconds: float = 5.0
+    mode: RolloutMode = RolloutMode.CANARY
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout of a canary version against the stable one, as persisted."""
+
+    rollout_id: str
+    canary_version: int
+    stable_version: int | None
+    mode: RolloutMode
+    steps: tuple[float, ...]
+    step_index: int
+    min_samples: int
+    bake_seconds: float
+    started_at: datetime
+    step_started_at: datetime
+    samples_seen: int = 0
+    status: RolloutStatus = RolloutStatus.ACTIVE
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+    @property
+    def weight(self) -> float:
+        """Canary share now: the step's weight while live, 0 once rolled back, 1 once promoted."""
+        if self.status is RolloutStatus.ACTIVE:
+            return self.steps[self.step_index]
+        return 1.0 if self.status is RolloutStatus.PROMOTED else 0.0
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step_index == len(self.steps) - 1
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """The persisted routing state of one model: its stable version and its latest rollout."""
+
+    model: str
+    stable_version: int | None = None
+    previous_stable_version: int | None = None
+    rollout: Rollout | None = None
+
+    @property
+    def active(self) -> Rollout | None:
+        """The live rollout, if one is."""
+        if self.rollout is not None and self.rollout.status is RolloutStatus.ACTIVE:
+            return self.rollout
+        return None
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """Why an event changed nothing; ``code`` labels the metric, ``detail`` is for the log."""
+
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The outcome of one decision: the new route and the events that announce it, or why not."""
+
+    route: ModelRoute
+    events: tuple[EventPayload, ...] = ()
+    ignored: Ignored | None = None
+
+
+def _ignore(route: ModelRoute, code: str, detail: str) -> Transition:
+    return Transition(route, (), Ignored(code, detail))
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds())
+
+
+def start_rollout(
+    route: ModelRoute,
+    version: int,
+    policy: RolloutPolicy,
+    *,
+    rollout_id: str,
+    now: datetime,
+    report_id: str | None = None,
+) -> Transition:
+    """A validated version starts its rollout at the first step.
+
+    A model's first version has nothing to share traffic with: it gets a one-step rollout ([1.0]) that is
+    promoted at once, so every consumer sees the usual RolloutStarted -> RolloutPromoted sequence. A
+    newer version supersedes a live canary (rolled back with reason ``superseded``); an older one than
+    the live canary or the stable version is ignored.
+    """
+    live = route.active
+    if version == route.stable_version:
+        return _ignore(route, "already-stable", f"version {version} is already the stable version")
+    if live is not None and version == live.canary_version:
+        return _ignore(route, "already-rolling-out", f"version {version} is already the live canary")
+    if live is not None and version < live.canary_version:
+        return _ignore(
+            route,
+            "older-than-canary",
+            f"version {version} is older than the live canary {live.canary_version}",
+        )
+    if route.stable_version is not None and version < route.stable_version:
+        return _ignore(
+            route, "older-than-stable", f"version {version} is older than the stable {route.stable_version}"
+        )
+    events: list[EventPayload] = []
+    if live is not None:
+        superseded = rollback(
+            route,
+            reason=RollbackReason.SUPERSEDED,
+            message=f"version {version} passed validation and replaces canary {live.canary_version}",
+            now=now,
+        )
+        route, events = superseded.route, list(superseded.events)
+    first = route.stable_version is None
+    steps = (1.0,) if first else policy.steps
+    rollout = Rollout(
+        rollout_id=rollout_id,
+        canary_version=version,
+        stable_version=route.stable_version,
+        mode=RolloutMode.CANARY if first else policy.mode,
+        steps=steps,
+        step_index=0,
+        min_samples=0 if first else policy.min_samples,
+        bake_seconds=0.0 if first else policy.bake_seconds,
+        started_at=now,
+        step_started_at=now,
+    )
+    events.append(
+        RolloutStarted(
+            rollout_id=rollout_id,
+            model=route.model,
+            stable_version=route.stable_version,
+            canary_version=version,
+            mode=rollout.mode,
+            steps=list(steps),
+            step_index=0,
+            weight=steps[0],
+            min_samples=rollout.min_samples,
+            bake_seconds=rollout.bake_seconds,
+            validation_report_id=report_id,
+        )
+    )
+    route = replace(route, rollout=rollout)
+    if first:
+        promoted = promote(route, version, now=now, manual=False, rollout_id=rollout_id)
+        return Transition(promoted.route, (*events, *promoted.events))
+    return Transition(route, tuple(events))
+
+
+def judge_verdict(
+    route: ModelRoute,
+    *,
+    rollout_id: str,
+    step_index: int,
+    canary_version: int,
+    healthy: bool | None,
+    canary_samples: int,
+    reason: str,
+    now: datetime,
+) -> Transition:
+    """Monitoring's verdict on a step: healthy advances (or promotes on the last step) once the step has
+    its samples and bake time; unhealthy rolls back at once; inconclusive (``None``) waits.
+
+    Verdicts for another rollout, another canary or another step are stale and ignored.
+    """
+    live = route.active
+    if live is None or live.rollout_id != rollout_id or live.canary_version != canary_version:
+        return _ignore(route, "stale-rollout", f"verdict for rollout {rollout_id}, which is not live")
+    if step_index != live.step_index:
+        return _ignore(
+            route, "stale-step", f"verdict for step {step_index}, the rollout is on step {live.step_index}"
+        )
+    if healthy is None:
+        return _ignore(route, "inconclusive", f"inconclusive verdict on step {step_index}: {reason}")
+    if not healthy:
+        return rollback(
+            route,
+            reason=RollbackReason.UNHEALTHY_VERDICT,
+            message=reason or f"unhealthy verdict on step {step_index}",
+            now=now,
+        )
+    samples = max(live.samples_seen, canary_samples)
+    if samples < live.min_samples:
+        return _ignore(
+            route,
+            "premature",
+            f"step {step_index} has {samples} canary samples, it needs {live.min_samples}",
+        )
+    baked = _seconds(live.step_started_at, now)
+    if baked < live.bake_seconds:
+        return _ignore(
+            route,
+            "premature",
+            f"step {step_index} baked {baked:.1f}s, it needs {live.bake_seconds:.1f}s",
+        )
+    if live.is_last_step:
+        return promote(route, live.canary_version, now=now, manual=False)
+    nxt = replace(live, step_index=live.step_index + 1, step_started_at=now, samples_seen=0)
+    event = RolloutStepAdvanced(
+        rollout_id=live.rollout_id,
+        model=route.model,
+        stable_version=live.stable_version,
+        canary_version=live.canary_version,
+        step_index=nxt.step_index,
+        previous_weight=live.weight,
+        weight=nxt.weight,
+        samples_seen=samples,
+        step_seconds=baked,
+    )
+    return Transition(replace(route, rollout=nxt), (event,))
+
+
+def promote(
+    route: ModelRoute,
+    version: int,
+    *,
+    now: datetime,
+    manual: bool,
+    rollout_id: str | None = None,
+) -> Transition:
+    """The version takes all traffic. The live canary is promoted as it stands; any other known version
+    (checked by the caller) is promoted directly, superseding a live canary first."""
+    if version == route.stable_version:
+        return _ignore(route, "already-stable", f"version {version} is already the stable version")
+    live = route.active
+    events: list[EventPayload] = []
+    if live is not None and live.canary_version == version:
+        done = replace(
+            live, status=RolloutStatus.PROMOTED, ended_at=now, end_reason="manual" if manual else "promoted"
+        )
+        events.append(
+            RolloutPromoted(
+                rollout_id=live.rollout_id,
+                model=route.model,
+                model_version=version,
+                previous_version=route.stable_version,
+                steps_completed=live.step_index + (0 if manual else 1),
+                duration_seconds=_seconds(live.started_at, now),
+                manual=manual,
+            )
+        )
+    else:
+        if rollout_id is None:
+            raise ValueError("promoting a version without a live rollout needs a rollout id")
+        if live is not None:
+            superseded = rollback(
+                route,
+                reason=RollbackReason.SUPERSEDED,
+                message=f"version {version} was promoted over canary {live.canary_version}",
+                now=now,
+            )
+            route, events = superseded.route, list(superseded.events)
+        done = Rollout(
+            rollout_id=rollout_id,
+            canary_version=version,
+            stable_version=route.stable_version,
+            mode=RolloutMode.CANARY,
+            steps=(1.0,),
+            step_index=0,
+            min_samples=0,
+            bake_seconds=0.0,
+            started_at=now,
+            step_started_at=now,
+            status=RolloutStatus.PROMOTED,
+            ended_at=now,
+            end_reason="manual" if manual else "promoted",
+        )
+        events.append(
+            RolloutPromoted(
+                rollout_id=rollout_id,
+                model=route.model,
+                model_version=version,
+                previous_version=route.stable_version,
+                steps_completed=0,
+                duration_seconds=0.0,
+                manual=manual,
+            )
+        )
+    new_route = ModelRoute(
+        model=route.model,
+        stable_version=version,
+        previous_stable_version=route.stable_version,
+        rollout=done,
+    )
+    return Transition(new_route, tuple(events))
+
+
+def rollback(
+    route: ModelRoute,
+    *,
+    reason: RollbackReason,
+    message: str,
+    now: datetime,
+    rollout_id: str | None = None,
+) -> Transition:
+    """Take the live canary off traffic at once (share 0). With ``rollout_id``, only that rollout."""
+    live = route.active
+    if live is None:
+        return _ignore(route, "no-live-rollout", "no rollout is live")
+    if rollout_id is not None and live.rollout_id != rollout_id:
+        return _ignore(route, "stale-rollout", f"rollout {rollout_id} is not the live one")
+    event = RolloutRolledBack(
+        rollout_id=live.rollout_id,
+        model=route.model,
+        stable_version=live.stable_version,
+        canary_version=live.canary_version,
+        step_index=live.step_index,
+        weight=live.weight,
+        reason=reason,
+        message=message,
+    )
+    done = replace(live, status=RolloutStatus.ROLLED_BACK, ended_at=now, end_reason=reason.value)
+    return Transition(replace(route, rollout=done), (event,))
+
+
+def roll_back_production(
+    route: ModelRoute,
+    *,
+    version: int,
+    to_version: int | None,
+    message: str,
+    now: datetime,
+    rollout_id: str,
+) -> Transition:
+    """Take the production version off traffic in favour of ``to_version`` (default: the previous stable).
+
+    Refused while a canary is live (roll the canary back first), or when there is nothing to go back to.
+    """
+    if route.active is not None:
+        return _ignore(
+            route,
+            "rollout-live",
+            f"rollout {route.active.rollout_id} is live: roll back its canary first",
+        )
+    if version != route.stable_version:
+        return _ignore(route, "not-serving", f"version {version} is not serving")
+    target = to_version if to_version is not None else route.previous_stable_version
+    if target is None:
+        return _ignore(route, "nothing-to-roll-back-to", f"no earlier version to replace {version} with")
+    if target == version:
+        return _ignore(route, "already-stable", f"version {version} is already the stable version")
+    rollout = Rollout(
+        rollout_id=rollout_id,
+        canary_version=version,
+        stable_version=target,
+        mode=RolloutMode.CANARY,
+        steps=(1.0,),
+        step_index=0,
+        min_samples=0,
+        bake_seconds=0.0,
+        started_at=now,
+        step_started_at=now,
+        status=RolloutStatus.ROLLED_BACK,
+        ended_at=now,
+        end_reason=RollbackReason.MANUAL.value,
+    )
+    event = RolloutRolledBack(
+        rollout_id=rollout_id,
+        model=route.model,
+        stable_version=target,
+        canary_version=version,
+        step_index=0,
+        weight=1.0,
+        reason=RollbackReason.MANUAL,
+        message=message,
+    )
+    return Transition(ModelRoute(route.model, target, None, rollout), (event,))
+
+
+def production_changed(route: ModelRoute, version: int, *, now: datetime) -> Transition:
+    """The registry moved ``version`` to production (a manual change there): serve it as stable.
+
+    No event: the registry's ModelStageChanged is the fact. A live canary of that version ends promoted.
+    """
+    if version == route.stable_version:
+        return _ignore(route, "already-stable", f"version {version} is already the stable version")
+    live = route.active
+    rollout = route.rollout
+    if live is not None and live.canary_version == version:
+        rollout = replace(live, status=RolloutStatus.PROMOTED, ended_at=now, end_reason="registry")
+    elif live is not None:
+        rollout = replace(live, stable_version=version)
+    return Transition(ModelRoute(route.model, version, route.stable_version, rollout))
+
+
+def error_rate_breached(requests: int, errors: int, *, threshold: float, min_requests: int) -> bool:
+    """Whether a canary's failed share of requests on a step is over the threshold, with enough requests."""
+    return requests >= min_requests and errors > threshold * requests
+
+
+# --- routing -----------------------------------------------------------------------------------------
+
+_TWO_64 = float(2**64)
+
+
+def sticky_draw(rollout_id: str, entity_key: str) -> float:
+    """A number in [0, 1) fixed by the rollout and the entity: the same entity lands on the same side at
+    a given weight, and stays on the canary as the weight grows. Mixing in the rollout id gives each
+    rollout a fresh sample of entities."""
+    digest = hashlib.blake2b(f"{rollout_id}\x1f{entity_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _TWO_64
+
+
+def canary_takes(draw: float, weight: float) -> bool:
+    """The canary takes a draw below its weight."""
+    return draw < weight
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """What routing needs to know about a model's rollout (no models, no I/O)."""
+
+    rollout_id: str | None
+    weight: float
+    mode: RolloutMode
+    has_stable: bool
+    has_canary: bool
+
+
+def assign_variants(view: RouteView, entity_keys: Sequence[str | None], request_draw: float) -> list[Variant]:
+    """The variant answering each row. Rows with an entity key are routed by its sticky draw; rows without
+    one share the request's random draw. In shadow mode the stable answers every row (the canary scores
+    the rows it would have taken: see :func:`shadowed_rows`)."""
+    if not view.has_canary or view.rollout_id is None:
+        return [Variant.STABLE] * len(entity_keys)
+    if not view.has_stable:
+        return [Variant.CANARY] * len(entity_keys)
+    if view.mode is RolloutMode.SHADOW:
+        return [Variant.STABLE] * len(entity_keys)
+    rid = view.rollout_id
+    return [
+        Variant.CANARY
+        if canary_takes(sticky_draw(rid, key) if key is not None else request_draw, view.weight)
+        else Variant.STABLE
+        for key in entity_keys
+    ]
+
+
+def shadowed_rows(view: RouteView, entity_keys: Sequence[str | None], request_draw: float) -> list[int]:
+    """Rows the shadow candidate scores (same draw rule as a canary); empty outside shadow mode."""
+    if view.mode is not RolloutMode.SHADOW or not view.has_canary or view.rollout_id is None:
+        return []
+    rid = view.rollout_id
+    return [
+        i
+        for i, key in enumerate(entity_keys)
+        if canary_takes(sticky_draw(rid, key) if key is not None else request_draw, view.weight)
+    ]
+
+
+# --- prediction ids ------------------------------------------------------------------------------------
+
+
+def prediction_id(model: str, version: int, request_token: str, row: int) -> str:
+    """``<model>:<version>:<request token>-<row>``: model names never contain ':', so feedback can tell the
+    model and version from the id alone."""
+    return f"{model}:{version}:{request_token}-{row}"
+
+
+def parse_prediction_id(pid: str) -> tuple[str, int] | None:
+    """The (model, version) a prediction id names, or None when it is not one of ours."""
+    parts = pid.split(":")
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
+        return None
+    return parts[0], int(parts[1])
+
+
+# --- inputs against the signature ---------------------------------------------------------------------
+#
+# The rule for missing and non-finite values:
+#   * null (and NaN, which only non-standard JSON can carry) is a missing value: the model's imputer
+#     handles it, and the prediction log records null;
+#   * +/-Infinity is refused with 422 naming the feature: no imputer or scaler gives it a meaning;
+#   * an absent feature or an unknown one is refused (422), so a typo never silently becomes "missing";
+#   * a category the model has not seen is allowed (the pipeline's encoder ignores it), counted in the
+#     metric driftloop_serving_unseen_categories_total and left for monitoring to judge.
+
+MISSING = float("nan")
+
+_NUMERIC_TENSOR = frozenset(
+    {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
+)
+_CATEGORY_TENSOR = frozenset({"BYTES", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "BOOL"})
+
+
+@dataclass(frozen=True)
+class FeatureColumns:
+    """Checked inputs, one column per feature in the signature's order; missing values are NaN."""
+
+    rows: int
+    columns: dict[str, list[Any]]
+    unseen: dict[str, int] = field(default_factory=dict)
+
+
+def _bad(feature: str, reason: str, message: str, row: int | None = None) -> InvalidInput:
+    where = f" (row {row})" if row is not None else ""
+    return InvalidInput(f"feature {feature!r}{where}: {message}", feature=feature, reason=reason, row=row)
+
+
+def _check_numeric(name: str, values: list[Any]) -> list[Any]:
+    out = values
+    for i, v in enumerate(values):
+        t = type(v)
+        if t is float:
+            if v != v:
+                continue
+            if math.isinf(v):
+                raise _bad(
+                    name, "infinite", "infinity is not a value a model can use; send a finite number", i
+                )
+        elif t is int or t is bool:
+            continue
+        elif v is None:
+            if out is values:
+                out = list(values)
+            out[i] = MISSING
+        else:
+            raise _bad(name, "wrong-type", f"expected a number, got {type(v).__name__} {v!r}", i)
+    return out
+
+
+def _check_categorical(name: str, values: list[Any], known: frozenset[Any] | None) -> tuple[list[Any], int]:
+    out = values
+    unseen = 0
+    for i, v in enumerate(values):
+        t = type(v)
+        if t is str or t is int or t is bool:
+            if known is not None and v not in known:
+                unseen += 1
+            continue
+        if v is None or (t is float and v != v):
+            if out is values:
+                out = list(values)
+            out[i] = MISSING
+            continue
+        raise _bad(
+            name, "wrong-type", f"expected a category (string, integer or boolean), got {type(v).__name__}", i
+        )
+    return out, unseen
+
+
+def _check_columns(signature: ModelSignature, raw: Mapping[str, list[Any]], rows: int) -> FeatureColumns:
+    columns: dict[str, list[Any]] = {}
+    unseen: dict[str, int] = {}
+    for spec in signature.features:
+        values = raw[spec.name]
+        if spec.type is FeatureType.NUMERIC:
+            columns[spec.name] = _check_numeric(spec.name, values)
+        else:
+            known = frozenset(spec.categories) if spec.categories else None
+            columns[spec.name], n = _check_categorical(spec.name, values, known)
+            if n:
+                unseen[spec.name] = n
+    return FeatureColumns(rows, columns, unseen)
+
+
+def check_row_count(rows: int, max_rows: int) -> None:
+    """Refuse empty requests (422) and requests over the row limit (413)."""
+    if rows == 0:
+        raise InvalidInput("the request has no rows", reason="empty")
+    if rows > max_rows:
+        raise PayloadTooLarge(
+            f"the request has {rows} rows, the limit is {max_rows}: split it into several requests",
+            rows=rows,
+            limit=max_rows,
+        )
+
+
+def columns_from_records(signature: ModelSignature, records: Sequence[Any]) -> FeatureColumns:
+    """Records (one object per row) -> checked columns; 422 naming the first bad feature and why."""
+    names = [f.name for f in signature.features]
+    expected = set(names)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidInput(
+                f"records[{i}] must be an object of feature values", reason="wrong-type", row=i
+            )
+        if record.keys() != expected:
+            missing = [n for n in names if n not in record]
+            if missing:
+                raise _bad(missing[0], "missing", "missing; send null for an unknown value", i)
+            unknown = sorted(k for k in record if k not in expected)
+            raise _bad(
+                unknown[0], "unknown", f"not a feature of this model (features: {', '.join(names)})", i
+            )
+    raw = {n: [r[n] for r in records] for n in names}
+    return _check_columns(signature, raw, len(records))
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        flat: list[Any] = []
+        for part in data:
+            flat.extend(_flatten(part))
+        return flat
+    if not isinstance(data, list):
+        return [data]
+    return data
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One Open Inference Protocol input tensor (JSON form)."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+def tensors_from_json(inputs: Any) -> list[Tensor]:
+    """The request's ``inputs`` -> tensors, refusing malformed ones with 422."""
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("inputs must be a non-empty list of tensors", reason="wrong-type")
+    tensors = []
+    for i, t in enumerate(inputs):
+        if not isinstance(t, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object", reason="wrong-type")
+        name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{i}].name must be a feature name", reason="wrong-type")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _bad(name, "wrong-shape", "shape must be a list of non-negative integers")
+        if not isinstance(datatype, str):
+            raise _bad(name, "wrong-type", "datatype must be a string such as FP64, INT64 or BYTES")
+        if "data" not in t:
+            raise _bad(name, "wrong-type", "has no JSON data (the binary tensor extension is not supported)")
+        tensors.append(Tensor(name, shape, datatype.upper(), _flatten(t["data"])))
+    return tensors
+
+
+def tensor_rows(tensors: Sequence[Tensor]) -> int:
+    """The row count all tensors agree on (shape [n] or [n, 1]); 422 otherwise."""
+    rows: int | None = None
+    for t in tensors:
+        if len(t.shape) == 0 or len(t.shape) > 2 or (len(t.shape) == 2 and t.shape[1] != 1):
+            raise _bad(t.name, "wrong-shape", f"shape {t.shape}: one value per row, [n] or [n, 1]")
+        if len(t.data) != t.shape[0]:
+            raise _bad(t.name, "wrong-shape", f"shape {t.shape} but {len(t.data)} values")
+        if rows is None:
+            rows = t.shape[0]
+        elif t.shape[0] != rows:
+            raise _bad(t.name, "wrong-shape", f"has {t.shape[0]} rows, other inputs have {rows}")
+    return rows or 0
+
+
+def columns_from_tensors(
+    signature: ModelSignature, tensors: Sequence[Tensor], rows: Sequence[int] | None = None
+) -> FeatureColumns:
+    """Tensors (one per feature) -> checked columns, optionally only some rows."""
+    by_name = {t.name: t for t in tensors}
+    names = [f.name for f in signature.features]
+    for t in tensors:
+        if t.name not in {*names}:
+            raise _bad(t.name, "unknown", f"not a feature of this model (features: {', '.join(names)})")
+    raw: dict[str, list[Any]] = {}
+    for spec in signature.features:
+        tensor = by_name.get(spec.name)
+        if tensor is None:
+            raise _bad(spec.name, "missing", "no input tensor for this feature")
+        allowed = _NUMERIC_TENSOR if spec.type is FeatureType.NUMERIC else _CATEGORY_TENSOR
+        if tensor.datatype not in allowed:
+            raise _bad(
+                spec.name,
+                "wrong-type",
+                f"datatype {tensor.datatype} does not fit a {spec.type.value} feature "
+                f"(use one of {', '.join(sorted(allowed))})",
+            )
+        raw[spec.name] = tensor.data if rows is None else [tensor.data[i] for i in rows]
+    n = len(next(iter(raw.values()))) if raw else 0
+    return _check_columns(signature, raw, n)
+
+
+def rows_of(
+    columns: FeatureColumns, raw_rows: Sequence[Mapping[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Per-row input objects for the prediction log (NaN is written as null)."""
+    if raw_rows is not None:
+        return [dict(r) for r in raw_rows]
+    names = list(columns.columns)
+    cols = [columns.columns[n] for n in names]
+    return [dict(zip(names, values, strict=True)) for values in zip(*cols, strict=True)]

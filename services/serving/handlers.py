@@ -1,0 +1,406 @@
+"""Serving's event handlers: one plain async function per event type, the HANDLERS table at the bottom.
+
+Each runs in the consumer's transaction (inbox + outbox), in whichever replica of the ``serving`` group
+owns the partition: the state transition and its events happen once. Every replica then follows the
+committed state through its routing sync (see services/serving/routing.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import Counter
+
+from contracts.commands import PromoteRequested, RollbackRequested
+from contracts.common import Stage
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.monitoring import CanaryVerdict, Verdict
+from contracts.rollouts import RollbackReason, RolloutRolledBack
+from contracts.validation import ValidationPassed
+from libs.logging import get_logger
+from services.serving import domain
+from services.serving.domain import RolloutPolicy, Transition
+from services.serving.ports import ModelLoader, ModelLoadError, ModelVersions, Routes, VersionRecord
+
+log = get_logger(__name__)
+
+IGNORED = Counter(
+    "driftloop_serving_ignored_events_total",
+    "Events that changed nothing (stale or out-of-order verdicts, premature verdicts, duplicates of a "
+    "decision already taken), by event type and reason.",
+    ["event", "reason"],
+)
+TRANSITIONS = Counter(
+    "driftloop_serving_rollout_transitions_total", "Rollout events emitted, by type.", ["event"]
+)
+
+Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
+Clock = Callable[[], datetime]
+NewId = Callable[[], str]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_rollout_id() -> str:
+    return f"r-{uuid.uuid4().hex[:12]}"
+
+
+def _ignored(event_name: str, model: str, t: Transition) -> None:
+    assert t.ignored is not None
+    IGNORED.labels(event_name, t.ignored.code).inc()
+    log.info(
+        "event changed nothing",
+        event_type_name=event_name,
+        model=model,
+        reason=t.ignored.code,
+        detail=t.ignored.detail,
+    )
+
+
+async def apply(
+    t: Transition,
+    *,
+    routes: Routes,
+    versions: ModelVersions,
+    publish: Publish,
+    source: str,
+    now: datetime,
+    cause: CloudEvent[Any] | None = None,
+    actor: str | None = None,
+) -> list[CloudEvent[Any]]:
+    """Store the new route and publish its events in the caller's transaction."""
+    await routes.save(t.route, now=now)
+    emitted = []
+    for payload in t.events:
+        if isinstance(payload, RolloutRolledBack):
+            await versions.set_stage(t.route.model, payload.canary_version, Stage.REJECTED.value)
+        event = new_event(payload, source=source, cause=cause, actor=actor)
+        await publish(event)
+        TRANSITIONS.labels(type(payload).__name__).inc()
+        emitted.append(event)
+    if t.events:
+        log.info("rollout changed", model=t.route.model, events=[type(p).__name__ for p in t.events])
+    return emitted
+
+
+async def _start_if_ready(
+    cause: CloudEvent[Any],
+    record: VersionRecord,
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock,
+    new_id: NewId,
+) -> None:
+    """Start the rollout of a version that is both registered and validated."""
+    name = type(cause.data).__name__
+    if not (record.registered and record.validated):
+        log.info(
+            "version not ready for a rollout yet",
+            model=record.model,
+            version=record.version,
+            registered=record.registered,
+            validated=record.validated,
+        )
+        return
+    if record.stage in (Stage.REJECTED.value, Stage.ARCHIVED.value):
+        IGNORED.labels(name, "retired-version").inc()
+        log.info(
+            "version is retired, no rollout", model=record.model, version=record.version, stage=record.stage
+        )
+        return
+    route = await routes.lock(record.model)
+    now = clock()
+    rollout_id = new_id()
+    t = domain.start_rollout(
+        route, record.version, policy, rollout_id=rollout_id, now=now, report_id=record.validation_report_id
+    )
+    if t.ignored is not None:
+        _ignored(name, record.model, t)
+        return
+    try:
+        # This replica proves the artifact loads and answers before any traffic moves to it.
+        await loader.load(record)
+    except ModelLoadError as exc:
+        await versions.load_failed(record.model, record.version, str(exc))
+        await versions.set_stage(record.model, record.version, Stage.REJECTED.value)
+        failed = RolloutRolledBack(
+            rollout_id=rollout_id,
+            model=record.model,
+            stable_version=route.stable_version,
+            canary_version=record.version,
+            step_index=0,
+            weight=0.0,
+            reason=RollbackReason.LOAD_FAILED,
+            message=str(exc),
+        )
+        await publish(new_event(failed, source=source, cause=cause))
+        TRANSITIONS.labels("RolloutRolledBack").inc()
+        log.error(
+            "version cannot be loaded, no rollout", model=record.model, version=record.version, error=str(exc)
+        )
+        return
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=cause)
+
+
+async def on_model_version_registered(
+    event: CloudEvent[ModelVersionRegistered],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """Record where the version's artifact is and its signature; start its rollout if it already passed."""
+    d = event.data
+    record = await versions.registered(
+        d.model, d.model_version, artifact_key=d.artifact.key, signature=d.signature, stage=d.stage.value
+    )
+    await _start_if_ready(
+        event,
+        record,
+        versions=versions,
+        routes=routes,
+        loader=loader,
+        publish=publish,
+        source=source,
+        policy=policy,
+        clock=clock,
+        new_id=new_id,
+    )
+
+
+async def on_validation_passed(
+    event: CloudEvent[ValidationPassed],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """A validated version starts its rollout (or waits for its registration, which may come later)."""
+    d = event.data
+    record = await versions.validated(d.model, d.model_version, report_id=d.report_id)
+    await _start_if_ready(
+        event,
+        record,
+        versions=versions,
+        routes=routes,
+        loader=loader,
+        publish=publish,
+        source=source,
+        policy=policy,
+        clock=clock,
+        new_id=new_id,
+    )
+
+
+async def on_canary_verdict(
+    event: CloudEvent[CanaryVerdict],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """Advance, promote or roll back on monitoring's verdict; stale verdicts are ignored and counted."""
+    d = event.data
+    route = await routes.lock(d.model)
+    now = clock()
+    healthy = {Verdict.HEALTHY: True, Verdict.UNHEALTHY: False}.get(d.verdict)
+    t = domain.judge_verdict(
+        route,
+        rollout_id=d.rollout_id,
+        step_index=d.step_index,
+        canary_version=d.canary_version,
+        healthy=healthy,
+        canary_samples=d.canary_samples,
+        reason=d.reason,
+        now=now,
+    )
+    if t.ignored is not None:
+        _ignored("CanaryVerdict", d.model, t)
+        return
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+
+
+async def on_rollback_requested(
+    event: CloudEvent[RollbackRequested],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """Take the named version off traffic: the live canary at once, or production back to an earlier one."""
+    d = event.data
+    route = await routes.lock(d.model)
+    now = clock()
+    live = route.active
+    message = f"manual rollback by {event.actor or 'unknown'}: {d.reason}"
+    if live is not None and live.canary_version == d.model_version:
+        t = domain.rollback(route, reason=RollbackReason.MANUAL, message=message, now=now)
+    else:
+        if d.to_version is not None:
+            target = await versions.get(d.model, d.to_version)
+            if target is None or not target.registered:
+                IGNORED.labels("RollbackRequested", "unknown-version").inc()
+                log.warning("rollback target is not a known version", model=d.model, version=d.to_version)
+                return
+            try:
+                await loader.load(target)
+            except ModelLoadError as exc:
+                IGNORED.labels("RollbackRequested", "load-failed").inc()
+                log.error("rollback target cannot be loaded", model=d.model, error=str(exc))
+                return
+        t = domain.roll_back_production(
+            route,
+            version=d.model_version,
+            to_version=d.to_version,
+            message=message,
+            now=now,
+            rollout_id=new_id(),
+        )
+    if t.ignored is not None:
+        _ignored("RollbackRequested", d.model, t)
+        return
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+
+
+async def on_promote_requested(
+    event: CloudEvent[PromoteRequested],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """Give the named version all traffic now: the live canary as it stands, or any registered version."""
+    d = event.data
+    route = await routes.lock(d.model)
+    now = clock()
+    live = route.active
+    if live is None or live.canary_version != d.model_version:
+        record = await versions.get(d.model, d.model_version)
+        if record is None or not record.registered:
+            IGNORED.labels("PromoteRequested", "unknown-version").inc()
+            log.warning("promote: not a known version", model=d.model, version=d.model_version)
+            return
+        try:
+            await loader.load(record)
+        except ModelLoadError as exc:
+            IGNORED.labels("PromoteRequested", "load-failed").inc()
+            log.error("promote: version cannot be loaded", model=d.model, error=str(exc))
+            return
+    t = domain.promote(route, d.model_version, now=now, manual=True, rollout_id=new_id())
+    if t.ignored is not None:
+        _ignored("PromoteRequested", d.model, t)
+        return
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+
+
+async def on_model_stage_changed(
+    event: CloudEvent[ModelStageChanged],
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    loader: ModelLoader,
+    publish: Publish,
+    source: str,
+    policy: RolloutPolicy,
+    clock: Clock = utcnow,
+    new_id: NewId = new_rollout_id,
+) -> None:
+    """Mirror the registry's stage; a version moved to production there (a manual change) becomes stable."""
+    d = event.data
+    await versions.set_stage(d.model, d.model_version, d.to_stage.value)
+    if d.to_stage is not Stage.PRODUCTION:
+        return
+    route = await routes.lock(d.model)
+    if route.stable_version == d.model_version:
+        return  # our own promotion coming back from the registry
+    record = await versions.get(d.model, d.model_version)
+    if record is None or not record.registered:
+        IGNORED.labels("ModelStageChanged", "unknown-version").inc()
+        log.warning("production version is unknown to serving", model=d.model, version=d.model_version)
+        return
+    try:
+        await loader.load(record)
+    except ModelLoadError as exc:
+        IGNORED.labels("ModelStageChanged", "load-failed").inc()
+        log.error(
+            "production version cannot be loaded, keeping the current one", model=d.model, error=str(exc)
+        )
+        return
+    now = clock()
+    t = domain.production_changed(route, d.model_version, now=now)
+    if t.ignored is not None:
+        _ignored("ModelStageChanged", d.model, t)
+        return
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+
+
+async def roll_back_for_error_rate(
+    model: str,
+    rollout_id: str,
+    message: str,
+    *,
+    versions: ModelVersions,
+    routes: Routes,
+    publish: Publish,
+    source: str,
+    clock: Clock = utcnow,
+) -> bool:
+    """Serving saw the canary fail too often: roll that rollout back (no-op if it is no longer live)."""
+    route = await routes.lock(model)
+    now = clock()
+    t = domain.rollback(
+        route, reason=RollbackReason.ERROR_RATE, message=message, now=now, rollout_id=rollout_id
+    )
+    if t.ignored is not None:
+        _ignored("ErrorRateBreach", model, t)
+        return False
+    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now)
+    return True
+
+
+Handler = Callable[..., Awaitable[None]]
+
+HANDLERS: dict[type[EventPayload], Handler] = {
+    ModelVersionRegistered: on_model_version_registered,
+    ModelStageChanged: on_model_stage_changed,
+    ValidationPassed: on_validation_passed,
+    CanaryVerdict: on_canary_verdict,
+    RollbackRequested: on_rollback_requested,
+    PromoteRequested: on_promote_requested,
+}

@@ -1,0 +1,86 @@
+"""What serving's handlers and its HTTP core need from the world, as Protocols."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from contracts.common import ModelSignature
+from services.serving.domain import ModelRoute
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What serving knows of one model version, learnt from events only."""
+
+    model: str
+    version: int
+    artifact_key: str | None = None
+    signature: ModelSignature | None = None
+    validated: bool = False
+    validation_report_id: str | None = None
+    stage: str | None = None
+    load_error: str | None = None
+
+    @property
+    def registered(self) -> bool:
+        """True once ModelVersionRegistered told serving where the artifact is."""
+        return self.artifact_key is not None and self.signature is not None
+
+
+class ModelVersions(Protocol):
+    """Serving's own record of model versions (artifact key, signature, validation)."""
+
+    async def registered(
+        self, model: str, version: int, *, artifact_key: str, signature: ModelSignature, stage: str
+    ) -> VersionRecord:
+        """Record a registered version (idempotent) and return what is known of it."""
+        ...
+
+    async def validated(self, model: str, version: int, *, report_id: str) -> VersionRecord:
+        """Record that a version passed validation (it may not be registered yet)."""
+        ...
+
+    async def get(self, model: str, version: int) -> VersionRecord | None:
+        """One version, or None."""
+        ...
+
+    async def set_stage(self, model: str, version: int, stage: str) -> None:
+        """Remember the registry's stage of a version."""
+        ...
+
+    async def load_failed(self, model: str, version: int, error: str) -> None:
+        """Remember that a version's artifact could not be loaded."""
+        ...
+
+
+class Routes(Protocol):
+    """The persisted routing state per model; ``save`` wakes every replica's routing."""
+
+    async def lock(self, model: str) -> ModelRoute:
+        """The model's route, locked until the transaction ends (created empty if new)."""
+        ...
+
+    async def save(self, route: ModelRoute, *, now: datetime) -> None:
+        """Store the route and notify every replica (at commit)."""
+        ...
+
+
+class LoadedModel(Protocol):
+    """A model in memory, warmed and ready to score."""
+
+    model: str
+    version: int
+
+
+class ModelLoader(Protocol):
+    """Loads a version's artifact from the shared store (skops, trusted types) and warms it."""
+
+    async def load(self, record: VersionRecord) -> Any:
+        """The warmed model; raises :class:`ModelLoadError` when it cannot be served."""
+        ...
+
+
+class ModelLoadError(Exception):
+    """A version's artifact is missing, corrupted, untrusted, or fails its warm-up prediction."""

@@ -1,0 +1,268 @@
+"""The in-memory routing table every replica serves from, and how it follows the persisted state.
+
+The table is immutable; a new one is built off to the side (models loaded and warmed first) and put in
+place with one reference assignment, so a request sees either the old table or the new one, never half
+of each, and a swap can neither drop nor fail a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from contracts.common import FeatureType, ModelSignature, Task
+from contracts.predictions import Variant
+from contracts.rollouts import RolloutMode
+from libs.logging import get_logger
+from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView
+from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's answers for a batch of rows."""
+
+    labels: list[Any]
+    probabilities: list[list[float]] | None
+    classes: list[Any] | None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model version in memory: the estimator and its signature."""
+
+    model: str
+    version: int
+    artifact_key: str
+    signature: ModelSignature
+    estimator: Any
+
+    @property
+    def classes(self) -> list[Any] | None:
+        """Class labels in the order of ``predict_proba``'s columns, for classifiers."""
+        cls = getattr(self.estimator, "classes_", None)
+        if cls is not None:
+            return list(np.asarray(cls).tolist())
+        return self.signature.classes
+
+    @property
+    def gives_probabilities(self) -> bool:
+        return self.signature.task is Task.CLASSIFICATION and hasattr(self.estimator, "predict_proba")
+
+    def frame(self, columns: FeatureColumns) -> pd.DataFrame:
+        return pd.DataFrame(columns.columns, columns=[f.name for f in self.signature.features])
+
+    def predict(self, columns: FeatureColumns) -> Scores:
+        """Score checked rows (CPU-bound; a few milliseconds for typical batches)."""
+        frame = self.frame(columns)
+        if self.gives_probabilities:
+            proba = np.asarray(self.estimator.predict_proba(frame))
+            classes = self.classes or []
+            # argmax over predict_proba is what predict does for these estimators; one pass instead of two.
+            labels = np.asarray(classes, dtype=object)[proba.argmax(axis=1)].tolist()
+            return Scores(labels, proba.tolist(), classes)
+        return Scores(np.asarray(self.estimator.predict(frame)).tolist(), None, None)
+
+    def warm(self) -> None:
+        """Score one synthetic row, so the first real request pays no lazy initialisation."""
+        row: dict[str, list[Any]] = {}
+        for spec in self.signature.features:
+            if spec.type is FeatureType.NUMERIC:
+                row[spec.name] = [0.0]
+            else:
+                row[spec.name] = [spec.categories[0] if spec.categories else MISSING]
+        self.predict(FeatureColumns(1, row))
+
+
+@dataclass(frozen=True)
+class ModelRouting:
+    """How one model's requests are answered right now."""
+
+    model: str
+    stable: ServedModel | None
+    canary: ServedModel | None
+    rollout_id: str | None
+    weight: float
+    mode: RolloutMode
+    step_index: int
+
+    @property
+    def view(self) -> RouteView:
+        return RouteView(
+            rollout_id=self.rollout_id,
+            weight=self.weight,
+            mode=self.mode,
+            has_stable=self.stable is not None,
+            has_canary=self.canary is not None,
+        )
+
+    def serving(self, variant: Variant) -> ServedModel | None:
+        return self.canary if variant in (Variant.CANARY, Variant.SHADOW) else self.stable
+
+    def by_version(self, version: int) -> tuple[ServedModel, Variant] | None:
+        """The loaded version and its variant, for requests that name a version."""
+        if self.stable is not None and self.stable.version == version:
+            return self.stable, Variant.STABLE
+        if self.canary is not None and self.canary.version == version:
+            return self.canary, Variant.SHADOW if self.mode is RolloutMode.SHADOW else Variant.CANARY
+        return None
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted({m.version for m in (self.stable, self.canary) if m is not None})
+
+    @property
+    def default(self) -> ServedModel | None:
+        return self.stable or self.canary
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Every served model's routing; replaced whole, never changed in place."""
+
+    models: Mapping[str, ModelRouting] = field(default_factory=dict)
+
+
+class RoutingState:
+    """Holds the current table; readers take ``table`` once per request."""
+
+    def __init__(self) -> None:
+        self.table = RoutingTable()
+        self.synced = asyncio.Event()
+
+    def swap(self, table: RoutingTable) -> None:
+        """Put a fully built table in place (one reference assignment)."""
+        self.table = table
+        self.synced.set()
+
+
+class RoutingSource(Protocol):
+    """Where the persisted routing state is read from, and how a change is noticed."""
+
+    async def snapshot(self) -> list[tuple[ModelRoute, dict[int, VersionRecord]]]:
+        """Every model's route with the records of the versions it serves."""
+        ...
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return when the state may have changed (a notification), or after ``timeout_s``."""
+        ...
+
+
+async def build_table(
+    snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]],
+    loader: ModelLoader,
+    current: RoutingTable,
+) -> RoutingTable:
+    """A table for the persisted state; models are loaded and warmed before the table exists."""
+
+    async def served(record: VersionRecord | None) -> ServedModel | None:
+        if record is None or not record.registered:
+            return None
+        old = current.models.get(record.model)
+        for m in (old.stable, old.canary) if old else ():
+            if m is not None and m.version == record.version and m.artifact_key == record.artifact_key:
+                return m
+        try:
+            model: ServedModel = await loader.load(record)
+            return model
+        except ModelLoadError as exc:
+            log.error(
+                "model version cannot be served", model=record.model, version=record.version, error=str(exc)
+            )
+            return None
+
+    models: dict[str, ModelRouting] = {}
+    for route, records in snapshot:
+        stable = await served(records.get(route.stable_version)) if route.stable_version else None
+        live = route.active
+        canary = await served(records.get(live.canary_version)) if live else None
+        if stable is None and canary is None:
+            continue
+        models[route.model] = ModelRouting(
+            model=route.model,
+            stable=stable,
+            canary=canary,
+            rollout_id=live.rollout_id if live else None,
+            weight=live.weight if live else 0.0,
+            mode=live.mode if live else RolloutMode.CANARY,
+            step_index=live.step_index if live else 0,
+        )
+    return RoutingTable(models)
+
+
+def routing_key(snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]]) -> tuple[Any, ...]:
+    """What decides routing in a snapshot (not the sample counts, which change all the time)."""
+    key = []
+    for route, records in snapshot:
+        live = route.active
+        key.append(
+            (
+                route.model,
+                route.stable_version,
+                (live.rollout_id, live.canary_version, live.step_index, live.mode) if live else None,
+                tuple(sorted((v, r.artifact_key) for v, r in records.items())),
+            )
+        )
+    return tuple(sorted(key, key=lambda k: k[0]))
+
+
+class RoutingSync:
+    """Keeps one replica's table equal to the persisted state: on every notification, and every
+    ``poll_s`` in case a notification was lost with a connection."""
+
+    def __init__(
+        self, state: RoutingState, source: RoutingSource, loader: ModelLoader, *, poll_s: float = 2.0
+    ) -> None:
+        self.state = state
+        self.source = source
+        self.loader = loader
+        self.poll_s = poll_s
+        self._stopping = False
+        self._last: tuple[Any, ...] | None = None
+
+    async def sync_once(self) -> bool:
+        """Rebuild the table if the state changed; returns whether it did."""
+        snapshot = await self.source.snapshot()
+        key = routing_key(snapshot)
+        if key == self._last and self.state.synced.is_set():
+            return False
+        table = await build_table(snapshot, self.loader, self.state.table)
+        self.state.swap(table)
+        self._last = key
+        log.info(
+            "routing updated",
+            models={
+                m: {
+                    "stable": r.stable.version if r.stable else None,
+                    "canary": r.canary.version if r.canary else None,
+                    "weight": r.weight,
+                }
+                for m, r in table.models.items()
+            },
+        )
+        return True
+
+    async def run(self) -> None:
+        """Follow the state until stopped."""
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self.sync_once()
+                delay = 0.2
+                await self.source.wait_for_change(self.poll_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("routing sync failed, retrying", error=repr(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stopping = True

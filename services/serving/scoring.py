@@ -1,0 +1,447 @@
+"""The one prediction core behind both HTTP protocols: route each row, score it, log it, count it.
+
+Both the simple JSON API and the Open Inference Protocol call :meth:`Predictor.predict`; they differ only
+in how they read inputs and write outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from contracts.common import ModelSignature
+from contracts.predictions import Variant
+from libs.errors import DomainError, InvalidInput, NotFound, Unavailable
+from libs.logging import get_logger
+from services.serving.domain import (
+    FeatureColumns,
+    assign_variants,
+    check_row_count,
+    error_rate_breached,
+    prediction_id,
+    shadowed_rows,
+)
+from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
+
+log = get_logger(__name__)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter(
+    "driftloop_serving_requests_total",
+    "Predict requests answered, per model, version and variant (a request split across variants counts "
+    "once per variant).",
+    ["model", "version", "variant"],
+)
+ROWS = Counter("driftloop_serving_rows_total", "Rows scored.", ["model", "version", "variant"])
+LATENCY = Histogram(
+    "driftloop_serving_model_latency_seconds",
+    "Model time per request and variant.",
+    ["model", "version", "variant"],
+    buckets=_LATENCY_BUCKETS,
+)
+MODEL_ERRORS = Counter(
+    "driftloop_serving_model_errors_total",
+    "Model calls that failed (a failed canary call is answered by the stable version).",
+    ["model", "version", "variant"],
+)
+UNSEEN = Counter(
+    "driftloop_serving_unseen_categories_total",
+    "Categorical values the model did not see in training (allowed; the encoder ignores them).",
+    ["model", "feature"],
+)
+SHADOW_DROPPED = Counter(
+    "driftloop_serving_shadow_dropped_total", "Shadow scorings dropped because their queue was full."
+)
+SHADOW_QUEUE = Gauge("driftloop_serving_shadow_queue", "Shadow scorings waiting.")
+
+
+@dataclass
+class LogItem:
+    """One PredictionsLogged to publish: one request's rows answered by one variant."""
+
+    model: str
+    version: int
+    variant: Variant
+    rollout_id: str | None
+    request_id: str
+    predicted_at: datetime
+    latency_ms: float
+    prediction_ids: list[str]
+    entity_keys: list[str | None]
+    columns: FeatureColumns
+    raw_rows: list[dict[str, Any]] | None
+    scores: Scores
+
+
+class PredictionLog(Protocol):
+    """Takes prediction-log items without ever blocking; False when one was dropped (and counted)."""
+
+    def offer(self, item: LogItem) -> bool:
+        """Queue an item for publishing."""
+        ...
+
+
+Parse = Callable[[ModelSignature, Sequence[int] | None], FeatureColumns]
+"""Reads a request's inputs for one model's signature, optionally only some rows; 422 on bad input."""
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A predict request as both protocols hand it over."""
+
+    model: str
+    rows: int
+    parse: Parse
+    entity_keys: list[str | None]
+    raw_rows: list[dict[str, Any]] | None = None
+    version: int | None = None
+
+
+@dataclass
+class PredictResult:
+    """Per-row answers, in request order."""
+
+    request_id: str
+    labels: list[Any]
+    probabilities: list[list[float] | None]
+    classes: dict[int, list[Any] | None]
+    versions: list[int]
+    variants: list[Variant]
+    prediction_ids: list[str]
+
+
+@dataclass
+class _StepCounts:
+    rows: int = 0
+    requests: int = 0
+    errors: int = 0
+    flushed_rows: int = 0
+    breached: bool = False
+
+
+ErrorBreach = Callable[[str, str, str], None]
+"""Called with (model, rollout id, message) when a canary's error rate is over the threshold."""
+
+
+@dataclass
+class CanaryStats:
+    """Canary rows, requests and failures per (model, rollout, step), counted by this replica."""
+
+    threshold: float
+    min_requests: int
+    on_breach: ErrorBreach | None = None
+    counts: dict[tuple[str, str, int], _StepCounts] = field(default_factory=lambda: defaultdict(_StepCounts))
+
+    def served(self, model: str, rollout_id: str, step: int, rows: int) -> None:
+        c = self.counts[(model, rollout_id, step)]
+        c.rows += rows
+        c.requests += 1
+
+    def failed(self, model: str, rollout_id: str, step: int) -> None:
+        c = self.counts[(model, rollout_id, step)]
+        c.requests += 1
+        c.errors += 1
+        if not c.breached and error_rate_breached(
+            c.requests, c.errors, threshold=self.threshold, min_requests=self.min_requests
+        ):
+            c.breached = True
+            message = (
+                f"canary failed {c.errors} of {c.requests} requests on step {step} "
+                f"(threshold {self.threshold:.1%}) on this replica"
+            )
+            log.warning("canary error rate breached", model=model, rollout_id=rollout_id, detail=message)
+            if self.on_breach is not None:
+                self.on_breach(model, rollout_id, message)
+
+    def unflushed(self) -> list[tuple[str, str, int, int]]:
+        """(model, rollout id, step, rows) not yet added to the persisted count; marks them flushed."""
+        out = []
+        for (model, rid, step), c in self.counts.items():
+            if c.rows > c.flushed_rows:
+                out.append((model, rid, step, c.rows - c.flushed_rows))
+                c.flushed_rows = c.rows
+        return out
+
+    def restore(self, items: Sequence[tuple[str, str, int, int]]) -> None:
+        """Put back rows whose flush failed, so they are added next time."""
+        for model, rid, step, n in items:
+            self.counts[(model, rid, step)].flushed_rows -= n
+
+
+@dataclass
+class _ShadowJob:
+    served: ServedModel
+    columns: FeatureColumns
+    prediction_ids: list[str]
+    entity_keys: list[str | None]
+    raw_rows: list[dict[str, Any]] | None
+    rollout_id: str | None
+    request_id: str
+
+
+def _refused(model: ServedModel, exc: Exception) -> DomainError:
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, ValueError | TypeError):
+        return InvalidInput(
+            f"model {model.model} version {model.version} refused the input: {exc}", reason="model-refused"
+        )
+    return Unavailable(f"model {model.model} version {model.version} failed: {type(exc).__name__}")
+
+
+class Predictor:
+    """Routes, scores, logs and counts predict requests against the current routing table."""
+
+    def __init__(
+        self,
+        state: RoutingState,
+        prediction_log: PredictionLog,
+        stats: CanaryStats,
+        *,
+        max_rows: int,
+        shadow_buffer: int = 1000,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state = state
+        self.prediction_log = prediction_log
+        self.stats = stats
+        self.max_rows = max_rows
+        self.rng = rng or random.Random()
+        self.shadow_queue: asyncio.Queue[_ShadowJob] = asyncio.Queue(maxsize=shadow_buffer)
+
+    def routing(self, model: str) -> ModelRouting:
+        """The model's routing, or 404 naming the served models."""
+        routing = self.state.table.models.get(model)
+        if routing is None:
+            served = sorted(self.state.table.models)
+            raise NotFound(
+                f"model {model!r} is not served here; served models: {', '.join(served) or 'none yet'}",
+                models=served,
+            )
+        return routing
+
+    def predict(self, request: PredictRequest) -> PredictResult:
+        """Answer every row; a failing canary call is answered by the stable version and counted."""
+        check_row_count(request.rows, self.max_rows)
+        routing = self.routing(request.model)  # one table for the whole request, even across a swap
+        n = request.rows
+        token = secrets.token_hex(12)
+        request_id = f"req-{token}"
+        groups: list[tuple[Variant, ServedModel, list[int] | None]] = []
+        shadow: list[int] = []
+        if request.version is not None:
+            found = routing.by_version(request.version)
+            if found is None:
+                raise NotFound(
+                    f"model {request.model!r} version {request.version} is not serving; serving versions: "
+                    f"{routing.versions}",
+                    versions=routing.versions,
+                )
+            groups.append((found[1] if found[1] is not Variant.SHADOW else Variant.CANARY, found[0], None))
+        else:
+            draw = self.rng.random()
+            variants = assign_variants(routing.view, request.entity_keys, draw)
+            canary_rows = [i for i, v in enumerate(variants) if v is Variant.CANARY]
+            if not canary_rows:
+                groups.append((Variant.STABLE, self._stable(routing), None))
+            elif len(canary_rows) == n:
+                assert routing.canary is not None
+                groups.append((Variant.CANARY, routing.canary, None))
+            else:
+                assert routing.canary is not None
+                stable_rows = [i for i, v in enumerate(variants) if v is Variant.STABLE]
+                groups.append((Variant.STABLE, self._stable(routing), stable_rows))
+                groups.append((Variant.CANARY, routing.canary, canary_rows))
+            shadow = shadowed_rows(routing.view, request.entity_keys, draw)
+
+        result = PredictResult(
+            request_id=request_id,
+            labels=[None] * n,
+            probabilities=[None] * n,
+            classes={},
+            versions=[0] * n,
+            variants=[Variant.STABLE] * n,
+            prediction_ids=[""] * n,
+        )
+        for variant, served, rows in groups:
+            variant, served, columns, scores, latency_s = self._score(routing, variant, served, request, rows)
+            self._record(routing, request, result, token, variant, served, rows, columns, scores, latency_s)
+        if shadow and routing.canary is not None:
+            self._queue_shadow(routing, request, result, shadow)
+        return result
+
+    def _stable(self, routing: ModelRouting) -> ServedModel:
+        model = routing.default
+        if model is None:
+            raise Unavailable(f"model {routing.model!r} has no loaded version yet; retry shortly")
+        return model
+
+    def _score(
+        self,
+        routing: ModelRouting,
+        variant: Variant,
+        served: ServedModel,
+        request: PredictRequest,
+        rows: list[int] | None,
+    ) -> tuple[Variant, ServedModel, FeatureColumns, Scores, float]:
+        started = time.perf_counter()
+        try:
+            columns = request.parse(served.signature, rows)
+            scores = served.predict(columns)
+            return variant, served, columns, scores, time.perf_counter() - started
+        except Exception as exc:
+            MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
+            if variant is not Variant.CANARY or routing.stable is None or request.version is not None:
+                raise _refused(served, exc) from exc
+            if routing.rollout_id is not None:
+                self.stats.failed(routing.model, routing.rollout_id, routing.step_index)
+            log.warning(
+                "canary call failed, the stable version answers",
+                model=served.model,
+                version=served.version,
+                error=repr(exc),
+            )
+        stable = routing.stable
+        started = time.perf_counter()
+        try:
+            columns = request.parse(stable.signature, rows)
+            scores = stable.predict(columns)
+        except Exception as exc:
+            MODEL_ERRORS.labels(stable.model, str(stable.version), Variant.STABLE.value).inc()
+            raise _refused(stable, exc) from exc
+        return Variant.STABLE, stable, columns, scores, time.perf_counter() - started
+
+    def _record(
+        self,
+        routing: ModelRouting,
+        request: PredictRequest,
+        result: PredictResult,
+        token: str,
+        variant: Variant,
+        served: ServedModel,
+        rows: list[int] | None,
+        columns: FeatureColumns,
+        scores: Scores,
+        latency_s: float,
+    ) -> None:
+        version = str(served.version)
+        REQUESTS.labels(served.model, version, variant.value).inc()
+        ROWS.labels(served.model, version, variant.value).inc(columns.rows)
+        LATENCY.labels(served.model, version, variant.value).observe(latency_s)
+        for feature, count in columns.unseen.items():
+            UNSEEN.labels(served.model, feature).inc(count)
+        indices = rows if rows is not None else range(request.rows)
+        pids = []
+        probs = scores.probabilities
+        for j, i in enumerate(indices):
+            pid = prediction_id(served.model, served.version, token, i)
+            pids.append(pid)
+            result.prediction_ids[i] = pid
+            result.labels[i] = scores.labels[j]
+            result.probabilities[i] = probs[j] if probs is not None else None
+            result.versions[i] = served.version
+            result.variants[i] = variant
+        result.classes[served.version] = scores.classes
+        if variant is Variant.CANARY and routing.rollout_id is not None:
+            self.stats.served(routing.model, routing.rollout_id, routing.step_index, columns.rows)
+        keys = request.entity_keys
+        self.prediction_log.offer(
+            LogItem(
+                model=served.model,
+                version=served.version,
+                variant=variant,
+                rollout_id=routing.rollout_id if variant is not Variant.STABLE else None,
+                request_id=result.request_id,
+                predicted_at=datetime.now(UTC),
+                latency_ms=latency_s * 1000.0,
+                prediction_ids=pids,
+                entity_keys=list(keys) if rows is None else [keys[i] for i in rows],
+                columns=columns,
+                raw_rows=(
+                    None
+                    if request.raw_rows is None
+                    else request.raw_rows
+                    if rows is None
+                    else [request.raw_rows[i] for i in rows]
+                ),
+                scores=scores,
+            )
+        )
+
+    def _queue_shadow(
+        self, routing: ModelRouting, request: PredictRequest, result: PredictResult, rows: list[int]
+    ) -> None:
+        assert routing.canary is not None
+        try:
+            columns = request.parse(routing.canary.signature, rows)
+        except DomainError as exc:
+            MODEL_ERRORS.labels(routing.model, str(routing.canary.version), Variant.SHADOW.value).inc()
+            log.warning("shadow candidate cannot read the input", model=routing.model, error=exc.message)
+            return
+        job = _ShadowJob(
+            served=routing.canary,
+            columns=columns,
+            prediction_ids=[result.prediction_ids[i] for i in rows],
+            entity_keys=[request.entity_keys[i] for i in rows],
+            raw_rows=None if request.raw_rows is None else [request.raw_rows[i] for i in rows],
+            rollout_id=routing.rollout_id,
+            request_id=result.request_id,
+        )
+        try:
+            self.shadow_queue.put_nowait(job)
+        except asyncio.QueueFull:
+            SHADOW_DROPPED.inc()
+        SHADOW_QUEUE.set(self.shadow_queue.qsize())
+
+    def score_shadow(self, job: _ShadowJob) -> None:
+        """Score one shadow job and log it; its answer goes nowhere else."""
+        served = job.served
+        started = time.perf_counter()
+        try:
+            scores = served.predict(job.columns)
+        except Exception as exc:
+            MODEL_ERRORS.labels(served.model, str(served.version), Variant.SHADOW.value).inc()
+            log.warning("shadow scoring failed", model=served.model, version=served.version, error=repr(exc))
+            return
+        latency_s = time.perf_counter() - started
+        REQUESTS.labels(served.model, str(served.version), Variant.SHADOW.value).inc()
+        ROWS.labels(served.model, str(served.version), Variant.SHADOW.value).inc(job.columns.rows)
+        LATENCY.labels(served.model, str(served.version), Variant.SHADOW.value).observe(latency_s)
+        self.prediction_log.offer(
+            LogItem(
+                model=served.model,
+                version=served.version,
+                variant=Variant.SHADOW,
+                rollout_id=job.rollout_id,
+                request_id=job.request_id,
+                predicted_at=datetime.now(UTC),
+                latency_ms=latency_s * 1000.0,
+                prediction_ids=job.prediction_ids,
+                entity_keys=job.entity_keys,
+                columns=job.columns,
+                raw_rows=job.raw_rows,
+                scores=scores,
+            )
+        )
+
+    async def run_shadow(self, stopping: Callable[[], bool]) -> None:
+        """Score shadow jobs one at a time until stopped; the answers were sent long before."""
+        while not stopping():
+            try:
+                job = await asyncio.wait_for(self.shadow_queue.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            SHADOW_QUEUE.set(self.shadow_queue.qsize())
+            self.score_shadow(job)
+            # Yield between jobs so a backlog never starves the requests.
+            await asyncio.sleep(0)

@@ -1,0 +1,94 @@
+"""Settings of the serving service (env prefix DRIFTLOOP_SERVING_, falling back to DRIFTLOOP_)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from contracts.rollouts import RolloutMode
+from libs.settings import ServiceSettings
+
+
+class ServingSettings(ServiceSettings):
+    """Settings of serving: HTTP limits, the rollout policy, the prediction log and routing sync."""
+
+    service: ClassVar[str] = "serving"
+
+    http_port: int = Field(8104, description="Port of the serving HTTP API.")
+    database_schema: str = Field(
+        "serving",
+        description="Postgres schema serving owns; tests give each run its own so parallel runs never meet.",
+    )
+    consumer_group: str = Field(
+        "serving",
+        description="Kafka group of the state consumer: one replica of the group handles each event.",
+    )
+    instance_id: str = Field(
+        "",
+        description="Name of this replica in logs and metrics; empty: host name and process id.",
+    )
+    max_rows_per_request: int = Field(
+        10_000, ge=1, description="Predict requests with more rows than this get 413."
+    )
+    rollout_steps: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 1.0],
+        description="Canary traffic share of each rollout step, strictly increasing, ending at 1.0.",
+    )
+    rollout_min_samples: int = Field(
+        200, ge=0, description="Canary predictions (rows) a step needs before a healthy verdict advances it."
+    )
+    rollout_bake_seconds: float = Field(
+        5.0, ge=0, description="Minimum time on a step before a healthy verdict advances it."
+    )
+    rollout_mode: RolloutMode = Field(
+        RolloutMode.CANARY,
+        description="canary: the candidate answers its share; shadow: it scores its share, never answers.",
+    )
+    error_rate_threshold: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="A canary failing more than this share of its requests on a step is rolled back.",
+    )
+    error_rate_min_requests: int = Field(
+        20, ge=1, description="Canary requests on a step before its error rate is judged."
+    )
+    prediction_log_buffer: int = Field(
+        10_000,
+        ge=1,
+        description="Prediction-log events waiting to be sent; when full, new ones are dropped and counted.",
+    )
+    prediction_log_batch: int = Field(500, ge=1, description="Prediction-log events sent to Kafka per batch.")
+    prediction_log_linger_ms: int = Field(
+        20, ge=0, description="Kafka producer linger of the prediction log (batching beats latency here)."
+    )
+    prediction_log_enabled: bool = Field(
+        True, description="Publish PredictionsLogged; off only for benchmarks that measure its cost."
+    )
+    shadow_buffer: int = Field(
+        1_000, ge=1, description="Shadow scorings waiting; when full, new ones are dropped and counted."
+    )
+    routing_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a replica re-reads the routing state without a notification (safety net).",
+    )
+    samples_flush_s: float = Field(
+        1.0, gt=0, description="How often a replica adds the canary rows it served to the rollout's count."
+    )
+
+    @field_validator("rollout_steps")
+    @classmethod
+    def _steps(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 < w <= 1 for w in steps):
+            raise ValueError("rollout_steps must be shares in (0, 1]")
+        if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 1.0:
+            raise ValueError("rollout_steps must be strictly increasing and end at 1.0")
+        return steps
+
+    @property
+    def db_schema(self) -> str:
+        """The Postgres schema serving owns (configurable, so test runs stay apart)."""
+        return self.database_schema

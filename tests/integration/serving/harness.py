@@ -1,0 +1,201 @@
+"""Runs the serving service as real processes on the real broker and database, and drives it with events.
+
+Each test run gets its own Postgres schema, consumer group and artifact folder, and model names of its
+own; the group starts at the end of the platform topics so the run never replays other runs' history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from contracts import commands, models, monitoring, validation
+from contracts.common import ArtifactFormat, ArtifactRef
+from contracts.envelope import CloudEvent
+from contracts.registry import EVENT_TYPES
+from libs.artifacts import ArtifactStore, save_model
+from tests.integration.kafka_tools import eventually, unique
+from tests.unit.serving.fakes import churn_pipeline
+
+ROOT = Path(__file__).resolve().parents[3]
+STATE_TOPICS = (models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC)
+PREDICT = {"Authorization": "Bearer dev-predict"}
+OPERATOR = {"Authorization": "Bearer dev-operator"}
+VIEWER = {"Authorization": "Bearer dev-viewer"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def store_models(folder: Path, seeds: Sequence[int]) -> list[ArtifactRef]:
+    """Fit one tiny pipeline per seed and store it as a skops artifact."""
+    store = ArtifactStore(str(folder))
+    refs = []
+    for seed in seeds:
+        stored = save_model(store, churn_pipeline(seed=seed))
+        refs.append(
+            ArtifactRef(
+                key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size
+            )
+        )
+    return refs
+
+
+async def start_group_at_end(bootstrap: str, group: str, topics: Sequence[str] = STATE_TOPICS) -> None:
+    """Commit the group's offsets at the topics' current ends, so it reads only what comes next."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        await consumer.commit(dict(ends.items()))
+    finally:
+        await consumer.stop()
+
+
+class TopicWatcher:
+    """Collects the events of one model on some topics, from the moment it starts."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], model_prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.topics = list(topics)
+        self.prefix = model_prefix
+        self.events: list[CloudEvent[Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+        )
+        await self._consumer.start()
+        # Wait for the assignment and pin the position before anything is published.
+        await eventually(self._assigned, deadline_s=20)
+        self._task = asyncio.create_task(self._collect())
+
+    async def _assigned(self) -> bool:
+        assert self._consumer is not None
+        assignment = self._consumer.assignment()
+        if not assignment:
+            await self._consumer.getmany(timeout_ms=100)
+            return False
+        for tp in assignment:
+            await self._consumer.position(tp)
+        return True
+
+    async def _collect(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    if r.key is None or not r.key.decode().startswith(self.prefix):
+                        continue
+                    self.events.append(EVENT_TYPES.decode(r.value, r.headers))
+
+    def of(self, payload: type, model: str | None = None) -> list[CloudEvent[Any]]:
+        return [
+            e for e in self.events if isinstance(e.data, payload) and (model is None or e.subject == model)
+        ]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+class ServingProcess:
+    """``python -m services.serving`` with this run's schema, group, port and artifact folder."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+        self.env = env
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.serving"],
+            cwd=ROOT,
+            env={**os.environ, **self.env, "DRIFTLOOP_SERVING_HTTP_PORT": str(self.port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, deadline_s: float = 60) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serving exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                async with httpx.AsyncClient(timeout=2) as client:
+                    return (await client.get(f"{self.url}/v2/health/ready")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(ready, deadline_s=deadline_s, interval_s=0.3)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def serving_env(
+    *, bootstrap: str, database_url: str, artifacts: Path, schema: str, group: str, **extra: str
+) -> dict[str, str]:
+    """Environment of one test run's serving replicas."""
+    return {
+        "DRIFTLOOP_ENV": "test",
+        "DRIFTLOOP_KAFKA_BOOTSTRAP": bootstrap,
+        "DRIFTLOOP_DATABASE_URL": database_url,
+        "DRIFTLOOP_ARTIFACTS_URL": str(artifacts),
+        "DRIFTLOOP_SERVING_DATABASE_SCHEMA": schema,
+        "DRIFTLOOP_SERVING_CONSUMER_GROUP": group,
+        "DRIFTLOOP_SERVING_ROLLOUT_MIN_SAMPLES": "50",
+        "DRIFTLOOP_SERVING_ROLLOUT_BAKE_SECONDS": "0.5",
+        "DRIFTLOOP_SERVING_ROUTING_POLL_S": "1.0",
+        "DRIFTLOOP_LOG_JSON": "false",
+        "DRIFTLOOP_LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
+def new_run_names() -> tuple[str, str, str]:
+    """(schema, consumer group, model prefix) unique to one test run."""
+    tag = unique("serving")
+    return tag.lower(), f"test-{tag}", f"it-{tag[-10:]}"

@@ -1,0 +1,153 @@
+"""Fakes of serving's ports, and a tiny real scikit-learn pipeline with its signature."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
+from services.serving.domain import ModelRoute
+from services.serving.ports import ModelLoadError, VersionRecord
+from services.serving.routing import ServedModel
+
+PLANS = ["basic", "plus", "premium"]
+
+
+def churn_signature() -> ModelSignature:
+    """Two numeric features and one categorical, binary target."""
+    return ModelSignature(
+        features=[
+            FeatureSpec(name="tenure_months", type=FeatureType.NUMERIC),
+            FeatureSpec(name="monthly_charges", type=FeatureType.NUMERIC),
+            FeatureSpec(name="plan", type=FeatureType.CATEGORICAL, categories=list(PLANS)),
+        ],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+
+
+def churn_pipeline(seed: int = 0, rows: int = 300) -> Pipeline:
+    """A fitted pipeline on synthetic data: imputers, scaler, one-hot (unseen levels ignored), logistic."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "tenure_months": rng.integers(0, 72, rows).astype(float),
+            "monthly_charges": rng.normal(60, 20, rows),
+            "plan": rng.choice(PLANS, rows),
+        }
+    )
+    target = ((frame["tenure_months"] < 12) ^ (rng.random(rows) < 0.1)).astype(int)
+    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    categorical = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="most_frequent")),
+            ("onehot", OneHotEncoder(handle_unknown="ignore")),
+        ]
+    )
+    pipeline = Pipeline(
+        [
+            (
+                "features",
+                ColumnTransformer(
+                    [("num", numeric, ["tenure_months", "monthly_charges"]), ("cat", categorical, ["plan"])]
+                ),
+            ),
+            ("model", LogisticRegression(C=1.0 + seed)),
+        ]
+    )
+    return pipeline.fit(frame, target)
+
+
+def record(**overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"tenure_months": 5, "monthly_charges": 70.5, "plan": "basic"}
+    row.update(overrides)
+    return row
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class FakeVersions:
+    """ModelVersions in a dict."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], VersionRecord] = {}
+
+    async def registered(
+        self, model: str, version: int, *, artifact_key: str, signature: ModelSignature, stage: str
+    ) -> VersionRecord:
+        old = self.rows.get((model, version)) or VersionRecord(model, version)
+        rec = replace(old, artifact_key=artifact_key, signature=signature, stage=old.stage or stage)
+        self.rows[(model, version)] = rec
+        return rec
+
+    async def validated(self, model: str, version: int, *, report_id: str) -> VersionRecord:
+        old = self.rows.get((model, version)) or VersionRecord(model, version)
+        rec = replace(old, validated=True, validation_report_id=report_id)
+        self.rows[(model, version)] = rec
+        return rec
+
+    async def get(self, model: str, version: int) -> VersionRecord | None:
+        return self.rows.get((model, version))
+
+    async def set_stage(self, model: str, version: int, stage: str) -> None:
+        old = self.rows.get((model, version)) or VersionRecord(model, version)
+        self.rows[(model, version)] = replace(old, stage=stage)
+
+    async def load_failed(self, model: str, version: int, error: str) -> None:
+        old = self.rows.get((model, version)) or VersionRecord(model, version)
+        self.rows[(model, version)] = replace(old, load_error=error)
+
+
+class FakeRoutes:
+    """Routes in a dict; ``saves`` counts writes (each would notify every replica)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, ModelRoute] = {}
+        self.saves = 0
+
+    async def lock(self, model: str) -> ModelRoute:
+        return self.rows.get(model) or ModelRoute(model)
+
+    async def save(self, route: ModelRoute, *, now: datetime) -> None:
+        self.rows[route.model] = route
+        self.saves += 1
+
+
+class FakeLoader:
+    """Loads any registered record with one shared estimator, except artifact keys listed as broken."""
+
+    def __init__(self, estimator: Any = None) -> None:
+        self.estimator = estimator if estimator is not None else churn_pipeline()
+        self.broken: set[str] = set()
+        self.loaded: list[tuple[str, int]] = []
+
+    async def load(self, record: VersionRecord) -> ServedModel:
+        if record.artifact_key is None or record.signature is None:
+            raise ModelLoadError("not registered")
+        if record.artifact_key in self.broken:
+            raise ModelLoadError(f"artifact {record.artifact_key[:8]} is untrusted")
+        self.loaded.append((record.model, record.version))
+        return ServedModel(
+            record.model, record.version, record.artifact_key, record.signature, self.estimator
+        )

@@ -1,0 +1,499 @@
+"""Every transition of the rollout state machine, the sticky router, and the input rules."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import pytest
+
+from contracts.predictions import Variant
+from contracts.rollouts import (
+    RollbackReason,
+    RolloutMode,
+    RolloutPromoted,
+    RolloutRolledBack,
+    RolloutStarted,
+    RolloutStepAdvanced,
+)
+from libs.errors import InvalidInput, PayloadTooLarge
+from services.serving import domain
+from services.serving.domain import ModelRoute, RolloutPolicy, RolloutStatus, RouteView
+from tests.unit.serving.fakes import Clock, churn_signature, record
+
+POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=100, bake_seconds=10.0)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def stable_route(version: int = 1) -> ModelRoute:
+    return ModelRoute("churn", stable_version=version)
+
+
+def live_route(clock: Clock, *, canary: int = 2, stable: int = 1) -> ModelRoute:
+    t = domain.start_rollout(stable_route(stable), canary, POLICY, rollout_id="r-1", now=clock())
+    return t.route
+
+
+def verdict(
+    route: ModelRoute, clock: Clock, *, healthy: bool | None = True, samples: int = 500, **kw: object
+):
+    live = route.active
+    assert live is not None
+    args: dict[str, object] = {
+        "rollout_id": live.rollout_id,
+        "step_index": live.step_index,
+        "canary_version": live.canary_version,
+        "healthy": healthy,
+        "canary_samples": samples,
+        "reason": "test",
+        "now": clock(),
+    }
+    args.update(kw)
+    return domain.judge_verdict(route, **args)  # type: ignore[arg-type]
+
+
+# --- starting ---------------------------------------------------------------------------------------------
+
+
+def test_first_version_is_started_on_one_step_and_promoted_at_once(clock: Clock) -> None:
+    t = domain.start_rollout(ModelRoute("churn"), 1, POLICY, rollout_id="r-1", now=clock())
+    started, promoted = t.events
+    assert isinstance(started, RolloutStarted) and started.steps == [1.0] and started.stable_version is None
+    assert (
+        isinstance(promoted, RolloutPromoted)
+        and promoted.model_version == 1
+        and promoted.previous_version is None
+    )
+    assert t.route.stable_version == 1
+    assert t.route.active is None and t.route.rollout is not None
+    assert t.route.rollout.status is RolloutStatus.PROMOTED
+
+
+def test_validated_version_starts_at_the_first_step(clock: Clock) -> None:
+    t = domain.start_rollout(stable_route(), 2, POLICY, rollout_id="r-1", now=clock(), report_id="vr-1")
+    [started] = t.events
+    assert isinstance(started, RolloutStarted)
+    assert (started.weight, started.step_index, started.steps) == (0.1, 0, [0.1, 0.5, 1.0])
+    assert started.min_samples == 100 and started.bake_seconds == 10.0
+    assert started.validation_report_id == "vr-1"
+    live = t.route.active
+    assert live is not None and live.weight == 0.1 and live.canary_version == 2 and live.stable_version == 1
+    assert t.route.stable_version == 1
+
+
+def test_shadow_policy_starts_a_shadow_rollout(clock: Clock) -> None:
+    policy = replace(POLICY, mode=RolloutMode.SHADOW)
+    t = domain.start_rollout(stable_route(), 2, policy, rollout_id="r-1", now=clock())
+    assert t.route.active is not None and t.route.active.mode is RolloutMode.SHADOW
+    assert t.events[0].mode is RolloutMode.SHADOW  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("version", "code"),
+    [(1, "already-stable"), (2, "already-rolling-out")],
+)
+def test_validation_of_a_serving_version_changes_nothing(clock: Clock, version: int, code: str) -> None:
+    route = live_route(clock)
+    t = domain.start_rollout(route, version, POLICY, rollout_id="r-2", now=clock())
+    assert t.ignored is not None and t.ignored.code == code
+    assert t.route == route and t.events == ()
+
+
+def test_older_versions_than_the_canary_or_stable_are_ignored(clock: Clock) -> None:
+    route = live_route(clock, canary=5, stable=3)
+    assert (
+        domain.start_rollout(route, 4, POLICY, rollout_id="x", now=clock()).ignored.code
+        == "older-than-canary"
+    )  # type: ignore[union-attr]
+    t = domain.start_rollout(stable_route(3), 2, POLICY, rollout_id="x", now=clock())
+    assert t.ignored is not None and t.ignored.code == "older-than-stable"
+
+
+def test_newer_version_supersedes_the_live_canary(clock: Clock) -> None:
+    route = live_route(clock)
+    t = domain.start_rollout(route, 3, POLICY, rollout_id="r-2", now=clock())
+    rolled_back, started = t.events
+    assert isinstance(rolled_back, RolloutRolledBack) and rolled_back.reason is RollbackReason.SUPERSEDED
+    assert rolled_back.canary_version == 2 and rolled_back.rollout_id == "r-1"
+    assert isinstance(started, RolloutStarted) and started.canary_version == 3 and started.stable_version == 1
+    assert t.route.active is not None and t.route.active.rollout_id == "r-2"
+
+
+# --- verdicts ----------------------------------------------------------------------------------------------
+
+
+def test_healthy_verdict_before_min_samples_waits(clock: Clock) -> None:
+    route = live_route(clock)
+    clock.advance(60)
+    t = verdict(route, clock, samples=99)
+    assert t.ignored is not None and t.ignored.code == "premature" and "samples" in t.ignored.detail
+    assert t.route == route
+
+
+def test_samples_counted_by_serving_count_too(clock: Clock) -> None:
+    route = live_route(clock)
+    live = route.active
+    assert live is not None
+    route = replace(route, rollout=replace(live, samples_seen=150))
+    clock.advance(60)
+    t = verdict(route, clock, samples=0)
+    assert t.ignored is None and isinstance(t.events[0], RolloutStepAdvanced)
+    assert t.events[0].samples_seen == 150
+
+
+def test_healthy_verdict_before_bake_time_waits(clock: Clock) -> None:
+    route = live_route(clock)
+    clock.advance(9.9)
+    t = verdict(route, clock)
+    assert t.ignored is not None and t.ignored.code == "premature" and "baked" in t.ignored.detail
+
+
+def test_healthy_verdict_after_samples_and_bake_advances_the_step(clock: Clock) -> None:
+    route = live_route(clock)
+    clock.advance(12)
+    t = verdict(route, clock, samples=321)
+    [advanced] = t.events
+    assert isinstance(advanced, RolloutStepAdvanced)
+    assert (advanced.step_index, advanced.previous_weight, advanced.weight) == (1, 0.1, 0.5)
+    assert advanced.samples_seen == 321 and advanced.step_seconds == pytest.approx(12)
+    live = t.route.active
+    assert (
+        live is not None
+        and live.step_index == 1
+        and live.samples_seen == 0
+        and live.step_started_at == clock()
+    )
+
+
+def test_healthy_verdict_on_the_last_step_promotes(clock: Clock) -> None:
+    route = live_route(clock)
+    for _ in range(2):
+        clock.advance(11)
+        route = verdict(route, clock).route
+    assert route.active is not None and route.active.weight == 1.0
+    clock.advance(11)
+    t = verdict(route, clock)
+    [promoted] = t.events
+    assert isinstance(promoted, RolloutPromoted)
+    assert promoted.model_version == 2 and promoted.previous_version == 1 and promoted.steps_completed == 3
+    assert promoted.duration_seconds == pytest.approx(33) and not promoted.manual
+    assert t.route.stable_version == 2 and t.route.previous_stable_version == 1 and t.route.active is None
+
+
+def test_unhealthy_verdict_rolls_back_at_once(clock: Clock) -> None:
+    route = live_route(clock)
+    t = verdict(route, clock, healthy=False, samples=0, reason="error rate 4% vs 0.2%")
+    [rolled_back] = t.events
+    assert isinstance(rolled_back, RolloutRolledBack)
+    assert rolled_back.reason is RollbackReason.UNHEALTHY_VERDICT and rolled_back.weight == 0.1
+    assert rolled_back.message == "error rate 4% vs 0.2%"
+    assert t.route.active is None and t.route.stable_version == 1
+    assert t.route.rollout is not None and t.route.rollout.weight == 0.0
+
+
+def test_inconclusive_verdict_waits(clock: Clock) -> None:
+    route = live_route(clock)
+    clock.advance(60)
+    t = verdict(route, clock, healthy=None)
+    assert t.ignored is not None and t.ignored.code == "inconclusive" and t.route == route
+
+
+@pytest.mark.parametrize(
+    ("override", "code"),
+    [
+        ({"rollout_id": "r-old"}, "stale-rollout"),
+        ({"canary_version": 9}, "stale-rollout"),
+        ({"step_index": 1}, "stale-step"),
+    ],
+)
+def test_stale_verdicts_are_ignored(clock: Clock, override: dict[str, object], code: str) -> None:
+    route = live_route(clock)
+    clock.advance(60)
+    t = verdict(route, clock, **override)
+    assert t.ignored is not None and t.ignored.code == code and t.route == route and t.events == ()
+
+
+def test_verdict_after_the_rollout_ended_is_stale(clock: Clock) -> None:
+    route = live_route(clock)
+    ended = verdict(route, clock, healthy=False).route
+    t = domain.judge_verdict(
+        ended,
+        rollout_id="r-1",
+        step_index=0,
+        canary_version=2,
+        healthy=True,
+        canary_samples=900,
+        reason="",
+        now=clock(),
+    )
+    assert t.ignored is not None and t.ignored.code == "stale-rollout"
+
+
+# --- rollbacks and promotions -------------------------------------------------------------------------------
+
+
+def test_manual_rollback_takes_the_canary_off_traffic(clock: Clock) -> None:
+    route = live_route(clock)
+    t = domain.rollback(route, reason=RollbackReason.MANUAL, message="by alice", now=clock())
+    [rolled_back] = t.events
+    assert isinstance(rolled_back, RolloutRolledBack) and rolled_back.reason is RollbackReason.MANUAL
+    assert t.route.active is None and t.route.rollout is not None
+    assert t.route.rollout.status is RolloutStatus.ROLLED_BACK and t.route.rollout.end_reason == "manual"
+
+
+def test_rollback_without_a_live_rollout_changes_nothing(clock: Clock) -> None:
+    t = domain.rollback(stable_route(), reason=RollbackReason.MANUAL, message="", now=clock())
+    assert t.ignored is not None and t.ignored.code == "no-live-rollout"
+
+
+def test_error_rate_rollback_of_another_rollout_is_stale(clock: Clock) -> None:
+    route = live_route(clock)
+    t = domain.rollback(route, reason=RollbackReason.ERROR_RATE, message="", now=clock(), rollout_id="r-0")
+    assert t.ignored is not None and t.ignored.code == "stale-rollout"
+    t = domain.rollback(
+        route, reason=RollbackReason.ERROR_RATE, message="5/20", now=clock(), rollout_id="r-1"
+    )
+    assert t.events[0].reason is RollbackReason.ERROR_RATE  # type: ignore[attr-defined]
+
+
+def test_manual_promote_of_the_live_canary_cuts_the_rollout_short(clock: Clock) -> None:
+    route = live_route(clock)
+    clock.advance(11)
+    route = verdict(route, clock).route
+    t = domain.promote(route, 2, now=clock(), manual=True, rollout_id="unused")
+    [promoted] = t.events
+    assert isinstance(promoted, RolloutPromoted) and promoted.manual and promoted.rollout_id == "r-1"
+    assert promoted.steps_completed == 1
+    assert t.route.stable_version == 2 and t.route.previous_stable_version == 1
+
+
+def test_manual_promote_of_another_version_supersedes_the_canary(clock: Clock) -> None:
+    route = live_route(clock, canary=3, stable=1)
+    t = domain.promote(route, 4, now=clock(), manual=True, rollout_id="r-9")
+    rolled_back, promoted = t.events
+    assert isinstance(rolled_back, RolloutRolledBack) and rolled_back.reason is RollbackReason.SUPERSEDED
+    assert (
+        isinstance(promoted, RolloutPromoted) and promoted.rollout_id == "r-9" and promoted.model_version == 4
+    )
+    assert t.route.stable_version == 4 and t.route.active is None
+
+
+def test_promoting_the_stable_version_changes_nothing(clock: Clock) -> None:
+    t = domain.promote(stable_route(), 1, now=clock(), manual=True, rollout_id="r-9")
+    assert t.ignored is not None and t.ignored.code == "already-stable"
+
+
+def test_production_rollback_goes_back_to_the_previous_stable(clock: Clock) -> None:
+    route = ModelRoute("churn", stable_version=2, previous_stable_version=1)
+    t = domain.roll_back_production(
+        route, version=2, to_version=None, message="m", now=clock(), rollout_id="rb-1"
+    )
+    [rolled_back] = t.events
+    assert isinstance(rolled_back, RolloutRolledBack)
+    assert (rolled_back.stable_version, rolled_back.canary_version, rolled_back.weight) == (1, 2, 1.0)
+    assert t.route.stable_version == 1 and t.route.previous_stable_version is None
+
+
+@pytest.mark.parametrize(
+    ("route", "version", "to", "code"),
+    [
+        (ModelRoute("churn", stable_version=2), 2, None, "nothing-to-roll-back-to"),
+        (ModelRoute("churn", stable_version=2, previous_stable_version=1), 7, None, "not-serving"),
+        (ModelRoute("churn", stable_version=2), 2, 2, "already-stable"),
+    ],
+)
+def test_production_rollback_refusals(
+    clock: Clock, route: ModelRoute, version: int, to: int | None, code: str
+) -> None:
+    t = domain.roll_back_production(
+        route, version=version, to_version=to, message="", now=clock(), rollout_id="x"
+    )
+    assert t.ignored is not None and t.ignored.code == code
+
+
+def test_production_rollback_is_refused_while_a_canary_is_live(clock: Clock) -> None:
+    t = domain.roll_back_production(
+        live_route(clock), version=1, to_version=None, message="", now=clock(), rollout_id="x"
+    )
+    assert t.ignored is not None and t.ignored.code == "rollout-live"
+
+
+def test_registry_production_change_makes_the_version_stable(clock: Clock) -> None:
+    route = live_route(clock, canary=3, stable=1)
+    to_canary = domain.production_changed(route, 3, now=clock())
+    assert to_canary.events == () and to_canary.route.stable_version == 3 and to_canary.route.active is None
+    to_other = domain.production_changed(route, 2, now=clock())
+    assert to_other.route.stable_version == 2 and to_other.route.active is not None
+    assert domain.production_changed(stable_route(), 1, now=clock()).ignored is not None
+
+
+@pytest.mark.parametrize(
+    ("requests", "errors", "breached"),
+    [(19, 19, False), (20, 1, False), (20, 2, True), (100, 5, False), (100, 6, True)],
+)
+def test_error_rate_breach_needs_enough_requests(requests: int, errors: int, breached: bool) -> None:
+    assert domain.error_rate_breached(requests, errors, threshold=0.05, min_requests=20) is breached
+
+
+# --- routing -----------------------------------------------------------------------------------------------
+
+
+def canary_view(weight: float, mode: RolloutMode = RolloutMode.CANARY) -> RouteView:
+    return RouteView(rollout_id="r-1", weight=weight, mode=mode, has_stable=True, has_canary=True)
+
+
+def test_the_same_entity_always_sees_the_same_variant() -> None:
+    keys = [f"customer-{i}" for i in range(500)]
+    first = domain.assign_variants(canary_view(0.3), keys, request_draw=0.99)
+    for draw in (0.0, 0.5):
+        assert domain.assign_variants(canary_view(0.3), keys, request_draw=draw) == first
+
+
+def test_entities_on_the_canary_stay_there_as_the_weight_grows() -> None:
+    keys = [f"customer-{i}" for i in range(2000)]
+    at_10 = domain.assign_variants(canary_view(0.1), keys, 0.0)
+    at_50 = domain.assign_variants(canary_view(0.5), keys, 0.0)
+    assert all(b is Variant.CANARY for a, b in zip(at_10, at_50, strict=True) if a is Variant.CANARY)
+    assert all(v is Variant.CANARY for v in domain.assign_variants(canary_view(1.0), keys, 0.0))
+
+
+@pytest.mark.parametrize("weight", [0.1, 0.5])
+def test_canary_share_of_entities_matches_the_weight(weight: float) -> None:
+    n = 20_000
+    keys = [f"e{i}" for i in range(n)]
+    share = domain.assign_variants(canary_view(weight), keys, 0.0).count(Variant.CANARY) / n
+    assert abs(share - weight) <= 4 * math.sqrt(weight * (1 - weight) / n)
+
+
+def test_rows_without_a_key_follow_the_request_draw() -> None:
+    assert domain.assign_variants(canary_view(0.1), [None, None], 0.05) == [Variant.CANARY] * 2
+    assert domain.assign_variants(canary_view(0.1), [None, None], 0.15) == [Variant.STABLE] * 2
+
+
+def test_sticky_draw_differs_between_rollouts() -> None:
+    keys = [f"e{i}" for i in range(200)]
+    assert [domain.sticky_draw("r-1", k) for k in keys] != [domain.sticky_draw("r-2", k) for k in keys]
+    assert all(0 <= domain.sticky_draw("r-1", k) < 1 for k in keys)
+
+
+def test_without_a_canary_the_stable_answers_everything() -> None:
+    view = RouteView(rollout_id=None, weight=0.0, mode=RolloutMode.CANARY, has_stable=True, has_canary=False)
+    assert domain.assign_variants(view, ["a", None], random.random()) == [Variant.STABLE] * 2
+
+
+def test_shadow_mode_answers_with_the_stable_and_shadows_the_canary_share() -> None:
+    keys = [f"e{i}" for i in range(1000)]
+    view = canary_view(0.5, RolloutMode.SHADOW)
+    assert set(domain.assign_variants(view, keys, 0.0)) == {Variant.STABLE}
+    shadowed = domain.shadowed_rows(view, keys, 0.0)
+    as_canary = domain.assign_variants(canary_view(0.5), keys, 0.0)
+    assert shadowed == [i for i, v in enumerate(as_canary) if v is Variant.CANARY]
+    assert domain.shadowed_rows(canary_view(0.5), keys, 0.0) == []
+
+
+def test_prediction_ids_name_their_model_and_version() -> None:
+    pid = domain.prediction_id("churn.eu-2", 7, "abc", 3)
+    assert domain.parse_prediction_id(pid) == ("churn.eu-2", 7)
+    assert domain.parse_prediction_id("p-01J9Z6M3K2Q8") is None
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+
+def test_records_become_columns_with_null_and_nan_as_missing() -> None:
+    cols = domain.columns_from_records(
+        churn_signature(),
+        [record(), record(tenure_months=None, plan=None), record(monthly_charges=float("nan"))],
+    )
+    assert cols.rows == 3
+    assert cols.columns["tenure_months"][0] == 5 and math.isnan(cols.columns["tenure_months"][1])
+    assert math.isnan(cols.columns["plan"][1]) and math.isnan(cols.columns["monthly_charges"][2])
+
+
+@pytest.mark.parametrize(
+    ("row", "feature", "reason"),
+    [
+        ({"monthly_charges": 1.0, "plan": "basic"}, "tenure_months", "missing"),
+        ({**record(), "colour": "red"}, "colour", "unknown"),
+        (record(tenure_months="12"), "tenure_months", "wrong-type"),
+        (record(plan=1.5), "plan", "wrong-type"),
+        (record(monthly_charges=float("inf")), "monthly_charges", "infinite"),
+        (record(monthly_charges=float("-inf")), "monthly_charges", "infinite"),
+    ],
+)
+def test_bad_records_are_refused_naming_the_feature_and_why(
+    row: dict[str, object], feature: str, reason: str
+) -> None:
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_records(churn_signature(), [record(), row])
+    assert err.value.extra["feature"] == feature and err.value.extra["reason"] == reason
+    assert repr(feature) in err.value.message and err.value.extra["row"] == 1
+
+
+def test_unseen_categories_are_allowed_and_counted() -> None:
+    cols = domain.columns_from_records(
+        churn_signature(), [record(plan="gold"), record(plan="gold"), record()]
+    )
+    assert cols.unseen == {"plan": 2} and cols.columns["plan"][0] == "gold"
+
+
+def test_row_limits() -> None:
+    with pytest.raises(PayloadTooLarge):
+        domain.check_row_count(11, 10)
+    with pytest.raises(InvalidInput):
+        domain.check_row_count(0, 10)
+    domain.check_row_count(10, 10)
+
+
+def tensors(**overrides: dict[str, object]) -> list[dict[str, object]]:
+    base: dict[str, dict[str, object]] = {
+        "tenure_months": {"name": "tenure_months", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]},
+        "monthly_charges": {
+            "name": "monthly_charges",
+            "shape": [2, 1],
+            "datatype": "FP64",
+            "data": [[3.0], [4.0]],
+        },
+        "plan": {"name": "plan", "shape": [2], "datatype": "BYTES", "data": ["basic", "plus"]},
+    }
+    base.update(overrides)
+    return list(base.values())
+
+
+def test_tensors_become_columns() -> None:
+    ts = domain.tensors_from_json(tensors())
+    assert domain.tensor_rows(ts) == 2
+    cols = domain.columns_from_tensors(churn_signature(), ts, [1])
+    assert cols.columns == {"tenure_months": [2.0], "monthly_charges": [4.0], "plan": ["plus"]}
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({"plan": {"name": "plan", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]}}, "wrong-type"),
+        (
+            {
+                "tenure_months": {
+                    "name": "tenure_months",
+                    "shape": [3],
+                    "datatype": "FP64",
+                    "data": [1.0, 2.0],
+                }
+            },
+            "wrong-shape",
+        ),
+        ({"extra": {"name": "extra", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]}}, "unknown"),
+        ({"plan": {"name": "plan", "shape": [2], "datatype": "BYTES"}}, "wrong-type"),
+    ],
+)
+def test_bad_tensors_are_refused(override: dict[str, dict[str, object]], reason: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        ts = domain.tensors_from_json(tensors(**override))
+        domain.tensor_rows(ts)
+        domain.columns_from_tensors(churn_signature(), ts)
+    assert err.value.extra["reason"] == reason

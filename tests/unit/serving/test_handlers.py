@@ -1,0 +1,282 @@
+"""Serving's handlers on the in-memory bus with fake ports: events in, state and rollout events out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from contracts import commands, models, monitoring, validation
+from contracts.commands import PromoteRequested, RollbackRequested
+from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, Stage, TrafficWindow
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.monitoring import CanaryVerdict, Verdict
+from contracts.registry import EVENT_TYPES
+from contracts.rollouts import (
+    TOPIC as ROLLOUTS,
+)
+from contracts.rollouts import (
+    RollbackReason,
+    RolloutPromoted,
+    RolloutRolledBack,
+    RolloutStarted,
+    RolloutStepAdvanced,
+)
+from contracts.validation import CheckKind, CheckResult, ValidationPassed
+from libs.bus import InMemoryBus, Subscription, Transaction
+from services.serving import handlers
+from services.serving.domain import RolloutPolicy
+from tests.unit.serving.fakes import Clock, FakeLoader, FakeRoutes, FakeVersions, churn_signature
+
+POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=10, bake_seconds=5.0)
+SHA = "ab" * 32
+
+
+def registered(
+    version: int, model: str = "churn", key: str | None = None
+) -> CloudEvent[ModelVersionRegistered]:
+    artifact = ArtifactRef(
+        key=key or f"{version:02x}" * 32, uri="file:///x", format=ArtifactFormat.SKOPS, size_bytes=1
+    )
+    payload = ModelVersionRegistered(
+        model=model,
+        model_version=version,
+        run_id="run-1",
+        job_id="job-1",
+        artifact=artifact,
+        profile=ArtifactRef(key=SHA, uri="file:///p", format=ArtifactFormat.JSON, size_bytes=1),
+        signature=churn_signature(),
+        metrics={"accuracy": 0.9},
+        lineage=Lineage(
+            datasets=[DatasetRef(name="d", version=1, sha256=SHA)], spec_hash=SHA, code_version="t", seed=1
+        ),
+    )
+    return new_event(payload, source="/driftloop/registry")
+
+
+def passed(version: int, model: str = "churn") -> CloudEvent[ValidationPassed]:
+    check = CheckResult(name="accuracy>=0.5", kind=CheckKind.THRESHOLD, passed=True)
+    payload = ValidationPassed(
+        model=model, model_version=version, report_id=f"vr-{version}", checks=[check], duration_seconds=1.0
+    )
+    return new_event(payload, source="/driftloop/validation")
+
+
+def canary_verdict(
+    started: RolloutStarted, step: int, verdict: Verdict, samples: int = 50
+) -> CloudEvent[Any]:
+    clock_window = TrafficWindow(
+        id="w-1",
+        start="2026-01-01T00:00:00Z",
+        end="2026-01-01T00:01:00Z",
+        size=samples,  # type: ignore[arg-type]
+    )
+    payload = CanaryVerdict(
+        rollout_id=started.rollout_id,
+        model=started.model,
+        stable_version=started.stable_version,
+        canary_version=started.canary_version,
+        step_index=step,
+        verdict=verdict,
+        evidence=[],
+        stable_samples=samples * 9,
+        canary_samples=samples,
+        window=clock_window,
+        reason=f"{verdict.value} on step {step}",
+    )
+    return new_event(payload, source="/driftloop/monitoring")
+
+
+class World:
+    """The bus, the fakes and the serving subscription wired like bootstrap does."""
+
+    def __init__(self) -> None:
+        self.bus = InMemoryBus(EVENT_TYPES)
+        self.versions = FakeVersions()
+        self.routes = FakeRoutes()
+        self.loader = FakeLoader()
+        self.clock = Clock()
+        self.ids = iter(f"r-{i}" for i in range(1, 100))
+
+        def bind(handler: Any) -> Any:
+            async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+                await handler(
+                    event,
+                    versions=self.versions,
+                    routes=self.routes,
+                    loader=self.loader,
+                    publish=tx.publish,
+                    source="/driftloop/serving",
+                    policy=POLICY,
+                    clock=self.clock,
+                    new_id=lambda: next(self.ids),
+                )
+
+            return run
+
+        self.bus.subscribe(
+            Subscription(
+                consumer="serving",
+                topics=[models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC],
+                handlers={p: bind(h) for p, h in handlers.HANDLERS.items()},
+            )
+        )
+
+    async def send(self, *events: CloudEvent[Any]) -> None:
+        for e in events:
+            await self.bus.publish(e)
+        await self.bus.drain()
+
+    def rollouts(self, of: type[EventPayload] | None = None) -> list[CloudEvent[Any]]:
+        return self.bus.events(ROLLOUTS, of)
+
+    @property
+    def route(self):  # type: ignore[no-untyped-def]
+        return self.routes.rows["churn"]
+
+
+@pytest.fixture
+async def world() -> World:
+    w = World()
+    await w.send(registered(1), passed(1))
+    return w
+
+
+async def test_first_validated_version_is_promoted_at_once(world: World) -> None:
+    assert [type(e.data) for e in world.rollouts()] == [RolloutStarted, RolloutPromoted]
+    assert world.route.stable_version == 1
+
+
+async def test_validation_before_registration_starts_the_rollout_when_registered(world: World) -> None:
+    await world.send(passed(2))
+    assert world.rollouts(RolloutStarted)[-1].data.canary_version == 1  # nothing yet for v2
+    await world.send(registered(2))
+    started = world.rollouts(RolloutStarted)[-1]
+    assert started.data.canary_version == 2 and started.data.weight == 0.1
+    assert world.route.active is not None and world.route.active.canary_version == 2
+
+
+async def test_rollout_events_follow_their_cause(world: World) -> None:
+    cause = passed(2)
+    await world.send(registered(2), cause)
+    started = world.rollouts(RolloutStarted)[-1]
+    assert started.causationid == cause.id and started.correlationid == cause.correlationid
+    assert started.source == "/driftloop/serving" and started.subject == "churn"
+
+
+async def test_duplicate_event_changes_nothing(world: World) -> None:
+    event = passed(2)
+    await world.send(registered(2), event)
+    saves = world.routes.saves
+    await world.send(event)
+    assert world.routes.saves == saves
+    assert len(world.rollouts(RolloutStarted)) == 2
+
+
+async def test_healthy_verdicts_walk_the_steps_then_promote(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    started = world.rollouts(RolloutStarted)[-1].data
+    for step in range(3):
+        world.clock.advance(6)
+        await world.send(canary_verdict(started, step, Verdict.HEALTHY))
+    assert [e.data.weight for e in world.rollouts(RolloutStepAdvanced)] == [0.5, 1.0]
+    promoted = world.rollouts(RolloutPromoted)[-1].data
+    assert promoted.model_version == 2 and promoted.previous_version == 1
+    assert world.route.stable_version == 2 and world.route.active is None
+
+
+async def test_unhealthy_verdict_rolls_back_and_rejects_the_version(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    started = world.rollouts(RolloutStarted)[-1].data
+    await world.send(canary_verdict(started, 0, Verdict.UNHEALTHY))
+    [rolled_back] = world.rollouts(RolloutRolledBack)
+    assert rolled_back.data.reason is RollbackReason.UNHEALTHY_VERDICT
+    assert world.route.active is None and world.route.stable_version == 1
+    assert world.versions.rows[("churn", 2)].stage == Stage.REJECTED.value
+    # The same version re-announced does not start again.
+    await world.send(registered(2))
+    assert len(world.rollouts(RolloutStarted)) == 2
+
+
+async def test_stale_verdict_is_ignored_and_counted(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    started = world.rollouts(RolloutStarted)[-1].data
+    before = handlers.IGNORED.labels("CanaryVerdict", "stale-step")._value.get()
+    world.clock.advance(6)
+    await world.send(canary_verdict(started, 2, Verdict.UNHEALTHY))
+    assert handlers.IGNORED.labels("CanaryVerdict", "stale-step")._value.get() == before + 1
+    assert world.rollouts(RolloutRolledBack) == [] and world.route.active is not None
+    assert world.bus.dead_letters == []
+
+
+async def test_a_version_that_cannot_load_never_takes_traffic(world: World) -> None:
+    world.loader.broken.add("03" * 32)
+    await world.send(registered(3), passed(3))
+    [failed] = world.rollouts(RolloutRolledBack)
+    assert failed.data.reason is RollbackReason.LOAD_FAILED and failed.data.weight == 0.0
+    assert world.route.active is None and world.route.stable_version == 1
+    assert world.versions.rows[("churn", 3)].load_error
+
+
+async def test_manual_rollback_carries_the_actor(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    command = new_event(
+        RollbackRequested(model="churn", model_version=2, reason="complaints"),
+        source="/driftloop/serving",
+        actor="user:alice",
+    )
+    await world.send(command)
+    [rolled_back] = world.rollouts(RolloutRolledBack)
+    assert rolled_back.actor == "user:alice" and rolled_back.causationid == command.id
+    assert rolled_back.data.reason is RollbackReason.MANUAL and "user:alice" in rolled_back.data.message
+
+
+async def test_manual_promote_of_the_canary(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    await world.send(
+        new_event(
+            PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x", actor="user:bob"
+        )
+    )
+    promoted = world.rollouts(RolloutPromoted)[-1]
+    assert promoted.data.manual and promoted.data.model_version == 2 and promoted.actor == "user:bob"
+    assert world.route.stable_version == 2
+
+
+async def test_production_rollback_to_an_earlier_version(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    await world.send(new_event(RollbackRequested(model="churn", model_version=2, reason="bad"), source="/x"))
+    rolled_back = world.rollouts(RolloutRolledBack)[-1].data
+    assert (rolled_back.stable_version, rolled_back.canary_version, rolled_back.weight) == (1, 2, 1.0)
+    assert world.route.stable_version == 1
+
+
+async def test_registry_production_change_switches_the_stable(world: World) -> None:
+    await world.send(registered(2))
+    change = ModelStageChanged(
+        model="churn", model_version=2, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="manual"
+    )
+    await world.send(new_event(change, source="/driftloop/registry"))
+    assert world.route.stable_version == 2
+    assert len(world.rollouts()) == 2  # no rollout events: the registry's event is the fact
+
+
+async def test_error_rate_breach_rolls_back_only_the_live_rollout(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    kw: dict[str, Any] = {
+        "versions": world.versions,
+        "routes": world.routes,
+        "publish": publish,
+        "source": "/s",
+    }
+    assert not await handlers.roll_back_for_error_rate("churn", "r-0", "old", **kw)
+    assert await handlers.roll_back_for_error_rate("churn", "r-2", "3 of 20 failed", **kw)
+    [event] = published
+    assert event.data.reason is RollbackReason.ERROR_RATE and world.route.active is None
