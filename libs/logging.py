@@ -6,11 +6,25 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
 
 _configured = False
+
+# The event being handled, if any. One ContextVar set per event is all the consumer hot path pays; the
+# processor below adds its ids to a log line only when a line is actually written.
+_current_event: ContextVar[tuple[str, str, str] | None] = ContextVar("driftloop_event", default=None)
+
+
+def _add_event(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    current = _current_event.get()
+    if current is not None:
+        event_dict.setdefault("event_id", current[0])
+        event_dict.setdefault("correlation_id", current[1])
+        event_dict.setdefault("event_type", current[2])
+    return event_dict
 
 
 def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -> None:
@@ -18,6 +32,7 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
     global _configured
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -61,3 +76,13 @@ def bound(**values: Any) -> Iterator[None]:
         yield
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
+
+
+@contextmanager
+def handling(event_id: str, correlation_id: str, event_type: str) -> Iterator[None]:
+    """Every log line inside the block names the event being handled and its cascade."""
+    token = _current_event.set((event_id, correlation_id, event_type))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)

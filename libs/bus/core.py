@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, MalformedEvent
 from libs.bus import metrics
-from libs.logging import bound, get_logger
+from libs.logging import get_logger, handling
 
 log = get_logger(__name__)
 
@@ -191,7 +191,7 @@ class Dispatcher:
             for d in fresh:
                 event = d.event
                 assert event is not None
-                with bound(event_id=event.id, correlation_id=event.correlationid, event_type=event.type):
+                with handling(event.id, event.correlationid, event.type):
                     await self.sub.handlers[type(event.data)](event, tx)
 
         try:
@@ -207,7 +207,7 @@ class Dispatcher:
         assert d.event is not None
         event = d.event
         handler = self.sub.handlers[type(event.data)]
-        with bound(event_id=event.id, correlation_id=event.correlationid, event_type=event.type):
+        with handling(event.id, event.correlationid, event.type):
             await self._with_retries(
                 [d],
                 lambda tx, fresh: handler(fresh[0].event, tx) if fresh else _noop(),  # type: ignore[arg-type]
