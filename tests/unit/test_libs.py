@@ -1,0 +1,137 @@
+"""Settings, auth and the HTTP app factory: the behaviour every service inherits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from pydantic import ValidationError
+
+from libs.auth import OperatorDep, PredictDep, Role, ViewerDep, issue_token
+from libs.errors import Conflict, NotFound
+from libs.http import create_app
+from libs.settings import ServiceSettings
+
+
+class ExampleSettings(ServiceSettings):
+    """Settings of a test service."""
+
+    service: ClassVar[str] = "example"
+
+
+def test_service_variable_overrides_the_shared_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_HTTP_PORT", "9000")
+    monkeypatch.setenv("DRIFTLOOP_EXAMPLE_HTTP_PORT", "9001")
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", "postgresql://shared/db")
+    settings = ExampleSettings()
+    assert settings.http_port == 9001
+    assert settings.database_url == "postgresql://shared/db"
+    assert settings.db_schema == "example"
+
+
+def test_prod_refuses_a_placeholder_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_ENV", "prod")
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_SASL_PASSWORD", "changeme")
+    with pytest.raises(ValidationError, match="placeholder"):
+        ExampleSettings()
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_SASL_PASSWORD", "s3cr3t-from-the-vault")
+    assert ExampleSettings().env == "prod"
+
+
+def make_app(tmp_path: Path, *, env: str = "dev") -> httpx.AsyncClient:
+    router = APIRouter()
+
+    @router.get("/read")
+    async def read(who: ViewerDep) -> dict[str, str]:
+        return {"actor": who.actor}
+
+    @router.post("/command")
+    async def command(who: OperatorDep) -> dict[str, str]:
+        return {"actor": who.actor}
+
+    @router.post("/predict")
+    async def predict(who: PredictDep) -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @router.get("/missing")
+    async def missing() -> None:
+        raise NotFound("model 'churn' has no version 9")
+
+    @router.post("/conflict")
+    async def conflict() -> None:
+        raise Conflict("cannot move from archived to production", allowed=["archived"])
+
+    @router.post("/echo")
+    async def echo(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    settings = ExampleSettings(env=env, auth_tokens_file=tmp_path / "tokens.json", max_request_bytes=1000)
+    app = create_app(settings, title="t", description="d", routers=[router])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_roles_gate_reads_commands_and_predictions(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        assert (await client.get("/read")).status_code == 401
+        assert (await client.get("/read", headers=bearer("nope"))).status_code == 401
+        assert (await client.get("/read", headers=bearer("dev-viewer"))).json() == {
+            "actor": "user:dev-viewer"
+        }
+        refused = await client.post("/command", headers=bearer("dev-viewer"))
+        assert refused.status_code == 403
+        assert "operator" in refused.json()["detail"]
+        assert (await client.post("/command", headers=bearer("dev-operator"))).status_code == 200
+        # Predict tokens and admin tokens are separate: neither can do the other's job.
+        assert (await client.post("/predict", headers=bearer("dev-admin"))).status_code == 403
+        assert (await client.post("/command", headers=bearer("dev-predict"))).status_code == 403
+        assert (await client.post("/predict", headers=bearer("dev-predict"))).status_code == 200
+
+
+async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) -> None:
+    token = issue_token(tmp_path / "tokens.json", name="alice", role=Role.operator)
+    assert token not in (tmp_path / "tokens.json").read_text()  # only the hash is stored
+    async with make_app(tmp_path, env="prod") as client:
+        assert (await client.get("/read", headers=bearer("dev-admin"))).status_code == 401
+        assert (await client.post("/command", headers=bearer(token))).json() == {"actor": "user:alice"}
+
+
+async def test_typed_errors_become_clear_4xx(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        missing = await client.get("/missing")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "model 'churn' has no version 9"
+        conflict = await client.post("/conflict")
+        assert conflict.status_code == 409
+        assert conflict.json()["allowed"] == ["archived"]
+        invalid = await client.post("/echo", json={"a": "not a number"})
+        assert invalid.status_code == 422
+        assert invalid.json()["detail"].startswith("body.a:")
+
+
+async def test_oversized_body_is_refused_with_413(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        response = await client.post("/echo", content=b'{"a": 1, "pad": "' + b"x" * 5000 + b'"}')
+        assert response.status_code == 413
+        assert "1000 bytes" in response.json()["detail"]
+
+        async def chunks():  # no Content-Length: counted as it streams
+            for _ in range(10):
+                yield b"x" * 500
+
+        streamed = await client.post("/echo", content=chunks())
+        assert streamed.status_code == 413
+
+
+async def test_health_and_metrics_are_served(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        assert (await client.get("/health/live")).json() == {"status": "live"}
+        assert (await client.get("/health/ready")).status_code == 200
+        assert "python_info" in (await client.get("/metrics/")).text
