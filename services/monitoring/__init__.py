@@ -1,0 +1,1 @@
+"""Monitoring: drift of live traffic against reference profiles, labelled performance, canary verdicts."""

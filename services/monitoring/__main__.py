@@ -1,0 +1,8 @@
+"""python -m services.monitoring: run the monitoring service."""
+
+from libs.service import run
+from services.monitoring.bootstrap import MIGRATIONS, build
+from services.monitoring.settings import MonitoringSettings
+
+if __name__ == "__main__":
+    run(MonitoringSettings(), migrations=MIGRATIONS, build=build)

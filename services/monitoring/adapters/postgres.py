@@ -1,0 +1,415 @@
+"""MonitoringStore on asyncpg, inside the caller's transaction (search_path is the service's schema)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from contracts.common import ArtifactRef, ModelSignature
+from services.monitoring.domain import DriftPolicy
+from services.monitoring.ports import (
+    LabelledRecord,
+    PendingLabel,
+    PerformanceState,
+    StoredModel,
+    StoredStep,
+    WindowState,
+)
+
+
+def _labelled(r: asyncpg.Record) -> LabelledRecord:
+    return LabelledRecord(
+        prediction_id=r["prediction_id"],
+        model=r["model"],
+        version=r["version"],
+        variant=r["variant"],
+        rollout_id=r["rollout_id"],
+        predicted_at=r["predicted_at"],
+        prediction=r["prediction"],
+        score=r["score"],
+        label=r["label"],
+        observed_at=r["observed_at"],
+        late=r["late"],
+        inputs=r["inputs"],
+    )
+
+
+def _steps(rows: list[asyncpg.Record]) -> list[StoredStep]:
+    return [
+        StoredStep(
+            rollout_id=r["rollout_id"],
+            step_index=r["step_index"],
+            model=r["model"],
+            stable_version=r["stable_version"],
+            canary_version=r["canary_version"],
+            started_at=r["started_at"],
+            min_samples=r["min_samples"],
+            bake_seconds=r["bake_seconds"],
+            cause_id=r["cause_id"],
+            correlation_id=r["correlation_id"],
+            actor=r["actor"],
+            state=r["state"],
+            verdict=r["verdict"],
+        )
+        for r in rows
+    ]
+
+
+class PgMonitoringStore:
+    """The monitoring schema's tables on one connection."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def save_model(self, model: StoredModel) -> bool:
+        status = await self.conn.execute(
+            """INSERT INTO model_versions (model, version, signature, baseline, profile)
+               VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+            model.model,
+            model.version,
+            model.signature.model_dump(mode="json"),
+            model.baseline,
+            model.profile.model_dump(mode="json"),
+        )
+        return bool(status.endswith(" 1"))
+
+    async def models(self) -> list[StoredModel]:
+        rows = await self.conn.fetch("SELECT * FROM model_versions ORDER BY model, version")
+        return [
+            StoredModel(
+                model=r["model"],
+                version=r["version"],
+                signature=ModelSignature.model_validate(r["signature"]),
+                baseline=r["baseline"],
+                profile=ArtifactRef.model_validate(r["profile"]),
+            )
+            for r in rows
+        ]
+
+    async def policy(self, model: str) -> DriftPolicy | None:
+        raw = await self.conn.fetchval("SELECT policy FROM policies WHERE model = $1", model)
+        return DriftPolicy.model_validate(raw) if raw is not None else None
+
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
+        await self.conn.execute(
+            """INSERT INTO policies (model, policy, updated_by) VALUES ($1, $2, $3)
+               ON CONFLICT (model) DO UPDATE SET policy = $2, updated_by = $3, updated_at = now()""",
+            model,
+            policy.model_dump(mode="json"),
+            actor,
+        )
+
+    async def window_state(self, model: str, version: int, *, lock: bool = False) -> WindowState:
+        sql = "SELECT * FROM window_state WHERE model = $1 AND version = $2" + (" FOR UPDATE" if lock else "")
+        r = await self.conn.fetchrow(sql, model, version)
+        if r is None:
+            return WindowState()
+        return WindowState(
+            next_seq=r["next_seq"],
+            starts={int(k): int(v) for k, v in r["starts"].items()},
+            consecutive={k: int(v) for k, v in r["consecutive"].items()},
+            last_alert_at=r["last_alert_at"],
+        )
+
+    async def save_window_state(self, model: str, version: int, state: WindowState) -> None:
+        await self.conn.execute(
+            """INSERT INTO window_state (model, version, next_seq, starts, consecutive, last_alert_at)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (model, version) DO UPDATE SET next_seq = $3, starts = $4, consecutive = $5,
+                   last_alert_at = $6""",
+            model,
+            version,
+            state.next_seq,
+            {str(k): v for k, v in state.starts.items()},
+            state.consecutive,
+            state.last_alert_at,
+        )
+
+    async def record_window(
+        self, model: str, version: int, seq: int, summary: dict[str, Any], report: dict[str, Any]
+    ) -> bool:
+        status = await self.conn.execute(
+            """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size, drift_share,
+                   alerted, report)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+            model,
+            version,
+            seq,
+            summary["window_id"],
+            summary["start"],
+            summary["end"],
+            summary["size"],
+            summary["drift_share"],
+            summary["alerted"],
+            report,
+        )
+        return bool(status.endswith(" 1"))
+
+    async def latest_reports(self, model: str, limit: int) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            "SELECT report FROM window_reports WHERE model = $1 ORDER BY judged_at DESC, seq DESC LIMIT $2",
+            model,
+            limit,
+        )
+        return [r["report"] for r in rows]
+
+    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+        if not rows:
+            return 0
+        inserted = await self.conn.fetch(
+            """INSERT INTO labelled (prediction_id, model, version, variant, rollout_id, predicted_at, prediction,
+                   score, label, observed_at, late, inputs)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],
+                   $6::timestamptz[], $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[],
+                   $12::jsonb[])
+               ON CONFLICT DO NOTHING RETURNING prediction_id""",
+            [r.prediction_id for r in rows],
+            [r.model for r in rows],
+            [r.version for r in rows],
+            [r.variant for r in rows],
+            [r.rollout_id for r in rows],
+            [r.predicted_at for r in rows],
+            [r.prediction for r in rows],
+            [r.score for r in rows],
+            [r.label for r in rows],
+            [r.observed_at for r in rows],
+            [r.late for r in rows],
+            [r.inputs for r in rows],
+        )
+        return len(inserted)
+
+    async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
+        if not prediction_ids:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT prediction_id, label FROM labelled WHERE prediction_id = ANY($1::text[])", prediction_ids
+        )
+        return {r["prediction_id"]: r["label"] for r in rows}
+
+    async def recent_labelled(self, model: str, limit: int) -> list[LabelledRecord]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM labelled WHERE model = $1 ORDER BY received_at DESC LIMIT $2", model, limit
+        )
+        return [_labelled(r) for r in rows]
+
+    async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
+        rows = await self.conn.fetch(
+            """SELECT * FROM labelled WHERE model = $1 AND version = $2 AND perf_seq IS NULL
+               ORDER BY received_at, prediction_id LIMIT $3""",
+            model,
+            version,
+            limit,
+        )
+        return [_labelled(r) for r in rows]
+
+    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
+        await self.conn.execute(
+            "UPDATE labelled SET perf_seq = $2 WHERE prediction_id = ANY($1::text[])", prediction_ids, seq
+        )
+
+    async def performance_state(self, model: str, version: int) -> PerformanceState:
+        await self.conn.execute(
+            "INSERT INTO performance_state (model, version) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            model,
+            version,
+        )
+        r = await self.conn.fetchrow(
+            "SELECT * FROM performance_state WHERE model = $1 AND version = $2 FOR UPDATE", model, version
+        )
+        assert r is not None
+        return PerformanceState(r["next_seq"], dict(r["last_alerts"]), dict(r["last_metrics"]))
+
+    async def save_performance_state(self, model: str, version: int, state: PerformanceState) -> None:
+        await self.conn.execute(
+            """UPDATE performance_state SET next_seq = $3, last_alerts = $4, last_metrics = $5
+               WHERE model = $1 AND version = $2""",
+            model,
+            version,
+            state.next_seq,
+            state.last_alerts,
+            state.last_metrics,
+        )
+
+    async def add_pending(self, labels: list[PendingLabel]) -> None:
+        if not labels:
+            return
+        await self.conn.execute(
+            """INSERT INTO pending_labels (prediction_id, model, label, observed_at)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
+               ON CONFLICT DO NOTHING""",
+            [p.prediction_id for p in labels],
+            [p.model for p in labels],
+            [p.label for p in labels],
+            [p.observed_at for p in labels],
+        )
+
+    async def take_pending(self, prediction_ids: list[str]) -> list[PendingLabel]:
+        if not prediction_ids:
+            return []
+        rows = await self.conn.fetch(
+            """DELETE FROM pending_labels WHERE prediction_id = ANY($1::text[]) AND NOT expired
+               RETURNING prediction_id, model, label, observed_at""",
+            prediction_ids,
+        )
+        return [PendingLabel(r["prediction_id"], r["model"], r["label"], r["observed_at"]) for r in rows]
+
+    async def pending_ids(self) -> set[str]:
+        rows = await self.conn.fetch("SELECT prediction_id FROM pending_labels WHERE NOT expired")
+        return {r["prediction_id"] for r in rows}
+
+    async def expire_pending(self, received_before: datetime) -> list[str]:
+        rows = await self.conn.fetch(
+            """UPDATE pending_labels SET expired = true WHERE NOT expired AND received_at < $1
+               RETURNING prediction_id""",
+            received_before,
+        )
+        return [r["prediction_id"] for r in rows]
+
+    async def label_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in await self.conn.fetch(
+            "SELECT model, count(*) AS n, count(*) FILTER (WHERE late) AS late FROM labelled GROUP BY model"
+        ):
+            out.setdefault(r["model"], {}).update(labelled=r["n"], late=r["late"])
+        for r in await self.conn.fetch(
+            """SELECT model, count(*) FILTER (WHERE expired) AS unmatched,
+                      count(*) FILTER (WHERE NOT expired) AS waiting
+               FROM pending_labels GROUP BY model"""
+        ):
+            out.setdefault(r["model"], {}).update(unmatched=r["unmatched"], waiting=r["waiting"])
+        return out
+
+    async def save_step(self, step: StoredStep) -> None:
+        await self.conn.execute(
+            """UPDATE rollout_steps SET state = 'superseded'
+               WHERE rollout_id = $1 AND step_index <> $2 AND state = 'watching'""",
+            step.rollout_id,
+            step.step_index,
+        )
+        await self.conn.execute(
+            """INSERT INTO rollout_steps (rollout_id, step_index, model, stable_version, canary_version,
+                   started_at, min_samples, bake_seconds, cause_id, correlation_id, actor)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
+            step.rollout_id,
+            step.step_index,
+            step.model,
+            step.stable_version,
+            step.canary_version,
+            step.started_at,
+            step.min_samples,
+            step.bake_seconds,
+            step.cause_id,
+            step.correlation_id,
+            step.actor,
+        )
+
+    async def finish_rollout(self, rollout_id: str) -> None:
+        await self.conn.execute(
+            "UPDATE rollout_steps SET state = 'finished' WHERE rollout_id = $1 AND state = 'watching'",
+            rollout_id,
+        )
+
+    async def last_step(self, rollout_id: str) -> StoredStep | None:
+        rows = await self.conn.fetch(
+            "SELECT * FROM rollout_steps WHERE rollout_id = $1 ORDER BY step_index DESC LIMIT 1", rollout_id
+        )
+        steps = _steps(rows)
+        return steps[0] if steps else None
+
+    async def watched_steps(self) -> list[StoredStep]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM rollout_steps WHERE state = 'watching' ORDER BY started_at"
+        )
+        return _steps(rows)
+
+    async def decide_step(
+        self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
+    ) -> bool:
+        row = await self.conn.fetchval(
+            """UPDATE rollout_steps SET state = 'decided', verdict = $3, reason = $4, event_id = $5,
+                   decided_at = now()
+               WHERE rollout_id = $1 AND step_index = $2 AND state = 'watching' RETURNING 1""",
+            rollout_id,
+            step_index,
+            verdict,
+            reason,
+            event_id,
+        )
+        return row is not None
+
+    async def labelled_outcomes(
+        self, model: str, version: int, since: datetime
+    ) -> list[tuple[Any, Any, float | None]]:
+        rows = await self.conn.fetch(
+            """SELECT prediction, label, score FROM labelled
+               WHERE model = $1 AND version = $2 AND predicted_at >= $3""",
+            model,
+            version,
+            since,
+        )
+        return [(r["prediction"], r["label"], r["score"]) for r in rows]
+
+    async def quality_last(self, model: str, version: int, feature: str, kind: str) -> float | None:
+        value = await self.conn.fetchval(
+            """SELECT last_at FROM quality_state WHERE model = $1 AND version = $2 AND feature = $3
+               AND kind = $4""",
+            model,
+            version,
+            feature,
+            kind,
+        )
+        return float(value) if value is not None else None
+
+    async def save_quality(self, model: str, version: int, feature: str, kind: str, at: float) -> None:
+        await self.conn.execute(
+            """INSERT INTO quality_state (model, version, feature, kind, last_at) VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (model, version, feature, kind) DO UPDATE SET last_at = $5""",
+            model,
+            version,
+            feature,
+            kind,
+            at,
+        )
+
+    async def record_alert(
+        self, event_id: str, model: str, version: int | None, kind: str, summary: str
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO alerts (event_id, model, version, kind, summary) VALUES ($1, $2, $3, $4, $5)",
+            event_id,
+            model,
+            version,
+            kind,
+            summary,
+        )
+
+    async def recent_alerts(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self.conn.fetch(
+            "SELECT event_id, model, version, kind, summary, created_at FROM alerts ORDER BY created_at DESC "
+            "LIMIT $1",
+            limit,
+        )
+        return [{**dict(r), "created_at": r["created_at"].astimezone(UTC).isoformat()} for r in rows]
+
+    async def replay_offsets(self, topic: str) -> dict[int, int]:
+        rows = await self.conn.fetch("SELECT partition, offset_ FROM replay_offsets WHERE topic = $1", topic)
+        return {r["partition"]: r["offset_"] for r in rows}
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        if not offsets:
+            return
+        await self.conn.execute(
+            """INSERT INTO replay_offsets (topic, partition, offset_)
+               SELECT $1, * FROM unnest($2::int[], $3::bigint[])
+               ON CONFLICT (topic, partition) DO UPDATE SET offset_ = excluded.offset_""",
+            topic,
+            list(offsets),
+            list(offsets.values()),
+        )
+
+
+def utc(ts: float) -> datetime:
+    """Epoch seconds as an aware UTC datetime."""
+    return datetime.fromtimestamp(ts, UTC)

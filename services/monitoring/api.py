@@ -1,0 +1,155 @@
+"""Monitoring's HTTP API: the drift report per model (JSON and HTML), every model's status, and the
+per-model drift policy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+
+from libs.auth import OperatorDep, ViewerDep
+from libs.errors import NotFound
+from libs.service import Runtime
+from services.monitoring import report
+from services.monitoring.adapters.postgres import PgMonitoringStore
+from services.monitoring.domain import DriftPolicy
+from services.monitoring.handlers import Monitor
+
+router = APIRouter(tags=["monitoring"])
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _monitor(request: Request) -> Monitor:
+    monitor: Monitor = request.app.state.monitor
+    return monitor
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+MonitorDep = Annotated[Monitor, Depends(_monitor)]
+
+
+class PolicyPublic(DriftPolicy):
+    """A model's drift policy as in force (the defaults when no operator set one)."""
+
+
+class PolicyUpdate(DriftPolicy):
+    """A new drift policy for one model (every field optional; omitted ones take the service defaults)."""
+
+
+def _known(monitor: Monitor, model: str) -> None:
+    if not any(m == model for m, _ in monitor.live.references):
+        raise NotFound(f"monitoring knows no model {model!r}: it needs a ModelVersionRegistered first")
+
+
+async def _reports(rt: Runtime, model: str, limit: int) -> list[dict[str, Any]]:
+    async with rt.pool.acquire() as conn:
+        return await PgMonitoringStore(conn).latest_reports(model, limit)
+
+
+@router.get("/models/{model}/drift", summary="The drift report of a model's latest windows (JSON).")
+async def drift_report(
+    model: str,
+    _: ViewerDep,
+    rt: RuntimeDep,
+    monitor: MonitorDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    _known(monitor, model)
+    return {"model": model, "windows": await _reports(rt, model, limit)}
+
+
+@router.get(
+    "/models/{model}/drift.html",
+    response_class=HTMLResponse,
+    summary="The drift report as a page with per-feature histograms of reference and current.",
+)
+async def drift_page(
+    model: str,
+    _: ViewerDep,
+    rt: RuntimeDep,
+    monitor: MonitorDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> HTMLResponse:
+    _known(monitor, model)
+    return HTMLResponse(report.render(model, await _reports(rt, model, limit)))
+
+
+@router.get("/status", summary="The current status of every model monitoring knows.")
+async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str, Any]:
+    live = monitor.live
+    async with rt.pool.acquire() as conn:
+        store = PgMonitoringStore(conn)
+        labels = await store.label_counts()
+        alerts = await store.recent_alerts(200)
+        steps = await store.watched_steps()
+        latest: dict[str, dict[str, Any]] = {}
+        for model in sorted({m for m, _ in live.references}):
+            reports = await store.latest_reports(model, 1)
+            if reports:
+                latest[model] = reports[0]
+    models: dict[str, Any] = {}
+    for (model, version), ref in sorted(live.references.items()):
+        window = live.windows.get((model, version))
+        entry = models.setdefault(
+            model,
+            {
+                "versions": {},
+                "labels": labels.get(model, {}),
+                "last_window": None,
+                "recent_alerts": [a for a in alerts if a["model"] == model][:10],
+                "rollouts": [
+                    {
+                        "rollout_id": s.rollout_id,
+                        "step_index": s.step_index,
+                        "canary_version": s.canary_version,
+                    }
+                    for s in steps
+                    if s.model == model
+                ],
+            },
+        )
+        entry["versions"][str(version)] = {
+            "task": ref.task.value,
+            "features": len(ref.features),
+            "open_window": {"seq": window.seq, "rows": window.rows} if window else None,
+            "baseline": ref.baseline,
+        }
+        if model in latest:
+            r = latest[model]
+            entry["last_window"] = {
+                "id": r["window"]["id"],
+                "end": r["window"]["end"],
+                "drift_share": r["drift_share"],
+                "drifted_features": r["drifted_features"],
+                "alerted": r["alerted"],
+            }
+    unknown = [{"model": m, "version": v, "rows_skipped": n} for (m, v), n in sorted(live.unknown.items())]
+    return {
+        "models": models,
+        "unknown": unknown,
+        "windows_waiting_for_judgement": len(live.closed),
+        "cached_predictions": live.cache.rows,
+        "labels_waiting_for_prediction": len(live.pending_label_ids),
+    }
+
+
+@router.get("/models/{model}/policy", summary="The drift policy in force for a model.")
+async def get_policy(model: str, _: ViewerDep, monitor: MonitorDep) -> PolicyPublic:
+    return PolicyPublic.model_validate(monitor.policy(model).model_dump())
+
+
+@router.put("/models/{model}/policy", summary="Set a model's drift policy (operator).")
+async def put_policy(
+    model: str, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
+) -> PolicyPublic:
+    fields = body.model_dump(exclude_unset=True)
+    policy = DriftPolicy.model_validate({**monitor.defaults.model_dump(), **fields})
+    async with rt.begin() as tx:
+        await PgMonitoringStore(tx.conn).save_policy(model, policy, who.actor)
+    monitor.policies[model] = policy
+    return PolicyPublic.model_validate(policy.model_dump())

@@ -1,0 +1,238 @@
+"""Wire monitoring's handlers to Kafka, Postgres and the artifact store; rebuild memory before consuming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from contracts.envelope import CloudEvent
+from contracts.feedback import GroundTruthReceived
+from contracts.models import ModelVersionRegistered
+from contracts.predictions import PredictionsLogged
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
+from libs.artifacts import ArtifactStore
+from libs.bus import Delivery, Subscription, Transaction
+from libs.db import migrations_in
+from libs.http import create_app
+from libs.logging import get_logger
+from libs.service import Runtime, ServiceParts
+from services.monitoring import api, handlers
+from services.monitoring.adapters.artifacts import StoreArtifacts
+from services.monitoring.adapters.postgres import PgMonitoringStore
+from services.monitoring.adapters.replay import replay_predictions
+from services.monitoring.domain import CanaryPolicy, DriftPolicy
+from services.monitoring.handlers import Monitor
+from services.monitoring.live import LiveState, PredictionCache, WindowSettings
+from services.monitoring.ports import ProfileUnavailable
+from services.monitoring.settings import MonitoringSettings
+
+log = get_logger(__name__)
+
+MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="monitoring")
+
+
+def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> Monitor:
+    """The shared state and policies, from the settings."""
+    defaults = DriftPolicy(
+        alpha=settings.alpha,
+        correction=settings.correction,
+        small_sample_max=settings.small_sample_max,
+        wasserstein_threshold=settings.wasserstein_threshold,
+        jensen_shannon_threshold=settings.jensen_shannon_threshold,
+        psi_threshold=settings.psi_threshold,
+        share_threshold=settings.share_threshold,
+        consecutive_windows=settings.consecutive_windows,
+        cooldown_seconds=settings.cooldown_seconds,
+        missing_share_tolerance=settings.missing_share_tolerance,
+        performance_tolerance=settings.performance_tolerance,
+    )
+    canary = CanaryPolicy(
+        min_labelled=settings.canary_min_labelled,
+        alpha=settings.canary_alpha,
+        margin=settings.canary_margin,
+        latency_ratio=settings.canary_latency_ratio,
+        latency_slack_ms=settings.canary_latency_slack_ms,
+        divergence_threshold=settings.canary_divergence_threshold,
+        timeout_seconds=settings.canary_timeout_seconds,
+        label_grace_seconds=settings.canary_label_grace_seconds,
+    )
+    live = LiveState(
+        WindowSettings(settings.window_rows, settings.window_seconds, settings.min_window_rows),
+        PredictionCache(max_age_s=settings.label_wait_seconds, max_rows=settings.max_cached_predictions),
+    )
+    return Monitor(
+        live=live,
+        defaults=defaults,
+        canary=canary,
+        artifacts=artifacts,
+        source=source,
+        performance_window_labels=settings.performance_window_labels,
+        export_labelled_rows=settings.export_labelled_rows,
+        label_wait_seconds=settings.label_wait_seconds,
+    )
+
+
+async def restore(rt: Runtime, monitor: Monitor) -> None:
+    """Load models, policies, watched rollout steps and waiting labels from Postgres."""
+    async with rt.begin() as tx:
+        store = PgMonitoringStore(tx.conn)
+        models = await store.models()
+        for stored in models:
+            try:
+                await handlers.load_reference(stored, monitor=monitor, store=store)
+            except ProfileUnavailable as exc:
+                log.error(
+                    "model version not monitored: profile unavailable", model=stored.model, error=str(exc)
+                )
+            policy = await store.policy(stored.model)
+            if policy is not None:
+                monitor.policies[stored.model] = policy
+        for step in await store.watched_steps():
+            monitor.live.watch(handlers.canary_step(step))
+        monitor.live.pending_label_ids = await store.pending_ids()
+        replay_from = await store.replay_offsets(cast(MonitoringSettings, rt.settings).predictions_topic)
+    settings = cast(MonitoringSettings, rt.settings)
+    if settings.replay_on_start and replay_from:
+        now = time.time()
+        await replay_predictions(
+            settings.kafka,
+            topic=settings.predictions_topic,
+            group=f"{settings.consumer_group}-predictions",
+            start=replay_from,
+            registry=rt.registry,
+            feed=lambda requests: monitor.live.ingest(requests, arrival=now, replaying=True),
+        )
+
+
+class Background:
+    """Judges closed windows (one transaction each) and runs the housekeeping every tick."""
+
+    def __init__(self, rt: Runtime, monitor: Monitor, tick_s: float) -> None:
+        self.rt = rt
+        self.monitor = monitor
+        self.tick_s = tick_s
+        self.wake = asyncio.Event()
+        self.stopping = False
+        monitor.on_windows_closed = self.wake.set
+
+    async def judge_closed(self) -> None:
+        live = self.monitor.live
+        while live.closed:
+            window = live.closed[0]
+            async with self.rt.begin() as tx:
+                await handlers.judge_closed_window(
+                    window, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                )
+            live.closed.popleft()
+
+    async def once(self) -> None:
+        await self.judge_closed()
+        async with self.rt.begin() as tx:
+            await handlers.housekeeping(
+                time.time(), monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+            )
+        await self.judge_closed()
+
+    async def run(self) -> None:
+        delay = self.tick_s
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            if self.stopping:
+                return
+            try:
+                await self.once()
+                delay = self.tick_s
+            except Exception as exc:  # the database may be away: keep the work queued and retry
+                log.warning("monitoring housekeeping failed, retrying", error=repr(exc))
+                delay = min(max(delay * 2, self.tick_s), 10.0)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+
+def _bind_batch(
+    handler: Callable[..., Awaitable[None]], monitor: Monitor
+) -> Callable[[Sequence[Delivery], Transaction], Awaitable[None]]:
+    async def run(deliveries: Sequence[Delivery], tx: Transaction) -> None:
+        await handler(deliveries, monitor=monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish)
+
+    return run
+
+
+def _bind(
+    handler: Callable[..., Awaitable[None]], monitor: Monitor
+) -> Callable[[CloudEvent[Any], Transaction], Awaitable[None]]:
+    async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+        await handler(event, monitor=monitor, store=PgMonitoringStore(tx.conn))
+
+    return run
+
+
+def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscription]:
+    """Predictions and labels in batches (high volume); models and rollouts one event at a time."""
+    common: dict[str, Any] = {
+        "max_retries": settings.consumer_max_retries,
+        "retry_backoff_s": settings.consumer_retry_backoff_s,
+        "max_event_bytes": settings.kafka.max_event_bytes,
+    }
+    group = settings.consumer_group
+    return [
+        Subscription(
+            consumer=f"{group}-control",
+            topics=[settings.models_topic, settings.rollouts_topic],
+            handlers={
+                ModelVersionRegistered: _bind(handlers.on_model_version_registered, monitor),
+                RolloutStarted: _bind(handlers.on_rollout_started, monitor),
+                RolloutStepAdvanced: _bind(handlers.on_rollout_step_advanced, monitor),
+                RolloutPromoted: _bind(handlers.on_rollout_finished, monitor),
+                RolloutRolledBack: _bind(handlers.on_rollout_finished, monitor),
+            },
+            **common,
+        ),
+        Subscription(
+            consumer=f"{group}-predictions",
+            topics=[settings.predictions_topic],
+            batch_handler=_bind_batch(handlers.on_predictions_logged, monitor),
+            batch_types=frozenset({PredictionsLogged}),
+            **common,
+        ),
+        Subscription(
+            consumer=f"{group}-feedback",
+            topics=[settings.feedback_topic],
+            batch_handler=_bind_batch(handlers.on_ground_truth_received, monitor),
+            batch_types=frozenset({GroundTruthReceived}),
+            **common,
+        ),
+    ]
+
+
+async def build(rt: Runtime) -> ServiceParts:
+    """Restore state, rebuild memory from the predictions topic, then hand over consumers and the API."""
+    settings = cast(MonitoringSettings, rt.settings)
+    artifacts = StoreArtifacts(ArtifactStore(settings.artifacts_url))
+    monitor = make_monitor(settings, artifacts, rt.source())
+    await restore(rt, monitor)
+    background = Background(rt, monitor, settings.tick_seconds)
+    app = create_app(
+        settings,
+        title="driftloop monitoring",
+        description="Drift, labelled performance and canary verdicts from live traffic.",
+        routers=[api.router],
+        ready=rt.ready,
+    )
+    app.state.runtime = rt
+    app.state.monitor = monitor
+    return ServiceParts(
+        app=app,
+        subscriptions=subscriptions(settings, monitor),
+        tasks=[background.run],
+        on_stop=[background.stop],
+    )

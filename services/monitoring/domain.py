@@ -1,0 +1,1116 @@
+"""Monitoring's pure logic: reference preparation, columnar windows, the drift judgement, debouncing,
+labelled performance and canary verdicts. No I/O: the handlers feed it and persist what it decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.common import FeatureType, ModelSignature, Task
+from contracts.monitoring import CanaryComparison, CorrectionMethod, DriftTest, FeatureDrift, Verdict
+from contracts.predictions import PredictionsLogged, Variant
+from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile
+from services.monitoring import stats
+
+# Numeric features with at most this many distinct reference values are compared as categories, as
+# Evidently does (binary flags, small counts): a KS or Wasserstein on five values says little.
+LOW_CARDINALITY = 5
+HISTOGRAM_TOP_CATEGORIES = 20
+P_VALUE_TESTS = frozenset({DriftTest.KS, DriftTest.CHI2})
+
+
+def epoch(ts: datetime) -> float:
+    """Seconds since the epoch (UTC) of an aware datetime."""
+    return ts.timestamp()
+
+
+def from_epoch(seconds: float) -> datetime:
+    """Aware UTC datetime from epoch seconds."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+# --- policy ----------------------------------------------------------------------------------------------
+
+
+class DriftPolicy(BaseModel):
+    """How one model's traffic is judged. Defaults come from the service settings; an operator may PUT one
+    per model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of p-value tests.")
+    correction: CorrectionMethod = Field(
+        CorrectionMethod.BONFERRONI, description="Correction for many tests."
+    )
+    small_sample_max: int = Field(
+        1_000, ge=1, description="p-value tests up to this many values on the smaller side, distances above."
+    )
+    wasserstein_threshold: float = Field(0.1, gt=0, description="Normalised Wasserstein drift threshold.")
+    jensen_shannon_threshold: float = Field(0.1, gt=0, description="Jensen–Shannon distance drift threshold.")
+    psi_threshold: float = Field(0.1, gt=0, description="PSI drift threshold.")
+    share_threshold: float = Field(
+        0.1, ge=0, le=1, description="Share of tested features that must have drifted for a DriftDetected."
+    )
+    consecutive_windows: int = Field(2, ge=1, description="Windows in a row a feature must drift.")
+    cooldown_seconds: float = Field(1_800.0, ge=0, description="Quiet time after a DriftDetected.")
+    feature_tests: dict[str, DriftTest] = Field(
+        default_factory=dict, description="Per-feature test that replaces the automatic choice."
+    )
+    feature_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-feature threshold (alpha for tests, distance otherwise)."
+    )
+    missing_share_tolerance: float = Field(
+        0.05, ge=0, le=1, description="Missing share above the reference's by more than this is reported."
+    )
+    performance_tolerance: float = Field(
+        0.05, ge=0, description="Allowed drop of a labelled metric below its validation baseline."
+    )
+
+    def threshold_for(self, feature: str, test: DriftTest) -> float:
+        """The threshold a feature is judged with."""
+        if feature in self.feature_thresholds:
+            return self.feature_thresholds[feature]
+        return {
+            DriftTest.KS: self.alpha,
+            DriftTest.CHI2: self.alpha,
+            DriftTest.WASSERSTEIN: self.wasserstein_threshold,
+            DriftTest.JENSEN_SHANNON: self.jensen_shannon_threshold,
+            DriftTest.PSI: self.psi_threshold,
+        }[test]
+
+
+# --- references ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureReference:
+    """One feature's reference, prepared once per model version for fast window judgements."""
+
+    name: str
+    kind: FeatureType
+    count: int
+    missing: int
+    # numeric
+    sample: np.ndarray | None = None
+    edges: np.ndarray | None = None
+    histogram: np.ndarray | None = None
+    grid: stats.WassersteinGrid | None = None
+    distinct: int = 0
+    # categorical (and low-cardinality numeric: the sample's values as categories)
+    categories: list[str] = field(default_factory=list)
+    category_counts: np.ndarray | None = None
+
+    @property
+    def compared_as_categories(self) -> bool:
+        return self.kind is FeatureType.CATEGORICAL or self.distinct <= LOW_CARDINALITY
+
+    @property
+    def missing_share(self) -> float:
+        total = self.count + self.missing
+        return self.missing / total if total else 0.0
+
+    @classmethod
+    def from_profile(cls, profile: NumericProfile | CategoricalProfile) -> FeatureReference:
+        if isinstance(profile, CategoricalProfile):
+            cats = sorted(profile.frequencies)
+            return cls(
+                name=profile.name,
+                kind=FeatureType.CATEGORICAL,
+                count=profile.count,
+                missing=profile.missing,
+                categories=cats,
+                category_counts=np.array([profile.frequencies[c] for c in cats], dtype=float),
+            )
+        sample = np.asarray(profile.sample, dtype=float)
+        values, counts = np.unique(sample, return_counts=True)
+        ref = cls(
+            name=profile.name,
+            kind=FeatureType.NUMERIC,
+            count=profile.count,
+            missing=profile.missing,
+            sample=sample,
+            edges=np.asarray(profile.edges, dtype=float),
+            histogram=np.asarray(profile.histogram, dtype=float),
+            grid=stats.WassersteinGrid.from_sample(sample) if sample.size else None,
+            distinct=int(values.size),
+        )
+        if ref.distinct <= LOW_CARDINALITY:
+            ref.categories = [_numeric_category(v) for v in values]
+            ref.category_counts = counts.astype(float)
+        return ref
+
+
+def _numeric_category(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass
+class ModelReference:
+    """What monitoring knows of one registered model version."""
+
+    model: str
+    version: int
+    signature: ModelSignature
+    baseline: dict[str, float]
+    rows: int
+    features: list[FeatureReference]
+    prediction: FeatureReference | None
+    positive_class: str | None
+
+    @property
+    def task(self) -> Task:
+        return self.signature.task
+
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        version: int,
+        signature: ModelSignature,
+        baseline: dict[str, float],
+        profile: ReferenceProfile,
+    ) -> ModelReference:
+        by_name = {f.name: f for f in profile.features}
+        features = [
+            FeatureReference.from_profile(by_name[f.name]) for f in signature.features if f.name in by_name
+        ]
+        prediction = FeatureReference.from_profile(profile.prediction) if profile.prediction else None
+        positive = None
+        if signature.task is Task.CLASSIFICATION and signature.classes:
+            positive = str(signature.classes[-1])
+        return cls(model, version, signature, dict(baseline), profile.rows, features, prediction, positive)
+
+    @property
+    def numeric(self) -> list[FeatureReference]:
+        return [f for f in self.features if f.kind is FeatureType.NUMERIC]
+
+    @property
+    def categorical(self) -> list[FeatureReference]:
+        return [f for f in self.features if f.kind is FeatureType.CATEGORICAL]
+
+
+# --- rows: PredictionsLogged -> columns --------------------------------------------------------------------
+
+
+@dataclass
+class RowBatch:
+    """Rows of consecutive requests for one model version, as columns (the unit of every window update)."""
+
+    model: str
+    version: int
+    numeric: dict[str, np.ndarray]  # float64, NaN for missing
+    categorical: dict[str, list[Any]]  # raw values, None for missing
+    type_mismatches: dict[str, int]
+    prediction: list[Any]
+    score: np.ndarray  # positive-class probability or regression value; NaN when unknown
+    prediction_ids: list[str]
+    predicted_at: np.ndarray  # epoch seconds per row
+    variant: list[str]  # per request
+    rollout_id: list[str | None]  # per request
+    latency_ms: np.ndarray  # per request
+    request_rows: np.ndarray  # rows per request
+    request_at: np.ndarray  # epoch seconds per request
+    partition: np.ndarray  # per request
+    offset: np.ndarray  # per request
+
+    @property
+    def size(self) -> int:
+        return len(self.prediction_ids)
+
+    @property
+    def requests(self) -> int:
+        return int(self.request_rows.size)
+
+    def row_slice(self, first_request: int, end_request: int) -> RowBatch:
+        """The rows of requests [first_request, end_request)."""
+        bounds = np.concatenate(([0], np.cumsum(self.request_rows)))
+        a, b = int(bounds[first_request]), int(bounds[end_request])
+        r = slice(first_request, end_request)
+        return RowBatch(
+            model=self.model,
+            version=self.version,
+            numeric={k: v[a:b] for k, v in self.numeric.items()},
+            categorical={k: v[a:b] for k, v in self.categorical.items()},
+            type_mismatches=self.type_mismatches if first_request == 0 else {},
+            prediction=self.prediction[a:b],
+            score=self.score[a:b],
+            prediction_ids=self.prediction_ids[a:b],
+            predicted_at=self.predicted_at[a:b],
+            variant=self.variant[r],
+            rollout_id=self.rollout_id[r],
+            latency_ms=self.latency_ms[r],
+            request_rows=self.request_rows[r],
+            request_at=self.request_at[r],
+            partition=self.partition[r],
+            offset=self.offset[r],
+        )
+
+    def row_variants(self) -> np.ndarray:
+        return np.repeat(np.asarray(self.variant, dtype=object), self.request_rows)
+
+    def row_rollouts(self) -> np.ndarray:
+        return np.repeat(np.asarray(self.rollout_id, dtype=object), self.request_rows)
+
+
+def _as_float_column(values: list[Any]) -> tuple[np.ndarray, int]:
+    try:
+        # numpy turns None into NaN and bools into 0/1 on its own, at C speed.
+        return np.array(values, dtype=np.float64), 0
+    except (TypeError, ValueError):
+        out = np.full(len(values), np.nan)
+        bad = 0
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            try:
+                out[i] = float(v)
+            except (TypeError, ValueError):
+                bad += 1
+        return out, bad
+
+
+def rows_of(model: ModelReference, requests: Sequence[tuple[PredictionsLogged, int, int]]) -> RowBatch:
+    """Columns of the rows of ``requests`` (payload, partition, offset), all for ``model``'s version."""
+    rows = [r for p, _, _ in requests for r in p.rows]
+    inputs = [r.inputs for r in rows]
+    numeric: dict[str, np.ndarray] = {}
+    mismatches: dict[str, int] = {}
+    for f in model.numeric:
+        column, bad = _as_float_column([d.get(f.name) for d in inputs])
+        numeric[f.name] = column
+        if bad:
+            mismatches[f.name] = bad
+    categorical = {f.name: [d.get(f.name) for d in inputs] for f in model.categorical}
+    outputs = [r.output for r in rows]
+    prediction = [o.prediction for o in outputs]
+    if model.positive_class is not None:
+        pos = model.positive_class
+        score = np.array(
+            [o.probabilities.get(pos) if o.probabilities else None for o in outputs], dtype=np.float64
+        )
+    elif model.task is Task.REGRESSION:
+        score, _ = _as_float_column(prediction)
+    else:
+        score = np.full(len(rows), np.nan)
+    counts = np.array([len(p.rows) for p, _, _ in requests], dtype=np.int64)
+    request_at = np.array([epoch(p.predicted_at) for p, _, _ in requests], dtype=np.float64)
+    return RowBatch(
+        model=model.model,
+        version=model.version,
+        numeric=numeric,
+        categorical=categorical,
+        type_mismatches=mismatches,
+        prediction=prediction,
+        score=score,
+        prediction_ids=[r.prediction_id for r in rows],
+        predicted_at=np.repeat(request_at, counts),
+        variant=[p.variant.value for p, _, _ in requests],
+        rollout_id=[p.rollout_id for p, _, _ in requests],
+        latency_ms=np.array([p.latency_ms for p, _, _ in requests], dtype=np.float64),
+        request_rows=counts,
+        request_at=request_at,
+        partition=np.array([part for _, part, _ in requests], dtype=np.int64),
+        offset=np.array([off for _, _, off in requests], dtype=np.int64),
+    )
+
+
+# --- windows ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClosedWindow:
+    """A window's rows, concatenated, ready to judge."""
+
+    model: str
+    version: int
+    seq: int
+    start: float
+    end: float
+    numeric: dict[str, np.ndarray]
+    categorical: dict[str, list[Any]]
+    type_mismatches: dict[str, int]
+    prediction: list[Any]
+    score: np.ndarray
+    prediction_ids: list[str]
+    predicted_at: np.ndarray
+    first_offsets: dict[int, int]
+    next_offsets: dict[int, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.prediction_ids)
+
+    @property
+    def window_id(self) -> str:
+        return f"{self.model}:{self.version}:{self.seq:06d}"
+
+
+@dataclass
+class DriftWindow:
+    """The open window of one model version: chunks appended as batches arrive, concatenated at close."""
+
+    model: str
+    version: int
+    seq: int
+    parts: list[RowBatch] = field(default_factory=list)
+    rows: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+    last_arrival: float = 0.0
+    first_offsets: dict[int, int] = field(default_factory=dict)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+
+    def add(self, part: RowBatch, *, arrival: float) -> None:
+        if part.size == 0:
+            return
+        self.parts.append(part)
+        self.rows += part.size
+        if self.first_at is None:
+            self.first_at = float(part.request_at[0])
+        self.last_at = float(part.request_at[-1])
+        self.last_arrival = arrival
+        for p, o in zip(part.partition.tolist(), part.offset.tolist(), strict=True):
+            self.first_offsets.setdefault(p, o)
+            self.next_offsets[p] = o + 1
+
+    def close(self) -> ClosedWindow:
+        parts = self.parts
+        first = parts[0]
+        mismatches: Counter[str] = Counter()
+        for p in parts:
+            mismatches.update(p.type_mismatches)
+        return ClosedWindow(
+            model=self.model,
+            version=self.version,
+            seq=self.seq,
+            start=float(self.first_at or 0.0),
+            end=float(self.last_at or 0.0),
+            numeric={k: np.concatenate([p.numeric[k] for p in parts]) for k in first.numeric},
+            categorical={k: [v for p in parts for v in p.categorical[k]] for k in first.categorical},
+            type_mismatches=dict(mismatches),
+            prediction=[v for p in parts for v in p.prediction],
+            score=np.concatenate([p.score for p in parts]),
+            prediction_ids=[v for p in parts for v in p.prediction_ids],
+            predicted_at=np.concatenate([p.predicted_at for p in parts]),
+            first_offsets=dict(self.first_offsets),
+            next_offsets=dict(self.next_offsets),
+        )
+
+
+def split_point(
+    batch: RowBatch,
+    *,
+    window_rows: int,
+    window_seconds: float,
+    min_rows: int,
+    already: int,
+    first_at: float | None,
+) -> int | None:
+    """Index of the first request that no longer belongs to the open window, or None when all fit.
+
+    A window closes at a request boundary once it holds ``window_rows`` rows (the request that reaches it
+    stays in), or before a request that comes ``window_seconds`` (event time) after the window's first one,
+    provided the window already holds ``min_rows`` rows.
+    """
+    if batch.requests == 0:
+        return None
+    cum = already + np.cumsum(batch.request_rows)
+    before = cum - batch.request_rows
+    full = np.flatnonzero(cum >= window_rows)
+    candidates = []
+    if full.size:
+        candidates.append(int(full[0]) + 1)
+    start = first_at if first_at is not None else float(batch.request_at[0])
+    late = np.flatnonzero((batch.request_at >= start + window_seconds) & (before >= max(min_rows, 1)))
+    if late.size:
+        candidates.append(int(late[0]))
+    return min(candidates) if candidates else None
+
+
+# --- judgement -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Histogram:
+    """Reference and current shares over the same bins, for the HTML report."""
+
+    labels: list[str]
+    reference: list[float]
+    current: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "reference": self.reference, "current": self.current}
+
+
+@dataclass
+class FeatureResult:
+    """One feature's raw result before correction and debouncing."""
+
+    name: str
+    kind: FeatureType
+    test: DriftTest
+    statistic: float
+    p_value: float | None
+    threshold: float
+    n_current: int
+    n_reference: int
+    n_missing: int
+    histogram: Histogram | None
+    unseen: int = 0
+    drifted: bool = False
+    p_adjusted: float | None = None
+
+    def evidence(self, consecutive: int) -> FeatureDrift:
+        return FeatureDrift(
+            feature=self.name,
+            feature_type=self.kind,
+            test=self.test,
+            statistic=_finite(self.statistic),
+            p_value=self.p_adjusted,
+            threshold=self.threshold,
+            drifted=self.drifted,
+            consecutive_windows=consecutive,
+            n_current=self.n_current,
+            n_reference=self.n_reference,
+            n_missing=self.n_missing,
+        )
+
+
+def _finite(x: float) -> float:
+    if math.isnan(x):
+        return 0.0
+    if math.isinf(x):
+        return 1e300 if x > 0 else -1e300
+    return x
+
+
+@dataclass
+class QualityFinding:
+    """A data-quality observation of a window (missing values, unseen categories, type mismatches)."""
+
+    kind: Literal["missing-values", "unseen-category", "type-mismatch"]
+    feature: str
+    count: int
+    share: float
+    message: str
+
+
+@dataclass
+class WindowJudgement:
+    """Everything one window said: per-feature results, the prediction's, and data quality."""
+
+    window: ClosedWindow
+    features: list[FeatureResult]
+    prediction: FeatureResult | None
+    quality: list[QualityFinding]
+    correction: CorrectionMethod
+    alpha: float
+
+    @property
+    def drift_share(self) -> float:
+        tested = [f for f in self.features if f.n_current > 0]
+        return sum(f.drifted for f in tested) / len(tested) if tested else 0.0
+
+
+def choose_test(ref: FeatureReference, n_current: int, policy: DriftPolicy) -> DriftTest:
+    """The documented rule (docs/monitoring.md): a policy override first; else, by the smaller sample, a
+    p-value test up to ``small_sample_max`` values (KS for numeric, chi-square for categories) and a
+    distance above it (normalised Wasserstein for numeric, Jensen–Shannon for categories). Numeric
+    features with at most five distinct reference values count as categories."""
+    override = policy.feature_tests.get(ref.name)
+    if override is not None and _eligible(ref, override):
+        return override
+    small = min(n_current, ref.count) <= policy.small_sample_max
+    if ref.compared_as_categories:
+        return DriftTest.CHI2 if small else DriftTest.JENSEN_SHANNON
+    return DriftTest.KS if small else DriftTest.WASSERSTEIN
+
+
+def _eligible(ref: FeatureReference, test: DriftTest) -> bool:
+    if test in (DriftTest.KS, DriftTest.WASSERSTEIN):
+        return ref.kind is FeatureType.NUMERIC and ref.sample is not None and ref.sample.size > 0
+    if test is DriftTest.CHI2:
+        return ref.compared_as_categories
+    return True  # PSI and Jensen–Shannon work on bins and on categories
+
+
+def _category_counts(
+    ref: FeatureReference, values: Iterable[Any]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Reference and current counts over the union of categories (reference order, then unseen ones)."""
+    counted = Counter(str(v) for v in values)
+    index = {c: i for i, c in enumerate(ref.categories)}
+    unseen = sorted(c for c in counted if c not in index)
+    labels = ref.categories + unseen
+    current = np.zeros(len(labels))
+    for c, n in counted.items():
+        current[index[c] if c in index else len(ref.categories) + unseen.index(c)] = n
+    ref_counts = np.zeros(len(labels))
+    assert ref.category_counts is not None
+    ref_counts[: len(ref.categories)] = ref.category_counts
+    return ref_counts, current, labels
+
+
+def judge_feature(
+    ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy
+) -> FeatureResult:
+    """Compare one feature's window values with its reference (before correction)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        present_num = values[~np.isnan(values)]
+        n_missing = int(values.size - present_num.size)
+        present: np.ndarray | list[Any] = present_num
+    else:
+        present = [v for v in values if v is not None]
+        n_missing = len(values) - len(present)
+    n = len(present)
+    test = choose_test(ref, n, policy)
+    threshold = policy.threshold_for(ref.name, test)
+    hist: Histogram | None = None
+    unseen = 0
+    statistic, p_value = 0.0, None
+    if ref.compared_as_categories and test in (DriftTest.CHI2, DriftTest.JENSEN_SHANNON, DriftTest.PSI):
+        cat_values = [_numeric_category(v) for v in present] if ref.kind is FeatureType.NUMERIC else present
+        ref_counts, cur_counts, labels = _category_counts(ref, cat_values)
+        unseen = int(cur_counts[len(ref.categories) :].sum())
+        if n:
+            if test is DriftTest.CHI2:
+                statistic, p_value = stats.chi_square(ref_counts, cur_counts)
+            elif test is DriftTest.PSI:
+                statistic = stats.psi(ref_counts, cur_counts)
+            else:
+                statistic = stats.jensen_shannon(ref_counts, cur_counts)
+        hist = _category_histogram(labels, ref_counts, cur_counts)
+    else:
+        assert ref.edges is not None and ref.histogram is not None
+        cur = np.asarray(present, dtype=float)
+        cur_bins = stats.bin_counts(cur, ref.edges)
+        if n:
+            if test is DriftTest.KS:
+                assert ref.sample is not None
+                statistic, p_value = stats.ks_test(ref.sample, cur)
+            elif test is DriftTest.WASSERSTEIN:
+                assert ref.grid is not None
+                statistic = stats.wasserstein_normed(ref.grid, cur)
+            elif test is DriftTest.PSI:
+                statistic = stats.psi(ref.histogram, cur_bins)
+            else:
+                statistic = stats.jensen_shannon(ref.histogram, cur_bins)
+        hist = _numeric_histogram(ref.edges, ref.histogram, cur_bins)
+    # Tests on the sample (KS, Wasserstein, and categories of a low-cardinality numeric) see the sample;
+    # binned tests and categorical frequencies see every reference row.
+    uses_sample = ref.sample is not None and (
+        test in (DriftTest.KS, DriftTest.WASSERSTEIN)
+        or (ref.kind is FeatureType.NUMERIC and ref.compared_as_categories)
+    )
+    n_reference = int(ref.sample.size) if uses_sample and ref.sample is not None else ref.count
+    result = FeatureResult(
+        name=ref.name,
+        kind=ref.kind,
+        test=test,
+        statistic=float(statistic),
+        p_value=p_value,
+        threshold=threshold,
+        n_current=n,
+        n_reference=n_reference,
+        n_missing=n_missing,
+        histogram=hist,
+        unseen=unseen,
+    )
+    if test not in P_VALUE_TESTS:
+        result.drifted = n > 0 and statistic >= threshold
+    return result
+
+
+def _numeric_histogram(edges: np.ndarray, ref: np.ndarray, cur: np.ndarray) -> Histogram:
+    labels = []
+    bounds = [-math.inf, *edges.tolist(), math.inf]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        labels.append(f"({_fmt(a)}, {_fmt(b)}]" if b != math.inf else f"({_fmt(a)}, ∞)")
+    return Histogram(labels, _shares(ref, ref.sum()), _shares(cur, cur.sum()))
+
+
+def _category_histogram(labels: list[str], ref: np.ndarray, cur: np.ndarray) -> Histogram:
+    order = np.argsort(-(ref / max(ref.sum(), 1) + cur / max(cur.sum(), 1)), kind="stable")
+    keep = order[:HISTOGRAM_TOP_CATEGORIES]
+    return Histogram([labels[i] for i in keep], _shares(ref[keep], ref.sum()), _shares(cur[keep], cur.sum()))
+
+
+def _shares(counts: np.ndarray, total: float) -> list[float]:
+    shares = counts / total if total else np.zeros(counts.size)
+    return [round(float(x), 6) for x in shares]
+
+
+def _fmt(x: float) -> str:
+    if math.isinf(x):
+        return "-∞" if x < 0 else "∞"
+    return f"{x:.4g}"
+
+
+def correct(results: list[FeatureResult], policy: DriftPolicy) -> None:
+    """Adjust the p-values of the p-value tests as one family and set their verdicts (in place)."""
+    tested = [r for r in results if r.test in P_VALUE_TESTS and r.p_value is not None and r.n_current > 0]
+    if not tested:
+        return
+    raw = np.array([r.p_value for r in tested], dtype=float)
+    if policy.correction is CorrectionMethod.BONFERRONI:
+        adjusted = stats.bonferroni(raw)
+    elif policy.correction is CorrectionMethod.FDR_BH:
+        adjusted = stats.benjamini_hochberg(raw)
+    else:
+        adjusted = raw
+    for r, p in zip(tested, adjusted.tolist(), strict=True):
+        r.p_adjusted = float(p)
+        r.drifted = p < r.threshold
+
+
+def judge_window(model: ModelReference, window: ClosedWindow, policy: DriftPolicy) -> WindowJudgement:
+    """Judge one window: every feature, corrected as one family; the prediction; data quality."""
+    results: list[FeatureResult] = []
+    for ref in model.features:
+        values: np.ndarray | list[Any] = (
+            window.numeric[ref.name] if ref.kind is FeatureType.NUMERIC else window.categorical[ref.name]
+        )
+        results.append(judge_feature(ref, values, policy))
+    correct(results, policy)
+    prediction = None
+    if model.prediction is not None:
+        if model.prediction.kind is FeatureType.NUMERIC:
+            values = window.score if not np.all(np.isnan(window.score)) else _floats(window.prediction)
+        else:
+            values = window.prediction
+        prediction = judge_feature(model.prediction, values, policy)
+        if prediction.p_value is not None:
+            # The prediction is its own family of one: judged at alpha, uncorrected.
+            prediction.p_adjusted = prediction.p_value
+            prediction.drifted = prediction.n_current > 0 and prediction.p_value < prediction.threshold
+    return WindowJudgement(
+        window=window,
+        features=results,
+        prediction=prediction,
+        quality=quality_findings(model, window, results, policy),
+        correction=policy.correction,
+        alpha=policy.alpha,
+    )
+
+
+def _floats(values: list[Any]) -> np.ndarray:
+    column, _ = _as_float_column(values)
+    return column
+
+
+def quality_findings(
+    model: ModelReference, window: ClosedWindow, results: list[FeatureResult], policy: DriftPolicy
+) -> list[QualityFinding]:
+    """Missing values above the reference's share, unseen categories, values of the wrong type."""
+    findings: list[QualityFinding] = []
+    size = max(window.size, 1)
+    refs = {f.name: f for f in model.features}
+    for r in results:
+        share = r.n_missing / size
+        ref_share = refs[r.name].missing_share
+        if r.n_missing and share > ref_share + policy.missing_share_tolerance:
+            findings.append(
+                QualityFinding(
+                    "missing-values",
+                    r.name,
+                    r.n_missing,
+                    share,
+                    f"{share:.1%} of {r.name} missing (reference: {ref_share:.1%})",
+                )
+            )
+        if r.unseen and refs[r.name].kind is FeatureType.CATEGORICAL and r.unseen / size > 0.01:
+            findings.append(
+                QualityFinding(
+                    "unseen-category",
+                    r.name,
+                    r.unseen,
+                    r.unseen / size,
+                    f"{r.unseen / size:.1%} of {r.name} are categories the reference never had",
+                )
+            )
+    for name, bad in sorted(window.type_mismatches.items()):
+        findings.append(
+            QualityFinding(
+                "type-mismatch",
+                name,
+                bad,
+                bad / size,
+                f"{bad} values of numeric feature {name} are not numbers",
+            )
+        )
+    return findings
+
+
+# --- debouncing ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DebounceState:
+    """Per model version: consecutive drifted windows per feature and the last alert's window end."""
+
+    consecutive: dict[str, int] = field(default_factory=dict)
+    last_alert_at: float | None = None
+
+
+@dataclass
+class DebounceDecision:
+    """What debouncing made of a window: updated counters, the features that count, and whether to alert."""
+
+    state: DebounceState
+    debounced: list[str]
+    share: float
+    alert: bool
+    in_cooldown: bool
+
+
+def debounce(state: DebounceState, judgement: WindowJudgement, policy: DriftPolicy) -> DebounceDecision:
+    """One shift, one alert: a feature counts once it drifted ``consecutive_windows`` windows in a row; the
+    model alerts when the share of such features reaches ``share_threshold``, and then stays quiet for
+    ``cooldown_seconds`` of event time."""
+    counts = dict(state.consecutive)
+    for r in judgement.features:
+        counts[r.name] = counts.get(r.name, 0) + 1 if r.drifted else 0
+    tested = [r for r in judgement.features if r.n_current > 0]
+    debounced = [r.name for r in tested if counts.get(r.name, 0) >= policy.consecutive_windows]
+    share = len(debounced) / len(tested) if tested else 0.0
+    end = judgement.window.end
+    in_cooldown = state.last_alert_at is not None and end - state.last_alert_at < policy.cooldown_seconds
+    alert = bool(debounced) and share >= policy.share_threshold and not in_cooldown
+    new_state = DebounceState(consecutive=counts, last_alert_at=end if alert else state.last_alert_at)
+    return DebounceDecision(new_state, debounced, share, alert, in_cooldown)
+
+
+# --- labelled performance --------------------------------------------------------------------------------
+
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "rmse": False, "mae": False}
+
+
+@dataclass
+class LabelledRow:
+    """A prediction joined with its label."""
+
+    prediction: Any
+    score: float | None
+    label: Any
+    late: bool
+
+
+def _same_label(a: Any, b: Any) -> bool:
+    return str(a) == str(b)
+
+
+def performance_metrics(
+    rows: Sequence[LabelledRow], task: Task, positive_class: str | None
+) -> dict[str, float]:
+    """Accuracy / F1 / ROC AUC (classification) or RMSE / MAE (regression) over labelled rows."""
+    if not rows:
+        return {}
+    if task is Task.REGRESSION:
+        pred = np.array([float(r.prediction) for r in rows])
+        truth = np.array([float(r.label) for r in rows])
+        err = pred - truth
+        return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+    correct_ = np.array([_same_label(r.prediction, r.label) for r in rows])
+    out = {"accuracy": float(correct_.mean())}
+    if positive_class is not None:
+        pred_pos = np.array([str(r.prediction) == positive_class for r in rows])
+        true_pos = np.array([str(r.label) == positive_class for r in rows])
+        tp = float(np.sum(pred_pos & true_pos))
+        denom = float(pred_pos.sum() + true_pos.sum())
+        out["f1"] = 2 * tp / denom if denom else 0.0
+        scores = np.array([r.score if r.score is not None else np.nan for r in rows], dtype=float)
+        if not np.isnan(scores).any() and 0 < true_pos.sum() < len(rows):
+            out["roc_auc"] = _roc_auc(true_pos, scores)
+    return out
+
+
+def _roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    # Mann–Whitney U with average ranks for ties.
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass
+class Degradation:
+    """A metric worse than its baseline beyond the tolerance."""
+
+    metric: str
+    value: float
+    baseline: float
+    threshold: float
+    higher_is_better: bool
+
+
+def degradations(
+    metrics: dict[str, float], baseline: dict[str, float], tolerance: float
+) -> list[Degradation]:
+    """Metrics worse than baseline: below baseline - tolerance, or error metrics above baseline * (1 + 4 *
+    tolerance) (a relative band, since errors have the target's unit)."""
+    found = []
+    for name, value in metrics.items():
+        if name not in baseline or name not in HIGHER_IS_BETTER:
+            continue
+        base = baseline[name]
+        if HIGHER_IS_BETTER[name]:
+            threshold = base - tolerance
+            if value < threshold:
+                found.append(Degradation(name, value, base, threshold, True))
+        else:
+            threshold = base * (1 + 4 * tolerance)
+            if value > threshold:
+                found.append(Degradation(name, value, base, threshold, False))
+    return found
+
+
+# --- canary analysis -------------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantTraffic:
+    """One variant's traffic during a rollout step: per-row predictions and per-request latencies."""
+
+    predicted_at: list[np.ndarray] = field(default_factory=list)
+    score: list[np.ndarray] = field(default_factory=list)
+    prediction: list[Any] = field(default_factory=list)
+    latency_ms: list[np.ndarray] = field(default_factory=list)
+    rows: int = 0
+    requests: int = 0
+
+    def add(self, at: np.ndarray, score: np.ndarray, prediction: list[Any], latency: np.ndarray) -> None:
+        self.predicted_at.append(at)
+        self.score.append(score)
+        self.prediction.extend(prediction)
+        self.latency_ms.append(latency)
+        self.rows += at.size
+        self.requests += latency.size
+
+    def latencies(self) -> np.ndarray:
+        return np.concatenate(self.latency_ms) if self.latency_ms else np.empty(0)
+
+    def scores(self) -> np.ndarray:
+        return np.concatenate(self.score) if self.score else np.empty(0)
+
+
+@dataclass
+class CanaryStep:
+    """A rollout step being watched."""
+
+    rollout_id: str
+    model: str
+    stable_version: int | None
+    canary_version: int
+    step_index: int
+    started_at: float
+    min_samples: int
+    bake_seconds: float
+    canary: VariantTraffic = field(default_factory=VariantTraffic)
+    stable: VariantTraffic = field(default_factory=VariantTraffic)
+    first_offsets: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class CanaryPolicy:
+    """Tolerances of canary analysis (from settings)."""
+
+    min_labelled: int = 100
+    alpha: float = 0.01
+    margin: float = 0.02
+    latency_ratio: float = 1.5
+    latency_slack_ms: float = 5.0
+    divergence_threshold: float = 0.35
+    timeout_seconds: float = 600.0
+    label_grace_seconds: float = 60.0
+
+
+@dataclass
+class LabelledComparison:
+    """Labelled outcomes of both variants over the step (correct counts, or absolute errors)."""
+
+    stable_correct: int = 0
+    stable_n: int = 0
+    canary_correct: int = 0
+    canary_n: int = 0
+    stable_abs_errors: np.ndarray | None = None
+    canary_abs_errors: np.ndarray | None = None
+
+
+@dataclass
+class CanaryDecision:
+    """A verdict with its evidence, or a reason to wait."""
+
+    verdict: Verdict
+    evidence: list[CanaryComparison]
+    reason: str
+
+
+def canary_ready(step: CanaryStep, now: float) -> Literal["wait", "judge", "timeout"]:
+    """Judge once the canary has min_samples predictions in the step and the bake time passed."""
+    baked = now - step.started_at >= step.bake_seconds
+    if step.canary.rows >= step.min_samples and baked:
+        return "judge"
+    return "wait"
+
+
+def _p95(values: np.ndarray) -> float | None:
+    return float(np.percentile(values, 95)) if values.size else None
+
+
+def _prediction_divergence(
+    step: CanaryStep, task: Task, edges: np.ndarray | None
+) -> tuple[float | None, str]:
+    cs, ss = step.canary.scores(), step.stable.scores()
+    if cs.size and ss.size and not np.isnan(cs).all() and not np.isnan(ss).all():
+        cs, ss = cs[~np.isnan(cs)], ss[~np.isnan(ss)]
+        bins = edges if edges is not None and edges.size else np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
+        bins = np.unique(bins)
+        return stats.jensen_shannon(stats.bin_counts(ss, bins), stats.bin_counts(cs, bins)), "scores"
+    if step.canary.prediction and step.stable.prediction:
+        labels = sorted({str(v) for v in step.canary.prediction} | {str(v) for v in step.stable.prediction})
+        index = {c: i for i, c in enumerate(labels)}
+        a, b = np.zeros(len(labels)), np.zeros(len(labels))
+        for v in step.stable.prediction:
+            a[index[str(v)]] += 1
+        for v in step.canary.prediction:
+            b[index[str(v)]] += 1
+        return stats.jensen_shannon(a, b), "predicted classes"
+    return None, ""
+
+
+def judge_canary(
+    step: CanaryStep,
+    *,
+    task: Task,
+    labelled: LabelledComparison,
+    policy: CanaryPolicy,
+    score_edges: np.ndarray | None = None,
+) -> CanaryDecision:
+    """Compare canary with stable over the step: latency p95, prediction divergence, labelled performance.
+
+    Unhealthy when any comparison that could be made failed; healthy when the ones made passed. Labelled
+    performance counts once both variants have ``min_labelled`` labelled rows: classification by a
+    one-sided two-proportion z-test on accuracy (canary worse at ``alpha`` and by more than ``margin``),
+    regression by a one-sided Welch test on absolute errors.
+    """
+    evidence: list[CanaryComparison] = [
+        CanaryComparison(
+            name="error_rate",
+            stable_value=None,
+            canary_value=None,
+            passed=None,
+            detail="not measurable: PredictionsLogged carries only answered requests",
+        )
+    ]
+    if step.stable_version is None or step.stable.rows == 0:
+        evidence.append(
+            CanaryComparison(
+                name="stable_traffic",
+                stable_value=None,
+                canary_value=float(step.canary.rows),
+                passed=None,
+                detail="no stable traffic in the step to compare with",
+            )
+        )
+    s95, c95 = _p95(step.stable.latencies()), _p95(step.canary.latencies())
+    if s95 is not None and c95 is not None:
+        allowed = s95 * policy.latency_ratio + policy.latency_slack_ms
+        evidence.append(
+            CanaryComparison(
+                name="latency_p95_ms",
+                stable_value=round(s95, 4),
+                canary_value=round(c95, 4),
+                threshold=round(allowed - s95, 4),
+                passed=c95 <= allowed,
+                detail=f"canary p95 {c95:.2f} ms vs stable {s95:.2f} ms; allowed up to {allowed:.2f} ms",
+            )
+        )
+    divergence, what = _prediction_divergence(step, task, score_edges)
+    if divergence is not None:
+        evidence.append(
+            CanaryComparison(
+                name="prediction_divergence",
+                stable_value=0.0,
+                canary_value=round(divergence, 6),
+                threshold=policy.divergence_threshold,
+                passed=divergence <= policy.divergence_threshold,
+                detail=f"Jensen–Shannon distance of {what}: {divergence:.3f} "
+                f"(limit {policy.divergence_threshold})",
+            )
+        )
+    evidence.append(_labelled_comparison(task, labelled, policy))
+    judged = [e for e in evidence if e.passed is not None]
+    failed = [e for e in judged if e.passed is False]
+    if failed:
+        names = ", ".join(e.name for e in failed)
+        return CanaryDecision(Verdict.UNHEALTHY, evidence, f"canary failed: {names}")
+    if not judged:
+        return CanaryDecision(
+            Verdict.INCONCLUSIVE, evidence, "nothing could be compared (no stable traffic, no labels)"
+        )
+    return CanaryDecision(
+        Verdict.HEALTHY, evidence, f"all {len(judged)} comparisons made are within tolerance"
+    )
+
+
+def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPolicy) -> CanaryComparison:
+    enough = lab.stable_n >= policy.min_labelled and lab.canary_n >= policy.min_labelled
+    if task is Task.REGRESSION:
+        se, ce = lab.stable_abs_errors, lab.canary_abs_errors
+        s_mae = float(se.mean()) if se is not None and se.size else None
+        c_mae = float(ce.mean()) if ce is not None and ce.size else None
+        if not enough or se is None or ce is None or s_mae is None or c_mae is None:
+            return CanaryComparison(
+                name="mae",
+                stable_value=s_mae,
+                canary_value=c_mae,
+                passed=None,
+                detail=f"needs {policy.min_labelled} labelled rows per variant "
+                f"(stable {lab.stable_n}, canary {lab.canary_n})",
+            )
+        _, p = stats.welch_greater(se, ce)
+        worse = p < policy.alpha and c_mae > s_mae * (1 + policy.margin)
+        return CanaryComparison(
+            name="mae",
+            stable_value=s_mae,
+            canary_value=c_mae,
+            threshold=s_mae * policy.margin,
+            passed=not worse,
+            detail=f"one-sided Welch p={p:.3g} over {lab.stable_n} vs {lab.canary_n} labelled rows",
+        )
+    s_acc = lab.stable_correct / lab.stable_n if lab.stable_n else None
+    c_acc = lab.canary_correct / lab.canary_n if lab.canary_n else None
+    if not enough or s_acc is None or c_acc is None:
+        return CanaryComparison(
+            name="accuracy",
+            stable_value=s_acc,
+            canary_value=c_acc,
+            passed=None,
+            detail=f"needs {policy.min_labelled} labelled rows per variant "
+            f"(stable {lab.stable_n}, canary {lab.canary_n})",
+        )
+    _, p = stats.two_proportion_worse(lab.stable_correct, lab.stable_n, lab.canary_correct, lab.canary_n)
+    worse = p < policy.alpha and (s_acc - c_acc) > policy.margin
+    return CanaryComparison(
+        name="accuracy",
+        stable_value=round(s_acc, 6),
+        canary_value=round(c_acc, 6),
+        threshold=policy.margin,
+        passed=not worse,
+        detail=f"one-sided two-proportion z-test p={p:.3g} over {lab.stable_n} vs {lab.canary_n} labelled rows",
+    )
+
+
+def canary_variant(variant: str) -> bool:
+    """Rows that belong to the canary side of a rollout."""
+    return variant in (Variant.CANARY.value, Variant.SHADOW.value)

@@ -1,0 +1,71 @@
+"""Window data for training: the window's rows plus recent labelled history, as one Parquet file.
+
+Columns: every feature, ``prediction``, ``label`` (null where no ground truth arrived), ``prediction_id``,
+``predicted_at`` (UTC). Pure: the handlers store the bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from services.monitoring.domain import ClosedWindow, from_epoch
+from services.monitoring.ports import LabelledRecord
+
+
+def _uniform(values: Sequence[Any]) -> list[Any]:
+    """Parquet columns hold one type: numbers stay numbers, anything mixed becomes text (nulls kept)."""
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in present):
+        return list(values)
+    if all(isinstance(v, bool) for v in present):
+        return list(values)
+    return [None if v is None else str(v) for v in values]
+
+
+def window_frame(
+    window: ClosedWindow | None,
+    labels: dict[str, Any],
+    history: Sequence[LabelledRecord],
+    features: Sequence[str],
+) -> pd.DataFrame:
+    """The window's rows (labels joined where known), then labelled history not already in it."""
+    columns: dict[str, list[Any]] = {name: [] for name in features}
+    columns.update(prediction=[], label=[], prediction_id=[], predicted_at=[])
+    seen: set[str] = set()
+    if window is not None:
+        for name in features:
+            if name in window.numeric:
+                col = window.numeric[name]
+                columns[name].extend([None if v != v else v for v in col.tolist()])
+            else:
+                columns[name].extend(window.categorical.get(name, [None] * window.size))
+        columns["prediction"].extend(window.prediction)
+        columns["label"].extend(labels.get(pid) for pid in window.prediction_ids)
+        columns["prediction_id"].extend(window.prediction_ids)
+        columns["predicted_at"].extend(from_epoch(t) for t in window.predicted_at.tolist())
+        seen.update(window.prediction_ids)
+    for row in history:
+        if row.prediction_id in seen:
+            continue
+        seen.add(row.prediction_id)
+        for name in features:
+            columns[name].append(row.inputs.get(name))
+        columns["prediction"].append(row.prediction)
+        columns["label"].append(row.label)
+        columns["prediction_id"].append(row.prediction_id)
+        columns["predicted_at"].append(row.predicted_at)
+    frame = pd.DataFrame({k: _uniform(v) if k != "predicted_at" else v for k, v in columns.items()})
+    frame["predicted_at"] = pd.to_datetime(frame["predicted_at"], utc=True)
+    return frame
+
+
+def to_parquet(frame: pd.DataFrame) -> bytes:
+    """Parquet bytes (pyarrow, no index)."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False, engine="pyarrow")
+    return buffer.getvalue()

@@ -1,0 +1,636 @@
+"""Monitoring's handlers: one plain async function per event type, plus the time-driven work (judging
+closed windows, bake times, timeouts). Shared state comes in through :class:`Monitor`; the database and
+the artifact store through the ports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from contracts.common import TrafficWindow
+from contracts.envelope import CloudEvent, new_event
+from contracts.feedback import GroundTruthReceived
+from contracts.models import ModelVersionRegistered
+from contracts.monitoring import (
+    CanaryComparison,
+    CanaryVerdict,
+    DataQualityIssue,
+    DataQualityIssueKind,
+    DriftDetected,
+    PerformanceDegraded,
+    Verdict,
+)
+from contracts.predictions import PredictionsLogged
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
+from libs.bus import Delivery, PermanentError
+from libs.logging import get_logger
+from services.monitoring import export
+from services.monitoring.domain import (
+    CanaryDecision,
+    CanaryPolicy,
+    CanaryStep,
+    ClosedWindow,
+    DebounceState,
+    DriftPolicy,
+    LabelledComparison,
+    LabelledRow,
+    ModelReference,
+    WindowJudgement,
+    canary_ready,
+    debounce,
+    degradations,
+    epoch,
+    from_epoch,
+    judge_canary,
+    judge_window,
+    performance_metrics,
+)
+from services.monitoring.live import LiveState
+from services.monitoring.ports import (
+    Artifacts,
+    LabelledRecord,
+    MonitoringStore,
+    PendingLabel,
+    ProfileUnavailable,
+    StoredModel,
+    StoredStep,
+    WindowState,
+)
+
+log = get_logger(__name__)
+
+Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
+PREDICTIONS_TOPIC = PredictionsLogged.topic
+
+
+@dataclass
+class Monitor:
+    """What every handler shares: the in-memory state, the defaults, the artifact store, the clock."""
+
+    live: LiveState
+    defaults: DriftPolicy
+    canary: CanaryPolicy
+    artifacts: Artifacts
+    source: str
+    performance_window_labels: int = 200
+    export_labelled_rows: int = 50_000
+    label_wait_seconds: float = 86_400.0
+    clock: Callable[[], float] = field(default=lambda: __import__("time").time())
+    policies: dict[str, DriftPolicy] = field(default_factory=dict)
+    on_windows_closed: Callable[[], None] = field(default=lambda: None)
+
+    def policy(self, model: str) -> DriftPolicy:
+        """The model's policy, or the defaults."""
+        return self.policies.get(model, self.defaults)
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+async def on_model_version_registered(
+    event: CloudEvent[ModelVersionRegistered], *, monitor: Monitor, store: MonitoringStore
+) -> None:
+    """Remember the version and prepare its reference profile for window judgements."""
+    p = event.data
+    stored = StoredModel(p.model, p.model_version, p.signature, dict(p.metrics), p.profile)
+    await store.save_model(stored)
+    try:
+        await load_reference(stored, monitor=monitor, store=store)
+    except ProfileUnavailable as exc:
+        raise PermanentError(str(exc)) from exc
+
+
+async def load_reference(stored: StoredModel, *, monitor: Monitor, store: MonitoringStore) -> ModelReference:
+    """Load a version's profile and open its window where the last judged one ended."""
+    profile = await monitor.artifacts.profile(stored.profile)
+    ref = ModelReference.build(stored.model, stored.version, stored.signature, stored.baseline, profile)
+    state = await store.window_state(stored.model, stored.version)
+    monitor.live.add_reference(ref, seq=state.next_seq, starts=state.starts)
+    return ref
+
+
+# --- predictions and labels --------------------------------------------------------------------------------
+
+
+async def on_predictions_logged(
+    deliveries: Sequence[Delivery], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> None:
+    """Add a poll's predictions to the windows (vectorised per model version); join waiting labels."""
+    requests = [
+        (d.event.data, d.record.partition, d.record.offset)
+        for d in deliveries
+        if d.event is not None and isinstance(d.event.data, PredictionsLogged)
+    ]
+    live = monitor.live
+    result = live.ingest(requests, arrival=monitor.clock())
+    for model in live.unknown_models_to_log(result.newly_unknown):
+        versions = sorted(v for m, v in live.unknown if m == model)
+        log.warning(
+            "predictions for an unknown model or version are counted and skipped",
+            model=model,
+            versions=versions,
+            hint="monitoring has no ModelVersionRegistered for it (yet)",
+        )
+    if result.pending_matches:
+        await _join_pending(result.pending_matches, monitor=monitor, store=store, publish=publish)
+    if result.closed:
+        monitor.on_windows_closed()
+
+
+async def _join_pending(
+    prediction_ids: list[str], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> None:
+    live = monitor.live
+    pending = await store.take_pending(prediction_ids)
+    live.pending_label_ids.difference_update(prediction_ids)
+    rows = []
+    for label in pending:
+        hit = live.cache.get(label.prediction_id)
+        if hit is not None:
+            rows.append(_labelled(hit, label.label, label.observed_at, late=False))
+    await store.add_labelled(rows)
+    for key in sorted({(r.model, r.version) for r in rows}):
+        await check_performance(key[0], key[1], monitor=monitor, store=store, publish=publish)
+
+
+def _labelled(hit: Any, label: Any, observed_at: Any, *, late: bool) -> LabelledRecord:
+    return LabelledRecord(
+        prediction_id=hit.prediction_id,
+        model=hit.model,
+        version=hit.version,
+        variant=hit.variant,
+        rollout_id=hit.rollout_id,
+        predicted_at=from_epoch(hit.predicted_at),
+        prediction=hit.prediction,
+        score=hit.score,
+        label=label,
+        observed_at=observed_at,
+        late=late,
+        inputs=hit.inputs,
+    )
+
+
+async def on_ground_truth_received(
+    deliveries: Sequence[Delivery], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> None:
+    """Join labels to their predictions by id; a label whose prediction is not known yet waits (bounded)."""
+    live = monitor.live
+    joined: list[LabelledRecord] = []
+    waiting: list[PendingLabel] = []
+    for d in deliveries:
+        if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
+            continue
+        g = d.event.data
+        hit = live.cache.get(g.prediction_id)
+        if hit is None or hit.model != g.model:
+            waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
+            continue
+        window = live.windows.get((hit.model, hit.version))
+        # Late: the prediction's drift window was already judged when its label came.
+        late = window is not None and hit.window_seq < window.seq
+        joined.append(_labelled(hit, g.label, g.observed_at, late=late))
+    await store.add_labelled(joined)
+    if waiting:
+        await store.add_pending(waiting)
+        live.pending_label_ids.update(p.prediction_id for p in waiting)
+    for model, version in sorted({(r.model, r.version) for r in joined}):
+        await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+
+
+async def check_performance(
+    model: str, version: int, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> None:
+    """Score every full performance window of labelled rows against the validation baseline."""
+    ref = monitor.live.references.get((model, version))
+    if ref is None:
+        return
+    policy = monitor.policy(model)
+    size = monitor.performance_window_labels
+    while True:
+        rows = await store.unscored(model, version, size)
+        if len(rows) < size:
+            return
+        state = await store.performance_state(model, version)
+        seq = state.next_seq
+        labelled = [LabelledRow(r.prediction, r.score, r.label, r.late) for r in rows]
+        metrics = performance_metrics(labelled, ref.task, ref.positive_class)
+        state.next_seq += 1
+        state.last_metrics = metrics
+        await store.mark_scored([r.prediction_id for r in rows], seq)
+        found = degradations(metrics, ref.baseline, policy.performance_tolerance)
+        start = min(epoch(r.predicted_at) for r in rows)
+        end = max(epoch(r.predicted_at) for r in rows)
+        last = state.last_alerts.get("any")
+        if found and (last is None or end - last >= policy.cooldown_seconds):
+            worst = max(found, key=lambda d: abs(d.value - d.baseline) / max(abs(d.baseline), 1e-9))
+            state.last_alerts["any"] = end
+            data = await _export(None, rows, ref, monitor=monitor, store=store)
+            payload = PerformanceDegraded(
+                model=model,
+                model_version=version,
+                metric=worst.metric,
+                value=worst.value,
+                baseline=worst.baseline,
+                threshold=worst.threshold,
+                higher_is_better=worst.higher_is_better,
+                window=TrafficWindow(
+                    id=f"{model}:{version}:perf{seq:06d}",
+                    start=from_epoch(start),
+                    end=from_epoch(end),
+                    size=len(rows),
+                    data=data,
+                ),
+                labelled_rows=len(rows),
+                late_labels=sum(r.late for r in rows),
+            )
+            event = new_event(payload, source=monitor.source)
+            await publish(event)
+            summary = (
+                f"{worst.metric} {worst.value:.4f} vs baseline {worst.baseline:.4f} over {len(rows)} labels"
+            )
+            await store.record_alert(event.id, model, version, "PerformanceDegraded", summary)
+            log.info("performance degraded", model=model, version=version, metric=worst.metric)
+        await store.save_performance_state(model, version, state)
+
+
+async def _export(
+    window: ClosedWindow | None,
+    extra: Sequence[LabelledRecord],
+    ref: ModelReference,
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+) -> Any:
+    labels = await store.labelled_for(window.prediction_ids) if window is not None else {}
+    history = list(extra)
+    if monitor.export_labelled_rows:
+        history += await store.recent_labelled(ref.model, monitor.export_labelled_rows)
+    frame = export.window_frame(window, labels, history, [f.name for f in ref.signature.features])
+    return await monitor.artifacts.put_parquet(export.to_parquet(frame))
+
+
+# --- judging closed windows --------------------------------------------------------------------------------
+
+
+async def judge_closed_window(
+    window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> WindowJudgement | None:
+    """Judge one closed window, debounce, and publish DriftDetected / DataQualityIssue when due.
+
+    Runs in its own transaction; a window judged before (seen again after a replay) changes nothing.
+    """
+    key = (window.model, window.version)
+    ref = monitor.live.references.get(key)
+    if ref is None:
+        return None
+    state = await store.window_state(window.model, window.version, lock=True)
+    if window.seq < state.next_seq:
+        return None
+    policy = monitor.policy(window.model)
+    judgement = judge_window(ref, window, policy)
+    decision = debounce(DebounceState(state.consecutive, state.last_alert_at), judgement, policy)
+    traffic = TrafficWindow(
+        id=window.window_id, start=from_epoch(window.start), end=from_epoch(window.end), size=window.size
+    )
+    evidence = [r.evidence(decision.state.consecutive.get(r.name, 0)) for r in judgement.features]
+    prediction = (
+        judgement.prediction.evidence(1 if judgement.prediction.drifted else 0)
+        if judgement.prediction
+        else None
+    )
+    if decision.alert:
+        data = await _export(window, [], ref, monitor=monitor, store=store)
+        payload = DriftDetected(
+            model=window.model,
+            model_version=window.version,
+            window=traffic.model_copy(update={"data": data}),
+            reference_size=ref.rows,
+            features=evidence,
+            drifted_features=decision.debounced,
+            drift_share=decision.share,
+            share_threshold=policy.share_threshold,
+            correction=policy.correction,
+            alpha=policy.alpha,
+            prediction_drift=prediction,
+        )
+        event = new_event(payload, source=monitor.source)
+        await publish(event)
+        await store.record_alert(
+            event.id,
+            window.model,
+            window.version,
+            "DriftDetected",
+            f"{len(decision.debounced)} of {len(evidence)} features drifted: {', '.join(decision.debounced)}",
+        )
+        log.info("drift detected", model=window.model, version=window.version, features=decision.debounced)
+    for finding in judgement.quality:
+        last = await store.quality_last(window.model, window.version, finding.feature, finding.kind)
+        if last is not None and window.end - last < policy.cooldown_seconds:
+            continue
+        issue = DataQualityIssue(
+            model=window.model,
+            model_version=window.version,
+            kind=DataQualityIssueKind(finding.kind),
+            feature=finding.feature,
+            count=finding.count,
+            share=min(finding.share, 1.0),
+            window=traffic,
+            message=finding.message,
+        )
+        issue_event = new_event(issue, source=monitor.source)
+        await publish(issue_event)
+        await store.save_quality(window.model, window.version, finding.feature, finding.kind, window.end)
+        await store.record_alert(
+            issue_event.id, window.model, window.version, "DataQualityIssue", finding.message
+        )
+    report = window_report(
+        judgement, decision.debounced, decision.share, decision.alert, decision.state.consecutive
+    )
+    summary = {
+        "window_id": window.window_id,
+        "start": from_epoch(window.start),
+        "end": from_epoch(window.end),
+        "size": window.size,
+        "drift_share": judgement.drift_share,
+        "alerted": decision.alert,
+    }
+    await store.record_window(window.model, window.version, window.seq, summary, report)
+    open_window = monitor.live.windows.get(key)
+    starts = dict(window.next_offsets)
+    if open_window is not None and open_window.first_offsets:
+        starts.update(open_window.first_offsets)
+    await store.save_window_state(
+        window.model,
+        window.version,
+        WindowState(
+            next_seq=window.seq + 1,
+            starts=starts,
+            consecutive=decision.state.consecutive,
+            last_alert_at=decision.state.last_alert_at,
+        ),
+    )
+    return judgement
+
+
+def window_report(
+    judgement: WindowJudgement,
+    debounced: list[str],
+    share: float,
+    alerted: bool,
+    consecutive: dict[str, int],
+) -> dict[str, Any]:
+    """The JSON report of one judged window (what the HTTP drift report shows)."""
+    w = judgement.window
+
+    def feature(r: Any, count: int) -> dict[str, Any]:
+        item = r.evidence(count).model_dump(mode="json")
+        item["p_value_raw"] = r.p_value
+        item["histogram"] = r.histogram.as_dict() if r.histogram else None
+        return item
+
+    return {
+        "model": w.model,
+        "model_version": w.version,
+        "window": {
+            "id": w.window_id,
+            "start": from_epoch(w.start).isoformat(),
+            "end": from_epoch(w.end).isoformat(),
+            "size": w.size,
+        },
+        "correction": judgement.correction.value,
+        "alpha": judgement.alpha,
+        "drift_share": judgement.drift_share,
+        "debounced_share": share,
+        "drifted_features": [r.name for r in judgement.features if r.drifted],
+        "debounced_features": debounced,
+        "alerted": alerted,
+        "features": [feature(r, consecutive.get(r.name, 0)) for r in judgement.features],
+        "prediction": feature(judgement.prediction, 0) if judgement.prediction else None,
+        "quality": [q.__dict__ for q in judgement.quality],
+    }
+
+
+# --- rollouts ------------------------------------------------------------------------------------------------
+
+
+async def on_rollout_started(
+    event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore
+) -> None:
+    """Watch the rollout's current step."""
+    p = event.data
+    step = StoredStep(
+        rollout_id=p.rollout_id,
+        step_index=p.step_index,
+        model=p.model,
+        stable_version=p.stable_version,
+        canary_version=p.canary_version,
+        started_at=epoch(event.time),
+        min_samples=p.min_samples,
+        bake_seconds=p.bake_seconds,
+        cause_id=event.id,
+        correlation_id=event.correlationid,
+        actor=event.actor,
+    )
+    await store.save_step(step)
+    monitor.live.watch(canary_step(step))
+
+
+async def on_rollout_step_advanced(
+    event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore
+) -> None:
+    """Watch the new step, with the rollout's sample and bake requirements."""
+    p = event.data
+    previous = await store.last_step(p.rollout_id)
+    if previous is None:
+        raise PermanentError(f"rollout {p.rollout_id} advanced, but monitoring never saw it start")
+    if previous.step_index >= p.step_index:
+        return  # an old event: the step is known already
+    step = StoredStep(
+        rollout_id=p.rollout_id,
+        step_index=p.step_index,
+        model=p.model,
+        stable_version=p.stable_version,
+        canary_version=p.canary_version,
+        started_at=epoch(event.time),
+        min_samples=previous.min_samples,
+        bake_seconds=previous.bake_seconds,
+        cause_id=event.id,
+        correlation_id=event.correlationid,
+        actor=event.actor,
+    )
+    await store.save_step(step)
+    monitor.live.watch(canary_step(step))
+
+
+async def on_rollout_finished(
+    event: CloudEvent[RolloutPromoted | RolloutRolledBack], *, monitor: Monitor, store: MonitoringStore
+) -> None:
+    """Stop watching a promoted or rolled back rollout."""
+    await store.finish_rollout(event.data.rollout_id)
+    monitor.live.unwatch(event.data.rollout_id)
+
+
+def canary_step(step: StoredStep) -> CanaryStep:
+    """The in-memory watcher of a stored step."""
+    return CanaryStep(
+        rollout_id=step.rollout_id,
+        model=step.model,
+        stable_version=step.stable_version,
+        canary_version=step.canary_version,
+        step_index=step.step_index,
+        started_at=step.started_at,
+        min_samples=step.min_samples,
+        bake_seconds=step.bake_seconds,
+    )
+
+
+async def check_canaries(
+    now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> list[CanaryVerdict]:
+    """Give each watched step its one verdict once due (samples and bake time), or inconclusive at timeout."""
+    published = []
+    stored = {(s.rollout_id, s.step_index): s for s in await store.watched_steps()}
+    for step in list(monitor.live.steps.values()):
+        meta = stored.get((step.rollout_id, step.step_index))
+        if meta is None:
+            continue
+        decision = await _decide(step, now, monitor=monitor, store=store)
+        if decision is None:
+            continue
+        verdict = _verdict(step, decision, now)
+        event = new_event(verdict, source=monitor.source).model_copy(
+            update={"correlationid": meta.correlation_id, "causationid": meta.cause_id, "actor": meta.actor}
+        )
+        if await store.decide_step(
+            step.rollout_id, step.step_index, decision.verdict.value, decision.reason, event.id
+        ):
+            await publish(event)
+            await store.record_alert(
+                event.id,
+                step.model,
+                step.canary_version,
+                "CanaryVerdict",
+                f"{decision.verdict.value}: {decision.reason}",
+            )
+            published.append(verdict)
+            log.info(
+                "canary verdict",
+                rollout_id=step.rollout_id,
+                step=step.step_index,
+                verdict=decision.verdict.value,
+                reason=decision.reason,
+            )
+        monitor.live.unwatch(step.rollout_id)
+    return published
+
+
+async def _decide(
+    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore
+) -> CanaryDecision | None:
+    policy = monitor.canary
+    if canary_ready(step, now) != "judge":
+        if now - step.started_at >= policy.timeout_seconds:
+            return CanaryDecision(
+                Verdict.INCONCLUSIVE,
+                [
+                    CanaryComparison(
+                        name="canary_samples",
+                        stable_value=float(step.stable.rows),
+                        canary_value=float(step.canary.rows),
+                        threshold=float(step.min_samples),
+                        passed=None,
+                        detail=f"the canary got {step.canary.rows} of {step.min_samples} predictions in "
+                        f"{policy.timeout_seconds:.0f} s",
+                    )
+                ],
+                f"timed out: canary had {step.canary.rows} of {step.min_samples} predictions",
+            )
+        return None
+    ref = monitor.live.references.get((step.model, step.canary_version))
+    if ref is None:
+        return None
+    labelled = await _labelled_comparison(step, ref, store)
+    flowing = labelled.stable_n > 0 or labelled.canary_n > 0
+    short = labelled.canary_n < policy.min_labelled or labelled.stable_n < policy.min_labelled
+    if flowing and short and now < step.started_at + step.bake_seconds + policy.label_grace_seconds:
+        return None  # labels are coming: give them the grace period before judging without them
+    edges = ref.prediction.edges if ref.prediction is not None else None
+    return judge_canary(step, task=ref.task, labelled=labelled, policy=policy, score_edges=edges)
+
+
+async def _labelled_comparison(
+    step: CanaryStep, ref: ModelReference, store: MonitoringStore
+) -> LabelledComparison:
+    since = from_epoch(step.started_at)
+    canary = await store.labelled_outcomes(step.model, step.canary_version, since)
+    stable = (
+        await store.labelled_outcomes(step.model, step.stable_version, since)
+        if step.stable_version is not None
+        else []
+    )
+    out = LabelledComparison(stable_n=len(stable), canary_n=len(canary))
+    if ref.task.value == "regression":
+        out.stable_abs_errors = np.array([abs(float(p) - float(y)) for p, y, _ in stable])
+        out.canary_abs_errors = np.array([abs(float(p) - float(y)) for p, y, _ in canary])
+    else:
+        out.stable_correct = sum(str(p) == str(y) for p, y, _ in stable)
+        out.canary_correct = sum(str(p) == str(y) for p, y, _ in canary)
+    return out
+
+
+def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVerdict:
+    start = step.started_at
+    return CanaryVerdict(
+        rollout_id=step.rollout_id,
+        model=step.model,
+        stable_version=step.stable_version,
+        canary_version=step.canary_version,
+        step_index=step.step_index,
+        verdict=decision.verdict,
+        evidence=decision.evidence,
+        stable_samples=step.stable.rows,
+        canary_samples=step.canary.rows,
+        window=TrafficWindow(
+            id=f"{step.rollout_id}:step{step.step_index}",
+            start=from_epoch(start),
+            end=from_epoch(max(now, start)),
+            size=step.stable.rows + step.canary.rows,
+        ),
+        reason=decision.reason,
+    )
+
+
+# --- time-driven housekeeping ----------------------------------------------------------------------------
+
+
+async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish) -> None:
+    """Close idle windows, give due canary verdicts, forget expired predictions and labels, and record
+    where a restart must replay from."""
+    live = monitor.live
+    if live.close_idle(now):
+        monitor.on_windows_closed()
+    live.cache.evict(now)
+    expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
+    live.pending_label_ids.difference_update(expired)
+    await check_canaries(now, monitor=monitor, store=store, publish=publish)
+    await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON-safe number."""
+    return None if x is None or not math.isfinite(x) else x
+
+
+HANDLERS: dict[type, Callable[..., Awaitable[Any]]] = {
+    ModelVersionRegistered: on_model_version_registered,
+    PredictionsLogged: on_predictions_logged,
+    GroundTruthReceived: on_ground_truth_received,
+    RolloutStarted: on_rollout_started,
+    RolloutStepAdvanced: on_rollout_step_advanced,
+    RolloutPromoted: on_rollout_finished,
+    RolloutRolledBack: on_rollout_finished,
+}

@@ -1,0 +1,332 @@
+"""The in-memory side of monitoring: open windows, the predictions waiting for labels, and the traffic of
+live rollout steps. Pure (no I/O): the handlers feed it batches and persist what it closes.
+
+What lives only here is rebuilt after a restart by re-reading the predictions topic from the offsets this
+state still depends on (:meth:`LiveState.hold_offsets`), which the service stores in Postgres.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from contracts.predictions import PredictionsLogged, Variant
+from services.monitoring.domain import (
+    CanaryStep,
+    ClosedWindow,
+    DriftWindow,
+    ModelReference,
+    RowBatch,
+    canary_variant,
+    rows_of,
+    split_point,
+)
+
+ModelKey = tuple[str, int]
+Request = tuple[PredictionsLogged, int, int]  # payload, partition, offset
+
+
+@dataclass
+class CachedPrediction:
+    """What a label is joined with."""
+
+    model: str
+    version: int
+    variant: str
+    rollout_id: str | None
+    prediction_id: str
+    predicted_at: float
+    prediction: Any
+    score: float | None
+    inputs: dict[str, Any]
+    window_seq: int
+
+
+@dataclass
+class _CachedPart:
+    batch: RowBatch
+    window_seq: int
+    newest_at: float
+    first_offsets: dict[int, int]
+
+
+class PredictionCache:
+    """Predictions kept for their labels, bounded by age and count; oldest parts leave first."""
+
+    def __init__(self, *, max_age_s: float, max_rows: int) -> None:
+        self.max_age_s = max_age_s
+        self.max_rows = max_rows
+        self._index: dict[str, tuple[_CachedPart, int]] = {}
+        self._parts: deque[_CachedPart] = deque()
+        self.rows = 0
+
+    def add(self, batch: RowBatch, window_seq: int) -> None:
+        if batch.size == 0:
+            return
+        first: dict[int, int] = {}
+        for p, o in zip(batch.partition.tolist(), batch.offset.tolist(), strict=True):
+            first.setdefault(p, o)
+        part = _CachedPart(batch, window_seq, float(batch.predicted_at.max()), first)
+        self._parts.append(part)
+        index = self._index
+        for i, pid in enumerate(batch.prediction_ids):
+            index[pid] = (part, i)
+        self.rows += batch.size
+
+    def get(self, prediction_id: str) -> CachedPrediction | None:
+        hit = self._index.get(prediction_id)
+        if hit is None:
+            return None
+        part, i = hit
+        b = part.batch
+        request = int(np.searchsorted(np.cumsum(b.request_rows), i, side="right"))
+        inputs = {k: _plain(v[i]) for k, v in b.numeric.items()}
+        inputs.update({k: v[i] for k, v in b.categorical.items()})
+        score = float(b.score[i])
+        return CachedPrediction(
+            model=b.model,
+            version=b.version,
+            variant=b.variant[request],
+            rollout_id=b.rollout_id[request],
+            prediction_id=prediction_id,
+            predicted_at=float(b.predicted_at[i]),
+            prediction=b.prediction[i],
+            score=None if np.isnan(score) else score,
+            inputs=inputs,
+            window_seq=part.window_seq,
+        )
+
+    def evict(self, now: float) -> int:
+        """Drop parts older than the label wait, and the oldest beyond the row bound; returns rows dropped."""
+        dropped = 0
+        while self._parts and (self._parts[0].newest_at < now - self.max_age_s or self.rows > self.max_rows):
+            part = self._parts.popleft()
+            for pid in part.batch.prediction_ids:
+                hit = self._index.get(pid)
+                if hit is not None and hit[0] is part:
+                    del self._index[pid]
+            self.rows -= part.batch.size
+            dropped += part.batch.size
+        return dropped
+
+    def first_offsets(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for part in self._parts:
+            for p, o in part.first_offsets.items():
+                out[p] = min(out.get(p, o), o)
+        return out
+
+
+def _plain(x: Any) -> Any:
+    f = float(x)
+    return None if f != f else f
+
+
+@dataclass
+class IngestResult:
+    """What one batch of requests did, for the handler to persist or report."""
+
+    rows: int = 0
+    closed: int = 0
+    unknown: Counter[ModelKey] = field(default_factory=Counter)
+    newly_unknown: list[ModelKey] = field(default_factory=list)
+    pending_matches: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WindowSettings:
+    """Window sizes (from the settings)."""
+
+    rows: int = 5_000
+    seconds: float = 300.0
+    min_rows: int = 100
+
+
+class LiveState:
+    """Open windows per model version, the label-join cache, and live rollout steps."""
+
+    def __init__(self, windows: WindowSettings, cache: PredictionCache) -> None:
+        self.window_settings = windows
+        self.cache = cache
+        self.references: dict[ModelKey, ModelReference] = {}
+        self.windows: dict[ModelKey, DriftWindow] = {}
+        # Where each open window starts (from Postgres): replayed rows before it belong to judged windows.
+        self.window_starts: dict[ModelKey, dict[int, int]] = {}
+        self.closed: deque[ClosedWindow] = deque()
+        self.steps: dict[str, CanaryStep] = {}
+        self.unknown: Counter[ModelKey] = Counter()
+        self._unknown_models_logged: set[str] = set()
+        self.next_offsets: dict[int, int] = {}
+        self.pending_label_ids: set[str] = set()
+
+    # -- models and windows -------------------------------------------------------------------------
+
+    def add_reference(
+        self, ref: ModelReference, *, seq: int = 1, starts: dict[int, int] | None = None
+    ) -> None:
+        key = (ref.model, ref.version)
+        self.references[key] = ref
+        if key not in self.windows:
+            self.windows[key] = DriftWindow(ref.model, ref.version, seq)
+        if starts:
+            self.window_starts[key] = dict(starts)
+
+    def window(self, key: ModelKey) -> DriftWindow:
+        return self.windows[key]
+
+    # -- ingestion --------------------------------------------------------------------------------------
+
+    def ingest(self, requests: Sequence[Request], *, arrival: float, replaying: bool = False) -> IngestResult:
+        """Add a poll's requests to windows, the label cache and rollout steps; close full windows."""
+        result = IngestResult()
+        fresh: list[Request] = []
+        for req in requests:
+            _, part, off = req
+            if off < self.next_offsets.get(part, -1):
+                continue  # a redelivery after a failed transaction: already in memory
+            self.next_offsets[part] = off + 1
+            fresh.append(req)
+        groups: dict[ModelKey, list[Request]] = {}
+        for req in fresh:
+            groups.setdefault((req[0].model, req[0].model_version), []).append(req)
+        for key, reqs in groups.items():
+            ref = self.references.get(key)
+            if ref is None:
+                n = sum(len(p.rows) for p, _, _ in reqs)
+                if key not in self.unknown:
+                    result.newly_unknown.append(key)
+                self.unknown[key] += n
+                result.unknown[key] += n
+                continue
+            batch = rows_of(ref, reqs)
+            result.rows += batch.size
+            self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
+            self._to_steps(batch)
+            if self.pending_label_ids:
+                result.pending_matches.extend(
+                    pid for pid in batch.prediction_ids if pid in self.pending_label_ids
+                )
+        return result
+
+    def _to_windows(
+        self, key: ModelKey, batch: RowBatch, *, arrival: float, replaying: bool, result: IngestResult
+    ) -> None:
+        starts = self.window_starts.get(key)
+        if replaying and starts:
+            keep = np.array(
+                [
+                    o >= starts.get(p, 0)
+                    for p, o in zip(batch.partition.tolist(), batch.offset.tolist(), strict=True)
+                ]
+            )
+            if not keep.all():
+                # Rows of windows judged before the restart: only the label cache needs them.
+                first_kept = int(np.argmax(keep)) if keep.any() else batch.requests
+                self.cache.add(batch.row_slice(0, first_kept), self.windows[key].seq - 1)
+                batch = batch.row_slice(first_kept, batch.requests)
+        ws = self.window_settings
+        while batch.requests:
+            win = self.windows[key]
+            cut = split_point(
+                batch,
+                window_rows=ws.rows,
+                window_seconds=ws.seconds,
+                min_rows=ws.min_rows,
+                already=win.rows,
+                first_at=win.first_at,
+            )
+            if cut is None:
+                win.add(batch, arrival=arrival)
+                self.cache.add(batch, win.seq)
+                return
+            head = batch.row_slice(0, cut)
+            win.add(head, arrival=arrival)
+            self.cache.add(head, win.seq)
+            self._close(key)
+            result.closed += 1
+            batch = batch.row_slice(cut, batch.requests)
+
+    def _close(self, key: ModelKey) -> None:
+        win = self.windows[key]
+        if win.rows:
+            self.closed.append(win.close())
+        self.windows[key] = DriftWindow(win.model, win.version, win.seq + 1)
+        self.window_starts.pop(key, None)
+
+    def close_idle(self, now: float) -> int:
+        """Close windows with enough rows that saw no traffic for ``seconds`` (wall clock)."""
+        ws = self.window_settings
+        closed = 0
+        for key, win in list(self.windows.items()):
+            if win.rows >= ws.min_rows and now - win.last_arrival >= ws.seconds:
+                self._close(key)
+                closed += 1
+        return closed
+
+    # -- rollouts ---------------------------------------------------------------------------------------
+
+    def watch(self, step: CanaryStep) -> None:
+        """Start collecting a rollout step's traffic (replacing the rollout's previous step)."""
+        self.steps[step.rollout_id] = step
+
+    def unwatch(self, rollout_id: str) -> None:
+        self.steps.pop(rollout_id, None)
+
+    def _to_steps(self, batch: RowBatch) -> None:
+        for step in self.steps.values():
+            if step.model != batch.model:
+                continue
+            variants = batch.variant
+            if batch.version == step.canary_version:
+                mask = np.array([canary_variant(v) for v in variants])
+                side = step.canary
+            elif batch.version == step.stable_version:
+                mask = np.array([v == Variant.STABLE.value for v in variants])
+                side = step.stable
+            else:
+                continue
+            mask &= batch.request_at >= step.started_at
+            if not mask.any():
+                continue
+            rows = np.repeat(mask, batch.request_rows)
+            idx = np.flatnonzero(rows)
+            side.add(
+                batch.predicted_at[idx],
+                batch.score[idx],
+                [batch.prediction[i] for i in idx.tolist()],
+                batch.latency_ms[mask],
+            )
+            for p, o in zip(batch.partition[mask].tolist(), batch.offset[mask].tolist(), strict=True):
+                step.first_offsets.setdefault(p, o)
+
+    # -- restart support --------------------------------------------------------------------------------
+
+    def hold_offsets(self) -> dict[int, int]:
+        """Per partition, the first offset whose rows are still only in memory: replay starts there."""
+        holds: dict[int, int] = dict(self.next_offsets)
+
+        def hold(offsets: dict[int, int]) -> None:
+            for p, o in offsets.items():
+                holds[p] = min(holds.get(p, o), o)
+
+        for win in self.windows.values():
+            hold(win.first_offsets)
+        for closed in self.closed:
+            hold(closed.first_offsets)
+        for step in self.steps.values():
+            hold(step.first_offsets)
+        hold(self.cache.first_offsets())
+        return holds
+
+    def unknown_models_to_log(self, keys: Iterable[ModelKey]) -> list[str]:
+        """Models not logged yet as unknown: one log line per model, not per message."""
+        out = []
+        for model, _ in keys:
+            if model not in self._unknown_models_logged:
+                self._unknown_models_logged.add(model)
+                out.append(model)
+        return out

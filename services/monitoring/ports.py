@@ -1,0 +1,245 @@
+"""What monitoring's handlers need from the outside world, as Protocols (Postgres and the artifact store
+implement them in adapters/, fakes in the unit tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from contracts.common import ArtifactRef, ModelSignature
+from libs.profiles import ReferenceProfile
+from services.monitoring.domain import DriftPolicy
+
+
+@dataclass
+class StoredModel:
+    """A registered model version as monitoring recorded it."""
+
+    model: str
+    version: int
+    signature: ModelSignature
+    baseline: dict[str, float]
+    profile: ArtifactRef
+
+
+@dataclass
+class WindowState:
+    """A model version's open window number and first offsets, and its debounce state."""
+
+    next_seq: int = 1
+    starts: dict[int, int] = field(default_factory=dict)
+    consecutive: dict[str, int] = field(default_factory=dict)
+    last_alert_at: float | None = None
+
+
+@dataclass
+class LabelledRecord:
+    """A prediction joined with its label, as stored."""
+
+    prediction_id: str
+    model: str
+    version: int
+    variant: str
+    rollout_id: str | None
+    predicted_at: datetime
+    prediction: Any
+    score: float | None
+    label: Any
+    observed_at: datetime
+    late: bool
+    inputs: dict[str, Any]
+
+
+@dataclass
+class PendingLabel:
+    """A label waiting for its prediction."""
+
+    prediction_id: str
+    model: str
+    label: Any
+    observed_at: datetime
+
+
+@dataclass
+class PerformanceState:
+    """A model version's next performance window number and last alert time per metric."""
+
+    next_seq: int = 1
+    last_alerts: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StoredStep:
+    """A rollout step monitoring watches (or watched)."""
+
+    rollout_id: str
+    step_index: int
+    model: str
+    stable_version: int | None
+    canary_version: int
+    started_at: float
+    min_samples: int
+    bake_seconds: float
+    cause_id: str
+    correlation_id: str
+    actor: str | None
+    state: str = "watching"
+    verdict: str | None = None
+
+
+class MonitoringStore(Protocol):
+    """Monitoring's tables, inside the caller's transaction."""
+
+    async def save_model(self, model: StoredModel) -> bool:
+        """Record a model version; False when it was known already."""
+        ...
+
+    async def models(self) -> list[StoredModel]:
+        """Every registered model version."""
+        ...
+
+    async def policy(self, model: str) -> DriftPolicy | None:
+        """The operator's policy for a model, if one was set."""
+        ...
+
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
+        """Set a model's policy."""
+        ...
+
+    async def window_state(self, model: str, version: int, *, lock: bool = False) -> WindowState:
+        """A model version's window state (locked for update when ``lock``)."""
+        ...
+
+    async def save_window_state(self, model: str, version: int, state: WindowState) -> None:
+        """Store a model version's window state."""
+        ...
+
+    async def record_window(
+        self, model: str, version: int, seq: int, summary: dict[str, Any], report: dict[str, Any]
+    ) -> bool:
+        """Record a judged window; False when that window was judged before (a replay)."""
+        ...
+
+    async def latest_reports(self, model: str, limit: int) -> list[dict[str, Any]]:
+        """The model's most recent window reports, newest first."""
+        ...
+
+    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+        """Store joined labels (a label already joined is ignored); returns how many were new."""
+        ...
+
+    async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
+        """Labels of the given predictions, where joined."""
+        ...
+
+    async def recent_labelled(self, model: str, limit: int) -> list[LabelledRecord]:
+        """The model's most recently labelled rows, any version."""
+        ...
+
+    async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
+        """Labelled rows of a version not yet in a performance window, oldest first."""
+        ...
+
+    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
+        """Put labelled rows in performance window ``seq``."""
+        ...
+
+    async def performance_state(self, model: str, version: int) -> PerformanceState:
+        """A version's performance state (locked for update)."""
+        ...
+
+    async def save_performance_state(self, model: str, version: int, state: PerformanceState) -> None:
+        """Store a version's performance state."""
+        ...
+
+    async def add_pending(self, labels: list[PendingLabel]) -> None:
+        """Keep labels whose prediction is not known yet."""
+        ...
+
+    async def take_pending(self, prediction_ids: list[str]) -> list[PendingLabel]:
+        """Remove and return the pending labels of these predictions."""
+        ...
+
+    async def pending_ids(self) -> set[str]:
+        """Ids of every label still waiting for its prediction."""
+        ...
+
+    async def expire_pending(self, received_before: datetime) -> list[str]:
+        """Give up on labels that waited too long; returns their prediction ids."""
+        ...
+
+    async def label_counts(self) -> dict[str, dict[str, int]]:
+        """Per model: labelled, late and unmatched label counts."""
+        ...
+
+    async def save_step(self, step: StoredStep) -> None:
+        """Record a rollout step to watch (superseding the rollout's earlier steps)."""
+        ...
+
+    async def finish_rollout(self, rollout_id: str) -> None:
+        """Stop watching a rollout."""
+        ...
+
+    async def last_step(self, rollout_id: str) -> StoredStep | None:
+        """The rollout's most recent step, whatever its state."""
+        ...
+
+    async def watched_steps(self) -> list[StoredStep]:
+        """Steps without a verdict of rollouts still running."""
+        ...
+
+    async def decide_step(
+        self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
+    ) -> bool:
+        """Record the step's verdict; False when it had one already."""
+        ...
+
+    async def labelled_outcomes(
+        self, model: str, version: int, since: datetime
+    ) -> list[tuple[Any, Any, float | None]]:
+        """(prediction, label, score) of a version's labelled rows predicted since a time."""
+        ...
+
+    async def quality_last(self, model: str, version: int, feature: str, kind: str) -> float | None:
+        """When this finding was last published (epoch seconds)."""
+        ...
+
+    async def save_quality(self, model: str, version: int, feature: str, kind: str, at: float) -> None:
+        """Remember a published finding."""
+        ...
+
+    async def record_alert(
+        self, event_id: str, model: str, version: int | None, kind: str, summary: str
+    ) -> None:
+        """Remember a published alert for the status page."""
+        ...
+
+    async def recent_alerts(self, limit: int) -> list[dict[str, Any]]:
+        """Most recent alerts, newest first."""
+        ...
+
+    async def replay_offsets(self, topic: str) -> dict[int, int]:
+        """Where a restart re-reads the topic from, per partition."""
+        ...
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        """Store where a restart re-reads the topic from."""
+        ...
+
+
+class ProfileUnavailable(Exception):
+    """A reference profile could not be loaded (missing, corrupted, or not a profile)."""
+
+
+class Artifacts(Protocol):
+    """The shared artifact store, as monitoring uses it."""
+
+    async def profile(self, ref: ArtifactRef) -> ReferenceProfile:
+        """Load a reference profile (hash verified); raises :class:`ProfileUnavailable`."""
+        ...
+
+    async def put_parquet(self, data: bytes) -> ArtifactRef:
+        """Store a Parquet file; returns its reference."""
+        ...

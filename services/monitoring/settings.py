@@ -1,0 +1,156 @@
+"""Settings of the monitoring service (env prefix DRIFTLOOP_MONITORING_, falling back to DRIFTLOOP_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from contracts.feedback import GroundTruthReceived
+from contracts.models import ModelVersionRegistered
+from contracts.monitoring import CorrectionMethod
+from contracts.predictions import PredictionsLogged
+from contracts.rollouts import RolloutStarted
+from libs.settings import ServiceSettings
+
+
+class MonitoringSettings(ServiceSettings):
+    """Windows, drift policy defaults, label joins and canary analysis. A model's policy (HTTP PUT) overrides
+    the drift and performance defaults for that model."""
+
+    service: ClassVar[str] = "monitoring"
+
+    @property
+    def db_schema(self) -> str:
+        """The Postgres schema this service owns."""
+        return self.schema_name
+
+    http_port: int = Field(8105, description="Port of the monitoring HTTP API.")
+
+    # --- windows -----------------------------------------------------------------------------------------
+    window_rows: int = Field(
+        5_000,
+        ge=10,
+        description="A drift window closes once it holds this many rows (at a request boundary).",
+    )
+    window_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A drift window also closes when a request arrives this long (event time) after the "
+        "window's first one, or when no traffic came for this long (wall clock).",
+    )
+    min_window_rows: int = Field(
+        100, ge=1, description="A window closed by time is judged only with at least this many rows."
+    )
+
+    # --- drift policy defaults -------------------------------------------------------------------------------
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of the p-value tests.")
+    correction: CorrectionMethod = Field(
+        CorrectionMethod.BONFERRONI, description="Correction of p-values for testing many features."
+    )
+    small_sample_max: int = Field(
+        1_000,
+        ge=1,
+        description="Up to this many values on the smaller side, p-value tests (KS, chi-square) are used; "
+        "above it, distances (Wasserstein, Jensen–Shannon).",
+    )
+    wasserstein_threshold: float = Field(0.1, gt=0, description="Drift when normalised Wasserstein >= this.")
+    jensen_shannon_threshold: float = Field(
+        0.1, gt=0, description="Drift when Jensen–Shannon distance >= this."
+    )
+    psi_threshold: float = Field(
+        0.1, gt=0, description="Drift when PSI >= this (only when chosen by policy)."
+    )
+    share_threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="A DriftDetected needs this share of the tested features to have drifted.",
+    )
+    consecutive_windows: int = Field(
+        2, ge=1, description="A feature counts as drifted once it drifted in this many consecutive windows."
+    )
+    cooldown_seconds: float = Field(
+        1_800.0,
+        ge=0,
+        description="After a DriftDetected, no other for the same version until this long (event time) passed.",
+    )
+    missing_share_tolerance: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="DataQualityIssue when a feature's missing share exceeds the reference's by more than this.",
+    )
+
+    # --- labels and performance ----------------------------------------------------------------------------
+    label_wait_seconds: float = Field(
+        86_400.0,
+        gt=0,
+        description="Predictions are kept this long for their labels; a label for an older prediction (or one "
+        "that waited this long for its prediction) is counted as unmatched.",
+    )
+    max_cached_predictions: int = Field(
+        500_000, ge=1_000, description="Upper bound of predictions kept in memory for label joins."
+    )
+    performance_window_labels: int = Field(
+        200, ge=10, description="Labelled rows per performance window (per model version)."
+    )
+    performance_tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="Degraded when a higher-is-better metric is below baseline - this, or an error metric "
+        "above baseline * (1 + this * 4).",
+    )
+    export_labelled_rows: int = Field(
+        50_000, ge=0, description="Recent labelled rows added to a window's exported data (for retraining)."
+    )
+
+    # --- canary analysis ------------------------------------------------------------------------------------
+    canary_min_labelled: int = Field(
+        100,
+        ge=10,
+        description="Labelled rows per variant needed before labelled accuracy counts in a verdict.",
+    )
+    canary_alpha: float = Field(
+        0.01, gt=0, lt=1, description="Significance of 'canary worse than stable' (one-sided tests)."
+    )
+    canary_margin: float = Field(
+        0.02, ge=0, description="A canary is worse only if its accuracy is lower by more than this too."
+    )
+    canary_label_grace_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="When labels are flowing for a model, a verdict waits up to this long after the bake "
+        "time for enough canary labels.",
+    )
+    canary_latency_ratio: float = Field(
+        1.5, ge=1, description="Canary p95 latency may be up to this times stable's (plus the slack)."
+    )
+    canary_latency_slack_ms: float = Field(5.0, ge=0, description="Absolute slack on the p95 latency check.")
+    canary_divergence_threshold: float = Field(
+        0.35, gt=0, description="Largest Jensen–Shannon distance between canary and stable predictions."
+    )
+    canary_timeout_seconds: float = Field(
+        600.0, gt=0, description="A step whose canary did not get min_samples by then is inconclusive."
+    )
+
+    # --- plumbing --------------------------------------------------------------------------------------------
+    tick_seconds: float = Field(
+        1.0, gt=0, description="How often time-driven work runs (idle windows, bake times, timeouts)."
+    )
+    replay_on_start: bool = Field(
+        True, description="Rebuild in-memory windows and label joins by re-reading predictions at start."
+    )
+    schema_name: str = Field(
+        "monitoring", description="Postgres schema of the service (another name isolates a test or bench)."
+    )
+    consumer_group: str = Field(
+        "monitoring", description="Prefix of the consumer groups (-predictions, -feedback, -control)."
+    )
+    predictions_topic: str = Field(
+        PredictionsLogged.topic,
+        description="Topic of PredictionsLogged (another name isolates a test or bench).",
+    )
+    feedback_topic: str = Field(GroundTruthReceived.topic, description="Topic of GroundTruthReceived.")
+    models_topic: str = Field(ModelVersionRegistered.topic, description="Topic of ModelVersionRegistered.")
+    rollouts_topic: str = Field(RolloutStarted.topic, description="Topic of the rollout events.")

@@ -1,0 +1,279 @@
+"""Window judgements, correction, debouncing, performance and canary verdicts on known distributions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
+from contracts.monitoring import CorrectionMethod, DriftTest, Verdict
+from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from libs.profiles import build_profile
+from services.monitoring.domain import (
+    CanaryPolicy,
+    CanaryStep,
+    DebounceState,
+    DriftPolicy,
+    LabelledComparison,
+    LabelledRow,
+    ModelReference,
+    debounce,
+    degradations,
+    judge_canary,
+    judge_window,
+    performance_metrics,
+)
+from services.monitoring.live import LiveState, PredictionCache, WindowSettings
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+PLAN_SHARES = {3: [0.5, 0.3, 0.2], 4: [0.4, 0.25, 0.2, 0.15]}
+
+
+def reference(n_numeric: int = 3, seed: int = 0, rows: int = 20_000) -> ModelReference:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({f"x{i}": rng.normal(0, 1, rows) for i in range(n_numeric)})
+    frame["plan"] = rng.choice(["basic", "plus", "premium"], rows, p=[0.5, 0.3, 0.2])
+    features: list[tuple[str, Any]] = [(f"x{i}", "numeric") for i in range(n_numeric)] + [
+        ("plan", "categorical")
+    ]
+    profile = build_profile(frame, features, predictions=pd.Series(rng.uniform(0, 1, rows)), seed=seed)
+    signature = ModelSignature(
+        features=[FeatureSpec(name=f"x{i}", type=FeatureType.NUMERIC) for i in range(n_numeric)]
+        + [FeatureSpec(name="plan", type=FeatureType.CATEGORICAL, categories=["basic", "plus", "premium"])],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+    return ModelReference.build("churn", 1, signature, {"accuracy": 0.85}, profile)
+
+
+def requests(
+    n_rows: int,
+    *,
+    seed: int,
+    shift: float = 0.0,
+    plan: tuple[str, ...] = ("basic", "plus", "premium"),
+    n_numeric: int = 3,
+    per_request: int = 50,
+    start: datetime = T0,
+) -> list[tuple[PredictionsLogged, int, int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(n_rows // per_request):
+        rows = [
+            PredictionRecord(
+                prediction_id=f"p-{seed}-{r}-{i}",
+                inputs={
+                    **{f"x{j}": float(rng.normal(shift if j == 0 else 0.0, 1)) for j in range(n_numeric)},
+                    "plan": str(rng.choice(plan, p=PLAN_SHARES.get(len(plan)))),
+                },
+                output=PredictionOutput(prediction=1, probabilities={"0": 0.3, "1": 0.7}),
+            )
+            for i in range(per_request)
+        ]
+        out.append(
+            (
+                PredictionsLogged(
+                    model="churn",
+                    model_version=1,
+                    variant=Variant.STABLE,
+                    request_id=f"r{r}",
+                    predicted_at=start + timedelta(seconds=r),
+                    latency_ms=1.0,
+                    rows=rows,
+                ),
+                0,
+                r,
+            )
+        )
+    return out
+
+
+def live(window_rows: int = 500) -> LiveState:
+    state = LiveState(
+        WindowSettings(rows=window_rows, seconds=3600, min_rows=10),
+        PredictionCache(max_age_s=1e9, max_rows=10**6),
+    )
+    return state
+
+
+def closed_window(ref: ModelReference, reqs: list[tuple[PredictionsLogged, int, int]], rows: int) -> Any:
+    state = live(rows)
+    state.add_reference(ref)
+    state.ingest(reqs, arrival=0.0)
+    assert state.closed, "the window should have closed"
+    return state.closed[0]
+
+
+def test_same_distribution_gives_no_drift_at_the_chosen_level() -> None:
+    ref = reference()
+    judgement = judge_window(ref, closed_window(ref, requests(500, seed=1), 500), DriftPolicy())
+    assert [r.test for r in judgement.features] == [DriftTest.KS] * 3 + [DriftTest.CHI2]
+    assert not any(r.drifted for r in judgement.features)
+
+
+def test_shifted_mean_is_found_by_ks_in_a_small_window() -> None:
+    ref = reference()
+    judgement = judge_window(ref, closed_window(ref, requests(500, seed=2, shift=0.5), 500), DriftPolicy())
+    drifted = {r.name for r in judgement.features if r.drifted}
+    assert drifted == {"x0"}
+    x0 = judgement.features[0]
+    assert x0.p_adjusted is not None and x0.p_adjusted < 0.05
+
+
+def test_large_windows_use_wasserstein_and_jensen_shannon_and_find_a_shift() -> None:
+    ref = reference()
+    judgement = judge_window(
+        ref, closed_window(ref, requests(3_000, seed=3, shift=0.4), 3_000), DriftPolicy()
+    )
+    tests = {r.name: r.test for r in judgement.features}
+    assert tests == {
+        "x0": DriftTest.WASSERSTEIN,
+        "x1": DriftTest.WASSERSTEIN,
+        "x2": DriftTest.WASSERSTEIN,
+        "plan": DriftTest.JENSEN_SHANNON,
+    }
+    assert {r.name for r in judgement.features if r.drifted} == {"x0"}
+
+
+def test_a_new_category_is_found_and_reported_as_unseen() -> None:
+    ref = reference()
+    window = closed_window(ref, requests(500, seed=4, plan=("basic", "plus", "premium", "enterprise")), 500)
+    judgement = judge_window(ref, window, DriftPolicy())
+    plan = judgement.features[-1]
+    assert plan.test is DriftTest.CHI2 and plan.drifted
+    assert any(q.kind == "unseen-category" and q.feature == "plan" for q in judgement.quality)
+
+
+def test_nan_features_count_as_missing_and_are_reported() -> None:
+    ref = reference()
+    reqs = requests(500, seed=5)
+    for payload, _, _ in reqs[:4]:
+        for row in payload.rows:
+            row.inputs["x1"] = None  # frozen model, mutable dict: the test's shortcut to missing values
+    judgement = judge_window(ref, closed_window(ref, reqs, 500), DriftPolicy())
+    assert judgement.features[1].n_missing == 200
+    assert [q.feature for q in judgement.quality if q.kind == "missing-values"] == ["x1"]
+
+
+@pytest.mark.parametrize("correction", [CorrectionMethod.BONFERRONI, CorrectionMethod.FDR_BH])
+def test_correction_keeps_the_false_alarm_rate_over_30_features_near_the_nominal_level(
+    correction: CorrectionMethod,
+) -> None:
+    # Under no drift every p-value is uniform: simulate 30 independent tests per window, many windows.
+    rng = np.random.default_rng(11)
+    alpha, windows = 0.05, 4_000
+    from services.monitoring import stats
+
+    raw = rng.uniform(size=(windows, 30))
+    adjust = stats.bonferroni if correction is CorrectionMethod.BONFERRONI else stats.benjamini_hochberg
+    any_alarm = np.mean([bool((adjust(p) < alpha).any()) for p in raw])
+    uncorrected = np.mean((raw < alpha).any(axis=1))
+    assert uncorrected > 0.7  # 1 - 0.95**30: why a correction is needed
+    assert any_alarm <= alpha + 0.01
+
+
+def test_correction_keeps_false_alarms_near_nominal_on_real_ks_windows_over_many_seeds() -> None:
+    ref = reference(n_numeric=30, rows=5_000)
+    alarms = 0
+    seeds = 40
+    for seed in range(seeds):
+        reqs = requests(200, seed=100 + seed, n_numeric=30)
+        judgement = judge_window(
+            ref, closed_window(ref, reqs, 200), DriftPolicy(correction=CorrectionMethod.BONFERRONI)
+        )
+        alarms += any(r.drifted for r in judgement.features)
+    assert alarms / seeds <= 0.10  # nominal 5% family-wise; a few false alarms in 40 windows at most
+
+
+def test_one_shift_gives_one_alert_after_k_windows_and_then_a_cooldown() -> None:
+    ref = reference()
+    policy = DriftPolicy(consecutive_windows=2, cooldown_seconds=3_600, share_threshold=0.1)
+    state = DebounceState()
+    alerts = []
+    for i in range(6):
+        reqs = requests(500, seed=20 + i, shift=0.6, start=T0 + timedelta(minutes=10 * i))
+        decision = debounce(state, judge_window(ref, closed_window(ref, reqs, 500), policy), policy)
+        state = decision.state
+        alerts.append(decision.alert)
+    assert alerts == [False, True, False, False, False, False]
+
+
+def test_windows_close_at_request_boundaries_by_count() -> None:
+    ref = reference()
+    state = live(window_rows=120)
+    state.add_reference(ref)
+    result = state.ingest(requests(500, seed=6), arrival=0.0)
+    assert result.closed == 3
+    assert [w.size for w in state.closed] == [150, 150, 150]
+    assert state.windows[("churn", 1)].rows == 50
+
+
+def test_redelivered_records_are_not_counted_twice() -> None:
+    ref = reference()
+    state = live(window_rows=10_000)
+    state.add_reference(ref)
+    reqs = requests(200, seed=7)
+    state.ingest(reqs, arrival=0.0)
+    state.ingest(reqs, arrival=1.0)
+    assert state.windows[("churn", 1)].rows == 200
+
+
+def test_unknown_model_rows_are_counted_and_logged_once_per_model() -> None:
+    state = live()
+    reqs = requests(200, seed=8)
+    first = state.ingest(reqs[:2], arrival=0.0)
+    second = state.ingest(reqs[2:], arrival=0.0)
+    assert state.unknown[("churn", 1)] == 200
+    assert state.unknown_models_to_log(first.newly_unknown) == ["churn"]
+    assert state.unknown_models_to_log(second.newly_unknown) == []
+
+
+def test_label_cache_returns_the_prediction_with_its_inputs() -> None:
+    ref = reference()
+    state = live()
+    state.add_reference(ref)
+    state.ingest(requests(100, seed=9), arrival=0.0)
+    hit = state.cache.get("p-9-1-3")
+    assert hit is not None and hit.prediction == 1 and hit.score == pytest.approx(0.7)
+    assert set(hit.inputs) == {"x0", "x1", "x2", "plan"}
+
+
+def test_performance_metrics_and_degradation_against_the_baseline() -> None:
+    rows = [LabelledRow(1, 0.9, 1, False)] * 60 + [LabelledRow(1, 0.8, 0, False)] * 40
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    found = degradations(metrics, {"accuracy": 0.85}, 0.05)
+    assert [d.metric for d in found] == ["accuracy"]
+
+
+def _step(canary_scores: np.ndarray, stable_scores: np.ndarray) -> CanaryStep:
+    step = CanaryStep("r-1", "churn", 1, 2, 0, 0.0, 100, 0.0)
+    for side, scores in ((step.canary, canary_scores), (step.stable, stable_scores)):
+        side.add(
+            np.zeros(scores.size), scores, [int(s > 0.5) for s in scores], np.full(scores.size // 10, 2.0)
+        )
+    return step
+
+
+def test_a_canary_clearly_worse_on_labels_is_unhealthy() -> None:
+    rng = np.random.default_rng(1)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    labelled = LabelledComparison(stable_correct=170, stable_n=200, canary_correct=110, canary_n=200)
+    decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.UNHEALTHY
+    accuracy = next(e for e in decision.evidence if e.name == "accuracy")
+    assert accuracy.passed is False
+
+
+def test_a_canary_like_stable_is_healthy_and_labels_below_n_do_not_count() -> None:
+    rng = np.random.default_rng(2)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    labelled = LabelledComparison(stable_correct=40, stable_n=50, canary_correct=10, canary_n=50)
+    decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.HEALTHY
+    assert next(e for e in decision.evidence if e.name == "accuracy").passed is None

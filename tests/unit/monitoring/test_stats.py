@@ -1,0 +1,82 @@
+"""The drift statistics on known distributions, and their agreement with scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import chi2_contingency, ks_2samp, wasserstein_distance
+
+from services.monitoring import stats
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ks_statistic_and_p_value_match_scipy_within_1e_6(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m, n = int(rng.integers(5, 4_000)), int(rng.integers(5, 2_000))
+    if seed % 3 == 0:
+        ref, cur = rng.normal(size=m), rng.normal(rng.uniform(-0.2, 0.2), size=n)
+    elif seed % 3 == 1:  # heavy ties
+        ref, cur = rng.integers(0, 6, m).astype(float), rng.integers(0, 7, n).astype(float)
+    else:
+        ref, cur = np.round(rng.exponential(size=m), 1), np.round(rng.exponential(1.1, size=n), 1)
+    d, p = stats.ks_test(np.sort(ref), cur)
+    expected = ks_2samp(ref, cur)
+    assert d == pytest.approx(expected.statistic, abs=1e-12)
+    assert abs(p - expected.pvalue) <= 1e-6
+
+
+def test_ks_matches_scipy_on_large_samples_with_the_asymptotic_distribution() -> None:
+    rng = np.random.default_rng(7)
+    ref, cur = rng.normal(size=12_000), rng.normal(0.02, size=30_000)
+    d, p = stats.ks_test(np.sort(ref), cur)
+    expected = ks_2samp(ref, cur)
+    assert d == pytest.approx(expected.statistic, abs=1e-12)
+    assert abs(p - expected.pvalue) <= 1e-6
+
+
+def test_wasserstein_on_the_grid_is_within_a_thousandth_of_the_exact_distance() -> None:
+    rng = np.random.default_rng(3)
+    for ref, cur in [
+        (rng.normal(size=10_000), rng.normal(0.3, 1.2, 50_000)),
+        (rng.lognormal(size=10_000), rng.lognormal(0.1, size=50_000)),
+        (rng.normal(size=10_000), rng.normal(9, size=5_000)),  # mostly outside the reference range
+    ]:
+        grid = stats.WassersteinGrid.from_sample(np.sort(ref))
+        exact = wasserstein_distance(ref, cur) / np.std(ref)
+        assert stats.wasserstein_normed(grid, cur) == pytest.approx(exact, abs=1e-3)
+
+
+def test_jensen_shannon_is_scipys_distance_and_needs_no_smoothing() -> None:
+    ref, cur = np.array([50.0, 30, 20, 0]), np.array([10.0, 30, 40, 20])
+    assert stats.jensen_shannon(ref, cur) == pytest.approx(jensenshannon(ref / 100, cur / 100))
+    assert stats.jensen_shannon(ref, ref) == 0.0
+
+
+def test_psi_smooths_empty_bins_and_is_zero_for_identical_shares() -> None:
+    ref, cur = np.array([25.0, 25, 25, 25]), np.array([40.0, 30, 30, 0])
+    expected = sum((q - p) * np.log(q / p) for p, q in zip([0.25] * 4, [0.4, 0.3, 0.3, 1e-4], strict=True))
+    assert stats.psi(ref, cur) == pytest.approx(expected)
+    assert stats.psi(ref, ref) == 0.0
+
+
+def test_chi_square_is_the_test_of_homogeneity_and_takes_new_categories() -> None:
+    ref, cur = np.array([500.0, 300, 200, 0]), np.array([45.0, 35, 15, 5])
+    stat, p = stats.chi_square(ref, cur)
+    expected = chi2_contingency(np.vstack([ref, cur]), correction=False)
+    assert stat == pytest.approx(expected.statistic)
+    assert p == pytest.approx(expected.pvalue)
+
+
+def test_benjamini_hochberg_adjusts_like_the_step_up_rule() -> None:
+    p = np.array([0.01, 0.04, 0.03, 0.2])
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 0.04, 0.06, 0.0533, 0.2 -> running min from the top
+    assert stats.benjamini_hochberg(p).tolist() == pytest.approx([0.04, 0.05333333, 0.05333333, 0.2])
+    assert stats.bonferroni(p).tolist() == pytest.approx([0.04, 0.16, 0.12, 0.8])
+
+
+def test_two_proportion_test_finds_a_clearly_worse_rate() -> None:
+    _, p = stats.two_proportion_worse(170, 200, 110, 200)
+    assert p < 1e-6
+    _, p_same = stats.two_proportion_worse(170, 200, 168, 200)
+    assert p_same > 0.3
