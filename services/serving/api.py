@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from contracts.commands import PromoteRequested, RollbackRequested
@@ -24,7 +23,7 @@ from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import OperatorDep, PredictDep, Principal, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
-from libs.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from libs.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthorized
 from services.serving.domain import (
     ModelRoute,
     columns_from_records,
@@ -559,6 +558,16 @@ async def request_promote(
     return await _accepted(ctx, new_event(payload, source=ctx.source, actor=principal.actor))
 
 
-def oip_error_body(status: int, message: str, code: str, extra: dict[str, Any]) -> ORJSONResponse:
+async def _domain_error(_: Request, exc: Exception) -> Response:
     """Errors carry ``error`` (what Open Inference Protocol clients read) besides ``detail`` and ``code``."""
-    return ORJSONResponse({"error": message, "detail": message, "code": code, **extra}, status_code=status)
+    assert isinstance(exc, DomainError)
+    response = _json({"error": exc.message, "detail": exc.message, "code": exc.code, **exc.extra}, exc.status)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def mount(app: FastAPI, ctx: ServingContext) -> None:
+    """Give the routes their context and the error shape both protocols' clients understand."""
+    app.state.serving = ctx
+    app.add_exception_handler(DomainError, _domain_error)

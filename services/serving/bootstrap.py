@@ -11,15 +11,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-
 from contracts import commands, models, monitoring, validation
 from contracts.envelope import CloudEvent
 from libs.artifacts import ArtifactStore
 from libs.bus.core import Subscription, Transaction
 from libs.db import migrations_in
-from libs.errors import DomainError
 from libs.http import create_app
 from libs.logging import get_logger
 from libs.service import Runtime, ServiceParts
@@ -189,16 +185,8 @@ async def build(rt: Runtime) -> ServiceParts:
         ready=ready,
     )
 
-    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, DomainError)
-        response = api.oip_error_body(exc.status, exc.message, exc.code, exc.extra)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-
-    app.add_exception_handler(DomainError, domain_error)
     app.state.runtime = rt
-    app.state.serving = api.ServingContext(
+    ctx = api.ServingContext(
         predictor=predictor,
         state=state,
         begin=rt.begin,
@@ -208,6 +196,7 @@ async def build(rt: Runtime) -> ServiceParts:
         ready=ready,
         max_feedback_items=settings.max_rows_per_request,
     )
+    api.mount(app, ctx)
     log.info("serving built", instance=instance, schema=schema, consumer_group=settings.consumer_group)
     return ServiceParts(
         app=app,

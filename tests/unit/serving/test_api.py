@@ -1,0 +1,403 @@
+"""Serving's HTTP surface and prediction core on an in-memory routing table with real tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from contracts.commands import PromoteRequested, RollbackRequested
+from contracts.envelope import CloudEvent
+from contracts.feedback import GroundTruthReceived
+from contracts.predictions import Variant
+from contracts.rollouts import RolloutMode
+from libs.http import create_app
+from services.serving import api
+from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
+from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
+from services.serving.scoring import CanaryStats, LogItem, Predictor
+from services.serving.settings import ServingSettings
+from tests.unit.serving.fakes import Clock, churn_pipeline, churn_signature, record
+
+PREDICT = {"Authorization": "Bearer dev-predict"}
+VIEWER = {"Authorization": "Bearer dev-viewer"}
+OPERATOR = {"Authorization": "Bearer dev-operator"}
+PIPELINE = churn_pipeline()
+
+
+class Broken:
+    """An estimator whose every call fails, as a bad canary would."""
+
+    classes_ = PIPELINE.classes_
+
+    def predict_proba(self, frame: Any) -> Any:
+        raise RuntimeError("boom")
+
+    def predict(self, frame: Any) -> Any:
+        raise RuntimeError("boom")
+
+
+def served(version: int, estimator: Any = PIPELINE) -> ServedModel:
+    return ServedModel("churn", version, f"{version:02x}" * 32, churn_signature(), estimator)
+
+
+@dataclass
+class FakeLog:
+    items: list[LogItem] = field(default_factory=list)
+
+    def offer(self, item: LogItem) -> bool:
+        self.items.append(item)
+        return True
+
+
+@dataclass
+class Outbox:
+    events: list[CloudEvent[Any]] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        pending: list[CloudEvent[Any]] = []
+
+        class Tx:
+            conn = None
+
+            async def publish(self, event: CloudEvent[Any]) -> None:
+                pending.append(event)
+
+        yield Tx()
+        self.events.extend(pending)
+
+
+@dataclass
+class Service:
+    client: httpx.AsyncClient
+    state: RoutingState
+    log: FakeLog
+    outbox: Outbox
+    routes: dict[str, ModelRoute]
+    breaches: list[tuple[str, str, str]]
+    predictor: Predictor
+
+    def route(
+        self, stable: ServedModel | None, canary: ServedModel | None = None, weight: float = 0.0, **kw: Any
+    ) -> None:
+        routing = ModelRouting(
+            model="churn",
+            stable=stable,
+            canary=canary,
+            rollout_id="r-1" if canary else None,
+            weight=weight,
+            mode=kw.get("mode", RolloutMode.CANARY),
+            step_index=0,
+        )
+        self.state.swap(RoutingTable({"churn": routing}))
+        clock = Clock()
+        rollout = None
+        if canary is not None:
+            rollout = Rollout(
+                rollout_id="r-1",
+                canary_version=canary.version,
+                stable_version=stable.version if stable else None,
+                mode=routing.mode,
+                steps=(0.1, 0.5, 1.0),
+                step_index=0,
+                min_samples=10,
+                bake_seconds=1,
+                started_at=clock(),
+                step_started_at=clock(),
+            )
+        self.routes["churn"] = ModelRoute(
+            "churn",
+            stable.version if stable else None,
+            None if stable is None or stable.version == 1 else 1,
+            rollout,
+        )
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[Service]:
+    settings = ServingSettings(env="test", max_request_bytes=20_000, max_rows_per_request=50)
+    state = RoutingState()
+    log = FakeLog()
+    outbox = Outbox()
+    routes: dict[str, ModelRoute] = {}
+    breaches: list[tuple[str, str, str]] = []
+    stats = CanaryStats(threshold=0.05, min_requests=5, on_breach=lambda *a: breaches.append(a))
+    predictor = Predictor(state, log, stats, max_rows=settings.max_rows_per_request)
+
+    async def read_route(model: str) -> ModelRoute | None:
+        return routes.get(model)
+
+    async def read_routes() -> list[ModelRoute]:
+        return list(routes.values())
+
+    async def ready() -> dict[str, bool]:
+        return {"routing": state.synced.is_set()}
+
+    app = create_app(settings, title="t", description="t", routers=[api.router])
+    api.mount(
+        app,
+        api.ServingContext(
+            predictor=predictor,
+            state=state,
+            begin=outbox.begin,  # type: ignore[arg-type]
+            source="/driftloop/serving",
+            read_route=read_route,
+            read_routes=read_routes,
+            ready=ready,
+        ),
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serving") as client:
+        s = Service(client, state, log, outbox, routes, breaches, predictor)
+        s.route(served(1))
+        yield s
+
+
+async def predict(
+    s: Service, records: list[dict[str, Any]], headers: dict[str, str] = PREDICT, **body: Any
+) -> httpx.Response:
+    return await s.client.post("/v1/models/churn/predict", json={"records": records, **body}, headers=headers)
+
+
+# --- the simple JSON API --------------------------------------------------------------------------------
+
+
+async def test_predict_returns_ids_versions_variants_and_probabilities(service: Service) -> None:
+    r = await predict(service, [record(), record(tenure_months=60, plan="premium")])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = PIPELINE.predict(
+        served(1).frame(churn_signature_columns([record(), record(tenure_months=60, plan="premium")]))
+    ).tolist()
+    assert [p["prediction"] for p in body["predictions"]] == expected
+    for p in body["predictions"]:
+        assert parse_prediction_id(p["prediction_id"]) == ("churn", 1)
+        assert p["model_version"] == 1 and p["variant"] == "stable"
+        assert set(p["probabilities"]) == {"0", "1"} and sum(p["probabilities"].values()) == pytest.approx(1)
+    [logged] = service.log.items
+    assert logged.variant is Variant.STABLE and logged.prediction_ids == [
+        p["prediction_id"] for p in body["predictions"]
+    ]
+
+
+def churn_signature_columns(records: list[dict[str, Any]]) -> Any:
+    from services.serving.domain import columns_from_records
+
+    return columns_from_records(churn_signature(), records)
+
+
+async def test_rows_split_between_variants_log_one_event_per_variant(service: Service) -> None:
+    service.route(served(1), served(2), weight=0.5)
+    keys = [f"customer-{i}" for i in range(40)]
+    r = await predict(service, [record(tenure_months=i) for i in range(40)], entity_keys=keys)
+    rows = r.json()["predictions"]
+    assert {(p["variant"], p["model_version"]) for p in rows} == {("stable", 1), ("canary", 2)}
+    by_variant = {item.variant: item for item in service.log.items}
+    assert set(by_variant) == {Variant.STABLE, Variant.CANARY}
+    assert by_variant[Variant.CANARY].rollout_id == "r-1" and by_variant[Variant.STABLE].rollout_id is None
+    canary_ids = [p["prediction_id"] for p in rows if p["variant"] == "canary"]
+    assert by_variant[Variant.CANARY].prediction_ids == canary_ids
+    again = await predict(service, [record(tenure_months=i) for i in range(40)], entity_keys=keys)
+    assert [p["variant"] for p in again.json()["predictions"]] == [p["variant"] for p in rows]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer nope"}, 401), (VIEWER, 403), (OPERATOR, 403)],
+)
+async def test_predict_needs_a_predict_token(service: Service, headers: dict[str, str], status: int) -> None:
+    assert (await predict(service, [record()], headers=headers)).status_code == status
+
+
+async def test_bad_feature_is_a_422_naming_it(service: Service) -> None:
+    r = await predict(service, [record(), record(plan=3.5)])
+    assert r.status_code == 422
+    assert (
+        r.json()["feature"] == "plan"
+        and r.json()["reason"] == "wrong-type"
+        and "'plan'" in r.json()["detail"]
+    )
+    r = await predict(service, [{"tenure_months": 1, "plan": "basic"}])
+    assert (
+        r.status_code == 422 and r.json()["feature"] == "monthly_charges" and r.json()["reason"] == "missing"
+    )
+
+
+async def test_nan_is_missing_and_infinity_is_refused(service: Service) -> None:
+    nan = b'{"records": [{"tenure_months": NaN, "monthly_charges": null, "plan": null}]}'
+    r = await service.client.post("/v1/models/churn/predict", content=nan, headers=PREDICT)
+    assert r.status_code == 200, r.text
+    assert service.log.items[-1].raw_rows == [
+        {"tenure_months": pytest.approx(float("nan"), nan_ok=True), "monthly_charges": None, "plan": None}
+    ]
+    inf = b'{"records": [{"tenure_months": Infinity, "monthly_charges": 1, "plan": "basic"}]}'
+    r = await service.client.post("/v1/models/churn/predict", content=inf, headers=PREDICT)
+    assert r.status_code == 422 and r.json()["reason"] == "infinite"
+
+
+async def test_size_and_row_limits_are_413(service: Service) -> None:
+    assert (await predict(service, [record()] * 51)).status_code == 413
+    big = await predict(service, [record(plan="x" * 30_000)])
+    assert big.status_code == 413
+
+
+async def test_not_json_and_unknown_model(service: Service) -> None:
+    r = await service.client.post("/v1/models/churn/predict", content=b"{oops", headers=PREDICT)
+    assert r.status_code == 422 and r.json()["reason"] == "not-json"
+    r = await service.client.post("/v1/models/other/predict", json={"records": [record()]}, headers=PREDICT)
+    assert r.status_code == 404 and "churn" in r.json()["detail"]
+
+
+async def test_failing_canary_is_answered_by_the_stable_and_its_error_rate_rolls_it_back(
+    service: Service,
+) -> None:
+    service.route(served(1), served(2, Broken()), weight=1.0)
+    for _ in range(6):
+        r = await predict(service, [record()])
+        assert r.status_code == 200
+        assert r.json()["predictions"][0]["model_version"] == 1
+    assert service.breaches == [("churn", "r-1", service.breaches[0][2])]
+    assert "failed 5 of 5" in service.breaches[0][2]
+
+
+async def test_shadow_answers_with_the_stable_and_logs_the_candidate(service: Service) -> None:
+    service.route(served(1), served(2), weight=1.0, mode=RolloutMode.SHADOW)
+    r = await predict(service, [record(), record(plan="plus")])
+    assert {p["variant"] for p in r.json()["predictions"]} == {"stable"}
+    service.predictor.score_shadow(service.predictor.shadow_queue.get_nowait())
+    stable, shadow = service.log.items
+    assert shadow.variant is Variant.SHADOW and shadow.version == 2
+    assert (
+        shadow.prediction_ids
+        == stable.prediction_ids
+        == [p["prediction_id"] for p in r.json()["predictions"]]
+    )
+
+
+# --- Open Inference Protocol ------------------------------------------------------------------------------
+
+
+def oip_body(rows: int = 2) -> dict[str, Any]:
+    return {
+        "id": "my-request",
+        "inputs": [
+            {"name": "tenure_months", "shape": [rows], "datatype": "FP64", "data": [3.0] * rows},
+            {"name": "monthly_charges", "shape": [rows], "datatype": "FP64", "data": [50.0] * rows},
+            {"name": "plan", "shape": [rows], "datatype": "BYTES", "data": ["basic"] * rows},
+        ],
+    }
+
+
+async def test_oip_infer_gives_predict_and_proba_tensors(service: Service) -> None:
+    r = await service.client.post("/v2/models/churn/infer", json=oip_body(), headers=PREDICT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == "churn" and body["model_version"] == "1" and body["id"] == "my-request"
+    predict_out, proba = body["outputs"]
+    assert (
+        predict_out["name"] == "predict"
+        and predict_out["shape"] == [2]
+        and predict_out["datatype"] == "INT64"
+    )
+    assert proba["shape"] == [2, 2] and len(proba["data"]) == 4
+    assert body["parameters"]["variant"] == "stable" and len(body["parameters"]["prediction_ids"]) == 2
+
+
+async def test_oip_version_routes_and_errors_carry_an_error_field(service: Service) -> None:
+    service.route(served(1), served(2), weight=0.1)
+    r = await service.client.post("/v2/models/churn/versions/2/infer", json=oip_body(), headers=PREDICT)
+    assert (
+        r.status_code == 200
+        and r.json()["model_version"] == "2"
+        and r.json()["parameters"]["variant"] == "canary"
+    )
+    r = await service.client.post("/v2/models/churn/versions/7/infer", json=oip_body(), headers=PREDICT)
+    assert r.status_code == 404 and "[1, 2]" in r.json()["error"]
+    bad = oip_body()
+    bad["inputs"][2]["datatype"] = "FP32"
+    r = await service.client.post("/v2/models/churn/infer", json=bad, headers=PREDICT)
+    assert r.status_code == 422 and r.json()["feature"] == "plan" and "error" in r.json()
+
+
+async def test_oip_metadata_and_health(service: Service) -> None:
+    assert (await service.client.get("/v2/health/live")).json() == {"live": True}
+    assert (await service.client.get("/v2/health/ready")).status_code == 200
+    assert (await service.client.get("/v2")).json()["name"] == "driftloop-serving"
+    assert (await service.client.get("/v2/models/churn/ready")).status_code == 200
+    assert (await service.client.get("/v2/models/other/ready")).status_code == 404
+    assert (await service.client.get("/v2/models/churn")).status_code == 401
+    meta = (await service.client.get("/v2/models/churn", headers=PREDICT)).json()
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [
+        ("tenure_months", "FP64"),
+        ("monthly_charges", "FP64"),
+        ("plan", "BYTES"),
+    ]
+    assert [o["name"] for o in meta["outputs"]] == ["predict", "predict_proba"] and meta["versions"] == ["1"]
+
+
+# --- feedback and operator commands ---------------------------------------------------------------------
+
+
+async def test_feedback_becomes_ground_truth_events_with_the_actor(service: Service) -> None:
+    ids = [p["prediction_id"] for p in (await predict(service, [record(), record()])).json()["predictions"]]
+    r = await service.client.post(
+        "/v1/feedback",
+        json=[{"prediction_id": ids[0], "label": 1}, {"prediction_id": ids[1], "label": 0}],
+        headers=PREDICT,
+    )
+    assert r.status_code == 202 and r.json()["accepted"] == 2
+    truths = [e for e in service.outbox.events if isinstance(e.data, GroundTruthReceived)]
+    assert [(t.data.prediction_id, t.data.label, t.data.model_version) for t in truths] == [
+        (ids[0], 1, 1),
+        (ids[1], 0, 1),
+    ]
+    assert {t.actor for t in truths} == {"user:dev-predict"} and {t.subject for t in truths} == {"churn"}
+
+
+async def test_feedback_refusals(service: Service) -> None:
+    r = await service.client.post("/v1/feedback", json={"prediction_id": "p-1", "label": 1}, headers=PREDICT)
+    assert r.status_code == 422 and r.json()["reason"] == "unknown-prediction-id"
+    r = await service.client.post(
+        "/v1/feedback", json={"prediction_id": "other:1:x-0", "label": 1}, headers=PREDICT
+    )
+    assert r.status_code == 404
+    r = await service.client.post("/v1/feedback", json={"prediction_id": "churn:1:x-0"}, headers=PREDICT)
+    assert r.status_code == 422
+    assert service.outbox.events == []
+
+
+async def test_operator_commands_become_events_with_the_actor(service: Service) -> None:
+    service.route(served(1), served(2), weight=0.1)
+    url = "/v1/models/churn/rollback"
+    assert (await service.client.post(url, json={"reason": "x"}, headers=PREDICT)).status_code == 403
+    assert (await service.client.post(url, json={"reason": "x"}, headers=VIEWER)).status_code == 403
+    r = await service.client.post(url, json={"reason": "complaints"}, headers=OPERATOR)
+    assert r.status_code == 202 and r.json()["model_version"] == 2
+    r = await service.client.post(url, json={"model_version": 5, "reason": "x"}, headers=OPERATOR)
+    assert r.status_code == 409 and r.json()["allowed"] == [2, 1]
+    r = await service.client.post("/v1/models/churn/promote", json={"reason": "looks good"}, headers=OPERATOR)
+    assert r.status_code == 202
+    rollback, promote = service.outbox.events
+    assert isinstance(rollback.data, RollbackRequested) and rollback.actor == "user:dev-operator"
+    assert isinstance(promote.data, PromoteRequested) and promote.data.model_version == 2
+    state = (await service.client.get("/v1/models/churn", headers=VIEWER)).json()
+    assert state["rollout"]["canary_version"] == 2 and state["this_replica"]["weight"] == 0.1
+
+
+async def test_a_swap_between_requests_never_fails_one(service: Service) -> None:
+    async def swapper() -> None:
+        for i in range(50):
+            service.route(served(1), served(2), weight=(i % 10) / 10)
+            await asyncio.sleep(0)
+
+    async def caller() -> list[int]:
+        return [(await predict(service, [record()] * 3)).status_code for _ in range(30)]
+
+    results = await asyncio.gather(swapper(), caller(), caller())
+    assert set(results[1]) | set(results[2]) == {200}
