@@ -174,8 +174,8 @@ _TOPICS = (
         description="Manual commands accepted over HTTP; the envelope's actor says who asked.",
         routes=(
             Route(commands.RetrainRequested, (REGISTRY,), (TRAINING,)),
-            Route(commands.PromoteRequested, (REGISTRY,), (SERVING,)),
-            Route(commands.RollbackRequested, (REGISTRY,), (SERVING,)),
+            Route(commands.PromoteRequested, (REGISTRY, SERVING), (SERVING,)),
+            Route(commands.RollbackRequested, (REGISTRY, SERVING), (SERVING,)),
             Route(commands.ArchiveRequested, (REGISTRY,), (REGISTRY,)),
         ),
     ),
