@@ -1,0 +1,416 @@
+"""The monitoring service as a process on the real broker and Postgres, driven by hand-made events: a
+registered model with a profile in a temporary artifact store, predictions, labels and a rollout."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from contracts.common import (
+    ArtifactFormat,
+    ArtifactRef,
+    DatasetRef,
+    FeatureSpec,
+    FeatureType,
+    Lineage,
+    ModelSignature,
+    Task,
+)
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.feedback import GroundTruthReceived
+from contracts.models import ModelVersionRegistered
+from contracts.monitoring import TOPIC as MONITORING_TOPIC
+from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from contracts.registry import EVENT_TYPES
+from contracts.rollouts import RolloutStarted
+from libs.artifacts import ArtifactStore
+from libs.bus.kafka import KafkaPublisher
+from libs.profiles import build_profile
+from libs.settings import KafkaSettings
+from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
+
+ROOT = Path(__file__).resolve().parents[3]
+FEATURES = ["tenure", "charges", "plan"]
+SHA = "0" * 64
+
+
+@dataclass
+class Harness:
+    """One monitoring process with its own topics, schema, groups, port and artifact store."""
+
+    kafka: str
+    database_url: str
+    schema: str
+    topics: dict[str, str]
+    store: ArtifactStore
+    port: int
+    publisher: KafkaPublisher
+
+    async def send(self, event: CloudEvent[Any], kind: str) -> None:
+        key, value, headers = event.to_kafka()
+        await self.publisher.send_many([(self.topics[kind], key, value, headers)])
+
+    async def send_many(self, events: list[CloudEvent[Any]], kind: str) -> None:
+        items = []
+        for e in events:
+            key, value, headers = e.to_kafka()
+            items.append((self.topics[kind], key, value, headers))
+        await self.publisher.send_many(items)
+
+    async def sql(self, query: str, *args: Any) -> Any:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            await conn.execute(f"SET search_path TO {self.schema}")
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    async def published(self, model: str, event_type: type[EventPayload]) -> list[CloudEvent[Any]]:
+        """Events of a type this process put in its outbox (what the relay publishes)."""
+        rows = await self.sql("SELECT value, headers FROM outbox WHERE key = $1 ORDER BY seq", model.encode())
+        out = []
+        for r in rows:
+            headers = json.loads(r["headers"])  # a plain connection: jsonb comes back as text
+            event = EVENT_TYPES.decode(r["value"], [(k, v.encode()) for k, v in headers])
+            if isinstance(event.data, event_type):
+                out.append(event)
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def process_env(
+    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    topics = {k: unique(f"test.mon.{k}") for k in ("models", "predictions", "feedback", "rollouts")}
+    env = {
+        "DRIFTLOOP_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "DRIFTLOOP_DATABASE_URL": database_url,
+        "DRIFTLOOP_ENV": "test",
+        "DRIFTLOOP_LOG_JSON": "false",
+        "DRIFTLOOP_ARTIFACTS_URL": str(tmp_path_factory.mktemp("artifacts")),
+        "DRIFTLOOP_MONITORING_HTTP_PORT": str(_free_port()),
+        "DRIFTLOOP_MONITORING_SCHEMA_NAME": unique("t_mon"),
+        "DRIFTLOOP_MONITORING_CONSUMER_GROUP": unique("g_mon"),
+        "DRIFTLOOP_MONITORING_MODELS_TOPIC": topics["models"],
+        "DRIFTLOOP_MONITORING_PREDICTIONS_TOPIC": topics["predictions"],
+        "DRIFTLOOP_MONITORING_FEEDBACK_TOPIC": topics["feedback"],
+        "DRIFTLOOP_MONITORING_ROLLOUTS_TOPIC": topics["rollouts"],
+        "DRIFTLOOP_MONITORING_WINDOW_ROWS": "400",
+        "DRIFTLOOP_MONITORING_WINDOW_SECONDS": "3600",
+        "DRIFTLOOP_MONITORING_CONSECUTIVE_WINDOWS": "2",
+        "DRIFTLOOP_MONITORING_PERFORMANCE_WINDOW_LABELS": "200",
+        "DRIFTLOOP_MONITORING_CANARY_MIN_LABELLED": "100",
+        "DRIFTLOOP_MONITORING_CANARY_LABEL_GRACE_SECONDS": "30",
+        "DRIFTLOOP_MONITORING_TICK_SECONDS": "0.2",
+    }
+    yield env
+
+
+@pytest.fixture(scope="module")
+async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
+    env = process_env
+    topics = {
+        k: env[f"DRIFTLOOP_MONITORING_{k.upper()}_TOPIC"]
+        for k in ("models", "predictions", "feedback", "rollouts")
+    }
+    await create_topics(env["DRIFTLOOP_KAFKA_BOOTSTRAP"], *topics.values())
+    publisher = KafkaPublisher(KafkaSettings(bootstrap=env["DRIFTLOOP_KAFKA_BOOTSTRAP"]))
+    await publisher.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.monitoring"], cwd=ROOT, env={**os.environ, **env}
+    )
+    h = Harness(
+        kafka=env["DRIFTLOOP_KAFKA_BOOTSTRAP"],
+        database_url=env["DRIFTLOOP_DATABASE_URL"],
+        schema=env["DRIFTLOOP_MONITORING_SCHEMA_NAME"],
+        topics=topics,
+        store=ArtifactStore(env["DRIFTLOOP_ARTIFACTS_URL"]),
+        port=int(env["DRIFTLOOP_MONITORING_HTTP_PORT"]),
+        publisher=publisher,
+    )
+    try:
+        await eventually(lambda: _ready(h.port), deadline_s=60)
+        yield h
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await publisher.stop()
+
+
+async def _ready(port: int) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{port}/health/ready", timeout=2)
+            return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def reference_frame(n: int = 4_000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "tenure": rng.normal(24, 6, n),
+            "charges": rng.normal(70, 15, n),
+            "plan": rng.choice(["basic", "plus", "premium"], n, p=[0.5, 0.3, 0.2]),
+        }
+    )
+
+
+async def register(h: Harness, model: str, version: int, *, accuracy: float = 0.85) -> None:
+    frame = reference_frame()
+    scores = pd.Series(np.random.default_rng(1).uniform(0, 1, len(frame)))
+    profile = build_profile(
+        frame, [("tenure", "numeric"), ("charges", "numeric"), ("plan", "categorical")], predictions=scores
+    )
+    stored = h.store.put(profile.to_bytes())
+    payload = ModelVersionRegistered(
+        model=model,
+        model_version=version,
+        run_id="run-1",
+        job_id="job-1",
+        artifact=ArtifactRef(key=SHA, uri="file:///none", format=ArtifactFormat.SKOPS, size_bytes=1),
+        profile=ArtifactRef(
+            key=stored.sha256, uri=stored.uri, format=ArtifactFormat.JSON, size_bytes=stored.size
+        ),
+        signature=ModelSignature(
+            features=[
+                FeatureSpec(name="tenure", type=FeatureType.NUMERIC),
+                FeatureSpec(name="charges", type=FeatureType.NUMERIC),
+                FeatureSpec(
+                    name="plan", type=FeatureType.CATEGORICAL, categories=["basic", "plus", "premium"]
+                ),
+            ],
+            target="churned",
+            task=Task.CLASSIFICATION,
+            classes=[0, 1],
+        ),
+        metrics={"accuracy": accuracy},
+        lineage=Lineage(
+            datasets=[DatasetRef(name="base", version=1, sha256=SHA)],
+            spec_hash=SHA,
+            code_version="test",
+            seed=0,
+        ),
+    )
+    await h.send(new_event(payload, source="/test/registry"), "models")
+
+
+def predictions(
+    model: str,
+    version: int,
+    n: int,
+    *,
+    seed: int,
+    shift: float = 0.0,
+    variant: Variant = Variant.STABLE,
+    rollout_id: str | None = None,
+    start: datetime,
+    per_request: int = 20,
+    latency_ms: float = 2.0,
+) -> list[CloudEvent[PredictionsLogged]]:
+    rng = np.random.default_rng(seed)
+    events = []
+    for r in range(n // per_request):
+        rows = [
+            PredictionRecord(
+                prediction_id=f"{model}-{version}-{seed}-{r}-{i}",
+                inputs={
+                    "tenure": float(rng.normal(24 + shift * 6, 6)),
+                    "charges": float(rng.normal(70, 15)),
+                    "plan": str(rng.choice(["basic", "plus", "premium"], p=[0.5, 0.3, 0.2])),
+                },
+                output=PredictionOutput(prediction=int(p > 0.5), probabilities={"0": 1 - p, "1": p}),
+            )
+            for i, p in enumerate(rng.uniform(0, 1, per_request).tolist())
+        ]
+        payload = PredictionsLogged(
+            model=model,
+            model_version=version,
+            variant=variant,
+            rollout_id=rollout_id,
+            request_id=f"req-{seed}-{r}",
+            predicted_at=start + timedelta(milliseconds=10 * r),
+            latency_ms=latency_ms,
+            rows=rows,
+        )
+        events.append(new_event(payload, source="/test/serving"))
+    return events
+
+
+def labels_for(
+    events: list[CloudEvent[PredictionsLogged]], *, accuracy: float, seed: int
+) -> list[CloudEvent[Any]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in events:
+        for row in e.data.rows:
+            predicted = row.output.prediction
+            right = rng.uniform() < accuracy
+            label = predicted if right else 1 - int(predicted)
+            out.append(
+                new_event(
+                    GroundTruthReceived(
+                        prediction_id=row.prediction_id,
+                        model=e.data.model,
+                        model_version=e.data.model_version,
+                        label=label,
+                        observed_at=datetime.now(UTC),
+                    ),
+                    source="/test/serving",
+                )
+            )
+    return out
+
+
+async def known(h: Harness, model: str, version: int) -> bool:
+    rows = await h.sql("SELECT 1 FROM model_versions WHERE model = $1 AND version = $2", model, version)
+    return bool(rows)
+
+
+async def test_shifted_traffic_gives_exactly_one_drift_detected(harness: Harness) -> None:
+    h, model = harness, unique("drift")
+    await register(h, model, 1)
+    await eventually(lambda: known(h, model, 1))
+    t0 = datetime.now(UTC)
+    await h.send_many(predictions(model, 1, 800, seed=1, start=t0), "predictions")  # two calm windows
+    shifted = predictions(model, 1, 2_000, seed=2, shift=1.5, start=t0 + timedelta(minutes=1))  # five shifted
+    await h.send_many(shifted, "predictions")
+
+    async def judged() -> bool:
+        rows = await h.sql("SELECT count(*) AS n FROM window_reports WHERE model = $1", model)
+        return rows[0]["n"] >= 7
+
+    await eventually(judged, deadline_s=60)
+    drifts = await h.published(model, type(_drift_type()))
+    assert len(drifts) == 1
+    event = drifts[0].data
+    assert event.drifted_features == ["tenure"]
+    tenure = next(f for f in event.features if f.feature == "tenure")
+    assert tenure.test.value == "ks" and tenure.drifted and tenure.consecutive_windows == 2
+    assert tenure.p_value is not None and tenure.p_value < event.alpha
+    assert event.window.data is not None and event.window.size >= 400
+    table = pq.read_table(h.store.uri(event.window.data.key).removeprefix("file://"))
+    assert {"tenure", "charges", "plan", "prediction", "label", "prediction_id", "predicted_at"} <= set(
+        table.column_names
+    )
+    on_topic = [
+        r
+        for r in await read_topic(h.kafka, MONITORING_TOPIC, expect=100_000, deadline_s=5)
+        if r.key == model.encode() and dict(r.headers).get("ce_type") == b"io.driftloop.DriftDetected.v1"
+    ]
+    assert len(on_topic) == 1
+
+    async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
+        report = (await client.get(f"http://127.0.0.1:{h.port}/models/{model}/drift")).json()
+        page = await client.get(f"http://127.0.0.1:{h.port}/models/{model}/drift.html")
+        status = (await client.get(f"http://127.0.0.1:{h.port}/status")).json()
+    assert report["windows"][0]["features"][0]["histogram"]["labels"]
+    assert page.status_code == 200 and "<svg" in page.text and "<script" not in page.text
+    assert status["models"][model]["last_window"] is not None
+
+
+def _drift_type() -> Any:
+    from contracts.monitoring import DriftDetected
+
+    return DriftDetected.model_construct()
+
+
+async def test_canary_worse_than_stable_gets_an_unhealthy_verdict(harness: Harness) -> None:
+    from contracts.monitoring import CanaryVerdict
+
+    h, model = harness, unique("canary")
+    await register(h, model, 1)
+    await register(h, model, 2)
+    await eventually(lambda: known(h, model, 2))
+    rollout = unique("r")
+    started = new_event(
+        RolloutStarted(
+            rollout_id=rollout,
+            model=model,
+            stable_version=1,
+            canary_version=2,
+            steps=[0.2, 1.0],
+            step_index=0,
+            weight=0.2,
+            min_samples=200,
+            bake_seconds=1,
+        ),
+        source="/test/serving",
+    )
+    await h.send(started, "rollouts")
+    await eventually(lambda: _step_known(h, rollout))
+    t0 = datetime.now(UTC)
+    stable = predictions(model, 1, 600, seed=3, start=t0)
+    canary = predictions(model, 2, 300, seed=4, start=t0, variant=Variant.CANARY, rollout_id=rollout)
+    await h.send_many(stable + canary, "predictions")
+    await h.send_many(
+        labels_for(stable, accuracy=0.9, seed=5) + labels_for(canary, accuracy=0.55, seed=6), "feedback"
+    )
+
+    async def verdicts() -> list[CloudEvent[Any]]:
+        return await h.published(model, CanaryVerdict)
+
+    [verdict] = await eventually(verdicts, deadline_s=60)
+    assert verdict.data.verdict.value == "unhealthy"
+    assert verdict.causationid == started.id and verdict.correlationid == started.correlationid
+    accuracy = next(e for e in verdict.data.evidence if e.name == "accuracy")
+    assert accuracy.passed is False
+
+
+async def _step_known(h: Harness, rollout: str) -> bool:
+    return bool(await h.sql("SELECT 1 FROM rollout_steps WHERE rollout_id = $1", rollout))
+
+
+async def test_labels_arriving_late_are_joined_and_counted(harness: Harness) -> None:
+    from contracts.monitoring import PerformanceDegraded
+
+    h, model = harness, unique("late")
+    await register(h, model, 1, accuracy=0.9)
+    await eventually(lambda: known(h, model, 1))
+    t0 = datetime.now(UTC)
+    first = predictions(model, 1, 400, seed=7, start=t0)  # exactly one window
+    await h.send_many(
+        first + predictions(model, 1, 100, seed=8, start=t0 + timedelta(seconds=30)), "predictions"
+    )
+
+    async def window_judged() -> bool:
+        return bool(await h.sql("SELECT 1 FROM window_reports WHERE model = $1", model))
+
+    await eventually(window_judged, deadline_s=60)
+    # The labels come after their predictions' window was judged: late, and poor.
+    await h.send_many(labels_for(first, accuracy=0.5, seed=9)[:200], "feedback")
+
+    async def all_joined_late() -> bool:
+        rows = await h.sql(
+            "SELECT count(*) FILTER (WHERE late) AS late FROM labelled WHERE model = $1", model
+        )
+        return int(rows[0]["late"]) == 200
+
+    await eventually(all_joined_late, deadline_s=60)
+    [degraded] = await eventually(lambda: h.published(model, PerformanceDegraded), deadline_s=30)
+    assert degraded.data.metric == "accuracy"
+    assert degraded.data.labelled_rows == 200 and degraded.data.late_labels == 200
+    assert degraded.data.window.data is not None
