@@ -1,0 +1,421 @@
+"""The model spec: what a model is (features, target, task, estimator, preprocessing), how it is retrained
+and how a candidate is gated. Written by people in YAML or JSON, registered with the training service,
+stored canonically (sorted-key JSON, content-hashed) in the artifact store, and read back by validation
+through ``Lineage.spec``.
+
+Training turns a spec into a scikit-learn :class:`~sklearn.pipeline.Pipeline` with :func:`build_pipeline`;
+the estimator comes from a closed registry (:data:`ESTIMATORS`), so a spec can never name arbitrary code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import math
+from enum import StrEnum
+from typing import Any, Literal, Self
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from contracts.common import DatasetName, FeatureSpec, FeatureType, JsonScalar, ModelName, Task
+from libs.metrics import METRICS, metrics_for
+
+# name -> (classifier, regressor) as import paths; None where the estimator has no such variant.
+ESTIMATORS: dict[str, tuple[str | None, str | None]] = {
+    "logistic_regression": ("sklearn.linear_model.LogisticRegression", None),
+    "random_forest": ("sklearn.ensemble.RandomForestClassifier", "sklearn.ensemble.RandomForestRegressor"),
+    "hist_gradient_boosting": (
+        "sklearn.ensemble.HistGradientBoostingClassifier",
+        "sklearn.ensemble.HistGradientBoostingRegressor",
+    ),
+    "decision_tree": ("sklearn.tree.DecisionTreeClassifier", "sklearn.tree.DecisionTreeRegressor"),
+    "ridge": (None, "sklearn.linear_model.Ridge"),
+    "linear_regression": (None, "sklearn.linear_model.LinearRegression"),
+}
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used: ``reason`` is unknown-estimator, unknown-feature or invalid-spec, and
+    ``field`` the dotted path of the offending field."""
+
+    def __init__(self, message: str, *, reason: str = "invalid-spec", field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.field = field
+
+
+class _SpecModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class TrainingSetMode(StrEnum):
+    """How base data and labelled traffic are combined into a training set."""
+
+    SLIDING_WINDOW = "sliding-window"
+    ALL = "all"
+    WEIGHTED = "weighted"
+
+
+class TrainingSetPolicy(_SpecModel):
+    """Which rows a retrain learns from."""
+
+    mode: TrainingSetMode = Field(
+        TrainingSetMode.ALL,
+        description="all: base data plus every labelled traffic row; sliding-window: only the newest "
+        "`window_rows` rows of base data followed by traffic; weighted: all rows, traffic rows weighted "
+        "`traffic_weight`.",
+    )
+    window_rows: int | None = Field(
+        None, ge=1, description="Rows kept by the sliding window (required for mode sliding-window)."
+    )
+    traffic_weight: float = Field(
+        1.0, gt=0, description="Sample weight of labelled traffic rows in mode weighted (base rows weigh 1)."
+    )
+    min_rows: int = Field(
+        50, ge=10, description="A training set with fewer rows fails with dataset-too-small."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        if self.mode is TrainingSetMode.SLIDING_WINDOW and self.window_rows is None:
+            raise PydanticCustomError(
+                "missing_window", "mode sliding-window needs window_rows (how many rows to keep)"
+            )
+        return self
+
+
+class RetrainPolicy(_SpecModel):
+    """When a trigger becomes a training job. At most one job per model is in flight, always."""
+
+    enabled: bool = Field(True, description="False: every automatic trigger is skipped (policy-disabled).")
+    cooldown_seconds: float = Field(
+        1800, ge=0, description="Seconds after a completed run during which automatic triggers are skipped."
+    )
+    daily_budget: int = Field(24, ge=0, description="At most this many jobs per model in any 24 hours.")
+    min_labelled_rows: int = Field(
+        100,
+        ge=0,
+        description="A PerformanceDegraded trigger whose window has fewer labelled rows is skipped "
+        "(not-enough-labels); drift triggers train on base data plus whatever is labelled.",
+    )
+    train_on_new_dataset: bool = Field(
+        True, description="Retrain when a new version of a base dataset (or one listing the model) arrives."
+    )
+    training_set: TrainingSetPolicy = Field(
+        default_factory=lambda: TrainingSetPolicy(), description="How the training set is built."
+    )
+
+
+class Preprocessing(_SpecModel):
+    """Preprocessing before the estimator: numeric imputation and scaling; categorical features are
+    one-hot encoded with unknown levels ignored (missing is a level of its own)."""
+
+    numeric_impute: Literal["median", "mean"] = Field("median", description="Fill for missing numbers.")
+    scale_numeric: bool = Field(True, description="Standardise numeric features.")
+
+
+class ChampionRule(_SpecModel):
+    """Champion/challenger: the candidate may not be worse than production by more than ``max_degradation``
+    on ``metric``, judged on the candidate's holdout with a paired bootstrap confidence interval."""
+
+    metric: str | None = Field(
+        None, description="Metric compared; default roc_auc (binary), accuracy (multiclass), rmse."
+    )
+    max_degradation: float = Field(0.01, ge=0, description="δ: the tolerated loss on the metric.")
+    confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Level of the bootstrap interval.")
+    resamples: int = Field(500, ge=50, le=10_000, description="Bootstrap resamples.")
+
+
+class SliceRule(_SpecModel):
+    """Per-slice gate: every level of a categorical feature must meet a minimum on a metric."""
+
+    feature: str = Field(min_length=1, description="A categorical feature of the spec.")
+    metric: str | None = Field(None, description="Metric per slice; default the champion metric.")
+    min_value: float | None = Field(
+        None,
+        description="Minimum (or maximum, for lower-is-better metrics) per slice; default the absolute "
+        "threshold on the same metric; with neither, slices are only reported.",
+    )
+    min_rows: int = Field(30, ge=1, description="Smaller slices are reported, not judged.")
+
+
+class ValidationSpec(_SpecModel):
+    """The promotion gates validation applies to every candidate of the model."""
+
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Absolute thresholds on holdout metrics: a minimum for higher-is-better metrics "
+        "(roc_auc, accuracy, f1, r2), a maximum for the others (log_loss, rmse, mae).",
+        examples=[{"roc_auc": 0.75}],
+    )
+    champion: ChampionRule = Field(
+        default_factory=lambda: ChampionRule(), description="Champion/challenger rule."
+    )
+    slices: SliceRule | None = Field(None, description="Per-slice gate, when wanted.")
+    latency_budget_ms_per_row: float = Field(
+        5.0, gt=0, description="Largest median prediction time per row (batched) on the holdout."
+    )
+    schema_compatibility: Literal["same-features", "exact"] = Field(
+        "same-features",
+        description="same-features: same feature names and types as the champion, new categories allowed; "
+        "exact: identical signature.",
+    )
+
+
+class ModelSpec(_SpecModel):
+    """Everything needed to train, retrain and gate one model."""
+
+    name: ModelName = Field(description="Model name.", examples=["churn"])
+    description: str | None = Field(None, description="Free text for people.")
+    features: list[FeatureSpec] = Field(min_length=1, description="Input features, in the model's order.")
+    target: str = Field(min_length=1, description="Target column.", examples=["churned"])
+    task: Task = Field(description="classification or regression.")
+    estimator: str = Field(
+        description=f"Estimator name, one of: {', '.join(ESTIMATORS)}.", examples=["hist_gradient_boosting"]
+    )
+    params: dict[str, JsonScalar] = Field(
+        default_factory=dict,
+        description="Estimator parameters (the seed sets random_state).",
+        examples=[{"max_depth": 6}],
+    )
+    preprocessing: Preprocessing = Field(
+        default_factory=lambda: Preprocessing(), description="Preprocessing before the estimator."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the split and the estimator.")
+    holdout_fraction: float = Field(
+        0.2, ge=0.05, le=0.5, description="Share of the training set held out for metrics and validation."
+    )
+    base_datasets: list[DatasetName] = Field(
+        default_factory=list, description="Datasets whose latest versions are the base training data."
+    )
+    retrain: RetrainPolicy = Field(default_factory=lambda: RetrainPolicy(), description="Retrain policy.")
+    validation: ValidationSpec = Field(
+        default_factory=lambda: ValidationSpec(), description="Promotion gates."
+    )
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        if name not in ESTIMATORS:
+            raise PydanticCustomError(
+                "unknown_estimator", f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [f.name for f in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise _fail("invalid_feature", "features", f"features {duplicates} are listed twice")
+        if self.target in names:
+            raise _fail("invalid_feature", "target", f"the target {self.target!r} is also a feature")
+        for i, f in enumerate(self.features):
+            if f.categories is not None and f.type is not FeatureType.CATEGORICAL:
+                raise _fail(
+                    "invalid_feature",
+                    f"features.{i}.categories",
+                    f"numeric feature {f.name!r} has categories",
+                )
+        classifier, regressor = ESTIMATORS[self.estimator]
+        path = classifier if self.task is Task.CLASSIFICATION else regressor
+        if path is None:
+            fitting = [n for n, paths in ESTIMATORS.items() if paths[self.task is Task.REGRESSION]]
+            raise _fail(
+                "unknown_estimator",
+                "estimator",
+                f"estimator {self.estimator!r} has no {self.task.value} variant; allowed for "
+                f"{self.task.value}: {', '.join(fitting)}",
+            )
+        known = set(_import(path)().get_params())
+        for param in self.params:
+            if param == "random_state":
+                raise _fail(
+                    "invalid_param",
+                    "params.random_state",
+                    "set `seed` instead: it drives every random choice",
+                )
+            if param not in known:
+                raise _fail(
+                    "invalid_param",
+                    f"params.{param}",
+                    f"{path.rsplit('.', 1)[1]} has no parameter {param!r}"
+                    f"{_did_you_mean(param, sorted(known))}",
+                )
+        allowed_metrics = set(metrics_for(self.task))
+        for where, name in self._metric_names():
+            if name not in allowed_metrics:
+                raise _fail(
+                    "unknown_metric",
+                    where,
+                    f"unknown metric {name!r} for {self.task.value}; "
+                    f"allowed: {', '.join(sorted(allowed_metrics))}",
+                )
+        rule = self.validation.slices
+        if rule is not None:
+            by_name = {f.name: f for f in self.features}
+            if rule.feature not in by_name:
+                raise _fail(
+                    "unknown_feature",
+                    "validation.slices.feature",
+                    f"{rule.feature!r} is not a feature of the spec"
+                    f"{_did_you_mean(rule.feature, list(by_name))}",
+                )
+            if by_name[rule.feature].type is not FeatureType.CATEGORICAL:
+                raise _fail(
+                    "invalid_feature",
+                    "validation.slices.feature",
+                    f"slices need a categorical feature; {rule.feature!r} is numeric",
+                )
+        return self
+
+    def _metric_names(self) -> list[tuple[str, str]]:
+        names = [(f"validation.thresholds.{m}", m) for m in self.validation.thresholds]
+        if self.validation.champion.metric:
+            names.append(("validation.champion.metric", self.validation.champion.metric))
+        if self.validation.slices and self.validation.slices.metric:
+            names.append(("validation.slices.metric", self.validation.slices.metric))
+        return names
+
+    # -- derived ------------------------------------------------------------------------------------
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def feature_types(self) -> list[tuple[str, Literal["numeric", "categorical"]]]:
+        """(name, kind) pairs, as :func:`libs.profiles.build_profile` takes them."""
+        return [
+            (f.name, "numeric" if f.type is FeatureType.NUMERIC else "categorical") for f in self.features
+        ]
+
+    def estimator_path(self) -> str:
+        classifier, regressor = ESTIMATORS[self.estimator]
+        path = classifier if self.task is Task.CLASSIFICATION else regressor
+        assert path is not None
+        return path
+
+    def canonical_json(self) -> bytes:
+        """Sorted-key JSON with every default spelled out: equal specs give equal bytes."""
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON (the store key of the stored spec)."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+def _fail(kind: str, field: str, message: str) -> PydanticCustomError:
+    """A model-level error that still names its field (pydantic gives model validators no location)."""
+    return PydanticCustomError(kind, "{field}: {message}", {"field": field, "message": message})
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _import(path: str) -> Any:
+    module, _, cls = path.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+_REASONS = {"unknown_estimator": "unknown-estimator", "unknown_feature": "unknown-feature"}
+
+
+def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
+    """Validate parsed YAML/JSON as a spec; ``name`` fills in (or must equal) the spec's name."""
+    if not isinstance(data, dict):
+        raise SpecError(f"a model spec is a mapping, got {type(data).__name__}", field="(root)")
+    if name is not None:
+        given = data.get("name", name)
+        if given != name:
+            raise SpecError(f"the spec names model {given!r} but was sent for {name!r}", field="name")
+        data = {**data, "name": name}
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        reason = _REASONS.get(first["type"], "invalid-spec")
+        ctx = first.get("ctx") or {}
+        if "field" in ctx and "message" in ctx:
+            where = ".".join([*(str(p) for p in first["loc"]), str(ctx["field"])])
+            raise SpecError(f"{where}: {ctx['message']}", reason=reason, field=where) from exc
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise SpecError(f"{where}: {first['msg']}", reason=reason, field=where) from exc
+
+
+def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str | None = None) -> ModelSpec:
+    """A spec from JSON or YAML text (YAML is a superset of JSON, so unknown content types parse too)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    kind = (content_type or "").split(";")[0].strip().lower()
+    try:
+        data = orjson.loads(text) if kind == "application/json" else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
+        kind_name = "JSON" if kind.endswith("json") else "YAML"
+        raise SpecError(f"the spec is not valid {kind_name}: {' '.join(str(exc).split())}") from exc
+    return spec_from_data(data, name=name)
+
+
+def load_canonical(data: bytes) -> ModelSpec:
+    """A spec from its stored canonical JSON (re-validated: the code may have changed since)."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise SpecError(f"the stored spec is not JSON: {exc}") from exc
+    return spec_from_data(parsed)
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+
+def build_pipeline(spec: ModelSpec) -> Any:
+    """The spec's scikit-learn Pipeline (unfitted): preprocess (ColumnTransformer) then the estimator."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numeric = [f.name for f in spec.features if f.type is FeatureType.NUMERIC]
+    categorical = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    parts: list[tuple[str, Any, list[str]]] = []
+    if numeric:
+        steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy=spec.preprocessing.numeric_impute))]
+        if spec.preprocessing.scale_numeric:
+            steps.append(("scale", StandardScaler()))
+        parts.append(("numeric", Pipeline(steps), numeric))
+    if categorical:
+        parts.append(("categorical", OneHotEncoder(handle_unknown="ignore"), categorical))
+    cls = _import(spec.estimator_path())
+    params = dict(spec.params)
+    if "random_state" in cls().get_params():
+        params["random_state"] = spec.seed
+    return Pipeline(
+        [("preprocess", ColumnTransformer(parts, remainder="drop")), ("estimator", cls(**params))]
+    )
+
+
+def flat_params(spec: ModelSpec, pipeline: Any) -> dict[str, JsonScalar]:
+    """Estimator and preprocessing parameters, flattened, for lineage (every estimator default included,
+    so a change of library defaults shows up in a diff)."""
+    estimator = pipeline.named_steps["estimator"]
+    out: dict[str, JsonScalar] = {"estimator": spec.estimator, "estimator_class": type(estimator).__name__}
+    for key, value in sorted(estimator.get_params(deep=False).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # lineage is JSON, which has no infinity
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[f"estimator__{key}"] = value
+    out["preprocessing__numeric_impute"] = spec.preprocessing.numeric_impute
+    out["preprocessing__scale_numeric"] = spec.preprocessing.scale_numeric
+    out["preprocessing__categorical"] = "one-hot, unknown ignored"
+    out["holdout_fraction"] = spec.holdout_fraction
+    return out
+
+
+def metric_direction(name: str) -> bool:
+    """True when higher values of the metric are better."""
+    return METRICS[name].higher_is_better
