@@ -1,0 +1,1 @@
+"""Training's adapters: Postgres repositories, the artifact store and the process pool."""

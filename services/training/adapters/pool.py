@@ -1,0 +1,92 @@
+"""The Trainer port on a process pool: one fit at a time in a separate process, so the service's event loop
+(consumers, relay, HTTP) keeps running while scikit-learn works."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue as queue_module
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from libs.logging import get_logger
+from services.training.ports import Progress
+from services.training.worker import install_progress_queue, run_training, warm_up
+
+log = get_logger(__name__)
+
+
+class ProcessPoolTrainer:
+    """Runs :func:`services.training.worker.run_training` in a one-process pool (forkserver or spawn: the
+    service has threads, which fork would copy in a broken state). Progress comes back on a queue."""
+
+    def __init__(self, start_method: str = "forkserver", *, poll_s: float = 0.5) -> None:
+        self._context = multiprocessing.get_context(start_method)
+        self._poll_s = poll_s
+        self._executor: ProcessPoolExecutor | None = None
+        self._progress: Any = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._progress = self._context.Queue(maxsize=1000)
+            self._executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=self._context,
+                initializer=install_progress_queue,
+                initargs=(self._progress,),
+            )
+        return self._executor
+
+    async def warm_up(self) -> None:
+        """Start the fit process and import scikit-learn there, before the first job needs it."""
+        await asyncio.get_running_loop().run_in_executor(self._pool(), warm_up)
+
+    async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Run one training in the pool; raises BrokenProcessPool when the fit process dies."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool(), run_training, job_input)
+        job_id = job_input["job_id"]
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=self._poll_s)
+                for owner, phase, fraction in self._drain():
+                    if owner == job_id:
+                        await progress(phase, fraction)
+                if done:
+                    return dict(future.result())
+        except BrokenProcessPool:
+            self._discard()
+            raise
+
+    def _drain(self) -> list[tuple[str, str, float | None]]:
+        items = []
+        while self._progress is not None:
+            try:
+                items.append(self._progress.get_nowait())
+            except (queue_module.Empty, OSError, ValueError):
+                break
+        return items
+
+    def abort(self) -> None:
+        """Kill the fit process (a run over its time limit); the next run starts a new one."""
+        self._discard()
+
+    def close(self) -> None:
+        """Stop the pool and its process."""
+        self._discard()
+
+    def _discard(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # The executor cannot cancel a running call; killing its process is the only way to stop a fit.
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            try:
+                process.kill()
+            except Exception as exc:
+                log.debug("fit process already gone", error=repr(exc))
+        executor.shutdown(wait=False, cancel_futures=True)
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None

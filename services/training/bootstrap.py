@@ -1,0 +1,155 @@
+"""Wires training's handlers, job runner and routes to the real adapters; nothing connects at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from contracts import commands, datasets, models, monitoring, training
+from contracts.envelope import CloudEvent
+from libs.artifacts import ArtifactStore
+from libs.bus import Handler, Subscription, Transaction
+from libs.db import migrations_in
+from libs.http import create_app
+from libs.logging import get_logger
+from libs.service import Runtime, ServiceParts
+from libs.settings import PROJECT_ROOT
+from services.training import api
+from services.training.adapters.pool import ProcessPoolTrainer
+from services.training.adapters.postgres import PgDatasets, PgJobs, PgProduction, PgSpecs, jobs_channel
+from services.training.adapters.store import StoreSpecs
+from services.training.handlers import HANDLERS, TrainingHandler
+from services.training.runner import JobRunner
+from services.training.settings import TrainingSettings
+
+log = get_logger(__name__)
+
+MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="training")
+
+TOPICS: tuple[str, ...] = (datasets.TOPIC, monitoring.TOPIC, commands.TOPIC, training.TOPIC, models.TOPIC)
+"""What training reads; on each topic it handles only the types in HANDLERS and skips the rest."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        version = metadata.version("driftloop")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    if (PROJECT_ROOT / ".git").exists():
+        with suppress(OSError, subprocess.SubprocessError):
+            sha = subprocess.run(
+                ["git", "rev-parse", "--short=12", "HEAD"],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            if sha:
+                return f"{version}+g{sha}"
+    return version
+
+
+def subscription(
+    rt: Runtime, spec_store: StoreSpecs, *, consumer: str, topics: Sequence[str]
+) -> Subscription:
+    """Training's consumer: every handler bound to the adapters of the delivery's transaction."""
+    source = rt.source()
+    schema = rt.settings.db_schema
+
+    def bind(handler: TrainingHandler) -> Handler:
+        async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+            await handler(
+                event,
+                specs=PgSpecs(tx.conn),
+                datasets=PgDatasets(tx.conn),
+                jobs=PgJobs(tx.conn, schema),
+                production=PgProduction(tx.conn),
+                spec_store=spec_store,
+                publish=tx.publish,
+                source=source,
+                clock=utc_now,
+            )
+
+        return run
+
+    return Subscription(
+        consumer=consumer,
+        topics=list(topics),
+        handlers={payload: bind(handler) for payload, handler in HANDLERS.items()},
+        max_retries=rt.settings.consumer_max_retries,
+        retry_backoff_s=rt.settings.consumer_retry_backoff_s,
+        max_event_bytes=rt.settings.kafka.max_event_bytes,
+    )
+
+
+async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
+    """Training's API, consumer and job runner on the runtime's pool, producer and artifact store."""
+    settings = rt.settings
+    assert isinstance(settings, TrainingSettings)
+    spec_store = StoreSpecs(ArtifactStore(settings.artifacts_url))
+    trainer = ProcessPoolTrainer(settings.start_method)
+    schema = settings.db_schema
+    runner = JobRunner(
+        begin=rt.begin,
+        queue_on=lambda conn: PgJobs(conn, schema),
+        datasets_on=PgDatasets,
+        trainer=trainer,
+        artifacts_url=settings.artifacts_url,
+        source=rt.source(),
+        code_version=settings.code_version or code_version(),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        stale_after_s=settings.stale_after_s,
+        max_attempts=settings.max_attempts,
+        job_timeout_s=settings.job_timeout_s,
+        progress_interval_s=settings.progress_interval_s,
+        poll_s=settings.runner_poll_s,
+    )
+
+    async def run_jobs() -> None:
+        # Waking on NOTIFY from dispatching transactions: a job starts as soon as its request commits.
+        listener: asyncpg.Connection = await rt.pool.acquire()
+        await listener.add_listener(jobs_channel(schema), lambda *_: runner.wake())
+        try:
+            await trainer.warm_up()
+            await runner.run()
+        finally:
+            with suppress(Exception):
+                await listener.remove_listener(jobs_channel(schema), lambda *_: None)
+            await rt.pool.release(listener)
+
+    run_jobs.__name__ = "job-runner"
+
+    async def stop_jobs() -> None:
+        runner.stop()
+        await asyncio.to_thread(trainer.close)
+
+    app = create_app(
+        settings,
+        title="driftloop training",
+        description="Model specs, the retrain policy and training jobs. Retrains start from DriftDetected, "
+        "PerformanceDegraded, RetrainRequested and new datasets; results leave as TrainingCompleted.",
+        routers=[api.router],
+        ready=rt.ready,
+    )
+    app.state.runtime = rt
+    app.state.spec_store = spec_store
+    return ServiceParts(
+        app=app,
+        subscriptions=[subscription(rt, spec_store, consumer=settings.consumer_group, topics=topics)],
+        tasks=[run_jobs],
+        on_stop=[stop_jobs],
+    )

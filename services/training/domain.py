@@ -1,0 +1,130 @@
+"""Training's pure logic: the retrain policy's decision and the rules of a job's life. No I/O here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from contracts.training import SkipReason, TrainingTrigger
+from libs.modelspec import RetrainPolicy
+
+BUDGET_WINDOW = timedelta(hours=24)
+
+AUTOMATIC = frozenset(
+    {
+        TrainingTrigger.DRIFT_DETECTED,
+        TrainingTrigger.PERFORMANCE_DEGRADED,
+        TrainingTrigger.DATASET_REGISTERED,
+    }
+)
+
+
+class JobState(StrEnum):
+    """Where a training job is: requested -> running -> completed | failed (running again on resume)."""
+
+    REQUESTED = "requested"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy needs to know about a model's jobs."""
+
+    in_flight_job_id: str | None = None
+    last_completed_at: datetime | None = None
+    jobs_last_24h: int = 0
+    oldest_job_last_24h_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What asks for a retrain, with what the policy weighs."""
+
+    kind: TrainingTrigger
+    ignore_cooldown: bool = False
+    labelled_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer: accept, or skip with a reason and a message for people."""
+
+    accepted: bool
+    message: str
+    reason: SkipReason | None = None
+    retry_after_seconds: float | None = None
+    in_flight_job_id: str | None = None
+
+
+def decide(policy: RetrainPolicy, state: PolicyState, trigger: Trigger, now: datetime) -> Decision:
+    """Apply the retrain policy: enabled, one job in flight, daily budget, cooldown, then labels."""
+    automatic = trigger.kind in AUTOMATIC
+    if automatic and not policy.enabled:
+        return Decision(
+            False,
+            "the retrain policy is disabled for this model; enable retrain.enabled or ask manually",
+            SkipReason.POLICY_DISABLED,
+        )
+    if state.in_flight_job_id is not None:
+        return Decision(
+            False,
+            f"job {state.in_flight_job_id} is still in flight; one run per model at a time",
+            SkipReason.IN_FLIGHT,
+            in_flight_job_id=state.in_flight_job_id,
+        )
+    if state.jobs_last_24h >= policy.daily_budget:
+        retry = None
+        if state.oldest_job_last_24h_at is not None:
+            retry = max(0.0, (state.oldest_job_last_24h_at + BUDGET_WINDOW - now).total_seconds())
+        return Decision(
+            False,
+            f"{state.jobs_last_24h} jobs in the last 24 h; the daily budget is {policy.daily_budget}",
+            SkipReason.BUDGET_EXHAUSTED,
+            retry_after_seconds=retry,
+        )
+    cooldown_applies = not (trigger.kind is TrainingTrigger.MANUAL and trigger.ignore_cooldown)
+    if cooldown_applies and state.last_completed_at is not None and policy.cooldown_seconds > 0:
+        since = (now - state.last_completed_at).total_seconds()
+        if since < policy.cooldown_seconds:
+            remaining = policy.cooldown_seconds - since
+            next_at = (now + timedelta(seconds=remaining)).strftime("%H:%M:%SZ")
+            return Decision(
+                False,
+                f"last run finished {since:.0f} s ago; cooldown is {policy.cooldown_seconds:.0f} s "
+                f"(next possible at {next_at})",
+                SkipReason.COOLDOWN,
+                retry_after_seconds=remaining,
+            )
+    if (
+        trigger.kind is TrainingTrigger.PERFORMANCE_DEGRADED
+        and trigger.labelled_rows is not None
+        and trigger.labelled_rows < policy.min_labelled_rows
+    ):
+        # The concept moved: without enough labels of the new concept, a retrain would relearn the old one.
+        return Decision(
+            False,
+            f"the window has {trigger.labelled_rows} labelled rows; the policy needs at least "
+            f"{policy.min_labelled_rows} to retrain on degraded performance",
+            SkipReason.NOT_ENOUGH_LABELS,
+        )
+    return Decision(True, "accepted")
+
+
+def next_attempt_allowed(attempts: int, max_attempts: int) -> bool:
+    """A job that has run ``attempts`` times may run again while it stays under ``max_attempts``."""
+    return attempts < max_attempts
+
+
+def job_id_for(model: str, event_id: str) -> str:
+    """The job a trigger creates for a model is named after both, so a redelivered trigger (should the
+    inbox ever miss it) cannot create a second job, and one dataset can start one job per model."""
+    return f"job-{uuid.uuid5(uuid.NAMESPACE_URL, f'driftloop:{model}:{event_id}')}"
+
+
+def run_id_for(job_id: str, attempt: int) -> str:
+    """One run id per attempt: the registry creates exactly one version per run id."""
+    return f"run-{job_id.removeprefix('job-')}-{attempt}"

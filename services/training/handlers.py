@@ -1,0 +1,303 @@
+"""Training's event handlers: every trigger goes through the retrain policy, which publishes
+TrainingRequested (and creates the job) or TrainingSkipped with the reason. Training consumes its own
+TrainingRequested and hands the job to the job runner (runner.py), which runs it off the event loop.
+
+Handlers are plain functions; bootstrap binds the ports of the delivery's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from contracts.commands import RetrainRequested
+from contracts.common import EventRef, Stage, TrafficWindow
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.models import ModelStageChanged
+from contracts.monitoring import DriftDetected, PerformanceDegraded
+from contracts.training import SkipReason, TrainingRequested, TrainingSkipped, TrainingTrigger
+from libs.errors import NotFound
+from libs.logging import get_logger
+from libs.modelspec import ModelSpec
+from services.training.domain import JobState, Trigger, decide, job_id_for
+from services.training.ports import (
+    Clock,
+    DatasetRecord,
+    Datasets,
+    Job,
+    Jobs,
+    ProductionVersions,
+    Publish,
+    RequestEnvelope,
+    Specs,
+    SpecStore,
+    StoredSpec,
+)
+
+log = get_logger(__name__)
+
+# Sources of the dataset versions training itself materialises: never a reason to retrain.
+OWN_SOURCES = ("training-set:", "holdout:")
+
+
+# --- the core, shared with the HTTP API ---------------------------------------------------------------
+
+
+async def register_spec(
+    spec: ModelSpec, *, actor: str | None, specs: Specs, spec_store: SpecStore
+) -> StoredSpec:
+    """Store the canonical spec in the artifact store and make it the model's current spec."""
+    artifact = await spec_store.put_spec(spec)
+    stored = await specs.put(spec, artifact, actor=actor)
+    log.info("spec registered", model=spec.name, spec_hash=stored.spec_hash, actor=actor)
+    return stored
+
+
+async def current_spec(model: str, *, specs: Specs) -> StoredSpec:
+    """The model's spec, or 404."""
+    stored = await specs.get(model)
+    if stored is None:
+        raise NotFound(f"model {model!r} has no spec; register one with PUT /v1/models/{model}/spec")
+    return stored
+
+
+async def job(job_id: str, *, jobs: Jobs) -> Job:
+    """One job, or 404."""
+    found = await jobs.get(job_id)
+    if found is None:
+        raise NotFound(f"no training job {job_id!r}")
+    return found
+
+
+async def request_retrain(
+    cause: CloudEvent[Any],
+    *,
+    model: str,
+    trigger: Trigger,
+    reason: str,
+    window: TrafficWindow | None,
+    specs: Specs,
+    datasets: Datasets,
+    jobs: Jobs,
+    production: ProductionVersions,
+    publish: Publish,
+    source: str,
+    clock: Clock,
+    **_: Any,
+) -> Job | None:
+    """Apply the retrain policy to a trigger: create a job and publish TrainingRequested, or publish
+    TrainingSkipped with the reason. Returns the job when one was created."""
+    trigger_event = EventRef(id=cause.id, type=cause.type)
+
+    async def skip(why: SkipReason, message: str, **extra: Any) -> None:
+        skipped = TrainingSkipped(
+            model=model,
+            trigger=trigger.kind,
+            trigger_event=trigger_event,
+            reason=why,
+            message=message,
+            **extra,
+        )
+        log.info("retrain skipped", model=model, trigger=trigger.kind.value, reason=why.value, detail=message)
+        await publish(new_event(skipped, source=source, cause=cause))
+
+    stored = await specs.get(model)
+    if stored is None:
+        await skip(
+            SkipReason.UNKNOWN_MODEL,
+            f"model {model!r} has no spec; register one with PUT /v1/models/{model}/spec on training",
+        )
+        return None
+    now = clock()
+    decision = decide(stored.spec.retrain, await jobs.policy_state(model, now), trigger, now)
+    if not decision.accepted:
+        assert decision.reason is not None
+        await skip(
+            decision.reason,
+            decision.message,
+            in_flight_job_id=decision.in_flight_job_id,
+            retry_after_seconds=decision.retry_after_seconds,
+        )
+        return None
+    base: list[DatasetRecord] = []
+    for name in stored.spec.base_datasets:
+        found = await datasets.latest(name)
+        if found is None:
+            await skip(SkipReason.NO_DATASET, f"base dataset {name!r} has no version yet; upload it first")
+            return None
+        base.append(found)
+    if not base:
+        await skip(SkipReason.NO_DATASET, "the spec names no base datasets (base_datasets is empty)")
+        return None
+    request = TrainingRequested(
+        job_id=job_id_for(model, cause.id),
+        model=model,
+        trigger=trigger.kind,
+        reason=reason,
+        trigger_event=trigger_event,
+        datasets=[d.ref() for d in base],
+        traffic_window=window if window is not None and window.data is not None else None,
+        parent_version=await production.get(model),
+    )
+    event = new_event(request, source=source, cause=cause)
+    created = Job(
+        job_id=request.job_id,
+        model=model,
+        state=JobState.REQUESTED,
+        trigger=trigger.kind.value,
+        request=request,
+        request_event=envelope_of(event),
+        spec_hash=stored.spec_hash,
+        spec_artifact=stored.artifact,
+        attempts=0,
+        run_id=None,
+        created_at=now,
+    )
+    await jobs.create(created)
+    await publish(event)
+    log.info("retrain requested", model=model, job_id=request.job_id, trigger=trigger.kind.value)
+    return created
+
+
+def envelope_of(event: CloudEvent[Any]) -> RequestEnvelope:
+    """The attributes of an event that later events of its cascade need."""
+    return RequestEnvelope(
+        id=event.id,
+        source=event.source,
+        type=event.type,
+        correlationid=event.correlationid,
+        causationid=event.causationid,
+        actor=event.actor,
+        subject=event.subject,
+    )
+
+
+# --- the handlers ---------------------------------------------------------------------------------------
+
+
+async def on_drift_detected(event: CloudEvent[DriftDetected], **ports: Any) -> None:
+    """Drift: retrain on base data plus whatever the window has labelled (labels may still be on the way)."""
+    d = event.data
+    reason = (
+        f"drift in {len(d.drifted_features)} of {len(d.features)} features "
+        f"(share {d.drift_share:.2f} >= {d.share_threshold:.2f}) on version {d.model_version}"
+    )
+    await request_retrain(
+        event,
+        model=d.model,
+        trigger=Trigger(TrainingTrigger.DRIFT_DETECTED),
+        reason=reason,
+        window=d.window,
+        **ports,
+    )
+
+
+async def on_performance_degraded(event: CloudEvent[PerformanceDegraded], **ports: Any) -> None:
+    """Degraded performance: retrain only with enough labels of the new concept."""
+    d = event.data
+    direction = "below" if d.higher_is_better else "above"
+    reason = (
+        f"{d.metric} {d.value:.4g} is {direction} the threshold {d.threshold:.4g} on version "
+        f"{d.model_version} ({d.labelled_rows} labelled rows)"
+    )
+    await request_retrain(
+        event,
+        model=d.model,
+        trigger=Trigger(TrainingTrigger.PERFORMANCE_DEGRADED, labelled_rows=d.labelled_rows),
+        reason=reason,
+        window=d.window,
+        **ports,
+    )
+
+
+async def on_retrain_requested(event: CloudEvent[RetrainRequested], **ports: Any) -> None:
+    """A person asked; the policy still decides (cooldown may be waived, never in-flight or budget)."""
+    d = event.data
+    await request_retrain(
+        event,
+        model=d.model,
+        trigger=Trigger(TrainingTrigger.MANUAL, ignore_cooldown=d.ignore_cooldown),
+        reason=f"requested by {event.actor or 'an unnamed caller'}: {d.reason}",
+        window=None,
+        **ports,
+    )
+
+
+async def on_dataset_registered(
+    event: CloudEvent[DatasetRegistered], *, datasets: Datasets, specs: Specs, **ports: Any
+) -> None:
+    """Remember the version; retrain the models it is meant for when their policy says so."""
+    d = event.data
+    await datasets.record(d)
+    if d.source.startswith(OWN_SOURCES):
+        return
+    models = sorted(set(d.models) | set(await specs.models_for_dataset(d.name)))
+    for model in models:
+        stored = await specs.get(model)
+        if stored is not None and not stored.spec.retrain.train_on_new_dataset:
+            continue
+        if stored is None and model not in d.models:
+            continue
+        await request_retrain(
+            event,
+            model=model,
+            trigger=Trigger(TrainingTrigger.DATASET_REGISTERED),
+            reason=f"new dataset {d.name} v{d.dataset_version} ({d.row_count} rows)",
+            window=None,
+            datasets=datasets,
+            specs=specs,
+            **ports,
+        )
+
+
+async def on_training_requested(
+    event: CloudEvent[TrainingRequested], *, jobs: Jobs, specs: Specs, **_: Any
+) -> None:
+    """Hand the job to the job runner (recording it first if this store has not seen it)."""
+    d = event.data
+    existing = await jobs.get(d.job_id)
+    if existing is None:
+        stored = await specs.get(d.model)
+        if stored is None:
+            log.warning("training requested for a model without a spec", model=d.model, job_id=d.job_id)
+            return
+        existing = Job(
+            job_id=d.job_id,
+            model=d.model,
+            state=JobState.REQUESTED,
+            trigger=d.trigger.value,
+            request=d,
+            request_event=envelope_of(event),
+            spec_hash=stored.spec_hash,
+            spec_artifact=stored.artifact,
+            attempts=0,
+            run_id=None,
+            created_at=event.time,
+        )
+    await jobs.dispatch(existing)
+
+
+async def on_model_stage_changed(
+    event: CloudEvent[ModelStageChanged], *, production: ProductionVersions, **_: Any
+) -> None:
+    """Track the production version: the parent of the next model."""
+    d = event.data
+    if d.to_stage is Stage.PRODUCTION:
+        await production.set(d.model, d.model_version)
+    elif d.from_stage is Stage.PRODUCTION:
+        await production.clear(d.model, d.model_version)
+
+
+TrainingHandler = Callable[..., Awaitable[None]]
+
+HANDLERS: dict[type[EventPayload], TrainingHandler] = {
+    DatasetRegistered: on_dataset_registered,
+    DriftDetected: on_drift_detected,
+    PerformanceDegraded: on_performance_degraded,
+    RetrainRequested: on_retrain_requested,
+    TrainingRequested: on_training_requested,
+    ModelStageChanged: on_model_stage_changed,
+}
+"""Event type -> handler. Every handler receives the same ports (specs, datasets, jobs, production,
+publish, source, clock) and takes what it needs."""

@@ -1,0 +1,355 @@
+"""The job runner: takes dispatched jobs from Postgres, runs each fit off the event loop, and finishes the
+job and publishes its outcome in one transaction.
+
+A job is claimed (state running, one more attempt, a new run id) in the same transaction that publishes
+TrainingStarted. While the fit runs, the runner writes a heartbeat; a job whose heartbeat went stale belongs
+to a dead worker and is claimed again by any runner — re-run from scratch, which gives the same result
+because data, spec and seed are pinned. Completion and failure are conditional on the run still owning the
+job, so a job completes (or fails) exactly once, whoever finishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, suppress
+from typing import Any
+
+from contracts.common import ArtifactFormat, DatasetRef, Lineage, ModelSignature
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, new_event
+from contracts.training import (
+    FailureReason,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+)
+from libs.bus import Transaction
+from libs.logging import bound, get_logger
+from services.training.domain import next_attempt_allowed
+from services.training.ports import Datasets, Job, JobQueue, Trainer
+from services.training.worker import MaterialisedSet, TrainingFailure, TrainingResult
+
+log = get_logger(__name__)
+
+Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
+
+
+class LostOwnership(Exception):
+    """Another run took the job over (this one was presumed dead): its outcome must not be recorded."""
+
+
+class JobRunner:
+    """Runs training jobs one at a time in this process; several replicas share the queue."""
+
+    def __init__(
+        self,
+        *,
+        begin: Begin,
+        queue_on: Callable[[Any], JobQueue],
+        datasets_on: Callable[[Any], Datasets],
+        trainer: Trainer,
+        artifacts_url: str,
+        source: str,
+        code_version: str,
+        heartbeat_interval_s: float = 2.0,
+        stale_after_s: float = 30.0,
+        max_attempts: int = 3,
+        job_timeout_s: float = 3600.0,
+        progress_interval_s: float = 5.0,
+        poll_s: float = 5.0,
+    ) -> None:
+        self.begin = begin
+        self.queue_on = queue_on
+        self.datasets_on = datasets_on
+        self.trainer = trainer
+        self.artifacts_url = artifacts_url
+        self.source = source
+        self.code_version = code_version
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.stale_after_s = stale_after_s
+        self.max_attempts = max_attempts
+        self.job_timeout_s = job_timeout_s
+        self.progress_interval_s = progress_interval_s
+        self.poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Look for work now (a job was dispatched)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the job in hand, then stop."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run jobs until stopped; errors of the infrastructure are retried with backoff."""
+        delay = 0.5
+        while not self._stopping:
+            try:
+                worked = await self.run_once()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job runner error, retrying", error=repr(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if worked:
+                continue
+            self._wake.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+
+    async def run_once(self) -> bool:
+        """Claim and run one job; False when there was none."""
+        async with self.begin() as tx:
+            job = await self.queue_on(tx.conn).claim_next(stale_after_s=self.stale_after_s)
+            if job is None:
+                return False
+            assert job.run_id is not None
+            if job.attempts > self.max_attempts:
+                await self.queue_on(tx.conn).fail(
+                    job.job_id, job.run_id, FailureReason.WORKER_LOST, self._lost_message(job)
+                )
+                await tx.publish(self._failed(job, FailureReason.WORKER_LOST, self._lost_message(job), None))
+                log.error("job failed: worker lost too often", job_id=job.job_id, attempts=job.attempts - 1)
+                return True
+            job_input = await self._input(job, self.datasets_on(tx.conn))
+            await tx.publish(self._event(job, self._started(job)))
+        with bound(job_id=job.job_id, run_id=job.run_id, model=job.model):
+            log.info("training started", attempt=job.attempts)
+            await self._execute(job, job_input)
+        return True
+
+    def _lost_message(self, job: Job) -> str:
+        return (
+            f"the worker running job {job.job_id} was lost {job.attempts - 1} times "
+            f"(max_attempts {self.max_attempts}); look at the training logs, then ask for a retrain"
+        )
+
+    async def _input(self, job: Job, datasets: Datasets) -> dict[str, Any]:
+        inputs = []
+        for ref in job.request.datasets:
+            known = await datasets.get(ref.name, ref.version)
+            fmt = known.artifact.format if known is not None else ArtifactFormat.PARQUET
+            inputs.append(
+                {"name": ref.name, "version": ref.version, "sha256": ref.sha256, "format": fmt.value}
+            )
+        window = job.request.traffic_window
+        return {
+            "job_id": job.job_id,
+            "model": job.model,
+            "spec_key": job.spec_artifact.key,
+            "datasets": inputs,
+            "window_key": window.data.key if window is not None and window.data is not None else None,
+            "window_format": (
+                window.data.format.value if window is not None and window.data is not None else "parquet"
+            ),
+            "artifacts_url": self.artifacts_url,
+        }
+
+    async def _execute(self, job: Job, job_input: dict[str, Any]) -> None:
+        assert job.run_id is not None
+        started = time.monotonic()
+        last_progress = -self.progress_interval_s
+
+        async def progress(phase: str, fraction: float | None) -> None:
+            nonlocal last_progress
+            now = time.monotonic()
+            if now - last_progress < self.progress_interval_s:
+                return
+            last_progress = now
+            event = TrainingProgress(
+                job_id=job.job_id,
+                run_id=job.run_id or "",
+                model=job.model,
+                phase=phase,
+                fraction=fraction,
+                elapsed_seconds=round(now - started, 3),
+            )
+            async with self.begin() as tx:
+                if await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or ""):
+                    await tx.publish(self._event(job, event))
+
+        heartbeats = asyncio.create_task(self._heartbeats(job))
+        try:
+            raw = await asyncio.wait_for(self.trainer.train(job_input, progress), timeout=self.job_timeout_s)
+        except TimeoutError:
+            self.trainer.abort()
+            raw = TrainingFailure(
+                reason=FailureReason.TIMEOUT,
+                message=f"the run took longer than job_timeout_s={self.job_timeout_s:.0f}s and was stopped",
+            ).model_dump(mode="json")
+        except Exception as exc:
+            # The fit process died under us (killed, out of memory): another attempt, if allowed.
+            await self._lost(job, exc, time.monotonic() - started)
+            return
+        finally:
+            heartbeats.cancel()
+            with suppress(asyncio.CancelledError):
+                await heartbeats
+        duration = time.monotonic() - started
+        try:
+            if raw.get("ok"):
+                await self._complete(job, TrainingResult.model_validate(raw), duration)
+            else:
+                failure = TrainingFailure.model_validate(raw)
+                await self._fail(job, failure.reason, failure.message, duration)
+        except LostOwnership:
+            log.warning("job was taken over by another run; this run's outcome is dropped")
+
+    async def _heartbeats(self, job: Job) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            try:
+                async with self.begin() as tx:
+                    await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or "")
+            except Exception as exc:  # the next beat retries; a long outage makes the job stale, as it should
+                log.warning("heartbeat failed", error=repr(exc))
+
+    async def _lost(self, job: Job, exc: BaseException, duration: float) -> None:
+        assert job.run_id is not None
+        log.error("the fit process was lost", error=repr(exc), attempt=job.attempts)
+        async with self.begin() as tx:
+            queue = self.queue_on(tx.conn)
+            if next_attempt_allowed(job.attempts, self.max_attempts):
+                await queue.requeue(job.job_id, job.run_id)
+                return
+            message = f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc!r}"
+            if await queue.fail(job.job_id, job.run_id, FailureReason.WORKER_LOST, message):
+                await tx.publish(self._failed(job, FailureReason.WORKER_LOST, message, duration))
+
+    async def _fail(self, job: Job, reason: FailureReason, message: str, duration: float) -> None:
+        async with self.begin() as tx:
+            if not await self.queue_on(tx.conn).fail(job.job_id, job.run_id, reason, message):
+                raise LostOwnership(job.job_id)
+            await tx.publish(self._failed(job, reason, message, duration))
+        log.warning("training failed", reason=reason.value, detail=message)
+
+    async def _complete(self, job: Job, result: TrainingResult, duration: float) -> None:
+        assert job.run_id is not None
+        request = job.request
+        async with self.begin() as tx:
+            datasets = self.datasets_on(tx.conn)
+            training_ref, training_event = await self._register_set(
+                datasets, job, f"{job.model}-training", f"training-set:{job.job_id}", result.training_set
+            )
+            holdout_ref, holdout_event = await self._register_set(
+                datasets, job, f"{job.model}-holdout", f"holdout:{job.job_id}", result.holdout
+            )
+            completed = TrainingCompleted(
+                job_id=job.job_id,
+                run_id=job.run_id,
+                model=job.model,
+                artifact=result.artifact,
+                profile=result.profile,
+                metrics=result.metrics,
+                signature=ModelSignature.model_validate(result.signature.model_dump()),
+                lineage=Lineage(
+                    datasets=[training_ref, *request.datasets],
+                    holdout=holdout_ref,
+                    spec_hash=job.spec_hash,
+                    spec=job.spec_artifact,
+                    params=result.params,
+                    code_version=self.code_version,
+                    parent_version=request.parent_version,
+                    seed=result.seed,
+                    environment=result.environment,
+                ),
+                train_rows=result.training_set.rows,
+                holdout_rows=result.holdout.rows,
+                duration_seconds=round(duration, 3),
+            )
+            if not await self.queue_on(tx.conn).complete(
+                job.job_id, job.run_id, completed.model_dump(mode="json")
+            ):
+                raise LostOwnership(job.job_id)
+            for event in (training_event, holdout_event):
+                if event is not None:
+                    await tx.publish(event)
+            await tx.publish(self._event(job, completed))
+        log.info(
+            "training completed",
+            metrics=result.metrics,
+            duration_s=round(duration, 2),
+            train_rows=result.training_set.rows,
+            traffic_rows=result.traffic_rows,
+        )
+
+    async def _register_set(
+        self, datasets: Datasets, job: Job, name: str, source: str, materialised: MaterialisedSet
+    ) -> tuple[DatasetRef, CloudEvent[Any] | None]:
+        """The dataset version of a file the run wrote: an existing one with the same bytes, or a new one
+        (recorded here and announced with DatasetRegistered)."""
+        sha = materialised.artifact.key
+        version, new = await datasets.version_for(name, sha)
+        ref = DatasetRef(name=name, version=version, sha256=sha, rows=materialised.rows)
+        if not new:
+            return ref, None
+        window = job.request.traffic_window
+        registered = DatasetRegistered(
+            name=name,
+            dataset_version=version,
+            sha256=sha,
+            artifact=materialised.artifact,
+            row_count=materialised.rows,
+            columns=materialised.columns,
+            source=source,
+            derived_from=list(job.request.datasets),
+            description=(
+                f"{'holdout' if source.startswith('holdout:') else 'training'} rows of job {job.job_id}"
+                + (f", with labelled traffic of window {window.id}" if window is not None else "")
+            ),
+        )
+        await datasets.record(registered)
+        return ref, self._event(job, registered)
+
+    def _started(self, job: Job) -> TrainingStarted:
+        assert job.run_id is not None
+        return TrainingStarted(
+            job_id=job.job_id,
+            run_id=job.run_id,
+            model=job.model,
+            attempt=job.attempts,
+            spec_hash=job.spec_hash,
+            datasets=list(job.request.datasets),
+        )
+
+    def _failed(
+        self, job: Job, reason: FailureReason, message: str, duration: float | None
+    ) -> CloudEvent[Any]:
+        failed = TrainingFailed(
+            job_id=job.job_id,
+            run_id=job.run_id,
+            model=job.model,
+            reason=reason,
+            message=message,
+            attempt=max(1, min(job.attempts, self.max_attempts)),
+            duration_seconds=round(duration, 3) if duration is not None else None,
+        )
+        return self._event(job, failed)
+
+    def _event(self, job: Job, payload: Any) -> CloudEvent[Any]:
+        return new_event(payload, source=self.source, cause=request_event(job))
+
+
+def request_event(job: Job) -> CloudEvent[TrainingRequested]:
+    """The job's TrainingRequested as an event, so the job's events join its cascade."""
+    e = job.request_event
+    return CloudEvent[TrainingRequested](
+        id=e.id,
+        source=e.source,
+        type=e.type,
+        subject=e.subject,
+        correlationid=e.correlationid,
+        causationid=e.causationid,
+        actor=e.actor,
+        data=job.request,
+    )

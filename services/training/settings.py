@@ -1,0 +1,59 @@
+"""Settings of the training service (env prefix DRIFTLOOP_TRAINING_, falling back to DRIFTLOOP_)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from libs.settings import ServiceSettings
+
+
+class TrainingSettings(ServiceSettings):
+    """Settings of training: its schema and consumer group, and how jobs are run, watched and resumed."""
+
+    service: ClassVar[str] = "training"
+
+    http_port: int = Field(8102, description="Port of the training HTTP API.")
+    database_schema: str = Field(
+        "training",
+        description="Postgres schema training owns; tests give each run its own so parallel runs never meet.",
+    )
+    consumer_group: str = Field(
+        "training", description="Kafka consumer group: one replica of the group handles each event."
+    )
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="How often a running job's heartbeat is written while its fit runs."
+    )
+    stale_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this belongs to a dead worker: it is "
+        "resumed.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Runs of one job before it fails for good (worker-lost) instead of resuming."
+    )
+    job_timeout_s: float = Field(3600.0, gt=0, description="A run longer than this fails with timeout.")
+    progress_interval_s: float = Field(
+        5.0, gt=0, description="At most one TrainingProgress per job in this many seconds."
+    )
+    runner_poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the job runner looks for work without a notification (safety net, and "
+        "how soon stale jobs are noticed).",
+    )
+    start_method: Literal["forkserver", "spawn"] = Field(
+        "forkserver", description="How the fit process is started (never fork: the service has threads)."
+    )
+    code_version: str = Field(
+        "",
+        description="Version of the training code recorded in lineage; empty: the package version plus the "
+        "git commit when the code runs from a checkout.",
+    )
+
+    @property
+    def db_schema(self) -> str:
+        """The Postgres schema training owns (configurable, so test runs stay apart)."""
+        return self.database_schema

@@ -1,0 +1,408 @@
+"""One training run, as it executes in the fit process: load the data, build the training set by the
+policy, split, fit, evaluate, profile, store. Everything it needs comes in as plain data and everything it
+makes goes out through the content-addressed artifact store, so a re-run of the same job on the same data
+and spec writes the same keys and measures the same metrics.
+
+It runs in a separate process (see adapters/pool.py); its arguments and results are plain dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import platform
+import time
+from importlib import metadata
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
+from contracts.training import FailureReason
+from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, save_model
+from libs.metrics import all_metrics, model_outputs
+from libs.modelspec import ModelSpec, SpecError, TrainingSetMode, build_pipeline, flat_params, load_canonical
+from libs.profiles import build_profile
+
+WEIGHT_COLUMN = "_sample_weight"
+_progress_queue: Any = None
+
+
+class _Plain(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputDataset(_Plain):
+    """A base dataset version to train on."""
+
+    name: str
+    version: int
+    sha256: str
+    format: ArtifactFormat = ArtifactFormat.PARQUET
+
+
+class TrainingInput(_Plain):
+    """Everything one run needs, pinned."""
+
+    job_id: str
+    model: str
+    spec_key: str = Field(description="Artifact key of the canonical spec JSON.")
+    datasets: list[InputDataset]
+    window_key: str | None = None
+    window_format: ArtifactFormat = ArtifactFormat.PARQUET
+    artifacts_url: str
+
+
+class MaterialisedSet(_Plain):
+    """A dataset file the run wrote (training rows or holdout rows)."""
+
+    artifact: ArtifactRef
+    rows: int
+    columns: dict[str, str]
+
+
+class TrainingResult(_Plain):
+    """A successful run."""
+
+    ok: Literal[True] = True
+    artifact: ArtifactRef
+    profile: ArtifactRef
+    metrics: dict[str, float]
+    signature: ModelSignature
+    params: dict[str, bool | int | float | str | None]
+    environment: dict[str, str]
+    training_set: MaterialisedSet
+    holdout: MaterialisedSet
+    traffic_rows: int
+    seed: int
+    seconds: dict[str, float]
+
+
+class TrainingFailure(_Plain):
+    """A run that cannot succeed, with the reason."""
+
+    ok: Literal[False] = False
+    reason: FailureReason
+    message: str
+
+
+class TrainingError(Exception):
+    """A run failed for a reason people can act on."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# --- progress, from the fit process to the service --------------------------------------------------
+
+
+def install_progress_queue(queue: Any) -> None:
+    """Pool initializer: where :func:`report` puts (job id, phase, fraction)."""
+    global _progress_queue
+    _progress_queue = queue
+
+
+def warm_up() -> str:
+    """Import what a fit needs, so the first job does not pay for it."""
+    import sklearn.ensemble
+    import sklearn.linear_model  # noqa: F401
+    import skops.io  # noqa: F401
+
+    return "ready"
+
+
+def report(job_id: str, phase: str, fraction: float | None) -> None:
+    """Tell the service where the run is; never blocks the fit."""
+    if _progress_queue is not None:
+        try:
+            _progress_queue.put_nowait((job_id, phase, fraction))
+        except Exception:  # a full or closed queue must not fail the fit
+            return
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def run_training(raw: dict[str, Any]) -> dict[str, Any]:
+    """Run one training; returns a TrainingResult or TrainingFailure as a dict (never raises)."""
+    job = TrainingInput.model_validate(raw)
+    try:
+        return train(job).model_dump(mode="json")
+    except TrainingError as exc:
+        return TrainingFailure(reason=exc.reason, message=exc.message).model_dump(mode="json")
+    except ArtifactError as exc:
+        return TrainingFailure(
+            reason=FailureReason.ARTIFACT_STORE_ERROR, message=f"artifact store: {exc}"
+        ).model_dump(mode="json")
+    except Exception as exc:
+        return TrainingFailure(
+            reason=FailureReason.FIT_ERROR, message=f"{type(exc).__name__}: {exc}"
+        ).model_dump(mode="json")
+
+
+def train(job: TrainingInput) -> TrainingResult:
+    """The run itself; raises :class:`TrainingError` for failures people can act on."""
+    store = ArtifactStore(job.artifacts_url)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    report(job.job_id, "loading-data", 0.0)
+    spec = _load_spec(store, job.spec_key)
+    base = [_load_base(store, d, spec) for d in job.datasets]
+    traffic = _load_traffic(store, job, spec) if job.window_key else _empty(spec)
+    frame = assemble_training_set(spec, base, traffic)
+    seconds["load"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    train_rows, holdout_rows = split(spec, frame)
+    report(job.job_id, "fitting", 0.1)
+    pipeline = build_pipeline(spec)
+    features = spec.feature_names
+    fit_params = {}
+    if WEIGHT_COLUMN in train_rows:
+        fit_params["estimator__sample_weight"] = train_rows[WEIGHT_COLUMN].to_numpy()
+    try:
+        pipeline.fit(train_rows[features], train_rows[spec.target], **fit_params)
+    except (ValueError, TypeError) as exc:
+        raise TrainingError(FailureReason.FIT_ERROR, f"the estimator could not be fitted: {exc}") from exc
+    seconds["fit"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    report(job.job_id, "evaluating", 0.8)
+    outputs = model_outputs(pipeline, spec.task, holdout_rows[features], holdout_rows[spec.target].to_numpy())
+    metrics = all_metrics(outputs)
+    seconds["evaluate"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    report(job.job_id, "profiling", 0.9)
+    if spec.task is Task.CLASSIFICATION:
+        predictions = pd.Series([outputs.classes[i] for i in outputs.pred], name="prediction")
+        kind: Literal["numeric", "categorical"] = "categorical"
+    else:
+        predictions = pd.Series(outputs.pred, name="prediction")
+        kind = "numeric"
+    profile = build_profile(
+        train_rows, spec.feature_types(), predictions=predictions, prediction_kind=kind, seed=spec.seed
+    )
+    seconds["profile"] = time.perf_counter() - t3
+
+    t4 = time.perf_counter()
+    report(job.job_id, "storing", 0.95)
+    model_ref = _ref(save_model(store, pipeline), ArtifactFormat.SKOPS)
+    profile_ref = _ref(store.put(profile.to_bytes()), ArtifactFormat.JSON)
+    training_set = _materialise(store, train_rows)
+    holdout = _materialise(store, holdout_rows.drop(columns=[WEIGHT_COLUMN], errors="ignore"))
+    seconds["store"] = time.perf_counter() - t4
+
+    return TrainingResult(
+        artifact=model_ref,
+        profile=profile_ref,
+        metrics=metrics,
+        signature=signature(spec, pipeline, outputs.classes),
+        params=flat_params(spec, pipeline),
+        environment=environment(),
+        training_set=training_set,
+        holdout=holdout,
+        traffic_rows=len(traffic),
+        seed=spec.seed,
+        seconds=seconds,
+    )
+
+
+def _load_spec(store: ArtifactStore, key: str) -> ModelSpec:
+    try:
+        return load_canonical(store.get(key))
+    except SpecError as exc:
+        reason = {
+            "unknown-estimator": FailureReason.UNKNOWN_ESTIMATOR,
+            "unknown-feature": FailureReason.UNKNOWN_FEATURE,
+        }.get(exc.reason, FailureReason.INVALID_SPEC)
+        raise TrainingError(reason, f"the model spec is not usable: {exc.message}") from exc
+    except ArtifactError as exc:
+        raise TrainingError(FailureReason.INVALID_SPEC, f"the model spec cannot be read: {exc}") from exc
+
+
+def read_frame(data: bytes, fmt: ArtifactFormat) -> pd.DataFrame:
+    """A dataset file's rows."""
+    if fmt is ArtifactFormat.CSV:
+        return pd.read_csv(io.BytesIO(data))
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> pd.DataFrame:
+    label = f"{dataset.name} v{dataset.version}"
+    try:
+        frame = read_frame(store.get(dataset.sha256), dataset.format)
+    except ArtifactError as exc:
+        raise TrainingError(FailureReason.DATASET_UNAVAILABLE, f"dataset {label}: {exc}") from exc
+    except Exception as exc:
+        raise TrainingError(
+            FailureReason.DATASET_UNAVAILABLE,
+            f"dataset {label} is not a readable {dataset.format} file: {exc}",
+        ) from exc
+    _require_columns(frame, [*spec.feature_names, spec.target], label)
+    return frame[[*spec.feature_names, spec.target]]
+
+
+def _require_columns(frame: pd.DataFrame, needed: list[str], label: str) -> None:
+    columns = [str(c) for c in frame.columns]
+    for name in needed:
+        if name not in frame.columns:
+            near = difflib.get_close_matches(name, columns, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TrainingError(
+                FailureReason.UNKNOWN_FEATURE,
+                f"spec names column {name!r} which is not a column of {label}{hint}; "
+                "fix the spec or the dataset",
+            )
+
+
+def _empty(spec: ModelSpec) -> pd.DataFrame:
+    return pd.DataFrame(columns=[*spec.feature_names, spec.target])
+
+
+def _load_traffic(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> pd.DataFrame:
+    """The window's labelled rows, oldest first, with the label as the target column."""
+    assert job.window_key is not None
+    try:
+        window = read_frame(store.get(job.window_key), job.window_format)
+    except Exception as exc:
+        raise TrainingError(
+            FailureReason.DATASET_UNAVAILABLE, f"the traffic window {job.window_key[:12]}: {exc}"
+        ) from exc
+    _require_columns(window, [*spec.feature_names, "label"], "the traffic window")
+    labelled = window[window["label"].notna()]
+    if "predicted_at" in labelled.columns:
+        labelled = labelled.sort_values("predicted_at", kind="stable")
+    rows = labelled[spec.feature_names].copy()
+    rows[spec.target] = labelled["label"].to_numpy()
+    return rows.reset_index(drop=True)
+
+
+def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd.DataFrame) -> pd.DataFrame:
+    """Base rows then labelled traffic rows, combined by the policy; rows without a target are dropped."""
+    policy = spec.retrain.training_set
+    base_rows = (pd.concat(base, ignore_index=True) if base else _empty(spec)).dropna(subset=[spec.target])
+    traffic = traffic.dropna(subset=[spec.target])
+    if len(traffic) and len(base_rows):
+        # Labels arrive as JSON: 1.0 for a class 1 the base data spells as an integer; keep one spelling.
+        with contextlib.suppress(ValueError, TypeError):
+            traffic = traffic.astype({spec.target: base_rows[spec.target].dtype})
+    if policy.mode is TrainingSetMode.SLIDING_WINDOW:
+        assert policy.window_rows is not None
+        combined = _concat(base_rows, traffic).tail(policy.window_rows)
+    elif policy.mode is TrainingSetMode.WEIGHTED:
+        combined = _concat(
+            base_rows.assign(**{WEIGHT_COLUMN: 1.0}),
+            traffic.assign(**{WEIGHT_COLUMN: float(policy.traffic_weight)}),
+        )
+    else:
+        combined = _concat(base_rows, traffic)
+    combined = combined.reset_index(drop=True)
+    if len(combined) < policy.min_rows:
+        raise TrainingError(
+            FailureReason.DATASET_TOO_SMALL,
+            f"the training set has {len(combined)} rows with a target; the spec needs at least "
+            f"{policy.min_rows} (retrain.training_set.min_rows)",
+        )
+    if spec.task is Task.CLASSIFICATION and combined[spec.target].nunique() < 2:
+        raise TrainingError(
+            FailureReason.DATASET_TOO_SMALL,
+            f"the training set has only one class of {spec.target!r}; a classifier needs at least two",
+        )
+    return combined
+
+
+def _concat(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    parts = [p for p in (first, second) if len(p)]
+    if not parts:
+        return first
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def split(spec: ModelSpec, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded holdout split, stratified by class when every class has at least two rows."""
+    from sklearn.model_selection import train_test_split
+
+    stratify = None
+    if spec.task is Task.CLASSIFICATION:
+        counts = frame[spec.target].value_counts()
+        if counts.min() >= 2 and len(counts) <= len(frame) * spec.holdout_fraction:
+            stratify = frame[spec.target]
+    train_rows, holdout_rows = train_test_split(
+        frame, test_size=spec.holdout_fraction, random_state=spec.seed, stratify=stratify
+    )
+    return train_rows.reset_index(drop=True), holdout_rows.reset_index(drop=True)
+
+
+def _ref(stored: StoredArtifact, fmt: ArtifactFormat) -> ArtifactRef:
+    return ArtifactRef(key=stored.sha256, uri=stored.uri, format=fmt, size_bytes=stored.size)
+
+
+def _materialise(store: ArtifactStore, frame: pd.DataFrame) -> MaterialisedSet:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    stored = store.put(buffer.getvalue())
+    return MaterialisedSet(
+        artifact=_ref(stored, ArtifactFormat.PARQUET),
+        rows=len(frame),
+        columns={str(c): str(t) for c, t in frame.dtypes.items()},
+    )
+
+
+def _category(value: Any) -> bool | int | str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return str(value)
+
+
+def signature(spec: ModelSpec, pipeline: Any, classes: tuple[Any, ...]) -> ModelSignature:
+    """Features (categories from the spec, else as learned), target, task and classes."""
+    learned: dict[str, list[Any]] = {}
+    preprocess = pipeline.named_steps["preprocess"]
+    if "categorical" in preprocess.named_transformers_:
+        encoder = preprocess.named_transformers_["categorical"]
+        names = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+        for name, cats in zip(names, encoder.categories_, strict=True):
+            learned[name] = [
+                _category(c) for c in cats if c is not None and not (isinstance(c, float) and np.isnan(c))
+            ]
+    features = [
+        FeatureSpec(
+            name=f.name,
+            type=f.type,
+            categories=f.categories if f.categories is not None else learned.get(f.name),
+        )
+        for f in spec.features
+    ]
+    return ModelSignature(
+        features=features,
+        target=spec.target,
+        task=spec.task,
+        classes=[_label(c) for c in classes] if spec.task is Task.CLASSIFICATION else None,
+    )
+
+
+def _label(value: Any) -> bool | int | float | str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value if isinstance(value, bool | int | float | str) else str(value)
+
+
+def environment() -> dict[str, str]:
+    """Versions of what fitted the model."""
+    out = {"python": platform.python_version()}
+    for package in ("scikit-learn", "numpy", "pandas", "scipy", "skops", "pyarrow"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,350 @@
+"""Training's handlers and job runner on fakes: triggers through the policy, jobs to completion or failure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.commands import RetrainRequested
+from contracts.common import Stage, TrafficWindow
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, new_event
+from contracts.models import ModelStageChanged
+from contracts.monitoring import (
+    CorrectionMethod,
+    DriftDetected,
+    DriftTest,
+    FeatureDrift,
+    PerformanceDegraded,
+)
+from contracts.training import (
+    FailureReason,
+    SkipReason,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingSkipped,
+    TrainingStarted,
+)
+from libs.artifacts import load_model
+from libs.modelspec import ModelSpec
+from libs.profiles import ReferenceProfile
+from services.training.domain import JobState
+from services.training.handlers import register_spec
+from tests.unit.training.data import churn_frame, churn_spec, put_frame, traffic_window
+from tests.unit.training.fakes import Harness
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(str(tmp_path / "artifacts"))
+
+
+async def register(h: Harness, spec: ModelSpec) -> None:
+    await register_spec(spec, actor="user:test", specs=h.specs, spec_store=h.spec_store)
+
+
+async def upload(h: Harness, name: str, frame: Any, *, version: int = 1, models: list[str] | None = None) -> None:
+    ref = put_frame(h.store, frame)
+    registered = DatasetRegistered(
+        name=name,
+        dataset_version=version,
+        sha256=ref.key,
+        artifact=ref,
+        row_count=len(frame),
+        columns={str(c): str(t) for c, t in frame.dtypes.items()},
+        source="upload",
+        models=models if models is not None else [],
+    )
+    await h.bus.publish(new_event(registered, source="/driftloop/registry", actor="user:alice"))
+    await h.bus.drain()
+
+
+def drift(h: Harness, model: str, frame: Any | None = None) -> CloudEvent[DriftDetected]:
+    data = put_frame(h.store, traffic_window(frame, "churned")) if frame is not None else None
+    window = TrafficWindow(
+        id=f"{model}:1:000001",
+        start=datetime(2026, 1, 1, tzinfo=UTC),
+        end=datetime(2026, 1, 1, 1, tzinfo=UTC),
+        size=len(frame) if frame is not None else 0,
+        data=data,
+    )
+    evidence = FeatureDrift(
+        feature="x0",
+        feature_type="numeric",
+        test=DriftTest.KS,
+        statistic=0.3,
+        p_value=0.0001,
+        threshold=0.05,
+        drifted=True,
+        n_current=500,
+        n_reference=1000,
+    )
+    payload = DriftDetected(
+        model=model,
+        model_version=1,
+        window=window,
+        reference_size=1000,
+        features=[evidence],
+        drifted_features=["x0"],
+        drift_share=1.0,
+        share_threshold=0.1,
+        correction=CorrectionMethod.BONFERRONI,
+        alpha=0.05,
+    )
+    return new_event(payload, source="/driftloop/monitoring")
+
+
+async def test_new_dataset_for_a_model_trains_version_one_end_to_end(harness: Harness) -> None:
+    await register(harness, churn_spec())
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+
+    assert await harness.run_jobs() == 1
+
+    [requested] = harness.events(TrainingRequested)
+    assert requested.data.trigger == "dataset-registered"
+    assert requested.actor == "user:alice"
+    [started] = harness.events(TrainingStarted)
+    assert started.data.attempt == 1
+    assert harness.events(TrainingProgress)
+    [completed] = harness.events(TrainingCompleted)
+    c = completed.data
+    assert completed.correlationid == requested.correlationid
+    assert completed.causationid == requested.id
+    assert c.metrics["roc_auc"] > 0.8
+    assert set(c.metrics) == {"accuracy", "f1", "roc_auc", "log_loss"}
+    assert c.signature.classes == [0, 1]
+    assert c.lineage.spec is not None and c.lineage.spec.key == c.lineage.spec_hash
+    assert c.lineage.holdout is not None and c.lineage.holdout.name == "churn-holdout"
+    assert [d.name for d in c.lineage.datasets] == ["churn-training", "churn-base"]
+    assert c.lineage.params["estimator_class"] == "LogisticRegression"
+    assert c.lineage.environment["scikit-learn"]
+    assert c.train_rows + c.holdout_rows == 1200
+    assert load_model(harness.store, c.artifact.key).predict(churn_frame(5)).shape == (5,)
+    profile = ReferenceProfile.from_bytes(harness.store.get(c.profile.key))
+    assert profile.prediction is not None and profile.prediction.kind == "categorical"
+    sets = harness.events(DatasetRegistered)
+    assert {e.data.source.split(":")[0] for e in sets} == {"upload", "training-set", "holdout"}
+    [job] = harness.jobs.rows.values()
+    assert job.state is JobState.COMPLETED and job.attempts == 1
+
+
+async def test_drift_retrains_with_the_windows_labelled_rows(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn", churn_frame(300, seed=5, shift=0.5)))
+    await harness.run_jobs()
+    [requested] = harness.events(TrainingRequested)
+    assert requested.data.trigger == "drift-detected"
+    assert requested.data.traffic_window is not None
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.train_rows + completed.data.holdout_rows == 1200 + 300
+
+
+async def test_second_drift_while_a_job_is_in_flight_is_skipped(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.IN_FLIGHT
+    assert skipped.data.in_flight_job_id == harness.events(TrainingRequested)[0].data.job_id
+
+
+async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec(retrain={"cooldown_seconds": 600, "daily_budget": 10}))
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    harness.clock.advance(60)
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    assert [e.data.reason for e in harness.events(TrainingSkipped)] == [SkipReason.COOLDOWN]
+    harness.clock.advance(600)
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    assert len(harness.events(TrainingRequested)) == 2
+
+
+async def test_trigger_for_a_model_without_spec_is_skipped_as_unknown_model(harness: Harness) -> None:
+    await harness.bus.publish(drift(harness, "ghost"))
+    await harness.bus.drain()
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.UNKNOWN_MODEL
+    assert "PUT /v1/models/ghost/spec" in skipped.data.message
+
+
+async def test_trigger_before_the_base_dataset_exists_is_skipped_as_no_dataset(harness: Harness) -> None:
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.NO_DATASET
+    assert "churn-base" in skipped.data.message
+
+
+async def test_degraded_performance_without_enough_labels_is_skipped(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    window = drift(harness, "churn").data.window
+    degraded = PerformanceDegraded(
+        model="churn",
+        model_version=1,
+        metric="roc_auc",
+        value=0.6,
+        baseline=0.9,
+        threshold=0.8,
+        higher_is_better=True,
+        window=window,
+        labelled_rows=3,
+    )
+    await harness.bus.publish(new_event(degraded, source="/driftloop/monitoring"))
+    await harness.bus.drain()
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.NOT_ENOUGH_LABELS
+
+
+async def test_manual_request_carries_the_actor_into_the_job(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    ask = RetrainRequested(model="churn", reason="new export", ignore_cooldown=True)
+    await harness.bus.publish(new_event(ask, source="/driftloop/registry", actor="user:bob"))
+    await harness.run_jobs()
+    [requested] = harness.events(TrainingRequested)
+    assert requested.actor == "user:bob" and "user:bob" in requested.data.reason
+    assert harness.events(TrainingCompleted)[0].actor == "user:bob"
+
+
+async def test_datasets_training_materialises_never_trigger_a_retrain(harness: Harness) -> None:
+    await register(harness, churn_spec())
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    await harness.run_jobs()
+    assert len(harness.events(TrainingRequested)) == 1
+
+
+async def test_parent_version_is_the_production_version(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    promoted = ModelStageChanged(
+        model="churn", model_version=4, from_stage=Stage.CANARY, to_stage=Stage.PRODUCTION, reason="promoted"
+    )
+    await harness.bus.publish(new_event(promoted, source="/driftloop/registry"))
+    await harness.bus.drain()
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    assert harness.events(TrainingCompleted)[0].data.lineage.parent_version == 4
+
+
+async def test_spec_naming_a_missing_column_fails_with_unknown_feature_and_a_hint(harness: Harness) -> None:
+    spec = churn_spec(features=[{"name": "x00", "type": "numeric"}, {"name": "plan", "type": "categorical"}])
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, spec)
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.UNKNOWN_FEATURE
+    assert "'x00'" in failed.data.message and "did you mean 'x0'" in failed.data.message
+    assert harness.jobs.rows[failed.data.job_id].state is JobState.FAILED
+
+
+async def test_stored_spec_with_an_unknown_estimator_fails_the_job_not_the_service(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    # A spec stored by an older release whose estimator no longer exists.
+    stored = harness.specs.by_model["churn"]
+    raw = stored.spec.canonical_json().replace(b'"logistic_regression"', b'"xgboost_classic"')
+    bad = harness.store.put(raw)
+    harness.specs.by_model["churn"] = stored.__class__(
+        **{**stored.__dict__, "artifact": stored.artifact.model_copy(update={"key": bad.sha256})}
+    )
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.UNKNOWN_ESTIMATOR
+    assert "xgboost_classic" in failed.data.message and "random_forest" in failed.data.message
+
+
+async def test_too_small_dataset_fails_with_the_row_count(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame(20))
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.DATASET_TOO_SMALL
+    assert "20 rows" in failed.data.message
+
+
+async def test_empty_dataset_fails_as_too_small(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame().iloc[:0])
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    assert harness.events(TrainingFailed)[0].data.reason is FailureReason.DATASET_TOO_SMALL
+
+
+async def test_lost_fit_process_is_retried_and_completes_once(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    harness.trainer.die_next = RuntimeError("fit process killed")
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.run_jobs()
+    assert [e.data.attempt for e in harness.events(TrainingStarted)] == [1, 2]
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.run_id.endswith("-2")
+
+
+async def test_job_whose_worker_keeps_dying_fails_as_worker_lost(tmp_path: Path) -> None:
+    h = Harness(str(tmp_path), max_attempts=2)
+    await upload(h, "churn-base", churn_frame())
+    await register(h, churn_spec())
+    await h.bus.publish(drift(h, "churn"))
+    await h.bus.drain()
+    job_id = h.events(TrainingRequested)[0].data.job_id
+    for _ in range(3):  # three runs presumed dead (stale heartbeats), one more than allowed
+        assert await h.runner.queue_on(None).claim_next(stale_after_s=0) is not None
+        h.jobs.stale.add(job_id)
+    await h.run_jobs()
+    [failed] = h.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.WORKER_LOST
+    assert not h.events(TrainingCompleted)
+
+
+async def test_run_that_lost_its_job_to_another_run_does_not_complete_it(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    original = harness.trainer.train
+
+    async def taken_over(job_input: dict[str, Any], progress: Any) -> dict[str, Any]:
+        result = await original(job_input, progress)
+        # While this run fitted, it was presumed dead and another run claimed the job.
+        harness.jobs.stale.add(job_input["job_id"])
+        await harness.jobs.claim_next(stale_after_s=0)
+        return result
+
+    harness.trainer.train = taken_over  # type: ignore[method-assign]
+    assert await harness.runner.run_once()
+    await harness.bus.drain()
+    assert not harness.events(TrainingCompleted)
+
+
+async def test_two_runs_on_the_same_data_and_spec_give_identical_metrics(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec(estimator="random_forest", params={"n_estimators": 20}))
+    for _ in range(2):
+        ask = RetrainRequested(model="churn", reason="again", ignore_cooldown=True)
+        await harness.bus.publish(new_event(ask, source="/driftloop/registry"))
+        await harness.run_jobs()
+    first, second = harness.events(TrainingCompleted)
+    assert first.data.metrics == second.data.metrics
+    assert first.data.lineage.datasets == second.data.lineage.datasets
+    assert first.data.lineage.holdout == second.data.lineage.holdout
+    assert len(harness.events(DatasetRegistered)) == 3  # the base upload, then one training set and holdout
