@@ -542,11 +542,11 @@ def _eligible(ref: FeatureReference, test: DriftTest) -> bool:
     return True  # PSI and Jensen–Shannon work on bins and on categories
 
 
-def _category_counts(
-    ref: FeatureReference, values: Iterable[Any]
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _category_counts(ref: FeatureReference, raw: Counter[Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Reference and current counts over the union of categories (reference order, then unseen ones)."""
-    counted = Counter(str(v) for v in values)
+    counted: Counter[str] = Counter()
+    for value, count in raw.items():
+        counted[str(value)] += count
     index = {c: i for i, c in enumerate(ref.categories)}
     unseen = sorted(c for c in counted if c not in index)
     labels = ref.categories + unseen
@@ -563,22 +563,28 @@ def judge_feature(
     ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy
 ) -> FeatureResult:
     """Compare one feature's window values with its reference (before correction)."""
+    counted: Counter[Any] | None = None
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         present_num = values[~np.isnan(values)]
         n_missing = int(values.size - present_num.size)
         present: np.ndarray | list[Any] = present_num
+        n = int(present_num.size)
     else:
-        present = [v for v in values if v is not None]
-        n_missing = len(values) - len(present)
-    n = len(present)
+        # Counting the raw values runs at C speed; only the distinct ones are turned into text.
+        counted = Counter(values)
+        n_missing = counted.pop(None, 0)
+        present = []
+        n = len(values) - n_missing
     test = choose_test(ref, n, policy)
     threshold = policy.threshold_for(ref.name, test)
     hist: Histogram | None = None
     unseen = 0
     statistic, p_value = 0.0, None
     if ref.compared_as_categories and test in (DriftTest.CHI2, DriftTest.JENSEN_SHANNON, DriftTest.PSI):
-        cat_values = [_numeric_category(v) for v in present] if ref.kind is FeatureType.NUMERIC else present
-        ref_counts, cur_counts, labels = _category_counts(ref, cat_values)
+        if counted is None:
+            distinct, freq = np.unique(np.asarray(present, dtype=float), return_counts=True)
+            counted = Counter({_numeric_category(v): int(c) for v, c in zip(distinct, freq, strict=True)})
+        ref_counts, cur_counts, labels = _category_counts(ref, counted)
         unseen = int(cur_counts[len(ref.categories) :].sum())
         if n:
             if test is DriftTest.CHI2:
