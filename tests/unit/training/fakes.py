@@ -17,6 +17,7 @@ from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
 from libs.bus import InMemoryBus, Subscription, Transaction
 from libs.modelspec import ModelSpec
+from services.training.bootstrap import TOPICS
 from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
 from services.training.handlers import HANDLERS
 from services.training.ports import DatasetRecord, Job, Progress, StoredSpec
@@ -204,7 +205,9 @@ class FakeSpecStore:
 
     async def put_spec(self, spec: ModelSpec) -> ArtifactRef:
         stored = self.store.put(spec.canonical_json())
-        return ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.JSON, size_bytes=stored.size)
+        return ArtifactRef(
+            key=stored.sha256, uri=stored.uri, format=ArtifactFormat.JSON, size_bytes=stored.size
+        )
 
 
 class InProcessTrainer:
@@ -249,7 +252,7 @@ class Harness:
         self.bus.subscribe(
             Subscription(
                 consumer="training",
-                topics=["mlops.datasets", "mlops.monitoring", "mlops.commands", "mlops.training", "mlops.models"],
+                topics=list(TOPICS),
                 handlers={payload: bind(h) for payload, h in HANDLERS.items()},
             )
         )

@@ -50,7 +50,9 @@ async def register(h: Harness, spec: ModelSpec) -> None:
     await register_spec(spec, actor="user:test", specs=h.specs, spec_store=h.spec_store)
 
 
-async def upload(h: Harness, name: str, frame: Any, *, version: int = 1, models: list[str] | None = None) -> None:
+async def upload(
+    h: Harness, name: str, frame: Any, *, version: int = 1, models: list[str] | None = None
+) -> None:
     ref = put_frame(h.store, frame)
     registered = DatasetRegistered(
         name=name,

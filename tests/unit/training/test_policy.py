@@ -36,7 +36,8 @@ def test_manual_request_may_waive_the_cooldown_but_automatic_triggers_may_not() 
     manual = Trigger(TrainingTrigger.MANUAL, ignore_cooldown=True)
     assert decide(POLICY, state, manual, NOW).accepted
     assert not decide(POLICY, state, Trigger(TrainingTrigger.MANUAL), NOW).accepted
-    assert not decide(POLICY, state, Trigger(TrainingTrigger.DRIFT_DETECTED, ignore_cooldown=True), NOW).accepted
+    drift_waiving = Trigger(TrainingTrigger.DRIFT_DETECTED, ignore_cooldown=True)
+    assert not decide(POLICY, state, drift_waiving, NOW).accepted
 
 
 def test_second_trigger_while_a_job_is_in_flight_is_skipped_naming_the_job() -> None:
@@ -77,7 +78,8 @@ def test_degraded_performance_with_too_few_labels_is_skipped() -> None:
 
 
 def test_drift_without_labels_still_retrains() -> None:
-    assert decide(POLICY, PolicyState(), Trigger(TrainingTrigger.DRIFT_DETECTED, labelled_rows=0), NOW).accepted
+    unlabelled = Trigger(TrainingTrigger.DRIFT_DETECTED, labelled_rows=0)
+    assert decide(POLICY, PolicyState(), unlabelled, NOW).accepted
 
 
 def test_job_ids_are_stable_per_model_and_trigger_and_run_ids_per_attempt() -> None:

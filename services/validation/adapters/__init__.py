@@ -1,0 +1,1 @@
+"""Validation's adapters: Postgres repositories and the artifact-store evaluator."""

@@ -1,0 +1,79 @@
+"""The Evaluator port on the artifact store: models (skops, trusted types only), holdouts and specs are
+loaded by key and verified; the measuring runs in a thread so the event loop keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pandas as pd
+
+from contracts.common import ArtifactFormat, ArtifactRef
+from libs.artifacts import ArtifactError, ArtifactStore, load_model
+from libs.modelspec import SpecError, ValidationSpec, load_canonical
+from services.validation.domain import Measured
+from services.validation.ports import Evaluation, EvaluationError
+from services.validation.scoring import HoldoutMismatch, measure
+
+
+class StoreEvaluator:
+    """Reads artifacts from the store and measures with scoring.measure."""
+
+    def __init__(
+        self, store: ArtifactStore, *, latency_repeats: int = 7, latency_batch_rows: int = 1000
+    ) -> None:
+        self.store = store
+        self.latency_repeats = latency_repeats
+        self.latency_batch_rows = latency_batch_rows
+
+    async def validation_spec(self, spec: ArtifactRef) -> ValidationSpec:
+        try:
+            data = await asyncio.to_thread(self.store.get, spec.key)
+            return load_canonical(data).validation
+        except (ArtifactError, SpecError) as exc:
+            raise EvaluationError(
+                "spec-readable", f"the model spec {spec.key[:12]} cannot be used: {exc}"
+            ) from exc
+
+    async def measure(self, evaluation: Evaluation) -> Measured:
+        return await asyncio.to_thread(self._measure, evaluation)
+
+    def _measure(self, evaluation: Evaluation) -> Measured:
+        candidate = self._model(evaluation.candidate, "candidate")
+        champion = self._model(evaluation.champion, "champion") if evaluation.champion else None
+        try:
+            data = self.store.get(evaluation.holdout.key)
+            holdout = (
+                pd.read_csv(io.BytesIO(data))
+                if evaluation.holdout.format is ArtifactFormat.CSV
+                else pd.read_parquet(io.BytesIO(data))
+            )
+        except Exception as exc:
+            raise EvaluationError("holdout-readable", f"the holdout cannot be read: {exc}") from exc
+        try:
+            return measure(
+                evaluation.spec,
+                candidate=candidate,
+                signature=evaluation.signature,
+                holdout=holdout,
+                champion=champion,
+                champion_signature=evaluation.champion_signature,
+                seed=evaluation.seed,
+                latency_repeats=self.latency_repeats,
+                latency_batch_rows=self.latency_batch_rows,
+            )
+        except HoldoutMismatch as exc:
+            raise EvaluationError("holdout-matches-signature", str(exc)) from exc
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise EvaluationError(
+                "candidate-scores", f"the candidate cannot score the holdout: {exc}"
+            ) from exc
+
+    def _model(self, ref: ArtifactRef | None, who: str) -> object:
+        assert ref is not None
+        try:
+            return load_model(self.store, ref.key)
+        except ArtifactError as exc:
+            raise EvaluationError(
+                f"{who}-loads", f"the {who} model {ref.key[:12]} cannot be loaded: {exc}"
+            ) from exc

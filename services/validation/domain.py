@@ -1,0 +1,330 @@
+"""Validation's pure logic: from measured numbers and the spec's gates to a verdict per check. No I/O.
+
+The numbers come from scoring.py (predictions, bootstrap, timing); here they meet their thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from contracts.common import ModelSignature, Task
+from contracts.validation import CheckKind, CheckResult, Comparator, ConfidenceInterval
+from libs.metrics import METRICS, primary_metric
+from libs.modelspec import ValidationSpec
+
+NO_CHAMPION = "no champion"
+
+
+@dataclass(frozen=True)
+class ChampionComparison:
+    """Challenger minus champion on the same rows, with its bootstrap interval."""
+
+    metric: str
+    challenger: float
+    champion: float
+    difference: float
+    low: float
+    high: float
+    level: float
+    resamples: int
+
+
+@dataclass(frozen=True)
+class SliceMeasure:
+    """One level of the slice feature: its rows and the metric on them."""
+
+    level: str
+    rows: int
+    value: float
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What scoring measured on the holdout."""
+
+    rows: int
+    metrics: dict[str, float]
+    nonfinite_outputs: int
+    distinct_outputs: int
+    latency_ms_per_row: float
+    champion: ChampionComparison | None = None
+    champion_error: str | None = None
+    slice_feature: str | None = None
+    slice_metric: str | None = None
+    slices: list[SliceMeasure] = field(default_factory=list)
+
+
+def champion_metric(spec: ValidationSpec, task: Task, n_classes: int | None) -> str:
+    """The metric champion/challenger compares (the spec's, else the task's primary one)."""
+    return spec.champion.metric or primary_metric(task, n_classes)
+
+
+def slice_metric(spec: ValidationSpec, task: Task, n_classes: int | None) -> str:
+    """The metric slices are judged on."""
+    rule = spec.slices
+    return (rule.metric if rule and rule.metric else None) or champion_metric(spec, task, n_classes)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _comparator(metric: str) -> Comparator:
+    return Comparator.GE if METRICS[metric].higher_is_better else Comparator.LE
+
+
+def _meets(value: float, threshold: float, comparator: Comparator) -> bool:
+    return value >= threshold if comparator is Comparator.GE else value <= threshold
+
+
+def threshold_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
+    """Absolute thresholds: a minimum for higher-is-better metrics, a maximum for the others."""
+    checks = []
+    for metric, threshold in spec.thresholds.items():
+        comparator = _comparator(metric)
+        value = _finite(measured.metrics.get(metric))
+        name = f"{metric}{comparator.value}{threshold:g}"
+        if value is None:
+            checks.append(
+                CheckResult(
+                    name=name,
+                    kind=CheckKind.THRESHOLD,
+                    metric=metric,
+                    threshold=threshold,
+                    comparator=comparator,
+                    passed=False,
+                    detail=f"{metric} is undefined on this holdout ({measured.rows} rows)",
+                )
+            )
+            continue
+        passed = _meets(value, threshold, comparator)
+        checks.append(
+            CheckResult(
+                name=name,
+                kind=CheckKind.THRESHOLD,
+                metric=metric,
+                value=value,
+                threshold=threshold,
+                comparator=comparator,
+                passed=passed,
+                detail=f"{value:.4f} {comparator.value if passed else 'misses'} {threshold:g} "
+                f"on {measured.rows:,} holdout rows",
+            )
+        )
+    return checks
+
+
+def champion_check(
+    spec: ValidationSpec, metric: str, measured: Measured, champion: int | None
+) -> CheckResult:
+    """Non-inferiority: passed when the interval of (challenger - champion) stays within δ of zero on the
+    bad side, i.e. the holdout gives evidence the challenger is not worse by more than δ."""
+    delta = spec.champion.max_degradation
+    higher = METRICS[metric].higher_is_better
+    comparator = Comparator.GE if higher else Comparator.LE
+    threshold = -delta if higher else delta
+    name = f"challenger-vs-champion:{metric}"
+    if champion is None:
+        return CheckResult(
+            name=name,
+            kind=CheckKind.CHAMPION_CHALLENGER,
+            metric=metric,
+            threshold=threshold,
+            comparator=comparator,
+            passed=True,
+            detail=f"skipped: {NO_CHAMPION} (first version of the model)",
+        )
+    comparison = measured.champion
+    if comparison is None:
+        return CheckResult(
+            name=name,
+            kind=CheckKind.CHAMPION_CHALLENGER,
+            metric=metric,
+            threshold=threshold,
+            comparator=comparator,
+            passed=False,
+            detail=f"champion v{champion} could not be scored on the holdout: {measured.champion_error}",
+        )
+    bound = comparison.low if higher else comparison.high
+    value, low, high = (_finite(v) for v in (comparison.difference, comparison.low, comparison.high))
+    if value is None or low is None or high is None:
+        return CheckResult(
+            name=name,
+            kind=CheckKind.CHAMPION_CHALLENGER,
+            metric=metric,
+            threshold=threshold,
+            comparator=comparator,
+            passed=False,
+            detail=f"{metric} is undefined on this holdout: champion and challenger cannot be compared",
+        )
+    passed = _meets(bound, threshold, comparator)
+    side = "lower" if higher else "upper"
+    return CheckResult(
+        name=name,
+        kind=CheckKind.CHAMPION_CHALLENGER,
+        metric=metric,
+        value=value,
+        threshold=threshold,
+        comparator=comparator,
+        interval=ConfidenceInterval(low=low, high=high, level=comparison.level),
+        passed=passed,
+        detail=f"challenger {comparison.challenger:.4f} vs champion v{champion} {comparison.champion:.4f}: "
+        f"difference {value:+.4f}, {comparison.level:.0%} CI [{low:+.4f}, {high:+.4f}] "
+        f"({comparison.resamples} paired resamples); passed when the CI's {side} bound "
+        f"{comparator.value} {threshold:+g} (δ = {delta:g})",
+    )
+
+
+def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
+    """One check per level of the slice feature; small or undefined slices are reported, not judged."""
+    rule = spec.slices
+    if rule is None or measured.slice_metric is None:
+        return []
+    metric = measured.slice_metric
+    comparator = _comparator(metric)
+    threshold = rule.min_value if rule.min_value is not None else spec.thresholds.get(metric)
+    checks = []
+    for s in measured.slices:
+        value = _finite(s.value)
+        name = f"slice:{rule.feature}={s.level}:{metric}"
+        base = {"name": name, "kind": CheckKind.SLICE, "metric": metric, "value": value}
+        if s.rows < rule.min_rows:
+            detail = f"reported, not judged: {s.rows} rows < min_rows {rule.min_rows}"
+            checks.append(CheckResult(**base, passed=True, detail=detail))
+        elif value is None:
+            detail = f"reported, not judged: {metric} is undefined on these {s.rows} rows (one class?)"
+            checks.append(CheckResult(**base, passed=True, detail=detail))
+        elif threshold is None:
+            detail = f"{value:.4f} on {s.rows} rows (no threshold for {metric}: reported only)"
+            checks.append(CheckResult(**base, passed=True, detail=detail))
+        else:
+            passed = _meets(value, threshold, comparator)
+            checks.append(
+                CheckResult(
+                    **base,
+                    threshold=threshold,
+                    comparator=comparator,
+                    passed=passed,
+                    detail=f"{value:.4f} {comparator.value if passed else 'misses'} {threshold:g} "
+                    f"on {s.rows} rows",
+                )
+            )
+    return checks
+
+
+def signature_check(
+    spec: ValidationSpec, candidate: ModelSignature, champion: ModelSignature | None
+) -> CheckResult:
+    """The candidate takes what the champion takes (clients keep working) and gives the same classes."""
+    name = "signature-compatible"
+    if champion is None:
+        return CheckResult(name=name, kind=CheckKind.SIGNATURE, passed=True, detail=f"skipped: {NO_CHAMPION}")
+    problems = signature_problems(candidate, champion, exact=spec.schema_compatibility == "exact")
+    return CheckResult(
+        name=name,
+        kind=CheckKind.SIGNATURE,
+        passed=not problems,
+        detail="; ".join(problems)
+        if problems
+        else f"same features, types, target and classes as the champion ({spec.schema_compatibility})",
+    )
+
+
+def signature_problems(candidate: ModelSignature, champion: ModelSignature, *, exact: bool) -> list[str]:
+    """Why the candidate cannot replace the champion for its clients (empty: it can)."""
+    problems = []
+    if exact and candidate != champion:
+        problems.append("signature differs from the champion's and the rule is exact")
+    new = {f.name: f for f in candidate.features}
+    old = {f.name: f for f in champion.features}
+    for missing in sorted(set(old) - set(new)):
+        problems.append(f"feature {missing!r} of the champion is gone")
+    for added in sorted(set(new) - set(old)):
+        problems.append(f"feature {added!r} is new: clients do not send it")
+    for shared in sorted(set(new) & set(old)):
+        if new[shared].type != old[shared].type:
+            problems.append(
+                f"feature {shared!r} changed type {old[shared].type.value} -> {new[shared].type.value}"
+            )
+    if candidate.target != champion.target:
+        problems.append(f"target changed {champion.target!r} -> {candidate.target!r}")
+    if candidate.task != champion.task:
+        problems.append(f"task changed {champion.task.value} -> {candidate.task.value}")
+    if candidate.classes != champion.classes:
+        problems.append(f"classes changed {champion.classes} -> {candidate.classes}")
+    return problems
+
+
+def latency_check(spec: ValidationSpec, measured: Measured) -> CheckResult:
+    """The median batched prediction time per row is within the budget."""
+    budget = spec.latency_budget_ms_per_row
+    value = measured.latency_ms_per_row
+    passed = value <= budget
+    return CheckResult(
+        name="latency-per-row",
+        kind=CheckKind.LATENCY,
+        metric="ms_per_row",
+        value=value,
+        threshold=budget,
+        comparator=Comparator.LE,
+        passed=passed,
+        detail=f"median {value:.4f} ms per row {'within' if passed else 'over'} the budget of {budget:g} ms",
+    )
+
+
+def sanity_checks(measured: Measured) -> list[CheckResult]:
+    """Outputs are numbers, and they vary."""
+    return [
+        CheckResult(
+            name="sanity:finite-outputs",
+            kind=CheckKind.SANITY,
+            value=float(measured.nonfinite_outputs),
+            threshold=0.0,
+            comparator=Comparator.EQ,
+            passed=measured.nonfinite_outputs == 0,
+            detail=f"{measured.nonfinite_outputs} NaN or infinite outputs on {measured.rows} rows",
+        ),
+        CheckResult(
+            name="sanity:not-constant",
+            kind=CheckKind.SANITY,
+            value=float(measured.distinct_outputs),
+            threshold=2.0,
+            comparator=Comparator.GE,
+            passed=measured.distinct_outputs >= 2,
+            detail=f"{measured.distinct_outputs} distinct outputs on {measured.rows} rows"
+            + ("" if measured.distinct_outputs >= 2 else ": the model answers the same for everything"),
+        ),
+    ]
+
+
+def judge(
+    spec: ValidationSpec,
+    *,
+    task: Task,
+    n_classes: int | None,
+    measured: Measured,
+    candidate: ModelSignature,
+    champion_signature: ModelSignature | None,
+    champion_version: int | None,
+) -> list[CheckResult]:
+    """Every check of the gate, in report order."""
+    metric = champion_metric(spec, task, n_classes)
+    return [
+        *threshold_checks(spec, measured),
+        champion_check(spec, metric, measured, champion_version),
+        *slice_checks(spec, measured),
+        signature_check(spec, candidate, champion_signature),
+        latency_check(spec, measured),
+        *sanity_checks(measured),
+    ]
+
+
+def failure(name: str, detail: str) -> CheckResult:
+    """A check that could not even be measured (model or holdout unreadable): it fails, with the reason."""
+    return CheckResult(name=name, kind=CheckKind.SANITY, passed=False, detail=detail)
+
+
+def report_id_for(model: str, version: int) -> str:
+    """One report per candidate version."""
+    return f"vr-{model}-v{version}"

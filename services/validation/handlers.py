@@ -1,0 +1,197 @@
+"""Validation's event handlers: a registered candidate is gated (thresholds, champion/challenger, slices,
+signature, latency, sanity) and the outcome is published as ValidationPassed or ValidationFailed with the
+full report, which is also stored for the HTTP API.
+
+Handlers are plain functions; bootstrap binds the ports of the delivery's transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from contracts.common import ArtifactFormat, ArtifactRef, Stage, Task
+from contracts.datasets import DatasetRegistered
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
+from libs.errors import NotFound
+from libs.logging import get_logger
+from libs.modelspec import ValidationSpec
+from services.validation.domain import failure, judge, report_id_for
+from services.validation.ports import (
+    Champions,
+    Datasets,
+    Evaluation,
+    EvaluationError,
+    Evaluator,
+    Publish,
+    Report,
+    Reports,
+    Versions,
+)
+
+log = get_logger(__name__)
+
+
+# --- the core, shared with the HTTP API ---------------------------------------------------------------
+
+
+async def report(report_id: str, *, reports: Reports) -> Report:
+    """One report, or 404."""
+    found = await reports.get(report_id)
+    if found is None:
+        raise NotFound(f"no validation report {report_id!r}")
+    return found
+
+
+async def report_for_version(model: str, version: int, *, reports: Reports) -> Report:
+    """The report of a model version, or 404."""
+    found = await reports.for_version(model, version)
+    if found is None:
+        raise NotFound(f"model {model!r} version {version} has no validation report (yet)")
+    return found
+
+
+async def validate(
+    event: CloudEvent[ModelVersionRegistered],
+    *,
+    versions: Versions,
+    champions: Champions,
+    datasets: Datasets,
+    reports: Reports,
+    evaluator: Evaluator,
+    publish: Publish,
+    source: str,
+    **_: Any,
+) -> Report | None:
+    """Gate a candidate and publish the outcome; None when the version was validated before."""
+    d = event.data
+    if await reports.for_version(d.model, d.model_version) is not None:
+        return None
+    started = time.monotonic()
+    champion_version = await champions.get(d.model)
+    champion = None
+    if champion_version is not None and champion_version != d.model_version:
+        champion = await versions.get(d.model, champion_version)
+    if champion_version == d.model_version:
+        champion_version = None
+    n_classes = (
+        len(d.signature.classes) if d.signature.task is Task.CLASSIFICATION and d.signature.classes else None
+    )
+    holdout_ref = d.lineage.holdout
+    checks: list[CheckResult]
+    try:
+        spec = await evaluator.validation_spec(d.lineage.spec) if d.lineage.spec else ValidationSpec()
+        if holdout_ref is None:
+            raise EvaluationError(
+                "holdout-available", "the candidate's lineage names no holdout: nothing to validate it on"
+            )
+        holdout = await datasets.artifact(holdout_ref) or ArtifactRef(
+            # A dataset's sha256 is its key in the store: usable before its DatasetRegistered arrives.
+            key=holdout_ref.sha256,
+            uri="",
+            format=ArtifactFormat.PARQUET,
+            size_bytes=0,
+        )
+        if champion_version is not None and champion is None:
+            log.warning("champion unknown to validation", model=d.model, champion=champion_version)
+        measured = await evaluator.measure(
+            Evaluation(
+                candidate=d.artifact,
+                signature=d.signature,
+                holdout=holdout,
+                spec=spec,
+                seed=d.lineage.seed,
+                champion=champion.artifact if champion else None,
+                champion_signature=champion.signature if champion else None,
+            )
+        )
+        checks = judge(
+            spec,
+            task=d.signature.task,
+            n_classes=n_classes,
+            measured=measured,
+            candidate=d.signature,
+            champion_signature=champion.signature if champion else None,
+            champion_version=champion_version,
+        )
+    except EvaluationError as exc:
+        checks = [failure(exc.check, exc.message)]
+    failed = [c.name for c in checks if not c.passed]
+    report_id = report_id_for(d.model, d.model_version)
+    duration = round(time.monotonic() - started, 3)
+    fields: dict[str, Any] = {
+        "model": d.model,
+        "model_version": d.model_version,
+        "report_id": report_id,
+        "checks": checks,
+        "failed_checks": failed,
+        "champion_version": champion_version,
+        "holdout": holdout_ref,
+        "duration_seconds": duration,
+    }
+    outcome = ValidationFailed(**fields) if failed else ValidationPassed(**fields)
+    out = new_event(outcome, source=source, cause=event)
+    stored = Report(
+        report_id=report_id,
+        model=d.model,
+        version=d.model_version,
+        passed=not failed,
+        checks=checks,
+        failed_checks=failed,
+        champion_version=champion_version,
+        holdout=holdout_ref,
+        duration_seconds=duration,
+        event_id=out.id,
+    )
+    await reports.save(stored)
+    await publish(out)
+    log.info(
+        "validation passed" if not failed else "validation failed",
+        model=d.model,
+        version=d.model_version,
+        failed_checks=failed,
+        duration_s=duration,
+    )
+    return stored
+
+
+# --- the handlers ---------------------------------------------------------------------------------------
+
+
+async def on_model_version_registered(
+    event: CloudEvent[ModelVersionRegistered], *, versions: Versions, **ports: Any
+) -> None:
+    """Remember the version (it may be a champion later), then gate it."""
+    await versions.record(event.data)
+    await validate(event, versions=versions, **ports)
+
+
+async def on_model_stage_changed(
+    event: CloudEvent[ModelStageChanged], *, champions: Champions, **_: Any
+) -> None:
+    """Track the champion: the production version."""
+    d = event.data
+    if d.to_stage is Stage.PRODUCTION:
+        await champions.set(d.model, d.model_version)
+    elif d.from_stage is Stage.PRODUCTION:
+        await champions.clear(d.model, d.model_version)
+
+
+async def on_dataset_registered(
+    event: CloudEvent[DatasetRegistered], *, datasets: Datasets, **_: Any
+) -> None:
+    """Remember where each dataset version lives (holdouts are looked up by reference)."""
+    await datasets.record(event.data)
+
+
+ValidationHandler = Callable[..., Awaitable[None]]
+
+HANDLERS: dict[type[EventPayload], ValidationHandler] = {
+    ModelVersionRegistered: on_model_version_registered,
+    ModelStageChanged: on_model_stage_changed,
+    DatasetRegistered: on_dataset_registered,
+}
+"""Event type -> handler. Every handler receives the same ports and takes what it needs."""

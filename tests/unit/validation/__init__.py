@@ -1,0 +1,1 @@
+"""Tests of the unit level for validation."""

@@ -1,0 +1,243 @@
+"""Validation's handlers on fakes, with real models trained by the training worker on generated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.common import DatasetRef, Lineage, ModelSignature, Stage
+from contracts.envelope import CloudEvent, new_event
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.registry import EVENT_TYPES
+from contracts.validation import ValidationFailed, ValidationPassed
+from libs.artifacts import ArtifactStore
+from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.modelspec import ModelSpec
+from services.training.worker import run_training
+from services.validation.adapters.evaluator import StoreEvaluator
+from services.validation.handlers import HANDLERS, report_for_version
+from services.validation.ports import Report, VersionRecord
+from tests.unit.training.data import churn_frame, churn_spec, put_frame
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class FakeVersions:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], VersionRecord] = {}
+
+    async def record(self, r: ModelVersionRegistered) -> None:
+        self.rows.setdefault(
+            (r.model, r.model_version),
+            VersionRecord(r.model, r.model_version, r.artifact, r.signature, r.metrics, r.lineage),
+        )
+
+    async def get(self, model: str, version: int) -> VersionRecord | None:
+        return self.rows.get((model, version))
+
+
+class FakeChampions:
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    async def get(self, model: str) -> int | None:
+        return self.rows.get(model)
+
+    async def set(self, model: str, version: int) -> None:
+        self.rows[model] = version
+
+    async def clear(self, model: str, version: int) -> None:
+        if self.rows.get(model) == version:
+            del self.rows[model]
+
+
+class FakeDatasets:
+    async def record(self, registered: Any) -> None:
+        return None
+
+    async def artifact(self, ref: DatasetRef) -> None:
+        return None  # unknown: the handler falls back to the sha256, which is the store key
+
+
+class FakeReports:
+    def __init__(self) -> None:
+        self.rows: dict[str, Report] = {}
+
+    async def save(self, report: Report) -> None:
+        assert report.report_id not in self.rows
+        self.rows[report.report_id] = report
+
+    async def get(self, report_id: str) -> Report | None:
+        return self.rows.get(report_id)
+
+    async def for_version(self, model: str, version: int) -> Report | None:
+        return next((r for r in self.rows.values() if (r.model, r.version) == (model, version)), None)
+
+
+class Gate:
+    """Validation's handlers on an in-memory bus, a temporary artifact store and trained models."""
+
+    def __init__(self, root: Path) -> None:
+        self.url = str(root)
+        self.store = ArtifactStore(self.url)
+        self.versions, self.champions, self.reports = FakeVersions(), FakeChampions(), FakeReports()
+        self.bus = InMemoryBus(EVENT_TYPES)
+        evaluator = StoreEvaluator(self.store, latency_repeats=3)
+
+        def bind(handler: Any) -> Any:
+            async def run(event: CloudEvent[Any], tx: Transaction) -> None:
+                await handler(
+                    event,
+                    versions=self.versions,
+                    champions=self.champions,
+                    datasets=FakeDatasets(),
+                    reports=self.reports,
+                    evaluator=evaluator,
+                    publish=tx.publish,
+                    source="/driftloop/validation",
+                )
+
+            return run
+
+        self.bus.subscribe(
+            Subscription(
+                consumer="validation",
+                topics=["mlops.models", "mlops.datasets"],
+                handlers={p: bind(h) for p, h in HANDLERS.items()},
+            )
+        )
+
+    def train(self, spec: ModelSpec, version: int, frame: Any) -> ModelVersionRegistered:
+        """A version as the registry would announce it, from a real training run."""
+        spec_ref = self.store.put(spec.canonical_json())
+        base = put_frame(self.store, frame)
+        result = run_training(
+            {
+                "job_id": f"job-{version}",
+                "model": spec.name,
+                "spec_key": spec_ref.sha256,
+                "datasets": [{"name": "churn-base", "version": 1, "sha256": base.key}],
+                "artifacts_url": self.url,
+            }
+        )
+        assert result["ok"], result
+        holdout = result["holdout"]
+        return ModelVersionRegistered(
+            model=spec.name,
+            model_version=version,
+            run_id=f"run-{version}",
+            job_id=f"job-{version}",
+            artifact=result["artifact"],
+            profile=result["profile"],
+            signature=ModelSignature.model_validate(result["signature"]),
+            metrics=result["metrics"],
+            lineage=Lineage(
+                datasets=[DatasetRef(name="churn-base", version=1, sha256=base.key)],
+                holdout=DatasetRef(
+                    name="churn-holdout",
+                    version=version,
+                    sha256=holdout["artifact"]["key"],
+                    rows=holdout["rows"],
+                ),
+                spec_hash=spec.spec_hash(),
+                spec={
+                    "key": spec_ref.sha256,
+                    "uri": spec_ref.uri,
+                    "format": "json",
+                    "size_bytes": spec_ref.size,
+                },
+                code_version="test",
+                seed=spec.seed,
+            ),
+        )
+
+    async def register(self, registered: ModelVersionRegistered) -> None:
+        await self.bus.publish(new_event(registered, source="/driftloop/registry"))
+        await self.bus.drain()
+
+    async def promote(self, model: str, version: int) -> None:
+        change = ModelStageChanged(
+            model=model,
+            model_version=version,
+            from_stage=Stage.CANARY,
+            to_stage=Stage.PRODUCTION,
+            reason="test",
+        )
+        await self.bus.publish(new_event(change, source="/driftloop/registry"))
+        await self.bus.drain()
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Gate:
+    return Gate(tmp_path)
+
+
+async def test_first_version_passes_with_champion_checks_skipped(gate: Gate) -> None:
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    [passed] = gate.bus.events(of=ValidationPassed)
+    checks = {c.name: c for c in passed.data.checks}
+    assert "no champion" in checks["challenger-vs-champion:roc_auc"].detail
+    assert checks["roc_auc>=0.75"].passed and checks["roc_auc>=0.75"].value > 0.8
+    assert {"slice:plan=basic:roc_auc", "slice:plan=plus:roc_auc", "slice:plan=premium:roc_auc"} <= set(
+        checks
+    )
+    assert passed.data.champion_version is None
+    report = await report_for_version("churn", 1, reports=gate.reports)
+    assert report.passed and report.event_id == passed.id
+
+
+async def test_deliberately_worse_candidate_fails_naming_the_failing_checks(gate: Gate) -> None:
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    await gate.promote("churn", 1)
+    # Two weak features only (x2, x3 carry no signal): a much worse model on the same kind of data.
+    weak = churn_spec(
+        features=[{"name": "x2", "type": "numeric"}, {"name": "x3", "type": "numeric"}],
+        validation={"thresholds": {"roc_auc": 0.75}, "champion": {"max_degradation": 0.02, "resamples": 200}},
+    )
+    await gate.register(gate.train(weak, 2, churn_frame()))
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.champion_version == 1
+    assert "challenger-vs-champion:roc_auc" in failed.data.failed_checks
+    assert "roc_auc>=0.75" in failed.data.failed_checks
+    assert "signature-compatible" in failed.data.failed_checks  # it dropped features clients send
+
+
+async def test_retrained_candidate_as_good_as_the_champion_passes(gate: Gate) -> None:
+    await gate.register(gate.train(churn_spec(), 1, churn_frame(seed=0)))
+    await gate.promote("churn", 1)
+    await gate.register(gate.train(churn_spec(), 2, churn_frame(1500, seed=1)))
+    passed = gate.bus.events(of=ValidationPassed)
+    assert [e.data.model_version for e in passed] == [1, 2]
+    check = next(c for c in passed[1].data.checks if c.name == "challenger-vs-champion:roc_auc")
+    assert check.interval is not None and check.passed
+
+
+async def test_redelivered_registration_is_not_validated_twice(gate: Gate) -> None:
+    event = new_event(gate.train(churn_spec(), 1, churn_frame()), source="/driftloop/registry")
+    await gate.bus.publish(event)
+    await gate.bus.publish(event)
+    await gate.bus.drain()
+    assert len(gate.bus.events(of=ValidationPassed)) == 1
+
+
+async def test_candidate_whose_artifact_is_missing_fails_with_a_named_check(gate: Gate) -> None:
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    broken = registered.model_copy(
+        update={"artifact": registered.artifact.model_copy(update={"key": "0" * 64})}
+    )
+    await gate.register(broken)
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["candidate-loads"]
+    assert "cannot be loaded" in failed.data.checks[0].detail
+
+
+async def test_candidate_without_a_holdout_fails(gate: Gate) -> None:
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    no_holdout = registered.model_copy(
+        update={"lineage": registered.lineage.model_copy(update={"holdout": None})}
+    )
+    await gate.register(no_holdout)
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-available"]
