@@ -200,10 +200,13 @@ async def search_versions(
     tags=["versions"],
     summary="One version with lineage, stage history and validation reports.",
     description="`version` is a number or an alias (`champion`, `challenger`).",
+    response_model=VersionPublic,
 )
-async def get_version(request: Request, _: ViewerDep, model: str, version: str) -> VersionPublic:
+async def get_version(request: Request, _: ViewerDep, model: str, version: str) -> Response:
     async with _queries(request) as q:
-        return await _version(q, model, version)
+        found = await _version(q, model, version)
+    # Built and validated from the database row already: serialise once, not validate again on the way out.
+    return Response(found.model_dump_json(), media_type="application/json")
 
 
 @router.get(

@@ -56,6 +56,10 @@ def subscription(
 async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     """The registry's API and consumer on the runtime's pool, producer and artifact store."""
     artifacts = StoreArtifacts(ArtifactStore(rt.settings.artifacts_url))
+    # Checking a model's types needs skops (and it scikit-learn): import them now, not inside the first
+    # consumer transaction.
+    import skops.io  # noqa: F401
+
     app = create_app(
         rt.settings,
         title="driftloop registry",

@@ -99,9 +99,7 @@ async def change_stage(
     was there. An illegal move raises :class:`PermanentError` (the event is dead-lettered with the reason)."""
     current = await versions.stage_for_update(model, version)
     if current is None:
-        raise PermanentError(
-            f"{event.type} names {model} version {version}, which the registry does not have"
-        )
+        raise PermanentError(f"{event.type} names {model} version {version}, which the registry lacks")
     if current is to_stage:
         return False
     try:

@@ -24,8 +24,9 @@ CREATE TABLE model_versions (
     -- The TrainingCompleted event that created the version, and the cascade it belongs to.
     event_id            text             NOT NULL,
     correlation_id      text             NOT NULL,
-    created_at          timestamptz      NOT NULL DEFAULT now(),
-    stage_changed_at    timestamptz      NOT NULL DEFAULT now(),
+    -- clock_timestamp(), not now(): a consumer transaction may span several events of one poll.
+    created_at          timestamptz      NOT NULL DEFAULT clock_timestamp(),
+    stage_changed_at    timestamptz      NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (model, version),
     -- One version per training run, whatever the redelivery.
     UNIQUE (model, run_id)
@@ -52,7 +53,7 @@ CREATE TABLE lineage (
     seed            bigint  NOT NULL,
     params          jsonb   NOT NULL,
     environment     jsonb   NOT NULL,
-    document        jsonb   NOT NULL,  -- the Lineage exactly as training sent it
+    document        json    NOT NULL,  -- the Lineage exactly as training sent it (json keeps key order)
     PRIMARY KEY (model, version),
     FOREIGN KEY (model, version) REFERENCES model_versions (model, version)
 );
@@ -120,7 +121,7 @@ CREATE TABLE datasets (
     sha256          text        NOT NULL,
     artifact        jsonb       NOT NULL,
     row_count       bigint      NOT NULL,
-    columns         jsonb       NOT NULL,  -- {column: dtype} in file order
+    columns         json        NOT NULL,  -- {column: dtype} in file order (json keeps the order)
     source          text        NOT NULL,
     derived_from    jsonb       NOT NULL,
     models          text[]      NOT NULL,

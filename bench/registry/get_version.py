@@ -1,0 +1,176 @@
+"""Latency of GET one model version over HTTP at a fixed arrival rate, against the app's own floor.
+
+Open loop: request i is due at start + i/rate whatever happened to earlier ones, and its latency is
+measured from that due time, so a stall shows up in the percentiles instead of silently lowering the rate
+(no coordinated omission). Two phases in one run, same client and rate:
+
+  baseline  GET /health/live                      (the HTTP stack, auth-free, no database)
+  target    GET /models/<model>/versions/<version> (auth, one Postgres round trip, lineage and history)
+
+and the ratio target/baseline for p50 and p99. It only talks to the URL given (default: loopback), sends
+at most rate * duration requests per phase, and stops by itself.
+
+    .venv/bin/python bench/registry/get_version.py --model churn-demo --version 1 --rate 200 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+
+def percentile(sorted_ms: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    index = max(0, min(len(sorted_ms) - 1, round(p / 100 * len(sorted_ms) + 0.5) - 1))
+    return sorted_ms[index]
+
+
+class Connections:
+    """Keep-alive HTTP/1.1 connections with a request writer and a response reader small enough that the
+    load generator costs far less CPU than the server it measures (an httpx request costs about as much
+    as the server's own work, and both share the same 2 cores)."""
+
+    def __init__(self, host: str, port: int, limit: int) -> None:
+        self.host, self.port, self.limit = host, port, limit
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+        self.freed = asyncio.Condition()
+
+    async def get(self, request: bytes) -> tuple[int, int]:
+        """Send one GET; returns (status, body bytes)."""
+        async with self.freed:
+            while not self.idle and self.opened >= self.limit:
+                await self.freed.wait()
+            conn = self.idle.pop() if self.idle else None
+            if conn is None:
+                self.opened += 1
+        if conn is None:
+            conn = await asyncio.open_connection(self.host, self.port)
+            return await self._exchange(conn, request)
+        try:
+            return await self._exchange(conn, request)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closed a connection that sat idle past its keep-alive: reconnect, as clients do.
+            conn[1].close()
+            return await self._exchange(await asyncio.open_connection(self.host, self.port), request)
+
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> tuple[int, int]:
+        reader, writer = conn
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await reader.readexactly(length)
+        async with self.freed:
+            self.idle.append(conn)
+            self.freed.notify()
+        return status, length
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def phase(conns: Connections, request: bytes, rate: float, duration: float) -> dict[str, Any]:
+    """Send ``rate * duration`` GETs on a fixed schedule; latencies in ms from each request's due time."""
+    count = int(rate * duration)
+    latencies: list[float] = []
+    errors: dict[int | str, int] = {}
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(i: int) -> None:
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        try:
+            status, _ = await conns.get(request)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        if status != 200:
+            errors[status] = errors.get(status, 0) + 1
+            return
+        latencies.append((loop.time() - due) * 1000)
+
+    wall = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    wall = time.monotonic() - wall
+    latencies.sort()
+    nan = float("nan")
+    return {
+        "sent": count,
+        "ok": len(latencies),
+        "errors": errors,
+        "achieved_rps": count / wall,
+        "p50": percentile(latencies, 50) if latencies else nan,
+        "p90": percentile(latencies, 90) if latencies else nan,
+        "p99": percentile(latencies, 99) if latencies else nan,
+        "max": latencies[-1] if latencies else nan,
+        "mean": statistics.fmean(latencies) if latencies else nan,
+    }
+
+
+def request_bytes(host: str, path: str, token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Accept: application/json\r\n\r\n".encode()
+
+
+def show(name: str, r: dict[str, Any]) -> None:
+    print(
+        f"{name:9} {r['ok']:>6}/{r['sent']:<6} ok  {r['achieved_rps']:7.1f} req/s  "
+        f"p50 {r['p50']:6.2f} ms  p90 {r['p90']:6.2f} ms  p99 {r['p99']:6.2f} ms  max {r['max']:7.2f} ms"
+        + (f"  errors {r['errors']}" if r["errors"] else "")
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8101", help="the registry (loopback only)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--token", default="dev-viewer")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per phase (at most 120)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured traffic first")
+    args = parser.parse_args()
+    host = httpx.URL(args.url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("this benchmark only targets a registry on this machine (loopback)")
+    duration = min(args.duration, 120.0)
+    auth = {"Authorization": f"Bearer {args.token}"}
+    target = f"/models/{args.model}/versions/{args.version}"
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        check = await client.get(f"{args.url}{target}", headers=auth)
+    if check.status_code != 200:
+        raise SystemExit(f"GET {target} answered {check.status_code}: {check.text[:200]}")
+    print(f"GET {target}: {len(check.content)} bytes; {args.rate:.0f} req/s for {duration:.0f} s per phase")
+    url = httpx.URL(args.url)
+    conns = Connections(url.host, url.port or 80, limit=64)
+    try:
+        await phase(conns, request_bytes(url.host, target, args.token), args.rate, args.warmup)
+        baseline = await phase(conns, request_bytes(url.host, "/health/live", None), args.rate, duration)
+        result = await phase(conns, request_bytes(url.host, target, args.token), args.rate, duration)
+    finally:
+        conns.close()
+    show("baseline", baseline)
+    show("target", result)
+    print(
+        f"ratio target/baseline: p50 {result['p50'] / baseline['p50']:.2f}x, "
+        f"p99 {result['p99'] / baseline['p99']:.2f}x; target p99 {result['p99']:.2f} ms "
+        f"({'meets' if result['p99'] <= 5.0 else 'misses'} the 5 ms goal)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
