@@ -350,7 +350,7 @@ Model versions are fields named `model_version` (`version` is the schema version
 {flow}
 ```
 
-The audit service also consumes every topic except the dead-letter topic.
+The audit service also records every topic but its own, the dead letters included (see docs/audit.md).
 
 ## Prediction logging
 

@@ -8,7 +8,8 @@ Read top to bottom, it is the closed loop:
     serving    ──RolloutPromoted | RolloutRolledBack──> registry
     registry   ──RetrainRequested, PromoteRequested, RollbackRequested, ArchiveRequested (from HTTP)──> ...
 
-The audit service consumes every topic below except the dead-letter topic and publishes signed checkpoints.
+The audit service records every topic below but its own (the dead letters too, as dead letters) and publishes
+signed checkpoints.
 Service names are the packages under ``services/``.
 """
 
@@ -202,7 +203,13 @@ _TOPICS = (
         audited=False,
         routes=(),
         other_producers=SERVICES,
-        notes=("Operators read it (and may replay from it); no service consumes it automatically.",),
+        # Recorded as dead letters (with their reason), not as the events they carry: nothing a service
+        # gave up on leaves the platform unrecorded.
+        other_consumers=(AUDIT,),
+        notes=(
+            "Operators read it (and may replay from it); no service acts on it automatically. The audit "
+            "service records every dead letter in its trail (configurable).",
+        ),
     ),
 )
 

@@ -309,9 +309,11 @@ def test_producers_and_consumers_are_services_of_the_platform() -> None:
             assert route.producers, f"{route.event.__name__} has no producer"
 
 
-def test_audit_reads_every_topic_but_its_own_and_the_dead_letters() -> None:
+def test_audit_reads_every_topic_but_its_own_and_keeps_dead_letters_as_such() -> None:
     unaudited = {name for name, spec in TOPICS.items() if AUDIT not in spec.consumers}
-    assert unaudited == {"mlops.audit", DEAD_LETTER}
+    assert unaudited == {"mlops.audit"}
+    assert TOPICS[DEAD_LETTER].consumers == (AUDIT,)
+    assert not TOPICS[DEAD_LETTER].audited  # recorded as dead letters, not as the events they carry
 
 
 def _consumers_of(cls: type[EventPayload]) -> set[str]:
