@@ -7,6 +7,7 @@ gets one line in GROUPS for its --help text.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -46,6 +47,7 @@ class Subcommand:
 
 GROUPS: dict[tuple[str, ...], str] = {
     ("infra",): "the local Kafka broker and Postgres (no Docker needed)",
+    ("audit",): "the tamper-evident audit trail, read from Postgres (the audit service need not run)",
 }
 
 
@@ -177,6 +179,36 @@ def cmd_down(args: argparse.Namespace) -> int:
     return cmd_infra_down(args)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Bring everything up if needed, run the closed-loop demo, stop what it started."""
+    from deploy import demo  # pandas and friends load only for the demo
+
+    infra = LocalInfra()
+    result = infra.up()
+    platform = local_platform()
+    was_running = platform.supervisor_pid() is not None
+    if not was_running:
+        say("starting the six services under a supervisor; logs in .driftloop/logs/ ...")
+        platform.start(platform_env(result))
+    health = platform.wait_ready(timeout_s=args.wait)
+    if not all(v == "ready" for v in health.values()):
+        print_services(platform)
+        raise StartFailed("the services did not become ready.", hint="see .driftloop/logs/<service>.log")
+    try:
+        return asyncio.run(demo.run(platform, result.kafka_bootstrap))
+    finally:
+        if not was_running and not args.keep_running:
+            say("stopping what the demo started (use --keep-running to explore afterwards) ...")
+            platform.stop()
+            if result.started:
+                infra.down(result.started)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the services")
+    parser.add_argument("--keep-running", action="store_true", help="leave the platform up afterwards")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Infrastructure and services, with their health."""
     rows = LocalInfra().status()
@@ -249,12 +281,71 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _run_steps(steps)
 
 
+# --- audit ------------------------------------------------------------------------------------------
+# Implemented in services/audit/cli.py, imported on use so other commands never load the service.
+
+
+def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="from_seq", type=int, default=1, help="first sequence number")
+    parser.add_argument("--to", dest="to_seq", type=int, help="last sequence number (default: the end)")
+    parser.add_argument("--full", action="store_true", help="hash every record here, check indexed columns")
+    parser.add_argument("--checkpoints", action="append", type=Path, default=[], help="more checkpoint files")
+    parser.add_argument("--public-key", action="append", default=[], help="another trusted key (base64)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the trail's hash chain, signed checkpoints and seals; exit 1 naming the first bad row."""
+    from services.audit import cli as audit
+
+    return audit.verify(
+        from_seq=args.from_seq,
+        to_seq=args.to_seq,
+        full=args.full,
+        checkpoint_files=args.checkpoints,
+        public_keys=args.public_key,
+        as_json=args.json,
+    )
+
+
+def _audit_tail_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--lines", type=int, default=20, help="how many of the newest events")
+    parser.add_argument("--model", help="only this model's events")
+    parser.add_argument("--type", help="only this event type, e.g. DriftDetected")
+    parser.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    """The newest events of the trail."""
+    from services.audit import cli as audit
+
+    return audit.tail(limit=args.lines, model=args.model, event_type=args.type, follow=args.follow)
+
+
+def _audit_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("correlation_id", help="the cascade's correlation id (its root event's id)")
+    parser.add_argument("--json", action="store_true", help="print the tree as JSON")
+
+
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    """The causal tree of one cascade: drift -> retrain -> ... -> promotion or rollback."""
+    from services.audit import cli as audit
+
+    return audit.trace(args.correlation_id, as_json=args.json)
+
+
 # --- the table and the parser ------------------------------------------------------------------------
 
 COMMANDS: list[Subcommand] = [
     Subcommand(("up",), "start Kafka, Postgres and the six services (supervised)", cmd_up, _up_arguments),
     Subcommand(("down",), "stop the services and what `up` started", cmd_down),
     Subcommand(("status",), "infrastructure and services, with their health", cmd_status),
+    Subcommand(
+        ("demo",),
+        "the closed loop, live: drift → retrain → canary → promotion, and a rollback",
+        cmd_demo,
+        _demo_arguments,
+    ),
     Subcommand(
         ("test",),
         "run pytest against local Kafka and Postgres (extra args go to pytest)",
@@ -273,6 +364,16 @@ COMMANDS: list[Subcommand] = [
         "create the platform topics on $DRIFTLOOP_KAFKA_BOOTSTRAP",
         cmd_infra_topics,
         _topics_arguments,
+    ),
+    Subcommand(
+        ("audit", "verify"),
+        "verify the chain, checkpoints and seals; exit 1 at the first bad row",
+        cmd_audit_verify,
+        _audit_verify_arguments,
+    ),
+    Subcommand(("audit", "tail"), "the newest events of the trail", cmd_audit_tail, _audit_tail_arguments),
+    Subcommand(
+        ("audit", "trace"), "the causal tree of one correlation id", cmd_audit_trace, _audit_trace_arguments
     ),
 ]
 
