@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""An audit-log consumer outside the platform: reads a driftloop audit export and verifies it as it reads.
+
+It needs nothing of driftloop: the Python standard library, ``cryptography`` for Ed25519, and ``aiokafka``
+only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the contract it implements.
+
+    # from the running audit service (the viewer token), pinning the trail's public key
+    python docs/examples/audit_consumer.py --export http://127.0.0.1:8106/audit/export --token dev-viewer \
+        --public-key "$(curl -s -H 'Authorization: Bearer dev-viewer' http://127.0.0.1:8106/audit/keys \
+                        | python -c 'import json,sys; print(json.load(sys.stdin)[0]["public_key"])')"
+
+    # from a saved export, with the checkpoints kept elsewhere (the file, or the audit topic)
+    python docs/examples/audit_consumer.py --export trail.ndjson --public-key BASE64 \
+        --checkpoints .driftloop/audit/checkpoints.ndjson --kafka 127.0.0.1:19092
+
+Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, and no
+known checkpoint lies beyond the end. Exit status 1: the first bad sequence number and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+EXPORT_FORMAT = "driftloop-audit-export/1"
+SIGNING_DOMAIN = b"driftloop-audit-checkpoint/v1"
+CHECKPOINT_TYPE = "io.driftloop.AuditCheckpoint.v1"
+
+
+class Broken(Exception):
+    """The trail does not verify: ``seq`` is the first bad sequence number."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"sequence {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+# --- the contract: chain step and checkpoint signature ------------------------------------------------
+
+
+def row_hash(prev: bytes, seq: int, record: bytes) -> bytes:
+    """row_hash(n) = SHA-256(row_hash(n-1) || uint64_be(n) || SHA-256(record(n)))."""
+    return hashlib.sha256(prev + seq.to_bytes(8, "big") + hashlib.sha256(record).digest()).digest()
+
+
+def signing_input(checkpoint: dict[str, Any]) -> bytes:
+    """The bytes a checkpoint's signature covers: domain, sequence, head hash, row count, UTC time."""
+    signed_at = datetime.fromisoformat(checkpoint["signed_at"].replace("Z", "+00:00")).astimezone(UTC)
+    return b"\n".join(
+        [
+            SIGNING_DOMAIN,
+            str(checkpoint["sequence"]).encode(),
+            checkpoint["head_hash"].encode(),
+            str(checkpoint["row_count"]).encode(),
+            signed_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode(),
+        ]
+    )
+
+
+def key_id(public_raw: bytes) -> str:
+    """A key's id: the first 16 hex digits of SHA-256 of the raw public key."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+class Keys:
+    """The public keys this consumer trusts (pinned on the command line)."""
+
+    def __init__(self, public_keys: list[str]) -> None:
+        self.by_id: dict[str, Ed25519PublicKey] = {}
+        for text in public_keys:
+            raw = base64.b64decode(text)
+            self.by_id[key_id(raw)] = Ed25519PublicKey.from_public_bytes(raw)
+
+    def signed(self, checkpoint: dict[str, Any]) -> bool:
+        """True when a pinned key made the signature over exactly these fields."""
+        key = self.by_id.get(checkpoint.get("key_id", ""))
+        if key is None:
+            return False
+        try:
+            key.verify(base64.b64decode(checkpoint["signature"]), signing_input(checkpoint))
+        except (InvalidSignature, ValueError):
+            return False
+        return checkpoint["row_count"] == checkpoint["sequence"]
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """Verifies an export line by line; checkpoints from elsewhere are checked when their row passes."""
+
+    def __init__(self, keys: Keys, outside: list[dict[str, Any]], *, show: bool, out: IO[str]) -> None:
+        self.keys = keys
+        self.outside: dict[int, list[dict[str, Any]]] = {}
+        for cp in outside:
+            self.outside.setdefault(cp["sequence"], []).append(cp)
+        self.show = show
+        self.out = out
+        self.prev: bytes | None = None
+        self.next_seq = 0
+        self.rows = 0
+        self.checkpoints = 0
+
+    def line(self, text: str) -> None:
+        """One NDJSON line of the export."""
+        obj = json.loads(text)
+        if "format" in obj:
+            if obj["format"] != EXPORT_FORMAT:
+                raise Broken(0, f"unknown export format {obj['format']!r}")
+            self.prev = bytes.fromhex(obj["prev_hash"])
+            self.next_seq = obj["from_seq"]
+        elif "checkpoint" in obj:
+            self._checkpoint(obj["checkpoint"], inline=True)
+        else:
+            self._row(obj)
+
+    def _row(self, obj: dict[str, Any]) -> None:
+        if self.prev is None:
+            raise Broken(obj.get("seq", 0), "a row came before the export's header line")
+        seq = obj["seq"]
+        if seq != self.next_seq:
+            raise Broken(self.next_seq, f"row {self.next_seq} is missing (the next row is {seq})")
+        record = obj["record"].encode() if "record" in obj else base64.b64decode(obj["record_base64"])
+        computed = row_hash(self.prev, seq, record)
+        if computed.hex() != obj["row_hash"]:
+            raise Broken(seq, "the row's hash does not match its record and the previous row's hash")
+        self.prev = computed
+        self.next_seq = seq + 1
+        self.rows += 1
+        for cp in self.outside.pop(seq, []):
+            self._checkpoint(cp, inline=False)
+        if self.show:
+            meta = json.loads(record.partition(b"\n")[0])
+            h = meta["headers"]
+            self.out.write(
+                f"{seq:>8}  {meta['kind']:<11} {h.get('ce_type', '-')}  {h.get('ce_subject', '-')}\n"
+            )
+
+    def _checkpoint(self, cp: dict[str, Any], *, inline: bool) -> None:
+        seq = cp["sequence"]
+        if not self.keys.signed(cp):
+            if not inline:
+                return  # the audit topic may carry other trails' checkpoints: only pinned keys count
+            raise Broken(
+                seq, f"the checkpoint at {seq} is not signed by a pinned key (key id {cp.get('key_id')})"
+            )
+        if self.prev is None or seq != self.next_seq - 1:
+            raise Broken(seq, f"the checkpoint at {seq} is out of place in the export")
+        if cp["head_hash"] != self.prev.hex():
+            raise Broken(seq, f"the trail's hash at {seq} differs from the signed checkpoint: rewritten")
+        self.checkpoints += 1
+
+    def finish(self) -> None:
+        """Checkpoints from elsewhere beyond the last row mean the export (or the trail) lost its tail."""
+        if self.prev is None:
+            raise Broken(0, "the export has no header line")
+        beyond = sorted(s for s, cps in self.outside.items() if any(self.keys.signed(c) for c in cps))
+        if beyond and beyond[-1] >= self.next_seq:
+            raise Broken(
+                self.next_seq,
+                f"rows {self.next_seq}..{beyond[-1]} are missing: a signed checkpoint covers them",
+            )
+
+
+def export_lines(source: str, token: str | None) -> Iterator[str]:
+    """Lines of the export from a URL, a file, or '-' (stdin), read as they stream in."""
+    if source.startswith(("http://", "https://")):
+        request = urllib.request.Request(
+            source, headers={"Authorization": f"Bearer {token}"} if token else {}
+        )
+        with urllib.request.urlopen(request) as response:
+            for raw in response:
+                yield raw.decode()
+    elif source == "-":
+        yield from sys.stdin
+    else:
+        with open(source, encoding="utf-8") as f:
+            yield from f
+
+
+def file_checkpoints(path: str) -> list[dict[str, Any]]:
+    """Checkpoints kept as NDJSON (one AuditCheckpoint per line), like .driftloop/audit/checkpoints.ndjson."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """Every AuditCheckpoint on the audit topic, read from the beginning to the current end."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    async def read() -> list[dict[str, Any]]:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        found: list[dict[str, Any]] = []
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for messages in batch.values():
+                    for m in messages:
+                        if dict(m.headers or ()).get("ce_type") == CHECKPOINT_TYPE.encode():
+                            found.append(json.loads(m.value))
+                assigned = list(consumer.assignment())
+                if not assigned:
+                    continue
+                ends = await consumer.end_offsets(assigned)
+                if all([await consumer.position(tp) >= ends[tp] for tp in assigned]):
+                    return found
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def served_keys(export_url: str, token: str | None) -> list[str]:
+    """The keys the audit service says it signs with (GET /audit/keys next to the export URL)."""
+    url = export_url.split("/audit/export")[0] + "/audit/keys"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request) as response:
+        return [k["public_key"] for k in json.load(response)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Verify a driftloop audit export as it is read.")
+    parser.add_argument("--export", required=True, help="export URL, NDJSON file, or - for stdin")
+    parser.add_argument("--token", help="bearer token for an export URL (viewer role)")
+    parser.add_argument(
+        "--public-key", action="append", default=[], help="pinned Ed25519 public key (base64), repeatable"
+    )
+    parser.add_argument("--checkpoints", action="append", default=[], help="NDJSON file of checkpoints")
+    parser.add_argument("--kafka", help="bootstrap servers: also read checkpoints from the audit topic")
+    parser.add_argument("--topic", default="mlops.audit", help="the audit topic (default mlops.audit)")
+    parser.add_argument("--print", action="store_true", help="print each event as it is verified")
+    args = parser.parse_args(argv)
+
+    public_keys = list(args.public_key)
+    if not public_keys:
+        if not args.export.startswith(("http://", "https://")):
+            parser.error("--public-key is required for a file export")
+        print("warning: no --public-key pinned; trusting the keys the service serves", file=sys.stderr)
+        public_keys = served_keys(args.export, args.token)
+    outside = [cp for path in args.checkpoints for cp in file_checkpoints(path)]
+    if args.kafka:
+        outside += topic_checkpoints(args.kafka, args.topic)
+    verifier = Verifier(Keys(public_keys), outside, show=args.print, out=sys.stdout)
+    try:
+        for text in export_lines(args.export, args.token):
+            if text.strip():
+                verifier.line(text)
+        verifier.finish()
+    except Broken as broken:
+        print(f"FAILED at sequence {broken.seq}: {broken.reason}", file=sys.stderr)
+        return 1
+    head = verifier.prev.hex() if verifier.prev else "-"
+    print(f"OK: {verifier.rows} rows and {verifier.checkpoints} checkpoints verified; head {head}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

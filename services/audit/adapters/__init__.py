@@ -1,0 +1,1 @@
+"""The audit service's ports on real infrastructure: Postgres (the trail) and files (key, checkpoints)."""

@@ -1,0 +1,384 @@
+"""The trail on Postgres: append with COPY under a chain lock, queries, and verification scans.
+
+Every transaction of the service runs as the writer role (SET LOCAL ROLE), which may SELECT and INSERT
+on the trail and never UPDATE, DELETE or TRUNCATE it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from contracts.audit import AuditCheckpoint
+from libs.db import check_schema_name
+from libs.logging import get_logger
+from services.audit.domain import Attributes, ChainHead, EventQuery, KafkaPosition, Kind, StoredRow, TrailRow
+from services.audit.verification import Finding, LinkScanner, RecordScanner
+
+log = get_logger(__name__)
+
+TRAIL_COLUMNS = (
+    "seq",
+    "record",
+    "row_hash",
+    "seal",
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+    "kind",
+    "event_id",
+    "event_type",
+    "subject",
+    "correlation_id",
+    "causation_id",
+    "actor",
+    "event_time",
+    "recorded_at",
+)
+_STORED = (
+    "seq, record, row_hash, topic, kafka_partition, kafka_offset, kind, event_id, event_type, subject, "
+    "correlation_id, causation_id, actor, event_time, recorded_at"
+)
+
+# Binary COPY: an 11-byte signature, 4 bytes of flags, a 4-byte header-extension length (then the
+# extension), tuples, and a 16-bit -1 at the end. Each link tuple is: 1 field, 72 bytes.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_LINK_PREFIX = struct.pack("!hi", 1, 72)
+_COPY_TRAILER = b"\xff\xff"
+
+
+class InsufficientRole(RuntimeError):
+    """The database user cannot create or use the writer role."""
+
+
+async def enter_writer_role(conn: asyncpg.Connection, role: str) -> None:
+    """Run the rest of the current transaction as the writer role."""
+    await conn.execute(f"SET LOCAL ROLE {check_schema_name(role)}")
+
+
+async def prepare_writer_role(pool: asyncpg.Pool, schema: str, role: str) -> None:
+    """Create the writer role if needed and give it exactly what the service does: read and append."""
+    schema, role = check_schema_name(schema), check_schema_name(role)
+    async with pool.acquire() as conn, conn.transaction():
+        # Roles are cluster-wide and concurrent GRANTs on one object fail; one preparer at a time.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-writer-role'))")
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            try:
+                await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise InsufficientRole(
+                    f"role {role} does not exist and the database user may not create it: create it "
+                    f"once (CREATE ROLE {role} NOLOGIN; GRANT {role} TO <service user>) or give the user "
+                    "CREATEROLE"
+                ) from exc
+        await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        for table in ("trail", "checkpoints"):
+            await conn.execute(f"REVOKE ALL ON {schema}.{table} FROM PUBLIC, {role}")
+            await conn.execute(f"GRANT SELECT, INSERT ON {schema}.{table} TO {role}")
+        # Checkpoints leave through the outbox, in the same transaction as the rows they cover.
+        await conn.execute(f"GRANT INSERT ON {schema}.outbox TO {role}")
+        await conn.execute(f"GRANT USAGE ON SEQUENCE {schema}.outbox_seq_seq TO {role}")
+        if not await conn.fetchval("SELECT pg_has_role(current_user, $1, 'MEMBER')", role):
+            try:
+                await conn.execute(f"GRANT {role} TO CURRENT_USER")
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise InsufficientRole(
+                    f"the database user is not a member of {role} and may not join it: GRANT {role} TO "
+                    "<service user>"
+                ) from exc
+
+
+def _stored(row: asyncpg.Record) -> StoredRow:
+    return StoredRow(
+        seq=row["seq"],
+        record=row["record"],
+        row_hash=row["row_hash"],
+        topic=row["topic"],
+        partition=row["kafka_partition"],
+        offset=row["kafka_offset"],
+        kind=row["kind"],
+        attributes=Attributes(
+            event_id=row["event_id"],
+            event_type=row["event_type"],
+            subject=row["subject"],
+            correlation_id=row["correlation_id"],
+            causation_id=row["causation_id"],
+            actor=row["actor"],
+            event_time=row["event_time"],
+        ),
+        recorded_at=row["recorded_at"],
+    )
+
+
+def _checkpoint(row: asyncpg.Record) -> AuditCheckpoint:
+    return AuditCheckpoint(
+        sequence=row["seq"],
+        head_hash=row["head_hash"],
+        row_count=row["row_count"],
+        signed_at=row["signed_at"],
+        key_id=row["key_id"],
+        signature=row["signature"],
+    )
+
+
+def _copy_tuple(row: TrailRow) -> tuple[Any, ...]:
+    a = row.attributes
+    return (
+        row.seq,
+        row.record,
+        row.row_hash,
+        row.seal,
+        row.position.topic,
+        row.position.partition,
+        row.position.offset,
+        row.kind.value,
+        a.event_id,
+        a.event_type,
+        a.subject,
+        a.correlation_id,
+        a.causation_id,
+        a.actor,
+        a.event_time,
+        row.recorded_at,
+    )
+
+
+class PgTrail:
+    """The trail on one connection, inside the caller's transaction (already in the writer role)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    async def lock_head(self) -> ChainHead:
+        """Wait for the chain lock (one writer per schema, replicas included), then read the head."""
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
+        )
+        row = await self.conn.fetchrow("SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1")
+        return ChainHead(row["seq"], row["row_hash"]) if row else ChainHead()
+
+    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        """Positions already in the trail: one index probe per partition, exact checks only below its end."""
+        if not positions:
+            return set()
+        partitions = sorted({(p.topic, p.partition) for p in positions})
+        ends = {
+            (r["topic"], r["kafka_partition"]): r["last"]
+            for r in await self.conn.fetch(
+                """SELECT g.topic, g.kafka_partition,
+                          (SELECT max(t.kafka_offset) FROM trail t
+                            WHERE t.topic = g.topic AND t.kafka_partition = g.kafka_partition) AS last
+                   FROM unnest($1::text[], $2::int[]) AS g(topic, kafka_partition)""",
+                [t for t, _ in partitions],
+                [p for _, p in partitions],
+            )
+        }
+        maybe = [
+            p for p in positions if (end := ends.get((p.topic, p.partition))) is not None and p.offset <= end
+        ]
+        if not maybe:
+            return set()
+        rows = await self.conn.fetch(
+            """SELECT t.topic, t.kafka_partition, t.kafka_offset
+               FROM unnest($1::text[], $2::int[], $3::bigint[]) AS g(topic, kafka_partition, kafka_offset)
+               JOIN trail t USING (topic, kafka_partition, kafka_offset)""",
+            [p.topic for p in maybe],
+            [p.partition for p in maybe],
+            [p.offset for p in maybe],
+        )
+        return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
+
+    async def append(self, rows: Sequence[TrailRow]) -> None:
+        """COPY the rows in (binary): the chain lock is held, so their numbers follow the head."""
+        await self.conn.copy_records_to_table(
+            "trail", records=[_copy_tuple(r) for r in rows], columns=list(TRAIL_COLUMNS)
+        )
+
+    async def last_checkpoint_seq(self) -> int:
+        """Sequence of the newest checkpoint (0: none yet)."""
+        return int(await self.conn.fetchval("SELECT coalesce(max(seq), 0) FROM checkpoints"))
+
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
+        """Keep a signed checkpoint."""
+        await self.conn.execute(
+            """INSERT INTO checkpoints (seq, head_hash, row_count, signed_at, key_id, signature, event_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+            checkpoint.sequence,
+            checkpoint.head_hash,
+            checkpoint.row_count,
+            checkpoint.signed_at,
+            checkpoint.key_id,
+            checkpoint.signature,
+            event_id,
+        )
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    async def head(self) -> ChainHead:
+        """The last row."""
+        row = await self.conn.fetchrow("SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1")
+        return ChainHead(row["seq"], row["row_hash"]) if row else ChainHead()
+
+    async def find(self, query: EventQuery) -> list[StoredRow]:
+        """Rows matching every given filter, in seq order (newest first by default)."""
+        clauses: list[str] = []
+        args: list[Any] = []
+
+        def where(sql: str, value: Any) -> None:
+            args.append(value)
+            clauses.append(sql.replace("?", f"${len(args)}"))
+
+        if query.model is not None:
+            where("subject = ?", query.model)
+        if query.event_type is not None:
+            where("event_type = ?", query.event_type)
+        if query.actor is not None:
+            where("actor = ? AND actor IS NOT NULL", query.actor)
+        if query.correlation_id is not None:
+            where("correlation_id = ?", query.correlation_id)
+        if query.kind is not None:
+            where("kind = ?", query.kind.value)
+            if query.kind is not Kind.EVENT:
+                clauses.append("kind <> 'event'")  # lets the planner use the partial index
+        if query.since is not None:
+            where("event_time >= ?", query.since)
+        if query.until is not None:
+            where("event_time < ?", query.until)
+        if query.after is not None:
+            where("seq > ?", query.after)
+        if query.before is not None:
+            where("seq < ?", query.before)
+        args.append(query.limit)
+        sql = (
+            f"SELECT {_STORED} FROM trail"
+            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+            + f" ORDER BY seq {'DESC' if query.newest_first else 'ASC'} LIMIT ${len(args)}"
+        )
+        return [_stored(r) for r in await self.conn.fetch(sql, *args)]
+
+    async def row(self, seq: int) -> StoredRow | None:
+        """One row by sequence number."""
+        r = await self.conn.fetchrow(f"SELECT {_STORED} FROM trail WHERE seq = $1", seq)
+        return _stored(r) if r else None
+
+    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
+        """Rows of one correlation id, in trail order."""
+        rows = await self.conn.fetch(
+            f"SELECT {_STORED} FROM trail WHERE correlation_id = $1 ORDER BY seq LIMIT $2",
+            correlation_id,
+            limit,
+        )
+        return [_stored(r) for r in rows]
+
+    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
+        """Signed checkpoints: the newest ``limit`` (newest first), or all in sequence order."""
+        if limit is None:
+            rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq")
+        else:
+            rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT $1", limit)
+        return [_checkpoint(r) for r in rows]
+
+    async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
+        """(seq, record, row_hash) in batches through a server-side cursor (needs a transaction)."""
+        cursor = await self.conn.cursor(
+            "SELECT seq, record, row_hash FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, upto
+        )
+        while batch := await cursor.fetch(2000):
+            yield [(r["seq"], r["record"], r["row_hash"]) for r in batch]
+
+
+@asynccontextmanager
+async def reading(pool: asyncpg.Pool, role: str, *, snapshot: bool = False) -> AsyncIterator[PgTrail]:
+    """A read-only transaction in the writer role; ``snapshot``: one consistent view for long reads."""
+    async with pool.acquire() as conn:
+        isolation = "repeatable_read" if snapshot else "read_committed"
+        async with conn.transaction(isolation=isolation, readonly=True):
+            await enter_writer_role(conn, role)
+            yield PgTrail(conn)
+
+
+class PgChain:
+    """Verification reads on a pool: each scan takes its own connection, so ranges run side by side."""
+
+    def __init__(self, pool: asyncpg.Pool, role: str) -> None:
+        self.pool = pool
+        self.role = role
+
+    async def head_seq(self) -> int:
+        """The highest sequence number (0: empty)."""
+        async with reading(self.pool, self.role) as trail:
+            return int(await trail.conn.fetchval("SELECT coalesce(max(seq), 0) FROM trail"))
+
+    async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
+        """Row hashes at these sequence numbers."""
+        if not seqs:
+            return {}
+        async with reading(self.pool, self.role) as trail:
+            rows = await trail.conn.fetch(
+                "SELECT seq, row_hash FROM trail WHERE seq = ANY($1::bigint[])", list(seqs)
+            )
+        return {r["seq"]: r["row_hash"] for r in rows}
+
+    async def scan_links(self, scanner: LinkScanner) -> Finding | None:
+        """Stream the range's links with binary COPY: the database hashes each record, this process
+        chains the digests. Feeds the scanner chunk by chunk as they arrive."""
+        header: bytearray | None = bytearray()
+        scanner.frame(_LINK_PREFIX)
+
+        async def sink(chunk: bytes) -> None:
+            nonlocal header
+            if header is None:
+                scanner.feed(chunk)
+                return
+            header += chunk
+            if len(header) < 19:
+                return
+            if bytes(header[:11]) != _COPY_SIGNATURE:
+                raise RuntimeError("unexpected COPY stream: not PostgreSQL binary format")
+            start = 19 + int.from_bytes(header[15:19], "big")
+            if len(header) < start:
+                return
+            rest, header = bytes(header[start:]), None
+            scanner.feed(rest)
+
+        async with reading(self.pool, self.role) as trail:
+            await trail.conn.copy_from_query(
+                "SELECT int8send(seq) || pg_catalog.sha256(record) || row_hash FROM trail "
+                "WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                scanner.after,
+                scanner.upto,
+                output=sink,
+                format="binary",
+            )
+        return scanner.finish(trailer=_COPY_TRAILER)
+
+    async def scan_rows(self, scanner: RecordScanner) -> Finding | None:
+        """Stream whole rows through a server-side cursor; the scanner hashes the records itself."""
+        async with reading(self.pool, self.role) as trail:
+            cursor = await trail.conn.cursor(
+                f"SELECT {_STORED} FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                scanner.after,
+                scanner.upto,
+            )
+            while scanner.finding is None and (batch := await cursor.fetch(2000)):
+                scanner.feed(_stored(r) for r in batch)
+        return scanner.finish()
+
+    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
+        """(seq, row_hash, seal) of rows after..upto."""
+        async with reading(self.pool, self.role) as trail:
+            rows = await trail.conn.fetch(
+                "SELECT seq, row_hash, seal FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, upto
+            )
+        return [(r["seq"], r["row_hash"], r["seal"]) for r in rows]
+
+    async def checkpoints(self) -> list[AuditCheckpoint]:
+        """Every checkpoint in the database."""
+        async with reading(self.pool, self.role) as trail:
+            return await trail.checkpoints()

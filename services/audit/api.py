@@ -1,0 +1,222 @@
+"""The audit service's HTTP API (viewer role): events, causal traces, verification, export, checkpoints.
+
+Every route reads the trail in the writer role, which may not change it, through the same core functions
+the `driftloop audit` commands use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal, cast
+
+import asyncpg
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import StreamingResponse
+
+from libs.auth import ViewerDep
+from libs.errors import InvalidInput
+from services.audit import core
+from services.audit.adapters.files import CheckpointFile
+from services.audit.adapters.postgres import PgChain, reading
+from services.audit.domain import EventQuery, KeyRing, Kind, Signer, decode_cursor, event_type_filter
+from services.audit.schemas import (
+    AuditEventPage,
+    AuditEventPublic,
+    CheckpointPage,
+    HeadPublic,
+    SigningKeyPublic,
+    TracePublic,
+    VerifyPublic,
+)
+from services.audit.settings import AuditSettings
+
+router = APIRouter(prefix="/audit", tags=["audit"])
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """What the routes need, built once by the bootstrap."""
+
+    settings: AuditSettings
+    pool: asyncpg.Pool
+    signer: Signer
+    keys: KeyRing
+    archive: CheckpointFile
+
+    @property
+    def role(self) -> str:
+        """The role every transaction runs as."""
+        return self.settings.writer_role
+
+
+def _context(request: Request) -> AuditContext:
+    return cast(AuditContext, request.app.state.audit)
+
+
+@router.get("/events", response_model=AuditEventPage, summary="Query the trail.")
+async def list_events(
+    request: Request,
+    _: ViewerDep,
+    model: Annotated[str | None, Query(description="Model name (the CloudEvents subject).")] = None,
+    type: Annotated[
+        str | None, Query(description="Event type: `io.driftloop.DriftDetected.v1` or `DriftDetected`.")
+    ] = None,
+    actor: Annotated[str | None, Query(description="Who asked, e.g. `user:alice`.")] = None,
+    correlation_id: Annotated[str | None, Query(description="Events of one cascade.")] = None,
+    kind: Annotated[Kind | None, Query(description="event, undecodable or dead-letter.")] = None,
+    since: Annotated[datetime | None, Query(description="Event time at or after (RFC 3339).")] = None,
+    until: Annotated[datetime | None, Query(description="Event time before (RFC 3339).")] = None,
+    order: Annotated[Literal["newest", "oldest"], Query(description="Newest or oldest first.")] = "newest",
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, description="Page size (at most query_max_limit).")] = 100,
+) -> dict[str, Any]:
+    """Events matching every given filter, one page at a time."""
+    ctx = _context(request)
+    if limit > ctx.settings.query_max_limit:
+        raise InvalidInput(f"limit may be at most {ctx.settings.query_max_limit}", field="limit")
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInput(f"{name} needs a time zone, e.g. 2025-01-01T00:00:00Z", field=name)
+    newest_first = order == "newest"
+    position = decode_cursor(cursor, newest_first=newest_first) if cursor else None
+    query = EventQuery(
+        model=model,
+        event_type=event_type_filter(type),
+        actor=actor,
+        correlation_id=correlation_id,
+        kind=kind,
+        since=since,
+        until=until,
+        newest_first=newest_first,
+        after=position if position is not None and not newest_first else None,
+        before=position if position is not None and newest_first else None,
+        limit=limit,
+    )
+    async with reading(ctx.pool, ctx.role) as trail:
+        events, next_cursor = await core.query_events(trail, query)
+    return {"events": events, "next_cursor": next_cursor}
+
+
+@router.get("/events/{seq}", response_model=AuditEventPublic, summary="One event by sequence number.")
+async def get_event(request: Request, _: ViewerDep, seq: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+    """The trail row ``seq``."""
+    ctx = _context(request)
+    async with reading(ctx.pool, ctx.role) as trail:
+        return await core.event_at(trail, seq)
+
+
+@router.get(
+    "/trace/{correlation_id}",
+    response_model=TracePublic,
+    response_model_exclude_none=True,
+    summary="The causal tree of one cascade.",
+)
+async def get_trace(
+    request: Request, _: ViewerDep, correlation_id: Annotated[str, Path(min_length=1, max_length=512)]
+) -> dict[str, Any]:
+    """Every event of one correlation id as a tree of causationid links: why something happened."""
+    ctx = _context(request)
+    async with reading(ctx.pool, ctx.role) as trail:
+        return await core.trace(trail, correlation_id, max_events=ctx.settings.trace_max_events)
+
+
+@router.get("/verify", response_model=VerifyPublic, summary="Verify the chain and the checkpoints.")
+async def verify(
+    request: Request,
+    _: ViewerDep,
+    from_seq: Annotated[int, Query(ge=1, description="First row (trusting the row before it).")] = 1,
+    to_seq: Annotated[int | None, Query(ge=1, description="Last row (default: the end).")] = None,
+    full: Annotated[
+        bool, Query(description="Hash every record here and check the indexed columns too (slower).")
+    ] = False,
+) -> dict[str, Any]:
+    """OK, or the first bad sequence number and why."""
+    ctx = _context(request)
+    report = await core.verify_trail(
+        PgChain(ctx.pool, ctx.role),
+        keys=ctx.keys,
+        sealer=ctx.signer.sealer,
+        archived=ctx.archive.read(),
+        from_seq=from_seq,
+        to_seq=to_seq,
+        full=full,
+        parallelism=ctx.settings.verify_parallelism,
+    )
+    return report.as_json()
+
+
+@router.get(
+    "/export",
+    summary="The trail as NDJSON, with the signed checkpoints in place.",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def export(
+    request: Request,
+    _: ViewerDep,
+    from_seq: Annotated[int, Query(ge=1, description="First row.")] = 1,
+    to_seq: Annotated[int | None, Query(ge=1, description="Last row (default: the end).")] = None,
+) -> StreamingResponse:
+    """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
+    ctx = _context(request)
+    archived = ctx.archive.read()
+
+    async def lines() -> AsyncGenerator[bytes, None]:
+        async with reading(ctx.pool, ctx.role, snapshot=True) as trail:
+            async for chunk in core.export_lines(trail, from_seq=from_seq, to_seq=to_seq, archived=archived):
+                yield chunk
+
+    # Problems with the request are found before the first byte goes out, while a status can still say so.
+    stream = lines()
+    first = await anext(stream)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # a client that hangs up frees the connection at once
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.get("/checkpoints", response_model=CheckpointPage, summary="The newest signed checkpoints.")
+async def list_checkpoints(
+    request: Request, _: ViewerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """Checkpoints as published on mlops.audit, newest first."""
+    ctx = _context(request)
+    async with reading(ctx.pool, ctx.role) as trail:
+        return {"checkpoints": await trail.checkpoints(limit=limit)}
+
+
+@router.get("/keys", response_model=list[SigningKeyPublic], summary="Public keys of the checkpoints.")
+async def list_keys(request: Request, _: ViewerDep) -> list[dict[str, Any]]:
+    """The current signing key and retired ones still trusted. Outside verifiers should pin these."""
+    ctx = _context(request)
+    return [
+        {
+            "key_id": key_id,
+            "algorithm": "ed25519",
+            "public_key": public,
+            "current": key_id == ctx.signer.key_id,
+        }
+        for key_id, public in ctx.keys.public_keys().items()
+    ]
+
+
+@router.get("/head", response_model=HeadPublic, summary="The end of the trail.")
+async def get_head(request: Request, _: ViewerDep) -> dict[str, Any]:
+    """The last row's sequence number and hash, and the newest checkpoint."""
+    ctx = _context(request)
+    async with reading(ctx.pool, ctx.role) as trail:
+        head = await trail.head()
+        newest = await trail.checkpoints(limit=1)
+    return {
+        "seq": head.seq,
+        "row_hash": head.row_hash.hex(),
+        "last_checkpoint": newest[0] if newest else None,
+    }

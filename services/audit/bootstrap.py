@@ -1,0 +1,150 @@
+"""Wires the audit service: the writer role, the signing key, the raw batch consumer, the checkpoint keeper
+and the API. Nothing connects at import time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import cast
+
+import asyncpg
+
+from contracts.topics import DEAD_LETTER
+from libs.bus import Delivery, Subscription, Transaction
+from libs.db import migrations_in
+from libs.http import create_app
+from libs.logging import get_logger
+from libs.service import Runtime, ServiceParts
+from services.audit import api, handlers
+from services.audit.adapters.files import CheckpointFile, signing_seed
+from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
+from services.audit.domain import KeyRing, Signer
+from services.audit.settings import AuditSettings, decode_key
+
+log = get_logger(__name__)
+
+MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="audit")
+
+
+def utc_now() -> datetime:
+    """The clock of recorded_at and signed_at."""
+    return datetime.now(UTC)
+
+
+def key_ring(settings: AuditSettings, signer: Signer) -> KeyRing:
+    """The current key and the retired ones the settings still trust."""
+    retired = [
+        decode_key(k, f"DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS[{i}]")
+        for i, k in enumerate(settings.trusted_public_keys)
+    ]
+    return KeyRing([signer.public_raw, *retired])
+
+
+async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile) -> int:
+    """Copy checkpoints the file does not have yet from the database; returns how many."""
+    async with reading(pool, role) as trail:
+        checkpoints = await trail.checkpoints()
+    return archive.append(checkpoints)
+
+
+class CheckpointKeeper:
+    """Signs a checkpoint every ``every_s`` while rows arrive, and keeps the export file up to date."""
+
+    def __init__(self, rt: Runtime, settings: AuditSettings, signer: Signer, archive: CheckpointFile) -> None:
+        self.rt = rt
+        self.settings = settings
+        self.signer = signer
+        self.archive = archive
+        self._stop = asyncio.Event()
+
+    async def seal_now(self) -> None:
+        """Sign the head if it moved since the last checkpoint, then copy new checkpoints to the file."""
+        async with self.rt.begin() as tx:
+            await enter_writer_role(tx.conn, self.settings.writer_role)
+            await handlers.seal_head(
+                trail=PgTrail(tx.conn),
+                signer=self.signer,
+                publish=tx.publish,
+                source=self.rt.source(),
+                clock=utc_now,
+            )
+        await sync_archive(self.rt.pool, self.settings.writer_role, self.archive)
+
+    async def run(self) -> None:
+        """Until stopped: copy checkpoints to the file every second, sign one every ``every_s``."""
+        loop = asyncio.get_running_loop()
+        next_seal = loop.time() + self.settings.checkpoint_every_s
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=min(1.0, self.settings.checkpoint_every_s))
+            try:
+                if loop.time() >= next_seal:
+                    next_seal = loop.time() + self.settings.checkpoint_every_s
+                    await self.seal_now()
+                else:
+                    await sync_archive(self.rt.pool, self.settings.writer_role, self.archive)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away: try again on the next tick
+                log.warning("checkpoint keeper failed, retrying", error=repr(exc))
+
+    async def stop(self) -> None:
+        """A clean stop seals the tail, so no row is left without a checkpoint."""
+        self._stop.set()
+        try:
+            await self.seal_now()
+        except Exception as exc:
+            log.warning("final checkpoint failed", error=repr(exc))
+
+
+async def build(rt: Runtime) -> ServiceParts:
+    """The audit service's consumer, checkpoint keeper and API on the runtime's pool and producer."""
+    settings = cast(AuditSettings, rt.settings)
+    role = settings.writer_role
+    await prepare_writer_role(rt.pool, settings.db_schema, role)
+    signer = Signer(signing_seed(settings))
+    archive = CheckpointFile(settings.checkpoint_file)
+    await sync_archive(rt.pool, role, archive)
+    source = rt.source()
+
+    async def record_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
+        await enter_writer_role(tx.conn, role)
+        await handlers.BATCH_HANDLER(
+            deliveries,
+            trail=PgTrail(tx.conn),
+            signer=signer,
+            publish=tx.publish,
+            source=source,
+            clock=utc_now,
+            dead_letter_topic=DEAD_LETTER,
+            checkpoint_every_rows=settings.checkpoint_every_rows,
+        )
+
+    topics = settings.recorded_topics()
+    subscription = Subscription(
+        consumer=settings.consumer_group,
+        topics=topics,
+        batch_handler=record_batch,
+        raw=True,
+        max_retries=settings.consumer_max_retries,
+        retry_backoff_s=settings.consumer_retry_backoff_s,
+        max_event_bytes=settings.kafka.max_event_bytes,
+    )
+    keeper = CheckpointKeeper(rt, settings, signer, archive)
+    app = create_app(
+        settings,
+        title="driftloop audit",
+        description="A tamper-evident trail of every event of the platform: query it, trace a cascade, "
+        "verify the hash chain and its signed checkpoints, export it as NDJSON.",
+        routers=[api.router],
+        ready=rt.ready,
+    )
+    app.state.runtime = rt
+    app.state.audit = api.AuditContext(
+        settings=settings, pool=rt.pool, signer=signer, keys=key_ring(settings, signer), archive=archive
+    )
+    log.info("audit trail ready", topics=topics, key_id=signer.key_id, schema=settings.db_schema)
+    return ServiceParts(app=app, subscriptions=[subscription], tasks=[keeper.run], on_stop=[keeper.stop])

@@ -1,0 +1,230 @@
+"""`driftloop audit verify | tail | trace`: the trail from a terminal, straight from Postgres (the audit
+service need not run). deploy/cli.py registers these; each returns the process exit status."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from libs.db import create_pool
+from libs.errors import DomainError
+from services.audit import core
+from services.audit.adapters.files import CheckpointFile
+from services.audit.adapters.postgres import PgChain, reading
+from services.audit.domain import EventQuery, KeyRing, Sealer, Signer, event_type_filter
+from services.audit.settings import AuditSettings, decode_key
+
+
+def _console() -> Console:
+    """A terminal's width; a pipe or a file gets wide lines rather than cut columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=240)
+
+
+class TrailUnavailable(Exception):
+    """The database or the trail's schema cannot be reached; the message says what to do."""
+
+
+@asynccontextmanager
+async def _pool(settings: AuditSettings) -> AsyncIterator[asyncpg.Pool]:
+    try:
+        pool = await create_pool(settings.database_url, schema=settings.db_schema, min_size=1, max_size=4)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise TrailUnavailable(
+            f"cannot reach Postgres at {settings.database_url}: {exc}. Is it running? "
+            "Try `driftloop infra status`."
+        ) from exc
+    try:
+        exists = await pool.fetchval("SELECT to_regclass($1)", f"{settings.db_schema}.trail")
+        if exists is None:
+            raise TrailUnavailable(
+                f"there is no audit trail in schema {settings.db_schema!r} yet: start the audit service "
+                "(python -m services.audit) so it records the platform's events"
+            )
+        yield pool
+    finally:
+        await pool.close()
+
+
+def _keys(settings: AuditSettings, extra: Sequence[str]) -> tuple[KeyRing, Sealer | None]:
+    """Trusted keys and, when this machine holds the signing key, the sealer (never makes a key)."""
+    public = [decode_key(k, "--public-key") for k in [*settings.trusted_public_keys, *extra]]
+    seed: bytes | None = None
+    if settings.signing_key is not None and settings.signing_key.get_secret_value().strip():
+        seed = decode_key(settings.signing_key.get_secret_value(), "DRIFTLOOP_AUDIT_SIGNING_KEY")
+    elif settings.signing_key_file.exists():
+        seed = decode_key(settings.signing_key_file.read_text(), str(settings.signing_key_file))
+    if seed is None:
+        return KeyRing(public), None
+    signer = Signer(seed)
+    return KeyRing([signer.public_raw, *public]), signer.sealer
+
+
+def _run(main: Any) -> int:
+    try:
+        return int(asyncio.run(main))
+    except (TrailUnavailable, DomainError, ValueError) as exc:
+        print(f"driftloop: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def verify(
+    *,
+    from_seq: int = 1,
+    to_seq: int | None = None,
+    full: bool = False,
+    checkpoint_files: Sequence[Path] = (),
+    public_keys: Sequence[str] = (),
+    as_json: bool = False,
+    settings: AuditSettings | None = None,
+) -> int:
+    """Verify the chain, the checkpoints (database, export file, given files) and the seals."""
+    settings = settings or AuditSettings()
+
+    async def main() -> int:
+        keys, sealer = _keys(settings, public_keys)
+        archived = [
+            cp for path in [settings.checkpoint_file, *checkpoint_files] for cp in CheckpointFile(path).read()
+        ]
+        async with _pool(settings) as pool:
+            report = await core.verify_trail(
+                PgChain(pool, settings.writer_role),
+                keys=keys,
+                sealer=sealer,
+                archived=archived,
+                from_seq=from_seq,
+                to_seq=to_seq,
+                full=full,
+                parallelism=settings.verify_parallelism,
+            )
+        if as_json:
+            print(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+        elif report.ok:
+            _console().print(
+                f"[green]OK[/green]: rows {report.from_seq}..{report.to_seq} chain ({report.mode}), "
+                f"{report.checkpoints_checked} signed checkpoints match, rows up to "
+                f"{report.covered_by_checkpoint} vouched for; {report.rows_per_s:,.0f} rows/s"
+                + ("" if report.seals_checked else " (no signing key here: seals not checked)")
+            )
+        else:
+            where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
+            _console().print(f"[red]FAILED[/red] at {where}: {report.problem}: {report.detail}")
+        return 0 if report.ok else 1
+
+    return _run(main())
+
+
+def tail(
+    *,
+    limit: int = 20,
+    model: str | None = None,
+    event_type: str | None = None,
+    follow: bool = False,
+    poll_s: float = 1.0,
+    settings: AuditSettings | None = None,
+) -> int:
+    """Print the newest events; with ``follow``, keep printing new ones until interrupted."""
+    settings = settings or AuditSettings()
+    console = _console()
+
+    async def main() -> int:
+        async with _pool(settings) as pool:
+            query = EventQuery(model=model, event_type=event_type_filter(event_type), limit=limit)
+            async with reading(pool, settings.writer_role) as trail:
+                events, _ = await core.query_events(trail, query)
+            events.reverse()
+            console.print(_table(events))
+            last = events[-1]["seq"] if events else 0
+            while follow:
+                await asyncio.sleep(poll_s)
+                query = EventQuery(
+                    model=model,
+                    event_type=event_type_filter(event_type),
+                    newest_first=False,
+                    after=last,
+                    limit=settings.query_max_limit,
+                )
+                async with reading(pool, settings.writer_role) as trail:
+                    events, _ = await core.query_events(trail, query)
+                if events:
+                    console.print(_table(events, header=False))
+                    last = events[-1]["seq"]
+        return 0
+
+    try:
+        return _run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:
+    table = Table(show_edge=False, show_header=header, header_style="bold")
+    for column in ("seq", "recorded", "kind", "type", "subject", "actor", "id", "cause"):
+        table.add_column(column)
+    for e in events:
+        kind = e["kind"] if e["kind"] == "event" else f"[red]{e['kind']}[/red]"
+        event_type = (e["type"] or "-").removeprefix("io.driftloop.")
+        table.add_row(
+            str(e["seq"]),
+            e["recorded_at"][:23],
+            kind,
+            event_type,
+            e["subject"] or "-",
+            e["actor"] or "-",
+            (e["id"] or "-")[:13],
+            (e["causationid"] or "-")[:13],
+        )
+    return table
+
+
+def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings | None = None) -> int:
+    """Print the causal tree of one correlation id."""
+    settings = settings or AuditSettings()
+
+    async def main() -> int:
+        async with _pool(settings) as pool, reading(pool, settings.writer_role) as trail:
+            tree = await core.trace(trail, correlation_id, max_events=settings.trace_max_events)
+        if as_json:
+            print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        root = Tree(f"[bold]cascade {correlation_id}[/bold] ({tree['events']} events)")
+        for node in tree.get("roots") or []:
+            _branch(root, node)
+        for node in tree.get("flat") or []:
+            root.add(_label(node) + f"  [dim]<- {node['parent'] or 'root'}[/dim]")
+        for letter in tree["dead_letters"]:
+            root.add(f"[red]dead letter[/red] {letter['seq']}: {letter['error']}")
+        if tree["truncated"]:
+            root.add(f"[yellow]... cut at {settings.trace_max_events} events[/yellow]")
+        _console().print(root)
+        return 0
+
+    return _run(main())
+
+
+def _label(node: dict[str, Any]) -> str:
+    event_type = (node["type"] or "?").removeprefix("io.driftloop.")
+    actor = f" by {node['actor']}" if node["actor"] else ""
+    missing = (
+        f" [yellow](cause {node['cause_missing']} not recorded)[/yellow]" if node.get("cause_missing") else ""
+    )
+    subject, when = node["subject"] or "", node["time"] or ""
+    return f"[bold]{event_type}[/bold] {subject} #{node['seq']} {when}{actor}{missing}"
+
+
+def _branch(parent: Tree, node: dict[str, Any]) -> None:
+    branch = parent.add(_label(node))
+    for letter in node.get("dead_letters") or []:
+        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {letter['error']}")
+    for child in node.get("children") or []:
+        _branch(branch, child)

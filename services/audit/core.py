@@ -1,0 +1,210 @@
+"""The audit service's read side, shared by the HTTP API and the `driftloop audit` commands: queries,
+causal traces, verification and exports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from contracts.audit import AuditCheckpoint
+from libs.errors import InvalidInput, NotFound
+from services.audit.domain import (
+    GENESIS,
+    EventQuery,
+    KeyRing,
+    Sealer,
+    causal_tree,
+    column_mismatch,
+    encode_cursor,
+    event_view,
+    export_header,
+    export_row,
+)
+from services.audit.ports import ChainSource, TrailReader
+from services.audit.verification import (
+    Finding,
+    LinkScanner,
+    Problem,
+    RecordScanner,
+    VerifyReport,
+    check_checkpoints,
+    first_bad_seal,
+    first_finding,
+    rewritten_at,
+    split_ranges,
+)
+
+
+async def query_events(trail: TrailReader, query: EventQuery) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of events and the cursor of the next page (None on the last page)."""
+    rows = await trail.find(query)
+    views = []
+    for row in rows:
+        view = event_view(row)
+        column = column_mismatch(row)
+        if column is not None:
+            # The row was found through an indexed copy that no longer matches the hashed record.
+            view["integrity"] = f"indexed column {column} does not match the hashed record"
+        views.append(view)
+    more = len(rows) == query.limit
+    return views, encode_cursor(query.newest_first, rows[-1].seq) if more else None
+
+
+async def event_at(trail: TrailReader, seq: int) -> dict[str, Any]:
+    """One event by sequence number, or 404."""
+    row = await trail.row(seq)
+    if row is None:
+        raise NotFound(f"the trail has no row {seq}")
+    return event_view(row)
+
+
+async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> dict[str, Any]:
+    """The causal tree of one cascade, or 404 when the trail has none of its events."""
+    rows = await trail.cascade(correlation_id, max_events + 1)
+    if not rows:
+        raise NotFound(
+            f"no event with correlation id {correlation_id!r} in the trail: pass the correlationid of an "
+            "event (GET /audit/events shows it)"
+        )
+    return causal_tree(correlation_id, rows[:max_events], truncated=len(rows) > max_events)
+
+
+async def verify_trail(
+    chain: ChainSource,
+    *,
+    keys: KeyRing,
+    sealer: Sealer | None,
+    archived: Sequence[AuditCheckpoint] = (),
+    from_seq: int = 1,
+    to_seq: int | None = None,
+    full: bool = False,
+    parallelism: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> VerifyReport:
+    """Check the chain from ``from_seq`` (trusting the row before it) to ``to_seq`` (default: the end),
+    then every signed checkpoint in that range, then the seals where no checkpoint vouches for the rows.
+
+    ``full`` hashes every record in this process and compares the indexed columns with the records;
+    the default lets the database hash the records while this process chains the digests.
+    """
+    if from_seq < 1:
+        raise InvalidInput("from_seq must be 1 or more", field="from_seq")
+    if to_seq is not None and to_seq < from_seq:
+        raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
+    started = clock()
+    head = await chain.head_seq()
+    after = from_seq - 1
+    upto = head if to_seq is None else to_seq
+    findings: list[Finding | None] = []
+    scanned_upto = min(upto, head)
+    ranges = split_ranges(after, scanned_upto, parallelism) if scanned_upto > after else []
+    starts = await chain.row_hashes([lo for lo, _ in ranges if lo > 0])
+    rows_checked = 0
+    last_hash: bytes | None = None
+    scans: list[Any] = []
+    for lo, hi in ranges:
+        prev = GENESIS if lo == 0 else starts.get(lo)
+        if prev is None:
+            findings.append(
+                Finding(lo, Problem.MISSING_ROW, f"row {lo} is missing: a verification range starts after it")
+            )
+            continue
+        scans.append(
+            RecordScanner(after=lo, upto=hi, prev=prev) if full else LinkScanner(after=lo, upto=hi, prev=prev)
+        )
+    await asyncio.gather(
+        *(chain.scan_rows(s) if isinstance(s, RecordScanner) else chain.scan_links(s) for s in scans)
+    )
+    for s in scans:
+        findings.append(s.finding)
+        rows_checked += s.rows
+    if scans and scans[-1].finding is None:
+        last_hash = scans[-1].prev
+    if upto > head:
+        findings.append(
+            Finding(head + 1, Problem.MISSING_ROW, f"row {head + 1} is missing: the trail ends at {head}")
+        )
+    chain_finding = first_finding(findings)
+    checked_upto = chain_finding.seq - 1 if chain_finding is not None else scanned_upto
+
+    checkpoints = [
+        c
+        for c in [*await chain.checkpoints(), *archived]
+        if c.sequence > after and (to_seq is None or c.sequence <= to_seq)
+    ]
+    stored = await chain.row_hashes(sorted({c.sequence for c in checkpoints if c.sequence <= checked_upto}))
+    verdict = check_checkpoints(
+        checkpoints, after=after, checked_upto=checked_upto, head_seq=head, stored_hash=stored, keys=keys
+    )
+    checkpoint_finding = verdict.finding
+    if sealer is not None and verdict.suspect_range is not None:
+        lo, hi = verdict.suspect_range
+        bad = first_bad_seal(await chain.seals(lo, hi), sealer)
+        if bad is not None:
+            checkpoint_finding = rewritten_at(bad, hi)
+    tail_finding = None
+    if sealer is not None and verdict.finding is None and checked_upto > verdict.covered_up_to:
+        # No checkpoint vouches for these rows yet; only the seals show a chain recomputed here.
+        bad = first_bad_seal(await chain.seals(verdict.covered_up_to, checked_upto), sealer)
+        if bad is not None:
+            tail_finding = rewritten_at(bad, None)
+    finding = first_finding([chain_finding, checkpoint_finding, tail_finding])
+    return VerifyReport(
+        ok=finding is None,
+        mode="full" if full else "fast",
+        from_seq=from_seq,
+        to_seq=upto,
+        rows_checked=rows_checked,
+        checkpoints_checked=verdict.checked,
+        covered_by_checkpoint=verdict.covered_up_to,
+        head_hash=last_hash.hex() if last_hash is not None and finding is None else None,
+        first_bad_seq=finding.seq if finding else None,
+        problem=finding.problem.value if finding else None,
+        detail=finding.detail if finding else None,
+        exact=finding.exact if finding else True,
+        seals_checked=sealer is not None,
+        elapsed_s=clock() - started,
+    )
+
+
+async def export_lines(
+    trail: TrailReader,
+    *,
+    from_seq: int = 1,
+    to_seq: int | None = None,
+    archived: Sequence[AuditCheckpoint] = (),
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> AsyncIterator[bytes]:
+    """The NDJSON export: a header line, then each row, each signed checkpoint right after its row."""
+    if from_seq < 1:
+        raise InvalidInput("from_seq must be 1 or more", field="from_seq")
+    head = await trail.head()
+    upto = head.seq if to_seq is None else min(to_seq, head.seq)
+    after = from_seq - 1
+    prev = GENESIS
+    if after > 0:
+        row = await trail.row(after)
+        if row is None:
+            raise NotFound(f"the trail has no row {after} to start the export after")
+        prev = row.row_hash
+    known = {(c.sequence, c.signature): c for c in [*await trail.checkpoints(), *archived]}
+    pending = sorted((c for c in known.values() if after < c.sequence <= upto), key=lambda c: c.sequence)
+    yield _line(export_header(from_seq=from_seq, to_seq=upto, prev_hash=prev, exported_at=now()))
+    i = 0
+    async for batch in trail.export_rows(after, upto):
+        out = []
+        for seq, record, row_hash in batch:
+            out.append(_line(export_row(seq, record, row_hash)))
+            while i < len(pending) and pending[i].sequence <= seq:
+                out.append(_line({"checkpoint": pending[i].model_dump(mode="json")}))
+                i += 1
+        yield b"".join(out)
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj) + b"\n"

@@ -1,0 +1,611 @@
+"""The audit trail's rules, free of I/O: the stored record, the hash chain, seals, signed checkpoints,
+verification, causal trees and query cursors.
+
+The canonical form (docs/audit.md says the same for readers outside the platform):
+
+    record      = meta ‖ 0x0A ‖ value       meta: one line of compact JSON (sorted keys), value: the Kafka
+                                           value's bytes exactly as they arrived (empty for a tombstone)
+    row_hash(n) = SHA-256( row_hash(n-1) ‖ uint64_be(n) ‖ SHA-256(record(n)) ),   row_hash(0) = 32 zero bytes
+
+Hashing the record's digest rather than the record keeps the chain step fixed-size, so a verifier can let
+the database hash the records while it chains the digests. ``seal(n)`` is a keyed BLAKE2b of
+``row_hash(n)`` with a key derived from the signing key: whoever rewrites the chain from row n on without
+that key leaves the old seals behind, which names n exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from contracts.audit import AuditCheckpoint, checkpoint_signing_input
+from contracts.envelope import MalformedEvent
+from libs.bus.core import Record
+from libs.errors import InvalidInput
+
+FORMAT = "driftloop-audit/1"
+GENESIS = bytes(32)
+SEQ_BYTES = 8
+DIGEST_BYTES = 32
+LINK_BYTES = SEQ_BYTES + DIGEST_BYTES + DIGEST_BYTES
+"""One chain link as a verifier reads it: uint64_be(seq) ‖ SHA-256(record) ‖ row_hash."""
+
+# Values copied into indexed columns are cut to this, so a hostile header can never exceed a btree row.
+INDEX_TEXT_MAX = 512
+SEAL_DOMAIN = b"driftloop-audit-seal/v1"
+
+
+class Kind(StrEnum):
+    """What a trail row holds."""
+
+    EVENT = "event"
+    """A CloudEvent the platform's registry decoded."""
+    UNDECODABLE = "undecodable"
+    """A record that is not a valid event of the platform; kept as it came, with the reason."""
+    DEAD_LETTER = "dead-letter"
+    """A record from the dead-letter topic: the original plus the dlq_* headers saying why."""
+
+
+# --- the record and the chain -----------------------------------------------------------------------
+
+
+def chain_hash(prev: bytes, seq: int, record: bytes) -> bytes:
+    """row_hash(seq) from row_hash(seq-1) and the row's record."""
+    return hashlib.sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + hashlib.sha256(record).digest()).digest()
+
+
+def _text_or_base64(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode()}
+
+
+def _headers_json(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in headers:
+        value = _text_or_base64(raw)
+        if name in out:
+            # Kafka allows a header name twice; keep every value, in order, rather than pick one.
+            previous = out[name]
+            out[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            out[name] = value
+    return out
+
+
+def utc_text(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _index_text(value: str | None) -> str | None:
+    if value is None:
+        return None
+    # Postgres text cannot hold NUL; the exact bytes stay in the record.
+    return value.replace("\x00", "")[:INDEX_TEXT_MAX]
+
+
+def _first_text(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, str) else None
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """The CloudEvents attributes of a record, as far as its headers carry them (indexed columns)."""
+
+    event_id: str | None
+    event_type: str | None
+    subject: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    actor: str | None
+    event_time: datetime | None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, Any]) -> Attributes:
+        """Read the ce_* headers (already decoded to JSON values) the way the envelope does."""
+        event_id = _first_text(headers, "ce_id")
+        return cls(
+            event_id=_index_text(event_id),
+            event_type=_index_text(_first_text(headers, "ce_type")),
+            subject=_index_text(_first_text(headers, "ce_subject")),
+            correlation_id=_index_text(_first_text(headers, "ce_correlationid") or event_id),
+            causation_id=_index_text(_first_text(headers, "ce_causationid")),
+            actor=_index_text(_first_text(headers, "ce_actor")),
+            event_time=_parse_time(_first_text(headers, "ce_time")),
+        )
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One record to append, with how the platform's decoder saw it."""
+
+    record: Record
+    error: MalformedEvent | None = None
+    decoded: bool = True
+    """False when the platform's decoder did not produce an event from it."""
+
+
+def record_meta(
+    incoming: Incoming, *, recorded_at: datetime, dead_letter_topic: str
+) -> tuple[dict[str, Any], Kind]:
+    """The meta object of a record (everything but the value) and its kind."""
+    r = incoming.record
+    headers = _headers_json(r.headers)
+    error: dict[str, str] | None = None
+    if r.topic == dead_letter_topic:
+        kind = Kind.DEAD_LETTER
+        reason, detail = _first_text(headers, "dlq_reason"), _first_text(headers, "dlq_error")
+        if reason is not None:
+            error = {"reason": reason, "detail": detail or ""}
+    elif incoming.error is not None or not incoming.decoded:
+        kind = Kind.UNDECODABLE
+    else:
+        kind = Kind.EVENT
+    if error is None and incoming.error is not None:
+        error = {"reason": incoming.error.reason, "detail": incoming.error.detail}
+    meta = {
+        "error": error,
+        "format": FORMAT,
+        "headers": headers,
+        "kafka": {
+            "key": _text_or_base64(r.key),
+            "offset": r.offset,
+            "partition": r.partition,
+            "timestamp_ms": r.timestamp_ms,
+            "tombstone": r.value is None,
+            "topic": r.topic,
+        },
+        "kind": kind.value,
+        "recorded_at": utc_text(recorded_at),
+    }
+    return meta, kind
+
+
+def encode_record(meta: Mapping[str, Any], value: bytes | None) -> bytes:
+    """meta ‖ LF ‖ value: orjson never writes a raw newline, so the first LF ends the meta."""
+    return orjson.dumps(meta, option=orjson.OPT_SORT_KEYS) + b"\n" + (value or b"")
+
+
+def decode_record(record: bytes) -> tuple[dict[str, Any], bytes | None]:
+    """(meta, value) of a stored record; value is None for a tombstone."""
+    meta_bytes, _, value = record.partition(b"\n")
+    meta = orjson.loads(meta_bytes)
+    return meta, None if meta["kafka"]["tombstone"] else value
+
+
+@dataclass(frozen=True)
+class KafkaPosition:
+    """Where a record sits in Kafka: the trail holds each position at most once."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class TrailRow:
+    """One row of the trail, ready to be written (the indexed columns are copies of record fields)."""
+
+    seq: int
+    record: bytes
+    row_hash: bytes
+    seal: bytes
+    position: KafkaPosition
+    kind: Kind
+    attributes: Attributes
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last row of the trail (seq 0 and the genesis hash when it is empty)."""
+
+    seq: int = 0
+    row_hash: bytes = GENESIS
+
+
+def chain_rows(
+    head: ChainHead,
+    incoming: Sequence[Incoming],
+    *,
+    recorded_at: datetime,
+    sealer: Sealer,
+    dead_letter_topic: str,
+) -> list[TrailRow]:
+    """Number, chain and seal records after ``head``, in the order given."""
+    rows: list[TrailRow] = []
+    prev, seq = head.row_hash, head.seq
+    for item in incoming:
+        seq += 1
+        meta, kind = record_meta(item, recorded_at=recorded_at, dead_letter_topic=dead_letter_topic)
+        record = encode_record(meta, item.record.value)
+        prev = chain_hash(prev, seq, record)
+        r = item.record
+        rows.append(
+            TrailRow(
+                seq=seq,
+                record=record,
+                row_hash=prev,
+                seal=sealer.seal(prev),
+                position=KafkaPosition(r.topic, r.partition, r.offset),
+                kind=kind,
+                attributes=Attributes.of(meta["headers"]),
+                recorded_at=recorded_at,
+            )
+        )
+    return rows
+
+
+def new_positions(incoming: Sequence[Incoming], recorded: set[KafkaPosition]) -> list[Incoming]:
+    """The records not in the trail yet, each position once, in order: a redelivery adds nothing."""
+    seen = set(recorded)
+    fresh = []
+    for item in incoming:
+        r = item.record
+        position = KafkaPosition(r.topic, r.partition, r.offset)
+        if position not in seen:
+            seen.add(position)
+            fresh.append(item)
+    return fresh
+
+
+# --- keys: seals and signed checkpoints -------------------------------------------------------------
+
+
+def key_id_of(public_raw: bytes) -> str:
+    """First 16 hex digits of SHA-256 of the raw public key (AuditCheckpoint.key_id)."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def public_key_raw(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key."""
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+class Sealer:
+    """Keyed BLAKE2b over a row hash, with a key derived from the signing key's seed."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = hashlib.sha256(SEAL_DOMAIN + seed).digest()
+
+    def seal(self, row_hash: bytes) -> bytes:
+        """16 bytes only the holder of the signing key can make for this row hash."""
+        return hashlib.blake2b(row_hash, key=self._key, digest_size=16).digest()
+
+
+class Signer:
+    """Signs checkpoints with the Ed25519 key of this trail and seals rows with a key derived from it."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._private = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public_raw = public_key_raw(self._private.public_key())
+        self.key_id = key_id_of(self.public_raw)
+        self.sealer = Sealer(seed)
+
+    @property
+    def public_key_b64(self) -> str:
+        """The public key, raw 32 bytes in base64: what outside verifiers pin."""
+        return base64.b64encode(self.public_raw).decode()
+
+    def checkpoint(self, head: ChainHead, *, signed_at: datetime) -> AuditCheckpoint:
+        """A signed checkpoint of ``head`` (seq >= 1: every row up to it is covered)."""
+        head_hex = head.row_hash.hex()
+        signed_at = signed_at.astimezone(UTC)
+        signature = self._private.sign(checkpoint_signing_input(head.seq, head_hex, head.seq, signed_at))
+        return AuditCheckpoint(
+            sequence=head.seq,
+            head_hash=head_hex,
+            row_count=head.seq,
+            signed_at=signed_at,
+            key_id=self.key_id,
+            signature=base64.b64encode(signature).decode(),
+        )
+
+
+class KeyRing:
+    """The public keys a verifier trusts, by key id."""
+
+    def __init__(self, public_keys: Iterable[bytes]) -> None:
+        self._raw = {key_id_of(raw): raw for raw in public_keys}
+        self.keys = {key_id: Ed25519PublicKey.from_public_bytes(raw) for key_id, raw in self._raw.items()}
+
+    def public_keys(self) -> dict[str, str]:
+        """key id -> raw public key in base64."""
+        return {key_id: base64.b64encode(raw).decode() for key_id, raw in self._raw.items()}
+
+    def check(self, checkpoint: AuditCheckpoint) -> str | None:
+        """None when the signature is good, else why not."""
+        key = self.keys.get(checkpoint.key_id)
+        if key is None:
+            return (
+                f"it is signed by key {checkpoint.key_id}, which is not trusted here (add its public key "
+                "to DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS if it is a retired key of this trail)"
+            )
+        try:
+            key.verify(base64.b64decode(checkpoint.signature), checkpoint.signing_input())
+        except (InvalidSignature, binascii.Error, ValueError):
+            return "its signature does not match its contents (forged or altered)"
+        if checkpoint.row_count != checkpoint.sequence:
+            return f"it claims {checkpoint.row_count} rows up to sequence {checkpoint.sequence}"
+        return None
+
+
+def checkpoint_due(head_seq: int, last_checkpoint_seq: int, every_rows: int) -> bool:
+    """Enough rows since the last checkpoint to sign a new one."""
+    return head_seq - last_checkpoint_seq >= every_rows
+
+
+# --- rows as read back ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """A trail row as read back: the hashed record plus the indexed copies of its fields."""
+
+    seq: int
+    record: bytes
+    row_hash: bytes
+    topic: str
+    partition: int
+    offset: int
+    kind: str
+    attributes: Attributes
+    recorded_at: datetime
+
+
+_ATTRIBUTE_COLUMNS = (
+    "event_id",
+    "event_type",
+    "subject",
+    "correlation_id",
+    "causation_id",
+    "actor",
+    "event_time",
+)
+
+
+def column_mismatch(row: StoredRow) -> str | None:
+    """Which indexed column disagrees with the row's (hashed) record, if any."""
+    try:
+        meta, _ = decode_record(row.record)
+        kafka = meta["kafka"]
+        expected = {
+            "topic": kafka["topic"],
+            "kafka_partition": kafka["partition"],
+            "kafka_offset": kafka["offset"],
+            "kind": meta["kind"],
+            "recorded_at": _parse_time(meta["recorded_at"]),
+        }
+        derived = Attributes.of(meta["headers"])
+    except (ValueError, KeyError, TypeError):
+        return "record"
+    actual = {
+        "topic": row.topic,
+        "kafka_partition": row.partition,
+        "kafka_offset": row.offset,
+        "kind": row.kind,
+        "recorded_at": row.recorded_at,
+    }
+    for name, value in expected.items():
+        if actual[name] != value:
+            return name
+    for name in _ATTRIBUTE_COLUMNS:
+        if getattr(row.attributes, name) != getattr(derived, name):
+            return name
+    return None
+
+
+# --- reading the trail: events, causal trees, cursors ------------------------------------------------
+
+
+def event_view(row: StoredRow) -> dict[str, Any]:
+    """A row for people and programs: every field comes from the hashed record, none from the copies."""
+    meta, value = decode_record(row.record)
+    headers: dict[str, Any] = meta["headers"]
+    kafka = meta["kafka"]
+    data: Any = None
+    raw_value: Any = None
+    if value is not None:
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raw_value = _text_or_base64(value)
+    view: dict[str, Any] = {
+        "seq": row.seq,
+        "row_hash": row.row_hash.hex(),
+        "recorded_at": meta["recorded_at"],
+        "kind": meta["kind"],
+        "topic": kafka["topic"],
+        "partition": kafka["partition"],
+        "offset": kafka["offset"],
+        "key": kafka["key"],
+        "id": _first_text(headers, "ce_id"),
+        "type": _first_text(headers, "ce_type"),
+        "source": _first_text(headers, "ce_source"),
+        "subject": _first_text(headers, "ce_subject"),
+        "time": _first_text(headers, "ce_time"),
+        "correlationid": _first_text(headers, "ce_correlationid") or _first_text(headers, "ce_id"),
+        "causationid": _first_text(headers, "ce_causationid"),
+        "actor": _first_text(headers, "ce_actor"),
+        "data": data,
+        "error": meta["error"],
+    }
+    if meta["kind"] != Kind.EVENT:
+        view["headers"] = headers
+        view["value"] = raw_value
+    return view
+
+
+@dataclass
+class TraceNode:
+    """One event of a cascade and the events it caused."""
+
+    view: dict[str, Any]
+    children: list[TraceNode] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """Nested JSON; the view's fields plus dead_letters and children."""
+        return {
+            **self.view,
+            "dead_letters": self.dead_letters,
+            "children": [c.as_json() for c in self.children],
+        }
+
+
+def _depth(roots: Sequence[TraceNode]) -> int:
+    deepest, stack = 0, [(r, 1) for r in roots]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in node.children)
+    return deepest
+
+
+MAX_NESTING = 100
+"""Deeper causal chains come back flat (each event names its parent), so any JSON parser reads them."""
+
+
+def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bool) -> dict[str, Any]:
+    """The cascade of one correlation id as a tree built from causationid links, in trail order.
+
+    Dead letters hang off the event they carry. An event whose cause is not in the cascade (not recorded
+    yet, or outside the trail) becomes a root with ``cause_missing`` set.
+    """
+    nodes: dict[str, TraceNode] = {}
+    order: list[TraceNode] = []
+    dead: list[dict[str, Any]] = []
+    for row in rows:
+        view = event_view(row)
+        if view["kind"] == Kind.DEAD_LETTER:
+            dead.append(view)
+            continue
+        node = TraceNode(view)
+        order.append(node)
+        if view["id"] is not None and view["id"] not in nodes:
+            nodes[view["id"]] = node
+    roots: list[TraceNode] = []
+    for node in order:
+        cause = node.view["causationid"]
+        parent = nodes.get(cause) if cause is not None else None
+        if parent is not None and parent is not node:
+            parent.children.append(node)
+        else:
+            if cause is not None:
+                node.view["cause_missing"] = cause
+            roots.append(node)
+    orphans = []
+    for letter in dead:
+        carrier = nodes.get(letter["id"]) if letter["id"] is not None else None
+        if carrier is not None:
+            carrier.dead_letters.append(letter)
+        else:
+            orphans.append(letter)
+    result: dict[str, Any] = {
+        "correlation_id": correlation_id,
+        "events": len(order),
+        "truncated": truncated,
+        "dead_letters": orphans,
+    }
+    if _depth(roots) > MAX_NESTING:
+        result["flat"] = [
+            {**n.view, "parent": n.view["causationid"] if n.view["causationid"] in nodes else None}
+            for n in order
+        ]
+    else:
+        result["roots"] = [r.as_json() for r in roots]
+    return result
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Filters of an events query; every given filter must hold. ``after``/``before`` come from a cursor."""
+
+    model: str | None = None
+    event_type: str | None = None
+    actor: str | None = None
+    correlation_id: str | None = None
+    kind: Kind | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    newest_first: bool = True
+    after: int | None = None
+    before: int | None = None
+    limit: int = 100
+
+
+def event_type_filter(value: str | None) -> str | None:
+    """Accept the wire type (``io.driftloop.DriftDetected.v1``) or the bare name (``DriftDetected``)."""
+    if value is None or "." in value:
+        return value
+    return f"io.driftloop.{value}.v1"
+
+
+def encode_cursor(newest_first: bool, seq: int) -> str:
+    """An opaque cursor for the page after the row ``seq``."""
+    raw = f"{'d' if newest_first else 'a'}{seq}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, *, newest_first: bool) -> int:
+    """The sequence number inside a cursor; 422 when it was not made by this list in this order."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        direction, seq = raw[0], int(raw[1:])
+    except (binascii.Error, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            "cursor is not valid: pass the next_cursor of a previous page", field="cursor"
+        ) from exc
+    if direction != ("d" if newest_first else "a") or seq < 0:
+        raise InvalidInput(
+            "cursor belongs to the other sort order: pass the next_cursor of this list", field="cursor"
+        )
+    return seq
+
+
+def export_header(*, from_seq: int, to_seq: int, prev_hash: bytes, exported_at: datetime) -> dict[str, Any]:
+    """First line of an NDJSON export: where it starts and the hash to chain its first row from."""
+    return {
+        "format": "driftloop-audit-export/1",
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "prev_hash": prev_hash.hex(),
+        "exported_at": utc_text(exported_at),
+    }
+
+
+def export_row(seq: int, record: bytes, row_hash: bytes) -> dict[str, Any]:
+    """One row of an export: the record exactly (text when it is UTF-8, else base64) and its hash."""
+    line: dict[str, Any] = {"seq": seq, "row_hash": row_hash.hex()}
+    try:
+        line["record"] = record.decode()
+    except UnicodeDecodeError:
+        line["record_base64"] = base64.b64encode(record).decode()
+    return line

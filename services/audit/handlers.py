@@ -1,0 +1,85 @@
+"""The audit service's handlers: every record of its topics goes through one batch handler.
+
+Audit does not react to event types: it keeps whatever arrives, decodable or not, exactly once. One
+transaction per poll appends the batch to the chain, so the database commit and the offsets the runner
+commits afterwards move together; a redelivered record finds its Kafka position taken and adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from contracts.audit import AuditCheckpoint
+from contracts.envelope import new_event
+from libs.bus.core import Delivery
+from libs.logging import get_logger
+from services.audit.domain import (
+    ChainHead,
+    Incoming,
+    KafkaPosition,
+    Signer,
+    chain_rows,
+    checkpoint_due,
+    new_positions,
+)
+from services.audit.ports import Clock, Publish, TrailWriter
+
+log = get_logger(__name__)
+
+
+async def on_records(
+    deliveries: Sequence[Delivery],
+    *,
+    trail: TrailWriter,
+    signer: Signer,
+    publish: Publish,
+    source: str,
+    clock: Clock,
+    dead_letter_topic: str,
+    checkpoint_every_rows: int,
+) -> int:
+    """Append the records the trail does not hold yet, in delivery order; sign a checkpoint when due.
+
+    Returns how many rows were appended.
+    """
+    incoming = [Incoming(d.record, d.error, decoded=d.event is not None) for d in deliveries]
+    head = await trail.lock_head()
+    positions = [KafkaPosition(i.record.topic, i.record.partition, i.record.offset) for i in incoming]
+    fresh = new_positions(incoming, await trail.recorded(positions))
+    if len(fresh) < len(incoming):
+        log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
+    if not fresh:
+        return 0
+    rows = chain_rows(
+        head, fresh, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
+    )
+    await trail.append(rows)
+    new_head = ChainHead(rows[-1].seq, rows[-1].row_hash)
+    if checkpoint_due(new_head.seq, await trail.last_checkpoint_seq(), checkpoint_every_rows):
+        await _sign(new_head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+    return len(rows)
+
+
+async def seal_head(
+    *, trail: TrailWriter, signer: Signer, publish: Publish, source: str, clock: Clock
+) -> AuditCheckpoint | None:
+    """Sign a checkpoint of the head if rows were appended since the last one (timer and shutdown)."""
+    head = await trail.lock_head()
+    if head.seq == 0 or head.seq <= await trail.last_checkpoint_seq():
+        return None
+    return await _sign(head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+
+
+async def _sign(
+    head: ChainHead, *, trail: TrailWriter, signer: Signer, publish: Publish, source: str, clock: Clock
+) -> AuditCheckpoint:
+    checkpoint = signer.checkpoint(head, signed_at=clock())
+    event = new_event(checkpoint, source=source)
+    await trail.add_checkpoint(checkpoint, event.id)
+    await publish(event)
+    log.info("checkpoint signed", sequence=head.seq, head_hash=checkpoint.head_hash, key_id=signer.key_id)
+    return checkpoint
+
+
+BATCH_HANDLER = on_records
+"""Audit's whole subscription: one raw batch handler for every record of every recorded topic."""

@@ -1,0 +1,107 @@
+"""What the audit service's handlers and core need from the world, as Protocols (fakes in unit tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from contracts.audit import AuditCheckpoint
+from contracts.envelope import CloudEvent
+from services.audit.domain import ChainHead, EventQuery, KafkaPosition, StoredRow, TrailRow
+from services.audit.verification import Finding, LinkScanner, RecordScanner
+
+Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
+Clock = Callable[[], datetime]
+
+
+class TrailWriter(Protocol):
+    """The append side of the trail, inside one transaction."""
+
+    async def lock_head(self) -> ChainHead:
+        """Wait until no other writer holds the chain, keep it until commit, and return its head."""
+        ...
+
+    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        """Which of these Kafka positions the trail already holds."""
+        ...
+
+    async def append(self, rows: Sequence[TrailRow]) -> None:
+        """Write rows that directly follow the head returned by :meth:`lock_head`."""
+        ...
+
+    async def last_checkpoint_seq(self) -> int:
+        """Sequence of the newest checkpoint (0: none yet)."""
+        ...
+
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
+        """Keep a signed checkpoint with the id of the event that announces it."""
+        ...
+
+
+class TrailReader(Protocol):
+    """Queries on the trail."""
+
+    async def head(self) -> ChainHead:
+        """The last row."""
+        ...
+
+    async def find(self, query: EventQuery) -> list[StoredRow]:
+        """Rows matching the query, in its order, at most ``query.limit``."""
+        ...
+
+    async def row(self, seq: int) -> StoredRow | None:
+        """One row by sequence number."""
+        ...
+
+    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
+        """Rows of one correlation id in trail order, at most ``limit``."""
+        ...
+
+    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
+        """Signed checkpoints, newest first when limited, else all in sequence order."""
+        ...
+
+    def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
+        """(seq, record, row_hash) of rows after..upto in order, in batches, from one consistent snapshot."""
+        ...
+
+
+class ChainSource(Protocol):
+    """What verification reads; each scan may run on its own connection, at the same time as others."""
+
+    async def head_seq(self) -> int:
+        """The highest sequence number (0: empty)."""
+        ...
+
+    async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
+        """Row hashes at these sequence numbers (absent rows are left out)."""
+        ...
+
+    async def scan_links(self, scanner: LinkScanner) -> Finding | None:
+        """Feed the scanner the chain links of its range, then finish it."""
+        ...
+
+    async def scan_rows(self, scanner: RecordScanner) -> Finding | None:
+        """Feed the scanner whole rows of its range, then finish it."""
+        ...
+
+    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
+        """(seq, row_hash, seal) of rows after..upto in order."""
+        ...
+
+    async def checkpoints(self) -> list[AuditCheckpoint]:
+        """Every checkpoint the database holds."""
+        ...
+
+
+class CheckpointArchive(Protocol):
+    """The copy of the checkpoints outside the database."""
+
+    def read(self) -> list[AuditCheckpoint]:
+        """Every checkpoint in the archive."""
+        ...
+
+    def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
+        """Add the checkpoints newer than the archive's newest; returns how many were added."""
+        ...

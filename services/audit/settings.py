@@ -1,0 +1,134 @@
+"""Settings of the audit service (env prefix DRIFTLOOP_AUDIT_, falling back to DRIFTLOOP_)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from contracts.topics import DEAD_LETTER, TOPICS
+from libs.settings import LOCAL_STATE, ServiceSettings
+
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class AuditSettings(ServiceSettings):
+    """Settings of the audit service (env prefix DRIFTLOOP_AUDIT_, falling back to DRIFTLOOP_)."""
+
+    service: ClassVar[str] = "audit"
+
+    http_port: int = Field(8106, description="Port of the audit service's HTTP API.")
+    consumer_group: str = Field("audit", description="Kafka consumer group the trail is recorded by.")
+    schema_name: str = Field(
+        "audit", description="Postgres schema of the trail (tests use a fresh one per run)."
+    )
+    writer_role: str = Field(
+        "driftloop_audit_writer",
+        description="Database role every trail transaction switches to (SET LOCAL ROLE): it may SELECT and "
+        "INSERT on the trail and its checkpoints, never UPDATE, DELETE or TRUNCATE. Created at start when "
+        "absent (the connecting user needs CREATEROLE for that, or a DBA creates it beforehand).",
+    )
+    topics: list[str] = Field(
+        default_factory=list,
+        description="Topics to record. Empty: every audited topic of contracts/topics.py, plus the "
+        "dead-letter topic when record_dead_letters is on, minus the predictions topic when "
+        "record_predictions is off.",
+    )
+    record_predictions: bool = Field(
+        True,
+        description="Record the high-volume predictions topic too (batched). Off: the trail holds the "
+        "control plane only.",
+    )
+    record_dead_letters: bool = Field(
+        True,
+        description="Record the dead-letter topic, so a message no service could handle is still on the "
+        "record.",
+    )
+    signing_key: SecretStr | None = Field(
+        None,
+        description="Ed25519 private key of the checkpoints: the raw 32-byte seed, base64. Required in prod; "
+        "in dev and test a key is generated into signing_key_file when neither is set.",
+    )
+    signing_key_file: Path = Field(
+        LOCAL_STATE / "audit" / "signing.key",
+        description="Where the dev/test signing key lives (base64 seed, mode 600); ignored when signing_key "
+        "is set.",
+    )
+    trusted_public_keys: list[str] = Field(
+        default_factory=list,
+        description="Earlier signing keys' public keys (raw 32 bytes, base64), so checkpoints signed "
+        "before a key rotation still verify.",
+    )
+    checkpoint_every_rows: int = Field(
+        10_000, ge=1, description="Sign a checkpoint once this many rows were appended since the last one."
+    )
+    checkpoint_every_s: float = Field(
+        60.0, gt=0, description="Sign a checkpoint at least this often while rows keep arriving."
+    )
+    checkpoint_file: Path = Field(
+        LOCAL_STATE / "audit" / "checkpoints.ndjson",
+        description="Every checkpoint is appended here too (one AuditCheckpoint JSON per line), so a copy "
+        "lives outside the database.",
+    )
+    query_max_limit: int = Field(1000, ge=1, description="Most events one query page may return.")
+    trace_max_events: int = Field(
+        10_000, ge=1, description="Most events one causal trace returns (it says when it was cut)."
+    )
+    verify_parallelism: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Sequence ranges verified at once, each on its own connection (the database hashes the "
+        "records while this process chains them).",
+    )
+
+    @property
+    def db_schema(self) -> str:
+        """The Postgres schema the trail lives in."""
+        return self.schema_name
+
+    @field_validator("writer_role")
+    @classmethod
+    def _plain_role_name(cls, value: str) -> str:
+        if not _ROLE_NAME.match(value):
+            raise ValueError("writer_role must be a lower-case SQL identifier")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_decode(self) -> AuditSettings:
+        if self.signing_key is not None and self.signing_key.get_secret_value().strip():
+            decode_key(self.signing_key.get_secret_value(), "DRIFTLOOP_AUDIT_SIGNING_KEY")
+        for i, key in enumerate(self.trusted_public_keys):
+            decode_key(key, f"DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS[{i}]")
+        return self
+
+    def _secrets(self) -> dict[str, SecretStr | None]:
+        return {**super()._secrets(), "DRIFTLOOP_AUDIT_SIGNING_KEY": self.signing_key}
+
+    def recorded_topics(self) -> list[str]:
+        """The topics this service records, in topic-map order."""
+        if self.topics:
+            return list(self.topics)
+        names = [
+            name
+            for name, spec in TOPICS.items()
+            if spec.audited and (self.record_predictions or not spec.high_volume)
+        ]
+        if self.record_dead_letters:
+            names.append(DEAD_LETTER)
+        return names
+
+
+def decode_key(text: str, name: str) -> bytes:
+    """A 32-byte key from base64, or a ValueError naming the setting."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{name} is not base64: {exc}") from exc
+    if len(raw) != 32:
+        raise ValueError(f"{name} must be 32 bytes (an Ed25519 key), got {len(raw)}")
+    return raw

@@ -1,0 +1,338 @@
+"""Verification of the trail, free of I/O: chain links, whole rows, signed checkpoints and seals.
+
+A verifier streams the trail in sequence order. The fast path reads fixed-size links
+(``uint64_be(seq) ‖ SHA-256(record) ‖ row_hash``) that the database prepares, and chains them here; the
+thorough path hashes every record here and checks the indexed copies too. Signed checkpoints then prove
+the rows up to them, show a truncated tail, and bound a recomputed chain, which the seals pin down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from contracts.audit import AuditCheckpoint
+from services.audit.domain import (
+    DIGEST_BYTES,
+    LINK_BYTES,
+    SEQ_BYTES,
+    KeyRing,
+    Sealer,
+    StoredRow,
+    chain_hash,
+    column_mismatch,
+    utc_text,
+)
+
+
+class Problem(StrEnum):
+    """Why a trail fails verification."""
+
+    MISSING_ROW = "missing-row"
+    HASH_MISMATCH = "hash-mismatch"
+    MALFORMED_ROW = "malformed-row"
+    COLUMN_MISMATCH = "column-mismatch"
+    TRUNCATED = "truncated"
+    REWRITTEN = "rewritten"
+    BAD_CHECKPOINT = "bad-checkpoint"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The first sequence number found bad, why, and whether it is exactly the first (or only a bound)."""
+
+    seq: int
+    problem: Problem
+    detail: str
+    exact: bool = True
+
+
+def first_finding(findings: Iterable[Finding | None]) -> Finding | None:
+    """The finding with the lowest sequence number (exact ones first on a tie)."""
+    present = [f for f in findings if f is not None]
+    return min(present, key=lambda f: (f.seq, not f.exact)) if present else None
+
+
+class LinkScanner:
+    """Checks a stream of chain links of rows ``after+1 .. upto``, in order, as fast as Python allows.
+
+    Each link is ``prefix ‖ uint64_be(seq) ‖ SHA-256(record) ‖ row_hash``; ``prefix`` is whatever fixed
+    framing the source puts before each link (a binary COPY tuple header, or nothing). Bytes may arrive
+    in chunks cut anywhere. Scanning stops at the first bad link.
+    """
+
+    def __init__(self, *, after: int, upto: int, prev: bytes, prefix: bytes = b"") -> None:
+        self.after = after
+        self.upto = upto
+        self.prev = prev
+        self.prefix = prefix
+        self.stride = len(prefix) + LINK_BYTES
+        self.rows = 0
+        self.finding: Finding | None = None
+        self._rest = b""
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number checked good."""
+        return self.after + self.rows
+
+    def frame(self, prefix: bytes) -> None:
+        """Say what fixed bytes the source puts before each link (set before the first chunk)."""
+        self.prefix = prefix
+        self.stride = len(prefix) + LINK_BYTES
+
+    def feed(self, chunk: bytes) -> None:
+        """Check every whole link in ``chunk`` (plus what was left over from the previous chunk)."""
+        if self.finding is not None:
+            return
+        buf = self._rest + chunk if self._rest else chunk
+        sha256 = hashlib.sha256
+        plen, stride = len(self.prefix), self.stride
+        seq_end, digest_end = plen + SEQ_BYTES, plen + SEQ_BYTES + DIGEST_BYTES
+        prev, seq = self.prev, self.after + self.rows
+        pos, stop = 0, len(buf) - stride
+        while pos <= stop:
+            link = buf[pos : pos + stride]
+            seq += 1
+            computed = sha256(prev + link[plen:digest_end]).digest()
+            # A wrong prefix (a NULL column) misaligns the link, so the hash check catches it too.
+            if computed != link[digest_end:] or int.from_bytes(link[plen:seq_end], "big") != seq:
+                self.finding = self._diagnose(link, seq)
+                seq -= 1
+                break
+            prev = computed
+            pos += stride
+        self.rows = seq - self.after
+        self.prev = prev
+        self._rest = b"" if self.finding is not None else buf[pos:]
+
+    def finish(self, trailer: bytes = b"") -> Finding | None:
+        """Call after the last chunk: the leftover must be ``trailer`` and every row must have come."""
+        if self.finding is None and self._rest != trailer:
+            self.finding = Finding(
+                self.last_seq + 1, Problem.MALFORMED_ROW, f"row {self.last_seq + 1} could not be read"
+            )
+        if self.finding is None and self.last_seq < self.upto:
+            self.finding = Finding(
+                self.last_seq + 1,
+                Problem.MISSING_ROW,
+                f"row {self.last_seq + 1} is missing: the trail stops at {self.last_seq} in a range "
+                f"that should reach {self.upto}",
+            )
+        return self.finding
+
+    def _diagnose(self, link: bytes, expected: int) -> Finding:
+        plen = len(self.prefix)
+        if plen and link[:plen] != self.prefix:
+            return Finding(expected, Problem.MALFORMED_ROW, f"row {expected} has no record or no row hash")
+        found = int.from_bytes(link[plen : plen + SEQ_BYTES], "big")
+        if found > expected:
+            return Finding(
+                expected, Problem.MISSING_ROW, f"row {expected} is missing: the next row is {found}"
+            )
+        if found != expected:
+            return Finding(expected, Problem.MALFORMED_ROW, f"row {found} appears where {expected} should be")
+        return Finding(
+            expected,
+            Problem.HASH_MISMATCH,
+            f"row {expected}: its hash is not SHA-256(previous hash ‖ seq ‖ SHA-256(record)); the row's "
+            "record or hash was changed, or it stands where another row was",
+        )
+
+
+class RecordScanner:
+    """The thorough check: hashes each record here (not in the database) and compares every indexed
+    column with the record it was copied from."""
+
+    def __init__(self, *, after: int, upto: int, prev: bytes) -> None:
+        self.after = after
+        self.upto = upto
+        self.prev = prev
+        self.rows = 0
+        self.finding: Finding | None = None
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number checked good."""
+        return self.after + self.rows
+
+    def feed(self, rows: Iterable[StoredRow]) -> None:
+        """Check rows in sequence order; stops at the first bad one."""
+        for row in rows:
+            if self.finding is not None:
+                return
+            expected = self.last_seq + 1
+            if row.seq != expected:
+                self.finding = Finding(
+                    expected, Problem.MISSING_ROW, f"row {expected} is missing: the next row is {row.seq}"
+                )
+                return
+            computed = chain_hash(self.prev, row.seq, row.record)
+            if computed != row.row_hash:
+                self.finding = Finding(
+                    expected,
+                    Problem.HASH_MISMATCH,
+                    f"row {expected}: its hash is not SHA-256(previous hash ‖ seq ‖ SHA-256(record)); the "
+                    "row's record or hash was changed, or it stands where another row was",
+                )
+                return
+            column = column_mismatch(row)
+            if column is not None:
+                self.finding = Finding(
+                    expected,
+                    Problem.COLUMN_MISMATCH,
+                    f"row {expected}: column {column} does not match the row's hashed record",
+                )
+                return
+            self.prev = computed
+            self.rows += 1
+
+    def finish(self) -> Finding | None:
+        """Call after the last row: every row of the range must have come."""
+        if self.finding is None and self.last_seq < self.upto:
+            self.finding = Finding(
+                self.last_seq + 1,
+                Problem.MISSING_ROW,
+                f"row {self.last_seq + 1} is missing: the trail stops at {self.last_seq}",
+            )
+        return self.finding
+
+
+@dataclass(frozen=True)
+class CheckpointVerdict:
+    """What the checkpoints say about a chain whose links were checked up to ``head_seq``."""
+
+    checked: int
+    finding: Finding | None
+    covered_up_to: int
+    """Highest sequence a good checkpoint vouches for (0: none)."""
+    suspect_range: tuple[int, int] | None = None
+    """(after, upto]: where a rewrite must be, when a checkpoint's head does not match."""
+
+
+def check_checkpoints(
+    checkpoints: Iterable[AuditCheckpoint],
+    *,
+    after: int,
+    checked_upto: int,
+    head_seq: int,
+    stored_hash: Mapping[int, bytes],
+    keys: KeyRing,
+) -> CheckpointVerdict:
+    """Compare each signed checkpoint after ``after`` with the trail: signature, then the row hash at its
+    sequence (``stored_hash``; the links up to ``checked_upto`` were found consistent).
+
+    A checkpoint beyond the trail's head means rows were cut off the end; one whose head hash differs
+    means the chain was recomputed after the last checkpoint that still matches.
+    """
+    ordered = sorted({(c.sequence, c.signature): c for c in checkpoints}.values(), key=lambda c: c.sequence)
+    finding: Finding | None = None
+    checked = 0
+    covered = after
+    suspect: tuple[int, int] | None = None
+    for cp in ordered:
+        if cp.sequence <= after or checked_upto < cp.sequence <= head_seq:
+            continue  # outside the range, or past a broken link where nothing can be vouched for
+        checked += 1
+        bad_signature = keys.check(cp)
+        if bad_signature is not None:
+            finding = Finding(
+                cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {bad_signature}"
+            )
+            break
+        if cp.sequence > head_seq:
+            finding = Finding(
+                head_seq + 1,
+                Problem.TRUNCATED,
+                f"rows {head_seq + 1}..{cp.sequence} are gone: the trail ends at {head_seq}, but a "
+                f"checkpoint signed at {utc_text(cp.signed_at)} covers rows up to {cp.sequence}",
+            )
+            break
+        actual = stored_hash.get(cp.sequence)
+        if actual is None or actual.hex() != cp.head_hash:
+            suspect = (covered, cp.sequence)
+            finding = Finding(
+                covered + 1,
+                Problem.REWRITTEN,
+                f"the chain was recomputed: row {cp.sequence}'s hash differs from the checkpoint signed at "
+                f"{utc_text(cp.signed_at)}; the change lies in rows {covered + 1}..{cp.sequence}",
+                exact=False,
+            )
+            break
+        covered = cp.sequence
+    return CheckpointVerdict(checked, finding, covered, suspect)
+
+
+def first_bad_seal(rows: Iterable[tuple[int, bytes, bytes]], sealer: Sealer) -> int | None:
+    """The first (seq, row_hash, seal) whose seal was not made with this trail's key for that hash."""
+    for seq, row_hash, seal in rows:
+        if sealer.seal(row_hash) != seal:
+            return seq
+    return None
+
+
+def rewritten_at(seq: int, checkpoint_seq: int | None) -> Finding:
+    """The exact first row of a recomputed chain, named by its seal."""
+    where = f"before the checkpoint at {checkpoint_seq}" if checkpoint_seq else "after the last checkpoint"
+    return Finding(
+        seq,
+        Problem.REWRITTEN,
+        f"row {seq} and the rows after it were re-hashed without the signing key ({where}): row {seq}'s "
+        "seal does not match its hash",
+    )
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of one verification."""
+
+    ok: bool
+    mode: str
+    from_seq: int
+    to_seq: int
+    rows_checked: int
+    checkpoints_checked: int
+    covered_by_checkpoint: int
+    head_hash: str | None
+    first_bad_seq: int | None
+    problem: str | None
+    detail: str | None
+    exact: bool
+    seals_checked: bool
+    elapsed_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        """Verification speed."""
+        return self.rows_checked / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as the API and the CLI print it."""
+        return {
+            "ok": self.ok,
+            "mode": self.mode,
+            "from_seq": self.from_seq,
+            "to_seq": self.to_seq,
+            "rows_checked": self.rows_checked,
+            "checkpoints_checked": self.checkpoints_checked,
+            "covered_by_checkpoint": self.covered_by_checkpoint,
+            "head_hash": self.head_hash,
+            "first_bad_seq": self.first_bad_seq,
+            "problem": self.problem,
+            "detail": self.detail,
+            "exact": self.exact,
+            "seals_checked": self.seals_checked,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "rows_per_s": round(self.rows_per_s),
+        }
+
+
+def split_ranges(after: int, upto: int, parts: int, *, min_rows: int = 50_000) -> list[tuple[int, int]]:
+    """(after, upto] cut into at most ``parts`` ranges of at least ``min_rows`` rows each."""
+    total = upto - after
+    parts = max(1, min(parts, total // max(min_rows, 1)))
+    bounds = [after + total * k // parts for k in range(parts + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(parts)]

@@ -1,0 +1,120 @@
+"""Tampering done directly in SQL by a superuser (triggers disabled first): each kind is found, with the
+first bad sequence number, by the fast and the full verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.audit.adapters.files import CheckpointFile
+from services.audit.bootstrap import sync_archive
+from services.audit.verification import Problem
+from tests.integration.audit.conftest import ROLE, TrailDb
+
+ROWS = 53  # checkpoints at 10, 20, 30, 40, 50; rows 51..53 wait for the next one
+
+# The payload's model name, changed in the value only (the meta line, and so the indexed copies, stay).
+CHANGE_PAYLOAD = """
+UPDATE trail SET record = overlay(record PLACING convert_to('"chum" ', 'UTF8')
+                                  FROM position(convert_to('"model":"churn"', 'UTF8') IN record) + 8)
+WHERE seq = $1
+"""
+
+# What an attacker who knows the algorithm but not the key does after an edit: re-hash every later row.
+RECOMPUTE_FROM = """
+DO $$
+DECLARE
+    prev bytea;
+    r record;
+BEGIN
+    SELECT row_hash INTO prev FROM trail WHERE seq = {start} - 1;
+    IF prev IS NULL THEN prev := decode(repeat('00', 32), 'hex'); END IF;
+    FOR r IN SELECT seq, record FROM trail WHERE seq >= {start} ORDER BY seq LOOP
+        prev := sha256(prev || int8send(r.seq) || sha256(r.record));
+        UPDATE trail SET row_hash = prev WHERE seq = r.seq;
+    END LOOP;
+END
+$$;
+"""
+
+
+@pytest.fixture(params=[False, True], ids=["fast", "full"])
+def full(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+async def filled(trail_db: TrailDb) -> TrailDb:
+    await trail_db.fill(ROWS)
+    assert (await trail_db.verify()).ok
+    return trail_db
+
+
+async def test_updated_payload_is_found_at_its_row(filled: TrailDb, full: bool) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 17)
+    report = await filled.verify(full=full)
+    assert (report.ok, report.first_bad_seq, report.problem) == (False, 17, Problem.HASH_MISMATCH)
+
+
+async def test_deleted_row_is_found_at_its_number(filled: TrailDb, full: bool) -> None:
+    await filled.superuser("DELETE FROM trail WHERE seq = 17")
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem) == (17, Problem.MISSING_ROW)
+
+
+async def test_swapped_rows_are_found_at_the_first(filled: TrailDb, full: bool) -> None:
+    await filled.superuser(
+        """UPDATE trail SET seq = CASE seq WHEN 17 THEN 1000017 ELSE 1000023 END WHERE seq IN (17, 23);
+           UPDATE trail SET seq = CASE seq WHEN 1000017 THEN 23 ELSE 17 END WHERE seq > 1000000;"""
+    )
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem) == (17, Problem.HASH_MISMATCH)
+
+
+async def test_truncated_tail_is_found_through_the_checkpoints(filled: TrailDb, full: bool) -> None:
+    await filled.superuser("DELETE FROM trail WHERE seq >= 38")
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+
+
+async def test_tail_truncated_with_its_checkpoints_is_found_through_the_export_file(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    archive = CheckpointFile(tmp_path / "checkpoints.ndjson")
+    assert await sync_archive(filled.pool, ROLE, archive) == 5
+    await filled.superuser("DELETE FROM trail WHERE seq >= 38; DELETE FROM checkpoints WHERE seq >= 38;")
+    assert (await filled.verify()).ok  # the database alone no longer shows it
+    report = await filled.verify(archived=archive.read())
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+
+
+async def test_chain_recomputed_without_the_key_is_found_at_its_first_row(
+    filled: TrailDb, full: bool
+) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 17)
+    await filled.superuser(RECOMPUTE_FROM.format(start=17))
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem, report.exact) == (17, Problem.REWRITTEN, True)
+
+
+async def test_recomputed_chain_is_bounded_by_the_checkpoints_without_the_seal_key(filled: TrailDb) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 17)
+    await filled.superuser(RECOMPUTE_FROM.format(start=17))
+    report = await filled.verify(sealed=False)
+    assert (report.first_bad_seq, report.problem, report.exact) == (11, Problem.REWRITTEN, False)
+    assert "rows 11..20" in (report.detail or "")
+
+
+async def test_recomputed_tail_after_the_last_checkpoint_is_found_by_the_seals(filled: TrailDb) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 52)
+    await filled.superuser(RECOMPUTE_FROM.format(start=52))
+    report = await filled.verify()
+    assert (report.first_bad_seq, report.problem) == (52, Problem.REWRITTEN)
+
+
+async def test_doctored_indexed_column_is_found_by_the_full_verification(filled: TrailDb) -> None:
+    await filled.superuser("UPDATE trail SET actor = 'user:mallory' WHERE seq = 12")
+    assert (await filled.verify()).ok  # the chain covers the record, not its indexed copies
+    report = await filled.verify(full=True)
+    assert (report.first_bad_seq, report.problem) == (12, Problem.COLUMN_MISMATCH)

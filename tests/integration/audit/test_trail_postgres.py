@@ -1,0 +1,117 @@
+"""The trail on the real Postgres: COPY append, redeliveries, serialised writers, the role and triggers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import orjson
+import pytest
+
+from contracts.envelope import NotJson
+from contracts.monitoring import DriftDetected
+from libs.bus.core import Delivery, Record
+from tests.integration.audit.conftest import ROLE, TrailDb
+from tests.unit.audit.fakes import delivery, example
+
+
+async def test_records_are_appended_in_order_and_the_trail_verifies(trail_db: TrailDb) -> None:
+    events = await trail_db.fill(23)
+    poison = Record("mlops.models", 0, 999, b"\xff", b"\x00\x01 not json", (("ce_id", b"\xc3\x28"),))
+    await trail_db.record([Delivery(poison, None, NotJson("value is not JSON"))])
+    rows = await trail_db.pool.fetch("SELECT seq, event_id, kind FROM trail ORDER BY seq")
+    assert [r["seq"] for r in rows] == list(range(1, 25))
+    assert [r["event_id"] for r in rows[:23]] == [e.id for e in events]
+    assert rows[23]["kind"] == "undecodable"
+    for full in (False, True):
+        report = await trail_db.verify(full=full)
+        assert report.ok, report
+        assert (report.rows_checked, report.checkpoints_checked) == (24, 2)
+
+
+async def test_redelivered_records_add_nothing_and_a_position_is_unique(trail_db: TrailDb) -> None:
+    batch = [delivery(example(DriftDetected), offset=i) for i in range(5)]
+    assert await trail_db.record(batch) == 5
+    assert await trail_db.record(batch[2:]) == 0
+    assert await trail_db.pool.fetchval("SELECT count(*) FROM trail") == 5
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await trail_db.pool.execute(
+            """INSERT INTO trail (seq, record, row_hash, seal, topic, kafka_partition, kafka_offset, kind,
+                                  recorded_at)
+               SELECT 6, record, row_hash, seal, topic, kafka_partition, kafka_offset, kind, recorded_at
+               FROM trail WHERE seq = 3"""
+        )
+
+
+async def test_concurrent_writers_never_fork_the_chain(trail_db: TrailDb) -> None:
+    async def writer(partition: int) -> None:
+        for start in range(0, 40, 4):
+            await trail_db.record(
+                [delivery(example(DriftDetected), partition=partition, offset=start + k) for k in range(4)]
+            )
+
+    await asyncio.gather(writer(0), writer(1), writer(2))
+    seqs = [r["seq"] for r in await trail_db.pool.fetch("SELECT seq FROM trail ORDER BY seq")]
+    assert seqs == list(range(1, 121))
+    assert (await trail_db.verify()).ok
+
+
+async def test_checkpoints_leave_through_the_outbox_in_the_same_transaction(trail_db: TrailDb) -> None:
+    await trail_db.fill(20)
+    rows = await trail_db.pool.fetch("SELECT topic, value FROM outbox ORDER BY seq")
+    assert [r["topic"] for r in rows] == ["mlops.audit", "mlops.audit"]
+    assert [orjson.loads(r["value"])["sequence"] for r in rows] == [10, 20]
+    assert await trail_db.pool.fetchval("SELECT array_agg(seq ORDER BY seq) FROM checkpoints") == [10, 20]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE trail SET record = 'x'::bytea WHERE seq = 1",
+        "DELETE FROM trail WHERE seq = 1",
+        "TRUNCATE trail",
+        "UPDATE checkpoints SET head_hash = 'x'",
+        "DELETE FROM checkpoints",
+        "TRUNCATE checkpoints",
+    ],
+)
+async def test_service_role_is_denied_update_delete_and_truncate(trail_db: TrailDb, statement: str) -> None:
+    await trail_db.fill(10)
+    async with trail_db.pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.execute(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE trail SET record = 'x'::bytea WHERE seq = 1",
+        "DELETE FROM trail WHERE seq = 1",
+        "TRUNCATE trail",
+        "DELETE FROM checkpoints",
+    ],
+)
+async def test_triggers_refuse_changes_even_to_the_owner(trail_db: TrailDb, statement: str) -> None:
+    await trail_db.fill(10)
+    async with trail_db.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")  # ENABLE ALWAYS still fires
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await conn.execute(statement)
+    assert await trail_db.pool.fetchval("SELECT count(*) FROM trail") == 10
+
+
+async def test_service_role_may_read_and_append_only(trail_db: TrailDb) -> None:
+    rows = await trail_db.pool.fetch(
+        """SELECT table_name, privilege_type FROM information_schema.role_table_grants
+           WHERE grantee = $1 AND table_schema = $2 ORDER BY 1, 2""",
+        ROLE,
+        trail_db.schema,
+    )
+    assert [(r["table_name"], r["privilege_type"]) for r in rows] == [
+        ("checkpoints", "INSERT"),
+        ("checkpoints", "SELECT"),
+        ("outbox", "INSERT"),
+        ("trail", "INSERT"),
+        ("trail", "SELECT"),
+    ]

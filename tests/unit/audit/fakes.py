@@ -1,0 +1,234 @@
+"""An in-memory trail implementing the audit ports, with the tampering a superuser could do in SQL, and
+builders of the records the audit service consumes."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from contracts.audit import AuditCheckpoint
+from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.examples import EXAMPLES
+from libs.bus.core import Delivery, Record
+from services.audit.domain import (
+    ChainHead,
+    EventQuery,
+    KafkaPosition,
+    Kind,
+    StoredRow,
+    TrailRow,
+    chain_hash,
+)
+from services.audit.verification import Finding, LinkScanner, RecordScanner
+
+SEED = bytes(range(32))
+OTHER_SEED = bytes(range(1, 33))
+
+
+@dataclass
+class Stored:
+    """One row as the fake database holds it (what SQL could change)."""
+
+    row: StoredRow
+    seal: bytes
+
+
+@dataclass
+class FakeTrail:
+    """TrailWriter, TrailReader and ChainSource over a dict; scans cut their bytes at random places."""
+
+    rows: dict[int, Stored] = field(default_factory=dict)
+    checkpoint_rows: list[tuple[AuditCheckpoint, str]] = field(default_factory=list)
+    chunk_seed: int = 7
+    locks: int = 0
+
+    # -- TrailWriter ---------------------------------------------------------------------------------
+
+    async def lock_head(self) -> ChainHead:
+        self.locks += 1
+        return self._head()
+
+    def _head(self) -> ChainHead:
+        if not self.rows:
+            return ChainHead()
+        last = self.rows[max(self.rows)].row
+        return ChainHead(last.seq, last.row_hash)
+
+    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
+        return {p for p in positions if p in held}
+
+    async def append(self, rows: Sequence[TrailRow]) -> None:
+        for r in rows:
+            assert r.seq not in self.rows, "a fork: two rows with one sequence number"
+            self.rows[r.seq] = Stored(
+                StoredRow(
+                    seq=r.seq,
+                    record=r.record,
+                    row_hash=r.row_hash,
+                    topic=r.position.topic,
+                    partition=r.position.partition,
+                    offset=r.position.offset,
+                    kind=r.kind.value,
+                    attributes=r.attributes,
+                    recorded_at=r.recorded_at,
+                ),
+                r.seal,
+            )
+
+    async def last_checkpoint_seq(self) -> int:
+        return max((c.sequence for c, _ in self.checkpoint_rows), default=0)
+
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
+        self.checkpoint_rows.append((checkpoint, event_id))
+
+    # -- TrailReader ---------------------------------------------------------------------------------
+
+    async def head(self) -> ChainHead:
+        return self._head()
+
+    async def find(self, query: EventQuery) -> list[StoredRow]:
+        def matches(r: StoredRow) -> bool:
+            a = r.attributes
+            return (
+                (query.model is None or a.subject == query.model)
+                and (query.event_type is None or a.event_type == query.event_type)
+                and (query.actor is None or a.actor == query.actor)
+                and (query.correlation_id is None or a.correlation_id == query.correlation_id)
+                and (query.kind is None or r.kind == query.kind.value)
+                and (query.since is None or (a.event_time is not None and a.event_time >= query.since))
+                and (query.until is None or (a.event_time is not None and a.event_time < query.until))
+                and (query.after is None or r.seq > query.after)
+                and (query.before is None or r.seq < query.before)
+            )
+
+        found = sorted((s.row for s in self.rows.values() if matches(s.row)), key=lambda r: r.seq)
+        if query.newest_first:
+            found.reverse()
+        return found[: query.limit]
+
+    async def row(self, seq: int) -> StoredRow | None:
+        stored = self.rows.get(seq)
+        return stored.row if stored else None
+
+    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
+        rows = [s.row for s in self.rows.values() if s.row.attributes.correlation_id == correlation_id]
+        return sorted(rows, key=lambda r: r.seq)[:limit]
+
+    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
+        ordered = sorted((c for c, _ in self.checkpoint_rows), key=lambda c: c.sequence)
+        return ordered if limit is None else list(reversed(ordered))[:limit]
+
+    async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
+        rows = [self.rows[s].row for s in sorted(self.rows) if after < s <= upto]
+        for i in range(0, len(rows), 3):
+            yield [(r.seq, r.record, r.row_hash) for r in rows[i : i + 3]]
+
+    # -- ChainSource ---------------------------------------------------------------------------------
+
+    async def head_seq(self) -> int:
+        return max(self.rows, default=0)
+
+    async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
+        return {s: self.rows[s].row.row_hash for s in seqs if s in self.rows}
+
+    async def scan_links(self, scanner: LinkScanner) -> Finding | None:
+        links = b"".join(
+            scanner.prefix
+            + s.to_bytes(8, "big")
+            + hashlib.sha256(self.rows[s].row.record).digest()
+            + self.rows[s].row.row_hash
+            for s in sorted(self.rows)
+            if scanner.after < s <= scanner.upto
+        )
+        cut = random.Random(self.chunk_seed)
+        pos = 0
+        while pos < len(links):
+            size = cut.randint(1, 200)
+            scanner.feed(links[pos : pos + size])
+            pos += size
+        return scanner.finish()
+
+    async def scan_rows(self, scanner: RecordScanner) -> Finding | None:
+        rows = [self.rows[s].row for s in sorted(self.rows) if scanner.after < s <= scanner.upto]
+        for i in range(0, len(rows), 4):
+            scanner.feed(rows[i : i + 4])
+        return scanner.finish()
+
+    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
+        return [
+            (s, self.rows[s].row.row_hash, self.rows[s].seal) for s in sorted(self.rows) if after < s <= upto
+        ]
+
+    # -- what a superuser can do in SQL -------------------------------------------------------------
+
+    def update_record(self, seq: int, record: bytes) -> None:
+        self.rows[seq].row = replace(self.rows[seq].row, record=record)
+
+    def delete(self, *seqs: int) -> None:
+        for s in seqs:
+            del self.rows[s]
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange everything but the sequence numbers (hashes included)."""
+        ra, rb = self.rows[a], self.rows[b]
+        self.rows[a] = Stored(replace(rb.row, seq=a), rb.seal)
+        self.rows[b] = Stored(replace(ra.row, seq=b), ra.seal)
+
+    def recompute_from(self, seq: int) -> None:
+        """Re-hash rows seq.. so the chain is consistent again (the seals cannot be redone)."""
+        prev = self.rows[seq - 1].row.row_hash if seq > 1 else bytes(32)
+        for s in sorted(x for x in self.rows if x >= seq):
+            stored = self.rows[s]
+            prev = chain_hash(prev, s, stored.row.record)
+            stored.row = replace(stored.row, row_hash=prev)
+
+    def drop_checkpoints_after(self, seq: int) -> None:
+        self.checkpoint_rows = [(c, e) for c, e in self.checkpoint_rows if c.sequence <= seq]
+
+
+class Clock:
+    """A clock that moves one millisecond per reading."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(milliseconds=1)
+        return self.now
+
+
+def record_of(
+    event: CloudEvent[Any], *, topic: str | None = None, partition: int = 0, offset: int = 0
+) -> Record:
+    """The Kafka record of an event, as the consumer would see it."""
+    key, value, headers = event.to_kafka()
+    return Record(topic or event.topic, partition, offset, key, value, tuple(headers), 1_740_830_400_000)
+
+
+def delivery(event: CloudEvent[Any], **where: Any) -> Delivery:
+    """A decoded delivery of an event."""
+    return Delivery(record_of(event, **where), event)
+
+
+def example(
+    cls: type[EventPayload], *, cause: CloudEvent[Any] | None = None, actor: str | None = None
+) -> Any:
+    """An event with the contracts' example payload of ``cls``."""
+    return new_event(EXAMPLES[cls], source="/driftloop/test", cause=cause, actor=actor)
+
+
+def changed_payload(record: bytes) -> bytes:
+    """The record with its payload's model name changed, meta untouched (what a forger would edit)."""
+    meta, _, value = record.partition(b"\n")
+    assert b'"churn"' in value
+    return meta + b"\n" + value.replace(b'"churn"', b'"chum"', 1)
+
+
+def kind_of(trail: FakeTrail, seq: int) -> Kind:
+    """The kind of a stored row."""
+    return Kind(trail.rows[seq].row.kind)

@@ -1,0 +1,150 @@
+"""The audit handlers on fakes: each record once, in order, checkpoints when due; and on the in-memory bus."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from contracts.audit import AuditCheckpoint
+from contracts.envelope import CloudEvent
+from contracts.monitoring import DriftDetected
+from contracts.registry import EVENT_TYPES
+from contracts.topics import DEAD_LETTER
+from contracts.training import TrainingRequested
+from libs.bus import Delivery, InMemoryBus, Subscription, Transaction
+from services.audit import handlers
+from services.audit.core import verify_trail
+from services.audit.domain import KeyRing, Kind, Signer, chain_hash
+from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, kind_of
+
+
+@pytest.fixture
+def trail() -> FakeTrail:
+    return FakeTrail()
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer(SEED)
+
+
+async def record(
+    trail: FakeTrail, signer: Signer, deliveries: Sequence[Delivery], *, every: int = 1000
+) -> tuple[int, list[CloudEvent[Any]]]:
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    n = await handlers.on_records(
+        deliveries,
+        trail=trail,
+        signer=signer,
+        publish=publish,
+        source="/driftloop/audit",
+        clock=Clock(),
+        dead_letter_topic=DEAD_LETTER,
+        checkpoint_every_rows=every,
+    )
+    return n, published
+
+
+async def test_each_record_becomes_one_row_in_delivery_order(trail: FakeTrail, signer: Signer) -> None:
+    events = [example(DriftDetected) for _ in range(5)]
+    n, _ = await record(trail, signer, [delivery(e, offset=i) for i, e in enumerate(events)])
+    assert n == 5
+    assert sorted(trail.rows) == [1, 2, 3, 4, 5]
+    assert [trail.rows[s].row.attributes.event_id for s in range(1, 6)] == [e.id for e in events]
+    prev = bytes(32)
+    for s in range(1, 6):
+        row = trail.rows[s].row
+        assert row.row_hash == chain_hash(prev, s, row.record)
+        prev = row.row_hash
+
+
+async def test_redelivered_record_changes_nothing(trail: FakeTrail, signer: Signer) -> None:
+    batch = [delivery(example(DriftDetected), offset=i) for i in range(3)]
+    await record(trail, signer, batch)
+    before = dict(trail.rows)
+    n, _ = await record(trail, signer, [*batch[1:], delivery(example(DriftDetected), offset=3)])
+    assert n == 1
+    assert sorted(trail.rows) == [1, 2, 3, 4]
+    assert all(trail.rows[s] is before[s] for s in (1, 2, 3))
+
+
+async def test_checkpoint_is_signed_and_published_every_n_rows(trail: FakeTrail, signer: Signer) -> None:
+    _, published = await record(
+        trail, signer, [delivery(example(DriftDetected), offset=i) for i in range(3)], every=4
+    )
+    assert published == []
+    _, published = await record(
+        trail, signer, [delivery(example(DriftDetected), offset=i) for i in range(3, 5)], every=4
+    )
+    [event] = published
+    checkpoint = event.data
+    assert isinstance(checkpoint, AuditCheckpoint)
+    assert event.type == "io.driftloop.AuditCheckpoint.v1"
+    assert event.subject is None
+    assert (checkpoint.sequence, checkpoint.row_count) == (5, 5)
+    assert checkpoint.head_hash == trail.rows[5].row.row_hash.hex()
+    assert checkpoint.key_id == signer.key_id
+    assert KeyRing([signer.public_raw]).check(checkpoint) is None
+    assert trail.checkpoint_rows == [(checkpoint, event.id)]
+
+
+async def test_seal_head_signs_only_when_rows_arrived_since_the_last_checkpoint(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    async def publish(event: CloudEvent[Any]) -> None:
+        return None
+
+    kw: dict[str, Any] = {
+        "trail": trail,
+        "signer": signer,
+        "publish": publish,
+        "source": "/a",
+        "clock": Clock(),
+    }
+    assert await handlers.seal_head(**kw) is None  # empty trail
+    await record(trail, signer, [delivery(example(DriftDetected))])
+    first = await handlers.seal_head(**kw)
+    assert first is not None and first.sequence == 1
+    assert await handlers.seal_head(**kw) is None
+
+
+async def test_on_the_bus_undecodable_records_are_kept_not_dead_lettered(signer: Signer) -> None:
+    bus = InMemoryBus(EVENT_TYPES)
+    trail = FakeTrail()
+
+    async def on_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
+        await handlers.on_records(
+            deliveries,
+            trail=trail,
+            signer=signer,
+            publish=tx.publish,
+            source="/driftloop/audit",
+            clock=Clock(),
+            dead_letter_topic=DEAD_LETTER,
+            checkpoint_every_rows=3,
+        )
+
+    bus.subscribe(
+        Subscription(
+            consumer="audit", topics=["mlops.monitoring", "mlops.training"], batch_handler=on_batch, raw=True
+        )
+    )
+    drift = example(DriftDetected)
+    await bus.publish(drift)
+    bus.append_raw("mlops.monitoring", b"churn", b"\x00 not json", [("ce_id", b"x")])
+    await bus.publish(example(TrainingRequested, cause=drift))
+    await bus.drain()
+
+    assert bus.dead_letters == []
+    assert [kind_of(trail, s) for s in (1, 2, 3)] == [Kind.EVENT, Kind.UNDECODABLE, Kind.EVENT]
+    [checkpoint] = bus.events("mlops.audit", of=AuditCheckpoint)
+    assert checkpoint.data.sequence == 3
+    report = await verify_trail(trail, keys=KeyRing([signer.public_raw]), sealer=signer.sealer)
+    assert report.ok, report
+    assert (report.rows_checked, report.checkpoints_checked, report.covered_by_checkpoint) == (3, 1, 3)

@@ -1,0 +1,174 @@
+"""Reading the trail: pages with cursors, events shown from the hashed record, causal trees."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from contracts.commands import RollbackRequested
+from contracts.envelope import CloudEvent
+from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.monitoring import DriftDetected
+from contracts.rollouts import RolloutPromoted, RolloutStarted
+from contracts.topics import DEAD_LETTER
+from contracts.training import TrainingCompleted, TrainingRequested, TrainingStarted
+from contracts.validation import ValidationPassed
+from libs.bus.core import Delivery, Record
+from libs.errors import InvalidInput, NotFound
+from services.audit import core, handlers
+from services.audit.domain import EventQuery, Kind, Signer, decode_cursor, encode_cursor, event_type_filter
+from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example
+
+
+async def store(trail: FakeTrail, deliveries: list[Delivery]) -> None:
+    async def publish(event: CloudEvent[Any]) -> None:
+        return None
+
+    await handlers.on_records(
+        deliveries,
+        trail=trail,
+        signer=Signer(SEED),
+        publish=publish,
+        source="/driftloop/audit",
+        clock=Clock(),
+        dead_letter_topic=DEAD_LETTER,
+        checkpoint_every_rows=1000,
+    )
+
+
+def cascade() -> list[CloudEvent[Any]]:
+    """Drift -> retrain -> ... -> promotion, each event caused by the one before."""
+    chain = [example(DriftDetected)]
+    for cls in (
+        TrainingRequested,
+        TrainingStarted,
+        TrainingCompleted,
+        ModelVersionRegistered,
+        ValidationPassed,
+        RolloutStarted,
+        RolloutPromoted,
+        ModelStageChanged,
+    ):
+        chain.append(example(cls, cause=chain[-1]))
+    return chain
+
+
+@pytest.fixture
+async def trail() -> FakeTrail:
+    trail = FakeTrail()
+    events = cascade()
+    unrelated = example(RollbackRequested, actor="user:alice")
+    completed = events[3]
+    key, value, headers = completed.to_kafka()
+    dead = Record(DEAD_LETTER, 0, 0, key, value, (*headers, ("dlq_reason", b"handler-failed")))
+    deliveries = [delivery(e, offset=i) for i, e in enumerate(events)]
+    deliveries.insert(5, delivery(unrelated, offset=100))
+    deliveries.append(Delivery(dead, completed))
+    await store(trail, deliveries)
+    return trail
+
+
+async def test_pages_follow_the_cursor_newest_first_without_overlap(trail: FakeTrail) -> None:
+    seen: list[int] = []
+    cursor: str | None = None
+    while True:
+        before = decode_cursor(cursor, newest_first=True) if cursor else None
+        page, cursor = await core.query_events(trail, EventQuery(limit=4, before=before))
+        seen += [e["seq"] for e in page]
+        if cursor is None:
+            break
+    assert seen == list(range(11, 0, -1))
+
+
+async def test_filters_by_model_type_and_actor(trail: FakeTrail) -> None:
+    events, _ = await core.query_events(trail, EventQuery(actor="user:alice"))
+    assert [e["type"] for e in events] == ["io.driftloop.RollbackRequested.v1"]
+    assert events[0]["data"]["model"] == "churn"
+    events, _ = await core.query_events(
+        trail, EventQuery(event_type=event_type_filter("RolloutPromoted"), model="churn")
+    )
+    assert [e["type"] for e in events] == ["io.driftloop.RolloutPromoted.v1"]
+    dead, _ = await core.query_events(trail, EventQuery(kind=Kind.DEAD_LETTER))
+    assert [e["error"] for e in dead] == [{"reason": "handler-failed", "detail": ""}]
+
+
+async def test_event_fields_come_from_the_hashed_record_and_a_doctored_index_is_flagged(
+    trail: FakeTrail,
+) -> None:
+    row = trail.rows[1].row
+    trail.rows[1].row = replace(row, attributes=replace(row.attributes, actor="user:mallory"))
+    [event], _ = await core.query_events(trail, EventQuery(actor="user:mallory"))
+    assert event["actor"] is None
+    assert event["integrity"] == "indexed column actor does not match the hashed record"
+
+
+async def test_trace_is_the_causal_tree_from_drift_to_promotion(trail: FakeTrail) -> None:
+    root_id = trail.rows[1].row.attributes.event_id
+    assert root_id is not None
+    tree = await core.trace(trail, root_id, max_events=100)
+    assert tree["events"] == 9 and not tree["truncated"]
+    [root] = tree["roots"]
+    chain = []
+    node = root
+    while True:
+        chain.append(node["type"].split(".")[2])
+        if not node["children"]:
+            break
+        [node] = node["children"]
+    assert chain == [type(e.data).__name__ for e in cascade()]
+    completed = root["children"][0]["children"][0]["children"][0]
+    assert completed["type"] == "io.driftloop.TrainingCompleted.v1"
+    assert [d["kind"] for d in completed["dead_letters"]] == ["dead-letter"]
+
+
+async def test_trace_cut_at_the_limit_says_so(trail: FakeTrail) -> None:
+    root_id = trail.rows[1].row.attributes.event_id
+    assert root_id is not None
+    tree = await core.trace(trail, root_id, max_events=3)
+    assert tree["truncated"] and tree["events"] == 3
+
+
+async def test_trace_of_an_unknown_cascade_is_404(trail: FakeTrail) -> None:
+    with pytest.raises(NotFound):
+        await core.trace(trail, "nope", max_events=10)
+
+
+async def test_event_whose_cause_is_missing_becomes_a_root() -> None:
+    trail = FakeTrail()
+    events = cascade()
+    await store(trail, [delivery(e, offset=i) for i, e in enumerate(events) if i != 2])
+    tree = await core.trace(trail, events[0].id, max_events=100)
+    assert [r["type"].split(".")[2] for r in tree["roots"]] == ["DriftDetected", "TrainingCompleted"]
+    assert tree["roots"][1]["cause_missing"] == events[2].id
+
+
+async def test_very_deep_cascade_comes_back_flat() -> None:
+    trail = FakeTrail()
+    chain = [example(DriftDetected)]
+    for _ in range(120):
+        chain.append(example(TrainingStarted, cause=chain[-1]))
+    await store(trail, [delivery(e, offset=i) for i, e in enumerate(chain)])
+    tree = await core.trace(trail, chain[0].id, max_events=1000)
+    assert "roots" not in tree
+    assert [n["parent"] for n in tree["flat"][:2]] == [None, chain[0].id]
+
+
+def test_cursor_belongs_to_its_order() -> None:
+    assert decode_cursor(encode_cursor(True, 42), newest_first=True) == 42
+    with pytest.raises(InvalidInput):
+        decode_cursor(encode_cursor(True, 42), newest_first=False)
+    with pytest.raises(InvalidInput):
+        decode_cursor("!!!", newest_first=True)
+
+
+async def test_export_interleaves_checkpoints_after_their_row() -> None:
+    trail = FakeTrail()
+    await store(trail, [delivery(example(DriftDetected), offset=i) for i in range(5)])
+    signer = Signer(SEED)
+    head = await trail.head()
+    await trail.add_checkpoint(signer.checkpoint(head, signed_at=Clock()()), "e")
+    lines = [line async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+    assert b'"format":"driftloop-audit-export/1"' in lines[0]
+    assert [b'"checkpoint"' in line for line in lines[1:]] == [False] * 5 + [True]

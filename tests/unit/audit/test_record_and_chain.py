@@ -1,0 +1,139 @@
+"""The stored record and the hash chain: exactly what outside verifiers recompute (docs/audit.md)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime
+
+import orjson
+
+from contracts.envelope import NotJson
+from contracts.monitoring import DriftDetected
+from contracts.topics import DEAD_LETTER
+from libs.bus.core import Record
+from services.audit.domain import (
+    FORMAT,
+    GENESIS,
+    ChainHead,
+    Incoming,
+    KafkaPosition,
+    Kind,
+    Sealer,
+    chain_hash,
+    chain_rows,
+    decode_record,
+    encode_record,
+    new_positions,
+    record_meta,
+)
+from tests.unit.audit.fakes import SEED, example, record_of
+
+AT = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def test_row_hash_is_sha256_of_previous_hash_seq_and_record_digest() -> None:
+    record = b'{"format":"driftloop-audit/1"}\n{"n":1}'
+    expected = hashlib.sha256(GENESIS + (1).to_bytes(8, "big") + hashlib.sha256(record).digest()).digest()
+    assert chain_hash(GENESIS, 1, record) == expected
+    # The worked example of docs/audit.md.
+    assert expected.hex() == "347c728484ce5a970260c43c206b083a53669b3d491656ef87c753cdd9e5d744"
+
+
+def test_record_is_one_line_of_sorted_meta_then_the_value_bytes_exactly() -> None:
+    event = example(DriftDetected, actor="user:alice")
+    r = record_of(event, partition=2, offset=41)
+    meta, kind = record_meta(Incoming(r), recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+    record = encode_record(meta, r.value)
+
+    meta_line, _, value = record.partition(b"\n")
+    assert value == r.value
+    assert meta_line == orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+    assert list(orjson.loads(meta_line)) == sorted(meta)
+    assert kind is Kind.EVENT
+    assert meta["format"] == FORMAT
+    assert meta["recorded_at"] == "2025-03-01T12:00:00.123456Z"
+    assert meta["kafka"] == {
+        "key": "churn",
+        "offset": 41,
+        "partition": 2,
+        "timestamp_ms": r.timestamp_ms,
+        "tombstone": False,
+        "topic": "mlops.monitoring",
+    }
+    assert meta["headers"]["ce_id"] == event.id
+    assert meta["headers"]["ce_actor"] == "user:alice"
+    assert meta["error"] is None
+    assert decode_record(record) == (meta, r.value)
+
+
+def test_undecodable_record_is_kept_with_its_reason_and_binary_bytes_as_base64() -> None:
+    r = Record("mlops.models", 0, 5, b"\xff\xfe", b"\x00\x01 not json", (("ce_id", b"\xc3\x28"),))
+    error = NotJson("value is not JSON")
+    meta, kind = record_meta(Incoming(r, error), recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+    assert kind is Kind.UNDECODABLE
+    assert meta["error"] == {"reason": "not-json", "detail": "value is not JSON"}
+    assert meta["kafka"]["key"] == {"base64": base64.b64encode(b"\xff\xfe").decode()}
+    assert meta["headers"]["ce_id"] == {"base64": base64.b64encode(b"\xc3\x28").decode()}
+    assert decode_record(encode_record(meta, r.value))[1] == b"\x00\x01 not json"
+
+
+def test_tombstone_and_empty_value_are_told_apart() -> None:
+    tombstone = Record("mlops.models", 0, 1, b"churn", None, ())
+    empty = Record("mlops.models", 0, 2, b"churn", b"", ())
+    for r, expected in ((tombstone, None), (empty, b"")):
+        meta, _ = record_meta(Incoming(r), recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+        assert decode_record(encode_record(meta, r.value))[1] == expected
+
+
+def test_dead_letter_keeps_why_it_was_dead_lettered() -> None:
+    event = example(DriftDetected)
+    key, value, headers = event.to_kafka()
+    dlq = [*headers, ("dlq_reason", b"handler-failed"), ("dlq_error", b"boom"), ("dlq_consumer", b"training")]
+    r = Record(DEAD_LETTER, 1, 9, key, value, tuple(dlq))
+    meta, kind = record_meta(Incoming(r), recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+    assert kind is Kind.DEAD_LETTER
+    assert meta["error"] == {"reason": "handler-failed", "detail": "boom"}
+    assert meta["headers"]["dlq_consumer"] == "training"
+
+
+def test_repeated_header_keeps_every_value_in_order() -> None:
+    r = Record("t", 0, 0, None, b"{}", (("x", b"1"), ("x", b"2"), ("x", b"3")))
+    meta, _ = record_meta(Incoming(r), recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+    assert meta["headers"]["x"] == ["1", "2", "3"]
+
+
+def test_rows_are_numbered_after_the_head_and_chained_and_sealed() -> None:
+    events = [example(DriftDetected) for _ in range(3)]
+    incoming = [Incoming(record_of(e, offset=i)) for i, e in enumerate(events)]
+    head = ChainHead(10, hashlib.sha256(b"row 10").digest())
+    sealer = Sealer(SEED)
+    rows = chain_rows(head, incoming, recorded_at=AT, sealer=sealer, dead_letter_topic=DEAD_LETTER)
+
+    assert [r.seq for r in rows] == [11, 12, 13]
+    prev = head.row_hash
+    for r in rows:
+        assert r.row_hash == chain_hash(prev, r.seq, r.record)
+        assert r.seal == sealer.seal(r.row_hash)
+        prev = r.row_hash
+    assert rows[0].attributes.event_id == events[0].id
+    assert rows[0].attributes.subject == "churn"
+    assert rows[0].attributes.event_type == "io.driftloop.DriftDetected.v1"
+    assert rows[0].attributes.correlation_id == events[0].id
+    assert rows[0].attributes.event_time == events[0].time
+
+
+def test_indexed_copies_never_hold_nul_or_overlong_text() -> None:
+    r = Record("t", 0, 0, None, b"{}", (("ce_id", b"a\x00b"), ("ce_subject", b"m" * 5000)))
+    [row] = chain_rows(
+        ChainHead(), [Incoming(r)], recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=DEAD_LETTER
+    )
+    assert row.attributes.event_id == "ab"
+    assert row.attributes.subject is not None and len(row.attributes.subject) == 512
+    assert b"a\\u0000b" in row.record  # the record keeps the exact header
+
+
+def test_redelivered_positions_and_repeats_within_a_batch_are_dropped() -> None:
+    a, b, c = (Record("t", 0, n, None, b"{}", ()) for n in (1, 2, 3))
+    fresh = new_positions([Incoming(a), Incoming(b), Incoming(b), Incoming(c)], {KafkaPosition("t", 0, 1)})
+    assert [i.record.offset for i in fresh] == [2, 3]

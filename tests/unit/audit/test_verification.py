@@ -1,0 +1,215 @@
+"""Verification on the in-memory trail: every kind of tampering is found, with the first bad row."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from contracts.audit import AuditCheckpoint
+from contracts.envelope import CloudEvent
+from contracts.monitoring import DriftDetected
+from contracts.topics import DEAD_LETTER
+from services.audit import handlers
+from services.audit.core import verify_trail
+from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
+from services.audit.verification import LinkScanner, Problem, split_ranges
+from tests.unit.audit.fakes import OTHER_SEED, SEED, Clock, FakeTrail, changed_payload, delivery, example
+
+ROWS = 53
+EVERY = 10
+
+
+async def filled(rows: int = ROWS, every: int = EVERY) -> FakeTrail:
+    """A trail of ``rows`` events with a checkpoint every ``every`` rows, written in batches of 5."""
+    trail = FakeTrail()
+    signer = Signer(SEED)
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        return None
+
+    batch = [delivery(example(DriftDetected), offset=i) for i in range(rows)]
+    for i in range(0, rows, 5):
+        await handlers.on_records(
+            batch[i : i + 5],
+            trail=trail,
+            signer=signer,
+            publish=publish,
+            source="/driftloop/audit",
+            clock=Clock(),
+            dead_letter_topic=DEAD_LETTER,
+            checkpoint_every_rows=every,
+        )
+    return trail
+
+
+SIGNER = Signer(SEED)
+KEYS = KeyRing([SIGNER.public_raw])
+
+
+async def verify(trail: FakeTrail, *, full: bool = False, sealed: bool = True, **kw: Any) -> Any:
+    return await verify_trail(trail, keys=KEYS, sealer=SIGNER.sealer if sealed else None, full=full, **kw)
+
+
+@pytest.fixture(params=[False, True], ids=["fast", "full"])
+def full(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+async def test_untouched_trail_verifies(full: bool) -> None:
+    trail = await filled()
+    report = await verify(trail, full=full)
+    assert report.ok, report
+    assert report.rows_checked == ROWS
+    assert report.head_hash == trail.rows[ROWS].row.row_hash.hex()
+    assert report.checkpoints_checked == 5  # at 10, 20, 30, 40 and 50; rows 51..53 wait for the next
+    assert report.first_bad_seq is None
+
+
+async def test_updated_payload_is_found_at_its_row(full: bool) -> None:
+    trail = await filled()
+    trail.update_record(17, changed_payload(trail.rows[17].row.record))
+    report = await verify(trail, full=full)
+    assert (report.ok, report.first_bad_seq, report.problem) == (False, 17, Problem.HASH_MISMATCH)
+
+
+async def test_deleted_row_is_found_at_its_number(full: bool) -> None:
+    trail = await filled()
+    trail.delete(17)
+    report = await verify(trail, full=full)
+    assert (report.first_bad_seq, report.problem) == (17, Problem.MISSING_ROW)
+
+
+async def test_swapped_rows_are_found_at_the_first(full: bool) -> None:
+    trail = await filled()
+    trail.swap(17, 23)
+    report = await verify(trail, full=full)
+    assert (report.first_bad_seq, report.problem) == (17, Problem.HASH_MISMATCH)
+
+
+async def test_truncated_tail_is_found_through_the_checkpoints(full: bool) -> None:
+    trail = await filled()
+    trail.delete(*range(38, ROWS + 1))
+    report = await verify(trail, full=full)
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+    assert "rows 38..40 are gone" in (report.detail or "")
+
+
+async def test_truncated_tail_with_its_checkpoints_is_found_through_the_archive() -> None:
+    trail = await filled()
+    archive = await trail.checkpoints()
+    trail.delete(*range(38, ROWS + 1))
+    trail.drop_checkpoints_after(37)
+    assert (await verify(trail)).ok  # what the database alone still shows
+    report = await verify(trail, archived=archive)
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+
+
+async def test_chain_recomputed_without_the_key_is_found_at_its_first_row(full: bool) -> None:
+    trail = await filled()
+    trail.update_record(17, changed_payload(trail.rows[17].row.record))
+    trail.recompute_from(17)
+    report = await verify(trail, full=full)
+    assert (report.first_bad_seq, report.problem, report.exact) == (17, Problem.REWRITTEN, True)
+
+
+async def test_recomputed_chain_without_the_seal_key_is_bounded_by_checkpoints() -> None:
+    trail = await filled()
+    trail.update_record(17, changed_payload(trail.rows[17].row.record))
+    trail.recompute_from(17)
+    report = await verify(trail, sealed=False)
+    # Checkpoints at 10 and 20: the change lies in 11..20; only the seals could say 17.
+    assert (report.first_bad_seq, report.problem, report.exact) == (11, Problem.REWRITTEN, False)
+    assert "rows 11..20" in (report.detail or "")
+
+
+async def test_recomputed_tail_after_the_last_checkpoint_is_found_by_the_seals() -> None:
+    trail = await filled()
+    trail.update_record(52, changed_payload(trail.rows[52].row.record))
+    trail.recompute_from(52)
+    report = await verify(trail)
+    assert (report.first_bad_seq, report.problem) == (52, Problem.REWRITTEN)
+    assert "after the last checkpoint" in (report.detail or "")
+
+
+async def test_checkpoint_forged_to_match_a_recomputed_chain_is_refused() -> None:
+    trail = await filled()
+    trail.update_record(17, changed_payload(trail.rows[17].row.record))
+    trail.recompute_from(17)
+    forged = [
+        (c.model_copy(update={"head_hash": trail.rows[c.sequence].row.row_hash.hex()}), e)
+        for c, e in trail.checkpoint_rows
+    ]
+    trail.checkpoint_rows = forged
+    report = await verify(trail, sealed=False)
+    assert (report.first_bad_seq, report.problem) == (20, Problem.BAD_CHECKPOINT)
+    assert "signature does not match" in (report.detail or "")
+
+
+async def test_checkpoint_of_an_unknown_key_is_reported_as_untrusted() -> None:
+    trail = await filled()
+    stranger = Signer(OTHER_SEED).checkpoint(
+        ChainHead(14, trail.rows[14].row.row_hash), signed_at=datetime.now(UTC)
+    )
+    report = await verify(trail, archived=[stranger])
+    assert (report.first_bad_seq, report.problem) == (14, Problem.BAD_CHECKPOINT)
+    assert "not trusted here" in (report.detail or "")
+
+
+async def test_a_range_trusts_the_row_before_it_and_parallel_ranges_agree() -> None:
+    trail = await filled()
+    report = await verify(trail, from_seq=20, to_seq=40, parallelism=3)
+    assert report.ok and report.rows_checked == 21
+    trail.update_record(33, b"changed")
+    for parallelism in (1, 2, 4):
+        report = await verify(trail, parallelism=parallelism)
+        assert report.first_bad_seq == 33
+
+
+async def test_verifying_beyond_the_end_reports_the_missing_rows() -> None:
+    trail = await filled()
+    report = await verify(trail, to_seq=ROWS + 5)
+    assert (report.first_bad_seq, report.problem) == (ROWS + 1, Problem.MISSING_ROW)
+
+
+async def test_empty_trail_verifies() -> None:
+    report = await verify(FakeTrail())
+    assert report.ok and report.rows_checked == 0
+
+
+def test_link_scanner_reads_links_cut_anywhere_and_stops_at_a_wrong_prefix() -> None:
+    prefix = b"\x00\x01\x00\x00\x00\x48"
+    prev, links = GENESIS, []
+    for seq in range(1, 4):
+        digest = hashlib.sha256(b"r%d" % seq).digest()
+        prev = hashlib.sha256(prev + seq.to_bytes(8, "big") + digest).digest()
+        links.append(prefix + seq.to_bytes(8, "big") + digest + prev)
+    stream = b"".join(links) + b"\xff\xff"
+    scanner = LinkScanner(after=0, upto=3, prev=GENESIS, prefix=prefix)
+    for i in range(0, len(stream), 5):
+        scanner.feed(stream[i : i + 5])
+    assert scanner.finish(trailer=b"\xff\xff") is None and scanner.rows == 3
+
+    broken = links[0] + b"\x00\x01\xff\xff\xff\xff" + links[2]  # row 2's column is NULL
+    scanner = LinkScanner(after=0, upto=3, prev=GENESIS, prefix=prefix)
+    scanner.feed(broken)
+    finding = scanner.finish(trailer=b"\xff\xff")
+    assert finding is not None and (finding.seq, finding.problem) == (2, Problem.MALFORMED_ROW)
+
+
+def test_split_ranges_cover_the_range_without_overlap() -> None:
+    assert split_ranges(0, 10, 3, min_rows=1) == [(0, 3), (3, 6), (6, 10)]
+    assert split_ranges(5, 8, 4, min_rows=50_000) == [(5, 8)]
+
+
+def test_checkpoint_signature_covers_every_field() -> None:
+    cp = SIGNER.checkpoint(ChainHead(3, bytes(32)), signed_at=datetime(2025, 1, 1, tzinfo=UTC))
+    assert KEYS.check(cp) is None
+    for change in (
+        {"sequence": 4, "row_count": 4},
+        {"head_hash": "1" * 64},
+        {"signed_at": datetime.now(UTC)},
+    ):
+        assert KEYS.check(AuditCheckpoint.model_validate({**cp.model_dump(), **change})) is not None
