@@ -5,8 +5,8 @@ It needs nothing of driftloop: the Python standard library, ``cryptography`` for
 only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the contract it implements.
 
     # from the running audit service (the viewer token), pinning the trail's public key
-    python docs/examples/audit_consumer.py --export http://127.0.0.1:8106/audit/export --token dev-viewer \
-        --public-key "$(curl -s -H 'Authorization: Bearer dev-viewer' http://127.0.0.1:8106/audit/keys \
+    python docs/examples/audit_consumer.py --export http://127.0.0.1:8106/v1/export --token dev-viewer \
+        --public-key "$(curl -s -H 'Authorization: Bearer dev-viewer' http://127.0.0.1:8106/v1/keys \
                         | python -c 'import json,sys; print(json.load(sys.stdin)[0]["public_key"])')"
 
     # from a saved export, with the checkpoints kept elsewhere (the file, or the audit topic)
@@ -231,8 +231,8 @@ def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
 
 
 def served_keys(export_url: str, token: str | None) -> list[str]:
-    """The keys the audit service says it signs with (GET /audit/keys next to the export URL)."""
-    url = export_url.split("/audit/export")[0] + "/audit/keys"
+    """The keys the audit service says it signs with (GET /v1/keys next to the export URL)."""
+    url = export_url.split("/v1/export")[0] + "/v1/keys"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(request) as response:
         return [k["public_key"] for k in json.load(response)]

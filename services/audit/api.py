@@ -32,7 +32,7 @@ from services.audit.schemas import (
 )
 from services.audit.settings import AuditSettings
 
-router = APIRouter(prefix="/audit", tags=["audit"])
+router = APIRouter(prefix="/v1", tags=["audit"])
 
 
 @dataclass(frozen=True)

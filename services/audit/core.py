@@ -69,7 +69,7 @@ async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> 
     if not rows:
         raise NotFound(
             f"no event with correlation id {correlation_id!r} in the trail: pass the correlationid of an "
-            "event (GET /audit/events shows it)"
+            "event (GET /v1/events shows it)"
         )
     return causal_tree(correlation_id, rows[:max_events], truncated=len(rows) > max_events)
 

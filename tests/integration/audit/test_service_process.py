@@ -81,7 +81,7 @@ async def test_killed_at_random_points_while_events_flow_leaves_no_gap_and_no_du
         svc.start()
         await eventually(partial(_at_least, svc, total), deadline_s=90)
         await svc.ready()
-        report = (await svc.get("/audit/verify")).json()
+        report = (await svc.get("/v1/verify")).json()
         assert report["ok"], (seed, report)
         assert svc.stop() == 0, svc.log_tail()
         count, last, ids, positions = await asyncio.gather(
@@ -147,12 +147,12 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         await svc.ready()
         await eventually(lambda: _at_least(svc, 11), deadline_s=60)
 
-        page = (await svc.get("/audit/events", model="churn", type="RolloutPromoted")).json()
+        page = (await svc.get("/v1/events", model="churn", type="RolloutPromoted")).json()
         assert [e["type"] for e in page["events"]] == ["io.driftloop.RolloutPromoted.v1"]
         assert page["events"][0]["correlationid"] == events[0].id
-        by_actor = (await svc.get("/audit/events", actor="user:alice")).json()["events"]
+        by_actor = (await svc.get("/v1/events", actor="user:alice")).json()["events"]
         assert [e["id"] for e in by_actor] == [rollback.id]
-        undecodable = (await svc.get("/audit/events", kind="undecodable")).json()["events"]
+        undecodable = (await svc.get("/v1/events", kind="undecodable")).json()["events"]
         assert undecodable[0]["error"]["reason"] == "missing-attribute"
 
         seen, cursor = [], None
@@ -160,13 +160,13 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
             params: dict[str, Any] = {"limit": 4, "order": "oldest"}
             if cursor:
                 params["cursor"] = cursor
-            body = (await svc.get("/audit/events", **params)).json()
+            body = (await svc.get("/v1/events", **params)).json()
             seen += [e["seq"] for e in body["events"]]
             if not (cursor := body["next_cursor"]):
                 break
         assert seen == list(range(1, 12))
 
-        tree = (await svc.get(f"/audit/trace/{events[0].id}")).json()
+        tree = (await svc.get(f"/v1/trace/{events[0].id}")).json()
         chain, node = [], tree["roots"][0]
         while True:
             chain.append(node["id"])
@@ -174,25 +174,25 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
                 break
             [node] = node["children"]
         assert chain == [e.id for e in events]
-        assert (await svc.get("/audit/trace/nope")).status_code == 404
+        assert (await svc.get("/v1/trace/nope")).status_code == 404
 
-        assert (await svc.get("/audit/events", token=None)).status_code == 401
-        assert (await svc.get("/audit/events", token="dev-predict")).status_code == 403
-        too_many = await svc.get("/audit/events", limit=100_000)
+        assert (await svc.get("/v1/events", token=None)).status_code == 401
+        assert (await svc.get("/v1/events", token="dev-predict")).status_code == 403
+        too_many = await svc.get("/v1/events", limit=100_000)
         assert too_many.status_code == 422 and too_many.json()["code"] == "invalid-input"
-        assert (await svc.get("/audit/events", cursor="garbage")).status_code == 422
+        assert (await svc.get("/v1/events", cursor="garbage")).status_code == 422
 
         # The tail of 11 rows gets its checkpoint from the timer (checkpoint_every_s = 1).
         await eventually(lambda: _checkpointed(svc, 11), deadline_s=30)
-        report = (await svc.get("/audit/verify")).json()
+        report = (await svc.get("/v1/verify")).json()
         assert report["ok"] and report["covered_by_checkpoint"] == 11, report
-        full = (await svc.get("/audit/verify", full="true")).json()
+        full = (await svc.get("/v1/verify", full="true")).json()
         assert full["ok"] and full["mode"] == "full", full
 
-        keys = (await svc.get("/audit/keys")).json()
+        keys = (await svc.get("/v1/keys")).json()
         public = keys[0]["public_key"]
         assert keys[0]["key_id"] == key_id_of(base64.b64decode(public))
-        export = await svc.get("/audit/export")
+        export = await svc.get("/v1/export")
         assert export.headers["content-type"].startswith("application/x-ndjson")
         saved = tmp_path / "trail.ndjson"
         saved.write_bytes(export.content)
@@ -202,7 +202,7 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         ok = run_consumer("--export", str(saved), "--public-key", public, "--print")
         assert ok.returncode == 0, ok.stderr
         assert "OK: 11 rows" in ok.stdout and "io.driftloop.RolloutPromoted.v1" in ok.stdout
-        streamed = run_consumer("--export", f"{svc.base_url}/audit/export", "--token", "dev-viewer")
+        streamed = run_consumer("--export", f"{svc.base_url}/v1/export", "--token", "dev-viewer")
         assert streamed.returncode == 0, streamed.stderr
 
         tampered = tmp_path / "tampered.ndjson"
@@ -233,7 +233,7 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
 
 
 async def _checkpointed(svc: AuditProcess, seq: int) -> bool:
-    body = (await svc.get("/audit/head")).json()
+    body = (await svc.get("/v1/head")).json()
     return bool(body["last_checkpoint"] and body["last_checkpoint"]["sequence"] >= seq)
 
 
