@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, cast
 
+import asyncpg
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
@@ -76,9 +77,13 @@ def _settings(request: Request) -> RegistrySettings:
     return cast(RegistrySettings, request.app.state.settings)
 
 
+def _reads(request: Request) -> asyncpg.Pool:
+    return cast(asyncpg.Pool, request.app.state.reads)
+
+
 @asynccontextmanager
 async def _queries(request: Request) -> AsyncIterator[PgQueries]:
-    async with _runtime(request).pool.acquire() as conn:
+    async with _reads(request).acquire() as conn:
         yield PgQueries(conn)
 
 
@@ -477,14 +482,14 @@ async def list_datasets(
     cursor: Cursor = None,
 ) -> DatasetPage:
     after = cast(tuple[str, int], decode_cursor(cursor, (str, int))) if cursor else None
-    async with _runtime(request).pool.acquire() as conn:
+    async with _reads(request).acquire() as conn:
         items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
     next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None
     return DatasetPage(items=items, next_cursor=next_cursor)
 
 
 async def _dataset(request: Request, name: str, version: int) -> DatasetPublic:
-    async with _runtime(request).pool.acquire() as conn:
+    async with _reads(request).acquire() as conn:
         found = await PgDatasets(conn).get(name, version)
     if found is None:
         raise NotFound(f"dataset {name!r} has no version {version}")

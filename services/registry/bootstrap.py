@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from contracts import commands, datasets, rollouts, training, validation
 from contracts.envelope import CloudEvent
 from libs.artifacts import ArtifactStore
 from libs.bus import Handler, Subscription, Transaction
-from libs.db import migrations_in
+from libs.db import create_pool, migrations_in
 from libs.http import create_app
 from libs.service import Runtime, ServiceParts
 from services.registry import api
@@ -68,9 +70,25 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         routers=[api.router],
         ready=rt.ready,
     )
+    # Reads get a pool of their own whose connections are not reset on release: a read leaves no session
+    # state (no LISTEN, locks or SET), and the reset is a second round trip on every request.
+    reads = await create_pool(
+        rt.settings.database_url,
+        schema=rt.settings.db_schema,
+        min_size=1,
+        max_size=int(getattr(rt.settings, "read_pool_max", 4)),
+        reset=_keep_session,
+    )
     app.state.runtime = rt
+    app.state.reads = reads
     app.state.artifacts = artifacts
     consumer = str(getattr(rt.settings, "consumer_group", "registry"))
     return ServiceParts(
-        app=app, subscriptions=[subscription(rt, artifacts, consumer=consumer, topics=topics)]
+        app=app,
+        subscriptions=[subscription(rt, artifacts, consumer=consumer, topics=topics)],
+        on_stop=[reads.close],
     )
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """The read pool's reset: nothing to undo."""

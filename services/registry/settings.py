@@ -28,6 +28,9 @@ class RegistrySettings(ServiceSettings):
         description="HTTP request bodies above this get 413; raised to max_upload_bytes + 1 MiB when lower, "
         "so the upload limit is the one that speaks.",
     )
+    read_pool_max: int = Field(
+        4, description="Connections of the HTTP API's read pool (besides db_pool_max)."
+    )
     max_dataset_columns: int = Field(2000, description="Dataset uploads with more columns get 422.")
 
     @model_validator(mode="after")

@@ -156,6 +156,8 @@ async def running_registry(
         for t in tasks:
             t.cancel()
         await registry.http.aclose()
+        for hook in parts.on_stop:
+            await hook()
         await feeder.stop()
         async with rt.pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {settings.db_schema} CASCADE")
