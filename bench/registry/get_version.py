@@ -5,7 +5,7 @@ measured from that due time, so a stall shows up in the percentiles instead of s
 (no coordinated omission). Two phases in one run, same client and rate:
 
   baseline  GET /health/live                      (the HTTP stack, auth-free, no database)
-  target    GET /models/<model>/versions/<version> (auth, one Postgres round trip, lineage and history)
+  target    GET /v1/models/<model>/versions/<version> (auth, one Postgres round trip, lineage and history)
 
 and the ratio target/baseline for p50 and p99. It only talks to the URL given (default: loopback), sends
 at most rate * duration requests per phase, and stops by itself.
@@ -148,7 +148,7 @@ async def main() -> None:
         raise SystemExit("this benchmark only targets a registry on this machine (loopback)")
     duration = min(args.duration, 120.0)
     auth = {"Authorization": f"Bearer {args.token}"}
-    target = f"/models/{args.model}/versions/{args.version}"
+    target = f"/v1/models/{args.model}/versions/{args.version}"
 
     async with httpx.AsyncClient(timeout=10) as client:
         check = await client.get(f"{args.url}{target}", headers=auth)

@@ -58,9 +58,9 @@ def fetch_dataset(registry: str, name: str, version: int) -> tuple[DatasetRef, p
     """The dataset version's metadata and rows, through the registry's API (read-only token)."""
     auth = {"Authorization": "Bearer dev-viewer"}
     with httpx.Client(base_url=registry, headers=auth, timeout=30) as http:
-        meta = http.get(f"/datasets/{name}/versions/{version}")
+        meta = http.get(f"/v1/datasets/{name}/versions/{version}")
         meta.raise_for_status()
-        body = http.get(f"/datasets/{name}/versions/{version}/file")
+        body = http.get(f"/v1/datasets/{name}/versions/{version}/file")
         body.raise_for_status()
     ds = meta.json()
     ref = DatasetRef(name=name, version=version, sha256=ds["sha256"], rows=ds["row_count"])
@@ -115,7 +115,7 @@ def wait_registered(registry: str, model: str, run_id: str, deadline_s: float = 
     until = time.monotonic() + deadline_s
     with httpx.Client(base_url=registry, headers={"Authorization": "Bearer dev-viewer"}, timeout=10) as http:
         while time.monotonic() < until:
-            page = http.get(f"/models/{model}/versions", params={"limit": 100})
+            page = http.get(f"/v1/models/{model}/versions", params={"limit": 100})
             if page.status_code == 200:
                 for v in page.json()["items"]:
                     if v["run_id"] == run_id:

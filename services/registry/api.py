@@ -52,7 +52,7 @@ from services.registry.settings import RegistrySettings
 PAGE_SIZE_MAX = 100
 _NAME = re.compile(NAME_PATTERN)
 
-router = APIRouter()
+router = APIRouter(prefix="/v1")
 
 
 class ArtifactIntegrityError(DomainError):

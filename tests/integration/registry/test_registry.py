@@ -83,7 +83,7 @@ async def test_training_completed_delivered_twice_gives_one_version(registry: Ru
     [announced] = await registry.outbox(ModelVersionRegistered, model)
     assert announced["payload"]["model_version"] == 1
     assert announced["headers"]["ce_causationid"] == event.id
-    page = (await registry.http.get(f"/models/{model}/versions", headers=AUTH["viewer"])).json()
+    page = (await registry.http.get(f"/v1/models/{model}/versions", headers=AUTH["viewer"])).json()
     assert [(v["version"], v["stage"]) for v in page["items"]] == [(1, "candidate")]
 
 
@@ -121,8 +121,8 @@ async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered
     await registry.send(*rollout(model, 2, 1), rolled_back)
     await registry.wait_handled(rolled_back)
 
-    v1 = (await registry.http.get(f"/models/{model}/versions/1", headers=AUTH["viewer"])).json()
-    v2 = (await registry.http.get(f"/models/{model}/versions/2", headers=AUTH["viewer"])).json()
+    v1 = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    v2 = (await registry.http.get(f"/v1/models/{model}/versions/2", headers=AUTH["viewer"])).json()
     history = {
         n: [(h["from_stage"], h["to_stage"], h["event_type"].split(".")[2]) for h in v["stage_history"]]
         for n, v in ((1, v1), (2, v2))
@@ -155,7 +155,7 @@ async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered
     ]
     assert changes[1]["caused_by"] == {"id": promoted.id, "type": promoted.type}
 
-    champion = await registry.http.get(f"/models/{model}/versions/champion", headers=AUTH["viewer"])
+    champion = await registry.http.get(f"/v1/models/{model}/versions/champion", headers=AUTH["viewer"])
     assert champion.json()["version"] == 1
 
 
@@ -164,22 +164,22 @@ async def test_commands_over_http_become_events_with_the_actor(registry: Running
     await register(registry, model, "run-1")
 
     denied = await registry.http.post(
-        f"/models/{model}/versions/1/promote", json={"reason": "go"}, headers=AUTH["viewer"]
+        f"/v1/models/{model}/versions/1/promote", json={"reason": "go"}, headers=AUTH["viewer"]
     )
     assert denied.status_code == 403
     missing = await registry.http.post(
-        f"/models/{model}/versions/9/promote", json={"reason": "go"}, headers=AUTH["operator"]
+        f"/v1/models/{model}/versions/9/promote", json={"reason": "go"}, headers=AUTH["operator"]
     )
     assert missing.status_code == 404 and "has no version 9" in missing.json()["detail"]
     illegal = await registry.http.post(
-        f"/models/{model}/versions/1/rollback", json={"reason": "bad"}, headers=AUTH["operator"]
+        f"/v1/models/{model}/versions/1/rollback", json={"reason": "bad"}, headers=AUTH["operator"]
     )
     assert illegal.status_code == 409
     assert illegal.json()["allowed"] == ["canary", "production", "rejected", "archived"]
     assert illegal.json()["commands"] == ["promote", "archive"]
 
     accepted = await registry.http.post(
-        f"/models/{model}/versions/1/promote", json={"reason": "looks good"}, headers=AUTH["operator"]
+        f"/v1/models/{model}/versions/1/promote", json={"reason": "looks good"}, headers=AUTH["operator"]
     )
     assert accepted.status_code == 202
     assert accepted.json()["actor"] == "user:dev-operator"
@@ -188,7 +188,7 @@ async def test_commands_over_http_become_events_with_the_actor(registry: Running
     assert promote["payload"] == {"model": model, "model_version": 1, "reason": "looks good"}
 
     archive = await registry.http.post(
-        f"/models/{model}/versions/1/archive", json={"reason": "superseded"}, headers=AUTH["admin"]
+        f"/v1/models/{model}/versions/1/archive", json={"reason": "superseded"}, headers=AUTH["admin"]
     )
     assert archive.status_code == 202
     # The registry owns archiving: the command comes back to it as an event, as through the relay.
@@ -199,7 +199,7 @@ async def test_commands_over_http_become_events_with_the_actor(registry: Running
     assert isinstance(request.data, ArchiveRequested)
     await registry.send(request)
     await registry.wait_handled(request)
-    v1 = (await registry.http.get(f"/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    v1 = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
     assert v1["stage"] == "archived"
     assert v1["stage_history"][-1]["actor"] == "user:dev-admin"
     assert v1["stage_history"][-1]["reason"] == "archived on request: superseded"
@@ -209,7 +209,7 @@ async def test_artifact_modified_on_disk_is_refused_with_a_clear_error(registry:
     model = model_name()
     event = await register(registry, model, "run-1")
     key = event.data.artifact.key
-    ok = await registry.http.get(f"/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
+    ok = await registry.http.get(f"/v1/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
     assert ok.status_code == 200 and ok.headers["x-content-sha256"] == key
     assert len(ok.content) == event.data.artifact.size_bytes
 
@@ -218,7 +218,7 @@ async def test_artifact_modified_on_disk_is_refused_with_a_clear_error(registry:
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    refused = await registry.http.get(f"/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
+    refused = await registry.http.get(f"/v1/models/{model}/versions/1/artifact", headers=AUTH["viewer"])
     assert refused.status_code == 500
     body = refused.json()
     assert body["code"] == "artifact-corrupted"
@@ -261,41 +261,41 @@ async def test_lists_are_paginated_with_an_opaque_cursor(registry: RunningRegist
     model = model_name()
     for run in ("a", "b", "c"):
         await register(registry, model, f"run-{run}")
-    first = (await registry.http.get(f"/models/{model}/versions?limit=2", headers=AUTH["viewer"])).json()
+    first = (await registry.http.get(f"/v1/models/{model}/versions?limit=2", headers=AUTH["viewer"])).json()
     assert [v["version"] for v in first["items"]] == [3, 2]
     second = (
         await registry.http.get(
-            f"/models/{model}/versions",
+            f"/v1/models/{model}/versions",
             params={"limit": 2, "cursor": first["next_cursor"]},
             headers=AUTH["viewer"],
         )
     ).json()
     assert [v["version"] for v in second["items"]] == [1] and second["next_cursor"] is None
 
-    too_big = await registry.http.get(f"/models/{model}/versions?limit=101", headers=AUTH["viewer"])
+    too_big = await registry.http.get(f"/v1/models/{model}/versions?limit=101", headers=AUTH["viewer"])
     assert too_big.status_code == 422
-    garbage = await registry.http.get(f"/models/{model}/versions?cursor=xyz", headers=AUTH["viewer"])
+    garbage = await registry.http.get(f"/v1/models/{model}/versions?cursor=xyz", headers=AUTH["viewer"])
     assert garbage.status_code == 422 and "cursor" in garbage.json()["detail"]
-    unknown = await registry.http.get("/models/no-such-model/versions", headers=AUTH["viewer"])
+    unknown = await registry.http.get("/v1/models/no-such-model/versions", headers=AUTH["viewer"])
     assert unknown.status_code == 404
     searched = (
         await registry.http.get(
-            "/versions", params={"prefix": model, "stage": "candidate"}, headers=AUTH["viewer"]
+            "/v1/versions", params={"prefix": model, "stage": "candidate"}, headers=AUTH["viewer"]
         )
     ).json()
     assert [v["version"] for v in searched["items"]] == [3, 2, 1]
 
     tagged = await registry.http.put(
-        f"/models/{model}/versions/2/tags/team", json={"value": "growth"}, headers=AUTH["operator"]
+        f"/v1/models/{model}/versions/2/tags/team", json={"value": "growth"}, headers=AUTH["operator"]
     )
     assert tagged.status_code == 200
     by_tag = (
         await registry.http.get(
-            f"/models/{model}/versions", params={"tag": "team=growth"}, headers=AUTH["viewer"]
+            f"/v1/models/{model}/versions", params={"tag": "team=growth"}, headers=AUTH["viewer"]
         )
     ).json()
     assert [(v["version"], v["tags"]) for v in by_tag["items"]] == [(2, {"team": "growth"})]
-    models = (await registry.http.get("/models", params={"prefix": model}, headers=AUTH["viewer"])).json()
+    models = (await registry.http.get("/v1/models", params={"prefix": model}, headers=AUTH["viewer"])).json()
     assert [(m["name"], m["latest_version"], m["stages"]) for m in models["items"]] == [
         (model, 3, {"candidate": 3})
     ]
@@ -309,7 +309,7 @@ async def test_dataset_upload_is_validated_stored_and_announced(registry: Runnin
 
     async def upload(data: bytes, filename: str = "d.csv", role: str = "operator", **form: str) -> Any:
         return await registry.http.post(
-            "/datasets",
+            "/v1/datasets",
             files={"file": (filename, data, "text/csv")},
             data={"name": name, "models": model, "description": "export", **form},
             headers=AUTH[role],
@@ -337,13 +337,13 @@ async def test_dataset_upload_is_validated_stored_and_announced(registry: Runnin
     too_large = await upload(b"a,b\n" + b"1,2\n" * 20_000)
     assert too_large.status_code == 413
 
-    downloaded = await registry.http.get(f"/datasets/{name}/versions/1/file", headers=AUTH["viewer"])
+    downloaded = await registry.http.get(f"/v1/datasets/{name}/versions/1/file", headers=AUTH["viewer"])
     assert downloaded.status_code == 200 and downloaded.content[:4] == b"PAR1"
-    listed = (await registry.http.get("/datasets", params={"model": model}, headers=AUTH["viewer"])).json()
+    listed = (await registry.http.get("/v1/datasets", params={"model": model}, headers=AUTH["viewer"])).json()
     assert [(d["name"], d["version"]) for d in listed["items"]] == [(name, 1)]
 
     retrain = await registry.http.post(
-        f"/models/{model_name()}/retrain", json={"reason": "x"}, headers=AUTH["operator"]
+        f"/v1/models/{model_name()}/retrain", json={"reason": "x"}, headers=AUTH["operator"]
     )
     assert retrain.status_code == 404
 
@@ -354,12 +354,12 @@ async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> Non
     check = passed(model, 1)
     await registry.send(check)
     await registry.wait_handled(check)
-    md = await registry.http.get(f"/models/{model}/versions/1/card", headers=AUTH["viewer"])
+    md = await registry.http.get(f"/v1/models/{model}/versions/1/card", headers=AUTH["viewer"])
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
     assert f"# Model card: {model} version 1" in md.text
     assert "## Validation report vr-5d1e" in md.text and "## Stage history" in md.text
     html = await registry.http.get(
-        f"/models/{model}/versions/challenger/card?format=html", headers=AUTH["viewer"]
+        f"/v1/models/{model}/versions/challenger/card?format=html", headers=AUTH["viewer"]
     )
     assert html.status_code == 200 and html.text.startswith("<!doctype html>")
-    assert (await registry.http.get(f"/models/{model}/versions/1/card")).status_code == 401
+    assert (await registry.http.get(f"/v1/models/{model}/versions/1/card")).status_code == 401
