@@ -49,6 +49,11 @@ from libs.settings import KafkaSettings  # noqa: E402
 SHA = "0" * 64
 
 
+def start_service(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The monitoring service as its own process."""
+    return subprocess.Popen([sys.executable, "-m", "services.monitoring"], cwd=ROOT, env=env)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200_000)
@@ -118,7 +123,7 @@ async def main() -> None:
         **{f"DRIFTLOOP_MONITORING_{k.upper()}_TOPIC": t for k, t in topics.items()},
     }
     # Phase 1: the service learns the model (a restart then restores it before any consumer runs).
-    proc = subprocess.Popen([sys.executable, "-m", "services.monitoring"], cwd=ROOT, env=env)
+    proc = start_service(env)
     try:
         async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
             while True:
@@ -181,7 +186,7 @@ async def main() -> None:
     await publisher.stop()
 
     # Phase 2: the predictions are on the topic; time their consumption.
-    proc = subprocess.Popen([sys.executable, "-m", "services.monitoring"], cwd=ROOT, env=env)
+    proc = start_service(env)
     first = last = None
     try:
         async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
@@ -207,7 +212,8 @@ async def main() -> None:
     counted = args.rows - first[1]
     print(f"{args.rows} predictions, {args.features} features, {args.rows_per_event} rows per event")
     print(
-        f"consumed {counted} predictions in {seconds:.2f} s after the first: {counted / seconds:,.0f} predictions/s"
+        f"consumed {counted} predictions in {seconds:.2f} s after the first: "
+        f"{counted / seconds:,.0f} predictions/s"
     )
 
 

@@ -4,9 +4,10 @@ labelled performance and canary verdicts. No I/O: the handlers feed it and persi
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -638,7 +639,7 @@ def judge_feature(
 def _numeric_histogram(edges: np.ndarray, ref: np.ndarray, cur: np.ndarray) -> Histogram:
     labels = []
     bounds = [-math.inf, *edges.tolist(), math.inf]
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         labels.append(f"({_fmt(a)}, {_fmt(b)}]" if b != math.inf else f"({_fmt(a)}, ∞)")
     return Histogram(labels, _shares(ref, ref.sum()), _shares(cur, cur.sum()))
 
@@ -1113,7 +1114,8 @@ def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPoli
         canary_value=round(c_acc, 6),
         threshold=policy.margin,
         passed=not worse,
-        detail=f"one-sided two-proportion z-test p={p:.3g} over {lab.stable_n} vs {lab.canary_n} labelled rows",
+        detail=f"one-sided two-proportion z-test p={p:.3g} over {lab.stable_n} vs {lab.canary_n} "
+        "labelled rows",
     )
 
 

@@ -61,7 +61,8 @@ def render(model: str, reports: list[dict[str, Any]]) -> str:
     w = latest["window"]
     body = [
         f"<h1>Drift report: {escape(model)} v{latest['model_version']}</h1>",
-        f"<p>Window <b>{escape(w['id'])}</b>: {w['size']} rows from {escape(w['start'])} to {escape(w['end'])}."
+        f"<p>Window <b>{escape(w['id'])}</b>: {w['size']} rows from {escape(w['start'])} to "
+        f"{escape(w['end'])}."
         f" Correction: {escape(latest['correction'])} at alpha {latest['alpha']}. Drift share "
         f"{latest['drift_share']:.1%} (debounced {latest['debounced_share']:.1%}); alert: "
         f"{'yes' if latest['alerted'] else 'no'}.</p>",

@@ -43,7 +43,7 @@ class MonitoringSettings(ServiceSettings):
         100, ge=1, description="A window closed by time is judged only with at least this many rows."
     )
 
-    # --- drift policy defaults -------------------------------------------------------------------------------
+    # --- drift policy defaults ----------------------------------------------------------------------------
     alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of the p-value tests.")
     correction: CorrectionMethod = Field(
         CorrectionMethod.BONFERRONI, description="Correction of p-values for testing many features."
@@ -73,20 +73,20 @@ class MonitoringSettings(ServiceSettings):
     cooldown_seconds: float = Field(
         1_800.0,
         ge=0,
-        description="After a DriftDetected, no other for the same version until this long (event time) passed.",
+        description="After a DriftDetected, none other for the version until this long (event time) passed.",
     )
     missing_share_tolerance: float = Field(
         0.05,
         ge=0,
         le=1,
-        description="DataQualityIssue when a feature's missing share exceeds the reference's by more than this.",
+        description="DataQualityIssue when a missing share exceeds the reference's by more than this.",
     )
 
     # --- labels and performance ----------------------------------------------------------------------------
     label_wait_seconds: float = Field(
         86_400.0,
         gt=0,
-        description="Predictions are kept this long for their labels; a label for an older prediction (or one "
+        description="Predictions are kept this long for their labels; a label for an older one (or one "
         "that waited this long for its prediction) is counted as unmatched.",
     )
     max_cached_predictions: int = Field(
@@ -134,7 +134,7 @@ class MonitoringSettings(ServiceSettings):
         600.0, gt=0, description="A step whose canary did not get min_samples by then is inconclusive."
     )
 
-    # --- plumbing --------------------------------------------------------------------------------------------
+    # --- plumbing -----------------------------------------------------------------------------------------
     tick_seconds: float = Field(
         1.0, gt=0, description="How often time-driven work runs (idle windows, bake times, timeouts)."
     )

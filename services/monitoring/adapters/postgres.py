@@ -131,8 +131,8 @@ class PgMonitoringStore:
         self, model: str, version: int, seq: int, summary: dict[str, Any], report: dict[str, Any]
     ) -> bool:
         status = await self.conn.execute(
-            """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size, drift_share,
-                   alerted, report)
+            """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
+                   drift_share, alerted, report)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
             model,
             version,
@@ -159,8 +159,8 @@ class PgMonitoringStore:
         if not rows:
             return 0
         inserted = await self.conn.fetch(
-            """INSERT INTO labelled (prediction_id, model, version, variant, rollout_id, predicted_at, prediction,
-                   score, label, observed_at, late, inputs)
+            """INSERT INTO labelled (prediction_id, model, version, variant, rollout_id, predicted_at,
+                   prediction, score, label, observed_at, late, inputs)
                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],
                    $6::timestamptz[], $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[],
                    $12::jsonb[])

@@ -93,6 +93,13 @@ class Harness:
         return out
 
 
+def start_service(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`python -m services.monitoring` with the test's environment."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.monitoring"], cwd=ROOT, env={**os.environ, **env}
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,9 +145,7 @@ async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
     await create_topics(env["DRIFTLOOP_KAFKA_BOOTSTRAP"], *topics.values())
     publisher = KafkaPublisher(KafkaSettings(bootstrap=env["DRIFTLOOP_KAFKA_BOOTSTRAP"]))
     await publisher.start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.monitoring"], cwd=ROOT, env={**os.environ, **env}
-    )
+    proc = start_service(env)
     h = Harness(
         kafka=env["DRIFTLOOP_KAFKA_BOOTSTRAP"],
         database_url=env["DRIFTLOOP_DATABASE_URL"],
