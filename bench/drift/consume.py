@@ -129,7 +129,7 @@ async def main() -> None:
             while True:
                 await asyncio.sleep(0.2)
                 try:
-                    status = (await client.get(f"http://127.0.0.1:{port}/status", timeout=5)).json()
+                    status = (await client.get(f"http://127.0.0.1:{port}/v1/status", timeout=5)).json()
                 except httpx.HTTPError:
                     continue
                 if "bench" in status["models"]:
@@ -194,7 +194,7 @@ async def main() -> None:
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 try:
-                    status = (await client.get(f"http://127.0.0.1:{port}/status", timeout=5)).json()
+                    status = (await client.get(f"http://127.0.0.1:{port}/v1/status", timeout=5)).json()
                 except httpx.HTTPError:
                     continue
                 cached = status["cached_predictions"]

@@ -16,7 +16,7 @@ from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.handlers import Monitor
 
-router = APIRouter(tags=["monitoring"])
+router = APIRouter(prefix="/v1", tags=["monitoring"])
 
 
 def _runtime(request: Request) -> Runtime:

@@ -329,9 +329,9 @@ async def test_shifted_traffic_gives_exactly_one_drift_detected(harness: Harness
     assert len(on_topic) == 1
 
     async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
-        report = (await client.get(f"http://127.0.0.1:{h.port}/models/{model}/drift")).json()
-        page = await client.get(f"http://127.0.0.1:{h.port}/models/{model}/drift.html")
-        status = (await client.get(f"http://127.0.0.1:{h.port}/status")).json()
+        report = (await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/drift")).json()
+        page = await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/drift.html")
+        status = (await client.get(f"http://127.0.0.1:{h.port}/v1/status")).json()
     assert report["windows"][0]["features"][0]["histogram"]["labels"]
     assert page.status_code == 200 and "<svg" in page.text and "<script" not in page.text
     assert status["models"][model]["last_window"] is not None
