@@ -37,7 +37,10 @@ class ServingSettings(ServiceSettings):
         description="Canary traffic share of each rollout step, strictly increasing, ending at 1.0.",
     )
     rollout_min_samples: int = Field(
-        200, ge=0, description="Canary predictions (rows) a step needs before a healthy verdict advances it."
+        200,
+        ge=0,
+        le=2**31 - 1,
+        description="Canary predictions (rows) a step needs before a healthy verdict advances it.",
     )
     rollout_bake_seconds: float = Field(
         5.0, ge=0, description="Minimum time on a step before a healthy verdict advances it."
