@@ -8,6 +8,7 @@ parsing would cost more than the prediction. Inputs are checked against the mode
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import Histogram
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from contracts.commands import PromoteRequested, RollbackRequested
@@ -34,6 +36,13 @@ from services.serving.domain import (
 )
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
 from services.serving.scoring import Predictor, PredictRequest, PredictResult
+
+REQUEST_SECONDS = Histogram(
+    "driftloop_serving_request_seconds",
+    "Whole predict requests (reading, checking, scoring, answering), per model and protocol.",
+    ["model", "protocol"],
+    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 
 SERVER_NAME = "driftloop-serving"
 SERVER_VERSION = "0.1.0"
@@ -209,6 +218,13 @@ async def version_ready(name: str, version: int, ctx: ContextDep) -> Response:
 
 
 async def _infer(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:
+    started = time.perf_counter()
+    response = await _infer_inner(name, version, request, ctx)
+    REQUEST_SECONDS.labels(name, "v2").observe(time.perf_counter() - started)
+    return response
+
+
+async def _infer_inner(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:
     if request.headers.get("inference-header-content-length") is not None:
         raise InvalidInput(
             "the binary tensor extension is not supported: send JSON tensors (binary_data=False)",
@@ -305,6 +321,7 @@ async def infer_version(
     summary="Score records: {records: [{feature: value}], entity_keys?: [key]}.",
 )
 async def predict(name: str, request: Request, ctx: ContextDep, _: PredictDep) -> Response:
+    started = time.perf_counter()
     body = await _json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
         raise InvalidInput("the request must be a JSON object with a 'records' list", reason="wrong-type")
@@ -342,7 +359,9 @@ async def predict(name: str, request: Request, ctx: ContextDep, _: PredictDep) -
         if probs is not None and classes is not None:
             row["probabilities"] = {str(c): p for c, p in zip(classes, probs, strict=True)}
         predictions.append(row)
-    return _json({"model": name, "request_id": result.request_id, "predictions": predictions})
+    response = _json({"model": name, "request_id": result.request_id, "predictions": predictions})
+    REQUEST_SECONDS.labels(name, "v1").observe(time.perf_counter() - started)
+    return response
 
 
 class FeedbackCreate(BaseModel):

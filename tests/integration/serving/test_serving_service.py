@@ -343,7 +343,9 @@ async def _served(versions: set[int], version: int) -> bool:
 
 async def test_open_inference_protocol_client_gets_correct_answers(run: Run) -> None:
     import numpy as np
-    import tritonclient.http as triton
+
+    # tritonclient[http] is a test-only dependency; without it this test says so instead of failing.
+    triton = pytest.importorskip("tritonclient.http")
 
     model = run.model("oip")
     await serve_first_version(run, model)
