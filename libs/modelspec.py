@@ -314,6 +314,24 @@ def _fail(kind: str, field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, "{field}: {message}", {"field": field, "message": message})
 
 
+def import_estimators() -> None:
+    """Import every estimator of the registry now (seconds on a busy machine), so that validating a spec
+    later never stalls an event loop on a first import."""
+    for paths in ESTIMATORS.values():
+        for path in paths:
+            if path is not None:
+                _import(path)
+    build_pipeline(
+        ModelSpec(
+            name="warm-up",
+            features=[FeatureSpec(name="x", type=FeatureType.NUMERIC)],
+            target="y",
+            task=Task.REGRESSION,
+            estimator="ridge",
+        )
+    )
+
+
 def _did_you_mean(name: str, choices: list[str]) -> str:
     near = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""

@@ -4,6 +4,7 @@ Routes call the same core functions as the handlers (handlers.register_spec, cur
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -120,7 +121,10 @@ async def put_spec(model: ModelName, request: Request, principal: OperatorDep) -
     if not body.strip():
         raise InvalidInput("the request body is empty: send the spec as YAML or JSON", field="(body)")
     try:
-        spec = parse_spec(body, content_type=request.headers.get("content-type"), name=model)
+        # Validation instantiates estimators: off the event loop, which also runs the consumers.
+        spec = await asyncio.to_thread(
+            parse_spec, body, content_type=request.headers.get("content-type"), name=model
+        )
     except SpecError as exc:
         raise InvalidInput(exc.message, field=exc.field or "(body)", reason=exc.reason) from exc
     rt = request.app.state.runtime

@@ -20,6 +20,7 @@ from libs.bus import Handler, Subscription, Transaction
 from libs.db import migrations_in
 from libs.http import create_app
 from libs.logging import get_logger
+from libs.modelspec import import_estimators
 from libs.service import Runtime, ServiceParts
 from libs.settings import PROJECT_ROOT
 from services.training import api
@@ -100,6 +101,9 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     """Training's API, consumer and job runner on the runtime's pool, producer and artifact store."""
     settings = rt.settings
     assert isinstance(settings, TrainingSettings)
+    # Before the consumer joins its group: a first scikit-learn import takes seconds, and must not happen
+    # on the event loop later, where it would stall the group heartbeat.
+    await asyncio.to_thread(import_estimators)
     spec_store = StoreSpecs(ArtifactStore(settings.artifacts_url))
     trainer = ProcessPoolTrainer(settings.start_method)
     schema = settings.db_schema

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from libs.db import migrations_in
 from libs.http import create_app
 from libs.service import Runtime, ServiceParts
 from services.validation import api
-from services.validation.adapters.evaluator import StoreEvaluator
+from services.validation.adapters.evaluator import StoreEvaluator, preload
 from services.validation.adapters.postgres import PgChampions, PgDatasets, PgReports, PgVersions
 from services.validation.handlers import HANDLERS, ValidationHandler
 from services.validation.settings import ValidationSettings
@@ -60,6 +61,8 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     """Validation's API and consumer on the runtime's pool, producer and artifact store."""
     settings = rt.settings
     assert isinstance(settings, ValidationSettings)
+    # Before the consumer joins its group: first imports of scikit-learn and skops take seconds.
+    await asyncio.to_thread(preload)
     evaluator = StoreEvaluator(
         ArtifactStore(settings.artifacts_url),
         latency_repeats=settings.latency_repeats,

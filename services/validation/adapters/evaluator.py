@@ -16,6 +16,16 @@ from services.validation.ports import Evaluation, EvaluationError
 from services.validation.scoring import HoldoutMismatch, measure
 
 
+def preload() -> None:
+    """Import what loading and scoring models needs (skops, estimators, pyarrow) ahead of the first use."""
+    import pyarrow.parquet  # noqa: F401
+    import skops.io  # noqa: F401
+
+    from libs.modelspec import import_estimators
+
+    import_estimators()
+
+
 class StoreEvaluator:
     """Reads artifacts from the store and measures with scoring.measure."""
 
