@@ -2,23 +2,30 @@
 
 Open loop: request i is due at start + i/rate whatever happened to earlier ones, and its latency is
 measured from that due time, so a stall shows up in the percentiles instead of silently lowering the rate
-(no coordinated omission). Two phases in one run, same client and rate:
+(no coordinated omission). Two schedules run side by side, interleaved in the same seconds:
 
-  baseline  GET /health/live                      (the HTTP stack, auth-free, no database)
-  target    GET /v1/models/<model>/versions/<version> (auth, one Postgres round trip, lineage and history)
+  target    GET /v1/models/<model>/versions/<version> at --rate (auth, one Postgres round trip, the
+            version with lineage, stage history and validation reports)
+  baseline  GET /health/live at --baseline-rate (the same server, HTTP stack only: no auth, no database)
 
-and the ratio target/baseline for p50 and p99. It only talks to the URL given (default: loopback), sends
-at most rate * duration requests per phase, and stops by itself.
+so both see the same machine at the same moments (this machine's 2 cores are shared, and a neighbour's
+burst would otherwise land in one phase only), and the ratio target/baseline for p50 and p99. It also
+prints how busy the machine was: all CPU, and the share of this client and the server (--server-pid).
+It only talks to a registry on loopback, sends at most (rate + baseline-rate) * duration requests, and
+stops by itself.
 
-    .venv/bin/python bench/registry/get_version.py --model churn-demo --version 1 --rate 200 --duration 30
+    .venv/bin/python bench/registry/get_version.py --model churn-demo --version 1 --rate 200 --duration 60 \
+        --server-pid "$(cat .driftloop/registry.pid)"
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,20 +140,36 @@ def show(name: str, r: dict[str, Any]) -> None:
     )
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8101", help="the registry (loopback only)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--token", default="dev-viewer")
-    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds per phase (at most 120)")
+    parser.add_argument("--rate", type=float, default=200.0, help="GETs of the version per second")
+    parser.add_argument("--baseline-rate", type=float, default=50.0, help="GETs of /health/live per second")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds measured (at most 300)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured traffic first")
+    parser.add_argument("--server-pid", type=int, default=None, help="the registry's pid, for its CPU share")
     args = parser.parse_args()
-    host = httpx.URL(args.url).host
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    url = httpx.URL(args.url)
+    if url.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("this benchmark only targets a registry on this machine (loopback)")
-    duration = min(args.duration, 120.0)
+    duration = min(args.duration, 300.0)
     auth = {"Authorization": f"Bearer {args.token}"}
     target = f"/v1/models/{args.model}/versions/{args.version}"
 
@@ -154,22 +177,44 @@ async def main() -> None:
         check = await client.get(f"{args.url}{target}", headers=auth)
     if check.status_code != 200:
         raise SystemExit(f"GET {target} answered {check.status_code}: {check.text[:200]}")
-    print(f"GET {target}: {len(check.content)} bytes; {args.rate:.0f} req/s for {duration:.0f} s per phase")
-    url = httpx.URL(args.url)
+    print(
+        f"GET {target} ({len(check.content)} bytes) at {args.rate:.0f}/s and GET /health/live at "
+        f"{args.baseline_rate:.0f}/s, side by side for {duration:.0f} s"
+    )
     conns = Connections(url.host, url.port or 80, limit=64)
+    version_request = request_bytes(url.host, target, args.token)
+    health_request = request_bytes(url.host, "/health/live", None)
     try:
-        await phase(conns, request_bytes(url.host, target, args.token), args.rate, args.warmup)
-        baseline = await phase(conns, request_bytes(url.host, "/health/live", None), args.rate, duration)
-        result = await phase(conns, request_bytes(url.host, target, args.token), args.rate, duration)
+        await phase(conns, version_request, args.rate, args.warmup)
+        busy0, total0 = machine_cpu()
+        me0 = process_cpu(os.getpid())
+        server0 = process_cpu(args.server_pid) if args.server_pid else 0.0
+        result, baseline = await asyncio.gather(
+            phase(conns, version_request, args.rate, duration),
+            phase(conns, health_request, args.baseline_rate, duration),
+        )
+        busy1, total1 = machine_cpu()
+        me = process_cpu(os.getpid()) - me0
+        server = process_cpu(args.server_pid) - server0 if args.server_pid else None
     finally:
         conns.close()
-    show("baseline", baseline)
     show("target", result)
+    show("baseline", baseline)
     print(
         f"ratio target/baseline: p50 {result['p50'] / baseline['p50']:.2f}x, "
         f"p99 {result['p99'] / baseline['p99']:.2f}x; target p99 {result['p99']:.2f} ms "
         f"({'meets' if result['p99'] <= 5.0 else 'misses'} the 5 ms goal)"
     )
+    cores = os.cpu_count() or 1
+    wall = (total1 - total0) / cores
+    used = (busy1 - busy0) / wall
+    line = f"machine: {used:.2f} of {cores} cores busy during the run; this client {me / wall:.2f} cores"
+    if server is not None:
+        line += (
+            f", the registry {server / wall:.2f} cores "
+            f"({server / (result['ok'] + baseline['ok']) * 1000:.2f} ms CPU per request)"
+        )
+    print(line + f"; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
