@@ -510,4 +510,6 @@ async def get_dataset(request: Request, _: ViewerDep, name: str, version: int) -
 async def download_dataset(request: Request, _: ViewerDep, name: str, version: int) -> StreamingResponse:
     ds = await _dataset(request, name, version)
     suffix = ds.artifact.format.value
-    return await _stream(request, ds.sha256, "application/vnd.apache.parquet", f"{name}-v{version}.{suffix}")
+    media = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
+    kind = media.get(suffix, "application/octet-stream")
+    return await _stream(request, ds.sha256, kind, f"{name}-v{version}.{suffix}")
