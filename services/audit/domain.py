@@ -18,11 +18,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -75,7 +75,14 @@ def _text_or_base64(raw: bytes | None) -> Any:
 
 
 def _headers_json(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    """Header name -> UTF-8 text; ``{"base64": ...}`` for other bytes; a list for a repeated name."""
+    try:
+        out: dict[str, Any] = {name: raw.decode() for name, raw in headers}  # type: ignore[union-attr]
+        if len(out) == len(headers):
+            return out
+    except (UnicodeDecodeError, AttributeError):
+        pass  # binary or null values: the careful way below
+    out = {}
     for name, raw in headers:
         value = _text_or_base64(raw)
         if name in out:
@@ -88,36 +95,38 @@ def _headers_json(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, Any]
 
 
 def utc_text(when: datetime) -> str:
+    """RFC 3339 UTC with microseconds, as the record and the checkpoints write times."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _index_text(value: str | None) -> str | None:
-    if value is None:
-        return None
-    # Postgres text cannot hold NUL; the exact bytes stay in the record.
-    return value.replace("\x00", "")[:INDEX_TEXT_MAX]
 
 
 def _first_text(headers: Mapping[str, Any], name: str) -> str | None:
     value = headers.get(name)
+    if value.__class__ is str:
+        return value
     if isinstance(value, list):
         value = value[0] if value else None
     return value if isinstance(value, str) else None
+
+
+def _index_text(value: str | None) -> str | None:
+    if value is None or (len(value) <= INDEX_TEXT_MAX and "\x00" not in value):
+        return value
+    # Postgres text cannot hold NUL; the exact bytes stay in the record.
+    return value.replace("\x00", "")[:INDEX_TEXT_MAX]
 
 
 def _parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(text)
     except ValueError:
         return None
     return when if when.tzinfo is not None else None
 
 
-@dataclass(frozen=True)
-class Attributes:
-    """The CloudEvents attributes of a record, as far as its headers carry them (indexed columns)."""
+class Attributes(NamedTuple):
+    """The CloudEvents attributes of a record, as far as its headers carry them (the indexed copies)."""
 
     event_id: str | None
     event_type: str | None
@@ -130,20 +139,19 @@ class Attributes:
     @classmethod
     def of(cls, headers: Mapping[str, Any]) -> Attributes:
         """Read the ce_* headers (already decoded to JSON values) the way the envelope does."""
-        event_id = _first_text(headers, "ce_id")
+        event_id = _index_text(_first_text(headers, "ce_id"))
         return cls(
-            event_id=_index_text(event_id),
-            event_type=_index_text(_first_text(headers, "ce_type")),
-            subject=_index_text(_first_text(headers, "ce_subject")),
-            correlation_id=_index_text(_first_text(headers, "ce_correlationid") or event_id),
-            causation_id=_index_text(_first_text(headers, "ce_causationid")),
-            actor=_index_text(_first_text(headers, "ce_actor")),
-            event_time=_parse_time(_first_text(headers, "ce_time")),
+            event_id,
+            _index_text(_first_text(headers, "ce_type")),
+            _index_text(_first_text(headers, "ce_subject")),
+            _index_text(_first_text(headers, "ce_correlationid")) or event_id,
+            _index_text(_first_text(headers, "ce_causationid")),
+            _index_text(_first_text(headers, "ce_actor")),
+            _parse_time(_first_text(headers, "ce_time")),
         )
 
 
-@dataclass(frozen=True)
-class Incoming:
+class Incoming(NamedTuple):
     """One record to append, with how the platform's decoder saw it."""
 
     record: Record
@@ -153,7 +161,7 @@ class Incoming:
 
 
 def record_meta(
-    incoming: Incoming, *, recorded_at: datetime, dead_letter_topic: str
+    incoming: Incoming, *, recorded_at: datetime | str, dead_letter_topic: str
 ) -> tuple[dict[str, Any], Kind]:
     """The meta object of a record (everything but the value) and its kind."""
     r = incoming.record
@@ -183,7 +191,7 @@ def record_meta(
             "topic": r.topic,
         },
         "kind": kind.value,
-        "recorded_at": utc_text(recorded_at),
+        "recorded_at": recorded_at if isinstance(recorded_at, str) else utc_text(recorded_at),
     }
     return meta, kind
 
@@ -200,8 +208,7 @@ def decode_record(record: bytes) -> tuple[dict[str, Any], bytes | None]:
     return meta, None if meta["kafka"]["tombstone"] else value
 
 
-@dataclass(frozen=True)
-class KafkaPosition:
+class KafkaPosition(NamedTuple):
     """Where a record sits in Kafka: the trail holds each position at most once."""
 
     topic: str
@@ -209,26 +216,84 @@ class KafkaPosition:
     offset: int
 
 
-@dataclass(frozen=True)
-class TrailRow:
-    """One row of the trail, ready to be written (the indexed columns are copies of record fields)."""
+class TrailRow(NamedTuple):
+    """One row of the trail, ready to be written, its fields in the table's column order (so COPY takes
+    it as it is). Everything after ``seal`` is a copy of a record field, for the indexes."""
 
     seq: int
     record: bytes
     row_hash: bytes
     seal: bytes
-    position: KafkaPosition
-    kind: Kind
-    attributes: Attributes
+    topic: str
+    partition: int
+    offset: int
+    kind: str
+    event_id: str | None
+    event_type: str | None
+    subject: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    actor: str | None
+    event_time: datetime | None
     recorded_at: datetime
+
+    @property
+    def position(self) -> KafkaPosition:
+        """Where the record sat in Kafka."""
+        return KafkaPosition(self.topic, self.partition, self.offset)
+
+    @property
+    def attributes(self) -> Attributes:
+        """The indexed copies of the CloudEvents attributes."""
+        return Attributes(*self[8:15])
 
 
 @dataclass(frozen=True)
 class ChainHead:
-    """The last row of the trail (seq 0 and the genesis hash when it is empty)."""
+    """The last row of the trail (seq 0 and the genesis hash when it is empty), and the newest checkpoint."""
 
     seq: int = 0
     row_hash: bytes = GENESIS
+    checkpoint_seq: int = 0
+
+
+class ChainBuilder:
+    """Numbers, chains and seals records after a head, one row at a time, so a writer can send the
+    first rows while the next are built; ``head`` follows the last row built."""
+
+    def __init__(
+        self, head: ChainHead, *, recorded_at: datetime, sealer: Sealer, dead_letter_topic: str
+    ) -> None:
+        self.head = head
+        self.recorded_at = recorded_at
+        self.sealer = sealer
+        self.dead_letter_topic = dead_letter_topic
+
+    def rows(self, incoming: Iterable[Incoming]) -> Iterator[TrailRow]:
+        """The trail rows of ``incoming``, in order."""
+        prev, seq = self.head.row_hash, self.head.seq
+        recorded_at, recorded_text = self.recorded_at, utc_text(self.recorded_at)
+        sha256, seal, dumps, sort = hashlib.sha256, self.sealer.seal, orjson.dumps, orjson.OPT_SORT_KEYS
+        dead_letter_topic = self.dead_letter_topic
+        for item in incoming:
+            seq += 1
+            meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
+            r = item.record
+            record = dumps(meta, option=sort) + b"\n" + (r.value or b"")
+            prev = sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + sha256(record).digest()).digest()
+            self.head = ChainHead(seq, prev, self.head.checkpoint_seq)
+            yield TrailRow(
+                seq,
+                record,
+                prev,
+                seal(prev),
+                r.topic,
+                r.partition,
+                r.offset,
+                kind.value,
+                *Attributes.of(meta["headers"]),
+                recorded_at,
+            )
 
 
 def chain_rows(
@@ -240,27 +305,8 @@ def chain_rows(
     dead_letter_topic: str,
 ) -> list[TrailRow]:
     """Number, chain and seal records after ``head``, in the order given."""
-    rows: list[TrailRow] = []
-    prev, seq = head.row_hash, head.seq
-    for item in incoming:
-        seq += 1
-        meta, kind = record_meta(item, recorded_at=recorded_at, dead_letter_topic=dead_letter_topic)
-        record = encode_record(meta, item.record.value)
-        prev = chain_hash(prev, seq, record)
-        r = item.record
-        rows.append(
-            TrailRow(
-                seq=seq,
-                record=record,
-                row_hash=prev,
-                seal=sealer.seal(prev),
-                position=KafkaPosition(r.topic, r.partition, r.offset),
-                kind=kind,
-                attributes=Attributes.of(meta["headers"]),
-                recorded_at=recorded_at,
-            )
-        )
-    return rows
+    builder = ChainBuilder(head, recorded_at=recorded_at, sealer=sealer, dead_letter_topic=dead_letter_topic)
+    return list(builder.rows(incoming))
 
 
 def new_positions(incoming: Sequence[Incoming], recorded: set[KafkaPosition]) -> list[Incoming]:

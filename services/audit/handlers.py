@@ -14,11 +14,11 @@ from contracts.envelope import new_event
 from libs.bus.core import Delivery
 from libs.logging import get_logger
 from services.audit.domain import (
+    ChainBuilder,
     ChainHead,
     Incoming,
     KafkaPosition,
     Signer,
-    chain_rows,
     checkpoint_due,
     new_positions,
 )
@@ -50,14 +50,13 @@ async def on_records(
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
     if not fresh:
         return 0
-    rows = chain_rows(
-        head, fresh, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
+    builder = ChainBuilder(
+        head, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
     )
-    await trail.append(rows)
-    new_head = ChainHead(rows[-1].seq, rows[-1].row_hash)
-    if checkpoint_due(new_head.seq, await trail.last_checkpoint_seq(), checkpoint_every_rows):
-        await _sign(new_head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
-    return len(rows)
+    await trail.append(builder.rows(fresh))
+    if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
+        await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+    return builder.head.seq - head.seq
 
 
 async def seal_head(
@@ -65,7 +64,7 @@ async def seal_head(
 ) -> AuditCheckpoint | None:
     """Sign a checkpoint of the head if rows were appended since the last one (timer and shutdown)."""
     head = await trail.lock_head()
-    if head.seq == 0 or head.seq <= await trail.last_checkpoint_seq():
+    if head.seq == 0 or head.seq <= head.checkpoint_seq:
         return None
     return await _sign(head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -19,19 +19,17 @@ class TrailWriter(Protocol):
     """The append side of the trail, inside one transaction."""
 
     async def lock_head(self) -> ChainHead:
-        """Wait until no other writer holds the chain, keep it until commit, and return its head."""
+        """Wait until no other writer holds the chain, keep it until commit, and return its head (with
+        the newest checkpoint's sequence)."""
         ...
 
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
         """Which of these Kafka positions the trail already holds."""
         ...
 
-    async def append(self, rows: Sequence[TrailRow]) -> None:
-        """Write rows that directly follow the head returned by :meth:`lock_head`."""
-        ...
-
-    async def last_checkpoint_seq(self) -> int:
-        """Sequence of the newest checkpoint (0: none yet)."""
+    async def append(self, rows: Iterable[TrailRow]) -> None:
+        """Write rows that directly follow the head returned by :meth:`lock_head`. ``rows`` may be built
+        as they are taken, so the first can be on their way while the next are made."""
         ...
 
     async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:

@@ -7,7 +7,7 @@ on the trail and never UPDATE, DELETE or TRUNCATE it.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,16 @@ import asyncpg
 from contracts.audit import AuditCheckpoint
 from libs.db import check_schema_name
 from libs.logging import get_logger
-from services.audit.domain import Attributes, ChainHead, EventQuery, KafkaPosition, Kind, StoredRow, TrailRow
+from services.audit.domain import (
+    GENESIS,
+    Attributes,
+    ChainHead,
+    EventQuery,
+    KafkaPosition,
+    Kind,
+    StoredRow,
+    TrailRow,
+)
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
 log = get_logger(__name__)
@@ -47,6 +56,11 @@ _STORED = (
 # Binary COPY: an 11-byte signature, 4 bytes of flags, a 4-byte header-extension length (then the
 # extension), tuples, and a 16-bit -1 at the end. Each link tuple is: 1 field, 72 bytes.
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_HEAD_SQL = """
+SELECT t.seq, t.row_hash, (SELECT coalesce(max(seq), 0) FROM checkpoints) AS checkpoint_seq
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS t ON true
+"""
 _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 
@@ -125,28 +139,6 @@ def _checkpoint(row: asyncpg.Record) -> AuditCheckpoint:
     )
 
 
-def _copy_tuple(row: TrailRow) -> tuple[Any, ...]:
-    a = row.attributes
-    return (
-        row.seq,
-        row.record,
-        row.row_hash,
-        row.seal,
-        row.position.topic,
-        row.position.partition,
-        row.position.offset,
-        row.kind.value,
-        a.event_id,
-        a.event_type,
-        a.subject,
-        a.correlation_id,
-        a.causation_id,
-        a.actor,
-        a.event_time,
-        row.recorded_at,
-    )
-
-
 class PgTrail:
     """The trail on one connection, inside the caller's transaction (already in the writer role)."""
 
@@ -156,12 +148,16 @@ class PgTrail:
     # -- writing --------------------------------------------------------------------------------------
 
     async def lock_head(self) -> ChainHead:
-        """Wait for the chain lock (one writer per schema, replicas included), then read the head."""
+        """Wait for the chain lock (one writer per schema, replicas included), then read the head.
+
+        Two statements: a statement's snapshot is taken when it starts, so the head must be read by one
+        that starts after the lock is held.
+        """
         await self.conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
         )
-        row = await self.conn.fetchrow("SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1")
-        return ChainHead(row["seq"], row["row_hash"]) if row else ChainHead()
+        row = await self.conn.fetchrow(_HEAD_SQL)
+        return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS, row["checkpoint_seq"])
 
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
         """Positions already in the trail: one index probe per partition, exact checks only below its end."""
@@ -194,15 +190,13 @@ class PgTrail:
         )
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
 
-    async def append(self, rows: Sequence[TrailRow]) -> None:
-        """COPY the rows in (binary): the chain lock is held, so their numbers follow the head."""
-        await self.conn.copy_records_to_table(
-            "trail", records=[_copy_tuple(r) for r in rows], columns=list(TRAIL_COLUMNS)
-        )
+    async def append(self, rows: Iterable[TrailRow]) -> None:
+        """COPY the rows in (binary); the chain lock is held, so their numbers follow the head.
 
-    async def last_checkpoint_seq(self) -> int:
-        """Sequence of the newest checkpoint (0: none yet)."""
-        return int(await self.conn.fetchval("SELECT coalesce(max(seq), 0) FROM checkpoints"))
+        A TrailRow is a tuple in the table's column order, so COPY takes the rows as they are; asyncpg
+        pulls them from the builder as it fills its send buffer, so a large batch streams out.
+        """
+        await self.conn.copy_records_to_table("trail", records=rows, columns=TRAIL_COLUMNS)
 
     async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
         """Keep a signed checkpoint."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -11,8 +12,10 @@ import pytest
 from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
 from libs.bus.core import Delivery, Record
+from services.audit.adapters.postgres import PgTrail
+from services.audit.domain import ChainBuilder, ChainHead, Incoming
 from tests.integration.audit.conftest import ROLE, TrailDb
-from tests.unit.audit.fakes import delivery, example
+from tests.unit.audit.fakes import delivery, example, record_of
 
 
 async def test_records_are_appended_in_order_and_the_trail_verifies(trail_db: TrailDb) -> None:
@@ -115,3 +118,24 @@ async def test_service_role_may_read_and_append_only(trail_db: TrailDb) -> None:
         ("trail", "INSERT"),
         ("trail", "SELECT"),
     ]
+
+
+async def test_a_batch_larger_than_a_copy_buffer_streams_in_and_stays_gapless(trail_db: TrailDb) -> None:
+    batch = [delivery(example(DriftDetected), offset=i) for i in range(900)]  # records of 1.8 kB: 1.6 MB
+    assert await trail_db.record(batch, every=100) == len(batch)
+    assert await trail_db.pool.fetchval("SELECT max(seq) = count(*) FROM trail")
+    assert (await trail_db.verify(full=True)).ok
+
+
+async def test_a_batch_that_fails_part_way_leaves_nothing_of_it(trail_db: TrailDb) -> None:
+    head = ChainHead()
+    incoming = [Incoming(record_of(example(DriftDetected), offset=i)) for i in range(600)]
+    incoming.append(incoming[3])  # the same Kafka position twice, after the first COPY buffer went out
+    builder = ChainBuilder(
+        head, recorded_at=datetime.now(UTC), sealer=trail_db.signer.sealer, dead_letter_topic=""
+    )
+    with pytest.raises(asyncpg.UniqueViolationError):
+        async with trail_db.pool.acquire() as conn, conn.transaction():
+            await PgTrail(conn).append(builder.rows(incoming))
+    assert await trail_db.pool.fetchval("SELECT count(*) FROM trail") == 0
+    assert await trail_db.record([delivery(example(DriftDetected))]) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,16 +53,17 @@ class FakeTrail:
         return self._head()
 
     def _head(self) -> ChainHead:
+        checkpoint_seq = max((c.sequence for c, _ in self.checkpoint_rows), default=0)
         if not self.rows:
-            return ChainHead()
+            return ChainHead(checkpoint_seq=checkpoint_seq)
         last = self.rows[max(self.rows)].row
-        return ChainHead(last.seq, last.row_hash)
+        return ChainHead(last.seq, last.row_hash, checkpoint_seq)
 
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
         held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
         return {p for p in positions if p in held}
 
-    async def append(self, rows: Sequence[TrailRow]) -> None:
+    async def append(self, rows: Iterable[TrailRow]) -> None:
         for r in rows:
             assert r.seq not in self.rows, "a fork: two rows with one sequence number"
             self.rows[r.seq] = Stored(
@@ -73,15 +74,12 @@ class FakeTrail:
                     topic=r.position.topic,
                     partition=r.position.partition,
                     offset=r.position.offset,
-                    kind=r.kind.value,
+                    kind=r.kind,
                     attributes=r.attributes,
                     recorded_at=r.recorded_at,
                 ),
                 r.seal,
             )
-
-    async def last_checkpoint_seq(self) -> int:
-        return max((c.sequence for c, _ in self.checkpoint_rows), default=0)
 
     async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
         self.checkpoint_rows.append((checkpoint, event_id))

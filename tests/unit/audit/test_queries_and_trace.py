@@ -98,7 +98,7 @@ async def test_event_fields_come_from_the_hashed_record_and_a_doctored_index_is_
     trail: FakeTrail,
 ) -> None:
     row = trail.rows[1].row
-    trail.rows[1].row = replace(row, attributes=replace(row.attributes, actor="user:mallory"))
+    trail.rows[1].row = replace(row, attributes=row.attributes._replace(actor="user:mallory"))
     [event], _ = await core.query_events(trail, EventQuery(actor="user:mallory"))
     assert event["actor"] is None
     assert event["integrity"] == "indexed column actor does not match the hashed record"
