@@ -33,6 +33,7 @@ from services.registry.domain import (
     render_html,
     render_markdown,
 )
+from services.registry.ports import Queries
 from services.registry.schemas import (
     CommandAccepted,
     CommandCreate,
@@ -94,7 +95,7 @@ StageFilter = Annotated[Stage | None, Query(description="Only versions in this s
 TagFilter = Annotated[str | None, Query(description="Only versions with this tag: `key` or `key=value`.")]
 
 
-async def _resolve(q: PgQueries, model: str, ref: str) -> int:
+async def _resolve(q: Queries, model: str, ref: str) -> int:
     """A version number from a path segment: a number, or an alias (`champion`)."""
     if ref.isdigit():
         return int(ref)
@@ -106,7 +107,7 @@ async def _resolve(q: PgQueries, model: str, ref: str) -> int:
     return version
 
 
-async def _version(q: PgQueries, model: str, ref: str) -> VersionPublic:
+async def _version(q: Queries, model: str, ref: str) -> VersionPublic:
     number = await _resolve(q, model, ref)
     found = await q.version(model, number)
     if found is None:
