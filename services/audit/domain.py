@@ -274,26 +274,28 @@ class ChainBuilder:
         prev, seq = self.head.row_hash, self.head.seq
         recorded_at, recorded_text = self.recorded_at, utc_text(self.recorded_at)
         sha256, seal, dumps, sort = hashlib.sha256, self.sealer.seal, orjson.dumps, orjson.OPT_SORT_KEYS
-        dead_letter_topic = self.dead_letter_topic
+        dead_letter_topic, make = self.dead_letter_topic, TrailRow._make
         for item in incoming:
             seq += 1
             meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
             r = item.record
             record = dumps(meta, option=sort) + b"\n" + (r.value or b"")
             prev = sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + sha256(record).digest()).digest()
-            self.head = ChainHead(seq, prev, self.head.checkpoint_seq)
-            yield TrailRow(
-                seq,
-                record,
-                prev,
-                seal(prev),
-                r.topic,
-                r.partition,
-                r.offset,
-                kind.value,
-                *Attributes.of(meta["headers"]),
-                recorded_at,
+            yield make(
+                (
+                    seq,
+                    record,
+                    prev,
+                    seal(prev),
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    kind.value,
+                    *Attributes.of(meta["headers"]),
+                    recorded_at,
+                )
             )
+        self.head = ChainHead(seq, prev, self.head.checkpoint_seq)
 
 
 def chain_rows(
@@ -339,11 +341,14 @@ class Sealer:
     """Keyed BLAKE2b over a row hash, with a key derived from the signing key's seed."""
 
     def __init__(self, seed: bytes) -> None:
-        self._key = hashlib.sha256(SEAL_DOMAIN + seed).digest()
+        # Keyed once; each seal copies the keyed state instead of keying again.
+        self._keyed = hashlib.blake2b(key=hashlib.sha256(SEAL_DOMAIN + seed).digest(), digest_size=16)
 
     def seal(self, row_hash: bytes) -> bytes:
         """16 bytes only the holder of the signing key can make for this row hash."""
-        return hashlib.blake2b(row_hash, key=self._key, digest_size=16).digest()
+        h = self._keyed.copy()
+        h.update(row_hash)
+        return h.digest()
 
 
 class Signer:
