@@ -238,9 +238,11 @@ class JobRunner:
         request = job.request
         async with self.begin() as tx:
             datasets = self.datasets_on(tx.conn)
-            training_ref, training_event = await self._register_set(
-                datasets, job, f"{job.model}-training", f"training-set:{job.job_id}", result.training_set
-            )
+            training_ref, training_event = None, None
+            if result.training_set is not None:
+                training_ref, training_event = await self._register_set(
+                    datasets, job, f"{job.model}-training", f"training-set:{job.job_id}", result.training_set
+                )
             holdout_ref, holdout_event = await self._register_set(
                 datasets, job, f"{job.model}-holdout", f"holdout:{job.job_id}", result.holdout
             )
@@ -253,7 +255,7 @@ class JobRunner:
                 metrics=result.metrics,
                 signature=ModelSignature.model_validate(result.signature.model_dump()),
                 lineage=Lineage(
-                    datasets=[training_ref, *request.datasets],
+                    datasets=[training_ref, *request.datasets] if training_ref else list(request.datasets),
                     holdout=holdout_ref,
                     spec_hash=job.spec_hash,
                     spec=job.spec_artifact,
@@ -263,7 +265,7 @@ class JobRunner:
                     seed=result.seed,
                     environment=result.environment,
                 ),
-                train_rows=result.training_set.rows,
+                train_rows=result.train_rows,
                 holdout_rows=result.holdout.rows,
                 duration_seconds=round(duration, 3),
             )
@@ -279,7 +281,7 @@ class JobRunner:
             "training completed",
             metrics=result.metrics,
             duration_s=round(duration, 2),
-            train_rows=result.training_set.rows,
+            train_rows=result.train_rows,
             traffic_rows=result.traffic_rows,
         )
 
@@ -304,7 +306,12 @@ class JobRunner:
             source=source,
             derived_from=list(job.request.datasets),
             description=(
-                f"{'holdout' if source.startswith('holdout:') else 'training'} rows of job {job.job_id}"
+                (
+                    "holdout rows"
+                    if source.startswith("holdout:")
+                    else "training set (before the holdout split)"
+                )
+                + f" of job {job.job_id}"
                 + (f", with labelled traffic of window {window.id}" if window is not None else "")
             ),
         )

@@ -74,8 +74,12 @@ class TrainingResult(_Plain):
     signature: ModelSignature
     params: dict[str, bool | int | float | str | None]
     environment: dict[str, str]
-    training_set: MaterialisedSet
+    training_set: MaterialisedSet | None = Field(
+        description="Base data plus labelled traffic before the holdout split; None when it is exactly one "
+        "base dataset, whose file it then is."
+    )
     holdout: MaterialisedSet
+    train_rows: int
     traffic_rows: int
     seed: int
     seconds: dict[str, float]
@@ -194,7 +198,11 @@ def train(job: TrainingInput) -> TrainingResult:
     report(job.job_id, "storing", 0.95)
     model_ref = _ref(save_model(store, pipeline), ArtifactFormat.SKOPS)
     profile_ref = _ref(store.put(profile.to_bytes()), ArtifactFormat.JSON)
-    training_set = _materialise(store, train_rows)
+    # A training set that is one base dataset as it is already has its file and its hash: no copy.
+    unchanged = (
+        len(base) == 1 and len(frame) == len(base[0]) and WEIGHT_COLUMN not in frame and not len(traffic)
+    )
+    training_set = None if unchanged else _materialise(store, frame)
     holdout = _materialise(store, holdout_rows.drop(columns=[WEIGHT_COLUMN], errors="ignore"))
     seconds["store"] = time.perf_counter() - t4
 
@@ -207,6 +215,7 @@ def train(job: TrainingInput) -> TrainingResult:
         environment=environment(),
         training_set=training_set,
         holdout=holdout,
+        train_rows=len(train_rows),
         traffic_rows=len(traffic),
         seed=spec.seed,
         seconds=seconds,

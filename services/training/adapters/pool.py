@@ -23,6 +23,10 @@ class ProcessPoolTrainer:
 
     def __init__(self, start_method: str = "forkserver", *, poll_s: float = 0.5) -> None:
         self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # The fork server imports scikit-learn once; every fit process forked from it starts warm, so a
+            # process replaced after a crash or a timeout costs milliseconds, not an import.
+            self._context.set_forkserver_preload(["services.training.worker"])
         self._poll_s = poll_s
         self._executor: ProcessPoolExecutor | None = None
         self._progress: Any = None

@@ -124,7 +124,7 @@ async def test_new_dataset_for_a_model_trains_version_one_end_to_end(harness: Ha
     assert c.signature.classes == [0, 1]
     assert c.lineage.spec is not None and c.lineage.spec.key == c.lineage.spec_hash
     assert c.lineage.holdout is not None and c.lineage.holdout.name == "churn-holdout"
-    assert [d.name for d in c.lineage.datasets] == ["churn-training", "churn-base"]
+    assert [d.name for d in c.lineage.datasets] == ["churn-base"]  # the base file is the training set
     assert c.lineage.params["estimator_class"] == "LogisticRegression"
     assert c.lineage.environment["scikit-learn"]
     assert c.train_rows + c.holdout_rows == 1200
@@ -132,7 +132,7 @@ async def test_new_dataset_for_a_model_trains_version_one_end_to_end(harness: Ha
     profile = ReferenceProfile.from_bytes(harness.store.get(c.profile.key))
     assert profile.prediction is not None and profile.prediction.kind == "categorical"
     sets = harness.events(DatasetRegistered)
-    assert {e.data.source.split(":")[0] for e in sets} == {"upload", "training-set", "holdout"}
+    assert {e.data.source.split(":")[0] for e in sets} == {"upload", "holdout"}
     [job] = harness.jobs.rows.values()
     assert job.state is JobState.COMPLETED and job.attempts == 1
 
@@ -147,6 +147,10 @@ async def test_drift_retrains_with_the_windows_labelled_rows(harness: Harness) -
     assert requested.data.traffic_window is not None
     [completed] = harness.events(TrainingCompleted)
     assert completed.data.train_rows + completed.data.holdout_rows == 1200 + 300
+    training_set = completed.data.lineage.datasets[0]
+    assert (training_set.name, training_set.rows) == ("churn-training", 1500)
+    registered = next(e for e in harness.events(DatasetRegistered) if e.data.name == "churn-training")
+    assert registered.data.derived_from == requested.data.datasets
 
 
 async def test_second_drift_while_a_job_is_in_flight_is_skipped(harness: Harness) -> None:
@@ -349,4 +353,4 @@ async def test_two_runs_on_the_same_data_and_spec_give_identical_metrics(harness
     assert first.data.metrics == second.data.metrics
     assert first.data.lineage.datasets == second.data.lineage.datasets
     assert first.data.lineage.holdout == second.data.lineage.holdout
-    assert len(harness.events(DatasetRegistered)) == 3  # the base upload, then one training set and holdout
+    assert len(harness.events(DatasetRegistered)) == 2  # the base upload, then one holdout for both runs
