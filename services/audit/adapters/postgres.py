@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 
 from contracts.audit import AuditCheckpoint
+from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
+from contracts.predictions import PredictionsLogged
 from libs.db import check_schema_name
 from libs.logging import get_logger
 from services.audit.domain import (
@@ -56,6 +58,9 @@ _STORED = (
 # Binary COPY: an 11-byte signature, 4 bytes of flags, a 4-byte header-extension length (then the
 # extension), tuples, and a 16-bit -1 at the end. Each link tuple is: 1 field, 72 bytes.
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+# The partial indexes on type and correlation id leave the predictions topic out (see the migration).
+_NOT_PREDICTIONS = f"topic <> '{PREDICTIONS_TOPIC}'"
+PREDICTIONS_TYPE = PredictionsLogged.event_type()
 _HEAD_SQL = """
 SELECT t.seq, t.row_hash, (SELECT coalesce(max(seq), 0) FROM checkpoints) AS checkpoint_seq
 FROM (SELECT 1) AS one
@@ -232,10 +237,13 @@ class PgTrail:
             where("subject = ?", query.model)
         if query.event_type is not None:
             where("event_type = ?", query.event_type)
+            if query.event_type != PREDICTIONS_TYPE:
+                clauses.append(_NOT_PREDICTIONS)
         if query.actor is not None:
             where("actor = ? AND actor IS NOT NULL", query.actor)
         if query.correlation_id is not None:
             where("correlation_id = ?", query.correlation_id)
+            clauses.append(_NOT_PREDICTIONS)
         if query.kind is not None:
             where("kind = ?", query.kind.value)
             if query.kind is not Kind.EVENT:
@@ -264,7 +272,8 @@ class PgTrail:
     async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
         """Rows of one correlation id, in trail order."""
         rows = await self.conn.fetch(
-            f"SELECT {_STORED} FROM trail WHERE correlation_id = $1 ORDER BY seq LIMIT $2",
+            f"SELECT {_STORED} FROM trail WHERE correlation_id = $1 AND {_NOT_PREDICTIONS} "
+            "ORDER BY seq LIMIT $2",
             correlation_id,
             limit,
         )

@@ -11,9 +11,12 @@ import pytest
 
 from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
+from contracts.predictions import PredictionsLogged
+from contracts.training import TrainingRequested
 from libs.bus.core import Delivery, Record
-from services.audit.adapters.postgres import PgTrail
-from services.audit.domain import ChainBuilder, ChainHead, Incoming
+from services.audit import core
+from services.audit.adapters.postgres import PgTrail, reading
+from services.audit.domain import ChainBuilder, ChainHead, EventQuery, Incoming
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import delivery, example, record_of
 
@@ -139,3 +142,27 @@ async def test_a_batch_that_fails_part_way_leaves_nothing_of_it(trail_db: TrailD
             await PgTrail(conn).append(builder.rows(incoming))
     assert await trail_db.pool.fetchval("SELECT count(*) FROM trail") == 0
     assert await trail_db.record([delivery(example(DriftDetected))]) == 1
+
+
+async def test_predictions_are_found_by_model_and_type_and_stay_out_of_cascades(trail_db: TrailDb) -> None:
+    drift = example(DriftDetected)
+    retrain = example(TrainingRequested, cause=drift)
+    prediction = example(PredictionsLogged)
+    await trail_db.record([delivery(drift), delivery(retrain, offset=1), delivery(prediction)])
+    async with reading(trail_db.pool, ROLE) as trail:
+        found, _ = await core.query_events(trail, EventQuery(event_type=PredictionsLogged.event_type()))
+        assert [e["id"] for e in found] == [prediction.id]
+        found, _ = await core.query_events(
+            trail, EventQuery(model="churn", event_type="io.driftloop.DriftDetected.v1")
+        )
+        assert [e["id"] for e in found] == [drift.id]
+        tree = await core.trace(trail, drift.id, max_events=10)
+        assert tree["events"] == 2
+        await trail.conn.execute("SET LOCAL enable_seqscan = off")  # usable at all, whatever the table size
+        plan = "\n".join(
+            r[0]
+            for r in await trail.conn.fetch(
+                "EXPLAIN SELECT * FROM trail WHERE correlation_id = $1 AND topic <> 'mlops.predictions'", "x"
+            )
+        )
+        assert "trail_correlation" in plan
