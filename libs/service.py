@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 import uvicorn
-from contracts.registry import EVENT_TYPES
 from fastapi import FastAPI
 
 from contracts.envelope import CloudEvent, EventTypeRegistry
+from contracts.registry import EVENT_TYPES
 from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
