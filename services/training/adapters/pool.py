@@ -51,14 +51,19 @@ class ProcessPoolTrainer:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool(), run_training, job_input)
         job_id = job_input["job_id"]
+        phase: tuple[str, float | None] = ("loading-data", 0.0)
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self._poll_s)
-                for owner, phase, fraction in self._drain():
-                    if owner == job_id:
-                        await progress(phase, fraction)
+                reported = [(p, f) for owner, p, f in self._drain() if owner == job_id]
+                for phase in reported:
+                    await progress(*phase)
                 if done:
                     return dict(future.result())
+                if not reported:
+                    # scikit-learn has no progress callback: a long fit re-reports its phase (the caller
+                    # throttles), so followers see it is alive and how long it has run.
+                    await progress(*phase)
         except BrokenProcessPool:
             self._discard()
             raise

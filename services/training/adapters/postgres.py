@@ -194,10 +194,13 @@ class PgJobs:
         )
 
     async def dispatch(self, job: Job) -> bool:
+        # No conflict target: a job not created here that meets another job of its model in flight is not
+        # recorded (one run per model), instead of failing the delivery.
         await self.conn.execute(
             """INSERT INTO jobs (job_id, model, state, trigger, request, request_event, spec_hash,
                                  spec_artifact, created_at)
-               VALUES ($1, $2, 'requested', $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id) DO NOTHING""",
+               VALUES ($1, $2, 'requested', $3, $4, $5, $6, $7, $8)
+               ON CONFLICT DO NOTHING""",
             job.job_id,
             job.model,
             job.trigger,
