@@ -1,13 +1,20 @@
 """Serving benchmark: driftloop vs `mlflow models serve` vs a bare FastAPI endpoint, in one run.
 
-    .venv/bin/python -m bench.serving.run [--duration 10] [--connections 16]
+    .venv/bin/python -m bench.serving.run [--model light|churn] [--rounds 3] [--duration 5] [--connections 16]
 
-Same scikit-learn model (bench/serving/model.py), one worker process each, same rows per request, one
-server at a time on 127.0.0.1, load from wrk (a separate process, one thread). driftloop runs as
-`python -m services.serving` with a live canary rollout (10%) and the prediction log on; a second driftloop
-run with the prediction log off gives the logging cost. Needs the local infrastructure
-(`deploy/local/driftloop infra up`) and wrk (`apt-get install wrk`). MLflow gets its own virtualenv under
-.driftloop/bench/mlflow-venv, created on first use. Not part of the test suite.
+Same scikit-learn model (bench/serving/model.py), one worker process each, same rows per request, all on
+127.0.0.1, load from wrk (a separate process, one thread). driftloop runs as `python -m services.serving`
+with a live canary rollout (10% of traffic) and the prediction log on; a second driftloop replica of the
+same deployment with the prediction log off gives the logging cost. All servers are up at once and are
+measured in turn, round after round (the order rotating), and the median of the rounds is reported: on a
+machine shared with other work this keeps a passing load spike from landing on one server only.
+
+Each measurement: saturation (closed loop, --connections), then about half of that rate (4 connections
+pacing themselves), recording req/s, p50/p99 and the CPU the server's process tree (and the Kafka broker)
+spent per request, which moves less than req/s when neighbours compete for the cores.
+
+Needs the local infrastructure (`deploy/local/driftloop infra up`) and wrk (`apt-get install wrk`). MLflow
+gets its own virtualenv under .driftloop/bench/mlflow-venv, created on first use. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -16,21 +23,23 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import orjson
+import pandas as pd
 import sklearn
 
 from bench.serving.model import KINDS, build_model, features, records
@@ -57,57 +66,54 @@ MLFLOW_VENV = STATE / "mlflow-venv"
 MLFLOW_VERSION = "3.17.2"
 KAFKA = os.environ.get("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
 DATABASE = os.environ.get("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:54329/driftloop")
-PORT = 18431
+BASE_PORT = 18431
+BARE, MLFLOW, DRIFTLOOP, DRIFTLOOP_NOLOG = (
+    "bare FastAPI",
+    f"mlflow {MLFLOW_VERSION}",
+    "driftloop",
+    "driftloop, log off",
+)
 
 
 @dataclass
 class Measure:
+    """One wrk run against one server."""
+
     server: str
     rows: int
     load: str
+    round: int
     connections: int
     rps: float
     p50_ms: float
     p99_ms: float
     non2xx: int
     socket_errors: int
-    duration_s: float = 0.0
-    cpu_ms: float = 0.0  # server CPU (process tree) per request: steadier than req/s on a shared machine
-    broker_cpu_ms: float = 0.0  # Kafka broker CPU per request (driftloop's prediction log goes there)
+    duration_s: float
+    cpu_ms: float = 0.0
+    broker_cpu_ms: float = 0.0
+
+
+@dataclass
+class Server:
+    """A running server under test."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    token: str
+    bodies: dict[int, Path]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def say(*parts: Any) -> None:
     print(*parts, flush=True)
 
 
-# --- environment ---------------------------------------------------------------------------------------
+# --- processes -----------------------------------------------------------------------------------------
 
 
-def ensure_mlflow_venv() -> Path:
-    """MLflow in its own virtualenv (its dependency pins are its own), with our scikit-learn/numpy/pandas."""
-    python = MLFLOW_VENV / "bin" / "python"
-    if (MLFLOW_VENV / "bin" / "mlflow").exists():
-        return python
-    say(f"creating {MLFLOW_VENV} with mlflow=={MLFLOW_VERSION} (once)")
-    uv = PROJECT_ROOT / ".venv" / "bin" / "uv"
-    import pandas
-
-    pins = [
-        f"mlflow=={MLFLOW_VERSION}",
-        f"scikit-learn=={sklearn.__version__}",
-        f"numpy=={np.__version__}",
-        f"pandas=={pandas.__version__}",
-    ]
-    if uv.exists():
-        subprocess.run([str(uv), "venv", str(MLFLOW_VENV), "--python", sys.executable], check=True)
-        subprocess.run([str(uv), "pip", "install", "--python", str(python), *pins], check=True)
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", *pins], check=True)
-    return python
-
-
-def wait_http(check: Any, proc: subprocess.Popen[bytes], what: str, deadline_s: float = 90) -> None:
+def wait_http(check: Any, proc: subprocess.Popen[bytes], what: str, deadline_s: float = 120) -> None:
     until = time.monotonic() + deadline_s
     while time.monotonic() < until:
         if proc.poll() is not None:
@@ -130,8 +136,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
             proc.wait()
 
-
-# --- CPU accounting ------------------------------------------------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -173,194 +177,169 @@ def broker_pid() -> int | None:
     return None
 
 
-# --- load --------------------------------------------------------------------------------------------------
+# --- load ----------------------------------------------------------------------------------------------
 
 
 def wrk(
-    url: str, body: Path, *, token: str, duration: float, connections: int, delay_ms: float = 0
-) -> Measure:
+    url: str, body: Path, *, token: str, duration: int, connections: int, delay_ms: float = 0
+) -> dict[str, Any]:
     env = {**os.environ, "BENCH_BODY": str(body), "BENCH_TOKEN": token, "BENCH_DELAY_MS": f"{delay_ms:.3f}"}
-    proc = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{round(duration)}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(HERE / "predict.lua"),
-            url,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "predict.lua"),
+    ]
+    proc = subprocess.run([*cmd, url], env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"wrk failed: {proc.stderr or proc.stdout}")
-    out = proc.stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("BENCH_JSON "))
-    data = json.loads(line.removeprefix("BENCH_JSON "))
-    return Measure(
-        server="",
-        rows=0,
-        load="",
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON "))
+    data: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+    return data
+
+
+def one(
+    server: Server, rows: int, load: str, rnd: int, *, connections: int, duration: int, delay_ms: float = 0
+) -> Measure:
+    """One accounted wrk run: rate, latency, and the CPU it cost the server (and the broker)."""
+    broker = broker_pid()
+    cpu0, b0 = tree_cpu(server.proc.pid), (tree_cpu(broker) if broker else 0.0)
+    data = wrk(
+        server.url,
+        server.bodies[rows],
+        token=server.token,
+        duration=duration,
         connections=connections,
-        rps=data["requests"] / (data["duration_us"] / 1e6),
-        duration_s=data["duration_us"] / 1e6,
+        delay_ms=delay_ms,
+    )
+    cpu, b = tree_cpu(server.proc.pid) - cpu0, (tree_cpu(broker) - b0 if broker else 0.0)
+    seconds = data["duration_us"] / 1e6
+    requests = max(1, data["requests"])
+    return Measure(
+        server=server.name,
+        rows=rows,
+        load=load,
+        round=rnd,
+        connections=connections,
+        rps=data["requests"] / seconds,
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         non2xx=data["non2xx"],
         socket_errors=data["socket_errors"],
+        duration_s=seconds,
+        cpu_ms=cpu * 1000 / requests,
+        broker_cpu_ms=b * 1000 / requests,
     )
 
 
-def accounted(pid: int, run: Any) -> Measure:
-    """Run one wrk measurement and charge the server's (and the broker's) CPU to its requests."""
-    broker = broker_pid()
-    cpu0, b0 = tree_cpu(pid), (tree_cpu(broker) if broker else 0.0)
-    m: Measure = run()
-    requests = max(1.0, m.rps * m.duration_s)
-    m.cpu_ms = (tree_cpu(pid) - cpu0) * 1000 / requests
-    m.broker_cpu_ms = (tree_cpu(broker) - b0) * 1000 / requests if broker else 0.0
-    return m
+def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> list[Measure]:
+    """Saturation, then about half of it: 4 connections, each pausing after its answer."""
+    wrk(server.url, server.bodies[rows], token=server.token, duration=1, connections=args.connections)  # warm
+    sat = one(server, rows, "saturation", rnd, connections=args.connections, duration=args.duration)
+    pace = 4
+    delay_ms = max(0.0, 1000 * pace / (sat.rps / 2) - 1000 / sat.rps)
+    half = one(server, rows, "half", rnd, connections=pace, duration=args.duration, delay_ms=delay_ms)
+    say(
+        f"  round {rnd + 1} {server.name:<18} rows={rows:<3} saturated {sat.rps:7.1f} req/s "
+        f"{sat.cpu_ms:5.2f} CPU ms/req p99 {sat.p99_ms:7.2f} ms | at {half.rps:6.1f} req/s p50 "
+        f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms"
+    )
+    return [sat, half]
 
 
-def measure(
-    server: str, url: str, bodies: dict[int, Path], *, pid: int, token: str, duration: float, connections: int
-) -> list[Measure]:
-    """Saturation (closed loop, ``connections``), then half of it (paced), for each payload size."""
-    results = []
-    for rows, body in bodies.items():
-        wrk(url, body, token=token, duration=2, connections=connections)  # warm-up, discarded
-        sat = accounted(pid, partial(wrk, url, body, token=token, duration=duration, connections=connections))
-        sat.server, sat.rows, sat.load = server, rows, "saturation"
-        # Paced: 4 connections, each waiting after its answer so the total is about half the saturated rate.
-        pace_conns = 4
-        target = sat.rps / 2
-        delay_ms = max(0.0, 1000 * pace_conns / target - 1000 / sat.rps)
-        paced = partial(
-            wrk, url, body, token=token, duration=duration, connections=pace_conns, delay_ms=delay_ms
-        )
-        half = accounted(pid, paced)
-        half.server, half.rows, half.load = server, rows, "half"
-        say(
-            f"  {server:<22} rows={rows:<3} saturated {sat.rps:8.1f} req/s ({sat.cpu_ms:.2f} CPU ms/req) "
-            f"p50 {sat.p50_ms:6.2f} ms "
-            f"p99 {sat.p99_ms:6.2f} ms | at {half.rps:7.1f} req/s "
-            f"p50 {half.p50_ms:5.2f} ms p99 {half.p99_ms:5.2f} ms"
-            + (f" | non-2xx {sat.non2xx + half.non2xx}" if sat.non2xx + half.non2xx else "")
-        )
-        results += [sat, half]
-    return results
+# --- the servers -----------------------------------------------------------------------------------------
 
 
-# --- servers -----------------------------------------------------------------------------------------------
-
-
-def run_bare(work: Path, key: str, bodies: dict[int, Path], args: argparse.Namespace) -> list[Measure]:
+def start_bare(work: Path, key: str, bodies: dict[int, Path], port: int) -> Server:
     env = {**os.environ, "BENCH_ARTIFACTS": str(work / "artifacts"), "BENCH_MODEL_KEY": key}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.serving.bare_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(PORT),
-            "--workers",
-            "1",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=(work / "bare.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PORT}/predict"
-    try:
-        wait_http(
-            lambda: httpx.post(url, content=bodies[1].read_bytes()).status_code == 200, proc, "bare endpoint"
-        )
-        return measure(
-            "bare FastAPI",
-            url,
-            bodies,
-            pid=proc.pid,
-            token="",
-            duration=args.duration,
-            connections=args.connections,
-        )
-    finally:
-        stop(proc)
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.serving.bare_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    out = (work / "bare.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/predict"
+    wait_http(lambda: httpx.post(url, content=bodies[1].read_bytes()).status_code == 200, proc, BARE)
+    return Server(BARE, proc, url, "", bodies)
 
 
-def run_mlflow(
-    work: Path, bodies: dict[int, Path], expected: np.ndarray, args: argparse.Namespace
-) -> list[Measure]:
+def ensure_mlflow_venv() -> Path:
+    """MLflow in its own virtualenv, with our scikit-learn, numpy and pandas so the model is the same."""
+    python = MLFLOW_VENV / "bin" / "python"
+    if (MLFLOW_VENV / "bin" / "mlflow").exists():
+        return python
+    say(f"creating {MLFLOW_VENV} with mlflow=={MLFLOW_VERSION} (once)")
+    pins = [
+        f"mlflow=={MLFLOW_VERSION}",
+        f"scikit-learn=={sklearn.__version__}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+    ]
+    uv = PROJECT_ROOT / ".venv" / "bin" / "uv"
+    if uv.exists():
+        subprocess.run([str(uv), "venv", str(MLFLOW_VENV), "--python", sys.executable], check=True)
+        subprocess.run([str(uv), "pip", "install", "--python", str(python), *pins], check=True)
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", *pins], check=True)
+    return python
+
+
+def start_mlflow(work: Path, kind: str, bodies: dict[int, Path], expected: np.ndarray, port: int) -> Server:
     python = ensure_mlflow_venv()
     model_dir = work / "mlflow-model"
     saved = subprocess.run(
-        [str(python), str(HERE / "mlflow_model.py"), str(model_dir), args.model],
+        [str(python), str(HERE / "mlflow_model.py"), str(model_dir), kind],
         capture_output=True,
         text=True,
         check=False,
     )
     if saved.returncode != 0:
         raise SystemExit(f"saving the model for MLflow failed: {saved.stderr[-2000:]}")
-    line = saved.stdout.strip().splitlines()[-1]
-    theirs = np.array([float(x) for x in line.split(",")])
+    theirs = np.array([float(x) for x in saved.stdout.strip().splitlines()[-1].split(",")])
     if not np.allclose(theirs, expected, atol=1e-9):
         raise SystemExit("MLflow's copy of the model predicts differently: not the same model")
     env = {
         **os.environ,
         "MLFLOW_ALLOW_FILE_STORE": "true",
         "MLFLOW_TRACKING_URI": f"file://{work / 'mlruns'}",
-        # --env-manager local runs `uvicorn` from PATH: MLflow's own venv, not ours.
+        # --env-manager local runs `uvicorn` from PATH: MLflow's own virtualenv, not ours.
         "PATH": f"{MLFLOW_VENV / 'bin'}:{os.environ.get('PATH', '')}",
     }
-    proc = subprocess.Popen(
-        [
-            str(MLFLOW_VENV / "bin" / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            str(model_dir),
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(PORT),
-            "--workers",
-            "1",
-        ],
-        cwd=work,
-        env=env,
-        stdout=(work / "mlflow.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PORT}/invocations"
-    try:
-        wait_http(
-            lambda: httpx.get(f"http://127.0.0.1:{PORT}/ping").status_code == 200, proc, "mlflow models serve"
-        )
-        return measure(
-            f"mlflow models serve {MLFLOW_VERSION}",
-            url,
-            bodies,
-            pid=proc.pid,
-            token="",
-            duration=args.duration,
-            connections=args.connections,
-        )
-    finally:
-        stop(proc)
+    cmd = [
+        str(MLFLOW_VENV / "bin" / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        str(model_dir),
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    out = (work / "mlflow.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_http(lambda: httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200, proc, MLFLOW)
+    return Server(MLFLOW, proc, f"http://127.0.0.1:{port}/invocations", "", bodies)
 
 
 def signature(kind: str) -> ModelSignature:
@@ -368,8 +347,8 @@ def signature(kind: str) -> ModelSignature:
     return ModelSignature(
         features=[FeatureSpec(name=n, type=FeatureType.NUMERIC) for n in numeric]
         + [
-            FeatureSpec(name=n, type=FeatureType.CATEGORICAL, categories=list(levels))
-            for n, levels in categorical.items()
+            FeatureSpec(name=n, type=FeatureType.CATEGORICAL, categories=list(v))
+            for n, v in categorical.items()
         ],
         target="churned",
         task=Task.CLASSIFICATION,
@@ -415,6 +394,7 @@ async def announce(model: str, ref: ArtifactRef, kind: str) -> None:
 
 
 async def start_group_at_end(group: str) -> None:
+    """The benchmark's consumer group reads only what the benchmark publishes."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -438,6 +418,48 @@ async def start_group_at_end(group: str) -> None:
         await consumer.stop()
 
 
+async def drop_schema(schema: str) -> None:
+    """The benchmark's own serving schema goes when the benchmark is done."""
+    import asyncpg
+
+    conn = await asyncpg.connect(DATABASE)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+def start_driftloop(
+    work: Path, model: str, env: dict[str, str], bodies: dict[int, Path], port: int, *, logging_on: bool
+) -> Server:
+    name = DRIFTLOOP if logging_on else DRIFTLOOP_NOLOG
+    run_env = {
+        **os.environ,
+        **env,
+        "DRIFTLOOP_SERVING_HTTP_PORT": str(port),
+        "DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": str(logging_on).lower(),
+    }
+    out = (work / f"driftloop-{'log' if logging_on else 'nolog'}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.serving"],
+        cwd=PROJECT_ROOT,
+        env=run_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def routed() -> bool:
+        r = httpx.get(f"{base}/v1/models/{model}", headers={"Authorization": "Bearer dev-viewer"})
+        mine = r.json().get("this_replica") if r.status_code == 200 else None
+        return bool(
+            mine and mine["stable_version"] == 1 and mine["canary_version"] == 2 and mine["weight"] == 0.1
+        )
+
+    wait_http(routed, proc, name)
+    return Server(name, proc, f"{base}/v1/models/{model}/predict", "dev-predict", bodies, {"base": base})
+
+
 def dropped_predictions(base: str) -> float:
     text = httpx.get(f"{base}/metrics").text
     return sum(
@@ -447,121 +469,147 @@ def dropped_predictions(base: str) -> float:
     )
 
 
-def run_driftloop(
-    work: Path,
-    model: str,
-    env: dict[str, str],
-    bodies: dict[int, Path],
-    args: argparse.Namespace,
-    *,
-    logging_on: bool,
-) -> tuple[list[Measure], float]:
-    run_env = {**os.environ, **env, "DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": str(logging_on).lower()}
-    name = "driftloop" + ("" if logging_on else " (log off)")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.serving"],
-        cwd=PROJECT_ROOT,
-        env=run_env,
-        stdout=(work / f"driftloop-{'log' if logging_on else 'nolog'}.log").open("wb"),
-        stderr=subprocess.STDOUT,
+def logging_path_cpu_us(kind: str, model: str, ref: ArtifactRef, rows: int, n: int = 2000) -> float:
+    """CPU microseconds the prediction log costs per request in-process (serialising and handing the event
+    to the Kafka producer), measured on its own: steadier than a difference of two loaded throughputs."""
+    from contracts.rollouts import RolloutMode
+    from services.serving.adapters.prediction_log import KafkaPredictionLog
+    from services.serving.domain import columns_from_records
+    from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
+    from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictRequest
+
+    items: list[LogItem] = []
+
+    class Capture:
+        def offer(self, item: LogItem) -> bool:
+            items.append(item)
+            return True
+
+    served = ServedModel(model, 1, ref.key, signature(kind), build_model(kind))
+    state = RoutingState()
+    state.swap(RoutingTable({model: ModelRouting(model, served, None, None, 0.0, RolloutMode.CANARY, 0)}))
+    predictor = Predictor(state, Capture(), CanaryStats(0.05, 20), max_rows=10_000)
+    rs = records(rows, kind)
+    for _ in range(n):
+        predictor.predict(
+            PredictRequest(model, rows, lambda sig, _: columns_from_records(sig, rs), [None] * rows, rs)
+        )
+
+    async def send_all() -> float:
+        log = KafkaPredictionLog(
+            KafkaSettings(bootstrap=KAFKA), source="/bench", buffer=n + 1, batch=500, linger_ms=20
+        )
+        for item in items:
+            log.offer(item)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        task = asyncio.create_task(log.run())
+        await log.stop()
+        await task
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6 / n
+
+    return asyncio.run(send_all())
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def median(results: list[Measure], server: str, rows: int, load: str, attr: str) -> float:
+    return statistics.median(
+        getattr(m, attr) for m in results if (m.server, m.rows, m.load) == (server, rows, load)
     )
-    base = f"http://127.0.0.1:{PORT}"
-
-    def routed() -> bool:
-        r = httpx.get(f"{base}/v1/models/{model}", headers={"Authorization": "Bearer dev-viewer"})
-        mine = r.json().get("this_replica") if r.status_code == 200 else None
-        return bool(
-            mine and mine["stable_version"] == 1 and mine["canary_version"] == 2 and mine["weight"] == 0.1
-        )
-
-    try:
-        wait_http(routed, proc, name)
-        results = measure(
-            name,
-            f"{base}/v1/models/{model}/predict",
-            bodies,
-            pid=proc.pid,
-            token="dev-predict",
-            duration=args.duration,
-            connections=args.connections,
-        )
-        return results, dropped_predictions(base)
-    finally:
-        stop(proc)
 
 
-# --- report ----------------------------------------------------------------------------------------------
-
-
-def pick(results: list[Measure], server: str, rows: int, load: str) -> Measure:
-    return next(m for m in results if m.server.startswith(server) and m.rows == rows and m.load == load)
-
-
-def report(results: list[Measure], dropped: float, work: Path, args: argparse.Namespace) -> None:
+def report(
+    results: list[Measure],
+    servers: list[str],
+    log_cpu: dict[int, float],
+    dropped: float,
+    args: argparse.Namespace,
+    work: Path,
+) -> None:
+    say(f"\nmedians of {args.rounds} rounds, {args.model} model, {args.duration} s per measurement\n")
     say(
-        "\n| server | rows/request | saturated req/s | p50 ms | p99 ms | server CPU ms/req "
-        "| broker CPU ms/req "
-        "| half-load req/s | p50 ms | p99 ms |"
+        "| server | rows/request | saturated req/s | p50 ms | p99 ms | server CPU ms/req | broker CPU ms/req "
+        "| at ~half: req/s | p50 ms | p99 ms |"
     )
     say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    servers = list(dict.fromkeys(m.server for m in results))
     for server in servers:
         for rows in (1, 100):
-            s, h = pick(results, server, rows, "saturation"), pick(results, server, rows, "half")
+
+            def sat(a: str, s: str = server, r: int = rows) -> float:
+                return median(results, s, r, "saturation", a)
+
+            def half(a: str, s: str = server, r: int = rows) -> float:
+                return median(results, s, r, "half", a)
+
             say(
-                f"| {server} | {rows} | {s.rps:.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.cpu_ms:.2f} | "
-                f"{s.broker_cpu_ms:.2f} | {h.rps:.0f} | {h.p50_ms:.2f} | {h.p99_ms:.2f} |"
+                f"| {server} | {rows} | {sat('rps'):.0f} | {sat('p50_ms'):.1f} | {sat('p99_ms'):.1f} | "
+                f"{sat('cpu_ms'):.2f} | {sat('broker_cpu_ms'):.2f} | {half('rps'):.0f} | "
+                f"{half('p50_ms'):.1f} | {half('p99_ms'):.1f} |"
             )
     say("")
     for rows in (1, 100):
-        d = pick(results, "driftloop", rows, "saturation")
-        parts = [f"rows={rows}:"]
-        if any(m.server.startswith("mlflow") for m in results):
-            mlf = pick(results, "mlflow", rows, "saturation")
-            parts.append(
-                f"driftloop/mlflow {d.rps / mlf.rps:.1f}x req/s, "
-                f"{mlf.cpu_ms / d.cpu_ms:.1f}x by CPU (target >= 10x)"
-            )
-        bare = pick(results, "bare", rows, "saturation")
-        parts.append(
-            f"driftloop/bare {d.rps / bare.rps:.0%} req/s, "
-            f"{bare.cpu_ms / d.cpu_ms:.0%} by CPU (target >= 80%)"
+        d_rps, d_cpu = (
+            median(results, DRIFTLOOP, rows, "saturation", "rps"),
+            median(results, DRIFTLOOP, rows, "saturation", "cpu_ms"),
         )
-        if any(m.server == "driftloop (log off)" for m in results):
-            off = pick(results, "driftloop (log off)", rows, "saturation")
-            parts.append(
-                f"logging cost {1 - d.rps / off.rps:.1%} req/s, {d.cpu_ms / off.cpu_ms - 1:.1%} server CPU, "
-                f"+{d.broker_cpu_ms - off.broker_cpu_ms:.2f} broker CPU ms/req (target <= 10%)"
+        parts = [f"rows={rows}:"]
+        if MLFLOW in servers:
+            m_rps, m_cpu = (
+                median(results, MLFLOW, rows, "saturation", "rps"),
+                median(results, MLFLOW, rows, "saturation", "cpu_ms"),
             )
-        h = pick(results, "driftloop", rows, "half")
-        parts.append(f"p99 at {h.rps:.0f} req/s {h.p99_ms:.2f} ms (target <= 10 ms)")
-        say("  ".join(parts))
+            parts.append(
+                f"vs MLflow {d_rps / m_rps:.1f}x req/s, {m_cpu / d_cpu:.1f}x less CPU/req (target >= 10x);"
+            )
+        b_rps, b_cpu = (
+            median(results, BARE, rows, "saturation", "rps"),
+            median(results, BARE, rows, "saturation", "cpu_ms"),
+        )
+        parts.append(f"vs bare {d_rps / b_rps:.0%} req/s, {b_cpu / d_cpu:.0%} by CPU/req (target >= 80%);")
+        off_rps = median(results, DRIFTLOOP_NOLOG, rows, "saturation", "rps")
+        off_cpu = median(results, DRIFTLOOP_NOLOG, rows, "saturation", "cpu_ms")
+        parts.append(
+            f"prediction log {1 - d_rps / off_rps:.1%} of req/s, in-process {log_cpu[rows]:.0f} us/req = "
+            f"{log_cpu[rows] / 1000 / off_cpu:.1%} of a request's CPU (target <= 10%);"
+        )
+        parts.append(
+            f"p99 at {median(results, DRIFTLOOP, rows, 'half', 'rps'):.0f} req/s: "
+            f"{median(results, DRIFTLOOP, rows, 'half', 'p99_ms'):.1f} ms (target <= 10 ms)"
+        )
+        say(" ".join(parts))
     bad = sum(m.non2xx + m.socket_errors for m in results)
-    say(f"non-2xx or socket errors over all runs: {bad}; prediction-log events dropped: {dropped:.0f}")
+    say(
+        f"non-2xx or socket errors over all runs: {bad}; "
+        f"prediction-log events dropped by driftloop: {dropped:.0f}"
+    )
     out = work / "results.json"
     out.write_text(
         json.dumps(
             {
                 "args": vars(args),
                 "results": [asdict(m) for m in results],
+                "log_cpu_us": log_cpu,
                 "dropped": dropped,
                 "date": datetime.now(UTC).isoformat(),
             },
             indent=2,
         )
     )
-    say(f"results: {out}")
+    say(f"raw results: {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
-    parser.add_argument("--connections", type=int, default=16, help="connections for the saturation runs")
     parser.add_argument(
-        "--model", choices=KINDS, default="light", help="which model (see bench/serving/model.py)"
+        "--model", choices=KINDS, default="light", help="which model (bench/serving/model.py)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=16, help="connections for the saturation runs")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave MLflow out (no virtualenv needed)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -572,8 +620,7 @@ def main() -> None:
     work.mkdir(parents=True)
     model = build_model(args.model)
     stored = save_model(ArtifactStore(str(work / "artifacts")), model)
-    import pandas as pd
-
+    ref = ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size)
     expected = model.predict_proba(pd.DataFrame(records(20, args.model)))[:, 1]
     bodies: dict[int, Path] = {}
     mlflow_bodies: dict[int, Path] = {}
@@ -584,36 +631,46 @@ def main() -> None:
         mlflow_bodies[rows] = work / f"mlflow-{rows}.json"
         mlflow_bodies[rows].write_bytes(orjson.dumps({"dataframe_records": rs}))
     say(
-        f"{args.model} model {stored.sha256[:12]} ({stored.size} bytes), "
-        f"{args.duration:.0f}s per measurement, "
-        f"{args.connections} connections at saturation, work dir {work}"
+        f"{args.model} model {stored.sha256[:12]}, {args.rounds} rounds of {args.duration} s measurements, "
+        f"{args.connections} connections at saturation; work dir {work}"
     )
 
-    results: list[Measure] = []
-    results += run_bare(work, stored.sha256, bodies, args)
-    if not args.skip_mlflow:
-        results += run_mlflow(work, mlflow_bodies, expected, args)
-
     bench_model = f"bench-{tag}"
-    ref = ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size)
+    schema = f"bench_{tag}"
     env = {
         "DRIFTLOOP_ARTIFACTS_URL": str(work / "artifacts"),
         "DRIFTLOOP_KAFKA_BOOTSTRAP": KAFKA,
         "DRIFTLOOP_DATABASE_URL": DATABASE,
-        "DRIFTLOOP_SERVING_DATABASE_SCHEMA": f"bench_{tag}",
+        "DRIFTLOOP_SERVING_DATABASE_SCHEMA": schema,
         "DRIFTLOOP_SERVING_CONSUMER_GROUP": f"bench-serving-{tag}",
-        "DRIFTLOOP_SERVING_HTTP_PORT": str(PORT),
         "DRIFTLOOP_SERVING_ROLLOUT_MIN_SAMPLES": str(2**31 - 1),
         "DRIFTLOOP_LOG_LEVEL": "WARNING",
         "DRIFTLOOP_ENV": "dev",
     }
-    asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
-    asyncio.run(announce(bench_model, ref, args.model))
-    on, dropped = run_driftloop(work, bench_model, env, bodies, args, logging_on=True)
-    # The second run restores its routing (stable 1, canary 2 at 10%) from Postgres alone.
-    off, _ = run_driftloop(work, bench_model, env, bodies, args, logging_on=False)
-    results += on + off
-    report(results, dropped, work, args)
+    servers: list[Server] = []
+    results: list[Measure] = []
+    try:
+        servers.append(start_bare(work, stored.sha256, bodies, BASE_PORT))
+        if not args.skip_mlflow:
+            servers.append(start_mlflow(work, args.model, mlflow_bodies, expected, BASE_PORT + 1))
+        asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
+        asyncio.run(announce(bench_model, ref, args.model))
+        servers.append(start_driftloop(work, bench_model, env, bodies, BASE_PORT + 2, logging_on=True))
+        # A second replica of the same deployment: it restores the routing (stable 1, canary 2 at 10%)
+        # from Postgres alone.
+        servers.append(start_driftloop(work, bench_model, env, bodies, BASE_PORT + 3, logging_on=False))
+        for rnd in range(args.rounds):
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+            for server in order:
+                for rows in (1, 100):
+                    results += measure(server, rows, rnd, args)
+        dropped = dropped_predictions(servers[-2].extra["base"])
+    finally:
+        for server in servers:
+            stop(server.proc)
+        asyncio.run(drop_schema(schema))
+    log_cpu = {rows: logging_path_cpu_us(args.model, bench_model, ref, rows) for rows in (1, 100)}
+    report(results, [s.name for s in servers], log_cpu, dropped, args, work)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ async def build(rt: Runtime) -> ServiceParts:
         title="driftloop serving",
         description="Predictions (Open Inference Protocol v2 and a simple JSON API), progressive canary "
         "rollouts, prediction and feedback logging.",
-        routers=[api.router],
+        routers=[api.predict_router, api.router],
         ready=ready,
     )
 

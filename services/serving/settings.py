@@ -27,7 +27,7 @@ class ServingSettings(ServiceSettings):
     )
     instance_id: str = Field(
         "",
-        description="Name of this replica in logs and metrics; empty: host name and process id.",
+        description="Name of this replica in its logs; empty: host name and process id.",
     )
     max_rows_per_request: int = Field(
         10_000, ge=1, description="Predict requests with more rows than this get 413."

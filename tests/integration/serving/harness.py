@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -193,6 +194,16 @@ def serving_env(
         "DRIFTLOOP_LOG_LEVEL": "INFO",
         **extra,
     }
+
+
+async def drop_schema(database_url: str, schema: str) -> None:
+    """Remove a test run's schema (its name is checked: it comes from :func:`new_run_names`)."""
+    assert schema.startswith("serving_") and schema.replace("_", "").isalnum()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 def new_run_names() -> tuple[str, str, str]:

@@ -43,14 +43,14 @@ from tests.integration.serving.harness import (
     VIEWER,
     ServingProcess,
     TopicWatcher,
+    drop_schema,
     free_port,
     new_run_names,
     serving_env,
     start_group_at_end,
     store_models,
 )
-from tests.unit.serving.fakes import churn_pipeline, record
-from tests.unit.serving.test_handlers import canary_verdict, passed, registered
+from tests.unit.serving.fakes import canary_verdict, churn_pipeline, passed, record, registered
 
 
 @dataclass
@@ -134,6 +134,7 @@ async def run(
         code = replica.stop()
         await publisher.stop()
         await watcher.stop()
+        await drop_schema(database_url, schema)
     assert code == 0, f"serving did not stop cleanly; see {tmp / 'replica-a.log'}"
 
 

@@ -8,10 +8,10 @@ import pytest
 
 from contracts import commands, models, monitoring, validation
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, Stage, TrafficWindow
+from contracts.common import Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
-from contracts.models import ModelStageChanged, ModelVersionRegistered
-from contracts.monitoring import CanaryVerdict, Verdict
+from contracts.models import ModelStageChanged
+from contracts.monitoring import Verdict
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import (
     TOPIC as ROLLOUTS,
@@ -23,69 +23,20 @@ from contracts.rollouts import (
     RolloutStarted,
     RolloutStepAdvanced,
 )
-from contracts.validation import CheckKind, CheckResult, ValidationPassed
 from libs.bus import InMemoryBus, Subscription, Transaction
 from services.serving import handlers
 from services.serving.domain import RolloutPolicy
-from tests.unit.serving.fakes import Clock, FakeLoader, FakeRoutes, FakeVersions, churn_signature
+from tests.unit.serving.fakes import (
+    Clock,
+    FakeLoader,
+    FakeRoutes,
+    FakeVersions,
+    canary_verdict,
+    passed,
+    registered,
+)
 
 POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=10, bake_seconds=5.0)
-SHA = "ab" * 32
-
-
-def registered(
-    version: int, model: str = "churn", key: str | None = None
-) -> CloudEvent[ModelVersionRegistered]:
-    artifact = ArtifactRef(
-        key=key or f"{version:02x}" * 32, uri="file:///x", format=ArtifactFormat.SKOPS, size_bytes=1
-    )
-    payload = ModelVersionRegistered(
-        model=model,
-        model_version=version,
-        run_id="run-1",
-        job_id="job-1",
-        artifact=artifact,
-        profile=ArtifactRef(key=SHA, uri="file:///p", format=ArtifactFormat.JSON, size_bytes=1),
-        signature=churn_signature(),
-        metrics={"accuracy": 0.9},
-        lineage=Lineage(
-            datasets=[DatasetRef(name="d", version=1, sha256=SHA)], spec_hash=SHA, code_version="t", seed=1
-        ),
-    )
-    return new_event(payload, source="/driftloop/registry")
-
-
-def passed(version: int, model: str = "churn") -> CloudEvent[ValidationPassed]:
-    check = CheckResult(name="accuracy>=0.5", kind=CheckKind.THRESHOLD, passed=True)
-    payload = ValidationPassed(
-        model=model, model_version=version, report_id=f"vr-{version}", checks=[check], duration_seconds=1.0
-    )
-    return new_event(payload, source="/driftloop/validation")
-
-
-def canary_verdict(
-    started: RolloutStarted, step: int, verdict: Verdict, samples: int = 50
-) -> CloudEvent[Any]:
-    clock_window = TrafficWindow(
-        id="w-1",
-        start="2026-01-01T00:00:00Z",
-        end="2026-01-01T00:01:00Z",
-        size=samples,  # type: ignore[arg-type]
-    )
-    payload = CanaryVerdict(
-        rollout_id=started.rollout_id,
-        model=started.model,
-        stable_version=started.stable_version,
-        canary_version=started.canary_version,
-        step_index=step,
-        verdict=verdict,
-        evidence=[],
-        stable_samples=samples * 9,
-        canary_samples=samples,
-        window=clock_window,
-        reason=f"{verdict.value} on step {step}",
-    )
-    return new_event(payload, source="/driftloop/monitoring")
 
 
 class World:
