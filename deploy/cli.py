@@ -323,12 +323,17 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def _audit_trace_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("correlation_id", help="the cascade's correlation id (its root event's id)")
+    # Optional to argparse so the command is reachable by its path alone; required below.
+    parser.add_argument(
+        "correlation_id", nargs="?", help="the cascade's correlation id (its root event's id)"
+    )
     parser.add_argument("--json", action="store_true", help="print the tree as JSON")
 
 
 def cmd_audit_trace(args: argparse.Namespace) -> int:
     """The causal tree of one cascade: drift -> retrain -> ... -> promotion or rollback."""
+    if not args.correlation_id:
+        args.usage_of.error("the correlation id of a cascade is required (GET /v1/events shows it)")
     from services.audit import cli as audit
 
     return audit.trace(args.correlation_id, as_json=args.json)
