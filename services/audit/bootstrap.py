@@ -46,7 +46,7 @@ def key_ring(settings: AuditSettings, signer: Signer) -> KeyRing:
 async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile) -> int:
     """Copy checkpoints the file does not have yet from the database; returns how many."""
     async with reading(pool, role) as trail:
-        checkpoints = await trail.checkpoints()
+        checkpoints = await trail.checkpoints(after=archive.last_sequence())
     return archive.append(checkpoints)
 
 

@@ -56,8 +56,8 @@ class TrailReader(Protocol):
         """Rows of one correlation id in trail order, at most ``limit``."""
         ...
 
-    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
-        """Signed checkpoints, newest first when limited, else all in sequence order."""
+    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
+        """Signed checkpoints, newest first when limited, else all after ``after`` in sequence order."""
         ...
 
     def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:

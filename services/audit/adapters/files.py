@@ -44,6 +44,7 @@ class CheckpointFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._last: int | None = None  # the newest sequence in the file, once read
 
     def read(self) -> list[AuditCheckpoint]:
         """Every checkpoint in the file; a line that is not one is skipped with a warning."""
@@ -60,8 +61,10 @@ class CheckpointFile:
         return checkpoints
 
     def last_sequence(self) -> int:
-        """The newest sequence in the file (0: none)."""
-        return max((c.sequence for c in self.read()), default=0)
+        """The newest sequence in the file (0: none); read once, then kept as this object appends."""
+        if self._last is None:
+            self._last = max((c.sequence for c in self.read()), default=0)
+        return self._last
 
     def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
         """Append those newer than the file's newest; one write per line, so lines never interleave."""
@@ -77,4 +80,5 @@ class CheckpointFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._last = newer[-1].sequence
         return len(newer)

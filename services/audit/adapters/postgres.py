@@ -279,10 +279,10 @@ class PgTrail:
         )
         return [_stored(r) for r in rows]
 
-    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
-        """Signed checkpoints: the newest ``limit`` (newest first), or all in sequence order."""
+    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
+        """The newest ``limit`` checkpoints (newest first), or all after ``after`` in sequence order."""
         if limit is None:
-            rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq")
+            rows = await self.conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq", after)
         else:
             rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT $1", limit)
         return [_checkpoint(r) for r in rows]

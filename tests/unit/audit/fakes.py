@@ -117,8 +117,8 @@ class FakeTrail:
         rows = [s.row for s in self.rows.values() if s.row.attributes.correlation_id == correlation_id]
         return sorted(rows, key=lambda r: r.seq)[:limit]
 
-    async def checkpoints(self, *, limit: int | None = None) -> list[AuditCheckpoint]:
-        ordered = sorted((c for c, _ in self.checkpoint_rows), key=lambda c: c.sequence)
+    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
+        ordered = sorted((c for c, _ in self.checkpoint_rows if c.sequence > after), key=lambda c: c.sequence)
         return ordered if limit is None else list(reversed(ordered))[:limit]
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
