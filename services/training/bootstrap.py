@@ -101,11 +101,13 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     """Training's API, consumer and job runner on the runtime's pool, producer and artifact store."""
     settings = rt.settings
     assert isinstance(settings, TrainingSettings)
-    # Before the consumer joins its group: a first scikit-learn import takes seconds, and must not happen
-    # on the event loop later, where it would stall the group heartbeat.
-    await asyncio.to_thread(import_estimators)
     spec_store = StoreSpecs(ArtifactStore(settings.artifacts_url))
     trainer = ProcessPoolTrainer(settings.start_method)
+    # The fit process imports scikit-learn while this one does the same: both take seconds on a busy machine.
+    warming = asyncio.create_task(trainer.warm_up(), name="fit-process-warm-up")
+    # Before the consumer joins its group: a first scikit-learn import must not happen on the event loop
+    # later (validating a spec instantiates estimators), where it would stall the group heartbeat.
+    await asyncio.to_thread(import_estimators)
     schema = settings.db_schema
     runner = JobRunner(
         begin=rt.begin,
@@ -128,7 +130,7 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         listener: asyncpg.Connection = await rt.pool.acquire()
         await listener.add_listener(jobs_channel(schema), lambda *_: runner.wake())
         try:
-            await trainer.warm_up()
+            await warming
             await runner.run()
         finally:
             with suppress(Exception):

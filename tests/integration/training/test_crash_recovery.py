@@ -25,7 +25,7 @@ async def test_worker_killed_mid_run_completes_the_job_exactly_once_after_restar
     training.start()
     await training.ready()
     # Slow enough to be killed in the middle of the fit, whatever the machine's load.
-    spec = churn_spec_data(model, estimator="random_forest", params={"n_estimators": 800})
+    spec = churn_spec_data(model, estimator="random_forest", params={"n_estimators": 400})
     response = await put_spec(training, model, json.dumps(spec), "application/json")
     assert response.status_code == 200, response.text
 
