@@ -51,6 +51,7 @@ from contracts.rollouts import (
 )
 from contracts.training import (
     FailureReason,
+    ModelSpecRegistered,
     SkipReason,
     TrainingCompleted,
     TrainingFailed,
@@ -76,6 +77,9 @@ _PROFILE_KEY = "1900eab6c028483d7126599ee6f50de0d27907b5c65fa90524580b4b0f9852b0
 _WINDOW_KEY = "44ff7b02c80d38b26dd6aa31d9470aed81b32e10331a3c994fb1a9945fd847ba"
 _SPEC_HASH = "d4f02eaafd1a9e9de7d10972ca8e47fa7a985825c3c9c1e249c72683cb3e4f19"
 _STORE = "file:///srv/driftloop/artifacts"
+SPEC_ARTIFACT = ArtifactRef(
+    key=_SPEC_HASH, uri=f"{_STORE}/d4/{_SPEC_HASH}", format=ArtifactFormat.JSON, size_bytes=1_412
+)
 
 BASE_DATASET = DatasetRef(
     name="churn-base",
@@ -131,6 +135,7 @@ LINEAGE = Lineage(
     parent_version=6,
     seed=20250602,
     environment={"python": "3.11.9", "scikit-learn": "1.9.1", "numpy": "2.4.6"},
+    spec=SPEC_ARTIFACT,
 )
 
 MODEL_ARTIFACT = ArtifactRef(
@@ -241,6 +246,15 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
             source="upload",
             models=["churn"],
             description="Customer export, Q1 2025",
+        ),
+        ModelSpecRegistered(
+            model=MODEL,
+            spec_hash=_SPEC_HASH,
+            spec=SPEC_ARTIFACT,
+            task=Task.CLASSIFICATION,
+            estimator="hist_gradient_boosting",
+            base_datasets=["churn-base"],
+            previous_spec_hash="b9a1c3f0e2d4c6b8a0f1e3d5c7b9a1c3f0e2d4c6b8a0f1e3d5c7b9a1c3f0e2d4",
         ),
         TrainingRequested(
             job_id="job-2f6c1d0e",

@@ -99,6 +99,8 @@ _TOPICS = (
         routes=(
             # Training consumes its own requests: the policy decides in one transaction, a worker runs the
             # job from the topic, so a crash between the two loses nothing.
+            # The spec is registered over training's HTTP API; the event is the audit trail's record of it.
+            Route(training.ModelSpecRegistered, (TRAINING,), ()),
             Route(training.TrainingRequested, (TRAINING,), (TRAINING,)),
             Route(training.TrainingSkipped, (TRAINING,), ()),
             Route(training.TrainingStarted, (TRAINING,), ()),

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from contracts.common import (
     ArtifactRef,
+    DatasetName,
     DatasetRef,
     EventRef,
     Lineage,
@@ -21,6 +22,7 @@ from contracts.common import (
     ModelSignature,
     ModelVersion,
     Sha256Hex,
+    Task,
     TrafficWindow,
 )
 from contracts.envelope import EventPayload
@@ -62,6 +64,30 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker-lost"
     ARTIFACT_STORE_ERROR = "artifact-store-error"
+
+
+class ModelSpecRegistered(EventPayload):
+    """An operator registered (or replaced) a model's spec with the training service: features, estimator,
+    retrain policy and validation gates. The actor in the envelope says who."""
+
+    event_name: ClassVar[str] = "ModelSpecRegistered"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model the spec is for.", examples=["churn"])
+    spec_hash: Sha256Hex = Field(description="sha256 of the canonical spec JSON (equal to `spec.key`).")
+    spec: ArtifactRef = Field(description="The canonical spec (JSON) in the artifact store.")
+    task: Task = Field(description="Classification or regression.", examples=["classification"])
+    estimator: str = Field(
+        min_length=1,
+        description="Estimator name from the training service's registry.",
+        examples=["random_forest"],
+    )
+    base_datasets: list[DatasetName] = Field(
+        default_factory=list, description="Datasets whose latest versions are the base training data."
+    )
+    previous_spec_hash: Sha256Hex | None = Field(
+        default=None, description="The spec it replaces; null for the model's first spec."
+    )
 
 
 class TrainingRequested(EventPayload):
