@@ -130,7 +130,12 @@ async def put_spec(model: ModelName, request: Request, principal: OperatorDep) -
     rt = request.app.state.runtime
     async with rt.begin() as tx:
         stored = await handlers.register_spec(
-            spec, actor=principal.actor, specs=PgSpecs(tx.conn), spec_store=request.app.state.spec_store
+            spec,
+            actor=principal.actor,
+            specs=PgSpecs(tx.conn),
+            spec_store=request.app.state.spec_store,
+            publish=tx.publish,
+            source=rt.source(),
         )
     return SpecPublic.of(stored)
 

@@ -16,7 +16,13 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged
 from contracts.monitoring import DriftDetected, PerformanceDegraded
-from contracts.training import SkipReason, TrainingRequested, TrainingSkipped, TrainingTrigger
+from contracts.training import (
+    ModelSpecRegistered,
+    SkipReason,
+    TrainingRequested,
+    TrainingSkipped,
+    TrainingTrigger,
+)
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ModelSpec
@@ -45,11 +51,31 @@ OWN_SOURCES = ("training-set:", "holdout:")
 
 
 async def register_spec(
-    spec: ModelSpec, *, actor: str | None, specs: Specs, spec_store: SpecStore
+    spec: ModelSpec,
+    *,
+    actor: str | None,
+    specs: Specs,
+    spec_store: SpecStore,
+    publish: Publish,
+    source: str,
 ) -> StoredSpec:
-    """Store the canonical spec in the artifact store and make it the model's current spec."""
+    """Store the canonical spec in the artifact store, make it the model's current spec and announce it
+    (ModelSpecRegistered, with the actor); registering the same spec again changes nothing."""
+    previous = await specs.get(spec.name)
     artifact = await spec_store.put_spec(spec)
     stored = await specs.put(spec, artifact, actor=actor)
+    if previous is not None and previous.spec_hash == stored.spec_hash:
+        return stored
+    registered = ModelSpecRegistered(
+        model=spec.name,
+        spec_hash=stored.spec_hash,
+        spec=artifact,
+        task=spec.task,
+        estimator=spec.estimator,
+        base_datasets=list(spec.base_datasets),
+        previous_spec_hash=previous.spec_hash if previous is not None else None,
+    )
+    await publish(new_event(registered, source=source, actor=actor))
     log.info("spec registered", model=spec.name, spec_hash=stored.spec_hash, actor=actor)
     return stored
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from contracts.commands import RetrainRequested
-from contracts.training import TrainingCompleted, TrainingRequested
+from contracts.training import ModelSpecRegistered, TrainingCompleted, TrainingRequested
 from tests.integration.training.conftest import Stage
 from tests.integration.training.harness import ServiceProcess, put_spec
 from tests.unit.training.data import churn_frame, churn_spec_data
@@ -56,6 +56,8 @@ async def test_two_runs_from_the_same_data_and_spec_give_identical_metrics(
             source="/driftloop/registry",
         )
         runs.append(await stage.tail.wait_for(TrainingCompleted, _caused_by(stage, asked.id)))
+    [announced] = stage.tail.of(ModelSpecRegistered, lambda d: d.model == model)
+    assert announced.actor == "user:dev-operator"
     first, second = (r.data for r in runs)
     assert first.job_id != second.job_id
     assert first.metrics == second.metrics

@@ -22,6 +22,7 @@ from contracts.monitoring import (
 )
 from contracts.training import (
     FailureReason,
+    ModelSpecRegistered,
     SkipReason,
     TrainingCompleted,
     TrainingFailed,
@@ -47,7 +48,14 @@ def harness(tmp_path: Path) -> Harness:
 
 
 async def register(h: Harness, spec: ModelSpec) -> None:
-    await register_spec(spec, actor="user:test", specs=h.specs, spec_store=h.spec_store)
+    await register_spec(
+        spec,
+        actor="user:test",
+        specs=h.specs,
+        spec_store=h.spec_store,
+        publish=h.bus.publish,
+        source="/driftloop/training",
+    )
 
 
 async def upload(
@@ -354,3 +362,13 @@ async def test_two_runs_on_the_same_data_and_spec_give_identical_metrics(harness
     assert first.data.lineage.datasets == second.data.lineage.datasets
     assert first.data.lineage.holdout == second.data.lineage.holdout
     assert len(harness.events(DatasetRegistered)) == 2  # the base upload, then one holdout for both runs
+
+
+async def test_registered_spec_is_announced_with_the_actor_once_per_change(harness: Harness) -> None:
+    await register(harness, churn_spec())
+    await register(harness, churn_spec())  # the same spec again: nothing changed, nothing announced
+    await register(harness, churn_spec(params={"C": 0.5}))
+    first, second = harness.events(ModelSpecRegistered)
+    assert first.actor == "user:test" and first.data.previous_spec_hash is None
+    assert second.data.previous_spec_hash == first.data.spec_hash
+    assert second.data.spec.key == second.data.spec_hash == harness.specs.by_model["churn"].spec_hash
