@@ -1,0 +1,138 @@
+"""The model spec (parsing, errors that name the field, canonical hash) and the training-set policies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from contracts.training import FailureReason
+from libs.modelspec import SpecError, build_pipeline, parse_spec, spec_from_data
+from services.training.worker import WEIGHT_COLUMN, TrainingError, assemble_training_set, split
+from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, traffic_window
+
+
+def test_yaml_and_json_of_the_same_spec_give_the_same_canonical_hash() -> None:
+    data = churn_spec_data()
+    from_yaml = parse_spec(yaml.safe_dump(data), content_type="application/yaml")
+    from_json = parse_spec(json.dumps(data), content_type="application/json")
+    reordered = parse_spec(json.dumps(dict(reversed(list(data.items())))), content_type="application/json")
+    assert from_yaml.spec_hash() == from_json.spec_hash() == reordered.spec_hash()
+    assert (
+        json.loads(from_yaml.canonical_json())["retrain"]["training_set"]["mode"] == "all"
+    )  # defaults spelled out
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason", "words"),
+    [
+        ({"estimator": "xgboost"}, "estimator", "unknown-estimator", ["xgboost", "random_forest"]),
+        ({"estimator": "ridge"}, "estimator", "unknown-estimator", ["no classification variant"]),
+        (
+            {"params": {"C": 1, "penality": "l2"}},
+            "params.penality",
+            "invalid-spec",
+            ["did you mean 'penalty'"],
+        ),
+        ({"params": {"random_state": 3}}, "params.random_state", "invalid-spec", ["seed"]),
+        ({"target": "x0"}, "target", "invalid-spec", ["also a feature"]),
+        (
+            {"validation": {"thresholds": {"rmse": 1}}},
+            "validation.thresholds.rmse",
+            "invalid-spec",
+            ["roc_auc"],
+        ),
+        (
+            {"validation": {"slices": {"feature": "plam"}}},
+            "validation.slices.feature",
+            "unknown-feature",
+            ["plan"],
+        ),
+        ({"holdout_fraction": 0.9}, "holdout_fraction", "invalid-spec", ["0.5"]),
+        ({"colour": "blue"}, "colour", "invalid-spec", ["Extra inputs"]),
+    ],
+)
+def test_bad_spec_is_refused_naming_the_field(
+    change: dict[str, object], field: str, reason: str, words: list[str]
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        spec_from_data({**churn_spec_data(), **change})
+    assert caught.value.field == field
+    assert caught.value.reason == reason
+    for word in words:
+        assert word in caught.value.message
+
+
+def test_spec_sent_for_another_model_is_refused() -> None:
+    with pytest.raises(SpecError, match="names model 'churn' but was sent for 'fraud'"):
+        parse_spec(json.dumps(churn_spec_data()), content_type="application/json", name="fraud")
+
+
+def test_sliding_window_needs_its_size() -> None:
+    with pytest.raises(SpecError, match="window_rows"):
+        spec_from_data(churn_spec_data(retrain={"training_set": {"mode": "sliding-window"}}))
+
+
+def test_pipeline_ignores_unseen_categories_and_missing_values() -> None:
+    spec = churn_spec()
+    model = build_pipeline(spec).fit(churn_frame()[spec.feature_names], churn_frame()["churned"])
+    odd = churn_frame(3)[spec.feature_names].copy()
+    odd.loc[0, "plan"] = "never-seen"
+    odd.loc[1, "x0"] = np.nan
+    odd.loc[2, "plan"] = None
+    assert model.predict_proba(odd).shape == (3, 2)
+
+
+def _traffic(rows: int, labelled_share: float = 1.0) -> pd.DataFrame:
+    window = traffic_window(churn_frame(rows, seed=9), "churned", labelled_share=labelled_share)
+    labelled = window[window["label"].notna()]
+    out = labelled[[f"x{i}" for i in range(4)] + ["plan"]].copy()
+    out["churned"] = labelled["label"].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def test_all_mode_keeps_base_then_labelled_traffic_with_the_base_label_type() -> None:
+    spec = churn_spec()
+    base = churn_frame(200)
+    traffic = _traffic(100, labelled_share=0.5)
+    combined = assemble_training_set(spec, [base], traffic)
+    assert len(combined) == 200 + len(traffic)
+    assert combined["churned"].dtype == base["churned"].dtype  # 1.0 from JSON becomes 1 again
+    assert combined.iloc[200:]["x0"].tolist() == traffic["x0"].tolist()
+
+
+def test_sliding_window_keeps_the_newest_rows_and_always_the_traffic() -> None:
+    spec = churn_spec(retrain={"training_set": {"mode": "sliding-window", "window_rows": 150}})
+    combined = assemble_training_set(spec, [churn_frame(200)], _traffic(100))
+    assert len(combined) == 150
+    assert combined.iloc[50:]["x0"].tolist() == _traffic(100)["x0"].tolist()
+
+
+def test_weighted_mode_weighs_traffic_rows() -> None:
+    spec = churn_spec(retrain={"training_set": {"mode": "weighted", "traffic_weight": 3.0}})
+    combined = assemble_training_set(spec, [churn_frame(200)], _traffic(100))
+    assert combined[WEIGHT_COLUMN].tolist() == [1.0] * 200 + [3.0] * 100
+
+
+def test_too_few_rows_or_a_single_class_fail_with_dataset_too_small() -> None:
+    spec = churn_spec()
+    with pytest.raises(TrainingError) as small:
+        assemble_training_set(spec, [churn_frame(30)], _traffic(0))
+    assert small.value.reason is FailureReason.DATASET_TOO_SMALL
+    one_class = churn_frame(200).assign(churned=1)
+    with pytest.raises(TrainingError, match="only one class"):
+        assemble_training_set(spec, [one_class], _traffic(0))
+
+
+def test_split_is_seeded_and_stratified() -> None:
+    spec = churn_spec()
+    frame = churn_frame(1000)
+    first_train, first_holdout = split(spec, frame)
+    again_train, again_holdout = split(spec, frame)
+    pd.testing.assert_frame_equal(first_holdout, again_holdout)
+    pd.testing.assert_frame_equal(first_train, again_train)
+    assert len(first_holdout) == 200
+    assert abs(first_holdout["churned"].mean() - frame["churned"].mean()) < 0.01
