@@ -196,7 +196,11 @@ class KafkaPredictionLog:
                 continue
             for topic, key, value, headers in wires:
                 try:
-                    futures.append(await self._producer.send(topic, value=value, key=key, headers=headers))
+                    futures.append(
+                        await self._producer.send(
+                            self.kafka.physical(topic), value=value, key=key, headers=headers
+                        )
+                    )
                 except Exception as exc:
                     DROPPED.labels("send-failed").inc()
                     log.warning("prediction log send failed", error=repr(exc))
