@@ -403,9 +403,8 @@ async def start_group_at_end(group: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
     await admin.start()
     try:
-        described = await admin.describe_topics(
-            [models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC]
-        )
+        names = [models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC]
+        described = await admin.describe_topics([KafkaSettings().physical(t) for t in names])
     finally:
         await admin.close()
     partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]

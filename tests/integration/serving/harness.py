@@ -26,6 +26,7 @@ from contracts.common import ArtifactFormat, ArtifactRef
 from contracts.envelope import CloudEvent
 from contracts.registry import EVENT_TYPES
 from libs.artifacts import ArtifactStore, save_model
+from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import eventually, unique
 from tests.unit.serving.fakes import churn_pipeline
 
@@ -34,6 +35,11 @@ STATE_TOPICS = (models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC
 PREDICT = {"Authorization": "Bearer dev-predict"}
 OPERATOR = {"Authorization": "Bearer dev-operator"}
 VIEWER = {"Authorization": "Bearer dev-viewer"}
+
+
+def physical(topic: str) -> str:
+    """A platform topic's name on the cluster (DRIFTLOOP_KAFKA_TOPIC_PREFIX, as the service reads it)."""
+    return KafkaSettings().physical(topic)
 
 
 def free_port() -> int:
@@ -61,7 +67,7 @@ async def start_group_at_end(bootstrap: str, group: str, topics: Sequence[str] =
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        described = await admin.describe_topics(list(topics))
+        described = await admin.describe_topics([physical(t) for t in topics])
     finally:
         await admin.close()
     partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
@@ -88,7 +94,7 @@ class TopicWatcher:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            *self.topics,
+            *[physical(t) for t in self.topics],
             bootstrap_servers=self.bootstrap,
             group_id=None,
             auto_offset_reset="latest",
