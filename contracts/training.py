@@ -50,6 +50,8 @@ class SkipReason(StrEnum):
     NO_DATASET = "no-dataset"
     POLICY_DISABLED = "policy-disabled"
     UNKNOWN_MODEL = "unknown-model"
+    # The trigger judged a version that is not in production (a canary is judged by its rollout instead).
+    NOT_PRODUCTION = "not-production"
 
 
 class FailureReason(StrEnum):

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pandas as pd
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from contracts.envelope import CloudEvent, EventPayload, MalformedEvent
 from contracts.registry import EVENT_TYPES
@@ -172,28 +172,31 @@ class EventTail:
 
     async def _run(self) -> None:
         topics = [self.prefix + name for name, spec in TOPICS.items() if not spec.high_volume]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if self.from_beginning else "latest",
+        )
         await consumer.start()
         try:
-            await consumer.topics()  # loads the cluster's metadata
-            partitions = [
-                TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
-            ]
-            consumer.assign(partitions)
-            if self.from_beginning:
-                await consumer.seek_to_beginning(*partitions)
-            else:
-                await consumer.seek_to_end(*partitions)
-            for tp in partitions:
-                await consumer.position(tp)  # pin "now", so nothing published after start() is missed
+            # Without a group the consumer assigns itself every partition on its first fetch; "latest" is
+            # pinned then, so nothing published after start() returns is missed.
+            while not consumer.assignment():
+                self._take_all(await consumer.getmany(timeout_ms=100))
+            for tp in consumer.assignment():
+                await consumer.position(tp)
             self._ready.set()
             while True:
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    for r in records:
-                        self._take(r)
+                self._take_all(await consumer.getmany(timeout_ms=200))
         finally:
             await consumer.stop()
+
+    def _take_all(self, batch: dict[Any, list[Any]]) -> None:
+        for records in batch.values():
+            for r in records:
+                self._take(r)
 
     def _take(self, record: Any) -> None:
         topic = record.topic[len(self.prefix) :]

@@ -47,6 +47,7 @@ from services.monitoring.domain import (
     from_epoch,
     judge_canary,
     judge_window,
+    metric_standard_errors,
     performance_metrics,
 )
 from services.monitoring.live import LiveState
@@ -221,11 +222,14 @@ async def check_performance(
         state.next_seq += 1
         state.last_metrics = metrics
         await store.mark_scored([r.prediction_id for r in rows], seq)
-        found = degradations(metrics, ref.baseline, policy.performance_tolerance)
+        errors = metric_standard_errors(labelled, ref.task, ref.positive_class, seed=seq)
+        found = degradations(metrics, ref.baseline, policy.performance_tolerance, errors)
         start = min(epoch(r.predicted_at) for r in rows)
         end = max(epoch(r.predicted_at) for r in rows)
         last = state.last_alerts.get("any")
-        if found and (last is None or end - last >= policy.cooldown_seconds):
+        state.degraded_streak = state.degraded_streak + 1 if found else 0
+        persistent = state.degraded_streak >= policy.consecutive_windows
+        if found and persistent and (last is None or end - last >= policy.cooldown_seconds):
             worst = max(found, key=lambda d: abs(d.value - d.baseline) / max(abs(d.baseline), 1e-9))
             state.last_alerts["any"] = end
             data = await _export(None, rows, ref, monitor=monitor, store=store)

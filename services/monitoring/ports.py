@@ -63,11 +63,13 @@ class PendingLabel:
 
 @dataclass
 class PerformanceState:
-    """A model version's next performance window number and last alert time per metric."""
+    """A model version's next performance window number, last alert time per metric, and how many
+    windows in a row were degraded."""
 
     next_seq: int = 1
     last_alerts: dict[str, float] = field(default_factory=dict)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    degraded_streak: int = 0
 
 
 @dataclass

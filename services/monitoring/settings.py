@@ -93,7 +93,10 @@ class MonitoringSettings(ServiceSettings):
         500_000, ge=1_000, description="Upper bound of predictions kept in memory for label joins."
     )
     performance_window_labels: int = Field(
-        200, ge=10, description="Labelled rows per performance window (per model version)."
+        500,
+        ge=10,
+        description="Labelled rows per performance window (per model version); a PerformanceDegraded "
+        "also needs `consecutive_windows` degraded windows in a row, so sampling noise is not an alert.",
     )
     performance_tolerance: float = Field(
         0.05,

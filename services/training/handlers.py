@@ -103,6 +103,7 @@ async def request_retrain(
     trigger: Trigger,
     reason: str,
     window: TrafficWindow | None,
+    about_version: int | None = None,
     specs: Specs,
     datasets: Datasets,
     jobs: Jobs,
@@ -135,6 +136,14 @@ async def request_retrain(
             f"model {model!r} has no spec; register one with PUT /v1/models/{model}/spec on training",
         )
         return None
+    production_version = await production.get(model)
+    if about_version is not None and production_version is not None and about_version != production_version:
+        await skip(
+            SkipReason.NOT_PRODUCTION,
+            f"the trigger is about version {about_version}, but {production_version} is in production; "
+            "a canary is judged by its rollout, not retrained",
+        )
+        return None
     now = clock()
     decision = decide(stored.spec.retrain, await jobs.policy_state(model, now), trigger, now)
     if not decision.accepted:
@@ -164,7 +173,7 @@ async def request_retrain(
         trigger_event=trigger_event,
         datasets=[d.ref() for d in base],
         traffic_window=window if window is not None and window.data is not None else None,
-        parent_version=await production.get(model),
+        parent_version=production_version,
     )
     event = new_event(request, source=source, cause=cause)
     created = Job(
@@ -215,6 +224,7 @@ async def on_drift_detected(event: CloudEvent[DriftDetected], **ports: Any) -> N
         trigger=Trigger(TrainingTrigger.DRIFT_DETECTED),
         reason=reason,
         window=d.window,
+        about_version=d.model_version,
         **ports,
     )
 
@@ -233,6 +243,7 @@ async def on_performance_degraded(event: CloudEvent[PerformanceDegraded], **port
         trigger=Trigger(TrainingTrigger.PERFORMANCE_DEGRADED, labelled_rows=d.labelled_rows),
         reason=reason,
         window=d.window,
+        about_version=d.model_version,
         **ports,
     )
 

@@ -219,17 +219,21 @@ class PgMonitoringStore:
             "SELECT * FROM performance_state WHERE model = $1 AND version = $2 FOR UPDATE", model, version
         )
         assert r is not None
-        return PerformanceState(r["next_seq"], dict(r["last_alerts"]), dict(r["last_metrics"]))
+        return PerformanceState(
+            r["next_seq"], dict(r["last_alerts"]), dict(r["last_metrics"]), r["degraded_streak"]
+        )
 
     async def save_performance_state(self, model: str, version: int, state: PerformanceState) -> None:
         await self.conn.execute(
-            """UPDATE performance_state SET next_seq = $3, last_alerts = $4, last_metrics = $5
+            """UPDATE performance_state
+               SET next_seq = $3, last_alerts = $4, last_metrics = $5, degraded_streak = $6
                WHERE model = $1 AND version = $2""",
             model,
             version,
             state.next_seq,
             state.last_alerts,
             state.last_metrics,
+            state.degraded_streak,
         )
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:

@@ -44,7 +44,7 @@ async def replay_predictions(
     try:
         ends: dict[TopicPartition, int] = {}
         for partition, offset in start.items():
-            tp = TopicPartition(topic, partition)
+            tp = TopicPartition(kafka.physical(topic), partition)
             committed = await consumer.committed(tp)
             if committed is not None and committed > offset:
                 ends[tp] = committed

@@ -25,6 +25,7 @@ from services.monitoring.domain import (
     degradations,
     judge_canary,
     judge_window,
+    metric_standard_errors,
     performance_metrics,
 )
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
@@ -249,6 +250,34 @@ def test_performance_metrics_and_degradation_against_the_baseline() -> None:
     assert metrics["accuracy"] == pytest.approx(0.6)
     found = degradations(metrics, {"accuracy": 0.85}, 0.05)
     assert [d.metric for d in found] == ["accuracy"]
+
+
+def _window(accuracy: float, n: int, seed: int) -> list[LabelledRow]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    right = rng.random(n) < accuracy
+    return [
+        LabelledRow(int(y if ok else 1 - y), None, int(y), False) for y, ok in zip(labels, right, strict=True)
+    ]
+
+
+def test_sampling_noise_of_a_healthy_model_is_not_a_degradation() -> None:
+    # A model whose true accuracy sits exactly on the threshold: without the standard error, about half
+    # of its windows would raise an alert.
+    alerts = 0
+    for seed in range(200):
+        rows = _window(0.80, 500, seed)
+        metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+        errors = metric_standard_errors(rows, Task.CLASSIFICATION, "1", seed=seed)
+        alerts += bool(degradations(metrics, {"accuracy": 0.85}, 0.05, errors))
+    assert alerts <= 10  # a one-sided 2-sigma rule: about 2.3 % expected
+
+
+def test_a_clearly_worse_model_is_a_degradation_despite_the_noise() -> None:
+    rows = _window(0.65, 500, seed=1)
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+    errors = metric_standard_errors(rows, Task.CLASSIFICATION, "1")
+    assert [d.metric for d in degradations(metrics, {"accuracy": 0.85}, 0.05, errors)] == ["accuracy"]
 
 
 def _step(canary_scores: np.ndarray, stable_scores: np.ndarray) -> CanaryStep:

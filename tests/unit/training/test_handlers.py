@@ -76,7 +76,7 @@ async def upload(
     await h.bus.drain()
 
 
-def drift(h: Harness, model: str, frame: Any | None = None) -> CloudEvent[DriftDetected]:
+def drift(h: Harness, model: str, frame: Any | None = None, *, version: int = 1) -> CloudEvent[DriftDetected]:
     data = put_frame(h.store, traffic_window(frame, "churned")) if frame is not None else None
     window = TrafficWindow(
         id=f"{model}:1:000001",
@@ -98,7 +98,7 @@ def drift(h: Harness, model: str, frame: Any | None = None) -> CloudEvent[DriftD
     )
     payload = DriftDetected(
         model=model,
-        model_version=1,
+        model_version=version,
         window=window,
         reference_size=1000,
         features=[evidence],
@@ -251,9 +251,24 @@ async def test_parent_version_is_the_production_version(harness: Harness) -> Non
     )
     await harness.bus.publish(new_event(promoted, source="/driftloop/registry"))
     await harness.bus.drain()
-    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.publish(drift(harness, "churn", version=4))
     await harness.run_jobs()
     assert harness.events(TrainingCompleted)[0].data.lineage.parent_version == 4
+
+
+async def test_drift_of_a_version_that_is_not_in_production_is_skipped(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    promoted = ModelStageChanged(
+        model="churn", model_version=4, from_stage=Stage.CANARY, to_stage=Stage.PRODUCTION, reason="promoted"
+    )
+    await harness.bus.publish(new_event(promoted, source="/driftloop/registry"))
+    await harness.bus.drain()
+    await harness.bus.publish(drift(harness, "churn", version=5))  # a canary's traffic
+    await harness.run_jobs()
+    assert harness.events(TrainingCompleted) == []
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.NOT_PRODUCTION
 
 
 async def test_spec_naming_a_missing_column_fails_with_unknown_feature_and_a_hint(harness: Harness) -> None:

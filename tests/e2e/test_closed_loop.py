@@ -1,0 +1,127 @@
+"""The closed loop with every service as its own process, on real Kafka and Postgres."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+
+from contracts.envelope import CloudEvent
+from contracts.models import ModelVersionRegistered
+from contracts.monitoring import DriftDetected, PerformanceDegraded
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
+from contracts.training import TrainingCompleted, TrainingRequested
+from contracts.validation import ValidationPassed
+from deploy.loop import EventTail, LoopClient, Traffic, poll, spec_yaml
+from deploy.scenario import REFERENCE, SHIFTED, TARGET, generate
+
+pytestmark = pytest.mark.timeout(600)
+
+
+async def serve_version_1(client: LoopClient, tail: EventTail, *, cooldown_s: float = 0) -> str:
+    """A fresh model trained on the reference world and promoted (the first version needs no canary)."""
+    model = f"e2e-{secrets.token_hex(3)}"
+    await client.put_spec(model, spec_yaml(model, dataset=f"{model}-base", cooldown_s=cooldown_s))
+    await client.upload_dataset(f"{model}-base", generate(8_000, REFERENCE, seed=1), [model])
+    await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=180)
+    route = await client.route(model)
+    assert route is not None and route["stable_version"] == 1
+    return model
+
+
+def rolled_out_version(event: CloudEvent[Any]) -> int:
+    d = event.data
+    return int(d.model_version if isinstance(d, RolloutPromoted) else d.canary_version)
+
+
+def in_cascade(model: str, root: CloudEvent[Any]) -> Any:
+    return lambda e: e.subject == model and e.correlationid == root.correlationid
+
+
+async def test_drift_cascades_to_a_retrained_model_promoted_step_by_step(
+    client: LoopClient, tail: EventTail
+) -> None:
+    # The cooldown lets the first of monitoring's signals (drift, or degraded labelled performance: both
+    # are real here) start the retrain, and the policy skip the second.
+    model = await serve_version_1(client, tail, cooldown_s=60)
+    traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=30, rows_per_request=10)
+    traffic.start()
+    try:
+        await poll(lambda: _ready(traffic.stats.rows >= 1500), deadline_s=60, what="reference traffic")
+        traffic.phase = SHIFTED
+        promoted = await tail.wait_for(
+            (RolloutPromoted, RolloutRolledBack),
+            lambda e: e.subject == model and rolled_out_version(e) >= 2,
+            deadline_s=300,
+        )
+    finally:
+        await traffic.stop()
+
+    assert isinstance(promoted.data, RolloutPromoted), promoted.data
+    # One cascade, from monitoring's signal to the promotion, each step caused by the one before it.
+    same = in_cascade(model, promoted)
+    [root] = [e for e in tail.events((DriftDetected, PerformanceDegraded)) if e.id == promoted.correlationid]
+    requested = await tail.wait_for(TrainingRequested, same, deadline_s=1)
+    completed = await tail.wait_for(TrainingCompleted, same, deadline_s=1)
+    registered = await tail.wait_for(ModelVersionRegistered, same, deadline_s=1)
+    await tail.wait_for(ValidationPassed, same, deadline_s=1)
+    await tail.wait_for(RolloutStarted, same, deadline_s=1)
+    await tail.wait_for(RolloutStepAdvanced, same, deadline_s=1)
+    assert requested.causationid == root.id
+    assert completed.data.lineage.parent_version == 1
+    assert promoted.data.model_version == registered.data.model_version >= 2
+    route = await client.route(model)
+    assert route is not None and route["stable_version"] == promoted.data.model_version
+    assert traffic.stats.failed == 0, traffic.stats.failures
+    assert set(traffic.stats.by_version) >= {1, promoted.data.model_version}
+
+
+async def test_a_bad_candidate_is_caught_by_the_canary_and_rolled_back(
+    client: LoopClient, tail: EventTail
+) -> None:
+    model = await serve_version_1(client, tail)
+    traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=30, rows_per_request=10)
+    traffic.start()
+    try:
+        corrupted = generate(8_000, REFERENCE, seed=5)
+        corrupted[TARGET] = 1 - corrupted[TARGET]  # labels inverted: the candidate learns the opposite
+        await client.upload_dataset(f"{model}-base", corrupted, [model])
+        started = await tail.wait_for(
+            RolloutStarted, lambda e: e.subject == model and e.data.canary_version == 2, deadline_s=180
+        )
+        ended = await tail.wait_for(
+            (RolloutRolledBack, RolloutPromoted), in_cascade(model, started), deadline_s=240
+        )
+    finally:
+        await traffic.stop()
+
+    assert isinstance(ended.data, RolloutRolledBack), ended.data
+    assert ended.data.canary_version == 2
+    route = await client.route(model)
+    assert route is not None and route["stable_version"] == 1
+    assert traffic.stats.failed == 0, traffic.stats.failures
+
+
+async def test_an_operator_rolls_back_a_canary_over_http(client: LoopClient, tail: EventTail) -> None:
+    model = await serve_version_1(client, tail)
+    # A retrain on new data starts a rollout; with no traffic the canary stays on its first step.
+    await client.upload_dataset(f"{model}-base", generate(8_000, REFERENCE, seed=6), [model])
+    started = await tail.wait_for(
+        RolloutStarted, lambda e: e.subject == model and e.data.canary_version == 2, deadline_s=180
+    )
+
+    response = await client.rollback(model, "the on-call engineer does not trust it")
+    assert response.status_code == 202, response.text
+
+    # The command is a cascade of its own, rooted in the operator's request.
+    rolled = await tail.wait_for(RolloutRolledBack, lambda e: e.subject == model, deadline_s=60)
+    assert rolled.data.rollout_id == started.data.rollout_id
+    assert rolled.data.reason.value == "manual"
+    assert rolled.actor == "user:dev-operator"
+    route = await client.route(model)
+    assert route is not None and route["stable_version"] == 1
+
+
+async def _ready(value: bool) -> bool:
+    return value
