@@ -244,7 +244,8 @@ def judge_verdict(
             "premature",
             f"step {step_index} baked {baked:.1f}s, it needs {live.bake_seconds:.1f}s",
         )
-    if live.is_last_step:
+    if live.is_last_step or live.steps[live.step_index + 1] >= 1.0:
+        # A step at 100 % leaves no stable traffic to judge the canary against: reaching it is promotion.
         return promote(route, live.canary_version, now=now, manual=False)
     nxt = replace(live, step_index=live.step_index + 1, step_started_at=now, samples_seen=0)
     event = RolloutStepAdvanced(

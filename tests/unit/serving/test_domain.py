@@ -170,18 +170,19 @@ def test_healthy_verdict_after_samples_and_bake_advances_the_step(clock: Clock) 
     )
 
 
-def test_healthy_verdict_on_the_last_step_promotes(clock: Clock) -> None:
+def test_healthy_verdict_before_the_full_traffic_step_promotes(clock: Clock) -> None:
+    # Steps 10% -> 50% -> 100%: at 100% no stable traffic is left to judge against, so the healthy
+    # verdict at 50% is the last one, and reaching 100% is the promotion.
     route = live_route(clock)
-    for _ in range(2):
-        clock.advance(11)
-        route = verdict(route, clock).route
-    assert route.active is not None and route.active.weight == 1.0
+    clock.advance(11)
+    route = verdict(route, clock).route
+    assert route.active is not None and route.active.weight == 0.5
     clock.advance(11)
     t = verdict(route, clock)
     [promoted] = t.events
     assert isinstance(promoted, RolloutPromoted)
-    assert promoted.model_version == 2 and promoted.previous_version == 1 and promoted.steps_completed == 3
-    assert promoted.duration_seconds == pytest.approx(33) and not promoted.manual
+    assert promoted.model_version == 2 and promoted.previous_version == 1 and promoted.steps_completed == 2
+    assert promoted.duration_seconds == pytest.approx(22) and not promoted.manual
     assert t.route.stable_version == 2 and t.route.previous_stable_version == 1 and t.route.active is None
 
 
