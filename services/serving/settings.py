@@ -67,7 +67,7 @@ class ServingSettings(ServiceSettings):
     prediction_log_linger_ms: int = Field(
         100,
         ge=0,
-        description="Kafka producer linger of the prediction log: fewer, larger produce requests; monitoring's "
+        description="Producer linger of the prediction log: fewer, larger produce requests; monitoring's "
         "windows do not notice 100 ms.",
     )
     prediction_log_enabled: bool = Field(
