@@ -207,10 +207,10 @@ async def test_canary_takes_its_share_then_healthy_verdicts_promote_it(run: Run)
     share, weight = canary / n, 0.1
     assert abs(share - weight) <= 4 * math.sqrt(weight * (1 - weight) / n), f"canary share {share:.3f}"
 
-    for step in range(2):
-        await healthy_verdicts_until(run, started.data, step, RolloutStepAdvanced, step + 1)
-        assert run.watcher.of(RolloutStepAdvanced, model)[-1].data.weight == started.data.steps[step + 1]
-    await healthy_verdicts_until(run, started.data, 2, RolloutPromoted, 2)
+    await healthy_verdicts_until(run, started.data, 0, RolloutStepAdvanced, 1)
+    assert run.watcher.of(RolloutStepAdvanced, model)[-1].data.weight == 0.5
+    # The healthy verdict on the 50% step is the last one: reaching 100% is the promotion.
+    await healthy_verdicts_until(run, started.data, 1, RolloutPromoted, 2)
     promoted = run.watcher.of(RolloutPromoted, model)[-1]
     assert promoted.data.model_version == 2 and promoted.data.previous_version == 1
     await run.wait_routing(run.replica.url, model, stable=2, canary=None)
