@@ -121,9 +121,19 @@ def local_platform() -> Platform:
     return Platform(PROJECT_ROOT / ".driftloop")
 
 
+# The local platform runs with windows and canary steps sized for a laptop's traffic (the services'
+# defaults are sized for production); any DRIFTLOOP_* variable the caller sets wins.
+LOCAL_PROFILE = {
+    "DRIFTLOOP_MONITORING_WINDOW_ROWS": "2000",
+    "DRIFTLOOP_MONITORING_COOLDOWN_SECONDS": "120",
+    "DRIFTLOOP_SERVING_ROLLOUT_MIN_SAMPLES": "200",
+    "DRIFTLOOP_SERVING_ROLLOUT_BAKE_SECONDS": "5",
+}
+
+
 def platform_env(result: UpResult) -> dict[str, str]:
     """What the services need to find the infrastructure (the caller's settings win)."""
-    return {**result.client_env(), **os.environ}
+    return {**LOCAL_PROFILE, **result.client_env(), **os.environ}
 
 
 def print_services(platform: Platform) -> bool:
