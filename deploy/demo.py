@@ -178,6 +178,8 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
             f"  traffic: {stats.requests} requests, {stats.rows} predictions, {stats.failed} failed, "
             f"{stats.labels_sent} labels; by variant {stats.by_variant}"
         )
+        for failure in stats.failures[:5]:
+            console.print(f"  [red]failed request[/]: {failure}")
     await client.close()
     ok = ok_first and caught and (stats is None or stats.failed == 0)
     console.print(
