@@ -144,7 +144,14 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     relay = runtime.relay() if parts.relay else None
     server = _Server(
         uvicorn.Config(
-            parts.app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False
+            parts.app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            # Longer than clients' idle expiry (httpx: 5 s, browsers and load balancers: 60 s), so the
+            # server never closes a kept-alive connection at the moment a client reuses it.
+            timeout_keep_alive=75,
         )
     )
     stop = asyncio.Event()
