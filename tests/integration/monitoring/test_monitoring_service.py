@@ -405,14 +405,15 @@ async def test_labels_arriving_late_are_joined_and_counted(harness: Harness) -> 
         return bool(await h.sql("SELECT 1 FROM window_reports WHERE model = $1", model))
 
     await eventually(window_judged, deadline_s=60)
-    # The labels come after their predictions' window was judged: late, and poor.
-    await h.send_many(labels_for(first, accuracy=0.5, seed=9)[:200], "feedback")
+    # The labels come after their predictions' window was judged: late, and poor — in two performance
+    # windows of 200 in a row, since one degraded window alone could be noise.
+    await h.send_many(labels_for(first, accuracy=0.5, seed=9)[:400], "feedback")
 
     async def all_joined_late() -> bool:
         rows = await h.sql(
             "SELECT count(*) FILTER (WHERE late) AS late FROM labelled WHERE model = $1", model
         )
-        return int(rows[0]["late"]) == 200
+        return int(rows[0]["late"]) == 400
 
     await eventually(all_joined_late, deadline_s=60)
     [degraded] = await eventually(lambda: h.published(model, PerformanceDegraded), deadline_s=30)
