@@ -123,8 +123,8 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
         await client.upload_dataset(dataset, generate(20_000, REFERENCE, seed=1), [model])
         await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=180)
 
-        stage("Live traffic from the reference world (40 requests/s × 10 customers, labels 1 s later)")
-        traffic = Traffic(client, model, phase=REFERENCE)
+        stage("Live traffic from the reference world (20 requests/s × 10 customers, labels 1 s later)")
+        traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=20)
         traffic.start()
         await asyncio.sleep(20)
         console.print(f"  {traffic.stats.requests} requests, {traffic.stats.failed} failed, no drift so far")

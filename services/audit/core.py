@@ -97,6 +97,9 @@ async def verify_trail(
     if to_seq is not None and to_seq < from_seq:
         raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
     started = clock()
+    # Checkpoints first, then the head: every checkpoint read here was written after its rows, so any that
+    # lies beyond the head read next means rows are gone, never that the trail grew between two reads.
+    known_checkpoints = [*await chain.checkpoints(), *archived]
     head = await chain.head_seq()
     after = from_seq - 1
     upto = head if to_seq is None else to_seq
@@ -133,9 +136,7 @@ async def verify_trail(
     checked_upto = chain_finding.seq - 1 if chain_finding is not None else scanned_upto
 
     checkpoints = [
-        c
-        for c in [*await chain.checkpoints(), *archived]
-        if c.sequence > after and (to_seq is None or c.sequence <= to_seq)
+        c for c in known_checkpoints if c.sequence > after and (to_seq is None or c.sequence <= to_seq)
     ]
     stored = await chain.row_hashes(sorted({c.sequence for c in checkpoints if c.sequence <= checked_upto}))
     verdict = check_checkpoints(
