@@ -14,7 +14,7 @@ import asyncpg
 import uvicorn
 from fastapi import FastAPI
 
-from contracts.envelope import CloudEvent, EventTypeRegistry
+from contracts.envelope import EventTypeRegistry
 from contracts.registry import EVENT_TYPES
 from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
@@ -70,11 +70,6 @@ class Runtime:
 
     def relay(self) -> OutboxRelay:
         return OutboxRelay(self.pool, self.settings.db_schema, self.publisher)
-
-    async def publish_in_transaction(self, event: CloudEvent[Any]) -> None:
-        """Emit one event through the outbox, for a request that changes nothing else."""
-        async with self.begin() as tx:
-            await tx.publish(event)
 
     async def ready(self) -> dict[str, bool]:
         """Readiness: the database answers (the producer reconnects on its own)."""

@@ -12,6 +12,7 @@ from deploy.cli import COMMANDS, build_parser, main
 from deploy.local.broker import KafkaBroker
 from deploy.local.errors import PortTaken
 from deploy.local.settings import LocalInfraSettings, StateLayout
+from tests.ports import free_port
 
 
 @pytest.fixture
@@ -23,15 +24,9 @@ def foreign_listener() -> Iterator[int]:
         yield server.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_port_taken_by_a_foreign_process_names_the_owner(foreign_listener: int, tmp_path: Path) -> None:
     settings = LocalInfraSettings(
-        state_dir=tmp_path, kafka_port=foreign_listener, kafka_controller_port=_free_port()
+        state_dir=tmp_path, kafka_port=foreign_listener, kafka_controller_port=free_port()
     )
     broker = KafkaBroker(settings, StateLayout.from_settings(settings))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -18,14 +17,9 @@ import httpx
 import orjson
 
 from tests.integration.kafka_tools import eventually, fetchval, unique
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

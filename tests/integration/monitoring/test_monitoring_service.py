@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +41,7 @@ from libs.bus.kafka import KafkaPublisher
 from libs.profiles import build_profile
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 FEATURES = ["tenure", "charges", "plan"]
@@ -100,12 +100,6 @@ def start_service(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def process_env(
     kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -117,7 +111,7 @@ def process_env(
         "DRIFTLOOP_ENV": "test",
         "DRIFTLOOP_LOG_JSON": "false",
         "DRIFTLOOP_ARTIFACTS_URL": str(tmp_path_factory.mktemp("artifacts")),
-        "DRIFTLOOP_MONITORING_HTTP_PORT": str(_free_port()),
+        "DRIFTLOOP_MONITORING_HTTP_PORT": str(free_port()),
         "DRIFTLOOP_MONITORING_SCHEMA_NAME": unique("t_mon"),
         "DRIFTLOOP_MONITORING_CONSUMER_GROUP": unique("g_mon"),
         "DRIFTLOOP_MONITORING_MODELS_TOPIC": topics["models"],

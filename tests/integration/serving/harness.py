@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -40,12 +39,6 @@ VIEWER = {"Authorization": "Bearer dev-viewer"}
 def physical(topic: str) -> str:
     """A platform topic's name on the cluster (DRIFTLOOP_KAFKA_TOPIC_PREFIX, as the service reads it)."""
     return KafkaSettings().physical(topic)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def store_models(folder: Path, seeds: Sequence[int]) -> list[ArtifactRef]:

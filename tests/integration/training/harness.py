@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,12 @@ from libs.artifacts import ArtifactStore
 from libs.bus.kafka import KafkaPublisher
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import eventually
+from tests.ports import free_port
 from tests.unit.training.data import parquet_bytes
 
 ROOT = Path(__file__).resolve().parents[3]
 OPERATOR = {"Authorization": "Bearer dev-operator"}
 VIEWER = {"Authorization": "Bearer dev-viewer"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServiceProcess:
