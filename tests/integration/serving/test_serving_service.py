@@ -44,12 +44,12 @@ from tests.integration.serving.harness import (
     ServingProcess,
     TopicWatcher,
     drop_schema,
-    free_port,
     new_run_names,
     serving_env,
     start_group_at_end,
     store_models,
 )
+from tests.ports import free_port
 from tests.unit.serving.fakes import canary_verdict, churn_pipeline, passed, record, registered
 
 
