@@ -245,6 +245,8 @@ class TrafficStats:
     by_variant: dict[str, int] = field(default_factory=dict)
     by_version: dict[int, int] = field(default_factory=dict)
     labels_sent: int = 0
+    # Model version -> when (epoch seconds) its first answer came back: when a canary began serving.
+    first_answer_at: dict[int, float] = field(default_factory=dict)
 
 
 class Traffic:
@@ -315,10 +317,12 @@ class Traffic:
             return
         self.stats.requests += 1
         self.stats.rows += len(records)
+        answered_at = time.time()
         due = time.monotonic() + self.label_delay_s
         for i, p in enumerate(response.json()["predictions"]):
             self.stats.by_variant[p["variant"]] = self.stats.by_variant.get(p["variant"], 0) + 1
             self.stats.by_version[p["model_version"]] = self.stats.by_version.get(p["model_version"], 0) + 1
+            self.stats.first_answer_at.setdefault(p["model_version"], answered_at)
             if (hash(keys[i]) % 1000) / 1000 < self.label_share:
                 self._labels.append((due, {"prediction_id": p["prediction_id"], "label": labels[i]}))
 
