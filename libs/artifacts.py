@@ -165,6 +165,24 @@ class ArtifactStore:
             )
 
 
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def frame_to_parquet(frame: Any) -> bytes:
+    """Parquet bytes of a DataFrame (pyarrow, no index), dictionary-encoding only non-float columns.
+
+    Measured on 10,000 x 30 training rows: trying a dictionary on continuous floats (pyarrow's default)
+    is most of the write time and the fallback pages end up larger; categories, labels and ids still get
+    one.
+    """
+    import pandas as pd
+
+    dictionary = [str(c) for c in frame.columns if not pd.api.types.is_float_dtype(frame[c])]
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False, engine="pyarrow", use_dictionary=dictionary)
+    return buffer.getvalue()
+
+
 # --- models ---------------------------------------------------------------------------------------
 
 _PICKLE_PROTOCOL = re.compile(rb"^\x80[\x02-\x05]")

@@ -6,7 +6,6 @@ Columns: every feature, ``prediction``, ``label`` (null where no ground truth ar
 
 from __future__ import annotations
 
-import io
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -62,10 +61,3 @@ def window_frame(
     frame = pd.DataFrame({k: _uniform(v) if k != "predicted_at" else v for k, v in columns.items()})
     frame["predicted_at"] = pd.to_datetime(frame["predicted_at"], utc=True)
     return frame
-
-
-def to_parquet(frame: pd.DataFrame) -> bytes:
-    """Parquet bytes (pyarrow, no index)."""
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False, engine="pyarrow")
-    return buffer.getvalue()

@@ -26,6 +26,7 @@ from contracts.monitoring import (
 )
 from contracts.predictions import PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
+from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, PermanentError
 from libs.logging import get_logger
 from services.monitoring import export
@@ -274,7 +275,7 @@ async def _export(
     if monitor.export_labelled_rows:
         history += await store.recent_labelled(ref.model, monitor.export_labelled_rows)
     frame = export.window_frame(window, labels, history, [f.name for f in ref.signature.features])
-    return await monitor.artifacts.put_parquet(export.to_parquet(frame))
+    return await monitor.artifacts.put_parquet(frame_to_parquet(frame))
 
 
 # --- judging closed windows --------------------------------------------------------------------------------

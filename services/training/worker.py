@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
-from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, save_model
+from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
 from libs.metrics import all_metrics, model_outputs
 from libs.modelspec import ModelSpec, SpecError, TrainingSetMode, build_pipeline, flat_params, load_canonical
 from libs.profiles import build_profile
@@ -353,9 +353,7 @@ def _ref(stored: StoredArtifact, fmt: ArtifactFormat) -> ArtifactRef:
 
 
 def _materialise(store: ArtifactStore, frame: pd.DataFrame) -> MaterialisedSet:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    stored = store.put(buffer.getvalue())
+    stored = store.put(frame_to_parquet(frame))
     return MaterialisedSet(
         artifact=_ref(stored, ArtifactFormat.PARQUET),
         rows=len(frame),

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from libs.profiles import ReferenceProfile, bin_counts, build_profile
+from libs.profiles import ReferenceProfile, bin_counts, build_profile, sorted_bin_counts
 
 
 def frame(n: int = 2_000, seed: int = 1) -> pd.DataFrame:
@@ -46,3 +46,11 @@ def test_categorical_frequencies_and_round_trip_through_bytes() -> None:
 def test_bin_counts_use_right_closed_bins() -> None:
     edges = np.array([1.0, 2.0])
     assert bin_counts(np.array([0.5, 1.0, 1.5, 2.0, 9.0]), edges).tolist() == [2, 2, 1]
+
+
+def test_histogram_of_the_sorted_values_equals_the_per_value_binning() -> None:
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(size=5_000), np.full(500, 0.25), rng.integers(0, 4, 800)])
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, 11)[1:-1]))
+    assert sorted_bin_counts(np.sort(values), edges).tolist() == bin_counts(values, edges).tolist()
+    assert sorted_bin_counts(np.sort(values), np.array([])).tolist() == [values.size]
