@@ -165,6 +165,8 @@ def _metadata(routing: ModelRouting, served: ServedModel) -> dict[str, Any]:
             "classes": served.classes,
             "rollout_id": routing.rollout_id,
             "canary_weight": routing.weight,
+            "engine": served.engine,
+            "engine_note": served.engine_note or None,
         },
     }
 

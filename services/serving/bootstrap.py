@@ -54,7 +54,9 @@ async def build(rt: Runtime) -> ServiceParts:
     schema = settings.db_schema
     instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     store = ArtifactStore(settings.artifacts_url)
-    loader = ArtifactModelLoader(store)
+    loader = ArtifactModelLoader(
+        store, compile_models=settings.compile_models, compile_tolerance=settings.compile_tolerance
+    )
     policy = RolloutPolicy(
         steps=tuple(settings.rollout_steps),
         min_samples=settings.rollout_min_samples,

@@ -10,19 +10,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+from prometheus_client import Counter
 
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
 from libs.logging import get_logger
+from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
+
+UNCOMPILED = Counter(
+    "driftloop_serving_uncompiled_requests_total",
+    "Requests to a compiled model that its estimator answered instead (a category sent as a number).",
+    ["model", "version"],
+)
 
 
 @dataclass(frozen=True)
@@ -36,15 +45,19 @@ class Scores:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One model version in memory: the estimator and its signature."""
+    """One model version in memory: the estimator, its signature and, when one was verified, a compiled
+    copy that answers instead of the estimator (services/serving/compiled.py)."""
 
     model: str
     version: int
     artifact_key: str
     signature: ModelSignature
     estimator: Any
+    compiled: CompiledModel | None = None
+    engine_note: str = ""
+    """Why the estimator serves, when no compiled copy does."""
 
-    @property
+    @cached_property
     def classes(self) -> list[Any] | None:
         """Class labels in the order of ``predict_proba``'s columns, for classifiers."""
         cls = getattr(self.estimator, "classes_", None)
@@ -52,23 +65,39 @@ class ServedModel:
             return list(np.asarray(cls).tolist())
         return self.signature.classes
 
-    @property
+    @cached_property
     def gives_probabilities(self) -> bool:
         return self.signature.task is Task.CLASSIFICATION and hasattr(self.estimator, "predict_proba")
 
+    @property
+    def engine(self) -> str:
+        """What computes the answers: ``onnxruntime`` (a verified compiled copy) or ``scikit-learn``."""
+        return ONNX if self.compiled is not None else SKLEARN
+
     def frame(self, columns: FeatureColumns) -> pd.DataFrame:
-        return pd.DataFrame(columns.columns, columns=[f.name for f in self.signature.features])
+        return frame(self.signature, columns)
+
+    def _outputs(self, columns: FeatureColumns) -> np.ndarray:
+        compiled = self.compiled
+        if compiled is not None and (self.gives_probabilities or self.signature.task is Task.REGRESSION):
+            feeds = compiled.feeds(columns)
+            if feeds is not None:
+                return compiled.run(feeds)
+            UNCOMPILED.labels(self.model, str(self.version)).inc()
+        x = self.frame(columns)
+        if self.gives_probabilities:
+            return np.asarray(self.estimator.predict_proba(x))
+        return np.asarray(self.estimator.predict(x))
 
     def predict(self, columns: FeatureColumns) -> Scores:
-        """Score checked rows (CPU-bound; a few milliseconds for typical batches)."""
-        frame = self.frame(columns)
+        """Score checked rows (CPU-bound; from tens of microseconds compiled to milliseconds)."""
+        out = self._outputs(columns)
         if self.gives_probabilities:
-            proba = np.asarray(self.estimator.predict_proba(frame))
             classes = self.classes or []
             # argmax over predict_proba is what predict does for these estimators; one pass instead of two.
-            labels = np.asarray(classes, dtype=object)[proba.argmax(axis=1)].tolist()
-            return Scores(labels, proba.tolist(), classes)
-        return Scores(np.asarray(self.estimator.predict(frame)).tolist(), None, None)
+            labels = np.asarray(classes, dtype=object)[out.argmax(axis=1)].tolist()
+            return Scores(labels, out.tolist(), classes)
+        return Scores(out.reshape(len(out), -1)[:, 0].tolist() if out.ndim > 1 else out.tolist(), None, None)
 
     def warm(self) -> None:
         """Score one synthetic row, so the first real request pays no lazy initialisation."""

@@ -76,6 +76,18 @@ class ServingSettings(ServiceSettings):
     shadow_buffer: int = Field(
         1_000, ge=1, description="Shadow scorings waiting; when full, new ones are dropped and counted."
     )
+    compile_models: bool = Field(
+        True,
+        description="Serve a verified ONNX Runtime copy of each model when it converts and agrees with the "
+        "pipeline (services/serving/compiled.py); the pipeline serves otherwise.",
+    )
+    compile_tolerance: float = Field(
+        1e-5,
+        gt=0,
+        le=0.01,
+        description="Largest difference in any probability (or regression output) between a compiled copy "
+        "and the pipeline on the verification sample; more and the pipeline serves.",
+    )
     routing_poll_s: float = Field(
         2.0,
         gt=0,

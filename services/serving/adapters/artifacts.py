@@ -1,5 +1,5 @@
-"""Models from the shared artifact store: skops with the trusted-type list, loaded and warmed off the
-event loop, cached by artifact key."""
+"""Models from the shared artifact store: skops with the trusted-type list, compiled (when a verified
+compiled copy can be had), loaded and warmed off the event loop, cached by artifact key."""
 
 from __future__ import annotations
 
@@ -7,26 +7,64 @@ import asyncio
 import time
 from typing import Any
 
+from prometheus_client import Counter, Gauge
+
+from contracts.common import ModelSignature
 from libs.artifacts import ArtifactError, ArtifactStore, load_model
 from libs.logging import get_logger
+from services.serving.compiled import DEFAULT_TOLERANCE, CompiledModel, NotCompilable, compile_model
 from services.serving.ports import ModelLoadError, VersionRecord
 from services.serving.routing import ServedModel
 
 log = get_logger(__name__)
 
+ENGINE = Gauge(
+    "driftloop_serving_model_engine",
+    "1 for what computes a loaded version's answers: onnxruntime (a verified compiled copy) or "
+    "scikit-learn (the pipeline itself).",
+    ["model", "version", "engine"],
+)
+NOT_COMPILED = Counter(
+    "driftloop_serving_compile_fallbacks_total",
+    "Loaded versions served by their pipeline because no verified compiled copy could be had "
+    "(the reason is logged and shown in the model's metadata).",
+)
+
+
+def compile_or_explain(
+    estimator: Any, signature: ModelSignature, *, enabled: bool, tolerance: float
+) -> tuple[CompiledModel | None, str]:
+    """A verified compiled copy, or None and why the pipeline serves (CPU-bound: run it off the loop)."""
+    if not enabled:
+        return None, "compilation is off (DRIFTLOOP_SERVING_COMPILE_MODELS=false)"
+    try:
+        return compile_model(estimator, signature, tolerance=tolerance), ""
+    except NotCompilable as exc:
+        return None, str(exc)
+
 
 class ArtifactModelLoader:
     """:class:`services.serving.ports.ModelLoader` on :class:`libs.artifacts.ArtifactStore`."""
 
-    def __init__(self, store: ArtifactStore, *, retry_failed_after_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        *,
+        retry_failed_after_s: float = 30.0,
+        compile_models: bool = True,
+        compile_tolerance: float = DEFAULT_TOLERANCE,
+    ) -> None:
         self.store = store
         self.retry_failed_after_s = retry_failed_after_s
-        self._estimators: dict[str, Any] = {}
+        self.compile_models = compile_models
+        self.compile_tolerance = compile_tolerance
+        self._estimators: dict[str, tuple[Any, CompiledModel | None, str]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
         self._lock = asyncio.Lock()
 
     async def load(self, record: VersionRecord) -> ServedModel:
-        """The version, loaded and warmed; :class:`ModelLoadError` when it cannot serve."""
+        """The version, loaded, compiled when possible and warmed; :class:`ModelLoadError` when it cannot
+        serve."""
         if record.artifact_key is None or record.signature is None:
             raise ModelLoadError(f"{record.model} v{record.version} is not registered yet")
         key = record.artifact_key
@@ -34,22 +72,49 @@ class ArtifactModelLoader:
             failed = self._failed.get(key)
             if failed is not None and time.monotonic() - failed[0] < self.retry_failed_after_s:
                 raise ModelLoadError(failed[1])
-            estimator = self._estimators.get(key)
-            if estimator is None:
+            cached = self._estimators.get(key)
+            if cached is None:
                 try:
                     estimator = await asyncio.to_thread(load_model, self.store, key)
                 except (ArtifactError, OSError, ValueError) as exc:
                     message = f"{record.model} v{record.version}: artifact {key[:12]} cannot be loaded: {exc}"
                     self._failed[key] = (time.monotonic(), message)
                     raise ModelLoadError(message) from exc
-            served = ServedModel(record.model, record.version, key, record.signature, estimator)
+                compiled, note = await asyncio.to_thread(
+                    compile_or_explain,
+                    estimator,
+                    record.signature,
+                    enabled=self.compile_models,
+                    tolerance=self.compile_tolerance,
+                )
+                cached = (estimator, compiled, note)
+            estimator, compiled, note = cached
+            served = ServedModel(
+                record.model, record.version, key, record.signature, estimator, compiled, note
+            )
             try:
                 await asyncio.to_thread(served.warm)
             except Exception as exc:
                 message = f"{record.model} v{record.version}: warm-up prediction failed: {exc!r}"
                 self._failed[key] = (time.monotonic(), message)
                 raise ModelLoadError(message) from exc
-            self._estimators[key] = estimator
+            self._estimators[key] = cached
             self._failed.pop(key, None)
-            log.info("model loaded and warmed", model=record.model, version=record.version, artifact=key[:12])
+            ENGINE.labels(record.model, str(record.version), served.engine).set(1)
+            if compiled is None and self.compile_models:
+                NOT_COMPILED.inc()
+                log.warning(
+                    "model served by its pipeline, not compiled",
+                    model=record.model,
+                    version=record.version,
+                    reason=note,
+                )
+            log.info(
+                "model loaded and warmed",
+                model=record.model,
+                version=record.version,
+                artifact=key[:12],
+                engine=served.engine,
+                max_abs_diff=compiled.max_abs_diff if compiled else None,
+            )
             return served

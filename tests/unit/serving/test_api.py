@@ -339,6 +339,8 @@ async def test_oip_metadata_and_health(service: Service) -> None:
         ("plan", "BYTES"),
     ]
     assert [o["name"] for o in meta["outputs"]] == ["predict", "predict_proba"] and meta["versions"] == ["1"]
+    # These tests serve the pipeline itself (no compiled copy): the metadata says so.
+    assert meta["parameters"]["engine"] == "scikit-learn"
 
 
 # --- feedback and operator commands ---------------------------------------------------------------------

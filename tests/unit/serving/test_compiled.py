@@ -1,0 +1,105 @@
+"""Compiled models: served only when verified against the pipeline, the pipeline otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+
+from libs.artifacts import ArtifactStore, save_model
+from services.serving.adapters.artifacts import ArtifactModelLoader, compile_or_explain
+from services.serving.compiled import NotCompilable, compile_model
+from services.serving.domain import MISSING, FeatureColumns, columns_from_records
+from services.serving.ports import VersionRecord
+from services.serving.routing import ServedModel
+from tests.unit.serving.fakes import churn_pipeline, churn_signature
+
+PIPELINE = churn_pipeline()
+SIGNATURE = churn_signature()
+
+
+class Doubling(BaseEstimator, TransformerMixin):  # type: ignore[misc]
+    """A step no converter knows."""
+
+    def fit(self, x: Any, y: Any = None) -> Doubling:
+        return self
+
+    def transform(self, x: Any) -> Any:
+        return np.asarray(x, dtype=float) * 2
+
+
+def _rows() -> list[dict[str, Any]]:
+    return [
+        {"tenure_months": 3.0, "monthly_charges": 80.5, "plan": "basic"},
+        {"tenure_months": None, "monthly_charges": 20.0, "plan": "premium"},
+        {"tenure_months": 40, "monthly_charges": None, "plan": None},
+        {"tenure_months": 70.0, "monthly_charges": 99.9, "plan": "never-seen"},
+    ]
+
+
+def test_a_compiled_model_answers_like_its_pipeline_on_missing_and_unseen_values() -> None:
+    compiled = compile_model(PIPELINE, SIGNATURE)
+    assert compiled.max_abs_diff <= 1e-5 and compiled.verified_rows > 0
+    fast = ServedModel("churn", 1, "k", SIGNATURE, PIPELINE, compiled)
+    slow = ServedModel("churn", 1, "k", SIGNATURE, PIPELINE)
+    assert (fast.engine, slow.engine) == ("onnxruntime", "scikit-learn")
+    columns = columns_from_records(SIGNATURE, _rows())
+    got, expected = fast.predict(columns), slow.predict(columns)
+    assert got.labels == expected.labels
+    assert got.classes == expected.classes
+    assert np.abs(np.array(got.probabilities) - np.array(expected.probabilities)).max() <= 1e-5
+
+
+def test_a_copy_that_disagrees_beyond_the_tolerance_is_refused() -> None:
+    # float32 inputs put the copy ~1e-7 away from the pipeline: a tolerance below that must refuse it.
+    with pytest.raises(NotCompilable, match="differs by"):
+        compile_model(PIPELINE, SIGNATURE, tolerance=1e-12)
+
+
+def test_a_step_without_a_converter_leaves_the_pipeline_serving_and_says_why() -> None:
+    x = ServedModel("churn", 1, "k", SIGNATURE, PIPELINE).frame(
+        columns_from_records(SIGNATURE, [r for r in _rows() if None not in r.values()])
+    )
+    x = x.iloc[:, :2]
+    custom = Pipeline([("double", Doubling()), ("model", LogisticRegression())]).fit(x, [0, 1])
+    numeric = SIGNATURE.model_copy(update={"features": SIGNATURE.features[:2]})
+    compiled, note = compile_or_explain(custom, numeric, enabled=True, tolerance=1e-5)
+    assert compiled is None
+    assert "no ONNX conversion" in note
+    off, why = compile_or_explain(PIPELINE, SIGNATURE, enabled=False, tolerance=1e-5)
+    assert off is None and "off" in why
+
+
+def _uncompiled() -> float:
+    value = REGISTRY.get_sample_value(
+        "driftloop_serving_uncompiled_requests_total", {"model": "churn", "version": "7"}
+    )
+    return value or 0.0
+
+
+def test_a_category_sent_as_a_number_is_answered_by_the_pipeline_and_counted() -> None:
+    fast = ServedModel("churn", 7, "k", SIGNATURE, PIPELINE, compile_model(PIPELINE, SIGNATURE))
+    columns = FeatureColumns(1, {"tenure_months": [3.0], "monthly_charges": [MISSING], "plan": [2]})
+    before = _uncompiled()
+    got = fast.predict(columns)
+    expected = ServedModel("churn", 7, "k", SIGNATURE, PIPELINE).predict(columns)
+    assert got == expected
+    assert _uncompiled() == before + 1
+
+
+async def test_the_loader_serves_a_verified_compiled_copy_unless_compiling_is_off(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    key = save_model(store, PIPELINE).sha256
+    rec = VersionRecord("churn", 1, artifact_key=key, signature=SIGNATURE)
+    served = await ArtifactModelLoader(store).load(rec)
+    assert served.engine == "onnxruntime" and served.engine_note == ""
+    plain = await ArtifactModelLoader(store, compile_models=False).load(rec)
+    assert plain.engine == "scikit-learn" and "off" in plain.engine_note
+    columns = columns_from_records(SIGNATURE, _rows())
+    assert served.predict(columns).labels == plain.predict(columns).labels
