@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -507,6 +507,12 @@ def prediction_id(model: str, version: int, request_token: str, row: int) -> str
     """``<model>:<version>:<request token>-<row>``: model names never contain ':', so feedback can tell the
     model and version from the id alone."""
     return f"{model}:{version}:{request_token}-{row}"
+
+
+def prediction_ids(model: str, version: int, request_token: str, rows: Iterable[int]) -> list[str]:
+    """:func:`prediction_id` for many rows of one request."""
+    prefix = f"{model}:{version}:{request_token}-"
+    return [f"{prefix}{i}" for i in rows]
 
 
 def parse_prediction_id(pid: str) -> tuple[str, int] | None:

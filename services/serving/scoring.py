@@ -27,7 +27,7 @@ from services.serving.domain import (
     assign_variants,
     check_row_count,
     error_rate_breached,
-    prediction_id,
+    prediction_ids,
     shadowed_rows,
 )
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
@@ -63,6 +63,21 @@ SHADOW_DROPPED = Counter(
     "driftloop_serving_shadow_dropped_total", "Shadow scorings dropped because their queue was full."
 )
 SHADOW_QUEUE = Gauge("driftloop_serving_shadow_queue", "Shadow scorings waiting.")
+
+
+_SERIES: dict[tuple[str, int, Variant], tuple[Any, Any, Any]] = {}
+
+
+def _series(model: str, version: int, variant: Variant) -> tuple[Any, Any, Any]:
+    """The request, row and latency series of one model version and variant (``labels()`` is a lookup
+    under a lock: once per series, not per request)."""
+    key = (model, version, variant)
+    series = _SERIES.get(key)
+    if series is None:
+        labels = (model, str(version), variant.value)
+        series = (REQUESTS.labels(*labels), ROWS.labels(*labels), LATENCY.labels(*labels))
+        _SERIES[key] = series
+    return series
 
 
 @dataclass
@@ -334,23 +349,28 @@ class Predictor:
         scores: Scores,
         latency_s: float,
     ) -> None:
-        version = str(served.version)
-        REQUESTS.labels(served.model, version, variant.value).inc()
-        ROWS.labels(served.model, version, variant.value).inc(columns.rows)
-        LATENCY.labels(served.model, version, variant.value).observe(latency_s)
+        requests, rows_total, latency = _series(served.model, served.version, variant)
+        requests.inc()
+        rows_total.inc(columns.rows)
+        latency.observe(latency_s)
         for feature, count in columns.unseen.items():
             UNSEEN.labels(served.model, feature).inc(count)
-        indices = rows if rows is not None else range(request.rows)
-        pids = []
         probs = scores.probabilities
-        for j, i in enumerate(indices):
-            pid = prediction_id(served.model, served.version, token, i)
-            pids.append(pid)
-            result.prediction_ids[i] = pid
-            result.labels[i] = scores.labels[j]
-            result.probabilities[i] = probs[j] if probs is not None else None
-            result.versions[i] = served.version
-            result.variants[i] = variant
+        if rows is None:  # one variant answers the whole request: the common case, without a loop per row
+            pids = prediction_ids(served.model, served.version, token, range(request.rows))
+            result.prediction_ids = pids
+            result.labels = list(scores.labels)
+            result.probabilities = list(probs) if probs is not None else [None] * request.rows
+            result.versions = [served.version] * request.rows
+            result.variants = [variant] * request.rows
+        else:
+            pids = prediction_ids(served.model, served.version, token, rows)
+            for j, i in enumerate(rows):
+                result.prediction_ids[i] = pids[j]
+                result.labels[i] = scores.labels[j]
+                result.probabilities[i] = probs[j] if probs is not None else None
+                result.versions[i] = served.version
+                result.variants[i] = variant
         result.classes[served.version] = scores.classes
         if variant is Variant.CANARY and routing.rollout_id is not None:
             self.stats.served(routing.model, routing.rollout_id, routing.step_index, columns.rows)
