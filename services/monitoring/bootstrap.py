@@ -12,7 +12,7 @@ from typing import Any, cast
 from contracts.envelope import CloudEvent
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
-from contracts.predictions import PredictionsLogged
+from contracts.predictions import PredictionsLogged, read_predictions_logged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
 from libs.bus import Delivery, Subscription, Transaction
@@ -201,6 +201,7 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
             topics=[settings.predictions_topic],
             batch_handler=_bind_batch(handlers.on_predictions_logged, monitor),
             batch_types=frozenset({PredictionsLogged}),
+            readers={PredictionsLogged: read_predictions_logged},
             **common,
         ),
         Subscription(

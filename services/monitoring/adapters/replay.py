@@ -9,14 +9,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from contracts.envelope import EventTypeRegistry, MalformedEvent
-from contracts.predictions import PredictionsLogged
+from contracts.envelope import EventPayload, EventTypeRegistry, MalformedEvent, PayloadReader
+from contracts.predictions import PredictionsLogged, read_predictions_logged
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
 
 log = get_logger(__name__)
 
 Request = tuple[PredictionsLogged, int, int]
+READERS: dict[type[EventPayload], PayloadReader] = {PredictionsLogged: read_predictions_logged}
 
 
 async def replay_predictions(
@@ -65,7 +66,9 @@ async def replay_predictions(
                         remaining.discard(tp)
                         break
                     try:
-                        event = registry.decode(m.value, m.headers or (), max_bytes=kafka.max_event_bytes)
+                        event = registry.decode(
+                            m.value, m.headers or (), max_bytes=kafka.max_event_bytes, readers=READERS
+                        )
                     except MalformedEvent:
                         continue  # the live consumer dead-lettered it the first time
                     if isinstance(event.data, PredictionsLogged):
