@@ -365,17 +365,25 @@ async def predict(name: str, request: Request) -> Response:
         )
     )
     predictions = []
-    for i, label in enumerate(result.labels):
+    keys = {v: None if c is None else [str(k) for k in c] for v, c in result.classes.items()}
+    for pid, label, version, variant, probs in zip(
+        result.prediction_ids,
+        result.labels,
+        result.versions,
+        result.variants,
+        result.probabilities,
+        strict=True,
+    ):
+        # The variant goes as the enum member: orjson writes its value.
         row: dict[str, Any] = {
-            "prediction_id": result.prediction_ids[i],
+            "prediction_id": pid,
             "prediction": label,
-            "model_version": result.versions[i],
-            "variant": result.variants[i].value,
+            "model_version": version,
+            "variant": variant,
         }
-        probs = result.probabilities[i]
-        classes = result.classes.get(result.versions[i])
-        if probs is not None and classes is not None:
-            row["probabilities"] = {str(c): p for c, p in zip(classes, probs, strict=True)}
+        names = keys.get(version)
+        if probs is not None and names is not None:
+            row["probabilities"] = dict(zip(names, probs, strict=True))
         predictions.append(row)
     response = _json({"model": name, "request_id": result.request_id, "predictions": predictions})
     REQUEST_SECONDS.labels(name, "v1").observe(time.perf_counter() - started)

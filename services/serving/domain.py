@@ -555,7 +555,17 @@ def _bad(feature: str, reason: str, message: str, row: int | None = None) -> Inv
     return InvalidInput(f"feature {feature!r}{where}: {message}", feature=feature, reason=reason, row=row)
 
 
+_NUMBER_TYPES = frozenset({float, int, bool})
+
+
 def _check_numeric(name: str, values: list[Any]) -> list[Any]:
+    # The common case, all numbers and none infinite, checked at C speed; anything else takes the loop.
+    if _NUMBER_TYPES.issuperset(map(type, values)):
+        try:
+            if not any(map(math.isinf, values)):
+                return values
+        except OverflowError:  # an integer beyond float range: the loop lets it through as before
+            pass
     out = values
     for i, v in enumerate(values):
         t = type(v)
