@@ -4,9 +4,9 @@
 
 Same scikit-learn model (bench/serving/model.py), one worker process each, same rows per request, all on
 127.0.0.1, load from wrk (a separate process, one thread). driftloop runs as `python -m services.serving`
-with a live canary rollout (10% of traffic) and the prediction log on, answering with whatever engine it
-chose at load (a verified ONNX Runtime copy, or the pipeline: printed at start); a second driftloop replica of the
-same deployment with the prediction log off gives the logging cost. All servers are up at once and are
+with a live canary rollout (10% of traffic) and the prediction log on, answering with the engine it chose
+at load (a verified ONNX Runtime copy, or the pipeline: printed at start); a second driftloop replica of
+the same deployment with the prediction log off gives the logging cost. All servers are up at once and are
 measured in turn, round after round (the order rotating), and the median of the rounds is reported: on a
 machine shared with other work this keeps a passing load spike from landing on one server only.
 
