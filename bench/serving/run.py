@@ -255,6 +255,16 @@ def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> li
 # --- the servers -----------------------------------------------------------------------------------------
 
 
+def port_free(port: int) -> None:
+    """Refuse a port something else listens on: a leftover server would answer the readiness check and
+    be measured instead of ours."""
+    import socket
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(f"port {port} is taken by another process: stop it or pass --base-port")
+
+
 def start_bare(work: Path, key: str, bodies: dict[int, Path], port: int) -> Server:
     env = {**os.environ, "BENCH_ARTIFACTS": str(work / "artifacts"), "BENCH_MODEL_KEY": key}
     cmd = [
@@ -613,6 +623,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=16, help="connections for the saturation runs")
+    parser.add_argument("--base-port", type=int, default=BASE_PORT, help="first of the 4 ports used")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave MLflow out (no virtualenv needed)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -652,16 +663,19 @@ def main() -> None:
     }
     servers: list[Server] = []
     results: list[Measure] = []
+    base_port = args.base_port
+    for port in range(base_port, base_port + 4):
+        port_free(port)
     try:
-        servers.append(start_bare(work, stored.sha256, bodies, BASE_PORT))
+        servers.append(start_bare(work, stored.sha256, bodies, base_port))
         if not args.skip_mlflow:
-            servers.append(start_mlflow(work, args.model, mlflow_bodies, expected, BASE_PORT + 1))
+            servers.append(start_mlflow(work, args.model, mlflow_bodies, expected, base_port + 1))
         asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
         asyncio.run(announce(bench_model, ref, args.model))
-        servers.append(start_driftloop(work, bench_model, env, bodies, BASE_PORT + 2, logging_on=True))
+        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 2, logging_on=True))
         # A second replica of the same deployment: it restores the routing (stable 1, canary 2 at 10%)
         # from Postgres alone.
-        servers.append(start_driftloop(work, bench_model, env, bodies, BASE_PORT + 3, logging_on=False))
+        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 3, logging_on=False))
         for rnd in range(args.rounds):
             order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
             for server in order:
