@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -50,6 +51,25 @@ TRAIL_COLUMNS = (
     "event_time",
     "recorded_at",
 )
+# The order append() sends the columns in: the fixed-size ones first, so one struct packs them.
+COPY_COLUMNS = (
+    "seq",
+    "row_hash",
+    "seal",
+    "kafka_partition",
+    "kafka_offset",
+    "recorded_at",
+    "record",
+    "topic",
+    "kind",
+    "event_id",
+    "event_type",
+    "subject",
+    "correlation_id",
+    "causation_id",
+    "actor",
+    "event_time",
+)
 _STORED = (
     "seq, record, row_hash, topic, kafka_partition, kafka_offset, kind, event_id, event_type, subject, "
     "correlation_id, causation_id, actor, event_time, recorded_at"
@@ -68,6 +88,80 @@ LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS
 """
 _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
+_COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
+_NULL = b"\xff\xff\xff\xff"
+# Field count, then seq, row_hash, seal, kafka_partition, kafka_offset, recorded_at, each after its length.
+_FIXED = struct.Struct("!hiqi32si16siiiqiq")
+_LENGTH = struct.Struct("!i")
+_TIMESTAMP = struct.Struct("!iq")
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+COPY_CHUNK_BYTES = 64 * 1024
+"""How much COPY data goes out at once: small enough that Postgres writes the first rows of a batch
+while the next are built, large enough that sending costs little."""
+_TEXT_CACHE_MAX = 4096
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    raw = value.encode()
+    return _LENGTH.pack(len(raw)) + raw
+
+
+def _timestamp(value: datetime) -> bytes:
+    return _TIMESTAMP.pack(8, (value - _PG_EPOCH) // _MICROSECOND)
+
+
+async def copy_data(rows: Iterable[TrailRow], chunk_bytes: int = COPY_CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """Trail rows as PostgreSQL binary COPY data (columns in COPY_COLUMNS order), about ``chunk_bytes``
+    at a time, each chunk built only when the previous one is on its way."""
+    fixed, length, text, timestamp = _FIXED.pack, _LENGTH.pack, _text, _timestamp
+    # Topics, kinds, types, models and actors repeat from row to row: encode each once.
+    cache: dict[str, bytes] = {}
+    out = [_COPY_HEADER]
+    size = 0
+    stamped: datetime | None = None
+    stamp = 0
+    for row in rows:
+        (seq, record, row_hash, seal, topic, partition, offset, kind, event_id, event_type, subject,
+         correlation_id, causation_id, actor, event_time, recorded_at) = row  # fmt: skip
+        if recorded_at is not stamped:
+            stamped, stamp = recorded_at, (recorded_at - _PG_EPOCH) // _MICROSECOND
+        encoded_topic = cache.get(topic) or cache.setdefault(topic, text(topic))
+        encoded_kind = cache.get(kind) or cache.setdefault(kind, text(kind))
+        encoded_type = (
+            _NULL
+            if event_type is None
+            else cache.get(event_type) or cache.setdefault(event_type, text(event_type))
+        )
+        encoded_subject = (
+            _NULL if subject is None else cache.get(subject) or cache.setdefault(subject, text(subject))
+        )
+        encoded_actor = _NULL if actor is None else cache.get(actor) or cache.setdefault(actor, text(actor))
+        encoded_id = text(event_id)
+        out += (
+            fixed(16, 8, seq, 32, row_hash, 16, seal, 4, partition, 8, offset, 8, stamp),
+            length(len(record)),
+            record,
+            encoded_topic,
+            encoded_kind,
+            encoded_id,
+            encoded_type,
+            encoded_subject,
+            encoded_id if correlation_id == event_id else text(correlation_id),
+            text(causation_id),
+            encoded_actor,
+            _NULL if event_time is None else timestamp(event_time),
+        )
+        size += len(record)
+        if size >= chunk_bytes:
+            yield b"".join(out)
+            out, size = [], 0
+            if len(cache) > _TEXT_CACHE_MAX:
+                cache.clear()
+    out.append(_COPY_TRAILER)
+    yield b"".join(out)
 
 
 class InsufficientRole(RuntimeError):
@@ -198,10 +292,10 @@ class PgTrail:
     async def append(self, rows: Iterable[TrailRow]) -> None:
         """COPY the rows in (binary); the chain lock is held, so their numbers follow the head.
 
-        A TrailRow is a tuple in the table's column order, so COPY takes the rows as they are; asyncpg
-        pulls them from the builder as it fills its send buffer, so a large batch streams out.
+        The rows are built as the COPY data is, one chunk at a time, and each chunk is sent as soon as it
+        is made: Postgres writes the first rows of the batch while this process builds the next.
         """
-        await self.conn.copy_records_to_table("trail", records=rows, columns=TRAIL_COLUMNS)
+        await self.conn.copy_to_table("trail", source=copy_data(rows), columns=COPY_COLUMNS, format="binary")
 
     async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
         """Keep a signed checkpoint."""

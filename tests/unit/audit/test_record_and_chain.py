@@ -15,6 +15,7 @@ from libs.bus.core import Record
 from services.audit.domain import (
     FORMAT,
     GENESIS,
+    Attributes,
     ChainHead,
     Incoming,
     KafkaPosition,
@@ -131,6 +132,67 @@ def test_indexed_copies_never_hold_nul_or_overlong_text() -> None:
     assert row.attributes.event_id == "ab"
     assert row.attributes.subject is not None and len(row.attributes.subject) == 512
     assert b"a\\u0000b" in row.record  # the record keeps the exact header
+
+
+def _reference_rows(head: ChainHead, incoming: list[Incoming], sealer: Sealer) -> list[tuple[object, ...]]:
+    """The rows spelled out from record_meta, encode_record and Attributes.of, one step at a time."""
+    prev, rows = head.row_hash, []
+    for seq, item in enumerate(incoming, start=head.seq + 1):
+        meta, kind = record_meta(item, recorded_at=AT, dead_letter_topic=DEAD_LETTER)
+        record = encode_record(meta, item.record.value)
+        prev = chain_hash(prev, seq, record)
+        r = item.record
+        attributes = Attributes.of(meta["headers"])
+        rows.append(
+            (
+                seq,
+                record,
+                prev,
+                sealer.seal(prev),
+                r.topic,
+                r.partition,
+                r.offset,
+                kind.value,
+                *attributes,
+                AT,
+            )
+        )
+    return rows
+
+
+def test_the_builders_fast_path_makes_the_same_rows_as_the_general_one() -> None:
+    drift = example(DriftDetected, actor="user:alice")
+    key, value, headers = drift.to_kafka()
+    h = dict(headers)
+
+    def with_headers(**changed: bytes | None) -> tuple[tuple[str, bytes | None], ...]:
+        return tuple({**h, **changed}.items())
+
+    records = [
+        record_of(drift),
+        Record("mlops.models", 0, 1, b"churn", None, tuple(headers)),  # tombstone
+        Record("mlops.models", 0, 2, None, b"", tuple(headers)),  # no key, empty value
+        Record("mlops.models", 0, 3, b"\xff\xfe", value, tuple(headers)),  # binary key
+        Record("mlops.models", 0, 4, key, value, with_headers(ce_subject="m\u00fc\u00df".encode())),
+        Record("mlops.models", 0, 5, key, value, with_headers(ce_id=b"a\x00b", ce_actor=b"x" * 600)),
+        Record("mlops.models", 0, 6, key, value, with_headers(ce_time=b"2025-03-01T12:00:00")),  # naive
+        Record("mlops.models", 0, 7, key, value, with_headers(ce_time=b"yesterday", ce_correlationid=b"")),
+        Record("mlops.models", 0, 8, key, value, with_headers(ce_subject=b"\xc3\x28")),  # not UTF-8
+        Record("mlops.models", 0, 9, key, value, with_headers(ce_actor=None)),  # a null header
+        Record("mlops.models", 0, 10, key, value, (*headers, ("ce_subject", b"again"))),  # repeated
+        Record("mlops.models", 0, 11, key, value, ()),  # no headers at all
+        Record(DEAD_LETTER, 0, 12, key, value, (*headers, ("dlq_reason", b"rejected"))),
+    ]
+    incoming = [Incoming(r) for r in records]
+    incoming += [
+        Incoming(records[0], NotJson("value is not JSON"), decoded=False),
+        Incoming(records[0], decoded=False),
+    ]
+    head = ChainHead(41, hashlib.sha256(b"row 41").digest())
+    sealer = Sealer(SEED)
+    rows = chain_rows(head, incoming, recorded_at=AT, sealer=sealer, dead_letter_topic=DEAD_LETTER)
+    assert [tuple(r) for r in rows] == _reference_rows(head, incoming, sealer)
+    assert [r.kind for r in rows[-3:]] == ["dead-letter", "undecodable", "undecodable"]
 
 
 def test_redelivered_positions_and_repeats_within_a_batch_are_dropped() -> None:
