@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -129,13 +130,17 @@ def wait_http(check: Any, proc: subprocess.Popen[bytes], what: str, deadline_s: 
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """Stop a server and everything it started (each runs in its own session: `mlflow models serve`
+    runs its scorer as a child process, which must not outlive the run)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -283,7 +288,9 @@ def start_bare(work: Path, key: str, bodies: dict[int, Path], port: int) -> Serv
         "--no-access-log",
     ]
     out = (work / "bare.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}/predict"
     wait_http(lambda: httpx.post(url, content=bodies[1].read_bytes()).status_code == 200, proc, BARE)
     return Server(BARE, proc, url, "", bodies)
@@ -348,7 +355,9 @@ def start_mlflow(work: Path, kind: str, bodies: dict[int, Path], expected: np.nd
         "1",
     ]
     out = (work / "mlflow.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     wait_http(lambda: httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200, proc, MLFLOW)
     return Server(MLFLOW, proc, f"http://127.0.0.1:{port}/invocations", "", bodies)
 
@@ -456,6 +465,7 @@ def start_driftloop(
         env=run_env,
         stdout=out,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
 
