@@ -27,6 +27,7 @@ from services.monitoring.domain import (
     judge_window,
     metric_standard_errors,
     performance_metrics,
+    rows_of,
 )
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
 
@@ -306,3 +307,30 @@ def test_a_canary_like_stable_is_healthy_and_labels_below_n_do_not_count() -> No
     decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
     assert decision.verdict is Verdict.HEALTHY
     assert next(e for e in decision.evidence if e.name == "accuracy").passed is None
+
+
+@pytest.mark.parametrize("n_numeric", [1, 3])
+def test_columns_are_the_same_whether_every_row_has_every_feature_or_not(n_numeric: int) -> None:
+    ref = reference(n_numeric=n_numeric)
+    reqs = requests(200, seed=3, n_numeric=n_numeric)
+    rows = [r for p, _, _ in reqs for r in p.rows]
+    rows[5].inputs["extra"] = 1.0  # a feature the model does not know is ignored
+    complete = rows_of(ref, reqs)
+    for f in ref.numeric:
+        assert complete.numeric[f.name].dtype == np.float64
+        assert complete.numeric[f.name].tolist() == [r.inputs[f.name] for r in rows]
+    assert complete.categorical["plan"] == [r.inputs["plan"] for r in rows]
+    assert isinstance(complete.categorical["plan"], list)
+    assert complete.type_mismatches == {}
+    assert complete.prediction_ids == [r.prediction_id for r in rows]
+    # One row without a feature, one with a value of the wrong type: missing and counted, as before.
+    del rows[7].inputs["plan"]
+    del rows[8].inputs["x0"]
+    rows[9].inputs["x0"] = "not a number"
+    partial = rows_of(ref, reqs)
+    x0 = partial.numeric["x0"]
+    assert np.isnan(x0[8]) and np.isnan(x0[9])
+    assert np.array_equal(np.delete(x0, [8, 9]), np.delete(complete.numeric["x0"], [8, 9]))
+    assert partial.type_mismatches == {"x0": 1}
+    assert partial.categorical["plan"][7] is None
+    assert partial.categorical["plan"][:7] == complete.categorical["plan"][:7]
