@@ -389,13 +389,22 @@ def chain_rows(
     return list(builder.rows(incoming))
 
 
-def new_positions(incoming: Sequence[Incoming], recorded: set[KafkaPosition]) -> list[Incoming]:
-    """The records not in the trail yet, each position once, in order: a redelivery adds nothing."""
+def new_positions(
+    incoming: Sequence[Incoming],
+    recorded: set[KafkaPosition],
+    positions: Sequence[KafkaPosition] | None = None,
+) -> list[Incoming]:
+    """The records not in the trail yet, each position once, in order: a redelivery adds nothing.
+
+    ``positions`` are the records' positions in the same order, when the caller has them already.
+    """
+    if positions is None:
+        positions = [KafkaPosition(i.record.topic, i.record.partition, i.record.offset) for i in incoming]
+    if not recorded and len(set(positions)) == len(positions):
+        return list(incoming)  # the usual batch: nothing seen before, nothing twice
     seen = set(recorded)
     fresh = []
-    for item in incoming:
-        r = item.record
-        position = KafkaPosition(r.topic, r.partition, r.offset)
+    for item, position in zip(incoming, positions, strict=True):
         if position not in seen:
             seen.add(position)
             fresh.append(item)
