@@ -2,7 +2,8 @@
 
 Audit does not react to event types: it keeps whatever arrives, decodable or not, exactly once. One
 transaction per poll appends the batch to the chain, so the database commit and the offsets the runner
-commits afterwards move together; a redelivered record finds its Kafka position taken and adds nothing.
+commits afterwards move together; a redelivered record finds its Kafka position taken and adds nothing,
+and a re-sent copy of an event (an outbox relay's retry: same topic, id and bytes) finds the event held.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from services.audit.domain import (
     KafkaPosition,
     Signer,
     checkpoint_due,
+    event_keys,
     new_positions,
+    without_resent_copies,
 )
 from services.audit.ports import Clock, Publish, TrailWriter
 
@@ -42,12 +45,17 @@ async def on_records(
 
     Returns how many rows were appended.
     """
-    incoming = [Incoming(d.record, d.error, decoded=d.event is not None) for d in deliveries]
+    incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     head = await trail.lock_head()
-    positions = [KafkaPosition(i.record.topic, i.record.partition, i.record.offset) for i in incoming]
-    fresh = new_positions(incoming, await trail.recorded(positions))
+    positions = [KafkaPosition(r.topic, r.partition, r.offset) for r, _, _ in incoming]
+    fresh = new_positions(incoming, await trail.recorded(positions), positions)
     if len(fresh) < len(incoming):
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
+    if keys := event_keys(fresh):
+        firsts = without_resent_copies(fresh, await trail.held_events(keys))
+        if len(firsts) < len(fresh):
+            log.info("re-sent copies of recorded events skipped", skipped=len(fresh) - len(firsts))
+        fresh = firsts
     if not fresh:
         return 0
     builder = ChainBuilder(

@@ -27,6 +27,10 @@ class TrailWriter(Protocol):
         """Which of these Kafka positions the trail already holds."""
         ...
 
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+        """The values of rows already holding these (topic, event id) pairs."""
+        ...
+
     async def append(self, rows: Iterable[TrailRow]) -> None:
         """Write rows that directly follow the head returned by :meth:`lock_head`. ``rows`` may be built
         as they are taken, so the first can be on their way while the next are made."""

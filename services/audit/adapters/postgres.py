@@ -289,6 +289,21 @@ class PgTrail:
         )
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
 
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+        """Values of rows holding these (topic, event id) pairs, through the partial event-id index."""
+        if not keys:
+            return {}
+        rows = await self.conn.fetch(
+            """SELECT t.topic, t.event_id, t.record
+               FROM trail t
+               WHERE t.event_id = ANY($1::text[]) AND t.topic <> 'mlops.predictions'""",
+            sorted({event_id for _, event_id in keys}),
+        )
+        held: dict[tuple[str, str], list[bytes]] = {}
+        for r in rows:
+            held.setdefault((r["topic"], r["event_id"]), []).append(bytes(r["record"]).partition(b"\n")[2])
+        return held
+
     async def append(self, rows: Iterable[TrailRow]) -> None:
         """COPY the rows in (binary); the chain lock is held, so their numbers follow the head.
 

@@ -63,6 +63,15 @@ class FakeTrail:
         held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
         return {p for p in positions if p in held}
 
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+        wanted = set(keys)
+        held: dict[tuple[str, str], list[bytes]] = {}
+        for s in self.rows.values():
+            key = (s.row.topic, s.row.attributes.event_id)
+            if key in wanted:
+                held.setdefault(key, []).append(s.row.record.partition(b"\n")[2])
+        return held
+
     async def append(self, rows: Iterable[TrailRow]) -> None:
         for r in rows:
             assert r.seq not in self.rows, "a fork: two rows with one sequence number"

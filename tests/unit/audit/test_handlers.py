@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent
 from contracts.monitoring import DriftDetected
+from contracts.predictions import PredictionsLogged
 from contracts.registry import EVENT_TYPES
 from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
@@ -72,6 +74,45 @@ async def test_redelivered_record_changes_nothing(trail: FakeTrail, signer: Sign
     assert n == 1
     assert sorted(trail.rows) == [1, 2, 3, 4]
     assert all(trail.rows[s] is before[s] for s in (1, 2, 3))
+
+
+async def test_a_resent_copy_of_a_recorded_event_at_a_new_position_adds_nothing(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    # An outbox relay that died before marking its batch sent sends the same events again, later.
+    events = [example(DriftDetected) for _ in range(3)]
+    await record(trail, signer, [delivery(e, offset=i) for i, e in enumerate(events)])
+    resent = [delivery(events[0], offset=10), delivery(events[2], offset=11)]
+    n, _ = await record(trail, signer, [*resent, delivery(example(DriftDetected), offset=12)])
+    assert n == 1
+    ids = [trail.rows[s].row.attributes.event_id for s in sorted(trail.rows)]
+    assert len(ids) == len(set(ids)) == 4
+
+
+async def test_a_copy_within_one_batch_is_kept_once(trail: FakeTrail, signer: Signer) -> None:
+    event = example(TrainingRequested)
+    n, _ = await record(trail, signer, [delivery(event, offset=0), delivery(event, offset=1)])
+    assert n == 1
+
+
+async def test_same_id_with_other_bytes_or_on_another_topic_is_not_a_copy(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    event = example(DriftDetected)
+    original = delivery(event, offset=0)
+    value = original.record.value or b""
+    assert b'"churn"' in value
+    other = Delivery(replace(original.record, offset=1, value=value.replace(b'"churn"', b'"chum"')), None)
+    dead_lettered = delivery(event, topic=DEAD_LETTER, offset=0)
+    n, _ = await record(trail, signer, [original, other, dead_lettered])
+    assert n == 3
+
+
+async def test_predictions_are_not_looked_up_by_id(trail: FakeTrail, signer: Signer) -> None:
+    # Serving produces predictions directly (no outbox, so no re-sent copies); the index leaves them out.
+    prediction = example(PredictionsLogged)
+    n, _ = await record(trail, signer, [delivery(prediction, offset=0), delivery(prediction, offset=1)])
+    assert n == 2
 
 
 async def test_checkpoint_is_signed_and_published_every_n_rows(trail: FakeTrail, signer: Signer) -> None:
