@@ -49,6 +49,18 @@ async def test_redelivered_records_add_nothing_and_a_position_is_unique(trail_db
         )
 
 
+async def test_a_resent_copy_of_an_event_at_new_offsets_adds_nothing(trail_db: TrailDb) -> None:
+    # What an outbox relay does when it dies between sending a batch and marking it sent.
+    events = [example(TrainingRequested) for _ in range(4)]
+    assert await trail_db.record([delivery(e, offset=i) for i, e in enumerate(events)]) == 4
+    resent = [delivery(e, offset=100 + i) for i, e in enumerate(events[1:3])]
+    assert await trail_db.record([*resent, delivery(example(TrainingRequested), offset=200)]) == 1
+    ids = [r["event_id"] for r in await trail_db.pool.fetch("SELECT event_id FROM trail ORDER BY seq")]
+    assert len(ids) == len(set(ids)) == 5
+    report = await trail_db.verify(full=True)
+    assert report.ok, report
+
+
 async def test_concurrent_writers_never_fork_the_chain(trail_db: TrailDb) -> None:
     async def writer(partition: int) -> None:
         for start in range(0, 40, 4):
