@@ -262,7 +262,12 @@ class PgTrail:
         """Positions already in the trail: one index probe per partition, exact checks only below its end."""
         if not positions:
             return set()
-        partitions = sorted({(p.topic, p.partition) for p in positions})
+        lowest: dict[tuple[str, int], int] = {}  # the batch's lowest offset in each partition
+        for topic, partition, offset in positions:
+            low = lowest.get((topic, partition))
+            if low is None or offset < low:
+                lowest[(topic, partition)] = offset
+        partitions = sorted(lowest)
         ends = {
             (r["topic"], r["kafka_partition"]): r["last"]
             for r in await self.conn.fetch(
@@ -273,10 +278,11 @@ class PgTrail:
                 [t for t, _ in partitions],
                 [p for _, p in partitions],
             )
+            if r["last"] is not None and r["last"] >= lowest[(r["topic"], r["kafka_partition"])]
         }
-        maybe = [
-            p for p in positions if (end := ends.get((p.topic, p.partition))) is not None and p.offset <= end
-        ]
+        if not ends:
+            return set()  # the usual batch: every record lies beyond its partition's end
+        maybe = [p for p in positions if p.offset <= ends.get((p.topic, p.partition), -1)]
         if not maybe:
             return set()
         rows = await self.conn.fetch(
