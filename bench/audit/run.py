@@ -215,8 +215,8 @@ async def main() -> None:
     signer = Signer(os.urandom(32))
     print(f"building {args.events:,} platform records ...", flush=True)
     records = platform_records(args.events)
-    size = sum(len(r.value or b"") + sum(len(k) + len(v) for k, v in r.headers) for r in records)
-    size /= len(records)
+    total = sum(len(r.value or b"") + sum(len(k) + len(v or b"") for k, v in r.headers) for r in records)
+    size = total / len(records)
     decoded = deliveries(records)
     batches = [decoded[i : i + args.batch] for i in range(0, len(decoded), args.batch)]
     raw_batches = built_rows(records, args.batch, signer)
