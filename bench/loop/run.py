@@ -11,8 +11,9 @@ number is one loop's latency on an otherwise idle platform), live traffic from t
 later, and the cascade is followed: the monitoring service detects the drift on that traffic and publishes
 DriftDetected; training retrains (base data plus the labelled traffic it exported), the registry
 registers the version, validation gates it, serving starts the canary and promotes it step by step. The
-loop's traffic stops at the promotion, and the model's drift alerts are muted before the next loop (so
-a window left open cannot start a retrain in the background of the next loops).
+loop's traffic stops at the promotion. The model's drift alerts are muted as soon as its loop's drift is
+detected: its new version would drift on the same traffic (see :func:`mute_alerts`) and retrain in the
+background of the next loops; retrains outside the loops' cascades are counted and printed.
 
 Each stage is timed from DriftDetected's own time (every event's CloudEvents time is set by the service
 that made it, on this machine's clock); "canary" is when the traffic generator got the first prediction
