@@ -157,7 +157,8 @@ def train(job: TrainingInput) -> TrainingResult:
     report(job.job_id, "loading-data", 0.0)
     spec = _load_spec(store, job.spec_key)
     base = [_load_base(store, d, spec) for d in job.datasets]
-    traffic = _load_traffic(store, job, spec) if job.window_key else _empty(spec)
+    window = _load_window(store, job, spec) if job.window_key else None
+    traffic = labelled_traffic(window, spec) if window is not None else _empty(spec)
     frame = assemble_training_set(spec, base, traffic)
     seconds["load"] = time.perf_counter() - t0
 
@@ -183,14 +184,21 @@ def train(job: TrainingInput) -> TrainingResult:
 
     t3 = time.perf_counter()
     report(job.job_id, "profiling", 0.9)
-    if spec.task is Task.CLASSIFICATION:
-        predictions = pd.Series([outputs.classes[i] for i in outputs.pred], name="prediction")
-        kind: Literal["numeric", "categorical"] = "categorical"
+    reference = reference_rows(train_rows, window)
+    kind: Literal["numeric", "categorical"] = "numeric"
+    if reference is train_rows:
+        predicted = outputs.pred  # the holdout's: the same world as the training rows
+    elif spec.task is Task.CLASSIFICATION:
+        predicted = np.asarray(pipeline.predict_proba(reference[features])).argmax(axis=1)
     else:
-        predictions = pd.Series(outputs.pred, name="prediction")
-        kind = "numeric"
+        predicted = np.asarray(pipeline.predict(reference[features]), dtype=float).reshape(-1)
+    if spec.task is Task.CLASSIFICATION:
+        predictions = pd.Series([outputs.classes[i] for i in predicted], name="prediction")
+        kind = "categorical"
+    else:
+        predictions = pd.Series(predicted, name="prediction")
     profile = build_profile(
-        train_rows, spec.feature_types(), predictions=predictions, prediction_kind=kind, seed=spec.seed
+        reference, spec.feature_types(), predictions=predictions, prediction_kind=kind, seed=spec.seed
     )
     seconds["profile"] = time.perf_counter() - t3
 
@@ -274,8 +282,8 @@ def _empty(spec: ModelSpec) -> pd.DataFrame:
     return pd.DataFrame(columns=[*spec.feature_names, spec.target])
 
 
-def _load_traffic(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> pd.DataFrame:
-    """The window's labelled rows, oldest first, with the label as the target column."""
+def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> pd.DataFrame:
+    """The traffic window's rows (labelled or not), oldest first."""
     assert job.window_key is not None
     try:
         window = read_frame(store.get(job.window_key), job.window_format)
@@ -284,12 +292,34 @@ def _load_traffic(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> 
             FailureReason.DATASET_UNAVAILABLE, f"the traffic window {job.window_key[:12]}: {exc}"
         ) from exc
     _require_columns(window, [*spec.feature_names, "label"], "the traffic window")
+    if "predicted_at" in window.columns:
+        window = window.sort_values("predicted_at", kind="stable")
+    return window.reset_index(drop=True)
+
+
+def labelled_traffic(window: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
+    """The window's labelled rows, oldest first, with the label as the target column."""
     labelled = window[window["label"].notna()]
-    if "predicted_at" in labelled.columns:
-        labelled = labelled.sort_values("predicted_at", kind="stable")
     rows = labelled[spec.feature_names].copy()
     rows[spec.target] = labelled["label"].to_numpy()
     return rows.reset_index(drop=True)
+
+
+PROFILE_MIN_WINDOW_ROWS = 500
+
+
+def reference_rows(train_rows: pd.DataFrame, window: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows the reference profile describes: the data the new version will serve.
+
+    A retrain after a shift carries the traffic window that showed it. Its rows, labelled or not, are the
+    world as it is now, while the base data may be mostly the world before: profiling the mixed training
+    set would make the new version drift on the very traffic it was trained for, and retrain again at
+    every cooldown. So the window is the reference when it has at least ``PROFILE_MIN_WINDOW_ROWS`` rows;
+    otherwise (a manual retrain, a new base dataset, a tiny window) the training rows are.
+    """
+    if window is not None and len(window) >= PROFILE_MIN_WINDOW_ROWS:
+        return window
+    return train_rows
 
 
 def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd.DataFrame) -> pd.DataFrame:

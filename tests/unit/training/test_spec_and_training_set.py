@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,18 @@ import pytest
 import yaml
 
 from contracts.training import FailureReason
+from libs.artifacts import ArtifactStore
 from libs.modelspec import SpecError, build_pipeline, parse_spec, spec_from_data
-from services.training.worker import WEIGHT_COLUMN, TrainingError, assemble_training_set, split
-from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, traffic_window
+from libs.profiles import NumericProfile, ReferenceProfile
+from services.training.worker import (
+    PROFILE_MIN_WINDOW_ROWS,
+    WEIGHT_COLUMN,
+    TrainingError,
+    assemble_training_set,
+    run_training,
+    split,
+)
+from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 
 
 def test_yaml_and_json_of_the_same_spec_give_the_same_canonical_hash() -> None:
@@ -136,3 +146,44 @@ def test_split_is_seeded_and_stratified() -> None:
     pd.testing.assert_frame_equal(first_train, again_train)
     assert len(first_holdout) == 200
     assert abs(first_holdout["churned"].mean() - frame["churned"].mean()) < 0.01
+
+
+def _run(store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None) -> ReferenceProfile:
+    spec = churn_spec()
+    result = run_training(
+        {
+            "job_id": "job-profile",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
+            "window_key": put_frame(store, window).key if window is not None else None,
+            "artifacts_url": url,
+        }
+    )
+    assert result["ok"], result
+    return ReferenceProfile.from_bytes(store.get(result["profile"]["key"]))
+
+
+def test_a_retrain_after_a_shift_profiles_the_window_so_the_new_version_does_not_drift_at_once(
+    tmp_path: Path,
+) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    base = churn_frame(4000, seed=1)
+    world_now = churn_frame(PROFILE_MIN_WINDOW_ROWS, seed=2, shift=2.0)
+    shifted = traffic_window(world_now, "churned", labelled_share=0.3)
+    profile = _run(store, url, base, shifted)
+    assert profile.rows == len(shifted)
+    x0 = profile.feature("x0")
+    assert isinstance(x0, NumericProfile) and x0.mean is not None and x0.mean > 1.5
+    assert profile.prediction is not None and profile.prediction.count == len(shifted)
+
+
+def test_without_a_window_or_with_a_small_one_the_training_rows_are_profiled(tmp_path: Path) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    base = churn_frame(4000, seed=1)
+    small = traffic_window(churn_frame(PROFILE_MIN_WINDOW_ROWS - 1, seed=2, shift=2.0), "churned")
+    for window in (None, small):
+        profile = _run(store, url, base, window)
+        x0 = profile.feature("x0")
+        assert isinstance(x0, NumericProfile) and x0.mean is not None and abs(x0.mean) < 0.5
+        assert profile.rows > len(small)
