@@ -3,7 +3,7 @@
 In this order: DRIFTLOOP_KAFKA_BOOTSTRAP / DRIFTLOOP_DATABASE_URL from the environment (what
 `driftloop test` sets); else the project's own local infrastructure (deploy.local), started once per
 session and stopped at the end if this session started it; else testcontainers when a Docker engine
-answers. Tests under tests/integration and tests/e2e are marked by their folder.
+answers. Tests under tests/integration, tests/e2e and tests/chaos are marked by their folder.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from deploy.local.errors import InfraError
 from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, LocalInfra
 
 TESTS = Path(__file__).resolve().parent
-LEVEL_MARKERS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+LEVEL_MARKERS = {
+    "integration": pytest.mark.integration,
+    "e2e": pytest.mark.e2e,
+    "chaos": pytest.mark.chaos,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
