@@ -9,6 +9,7 @@ processes; `driftloop down` sends it SIGTERM and it stops them gracefully. Each 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,18 @@ def service_env(base_env: Mapping[str, str], port_base: int) -> dict[str, str]:
         env[f"DRIFTLOOP_{name.upper()}_HTTP_PORT"] = str(port)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def reap_group(pid: int) -> None:
+    """SIGKILL what is left of a service's process group once the service itself has exited.
+
+    Each service runs in its own session (its pid is its group id), so its helpers are in that group:
+    training's fork server, fit worker and multiprocessing's resource tracker. A SIGKILLed service cannot
+    stop them, and they would live on without it (about 300 MB each time); like a cgroup's kill mode,
+    the supervisor does.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -107,6 +120,7 @@ class Supervisor:
                     continue
                 if child.next_start == 0.0:
                     # Crashed (or was killed): restart after a growing pause, so a crash loop cannot spin.
+                    reap_group(child.process.pid)
                     child.next_start = now + child.backoff_s
                     self._note(f"{child.name} exited with {code}; restarting in {child.backoff_s:.1f}s")
                 elif now >= child.next_start:
@@ -134,6 +148,9 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for c in self.children.values():
+            if c.process is not None:
+                reap_group(c.process.pid)
 
     def write_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
