@@ -8,6 +8,7 @@ the trail must hold it once.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from contracts.topics import DEAD_LETTER, TOPICS
 
 Position = tuple[str, int, int]
+READ_DEADLINE_S = 180.0
 
 
 def audited_topics() -> list[str]:
@@ -56,6 +58,7 @@ async def read_topics(bootstrap: str, prefix: str) -> tuple[Ledger, dict[tuple[s
         await consumer.seek_to_beginning(*partitions)
         ledger = Ledger()
         pending = {tp for tp in partitions if ends[tp] > 0}
+        deadline = time.monotonic() + READ_DEADLINE_S
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=1000, max_records=5000)
             for tp, records in batch.items():
@@ -65,8 +68,16 @@ async def read_topics(bootstrap: str, prefix: str) -> tuple[Ledger, dict[tuple[s
                     position = (r.topic[len(prefix) :], r.partition, r.offset)
                     ledger.ids[position] = _ce_id(r.headers)
                     ledger.rows[position] += 1
+            # Every pending partition, not only those that returned records: a fetch can move the position
+            # past offsets that hold no record for the consumer (after the broker restart) and return none.
+            for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
+            if pending and time.monotonic() > deadline:
+                where = {
+                    f"{tp.topic}/{tp.partition}": (await consumer.position(tp), ends[tp]) for tp in pending
+                }
+                raise AssertionError(f"the topics could not be read to their end (position, end): {where}")
         return ledger, {(tp.topic[len(prefix) :], tp.partition): end for tp, end in ends.items()}
     finally:
         await consumer.stop()
