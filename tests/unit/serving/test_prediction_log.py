@@ -4,14 +4,18 @@ blocks or loses silently."""
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 from typing import Any
 
-from contracts.predictions import PredictionsLogged, Variant
+import numpy as np
+import pytest
+
+from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
 from libs.settings import KafkaSettings
 from services.serving.adapters.prediction_log import DROPPED, SENT, KafkaPredictionLog, encode
-from services.serving.domain import columns_from_records
+from services.serving.domain import columns_from_records, rows_of
 from services.serving.routing import Scores
 from services.serving.scoring import LogItem
 from tests.unit.serving.fakes import churn_signature, record
@@ -70,6 +74,125 @@ def test_a_request_too_big_for_one_event_is_split_in_order() -> None:
     assert len(wires) > 1 and all(len(w[2]) <= 3_000 for w in wires)
     ids = [r.prediction_id for w in wires for r in decode(w).data.rows]
     assert ids == [f"churn:7:abc-{i}" for i in range(40)]
+
+
+def validated(log_item: LogItem) -> PredictionsLogged:
+    """The slow path: the event built and validated row by row through the contract's pydantic models,
+    then through its JSON (which writes NaN and infinity as null)."""
+    inputs = log_item.raw_rows if log_item.raw_rows is not None else rows_of(log_item.columns)
+    scores = log_item.scores
+    rows = []
+    for i, pid in enumerate(log_item.prediction_ids):
+        probabilities = None
+        if scores.probabilities is not None and scores.classes is not None:
+            probabilities = {
+                str(c): float(p) for c, p in zip(scores.classes, scores.probabilities[i], strict=True)
+            }
+        rows.append(
+            PredictionRecord(
+                prediction_id=pid,
+                entity_key=log_item.entity_keys[i],
+                inputs={
+                    k: None if isinstance(v, float) and not math.isfinite(v) else v
+                    for k, v in inputs[i].items()
+                },
+                output=PredictionOutput(prediction=scores.labels[i], probabilities=probabilities),
+            )
+        )
+    event = PredictionsLogged(
+        model=log_item.model,
+        model_version=log_item.version,
+        variant=log_item.variant,
+        rollout_id=log_item.rollout_id,
+        request_id=log_item.request_id,
+        predicted_at=log_item.predicted_at,
+        latency_ms=log_item.latency_ms,
+        rows=rows,
+    )
+    return PredictionsLogged.model_validate_json(event.model_dump_json())
+
+
+def custom(
+    records: list[dict[str, Any]],
+    labels: Any,
+    probabilities: Any,
+    classes: list[Any] | None,
+    *,
+    raw: bool = True,
+    keys: list[str | None] | None = None,
+) -> LogItem:
+    n = len(records)
+    base = item(rows=1)
+    base.prediction_ids = [f'churn:7:id,"{i}%s' for i in range(n)]
+    base.entity_keys = keys if keys is not None else [None if i % 3 else f"k,{i}}},{{" for i in range(n)]
+    base.raw_rows = records if raw else None
+    base.columns = columns_from_records(churn_signature(), records) if not raw else base.columns
+    base.scores = Scores(labels, probabilities, classes)
+    return base
+
+
+VARIED = {
+    "columns with missing values and categories": lambda: custom(
+        [
+            record(
+                tenure_months=i, monthly_charges=None if i % 2 else 20.25 * i, plan=("basic", "pro")[i % 2]
+            )
+            for i in range(30)
+        ],
+        [i % 2 for i in range(30)],
+        [[0.1 * (i % 10), 1 - 0.1 * (i % 10)] for i in range(30)],
+        [0, 1],
+        raw=False,
+    ),
+    "raw records with NaN, infinity, None, unicode and separators in strings": lambda: custom(
+        [
+            {"tenure_months": float("nan"), "monthly_charges": float("inf"), "plan": "ba},{sic"},
+            {"tenure_months": None, "monthly_charges": -0.0, "plan": 'pr\u00f6,"%s'},
+            {"tenure_months": 3, "monthly_charges": 1e-300, "plan": "basic"},
+            {"tenure_months": True, "monthly_charges": 12345678901234, "plan": ""},
+        ],
+        [1, 0, 1, 1],
+        [[0.25, 0.75], [0.5, 0.5], [1e-17, 1.0], [0.0, 1.0]],
+        [0, 1],
+    ),
+    "string labels and classes with commas, quotes and percent signs": lambda: custom(
+        [record(tenure_months=i) for i in range(5)],
+        ["yes, churn", 'no "stay"', "100%", "yes, churn", "%b"],
+        [[0.2, 0.3, 0.4, 0.1]] * 5,
+        ["yes, churn", 'no "stay"', "100%", "%b"],
+        keys=["a,b", None, '"q"', "},{", "x"],
+    ),
+    "a regression without probabilities": lambda: custom(
+        [record(tenure_months=i) for i in range(7)], [0.5 * i - 1 for i in range(7)], None, None
+    ),
+    "numpy labels and probabilities": lambda: custom(
+        [record(tenure_months=i) for i in range(6)],
+        list(np.array([0, 1, 1, 0, 1, 0], dtype=np.int64)),
+        np.array([[0.3, 0.7]] * 6),
+        [0, 1],
+        raw=False,
+    ),
+    "one row": lambda: custom([record()], [True], [[0.4, 0.6]], [False, True]),
+    "empty records": lambda: custom([{}, {}], [0, 1], [[1.0, 0.0], [0.0, 1.0]], [0, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(VARIED))
+def test_encoded_bytes_decode_to_the_rowwise_validated_event(case: str) -> None:
+    log_item = VARIED[case]()
+    [wire] = encode(log_item, source="/s", max_bytes=1_000_000)
+    assert decode(wire).data == validated(log_item)
+
+
+def test_split_events_decode_to_the_validated_rows_in_order() -> None:
+    log_item = VARIED["raw records with NaN, infinity, None, unicode and separators in strings"]()
+    log_item.raw_rows = log_item.raw_rows * 10
+    for name in ("prediction_ids", "entity_keys"):
+        setattr(log_item, name, [f"{v}-{i}" for i, v in enumerate(getattr(log_item, name) * 10)])
+    log_item.scores = Scores(log_item.scores.labels * 10, log_item.scores.probabilities * 10, [0, 1])
+    wires = encode(log_item, source="/s", max_bytes=1_500)
+    assert len(wires) > 2 and all(len(w[2]) <= 1_500 for w in wires)
+    assert [r for w in wires for r in decode(w).data.rows] == validated(log_item).rows
 
 
 class FakeProducer:
