@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import CloudEvent, EventPayload
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
-from contracts.predictions import PredictionsLogged, read_predictions_logged
+from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
 from libs.bus import Delivery, Subscription, Transaction
@@ -23,7 +23,7 @@ from libs.service import Runtime, ServiceParts
 from services.monitoring import api, handlers
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
-from services.monitoring.adapters.replay import replay_predictions
+from services.monitoring.adapters.replay import READERS, replay_predictions
 from services.monitoring.domain import CanaryPolicy, DriftPolicy
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
@@ -200,8 +200,10 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
             consumer=f"{group}-predictions",
             topics=[settings.predictions_topic],
             batch_handler=_bind_batch(handlers.on_predictions_logged, monitor),
-            batch_types=frozenset({PredictionsLogged}),
-            readers={PredictionsLogged: read_predictions_logged},
+            # The reader hands the payload over as columns (PredictionColumns), never as row objects;
+            # a record it cannot prove valid is validated fully and comes as a PredictionsLogged.
+            batch_types=frozenset({PredictionsLogged, cast(type[EventPayload], PredictionColumns)}),
+            readers=READERS,
             **common,
         ),
         Subscription(

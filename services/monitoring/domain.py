@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.monitoring import CanaryComparison, CorrectionMethod, DriftTest, FeatureDrift, Verdict
-from contracts.predictions import PredictionsLogged, Variant
+from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile
 from services.monitoring import stats
 
@@ -279,49 +278,44 @@ def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, int]:
         return out, bad
 
 
-def _feature_columns(inputs: list[dict[str, Any]], names: list[str]) -> list[Sequence[Any]]:
-    """Per feature of ``names``, its values across the rows (None where a row lacks it)."""
-    if len(names) > 1 and inputs:
-        try:
-            # The common case, every row has every feature: one C call per row, then a transpose (the
-            # per-value dict.get of the general case below was a third of the handler's time).
-            return list(zip(*map(operator.itemgetter(*names), inputs), strict=True))
-        except KeyError:
-            pass
-    return [[d.get(name) for d in inputs] for name in names]
+def _feature_column(requests: Sequence[PredictionColumns], name: str) -> list[Any]:
+    """One feature's values across the requests' rows (None where a request's rows lack it)."""
+    if len(requests) == 1:
+        only = requests[0].inputs.get(name)
+        return only if only is not None else [None] * requests[0].size
+    out: list[Any] = []
+    for c in requests:
+        values = c.inputs.get(name)
+        out += values if values is not None else [None] * c.size
+    return out
 
 
-def rows_of(model: ModelReference, requests: Sequence[tuple[PredictionsLogged, int, int]]) -> RowBatch:
-    """Columns of the rows of ``requests`` (payload, partition, offset), all for ``model``'s version."""
-    rows = [r for p, _, _ in requests for r in p.rows]
-    inputs = [r.inputs for r in rows]
-    numeric_features = model.numeric
-    categorical_features = model.categorical
-    columns = _feature_columns(inputs, [f.name for f in [*numeric_features, *categorical_features]])
+def rows_of(
+    model: ModelReference, requests: Sequence[tuple[PredictionColumns | PredictionsLogged, int, int]]
+) -> RowBatch:
+    """Columns of the rows of ``requests`` (payload, partition, offset), all for ``model``'s version.
+
+    A payload comes as columns (``contracts.predictions.read_prediction_columns``, monitoring's reader) or
+    as a validated PredictionsLogged (full validation's answer), which is turned into columns first."""
+    cols = [p if type(p) is PredictionColumns else PredictionColumns.of(p) for p, _, _ in requests]  # type: ignore[arg-type]
     numeric: dict[str, np.ndarray] = {}
     mismatches: dict[str, int] = {}
-    for f, values in zip(numeric_features, columns, strict=False):
-        column, bad = _as_float_column(values)
+    for f in model.numeric:
+        column, bad = _as_float_column(_feature_column(cols, f.name))
         numeric[f.name] = column
         if bad:
             mismatches[f.name] = bad
-    categorical = {
-        f.name: list(values)
-        for f, values in zip(categorical_features, columns[len(numeric_features) :], strict=True)
-    }
-    outputs = [r.output for r in rows]
-    prediction = [o.prediction for o in outputs]
+    categorical = {f.name: list(_feature_column(cols, f.name)) for f in model.categorical}
+    prediction = list(itertools.chain.from_iterable(c.predictions for c in cols))
     if model.positive_class is not None:
         pos = model.positive_class
-        score = np.array(
-            [o.probabilities.get(pos) if o.probabilities else None for o in outputs], dtype=np.float64
-        )
+        score = np.array([p.get(pos) if p else None for c in cols for p in c.probabilities], dtype=np.float64)
     elif model.task is Task.REGRESSION:
         score, _ = _as_float_column(prediction)
     else:
-        score = np.full(len(rows), np.nan)
-    counts = np.array([len(p.rows) for p, _, _ in requests], dtype=np.int64)
-    request_at = np.array([epoch(p.predicted_at) for p, _, _ in requests], dtype=np.float64)
+        score = np.full(len(prediction), np.nan)
+    counts = np.array([c.size for c in cols], dtype=np.int64)
+    request_at = np.array([epoch(c.predicted_at) for c in cols], dtype=np.float64)
     return RowBatch(
         model=model.model,
         version=model.version,
@@ -330,11 +324,11 @@ def rows_of(model: ModelReference, requests: Sequence[tuple[PredictionsLogged, i
         type_mismatches=mismatches,
         prediction=prediction,
         score=score,
-        prediction_ids=[r.prediction_id for r in rows],
+        prediction_ids=list(itertools.chain.from_iterable(c.prediction_ids for c in cols)),
         predicted_at=np.repeat(request_at, counts),
-        variant=[p.variant.value for p, _, _ in requests],
-        rollout_id=[p.rollout_id for p, _, _ in requests],
-        latency_ms=np.array([p.latency_ms for p, _, _ in requests], dtype=np.float64),
+        variant=[c.variant.value for c in cols],
+        rollout_id=[c.rollout_id for c in cols],
+        latency_ms=np.array([c.latency_ms for c in cols], dtype=np.float64),
         request_rows=counts,
         request_at=request_at,
         partition=np.array([part for _, part, _ in requests], dtype=np.int64),

@@ -24,7 +24,7 @@ from contracts.monitoring import (
     PerformanceDegraded,
     Verdict,
 )
-from contracts.predictions import PredictionsLogged
+from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, PermanentError
@@ -125,7 +125,7 @@ async def on_predictions_logged(
     requests = [
         (d.event.data, d.record.partition, d.record.offset)
         for d in deliveries
-        if d.event is not None and isinstance(d.event.data, PredictionsLogged)
+        if d.event is not None and isinstance(d.event.data, PredictionColumns | PredictionsLogged)
     ]
     live = monitor.live
     result = live.ingest(requests, arrival=monitor.clock())

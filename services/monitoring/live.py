@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
-from contracts.predictions import PredictionsLogged, Variant
+from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from services.monitoring.domain import (
     CanaryStep,
     ClosedWindow,
@@ -27,7 +28,8 @@ from services.monitoring.domain import (
 )
 
 ModelKey = tuple[str, int]
-Request = tuple[PredictionsLogged, int, int]  # payload, partition, offset
+# payload, partition, offset; the payload as columns (monitoring's reader) or as full validation gave it
+Request = tuple[PredictionColumns | PredictionsLogged, int, int]
 
 
 @dataclass
@@ -72,9 +74,8 @@ class PredictionCache:
             first.setdefault(p, o)
         part = _CachedPart(batch, window_seq, float(batch.predicted_at.max()), first)
         self._parts.append(part)
-        index = self._index
-        for i, pid in enumerate(batch.prediction_ids):
-            index[pid] = (part, i)
+        # (part, row) per id, the pairs built in C: this runs for every prediction consumed.
+        self._index.update(zip(batch.prediction_ids, zip(repeat(part), range(batch.size)), strict=True))
         self.rows += batch.size
 
     def get(self, prediction_id: str) -> CachedPrediction | None:
@@ -183,20 +184,17 @@ class LiveState:
     def ingest(self, requests: Sequence[Request], *, arrival: float, replaying: bool = False) -> IngestResult:
         """Add a poll's requests to windows, the label cache and rollout steps; close full windows."""
         result = IngestResult()
-        fresh: list[Request] = []
-        for req in requests:
-            _, part, off = req
+        groups: dict[ModelKey, list[tuple[PredictionColumns, int, int]]] = {}
+        for payload, part, off in requests:
             if off < self.next_offsets.get(part, -1):
                 continue  # a redelivery after a failed transaction: already in memory
             self.next_offsets[part] = off + 1
-            fresh.append(req)
-        groups: dict[ModelKey, list[Request]] = {}
-        for req in fresh:
-            groups.setdefault((req[0].model, req[0].model_version), []).append(req)
+            cols = payload if type(payload) is PredictionColumns else PredictionColumns.of(payload)  # type: ignore[arg-type]
+            groups.setdefault((cols.model, cols.model_version), []).append((cols, part, off))
         for key, reqs in groups.items():
             ref = self.references.get(key)
             if ref is None:
-                n = sum(len(p.rows) for p, _, _ in reqs)
+                n = sum(c.size for c, _, _ in reqs)
                 if key not in self.unknown:
                     result.newly_unknown.append(key)
                 self.unknown[key] += n

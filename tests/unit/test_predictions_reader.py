@@ -12,7 +12,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from contracts.predictions import PredictionsLogged, read_predictions_logged
+from contracts.predictions import (
+    PredictionColumns,
+    PredictionsLogged,
+    read_prediction_columns,
+    read_predictions_logged,
+)
 
 
 def payload(**overrides: Any) -> dict[str, Any]:
@@ -55,9 +60,38 @@ def full(value: bytes) -> PredictionsLogged | None:
         return None
 
 
+def _types(values: Any) -> list[type]:
+    return [type(v) for v in values]
+
+
+def assert_columns_agree(value: bytes) -> PredictionColumns | None:
+    """The columnar reader's answer is None or exactly the columns of what full validation gives (values
+    and their types: 1, 1.0 and True are equal but not the same input)."""
+    fast = read_prediction_columns(value)
+    if fast is None:
+        return None
+    slow = full(value)
+    assert slow is not None, f"the columnar reader accepted what full validation refuses: {value[:200]!r}"
+    expected = PredictionColumns.of(slow)
+    assert fast == expected
+    assert type(fast.variant) is type(expected.variant)
+    assert type(fast.model_version) is int and type(fast.latency_ms) is float
+    assert fast.predicted_at.tzinfo is not None and fast.predicted_at == expected.predicted_at
+    assert list(fast.inputs) == list(expected.inputs)
+    for name, column in fast.inputs.items():
+        assert _types(column) == _types(expected.inputs[name]), name
+    assert _types(fast.predictions) == _types(expected.predictions)
+    for a, b in zip(fast.probabilities, expected.probabilities, strict=True):
+        assert _types((a or {}).values()) == _types((b or {}).values())
+    return fast
+
+
 def assert_agrees(value: bytes) -> PredictionsLogged | None:
-    """The reader's answer is None or exactly what full validation gives."""
+    """The reader's answer is None or exactly what full validation gives; the columnar reader's too, and
+    both readers take the fast path on the same values."""
+    columns = assert_columns_agree(value)
     fast = read_predictions_logged(value)
+    assert (columns is None) == (fast is None), f"the readers disagree on {value[:200]!r}"
     if fast is None:
         return None
     slow = full(value)
@@ -124,6 +158,7 @@ def test_a_payload_full_validation_refuses_is_left_to_it(change: Any) -> None:
     value = orjson.dumps(body)
     assert full(value) is None
     assert read_predictions_logged(value) is None
+    assert read_prediction_columns(value) is None
 
 
 @pytest.mark.parametrize(
@@ -211,3 +246,106 @@ def test_numbers_are_read_to_the_same_value_as_full_validation_reads_them() -> N
         body = orjson.dumps(payload()).replace(b'"tenure":14', b'"tenure":14,' + inputs.encode())
         assert read_predictions_logged(body) is None or assert_agrees(body) is not None
         assert full(body) is not None
+
+
+# --- the columnar reader (monitoring's): per-column checks, no row objects ----------------------------------
+
+
+def _uniform_payload(rows: int = 4) -> dict[str, Any]:
+    return payload(
+        rows=[
+            {
+                "prediction_id": f"p-{i}",
+                "inputs": {"a": i, "b": i + 0.5, "c": "x" if i % 2 else None, "d": i % 2 == 0},
+                "output": {"prediction": i % 2, "probabilities": {"0": 0.5, "1": 0.5}},
+            }
+            for i in range(rows)
+        ]
+    )
+
+
+def test_columns_of_rows_with_the_same_features_are_their_values_in_row_order() -> None:
+    fast = assert_columns_agree(orjson.dumps(_uniform_payload()))
+    assert fast is not None
+    assert fast.inputs == {
+        "a": [0, 1, 2, 3],
+        "b": [0.5, 1.5, 2.5, 3.5],
+        "c": [None, "x", None, "x"],
+        "d": [True, False, True, False],
+    }
+    assert fast.prediction_ids == ["p-0", "p-1", "p-2", "p-3"]
+    assert fast.entity_keys == [None] * 4
+    assert fast.predictions == [0, 1, 0, 1] and fast.size == 4
+    assert all(type(column) is list for column in fast.inputs.values())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p["rows"][2]["inputs"].pop("b"),  # a row with fewer features
+        lambda p: p["rows"][2]["inputs"].update(e=1),  # a row with one more
+        lambda p: p["rows"][2]["inputs"].update(e=p["rows"][2]["inputs"].pop("a")),  # as many, one other
+        lambda p: p["rows"][0].update(inputs={}),  # the first row has none
+        lambda p: [r.update(inputs={"only": 1.5}) for r in p["rows"]],  # a single feature
+        lambda p: p["rows"][3]["inputs"].update(a=2**70),  # an integer beyond 64 bits: left to pydantic
+    ],
+)
+def test_rows_with_different_features_read_as_columns_with_none_where_a_row_lacks_one(change: Any) -> None:
+    body = _uniform_payload()
+    change(body)
+    value = json.dumps(body).encode()
+    assert full(value) is not None
+    assert_agrees(value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p["rows"][-1]["inputs"].update(a=[1]),
+        lambda p: p["rows"][-1]["inputs"].update(a={"x": 1}),
+        lambda p: p["rows"][-1].update(prediction_id=""),
+        lambda p: p["rows"][-1].update(prediction_id=None),
+        lambda p: p["rows"][-1].pop("output"),
+        lambda p: p["rows"][-1].update(entity_key=1.5),
+        lambda p: p["rows"][-1].update(other=None),
+        lambda p: p["rows"][-1]["output"].pop("prediction"),
+        lambda p: p["rows"][-1]["output"].update(prediction=None),
+        lambda p: p["rows"][-1]["output"].update(probabilities={"1": None}),
+        lambda p: p["rows"][-1]["output"].update(probabilities="0.5"),
+        lambda p: p["rows"][-1]["output"].update(other=1),
+        lambda p: p["rows"][-1].update(output=[1]),
+        lambda p: p["rows"].append(None),
+    ],
+)
+def test_a_bad_value_in_any_row_makes_the_columnar_reader_leave_the_payload_to_full_validation(
+    change: Any,
+) -> None:
+    body = _uniform_payload()
+    change(body)
+    value = orjson.dumps(body)
+    assert full(value) is None
+    assert read_prediction_columns(value) is None
+
+
+def test_random_mutations_of_many_rows_never_make_the_columnar_reader_disagree() -> None:
+    rng = random.Random(23)
+    base = _uniform_payload(6)
+    paths = [p for p in _leaves(base) if p]
+    read = 0
+    for _ in range(2000):
+        body = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            *parent_path, last = rng.choice(paths)
+            parent: Any = body
+            try:
+                for k in parent_path:
+                    parent = parent[k]
+                if isinstance(parent, dict) and rng.random() < 0.3:
+                    parent.pop(last, None)
+                else:
+                    parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
+            except (KeyError, IndexError, TypeError):
+                continue
+        if assert_agrees(json.dumps(body).encode()) is not None:
+            read += 1
+    assert read > 100

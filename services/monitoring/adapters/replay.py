@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from contracts.envelope import EventPayload, EventTypeRegistry, MalformedEvent, PayloadReader
-from contracts.predictions import PredictionsLogged, read_predictions_logged
+from contracts.predictions import PredictionColumns, PredictionsLogged, read_prediction_columns
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
 
 log = get_logger(__name__)
 
-Request = tuple[PredictionsLogged, int, int]
-READERS: dict[type[EventPayload], PayloadReader] = {PredictionsLogged: read_predictions_logged}
+Request = tuple[PredictionColumns | PredictionsLogged, int, int]
+# The live consumer's reader (see services.monitoring.bootstrap): payloads as columns, full validation's
+# answer for anything it cannot prove valid.
+READERS: dict[type[EventPayload], PayloadReader] = {
+    PredictionsLogged: cast(PayloadReader, read_prediction_columns)
+}
 
 
 async def replay_predictions(
@@ -71,7 +75,7 @@ async def replay_predictions(
                         )
                     except MalformedEvent:
                         continue  # the live consumer dead-lettered it the first time
-                    if isinstance(event.data, PredictionsLogged):
+                    if isinstance(event.data, PredictionColumns | PredictionsLogged):
                         requests.append((event.data, m.partition, m.offset))
                 if messages and messages[-1].offset + 1 >= ends[tp]:
                     remaining.discard(tp)

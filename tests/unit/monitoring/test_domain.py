@@ -11,7 +11,14 @@ import pytest
 
 from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.monitoring import CorrectionMethod, DriftTest, Verdict
-from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from contracts.predictions import (
+    PredictionColumns,
+    PredictionOutput,
+    PredictionRecord,
+    PredictionsLogged,
+    Variant,
+    read_prediction_columns,
+)
 from libs.profiles import build_profile
 from services.monitoring.domain import (
     CanaryPolicy,
@@ -21,6 +28,7 @@ from services.monitoring.domain import (
     LabelledComparison,
     LabelledRow,
     ModelReference,
+    RowBatch,
     debounce,
     degradations,
     judge_canary,
@@ -334,3 +342,87 @@ def test_columns_are_the_same_whether_every_row_has_every_feature_or_not(n_numer
     assert partial.type_mismatches == {"x0": 1}
     assert partial.categorical["plan"][7] is None
     assert partial.categorical["plan"][:7] == complete.categorical["plan"][:7]
+
+
+# --- ingestion from columns (monitoring's reader, contracts.predictions.read_prediction_columns) ------------
+
+
+def _as_columns(reqs: list[tuple[PredictionsLogged, int, int]]) -> list[tuple[PredictionColumns, int, int]]:
+    """Each payload as the live consumer reads it: serialised, then read straight into columns."""
+    out = []
+    for p, part, off in reqs:
+        cols = read_prediction_columns(p.model_dump_json().encode())
+        assert cols is not None, "a payload the model built must be read on the fast path"
+        out.append((cols, part, off))
+    return out
+
+
+def _assert_same_batch(a: RowBatch, b: RowBatch) -> None:
+    for name in RowBatch.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray):
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+            assert x.dtype == y.dtype, name
+        elif isinstance(x, dict) and x and isinstance(next(iter(x.values())), np.ndarray):
+            assert x.keys() == y.keys(), name
+            for k in x:
+                assert np.array_equal(x[k], y[k], equal_nan=True) and x[k].dtype == y[k].dtype, (name, k)
+        else:
+            assert x == y, name
+            assert type(x) is type(y), name
+
+
+def test_rows_of_columns_match_rows_of_validated_payloads_with_missing_features_and_mixed_types() -> None:
+    ref = reference()
+    reqs = requests(200, seed=12)
+    rows = [r for p, _, _ in reqs for r in p.rows]
+    del rows[3].inputs["plan"]  # a row without a feature: the reader's general path
+    rows[60].inputs["x1"] = "not a number"  # counted as a type mismatch
+    rows[61].inputs["x1"] = True  # a bool reads as 1.0, as before
+    rows[62].inputs["x2"] = None
+    for r in reqs[2][0].rows:  # a request whose rows all lack a feature
+        del r.inputs["x0"]
+    columns = _as_columns(reqs)
+    from_columns = rows_of(ref, columns)
+    _assert_same_batch(from_columns, rows_of(ref, reqs))
+    assert from_columns.type_mismatches == {"x1": 1}
+    assert from_columns.numeric["x1"][61] == 1.0 and np.isnan(from_columns.numeric["x1"][60])
+    assert np.isnan(from_columns.numeric["x2"][62])
+    assert from_columns.categorical["plan"][3] is None
+    assert np.isnan(from_columns.numeric["x0"][100:150]).all()
+    assert from_columns.numeric["x0"][:100].tolist() == [r.inputs["x0"] for r in rows[:100]]
+    assert from_columns.score.tolist() == [0.7] * 200
+    assert from_columns.prediction_ids == [r.prediction_id for r in rows]
+    assert from_columns.request_rows.tolist() == [50] * 4
+    assert from_columns.offset.tolist() == [0, 1, 2, 3]
+
+
+def test_a_poll_mixing_columns_and_fully_validated_payloads_ingests_like_payloads_alone() -> None:
+    ref = reference()
+    reqs = requests(500, seed=13)
+    columns = _as_columns(reqs)
+    # Every other record as the fallback gives it (full validation: a PredictionsLogged).
+    mixed: list[Any] = [c if i % 2 else p for i, (c, p) in enumerate(zip(columns, reqs, strict=True))]
+    a, b = live(window_rows=120), live(window_rows=120)
+    a.add_reference(ref)
+    b.add_reference(ref)
+    ra = a.ingest(mixed, arrival=0.0)
+    rb = b.ingest(reqs, arrival=0.0)
+    assert (ra.rows, ra.closed) == (rb.rows, rb.closed) == (500, 3)
+    for wa, wb in zip(a.closed, b.closed, strict=True):
+        assert wa.prediction_ids == wb.prediction_ids
+        for k in wa.numeric:
+            assert np.array_equal(wa.numeric[k], wb.numeric[k])
+        assert wa.categorical == wb.categorical
+        assert (wa.first_offsets, wa.next_offsets) == (wb.first_offsets, wb.next_offsets)
+    hit = a.cache.get("p-13-1-3")
+    assert hit is not None and hit.prediction == 1 and hit.score == pytest.approx(0.7)
+    assert hit.inputs == reqs[1][0].rows[3].inputs
+    # Redelivered columns are skipped like redelivered payloads.
+    assert a.ingest(columns, arrival=1.0).rows == 0
+
+
+def test_columns_of_an_unknown_model_are_counted_not_ingested() -> None:
+    state = live()
+    result = state.ingest(_as_columns(requests(200, seed=14)), arrival=0.0)
+    assert result.rows == 0 and state.unknown[("churn", 1)] == 200
