@@ -11,7 +11,7 @@ in-flight items) and always visible in /metrics, never silent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -37,9 +37,7 @@ BUFFERED = Gauge("driftloop_serving_prediction_log_buffered", "PredictionsLogged
 
 Wire = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
 
-_EVENT_TYPE = PredictionsLogged.event_type().encode()
-_SPEC_VERSION = SPEC_VERSION.encode()
-_CONTENT_TYPE = CONTENT_TYPE.encode()
+_EVENT_TYPE = PredictionsLogged.event_type()
 
 
 def _payload_rows(item: LogItem) -> list[dict[str, Any]]:
@@ -72,122 +70,43 @@ def _payload_rows(item: LogItem) -> list[dict[str, Any]]:
     ]
 
 
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _elements(values: Sequence[Any]) -> list[bytes]:
-    """Each value's JSON, from one orjson call over the list.
-
-    A list of n values serialises to n - 1 separating commas plus any commas inside the values; when there
-    are exactly n - 1, no value holds one and splitting at the commas gives the values. Otherwise (strings
-    with commas, nested values) each value is serialised on its own.
-    """
-    if not values:
-        return []
-    inner = orjson.dumps(values, option=_NUMPY)[1:-1]
-    if inner.count(b",") == len(values) - 1:
-        return inner.split(b",")
-    return [orjson.dumps(v, option=_NUMPY) for v in values]
-
-
-def _objects(rows: Sequence[Mapping[str, Any]]) -> list[bytes] | None:
-    """Each row object's JSON without its braces, from one orjson call; None when that cannot be split.
-
-    Flat objects side by side are separated by exactly one ``},{`` each; when the whole list holds exactly
-    n - 1 of them, none is inside a value (a string or a nested object) and splitting there is exact.
-    """
-    blob = orjson.dumps(rows, option=_NUMPY)
-    if blob.count(b"},{") != len(rows) - 1 or blob[:2] != b"[{" or blob[-2:] != b"}]":
-        return None
-    return blob[2:-2].split(b"},{")
-
-
-def _key(name: str) -> bytes:
-    # A JSON object key as a literal in a bytes %-template.
-    return orjson.dumps(name).replace(b"%", b"%%")
-
-
-def _row_bytes(item: LogItem) -> list[bytes] | None:
-    """Every row of the item as the JSON object the contract's PredictionRecord writes, built column by
-    column with a handful of orjson calls and one C-level %-format per row (no per-row dicts); None when
-    the item has a shape only the per-row builder handles."""
-    n = len(item.prediction_ids)
-    scores = item.scores
-    if not (len(item.entity_keys) == len(scores.labels) == n and n > 0):
-        return None
-    inputs = _objects(item.raw_rows if item.raw_rows is not None else rows_of(item.columns))
-    if inputs is None or len(inputs) != n:
-        return None
-    columns = [_elements(item.prediction_ids), _elements(item.entity_keys), inputs, _elements(scores.labels)]
-    head = b'{"prediction_id":%b,"entity_key":%b,"inputs":{%b},"output":{"prediction":%b'
-    if scores.probabilities is not None and scores.classes is not None:
-        classes = [str(c) for c in scores.classes]
-        probabilities = scores.probabilities
-        if (
-            len(probabilities) != n
-            or len(set(classes)) != len(classes)
-            or set(map(len, probabilities)) != {len(classes)}
-        ):
-            return None
-        columns.extend(_elements(list(p)) for p in zip(*probabilities, strict=True))
-        pairs = b",".join(_key(c) + b":%b" for c in classes)
-        template = head + b',"probabilities":{' + pairs + b"}}}"
-    else:
-        template = head + b"}}"
-    return [template % values for values in zip(*columns, strict=True)]
-
-
-def _slow_row_bytes(item: LogItem) -> list[bytes]:
-    return [orjson.dumps(row, option=_NUMPY) for row in _payload_rows(item)]
-
-
 def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
     """The item as PredictionsLogged records in the CloudEvents Kafka binding, split to fit ``max_bytes``.
 
-    Built straight to JSON instead of through the pydantic model, and column by column rather than per
-    row: validating or building objects for every row of every request would cost more than the
-    prediction, and the values are serving's own checked inputs and outputs. tests/unit/serving checks that
-    the bytes decode to the same PredictionsLogged as the validated model's.
+    Built straight to JSON instead of through the pydantic model: validating every row of every request
+    would cost more than the prediction. tests/unit/serving checks that the bytes decode as the contract.
     """
-    rows = _row_bytes(item)
-    if rows is None:
-        rows = _slow_row_bytes(item)
-    head = orjson.dumps(
-        {
-            "model": item.model,
-            "model_version": item.version,
-            "variant": item.variant.value,
-            "rollout_id": item.rollout_id,
-            "request_id": item.request_id,
-            "predicted_at": item.predicted_at.isoformat(),
-            "latency_ms": max(0.0, item.latency_ms),
-        }
-    )
-    prefix = head[:-1] + b',"rows":['
-    ce_time = item.predicted_at.isoformat().replace("+00:00", "Z").encode()
-    key = item.model.encode()
+    rows = _payload_rows(item)
+    head = {
+        "model": item.model,
+        "model_version": item.version,
+        "variant": item.variant.value,
+        "rollout_id": item.rollout_id,
+        "request_id": item.request_id,
+        "predicted_at": item.predicted_at.isoformat(),
+        "latency_ms": max(0.0, item.latency_ms),
+    }
     out: list[Wire] = []
     pending = [rows]
     while pending:
         part = pending.pop(0)
-        size = len(prefix) + sum(map(len, part)) + len(part) - 1 + 2
-        if size > max_bytes and len(part) > 1:
+        value = orjson.dumps({**head, "rows": part}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(value) > max_bytes and len(part) > 1:
             half = len(part) // 2
             pending[:0] = [part[:half], part[half:]]
             continue
-        value = prefix + b",".join(part) + b"]}"
-        event_id = new_event_id().encode()
+        event_id = new_event_id()
         headers = [
-            ("ce_specversion", _SPEC_VERSION),
-            ("ce_id", event_id),
+            ("ce_specversion", SPEC_VERSION.encode()),
+            ("ce_id", event_id.encode()),
             ("ce_source", source.encode()),
-            ("ce_type", _EVENT_TYPE),
-            ("ce_time", ce_time),
-            ("content-type", _CONTENT_TYPE),
-            ("ce_correlationid", event_id),
-            ("ce_subject", key),
+            ("ce_type", _EVENT_TYPE.encode()),
+            ("ce_time", item.predicted_at.isoformat().replace("+00:00", "Z").encode()),
+            ("content-type", CONTENT_TYPE.encode()),
+            ("ce_correlationid", event_id.encode()),
+            ("ce_subject", item.model.encode()),
         ]
-        out.append((TOPIC, key, value, headers))
+        out.append((TOPIC, item.model.encode(), value, headers))
     return out
 
 
