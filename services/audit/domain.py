@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from contracts.audit import AuditCheckpoint, checkpoint_signing_input
 from contracts.envelope import MalformedEvent
+from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
 from libs.bus.core import Record
 from libs.errors import InvalidInput
 
@@ -411,7 +412,7 @@ def new_positions(
     return fresh
 
 
-UNINDEXED_TOPICS = frozenset({"mlops.predictions"})
+UNINDEXED_TOPICS = frozenset({PREDICTIONS_TOPIC})
 """Topics whose rows the event-id index leaves out (migration 0002 names them): serving produces predictions
 directly, never re-sent through an outbox, and they are most rows."""
 
@@ -427,34 +428,37 @@ def event_id_of(record: Record) -> str | None:
     return None
 
 
-def event_keys(incoming: Sequence[Incoming]) -> list[tuple[str, str]]:
-    """(topic, event id) of the records the trail checks for re-sent copies."""
-    keys = []
-    for item in incoming:
-        topic = item.record.topic
-        if topic not in UNINDEXED_TOPICS and (event_id := event_id_of(item.record)) is not None:
-            keys.append((topic, event_id))
-    return keys
+def event_keys(incoming: Sequence[Incoming]) -> list[tuple[str, str] | None]:
+    """(topic, event id) of each record the trail checks for re-sent copies, None for the others; in the
+    order of ``incoming``."""
+    return [_event_key(item.record) for item in incoming]
+
+
+def _event_key(record: Record) -> tuple[str, str] | None:
+    if record.topic in UNINDEXED_TOPICS:
+        return None
+    event_id = event_id_of(record)
+    return None if event_id is None else (record.topic, event_id)
 
 
 def without_resent_copies(
-    incoming: Sequence[Incoming], held: Mapping[tuple[str, str], Sequence[bytes]]
+    incoming: Sequence[Incoming],
+    keys: Sequence[tuple[str, str] | None],
+    held: Mapping[tuple[str, str], Sequence[bytes]],
 ) -> list[Incoming]:
     """The records that are not a re-sent copy of an event the trail, or this batch, already holds.
 
-    An outbox relay that dies (or loses its database) between handing a batch to the broker and marking
-    it sent sends the batch again: new Kafka positions, the same events — same topic, same id,
-    byte-identical value. The trail keeps the first. A record that reuses an id with different bytes is not
-    a copy; it is kept, and a query by that id shows both.
+    ``keys`` are :func:`event_keys` of ``incoming``. An outbox relay that dies (or loses its database)
+    between handing a batch to the broker and marking it sent sends the batch again: new Kafka positions,
+    the same events — same topic, same id, byte-identical value. The trail keeps the first. A record that
+    reuses an id with different bytes is not a copy; it is kept, and a query by that id shows both.
     """
     seen: dict[tuple[str, str], set[bytes]] = {k: set(v) for k, v in held.items()}
     kept = []
-    for item in incoming:
-        r = item.record
-        event_id = None if r.topic in UNINDEXED_TOPICS else event_id_of(r)
-        if event_id is not None:
-            values = seen.setdefault((r.topic, event_id), set())
-            value = r.value or b""
+    for item, key in zip(incoming, keys, strict=True):
+        if key is not None:
+            values = seen.setdefault(key, set())
+            value = item.record.value or b""
             if value in values:
                 continue
             values.add(value)

@@ -51,8 +51,9 @@ async def on_records(
     fresh = new_positions(incoming, await trail.recorded(positions), positions)
     if len(fresh) < len(incoming):
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
-    if keys := event_keys(fresh):
-        firsts = without_resent_copies(fresh, await trail.held_events(keys))
+    keys = event_keys(fresh)
+    if checked := [k for k in keys if k is not None]:
+        firsts = without_resent_copies(fresh, keys, await trail.held_events(checked))
         if len(firsts) < len(fresh):
             log.info("re-sent copies of recorded events skipped", skipped=len(fresh) - len(firsts))
         fresh = firsts

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from deploy.local.processes import pid_alive, wait_until
 from deploy.platform import reap_group
@@ -28,7 +27,6 @@ def test_a_killed_service_leaves_no_helper_behind() -> None:
     helper = int(service.stdout.readline())
     os.kill(service.pid, signal.SIGKILL)
     service.wait()
-    time.sleep(0.1)
     assert pid_alive(helper), "the helper outlives its SIGKILLed service: the leak this guards against"
     reap_group(service.pid)
     assert wait_until(lambda: not pid_alive(helper), timeout_s=5, interval_s=0.05)

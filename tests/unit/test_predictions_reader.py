@@ -207,25 +207,31 @@ def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
+def mutated(base: Any, paths: list[tuple[Any, ...]], rng: random.Random, *, pop_share: float) -> Any:
+    """A copy of ``base`` with one to three leaves replaced by random JSON values (or dict keys dropped)."""
+    body = copy.deepcopy(base)
+    for _ in range(rng.randint(1, 3)):
+        *parent_path, last = rng.choice(paths)
+        parent: Any = body
+        try:
+            for k in parent_path:
+                parent = parent[k]
+            if isinstance(parent, dict) and rng.random() < pop_share:
+                parent.pop(last, None)
+            else:
+                parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
+        except (KeyError, IndexError, TypeError):
+            continue
+    return body
+
+
 def test_random_mutations_never_make_the_reader_disagree_with_full_validation() -> None:
     rng = random.Random(7)
     base = payload()
     paths = [p for p in _leaves(base) if p]
     read = 0
     for _ in range(3000):
-        body = copy.deepcopy(base)
-        for _ in range(rng.randint(1, 3)):
-            *parent_path, last = rng.choice(paths)
-            parent: Any = body
-            try:
-                for k in parent_path:
-                    parent = parent[k]
-                if isinstance(parent, dict) and rng.random() < 0.2:
-                    parent.pop(last, None)
-                else:
-                    parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
-            except (KeyError, IndexError, TypeError):
-                continue
+        body = mutated(base, paths, rng, pop_share=0.2)
         value = json.dumps(body).encode()  # orjson cannot write integers beyond 64 bits
         if assert_agrees(value) is not None:
             read += 1
@@ -333,19 +339,7 @@ def test_random_mutations_of_many_rows_never_make_the_columnar_reader_disagree()
     paths = [p for p in _leaves(base) if p]
     read = 0
     for _ in range(2000):
-        body = copy.deepcopy(base)
-        for _ in range(rng.randint(1, 3)):
-            *parent_path, last = rng.choice(paths)
-            parent: Any = body
-            try:
-                for k in parent_path:
-                    parent = parent[k]
-                if isinstance(parent, dict) and rng.random() < 0.3:
-                    parent.pop(last, None)
-                else:
-                    parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
-            except (KeyError, IndexError, TypeError):
-                continue
+        body = mutated(base, paths, rng, pop_share=0.3)
         if assert_agrees(json.dumps(body).encode()) is not None:
             read += 1
     assert read > 100

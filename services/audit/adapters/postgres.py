@@ -28,6 +28,7 @@ from services.audit.domain import (
     Kind,
     StoredRow,
     TrailRow,
+    decode_record,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -300,14 +301,14 @@ class PgTrail:
         if not keys:
             return {}
         rows = await self.conn.fetch(
-            """SELECT t.topic, t.event_id, t.record
-               FROM trail t
-               WHERE t.event_id = ANY($1::text[]) AND t.topic <> 'mlops.predictions'""",
+            "SELECT topic, event_id, record FROM trail "
+            f"WHERE event_id = ANY($1::text[]) AND {_NOT_PREDICTIONS}",
             sorted({event_id for _, event_id in keys}),
         )
         held: dict[tuple[str, str], list[bytes]] = {}
         for r in rows:
-            held.setdefault((r["topic"], r["event_id"]), []).append(bytes(r["record"]).partition(b"\n")[2])
+            _, value = decode_record(bytes(r["record"]))
+            held.setdefault((r["topic"], r["event_id"]), []).append(value or b"")
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

@@ -22,6 +22,7 @@ from services.audit.domain import (
     StoredRow,
     TrailRow,
     chain_hash,
+    decode_record,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -69,7 +70,7 @@ class FakeTrail:
         for s in self.rows.values():
             key = (s.row.topic, s.row.attributes.event_id)
             if key in wanted:
-                held.setdefault(key, []).append(s.row.record.partition(b"\n")[2])
+                held.setdefault(key, []).append(decode_record(s.row.record)[1] or b"")
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:
