@@ -46,7 +46,13 @@ class Ledger:
 
 async def read_topics(bootstrap: str, prefix: str) -> tuple[Ledger, dict[tuple[str, int], int]]:
     """Every record of the audited topics from the beginning up to their end offsets now; and those ends."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    # "earliest" as the reset policy too: after assign() the fetcher resets the new partitions by its
+    # policy in the background, and a "latest" answer arriving after a seek_to_beginning() overwrites it
+    # (aiokafka applies any reset answer to a partition still awaiting a reset) — the read then starts at
+    # the end and sees nothing, as it did once in CI. Explicit seeks to the beginning offsets, below.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         partitions = []
@@ -55,7 +61,8 @@ async def read_topics(bootstrap: str, prefix: str) -> tuple[Ledger, dict[tuple[s
                 partitions.append(TopicPartition(prefix + topic, p))
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        for tp, first in (await consumer.beginning_offsets(partitions)).items():
+            consumer.seek(tp, first)
         ledger = Ledger()
         pending = {tp for tp in partitions if ends[tp] > 0}
         deadline = time.monotonic() + READ_DEADLINE_S
