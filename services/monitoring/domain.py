@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.monitoring import CanaryComparison, CorrectionMethod, DriftTest, FeatureDrift, Verdict
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
-from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile
+from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile, bin_counts
 from services.monitoring import stats
 
 # Numeric features with at most this many distinct reference values are compared as categories, as
@@ -611,7 +611,7 @@ def judge_feature(
     else:
         assert ref.edges is not None and ref.histogram is not None
         cur = np.asarray(present, dtype=float)
-        cur_bins = stats.bin_counts(cur, ref.edges)
+        cur_bins = bin_counts(cur, ref.edges)
         if n:
             if test is DriftTest.KS:
                 assert ref.sample is not None
@@ -1045,7 +1045,7 @@ def _prediction_divergence(
         cs, ss = cs[~np.isnan(cs)], ss[~np.isnan(ss)]
         bins = edges if edges is not None and edges.size else np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
         bins = np.unique(bins)
-        return stats.jensen_shannon(stats.bin_counts(ss, bins), stats.bin_counts(cs, bins)), "scores"
+        return stats.jensen_shannon(bin_counts(ss, bins), bin_counts(cs, bins)), "scores"
     if step.canary.prediction and step.stable.prediction:
         labels = sorted({str(v) for v in step.canary.prediction} | {str(v) for v in step.stable.prediction})
         index = {c: i for i, c in enumerate(labels)}

@@ -151,12 +151,6 @@ def wasserstein_normed(grid: WassersteinGrid, current: np.ndarray) -> float:
 # --- binned distances ----------------------------------------------------------------------------------
 
 
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts in the profile's bins (-inf, e0], (e0, e1], ..., (e_last, inf) (as libs.profiles bins)."""
-    idx = np.searchsorted(edges, values, side="left")
-    return np.bincount(idx, minlength=edges.size + 1)
-
-
 def psi(reference_counts: np.ndarray, current_counts: np.ndarray) -> float:
     """Population Stability Index: sum (q - p) * ln(q / p) over bins, p reference and q current shares.
 
