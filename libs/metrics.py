@@ -89,6 +89,17 @@ class Outputs:
 def encode_labels(values: Sequence[Any] | np.ndarray, classes: Sequence[Any]) -> np.ndarray:
     """Class indices of labels; -1 for labels that are not among ``classes``."""
     index = {_label_key(c): i for i, c in enumerate(classes)}
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iuf":
+        # Numbers meet only numeric classes, compared as floats as _label_key does, without a key per row.
+        # A NaN class matches no value there either (NaN != NaN), so it is left out of the search.
+        numeric = sorted((key[1], i) for key, i in index.items() if key[0] == "n" and key[1] == key[1])
+        if not numeric:
+            return np.full(values.shape[0], -1, dtype=np.int64)
+        keys = np.array([k for k, _ in numeric], dtype=float)
+        positions = np.array([i for _, i in numeric], dtype=np.int64)
+        as_float = values.astype(float)
+        found = np.minimum(np.searchsorted(keys, as_float), keys.size - 1)
+        return np.where(keys[found] == as_float, positions[found], -1).astype(np.int64)
     return np.array([index.get(_label_key(v), -1) for v in values], dtype=np.int64)
 
 

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from libs.profiles import ReferenceProfile, bin_counts, build_profile, sorted_bin_counts
+from libs.profiles import ReferenceProfile, bin_counts, build_profile, edge_counts, sorted_bin_counts
 
 
 def frame(n: int = 2_000, seed: int = 1) -> pd.DataFrame:
@@ -54,3 +55,26 @@ def test_histogram_of_the_sorted_values_equals_the_per_value_binning() -> None:
     edges = np.unique(np.quantile(values, np.linspace(0, 1, 11)[1:-1]))
     assert sorted_bin_counts(np.sort(values), edges).tolist() == bin_counts(values, edges).tolist()
     assert sorted_bin_counts(np.sort(values), np.array([])).tolist() == [values.size]
+
+
+def test_histogram_by_a_pass_per_edge_equals_the_per_value_binning() -> None:
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.normal(size=5_000), np.full(500, 0.25), rng.integers(0, 4, 800)])
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, 11)[1:-1]))
+    assert edge_counts(values, edges).tolist() == bin_counts(values, edges).tolist()
+    assert edge_counts(values, np.array([])).tolist() == [values.size]
+
+
+def test_numeric_profile_is_the_one_of_the_sorted_values() -> None:
+    # Quantiles select, the histogram counts per edge: the same numbers the sorted column gives.
+    values = np.random.default_rng(6).exponential(size=3_000).round(1)
+    values[:30] = np.nan
+    values[30:33] = np.inf
+    x = build_profile(pd.DataFrame({"x": values}), [("x", "numeric")], sample_size=100).feature("x")
+    assert x.kind == "numeric"
+    ordered = np.sort(values[np.isfinite(values)])
+    edges = np.unique(np.quantile(ordered, np.linspace(0, 1, 11)[1:-1]))
+    assert x.edges == edges.tolist()
+    assert x.histogram == sorted_bin_counts(ordered, edges).tolist()
+    assert (x.count, x.missing, x.min, x.max) == (ordered.size, 33, ordered[0], ordered[-1])
+    assert x.mean == pytest.approx(float(ordered.mean()), rel=1e-12)
