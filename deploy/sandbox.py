@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.local.broker import create_platform_topics
 from deploy.platform import Platform
@@ -92,5 +93,21 @@ class Sandbox:
             raise RuntimeError(f"services not ready: {health}; logs in {self.state_dir}/logs")
 
     def stop(self) -> None:
-        """Stop the services (the database and topics stay, for a post-mortem)."""
+        """Stop the services (the database and topics stay, for a post-mortem, until ``remove``)."""
         self.platform.stop()
+
+    async def remove(self) -> None:
+        """Drop the sandbox's database and delete its topics (after ``stop``; what a passing run leaves)."""
+        conn = await asyncpg.connect(self.server_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="driftloop-sandbox")
+        await admin.start()
+        try:
+            ours = [t for t in await admin.list_topics() if t.startswith(self.prefix)]
+            if ours:
+                await admin.delete_topics(ours)
+        finally:
+            await admin.close()

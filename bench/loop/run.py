@@ -447,7 +447,10 @@ async def run(args: argparse.Namespace, bootstrap: str, server_url: str) -> bool
         for e in tail.events(TrainingRequested)
         if e.data.trigger.value != "dataset-registered" and e.correlationid not in cascades
     ]
-    return report(loops, extra, load_before)
+    ok = report(loops, extra, load_before)
+    if ok:  # a failed run keeps its database and topics for a post-mortem
+        await sandbox.remove()
+    return ok
 
 
 def main() -> int:

@@ -54,8 +54,9 @@ def local_infra(kafka_bootstrap: str, database_url: str) -> Iterator[LocalInfra]
 
 @pytest.fixture
 async def chaos_platform(
-    local_infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, local_infra: LocalInfra, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Sandbox]:
+    failed_before = request.session.testsfailed
     sandbox = Sandbox(
         local_infra.broker.bootstrap,
         local_infra.postgres.url,
@@ -68,3 +69,5 @@ async def chaos_platform(
         yield sandbox
     finally:
         sandbox.stop()
+    if request.session.testsfailed == failed_before:  # a failure keeps them for a post-mortem
+        await sandbox.remove()

@@ -19,14 +19,20 @@ E2E_PORT_BASE = 18101
 
 @pytest.fixture(scope="session")
 async def e2e(
-    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    kafka_bootstrap: str,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Sandbox]:
     sandbox = Sandbox(kafka_bootstrap, database_url, tmp_path_factory.mktemp("platform"), E2E_PORT_BASE)
+    failed_before = request.session.testsfailed
     await sandbox.start()
     try:
         yield sandbox
     finally:
         sandbox.stop()
+    if request.session.testsfailed == failed_before:  # a failure keeps them for a post-mortem
+        await sandbox.remove()
 
 
 @pytest.fixture
