@@ -100,6 +100,79 @@ def test_streaming_a_modified_artifact_fails_before_the_last_chunk_is_accepted(s
         next(chunks)
 
 
+def test_parsed_read_of_a_modified_artifact_is_refused_whatever_the_parser_made_of_it(
+    store: ArtifactStore,
+) -> None:
+    key = store.put(b"original bytes").sha256
+    assert store.get_parsed(key, bytes.upper) == b"ORIGINAL BYTES"
+    stored_path(store, key).write_bytes(b"tampered bytes")
+    with pytest.raises(ArtifactCorrupted, match=f"artifact {key} is corrupted"):
+        store.get_parsed(key, bytes.upper)
+
+    def refuse(data: bytes) -> bytes:
+        raise ValueError("not a table")
+
+    with pytest.raises(ArtifactCorrupted):
+        store.get_parsed(key, refuse)
+    good = store.put(b"intact").sha256
+    with pytest.raises(ValueError, match="not a table"):
+        store.get_parsed(good, refuse)
+    with pytest.raises(ArtifactNotFound):
+        store.get_parsed("0" * 64, bytes.upper)
+
+
+def test_model_file_holds_what_skops_itself_writes() -> None:
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import skops.io
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=300), "c": rng.choice(["a", "b"], 300)})
+    model = Pipeline(
+        [
+            (
+                "preprocess",
+                ColumnTransformer(
+                    [("numeric", SimpleImputer(), ["x"]), ("categorical", OneHotEncoder(), ["c"])]
+                ),
+            ),
+            ("estimator", HistGradientBoostingClassifier(max_iter=5, random_state=0)),
+        ]
+    ).fit(frame, (frame["x"] > 0).astype(int))
+    ours = zipfile.ZipFile(io.BytesIO(dump_model(model)))
+    theirs = zipfile.ZipFile(io.BytesIO(skops.io.dumps(model)))
+    # Array entries and memo ids come from object ids, which differ between two dumps: compare them by
+    # order of appearance.
+    assert len(ours.namelist()) == len(theirs.namelist())
+    for mine, skops_name in zip(ours.namelist(), theirs.namelist(), strict=True):
+        assert (mine == "schema.json") == (skops_name == "schema.json")
+        if mine != "schema.json":
+            assert ours.read(mine) == theirs.read(skops_name), mine
+
+    def numbered(node: object, seen: dict[object, int]) -> object:
+        if isinstance(node, dict):
+            return {
+                k: seen.setdefault(v, len(seen)) if k in ("__id__", "file") else numbered(v, seen)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [numbered(v, seen) for v in node]
+        return node
+
+    ours_schema, skops_schema = ours.read("schema.json"), theirs.read("schema.json")
+    assert numbered(json.loads(ours_schema), {}) == numbered(json.loads(skops_schema), {})
+    assert len(ours_schema) < len(skops_schema)  # compact, not indented
+    loaded = load_model_bytes(dump_model(model))
+    assert loaded.predict_proba(frame).tolist() == model.predict_proba(frame).tolist()
+
+
 def test_skops_model_round_trips_through_the_store(store: ArtifactStore) -> None:
     stored = save_model(store, small_model())
     model = load_model(store, stored.sha256)
