@@ -69,12 +69,21 @@ MLFLOW_VERSION = "3.17.2"
 KAFKA = os.environ.get("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
 DATABASE = os.environ.get("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:54329/driftloop")
 BASE_PORT = 18431
-BARE, MLFLOW, DRIFTLOOP, DRIFTLOOP_NOLOG = (
+BARE, MLFLOW, DRIFTLOOP, DRIFTLOOP_INLOOP, DRIFTLOOP_NOLOG = (
     "bare FastAPI",
     f"mlflow {MLFLOW_VERSION}",
     "driftloop",
+    "driftloop, log in loop",
     "driftloop, log off",
 )
+LOG_MODES = {
+    DRIFTLOOP: {"DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": "true"},
+    DRIFTLOOP_INLOOP: {
+        "DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": "true",
+        "DRIFTLOOP_SERVING_PREDICTION_LOG_PROCESS": "false",
+    },
+    DRIFTLOOP_NOLOG: {"DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": "false"},
+}
 
 
 @dataclass
@@ -449,16 +458,10 @@ async def drop_schema(schema: str) -> None:
 
 
 def start_driftloop(
-    work: Path, model: str, env: dict[str, str], bodies: dict[int, Path], port: int, *, logging_on: bool
+    work: Path, model: str, env: dict[str, str], bodies: dict[int, Path], port: int, *, name: str
 ) -> Server:
-    name = DRIFTLOOP if logging_on else DRIFTLOOP_NOLOG
-    run_env = {
-        **os.environ,
-        **env,
-        "DRIFTLOOP_SERVING_HTTP_PORT": str(port),
-        "DRIFTLOOP_SERVING_PREDICTION_LOG_ENABLED": str(logging_on).lower(),
-    }
-    out = (work / f"driftloop-{'log' if logging_on else 'nolog'}.log").open("wb")
+    run_env = {**os.environ, **env, "DRIFTLOOP_SERVING_HTTP_PORT": str(port), **LOG_MODES[name]}
+    out = (work / f"driftloop-{port}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.serving"],
         cwd=PROJECT_ROOT,
@@ -492,10 +495,15 @@ def dropped_predictions(base: str) -> float:
     )
 
 
-def logging_path_cpu_us(kind: str, model: str, ref: ArtifactRef, rows: int, n: int = 2000) -> float:
-    """CPU microseconds the prediction log costs per request in-process (serialising and handing the event
-    to the Kafka producer), measured on its own: steadier than a difference of two loaded throughputs."""
+def logging_path_cpu_us(
+    kind: str, model: str, ref: ArtifactRef, rows: int, n: int = 2000
+) -> dict[str, float]:
+    """CPU microseconds the prediction log costs per request, measured on its own (steadier than a
+    difference of two loaded throughputs): on the event loop (the hand-off to the producer process), in
+    the producer process (decoding, encoding, producing; its start-up subtracted), and, for comparison,
+    the in-loop log (encoding and producing on the event loop)."""
     from contracts.rollouts import RolloutMode
+    from services.serving.adapters.log_producer import ProcessPredictionLog
     from services.serving.adapters.prediction_log import KafkaPredictionLog
     from services.serving.domain import columns_from_records
     from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
@@ -513,25 +521,55 @@ def logging_path_cpu_us(kind: str, model: str, ref: ArtifactRef, rows: int, n: i
     state.swap(RoutingTable({model: ModelRouting(model, served, None, None, 0.0, RolloutMode.CANARY, 0)}))
     predictor = Predictor(state, Capture(), CanaryStats(0.05, 20), max_rows=10_000)
     rs = records(rows, kind)
+    body = orjson.dumps({"records": rs})
+    rs = orjson.loads(body)["records"]
     for _ in range(n):
         predictor.predict(
-            PredictRequest(model, rows, lambda sig, _: columns_from_records(sig, rs), [None] * rows, rs)
+            PredictRequest(
+                model, rows, lambda sig, _: columns_from_records(sig, rs), [None] * rows, rs, body=body
+            )
         )
+    kafka = KafkaSettings(bootstrap=KAFKA)
 
-    async def send_all() -> float:
-        log = KafkaPredictionLog(
-            KafkaSettings(bootstrap=KAFKA), source="/bench", buffer=n + 1, batch=500, linger_ms=20
-        )
+    def cpu(who: int) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    async def in_loop() -> float:
+        log = KafkaPredictionLog(kafka, source="/bench", buffer=n + 1, batch=500, linger_ms=20)
         for item in items:
             log.offer(item)
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before = cpu(resource.RUSAGE_SELF)
         task = asyncio.create_task(log.run())
         await log.stop()
         await task
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e6 / n
+        return (cpu(resource.RUSAGE_SELF) - before) * 1e6 / n
 
-    return asyncio.run(send_all())
+    async def handed_over(batch: list[LogItem]) -> tuple[float, float]:
+        log = ProcessPredictionLog(
+            kafka, source="/bench", buffer=n + 1, batch=500, linger_ms=20, handoff_bytes=1 << 30
+        )
+        task = asyncio.create_task(log.run())
+        await log.connected()
+        children = cpu(resource.RUSAGE_CHILDREN)
+        before = cpu(resource.RUSAGE_SELF)
+        for item in batch:
+            log.offer(item)
+        loop_s = cpu(resource.RUSAGE_SELF) - before
+        await log.stop()
+        await task
+        return loop_s, cpu(resource.RUSAGE_CHILDREN) - children
+
+    async def measure_all() -> dict[str, float]:
+        _, start_up = await handed_over([])
+        loop_s, child_s = await handed_over(items)
+        return {
+            "loop": loop_s * 1e6 / n,
+            "producer": (child_s - start_up) * 1e6 / n,
+            "in_loop": await in_loop(),
+        }
+
+    return asyncio.run(measure_all())
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -546,7 +584,7 @@ def median(results: list[Measure], server: str, rows: int, load: str, attr: str)
 def report(
     results: list[Measure],
     servers: list[str],
-    log_cpu: dict[int, float],
+    log_cpu: dict[int, dict[str, float]],
     dropped: float,
     args: argparse.Namespace,
     work: Path,
@@ -593,10 +631,16 @@ def report(
         parts.append(f"vs bare {d_rps / b_rps:.0%} req/s, {b_cpu / d_cpu:.0%} by CPU/req (target >= 80%);")
         off_rps = median(results, DRIFTLOOP_NOLOG, rows, "saturation", "rps")
         off_cpu = median(results, DRIFTLOOP_NOLOG, rows, "saturation", "cpu_ms")
+        costs = log_cpu[rows]
         parts.append(
-            f"prediction log {1 - d_rps / off_rps:.1%} of req/s, in-process {log_cpu[rows]:.0f} us/req = "
-            f"{log_cpu[rows] / 1000 / off_cpu:.1%} of a request's CPU (target <= 10%);"
+            f"prediction log {1 - d_rps / off_rps:.1%} of req/s (target <= 10%); in process, per request: "
+            f"{costs['loop']:.0f} us on the event loop = {costs['loop'] / 1000 / off_cpu:.1%} of a "
+            f"request's CPU, {costs['producer']:.0f} us in the producer process (in-loop log: "
+            f"{costs['in_loop']:.0f} us);"
         )
+        if DRIFTLOOP_INLOOP in servers:
+            in_rps = median(results, DRIFTLOOP_INLOOP, rows, "saturation", "rps")
+            parts.append(f"in-loop log {1 - in_rps / off_rps:.1%} of req/s;")
         parts.append(
             f"p99 at {median(results, DRIFTLOOP, rows, 'half', 'rps'):.0f} req/s: "
             f"{median(results, DRIFTLOOP, rows, 'half', 'p99_ms'):.1f} ms (target <= 10 ms)"
@@ -633,8 +677,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--connections", type=int, default=16, help="connections for the saturation runs")
-    parser.add_argument("--base-port", type=int, default=BASE_PORT, help="first of the 4 ports used")
+    parser.add_argument("--base-port", type=int, default=BASE_PORT, help="first of the 5 ports used")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave MLflow out (no virtualenv needed)")
+    parser.add_argument(
+        "--compare-in-loop",
+        action="store_true",
+        help="also run a replica with the prediction log encoded and produced on its event loop (the design "
+        "before the producer process)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk")
@@ -674,7 +724,7 @@ def main() -> None:
     servers: list[Server] = []
     results: list[Measure] = []
     base_port = args.base_port
-    for port in range(base_port, base_port + 4):
+    for port in range(base_port, base_port + 5):
         port_free(port)
     try:
         servers.append(start_bare(work, stored.sha256, bodies, base_port))
@@ -682,16 +732,22 @@ def main() -> None:
             servers.append(start_mlflow(work, args.model, mlflow_bodies, expected, base_port + 1))
         asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
         asyncio.run(announce(bench_model, ref, args.model))
-        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 2, logging_on=True))
-        # A second replica of the same deployment: it restores the routing (stable 1, canary 2 at 10%)
-        # from Postgres alone.
-        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 3, logging_on=False))
+        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 2, name=DRIFTLOOP))
+        # More replicas of the same deployment: they restore the routing (stable 1, canary 2 at 10%) from
+        # Postgres alone.
+        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 3, name=DRIFTLOOP_NOLOG))
+        if args.compare_in_loop:
+            servers.append(
+                start_driftloop(work, bench_model, env, bodies, base_port + 4, name=DRIFTLOOP_INLOOP)
+            )
         for rnd in range(args.rounds):
             order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
             for server in order:
                 for rows in (1, 100):
                     results += measure(server, rows, rnd, args)
-        dropped = dropped_predictions(servers[-2].extra["base"])
+        dropped = sum(
+            dropped_predictions(s.extra["base"]) for s in servers if s.name in (DRIFTLOOP, DRIFTLOOP_INLOOP)
+        )
     finally:
         for server in servers:
             stop(server.proc)

@@ -7,7 +7,6 @@ parsing would cost more than the prediction. Inputs are checked against the mode
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from services.serving.domain import (
     columns_from_records,
     columns_from_tensors,
     parse_prediction_id,
+    read_json,
     tensor_rows,
     tensors_from_json,
 )
@@ -96,16 +96,7 @@ AnyTokenDep = Annotated[Principal, Depends(_any_token)]
 
 
 async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        # Python's json reads the NaN/Infinity literals some clients write; the NaN/inf rule then applies.
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not JSON: {exc}", reason="not-json") from exc
+    return read_json(await request.body())
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -362,6 +353,8 @@ async def predict(name: str, request: Request) -> Response:
             ),
             entity_keys=entity_keys,
             raw_rows=records,
+            # Starlette keeps the body it read: the prediction log hands these bytes on as they came.
+            body=await request.body(),
         )
     )
     predictions = []

@@ -21,6 +21,7 @@ from libs.logging import get_logger
 from libs.service import Runtime, ServiceParts
 from services.serving import api, handlers
 from services.serving.adapters.artifacts import ArtifactModelLoader
+from services.serving.adapters.log_producer import ProcessPredictionLog
 from services.serving.adapters.postgres import (
     PgModelVersions,
     PgRoutes,
@@ -67,13 +68,26 @@ async def build(rt: Runtime) -> ServiceParts:
     state = RoutingState()
     routing_source = PgRoutingSource(rt.pool, schema)
     sync = RoutingSync(state, routing_source, loader, poll_s=settings.routing_poll_s)
-    prediction_log = KafkaPredictionLog(
-        settings.kafka,
-        source=source,
-        buffer=settings.prediction_log_buffer,
-        batch=settings.prediction_log_batch,
-        linger_ms=settings.prediction_log_linger_ms,
-    )
+    prediction_log: ProcessPredictionLog | KafkaPredictionLog
+    if settings.prediction_log_process:
+        prediction_log = ProcessPredictionLog(
+            settings.kafka,
+            source=source,
+            buffer=settings.prediction_log_buffer,
+            batch=settings.prediction_log_batch,
+            linger_ms=settings.prediction_log_linger_ms,
+            handoff_bytes=settings.prediction_log_handoff_bytes,
+            log_level=settings.log_level,
+            log_json=settings.log_json,
+        )
+    else:
+        prediction_log = KafkaPredictionLog(
+            settings.kafka,
+            source=source,
+            buffer=settings.prediction_log_buffer,
+            batch=settings.prediction_log_batch,
+            linger_ms=settings.prediction_log_linger_ms,
+        )
     breaches: set[str] = set()
     background: set[asyncio.Task[Any]] = set()
 

@@ -8,12 +8,15 @@ why nothing happened.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 from contracts.common import FeatureType, ModelSignature
 from contracts.envelope import EventPayload
@@ -748,3 +751,48 @@ def rows_of(
     names = list(columns.columns)
     cols = [columns.columns[n] for n in names]
     return [dict(zip(names, values, strict=True)) for values in zip(*cols, strict=True)]
+
+
+def read_json(body: bytes) -> Any:
+    """A request body as JSON; 422 when it is not JSON. The prediction log's producer reads logged request
+    bodies with the same function, so it sees the very records the request was answered for."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        # Python's json reads the NaN/Infinity literals some clients write; the NaN/inf rule then applies.
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not JSON: {exc}", reason="not-json") from exc
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's answers for a batch of rows."""
+
+    labels: list[Any]
+    probabilities: list[list[float]] | None
+    classes: list[Any] | None
+
+
+@dataclass
+class LogItem:
+    """One PredictionsLogged to publish: one request's rows answered by one variant."""
+
+    model: str
+    version: int
+    variant: Variant
+    rollout_id: str | None
+    request_id: str
+    predicted_at: datetime
+    latency_ms: float
+    prediction_ids: list[str]
+    entity_keys: list[str | None]
+    columns: FeatureColumns
+    raw_rows: list[dict[str, Any]] | None
+    scores: Scores
+    body: bytes | None = None
+    """The request's JSON body whose ``records`` are ``raw_rows`` (then ``body_rows`` picks this item's rows):
+    handed to the log producer as it came, so the request path never re-serialises the inputs."""
+    body_rows: list[int] | None = None

@@ -23,7 +23,7 @@ from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
-from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView
+from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
@@ -33,15 +33,6 @@ UNCOMPILED = Counter(
     "Requests to a compiled model that its estimator answered instead (a category sent as a number).",
     ["model", "version"],
 )
-
-
-@dataclass(frozen=True)
-class Scores:
-    """A model's answers for a batch of rows."""
-
-    labels: list[Any]
-    probabilities: list[list[float]] | None
-    classes: list[Any] | None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from libs.errors import DomainError, InvalidInput, NotFound, Unavailable
 from libs.logging import get_logger
 from services.serving.domain import (
     FeatureColumns,
+    LogItem,
     assign_variants,
     check_row_count,
     error_rate_breached,
@@ -80,24 +81,6 @@ def _series(model: str, version: int, variant: Variant) -> tuple[Any, Any, Any]:
     return series
 
 
-@dataclass
-class LogItem:
-    """One PredictionsLogged to publish: one request's rows answered by one variant."""
-
-    model: str
-    version: int
-    variant: Variant
-    rollout_id: str | None
-    request_id: str
-    predicted_at: datetime
-    latency_ms: float
-    prediction_ids: list[str]
-    entity_keys: list[str | None]
-    columns: FeatureColumns
-    raw_rows: list[dict[str, Any]] | None
-    scores: Scores
-
-
 class PredictionLog(Protocol):
     """Takes prediction-log items without ever blocking; False when one was dropped (and counted)."""
 
@@ -120,6 +103,8 @@ class PredictRequest:
     entity_keys: list[str | None]
     raw_rows: list[dict[str, Any]] | None = None
     version: int | None = None
+    body: bytes | None = None
+    """The JSON body ``raw_rows`` were read from (its ``records``), when there is one."""
 
 
 @dataclass
@@ -202,6 +187,8 @@ class _ShadowJob:
     raw_rows: list[dict[str, Any]] | None
     rollout_id: str | None
     request_id: str
+    body: bytes | None = None
+    body_rows: list[int] | None = None
 
 
 def _refused(model: ServedModel, exc: Exception) -> DomainError:
@@ -395,6 +382,8 @@ class Predictor:
                     else [request.raw_rows[i] for i in rows]
                 ),
                 scores=scores,
+                body=request.body if request.raw_rows is not None else None,
+                body_rows=rows,
             )
         )
 
@@ -416,6 +405,8 @@ class Predictor:
             raw_rows=None if request.raw_rows is None else [request.raw_rows[i] for i in rows],
             rollout_id=routing.rollout_id,
             request_id=result.request_id,
+            body=request.body if request.raw_rows is not None else None,
+            body_rows=rows,
         )
         try:
             self.shadow_queue.put_nowait(job)
@@ -451,6 +442,8 @@ class Predictor:
                 columns=job.columns,
                 raw_rows=job.raw_rows,
                 scores=scores,
+                body=job.body,
+                body_rows=job.body_rows,
             )
         )
 

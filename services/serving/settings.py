@@ -70,6 +70,18 @@ class ServingSettings(ServiceSettings):
         description="Producer linger of the prediction log: fewer, larger produce requests; monitoring's "
         "windows do not notice 100 ms.",
     )
+    prediction_log_process: bool = Field(
+        True,
+        description="Encode and produce the prediction log in a child process, so the event loop only hands "
+        "items over (services/serving/adapters/log_producer.py); off: on the event loop itself, as before "
+        "(kept to compare in bench/serving).",
+    )
+    prediction_log_handoff_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Hand-off bytes the producer process has not read yet (beyond its socket's buffer); "
+        "when more wait, new prediction-log items are dropped and counted.",
+    )
     prediction_log_enabled: bool = Field(
         True, description="Publish PredictionsLogged; off only for benchmarks that measure its cost."
     )

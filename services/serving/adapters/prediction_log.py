@@ -1,8 +1,10 @@
-"""The prediction log on Kafka: a bounded buffer, one sender task, batched sends.
+"""The prediction log on Kafka: a bounded buffer, one sender task, batched sends; and the hand-off frame
+that carries an item from the serving process to the producer process that runs this sender
+(services/serving/adapters/log_producer.py).
 
 Prediction logs are telemetry, not state: they bypass the outbox (one Postgres write per prediction would
-cost more than the prediction). The request path only puts an item in a bounded in-memory buffer and
-never waits; when the buffer is full the newest item is dropped and counted
+cost more than the prediction). The request path only hands an item over and never waits; when the
+buffer is full the newest item is dropped and counted
 (``driftloop_serving_prediction_log_dropped_total{reason="buffer-full"}``), and a send the broker refuses
 is counted too (``reason="send-failed"``). Loss is therefore bounded (the buffer, plus a crash's worth of
 in-flight items) and always visible in /metrics, never silent.
@@ -11,7 +13,9 @@ in-flight items) and always visible in /metrics, never silent.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -19,11 +23,10 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
 from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, new_event_id
-from contracts.predictions import TOPIC, PredictionsLogged
+from contracts.predictions import TOPIC, PredictionsLogged, Variant
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
-from services.serving.domain import rows_of
-from services.serving.scoring import LogItem
+from services.serving.domain import FeatureColumns, LogItem, Scores, read_json, rows_of
 
 log = get_logger(__name__)
 
@@ -110,6 +113,87 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
     return out
 
 
+FRAME = struct.Struct("<II")
+"""A hand-off frame's prefix: the bytes that follow it, and how many of them are the JSON head."""
+
+
+def pack(item: LogItem, *, body_sent: bool) -> bytes:
+    """One item as a hand-off frame: a JSON head (ids, keys, outputs, the request's metadata) and, for
+    records read from a JSON body, that body as it came (``body_sent``: the previous frame carried the same
+    body, as the two variants of one split request do). The inputs are not serialised here: formatting
+    their floats is most of what encoding a log event costs, and the producer process does it."""
+    scores = item.scores
+    head: dict[str, Any] = {
+        "model": item.model,
+        "version": item.version,
+        "variant": item.variant.value,
+        "rollout_id": item.rollout_id,
+        "request_id": item.request_id,
+        "predicted_at": item.predicted_at.isoformat(),
+        "latency_ms": item.latency_ms,
+        "rows": item.columns.rows,
+        "prediction_ids": item.prediction_ids,
+        "entity_keys": item.entity_keys,
+        "labels": scores.labels,
+        "probabilities": scores.probabilities,
+        "classes": scores.classes,
+    }
+    body = b""
+    if item.body is not None:
+        head["body"] = "same" if body_sent else "new"
+        head["body_rows"] = item.body_rows
+        if not body_sent:
+            body = item.body
+    elif item.raw_rows is not None:
+        head["raw_rows"] = item.raw_rows
+    else:
+        head["columns"] = item.columns.columns
+    encoded = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    return FRAME.pack(len(encoded) + len(body), len(encoded)) + encoded + body
+
+
+class Unpacker:
+    """Reads hand-off frames back into items, in the order they were packed (a frame may reuse the
+    previous frame's body)."""
+
+    def __init__(self) -> None:
+        self._records: list[Any] | None = None
+
+    def __call__(self, frame: bytes | memoryview, head_bytes: int) -> LogItem:
+        """The item of one frame (without its prefix); raises ValueError when it cannot be read."""
+        view = memoryview(frame)
+        head = orjson.loads(view[:head_bytes])
+        raw_rows: list[Any] | None = None
+        if "body" in head:
+            if head["body"] == "new":
+                self._records = None
+                body = read_json(bytes(view[head_bytes:]))
+                records = body.get("records") if isinstance(body, dict) else None
+                if not isinstance(records, list):
+                    raise ValueError("a logged request body without a records list")
+                self._records = records
+            if self._records is None:
+                raise ValueError("a frame reuses a body that was never read")
+            picked = head["body_rows"]
+            raw_rows = self._records if picked is None else [self._records[i] for i in picked]
+        elif "raw_rows" in head:
+            raw_rows = head["raw_rows"]
+        return LogItem(
+            model=head["model"],
+            version=head["version"],
+            variant=Variant(head["variant"]),
+            rollout_id=head["rollout_id"],
+            request_id=head["request_id"],
+            predicted_at=datetime.fromisoformat(head["predicted_at"]),
+            latency_ms=head["latency_ms"],
+            prediction_ids=head["prediction_ids"],
+            entity_keys=head["entity_keys"],
+            columns=FeatureColumns(head["rows"], head.get("columns") or {}),
+            raw_rows=raw_rows,
+            scores=Scores(head["labels"], head["probabilities"], head["classes"]),
+        )
+
+
 class KafkaPredictionLog:
     """Bounded buffer + one sender task; ``offer`` never blocks the request."""
 
@@ -131,6 +215,8 @@ class KafkaPredictionLog:
         self._producer_factory = producer_factory
         self._producer: Any = None
         self._stopping = False
+        # The same counts as the metrics, readable by the producer process that reports them to serving.
+        self.counts = {"sent": 0, "send-failed": 0, "unencodable": 0}
 
     def offer(self, item: LogItem) -> bool:
         """Queue an item; when the buffer is full, drop it and count it."""
@@ -195,6 +281,7 @@ class KafkaPredictionLog:
                 wires = encode(item, source=self.source, max_bytes=self.kafka.max_event_bytes)
             except Exception as exc:
                 DROPPED.labels("unencodable").inc()
+                self.counts["unencodable"] += 1
                 log.error("prediction log item cannot be encoded", model=item.model, error=repr(exc))
                 continue
             for topic, key, value, headers in wires:
@@ -206,13 +293,16 @@ class KafkaPredictionLog:
                     )
                 except Exception as exc:
                     DROPPED.labels("send-failed").inc()
+                    self.counts["send-failed"] += 1
                     log.warning("prediction log send failed", error=repr(exc))
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = sum(1 for r in results if isinstance(r, BaseException))
         if failed:
             DROPPED.labels("send-failed").inc(failed)
+            self.counts["send-failed"] += failed
             log.warning("prediction log events not acknowledged", failed=failed)
         SENT.inc(len(results) - failed)
+        self.counts["sent"] += len(results) - failed
 
     async def stop(self) -> None:
         """Stop taking new work; ``run`` flushes the buffer and returns."""

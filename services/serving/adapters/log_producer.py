@@ -1,0 +1,341 @@
+"""The prediction log's producer process: serving hands each item over a socket, the child encodes it and
+produces it to Kafka on the other core.
+
+Encoding a 100-row PredictionsLogged (~27 KB of JSON, most of it formatting ~800 floats) and producing it
+cost the event loop 220-270 µs per request, on the loop that answers requests. Here the loop pays only the
+hand-off: a small JSON head (ids, keys, outputs) and the request body as it came, written to a Unix
+socket (see :func:`~services.serving.adapters.prediction_log.pack`). The child reads the body back with the
+same JSON reader as the request, so the records it logs are the very records that were answered, and it
+builds the event with the same encoder as before: the wire format does not change.
+
+Bounded, never silent: what the child has not read waits in the socket and then in the loop's write
+buffer, up to ``handoff_bytes``; beyond that an item is dropped and counted (``reason="buffer-full"``).
+The child's own queue is bounded too: when it is full it stops reading, and the backpressure reaches the
+hand-off. The child reports its sent / send-failed / unencodable counts every half second and the parent
+adds them to its /metrics; items lost with a crashed child are counted (``reason="producer-exited"``),
+items offered while no child runs as well (``reason="producer-down"``).
+
+The child dies with serving: it reads EOF on the socket when the parent is gone and asks the kernel for
+SIGTERM at its parent's death (``PR_SET_PDEATHSIG``); it is in serving's process group, which the
+supervisor reaps. A clean stop closes the parent's side after what is buffered: the child sends the rest,
+flushes the producer and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+
+from libs.logging import configure_logging, get_logger
+from libs.settings import KafkaSettings
+from services.serving.adapters.prediction_log import (
+    BUFFERED,
+    DROPPED,
+    FRAME,
+    SENT,
+    KafkaPredictionLog,
+    Unpacker,
+    pack,
+)
+from services.serving.domain import LogItem
+
+log = get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_REPORT_S = 0.5
+_COUNTS = ("sent", "send-failed", "unencodable")
+END = FRAME.pack(0, 0)
+"""The frame that ends a clean stop (a real frame always has a head)."""
+
+
+class ProcessPredictionLog:
+    """The serving side: ``offer`` writes a frame to the producer process's socket and never waits."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        source: str,
+        buffer: int,
+        batch: int,
+        linger_ms: int,
+        handoff_bytes: int,
+        stop_timeout_s: float = 8.0,
+        log_level: str = "INFO",
+        log_json: bool = True,
+    ) -> None:
+        self.config = {
+            "kafka": _kafka_config(kafka),
+            "source": source,
+            "buffer": buffer,
+            "batch": batch,
+            "linger_ms": linger_ms,
+            "stop_timeout_s": stop_timeout_s,
+            "log_level": log_level,
+            "log_json": log_json,
+        }
+        self.handoff_bytes = handoff_bytes
+        self.stop_timeout_s = stop_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self._transport: asyncio.WriteTransport | None = None
+        self._writer: asyncio.StreamWriter | None = None  # closes its transport when collected: kept
+        self._last_body: bytes | None = None
+        self._written = 0
+        self._reported = dict.fromkeys(_COUNTS, 0)
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._connected = asyncio.Event()
+
+    async def connected(self) -> None:
+        """Wait until a producer process runs and reads items (it reports once at start)."""
+        await self._connected.wait()
+
+    def offer(self, item: LogItem) -> bool:
+        """Hand an item to the producer; when the hand-off buffer is full (or no producer runs), drop it and
+        count it."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            DROPPED.labels("producer-down").inc()
+            return False
+        if transport.get_write_buffer_size() >= self.handoff_bytes:
+            DROPPED.labels("buffer-full").inc()
+            return False
+        body = item.body
+        try:
+            frame = pack(item, body_sent=body is not None and body is self._last_body)
+        except Exception as exc:
+            DROPPED.labels("unencodable").inc()
+            log.error("prediction log item cannot be handed over", model=item.model, error=repr(exc))
+            return False
+        transport.write(frame)
+        self._last_body = body
+        self._written += 1
+        return True
+
+    async def run(self) -> None:
+        """Run the producer process until stopped, restarting it if it dies; on stop, let it flush."""
+        delay = 0.5
+        while not self._stopping:
+            try:
+                reader = await self._start()
+            except Exception as exc:
+                log.error("prediction log producer cannot start", error=repr(exc))
+            else:
+                await self._follow_until_stopped(reader)
+                code = await self._reap()
+                lost = self._written - sum(self._reported.values())
+                if self._stopping and lost <= 0:
+                    return
+                if lost > 0:
+                    DROPPED.labels("producer-exited").inc(lost)
+                if self._stopping:
+                    log.error("prediction log producer stopped before sending everything", lost=lost)
+                    return
+                log.error("prediction log producer exited; starting another", code=code, lost=lost)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+            delay = min(delay * 2, 5.0)
+
+    async def stop(self) -> None:
+        """Stop taking items; the producer sends what it was handed and exits (``run`` then returns)."""
+        self._stopping = True
+        self._stopped.set()
+        self._connected.clear()
+        transport, self._transport = self._transport, None
+        if transport is not None and not transport.is_closing():
+            # After what is still buffered: the producer reads everything, then this empty frame, and
+            # still has the socket to send its last counts (a half-closed socket would not do on uvloop).
+            transport.write(END)
+
+    async def _start(self) -> asyncio.StreamReader:
+        ours, theirs = socket.socketpair()
+        try:
+            # Spawned from the loop's own thread, not a worker thread: PR_SET_PDEATHSIG fires when the
+            # spawning *thread* ends. A spawn (vfork + exec) takes milliseconds, once per producer.
+            self.process = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        writer.write(orjson.dumps(self.config) + b"\n")
+        self._last_body = None
+        self._written = 0
+        self._reported = dict.fromkeys(_COUNTS, 0)
+        BUFFERED.set(0)
+        self._writer = writer
+        self._transport = writer.transport
+        return reader
+
+    async def _follow_until_stopped(self, reader: asyncio.StreamReader) -> None:
+        """Follow the producer until it exits, or, once stopped, until it had its time to flush."""
+        following = asyncio.create_task(self._follow(reader))
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait([following, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                await asyncio.wait([following], timeout=self.stop_timeout_s + 2)
+            if not following.done() and self.process is not None:
+                log.error("prediction log producer did not flush in time; killing it", pid=self.process.pid)
+                self.process.kill()
+                await asyncio.wait([following], timeout=2)
+        finally:
+            stopped.cancel()
+            following.cancel()
+
+    async def _follow(self, reader: asyncio.StreamReader) -> None:
+        """Add the producer's reported counts to this process's metrics until it closes the socket."""
+        while True:
+            try:
+                line = await reader.readline()
+            except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+                line = b""
+            if not line:
+                self._connected.clear()
+                if self._transport is not None:
+                    self._transport.abort()
+                    self._transport = None
+                return
+            counts = orjson.loads(line)
+            self._connected.set()
+            for name in _COUNTS:
+                delta = int(counts[name]) - self._reported[name]
+                if delta > 0:
+                    (SENT if name == "sent" else DROPPED.labels(name)).inc(delta)
+                    self._reported[name] = int(counts[name])
+            BUFFERED.set(max(0, self._written - sum(self._reported.values())))
+
+    async def _reap(self) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        try:
+            return await asyncio.to_thread(process.wait, self.stop_timeout_s + 5)
+        except subprocess.TimeoutExpired:
+            log.error("prediction log producer did not exit; killing it", pid=process.pid)
+            process.kill()
+            return await asyncio.to_thread(process.wait)
+
+
+def _kafka_config(kafka: KafkaSettings) -> dict[str, Any]:
+    data = kafka.model_dump(mode="json")
+    if kafka.sasl_password is not None:
+        data["sasl_password"] = kafka.sasl_password.get_secret_value()
+    return data
+
+
+# --- the producer process ----------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the parent dies (Linux); the socket's EOF tells as well, this covers a stuck read."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request above
+        os._exit(0)
+
+
+async def _read(reader: asyncio.StreamReader, sender: KafkaPredictionLog) -> None:
+    unpack = Unpacker()
+    while True:
+        try:
+            prefix = await reader.readexactly(FRAME.size)
+            if prefix == END:
+                return
+            size, head = FRAME.unpack(prefix)
+            frame = await reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        try:
+            item = unpack(frame, head)
+        except Exception as exc:
+            sender.counts["unencodable"] += 1
+            log.error("prediction log frame cannot be read", error=repr(exc))
+            continue
+        # Waits while the queue is full: the socket fills up and serving's hand-off drops and counts.
+        await sender.queue.put(item)
+
+
+async def _report(writer: asyncio.StreamWriter, sender: KafkaPredictionLog) -> None:
+    # The socket is gone when serving is: nobody to report to.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        writer.write(orjson.dumps(sender.counts) + b"\n")
+        await writer.drain()
+
+
+async def produce(fd: int, parent: int) -> None:
+    """Read frames from serving's socket and produce them until the end frame, EOF or the parent's death;
+    flush (bounded) and exit the process."""
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd), limit=1 << 20)
+    config = orjson.loads(await reader.readline())
+    configure_logging("serving-predictions", level=config["log_level"], json=config["log_json"])
+    sender = KafkaPredictionLog(
+        KafkaSettings(**config["kafka"]),
+        source=config["source"],
+        buffer=config["buffer"],
+        batch=config["batch"],
+        linger_ms=config["linger_ms"],
+    )
+    orphaned = asyncio.Event()
+
+    def on_term() -> None:
+        # serving's whole process group may get SIGTERM: while serving lives, it closes the socket when
+        # it has handed everything over; only a dead parent means stop now.
+        if os.getppid() != parent:
+            orphaned.set()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    sending = asyncio.create_task(sender.run())
+    reading = asyncio.create_task(_read(reader, sender))
+    await _report(writer, sender)  # tells serving this process runs
+    watching = asyncio.create_task(orphaned.wait())
+    while not reading.done() and not watching.done() and not sending.done():
+        await asyncio.wait(
+            [reading, watching, sending], timeout=_REPORT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        await _report(writer, sender)
+    reading.cancel()
+    watching.cancel()
+    await sender.stop()
+    # Not wait_for: cancelling a sender whose producer cannot reach the broker can hang in its cleanup.
+    await asyncio.wait([sending], timeout=config["stop_timeout_s"])
+    if not sending.done():
+        left = sender.queue.qsize()
+        sender.counts["send-failed"] += left
+        log.error("prediction log not flushed in time", left=left)
+    elif sending.exception() is not None:
+        log.error("prediction log sender failed", error=repr(sending.exception()))
+    await _report(writer, sender)
+    writer.close()
+    # Exit here, not through the loop's shutdown, which would wait for a sender stuck on an unreachable
+    # broker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    """``python -m services.serving.adapters.log_producer <socket fd> <parent pid>``, started by serving."""
+    fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C stops serving, which stops this
+    _die_with_parent(parent)
+    import uvloop
+
+    uvloop.run(produce(fd, parent))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The prediction log's producer process on the real broker: a clean stop sends everything handed over,
+as the PredictionsLogged monitoring and audit read (full validation and the columnar reader)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from contracts.predictions import TOPIC, PredictionColumns, PredictionsLogged, read_prediction_columns
+from contracts.registry import EVENT_TYPES
+from libs.settings import KafkaSettings
+from services.serving.adapters.log_producer import ProcessPredictionLog
+from services.serving.adapters.prediction_log import SENT
+from services.serving.domain import LogItem
+from tests.integration.kafka_tools import create_topics, read_topic, unique
+from tests.unit.serving.test_log_producer import with_body
+from tests.unit.serving.test_prediction_log import item, validated
+
+
+def split_request(n: int) -> list[LogItem]:
+    """The two variants of one 10-row request, as the v1 API logs them: one body, rows picked by each."""
+    records = [{"tenure_months": i, "monthly_charges": 20.25 * i + n, "plan": "basic"} for i in range(10)]
+    body = orjson.dumps({"records": records})
+    stable = with_body(item(rows=7), body, [0, 1, 2, 4, 5, 7, 9])
+    canary = with_body(item(rows=3), body, [3, 6, 8])
+    for part in (stable, canary):
+        part.request_id = f"req-{n}"
+        part.prediction_ids = [f"churn:7:{n}-{i}" for i in part.body_rows or []]
+    return [stable, canary]
+
+
+async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str) -> None:
+    prefix = f"{unique('plog')}."
+    await create_topics(kafka_bootstrap, prefix + TOPIC)
+    log = ProcessPredictionLog(
+        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
+        source="/test/serving",
+        buffer=1_000,
+        batch=50,
+        linger_ms=50,
+        handoff_bytes=1 << 26,
+    )
+    sent_before = SENT._value.get()
+    running = asyncio.create_task(log.run())
+    await asyncio.wait_for(log.connected(), timeout=60)
+    items = [part for n in range(150) for part in split_request(n)]
+    assert all(log.offer(i) for i in items)
+    await log.stop()  # at once: what was handed over is still to be read, encoded and sent
+    await asyncio.wait_for(running, timeout=30)
+    assert SENT._value.get() - sent_before == len(items)
+
+    records = await read_topic(kafka_bootstrap, prefix + TOPIC, expect=len(items))
+    assert len(records) == len(items)
+    got = [EVENT_TYPES.decode(r.value, r.headers).data for r in records]
+    assert all(isinstance(e, PredictionsLogged) for e in got)
+    assert got == [validated(i) for i in items]  # one partition: in order
+    columns = [read_prediction_columns(r.value) for r in records]
+    assert all(isinstance(c, PredictionColumns) for c in columns)
+    assert [c.prediction_ids for c in columns if c is not None] == [i.prediction_ids for i in items]
