@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import platform
 import time
@@ -113,10 +114,13 @@ def install_progress_queue(queue: Any) -> None:
 
 def warm_up() -> str:
     """Import what a fit needs, so the first job does not pay for it."""
+    import pyarrow.parquet  # noqa: F401
     import sklearn.ensemble
-    import sklearn.linear_model  # noqa: F401
+    import sklearn.linear_model
+    import sklearn.model_selection  # noqa: F401
     import skops.io  # noqa: F401
 
+    _versions()
     return "ready"
 
 
@@ -164,6 +168,9 @@ def train(job: TrainingInput) -> TrainingResult:
 
     t1 = time.perf_counter()
     train_rows, holdout_rows = split(spec, frame)
+    seconds["split"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
     report(job.job_id, "fitting", 0.1)
     pipeline = build_pipeline(spec)
     features = spec.feature_names
@@ -174,15 +181,16 @@ def train(job: TrainingInput) -> TrainingResult:
         pipeline.fit(train_rows[features], train_rows[spec.target], **fit_params)
     except (ValueError, TypeError) as exc:
         raise TrainingError(FailureReason.FIT_ERROR, f"the estimator could not be fitted: {exc}") from exc
-    seconds["fit"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    report(job.job_id, "evaluating", 0.8)
-    outputs = model_outputs(pipeline, spec.task, holdout_rows[features], holdout_rows[spec.target].to_numpy())
-    metrics = all_metrics(outputs)
-    seconds["evaluate"] = time.perf_counter() - t2
+    seconds["fit"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
+    report(job.job_id, "evaluating", 0.8)
+    labels = holdout_rows[spec.target].to_numpy()
+    outputs = model_outputs(pipeline, spec.task, holdout_rows[features], labels)
+    metrics = all_metrics(outputs)
+    seconds["evaluate"] = time.perf_counter() - t3
+
+    t4 = time.perf_counter()
     report(job.job_id, "profiling", 0.9)
     reference = reference_rows(train_rows, window)
     kind: Literal["numeric", "categorical"] = "numeric"
@@ -200,9 +208,9 @@ def train(job: TrainingInput) -> TrainingResult:
     profile = build_profile(
         reference, spec.feature_types(), predictions=predictions, prediction_kind=kind, seed=spec.seed
     )
-    seconds["profile"] = time.perf_counter() - t3
+    seconds["profile"] = time.perf_counter() - t4
 
-    t4 = time.perf_counter()
+    t5 = time.perf_counter()
     report(job.job_id, "storing", 0.95)
     model_ref = _ref(save_model(store, pipeline), ArtifactFormat.SKOPS)
     profile_ref = _ref(store.put(profile.to_bytes()), ArtifactFormat.JSON)
@@ -212,7 +220,7 @@ def train(job: TrainingInput) -> TrainingResult:
     )
     training_set = None if unchanged else _materialise(store, frame)
     holdout = _materialise(store, holdout_rows.drop(columns=[WEIGHT_COLUMN], errors="ignore"))
-    seconds["store"] = time.perf_counter() - t4
+    seconds["store"] = time.perf_counter() - t5
 
     return TrainingResult(
         artifact=model_ref,
@@ -243,17 +251,24 @@ def _load_spec(store: ArtifactStore, key: str) -> ModelSpec:
         raise TrainingError(FailureReason.INVALID_SPEC, f"the model spec cannot be read: {exc}") from exc
 
 
-def read_frame(data: bytes, fmt: ArtifactFormat) -> pd.DataFrame:
-    """A dataset file's rows."""
+def read_frame(data: bytes, fmt: ArtifactFormat, columns: list[str] | None = None) -> pd.DataFrame:
+    """A dataset file's rows; of a Parquet file that has all ``columns``, only those are decoded."""
     if fmt is ArtifactFormat.CSV:
         return pd.read_csv(io.BytesIO(data))
+    if columns is not None:
+        import pyarrow.parquet as pq
+
+        if set(columns) <= set(pq.read_schema(io.BytesIO(data)).names):
+            return pd.read_parquet(io.BytesIO(data), columns=columns)
+    # Every column: a missing one is then reported with the file's other columns as hints.
     return pd.read_parquet(io.BytesIO(data))
 
 
 def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> pd.DataFrame:
     label = f"{dataset.name} v{dataset.version}"
+    needed = [*spec.feature_names, spec.target]
     try:
-        frame = read_frame(store.get(dataset.sha256), dataset.format)
+        frame = store.get_parsed(dataset.sha256, lambda data: read_frame(data, dataset.format, needed))
     except ArtifactError as exc:
         raise TrainingError(FailureReason.DATASET_UNAVAILABLE, f"dataset {label}: {exc}") from exc
     except Exception as exc:
@@ -261,8 +276,8 @@ def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> 
             FailureReason.DATASET_UNAVAILABLE,
             f"dataset {label} is not a readable {dataset.format} file: {exc}",
         ) from exc
-    _require_columns(frame, [*spec.feature_names, spec.target], label)
-    return frame[[*spec.feature_names, spec.target]]
+    _require_columns(frame, needed, label)
+    return frame[needed]
 
 
 def _require_columns(frame: pd.DataFrame, needed: list[str], label: str) -> None:
@@ -436,6 +451,12 @@ def _label(value: Any) -> bool | int | float | str:
 
 def environment() -> dict[str, str]:
     """Versions of what fitted the model."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    # Read once per fit process: looking up six distributions' metadata takes milliseconds per job.
     out = {"python": platform.python_version()}
     for package in ("scikit-learn", "numpy", "pandas", "scipy", "skops", "pyarrow"):
         try:

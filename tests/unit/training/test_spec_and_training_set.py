@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from contracts.common import ArtifactFormat
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
 from libs.modelspec import SpecError, build_pipeline, parse_spec, spec_from_data
@@ -19,6 +21,7 @@ from services.training.worker import (
     WEIGHT_COLUMN,
     TrainingError,
     assemble_training_set,
+    read_frame,
     run_training,
     split,
 )
@@ -187,3 +190,33 @@ def test_without_a_window_or_with_a_small_one_the_training_rows_are_profiled(tmp
         x0 = profile.feature("x0")
         assert isinstance(x0, NumericProfile) and x0.mean is not None and abs(x0.mean) < 0.5
         assert profile.rows > len(small)
+
+
+def test_a_base_file_with_more_columns_trains_like_one_with_only_the_specs(tmp_path: Path) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    spec = churn_spec()
+    lean = churn_frame(1000)
+    wide = lean.assign(customer_id=[f"c{i}" for i in range(len(lean))], signup_score=np.arange(len(lean)))
+    parquet = io.BytesIO()
+    wide.to_parquet(parquet, index=False)
+    assert read_frame(parquet.getvalue(), ArtifactFormat.PARQUET, ["x0", "churned"]).columns.tolist() == [
+        "x0",
+        "churned",
+    ]
+    # A column the file lacks: every column is read, so the error can name the nearest one.
+    assert "customer_id" in read_frame(parquet.getvalue(), ArtifactFormat.PARQUET, ["x0", "customer"]).columns
+    results = []
+    for frame in (lean, wide):
+        result = run_training(
+            {
+                "job_id": "job-columns",
+                "model": spec.name,
+                "spec_key": store.put(spec.canonical_json()).sha256,
+                "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, frame).key}],
+                "artifacts_url": url,
+            }
+        )
+        assert result["ok"], result
+        results.append(result)
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert results[0]["holdout"]["artifact"]["key"] == results[1]["holdout"]["artifact"]["key"]
