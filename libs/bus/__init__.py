@@ -9,6 +9,7 @@
 
 from libs.bus.core import (
     BatchHandler,
+    BatchPrepare,
     Claim,
     Delivery,
     Dispatcher,
@@ -23,6 +24,7 @@ from libs.bus.memory import InMemoryBus
 
 __all__ = [
     "BatchHandler",
+    "BatchPrepare",
     "Claim",
     "Delivery",
     "Dispatcher",

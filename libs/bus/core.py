@@ -74,6 +74,9 @@ class InboxTransaction(Transaction, Protocol):
 TransactionFactory = Callable[[], AbstractAsyncContextManager[InboxTransaction]]
 Handler = Callable[[CloudEvent[Any], Transaction], Awaitable[None]]
 BatchHandler = Callable[[Sequence[Delivery], Transaction], Awaitable[None]]
+BatchPrepare = Callable[[Sequence[Delivery]], Awaitable[None]]
+Decoded = tuple[list[Delivery], list[tuple[Record, MalformedEvent]]]
+"""A poll's deliveries, and the records to dead-letter with the decoder's verdict."""
 
 
 class DeadLetterSink(Protocol):
@@ -117,6 +120,11 @@ class Subscription:
     handled event of one poll in one transaction (for high-volume topics). ``raw`` subscriptions get
     every record, undecodable ones too, and keep their own dedupe (the audit trail does).
 
+    ``batch_prepare`` (batch handlers only) gets the next poll's deliveries while the current poll's
+    transaction is in flight, when the transport has the next poll in hand (see ``Dispatcher.dispatch``'s
+    ``upcoming``): work that needs no database, done while the database works. The handler must not rely
+    on it: it may be skipped, run for records that are read again later, or fail (it is then only logged).
+
     ``readers`` give high-volume payload types a faster reader than full pydantic validation (e.g.
     ``contracts.predictions.read_predictions_logged``). A reader returns the payload full validation would,
     or None, and then the record is validated fully: a malformed record is dead-lettered (or, in a raw
@@ -128,6 +136,7 @@ class Subscription:
     handlers: Mapping[type[EventPayload], Handler] = field(default_factory=dict)
     batch_handler: BatchHandler | None = None
     batch_types: frozenset[type[EventPayload]] | None = None
+    batch_prepare: BatchPrepare | None = None
     raw: bool = False
     max_retries: int = 3
     retry_backoff_s: float = 0.2
@@ -158,14 +167,40 @@ class Dispatcher:
         self.begin = begin
         self.dead_letters = dead_letters
         self.stopping = stopping
+        # The last ``upcoming`` poll and its decoding, reused when that poll is dispatched.
+        self._ahead: tuple[Sequence[Record], Decoded] | None = None
 
-    async def dispatch(self, records: Sequence[Record]) -> None:
-        """Settle every record, in order."""
+    async def dispatch(self, records: Sequence[Record], *, upcoming: Sequence[Record] = ()) -> None:
+        """Settle every record, in order.
+
+        ``upcoming``: the next poll, already in hand. With a ``batch_prepare``, it is decoded and prepared
+        while this poll's transaction is in flight; passing the same sequence object to the next call
+        reuses that decoding. Without one, ``upcoming`` is ignored.
+        """
         if not records:
             return
         for topic, count in Counter(r.topic for r in records).items():
             metrics.CONSUMED.labels(self.sub.consumer, topic).inc(count)
+        ahead, self._ahead = self._ahead, None
+        reuse = ahead is not None and ahead[0] is records
+        deliveries, rejected = ahead[1] if ahead is not None and reuse else self._decode(records)
+        for r, exc in rejected:
+            await self._dead_letter(r, exc.reason, exc.detail)
+        if not deliveries:
+            return
+        if self.sub.batch_handler is not None:
+            if upcoming and self.sub.batch_prepare is not None:
+                await self._dispatch_batch_preparing(deliveries, upcoming)
+            else:
+                await self._dispatch_batch(deliveries)
+        elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
+            for d in deliveries:
+                await self._dispatch_one(d)
+
+    def _decode(self, records: Sequence[Record]) -> Decoded:
+        """The deliveries of a poll, and the records to dead-letter (none in a raw subscription)."""
         deliveries: list[Delivery] = []
+        rejected: list[tuple[Record, MalformedEvent]] = []
         readers = self.sub.readers or None
         for r in records:
             try:
@@ -176,19 +211,32 @@ class Dispatcher:
                 if self.sub.raw:
                     deliveries.append(Delivery(r, None, exc))
                 else:
-                    await self._dead_letter(r, exc.reason, exc.detail)
+                    rejected.append((r, exc))
                 continue
             if self.sub.raw or self.sub.wants(type(event.data)):
                 deliveries.append(Delivery(r, event))
             else:
                 metrics.IGNORED.labels(self.sub.consumer, r.topic).inc()
-        if not deliveries:
-            return
-        if self.sub.batch_handler is not None:
-            await self._dispatch_batch(deliveries)
-        elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
-            for d in deliveries:
-                await self._dispatch_one(d)
+        return deliveries, rejected
+
+    async def _dispatch_batch_preparing(self, deliveries: list[Delivery], upcoming: Sequence[Record]) -> None:
+        """Settle this poll in a task while the next one is decoded and prepared here; return once this
+        poll is settled. A failed preparation costs only its time: the handler does the work itself."""
+        prepare = self.sub.batch_prepare
+        assert prepare is not None
+        settling = asyncio.ensure_future(self._dispatch_batch(deliveries))
+        try:
+            decoded = self._decode(upcoming)
+            self._ahead = (upcoming, decoded)
+            if decoded[0]:
+                await prepare(decoded[0])
+        except asyncio.CancelledError:
+            settling.cancel()
+            await asyncio.gather(settling, return_exceptions=True)
+            raise
+        except Exception as exc:
+            log.warning("preparing the next batch failed, its handler will do the work", error=repr(exc))
+        await settling
 
     async def _dispatch_group(self, deliveries: list[Delivery]) -> bool:
         """Group commit: every event of the poll in one transaction, in order. One commit per poll instead

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -148,16 +149,28 @@ class ConsumerRunner:
         )
         await self._start_with_retry()
         committer = asyncio.create_task(self._commit_periodically())
+        # With a batch_prepare, the next poll (when already fetched) is taken before this one is settled,
+        # so it can be prepared while this one's transaction is in flight.
+        ahead: _Poll | None = None
+        current: _Poll | None
         try:
             while not self._stopping:
-                batches = await self.consumer.getmany(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
-                if self.consumer.assignment():
-                    self.ready.set()
-                batches = {tp: msgs for tp, msgs in batches.items() if msgs}
-                if batches:
-                    await self._settle(batches)
+                if ahead is not None:
+                    current, ahead = ahead, None
+                else:
+                    polled = await self.consumer.getmany(
+                        timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                    )
+                    if self.consumer.assignment():
+                        self.ready.set()
+                    current = self._poll(polled)
+                if current is None:
+                    continue
+                if self.sub.batch_prepare is not None:
+                    fetched = await self.consumer.getmany(timeout_ms=0, max_records=self.max_records)
+                    ahead = self._poll(fetched)
+                if not await self._settle(current, ahead):
+                    ahead = None  # seeked back before it: it is read again
         finally:
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
@@ -178,9 +191,11 @@ class ConsumerRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _settle(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        """Dispatch one poll's records (each partition in order) and mark their offsets settled."""
-        assert self.consumer is not None
+    def _poll(self, batches: dict[TopicPartition, list[Any]]) -> _Poll | None:
+        """One poll's messages by partition and as records in dispatch order (None when empty)."""
+        batches = {tp: msgs for tp, msgs in batches.items() if msgs}
+        if not batches:
+            return None
         records = [
             Record(
                 topic=self.kafka.logical(m.topic),
@@ -194,17 +209,32 @@ class ConsumerRunner:
             for messages in batches.values()
             for m in messages
         ]
+        return _Poll(batches, records)
+
+    async def _settle(self, current: _Poll, ahead: _Poll | None = None) -> bool:
+        """Dispatch one poll's records (each partition in order) and mark their offsets settled.
+
+        On failure nothing of this poll is settled: it and the poll ``ahead`` are read again after a
+        pause (returns False).
+        """
+        assert self.consumer is not None
         try:
-            await self.dispatcher.dispatch(records)
+            await self.dispatcher.dispatch(current.records, upcoming=ahead.records if ahead else ())
         except Exception as exc:
-            # Nothing of this poll is settled; read it again after a pause.
             log.error("batch not settled, will re-read it", error=repr(exc))
-            for tp, messages in batches.items():
+            for tp, messages in current.batches.items():
                 self.consumer.seek(tp, messages[0].offset)
+            for tp, messages in (ahead.batches if ahead else {}).items():
+                if tp not in current.batches:
+                    self.consumer.seek(tp, messages[0].offset)
             await asyncio.sleep(1.0)
-            return
-        for tp, messages in batches.items():
-            self._settled[tp] = messages[-1].offset + 1
+            return False
+        # A rebalance during the look-ahead poll may have taken a partition away: its new owner re-reads it.
+        assigned = self.consumer.assignment()
+        for tp, messages in current.batches.items():
+            if tp in assigned:
+                self._settled[tp] = messages[-1].offset + 1
+        return True
 
     async def commit_settled(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit the settled offsets not committed yet (of some partitions, or all)."""
@@ -234,6 +264,14 @@ class ConsumerRunner:
         for tp in partitions:
             self._settled.pop(tp, None)
             self._committed.pop(tp, None)
+
+
+@dataclass(frozen=True)
+class _Poll:
+    """What one getmany returned: messages by partition, and the same as records in dispatch order."""
+
+    batches: dict[TopicPartition, list[Any]]
+    records: list[Record]
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
