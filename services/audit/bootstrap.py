@@ -22,7 +22,7 @@ from libs.service import Runtime, ServiceParts
 from services.audit import api, handlers
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
-from services.audit.domain import KeyRing, Signer
+from services.audit.domain import KeyRing, PreparedRows, Signer
 from services.audit.settings import AuditSettings, decode_key
 
 log = get_logger(__name__)
@@ -101,15 +101,11 @@ class CheckpointKeeper:
             log.warning("final checkpoint failed", error=repr(exc))
 
 
-async def build(rt: Runtime) -> ServiceParts:
-    """The audit service's consumer, checkpoint keeper and API on the runtime's pool and producer."""
-    settings = cast(AuditSettings, rt.settings)
+def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> Subscription:
+    """The trail's consumer: every record of the recorded topics, one transaction per poll in the writer
+    role; the next poll's rows are prepared while a poll's transaction is in flight."""
     role = settings.writer_role
-    await prepare_writer_role(rt.pool, settings.db_schema, role)
-    signer = Signer(signing_seed(settings))
-    archive = CheckpointFile(settings.checkpoint_file)
-    await sync_archive(rt.pool, role, archive)
-    source = rt.source()
+    prepared = PreparedRows()
 
     async def record_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         await enter_writer_role(tx.conn, role)
@@ -122,13 +118,19 @@ async def build(rt: Runtime) -> ServiceParts:
             clock=utc_now,
             dead_letter_topic=DEAD_LETTER,
             checkpoint_every_rows=settings.checkpoint_every_rows,
+            prepared=prepared,
         )
 
-    topics = settings.recorded_topics()
-    subscription = Subscription(
+    async def prepare_batch(deliveries: Sequence[Delivery]) -> None:
+        await handlers.prepare_records(
+            deliveries, prepared=prepared, clock=utc_now, dead_letter_topic=DEAD_LETTER
+        )
+
+    return Subscription(
         consumer=settings.consumer_group,
-        topics=topics,
+        topics=settings.recorded_topics(),
         batch_handler=record_batch,
+        batch_prepare=prepare_batch,
         raw=True,
         # The trail needs only the decoder's verdict on each record, and most records are predictions: the
         # fast reader gives the same verdict (and the same error for a malformed one) for less.
@@ -137,6 +139,18 @@ async def build(rt: Runtime) -> ServiceParts:
         retry_backoff_s=settings.consumer_retry_backoff_s,
         max_event_bytes=settings.kafka.max_event_bytes,
     )
+
+
+async def build(rt: Runtime) -> ServiceParts:
+    """The audit service's consumer, checkpoint keeper and API on the runtime's pool and producer."""
+    settings = cast(AuditSettings, rt.settings)
+    role = settings.writer_role
+    await prepare_writer_role(rt.pool, settings.db_schema, role)
+    signer = Signer(signing_seed(settings))
+    archive = CheckpointFile(settings.checkpoint_file)
+    await sync_archive(rt.pool, role, archive)
+    topics = settings.recorded_topics()
+    subscription = trail_subscription(settings, signer, rt.source())
     keeper = CheckpointKeeper(rt, settings, signer, archive)
     app = create_app(
         settings,

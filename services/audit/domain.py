@@ -258,6 +258,147 @@ class ChainHead:
     checkpoint_seq: int = 0
 
 
+class Unchained(NamedTuple):
+    """A row before it is numbered and chained: everything of it that does not depend on the head, so it
+    can be made before the chain lock is taken. Fields as :class:`TrailRow`'s, ``digest`` (SHA-256 of the
+    record) in place of the number, hash and seal."""
+
+    record: bytes
+    digest: bytes
+    topic: str
+    partition: int
+    offset: int
+    kind: str
+    event_id: str | None
+    event_type: str | None
+    subject: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    actor: str | None
+    event_time: datetime | None
+    recorded_at: datetime
+
+
+def unchained_rows(
+    incoming: Iterable[Incoming], *, recorded_at: datetime, dead_letter_topic: str
+) -> Iterator[Unchained]:
+    """The head-independent part of each record's row, in order.
+
+    Most records are decoded events with text headers: their meta and indexed copies are made inline (the
+    same bytes as :func:`record_meta` and :meth:`Attributes.of`, checked by the unit tests); any other
+    record takes the general path.
+    """
+    recorded_text = utc_text(recorded_at)
+    sha256, dumps = hashlib.sha256, orjson.dumps
+    # The newline after the meta comes from orjson, saving a copy of the record.
+    option = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+    new_row = Unchained._make
+    event, limit = Kind.EVENT.value, INDEX_TEXT_MAX
+    for item in incoming:
+        r = item.record
+        headers: dict[str, Any] | None = None
+        if item.decoded and item.error is None and r.topic != dead_letter_topic:
+            try:
+                headers = {name: raw.decode() for name, raw in r.headers}
+            except (UnicodeDecodeError, AttributeError):  # binary or null values
+                headers = None
+        if headers is None or len(headers) != len(r.headers):
+            meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
+            record = encode_record(meta, r.value)
+            yield new_row(
+                (
+                    record,
+                    sha256(record).digest(),
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    kind.value,
+                    *Attributes.of(meta["headers"]),
+                    recorded_at,
+                )
+            )
+            continue
+        value = r.value
+        meta = {
+            "error": None,
+            "format": FORMAT,
+            "headers": headers,
+            "kafka": {
+                "key": _text_or_base64(r.key),
+                "offset": r.offset,
+                "partition": r.partition,
+                "timestamp_ms": r.timestamp_ms,
+                "tombstone": value is None,
+                "topic": r.topic,
+            },
+            "kind": event,
+            "recorded_at": recorded_text,
+        }
+        record = dumps(meta, option=option)
+        if value:
+            record += value
+        get = headers.get
+        copies: tuple[str | None, ...] = (
+            get("ce_id"),
+            get("ce_type"),
+            get("ce_subject"),
+            get("ce_correlationid"),
+            get("ce_causationid"),
+            get("ce_actor"),
+        )
+        for text in copies:
+            if text is not None and (len(text) > limit or "\x00" in text):
+                copies = tuple(map(_index_text, copies))
+                break
+        event_id, event_type, subject, correlation_id, causation_id, actor = copies
+        yield new_row(
+            (
+                record,
+                sha256(record).digest(),
+                r.topic,
+                r.partition,
+                r.offset,
+                event,
+                event_id,
+                event_type,
+                subject,
+                correlation_id or event_id,
+                causation_id,
+                actor,
+                _parse_time(get("ce_time")),
+                recorded_at,
+            )
+        )
+
+
+class PreparedRows:
+    """Rows made ahead of their transaction (see :func:`unchained_rows`), by Kafka position, each taken
+    once by the record it was made from; the oldest are forgotten beyond ``limit``."""
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self._rows: dict[tuple[str, int, int], tuple[Record, Unchained]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, records: Sequence[Record], rows: Iterable[Unchained]) -> None:
+        """Keep the rows of these records (same order)."""
+        held = self._rows
+        for r, row in zip(records, rows, strict=True):
+            held[(r.topic, r.partition, r.offset)] = (r, row)
+        while len(held) > self.limit:
+            del held[next(iter(held))]
+
+    def take(self, record: Record) -> Unchained | None:
+        """The row made from this very record, if any (a record read again at the same position is taken
+        only if it is the same record)."""
+        found = self._rows.pop((record.topic, record.partition, record.offset), None)
+        if found is None or (found[0] is not record and found[0] != record):
+            return None
+        return found[1]
+
+
 class ChainBuilder:
     """Numbers, chains and seals records after a head, one row at a time, so a writer can send the
     first rows while the next are built; ``head`` follows the last row built."""
@@ -270,111 +411,27 @@ class ChainBuilder:
         self.sealer = sealer
         self.dead_letter_topic = dead_letter_topic
 
-    def rows(self, incoming: Iterable[Incoming]) -> Iterator[TrailRow]:
-        """The trail rows of ``incoming``, in order.
-
-        Most records are decoded events with text headers: their meta and indexed copies are made inline
-        (the same bytes as :func:`record_meta` and :meth:`Attributes.of`, checked by the unit tests); any
-        other record takes the general path.
-        """
+    def rows(self, incoming: Iterable[Incoming], prepared: PreparedRows | None = None) -> Iterator[TrailRow]:
+        """The trail rows of ``incoming``, in order; rows ``prepared`` for these very records are used
+        as they are (their recorded_at is when they were prepared), the others are made here."""
         prev, seq = self.head.row_hash, self.head.seq
-        recorded_at, recorded_text = self.recorded_at, utc_text(self.recorded_at)
-        sha256, seal, dumps = hashlib.sha256, self.sealer.seal, orjson.dumps
-        # The newline after the meta comes from orjson, saving a copy of the record.
-        option = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
-        dead_letter_topic, new_row = self.dead_letter_topic, TrailRow._make
-        event, limit = Kind.EVENT.value, INDEX_TEXT_MAX
-        for item in incoming:
+        sha256, seal, new_row = hashlib.sha256, self.sealer.seal, TrailRow._make
+        for row in self._unchained(incoming, prepared):
             seq += 1
-            r = item.record
-            headers: dict[str, Any] | None = None
-            if item.decoded and item.error is None and r.topic != dead_letter_topic:
-                try:
-                    headers = {name: raw.decode() for name, raw in r.headers}
-                except (UnicodeDecodeError, AttributeError):  # binary or null values
-                    headers = None
-            if headers is None or len(headers) != len(r.headers):
-                row = self._general(item, seq, prev, recorded_at, recorded_text)
-                prev = row[2]
-                yield new_row(row)
-                continue
-            key = _text_or_base64(r.key)
-            value = r.value
-            meta = {
-                "error": None,
-                "format": FORMAT,
-                "headers": headers,
-                "kafka": {
-                    "key": key,
-                    "offset": r.offset,
-                    "partition": r.partition,
-                    "timestamp_ms": r.timestamp_ms,
-                    "tombstone": value is None,
-                    "topic": r.topic,
-                },
-                "kind": event,
-                "recorded_at": recorded_text,
-            }
-            record = dumps(meta, option=option)
-            if value:
-                record += value
-            prev = sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + sha256(record).digest()).digest()
-            get = headers.get
-            copies: tuple[str | None, ...] = (
-                get("ce_id"),
-                get("ce_type"),
-                get("ce_subject"),
-                get("ce_correlationid"),
-                get("ce_causationid"),
-                get("ce_actor"),
-            )
-            for text in copies:
-                if text is not None and (len(text) > limit or "\x00" in text):
-                    copies = tuple(map(_index_text, copies))
-                    break
-            event_id, event_type, subject, correlation_id, causation_id, actor = copies
-            yield new_row(
-                (
-                    seq,
-                    record,
-                    prev,
-                    seal(prev),
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    event,
-                    event_id,
-                    event_type,
-                    subject,
-                    correlation_id or event_id,
-                    causation_id,
-                    actor,
-                    _parse_time(get("ce_time")),
-                    recorded_at,
-                )
-            )
+            prev = sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + row[1]).digest()
+            yield new_row((seq, row[0], prev, seal(prev), *row[2:]))
         self.head = ChainHead(seq, prev, self.head.checkpoint_seq)
 
-    def _general(
-        self, item: Incoming, seq: int, prev: bytes, recorded_at: datetime, recorded_text: str
-    ) -> tuple[Any, ...]:
-        """One row of any record: undecodable, dead-lettered, binary or repeated headers."""
-        meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=self.dead_letter_topic)
-        r = item.record
-        record = encode_record(meta, r.value)
-        row_hash = chain_hash(prev, seq, record)
-        return (
-            seq,
-            record,
-            row_hash,
-            self.sealer.seal(row_hash),
-            r.topic,
-            r.partition,
-            r.offset,
-            kind.value,
-            *Attributes.of(meta["headers"]),
-            recorded_at,
-        )
+    def _unchained(self, incoming: Iterable[Incoming], prepared: PreparedRows | None) -> Iterator[Unchained]:
+        at, dead_letter_topic = self.recorded_at, self.dead_letter_topic
+        if not prepared:
+            yield from unchained_rows(incoming, recorded_at=at, dead_letter_topic=dead_letter_topic)
+            return
+        for item in incoming:
+            row = prepared.take(item.record)
+            if row is None:
+                row = next(unchained_rows((item,), recorded_at=at, dead_letter_topic=dead_letter_topic))
+            yield row
 
 
 def chain_rows(

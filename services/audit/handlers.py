@@ -4,10 +4,16 @@ Audit does not react to event types: it keeps whatever arrives, decodable or not
 transaction per poll appends the batch to the chain, so the database commit and the offsets the runner
 commits afterwards move together; a redelivered record finds its Kafka position taken and adds nothing,
 and a re-sent copy of an event (an outbox relay's retry: same topic, id and bytes) finds the event held.
+
+While one poll's transaction is in flight, the next poll's rows are prepared (:func:`prepare_records`):
+everything but their sequence numbers, chain hashes and seals, which only the transaction can know once
+it holds the chain lock. So nothing made ahead can fork the chain: the head is always the one read under
+the lock, and the redelivery and re-sent-copy checks decide in the transaction which prepared rows go in.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from contracts.audit import AuditCheckpoint
@@ -19,10 +25,12 @@ from services.audit.domain import (
     ChainHead,
     Incoming,
     KafkaPosition,
+    PreparedRows,
     Signer,
     checkpoint_due,
     event_keys,
     new_positions,
+    unchained_rows,
     without_resent_copies,
 )
 from services.audit.ports import Clock, Publish, TrailWriter
@@ -40,10 +48,12 @@ async def on_records(
     clock: Clock,
     dead_letter_topic: str,
     checkpoint_every_rows: int,
+    prepared: PreparedRows | None = None,
 ) -> int:
     """Append the records the trail does not hold yet, in delivery order; sign a checkpoint when due.
 
-    Returns how many rows were appended.
+    Rows ``prepared`` for these records are used instead of making them again. Returns how many rows
+    were appended.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     head = await trail.lock_head()
@@ -62,10 +72,29 @@ async def on_records(
     builder = ChainBuilder(
         head, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
     )
-    await trail.append(builder.rows(fresh))
+    await trail.append(builder.rows(fresh, prepared))
     if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
         await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
     return builder.head.seq - head.seq
+
+
+PREPARE_STEP = 50
+"""Records prepared between two looks at the transaction in flight: its statements wait for this process
+at most this long (about half a millisecond)."""
+
+
+async def prepare_records(
+    deliveries: Sequence[Delivery], *, prepared: PreparedRows, clock: Clock, dead_letter_topic: str
+) -> None:
+    """Make the rows of a poll whose transaction has not begun, all but what depends on the head, and
+    keep them in ``prepared`` for :func:`on_records`; lets the transaction in flight go on as it works."""
+    incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
+    recorded_at = clock()
+    for i in range(0, len(incoming), PREPARE_STEP):
+        part = incoming[i : i + PREPARE_STEP]
+        rows = unchained_rows(part, recorded_at=recorded_at, dead_letter_topic=dead_letter_topic)
+        prepared.add([item.record for item in part], rows)
+        await asyncio.sleep(0)
 
 
 async def seal_head(
