@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+from aiokafka.partitioner import DefaultPartitioner
 
 from contracts.predictions import TOPIC, PredictionColumns, PredictionsLogged, read_prediction_columns
 from contracts.registry import EVENT_TYPES
@@ -58,3 +59,38 @@ async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str) -
     columns = [read_prediction_columns(r.value) for r in records]
     assert all(isinstance(c, PredictionColumns) for c in columns)
     assert [c.prediction_ids for c in columns if c is not None] == [i.prediction_ids for i in items]
+
+
+async def test_each_model_keeps_to_one_partition_chosen_by_its_key(kafka_bootstrap: str) -> None:
+    # Record batches are built per partition by the log itself: the partition must still be the one the
+    # producer's default partitioner gives the key (a model's events stay in order on one partition).
+    prefix = f"{unique('plog')}."
+    await create_topics(kafka_bootstrap, prefix + TOPIC, partitions=3)
+    log = ProcessPredictionLog(
+        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
+        source="/test/serving",
+        buffer=1_000,
+        batch=50,
+        linger_ms=20,
+        handoff_bytes=1 << 26,
+    )
+    running = asyncio.create_task(log.run())
+    await asyncio.wait_for(log.connected(), timeout=60)
+    models = [f"churn-{i}" for i in range(6)]
+    items = []
+    for n in range(60):
+        part = item(rows=2)
+        part.model, part.request_id = models[n % len(models)], f"req-{n}"
+        items.append(part)
+    assert all(log.offer(i) for i in items)
+    await log.stop()
+    await asyncio.wait_for(running, timeout=30)
+
+    records = await read_topic(kafka_bootstrap, prefix + TOPIC, expect=len(items))
+    assert len(records) == len(items)
+    partitioner = DefaultPartitioner()
+    for model in models:
+        mine = [r for r in records if r.key == model.encode()]
+        assert {r.partition for r in mine} == {partitioner(model.encode(), [0, 1, 2], [0, 1, 2])}
+        in_order = [i.request_id for i in items if i.model == model]
+        assert [EVENT_TYPES.decode(r.value, r.headers).data.request_id for r in mine] == in_order

@@ -195,8 +195,19 @@ def test_split_events_decode_to_the_validated_rows_in_order() -> None:
     assert [r for w in wires for r in decode(w).data.rows] == validated(log_item).rows
 
 
+class FakeBatch:
+    """A record batch that takes everything."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any, headers: Any) -> object:
+        self.values.append(value)
+        return object()
+
+
 class FakeProducer:
-    """Records sends; ``fail`` makes every acknowledgement fail."""
+    """Records the batches sent; ``fail`` makes every acknowledgement fail."""
 
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[bytes] = []
@@ -208,12 +219,18 @@ class FakeProducer:
     async def stop(self) -> None:
         return None
 
-    async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> asyncio.Future[Any]:
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.fail:
             future.set_exception(ConnectionError("broker away"))
         else:
-            self.sent.append(value)
+            self.sent.extend(batch.values)
             future.set_result(None)
         return future
 
