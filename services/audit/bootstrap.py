@@ -103,7 +103,7 @@ class CheckpointKeeper:
 
 def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> Subscription:
     """The trail's consumer: every record of the recorded topics, one transaction per poll in the writer
-    role; the next poll's rows are prepared while a poll's transaction is in flight."""
+    role; with ``look_ahead``, the next poll's rows are prepared while a poll's transaction is in flight."""
     role = settings.writer_role
     prepared = PreparedRows()
 
@@ -130,7 +130,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
         consumer=settings.consumer_group,
         topics=settings.recorded_topics(),
         batch_handler=record_batch,
-        batch_prepare=prepare_batch,
+        batch_prepare=prepare_batch if settings.look_ahead else None,
         raw=True,
         # The trail needs only the decoder's verdict on each record, and most records are predictions: the
         # fast reader gives the same verdict (and the same error for a malformed one) for less.

@@ -66,6 +66,12 @@ class AuditSettings(ServiceSettings):
     checkpoint_every_rows: int = Field(
         10_000, ge=1, description="Sign a checkpoint once this many rows were appended since the last one."
     )
+    look_ahead: bool = Field(
+        False,
+        description="While a poll's transaction is in flight, prepare the next poll's rows (when the "
+        "consumer has it already). Pays only where this process and Postgres each have a core to "
+        "themselves; it costs CPU per row (docs/benchmarks.md, Audit), so it is off by default.",
+    )
     checkpoint_every_s: float = Field(
         60.0, gt=0, description="Sign a checkpoint at least this often while rows keep arriving."
     )

@@ -37,7 +37,7 @@ def service_dispatcher(trail_db: TrailDb, *, fail_commits: int = 0) -> Dispatche
                 left["failures"] -= 1
                 raise ConnectionResetError("the database went away before commit")
 
-    settings = AuditSettings(writer_role=ROLE, checkpoint_every_rows=4)
+    settings = AuditSettings(writer_role=ROLE, checkpoint_every_rows=4, look_ahead=True)
     return Dispatcher(
         trail_subscription(settings, trail_db.signer, "/driftloop/audit"),
         registry=EVENT_TYPES,
