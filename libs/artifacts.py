@@ -231,7 +231,7 @@ def dump_model(model: Any) -> bytes:
 
     The file is what ``skops.io.dumps`` writes — the same zip entries and the same schema — except that the
     schema JSON is compact: skops indents it, which sends it through Python's pure-Python JSON encoder
-    (20 ms of the 35 ms it takes to save a boosted model of 89 trees); ``skops.io.load`` reads either.
+    (about half the time it takes to save a boosted model of 89 trees); ``skops.io.load`` reads either.
     tests/unit/test_artifacts.py checks the schema against skops' own on every run, so a skops upgrade
     that changes its writer shows up there.
     """
