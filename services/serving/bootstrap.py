@@ -77,6 +77,7 @@ async def build(rt: Runtime) -> ServiceParts:
             batch=settings.prediction_log_batch,
             linger_ms=settings.prediction_log_linger_ms,
             handoff_bytes=settings.prediction_log_handoff_bytes,
+            flush_s=settings.prediction_log_handoff_flush_ms / 1000,
             log_level=settings.log_level,
             log_json=settings.log_json,
         )

@@ -82,6 +82,13 @@ class ServingSettings(ServiceSettings):
         description="Hand-off bytes the producer process has not read yet (beyond its socket's buffer); "
         "when more wait, new prediction-log items are dropped and counted.",
     )
+    prediction_log_handoff_flush_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Small prediction-log frames (1-row requests) of this long go to the producer process "
+        "in one write (one wake-up for many requests; frames over 8 KiB go at once); 0: every frame at once.",
+    )
     prediction_log_enabled: bool = Field(
         True, description="Publish PredictionsLogged; off only for benchmarks that measure its cost."
     )
