@@ -56,17 +56,14 @@ async def on_records(
     were appended.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
+    head = await trail.lock_head()
     positions = [KafkaPosition(r.topic, r.partition, r.offset) for r, _, _ in incoming]
-    keys = event_keys(incoming)
-    checked = [k for k in keys if k is not None]
-    # Events held under the keys of redelivered records too: the answer for the fresh ones is the same.
-    head, recorded, held = await trail.lock_and_look(positions, checked)
-    fresh = new_positions(incoming, recorded, positions)
+    fresh = new_positions(incoming, await trail.recorded(positions), positions)
     if len(fresh) < len(incoming):
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
-        keys = event_keys(fresh)
-    if checked:
-        firsts = without_resent_copies(fresh, keys, held)
+    keys = event_keys(fresh)
+    if checked := [k for k in keys if k is not None]:
+        firsts = without_resent_copies(fresh, keys, await trail.held_events(checked))
         if len(firsts) < len(fresh):
             log.info("re-sent copies of recorded events skipped", skipped=len(fresh) - len(firsts))
         fresh = firsts

@@ -23,11 +23,12 @@ class TrailWriter(Protocol):
         the newest checkpoint's sequence)."""
         ...
 
-    async def lock_and_look(
-        self, positions: Sequence[KafkaPosition], keys: Sequence[tuple[str, str]]
-    ) -> tuple[ChainHead, set[KafkaPosition], dict[tuple[str, str], list[bytes]]]:
-        """:meth:`lock_head`, then, as the trail is once the lock is held: which of ``positions`` it holds
-        already, and the values of rows holding these (topic, event id) pairs."""
+    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        """Which of these Kafka positions the trail already holds."""
+        ...
+
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+        """The values of rows already holding these (topic, event id) pairs."""
         ...
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

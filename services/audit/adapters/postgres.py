@@ -87,26 +87,6 @@ SELECT t.seq, t.row_hash, (SELECT coalesce(max(seq), 0) FROM checkpoints) AS che
 FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS t ON true
 """
-_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
-# After the lock, in one statement (its snapshot starts after the lock is held): the head (part 0), the
-# highest offset the trail holds in each of the batch's partitions (part 1), and the rows holding the
-# batch's event ids (part 2, through the partial event-id index).
-_LOOK_SQL = f"""
-SELECT 0 AS part, t.seq AS n, t.row_hash AS bytes, NULL::text AS topic, NULL::int AS kafka_partition,
-       NULL::text AS event_id, (SELECT coalesce(max(seq), 0) FROM checkpoints) AS checkpoint_seq
-FROM (SELECT 1) AS one
-LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS t ON true
-UNION ALL
-SELECT 1, e.last, NULL, e.topic, e.kafka_partition, NULL, NULL
-FROM (SELECT g.topic, g.kafka_partition,
-             (SELECT max(t.kafka_offset) FROM trail t
-               WHERE t.topic = g.topic AND t.kafka_partition = g.kafka_partition) AS last
-      FROM unnest($1::text[], $2::int[]) AS g(topic, kafka_partition)) AS e
-WHERE e.last IS NOT NULL
-UNION ALL
-SELECT 2, NULL, record, topic, NULL, event_id, NULL FROM trail
-WHERE event_id = ANY($3::text[]) AND topic <> '{PREDICTIONS_TOPIC}'
-"""
 _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 _COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
@@ -226,16 +206,6 @@ async def prepare_writer_role(pool: asyncpg.Pool, schema: str, role: str) -> Non
                 ) from exc
 
 
-def _lowest_offsets(positions: Sequence[KafkaPosition]) -> dict[tuple[str, int], int]:
-    """The batch's lowest offset in each partition."""
-    lowest: dict[tuple[str, int], int] = {}
-    for topic, partition, offset in positions:
-        low = lowest.get((topic, partition))
-        if low is None or offset < low:
-            lowest[(topic, partition)] = offset
-    return lowest
-
-
 def _stored(row: asyncpg.Record) -> StoredRow:
     return StoredRow(
         seq=row["seq"],
@@ -283,43 +253,34 @@ class PgTrail:
         Two statements: a statement's snapshot is taken when it starts, so the head must be read by one
         that starts after the lock is held.
         """
-        await self.conn.execute(_LOCK_SQL)
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
+        )
         row = await self.conn.fetchrow(_HEAD_SQL)
         return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS, row["checkpoint_seq"])
 
-    async def lock_and_look(
-        self, positions: Sequence[KafkaPosition], keys: Sequence[tuple[str, str]]
-    ) -> tuple[ChainHead, set[KafkaPosition], dict[tuple[str, str], list[bytes]]]:
-        """The chain lock, then one statement for the head, each partition's end and the held events
-        (exact position checks follow only when a batch reaches below a partition's end)."""
-        await self.conn.execute(_LOCK_SQL)
-        lowest = _lowest_offsets(positions)
+    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        """Positions already in the trail: one index probe per partition, exact checks only below its end."""
+        if not positions:
+            return set()
+        lowest: dict[tuple[str, int], int] = {}  # the batch's lowest offset in each partition
+        for topic, partition, offset in positions:
+            low = lowest.get((topic, partition))
+            if low is None or offset < low:
+                lowest[(topic, partition)] = offset
         partitions = sorted(lowest)
-        head = ChainHead()
-        ends: dict[tuple[str, int], int] = {}
-        held: dict[tuple[str, str], list[bytes]] = {}
-        for r in await self.conn.fetch(
-            _LOOK_SQL,
-            [t for t, _ in partitions],
-            [p for _, p in partitions],
-            sorted({event_id for _, event_id in keys}),
-        ):
-            if r["part"] == 0:
-                head = ChainHead(r["n"] or 0, r["bytes"] or GENESIS, r["checkpoint_seq"])
-            elif r["part"] == 1:
-                ends[(r["topic"], r["kafka_partition"])] = r["n"]
-            else:
-                _, value = decode_record(bytes(r["bytes"]))
-                held.setdefault((r["topic"], r["event_id"]), []).append(value or b"")
-        return head, await self._below_ends(positions, lowest, ends), held
-
-    async def _below_ends(
-        self,
-        positions: Sequence[KafkaPosition],
-        lowest: dict[tuple[str, int], int],
-        ends: dict[tuple[str, int], int],
-    ) -> set[KafkaPosition]:
-        ends = {tp: last for tp, last in ends.items() if last >= lowest[tp]}
+        ends = {
+            (r["topic"], r["kafka_partition"]): r["last"]
+            for r in await self.conn.fetch(
+                """SELECT g.topic, g.kafka_partition,
+                          (SELECT max(t.kafka_offset) FROM trail t
+                            WHERE t.topic = g.topic AND t.kafka_partition = g.kafka_partition) AS last
+                   FROM unnest($1::text[], $2::int[]) AS g(topic, kafka_partition)""",
+                [t for t, _ in partitions],
+                [p for _, p in partitions],
+            )
+            if r["last"] is not None and r["last"] >= lowest[(r["topic"], r["kafka_partition"])]
+        }
         if not ends:
             return set()  # the usual batch: every record lies beyond its partition's end
         maybe = [p for p in positions if p.offset <= ends.get((p.topic, p.partition), -1)]
@@ -334,6 +295,21 @@ class PgTrail:
             [p.offset for p in maybe],
         )
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
+
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+        """Values of rows holding these (topic, event id) pairs, through the partial event-id index."""
+        if not keys:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT topic, event_id, record FROM trail "
+            f"WHERE event_id = ANY($1::text[]) AND {_NOT_PREDICTIONS}",
+            sorted({event_id for _, event_id in keys}),
+        )
+        held: dict[tuple[str, str], list[bytes]] = {}
+        for r in rows:
+            _, value = decode_record(bytes(r["record"]))
+            held.setdefault((r["topic"], r["event_id"]), []).append(value or b"")
+        return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:
         """COPY the rows in (binary); the chain lock is held, so their numbers follow the head.

@@ -64,11 +64,6 @@ class FakeTrail:
         held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
         return {p for p in positions if p in held}
 
-    async def lock_and_look(
-        self, positions: Sequence[KafkaPosition], keys: Sequence[tuple[str, str]]
-    ) -> tuple[ChainHead, set[KafkaPosition], dict[tuple[str, str], list[bytes]]]:
-        return await self.lock_head(), await self.recorded(positions), await self.held_events(keys)
-
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
         wanted = set(keys)
         held: dict[tuple[str, str], list[bytes]] = {}
