@@ -38,16 +38,27 @@ async def test_a_failed_poll_and_the_one_prepared_ahead_are_read_again_each_reco
     settled: list[tuple[int, int]] = []
     prepared: list[tuple[int, int]] = []
     calls = {"n": 0}
+    # The partitions of the poll prepared ahead in this dispatch (its preparation runs before the
+    # handler starts), and how often a poll failed while the one ahead held a partition it did not: the
+    # runner must seek that partition back too, or its records are never read.
+    ahead_partitions: set[int] = set()
+    failed_with_other_partition_ahead = []
 
     async def handle(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         calls["n"] += 1
-        if calls["n"] % 4 == 3 and calls["n"] < 40:
+        other_ahead = ahead_partitions - {d.record.partition for d in deliveries}
+        ahead_partitions.clear()
+        if other_ahead and len(failed_with_other_partition_ahead) < 3:
+            failed_with_other_partition_ahead.append(other_ahead)
             raise ConnectionResetError("the database went away")  # transient: the runner re-reads
+        if calls["n"] % 4 == 3 and calls["n"] < 40:
+            raise ConnectionResetError("the database went away")
         await tx.conn.execute("SELECT 1")
         settled.extend((d.record.partition, d.record.offset) for d in deliveries)
 
     async def prepare(deliveries: Sequence[Delivery]) -> None:
         prepared.extend((d.record.partition, d.record.offset) for d in deliveries)
+        ahead_partitions.update(d.record.partition for d in deliveries)
 
     kafka = KafkaSettings(bootstrap=kafka_bootstrap)
     runner = ConsumerRunner(
@@ -72,6 +83,7 @@ async def test_a_failed_poll_and_the_one_prepared_ahead_are_read_again_each_reco
         offsets = [o for p, o in settled if p == partition]
         assert offsets == sorted(offsets) and offsets == list(range(len(offsets)))
     assert prepared, "no poll was prepared ahead"
+    assert failed_with_other_partition_ahead, "no poll failed while the one ahead held another partition"
 
 
 def _kafka(event: Any) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
