@@ -117,8 +117,9 @@ _new = object.__new__
 _set = object.__setattr__
 
 
-def read_predictions_logged(value: bytes) -> PredictionsLogged | None:
-    """What ``PredictionsLogged.model_validate_json(value)`` returns, or None to leave the value to it."""
+def _head_and_rows(value: bytes) -> tuple[Any, list[Any]] | None:
+    """The validated head (every field but ``rows``) and the raw rows of a value, or None to leave the
+    value to full validation."""
     if _LONG_NUMBER in value.translate(_DIGITS_ONLY):
         # orjson reads integers beyond 64 bits as floats, pydantic as ints: leave those to pydantic.
         return None
@@ -132,9 +133,17 @@ def read_predictions_logged(value: bytes) -> PredictionsLogged | None:
     if type(rows) is not list or not rows:
         return None
     try:
-        head = _HEAD.model_validate(payload)
+        return _HEAD.model_validate(payload), rows
     except ValidationError:
         return None
+
+
+def read_predictions_logged(value: bytes) -> PredictionsLogged | None:
+    """What ``PredictionsLogged.model_validate_json(value)`` returns, or None to leave the value to it."""
+    parsed = _head_and_rows(value)
+    if parsed is None:
+        return None
+    head, rows = parsed
     records: list[PredictionRecord] = []
     append = records.append
     for row in rows:
@@ -304,22 +313,11 @@ _union = set().union
 def read_prediction_columns(value: bytes) -> PredictionColumns | None:
     """``PredictionColumns.of(PredictionsLogged.model_validate_json(value))``, or None to leave the value to
     full validation (the checks are those of :func:`read_predictions_logged`, made per column)."""
-    if _LONG_NUMBER in value.translate(_DIGITS_ONLY):
-        return None  # see read_predictions_logged
-    try:
-        payload = orjson.loads(value)
-    except orjson.JSONDecodeError:
+    parsed = _head_and_rows(value)
+    if parsed is None:
         return None
-    if type(payload) is not dict:
-        return None
-    rows = payload.pop("rows", None)
-    if type(rows) is not list or not rows or not _DICT.issuperset(map(type, rows)):
-        return None
-    try:
-        head = _HEAD.model_validate(payload)
-    except ValidationError:
-        return None
-    if not _ROW_KEYS.issuperset(_union(*rows)):
+    head, rows = parsed
+    if not _DICT.issuperset(map(type, rows)) or not _ROW_KEYS.issuperset(_union(*rows)):
         return None
     try:
         prediction_ids, inputs, outputs = zip(*map(_ROW_FIELDS, rows), strict=True)
