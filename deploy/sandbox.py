@@ -7,9 +7,10 @@ and the loop benchmark each run one, so they can share infrastructure with a dev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,17 @@ class Sandbox:
     def stop(self) -> None:
         """Stop the services (the database and topics stay, for a post-mortem, until ``remove``)."""
         self.platform.stop()
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, keep: Callable[[], bool]) -> AsyncIterator[Sandbox]:
+        """Started for the block and stopped after it; then removed, unless ``keep()`` (a failure)."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+        if not keep():
+            await self.remove()
 
     async def remove(self) -> None:
         """Drop the sandbox's database and delete its topics (after ``stop``; what a passing run leaves)."""

@@ -64,10 +64,6 @@ async def chaos_platform(
         CHAOS_PORT_BASE,
         settings=CHAOS_SETTINGS,
     )
-    await sandbox.start()
-    try:
+    # A failure keeps the database and topics for a post-mortem.
+    async with sandbox.running(keep=lambda: request.session.testsfailed > failed_before):
         yield sandbox
-    finally:
-        sandbox.stop()
-    if request.session.testsfailed == failed_before:  # a failure keeps them for a post-mortem
-        await sandbox.remove()

@@ -26,13 +26,9 @@ async def e2e(
 ) -> AsyncIterator[Sandbox]:
     sandbox = Sandbox(kafka_bootstrap, database_url, tmp_path_factory.mktemp("platform"), E2E_PORT_BASE)
     failed_before = request.session.testsfailed
-    await sandbox.start()
-    try:
+    # A failure keeps the database and topics for a post-mortem.
+    async with sandbox.running(keep=lambda: request.session.testsfailed > failed_before):
         yield sandbox
-    finally:
-        sandbox.stop()
-    if request.session.testsfailed == failed_before:  # a failure keeps them for a post-mortem
-        await sandbox.remove()
 
 
 @pytest.fixture
