@@ -13,12 +13,16 @@ from typing import Any
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.examples import EXAMPLES
+from contracts.topics import DEAD_LETTER
 from libs.bus.core import Delivery, Record
+from services.audit import handlers
 from services.audit.domain import (
     ChainHead,
     EventQuery,
     KafkaPosition,
     Kind,
+    PreparedRows,
+    Signer,
     StoredRow,
     TrailRow,
     chain_hash,
@@ -240,3 +244,31 @@ def changed_payload(record: bytes) -> bytes:
 def kind_of(trail: FakeTrail, seq: int) -> Kind:
     """The kind of a stored row."""
     return Kind(trail.rows[seq].row.kind)
+
+
+async def record(
+    trail: FakeTrail,
+    signer: Signer,
+    deliveries: Sequence[Delivery],
+    *,
+    every: int = 1000,
+    prepared: PreparedRows | None = None,
+) -> tuple[int, list[CloudEvent[Any]]]:
+    """Record a poll through the audit handler; the count of new rows and the checkpoints published."""
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    n = await handlers.on_records(
+        deliveries,
+        trail=trail,
+        signer=signer,
+        publish=publish,
+        source="/driftloop/audit",
+        clock=Clock(),
+        dead_letter_topic=DEAD_LETTER,
+        checkpoint_every_rows=every,
+        prepared=prepared,
+    )
+    return n, published

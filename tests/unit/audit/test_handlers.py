@@ -19,7 +19,7 @@ from libs.bus import Delivery, InMemoryBus, Subscription, Transaction
 from services.audit import handlers
 from services.audit.core import verify_trail
 from services.audit.domain import KeyRing, Kind, Signer, chain_hash
-from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, kind_of
+from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, kind_of, record
 
 
 @pytest.fixture
@@ -30,27 +30,6 @@ def trail() -> FakeTrail:
 @pytest.fixture
 def signer() -> Signer:
     return Signer(SEED)
-
-
-async def record(
-    trail: FakeTrail, signer: Signer, deliveries: Sequence[Delivery], *, every: int = 1000
-) -> tuple[int, list[CloudEvent[Any]]]:
-    published: list[CloudEvent[Any]] = []
-
-    async def publish(event: CloudEvent[Any]) -> None:
-        published.append(event)
-
-    n = await handlers.on_records(
-        deliveries,
-        trail=trail,
-        signer=signer,
-        publish=publish,
-        source="/driftloop/audit",
-        clock=Clock(),
-        dead_letter_topic=DEAD_LETTER,
-        checkpoint_every_rows=every,
-    )
-    return n, published
 
 
 async def test_each_record_becomes_one_row_in_delivery_order(trail: FakeTrail, signer: Signer) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Any
 
-from contracts.envelope import CloudEvent, NotJson
+from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
 from contracts.predictions import PredictionsLogged
 from contracts.topics import DEAD_LETTER
@@ -26,7 +25,7 @@ from services.audit.domain import (
     chain_rows,
     unchained_rows,
 )
-from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, record_of
+from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, record, record_of
 
 AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -86,28 +85,6 @@ def test_prepared_rows_beyond_the_limit_forget_the_oldest() -> None:
     assert prepared.take(records[4]) is not None
 
 
-async def record(
-    trail: FakeTrail, deliveries: list[Delivery], prepared: PreparedRows | None = None
-) -> tuple[int, list[CloudEvent[Any]]]:
-    published: list[CloudEvent[Any]] = []
-
-    async def publish(event: CloudEvent[Any]) -> None:
-        published.append(event)
-
-    n = await handlers.on_records(
-        deliveries,
-        trail=trail,
-        signer=Signer(SEED),
-        publish=publish,
-        source="/driftloop/audit",
-        clock=Clock(),
-        dead_letter_topic=DEAD_LETTER,
-        checkpoint_every_rows=4,
-        prepared=prepared,
-    )
-    return n, published
-
-
 async def prepare(deliveries: list[Delivery], prepared: PreparedRows) -> None:
     await handlers.prepare_records(
         deliveries, prepared=prepared, clock=Clock(), dead_letter_topic=DEAD_LETTER
@@ -127,9 +104,12 @@ async def test_rows_prepared_before_another_writer_moved_the_head_follow_the_new
     # Between the preparation and this poll's transaction, another writer (a replica, or a poll whose
     # transaction was retried) appends rows: the prepared rows must not fork the chain.
     await record(
-        trail, [delivery(example(TrainingRequested), topic="mlops.training", offset=i) for i in range(2)]
+        trail,
+        Signer(SEED),
+        [delivery(example(TrainingRequested), topic="mlops.training", offset=i) for i in range(2)],
+        every=4,
     )
-    n, _ = await record(trail, poll, prepared)
+    n, _ = await record(trail, Signer(SEED), poll, every=4, prepared=prepared)
     assert n == 3 and sorted(trail.rows) == [1, 2, 3, 4, 5]
     assert [trail.rows[s].row.offset for s in (3, 4, 5)] == [0, 1, 2]
     assert len(prepared) == 0
@@ -141,12 +121,12 @@ async def test_a_prepared_poll_read_again_adds_nothing() -> None:
     prepared = PreparedRows()
     poll = [delivery(example(DriftDetected), offset=i) for i in range(3)]
     await prepare(poll, prepared)
-    assert (await record(trail, poll, prepared))[0] == 3
+    assert (await record(trail, Signer(SEED), poll, every=4, prepared=prepared))[0] == 3
     await prepare(poll, prepared)  # the runner read the poll again after its offsets went uncommitted
-    assert (await record(trail, poll, prepared))[0] == 0
+    assert (await record(trail, Signer(SEED), poll, every=4, prepared=prepared))[0] == 0
     resent = [delivery(e, offset=10 + i) for i, e in enumerate(d.event for d in poll if d.event)]
     await prepare(resent, prepared)  # an outbox relay's re-sent copies at new positions
-    assert (await record(trail, resent, prepared))[0] == 0
+    assert (await record(trail, Signer(SEED), resent, every=4, prepared=prepared))[0] == 0
     assert sorted(trail.rows) == [1, 2, 3]
     await verified(trail)
 
@@ -156,7 +136,7 @@ async def test_a_poll_prepared_in_part_is_made_whole_in_the_transaction() -> Non
     prepared = PreparedRows()
     poll = [delivery(example(DriftDetected), offset=i) for i in range(6)]
     await prepare(poll[1:4], prepared)
-    n, published = await record(trail, poll, prepared)
+    n, published = await record(trail, Signer(SEED), poll, every=4, prepared=prepared)
     assert n == 6 and sorted(trail.rows) == list(range(1, 7))
     assert [trail.rows[s].row.offset for s in range(1, 7)] == list(range(6))
     assert [e.data.sequence for e in published] == [6]
