@@ -189,10 +189,14 @@ def new_event(
     cause: CloudEvent[Any] | None = None,
     actor: str | None = None,
     event_id: str | None = None,
+    correlation_id: str | None = None,
 ) -> CloudEvent[P]:
     """Wrap a payload. With ``cause``, the new event joins the cause's cascade (correlation) and
     names it as its direct cause; the actor is inherited unless given. The subject defaults to the
-    payload's own (its model name), then to the cause's."""
+    payload's own (its model name), then to the cause's.
+
+    ``correlation_id`` puts the event in that cascade instead: an event about a long-running process
+    (a rollout) stays in the cascade that started the process, whatever caused it this time."""
     eid = event_id or new_event_id()
     if subject is None:
         subject = payload.event_subject() or (cause.subject if cause else None)
@@ -202,7 +206,7 @@ def new_event(
         source=source,
         type=type(payload).event_type(),
         subject=subject,
-        correlationid=cause.correlationid if cause else eid,
+        correlationid=correlation_id or (cause.correlationid if cause else eid),
         causationid=cause.id if cause else None,
         actor=actor if actor is not None else (cause.actor if cause else None),
         data=payload,

@@ -70,6 +70,11 @@ class Rollout:
     status: RolloutStatus = RolloutStatus.ACTIVE
     ended_at: datetime | None = None
     end_reason: str | None = None
+    correlation_id: str | None = None
+    """The cascade that started the rollout (the correlation id of the event that started it). Every
+    event about the rollout belongs to it, whatever caused that event: a rollback for a newer candidate,
+    for the error rate or by hand stays in the trace of the drift that started the rollout. None for
+    rollouts persisted before serving recorded it; their events join their cause's cascade."""
 
     @property
     def weight(self) -> float:
@@ -117,6 +122,16 @@ class Transition:
     ignored: Ignored | None = None
 
 
+def cascades(before: ModelRoute, t: Transition) -> dict[str, str]:
+    """Rollout id -> the cascade it belongs to, for the rollouts a transition's events can be about: the
+    one live before it (superseded, rolled back, advanced, promoted) and the one it leaves."""
+    return {
+        r.rollout_id: r.correlation_id
+        for r in (before.rollout, t.route.rollout)
+        if r is not None and r.correlation_id is not None
+    }
+
+
 def _ignore(route: ModelRoute, code: str, detail: str) -> Transition:
     return Transition(route, (), Ignored(code, detail))
 
@@ -133,8 +148,9 @@ def start_rollout(
     rollout_id: str,
     now: datetime,
     report_id: str | None = None,
+    correlation_id: str | None = None,
 ) -> Transition:
-    """A validated version starts its rollout at the first step.
+    """A validated version starts its rollout at the first step, in the cascade ``correlation_id``.
 
     A model's first version has nothing to share traffic with: it gets a one-step rollout ([1.0]) that is
     promoted at once, so every consumer sees the usual RolloutStarted -> RolloutPromoted sequence. A
@@ -178,6 +194,7 @@ def start_rollout(
         bake_seconds=0.0 if first else policy.bake_seconds,
         started_at=now,
         step_started_at=now,
+        correlation_id=correlation_id,
     )
     events.append(
         RolloutStarted(
@@ -196,7 +213,9 @@ def start_rollout(
     )
     route = replace(route, rollout=rollout)
     if first:
-        promoted = promote(route, version, now=now, manual=False, rollout_id=rollout_id)
+        promoted = promote(
+            route, version, now=now, manual=False, rollout_id=rollout_id, correlation_id=correlation_id
+        )
         return Transition(promoted.route, (*events, *promoted.events))
     return Transition(route, tuple(events))
 
@@ -272,6 +291,7 @@ def promote(
     now: datetime,
     manual: bool,
     rollout_id: str | None = None,
+    correlation_id: str | None = None,
 ) -> Transition:
     """The version takes all traffic. The live canary is promoted as it stands; any other known version
     (checked by the caller) is promoted directly, superseding a live canary first."""
@@ -319,6 +339,7 @@ def promote(
             status=RolloutStatus.PROMOTED,
             ended_at=now,
             end_reason="manual" if manual else "promoted",
+            correlation_id=correlation_id,
         )
         events.append(
             RolloutPromoted(
@@ -376,6 +397,7 @@ def roll_back_production(
     message: str,
     now: datetime,
     rollout_id: str,
+    correlation_id: str | None = None,
 ) -> Transition:
     """Take the production version off traffic in favour of ``to_version`` (default: the previous stable).
 
@@ -408,6 +430,7 @@ def roll_back_production(
         status=RolloutStatus.ROLLED_BACK,
         ended_at=now,
         end_reason=RollbackReason.MANUAL.value,
+        correlation_id=correlation_id,
     )
     event = RolloutRolledBack(
         rollout_id=rollout_id,

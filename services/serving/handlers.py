@@ -23,7 +23,7 @@ from contracts.rollouts import RollbackReason, RolloutRolledBack
 from contracts.validation import ValidationPassed
 from libs.logging import get_logger
 from services.serving import domain
-from services.serving.domain import RolloutPolicy, Transition
+from services.serving.domain import ModelRoute, RolloutPolicy, Transition
 from services.serving.ports import ModelLoader, ModelLoadError, ModelVersions, Routes, VersionRecord
 
 log = get_logger(__name__)
@@ -64,6 +64,7 @@ def _ignored(event_name: str, model: str, t: Transition) -> None:
 
 
 async def apply(
+    before: ModelRoute,
     t: Transition,
     *,
     routes: Routes,
@@ -74,13 +75,16 @@ async def apply(
     cause: CloudEvent[Any] | None = None,
     actor: str | None = None,
 ) -> list[CloudEvent[Any]]:
-    """Store the new route and publish its events in the caller's transaction."""
+    """Store the new route and publish its events in the caller's transaction; ``before`` is the route
+    the transition was decided on. An event about a rollout joins the rollout's cascade."""
     await routes.save(t.route, now=now)
+    cascade_of = domain.cascades(before, t)
     emitted = []
     for payload in t.events:
         if isinstance(payload, RolloutRolledBack):
             await versions.set_stage(t.route.model, payload.canary_version, Stage.REJECTED.value)
-        event = new_event(payload, source=source, cause=cause, actor=actor)
+        correlation_id = cascade_of.get(getattr(payload, "rollout_id", ""))
+        event = new_event(payload, source=source, cause=cause, actor=actor, correlation_id=correlation_id)
         await publish(event)
         TRANSITIONS.labels(type(payload).__name__).inc()
         emitted.append(event)
@@ -123,7 +127,13 @@ async def _start_if_ready(
     now = clock()
     rollout_id = new_id()
     t = domain.start_rollout(
-        route, record.version, policy, rollout_id=rollout_id, now=now, report_id=record.validation_report_id
+        route,
+        record.version,
+        policy,
+        rollout_id=rollout_id,
+        now=now,
+        report_id=record.validation_report_id,
+        correlation_id=cause.correlationid,
     )
     if t.ignored is not None:
         _ignored(name, record.model, t)
@@ -150,7 +160,9 @@ async def _start_if_ready(
             "version cannot be loaded, no rollout", model=record.model, version=record.version, error=str(exc)
         )
         return
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=cause)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=cause
+    )
 
 
 async def on_model_version_registered(
@@ -243,7 +255,9 @@ async def on_canary_verdict(
     if t.ignored is not None:
         _ignored("CanaryVerdict", d.model, t)
         return
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+    )
 
 
 async def on_rollback_requested(
@@ -286,11 +300,14 @@ async def on_rollback_requested(
             message=message,
             now=now,
             rollout_id=new_id(),
+            correlation_id=event.correlationid,
         )
     if t.ignored is not None:
         _ignored("RollbackRequested", d.model, t)
         return
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+    )
 
 
 async def on_promote_requested(
@@ -322,11 +339,20 @@ async def on_promote_requested(
             IGNORED.labels("PromoteRequested", "load-failed").inc()
             log.error("promote: version cannot be loaded", model=d.model, error=str(exc))
             return
-    t = domain.promote(route, d.model_version, now=now, manual=True, rollout_id=new_id())
+    t = domain.promote(
+        route,
+        d.model_version,
+        now=now,
+        manual=True,
+        rollout_id=new_id(),
+        correlation_id=event.correlationid,
+    )
     if t.ignored is not None:
         _ignored("PromoteRequested", d.model, t)
         return
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+    )
 
 
 async def on_model_stage_changed(
@@ -367,7 +393,9 @@ async def on_model_stage_changed(
     if t.ignored is not None:
         _ignored("ModelStageChanged", d.model, t)
         return
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+    )
 
 
 async def roll_back_for_error_rate(
@@ -390,7 +418,7 @@ async def roll_back_for_error_rate(
     if t.ignored is not None:
         _ignored("ErrorRateBreach", model, t)
         return False
-    await apply(t, routes=routes, versions=versions, publish=publish, source=source, now=now)
+    await apply(route, t, routes=routes, versions=versions, publish=publish, source=source, now=now)
     return True
 
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from contracts.envelope import CloudEvent
-from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack
 from contracts.training import TrainingFailed, TrainingRequested
 from contracts.validation import ValidationFailed
 from deploy.local.infra import LocalInfra
@@ -83,17 +83,11 @@ async def follow(cascade: Cascade, tail: EventTail, *, deadline_s: float) -> Non
     )
     root = cascade.requested.correlationid
 
-    def ends_it(e: CloudEvent[Any]) -> bool:
-        if e.subject != cascade.model:
-            return False
-        if e.correlationid == root:
-            return True
-        # A newer candidate's rollout supersedes a live canary: that rollback belongs to the newer cascade
-        # (its cause), and ends this one's rollout.
-        ours = {s.data.rollout_id for s in tail.events(RolloutStarted) if s.correlationid == root}
-        return isinstance(e.data, RolloutRolledBack) and e.data.rollout_id in ours
-
-    cascade.ended = await tail.wait_for(ENDS, ends_it, deadline_s=deadline_s)
+    # Every event of a rollout stays in the cascade that started it, a rollback because a newer
+    # candidate superseded the canary included.
+    cascade.ended = await tail.wait_for(
+        ENDS, lambda e: e.subject == cascade.model and e.correlationid == root, deadline_s=deadline_s
+    )
 
 
 async def trigger(

@@ -114,9 +114,11 @@ async def test_an_operator_rolls_back_a_canary_over_http(client: LoopClient, tai
     response = await client.rollback(model, "the on-call engineer does not trust it")
     assert response.status_code == 202, response.text
 
-    # The command is a cascade of its own, rooted in the operator's request.
+    # The rollback ends the rollout's own cascade, caused by the operator's command.
     rolled = await tail.wait_for(RolloutRolledBack, lambda e: e.subject == model, deadline_s=60)
     assert rolled.data.rollout_id == started.data.rollout_id
+    assert rolled.correlationid == started.correlationid
+    assert rolled.causationid == response.json()["event_id"]
     assert rolled.data.reason.value == "manual"
     assert rolled.actor == "user:dev-operator"
     route = await client.route(model)

@@ -118,6 +118,7 @@ def _route(row: Any) -> ModelRoute:
             status=RolloutStatus(row["status"]),
             ended_at=row["ended_at"],
             end_reason=row["end_reason"],
+            correlation_id=row["rollout_correlation_id"],
         )
     return ModelRoute(
         model=row["model"],
@@ -147,7 +148,8 @@ class PgRoutes:
                  stable_version = $2, previous_stable_version = $3, rollout_id = $4, canary_version = $5,
                  rollout_stable_version = $6, mode = $7, steps = $8, step_index = $9, min_samples = $10,
                  bake_seconds = $11, started_at = $12, step_started_at = $13, samples_seen = $14,
-                 status = $15, ended_at = $16, end_reason = $17, revision = revision + 1, updated_at = $18
+                 status = $15, ended_at = $16, end_reason = $17, rollout_correlation_id = $18,
+                 revision = revision + 1, updated_at = $19
                WHERE model = $1""",
             route.model,
             route.stable_version,
@@ -166,6 +168,7 @@ class PgRoutes:
             r.status.value if r else None,
             r.ended_at if r else None,
             r.end_reason if r else None,
+            r.correlation_id if r else None,
             now,
         )
         # Delivered at commit: every replica rebuilds its routing exactly when the change is visible.

@@ -264,6 +264,10 @@ async def test_unhealthy_verdict_and_operator_command_roll_back_at_once(run: Run
     manual = rolled[-1]
     assert manual.data.reason is RollbackReason.MANUAL and manual.data.canary_version == 3
     assert manual.actor == "user:dev-operator" and manual.causationid == accepted.json()["event_id"]
+    # The rollback stays in the cascade that started v3's rollout (persisted with the route), not the
+    # command's: the trace of v3's retrain ends with it.
+    v3_started = run.watcher.of(RolloutStarted, model)[-1]
+    assert manual.correlationid == v3_started.correlationid != rolled_back.correlationid
     await run.wait_routing(run.replica.url, model, stable=1, canary=None)
 
 

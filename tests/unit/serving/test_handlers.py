@@ -232,3 +232,67 @@ async def test_error_rate_breach_rolls_back_only_the_live_rollout(world: World) 
     assert await handlers.roll_back_for_error_rate("churn", "r-2", "3 of 20 failed", **kw)
     [event] = published
     assert event.data.reason is RollbackReason.ERROR_RATE and world.route.active is None
+
+
+async def test_every_event_of_a_rollout_stays_in_the_cascade_that_started_it(world: World) -> None:
+    # v2's rollout is started by one cascade; a verdict from another cascade advances it, and v3's
+    # validation (a third cascade) supersedes it: all of v2's events stay in v2's trace.
+    v2 = passed(2)
+    await world.send(registered(2), v2)
+    started = world.rollouts(RolloutStarted)[-1]
+    world.clock.advance(6)
+    await world.send(canary_verdict(started.data, 0, Verdict.HEALTHY))
+    v3 = passed(3)
+    await world.send(registered(3), v3)
+    advanced = world.rollouts(RolloutStepAdvanced)[-1]
+    superseded, v3_started = world.rollouts()[-2:]
+    assert superseded.data.reason is RollbackReason.SUPERSEDED and superseded.data.canary_version == 2
+    assert {started.correlationid, advanced.correlationid, superseded.correlationid} == {v2.correlationid}
+    # The rollback names what caused it, even though that is in another cascade.
+    assert superseded.causationid == v3.id
+    assert v3_started.correlationid == v3.correlationid != v2.correlationid
+
+
+async def test_manual_and_error_rate_rollbacks_stay_in_the_rollout_cascade(world: World) -> None:
+    v2 = passed(2)
+    await world.send(registered(2), v2)
+    command = new_event(
+        RollbackRequested(model="churn", model_version=2, reason="complaints"), source="/x", actor="user:a"
+    )
+    await world.send(command)
+    [manual] = world.rollouts(RolloutRolledBack)
+    assert (manual.correlationid, manual.causationid, manual.actor) == (
+        v2.correlationid,
+        command.id,
+        "user:a",
+    )
+
+    v3 = passed(3)
+    await world.send(registered(3), v3)
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    rollout_id = world.rollouts(RolloutStarted)[-1].data.rollout_id
+    assert await handlers.roll_back_for_error_rate(
+        "churn",
+        rollout_id,
+        "3 of 20 failed",
+        versions=world.versions,
+        routes=world.routes,
+        publish=publish,
+        source="/s",
+    )
+    [breach] = published
+    assert (breach.correlationid, breach.causationid) == (v3.correlationid, None)
+
+
+async def test_a_production_rollback_by_hand_is_its_own_rollout_in_the_command_cascade(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    command = new_event(RollbackRequested(model="churn", model_version=2, reason="bad"), source="/x")
+    await world.send(command)
+    rolled_back = world.rollouts(RolloutRolledBack)[-1]
+    assert (rolled_back.correlationid, rolled_back.causationid) == (command.correlationid, command.id)
+    assert world.route.rollout is not None and world.route.rollout.correlation_id == command.correlationid
