@@ -8,6 +8,7 @@ edges with their histogram (for PSI and Jensen–Shannon), summary statistics, a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -149,6 +150,28 @@ def profile_categorical(name: str, series: pd.Series) -> CategoricalProfile:
     )
 
 
+def profile_features(
+    columns: Mapping[str, pd.Series],
+    features: list[tuple[str, Literal["numeric", "categorical"]]],
+    *,
+    bins: int = DEFAULT_BINS,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+) -> list[NumericProfile | CategoricalProfile]:
+    """The features' profiles, in the given order, from their columns (a :class:`ReferenceProfile`'s
+    ``features``); it takes columns rather than a frame, so another thread can profile a frame's columns
+    while this one keeps using the frame."""
+    profiles: list[NumericProfile | CategoricalProfile] = []
+    for name, kind in features:
+        if kind == "numeric":
+            profiles.append(
+                profile_numeric(name, columns[name], bins=bins, sample_size=sample_size, seed=seed)
+            )
+        else:
+            profiles.append(profile_categorical(name, columns[name]))
+    return profiles
+
+
 def build_profile(
     frame: pd.DataFrame,
     features: list[tuple[str, Literal["numeric", "categorical"]]],
@@ -160,12 +183,13 @@ def build_profile(
     seed: int = 0,
 ) -> ReferenceProfile:
     """Profile the given feature columns (and optionally the model's outputs) of a reference frame."""
-    profiles: list[NumericProfile | CategoricalProfile] = []
-    for name, kind in features:
-        if kind == "numeric":
-            profiles.append(profile_numeric(name, frame[name], bins=bins, sample_size=sample_size, seed=seed))
-        else:
-            profiles.append(profile_categorical(name, frame[name]))
+    profiles = profile_features(
+        {name: frame[name] for name, _ in features},
+        features,
+        bins=bins,
+        sample_size=sample_size,
+        seed=seed,
+    )
     prediction: NumericProfile | CategoricalProfile | None = None
     if predictions is not None:
         if prediction_kind == "numeric":
