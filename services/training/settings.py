@@ -47,6 +47,14 @@ class TrainingSettings(ServiceSettings):
     start_method: Literal["forkserver", "spawn"] = Field(
         "forkserver", description="How the fit process is started (never fork: the service has threads)."
     )
+    overlap_fit: bool = Field(
+        True,
+        description="Run the work that does not need the fitted model (the features' reference profile, the "
+        "holdout and training-set files and their hashes) on a second thread of the fit process while the "
+        "fit runs, and write the model file there while the model is evaluated. Same outcome either way; "
+        "on a machine with a core to spare it takes most of that work off a job's wall time "
+        "(docs/benchmarks.md). Off: one thread, one step after the other.",
+    )
     code_version: str = Field(
         "",
         description="Version of the training code recorded in lineage; empty: the package version plus the "

@@ -19,15 +19,20 @@ log = get_logger(__name__)
 
 class ProcessPoolTrainer:
     """Runs :func:`services.training.worker.run_training` in a one-process pool (forkserver or spawn: the
-    service has threads, which fork would copy in a broken state). Progress comes back on a queue."""
+    service has threads, which fork would copy in a broken state). Progress comes back on a queue.
+    ``overlap``: the run's work that does not need the fitted model runs beside the fit (TrainingSettings
+    ``overlap_fit``)."""
 
-    def __init__(self, start_method: str = "forkserver", *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, start_method: str = "forkserver", *, poll_s: float = 0.5, overlap: bool = True
+    ) -> None:
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # The fork server imports scikit-learn once; every fit process forked from it starts warm, so a
             # process replaced after a crash or a timeout costs milliseconds, not an import.
             self._context.set_forkserver_preload(["services.training.worker"])
         self._poll_s = poll_s
+        self._overlap = overlap
         self._executor: ProcessPoolExecutor | None = None
         self._progress: Any = None
 
@@ -49,7 +54,7 @@ class ProcessPoolTrainer:
     async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Run one training in the pool; raises BrokenProcessPool when the fit process dies."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool(), run_training, job_input)
+        future = loop.run_in_executor(self._pool(), run_training, job_input, self._overlap)
         job_id = job_input["job_id"]
         phase: tuple[str, float | None] = ("loading-data", 0.0)
         try:

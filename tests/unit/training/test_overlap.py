@@ -1,0 +1,154 @@
+"""The work a run does beside its fit (second thread): the same outcome as step by step, and a failure
+there fails the run with its reason and leaves no thread behind."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from contracts.training import FailureReason
+from libs.artifacts import ArtifactStore
+from services.training.worker import PROFILE_MIN_WINDOW_ROWS, Beside, holdout_mask, run_training, split
+from tests.unit.training.data import churn_frame, churn_spec, put_frame, traffic_window
+
+
+def _beside_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("training-beside")]
+
+
+def _job(store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None) -> dict[str, Any]:
+    spec = churn_spec(estimator="hist_gradient_boosting", params={"max_iter": 20})
+    return {
+        "job_id": "job-overlap",
+        "model": spec.name,
+        "spec_key": store.put(spec.canonical_json()).sha256,
+        "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
+        "window_key": put_frame(store, window).key if window is not None else None,
+        "artifacts_url": url,
+    }
+
+
+def _profile_without_time(store: ArtifactStore, key: str) -> dict[str, Any]:
+    profile: dict[str, Any] = orjson.loads(store.get(key))
+    profile.pop("created_at")
+    return profile
+
+
+@pytest.mark.parametrize("window_rows", [0, PROFILE_MIN_WINDOW_ROWS])
+def test_a_run_with_work_beside_the_fit_gives_what_a_run_step_by_step_gives(
+    tmp_path: Path, window_rows: int
+) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    window = None
+    if window_rows:
+        # A window the profile describes, and traffic that makes a training-set file of its own.
+        window = traffic_window(churn_frame(window_rows, seed=2, shift=1.0), "churned", labelled_share=0.5)
+    job = _job(store, url, churn_frame(3000, seed=1), window)
+    stepwise = run_training(job, overlap=False)
+    overlapped = run_training(job, overlap=True)
+    assert stepwise["ok"] and overlapped["ok"], (stepwise, overlapped)
+    for field in ("metrics", "holdout", "training_set", "signature", "params", "train_rows", "traffic_rows"):
+        assert overlapped[field] == stepwise[field], field
+    assert (overlapped["training_set"] is None) == (window is None)
+    assert _profile_without_time(store, overlapped["profile"]["key"]) == _profile_without_time(
+        store, stepwise["profile"]["key"]
+    )
+    assert overlapped["seconds"]["beside"] > 0
+    assert not _beside_threads()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_store_that_cannot_write_the_holdout_fails_the_run_with_the_reason_and_leaves_no_thread(
+    tmp_path: Path, overlap: bool
+) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    job = _job(store, url, churn_frame(2000, seed=1), None)
+    # The spec and the base file can still be read; every write (the holdout's first, beside the fit)
+    # fails because the store's staging folder is now a file.
+    shutil.rmtree(tmp_path / "tmp")
+    (tmp_path / "tmp").write_bytes(b"not a folder")
+    outcome = run_training(job, overlap=overlap)
+    assert outcome["ok"] is False
+    assert outcome["reason"] == FailureReason.ARTIFACT_STORE_ERROR.value
+    assert "tmp" in outcome["message"]
+    assert not _beside_threads()
+
+
+def test_a_fit_that_fails_while_work_runs_beside_it_fails_with_the_fit_error_and_leaves_no_thread(
+    tmp_path: Path,
+) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    base = churn_frame(2000, seed=1)
+    base["x2"] = base["x2"].map(lambda v: f"{v:.3f} units")  # profiled as missing values; unfittable
+    outcome = run_training(_job(store, url, base, None), overlap=True)
+    assert outcome["ok"] is False
+    assert outcome["reason"] == FailureReason.FIT_ERROR.value
+    assert "could not be fitted" in outcome["message"]
+    assert not _beside_threads()
+
+
+def test_beside_hands_back_the_error_of_its_thread_and_waits_for_started_work_on_leaving() -> None:
+    started, release = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def slow() -> str:
+        started.set()
+        release.wait(timeout=10)
+        finished.append("slow")
+        return "slow"
+
+    def broken() -> None:
+        raise ValueError("the profile could not be built")
+
+    with pytest.raises(RuntimeError, match="the fit failed"), Beside(overlap=True) as beside:
+        failed = beside.submit(broken)
+        with pytest.raises(ValueError, match="could not be built"):
+            failed.result(timeout=10)
+        running = beside.submit(slow)
+        queued = beside.submit(finished.append, "queued")
+        # The slow work ends only once leaving the block has cancelled the queued work.
+        queued.add_done_callback(lambda _: release.set())
+        assert started.wait(timeout=10)
+        raise RuntimeError("the fit failed")
+    assert queued.cancelled()
+    assert running.done() and running.result(timeout=0) == "slow"
+    assert finished == ["slow"]
+    assert not _beside_threads()
+
+
+def test_beside_without_overlap_runs_at_once_and_keeps_the_error_for_result() -> None:
+    with Beside(overlap=False) as beside:
+        done = beside.submit(lambda: threading.current_thread().name)
+        failed = beside.submit(lambda: 1 // 0)
+        assert done.result(timeout=0) == threading.current_thread().name
+        with pytest.raises(ZeroDivisionError):
+            failed.result(timeout=0)
+
+
+def test_the_split_is_seeded_stratified_and_keeps_the_row_order() -> None:
+    spec = churn_spec()
+    frame = churn_frame(1001).assign(row=np.arange(1001))
+    train_rows, holdout_rows = split(spec, frame)
+    assert len(holdout_rows) == 201 and len(train_rows) == 800
+    assert train_rows["row"].is_monotonic_increasing and holdout_rows["row"].is_monotonic_increasing
+    assert sorted([*train_rows["row"], *holdout_rows["row"]]) == list(range(1001))
+    other_seed = split(spec.model_copy(update={"seed": spec.seed + 1}), frame)[1]
+    assert set(other_seed["row"]) != set(holdout_rows["row"])
+
+
+def test_each_class_gives_its_share_of_the_holdout_and_the_largest_remainders_the_rest() -> None:
+    labels = np.repeat([0, 1, 2], [3, 500, 497])
+    held = holdout_mask(1000, 0.2, seed=5, labels=labels)
+    assert held.sum() == 200
+    assert np.bincount(labels[held], minlength=3).tolist() == [1, 100, 99]  # 0.6, 100, 99.4 rows
+    two = holdout_mask(4, 0.5, seed=1, labels=np.array([0, 0, 1, 1]))
+    assert np.bincount(np.array([0, 0, 1, 1])[two]).tolist() == [1, 1]
+    assert holdout_mask(7, 0.2, seed=3).sum() == 2
+    assert (holdout_mask(7, 0.2, seed=3) == holdout_mask(7, 0.2, seed=3)).all()
