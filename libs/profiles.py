@@ -8,7 +8,7 @@ edges with their histogram (for PSI and Jensen–Shannon), summary statistics, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -73,8 +73,14 @@ class ReferenceProfile(_Frozen):
                 return f
         raise KeyError(name)
 
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    def to_bytes(self, encoded_features: bytes | None = None) -> bytes:
+        """The profile as JSON (sorted keys); ``encoded_features`` is ``encode_features(self.features)``
+        when it was encoded ahead (most of the bytes are the features' samples)."""
+        if encoded_features is None:
+            return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        data = self.model_dump(mode="json", exclude={"features"})
+        data["features"] = orjson.Fragment(encoded_features)
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ReferenceProfile:
@@ -170,6 +176,12 @@ def profile_features(
         else:
             profiles.append(profile_categorical(name, columns[name]))
     return profiles
+
+
+def encode_features(features: Sequence[NumericProfile | CategoricalProfile]) -> bytes:
+    """The JSON of a profile's ``features`` as :meth:`ReferenceProfile.to_bytes` writes it, so it can be
+    encoded ahead (on another thread, before the rest of the profile is known)."""
+    return orjson.dumps([f.model_dump(mode="json") for f in features], option=orjson.OPT_SORT_KEYS)
 
 
 def build_profile(
