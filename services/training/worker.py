@@ -33,7 +33,7 @@ from libs.profiles import (
     CategoricalProfile,
     NumericProfile,
     ReferenceProfile,
-    profile_categorical,
+    encode_features,
     profile_features,
     profile_numeric,
 )
@@ -238,9 +238,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
         reference = reference_rows(train_rows, window)
         features = spec.feature_names
         feature_profiles = beside.submit(
-            functools.partial(profile_features, seed=spec.seed),
-            {name: reference[name] for name in features},
-            spec.feature_types(),
+            _profiled_features, {name: reference[name] for name in features}, spec.feature_types(), spec.seed
         )
         # A training set that is one base dataset as it is already has its file and its hash: no copy.
         unchanged = (
@@ -277,13 +275,14 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
 
         t4 = time.perf_counter()
         report(job.job_id, "profiling", 0.9)
+        profiled, encoded = feature_profiles.result()
         profile = ReferenceProfile(
             rows=len(reference),
             created_at=datetime.now(UTC),
-            features=feature_profiles.result(),
+            features=profiled,
             prediction=prediction_profile(spec, pipeline, reference, train_rows, outputs),
         )
-        profile_ref = _ref(store.put(profile.to_bytes()), ArtifactFormat.JSON)
+        profile_ref = _ref(store.put(profile.to_bytes(encoded)), ArtifactFormat.JSON)
         seconds["profile"] = time.perf_counter() - t4
 
         t5 = time.perf_counter()
@@ -308,6 +307,15 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     )
 
 
+def _profiled_features(
+    columns: dict[str, pd.Series], features: list[tuple[str, Literal["numeric", "categorical"]]], seed: int
+) -> tuple[list[NumericProfile | CategoricalProfile], bytes]:
+    # Encoded here too: the samples are most of the profile file's bytes (about 11 ms of JSON for 28
+    # numeric features), and here it runs beside the fit.
+    profiled = profile_features(columns, features, seed=seed)
+    return profiled, encode_features(profiled)
+
+
 def prediction_profile(
     spec: ModelSpec, pipeline: Any, reference: pd.DataFrame, train_rows: pd.DataFrame, outputs: Outputs
 ) -> NumericProfile | CategoricalProfile:
@@ -319,9 +327,18 @@ def prediction_profile(
     else:
         predicted = np.asarray(pipeline.predict(reference[spec.feature_names]), dtype=float).reshape(-1)
     if spec.task is Task.CLASSIFICATION:
-        # The same values a list of outputs.classes[i] would hold, picked without a Python loop (3 -> 1 ms).
-        return profile_categorical(
-            "prediction", pd.Series(np.asarray(outputs.classes, dtype=object)[predicted])
+        # What profile_categorical gives for the predicted classes, counted by class code rather than by
+        # each row's text (3 ms on 10,000 rows).
+        frequencies: dict[str, int] = {}
+        for code, count in enumerate(np.bincount(predicted, minlength=len(outputs.classes)).tolist()):
+            if count:
+                key = str(outputs.classes[code])
+                frequencies[key] = frequencies.get(key, 0) + count
+        return CategoricalProfile(
+            name="prediction",
+            count=int(predicted.size),
+            missing=0,
+            frequencies={key: frequencies[key] for key in sorted(frequencies)},
         )
     return profile_numeric("prediction", pd.Series(predicted), seed=spec.seed)
 

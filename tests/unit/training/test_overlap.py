@@ -13,9 +13,19 @@ import orjson
 import pandas as pd
 import pytest
 
+from contracts.common import Task
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
-from services.training.worker import PROFILE_MIN_WINDOW_ROWS, Beside, holdout_mask, run_training, split
+from libs.metrics import Outputs
+from libs.profiles import build_profile, encode_features, profile_categorical
+from services.training.worker import (
+    PROFILE_MIN_WINDOW_ROWS,
+    Beside,
+    holdout_mask,
+    prediction_profile,
+    run_training,
+    split,
+)
 from tests.unit.training.data import churn_frame, churn_spec, put_frame, traffic_window
 
 
@@ -152,3 +162,24 @@ def test_each_class_gives_its_share_of_the_holdout_and_the_largest_remainders_th
     assert np.bincount(np.array([0, 0, 1, 1])[two]).tolist() == [1, 1]
     assert holdout_mask(7, 0.2, seed=3).sum() == 2
     assert (holdout_mask(7, 0.2, seed=3) == holdout_mask(7, 0.2, seed=3)).all()
+
+
+@pytest.mark.parametrize("classes", [(0, 1, 2), ("basic", "plus", "premium"), (False, True)])
+def test_the_prediction_profile_counts_classes_as_the_categorical_profile_counts_their_text(
+    classes: tuple[Any, ...],
+) -> None:
+    spec = churn_spec()
+    predicted = np.random.default_rng(4).integers(0, len(classes) - 1, 500)  # the last class never predicted
+    outputs = Outputs(Task.CLASSIFICATION, predicted, predicted, np.zeros((500, len(classes))), classes)
+    rows = pd.DataFrame({"x0": np.zeros(500)})
+    assert prediction_profile(spec, None, rows, rows, outputs) == profile_categorical(
+        "prediction", pd.Series([classes[i] for i in predicted])
+    )
+
+
+def test_features_encoded_ahead_give_the_same_profile_file() -> None:
+    frame = churn_frame(800)
+    profile = build_profile(
+        frame, [("x0", "numeric"), ("plan", "categorical")], predictions=frame["churned"], seed=3
+    )
+    assert profile.to_bytes(encode_features(profile.features)) == profile.to_bytes()
