@@ -35,6 +35,8 @@ from contracts.monitoring import (
     DataQualityIssue,
     DataQualityIssueKind,
     DriftDetected,
+    DriftPolicy,
+    DriftPolicyChanged,
     DriftTest,
     FeatureDrift,
     PerformanceDegraded,
@@ -496,6 +498,11 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
             share=0.082,
             window=WINDOW,
             message="8.2% of monthly_charges missing (reference: 0.1%)",
+        ),
+        DriftPolicyChanged(
+            model=MODEL,
+            policy=DriftPolicy(psi_threshold=0.2, feature_tests={"tenure_months": DriftTest.PSI}),
+            previous=None,
         ),
         PredictionsLogged(
             model=MODEL,

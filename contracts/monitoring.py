@@ -227,3 +227,50 @@ class DataQualityIssue(EventPayload):
         description="What was seen, for people.",
         examples=["8.2% of monthly_charges missing (reference: 0.1%)"],
     )
+
+
+class DriftPolicy(ContractModel):
+    """How monitoring judges one model's traffic. The service's settings give the defaults; an operator may
+    set one per model."""
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of p-value tests.")
+    correction: CorrectionMethod = Field(
+        CorrectionMethod.BONFERRONI, description="Correction for many tests."
+    )
+    small_sample_max: int = Field(
+        1_000, ge=1, description="p-value tests up to this many values on the smaller side, distances above."
+    )
+    wasserstein_threshold: float = Field(0.1, gt=0, description="Normalised Wasserstein drift threshold.")
+    jensen_shannon_threshold: float = Field(0.1, gt=0, description="Jensen–Shannon distance drift threshold.")
+    psi_threshold: float = Field(0.1, gt=0, description="PSI drift threshold.")
+    share_threshold: float = Field(
+        0.1, ge=0, le=1, description="Share of tested features that must have drifted for a DriftDetected."
+    )
+    consecutive_windows: int = Field(2, ge=1, description="Windows in a row a feature must drift.")
+    cooldown_seconds: float = Field(1_800.0, ge=0, description="Quiet time after a DriftDetected.")
+    feature_tests: dict[str, DriftTest] = Field(
+        default_factory=dict, description="Per-feature test that replaces the automatic choice."
+    )
+    feature_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-feature threshold (alpha for tests, distance otherwise)."
+    )
+    missing_share_tolerance: float = Field(
+        0.05, ge=0, le=1, description="Missing share above the reference's by more than this is reported."
+    )
+    performance_tolerance: float = Field(
+        0.05, ge=0, description="Allowed drop of a labelled metric below its validation baseline."
+    )
+
+
+class DriftPolicyChanged(EventPayload):
+    """An operator set a model's drift policy: what decides from now on whether its traffic drifted. The
+    CloudEvents ``actor`` says who."""
+
+    event_name: ClassVar[str] = "DriftPolicyChanged"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    policy: DriftPolicy = Field(description="The policy in force from now on, every field filled in.")
+    previous: DriftPolicy | None = Field(
+        default=None, description="The policy set before; null when the model had the service defaults."
+    )

@@ -153,6 +153,8 @@ _TOPICS = (
             Route(monitoring.PerformanceDegraded, (MONITORING,), (TRAINING,)),
             Route(monitoring.CanaryVerdict, (MONITORING,), (SERVING,)),
             Route(monitoring.DataQualityIssue, (MONITORING,), ()),
+            # For the audit trail: who changed what decides a drift (set over monitoring's HTTP API).
+            Route(monitoring.DriftPolicyChanged, (MONITORING,), ()),
         ),
     ),
     TopicSpec(

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
 from libs.service import Runtime
-from services.monitoring import report
+from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.handlers import Monitor
@@ -147,9 +147,14 @@ async def get_policy(model: str, _: ViewerDep, monitor: MonitorDep) -> PolicyPub
 async def put_policy(
     model: str, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
 ) -> PolicyPublic:
-    fields = body.model_dump(exclude_unset=True)
-    policy = DriftPolicy.model_validate({**monitor.defaults.model_dump(), **fields})
     async with rt.begin() as tx:
-        await PgMonitoringStore(tx.conn).save_policy(model, policy, who.actor)
+        policy = await handlers.set_policy(
+            model,
+            body.model_dump(exclude_unset=True),
+            actor=who.actor,
+            monitor=monitor,
+            store=PgMonitoringStore(tx.conn),
+            publish=tx.publish,
+        )
     monitor.policies[model] = policy
     return PolicyPublic.model_validate(policy.model_dump())

@@ -88,9 +88,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
                 log.error(
                     "model version not monitored: profile unavailable", model=stored.model, error=str(exc)
                 )
-            policy = await store.policy(stored.model)
-            if policy is not None:
-                monitor.policies[stored.model] = policy
+        await handlers.refresh_policies(monitor=monitor, store=store)
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
         monitor.live.pending_label_ids = await store.pending_ids()

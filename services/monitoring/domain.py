@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.monitoring import CanaryComparison, CorrectionMethod, DriftTest, FeatureDrift, Verdict
+from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile, bin_counts
 from services.monitoring import stats
@@ -41,39 +41,9 @@ def from_epoch(seconds: float) -> datetime:
 # --- policy ----------------------------------------------------------------------------------------------
 
 
-class DriftPolicy(BaseModel):
-    """How one model's traffic is judged. Defaults come from the service settings; an operator may PUT one
-    per model."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of p-value tests.")
-    correction: CorrectionMethod = Field(
-        CorrectionMethod.BONFERRONI, description="Correction for many tests."
-    )
-    small_sample_max: int = Field(
-        1_000, ge=1, description="p-value tests up to this many values on the smaller side, distances above."
-    )
-    wasserstein_threshold: float = Field(0.1, gt=0, description="Normalised Wasserstein drift threshold.")
-    jensen_shannon_threshold: float = Field(0.1, gt=0, description="Jensen–Shannon distance drift threshold.")
-    psi_threshold: float = Field(0.1, gt=0, description="PSI drift threshold.")
-    share_threshold: float = Field(
-        0.1, ge=0, le=1, description="Share of tested features that must have drifted for a DriftDetected."
-    )
-    consecutive_windows: int = Field(2, ge=1, description="Windows in a row a feature must drift.")
-    cooldown_seconds: float = Field(1_800.0, ge=0, description="Quiet time after a DriftDetected.")
-    feature_tests: dict[str, DriftTest] = Field(
-        default_factory=dict, description="Per-feature test that replaces the automatic choice."
-    )
-    feature_thresholds: dict[str, float] = Field(
-        default_factory=dict, description="Per-feature threshold (alpha for tests, distance otherwise)."
-    )
-    missing_share_tolerance: float = Field(
-        0.05, ge=0, le=1, description="Missing share above the reference's by more than this is reported."
-    )
-    performance_tolerance: float = Field(
-        0.05, ge=0, description="Allowed drop of a labelled metric below its validation baseline."
-    )
+class DriftPolicy(PolicyContract):
+    """A model's drift policy (the contract's fields, see ``contracts.monitoring.DriftPolicy``) with the
+    logic that reads it."""
 
     def threshold_for(self, feature: str, test: DriftTest) -> float:
         """The threshold a feature is judged with."""

@@ -21,6 +21,7 @@ from contracts.monitoring import (
     DataQualityIssue,
     DataQualityIssueKind,
     DriftDetected,
+    DriftPolicyChanged,
     PerformanceDegraded,
     Verdict,
 )
@@ -83,6 +84,7 @@ class Monitor:
     label_wait_seconds: float = 86_400.0
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
+    policies_fingerprint: str | None = None
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
 
     def policy(self, model: str) -> DriftPolicy:
@@ -623,6 +625,38 @@ async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore, 
     live.pending_label_ids.difference_update(expired)
     await check_canaries(now, monitor=monitor, store=store, publish=publish)
     await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
+    await refresh_policies(monitor=monitor, store=store)
+
+
+# --- policies ----------------------------------------------------------------------------------------------
+
+
+async def set_policy(
+    model: str,
+    fields: dict[str, Any],
+    *,
+    actor: str,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+) -> DriftPolicy:
+    """An operator sets a model's drift policy (omitted fields take the service defaults): stored with who
+    set it and published as DriftPolicyChanged for the audit trail, in the caller's transaction. The caller
+    puts it in force here once committed; every other replica takes it at its next tick."""
+    policy = DriftPolicy.model_validate({**monitor.defaults.model_dump(), **fields})
+    previous = await store.policy(model)
+    await store.save_policy(model, policy, actor)
+    changed = DriftPolicyChanged(model=model, policy=policy, previous=previous)
+    await publish(new_event(changed, source=monitor.source, actor=actor))
+    return policy
+
+
+async def refresh_policies(*, monitor: Monitor, store: MonitoringStore) -> None:
+    """Take the stored policies when any changed since the last look (set through another replica)."""
+    fingerprint = await store.policies_fingerprint()
+    if fingerprint != monitor.policies_fingerprint:
+        monitor.policies = await store.policies()
+        monitor.policies_fingerprint = fingerprint
 
 
 def finite_or_none(x: float | None) -> float | None:

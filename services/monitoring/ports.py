@@ -110,6 +110,14 @@ class MonitoringStore(Protocol):
         """Set a model's policy."""
         ...
 
+    async def policies(self) -> dict[str, DriftPolicy]:
+        """Every policy an operator set, by model."""
+        ...
+
+    async def policies_fingerprint(self) -> str:
+        """A value that changes whenever any policy is set (cheap: to poll for another replica's change)."""
+        ...
+
     async def window_state(self, model: str, version: int, *, lock: bool = False) -> WindowState:
         """A model version's window state (locked for update when ``lock``)."""
         ...

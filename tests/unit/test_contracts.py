@@ -59,7 +59,8 @@ def _value_types() -> set[type[ContractModel]]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        found.add(cls)
+        if cls.__module__.startswith("contracts."):  # not a service's own subclass (monitoring's policy)
+            found.add(cls)
     return found
 
 

@@ -101,6 +101,18 @@ class PgMonitoringStore:
             actor,
         )
 
+    async def policies(self) -> dict[str, DriftPolicy]:
+        rows = await self.conn.fetch("SELECT model, policy FROM policies")
+        return {r["model"]: DriftPolicy.model_validate(r["policy"]) for r in rows}
+
+    async def policies_fingerprint(self) -> str:
+        # updated_at is the setting transaction's start: it differs between any two settings of a policy.
+        fingerprint = await self.conn.fetchval(
+            "SELECT md5(coalesce(string_agg(model || '@' || updated_at::text, ',' ORDER BY model), ''))"
+            " FROM policies"
+        )
+        return str(fingerprint)
+
     async def window_state(self, model: str, version: int, *, lock: bool = False) -> WindowState:
         sql = "SELECT * FROM window_state WHERE model = $1 AND version = $2" + (" FOR UPDATE" if lock else "")
         r = await self.conn.fetchrow(sql, model, version)

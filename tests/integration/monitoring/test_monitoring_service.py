@@ -33,6 +33,7 @@ from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import TOPIC as MONITORING_TOPIC
+from contracts.monitoring import DriftPolicyChanged
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RolloutStarted
@@ -414,3 +415,46 @@ async def test_labels_arriving_late_are_joined_and_counted(harness: Harness) -> 
     assert degraded.data.metric == "accuracy"
     assert degraded.data.labelled_rows == 200 and degraded.data.late_labels == 200
     assert degraded.data.window.data is not None
+
+
+async def test_a_policy_change_is_published_for_the_audit_and_reaches_every_replica(harness: Harness) -> None:
+    model = unique("policy")
+    url = f"http://127.0.0.1:{harness.port}/v1/models/{model}/policy"
+    operator = {"Authorization": "Bearer dev-operator"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        first = await client.put(url, json={"psi_threshold": 0.3}, headers=operator)
+        assert first.status_code == 200, first.text
+        second = await client.put(
+            url, json={"psi_threshold": 0.4, "consecutive_windows": 3}, headers=operator
+        )
+        assert second.status_code == 200, second.text
+        refused = await client.put(
+            url, json={"psi_threshold": 0.5}, headers={"Authorization": "Bearer dev-viewer"}
+        )
+        assert refused.status_code == 403
+
+    # Each change leaves as DriftPolicyChanged with who made it and what it replaced.
+    changes = await harness.published(model, DriftPolicyChanged)
+    assert [(c.data.policy.psi_threshold, c.actor) for c in changes] == [
+        (0.3, "user:dev-operator"),
+        (0.4, "user:dev-operator"),
+    ]
+    assert changes[0].data.previous is None
+    assert changes[1].data.previous is not None and changes[1].data.previous.psi_threshold == 0.3
+    assert changes[1].data.policy.consecutive_windows == 3
+
+    # A change made through another replica (here: straight in the table) is in force at the next tick.
+    stored = (await harness.sql("SELECT policy FROM policies WHERE model = $1", model))[0]["policy"]
+    policy = {**json.loads(stored), "psi_threshold": 0.7}
+    await harness.sql(
+        "UPDATE policies SET policy = $2::jsonb, updated_at = now() WHERE model = $1",
+        model,
+        json.dumps(policy),
+    )
+
+    async def in_force() -> bool:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.get(url, headers={"Authorization": "Bearer dev-viewer"})
+        return r.status_code == 200 and r.json()["psi_threshold"] == 0.7
+
+    await eventually(in_force, deadline_s=20)
