@@ -291,8 +291,16 @@ async def _read(reader: asyncio.StreamReader, sender: KafkaPredictionLog) -> Non
             sender.counts["unencodable"] += 1
             log.error("prediction log frame cannot be read", error=repr(exc))
             continue
+        # Encoded at once, and only the records wait in the queue: a decoded 100-row item is ~1,500 objects,
+        # and a few hundred of them waiting for the sender's linger cost reading them back (the body and
+        # head parsed into fresh memory, not memory just freed) and encoding them 2-3x what the same work
+        # costs on one item at a time (in process: orjson.loads of the body 170 us instead of 40-60 us).
+        wires = sender.encode(item)
+        del item
+        if wires is None:
+            continue
         # Waits while the queue is full: the socket fills up and serving's hand-off drops and counts.
-        await sender.queue.put(item)
+        await sender.queue.put(wires)
 
 
 async def _report(writer: asyncio.StreamWriter, sender: KafkaPredictionLog) -> None:

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from contracts.predictions import (
+    PredictionColumns,
+    PredictionOutput,
+    PredictionRecord,
+    PredictionsLogged,
+    Variant,
+    read_prediction_columns,
+    read_predictions_logged,
+)
 from contracts.registry import EVENT_TYPES
 from libs.settings import KafkaSettings
 from services.serving.adapters.prediction_log import DROPPED, SENT, KafkaPredictionLog, encode
@@ -182,6 +190,41 @@ def test_encoded_bytes_decode_to_the_rowwise_validated_event(case: str) -> None:
     log_item = VARIED[case]()
     [wire] = encode(log_item, source="/s", max_bytes=1_000_000)
     assert decode(wire).data == validated(log_item)
+
+
+@pytest.mark.parametrize("case", list(VARIED))
+def test_the_consumers_fast_readers_take_the_encoded_bytes_as_the_validated_event(case: str) -> None:
+    # Monitoring and audit read this topic with the fast readers: what they cannot prove valid goes to full
+    # validation (slow), so the encoder's bytes must take their fast path and read as the validated event.
+    log_item = VARIED[case]()
+    [(_, _, value, _)] = encode(log_item, source="/s", max_bytes=1_000_000)
+    expected = validated(log_item)
+    assert read_predictions_logged(value) == expected
+    assert read_prediction_columns(value) == PredictionColumns.of(expected)
+
+
+async def test_items_encoded_before_they_are_queued_are_sent_as_they_are() -> None:
+    # The producer process queues records it encoded as it read them; the in-loop log queues items.
+    producer = FakeProducer()
+    log = log_with(producer)
+    task = asyncio.create_task(log.run())
+    encoded = log.encode(VARIED["one row"]())
+    assert encoded is not None
+    await log.queue.put(encoded)
+    log.offer(item())
+    await log.stop()
+    await asyncio.wait_for(task, timeout=5)
+    assert producer.sent == [encoded[0][2], producer.sent[1]] and len(producer.sent) == 2
+    assert read_predictions_logged(producer.sent[1]) == validated(item())
+
+
+def test_an_unencodable_item_is_counted_not_raised() -> None:
+    log = log_with(FakeProducer())
+    bad = item()
+    bad.scores = Scores([0], [[0.5, 0.5]], [0, 1])  # one answer for two rows
+    before = DROPPED.labels("unencodable")._value.get()
+    assert log.encode(bad) is None
+    assert DROPPED.labels("unencodable")._value.get() == before + 1 and log.counts["unencodable"] == 1
 
 
 def test_split_events_decode_to_the_validated_rows_in_order() -> None:
