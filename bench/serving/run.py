@@ -7,8 +7,10 @@ Same scikit-learn model (bench/serving/model.py), one worker process each, same 
 with a live canary rollout (10% of traffic) and the prediction log on, answering with the engine it chose
 at load (a verified ONNX Runtime copy, or the pipeline: printed at start); a second driftloop replica of
 the same deployment with the prediction log off gives the logging cost. All servers are up at once and are
-measured in turn, round after round (the order rotating), and the median of the rounds is reported: on a
-machine shared with other work this keeps a passing load spike from landing on one server only.
+measured in turn, round after round, and the median of the rounds is reported: on a machine shared with
+other work this keeps a passing load spike from landing on one server only. Every round starts all servers
+anew, in an order rotated by round, and measures them in that order, so no server is always the first
+started or always measured after the same neighbour.
 
 Each measurement: saturation (closed loop, --connections), then about half of that rate (4 connections
 pacing themselves), recording req/s, p50/p99 and the CPU the server's process tree (and the Kafka broker)
@@ -231,6 +233,7 @@ def one(
         connections=connections,
         delay_ms=delay_ms,
     )
+    settle(server.proc.pid)
     cpu, b = tree_cpu(server.proc.pid) - cpu0, (tree_cpu(broker) - b0 if broker else 0.0)
     seconds = data["duration_us"] / 1e6
     requests = max(1, data["requests"])
@@ -249,6 +252,21 @@ def one(
         cpu_ms=cpu * 1000 / requests,
         broker_cpu_ms=b * 1000 / requests,
     )
+
+
+def settle(pid: int, *, window_s: float = 0.25, idle_share: float = 0.05, deadline_s: float = 10.0) -> None:
+    """Wait until a server's process tree is idle again (under ``idle_share`` of a core over ``window_s``).
+    A server that fell behind under load finishes its backlog after the load stops (the prediction log's
+    producer: 0.2-0.3 CPU s after a 100-row saturation run): that work is counted in the measurement's CPU,
+    and it no longer runs into the next server's measurement."""
+    until = time.monotonic() + deadline_s
+    last = tree_cpu(pid)
+    while time.monotonic() < until:
+        time.sleep(window_s)
+        now = tree_cpu(pid)
+        if now - last < idle_share * window_s:
+            return
+        last = now
 
 
 def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> list[Measure]:
@@ -741,7 +759,6 @@ def main() -> None:
         "DRIFTLOOP_LOG_LEVEL": "WARNING",
         "DRIFTLOOP_ENV": "dev",
     }
-    servers: list[Server] = []
     results: list[Measure] = []
     base_port = args.base_port
     variants: list[str] = []
@@ -754,38 +771,54 @@ def main() -> None:
         variants.append(name)
     for port in range(base_port, base_port + 5 + len(variants)):
         port_free(port)
+    # Every server, by name, with how to start it. All are started anew each round, in an order rotated
+    # by round, and measured in the order they started: in the earlier design (one start, driftloop
+    # always the first replica and always measured right after MLflow or bare) an identical replica
+    # started last was 9-50% faster at 100 rows, so no variant may keep a position.
+    starters: list[tuple[str, Any]] = [(BARE, lambda: start_bare(work, stored.sha256, bodies, base_port))]
+    if not args.skip_mlflow:
+        starters.append(
+            (MLFLOW, lambda: start_mlflow(work, args.model, mlflow_bodies, expected, base_port + 1))
+        )
+    replicas = [(DRIFTLOOP, base_port + 2), (DRIFTLOOP_NOLOG, base_port + 3)]
+    if args.compare_in_loop:
+        replicas.append((DRIFTLOOP_INLOOP, base_port + 4))
+    replicas += [(name, base_port + 5 + i) for i, name in enumerate(variants)]
+    for name, port in replicas:
+        # Replicas of the same deployment: whichever starts first in a round consumes nothing new (the
+        # group is at the end after round 0), every one restores the routing (stable 1, canary 2 at
+        # 10%) from Postgres.
+        starters.append(
+            (name, lambda n=name, p=port: start_driftloop(work, bench_model, env, bodies, p, name=n))
+        )
+    names = [name for name, _ in starters]
+    dropped = 0.0
+    servers: list[Server] = []
     try:
-        servers.append(start_bare(work, stored.sha256, bodies, base_port))
-        if not args.skip_mlflow:
-            servers.append(start_mlflow(work, args.model, mlflow_bodies, expected, base_port + 1))
         asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
         asyncio.run(announce(bench_model, ref, args.model))
-        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 2, name=DRIFTLOOP))
-        # More replicas of the same deployment: they restore the routing (stable 1, canary 2 at 10%) from
-        # Postgres alone.
-        servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 3, name=DRIFTLOOP_NOLOG))
-        if args.compare_in_loop:
-            servers.append(
-                start_driftloop(work, bench_model, env, bodies, base_port + 4, name=DRIFTLOOP_INLOOP)
-            )
-        for i, name in enumerate(variants):
-            servers.append(start_driftloop(work, bench_model, env, bodies, base_port + 5 + i, name=name))
         for rnd in range(args.rounds):
-            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
-            for server in order:
+            shift = rnd % len(starters)
+            order = starters[shift:] + starters[:shift]
+            say(f"round {rnd + 1}: starting {', '.join(name for name, _ in order)}")
+            for _, start in order:
+                servers.append(start())
+            for server in servers:
                 for rows in (1, 100):
                     results += measure(server, rows, rnd, args)
-        dropped = sum(
-            dropped_predictions(s.extra["base"])
-            for s in servers
-            if s.name.startswith("driftloop") and s.name != DRIFTLOOP_NOLOG
-        )
+            dropped += sum(
+                dropped_predictions(s.extra["base"])
+                for s in servers
+                if s.name.startswith("driftloop") and s.name != DRIFTLOOP_NOLOG
+            )
+            while servers:
+                stop(servers.pop().proc)
     finally:
         for server in servers:
             stop(server.proc)
         asyncio.run(drop_schema(schema))
     log_cpu = {rows: logging_path_cpu_us(args.model, bench_model, ref, rows) for rows in (1, 100)}
-    report(results, [s.name for s in servers], log_cpu, dropped, args, work)
+    report(results, names, log_cpu, dropped, args, work)
 
 
 if __name__ == "__main__":
