@@ -182,6 +182,11 @@ class Beside:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="training-beside") if overlap else None
         self.busy = 0.0
 
+    @property
+    def overlap(self) -> bool:
+        """Whether the work runs on a second thread."""
+        return self._pool is not None
+
     def __enter__(self) -> Beside:
         return self
 
@@ -213,11 +218,17 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     """The run itself; raises :class:`TrainingError` for failures people can act on.
 
     With ``overlap``, what does not need the fitted model — the features' reference profile, the holdout
-    file and the training-set file with their hashes — runs on a second thread while this one fits, and the
-    model file is written there while this one evaluates the model on the holdout. The fit runs in
+    file and the training-set file with their hashes, and, once the preprocessing is fitted, the holdout's
+    transformed features — runs on a second thread while this one fits, and the model file is written
+    there while this one evaluates the model on the holdout. The fit runs in
     scikit-learn's compiled code, mostly without the GIL, and numpy, pyarrow and hashlib release it too, so
     on a machine with a free core that work costs little wall time. Without it, the same steps run one
     after the other; the outcome (metrics, keys, files, profile) is the same.
+
+    ``seconds`` holds the phases this thread spends: load, split, prepare (handing the work over, or
+    without overlap doing it), fit (``Pipeline.fit`` alone), files (waiting for the data files), evaluate
+    (without overlap the model file too), profile, store (waiting for the model file); and beside, the
+    time the handed-over work took wherever it ran.
     """
     store = ArtifactStore(job.artifacts_url)
     seconds: dict[str, float] = {}
@@ -235,6 +246,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     seconds["split"] = time.perf_counter() - t1
 
     with Beside(overlap) as beside:
+        t_prepare = time.perf_counter()
         reference = reference_rows(train_rows, window)
         features = spec.feature_names
         feature_profiles = beside.submit(
@@ -248,28 +260,46 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
         holdout = beside.submit(
             _materialise, store, holdout_rows.drop(columns=[WEIGHT_COLUMN], errors="ignore")
         )
+        seconds["prepare"] = time.perf_counter() - t_prepare
 
         t2 = time.perf_counter()
         report(job.job_id, "fitting", 0.1)
         pipeline = build_pipeline(spec)
+        preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
+        target = train_rows[spec.target]
         fit_params = {}
         if WEIGHT_COLUMN in train_rows:
-            fit_params["estimator__sample_weight"] = train_rows[WEIGHT_COLUMN].to_numpy()
+            fit_params["sample_weight"] = train_rows[WEIGHT_COLUMN].to_numpy()
+        holdout_features: Future[Any] | None = None
         try:
-            pipeline.fit(train_rows[features], train_rows[spec.target], **fit_params)
+            # What Pipeline.fit does (fit_transform the preprocessing, fit the estimator on its output), in
+            # two steps: once the preprocessing is fitted, the holdout's features are transformed beside the
+            # estimator's fit — the same fitted pipeline and the same holdout outputs (a test compares them).
+            fitted_features = preprocess.fit_transform(train_rows[features], target)
+            if beside.overlap:
+                holdout_features = beside.submit(preprocess.transform, holdout_rows[features])
+            estimator.fit(fitted_features, target, **fit_params)
         except (ValueError, TypeError) as exc:
             raise TrainingError(FailureReason.FIT_ERROR, f"the estimator could not be fitted: {exc}") from exc
         seconds["fit"] = time.perf_counter() - t2
 
         # The data files are written by now (a fraction of the fit's time): a failure there ends the run
         # here, before the model is evaluated and stored.
+        t_files = time.perf_counter()
         training_file = None if training_set is None else training_set.result()
         holdout_file = holdout.result()
-        model_file = beside.submit(save_model, store, pipeline)
+        seconds["files"] = time.perf_counter() - t_files
+
         t3 = time.perf_counter()
         report(job.job_id, "evaluating", 0.8)
+        model_file = beside.submit(save_model, store, pipeline)
         labels = holdout_rows[spec.target].to_numpy()
-        outputs = model_outputs(pipeline, spec.task, holdout_rows[features], labels)
+        holdout_transformed = (
+            preprocess.transform(holdout_rows[features])
+            if holdout_features is None
+            else holdout_features.result()
+        )
+        outputs = model_outputs(estimator, spec.task, holdout_transformed, labels)
         metrics = all_metrics(outputs)
         seconds["evaluate"] = time.perf_counter() - t3
 

@@ -15,13 +15,17 @@ import pytest
 
 from contracts.common import Task
 from contracts.training import FailureReason
-from libs.artifacts import ArtifactStore
-from libs.metrics import Outputs
+from libs.artifacts import ArtifactStore, load_model
+from libs.metrics import Outputs, all_metrics, model_outputs
+from libs.modelspec import build_pipeline, load_canonical
 from libs.profiles import build_profile, encode_features, profile_categorical
 from services.training.worker import (
     PROFILE_MIN_WINDOW_ROWS,
+    WEIGHT_COLUMN,
     Beside,
+    assemble_training_set,
     holdout_mask,
+    labelled_traffic,
     prediction_profile,
     run_training,
     split,
@@ -33,8 +37,10 @@ def _beside_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("training-beside")]
 
 
-def _job(store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None) -> dict[str, Any]:
-    spec = churn_spec(estimator="hist_gradient_boosting", params={"max_iter": 20})
+def _job(
+    store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None, **spec: Any
+) -> dict[str, Any]:
+    spec = churn_spec(estimator="hist_gradient_boosting", params={"max_iter": 20}, **spec)
     return {
         "job_id": "job-overlap",
         "model": spec.name,
@@ -183,3 +189,31 @@ def test_features_encoded_ahead_give_the_same_profile_file() -> None:
         frame, [("x0", "numeric"), ("plan", "categorical")], predictions=frame["churned"], seed=3
     )
     assert profile.to_bytes(encode_features(profile.features)) == profile.to_bytes()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_run_fits_and_scores_what_pipeline_fit_fits_and_scores(
+    tmp_path: Path, overlap: bool, weighted: bool
+) -> None:
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    base = churn_frame(3000, seed=1)
+    window = traffic_window(churn_frame(400, seed=2, shift=1.0), "churned") if weighted else None
+    policy = {"training_set": {"mode": "weighted", "traffic_weight": 3.0}} if weighted else {}
+    job = _job(store, url, base, window, retrain=policy)
+    spec = load_canonical(store.get(job["spec_key"]))
+    outcome = run_training(job, overlap=overlap)
+    assert outcome["ok"], outcome
+    rows = base
+    if window is not None:
+        rows = assemble_training_set(spec, [base], labelled_traffic(window, spec))
+    train_rows, holdout_rows = split(spec, rows)
+    features = spec.feature_names
+    fit_params = {"estimator__sample_weight": train_rows[WEIGHT_COLUMN].to_numpy()} if weighted else {}
+    direct = build_pipeline(spec).fit(train_rows[features], train_rows[spec.target], **fit_params)
+    expected = model_outputs(direct, spec.task, holdout_rows[features], holdout_rows[spec.target].to_numpy())
+    assert outcome["metrics"] == all_metrics(expected)
+    stored = load_model(store, outcome["artifact"]["key"])
+    np.testing.assert_array_equal(
+        stored.predict_proba(holdout_rows[features]), direct.predict_proba(holdout_rows[features])
+    )
