@@ -226,14 +226,54 @@ def frame_to_parquet(frame: Any) -> bytes:
 _PICKLE_PROTOCOL = re.compile(rb"^\x80[\x02-\x05]")
 
 
-def dump_model(model: Any) -> bytes:
-    """Serialise a fitted scikit-learn object with skops.
+class _HeldEntries:
+    """Stands in for the zip file skops writes into (``writestr`` and ``namelist`` are all it uses), so the
+    entries can be renamed before the real file is written."""
 
-    The file is what ``skops.io.dumps`` writes — the same zip entries and the same schema — except that the
-    schema JSON is compact: skops indents it, which sends it through Python's pure-Python JSON encoder
-    (about half the time it takes to save a boosted model of 89 trees); ``skops.io.load`` reads either.
-    tests/unit/test_artifacts.py checks the schema against skops' own on every run, so a skops upgrade
-    that changes its writer shows up there.
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def namelist(self) -> list[str]:
+        return list(self.files)
+
+    def writestr(self, name: str, data: Any) -> None:
+        self.files[name] = bytes(data)
+
+
+def _renumbered(node: Any, ids: dict[int, int], files: dict[str, str], held: dict[str, bytes]) -> Any:
+    """The schema with skops' object ids (``__id__``) and array file names, which come from memory
+    addresses, replaced by their order of first appearance."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "__id__" and type(value) is int:
+                out[key] = ids.setdefault(value, len(ids))
+            elif key == "file" and type(value) is str and value in held:
+                out[key] = files.setdefault(value, f"{len(files)}.{value.rpartition('.')[2]}")
+            else:
+                out[key] = _renumbered(value, ids, files, held)
+        return out
+    if isinstance(node, list | tuple):  # skops keeps some contents as tuples; JSON writes them as lists
+        return [_renumbered(value, ids, files, held) for value in node]
+    return node
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # no clock in the file
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def dump_model(model: Any) -> bytes:
+    """Serialise a fitted scikit-learn object with skops, byte for byte the same for the same model.
+
+    The file holds what ``skops.io.dumps`` writes — the same entries and the same schema — with three
+    differences: the schema JSON is compact (skops indents it, which sends it through Python's pure-Python
+    JSON encoder: about half the time it takes to save a boosted model of 89 trees); object ids and array
+    file names, which skops takes from memory addresses, are numbered by first appearance; and the zip
+    entries carry a fixed time. So the same data and spec give the same artifact key, not only the same
+    metrics. ``skops.io.load`` reads it as its own. tests/unit/test_artifacts.py checks it against skops'
+    own writer on every run, so a skops upgrade that changes its writer shows up there.
     """
     import skops
     import skops.io
@@ -242,14 +282,21 @@ def dump_model(model: Any) -> bytes:
         from skops.io._utils import SaveContext, get_state
     except ImportError:  # a skops without these helpers: its own writer
         return bytes(skops.io.dumps(model))
+    held = _HeldEntries()
+    context = SaveContext(zip_file=held)  # type: ignore[arg-type]
+    state = get_state(model, context)
+    context.clear_memo()
+    state["protocol"] = context.protocol
+    state["_skops_version"] = skops.__version__
+    files: dict[str, str] = {}
+    schema = json.dumps(_renumbered(state, {}, files, held.files))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zip_file:
-        context = SaveContext(zip_file=zip_file)
-        state = get_state(model, context)
-        context.clear_memo()
-        state["protocol"] = context.protocol
-        state["_skops_version"] = skops.__version__
-        zip_file.writestr("schema.json", json.dumps(state))
+        for old, new in files.items():
+            zip_file.writestr(_entry(new), held.files[old])
+        for name in sorted(held.files.keys() - files.keys()):  # not named by the schema (never seen)
+            zip_file.writestr(_entry(name), held.files[name])
+        zip_file.writestr(_entry("schema.json"), schema)
     return buffer.getvalue()
 
 

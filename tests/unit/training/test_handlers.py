@@ -374,6 +374,7 @@ async def test_two_runs_on_the_same_data_and_spec_give_identical_metrics(harness
         await harness.run_jobs()
     first, second = harness.events(TrainingCompleted)
     assert first.data.metrics == second.data.metrics
+    assert first.data.artifact.key == second.data.artifact.key  # the model file too, byte for byte
     assert first.data.lineage.datasets == second.data.lineage.datasets
     assert first.data.lineage.holdout == second.data.lineage.holdout
     assert len(harness.events(DatasetRegistered)) == 2  # the base upload, then one holdout for both runs
