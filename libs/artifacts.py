@@ -244,7 +244,7 @@ def _renumbered(node: Any, ids: dict[int, int], files: dict[str, str], held: dic
     """The schema with skops' object ids (``__id__``) and array file names, which come from memory
     addresses, replaced by their order of first appearance."""
     if isinstance(node, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in node.items():
             if key == "__id__" and type(value) is int:
                 out[key] = ids.setdefault(value, len(ids))
@@ -283,7 +283,7 @@ def dump_model(model: Any) -> bytes:
     except ImportError:  # a skops without these helpers: its own writer
         return bytes(skops.io.dumps(model))
     held = _HeldEntries()
-    context = SaveContext(zip_file=held)  # type: ignore[arg-type]
+    context = SaveContext(zip_file=held)
     state = get_state(model, context)
     context.clear_memo()
     state["protocol"] = context.protocol
