@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ SEQ_BYTES = 8
 DIGEST_BYTES = 32
 LINK_BYTES = SEQ_BYTES + DIGEST_BYTES + DIGEST_BYTES
 """One chain link as a verifier reads it: uint64_be(seq) ‖ SHA-256(record) ‖ row_hash."""
+
+_SEQ = struct.Struct(">Q")  # uint64_be(seq)
 
 # Values copied into indexed columns are cut to this, so a hostile header can never exceed a btree row.
 INDEX_TEXT_MAX = 512
@@ -289,10 +292,10 @@ def unchained_rows(
     record takes the general path.
     """
     recorded_text = utc_text(recorded_at)
-    sha256, dumps = hashlib.sha256, orjson.dumps
+    # Rows are made with tuple.__new__ rather than _make, a Python-level call per row.
+    sha256, dumps, make, fromisoformat = hashlib.sha256, orjson.dumps, tuple.__new__, datetime.fromisoformat
     # The newline after the meta comes from orjson, saving a copy of the record.
     option = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
-    new_row = Unchained._make
     event, limit = Kind.EVENT.value, INDEX_TEXT_MAX
     for item in incoming:
         r = item.record
@@ -305,7 +308,8 @@ def unchained_rows(
         if headers is None or len(headers) != len(r.headers):
             meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
             record = encode_record(meta, r.value)
-            yield new_row(
+            yield make(
+                Unchained,
                 (
                     record,
                     sha256(record).digest(),
@@ -315,16 +319,22 @@ def unchained_rows(
                     kind.value,
                     *Attributes.of(meta["headers"]),
                     recorded_at,
-                )
+                ),
             )
             continue
+        key: Any = r.key
+        if key is not None:
+            try:
+                key = key.decode()
+            except UnicodeDecodeError:
+                key = _text_or_base64(key)
         value = r.value
         meta = {
             "error": None,
             "format": FORMAT,
             "headers": headers,
             "kafka": {
-                "key": _text_or_base64(r.key),
+                "key": key,
                 "offset": r.offset,
                 "partition": r.partition,
                 "timestamp_ms": r.timestamp_ms,
@@ -338,20 +348,26 @@ def unchained_rows(
         if value:
             record += value
         get = headers.get
-        copies: tuple[str | None, ...] = (
-            get("ce_id"),
-            get("ce_type"),
-            get("ce_subject"),
-            get("ce_correlationid"),
-            get("ce_causationid"),
-            get("ce_actor"),
-        )
-        for text in copies:
-            if text is not None and (len(text) > limit or "\x00" in text):
-                copies = tuple(map(_index_text, copies))
-                break
-        event_id, event_type, subject, correlation_id, causation_id, actor = copies
-        yield new_row(
+        event_id, event_type, subject = get("ce_id"), get("ce_type"), get("ce_subject")
+        correlation_id, causation_id, actor = get("ce_correlationid"), get("ce_causationid"), get("ce_actor")
+        # One look at all the header text rather than one per copy: only when some header is long or
+        # holds a NUL do the copies need cutting (_index_text leaves every other value as it is).
+        texts = "".join(headers.values())
+        if len(texts) > limit or "\x00" in texts:
+            event_id, event_type, subject, correlation_id, causation_id, actor = map(
+                _index_text, (event_id, event_type, subject, correlation_id, causation_id, actor)
+            )
+        when: datetime | None = None
+        if text := get("ce_time"):
+            try:
+                when = fromisoformat(text)
+            except ValueError:
+                when = None
+            else:
+                if when.tzinfo is None:
+                    when = None
+        yield make(
+            Unchained,
             (
                 record,
                 sha256(record).digest(),
@@ -365,9 +381,9 @@ def unchained_rows(
                 correlation_id or event_id,
                 causation_id,
                 actor,
-                _parse_time(get("ce_time")),
+                when,
                 recorded_at,
-            )
+            ),
         )
 
 
@@ -415,11 +431,15 @@ class ChainBuilder:
         """The trail rows of ``incoming``, in order; rows ``prepared`` for these very records are used
         as they are (their recorded_at is when they were prepared), the others are made here."""
         prev, seq = self.head.row_hash, self.head.seq
-        sha256, seal, new_row = hashlib.sha256, self.sealer.seal, TrailRow._make
+        # The chain step and the seal inline (chain_hash and Sealer.seal, byte for byte): a Python call per
+        # row each is a sizeable share of what a row costs.
+        sha256, keyed, pack_seq, make = hashlib.sha256, self.sealer.keyed, _SEQ.pack, tuple.__new__
         for row in self._unchained(incoming, prepared):
             seq += 1
-            prev = sha256(prev + seq.to_bytes(SEQ_BYTES, "big") + row[1]).digest()
-            yield new_row((seq, row[0], prev, seal(prev), *row[2:]))
+            prev = sha256(b"".join((prev, pack_seq(seq), row[1]))).digest()
+            sealing = keyed()
+            sealing.update(prev)
+            yield make(TrailRow, (seq, row[0], prev, sealing.digest(), *row[2:]))
         self.head = ChainHead(seq, prev, self.head.checkpoint_seq)
 
     def _unchained(self, incoming: Iterable[Incoming], prepared: PreparedRows | None) -> Iterator[Unchained]:
@@ -542,6 +562,8 @@ class Sealer:
     def __init__(self, seed: bytes) -> None:
         # Keyed once; each seal copies the keyed state instead of keying again.
         self._keyed = hashlib.blake2b(key=hashlib.sha256(SEAL_DOMAIN + seed).digest(), digest_size=16)
+        self.keyed = self._keyed.copy
+        """A keyed hash ready for one row hash: ``seal(h)`` is ``keyed()`` updated with ``h``, digested."""
 
     def seal(self, row_hash: bytes) -> bytes:
         """16 bytes only the holder of the signing key can make for this row hash."""

@@ -91,8 +91,9 @@ _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 _COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
 _NULL = b"\xff\xff\xff\xff"
-# Field count, then seq, row_hash, seal, kafka_partition, kafka_offset, recorded_at, each after its length.
-_FIXED = struct.Struct("!hiqi32si16siiiqiq")
+# Field count, then seq, row_hash, seal, kafka_partition, kafka_offset, recorded_at, each after its length,
+# then the record's length.
+_FIXED = struct.Struct("!hiqi32si16siiiqiqi")
 _LENGTH = struct.Struct("!i")
 _TIMESTAMP = struct.Struct("!iq")
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -110,14 +111,11 @@ def _text(value: str | None) -> bytes:
     return _LENGTH.pack(len(raw)) + raw
 
 
-def _timestamp(value: datetime) -> bytes:
-    return _TIMESTAMP.pack(8, (value - _PG_EPOCH) // _MICROSECOND)
-
-
 async def copy_data(rows: Iterable[TrailRow], chunk_bytes: int = COPY_CHUNK_BYTES) -> AsyncIterator[bytes]:
     """Trail rows as PostgreSQL binary COPY data (columns in COPY_COLUMNS order), about ``chunk_bytes``
     at a time, each chunk built only when the previous one is on its way."""
-    fixed, length, text, timestamp = _FIXED.pack, _LENGTH.pack, _text, _timestamp
+    fixed, length, text, timestamp = _FIXED.pack, _LENGTH.pack, _text, _TIMESTAMP.pack
+    epoch, microsecond, null = _PG_EPOCH, _MICROSECOND, _NULL
     # Topics, kinds, types, models and actors repeat from row to row: encode each once.
     cache: dict[str, bytes] = {}
     out = [_COPY_HEADER]
@@ -128,32 +126,27 @@ async def copy_data(rows: Iterable[TrailRow], chunk_bytes: int = COPY_CHUNK_BYTE
         (seq, record, row_hash, seal, topic, partition, offset, kind, event_id, event_type, subject,
          correlation_id, causation_id, actor, event_time, recorded_at) = row  # fmt: skip
         if recorded_at is not stamped:
-            stamped, stamp = recorded_at, (recorded_at - _PG_EPOCH) // _MICROSECOND
-        encoded_topic = cache.get(topic) or cache.setdefault(topic, text(topic))
-        encoded_kind = cache.get(kind) or cache.setdefault(kind, text(kind))
-        encoded_type = (
-            _NULL
-            if event_type is None
-            else cache.get(event_type) or cache.setdefault(event_type, text(event_type))
-        )
-        encoded_subject = (
-            _NULL if subject is None else cache.get(subject) or cache.setdefault(subject, text(subject))
-        )
-        encoded_actor = _NULL if actor is None else cache.get(actor) or cache.setdefault(actor, text(actor))
-        encoded_id = text(event_id)
+            stamped, stamp = recorded_at, (recorded_at - epoch) // microsecond
+        # Ids are new on every row: encoded inline, as a Python call per field costs more than the field.
+        if event_id is None:
+            encoded_id = null
+        else:
+            raw_id = event_id.encode()
+            encoded_id = length(len(raw_id)) + raw_id
         out += (
-            fixed(16, 8, seq, 32, row_hash, 16, seal, 4, partition, 8, offset, 8, stamp),
-            length(len(record)),
+            fixed(16, 8, seq, 32, row_hash, 16, seal, 4, partition, 8, offset, 8, stamp, len(record)),
             record,
-            encoded_topic,
-            encoded_kind,
+            cache.get(topic) or cache.setdefault(topic, text(topic)),
+            cache.get(kind) or cache.setdefault(kind, text(kind)),
             encoded_id,
-            encoded_type,
-            encoded_subject,
+            null
+            if event_type is None
+            else cache.get(event_type) or cache.setdefault(event_type, text(event_type)),
+            null if subject is None else cache.get(subject) or cache.setdefault(subject, text(subject)),
             encoded_id if correlation_id == event_id else text(correlation_id),
-            text(causation_id),
-            encoded_actor,
-            _NULL if event_time is None else timestamp(event_time),
+            null if causation_id is None else text(causation_id),
+            null if actor is None else cache.get(actor) or cache.setdefault(actor, text(actor)),
+            null if event_time is None else timestamp(8, (event_time - epoch) // microsecond),
         )
         size += len(record)
         if size >= chunk_bytes:
