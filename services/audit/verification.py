@@ -9,6 +9,7 @@ the rows up to them, show a truncated tail, and bound a recomputed chain, which 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +27,8 @@ from services.audit.domain import (
     column_mismatch,
     utc_text,
 )
+
+_SEQ = struct.Struct(">Q")
 
 
 class Problem(StrEnum):
@@ -68,8 +71,7 @@ class LinkScanner:
         self.after = after
         self.upto = upto
         self.prev = prev
-        self.prefix = prefix
-        self.stride = len(prefix) + LINK_BYTES
+        self.frame(prefix)
         self.rows = 0
         self.finding: Finding | None = None
         self._rest = b""
@@ -83,31 +85,30 @@ class LinkScanner:
         """Say what fixed bytes the source puts before each link (set before the first chunk)."""
         self.prefix = prefix
         self.stride = len(prefix) + LINK_BYTES
+        self._layout = f"{len(prefix)}s{SEQ_BYTES}s{DIGEST_BYTES}s{DIGEST_BYTES}s"
 
     def feed(self, chunk: bytes) -> None:
         """Check every whole link in ``chunk`` (plus what was left over from the previous chunk)."""
         if self.finding is not None:
             return
         buf = self._rest + chunk if self._rest else chunk
-        sha256 = hashlib.sha256
-        plen, stride = len(self.prefix), self.stride
-        seq_end, digest_end = plen + SEQ_BYTES, plen + SEQ_BYTES + DIGEST_BYTES
+        sha256, pack_seq = hashlib.sha256, _SEQ.pack
+        whole = len(buf) - len(buf) % self.stride
         prev, seq = self.prev, self.after + self.rows
-        pos, stop = 0, len(buf) - stride
-        while pos <= stop:
-            link = buf[pos : pos + stride]
+        # struct.iter_unpack cuts the links apart in C: about half again as fast as slicing each one here.
+        links = struct.iter_unpack(self._layout, memoryview(buf)[:whole])
+        for prefix, seq_bytes, digest, row_hash in links:
             seq += 1
-            computed = sha256(prev + link[plen:digest_end]).digest()
+            computed = sha256(prev + seq_bytes + digest).digest()
             # A wrong prefix (a NULL column) misaligns the link, so the hash check catches it too.
-            if computed != link[digest_end:] or int.from_bytes(link[plen:seq_end], "big") != seq:
-                self.finding = self._diagnose(link, seq)
+            if computed != row_hash or seq_bytes != pack_seq(seq):
+                self.finding = self._diagnose(prefix + seq_bytes + digest + row_hash, seq)
                 seq -= 1
                 break
             prev = computed
-            pos += stride
         self.rows = seq - self.after
         self.prev = prev
-        self._rest = b"" if self.finding is not None else buf[pos:]
+        self._rest = b"" if self.finding is not None else buf[whole:]
 
     def finish(self, trailer: bytes = b"") -> Finding | None:
         """Call after the last chunk: the leftover must be ``trailer`` and every row must have come."""
