@@ -348,6 +348,7 @@ def ensure_mlflow_venv() -> Path:
 def start_mlflow(work: Path, kind: str, bodies: dict[int, Path], expected: np.ndarray, port: int) -> Server:
     python = ensure_mlflow_venv()
     model_dir = work / "mlflow-model"
+    shutil.rmtree(model_dir, ignore_errors=True)  # saved again each round: MLflow refuses to overwrite
     saved = subprocess.run(
         [str(python), str(HERE / "mlflow_model.py"), str(model_dir), kind],
         capture_output=True,
@@ -797,9 +798,14 @@ def main() -> None:
     try:
         asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
         asyncio.run(announce(bench_model, ref, args.model))
+        split = len(starters) - len(replicas)
+        fixed, driftloops = starters[:split], starters[split:]
         for rnd in range(args.rounds):
-            shift = rnd % len(starters)
-            order = starters[shift:] + starters[:shift]
+            # The replicas rotate among themselves too: each round another one starts first.
+            turn = rnd % len(driftloops)
+            everyone = fixed + driftloops[turn:] + driftloops[:turn]
+            shift = rnd % len(everyone)
+            order = everyone[shift:] + everyone[:shift]
             say(f"round {rnd + 1}: starting {', '.join(name for name, _ in order)}")
             for _, start in order:
                 servers.append(start())
