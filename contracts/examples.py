@@ -27,7 +27,7 @@ from contracts.common import (
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import EventPayload
 from contracts.feedback import GroundTruthReceived
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.monitoring import (
     CanaryComparison,
     CanaryVerdict,
@@ -337,6 +337,7 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
             ),
             aliases=["champion"],
         ),
+        ModelVersionTagged(model=MODEL, model_version=7, key="approved-by", value="risk-team", previous=None),
         ValidationPassed(
             model=MODEL,
             model_version=7,

@@ -43,6 +43,24 @@ class ModelVersionRegistered(EventPayload):
     lineage: Lineage = Field(description="Data, spec, code and parameters that made it.")
 
 
+class ModelVersionTagged(EventPayload):
+    """A person set, changed or removed a tag on a model version (an approval, a ticket, an owner). The
+    CloudEvents ``actor`` says who."""
+
+    event_name: ClassVar[str] = "ModelVersionTagged"
+    topic: ClassVar[str] = TOPIC
+
+    model: ModelName = Field(description="Model name.", examples=["churn"])
+    model_version: ModelVersion = Field(description="The tagged version.", examples=[7])
+    key: str = Field(min_length=1, description="Tag name.", examples=["approved-by"])
+    value: str | None = Field(
+        description="The value now; null when the tag was removed.", examples=["risk-team"]
+    )
+    previous: str | None = Field(
+        default=None, description="The value before; null when the tag was not set.", examples=[None]
+    )
+
+
 class ModelStageChanged(EventPayload):
     """A model version moved from one stage to another (and its aliases changed with it)."""
 

@@ -121,6 +121,8 @@ _TOPICS = (
             # Validation needs the champion, training the parent version, serving and monitoring the
             # production version after a manual change.
             Route(models.ModelStageChanged, (REGISTRY,), (VALIDATION, TRAINING, SERVING, MONITORING)),
+            # For the audit trail: who set what on a version (approvals, tickets).
+            Route(models.ModelVersionTagged, (REGISTRY,), ()),
         ),
     ),
     TopicSpec(

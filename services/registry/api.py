@@ -283,10 +283,18 @@ async def model_card(
 async def set_tag(
     request: Request, who: OperatorDep, model: str, version: int, key: str, body: TagCreate
 ) -> dict[str, str]:
-    async with _runtime(request).begin() as tx:
-        versions = PgVersions(tx.conn)
-        await core.require_stage(versions, model, version)
-        await versions.set_tag(model, version, key, body.value, who.actor)
+    rt = _runtime(request)
+    async with rt.begin() as tx:
+        await core.tag(
+            model,
+            version,
+            key,
+            body.value,
+            actor=who.actor,
+            versions=PgVersions(tx.conn),
+            publish=tx.publish,
+            source=rt.source(),
+        )
     return {"key": key, "value": body.value}
 
 
@@ -296,12 +304,21 @@ async def set_tag(
     summary="Remove a tag.",
     status_code=204,
 )
-async def delete_tag(request: Request, _: OperatorDep, model: str, version: int, key: str) -> Response:
-    async with _runtime(request).begin() as tx:
-        versions = PgVersions(tx.conn)
-        await core.require_stage(versions, model, version)
-        if not await versions.delete_tag(model, version, key):
-            raise NotFound(f"{model} version {version} has no tag {key!r}")
+async def delete_tag(request: Request, who: OperatorDep, model: str, version: int, key: str) -> Response:
+    rt = _runtime(request)
+    async with rt.begin() as tx:
+        removed = await core.tag(
+            model,
+            version,
+            key,
+            None,
+            actor=who.actor,
+            versions=PgVersions(tx.conn),
+            publish=tx.publish,
+            source=rt.source(),
+        )
+    if not removed:
+        raise NotFound(f"{model} version {version} has no tag {key!r}")
     return Response(status_code=204)
 
 

@@ -13,7 +13,7 @@ from contracts.commands import ArchiveRequested, PromoteRequested, RetrainReques
 from contracts.common import EventRef, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.training import TrainingCompleted
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact
 from libs.bus import PermanentError
@@ -225,6 +225,31 @@ async def require_stage(versions: Versions, model: str, version: int) -> Stage:
             raise NotFound(f"model {model!r} is not registered")
         raise NotFound(f"model {model!r} has no version {version}")
     return stage
+
+
+async def tag(
+    model: str,
+    version: int,
+    key: str,
+    value: str | None,
+    *,
+    actor: str,
+    versions: Versions,
+    publish: Publish,
+    source: str,
+) -> bool:
+    """Set a version's tag (``value``) or remove it (None), and publish ModelVersionTagged with who did it,
+    in the caller's transaction. False (and nothing published) when there was nothing to remove."""
+    await require_stage(versions, model, version)
+    if value is None:
+        previous = await versions.delete_tag(model, version, key)
+        if previous is None:
+            return False
+    else:
+        previous = await versions.set_tag(model, version, key, value, actor)
+    changed = ModelVersionTagged(model=model, model_version=version, key=key, value=value, previous=previous)
+    await publish(new_event(changed, source=source, actor=actor))
+    return True
 
 
 def command_event(payload: EventPayload, *, source: str, actor: str) -> CloudEvent[Any]:

@@ -94,12 +94,12 @@ class Versions(Protocol):
         """The newest version's number and signature."""
         ...
 
-    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> None:
-        """Set (or replace) a tag on a version."""
+    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> str | None:
+        """Set (or replace) a tag on a version; the value it had, or None."""
         ...
 
-    async def delete_tag(self, model: str, version: int, key: str) -> bool:
-        """Remove a tag; False when it was not set."""
+    async def delete_tag(self, model: str, version: int, key: str) -> str | None:
+        """Remove a tag; the value it had, or None when it was not set."""
         ...
 
 

@@ -209,7 +209,10 @@ class PgVersions:
         )
         return row["version"], sig
 
-    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> None:
+    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> str | None:
+        previous: str | None = await self.conn.fetchval(
+            "SELECT value FROM tags WHERE model = $1 AND version = $2 AND key = $3", model, version, key
+        )
         await self.conn.execute(
             """INSERT INTO tags (model, version, key, value, set_by) VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (model, version, key) DO UPDATE
@@ -220,12 +223,16 @@ class PgVersions:
             value,
             actor,
         )
+        return previous
 
-    async def delete_tag(self, model: str, version: int, key: str) -> bool:
-        result = await self.conn.execute(
-            "DELETE FROM tags WHERE model = $1 AND version = $2 AND key = $3", model, version, key
+    async def delete_tag(self, model: str, version: int, key: str) -> str | None:
+        removed: str | None = await self.conn.fetchval(
+            "DELETE FROM tags WHERE model = $1 AND version = $2 AND key = $3 RETURNING value",
+            model,
+            version,
+            key,
         )
-        return bool(result.endswith(" 1"))
+        return removed
 
 
 _DATASET_COLUMNS = """name, version, sha256, artifact, row_count, columns, source, derived_from, models,

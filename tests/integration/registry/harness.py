@@ -8,6 +8,7 @@ The relay itself is covered by the bus's own integration tests."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,6 +53,7 @@ class RunningRegistry:
         self.topic = topic
         self.store = store
         self.feeder = feeder
+        self._artifact_ids = itertools.count()
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry")
 
     async def send(self, *events: CloudEvent[Any]) -> None:
@@ -95,9 +97,12 @@ class RunningRegistry:
         return Path(self.store.root) / "sha256" / key[:2] / key
 
     def model_artifact(self) -> ArtifactRef:
+        """A model file of its own: the same model gives the same bytes, hence the same key, and a test
+        that damages its file must not damage another test's."""
         from sklearn.linear_model import LogisticRegression
 
-        stored = save_model(self.store, LogisticRegression().fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1]))
+        model = LogisticRegression(random_state=next(self._artifact_ids))  # a parameter only, per file
+        stored = save_model(self.store, model.fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1]))
         return ArtifactRef(
             key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size
         )

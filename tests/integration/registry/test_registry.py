@@ -13,7 +13,7 @@ from contracts.common import ArtifactFormat
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, new_event
 from contracts.examples import EXAMPLES
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.validation import ValidationPassed
@@ -295,6 +295,16 @@ async def test_lists_are_paginated_with_an_opaque_cursor(registry: RunningRegist
         )
     ).json()
     assert [(v["version"], v["tags"]) for v in by_tag["items"]] == [(2, {"team": "growth"})]
+    # Tags are on the record: who set or removed what, and what it replaced.
+    tag_url = f"/v1/models/{model}/versions/2/tags/team"
+    assert (await registry.http.delete(tag_url, headers=AUTH["operator"])).status_code == 204
+    assert (await registry.http.delete(tag_url, headers=AUTH["operator"])).status_code == 404
+    tags = await registry.outbox(ModelVersionTagged, model)
+    assert [(t["payload"]["value"], t["payload"]["previous"]) for t in tags] == [
+        ("growth", None),
+        (None, "growth"),
+    ]
+    assert {t["headers"]["ce_actor"] for t in tags} == {"user:dev-operator"}
     models = (await registry.http.get("/v1/models", params={"prefix": model}, headers=AUTH["viewer"])).json()
     assert [(m["name"], m["latest_version"], m["stages"]) for m in models["items"]] == [
         (model, 3, {"candidate": 3})

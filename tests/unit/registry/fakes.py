@@ -104,11 +104,13 @@ class FakeVersions:
             return None
         return max(numbers), self.versions[(model, max(numbers))].completed.signature
 
-    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> None:
+    async def set_tag(self, model: str, version: int, key: str, value: str, actor: str) -> str | None:
+        previous = self.tags.get((model, version, key))
         self.tags[(model, version, key)] = value
+        return previous
 
-    async def delete_tag(self, model: str, version: int, key: str) -> bool:
-        return self.tags.pop((model, version, key), None) is not None
+    async def delete_tag(self, model: str, version: int, key: str) -> str | None:
+        return self.tags.pop((model, version, key), None)
 
     # -- inspection ---------------------------------------------------------------------------------
 
