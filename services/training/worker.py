@@ -220,15 +220,16 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     With ``overlap``, what does not need the fitted model — the features' reference profile, the holdout
     file and the training-set file with their hashes, and, once the preprocessing is fitted, the holdout's
     transformed features — runs on a second thread while this one fits, and the model file is written
-    there while this one evaluates the model on the holdout. The fit runs in
-    scikit-learn's compiled code, mostly without the GIL, and numpy, pyarrow and hashlib release it too, so
-    on a machine with a free core that work costs little wall time. Without it, the same steps run one
-    after the other; the outcome (metrics, keys, files, profile) is the same.
+    there while this one evaluates the model on the holdout. The fit runs in scikit-learn's compiled code,
+    mostly without the GIL, and numpy, pyarrow and hashlib release it too, so on a machine with a free core
+    that work costs little wall time (when no core is free it slows the fit instead: docs/benchmarks.md).
+    Without it, the same steps run one after the other; the outcome (metrics, keys, files, profile) is the
+    same.
 
     ``seconds`` holds the phases this thread spends: load, split, prepare (handing the work over, or
-    without overlap doing it), fit (``Pipeline.fit`` alone), files (waiting for the data files), evaluate
-    (without overlap the model file too), profile, store (waiting for the model file); and beside, the
-    time the handed-over work took wherever it ran.
+    without overlap doing it), fit (the pipeline's: preprocessing, then estimator), files (waiting for the
+    data files), evaluate (without overlap the model file too), profile, store (waiting for the model
+    file); and beside, the time the handed-over work took wherever it ran.
     """
     store = ArtifactStore(job.artifacts_url)
     seconds: dict[str, float] = {}
