@@ -15,7 +15,7 @@ import pytest
 
 from contracts.common import Task
 from contracts.training import FailureReason
-from libs.artifacts import ArtifactStore, load_model
+from libs.artifacts import ArtifactStore, dump_model, load_model
 from libs.metrics import Outputs, all_metrics, model_outputs
 from libs.modelspec import build_pipeline, load_canonical
 from libs.profiles import build_profile, encode_features, profile_categorical
@@ -70,7 +70,17 @@ def test_a_run_with_work_beside_the_fit_gives_what_a_run_step_by_step_gives(
     stepwise = run_training(job, overlap=False)
     overlapped = run_training(job, overlap=True)
     assert stepwise["ok"] and overlapped["ok"], (stepwise, overlapped)
-    for field in ("metrics", "holdout", "training_set", "signature", "params", "train_rows", "traffic_rows"):
+    # The model file too: the same fitted model gives the same skops file byte for byte.
+    for field in (
+        "artifact",
+        "metrics",
+        "holdout",
+        "training_set",
+        "signature",
+        "params",
+        "train_rows",
+        "traffic_rows",
+    ):
         assert overlapped[field] == stepwise[field], field
     assert (overlapped["training_set"] is None) == (window is None)
     assert _profile_without_time(store, overlapped["profile"]["key"]) == _profile_without_time(
@@ -213,6 +223,7 @@ def test_the_run_fits_and_scores_what_pipeline_fit_fits_and_scores(
     direct = build_pipeline(spec).fit(train_rows[features], train_rows[spec.target], **fit_params)
     expected = model_outputs(direct, spec.task, holdout_rows[features], holdout_rows[spec.target].to_numpy())
     assert outcome["metrics"] == all_metrics(expected)
+    assert store.get(outcome["artifact"]["key"]) == dump_model(direct)  # the same fitted pipeline
     stored = load_model(store, outcome["artifact"]["key"])
     np.testing.assert_array_equal(
         stored.predict_proba(holdout_rows[features]), direct.predict_proba(holdout_rows[features])
