@@ -181,31 +181,18 @@ async def chain_ingest(
     return await measured(pool, sum(len(p) for p in polls), work)
 
 
-async def raw_copy(pool: asyncpg.Pool, batches: list[list[TrailRow]]) -> Run:
-    """COPY the same rows, already built, into a plain table, one transaction per batch, with the
-    trail's own COPY encoder and chunks."""
+async def raw_copy(pool: asyncpg.Pool, batches: list[list[TrailRow]], table: str = "raw_trail") -> Run:
+    """COPY the same rows, already built, into ``table``, one transaction per batch, with the trail's own
+    COPY encoder and chunks. ``raw_trail`` is a plain table (NOT NULL only); ``raw_indexed`` has the
+    trail's own shape: its primary key, unique Kafka position, indexes and CHECK constraints, but no lock,
+    no head, no checks before the COPY and no chain."""
 
     async def work() -> None:
         async with pool.acquire() as conn:
             for batch in batches:
                 async with conn.transaction():
                     await conn.copy_to_table(
-                        "raw_trail", source=copy_data(batch), columns=list(COPY_COLUMNS), format="binary"
-                    )
-
-    return await measured(pool, sum(len(b) for b in batches), work)
-
-
-async def raw_copy_indexed(pool: asyncpg.Pool, batches: list[list[TrailRow]]) -> Run:
-    """The same COPY into a table of the trail's own shape: its primary key, unique Kafka position,
-    indexes and CHECK constraints, but no lock, no head, no checks before the COPY and no chain."""
-
-    async def work() -> None:
-        async with pool.acquire() as conn:
-            for batch in batches:
-                async with conn.transaction():
-                    await conn.copy_to_table(
-                        "raw_indexed", source=copy_data(batch), columns=list(COPY_COLUMNS), format="binary"
+                        table, source=copy_data(batch), columns=list(COPY_COLUMNS), format="binary"
                     )
 
     return await measured(pool, sum(len(b) for b in batches), work)
@@ -277,7 +264,7 @@ async def main() -> None:
             # Same shape as the trail, indexes and constraints included (its triggers fire on no INSERT).
             await raw_pool.execute("DROP TABLE IF EXISTS raw_indexed")
             await raw_pool.execute("CREATE TABLE raw_indexed (LIKE trail INCLUDING ALL)")
-            raw_indexed.append(await raw_copy_indexed(raw_pool, raw_batches))
+            raw_indexed.append(await raw_copy(raw_pool, raw_batches, table="raw_indexed"))
             await raw_pool.execute("DROP TABLE raw_indexed")
             schema, pool = await fresh_schema(pools)
             schemas.append(schema)
