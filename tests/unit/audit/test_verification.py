@@ -9,14 +9,11 @@ from typing import Any
 import pytest
 
 from contracts.audit import AuditCheckpoint
-from contracts.envelope import CloudEvent
 from contracts.monitoring import DriftDetected
-from contracts.topics import DEAD_LETTER
-from services.audit import handlers
 from services.audit.core import verify_trail
 from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
 from services.audit.verification import LinkScanner, Problem, split_ranges
-from tests.unit.audit.fakes import OTHER_SEED, SEED, Clock, FakeTrail, changed_payload, delivery, example
+from tests.unit.audit.fakes import OTHER_SEED, SEED, FakeTrail, changed_payload, delivery, example, record
 
 ROWS = 53
 EVERY = 10
@@ -26,22 +23,9 @@ async def filled(rows: int = ROWS, every: int = EVERY) -> FakeTrail:
     """A trail of ``rows`` events with a checkpoint every ``every`` rows, written in batches of 5."""
     trail = FakeTrail()
     signer = Signer(SEED)
-
-    async def publish(event: CloudEvent[Any]) -> None:
-        return None
-
     batch = [delivery(example(DriftDetected), offset=i) for i in range(rows)]
     for i in range(0, rows, 5):
-        await handlers.on_records(
-            batch[i : i + 5],
-            trail=trail,
-            signer=signer,
-            publish=publish,
-            source="/driftloop/audit",
-            clock=Clock(),
-            dead_letter_topic=DEAD_LETTER,
-            checkpoint_every_rows=every,
-        )
+        await record(trail, signer, batch[i : i + 5], every=every)
     return trail
 
 
