@@ -30,7 +30,7 @@ from deploy.loop import EventTail, LoopClient, Traffic, poll, spec_yaml
 from deploy.platform import SERVICES
 from deploy.sandbox import Sandbox
 from deploy.scenario import REFERENCE, SHIFTED, TARGET, generate
-from tests.chaos.faults import Chaos
+from tests.chaos.faults import TELEMETRY, Chaos
 from tests.chaos.ledger import read_topics, read_trail
 
 pytestmark = pytest.mark.timeout(720)
@@ -85,9 +85,28 @@ async def follow(cascade: Cascade, tail: EventTail, *, deadline_s: float) -> Non
 
     # Every event of a rollout stays in the cascade that started it, a rollback because a newer
     # candidate superseded the canary included.
-    cascade.ended = await tail.wait_for(
-        ENDS, lambda e: e.subject == cascade.model and e.correlationid == root, deadline_s=deadline_s
+    try:
+        cascade.ended = await tail.wait_for(
+            ENDS, lambda e: e.subject == cascade.model and e.correlationid == root, deadline_s=deadline_s
+        )
+    except TimeoutError as exc:
+        raise TimeoutError(f"{cascade.model} ({cascade.how}): {exc}\n{history(tail, cascade)}") from None
+
+
+def history(tail: EventTail, cascade: Cascade) -> str:
+    """What the tail saw of the cascade's model since it was requested, for the failure message."""
+    root = cascade.requested.correlationid if cascade.requested else None
+    since = next(
+        (s.seen_at for s in tail.seen if cascade.requested and s.event.id == cascade.requested.id), 0.0
     )
+    lines = [
+        f"  {s.seen_at - since:7.1f}s {type(s.event.data).__name__:<24} "
+        f"{'in the cascade' if s.event.correlationid == root else 'elsewhere':<14} "
+        f"id {s.event.id} caused by {s.event.causationid}"
+        for s in tail.seen
+        if s.event.subject == cascade.model and s.seen_at >= since and not isinstance(s.event.data, TELEMETRY)
+    ]
+    return "\n".join([f"events about {cascade.model} since its TrainingRequested:", *lines])
 
 
 async def trigger(

@@ -182,8 +182,10 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         assert too_many.status_code == 422 and too_many.json()["code"] == "invalid-input"
         assert (await svc.get("/v1/events", cursor="garbage")).status_code == 422
 
-        # The tail of 11 rows gets its checkpoint from the timer (checkpoint_every_s = 1).
+        # The tail of 11 rows gets its checkpoint from the timer (checkpoint_every_s = 1); the keeper copies
+        # it to the export file on its next tick, a moment after the database has it.
         await eventually(lambda: _checkpointed(svc, 11), deadline_s=30)
+        await eventually(lambda: _archived(svc, 11), deadline_s=30)
         report = (await svc.get("/v1/verify")).json()
         assert report["ok"] and report["covered_by_checkpoint"] == 11, report
         full = (await svc.get("/v1/verify", full="true")).json()
@@ -235,6 +237,12 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
 async def _checkpointed(svc: AuditProcess, seq: int) -> bool:
     body = (await svc.get("/v1/head")).json()
     return bool(body["last_checkpoint"] and body["last_checkpoint"]["sequence"] >= seq)
+
+
+async def _archived(svc: AuditProcess, seq: int) -> bool:
+    assert svc.proc is not None and svc.proc.poll() is None, svc.log_tail()
+    lines = svc.checkpoint_file.read_bytes().splitlines() if svc.checkpoint_file.exists() else []
+    return any(AuditCheckpoint.model_validate_json(x).sequence >= seq for x in lines)
 
 
 async def _on_audit_topic(bootstrap: str, key_id: str) -> bool:
