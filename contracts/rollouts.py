@@ -30,6 +30,7 @@ class RollbackReason(StrEnum):
     """Why a rollout was rolled back."""
 
     UNHEALTHY_VERDICT = "unhealthy-verdict"
+    INCONCLUSIVE_VERDICT = "inconclusive-verdict"
     ERROR_RATE = "error-rate"
     MANUAL = "manual"
     LOAD_FAILED = "load-failed"

@@ -130,9 +130,12 @@ class Background:
     async def once(self) -> None:
         await self.judge_closed()
         async with self.rt.begin() as tx:
-            await handlers.housekeeping(
+            decided = await handlers.housekeeping(
                 time.time(), monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
+        # Only now that the verdicts are committed: a failed transaction leaves the steps watched.
+        for step in decided:
+            self.monitor.live.unwatch(step.rollout_id, step.step_index)
         await self.judge_closed()
 
     async def run(self) -> None:

@@ -497,9 +497,14 @@ def canary_step(step: StoredStep) -> CanaryStep:
 
 async def check_canaries(
     now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> list[CanaryVerdict]:
-    """Give each watched step its one verdict once due (samples and bake time), or inconclusive at timeout."""
-    published = []
+) -> list[CanaryStep]:
+    """Give each watched step its one verdict once due (samples and bake time), or inconclusive at timeout.
+
+    Returns the steps decided in the caller's transaction (here, or by another replica before): the caller
+    stops watching them once that transaction commits. Until then they stay watched, so a transaction that
+    fails (Postgres away) leaves them to be decided again on the next tick, not forgotten unjudged.
+    """
+    decided = []
     stored = {(s.rollout_id, s.step_index): s for s in await store.watched_steps()}
     for step in list(monitor.live.steps.values()):
         meta = stored.get((step.rollout_id, step.step_index))
@@ -523,7 +528,6 @@ async def check_canaries(
                 "CanaryVerdict",
                 f"{decision.verdict.value}: {decision.reason}",
             )
-            published.append(verdict)
             log.info(
                 "canary verdict",
                 rollout_id=step.rollout_id,
@@ -531,16 +535,17 @@ async def check_canaries(
                 verdict=decision.verdict.value,
                 reason=decision.reason,
             )
-        monitor.live.unwatch(step.rollout_id)
-    return published
+        decided.append(step)
+    return decided
 
 
 async def _decide(
     step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore
 ) -> CanaryDecision | None:
     policy = monitor.canary
+    timed_out = now - step.started_at >= policy.timeout_seconds
     if canary_ready(step, now) != "judge":
-        if now - step.started_at >= policy.timeout_seconds:
+        if timed_out:
             return CanaryDecision(
                 Verdict.INCONCLUSIVE,
                 [
@@ -559,6 +564,14 @@ async def _decide(
         return None
     ref = monitor.live.references.get((step.model, step.canary_version))
     if ref is None:
+        # The canary's ModelVersionRegistered (its profile) may still be on its way; past the timeout the
+        # step is inconclusive, as a canary without traffic is, instead of waiting for ever.
+        if timed_out:
+            return CanaryDecision(
+                Verdict.INCONCLUSIVE,
+                [],
+                f"timed out: no reference profile for version {step.canary_version} of {step.model}",
+            )
         return None
     labelled = await _labelled_comparison(step, ref, store)
     flowing = labelled.stable_n > 0 or labelled.canary_n > 0
@@ -614,18 +627,21 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 # --- time-driven housekeeping ----------------------------------------------------------------------------
 
 
-async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish) -> None:
+async def housekeeping(
+    now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> list[CanaryStep]:
     """Close idle windows, give due canary verdicts, forget expired predictions and labels, and record
-    where a restart must replay from."""
+    where a restart must replay from. Returns the decided steps, to unwatch once the transaction commits."""
     live = monitor.live
     if live.close_idle(now):
         monitor.on_windows_closed()
     live.cache.evict(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
     live.pending_label_ids.difference_update(expired)
-    await check_canaries(now, monitor=monitor, store=store, publish=publish)
+    decided = await check_canaries(now, monitor=monitor, store=store, publish=publish)
     await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
+    return decided
 
 
 # --- policies ----------------------------------------------------------------------------------------------

@@ -271,8 +271,11 @@ class LiveState:
         """Start collecting a rollout step's traffic (replacing the rollout's previous step)."""
         self.steps[step.rollout_id] = step
 
-    def unwatch(self, rollout_id: str) -> None:
-        self.steps.pop(rollout_id, None)
+    def unwatch(self, rollout_id: str, step_index: int | None = None) -> None:
+        """Stop watching the rollout (finished), or only its step ``step_index`` (decided) if still on it."""
+        step = self.steps.get(rollout_id)
+        if step is not None and (step_index is None or step.step_index == step_index):
+            del self.steps[rollout_id]
 
     def _to_steps(self, batch: RowBatch) -> None:
         for step in self.steps.values():

@@ -232,7 +232,9 @@ def judge_verdict(
     now: datetime,
 ) -> Transition:
     """Monitoring's verdict on a step: healthy advances (or promotes on the last step) once the step has
-    its samples and bake time; unhealthy rolls back at once; inconclusive (``None``) waits.
+    its samples and bake time; unhealthy rolls back at once. So does inconclusive (``None``): monitoring gives
+    one verdict per step, so nothing would ever decide a step it could not judge, and a canary is exposed
+    further only on evidence.
 
     Verdicts for another rollout, another canary or another step are stale and ignored.
     """
@@ -244,7 +246,12 @@ def judge_verdict(
             route, "stale-step", f"verdict for step {step_index}, the rollout is on step {live.step_index}"
         )
     if healthy is None:
-        return _ignore(route, "inconclusive", f"inconclusive verdict on step {step_index}: {reason}")
+        return rollback(
+            route,
+            reason=RollbackReason.INCONCLUSIVE_VERDICT,
+            message=reason or f"inconclusive verdict on step {step_index}",
+            now=now,
+        )
     if not healthy:
         return rollback(
             route,

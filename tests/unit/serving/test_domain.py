@@ -197,11 +197,15 @@ def test_unhealthy_verdict_rolls_back_at_once(clock: Clock) -> None:
     assert t.route.rollout is not None and t.route.rollout.weight == 0.0
 
 
-def test_inconclusive_verdict_waits(clock: Clock) -> None:
+def test_inconclusive_verdict_rolls_back_since_no_other_verdict_comes_for_the_step(clock: Clock) -> None:
     route = live_route(clock)
     clock.advance(60)
-    t = verdict(route, clock, healthy=None)
-    assert t.ignored is not None and t.ignored.code == "inconclusive" and t.route == route
+    t = verdict(route, clock, healthy=None, samples=0, reason="timed out: canary had 12 of 100 predictions")
+    [rolled_back] = t.events
+    assert isinstance(rolled_back, RolloutRolledBack)
+    assert rolled_back.reason is RollbackReason.INCONCLUSIVE_VERDICT
+    assert rolled_back.message == "timed out: canary had 12 of 100 predictions"
+    assert t.route.active is None and t.route.stable_version == 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,172 @@
+"""A rollout step's verdict and the in-memory watch: a step stops being watched only once the transaction
+that records and publishes its verdict has committed. A tick whose transaction fails (Postgres restarted
+under it) leaves the step watched, so the next tick decides it again instead of leaving the rollout
+waiting for a verdict that was never published."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from contracts.envelope import CloudEvent
+from contracts.monitoring import CanaryVerdict, Verdict
+from services.monitoring import bootstrap
+from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.handlers import Monitor, canary_step, check_canaries
+from services.monitoring.ports import StoredStep
+from services.monitoring.settings import MonitoringSettings
+
+TIMEOUT_S = 600.0  # the settings' default canary_timeout_seconds
+
+
+def watched(started_at: float, step_index: int = 0) -> StoredStep:
+    return StoredStep(
+        rollout_id="r-1",
+        step_index=step_index,
+        model="churn",
+        stable_version=1,
+        canary_version=2,
+        started_at=started_at,
+        min_samples=100,
+        bake_seconds=2.0,
+        cause_id="started-1",
+        correlation_id="cascade-1",
+        actor=None,
+    )
+
+
+@dataclass
+class Store:
+    """The MonitoringStore calls a housekeeping tick makes, on one stored step."""
+
+    steps: list[StoredStep]
+    decided: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    async def watched_steps(self) -> list[StoredStep]:
+        return [s for s in self.steps if (s.rollout_id, s.step_index) not in self.decided]
+
+    async def decide_step(
+        self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
+    ) -> bool:
+        if (rollout_id, step_index) in self.decided:
+            return False
+        self.decided[(rollout_id, step_index)] = verdict
+        return True
+
+    async def record_alert(self, *args: Any) -> None:
+        pass
+
+    async def expire_pending(self, received_before: datetime) -> list[str]:
+        return []
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        pass
+
+    async def policies_fingerprint(self) -> str:
+        return ""
+
+    async def policies(self) -> dict[str, Any]:
+        return {}
+
+
+class Runtime:
+    """``begin()`` as the service's runtime has it; ``commit_fails``: the commit raises (Postgres away)."""
+
+    def __init__(self) -> None:
+        self.commit_fails = False
+        self.published: list[CloudEvent[Any]] = []
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        pending: list[CloudEvent[Any]] = []
+
+        async def publish(event: CloudEvent[Any]) -> None:
+            pending.append(event)
+
+        yield type("Tx", (), {"conn": None, "publish": staticmethod(publish)})()
+        if self.commit_fails:
+            raise ConnectionError("connection was closed in the middle of operation")
+        self.published += pending
+
+
+def monitor_watching(step: StoredStep) -> Monitor:
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.live.watch(canary_step(step))
+    return monitor
+
+
+async def test_check_canaries_leaves_the_decided_step_to_the_caller() -> None:
+    step = watched(started_at=0.0)
+    monitor, store, published = monitor_watching(step), Store([step]), []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    # No canary traffic at all, past the timeout: the step is decided inconclusive.
+    decided = await check_canaries(TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+
+    [event] = published
+    assert isinstance(event.data, CanaryVerdict) and event.data.verdict is Verdict.INCONCLUSIVE
+    assert event.correlationid == "cascade-1" and event.causationid == "started-1"
+    assert [(s.rollout_id, s.step_index) for s in decided] == [("r-1", 0)]
+    assert "r-1" in monitor.live.steps  # still watched: the caller's transaction has not committed yet
+
+
+@pytest.fixture
+def fake_tick(monkeypatch: pytest.MonkeyPatch) -> Store:
+    store = Store([watched(started_at=0.0)])
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: TIMEOUT_S + 1)
+    return store
+
+
+async def test_a_tick_whose_transaction_fails_keeps_the_step_and_the_next_tick_publishes_its_verdict(
+    fake_tick: Store,
+) -> None:
+    monitor, rt = monitor_watching(fake_tick.steps[0]), Runtime()
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    rt.commit_fails = True
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert "r-1" in monitor.live.steps and rt.published == []
+    fake_tick.decided.clear()  # the failed transaction's decision was rolled back with it
+
+    rt.commit_fails = False
+    await background.once()
+    [event] = rt.published
+    assert isinstance(event.data, CanaryVerdict) and event.data.step_index == 0
+    assert "r-1" not in monitor.live.steps
+
+
+def test_unwatching_a_decided_step_keeps_the_rollouts_next_step() -> None:
+    monitor = monitor_watching(watched(started_at=0.0, step_index=0))
+    monitor.live.watch(canary_step(watched(started_at=5.0, step_index=1)))  # advanced meanwhile
+
+    monitor.live.unwatch("r-1", 0)
+    assert monitor.live.steps["r-1"].step_index == 1
+    monitor.live.unwatch("r-1", 1)
+    assert "r-1" not in monitor.live.steps
+
+
+async def test_a_canary_version_without_a_profile_is_inconclusive_at_the_timeout_not_waited_on_for_ever() -> (
+    None
+):
+    step = watched(started_at=0.0)
+    monitor, store, published = monitor_watching(step), Store([step]), []
+    monitor.live.steps["r-1"].canary.rows = 500  # enough traffic; but no ModelVersionRegistered for version 2
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    assert await check_canaries(60.0, monitor=monitor, store=store, publish=publish) == []  # type: ignore[arg-type]
+    assert published == []
+    await check_canaries(TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    [event] = published
+    assert event.data.verdict is Verdict.INCONCLUSIVE
+    assert event.data.reason == "timed out: no reference profile for version 2 of churn"
