@@ -4,7 +4,7 @@ and the API. Nothing connects at import time."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +63,10 @@ class CheckpointKeeper:
 
     async def seal_now(self) -> None:
         """Sign the head if it moved since the last checkpoint, then copy new checkpoints to the file."""
+        await self._seal()
+        await self._archive()
+
+    async def _seal(self) -> None:
         async with self.rt.begin() as tx:
             await enter_writer_role(tx.conn, self.settings.writer_role)
             await handlers.seal_head(
@@ -72,25 +76,31 @@ class CheckpointKeeper:
                 source=self.rt.source(),
                 clock=utc_now,
             )
+
+    async def _archive(self) -> None:
         await sync_archive(self.rt.pool, self.settings.writer_role, self.archive)
 
     async def run(self) -> None:
-        """Until stopped: copy checkpoints to the file every second, sign one every ``every_s``."""
+        """Until stopped: copy checkpoints to the file every second, sign one every ``every_s``. The two are
+        tried apart, so checkpoints the consumer signed reach the file even while signing fails."""
         loop = asyncio.get_running_loop()
         next_seal = loop.time() + self.settings.checkpoint_every_s
         while not self._stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=min(1.0, self.settings.checkpoint_every_s))
-            try:
-                if loop.time() >= next_seal:
-                    next_seal = loop.time() + self.settings.checkpoint_every_s
-                    await self.seal_now()
-                else:
-                    await sync_archive(self.rt.pool, self.settings.writer_role, self.archive)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be away: try again on the next tick
-                log.warning("checkpoint keeper failed, retrying", error=repr(exc))
+            if loop.time() >= next_seal:
+                next_seal = loop.time() + self.settings.checkpoint_every_s
+                await self._retry_later("sign", self._seal)
+            await self._retry_later("archive", self._archive)
+
+    @staticmethod
+    async def _retry_later(what: str, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database may be away: try again on the next tick
+            log.warning("checkpoint keeper failed, retrying", step=what, error=repr(exc))
 
     async def stop(self) -> None:
         """A clean stop seals the tail, so no row is left without a checkpoint."""
