@@ -76,16 +76,15 @@ def requested_ids(tail: EventTail, model: str) -> set[str]:
 
 async def follow(cascade: Cascade, tail: EventTail, *, deadline_s: float) -> None:
     """Wait for the cascade's TrainingRequested, then for the event that ends it."""
-    cascade.requested = await tail.wait_for(
-        TrainingRequested,
-        lambda e: e.subject == cascade.model and e.id not in cascade.known_before,
-        deadline_s=deadline_s,
-    )
-    root = cascade.requested.correlationid
-
-    # Every event of a rollout stays in the cascade that started it, a rollback because a newer
-    # candidate superseded the canary included.
     try:
+        cascade.requested = await tail.wait_for(
+            TrainingRequested,
+            lambda e: e.subject == cascade.model and e.id not in cascade.known_before,
+            deadline_s=deadline_s,
+        )
+        root = cascade.requested.correlationid
+        # Every event of a rollout stays in the cascade that started it, a rollback because a newer
+        # candidate superseded the canary included.
         cascade.ended = await tail.wait_for(
             ENDS, lambda e: e.subject == cascade.model and e.correlationid == root, deadline_s=deadline_s
         )
@@ -106,13 +105,19 @@ def history(tail: EventTail, cascade: Cascade) -> str:
         for s in tail.seen
         if s.event.subject == cascade.model and s.seen_at >= since and not isinstance(s.event.data, TELEMETRY)
     ]
-    return "\n".join([f"events about {cascade.model} since its TrainingRequested:", *lines])
+    since_what = "its TrainingRequested" if cascade.requested else "the start"
+    return "\n".join([f"events about {cascade.model} since {since_what}:", *lines])
 
 
 async def trigger(
     client: LoopClient, tail: EventTail, traffic: dict[str, Traffic], models: Sequence[str], round_: int
 ) -> list[Cascade]:
-    """One cascade per model: a drift on the first, a good dataset on the second, a bad one on the third."""
+    """One cascade per model: a drift on the first, a good dataset on the second, a bad one on the third.
+
+    What each cascade must not take for its own (the retrains already requested) is noted once, before its
+    upload; the upload alone is retried while the registry is down. (Retrying the whole round noted it again
+    after a first upload that got through had started its retrain, and then waited for one that never came.)
+    """
     drifting, improving, breaking = models
     cascades = []
     if round_ == 0:
@@ -120,11 +125,11 @@ async def trigger(
         traffic[drifting].phase = SHIFTED
     good = generate(6_000, REFERENCE, seed=10 + round_)
     cascades.append(Cascade(improving, "good dataset", False, requested_ids(tail, improving)))
-    await client.upload_dataset(f"{improving}-base", good, [improving])
+    await retry_http(lambda: client.upload_dataset(f"{improving}-base", good, [improving]))
     bad = generate(6_000, REFERENCE, seed=20 + round_)
     bad[TARGET] = 1 - bad[TARGET]  # labels inverted: the candidate learns the opposite
     cascades.append(Cascade(breaking, "bad dataset", True, requested_ids(tail, breaking)))
-    await client.upload_dataset(f"{breaking}-base", bad, [breaking])
+    await retry_http(lambda: client.upload_dataset(f"{breaking}-base", bad, [breaking]))
     return cascades
 
 
@@ -182,7 +187,7 @@ async def test_every_cascade_completes_and_the_trail_holds_every_record_once_des
         chaos_task = asyncio.create_task(chaos.run(stop=all_ended))
         round_ = 0
         while True:
-            new = await retry_http(lambda r=round_: trigger(client, tail, traffic, models, r))
+            new = await trigger(client, tail, traffic, models, round_)
             cascades.extend(new)
             followed.extend(asyncio.create_task(follow(c, tail, deadline_s=360)) for c in new)
             while not all_ended():
