@@ -19,15 +19,19 @@ from libs.artifacts import ArtifactStore, dump_model, load_model
 from libs.metrics import Outputs, all_metrics, model_outputs
 from libs.modelspec import build_pipeline, load_canonical
 from libs.profiles import build_profile, encode_features, profile_categorical
+from services.training import worker
 from services.training.worker import (
     PROFILE_MIN_WINDOW_ROWS,
+    SPLIT_SCORING_ROWS,
     WEIGHT_COLUMN,
     Beside,
+    HalvesBeside,
     assemble_training_set,
     holdout_mask,
     labelled_traffic,
     prediction_profile,
     run_training,
+    scorer,
     split,
 )
 from tests.unit.training.data import churn_frame, churn_spec, put_frame, traffic_window
@@ -57,10 +61,13 @@ def _profile_without_time(store: ArtifactStore, key: str) -> dict[str, Any]:
     return profile
 
 
+@pytest.mark.parametrize("scored_in_halves", [False, True])
 @pytest.mark.parametrize("window_rows", [0, PROFILE_MIN_WINDOW_ROWS])
 def test_a_run_with_work_beside_the_fit_gives_what_a_run_step_by_step_gives(
-    tmp_path: Path, window_rows: int
+    tmp_path: Path, window_rows: int, scored_in_halves: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if scored_in_halves:  # this holdout (600 rows) is scored in two halves at once, as long ones are
+        monkeypatch.setattr(worker, "SPLIT_SCORING_ROWS", 2)
     store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
     window = None
     if window_rows:
@@ -228,3 +235,48 @@ def test_the_run_fits_and_scores_what_pipeline_fit_fits_and_scores(
     np.testing.assert_array_equal(
         stored.predict_proba(holdout_rows[features]), direct.predict_proba(holdout_rows[features])
     )
+
+
+@pytest.mark.parametrize(
+    ("estimator", "task", "params"),
+    [
+        ("hist_gradient_boosting", "classification", {"max_iter": 20}),
+        ("logistic_regression", "classification", {}),
+        ("hist_gradient_boosting", "regression", {"max_iter": 20}),
+    ],
+)
+def test_a_holdout_scored_in_two_halves_at_once_gives_what_one_call_gives_value_for_value(
+    estimator: str, task: str, params: dict[str, Any]
+) -> None:
+    frame = churn_frame(3000, seed=5)
+    target = "churned"
+    overrides: dict[str, Any] = {}
+    if task == "regression":
+        frame[target] = frame["x0"] * 0.5 + frame["x1"]
+        overrides["validation"] = {"thresholds": {"r2": 0.0}}
+    spec = churn_spec(estimator=estimator, params=params, task=task, **overrides)
+    pipeline = build_pipeline(spec)
+    pipeline.fit(frame[spec.feature_names], frame[target])
+    preprocess, fitted = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
+    features = preprocess.transform(frame[spec.feature_names])
+    labels = frame[target].to_numpy()
+    with Beside(True) as beside:
+        halves = scorer(fitted, np.asarray(features), beside) if len(features) >= SPLIT_SCORING_ROWS else None
+        assert halves is None or isinstance(halves, HalvesBeside)
+        in_halves = model_outputs(HalvesBeside(fitted, beside), spec.task, features, labels)
+    at_once = model_outputs(fitted, spec.task, features, labels)
+    assert np.array_equal(in_halves.pred, at_once.pred)
+    if at_once.proba is not None:
+        assert in_halves.proba is not None and np.array_equal(in_halves.proba, at_once.proba)
+    assert all_metrics(in_halves) == all_metrics(at_once)
+    assert not _beside_threads()
+
+
+def test_only_a_long_dense_holdout_with_work_beside_the_fit_is_scored_in_halves() -> None:
+    fitted, long = object(), np.zeros((SPLIT_SCORING_ROWS, 3))
+    with Beside(True) as beside:
+        assert isinstance(scorer(fitted, long, beside), HalvesBeside)
+        assert scorer(fitted, long[:-1], beside) is fitted
+        assert scorer(fitted, pd.DataFrame(long), beside) is fitted
+    with Beside(False) as step_by_step:
+        assert scorer(fitted, long, step_by_step) is fitted
