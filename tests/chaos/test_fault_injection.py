@@ -14,7 +14,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,22 +145,36 @@ async def retry_http(call: Any, *, deadline_s: float = 120) -> Any:
             await asyncio.sleep(0.5)
 
 
+@pytest.fixture
+async def observer(chaos_platform: Sandbox) -> AsyncIterator[tuple[RecordingClient, EventTail]]:
+    """The operator's client and a tail of every event, stopped however the test ends: the event loop
+    outlives the test, and the tests after it must not share it with this one's consumer."""
+    client = RecordingClient(chaos_platform.platform)
+    tail = EventTail(chaos_platform.bootstrap, prefix=chaos_platform.prefix, from_beginning=True)
+    await tail.start()
+    try:
+        yield client, tail
+    finally:
+        await tail.stop()
+        await client.close()
+
+
 async def test_every_cascade_completes_and_the_trail_holds_every_record_once_despite_kills_and_restarts(
-    chaos_platform: Sandbox, local_infra: LocalInfra
+    chaos_platform: Sandbox, local_infra: LocalInfra, observer: tuple[RecordingClient, EventTail]
 ) -> None:
     seed = int(os.environ.get("DRIFTLOOP_CHAOS_SEED") or secrets.randbits(32))
     print(f"chaos: seed {seed} (replay with DRIFTLOOP_CHAOS_SEED={seed})", flush=True)
     rng = random.Random(seed)
     sandbox = chaos_platform
-    client = RecordingClient(sandbox.platform)
-    tail = EventTail(sandbox.bootstrap, prefix=sandbox.prefix, from_beginning=True)
-    await tail.start()
+    client, tail = observer
     started = time.monotonic()
     models = [f"chaos-{secrets.token_hex(2)}-{role}" for role in ("drift", "good", "bad")]
     traffic = {
         m: Traffic(client, m, phase=REFERENCE, requests_per_s=8, rows_per_request=10, seed=i * 100_000)
         for i, m in enumerate(models)
     }
+    chaos_task: asyncio.Task[None] | None = None
+    followed: list[asyncio.Task[None]] = []
     try:
         # The drifting model's cooldown lets the first of monitoring's signals (drift, degraded performance)
         # start the retrain and the policy skip the rest; it ends before the shift can be detected.
@@ -178,7 +192,6 @@ async def test_every_cascade_completes_and_the_trail_holds_every_record_once_des
         )
 
         chaos = Chaos(sandbox.platform, local_infra, tail, rng)
-        followed: list[asyncio.Task[None]] = []
         cascades: list[Cascade] = []
 
         def all_ended() -> bool:
@@ -201,6 +214,14 @@ async def test_every_cascade_completes_and_the_trail_holds_every_record_once_des
         for task in followed:
             task.result()  # a cascade that did not end raises its TimeoutError here
     finally:
+        # The event loop outlives this test (session scope): nothing of it may go on killing services or
+        # restarting the broker and Postgres under the tests after it.
+        pending = [t for t in [chaos_task, *followed] if t is not None and not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if chaos_task in pending:
+            local_infra.up()  # a restart cut short leaves the broker or Postgres down otherwise
         for t in traffic.values():
             await t.stop()
     chaos_s = time.monotonic() - started
@@ -266,8 +287,6 @@ async def test_every_cascade_completes_and_the_trail_holds_every_record_once_des
     assert client.accepted_labels and not lost, (
         f"{len(lost)} of {len(client.accepted_labels)} accepted labels lost"
     )
-    await tail.stop()
-    await client.close()
     print(f"chaos: done in {time.monotonic() - started:.0f}s", flush=True)
 
 
