@@ -545,7 +545,13 @@ def logging_path_cpu_us(
     for _ in range(n):
         predictor.predict(
             PredictRequest(
-                model, rows, lambda sig, _: columns_from_records(sig, rs), [None] * rows, rs, body=body
+                model,
+                rows,
+                lambda sig, _: columns_from_records(sig, rs),
+                [None] * rows,
+                rs,
+                body=body,
+                body_records=rows,  # as the v1 API says of a strict body holding only records
             )
         )
     kafka = KafkaSettings(bootstrap=KAFKA)

@@ -29,6 +29,7 @@ from services.serving.domain import (
     ModelRoute,
     columns_from_records,
     columns_from_tensors,
+    parse_json,
     parse_prediction_id,
     read_json,
     tensor_rows,
@@ -331,7 +332,8 @@ async def predict(name: str, request: Request) -> Response:
     started = time.perf_counter()
     _caller(request, Role.predict)
     ctx = _context(request)
-    body = await _json_body(request)
+    raw = await request.body()
+    body, strict = parse_json(raw)
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
         raise InvalidInput("the request must be a JSON object with a 'records' list", reason="wrong-type")
     records: list[Any] = body["records"]
@@ -353,8 +355,10 @@ async def predict(name: str, request: Request) -> Response:
             ),
             entity_keys=entity_keys,
             raw_rows=records,
-            # Starlette keeps the body it read: the prediction log hands these bytes on as they came.
-            body=await request.body(),
+            # The prediction log hands these bytes on as they came, and when the records are all there is in
+            # strict JSON, it may cut their text out instead of reading them again.
+            body=raw,
+            body_records=len(records) if strict and len(body) == 1 else None,
         )
     )
     predictions = []

@@ -786,13 +786,19 @@ def rows_of(
 def read_json(body: bytes) -> Any:
     """A request body as JSON; 422 when it is not JSON. The prediction log's producer reads logged request
     bodies with the same function, so it sees the very records the request was answered for."""
+    return parse_json(body)[0]
+
+
+def parse_json(body: bytes) -> tuple[Any, bool]:
+    """:func:`read_json`, and whether the body is strict JSON (orjson read it; False when it took Python's
+    json, which also reads NaN and Infinity literals)."""
     try:
-        return orjson.loads(body)
+        return orjson.loads(body), True
     except orjson.JSONDecodeError:
         pass
     try:
         # Python's json reads the NaN/Infinity literals some clients write; the NaN/inf rule then applies.
-        return json.loads(body)
+        return json.loads(body), False
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not JSON: {exc}", reason="not-json") from exc
 
@@ -826,3 +832,9 @@ class LogItem:
     """The request's JSON body whose ``records`` are ``raw_rows`` (then ``body_rows`` picks this item's rows):
     handed to the log producer as it came, so the request path never re-serialises the inputs."""
     body_rows: list[int] | None = None
+    body_records: int | None = None
+    """Set when ``body`` is strict JSON whose only member is ``records``: how many records it holds. The
+    producer may then cut each record's text out of the body instead of reading it (see
+    :func:`~services.serving.adapters.prediction_log.record_texts`)."""
+    record_texts: list[bytes] | None = None
+    """Each row's inputs as JSON between the braces, when the producer cut them out of ``body``."""

@@ -105,6 +105,8 @@ class PredictRequest:
     version: int | None = None
     body: bytes | None = None
     """The JSON body ``raw_rows`` were read from (its ``records``), when there is one."""
+    body_records: int | None = None
+    """How many records ``body`` holds when it is strict JSON with no member but ``records`` (LogItem)."""
 
 
 @dataclass
@@ -189,6 +191,7 @@ class _ShadowJob:
     request_id: str
     body: bytes | None = None
     body_rows: list[int] | None = None
+    body_records: int | None = None
 
 
 def _refused(model: ServedModel, exc: Exception) -> DomainError:
@@ -384,6 +387,7 @@ class Predictor:
                 scores=scores,
                 body=request.body if request.raw_rows is not None else None,
                 body_rows=rows,
+                body_records=request.body_records if request.raw_rows is not None else None,
             )
         )
 
@@ -407,6 +411,7 @@ class Predictor:
             request_id=result.request_id,
             body=request.body if request.raw_rows is not None else None,
             body_rows=rows,
+            body_records=request.body_records if request.raw_rows is not None else None,
         )
         try:
             self.shadow_queue.put_nowait(job)
@@ -444,6 +449,7 @@ class Predictor:
                 scores=scores,
                 body=job.body,
                 body_rows=job.body_rows,
+                body_records=job.body_records,
             )
         )
 

@@ -241,6 +241,18 @@ async def test_nan_is_missing_and_infinity_is_refused(service: Service) -> None:
     assert r.status_code == 422 and r.json()["reason"] == "infinite"
 
 
+async def test_the_log_may_cut_records_only_out_of_a_strict_body_holding_nothing_else(
+    service: Service,
+) -> None:
+    await predict(service, [record(), record()])
+    assert service.log.items[-1].body_records == 2
+    await predict(service, [record(), record()], entity_keys=["a", "b"])
+    assert service.log.items[-1].body_records is None
+    nan = b'{"records": [{"tenure_months": NaN, "monthly_charges": null, "plan": null}]}'
+    await service.client.post("/v1/models/churn/predict", content=nan, headers=PREDICT)
+    assert service.log.items[-1].body == nan and service.log.items[-1].body_records is None
+
+
 async def test_size_and_row_limits_are_413(service: Service) -> None:
     assert (await predict(service, [record()] * 51)).status_code == 413
     big = await predict(service, [record(plan="x" * 30_000)])

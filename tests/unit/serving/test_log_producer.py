@@ -5,22 +5,35 @@ producer never outlives serving. The producer process is real; the broker is unr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from contracts.predictions import PredictionColumns, read_prediction_columns, read_predictions_logged
 from libs.settings import KafkaSettings
+from services.serving.adapters import prediction_log
 from services.serving.adapters.log_producer import ProcessPredictionLog
-from services.serving.adapters.prediction_log import DROPPED, FRAME, SENT, Unpacker, encode, pack
-from services.serving.domain import LogItem, read_json
-from tests.unit.serving.test_prediction_log import VARIED, decode, item, validated
+from services.serving.adapters.prediction_log import (
+    DROPPED,
+    FRAME,
+    SENT,
+    Unpacker,
+    encode,
+    pack,
+    record_texts,
+)
+from services.serving.domain import LogItem, parse_json, read_json, rows_of
+from tests.unit.serving.test_prediction_log import VARIED, decode, dict_per_row, item, validated
 
 ROOT = Path(__file__).resolve().parents[3]
 NOWHERE = KafkaSettings(bootstrap="127.0.0.1:1")
@@ -36,11 +49,20 @@ def handed_over(log_item: LogItem, unpack: Unpacker | None = None, *, body_sent:
 
 def with_body(log_item: LogItem, body: bytes, rows: list[int] | None = None) -> LogItem:
     """The item as the v1 API makes it: the records are the body's, ``rows`` picks this item's."""
-    records = read_json(body)["records"]
+    parsed, strict = parse_json(body)
+    records = parsed["records"]
     log_item.body = body
     log_item.body_rows = rows
+    log_item.body_records = len(records) if strict and len(parsed) == 1 else None
     log_item.raw_rows = records if rows is None else [records[i] for i in rows]
     return log_item
+
+
+def inputs(log_item: LogItem) -> list[dict[str, Any]]:
+    """The records of an item read back, whether they were cut out of the body or read from it."""
+    if log_item.record_texts is not None:
+        return [orjson.loads(b"{" + text + b"}") for text in log_item.record_texts]
+    return log_item.raw_rows or []
 
 
 @pytest.mark.parametrize("case", list(VARIED))
@@ -73,10 +95,146 @@ def test_the_variants_of_a_split_request_share_one_body_in_order() -> None:
     first = handed_over(stable, unpack)
     assert body not in pack(canary, body_sent=True)
     second = handed_over(canary, unpack, body_sent=True)
-    assert [r["tenure_months"] for r in first.raw_rows or []] == [0, 2, 4]
-    assert [r["tenure_months"] for r in second.raw_rows or []] == [1, 3]
+    assert [r["tenure_months"] for r in inputs(first)] == [0, 2, 4]
+    assert [r["tenure_months"] for r in inputs(second)] == [1, 3]
     [wire] = encode(second, source="/s", max_bytes=1_000_000)
     assert decode(wire).data == validated(canary)
+
+
+@pytest.mark.parametrize("case", [c for c in VARIED if "raw records" not in c])
+def test_records_cut_from_a_body_orjson_wrote_give_the_bytes_of_records_read_from_it(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)  # cut even the one-row body
+    log_item = VARIED[case]()
+    if log_item.raw_rows is None:
+        log_item.raw_rows = [dict(r) for r in rows_of(log_item.columns)]
+    with_body(log_item, orjson.dumps({"records": log_item.raw_rows}))
+    back = handed_over(log_item)
+    assert back.record_texts is not None and back.raw_rows is None, "the records were read, not cut"
+    [(_, _, value, _)] = encode(back, source="/s", max_bytes=1_000_000)
+    assert value == dict_per_row(log_item)
+
+
+FORMATS = {
+    "compact": lambda body: json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+    "Python's json": lambda body: json.dumps(body, ensure_ascii=False).encode(),
+    "indented": lambda body: json.dumps(body, indent=2, ensure_ascii=False).encode(),
+    "tabs, CRLF and space around": lambda body: (
+        b" \r\n" + json.dumps(body, indent="\t", ensure_ascii=False).replace("\n", "\r\n").encode() + b"\n\t "
+    ),
+}
+TRICKY = [
+    "plain",
+    "},{",
+    "}, {",
+    "} ,\n{",
+    '"records"',
+    "[{",
+    "}]}",
+    "a\\b",
+    "\u00f6",
+    "\n",
+    "",
+    " ",
+    ",",
+    "12345678901234567890123",
+]
+
+
+def random_records(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    def value() -> Any:
+        kind = rng.randrange(40)
+        if kind == 0:
+            return rng.choice(TRICKY)
+        if kind == 1:
+            return rng.choice([{"x": {"y": 1}}, [{"a": 1}, {"b": 2}], [], {}])  # nested: logged as they are
+        if kind == 2:
+            return rng.choice([10**19, -(2**63), 2**64 - 1, 10**25])
+        if kind < 8:
+            return rng.choice([None, True, False, "basic", "pro plan", "ö"])
+        if kind < 16:
+            return rng.randrange(-(10**6), 10**6)
+        return rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-30, 30)
+
+    keys = ["tenure_months", "monthly_charges", "plan", "age", "ö", "with space"]
+    tricky = ["records", "a,b", "}, {"]
+    return [
+        {rng.choice(tricky if rng.random() < 0.02 else keys): value() for _ in range(rng.randrange(0, 4))}
+        for _ in range(n)
+    ]
+
+
+def test_records_cut_from_any_body_read_as_the_records_that_were_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)
+    rng = random.Random(20261128)
+    cut = read = 0
+    for trial in range(600):
+        n = rng.randrange(1, 8)
+        records = random_records(rng, n)
+        body = rng.choice(list(FORMATS.values()))({"records": records})
+        picked = None if trial % 3 else sorted(rng.sample(range(n), rng.randrange(1, n + 1)))
+        log_item = item(rows=n if picked is None else len(picked))
+        with_body(log_item, body, picked)
+        back = handed_over(log_item)
+        texts = record_texts(body, log_item.body_records)
+        if texts is not None:
+            assert [orjson.loads(b"{" + t + b"}") for t in texts] == read_json(body)["records"], body
+        cut += back.record_texts is not None
+        read += back.raw_rows is not None
+        [wire] = encode(back, source="/s", max_bytes=1_000_000)
+        assert orjson.loads(wire[2]) == orjson.loads(dict_per_row(log_item)), body
+    # Both ways are taken often (the tricky strings, nested values and long integers force a read).
+    assert cut > 300 and read > 60, (cut, read)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"records": [{"a": "},{"}, {"a": 1}]}',
+        b'{"records":[{"a":"}, {"},{"a":1}]}',
+        b'{"records": [{"a": [{"b": 1}, {"c": 2}]}, {"a": 1}]}',
+        b'{"records": [{"a": "\\u0041"}, {"a": 1}]}',
+        # Read as one member (the last), but two in the text: the backslash is what tells.
+        b'{"records": [{"a": 0}], "rec\\u006frds": [{"a": 1}, {"a": 1}]}',
+        b'{"records": [{"records": 1}, {"a": 1}]}',
+        b'{"records": [{"a": 1}, {"a": 1}]}' + b" " * 300,
+        b'\xef\xbb\xbf{"records": [{"a": 1}, {"a": 1}]}',
+        b'{"records": [{"a": 1}, {"a": 1}, {"a": 1}]}',
+    ],
+)
+def test_a_body_whose_records_cannot_be_cut_is_read(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)
+    assert record_texts(body, 2) is None
+
+
+@pytest.mark.parametrize("spacing", list(FORMATS))
+def test_the_consumers_fast_readers_take_records_cut_from_a_body_as_the_validated_event(spacing: str) -> None:
+    records = [
+        {
+            "tenure_months": i,
+            "monthly_charges": None if i % 3 else 20.25 * i,
+            "plan": ("basic", "pro x")[i % 2],
+        }
+        for i in range(12)
+    ]
+    log_item = with_body(item(rows=12), FORMATS[spacing]({"records": records}))
+    back = handed_over(log_item)
+    assert back.record_texts is not None
+    [(_, _, value, _)] = encode(back, source="/s", max_bytes=1_000_000)
+    expected = validated(log_item)
+    assert read_predictions_logged(value) == expected
+    assert read_prediction_columns(value) == PredictionColumns.of(expected)
+
+
+def test_a_body_of_records_only_is_cut_however_it_is_spaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b' \n{ "records" :\t[ {"a": 1, "b": "x y"} ,\r\n{} , { "c" : [1, 2] } ] }\n'
+    assert record_texts(body, 3) is None  # so few are read: as cheap
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)
+    assert record_texts(body, 3) == [b'"a": 1, "b": "x y"', b"", b' "c" : [1, 2] ']
+    assert record_texts(body, None) is None
 
 
 def test_a_frame_reusing_a_body_never_read_is_refused() -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from contracts.predictions import (
@@ -22,6 +23,7 @@ from contracts.predictions import (
 )
 from contracts.registry import EVENT_TYPES
 from libs.settings import KafkaSettings
+from services.serving.adapters import prediction_log
 from services.serving.adapters.prediction_log import DROPPED, SENT, KafkaPredictionLog, encode
 from services.serving.domain import columns_from_records, rows_of
 from services.serving.routing import Scores
@@ -312,3 +314,47 @@ async def test_unacknowledged_sends_are_counted_not_silent() -> None:
     await log.stop()
     await asyncio.wait_for(task, timeout=5)
     assert DROPPED.labels("send-failed")._value.get() == before + 2
+
+
+def dict_per_row(log_item: LogItem) -> bytes:
+    """The event as one dict per row encoded by orjson: what the column-wise encoder must write byte for
+    byte."""
+    scores = log_item.scores
+    inputs = log_item.raw_rows if log_item.raw_rows is not None else rows_of(log_item.columns)
+    rows = []
+    for i, pid in enumerate(log_item.prediction_ids):
+        output: dict[str, Any] = {"prediction": scores.labels[i]}
+        if scores.probabilities is not None and scores.classes is not None:
+            output["probabilities"] = dict(
+                zip([str(c) for c in scores.classes], scores.probabilities[i], strict=True)
+            )
+        rows.append(
+            {
+                "prediction_id": pid,
+                "entity_key": log_item.entity_keys[i],
+                "inputs": inputs[i],
+                "output": output,
+            }
+        )
+    head = {
+        "model": log_item.model,
+        "model_version": log_item.version,
+        "variant": log_item.variant.value,
+        "rollout_id": log_item.rollout_id,
+        "request_id": log_item.request_id,
+        "predicted_at": log_item.predicted_at.isoformat(),
+        "latency_ms": log_item.latency_ms,
+        "rows": rows,
+    }
+    return orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@pytest.mark.parametrize("columnwise_from", [1, 10**9])
+@pytest.mark.parametrize("case", list(VARIED))
+def test_rows_built_a_column_at_a_time_or_one_dict_at_a_time_are_the_same_bytes(
+    case: str, columnwise_from: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", columnwise_from)
+    log_item = VARIED[case]()
+    [(_, _, value, _)] = encode(log_item, source="/s", max_bytes=1_000_000)
+    assert value == dict_per_row(log_item)
