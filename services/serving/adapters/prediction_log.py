@@ -161,7 +161,8 @@ def _row_parts(item: LogItem) -> tuple[list[bytes], int]:
     From ``COLUMNWISE_FROM_ROWS`` rows (or with the records cut out of the body) they are made a column at
     a time: a row's pieces are constants and its values of each column, cut from one orjson call per
     column. The bytes are those of ``orjson.dumps`` of one object per row (prediction id, entity key,
-    inputs, output), which is how fewer rows are made: for 100 rows, columns cost about half as much."""
+    inputs, output), which is how fewer rows are made, as it costs them less; for 100 rows, columns cost
+    about half as much."""
     if item.record_texts is not None:
         texts = item.record_texts
     elif len(item.prediction_ids) >= COLUMNWISE_FROM_ROWS:
@@ -178,16 +179,15 @@ def _row_parts(item: LogItem) -> tuple[list[bytes], int]:
         (b',"inputs":{', texts),
         (b'},"output":{"prediction":', _tokens(scores.labels)),
     ]
+    n = len(scores.labels)
     close = b"}},"
     if scores.probabilities is not None and scores.classes is not None:
-        per_class = (
-            zip(*scores.probabilities, strict=True) if len(scores.labels) else ((),) * len(scores.classes)
-        )
+        # Transposed: one column of probabilities per class (no rows would give no classes at all).
+        per_class = zip(*scores.probabilities, strict=True) if n else [()] * len(scores.classes)
         for i, (label, probabilities) in enumerate(zip(scores.classes, per_class, strict=True)):
             key = orjson.dumps(str(label))
             columns.append(((b',"probabilities":{' if i == 0 else b",") + key + b":", _tokens(probabilities)))
         close = b"}}},"
-    n = len(scores.labels)
     stride = 2 * len(columns) + 1
     parts = [close] * (stride * n)
     for i, (constant, values) in enumerate(columns):
