@@ -221,7 +221,7 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
         + b',"rows":['
     )
     model = item.model.encode()
-    time = predicted_at.replace("+00:00", "Z").encode()
+    ce_time = predicted_at.replace("+00:00", "Z").encode()
     source_bytes = source.encode()
     out: list[Wire] = []
     pending = [(0, len(parts) // stride)]
@@ -244,7 +244,7 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
             ("ce_id", event_id),
             ("ce_source", source_bytes),
             ("ce_type", _EVENT_TYPE),
-            ("ce_time", time),
+            ("ce_time", ce_time),
             ("content-type", _CONTENT_TYPE),
             ("ce_correlationid", event_id),
             ("ce_subject", model),
