@@ -100,7 +100,14 @@ _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 COPY_CHUNK_BYTES = 64 * 1024
 """How much COPY data goes out at once: small enough that Postgres writes the first rows of a batch
-while the next are built, large enough that sending costs little."""
+while the next are built, large enough that sending costs little (each send wakes the backend)."""
+ROW_AT_A_TIME = "random() >= 0"
+"""The trail's COPY clause ``WHERE``: always true, and volatile, which is its point. Postgres holds the
+rows of a binary COPY until 1,000 are buffered or the data ends (it counts buffered bytes only for text
+input), so a poll's COPY would be written only once its last byte arrived: Postgres idle while this
+process builds the rows, then this process idle while Postgres writes them. A volatile ``WHERE`` makes
+Postgres insert each row as it is read (copyfrom.c: no multi-insert buffer then), so the two work side
+by side. docs/benchmarks.md (Audit) has the numbers."""
 _TEXT_CACHE_MAX = 4096
 
 
@@ -308,9 +315,12 @@ class PgTrail:
         """COPY the rows in (binary); the chain lock is held, so their numbers follow the head.
 
         The rows are built as the COPY data is, one chunk at a time, and each chunk is sent as soon as it
-        is made: Postgres writes the first rows of the batch while this process builds the next.
+        is made: Postgres writes the first rows of the batch while this process builds the next
+        (:data:`ROW_AT_A_TIME`).
         """
-        await self.conn.copy_to_table("trail", source=copy_data(rows), columns=COPY_COLUMNS, format="binary")
+        await self.conn.copy_to_table(
+            "trail", source=copy_data(rows), columns=COPY_COLUMNS, format="binary", where=ROW_AT_A_TIME
+        )
 
     async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
         """Keep a signed checkpoint."""
