@@ -22,7 +22,7 @@ from libs.service import Runtime, ServiceParts
 from services.audit import api, handlers
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
-from services.audit.domain import KeyRing, PreparedRows, Signer
+from services.audit.domain import KeyRing, PartitionEnds, PreparedRows, Signer
 from services.audit.settings import AuditSettings, decode_key
 
 log = get_logger(__name__)
@@ -116,6 +116,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
     role; with ``look_ahead``, the next poll's rows are prepared while a poll's transaction is in flight."""
     role = settings.writer_role
     prepared = PreparedRows()
+    ends = PartitionEnds()
 
     async def record_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         await enter_writer_role(tx.conn, role)
@@ -129,6 +130,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
             dead_letter_topic=DEAD_LETTER,
             checkpoint_every_rows=settings.checkpoint_every_rows,
             prepared=prepared,
+            ends=ends,
         )
 
     async def prepare_batch(deliveries: Sequence[Delivery]) -> None:

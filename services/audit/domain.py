@@ -467,6 +467,41 @@ def chain_rows(
     return list(builder.rows(incoming))
 
 
+class PartitionEnds:
+    """The highest Kafka offset the trail holds in each partition (-1: none), as far as one writer knows:
+    what it read under the chain lock and what it appended since, valid only at the head it left.
+
+    Records beyond their partition's end are new, so a writer that knows the ends looks up only records at
+    or below them (a redelivery). Another writer appending, a transaction rolled back after
+    :meth:`left`, or a database restored to another state each show as a head other than the one left,
+    and then nothing is known until read again. Ends known too high cost only an exact look-up; too low
+    they could let a redelivered record through, which the head check rules out.
+    """
+
+    def __init__(self) -> None:
+        self._head: tuple[int, bytes] | None = None
+        self._ends: dict[tuple[str, int], int] = {}
+
+    def at(self, head: ChainHead) -> dict[tuple[str, int], int]:
+        """The ends known at ``head``, read under the chain lock; the caller adds the ends it reads."""
+        if self._head != (head.seq, head.row_hash):
+            self._head, self._ends = (head.seq, head.row_hash), {}
+        return self._ends
+
+    def left(self, head: ChainHead, appended: Iterable[Incoming]) -> None:
+        """This writer appended ``appended`` after the head given to :meth:`at`, leaving ``head``."""
+        ends = self._ends
+        for item in appended:
+            r = item.record
+            key = (r.topic, r.partition)
+            end = ends.get(key)
+            if end is None:
+                continue  # a partition not read under the lock stays unknown
+            if r.offset > end:
+                ends[key] = r.offset
+        self._head = (head.seq, head.row_hash)
+
+
 def new_positions(
     incoming: Sequence[Incoming],
     recorded: set[KafkaPosition],

@@ -25,6 +25,7 @@ from services.audit.domain import (
     ChainHead,
     Incoming,
     KafkaPosition,
+    PartitionEnds,
     PreparedRows,
     Signer,
     checkpoint_due,
@@ -49,16 +50,20 @@ async def on_records(
     dead_letter_topic: str,
     checkpoint_every_rows: int,
     prepared: PreparedRows | None = None,
+    ends: PartitionEnds | None = None,
 ) -> int:
     """Append the records the trail does not hold yet, in delivery order; sign a checkpoint when due.
 
-    Rows ``prepared`` for these records are used instead of making them again. Returns how many rows
-    were appended.
+    Rows ``prepared`` for these records are used instead of making them again. ``ends``: what this writer
+    knows of the partitions' ends from its previous transactions (the same object each time). Returns how
+    many rows were appended.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     head = await trail.lock_head()
     positions = [KafkaPosition(r.topic, r.partition, r.offset) for r, _, _ in incoming]
-    fresh = new_positions(incoming, await trail.recorded(positions), positions)
+    if ends is None:
+        ends = PartitionEnds()
+    fresh = new_positions(incoming, await _recorded(trail, ends.at(head), positions), positions)
     if len(fresh) < len(incoming):
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
     keys = event_keys(fresh)
@@ -73,9 +78,21 @@ async def on_records(
         head, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
     )
     await trail.append(builder.rows(fresh, prepared))
+    ends.left(builder.head, fresh)
     if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
         await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
     return builder.head.seq - head.seq
+
+
+async def _recorded(
+    trail: TrailWriter, ends: dict[tuple[str, int], int], positions: Sequence[KafkaPosition]
+) -> set[KafkaPosition]:
+    """The positions the trail holds: only those at or below their partition's end can be, so only they
+    are looked up; the ends not known yet are read first (and kept in ``ends``)."""
+    if unknown := sorted({(p.topic, p.partition) for p in positions}.difference(ends)):
+        ends.update(await trail.partition_ends(unknown))
+    maybe = [p for p in positions if p.offset <= ends[(p.topic, p.partition)]]
+    return await trail.recorded(maybe) if maybe else set()
 
 
 PREPARE_STEP = 50

@@ -23,6 +23,11 @@ class TrailWriter(Protocol):
         the newest checkpoint's sequence)."""
         ...
 
+    async def partition_ends(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The highest Kafka offset the trail holds in each of these (topic, partition) pairs, -1 for
+        none."""
+        ...
+
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
         """Which of these Kafka positions the trail already holds."""
         ...

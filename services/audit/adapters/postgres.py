@@ -259,40 +259,31 @@ class PgTrail:
         row = await self.conn.fetchrow(_HEAD_SQL)
         return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS, row["checkpoint_seq"])
 
+    async def partition_ends(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """One index probe per partition (the unique Kafka position)."""
+        if not partitions:
+            return {}
+        rows = await self.conn.fetch(
+            """SELECT g.topic, g.kafka_partition,
+                      (SELECT max(t.kafka_offset) FROM trail t
+                        WHERE t.topic = g.topic AND t.kafka_partition = g.kafka_partition) AS last
+               FROM unnest($1::text[], $2::int[]) AS g(topic, kafka_partition)""",
+            [t for t, _ in partitions],
+            [p for _, p in partitions],
+        )
+        return {(r["topic"], r["kafka_partition"]): -1 if r["last"] is None else r["last"] for r in rows}
+
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
-        """Positions already in the trail: one index probe per partition, exact checks only below its end."""
+        """Exact look-ups through the unique Kafka position."""
         if not positions:
-            return set()
-        lowest: dict[tuple[str, int], int] = {}  # the batch's lowest offset in each partition
-        for topic, partition, offset in positions:
-            low = lowest.get((topic, partition))
-            if low is None or offset < low:
-                lowest[(topic, partition)] = offset
-        partitions = sorted(lowest)
-        ends = {
-            (r["topic"], r["kafka_partition"]): r["last"]
-            for r in await self.conn.fetch(
-                """SELECT g.topic, g.kafka_partition,
-                          (SELECT max(t.kafka_offset) FROM trail t
-                            WHERE t.topic = g.topic AND t.kafka_partition = g.kafka_partition) AS last
-                   FROM unnest($1::text[], $2::int[]) AS g(topic, kafka_partition)""",
-                [t for t, _ in partitions],
-                [p for _, p in partitions],
-            )
-            if r["last"] is not None and r["last"] >= lowest[(r["topic"], r["kafka_partition"])]
-        }
-        if not ends:
-            return set()  # the usual batch: every record lies beyond its partition's end
-        maybe = [p for p in positions if p.offset <= ends.get((p.topic, p.partition), -1)]
-        if not maybe:
             return set()
         rows = await self.conn.fetch(
             """SELECT t.topic, t.kafka_partition, t.kafka_offset
                FROM unnest($1::text[], $2::int[], $3::bigint[]) AS g(topic, kafka_partition, kafka_offset)
                JOIN trail t USING (topic, kafka_partition, kafka_offset)""",
-            [p.topic for p in maybe],
-            [p.partition for p in maybe],
-            [p.offset for p in maybe],
+            [p.topic for p in positions],
+            [p.partition for p in positions],
+            [p.offset for p in positions],
         )
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
 

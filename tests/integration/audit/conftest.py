@@ -19,7 +19,7 @@ from services.audit import handlers
 from services.audit.adapters.postgres import PgChain, PgTrail, enter_writer_role, prepare_writer_role
 from services.audit.bootstrap import MIGRATIONS
 from services.audit.core import verify_trail
-from services.audit.domain import KeyRing, Signer
+from services.audit.domain import KeyRing, PartitionEnds, Signer
 from services.audit.verification import VerifyReport
 from tests.integration.kafka_tools import unique
 from tests.unit.audit.fakes import SEED, Clock, delivery, example
@@ -36,8 +36,11 @@ class TrailDb:
     database_url: str
     signer: Signer
 
-    async def record(self, deliveries: Sequence[Delivery], *, every: int = 10) -> int:
-        """Append deliveries the way the service's consumer does: one transaction, writer role."""
+    async def record(
+        self, deliveries: Sequence[Delivery], *, every: int = 10, ends: PartitionEnds | None = None
+    ) -> int:
+        """Append deliveries the way the service's consumer does: one transaction, writer role (and
+        ``ends``, what the writer knows from its previous transactions)."""
         async with pg_transactions(self.pool, self.schema)() as tx:
             await enter_writer_role(tx.conn, ROLE)
             return await handlers.on_records(
@@ -49,6 +52,7 @@ class TrailDb:
                 clock=Clock(),
                 dead_letter_topic=DEAD_LETTER,
                 checkpoint_every_rows=every,
+                ends=ends,
             )
 
     async def fill(self, rows: int, *, batch: int = 5, every: int = 10) -> list[CloudEvent[Any]]:

@@ -16,7 +16,7 @@ from contracts.training import TrainingRequested
 from libs.bus.core import Delivery, Record
 from services.audit import core
 from services.audit.adapters.postgres import PgTrail, reading
-from services.audit.domain import ChainBuilder, ChainHead, EventQuery, Incoming
+from services.audit.domain import ChainBuilder, ChainHead, EventQuery, Incoming, PartitionEnds
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import delivery, example, record_of
 
@@ -71,6 +71,26 @@ async def test_concurrent_writers_never_fork_the_chain(trail_db: TrailDb) -> Non
     await asyncio.gather(writer(0), writer(1), writer(2))
     seqs = [r["seq"] for r in await trail_db.pool.fetch("SELECT seq FROM trail ORDER BY seq")]
     assert seqs == list(range(1, 121))
+    assert (await trail_db.verify()).ok
+
+
+async def test_a_replica_notices_the_other_moved_the_head_before_it_trusts_the_ends_it_left(
+    trail_db: TrailDb,
+) -> None:
+    # Two consumers holding the same partition for a while (a rebalance). Predictions, which only their
+    # Kafka position tells apart (they are not looked up by event id).
+    polls = [
+        [delivery(example(PredictionsLogged), offset=start + k) for k in range(4)] for start in (0, 4, 8)
+    ]
+    mine, theirs = PartitionEnds(), PartitionEnds()
+    assert await trail_db.record(polls[0], ends=mine) == 4
+    assert await trail_db.record(polls[1], ends=theirs) == 4
+    assert await trail_db.record([*polls[1], *polls[2]], ends=mine) == 4  # the ends it left are 3, not 7
+    assert await trail_db.record(polls[2], ends=theirs) == 0
+    offsets = [
+        r["kafka_offset"] for r in await trail_db.pool.fetch("SELECT kafka_offset FROM trail ORDER BY seq")
+    ]
+    assert offsets == list(range(12))
     assert (await trail_db.verify()).ok
 
 

@@ -21,6 +21,7 @@ from services.audit.domain import (
     EventQuery,
     KafkaPosition,
     Kind,
+    PartitionEnds,
     PreparedRows,
     Signer,
     StoredRow,
@@ -50,6 +51,8 @@ class FakeTrail:
     checkpoint_rows: list[tuple[AuditCheckpoint, str]] = field(default_factory=list)
     chunk_seed: int = 7
     locks: int = 0
+    end_lookups: int = 0
+    exact_lookups: int = 0
 
     # -- TrailWriter ---------------------------------------------------------------------------------
 
@@ -64,7 +67,17 @@ class FakeTrail:
         last = self.rows[max(self.rows)].row
         return ChainHead(last.seq, last.row_hash, checkpoint_seq)
 
+    async def partition_ends(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        self.end_lookups += 1
+        ends = dict.fromkeys(partitions, -1)
+        for s in self.rows.values():
+            key = (s.row.topic, s.row.partition)
+            if key in ends:
+                ends[key] = max(ends[key], s.row.offset)
+        return ends
+
     async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+        self.exact_lookups += 1
         held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
         return {p for p in positions if p in held}
 
@@ -253,6 +266,7 @@ async def record(
     *,
     every: int = 1000,
     prepared: PreparedRows | None = None,
+    ends: PartitionEnds | None = None,
 ) -> tuple[int, list[CloudEvent[Any]]]:
     """Record a poll through the audit handler; the count of new rows and the checkpoints published."""
     published: list[CloudEvent[Any]] = []
@@ -270,5 +284,6 @@ async def record(
         dead_letter_topic=DEAD_LETTER,
         checkpoint_every_rows=every,
         prepared=prepared,
+        ends=ends,
     )
     return n, published

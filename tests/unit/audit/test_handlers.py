@@ -18,7 +18,7 @@ from contracts.training import TrainingRequested
 from libs.bus import Delivery, InMemoryBus, Subscription, Transaction
 from services.audit import handlers
 from services.audit.core import verify_trail
-from services.audit.domain import KeyRing, Kind, Signer, chain_hash
+from services.audit.domain import KeyRing, Kind, PartitionEnds, Signer, chain_hash
 from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, kind_of, record
 
 
@@ -92,6 +92,58 @@ async def test_predictions_are_not_looked_up_by_id(trail: FakeTrail, signer: Sig
     prediction = example(PredictionsLogged)
     n, _ = await record(trail, signer, [delivery(prediction, offset=0), delivery(prediction, offset=1)])
     assert n == 2
+
+
+def drifts(offsets: range, partition: int = 0) -> list[Delivery]:
+    return [delivery(example(DriftDetected), partition=partition, offset=i) for i in offsets]
+
+
+def positions(trail: FakeTrail) -> list[tuple[str, int, int]]:
+    return sorted((s.row.topic, s.row.partition, s.row.offset) for s in trail.rows.values())
+
+
+async def test_a_writer_that_knows_the_partition_ends_looks_up_only_redeliveries(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    ends = PartitionEnds()
+    await record(trail, signer, [*drifts(range(3)), *drifts(range(2), partition=1)], ends=ends)
+    assert (trail.end_lookups, trail.exact_lookups) == (1, 0)
+    await record(trail, signer, [*drifts(range(3, 6)), *drifts(range(2, 4), partition=1)], ends=ends)
+    assert (trail.end_lookups, trail.exact_lookups) == (1, 0)  # nothing read: all beyond the ends left
+    redelivered = drifts(range(5, 8))  # offset 5 is in the trail
+    n, _ = await record(trail, signer, redelivered, ends=ends)
+    assert (n, trail.end_lookups, trail.exact_lookups) == (2, 1, 1)
+    n, _ = await record(trail, signer, drifts(range(1), partition=2), ends=ends)  # a partition not seen yet
+    assert (n, trail.end_lookups) == (1, 2)
+    assert len(positions(trail)) == len(set(positions(trail))) == 13
+
+
+async def test_the_ends_are_read_again_when_another_writer_moved_the_head(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    mine, theirs = PartitionEnds(), PartitionEnds()
+    await record(trail, signer, drifts(range(3)), ends=mine)
+    batch = drifts(range(3, 6))
+    await record(trail, signer, batch, ends=theirs)  # a replica appended beyond the ends this one knows
+    n, _ = await record(trail, signer, [*batch, *drifts(range(6, 7))], ends=mine)
+    assert n == 1
+    assert trail.end_lookups == 3
+    assert positions(trail) == [("mlops.monitoring", 0, i) for i in range(7)]
+
+
+async def test_the_ends_are_read_again_after_a_transaction_rolled_back(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    ends = PartitionEnds()
+    await record(trail, signer, drifts(range(3)), ends=ends)
+    before = dict(trail.rows)
+    batch = drifts(range(3, 6))
+    await record(trail, signer, batch, ends=ends)
+    trail.rows = before  # the commit failed
+    n, _ = await record(trail, signer, batch, ends=ends)
+    assert n == 3
+    assert trail.end_lookups == 2
+    assert positions(trail) == [("mlops.monitoring", 0, i) for i in range(6)]
 
 
 async def test_checkpoint_is_signed_and_published_every_n_rows(trail: FakeTrail, signer: Signer) -> None:
