@@ -2,11 +2,12 @@
 on the same Postgres in one run.
 
     deploy/local/driftloop infra up
-    .venv/bin/python -m bench.audit.run [--events 200000] [--batch 500] [--repeat 3]
+    .venv/bin/python -m bench.audit.run [--events 200000] [--batch 1000] [--repeat 3]
 
 Ingest, our side: the audit service's write path exactly as its consumer runs it — its subscription
 (``trail_subscription``) on the bus's dispatcher with the service's transaction factory, one transaction
-per batch of records (a poll): SET LOCAL ROLE to the writer role, the chain lock, the head, the redelivery
+per batch of records (a poll: ``MAX_POLL_RECORDS``, what its consumer takes at a time from a backlog):
+SET LOCAL ROLE to the writer role, the chain lock, the head, the redelivery
 check, building each row (meta JSON, SHA-256 of the record, the chain hash, the seal), COPY into the
 trail with its unique Kafka position and indexes, checkpoints every 10,000 rows into the outbox. As the
 Kafka runner does when the next poll is already fetched, each poll is dispatched with the next one as
@@ -55,6 +56,7 @@ from contracts.predictions import PredictionsLogged
 from contracts.registry import EVENT_TYPES
 from contracts.topics import DEAD_LETTER, TOPICS
 from libs.bus.core import Dispatcher, Record
+from libs.bus.kafka import MAX_POLL_RECORDS
 from libs.bus.postgres import bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
 from services.audit.adapters.postgres import (
@@ -239,7 +241,12 @@ def built_rows(records: Sequence[Record], batch: int, signer: Signer) -> list[li
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=500, help="records per transaction (a consumer poll)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=MAX_POLL_RECORDS,
+        help="records per transaction: what the service's consumer takes per poll in a backlog",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each side; the best counts")
     parser.add_argument("--parallelism", type=int, default=3, help="verification ranges at once")
     args = parser.parse_args()

@@ -89,6 +89,11 @@ class KafkaDeadLetters:
         await self.publisher.send_many([(self.topic, record.key, record.value or b"", headers)])
 
 
+MAX_POLL_RECORDS = 1000
+"""Records a consumer takes per poll at most: a backlog is settled this many at a time (one transaction
+per poll for a batch handler)."""
+
+
 class ConsumerRunner:
     """Runs one subscription on Kafka: poll, dispatch, and commit offsets by hand.
 
@@ -108,7 +113,7 @@ class ConsumerRunner:
         registry: EventTypeRegistry,
         begin: TransactionFactory,
         dead_letters: KafkaDeadLetters,
-        max_records: int = 1000,
+        max_records: int = MAX_POLL_RECORDS,
         poll_timeout_ms: int = 200,
         commit_interval_s: float = 0.2,
     ) -> None:
