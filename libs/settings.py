@@ -37,6 +37,16 @@ class KafkaSettings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
     max_event_bytes: int = Field(1_000_000, description="Events larger than this are dead-lettered.")
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=30_000,
+        description="How long the broker holds a consumer's fetch when its partitions have nothing new. "
+        "aiokafka keeps one fetch per broker in flight and leaves out partitions whose records are still "
+        "buffered, so while it holds a fetch for idle partitions the busy ones, once drained, wait for "
+        "it: Kafka's 500 ms default capped a consumer of idle and busy topics at a few thousand records/s "
+        "(docs/benchmarks.md, Audit).",
+    )
     topic_prefix: str = Field(
         "",
         pattern=r"^[a-z0-9._-]*$",

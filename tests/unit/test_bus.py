@@ -199,3 +199,39 @@ async def test_events_of_other_types_on_the_topic_are_ignored_not_dead_lettered(
     await bus.drain()
     assert seen == []
     assert bus.dead_letters == []
+
+
+class _ConsumerBuilt(Exception):
+    """Stops the runner right where it built its consumer."""
+
+
+async def test_the_kafka_runner_lets_the_broker_hold_a_fetch_only_as_long_as_the_settings_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiokafka keeps one fetch per broker in flight: a fetch held for idle partitions holds up the busy ones.
+    from libs.bus import kafka
+    from libs.settings import KafkaSettings
+
+    built: dict[str, Any] = {}
+
+    def consumer(**options: Any) -> None:
+        built.update(options)
+        raise _ConsumerBuilt
+
+    monkeypatch.setattr(kafka, "AIOKafkaConsumer", consumer)
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_FETCH_MAX_WAIT_MS", "40")
+    runner = kafka.ConsumerRunner(
+        Subscription(consumer="c", topics=["mlops.monitoring"], batch_handler=_noop_batch, raw=True),
+        kafka=KafkaSettings(),
+        registry=EventTypeRegistry(),
+        begin=None,  # type: ignore[arg-type]
+        dead_letters=None,  # type: ignore[arg-type]
+    )
+    with pytest.raises(_ConsumerBuilt):
+        await runner.run()
+    assert built["fetch_max_wait_ms"] == 40
+    assert KafkaSettings.model_fields["fetch_max_wait_ms"].default == 100
+
+
+async def _noop_batch(deliveries: Any, tx: Transaction) -> None:
+    return None
