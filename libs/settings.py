@@ -83,6 +83,16 @@ class KafkaSettings(BaseSettings):
             )
         return options
 
+    def consumer_options(self) -> dict[str, object]:
+        """Keyword arguments of every aiokafka consumer: the client's, and how much a fetch may bring
+        (room for the largest event) and how long the broker may hold it."""
+        return {
+            **self.client_options(),
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "max_partition_fetch_bytes": max(1_048_576, self.max_event_bytes * 2),
+            "fetch_max_bytes": max(52_428_800, self.max_event_bytes * 4),
+        }
+
 
 class ServiceSettings(BaseSettings):
     """Settings every service has. Subclasses set ``service`` and their own env prefix."""

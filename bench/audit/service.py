@@ -73,10 +73,7 @@ async def bare_consumer(prefix: str, events: int) -> float:
         group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-        max_partition_fetch_bytes=max(1_048_576, kafka.max_event_bytes * 2),
-        fetch_max_bytes=max(52_428_800, kafka.max_event_bytes * 4),
-        **kafka.client_options(),
+        **kafka.consumer_options(),
     )
     consumer.subscribe([kafka.physical(t) for t in RECORDED])
     await consumer.start()

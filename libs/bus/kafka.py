@@ -145,10 +145,7 @@ class ConsumerRunner:
             group_id=self.sub.consumer,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
-            max_partition_fetch_bytes=max(1_048_576, self.kafka.max_event_bytes * 2),
-            fetch_max_bytes=max(52_428_800, self.kafka.max_event_bytes * 4),
-            **self.kafka.client_options(),
+            **self.kafka.consumer_options(),
         )
         self.consumer.subscribe(
             [self.kafka.physical(t) for t in self.sub.topics], listener=_CommitOnRevoke(self)

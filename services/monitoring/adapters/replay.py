@@ -40,9 +40,7 @@ async def replay_predictions(
     consumer = AIOKafkaConsumer(
         group_id=group,
         enable_auto_commit=False,
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-        max_partition_fetch_bytes=max(1_048_576, kafka.max_event_bytes * 2),
-        **kafka.client_options(),
+        **kafka.consumer_options(),
     )
     await consumer.start()
     began = time.monotonic()
