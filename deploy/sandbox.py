@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.local.broker import create_platform_topics
+from deploy.local.broker import create_platform_topics, delete_platform_topics
 from deploy.platform import Platform
 
 # Short windows and steps, so a whole cascade takes seconds; the same rules as production otherwise.
@@ -115,11 +114,4 @@ class Sandbox:
             await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
         finally:
             await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="driftloop-sandbox")
-        await admin.start()
-        try:
-            ours = [t for t in await admin.list_topics() if t.startswith(self.prefix)]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
+        delete_platform_topics(self.bootstrap, prefix=self.prefix)

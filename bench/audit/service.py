@@ -34,7 +34,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from bench.audit.run import DATABASE, platform_records
-from deploy.local.broker import create_platform_topics
+from deploy.local.broker import create_platform_topics, delete_platform_topics
 from libs.bus.kafka import MAX_POLL_RECORDS, KafkaPublisher
 from libs.settings import KafkaSettings
 from services.audit.settings import AuditSettings
@@ -156,21 +156,26 @@ async def main() -> None:
     args = parser.parse_args()
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     print(f"publishing {args.events:,} platform records under the topic prefix {prefix!r} ...", flush=True)
-    await publish(prefix, args.events)
     bare, shipped, long_wait = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp)
-        for run in range(args.repeat):
-            bare.append(await bare_consumer(prefix, args.events))
-            shipped.append(await audit_service(prefix, args.events, state, {}))
-            long_wait.append(
-                await audit_service(prefix, args.events, state, {"DRIFTLOOP_KAFKA_FETCH_MAX_WAIT_MS": "500"})
-            )
-            print(
-                f"  run {run + 1}: bare consumer {bare[-1]:,.0f}/s, audit service {shipped[-1]:,.0f}/s "
-                f"(fetches held 500 ms: {long_wait[-1]:,.0f}/s)",
-                flush=True,
-            )
+    try:
+        await publish(prefix, args.events)
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp)
+            for run in range(args.repeat):
+                bare.append(await bare_consumer(prefix, args.events))
+                shipped.append(await audit_service(prefix, args.events, state, {}))
+                long_wait.append(
+                    await audit_service(
+                        prefix, args.events, state, {"DRIFTLOOP_KAFKA_FETCH_MAX_WAIT_MS": "500"}
+                    )
+                )
+                print(
+                    f"  run {run + 1}: bare consumer {bare[-1]:,.0f}/s, audit service {shipped[-1]:,.0f}/s "
+                    f"(fetches held 500 ms: {long_wait[-1]:,.0f}/s)",
+                    flush=True,
+                )
+    finally:
+        delete_platform_topics(KAFKA, prefix=prefix)
     print()
     print(f"events: {args.events:,}, best of {args.repeat}")
     print(f"bare aiokafka consumer          {max(bare):>10,.0f} records/s")

@@ -60,6 +60,7 @@ from contracts.common import (
 from contracts.envelope import new_event
 from contracts.models import ModelVersionRegistered
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
+from deploy.local.broker import create_platform_topics, delete_platform_topics
 from libs.artifacts import ArtifactStore, save_model
 from libs.bus.kafka import KafkaPublisher
 from libs.settings import PROJECT_ROOT, KafkaSettings
@@ -404,11 +405,11 @@ def signature(kind: str) -> ModelSignature:
     )
 
 
-async def announce(model: str, ref: ArtifactRef, kind: str) -> None:
+async def announce(kafka: KafkaSettings, model: str, ref: ArtifactRef, kind: str) -> None:
     """Publish what the registry and validation would: versions 1 and 2 of the same artifact, both passed.
     Version 1 becomes stable, version 2 a canary at 10% that stays there (its min samples are unreachable)."""
     sha = "0" * 64
-    publisher = KafkaPublisher(KafkaSettings(bootstrap=KAFKA))
+    publisher = KafkaPublisher(kafka)
     await publisher.start()
     try:
         for version in (1, 2):
@@ -441,7 +442,7 @@ async def announce(model: str, ref: ArtifactRef, kind: str) -> None:
         await publisher.stop()
 
 
-async def start_group_at_end(group: str) -> None:
+async def start_group_at_end(kafka: KafkaSettings, group: str) -> None:
     """The benchmark's consumer group reads only what the benchmark publishes."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
@@ -452,7 +453,7 @@ async def start_group_at_end(group: str) -> None:
     await admin.start()
     try:
         names = [models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC]
-        described = await admin.describe_topics([KafkaSettings().physical(t) for t in names])
+        described = await admin.describe_topics([kafka.physical(t) for t in names])
     finally:
         await admin.close()
     partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
@@ -515,7 +516,7 @@ def dropped_predictions(base: str) -> float:
 
 
 def logging_path_cpu_us(
-    kind: str, model: str, ref: ArtifactRef, rows: int, n: int = 2000
+    kafka: KafkaSettings, kind: str, model: str, ref: ArtifactRef, rows: int, n: int = 2000
 ) -> dict[str, float]:
     """CPU microseconds the prediction log costs per request, measured on its own (steadier than a
     difference of two loaded throughputs): on the event loop (the hand-off to the producer process), in
@@ -554,7 +555,6 @@ def logging_path_cpu_us(
                 body_records=rows,  # as the v1 API says of a strict body holding only records
             )
         )
-    kafka = KafkaSettings(bootstrap=KAFKA)
 
     def cpu(who: int) -> float:
         usage = resource.getrusage(who)
@@ -756,9 +756,13 @@ def main() -> None:
 
     bench_model = f"bench-{tag}"
     schema = f"bench_{tag}"
+    # Its own topics, deleted at the end: the platform's would keep every logged prediction for a week
+    # (about 2 GB a run) and feed them to anything else running on the broker.
+    kafka = KafkaSettings(bootstrap=KAFKA, topic_prefix=f"bench{tag}.")
     env = {
         "DRIFTLOOP_ARTIFACTS_URL": str(work / "artifacts"),
         "DRIFTLOOP_KAFKA_BOOTSTRAP": KAFKA,
+        "DRIFTLOOP_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
         "DRIFTLOOP_DATABASE_URL": DATABASE,
         "DRIFTLOOP_SERVING_DATABASE_SCHEMA": schema,
         "DRIFTLOOP_SERVING_CONSUMER_GROUP": f"bench-serving-{tag}",
@@ -802,8 +806,9 @@ def main() -> None:
     dropped = 0.0
     servers: list[Server] = []
     try:
-        asyncio.run(start_group_at_end(env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
-        asyncio.run(announce(bench_model, ref, args.model))
+        create_platform_topics(KAFKA, prefix=kafka.topic_prefix)
+        asyncio.run(start_group_at_end(kafka, env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
+        asyncio.run(announce(kafka, bench_model, ref, args.model))
         split = len(starters) - len(replicas)
         fixed, driftloops = starters[:split], starters[split:]
         for rnd in range(args.rounds):
@@ -825,11 +830,12 @@ def main() -> None:
             )
             while servers:
                 stop(servers.pop().proc)
+        log_cpu = {rows: logging_path_cpu_us(kafka, args.model, bench_model, ref, rows) for rows in (1, 100)}
     finally:
         for server in servers:
             stop(server.proc)
         asyncio.run(drop_schema(schema))
-    log_cpu = {rows: logging_path_cpu_us(args.model, bench_model, ref, rows) for rows in (1, 100)}
+        delete_platform_topics(KAFKA, prefix=kafka.topic_prefix)
     report(results, names, log_cpu, dropped, args, work)
 
 

@@ -192,6 +192,27 @@ def create_platform_topics(bootstrap: str, replication_factor: int = 1, *, prefi
     return run_async(lambda: _create_topics(bootstrap, replication_factor, prefix))
 
 
+async def _delete_topics(bootstrap: str, prefix: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftloop-infra")
+    await admin.start()
+    try:
+        ours = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+        if ours:
+            await admin.delete_topics(ours)
+        return ours
+    finally:
+        await admin.close()
+
+
+def delete_platform_topics(bootstrap: str, *, prefix: str) -> list[str]:
+    """Delete every topic under ``prefix`` (an isolated namespace's, never the platform's own); returns
+    their names. What a sandbox or a benchmark leaves when it is done: a benchmark that wrote into the
+    platform's own topics left gigabytes in a developer's broker for a week's retention."""
+    if not prefix:
+        raise ValueError("a prefix is required: the unprefixed topics are the platform's own")
+    return run_async(lambda: _delete_topics(bootstrap, prefix))
+
+
 class KafkaBroker:
     """The project's own broker: jars in .driftloop/kafka/libs, data, config and pid beside them."""
 

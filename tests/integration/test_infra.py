@@ -6,10 +6,13 @@ import time
 import uuid
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contracts.topics import TOPICS
+from deploy.local.broker import create_platform_topics, delete_platform_topics
+from tests.integration.kafka_tools import eventually
 
 
 async def _new_topic(bootstrap: str, partitions: int) -> str:
@@ -42,6 +45,40 @@ async def test_platform_topics_exist_with_their_partition_counts(kafka_bootstrap
         await admin.close()
     partitions = {topic["topic"]: len(topic["partitions"]) for topic in described if topic["error_code"] == 0}
     assert partitions == {spec.name: spec.partitions for spec in TOPICS.values()}
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def test_a_namespace_is_deleted_whole_and_the_platform_topics_stay(kafka_bootstrap: str) -> None:
+    prefix = f"test.ns{uuid.uuid4().hex[:8]}."
+    neighbour = f"test.ns{uuid.uuid4().hex[:8]}."
+    create_platform_topics(kafka_bootstrap, prefix=prefix)
+    create_platform_topics(kafka_bootstrap, prefix=neighbour)
+    assert {prefix + name for name in TOPICS} <= await _topics(kafka_bootstrap)
+
+    deleted = delete_platform_topics(kafka_bootstrap, prefix=prefix)
+
+    assert deleted == sorted(prefix + name for name in TOPICS)
+
+    async def gone() -> set[str] | None:
+        # Deletion is asynchronous: the broker's metadata drops the topics shortly after the answer.
+        topics = await _topics(kafka_bootstrap)
+        return None if any(t.startswith(prefix) for t in topics) else topics
+
+    left = await eventually(gone)
+    assert set(TOPICS) <= left
+    assert {neighbour + name for name in TOPICS} <= left
+    delete_platform_topics(kafka_bootstrap, prefix=neighbour)
+    with pytest.raises(ValueError, match="prefix is required"):
+        delete_platform_topics(kafka_bootstrap, prefix="")
+    assert set(TOPICS) <= await _topics(kafka_bootstrap)
 
 
 async def test_idempotent_produce_and_group_consume_with_manual_commit(kafka_bootstrap: str) -> None:
