@@ -105,7 +105,11 @@ class Measure:
     socket_errors: int
     duration_s: float
     cpu_ms: float = 0.0
+    main_cpu_ms: float = 0.0
     broker_cpu_ms: float = 0.0
+    steal_pct: float = 0.0
+    migrations: float = 0.0
+    preempted: float = 0.0
 
 
 @dataclass
@@ -164,6 +168,15 @@ def _stat(pid: int) -> tuple[int, float]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _sched(pid: int) -> tuple[int, int]:
+    """(migrations to another CPU, involuntary context switches) of a process so far, from /proc."""
+    counts = {}
+    for line in Path(f"/proc/{pid}/sched").read_text().splitlines():
+        name, _, value = line.partition(":")
+        counts[name.strip()] = value.strip()
+    return int(counts.get("se.nr_migrations", 0)), int(counts.get("nr_involuntary_switches", 0))
+
+
 def tree_cpu(root: int) -> float:
     """CPU seconds of a process and all its descendants."""
     stats: dict[int, tuple[int, float]] = {}
@@ -180,6 +193,12 @@ def tree_cpu(root: int) -> float:
             total += stats[pid][1]
         frontier += [child for child, (parent, _) in stats.items() if parent == pid]
     return total
+
+
+def machine_steal() -> tuple[int, int]:
+    """Jiffies the hypervisor took from this VM's CPUs (steal) and all jiffies, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields[:8])
 
 
 def broker_pid() -> int | None:
@@ -226,6 +245,8 @@ def one(
     """One accounted wrk run: rate, latency, and the CPU it cost the server (and the broker)."""
     broker = broker_pid()
     cpu0, b0 = tree_cpu(server.proc.pid), (tree_cpu(broker) if broker else 0.0)
+    main0, sched0 = _stat(server.proc.pid)[1], _sched(server.proc.pid)
+    steal0, all0 = machine_steal()
     data = wrk(
         server.url,
         server.bodies[rows],
@@ -234,8 +255,11 @@ def one(
         connections=connections,
         delay_ms=delay_ms,
     )
+    steal1, all1 = machine_steal()
     settle(server.proc.pid)
     cpu, b = tree_cpu(server.proc.pid) - cpu0, (tree_cpu(broker) - b0 if broker else 0.0)
+    main = _stat(server.proc.pid)[1] - main0
+    moved, preempted = (b - a for a, b in zip(sched0, _sched(server.proc.pid), strict=True))
     seconds = data["duration_us"] / 1e6
     requests = max(1, data["requests"])
     return Measure(
@@ -251,7 +275,11 @@ def one(
         socket_errors=data["socket_errors"],
         duration_s=seconds,
         cpu_ms=cpu * 1000 / requests,
+        main_cpu_ms=main * 1000 / requests,
         broker_cpu_ms=b * 1000 / requests,
+        steal_pct=100 * (steal1 - steal0) / max(1, all1 - all0),
+        migrations=moved * 1000 / requests,
+        preempted=preempted * 1000 / requests,
     )
 
 
@@ -279,8 +307,10 @@ def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> li
     half = one(server, rows, "half", rnd, connections=pace, duration=args.duration, delay_ms=delay_ms)
     say(
         f"  round {rnd + 1} {server.name:<18} rows={rows:<3} saturated {sat.rps:7.1f} req/s "
-        f"{sat.cpu_ms:5.2f} CPU ms/req p99 {sat.p99_ms:7.2f} ms | at {half.rps:6.1f} req/s p50 "
-        f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms"
+        f"{sat.cpu_ms:5.2f} CPU ms/req ({sat.main_cpu_ms:4.2f} main; per 1,000 requests {sat.migrations:.0f} "
+        f"moves, {sat.preempted:.0f} preemptions) p99 {sat.p99_ms:7.2f} ms | "
+        f"at {half.rps:6.1f} req/s p50 "
+        f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms | steal {sat.steal_pct:.1f}%, {half.steal_pct:.1f}%"
     )
     return [sat, half]
 
@@ -528,6 +558,11 @@ def logging_path_cpu_us(
     from services.serving.domain import columns_from_records
     from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
     from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictRequest
+    from services.serving.settings import ServingSettings
+
+    # As the service sends them by default.
+    defaults = ServingSettings.model_fields
+    sender = {name: defaults[f"prediction_log_{name}"].default for name in ("batch", "linger_ms")}
 
     items: list[LogItem] = []
 
@@ -561,7 +596,7 @@ def logging_path_cpu_us(
         return usage.ru_utime + usage.ru_stime
 
     async def in_loop() -> float:
-        log = KafkaPredictionLog(kafka, source="/bench", buffer=n + 1, batch=500, linger_ms=20)
+        log = KafkaPredictionLog(kafka, source="/bench", buffer=n + 1, **sender)
         for item in items:
             log.offer(item)
         before = cpu(resource.RUSAGE_SELF)
@@ -571,9 +606,7 @@ def logging_path_cpu_us(
         return (cpu(resource.RUSAGE_SELF) - before) * 1e6 / n
 
     async def handed_over(batch: list[LogItem], *, offer: bool = True) -> tuple[float, float]:
-        log = ProcessPredictionLog(
-            kafka, source="/bench", buffer=n + 1, batch=500, linger_ms=20, handoff_bytes=1 << 30
-        )
+        log = ProcessPredictionLog(kafka, source="/bench", buffer=n + 1, handoff_bytes=1 << 30, **sender)
         task = asyncio.create_task(log.run())
         await log.connected()
         assert log.process is not None
@@ -684,7 +717,8 @@ def report(
     bad = sum(m.non2xx + m.socket_errors for m in results)
     say(
         f"non-2xx or socket errors over all runs: {bad}; "
-        f"prediction-log events dropped by driftloop: {dropped:.0f}"
+        f"prediction-log events dropped by driftloop: {dropped:.0f}; CPU time the hypervisor took (steal), "
+        f"most in one measurement: {max(m.steal_pct for m in results):.1f}%"
     )
     out = work / "results.json"
     out.write_text(
