@@ -259,7 +259,7 @@ def one(
     settle(server.proc.pid)
     cpu, b = tree_cpu(server.proc.pid) - cpu0, (tree_cpu(broker) - b0 if broker else 0.0)
     main = _stat(server.proc.pid)[1] - main0
-    moved, preempted = (b - a for a, b in zip(sched0, _sched(server.proc.pid), strict=True))
+    moved, preempted = (after - before for before, after in zip(sched0, _sched(server.proc.pid), strict=True))
     seconds = data["duration_us"] / 1e6
     requests = max(1, data["requests"])
     return Measure(
@@ -470,30 +470,6 @@ async def announce(kafka: KafkaSettings, model: str, ref: ArtifactRef, kind: str
             await publisher.publish(new_event(passed, source="/bench"))
     finally:
         await publisher.stop()
-
-
-async def start_group_at_end(kafka: KafkaSettings, group: str) -> None:
-    """The benchmark's consumer group reads only what the benchmark publishes."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from contracts import commands, models, monitoring, validation
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-    await admin.start()
-    try:
-        names = [models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC]
-        described = await admin.describe_topics([kafka.physical(t) for t in names])
-    finally:
-        await admin.close()
-    partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.commit(dict((await consumer.end_offsets(partitions)).items()))
-    finally:
-        await consumer.stop()
 
 
 async def drop_schema(schema: str) -> None:
@@ -791,7 +767,8 @@ def main() -> None:
     bench_model = f"bench-{tag}"
     schema = f"bench_{tag}"
     # Its own topics, deleted at the end: the platform's would keep every logged prediction for a week
-    # (about 2 GB a run) and feed them to anything else running on the broker.
+    # (about 2 GB a run) and feed them to anything else running on the broker. Being new, they hold only
+    # what the bench publishes, which is all the replicas' consumer group reads (from the earliest).
     kafka = KafkaSettings(bootstrap=KAFKA, topic_prefix=f"bench{tag}.")
     env = {
         "DRIFTLOOP_ARTIFACTS_URL": str(work / "artifacts"),
@@ -841,7 +818,6 @@ def main() -> None:
     servers: list[Server] = []
     try:
         create_platform_topics(KAFKA, prefix=kafka.topic_prefix)
-        asyncio.run(start_group_at_end(kafka, env["DRIFTLOOP_SERVING_CONSUMER_GROUP"]))
         asyncio.run(announce(kafka, bench_model, ref, args.model))
         split = len(starters) - len(replicas)
         fixed, driftloops = starters[:split], starters[split:]

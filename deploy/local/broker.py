@@ -36,6 +36,7 @@ POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 MAIN_CLASS = "kafka.Kafka"
 VERSION_STAMP = ".kafka-version"
 TOPIC_ALREADY_EXISTS = 36
+UNKNOWN_TOPIC_OR_PARTITION = 3  # deleted meanwhile
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
 BROKER_LOG4J = """\
@@ -198,7 +199,17 @@ async def _delete_topics(bootstrap: str, prefix: str) -> list[str]:
     try:
         ours = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
         if ours:
-            await admin.delete_topics(ours)
+            response = await admin.delete_topics(ours)
+            failures = [
+                f"{topic}: {code}"
+                for topic, code in response.topic_error_codes
+                if code not in (0, UNKNOWN_TOPIC_OR_PARTITION)
+            ]
+            if failures:
+                raise InfraError(
+                    "Kafka refused to delete topics: " + "; ".join(failures),
+                    hint="check the broker log; delete them with kafka-topics.sh --delete.",
+                )
         return ours
     finally:
         await admin.close()
