@@ -12,15 +12,18 @@ import contextlib
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy.local.broker import create_platform_topics
+from deploy.local.broker import create_platform_topics, delete_topics
 from deploy.local.errors import InfraError
 from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, LocalInfra
+from deploy.local.postgres import drop_schemas
+from tests.integration.kafka_tools import made_by_this_session
 
 TESTS = Path(__file__).resolve().parent
 LEVEL_MARKERS = {
@@ -132,12 +135,29 @@ def test_backends() -> Iterator[TestBackends]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(test_backends: TestBackends) -> str:
-    """Bootstrap servers of the real broker, with the platform topics created."""
-    return test_backends.kafka_bootstrap()
+def kafka_bootstrap(test_backends: TestBackends) -> Iterator[str]:
+    """Bootstrap servers of the real broker, with the platform topics created; at the end of the session,
+    the topics its tests made are deleted."""
+    bootstrap = test_backends.kafka_bootstrap()
+    yield bootstrap
+    with _reported("delete the session's topics"):
+        delete_topics(bootstrap, made_by_this_session)
 
 
 @pytest.fixture(scope="session")
-def database_url(test_backends: TestBackends) -> str:
-    """URL of the real Postgres database."""
-    return test_backends.database_url()
+def database_url(test_backends: TestBackends) -> Iterator[str]:
+    """URL of the real Postgres database; at the end of the session, the schemas its tests made are
+    dropped."""
+    url = test_backends.database_url()
+    yield url
+    with _reported("drop the session's schemas"):
+        drop_schemas(url, made_by_this_session)
+
+
+@contextlib.contextmanager
+def _reported(what: str) -> Iterator[None]:
+    """Clean-up that fails is a warning in the session's summary, not a failed test."""
+    try:
+        yield
+    except Exception as exc:
+        warnings.warn(f"could not {what}: {exc!r}", stacklevel=1)

@@ -27,6 +27,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import Field
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, new_event
+from deploy.local.broker import delete_topics
+from deploy.local.postgres import drop_schemas
 from libs.bus.core import Subscription, Transaction
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import bus_migrations, pg_transactions
@@ -36,6 +38,8 @@ from libs.settings import KafkaSettings
 BOOTSTRAP = os.environ.get("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
 DATABASE = os.environ.get("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:54329/driftloop")
 PARTITIONS = 3
+RUN = uuid.uuid4().hex[:8]
+"""In every topic and schema this run makes, which it deletes and drops at the end."""
 
 
 class BenchTick(EventPayload):
@@ -78,7 +82,7 @@ async def wait_assigned(consumer: AIOKafkaConsumer) -> None:
 
 
 async def raw_throughput(events: int) -> float:
-    topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
+    topic = f"bench.raw.{RUN}.{uuid.uuid4().hex[:6]}"
     await create_topic(topic)
     cls = payload_class(topic)
     records = [make_event(cls, n).to_kafka() for n in range(events)]  # encoded up front: raw sends bytes
@@ -120,7 +124,7 @@ async def raw_throughput(events: int) -> float:
 
 async def bus_setup(topic: str) -> tuple[Any, KafkaPublisher, type[BenchTick], str]:
     await create_topic(topic)
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    schema = f"bench_{RUN}_{uuid.uuid4().hex[:6]}"
     pool = await create_pool(DATABASE, schema=schema, max_size=4)
     await apply_migrations(pool, schema, bus_migrations())
     publisher = KafkaPublisher(KafkaSettings(bootstrap=BOOTSTRAP))
@@ -129,7 +133,7 @@ async def bus_setup(topic: str) -> tuple[Any, KafkaPublisher, type[BenchTick], s
 
 
 async def bus_throughput(events: int) -> float:
-    topic = f"bench.bus.{uuid.uuid4().hex[:8]}"
+    topic = f"bench.bus.{RUN}.{uuid.uuid4().hex[:6]}"
     pool, publisher, cls, schema = await bus_setup(topic)
     received = 0
     done = asyncio.Event()
@@ -169,7 +173,7 @@ def make_runner(
 
 
 async def bus_latency(rate: int, seconds: float) -> list[float]:
-    topic = f"bench.lat.{uuid.uuid4().hex[:8]}"
+    topic = f"bench.lat.{RUN}.{uuid.uuid4().hex[:6]}"
     pool, publisher, cls, schema = await bus_setup(topic)
     latencies_ms: list[float] = []
     total = int(rate * seconds)
@@ -217,6 +221,19 @@ async def main() -> None:
     args = parser.parse_args()
 
     print(f"driftloop bus benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, broker {BOOTSTRAP}")
+    try:
+        await measure(args)
+    finally:
+        await clean_up()
+
+
+async def clean_up() -> None:
+    """Delete the run's topics and drop its schemas."""
+    delete_topics(BOOTSTRAP, lambda topic: topic.startswith("bench.") and f".{RUN}." in topic)
+    drop_schemas(DATABASE, lambda schema: schema.startswith(f"bench_{RUN}_"))
+
+
+async def measure(args: argparse.Namespace) -> None:
     await raw_throughput(2_000)  # warm the broker and the group coordinator
     raw = [await raw_throughput(args.events) for _ in range(2)]
     ours = [await bus_throughput(args.events) for _ in range(2)]

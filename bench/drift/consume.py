@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ from contracts.common import (  # noqa: E402
 from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, new_event  # noqa: E402
 from contracts.models import ModelVersionRegistered  # noqa: E402
 from contracts.predictions import PredictionsLogged  # noqa: E402
+from deploy.local.broker import delete_topics  # noqa: E402
+from deploy.local.postgres import drop_schemas  # noqa: E402
 from libs.artifacts import ArtifactStore  # noqa: E402
 from libs.bus.kafka import KafkaPublisher  # noqa: E402
 from libs.profiles import build_profile  # noqa: E402
@@ -63,6 +66,18 @@ async def main() -> None:
     bootstrap = os.environ.get("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
     database = os.environ.get("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:54329/driftloop")
     tag = uuid.uuid4().hex[:8]
+    artifacts = tempfile.mkdtemp(prefix="driftloop-bench-")
+    try:
+        await measure(args, bootstrap, database, tag, artifacts)
+    finally:
+        # What the run made: its topics, the service's schema and the profile it stored.
+        delete_topics(bootstrap, lambda topic: topic.startswith("bench.mon.") and topic.endswith(f".{tag}"))
+        drop_schemas(database, lambda schema: schema == f"bench_mon_{tag}")
+        shutil.rmtree(artifacts, ignore_errors=True)
+
+
+async def measure(args: argparse.Namespace, bootstrap: str, database: str, tag: str, artifacts: str) -> None:
+    """Publish a model and the predictions, then time the service's consumption of them."""
     topics = {k: f"bench.mon.{k}.{tag}" for k in ("models", "predictions", "feedback", "rollouts")}
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -77,7 +92,6 @@ async def main() -> None:
     ref = pd.DataFrame(
         {c: rng.normal(size=5_000) if c[0] == "n" else rng.choice(list("abcd"), 5_000) for c in names}
     )
-    artifacts = tempfile.mkdtemp(prefix="driftloop-bench-")
     store = ArtifactStore(artifacts)
     stored = store.put(
         build_profile(ref, [(c, "numeric" if c[0] == "n" else "categorical") for c in names]).to_bytes()

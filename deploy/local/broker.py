@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -193,11 +194,13 @@ def create_platform_topics(bootstrap: str, replication_factor: int = 1, *, prefi
     return run_async(lambda: _create_topics(bootstrap, replication_factor, prefix))
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> list[str]:
+async def _delete_topics(bootstrap: str, where: Callable[[str], bool]) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftloop-infra")
     await admin.start()
     try:
-        ours = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+        ours = sorted(
+            t for t in await admin.list_topics() if where(t) and t not in TOPICS and not t.startswith("__")
+        )
         if ours:
             response = await admin.delete_topics(ours)
             failures = [
@@ -215,13 +218,19 @@ async def _delete_topics(bootstrap: str, prefix: str) -> list[str]:
         await admin.close()
 
 
+def delete_topics(bootstrap: str, where: Callable[[str], bool]) -> list[str]:
+    """Delete every topic whose name ``where`` accepts, except the platform's own (unprefixed) topics and
+    Kafka's internal ones; returns their names. For what tests and benchmarks made, named so they can tell."""
+    return run_async(lambda: _delete_topics(bootstrap, where))
+
+
 def delete_platform_topics(bootstrap: str, *, prefix: str) -> list[str]:
     """Delete every topic under ``prefix`` (an isolated namespace's, never the platform's own); returns
     their names. What a sandbox or a benchmark leaves when it is done: a benchmark that wrote into the
     platform's own topics left gigabytes in a developer's broker for a week's retention."""
     if not prefix:
         raise ValueError("a prefix is required: the unprefixed topics are the platform's own")
-    return run_async(lambda: _delete_topics(bootstrap, prefix))
+    return delete_topics(bootstrap, lambda topic: topic.startswith(prefix))
 
 
 class KafkaBroker:

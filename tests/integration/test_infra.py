@@ -11,12 +11,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contracts.topics import TOPICS
-from deploy.local.broker import create_platform_topics, delete_platform_topics
-from tests.integration.kafka_tools import eventually
+from deploy.local.broker import create_platform_topics, delete_platform_topics, delete_topics
+from tests.integration.kafka_tools import eventually, made_by_this_session, unique
 
 
 async def _new_topic(bootstrap: str, partitions: int) -> str:
-    name = f"test.infra.{uuid.uuid4().hex[:10]}"
+    name = unique("test.infra")
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -79,6 +79,32 @@ async def test_a_namespace_is_deleted_whole_and_the_platform_topics_stay(kafka_b
     with pytest.raises(ValueError, match="prefix is required"):
         delete_platform_topics(kafka_bootstrap, prefix="")
     assert set(TOPICS) <= await _topics(kafka_bootstrap)
+
+
+async def test_a_sweep_deletes_what_it_picks_but_never_platform_or_kafka_topics(
+    kafka_bootstrap: str,
+) -> None:
+    mine, other = await _new_topic(kafka_bootstrap, 1), f"test.other.{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(other, 1, 1)])
+    finally:
+        await admin.close()
+    assert made_by_this_session(mine) and not made_by_this_session(other)
+
+    deleted = delete_topics(kafka_bootstrap, lambda t: t == mine or t in TOPICS or t.startswith("__"))
+
+    assert deleted == [mine]
+    left = await eventually(lambda: _without(kafka_bootstrap, mine))
+    assert set(TOPICS) <= left and other in left and "__consumer_offsets" in left
+    delete_topics(kafka_bootstrap, lambda t: t == other)
+
+
+async def _without(bootstrap: str, topic: str) -> set[str] | None:
+    # Deletion is asynchronous: the broker's metadata drops a topic shortly after the answer.
+    topics = await _topics(bootstrap)
+    return None if topic in topics else topics
 
 
 async def test_idempotent_produce_and_group_consume_with_manual_commit(kafka_bootstrap: str) -> None:
