@@ -268,7 +268,7 @@ class EventTypeRegistry:
     def decode(
         self,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes],
+        headers: Sequence[tuple[str, bytes | None]] | Mapping[str, bytes | None],
         *,
         max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         readers: Mapping[type[EventPayload], PayloadReader] | None = None,

@@ -22,7 +22,8 @@ from libs.logging import get_logger, handling
 
 log = get_logger(__name__)
 
-Headers = tuple[tuple[str, bytes], ...]
+Headers = tuple[tuple[str, bytes | None], ...]
+"""A record's headers as Kafka gives them: a header's value may be null."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class KafkaPublisher:
         await self.send_many([(event.topic, key, value, headers)])
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]]
     ) -> None:
         """Send records (in order per partition) and wait until all are acknowledged."""
         futures = [

@@ -302,8 +302,9 @@ def unchained_rows(
         headers: dict[str, Any] | None = None
         if item.decoded and item.error is None and r.topic != dead_letter_topic:
             try:
-                headers = {name: raw.decode() for name, raw in r.headers}
-            except (UnicodeDecodeError, AttributeError):  # binary or null values
+                # A null value is left out, so the count below sends the record the general way.
+                headers = {name: raw.decode() for name, raw in r.headers if raw is not None}
+            except UnicodeDecodeError:  # a binary value
                 headers = None
         if headers is None or len(headers) != len(r.headers):
             meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
