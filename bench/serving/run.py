@@ -110,6 +110,9 @@ class Measure:
     steal_pct: float = 0.0
     migrations: float = 0.0
     preempted: float = 0.0
+    on_cpu: int = -1
+    """The CPU the serving process last ran on: it rarely moves (see ``migrations``), so a measurement
+    runs mostly on one CPU, and the two CPUs of a shared VM are not always equally fast."""
 
 
 @dataclass
@@ -166,6 +169,11 @@ def _stat(pid: int) -> tuple[int, float]:
     """(parent pid, CPU seconds) of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _last_cpu(pid: int) -> int:
+    """The CPU a process last ran on, from /proc."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[36])
 
 
 def _sched(pid: int) -> tuple[int, int]:
@@ -280,6 +288,7 @@ def one(
         steal_pct=100 * (steal1 - steal0) / max(1, all1 - all0),
         migrations=moved * 1000 / requests,
         preempted=preempted * 1000 / requests,
+        on_cpu=_last_cpu(server.proc.pid),
     )
 
 
@@ -308,7 +317,7 @@ def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> li
     say(
         f"  round {rnd + 1} {server.name:<18} rows={rows:<3} saturated {sat.rps:7.1f} req/s "
         f"{sat.cpu_ms:5.2f} CPU ms/req ({sat.main_cpu_ms:4.2f} main; per 1,000 requests {sat.migrations:.0f} "
-        f"moves, {sat.preempted:.0f} preemptions) p99 {sat.p99_ms:7.2f} ms | "
+        f"moves, {sat.preempted:.0f} preemptions; on CPU {sat.on_cpu}) p99 {sat.p99_ms:7.2f} ms | "
         f"at {half.rps:6.1f} req/s p50 "
         f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms | steal {sat.steal_pct:.1f}%, {half.steal_pct:.1f}%"
     )

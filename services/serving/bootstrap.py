@@ -78,6 +78,7 @@ async def build(rt: Runtime) -> ServiceParts:
             linger_ms=settings.prediction_log_linger_ms,
             handoff_bytes=settings.prediction_log_handoff_bytes,
             flush_s=settings.prediction_log_handoff_flush_ms / 1000,
+            poll_s=settings.prediction_log_handoff_poll_ms / 1000,
             log_level=settings.log_level,
             log_json=settings.log_json,
         )

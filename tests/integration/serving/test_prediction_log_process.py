@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from contracts.predictions import TOPIC, PredictionColumns, PredictionsLogged, read_prediction_columns
@@ -31,7 +32,8 @@ def split_request(n: int) -> list[LogItem]:
     return [stable, canary]
 
 
-async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str) -> None:
+@pytest.mark.parametrize("poll_s", [0.005, 0.0], ids=["collected-every-5ms", "woken-by-each-write"])
+async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str, poll_s: float) -> None:
     prefix = f"{unique('plog')}."
     await create_topics(kafka_bootstrap, prefix + TOPIC)
     log = ProcessPredictionLog(
@@ -41,6 +43,7 @@ async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str) -
         batch=50,
         linger_ms=50,
         handoff_bytes=1 << 26,
+        poll_s=poll_s,
     )
     sent_before = SENT._value.get()
     running = asyncio.create_task(log.run())
@@ -94,3 +97,36 @@ async def test_each_model_keeps_to_one_partition_chosen_by_its_key(kafka_bootstr
         assert {r.partition for r in mine} == {partitioner(model.encode(), [0, 1, 2], [0, 1, 2])}
         in_order = [i.request_id for i in items if i.model == model]
         assert [EVENT_TYPES.decode(r.value, r.headers).data.request_id for r in mine] == in_order
+
+
+async def test_items_handed_over_after_the_producer_went_idle_are_sent_without_a_stop(
+    kafka_bootstrap: str,
+) -> None:
+    # With no items for a while the child stops polling and waits for the next write; that write must
+    # wake it (nothing else would until the stop).
+    prefix = f"{unique('plog')}."
+    await create_topics(kafka_bootstrap, prefix + TOPIC)
+    log = ProcessPredictionLog(
+        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
+        source="/test/serving",
+        buffer=1_000,
+        batch=50,
+        linger_ms=10,
+        handoff_bytes=1 << 26,
+        poll_s=0.005,
+    )
+    running = asyncio.create_task(log.run())
+    await asyncio.wait_for(log.connected(), timeout=60)
+    try:
+        first, later = [item(rows=3) for _ in range(5)], [item(rows=100) for _ in range(5)]
+        assert all(log.offer(i) for i in first)
+        assert len(await read_topic(kafka_bootstrap, prefix + TOPIC, expect=5)) == 5
+        await asyncio.sleep(0.5)  # 20 empty polls take 0.1 s: the child now waits on the socket
+        assert all(log.offer(i) for i in later)
+        records = await read_topic(kafka_bootstrap, prefix + TOPIC, expect=10)
+        assert len(records) == 10
+        got = [EVENT_TYPES.decode(r.value, r.headers).data for r in records]
+        assert got == [validated(i) for i in first + later]
+    finally:
+        await log.stop()
+        await asyncio.wait_for(running, timeout=30)
