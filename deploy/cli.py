@@ -30,7 +30,7 @@ from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform
 
-LINT_TARGETS = ("contracts", "libs", "services", "deploy")
+LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ async def read_topic(bootstrap: str, topic: str, *, expect: int, deadline_s: flo
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, deadline_s: float = 30.0, interval_s: float = 0.1
+    check: Callable[[], Awaitable[T | None]], *, deadline_s: float = 30.0, interval_s: float = 0.1
 ) -> T:
     """Poll ``check`` until it returns a truthy value; fail with the last value at the deadline."""
     until = time.monotonic() + deadline_s
@@ -91,17 +91,21 @@ async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
         await conn.close()
 
 
-def payload_on(topic: str) -> type[EventPayload]:
+class Tick(EventPayload):
+    """A numbered test event."""
+
+    event_name = "Tick"
+    n: int = Field(description="Sequence number.")
+
+
+def payload_on(topic: str) -> type[Tick]:
     """A test payload class bound to a fresh topic, so runs never see each other's records."""
 
-    class Tick(EventPayload):
+    class OnTopic(Tick):
         """A numbered test event."""
 
-        event_name = "Tick"
-        n: int = Field(description="Sequence number.")
-
-    Tick.topic = topic
-    return Tick
+    OnTopic.topic = topic
+    return OnTopic
 
 
 async def count_rows(database_url: str, table: str, where: str = "true") -> int:

@@ -42,7 +42,7 @@ async def test_a_failed_poll_and_the_one_prepared_ahead_are_read_again_each_reco
     # handler starts), and how often a poll failed while the one ahead held a partition it did not: the
     # runner must seek that partition back too, or its records are never read.
     ahead_partitions: set[int] = set()
-    failed_with_other_partition_ahead = []
+    failed_with_other_partition_ahead: list[set[int]] = []
 
     async def handle(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         calls["n"] += 1

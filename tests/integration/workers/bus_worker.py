@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from contracts.envelope import CloudEvent, EventTypeRegistry
-from libs.bus.core import Subscription, Transaction
+from libs.bus.core import InboxTransaction, Subscription, Transaction
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
-from libs.bus.postgres import OutboxRelay, PgTransaction, bus_migrations, pg_transactions
+from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
 from libs.db import Migration, apply_migrations, create_pool
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import payload_on
@@ -41,7 +41,7 @@ async def consume(args: argparse.Namespace) -> None:
     base_begin = pg_transactions(pool, args.schema)
 
     @asynccontextmanager
-    async def begin() -> AsyncIterator[PgTransaction]:
+    async def begin() -> AsyncIterator[InboxTransaction]:
         nonlocal committed
         async with base_begin() as tx:
             yield tx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -134,9 +135,9 @@ def test_indexed_copies_never_hold_nul_or_overlong_text() -> None:
     assert b"a\\u0000b" in row.record  # the record keeps the exact header
 
 
-def _reference_rows(head: ChainHead, incoming: list[Incoming], sealer: Sealer) -> list[tuple[object, ...]]:
+def _reference_rows(head: ChainHead, incoming: list[Incoming], sealer: Sealer) -> list[tuple[Any, ...]]:
     """The rows spelled out from record_meta, encode_record and Attributes.of, one step at a time."""
-    prev, rows = head.row_hash, []
+    prev, rows = head.row_hash, list[tuple[Any, ...]]()
     for seq, item in enumerate(incoming, start=head.seq + 1):
         meta, kind = record_meta(item, recorded_at=AT, dead_letter_topic=DEAD_LETTER)
         record = encode_record(meta, item.record.value)

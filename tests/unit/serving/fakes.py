@@ -209,7 +209,7 @@ def canary_verdict(
         id="w-1",
         start="2026-01-01T00:00:00Z",
         end="2026-01-01T00:01:00Z",
-        size=samples,  # type: ignore[arg-type]
+        size=samples,
     )
     payload = CanaryVerdict(
         rollout_id=started.rollout_id,

@@ -145,7 +145,7 @@ async def service() -> AsyncIterator[Service]:
         api.ServingContext(
             predictor=predictor,
             state=state,
-            begin=outbox.begin,  # type: ignore[arg-type]
+            begin=outbox.begin,
             source="/driftloop/serving",
             read_route=read_route,
             read_routes=read_routes,

@@ -24,7 +24,7 @@ PIPELINE = churn_pipeline()
 SIGNATURE = churn_signature()
 
 
-class Doubling(BaseEstimator, TransformerMixin):  # type: ignore[misc]
+class Doubling(BaseEstimator, TransformerMixin):
     """A step no converter knows."""
 
     def fit(self, x: Any, y: Any = None) -> Doubling:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -39,9 +40,7 @@ def live_route(clock: Clock, *, canary: int = 2, stable: int = 1) -> ModelRoute:
     return t.route
 
 
-def verdict(
-    route: ModelRoute, clock: Clock, *, healthy: bool | None = True, samples: int = 500, **kw: object
-):
+def verdict(route: ModelRoute, clock: Clock, *, healthy: bool | None = True, samples: int = 500, **kw: Any):
     live = route.active
     assert live is not None
     args: dict[str, object] = {
@@ -106,10 +105,8 @@ def test_validation_of_a_serving_version_changes_nothing(clock: Clock, version: 
 
 def test_older_versions_than_the_canary_or_stable_are_ignored(clock: Clock) -> None:
     route = live_route(clock, canary=5, stable=3)
-    assert (
-        domain.start_rollout(route, 4, POLICY, rollout_id="x", now=clock()).ignored.code
-        == "older-than-canary"
-    )  # type: ignore[union-attr]
+    t = domain.start_rollout(route, 4, POLICY, rollout_id="x", now=clock())
+    assert t.ignored is not None and t.ignored.code == "older-than-canary"
     t = domain.start_rollout(stable_route(3), 2, POLICY, rollout_id="x", now=clock())
     assert t.ignored is not None and t.ignored.code == "older-than-stable"
 
@@ -216,7 +213,7 @@ def test_inconclusive_verdict_rolls_back_since_no_other_verdict_comes_for_the_st
         ({"step_index": 1}, "stale-step"),
     ],
 )
-def test_stale_verdicts_are_ignored(clock: Clock, override: dict[str, object], code: str) -> None:
+def test_stale_verdicts_are_ignored(clock: Clock, override: dict[str, Any], code: str) -> None:
     route = live_route(clock)
     clock.advance(60)
     t = verdict(route, clock, **override)

@@ -83,7 +83,7 @@ class World:
         return self.bus.events(ROLLOUTS, of)
 
     @property
-    def route(self):  # type: ignore[no-untyped-def]
+    def route(self):
         return self.routes.rows["churn"]
 
 

@@ -231,6 +231,7 @@ def test_an_unencodable_item_is_counted_not_raised() -> None:
 
 def test_split_events_decode_to_the_validated_rows_in_order() -> None:
     log_item = VARIED["raw records with NaN, infinity, None, unicode and separators in strings"]()
+    assert log_item.raw_rows is not None and log_item.scores.probabilities is not None
     log_item.raw_rows = log_item.raw_rows * 10
     for name in ("prediction_ids", "entity_keys"):
         setattr(log_item, name, [f"{v}-{i}" for i, v in enumerate(getattr(log_item, name) * 10)])

@@ -44,11 +44,11 @@ def _beside_threads() -> list[threading.Thread]:
 def _job(
     store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None, **spec: Any
 ) -> dict[str, Any]:
-    spec = churn_spec(estimator="hist_gradient_boosting", params={"max_iter": 20}, **spec)
+    model_spec = churn_spec(estimator="hist_gradient_boosting", params={"max_iter": 20}, **spec)
     return {
         "job_id": "job-overlap",
-        "model": spec.name,
-        "spec_key": store.put(spec.canonical_json()).sha256,
+        "model": model_spec.name,
+        "spec_key": store.put(model_spec.canonical_json()).sha256,
         "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
         "window_key": put_frame(store, window).key if window is not None else None,
         "artifacts_url": url,
