@@ -20,7 +20,7 @@ from libs.http import create_app
 from services.serving import api
 from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
 from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
-from services.serving.scoring import CanaryStats, LogItem, Predictor
+from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictResult
 from services.serving.settings import ServingSettings
 from tests.unit.serving.fakes import Clock, churn_pipeline, churn_signature, record
 
@@ -205,6 +205,61 @@ async def test_rows_split_between_variants_log_one_event_per_variant(service: Se
     assert by_variant[Variant.CANARY].prediction_ids == canary_ids
     again = await predict(service, [record(tenure_months=i) for i in range(40)], entity_keys=keys)
     assert [p["variant"] for p in again.json()["predictions"]] == [p["variant"] for p in rows]
+
+
+def _answer(
+    versions: list[int],
+    variants: list[Variant],
+    classes: dict[int, list[Any] | None],
+    probabilities: list[list[float] | None],
+) -> PredictResult:
+    n = len(versions)
+    return PredictResult(
+        request_id="req-1",
+        labels=[i % 2 for i in range(n)],
+        probabilities=probabilities,
+        classes=classes,
+        versions=versions,
+        variants=variants,
+        prediction_ids=[f"churn:{v}:t-{i}" for i, v in enumerate(versions)],
+    )
+
+
+def _row_by_row(result: PredictResult) -> list[dict[str, Any]]:
+    """The v1 answer's rows spelled out one at a time, as the API documents them."""
+    rows = []
+    for i, version in enumerate(result.versions):
+        row: dict[str, Any] = {
+            "prediction_id": result.prediction_ids[i],
+            "prediction": result.labels[i],
+            "model_version": version,
+            "variant": result.variants[i],
+        }
+        names, probs = result.classes[version], result.probabilities[i]
+        if names is not None and probs is not None:
+            row["probabilities"] = {str(c): p for c, p in zip(names, probs, strict=True)}
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        _answer([1] * 3, [Variant.STABLE] * 3, {1: [0, 1]}, [[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]),
+        _answer([2] * 2, [Variant.CANARY] * 2, {2: ["a", "b", "c"]}, [[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]),
+        _answer([1] * 2, [Variant.STABLE] * 2, {1: None}, [None, None]),
+        _answer(
+            [1, 2, 1],
+            [Variant.STABLE, Variant.CANARY, Variant.STABLE],
+            {1: [0, 1], 2: [0, 1]},
+            [[0.2, 0.8], [0.7, 0.3], [0.5, 0.5]],
+        ),
+        _answer([1, 1], [Variant.STABLE, Variant.CANARY], {1: [0, 1]}, [[0.2, 0.8], [0.7, 0.3]]),
+    ],
+    ids=["binary", "three-classes", "regressor", "split-canary", "one-version-two-variants"],
+)
+def test_the_answer_rows_are_those_built_one_at_a_time(result: PredictResult) -> None:
+    assert api._predictions(result) == _row_by_row(result)
 
 
 @pytest.mark.parametrize(
