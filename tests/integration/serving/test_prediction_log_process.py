@@ -4,6 +4,7 @@ as the PredictionsLogged monitoring and audit read (full validation and the colu
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from contracts.predictions import TOPIC, PredictionColumns, PredictionsLogged, read_prediction_columns
 from contracts.registry import EVENT_TYPES
 from libs.settings import KafkaSettings
-from services.serving.adapters.log_producer import ProcessPredictionLog
+from services.serving.adapters.log_producer import _IDLE_POLLS, ProcessPredictionLog
 from services.serving.adapters.prediction_log import SENT
 from services.serving.domain import LogItem
 from tests.integration.kafka_tools import create_topics, read_topic, unique
@@ -32,22 +33,30 @@ def split_request(n: int) -> list[LogItem]:
     return [stable, canary]
 
 
-@pytest.mark.parametrize("poll_s", [0.005, 0.0], ids=["collected-every-5ms", "woken-by-each-write"])
-async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str, poll_s: float) -> None:
+async def started_log(
+    kafka_bootstrap: str, *, partitions: int = 1, **options: Any
+) -> tuple[ProcessPredictionLog, asyncio.Task[None], str]:
+    """A producer process on a topic namespace of its own, started and reading: (log, its run task, the
+    prefix)."""
     prefix = f"{unique('plog')}."
-    await create_topics(kafka_bootstrap, prefix + TOPIC)
+    await create_topics(kafka_bootstrap, prefix + TOPIC, partitions=partitions)
     log = ProcessPredictionLog(
         KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
         source="/test/serving",
         buffer=1_000,
         batch=50,
-        linger_ms=50,
         handoff_bytes=1 << 26,
-        poll_s=poll_s,
+        **options,
     )
-    sent_before = SENT._value.get()
     running = asyncio.create_task(log.run())
     await asyncio.wait_for(log.connected(), timeout=60)
+    return log, running, prefix
+
+
+@pytest.mark.parametrize("poll_s", [0.005, 0.0], ids=["collected-every-5ms", "woken-by-each-write"])
+async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str, poll_s: float) -> None:
+    sent_before = SENT._value.get()
+    log, running, prefix = await started_log(kafka_bootstrap, linger_ms=50, poll_s=poll_s)
     items = [part for n in range(150) for part in split_request(n)]
     assert all(log.offer(i) for i in items)
     await log.stop()  # at once: what was handed over is still to be read, encoded and sent
@@ -67,18 +76,7 @@ async def test_a_clean_stop_sends_everything_handed_over(kafka_bootstrap: str, p
 async def test_each_model_keeps_to_one_partition_chosen_by_its_key(kafka_bootstrap: str) -> None:
     # Record batches are built per partition by the log itself: the partition must still be the one the
     # producer's default partitioner gives the key (a model's events stay in order on one partition).
-    prefix = f"{unique('plog')}."
-    await create_topics(kafka_bootstrap, prefix + TOPIC, partitions=3)
-    log = ProcessPredictionLog(
-        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
-        source="/test/serving",
-        buffer=1_000,
-        batch=50,
-        linger_ms=20,
-        handoff_bytes=1 << 26,
-    )
-    running = asyncio.create_task(log.run())
-    await asyncio.wait_for(log.connected(), timeout=60)
+    log, running, prefix = await started_log(kafka_bootstrap, partitions=3, linger_ms=20)
     models = [f"churn-{i}" for i in range(6)]
     items = []
     for n in range(60):
@@ -104,24 +102,15 @@ async def test_items_handed_over_after_the_producer_went_idle_are_sent_without_a
 ) -> None:
     # With no items for a while the child stops polling and waits for the next write; that write must
     # wake it (nothing else would until the stop).
-    prefix = f"{unique('plog')}."
-    await create_topics(kafka_bootstrap, prefix + TOPIC)
-    log = ProcessPredictionLog(
-        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
-        source="/test/serving",
-        buffer=1_000,
-        batch=50,
-        linger_ms=10,
-        handoff_bytes=1 << 26,
-        poll_s=0.005,
-    )
-    running = asyncio.create_task(log.run())
-    await asyncio.wait_for(log.connected(), timeout=60)
+    poll_s = 0.005
+    log, running, prefix = await started_log(kafka_bootstrap, linger_ms=10, poll_s=poll_s)
     try:
         first, later = [item(rows=3) for _ in range(5)], [item(rows=100) for _ in range(5)]
         assert all(log.offer(i) for i in first)
         assert len(await read_topic(kafka_bootstrap, prefix + TOPIC, expect=5)) == 5
-        await asyncio.sleep(0.5)  # 20 empty polls take 0.1 s: the child now waits on the socket
+        # Idle is a matter of time, not of anything serving can see: wait well past the empty polls that
+        # send the child to wait on the socket.
+        await asyncio.sleep(5 * _IDLE_POLLS * poll_s)
         assert all(log.offer(i) for i in later)
         records = await read_topic(kafka_bootstrap, prefix + TOPIC, expect=10)
         assert len(records) == 10
