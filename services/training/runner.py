@@ -152,6 +152,8 @@ class JobRunner:
             "window_format": (
                 window.data.format.value if window is not None and window.data is not None else "parquet"
             ),
+            "window_start": window.start.isoformat() if window is not None else None,
+            "window_end": window.end.isoformat() if window is not None else None,
             "artifacts_url": self.artifacts_url,
         }
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
@@ -65,6 +65,12 @@ class TrainingInput(_Plain):
     datasets: list[InputDataset]
     window_key: str | None = None
     window_format: ArtifactFormat = ArtifactFormat.PARQUET
+    window_start: AwareDatetime | None = Field(
+        default=None,
+        description="The traffic window's own time range: its file also carries the model's older labelled "
+        "rows, for training (docs/monitoring.md, 'Window data').",
+    )
+    window_end: AwareDatetime | None = None
     artifacts_url: str
 
 
@@ -285,7 +291,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
 
     with Beside(overlap) as beside:
         t_prepare = time.perf_counter()
-        reference = reference_rows(train_rows, window)
+        reference = reference_rows(train_rows, window, job.window_start, job.window_end)
         features = spec.feature_names
         feature_profiles = beside.submit(
             _profiled_features, {name: reference[name] for name in features}, spec.feature_types(), spec.seed
@@ -501,18 +507,29 @@ def labelled_traffic(window: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
 PROFILE_MIN_WINDOW_ROWS = 500
 
 
-def reference_rows(train_rows: pd.DataFrame, window: pd.DataFrame | None) -> pd.DataFrame:
+def reference_rows(
+    train_rows: pd.DataFrame,
+    window: pd.DataFrame | None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
     """The rows the reference profile describes: the data the new version will serve.
 
     A retrain after a shift carries the traffic window that showed it. Its rows, labelled or not, are the
     world as it is now, while the base data may be mostly the world before: profiling the mixed training
     set would make the new version drift on the very traffic it was trained for, and retrain again at
-    every cooldown. So the window is the reference when it has at least ``PROFILE_MIN_WINDOW_ROWS`` rows;
-    otherwise (a manual retrain, a new base dataset, a tiny window) the training rows are.
+    every cooldown. The window's file also carries the model's older labelled rows (up to monitoring's
+    ``export_labelled_rows``), which are as mixed, so only the rows predicted within the window's own time
+    range (``start`` to ``end``, when known) count. They are the reference when there are at least
+    ``PROFILE_MIN_WINDOW_ROWS``; otherwise (a manual retrain, a new base dataset, a tiny window) the
+    training rows are.
     """
-    if window is not None and len(window) >= PROFILE_MIN_WINDOW_ROWS:
-        return window
-    return train_rows
+    if window is None:
+        return train_rows
+    if start is not None and end is not None and "predicted_at" in window.columns:
+        at = pd.to_datetime(window["predicted_at"], utc=True)
+        window = window[(at >= pd.Timestamp(start)) & (at <= pd.Timestamp(end))]
+    return window if len(window) >= PROFILE_MIN_WINDOW_ROWS else train_rows
 
 
 def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd.DataFrame) -> pd.DataFrame:

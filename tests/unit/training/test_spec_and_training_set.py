@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,13 @@ def test_split_is_seeded_and_stratified() -> None:
     assert abs(first_holdout["churned"].mean() - frame["churned"].mean()) < 0.01
 
 
-def _run(store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFrame | None) -> ReferenceProfile:
+def _run(
+    store: ArtifactStore,
+    url: str,
+    base: pd.DataFrame,
+    window: pd.DataFrame | None,
+    between: tuple[datetime, datetime] | None = None,
+) -> ReferenceProfile:
     spec = churn_spec()
     result = run_training(
         {
@@ -160,6 +167,8 @@ def _run(store: ArtifactStore, url: str, base: pd.DataFrame, window: pd.DataFram
             "spec_key": store.put(spec.canonical_json()).sha256,
             "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
             "window_key": put_frame(store, window).key if window is not None else None,
+            "window_start": between[0].isoformat() if between else None,
+            "window_end": between[1].isoformat() if between else None,
             "artifacts_url": url,
         }
     )
@@ -179,6 +188,29 @@ def test_a_retrain_after_a_shift_profiles_the_window_so_the_new_version_does_not
     x0 = profile.feature("x0")
     assert isinstance(x0, NumericProfile) and x0.mean is not None and x0.mean > 1.5
     assert profile.prediction is not None and profile.prediction.count == len(shifted)
+
+
+def test_the_older_labelled_rows_the_window_carries_for_training_are_not_profiled(tmp_path: Path) -> None:
+    # Monitoring's window file is the window's rows, then the model's older labelled rows (mostly the
+    # world before the shift): profiling them too would leave the new version drifting at once.
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    base = churn_frame(4000, seed=1)
+    world_before = traffic_window(churn_frame(3000, seed=3), "churned")
+    world_now = traffic_window(churn_frame(PROFILE_MIN_WINDOW_ROWS, seed=2, shift=2.0), "churned", seed=1)
+    world_now["prediction_id"] = [f"now-{i}" for i in range(len(world_now))]
+    world_now["predicted_at"] += timedelta(days=1)
+    exported = pd.concat([world_now, world_before], ignore_index=True)
+    times = world_now["predicted_at"]
+    between = (times.min().to_pydatetime(), times.max().to_pydatetime())
+
+    profile = _run(store, url, base, exported, between)
+    assert profile.rows == len(world_now)
+    x0 = profile.feature("x0")
+    assert isinstance(x0, NumericProfile) and x0.mean is not None and x0.mean > 1.5
+
+    # The window's own rows too few: the training rows, as for a small window.
+    late = (between[0] + timedelta(seconds=10), between[1])
+    assert _run(store, url, base, exported, late).rows > len(exported)
 
 
 def test_without_a_window_or_with_a_small_one_the_training_rows_are_profiled(tmp_path: Path) -> None:
