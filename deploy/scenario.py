@@ -3,12 +3,19 @@
 Customers have a tenure, a monthly charge, support calls, data usage, a contract type, a payment
 method, a region, and any number of extra noise features. Whether they churn follows a logistic model
 of those features. Two documented shifts turn the world the model was trained on into the one it
-meets later:
+meets later, each on its own or both together:
 
-- **Covariate shift**: prices rise (monthly charges +35 %), customers call support more (+1.5 calls),
-  and a new payment method ("crypto") appears.
-- **Concept drift**: heavy data users, who used to stay, now leave (the usage coefficient flips from
-  -0.9 to +1.2): the same inputs mean something else, so only retraining on recent labels can fix it.
+- **Covariate shift** (``INPUTS_SHIFTED``): prices rise (monthly charges +35 %), customers call support
+  more (+1.5 calls), and a new payment method ("crypto") appears. The rule that decides who leaves is
+  the same, so a model trained on the reference world stays about as accurate (0.76 against 0.79): only
+  the inputs' distributions show it, which is what monitoring's drift tests watch.
+- **Concept drift** (``CONCEPT_SHIFTED``): heavy data users, who used to stay, now leave (the usage
+  coefficient flips from -0.9 to +1.2). The inputs look as before, so no drift test can see it; the
+  same inputs mean something else (accuracy 0.67), which only labelled performance shows and only
+  retraining on recent labels can fix.
+- ``SHIFTED`` is both at once (accuracy 0.60).
+
+tests/unit/test_scenario.py holds these properties.
 
 Everything is generated from a seed: no download, and the same seed gives the same data.
 """
@@ -37,6 +44,8 @@ class Phase:
 
 
 REFERENCE = Phase()
+INPUTS_SHIFTED = Phase(price_factor=1.35, extra_calls=1.5, crypto_share=0.15)
+CONCEPT_SHIFTED = Phase(usage_effect=1.2)
 SHIFTED = Phase(price_factor=1.35, extra_calls=1.5, crypto_share=0.15, usage_effect=1.2)
 
 

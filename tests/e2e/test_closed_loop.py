@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import CloudEvent, EventPayload
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import DriftDetected, PerformanceDegraded
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from contracts.training import TrainingCompleted, TrainingRequested
 from contracts.validation import ValidationPassed
 from deploy.loop import EventTail, LoopClient, Traffic, poll, spec_yaml
-from deploy.scenario import REFERENCE, SHIFTED, TARGET, generate
+from deploy.scenario import CONCEPT_SHIFTED, INPUTS_SHIFTED, REFERENCE, TARGET, Phase, generate
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,17 +39,23 @@ def in_cascade(model: str, root: CloudEvent[Any]) -> Any:
     return lambda e: e.subject == model and e.correlationid == root.correlationid
 
 
-async def test_drift_cascades_to_a_retrained_model_promoted_step_by_step(
-    client: LoopClient, tail: EventTail
+@pytest.mark.parametrize(
+    ("shift", "signal"),
+    [(INPUTS_SHIFTED, DriftDetected), (CONCEPT_SHIFTED, PerformanceDegraded)],
+    ids=["data-drift", "concept-drift"],
+)
+async def test_a_shift_cascades_from_its_signal_to_a_retrained_model_promoted_step_by_step(
+    client: LoopClient, tail: EventTail, shift: Phase, signal: type[EventPayload]
 ) -> None:
-    # The cooldown lets the first of monitoring's signals (drift, or degraded labelled performance: both
-    # are real here) start the retrain, and the policy skip the second.
+    # Each shift can raise one of monitoring's signals only (see deploy/scenario.py): new inputs with the
+    # same rule leave the model as accurate, a new rule on the same inputs leaves the inputs as they were.
+    # The cooldown keeps the cascade to one retrain.
     model = await serve_version_1(client, tail, cooldown_s=60)
     traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=30, rows_per_request=10)
     traffic.start()
     try:
         await poll(lambda: _ready(traffic.stats.rows >= 1500), deadline_s=60, what="reference traffic")
-        traffic.phase = SHIFTED
+        traffic.phase = shift
         promoted = await tail.wait_for(
             (RolloutPromoted, RolloutRolledBack),
             lambda e: e.subject == model and rolled_out_version(e) >= 2,
@@ -62,6 +68,7 @@ async def test_drift_cascades_to_a_retrained_model_promoted_step_by_step(
     # One cascade, from monitoring's signal to the promotion, each step caused by the one before it.
     same = in_cascade(model, promoted)
     [root] = [e for e in tail.events((DriftDetected, PerformanceDegraded)) if e.id == promoted.correlationid]
+    assert isinstance(root.data, signal), root.data
     requested = await tail.wait_for(TrainingRequested, same, deadline_s=1)
     completed = await tail.wait_for(TrainingCompleted, same, deadline_s=1)
     registered = await tail.wait_for(ModelVersionRegistered, same, deadline_s=1)
