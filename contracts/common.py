@@ -20,8 +20,14 @@ DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 # Artifacts live in a content-addressed store: the key of an artifact is the sha256 of its bytes.
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
-ModelVersion = Annotated[int, Field(ge=1)]
+VERSION_MAX = 2**31 - 1
+"""Every service stores versions as Postgres integers: a larger number cannot name a version anywhere."""
+
+ModelVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 """Model versions are numbered 1, 2, 3, ... per model by the registry."""
+
+DatasetVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
+"""Dataset versions are numbered 1, 2, 3, ... per dataset name by whoever registers the name."""
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -112,7 +118,7 @@ class DatasetRef(ContractModel):
     """One immutable dataset version, pinned by content hash (used for lineage and training inputs)."""
 
     name: DatasetName = Field(description="Dataset name.", examples=["churn-base"])
-    version: int = Field(ge=1, description="Dataset version number within the name.", examples=[3])
+    version: DatasetVersion = Field(description="Dataset version number within the name.", examples=[3])
     sha256: Sha256Hex = Field(
         description="sha256 of the dataset file's bytes; also its key in the artifact store.",
         examples=["b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"],

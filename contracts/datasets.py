@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from contracts.common import ArtifactRef, DatasetName, DatasetRef, ModelName, Sha256Hex
+from contracts.common import ArtifactRef, DatasetName, DatasetRef, DatasetVersion, ModelName, Sha256Hex
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.datasets"
@@ -21,8 +21,7 @@ class DatasetRegistered(EventPayload):
     subject_field: ClassVar[str | None] = "name"
 
     name: DatasetName = Field(description="Dataset name.", examples=["churn-base"])
-    dataset_version: int = Field(
-        ge=1,
+    dataset_version: DatasetVersion = Field(
         description="Version number within the name; the producer that registers a name owns its numbering.",
         examples=[3],
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
+from pydantic import StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.auth import TokenStore
@@ -17,9 +18,14 @@ from libs.settings import ServiceSettings
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+"""Free text in a request body. PostgreSQL's text and jsonb refuse the NUL character, so it is refused at
+the door (422) rather than where a row is written."""
 
-class BodySizeLimit:
-    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+
+class RequestLimits:
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent, and a NUL
+    character in the path or the query with 422 (no name, key or filter can hold one)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -28,6 +34,9 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            await _refuse(send, 422, "invalid-input", "the path or the query holds a NUL character (%00)")
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -50,14 +59,13 @@ class BodySizeLimit:
             await self._too_large(send)
 
     async def _too_large(self, send: Send) -> None:
-        response = JSONResponse(
-            {
-                "detail": f"request body is larger than the limit of {self.max_bytes} bytes",
-                "code": "payload-too-large",
-            },
-            status_code=413,
-        )
-        await response({"type": "http"}, _empty_receive, send)
+        detail = f"request body is larger than the limit of {self.max_bytes} bytes"
+        await _refuse(send, 413, "payload-too-large", detail)
+
+
+async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
+    response = JSONResponse({"detail": detail, "code": code}, status_code=status)
+    await response({"type": "http"}, _empty_receive, send)
 
 
 class _TooLarge(BaseException):
@@ -123,5 +131,5 @@ def create_app(
     for router in routers:
         app.include_router(router)
     app.mount("/metrics", make_asgi_app())
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
     return app

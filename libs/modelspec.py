@@ -369,7 +369,10 @@ def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
 
 def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str | None = None) -> ModelSpec:
     """A spec from JSON or YAML text (YAML is a superset of JSON, so unknown content types parse too)."""
-    text = body.decode() if isinstance(body, bytes) else body
+    try:
+        text = body.decode() if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"the spec is not UTF-8 text: byte {exc.start} cannot be decoded") from exc
     kind = (content_type or "").split(";")[0].strip().lower()
     try:
         data = orjson.loads(text) if kind == "application/json" else yaml.safe_load(text)

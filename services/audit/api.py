@@ -20,7 +20,15 @@ from libs.errors import InvalidInput
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
-from services.audit.domain import EventQuery, KeyRing, Kind, Signer, decode_cursor, event_type_filter
+from services.audit.domain import (
+    SEQ_MAX,
+    EventQuery,
+    KeyRing,
+    Kind,
+    Signer,
+    decode_cursor,
+    event_type_filter,
+)
 from services.audit.schemas import (
     AuditEventPage,
     AuditEventPublic,
@@ -100,7 +108,9 @@ async def list_events(
 
 
 @router.get("/events/{seq}", response_model=AuditEventPublic, summary="One event by sequence number.")
-async def get_event(request: Request, _: ViewerDep, seq: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+async def get_event(
+    request: Request, _: ViewerDep, seq: Annotated[int, Path(ge=1, le=SEQ_MAX)]
+) -> dict[str, Any]:
     """The trail row ``seq``."""
     ctx = _context(request)
     async with reading(ctx.pool, ctx.role) as trail:
@@ -126,8 +136,10 @@ async def get_trace(
 async def verify(
     request: Request,
     _: ViewerDep,
-    from_seq: Annotated[int, Query(ge=1, description="First row (trusting the row before it).")] = 1,
-    to_seq: Annotated[int | None, Query(ge=1, description="Last row (default: the end).")] = None,
+    from_seq: Annotated[
+        int, Query(ge=1, le=SEQ_MAX, description="First row (trusting the row before it).")
+    ] = 1,
+    to_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")] = None,
     full: Annotated[
         bool, Query(description="Hash every record here and check the indexed columns too (slower).")
     ] = False,
@@ -156,8 +168,8 @@ async def verify(
 async def export(
     request: Request,
     _: ViewerDep,
-    from_seq: Annotated[int, Query(ge=1, description="First row.")] = 1,
-    to_seq: Annotated[int | None, Query(ge=1, description="Last row (default: the end).")] = None,
+    from_seq: Annotated[int, Query(ge=1, le=SEQ_MAX, description="First row.")] = 1,
+    to_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")] = None,
 ) -> StreamingResponse:
     """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
     ctx = _context(request)

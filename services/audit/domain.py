@@ -39,6 +39,8 @@ from libs.errors import InvalidInput
 FORMAT = "driftloop-audit/1"
 GENESIS = bytes(32)
 SEQ_BYTES = 8
+SEQ_MAX = 2**63 - 1
+"""The trail's sequence numbers are Postgres bigints."""
 DIGEST_BYTES = 32
 LINK_BYTES = SEQ_BYTES + DIGEST_BYTES + DIGEST_BYTES
 """One chain link as a verifier reads it: uint64_be(seq) ‖ SHA-256(record) ‖ row_hash."""

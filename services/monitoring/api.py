@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
+from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
 from libs.service import Runtime
@@ -53,7 +54,7 @@ async def _reports(rt: Runtime, model: str, limit: int) -> list[dict[str, Any]]:
 
 @router.get("/models/{model}/drift", summary="The drift report of a model's latest windows (JSON).")
 async def drift_report(
-    model: str,
+    model: ModelName,
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
@@ -69,7 +70,7 @@ async def drift_report(
     summary="The drift report as a page with per-feature histograms of reference and current.",
 )
 async def drift_page(
-    model: str,
+    model: ModelName,
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
@@ -139,13 +140,13 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
 
 
 @router.get("/models/{model}/policy", summary="The drift policy in force for a model.")
-async def get_policy(model: str, _: ViewerDep, monitor: MonitorDep) -> PolicyPublic:
+async def get_policy(model: ModelName, _: ViewerDep, monitor: MonitorDep) -> PolicyPublic:
     return PolicyPublic.model_validate(monitor.policy(model).model_dump())
 
 
 @router.put("/models/{model}/policy", summary="Set a model's drift policy (operator).")
 async def put_policy(
-    model: str, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
+    model: ModelName, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
 ) -> PolicyPublic:
     async with rt.begin() as tx:
         policy = await handlers.set_policy(

@@ -16,7 +16,15 @@ import asyncpg
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
-from contracts.common import NAME_PATTERN, Stage
+from contracts.common import (
+    NAME_PATTERN,
+    VERSION_MAX,
+    DatasetName,
+    DatasetVersion,
+    ModelName,
+    ModelVersion,
+    Stage,
+)
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
@@ -97,8 +105,11 @@ TagFilter = Annotated[str | None, Query(description="Only versions with this tag
 
 async def _resolve(q: Queries, model: str, ref: str) -> int:
     """A version number from a path segment: a number, or an alias (`champion`)."""
-    if ref.isdigit():
-        return int(ref)
+    if ref.isascii() and ref.isdigit():
+        number = int(ref)
+        if number > VERSION_MAX:
+            raise NotFound(f"model {model!r} has no version {ref}: versions go up to {VERSION_MAX}")
+        return number
     version = await q.version_by_alias(model, ref)
     if version is None:
         if await q.model(model) is None:
@@ -142,7 +153,7 @@ async def list_models(
 
 
 @router.get("/models/{model}", tags=["models"], summary="One registered model.")
-async def get_model(request: Request, _: ViewerDep, model: str) -> ModelPublic:
+async def get_model(request: Request, _: ViewerDep, model: ModelName) -> ModelPublic:
     async with _queries(request) as q:
         found = await q.model(model)
     if found is None:
@@ -175,7 +186,7 @@ async def _version_page(
 async def list_model_versions(
     request: Request,
     _: ViewerDep,
-    model: str,
+    model: ModelName,
     stage: StageFilter = None,
     tag: TagFilter = None,
     limit: Limit = 20,
@@ -208,7 +219,7 @@ async def search_versions(
     description="`version` is a number or an alias (`champion`, `challenger`).",
     response_model=VersionPublic,
 )
-async def get_version(request: Request, _: ViewerDep, model: str, version: str) -> Response:
+async def get_version(request: Request, _: ViewerDep, model: ModelName, version: str) -> Response:
     async with _queries(request) as q:
         found = await _version(q, model, version)
     # Built and validated from the database row already: serialise once, not validate again on the way out.
@@ -224,7 +235,7 @@ async def get_version(request: Request, _: ViewerDep, model: str, version: str) 
 async def download_artifact(
     request: Request,
     _: ViewerDep,
-    model: str,
+    model: ModelName,
     version: str,
     kind: Annotated[Literal["model", "profile"], Query(description="Which artifact.")] = "model",
 ) -> StreamingResponse:
@@ -268,7 +279,7 @@ async def _stream(request: Request, key: str, media_type: str, filename: str) ->
 async def model_card(
     request: Request,
     _: ViewerDep,
-    model: str,
+    model: ModelName,
     version: str,
     format: Annotated[Literal["markdown", "html"], Query(description="Markdown or HTML.")] = "markdown",
 ) -> Response:
@@ -281,7 +292,7 @@ async def model_card(
 
 @router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
 async def set_tag(
-    request: Request, who: OperatorDep, model: str, version: int, key: str, body: TagCreate
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: str, body: TagCreate
 ) -> dict[str, str]:
     rt = _runtime(request)
     async with rt.begin() as tx:
@@ -304,7 +315,9 @@ async def set_tag(
     summary="Remove a tag.",
     status_code=204,
 )
-async def delete_tag(request: Request, who: OperatorDep, model: str, version: int, key: str) -> Response:
+async def delete_tag(
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: str
+) -> Response:
     rt = _runtime(request)
     async with rt.begin() as tx:
         removed = await core.tag(
@@ -365,7 +378,7 @@ _COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Ask serving to put the version on all traffic now (PromoteRequested).",
 )
 async def promote(
-    request: Request, who: OperatorDep, model: str, version: int, body: CommandCreate
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: CommandCreate
 ) -> CommandAccepted:
     return await _command(request, Command.PROMOTE, model, version, who.actor, body.reason)
 
@@ -378,7 +391,7 @@ async def promote(
     summary="Ask serving to take the version off traffic at once (RollbackRequested).",
 )
 async def rollback(
-    request: Request, who: OperatorDep, model: str, version: int, body: RollbackCreate
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: RollbackCreate
 ) -> CommandAccepted:
     return await _command(request, Command.ROLLBACK, model, version, who.actor, body.reason, body.to_version)
 
@@ -391,7 +404,7 @@ async def rollback(
     summary="Archive a version that does not serve (ArchiveRequested; the registry carries it out).",
 )
 async def archive(
-    request: Request, who: OperatorDep, model: str, version: int, body: CommandCreate
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: CommandCreate
 ) -> CommandAccepted:
     return await _command(request, Command.ARCHIVE, model, version, who.actor, body.reason)
 
@@ -403,7 +416,9 @@ async def archive(
     responses=_COMMAND_RESPONSES,
     summary="Ask training for a new run of the model (RetrainRequested; its retrain policy decides).",
 )
-async def retrain(request: Request, who: OperatorDep, model: str, body: RetrainCreate) -> CommandAccepted:
+async def retrain(
+    request: Request, who: OperatorDep, model: ModelName, body: RetrainCreate
+) -> CommandAccepted:
     rt = _runtime(request)
     async with rt.begin() as tx:
         event = await core.request_retrain(
@@ -515,7 +530,9 @@ async def _dataset(request: Request, name: str, version: int) -> DatasetPublic:
 
 
 @router.get("/datasets/{name}/versions/{version}", tags=["datasets"], summary="One dataset version.")
-async def get_dataset(request: Request, _: ViewerDep, name: str, version: int) -> DatasetPublic:
+async def get_dataset(
+    request: Request, _: ViewerDep, name: DatasetName, version: DatasetVersion
+) -> DatasetPublic:
     return await _dataset(request, name, version)
 
 
@@ -525,7 +542,9 @@ async def get_dataset(request: Request, _: ViewerDep, name: str, version: int) -
     summary="Download the dataset file, verified before the first byte.",
     response_class=StreamingResponse,
 )
-async def download_dataset(request: Request, _: ViewerDep, name: str, version: int) -> StreamingResponse:
+async def download_dataset(
+    request: Request, _: ViewerDep, name: DatasetName, version: DatasetVersion
+) -> StreamingResponse:
     ds = await _dataset(request, name, version)
     suffix = ds.artifact.format.value
     media = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}

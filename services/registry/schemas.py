@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
+from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, ModelVersion, Stage
+from libs.http import Text
 
 
 class _Public(BaseModel):
@@ -156,12 +157,12 @@ class CommandCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000, description="Why, for the audit trail.")
+    reason: Text = Field(min_length=1, max_length=2000, description="Why, for the audit trail.")
 
 
 class RollbackCreate(CommandCreate):
-    to_version: int | None = Field(
-        default=None, ge=1, description="Version to serve instead, when rolling back production."
+    to_version: ModelVersion | None = Field(
+        default=None, description="Version to serve instead, when rolling back production."
     )
 
 
@@ -181,4 +182,4 @@ class CommandAccepted(_Public):
 class TagCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    value: str = Field(max_length=500, description="Tag value.")
+    value: Text = Field(max_length=500, description="Tag value.")

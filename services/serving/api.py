@@ -19,12 +19,13 @@ from prometheus_client import Histogram
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import FeatureType, Label, ModelName
+from contracts.common import FeatureType, Label, ModelName, ModelVersion
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unauthorized
+from libs.http import Text
 from services.serving.domain import (
     ModelRoute,
     columns_from_records,
@@ -415,7 +416,7 @@ class FeedbackCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prediction_id: str = Field(min_length=1, description="The id the predict response gave.")
+    prediction_id: Text = Field(min_length=1, description="The id the predict response gave.")
     label: Label = Field(description="The true class label or value.")
     observed_at: AwareDatetime | None = Field(
         default=None, description="When the outcome was observed; now if absent."
@@ -423,7 +424,7 @@ class FeedbackCreate(BaseModel):
     model: ModelName | None = Field(
         default=None, description="Model name; read from the prediction id if absent."
     )
-    entity_key: str | None = Field(default=None, description="Caller's entity id, if any.")
+    entity_key: Text | None = Field(default=None, description="Caller's entity id, if any.")
 
 
 _FEEDBACK = TypeAdapter(FeedbackCreate | list[FeedbackCreate])
@@ -538,15 +539,13 @@ class RollbackCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_version: int | None = Field(
-        default=None,
-        ge=1,
-        description="Version to take off traffic; default: the live canary, else production.",
+    model_version: ModelVersion | None = Field(
+        default=None, description="Version to take off traffic; default: the live canary, else production."
     )
-    to_version: int | None = Field(
-        default=None, ge=1, description="For a production rollback: the version to serve instead."
+    to_version: ModelVersion | None = Field(
+        default=None, description="For a production rollback: the version to serve instead."
     )
-    reason: str = Field(min_length=1, description="Why, for the audit trail.")
+    reason: Text = Field(min_length=1, description="Why, for the audit trail.")
 
 
 class PromoteCreate(BaseModel):
@@ -554,10 +553,10 @@ class PromoteCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_version: int | None = Field(
-        default=None, ge=1, description="Version to promote; default: the live canary."
+    model_version: ModelVersion | None = Field(
+        default=None, description="Version to promote; default: the live canary."
     )
-    reason: str = Field(min_length=1, description="Why, for the audit trail.")
+    reason: Text = Field(min_length=1, description="Why, for the audit trail.")
 
 
 async def _accepted(ctx: ServingContext, event: CloudEvent[Any]) -> Response:

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.common import DatasetRef, ModelName
+from contracts.common import VERSION_MAX, DatasetRef, ModelName
 from contracts.validation import CheckResult
 from libs.auth import ViewerDep
 from services.validation import handlers
@@ -67,7 +67,7 @@ async def get_report(report_id: str, request: Request, _: ViewerDep) -> ReportPu
 )
 async def get_version_report(
     model: ModelName,
-    version: Annotated[int, Path(ge=1, description="Model version.")],
+    version: Annotated[int, Path(ge=1, le=VERSION_MAX, description="Model version.")],
     request: Request,
     _: ViewerDep,
 ) -> ReportPublic:

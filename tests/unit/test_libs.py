@@ -8,11 +8,11 @@ from typing import ClassVar
 import httpx
 import pytest
 from fastapi import APIRouter
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from libs.auth import OperatorDep, PredictDep, Role, ViewerDep, issue_token
 from libs.errors import Conflict, NotFound
-from libs.http import create_app
+from libs.http import Text, create_app
 from libs.settings import ServiceSettings
 
 
@@ -128,6 +128,23 @@ async def test_oversized_body_is_refused_with_413(tmp_path: Path) -> None:
 
         streamed = await client.post("/echo", content=chunks())
         assert streamed.status_code == 413
+
+
+async def test_a_nul_character_in_the_path_or_the_query_is_refused_with_422(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        for url in ("/missing%00", "/read?model=churn%00"):
+            response = await client.get(url, headers=bearer("dev-viewer"))
+            assert response.status_code == 422, url
+            assert response.json()["code"] == "invalid-input"
+            assert "NUL" in response.json()["detail"]
+        assert (await client.get("/read?model=churn", headers=bearer("dev-viewer"))).status_code == 200
+
+
+def test_free_text_with_a_nul_character_is_invalid_input() -> None:
+    text = TypeAdapter(Text)
+    assert text.validate_python("why: the canary is worse") == "why: the canary is worse"
+    with pytest.raises(ValidationError):
+        text.validate_python("why\x00")
 
 
 async def test_health_and_metrics_are_served(tmp_path: Path) -> None:

@@ -85,6 +85,11 @@ def test_spec_sent_for_another_model_is_refused() -> None:
         parse_spec(json.dumps(churn_spec_data()), content_type="application/json", name="fraud")
 
 
+def test_a_spec_that_is_not_utf8_text_is_refused_as_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="not UTF-8"):
+        parse_spec(b"k\x0f\xf4]\x05", content_type="application/yaml", name="churn")
+
+
 def test_sliding_window_needs_its_size() -> None:
     with pytest.raises(SpecError, match="window_rows"):
         spec_from_data(churn_spec_data(retrain={"training_set": {"mode": "sliding-window"}}))
