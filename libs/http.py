@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
-from pydantic import StringConstraints
+from pydantic import StringConstraints, TypeAdapter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.auth import TokenStore
@@ -21,6 +21,25 @@ ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 """Free text in a request body. PostgreSQL's text and jsonb refuse the NUL character, so it is refused at
 the door (422) rather than where a row is written."""
+
+
+def json_body(kind: Any, description: str) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself: the body's schema, from a pydantic type,
+    with its ``$defs`` written in place (a route's extra has no place in the document's components)."""
+    schema = TypeAdapter(kind).json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            rest = {k: inline(v) for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[ref.removeprefix("#/$defs/")]), **rest} if isinstance(ref, str) else rest
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
 
 
 class RequestLimits:

@@ -25,7 +25,7 @@ from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unauthorized
-from libs.http import Text
+from libs.http import Text, json_body
 from services.serving.domain import (
     ModelRoute,
     columns_from_records,
@@ -37,6 +37,7 @@ from services.serving.domain import (
     tensors_from_json,
 )
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
+from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody
 from services.serving.scoring import Predictor, PredictRequest, PredictResult
 
 REQUEST_SECONDS = Histogram(
@@ -302,7 +303,15 @@ def _infer_response(name: str, request_id: Any, result: PredictResult, wanted: s
     }
 
 
-@predict_router.post("/v2/models/{name}/infer", tags=["open inference protocol"], summary="Score tensors.")
+_INFER_DOCS: dict[str, Any] = {
+    "openapi_extra": json_body(InferBody, "An Open Inference Protocol v2 inference request, JSON tensors."),
+    "responses": {200: {"model": InferAnswer, "description": "An Open Inference Protocol v2 response."}},
+}
+
+
+@predict_router.post(
+    "/v2/models/{name}/infer", tags=["open inference protocol"], summary="Score tensors.", **_INFER_DOCS
+)
 async def infer(name: str, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
     _caller(request, Role.predict)
@@ -313,6 +322,7 @@ async def infer(name: str, request: Request) -> Response:
     "/v2/models/{name}/versions/{version}/infer",
     tags=["open inference protocol"],
     summary="Score tensors with one version.",
+    **_INFER_DOCS,
 )
 async def infer_version(name: str, version: int, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
@@ -327,6 +337,8 @@ async def infer_version(name: str, version: int, request: Request) -> Response:
     "/v1/models/{name}/predict",
     tags=["predict"],
     summary="Score records: {records: [{feature: value}], entity_keys?: [key]}.",
+    openapi_extra=json_body(PredictBody, "The rows to score, as records."),
+    responses={200: {"model": PredictAnswer, "description": "One prediction per record, in order."}},
 )
 async def predict(name: str, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
@@ -427,11 +439,21 @@ class FeedbackCreate(BaseModel):
     entity_key: Text | None = Field(default=None, description="Caller's entity id, if any.")
 
 
+class FeedbackAccepted(BaseModel):
+    accepted: int = Field(description="Labels published.")
+    event_ids: list[str] = Field(description="The GroundTruthReceived events, one per label.")
+
+
 _FEEDBACK = TypeAdapter(FeedbackCreate | list[FeedbackCreate])
 
 
 @router.post(
-    "/v1/feedback", tags=["predict"], summary="Ground truth for earlier predictions.", status_code=202
+    "/v1/feedback",
+    tags=["predict"],
+    summary="Ground truth for earlier predictions.",
+    status_code=202,
+    openapi_extra=json_body(FeedbackCreate | list[FeedbackCreate], "One label, or a list of them."),
+    responses={202: {"model": FeedbackAccepted, "description": "Published as GroundTruthReceived."}},
 )
 async def feedback(request: Request, ctx: ContextDep, principal: PredictDep) -> Response:
     body = await _json_body(request)

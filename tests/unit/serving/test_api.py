@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
 
 from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.envelope import CloudEvent
@@ -17,7 +19,7 @@ from contracts.feedback import GroundTruthReceived
 from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
 from libs.http import create_app
-from services.serving import api
+from services.serving import api, schemas
 from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
 from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
 from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictResult
@@ -82,6 +84,7 @@ class Service:
     routes: dict[str, ModelRoute]
     breaches: list[tuple[str, str, str]]
     predictor: Predictor
+    app: FastAPI
 
     def route(
         self, stable: ServedModel | None, canary: ServedModel | None = None, weight: float = 0.0, **kw: Any
@@ -154,7 +157,7 @@ async def service() -> AsyncIterator[Service]:
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://serving") as client:
-        s = Service(client, state, log, outbox, routes, breaches, predictor)
+        s = Service(client, state, log, outbox, routes, breaches, predictor, app)
         s.route(served(1))
         yield s
 
@@ -374,6 +377,41 @@ async def test_oip_infer_gives_predict_and_proba_tensors(service: Service) -> No
     )
     assert proba["shape"] == [2, 2] and len(proba["data"]) == 4
     assert body["parameters"]["variant"] == "stable" and len(body["parameters"]["prediction_ids"]) == 2
+
+
+async def test_the_openapi_document_describes_the_bodies_the_predict_routes_take_and_give(
+    service: Service,
+) -> None:
+    # The routes read their bodies themselves; the documented models must say what they really do.
+    records = [record(), record(tenure_months=60, plan="premium")]
+    split = [*records, record(tenure_months=3)]
+    service.route(served(1), served(2), weight=0.5)
+    asked: list[tuple[str, type[BaseModel], dict[str, Any], type[BaseModel]]] = [
+        ("/v1/models/churn/predict", schemas.PredictBody, {"records": records}, schemas.PredictAnswer),
+        (
+            "/v1/models/churn/predict",
+            schemas.PredictBody,
+            {"records": split, "entity_keys": ["a", None, "c"]},
+            schemas.PredictAnswer,
+        ),
+        ("/v2/models/churn/infer", schemas.InferBody, oip_body(), schemas.InferAnswer),
+    ]
+    for path, body_model, body, answer_model in asked:
+        body_model.model_validate(body)
+        r = await service.client.post(path, json=body, headers=PREDICT)
+        assert r.status_code == 200, r.text
+        answer_model.model_validate(r.json())
+    ids = [p["prediction_id"] for p in (await predict(service, records)).json()["predictions"]]
+    labels = [{"prediction_id": ids[0], "label": 1}, {"prediction_id": ids[1], "label": 0}]
+    r = await service.client.post("/v1/feedback", json=labels, headers=PREDICT)
+    assert r.status_code == 202, r.text
+    api.FeedbackAccepted.model_validate(r.json())
+
+    spec = service.app.openapi()
+    for path in ("/v1/models/{name}/predict", "/v2/models/{name}/infer", "/v1/feedback"):
+        body = spec["paths"][path]["post"]["requestBody"]
+        assert body["required"] and body["content"]["application/json"]["schema"]
+        assert "$ref" not in str(body), "a reference into $defs would not resolve in the OpenAPI document"
 
 
 async def test_oip_version_routes_and_errors_carry_an_error_field(service: Service) -> None:
