@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import pytest
@@ -13,21 +12,11 @@ from contracts.monitoring import DriftDetected, PerformanceDegraded
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from contracts.training import TrainingCompleted, TrainingRequested
 from contracts.validation import ValidationPassed
-from deploy.loop import EventTail, LoopClient, Traffic, poll, spec_yaml
+from deploy.loop import EventTail, LoopClient, Traffic, poll
 from deploy.scenario import CONCEPT_SHIFTED, INPUTS_SHIFTED, REFERENCE, TARGET, Phase, generate
+from tests.e2e.steps import serve_version_1
 
 pytestmark = pytest.mark.timeout(600)
-
-
-async def serve_version_1(client: LoopClient, tail: EventTail, *, cooldown_s: float = 0) -> str:
-    """A fresh model trained on the reference world and promoted (the first version needs no canary)."""
-    model = f"e2e-{secrets.token_hex(3)}"
-    await client.put_spec(model, spec_yaml(model, dataset=f"{model}-base", cooldown_s=cooldown_s))
-    await client.upload_dataset(f"{model}-base", generate(8_000, REFERENCE, seed=1), [model])
-    await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=180)
-    route = await client.route(model)
-    assert route is not None and route["stable_version"] == 1
-    return model
 
 
 def rolled_out_version(event: CloudEvent[Any]) -> int:
