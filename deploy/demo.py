@@ -134,7 +134,9 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
         traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=20, rows_per_request=25)
         traffic.start()
         await asyncio.sleep(20)
-        console.print(f"  {traffic.stats.requests} requests, {traffic.stats.failed} failed, no drift so far")
+        alerts = [e for e in tail.events((DriftDetected, PerformanceDegraded)) if e.subject == model]
+        quiet = "no alert so far" if not alerts else f"[red]{len(alerts)} alert(s) already[/]"
+        console.print(f"  {traffic.stats.requests} requests, {traffic.stats.failed} failed, {quiet}")
 
         stage("The inputs shift: prices +35 %, more support calls, a new payment method")
         # Who leaves still follows the same rule, so the model stays about as accurate: only the inputs'
