@@ -45,6 +45,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import sklearn
+from scipy.stats import binom
 
 from bench.serving.model import KINDS, build_model, features, records
 from contracts.common import (
@@ -632,6 +633,54 @@ def median(results: list[Measure], server: str, rows: int, load: str, attr: str)
     )
 
 
+def per_round(results: list[Measure], a: str, b: str, rows: int) -> list[float]:
+    """Saturated req/s of ``a`` over ``b``, round by round: the two were measured minutes apart at most,
+    which takes out most of the drift of a shared machine's speed that comparing medians leaves in."""
+    rps = {(m.server, m.round): m.rps for m in results if (m.rows, m.load) == (rows, "saturation")}
+    return [rps[a, r] / rps[b, r] for r in sorted({r for s, r in rps if s == a}) if (b, r) in rps]
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of ``values`` at ``level`` or more (order statistics:
+    the k-th smallest and k-th largest value with P(Binomial(n, 1/2) < k) <= (1 - level) / 2), or None when
+    there are too few values for one (fewer than 6 at 95%)."""
+    xs = sorted(values)
+    k = 0
+    while binom.cdf(k, len(xs), 0.5) <= (1 - level) / 2:
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[-k])
+
+
+def judged(name: str, ratios: list[float], *, cost: bool, target: float) -> str:
+    """``ratios`` (one per round) against a target, with the interval of their median: met when the whole
+    interval is on the right side of the target, missed when the whole of it is on the wrong side, and
+    otherwise not established. ``cost`` reads a ratio r as the share lost, 1 - r (the target an upper
+    bound); otherwise r is the gain (the target a lower bound)."""
+    if not ratios:
+        return f"{name}: no paired rounds"
+
+    def show(r: float) -> str:
+        return f"{1 - r:.1%}" if cost else f"{r:.1f}x" if r >= 2 else f"{r:.0%}"
+
+    good = (lambda r: 1 - r <= target) if cost else (lambda r: r >= target)
+    interval = median_interval(ratios)
+    if interval is None:
+        verdict = f"not established (an interval needs 6 rounds or more, {len(ratios)} run)"
+        span = ""
+    else:
+        lo, hi = (show(interval[1]), show(interval[0])) if cost else (show(interval[0]), show(interval[1]))
+        span = f", 95% interval of the median {lo} to {hi}"
+        verdict = (
+            "met"
+            if all(map(good, interval))
+            else "missed"
+            if not any(map(good, interval))
+            else "not established"
+        )
+    rounds = ", ".join(show(r) for r in ratios)
+    return f"{name} by round: {rounds}; median {show(statistics.median(ratios))}{span}: {verdict}"
+
+
 def report(
     results: list[Measure],
     servers: list[str],
@@ -699,6 +748,19 @@ def report(
             f"{median(results, DRIFTLOOP, rows, 'half', 'p99_ms'):.1f} ms (target <= 10 ms)"
         )
         say(" ".join(parts))
+        say(f"  rows={rows}, paired within each round:")
+        say(
+            "    "
+            + judged(
+                "prediction log", per_round(results, DRIFTLOOP, DRIFTLOOP_NOLOG, rows), cost=True, target=0.10
+            )
+        )
+        say("    " + judged("vs bare", per_round(results, DRIFTLOOP, BARE, rows), cost=False, target=0.80))
+        if MLFLOW in servers:
+            say(
+                "    "
+                + judged("vs MLflow", per_round(results, DRIFTLOOP, MLFLOW, rows), cost=False, target=10)
+            )
     bad = sum(m.non2xx + m.socket_errors for m in results)
     say(
         f"non-2xx or socket errors over all runs: {bad}; "

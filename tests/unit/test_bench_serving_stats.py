@@ -1,0 +1,63 @@
+"""The serving benchmark's verdicts: ratios paired within a round, an order-statistics interval for their
+median, and met / missed / not established against a target."""
+
+import pytest
+from scipy.stats import binom
+
+from bench.serving.run import Measure, judged, median_interval, per_round
+
+
+def saturated(server: str, rnd: int, rps: float, rows: int = 100) -> Measure:
+    return Measure(server, rows, "saturation", rnd, 16, rps, 1.0, 2.0, 0, 0, 5.0)
+
+
+def test_ratios_are_paired_within_each_round() -> None:
+    results = [
+        saturated("on", 1, 900),
+        saturated("off", 1, 1000),
+        saturated("on", 2, 1500),
+        saturated("off", 2, 1500),
+        saturated("on", 3, 800),  # no partner in round 3
+        saturated("off", 4, 700),
+        saturated("on", 2, 1, rows=1),  # another size
+        Measure("off", 100, "half", 1, 4, 1.0, 1.0, 2.0, 0, 0, 5.0),  # not at saturation
+    ]
+    assert per_round(results, "on", "off", 100) == [0.9, 1.0]
+
+
+@pytest.mark.parametrize("n", [6, 9, 12, 30])
+def test_the_interval_covers_the_median_at_the_level_asked(n: int) -> None:
+    values = [float(v) for v in range(n, 0, -1)]
+    lo, hi = median_interval(values) or (None, None)
+    assert lo is not None and hi is not None
+    k = int(lo)  # the k-th smallest of 1..n is k
+    assert hi == n + 1 - k
+    # The coverage of (x_k, x_{n-k+1}) is 1 - 2 P(Bin(n, 1/2) <= k - 1); k is the widest that keeps 95%.
+    assert 1 - 2 * binom.cdf(k - 1, n, 0.5) >= 0.95
+    assert 1 - 2 * binom.cdf(k, n, 0.5) < 0.95
+
+
+def test_too_few_rounds_give_no_interval() -> None:
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    assert median_interval([1.0] * 6) == (1.0, 1.0)
+
+
+def test_a_cost_is_met_only_when_the_whole_interval_is_within_the_target() -> None:
+    cheap = [0.97, 0.95, 0.99, 0.96, 0.98, 0.94]
+    assert judged("log", cheap, cost=True, target=0.10).endswith(": met")
+    dear = [0.80, 0.85, 0.75, 0.88, 0.82, 0.79]
+    assert judged("log", dear, cost=True, target=0.10).endswith(": missed")
+    spread = [0.97, 0.80, 0.99, 0.85, 0.95, 0.70]
+    assert judged("log", spread, cost=True, target=0.10).endswith(": not established")
+    assert "needs 6 rounds" in judged("log", cheap[:3], cost=True, target=0.10)
+
+
+def test_a_gain_reads_its_target_as_a_lower_bound() -> None:
+    text = judged("vs MLflow", [12.0, 11.0, 13.0, 14.0, 10.5, 12.5], cost=False, target=10)
+    assert text == (
+        "vs MLflow by round: 12.0x, 11.0x, 13.0x, 14.0x, 10.5x, 12.5x; median 12.2x, "
+        "95% interval of the median 10.5x to 14.0x: met"
+    )
+    assert judged("vs MLflow", [9.0, 12.0, 13.0, 14.0, 8.0, 12.5], cost=False, target=10).endswith(
+        "not established"
+    )
