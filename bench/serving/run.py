@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -45,7 +46,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import sklearn
-from scipy.stats import binom
+from scipy.stats import quantile_test
 
 from bench.serving.model import KINDS, build_model, features, records
 from contracts.common import (
@@ -641,14 +642,12 @@ def per_round(results: list[Measure], a: str, b: str, rows: int) -> list[float]:
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """A distribution-free interval for the median of ``values`` at ``level`` or more (order statistics:
-    the k-th smallest and k-th largest value with P(Binomial(n, 1/2) < k) <= (1 - level) / 2), or None when
-    there are too few values for one (fewer than 6 at 95%)."""
-    xs = sorted(values)
-    k = 0
-    while binom.cdf(k, len(xs), 0.5) <= (1 - level) / 2:
-        k += 1
-    return None if k == 0 else (xs[k - 1], xs[-k])
+    """A distribution-free interval for the median of ``values`` at ``level`` or more (scipy's order-statistic
+    interval of a quantile: from the k-th smallest to the k-th largest value), or None when there are too
+    few values for one (fewer than 6 at 95%)."""
+    interval = quantile_test(values, q=statistics.median(values), p=0.5).confidence_interval(level)
+    low, high = float(interval.low), float(interval.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
 def judged(name: str, ratios: list[float], *, cost: bool, target: float) -> str:
@@ -749,18 +748,11 @@ def report(
         )
         say(" ".join(parts))
         say(f"  rows={rows}, paired within each round:")
-        say(
-            "    "
-            + judged(
-                "prediction log", per_round(results, DRIFTLOOP, DRIFTLOOP_NOLOG, rows), cost=True, target=0.10
-            )
-        )
-        say("    " + judged("vs bare", per_round(results, DRIFTLOOP, BARE, rows), cost=False, target=0.80))
+        paired = [("prediction log", DRIFTLOOP_NOLOG, True, 0.10), ("vs bare", BARE, False, 0.80)]
         if MLFLOW in servers:
-            say(
-                "    "
-                + judged("vs MLflow", per_round(results, DRIFTLOOP, MLFLOW, rows), cost=False, target=10)
-            )
+            paired.append(("vs MLflow", MLFLOW, False, 10))
+        for name, other, cost, target in paired:
+            say("    " + judged(name, per_round(results, DRIFTLOOP, other, rows), cost=cost, target=target))
     bad = sum(m.non2xx + m.socket_errors for m in results)
     say(
         f"non-2xx or socket errors over all runs: {bad}; "
