@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import make_asgi_app
-from pydantic import StringConstraints, TypeAdapter
+from pydantic import StringConstraints, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.auth import TokenStore
@@ -95,16 +101,109 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+class HotRoutes:
+    """Serves a few routes straight from ASGI, ahead of FastAPI's router, for the requests that dominate a
+    service's load (serving's predict and infer).
+
+    Between the middleware and an endpoint FastAPI and Starlette spend about 110 µs of CPU per request on
+    these machines (every route tried in turn, the request-response wrapper, the endpoint's parameters
+    solved): more than serving's whole answer to a one-row request. A hot route's endpoint reads nothing
+    but its path parameters and the ``Request`` (it checks its own token and reads its own body) and returns
+    a ``Response``, so none of that is needed. This middleware matches the path, validates the path
+    parameters against the endpoint's own annotations, calls the endpoint, and answers an exception with
+    the app's handler for it (an exception without one goes on to Starlette's 500, as before).
+
+    Whatever it does not match in full (another path or method, a path parameter that does not validate)
+    goes on to FastAPI untouched, so every answer and error is the one FastAPI would give. The routes stay
+    in FastAPI's router too, for the OpenAPI document.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[APIRoute]) -> None:
+        self.app = app
+        self.routes = [_HotRoute(route) for route in routes]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for hot in self.routes:
+                match, child = hot.route.matches(scope)
+                if match is Match.FULL and (params := hot.params(child["path_params"])) is not None:
+                    scope.update(child)
+                    await hot.serve(scope, receive, send, params)
+                    return
+        await self.app(scope, receive, send)
+
+
+class _HotRoute:
+    def __init__(self, route: APIRoute) -> None:
+        d = route.dependant
+        if (
+            d.query_params
+            or d.header_params
+            or d.cookie_params
+            or d.body_params
+            or d.dependencies
+            or d.request_param_name is None
+            or not inspect.iscoroutinefunction(route.endpoint)
+        ):
+            raise ValueError(
+                f"{route.path}: a hot route's endpoint is a coroutine that takes only path parameters and "
+                "the Request (no query, header, cookie or body parameters, no dependencies)"
+            )
+        hints = typing.get_type_hints(route.endpoint, include_extras=True)
+        self.route = route
+        self.request_name = d.request_param_name
+        self.adapters = {p.name: TypeAdapter(hints.get(p.name, str)) for p in d.path_params}
+
+    def params(self, raw: dict[str, str]) -> dict[str, Any] | None:
+        """The path parameters as the endpoint's types, or None when one does not validate (FastAPI answers
+        that request, with its 422)."""
+        try:
+            return {name: adapter.validate_python(raw[name]) for name, adapter in self.adapters.items()}
+        except ValidationError:
+            return None
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, params: dict[str, Any]) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self.route.endpoint(**params, **{self.request_name: request})
+        except Exception as exc:
+            handler = _exception_handler(request.app, exc)
+            if handler is None:
+                raise
+            response = handler(request, exc)
+            if inspect.isawaitable(response):
+                response = await response
+        assert isinstance(response, Response), f"{self.route.path} returned {type(response).__name__}"
+        await response(scope, receive, send)
+
+
+def _exception_handler(app: FastAPI, exc: Exception) -> Callable[..., Any] | None:
+    """The handler Starlette's ExceptionMiddleware would call for ``exc``: by status code for an
+    HTTPException, else by the nearest class (500 and ``Exception`` belong to ServerErrorMiddleware)."""
+    handlers = app.exception_handlers
+    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
 def create_app(
     settings: ServiceSettings,
     *,
     title: str,
     description: str,
     routers: Sequence[APIRouter] = (),
+    hot: Sequence[APIRouter] = (),
     ready: ReadyCheck | None = None,
     lifespan: Any = None,
 ) -> FastAPI:
-    """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping and a body limit."""
+    """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping and a body limit. The
+    routes of ``hot`` are served ahead of FastAPI's router (:class:`HotRoutes`) and documented like the
+    rest."""
     app = FastAPI(
         title=title,
         description=description,
@@ -147,8 +246,11 @@ def create_app(
             {"status": "ready" if ok else "not-ready", "checks": checks}, status_code=200 if ok else 503
         )
 
-    for router in routers:
+    for router in (*hot, *routers):
         app.include_router(router)
     app.mount("/metrics", make_asgi_app())
+    hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]
+    if hot_routes:
+        app.add_middleware(HotRoutes, routes=hot_routes)
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
     return app

@@ -108,7 +108,8 @@ def _json(content: Any, status: int = 200) -> Response:
 
 router = APIRouter()
 predict_router = APIRouter()
-"""The hot routes; mounted before ``router`` so they are matched first."""
+"""The hot routes: served ahead of FastAPI's router (``libs.http.HotRoutes``), so their endpoints take only
+the path and the Request."""
 
 # --- Open Inference Protocol v2 ------------------------------------------------------------------------
 

@@ -199,7 +199,8 @@ async def build(rt: Runtime) -> ServiceParts:
         title="driftloop serving",
         description="Predictions (Open Inference Protocol v2 and a simple JSON API), progressive canary "
         "rollouts, prediction and feedback logging.",
-        routers=[api.predict_router, api.router],
+        hot=[api.predict_router],
+        routers=[api.router],
         ready=ready,
     )
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import httpx
 import pytest
-from fastapi import APIRouter
-from pydantic import TypeAdapter, ValidationError
+from fastapi import APIRouter, FastAPI, Request, Response
+from pydantic import Field, TypeAdapter, ValidationError
 
 from libs.auth import OperatorDep, PredictDep, Role, ViewerDep, issue_token
 from libs.errors import Conflict, NotFound
@@ -152,3 +152,91 @@ async def test_health_and_metrics_are_served(tmp_path: Path) -> None:
         assert (await client.get("/health/live")).json() == {"status": "live"}
         assert (await client.get("/health/ready")).status_code == 200
         assert "python_info" in (await client.get("/metrics/")).text
+
+
+def hot_router() -> APIRouter:
+    """Endpoints of the shape a hot route must have: path parameters and the Request, a Response back."""
+    router = APIRouter()
+
+    @router.post("/items/{name}/versions/{version}")
+    async def item(name: str, version: Annotated[int, Field(ge=1)], request: Request) -> Response:
+        body = await request.body()
+        if body == b"conflict":
+            raise Conflict(f"{name!r} is archived", allowed=["archived"])
+        if body == b"bug":
+            raise RuntimeError("a bug in the endpoint")
+        # FastAPI's own path puts its exit stack in the scope; the hot lane does not.
+        via = "fastapi" if "fastapi_middleware_astack" in request.scope else "hot"
+        return Response(f"{name}:{version + 1}:{len(body)}", headers={"x-via": via})
+
+    return router
+
+
+def hot_app(tmp_path: Path, *, hot: bool) -> httpx.AsyncClient:
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json", max_request_bytes=1000)
+    router = hot_router()
+    app: FastAPI = create_app(
+        settings, title="t", description="d", hot=[router] if hot else [], routers=[] if hot else [router]
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+HOT_REQUESTS = [
+    ("POST", "/items/churn/versions/7", b"abc"),
+    ("POST", "/items/churn/versions/007", b""),
+    ("POST", "/items/churn/versions/0", b""),  # fails the endpoint's own constraint: FastAPI's 422
+    ("POST", "/items/churn/versions/seven", b""),  # not an int: FastAPI's 422
+    ("GET", "/items/churn/versions/7", b""),  # another method: FastAPI's 405
+    ("POST", "/items/churn/versions/7/", b""),  # another path: FastAPI's redirect
+    ("POST", "/items/churn/versions/7", b"conflict"),  # a typed error: the app's handler
+    ("POST", "/items/churn/versions/7", b"bug"),  # no handler: Starlette's 500
+    ("POST", "/items/churn/versions/7", b"x" * 2000),  # over the body limit: 413
+    ("POST", "/items/churn%00/versions/7", b""),  # NUL in the path: 422
+]
+
+
+@pytest.mark.parametrize(("method", "url", "body"), HOT_REQUESTS)
+async def test_a_hot_route_answers_exactly_as_fastapi_does(
+    tmp_path: Path, method: str, url: str, body: bytes
+) -> None:
+    async with hot_app(tmp_path, hot=True) as hot, hot_app(tmp_path, hot=False) as plain:
+        fast = await hot.request(method, url, content=body)
+        slow = await plain.request(method, url, content=body)
+    assert (fast.status_code, fast.content) == (slow.status_code, slow.content)
+    assert fast.headers.get("content-type") == slow.headers.get("content-type")
+    # Only what the hot lane fully matches bypasses FastAPI; the rest is FastAPI's own answer.
+    assert fast.headers.get("x-via") == ("hot" if slow.headers.get("x-via") else None)
+    assert slow.headers.get("x-via") in (None, "fastapi")
+
+
+async def test_a_hot_route_is_served_by_the_lane_and_documented(tmp_path: Path) -> None:
+    async with hot_app(tmp_path, hot=True) as client:
+        response = await client.post("/items/churn/versions/7", content=b"abc")
+        assert (response.status_code, response.text, response.headers["x-via"]) == (200, "churn:8:3", "hot")
+        assert "/items/{name}/versions/{version}" in (await client.get("/openapi.json")).json()["paths"]
+
+
+def test_a_hot_route_must_take_only_its_path_and_the_request(tmp_path: Path) -> None:
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json")
+    for declare in (
+        lambda r: r.post("/a/{name}")(_with_query),
+        lambda r: r.post("/b")(_with_dependency),
+        lambda r: r.post("/c")(_without_request),
+    ):
+        router = APIRouter()
+        declare(router)
+        with pytest.raises(ValueError, match="only path parameters and the Request"):
+            create_app(settings, title="t", description="d", hot=[router]).build_middleware_stack()
+
+
+async def _with_query(name: str, limit: int, request: Request) -> Response:
+    return Response()
+
+
+async def _with_dependency(who: ViewerDep, request: Request) -> Response:
+    return Response()
+
+
+async def _without_request() -> Response:
+    return Response()
