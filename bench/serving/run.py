@@ -680,6 +680,28 @@ def judged(name: str, ratios: list[float], *, cost: bool, target: float) -> str:
     return f"{name} by round: {rounds}; median {show(statistics.median(ratios))}{span}: {verdict}"
 
 
+def verdicts(results: list[Measure], rows: int) -> list[str]:
+    """Each target judged on driftloop's ratios to the other server, paired within each round."""
+    servers = {m.server for m in results}
+    paired = [("prediction log", DRIFTLOOP_NOLOG, True, 0.10), ("vs bare", BARE, False, 0.80)]
+    if MLFLOW in servers:
+        paired.append(("vs MLflow", MLFLOW, False, 10))
+    return [
+        judged(name, per_round(results, DRIFTLOOP, other, rows), cost=cost, target=target)
+        for name, other, cost, target in paired
+    ]
+
+
+def pooled(paths: list[Path]) -> list[Measure]:
+    """The measurements of several runs' results.json as one list, each run's rounds numbered apart, so that
+    ratios stay paired within a round of one run."""
+    results = []
+    for i, path in enumerate(paths):
+        for m in json.loads(path.read_text())["results"]:
+            results.append(Measure(**{**m, "round": i * 1000 + m["round"]}))
+    return results
+
+
 def report(
     results: list[Measure],
     servers: list[str],
@@ -748,11 +770,8 @@ def report(
         )
         say(" ".join(parts))
         say(f"  rows={rows}, paired within each round:")
-        paired = [("prediction log", DRIFTLOOP_NOLOG, True, 0.10), ("vs bare", BARE, False, 0.80)]
-        if MLFLOW in servers:
-            paired.append(("vs MLflow", MLFLOW, False, 10))
-        for name, other, cost, target in paired:
-            say("    " + judged(name, per_round(results, DRIFTLOOP, other, rows), cost=cost, target=target))
+        for verdict in verdicts(results, rows):
+            say("    " + verdict)
     bad = sum(m.non2xx + m.socket_errors for m in results)
     say(
         f"non-2xx or socket errors over all runs: {bad}; "
@@ -803,7 +822,22 @@ def main() -> None:
         help="also run a replica (prediction log on) with these settings, for a side-by-side A/B, e.g. "
         "'no batching:DRIFTLOOP_SERVING_PREDICTION_LOG_HANDOFF_FLUSH_MS=0'",
     )
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: judge the targets on the paired rounds of these earlier runs together",
+    )
     args = parser.parse_args()
+    if args.pool:
+        earlier = pooled(args.pool)
+        say(f"{len({m.round for m in earlier})} rounds from {len(args.pool)} runs, pooled")
+        for rows in (1, 100):
+            say(f"  rows={rows}, paired within each round:")
+            for verdict in verdicts(earlier, rows):
+                say("    " + verdict)
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk")
 

@@ -1,10 +1,14 @@
 """The serving benchmark's verdicts: ratios paired within a round, an order-statistics interval for their
 median, and met / missed / not established against a target."""
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 from scipy.stats import binom
 
-from bench.serving.run import Measure, judged, median_interval, per_round
+from bench.serving.run import Measure, judged, median_interval, per_round, pooled
 
 
 def saturated(server: str, rnd: int, rps: float, rows: int = 100) -> Measure:
@@ -23,6 +27,19 @@ def test_ratios_are_paired_within_each_round() -> None:
         Measure("off", 100, "half", 1, 4, 1.0, 1.0, 2.0, 0, 0, 5.0),  # not at saturation
     ]
     assert per_round(results, "on", "off", 100) == [0.9, 1.0]
+
+
+def test_pooled_runs_keep_each_pair_within_its_own_run(tmp_path: Path) -> None:
+    runs = [
+        [saturated("on", 0, 900), saturated("off", 0, 1000), saturated("on", 1, 600)],
+        [saturated("off", 1, 1200), saturated("on", 0, 400), saturated("off", 0, 500)],
+    ]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"results": [asdict(m) for m in run]}))
+    # Round 1's "on" (first run) and "off" (second run) are not a pair.
+    assert per_round(pooled(paths), "on", "off", 100) == [0.9, 0.8]
 
 
 @pytest.mark.parametrize("n", [6, 9, 12, 30])
