@@ -105,13 +105,14 @@ class HotRoutes:
     """Serves a few routes straight from ASGI, ahead of FastAPI's router, for the requests that dominate a
     service's load (serving's predict and infer).
 
-    Between the middleware and an endpoint FastAPI and Starlette spend about 110 µs of CPU per request on
-    these machines (every route tried in turn, the request-response wrapper, the endpoint's parameters
-    solved): more than serving's whole answer to a one-row request. A hot route's endpoint reads nothing
-    but its path parameters and the ``Request`` (it checks its own token and reads its own body) and returns
-    a ``Response``, so none of that is needed. This middleware matches the path, validates the path
-    parameters against the endpoint's own annotations, calls the endpoint, and answers an exception with
-    the app's handler for it (an exception without one goes on to Starlette's 500, as before).
+    Between uvicorn and an endpoint FastAPI and Starlette spent 120-160 µs of CPU per request on a 2-core
+    test host (every route tried in turn, the request-response wrapper, the endpoint's parameters solved;
+    docs/benchmarks.md, Serving): more than the predict route's own work for one row. A hot route's endpoint
+    reads nothing but its path parameters and the ``Request`` (it checks its own token and reads its own
+    body) and returns a ``Response``, so none of that is needed. This middleware matches the path,
+    validates the path parameters against the endpoint's own annotations, calls the endpoint, and answers
+    an exception with the app's handler for it (an exception without one goes on to Starlette's 500, as
+    before).
 
     Whatever it does not match in full (another path or method, a path parameter that does not validate)
     goes on to FastAPI untouched, so every answer and error is the one FastAPI would give. The routes stay
