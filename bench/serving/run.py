@@ -680,16 +680,14 @@ def judged(name: str, ratios: list[float], *, cost: bool, target: float) -> str:
     return f"{name} by round: {rounds}; median {show(statistics.median(ratios))}{span}: {verdict}"
 
 
-def verdicts(results: list[Measure], rows: int) -> list[str]:
+def say_verdicts(results: list[Measure], rows: int) -> None:
     """Each target judged on driftloop's ratios to the other server, paired within each round."""
-    servers = {m.server for m in results}
     paired = [("prediction log", DRIFTLOOP_NOLOG, True, 0.10), ("vs bare", BARE, False, 0.80)]
-    if MLFLOW in servers:
+    if any(m.server == MLFLOW for m in results):
         paired.append(("vs MLflow", MLFLOW, False, 10))
-    return [
-        judged(name, per_round(results, DRIFTLOOP, other, rows), cost=cost, target=target)
-        for name, other, cost, target in paired
-    ]
+    say(f"  rows={rows}, paired within each round:")
+    for name, other, cost, target in paired:
+        say("    " + judged(name, per_round(results, DRIFTLOOP, other, rows), cost=cost, target=target))
 
 
 def pooled(paths: list[Path]) -> list[Measure]:
@@ -769,9 +767,7 @@ def report(
             f"{median(results, DRIFTLOOP, rows, 'half', 'p99_ms'):.1f} ms (target <= 10 ms)"
         )
         say(" ".join(parts))
-        say(f"  rows={rows}, paired within each round:")
-        for verdict in verdicts(results, rows):
-            say("    " + verdict)
+        say_verdicts(results, rows)
     bad = sum(m.non2xx + m.socket_errors for m in results)
     say(
         f"non-2xx or socket errors over all runs: {bad}; "
@@ -834,9 +830,7 @@ def main() -> None:
         earlier = pooled(args.pool)
         say(f"{len({m.round for m in earlier})} rounds from {len(args.pool)} runs, pooled")
         for rows in (1, 100):
-            say(f"  rows={rows}, paired within each round:")
-            for verdict in verdicts(earlier, rows):
-                say("    " + verdict)
+            say_verdicts(earlier, rows)
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk")
