@@ -9,6 +9,7 @@ it. Payload classes subclass :class:`EventPayload`; their ``event_type`` names t
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -113,6 +114,31 @@ class SchemaInvalid(MalformedEvent):
 def new_event_id() -> str:
     """A fresh event id: a random UUID (time-ordered ids are not needed; Kafka offsets give order)."""
     return str(uuid.uuid4())
+
+
+class EventIds:
+    """Fresh event ids as :func:`new_event_id` makes them (random version-4 UUIDs, from the OS's random
+    source), for a loop that makes one per event: the randomness is read 256 ids at a time and formatted
+    without a ``UUID`` object, 0.8 µs an id instead of 2.7 (the prediction log's producer makes thousands a
+    second). Not locked: one per thread. A forked child starts with an empty buffer, so it never repeats its
+    parent's ids."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._random = bytearray()
+        os.register_at_fork(after_in_child=self._random.clear)
+
+    def __call__(self) -> str:
+        if not self._random:
+            self._random += os.urandom(16 * self._BATCH)
+        h = self._random[-16:].hex()
+        del self._random[-16:]
+        # The version nibble is 4, the variant's two high bits 10 (RFC 9562): the rest stays random.
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class CloudEvent(BaseModel, Generic[P]):

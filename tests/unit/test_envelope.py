@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +21,7 @@ from contracts.commands import RollbackRequested
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import (
     CloudEvent,
+    EventIds,
     EventPayload,
     EventTypeRegistry,
     MalformedEvent,
@@ -459,3 +462,25 @@ def test_a_message_written_by_the_cloudevents_sdk_decodes() -> None:
         "user:bob",
     )
     assert decoded.time == datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
+
+
+def test_fast_event_ids_are_distinct_random_version_4_uuids_and_a_forked_child_makes_its_own() -> None:
+    ids = EventIds()
+    made = [ids() for _ in range(3 * 256 + 5)]  # several reads of the OS's randomness
+    assert len(set(made)) == len(made)
+    for made_id in made:
+        parsed = uuid.UUID(made_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == made_id
+    ids()  # the buffer is part-used now: a child must not take the parent's next ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, "".join(ids() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    child = {text[i : i + 36] for i in range(0, len(text), 36)}
+    parent = {ids() for _ in range(300)}
+    assert len(child) == 300 and not child & parent

@@ -4,13 +4,16 @@ blocks or loses silently."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from contracts.predictions import (
     PredictionColumns,
@@ -258,6 +261,9 @@ class FakeProducer:
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[bytes] = []
         self.fail = fail
+        self.partitions = {0, 1, 2}
+        self.sent_to: list[tuple[int, int]] = []
+        """(partition, events) of each batch sent."""
 
     async def start(self) -> None:
         return None
@@ -266,7 +272,7 @@ class FakeProducer:
         return None
 
     async def partitions_for(self, topic: str) -> set[int]:
-        return {0, 1, 2}
+        return self.partitions
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch()
@@ -277,6 +283,7 @@ class FakeProducer:
             future.set_exception(ConnectionError("broker away"))
         else:
             self.sent.extend(batch.values)
+            self.sent_to.append((partition, len(batch.values)))
             future.set_result(None)
         return future
 
@@ -315,6 +322,29 @@ async def test_unacknowledged_sends_are_counted_not_silent() -> None:
     await log.stop()
     await asyncio.wait_for(task, timeout=5)
     assert DROPPED.labels("send-failed")._value.get() == before + 2
+
+
+async def test_each_model_goes_to_the_partition_the_default_partitioner_picks_as_partitions_change() -> None:
+    producer = FakeProducer()
+    log = log_with(producer, buffer=100)
+    task = asyncio.create_task(log.run())
+    models = [f"model-{i}" for i in range(12)]
+    for partitions in ({0, 1, 2}, set(range(7))):
+        producer.partitions, producer.sent_to = partitions, []
+        for model in models * 2:
+            log.offer(dataclasses.replace(item(), model=model))
+        for _ in range(500):
+            if sum(n for _, n in producer.sent_to) >= 2 * len(models):
+                break
+            await asyncio.sleep(0.01)
+        ordered = sorted(partitions)
+        expected = Counter(DefaultPartitioner()(model.encode(), ordered, ordered) for model in models * 2)
+        sent = Counter[int]()
+        for partition, n in producer.sent_to:
+            sent[partition] += n
+        assert sent == expected and len(expected) > 1
+    await log.stop()
+    await asyncio.wait_for(task, timeout=5)
 
 
 def dict_per_row(log_item: LogItem) -> bytes:
