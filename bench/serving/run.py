@@ -9,12 +9,13 @@ at load (a verified ONNX Runtime copy, or the pipeline: printed at start); a sec
 the same deployment with the prediction log off gives the logging cost. All servers are up at once and are
 measured in turn, round after round, and the median of the rounds is reported: on a machine shared with
 other work this keeps a passing load spike from landing on one server only. Every round starts all servers
-anew, in an order rotated by round, and measures them in that order, so no server is always the first
-started or always measured after the same neighbour.
+anew, in an order rotated by round, so no server is always the first started.
 
-Each measurement: saturation (closed loop, --connections), then about half of that rate (4 connections
-pacing themselves), recording req/s, p50/p99 and the CPU the server's process tree (and the Kafka broker)
-spent per request, which moves less than req/s when neighbours compete for the cores.
+Each round, for 1 row and then 100 rows per request: every server at saturation (closed loop,
+--connections) in slices of --slice seconds taken in turn, each pass in another order, --duration seconds
+per server in all; then each server at about half of its rate (4 connections pacing themselves). Recorded:
+req/s, p50/p99 and the CPU the server's process tree (and the Kafka broker) spent per request, which moves
+less than req/s when neighbours compete for the cores.
 
 Needs the local infrastructure (`deploy/local/driftloop infra up`) and wrk (`apt-get install wrk`). MLflow
 gets its own virtualenv under .driftloop/bench/mlflow-venv, created on first use. Not part of the tests.
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -309,10 +310,54 @@ def settle(pid: int, *, window_s: float = 0.25, idle_share: float = 0.05, deadli
         last = now
 
 
-def measure(server: Server, rows: int, rnd: int, args: argparse.Namespace) -> list[Measure]:
-    """Saturation, then about half of it: 4 connections, each pausing after its answer."""
-    wrk(server.url, server.bodies[rows], token=server.token, duration=1, connections=args.connections)  # warm
-    sat = one(server, rows, "saturation", rnd, connections=args.connections, duration=args.duration)
+def saturate(servers: list[Server], rows: int, rnd: int, args: argparse.Namespace) -> dict[str, Measure]:
+    """Every server of a round at saturation, in slices of ``--slice`` seconds taken in turn (each pass in
+    another order), ``--duration`` seconds each in all.
+
+    This host's speed changes for tens of seconds at a time (steal spikes; the CPU per request of one idle-
+    started server doubles): a server measured whole, right after another, could get a slow spell the other
+    missed, and the ratio of the two took it all. Slices spread each spell over every server."""
+    for server in servers:
+        wrk(server.url, server.bodies[rows], token=server.token, duration=1, connections=args.connections)
+    slices: dict[str, list[Measure]] = {server.name: [] for server in servers}
+    for k in range(max(1, math.ceil(args.duration / args.slice))):
+        shift = k % len(servers)
+        for server in servers[shift:] + servers[:shift]:
+            slices[server.name].append(
+                one(server, rows, "saturation", rnd, connections=args.connections, duration=args.slice)
+            )
+    return {name: combined(parts) for name, parts in slices.items()}
+
+
+def combined(parts: list[Measure]) -> Measure:
+    """The slices of one server's measurement as one: rates over the total time, costs per request over all
+    requests, the median of the slices' latency percentiles (wrk reports no histogram to merge)."""
+    requests = [m.rps * m.duration_s for m in parts]
+    total, seconds = sum(requests), sum(m.duration_s for m in parts)
+
+    def per_request(attr: str) -> float:
+        return sum(getattr(m, attr) * n for m, n in zip(parts, requests, strict=True)) / max(1.0, total)
+
+    return replace(
+        parts[-1],
+        rps=total / seconds,
+        p50_ms=statistics.median(m.p50_ms for m in parts),
+        p99_ms=statistics.median(m.p99_ms for m in parts),
+        non2xx=sum(m.non2xx for m in parts),
+        socket_errors=sum(m.socket_errors for m in parts),
+        duration_s=seconds,
+        cpu_ms=per_request("cpu_ms"),
+        main_cpu_ms=per_request("main_cpu_ms"),
+        broker_cpu_ms=per_request("broker_cpu_ms"),
+        migrations=per_request("migrations"),
+        preempted=per_request("preempted"),
+        steal_pct=sum(m.steal_pct * m.duration_s for m in parts) / seconds,
+    )
+
+
+def half_load(server: Server, sat: Measure, args: argparse.Namespace) -> list[Measure]:
+    """About half of the saturated rate: 4 connections, each pausing after its answer."""
+    rows, rnd = sat.rows, sat.round
     pace = 4
     delay_ms = max(0.0, 1000 * pace / (sat.rps / 2) - 1000 / sat.rps)
     half = one(server, rows, "half", rnd, connections=pace, duration=args.duration, delay_ms=delay_ms)
@@ -799,6 +844,13 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported")
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument(
+        "--slice",
+        type=int,
+        default=1,
+        help="saturation is measured in slices of this many seconds, the servers in turn (--duration: one "
+        "slice, each server whole)",
+    )
     parser.add_argument("--connections", type=int, default=16, help="connections for the saturation runs")
     parser.add_argument(
         "--base-port", type=int, default=BASE_PORT, help="first of the ports used (5, plus one per --variant)"
@@ -921,9 +973,10 @@ def main() -> None:
             say(f"round {rnd + 1}: starting {', '.join(name for name, _ in order)}")
             for _, start in order:
                 servers.append(start())
-            for server in servers:
-                for rows in (1, 100):
-                    results += measure(server, rows, rnd, args)
+            for rows in (1, 100):
+                saturated = saturate(servers, rows, rnd, args)
+                for server in servers:
+                    results += half_load(server, saturated[server.name], args)
             dropped += sum(
                 dropped_predictions(s.extra["base"])
                 for s in servers

@@ -1,14 +1,17 @@
 """The serving benchmark's verdicts: ratios paired within a round, an order-statistics interval for their
 median, and met / missed / not established against a target."""
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scipy.stats import binom
 
-from bench.serving.run import Measure, judged, median_interval, per_round, pooled
+import bench.serving.run as serving_bench
+from bench.serving.run import Measure, Server, combined, judged, median_interval, per_round, pooled
 
 
 def saturated(server: str, rnd: int, rps: float, rows: int = 100) -> Measure:
@@ -78,3 +81,36 @@ def test_a_gain_reads_its_target_as_a_lower_bound() -> None:
     assert judged("vs MLflow", [9.0, 12.0, 13.0, 14.0, 8.0, 12.5], cost=False, target=10).endswith(
         "not established"
     )
+
+
+def test_slices_combine_into_rates_over_the_whole_time_and_costs_over_all_requests() -> None:
+    def piece(rps: float, seconds: float, cpu_ms: float, steal: float, p99: float) -> Measure:
+        return Measure(
+            "on", 1, "saturation", 3, 16, rps, 1.0, p99, 1, 0, seconds, cpu_ms=cpu_ms, steal_pct=steal
+        )
+
+    whole = combined(
+        [piece(1000, 1.0, 0.2, 0.0, 5.0), piece(3000, 2.0, 0.4, 30.0, 9.0), piece(500, 1.0, 1.0, 0, 7)]
+    )
+    assert whole.rps == pytest.approx((1000 + 6000 + 500) / 4)
+    assert whole.cpu_ms == pytest.approx((1000 * 0.2 + 6000 * 0.4 + 500 * 1.0) / 7500)
+    assert whole.steal_pct == pytest.approx(60 / 4)
+    assert (whole.p99_ms, whole.non2xx, whole.duration_s, whole.round) == (7.0, 3, 4.0, 3)
+
+
+def test_saturation_takes_its_slices_in_turn_each_pass_in_another_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[str] = []
+
+    def fake_one(server: Server, rows: int, load: str, rnd: int, **kwargs: Any) -> Measure:
+        taken.append(server.name)
+        return Measure(server.name, rows, load, rnd, 16, 100.0, 1.0, 2.0, 0, 0, kwargs["duration"])
+
+    monkeypatch.setattr(serving_bench, "one", fake_one)
+    monkeypatch.setattr(serving_bench, "wrk", lambda *a, **k: {})
+    servers = [Server(name, None, "", "", {1: Path("body.json")}) for name in "abc"]  # type: ignore[arg-type]
+    args = argparse.Namespace(duration=5, slice=1, connections=16)
+    measured = serving_bench.saturate(servers, 1, 0, args)
+    assert taken == list("abcbcacababcbca")
+    assert {name: m.duration_s for name, m in measured.items()} == dict.fromkeys("abc", 5.0)
