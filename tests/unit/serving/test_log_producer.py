@@ -243,6 +243,49 @@ def test_a_frame_reusing_a_body_never_read_is_refused() -> None:
         handed_over(log_item, body_sent=True)
 
 
+class Written:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+async def test_items_are_packed_at_the_flush_in_one_write_in_order_and_an_unpackable_one_is_counted() -> None:
+    log = ProcessPredictionLog(NOWHERE, source="/s", buffer=2, batch=2, linger_ms=0, handoff_bytes=1 << 20)
+    transport = Written()
+    log._transport = transport  # type: ignore[assignment]  # as a running producer's socket
+    body = orjson.dumps({"records": [{"tenure_months": 1}, {"tenure_months": 2}]})
+    stable, canary = with_body(item(rows=1), body, [0]), with_body(item(rows=1), body, [1])
+    unpackable = item(rows=1)
+    unpackable.entity_keys = [object()]  # type: ignore[list-item]
+    before = DROPPED.labels("unencodable")._value.get()
+    assert log.offer(stable) and log.offer(unpackable) and log.offer(canary)
+    assert transport.writes == []  # nothing packed on the request's path
+    for _ in range(100):
+        if transport.writes:
+            break
+        await asyncio.sleep(0.01)
+    [data] = transport.writes
+    unpack, frames = Unpacker(), []
+    while data:
+        size, head = FRAME.unpack_from(data)
+        frames.append(unpack(data[FRAME.size : FRAME.size + size], head))
+        data = data[FRAME.size + size :]
+    assert [inputs(f) for f in frames] == [[{"tenure_months": 1}], [{"tenure_months": 2}]]
+    assert b'"body":"same"' in transport.writes[0]  # the second frame reuses the first one's body
+    assert DROPPED.labels("unencodable")._value.get() == before + 1
+    assert log._written == 2  # the unpackable item is not also counted as lost with the producer
+
+
 def counts() -> dict[str, float]:
     reasons = ("buffer-full", "send-failed", "unencodable", "producer-down", "producer-exited")
     return {"sent": SENT._value.get()} | {r: DROPPED.labels(r)._value.get() for r in reasons}
