@@ -1,13 +1,11 @@
 """Small tools for integration tests on the real broker and database: fresh topics, fresh schemas,
-reading a topic back, and waiting by polling with a deadline."""
+reading a topic back, and waiting by polling with a deadline (``eventually``, from tests/waiting.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer
@@ -15,9 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import Field
 
 from contracts.envelope import EventPayload
-
-T = TypeVar("T")
-
+from tests.waiting import eventually as eventually  # where the integration tests import it from
 
 SESSION = uuid.uuid4().hex[:6]
 """This test session's mark in every name :func:`unique` makes. At its end the session deletes the topics and
@@ -67,20 +63,6 @@ async def read_topic(bootstrap: str, topic: str, *, expect: int, deadline_s: flo
     finally:
         await consumer.stop()
     return records
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], *, deadline_s: float = 30.0, interval_s: float = 0.1
-) -> T:
-    """Poll ``check`` until it returns a truthy value; fail with the last value at the deadline."""
-    until = time.monotonic() + deadline_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > until:
-            raise AssertionError(f"condition not met within {deadline_s}s (last value: {value!r})")
-        await asyncio.sleep(interval_s)
 
 
 async def fetchval(database_url: str, sql: str, *args: Any) -> Any:

@@ -34,6 +34,7 @@ from services.serving.adapters.prediction_log import (
 )
 from services.serving.domain import LogItem, parse_json, read_json, rows_of
 from tests.unit.serving.test_prediction_log import VARIED, decode, dict_per_row, item, validated
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[3]
 NOWHERE = KafkaSettings(bootstrap="127.0.0.1:1")
@@ -270,11 +271,11 @@ async def test_items_are_packed_at_the_flush_in_one_write_in_order_and_an_unpack
     before = DROPPED.labels("unencodable")._value.get()
     assert log.offer(stable) and log.offer(unpackable) and log.offer(canary)
     assert transport.writes == []  # nothing packed on the request's path
-    for _ in range(100):
-        if transport.writes:
-            break
-        await asyncio.sleep(0.01)
-    [data] = transport.writes
+
+    async def written() -> list[bytes]:
+        return transport.writes
+
+    [data] = await eventually(written, deadline_s=5, interval_s=0.001)
     unpack, frames = Unpacker(), []
     while data:
         size, head = FRAME.unpack_from(data)

@@ -32,6 +32,7 @@ from services.serving.domain import columns_from_records, rows_of
 from services.serving.routing import Scores
 from services.serving.scoring import LogItem
 from tests.unit.serving.fakes import churn_signature, record
+from tests.waiting import eventually
 
 
 def item(rows: int = 2, *, raw: bool = True) -> LogItem:
@@ -333,10 +334,11 @@ async def test_each_model_goes_to_the_partition_the_default_partitioner_picks_as
         producer.partitions, producer.sent_to = partitions, []
         for model in models * 2:
             log.offer(dataclasses.replace(item(), model=model))
-        for _ in range(500):
-            if sum(n for _, n in producer.sent_to) >= 2 * len(models):
-                break
-            await asyncio.sleep(0.01)
+
+        async def all_sent() -> bool:
+            return sum(n for _, n in producer.sent_to) >= 2 * len(models)
+
+        await eventually(all_sent, deadline_s=5, interval_s=0.01)
         ordered = sorted(partitions)
         expected = Counter(DefaultPartitioner()(model.encode(), ordered, ordered) for model in models * 2)
         sent = Counter[int]()
