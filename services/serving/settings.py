@@ -79,8 +79,9 @@ class ServingSettings(ServiceSettings):
     prediction_log_handoff_bytes: int = Field(
         8 * 1024 * 1024,
         ge=64 * 1024,
-        description="Hand-off bytes the producer process has not read yet (beyond its socket's buffer); "
-        "when more wait, new prediction-log items are dropped and counted.",
+        description="Hand-off bytes the producer process has not read yet beyond its socket's buffer, "
+        "which is asked for the same size (Linux caps it at twice net.core.wmem_max); when more wait, new "
+        "prediction-log items are dropped and counted.",
     )
     prediction_log_handoff_flush_ms: float = Field(
         5.0,

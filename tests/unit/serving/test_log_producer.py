@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -285,6 +286,30 @@ async def test_items_are_packed_at_the_flush_in_one_write_in_order_and_an_unpack
     assert b'"body":"same"' in transport.writes[0]  # the second frame reuses the first one's body
     assert DROPPED.labels("unencodable")._value.get() == before + 1
     assert log._written == 2  # the unpackable item is not also counted as lost with the producer
+
+
+async def test_the_socket_to_the_producer_buffers_as_much_as_the_hand_off_as_far_as_the_kernel_allows() -> (
+    None
+):
+    # With the default buffer (~208 KiB) a loop turn at saturation could hand over ~10 frames of 100 rows,
+    # fewer than it answered: the hand-off filled up while the child sat idle.
+    handoff = 4 << 20
+    log = ProcessPredictionLog(
+        NOWHERE, source="/s", buffer=2, batch=2, linger_ms=0, handoff_bytes=handoff, stop_timeout_s=1
+    )
+    running = asyncio.create_task(log.run())
+    await asyncio.wait_for(log.connected(), timeout=30)
+    assert log._transport is not None
+    sock = log._transport.get_extra_info("socket")
+    default_a, default_b = socket.socketpair()
+    with default_a, default_b:
+        default = default_a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    with open("/proc/sys/net/core/wmem_max") as limit:  # noqa: ASYNC230  # procfs: never blocks
+        wmem_max = int(limit.read())
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert got == max(default, 2 * min(handoff // 2, wmem_max))
+    await log.stop()
+    await asyncio.wait_for(running, timeout=30)
 
 
 def counts() -> dict[str, float]:
