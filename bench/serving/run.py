@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -116,6 +117,9 @@ class Measure:
     on_cpu: int = -1
     """The CPU the serving process last ran on: it rarely moves (see ``migrations``), so a measurement
     runs mostly on one CPU, and the two CPUs of a shared VM are not always equally fast."""
+    drain_s: float = 0.0
+    """How long the server's prediction-log producer kept working after its load stopped (see
+    :func:`drain`): counted in ``duration_s``, so in ``rps``, as time the load took."""
 
 
 @dataclass
@@ -188,21 +192,29 @@ def _sched(pid: int) -> tuple[int, int]:
     return int(counts.get("se.nr_migrations", 0)), int(counts.get("nr_involuntary_switches", 0))
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process and all its descendants."""
-    stats: dict[int, tuple[int, float]] = {}
+def _tree(root: int) -> list[int]:
+    """A process and all its descendants."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stats[int(entry.name)] = _stat(int(entry.name))
+                parents[int(entry.name)] = _stat(int(entry.name))[0]
             except (OSError, IndexError, ValueError):
                 continue
-    total, frontier = 0.0, [root]
+    tree, frontier = [], [root]
     while frontier:
         pid = frontier.pop()
-        if pid in stats:
-            total += stats[pid][1]
-        frontier += [child for child, (parent, _) in stats.items() if parent == pid]
+        tree.append(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process and all its descendants."""
+    total = 0.0
+    for pid in _tree(root):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += _stat(pid)[1]
     return total
 
 
@@ -267,11 +279,12 @@ def one(
         delay_ms=delay_ms,
     )
     steal1, all1 = machine_steal()
+    drain_s = drain(log_producers(server.proc.pid))
     settle(server.proc.pid)
     cpu, b = tree_cpu(server.proc.pid) - cpu0, (tree_cpu(broker) - b0 if broker else 0.0)
     main = _stat(server.proc.pid)[1] - main0
     moved, preempted = (after - before for before, after in zip(sched0, _sched(server.proc.pid), strict=True))
-    seconds = data["duration_us"] / 1e6
+    seconds = data["duration_us"] / 1e6 + drain_s
     requests = max(1, data["requests"])
     return Measure(
         server=server.name,
@@ -292,14 +305,71 @@ def one(
         migrations=moved * 1000 / requests,
         preempted=preempted * 1000 / requests,
         on_cpu=_last_cpu(server.proc.pid),
+        drain_s=drain_s,
     )
+
+
+def _run_ns(pids: list[int]) -> int:
+    """Nanoseconds the threads of these processes have run, from /proc (finer than the CPU ticks)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(task.read_text().split()[0])
+    return total
+
+
+def log_producers(pid: int) -> list[int]:
+    """The prediction-log producer processes under a server."""
+    found = []
+    for child in _tree(pid):
+        with contextlib.suppress(OSError):
+            if b"log_producer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
+def drain(
+    pids: list[int],
+    *,
+    poll_s: float = 0.005,
+    window_s: float = 0.05,
+    busy_share: float = 0.5,
+    quiet_s: float = 0.15,
+    deadline_s: float = 10.0,
+) -> float:
+    """Seconds these processes kept working after the load stopped: a prediction log's producer finishing the
+    backlog it fell behind by. That time is the load's, and ``one`` adds it to the measurement's duration.
+    (Only the producer's: a server's own processes answer the requests still in flight when wrk stops, which
+    wrk does not count, and the slower the server the longer that takes.) Busy means more than
+    ``busy_share`` of a core over the last ``window_s`` (an idle driftloop server does ~1 ms of work every
+    100 ms, and now and then ~12 ms at once); the work of a busy window is taken to have run first, at one
+    core, so the drain ends where that work would have ended. Until ``quiet_s`` pass without a busy window.
+    A producer that keeps up drains in 0 s."""
+    start = last_busy = time.monotonic()
+    if not pids:
+        return 0.0
+    samples = collections.deque([(start, _run_ns(pids))])
+    while True:
+        time.sleep(poll_s)
+        now, ran = time.monotonic(), _run_ns(pids)
+        samples.append((now, ran))
+        while now - samples[1][0] >= window_s:
+            samples.popleft()
+        since, ran_before = samples[0]
+        used = (ran - ran_before) / 1e9
+        if used > busy_share * (now - since):
+            last_busy = max(last_busy, min(now, since + used))
+        if now - last_busy >= quiet_s or now - start >= deadline_s:
+            return last_busy - start
 
 
 def settle(pid: int, *, window_s: float = 0.25, idle_share: float = 0.05, deadline_s: float = 10.0) -> None:
     """Wait until a server's process tree is idle again (under ``idle_share`` of a core over ``window_s``).
     A server that fell behind under load finishes its backlog after the load stops (the prediction log's
-    producer: 0.2-0.3 CPU s after a 100-row saturation run): that work is counted in the measurement's CPU,
-    and it no longer runs into the next server's measurement."""
+    producer: 0.2-0.3 CPU s after a 100-row saturation run, before its socket's buffer was enlarged): that
+    work is counted in the measurement's CPU, its time by :func:`drain`, and it no longer runs into the next
+    server's measurement."""
     until = time.monotonic() + deadline_s
     last = tree_cpu(pid)
     while time.monotonic() < until:
@@ -352,6 +422,7 @@ def combined(parts: list[Measure]) -> Measure:
         migrations=per_request("migrations"),
         preempted=per_request("preempted"),
         steal_pct=sum(m.steal_pct * m.duration_s for m in parts) / seconds,
+        drain_s=sum(m.drain_s for m in parts),
     )
 
 
@@ -366,7 +437,9 @@ def half_load(server: Server, sat: Measure, args: argparse.Namespace) -> list[Me
         f"{sat.cpu_ms:5.2f} CPU ms/req ({sat.main_cpu_ms:4.2f} main; per 1,000 requests {sat.migrations:.0f} "
         f"moves, {sat.preempted:.0f} preemptions; on CPU {sat.on_cpu}) p99 {sat.p99_ms:7.2f} ms | "
         f"at {half.rps:6.1f} req/s p50 "
-        f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms | steal {sat.steal_pct:.1f}%, {half.steal_pct:.1f}%"
+        f"{half.p50_ms:5.2f} ms p99 {half.p99_ms:6.2f} ms | "
+        f"steal {sat.steal_pct:.1f}%, {half.steal_pct:.1f}% | "
+        f"drained {1000 * sat.drain_s:.0f} ms after {sat.duration_s - sat.drain_s:.1f} s of load"
     )
     return [sat, half]
 

@@ -3,6 +3,9 @@ median, and met / missed / not established against a target."""
 
 import argparse
 import json
+import subprocess
+import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -86,7 +89,20 @@ def test_a_gain_reads_its_target_as_a_lower_bound() -> None:
 def test_slices_combine_into_rates_over_the_whole_time_and_costs_over_all_requests() -> None:
     def piece(rps: float, seconds: float, cpu_ms: float, steal: float, p99: float) -> Measure:
         return Measure(
-            "on", 1, "saturation", 3, 16, rps, 1.0, p99, 1, 0, seconds, cpu_ms=cpu_ms, steal_pct=steal
+            "on",
+            1,
+            "saturation",
+            3,
+            16,
+            rps,
+            1.0,
+            p99,
+            1,
+            0,
+            seconds,
+            cpu_ms=cpu_ms,
+            steal_pct=steal,
+            drain_s=seconds / 10,
         )
 
     whole = combined(
@@ -96,6 +112,22 @@ def test_slices_combine_into_rates_over_the_whole_time_and_costs_over_all_reques
     assert whole.cpu_ms == pytest.approx((1000 * 0.2 + 6000 * 0.4 + 500 * 1.0) / 7500)
     assert whole.steal_pct == pytest.approx(60 / 4)
     assert (whole.p99_ms, whole.non2xx, whole.duration_s, whole.round) == (7.0, 3, 4.0, 3)
+    assert whole.drain_s == pytest.approx(0.4)
+
+
+def test_the_time_a_producer_keeps_working_after_the_load_counts_and_an_idle_one_drains_at_once() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stopper = threading.Timer(0.5, busy.kill)
+        stopper.start()
+        assert serving_bench.drain([busy.pid]) >= 0.4  # busy until killed 0.5 s later
+        stopper.join()
+        assert serving_bench.drain([idle.pid]) < 0.4
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
 
 
 def test_saturation_takes_its_slices_in_turn_each_pass_in_another_order(
