@@ -204,11 +204,12 @@ class ProcessPredictionLog:
 
     async def _start(self) -> asyncio.StreamReader:
         ours, theirs = socket.socketpair()
-        # The loop hands frames to the kernel only once per turn, and a turn at saturation answers a request
-        # per connection: with the default buffer (208 KiB, ~10 frames of 100 rows) the hand-off, not the
-        # child, set the pace, and in bench/serving a quarter of the 100-row items were dropped as
-        # buffer-full while the child sat idle 60% of the time. Asked for as large as the hand-off, never
-        # smaller than the default; Linux gives twice the request, up to twice net.core.wmem_max.
+        # What the socket cannot take waits in the loop's write buffer until the loop's next turn, and a turn
+        # at saturation answers about a request per connection: with the default buffer (208 KiB, ~10 frames
+        # of 100 rows) the hand-off, not the child, set the pace, and in a sustained 100-row saturation run
+        # a quarter of the items were dropped as buffer-full while the child sat idle 60% of the time.
+        # Asked for as large as the hand-off, never smaller than the default; Linux gives twice the
+        # request, up to twice net.core.wmem_max.
         if ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < self.handoff_bytes:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.handoff_bytes // 2)
         try:
