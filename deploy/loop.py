@@ -350,14 +350,20 @@ class Traffic:
 
 
 async def poll(
-    check: Callable[[], Awaitable[Any]], *, deadline_s: float, interval_s: float = 0.25, what: str = ""
+    check: Callable[[], Awaitable[Any]],
+    *,
+    deadline_s: float,
+    interval_s: float = 0.25,
+    what: str = "",
+    error: type[Exception] = TimeoutError,
 ) -> Any:
-    """Poll until ``check`` returns something truthy; TimeoutError naming ``what`` at the deadline."""
+    """Poll until ``check`` returns something truthy; at the deadline raise ``error`` naming ``what`` and
+    the last value (tests raise AssertionError, through tests/waiting.py)."""
     until = time.monotonic() + deadline_s
     while True:
         value = await check()
         if value:
             return value
         if time.monotonic() > until:
-            raise TimeoutError(f"{what or 'condition'} not met within {deadline_s:.0f}s")
+            raise error(f"{what or 'condition'} not met within {deadline_s:g}s (last value: {value!r})")
         await asyncio.sleep(interval_s)

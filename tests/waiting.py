@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from deploy.loop import poll
 
 T = TypeVar("T")
 
@@ -13,12 +13,7 @@ T = TypeVar("T")
 async def eventually(
     check: Callable[[], Awaitable[T | None]], *, deadline_s: float = 30.0, interval_s: float = 0.1
 ) -> T:
-    """Poll ``check`` until it returns a truthy value; fail with the last value at the deadline."""
-    until = time.monotonic() + deadline_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > until:
-            raise AssertionError(f"condition not met within {deadline_s}s (last value: {value!r})")
-        await asyncio.sleep(interval_s)
+    """Poll ``check`` until it returns a truthy value; fail the test (AssertionError, with the last value)
+    at the deadline."""
+    value: T = await poll(check, deadline_s=deadline_s, interval_s=interval_s, error=AssertionError)
+    return value
