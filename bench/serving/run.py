@@ -192,30 +192,32 @@ def _sched(pid: int) -> tuple[int, int]:
     return int(counts.get("se.nr_migrations", 0)), int(counts.get("nr_involuntary_switches", 0))
 
 
-def _tree(root: int) -> list[int]:
-    """A process and all its descendants."""
-    parents: dict[int, int] = {}
+def _stats() -> dict[int, tuple[int, float]]:
+    """Every process's parent and CPU seconds."""
+    stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parents[int(entry.name)] = _stat(int(entry.name))[0]
+                stats[int(entry.name)] = _stat(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
+    return stats
+
+
+def _tree(root: int, stats: dict[int, tuple[int, float]]) -> list[int]:
+    """A process and all its descendants, of those in ``stats``."""
     tree, frontier = [], [root]
     while frontier:
         pid = frontier.pop()
         tree.append(pid)
-        frontier += [child for child, parent in parents.items() if parent == pid]
+        frontier += [child for child, (parent, _) in stats.items() if parent == pid]
     return tree
 
 
 def tree_cpu(root: int) -> float:
     """CPU seconds of a process and all its descendants."""
-    total = 0.0
-    for pid in _tree(root):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            total += _stat(pid)[1]
-    return total
+    stats = _stats()
+    return sum(stats[pid][1] for pid in _tree(root, stats) if pid in stats)
 
 
 def machine_steal() -> tuple[int, int]:
@@ -322,7 +324,7 @@ def _run_ns(pids: list[int]) -> int:
 def log_producers(pid: int) -> list[int]:
     """The prediction-log producer processes under a server."""
     found = []
-    for child in _tree(pid):
+    for child in _tree(pid, _stats()):
         with contextlib.suppress(OSError):
             if b"log_producer" in Path(f"/proc/{child}/cmdline").read_bytes():
                 found.append(child)
