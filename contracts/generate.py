@@ -256,7 +256,9 @@ def render_yaml(value: Any) -> str:
 
 
 def _doc(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0]
+    """The docstring's first paragraph, on one line."""
+    first = (cls.__doc__ or "").strip().split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in first.splitlines())
 
 
 def _words(name: str) -> str:

@@ -114,7 +114,7 @@ class DriftDetected(EventPayload):
 
 
 class PerformanceDegraded(EventPayload):
-    """A labelled metric of a model version fell below what validation measured, beyond the tolerance."""
+    """A labelled metric of a model version fell below its holdout metric from training, beyond tolerance."""
 
     event_name: ClassVar[str] = "PerformanceDegraded"
     topic: ClassVar[str] = TOPIC
@@ -125,7 +125,10 @@ class PerformanceDegraded(EventPayload):
         min_length=1, description="Metric: accuracy, f1, roc_auc, rmse, mae, ...", examples=["roc_auc"]
     )
     value: float = Field(description="Metric over the labelled rows of the window.", examples=[0.71])
-    baseline: float = Field(description="Metric measured at validation (holdout).", examples=[0.86])
+    baseline: float = Field(
+        description="The version's holdout metric from training (ModelVersionRegistered.metrics).",
+        examples=[0.86],
+    )
     threshold: float = Field(
         description="Degraded when value is worse than this (below it if higher is better, above otherwise).",
         examples=[0.80],

@@ -118,9 +118,9 @@ _TOPICS = (
             # Serving learns artifact keys and signatures here, monitoring the reference profiles: no service
             # reads the registry's tables or calls it over HTTP.
             Route(models.ModelVersionRegistered, (REGISTRY,), (VALIDATION, SERVING, MONITORING)),
-            # Validation needs the champion, training the parent version, serving and monitoring the
-            # production version after a manual change.
-            Route(models.ModelStageChanged, (REGISTRY,), (VALIDATION, TRAINING, SERVING, MONITORING)),
+            # Validation needs the champion, training the parent version, serving the production version
+            # after a manual change. Monitoring judges whichever versions the predictions name.
+            Route(models.ModelStageChanged, (REGISTRY,), (VALIDATION, TRAINING, SERVING)),
             # For the audit trail: who set what on a version (approvals, tickets).
             Route(models.ModelVersionTagged, (REGISTRY,), ()),
         ),
