@@ -48,6 +48,7 @@ class Subcommand:
 GROUPS: dict[tuple[str, ...], str] = {
     ("infra",): "the local Kafka broker and Postgres (no Docker needed)",
     ("audit",): "the tamper-evident audit trail, read from Postgres (the audit service need not run)",
+    ("token",): "bearer tokens for the services' HTTP APIs (stored as sha256 hashes)",
 }
 
 
@@ -349,6 +350,38 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     return audit.trace(args.correlation_id, as_json=args.json)
 
 
+# --- tokens -----------------------------------------------------------------------------------------
+
+
+def _token_issue_arguments(parser: argparse.ArgumentParser) -> None:
+    from libs.auth import Role
+
+    # Optional to argparse so the command is reachable by its path alone; required below.
+    parser.add_argument("name", nargs="?", help="who holds the token, e.g. a person or a client program")
+    parser.add_argument("--role", choices=[r.value for r in Role], help="what the token may do (required)")
+    parser.add_argument(
+        "--file",
+        type=Path,
+        help="the token file (default: $DRIFTLOOP_AUTH_TOKENS_FILE, else .driftloop/tokens.json)",
+    )
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    """Create a token, add its sha256 to the token file and print the token once (it is not stored)."""
+    if not args.name or not args.role:
+        args.usage_of.error(
+            "a name and a --role are required, e.g. `token issue billing-client --role predict`"
+        )
+    from libs.auth import Role, issue_token
+    from libs.settings import LOCAL_STATE
+
+    path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
+    token = issue_token(path, name=args.name, role=Role(args.role))
+    say(f"added a {args.role} token for {args.name!r} to {path}; services read the file when they start")
+    print(token)
+    return 0
+
+
 # --- the table and the parser ------------------------------------------------------------------------
 
 COMMANDS: list[Subcommand] = [
@@ -389,6 +422,12 @@ COMMANDS: list[Subcommand] = [
     Subcommand(("audit", "tail"), "the newest events of the trail", cmd_audit_tail, _audit_tail_arguments),
     Subcommand(
         ("audit", "trace"), "the causal tree of one correlation id", cmd_audit_trace, _audit_trace_arguments
+    ),
+    Subcommand(
+        ("token", "issue"),
+        "create a bearer token with a role; prints it once",
+        cmd_token_issue,
+        _token_issue_arguments,
     ),
 ]
 

@@ -12,6 +12,7 @@ from deploy.cli import COMMANDS, build_parser, main
 from deploy.local.broker import KafkaBroker
 from deploy.local.errors import PortTaken
 from deploy.local.settings import LocalInfraSettings, StateLayout
+from libs.auth import Principal, Role, TokenStore
 from tests.ports import free_port
 
 
@@ -72,3 +73,19 @@ def test_every_command_in_the_table_is_reachable() -> None:
     for command in COMMANDS:
         args, _ = parser.parse_known_args(list(command.path))
         assert args.command is command
+
+
+def test_token_issue_prints_a_token_that_the_services_accept_in_prod(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "tokens.json"
+
+    assert main(["token", "issue", "billing-client", "--role", "predict", "--file", str(tokens)]) == 0
+    assert main(["token", "issue", "alice", "--role", "operator", "--file", str(tokens)]) == 0
+
+    out = capsys.readouterr().out.split()
+    store = TokenStore.load(tokens, dev=False)
+    assert store.authenticate(out[0]) == Principal("billing-client", Role.predict)
+    assert store.authenticate(out[1]) == Principal("alice", Role.operator)
+    assert out[0] not in tokens.read_text()  # only its hash is kept
+    assert store.authenticate("dev-admin") is None
