@@ -235,7 +235,7 @@ def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, int]:
     try:
         # numpy turns None into NaN and bools into 0/1 on its own, at C speed.
         return np.array(values, dtype=np.float64), 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         out = np.full(len(values), np.nan)
         bad = 0
         for i, v in enumerate(values):
@@ -243,7 +243,7 @@ def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, int]:
                 continue
             try:
                 out[i] = float(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # not a number, or an integer beyond a double
                 bad += 1
         return out, bad
 
@@ -279,7 +279,7 @@ def rows_of(
     prediction = list(itertools.chain.from_iterable(c.predictions for c in cols))
     if model.positive_class is not None:
         pos = model.positive_class
-        score = np.array([p.get(pos) if p else None for c in cols for p in c.probabilities], dtype=np.float64)
+        score, _ = _as_float_column([p.get(pos) if p else None for c in cols for p in c.probabilities])
     elif model.task is Task.REGRESSION:
         score, _ = _as_float_column(prediction)
     else:

@@ -185,22 +185,32 @@ class LiveState:
         """Add a poll's requests to windows, the label cache and rollout steps; close full windows."""
         result = IngestResult()
         groups: dict[ModelKey, list[tuple[PredictionColumns, int, int]]] = {}
+        offsets = dict(self.next_offsets)
         for payload, part, off in requests:
-            if off < self.next_offsets.get(part, -1):
-                continue  # a redelivery after a failed transaction: already in memory
-            self.next_offsets[part] = off + 1
             cols = payload if type(payload) is PredictionColumns else PredictionColumns.of(payload)  # type: ignore[arg-type]
+            if off < offsets.get(part, -1):
+                # A redelivery after a failed transaction: its rows are in memory already, but the label joins
+                # it made were rolled back with the transaction (and the ids dropped from pending_label_ids
+                # all the same), so each of its ids is looked up again. Rare: only after a failure.
+                result.pending_matches.extend(cols.prediction_ids)
+                continue
+            offsets[part] = off + 1
             groups.setdefault((cols.model, cols.model_version), []).append((cols, part, off))
+        # Every row is built before anything is changed: a request that cannot be read fails the poll with
+        # nothing in memory, so the one-at-a-time replay that isolates it finds the others still to do.
+        batches = {
+            key: rows_of(ref, reqs) for key, reqs in groups.items() if (ref := self.references.get(key))
+        }
+        self.next_offsets = offsets
         for key, reqs in groups.items():
-            ref = self.references.get(key)
-            if ref is None:
+            batch = batches.get(key)
+            if batch is None:
                 n = sum(c.size for c, _, _ in reqs)
                 if key not in self.unknown:
                     result.newly_unknown.append(key)
                 self.unknown[key] += n
                 result.unknown[key] += n
                 continue
-            batch = rows_of(ref, reqs)
             result.rows += batch.size
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)

@@ -1,0 +1,127 @@
+"""A poll of predictions that fails part-way loses nothing: a value that is no number is counted, a poll
+that cannot be read changes no window, and a label join rolled back with its transaction is made again
+when the poll is read again."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
+from contracts.predictions import PredictionsLogged
+from libs.bus import InMemoryBus
+from services.monitoring import bootstrap, live
+from services.monitoring.bootstrap import make_monitor, subscriptions
+from services.monitoring.ports import PendingLabel
+from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import live as live_state
+from tests.unit.monitoring.test_domain import reference, requests
+
+
+def logged(request_id: str, x0: float = 0.5) -> CloudEvent[PredictionsLogged]:
+    rows = [
+        {
+            "prediction_id": f"{request_id}-{i}",
+            "inputs": {"x0": x0, "x1": 0.1, "x2": 0.2, "plan": "basic"},
+            "output": {"prediction": 1, "probabilities": {"0": 0.4, "1": 0.6}},
+        }
+        for i in range(3)
+    ]
+    payload = {
+        "model": "churn",
+        "model_version": 1,
+        "variant": "stable",
+        "request_id": request_id,
+        "predicted_at": "2026-11-28T07:00:00Z",
+        "latency_ms": 1.0,
+        "rows": rows,
+    }
+    return new_event(PredictionsLogged.model_validate(payload), source="/serving")
+
+
+class Store:
+    """The predictions handler's side of the store: one label waits for its prediction."""
+
+    def __init__(self, waiting: str, *, failures: int) -> None:
+        self.pending = {waiting: PendingLabel(waiting, "churn", 1, datetime.now(UTC))}
+        self.failures = failures
+        self.labelled: list[Any] = []
+
+    async def take_pending(self, ids: list[str]) -> list[PendingLabel]:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection was closed in the middle of operation")
+        return [self.pending.pop(i) for i in ids if i in self.pending]
+
+    async def add_labelled(self, rows: list[Any]) -> None:
+        self.labelled += rows
+
+    async def unscored(self, *_: Any) -> list[Any]:
+        return []
+
+
+def predictions_bus(settings: MonitoringSettings, monitor: Any) -> InMemoryBus:
+    [sub] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-predictions")]
+    bus = InMemoryBus(EventTypeRegistry([PredictionsLogged]))
+    bus.subscribe(sub)
+    return bus
+
+
+async def test_an_integer_beyond_a_double_is_a_type_mismatch_and_the_poll_goes_on() -> None:
+    settings = MonitoringSettings()
+    monitor = make_monitor(settings, artifacts=None, source="/t")
+    monitor.live.add_reference(reference())
+    bus = predictions_bus(settings, monitor)
+    key, value, headers = logged("huge").to_kafka()
+    value = value.replace(b'"x0":0.5', b'"x0":1' + b"0" * 400)
+
+    await bus.publish(logged("good-1"))
+    bus.append_raw(PredictionsLogged.topic, key, value, headers)
+    await bus.publish(logged("good-2"))
+    await bus.drain()
+
+    window = monitor.live.windows[("churn", 1)]
+    assert window.rows == 9
+    assert bus.dead_letters == []
+
+
+def test_a_poll_that_cannot_be_read_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = live_state(window_rows=10_000)
+    state.add_reference(reference())
+    poll = requests(100, seed=1)
+    real = live.rows_of
+
+    def unreadable(*args: Any) -> Any:
+        raise ValueError("a request that cannot be read")
+
+    monkeypatch.setattr(live, "rows_of", unreadable)
+    with pytest.raises(ValueError, match="cannot be read"):
+        state.ingest(poll, arrival=0.0)
+    assert state.next_offsets == {}
+    assert state.windows[("churn", 1)].rows == 0
+
+    monkeypatch.setattr(live, "rows_of", real)
+    assert state.ingest(poll, arrival=0.0).rows == 100  # read again in full, nothing taken as done
+
+
+async def test_a_label_join_rolled_back_is_made_again_when_the_poll_is_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = MonitoringSettings()
+    monitor = make_monitor(settings, artifacts=None, source="/t")
+    monitor.live.add_reference(reference())
+    monitor.live.pending_label_ids = {"good-1-0"}
+    store = Store("good-1-0", failures=1)
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = predictions_bus(settings, monitor)
+
+    await bus.publish(logged("good-1"))
+    with pytest.raises(ConnectionError):
+        await bus.drain()  # the transaction fails after the rows are in memory
+    await bus.drain()  # the same record again, as the consumer seeks back
+
+    assert [row.prediction_id for row in store.labelled] == ["good-1-0"]
+    assert store.pending == {}
+    assert monitor.live.windows[("churn", 1)].rows == 3
