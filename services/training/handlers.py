@@ -23,6 +23,7 @@ from contracts.training import (
     TrainingSkipped,
     TrainingTrigger,
 )
+from libs.bus import PermanentError
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ModelSpec
@@ -289,30 +290,53 @@ async def on_dataset_registered(
 
 
 async def on_training_requested(
-    event: CloudEvent[TrainingRequested], *, jobs: Jobs, specs: Specs, **_: Any
+    event: CloudEvent[TrainingRequested],
+    *,
+    jobs: Jobs,
+    specs: Specs,
+    publish: Publish,
+    source: str,
+    clock: Clock,
+    **_: Any,
 ) -> None:
-    """Hand the job to the job runner (recording it first if this store has not seen it)."""
+    """Hand the job to the job runner (recording it first if this store has not seen it).
+
+    A request this service did not record itself is refused in the open: with no spec for its model it is
+    dead-lettered; with another job of its model in flight it gets TrainingSkipped (one run per model)."""
     d = event.data
     existing = await jobs.get(d.job_id)
-    if existing is None:
-        stored = await specs.get(d.model)
-        if stored is None:
-            log.warning("training requested for a model without a spec", model=d.model, job_id=d.job_id)
-            return
-        existing = Job(
-            job_id=d.job_id,
-            model=d.model,
-            state=JobState.REQUESTED,
-            trigger=d.trigger.value,
-            request=d,
-            request_event=envelope_of(event),
-            spec_hash=stored.spec_hash,
-            spec_artifact=stored.artifact,
-            attempts=0,
-            run_id=None,
-            created_at=event.time,
-        )
-    await jobs.dispatch(existing)
+    if existing is not None:
+        await jobs.dispatch(existing)
+        return
+    stored = await specs.get(d.model)
+    if stored is None:
+        raise PermanentError(f"training requested for model {d.model!r}, which has no spec (job {d.job_id})")
+    job = Job(
+        job_id=d.job_id,
+        model=d.model,
+        state=JobState.REQUESTED,
+        trigger=d.trigger.value,
+        request=d,
+        request_event=envelope_of(event),
+        spec_hash=stored.spec_hash,
+        spec_artifact=stored.artifact,
+        attempts=0,
+        run_id=None,
+        created_at=event.time,
+    )
+    if await jobs.dispatch(job) or await jobs.get(d.job_id) is not None:
+        return
+    in_flight = (await jobs.policy_state(d.model, clock())).in_flight_job_id
+    skipped = TrainingSkipped(
+        model=d.model,
+        trigger=d.trigger,
+        trigger_event=EventRef(id=event.id, type=event.type),
+        reason=SkipReason.IN_FLIGHT,
+        message=f"job {in_flight} of model {d.model!r} is in flight (one run per model): {d.job_id} not run",
+        in_flight_job_id=in_flight,
+    )
+    log.info("training request skipped", model=d.model, job_id=d.job_id, in_flight=in_flight)
+    await publish(new_event(skipped, source=source, cause=event))
 
 
 async def on_model_stage_changed(

@@ -130,6 +130,11 @@ class FakeJobs:
         self.rows[job.job_id] = job
 
     async def dispatch(self, job: Job) -> bool:
+        if (
+            job.job_id not in self.rows
+            and (await self.policy_state(job.model, self.clock())).in_flight_job_id
+        ):
+            return False  # not recorded: the partial unique index jobs_one_in_flight, ON CONFLICT DO NOTHING
         self.rows.setdefault(job.job_id, job)
         if self.rows[job.job_id].dispatched_at is not None:
             return False

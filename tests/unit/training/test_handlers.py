@@ -172,6 +172,44 @@ async def test_second_drift_while_a_job_is_in_flight_is_skipped(harness: Harness
     assert skipped.data.in_flight_job_id == harness.events(TrainingRequested)[0].data.job_id
 
 
+def foreign_request(like: CloudEvent[TrainingRequested], *, model: str, job_id: str) -> CloudEvent[Any]:
+    """A TrainingRequested this service did not record (another deployment's, or a hand-made one)."""
+    return new_event(like.data.model_copy(update={"model": model, "job_id": job_id}), source="/elsewhere")
+
+
+async def test_a_request_that_meets_a_job_in_flight_is_skipped_in_the_open(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    [first] = harness.events(TrainingRequested)
+
+    foreign = foreign_request(first, model="churn", job_id="job-from-elsewhere")
+    await harness.bus.publish(foreign)
+    await harness.bus.drain()
+
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.IN_FLIGHT
+    assert skipped.data.in_flight_job_id == first.data.job_id
+    assert skipped.data.trigger_event is not None and skipped.data.trigger_event.id == foreign.id
+    assert "job-from-elsewhere" not in harness.jobs.rows
+
+
+async def test_a_request_for_a_model_without_a_spec_is_dead_lettered(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    [first] = harness.events(TrainingRequested)
+
+    await harness.bus.publish(foreign_request(first, model="ghost", job_id="job-ghost"))
+    await harness.bus.drain()
+
+    [dead] = harness.bus.dead_letters
+    assert "'ghost', which has no spec" in dead.error
+    assert "job-ghost" not in harness.jobs.rows
+
+
 async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: Harness) -> None:
     await upload(harness, "churn-base", churn_frame())
     await register(harness, churn_spec(retrain={"cooldown_seconds": 600, "daily_budget": 10}))
