@@ -78,7 +78,8 @@ class ModelLoader(Protocol):
     """Loads a version's artifact from the shared store (skops, trusted types) and warms it."""
 
     async def load(self, record: VersionRecord) -> Any:
-        """The warmed model; raises :class:`ModelLoadError` when it cannot be served."""
+        """The warmed model; raises :class:`ModelLoadError` when it cannot be served, and OSError when the
+        store cannot be reached (the caller retries: the version is not at fault)."""
         ...
 
 

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
+from libs.errors import Unavailable
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
@@ -30,7 +31,8 @@ log = get_logger(__name__)
 
 UNCOMPILED = Counter(
     "driftloop_serving_uncompiled_requests_total",
-    "Requests to a compiled model that its estimator answered instead (a category sent as a number).",
+    "Requests to a compiled model that its estimator answered instead (a category sent as a number, or a "
+    "non-finite output from the compiled copy's float32 arithmetic).",
     ["model", "version"],
 )
 
@@ -70,16 +72,28 @@ class ServedModel:
         return frame(self.signature, columns)
 
     def _outputs(self, columns: FeatureColumns) -> np.ndarray:
+        """The model's outputs, finite: one that is not is the model's failure (503), never an answer (JSON
+        would carry NaN as null)."""
         compiled = self.compiled
         if compiled is not None and (self.gives_probabilities or self.signature.task is Task.REGRESSION):
             feeds = compiled.feeds(columns)
             if feeds is not None:
-                return compiled.run(feeds)
+                out = compiled.run(feeds)
+                if np.isfinite(out).all():
+                    return out
+                # Inputs are within float32's range, but the graph's float32 arithmetic can still overflow
+                # on values near its limit; the pipeline computes in float64.
             UNCOMPILED.labels(self.model, str(self.version)).inc()
         x = self.frame(columns)
-        if self.gives_probabilities:
-            return np.asarray(self.estimator.predict_proba(x))
-        return np.asarray(self.estimator.predict(x))
+        out = np.asarray(
+            self.estimator.predict_proba(x) if self.gives_probabilities else self.estimator.predict(x)
+        )
+        if out.dtype.kind in "fc" and not np.isfinite(out).all():
+            raise Unavailable(
+                f"model {self.model} version {self.version} gave a non-finite "
+                f"{'probability' if self.gives_probabilities else 'output'} for these inputs"
+            )
+        return out
 
     def predict(self, columns: FeatureColumns) -> Scores:
         """Score checked rows (CPU-bound; from tens of microseconds compiled to milliseconds)."""
@@ -181,7 +195,8 @@ async def build_table(
     loader: ModelLoader,
     current: RoutingTable,
 ) -> RoutingTable:
-    """A table for the persisted state; models are loaded and warmed before the table exists."""
+    """A table for the persisted state; models are loaded and warmed before the table exists. A store that
+    cannot be reached (OSError) fails the whole build: the current table stays, and the sync retries."""
 
     async def served(record: VersionRecord | None) -> ServedModel | None:
         if record is None or not record.registered:

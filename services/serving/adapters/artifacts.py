@@ -76,7 +76,12 @@ class ArtifactModelLoader:
             if cached is None:
                 try:
                     estimator = await asyncio.to_thread(load_model, self.store, key)
-                except (ArtifactError, OSError, ValueError) as exc:
+                except OSError:
+                    # The store unreachable is the infrastructure's fault, not the version's: raised as it
+                    # is, so the event that asked is retried (the bus retries OSError without limit), and
+                    # nothing is remembered as failed.
+                    raise
+                except (ArtifactError, ValueError) as exc:
                     message = f"{record.model} v{record.version}: artifact {key[:12]} cannot be loaded: {exc}"
                     self._failed[key] = (time.monotonic(), message)
                     raise ModelLoadError(message) from exc
