@@ -21,6 +21,7 @@ from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RollbackReason, RolloutRolledBack
 from contracts.validation import ValidationPassed
+from libs.bus import PermanentError
 from libs.logging import get_logger
 from services.serving import domain
 from services.serving.domain import ModelRoute, RolloutPolicy, Transition
@@ -285,14 +286,12 @@ async def on_rollback_requested(
             target = await versions.get(d.model, d.to_version)
             if target is None or not target.registered:
                 IGNORED.labels("RollbackRequested", "unknown-version").inc()
-                log.warning("rollback target is not a known version", model=d.model, version=d.to_version)
-                return
+                raise PermanentError(f"rollback target {d.model} v{d.to_version} is not a registered version")
             try:
                 await loader.load(target)
             except ModelLoadError as exc:
                 IGNORED.labels("RollbackRequested", "load-failed").inc()
-                log.error("rollback target cannot be loaded", model=d.model, error=str(exc))
-                return
+                raise PermanentError(f"rollback target cannot be loaded: {exc}") from exc
         t = domain.roll_back_production(
             route,
             version=d.model_version,
@@ -331,14 +330,14 @@ async def on_promote_requested(
         record = await versions.get(d.model, d.model_version)
         if record is None or not record.registered:
             IGNORED.labels("PromoteRequested", "unknown-version").inc()
-            log.warning("promote: not a known version", model=d.model, version=d.model_version)
-            return
+            raise PermanentError(
+                f"{d.model} v{d.model_version} is not a registered version; nothing to promote"
+            )
         try:
             await loader.load(record)
         except ModelLoadError as exc:
             IGNORED.labels("PromoteRequested", "load-failed").inc()
-            log.error("promote: version cannot be loaded", model=d.model, error=str(exc))
-            return
+            raise PermanentError(f"{d.model} v{d.model_version} cannot be promoted: {exc}") from exc
     t = domain.promote(
         route,
         d.model_version,

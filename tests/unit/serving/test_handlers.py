@@ -205,6 +205,30 @@ async def test_production_rollback_to_an_earlier_version(world: World) -> None:
     assert world.route.stable_version == 1
 
 
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (
+            PromoteRequested(model="churn", model_version=9, reason="ok"),
+            "churn v9 is not a registered version",
+        ),
+        (
+            RollbackRequested(model="churn", model_version=1, to_version=7, reason="bad"),
+            "rollback target churn v7 is not a registered version",
+        ),
+    ],
+    ids=["promote", "rollback"],
+)
+async def test_a_command_naming_an_unknown_version_is_dead_lettered_with_why(
+    world: World, command: PromoteRequested | RollbackRequested, error: str
+) -> None:
+    before = len(world.rollouts())
+    await world.send(new_event(command, source="/x", actor="user:bob"))
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and error in dead.error
+    assert len(world.rollouts()) == before and world.route.stable_version == 1
+
+
 async def test_registry_production_change_switches_the_stable(world: World) -> None:
     await world.send(registered(2))
     change = ModelStageChanged(
