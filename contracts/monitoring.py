@@ -7,8 +7,9 @@ a cooldown follows, so one shift gives one event.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import ClassVar, Self
+from typing import Annotated, ClassVar, Self
 
 from pydantic import Field, model_validator
 
@@ -26,6 +27,27 @@ class DriftTest(StrEnum):
     WASSERSTEIN = "wasserstein"
     JENSEN_SHANNON = "jensen_shannon"
     CHI2 = "chi2"
+
+
+P_VALUE_TESTS = frozenset({DriftTest.KS, DriftTest.CHI2})
+"""Tests judged by a p-value against a level α in (0, 1); the others by a distance against a threshold."""
+
+JENSEN_SHANNON_MAX = math.sqrt(math.log(2))
+"""The largest Jensen–Shannon distance (natural log, as monitoring computes it): disjoint distributions.
+A threshold above it could never be reached."""
+
+_THRESHOLD_RANGES: dict[DriftTest | None, tuple[float, bool]] = {
+    DriftTest.KS: (1.0, False),
+    DriftTest.CHI2: (1.0, False),
+    DriftTest.JENSEN_SHANNON: (JENSEN_SHANNON_MAX, True),
+    DriftTest.WASSERSTEIN: (math.inf, False),
+    DriftTest.PSI: (math.inf, False),
+    # No test named: the automatic choice makes the threshold the α of KS or chi-square in small windows
+    # and the distance of Wasserstein or Jensen–Shannon in large ones, so it must suit all four.
+    None: (JENSEN_SHANNON_MAX, True),
+}
+"""The upper end of a per-feature threshold's range by test (lower end: above 0), and whether it is
+included."""
 
 
 class CorrectionMethod(StrEnum):
@@ -241,21 +263,32 @@ class DriftPolicy(ContractModel):
         CorrectionMethod.BONFERRONI, description="Correction for many tests."
     )
     small_sample_max: int = Field(
-        1_000, ge=1, description="p-value tests up to this many values on the smaller side, distances above."
+        1_000,
+        ge=1,
+        le=1_000_000_000,
+        description="p-value tests up to this many values on the smaller side, distances above.",
     )
     wasserstein_threshold: float = Field(0.1, gt=0, description="Normalised Wasserstein drift threshold.")
-    jensen_shannon_threshold: float = Field(0.1, gt=0, description="Jensen–Shannon distance drift threshold.")
+    jensen_shannon_threshold: float = Field(
+        0.1,
+        gt=0,
+        le=JENSEN_SHANNON_MAX,
+        description="Jensen–Shannon distance drift threshold (the distance is at most √ln 2 ≈ 0.8326).",
+    )
     psi_threshold: float = Field(0.1, gt=0, description="PSI drift threshold.")
     share_threshold: float = Field(
         0.1, ge=0, le=1, description="Share of tested features that must have drifted for a DriftDetected."
     )
-    consecutive_windows: int = Field(2, ge=1, description="Windows in a row a feature must drift.")
+    consecutive_windows: int = Field(2, ge=1, le=1_000, description="Windows in a row a feature must drift.")
     cooldown_seconds: float = Field(1_800.0, ge=0, description="Quiet time after a DriftDetected.")
     feature_tests: dict[str, DriftTest] = Field(
         default_factory=dict, description="Per-feature test that replaces the automatic choice."
     )
-    feature_thresholds: dict[str, float] = Field(
-        default_factory=dict, description="Per-feature threshold (alpha for tests, distance otherwise)."
+    feature_thresholds: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Per-feature threshold: α in (0, 1) for `ks` and `chi2`, a distance above 0 for "
+        "`wasserstein` and `psi`, in (0, √ln 2 ≈ 0.8326] for `jensen_shannon`; without a test in "
+        "`feature_tests`, in (0, 0.8326] (it is then α in small windows and a distance in large ones).",
     )
     missing_share_tolerance: float = Field(
         0.05, ge=0, le=1, description="Missing share above the reference's by more than this is reported."
@@ -263,6 +296,33 @@ class DriftPolicy(ContractModel):
     performance_tolerance: float = Field(
         0.05, ge=0, description="Allowed drop of a labelled metric below its validation baseline."
     )
+
+    @model_validator(mode="after")
+    def _thresholds_fit_their_tests(self) -> Self:
+        for name, features in (
+            ("feature_tests", self.feature_tests),
+            ("feature_thresholds", self.feature_thresholds),
+        ):
+            for feature in features:
+                if not feature or "\x00" in feature:
+                    # The policy is stored as jsonb, which cannot hold NUL; no feature is named "".
+                    raise ValueError(f"{name}: {feature!r} is not a feature name")
+        for feature, threshold in self.feature_thresholds.items():
+            test = self.feature_tests.get(feature)
+            upper, closed = _THRESHOLD_RANGES[test]
+            if threshold > 0 and (threshold <= upper if closed else threshold < upper):
+                continue
+            span = f"(0, {upper:.4g}{']' if closed else ')'}".replace("inf)", "∞)")
+            meaning = (
+                f"the {'α' if test in P_VALUE_TESTS else 'distance'} of {test.value}"
+                if test is not None
+                else "α in small windows and a distance in large ones (no test in feature_tests)"
+            )
+            raise ValueError(
+                f"feature_thresholds.{feature}: {threshold:g} is out of range: it is {meaning}, so it must "
+                f"be in {span}"
+            )
+        return self
 
 
 class DriftPolicyChanged(EventPayload):

@@ -38,6 +38,25 @@ ESTIMATORS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+ROWS_MAX = 10**9
+"""Bound of every row count in a spec: far beyond any training set, well inside the 64-bit integers the
+spec's JSON can hold."""
+
+INT64 = (-(2**63), 2**63 - 1)
+"""The integers the canonical JSON (orjson) and Postgres jsonb hold exactly."""
+
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "f1": (0.0, 1.0),
+    "roc_auc": (0.0, 1.0),
+    "log_loss": (0.0, math.inf),
+    "rmse": (0.0, math.inf),
+    "mae": (0.0, math.inf),
+    "r2": (-math.inf, 1.0),
+}
+"""Where each metric of :data:`libs.metrics.METRICS` lies: a threshold outside is always or never met."""
+
+
 class SpecError(ValueError):
     """A spec that cannot be used: ``reason`` is unknown-estimator, unknown-feature or invalid-spec, and
     ``field`` the dotted path of the offending field."""
@@ -71,13 +90,16 @@ class TrainingSetPolicy(_SpecModel):
         "`traffic_weight`.",
     )
     window_rows: int | None = Field(
-        None, ge=1, description="Rows kept by the sliding window (required for mode sliding-window)."
+        None,
+        ge=1,
+        le=ROWS_MAX,
+        description="Rows kept by the sliding window (required for mode sliding-window).",
     )
     traffic_weight: float = Field(
         1.0, gt=0, description="Sample weight of labelled traffic rows in mode weighted (base rows weigh 1)."
     )
     min_rows: int = Field(
-        50, ge=10, description="A training set with fewer rows fails with dataset-too-small."
+        50, ge=10, le=ROWS_MAX, description="A training set with fewer rows fails with dataset-too-small."
     )
 
     @model_validator(mode="after")
@@ -96,10 +118,13 @@ class RetrainPolicy(_SpecModel):
     cooldown_seconds: float = Field(
         1800, ge=0, description="Seconds after a completed run during which automatic triggers are skipped."
     )
-    daily_budget: int = Field(24, ge=0, description="At most this many jobs per model in any 24 hours.")
+    daily_budget: int = Field(
+        24, ge=0, le=10_000, description="At most this many jobs per model in any 24 hours."
+    )
     min_labelled_rows: int = Field(
         100,
         ge=0,
+        le=ROWS_MAX,
         description="A PerformanceDegraded trigger whose window has fewer labelled rows is skipped "
         "(not-enough-labels); drift triggers train on base data plus whatever is labelled.",
     )
@@ -141,7 +166,7 @@ class SliceRule(_SpecModel):
         description="Minimum (or maximum, for lower-is-better metrics) per slice; default the absolute "
         "threshold on the same metric; with neither, slices are only reported.",
     )
-    min_rows: int = Field(30, ge=1, description="Smaller slices are reported, not judged.")
+    min_rows: int = Field(30, ge=1, le=ROWS_MAX, description="Smaller slices are reported, not judged.")
 
 
 class ValidationSpec(_SpecModel):
@@ -198,6 +223,23 @@ class ModelSpec(_SpecModel):
         default_factory=lambda: ValidationSpec(), description="Promotion gates."
     )
 
+    @field_validator("params", mode="before")
+    @classmethod
+    def _scalar_params(cls, params: Any) -> Any:
+        # Said here in words: pydantic would name the first member of the JsonScalar union that failed
+        # ("params.max_depth.bool: Input should be a valid boolean" for an infinity).
+        if isinstance(params, dict):
+            for key, value in params.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise _fail("invalid_param", str(key), f"{value} is not a finite number (JSON has none)")
+                if value is not None and not isinstance(value, (bool, int, float, str)):
+                    raise _fail(
+                        "invalid_param",
+                        str(key),
+                        f"a parameter is a number, a string, true, false or null, not {type(value).__name__}",
+                    )
+        return params
+
     @field_validator("estimator")
     @classmethod
     def _known_estimator(cls, name: str) -> str:
@@ -209,6 +251,9 @@ class ModelSpec(_SpecModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        unstorable = _unstorable(self.model_dump(mode="json"), "")
+        if unstorable is not None:
+            raise _fail("invalid_value", *unstorable)
         names = [f.name for f in self.features]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -247,6 +292,9 @@ class ModelSpec(_SpecModel):
                     f"{path.rsplit('.', 1)[1]} has no parameter {param!r}"
                     f"{_did_you_mean(param, sorted(known))}",
                 )
+            problem = _param_problem(_import(path), param, self.params[param])
+            if problem is not None:
+                raise _fail("invalid_param", f"params.{param}", problem)
         allowed_metrics = set(metrics_for(self.task))
         for where, name in self._metric_names():
             if name not in allowed_metrics:
@@ -256,6 +304,10 @@ class ModelSpec(_SpecModel):
                     f"unknown metric {name!r} for {self.task.value}; "
                     f"allowed: {', '.join(sorted(allowed_metrics))}",
                 )
+        for name, threshold in self.validation.thresholds.items():
+            problem = _threshold_problem(name, threshold)
+            if problem is not None:
+                raise _fail("invalid_threshold", f"validation.thresholds.{name}", problem)
         rule = self.validation.slices
         if rule is not None:
             by_name = {f.name: f for f in self.features}
@@ -307,6 +359,60 @@ class ModelSpec(_SpecModel):
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON (the store key of the stored spec)."""
         return hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+def _unstorable(value: Any, path: str) -> tuple[str, str] | None:
+    """(field, why) of the first value of a dumped spec that its canonical JSON or Postgres jsonb cannot hold:
+    a NUL character in a string or a key, an integer beyond 64 bits."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return (
+                path,
+                "holds a NUL character, which a stored spec cannot (Postgres text and jsonb refuse it)",
+            )
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64[0] <= value <= INT64[1]:
+            return path, f"{value} is beyond the 64-bit integers a stored spec can hold"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                return where, "the key holds a NUL character, which a stored spec cannot"
+            found = _unstorable(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unstorable(item, f"{path}.{i}")
+            if found is not None:
+                return found
+    return None
+
+
+def _param_problem(cls: Any, name: str, value: Any) -> str | None:
+    """scikit-learn's own word on one estimator parameter's value (its type and range), or None when it
+    takes it. Checked here rather than at the first fit, where every run of the model would fail."""
+    # _validate_params is what fit() calls first (scikit-learn >= 1.2); there is no public way to run the
+    # parameter constraints without fitting. Without it (an older or newer release), fit() still checks.
+    estimator = cls(**{name: value})
+    validate = getattr(estimator, "_validate_params", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except (ValueError, TypeError) as exc:  # sklearn's InvalidParameterError is both
+        return str(exc)
+    return None
+
+
+def _threshold_problem(metric: str, threshold: float) -> str | None:
+    """Why a threshold on ``metric`` can never decide anything, or None."""
+    lo, hi = METRIC_RANGES[metric]
+    if lo <= threshold <= hi:
+        return None
+    span = ("(-∞" if math.isinf(lo) else f"[{lo:g}") + ", " + ("∞)" if math.isinf(hi) else f"{hi:g}]")
+    kind = "minimum" if metric_direction(metric) else "maximum"
+    return f"{metric} lies in {span}; a {kind} of {threshold:g} is always or never met"
 
 
 def _fail(kind: str, field: str, message: str) -> PydanticCustomError:
@@ -374,10 +480,15 @@ def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str 
     except UnicodeDecodeError as exc:
         raise SpecError(f"the spec is not UTF-8 text: byte {exc.start} cannot be decoded") from exc
     kind = (content_type or "").split(";")[0].strip().lower()
+    kind_name = "JSON" if kind == "application/json" else "YAML"
     try:
         data = orjson.loads(text) if kind == "application/json" else yaml.safe_load(text)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
-        kind_name = "JSON" if kind.endswith("json") else "YAML"
+    except RecursionError as exc:
+        # orjson stops at 1024 levels with a JSONDecodeError; PyYAML recurses until Python's limit.
+        raise SpecError(f"the spec is not valid {kind_name}: it is nested too deeply") from exc
+    except (orjson.JSONDecodeError, yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+        # PyYAML's constructors raise what their Python conversions raise: ValueError for a date such as
+        # 2025-02-30 or `!!int abc`, AttributeError for a malformed `!!timestamp`.
         raise SpecError(f"the spec is not valid {kind_name}: {' '.join(str(exc).split())}") from exc
     return spec_from_data(data, name=name)
 

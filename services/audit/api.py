@@ -28,6 +28,7 @@ from services.audit.domain import (
     Signer,
     decode_cursor,
     event_type_filter,
+    time_range,
 )
 from services.audit.schemas import (
     AuditEventPage,
@@ -84,9 +85,7 @@ async def list_events(
     ctx = _context(request)
     if limit > ctx.settings.query_max_limit:
         raise InvalidInput(f"limit may be at most {ctx.settings.query_max_limit}", field="limit")
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidInput(f"{name} needs a time zone, e.g. 2025-01-01T00:00:00Z", field=name)
+    since, until = time_range(since, until)
     newest_first = order == "newest"
     position = decode_cursor(cursor, newest_first=newest_first) if cursor else None
     query = EventQuery(

@@ -218,6 +218,8 @@ def _label(node: dict[str, Any]) -> str:
     missing = (
         f" [yellow](cause {node['cause_missing']} not recorded)[/yellow]" if node.get("cause_missing") else ""
     )
+    if node.get("cause_cycle"):
+        missing += f" [yellow](cause {node['cause_cycle']} leads back here: a loop of causes)[/yellow]"
     subject, when = node["subject"] or "", node["time"] or ""
     return f"[bold]{event_type}[/bold] {subject} #{node['seq']} {when}{actor}{missing}"
 

@@ -102,6 +102,13 @@ async def verify_trail(
     known_checkpoints = [*await chain.checkpoints(), *archived]
     head = await chain.head_seq()
     after = from_seq - 1
+    if after > head:
+        # As /export: a range cannot start after a row that does not exist (from_seq = head + 1 is the
+        # empty range of a trail that has not grown since).
+        raise NotFound(
+            f"the trail has no row {after} to start the verification after: it ends at {head} (a "
+            "verification from row 1 names any rows cut off its end)"
+        )
     upto = head if to_seq is None else to_seq
     findings: list[Finding | None] = []
     scanned_upto = min(upto, head)
@@ -184,6 +191,8 @@ async def export_lines(
     """The NDJSON export: a header line, then each row, each signed checkpoint right after its row."""
     if from_seq < 1:
         raise InvalidInput("from_seq must be 1 or more", field="from_seq")
+    if to_seq is not None and to_seq < from_seq:
+        raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
     head = await trail.head()
     upto = head.seq if to_seq is None else min(to_seq, head.seq)
     after = from_seq - 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -807,7 +808,10 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     """The cascade of one correlation id as a tree built from causationid links, in trail order.
 
     Dead letters hang off the event they carry. An event whose cause is not in the cascade (not recorded
-    yet, or outside the trail) becomes a root with ``cause_missing`` set.
+    yet, or outside the trail) becomes a root with ``cause_missing`` set. Causationid links that go round
+    in a loop (an event caused by itself, or A by B and B by A) are cut where the loop's earliest event in
+    the trail names its cause: that event becomes a root with ``cause_cycle`` set, so every event of the
+    cascade is in the tree exactly once.
     """
     nodes: dict[str, TraceNode] = {}
     order: list[TraceNode] = []
@@ -822,15 +826,31 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
         if view["id"] is not None and view["id"] not in nodes:
             nodes[view["id"]] = node
     roots: list[TraceNode] = []
+    parents: dict[int, TraceNode] = {}  # by id() of the child
     for node in order:
         cause = node.view["causationid"]
         parent = nodes.get(cause) if cause is not None else None
-        if parent is not None and parent is not node:
+        if parent is node:
+            node.view["cause_cycle"] = cause
+            roots.append(node)
+        elif parent is not None:
             parent.children.append(node)
+            parents[id(node)] = parent
         else:
             if cause is not None:
                 node.view["cause_missing"] = cause
             roots.append(node)
+    reached = _reached(roots)
+    for node in order:
+        if id(node) in reached:
+            continue
+        # Only a loop keeps an event out of reach of every root: cut it at this, its earliest event.
+        parent = parents.pop(id(node))
+        parent.children = [c for c in parent.children if c is not node]
+        node.view["cause_cycle"] = node.view["causationid"]
+        roots.append(node)
+        reached |= _reached([node])
+    roots.sort(key=lambda n: n.view["seq"])
     orphans = []
     for letter in dead:
         carrier = nodes.get(letter["id"]) if letter["id"] is not None else None
@@ -846,12 +866,23 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     }
     if _depth(roots) > MAX_NESTING:
         result["flat"] = [
-            {**n.view, "parent": n.view["causationid"] if n.view["causationid"] in nodes else None}
-            for n in order
+            {**n.view, "parent": parents[id(n)].view["id"] if id(n) in parents else None} for n in order
         ]
     else:
         result["roots"] = [r.as_json() for r in roots]
     return result
+
+
+def _reached(roots: Iterable[TraceNode]) -> set[int]:
+    """id() of every node in the trees under ``roots``."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node.children)
+    return seen
 
 
 @dataclass(frozen=True)
@@ -884,20 +915,46 @@ def encode_cursor(newest_first: bool, seq: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_TEXT = re.compile(r"[ad][1-9][0-9]{0,18}")
+"""What :func:`encode_cursor` writes inside the base64: the order, then a sequence number without sign,
+space or leading zero."""
+
+
 def decode_cursor(cursor: str, *, newest_first: bool) -> int:
     """The sequence number inside a cursor; 422 when it was not made by this list in this order."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        direction, seq = raw[0], int(raw[1:])
-    except (binascii.Error, ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise InvalidInput(
-            "cursor is not valid: pass the next_cursor of a previous page", field="cursor"
-        ) from exc
-    if direction != ("d" if newest_first else "a") or seq < 0:
+        # validate=True: a character outside the URL-safe alphabet is an error, not skipped.
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError, as is a non-ASCII cursor
+        raw = ""
+    if _CURSOR_TEXT.fullmatch(raw) is None or int(raw[1:]) > SEQ_MAX:
+        raise InvalidInput("cursor is not valid: pass the next_cursor of a previous page", field="cursor")
+    if raw[0] != ("d" if newest_first else "a"):
         raise InvalidInput(
             "cursor belongs to the other sort order: pass the next_cursor of this list", field="cursor"
         )
-    return seq
+    return int(raw[1:])
+
+
+def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """``since`` and ``until`` of an events query in UTC; 422 for a time without a zone, one whose UTC
+    time falls outside years 1..9999, or ``until`` before ``since``."""
+    bounds: dict[str, datetime | None] = {"since": since, "until": until}
+    for name, value in bounds.items():
+        if value is None:
+            continue
+        if value.tzinfo is None:
+            raise InvalidInput(f"{name} needs a time zone, e.g. 2025-01-01T00:00:00Z", field=name)
+        try:
+            bounds[name] = value.astimezone(UTC)
+        except OverflowError as exc:
+            raise InvalidInput(
+                f"{name}: time out of range: {value.isoformat()} is outside years 1..9999 in UTC", field=name
+            ) from exc
+    since, until = bounds["since"], bounds["until"]
+    if since is not None and until is not None and until < since:
+        raise InvalidInput("until must not be before since", field="until")
+    return since, until
 
 
 def export_header(*, from_seq: int, to_seq: int, prev_hash: bytes, exported_at: datetime) -> dict[str, Any]:

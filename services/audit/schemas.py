@@ -48,17 +48,27 @@ class AuditEventPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
-class TraceNodePublic(AuditEventPublic):
-    """An event of a cascade, with the dead letters that carry it and the events it caused."""
+class TraceEventPublic(AuditEventPublic):
+    """An event of a cascade, with why it has no parent in the tree when its causationid names one."""
 
     cause_missing: str | None = Field(
         default=None, description="The causationid, when that event is not in this cascade's trail."
     )
+    cause_cycle: str | None = Field(
+        default=None,
+        description="The causationid, when following causes from this event leads back to it (a loop of "
+        "causationid links, or an event caused by itself): the loop is cut here, at its earliest event.",
+    )
+
+
+class TraceNodePublic(TraceEventPublic):
+    """An event of a cascade, with the dead letters that carry it and the events it caused."""
+
     dead_letters: list[AuditEventPublic] = Field(description="Dead letters of this event.")
     children: list[TraceNodePublic] = Field(description="Events this event directly caused, in order.")
 
 
-class FlatTraceNodePublic(AuditEventPublic):
+class FlatTraceNodePublic(TraceEventPublic):
     """An event of a very deep cascade, naming its parent instead of nesting."""
 
     parent: str | None = Field(description="Id of the causing event (null for a root).")

@@ -100,7 +100,7 @@ class AuditSettings(ServiceSettings):
     @field_validator("writer_role")
     @classmethod
     def _plain_role_name(cls, value: str) -> str:
-        if not _ROLE_NAME.match(value):
+        if not _ROLE_NAME.fullmatch(value):  # match() would let a trailing newline through
             raise ValueError("writer_role must be a lower-case SQL identifier")
         return value
 

@@ -15,7 +15,14 @@ from typing import Any, Literal
 import numpy as np
 
 from contracts.common import FeatureType, ModelSignature, Task
-from contracts.monitoring import CanaryComparison, CorrectionMethod, DriftTest, FeatureDrift, Verdict
+from contracts.monitoring import (
+    P_VALUE_TESTS,
+    CanaryComparison,
+    CorrectionMethod,
+    DriftTest,
+    FeatureDrift,
+    Verdict,
+)
 from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile, bin_counts
@@ -25,7 +32,6 @@ from services.monitoring import stats
 # Evidently does (binary flags, small counts): a KS or Wasserstein on five values says little.
 LOW_CARDINALITY = 5
 HISTOGRAM_TOP_CATEGORIES = 20
-P_VALUE_TESTS = frozenset({DriftTest.KS, DriftTest.CHI2})
 
 
 def epoch(ts: datetime) -> float:

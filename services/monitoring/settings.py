@@ -8,7 +8,7 @@ from pydantic import Field
 
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
-from contracts.monitoring import CorrectionMethod
+from contracts.monitoring import JENSEN_SHANNON_MAX, CorrectionMethod
 from contracts.predictions import PredictionsLogged
 from contracts.rollouts import RolloutStarted
 from libs.settings import ServiceSettings
@@ -51,12 +51,16 @@ class MonitoringSettings(ServiceSettings):
     small_sample_max: int = Field(
         1_000,
         ge=1,
+        le=1_000_000_000,
         description="Up to this many values on the smaller side, p-value tests (KS, chi-square) are used; "
         "above it, distances (Wasserstein, Jensen–Shannon).",
     )
     wasserstein_threshold: float = Field(0.1, gt=0, description="Drift when normalised Wasserstein >= this.")
     jensen_shannon_threshold: float = Field(
-        0.1, gt=0, description="Drift when Jensen–Shannon distance >= this."
+        0.1,
+        gt=0,
+        le=JENSEN_SHANNON_MAX,
+        description="Drift when Jensen–Shannon distance >= this (the distance is at most √ln 2 ≈ 0.8326).",
     )
     psi_threshold: float = Field(
         0.1, gt=0, description="Drift when PSI >= this (only when chosen by policy)."
@@ -68,7 +72,10 @@ class MonitoringSettings(ServiceSettings):
         description="A DriftDetected needs this share of the tested features to have drifted.",
     )
     consecutive_windows: int = Field(
-        2, ge=1, description="A feature counts as drifted once it drifted in this many consecutive windows."
+        2,
+        ge=1,
+        le=1_000,
+        description="A feature counts as drifted once it drifted in this many consecutive windows.",
     )
     cooldown_seconds: float = Field(
         1_800.0,

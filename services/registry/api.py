@@ -7,7 +7,6 @@ as the event handlers, in one transaction with the events they publish.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, cast
@@ -17,7 +16,6 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from contracts.common import (
-    NAME_PATTERN,
     VERSION_MAX,
     DatasetName,
     DatasetVersion,
@@ -27,15 +25,18 @@ from contracts.common import (
 )
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
-from libs.errors import DomainError, InvalidInput, NotFound, PayloadTooLarge
+from libs.errors import DomainError, NotFound, PayloadTooLarge
+from libs.http import Text
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
 from services.registry.adapters.postgres import PgDatasets, PgQueries, PgVersions
-from services.registry.dataset_files import canonicalise
+from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import (
     Command,
-    decode_cursor,
+    check_name,
+    decode_name_cursor,
+    decode_version_cursor,
     encode_cursor,
     parse_tag_filter,
     render_html,
@@ -53,13 +54,13 @@ from services.registry.schemas import (
     RetrainCreate,
     RollbackCreate,
     TagCreate,
+    TagKey,
     VersionPage,
     VersionPublic,
 )
 from services.registry.settings import RegistrySettings
 
 PAGE_SIZE_MAX = 100
-_NAME = re.compile(NAME_PATTERN)
 
 router = APIRouter(prefix="/v1")
 
@@ -143,7 +144,7 @@ async def list_models(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> ModelPage:
-    after = decode_cursor(cursor, (str,))[0] if cursor else None
+    after = decode_name_cursor(cursor) if cursor else None
     async with _queries(request) as q:
         items = await q.models(
             prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
@@ -171,7 +172,7 @@ async def _version_page(
     limit: int,
     cursor: str | None,
 ) -> VersionPage:
-    after = cast(tuple[str, int], decode_cursor(cursor, (str, int))) if cursor else None
+    after = decode_version_cursor(cursor) if cursor else None
     async with _queries(request) as q:
         if model is not None and await q.model(model) is None:
             raise NotFound(f"model {model!r} is not registered")
@@ -292,7 +293,7 @@ async def model_card(
 
 @router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
 async def set_tag(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: str, body: TagCreate
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: TagKey, body: TagCreate
 ) -> dict[str, str]:
     rt = _runtime(request)
     async with rt.begin() as tx:
@@ -443,8 +444,7 @@ def _split_models(values: list[str]) -> list[str]:
         for name in (m.strip() for m in value.split(",")):
             if not name:
                 continue
-            if not _NAME.match(name):
-                raise InvalidInput(f"model name {name!r} must match {NAME_PATTERN}", field="models")
+            check_name(name, what="model name", field="models")
             if name not in models:
                 models.append(name)
     return models
@@ -459,8 +459,14 @@ def _split_models(values: list[str]) -> list[str]:
     "content as an existing version of the name answers 200 with that version.",
     responses={
         200: {"description": "The same content is already a version of this name."},
-        413: {"description": "The file is larger than the upload limit."},
-        422: {"description": "The file cannot be read; the body names the column or the encoding problem."},
+        413: {
+            "description": "The file is larger than the upload limit, or its table has more rows or values "
+            "than the dataset limits."
+        },
+        422: {
+            "description": "The file cannot be read, or the name, models or description are not valid; the "
+            "body names the column or the encoding problem."
+        },
     },
 )
 async def upload_dataset(
@@ -472,11 +478,10 @@ async def upload_dataset(
     models: Annotated[
         list[str], Form(description="Models it is meant for (repeat, or comma-separate).")
     ] = [],  # noqa: B006
-    description: Annotated[str | None, Form(description="Free text.")] = None,
+    description: Annotated[Text | None, Form(description="Free text.")] = None,
 ) -> DatasetUploaded:
     settings = _settings(request)
-    if not _NAME.match(name):
-        raise InvalidInput(f"dataset name {name!r} must match {NAME_PATTERN}", field="name")
+    check_name(name, what="dataset name", field="name")
     wanted = _split_models(models)
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:
@@ -484,9 +489,12 @@ async def upload_dataset(
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"{file.filename} is larger than the upload limit of {limit} bytes")
-    dataset = await asyncio.to_thread(
-        canonicalise, data, filename=file.filename, max_columns=settings.max_dataset_columns
+    limits = TableLimits(
+        columns=settings.max_dataset_columns,
+        rows=settings.max_dataset_rows,
+        cells=settings.max_dataset_cells,
     )
+    dataset = await asyncio.to_thread(canonicalise, data, filename=file.filename, limits=limits)
     rt = _runtime(request)
     async with rt.begin() as tx:
         stored, created = await core.upload_dataset(
@@ -514,7 +522,7 @@ async def list_datasets(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> DatasetPage:
-    after = cast(tuple[str, int], decode_cursor(cursor, (str, int))) if cursor else None
+    after = decode_version_cursor(cursor) if cursor else None
     async with _reads(request).acquire() as conn:
         items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
     next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None

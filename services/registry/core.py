@@ -25,6 +25,7 @@ from services.registry.domain import (
     Command,
     alias_effect,
     check_command,
+    check_name,
     check_transition,
     dataset_problems,
     may_be_challenger,
@@ -362,6 +363,12 @@ async def upload_dataset(
 ) -> tuple[DatasetPublic, bool]:
     """Store a validated upload as the name's next version and announce it; the same content as an
     existing version of the name gives that version back (False: nothing new)."""
+    # Everything the event and the row are made of is checked before the file is stored.
+    check_name(name, what="dataset name", field="name")
+    for model in models:
+        check_name(model, what="model name", field="models")
+    if description is not None and "\x00" in description:
+        raise InvalidInput("description holds a NUL character", field="description")
     for model in models:
         latest = await versions.latest_signature(model)
         if latest is None:

@@ -16,9 +16,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pandas.api import types as ptypes
 
-from libs.errors import InvalidInput
+from libs.errors import InvalidInput, PayloadTooLarge
 
 PARQUET_MAGIC = b"PAR1"
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class TableLimits:
+    """How large a table an upload may hold. A Parquet file compresses a table almost without bound (20
+    million equal integers fit in 91 KB), so its size says nothing of the memory it takes once read: rows
+    and cells (rows x columns) are checked from its metadata before any of it is decoded."""
+
+    columns: int
+    rows: int
+    cells: int
+
+    def check(self, rows: int, columns: int) -> None:
+        """422 for more columns than the limit, 413 for more rows or values."""
+        if columns > self.columns:
+            raise InvalidInput(f"the file has {columns} columns; the limit is {self.columns}", field="file")
+        if rows > self.rows:
+            raise PayloadTooLarge(
+                f"the file has {rows} rows; the limit is {self.rows} (split it, or raise max_dataset_rows)",
+                field="file",
+            )
+        if rows * columns > self.cells:
+            raise PayloadTooLarge(
+                f"the file has {rows} rows x {columns} columns = {rows * columns} values; the limit is "
+                f"{self.cells} (split it, or raise max_dataset_cells)",
+                field="file",
+            )
 
 
 @dataclass(frozen=True)
@@ -31,24 +59,20 @@ class CanonicalDataset:
     source_format: str
 
 
-def canonicalise(data: bytes, *, filename: str | None, max_columns: int) -> CanonicalDataset:
+def canonicalise(data: bytes, *, filename: str | None, limits: TableLimits) -> CanonicalDataset:
     """Parse and validate an uploaded file; raise :class:`InvalidInput` naming the column or the encoding
-    problem."""
+    problem, :class:`PayloadTooLarge` when the table is over ``limits``."""
     if not data:
         raise InvalidInput("the uploaded file is empty", field="file")
     name = (filename or "").lower()
     if data.startswith(PARQUET_MAGIC):
-        frame, fmt = _read_parquet(data), "parquet"
+        frame, fmt = _read_parquet(data, limits), "parquet"
     elif name.endswith((".parquet", ".pq")):
         raise InvalidInput(
             f"{filename} is named like Parquet but does not start with the Parquet magic bytes", field="file"
         )
     else:
-        frame, fmt = _read_csv(data), "csv"
-    if len(frame.columns) > max_columns:
-        raise InvalidInput(
-            f"the file has {len(frame.columns)} columns; the limit is {max_columns}", field="file"
-        )
+        frame, fmt = _read_csv(data, limits), "csv"
     if len(frame) == 0:
         raise InvalidInput("the file has a header but no rows", field="file")
     frame = _normalise(frame)
@@ -63,20 +87,26 @@ def canonicalise(data: bytes, *, filename: str | None, max_columns: int) -> Cano
 # --- CSV ------------------------------------------------------------------------------------------------
 
 
-def _read_csv(data: bytes) -> pd.DataFrame:
+def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
     text = _decode(data)
     rows = csv.reader(io.StringIO(text))
     try:
         header = next(rows, [])
         _check_header([h.strip() for h in header])
+        limits.check(0, len(header))
+        count = 0
         # pandas would silently drop extra fields or shift columns; every row must match the header.
         for row in rows:
-            if row and len(row) != len(header):
+            if not row:
+                continue
+            if len(row) != len(header):
                 raise InvalidInput(
                     f"line {rows.line_num} has {len(row)} fields but the header has {len(header)} columns",
                     field="file",
                     line=rows.line_num,
                 )
+            count += 1
+        limits.check(count, len(header))
     except csv.Error as exc:
         raise InvalidInput(
             f"the CSV cannot be parsed near line {rows.line_num}: {exc}", field="file"
@@ -123,6 +153,11 @@ def _check_header(names: list[str]) -> None:
     for i, n in enumerate(names, start=1):
         if not n:
             raise InvalidInput(f"column {i} of the header has no name", field="file", column_index=i)
+        if "\x00" in n:
+            # Column names travel in DatasetRegistered, which Postgres stores as jsonb: no NUL there.
+            raise InvalidInput(
+                f"column {i} of the header, {n!r}, holds a NUL character", field="file", column_index=i
+            )
         if n in seen:
             raise InvalidInput(
                 f"column {n!r} appears twice in the header (columns {seen[n]} and {i})",
@@ -144,9 +179,12 @@ def _parser_message(exc: Exception, columns: int) -> str:
 # --- Parquet --------------------------------------------------------------------------------------------
 
 
-def _read_parquet(data: bytes) -> pd.DataFrame:
+def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
     try:
-        table = pq.read_table(io.BytesIO(data))
+        file = pq.ParquetFile(io.BytesIO(data))
+        # The shape is in the footer: a table too large is refused before any page is decompressed.
+        limits.check(file.metadata.num_rows, len(file.schema_arrow))
+        table = file.read()
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
     names = table.column_names
@@ -170,7 +208,18 @@ def _read_parquet(data: bytes) -> pd.DataFrame:
                 field="file",
                 column=field_.name,
             )
-    return table.to_pandas(types_mapper=None)
+    try:
+        return table.to_pandas(types_mapper=None)
+    except (pa.ArrowException, ValueError, OverflowError) as exc:
+        # A value pandas has no room for (a date32 of 10^8 days is beyond year 9999): name its column.
+        for name, column in zip(names, table.columns, strict=True):
+            try:
+                column.to_pandas()
+            except (pa.ArrowException, ValueError, OverflowError) as column_exc:
+                raise InvalidInput(
+                    f"column {name!r} cannot be read: {column_exc}", field="file", column=name
+                ) from exc
+        raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
 
 
 # --- canonical form -------------------------------------------------------------------------------------
@@ -186,6 +235,13 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         if ptypes.is_bool_dtype(col.dtype):
             col = col.astype("boolean") if col.isna().any() else col.astype(bool)
         elif ptypes.is_integer_dtype(col.dtype):
+            if ptypes.is_unsigned_integer_dtype(col.dtype) and col.max() > INT64_MAX:
+                # int64 is the one integer type of the canonical form; a cast would wrap to negative.
+                raise InvalidInput(
+                    f"column {name!r} holds integers above {INT64_MAX} (int64): store them as text",
+                    field="file",
+                    column=str(name),
+                )
             col = col.astype("Int64") if col.isna().any() else col.astype("int64")
         elif ptypes.is_float_dtype(col.dtype):
             col = col.astype("float64")
@@ -200,7 +256,15 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 def _as_strings(name: str, col: pd.Series) -> pd.Series:
     values = col.astype(object)
     for row, v in values.items():
-        if isinstance(v, str) or hasattr(v, "isoformat") or v is None or v is pd.NA:
+        if isinstance(v, str):
+            if "\x00" in v:
+                # Text values become categories and classes in a model's signature, which Postgres stores
+                # as jsonb (no NUL there): refused here rather than when a model is trained on them.
+                raise InvalidInput(
+                    f"column {name!r} holds a NUL character (row {row})", field="file", column=name
+                )
+            continue
+        if hasattr(v, "isoformat") or v is None or v is pd.NA:
             continue
         if isinstance(v, float) and pd.isna(v):
             continue

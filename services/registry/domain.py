@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -12,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from contracts.common import FeatureType, ModelSignature, Stage
+from contracts.common import NAME_PATTERN, VERSION_MAX, FeatureType, ModelSignature, Stage
 from libs.errors import Conflict, InvalidInput
 from services.registry.schemas import VersionPublic
 
@@ -117,6 +118,24 @@ def check_command(command: Command, model: str, version: int, stage: Stage) -> N
         )
 
 
+# --- names -------------------------------------------------------------------------------------------
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+def is_name(value: str) -> bool:
+    """Whether ``value`` is a model or dataset name (the contracts' rule, the whole string: ``re.match``
+    with ``$`` would let a trailing newline through)."""
+    return _NAME.fullmatch(value) is not None
+
+
+def check_name(value: str, *, what: str, field: str) -> str:
+    """``value`` when it is a model or dataset name, else 422 saying the rule."""
+    if not is_name(value):
+        raise InvalidInput(f"{what} {value!r} must match {NAME_PATTERN}", field=field)
+    return value
+
+
 # --- cursors ------------------------------------------------------------------------------------------
 
 
@@ -125,22 +144,48 @@ def encode_cursor(position: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, types: Sequence[type]) -> tuple[Any, ...]:
-    """The sort key inside a cursor; 422 when it was not made by :func:`encode_cursor` for this list."""
+def _not_valid() -> InvalidInput:
+    return InvalidInput("cursor is not valid: pass the next_cursor of a previous page", field="cursor")
+
+
+def _other_list() -> InvalidInput:
+    return InvalidInput("cursor does not belong to this list: pass its own next_cursor", field="cursor")
+
+
+def _position(cursor: str, size: int) -> list[Any]:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        # validate=True: a character outside the URL-safe alphabet is an error, not skipped.
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         position = orjson.loads(raw)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(
-            "cursor is not valid: pass the next_cursor of a previous page", field="cursor"
-        ) from exc
-    if (
-        not isinstance(position, list)
-        or len(position) != len(types)
-        or not all(type(v) is t for v, t in zip(position, types, strict=True))
-    ):
-        raise InvalidInput("cursor does not belong to this list: pass its own next_cursor", field="cursor")
-    return tuple(position)
+    except (binascii.Error, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise _not_valid() from exc
+    if not isinstance(position, list) or len(position) != size:
+        raise _other_list()
+    return position
+
+
+def decode_name_cursor(cursor: str) -> str:
+    """The name inside a cursor of a list sorted by name (models); 422 when :func:`encode_cursor` did not
+    make it for such a list."""
+    [name] = _position(cursor, 1)
+    if type(name) is not str:
+        raise _other_list()
+    if not is_name(name):
+        raise _not_valid()
+    return name
+
+
+def decode_version_cursor(cursor: str) -> tuple[str, int]:
+    """The (name, version) inside a cursor of a list sorted by name and version (versions, datasets); 422
+    when :func:`encode_cursor` did not make it for such a list."""
+    name, version = _position(cursor, 2)
+    if type(name) is not str or type(version) is not int:
+        raise _other_list()
+    # Names and versions of the registry only: anything else could not be compared with a row in Postgres
+    # (a NUL in text, a number beyond its integer).
+    if not is_name(name) or not 1 <= version <= VERSION_MAX:
+        raise _not_valid()
+    return name, version
 
 
 def parse_tag_filter(tag: str | None) -> tuple[str, str | None] | None:

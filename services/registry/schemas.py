@@ -7,12 +7,17 @@ people and client programs see. The Postgres adapter builds the ``XPublic`` mode
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, ModelVersion, Stage
 from libs.http import Text
+
+TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
+"""A tag key: at most 128 characters (keys are indexed), a letter or digit first, then letters, digits and
+``. _ : -``; no ``=`` (``?tag=key=value`` splits at the first one), no space."""
 
 
 class _Public(BaseModel):

@@ -31,7 +31,18 @@ class RegistrySettings(ServiceSettings):
     read_pool_max: int = Field(
         4, description="Connections of the HTTP API's read pool (besides db_pool_max)."
     )
-    max_dataset_columns: int = Field(2000, description="Dataset uploads with more columns get 422.")
+    max_dataset_columns: int = Field(2000, ge=1, description="Dataset uploads with more columns get 422.")
+    max_dataset_rows: int = Field(
+        5_000_000, ge=1, description="Dataset uploads with more rows get 413 (Parquet: before decoding)."
+    )
+    max_dataset_cells: int = Field(
+        10_000_000,
+        ge=1,
+        description="Dataset uploads with more values (rows x columns) get 413, Parquet before decoding. "
+        "This bounds an upload's memory: a Parquet file compresses without bound (20 million equal integers "
+        "fit in 91 KB), and 10 million values, about what a 64 MiB CSV of numbers holds, take some 300 MB to "
+        "read and canonicalise.",
+    )
 
     @model_validator(mode="after")
     def _body_limit_covers_uploads(self) -> RegistrySettings:

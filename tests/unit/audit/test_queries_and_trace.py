@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -18,7 +20,17 @@ from contracts.validation import ValidationPassed
 from libs.bus.core import Delivery, Record
 from libs.errors import InvalidInput, NotFound
 from services.audit import core, handlers
-from services.audit.domain import EventQuery, Kind, Signer, decode_cursor, encode_cursor, event_type_filter
+from services.audit.domain import (
+    SEQ_MAX,
+    EventQuery,
+    Kind,
+    Signer,
+    decode_cursor,
+    encode_cursor,
+    event_type_filter,
+    time_range,
+)
+from services.audit.schemas import TracePublic
 from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example
 
 
@@ -144,6 +156,44 @@ async def test_event_whose_cause_is_missing_becomes_a_root() -> None:
     assert tree["roots"][1]["cause_missing"] == events[2].id
 
 
+def tree_seqs(nodes: list[dict[str, Any]]) -> list[int]:
+    out: list[int] = []
+    for node in nodes:
+        out += [node["seq"], *tree_seqs(node["children"])]
+    return out
+
+
+async def test_a_loop_of_causes_is_cut_at_its_earliest_event_and_nothing_goes_missing() -> None:
+    a, b = example(DriftDetected), example(TrainingRequested)
+    # A claims to be caused by B and B by A, in one cascade; C, caused by B, hangs off the loop.
+    a = a.model_copy(update={"causationid": b.id, "correlationid": "loop"})
+    b = b.model_copy(update={"causationid": a.id, "correlationid": "loop"})
+    c = example(TrainingStarted, cause=b).model_copy(update={"correlationid": "loop"})
+    trail = FakeTrail()
+    await store(trail, [delivery(e, offset=i) for i, e in enumerate((a, b, c))])
+    tree = await core.trace(trail, "loop", max_events=100)
+    TracePublic.model_validate(tree)
+    [root] = tree["roots"]
+    assert (root["id"], root["cause_cycle"]) == (a.id, b.id)
+    assert "cause_missing" not in root
+    assert [n["id"] for n in root["children"]] == [b.id]
+    assert [n["id"] for n in root["children"][0]["children"]] == [c.id]
+    assert sorted(tree_seqs(tree["roots"])) == [1, 2, 3] and tree["events"] == 3
+
+
+async def test_an_event_caused_by_itself_is_a_root_flagged_as_a_loop() -> None:
+    event = example(DriftDetected)
+    event = event.model_copy(update={"causationid": event.id})
+    child = example(TrainingRequested, cause=event)
+    trail = FakeTrail()
+    await store(trail, [delivery(event, offset=0), delivery(child, offset=1)])
+    tree = await core.trace(trail, event.id, max_events=100)
+    TracePublic.model_validate(tree)
+    [root] = tree["roots"]
+    assert root["cause_cycle"] == event.id and "cause_missing" not in root
+    assert [n["id"] for n in root["children"]] == [child.id]
+
+
 async def test_very_deep_cascade_comes_back_flat() -> None:
     trail = FakeTrail()
     chain = [example(DriftDetected)]
@@ -155,12 +205,82 @@ async def test_very_deep_cascade_comes_back_flat() -> None:
     assert [n["parent"] for n in tree["flat"][:2]] == [None, chain[0].id]
 
 
+async def test_a_flat_cascade_whose_first_cause_is_missing_fits_the_response_schema() -> None:
+    trail = FakeTrail()
+    chain = [example(DriftDetected, cause=example(TrainingCompleted))]
+    for _ in range(120):
+        chain.append(example(TrainingStarted, cause=chain[-1]))
+    await store(trail, [delivery(e, offset=i) for i, e in enumerate(chain)])
+    tree = await core.trace(trail, chain[0].correlationid, max_events=1000)
+    assert tree["flat"][0]["cause_missing"] == chain[0].causationid
+    assert tree["flat"][0]["parent"] is None
+    TracePublic.model_validate(tree)
+
+
 def test_cursor_belongs_to_its_order() -> None:
     assert decode_cursor(encode_cursor(True, 42), newest_first=True) == 42
-    with pytest.raises(InvalidInput):
+    assert decode_cursor(encode_cursor(False, SEQ_MAX), newest_first=False) == SEQ_MAX
+    with pytest.raises(InvalidInput, match="other sort order"):
         decode_cursor(encode_cursor(True, 42), newest_first=False)
     with pytest.raises(InvalidInput):
         decode_cursor("!!!", newest_first=True)
+
+
+def b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        b64(f"d{SEQ_MAX + 1}"),  # beyond bigint: asyncpg could not encode it
+        b64("d" + "9" * 30),
+        b64("d0"),
+        b64("d-5"),  # negative: not valid, whichever order
+        b64("a-5"),
+        b64("d1_0"),  # int() takes underscores, spaces and signs; a cursor has none
+        b64("d 5"),
+        b64("d+5"),
+        b64("d05"),
+        b64("x5"),
+        "!!!" + b64("d5") + "!!!",  # characters outside the alphabet are not skipped
+        b64("d5") + "==",
+        "é",
+        "",
+    ],
+)
+def test_a_cursor_not_made_by_the_list_is_not_valid(cursor: str) -> None:
+    with pytest.raises(InvalidInput, match="cursor is not valid") as caught:
+        decode_cursor(cursor, newest_first=True)
+    assert caught.value.extra == {"field": "cursor"}
+
+
+def test_time_range_is_utc_and_refuses_what_a_query_cannot_mean() -> None:
+    plus_five = timezone(timedelta(hours=5))
+    since, until = time_range(datetime(2025, 1, 1, 5, tzinfo=plus_five), None)
+    assert since == datetime(2025, 1, 1, tzinfo=UTC) and since.tzinfo is UTC and until is None
+    assert time_range(None, None) == (None, None)
+    cases = [
+        ((datetime(2025, 1, 1), None), "since needs a time zone"),
+        ((None, datetime(2025, 1, 1)), "until needs a time zone"),
+        ((datetime(1, 1, 1, tzinfo=plus_five), None), "since: time out of range"),
+        (
+            (None, datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=5)))),
+            "until: time out of range",
+        ),
+        (
+            (datetime(2026, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC)),
+            "until must not be before since",
+        ),
+    ]
+    for (since_, until_), message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            time_range(since_, until_)
+
+
+async def test_an_export_whose_range_is_reversed_is_refused(trail: FakeTrail) -> None:
+    with pytest.raises(InvalidInput, match="to_seq must not be below from_seq"):
+        [line async for line in core.export_lines(trail, from_seq=5, to_seq=3)]
 
 
 async def test_export_interleaves_checkpoints_after_their_row() -> None:

@@ -64,3 +64,10 @@ def test_checkpoint_file_appends_only_newer_checkpoints(tmp_path: Path) -> None:
     assert archive.append(cps[:2]) == 2
     assert archive.append(cps) == 1
     assert archive.read() == cps
+
+
+def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
+    assert AuditSettings(writer_role="audit_writer").writer_role == "audit_writer"
+    for bad in ("audit_writer\n", "Audit", "audit-writer", "a" * 64):
+        with pytest.raises(ValidationError, match="writer_role must be a lower-case SQL identifier"):
+            AuditSettings(writer_role=bad)

@@ -10,6 +10,7 @@ import pytest
 
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
+from libs.errors import NotFound
 from services.audit.core import verify_trail
 from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
 from services.audit.verification import LinkScanner, Problem, split_ranges
@@ -156,6 +157,15 @@ async def test_verifying_beyond_the_end_reports_the_missing_rows() -> None:
     trail = await filled()
     report = await verify(trail, to_seq=ROWS + 5)
     assert (report.first_bad_seq, report.problem) == (ROWS + 1, Problem.MISSING_ROW)
+
+
+async def test_verifying_from_beyond_the_end_is_not_found_as_for_an_export() -> None:
+    trail = await filled()
+    report = await verify(trail, from_seq=ROWS + 1)  # the empty range of a trail that has not grown
+    assert report.ok and report.rows_checked == 0
+    for to_seq in (None, ROWS + 100):
+        with pytest.raises(NotFound, match=f"the trail has no row {ROWS + 1} to start the verification"):
+            await verify(trail, from_seq=ROWS + 2, to_seq=to_seq)
 
 
 async def test_empty_trail_verifies() -> None:

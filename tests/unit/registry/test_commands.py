@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
 from libs.errors import Conflict, InvalidInput, NotFound
 from services.registry import core
-from services.registry.dataset_files import canonicalise
+from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import Command
 from services.registry.ports import Cause
 from tests.unit.registry.fakes import FakeArtifacts, FakeDatasets, FakeVersions, training_completed
@@ -141,6 +142,7 @@ async def test_retrain_needs_a_version_or_a_dataset_naming_the_model(versions: F
 
 
 CSV = b"tenure_months,monthly_charges,plan,churned\n1,20.5,basic,0\n24,70.1,premium,1\n"
+LIMITS = TableLimits(columns=100, rows=1000, cells=10_000)
 
 
 async def upload(
@@ -148,7 +150,7 @@ async def upload(
 ) -> tuple[Any, bool]:
     return await core.upload_dataset(
         "churn-base",
-        canonicalise(data, filename="churn.csv", max_columns=100),
+        canonicalise(data, filename="churn.csv", limits=LIMITS),
         models=models,
         description="export",
         actor="user:alice",
@@ -197,3 +199,31 @@ async def test_upload_for_a_model_without_versions_is_not_checked_against_a_sign
 ) -> None:
     stored, created = await upload(versions, FakeDatasets(), b"a,b\n1,2\n", ["fraud"], Outbox())
     assert created and stored.columns == {"a": "int64", "b": "int64"}
+
+
+@pytest.mark.parametrize(
+    ("name", "models", "description", "message"),
+    [
+        ("churn\n", [], None, "dataset name 'churn\\n' must match"),
+        ("churn-base", ["churn\n"], None, "model name 'churn\\n' must match"),
+        ("churn-base", [], "a\x00b", "description holds a NUL character"),
+    ],
+)
+async def test_an_upload_the_event_could_not_carry_is_refused_before_the_file_is_stored(
+    versions: FakeVersions, name: str, models: list[str], description: str | None, message: str
+) -> None:
+    datasets, artifacts, outbox = FakeDatasets(), FakeArtifacts(), Outbox()
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        await core.upload_dataset(
+            name,
+            canonicalise(CSV, filename="churn.csv", limits=LIMITS),
+            models=models,
+            description=description,
+            actor="user:alice",
+            versions=versions,
+            datasets=datasets,
+            artifacts=artifacts,
+            publish=outbox,
+            source=SOURCE,
+        )
+    assert artifacts.blobs == {} and datasets.rows == {} and outbox.events == []

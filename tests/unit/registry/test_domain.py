@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import base64
 import io
+from dataclasses import replace
 from datetime import UTC, datetime
 
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
-from contracts.common import Stage
+from contracts.common import VERSION_MAX, Stage
 from contracts.examples import EXAMPLES
 from contracts.training import TrainingCompleted
-from libs.errors import InvalidInput
-from services.registry.dataset_files import canonicalise
+from libs.errors import InvalidInput, PayloadTooLarge
+from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import (
     COMMAND_STAGES,
     TRANSITIONS,
     Command,
     IllegalTransition,
+    check_name,
     check_transition,
-    decode_cursor,
+    decode_name_cursor,
+    decode_version_cursor,
     encode_cursor,
     parse_tag_filter,
     render_html,
@@ -31,9 +37,12 @@ from services.registry.schemas import (
     LineageDatasetPublic,
     LineagePublic,
     StageChangePublic,
+    TagKey,
     ValidationReportPublic,
     VersionPublic,
 )
+
+LIMITS = TableLimits(columns=10, rows=1000, cells=5000)
 
 
 def test_every_stage_can_be_left_and_nothing_moves_to_candidate() -> None:
@@ -58,11 +67,63 @@ def test_commands_never_archive_or_promote_what_they_should_not() -> None:
 
 
 def test_cursor_round_trips_and_garbage_is_invalid_input() -> None:
-    assert decode_cursor(encode_cursor(["churn", 7]), (str, int)) == ("churn", 7)
-    for bad in ("%%%", "bm90IGpzb24", encode_cursor(["churn"]), encode_cursor([1, "x"])):
+    assert decode_version_cursor(encode_cursor(["churn", 7])) == ("churn", 7)
+    assert decode_version_cursor(encode_cursor(["churn", VERSION_MAX])) == ("churn", VERSION_MAX)
+    assert decode_name_cursor(encode_cursor(["churn"])) == "churn"
+    for bad in ("%%%", "bm90IGpzb24", encode_cursor(["churn"]), encode_cursor([1, "x"]), encode_cursor([1])):
         with pytest.raises(InvalidInput) as caught:
-            decode_cursor(bad, (str, int))
+            decode_version_cursor(bad)
         assert caught.value.extra["field"] == "cursor"
+    with pytest.raises(InvalidInput):
+        decode_name_cursor(encode_cursor(["churn", 7]))
+
+
+def raw_cursor(position: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(position)).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        ["a\u0000b", 1],  # Postgres text cannot hold NUL
+        ["churn", 2**31],  # beyond the integer column
+        ["churn", 2**40],
+        ["churn", 0],
+        ["churn", -5],
+        ["", 1],
+        ["churn\n", 1],
+        ["bad name!", 1],
+    ],
+)
+def test_a_cursor_whose_name_or_version_the_registry_cannot_hold_is_not_valid(position: list[object]) -> None:
+    with pytest.raises(InvalidInput, match="cursor is not valid"):
+        decode_version_cursor(raw_cursor(position))
+    if position[0] != "churn":
+        with pytest.raises(InvalidInput, match="cursor is not valid"):
+            decode_name_cursor(raw_cursor(position[:1]))
+
+
+def test_a_cursor_with_characters_outside_base64_is_not_valid() -> None:
+    with pytest.raises(InvalidInput, match="cursor is not valid"):
+        decode_version_cursor("!!!" + encode_cursor(["churn", 7]) + "!!!")
+
+
+def test_names_are_checked_whole() -> None:
+    assert check_name("churn-v2.1", what="dataset name", field="name") == "churn-v2.1"
+    for bad in ("churn\n", "churn\r\n", " churn", "", "a" * 129):
+        with pytest.raises(InvalidInput, match=r"dataset name .* must match") as caught:
+            check_name(bad, what="dataset name", field="name")
+        assert caught.value.extra == {"field": "name"}
+
+
+def test_tag_keys_are_short_and_findable() -> None:
+    keys = TypeAdapter(TagKey)
+    for good in ("team", "approved-by", "ticket:JIRA-1", "a.b_c", "k" * 128):
+        assert keys.validate_python(good) == good
+    # too long for the btree index; blank; holding `=`, which ?tag=key=value splits at
+    for bad in ("k" * 129, "k" * 3000, " ", "", "a=b", "a b", "-lead", "a\nb"):
+        with pytest.raises(ValidationError):
+            keys.validate_python(bad)
 
 
 def test_tag_filter_is_key_or_key_value() -> None:
@@ -85,7 +146,7 @@ def parquet_of(frame: pd.DataFrame) -> bytes:
 
 
 def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
-    from_csv = canonicalise(CSV, filename="a.csv", max_columns=10)
+    from_csv = canonicalise(CSV, filename="a.csv", limits=LIMITS)
     frame = pd.DataFrame(
         {
             "tenure_months": [1, 24],
@@ -94,7 +155,7 @@ def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
             "churned": [0, 1],
         }
     )
-    from_parquet = canonicalise(parquet_of(frame), filename="a.parquet", max_columns=10)
+    from_parquet = canonicalise(parquet_of(frame), filename="a.parquet", limits=LIMITS)
     assert from_csv.parquet == from_parquet.parquet
     assert from_csv.columns == {
         "tenure_months": "int64",
@@ -107,7 +168,7 @@ def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
 def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
     data = b"name,city\nann,Paris\nbob,Montr\xe9al\n"
     with pytest.raises(InvalidInput) as caught:
-        canonicalise(data, filename="x.csv", max_columns=10)
+        canonicalise(data, filename="x.csv", limits=LIMITS)
     assert caught.value.extra == {"field": "file", "column": "city", "line": 3}
     assert "byte 0xe9 in column 'city' on line 3 is not valid UTF-8" in caught.value.message
 
@@ -125,12 +186,83 @@ def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
 )
 def test_unreadable_csv_is_invalid_input_saying_why(data: bytes, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        canonicalise(data, filename="x.csv", max_columns=10)
+        canonicalise(data, filename="x.csv", limits=LIMITS)
+
+
+def parquet_table(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def test_parquet_value_pandas_cannot_hold_names_its_column() -> None:
+    data = parquet_table(pa.table({"x": [1], "d": pa.array([10**8], type=pa.date32())}))  # year 275760
+    with pytest.raises(InvalidInput) as caught:
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
+    assert caught.value.extra == {"field": "file", "column": "d"}
+    assert "column 'd' cannot be read" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "filename"),
+    [
+        (b"a\x00b,c\n1,2\n", "x.csv"),
+        (parquet_table(pa.table({"a\x00b": [1], "c": [2]})), "x.parquet"),
+    ],
+)
+def test_a_column_name_with_a_nul_is_refused(data: bytes, filename: str) -> None:
+    with pytest.raises(InvalidInput, match=r"column 1 of the header, 'a\\x00b', holds a NUL character"):
+        canonicalise(data, filename=filename, limits=LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "filename"),
+    [
+        (b"a,plan\n1,basic\n2,x\x00y\n", "x.csv"),
+        (parquet_table(pa.table({"a": [1, 2], "plan": ["basic", "x\x00y"]})), "x.parquet"),
+    ],
+)
+def test_a_text_value_with_a_nul_is_refused_naming_its_column(data: bytes, filename: str) -> None:
+    with pytest.raises(InvalidInput, match="column 'plan' holds a NUL character") as caught:
+        canonicalise(data, filename=filename, limits=LIMITS)
+    assert caught.value.extra["column"] == "plan"
+
+
+@pytest.mark.parametrize(
+    ("data", "filename"),
+    [
+        (b"a,b\n1,9223372036854775808\n", "x.csv"),
+        (parquet_table(pa.table({"a": [1], "b": pa.array([2**63], type=pa.uint64())})), "x.parquet"),
+    ],
+)
+def test_integers_beyond_int64_are_refused_not_wrapped(data: bytes, filename: str) -> None:
+    with pytest.raises(InvalidInput, match="column 'b' holds integers above 9223372036854775807"):
+        canonicalise(data, filename=filename, limits=LIMITS)
+
+
+def test_a_parquet_file_with_too_many_rows_is_refused_before_it_is_decoded() -> None:
+    # 20 million equal integers compress to ~90 KB and would take ~370 MB once read.
+    data = parquet_table(pa.table({"x": pa.nulls(20_000_000, pa.int64()).fill_null(0)}))
+    assert len(data) < 200_000
+    with pytest.raises(PayloadTooLarge, match="the file has 20000000 rows; the limit is 5000000"):
+        canonicalise(data, filename="x.parquet", limits=TableLimits(columns=10, rows=5_000_000, cells=10**8))
+
+
+@pytest.mark.parametrize("filename", ["x.csv", "x.parquet"])
+def test_rows_and_values_beyond_the_limits_are_payload_too_large(filename: str) -> None:
+    frame = pd.DataFrame({"a": range(1001), "b": range(1001)})
+    data = frame.to_csv(index=False).encode() if filename == "x.csv" else parquet_of(frame)
+    with pytest.raises(PayloadTooLarge, match="1001 rows; the limit is 1000") as caught:
+        canonicalise(data, filename=filename, limits=LIMITS)
+    assert caught.value.status == 413
+    with pytest.raises(PayloadTooLarge, match="1001 rows x 2 columns = 2002 values; the limit is 2000"):
+        canonicalise(data, filename=filename, limits=TableLimits(columns=10, rows=5000, cells=2000))
+    assert canonicalise(data, filename=filename, limits=TableLimits(10, 1001, 2002)).row_count == 1001
 
 
 def test_too_many_columns_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="3 columns; the limit is 2"):
-        canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", max_columns=2)
+        canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", limits=replace(LIMITS, columns=2))
 
 
 def test_parquet_with_a_nested_column_names_it() -> None:
@@ -138,13 +270,13 @@ def test_parquet_with_a_nested_column_names_it() -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with pytest.raises(InvalidInput) as caught:
-        canonicalise(buf.getvalue(), filename="x.parquet", max_columns=10)
+        canonicalise(buf.getvalue(), filename="x.parquet", limits=LIMITS)
     assert caught.value.extra["column"] == "tags"
 
 
 def test_file_named_parquet_without_the_magic_is_refused() -> None:
     with pytest.raises(InvalidInput, match="named like Parquet"):
-        canonicalise(CSV, filename="x.parquet", max_columns=10)
+        canonicalise(CSV, filename="x.parquet", limits=LIMITS)
 
 
 # --- model cards ----------------------------------------------------------------------------------------

@@ -80,6 +80,82 @@ def test_bad_spec_is_refused_naming_the_field(
         assert word in caught.value.message
 
 
+BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and asyncpg
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"retrain": {"daily_budget": BIG}}, "retrain.daily_budget", ["less than or equal to 10000"]),
+        (
+            {"retrain": {"training_set": {"mode": "sliding-window", "window_rows": BIG}}},
+            "retrain.training_set.window_rows",
+            ["less than or equal to 1000000000"],
+        ),
+        ({"params": {"C": 1.0, "max_iter": BIG}}, "params.max_iter", ["beyond the 64-bit integers"]),
+        (
+            {"features": [{"name": "plan", "type": "categorical", "categories": [1, BIG]}]},
+            "features.0.categories.1",
+            ["beyond the 64-bit integers"],
+        ),
+        ({"description": "a\x00b"}, "description", ["NUL"]),
+        ({"target": "chur\x00ned"}, "target", ["NUL"]),
+        ({"features": [{"name": "x\x00", "type": "numeric"}]}, "features.0.name", ["NUL"]),
+        ({"params": {"solver": "lbfgs\x00"}}, "params.solver", ["NUL"]),
+        ({"params": {"C": float("inf")}}, "params.C", ["not a finite number"]),
+        ({"params": {"C": [1.0]}}, "params.C", ["a number, a string, true, false or null"]),
+        # scikit-learn's own parameter constraints, in its words
+        ({"params": {"C": "abc"}}, "params.C", ["'C' parameter of LogisticRegression", "Got 'abc'"]),
+        ({"params": {"C": -3}}, "params.C", ["'C' parameter of LogisticRegression", "Got -3"]),
+        (
+            {"validation": {"thresholds": {"roc_auc": 5}}},
+            "validation.thresholds.roc_auc",
+            ["roc_auc lies in [0, 1]"],
+        ),
+        (
+            {"validation": {"thresholds": {"log_loss": -1}}},
+            "validation.thresholds.log_loss",
+            ["log_loss lies in [0, ∞)"],
+        ),
+    ],
+)
+def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_field(
+    change: dict[str, object], field: str, words: list[str]
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        spec_from_data({**churn_spec_data(), **change})
+    assert (caught.value.field, caught.value.reason) == (field, "invalid-spec")
+    for word in words:
+        assert word in caught.value.message
+
+
+def test_accepted_specs_always_have_a_canonical_json() -> None:
+    spec = spec_from_data(
+        churn_spec_data(
+            params={"C": 0.5, "max_iter": 2**63 - 1},
+            features=[{"name": "plan", "type": "categorical", "categories": [-(2**63), "basic"]}],
+            validation={"thresholds": {"roc_auc": 1, "log_loss": 0}},
+        )
+    )
+    assert json.loads(spec.canonical_json())["params"]["max_iter"] == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("a: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("description: 2025-02-30", "day is out of range for month"),  # PyYAML raises ValueError
+        ("seed: !!int abc", "invalid literal for int()"),
+        ("description: !!timestamp nope", "not valid YAML"),  # PyYAML raises AttributeError
+    ],
+)
+def test_yaml_that_python_cannot_build_is_a_spec_error(body: str, words: str) -> None:
+    with pytest.raises(SpecError, match="the spec is not valid YAML") as caught:
+        parse_spec(body, content_type="application/yaml", name="churn")
+    assert words in caught.value.message
+
+
 def test_spec_sent_for_another_model_is_refused() -> None:
     with pytest.raises(SpecError, match="names model 'churn' but was sent for 'fraud'"):
         parse_spec(json.dumps(churn_spec_data()), content_type="application/json", name="fraud")

@@ -1,0 +1,101 @@
+"""A drift policy an operator sets: every value it can hold is one the store can keep and the judgement
+can use; anything else is refused with a 422 that names the field, before Postgres is reached."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from contracts.monitoring import JENSEN_SHANNON_MAX, DriftTest
+from libs.http import create_app
+from services.monitoring import api
+from services.monitoring.domain import DriftPolicy
+from services.monitoring.settings import MonitoringSettings
+
+BIG = 10**20  # beyond the 64-bit integers of orjson, which writes the policy's jsonb
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"small_sample_max": BIG}, "less than or equal to 1000000000"),
+        ({"consecutive_windows": BIG}, "less than or equal to 1000"),
+        ({"feature_thresholds": {"a\x00": 0.1}}, "feature_thresholds: 'a\\x00' is not a feature name"),
+        ({"feature_tests": {"a\x00": "psi"}}, "feature_tests: 'a\\x00' is not a feature name"),
+        ({"feature_tests": {"": "psi"}}, "feature_tests: '' is not a feature name"),
+        ({"feature_thresholds": {"tenure": -1}}, "greater than 0"),
+        ({"feature_thresholds": {"tenure": 0}}, "greater than 0"),
+        # no test named: an alpha in small windows, a distance in large ones
+        ({"feature_thresholds": {"tenure": 7.5}}, "tenure: 7.5 is out of range: it is α in small windows"),
+        (
+            {"feature_thresholds": {"tenure": 1.0}, "feature_tests": {"tenure": "ks"}},
+            "tenure: 1 is out of range: it is the α of ks, so it must be in (0, 1)",
+        ),
+        (
+            {"feature_thresholds": {"plan": 0.9}, "feature_tests": {"plan": "jensen_shannon"}},
+            "it is the distance of jensen_shannon, so it must be in (0, 0.8326]",
+        ),
+        ({"jensen_shannon_threshold": 0.9}, "less than or equal to 0.83255"),
+    ],
+)
+def test_a_policy_the_store_or_the_judgement_could_not_use_is_refused(
+    fields: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        DriftPolicy.model_validate(fields)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "test"),
+    [
+        (0.01, DriftTest.KS),
+        (0.99, DriftTest.CHI2),
+        (JENSEN_SHANNON_MAX, DriftTest.JENSEN_SHANNON),
+        (7.5, DriftTest.WASSERSTEIN),  # distances without an upper end take any positive threshold
+        (2.0, DriftTest.PSI),
+        (0.5, None),
+    ],
+)
+def test_thresholds_in_their_tests_range_are_kept(threshold: float, test: DriftTest | None) -> None:
+    tests = {"tenure": test} if test is not None else {}
+    policy = DriftPolicy(feature_thresholds={"tenure": threshold}, feature_tests=tests)
+    assert policy.threshold_for("tenure", test or DriftTest.KS) == threshold
+    orjson.dumps(policy.model_dump(mode="json"))  # what the jsonb codec does
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = MonitoringSettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
+    app = create_app(settings, title="monitoring", description="", routers=[api.router])
+    # Neither can do anything: a body that got past validation would fail with a 500.
+    app.state.runtime = app.state.monitor = object()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitoring") as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"small_sample_max": BIG},
+        {"consecutive_windows": BIG},
+        {"feature_thresholds": {"a\x00": 0.1}},
+        {"feature_thresholds": {"tenure": -1}},
+        {"feature_thresholds": {"tenure": 7.5}},
+    ],
+)
+async def test_putting_such_a_policy_is_422_before_the_database(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    r = await client.put(
+        "/v1/models/churn/policy", json=body, headers={"Authorization": "Bearer dev-operator"}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("body")
