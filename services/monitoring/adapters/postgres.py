@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from contracts.common import ArtifactRef, ModelSignature
+from libs.logging import get_logger
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.ports import (
     LabelledRecord,
@@ -17,6 +19,8 @@ from services.monitoring.ports import (
     StoredStep,
     WindowState,
 )
+
+log = get_logger(__name__)
 
 
 def _labelled(r: asyncpg.Record) -> LabelledRecord:
@@ -90,7 +94,7 @@ class PgMonitoringStore:
 
     async def policy(self, model: str) -> DriftPolicy | None:
         raw = await self.conn.fetchval("SELECT policy FROM policies WHERE model = $1", model)
-        return DriftPolicy.model_validate(raw) if raw is not None else None
+        return _stored_policy(model, raw) if raw is not None else None
 
     async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
         await self.conn.execute(
@@ -103,7 +107,8 @@ class PgMonitoringStore:
 
     async def policies(self) -> dict[str, DriftPolicy]:
         rows = await self.conn.fetch("SELECT model, policy FROM policies")
-        return {r["model"]: DriftPolicy.model_validate(r["policy"]) for r in rows}
+        found = {r["model"]: _stored_policy(r["model"], r["policy"]) for r in rows}
+        return {model: policy for model, policy in found.items() if policy is not None}
 
     async def policies_fingerprint(self) -> str:
         # updated_at is the setting transaction's start: it differs between any two settings of a policy.
@@ -429,3 +434,17 @@ class PgMonitoringStore:
 def utc(ts: float) -> datetime:
     """Epoch seconds as an aware UTC datetime."""
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _stored_policy(model: str, raw: Any) -> DriftPolicy | None:
+    """A stored policy, or None (the defaults apply) when it breaks a rule added since it was set: one bad
+    row must not stop the service from judging every model."""
+    try:
+        return DriftPolicy.model_validate(raw)
+    except ValidationError as exc:
+        log.error(
+            "stored drift policy is no longer valid; the defaults apply until it is set again",
+            model=model,
+            error=" ".join(str(exc).splitlines()[:3]),
+        )
+        return None

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from contracts.monitoring import JENSEN_SHANNON_MAX, DriftTest
 from libs.http import create_app
 from services.monitoring import api
+from services.monitoring.adapters.postgres import _stored_policy
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.settings import MonitoringSettings
 
@@ -99,3 +100,10 @@ async def test_putting_such_a_policy_is_422_before_the_database(
     )
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("body")
+
+
+def test_a_stored_policy_that_breaks_a_newer_rule_gives_way_to_the_defaults() -> None:
+    """Rows set before a rule existed are read back: one bad row must not stop monitoring judging every
+    model (nor fail its policy reload in a loop)."""
+    assert _stored_policy("churn", {"feature_thresholds": {"tenure": -1}}) is None
+    assert _stored_policy("churn", {"alpha": 0.01}) == DriftPolicy(alpha=0.01)
