@@ -96,7 +96,7 @@ class StoredArtifact:
 
 def check_key(key: str) -> str:
     """Keys are hashes; anything else (a path, ``..``) is refused before it reaches the file system."""
-    if not _SHA256.match(key):
+    if not _SHA256.fullmatch(key):
         raise ArtifactNotFound(f"{key!r} is not an artifact key (64 lower-case hex digits)")
     return key
 

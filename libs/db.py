@@ -48,7 +48,7 @@ def migrations_in(folder: Path, *, source: str) -> list[Migration]:
 
 def check_schema_name(schema: str) -> str:
     """Schema names are interpolated into SQL, so only plain identifiers are allowed."""
-    if not _SCHEMA_NAME.match(schema):
+    if not _SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema name {schema!r} must be a lower-case identifier")
     return schema
 

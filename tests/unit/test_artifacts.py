@@ -65,7 +65,7 @@ def test_same_content_is_stored_once_under_its_sha256(store: ArtifactStore) -> N
 
 
 def test_keys_that_are_not_hashes_never_reach_the_file_system(store: ArtifactStore) -> None:
-    for key in ("../../etc/passwd", "ABC", "a" * 63, "/abs/path"):
+    for key in ("../../etc/passwd", "ABC", "a" * 63, "/abs/path", "a" * 64 + "\n"):
         with pytest.raises(ArtifactNotFound, match="not an artifact key"):
             store.get(key)
 
