@@ -121,9 +121,11 @@ def test_the_time_a_producer_keeps_working_after_the_load_counts_and_an_idle_one
     try:
         stopper = threading.Timer(0.5, busy.kill)
         stopper.start()
-        assert serving_bench.drain([busy.pid]) >= 0.4  # busy until killed 0.5 s later
+        # A low share counts as busy: on a loaded machine the loop gets less than the half core the bench
+        # asks of a producer, and this test is about following the process, not about the share.
+        assert serving_bench.drain([busy.pid], busy_share=0.1) >= 0.4  # busy until killed 0.5 s later
         stopper.join()
-        assert serving_bench.drain([idle.pid]) < 0.4
+        assert serving_bench.drain([idle.pid], busy_share=0.1) < 0.4
     finally:
         for proc in (busy, idle):
             proc.kill()
