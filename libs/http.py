@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -19,7 +20,15 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.auth import TokenStore
-from libs.errors import DomainError
+from libs.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from libs.settings import ServiceSettings
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
@@ -89,8 +98,41 @@ class RequestLimits:
 
 
 async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
-    response = JSONResponse({"detail": detail, "code": code}, status_code=status)
+    response = JSONResponse(error_body(detail, code), status_code=status)
     await response({"type": "http"}, _empty_receive, send)
+
+
+def error_body(message: str, code: str, **extra: Any) -> dict[str, Any]:
+    """Every error answer's body: ``error`` (what Open Inference Protocol clients read) and ``detail`` (what
+    FastAPI's clients read) both hold the message, ``code`` names the kind, ``extra`` adds details."""
+    body = {"error": message, "detail": message, "code": code, **extra}
+    return {k: _sendable(v) if isinstance(v, str) else v for k, v in body.items()}
+
+
+def _sendable(text: str) -> str:
+    """``text``, with any lone surrogate written out as its escape, six characters. Python's json reader lets
+    one into a request (``"\\ud800"``), and so into a message naming what was wrong; UTF-8 has no form for it,
+    and the answer could not be sent."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+_CODES = {
+    e.status: e.code for e in (NotFound, Conflict, InvalidInput, PayloadTooLarge, Unauthorized, Forbidden)
+}
+
+
+def _http_code(status: int) -> str:
+    """The ``code`` of an HTTP error that FastAPI or Starlette raise themselves (404 for an unknown path)."""
+    try:
+        return _CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "-")
+    except ValueError:
+        return "error"
 
 
 class _TooLarge(BaseException):
@@ -218,21 +260,42 @@ def create_app(
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(
-            {"detail": exc.message, "code": exc.code, **exc.extra}, status_code=exc.status, headers=headers
+            error_body(exc.message, exc.code, **exc.extra), status_code=exc.status, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "json_invalid":
+            # FastAPI's own message is "JSON decode error" at "body.<offset>"; say what the reader said.
+            ctx = first.get("ctx")
+            why = ctx.get("error", "") if isinstance(ctx, dict) else ""
+            message = f"the request body is not JSON: {why} (at character {where.removeprefix('body.')})"
+        else:
+            message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:20]]
+        return JSONResponse(error_body(message, "invalid-input", errors=details), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError):
+            # FastAPI's "There was an error parsing the body" for what its JSON reader raised besides a
+            # syntax error: say which.
+            message = (
+                "the JSON body is nested too deeply"
+                if isinstance(cause, RecursionError)
+                else f"the request body is not JSON: {cause}"
+            )
+            return JSONResponse(error_body(message, "invalid-input"), status_code=422)
         return JSONResponse(
-            {
-                "detail": f"{where}: {first['msg']}" if where else str(first["msg"]),
-                "code": "invalid-input",
-                "errors": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:20]],
-            },
-            status_code=422,
+            error_body(str(exc.detail), _http_code(exc.status_code)),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.get("/health/live", tags=["health"], summary="The process is up.")

@@ -7,6 +7,7 @@ parsing would cost more than the prediction. Inputs are checked against the mode
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Annotated, Any, cast
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import Histogram
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import FeatureType, Label, ModelName, ModelVersion
@@ -24,17 +26,20 @@ from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
-from libs.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unauthorized
+from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 from libs.http import Text, json_body
 from services.serving.domain import (
     ModelRoute,
+    check_entity_keys,
     columns_from_records,
     columns_from_tensors,
+    json_kind,
     parse_json,
     parse_prediction_id,
     read_json,
     tensor_rows,
     tensors_from_json,
+    text_problem,
 )
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
 from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody
@@ -241,12 +246,16 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise InvalidInput("the request must be a JSON object with 'inputs'", reason="wrong-type")
+    _refuse_unknown_members(body, _INFER_MEMBERS)
+    request_id = _text_member(body.get("id"), "id")
+    params = body.get("parameters")
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        raise InvalidInput(f"parameters must be an object, not {json_kind(params)}", reason="wrong-type")
+    key = _text_member(params.get("entity_key"), "parameters.entity_key")
     tensors = tensors_from_json(body.get("inputs"))
     rows = tensor_rows(tensors)
-    params = body.get("parameters") or {}
-    key = params.get("entity_key") if isinstance(params, dict) else None
-    if key is not None and not isinstance(key, str | int):
-        raise InvalidInput("parameters.entity_key must be a string", reason="wrong-type")
     wanted = _requested_outputs(body.get("outputs"))
     result = ctx.predictor.predict(
         PredictRequest(
@@ -254,29 +263,67 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
             rows=rows,
             parse=lambda sig, idx: columns_from_tensors(sig, tensors, idx),
             # One key (or one random draw) for the whole request: one version answers an OIP request.
-            entity_keys=[str(key) if key is not None else None] * rows,
+            entity_keys=[key] * rows,
             version=version,
         )
     )
-    return _json(_infer_response(name, body.get("id"), result, wanted))
+    return _json(_infer_response(name, request_id, result, wanted))
+
+
+_INFER_MEMBERS = frozenset({"id", "parameters", "inputs", "outputs"})
+"""What an Open Inference Protocol inference request holds (its JSON form; the binary extension aside)."""
+
+
+def _refuse_unknown_members(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    if len(body) > len(allowed) or not body.keys() <= allowed:
+        unknown = sorted(body.keys() - allowed)
+        raise InvalidInput(
+            f"unknown member {unknown[0]!r} in the request body (it may hold {', '.join(sorted(allowed))})",
+            reason="unknown",
+        )
+
+
+def _text_member(value: Any, where: str) -> str | None:
+    """An optional string member of the request (null: absent), holding text; 422 naming it otherwise."""
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise InvalidInput(f"{where} must be a string, not {json_kind(value)}", reason="wrong-type")
+    problem = text_problem(value)
+    if problem is not None:
+        raise InvalidInput(f"{where} {problem}", reason="invalid-text")
+    return value
+
+
+_OUTPUTS = ("predict", "predict_proba")
 
 
 def _requested_outputs(outputs: Any) -> set[str]:
-    known = {"predict", "predict_proba"}
     if outputs is None:
-        return known
+        return set(_OUTPUTS)
     if not isinstance(outputs, list):
         raise InvalidInput("outputs must be a list of {name}", reason="wrong-type")
-    names = {o.get("name") for o in outputs if isinstance(o, dict)}
-    unknown = sorted(str(n) for n in names - known)
-    if unknown:
-        raise InvalidInput(
-            f"unknown output {unknown[0]!r}; outputs: predict, predict_proba", reason="unknown"
-        )
-    return {str(n) for n in names}
+    names = set()
+    for i, output in enumerate(outputs):
+        if not isinstance(output, dict):
+            raise InvalidInput(
+                f"outputs[{i}] must be an object with a name, not {json_kind(output)}", reason="wrong-type"
+            )
+        name = output.get("name")
+        if name is None:
+            raise InvalidInput(f"outputs[{i}] has no name (predict or predict_proba)", reason="missing")
+        if name not in _OUTPUTS:
+            shown = repr(name) if type(name) is str else json_kind(name)
+            raise InvalidInput(
+                f"outputs[{i}]: unknown output {shown}; outputs: predict, predict_proba", reason="unknown"
+            )
+        names.add(name)
+    return names
 
 
-def _infer_response(name: str, request_id: Any, result: PredictResult, wanted: set[str]) -> dict[str, Any]:
+def _infer_response(
+    name: str, request_id: str | None, result: PredictResult, wanted: set[str]
+) -> dict[str, Any]:
     version = result.versions[0]
     n = len(result.labels)
     outputs: list[dict[str, Any]] = []
@@ -293,7 +340,7 @@ def _infer_response(name: str, request_id: Any, result: PredictResult, wanted: s
     return {
         "model_name": name,
         "model_version": str(version),
-        "id": str(request_id) if request_id is not None else result.request_id,
+        "id": request_id if request_id is not None else result.request_id,
         "parameters": {
             "variant": result.variants[0].value,
             "request_id": result.request_id,
@@ -350,6 +397,8 @@ async def predict(name: str, request: Request) -> Response:
     body, strict = parse_json(raw)
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
         raise InvalidInput("the request must be a JSON object with a 'records' list", reason="wrong-type")
+    if len(body) > 1:
+        _refuse_unknown_members(body, _PREDICT_MEMBERS)
     records: list[Any] = body["records"]
     keys = body.get("entity_keys")
     if keys is None:
@@ -359,7 +408,7 @@ async def predict(name: str, request: Request) -> Response:
             "entity_keys must be a list with one key (or null) per record", reason="wrong-shape"
         )
     else:
-        entity_keys = [None if k is None else str(k) for k in keys]
+        entity_keys = check_entity_keys(keys)
     result = ctx.predictor.predict(
         PredictRequest(
             model=name,
@@ -378,6 +427,9 @@ async def predict(name: str, request: Request) -> Response:
     response = _json({"model": name, "request_id": result.request_id, "predictions": _predictions(result)})
     REQUEST_SECONDS.labels(name, "v1").observe(time.perf_counter() - started)
     return response
+
+
+_PREDICT_MEMBERS = frozenset(PredictBody.model_fields)
 
 
 def _predictions(result: PredictResult) -> list[dict[str, Any]]:
@@ -424,13 +476,40 @@ def _predictions(result: PredictResult) -> list[dict[str, Any]]:
     return predictions
 
 
+def _check_label(value: Any) -> Any:
+    """A label as sent, if it is one (contracts.common.Label): a string holding text, an integer, a finite
+    number or a boolean. One message for every other value, where a union of those types would give one per
+    member ("label.bool: Input should be a valid boolean")."""
+    t = type(value)
+    if t is str:
+        problem = text_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("label_text", "the label {problem}", {"problem": problem})
+    elif t is int or t is float:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond a double's range: no consumer could read it as a number
+            finite = False
+        if not finite:
+            raise PydanticCustomError("label_finite", "a numeric label must be a finite number")
+    elif t is not bool:
+        raise PydanticCustomError(
+            "label_type",
+            "must be a string, integer, number or boolean, not {kind}",
+            {"kind": json_kind(value)},
+        )
+    return value
+
+
 class FeedbackCreate(BaseModel):
     """A ground-truth label for an earlier prediction."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prediction_id: Text = Field(min_length=1, description="The id the predict response gave.")
-    label: Label = Field(description="The true class label or value.")
+    label: Annotated[Label, PlainValidator(_check_label, json_schema_input_type=Label)] = Field(
+        description="The true class label or value: a string, integer, finite number or boolean."
+    )
     observed_at: AwareDatetime | None = Field(
         default=None, description="When the outcome was observed; now if absent."
     )
@@ -445,9 +524,6 @@ class FeedbackAccepted(BaseModel):
     event_ids: list[str] = Field(description="The GroundTruthReceived events, one per label.")
 
 
-_FEEDBACK = TypeAdapter(FeedbackCreate | list[FeedbackCreate])
-
-
 @router.post(
     "/v1/feedback",
     tags=["predict"],
@@ -458,17 +534,20 @@ _FEEDBACK = TypeAdapter(FeedbackCreate | list[FeedbackCreate])
 )
 async def feedback(request: Request, ctx: ContextDep, principal: PredictDep) -> Response:
     body = await _json_body(request)
-    try:
-        parsed = _FEEDBACK.validate_python(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(f"{where}: {first['msg']}", reason="invalid-feedback") from exc
-    items = parsed if isinstance(parsed, list) else [parsed]
-    if not items:
+    if isinstance(body, dict):
+        raw_items: list[Any] = [body]
+    elif isinstance(body, list):
+        raw_items = body
+    else:
+        raise InvalidInput(
+            f"the body must be a feedback object or a list of them, not {json_kind(body)}",
+            reason="wrong-type",
+        )
+    if not raw_items:
         raise InvalidInput("no feedback items", reason="empty")
-    if len(items) > ctx.max_feedback_items:
+    if len(raw_items) > ctx.max_feedback_items:
         raise InvalidInput(f"at most {ctx.max_feedback_items} feedback items per request", reason="too-many")
+    items = [_feedback_item(i, raw) for i, raw in enumerate(raw_items)]
     events: list[CloudEvent[Any]] = []
     now = datetime.now(UTC)
     known: dict[str, bool] = {}
@@ -477,29 +556,63 @@ async def feedback(request: Request, ctx: ContextDep, principal: PredictDep) -> 
         model = item.model or (named[0] if named else None)
         if model is None:
             raise InvalidInput(
-                f"[{i}].prediction_id {item.prediction_id!r} is not a driftloop prediction id; "
-                "send 'model' too",
+                f"[{i}].prediction_id {item.prediction_id!r} is not a driftloop prediction id "
+                "(<model>:<version>:<token>-<row>, the version an integer from 1 to 2147483647); "
+                "send 'model' too for another system's id",
                 reason="unknown-prediction-id",
+                item=i,
             )
         if named is not None and item.model is not None and named[0] != item.model:
-            raise InvalidInput(f"[{i}]: prediction {item.prediction_id!r} was made by model {named[0]!r}")
+            raise InvalidInput(
+                f"[{i}].model: prediction {item.prediction_id!r} was made by model {named[0]!r}, "
+                f"not {item.model!r}",
+                reason="invalid-feedback",
+                item=i,
+            )
         if model not in known:
             known[model] = model in ctx.state.table.models or await ctx.read_route(model) is not None
         if not known[model]:
             raise NotFound(f"[{i}]: model {model!r} is not known to serving")
-        payload = GroundTruthReceived(
-            prediction_id=item.prediction_id,
-            model=model,
-            model_version=named[1] if named else None,
-            label=item.label,
-            observed_at=item.observed_at or now,
-            entity_key=item.entity_key,
-        )
+        try:
+            payload = GroundTruthReceived(
+                prediction_id=item.prediction_id,
+                model=model,
+                model_version=named[1] if named else None,
+                label=item.label,
+                observed_at=item.observed_at or now,
+                entity_key=item.entity_key,
+            )
+        except ValidationError as exc:  # the checks above should leave nothing for the event to refuse
+            raise _feedback_error(i, exc) from exc
         events.append(new_event(payload, source=ctx.source, actor=principal.actor))
     async with ctx.begin() as tx:
         for event in events:
             await tx.publish(event)
     return _json({"accepted": len(events), "event_ids": [e.id for e in events]}, 202)
+
+
+def _feedback_item(i: int, raw: Any) -> FeedbackCreate:
+    """Item ``i`` of a feedback body, validated; 422 naming the item and its field otherwise."""
+    if not isinstance(raw, dict):
+        raise InvalidInput(
+            f"[{i}] must be an object with prediction_id and label, not {json_kind(raw)}",
+            reason="invalid-feedback",
+            item=i,
+        )
+    try:
+        return FeedbackCreate.model_validate(raw)
+    except ValidationError as exc:
+        raise _feedback_error(i, exc) from exc
+
+
+def _feedback_error(i: int, exc: ValidationError) -> InvalidInput:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return InvalidInput(
+        f"[{i}].{where}: {first['msg']}" if where else f"[{i}]: {first['msg']}",
+        reason="invalid-feedback",
+        item=i,
+    )
 
 
 # --- rollout state and operator commands ----------------------------------------------------------------
@@ -563,10 +676,14 @@ class RollbackCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_version: ModelVersion | None = Field(
-        default=None, description="Version to take off traffic; default: the live canary, else production."
+        default=None,
+        strict=True,
+        description="Version to take off traffic; default: the live canary, else production.",
     )
     to_version: ModelVersion | None = Field(
-        default=None, description="For a production rollback: the version to serve instead."
+        default=None,
+        strict=True,
+        description="For a production rollback: the version to serve instead (default: the previous stable).",
     )
     reason: Text = Field(min_length=1, description="Why, for the audit trail.")
 
@@ -577,7 +694,10 @@ class PromoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_version: ModelVersion | None = Field(
-        default=None, description="Version to promote; default: the live canary."
+        default=None,
+        strict=True,
+        description="Version to promote: the live canary (the default). Another registered version is "
+        "promoted through the registry, which knows them all.",
     )
     reason: Text = Field(min_length=1, description="Why, for the audit trail.")
 
@@ -609,17 +729,43 @@ async def request_rollback(
     route = await ctx.read_route(name)
     if route is None:
         raise NotFound(f"model {name!r} is not known to serving")
+    # What the routing state shows would change nothing is refused here; the handler checks again, against
+    # the state when the command arrives (and that the target version exists and loads).
     live = route.active
-    allowed = [v for v in ((live.canary_version if live else None), route.stable_version) if v is not None]
+    # While a canary is live only it can go; production's turn comes after (the handler's rule).
+    if live is not None:
+        allowed = [live.canary_version]
+    else:
+        allowed = [route.stable_version] if route.stable_version is not None else []
     version = body.model_version or (live.canary_version if live else route.stable_version)
+    if live is not None and version is not None and version == route.stable_version:
+        raise Conflict(
+            f"rollout {live.rollout_id} of {name!r} is live: roll back its canary (version "
+            f"{live.canary_version}) first, then the production version {version}",
+            allowed=allowed,
+        )
     if version is None or version not in allowed:
         raise Conflict(
             f"version {version} of {name!r} is not serving; it can roll back {allowed}", allowed=allowed
         )
-    if live is None and body.to_version is None and route.previous_stable_version is None:
+    if live is not None and body.to_version is not None:
         raise Conflict(
-            f"{name!r} has no earlier version to go back to: name one with to_version", allowed=allowed
+            f"to_version is for a production rollback: rolling back the canary (version {version}) of "
+            f"{name!r} gives its traffic back to the stable version {route.stable_version}",
+            allowed=allowed,
         )
+    if live is None:
+        target = body.to_version if body.to_version is not None else route.previous_stable_version
+        if target is None:
+            raise Conflict(
+                f"{name!r} has no earlier version to go back to: name one with to_version", allowed=allowed
+            )
+        if target == version:
+            raise Conflict(
+                f"version {version} of {name!r} is the version being rolled back: to_version must name "
+                "another one",
+                allowed=allowed,
+            )
     payload = RollbackRequested(
         model=name, model_version=version, to_version=body.to_version, reason=body.reason
     )
@@ -636,25 +782,27 @@ async def request_promote(
     if route is None:
         raise NotFound(f"model {name!r} is not known to serving")
     live = route.active
+    allowed = [live.canary_version] if live else []
     version = body.model_version or (live.canary_version if live else None)
     if version is None:
-        raise Conflict(f"{name!r} has no live canary: name the version to promote", allowed=[])
+        raise Conflict(f"{name!r} has no live canary to promote", allowed=allowed)
     if version == route.stable_version:
-        raise Conflict(f"version {version} of {name!r} is already stable", allowed=[])
+        raise Conflict(f"version {version} of {name!r} is already stable", allowed=allowed)
+    if live is None or version != live.canary_version:
+        # Serving knows the versions its routes name, not every registered one: those the registry promotes
+        # (its endpoint checks that the version exists and may be promoted).
+        canary = f"the live canary is version {live.canary_version}" if live else "no canary is live"
+        raise Conflict(
+            f"version {version} of {name!r} is not loaded here ({canary}): this endpoint promotes the live "
+            f"canary; promote another registered version through the registry "
+            f"(POST /v1/models/{name}/versions/{version}/promote)",
+            allowed=allowed,
+        )
     payload = PromoteRequested(model=name, model_version=version, reason=body.reason)
     return await _accepted(ctx, new_event(payload, source=ctx.source, actor=principal.actor))
 
 
-async def _domain_error(_: Request, exc: Exception) -> Response:
-    """Errors carry ``error`` (what Open Inference Protocol clients read) besides ``detail`` and ``code``."""
-    assert isinstance(exc, DomainError)
-    response = _json({"error": exc.message, "detail": exc.message, "code": exc.code, **exc.extra}, exc.status)
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
 def mount(app: FastAPI, ctx: ServingContext) -> None:
-    """Give the routes their context and the error shape both protocols' clients understand."""
+    """Give the routes their context. Their errors have the shape both protocols' clients understand, as
+    every service's do (``libs.http.error_body``)."""
     app.state.serving = ctx
-    app.add_exception_handler(DomainError, _domain_error)

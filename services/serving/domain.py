@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from contracts.common import FeatureType, ModelSignature
+from contracts.common import VERSION_MAX, FeatureType, ModelSignature
 from contracts.envelope import EventPayload
 from contracts.predictions import Variant
 from contracts.rollouts import (
@@ -549,11 +550,17 @@ def prediction_ids(model: str, version: int, request_token: str, rows: Iterable[
 
 
 def parse_prediction_id(pid: str) -> tuple[str, int] | None:
-    """The (model, version) a prediction id names, or None when it is not one of ours."""
+    """The (model, version) a prediction id names, or None when it is not one of ours: ours have a version
+    of ASCII digits from 1 to 2^31 - 1 (``str.isdigit`` would also take '²' or '١', which ``int`` refuses or
+    reads as another number)."""
     parts = pid.split(":")
-    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
+    if len(parts) != 3 or not parts[0] or not parts[2]:
         return None
-    return parts[0], int(parts[1])
+    digits = parts[1]
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(VERSION_MAX)):
+        return None
+    version = int(digits)
+    return (parts[0], version) if 1 <= version <= VERSION_MAX else None
 
 
 # --- inputs against the signature ---------------------------------------------------------------------
@@ -562,11 +569,22 @@ def parse_prediction_id(pid: str) -> tuple[str, int] | None:
 #   * null (and NaN, which only non-standard JSON can carry) is a missing value: the model's imputer
 #     handles it, and the prediction log records null;
 #   * +/-Infinity is refused with 422 naming the feature: no imputer or scaler gives it a meaning;
+#   * so is a finite number beyond float32's range (FLOAT32_MAX), integers included: see there;
 #   * an absent feature or an unknown one is refused (422), so a typo never silently becomes "missing";
 #   * a category the model has not seen is allowed (the pipeline's encoder ignores it), counted in the
-#     metric driftloop_serving_unseen_categories_total and left for monitoring to judge.
+#     metric driftloop_serving_unseen_categories_total and left for monitoring to judge; unless it is no
+#     text (a NUL character, a lone surrogate) or an integer beyond 64 bits, which nothing downstream stores.
 
 MISSING = float("nan")
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32 (``numpy.finfo(numpy.float32).max``): numeric inputs beyond it are refused. The
+compiled engine computes in float32, where such a value is infinity (its answer would be NaN or whatever
+infinity makes of it), and the pipeline's answer would be an accident of float64 arithmetic far outside any
+training data; refusing them keeps both engines' answers the same and meaningful."""
+
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
 
 _NUMERIC_TENSOR = frozenset(
     {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
@@ -588,17 +606,67 @@ def _bad(feature: str, reason: str, message: str, row: int | None = None) -> Inv
     return InvalidInput(f"feature {feature!r}{where}: {message}", feature=feature, reason=reason, row=row)
 
 
+def _bad_tensor(name: str, reason: str, message: str, row: int | None = None) -> InvalidInput:
+    where = f" (row {row})" if row is not None else ""
+    return InvalidInput(f"input tensor {name!r}{where}: {message}", feature=name, reason=reason, row=row)
+
+
+def text_problem(value: str) -> str | None:
+    """What keeps a string from being stored and sent as text, or None: a NUL character (PostgreSQL's text
+    and jsonb refuse it) or a lone surrogate (it has no UTF-8 form; orjson refuses one, but Python's json,
+    which reads the bodies with NaN literals, lets ``"\\ud800"`` through)."""
+    if "\x00" in value:
+        return "holds a NUL character (\\u0000), which cannot be stored"
+    if not value.isascii():  # a flag on the string: O(1)
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not valid text"
+    return None
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, for messages: a string with its start, anything else by kind only (a list or an
+    object could be megabytes, or nested too deeply to print)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return f"a string ({value!r})" if len(value) <= 40 else f"a string ({value[:40]!r}...)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _beyond_float32(feature: str, row: int) -> InvalidInput:
+    return _bad(
+        feature,
+        "out-of-range",
+        f"the value is beyond float32's range (magnitude at most {FLOAT32_MAX:.8g}), where models compute; "
+        "send a smaller number",
+        row,
+    )
+
+
 _NUMBER_TYPES = frozenset({float, int, bool})
 
 
+def _within(numbers: list[Any], limit: float) -> bool:
+    """Whether every number is in [-limit, limit] (two passes in C; see _check_numeric about NaN)."""
+    return not numbers or (-limit <= min(numbers) and max(numbers) <= limit)
+
+
 def _check_numeric(name: str, values: list[Any]) -> list[Any]:
-    # The common case, all numbers and none infinite, checked at C speed; anything else takes the loop.
-    if _NUMBER_TYPES.issuperset(map(type, values)):
-        try:
-            if not any(map(math.isinf, values)):
-                return values
-        except OverflowError:  # an integer beyond float range: the loop lets it through as before
-            pass
+    # The common case, all numbers and within float32's range (so none infinite), checked at C speed; anything
+    # else takes the loop. min() and max() keep a NaN that comes first, which fails the comparison and takes
+    # the loop, and pass over one anywhere else: they never let a value through unchecked.
+    if _NUMBER_TYPES.issuperset(map(type, values)) and _within(values, FLOAT32_MAX):
+        return values
     out = values
     for i, v in enumerate(values):
         t = type(v)
@@ -609,14 +677,19 @@ def _check_numeric(name: str, values: list[Any]) -> list[Any]:
                 raise _bad(
                     name, "infinite", "infinity is not a value a model can use; send a finite number", i
                 )
-        elif t is int or t is bool:
+            if abs(v) > FLOAT32_MAX:
+                raise _beyond_float32(name, i)
+        elif t is int:
+            if abs(v) > FLOAT32_MAX:  # an exact comparison: no integer is too large for it
+                raise _beyond_float32(name, i)
+        elif t is bool:
             continue
         elif v is None:
             if out is values:
                 out = list(values)
             out[i] = MISSING
         else:
-            raise _bad(name, "wrong-type", f"expected a number, got {type(v).__name__} {v!r}", i)
+            raise _bad(name, "wrong-type", f"expected a number, got {json_kind(v)}", i)
     return out
 
 
@@ -626,8 +699,17 @@ def _check_categorical(name: str, values: list[Any], known: frozenset[Any] | Non
     for i, v in enumerate(values):
         t = type(v)
         if t is str or t is int or t is bool:
-            if known is not None and v not in known:
-                unseen += 1
+            # A category of the signature is fit by construction (it came through JSON and Postgres); only
+            # another value can hold what nothing downstream stores.
+            if known is None or v not in known:
+                if known is not None:
+                    unseen += 1
+                if t is str:
+                    problem = text_problem(v)
+                    if problem is not None:
+                        raise _bad(name, "invalid-text", problem, i)
+                elif t is int and not _INT64_MIN <= v <= _UINT64_MAX:
+                    raise _bad(name, "out-of-range", "an integer category must fit in 64 bits", i)
             continue
         if v is None or (t is float and v != v):
             if out is values:
@@ -635,7 +717,7 @@ def _check_categorical(name: str, values: list[Any], known: frozenset[Any] | Non
             out[i] = MISSING
             continue
         raise _bad(
-            name, "wrong-type", f"expected a category (string, integer or boolean), got {type(v).__name__}", i
+            name, "wrong-type", f"expected a category (string, integer or boolean), got {json_kind(v)}", i
         )
     return out, unseen
 
@@ -688,15 +770,28 @@ def columns_from_records(signature: ModelSignature, records: Sequence[Any]) -> F
     return _check_columns(signature, raw, len(records))
 
 
-def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        flat: list[Any] = []
-        for part in data:
-            flat.extend(_flatten(part))
-        return flat
-    if not isinstance(data, list):
-        return [data]
-    return data
+_NONE = type(None)
+
+
+def check_entity_keys(keys: list[Any]) -> list[str | None]:
+    """The v1 ``entity_keys`` (one per record): strings or null, holding text (they go to the prediction log
+    and on to monitoring's tables); 422 naming the first that is not."""
+    if {str, _NONE}.issuperset(map(type, keys)):
+        # Every key's characters at once, in C: the common case costs one join.
+        text = "".join(filter(None, keys))
+        if text_problem(text) is None:
+            return keys
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        if type(key) is not str:
+            raise InvalidInput(
+                f"entity_keys[{i}] must be a string or null, not {json_kind(key)}", reason="wrong-type"
+            )
+        problem = text_problem(key)
+        if problem is not None:
+            raise InvalidInput(f"entity_keys[{i}] {problem}", reason="invalid-text")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -709,24 +804,136 @@ class Tensor:
     data: list[Any]
 
 
+def _tensor_values(name: str, data: Any, shape: list[int]) -> list[Any]:
+    """A tensor's values in row-major order. The protocol's JSON ``data`` is flat, or nested exactly as the
+    shape: any other nesting (deeper than the shape, ragged, a scalar) is refused naming the tensor, without
+    recursion however deep it goes."""
+    if type(data) is not list:
+        raise _bad_tensor(name, "wrong-shape", f"data must be a list of values, not {json_kind(data)}")
+    if not data or type(data[0]) is not list:
+        return data  # flat; a list further on is refused with the values (_check_datatype)
+    if len(shape) < 2:
+        raise _nested(name, shape)
+    level: list[Any] = data
+    for size in shape[1:]:
+        inner: list[Any] = []
+        for part in level:
+            if type(part) is not list or len(part) != size:
+                raise _nested(name, shape)
+            inner.extend(part)
+        level = inner
+    return level
+
+
+def _nested(name: str, shape: list[int]) -> InvalidInput:
+    return _bad_tensor(
+        name,
+        "wrong-shape",
+        f"data is nested unevenly or more deeply than its shape {shape}: send it flat or nested as the shape",
+    )
+
+
+_INT_RANGES = {
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (_INT64_MIN, 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, _UINT64_MAX),
+}
+_FLOAT_LIMITS = {"FP16": 65504.0, "FP32": FLOAT32_MAX, "FP64": sys.float_info.max}
+
+
+def _check_datatype(name: str, datatype: str, values: list[Any]) -> None:
+    """Refuse a value that does not fit the tensor's declared datatype, naming the tensor and the row:
+    BYTES holds strings, BOOL JSON booleans, the integer types integers (integral numbers) in their range,
+    FP16/FP32/FP64 numbers in their finite range; no numeric type holds a boolean or a string. A missing
+    value (null, NaN) fits any datatype, and an infinity is left to the feature's check (reason
+    ``infinite``)."""
+    kinds = set(map(type, values))
+    present = values
+    if _NONE in kinds:
+        kinds.discard(_NONE)
+        present = [v for v in values if v is not None]
+    # The common cases at C speed; anything else, or any doubt (a NaN first in min or max), takes the loop.
+    if datatype == "BYTES":
+        fits = kinds <= {str}
+    elif datatype == "BOOL":
+        fits = kinds <= {bool}
+    elif datatype in _INT_RANGES:
+        low, high = _INT_RANGES[datatype]
+        fits = kinds <= {int} and (not present or (low <= min(present) and max(present) <= high))
+    else:
+        fits = kinds <= {int, float} and _within(present, _FLOAT_LIMITS[datatype])
+    if fits:
+        return
+    for i, v in enumerate(values):
+        unfit = _unfit(datatype, v)
+        if unfit is not None:
+            raise _bad_tensor(name, unfit[0], unfit[1], i)
+
+
+def _unfit(datatype: str, v: Any) -> tuple[str, str] | None:
+    """(reason, message) when one value does not fit ``datatype``; see :func:`_check_datatype`."""
+    t = type(v)
+    if v is None or (t is float and (v != v or math.isinf(v))):
+        return None
+    if t is list:
+        return (
+            "wrong-shape",
+            "data is nested more deeply than its shape: send it flat, or nested as the shape",
+        )
+    if datatype == "BYTES":
+        return None if t is str else ("wrong-type", f"BYTES holds strings, not {json_kind(v)}")
+    if datatype == "BOOL":
+        return None if t is bool else ("wrong-type", f"BOOL holds true or false, not {json_kind(v)}")
+    if t is not int and t is not float:
+        return "wrong-type", f"{datatype} holds numbers, not {json_kind(v)}"
+    if datatype in _INT_RANGES:
+        if t is float and not v.is_integer():
+            return "wrong-type", f"{datatype} holds integers, not {v!r}"
+        low, high = _INT_RANGES[datatype]
+        if not low <= v <= high:
+            return "out-of-range", f"the value is outside {datatype}'s range [{low}, {high}]"
+        return None
+    limit = _FLOAT_LIMITS[datatype]
+    if abs(v) > limit:
+        return "out-of-range", f"the value is beyond {datatype}'s range (magnitude at most {limit:.8g})"
+    return None
+
+
 def tensors_from_json(inputs: Any) -> list[Tensor]:
-    """The request's ``inputs`` -> tensors, refusing malformed ones with 422."""
+    """The request's ``inputs`` -> tensors, refusing malformed ones with 422 (the shape, the nesting of the
+    data), and a tensor given twice."""
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("inputs must be a non-empty list of tensors", reason="wrong-type")
     tensors = []
+    names: set[str] = set()
     for i, t in enumerate(inputs):
         if not isinstance(t, dict):
             raise InvalidInput(f"inputs[{i}] must be an object", reason="wrong-type")
         name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}].name must be a feature name", reason="wrong-type")
+        if name in names:
+            raise InvalidInput(f"input tensor {name!r} is given twice", feature=name, reason="duplicate")
+        names.add(name)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _bad(name, "wrong-shape", "shape must be a list of non-negative integers")
+            raise _bad_tensor(name, "wrong-shape", "shape must be a list of non-negative integers")
         if not isinstance(datatype, str):
-            raise _bad(name, "wrong-type", "datatype must be a string such as FP64, INT64 or BYTES")
+            raise _bad_tensor(name, "wrong-type", "datatype must be a string such as FP64, INT64 or BYTES")
         if "data" not in t:
-            raise _bad(name, "wrong-type", "has no JSON data (the binary tensor extension is not supported)")
-        tensors.append(Tensor(name, shape, datatype.upper(), _flatten(t["data"])))
+            raise _bad_tensor(
+                name, "wrong-type", "has no JSON data (the binary tensor extension is not supported)"
+            )
+        parameters = t.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _bad_tensor(
+                name, "wrong-type", f"parameters must be an object, not {json_kind(parameters)}"
+            )
+        tensors.append(Tensor(name, shape, datatype.upper(), _tensor_values(name, t["data"], shape)))
     return tensors
 
 
@@ -735,20 +942,21 @@ def tensor_rows(tensors: Sequence[Tensor]) -> int:
     rows: int | None = None
     for t in tensors:
         if len(t.shape) == 0 or len(t.shape) > 2 or (len(t.shape) == 2 and t.shape[1] != 1):
-            raise _bad(t.name, "wrong-shape", f"shape {t.shape}: one value per row, [n] or [n, 1]")
+            raise _bad_tensor(t.name, "wrong-shape", f"shape {t.shape}: one value per row, [n] or [n, 1]")
         if len(t.data) != t.shape[0]:
-            raise _bad(t.name, "wrong-shape", f"shape {t.shape} but {len(t.data)} values")
+            raise _bad_tensor(t.name, "wrong-shape", f"shape {t.shape} but {len(t.data)} values")
         if rows is None:
             rows = t.shape[0]
         elif t.shape[0] != rows:
-            raise _bad(t.name, "wrong-shape", f"has {t.shape[0]} rows, other inputs have {rows}")
+            raise _bad_tensor(t.name, "wrong-shape", f"has {t.shape[0]} rows, other inputs have {rows}")
     return rows or 0
 
 
 def columns_from_tensors(
     signature: ModelSignature, tensors: Sequence[Tensor], rows: Sequence[int] | None = None
 ) -> FeatureColumns:
-    """Tensors (one per feature) -> checked columns, optionally only some rows."""
+    """Tensors (one per feature) -> checked columns, optionally only some rows; each value is checked
+    against its tensor's datatype as well as against the feature."""
     by_name = {t.name: t for t in tensors}
     names = [f.name for f in signature.features]
     for t in tensors:
@@ -767,6 +975,7 @@ def columns_from_tensors(
                 f"datatype {tensor.datatype} does not fit a {spec.type.value} feature "
                 f"(use one of {', '.join(sorted(allowed))})",
             )
+        _check_datatype(spec.name, tensor.datatype, tensor.data)
         raw[spec.name] = tensor.data if rows is None else [tensor.data[i] for i in rows]
     n = len(next(iter(raw.values()))) if raw else 0
     return _check_columns(signature, raw, n)
@@ -801,6 +1010,9 @@ def parse_json(body: bytes) -> tuple[Any, bool]:
         return json.loads(body), False
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not JSON: {exc}", reason="not-json") from exc
+    except RecursionError as exc:
+        # orjson stops at 1024 levels; Python's json recurses until the interpreter's limit.
+        raise InvalidInput("the JSON body is nested too deeply", reason="too-deep") from exc
 
 
 @dataclass(frozen=True)

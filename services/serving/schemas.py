@@ -25,7 +25,8 @@ class PredictBody(BaseModel):
 
     records: list[dict[str, FeatureValue]] = Field(
         description="One object per row: every feature of the model's signature by name. null (or NaN) is a "
-        "missing value; +/-Infinity, an absent or an unknown feature is refused with 422.",
+        "missing value; +/-Infinity, a number beyond float32's range, an absent or an unknown feature is "
+        "refused with 422.",
         examples=[[{"tenure_months": 12, "monthly_charges": 70.5, "contract": "monthly"}]],
     )
     entity_keys: list[str | None] | None = Field(
@@ -59,7 +60,9 @@ class InferInput(BaseModel):
     name: str = Field(description="Feature name.")
     shape: list[int] = Field(description="[rows] or [rows, 1].")
     datatype: Datatype = Field(description="Open Inference Protocol datatype.")
-    data: list[Any] = Field(description="The values, flat or nested by row.")
+    data: list[Any] = Field(
+        description="The values, flat or nested exactly as the shape; each must fit the datatype."
+    )
     parameters: dict[str, Any] | None = None
 
 
@@ -69,6 +72,8 @@ class RequestedOutput(BaseModel):
 
 class InferBody(BaseModel):
     """POST /v2/models/{name}/infer: an Open Inference Protocol v2 inference request (JSON tensors)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(default=None, description="Echoed in the answer.")
     parameters: dict[str, Any] | None = Field(

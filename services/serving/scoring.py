@@ -236,7 +236,8 @@ class Predictor:
         return routing
 
     def predict(self, request: PredictRequest) -> PredictResult:
-        """Answer every row; a failing canary call is answered by the stable version and counted."""
+        """Answer every row; a failing canary call is answered by the stable version, and counted against the
+        canary when the stable version answers it."""
         check_row_count(request.rows, self.max_rows)
         routing = self.routing(request.model)  # one table for the whole request, even across a swap
         n = request.rows
@@ -305,25 +306,29 @@ class Predictor:
             scores = served.predict(columns)
             return variant, served, columns, scores, time.perf_counter() - started
         except Exception as exc:
-            MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
             if variant is not Variant.CANARY or routing.stable is None or request.version is not None:
+                MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
                 raise _refused(served, exc) from exc
-            if routing.rollout_id is not None:
-                self.stats.failed(routing.model, routing.rollout_id, routing.step_index)
-            log.warning(
-                "canary call failed, the stable version answers",
-                model=served.model,
-                version=served.version,
-                error=repr(exc),
-            )
+            canary_error = exc
         stable = routing.stable
         started = time.perf_counter()
         try:
             columns = request.parse(stable.signature, rows)
             scores = stable.predict(columns)
         except Exception as exc:
+            # The stable version cannot answer these rows either: the input is at fault, not the canary, so
+            # nothing counts against it (bad requests would otherwise roll back a healthy canary).
             MODEL_ERRORS.labels(stable.model, str(stable.version), Variant.STABLE.value).inc()
             raise _refused(stable, exc) from exc
+        MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
+        if routing.rollout_id is not None:
+            self.stats.failed(routing.model, routing.rollout_id, routing.step_index)
+        log.warning(
+            "canary call failed, the stable version answers",
+            model=served.model,
+            version=served.version,
+            error=repr(canary_error),
+        )
         return Variant.STABLE, stable, columns, scores, time.perf_counter() - started
 
     def _record(

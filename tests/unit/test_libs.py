@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -12,7 +13,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from libs.auth import OperatorDep, PredictDep, Role, ViewerDep, issue_token
 from libs.errors import Conflict, NotFound
-from libs.http import Text, create_app
+from libs.http import Text, create_app, error_body
 from libs.settings import ServiceSettings
 
 
@@ -42,7 +43,7 @@ def test_prod_refuses_a_placeholder_secret(monkeypatch: pytest.MonkeyPatch) -> N
     assert ExampleSettings().env == "prod"
 
 
-def make_app(tmp_path: Path, *, env: str = "dev") -> httpx.AsyncClient:
+def make_app(tmp_path: Path, *, env: str = "dev", max_request_bytes: int = 1000) -> httpx.AsyncClient:
     router = APIRouter()
 
     @router.get("/read")
@@ -69,7 +70,9 @@ def make_app(tmp_path: Path, *, env: str = "dev") -> httpx.AsyncClient:
     async def echo(body: dict[str, int]) -> dict[str, int]:
         return body
 
-    settings = ExampleSettings(env=env, auth_tokens_file=tmp_path / "tokens.json", max_request_bytes=1000)
+    settings = ExampleSettings(
+        env=env, auth_tokens_file=tmp_path / "tokens.json", max_request_bytes=max_request_bytes
+    )
     app = create_app(settings, title="t", description="d", routers=[router])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
@@ -240,3 +243,55 @@ async def _with_dependency(who: ViewerDep, request: Request) -> Response:
 
 async def _without_request() -> Response:
     return Response()
+
+
+async def test_every_error_body_has_the_same_keys(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        answers = [
+            await client.get("/missing"),  # a typed error
+            await client.post("/conflict"),
+            await client.post("/echo", json={"a": "not a number"}),  # FastAPI's validation
+            await client.post("/echo", content=b'{"a": 1, "pad": "' + b"x" * 5000 + b'"}'),  # the body limit
+            await client.get("/read%00"),  # NUL in the path
+            await client.get("/nowhere"),  # no such route: Starlette's 404
+            await client.delete("/echo"),  # no such method: Starlette's 405
+        ]
+    assert [a.status_code for a in answers] == [404, 409, 422, 413, 422, 404, 405]
+    for answer in answers:
+        body = answer.json()
+        assert body["error"] == body["detail"] and body["error"], body
+        assert body["code"] in {
+            "not-found",
+            "conflict",
+            "invalid-input",
+            "payload-too-large",
+            "method-not-allowed",
+        }
+    assert answers[-1].headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"a": ', "the request body is not JSON: Expecting value (at character 6)"),
+        (b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}", "the JSON body is nested too deeply"),
+        (b'{"a": "\xff"}', "the request body is not JSON: 'utf-8' codec can't decode byte 0xff"),
+    ],
+    ids=["syntax", "too-deep", "not-utf-8"],
+)
+async def test_a_body_fastapi_cannot_read_is_a_422_saying_why(
+    tmp_path: Path, body: bytes, message: str
+) -> None:
+    async with make_app(tmp_path, max_request_bytes=10_000) as client:
+        response = await client.post("/echo", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(message) and response.json()["code"] == "invalid-input"
+
+
+def test_an_error_naming_a_lone_surrogate_can_still_be_sent() -> None:
+    # Python's json reader lets "\ud800" into a request, and so into the name an error gives back.
+    body = error_body("feature '\ud800': not a feature", "invalid-input", feature="\udc00x", row=1)
+    assert body["error"] == body["detail"] == "feature '\\ud800': not a feature"
+    assert body["feature"] == "\\udc00x" and body["row"] == 1
+    assert json.loads(json.dumps(body, ensure_ascii=False).encode()) == body
+    assert error_body("é", "x")["error"] == "é"

@@ -487,7 +487,7 @@ async def test_operator_commands_become_events_with_the_actor(service: Service) 
     r = await service.client.post(url, json={"reason": "complaints"}, headers=OPERATOR)
     assert r.status_code == 202 and r.json()["model_version"] == 2
     r = await service.client.post(url, json={"model_version": 5, "reason": "x"}, headers=OPERATOR)
-    assert r.status_code == 409 and r.json()["allowed"] == [2, 1]
+    assert r.status_code == 409 and r.json()["allowed"] == [2]
     r = await service.client.post("/v1/models/churn/promote", json={"reason": "looks good"}, headers=OPERATOR)
     assert r.status_code == 202
     rollback, promote = service.outbox.events
@@ -508,3 +508,361 @@ async def test_a_swap_between_requests_never_fails_one(service: Service) -> None
 
     results = await asyncio.gather(swapper(), caller(), caller())
     assert set(results[1]) | set(results[2]) == {200}
+
+
+# --- hostile input: every refusal is a 4xx that says what was wrong ------------------------------------
+
+
+def _json(s: Service, path: str, body: bytes, headers: dict[str, str] = PREDICT) -> Any:
+    return s.client.post(path, content=body, headers={**headers, "content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers"),
+    [
+        ("/v1/models/churn/predict", b'{"records":' + b"[" * 5000 + b"]" * 5000 + b"}", PREDICT),
+        ("/v2/models/churn/infer", b'{"inputs":' + b"[" * 3000 + b"]" * 3000 + b"}", PREDICT),
+        ("/v1/feedback", b"[" * 3000 + b"]" * 3000, PREDICT),
+        ("/v1/models/churn/rollback", b'{"reason":' + b"[" * 3000 + b"]" * 3000 + b"}", OPERATOR),
+    ],
+    ids=["v1", "v2", "feedback", "rollback"],
+)
+async def test_a_body_nested_too_deeply_is_a_422_on_every_route(
+    service: Service, path: str, body: bytes, headers: dict[str, str]
+) -> None:
+    r = await _json(service, path, body, headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == r.json()["detail"] == "the JSON body is nested too deeply"
+
+
+def test_a_compiled_copy_serves_in_these_tests_when_asked() -> None:
+    assert compiled(1).engine == "onnxruntime"
+
+
+def compiled(version: int) -> ServedModel:
+    from services.serving.compiled import compile_model
+
+    return ServedModel(
+        "churn",
+        version,
+        f"{version:02x}" * 32,
+        churn_signature(),
+        PIPELINE,
+        compile_model(PIPELINE, churn_signature()),
+    )
+
+
+@pytest.mark.parametrize("engine", ["scikit-learn", "onnxruntime"])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"9" * 400, "out-of-range"),
+        (b"1e39", "out-of-range"),
+        (b"-1e300", "out-of-range"),
+        (b"1e400", "infinite"),
+    ],
+)
+async def test_both_engines_refuse_numbers_beyond_float32s_range_naming_feature_and_row(
+    service: Service, engine: str, value: bytes, reason: str
+) -> None:
+    service.route(compiled(1) if engine == "onnxruntime" else served(1))
+    row = b'{"tenure_months": %s, "monthly_charges": 1, "plan": "basic"}' % value
+    r = await _json(
+        service,
+        "/v1/models/churn/predict",
+        b'{"records": [{"tenure_months": 1, "monthly_charges": 1, "plan": "basic"}, %s]}' % row,
+    )
+    assert r.status_code == 422, r.text
+    assert (r.json()["feature"], r.json()["reason"], r.json()["row"]) == ("tenure_months", reason, 1)
+    tensor = b'{"name": "tenure_months", "shape": [1], "datatype": "FP64", "data": [%s]}' % value
+    rest = (
+        b'{"name": "monthly_charges", "shape": [1], "datatype": "FP64", "data": [1]}, '
+        b'{"name": "plan", "shape": [1], "datatype": "BYTES", "data": ["basic"]}'
+    )
+    r = await _json(service, "/v2/models/churn/infer", b'{"inputs": [%s, %s]}' % (tensor, rest))
+    assert r.status_code == 422, r.text
+    assert (r.json()["feature"], r.json()["reason"]) == ("tenure_months", reason)
+    assert service.log.items == []
+
+
+class NaNModel:
+    """An estimator that answers NaN probabilities, as float overflow inside a model can."""
+
+    classes_ = PIPELINE.classes_
+
+    def predict_proba(self, frame: Any) -> Any:
+        return [[float("nan"), float("nan")]] * len(frame)
+
+
+async def test_non_finite_probabilities_are_a_model_failure_never_an_answer(service: Service) -> None:
+    service.route(served(1, NaNModel()))
+    r = await predict(service, [record()])
+    assert r.status_code == 503 and "non-finite" in r.json()["error"]
+    assert service.log.items == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"tenure_months": 5, "monthly_charges": 1, "plan": "\\ud800"}',
+        b'{"tenure_months": 5, "monthly_charges": 1, "plan": "basic\\u0000"}',
+        b'{"tenure_months": ' + b"9" * 400 + b', "monthly_charges": 1, "plan": "basic"}',
+        b'{"tenure_months": "five", "monthly_charges": 1, "plan": "basic"}',
+    ],
+    ids=["lone-surrogate", "nul", "huge-integer", "wrong-type"],
+)
+async def test_bad_input_is_refused_and_never_counted_against_a_healthy_canary(
+    service: Service, bad: bytes
+) -> None:
+    service.route(served(1), served(2), weight=1.0)
+    for _ in range(6):
+        r = await _json(service, "/v1/models/churn/predict", b'{"records": [%s]}' % bad)
+        assert r.status_code == 422, r.text
+        assert r.json()["feature"] in ("plan", "tenure_months")
+        assert "refused the input" not in r.json()["error"]
+    assert service.breaches == []
+    assert all(c.errors == 0 for c in service.predictor.stats.counts.values())
+
+
+async def test_a_canary_failure_counts_when_the_stable_version_answers_the_same_rows(
+    service: Service,
+) -> None:
+    service.route(served(1), served(2, NaNModel()), weight=1.0)
+    for _ in range(5):
+        assert (await predict(service, [record()])).json()["predictions"][0]["model_version"] == 1
+    [counts] = service.predictor.stats.counts.values()
+    assert (counts.requests, counts.errors) == (5, 5) and len(service.breaches) == 1
+
+
+def oip(**changes: Any) -> dict[str, Any]:
+    body = oip_body(1)
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (oip(id=5), "id must be a string, not a number"),
+        (oip(id={"x": 1}), "id must be a string, not an object"),
+        (oip(parameters=5), "parameters must be an object"),
+        (oip(parameters="x"), "parameters must be an object"),
+        (oip(parameters={"entity_key": True}), "parameters.entity_key must be a string"),
+        (oip(parameters={"entity_key": 7}), "parameters.entity_key must be a string"),
+        (oip(outputs=[{"name": "predict"}, 5, "x"]), "outputs[1] must be an object with a name"),
+        (oip(outputs=[{}]), "outputs[0] has no name"),
+        (oip(outputs=[{"name": ["predict"]}]), "outputs[0]: unknown output a list"),
+        (oip(extra=1), "unknown member 'extra'"),
+        (
+            oip(inputs=[*oip_body(1)["inputs"], oip_body(1)["inputs"][0]]),
+            "input tensor 'tenure_months' is given twice",
+        ),
+    ],
+)
+async def test_oip_request_members_are_checked_and_named(
+    service: Service, body: dict[str, Any], message: str
+) -> None:
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]
+    assert service.log.items == []
+
+
+async def test_oip_answers_carry_the_request_id_as_sent(service: Service) -> None:
+    r = await service.client.post("/v2/models/churn/infer", json=oip(id="", parameters=None), headers=PREDICT)
+    assert r.status_code == 200 and r.json()["id"] == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"records": [record()], "entity_keys": [{"a": 1}]}, "entity_keys[0] must be a string or null"),
+        ({"records": [record()], "entity_keys": [7]}, "entity_keys[0] must be a string or null"),
+        ({"records": [record()], "entity_keys": ["a\x00"]}, "entity_keys[0] holds a NUL character"),
+        ({"records": [record()], "extra": 1}, "unknown member 'extra'"),
+    ],
+)
+async def test_v1_request_members_are_checked_and_named(
+    service: Service, body: dict[str, Any], message: str
+) -> None:
+    r = await service.client.post("/v1/models/churn/predict", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            b'[{"prediction_id": "churn:1:a-0", "label": 1}, {"prediction_id": "churn:1:a-1", "label": NaN}]',
+            "[1].label: a numeric label must be a finite number",
+        ),
+        (
+            b'[{"prediction_id": "churn:1:a-0", "label": 1}, {"prediction_id": "churn:1:a-1"}]',
+            "[1].label: Field required",
+        ),
+        (
+            b'[{"prediction_id": "churn:1:a-0", "label": 1}, 5]',
+            "[1] must be an object with prediction_id and label",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": null}',
+            "[0].label: must be a string, integer, number or boolean",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": [1]}',
+            "[0].label: must be a string, integer, number or boolean",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1e400}',
+            "[0].label: a numeric label must be a finite number",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": ' + b"9" * 400 + b"}",
+            "[0].label: a numeric label must be a finite number",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": "x\\u0000"}',
+            "[0].label: the label holds a NUL character",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": "\\ud800"}',
+            "[0].label: the label holds a lone surrogate",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1, "\\ud800": 1}',
+            "[0]: Input should be a valid string",  # pydantic's word for a key that is not text
+        ),
+        (b'"hello"', "the body must be a feedback object or a list of them"),
+    ],
+)
+async def test_feedback_refusals_name_the_item_and_the_field(
+    service: Service, raw: bytes, message: str
+) -> None:
+    r = await _json(service, "/v1/feedback", raw)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith(message)
+    assert service.outbox.events == []
+
+
+@pytest.mark.parametrize(
+    "pid",
+    [
+        "churn:\u00b2:abc-0",
+        "churn:\u0661:abc-0",
+        "churn:0:abc-0",
+        "churn:3000000000:abc-0",
+        "churn:99999999999999999999:abc-0",
+    ],
+)
+async def test_feedback_for_an_id_with_no_model_version_in_it_is_refused(service: Service, pid: str) -> None:
+    r = await service.client.post("/v1/feedback", json={"prediction_id": pid, "label": 1}, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert (
+        r.json()["error"].startswith("[0].prediction_id ") and r.json()["reason"] == "unknown-prediction-id"
+    )
+    assert service.outbox.events == []
+
+
+async def test_feedback_labels_keep_their_type(service: Service) -> None:
+    labels = [True, 1, 2.5, "churned", 2**63 - 1]
+    body = [{"prediction_id": f"churn:1:a-{i}", "label": label} for i, label in enumerate(labels)]
+    assert (await service.client.post("/v1/feedback", json=body, headers=PREDICT)).status_code == 202
+    assert [e.data.label for e in service.outbox.events] == labels
+    assert [type(e.data.label) for e in service.outbox.events] == [type(label) for label in labels]
+
+
+@pytest.mark.parametrize(
+    ("canary", "path", "body", "status", "message"),
+    [
+        (False, "rollback", {"reason": "x", "to_version": 1}, 409, "is the version being rolled back"),
+        (
+            False,
+            "rollback",
+            {"reason": "x", "to_version": True},
+            422,
+            "body.to_version: Input should be a valid integer",
+        ),
+        (False, "rollback", {"reason": "x", "model_version": "1"}, 422, "body.model_version"),
+        (False, "rollback", {"reason": "x", "model_version": 1.0}, 422, "body.model_version"),
+        (
+            True,
+            "rollback",
+            {"reason": "x", "model_version": 1},
+            409,
+            "roll back its canary (version 2) first",
+        ),
+        (True, "rollback", {"reason": "x", "to_version": 1}, 409, "to_version is for a production rollback"),
+        (False, "promote", {"reason": "x", "model_version": 3}, 409, "no canary is live"),
+        (True, "promote", {"reason": "x", "model_version": 3}, 409, "the live canary is version 2"),
+        (False, "promote", {"reason": "x"}, 409, "has no live canary to promote"),
+        (True, "promote", {"reason": "x", "model_version": True}, 422, "body.model_version"),
+    ],
+)
+async def test_operator_commands_that_would_change_nothing_are_refused(
+    service: Service, canary: bool, path: str, body: dict[str, Any], status: int, message: str
+) -> None:
+    service.route(served(1), served(2) if canary else None, weight=0.1)
+    r = await service.client.post(f"/v1/models/churn/{path}", json=body, headers=OPERATOR)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert service.outbox.events == []
+
+
+async def test_a_production_rollback_to_another_version_is_accepted(service: Service) -> None:
+    r = await service.client.post(
+        "/v1/models/churn/rollback", json={"reason": "x", "to_version": 3}, headers=OPERATOR
+    )
+    assert r.status_code == 202, r.text
+    [event] = service.outbox.events
+    assert isinstance(event.data, RollbackRequested) and (
+        event.data.model_version,
+        event.data.to_version,
+    ) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/v2/models/churn/infer", b'{"inputs": [' + b" " * 30_000 + b"]}", 413),
+        ("POST", "/v2/models/churn/versions/x/infer", b"{}", 422),
+        ("POST", "/v1/models/churn/rollback", b'{"reason":', 422),
+        ("GET", "/v2/nothing-here", b"", 404),
+        ("GET", "/v1/models/churn/predict", b"", 405),
+        ("POST", "/v2/models/churn/infer", b"{}", 422),
+    ],
+)
+async def test_every_error_body_carries_error_detail_and_code(
+    service: Service, method: str, path: str, body: bytes, status: int
+) -> None:
+    headers = {**OPERATOR, "content-type": "application/json"} if "rollback" in path else PREDICT
+    r = await service.client.request(method, path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == r.json()["detail"] and r.json()["error"] and r.json()["code"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/models/churn/predict",
+            b'{"records": [{"tenure_months": NaN, "monthly_charges": 1, "plan": "basic", "\\ud800": 1}]}',
+        ),
+        (
+            "/v2/models/churn/infer",
+            b'{"inputs": [{"name": "\\ud800", "shape": [1], "datatype": "FP64", "data": [NaN]}]}',
+        ),
+        (
+            "/v2/models/churn/infer",
+            b'{"inputs": [{"name": "tenure_months", "shape": [1], "datatype": "FP\\ud800", "data": [NaN]}]}',
+        ),
+    ],
+    ids=["v1-feature-name", "v2-tensor-name", "v2-datatype"],
+)
+async def test_a_lone_surrogate_in_a_name_is_refused_not_a_crash(
+    service: Service, path: str, body: bytes
+) -> None:
+    # Bodies with NaN are read by Python's json, which lets a lone surrogate through; the error names it.
+    r = await _json(service, path, body)
+    assert r.status_code == 422, r.text
+    assert "\\ud800" in r.json()["error"]

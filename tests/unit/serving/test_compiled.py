@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 
 from libs.artifacts import ArtifactStore, save_model
 from services.serving.adapters.artifacts import ArtifactModelLoader, compile_or_explain
-from services.serving.compiled import NotCompilable, compile_model
+from services.serving.compiled import CompiledModel, NotCompilable, compile_model
 from services.serving.domain import MISSING, FeatureColumns, columns_from_records
 from services.serving.ports import VersionRecord
 from services.serving.routing import ServedModel
@@ -103,3 +103,20 @@ async def test_the_loader_serves_a_verified_compiled_copy_unless_compiling_is_of
     assert plain.engine == "scikit-learn" and "off" in plain.engine_note
     columns = columns_from_records(SIGNATURE, _rows())
     assert served.predict(columns).labels == plain.predict(columns).labels
+
+
+class _OverflowingSession:
+    """An ONNX session whose float32 arithmetic overflowed: NaN probabilities for every row."""
+
+    def run(self, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        rows = len(next(iter(feeds.values())))
+        return [np.full((rows, 2), np.nan, dtype=np.float32)]
+
+
+def test_a_non_finite_answer_of_the_compiled_copy_is_answered_by_the_pipeline_and_counted() -> None:
+    compiled = CompiledModel(_OverflowingSession(), SIGNATURE, "probabilities", 0.0, 0)
+    fast = ServedModel("churn", 7, "k", SIGNATURE, PIPELINE, compiled)
+    columns = columns_from_records(SIGNATURE, _rows())
+    before = _uncompiled()
+    assert fast.predict(columns) == ServedModel("churn", 7, "k", SIGNATURE, PIPELINE).predict(columns)
+    assert _uncompiled() == before + 1

@@ -499,3 +499,215 @@ def test_bad_tensors_are_refused(override: dict[str, dict[str, object]], reason:
         domain.tensor_rows(ts)
         domain.columns_from_tensors(churn_signature(), ts)
     assert err.value.extra["reason"] == reason
+
+
+@pytest.mark.parametrize(
+    "pid",
+    [
+        "churn:0:abc-0",
+        "churn:2147483648:abc-0",
+        "churn:99999999999999999999:abc-0",
+        "churn:\u00b2:abc-0",  # '²' is a digit to str.isdigit, and int() refuses it
+        "churn:\u0661:abc-0",  # Arabic-Indic one: int() reads it as 1
+        "churn:-1:abc-0",
+    ],
+)
+def test_a_prediction_id_whose_version_is_no_model_version_is_not_ours(pid: str) -> None:
+    assert domain.parse_prediction_id(pid) is None
+
+
+def test_the_highest_model_version_is_read_from_a_prediction_id() -> None:
+    assert domain.parse_prediction_id("churn:2147483647:abc-0") == ("churn", 2147483647)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (10**400, "out-of-range"),  # read by Python's json as an int: float() would overflow
+        (-(10**39), "out-of-range"),
+        (1e39, "out-of-range"),  # finite in float64, infinity in float32 (the compiled engine)
+        (-3.5e38, "out-of-range"),
+        (float("inf"), "infinite"),
+    ],
+)
+def test_numbers_beyond_float32s_range_are_refused_naming_the_feature_and_row(
+    value: Any, reason: str
+) -> None:
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_records(churn_signature(), [record(), record(monthly_charges=value)])
+    assert err.value.extra == {"feature": "monthly_charges", "reason": reason, "row": 1}
+
+
+def test_a_nan_first_hides_no_number_beyond_float32s_range() -> None:
+    # The fast check compares min() and max(), which keep a NaN that comes first.
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_records(
+            churn_signature(), [record(tenure_months=float("nan")), record(tenure_months=1e39)]
+        )
+    assert err.value.extra["row"] == 1 and err.value.extra["reason"] == "out-of-range"
+
+
+def test_numbers_up_to_float32s_limit_are_accepted() -> None:
+    top = domain.FLOAT32_MAX
+    cols = domain.columns_from_records(
+        churn_signature(), [record(tenure_months=top, monthly_charges=-top), record(tenure_months=10**38)]
+    )
+    assert cols.columns["tenure_months"] == [top, 10**38]
+
+
+@pytest.mark.parametrize(
+    ("plan", "reason"),
+    [
+        ("basic\x00", "invalid-text"),
+        ("\x00driftloop:missing", "invalid-text"),  # the compiled engine's missing sentinel
+        ("\ud800", "invalid-text"),  # a lone surrogate: only Python's json reader lets one in
+        (2**64, "out-of-range"),
+        (-(2**63) - 1, "out-of-range"),
+    ],
+)
+def test_a_category_that_nothing_downstream_can_store_is_refused(plan: Any, reason: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_records(churn_signature(), [record(), record(plan=plan)])
+    assert err.value.extra == {"feature": "plan", "reason": reason, "row": 1}
+
+
+def test_unseen_categories_that_are_text_or_64_bit_integers_are_still_allowed() -> None:
+    cols = domain.columns_from_records(
+        churn_signature(), [record(plan="gold \u00e9\U0001f600"), record(plan=2**64 - 1), record(plan=True)]
+    )
+    assert cols.unseen == {"plan": 3}
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [[{"a": 1}], [7], [True], ["a\x00b"], ["\udc00"]],
+    ids=["object", "number", "boolean", "nul", "lone-surrogate"],
+)
+def test_entity_keys_are_strings_holding_text_or_null(keys: list[Any]) -> None:
+    with pytest.raises(InvalidInput) as err:
+        domain.check_entity_keys([None, "customer-1", *keys])
+    assert err.value.message.startswith("entity_keys[2] ")
+    assert domain.check_entity_keys([None, "customer-1", "é"]) == [None, "customer-1", "é"]
+
+
+def _deeply_nested(levels: int) -> list[Any]:
+    value: list[Any] = [5]
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("data", "shape"),
+    [
+        ([[5], [6]], [2]),  # nested, shape of rank 1
+        ([[5], 6], [2, 1]),  # ragged
+        ([[5], 6], [2]),
+        ([[], [5]], [1]),
+        ([[5, 6], []], [2, 1]),
+        ([[[5]]], [1, 1]),  # deeper than the shape
+        ([5, [6]], [2]),  # flat, then a list
+        (5, [1]),  # a scalar
+        ({"a": 5}, [1]),
+        (_deeply_nested(5000), [1]),  # would have taken the interpreter's recursion limit
+    ],
+    ids=[
+        "nested-rank-1",
+        "ragged-rank-2",
+        "ragged-rank-1",
+        "empty-inner",
+        "uneven-inner",
+        "deeper",
+        "list-in-flat",
+        "scalar",
+        "object",
+        "5000-deep",
+    ],
+)
+def test_tensor_data_nested_otherwise_than_its_shape_is_refused_naming_it(
+    data: Any, shape: list[int]
+) -> None:
+    rows = shape[0]
+    inputs = tensors(
+        tenure_months={"name": "tenure_months", "shape": shape, "datatype": "FP64", "data": data}
+    )
+    inputs[1:] = [
+        {"name": "monthly_charges", "shape": [rows], "datatype": "FP64", "data": [1.0] * rows},
+        {"name": "plan", "shape": [rows], "datatype": "BYTES", "data": ["basic"] * rows},
+    ]
+    with pytest.raises(InvalidInput) as err:
+        ts = domain.tensors_from_json(inputs)
+        domain.tensor_rows(ts)
+        domain.columns_from_tensors(churn_signature(), ts)
+    assert err.value.extra["feature"] == "tenure_months" and err.value.extra["reason"] == "wrong-shape"
+    assert "'tenure_months'" in err.value.message
+
+
+@pytest.mark.parametrize("data", [[[1.0], [2.0]], [1.0, 2.0]], ids=["nested-as-the-shape", "flat"])
+def test_tensor_data_may_be_flat_or_nested_as_its_shape(data: list[Any]) -> None:
+    ts = domain.tensors_from_json(
+        tensors(tenure_months={"name": "tenure_months", "shape": [2, 1], "datatype": "FP64", "data": data})
+    )
+    assert domain.columns_from_tensors(churn_signature(), ts).columns["tenure_months"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("feature", "datatype", "value", "reason"),
+    [
+        ("tenure_months", "INT64", 5.7, "wrong-type"),
+        ("tenure_months", "INT8", 300, "out-of-range"),
+        ("tenure_months", "UINT8", -3, "out-of-range"),
+        ("tenure_months", "INT64", 2**63, "out-of-range"),
+        ("tenure_months", "FP16", 1e6, "out-of-range"),
+        ("tenure_months", "FP32", 1e300, "out-of-range"),
+        ("tenure_months", "BOOL", 5, "wrong-type"),
+        ("tenure_months", "FP64", True, "wrong-type"),
+        ("tenure_months", "FP64", "5", "wrong-type"),
+        ("plan", "INT64", "basic", "wrong-type"),
+        ("plan", "BYTES", 7, "wrong-type"),
+        ("plan", "BOOL", "basic", "wrong-type"),
+    ],
+)
+def test_a_value_that_does_not_fit_its_tensors_datatype_is_refused_naming_it_and_the_row(
+    feature: str, datatype: str, value: Any, reason: str
+) -> None:
+    good = {"INT64": 1, "INT8": 1, "UINT8": 1, "FP16": 1.5, "FP32": 1.5, "BOOL": True, "FP64": 1.5}
+    tensor: dict[str, object] = {
+        "name": feature,
+        "shape": [2],
+        "datatype": datatype,
+        "data": [good.get(datatype, "plus"), value],
+    }
+    ts = domain.tensors_from_json(tensors(**{feature: tensor}))
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_tensors(churn_signature(), ts)
+    assert err.value.extra == {"feature": feature, "reason": reason, "row": 1}
+    assert f"input tensor {feature!r} (row 1)" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("INT64", [5.0, None]),  # an integral number is an integer
+        ("UINT8", [255, float("nan")]),  # NaN is missing in any datatype
+        ("FP16", [65504.0, -1]),
+        ("BOOL", [True, None]),
+    ],
+)
+def test_values_that_fit_their_datatype_are_accepted(datatype: str, data: list[Any]) -> None:
+    tensor: dict[str, object] = {"name": "tenure_months", "shape": [2], "datatype": datatype, "data": data}
+    ts = domain.tensors_from_json(tensors(tenure_months=tensor))
+    assert domain.columns_from_tensors(churn_signature(), ts).rows == 2
+
+
+def test_a_tensor_given_twice_is_refused() -> None:
+    twice = [*tensors(), {"name": "plan", "shape": [2], "datatype": "BYTES", "data": ["gold", "gold"]}]
+    with pytest.raises(InvalidInput, match="input tensor 'plan' is given twice") as err:
+        domain.tensors_from_json(twice)
+    assert err.value.extra == {"feature": "plan", "reason": "duplicate"}
+
+
+def test_a_body_nested_too_deeply_for_the_json_reader_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match="nested too deeply") as err:
+        domain.parse_json(b"[" * 5000 + b"]" * 5000)
+    assert err.value.extra["reason"] == "too-deep"
