@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -22,6 +22,22 @@ SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/json"
 TYPE_PREFIX = "io.driftloop."
 DEFAULT_MAX_EVENT_BYTES = 1_000_000
+"""Consumers refuse larger records (value and headers, see :func:`record_bytes`) as ``oversized``."""
+MAX_ATTRIBUTE_CHARS = 512
+"""The longest CloudEvents attribute (id, source, type, time, subject, correlation id, causation id, actor)
+a consumer accepts. Attributes travel into every event a cascade causes (the correlation id, the actor) and
+into indexed columns (the audit trail cuts to the same 512), so they are bounded on their own, not only by
+the record's size."""
+BOUNDED_ATTRIBUTES = (
+    "ce_id",
+    "ce_source",
+    "ce_type",
+    "ce_time",
+    "ce_subject",
+    "ce_correlationid",
+    "ce_causationid",
+    "ce_actor",
+)
 
 HeaderList = list[tuple[str, bytes]]
 
@@ -73,7 +89,8 @@ class MalformedEvent(ValueError):
 
 
 class OversizedEvent(MalformedEvent):
-    """The value is larger than the consumer's limit."""
+    """The value and headers are larger than the consumer's limit, or a CloudEvents attribute is longer than
+    :data:`MAX_ATTRIBUTE_CHARS`."""
 
     reason = "oversized"
 
@@ -106,6 +123,25 @@ class SchemaInvalid(MalformedEvent):
     """The JSON does not match the payload schema of its type."""
 
     reason = "schema-invalid"
+
+
+def record_bytes(value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> int:
+    """What the event size limit counts: the value, and each header's name and value."""
+    return (len(value) if value is not None else 0) + sum(
+        len(name) + (len(raw) if raw is not None else 0) for name, raw in headers
+    )
+
+
+def check_attributes(attributes: Mapping[str, str]) -> None:
+    """Raise :class:`OversizedEvent` if a CloudEvents attribute (by header name) is longer than
+    :data:`MAX_ATTRIBUTE_CHARS`."""
+    for name in BOUNDED_ATTRIBUTES:
+        text = attributes.get(name)
+        if text is not None and len(text) > MAX_ATTRIBUTE_CHARS:
+            raise OversizedEvent(
+                f"header {name!r} is {len(text)} characters, a CloudEvents attribute may have at most "
+                f"{MAX_ATTRIBUTE_CHARS}"
+            )
 
 
 # --- the envelope ---------------------------------------------------------------------------------
@@ -301,14 +337,32 @@ class EventTypeRegistry:
     ) -> CloudEvent[Any]:
         """Kafka record -> CloudEvent, or a :class:`MalformedEvent` saying exactly what is wrong.
 
-        ``readers`` are optional faster readers per payload class (see :data:`PayloadReader`)."""
-        if value is not None and len(value) > max_bytes:
-            raise OversizedEvent(f"payload is {len(value)} bytes, the limit is {max_bytes}")
+        ``max_bytes`` bounds the value and the headers together (:func:`record_bytes`); each CloudEvents
+        attribute is also bounded (:data:`MAX_ATTRIBUTE_CHARS`). ``readers`` are optional faster readers per
+        payload class (see :data:`PayloadReader`)."""
+        value_bytes = len(value) if value is not None else 0
+        if value_bytes > max_bytes:
+            raise OversizedEvent(f"payload is {value_bytes} bytes, the limit is {max_bytes}")
         pairs = headers.items() if isinstance(headers, Mapping) else headers
+        # record_bytes(), counted in the same pass that decodes the headers (the consumer hot path).
+        size = value_bytes
+        hdr: dict[str, str] = {}
         try:
-            hdr = {k: v.decode() for k, v in pairs if v is not None}
+            for k, v in pairs:
+                if v is not None:
+                    size += len(k) + len(v)
+                    hdr[k] = v.decode()
         except UnicodeDecodeError as exc:
+            # Too big is the more useful verdict, whatever the bytes are.
+            size = record_bytes(value, pairs)
+            if size > max_bytes:
+                raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}") from exc
             raise MissingAttribute(f"a header is not UTF-8: {exc}") from exc
+        if size > max_bytes:
+            raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
+        if size - value_bytes > MAX_ATTRIBUTE_CHARS:
+            # Only headers longer than the bound together can hold an attribute longer than it.
+            check_attributes(hdr)
         for required in ("ce_type", "ce_id", "ce_source", "ce_specversion"):
             if required not in hdr:
                 raise MissingAttribute(

@@ -24,7 +24,14 @@ from pydantic import AwareDatetime, BaseModel
 
 from contracts import topics as topics_module
 from contracts.common import ContractModel
-from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, TYPE_PREFIX, EventPayload
+from contracts.envelope import (
+    BOUNDED_ATTRIBUTES,
+    CONTENT_TYPE,
+    MAX_ATTRIBUTE_CHARS,
+    SPEC_VERSION,
+    TYPE_PREFIX,
+    EventPayload,
+)
 from contracts.examples import EXAMPLES
 from contracts.registry import ALL_PAYLOADS
 from contracts.topics import AUDIT, DEAD_LETTER, SERVICES, TOPICS, TopicSpec
@@ -89,6 +96,8 @@ _HEADER_SCHEMA: dict[str, Any] = {
         "content-type": {"type": "string", "const": CONTENT_TYPE, "description": "Payload media type."},
     },
 }
+for _name in BOUNDED_ATTRIBUTES:  # consumers dead-letter longer ones as oversized
+    _HEADER_SCHEMA["properties"][_name]["maxLength"] = MAX_ATTRIBUTE_CHARS
 
 _DEAD_LETTER_HEADERS: dict[str, Any] = {
     "type": "object",
@@ -104,15 +113,52 @@ _DEAD_LETTER_HEADERS: dict[str, Any] = {
     "properties": {
         "dlq_reason": {
             "type": "string",
-            "description": "Machine-readable reason: a MalformedEvent reason (not-json, unknown-type, "
-            "unknown-schema-version, schema-invalid, oversized, missing-attribute), handler-failed or "
-            "reused-event-id.",
+            "description": "Machine-readable reason. The record could not be read: not-json, unknown-type, "
+            "unknown-schema-version, schema-invalid, oversized (value and headers over the limit, or a "
+            "CloudEvents attribute over 512 characters), missing-attribute, malformed (e.g. a wrong "
+            "specversion), unreadable (the Kafka client cannot parse its record batch; no key, value or "
+            "headers). Its handler refused it: rejected (the event is wrong, with why), reused-event-id "
+            "(an id seen before with other bytes), output-oversized (what it caused would be over the "
+            "limit; also an outbox row Kafka refused, consumer <schema>-outbox, partition and offset -1), "
+            "handler-failed (still failing after the retries).",
+            "enum": [
+                "not-json",
+                "unknown-type",
+                "unknown-schema-version",
+                "schema-invalid",
+                "oversized",
+                "missing-attribute",
+                "malformed",
+                "unreadable",
+                "rejected",
+                "reused-event-id",
+                "output-oversized",
+                "handler-failed",
+            ],
         },
         "dlq_error": {"type": "string", "description": "The error message."},
         "dlq_consumer": {"type": "string", "description": "Consumer group that gave up on the message."},
         "dlq_origin_topic": {"type": "string", "description": "Topic the message came from."},
         "dlq_origin_partition": {"type": "string", "description": "Its partition (decimal)."},
         "dlq_origin_offset": {"type": "string", "description": "Its offset (decimal)."},
+        "dlq_truncated": {
+            "type": "string",
+            "description": "Only on a dead letter too large to copy whole: which of key, value, headers "
+            "were cut (comma-separated). The value is then a prefix of the original, each original header "
+            "is cut to 2,048 bytes (16 KiB in all), the key to 2,048 bytes.",
+        },
+        "dlq_original_value_bytes": {
+            "type": "string",
+            "description": "With dlq_truncated: the value's size.",
+        },
+        "dlq_original_value_sha256": {
+            "type": "string",
+            "description": "With dlq_truncated: the original value's sha256 (hex), to find it by.",
+        },
+        "dlq_original_headers_bytes": {
+            "type": "string",
+            "description": "With dlq_truncated: the original headers' size (names and values).",
+        },
     },
 }
 
@@ -214,7 +260,10 @@ def asyncapi_document() -> dict[str, Any]:
         "title": "Dead letter",
         "summary": "A message some consumer could not decode or handle, kept unchanged with the reason.",
         "headers": _DEAD_LETTER_HEADERS,
-        "payload": {"description": "The original value, byte for byte (it may not be JSON)."},
+        "payload": {
+            "description": "The original value, byte for byte (it may not be JSON); a prefix of it when "
+            "dlq_truncated names value."
+        },
     }
     return {
         "asyncapi": "3.0.0",

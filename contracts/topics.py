@@ -202,9 +202,10 @@ _TOPICS = (
     TopicSpec(
         name=DEAD_LETTER,
         partitions=3,
-        description="Messages a consumer could not decode or handle after bounded retries: the original key, "
-        "value and headers, plus `dlq_reason`, `dlq_error`, `dlq_consumer`, `dlq_origin_topic`, "
-        "`dlq_origin_partition` and `dlq_origin_offset` headers.",
+        description="Messages a consumer could not decode, or whose handler refused them or kept failing: "
+        "the original key, value and headers (cut to fit when too large, said by `dlq_truncated`), plus "
+        "`dlq_reason`, `dlq_error`, `dlq_consumer`, `dlq_origin_topic`, `dlq_origin_partition` and "
+        "`dlq_origin_offset` headers.",
         key="the original message's key",
         audited=False,
         routes=(),

@@ -52,7 +52,7 @@ class Runtime:
             pool=pool,
             publisher=publisher,
             dead_letters=KafkaDeadLetters(publisher),
-            begin=pg_transactions(pool, settings.db_schema),
+            begin=pg_transactions(pool, settings.db_schema, max_event_bytes=settings.kafka.max_event_bytes),
             registry=EVENT_TYPES,
         )
 
@@ -70,7 +70,12 @@ class Runtime:
         )
 
     def relay(self) -> OutboxRelay:
-        return OutboxRelay(self.pool, self.settings.db_schema, self.publisher)
+        return OutboxRelay(
+            self.pool,
+            self.settings.db_schema,
+            self.publisher,
+            max_record_bytes=self.publisher.max_record_bytes,
+        )
 
     async def ready(self) -> dict[str, bool]:
         """Readiness: the database answers (the producer reconnects on its own)."""

@@ -12,6 +12,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
 
@@ -36,7 +38,10 @@ class KafkaSettings(BaseSettings):
     ssl_cafile: Path | None = Field(None, description="CA bundle for TLS to the brokers.")
     ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
-    max_event_bytes: int = Field(1_000_000, description="Events larger than this are dead-lettered.")
+    max_event_bytes: int = Field(
+        DEFAULT_MAX_EVENT_BYTES,
+        description="Events larger than this (value and headers) are dead-lettered; refused when published.",
+    )
     fetch_max_wait_ms: int = Field(
         100,
         ge=1,

@@ -16,8 +16,20 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, MalformedEvent, PayloadReader
+from contracts.envelope import (
+    MAX_ATTRIBUTE_CHARS,
+    CloudEvent,
+    EventPayload,
+    EventTypeRegistry,
+    HeaderList,
+    MalformedEvent,
+    OversizedEvent,
+    PayloadReader,
+    check_attributes,
+    record_bytes,
+)
 from libs.bus import metrics
+from libs.errors import PayloadTooLarge
 from libs.logging import get_logger, handling
 
 log = get_logger(__name__)
@@ -37,6 +49,22 @@ class Record:
     value: bytes | None
     headers: Headers
     timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class UnreadableRecord(Record):
+    """Stands in for an offset the Kafka client could not parse: its key, value and headers are unknown.
+
+    Dispatched like any record, so it is dead-lettered (reason ``unreadable``) and its offset settled in
+    order with the records around it."""
+
+    error: str = ""
+
+
+class Unreadable(MalformedEvent):
+    """The Kafka client could not parse the record at this offset, or one before it in its record batch."""
+
+    reason = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -86,31 +114,85 @@ class DeadLetterSink(Protocol):
     async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None: ...
 
 
+class RawSender(Protocol):
+    """What the outbox relay and the dead-letter writer need of a producer."""
+
+    async def send_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+    ) -> None:
+        """Send (topic, key, value, headers) records and return once the broker acknowledged them all."""
+        ...
+
+
 class PermanentError(Exception):
-    """Raised by a handler when retrying cannot help (the event is wrong, not the world)."""
+    """Raised by a handler when retrying cannot help (the event is wrong, not the world).
+
+    The event is dead-lettered at once with ``reason`` (subclasses name theirs)."""
+
+    reason: str = "rejected"
 
 
 class ReusedEventId(PermanentError):
     """An event id seen before arrived with a different payload."""
 
+    reason = "reused-event-id"
+
+
+class EventTooLarge(PermanentError, PayloadTooLarge):
+    """An event to publish is larger than consumers accept (they would dead-letter it as ``oversized``): it is
+    refused where it is made. From a handler, the event being handled is dead-lettered as
+    ``output-oversized``; from an HTTP request, the answer is 413."""
+
+    reason = "output-oversized"
+
+
+def encode_outgoing(event: CloudEvent[Any], *, max_bytes: int) -> tuple[bytes | None, bytes, HeaderList]:
+    """The event as a Kafka record (key, value, headers), or :class:`EventTooLarge` if a consumer with
+    ``max_bytes`` would refuse it: the same limits as decoding (value and headers, attribute lengths)."""
+    key, value, headers = event.to_kafka()
+    size = record_bytes(value, headers)
+    if size > max_bytes:
+        raise EventTooLarge(
+            f"{event.type} {event.id} would be {size} bytes (value and headers), the limit is {max_bytes}: "
+            "consumers would dead-letter it; split it or make it smaller"
+        )
+    if size - len(value) > MAX_ATTRIBUTE_CHARS:
+        try:
+            check_attributes({name: raw.decode() for name, raw in headers})
+        except OversizedEvent as exc:
+            raise EventTooLarge(f"{event.type} {event.id}: {exc.detail}") from exc
+    return key, value, headers
+
+
+# SQLSTATEs of a database that is away, busy or failing over, not of a wrong event: class 08 (connection),
+# 40 (transaction rollback: serialization failure, deadlock), 53 (insufficient resources: disk full, out of
+# memory, too many connections), and single states of classes that also hold the event's own errors.
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53"})
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: a standby during failover
+        "55P03",  # lock_not_available: lock_timeout
+        "57014",  # query_canceled: statement_timeout, pg_cancel_backend
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now: starting up or shutting down
+        "57P05",  # idle_session_timeout
+    }
+)
+
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors of the infrastructure (database or broker unreachable) rather than of the event.
+    """Errors of the infrastructure (database or broker unreachable, busy, failing over) rather than of the
+    event. Postgres errors are told apart by their SQLSTATE.
 
     These are retried without limit: dead-lettering a good event because Postgres restarted would lose it.
     """
     import asyncpg
 
-    transient_pg = (
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-        asyncpg.InterfaceError,
-        asyncpg.AdminShutdownError,
-        asyncpg.SerializationError,
-        asyncpg.DeadlockDetectedError,
-    )
-    return isinstance(exc, (*transient_pg, ConnectionError, OSError, asyncio.TimeoutError))
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+    return isinstance(exc, (asyncpg.InterfaceError, ConnectionError, OSError, asyncio.TimeoutError))
 
 
 @dataclass
@@ -170,6 +252,9 @@ class Dispatcher:
         self.stopping = stopping
         # The last ``upcoming`` poll and its decoding, reused when that poll is dispatched.
         self._ahead: tuple[Sequence[Record], Decoded] | None = None
+        # Positions dead-lettered by a dispatch that then failed: when the transport reads the poll again,
+        # they are settled already (see ``dispatch``).
+        self._dead_lettered: set[tuple[str, int, int]] = set()
 
     async def dispatch(self, records: Sequence[Record], *, upcoming: Sequence[Record] = ()) -> None:
         """Settle every record, in order.
@@ -185,18 +270,39 @@ class Dispatcher:
         ahead, self._ahead = self._ahead, None
         reuse = ahead is not None and ahead[0] is records
         deliveries, rejected = ahead[1] if ahead is not None and reuse else self._decode(records)
+        if self._dead_lettered:
+            deliveries, rejected = self._without_dead_lettered(deliveries, rejected)
         for r, exc in rejected:
             await self._dead_letter(r, exc.reason, exc.detail)
-        if not deliveries:
-            return
-        if self.sub.batch_handler is not None:
-            if upcoming and self.sub.batch_prepare is not None:
-                await self._dispatch_batch_preparing(deliveries, upcoming)
-            else:
-                await self._dispatch_batch(deliveries)
-        elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
-            for d in deliveries:
-                await self._dispatch_one(d)
+        if deliveries:
+            if self.sub.batch_handler is not None:
+                if upcoming and self.sub.batch_prepare is not None:
+                    await self._dispatch_batch_preparing(deliveries, upcoming)
+                else:
+                    await self._dispatch_batch(deliveries)
+            elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
+                for d in deliveries:
+                    await self._dispatch_one(d)
+        # Every record is settled: a later read of these offsets (another member's, after a rebalance) is a
+        # delivery like any other.
+        self._dead_lettered.clear()
+
+    def _without_dead_lettered(
+        self, deliveries: list[Delivery], rejected: list[tuple[Record, MalformedEvent]]
+    ) -> Decoded:
+        """The poll without the records an earlier, failed dispatch of it already dead-lettered.
+
+        Not through the inbox: a dead-lettered event's id must stay free, so that an operator who replays it
+        from the dead-letter topic (a new offset) has it handled."""
+        done = self._dead_lettered
+
+        def fresh(r: Record) -> bool:
+            if (r.topic, r.partition, r.offset) in done:
+                metrics.DUPLICATES.labels(self.sub.consumer, r.topic).inc()
+                return False
+            return True
+
+        return [d for d in deliveries if fresh(d.record)], [(r, exc) for r, exc in rejected if fresh(r)]
 
     def _decode(self, records: Sequence[Record]) -> Decoded:
         """The deliveries of a poll, and the records to dead-letter (none in a raw subscription)."""
@@ -209,10 +315,13 @@ class Dispatcher:
                     r.value, r.headers, max_bytes=self.sub.max_event_bytes, readers=readers
                 )
             except MalformedEvent as exc:
+                # Nothing of an unreadable record was read, so the decoder's verdict (no headers) is beside
+                # the point. Checked only here: a record that decodes is never one.
+                verdict = Unreadable(r.error) if isinstance(r, UnreadableRecord) else exc
                 if self.sub.raw:
-                    deliveries.append(Delivery(r, None, exc))
+                    deliveries.append(Delivery(r, None, verdict))
                 else:
-                    rejected.append((r, exc))
+                    rejected.append((r, verdict))
                 continue
             if self.sub.raw or self.sub.wants(type(event.data)):
                 deliveries.append(Delivery(r, event))
@@ -296,10 +405,10 @@ class Dispatcher:
                 await self._attempt(deliveries, run)
                 return
             except ReusedEventId as exc:
-                await self._dead_letter(record, "reused-event-id", str(exc))
+                await self._dead_letter(record, exc.reason, str(exc))
                 return
             except PermanentError as exc:
-                await self._dead_letter(record, "rejected", f"{type(exc).__name__}: {exc}")
+                await self._dead_letter(record, exc.reason, f"{type(exc).__name__}: {exc}")
                 return
             except Exception as exc:
                 if is_transient(exc):
@@ -352,6 +461,10 @@ class Dispatcher:
             metrics.PROCESSED.labels(self.sub.consumer, topic).inc(count)
 
     async def _dead_letter(self, record: Record, reason: str, error: str) -> None:
+        await self.dead_letters.dead_letter(record, consumer=self.sub.consumer, reason=reason, error=error)
+        # Said only once it is true: a write that failed is the runner's to retry, not a dead letter yet.
+        self._dead_lettered.add((record.topic, record.partition, record.offset))
+        metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
         log.warning(
             "dead-lettered",
             reason=reason,
@@ -360,8 +473,6 @@ class Dispatcher:
             partition=record.partition,
             offset=record.offset,
         )
-        await self.dead_letters.dead_letter(record, consumer=self.sub.consumer, reason=reason, error=error)
-        metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
 
 
 async def _noop() -> None:

@@ -3,21 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedCodecError,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from contracts.envelope import CloudEvent, EventTypeRegistry
 from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
-from libs.bus.core import Dispatcher, Record, Subscription, TransactionFactory
+from libs.bus.core import (
+    Dispatcher,
+    RawSender,
+    Record,
+    Subscription,
+    TransactionFactory,
+    UnreadableRecord,
+    encode_outgoing,
+)
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
 
 log = get_logger(__name__)
+
+RECORD_HEADROOM_BYTES = 64 * 1024
+"""What the producer sends above ``max_event_bytes``: room for the dead-letter headers and the record's
+framing, so a dead letter of any event a consumer accepted goes out whole. The broker's (and the dead-letter
+topic's) message size limit must be at least ``max_event_bytes`` plus this."""
+
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+"""What aiokafka raises when a record is too large for the producer's limit or the broker's: retrying the
+same bytes cannot help."""
+
+UNREADABLE = (
+    UnicodeDecodeError,
+    CorruptRecordException,
+    UnsupportedCodecError,
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+)
+"""What aiokafka raises from ``getmany`` when it cannot parse a fetched record batch: a header key that is
+not UTF-8, a bad CRC or structure, a compression codec it lacks or data that does not decompress. The
+batch is parsed again on every fetch, so the error comes back until the consumer moves past it."""
 
 
 class KafkaPublisher:
@@ -34,7 +75,7 @@ class KafkaPublisher:
             enable_idempotence=True,
             acks="all",
             linger_ms=self.linger_ms,
-            max_request_size=self.kafka.max_event_bytes + 64 * 1024,
+            max_request_size=self.max_record_bytes,
             client_id=self.client_id,
             **self.kafka.client_options(),
         )
@@ -46,14 +87,20 @@ class KafkaPublisher:
             self._producer = None
 
     @property
+    def max_record_bytes(self) -> int:
+        """The largest record the producer sends (aiokafka's estimate of it, framing included)."""
+        return self.kafka.max_event_bytes + RECORD_HEADROOM_BYTES
+
+    @property
     def producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise RuntimeError("KafkaPublisher.start() was not awaited")
         return self._producer
 
     async def publish(self, event: CloudEvent[Any]) -> None:
-        """Send one event and wait for the broker's acknowledgement."""
-        key, value, headers = event.to_kafka()
+        """Send one event and wait for the broker's acknowledgement; an event consumers would refuse as
+        oversized is refused here (:class:`~libs.bus.core.EventTooLarge`)."""
+        key, value, headers = encode_outgoing(event, max_bytes=self.kafka.max_event_bytes)
         await self.send_many([(event.topic, key, value, headers)])
 
     async def send_many(
@@ -69,24 +116,117 @@ class KafkaPublisher:
             metrics.PUBLISHED.labels(topic).inc()
 
 
+DEAD_LETTER_HEADER_BYTES = 16 * 1024
+"""A dead letter too large to send whole keeps the original headers, in order, up to this many bytes."""
+DEAD_LETTER_HEADER_VALUE_BYTES = 2048
+"""... each cut to this many bytes: a CloudEvents attribute within its bound (512 characters) fits whole."""
+DEAD_LETTER_HEADER_NAME_CHARS = 256
+DEAD_LETTER_KEY_BYTES = 2048
+_TRUNCATED_PARTS = "key,value,headers"
+
+
+def dead_letter_message(
+    record: Record, *, consumer: str, reason: str, error: str, max_bytes: int
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
+    """The dead letter of ``record`` as (key, value, headers): the original with ``dlq_*`` headers saying
+    why and where from, or, if that would be larger than ``max_bytes`` (aiokafka's estimate, as its
+    producer checks it), a truncated copy that fits.
+
+    A truncated copy keeps a prefix of the value, the original headers (each cut, up to
+    :data:`DEAD_LETTER_HEADER_BYTES` in all) and the key (cut), and says what was cut (``dlq_truncated``),
+    the original value's size and sha256 and the original headers' size: the original can be found and
+    checked in the origin topic by ``dlq_origin_*``. A dead letter must always be writable: one that is not
+    blocks its partition."""
+    value = record.value or b""
+    original = [(name, raw) for name, raw in record.headers if not name.startswith("dlq_")]
+    why: list[tuple[str, bytes | None]] = [
+        ("dlq_reason", reason.encode()),
+        ("dlq_error", error[:4000].encode()),
+        ("dlq_consumer", consumer.encode()),
+        ("dlq_origin_topic", record.topic.encode()),
+        ("dlq_origin_partition", str(record.partition).encode()),
+        ("dlq_origin_offset", str(record.offset).encode()),
+    ]
+    whole = [*original, *why]
+    if DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, value, whole) <= max_bytes:
+        return record.key, value, whole
+    cut: list[str] = []
+    key = record.key
+    if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+        key = key[:DEAD_LETTER_KEY_BYTES]
+        cut.append("key")
+    kept: list[tuple[str, bytes | None]] = []
+    room = DEAD_LETTER_HEADER_BYTES
+    for name, raw in original:
+        short = raw[:DEAD_LETTER_HEADER_VALUE_BYTES] if raw is not None else None
+        size = len(name.encode()) + len(short or b"")
+        if len(name) > DEAD_LETTER_HEADER_NAME_CHARS or size > room:
+            continue
+        kept.append((name, short))
+        room -= size
+    if len(kept) < len(original) or any(k[1] != o[1] for k, o in zip(kept, original, strict=False)):
+        cut.append("headers")
+    header_bytes = sum(len(name.encode()) + len(raw or b"") for name, raw in original)
+    about: list[tuple[str, bytes | None]] = [
+        ("dlq_original_value_bytes", str(len(value)).encode()),
+        ("dlq_original_value_sha256", hashlib.sha256(value).hexdigest().encode()),
+        ("dlq_original_headers_bytes", str(header_bytes).encode()),
+    ]
+    # Sized with the longest dlq_truncated there can be, so the value's prefix fits whatever is cut.
+    framing = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        key, b"", [*kept, *why, *about, ("dlq_truncated", _TRUNCATED_PARTS.encode())]
+    )
+    # The value's length is a varint: up to 5 bytes instead of the 1 counted for an empty value.
+    body = value[: max(0, max_bytes - framing - 4)]
+    if len(body) < len(value):
+        cut.insert(1 if "key" in cut else 0, "value")
+    return key, body, [*kept, *why, *about, ("dlq_truncated", ",".join(cut).encode())]
+
+
+async def write_dead_letter(
+    sender: RawSender, record: Record, *, topic: str, consumer: str, reason: str, error: str, max_bytes: int
+) -> None:
+    """Write ``record``'s dead letter (:func:`dead_letter_message`) and return once it is durable. If the
+    broker refuses it as too large all the same (its limit is below the producer's), what is left without
+    the value is sent instead."""
+    for limit in (max_bytes, 0):
+        key, value, headers = dead_letter_message(
+            record, consumer=consumer, reason=reason, error=error, max_bytes=limit
+        )
+        try:
+            # A null header value goes out null, as it came in (aiokafka's producer takes it).
+            await sender.send_many([(topic, key, value, cast(list[tuple[str, bytes]], headers))])
+            return
+        except TOO_LARGE as exc:
+            if limit == 0:
+                raise
+            log.warning(
+                "dead letter refused as too large, sending it without the value",
+                error=repr(exc),
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+
+
 class KafkaDeadLetters:
-    """Writes unhandleable records to the dead-letter topic with their origin and the reason."""
+    """Writes unhandleable records to the dead-letter topic with their origin and the reason; a record too
+    large to copy whole is copied truncated (see :func:`dead_letter_message`)."""
 
     def __init__(self, publisher: KafkaPublisher, topic: str = DEAD_LETTER) -> None:
         self.publisher = publisher
         self.topic = topic
 
     async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None:
-        headers = [h for h in record.headers if not h[0].startswith("dlq_")]
-        headers += [
-            ("dlq_reason", reason.encode()),
-            ("dlq_error", error[:4000].encode()),
-            ("dlq_consumer", consumer.encode()),
-            ("dlq_origin_topic", record.topic.encode()),
-            ("dlq_origin_partition", str(record.partition).encode()),
-            ("dlq_origin_offset", str(record.offset).encode()),
-        ]
-        await self.publisher.send_many([(self.topic, record.key, record.value or b"", headers)])
+        await write_dead_letter(
+            self.publisher,
+            record,
+            topic=self.topic,
+            consumer=consumer,
+            reason=reason,
+            error=error,
+            max_bytes=self.publisher.max_record_bytes,
+        )
 
 
 MAX_POLL_RECORDS = 1000
@@ -103,6 +243,14 @@ class ConsumerRunner:
     therefore re-delivers at most the last interval's events, and the inbox makes them no-ops. If settling
     fails for reasons outside the event (the database or the broker is away), the runner seeks back and
     reads the same records again.
+
+    A fetched record aiokafka cannot parse (see :data:`UNREADABLE`) makes ``getmany`` raise and lose what it
+    had read of that poll; the runner then reads again from the last record it received, one record at a
+    time, up to the first offset that cannot be read, and settles that offset as an
+    :class:`~libs.bus.core.UnreadableRecord` (dead-lettered as ``unreadable``). aiokafka parses a whole
+    record batch on every fetch, so the offsets after an unparsable record in its batch cannot be read
+    either: each is dead-lettered the same way, one at a time, until the next batch. Nothing readable is
+    skipped, and nothing escapes ``run``.
     """
 
     def __init__(
@@ -134,6 +282,9 @@ class ConsumerRunner:
         self.ready = asyncio.Event()
         self._settled: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        # Per partition, the offset after the last record handed to the dispatcher (or sought to): where
+        # reading resumes after a failed fetch.
+        self._next: dict[TopicPartition, int] = {}
         self._commit_lock = asyncio.Lock()
 
     def stop(self) -> None:
@@ -161,17 +312,13 @@ class ConsumerRunner:
                 if ahead is not None:
                     current, ahead = ahead, None
                 else:
-                    polled = await self.consumer.getmany(
-                        timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                    )
+                    current = await self._fetch(self.poll_timeout_ms)
                     if self.consumer.assignment():
                         self.ready.set()
-                    current = self._poll(polled)
                 if current is None:
                     continue
                 if self.sub.batch_prepare is not None:
-                    fetched = await self.consumer.getmany(timeout_ms=0, max_records=self.max_records)
-                    ahead = self._poll(fetched)
+                    ahead = await self._fetch(0)
                 if not await self._settle(current, ahead):
                     ahead = None  # seeked back before it: it is read again
         finally:
@@ -194,11 +341,130 @@ class ConsumerRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _fetch(self, timeout_ms: int) -> _Poll | None:
+        """One poll (None when empty). A record the client cannot parse costs a slower poll, never a crash."""
+        assert self.consumer is not None
+        try:
+            polled = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self.max_records)
+        except UNREADABLE as exc:
+            log.warning(
+                "a fetched record cannot be parsed, reading again one record at a time",
+                consumer=self.sub.consumer,
+                error=repr(exc),
+            )
+            return await self._fetch_isolating()
+        return self._poll(polled)
+
+    async def _fetch_isolating(self) -> _Poll | None:
+        """A poll read one record at a time, which stops at the first offset of each partition that cannot be
+        parsed and stands an :class:`UnreadableRecord` in for it.
+
+        The failed ``getmany`` consumed (and lost) what it had parsed of other partitions: every partition is
+        first sought back to what this runner received. Only partitions with records left are read."""
+        consumer = self.consumer
+        assert consumer is not None
+        await self._rewind()
+        messages: dict[TopicPartition, list[Any]] = {}
+        unreadable: dict[TopicPartition, UnreadableRecord] = {}
+        budget = self.max_records
+        for tp in sorted(consumer.assignment()):
+            got: list[Any] = []
+            while budget > 0:
+                start = got[-1].offset + 1 if got else self._next.get(tp)
+                # A partition that never had a fetch answered, or has nothing left, holds no culprit.
+                if start is None or start >= (consumer.highwater(tp) or 0):
+                    break
+                try:
+                    # Records are there (below the high watermark): wait for the fetch, however long the
+                    # broker holds the one in flight before it.
+                    one = await consumer.getmany(
+                        tp, timeout_ms=max(self.poll_timeout_ms, 1000), max_records=1
+                    )
+                except UNREADABLE as exc:
+                    if tp not in consumer.assignment():
+                        break
+                    # A position moves only past records handed out: it is the offset that failed. Parsed
+                    # afresh after the seek back, so a corruption in transit would not have come back.
+                    offset = await consumer.position(tp)
+                    unreadable[tp] = UnreadableRecord(
+                        topic=self.kafka.logical(tp.topic),
+                        partition=tp.partition,
+                        offset=offset,
+                        key=None,
+                        value=None,
+                        headers=(),
+                        error=f"the Kafka client cannot parse the record batch holding offset {offset} (this "
+                        f"record or one before it in the batch): {exc!r}",
+                    )
+                    metrics.UNREADABLE.labels(self.sub.consumer, self.kafka.logical(tp.topic)).inc()
+                    log.error(
+                        "offset cannot be read, dead-lettering it as unreadable",
+                        consumer=self.sub.consumer,
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=offset,
+                        error=repr(exc),
+                    )
+                    break
+                if not one.get(tp):
+                    break
+                got += one[tp]
+                budget -= len(one[tp])
+            if got:
+                messages[tp] = got
+        poll = self._poll(messages)
+        if poll is None and not unreadable:
+            # Nothing to read after all (the partition moved away): do not spin on a getmany that fails.
+            await asyncio.sleep(self.poll_timeout_ms / 1000)
+            return None
+        poll = poll or _Poll({}, [])
+        for tp, placeholder in unreadable.items():
+            poll.batches.setdefault(tp, []).append(placeholder)
+            poll.records.append(placeholder)
+            self._seek(tp, placeholder.offset + 1)
+        return poll
+
+    async def _rewind(self) -> None:
+        """Seek every assigned partition back to the offset after the last record this runner received (for
+        one it received nothing from yet: its committed offset, or its beginning)."""
+        consumer = self.consumer
+        assert consumer is not None
+        delay = 0.5
+        while True:
+            try:
+                for tp in consumer.assignment():
+                    offset = self._next.get(tp)
+                    if offset is None:
+                        offset = await consumer.committed(tp)
+                    if offset is not None:
+                        self._seek(tp, offset)
+                    else:
+                        await consumer.seek_to_beginning(tp)
+                        self._next[tp] = await consumer.position(tp)
+                return
+            except KafkaError as exc:
+                # Not seeking back would skip what the failed getmany consumed: wait for the broker.
+                if self._stopping:
+                    raise
+                log.warning("broker unavailable, retrying", consumer=self.sub.consumer, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` next, if it is still assigned (a rebalance may have taken it: its new
+        owner reads from the committed offset, and seeking it would raise)."""
+        assert self.consumer is not None
+        if tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
+            self._next[tp] = offset
+
     def _poll(self, batches: dict[TopicPartition, list[Any]]) -> _Poll | None:
         """One poll's messages by partition and as records in dispatch order (None when empty)."""
         batches = {tp: msgs for tp, msgs in batches.items() if msgs}
         if not batches:
             return None
+        for tp, messages in batches.items():
+            self._next[tp] = messages[-1].offset + 1
         records = [
             Record(
                 topic=self.kafka.logical(m.topic),
@@ -226,10 +492,10 @@ class ConsumerRunner:
         except Exception as exc:
             log.error("batch not settled, will re-read it", error=repr(exc))
             for tp, messages in current.batches.items():
-                self.consumer.seek(tp, messages[0].offset)
+                self._seek(tp, messages[0].offset)
             for tp, messages in (ahead.batches if ahead else {}).items():
                 if tp not in current.batches:
-                    self.consumer.seek(tp, messages[0].offset)
+                    self._seek(tp, messages[0].offset)
             await asyncio.sleep(1.0)
             return False
         # A rebalance during the look-ahead poll may have taken a partition away: its new owner re-reads it.
@@ -267,6 +533,7 @@ class ConsumerRunner:
         for tp in partitions:
             self._settled.pop(tp, None)
             self._committed.pop(tp, None)
+            self._next.pop(tp, None)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry
-from libs.bus.core import Claim, Dispatcher, Record, Subscription
+from libs.bus.core import Claim, Dispatcher, Record, Subscription, encode_outgoing
 
 
 @dataclass
@@ -34,6 +34,8 @@ class MemoryTransaction:
     claims: dict[tuple[str, str], str] = field(default_factory=dict)
 
     async def publish(self, event: CloudEvent[Any]) -> None:
+        # Refused here, as the outbox refuses it: the handler's transaction fails, not a later relay.
+        encode_outgoing(event, max_bytes=self.bus.max_event_bytes)
         self.published.append(event)
 
     async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
@@ -62,7 +64,8 @@ class InMemoryBus:
     # -- the producer side, as on Kafka -----------------------------------------------------------
 
     async def publish(self, event: CloudEvent[Any]) -> None:
-        key, value, headers = event.to_kafka()
+        """Put an event on its topic; one consumers would refuse as oversized is refused (EventTooLarge)."""
+        key, value, headers = encode_outgoing(event, max_bytes=self.max_event_bytes)
         self.append_raw(event.topic, key, value, headers)
 
     def append_raw(

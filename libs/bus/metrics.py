@@ -18,3 +18,15 @@ DEAD_LETTERED = Counter(
 )
 PUBLISHED = Counter("driftloop_bus_published_total", "Events published to Kafka.", ["topic"])
 OUTBOX_BACKLOG = Gauge("driftloop_bus_outbox_backlog", "Outbox rows not yet published.", ["schema"])
+UNREADABLE = Counter(
+    "driftloop_bus_unreadable_total",
+    "Offsets the Kafka client could not parse, dead-lettered (or, in a raw subscription, delivered) as "
+    "unreadable.",
+    ["consumer", "topic"],
+)
+OUTBOX_SET_ASIDE = Counter(
+    "driftloop_bus_outbox_set_aside_total",
+    "Outbox rows Kafka refused as too large: dead-lettered as output-oversized and marked sent, so the rows "
+    "behind them go on.",
+    ["schema", "topic"],
+)

@@ -6,13 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES, CloudEvent
+from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
-from libs.bus.core import Claim, TransactionFactory
+from libs.bus.core import Claim, RawSender, Record, TransactionFactory, encode_outgoing
+from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
 from libs.db import Migration, check_schema_name, migrations_in
 from libs.logging import get_logger
 
@@ -41,14 +43,19 @@ RETURNING event_id
 class PgTransaction:
     """An open transaction on one connection; ``publish`` writes to the outbox inside it."""
 
-    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, schema: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    ) -> None:
         self.conn = conn
+        self.max_event_bytes = max_event_bytes
         self._channel = outbox_channel(schema)
         self._notified = False
 
     async def publish(self, event: CloudEvent[Any]) -> None:
-        """Add the event to the outbox; the relay sends it after this transaction commits."""
-        key, value, headers = event.to_kafka()
+        """Add the event to the outbox; the relay sends it after this transaction commits. An event that
+        consumers would refuse as oversized is refused here (:class:`~libs.bus.core.EventTooLarge`), so it
+        never holds up the outbox and the input that made it is dead-lettered with the reason."""
+        key, value, headers = encode_outgoing(event, max_bytes=self.max_event_bytes)
         await self.conn.execute(
             "INSERT INTO outbox (event_id, topic, key, value, headers) VALUES ($1, $2, $3, $4, $5)",
             event.id,
@@ -91,23 +98,18 @@ class PgTransaction:
         return claims
 
 
-def pg_transactions(pool: asyncpg.Pool, schema: str) -> TransactionFactory:
-    """A factory of handler transactions on the service's pool."""
+def pg_transactions(
+    pool: asyncpg.Pool, schema: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> TransactionFactory:
+    """A factory of handler transactions on the service's pool. ``max_event_bytes`` is the consumers' limit
+    (``KafkaSettings.max_event_bytes``: a service passes its own)."""
 
     @asynccontextmanager
     async def begin() -> AsyncIterator[PgTransaction]:
         async with pool.acquire() as conn, conn.transaction():
-            yield PgTransaction(conn, schema)
+            yield PgTransaction(conn, schema, max_event_bytes=max_event_bytes)
 
     return begin
-
-
-class RawSender(Protocol):
-    async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
-    ) -> None:
-        """Send (topic, key, value, headers) records and return once the broker acknowledged them all."""
-        ...
 
 
 class OutboxRelay:
@@ -124,12 +126,14 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         idle_s: float = 1.0,
+        max_record_bytes: int = DEFAULT_MAX_EVENT_BYTES + RECORD_HEADROOM_BYTES,
     ) -> None:
         self.pool = pool
         self.schema = check_schema_name(schema)
         self.sender = sender
         self.batch_size = batch_size
         self.idle_s = idle_s
+        self.max_record_bytes = max_record_bytes
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -145,15 +149,45 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            await self.sender.send_many(
-                [(r["topic"], r["key"], r["value"], [(k, v.encode()) for k, v in r["headers"]]) for r in rows]
-            )
+            items = [
+                (r["topic"], r["key"], r["value"], [(k, v.encode()) for k, v in r["headers"]]) for r in rows
+            ]
+            try:
+                await self.sender.send_many(items)
+            except TOO_LARGE:
+                # One row Kafka refuses must not hold up the rows behind it (nor, retried, the outbox for
+                # good): send them one by one, in order, and set the refused ones aside.
+                for row, item in zip(rows, items, strict=True):
+                    try:
+                        await self.sender.send_many([item])
+                    except TOO_LARGE as exc:
+                        await self._set_aside(row["seq"], item, exc)
             await conn.execute(
                 "UPDATE outbox SET sent_at = now() WHERE seq = ANY($1::bigint[])", [r["seq"] for r in rows]
             )
-        for r in rows:
-            metrics.PUBLISHED.labels(r["topic"]).inc()
         return len(rows)
+
+    async def _set_aside(
+        self, seq: int, item: tuple[str, bytes | None, bytes, list[tuple[str, bytes]]], exc: Exception
+    ) -> None:
+        """Dead-letter an outbox row Kafka refused as too large (``output-oversized``); it is then marked sent
+        with the rest, and stays in the outbox table as it was written."""
+        topic, key, value, headers = item
+        error = (
+            f"outbox row {seq} of schema {self.schema} ({len(value)} bytes) was refused by Kafka as too "
+            f"large: {exc!r}"
+        )
+        await write_dead_letter(
+            self.sender,
+            Record(topic, -1, -1, key, value, tuple(headers)),
+            topic=DEAD_LETTER,
+            consumer=f"{self.schema}-outbox",
+            reason="output-oversized",
+            error=error,
+            max_bytes=self.max_record_bytes,
+        )
+        metrics.OUTBOX_SET_ASIDE.labels(self.schema, topic).inc()
+        log.error("outbox row set aside as a dead letter", seq=seq, topic=topic, error=repr(exc))
 
     @property
     def _lock_name(self) -> str:

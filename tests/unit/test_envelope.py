@@ -20,6 +20,8 @@ from contracts.audit import AuditCheckpoint
 from contracts.commands import RollbackRequested
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import (
+    BOUNDED_ATTRIBUTES,
+    MAX_ATTRIBUTE_CHARS,
     CloudEvent,
     EventIds,
     EventPayload,
@@ -32,6 +34,7 @@ from contracts.envelope import (
     UnknownEventType,
     UnknownSchemaVersion,
     new_event,
+    record_bytes,
 )
 from contracts.examples import EXAMPLES
 from contracts.monitoring import DriftDetected
@@ -279,6 +282,48 @@ def test_an_oversized_message_is_refused_before_parsing() -> None:
     with pytest.raises(OversizedEvent, match=f"{len(value)} bytes") as caught:
         EVENT_TYPES.decode(value, headers, max_bytes=len(value) - 1)
     assert caught.value.reason == "oversized"
+
+
+def test_headers_count_toward_the_size_limit() -> None:
+    value, headers = _valid_message()
+    limit = record_bytes(value, list(headers.items()))
+    headers["x-padding"] = b"p" * 100
+
+    with pytest.raises(OversizedEvent, match="value and headers"):
+        EVENT_TYPES.decode(value, headers, max_bytes=limit + 99)
+    assert (
+        EVENT_TYPES.decode(value, headers, max_bytes=limit + 100 + len("x-padding")).id
+        == headers["ce_id"].decode()
+    )
+
+
+def test_a_huge_header_is_oversized_even_when_it_is_not_utf8() -> None:
+    value, headers = _valid_message()
+    headers["x-blob"] = b"\xff" * 2_000_000
+
+    with pytest.raises(OversizedEvent):
+        EVENT_TYPES.decode(value, headers)
+
+
+@pytest.mark.parametrize("header", BOUNDED_ATTRIBUTES)
+def test_a_cloudevents_attribute_longer_than_the_bound_is_refused(header: str) -> None:
+    value, headers = _valid_message()
+    headers[header] = b"a" * (MAX_ATTRIBUTE_CHARS + 1)
+
+    with pytest.raises(OversizedEvent, match=header) as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "oversized"
+
+
+def test_attributes_at_the_bound_decode_and_follow_the_cascade() -> None:
+    value, headers = _valid_message()
+    for name in ("ce_correlationid", "ce_actor", "ce_subject"):
+        headers[name] = "é".encode() * MAX_ATTRIBUTE_CHARS  # the bound counts characters, not bytes
+
+    cause = EVENT_TYPES.decode(value, headers)
+    effect = new_event(EXAMPLES[DriftDetected], source="/driftloop/test", cause=cause)
+
+    assert len(effect.correlationid) == len(effect.actor or "") == MAX_ATTRIBUTE_CHARS
 
 
 @pytest.mark.parametrize("header", ["ce_id", "ce_type", "ce_source", "ce_specversion"])

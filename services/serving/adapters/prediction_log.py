@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import struct
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter, Gauge
 
-from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, EventIds
+from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, EventIds, record_bytes
 from contracts.predictions import TOPIC, PredictionsLogged, Variant
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
@@ -225,6 +226,9 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
     model = item.model.encode()
     ce_time = predicted_at.replace("+00:00", "Z").encode()
     source_bytes = source.encode()
+    # The limit counts the headers too (contracts.envelope.record_bytes): the id twice (ce_id and the
+    # correlation id), the rest as sent.
+    room = max_bytes - record_bytes(b"", _headers(b"", source_bytes, ce_time, model)) - 2 * _ID_BYTES
     out: list[Wire] = []
     pending = [(0, len(parts) // stride)]
     while pending:
@@ -236,23 +240,29 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
             )
         else:
             value = head + b"]}"
-        if len(value) > max_bytes and end - first > 1:
+        if len(value) > room and end - first > 1:
             half = (first + end) // 2
             pending[:0] = [(first, half), (half, end)]
             continue
-        event_id = _event_id().encode()
-        headers = [
-            ("ce_specversion", _SPEC_VERSION),
-            ("ce_id", event_id),
-            ("ce_source", source_bytes),
-            ("ce_type", _EVENT_TYPE),
-            ("ce_time", ce_time),
-            ("content-type", _CONTENT_TYPE),
-            ("ce_correlationid", event_id),
-            ("ce_subject", model),
-        ]
-        out.append((TOPIC, model, value, headers))
+        out.append((TOPIC, model, value, _headers(_event_id().encode(), source_bytes, ce_time, model)))
     return out
+
+
+_ID_BYTES = len(str(uuid.UUID(int=0)))
+"""An event id's length (ids are UUIDs)."""
+
+
+def _headers(event_id: bytes, source: bytes, ce_time: bytes, model: bytes) -> list[tuple[str, bytes]]:
+    return [
+        ("ce_specversion", _SPEC_VERSION),
+        ("ce_id", event_id),
+        ("ce_source", source),
+        ("ce_type", _EVENT_TYPE),
+        ("ce_time", ce_time),
+        ("content-type", _CONTENT_TYPE),
+        ("ce_correlationid", event_id),
+        ("ce_subject", model),
+    ]
 
 
 FRAME = struct.Struct("<II")

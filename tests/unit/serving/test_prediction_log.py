@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
+from contracts.envelope import record_bytes
 from contracts.predictions import (
     PredictionColumns,
     PredictionOutput,
@@ -85,9 +86,20 @@ def test_inputs_from_columns_write_missing_as_null() -> None:
 
 def test_a_request_too_big_for_one_event_is_split_in_order() -> None:
     wires = encode(item(rows=40), source="/s", max_bytes=3_000)
-    assert len(wires) > 1 and all(len(w[2]) <= 3_000 for w in wires)
+    # What consumers count against the limit: the value and the headers.
+    assert len(wires) > 1 and all(record_bytes(w[2], w[3]) <= 3_000 for w in wires)
     ids = [r.prediction_id for w in wires for r in decode(w).data.rows]
     assert ids == [f"churn:7:abc-{i}" for i in range(40)]
+
+
+def test_the_headers_count_against_the_limit_as_consumers_count_them() -> None:
+    [(_, _, value, headers)] = encode(item(rows=40), source="/s", max_bytes=1_000_000)
+    limit = len(value) + 10  # the value alone would fit, with its headers it does not
+
+    wires = encode(item(rows=40), source="/s", max_bytes=limit)
+
+    assert len(wires) == 2 and all(record_bytes(w[2], w[3]) <= limit for w in wires)
+    assert record_bytes(value, headers) > limit
 
 
 def validated(log_item: LogItem) -> PredictionsLogged:
@@ -241,7 +253,7 @@ def test_split_events_decode_to_the_validated_rows_in_order() -> None:
         setattr(log_item, name, [f"{v}-{i}" for i, v in enumerate(getattr(log_item, name) * 10)])
     log_item.scores = Scores(log_item.scores.labels * 10, log_item.scores.probabilities * 10, [0, 1])
     wires = encode(log_item, source="/s", max_bytes=1_500)
-    assert len(wires) > 2 and all(len(w[2]) <= 1_500 for w in wires)
+    assert len(wires) > 2 and all(record_bytes(w[2], w[3]) <= 1_500 for w in wires)
     assert [r for w in wires for r in decode(w).data.rows] == validated(log_item).rows
 
 
