@@ -117,7 +117,7 @@ async def get_event(
 
 
 @router.get(
-    "/trace/{correlation_id}",
+    "/trace/{correlation_id:path}",  # any correlation id a producer set, slashes included
     response_model=TracePublic,
     response_model_exclude_none=True,
     summary="The causal tree of one cascade.",

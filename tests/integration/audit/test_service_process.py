@@ -175,6 +175,8 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
             [node] = node["children"]
         assert chain == [e.id for e in events]
         assert (await svc.get("/v1/trace/nope")).status_code == 404
+        slashed = await svc.get("/v1/trace/team/cascade-1")  # a correlation id with a slash: looked up
+        assert slashed.status_code == 404 and "'team/cascade-1'" in slashed.json()["detail"]
 
         assert (await svc.get("/v1/events", token=None)).status_code == 401
         assert (await svc.get("/v1/events", token="dev-predict")).status_code == 403
