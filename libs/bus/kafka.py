@@ -6,7 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -329,10 +329,15 @@ class ConsumerRunner:
 
     async def _start_with_retry(self) -> None:
         assert self.consumer is not None
+        await self._while_broker_away(self.consumer.start)
+
+    async def _while_broker_away(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run ``action`` until the broker lets it finish (KafkaError: wait, doubling up to 5 s), unless
+        stopping."""
         delay = 0.5
         while True:
             try:
-                await self.consumer.start()
+                await action()
                 return
             except KafkaError as exc:
                 if self._stopping:
@@ -426,29 +431,23 @@ class ConsumerRunner:
 
     async def _rewind(self) -> None:
         """Seek every assigned partition back to the offset after the last record this runner received (for
-        one it received nothing from yet: its committed offset, or its beginning)."""
+        one it received nothing from yet: its committed offset, or its beginning). Not seeking back would skip
+        what the failed getmany consumed: with the broker away, it waits for it."""
         consumer = self.consumer
         assert consumer is not None
-        delay = 0.5
-        while True:
-            try:
-                for tp in consumer.assignment():
-                    offset = self._next.get(tp)
-                    if offset is None:
-                        offset = await consumer.committed(tp)
-                    if offset is not None:
-                        self._seek(tp, offset)
-                    else:
-                        await consumer.seek_to_beginning(tp)
-                        self._next[tp] = await consumer.position(tp)
-                return
-            except KafkaError as exc:
-                # Not seeking back would skip what the failed getmany consumed: wait for the broker.
-                if self._stopping:
-                    raise
-                log.warning("broker unavailable, retrying", consumer=self.sub.consumer, error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        async def seek_back() -> None:
+            for tp in consumer.assignment():
+                offset = self._next.get(tp)
+                if offset is None:
+                    offset = await consumer.committed(tp)
+                if offset is not None:
+                    self._seek(tp, offset)
+                else:
+                    await consumer.seek_to_beginning(tp)
+                    self._next[tp] = await consumer.position(tp)
+
+        await self._while_broker_away(seek_back)
 
     def _seek(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` from ``offset`` next, if it is still assigned (a rebalance may have taken it: its new

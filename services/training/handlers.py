@@ -8,6 +8,7 @@ Handlers are plain functions; bootstrap binds the ports of the delivery's transa
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from contracts.commands import RetrainRequested
@@ -177,23 +178,28 @@ async def request_retrain(
         parent_version=production_version,
     )
     event = new_event(request, source=source, cause=cause)
-    created = Job(
-        job_id=request.job_id,
-        model=model,
+    created = new_job(event, stored, created_at=now)
+    await jobs.create(created)
+    await publish(event)
+    log.info("retrain requested", model=model, job_id=request.job_id, trigger=trigger.kind.value)
+    return created
+
+
+def new_job(event: CloudEvent[TrainingRequested], stored: StoredSpec, *, created_at: datetime) -> Job:
+    """The job a TrainingRequested asks for, on the model's stored spec, not started yet."""
+    return Job(
+        job_id=event.data.job_id,
+        model=event.data.model,
         state=JobState.REQUESTED,
-        trigger=trigger.kind.value,
-        request=request,
+        trigger=event.data.trigger.value,
+        request=event.data,
         request_event=envelope_of(event),
         spec_hash=stored.spec_hash,
         spec_artifact=stored.artifact,
         attempts=0,
         run_id=None,
-        created_at=now,
+        created_at=created_at,
     )
-    await jobs.create(created)
-    await publish(event)
-    log.info("retrain requested", model=model, job_id=request.job_id, trigger=trigger.kind.value)
-    return created
 
 
 def envelope_of(event: CloudEvent[Any]) -> RequestEnvelope:
@@ -311,20 +317,10 @@ async def on_training_requested(
     stored = await specs.get(d.model)
     if stored is None:
         raise PermanentError(f"training requested for model {d.model!r}, which has no spec (job {d.job_id})")
-    job = Job(
-        job_id=d.job_id,
-        model=d.model,
-        state=JobState.REQUESTED,
-        trigger=d.trigger.value,
-        request=d,
-        request_event=envelope_of(event),
-        spec_hash=stored.spec_hash,
-        spec_artifact=stored.artifact,
-        attempts=0,
-        run_id=None,
-        created_at=event.time,
-    )
-    if await jobs.dispatch(job) or await jobs.get(d.job_id) is not None:
+    if (
+        await jobs.dispatch(new_job(event, stored, created_at=event.time))
+        or await jobs.get(d.job_id) is not None
+    ):
         return
     in_flight = (await jobs.policy_state(d.model, clock())).in_flight_job_id
     skipped = TrainingSkipped(

@@ -17,9 +17,10 @@ from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent
 from contracts.topics import DEAD_LETTER
-from libs.bus import Claim, Dispatcher, Record, Subscription, Transaction, metrics
+from libs.bus import Dispatcher, Record, Subscription, Transaction, metrics
 from libs.bus.kafka import DEAD_LETTER_HEADER_VALUE_BYTES, dead_letter_message
 from libs.bus.postgres import OutboxRelay
+from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 
 LIMIT = 1_000_000 + 64 * 1024  # the producer's, for the default max_event_bytes
@@ -122,20 +123,10 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Any]:
-        yield _Tx()
+        yield NullTransaction()
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionResetError("the database went away before commit")
-
-
-class _Tx:
-    conn = None
-
-    async def publish(self, event: CloudEvent[Any]) -> None:
-        return None
-
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return [Claim.NEW for _ in items]
 
 
 async def test_a_dead_letter_that_could_not_be_written_is_neither_logged_nor_counted_as_written() -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from contracts.envelope import CloudEvent, EventTypeRegistry
-from libs.bus import Claim, Delivery, Dispatcher, Record, Subscription, Transaction
+from libs.bus import Delivery, Dispatcher, Record, Subscription, Transaction
+from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, thing
 
 
@@ -45,7 +46,7 @@ class Journal:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Any]:
         self.entries.append("begin")
-        yield _Tx()
+        yield NullTransaction()
         self.entries.append("commit")
 
     async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None:
@@ -63,16 +64,6 @@ class Journal:
         return Subscription(
             consumer="batcher", topics=["test.things"], batch_handler=handle, batch_prepare=prepare, **kw
         )
-
-
-class _Tx:
-    conn = None
-
-    async def publish(self, event: CloudEvent[Any]) -> None:
-        return None
-
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return [Claim.NEW for _ in items]
 
 
 def dispatcher(journal: Journal, registry: Any = REGISTRY, **kw: Any) -> Dispatcher:
@@ -140,7 +131,7 @@ async def test_a_failing_transaction_fails_the_dispatch_after_the_preparation() 
 
     @asynccontextmanager
     async def broken() -> AsyncIterator[Any]:
-        yield _Tx()
+        yield NullTransaction()
         raise ConnectionResetError("the database went away before commit")
 
     d = Dispatcher(journal.subscription(raw=True), registry=REGISTRY, begin=broken, dead_letters=journal)

@@ -19,9 +19,10 @@ from aiokafka.errors import CorruptRecordException, IllegalStateError, MessageSi
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from contracts.envelope import CloudEvent
-from libs.bus import Claim, Subscription, Transaction
+from libs.bus import Subscription, Transaction
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.settings import KafkaSettings
+from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 
 TOPIC = "test.things"
@@ -188,7 +189,7 @@ class Store:
     async def begin(self) -> AsyncIterator[Any]:
         if self.down:
             raise ConnectionRefusedError("the database is away")
-        yield _Tx()
+        yield NullTransaction()
 
     def subscription(self) -> Subscription:
         async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
@@ -197,16 +198,6 @@ class Store:
         return Subscription(
             consumer="counter", topics=[TOPIC], handlers={ThingHappened: on_thing}, retry_backoff_s=0
         )
-
-
-class _Tx:
-    conn = None
-
-    async def publish(self, event: CloudEvent[Any]) -> None:
-        return None
-
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return [Claim.NEW for _ in items]
 
 
 def good(n: int) -> tuple[bytes | None, bytes, tuple[tuple[str, bytes], ...]]:

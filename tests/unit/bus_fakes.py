@@ -1,0 +1,22 @@
+"""Stand-ins shared by the bus's unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from contracts.envelope import CloudEvent
+from libs.bus import Claim
+
+
+class NullTransaction:
+    """A transaction that keeps nothing: every event is new to the inbox, what is published goes nowhere.
+    For tests about what the runner and the dispatcher do with records, not about effects."""
+
+    conn = None
+
+    async def publish(self, event: CloudEvent[Any]) -> None:
+        return None
+
+    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        return [Claim.NEW for _ in items]
