@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -25,12 +27,23 @@ from deploy.local.broker import broker_answers, create_platform_topics
 from deploy.local.console import say
 from deploy.local.errors import InfraError, StartFailed
 from deploy.local.infra import KAFKA_ENV, LocalInfra, UpResult
+from deploy.local.interrupts import (
+    ChildOutcome,
+    DeferredSignals,
+    Terminated,
+    interruption,
+    run_to_completion,
+    terminations_raise,
+)
 from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
-from deploy.platform import Platform
+from deploy.platform import Platform, Supervision, supervised_state_dir
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
+# How long pytest may take to tear its session down (sandbox platforms, databases, topics) once it was
+# interrupted, before it is stopped without finishing.
+PYTEST_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,8 @@ def local_platform() -> Platform:
 
 
 # The local platform runs with windows and canary steps sized for a laptop's traffic (the services'
-# defaults are sized for production); any DRIFTLOOP_* variable the caller sets wins.
+# defaults are sized for production); any DRIFTLOOP_* variable the caller sets wins, except the broker and
+# database, which `infra up` chose (see platform_env).
 LOCAL_PROFILE = {
     "DRIFTLOOP_MONITORING_WINDOW_ROWS": "2000",
     "DRIFTLOOP_MONITORING_COOLDOWN_SECONDS": "120",
@@ -133,8 +147,10 @@ LOCAL_PROFILE = {
 
 
 def platform_env(result: UpResult) -> dict[str, str]:
-    """What the services need to find the infrastructure (the caller's settings win)."""
-    return {**LOCAL_PROFILE, **result.client_env(), **os.environ}
+    """The services' environment: the broker and database `infra up` chose (it said which; a dead
+    DRIFTLOOP_KAFKA_BOOTSTRAP left in the caller's environment must not win over them), then the
+    caller's settings, then the laptop profile."""
+    return {**LOCAL_PROFILE, **os.environ, **result.client_env()}
 
 
 def print_services(platform: Platform) -> bool:
@@ -158,24 +174,57 @@ def print_services(platform: Platform) -> bool:
     return all(v == "ready" for v in health.values())
 
 
+def stop_what_was_started(
+    infra: LocalInfra, result: UpResult, platform: Platform, supervision: Supervision | None, why: str
+) -> None:
+    """Stop the supervisor if this command started it, and the infrastructure it started unless a platform
+    was running before (that one keeps using it); says ``why`` first when there is anything to stop.
+
+    A second Ctrl-C or a SIGTERM meanwhile is held until the end, and the infrastructure is stopped
+    even when stopping the services failed."""
+    platform_was_running = supervision is not None and not supervision.started
+    services = supervision is not None and supervision.started
+    infrastructure = result.started if not platform_was_running else ()
+    if not services and not infrastructure:
+        return
+    say(why)
+    with DeferredSignals():
+        try:
+            if services:
+                platform.stop()
+        finally:
+            if infrastructure:
+                infra.down(infrastructure)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Bring the infrastructure and all six services up (supervised), and show their health."""
+    """Bring the infrastructure and all six services up (supervised), and show their health. When they do
+    not become ready (or on an error, Ctrl-C), what this `up` started is stopped again."""
     infra = LocalInfra()
     result = infra.up()
-    print_status(infra.status())
     platform = local_platform()
-    running = platform.supervisor_pid() is not None
-    pid = platform.start(platform_env(result))
-    say(
-        f"services already supervised (pid {pid})"
-        if running
-        else f"starting the six services under a supervisor (pid {pid}); logs in .driftloop/logs/ ..."
-    )
-    health = platform.wait_ready(timeout_s=args.wait)
-    ok = print_services(platform)
-    if not ok:
-        say(f"not ready after {args.wait:.0f}s: {', '.join(n for n, h in health.items() if h != 'ready')}")
-        say("see .driftloop/logs/<service>.log")
+    supervision: Supervision | None = None
+    ok = False
+    try:
+        print_status(infra.status())
+        supervision = platform.start(platform_env(result))
+        say(
+            f"services already supervised (pid {supervision.pid})"
+            if not supervision.started
+            else f"starting the six services under a supervisor (pid {supervision.pid}); "
+            "logs in .driftloop/logs/ ..."
+        )
+        health = platform.wait_ready(timeout_s=args.wait)
+        ok = print_services(platform)
+        if not ok:
+            waiting = ", ".join(name for name, state in health.items() if state != "ready")
+            say(f"not ready after {args.wait:.0f}s: {waiting}")
+            say("see .driftloop/logs/<service>.log")
+    finally:
+        if not ok:
+            stop_what_was_started(
+                infra, result, platform, supervision, "stopping what this `up` started (the logs stay) ..."
+            )
     return 0 if ok else 1
 
 
@@ -191,28 +240,33 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Bring everything up if needed, run the closed-loop demo, stop what it started."""
+    """Bring everything up if needed, run the closed-loop demo, stop what it started (also when it fails,
+    is interrupted or terminated; --keep-running keeps it once the services were ready)."""
     from deploy import demo  # pandas and friends load only for the demo
 
     infra = LocalInfra()
     result = infra.up()
     platform = local_platform()
-    was_running = platform.supervisor_pid() is not None
-    if not was_running:
-        say("starting the six services under a supervisor; logs in .driftloop/logs/ ...")
-        platform.start(platform_env(result))
-    health = platform.wait_ready(timeout_s=args.wait)
-    if not all(v == "ready" for v in health.values()):
-        print_services(platform)
-        raise StartFailed("the services did not become ready.", hint="see .driftloop/logs/<service>.log")
+    supervision: Supervision | None = None
+    ready = False
     try:
+        supervision = platform.start(platform_env(result))
+        if supervision.started:
+            say("starting the six services under a supervisor; logs in .driftloop/logs/ ...")
+        health = platform.wait_ready(timeout_s=args.wait)
+        if not all(v == "ready" for v in health.values()):
+            print_services(platform)
+            raise StartFailed("the services did not become ready.", hint="see .driftloop/logs/<service>.log")
+        ready = True
         return asyncio.run(demo.run(platform, result.kafka_bootstrap))
     finally:
-        if not was_running and not args.keep_running:
-            say("stopping what the demo started (use --keep-running to explore afterwards) ...")
-            platform.stop()
-            if result.started:
-                infra.down(result.started)
+        if not (ready and args.keep_running):
+            why = (
+                "stopping what the demo started (use --keep-running to explore afterwards) ..."
+                if ready
+                else "stopping what the demo started ..."
+            )
+            stop_what_was_started(infra, result, platform, supervision, why)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -229,17 +283,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    """Run pytest against the local infrastructure, starting it (and stopping it after) if needed."""
+    """Run pytest against the local infrastructure, starting it (and stopping it after) if needed.
+
+    Ctrl-C, SIGTERM or SIGHUP reach pytest as one SIGINT, and its session clean-up (sandbox platforms,
+    databases, topics) runs before the infrastructure it needs is stopped."""
     infra = LocalInfra()
-    result = infra.up()
+    result: UpResult | None = None
+    outcome: ChildOutcome | None = None
     try:
+        result = infra.up()
         env = {**os.environ, **result.client_env()}
         command = [sys.executable, "-m", "pytest", *args.passthrough]
         say(f"running {' '.join(command[1:])} against Kafka {result.kafka_bootstrap} ...")
-        return subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False).returncode
+        outcome = run_to_completion(command, name="pytest", cwd=PROJECT_ROOT, env=env, grace_s=PYTEST_GRACE_S)
+        if outcome.signal_received is not None:
+            raise interruption(outcome.signal_received)
+        return outcome.returncode
     finally:
-        if result.started:
-            infra.down(result.started)
+        with DeferredSignals():
+            try:
+                if outcome is not None:
+                    stop_platforms_left_behind(outcome.left_behind)
+            finally:
+                if result is not None and result.started:
+                    infra.down(result.started)
+
+
+def stop_platforms_left_behind(pids: Sequence[int]) -> None:
+    """Stop the sandbox platforms whose supervisors are among ``pids`` (what a killed pytest left)."""
+    for pid in pids:
+        state_dir = supervised_state_dir(pid)
+        if state_dir is not None and Platform(state_dir).stop():
+            say(f"stopped the platform pytest left running (state in {state_dir})")
 
 
 def _tool(name: str) -> str:
@@ -474,12 +549,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.usage_of.error(f"unrecognized arguments: {' '.join(extra)}")
     args.passthrough = extra
     try:
-        return command.run(args)
+        # SIGTERM and SIGHUP end a command through its clean-up, as Ctrl-C does.
+        with terminations_raise():
+            return command.run(args)
     except InfraError as err:
         print(f"driftloop: error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"driftloop: what to do: {err.hint}", file=sys.stderr)
         return 1
+    except ValidationError as err:
+        if not err.title.endswith("Settings"):
+            raise
+        print_invalid_settings(err)
+        return 1
+    except Terminated as err:
+        print(f"driftloop: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("driftloop: interrupted", file=sys.stderr)
         return 130
+
+
+def print_invalid_settings(err: ValidationError) -> None:
+    """Say which environment variable holds a value a settings class refused, and why; no traceback."""
+    for problem in err.errors():
+        field = str(problem["loc"][-1]) if problem["loc"] else ""
+        value = problem.get("input")
+        # The variable the value came from: a DRIFTLOOP_* name ending in the field's, holding that value.
+        variable = next(
+            (
+                name
+                for name, held in sorted(os.environ.items())
+                if name.startswith("DRIFTLOOP_") and name.lower().endswith(f"_{field}") and held == str(value)
+            ),
+            f"the setting `{field}`",
+        )
+        print(f"driftloop: error: {variable}={value!r} is not valid: {problem['msg']}", file=sys.stderr)
+    print(
+        "driftloop: what to do: correct or unset it; every setting is described in the settings.py it "
+        f"belongs to ({err.title}: deploy/local/settings.py for DRIFTLOOP_LOCAL_*, the services' own "
+        "settings.py for the others).",
+        file=sys.stderr,
+    )

@@ -3,7 +3,7 @@
 `driftloop up` starts a detached supervisor (``python -m deploy.platform``) that owns the service
 processes; `driftloop down` sends it SIGTERM and it stops them gracefully. Each service logs to
 ``<state>/logs/<service>.log``; the supervisor keeps ``<state>/platform/state.json`` (pids, restarts) for
-`driftloop status`.
+`driftloop status`, and for `down` to stop the services itself should the supervisor be gone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,21 @@ from pathlib import Path
 
 import httpx
 
-from deploy.local.processes import pid_alive, wait_until
+from deploy.local.errors import StartFailed
+from deploy.local.processes import (
+    command_args,
+    ensure_port_free,
+    exclusive,
+    find_process,
+    log_tail,
+    open_log,
+    pid_alive,
+    read_pid,
+    runs_exactly,
+    signal_process,
+    terminate_all,
+    wait_until,
+)
 from deploy.local.settings import PROJECT_ROOT
 
 SERVICES = ("registry", "training", "validation", "serving", "monitoring", "audit")
@@ -43,6 +57,28 @@ def service_env(base_env: Mapping[str, str], port_base: int) -> dict[str, str]:
         env[f"DRIFTLOOP_{name.upper()}_HTTP_PORT"] = str(port)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+SUPERVISOR = ("-m", "deploy.platform", "--state")
+
+
+def supervisor_args(state_dir: Path) -> tuple[str, ...]:
+    """The arguments after the interpreter that start, and identify, the supervisor of ``state_dir``."""
+    return (*SUPERVISOR, str(state_dir))
+
+
+def service_args(name: str) -> tuple[str, ...]:
+    """The arguments after the interpreter that start, and identify, a service process."""
+    return ("-m", f"services.{name}")
+
+
+def supervised_state_dir(pid: int) -> Path | None:
+    """The state folder of the platform whose supervisor ``pid`` is, or None when it is not a supervisor."""
+    argv = command_args(pid)
+    for i in range(len(argv) - len(SUPERVISOR)):
+        if tuple(argv[i : i + len(SUPERVISOR)]) == SUPERVISOR:
+            return Path(argv[i + len(SUPERVISOR)])
+    return None
 
 
 def reap_group(pid: int) -> None:
@@ -88,23 +124,31 @@ class Supervisor:
         return self.state_dir / "platform" / "state.json"
 
     def start(self, child: Child) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{child.name}.log", "ab")  # noqa: SIM115 - owned by the child process
-        child.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{child.name}"],
-            cwd=PROJECT_ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open_log(self.logs / f"{child.name}.log") as log:
+            child.process = subprocess.Popen(
+                [sys.executable, *service_args(child.name)],
+                cwd=PROJECT_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         child.started_at = time.monotonic()
 
     def run(self) -> int:
-        """Start every service, restart those that exit, until SIGTERM or SIGINT."""
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        """Start every service, restart those that exit, until SIGTERM or SIGINT (or SIGHUP)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._stop)
+        try:
+            self._supervise()
+        finally:
+            # Whatever ends the supervisor (a signal, an error of its own), its services end with it:
+            # they run in their own sessions and would otherwise live on, unsupervised.
+            self.stop_children()
+            self.state_file.unlink(missing_ok=True)
+        return 0
+
+    def _supervise(self) -> None:
         for name in self.services:
             self.children[name] = child = Child(name)
             self.start(child)
@@ -130,9 +174,6 @@ class Supervisor:
                     self.start(child)
                     self.write_state()
             time.sleep(0.2)
-        self.stop_children()
-        self.state_file.unlink(missing_ok=True)
-        return 0
 
     def _stop(self, *_: object) -> None:
         self.stopping = True
@@ -166,11 +207,20 @@ class Supervisor:
         tmp.replace(self.state_file)
 
     def _note(self, message: str) -> None:
-        with open(self.logs / "supervisor.log", "a") as f:
+        # A line that cannot be written (disk full) must not take the supervisor, and the platform, down.
+        with contextlib.suppress(OSError), open(self.logs / "supervisor.log", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
 
 # --- control from the CLI and from tests --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What ``Platform.start`` found or did: the supervisor's pid, and whether it started it now."""
+
+    pid: int
+    started: bool
 
 
 @dataclass(frozen=True)
@@ -179,6 +229,7 @@ class Platform:
 
     state_dir: Path
     port_base: int = DEFAULT_PORT_BASE
+    services: tuple[str, ...] = SERVICES
 
     @property
     def state_file(self) -> Path:
@@ -188,15 +239,21 @@ class Platform:
     def pid_file(self) -> Path:
         return self.state_dir / "platform" / "supervisor.pid"
 
+    @property
+    def log(self) -> Path:
+        return self.state_dir / "logs" / "supervisor.log"
+
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{service_ports(self.port_base)[service]}"
 
     def supervisor_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if pid_alive(pid) else None
+        """The pid of this platform's supervisor when it runs: the pid file's if that process really is
+        it (a stale file may name any process), else one found in /proc by its arguments."""
+        args = supervisor_args(self.state_dir)
+        pid = read_pid(self.pid_file)
+        if pid is not None and pid_alive(pid) and runs_exactly(pid, args):
+            return pid
+        return find_process(args)
 
     def state(self) -> dict[str, dict[str, int | None]]:
         try:
@@ -204,42 +261,91 @@ class Platform:
         except (OSError, ValueError, KeyError):
             return {}
 
-    def start(self, env: Mapping[str, str]) -> int:
-        """Start the supervisor detached (unless it runs); returns its pid."""
-        running = self.supervisor_pid()
-        if running is not None:
-            return running
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / "logs" / "supervisor.log", "ab")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.platform", "--state", str(self.state_dir)],
-            cwd=PROJECT_ROOT,
-            env=service_env(env, self.port_base),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.pid_file.write_text(str(process.pid))
-        return process.pid
+    def preflight(self) -> None:
+        """Check that no other process listens on the services' ports: its /health/ready would answer for
+        a service that never started (an orphan of another run, another program)."""
+        ports = service_ports(self.port_base)
+        for name in self.services:
+            ensure_port_free(ports[name], f"the {name} service")
+
+    def start(self, env: Mapping[str, str]) -> Supervision:
+        """Start the supervisor detached unless it runs; one check-and-start at a time per state folder."""
+        with exclusive(self.state_dir / "platform" / "start.lock"):
+            running = self.supervisor_pid()
+            if running is not None:
+                return Supervision(running, started=False)
+            self.preflight()
+            args = supervisor_args(self.state_dir)
+            command = [sys.executable, *args]
+            if self.services != SERVICES:
+                command += ["--services", ",".join(self.services)]
+            with open_log(self.log) as log:
+                process = subprocess.Popen(
+                    command,
+                    cwd=PROJECT_ROOT,
+                    env=service_env(env, self.port_base),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                self.pid_file.write_text(str(process.pid))
+                # Popen returns before /proc shows the new command line: until it does, whoever looks next
+                # (a second `up` waiting on the lock, wait_ready) would not recognise the supervisor.
+                wait_until(
+                    lambda: runs_exactly(process.pid, args) or process.poll() is not None,
+                    timeout_s=10,
+                    interval_s=0.01,
+                )
+            except BaseException:
+                terminate_all([process.pid], timeout_s=40)
+                raise
+            return Supervision(process.pid, started=True)
+
+    def _orphaned_services(self) -> list[int]:
+        # The services of a supervisor that was killed: still listed in its state file, each still running
+        # `python -m services.<name>` as the leader of its own session, as the supervisor started it.
+        pids = []
+        for name, row in self.state().items():
+            pid = row.get("pid")
+            if isinstance(pid, int) and pid_alive(pid) and runs_exactly(pid, service_args(name)):
+                with contextlib.suppress(OSError):
+                    if os.getsid(pid) == pid:
+                        pids.append(pid)
+        return pids
 
     def stop(self, timeout_s: float = 40.0) -> bool:
-        """SIGTERM the supervisor and wait for it and its services to exit; True if one was running."""
+        """SIGTERM the supervisor and wait for it and its services to exit; services it left behind (it
+        was killed) are stopped from its state file. True if anything of the platform was running."""
         pid = self.supervisor_pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        if not wait_until(lambda: not pid_alive(pid), timeout_s=timeout_s, interval_s=0.2):
-            os.killpg(pid, signal.SIGKILL)
+        if pid is not None:
+            signal_process(pid, signal.SIGTERM)  # gone meanwhile (another `down`) is fine
+            if not wait_until(lambda: not pid_alive(pid), timeout_s=timeout_s, interval_s=0.2):
+                self._kill_supervisor(pid)
+        orphans = self._orphaned_services()
+        if orphans:
+            terminate_all(orphans, timeout_s=20)
+            for orphan in orphans:
+                reap_group(orphan)
+        # Nothing of it runs now: what the files say is history.
         self.pid_file.unlink(missing_ok=True)
-        return True
+        self.state_file.unlink(missing_ok=True)
+        return pid is not None or bool(orphans)
+
+    @staticmethod
+    def _kill_supervisor(pid: int) -> None:
+        # Its group when it leads one (as started); killpg of a pid that leads none would fail (ESRCH).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
     def health(self) -> dict[str, str]:
         """Each service's readiness as its /health/ready says, or why it cannot be asked."""
         result: dict[str, str] = {}
         with httpx.Client(timeout=2.0) as client:
-            for name in SERVICES:
+            for name in self.services:
                 try:
                     response = client.get(f"{self.url(name)}/health/ready")
                     result[name] = (
@@ -250,15 +356,27 @@ class Platform:
         return result
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, str]:
-        """Poll until every service is ready or the deadline passes; returns the last health."""
+        """Poll until every service is ready or the deadline passes; returns the last health. Raises
+        StartFailed at once when the supervisor is gone: nothing would become ready any more."""
         last: dict[str, str] = {}
+        supervised = True
 
-        def all_ready() -> bool:
-            nonlocal last
+        def settled() -> bool:
+            nonlocal last, supervised
             last = self.health()
-            return all(v == "ready" for v in last.values())
+            if all(v == "ready" for v in last.values()):
+                return True
+            supervised = self.supervisor_pid() is not None
+            return not supervised
 
-        wait_until(all_ready, timeout_s=timeout_s, interval_s=0.5)
+        wait_until(settled, timeout_s=timeout_s, interval_s=0.5)
+        if not supervised:
+            raise StartFailed(
+                f"the services' supervisor exited while they were starting. Last lines of {self.log}:\n"
+                + log_tail(self.log),
+                hint=f"fix the cause shown above (each service logs to {self.log.parent}/<service>.log) "
+                "and run the command again.",
+            )
         return last
 
 

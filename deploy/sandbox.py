@@ -86,11 +86,15 @@ class Sandbox:
         finally:
             await conn.close()
         create_platform_topics(self.bootstrap, prefix=self.prefix)
-        self.platform.start(self.env)
-        health = self.platform.wait_ready(timeout_s=ready_timeout_s)
-        if not all(v == "ready" for v in health.values()):
+        try:
+            self.platform.start(self.env)
+            health = self.platform.wait_ready(timeout_s=ready_timeout_s)
+            if not all(v == "ready" for v in health.values()):
+                raise RuntimeError(f"services not ready: {health}; logs in {self.state_dir}/logs")
+        except BaseException:
+            # Not started is not stopped by the caller: a failure or Ctrl-C here stops it itself.
             self.platform.stop()
-            raise RuntimeError(f"services not ready: {health}; logs in {self.state_dir}/logs")
+            raise
 
     def stop(self) -> None:
         """Stop the services (the database and topics stay, for a post-mortem, until ``remove``)."""

@@ -65,6 +65,7 @@ from contracts.envelope import new_event
 from contracts.models import ModelVersionRegistered
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
 from deploy.local.broker import create_platform_topics, delete_platform_topics
+from deploy.local.interrupts import terminations_raise
 from libs.artifacts import ArtifactStore, save_model
 from libs.bus.kafka import KafkaPublisher
 from libs.settings import PROJECT_ROOT, KafkaSettings
@@ -1069,4 +1070,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with terminations_raise():  # a SIGTERM stops the servers it started too, as Ctrl-C does
+        main()

@@ -18,14 +18,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from contracts.topics import TOPICS
 from deploy.local.console import say
 from deploy.local.errors import InfraError, JarsDownloadFailed, JavaMissing, MavenMissing, StartFailed
+from deploy.local.interrupts import DeferredSignals
 from deploy.local.processes import (
-    command_line,
     ensure_port_free,
+    find_process,
     log_tail,
+    open_log,
     pid_alive,
     port_open,
     read_pid,
     run_async,
+    runs_exactly,
     terminate,
     text_tail,
 )
@@ -247,19 +250,17 @@ class KafkaBroker:
         """The bootstrap servers clients should use."""
         return f"127.0.0.1:{self.settings.kafka_port}"
 
-    def _is_ours(self, pid: int) -> bool:
-        cmd = command_line(pid)
-        return MAIN_CLASS in cmd.split() and str(self.layout.kafka_config) in cmd
+    @property
+    def _signature(self) -> tuple[str, str]:
+        # What only our broker's java has on its command line: the main class, then our config, exactly.
+        return (MAIN_CLASS, str(self.layout.kafka_config))
 
     def running_pid(self) -> int | None:
         """The pid of our broker if it runs (from the pid file, else found in /proc by its config path)."""
         pid = read_pid(self.layout.kafka_pid)
-        if pid is not None and pid_alive(pid) and self._is_ours(pid):
+        if pid is not None and pid_alive(pid) and runs_exactly(pid, self._signature, program="java"):
             return pid
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit() and self._is_ours(int(proc.name)) and pid_alive(int(proc.name)):
-                return int(proc.name)
-        return None
+        return find_process(self._signature, program="java")
 
     def jars_present(self) -> bool:
         """True when the jars of the configured Kafka version are already downloaded."""
@@ -353,7 +354,7 @@ class KafkaBroker:
             f"-Dlog4j2.configurationFile={self.layout.kafka / 'log4j2.properties'}",
             "-cp", self._classpath(), MAIN_CLASS, str(self.layout.kafka_config),
         ]  # fmt: skip
-        with self.layout.kafka_log.open("ab") as log:
+        with open_log(self.layout.kafka_log) as log:
             log_start = log.tell()
             # Own session: the broker outlives this command and ignores the terminal's Ctrl-C.
             process = subprocess.Popen(
@@ -364,8 +365,15 @@ class KafkaBroker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.layout.kafka_pid.write_text(f"{process.pid}\n")
-        self._wait_ready(process.pid, log_start)
+        try:
+            self.layout.kafka_pid.write_text(f"{process.pid}\n")
+            self._wait_ready(process.pid, log_start)
+        except BaseException:
+            # Launched is started: a failure or Ctrl-C while it comes up must not leave it running.
+            with DeferredSignals("stopping the Kafka broker that was starting"):
+                terminate(process.pid, timeout_s=20)
+                self.layout.kafka_pid.unlink(missing_ok=True)
+            raise
         say(f"Kafka is ready on {self.bootstrap} (pid {process.pid}, {time.monotonic() - started:.1f}s)")
         return True
 
@@ -384,8 +392,7 @@ class KafkaBroker:
             if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
                 return
             if time.monotonic() >= deadline:
-                terminate(pid, timeout_s=20)
-                self.layout.kafka_pid.unlink(missing_ok=True)
+                # start() stops it on the way out, as on any failure while it comes up.
                 raise StartFailed(
                     f"Kafka did not become ready within {timeout:.0f}s and was stopped. "
                     f"Last lines of {self.layout.kafka_log}:\n"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from deploy.local.broker import ExternalKafka, KafkaBroker, broker_answers, create_platform_topics
 from deploy.local.console import say
+from deploy.local.interrupts import DeferredSignals
 from deploy.local.postgres import ExternalPostgres, LocalPostgres, database_answers
+from deploy.local.processes import exclusive
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 
@@ -66,20 +65,14 @@ class LocalInfra:
             say(f"{DATABASE_ENV} is set but does not answer; using the project's own Postgres instead")
         return None
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        # One up/down at a time per checkout: a test session and a terminal may race otherwise.
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        with self.layout.lock_file.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def up(self, components: tuple[str, ...] = ("kafka", "postgres")) -> UpResult:
-        """Make sure broker and database run and answer, and the platform topics exist."""
-        with self._exclusive():
+        """Make sure broker and database run and answer, and the platform topics exist.
+
+        A component counts as started the moment we set out to start it: a failure or Ctrl-C while it
+        comes up (Kafka's 90 s readiness wait, pg_ctl's) stops it again with everything else started here.
+        """
+        # One up/down at a time per checkout: a test session and a terminal may race otherwise.
+        with exclusive(self.layout.lock_file):
             kafka = self.external_kafka(announce=True) if "kafka" in components else None
             database = self.external_postgres(announce=True) if "postgres" in components else None
             local_kafka = "kafka" in components and kafka is None
@@ -90,18 +83,26 @@ class LocalInfra:
             if local_postgres:
                 self.postgres.preflight()
             started: list[str] = []
+
+            def bring_up(component: LocalPostgres | KafkaBroker) -> None:
+                if component.running_pid() is None:
+                    started.append(component.name)  # from here on a failure stops it
+                if not component.start() and component.name in started:
+                    started.remove(component.name)  # it was running after all
+
             try:
-                if local_postgres and self.postgres.start():
-                    started.append(self.postgres.name)
-                if local_kafka and self.broker.start():
-                    started.append(self.broker.name)
+                if local_postgres:
+                    bring_up(self.postgres)
+                if local_kafka:
+                    bring_up(self.broker)
                 bootstrap = kafka.bootstrap if kafka else self.broker.bootstrap
                 if "kafka" in components:
                     created = create_platform_topics(bootstrap)
                     if created:
                         say(f"created topics: {', '.join(created)}")
             except BaseException:
-                self._stop(started)
+                with DeferredSignals("stopping what this start got going"):
+                    self._stop(started)
                 raise
             return UpResult(
                 started=tuple(started),
@@ -111,15 +112,18 @@ class LocalInfra:
 
     def _stop(self, components: list[str] | tuple[str, ...]) -> list[str]:
         stopped = []
-        if "kafka" in components and self.broker.stop():
-            stopped.append(self.broker.name)
-        if "postgres" in components and self.postgres.stop():
-            stopped.append(self.postgres.name)
+        try:
+            if "kafka" in components and self.broker.stop():
+                stopped.append(self.broker.name)
+        finally:
+            # Postgres is stopped even when stopping the broker failed.
+            if "postgres" in components and self.postgres.stop():
+                stopped.append(self.postgres.name)
         return stopped
 
     def down(self, components: tuple[str, ...] = ("kafka", "postgres")) -> list[str]:
         """Stop our own broker and cluster (never external ones); returns what was running."""
-        with self._exclusive():
+        with exclusive(self.layout.lock_file):
             return self._stop(components)
 
     def status(self) -> list[ComponentStatus]:

@@ -18,15 +18,20 @@ import asyncpg
 
 from deploy.local.console import say
 from deploy.local.errors import PermissionProblem, PostgresMissing, StartFailed
+from deploy.local.interrupts import DeferredSignals
 from deploy.local.processes import (
+    command_args,
     command_line,
     ensure_port_free,
     log_tail,
     pid_alive,
     read_pid,
+    rotate_log,
     run_async,
+    runs_exactly,
     terminate,
     text_tail,
+    wait_until,
 )
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
@@ -121,10 +126,29 @@ class LocalPostgres:
         return f"127.0.0.1:{self.settings.postgres_port}"
 
     def _cluster_version(self) -> str | None:
+        """The PostgreSQL version of the cluster, or None when there is none (or only a half-made one)."""
         try:
+            if not self._cluster_made():
+                return None
             return (self.layout.postgres_data / "PG_VERSION").read_text().strip()
         except OSError:
             return None
+
+    def _cluster_made(self) -> bool:
+        # initdb writes PG_VERSION first and global/pg_control near its end: an initdb killed in between
+        # (SIGKILL, or Ctrl-C's SIGKILL 0.25 s later) leaves a folder that only looks like a cluster.
+        return (self.layout.postgres_data / "global" / "pg_control").exists()
+
+    def _discard_half_made_cluster(self) -> None:
+        """Remove what an interrupted initdb left, so the cluster is made again from scratch."""
+        data = self.layout.postgres_data
+        try:
+            if self._cluster_made() or not data.is_dir() or not any(data.iterdir()):
+                return
+        except PermissionError:
+            return  # another user's cluster: not ours to judge (or remove); pg_ctl will say what is wrong
+        say(f"{data} holds a cluster whose initdb never finished (no global/pg_control): making it again")
+        shutil.rmtree(data)
 
     def bin_dir(self) -> Path | None:
         """The binaries to use: the version that made the existing cluster, else the newest installed."""
@@ -143,12 +167,32 @@ class LocalPostgres:
             )
         return None
 
+    @property
+    def _pid_file(self) -> Path:
+        return self.layout.postgres_data / "postmaster.pid"
+
+    def _is_our_postmaster(self, pid: int) -> bool:
+        # The postmaster keeps its command line (its children rename themselves): `postgres -D <our data>`.
+        return runs_exactly(pid, ("-D", str(self.layout.postgres_data)), program="postgres")
+
     def running_pid(self) -> int | None:
-        """The postmaster's pid when our cluster runs."""
-        pid = read_pid(self.layout.postgres_data / "postmaster.pid")
-        if pid is not None and pid_alive(pid) and "postgres" in command_line(pid):
+        """The postmaster's pid when our cluster runs: the pid file's, if that process is this data
+        folder's server (a stale file may name any process: after a reboot, a `tail -f` of our log)."""
+        pid = read_pid(self._pid_file)
+        if pid is not None and pid_alive(pid) and self._is_our_postmaster(pid):
             return pid
         return None
+
+    def _discard_stale_pid_file(self) -> None:
+        # Postgres refuses to start while postmaster.pid names a live process, whoever it is.
+        pid = read_pid(self._pid_file)
+        if pid is None or not pid_alive(pid) or self._is_our_postmaster(pid):
+            return
+        if not command_args(pid):
+            return  # hidden from us (another user's, hidepid): not ours to judge; pg_ctl will say
+        who = command_line(pid)[:80]
+        say(f"removing a stale {self._pid_file.name}: pid {pid} is `{who}`, not this cluster's server")
+        self._pid_file.unlink(missing_ok=True)
 
     def preflight(self) -> None:
         """Check the port and that the binaries are there or can be installed, before anything starts."""
@@ -213,6 +257,7 @@ class LocalPostgres:
     def _prepare_dirs(self, user: str | None) -> None:
         for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.logs):
             path.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.layout.postgres_log)
         self.layout.postgres_log.touch()
         if user is None:
             return
@@ -221,18 +266,26 @@ class LocalPostgres:
             os.chown(path, account.pw_uid, account.pw_gid)
         if self.layout.postgres_data.exists():
             os.chown(self.layout.postgres_data, account.pw_uid, account.pw_gid)
-        # The server user must be able to walk down to .driftloop/postgres, e.g. inside a mktemp -d checkout.
-        for parent in self.layout.postgres.parents:
-            mode = parent.stat().st_mode
-            if parent.stat().st_uid != account.pw_uid and not mode & stat.S_IXOTH:
-                say(f"letting the `{user}` user pass through {parent} (chmod o+x) to reach Postgres's data")
-                try:
-                    parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-                except PermissionError as err:
-                    raise PermissionProblem(
-                        f"the `{user}` user cannot reach {self.layout.postgres}: {parent} is closed to it.",
-                        hint=f"run `chmod o+x {parent}`, or set DRIFTLOOP_LOCAL_STATE_DIR to an open folder.",
-                    ) from err
+        # The server user must be able to walk down to .driftloop/postgres (e.g. inside a mktemp -d
+        # checkout) and to logs/postgres.log, which pg_ctl -l opens as that user (logs/ is 0750 under a
+        # umask of 027).
+        for target in (self.layout.postgres, self.layout.postgres_log):
+            for parent in target.parents:
+                self._open_to(parent, user, account.pw_uid, target)
+
+    @staticmethod
+    def _open_to(folder: Path, user: str, uid: int, target: Path) -> None:
+        mode = folder.stat().st_mode
+        if folder.stat().st_uid == uid or mode & stat.S_IXOTH:
+            return
+        say(f"letting the `{user}` user pass through {folder} (chmod o+x) to reach {target.name}")
+        try:
+            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        except PermissionError as err:
+            raise PermissionProblem(
+                f"the `{user}` user cannot reach {target}: {folder} is closed to it.",
+                hint=f"run `chmod o+x {folder}`, or set DRIFTLOOP_LOCAL_STATE_DIR to an open folder.",
+            ) from err
 
     def _initdb(self, bin_dir: Path, user: str | None) -> None:
         say(f"creating the Postgres cluster in {self.layout.postgres_data} ...")
@@ -259,11 +312,13 @@ class LocalPostgres:
             self._ensure_database()
             return False
         self.preflight()
+        self._discard_half_made_cluster()
         bin_dir = self.bin_dir() or self._install()
         user = self._os_user()
         self._prepare_dirs(user)
         if self._cluster_version() is None:
             self._initdb(bin_dir, user)
+        self._discard_stale_pid_file()
         say(f"starting Postgres {bin_dir.parent.name} on {self.address} ...")
         started = time.monotonic()
         timeout = int(self.settings.ready_timeout_s)
@@ -271,17 +326,29 @@ class LocalPostgres:
             str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(timeout), "-D", str(self.layout.postgres_data),
             "-l", str(self.layout.postgres_log), "-o", self._server_options(),
         ]  # fmt: skip
-        # Own session: the server must not receive the terminal's Ctrl-C meant for this command.
-        result = subprocess.run(
-            self._as_user(command, user), capture_output=True, text=True, start_new_session=True, check=False
-        )
-        if result.returncode != 0:
-            raise StartFailed(
-                f"Postgres did not start ({result.stdout.strip()} {result.stderr.strip()}). "
-                f"Last lines of {self.layout.postgres_log}:\n{log_tail(self.layout.postgres_log)}",
-                hint="fix the cause shown above and run the command again.",
+        try:
+            # Own session: the server must not receive the terminal's Ctrl-C meant for this command.
+            result = subprocess.run(
+                self._as_user(command, user),
+                capture_output=True,
+                text=True,
+                start_new_session=True,
+                check=False,
             )
-        self._ensure_database()
+            if result.returncode != 0:
+                raise StartFailed(
+                    f"Postgres did not start ({result.stdout.strip()} {result.stderr.strip()}). "
+                    f"Last lines of {self.layout.postgres_log}:\n{log_tail(self.layout.postgres_log)}",
+                    hint="fix the cause shown above and run the command again.",
+                )
+            self._ensure_database()
+        except BaseException:
+            # pg_ctl launched the server: a timeout, a failure or Ctrl-C after that must not leave it running
+            # (pg_ctl -t gives up waiting, not the server). It writes its pid file a moment after launch.
+            with DeferredSignals("stopping the Postgres server that was starting"):
+                wait_until(lambda: self.running_pid() is not None, timeout_s=3)
+                self.stop()
+            raise
         elapsed = time.monotonic() - started
         say(f"Postgres is ready on {self.address} (pid {self.running_pid()}, {elapsed:.1f}s)")
         return True
@@ -324,7 +391,14 @@ class LocalPostgres:
         if bin_dir is not None:
             data = str(self.layout.postgres_data)
             command = [str(bin_dir / "pg_ctl"), "stop", "-D", data, "-m", "fast", "-w"]
-            subprocess.run(self._as_user(command, user), capture_output=True, text=True, check=False)
+            # Own session: a second Ctrl-C at the terminal must not cut pg_ctl short.
+            subprocess.run(
+                self._as_user(command, user),
+                capture_output=True,
+                text=True,
+                start_new_session=True,
+                check=False,
+            )
         if pid_alive(pid):
             # pg_ctl could not do it (binaries gone, timeout): SIGINT is the server's own "fast" shutdown.
             terminate(pid, timeout_s=30, first_signal=signal.SIGINT)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import os
+import pwd
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
-from deploy.local.errors import PortTaken
+from deploy.local.errors import PermissionProblem, PortTaken
 
 T = TypeVar("T")
 
@@ -57,13 +59,76 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
-def command_line(pid: int) -> str:
-    """The process's command line joined by spaces, or '' when it cannot be read."""
+def command_args(pid: int) -> list[str]:
+    """The process's arguments as they were passed to it (/proc/<pid>/cmdline split on NUL), or [] when
+    they cannot be read (gone, or hidden from this user)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        return []
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")] if raw else []
+
+
+def command_line(pid: int) -> str:
+    """The process's command line joined by spaces, or '' when it cannot be read (for messages)."""
+    return " ".join(command_args(pid)).encode(errors="surrogateescape").decode(errors="replace").strip()
+
+
+def runs_exactly(pid: int, args: Sequence[str], *, program: str | None = None) -> bool:
+    """True when the process was started with ``args`` as consecutive whole arguments and, when given,
+    an executable whose file name is ``program``.
+
+    Whole arguments, never substrings: another checkout whose path merely contains ours (``/tmp/copy/srv/dl``
+    around ``/srv/dl``), or a ``tail -f`` of our log, is not ours, and must not be stopped as if it were.
+    """
+    argv = command_args(pid)
+    if not argv or (program is not None and Path(argv[0]).name != program):
+        return False
+    wanted = list(args)
+    return any(argv[i : i + len(wanted)] == wanted for i in range(len(argv) - len(wanted) + 1))
+
+
+def find_process(args: Sequence[str], *, program: str | None = None) -> int | None:
+    """The pid of a live process started with exactly these arguments (see ``runs_exactly``), if any."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            pid = int(proc.name)
+            if runs_exactly(pid, args, program=program) and pid_alive(pid):
+                return pid
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, their children, ...), read from /proc."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (proc / "stat").read_text()
+                # The parent's pid is the second field after the parenthesised command name.
+                parents[int(proc.name)] = int(stat.rsplit(")", 1)[-1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
+def process_owner(pid: int) -> str:
+    """The name of the user a process runs as, or its uid when the name is unknown."""
+    try:
+        uid = Path(f"/proc/{pid}").stat().st_uid
+    except OSError:
+        return "another user"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
@@ -108,7 +173,7 @@ def port_owner(port: int) -> PortOwner | None:
     return PortOwner(None, "")
 
 
-def ensure_port_free(port: int, purpose: str, setting: str) -> None:
+def ensure_port_free(port: int, purpose: str, setting: str | None = None) -> None:
     """Raise PortTaken, naming the owner, when another process listens on the port."""
     owner = port_owner(port)
     if owner is None and not port_open(port):
@@ -116,8 +181,22 @@ def ensure_port_free(port: int, purpose: str, setting: str) -> None:
     who = owner.describe() if owner else "another process"
     raise PortTaken(
         f"port {port} ({purpose}) is already in use by {who}, which is not this checkout's.",
-        hint=f"stop that process, or choose another port with {setting}=<port>.",
+        hint=f"stop that process, or choose another port with {setting}=<port>."
+        if setting
+        else "stop that process, then run the command again.",
     )
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file`` for the block: one check-and-start at a time."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def wait_until(check: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.25) -> bool:
@@ -137,21 +216,60 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def terminate(pid: int, *, timeout_s: float, first_signal: signal.Signals = signal.SIGTERM) -> bool:
-    """Send ``first_signal`` (SIGTERM), SIGKILL after the deadline; True if it had to be killed."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, first_signal)
+def signal_process(pid: int, signum: signal.Signals) -> None:
+    """Send a signal; a process already gone is fine, one of another user's is a PermissionProblem."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # gone already: what we wanted
+    except PermissionError as err:
+        raise PermissionProblem(
+            f"pid {pid} ({command_line(pid)[:80] or 'a process'}) runs as {process_owner(pid)}, "
+            "and this user may not stop it.",
+            hint="run the command as that user or as root (e.g. with sudo).",
+        ) from err
 
-    def gone() -> bool:
+
+def terminate_all(
+    pids: Sequence[int], *, timeout_s: float, first_signal: signal.Signals = signal.SIGTERM
+) -> list[int]:
+    """Send ``first_signal`` (SIGTERM) to each, SIGKILL to those left at the deadline; returns those."""
+    for pid in pids:
+        signal_process(pid, first_signal)
+
+    def gone(pid: int) -> bool:
         _reap(pid)
         return not pid_alive(pid)
 
-    if wait_until(gone, timeout_s=timeout_s):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    wait_until(gone, timeout_s=10)
-    return True
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout_s=timeout_s)
+    killed = [pid for pid in pids if not gone(pid)]
+    for pid in killed:
+        signal_process(pid, signal.SIGKILL)
+    wait_until(lambda: all(gone(pid) for pid in killed), timeout_s=10)
+    return killed
+
+
+def terminate(pid: int, *, timeout_s: float, first_signal: signal.Signals = signal.SIGTERM) -> bool:
+    """Send ``first_signal`` (SIGTERM), SIGKILL after the deadline; True if it had to be killed."""
+    return bool(terminate_all([pid], timeout_s=timeout_s, first_signal=first_signal))
+
+
+# A log over this size is moved to <name>.1 (replacing the one before) when its process starts again.
+MAX_LOG_BYTES = 20 * 1024 * 1024
+
+
+def rotate_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> None:
+    """Keep one earlier generation: move a log over ``max_bytes`` to ``<name>.1`` before a new start."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > max_bytes:
+            path.replace(path.with_name(path.name + ".1"))
+
+
+def open_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> IO[bytes]:
+    """Open a process's log for appending (making its folder), rotated first when it grew too large."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_log(path, max_bytes)
+    return path.open("ab")
 
 
 def log_tail(path: Path, lines: int = 30, since: int = 0) -> str:

@@ -1,4 +1,5 @@
-"""The CLI's error messages: what is wrong and what to do, never a traceback."""
+"""The CLI's error messages (what is wrong and what to do, never a traceback), and what a failing `up` or
+`demo` leaves behind: nothing it started."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cli import COMMANDS, build_parser, main
+from deploy import cli
+from deploy.cli import COMMANDS, LOCAL_PROFILE, build_parser, main, platform_env
 from deploy.local.broker import KafkaBroker
 from deploy.local.errors import PortTaken
+from deploy.local.infra import UpResult
 from deploy.local.settings import LocalInfraSettings, StateLayout
+from deploy.local.status import ComponentStatus
+from deploy.platform import Supervision
 from libs.auth import Principal, Role, TokenStore
 from tests.ports import free_port
 
@@ -89,3 +94,176 @@ def test_token_issue_prints_a_token_that_the_services_accept_in_prod(
     assert store.authenticate(out[1]) == Principal("alice", Role.operator)
     assert out[0] not in tokens.read_text()  # only its hash is kept
     assert store.authenticate("dev-admin") is None
+
+
+# --- what `up` and `demo` leave behind when they fail --------------------------------------------------
+
+
+class FakeInfra:
+    """The local infrastructure as `up` sees it: what it started now, and what `down` was asked to stop."""
+
+    def __init__(self, started: tuple[str, ...] = ("postgres", "kafka")) -> None:
+        self.result = UpResult(started, "127.0.0.1:19092", "postgresql://driftloop@127.0.0.1:54329/driftloop")
+        self.stopped: list[tuple[str, ...]] = []
+
+    def up(self) -> UpResult:
+        return self.result
+
+    def down(self, components: tuple[str, ...] = ("kafka", "postgres")) -> list[str]:
+        self.stopped.append(tuple(components))
+        return list(components)
+
+    def status(self) -> list[ComponentStatus]:
+        return [ComponentStatus("kafka", "ready", True, "127.0.0.1:19092")]
+
+
+class FakePlatform:
+    """A supervised platform that was (or was not) running before, and becomes ready (or not)."""
+
+    def __init__(
+        self, *, running_before: bool = False, ready: bool = True, start_error: bool = False
+    ) -> None:
+        self.running = running_before
+        self.ready = ready
+        self.start_error = start_error
+        self.stops = 0
+
+    def start(self, env: dict[str, str]) -> Supervision:
+        if self.start_error:
+            raise PortTaken("port 8101 (the registry service) is already in use by pid 7 (nc -l 8101).")
+        started = not self.running
+        self.running = True
+        return Supervision(4242, started=started)
+
+    def supervisor_pid(self) -> int | None:
+        return 4242 if self.running else None
+
+    def wait_ready(self, timeout_s: float) -> dict[str, str]:
+        return self.health()
+
+    def health(self) -> dict[str, str]:
+        return {"registry": "ready", "audit": "ready" if self.ready else "down"}
+
+    def state(self) -> dict[str, dict[str, int | None]]:
+        return {}
+
+    def url(self, service: str) -> str:
+        return "http://127.0.0.1:8101"
+
+    def stop(self) -> bool:
+        self.stops += 1
+        self.running = False
+        return True
+
+
+@pytest.fixture
+def infra(monkeypatch: pytest.MonkeyPatch) -> FakeInfra:
+    fake = FakeInfra()
+    monkeypatch.setattr(cli, "LocalInfra", lambda: fake)
+    return fake
+
+
+def use_platform(monkeypatch: pytest.MonkeyPatch, platform: FakePlatform) -> FakePlatform:
+    monkeypatch.setattr(cli, "local_platform", lambda: platform)
+    return platform
+
+
+def test_a_demo_whose_services_never_get_ready_stops_what_it_started(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform(ready=False))
+
+    assert main(["demo", "--wait", "0"]) == 1
+
+    assert platform.stops == 1
+    assert infra.stopped == [("postgres", "kafka")]
+    err = capsys.readouterr().err
+    assert "driftloop: error: the services did not become ready." in err
+    assert "stopping what the demo started" in err
+
+
+def test_a_demo_that_cannot_start_the_services_stops_the_infrastructure_it_started(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform(start_error=True))
+
+    assert main(["demo"]) == 1
+
+    assert platform.stops == 0  # it never started one
+    assert infra.stopped == [("postgres", "kafka")]
+    assert "port 8101 (the registry service) is already in use" in capsys.readouterr().err
+
+
+def test_a_demo_leaves_a_platform_that_ran_before_it_alone(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform(running_before=True, ready=False))
+
+    assert main(["demo", "--wait", "0"]) == 1
+
+    assert platform.stops == 0
+    assert infra.stopped == []  # the platform that was running keeps using it
+
+
+def test_keep_running_keeps_nothing_of_a_demo_that_never_got_ready(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform(ready=False))
+
+    assert main(["demo", "--wait", "0", "--keep-running"]) == 1
+
+    assert platform.stops == 1
+    assert infra.stopped == [("postgres", "kafka")]
+
+
+def test_up_that_does_not_get_ready_stops_what_it_started_and_says_so(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform(ready=False))
+
+    assert main(["up", "--wait", "0"]) == 1
+
+    assert platform.stops == 1
+    assert infra.stopped == [("postgres", "kafka")]
+    assert "stopping what this `up` started" in capsys.readouterr().err
+
+
+def test_up_that_gets_ready_leaves_everything_running(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform())
+
+    assert main(["up"]) == 0
+
+    assert platform.running and platform.stops == 0
+    assert infra.stopped == []
+
+
+def test_the_services_use_the_broker_and_database_infra_chose_over_a_dead_one_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # infra said: does not answer
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/gone")
+    monkeypatch.setenv("DRIFTLOOP_MONITORING_WINDOW_ROWS", "500")
+    chosen = FakeInfra().result
+
+    env = platform_env(chosen)
+
+    assert env["DRIFTLOOP_KAFKA_BOOTSTRAP"] == chosen.kafka_bootstrap
+    assert env["DRIFTLOOP_DATABASE_URL"] == chosen.database_url
+    assert env["DRIFTLOOP_MONITORING_WINDOW_ROWS"] == "500"  # the caller's other settings still win
+    bake = "DRIFTLOOP_SERVING_ROLLOUT_BAKE_SECONDS"
+    assert env[bake] == LOCAL_PROFILE[bake]  # the laptop profile under them
+
+
+def test_a_malformed_setting_is_named_with_what_to_do_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_KAFKA_PORT", "19092x")
+
+    assert main(["infra", "status"]) == 1
+
+    err = capsys.readouterr().err
+    assert "driftloop: error: DRIFTLOOP_LOCAL_KAFKA_PORT='19092x' is not valid:" in err
+    assert "driftloop: what to do: correct or unset it" in err
+    assert "Traceback" not in err

@@ -1,14 +1,25 @@
-"""The supervisor reaps what a killed service leaves behind in its process group."""
+"""The supervisor reaps what a killed service leaves behind in its process group, and nothing of the
+platform outlives it; `down` stops only what is really the platform's."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from deploy.local.processes import pid_alive, wait_until
-from deploy.platform import reap_group
+import pytest
+
+from deploy.local.errors import PortTaken, StartFailed
+from deploy.local.processes import command_args, descendants, pid_alive, wait_until
+from deploy.platform import Child, Platform, Supervision, Supervisor, reap_group, supervised_state_dir
+from tests.ports import free_port
 
 # A "service" that starts a helper in its own group (as training's fork server is) and prints its pid.
 SERVICE = """
@@ -31,3 +42,151 @@ def test_a_killed_service_leaves_no_helper_behind() -> None:
     reap_group(service.pid)
     assert wait_until(lambda: not pid_alive(helper), timeout_s=5, interval_s=0.05)
     reap_group(service.pid)  # nothing left: a no-op
+
+
+# --- what the supervisor leaves when it dies, and what `down` may stop --------------------------------
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Throwaway processes a test starts; all killed at its end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+class SleepingServices(Supervisor):
+    """The supervisor with `sleep` for services: "steady" runs, "crashy" exits, and its restart fails (as
+    a full process table or file table would make it)."""
+
+    def start(self, child: Child) -> None:
+        if child.name == "crashy" and child.process is not None:
+            raise OSError(24, "Too many open files")
+        child.process = subprocess.Popen(
+            ["sleep", "300"] if child.name == "steady" else ["true"], start_new_session=True
+        )
+        child.started_at = time.monotonic()
+
+
+def test_a_supervisor_that_dies_of_an_error_stops_its_services_first(tmp_path: Path) -> None:
+    supervisor = SleepingServices(tmp_path, {}, ["steady", "crashy"])
+
+    with pytest.raises(OSError, match="Too many open files"):
+        supervisor.run()
+
+    steady = supervisor.children["steady"].process
+    assert steady is not None
+    assert steady.poll() is not None, "the service outlived its supervisor"
+    assert not (tmp_path / "platform" / "state.json").exists()
+
+
+def fake_service(processes: list[subprocess.Popen[bytes]], name: str) -> int:
+    """A process that looks like `python -m services.<name>` to /proc, in its own session as started."""
+    process = subprocess.Popen(
+        ["python", "-c", "import time; time.sleep(300)", "-m", f"services.{name}"],
+        executable=sys.executable,
+        start_new_session=True,
+    )
+    processes.append(process)
+    # Until it has exec'd, a child's command line is still its parent's.
+    assert wait_until(lambda: command_args(process.pid)[:1] == ["python"], timeout_s=10, interval_s=0.01)
+    return process.pid
+
+
+def test_down_stops_the_services_of_a_supervisor_that_was_killed(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    registry, serving = fake_service(processes, "registry"), fake_service(processes, "serving")
+    unrelated = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a pid since reused
+    processes.append(unrelated)
+    state = {"registry": {"pid": registry}, "serving": {"pid": serving}, "audit": {"pid": unrelated.pid}}
+    (tmp_path / "platform").mkdir()
+    (tmp_path / "platform" / "state.json").write_text(json.dumps({"supervisor": 1, "services": state}))
+
+    assert Platform(tmp_path).stop()
+
+    assert wait_until(lambda: not pid_alive(registry) and not pid_alive(serving), timeout_s=10)
+    assert unrelated.poll() is None, "a process that is not a service was stopped"
+
+
+def test_a_stale_supervisor_pid_file_names_nothing_down_may_stop(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    platform = Platform(tmp_path)
+    platform.pid_file.parent.mkdir(parents=True)
+    # After a reboot the pid went to an unrelated process, here one that is not a group leader either
+    # (killpg would fail with ESRCH on it) and ignores SIGTERM.
+    victim = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300 & wait"])
+    processes.append(victim)
+    platform.pid_file.write_text(str(victim.pid))
+    try:
+        assert platform.supervisor_pid() is None
+        assert not platform.stop(timeout_s=1)
+        assert victim.poll() is None, "`down` signalled a process that is not its supervisor"
+    finally:
+        for helper in descendants(victim.pid):
+            os.kill(helper, signal.SIGKILL)
+
+
+# --- starting: one supervisor, on ports nobody else holds ---------------------------------------------
+
+
+def empty_platform(tmp_path: Path) -> Platform:
+    """A platform with no services: its supervisor starts in a moment and runs nothing."""
+    return Platform(tmp_path / "state", port_base=free_port(), services=())
+
+
+def test_two_starts_at_once_make_one_supervisor(tmp_path: Path) -> None:
+    platform = empty_platform(tmp_path)
+    barrier = threading.Barrier(2)
+    results: list[Supervision] = []
+
+    def start() -> None:
+        barrier.wait()
+        results.append(platform.start(dict(os.environ)))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(results) == 2
+        assert results[0].pid == results[1].pid
+        assert sorted(r.started for r in results) == [False, True]
+        supervisors = [p for p in descendants(os.getpid()) if supervised_state_dir(p) == platform.state_dir]
+        assert supervisors == [results[0].pid]
+    finally:
+        platform.stop()
+    assert platform.supervisor_pid() is None
+
+
+def test_a_start_refuses_a_service_port_another_process_holds(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        platform = Platform(tmp_path / "state", port_base=port - 3, services=("serving",))
+
+        with pytest.raises(PortTaken) as caught:
+            platform.start(dict(os.environ))
+
+    assert f"port {port} (the serving service) is already in use by pid {os.getpid()}" in caught.value.message
+    assert platform.supervisor_pid() is None
+
+
+def test_waiting_for_readiness_ends_at_once_when_the_supervisor_is_gone(tmp_path: Path) -> None:
+    platform = Platform(tmp_path / "state", port_base=free_port(), services=("registry",))
+    platform.log.parent.mkdir(parents=True)
+    platform.log.write_text("Traceback ...\nModuleNotFoundError: No module named 'services'\n")
+    started = time.monotonic()
+
+    with pytest.raises(StartFailed) as caught:
+        platform.wait_ready(timeout_s=60)
+
+    assert time.monotonic() - started < 10
+    assert "the services' supervisor exited while they were starting" in caught.value.message
+    assert "No module named 'services'" in caught.value.message

@@ -1,0 +1,79 @@
+"""docker-compose.yml: the containers can write what they write, and nothing is open beyond this host.
+
+Read from the files themselves (no Docker engine here): each service's settings are loaded with the
+environment its container gets, the image's ENV lines plus the compose file's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploy.local.settings import PROJECT_ROOT
+from libs.settings import ServiceSettings
+
+COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+# The only folder the image's user (uid 10001) may write: its home, the shared volume.
+DATA = "/data/"
+
+
+def image_env() -> dict[str, str]:
+    """The ENV lines of deploy/compose/Dockerfile."""
+    text = (PROJECT_ROOT / "deploy" / "compose" / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return env
+
+
+def services() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (spec["command"][2].removeprefix("services."), spec)
+        for spec in COMPOSE["services"].values()
+        if spec.get("command", [])[:2] == ["python", "-m"] and spec["command"][2].startswith("services.")
+    ]
+
+
+def test_every_service_of_the_platform_is_in_the_compose_file() -> None:
+    assert sorted(name for name, _ in services()) == sorted(
+        ["registry", "training", "validation", "serving", "monitoring", "audit"]
+    )
+
+
+@pytest.mark.parametrize(("name", "spec"), services(), ids=[name for name, _ in services()])
+def test_every_file_a_service_writes_is_on_the_data_volume(
+    name: str, spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in [v for v in os.environ if v.startswith("DRIFTLOOP_")]:  # the container has none
+        monkeypatch.delenv(variable)
+    for variable, value in {**image_env(), **spec.get("environment", {})}.items():
+        monkeypatch.setenv(variable, str(value))
+    module = importlib.import_module(f"services.{name}.settings")
+    (settings_class,) = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, ServiceSettings) and c.service == name
+    ]
+    settings = settings_class()
+
+    written = {
+        field: str(getattr(settings, field))
+        for field, info in settings_class.model_fields.items()
+        if (info.annotation in (Path, Path | None) or field == "artifacts_url") and getattr(settings, field)
+    }
+    assert written, "no file settings found: the check would prove nothing"
+    outside = {field: path for field, path in written.items() if not path.startswith(DATA)}
+    assert not outside, f"{name} would write outside {DATA} (root-owned /app in the image): {outside}"
+
+
+def test_no_port_is_published_beyond_this_host() -> None:
+    published = {name: port for name, spec in COMPOSE["services"].items() for port in spec.get("ports", [])}
+    assert published, "the services' ports are published"
+    assert {name: port for name, port in published.items() if not str(port).startswith("127.0.0.1:")} == {}

@@ -1,0 +1,276 @@
+"""The local Kafka and Postgres: what counts as ours, and what a start that fails half-way leaves behind.
+
+Processes here are throwaway ones (`sleep`, a Python that sleeps) whose command lines look like a broker's
+or a postmaster's; nothing starts Kafka or Postgres.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local.broker import MAIN_CLASS, KafkaBroker
+from deploy.local.infra import LocalInfra
+from deploy.local.postgres import LocalPostgres
+from deploy.local.processes import command_args, open_log, runs_exactly, wait_until
+from deploy.local.settings import LocalInfraSettings, StateLayout
+from tests.ports import free_port
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Throwaway processes a test starts; all killed at its end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def look_alike(processes: list[subprocess.Popen[bytes]], program: str, *args: str) -> int:
+    """A sleeping process whose command line reads ``program args...`` (argv[0] is only a name)."""
+    process = subprocess.Popen(
+        [program, "-c", "import time; time.sleep(60)", *args],
+        executable=sys.executable,
+        start_new_session=True,
+    )
+    processes.append(process)
+    # Until it has exec'd, a child's command line is still its parent's.
+    assert wait_until(lambda: command_args(process.pid)[:1] == [program], timeout_s=10, interval_s=0.01)
+    return process.pid
+
+
+def settings_in(tmp_path: Path) -> LocalInfraSettings:
+    return LocalInfraSettings(
+        state_dir=tmp_path / ".driftloop",
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        postgres_port=free_port(),
+    )
+
+
+# --- a start that fails or is interrupted half-way ----------------------------------------------------
+
+
+class SlowBroker:
+    """A broker whose process starts and is then interrupted while it is waited for (Ctrl-C)."""
+
+    name = "kafka"
+    bootstrap = "127.0.0.1:9"
+
+    def __init__(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        self.processes = processes
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def preflight(self) -> None:
+        pass
+
+    def running_pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def start(self) -> bool:
+        self.process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        self.processes.append(self.process)
+        raise KeyboardInterrupt  # "starting Kafka ..." and the user presses Ctrl-C
+
+    def stop(self) -> bool:
+        if self.running_pid() is None:
+            return False
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait()
+        return True
+
+
+class RunningPostgres:
+    """A cluster that was already running before `up` (someone else's `up`): never ours to stop here."""
+
+    name = "postgres"
+    url = "postgresql://driftloop@127.0.0.1:9/driftloop"
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def preflight(self) -> None:
+        pass
+
+    def running_pid(self) -> int | None:
+        return 1
+
+    def start(self) -> bool:
+        return False
+
+    def stop(self) -> bool:
+        self.stopped = True
+        return True
+
+
+def test_a_broker_interrupted_while_it_comes_up_is_stopped_and_what_ran_before_is_left_alone(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DRIFTLOOP_KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("DRIFTLOOP_DATABASE_URL", raising=False)
+    infra = LocalInfra(settings_in(tmp_path))
+    broker, postgres = SlowBroker(processes), RunningPostgres()
+    infra.broker, infra.postgres = broker, postgres  # type: ignore[assignment]
+
+    with pytest.raises(KeyboardInterrupt):
+        infra.up()
+
+    assert broker.process is not None and broker.process.poll() is not None, "the broker was left running"
+    assert not postgres.stopped
+
+
+# --- which processes are ours -------------------------------------------------------------------------
+
+
+def test_a_broker_of_another_checkout_whose_path_contains_ours_is_not_ours(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    settings = settings_in(tmp_path / "srv" / "dl")
+    layout = StateLayout.from_settings(settings)
+    broker = KafkaBroker(settings, layout)
+    # The other checkout lives at <tmp>/copy<our path>: its config path ends with ours.
+    other_config = tmp_path / "copy" / str(layout.kafka_config).lstrip("/")
+    look_alike(processes, "java", "-cp", "libs/*", MAIN_CLASS, str(other_config))
+
+    assert broker.running_pid() is None
+    assert not broker.stop()
+
+    ours = look_alike(processes, "java", "-cp", "libs/*", MAIN_CLASS, str(layout.kafka_config))
+    assert broker.running_pid() == ours
+
+
+def test_a_stale_postmaster_pid_naming_another_process_is_not_our_server(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    settings = settings_in(tmp_path)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+    data = postgres.layout.postgres_data
+    data.mkdir(parents=True)
+    postgres.layout.logs.mkdir(parents=True)
+    postgres.layout.postgres_log.touch()
+    # After a reboot the pid in postmaster.pid went to a developer's `tail -f` of the server's log.
+    tail = subprocess.Popen(["tail", "-f", str(postgres.layout.postgres_log)], start_new_session=True)
+    processes.append(tail)
+    assert wait_until(lambda: command_args(tail.pid)[:1] == ["tail"], timeout_s=10, interval_s=0.01)
+    (data / "postmaster.pid").write_text(f"{tail.pid}\n{data}\n")
+
+    assert postgres.running_pid() is None
+    assert not postgres.stop()
+    assert tail.poll() is None, "`infra down` stopped a process that is not the server"
+
+    postgres._discard_stale_pid_file()  # what start() does before pg_ctl, which would refuse otherwise
+    assert not (data / "postmaster.pid").exists()
+
+
+def test_the_postmaster_of_this_data_folder_is_ours_and_one_of_another_folder_is_not(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    settings = settings_in(tmp_path)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+    data = postgres.layout.postgres_data
+    data.mkdir(parents=True)
+    other = look_alike(processes, "/usr/lib/postgresql/16/bin/postgres", "-D", f"{data}-copy", "-p", "5")
+    (data / "postmaster.pid").write_text(f"{other}\n")
+    assert postgres.running_pid() is None
+
+    ours = look_alike(processes, "/usr/lib/postgresql/16/bin/postgres", "-D", str(data), "-p", "5")
+    (data / "postmaster.pid").write_text(f"{ours}\n{data}\n")
+    assert postgres.running_pid() == ours
+
+
+def test_whole_arguments_match_never_parts_of_them(processes: list[subprocess.Popen[bytes]]) -> None:
+    pid = look_alike(processes, "java", "kafka.Kafka", "/srv/dl/server.properties")
+
+    assert runs_exactly(pid, ("kafka.Kafka", "/srv/dl/server.properties"), program="java")
+    assert not runs_exactly(pid, ("kafka.Kafka", "/srv/dl/server.prop"), program="java")
+    assert not runs_exactly(pid, ("kafka.Kafka", "/srv/dl/server.properties"), program="jav")
+    assert not runs_exactly(pid, ("/srv/dl/server.properties", "kafka.Kafka"))
+    assert not runs_exactly(2**22 + 1, ("kafka.Kafka",))  # no such process
+
+
+# --- the cluster's files ------------------------------------------------------------------------------
+
+
+def test_a_cluster_whose_initdb_was_killed_is_made_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_in(tmp_path)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+    data = postgres.layout.postgres_data
+    # What initdb leaves when SIGKILLed after its first files: PG_VERSION, no global/pg_control.
+    (data / "global").mkdir(parents=True)
+    (data / "PG_VERSION").write_text("16\n")
+    (data / "postgresql.conf").write_text("")
+
+    assert postgres._cluster_version() is None
+    postgres._discard_half_made_cluster()
+
+    assert not data.exists()
+    assert "initdb never finished" in capsys.readouterr().err
+
+    # A finished cluster is kept.
+    (data / "global").mkdir(parents=True)
+    (data / "PG_VERSION").write_text("16\n")
+    (data / "global" / "pg_control").write_bytes(b"\0" * 8)
+    postgres._discard_half_made_cluster()
+    assert postgres._cluster_version() == "16"
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder the server user may pass through, outside pytest's own (mode 700, not ours to open)."""
+    with tempfile.TemporaryDirectory(prefix="driftloop-test-") as folder:
+        Path(folder).chmod(0o755)
+        yield Path(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Postgres runs as another user only when we are root")
+def test_the_server_user_can_write_its_log_under_a_restrictive_umask(open_folder: Path) -> None:
+    try:
+        user = pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        pytest.skip("no postgres user on this machine")
+    settings = settings_in(open_folder)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+    previous = os.umask(0o027)  # a hardened root shell
+    try:
+        postgres._prepare_dirs(user)
+    finally:
+        os.umask(previous)
+
+    # pg_ctl -l opens the log as the server user.
+    log = postgres.layout.postgres_log
+    append = subprocess.run(
+        ["runuser", "-u", user, "--", "sh", "-c", f'echo started >> "{log}"'], capture_output=True, text=True
+    )
+    assert append.returncode == 0, append.stderr
+    assert log.read_text() == "started\n"
+
+
+# --- logs ---------------------------------------------------------------------------------------------
+
+
+def test_a_log_over_its_limit_is_rotated_when_its_process_starts_again(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "kafka.log"
+    log.parent.mkdir()
+    log.write_bytes(b"old run\n" * 10)
+    (tmp_path / "logs" / "kafka.log.1").write_text("the run before\n")
+
+    with open_log(log, max_bytes=1000) as f:  # small enough: kept
+        f.write(b"new run\n")
+    assert log.read_bytes() == b"old run\n" * 10 + b"new run\n"
+
+    with open_log(log, max_bytes=50) as f:  # too large: rotated, one generation kept
+        f.write(b"newest run\n")
+    assert log.read_bytes() == b"newest run\n"
+    assert (tmp_path / "logs" / "kafka.log.1").read_bytes() == b"old run\n" * 10 + b"new run\n"

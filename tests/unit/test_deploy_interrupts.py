@@ -1,0 +1,331 @@
+"""Ctrl-C, SIGTERM and SIGHUP to `driftloop test` and `driftloop demo`: whatever ends them, what they
+started is stopped, pytest's own session clean-up first.
+
+Each test runs the real CLI in a process of its own with fake infrastructure and a fake platform, which
+note what happens in an events file; pytest, where it runs, is a real one running a tiny test session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import termios
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local.processes import pid_alive, read_pid, wait_until
+from deploy.local.settings import PROJECT_ROOT
+
+# The CLI with fakes: argv is the events file, pytest's grace in seconds, then the driftloop arguments.
+LAUNCHER = """
+import asyncio, os, sys, time
+from pathlib import Path
+
+import deploy.cli as cli
+import deploy.demo
+from deploy.local.infra import UpResult
+from deploy.platform import Supervision
+
+EVENTS = Path(sys.argv[1])
+
+
+def note(event):
+    with EVENTS.open("a") as f:
+        f.write(event + "\\n")
+
+
+class FakeInfra:
+    def up(self):
+        note("infra up")
+        return UpResult(("postgres", "kafka"), "127.0.0.1:9", "postgresql://x@127.0.0.1:9/x")
+
+    def down(self, components):
+        note("infra down " + ",".join(components))
+        return list(components)
+
+
+class FakePlatform:
+    def start(self, env):
+        note("platform started")
+        return Supervision(4242, started=True)
+
+    def wait_ready(self, timeout_s):
+        return {"registry": "ready"}
+
+    def stop(self):
+        note("platform stopping")
+        time.sleep(float(os.environ.get("PLATFORM_STOP_S", "0")))
+        note("platform stopped")
+        return True
+
+
+async def demo_run(platform, bootstrap, **_):
+    note("demo running")
+    await asyncio.sleep(60)
+    return 0
+
+
+deploy.demo.run = demo_run
+cli.LocalInfra = FakeInfra
+cli.local_platform = FakePlatform
+cli.PYTEST_GRACE_S = float(sys.argv[2])
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+# The session `driftloop test` runs: a session fixture whose teardown takes a while (as stopping a sandbox
+# platform and dropping its database do), around a test that runs until it is interrupted; it notes every
+# SIGINT pytest gets.
+SESSION = """
+import os, signal, time
+from pathlib import Path
+
+import pytest
+
+from deploy.platform import Platform
+
+EVENTS = Path(os.environ["EVENTS"])
+
+
+def note(event):
+    with EVENTS.open("a") as f:
+        f.write(event + "\\n")
+
+
+def interrupted(signum, frame):
+    note("pytest got SIGINT")  # counted: a second one would cut the clean-up short
+    time.sleep(0.2)  # so one that comes right after this one is not merged with it
+    raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    signal.signal(signal.SIGINT, interrupted)
+    state = os.environ.get("SANDBOX_STATE")
+    if state:  # a platform supervisor, as the e2e and chaos sandboxes start (here with no services)
+        Platform(Path(state), services=()).start(dict(os.environ))
+    note("session set up")
+    yield
+    time.sleep(float(os.environ["TEARDOWN_S"]))
+    note("session torn down")
+
+
+def test_runs_until_interrupted(sandbox):
+    # Busy, not asleep: a signal is taken the moment it comes, not merged with one that follows it.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pass
+"""
+
+
+class Run:
+    """One `driftloop` process with its events file."""
+
+    def __init__(self, tmp_path: Path, argv: list[str], *, grace_s: float = 60.0, **env: str) -> None:
+        self.tmp_path = tmp_path
+        self.events_file = tmp_path / "events"
+        self.events_file.touch()
+        launcher = tmp_path / "launcher.py"
+        launcher.write_text(LAUNCHER)
+        self.command = [sys.executable, str(launcher), str(self.events_file), str(grace_s), *argv]
+        # Without the plugins of the project's own test run (hypothesis, schemathesis, ...): seconds less.
+        self.env = {
+            **os.environ,
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "EVENTS": str(self.events_file),
+            "TEARDOWN_S": "0.5",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.output = b""
+
+    def start(self, **popen: object) -> subprocess.Popen[bytes]:
+        # Own session: the signals of a test reach this process (and its group) only.
+        self.process = subprocess.Popen(  # type: ignore[call-overload]
+            self.command, cwd=PROJECT_ROOT, env=self.env, start_new_session=True, **popen
+        )
+        assert self.process is not None
+        return self.process
+
+    @property
+    def events(self) -> list[str]:
+        return self.events_file.read_text().splitlines()
+
+    def wait_for(self, event: str, timeout_s: float = 30.0) -> None:
+        assert wait_until(lambda: event in self.events, timeout_s=timeout_s, interval_s=0.05), self.events
+
+    def finish(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        if self.process.stdout is not None:
+            self.output, _ = self.process.communicate(timeout=timeout_s)
+            return self.process.returncode
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    started: list[Run] = []
+    yield started
+    for run in started:
+        run.kill()
+
+
+# What a `driftloop test` ended by a signal must show: pytest interrupted once, its session torn down, and
+# only then the infrastructure stopped.
+CLEAN_END = [
+    "infra up",
+    "session set up",
+    "pytest got SIGINT",
+    "session torn down",
+    "infra down postgres,kafka",
+]
+
+
+def driftloop_test(tmp_path: Path, runs: list[Run], *, grace_s: float = 60.0, **env: str) -> Run:
+    session = tmp_path / "test_session.py"
+    session.write_text(SESSION)
+    argv = [
+        "test",
+        str(session),
+        "-c",
+        os.devnull,
+        "--rootdir",
+        str(tmp_path),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+    ]
+    run = Run(tmp_path, argv, grace_s=grace_s, **env)
+    runs.append(run)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [
+        pytest.param(signal.SIGINT, 130, id="SIGINT"),
+        pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+        pytest.param(signal.SIGHUP, 129, id="SIGHUP"),
+    ],
+)
+def test_a_signal_to_driftloop_test_lets_pytest_clean_up_before_the_infrastructure_stops(
+    tmp_path: Path, runs: list[Run], signum: signal.Signals, exit_code: int
+) -> None:
+    run = driftloop_test(tmp_path, runs)
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("session set up")
+
+    assert run.process is not None
+    os.kill(run.process.pid, signum)  # to driftloop alone, as `kill` or a service manager sends it
+
+    assert run.finish() == exit_code, run.output.decode()
+    assert run.events == CLEAN_END
+
+
+def test_ctrl_c_at_the_terminal_reaches_pytest_once_so_its_clean_up_is_not_cut_short(
+    tmp_path: Path, runs: list[Run]
+) -> None:
+    run = driftloop_test(tmp_path, runs)
+    terminal, side = os.openpty()
+
+    def take_terminal() -> None:  # the terminal driftloop runs in, its group in the foreground
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        run.start(stdin=side, stdout=side, stderr=side, preexec_fn=take_terminal)
+        os.close(side)
+        run.wait_for("session set up")
+
+        os.write(terminal, b"\x03")  # Ctrl-C: SIGINT to driftloop and pytest at once, from the kernel
+
+        assert run.process is not None
+        output = b""
+        while run.process.poll() is None and select.select([terminal], [], [], 30)[0]:
+            try:
+                output += os.read(terminal, 65536)
+            except OSError:  # the terminal's other side closed
+                break
+        assert run.finish() == 130, output.decode(errors="replace")
+    finally:
+        os.close(terminal)
+    assert run.events == CLEAN_END
+
+
+def test_a_closing_terminal_lets_pytest_clean_up_instead_of_killing_it(
+    tmp_path: Path, runs: list[Run]
+) -> None:
+    run = driftloop_test(tmp_path, runs)
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("session set up")
+
+    assert run.process is not None
+    os.killpg(run.process.pid, signal.SIGHUP)  # what a shell sends its jobs when its terminal closes
+
+    assert run.finish() == 129, run.output.decode()
+    assert run.events == CLEAN_END
+
+
+def test_a_pytest_that_does_not_finish_its_clean_up_is_stopped_with_the_platforms_it_left(
+    tmp_path: Path, runs: list[Run]
+) -> None:
+    state = tmp_path / "sandbox"
+    run = driftloop_test(tmp_path, runs, grace_s=1.0, TEARDOWN_S="600", SANDBOX_STATE=str(state))
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("session set up")
+    supervisor = read_pid(state / "platform" / "supervisor.pid")
+    assert supervisor is not None and pid_alive(supervisor)
+
+    try:
+        assert run.process is not None
+        os.kill(run.process.pid, signal.SIGTERM)
+
+        assert run.finish() == 143, run.output.decode()
+        assert "pytest did not finish its clean-up within 1s" in run.output.decode()
+        assert not pid_alive(supervisor), "the sandbox's supervisor outlived the pytest that started it"
+        assert run.events[-1] == "infra down postgres,kafka"
+    finally:
+        if pid_alive(supervisor):
+            os.kill(supervisor, signal.SIGKILL)
+
+
+def test_sigterm_to_a_demo_stops_what_it_started(tmp_path: Path, runs: list[Run]) -> None:
+    run = Run(tmp_path, ["demo"])
+    runs.append(run)
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("demo running")
+
+    assert run.process is not None
+    os.kill(run.process.pid, signal.SIGTERM)
+
+    assert run.finish() == 143, run.output.decode()
+    assert run.events[-3:] == ["platform stopping", "platform stopped", "infra down postgres,kafka"]
+    assert "driftloop: stopped by SIGTERM" in run.output.decode()
+
+
+def test_a_second_interrupt_while_the_demo_cleans_up_does_not_leave_the_infrastructure_running(
+    tmp_path: Path, runs: list[Run]
+) -> None:
+    run = Run(tmp_path, ["demo"], PLATFORM_STOP_S="1.5")
+    runs.append(run)
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("demo running")
+    assert run.process is not None
+
+    os.kill(run.process.pid, signal.SIGINT)
+    run.wait_for("platform stopping")
+    os.kill(run.process.pid, signal.SIGINT)  # impatient: Ctrl-C again
+    os.kill(run.process.pid, signal.SIGTERM)
+
+    assert run.finish() == 130, run.output.decode()
+    assert run.events[-3:] == ["platform stopping", "platform stopped", "infra down postgres,kafka"]
+    assert "finishing that first, so nothing is left running" in run.output.decode()
