@@ -16,6 +16,7 @@ import sys
 import termios
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from deploy.local.settings import PROJECT_ROOT
 LAUNCHER = """
 import asyncio, os, sys, time
 from pathlib import Path
+from typing import Any
 
 import deploy.cli as cli
 import deploy.demo
@@ -84,6 +86,7 @@ sys.exit(cli.main(sys.argv[3:]))
 SESSION = """
 import os, signal, time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,10 +147,27 @@ class Run:
         self.process: subprocess.Popen[bytes] | None = None
         self.output = b""
 
-    def start(self, **popen: object) -> subprocess.Popen[bytes]:
+    def start(self, **popen: Any) -> subprocess.Popen[bytes]:
+        then = popen.pop("preexec_fn", None)
+
+        def as_from_a_terminal() -> None:
+            # Signals as a terminal starts a command, whatever this test process inherited: under nohup or
+            # from a shell's background job SIGINT is ignored (Python then installs no KeyboardInterrupt),
+            # and under `driftloop test` SIGHUP is blocked.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            if then is not None:
+                then()
+
         # Own session: the signals of a test reach this process (and its group) only.
-        self.process = subprocess.Popen(  # type: ignore[call-overload]
-            self.command, cwd=PROJECT_ROOT, env=self.env, start_new_session=True, **popen
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=as_from_a_terminal,
+            **popen,
         )
         assert self.process is not None
         return self.process
