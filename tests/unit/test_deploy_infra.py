@@ -24,17 +24,6 @@ from deploy.local.settings import LocalInfraSettings, StateLayout
 from tests.ports import free_port
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Throwaway processes a test starts; all killed at its end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
 def look_alike(processes: list[subprocess.Popen[bytes]], program: str, *args: str) -> int:
     """A sleeping process whose command line reads ``program args...`` (argv[0] is only a name)."""
     process = subprocess.Popen(

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,17 +44,6 @@ def test_a_killed_service_leaves_no_helper_behind() -> None:
 
 
 # --- what the supervisor leaves when it dies, and what `down` may stop --------------------------------
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Throwaway processes a test starts; all killed at its end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 class SleepingServices(Supervisor):
