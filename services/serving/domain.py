@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -540,13 +540,12 @@ def shadowed_rows(view: RouteView, entity_keys: Sequence[str | None], request_dr
 def prediction_id(model: str, version: int, request_token: str, row: int) -> str:
     """``<model>:<version>:<request token>-<row>``: model names never contain ':', so feedback can tell the
     model and version from the id alone."""
-    return f"{model}:{version}:{request_token}-{row}"
+    return f"{prediction_id_prefix(model, version, request_token)}{row}"
 
 
-def prediction_ids(model: str, version: int, request_token: str, rows: Iterable[int]) -> list[str]:
-    """:func:`prediction_id` for many rows of one request."""
-    prefix = f"{model}:{version}:{request_token}-"
-    return [f"{prefix}{i}" for i in rows]
+def prediction_id_prefix(model: str, version: int, request_token: str) -> str:
+    """What every :func:`prediction_id` of one request and version starts with: the row follows it."""
+    return f"{model}:{version}:{request_token}-"
 
 
 def parse_prediction_id(pid: str) -> tuple[str, int] | None:
@@ -1022,6 +1021,12 @@ class Scores:
     labels: list[Any]
     probabilities: list[list[float]] | None
     classes: list[Any] | None
+    array: Any = field(default=None, compare=False, repr=False)
+    """The model's probabilities as it gave them, a 2-D numpy array (``probabilities`` is its ``tolist()``);
+    None when the answers came otherwise. The prediction log hands its bytes over instead of formatting
+    every float on the request's event loop."""
+    label_index: Any = field(default=None, compare=False, repr=False)
+    """With ``array``: each row's label as its index in ``classes`` (a 1-D numpy array of integers)."""
 
 
 @dataclass
@@ -1044,9 +1049,13 @@ class LogItem:
     """The request's JSON body whose ``records`` are ``raw_rows`` (then ``body_rows`` picks this item's rows):
     handed to the log producer as it came, so the request path never re-serialises the inputs."""
     body_rows: list[int] | None = None
+    """Which of the request's rows this item holds, in order (all of them when None)."""
     body_records: int | None = None
     """Set when ``body`` is strict JSON whose only member is ``records``: how many records it holds. The
     producer may then cut each record's text out of the body instead of reading it (see
     :func:`~services.serving.adapters.prediction_log.record_texts`)."""
     record_texts: list[bytes] | None = None
     """Each row's inputs as JSON between the braces, when the producer cut them out of ``body``."""
+    id_prefix: str | None = None
+    """Set when ``prediction_ids`` are this prefix followed by each row of ``body_rows`` (see
+    :func:`prediction_id_prefix`): the hand-off to the log producer then carries the prefix only."""

@@ -101,8 +101,9 @@ class ServedModel:
         if self.gives_probabilities:
             classes = self.classes or []
             # argmax over predict_proba is what predict does for these estimators; one pass instead of two.
-            labels = np.asarray(classes, dtype=object)[out.argmax(axis=1)].tolist()
-            return Scores(labels, out.tolist(), classes)
+            index = out.argmax(axis=1)
+            labels = np.asarray(classes, dtype=object)[index].tolist()
+            return Scores(labels, out.tolist(), classes, array=out, label_index=index)
         return Scores(out.reshape(len(out), -1)[:, 0].tolist() if out.ndim > 1 else out.tolist(), None, None)
 
     def warm(self) -> None:

@@ -28,7 +28,7 @@ from services.serving.domain import (
     assign_variants,
     check_row_count,
     error_rate_breached,
-    prediction_ids,
+    prediction_id_prefix,
     shadowed_rows,
 )
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
@@ -351,15 +351,16 @@ class Predictor:
         for feature, count in columns.unseen.items():
             UNSEEN.labels(served.model, feature).inc(count)
         probs = scores.probabilities
+        prefix = prediction_id_prefix(served.model, served.version, token)
         if rows is None:  # one variant answers the whole request: the common case, without a loop per row
-            pids = prediction_ids(served.model, served.version, token, range(request.rows))
+            pids = [f"{prefix}{i}" for i in range(request.rows)]
             result.prediction_ids = pids
             result.labels = list(scores.labels)
             result.probabilities = list(probs) if probs is not None else [None] * request.rows
             result.versions = [served.version] * request.rows
             result.variants = [variant] * request.rows
         else:
-            pids = prediction_ids(served.model, served.version, token, rows)
+            pids = [f"{prefix}{i}" for i in rows]
             for j, i in enumerate(rows):
                 result.prediction_ids[i] = pids[j]
                 result.labels[i] = scores.labels[j]
@@ -393,6 +394,7 @@ class Predictor:
                 body=request.body if request.raw_rows is not None else None,
                 body_rows=rows,
                 body_records=request.body_records if request.raw_rows is not None else None,
+                id_prefix=prefix,
             )
         )
 

@@ -3,7 +3,7 @@ produces it to Kafka on the other core.
 
 Encoding a 100-row PredictionsLogged (~27 KB of JSON, most of it formatting ~800 floats) and producing it
 cost the event loop 220-270 µs per request, on the loop that answers requests. Here the loop pays only the
-hand-off: a small JSON head (ids, keys, outputs) and the request body as it came, written to a Unix
+hand-off: a small JSON head, the model's outputs as array bytes and the request body as it came, to a Unix
 socket (see :func:`~services.serving.adapters.prediction_log.pack`). The child reads the body back with the
 same JSON reader as the request, so the records it logs are the very records that were answered, and it
 builds the event with the same encoder as before: the wire format does not change.

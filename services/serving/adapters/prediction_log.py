@@ -18,7 +18,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -269,11 +269,21 @@ FRAME = struct.Struct("<II")
 """A hand-off frame's prefix: the bytes that follow it, and how many of them are the JSON head."""
 
 
+_NUMBER_FORMATS = frozenset("fd")
+_INDEX_FORMATS = frozenset("bhilqBHILQ")
+
+
 def pack(item: LogItem, *, body_sent: bool) -> bytes:
-    """One item as a hand-off frame: a JSON head (ids, keys, outputs, the request's metadata) and, for
-    records read from a JSON body, that body as it came (``body_sent``: the previous frame carried the same
-    body, as the two variants of one split request do). The inputs are not serialised here: formatting
-    their floats is most of what encoding a log event costs, and the producer process does it."""
+    """One item as a hand-off frame: a JSON head (the request's metadata, and what cannot go more cheaply),
+    the model's outputs as the bytes of its arrays, and, for records read from a JSON body, that body as it
+    came (``body_sent``: the previous frame carried the same body, as the two variants of one split request
+    do).
+
+    This runs on the request's event loop, so it formats nothing it can avoid: the inputs stay the body's
+    text, the probabilities and labels go as their arrays' bytes (``Scores.array``), the prediction ids as
+    their prefix (``LogItem.id_prefix``), entity keys only when some row has one. For 100 rows that is
+    1.5 µs instead of 9 µs in a tight loop, and the frame a third smaller. The producer process reads it all
+    back (:class:`Unpacker`) into the item that was offered."""
     scores = item.scores
     head: dict[str, Any] = {
         "model": item.model,
@@ -283,17 +293,34 @@ def pack(item: LogItem, *, body_sent: bool) -> bytes:
         "request_id": item.request_id,
         "predicted_at": item.predicted_at.isoformat(),
         "latency_ms": item.latency_ms,
-        "rows": item.columns.rows,
-        "prediction_ids": item.prediction_ids,
-        "entity_keys": item.entity_keys,
-        "labels": scores.labels,
-        "probabilities": scores.probabilities,
+        "rows": len(item.prediction_ids),
+        "body_rows": item.body_rows,
         "classes": scores.classes,
     }
+    if item.id_prefix is not None:
+        head["id_prefix"] = item.id_prefix
+    else:
+        head["prediction_ids"] = item.prediction_ids
+    if item.entity_keys.count(None) != len(item.entity_keys):
+        head["entity_keys"] = item.entity_keys
+    arrays = b""
+    array, index = scores.array, scores.label_index
+    if (
+        array is not None
+        and index is not None
+        and array.ndim == 2
+        and array.dtype.char in _NUMBER_FORMATS
+        and index.dtype.char in _INDEX_FORMATS
+    ):
+        probabilities, labels = array.tobytes(), index.tobytes()
+        head["arrays"] = [array.dtype.char, array.shape[1], len(probabilities), index.dtype.char, len(labels)]
+        arrays = probabilities + labels
+    else:
+        head["labels"] = scores.labels
+        head["probabilities"] = scores.probabilities
     body = b""
     if item.body is not None:
         head["body"] = "same" if body_sent else "new"
-        head["body_rows"] = item.body_rows
         head["body_records"] = item.body_records
         if not body_sent:
             body = item.body
@@ -302,7 +329,7 @@ def pack(item: LogItem, *, body_sent: bool) -> bytes:
     else:
         head["columns"] = item.columns.columns
     encoded = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
-    return FRAME.pack(len(encoded) + len(body), len(encoded)) + encoded + body
+    return b"".join((FRAME.pack(len(encoded) + len(arrays) + len(body), len(encoded)), encoded, arrays, body))
 
 
 class Unpacker:
@@ -318,16 +345,38 @@ class Unpacker:
         """The item of one frame (without its prefix); raises ValueError when it cannot be read."""
         view = memoryview(frame)
         head = orjson.loads(view[:head_bytes])
+        rows: int = head["rows"]
+        picked: list[int] | None = head["body_rows"]
+        classes = head["classes"]
+        at = head_bytes
+        if "arrays" in head:
+            number, width, number_bytes, integer, index_bytes = head["arrays"]
+            if number not in _NUMBER_FORMATS or integer not in _INDEX_FORMATS:
+                raise ValueError(f"arrays of {number!r} and {integer!r} are not handed over")
+            flat = cast(list[float], view[at : at + number_bytes].cast(number).tolist())  # typeshed: ints
+            at += number_bytes
+            index = view[at : at + index_bytes].cast(integer).tolist()
+            at += index_bytes
+            if len(index) != rows or len(flat) != rows * width:
+                raise ValueError(f"{len(flat)} probabilities and {len(index)} labels for {rows} rows")
+            probabilities: list[list[float]] | None = [flat[i * width : (i + 1) * width] for i in range(rows)]
+            labels = [classes[i] for i in index]
+        else:
+            probabilities, labels = head["probabilities"], head["labels"]
+        if "id_prefix" in head:
+            prefix = head["id_prefix"]
+            ids = [f"{prefix}{i}" for i in (range(rows) if picked is None else picked)]
+        else:
+            ids = head["prediction_ids"]
         raw_rows: list[Any] | None = None
         texts: list[bytes] | None = None
         if "body" in head:
             if head["body"] == "new":
-                self._body = bytes(view[head_bytes:])
+                self._body = bytes(view[at:])
                 self._records = None
                 self._texts = record_texts(self._body, head.get("body_records"))
             if self._body is None:
                 raise ValueError("a frame reuses a body that was never read")
-            picked = head["body_rows"]
             if self._texts is not None:
                 texts = self._texts if picked is None else [self._texts[i] for i in picked]
             else:
@@ -343,11 +392,11 @@ class Unpacker:
             request_id=head["request_id"],
             predicted_at=datetime.fromisoformat(head["predicted_at"]),
             latency_ms=head["latency_ms"],
-            prediction_ids=head["prediction_ids"],
-            entity_keys=head["entity_keys"],
-            columns=FeatureColumns(head["rows"], head.get("columns") or {}),
+            prediction_ids=ids,
+            entity_keys=head.get("entity_keys") or [None] * rows,
+            columns=FeatureColumns(rows, head.get("columns") or {}),
             raw_rows=raw_rows,
-            scores=Scores(head["labels"], head["probabilities"], head["classes"]),
+            scores=Scores(labels, probabilities, classes),
             record_texts=texts,
         )
 

@@ -20,6 +20,7 @@ from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
 from libs.http import create_app
 from services.serving import api, schemas
+from services.serving.adapters.prediction_log import FRAME, Unpacker, encode, pack
 from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
 from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
 from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictResult
@@ -348,6 +349,35 @@ async def test_shadow_answers_with_the_stable_and_logs_the_candidate(service: Se
         == stable.prediction_ids
         == [p["prediction_id"] for p in r.json()["predictions"]]
     )
+
+
+async def test_what_serving_offers_the_log_reads_back_in_the_producer_as_offered(service: Service) -> None:
+    """The hand-off carries the model's arrays and the ids' prefix, not the formatted values: the producer
+    must rebuild from them the very events the offered items encode to."""
+    await predict(service, [record()])
+    service.route(served(1), served(2), weight=0.5)
+    await predict(
+        service, [record(tenure_months=i) for i in range(40)], entity_keys=[f"c-{i}" for i in range(40)]
+    )
+    await service.client.post("/v2/models/churn/infer", json=oip_body(3), headers=PREDICT)
+    service.route(served(1), served(2), weight=1.0, mode=RolloutMode.SHADOW)
+    await predict(service, [record(), record(plan="plus")])
+    service.predictor.score_shadow(service.predictor.shadow_queue.get_nowait())
+    items = service.log.items
+    assert len(items) == 6 and {i.variant for i in items} == set(Variant)
+
+    unpack, last = Unpacker(), None
+    for offered in items:
+        frame = pack(offered, body_sent=offered.body is not None and offered.body is last)
+        last = offered.body
+        size, head = FRAME.unpack(frame[: FRAME.size])
+        assert size == len(frame) - FRAME.size
+        read = unpack(frame[FRAME.size :], head)
+        expected = [wire[2] for wire in encode(offered, source="/s", max_bytes=1_000_000)]
+        assert [wire[2] for wire in encode(read, source="/s", max_bytes=1_000_000)] == expected
+        if offered.variant is not Variant.SHADOW:  # a shadow's ids are the answering version's
+            assert offered.id_prefix is not None and offered.prediction_ids[-1].encode() not in frame
+        assert offered.scores.array is not None and b"probabilities" not in frame
 
 
 # --- Open Inference Protocol ------------------------------------------------------------------------------

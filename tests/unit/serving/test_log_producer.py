@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -33,7 +34,7 @@ from services.serving.adapters.prediction_log import (
     pack,
     record_texts,
 )
-from services.serving.domain import LogItem, parse_json, read_json, rows_of
+from services.serving.domain import LogItem, Scores, parse_json, read_json, rows_of
 from tests.unit.serving.test_prediction_log import VARIED, decode, dict_per_row, item, validated
 from tests.waiting import eventually
 
@@ -72,6 +73,56 @@ def test_a_handed_over_item_encodes_to_the_rowwise_validated_event(case: str) ->
     log_item = VARIED[case]()
     [wire] = encode(handed_over(log_item), source="/s", max_bytes=1_000_000)
     assert decode(wire).data == validated(log_item)
+
+
+def as_scored(log_item: LogItem, dtype: str, rows: list[int] | None = None) -> LogItem:
+    """The item as serving offers it: the model's probabilities and labels as arrays too (``tolist`` of the
+    array gives the probabilities), the prediction ids as a prefix and the request's rows."""
+    scores = log_item.scores
+    assert scores.probabilities is not None and scores.classes is not None
+    array = np.asarray(scores.probabilities, dtype=dtype)
+    index = np.asarray([scores.classes.index(label) for label in scores.labels])
+    log_item.scores = Scores(scores.labels, array.tolist(), scores.classes, array=array, label_index=index)
+    numbers = rows if rows is not None else range(len(scores.labels))
+    log_item.id_prefix = "churn:7:tok-"
+    log_item.prediction_ids = [f"churn:7:tok-{i}" for i in numbers]
+    log_item.body_rows = rows
+    return log_item
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", [c for c in VARIED if "regression" not in c])
+def test_outputs_handed_over_as_arrays_read_back_as_the_same_event(case: str, dtype: str) -> None:
+    log_item = as_scored(VARIED[case](), dtype)
+    frame = pack(log_item, body_sent=False)
+    assert b"probabilities" not in frame and log_item.prediction_ids[0].encode() not in frame
+
+    read = handed_over(log_item)
+
+    assert read.scores == log_item.scores and read.prediction_ids == log_item.prediction_ids
+    assert read.entity_keys == log_item.entity_keys
+    [wire] = encode(read, source="/s", max_bytes=1_000_000)
+    assert wire[2] == encode(log_item, source="/s", max_bytes=1_000_000)[0][2]
+    assert decode(wire).data == validated(log_item)
+
+
+def test_the_ids_of_a_split_request_read_back_with_their_rows() -> None:
+    records = [{"tenure_months": i, "monthly_charges": 10.5 * i, "plan": "basic"} for i in range(5)]
+    body = orjson.dumps({"records": records})
+    canary = as_scored(with_body(item(rows=2), body, [1, 3]), "float32", [1, 3])
+    canary.entity_keys = [None, None]
+
+    read = handed_over(canary)
+
+    assert read.prediction_ids == ["churn:7:tok-1", "churn:7:tok-3"] and read.entity_keys == [None, None]
+    assert [r["tenure_months"] for r in inputs(read)] == [1, 3]
+
+
+def test_a_frame_whose_arrays_do_not_match_its_rows_is_refused() -> None:
+    log_item = as_scored(item(rows=3), "float64")
+    log_item.prediction_ids.append("churn:7:tok-3")
+    with pytest.raises(ValueError, match="for 4 rows"):
+        handed_over(log_item)
 
 
 def test_records_are_read_back_from_the_request_body_as_it_came() -> None:
