@@ -282,8 +282,9 @@ def pack(item: LogItem, *, body_sent: bool) -> bytes:
     This runs on the request's event loop, so it formats nothing it can avoid: the inputs stay the body's
     text, the probabilities and labels go as their arrays' bytes (``Scores.array``), the prediction ids as
     their prefix (``LogItem.id_prefix``), entity keys only when some row has one. For 100 rows that is
-    1.5 µs instead of 9 µs in a tight loop, and the frame a third smaller. The producer process reads it all
-    back (:class:`Unpacker`) into the item that was offered."""
+    4.7 µs instead of 12.1 µs in a tight loop (the bench's light model), and 14.7 KB instead of 20.0 KB.
+    Items of fewer than ``COLUMNWISE_FROM_ROWS`` rows go as lists. The producer process reads it all back
+    (:class:`Unpacker`) into the item that was offered."""
     scores = item.scores
     head: dict[str, Any] = {
         "model": item.model,
@@ -297,7 +298,10 @@ def pack(item: LogItem, *, body_sent: bool) -> bytes:
         "body_rows": item.body_rows,
         "classes": scores.classes,
     }
-    if item.id_prefix is not None:
+    # Small items go as lists: for them the arrays' bytes and their checks cost more than formatting a few
+    # values (pack 3.9 µs against 3.5 at one row, break-even at 8 rows, 4.7 against 12.1 at 100).
+    compact = len(item.prediction_ids) >= COLUMNWISE_FROM_ROWS
+    if compact and item.id_prefix is not None:
         head["id_prefix"] = item.id_prefix
     else:
         head["prediction_ids"] = item.prediction_ids
@@ -306,7 +310,8 @@ def pack(item: LogItem, *, body_sent: bool) -> bytes:
     arrays = b""
     array, index = scores.array, scores.label_index
     if (
-        array is not None
+        compact
+        and array is not None
         and index is not None
         and array.ndim == 2
         and array.dtype.char in _NUMBER_FORMATS
@@ -359,7 +364,10 @@ class Unpacker:
             at += index_bytes
             if len(index) != rows or len(flat) != rows * width:
                 raise ValueError(f"{len(flat)} probabilities and {len(index)} labels for {rows} rows")
-            probabilities: list[list[float]] | None = [flat[i * width : (i + 1) * width] for i in range(rows)]
+            by_class = [flat[j::width] for j in range(width)]
+            probabilities: list[list[float]] | None = (
+                list(map(list, zip(*by_class, strict=True))) if width else [[] for _ in range(rows)]
+            )
             labels = [classes[i] for i in index]
         else:
             probabilities, labels = head["probabilities"], head["labels"]

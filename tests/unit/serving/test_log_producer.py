@@ -26,6 +26,7 @@ from libs.settings import KafkaSettings
 from services.serving.adapters import prediction_log
 from services.serving.adapters.log_producer import ProcessPredictionLog
 from services.serving.adapters.prediction_log import (
+    COLUMNWISE_FROM_ROWS,
     DROPPED,
     FRAME,
     SENT,
@@ -92,7 +93,10 @@ def as_scored(log_item: LogItem, dtype: str, rows: list[int] | None = None) -> L
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", [c for c in VARIED if "regression" not in c])
-def test_outputs_handed_over_as_arrays_read_back_as_the_same_event(case: str, dtype: str) -> None:
+def test_outputs_handed_over_as_arrays_read_back_as_the_same_event(
+    case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)  # arrays even for one row
     log_item = as_scored(VARIED[case](), dtype)
     frame = pack(log_item, body_sent=False)
     assert b"probabilities" not in frame and log_item.prediction_ids[0].encode() not in frame
@@ -106,10 +110,11 @@ def test_outputs_handed_over_as_arrays_read_back_as_the_same_event(case: str, dt
     assert decode(wire).data == validated(log_item)
 
 
-def test_the_ids_of_a_split_request_read_back_with_their_rows() -> None:
+def test_the_ids_of_a_split_request_read_back_with_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     records = [{"tenure_months": i, "monthly_charges": 10.5 * i, "plan": "basic"} for i in range(5)]
     body = orjson.dumps({"records": records})
     canary = as_scored(with_body(item(rows=2), body, [1, 3]), "float32", [1, 3])
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)
     canary.entity_keys = [None, None]
 
     read = handed_over(canary)
@@ -118,10 +123,22 @@ def test_the_ids_of_a_split_request_read_back_with_their_rows() -> None:
     assert [r["tenure_months"] for r in inputs(read)] == [1, 3]
 
 
+def test_small_items_go_as_lists_and_read_back_as_the_same_event() -> None:
+    log_item = as_scored(item(rows=COLUMNWISE_FROM_ROWS - 1), "float32")
+
+    frame = pack(log_item, body_sent=False)
+
+    assert b"probabilities" in frame and log_item.prediction_ids[0].encode() in frame
+    read = handed_over(log_item)
+    assert read.scores == log_item.scores and read.prediction_ids == log_item.prediction_ids
+    [wire] = encode(read, source="/s", max_bytes=1_000_000)
+    assert decode(wire).data == validated(log_item)
+
+
 def test_a_frame_whose_arrays_do_not_match_its_rows_is_refused() -> None:
-    log_item = as_scored(item(rows=3), "float64")
-    log_item.prediction_ids.append("churn:7:tok-3")
-    with pytest.raises(ValueError, match="for 4 rows"):
+    log_item = as_scored(item(rows=COLUMNWISE_FROM_ROWS), "float64")
+    log_item.prediction_ids.append(f"churn:7:tok-{COLUMNWISE_FROM_ROWS}")
+    with pytest.raises(ValueError, match=f"for {COLUMNWISE_FROM_ROWS + 1} rows"):
         handed_over(log_item)
 
 
