@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -736,6 +737,24 @@ def column_mismatch(row: StoredRow) -> str | None:
 # --- reading the trail: events, causal trees, cursors ------------------------------------------------
 
 
+_LONG_INTEGER = re.compile(rb"[0-9]{19}")
+
+
+def _json_value(value: bytes) -> Any:
+    """A record's JSON value, its integers exactly as recorded. orjson reads an integer beyond 64 bits (from
+    19 digits on) as a float, which would show an audit-log reader another number than the one the trail
+    holds; a value with such a run of digits (perhaps inside a string or a fraction, where both read it
+    the same) is read by Python's json instead, which keeps every integer. Raises JSONDecodeError when the
+    value is not strict JSON."""
+    data = orjson.loads(value)
+    if _LONG_INTEGER.search(value) is None:
+        return data
+    try:
+        return json.loads(value)
+    except RecursionError:  # orjson reads 1,024 levels, Python's json fewer: keep orjson's reading
+        return data
+
+
 def event_view(row: StoredRow) -> dict[str, Any]:
     """A row for people and programs: every field comes from the hashed record, none from the copies."""
     meta, value = decode_record(row.record)
@@ -745,7 +764,7 @@ def event_view(row: StoredRow) -> dict[str, Any]:
     raw_value: Any = None
     if value is not None:
         try:
-            data = orjson.loads(value)
+            data = _json_value(value)
         except orjson.JSONDecodeError:
             raw_value = _text_or_base64(value)
     view: dict[str, Any] = {

@@ -30,7 +30,7 @@ from services.audit.domain import (
     event_type_filter,
     time_range,
 )
-from services.audit.schemas import TracePublic
+from services.audit.schemas import AuditEventPublic, TracePublic
 from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example
 
 
@@ -114,6 +114,28 @@ async def test_event_fields_come_from_the_hashed_record_and_a_doctored_index_is_
     [event], _ = await core.query_events(trail, EventQuery(actor="user:mallory"))
     assert event["actor"] is None
     assert event["integrity"] == "indexed column actor does not match the hashed record"
+
+
+async def test_integers_beyond_64_bits_are_shown_as_the_trail_holds_them() -> None:
+    trail = FakeTrail()
+    value = (
+        b'{"big": 18446744073709551616, "u64": 18446744073709551615, "low": -9223372036854775809,'
+        b' "digits": "123456789012345678901234", "f": 0.1, "deep": [[[-123456789012345678901234567890]]]}'
+    )
+    await store(trail, [Delivery(Record("team.things", 0, 0, None, value, ()), None)])
+
+    event = await core.event_at(trail, 1)
+
+    assert event["data"] == {
+        "big": 2**64,
+        "u64": 2**64 - 1,
+        "low": -(2**63) - 1,
+        "digits": "123456789012345678901234",
+        "f": 0.1,
+        "deep": [[[-123456789012345678901234567890]]],
+    }
+    assert type(event["data"]["big"]) is int and type(event["data"]["low"]) is int
+    assert '"big":18446744073709551616' in AuditEventPublic.model_validate(event).model_dump_json()
 
 
 async def test_trace_is_the_causal_tree_from_drift_to_promotion(trail: FakeTrail) -> None:
