@@ -7,6 +7,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,8 +59,10 @@ def json_body(kind: Any, description: str) -> dict[str, Any]:
 
 
 class RequestLimits:
-    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent, and a NUL
-    character in the path or the query with 422 (no name, key or filter can hold one)."""
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent; a NUL
+    character in the path or the query with 422 (no name, key or filter can hold one); and a query
+    parameter given twice with 422: every parameter of these APIs takes one value, and answering with one
+    of two filters (FastAPI takes the last) would answer another question than the one asked."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -71,6 +74,10 @@ class RequestLimits:
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
             await _refuse(send, 422, "invalid-input", "the path or the query holds a NUL character (%00)")
+            return
+        if scope["query_string"] and (repeated := _repeated_parameter(scope["query_string"])) is not None:
+            detail = f"the query gives {repeated!r} more than once; give each parameter once"
+            await _refuse(send, 422, "invalid-input", detail)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -95,6 +102,16 @@ class RequestLimits:
     async def _too_large(self, send: Send) -> None:
         detail = f"request body is larger than the limit of {self.max_bytes} bytes"
         await _refuse(send, 413, "payload-too-large", detail)
+
+
+def _repeated_parameter(query_string: bytes) -> str | None:
+    """The first query parameter named twice, the names read as Starlette reads them, or None."""
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 async def _refuse(send: Send, status: int, code: str, detail: str) -> None:

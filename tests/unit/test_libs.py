@@ -143,6 +143,20 @@ async def test_a_nul_character_in_the_path_or_the_query_is_refused_with_422(tmp_
         assert (await client.get("/read?model=churn", headers=bearer("dev-viewer"))).status_code == 200
 
 
+async def test_a_query_parameter_given_twice_is_refused_with_422(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        for url in ("/read?model=churn&model=fraud", "/read?limit=1&model=a&mod%65l=b", "/read?x&x"):
+            response = await client.get(url, headers=bearer("dev-viewer"))
+            assert response.status_code == 422, url
+            assert response.json()["code"] == "invalid-input"
+            assert (
+                "more than once" in response.json()["detail"]
+                and "give each parameter once" in response.json()["detail"]
+            )
+        once = await client.get("/read?model=churn&limit=2", headers=bearer("dev-viewer"))
+        assert once.status_code == 200
+
+
 def test_free_text_with_a_nul_character_is_invalid_input() -> None:
     text = TypeAdapter(Text)
     assert text.validate_python("why: the canary is worse") == "why: the canary is worse"
