@@ -51,7 +51,7 @@ from services.serving.adapters.prediction_log import (
     SENT,
     KafkaPredictionLog,
     Unpacker,
-    pack,
+    frame_pieces,
 )
 from services.serving.domain import LogItem
 
@@ -151,12 +151,12 @@ class ProcessPredictionLog:
         transport = self._transport
         if not pending or transport is None or transport.is_closing():
             return  # counted as lost with the producer that is gone
-        frames = []
+        pieces: list[bytes] = []
         last = self._last_body
         for item in pending:
             body = item.body
             try:
-                frames.append(pack(item, body_sent=body is not None and body is last))
+                pieces += frame_pieces(item, body_sent=body is not None and body is last)
             except Exception as exc:
                 self._written -= 1
                 DROPPED.labels("unencodable").inc()
@@ -164,7 +164,7 @@ class ProcessPredictionLog:
                 continue
             last = body
         self._last_body = last
-        transport.write(b"".join(frames))
+        transport.write(b"".join(pieces))
 
     async def run(self) -> None:
         """Run the producer process until stopped, restarting it if it dies; on stop, let it flush."""
