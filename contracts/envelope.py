@@ -96,7 +96,7 @@ class OversizedEvent(MalformedEvent):
 
 
 class MissingAttribute(MalformedEvent):
-    """A required CloudEvents header is absent or not UTF-8."""
+    """A required CloudEvents header is absent, empty or not UTF-8."""
 
     reason = "missing-attribute"
 
@@ -182,8 +182,14 @@ class CloudEvent(BaseModel, Generic[P]):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(default_factory=new_event_id, description="Unique event id (CloudEvents `id`).")
-    source: str = Field(description="URI-reference of the producer, e.g. `/driftloop/registry`.")
+    id: str = Field(
+        default_factory=new_event_id,
+        min_length=1,
+        description="Event id (CloudEvents `id`), unique among the events of its source.",
+    )
+    source: str = Field(
+        min_length=1, description="URI-reference of the producer, e.g. `/driftloop/registry`."
+    )
     type: str = Field(description="Event type, e.g. `io.driftloop.TrainingCompleted.v1`.")
     time: datetime = Field(default_factory=lambda: datetime.now(UTC), description="When it happened (UTC).")
     subject: str | None = Field(default=None, description="The model name the event is about.")
@@ -369,6 +375,10 @@ class EventTypeRegistry:
                     f"header {required!r} is missing: not a CloudEvents binary-mode message"
                 )
         ce_type, ce_id = hdr["ce_type"], hdr["ce_id"]
+        if not ce_id or not hdr["ce_source"]:
+            # Source and id together identify an event (the inbox keys on them); CloudEvents requires both.
+            empty = "ce_id" if not ce_id else "ce_source"
+            raise MissingAttribute(f"header {empty!r} is empty: CloudEvents requires a non-empty {empty[3:]}")
         if hdr["ce_specversion"] != SPEC_VERSION:
             raise MalformedEvent(f"ce_specversion is {hdr['ce_specversion']!r}, expected {SPEC_VERSION!r}")
         content_type = hdr.get("content-type") or CONTENT_TYPE

@@ -384,7 +384,10 @@ Every message on every topic is a CloudEvent 1.0 in the Kafka binary binding
 the value is the JSON payload. Types are `io.driftloop.<EventName>.v<version>`. The Kafka key is the
 CloudEvents subject: the model name on model topics, so each model's events stay in order. The
 extensions `ce_correlationid` (root event of the cascade), `ce_causationid` (direct cause) and
-`ce_actor` (who asked) tie every cascade together.
+`ce_actor` (who asked) tie every cascade together. As CloudEvents say, `ce_source` and `ce_id` together
+identify an event (neither may be empty): a publisher keeps its ids unique among its own events, and
+another publisher's event with the same id is another event. Consumers skip a redelivery of one they
+handled and dead-letter the same source and id with a different value as `reused-event-id`.
 
 Machine-readable: one JSON Schema per event in `contracts/schemas/`, every topic, message and service
 operation in `contracts/asyncapi.yaml` (AsyncAPI 3.0). The topic map is `contracts/topics.py`; the

@@ -12,9 +12,10 @@ import enum
 import hashlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from contracts.envelope import (
     MAX_ATTRIBUTE_CHARS,
@@ -92,12 +93,49 @@ class Claim(enum.Enum):
     REUSED_ID = "reused-id"
 
 
+class InboxEntry(NamedTuple):
+    """A delivered event as the inbox records it. CloudEvents identify an event by its source and id
+    together; the hash is of the value as delivered, so a reused id with other content is caught."""
+
+    source: str
+    event_id: str
+    sha256: str
+
+
+LEGACY_SOURCE = ""
+"""The source of inbox rows stored before the inbox recorded sources (bus migration 0002). Such a row
+stands for its event id under any source. No event has it: the bus refuses an empty source."""
+
+
 class InboxTransaction(Transaction, Protocol):
     """A transaction that can also record handled events in the inbox."""
 
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        """Record (event_id, payload_sha256) pairs; say for each whether it is new, a duplicate or reused."""
+    async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
+        """Record handled events; say for each whether it is new, a duplicate or a reused id."""
         ...
+
+
+def judge_claims(
+    items: Sequence[InboxEntry], new: AbstractSet[tuple[str, str]], held: Mapping[tuple[str, str], str]
+) -> list[Claim]:
+    """Each item's verdict, given the (source, event id) pairs the inbox has just recorded (``new``) and
+    the hash it held before for the others (``held``; a row stored before sources were, under
+    :data:`LEGACY_SOURCE`)."""
+    claims: list[Claim] = []
+    first: dict[tuple[str, str], str] = {}
+    for item in items:
+        key = (item.source, item.event_id)
+        if key in first:
+            # The same event twice in one poll: the first one is the one that counts.
+            claims.append(Claim.DUPLICATE if first[key] == item.sha256 else Claim.REUSED_ID)
+            continue
+        first[key] = item.sha256
+        if key in new:
+            claims.append(Claim.NEW)
+        else:
+            sha = held.get(key, held.get((LEGACY_SOURCE, item.event_id)))
+            claims.append(Claim.DUPLICATE if sha == item.sha256 else Claim.REUSED_ID)
+    return claims
 
 
 TransactionFactory = Callable[[], AbstractAsyncContextManager[InboxTransaction]]
@@ -438,9 +476,8 @@ class Dispatcher:
             if self.sub.raw:
                 fresh = deliveries
             else:
-                # The hash of the bytes as delivered: a reused id with other content is caught as sent.
                 items = [
-                    (d.event.id, hashlib.sha256(d.record.value or b"").hexdigest())
+                    InboxEntry(d.event.source, d.event.id, hashlib.sha256(d.record.value or b"").hexdigest())
                     for d in deliveries
                     if d.event is not None
                 ]
@@ -454,7 +491,8 @@ class Dispatcher:
                     else:
                         assert d.event is not None
                         raise ReusedEventId(
-                            f"event id {d.event.id} was handled before with a different payload"
+                            f"event id {d.event.id} from source {d.event.source} was handled before"
+                            " with a different payload"
                         )
             await run(tx, fresh)
         for topic, count in Counter(d.record.topic for d in fresh).items():

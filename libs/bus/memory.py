@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry
-from libs.bus.core import Claim, Dispatcher, Record, Subscription, encode_outgoing
+from libs.bus.core import Claim, Dispatcher, InboxEntry, Record, Subscription, encode_outgoing, judge_claims
 
 
 @dataclass
@@ -31,23 +31,25 @@ class MemoryTransaction:
     bus: InMemoryBus
     conn: Any = None
     published: list[CloudEvent[Any]] = field(default_factory=list)
-    claims: dict[tuple[str, str], str] = field(default_factory=dict)
+    claims: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         # Refused here, as the outbox refuses it: the handler's transaction fails, not a later relay.
         encode_outgoing(event, max_bytes=self.bus.max_event_bytes)
         self.published.append(event)
 
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        result = []
-        for event_id, sha in items:
-            old = self.bus.inbox.get((consumer, event_id)) or self.claims.get((consumer, event_id))
-            if old is None:
-                self.claims[(consumer, event_id)] = sha
-                result.append(Claim.NEW)
-            else:
-                result.append(Claim.DUPLICATE if old == sha else Claim.REUSED_ID)
-        return result
+    async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
+        new: set[tuple[str, str]] = set()
+        held: dict[tuple[str, str], str] = {}
+        for item in items:
+            key = (consumer, item.source, item.event_id)
+            old = self.bus.inbox.get(key) or self.claims.get(key)
+            if old is not None:
+                held[(item.source, item.event_id)] = old
+            elif (item.source, item.event_id) not in new:
+                new.add((item.source, item.event_id))
+                self.claims[key] = item.sha256
+        return judge_claims(items, new, held)
 
 
 class InMemoryBus:
@@ -57,7 +59,8 @@ class InMemoryBus:
         self.registry = registry
         self.max_event_bytes = max_event_bytes
         self.log: dict[str, list[Record]] = defaultdict(list)
-        self.inbox: dict[tuple[str, str], str] = {}
+        self.inbox: dict[tuple[str, str, str], str] = {}
+        """(consumer, source, event id) → the payload's sha256, as the Postgres inbox keeps it."""
         self.dead_letters: list[DeadLetter] = []
         self._subscriptions: list[tuple[Subscription, Dispatcher, dict[str, int]]] = []
 

@@ -13,7 +13,16 @@ import asyncpg
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES, CloudEvent
 from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
-from libs.bus.core import Claim, RawSender, Record, TransactionFactory, encode_outgoing
+from libs.bus.core import (
+    LEGACY_SOURCE,
+    Claim,
+    InboxEntry,
+    RawSender,
+    Record,
+    TransactionFactory,
+    encode_outgoing,
+    judge_claims,
+)
 from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
 from libs.db import Migration, check_schema_name, migrations_in
 from libs.logging import get_logger
@@ -32,11 +41,22 @@ def outbox_channel(schema: str) -> str:
     return f"driftloop_outbox_{check_schema_name(schema)}"
 
 
-_CLAIM_SQL = """
-INSERT INTO inbox (consumer, event_id, payload_sha256)
-SELECT $1, event_id, sha FROM unnest($2::text[], $3::text[]) AS t(event_id, sha)
+# A row stored before the inbox recorded sources (LEGACY_SOURCE) still stands for its event id: the
+# NOT EXISTS probe is one look-up in the primary key, whose event id comes before the source.
+_CLAIM_SQL = f"""
+INSERT INTO inbox (consumer, source, event_id, payload_sha256)
+SELECT $1, t.source, t.event_id, t.sha
+FROM unnest($2::text[], $3::text[], $4::text[]) AS t(source, event_id, sha)
+WHERE NOT EXISTS (
+    SELECT 1 FROM inbox AS held
+    WHERE held.consumer = $1 AND held.event_id = t.event_id AND held.source = '{LEGACY_SOURCE}'
+)
 ON CONFLICT DO NOTHING
-RETURNING event_id
+RETURNING source, event_id
+"""
+
+_HELD_SQL = """
+SELECT source, event_id, payload_sha256 FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])
 """
 
 
@@ -69,33 +89,26 @@ class PgTransaction:
             await self.conn.execute("SELECT pg_notify($1, '')", self._channel)
             self._notified = True
 
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
+    async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         """Record handled events in the inbox, telling new ones from redeliveries and reused ids."""
-        ids = [i for i, _ in items]
-        new = {r["event_id"] for r in await self.conn.fetch(_CLAIM_SQL, consumer, ids, [h for _, h in items])}
-        known: dict[str, str] = {}
+        new = {
+            (r["source"], r["event_id"])
+            for r in await self.conn.fetch(
+                _CLAIM_SQL,
+                consumer,
+                [i.source for i in items],
+                [i.event_id for i in items],
+                [i.sha256 for i in items],
+            )
+        }
+        held: dict[tuple[str, str], str] = {}
         if len(new) < len(items):
             # Only redeliveries pay for this second look-up.
             rows = await self.conn.fetch(
-                "SELECT event_id, payload_sha256 FROM inbox"
-                " WHERE consumer = $1 AND event_id = ANY($2::text[])",
-                consumer,
-                [i for i in ids if i not in new],
+                _HELD_SQL, consumer, list({i.event_id for i in items if (i.source, i.event_id) not in new})
             )
-            known = {r["event_id"]: r["payload_sha256"] for r in rows}
-        claims: list[Claim] = []
-        first_sha: dict[str, str] = {}
-        for event_id, sha in items:
-            if event_id in first_sha:
-                # The same id twice in one poll: the first one is the one that counts.
-                claims.append(Claim.DUPLICATE if first_sha[event_id] == sha else Claim.REUSED_ID)
-                continue
-            first_sha[event_id] = sha
-            if event_id in new:
-                claims.append(Claim.NEW)
-            else:
-                claims.append(Claim.DUPLICATE if known.get(event_id) == sha else Claim.REUSED_ID)
-        return claims
+            held = {(r["source"], r["event_id"]): r["payload_sha256"] for r in rows}
+        return judge_claims(items, new, held)
 
 
 def pg_transactions(

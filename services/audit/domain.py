@@ -536,13 +536,29 @@ directly, never re-sent through an outbox, and they are most rows."""
 
 def event_id_of(record: Record) -> str | None:
     """The record's CloudEvents id (its ``ce_id`` header) as the trail indexes it, if it has one."""
-    for name, raw in record.headers:
-        if name == "ce_id":
+    event_id = _header_text(record, "ce_id")
+    return None if event_id is None else _index_text(event_id)
+
+
+def _header_text(record: Record, name: str) -> str | None:
+    """The first header of that name as text; None if there is none or it is not UTF-8."""
+    for header, raw in record.headers:
+        if header == name:
             try:
-                return _index_text(raw.decode()) if raw is not None else None
+                return raw.decode() if raw is not None else None
             except UnicodeDecodeError:
                 return None
     return None
+
+
+HeldEvent = tuple[str | None, bytes]
+"""What makes a record a re-sent copy of a row holding its (topic, event id): its CloudEvents source (as
+text, None if it has none) and its value. Source and id together identify an event."""
+
+
+def held_event(meta: Mapping[str, Any], value: bytes | None) -> HeldEvent:
+    """The :data:`HeldEvent` of a stored record, from :func:`decode_record`."""
+    return _first_text(meta["headers"], "ce_source"), value or b""
 
 
 def event_keys(incoming: Sequence[Incoming]) -> list[tuple[str, str] | None]:
@@ -561,24 +577,25 @@ def _event_key(record: Record) -> tuple[str, str] | None:
 def without_resent_copies(
     incoming: Sequence[Incoming],
     keys: Sequence[tuple[str, str] | None],
-    held: Mapping[tuple[str, str], Sequence[bytes]],
+    held: Mapping[tuple[str, str], Sequence[HeldEvent]],
 ) -> list[Incoming]:
     """The records that are not a re-sent copy of an event the trail, or this batch, already holds.
 
     ``keys`` are :func:`event_keys` of ``incoming``. An outbox relay that dies (or loses its database)
     between handing a batch to the broker and marking it sent sends the batch again: new Kafka positions,
-    the same events — same topic, same id, byte-identical value. The trail keeps the first. A record that
-    reuses an id with different bytes is not a copy; it is kept, and a query by that id shows both.
+    the same events — same topic, same source and id, byte-identical value. The trail keeps the first. A
+    record that reuses an id with another source or different bytes is not a copy; it is kept, and a query
+    by that id shows both.
     """
-    seen: dict[tuple[str, str], set[bytes]] = {k: set(v) for k, v in held.items()}
+    seen: dict[tuple[str, str], set[HeldEvent]] = {k: set(v) for k, v in held.items()}
     kept = []
     for item, key in zip(incoming, keys, strict=True):
         if key is not None:
-            values = seen.setdefault(key, set())
-            value = item.record.value or b""
-            if value in values:
+            events = seen.setdefault(key, set())
+            event = (_header_text(item.record, "ce_source"), item.record.value or b"")
+            if event in events:
                 continue
-            values.add(value)
+            events.add(event)
         kept.append(item)
     return kept
 

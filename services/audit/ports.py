@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent
-from services.audit.domain import ChainHead, EventQuery, KafkaPosition, StoredRow, TrailRow
+from services.audit.domain import ChainHead, EventQuery, HeldEvent, KafkaPosition, StoredRow, TrailRow
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
@@ -32,8 +32,8 @@ class TrailWriter(Protocol):
         """Which of these Kafka positions the trail already holds."""
         ...
 
-    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
-        """The values of rows already holding these (topic, event id) pairs."""
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
+        """The source and value of each row already holding one of these (topic, event id) pairs."""
         ...
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

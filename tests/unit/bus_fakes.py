@@ -7,6 +7,7 @@ from typing import Any
 
 from contracts.envelope import CloudEvent
 from libs.bus import Claim
+from libs.bus.core import InboxEntry
 
 
 class NullTransaction:
@@ -18,5 +19,5 @@ class NullTransaction:
     async def publish(self, event: CloudEvent[Any]) -> None:
         return None
 
-    async def claim(self, consumer: str, items: Sequence[tuple[str, str]]) -> list[Claim]:
+    async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         return [Claim.NEW for _ in items]

@@ -85,6 +85,39 @@ async def test_reused_id_with_other_payload_is_dead_lettered_not_skipped(bus: In
     assert dead.reason == "reused-event-id"
 
 
+async def test_two_sources_may_use_one_event_id(bus: InMemoryBus) -> None:
+    """CloudEvents identify an event by source and id: another publisher's "1" is another event, handled
+    whether its payload is the same or not; a redelivery of either is still a no-op."""
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    events = [
+        new_event(ThingHappened(n=n), source=source, event_id="1")
+        for source, n in [("/team-a", 1), ("/team-b", 1), ("/team-c", 2)]
+    ]
+    for event in [*events, *events]:
+        await bus.publish(event)
+    await bus.drain()
+    assert seen == [1, 1, 2]
+    assert bus.dead_letters == []
+    await bus.publish(new_event(ThingHappened(n=3), source="/team-a", event_id="1"))
+    await bus.drain()
+    assert [d.reason for d in bus.dead_letters] == ["reused-event-id"]
+    assert "source /team-a" in bus.dead_letters[0].error
+
+
+@pytest.mark.parametrize("empty", ["ce_id", "ce_source"])
+async def test_an_event_without_an_id_or_source_is_dead_lettered(bus: InMemoryBus, empty: str) -> None:
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    key, value, headers = thing(1).to_kafka()
+    bus.append_raw("test.things", key, value, [(k, b"" if k == empty else v) for k, v in headers])
+    await bus.drain()
+    assert seen == []
+    [dead] = bus.dead_letters
+    assert dead.reason == "missing-attribute"
+    assert f"{empty!r} is empty" in dead.error
+
+
 async def test_failing_handler_is_retried_then_dead_lettered_and_the_next_event_proceeds(
     bus: InMemoryBus,
 ) -> None:

@@ -24,11 +24,13 @@ from services.audit.domain import (
     Attributes,
     ChainHead,
     EventQuery,
+    HeldEvent,
     KafkaPosition,
     Kind,
     StoredRow,
     TrailRow,
     decode_record,
+    held_event,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -287,8 +289,9 @@ class PgTrail:
         )
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
 
-    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
-        """Values of rows holding these (topic, event id) pairs, through the partial event-id index."""
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
+        """Source and value of each row holding these (topic, event id) pairs, through the partial event-id
+        index."""
         if not keys:
             return {}
         rows = await self.conn.fetch(
@@ -296,10 +299,11 @@ class PgTrail:
             f"WHERE event_id = ANY($1::text[]) AND {_NOT_PREDICTIONS}",
             sorted({event_id for _, event_id in keys}),
         )
-        held: dict[tuple[str, str], list[bytes]] = {}
+        held: dict[tuple[str, str], list[HeldEvent]] = {}
         for r in rows:
-            _, value = decode_record(bytes(r["record"]))
-            held.setdefault((r["topic"], r["event_id"]), []).append(value or b"")
+            held.setdefault((r["topic"], r["event_id"]), []).append(
+                held_event(*decode_record(bytes(r["record"])))
+            )
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

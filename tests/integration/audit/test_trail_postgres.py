@@ -61,6 +61,24 @@ async def test_a_resent_copy_of_an_event_at_new_offsets_adds_nothing(trail_db: T
     assert report.ok, report
 
 
+async def test_another_sources_event_with_the_same_id_and_payload_is_recorded(trail_db: TrailDb) -> None:
+    # CloudEvents identify an event by source and id: these are three events, not copies of one.
+    first = example(TrainingRequested)
+    second, third = (first.model_copy(update={"source": s}) for s in ("/team-b", "/team-c"))
+    assert await trail_db.record([delivery(first, offset=0)]) == 1
+    assert (
+        await trail_db.record([delivery(e, offset=1 + i) for i, e in enumerate([second, second, third])]) == 2
+    )
+    rows = await trail_db.pool.fetch("SELECT event_id, record FROM trail ORDER BY seq")
+    assert {r["event_id"] for r in rows} == {first.id}
+    assert [orjson.loads(bytes(r["record"]).partition(b"\n")[0])["headers"]["ce_source"] for r in rows] == [
+        "/driftloop/test",
+        "/team-b",
+        "/team-c",
+    ]
+    assert (await trail_db.verify(full=True)).ok
+
+
 async def test_concurrent_writers_never_fork_the_chain(trail_db: TrailDb) -> None:
     async def writer(partition: int) -> None:
         for start in range(0, 40, 4):

@@ -19,6 +19,7 @@ from services.audit import handlers
 from services.audit.domain import (
     ChainHead,
     EventQuery,
+    HeldEvent,
     KafkaPosition,
     Kind,
     PartitionEnds,
@@ -28,6 +29,7 @@ from services.audit.domain import (
     TrailRow,
     chain_hash,
     decode_record,
+    held_event,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -81,13 +83,13 @@ class FakeTrail:
         held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
         return {p for p in positions if p in held}
 
-    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[bytes]]:
+    async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
         wanted = set(keys)
-        held: dict[tuple[str, str], list[bytes]] = {}
+        held: dict[tuple[str, str], list[HeldEvent]] = {}
         for s in self.rows.values():
             key = (s.row.topic, s.row.attributes.event_id)
             if key in wanted:
-                held.setdefault(key, []).append(decode_record(s.row.record)[1] or b"")
+                held.setdefault(key, []).append(held_event(*decode_record(s.row.record)))
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:
