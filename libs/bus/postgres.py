@@ -41,16 +41,18 @@ def outbox_channel(schema: str) -> str:
     return f"driftloop_outbox_{check_schema_name(schema)}"
 
 
-# A row stored before the inbox recorded sources (LEGACY_SOURCE) still stands for its event id: the
-# NOT EXISTS probe is one look-up in the primary key, whose event id comes before the source.
+# A row stored before the inbox recorded sources (LEGACY_SOURCE) still stands for its event id. Only a
+# consumer that has such rows pays for looking them up: the first condition is evaluated once per statement
+# (through the partial index of such rows), and while it is false, OR never evaluates the per-event probe.
 _CLAIM_SQL = f"""
 INSERT INTO inbox (consumer, source, event_id, payload_sha256)
 SELECT $1, t.source, t.event_id, t.sha
 FROM unnest($2::text[], $3::text[], $4::text[]) AS t(source, event_id, sha)
-WHERE NOT EXISTS (
-    SELECT 1 FROM inbox AS held
-    WHERE held.consumer = $1 AND held.event_id = t.event_id AND held.source = '{LEGACY_SOURCE}'
-)
+WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND source = '{LEGACY_SOURCE}')
+   OR NOT EXISTS (
+       SELECT 1 FROM inbox AS held
+       WHERE held.consumer = $1 AND held.event_id = t.event_id AND held.source = '{LEGACY_SOURCE}'
+   )
 ON CONFLICT DO NOTHING
 RETURNING source, event_id
 """
