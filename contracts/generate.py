@@ -85,8 +85,16 @@ _HEADER_SCHEMA: dict[str, Any] = {
     ],
     "properties": {
         "ce_specversion": {"type": "string", "const": SPEC_VERSION, "description": "CloudEvents version."},
-        "ce_id": {"type": "string", "description": "Unique event id; consumers deduplicate on it."},
-        "ce_source": {"type": "string", "description": "Producing service, e.g. `/driftloop/training`."},
+        "ce_id": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Event id, unique among its source's events; consumers dedupe on source and id.",
+        },
+        "ce_source": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Producer of the event (a URI-reference), e.g. `/driftloop/training`.",
+        },
         "ce_type": {"type": "string", "description": f"`{TYPE_PREFIX}<EventName>.v<version>`."},
         "ce_time": {"type": "string", "format": "date-time", "description": "When it happened (UTC)."},
         "ce_subject": {"type": "string", "description": "The model (or dataset) the event is about."},
