@@ -85,6 +85,11 @@ class UntrustedArtifact(ArtifactError):
     """The blob is not a skops file, or holds types outside the trusted list."""
 
 
+class UnloadableArtifact(ArtifactError):
+    """The blob passed the checks, but skops cannot build the model from it (damaged content, or written by
+    an incompatible version)."""
+
+
 @dataclass(frozen=True)
 class StoredArtifact:
     """Where an artifact is: its key (sha256), its size and a URI for people."""
@@ -323,7 +328,13 @@ def load_model_bytes(data: bytes, *, trusted: frozenset[str] = TRUSTED_TYPES) ->
     """Load a skops blob, refusing pickles and any type not in ``trusted`` — before running any of it."""
     import skops.io
 
-    return skops.io.load(io.BytesIO(data), trusted=check_model_bytes(data, trusted=trusted))
+    trusted_types = check_model_bytes(data, trusted=trusted)
+    try:
+        return skops.io.load(io.BytesIO(data), trusted=trusted_types)
+    except Exception as exc:
+        # Whatever a damaged file makes skops raise (a JSON, key or type error deep in its loaders), it is
+        # the artifact's fault: one error its callers already answer.
+        raise UnloadableArtifact(f"the skops file cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def save_model(store: ArtifactStore, model: Any) -> StoredArtifact:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,44 @@ async def test_candidate_whose_artifact_is_missing_fails_with_a_named_check(gate
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["candidate-loads"]
     assert "cannot be loaded" in failed.data.checks[0].detail
+
+
+def damaged(data: bytes) -> bytes:
+    """A skops file with one value of its schema made unreadable; its types are unchanged, so the
+    trusted-type check passes and only loading finds the damage."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            raw = src.read(info)
+            if info.filename == "schema.json":
+                raw = raw.replace(b'"content": "1.0"', b'"content": "not json"', 1)
+                assert b"not json" in raw
+            dst.writestr(info, raw)
+    return out.getvalue()
+
+
+def with_damaged_artifact(gate: Gate, registered: ModelVersionRegistered) -> ModelVersionRegistered:
+    stored = gate.store.put(damaged(gate.store.get(registered.artifact.key)))
+    artifact = registered.artifact.model_copy(update={"key": stored.sha256, "size_bytes": stored.size})
+    return registered.model_copy(update={"artifact": artifact})
+
+
+async def test_a_damaged_candidate_fails_the_candidate_loads_check(gate: Gate) -> None:
+    await gate.register(with_damaged_artifact(gate, gate.train(churn_spec(), 1, churn_frame())))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["candidate-loads"]
+    assert "cannot be loaded" in failed.data.checks[0].detail
+
+
+async def test_a_damaged_champion_fails_the_champion_loads_check_of_each_candidate(gate: Gate) -> None:
+    champion = with_damaged_artifact(gate, gate.train(churn_spec(), 1, churn_frame()))
+    await gate.versions.record(champion)
+    await gate.promote("churn", 1)
+    await gate.register(gate.train(churn_spec(), 2, churn_frame(1500, seed=1)))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["champion-loads"]
 
 
 async def test_candidate_without_a_holdout_fails(gate: Gate) -> None:
