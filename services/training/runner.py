@@ -27,7 +27,7 @@ from contracts.training import (
     TrainingRequested,
     TrainingStarted,
 )
-from libs.bus import Transaction
+from libs.bus import EventTooLarge, Transaction
 from libs.logging import bound, get_logger
 from services.training.domain import next_attempt_allowed
 from services.training.ports import Datasets, Job, JobQueue, Trainer
@@ -200,7 +200,14 @@ class JobRunner:
         duration = time.monotonic() - started
         try:
             if raw.get("ok"):
-                await self._complete(job, TrainingResult.model_validate(raw), duration)
+                try:
+                    await self._complete(job, TrainingResult.model_validate(raw), duration)
+                except EventTooLarge as exc:
+                    # The outcome cannot be announced: consumers would refuse the event (a categorical
+                    # feature with thousands of long categories lists them all in the signature). Failed
+                    # once, saying why, rather than left running to be fitted again as a lost run.
+                    message = f"the trained model cannot be announced: {exc}"
+                    await self._fail(job, FailureReason.INVALID_SPEC, message, duration)
             else:
                 failure = TrainingFailure.model_validate(raw)
                 await self._fail(job, failure.reason, failure.message, duration)

@@ -16,6 +16,7 @@ from contracts.registry import EVENT_TYPES
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
 from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.bus.core import encode_outgoing
 from libs.modelspec import ModelSpec
 from services.training.bootstrap import TOPICS
 from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
@@ -287,8 +288,15 @@ class Harness:
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[_Tx]:
-        tx = _Tx()
-        yield tx
+        """The runner's transaction, as on Postgres: an event consumers would refuse as oversized is refused
+        when published, and a block that raises leaves the jobs and datasets as they were."""
+        tx = _Tx(self.bus.max_event_bytes)
+        jobs, datasets = dict(self.jobs.rows), dict(self.datasets.rows)
+        try:
+            yield tx
+        except BaseException:
+            self.jobs.rows, self.datasets.rows = jobs, datasets
+            raise
         for event in tx.published:
             await self.bus.publish(event)
 
@@ -307,8 +315,10 @@ class Harness:
 
 @dataclass
 class _Tx:
+    max_event_bytes: int
     conn: Any = None
     published: list[CloudEvent[Any]] = field(default_factory=list)
 
     async def publish(self, event: CloudEvent[Any]) -> None:
+        encode_outgoing(event, max_bytes=self.max_event_bytes)
         self.published.append(event)

@@ -36,7 +36,7 @@ from libs.modelspec import ModelSpec
 from libs.profiles import ReferenceProfile
 from services.training.domain import JobState
 from services.training.handlers import register_spec
-from tests.unit.training.data import churn_frame, churn_spec, put_frame, traffic_window
+from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 from tests.unit.training.fakes import Harness
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -354,6 +354,22 @@ async def test_empty_dataset_fails_as_too_small(harness: Harness) -> None:
     await harness.bus.publish(drift(harness, "churn"))
     await harness.run_jobs()
     assert harness.events(TrainingFailed)[0].data.reason is FailureReason.DATASET_TOO_SMALL
+
+
+async def test_a_model_whose_outcome_is_too_large_to_announce_fails_once_saying_so(harness: Harness) -> None:
+    # Every learned category is in the signature: 1,500 categories of 1,200 characters pass 1 MB.
+    frame = churn_frame()
+    frame["customer"] = [f"{i:06d}-" + "c" * 1200 for i in range(len(frame))]
+    features = [*churn_spec_data()["features"], {"name": "customer", "type": "categorical"}]
+    await register(harness, churn_spec(features=features, validation={}))
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    assert "cannot be announced" in failed.data.message and "bytes" in failed.data.message
+    assert harness.events(TrainingCompleted) == []
+    [job] = harness.jobs.rows.values()
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
 
 
 async def test_lost_fit_process_is_retried_and_completes_once(harness: Harness) -> None:
