@@ -111,12 +111,20 @@ class TrainingSetPolicy(_SpecModel):
         return self
 
 
+COOLDOWN_MAX_SECONDS = 10 * 365 * 24 * 3600
+"""Ten years: beyond it a cooldown means "never", which ``enabled: false`` says plainly."""
+
+
 class RetrainPolicy(_SpecModel):
     """When a trigger becomes a training job. At most one job per model is in flight, always."""
 
     enabled: bool = Field(True, description="False: every automatic trigger is skipped (policy-disabled).")
     cooldown_seconds: float = Field(
-        1800, ge=0, description="Seconds after a completed run during which automatic triggers are skipped."
+        1800,
+        ge=0,
+        le=COOLDOWN_MAX_SECONDS,
+        description="Seconds after a completed run during which automatic triggers are skipped "
+        "(at most ten years).",
     )
     daily_budget: int = Field(
         24, ge=0, le=10_000, description="At most this many jobs per model in any 24 hours."

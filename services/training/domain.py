@@ -91,7 +91,7 @@ def decide(policy: RetrainPolicy, state: PolicyState, trigger: Trigger, now: dat
         since = (now - state.last_completed_at).total_seconds()
         if since < policy.cooldown_seconds:
             remaining = policy.cooldown_seconds - since
-            next_at = (now + timedelta(seconds=remaining)).strftime("%H:%M:%SZ")
+            next_at = (now + timedelta(seconds=remaining)).strftime("%Y-%m-%dT%H:%M:%SZ")
             return Decision(
                 False,
                 f"last run finished {since:.0f} s ago; cooldown is {policy.cooldown_seconds:.0f} s "

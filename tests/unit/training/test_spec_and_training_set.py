@@ -117,6 +117,12 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             "validation.thresholds.log_loss",
             ["log_loss lies in [0, ∞)"],
         ),
+        # A cooldown past the calendar made every later trigger fail to say when it ends.
+        (
+            {"retrain": {"cooldown_seconds": 1e12}},
+            "retrain.cooldown_seconds",
+            ["less than or equal to 315360000"],
+        ),
     ],
 )
 def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_field(
