@@ -111,6 +111,16 @@ class TrainingSetPolicy(_SpecModel):
         return self
 
 
+FIT_WEIGHT_COLUMN = "_sample_weight"
+"""The column the training worker passes to the estimator as ``sample_weight`` (traffic rows weighted)."""
+
+WINDOW_COLUMNS = ("prediction", "label", "prediction_id", "predicted_at")
+"""What monitoring's traffic-window files carry beside the features, for each row."""
+
+RESERVED_FEATURE_NAMES = frozenset({FIT_WEIGHT_COLUMN, *WINDOW_COLUMNS})
+"""Names a feature cannot have: a window file's own columns, and the fit weights (a target cannot be named
+``_sample_weight`` either)."""
+
 COOLDOWN_MAX_SECONDS = 10 * 365 * 24 * 3600
 """Ten years: beyond it a cooldown means "never", which ``enabled: false`` says plainly."""
 
@@ -268,6 +278,16 @@ class ModelSpec(_SpecModel):
             raise _fail("invalid_feature", "features", f"features {duplicates} are listed twice")
         if self.target in names:
             raise _fail("invalid_feature", "target", f"the target {self.target!r} is also a feature")
+        for i, name in enumerate(names):
+            if name in RESERVED_FEATURE_NAMES:
+                raise _fail(
+                    "invalid_feature",
+                    f"features.{i}.name",
+                    f"{name!r} is a reserved column name; a feature cannot be named "
+                    + ", ".join(sorted(RESERVED_FEATURE_NAMES)),
+                )
+        if self.target == FIT_WEIGHT_COLUMN:
+            raise _fail("invalid_feature", "target", f"{FIT_WEIGHT_COLUMN!r} is a reserved column name")
         for i, f in enumerate(self.features):
             if f.categories is not None and f.type is not FeatureType.CATEGORICAL:
                 raise _fail(

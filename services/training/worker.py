@@ -28,7 +28,15 @@ from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureTy
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
 from libs.metrics import Outputs, all_metrics, model_outputs
-from libs.modelspec import ModelSpec, SpecError, TrainingSetMode, build_pipeline, flat_params, load_canonical
+from libs.modelspec import (
+    FIT_WEIGHT_COLUMN,
+    ModelSpec,
+    SpecError,
+    TrainingSetMode,
+    build_pipeline,
+    flat_params,
+    load_canonical,
+)
 from libs.profiles import (
     CategoricalProfile,
     NumericProfile,
@@ -38,7 +46,7 @@ from libs.profiles import (
     profile_numeric,
 )
 
-WEIGHT_COLUMN = "_sample_weight"
+WEIGHT_COLUMN = FIT_WEIGHT_COLUMN  # the name the worker and its callers use
 T = TypeVar("T")
 _progress_queue: Any = None
 

@@ -15,8 +15,16 @@ import yaml
 from contracts.common import ArtifactFormat
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
-from libs.modelspec import SpecError, build_pipeline, parse_spec, spec_from_data
+from libs.modelspec import (
+    RESERVED_FEATURE_NAMES,
+    WINDOW_COLUMNS,
+    SpecError,
+    build_pipeline,
+    parse_spec,
+    spec_from_data,
+)
 from libs.profiles import NumericProfile, ReferenceProfile
+from services.monitoring.export import window_frame
 from services.training.worker import (
     PROFILE_MIN_WINDOW_ROWS,
     WEIGHT_COLUMN,
@@ -117,6 +125,18 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             "validation.thresholds.log_loss",
             ["log_loss lies in [0, ∞)"],
         ),
+        # A window file's own columns, and the fit weights: the feature would be mistaken for them.
+        (
+            {"features": [{"name": "x0", "type": "numeric"}, {"name": "label", "type": "categorical"}]},
+            "features.1.name",
+            ["'label' is a reserved column name", "_sample_weight"],
+        ),
+        (
+            {"features": [{"name": "_sample_weight", "type": "numeric"}]},
+            "features.0.name",
+            ["'_sample_weight' is a reserved column name"],
+        ),
+        ({"target": "_sample_weight"}, "target", ["reserved"]),
         # A cooldown past the calendar made every later trigger fail to say when it ends.
         (
             {"retrain": {"cooldown_seconds": 1e12}},
@@ -133,6 +153,12 @@ def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_
     assert (caught.value.field, caught.value.reason) == (field, "invalid-spec")
     for word in words:
         assert word in caught.value.message
+
+
+def test_a_window_files_own_columns_are_the_reserved_ones() -> None:
+    """Training reads monitoring's window files by these names: a feature named like one is refused."""
+    assert set(window_frame(None, {}, [], ["x0"]).columns) - {"x0"} == set(WINDOW_COLUMNS)
+    assert set(WINDOW_COLUMNS) < RESERVED_FEATURE_NAMES
 
 
 def test_accepted_specs_always_have_a_canonical_json() -> None:
