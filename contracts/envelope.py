@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -290,6 +291,34 @@ PayloadReader = Callable[[bytes], EventPayload | None]
 through the full validation (and so is rejected with the same reason as without the reader)."""
 
 
+_ONE_EACH = frozenset({*BOUNDED_ATTRIBUTES, "ce_specversion", "content-type"})
+"""Headers a record may carry once: given twice, consumers and the audit trail could each read another."""
+
+
+def _refuse_repeated_attributes(pairs: Iterable[tuple[str, bytes | None]]) -> None:
+    """Raise :class:`MalformedEvent` if a CloudEvents attribute header is given more than once."""
+    counts = Counter(name for name, _ in pairs)
+    repeated = sorted(name for name, n in counts.items() if n > 1 and name in _ONE_EACH)
+    if repeated:
+        name = repeated[0]
+        raise MalformedEvent(
+            f"header {name!r} appears {counts[name]} times: a CloudEvents attribute comes once"
+        )
+
+
+def _event_time(raw: str) -> datetime:
+    """``ce_time`` as an aware datetime; :class:`MalformedEvent` unless it is an RFC 3339 timestamp (date,
+    time and UTC offset) that has a UTC form."""
+    try:
+        time = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if time.tzinfo is None:
+            raise ValueError("no UTC offset")
+        time.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise MalformedEvent(f"ce_time {raw!r} is not an RFC 3339 timestamp ({exc})") from exc
+    return time
+
+
 class EventTypeRegistry:
     """Maps wire types to payload classes, with upcasters from old versions to the current one."""
 
@@ -353,8 +382,10 @@ class EventTypeRegistry:
         # record_bytes(), counted in the same pass that decodes the headers (the consumer hot path).
         size = value_bytes
         hdr: dict[str, str] = {}
+        present = 0
         try:
             for k, v in pairs:
+                present += 1
                 if v is not None:
                     size += len(k) + len(v)
                     hdr[k] = v.decode()
@@ -366,6 +397,8 @@ class EventTypeRegistry:
             raise MissingAttribute(f"a header is not UTF-8: {exc}") from exc
         if size > max_bytes:
             raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
+        if present != len(hdr):
+            _refuse_repeated_attributes(pairs)
         if size - value_bytes > MAX_ATTRIBUTE_CHARS:
             # Only headers longer than the bound together can hold an attribute longer than it.
             check_attributes(hdr)
@@ -388,10 +421,7 @@ class EventTypeRegistry:
             raise NotJson("the message has no value")
         ce_type, data = self._payload(ce_type, value, readers)
         raw_time = hdr.get("ce_time")
-        try:
-            time = datetime.fromisoformat(raw_time.replace("Z", "+00:00")) if raw_time else datetime.now(UTC)
-        except ValueError as exc:
-            raise MalformedEvent(f"ce_time {raw_time!r} is not an RFC 3339 timestamp") from exc
+        time = _event_time(raw_time) if raw_time else datetime.now(UTC)
         # Every attribute was checked above: build without validating them again (the consumer hot path).
         return CloudEvent._trusted(
             id=ce_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -352,12 +353,44 @@ def test_another_cloudevents_spec_version_is_refused() -> None:
         EVENT_TYPES.decode(value, headers)
 
 
-def test_a_time_that_is_not_rfc3339_is_refused() -> None:
+@pytest.mark.parametrize(
+    "time",
+    [
+        b"yesterday",
+        # ISO 8601 that RFC 3339 is not: no UTC offset (naive, read as local time somewhere), or a date only
+        b"2024-01-01T00:00:00",
+        b"2024-01-01T00:00:00.5",
+        b"2024-01-01",
+        # no UTC form: the hour before year 1, in UTC
+        b"0001-01-01T00:00:00+01:00",
+        b"9999-12-31T23:00:00-05:00",
+    ],
+)
+def test_a_time_that_is_not_rfc3339_is_refused(time: bytes) -> None:
     value, headers = _valid_message()
-    headers["ce_time"] = b"yesterday"
+    headers["ce_time"] = time
 
-    with pytest.raises(MalformedEvent, match="yesterday"):
+    with pytest.raises(MalformedEvent, match=re.escape(time.decode())) as caught:
         EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("header", ["ce_id", "ce_type", "ce_actor", "ce_time", "content-type"])
+def test_a_cloudevents_attribute_given_twice_is_refused(header: str) -> None:
+    # A consumer reading the last and the audit trail the first would each act on another event.
+    value, headers = _valid_message()
+    given = [*headers.items(), ("ce_actor", b"user:alice")]
+    repeated = [*given, (header, b"user:mallory" if header == "ce_actor" else headers[header])]
+
+    with pytest.raises(MalformedEvent, match=f"header '{header}' appears 2 times") as caught:
+        EVENT_TYPES.decode(value, repeated)
+    assert caught.value.reason == "malformed"
+
+
+def test_other_headers_may_repeat() -> None:
+    value, headers = _valid_message()
+    event = EVENT_TYPES.decode(value, [*headers.items(), ("trace", b"a"), ("trace", b"b"), ("note", None)])
+    assert event.id == headers["ce_id"].decode()
 
 
 def test_every_decoding_failure_is_a_malformed_event_with_a_distinct_reason() -> None:
