@@ -317,7 +317,7 @@ async def set_tag(
     status_code=204,
 )
 async def delete_tag(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: str
+    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: TagKey
 ) -> Response:
     rt = _runtime(request)
     async with rt.begin() as tx:

@@ -51,11 +51,14 @@ async def test_a_cursor_the_database_could_not_compare_is_422(client: httpx.Asyn
     assert r.json()["detail"].startswith("cursor is not valid")
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
 @pytest.mark.parametrize("key", ["k" * 3000, "%20", "a=b", "-x"])
 async def test_a_tag_key_that_could_not_be_indexed_or_found_is_422(
-    client: httpx.AsyncClient, key: str
+    client: httpx.AsyncClient, key: str, method: str
 ) -> None:
-    r = await client.put(f"/v1/models/churn/versions/1/tags/{key}", json={"value": "v"}, headers=OPERATOR)
+    body = {"value": "v"} if method == "PUT" else None
+    url = f"/v1/models/churn/versions/1/tags/{key}"
+    r = await client.request(method, url, json=body, headers=OPERATOR)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("path.key: String should match pattern")
 
