@@ -20,30 +20,35 @@ from libs.errors import InvalidInput, PayloadTooLarge
 
 PARQUET_MAGIC = b"PAR1"
 INT64_MAX = 2**63 - 1
+# Rows decoded at a time: the rows read so far are counted against the limits after each batch.
+PARQUET_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True)
 class TableLimits:
     """How large a table an upload may hold. A Parquet file compresses a table almost without bound (20
     million equal integers fit in 91 KB), so its size says nothing of the memory it takes once read: rows
-    and cells (rows x columns) are checked from its metadata before any of it is decoded."""
+    and cells (rows x columns) are checked from its metadata before any of it is decoded, and counted again
+    while it is decoded."""
 
     columns: int
     rows: int
     cells: int
 
-    def check(self, rows: int, columns: int) -> None:
-        """422 for more columns than the limit, 413 for more rows or values."""
+    def check(self, rows: int, columns: int, *, at_least: bool = False) -> None:
+        """422 for more columns than the limit, 413 for more rows or values (``at_least``: ``rows`` were
+        counted so far, the file may hold more)."""
+        has = "has at least" if at_least else "has"
         if columns > self.columns:
             raise InvalidInput(f"the file has {columns} columns; the limit is {self.columns}", field="file")
         if rows > self.rows:
             raise PayloadTooLarge(
-                f"the file has {rows} rows; the limit is {self.rows} (split it, or raise max_dataset_rows)",
+                f"the file {has} {rows} rows; the limit is {self.rows} (split it, or raise max_dataset_rows)",
                 field="file",
             )
         if rows * columns > self.cells:
             raise PayloadTooLarge(
-                f"the file has {rows} rows x {columns} columns = {rows * columns} values; the limit is "
+                f"the file {has} {rows} rows x {columns} columns = {rows * columns} values; the limit is "
                 f"{self.cells} (split it, or raise max_dataset_cells)",
                 field="file",
             )
@@ -182,9 +187,7 @@ def _parser_message(exc: Exception, columns: int) -> str:
 def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
     try:
         file = pq.ParquetFile(io.BytesIO(data))
-        # The shape is in the footer: a table too large is refused before any page is decompressed.
-        limits.check(file.metadata.num_rows, len(file.schema_arrow))
-        table = file.read()
+        table = _decode_parquet(file, limits)
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
     names = table.column_names
@@ -220,6 +223,36 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
                     f"column {name!r} cannot be read: {column_exc}", field="file", column=name
                 ) from exc
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
+
+
+def _decode_parquet(file: pq.ParquetFile, limits: TableLimits) -> pa.Table:
+    """The file's table, refused before any page is decompressed when its footer declares too large a
+    shape, or a row count its row groups do not add up to; rows are counted again as they are decoded."""
+    meta = file.metadata
+    columns = len(file.schema_arrow)
+    declared = meta.num_rows
+    # The reader decodes as many rows as each row group declares, whatever the file's total says.
+    in_groups = sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    limits.check(max(declared, in_groups), columns)
+    if in_groups != declared:
+        raise InvalidInput(
+            f"the Parquet footer says the file has {declared} rows but its row groups hold {in_groups}: "
+            "the file is damaged (write it again)",
+            field="file",
+        )
+    batches = []
+    read = 0
+    for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        read += batch.num_rows
+        limits.check(read, columns, at_least=True)
+        batches.append(batch)
+    if read != declared:
+        raise InvalidInput(
+            f"the Parquet footer says the file has {declared} rows but its pages hold {read}: "
+            "the file is damaged (write it again)",
+            field="file",
+        )
+    return pa.Table.from_batches(batches, schema=file.schema_arrow)
 
 
 # --- canonical form -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -246,6 +247,58 @@ def test_a_parquet_file_with_too_many_rows_is_refused_before_it_is_decoded() -> 
     assert len(data) < 200_000
     with pytest.raises(PayloadTooLarge, match="the file has 20000000 rows; the limit is 5000000"):
         canonicalise(data, filename="x.parquet", limits=TableLimits(columns=10, rows=5_000_000, cells=10**8))
+
+
+def _zigzag_varint(value: int) -> bytes:
+    zigzag, out = value * 2, b""
+    while True:
+        low, zigzag = zigzag & 0x7F, zigzag >> 7
+        if not zigzag:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+def with_footer_row_count(data: bytes, rows: int, claimed: int) -> bytes:
+    """The Parquet file with its footer's total row count (FileMetaData.num_rows) changed from ``rows`` to
+    ``claimed``; its row groups still say ``rows``, and their pages hold them."""
+    size = struct.unpack("<I", data[-8:-4])[0]
+    footer = data[-8 - size : -8]
+    real = _zigzag_varint(rows)
+    fake = _zigzag_varint(claimed)
+    if len(fake) < len(real):
+        # The same length, so no offset moves: padded with continuation bytes (a non-canonical varint).
+        fake = bytes(b | 0x80 for b in fake) + b"\x80" * (len(real) - len(fake) - 1) + b"\x00"
+    assert len(fake) == len(real)
+    # Field 3 of FileMetaData, an i64 following field 2: header byte 0x16. It comes before the row groups.
+    at = footer.index(b"\x16" + real) + 1
+    lied = data[: -8 - size] + footer[:at] + fake + footer[at + len(real) :] + data[-8:]
+    assert pq.ParquetFile(io.BytesIO(lied)).metadata.num_rows == claimed
+    return lied
+
+
+def test_a_parquet_footer_that_understates_its_rows_does_not_get_past_the_limits() -> None:
+    rows = 100_000
+    data = parquet_table(pa.table({"a": pa.array([7] * rows, pa.int64())}))
+    hostile = with_footer_row_count(data, rows, claimed=1)
+    with pytest.raises(PayloadTooLarge, match="the file has 100000 rows; the limit is 1000"):
+        canonicalise(hostile, filename="x.parquet", limits=LIMITS)
+
+
+def test_a_parquet_footer_whose_row_count_disagrees_with_its_row_groups_is_refused() -> None:
+    data = with_footer_row_count(parquet_table(pa.table({"a": [1, 2, 3]})), 3, claimed=2)
+    with pytest.raises(InvalidInput, match="footer says the file has 2 rows but its row groups hold 3"):
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
+
+
+def test_parquet_rows_are_counted_against_the_limits_as_they_are_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stands for pages holding more rows than the footer says: the count stops the read at the limit.
+    metadata = pq.ParquetFile(io.BytesIO(parquet_table(pa.table({"a": [1]})))).metadata
+    monkeypatch.setattr(pq.ParquetFile, "metadata", property(lambda _: metadata))
+    data = parquet_table(pa.table({"a": list(range(1001))}))
+    with pytest.raises(PayloadTooLarge, match="the file has at least 1001 rows; the limit is 1000"):
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
 
 
 @pytest.mark.parametrize("filename", ["x.csv", "x.parquet"])
