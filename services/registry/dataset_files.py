@@ -23,6 +23,21 @@ INT64_MAX = 2**63 - 1
 # Rows decoded at a time: the rows read so far are counted against the limits after each batch.
 PARQUET_BATCH_ROWS = 65_536
 
+# Arrow integers and booleans become pandas' nullable types, which keep a missing value as NA: the default
+# (numpy) turns an integer column with a gap into float64 (losing precision above 2**53) and a boolean one
+# into objects. The CSV reader gives the same types (dtype_backend="numpy_nullable").
+_NULLABLE_DTYPES: dict[pa.DataType, pd.api.extensions.ExtensionDtype] = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.uint8(): pd.UInt8Dtype(),
+    pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(),
+    pa.uint64(): pd.UInt64Dtype(),
+    pa.bool_(): pd.BooleanDtype(),
+}
+
 
 @dataclass(frozen=True)
 class TableLimits:
@@ -212,12 +227,12 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
                 column=field_.name,
             )
     try:
-        return table.to_pandas(types_mapper=None)
+        return table.to_pandas(types_mapper=_NULLABLE_DTYPES.get)
     except (pa.ArrowException, ValueError, OverflowError) as exc:
         # A value pandas has no room for (a date32 of 10^8 days is beyond year 9999): name its column.
         for name, column in zip(names, table.columns, strict=True):
             try:
-                column.to_pandas()
+                column.to_pandas(types_mapper=_NULLABLE_DTYPES.get)
             except (pa.ArrowException, ValueError, OverflowError) as column_exc:
                 raise InvalidInput(
                     f"column {name!r} cannot be read: {column_exc}", field="file", column=name
@@ -268,7 +283,8 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         if ptypes.is_bool_dtype(col.dtype):
             col = col.astype("boolean") if col.isna().any() else col.astype(bool)
         elif ptypes.is_integer_dtype(col.dtype):
-            if ptypes.is_unsigned_integer_dtype(col.dtype) and col.max() > INT64_MAX:
+            # Compared value by value: max() of a column with only missing values is NA, not a number.
+            if ptypes.is_unsigned_integer_dtype(col.dtype) and (col > INT64_MAX).any():
                 # int64 is the one integer type of the canonical form; a cast would wrap to negative.
                 raise InvalidInput(
                     f"column {name!r} holds integers above {INT64_MAX} (int64): store them as text",

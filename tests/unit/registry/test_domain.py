@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import struct
 from dataclasses import replace
@@ -166,6 +167,27 @@ def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
     }
 
 
+def test_a_missing_integer_keeps_the_column_integer_and_hashes_as_in_csv() -> None:
+    # 2**53 + 1 has no float64: a column read as float would store 9007199254740992.
+    csv = b"customer_id,plan\n9007199254740993,basic\n,plus\n"
+    table = pa.table({"customer_id": pa.array([2**53 + 1, None], pa.int64()), "plan": ["basic", "plus"]})
+    from_csv = canonicalise(csv, filename="d.csv", limits=LIMITS)
+    from_parquet = canonicalise(parquet_table(table), filename="d.parquet", limits=LIMITS)
+    assert from_parquet.columns == from_csv.columns == {"customer_id": "Int64", "plan": "string"}
+    stored = pq.read_table(io.BytesIO(from_parquet.parquet)).column("customer_id").to_pylist()
+    assert stored == [2**53 + 1, None]
+    assert hashlib.sha256(from_parquet.parquet).digest() == hashlib.sha256(from_csv.parquet).digest()
+
+
+def test_a_missing_boolean_keeps_the_column_boolean_and_hashes_as_in_csv() -> None:
+    csv = b"active,y\nTrue,1\n,2\n"
+    table = pa.table({"active": pa.array([True, None]), "y": [1, 2]})
+    from_csv = canonicalise(csv, filename="d.csv", limits=LIMITS)
+    from_parquet = canonicalise(parquet_table(table), filename="d.parquet", limits=LIMITS)
+    assert from_parquet.columns == from_csv.columns == {"active": "boolean", "y": "int64"}
+    assert from_parquet.parquet == from_csv.parquet
+
+
 def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
     data = b"name,city\nann,Paris\nbob,Montr\xe9al\n"
     with pytest.raises(InvalidInput) as caught:
@@ -234,6 +256,7 @@ def test_a_text_value_with_a_nul_is_refused_naming_its_column(data: bytes, filen
     [
         (b"a,b\n1,9223372036854775808\n", "x.csv"),
         (parquet_table(pa.table({"a": [1], "b": pa.array([2**63], type=pa.uint64())})), "x.parquet"),
+        (parquet_table(pa.table({"a": [1, 2], "b": pa.array([2**63, None], pa.uint64())})), "x.parquet"),
     ],
 )
 def test_integers_beyond_int64_are_refused_not_wrapped(data: bytes, filename: str) -> None:
