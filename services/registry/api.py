@@ -25,7 +25,7 @@ from contracts.common import (
 )
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
-from libs.errors import DomainError, NotFound, PayloadTooLarge
+from libs.errors import Conflict, DomainError, NotFound, PayloadTooLarge
 from libs.http import Text
 from libs.service import Runtime
 from services.registry import core
@@ -459,6 +459,10 @@ def _split_models(values: list[str]) -> list[str]:
     "content as an existing version of the name answers 200 with that version.",
     responses={
         200: {"description": "The same content is already a version of this name."},
+        409: {
+            "description": "Another writer registered a version of this name while it was stored; upload "
+            "again."
+        },
         413: {
             "description": "The file is larger than the upload limit, or its table has more rows or values "
             "than the dataset limits."
@@ -496,19 +500,30 @@ async def upload_dataset(
     )
     dataset = await asyncio.to_thread(canonicalise, data, filename=file.filename, limits=limits)
     rt = _runtime(request)
-    async with rt.begin() as tx:
-        stored, created = await core.upload_dataset(
-            name,
-            dataset,
-            models=wanted,
-            description=description,
-            actor=who.actor,
-            versions=PgVersions(tx.conn),
-            datasets=PgDatasets(tx.conn),
-            artifacts=_artifacts(request),
-            publish=tx.publish,
-            source=rt.source(),
-        )
+    try:
+        async with rt.begin() as tx:
+            stored, created = await core.upload_dataset(
+                name,
+                dataset,
+                models=wanted,
+                description=description,
+                actor=who.actor,
+                versions=PgVersions(tx.conn),
+                datasets=PgDatasets(tx.conn),
+                artifacts=_artifacts(request),
+                publish=tx.publish,
+                source=rt.source(),
+            )
+    except asyncpg.UniqueViolationError as exc:
+        # Every writer of the registry numbers under the name's lock; one that does not (a replica still on
+        # code from before the lock) can still take the number between the count and the insert.
+        if exc.constraint_name != "datasets_pkey":
+            raise
+        raise Conflict(
+            f"another version of dataset {name!r} was registered while this one was stored; upload the "
+            "file again (it gets the next version)",
+            field="name",
+        ) from exc
     response.status_code = 201 if created else 200
     return DatasetUploaded(created=created, dataset=stored)
 

@@ -203,6 +203,8 @@ async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Data
     if event.source == source:
         # The registry's own uploads were recorded in the transaction that published them.
         return False
+    # An upload of the same name waits for this transaction, then numbers after the version recorded here.
+    await datasets.lock_name(ds.name)
     existing = await datasets.get(ds.name, ds.dataset_version)
     if existing is not None:
         if existing.sha256 != ds.sha256:
@@ -378,6 +380,9 @@ async def upload_dataset(
             column, message = problems[0]
             raise InvalidInput(message, field="file", column=column, problems=[m for _, m in problems])
     sha256 = hashlib.sha256(dataset.parquet).hexdigest()
+    # Content and number are read under the name's lock: the same file uploaded twice at once gives one
+    # version (the second finds the first's), and an upload never takes a number another writer is adding.
+    await datasets.lock_name(name)
     existing = await datasets.with_content(name, sha256)
     if existing is not None:
         return existing, False

@@ -114,8 +114,12 @@ class Datasets(Protocol):
         """The version of ``name`` whose file has this hash, if any."""
         ...
 
+    async def lock_name(self, name: str) -> None:
+        """Hold the lock on ``name`` until commit: whatever adds a version of it waits for the others."""
+        ...
+
     async def next_version(self, name: str) -> int:
-        """The number the next version of ``name`` gets; holds a lock on the name until commit."""
+        """The number the next version of ``name`` gets (under :meth:`lock_name`)."""
         ...
 
     async def add(self, registered: DatasetRegistered, *, event_id: str, actor: str | None) -> None:

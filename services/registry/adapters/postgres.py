@@ -264,9 +264,10 @@ class PgDatasets:
         )
         return _dataset(row) if row else None
 
-    async def next_version(self, name: str) -> int:
-        # Two uploads of one name at once: the second waits here and takes the next number.
+    async def lock_name(self, name: str) -> None:
         await self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('registry-dataset:' || $1))", name)
+
+    async def next_version(self, name: str) -> int:
         return int(
             await self.conn.fetchval(
                 "SELECT coalesce(max(version), 0) + 1 FROM datasets WHERE name = $1", name

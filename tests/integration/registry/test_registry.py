@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.validation import ValidationPassed
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact, load_model
-from tests.integration.kafka_tools import unique
+from services.registry import core
+from services.registry.adapters.postgres import PgDatasets
+from tests.integration.kafka_tools import eventually, unique
 from tests.integration.registry.harness import AUTH, RunningRegistry, running_registry
 from tests.unit.test_artifacts import pickle_that_creates
 
@@ -356,6 +359,91 @@ async def test_dataset_upload_is_validated_stored_and_announced(registry: Runnin
         f"/v1/models/{model_name()}/retrain", json={"reason": "x"}, headers=AUTH["operator"]
     )
     assert retrain.status_code == 404
+
+
+async def upload_csv(registry: RunningRegistry, name: str, csv: bytes = b"a,b\n1,2\n") -> Any:
+    return await registry.http.post(
+        "/v1/datasets",
+        files={"file": ("d.csv", csv, "text/csv")},
+        data={"name": name},
+        headers=AUTH["operator"],
+    )
+
+
+async def waiting_on(conn: Any, sessions: int = 1) -> None:
+    """Return once ``sessions`` other sessions wait for a lock this connection's transaction holds."""
+
+    async def waiting() -> bool:
+        # pg_locks, not pg_stat_activity: that one is a snapshot taken once per transaction.
+        count = await conn.fetchval(
+            """SELECT count(DISTINCT pid) FROM pg_locks
+               WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"""
+        )
+        return bool(count >= sessions)
+
+    await eventually(waiting, deadline_s=30)
+
+
+def training_set(registry: RunningRegistry, name: str) -> DatasetRegistered:
+    ref = registry.raw_artifact(f"PAR1 training set {name}".encode(), ArtifactFormat.PARQUET)
+    return DatasetRegistered(
+        name=name,
+        dataset_version=1,
+        sha256=ref.key,
+        artifact=ref,
+        row_count=1,
+        columns={"a": "int64"},
+        source="training-set:job-1",
+    )
+
+
+async def test_the_same_file_uploaded_at_once_gives_one_version_announced_once(
+    registry: RunningRegistry,
+) -> None:
+    name = model_name()
+    async with registry.rt.begin() as tx:
+        # The name held, so that the four uploads are all under way before any of them goes on.
+        await PgDatasets(tx.conn).lock_name(name)
+        uploads = [asyncio.create_task(upload_csv(registry, name)) for _ in range(4)]
+        await waiting_on(tx.conn, sessions=4)
+    results = await asyncio.gather(*uploads)
+    assert sorted(r.status_code for r in results) == [200, 200, 200, 201], [r.text for r in results]
+    assert {r.json()["dataset"]["version"] for r in results} == {1}
+    assert len(await registry.outbox(DatasetRegistered, name)) == 1
+
+
+async def test_an_upload_racing_a_dataset_registered_event_takes_the_next_version(
+    registry: RunningRegistry,
+) -> None:
+    name = model_name()
+    event = new_event(training_set(registry, name), source="/driftloop/training")
+    async with registry.rt.begin() as tx:
+        # Training's DatasetRegistered for version 1 is being recorded while an operator uploads.
+        datasets = PgDatasets(tx.conn)
+        assert await core.record_dataset(event, datasets=datasets, source=registry.rt.source())
+        upload = asyncio.create_task(upload_csv(registry, name))
+        await waiting_on(tx.conn)
+    r = await upload
+    assert r.status_code == 201, r.text
+    assert r.json()["dataset"]["version"] == 2
+
+
+async def test_an_upload_whose_number_another_writer_took_meanwhile_is_a_conflict(
+    registry: RunningRegistry,
+) -> None:
+    name = model_name()
+    async with registry.rt.pool.acquire() as conn, conn.transaction():
+        # A writer that does not take the name's lock (a replica on older code) adds version 1 meanwhile.
+        await PgDatasets(conn).add(training_set(registry, name), event_id=unique("ev"), actor=None)
+        upload = asyncio.create_task(upload_csv(registry, name))
+        await waiting_on(conn)
+    r = await upload
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        f"another version of dataset {name!r} was registered while this one was stored; upload the file "
+        "again (it gets the next version)"
+    )
+    assert (await upload_csv(registry, name)).json()["dataset"]["version"] == 2
 
 
 async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> None:

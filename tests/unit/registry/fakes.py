@@ -134,6 +134,9 @@ class FakeDatasets:
         found = [d for (n, _), d in self.rows.items() if n == name and d.sha256 == sha256]
         return max(found, key=lambda d: d.version) if found else None
 
+    async def lock_name(self, name: str) -> None:
+        pass  # the fakes run one transaction at a time
+
     async def next_version(self, name: str) -> int:
         return 1 + max((v for n, v in self.rows if n == name), default=0)
 
