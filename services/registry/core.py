@@ -29,6 +29,7 @@ from services.registry.domain import (
     check_transition,
     dataset_problems,
     may_be_challenger,
+    rejected_by_failed_validation,
 )
 from services.registry.ports import Artifacts, Cause, Datasets, Publish, Versions
 from services.registry.schemas import DatasetPublic
@@ -170,14 +171,26 @@ async def promote(
 async def record_validation(
     event: CloudEvent[Any], *, versions: Versions, publish: Publish, source: str
 ) -> None:
-    """Keep the report; a pass makes the version the challenger, a failure rejects it."""
+    """Keep the report; a pass makes the version the challenger, a failure rejects a candidate."""
     report = event.data
-    if await versions.stage_for_update(report.model, report.model_version) is None:
+    stage = await versions.stage_for_update(report.model, report.model_version)
+    if stage is None:
         raise PermanentError(
             f"{event.type} names {report.model} version {report.model_version}, which the registry lacks"
         )
     await versions.record_validation(report, Cause.of(event))
     if report.failed_checks:
+        if not rejected_by_failed_validation(stage):
+            # The report is on the version page and the card; the stage stays what serving does with it.
+            log.warning(
+                "validation failed for a version that is no longer a candidate; report kept, stage left",
+                model=report.model,
+                version=report.model_version,
+                stage=stage,
+                report_id=report.report_id,
+                failed_checks=list(report.failed_checks),
+            )
+            return
         await change_stage(
             report.model,
             report.model_version,
@@ -189,8 +202,6 @@ async def record_validation(
             source=source,
         )
         return
-    stage = await versions.stage_for_update(report.model, report.model_version)
-    assert stage is not None
     if may_be_challenger(stage):
         await versions.take_alias(report.model, CHALLENGER, report.model_version, Cause.of(event))
     else:

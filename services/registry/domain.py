@@ -81,6 +81,13 @@ def may_be_challenger(stage: Stage) -> bool:
     return stage in (Stage.CANDIDATE, Stage.CANARY)
 
 
+def rejected_by_failed_validation(stage: Stage) -> bool:
+    """A failed validation rejects a version only while it is a candidate. Once serving has put it on
+    traffic (canary, production) the registry's stage must keep saying so: taking it off is a rollback,
+    serving's act. An archived or rejected version has nothing to lose."""
+    return stage is Stage.CANDIDATE
+
+
 # --- manual commands ----------------------------------------------------------------------------------
 
 

@@ -256,6 +256,31 @@ async def test_validation_failed_rejects_the_candidate(registry: Registry) -> No
     assert len(registry.versions.reports) == 1
 
 
+@pytest.mark.parametrize(
+    ("stage", "moves"),
+    [
+        (Stage.CANARY, [started("churn", 1)]),
+        # Promoted by an operator before validation had finished.
+        (Stage.PRODUCTION, [promoted("churn", 1)]),
+        (Stage.ARCHIVED, [ArchiveRequested(model="churn", model_version=1, reason="tidy")]),
+    ],
+)
+async def test_a_late_validation_failure_keeps_the_report_and_leaves_the_stage(
+    registry: Registry, stage: Stage, moves: list[EventPayload]
+) -> None:
+    await registry.deliver(training_completed(registry.artifacts), *moves)
+    assert registry.versions.stage("churn", 1) is stage
+    aliases = dict(registry.versions.aliases)
+    changes = len(registry.stage_changes())
+    await registry.deliver(failed("churn", 1))
+    assert registry.versions.stage("churn", 1) is stage
+    assert registry.versions.aliases == aliases
+    assert len(registry.stage_changes()) == changes
+    [(report, _)] = registry.versions.reports
+    assert report.failed_checks == ["roc_auc>=0.75"]
+    assert registry.bus.dead_letters == []
+
+
 async def test_validation_of_an_unknown_version_is_dead_lettered(registry: Registry) -> None:
     await registry.deliver(passed("churn", 9))
     [dead] = registry.bus.dead_letters
