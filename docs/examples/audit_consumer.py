@@ -23,11 +23,12 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -97,6 +98,32 @@ class Keys:
 # --- reading -------------------------------------------------------------------------------------
 
 
+HEX_HASH = re.compile(r"[0-9a-f]{64}")
+CHECKPOINT_FIELDS = {
+    "sequence": int,
+    "head_hash": str,
+    "row_count": int,
+    "signed_at": str,
+    "key_id": str,
+    "signature": str,
+}
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def checkpoint_problem(cp: Any) -> str | None:
+    """What is wrong with the shape of a checkpoint (None: nothing), before its signature is checked."""
+    if not isinstance(cp, dict):
+        return "a checkpoint must be a JSON object"
+    for name, kind in CHECKPOINT_FIELDS.items():
+        value = cp.get(name)
+        if not (_is_int(value) if kind is int else isinstance(value, kind)):
+            return f"the checkpoint's {name} is missing or not {'an integer' if kind is int else 'text'}"
+    return None
+
+
 class Verifier:
     """Verifies an export line by line; checkpoints from elsewhere are checked when their row passes."""
 
@@ -108,32 +135,61 @@ class Verifier:
         self.show = show
         self.out = out
         self.prev: bytes | None = None
+        self.from_seq = 0
         self.next_seq = 0
+        self.lines = 0
         self.rows = 0
         self.checkpoints = 0
 
-    def line(self, text: str) -> None:
-        """One NDJSON line of the export."""
-        obj = json.loads(text)
-        if "format" in obj:
-            if obj["format"] != EXPORT_FORMAT:
-                raise Broken(0, f"unknown export format {obj['format']!r}")
-            self.prev = bytes.fromhex(obj["prev_hash"])
-            self.next_seq = obj["from_seq"]
+    def line(self, text: str | bytes) -> None:
+        """One NDJSON line of the export: the header first and only there, then rows and checkpoints."""
+        self.lines += 1
+        try:
+            obj = json.loads(text)
+        except ValueError:  # UnicodeDecodeError included
+            raise self._damaged("is not JSON text") from None
+        if not isinstance(obj, dict):
+            raise self._damaged("is not a JSON object")
+        if self.prev is None:
+            self._header(obj)
+        elif "format" in obj:
+            # A second header would re-base the chain on a hash of its choosing: a forged row before it
+            # would go unnoticed.
+            raise self._damaged("is a second header line: an export has one, its first line")
         elif "checkpoint" in obj:
+            problem = checkpoint_problem(obj["checkpoint"])
+            if problem is not None:
+                raise self._damaged(f"is a damaged checkpoint: {problem}")
             self._checkpoint(obj["checkpoint"], inline=True)
         else:
             self._row(obj)
 
+    def _damaged(self, why: str) -> Broken:
+        return Broken(self.next_seq, f"line {self.lines} of the export {why}")
+
+    def _header(self, obj: dict[str, Any]) -> None:
+        if "format" not in obj:
+            raise self._damaged("is not the export's header line: the header must come first")
+        if obj["format"] != EXPORT_FORMAT:
+            raise Broken(0, f"unknown export format {obj['format']!r}")
+        from_seq, prev_hash = obj.get("from_seq"), obj.get("prev_hash")
+        if not (_is_int(from_seq) and from_seq >= 1):
+            raise self._damaged("is a header without a from_seq of 1 or more")
+        if not (isinstance(prev_hash, str) and HEX_HASH.fullmatch(prev_hash)):
+            raise self._damaged("is a header without a prev_hash of 64 lowercase hex digits")
+        self.prev = bytes.fromhex(prev_hash)
+        self.from_seq = self.next_seq = from_seq
+
     def _row(self, obj: dict[str, Any]) -> None:
-        if self.prev is None:
-            raise Broken(obj.get("seq", 0), "a row came before the export's header line")
-        seq = obj["seq"]
+        seq, stated = obj.get("seq"), obj.get("row_hash")
+        if not _is_int(seq) or not isinstance(stated, str):
+            raise self._damaged("is neither a row (seq, row_hash, record) nor a checkpoint")
         if seq != self.next_seq:
             raise Broken(self.next_seq, f"row {self.next_seq} is missing (the next row is {seq})")
-        record = obj["record"].encode() if "record" in obj else base64.b64decode(obj["record_base64"])
+        record = self._record(obj)
+        assert self.prev is not None  # the header came first
         computed = row_hash(self.prev, seq, record)
-        if computed.hex() != obj["row_hash"]:
+        if computed.hex() != stated:
             raise Broken(seq, "the row's hash does not match its record and the previous row's hash")
         self.prev = computed
         self.next_seq = seq + 1
@@ -141,11 +197,20 @@ class Verifier:
         for cp in self.outside.pop(seq, []):
             self._checkpoint(cp, inline=False)
         if self.show:
-            meta = json.loads(record.partition(b"\n")[0])
-            h = meta["headers"]
-            self.out.write(
-                f"{seq:>8}  {meta['kind']:<11} {h.get('ce_type', '-')}  {h.get('ce_subject', '-')}\n"
-            )
+            self.out.write(f"{seq:>8}  {describe(record)}\n")
+
+    def _record(self, obj: dict[str, Any]) -> bytes:
+        if isinstance(obj.get("record"), str):
+            try:
+                return obj["record"].encode()
+            except UnicodeEncodeError:  # JSON lets a string hold a lone surrogate, which UTF-8 cannot
+                raise self._damaged("has a record that is not valid UTF-8 text") from None
+        if isinstance(obj.get("record_base64"), str):
+            try:
+                return base64.b64decode(obj["record_base64"], validate=True)
+            except ValueError:
+                raise self._damaged("has a record_base64 that is not base64") from None
+        raise self._damaged("is a row without a record (text) or record_base64")
 
     def _checkpoint(self, cp: dict[str, Any], *, inline: bool) -> None:
         seq = cp["sequence"]
@@ -173,19 +238,33 @@ class Verifier:
             )
 
 
-def export_lines(source: str, token: str | None) -> Iterator[str]:
+def describe(record: bytes) -> str:
+    """kind, type and subject of a verified record, for --print ('?' where the meta line lacks them)."""
+    try:
+        meta = json.loads(record.partition(b"\n")[0])
+        headers = meta.get("headers") or {}
+        kind, event_type, subject = (
+            meta.get("kind"),
+            headers.get("ce_type", "-"),
+            headers.get("ce_subject", "-"),
+        )
+    except (ValueError, AttributeError):
+        return "? (the record's meta line is not a JSON object)"
+    return f"{kind!s:<11} {event_type}  {subject}"
+
+
+def export_lines(source: str, token: str | None) -> Iterator[bytes]:
     """Lines of the export from a URL, a file, or '-' (stdin), read as they stream in."""
     if source.startswith(("http://", "https://")):
         request = urllib.request.Request(
             source, headers={"Authorization": f"Bearer {token}"} if token else {}
         )
         with urllib.request.urlopen(request) as response:
-            for raw in response:
-                yield raw.decode()
+            yield from response
     elif source == "-":
-        yield from sys.stdin
+        yield from sys.stdin.buffer
     else:
-        with open(source, encoding="utf-8") as f:
+        with open(source, "rb") as f:
             yield from f
 
 
@@ -270,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED at sequence {broken.seq}: {broken.reason}", file=sys.stderr)
         return 1
     head = verifier.prev.hex() if verifier.prev else "-"
-    print(f"OK: {verifier.rows} rows and {verifier.checkpoints} checkpoints verified; head {head}")
+    trusted = (
+        f"; rows before {verifier.from_seq} are trusted (the header's prev_hash), not verified"
+        if verifier.from_seq > 1
+        else ""
+    )
+    print(
+        f"OK: {verifier.rows} rows from sequence {verifier.from_seq} and {verifier.checkpoints} checkpoints "
+        f"verified; head {head}{trusted}"
+    )
     return 0
 
 

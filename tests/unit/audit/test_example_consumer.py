@@ -1,0 +1,120 @@
+"""The example consumer (docs/examples/audit_consumer.py) on exports made by the service's own export code:
+forged, damaged and partial exports get `FAILED at sequence N: why`, never a traceback or an OK."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.monitoring import DriftDetected
+from services.audit import core
+from services.audit.domain import Signer, chain_hash
+from tests.unit.audit.fakes import SEED, FakeTrail, changed_payload, delivery, example, record
+from tests.unit.audit.test_docs import consumer
+
+PUBLIC_KEY = Signer(SEED).public_key_b64
+
+
+async def export(rows: int, *, from_seq: int = 1, every: int = 1000) -> list[dict[str, Any]]:
+    """The lines of an export of a trail of ``rows`` events, a checkpoint every ``every`` rows."""
+    trail = FakeTrail()
+    await record(
+        trail, Signer(SEED), [delivery(example(DriftDetected), offset=i) for i in range(rows)], every=every
+    )
+    return [
+        json.loads(line)
+        async for chunk in core.export_lines(trail, from_seq=from_seq)
+        for line in chunk.splitlines()
+    ]
+
+
+def verify(tmp_path: Path, lines: list[Any], *extra: str) -> int:
+    """Run the consumer on these lines (objects as JSON, text as it is) with the test key pinned."""
+    path = tmp_path / "export.ndjson"
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return int(consumer().main(["--export", str(path), "--public-key", PUBLIC_KEY, *extra]))
+
+
+async def test_a_forged_row_cannot_hide_behind_a_second_header_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header, *rows, checkpoint = await export(4, every=4)
+    genuine = [bytes.fromhex(r["row_hash"]) for r in rows]
+    forged = changed_payload(rows[1]["record"].encode())
+    rows[1] = {"seq": 2, "row_hash": chain_hash(genuine[0], 2, forged).hex(), "record": forged.decode()}
+    # The genuine row 2's hash, for the rows after the forgery to chain from: every checkpoint still matches.
+    rebase = {**header, "from_seq": 3, "prev_hash": genuine[1].hex()}
+    assert verify(tmp_path, [header, *rows[:2], rebase, *rows[2:], checkpoint]) == 1
+    assert "FAILED at sequence 3: line 4 of the export is a second header line" in capsys.readouterr().err
+
+
+async def test_the_header_must_be_the_first_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    header, first, *rest = await export(3)
+    assert verify(tmp_path, [first, header, *rest]) == 1
+    assert "line 1 of the export is not the export's header line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("not json", "line 3 of the export is not JSON text"),
+        ("[1]", "line 3 of the export is not a JSON object"),
+        ("{}", "line 3 of the export is neither a row"),
+        ('{"seq": 2}', "line 3 of the export is neither a row"),
+        ('{"seq": 2, "row_hash": "00"}', "line 3 of the export is a row without a record"),
+        (
+            '{"seq": 2, "row_hash": "00", "record_base64": "*"}',
+            "line 3 of the export has a record_base64 that is not base64",
+        ),
+        (
+            '{"seq": 2, "row_hash": "00", "record": "\\ud800"}',
+            "line 3 of the export has a record that is not valid UTF-8 text",
+        ),
+        (
+            '{"checkpoint": {}}',
+            "line 3 of the export is a damaged checkpoint: the checkpoint's sequence is missing",
+        ),
+        (
+            '{"checkpoint": [1]}',
+            "line 3 of the export is a damaged checkpoint: a checkpoint must be a JSON object",
+        ),
+        (
+            '{"checkpoint": {"sequence": 1, "key_id": []}}',
+            "line 3 of the export is a damaged checkpoint: the checkpoint's head_hash is missing",
+        ),
+    ],
+)
+async def test_a_damaged_line_fails_at_its_sequence_naming_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, why: str
+) -> None:
+    header, first, *rest = await export(3)
+    assert verify(tmp_path, [header, first, damage, *rest]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED at sequence 2: {why}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"format": "driftloop-audit-export/1"},
+        {"format": "driftloop-audit-export/1", "from_seq": 0, "prev_hash": "00" * 32},
+        {"format": "driftloop-audit-export/1", "from_seq": 1, "prev_hash": "not hex"},
+    ],
+)
+def test_a_damaged_header_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], header: dict[str, Any]
+) -> None:
+    assert verify(tmp_path, [header]) == 1
+    assert "FAILED at sequence 0: line 1 of the export is a header without" in capsys.readouterr().err
+
+
+async def test_ok_says_which_row_it_verified_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert verify(tmp_path, await export(5)) == 0
+    assert "OK: 5 rows from sequence 1 and 0 checkpoints verified" in capsys.readouterr().out
+    assert verify(tmp_path, await export(5, from_seq=4)) == 0
+    out = capsys.readouterr().out
+    assert "OK: 2 rows from sequence 4 and 0 checkpoints verified" in out
+    assert "rows before 4 are trusted (the header's prev_hash), not verified" in out
