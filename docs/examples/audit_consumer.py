@@ -14,7 +14,8 @@ only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the co
         --checkpoints .driftloop/audit/checkpoints.ndjson --kafka 127.0.0.1:19092
 
 Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, and no
-known checkpoint lies beyond the end. Exit status 1: the first bad sequence number and why.
+known checkpoint lies beyond the end. Exit status 1: the first bad sequence number and why, or an input
+that could not be read (``error: ...``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 EXPORT_FORMAT = "driftloop-audit-export/1"
 SIGNING_DOMAIN = b"driftloop-audit-checkpoint/v1"
 CHECKPOINT_TYPE = "io.driftloop.AuditCheckpoint.v1"
+
+
+class Unreadable(Exception):
+    """An input (the export, a checkpoint file, the audit topic) cannot be read: nothing was verified."""
 
 
 class Broken(Exception):
@@ -270,43 +275,86 @@ def export_lines(source: str, token: str | None) -> Iterator[bytes]:
 
 def file_checkpoints(path: str) -> list[dict[str, Any]]:
     """Checkpoints kept as NDJSON (one AuditCheckpoint per line), like .driftloop/audit/checkpoints.ndjson."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    found = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                cp = json.loads(line)
+            except ValueError:  # UnicodeDecodeError included
+                raise Unreadable(f"{path} line {number} is not JSON text") from None
+            problem = checkpoint_problem(cp)
+            if problem is not None:
+                raise Unreadable(f"{path} line {number}: {problem}")
+            found.append(cp)
+    return found
+
+
+ASSIGNMENT_DEADLINE_S = 30.0
 
 
 def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every AuditCheckpoint on the audit topic, read from the beginning to the current end."""
     import asyncio
+    import time
 
     from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
 
     async def read() -> list[dict[str, Any]]:
         consumer = AIOKafkaConsumer(
-            topic,
             bootstrap_servers=bootstrap,
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
-        await consumer.start()
         found: list[dict[str, Any]] = []
         try:
+            await consumer.start()
+            # Subscribing to a topic that does not exist would wait for it forever (or have a broker that
+            # creates topics on demand make an empty one): look first.
+            if topic not in await consumer.topics():
+                raise Unreadable(f"there is no topic {topic!r} on {bootstrap}: check --topic and --kafka")
+            consumer.subscribe([topic])
+            deadline = time.monotonic() + ASSIGNMENT_DEADLINE_S
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for messages in batch.values():
                     for m in messages:
                         if dict(m.headers or ()).get("ce_type") == CHECKPOINT_TYPE.encode():
-                            found.append(json.loads(m.value))
+                            found.extend(_topic_checkpoint(m.value, f"{topic} offset {m.offset}"))
                 assigned = list(consumer.assignment())
                 if not assigned:
+                    if time.monotonic() > deadline:
+                        raise Unreadable(
+                            f"the topic {topic!r} on {bootstrap} was not assigned to this reader within "
+                            f"{ASSIGNMENT_DEADLINE_S:.0f} s"
+                        )
                     continue
                 ends = await consumer.end_offsets(assigned)
                 if all([await consumer.position(tp) >= ends[tp] for tp in assigned]):
                     return found
+        except KafkaError as exc:
+            raise Unreadable(f"cannot read the topic {topic!r} from {bootstrap}: {exc!r}") from exc
         finally:
             await consumer.stop()
 
     return asyncio.run(read())
+
+
+def _topic_checkpoint(value: bytes | None, where: str) -> list[dict[str, Any]]:
+    """The checkpoint in a message of the audit topic; none (with a warning) when it is not one: like a
+    checkpoint of another trail, it cannot vouch for this export."""
+    try:
+        cp = json.loads(value or b"")
+        problem = checkpoint_problem(cp)
+    except ValueError:
+        problem = "not JSON"
+    if problem is None:
+        return [cp]
+    print(f"warning: {where} is not a checkpoint ({problem}): ignored", file=sys.stderr)
+    return []
 
 
 def served_keys(export_url: str, token: str | None) -> list[str]:
@@ -336,17 +384,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--public-key is required for a file export")
         print("warning: no --public-key pinned; trusting the keys the service serves", file=sys.stderr)
         public_keys = served_keys(args.export, args.token)
-    outside = [cp for path in args.checkpoints for cp in file_checkpoints(path)]
-    if args.kafka:
-        outside += topic_checkpoints(args.kafka, args.topic)
-    verifier = Verifier(Keys(public_keys), outside, show=args.print, out=sys.stdout)
     try:
+        keys = Keys(public_keys)
+    except ValueError:  # binascii.Error included
+        parser.error("--public-key: not the base64 of a raw 32-byte Ed25519 public key")
+    try:
+        outside = [cp for path in args.checkpoints for cp in file_checkpoints(path)]
+        if args.kafka:
+            outside += topic_checkpoints(args.kafka, args.topic)
+        verifier = Verifier(keys, outside, show=args.print, out=sys.stdout)
         for text in export_lines(args.export, args.token):
             if text.strip():
                 verifier.line(text)
         verifier.finish()
     except Broken as broken:
         print(f"FAILED at sequence {broken.seq}: {broken.reason}", file=sys.stderr)
+        return 1
+    except (OSError, Unreadable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     head = verifier.prev.hex() if verifier.prev else "-"
     trusted = (

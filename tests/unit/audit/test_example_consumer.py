@@ -118,3 +118,39 @@ async def test_ok_says_which_row_it_verified_from(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "OK: 2 rows from sequence 4 and 0 checkpoints verified" in out
     assert "rows before 4 are trusted (the header's prev_hash), not verified" in out
+
+
+async def test_a_public_key_that_is_not_base64_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "export.ndjson"
+    path.write_text("".join(json.dumps(x) + "\n" for x in await export(1)))
+    with pytest.raises(SystemExit) as exited:
+        consumer().main(["--export", str(path), "--public-key", "not base64!"])
+    assert exited.value.code == 2
+    assert "--public-key: not the base64 of a raw 32-byte Ed25519 public key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "No such file or directory"),
+        ("not json\n", "line 1 is not JSON text"),
+        ('{"sequence": 1}\n', "line 1: the checkpoint's head_hash is missing or not text"),
+    ],
+)
+async def test_a_checkpoint_file_that_cannot_be_read_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, why: str
+) -> None:
+    checkpoints = tmp_path / "checkpoints.ndjson"
+    if content is not None:
+        checkpoints.write_text(content)
+    assert verify(tmp_path, await export(3), "--checkpoints", str(checkpoints)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and why in err and "Traceback" not in err
+
+
+async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = consumer().main(["--export", str(tmp_path / "typo.ndjson"), "--public-key", PUBLIC_KEY])
+    assert status == 1
+    assert "error: [Errno 2] No such file or directory" in capsys.readouterr().err
