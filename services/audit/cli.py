@@ -13,7 +13,9 @@ from typing import Any
 import asyncpg
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from libs.db import create_pool
@@ -118,7 +120,7 @@ def verify(
             )
         else:
             where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
-            _console().print(f"[red]FAILED[/red] at {where}: {report.problem}: {report.detail}")
+            _console().print(f"[red]FAILED[/red] at {where}: {report.problem}: {escape(report.detail or '')}")
         return 0 if report.ok else 1
 
     return _run(main())
@@ -172,17 +174,18 @@ def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:
     for column in ("seq", "recorded", "kind", "type", "subject", "actor", "id", "cause"):
         table.add_column(column)
     for e in events:
-        kind = e["kind"] if e["kind"] == "event" else f"[red]{e['kind']}[/red]"
+        # Every cell is Text, never markup: producers write these fields, and "[/]" in a subject must
+        # print as it is, not end a style (or crash the command).
         event_type = (e["type"] or "-").removeprefix("io.driftloop.")
         table.add_row(
-            str(e["seq"]),
-            e["recorded_at"][:23],
-            kind,
-            event_type,
-            e["subject"] or "-",
-            e["actor"] or "-",
-            (e["id"] or "-")[:13],
-            (e["causationid"] or "-")[:13],
+            Text(str(e["seq"])),
+            Text(e["recorded_at"][:23]),
+            Text(e["kind"], style="" if e["kind"] == "event" else "red"),
+            Text(event_type),
+            Text(e["subject"] or "-"),
+            Text(e["actor"] or "-"),
+            Text((e["id"] or "-")[:13]),
+            Text((e["causationid"] or "-")[:13]),
         )
     return table
 
@@ -197,13 +200,13 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
         if as_json:
             print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
             return 0
-        root = Tree(f"[bold]cascade {correlation_id}[/bold] ({tree['events']} events)")
+        root = Tree(f"[bold]cascade {escape(correlation_id)}[/bold] ({tree['events']} events)")
         for node in tree.get("roots") or []:
             _branch(root, node)
         for node in tree.get("flat") or []:
-            root.add(_label(node) + f"  [dim]<- {node['parent'] or 'root'}[/dim]")
+            root.add(_label(node) + f"  [dim]<- {escape(node['parent'] or 'root')}[/dim]")
         for letter in tree["dead_letters"]:
-            root.add(f"[red]dead letter[/red] {letter['seq']}: {letter['error']}")
+            root.add(f"[red]dead letter[/red] {letter['seq']}: {escape(str(letter['error']))}")
         if tree["truncated"]:
             root.add(f"[yellow]... cut at {settings.trace_max_events} events[/yellow]")
         _console().print(root)
@@ -213,20 +216,25 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
 
 
 def _label(node: dict[str, Any]) -> str:
-    event_type = (node["type"] or "?").removeprefix("io.driftloop.")
-    actor = f" by {node['actor']}" if node["actor"] else ""
+    """Markup for one event; every value in it is escaped, since producers write them."""
+    event_type = escape((node["type"] or "?").removeprefix("io.driftloop."))
+    actor = f" by {escape(node['actor'])}" if node["actor"] else ""
     missing = (
-        f" [yellow](cause {node['cause_missing']} not recorded)[/yellow]" if node.get("cause_missing") else ""
+        f" [yellow](cause {escape(node['cause_missing'])} not recorded)[/yellow]"
+        if node.get("cause_missing")
+        else ""
     )
     if node.get("cause_cycle"):
-        missing += f" [yellow](cause {node['cause_cycle']} leads back here: a loop of causes)[/yellow]"
-    subject, when = node["subject"] or "", node["time"] or ""
+        missing += (
+            f" [yellow](cause {escape(node['cause_cycle'])} leads back here: a loop of causes)[/yellow]"
+        )
+    subject, when = escape(node["subject"] or ""), escape(node["time"] or "")
     return f"[bold]{event_type}[/bold] {subject} #{node['seq']} {when}{actor}{missing}"
 
 
 def _branch(parent: Tree, node: dict[str, Any]) -> None:
     branch = parent.add(_label(node))
     for letter in node.get("dead_letters") or []:
-        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {letter['error']}")
+        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {escape(str(letter['error']))}")
     for child in node.get("children") or []:
         _branch(branch, child)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from contracts.monitoring import DriftDetected
+from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
 from deploy.cli import main
+from libs.bus.core import Delivery, Record
 from tests.integration.audit.conftest import TrailDb
 from tests.integration.audit.test_tampering import CHANGE_PAYLOAD
 from tests.unit.audit.fakes import SEED, delivery, example
@@ -66,3 +68,24 @@ async def test_tail_and_trace_show_the_cascade(
 
     assert await cli("audit", "trace", "no-such-cascade") == 1
     assert "no event with correlation id" in capsys.readouterr().err
+
+
+async def test_tail_and_trace_print_markup_in_producer_fields_as_text(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Producers write subjects, actors and dead-letter errors: rich markup in them is text, not style.
+    drift = example(DriftDetected).model_copy(update={"subject": "[/]", "actor": "[bold]user:eve"})
+    key, value, headers = drift.to_kafka()
+    error = b"1 validation error for DriftDetected [type=missing, input_value={}]"
+    dead = Record(
+        DEAD_LETTER, 0, 0, key, value, (*headers, ("dlq_reason", b"handler-failed"), ("dlq_error", error))
+    )
+    await audit_env.record([delivery(drift, offset=0), Delivery(dead, drift)])
+
+    assert await cli("audit", "tail", "-n", "5") == 0
+    out = capsys.readouterr().out
+    assert "[/]" in out and "[bold]user:eve" in out
+
+    assert await cli("audit", "trace", drift.id) == 0
+    out = capsys.readouterr().out
+    assert "[/]" in out and "by [bold]user:eve" in out and "[type=missing, input_value={}]" in out
