@@ -371,6 +371,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 # Implemented in services/audit/cli.py, imported on use so other commands never load the service.
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_seq", type=int, default=1, help="first sequence number")
     parser.add_argument("--to", dest="to_seq", type=int, help="last sequence number (default: the end)")
@@ -395,7 +406,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_tail_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-n", "--lines", type=int, default=20, help="how many of the newest events")
+    parser.add_argument(
+        "-n", "--lines", type=_count, default=20, help="how many of the newest events (1 to the query limit)"
+    )
     parser.add_argument("--model", help="only this model's events")
     parser.add_argument("--type", help="only this event type, e.g. DriftDetected")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing new events")

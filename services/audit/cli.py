@@ -75,7 +75,7 @@ def _keys(settings: AuditSettings, extra: Sequence[str]) -> tuple[KeyRing, Seale
 def _run(main: Any) -> int:
     try:
         return int(asyncio.run(main))
-    except (TrailUnavailable, DomainError, ValueError) as exc:
+    except (TrailUnavailable, DomainError, ValueError, OSError) as exc:
         print(f"driftloop: error: {exc}", file=sys.stderr)
         return 1
 
@@ -94,6 +94,11 @@ def verify(
     settings = settings or AuditSettings()
 
     async def main() -> int:
+        for path in checkpoint_files:
+            # The settings' own file may not exist yet (no checkpoint signed); a file named here must.
+            if not path.is_file():
+                why = "is a directory" if path.is_dir() else "does not exist"
+                raise FileNotFoundError(f"--checkpoints {path} {why}: name an NDJSON file of checkpoints")
         keys, sealer = _keys(settings, public_keys)
         archived = [
             cp for path in [settings.checkpoint_file, *checkpoint_files] for cp in CheckpointFile(path).read()
@@ -140,6 +145,11 @@ def tail(
     console = _console()
 
     async def main() -> int:
+        if not 1 <= limit <= settings.query_max_limit:
+            raise ValueError(
+                f"-n must be from 1 to {settings.query_max_limit} (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), "
+                f"not {limit}"
+            )
         async with _pool(settings) as pool:
             query = EventQuery(model=model, event_type=event_type_filter(event_type), limit=limit)
             async with reading(pool, settings.writer_role) as trail:

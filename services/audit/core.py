@@ -51,7 +51,7 @@ async def query_events(trail: TrailReader, query: EventQuery) -> tuple[list[dict
             # The row was found through an indexed copy that no longer matches the hashed record.
             view["integrity"] = f"indexed column {column} does not match the hashed record"
         views.append(view)
-    more = len(rows) == query.limit
+    more = bool(rows) and len(rows) == query.limit
     return views, encode_cursor(query.newest_first, rows[-1].seq) if more else None
 
 

@@ -267,3 +267,14 @@ def test_a_malformed_setting_is_named_with_what_to_do_without_a_traceback(
     assert "driftloop: error: DRIFTLOOP_LOCAL_KAFKA_PORT='19092x' is not valid:" in err
     assert "driftloop: what to do: correct or unset it" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "ten"])
+def test_audit_tail_refuses_a_count_that_is_not_1_or_more(
+    count: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["audit", "tail", "-n", count])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument -n/--lines:" in err and "Traceback" not in err

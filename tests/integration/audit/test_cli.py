@@ -89,3 +89,28 @@ async def test_tail_and_trace_print_markup_in_producer_fields_as_text(
     assert await cli("audit", "trace", drift.id) == 0
     out = capsys.readouterr().out
     assert "[/]" in out and "by [bold]user:eve" in out and "[type=missing, input_value={}]" in out
+
+
+async def test_tail_beyond_the_query_limit_says_so(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT", "5")
+    await audit_env.fill(3)
+    assert await cli("audit", "tail", "-n", "6") == 1
+    assert (
+        "driftloop: error: -n must be from 1 to 5 (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not 6"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("name", ["typo.ndjson", "."], ids=["missing", "directory"])
+async def test_a_checkpoint_file_that_is_not_there_is_an_error_not_ok(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
+) -> None:
+    await audit_env.fill(3)
+    path = tmp_path / name
+    assert await cli("audit", "verify", "--checkpoints", str(path)) == 1
+    captured = capsys.readouterr()
+    why = "does not exist" if name != "." else "is a directory"
+    assert f"driftloop: error: --checkpoints {path} {why}" in captured.err
+    assert "OK" not in captured.out and "Traceback" not in captured.err

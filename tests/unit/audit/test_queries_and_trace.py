@@ -314,3 +314,7 @@ async def test_export_interleaves_checkpoints_after_their_row() -> None:
     lines = [line async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
     assert b'"format":"driftloop-audit-export/1"' in lines[0]
     assert [b'"checkpoint"' in line for line in lines[1:]] == [False] * 5 + [True]
+
+
+async def test_a_page_with_no_rows_has_no_next_cursor(trail: FakeTrail) -> None:
+    assert await core.query_events(trail, EventQuery(limit=0)) == ([], None)
