@@ -189,8 +189,8 @@ def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:
         event_type = (e["type"] or "-").removeprefix("io.driftloop.")
         table.add_row(
             Text(str(e["seq"])),
-            Text(e["recorded_at"][:23]),
-            Text(e["kind"], style="" if e["kind"] == "event" else "red"),
+            Text((e["recorded_at"] or "-")[:23]),
+            Text(e["kind"] or "unreadable", style="" if e["kind"] == "event" else "red"),
             Text(event_type),
             Text(e["subject"] or "-"),
             Text(e["actor"] or "-"),

@@ -46,7 +46,7 @@ async def query_events(trail: TrailReader, query: EventQuery) -> tuple[list[dict
     views = []
     for row in rows:
         view = event_view(row)
-        column = column_mismatch(row)
+        column = None if "unreadable" in view else column_mismatch(row)
         if column is not None:
             # The row was found through an indexed copy that no longer matches the hashed record.
             view["integrity"] = f"indexed column {column} does not match the hashed record"

@@ -696,7 +696,10 @@ def checkpoint_due(head_seq: int, last_checkpoint_seq: int, every_rows: int) -> 
 
 @dataclass(frozen=True)
 class StoredRow:
-    """A trail row as read back: the hashed record plus the indexed copies of its fields."""
+    """A trail row as read back: the hashed record plus the indexed copies of its fields.
+
+    ``record`` and ``row_hash`` are typed as the trail writes them; read back, either can be None when a
+    superuser nulled it (constraints dropped first), and the readers check for that."""
 
     seq: int
     record: bytes
@@ -722,6 +725,8 @@ _ATTRIBUTE_COLUMNS = (
 
 def column_mismatch(row: StoredRow) -> str | None:
     """Which indexed column disagrees with the row's (hashed) record, if any."""
+    if row.record is None:
+        return "record"
     try:
         meta, _ = decode_record(row.record)
         kafka = meta["kafka"]
@@ -773,8 +778,49 @@ def _json_value(value: bytes) -> Any:
 
 
 def event_view(row: StoredRow) -> dict[str, Any]:
-    """A row for people and programs: every field comes from the hashed record, none from the copies."""
-    meta, value = decode_record(row.record)
+    """A row for people and programs: every field comes from the hashed record, none from the copies; a
+    row whose record cannot be read (changed in the database) is flagged ``unreadable``."""
+    if row.record is None:
+        return _unreadable_view(row, "the row has no record")
+    try:
+        return _record_view(row, *decode_record(row.record))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON, but not the meta of a record
+        return _unreadable_view(row, f"its record is not a record ({exc.__class__.__name__}: {exc})")
+
+
+_VIEW_FIELDS = (
+    "recorded_at",
+    "kind",
+    "topic",
+    "partition",
+    "offset",
+    "key",
+    "id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "correlationid",
+    "causationid",
+    "actor",
+    "data",
+    "error",
+)
+
+
+def _unreadable_view(row: StoredRow, why: str) -> dict[str, Any]:
+    """Only what the row has besides its record: the fields a record would give are null, never taken
+    from the indexed copies, and ``unreadable`` says why."""
+    return {
+        "seq": row.seq,
+        "row_hash": row.row_hash.hex() if row.row_hash is not None else None,
+        **dict.fromkeys(_VIEW_FIELDS),
+        "unreadable": f"row {row.seq} cannot be read: {why}. The row was changed in the database; "
+        "GET /v1/verify names the first changed row",
+    }
+
+
+def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> dict[str, Any]:
     headers: dict[str, Any] = meta["headers"]
     kafka = meta["kafka"]
     data: Any = None
@@ -786,7 +832,7 @@ def event_view(row: StoredRow) -> dict[str, Any]:
             raw_value = _text_or_base64(value)
     view: dict[str, Any] = {
         "seq": row.seq,
-        "row_hash": row.row_hash.hex(),
+        "row_hash": row.row_hash.hex() if row.row_hash is not None else None,
         "recorded_at": meta["recorded_at"],
         "kind": meta["kind"],
         "topic": kafka["topic"],

@@ -15,12 +15,16 @@ class AuditEventPublic(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seq: int = Field(description="Position in the trail (1, 2, 3, ... without gaps).")
-    row_hash: str = Field(description="The row's chain hash, lowercase hex.")
-    recorded_at: str = Field(description="When the audit service stored it (UTC).")
-    kind: str = Field(description="`event`, `undecodable` or `dead-letter`.")
-    topic: str = Field(description="Kafka topic it was read from.")
-    partition: int = Field(description="Kafka partition.")
-    offset: int = Field(description="Kafka offset.")
+    row_hash: str | None = Field(
+        description="The row's chain hash, lowercase hex (null: nulled in the database)."
+    )
+    recorded_at: str | None = Field(
+        description="When the audit service stored it (UTC); null when `unreadable`."
+    )
+    kind: str | None = Field(description="`event`, `undecodable` or `dead-letter`; null when `unreadable`.")
+    topic: str | None = Field(description="Kafka topic it was read from; null when `unreadable`.")
+    partition: int | None = Field(description="Kafka partition; null when `unreadable`.")
+    offset: int | None = Field(description="Kafka offset; null when `unreadable`.")
     key: Any = Field(description="Kafka key (the model name on model topics).")
     id: str | None = Field(description="CloudEvents id.")
     type: str | None = Field(description="CloudEvents type, e.g. `io.driftloop.DriftDetected.v1`.")
@@ -38,6 +42,11 @@ class AuditEventPublic(BaseModel):
     value: Any = Field(default=None, description="The value when it is not JSON (text, or {base64}).")
     integrity: str | None = Field(
         default=None, description="Set when the row's indexed columns disagree with its hashed record."
+    )
+    unreadable: str | None = Field(
+        default=None,
+        description="Set when the row's record cannot be read (nulled or replaced in the database): why. "
+        "Every field a record gives is then null, never taken from the indexed copies.",
     )
 
 

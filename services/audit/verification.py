@@ -171,6 +171,11 @@ class RecordScanner:
                     expected, Problem.MISSING_ROW, f"row {expected} is missing: the next row is {row.seq}"
                 )
                 return
+            if row.record is None or row.row_hash is None:
+                self.finding = Finding(
+                    expected, Problem.MALFORMED_ROW, f"row {expected} has no record or no row hash"
+                )
+                return
             computed = chain_hash(self.prev, row.seq, row.record)
             if computed != row.row_hash:
                 self.finding = Finding(

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from services.audit import core
 from services.audit.adapters.files import CheckpointFile
+from services.audit.adapters.postgres import reading
 from services.audit.bootstrap import sync_archive
+from services.audit.domain import EventQuery
+from services.audit.schemas import AuditEventPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
 
@@ -118,3 +122,32 @@ async def test_doctored_indexed_column_is_found_by_the_full_verification(filled:
     assert (await filled.verify()).ok  # the chain covers the record, not its indexed copies
     report = await filled.verify(full=True)
     assert (report.first_bad_seq, report.problem) == (12, Problem.COLUMN_MISMATCH)
+
+
+NULL_RECORD = (
+    "ALTER TABLE trail ALTER COLUMN record DROP NOT NULL; UPDATE trail SET record = NULL WHERE seq = 17"
+)
+GARBLED_RECORD = "UPDATE trail SET record = convert_to('not a record', 'UTF8') WHERE seq = 17"
+
+
+async def test_a_nulled_record_is_a_malformed_row(filled: TrailDb, full: bool) -> None:
+    await filled.superuser(NULL_RECORD)
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem) == (17, Problem.MALFORMED_ROW)
+
+
+@pytest.mark.parametrize("tamper", [NULL_RECORD, GARBLED_RECORD], ids=["nulled", "garbled"])
+async def test_a_row_whose_record_cannot_be_read_is_shown_flagged_unreadable(
+    filled: TrailDb, tamper: str
+) -> None:
+    first = await filled.pool.fetchval("SELECT correlation_id FROM trail WHERE seq = 17")
+    await filled.superuser(tamper)
+    async with reading(filled.pool, ROLE) as trail:
+        page, _ = await core.query_events(trail, EventQuery(limit=10))
+        one = await core.event_at(trail, 17)
+        tree = await core.trace(trail, first, max_events=100)
+    assert [e["seq"] for e in page] == list(range(ROWS, ROWS - 10, -1))
+    assert one["unreadable"].startswith("row 17 cannot be read: ") and one["kind"] is None
+    assert AuditEventPublic.model_validate(one).unreadable == one["unreadable"]
+    assert [r["unreadable"] for r in tree["roots"]] == [one["unreadable"]]
+    assert TracePublic.model_validate(tree).events == 1
