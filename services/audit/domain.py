@@ -926,12 +926,22 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     for node in order:
         if id(node) in reached:
             continue
-        # Only a loop keeps an event out of reach of every root: cut it at this, its earliest event.
-        parent = parents.pop(id(node))
-        parent.children = [c for c in parent.children if c is not node]
-        node.view["cause_cycle"] = node.view["causationid"]
-        roots.append(node)
-        reached |= _reached([node])
+        # Only a loop keeps an event out of reach of every root, but this event may merely hang off it:
+        # follow its causes until one repeats, and cut the loop at its earliest event.
+        path: list[TraceNode] = []
+        seen: set[int] = set()
+        walker = node
+        while id(walker) not in seen:
+            seen.add(id(walker))
+            path.append(walker)
+            walker = parents[id(walker)]
+        loop = path[next(i for i, n in enumerate(path) if n is walker) :]
+        cut = min(loop, key=lambda n: n.view["seq"])
+        parent = parents.pop(id(cut))
+        parent.children = [c for c in parent.children if c is not cut]
+        cut.view["cause_cycle"] = cut.view["causationid"]
+        roots.append(cut)
+        reached |= _reached([cut])
     roots.sort(key=lambda n: n.view["seq"])
     orphans = []
     for letter in dead:

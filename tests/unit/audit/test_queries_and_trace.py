@@ -318,3 +318,18 @@ async def test_export_interleaves_checkpoints_after_their_row() -> None:
 
 async def test_a_page_with_no_rows_has_no_next_cursor(trail: FakeTrail) -> None:
     assert await core.query_events(trail, EventQuery(limit=0)) == ([], None)
+
+
+async def test_an_event_recorded_before_the_loop_it_hangs_off_keeps_its_cause() -> None:
+    a, b = example(DriftDetected), example(TrainingRequested)
+    a = a.model_copy(update={"causationid": b.id, "correlationid": "loop"})
+    b = b.model_copy(update={"causationid": a.id, "correlationid": "loop"})
+    c = example(TrainingStarted, cause=a).model_copy(update={"correlationid": "loop"})
+    trail = FakeTrail()
+    # C (caused by A) arrives first, from another partition; then the loop A <-> B.
+    await store(trail, [delivery(c, partition=1, offset=0), delivery(a, offset=0), delivery(b, offset=1)])
+    tree = await core.trace(trail, "loop", max_events=100)
+    [root] = tree["roots"]  # one cut, at the loop's earliest event, A
+    assert (root["id"], root["cause_cycle"]) == (a.id, b.id)
+    assert sorted(n["id"] for n in root["children"]) == sorted([b.id, c.id])
+    assert all("cause_cycle" not in n for n in root["children"])
