@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import Counter
+
 from contracts.envelope import CloudEvent, EventPayload
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
@@ -16,6 +18,7 @@ from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
 from libs.bus import Delivery, Subscription, Transaction
+from libs.bus.core import is_transient
 from libs.db import migrations_in
 from libs.http import create_app
 from libs.logging import get_logger
@@ -33,6 +36,14 @@ from services.monitoring.settings import MonitoringSettings
 log = get_logger(__name__)
 
 MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="monitoring")
+
+WINDOWS_SET_ASIDE = Counter(
+    "driftloop_monitoring_windows_set_aside_total",
+    "Closed windows whose judgement failed with an error retrying cannot cure (not an outage of the "
+    "database or the broker): logged as errors and left unjudged, so the windows and housekeeping behind "
+    "them go on.",
+    ["model", "error"],
+)
 
 
 def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> Monitor:
@@ -118,12 +129,31 @@ class Background:
         monitor.on_windows_closed = self.wake.set
 
     async def judge_closed(self) -> None:
+        """Judge the closed windows in order, one transaction each.
+
+        An outage (``is_transient``) leaves the window at the head of the queue for the next tick. Any other
+        error would fail the same way on every tick and hold up every window, verdict and replay offset
+        behind it, so that window is set aside: logged as an error, counted, and not judged.
+        """
         live = self.monitor.live
         while live.closed:
             window = live.closed[0]
-            async with self.rt.begin() as tx:
-                await handlers.judge_closed_window(
-                    window, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+            try:
+                async with self.rt.begin() as tx:
+                    await handlers.judge_closed_window(
+                        window, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                    )
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                WINDOWS_SET_ASIDE.labels(window.model, type(exc).__name__).inc()
+                log.error(
+                    "window set aside: its judgement failed and retrying cannot help",
+                    model=window.model,
+                    version=window.version,
+                    window_id=window.window_id,
+                    rows=window.size,
+                    error=repr(exc),
                 )
             live.closed.popleft()
 
@@ -150,7 +180,10 @@ class Background:
                 await self.once()
                 delay = self.tick_s
             except Exception as exc:  # the database may be away: keep the work queued and retry
-                log.warning("monitoring housekeeping failed, retrying", error=repr(exc))
+                if is_transient(exc):
+                    log.warning("monitoring housekeeping failed, retrying", error=repr(exc))
+                else:
+                    log.error("monitoring housekeeping failed, not for an outage; retrying", error=repr(exc))
                 delay = min(max(delay * 2, self.tick_s), 10.0)
 
     async def stop(self) -> None:

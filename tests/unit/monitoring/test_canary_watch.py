@@ -1,7 +1,10 @@
-"""A rollout step's verdict and the in-memory watch: a step stops being watched only once the transaction
-that records and publishes its verdict has committed. A tick whose transaction fails (Postgres restarted
-under it) leaves the step watched, so the next tick decides it again instead of leaving the rollout
-waiting for a verdict that was never published."""
+"""The background tick: a rollout step's verdict and the in-memory watch, and the queue of closed windows.
+
+A step stops being watched only once the transaction that records and publishes its verdict has committed. A
+tick whose transaction fails (Postgres restarted under it) leaves the step watched, so the next tick decides
+it again instead of leaving the rollout waiting for a verdict that was never published. A closed window
+stays queued through an outage, but one whose judgement fails for good is set aside so that it does not hold
+up the windows and the verdicts behind it."""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent
 from contracts.monitoring import CanaryVerdict, Verdict
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import Monitor, canary_step, check_canaries
-from services.monitoring.ports import StoredStep
+from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import reference, requests
 
 TIMEOUT_S = 600.0  # the settings' default canary_timeout_seconds
 
@@ -170,3 +175,83 @@ async def test_a_canary_version_without_a_profile_is_inconclusive_at_the_timeout
     [event] = published
     assert event.data.verdict is Verdict.INCONCLUSIVE
     assert event.data.reason == "timed out: no reference profile for version 2 of churn"
+
+
+class WindowStore(Store):
+    """A tick's store that also judges windows; ``failing``: record_window raises it for those seqs."""
+
+    def __init__(self, steps: list[StoredStep], failing: dict[int, Exception]) -> None:
+        super().__init__(steps)
+        self.failing = failing
+        self.recorded: list[int] = []
+
+    async def window_state(self, *_: Any, **__: Any) -> WindowState:
+        return WindowState()
+
+    async def quality_last(self, *_: Any) -> None:
+        return None
+
+    async def save_quality(self, *_: Any) -> None:
+        pass
+
+    async def record_window(self, model: str, version: int, seq: int, *_: Any) -> None:
+        if seq in self.failing:
+            raise self.failing[seq]
+        self.recorded.append(seq)
+
+    async def save_window_state(self, *_: Any) -> None:
+        pass
+
+
+def set_aside_count(model: str, error: str) -> float:
+    labels = {"model": model, "error": error}
+    return REGISTRY.get_sample_value("driftloop_monitoring_windows_set_aside_total", labels) or 0.0
+
+
+def monitor_with_two_closed_windows(step: StoredStep) -> Monitor:
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    monitor.live.add_reference(reference())
+    monitor.live.ingest(requests(400, seed=1), arrival=0.0)
+    assert [w.seq for w in monitor.live.closed] == [1, 2]
+    monitor.live.watch(canary_step(step))
+    return monitor
+
+
+async def test_a_window_whose_judgement_fails_for_good_is_set_aside_and_the_rest_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = ValueError("a value the judgement cannot take")
+    store = WindowStore([watched(started_at=0.0)], failing={1: broken})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: TIMEOUT_S + 1)
+    monitor, rt = monitor_with_two_closed_windows(store.steps[0]), Runtime()
+    before = set_aside_count("churn", "ValueError")
+
+    await Background(rt, monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert store.recorded == [2]  # the window behind the failed one is judged
+    assert not monitor.live.closed
+    assert set_aside_count("churn", "ValueError") == before + 1
+    [event] = rt.published  # and the housekeeping after it ran: the step got its verdict
+    assert isinstance(event.data, CanaryVerdict)
+
+
+async def test_a_window_whose_judgement_meets_an_outage_stays_queued_for_the_next_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outage = ConnectionError("connection was closed in the middle of operation")
+    store = WindowStore([watched(started_at=0.0)], failing={1: outage})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monitor, rt = monitor_with_two_closed_windows(store.steps[0]), Runtime()
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert [w.seq for w in monitor.live.closed] == [1, 2]
+
+    store.failing.clear()  # the database is back
+    await background.once()
+    assert store.recorded == [1, 2]
+    assert not monitor.live.closed
