@@ -322,8 +322,8 @@ class ClosedWindow:
     model: str
     version: int
     seq: int
-    start: float
-    end: float
+    start: float  # the earliest event time (predicted_at) in the window, not its first request's
+    end: float  # the latest
     numeric: dict[str, np.ndarray]
     categorical: dict[str, list[Any]]
     type_mismatches: dict[str, int]
@@ -353,7 +353,10 @@ class DriftWindow:
     parts: list[RowBatch] = field(default_factory=list)
     rows: int = 0
     first_at: float | None = None
-    last_at: float | None = None
+    # Earliest and latest event time: with several partitions or serving replicas (clocks differ) a request
+    # can come after one answered later, so the first and the last request do not bound the window.
+    earliest_at: float | None = None
+    latest_at: float | None = None
     last_arrival: float = 0.0
     first_offsets: dict[int, int] = field(default_factory=dict)
     next_offsets: dict[int, int] = field(default_factory=dict)
@@ -365,7 +368,9 @@ class DriftWindow:
         self.rows += part.size
         if self.first_at is None:
             self.first_at = float(part.request_at[0])
-        self.last_at = float(part.request_at[-1])
+        low, high = float(part.request_at.min()), float(part.request_at.max())
+        self.earliest_at = low if self.earliest_at is None else min(self.earliest_at, low)
+        self.latest_at = high if self.latest_at is None else max(self.latest_at, high)
         self.last_arrival = arrival
         for p, o in zip(part.partition.tolist(), part.offset.tolist(), strict=True):
             self.first_offsets.setdefault(p, o)
@@ -381,8 +386,8 @@ class DriftWindow:
             model=self.model,
             version=self.version,
             seq=self.seq,
-            start=float(self.first_at or 0.0),
-            end=float(self.last_at or 0.0),
+            start=float(self.earliest_at or 0.0),
+            end=float(self.latest_at or 0.0),
             numeric={k: np.concatenate([p.numeric[k] for p in parts]) for k in first.numeric},
             categorical={k: [v for p in parts for v in p.categorical[k]] for k in first.categorical},
             type_mismatches=dict(mismatches),

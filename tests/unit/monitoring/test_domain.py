@@ -223,6 +223,26 @@ def test_windows_close_at_request_boundaries_by_count() -> None:
     assert state.windows[("churn", 1)].rows == 50
 
 
+def test_a_window_spans_its_earliest_to_its_latest_event_time_when_requests_come_out_of_order() -> None:
+    ref = reference()
+    state = live(window_rows=200)
+    state.add_reference(ref)
+    reqs = requests(200, seed=6)  # four requests answered at T0, T0+1s, T0+2s, T0+3s
+    # Other partitions or serving replicas (clocks differ): requests come after ones answered later.
+    moved = {1: T0 + timedelta(seconds=5), 3: T0 - timedelta(seconds=1)}
+    reqs = [
+        (p.model_copy(update={"predicted_at": moved[i]}) if i in moved else p, part, off)
+        for i, (p, part, off) in enumerate(reqs)
+    ]
+    state.ingest(reqs[:2], arrival=0.0)
+    state.ingest(reqs[2:], arrival=0.0)
+    [window] = state.closed
+    assert (window.start, window.end) == (
+        (T0 - timedelta(seconds=1)).timestamp(),
+        (T0 + timedelta(seconds=5)).timestamp(),
+    )
+
+
 def test_redelivered_records_are_not_counted_twice() -> None:
     ref = reference()
     state = live(window_rows=10_000)
