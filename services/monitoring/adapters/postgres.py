@@ -22,6 +22,23 @@ from services.monitoring.ports import (
 
 log = get_logger(__name__)
 
+NUL_STAND_IN = "\ufffd"
+"""What a NUL character becomes in the JSON monitoring stores. Events may carry NUL in any string (valid JSON:
+a category, a label, a class), but jsonb cannot hold it, and one such value would fail the window report or
+every label joined to its prediction. U+FFFD, the replacement character, keeps the value apart from the same
+text without the NUL."""
+
+
+def _jsonb(value: Any) -> Any:
+    """``value`` as jsonb can store it: NUL in every string and key replaced by :data:`NUL_STAND_IN`."""
+    if isinstance(value, str):
+        return value.replace("\x00", NUL_STAND_IN) if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_jsonb(k): _jsonb(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonb(v) for v in value]
+    return value
+
 
 def _labelled(r: asyncpg.Record) -> LabelledRecord:
     return LabelledRecord(
@@ -160,7 +177,7 @@ class PgMonitoringStore:
             summary["size"],
             summary["drift_share"],
             summary["alerted"],
-            report,
+            _jsonb(report),
         )
         return bool(status.endswith(" 1"))
 
@@ -188,12 +205,12 @@ class PgMonitoringStore:
             [r.variant for r in rows],
             [r.rollout_id for r in rows],
             [r.predicted_at for r in rows],
-            [r.prediction for r in rows],
+            [_jsonb(r.prediction) for r in rows],
             [r.score for r in rows],
-            [r.label for r in rows],
+            [_jsonb(r.label) for r in rows],
             [r.observed_at for r in rows],
             [r.late for r in rows],
-            [r.inputs for r in rows],
+            [_jsonb(r.inputs) for r in rows],
         )
         return len(inserted)
 
@@ -262,7 +279,7 @@ class PgMonitoringStore:
                ON CONFLICT DO NOTHING""",
             [p.prediction_id for p in labels],
             [p.model for p in labels],
-            [p.label for p in labels],
+            [_jsonb(p.label) for p in labels],
             [p.observed_at for p in labels],
         )
 

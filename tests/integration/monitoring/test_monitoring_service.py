@@ -1,5 +1,6 @@
 """The monitoring service as a process on the real broker and Postgres, driven by hand-made events: a
-registered model with a profile in a temporary artifact store, predictions, labels and a rollout."""
+registered model with a profile in a temporary artifact store, predictions, labels and a rollout. And its
+Postgres store on its own, for values only a real database refuses."""
 
 from __future__ import annotations
 
@@ -39,10 +40,18 @@ from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RolloutStarted
 from libs.artifacts import ArtifactStore
 from libs.bus.kafka import KafkaPublisher
+from libs.db import apply_migrations, create_pool
 from libs.profiles import build_profile
 from libs.settings import KafkaSettings
+from services.monitoring.adapters.postgres import PgMonitoringStore
+from services.monitoring.bootstrap import MIGRATIONS, make_monitor
+from services.monitoring.handlers import judge_closed_window
+from services.monitoring.ports import LabelledRecord, PendingLabel
+from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
 from tests.ports import free_port
+from tests.unit.monitoring.test_domain import reference
+from tests.unit.monitoring.test_domain import requests as request_batches
 
 ROOT = Path(__file__).resolve().parents[3]
 FEATURES = ["tenure", "charges", "plan"]
@@ -458,3 +467,62 @@ async def test_a_policy_change_is_published_for_the_audit_and_reaches_every_repl
         return r.status_code == 200 and r.json()["psi_threshold"] == 0.7
 
     await eventually(in_force, deadline_s=20)
+
+
+async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_character(database_url: str) -> None:
+    schema = unique("t_mon_nul")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, MIGRATIONS)
+        monitor = make_monitor(
+            MonitoringSettings(window_rows=500, min_window_rows=10), artifacts=None, source="/t"
+        )
+        monitor.live.add_reference(reference())
+        reqs = request_batches(500, seed=1)
+        for row in reqs[0][0].rows:  # valid JSON ("basic\u0000"), which jsonb cannot hold
+            row.inputs["plan"] = "basic\x00"
+        monitor.live.ingest(reqs, arrival=0.0)
+        [window] = monitor.live.closed
+        at = datetime.now(UTC)
+        joined = LabelledRecord(
+            "p-nul",
+            "churn",
+            1,
+            "stable",
+            None,
+            at,
+            "yes\x00",
+            0.7,
+            "no\x00",
+            at,
+            False,
+            {"plan": "basic\x00"},
+        )
+        published: list[CloudEvent[Any]] = []
+
+        async def publish(event: CloudEvent[Any]) -> None:
+            published.append(event)
+
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish)
+            assert await store.add_labelled([joined]) == 1
+            await store.add_pending([PendingLabel("p-waiting", "churn", "no\x00", at)])
+
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            [report] = await store.latest_reports("churn", 1)
+            plan = next(f for f in report["features"] if f["feature"] == "plan")
+            assert "basic\ufffd" in plan["histogram"]["labels"]
+            [stored] = await store.recent_labelled("churn", 1)
+            assert (stored.prediction, stored.label, stored.inputs) == (
+                "yes\ufffd",
+                "no\ufffd",
+                {"plan": "basic\ufffd"},
+            )
+            [waiting] = await store.take_pending(["p-waiting"])
+            assert waiting.label == "no\ufffd"
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
