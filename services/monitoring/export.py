@@ -1,7 +1,8 @@
 """Window data for training: the window's rows plus recent labelled history, as one Parquet file.
 
 Columns: every feature, ``prediction``, ``label`` (null where no ground truth arrived), ``prediction_id``,
-``predicted_at`` (UTC). Pure: the handlers store the bytes.
+``predicted_at`` (UTC). A column of numbers stays numeric, of booleans boolean; any other column (mixed
+types, or an integer beyond 64 bits) is text. Pure: the handlers store the bytes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import pandas as pd
 from services.monitoring.domain import ClosedWindow, from_epoch
 from services.monitoring.ports import LabelledRecord
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 def _uniform(values: Sequence[Any]) -> list[Any]:
-    """Parquet columns hold one type: numbers stay numbers, anything mixed becomes text (nulls kept)."""
+    """Parquet columns hold one type: numbers stay numbers, anything mixed becomes text (nulls kept). So does
+    a column with an integer beyond 64 bits (JSON allows any size; Parquet's widest integer is int64)."""
     present = [v for v in values if v is not None]
     if all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in present):
-        return list(values)
-    if all(isinstance(v, bool) for v in present):
+        if all(INT64_MIN <= v <= INT64_MAX for v in present if isinstance(v, int)):
+            return list(values)
+    elif all(isinstance(v, bool) for v in present):
         return list(values)
     return [None if v is None else str(v) for v in values]
 

@@ -1,12 +1,15 @@
-"""Window judgements, correction, debouncing, performance and canary verdicts on known distributions."""
+"""Window judgements, correction, debouncing, performance and canary verdicts on known distributions, and
+the window's Parquet export."""
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
@@ -19,7 +22,9 @@ from contracts.predictions import (
     Variant,
     read_prediction_columns,
 )
+from libs.artifacts import frame_to_parquet
 from libs.profiles import build_profile
+from services.monitoring import export
 from services.monitoring.domain import (
     CanaryPolicy,
     CanaryStep,
@@ -446,3 +451,20 @@ def test_columns_of_an_unknown_model_are_counted_not_ingested() -> None:
     state = live()
     result = state.ingest(_as_columns(requests(200, seed=14)), arrival=0.0)
     assert result.rows == 0 and state.unknown[("churn", 1)] == 200
+
+
+def test_an_integer_category_beyond_64_bits_is_exported_as_text_and_the_others_stay_numbers() -> None:
+    ref = reference()
+    reqs = requests(500, seed=2)
+    for payload, _, _ in reqs:  # an integer-coded category ...
+        for row in payload.rows:
+            row.inputs["plan"] = 1
+    reqs[0][0].rows[0].inputs["plan"] = 10**30  # ... with one code beyond 64 bits (JSON allows any size)
+    window = closed_window(ref, reqs, 500)
+    features = [f.name for f in ref.signature.features]
+
+    table = pq.read_table(io.BytesIO(frame_to_parquet(export.window_frame(window, {}, [], features))))
+
+    plan = table.column("plan").to_pylist()
+    assert plan[0] == str(10**30) and set(plan[1:]) == {"1"}
+    assert table.schema.field("x0").type == "double"
