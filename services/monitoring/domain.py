@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -808,6 +809,35 @@ def _same_label(a: Any, b: Any) -> bool:
     return str(a) == str(b)
 
 
+def regression_value(value: Any) -> float | None:
+    """A regression model's prediction or label as a float; None when it is no number (text, a boolean, an
+    integer beyond a double, NaN or infinity)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def regression_pairs(pairs: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and labels as floats, leaving out every pair where either is no number."""
+    kept = [
+        (p, y)
+        for p, y in ((regression_value(a), regression_value(b)) for a, b in pairs)
+        if p is not None and y is not None
+    ]
+    return np.array([p for p, _ in kept], dtype=float), np.array([y for _, y in kept], dtype=float)
+
+
+def unscorable(rows: Sequence[LabelledRow], task: Task) -> int:
+    """Rows the metrics leave out: a regression model's rows whose prediction or label is no number."""
+    if task is not Task.REGRESSION:
+        return 0
+    return len(rows) - regression_pairs([(r.prediction, r.label) for r in rows])[0].size
+
+
 def performance_metrics(
     rows: Sequence[LabelledRow], task: Task, positive_class: str | None
 ) -> dict[str, float]:
@@ -815,8 +845,9 @@ def performance_metrics(
     if not rows:
         return {}
     if task is Task.REGRESSION:
-        pred = np.array([float(r.prediction) for r in rows])
-        truth = np.array([float(r.label) for r in rows])
+        pred, truth = regression_pairs([(r.prediction, r.label) for r in rows])
+        if not pred.size:
+            return {}
         err = pred - truth
         return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
     correct_ = np.array([_same_label(r.prediction, r.label) for r in rows])
@@ -892,17 +923,19 @@ def metric_standard_errors(
     seed: int = 0,
 ) -> dict[str, float]:
     """Bootstrap standard errors of the window's metrics (vectorised; a few milliseconds for 500 rows)."""
-    n = len(rows)
-    if n < 2:
-        return {}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
     if task is Task.REGRESSION:
-        err = np.array([float(r.prediction) - float(r.label) for r in rows])[idx]
+        pred, truth = regression_pairs([(r.prediction, r.label) for r in rows])
+        if pred.size < 2:
+            return {}
+        err = (pred - truth)[np.random.default_rng(seed).integers(0, pred.size, size=(resamples, pred.size))]
         return {
             "rmse": float(np.sqrt((err**2).mean(axis=1)).std()),
             "mae": float(np.abs(err).mean(axis=1).std()),
         }
+    n = len(rows)
+    if n < 2:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     correct = np.array([_same_label(r.prediction, r.label) for r in rows])[idx]
     out = {"accuracy": float(correct.mean(axis=1).std())}
     if positive_class is not None:
@@ -995,6 +1028,7 @@ class LabelledComparison:
     canary_n: int = 0
     stable_abs_errors: np.ndarray | None = None
     canary_abs_errors: np.ndarray | None = None
+    unscorable: int = 0  # a regression model's rows left out: prediction or label no number
 
 
 @dataclass

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
-from contracts.common import TrafficWindow
+from contracts.common import Task, TrafficWindow
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
@@ -51,6 +52,9 @@ from services.monitoring.domain import (
     judge_window,
     metric_standard_errors,
     performance_metrics,
+    regression_pairs,
+    regression_value,
+    unscorable,
 )
 from services.monitoring.live import LiveState
 from services.monitoring.ports import (
@@ -65,6 +69,13 @@ from services.monitoring.ports import (
 )
 
 log = get_logger(__name__)
+
+UNSCORABLE = Counter(
+    "driftloop_monitoring_unscorable_labels_total",
+    "Labelled rows a regression model's metrics left out (performance windows and canary comparisons) "
+    "because the prediction or the label is no number, e.g. labels stored before such labels were refused.",
+    ["model"],
+)
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 PREDICTIONS_TOPIC = PredictionsLogged.topic
@@ -190,6 +201,7 @@ async def on_ground_truth_received(
             continue
         g = d.event.data
         hit = live.cache.get(g.prediction_id)
+        _check_label(g, hit.version if hit is not None and hit.model == g.model else g.model_version, live)
         if hit is None or hit.model != g.model:
             waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
             continue
@@ -203,6 +215,23 @@ async def on_ground_truth_received(
         live.pending_label_ids.update(p.prediction_id for p in waiting)
     for model, version in sorted({(r.model, r.version) for r in joined}):
         await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+
+
+def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -> None:
+    """Refuse a label that is no number for a regression model (the version's, else every known version of
+    the model): stored, it could never be scored."""
+    if regression_value(g.label) is not None:
+        return
+    tasks = {
+        ref.task for (model, v), ref in live.references.items() if model == g.model and version in (None, v)
+    }
+    if tasks == {Task.REGRESSION}:
+        shown = repr(g.label) if len(repr(g.label)) <= 40 else f"{repr(g.label)[:40]}..."
+        which = f"version {version}" if version is not None else "every known version"
+        raise PermanentError(
+            f"label {shown} for prediction {g.prediction_id!r} is not a number, but {g.model} {which} is a "
+            "regression model: send the true value as a finite number"
+        )
 
 
 async def check_performance(
@@ -221,6 +250,14 @@ async def check_performance(
         state = await store.performance_state(model, version)
         seq = state.next_seq
         labelled = [LabelledRow(r.prediction, r.score, r.label, r.late) for r in rows]
+        if skipped := unscorable(labelled, ref.task):
+            UNSCORABLE.labels(model).inc(skipped)
+            log.warning(
+                "labelled rows that are no numbers left out of a performance window",
+                model=model,
+                version=version,
+                rows=skipped,
+            )
         metrics = performance_metrics(labelled, ref.task, ref.positive_class)
         state.next_seq += 1
         state.last_metrics = metrics
@@ -579,6 +616,14 @@ async def _decide(
     if flowing and short and now < step.started_at + step.bake_seconds + policy.label_grace_seconds:
         return None  # labels are coming: give them the grace period before judging without them
     edges = ref.prediction.edges if ref.prediction is not None else None
+    if labelled.unscorable:  # counted once, with the verdict, not on every tick that waits for labels
+        UNSCORABLE.labels(step.model).inc(labelled.unscorable)
+        log.warning(
+            "labelled rows that are no numbers left out of a canary comparison",
+            rollout_id=step.rollout_id,
+            model=step.model,
+            rows=labelled.unscorable,
+        )
     return judge_canary(step, task=ref.task, labelled=labelled, policy=policy, score_edges=edges)
 
 
@@ -593,9 +638,13 @@ async def _labelled_comparison(
         else []
     )
     out = LabelledComparison(stable_n=len(stable), canary_n=len(canary))
-    if ref.task.value == "regression":
-        out.stable_abs_errors = np.array([abs(float(p) - float(y)) for p, y, _ in stable])
-        out.canary_abs_errors = np.array([abs(float(p) - float(y)) for p, y, _ in canary])
+    if ref.task is Task.REGRESSION:
+        stable_pred, stable_truth = regression_pairs([(p, y) for p, y, _ in stable])
+        canary_pred, canary_truth = regression_pairs([(p, y) for p, y, _ in canary])
+        out.stable_abs_errors = np.abs(stable_pred - stable_truth)
+        out.canary_abs_errors = np.abs(canary_pred - canary_truth)
+        out.stable_n, out.canary_n = stable_pred.size, canary_pred.size
+        out.unscorable = len(stable) + len(canary) - out.stable_n - out.canary_n
     else:
         out.stable_correct = sum(str(p) == str(y) for p, y, _ in stable)
         out.canary_correct = sum(str(p) == str(y) for p, y, _ in canary)

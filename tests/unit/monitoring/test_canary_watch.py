@@ -24,7 +24,7 @@ from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import Monitor, canary_step, check_canaries
 from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.test_domain import reference, requests
+from tests.unit.monitoring.test_domain import reference, regression_reference, requests
 
 TIMEOUT_S = 600.0  # the settings' default canary_timeout_seconds
 
@@ -255,3 +255,32 @@ async def test_a_window_whose_judgement_meets_an_outage_stays_queued_for_the_nex
     await background.once()
     assert store.recorded == [1, 2]
     assert not monitor.live.closed
+
+
+async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
+    class Labelled(Store):
+        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+            # a label stored before such labels were refused, then mean absolute errors of 0.52 (canary)
+            # and 0.42 (stable)
+            error = 0.5 if version == 2 else 0.4
+            return [(1.0, "n/a", None)] + [
+                (1.0, 1.0 + (error + 0.01 * (i % 5)) * (-1) ** i, None) for i in range(150)
+            ]
+
+    step = watched(started_at=0.0)
+    monitor, store, published = monitor_watching(step), Labelled([step]), []
+    monitor.live.add_reference(regression_reference("churn", 2))
+    monitor.live.steps["r-1"].canary.rows = 500
+    before = (
+        REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "churn"}) or 0
+    )
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    await check_canaries(60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    [event] = published
+    mae = next(c for c in event.data.evidence if c.name == "mae")
+    assert (mae.stable_value, mae.canary_value) == (pytest.approx(0.42), pytest.approx(0.52))
+    after = REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "churn"})
+    assert after == before + 2  # one on each side

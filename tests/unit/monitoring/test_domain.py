@@ -66,6 +66,18 @@ def reference(n_numeric: int = 3, seed: int = 0, rows: int = 20_000) -> ModelRef
     return ModelReference.build("churn", 1, signature, {"accuracy": 0.85}, profile)
 
 
+def regression_reference(model: str = "price", version: int = 1) -> ModelReference:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x0": rng.normal(0, 1, 2_000)})
+    profile = build_profile(
+        frame, [("x0", "numeric")], predictions=pd.Series(rng.normal(0, 1, 2_000)), seed=0
+    )
+    signature = ModelSignature(
+        features=[FeatureSpec(name="x0", type=FeatureType.NUMERIC)], target="y", task=Task.REGRESSION
+    )
+    return ModelReference.build(model, version, signature, {"mae": 1.0, "rmse": 1.0}, profile)
+
+
 def requests(
     n_rows: int,
     *,
@@ -284,6 +296,25 @@ def test_performance_metrics_and_degradation_against_the_baseline() -> None:
     assert metrics["accuracy"] == pytest.approx(0.6)
     found = degradations(metrics, {"accuracy": 0.85}, 0.05)
     assert [d.metric for d in found] == ["accuracy"]
+
+
+def test_regression_metrics_leave_out_rows_whose_prediction_or_label_is_no_number() -> None:
+    good = [LabelledRow(float(i), None, float(i) + (0.5 if i % 2 else -1.5), False) for i in range(20)]
+    bad = [
+        LabelledRow(1.0, None, "n/a", False),  # stored before such labels were refused
+        LabelledRow(1.0, None, True, False),
+        LabelledRow(1.0, None, 10**400, False),  # beyond a double
+        LabelledRow("high", None, 1.0, False),
+    ]
+    rows = bad[:2] + good[:10] + bad[2:] + good[10:]
+
+    assert performance_metrics(rows, Task.REGRESSION, None) == performance_metrics(
+        good, Task.REGRESSION, None
+    )
+    assert metric_standard_errors(rows, Task.REGRESSION, None, seed=3) == metric_standard_errors(
+        good, Task.REGRESSION, None, seed=3
+    )
+    assert performance_metrics(bad, Task.REGRESSION, None) == {}
 
 
 def _window(accuracy: float, n: int, seed: int) -> list[LabelledRow]:

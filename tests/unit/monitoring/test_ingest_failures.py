@@ -1,23 +1,26 @@
-"""A poll of predictions that fails part-way loses nothing: a value that is no number is counted, a poll
-that cannot be read changes no window, and a label join rolled back with its transaction is made again
-when the poll is read again."""
+"""A poll that fails part-way loses nothing: a value that is no number is counted, a poll that cannot be
+read changes no window, and a label join rolled back with its transaction is made again when the poll is
+read again. A label that could never be scored is refused alone, and one stored before is left out of the
+metrics, not allowed to fail every label after it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
-from contracts.predictions import PredictionsLogged
+from contracts.feedback import GroundTruthReceived
+from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from libs.bus import InMemoryBus
 from services.monitoring import bootstrap, live
 from services.monitoring.bootstrap import make_monitor, subscriptions
-from services.monitoring.ports import PendingLabel
+from services.monitoring.ports import LabelledRecord, PendingLabel, PerformanceState
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import T0, reference, regression_reference, requests
 from tests.unit.monitoring.test_domain import live as live_state
-from tests.unit.monitoring.test_domain import reference, requests
 
 
 def logged(request_id: str, x0: float = 0.5) -> CloudEvent[PredictionsLogged]:
@@ -125,3 +128,112 @@ async def test_a_label_join_rolled_back_is_made_again_when_the_poll_is_read_agai
     assert [row.prediction_id for row in store.labelled] == ["good-1-0"]
     assert store.pending == {}
     assert monitor.live.windows[("churn", 1)].rows == 3
+
+
+class LabelStore:
+    """The feedback handler's side of the store: joined labels, scored once per performance window."""
+
+    def __init__(self) -> None:
+        self.labelled: dict[str, LabelledRecord] = {}
+        self.scored: set[str] = set()
+        self.state = PerformanceState()
+
+    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+        for r in rows:
+            self.labelled.setdefault(r.prediction_id, r)
+        return len(rows)
+
+    async def add_pending(self, labels: list[PendingLabel]) -> None:
+        pass
+
+    async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
+        return [r for pid, r in self.labelled.items() if pid not in self.scored][:limit]
+
+    async def mark_scored(self, ids: list[str], seq: int) -> None:
+        self.scored.update(ids)
+
+    async def performance_state(self, *_: Any) -> PerformanceState:
+        return self.state
+
+    async def save_performance_state(self, *_: Any) -> None:
+        pass
+
+
+def regression_monitor(settings: MonitoringSettings, n: int) -> Any:
+    monitor = make_monitor(settings, artifacts=None, source="/t")
+    monitor.live.add_reference(regression_reference())
+    rows = [
+        PredictionRecord(
+            prediction_id=f"p-{i}", inputs={"x0": 0.1 * i}, output=PredictionOutput(prediction=i)
+        )
+        for i in range(n)
+    ]
+    payload = PredictionsLogged(
+        model="price",
+        model_version=1,
+        variant=Variant.STABLE,
+        request_id="r",
+        predicted_at=T0,
+        latency_ms=1.0,
+        rows=rows,
+    )
+    monitor.live.ingest([(payload, 0, 0)], arrival=0.0)
+    return monitor
+
+
+def feedback_bus(settings: MonitoringSettings, monitor: Any) -> InMemoryBus:
+    [sub] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-feedback")]
+    bus = InMemoryBus(EventTypeRegistry([GroundTruthReceived]))
+    bus.subscribe(sub)
+    return bus
+
+
+def label(prediction_id: str, value: Any) -> CloudEvent[GroundTruthReceived]:
+    g = GroundTruthReceived(
+        prediction_id=prediction_id, model="price", label=value, observed_at=T0 + timedelta(hours=1)
+    )
+    return new_event(g, source="/feedback")
+
+
+async def test_a_text_label_for_a_regression_model_is_dead_lettered_with_its_reason_and_the_rest_scored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = MonitoringSettings(performance_window_labels=10, consumer_retry_backoff_s=0.001)
+    monitor, store = regression_monitor(settings, 12), LabelStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
+
+    for i in range(12):  # one label of the wrong type in one poll with good ones
+        await bus.publish(label(f"p-{i}", "n/a" if i == 3 else i + 0.5))
+    await bus.drain()
+
+    [dead] = bus.dead_letters
+    assert dead.reason == "rejected"
+    assert "'n/a'" in dead.error and "'p-3'" in dead.error and "regression" in dead.error
+    assert sorted(store.labelled) == sorted(f"p-{i}" for i in range(12) if i != 3)
+    assert store.state.next_seq == 2  # a performance window was scored
+
+
+async def test_a_label_that_is_no_number_stored_before_is_left_out_of_the_metrics_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = MonitoringSettings(performance_window_labels=10, consumer_retry_backoff_s=0.001)
+    monitor, store = regression_monitor(settings, 12), LabelStore()
+    # stored before such labels were refused
+    store.labelled["p-0"] = LabelledRecord(
+        "p-0", "price", 1, "stable", None, T0, 0, None, "n/a", T0, False, {}
+    )
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
+    before = (
+        REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "price"}) or 0
+    )
+
+    for i in range(1, 12):
+        await bus.publish(label(f"p-{i}", i + 0.5))
+    await bus.drain()
+
+    assert bus.dead_letters == []
+    assert store.state.next_seq == 2 and "mae" in store.state.last_metrics
+    after = REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "price"})
+    assert after == before + 1
