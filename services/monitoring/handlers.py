@@ -160,13 +160,16 @@ async def _join_pending(
     prediction_ids: list[str], *, monitor: Monitor, store: MonitoringStore, publish: Publish
 ) -> None:
     live = monitor.live
-    pending = await store.take_pending(prediction_ids)
-    live.pending_label_ids.difference_update(prediction_ids)
-    rows = []
-    for label in pending:
-        hit = live.cache.get(label.prediction_id)
-        if hit is not None:
-            rows.append(_labelled(hit, label.label, label.observed_at, late=False))
+    hits = {pid: hit for pid in prediction_ids if (hit := live.cache.get(pid)) is not None}
+    # A label joins only a prediction of the model it names, as on_ground_truth_received requires: one for
+    # another model keeps waiting (its id stays looked for) and expires as unmatched.
+    pending = await store.take_pending(list(hits), [hit.model for hit in hits.values()])
+    live.pending_label_ids.difference_update(label.prediction_id for label in pending)
+    rows = [
+        _labelled(hit, label.label, label.observed_at, late=False)
+        for label in pending
+        if (hit := hits[label.prediction_id]).model == label.model
+    ]
     await store.add_labelled(rows)
     for key in sorted({(r.model, r.version) for r in rows}):
         await check_performance(key[0], key[1], monitor=monitor, store=store, publish=publish)

@@ -168,8 +168,9 @@ class MonitoringStore(Protocol):
         """Keep labels whose prediction is not known yet."""
         ...
 
-    async def take_pending(self, prediction_ids: list[str]) -> list[PendingLabel]:
-        """Remove and return the pending labels of these predictions."""
+    async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:
+        """Remove and return the pending labels of these predictions, each only if it names the model that
+        made the prediction (``models``, in the same order)."""
         ...
 
     async def pending_ids(self) -> set[str]:

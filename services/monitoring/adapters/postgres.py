@@ -283,13 +283,15 @@ class PgMonitoringStore:
             [p.observed_at for p in labels],
         )
 
-    async def take_pending(self, prediction_ids: list[str]) -> list[PendingLabel]:
+    async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:
         if not prediction_ids:
             return []
         rows = await self.conn.fetch(
-            """DELETE FROM pending_labels WHERE prediction_id = ANY($1::text[]) AND NOT expired
-               RETURNING prediction_id, model, label, observed_at""",
+            """DELETE FROM pending_labels p USING unnest($1::text[], $2::text[]) AS made(prediction_id, model)
+               WHERE p.prediction_id = made.prediction_id AND p.model = made.model AND NOT p.expired
+               RETURNING p.prediction_id, p.model, p.label, p.observed_at""",
             prediction_ids,
+            models,
         )
         return [PendingLabel(r["prediction_id"], r["model"], r["label"], r["observed_at"]) for r in rows]
 

@@ -520,7 +520,10 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
                 "no\ufffd",
                 {"plan": "basic\ufffd"},
             )
-            [waiting] = await store.take_pending(["p-waiting"])
+            assert (
+                await store.take_pending(["p-waiting"], ["fraud"]) == []
+            )  # not for another model's prediction
+            [waiting] = await store.take_pending(["p-waiting"], ["churn"])
             assert waiting.label == "no\ufffd"
     finally:
         async with pool.acquire() as conn:

@@ -52,11 +52,12 @@ class Store:
         self.failures = failures
         self.labelled: list[Any] = []
 
-    async def take_pending(self, ids: list[str]) -> list[PendingLabel]:
+    async def take_pending(self, ids: list[str], models: list[str]) -> list[PendingLabel]:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("connection was closed in the middle of operation")
-        return [self.pending.pop(i) for i in ids if i in self.pending]
+        made = dict(zip(ids, models, strict=True))
+        return [self.pending.pop(i) for i in ids if i in self.pending and self.pending[i].model == made[i]]
 
     async def add_labelled(self, rows: list[Any]) -> None:
         self.labelled += rows
@@ -128,6 +129,25 @@ async def test_a_label_join_rolled_back_is_made_again_when_the_poll_is_read_agai
     assert [row.prediction_id for row in store.labelled] == ["good-1-0"]
     assert store.pending == {}
     assert monitor.live.windows[("churn", 1)].rows == 3
+
+
+async def test_a_waiting_label_for_another_model_is_not_joined_and_keeps_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = MonitoringSettings()
+    monitor = make_monitor(settings, artifacts=None, source="/t")
+    monitor.live.add_reference(reference())  # model "churn"
+    store = Store("good-1-0", failures=0)
+    store.pending["good-1-0"] = PendingLabel("good-1-0", "fraud", 1, datetime.now(UTC))  # sent for "fraud"
+    monitor.live.pending_label_ids = {"good-1-0"}
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = predictions_bus(settings, monitor)
+
+    await bus.publish(logged("good-1"))  # churn's prediction good-1-0 comes after fraud's label
+    await bus.drain()
+
+    assert store.labelled == []
+    assert set(store.pending) == {"good-1-0"} and monitor.live.pending_label_ids == {"good-1-0"}
 
 
 class LabelStore:
