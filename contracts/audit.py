@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import ClassVar, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from contracts.common import Sha256Hex
+from contracts.common import Sha256Hex, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.audit"
@@ -39,7 +39,7 @@ class AuditCheckpoint(EventPayload):
     row_count: int = Field(
         ge=0, description="Rows in the trail up to and including `sequence`.", examples=[184467]
     )
-    signed_at: AwareDatetime = Field(description="When the checkpoint was signed.")
+    signed_at: UtcDatetime = Field(description="When the checkpoint was signed.")
     key_id: str = Field(
         min_length=1,
         description="Names the signing key: the first 16 hex digits of sha256 of the raw Ed25519 public key.",

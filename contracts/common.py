@@ -6,10 +6,19 @@ no unknown fields, every field described) so a nested object is as strict as the
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Self, TypeAlias
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 # A model or dataset name travels as the Kafka key and appears in URLs and file names, so it is kept to a
 # safe alphabet rather than trusting every producer to escape it.
@@ -28,6 +37,21 @@ ModelVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 
 DatasetVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 """Dataset versions are numbered 1, 2, 3, ... per dataset name by whoever registers the name."""
+
+
+def _has_utc_form(value: datetime) -> datetime:
+    try:
+        value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(
+            "the time has no UTC form (it falls before year 1 or after year 9999 in UTC)"
+        ) from exc
+    return value
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_has_utc_form)]
+"""A time with its UTC offset that has a UTC form: every consumer stores times in UTC (Postgres'
+``timestamptz`` among them), so ``0001-01-01T00:00:00+01:00`` is refused where it is made."""
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -212,8 +236,8 @@ class TrafficWindow(ContractModel):
     """A window of live traffic for one model version, as judged by monitoring."""
 
     id: str = Field(min_length=1, description="Window id, unique per model.", examples=["churn:7:000142"])
-    start: AwareDatetime = Field(description="Time of the first prediction in the window.")
-    end: AwareDatetime = Field(description="Time of the last prediction in the window.")
+    start: UtcDatetime = Field(description="Time of the first prediction in the window.")
+    end: UtcDatetime = Field(description="Time of the last prediction in the window.")
     size: int = Field(ge=0, description="Number of predictions (rows) in the window.", examples=[5000])
     data: ArtifactRef | None = Field(
         default=None,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from contracts.common import Label, ModelName, ModelVersion
+from contracts.common import Label, ModelName, ModelVersion, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.feedback"
@@ -26,7 +26,7 @@ class GroundTruthReceived(EventPayload):
         default=None, description="Version that made it, when the sender knows; monitoring knows anyway."
     )
     label: Label = Field(description="The true class label or value.", examples=[1, "churned", 42.5])
-    observed_at: AwareDatetime = Field(description="When the outcome was observed (not when it was sent).")
+    observed_at: UtcDatetime = Field(description="When the outcome was observed (not when it was sent).")
     entity_key: str | None = Field(
         default=None, description="Caller's entity id, if given.", examples=["customer-48213"]
     )

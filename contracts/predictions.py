@@ -16,9 +16,9 @@ from itertools import chain
 from typing import Any, ClassVar
 
 import orjson
-from pydantic import AwareDatetime, Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model
 
-from contracts.common import ContractModel, FeatureValue, Label, ModelName, ModelVersion
+from contracts.common import ContractModel, FeatureValue, Label, ModelName, ModelVersion, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.predictions"
@@ -77,7 +77,7 @@ class PredictionsLogged(EventPayload):
         default=None, description="The live rollout, for canary and shadow rows.", examples=["r-91c2"]
     )
     request_id: str = Field(min_length=1, description="Id of the predict request.", examples=["req-7f3a9c"])
-    predicted_at: AwareDatetime = Field(description="When the model answered.")
+    predicted_at: UtcDatetime = Field(description="When the model answered.")
     latency_ms: float = Field(
         ge=0, description="Model time for the whole request, in milliseconds.", examples=[1.8]
     )

@@ -17,11 +17,11 @@ from typing import Annotated, Any, cast
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import Histogram
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import FeatureType, Label, ModelName, ModelVersion
+from contracts.common import FeatureType, Label, ModelName, ModelVersion, UtcDatetime
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
@@ -510,8 +510,8 @@ class FeedbackCreate(BaseModel):
     label: Annotated[Label, PlainValidator(_check_label, json_schema_input_type=Label)] = Field(
         description="The true class label or value: a string, integer, finite number or boolean."
     )
-    observed_at: AwareDatetime | None = Field(
-        default=None, description="When the outcome was observed; now if absent."
+    observed_at: UtcDatetime | None = Field(
+        default=None, description="When the outcome was observed (with its UTC offset); now if absent."
     )
     model: ModelName | None = Field(
         default=None, description="Model name; read from the prediction id if absent."

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, cast
 
+import orjson
 import pytest
 import yaml
 from cryptography.exceptions import InvalidSignature
@@ -20,8 +21,9 @@ import contracts
 from contracts import generate
 from contracts.audit import AuditCheckpoint
 from contracts.common import ContractModel, ModelSignature, Task, TrafficWindow
-from contracts.envelope import EventPayload
+from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import AUDIT_EXAMPLE_PUBLIC_KEY, EXAMPLES
+from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, DriftDetected, PerformanceDegraded
 from contracts.predictions import PredictionsLogged
@@ -472,3 +474,15 @@ def test_the_event_catalogue_lists_every_event_with_its_producers_and_consumers(
     assert "| [`DriftDetected`](#driftdetected) |" in catalogue
     drift_row = next(line for line in catalogue.splitlines() if line.startswith("| [`DriftDetected`]"))
     assert drift_row.endswith("| monitoring | training, audit |")
+
+
+@pytest.mark.parametrize("observed_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00"])
+def test_a_label_observed_at_a_time_with_no_utc_form_is_schema_invalid(observed_at: str) -> None:
+    """A team publishing labels directly gets a dead letter naming the field, not a consumer that fails."""
+    event = new_event(EXAMPLES[GroundTruthReceived], source="/team/labels")
+    _, value, headers = event.to_kafka()
+    payload = orjson.loads(value)
+    payload["observed_at"] = observed_at
+    with pytest.raises(SchemaInvalid, match="observed_at") as caught:
+        EVENT_TYPES.decode(orjson.dumps(payload), headers)
+    assert "no UTC form" in str(caught.value)

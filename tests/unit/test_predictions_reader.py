@@ -147,6 +147,7 @@ def test_a_payload_built_by_the_model_is_read_on_the_fast_path() -> None:
         lambda p: p.update(model_version=0),
         lambda p: p.update(variant="blue"),
         lambda p: p.update(predicted_at="2026-11-28T07:00:00"),
+        lambda p: p.update(predicted_at="0001-01-01T00:00:00+01:00"),  # no UTC form
         lambda p: p.update(latency_ms=-1),
         lambda p: p.update(request_id=""),
         lambda p: p.update(extra="x"),

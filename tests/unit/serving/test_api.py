@@ -766,6 +766,15 @@ async def test_v1_request_members_are_checked_and_named(
             "[0]: Input should be a valid string",  # pydantic's word for a key that is not text
         ),
         (b'"hello"', "the body must be a feedback object or a list of them"),
+        # Times that have no UTC form: monitoring could not store them (it was 202, then a dead letter).
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1, "observed_at": "0001-01-01T00:00:00+01:00"}',
+            "[0].observed_at: Value error, the time has no UTC form",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1, "observed_at": "9999-12-31T23:00:00-05:00"}',
+            "[0].observed_at: Value error, the time has no UTC form",
+        ),
     ],
 )
 async def test_feedback_refusals_name_the_item_and_the_field(
