@@ -94,6 +94,16 @@ async def apply(
     return emitted
 
 
+def _refuse_rejected(event_name: str, record: VersionRecord, what: str) -> None:
+    """A version once rolled back never serves again (a command that says otherwise was sent before the
+    rollback, or names the wrong version): :class:`PermanentError`, so the command is dead-lettered."""
+    if record.stage == Stage.REJECTED.value:
+        IGNORED.labels(event_name, "retired-version").inc()
+        raise PermanentError(
+            f"{record.model} v{record.version} was rolled back (rejected) and {what}; register a new version"
+        )
+
+
 async def _start_if_ready(
     cause: CloudEvent[Any],
     record: VersionRecord,
@@ -287,6 +297,7 @@ async def on_rollback_requested(
             if target is None or not target.registered:
                 IGNORED.labels("RollbackRequested", "unknown-version").inc()
                 raise PermanentError(f"rollback target {d.model} v{d.to_version} is not a registered version")
+            _refuse_rejected("RollbackRequested", target, "cannot be the rollback target")
             try:
                 await loader.load(target)
             except ModelLoadError as exc:
@@ -333,6 +344,7 @@ async def on_promote_requested(
             raise PermanentError(
                 f"{d.model} v{d.model_version} is not a registered version; nothing to promote"
             )
+        _refuse_rejected("PromoteRequested", record, "cannot be promoted")
         try:
             await loader.load(record)
         except ModelLoadError as exc:
@@ -366,8 +378,21 @@ async def on_model_stage_changed(
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
-    """Mirror the registry's stage; a version moved to production there (a manual change) becomes stable."""
+    """Mirror the registry's stage; a version moved to production there (a manual change) becomes stable.
+    A version serving rolled back stays off traffic: the registry only archives a rejected version, so a
+    change of it to another stage was sent before the registry learnt of the rollback, and is ignored."""
     d = event.data
+    if d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED):
+        known = await versions.get(d.model, d.model_version)
+        if known is not None and known.stage == Stage.REJECTED.value:
+            IGNORED.labels("ModelStageChanged", "retired-version").inc()
+            log.warning(
+                "stage change of a version serving rolled back is stale, ignored",
+                model=d.model,
+                version=d.model_version,
+                to_stage=d.to_stage.value,
+            )
+            return
     await versions.set_stage(d.model, d.model_version, d.to_stage.value)
     if d.to_stage is not Stage.PRODUCTION:
         return

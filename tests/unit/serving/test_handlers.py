@@ -320,3 +320,67 @@ async def test_a_production_rollback_by_hand_is_its_own_rollout_in_the_command_c
     rolled_back = world.rollouts(RolloutRolledBack)[-1]
     assert (rolled_back.correlationid, rolled_back.causationid) == (command.correlationid, command.id)
     assert world.route.rollout is not None and world.route.rollout.correlation_id == command.correlationid
+
+
+async def rolled_back_canary(world: World) -> None:
+    """Version 2 started as a canary and was rolled back on an unhealthy verdict: it is rejected."""
+    await world.send(registered(2), passed(2))
+    started = world.rollouts(RolloutStarted)[-1].data
+    await world.send(canary_verdict(started, 0, Verdict.UNHEALTHY))
+    assert world.versions.rows[("churn", 2)].stage == Stage.REJECTED.value
+    assert world.route.stable_version == 1
+
+
+async def test_a_promote_command_sent_before_its_canary_was_rolled_back_is_dead_lettered(
+    world: World,
+) -> None:
+    await rolled_back_canary(world)
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    assert world.route.stable_version == 1
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "churn v2 was rolled back (rejected)" in dead.error
+
+
+async def test_a_production_rollback_to_a_rejected_version_is_dead_lettered(world: World) -> None:
+    await rolled_back_canary(world)
+    await world.send(registered(3), passed(3))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=3, reason="ok"), source="/x"))
+    assert world.route.stable_version == 3
+    await world.send(
+        new_event(RollbackRequested(model="churn", model_version=3, to_version=2, reason="bad"), source="/x")
+    )
+    assert world.route.stable_version == 3
+    [dead] = world.bus.dead_letters
+    assert "cannot be the rollback target" in dead.error
+
+
+async def test_a_stale_stage_change_does_not_put_a_rolled_back_version_back(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    # The registry's echo of that promotion, sent before it learnt of the rollback that follows.
+    echo = new_event(
+        ModelStageChanged(
+            model="churn",
+            model_version=2,
+            from_stage=Stage.CANARY,
+            to_stage=Stage.PRODUCTION,
+            reason="promoted",
+        ),
+        source="/driftloop/registry",
+    )
+    await world.send(new_event(RollbackRequested(model="churn", model_version=2, reason="bad"), source="/x"))
+    assert world.route.stable_version == 1
+    await world.send(echo)
+    assert world.route.stable_version == 1
+    assert world.versions.rows[("churn", 2)].stage == Stage.REJECTED.value
+    assert world.bus.dead_letters == []
+    # The registry archiving the rejected version is mirrored as before.
+    await world.send(
+        new_event(
+            ModelStageChanged(
+                model="churn", model_version=2, from_stage=Stage.REJECTED, to_stage=Stage.ARCHIVED, reason="x"
+            ),
+            source="/driftloop/registry",
+        )
+    )
+    assert world.versions.rows[("churn", 2)].stage == Stage.ARCHIVED.value
