@@ -224,10 +224,4 @@ async def get_head(request: Request, _: ViewerDep) -> dict[str, Any]:
     """The last row's sequence number and hash, and the newest checkpoint."""
     ctx = _context(request)
     async with reading(ctx.pool, ctx.role) as trail:
-        head = await trail.head()
-        newest = await trail.checkpoints(limit=1)
-    return {
-        "seq": head.seq,
-        "row_hash": head.row_hash.hex(),
-        "last_checkpoint": newest[0] if newest else None,
-    }
+        return await core.head_view(trail)

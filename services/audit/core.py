@@ -180,6 +180,18 @@ async def verify_trail(
     )
 
 
+async def head_view(trail: TrailReader) -> dict[str, Any]:
+    """The last row's sequence number and hash (null if it was nulled in the database), and the newest
+    checkpoint."""
+    head = await trail.head()
+    newest = await trail.checkpoints(limit=1)
+    return {
+        "seq": head.seq,
+        "row_hash": head.row_hash.hex() if head.row_hash is not None else None,
+        "last_checkpoint": newest[0] if newest else None,
+    }
+
+
 async def export_lines(
     trail: TrailReader,
     *,

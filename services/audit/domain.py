@@ -1049,20 +1049,28 @@ def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime
     return since, until
 
 
-def export_header(*, from_seq: int, to_seq: int, prev_hash: bytes, exported_at: datetime) -> dict[str, Any]:
-    """First line of an NDJSON export: where it starts and the hash to chain its first row from."""
+def export_header(
+    *, from_seq: int, to_seq: int, prev_hash: bytes | None, exported_at: datetime
+) -> dict[str, Any]:
+    """First line of an NDJSON export: where it starts and the hash to chain its first row from (null when
+    the row before it had its hash nulled in the database: nothing can be chained from it)."""
     return {
         "format": "driftloop-audit-export/1",
         "from_seq": from_seq,
         "to_seq": to_seq,
-        "prev_hash": prev_hash.hex(),
+        "prev_hash": prev_hash.hex() if prev_hash is not None else None,
         "exported_at": utc_text(exported_at),
     }
 
 
-def export_row(seq: int, record: bytes, row_hash: bytes) -> dict[str, Any]:
-    """One row of an export: the record exactly (text when it is UTF-8, else base64) and its hash."""
-    line: dict[str, Any] = {"seq": seq, "row_hash": row_hash.hex()}
+def export_row(seq: int, record: bytes | None, row_hash: bytes | None) -> dict[str, Any]:
+    """One row of an export: the record exactly (text when it is UTF-8, else base64) and its hash. A row
+    whose record or hash was nulled in the database goes out with null there, so the export still streams
+    and a reader that verifies it fails at that row."""
+    line: dict[str, Any] = {"seq": seq, "row_hash": row_hash.hex() if row_hash is not None else None}
+    if record is None:
+        line["record"] = None
+        return line
     try:
         line["record"] = record.decode()
     except UnicodeDecodeError:

@@ -138,7 +138,9 @@ class HeadPublic(BaseModel):
     """The end of the trail and its newest checkpoint."""
 
     seq: int = Field(description="Last sequence number (0: empty).")
-    row_hash: str = Field(description="Its row hash (64 zeros when empty).")
+    row_hash: str | None = Field(
+        description="Its row hash (64 zeros when empty; null when it was nulled in the database)."
+    )
     last_checkpoint: AuditCheckpoint | None = Field(description="The newest signed checkpoint.")
 
 

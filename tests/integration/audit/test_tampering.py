@@ -3,8 +3,10 @@ first bad sequence number, by the fast and the full verification."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
+import orjson
 import pytest
 
 from services.audit import core
@@ -12,9 +14,10 @@ from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import reading
 from services.audit.bootstrap import sync_archive
 from services.audit.domain import EventQuery
-from services.audit.schemas import AuditEventPublic, TracePublic
+from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
+from tests.unit.audit.test_docs import consumer
 
 ROWS = 53  # checkpoints at 10, 20, 30, 40, 50; rows 51..53 wait for the next one
 
@@ -151,3 +154,34 @@ async def test_a_row_whose_record_cannot_be_read_is_shown_flagged_unreadable(
     assert AuditEventPublic.model_validate(one).unreadable == one["unreadable"]
     assert [r["unreadable"] for r in tree["roots"]] == [one["unreadable"]]
     assert TracePublic.model_validate(tree).events == 1
+
+
+NULL_ROW_HASH = (
+    "ALTER TABLE trail ALTER COLUMN row_hash DROP NOT NULL;"
+    " UPDATE trail SET row_hash = NULL WHERE seq = {seq}"
+)
+
+
+async def test_an_export_streams_past_nulled_rows_and_the_outside_consumer_fails_there(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    await filled.superuser(NULL_RECORD)
+    await filled.superuser(NULL_ROW_HASH.format(seq=29))
+    async with reading(filled.pool, ROLE, snapshot=True) as trail:
+        whole = b"".join([line async for line in core.export_lines(trail)])
+        after_nulled_hash = b"".join([line async for line in core.export_lines(trail, from_seq=30)])
+    rows = [orjson.loads(line) for line in whole.splitlines()[1:] if b'"seq"' in line]
+    assert [r["seq"] for r in rows] == list(range(1, ROWS + 1))
+    assert (rows[16]["record"], rows[28]["row_hash"]) == (None, None)
+    assert orjson.loads(after_nulled_hash.splitlines()[0])["prev_hash"] is None
+    export = tmp_path / "export.ndjson"
+    export.write_bytes(whole)
+    public_key = base64.b64encode(filled.signer.public_raw).decode()
+    assert consumer().main(["--export", str(export), "--public-key", public_key]) == 1
+
+
+async def test_the_head_shows_a_nulled_row_hash_as_null(filled: TrailDb) -> None:
+    await filled.superuser(NULL_ROW_HASH.format(seq=ROWS))
+    async with reading(filled.pool, ROLE) as trail:
+        head = HeadPublic.model_validate(await core.head_view(trail))
+    assert (head.seq, head.row_hash) == (ROWS, None)
