@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -142,7 +143,30 @@ def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise InvalidInput("the file has no header row", field="file") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
+    for name in frame.columns:
+        _refuse_wide_integers(name, frame[name])
     return frame
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def _refuse_wide_integers(name: str, col: pd.Series) -> None:
+    """A CSV column of integers, one of them beyond int64, is refused as Parquet's is. pandas reads it as
+    text instead (and a missing value in it as ''), which would store numbers as categories."""
+    if not ptypes.is_string_dtype(col.dtype) and col.dtype != object:
+        return
+    present = [v for v in col.tolist() if isinstance(v, str) and v.strip()]
+    if not present or not all(_INTEGER_TEXT.fullmatch(v.strip()) for v in present):
+        return
+    if any(not -INT64_MAX - 1 <= int(v) <= INT64_MAX for v in present):
+        raise InvalidInput(
+            f"column {name!r} holds integers above {INT64_MAX} or below {-INT64_MAX - 1} (int64): "
+            "to keep them as text, upload Parquet with a string column, or give the values a prefix that "
+            "is not a digit",
+            field="file",
+            column=name,
+        )
 
 
 def _decode(data: bytes) -> str:
