@@ -128,7 +128,9 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+        # A time whose UTC form is outside years 1..9999 cannot be stored as timestamptz and read back.
+        when.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
     return when if when.tzinfo is not None else None
 
@@ -551,14 +553,20 @@ def _header_text(record: Record, name: str) -> str | None:
     return None
 
 
-HeldEvent = tuple[str | None, bytes]
-"""What makes a record a re-sent copy of a row holding its (topic, event id): its CloudEvents source (as
-text, None if it has none) and its value. Source and id together identify an event."""
+HeldEvent = tuple[bytes, bytes]
+"""What makes a record a re-sent copy of a row holding its (topic, event id): all of its headers (as the
+trail stores them, keys sorted) and its value. A relay that sends a batch again sends the very same
+headers; two consumers' dead letters of one event differ in their ``dlq_*`` headers, two publishers' events
+in ``ce_source``, two ids in their full ``ce_id`` (the index keeps 512 characters)."""
 
 
 def held_event(meta: Mapping[str, Any], value: bytes | None) -> HeldEvent:
     """The :data:`HeldEvent` of a stored record, from :func:`decode_record`."""
-    return _first_text(meta["headers"], "ce_source"), value or b""
+    return orjson.dumps(meta["headers"], option=orjson.OPT_SORT_KEYS), value or b""
+
+
+def _incoming_event(record: Record) -> HeldEvent:
+    return orjson.dumps(_headers_json(record.headers), option=orjson.OPT_SORT_KEYS), record.value or b""
 
 
 def event_keys(incoming: Sequence[Incoming]) -> list[tuple[str, str] | None]:
@@ -583,16 +591,16 @@ def without_resent_copies(
 
     ``keys`` are :func:`event_keys` of ``incoming``. An outbox relay that dies (or loses its database)
     between handing a batch to the broker and marking it sent sends the batch again: new Kafka positions,
-    the same events — same topic, same source and id, byte-identical value. The trail keeps the first. A
-    record that reuses an id with another source or different bytes is not a copy; it is kept, and a query
-    by that id shows both.
+    the same records — same topic, byte-identical headers and value. The trail keeps the first. A record
+    that shares an id with another but differs in any header (another source, another consumer's dead
+    letter) or in its value is not a copy; it is kept, and a query by that id shows both.
     """
     seen: dict[tuple[str, str], set[HeldEvent]] = {k: set(v) for k, v in held.items()}
     kept = []
     for item, key in zip(incoming, keys, strict=True):
         if key is not None:
             events = seen.setdefault(key, set())
-            event = (_header_text(item.record, "ce_source"), item.record.value or b"")
+            event = _incoming_event(item.record)
             if event in events:
                 continue
             events.add(event)

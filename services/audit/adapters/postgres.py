@@ -290,20 +290,28 @@ class PgTrail:
         return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
-        """Source and value of each row holding these (topic, event id) pairs, through the partial event-id
-        index."""
+        """Headers and value of each row holding these (topic, event id) pairs, through the partial
+        event-id index. A row whose record cannot be read (changed in the database) holds no copy of
+        anything: it is left out, and verification names it."""
         if not keys:
             return {}
+        wanted = set(keys)
         rows = await self.conn.fetch(
-            "SELECT topic, event_id, record FROM trail "
+            "SELECT topic, event_id, seq, record FROM trail "
             f"WHERE event_id = ANY($1::text[]) AND {_NOT_PREDICTIONS}",
             sorted({event_id for _, event_id in keys}),
         )
         held: dict[tuple[str, str], list[HeldEvent]] = {}
         for r in rows:
-            held.setdefault((r["topic"], r["event_id"]), []).append(
-                held_event(*decode_record(bytes(r["record"])))
-            )
+            key = (r["topic"], r["event_id"])
+            if key not in wanted:
+                continue  # the same id on another topic: another event
+            try:
+                event = held_event(*decode_record(bytes(r["record"])))
+            except Exception as exc:
+                log.warning("a trail row cannot be read; it holds no copy", seq=r["seq"], error=repr(exc))
+                continue
+            held.setdefault(key, []).append(event)
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

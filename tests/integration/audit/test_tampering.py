@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from contracts.monitoring import DriftDetected
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import reading
@@ -17,6 +18,7 @@ from services.audit.domain import EventQuery
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
+from tests.unit.audit.fakes import delivery, example
 from tests.unit.audit.test_docs import consumer
 
 ROWS = 53  # checkpoints at 10, 20, 30, 40, 50; rows 51..53 wait for the next one
@@ -185,3 +187,12 @@ async def test_the_head_shows_a_nulled_row_hash_as_null(filled: TrailDb) -> None
     async with reading(filled.pool, ROLE) as trail:
         head = HeadPublic.model_validate(await core.head_view(trail))
     assert (head.seq, head.row_hash) == (ROWS, None)
+
+
+async def test_a_row_changed_in_the_database_does_not_stop_the_writer(filled: TrailDb) -> None:
+    """Another event with the changed row's id, on its topic or another, is still recorded."""
+    row = await filled.pool.fetchrow("SELECT topic, event_id FROM trail WHERE seq = 17")
+    await filled.superuser(GARBLED_RECORD)
+    same_id = example(DriftDetected).model_copy(update={"id": row["event_id"], "source": "/team-b"})
+    other_topic = delivery(same_id, offset=900, topic="mlops.training")
+    assert await filled.record([delivery(same_id, offset=900), other_topic]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -216,3 +217,16 @@ async def test_predictions_are_found_by_model_and_type_and_stay_out_of_cascades(
             )
         )
         assert "trail_correlation" in plan
+
+
+async def test_a_ce_time_with_no_utc_form_is_indexed_as_no_time_and_the_trail_stays_readable(
+    trail_db: TrailDb,
+) -> None:
+    # Year 10000 in UTC: the decoder refuses it, and the trail keeps the record with no event time.
+    r = record_of(example(DriftDetected), offset=0)
+    headers = tuple((n, b"9999-12-31T23:30:00-01:00" if n == "ce_time" else v) for n, v in r.headers)
+    assert await trail_db.record([Delivery(replace(r, headers=headers), None)]) == 1
+    async with reading(trail_db.pool, ROLE) as trail:
+        [row] = await trail.find(EventQuery())
+    assert row.attributes.event_time is None
+    assert (await trail_db.verify(full=True)).ok

@@ -15,7 +15,8 @@ from contracts.predictions import PredictionsLogged
 from contracts.registry import EVENT_TYPES
 from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
-from libs.bus import Delivery, InMemoryBus, Subscription, Transaction
+from libs.bus import Delivery, InMemoryBus, Record, Subscription, Transaction
+from libs.bus.kafka import dead_letter_message
 from services.audit import handlers
 from services.audit.core import verify_trail
 from services.audit.domain import KeyRing, Kind, PartitionEnds, Signer, chain_hash
@@ -85,6 +86,39 @@ async def test_same_id_with_other_bytes_or_on_another_topic_is_not_a_copy(
     dead_lettered = delivery(event, topic=DEAD_LETTER, offset=0)
     n, _ = await record(trail, signer, [original, other, dead_lettered])
     assert n == 3
+
+
+async def test_two_consumers_dead_letters_of_one_event_are_both_recorded(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    # The same original headers and value; what differs is who gave up and why (the dlq_* headers).
+    original = delivery(example(DriftDetected), offset=5).record
+    letters = []
+    for i, consumer in enumerate(["monitoring", "registry"]):
+        key, value, headers = dead_letter_message(
+            original,
+            consumer=consumer,
+            reason="handler-failed",
+            error=f"{consumer} failed",
+            max_bytes=2_000_000,
+        )
+        letters.append(Delivery(Record(DEAD_LETTER, 0, i, key, value, tuple(headers), 1), None))
+    assert (await record(trail, signer, letters[:1]))[0] == 1
+    assert (await record(trail, signer, letters))[0] == 1  # the first is a redelivery; the second is new
+    assert (await record(trail, signer, [replace(letters[1], record=replace(letters[1].record, offset=9))]))[
+        0
+    ] == 0  # and a re-sent copy of it is not
+
+
+async def test_ids_that_differ_past_the_indexed_length_or_by_a_nul_are_different_events(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    base = delivery(example(DriftDetected), offset=0).record
+    records = []
+    for i, event_id in enumerate(["e" * 512 + "-1", "e" * 512 + "-2", "abc", "a\x00bc"]):
+        headers = tuple((n, event_id.encode() if n == "ce_id" else v) for n, v in base.headers)
+        records.append(Delivery(replace(base, offset=i, headers=headers), None))
+    assert (await record(trail, signer, records))[0] == 4
 
 
 async def test_predictions_are_not_looked_up_by_id(trail: FakeTrail, signer: Signer) -> None:
