@@ -16,6 +16,12 @@ DEAD_LETTERED = Counter(
     "Records sent to the dead-letter topic.",
     ["consumer", "topic", "reason"],
 )
+DEAD_LETTERS_LEFT = Counter(
+    "driftloop_bus_dead_letters_left_total",
+    "This consumer's own dead letters, read back from the dead-letter topic, that failed again: left there "
+    "as they are instead of being written again (which would loop).",
+    ["consumer", "topic"],
+)
 PUBLISHED = Counter("driftloop_bus_published_total", "Events published to Kafka.", ["topic"])
 OUTBOX_BACKLOG = Gauge("driftloop_bus_outbox_backlog", "Outbox rows not yet published.", ["schema"])
 UNREADABLE = Counter(

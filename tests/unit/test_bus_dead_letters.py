@@ -189,6 +189,35 @@ async def test_a_poll_read_again_after_a_failure_does_not_dead_letter_its_record
     assert attempts[-1] == 14
 
 
+async def test_a_consumers_own_dead_letter_that_fails_again_is_left_not_written_again() -> None:
+    """A consumer that reads the dead-letter topic (audit records it) never feeds its own failures back."""
+    sink, db = Sink(), Database()
+
+    async def failing(deliveries: Sequence[Any], tx: Transaction) -> None:
+        raise RuntimeError("cannot record it")
+
+    sub = Subscription(
+        consumer="audit",
+        topics=[DEAD_LETTER],
+        batch_handler=failing,
+        raw=True,
+        max_retries=0,
+        retry_backoff_s=0,
+    )
+    d = Dispatcher(sub, registry=REGISTRY, begin=db.begin, dead_letters=sink)
+    original = record_of(thing(1), 3)
+    theirs = dead_letter_message(original, consumer="counter", reason="x", error="y", max_bytes=LIMIT)
+    ours = dead_letter_message(original, consumer="audit", reason="x", error="y", max_bytes=LIMIT)
+    left = metrics.DEAD_LETTERS_LEFT.labels("audit", DEAD_LETTER)
+    before = left._value.get()
+
+    await d.dispatch([Record(DEAD_LETTER, 0, 0, theirs[0], theirs[1], tuple(theirs[2]))])
+    await d.dispatch([Record(DEAD_LETTER, 0, 1, ours[0], ours[1], tuple(ours[2]))])
+
+    assert sink.written == [(0, "handler-failed")]  # another consumer's dead letter: dead-lettered once
+    assert left._value.get() == before + 1
+
+
 # --- the outbox ---------------------------------------------------------------------------------------
 
 
