@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import make_asgi_app
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
@@ -119,11 +119,55 @@ async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
     await response({"type": "http"}, _empty_receive, send)
 
 
+class ErrorBody(BaseModel):
+    """The body of every error answer (:func:`error_body`), as the OpenAPI documents show it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(
+        description="What was wrong, and what to do (Open Inference Protocol clients read it)."
+    )
+    detail: str = Field(description="The same message (FastAPI clients read it).")
+    code: str = Field(
+        description="The kind: invalid-input, unauthorized, forbidden, not-found, conflict, "
+        "payload-too-large, ..."
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Invalid input: each problem found (at most 20), where and why."
+    )
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "The request is not valid; the message says what and where."},
+    "4XX": {
+        "model": ErrorBody,
+        "description": "Refused: 401 without a valid token, 403 for a role that may not, 404 for what does "
+        "not exist, 405 for another method, 409 for a conflict with the current state, 413 for a body over "
+        "the limit.",
+    },
+}
+"""The error answers of every route, documented once for all (a route adds its own where it says more)."""
+
+
 def error_body(message: str, code: str, **extra: Any) -> dict[str, Any]:
     """Every error answer's body: ``error`` (what Open Inference Protocol clients read) and ``detail`` (what
     FastAPI's clients read) both hold the message, ``code`` names the kind, ``extra`` adds details."""
     body = {"error": message, "detail": message, "code": code, **extra}
     return {k: _sendable(v) if isinstance(v, str) else v for k, v in body.items()}
+
+
+def _allowed_methods(routes: Sequence[Any], scope: Scope) -> set[str]:
+    """The methods of every route whose path matches, looking into included routers."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        allowed |= set(getattr(route, "methods", None) or ())
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner:
+            allowed |= _allowed_methods(inner, scope)
+    return allowed
 
 
 def _sendable(text: str) -> str:
@@ -296,9 +340,15 @@ def create_app(
         return JSONResponse(error_body(message, "invalid-input", errors=details), status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> Response:
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code in (204, 304):
             return Response(status_code=exc.status_code, headers=exc.headers)
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route whose path matched; a resource served by
+            # several routes (GET and PUT of one path) allows them all.
+            allowed = sorted(_allowed_methods(request.app.router.routes, request.scope))
+            if allowed:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
         cause = exc.__cause__
         if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError):
             # FastAPI's "There was an error parsing the body" for what its JSON reader raised besides a
@@ -328,7 +378,7 @@ def create_app(
         )
 
     for router in (*hot, *routers):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     app.mount("/metrics", make_asgi_app())
     hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]
     if hot_routes:

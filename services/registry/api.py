@@ -101,7 +101,14 @@ Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description=f"Page size, at
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 Prefix = Annotated[str | None, Query(description="Only names starting with this.")]
 StageFilter = Annotated[Stage | None, Query(description="Only versions in this stage.")]
-TagFilter = Annotated[str | None, Query(description="Only versions with this tag: `key` or `key=value`.")]
+# The pattern documents what parse_tag_filter accepts (a key, not empty); its message stays the one refusing.
+_TAG_FILTER_SCHEMA = {"pattern": "^[^=]"}
+TagFilter = Annotated[
+    str | None,
+    Query(
+        description="Only versions with this tag: `key` or `key=value`.", json_schema_extra=_TAG_FILTER_SCHEMA
+    ),
+]
 
 
 async def _resolve(q: Queries, model: str, ref: str) -> int:
@@ -139,7 +146,11 @@ async def list_models(
     prefix: Prefix = None,
     stage: Annotated[Stage | None, Query(description="Only models with a version in this stage.")] = None,
     tag: Annotated[
-        str | None, Query(description="Only models with a version tagged `key` or `key=value`.")
+        str | None,
+        Query(
+            description="Only models with a version tagged `key` or `key=value`.",
+            json_schema_extra=_TAG_FILTER_SCHEMA,
+        ),
     ] = None,
     limit: Limit = 20,
     cursor: Cursor = None,

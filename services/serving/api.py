@@ -27,7 +27,7 @@ from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
-from libs.http import Text, json_body
+from libs.http import Text, error_body, json_body
 from services.serving.domain import (
     ModelRoute,
     check_entity_keys,
@@ -215,8 +215,9 @@ async def version_metadata(name: str, version: int, ctx: ContextDep, _: AnyToken
 @router.get("/v2/models/{name}/ready", tags=["open inference protocol"], summary="The model can answer.")
 async def model_ready(name: str, ctx: ContextDep) -> Response:
     routing = ctx.state.table.models.get(name)
-    ready = routing is not None and routing.default is not None
-    return _json({"name": name, "ready": ready}, 200 if ready else 404)
+    if routing is None or routing.default is None:
+        return _json(error_body(f"model {name!r} is not serving", "not-found", name=name, ready=False), 404)
+    return _json({"name": name, "ready": True})
 
 
 @router.get(
@@ -226,8 +227,10 @@ async def model_ready(name: str, ctx: ContextDep) -> Response:
 )
 async def version_ready(name: str, version: int, ctx: ContextDep) -> Response:
     routing = ctx.state.table.models.get(name)
-    ready = routing is not None and routing.by_version(version) is not None
-    return _json({"name": name, "version": str(version), "ready": ready}, 200 if ready else 404)
+    if routing is None or routing.by_version(version) is None:
+        message = f"model {name!r} version {version} is not serving"
+        return _json(error_body(message, "not-found", name=name, version=str(version), ready=False), 404)
+    return _json({"name": name, "version": str(version), "ready": True})
 
 
 async def _infer(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:

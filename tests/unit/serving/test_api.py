@@ -467,7 +467,17 @@ async def test_oip_metadata_and_health(service: Service) -> None:
     assert (await service.client.get("/v2/health/ready")).status_code == 200
     assert (await service.client.get("/v2")).json()["name"] == "driftloop-serving"
     assert (await service.client.get("/v2/models/churn/ready")).status_code == 200
-    assert (await service.client.get("/v2/models/other/ready")).status_code == 404
+    not_ready = await service.client.get("/v2/models/other/ready")
+    assert not_ready.status_code == 404
+    assert not_ready.json() == {
+        "error": "model 'other' is not serving",
+        "detail": "model 'other' is not serving",
+        "code": "not-found",
+        "name": "other",
+        "ready": False,
+    }
+    not_ready = await service.client.get("/v2/models/churn/versions/9/ready")
+    assert (not_ready.status_code, not_ready.json()["error"]) == (404, "model 'churn' version 9 is not serving")
     assert (await service.client.get("/v2/models/churn")).status_code == 401
     meta = (await service.client.get("/v2/models/churn", headers=PREDICT)).json()
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [
