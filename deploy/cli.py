@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
 
@@ -39,6 +40,7 @@ from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, Supervision, supervised_state_dir
+from libs.settings import settings_problems
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
 # How long pytest may take to tear its session down (sandbox platforms, databases, topics) once it was
@@ -575,6 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print_invalid_settings(err)
         return 1
+    except SettingsError as err:  # a list or other JSON setting that is not JSON
+        print_invalid_settings(err)
+        return 1
     except Terminated as err:
         print(f"driftloop: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
         return err.exit_code
@@ -583,24 +588,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def print_invalid_settings(err: ValidationError) -> None:
-    """Say which environment variable holds a value a settings class refused, and why; no traceback."""
-    for problem in err.errors():
-        field = str(problem["loc"][-1]) if problem["loc"] else ""
-        value = problem.get("input")
-        # The variable the value came from: a DRIFTLOOP_* name ending in the field's, holding that value.
-        variable = next(
-            (
-                name
-                for name, held in sorted(os.environ.items())
-                if name.startswith("DRIFTLOOP_") and name.lower().endswith(f"_{field}") and held == str(value)
-            ),
-            f"the setting `{field}`",
-        )
-        print(f"driftloop: error: {variable}={value!r} is not valid: {problem['msg']}", file=sys.stderr)
+def print_invalid_settings(err: ValidationError | SettingsError) -> None:
+    """Say which environment variable holds a value a settings class refused, and why (never a secret's
+    value); no traceback."""
+    for line in settings_problems(err):
+        print(f"driftloop: error: {line}", file=sys.stderr)
+    settings_class = f"{err.title}: " if isinstance(err, ValidationError) else ""
     print(
         "driftloop: what to do: correct or unset it; every setting is described in the settings.py it "
-        f"belongs to ({err.title}: deploy/local/settings.py for DRIFTLOOP_LOCAL_*, the services' own "
+        f"belongs to ({settings_class}deploy/local/settings.py for DRIFTLOOP_LOCAL_*, the services' own "
         "settings.py for the others).",
         file=sys.stderr,
     )

@@ -6,11 +6,21 @@ broker and database URLs are set once for all services and still overridable per
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
 
@@ -19,6 +29,10 @@ LOCAL_STATE = PROJECT_ROOT / ".driftloop"
 
 # Values that mark a secret as "not chosen yet"; refused outside development.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "dev", "driftloop"})
+
+# Words in a setting's name that mark its value as secret or able to hold one (a URL's password): such a
+# value is never repeated in an error message, which may end up in a terminal log or a CI job's output.
+SECRET_NAME_WORDS = ("key", "password", "secret", "token", "url", "dsn")
 
 
 class KafkaSettings(BaseSettings):
@@ -162,3 +176,56 @@ class ServiceSettings(BaseSettings):
         if self.kafka.security_protocol.startswith("SASL"):
             return {"DRIFTLOOP_KAFKA_SASL_PASSWORD": self.kafka.sasl_password}
         return {}
+
+
+def settings_problems(err: ValidationError | SettingsError) -> list[str]:
+    """What a settings class refused, one line per value: the environment variable it came from and why.
+
+    A secret's value is never shown, nor the input of a check across settings (every setting, secrets
+    included); such a check's message names its variables itself."""
+    if isinstance(err, SettingsError):
+        # pydantic-settings names only the field: 'error parsing value for field "topics" from source ...'.
+        named = re.search(r'field "([^"]+)"', str(err))
+        field = named.group(1) if named else ""
+        variable = _variable(field, lambda held: not _is_json(held))
+        shown = _shown(field, os.environ.get(variable))
+        return [f'{variable}{shown} is not valid: it must be a JSON list, e.g. ["a", "b"]']
+    lines = []
+    for problem in err.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        names = [part for part in problem["loc"] if isinstance(part, str)]
+        if not names:
+            lines.append(message)
+            continue
+        field, value = names[-1], problem.get("input")
+        variable = _variable(field, str(value).__eq__)
+        lines.append(f"{variable}{_shown(field, value)} is not valid: {message}")
+    return lines
+
+
+def _variable(field: str, holds: Callable[[str], bool]) -> str:
+    """The DRIFTLOOP_* variable a field's value came from: one whose name ends in the field's and whose
+    value ``holds`` accepts."""
+    return next(
+        (
+            name
+            for name, held in sorted(os.environ.items())
+            if name.startswith("DRIFTLOOP_") and name.lower().endswith(f"_{field}") and holds(held)
+        ),
+        f"the setting `{field}`",
+    )
+
+
+def _shown(field: str, value: object) -> str:
+    """``=<value>`` for a message, or nothing when the field's value is (or may hold) a secret."""
+    if value is None or isinstance(value, SecretStr) or any(w in field.lower() for w in SECRET_NAME_WORDS):
+        return ""
+    return f"={value!r}"
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,6 +267,44 @@ def test_a_malformed_setting_is_named_with_what_to_do_without_a_traceback(
     err = capsys.readouterr().err
     assert "driftloop: error: DRIFTLOOP_LOCAL_KAFKA_PORT='19092x' is not valid:" in err
     assert "driftloop: what to do: correct or unset it" in err
+    assert "Traceback" not in err
+
+
+def test_an_invalid_setting_is_named_without_printing_any_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A check across settings (the keys decode) fails: pydantic's input for it is every setting.
+    signing_key = base64.b64encode(b"k" * 32).decode()
+    monkeypatch.setenv("DRIFTLOOP_ENV", "prod")
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", "postgresql://audit:TopSecretPw@db.internal/driftloop")
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_SIGNING_KEY", signing_key)
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS", '["x"]')
+
+    assert main(["audit", "tail"]) == 1
+
+    err = capsys.readouterr().err
+    assert "driftloop: error: DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS[0] is not base64" in err
+    assert "TopSecretPw" not in err and signing_key not in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DRIFTLOOP_AUDIT_TOPICS", "io.driftloop.models,io.driftloop.rollouts"),
+        ("DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS", "notjson"),
+    ],
+)
+def test_a_list_setting_that_is_not_json_is_named_and_shown_as_a_json_list(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    assert main(["audit", "tail"]) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: {variable}" in err
+    assert 'is not valid: it must be a JSON list, e.g. ["a", "b"]' in err
     assert "Traceback" not in err
 
 
