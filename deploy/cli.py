@@ -458,15 +458,23 @@ def _token_issue_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
     """Create a token, add its sha256 to the token file and print the token once (it is not stored)."""
-    if not args.name or not args.role:
+    if not args.name or not args.name.strip() or not args.role:
         args.usage_of.error(
-            "a name and a --role are required, e.g. `token issue billing-client --role predict`"
+            "a name (not blank) and a --role are required, e.g. `token issue billing-client --role predict`"
         )
-    from libs.auth import Role, issue_token
+    from libs.auth import Role, TokenFileInvalid, issue_token
     from libs.settings import LOCAL_STATE
 
     path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
-    token = issue_token(path, name=args.name, role=Role(args.role))
+    named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"
+    try:
+        token = issue_token(path, name=args.name, role=Role(args.role), named_by=named_by)
+    except TokenFileInvalid as err:
+        raise InfraError(
+            str(err),
+            hint="correct the file (it was left as it was), or name another with --file or "
+            "DRIFTLOOP_AUTH_TOKENS_FILE.",
+        ) from err
     say(f"added a {args.role} token for {args.name!r} to {path}; services read the file when they start")
     print(token)
     return 0

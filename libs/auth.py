@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -72,10 +72,11 @@ class TokenStore:
 
     @classmethod
     def load(cls, path: Path, *, dev: bool) -> TokenStore:
-        by_hash: dict[str, Principal] = {}
-        if path.exists():
-            for row in json.loads(path.read_text()).get("tokens", []):
-                by_hash[row["sha256"]] = Principal(row["name"], Role(row["role"]))
+        """The tokens of ``path`` (none when it does not exist), plus the dev tokens when ``dev``."""
+        by_hash = {
+            row["sha256"]: Principal(row["name"], Role(row["role"]))
+            for row in read_token_file(path, named_by="DRIFTLOOP_AUTH_TOKENS_FILE")["tokens"]
+        }
         if dev:
             for token, (name, role) in DEV_TOKENS.items():
                 by_hash.setdefault(hash_token(token), Principal(name, role))
@@ -85,16 +86,61 @@ class TokenStore:
         return self._by_hash.get(hash_token(token))
 
 
-def issue_token(path: Path, *, name: str, role: Role) -> str:
-    """Create a token, store its hash in ``path`` and return the token (shown once, never stored)."""
+TOKEN_ROW_FORM = '{"name": ..., "role": ..., "sha256": ...}'
+TOKEN_FILE_FORM = f'{{"tokens": [{TOKEN_ROW_FORM}]}}'
+
+
+class TokenFileInvalid(ValueError):
+    """The token file cannot be read or is not of TOKEN_FILE_FORM; the message names the file, the setting
+    or option that named it, and what is wrong."""
+
+
+def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
+    """The token file at ``path``, its rows checked (``{"tokens": []}`` when it does not exist);
+    ``named_by`` is the setting or option the path came from, for the message of a TokenFileInvalid."""
+
+    def invalid(why: str) -> TokenFileInvalid:
+        return TokenFileInvalid(f"the token file {path} ({named_by}) {why}")
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {"tokens": []}
+    except OSError as exc:  # a directory, no permission
+        raise invalid(f"cannot be read: {exc.strerror}") from exc
+    try:
+        content = json.loads(text)
+    except ValueError as exc:
+        raise invalid(f"is not JSON ({exc}); it must be {TOKEN_FILE_FORM}") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("tokens"), list):
+        raise invalid(f'has no "tokens" list; it must be {TOKEN_FILE_FORM}')
+    for i, row in enumerate(content["tokens"]):
+        if not (
+            isinstance(row, dict)
+            and all(isinstance(row.get(key), str) for key in ("name", "role", "sha256"))
+            and row["role"] in {r.value for r in Role}
+        ):
+            raise invalid(
+                f"has a malformed token (number {i + 1}): each is {TOKEN_ROW_FORM}, the role one of "
+                f"{', '.join(Role)}"
+            )
+    return content
+
+
+def issue_token(path: Path, *, name: str, role: Role, named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE") -> str:
+    """Create a token, store its hash in ``path`` and return the token (shown once, never stored); a file
+    that is not a token file is left as it was (TokenFileInvalid)."""
     token = f"dl_{secrets.token_urlsafe(32)}"
-    data = json.loads(path.read_text()) if path.exists() else {"tokens": []}
-    data["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    content = read_token_file(path, named_by=named_by)
+    content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(content, indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+    except OSError as exc:
+        raise TokenFileInvalid(f"the token file {path} ({named_by}) cannot be written: {exc}") from exc
     return token
 
 

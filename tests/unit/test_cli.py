@@ -97,6 +97,40 @@ def test_token_issue_prints_a_token_that_the_services_accept_in_prod(
     assert store.authenticate("dev-admin") is None
 
 
+@pytest.mark.parametrize(
+    "content",
+    ["not json", '{"x": 1}', "[]", '{"tokens": [{"name": "a", "role": "root", "sha256": "00"}]}', None],
+    ids=["not-json", "no-tokens-list", "a-list", "unknown-role", "a-directory"],
+)
+def test_token_issue_names_a_token_file_it_cannot_use_and_leaves_it_as_it_was(
+    content: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+
+    assert main(["token", "issue", "alice", "--role", "viewer", "--file", str(path)]) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: the token file {path} (--file) " in err
+    assert "driftloop: what to do: correct the file" in err
+    assert "Traceback" not in err
+    assert content is None or path.read_text() == content
+
+
+def test_token_issue_refuses_a_blank_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tokens.json"
+
+    with pytest.raises(SystemExit) as caught:
+        main(["token", "issue", "   ", "--role", "viewer", "--file", str(path)])
+
+    assert caught.value.code == 2
+    assert "a name (not blank)" in capsys.readouterr().err
+    assert not path.exists()
+
+
 # --- what `up` and `demo` leave behind when they fail --------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import Field, TypeAdapter, ValidationError
 
-from libs.auth import OperatorDep, PredictDep, Role, ViewerDep, issue_token
+from libs.auth import OperatorDep, PredictDep, Role, TokenFileInvalid, ViewerDep, issue_token
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
 from libs.settings import ServiceSettings
@@ -104,6 +104,26 @@ async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) 
     async with make_app(tmp_path, env="prod") as client:
         assert (await client.get("/read", headers=bearer("dev-admin"))).status_code == 401
         assert (await client.post("/command", headers=bearer(token))).json() == {"actor": "user:alice"}
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("not json", "is not JSON"),
+        ("[]", 'has no "tokens" list'),
+        ('{"tokens": [{"name": "alice", "role": "operator"}]}', "has a malformed token (number 1)"),
+    ],
+)
+def test_a_service_refuses_a_token_file_it_cannot_use_naming_file_and_setting(
+    content: str, why: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(content)
+
+    with pytest.raises(TokenFileInvalid) as caught:
+        create_app(ExampleSettings(auth_tokens_file=path), title="t", description="d")
+
+    assert str(caught.value).startswith(f"the token file {path} (DRIFTLOOP_AUTH_TOKENS_FILE) {why}")
 
 
 async def test_typed_errors_become_clear_4xx(tmp_path: Path) -> None:
