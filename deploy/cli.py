@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import math
 import os
 import shutil
 import signal
@@ -112,7 +113,7 @@ def cmd_infra_status(args: argparse.Namespace) -> int:
 def _topics_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=os.environ.get(KAFKA_ENV), help=f"default: ${KAFKA_ENV}")
     parser.add_argument("--replication-factor", type=int, default=1)
-    parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the broker")
+    parser.add_argument("--wait", type=_seconds, default=120.0, help="seconds to wait for the broker")
 
 
 def cmd_infra_topics(args: argparse.Namespace) -> int:
@@ -231,7 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _up_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the services")
+    parser.add_argument("--wait", type=_seconds, default=180.0, help="seconds to wait for the services")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -272,7 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", type=float, default=180.0, help="seconds to wait for the services")
+    parser.add_argument("--wait", type=_seconds, default=180.0, help="seconds to wait for the services")
     parser.add_argument("--keep-running", action="store_true", help="leave the platform up afterwards")
 
 
@@ -381,6 +382,18 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (0: look once, do not wait). A wait of nan
+    or inf would never end."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, not {text!r}")
     return value
 
 

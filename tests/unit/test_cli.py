@@ -351,3 +351,27 @@ def test_audit_tail_refuses_a_count_that_is_not_1_or_more(
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert "argument -n/--lines:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["infra", "topics", "--wait", "nan"],
+        ["up", "--wait", "-5"],
+        ["up", "--wait", "-0.1"],
+        ["demo", "--wait", "inf"],
+        ["demo", "--wait", "soon"],
+    ],
+)
+def test_wait_refuses_what_is_not_a_finite_number_of_seconds_0_or_more(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2
+    assert "argument --wait:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds", ["0.5", "0"])
+def test_wait_takes_a_fraction_of_a_second_or_0_to_look_once(seconds: str) -> None:
+    assert build_parser().parse_args(["infra", "topics", "--wait", seconds]).wait == float(seconds)
