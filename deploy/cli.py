@@ -41,7 +41,7 @@ from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, Supervision, supervised_state_dir
-from libs.settings import settings_problems
+from libs.settings import KafkaSettings, settings_problems
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
 # How long pytest may take to tear its session down (sandbox platforms, databases, topics) once it was
@@ -117,7 +117,8 @@ def _topics_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_infra_topics(args: argparse.Namespace) -> int:
-    """Create the platform topics on a running broker (the compose topic-init container runs this)."""
+    """Create the platform topics on a running broker, under DRIFTLOOP_KAFKA_TOPIC_PREFIX (the compose
+    topic-init container runs this)."""
     bootstrap = args.bootstrap or LocalInfra().broker.bootstrap
     say(f"waiting for Kafka at {bootstrap} ...")
     if not wait_until(lambda: broker_answers(bootstrap), timeout_s=args.wait, interval_s=1.0):
@@ -125,7 +126,7 @@ def cmd_infra_topics(args: argparse.Namespace) -> int:
             f"no Kafka broker answered at {bootstrap} within {args.wait:.0f}s.",
             hint=f"start one (`driftloop infra up`) or set {KAFKA_ENV}.",
         )
-    created = create_platform_topics(bootstrap, args.replication_factor)
+    created = create_platform_topics(bootstrap, args.replication_factor, prefix=KafkaSettings().topic_prefix)
     say(f"created topics: {', '.join(created)}" if created else "all topics already exist")
     return 0
 

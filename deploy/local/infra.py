@@ -12,6 +12,7 @@ from deploy.local.postgres import ExternalPostgres, LocalPostgres, database_answ
 from deploy.local.processes import exclusive
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
+from libs.settings import KafkaSettings
 
 KAFKA_ENV = "DRIFTLOOP_KAFKA_BOOTSTRAP"
 DATABASE_ENV = "DRIFTLOOP_DATABASE_URL"
@@ -97,7 +98,7 @@ class LocalInfra:
                     bring_up(self.broker)
                 bootstrap = kafka.bootstrap if kafka else self.broker.bootstrap
                 if "kafka" in components:
-                    created = create_platform_topics(bootstrap)
+                    created = create_platform_topics(bootstrap, prefix=KafkaSettings().topic_prefix)
                     if created:
                         say(f"created topics: {', '.join(created)}")
             except BaseException:

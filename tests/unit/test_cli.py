@@ -131,6 +131,26 @@ def test_token_issue_refuses_a_blank_name(tmp_path: Path, capsys: pytest.Capture
     assert not path.exists()
 
 
+def test_infra_topics_creates_the_topics_under_the_configured_prefix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_TOPIC_PREFIX", "team-a.")
+    created: list[tuple[str, int, str]] = []
+
+    def create_platform_topics(bootstrap: str, replication_factor: int = 1, *, prefix: str = "") -> list[str]:
+        created.append((bootstrap, replication_factor, prefix))
+        return [f"{prefix}io.driftloop.models"]
+
+    monkeypatch.setattr(cli, "broker_answers", lambda bootstrap: True)
+    monkeypatch.setattr(cli, "create_platform_topics", create_platform_topics)
+
+    argv = ["infra", "topics", "--bootstrap", "kafka.internal:9092", "--replication-factor", "3"]
+    assert main(argv) == 0
+
+    assert created == [("kafka.internal:9092", 3, "team-a.")]
+    assert "created topics: team-a.io.driftloop.models" in capsys.readouterr().err
+
+
 # --- what `up` and `demo` leave behind when they fail --------------------------------------------------
 
 

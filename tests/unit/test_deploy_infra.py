@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local import infra as infra_module
 from deploy.local.broker import MAIN_CLASS, KafkaBroker
 from deploy.local.infra import LocalInfra
 from deploy.local.postgres import LocalPostgres
@@ -116,6 +117,46 @@ def test_a_broker_interrupted_while_it_comes_up_is_stopped_and_what_ran_before_i
 
     assert broker.process is not None and broker.process.poll() is not None, "the broker was left running"
     assert not postgres.stopped
+
+
+class RunningBroker:
+    """A broker that was already running before `up`."""
+
+    name = "kafka"
+    bootstrap = "127.0.0.1:9"
+
+    def preflight(self) -> None:
+        pass
+
+    def running_pid(self) -> int | None:
+        return 1
+
+    def start(self) -> bool:
+        return False
+
+    def stop(self) -> bool:
+        return False
+
+
+def test_up_creates_the_platform_topics_under_the_configured_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DRIFTLOOP_KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("DRIFTLOOP_DATABASE_URL", raising=False)
+    monkeypatch.setenv("DRIFTLOOP_KAFKA_TOPIC_PREFIX", "team-a.")
+    created: list[tuple[str, str]] = []
+
+    def create_platform_topics(bootstrap: str, replication_factor: int = 1, *, prefix: str = "") -> list[str]:
+        created.append((bootstrap, prefix))
+        return []
+
+    monkeypatch.setattr(infra_module, "create_platform_topics", create_platform_topics)
+    infra = LocalInfra(settings_in(tmp_path))
+    infra.broker, infra.postgres = RunningBroker(), RunningPostgres()  # type: ignore[assignment]
+
+    infra.up()
+
+    assert created == [("127.0.0.1:9", "team-a.")]
 
 
 # --- which processes are ours -------------------------------------------------------------------------
