@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -51,6 +52,17 @@ def check_schema_name(schema: str) -> str:
     if not _SCHEMA_NAME.fullmatch(schema):
         raise ValueError(f"schema name {schema!r} must be a lower-case identifier")
     return schema
+
+
+def shown_dsn(dsn: str) -> str:
+    """The DSN for a message or a log: its password, in the URL or in its query, replaced by ***."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -20,7 +20,7 @@ from contracts.registry import EVENT_TYPES
 from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
-from libs.db import Migration, apply_migrations, create_pool
+from libs.db import Migration, apply_migrations, create_pool, shown_dsn
 from libs.logging import configure_logging, get_logger
 from libs.settings import ServiceSettings
 
@@ -106,7 +106,8 @@ async def _connect_with_deadline(settings: ServiceSettings, deadline_s: float) -
         except (OSError, asyncpg.PostgresError) as exc:
             if loop.time() > until:
                 raise RuntimeError(
-                    f"cannot reach Postgres at {settings.database_url} after {deadline_s:.0f}s: {exc}. "
+                    f"cannot reach Postgres at {shown_dsn(settings.database_url)} after {deadline_s:.0f}s: "
+                    f"{exc}. "
                     "Is it running? Try `driftloop infra status`."
                 ) from exc
             log.warning("database not reachable yet, retrying", error=repr(exc))

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from libs.db import create_pool
+from libs.db import check_schema_name, create_pool, shown_dsn
 from libs.errors import DomainError
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
@@ -39,12 +39,18 @@ class TrailUnavailable(Exception):
 
 @asynccontextmanager
 async def _pool(settings: AuditSettings) -> AsyncIterator[asyncpg.Pool]:
+    check_schema_name(settings.db_schema)
     try:
         pool = await create_pool(settings.database_url, schema=settings.db_schema, min_size=1, max_size=4)
     except (OSError, asyncpg.PostgresError) as exc:
         raise TrailUnavailable(
-            f"cannot reach Postgres at {settings.database_url}: {exc}. Is it running? "
+            f"cannot reach Postgres at {shown_dsn(settings.database_url)}: {exc}. Is it running? "
             "Try `driftloop infra status`."
+        ) from exc
+    except (ValueError, OverflowError) as exc:  # a port beyond 65535 or not a number, an unknown option
+        raise TrailUnavailable(
+            f"DRIFTLOOP_DATABASE_URL is not a Postgres URL that can be used "
+            f"({shown_dsn(settings.database_url)}): {exc}"
         ) from exc
     try:
         exists = await pool.fetchval("SELECT to_regclass($1)", f"{settings.db_schema}.trail")
@@ -52,6 +58,11 @@ async def _pool(settings: AuditSettings) -> AsyncIterator[asyncpg.Pool]:
             raise TrailUnavailable(
                 f"there is no audit trail in schema {settings.db_schema!r} yet: start the audit service "
                 "(python -m services.audit) so it records the platform's events"
+            )
+        if not await pool.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = $1", settings.writer_role):
+            raise TrailUnavailable(
+                f"the database role {settings.writer_role!r} (DRIFTLOOP_AUDIT_WRITER_ROLE) does not exist: "
+                "name the role the audit service writes the trail as (it creates it when it starts)"
             )
         yield pool
     finally:
@@ -65,7 +76,14 @@ def _keys(settings: AuditSettings, extra: Sequence[str]) -> tuple[KeyRing, Seale
     if settings.signing_key is not None and settings.signing_key.get_secret_value().strip():
         seed = decode_key(settings.signing_key.get_secret_value(), "DRIFTLOOP_AUDIT_SIGNING_KEY")
     elif settings.signing_key_file.exists():
-        seed = decode_key(settings.signing_key_file.read_text(), str(settings.signing_key_file))
+        path = settings.signing_key_file
+        try:
+            text = path.read_text()
+        except OSError as exc:  # a directory, no permission
+            raise ValueError(
+                f"DRIFTLOOP_AUDIT_SIGNING_KEY_FILE {path} cannot be read: {exc.strerror}"
+            ) from exc
+        seed = decode_key(text, f"DRIFTLOOP_AUDIT_SIGNING_KEY_FILE {path}")
     if seed is None:
         return KeyRing(public), None
     signer = Signer(seed)
@@ -77,6 +95,14 @@ def _run(main: Any) -> int:
         return int(asyncio.run(main))
     except (TrailUnavailable, DomainError, ValueError, OSError) as exc:
         print(f"driftloop: error: {exc}", file=sys.stderr)
+        return 1
+    except asyncpg.PostgresError as exc:
+        # The user of DRIFTLOOP_DATABASE_URL may lack a right (to SET ROLE, to read the trail), or a
+        # timeout struck: what Postgres says names it.
+        print(
+            f"driftloop: error: Postgres refused a query of the trail: {exc} (SQLSTATE {exc.sqlstate})",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -100,9 +126,13 @@ def verify(
                 why = "is a directory" if path.is_dir() else "does not exist"
                 raise FileNotFoundError(f"--checkpoints {path} {why}: name an NDJSON file of checkpoints")
         keys, sealer = _keys(settings, public_keys)
-        archived = [
-            cp for path in [settings.checkpoint_file, *checkpoint_files] for cp in CheckpointFile(path).read()
-        ]
+        archived = []
+        named = [("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", settings.checkpoint_file)]
+        for name, path in [*named, *(("--checkpoints", path) for path in checkpoint_files)]:
+            try:
+                archived += CheckpointFile(path).read()
+            except OSError as exc:  # a directory, no permission
+                raise ValueError(f"{name} {path} cannot be read: {exc.strerror}") from exc
         async with _pool(settings) as pool:
             report = await core.verify_trail(
                 PgChain(pool, settings.writer_role),

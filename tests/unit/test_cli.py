@@ -19,6 +19,8 @@ from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Supervision
 from libs.auth import Principal, Role, TokenStore
+from services.audit import cli as audit_cli
+from services.audit.settings import AuditSettings
 from tests.ports import free_port
 
 
@@ -149,6 +151,47 @@ def test_infra_topics_creates_the_topics_under_the_configured_prefix(
 
     assert created == [("kafka.internal:9092", 3, "team-a.")]
     assert "created topics: team-a.io.driftloop.models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["99999", "abc"])
+def test_audit_commands_name_a_database_url_they_cannot_use_without_its_password(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Built without validation: the settings refuse such a URL themselves; a form they let through must
+    # still get a message from the command, not a traceback.
+    url = f"postgresql://audit:TopSecretPw@127.0.0.1:{port}/driftloop"
+    settings = AuditSettings.model_construct(database_url=url)
+
+    assert audit_cli.tail(limit=1, settings=settings) == 1
+    assert audit_cli.trace("some-cascade", settings=settings) == 1
+
+    err = capsys.readouterr().err
+    assert err.count("driftloop: error: DRIFTLOOP_DATABASE_URL is not a Postgres URL that can be used") == 2
+    assert "postgresql://audit:***@127.0.0.1" in err and "TopSecretPw" not in err
+
+
+def test_audit_tail_names_a_database_it_cannot_reach_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://audit:TopSecretPw@127.0.0.1:{free_port()}/x")
+
+    assert main(["audit", "tail"]) == 1
+
+    err = capsys.readouterr().err
+    assert "driftloop: error: cannot reach Postgres at postgresql://audit:***@127.0.0.1:" in err
+    assert "TopSecretPw" not in err
+
+
+@pytest.mark.parametrize("variable", ["DRIFTLOOP_AUDIT_SIGNING_KEY_FILE", "DRIFTLOOP_AUDIT_CHECKPOINT_FILE"])
+def test_audit_verify_names_the_setting_of_a_file_it_cannot_read(
+    variable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(variable, str(tmp_path))  # a directory
+
+    assert main(["audit", "verify"]) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: {variable} {tmp_path} cannot be read: Is a directory" in err
 
 
 # --- what `up` and `demo` leave behind when they fail --------------------------------------------------

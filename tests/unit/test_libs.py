@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import Field, TypeAdapter, ValidationError
 
 from libs.auth import OperatorDep, PredictDep, Role, TokenFileInvalid, ViewerDep, issue_token
+from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
 from libs.settings import ServiceSettings
@@ -329,3 +330,21 @@ def test_an_error_naming_a_lone_surrogate_can_still_be_sent() -> None:
     assert body["feature"] == "\\udc00x" and body["row"] == 1
     assert json.loads(json.dumps(body, ensure_ascii=False).encode()) == body
     assert error_body("é", "x")["error"] == "é"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://audit:Secret@db.internal:5432/x", "postgresql://audit:***@db.internal:5432/x"),
+        (
+            "postgresql://audit@db/x?password=Secret&sslmode=require",
+            "postgresql://audit@db/x?password=***&sslmode=require",
+        ),
+        (
+            "postgresql://driftloop@127.0.0.1:54329/driftloop",
+            "postgresql://driftloop@127.0.0.1:54329/driftloop",
+        ),
+    ],
+)
+def test_a_dsn_is_shown_without_its_password(dsn: str, shown: str) -> None:
+    assert shown_dsn(dsn) == shown

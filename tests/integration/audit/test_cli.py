@@ -114,3 +114,21 @@ async def test_a_checkpoint_file_that_is_not_there_is_an_error_not_ok(
     why = "does not exist" if name != "." else "is a directory"
     assert f"driftloop: error: --checkpoints {path} {why}" in captured.err
     assert "OK" not in captured.out and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("command", [["tail", "-n", "1"], ["trace", "some-cascade"], ["verify"]])
+async def test_a_writer_role_that_does_not_exist_is_named(
+    audit_env: TrailDb,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    await audit_env.fill(3)
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_WRITER_ROLE", "no_such_writer_role")
+
+    assert await cli("audit", *command) == 1
+
+    err = capsys.readouterr().err
+    role = "the database role 'no_such_writer_role' (DRIFTLOOP_AUDIT_WRITER_ROLE)"
+    assert f"driftloop: error: {role} does not exist" in err
+    assert "Traceback" not in err
