@@ -11,9 +11,10 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -34,11 +35,15 @@ PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "passwor
 # value is never repeated in an error message, which may end up in a terminal log or a CI job's output.
 SECRET_NAME_WORDS = ("key", "password", "secret", "token", "url", "dsn")
 
+# A TCP port a service listens on (nothing here asks the system for an ephemeral one with 0).
+Port = Annotated[int, Field(ge=1, le=65_535)]
+
 
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; TLS and SASL for a real cluster."""
 
-    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_KAFKA_", extra="ignore")
+    # No float setting means anything as nan or inf (a wait that never ends, a check that never holds).
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_KAFKA_", extra="ignore", allow_inf_nan=False)
 
     bootstrap: str = Field("127.0.0.1:19092", description="Comma-separated bootstrap servers.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -54,7 +59,9 @@ class KafkaSettings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
     max_event_bytes: int = Field(
         DEFAULT_MAX_EVENT_BYTES,
-        description="Events larger than this (value and headers) are dead-lettered; refused when published.",
+        ge=1,
+        description="Events larger than this (value and headers) are dead-lettered; refused when published. "
+        "1 or more.",
     )
     fetch_max_wait_ms: int = Field(
         100,
@@ -117,19 +124,28 @@ class ServiceSettings(BaseSettings):
     """Settings every service has. Subclasses set ``service`` and their own env prefix."""
 
     service: ClassVar[str] = "service"
-    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="DRIFTLOOP_", extra="ignore", env_nested_delimiter="__", allow_inf_nan=False
+    )
 
     env: Literal["dev", "test", "prod"] = Field(
         "dev", description="Deployment mode; prod refuses placeholders."
     )
     database_url: str = Field(
-        "postgresql://driftloop@127.0.0.1:54329/driftloop", description="Postgres URL (asyncpg DSN)."
+        "postgresql://driftloop@127.0.0.1:54329/driftloop",
+        description="Postgres URL (asyncpg DSN): postgresql:// or postgres://, a host (or ?host= a socket "
+        "folder), ports from 1 to 65535.",
     )
-    db_pool_min: int = Field(1, description="Minimum connections in the pool.")
-    db_pool_max: int = Field(8, description="Maximum connections in the pool.")
+    db_pool_min: int = Field(
+        1,
+        ge=1,
+        description="Minimum connections in the pool, 1 or more (the first is how a service waits "
+        "for its database at start); at most db_pool_max.",
+    )
+    db_pool_max: int = Field(8, ge=1, description="Maximum connections in the pool, 1 or more.")
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings(), description="Kafka connection.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
-    http_port: int = Field(8100, description="Port the HTTP API binds to.")
+    http_port: Port = Field(8100, description="Port the HTTP API binds to (1 to 65535).")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="JSON logs (true) or console-friendly logs (false).")
     artifacts_url: str = Field(
@@ -138,9 +154,18 @@ class ServiceSettings(BaseSettings):
     auth_tokens_file: Path = Field(
         LOCAL_STATE / "tokens.json", description="File with hashed bearer tokens and their roles."
     )
-    consumer_max_retries: int = Field(3, description="Handler attempts before an event is dead-lettered.")
-    consumer_retry_backoff_s: float = Field(0.2, description="First retry delay; doubles per attempt.")
-    max_request_bytes: int = Field(8 * 1024 * 1024, description="HTTP request bodies above this get 413.")
+    consumer_max_retries: int = Field(
+        3, ge=0, description="Handler attempts before an event is dead-lettered, 0 or more."
+    )
+    consumer_retry_backoff_s: float = Field(
+        0.2,
+        gt=0,
+        description="First retry delay, above 0 (the outage retry loop waits this long first); "
+        "doubles per attempt.",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="HTTP request bodies above this get 413; 1 or more."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -161,6 +186,22 @@ class ServiceSettings(BaseSettings):
         """The Postgres schema this service owns."""
         return self.service
 
+    @field_validator("database_url")
+    @classmethod
+    def _a_postgres_url(cls, url: str) -> str:
+        # The message never repeats the URL: it may hold a password.
+        check_database_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _pool_min_within_max(self) -> ServiceSettings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError(
+                f"DRIFTLOOP_DB_POOL_MIN ({self.db_pool_min}) is above DRIFTLOOP_DB_POOL_MAX "
+                f"({self.db_pool_max}): the pool cannot hold more connections than its maximum"
+            )
+        return self
+
     @model_validator(mode="after")
     def _refuse_placeholders_outside_dev(self) -> ServiceSettings:
         if self.env == "prod":
@@ -176,6 +217,23 @@ class ServiceSettings(BaseSettings):
         if self.kafka.security_protocol.startswith("SASL"):
             return {"DRIFTLOOP_KAFKA_SASL_PASSWORD": self.kafka.sasl_password}
         return {}
+
+
+def check_database_url(url: str) -> None:
+    """A ValueError unless ``url`` is a Postgres URL asyncpg can connect with: its scheme, a host (in the
+    URL or as ?host=, e.g. a socket folder) and ports from 1 to 65535. Says what is wrong, never the URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("it must be a postgresql:// URL, e.g. postgresql://user:password@host:5432/database")
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts and "host" not in query:
+        raise ValueError("it names no host: postgresql://user@host:5432/database, or ?host= a socket folder")
+    ports = [host.rpartition("]")[2].partition(":")[2] for host in hosts.split(",")]
+    ports += [port for value in query.get("port", []) for port in value.split(",")]
+    for port in filter(None, ports):
+        if not (port.isdigit() and 1 <= int(port) <= 65_535):
+            raise ValueError(f"its port {port!r} is not a number from 1 to 65535")
 
 
 def settings_problems(err: ValidationError | SettingsError) -> list[str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.settings import Port
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,11 +23,17 @@ class LocalInfraSettings(BaseSettings):
         description="Folder for jars, data, logs and pids; defaults to .driftloop/ in the project root.",
     )
     kafka_version: str = Field(default="4.4.0", description="Apache Kafka release from Maven Central.")
-    kafka_port: int = Field(default=19092, description="Kafka client listener on 127.0.0.1.")
-    kafka_controller_port: int = Field(default=19093, description="KRaft controller listener on 127.0.0.1.")
+    kafka_port: Port = Field(default=19092, description="Kafka client listener on 127.0.0.1 (1 to 65535).")
+    kafka_controller_port: Port = Field(
+        default=19093, description="KRaft controller listener on 127.0.0.1 (1 to 65535)."
+    )
     kafka_heap: str = Field(default="768m", description="Maximum JVM heap of the broker (-Xmx).")
-    postgres_port: int = Field(default=54329, description="Port of the project-private Postgres cluster.")
-    ready_timeout_s: float = Field(default=90.0, description="How long a component may take to become ready.")
+    postgres_port: Port = Field(
+        default=54329, description="Port of the project-private Postgres cluster (1 to 65535)."
+    )
+    ready_timeout_s: float = Field(
+        default=90.0, gt=0, allow_inf_nan=False, description="How long a component may take to become ready."
+    )
 
 
 @dataclass(frozen=True)

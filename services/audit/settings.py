@@ -11,7 +11,7 @@ from typing import ClassVar
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from contracts.topics import DEAD_LETTER, TOPICS
-from libs.settings import LOCAL_STATE, ServiceSettings
+from libs.settings import LOCAL_STATE, Port, ServiceSettings
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -21,7 +21,7 @@ class AuditSettings(ServiceSettings):
 
     service: ClassVar[str] = "audit"
 
-    http_port: int = Field(8106, description="Port of the audit service's HTTP API.")
+    http_port: Port = Field(8106, description="Port of the audit service's HTTP API (1 to 65535).")
     consumer_group: str = Field("audit", description="Kafka consumer group the trail is recorded by.")
     schema_name: str = Field(
         "audit", description="Postgres schema of the trail (tests use a fresh one per run)."

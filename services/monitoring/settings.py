@@ -11,7 +11,7 @@ from contracts.models import ModelVersionRegistered
 from contracts.monitoring import JENSEN_SHANNON_MAX, CorrectionMethod
 from contracts.predictions import PredictionsLogged
 from contracts.rollouts import RolloutStarted
-from libs.settings import ServiceSettings
+from libs.settings import Port, ServiceSettings
 
 
 class MonitoringSettings(ServiceSettings):
@@ -25,7 +25,7 @@ class MonitoringSettings(ServiceSettings):
         """The Postgres schema this service owns."""
         return self.schema_name
 
-    http_port: int = Field(8105, description="Port of the monitoring HTTP API.")
+    http_port: Port = Field(8105, description="Port of the monitoring HTTP API (1 to 65535).")
 
     # --- windows -----------------------------------------------------------------------------------------
     window_rows: int = Field(

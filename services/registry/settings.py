@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from libs.settings import ServiceSettings
+from libs.settings import Port, ServiceSettings
 
 MIB = 1024 * 1024
 
@@ -16,20 +16,21 @@ class RegistrySettings(ServiceSettings):
 
     service: ClassVar[str] = "registry"
 
-    http_port: int = Field(8101, description="Port of the registry's HTTP API.")
+    http_port: Port = Field(8101, description="Port of the registry's HTTP API (1 to 65535).")
     consumer_group: str = Field(
         "registry", description="Kafka consumer group of the registry's event handlers (and its inbox name)."
     )
     max_upload_bytes: int = Field(
-        64 * MIB, description="Dataset uploads whose file is larger than this get 413."
+        64 * MIB, ge=1, description="Dataset uploads whose file is larger than this get 413; 1 or more."
     )
     max_request_bytes: int = Field(
         65 * MIB,
+        ge=1,
         description="HTTP request bodies above this get 413; raised to max_upload_bytes + 1 MiB when lower, "
         "so the upload limit is the one that speaks.",
     )
     read_pool_max: int = Field(
-        4, description="Connections of the HTTP API's read pool (besides db_pool_max)."
+        4, ge=1, description="Connections of the HTTP API's read pool (besides db_pool_max), 1 or more."
     )
     max_dataset_columns: int = Field(2000, ge=1, description="Dataset uploads with more columns get 422.")
     max_dataset_rows: int = Field(

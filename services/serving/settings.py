@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from contracts.rollouts import RolloutMode
-from libs.settings import ServiceSettings
+from libs.settings import Port, ServiceSettings
 
 
 class ServingSettings(ServiceSettings):
@@ -16,7 +16,7 @@ class ServingSettings(ServiceSettings):
 
     service: ClassVar[str] = "serving"
 
-    http_port: int = Field(8104, description="Port of the serving HTTP API.")
+    http_port: Port = Field(8104, description="Port of the serving HTTP API (1 to 65535).")
     database_schema: str = Field(
         "serving",
         description="Postgres schema serving owns; tests give each run its own so parallel runs never meet.",

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from libs.settings import ServiceSettings
+from libs.settings import Port, ServiceSettings
 
 
 class TrainingSettings(ServiceSettings):
@@ -14,7 +14,7 @@ class TrainingSettings(ServiceSettings):
 
     service: ClassVar[str] = "training"
 
-    http_port: int = Field(8102, description="Port of the training HTTP API.")
+    http_port: Port = Field(8102, description="Port of the training HTTP API (1 to 65535).")
     database_schema: str = Field(
         "training",
         description="Postgres schema training owns; tests give each run its own so parallel runs never meet.",

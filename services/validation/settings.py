@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from libs.settings import ServiceSettings
+from libs.settings import Port, ServiceSettings
 
 
 class ValidationSettings(ServiceSettings):
@@ -14,7 +14,7 @@ class ValidationSettings(ServiceSettings):
 
     service: ClassVar[str] = "validation"
 
-    http_port: int = Field(8103, description="Port of the validation HTTP API.")
+    http_port: Port = Field(8103, description="Port of the validation HTTP API (1 to 65535).")
     database_schema: str = Field(
         "validation",
         description="Postgres schema validation owns; tests give each run its own so parallel runs never "

@@ -15,7 +15,7 @@ from libs.auth import OperatorDep, PredictDep, Role, TokenFileInvalid, ViewerDep
 from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
-from libs.settings import ServiceSettings
+from libs.settings import ServiceSettings, settings_problems
 
 
 class ExampleSettings(ServiceSettings):
@@ -42,6 +42,109 @@ def test_prod_refuses_a_placeholder_secret(monkeypatch: pytest.MonkeyPatch) -> N
         ExampleSettings()
     monkeypatch.setenv("DRIFTLOOP_KAFKA_SASL_PASSWORD", "s3cr3t-from-the-vault")
     assert ExampleSettings().env == "prod"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DRIFTLOOP_HTTP_PORT", "70000"),
+        ("DRIFTLOOP_HTTP_PORT", "0"),
+        ("DRIFTLOOP_DB_POOL_MAX", "0"),
+        ("DRIFTLOOP_DB_POOL_MIN", "0"),
+        ("DRIFTLOOP_DB_POOL_MIN", "50"),  # above the maximum, 8
+        ("DRIFTLOOP_MAX_REQUEST_BYTES", "-1"),  # every POST would get 413
+        ("DRIFTLOOP_CONSUMER_MAX_RETRIES", "-1"),
+        ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "-1"),  # the outage retry loop would spin
+        ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "nan"),
+        ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "inf"),
+        ("DRIFTLOOP_KAFKA_MAX_EVENT_BYTES", "0"),  # every event would be dead-lettered
+        ("DRIFTLOOP_DATABASE_URL", "not a url"),
+        ("DRIFTLOOP_DATABASE_URL", "mysql://driftloop@db/driftloop"),
+        ("DRIFTLOOP_DATABASE_URL", "postgresql:///driftloop"),
+        ("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:99999/driftloop"),
+        ("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@127.0.0.1:abc/driftloop"),
+        ("DRIFTLOOP_DATABASE_URL", "postgresql://driftloop@db/driftloop?port=0"),
+    ],
+)
+def test_settings_refuse_values_no_service_can_run_with(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        ExampleSettings()
+
+
+def every_service_settings() -> list[type[ServiceSettings]]:
+    from services.audit.settings import AuditSettings
+    from services.monitoring.settings import MonitoringSettings
+    from services.registry.settings import RegistrySettings
+    from services.serving.settings import ServingSettings
+    from services.training.settings import TrainingSettings
+    from services.validation.settings import ValidationSettings
+
+    return [
+        RegistrySettings,
+        TrainingSettings,
+        ValidationSettings,
+        ServingSettings,
+        MonitoringSettings,
+        AuditSettings,
+    ]
+
+
+@pytest.mark.parametrize("settings_class", every_service_settings(), ids=lambda c: c.service)
+@pytest.mark.parametrize("port", ["70000", "0"])
+def test_every_service_refuses_a_port_it_cannot_listen_on(
+    settings_class: type[ServiceSettings], port: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each service declares its own http_port (its default): the bounds must hold there too.
+    monkeypatch.setenv(f"DRIFTLOOP_{settings_class.service.upper()}_HTTP_PORT", port)
+    with pytest.raises(ValidationError):
+        settings_class()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "DRIFTLOOP_REGISTRY_MAX_UPLOAD_BYTES",
+        "DRIFTLOOP_REGISTRY_MAX_REQUEST_BYTES",
+        "DRIFTLOOP_REGISTRY_READ_POOL_MAX",
+    ],
+)
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_the_registry_refuses_limits_and_pools_below_1(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.registry.settings import RegistrySettings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        RegistrySettings()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://driftloop@127.0.0.1:54329/driftloop",
+        "postgres://driftloop:pw@db.internal/driftloop?sslmode=verify-full",
+        "postgresql://driftloop@/driftloop?host=/var/run/postgresql",
+        "postgresql://driftloop@db1:5432,db2:5433/driftloop",
+        "postgresql://driftloop@[::1]:5432/driftloop",
+    ],
+)
+def test_settings_take_the_postgres_urls_asyncpg_takes(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+    assert ExampleSettings().database_url == url
+
+
+def test_a_refused_database_url_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", "postgresql://audit:TopSecretPw@db.internal:99999/x")
+    with pytest.raises(ValidationError) as caught:
+        ExampleSettings()
+    lines = settings_problems(caught.value)
+    assert lines == ["DRIFTLOOP_DATABASE_URL is not valid: its port '99999' is not a number from 1 to 65535"]
 
 
 def make_app(tmp_path: Path, *, env: str = "dev", max_request_bytes: int = 1000) -> httpx.AsyncClient:
