@@ -35,7 +35,9 @@ log = get_logger(__name__)
 
 DROPPED = Counter(
     "driftloop_serving_prediction_log_dropped_total",
-    "PredictionsLogged events not published: buffer-full (dropped newest) or send-failed.",
+    "PredictionsLogged events not published, by reason: buffer-full (dropped newest), send-failed (not "
+    "acknowledged by the broker), unencodable, producer-down (offered while no producer process ran), "
+    "producer-exited (handed to a producer process that died before reporting them).",
     ["reason"],
 )
 SENT = Counter("driftloop_serving_prediction_log_sent_total", "PredictionsLogged events published.")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -403,3 +405,15 @@ def test_rows_built_a_column_at_a_time_or_one_dict_at_a_time_are_the_same_bytes(
     log_item = VARIED[case]()
     [(_, _, value, _)] = encode(log_item, source="/s", max_bytes=1_000_000)
     assert value == dict_per_row(log_item)
+
+
+def test_the_help_of_the_dropped_counter_names_every_reason_it_is_counted_under() -> None:
+    adapters = Path(prediction_log.__file__).parent
+    reasons = {
+        reason
+        for source in (adapters / "prediction_log.py", adapters / "log_producer.py")
+        for reason in re.findall(r'DROPPED\.labels\("([a-z-]+)"\)', source.read_text())
+    }
+    assert reasons >= {"buffer-full", "send-failed", "unencodable", "producer-down", "producer-exited"}
+    help_text = prediction_log.DROPPED._documentation
+    assert [reason for reason in sorted(reasons) if reason not in help_text] == []
