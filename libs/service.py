@@ -7,24 +7,53 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from contracts.envelope import EventTypeRegistry
 from contracts.registry import EVENT_TYPES
+from libs.auth import TokenFileInvalid, read_token_file
 from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
 from libs.db import Migration, apply_migrations, create_pool, shown_dsn
 from libs.logging import configure_logging, get_logger
-from libs.settings import ServiceSettings
+from libs.settings import ServiceSettings, settings_problems
 
 log = get_logger(__name__)
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(settings_class: type[S]) -> S:
+    """A service's settings, its token file read once to check it, before anything connects. What is
+    wrong is printed naming the variable (never a secret's value) and the process exits with 2: a
+    traceback would bury it."""
+    try:
+        settings = settings_class()
+        read_token_file(settings.auth_tokens_file, named_by="DRIFTLOOP_AUTH_TOKENS_FILE")
+    except (ValidationError, SettingsError) as err:
+        problems = settings_problems(err)
+    except TokenFileInvalid as err:
+        problems = [str(err)]
+    else:
+        return settings
+    for problem in problems:
+        print(f"driftloop {settings_class.service}: error: {problem}", file=sys.stderr)
+    print(
+        f"driftloop {settings_class.service}: what to do: correct or unset it; every setting is described "
+        f"in services/{settings_class.service}/settings.py and libs/settings.py.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import uvloop
 
-from libs.service import run
+from libs.service import load_settings, run
 from services.registry.bootstrap import MIGRATIONS, build
 from services.registry.settings import RegistrySettings
 
@@ -10,4 +10,4 @@ if __name__ == "__main__":
     # uvloop (shipped with uvicorn[standard]) under the whole service: the version page is read far more
     # often than anything else, and the loop's own overhead is a visible share of its latency.
     uvloop.install()
-    run(RegistrySettings(), migrations=MIGRATIONS, build=build)
+    run(load_settings(RegistrySettings), migrations=MIGRATIONS, build=build)

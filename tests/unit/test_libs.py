@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -15,7 +18,9 @@ from libs.auth import OperatorDep, PredictDep, Role, TokenFileInvalid, ViewerDep
 from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
+from libs.service import load_settings
 from libs.settings import ServiceSettings, settings_problems
+from tests.ports import free_port
 
 
 class ExampleSettings(ServiceSettings):
@@ -451,3 +456,62 @@ def test_an_error_naming_a_lone_surrogate_can_still_be_sent() -> None:
 )
 def test_a_dsn_is_shown_without_its_password(dsn: str, shown: str) -> None:
     assert shown_dsn(dsn) == shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("DRIFTLOOP_HTTP_PORT", "70000", "DRIFTLOOP_HTTP_PORT='70000' is not valid:"),
+        (
+            "DRIFTLOOP_AUDIT_TOPICS",
+            "a,b",
+            "DRIFTLOOP_AUDIT_TOPICS='a,b' is not valid: it must be a JSON list",
+        ),
+        (
+            "DRIFTLOOP_AUTH_TOKENS_FILE",
+            "{tmp}",
+            "the token file {tmp} (DRIFTLOOP_AUTH_TOKENS_FILE) cannot be read",
+        ),
+    ],
+)
+def test_a_service_with_a_setting_it_cannot_use_says_which_and_exits_2_without_a_traceback(
+    variable: str, value: str, said: str, tmp_path: Path
+) -> None:
+    # The service's own entry point, as the supervisor or a container runs it; it stops before it
+    # connects to anything. Should it not, there is nothing to connect to and it is stopped.
+    nowhere = {
+        "DRIFTLOOP_DATABASE_URL": f"postgresql://driftloop@127.0.0.1:{free_port()}/driftloop",
+        "DRIFTLOOP_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "DRIFTLOOP_AUDIT_SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
+        "DRIFTLOOP_AUDIT_CHECKPOINT_FILE": str(tmp_path / "checkpoints.ndjson"),
+    }
+    env = {**os.environ, **nowhere, variable: value.format(tmp=tmp_path)}
+    env.pop("DRIFTLOOP_ENV", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.audit"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"driftloop audit: error: {said.format(tmp=tmp_path)}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_load_settings_names_a_token_file_it_cannot_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text('{"tokens": {}}')
+    monkeypatch.setenv("DRIFTLOOP_AUTH_TOKENS_FILE", str(path))
+
+    with pytest.raises(SystemExit) as caught:
+        load_settings(ExampleSettings)
+
+    assert caught.value.code == 2
+    assert (
+        f'driftloop example: error: the token file {path} (DRIFTLOOP_AUTH_TOKENS_FILE) has no "tokens" list'
+        in (capsys.readouterr().err)
+    )
