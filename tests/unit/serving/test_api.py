@@ -477,7 +477,8 @@ async def test_oip_metadata_and_health(service: Service) -> None:
         "ready": False,
     }
     not_ready = await service.client.get("/v2/models/churn/versions/9/ready")
-    assert (not_ready.status_code, not_ready.json()["error"]) == (404, "model 'churn' version 9 is not serving")
+    assert not_ready.status_code == 404
+    assert not_ready.json()["error"] == "model 'churn' version 9 is not serving"
     assert (await service.client.get("/v2/models/churn")).status_code == 401
     meta = (await service.client.get("/v2/models/churn", headers=PREDICT)).json()
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [
