@@ -155,7 +155,10 @@ class ServiceSettings(BaseSettings):
         LOCAL_STATE / "tokens.json", description="File with hashed bearer tokens and their roles."
     )
     consumer_max_retries: int = Field(
-        3, ge=0, description="Handler attempts before an event is dead-lettered, 0 or more."
+        3,
+        ge=0,
+        description="Retries of a failing handler before its event is dead-lettered (so 1 + this many "
+        "attempts), 0 or more.",
     )
     consumer_retry_backoff_s: float = Field(
         0.2,
