@@ -8,7 +8,9 @@ regression output) within ``tolerance`` and the same predicted class on every ro
 and the reason is logged, shown in the model's metadata and counted.
 
 ONNX Runtime's imputer has no double-precision kernel, so numeric inputs are cast to float32: that is the
-precision the tolerance is checked at. Missing categorical values travel as a sentinel string (ONNX
+precision the tolerance is checked at. Only linear models are compiled: their outputs move smoothly with
+the inputs, while a tree's answer jumps where float32 rounding takes a value across a split. Missing
+categorical values travel as a sentinel string (ONNX
 string tensors have no null); a categorical imputer is converted with that sentinel as its missing value.
 """
 
@@ -169,6 +171,19 @@ def _session(estimator: Any, signature: ModelSignature) -> tuple[Any, str]:
     return session, outputs[1] if classifier else outputs[0]
 
 
+def _check_smooth(final: Any) -> None:
+    """Only models whose output moves smoothly with their inputs are compiled. A tree compares each input
+    with split values: in float32, the compiled copy's precision, a value next to a split falls on the
+    other side and the answer jumps (another class, a probability 1.0 away), and no random sample finds it."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+
+    if not isinstance(final, LogisticRegression | LinearRegression | Ridge):
+        raise NotCompilable(
+            f"{type(final).__name__} splits on thresholds, which float32 inputs can cross: "
+            "only linear models are compiled"
+        )
+
+
 def _final_step(estimator: Any) -> Any:
     steps = getattr(estimator, "steps", None)
     return steps[-1][1] if steps else estimator
@@ -241,6 +256,7 @@ def compile_model(
     estimator: Any, signature: ModelSignature, *, tolerance: float = DEFAULT_TOLERANCE
 ) -> CompiledModel:
     """A compiled copy verified against the pipeline; :class:`NotCompilable` saying why not."""
+    _check_smooth(_final_step(estimator))
     session, output = _session(estimator, signature)
     compiled = CompiledModel(session, signature, output, 0.0, 0)
     sample = verification_sample(estimator, signature)

@@ -13,12 +13,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from libs.artifacts import ArtifactStore, save_model
+from libs.modelspec import build_pipeline, spec_from_data
 from services.serving.adapters.artifacts import ArtifactModelLoader, compile_or_explain
 from services.serving.compiled import CompiledModel, NotCompilable, compile_model
 from services.serving.domain import MISSING, FeatureColumns, columns_from_records
 from services.serving.ports import VersionRecord
 from services.serving.routing import ServedModel
+from services.training.worker import signature
 from tests.unit.serving.fakes import churn_pipeline, churn_signature
+from tests.unit.training.data import churn_frame, churn_spec_data
 
 PIPELINE = churn_pipeline()
 SIGNATURE = churn_signature()
@@ -74,6 +77,19 @@ def test_a_step_without_a_converter_leaves_the_pipeline_serving_and_says_why() -
     assert "no ONNX conversion" in note
     off, why = compile_or_explain(PIPELINE, SIGNATURE, enabled=False, tolerance=1e-5)
     assert off is None and "off" in why
+
+
+@pytest.mark.parametrize("estimator", ["decision_tree", "hist_gradient_boosting", "random_forest"])
+def test_a_tree_model_is_not_compiled_its_pipeline_answers_next_to_a_split_too(estimator: str) -> None:
+    # In float32 (the compiled copy's precision) a value next to a split value falls on the other side:
+    # another class, with a probability up to 1.0 away, which a random verification sample does not find.
+    spec = spec_from_data(churn_spec_data(estimator=estimator, params={}))
+    data = churn_frame(600)
+    pipeline = build_pipeline(spec).fit(data.drop(columns=["churned"]), data["churned"])
+    tree_signature = signature(spec, pipeline, tuple(pipeline.classes_))
+    compiled, note = compile_or_explain(pipeline, tree_signature, enabled=True, tolerance=1e-5)
+    assert compiled is None
+    assert "only linear models are compiled" in note
 
 
 def _uncompiled() -> float:
