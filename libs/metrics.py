@@ -152,7 +152,10 @@ def weighted(outputs: Outputs, name: str, weights: np.ndarray) -> np.ndarray:
                 return (w @ np.abs(err)) / total
             if name == "r2":
                 sse = w @ (err * err)
-                sy, syy = w @ outputs.y, w @ (outputs.y * outputs.y)
+                # Centred first: r2 does not change under a shift of y, and sum(y²) - sum(y)²/n loses every
+                # digit when the mean is large against the spread (a target near 1e9 gave NaN).
+                y = outputs.y - outputs.y.mean()
+                sy, syy = w @ y, w @ (y * y)
                 sst = syy - sy * sy / total
                 return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.nan)
         else:

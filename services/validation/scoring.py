@@ -66,8 +66,10 @@ def measure(
                 champion, champion_signature.task, _inputs(holdout, champion_signature, "champion"), y
             )
             comparison = _compare(spec, metric_name, outputs, theirs, seed)
-        except (HoldoutMismatch, ValueError, KeyError) as exc:
-            champion_error = str(exc)
+        except Exception as exc:
+            # Whatever the champion raises on this holdout (a feature that changed type makes numpy's
+            # isnan refuse it: TypeError) is the champion's, never the candidate's.
+            champion_error = str(exc) if isinstance(exc, HoldoutMismatch) else f"{type(exc).__name__}: {exc}"
 
     slices: list[SliceMeasure] = []
     feature = spec.slices.feature if spec.slices is not None else None

@@ -212,6 +212,10 @@ def test_metrics_agree_with_scikit_learn() -> None:
     assert metric(reg, "rmse") == pytest.approx(np.sqrt(skm.mean_squared_error(target, guess)))
     assert metric(reg, "mae") == pytest.approx(skm.mean_absolute_error(target, guess))
     assert metric(reg, "r2") == pytest.approx(skm.r2_score(target, guess))
+    # A target far from zero against its spread: sum(y²) - sum(y)²/n lost every digit (NaN at 1e9).
+    for offset in (1e7, 1e9):
+        far = Outputs(Task.REGRESSION, target + offset, target + offset + rng.normal(0, 0.3, 300))
+        assert metric(far, "r2") == pytest.approx(skm.r2_score(far.y, far.pred), abs=1e-6)
 
 
 def test_paired_bootstrap_is_seeded_and_zero_for_identical_models() -> None:

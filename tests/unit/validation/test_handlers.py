@@ -9,19 +9,19 @@ from typing import Any
 
 import pytest
 
-from contracts.common import DatasetRef, Lineage, ModelSignature, Stage
+from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.registry import EVENT_TYPES
 from contracts.validation import ValidationFailed, ValidationPassed
-from libs.artifacts import ArtifactStore
+from libs.artifacts import ArtifactStore, save_model
 from libs.bus import InMemoryBus, Subscription, Transaction
-from libs.modelspec import ModelSpec
-from services.training.worker import run_training
+from libs.modelspec import ModelSpec, build_pipeline, spec_from_data
+from services.training.worker import run_training, signature
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.handlers import HANDLERS, report_for_version
-from services.validation.ports import Report, VersionRecord
-from tests.unit.training.data import churn_frame, churn_spec, put_frame
+from services.validation.ports import Evaluation, Report, VersionRecord
+from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -281,3 +281,37 @@ async def test_candidate_without_a_holdout_fails(gate: Gate) -> None:
     await gate.register(no_holdout)
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-available"]
+
+
+async def test_a_champion_that_cannot_score_the_holdout_is_the_champions_failure(tmp_path: Path) -> None:
+    # The champion took x1 as a category; the candidate takes it as a number. On the candidate's holdout
+    # the champion raises TypeError (numpy's isnan on text), which was blamed on the candidate: the whole
+    # report became one failed candidate-scores check.
+    store = ArtifactStore(str(tmp_path))
+    frame = churn_frame(400)
+    spec = spec_from_data(churn_spec_data(params={}))
+    candidate = build_pipeline(spec).fit(frame.drop(columns=["churned"]), frame["churned"])
+    data = churn_spec_data(params={})
+    data["features"][1] = {"name": "x1", "type": "categorical"}
+    old_spec = spec_from_data(data)
+    old_frame = frame.assign(x1=(frame["x1"] > 0).map({True: "hi", False: "lo"}))
+    champion = build_pipeline(old_spec).fit(old_frame.drop(columns=["churned"]), old_frame["churned"])
+
+    def ref(model: Any) -> ArtifactRef:
+        stored = save_model(store, model)
+        return ArtifactRef(
+            key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size
+        )
+
+    evaluation = Evaluation(
+        candidate=ref(candidate),
+        signature=signature(spec, candidate, tuple(candidate.classes_)),
+        holdout=put_frame(store, churn_frame(200, seed=1)),
+        spec=spec.validation,
+        seed=0,
+        champion=ref(champion),
+        champion_signature=signature(old_spec, champion, tuple(champion.classes_)),
+    )
+    measured = await StoreEvaluator(store, latency_repeats=1).measure(evaluation)
+    assert measured.champion is None
+    assert measured.champion_error is not None and measured.champion_error.startswith("TypeError: ")
