@@ -523,8 +523,15 @@ def assign_variants(view: RouteView, entity_keys: Sequence[str | None], request_
 
 
 def shadowed_rows(view: RouteView, entity_keys: Sequence[str | None], request_draw: float) -> list[int]:
-    """Rows the shadow candidate scores (same draw rule as a canary); empty outside shadow mode."""
-    if view.mode is not RolloutMode.SHADOW or not view.has_canary or view.rollout_id is None:
+    """Rows the shadow candidate scores (same draw rule as a canary); empty outside shadow mode, and when no
+    stable version is loaded here (the candidate then answers every row itself: see :func:`assign_variants`,
+    and scoring it again in the shadow would log each of those rows twice)."""
+    if (
+        view.mode is not RolloutMode.SHADOW
+        or not view.has_canary
+        or not view.has_stable
+        or view.rollout_id is None
+    ):
         return []
     rid = view.rollout_id
     return [

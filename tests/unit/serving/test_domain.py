@@ -398,6 +398,15 @@ def test_shadow_mode_answers_with_the_stable_and_shadows_the_canary_share() -> N
     assert domain.shadowed_rows(canary_view(0.5), keys, 0.0) == []
 
 
+def test_a_shadow_rollout_without_a_loaded_stable_is_answered_by_the_candidate_once() -> None:
+    # The stable failed to load on this replica: the candidate answers, and is not scored again as shadow
+    # (each row would be logged twice, once as canary and once as shadow).
+    view = RouteView(rollout_id="r-1", weight=1.0, mode=RolloutMode.SHADOW, has_stable=False, has_canary=True)
+    keys = ["a", None]
+    assert domain.assign_variants(view, keys, 0.0) == [Variant.CANARY] * 2
+    assert domain.shadowed_rows(view, keys, 0.0) == []
+
+
 def test_prediction_ids_name_their_model_and_version() -> None:
     pid = domain.prediction_id("churn.eu-2", 7, "abc", 3)
     assert domain.parse_prediction_id(pid) == ("churn.eu-2", 7)
