@@ -8,9 +8,10 @@ edges with their histogram (for PSI and Jensen–Shannon), summary statistics, a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -145,14 +146,46 @@ def profile_numeric(
     )
 
 
+def category_key(value: Any) -> str:
+    """The text a category is counted under, in the profile and in live windows alike.
+
+    An integral number is its integer's text whatever its type (a column with a null is float64, so
+    training sees 1.0 where serving logs 1; -0.0 is 0); a boolean stays ``True``/``False``, apart from
+    1 and 0; text stays itself; any other value is its ``str``.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool | str):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def count_categories(values: Sequence[Any] | np.ndarray) -> dict[str, int]:
+    """Count per :func:`category_key` of the present values (None is missing and not counted).
+
+    Counted by (type, value) first, at C speed: a plain ``Counter`` would merge True with 1 (they hash
+    equal), which the keys keep apart.
+    """
+    raw = Counter(zip(map(type, values), values, strict=True))
+    counts: dict[str, int] = {}
+    for (_, value), n in raw.items():
+        if value is None:
+            continue
+        key = category_key(value)
+        counts[key] = counts.get(key, 0) + n
+    return counts
+
+
 def profile_categorical(name: str, series: pd.Series) -> CategoricalProfile:
     present = series.dropna()
-    counts = present.astype(str).value_counts()
+    counts = count_categories(present.tolist())
     return CategoricalProfile(
         name=name,
         count=int(present.size),
         missing=int(series.size - present.size),
-        frequencies={str(k): int(v) for k, v in counts.sort_index().items()},
+        frequencies={k: counts[k] for k in sorted(counts)},
     )
 
 

@@ -26,7 +26,14 @@ from contracts.monitoring import (
 )
 from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
-from libs.profiles import CategoricalProfile, NumericProfile, ReferenceProfile, bin_counts
+from libs.profiles import (
+    CategoricalProfile,
+    NumericProfile,
+    ReferenceProfile,
+    bin_counts,
+    category_key,
+    count_categories,
+)
 from services.monitoring import stats
 
 # Numeric features with at most this many distinct reference values are compared as categories, as
@@ -121,13 +128,9 @@ class FeatureReference:
             distinct=int(values.size),
         )
         if ref.distinct <= LOW_CARDINALITY:
-            ref.categories = [_numeric_category(v) for v in values]
+            ref.categories = [category_key(v) for v in values.tolist()]
             ref.category_counts = counts.astype(float)
         return ref
-
-
-def _numeric_category(value: float) -> str:
-    return repr(float(value))
 
 
 @dataclass
@@ -538,11 +541,10 @@ def _eligible(ref: FeatureReference, test: DriftTest) -> bool:
     return True  # PSI and Jensen–Shannon work on bins and on categories
 
 
-def _category_counts(ref: FeatureReference, raw: Counter[Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _category_counts(
+    ref: FeatureReference, counted: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Reference and current counts over the union of categories (reference order, then unseen ones)."""
-    counted: Counter[str] = Counter()
-    for value, count in raw.items():
-        counted[str(value)] += count
     index = {c: i for i, c in enumerate(ref.categories)}
     unseen = sorted(c for c in counted if c not in index)
     labels = ref.categories + unseen
@@ -559,18 +561,18 @@ def judge_feature(
     ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy
 ) -> FeatureResult:
     """Compare one feature's window values with its reference (before correction)."""
-    counted: Counter[Any] | None = None
+    counted: dict[str, int] | None = None
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         present_num = values[~np.isnan(values)]
         n_missing = int(values.size - present_num.size)
         present: np.ndarray | list[Any] = present_num
         n = int(present_num.size)
     else:
-        # Counting the raw values runs at C speed; only the distinct ones are turned into text.
-        counted = Counter(values)
-        n_missing = counted.pop(None, 0)
+        # The same category keys as the reference profile's (libs.profiles.category_key).
+        counted = count_categories(values)
+        n = sum(counted.values())
+        n_missing = len(values) - n
         present = []
-        n = len(values) - n_missing
     test = choose_test(ref, n, policy)
     threshold = policy.threshold_for(ref.name, test)
     hist: Histogram | None = None
@@ -579,7 +581,8 @@ def judge_feature(
     if ref.compared_as_categories and test in (DriftTest.CHI2, DriftTest.JENSEN_SHANNON, DriftTest.PSI):
         if counted is None:
             distinct, freq = np.unique(np.asarray(present, dtype=float), return_counts=True)
-            counted = Counter({_numeric_category(v): int(c) for v, c in zip(distinct, freq, strict=True)})
+            # np.unique already holds -0.0 and 0.0 as one value: one key per distinct number.
+            counted = {category_key(v): c for v, c in zip(distinct.tolist(), freq.tolist(), strict=True)}
         ref_counts, cur_counts, labels = _category_counts(ref, counted)
         unseen = int(cur_counts[len(ref.categories) :].sum())
         if n:

@@ -41,6 +41,7 @@ from libs.profiles import (
     CategoricalProfile,
     NumericProfile,
     ReferenceProfile,
+    category_key,
     encode_features,
     profile_features,
     profile_numeric,
@@ -419,7 +420,7 @@ def prediction_profile(
         frequencies: dict[str, int] = {}
         for code, count in enumerate(np.bincount(predicted, minlength=len(outputs.classes)).tolist()):
             if count:
-                key = str(outputs.classes[code])
+                key = category_key(outputs.classes[code])
                 frequencies[key] = frequencies.get(key, 0) + count
         return CategoricalProfile(
             name="prediction",

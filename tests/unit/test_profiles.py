@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from libs.profiles import ReferenceProfile, bin_counts, build_profile, edge_counts, sorted_bin_counts
+from libs.profiles import (
+    ReferenceProfile,
+    bin_counts,
+    build_profile,
+    category_key,
+    edge_counts,
+    sorted_bin_counts,
+)
 
 
 def frame(n: int = 2_000, seed: int = 1) -> pd.DataFrame:
@@ -42,6 +49,30 @@ def test_categorical_frequencies_and_round_trip_through_bytes() -> None:
     assert set(c.frequencies) == {"a", "b", "c"}
     assert sum(c.frequencies.values()) == 2_000
     assert ReferenceProfile.from_bytes(profile.to_bytes()) == profile
+
+
+def test_category_keys_spell_integral_numbers_as_integers_and_keep_booleans_apart() -> None:
+    assert [category_key(v) for v in (1, 1.0, np.float64(1.0), np.int64(1), "1")] == ["1"] * 5
+    assert [category_key(v) for v in (0.0, -0.0, np.float64(-0.0))] == ["0"] * 3
+    assert [category_key(v) for v in (True, np.True_, False)] == ["True", "True", "False"]
+    assert [category_key(v) for v in (1.5, "a", float("inf"))] == ["1.5", "a", "inf"]
+
+
+def test_an_integer_coded_category_with_a_null_is_profiled_under_its_integers() -> None:
+    # A null makes pandas hold the codes as float64; serving logs them as JSON integers.
+    codes = pd.DataFrame({"store": [1.0, 2.0, np.nan, 2.0, -0.0]})
+    profile = build_profile(codes, [("store", "categorical")])
+    store = profile.feature("store")
+    assert store.kind == "categorical"
+    assert store.frequencies == {"0": 1, "1": 1, "2": 2}
+
+
+def test_boolean_and_integer_categories_are_profiled_apart() -> None:
+    flags = pd.DataFrame({"card": pd.Series([True, 1, False, 0, True], dtype=object)})
+    profile = build_profile(flags, [("card", "categorical")])
+    card = profile.feature("card")
+    assert card.kind == "categorical"
+    assert card.frequencies == {"0": 1, "1": 1, "False": 1, "True": 2}
 
 
 def test_bin_counts_use_right_closed_bins() -> None:

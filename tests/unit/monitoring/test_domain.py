@@ -23,7 +23,7 @@ from contracts.predictions import (
     read_prediction_columns,
 )
 from libs.artifacts import frame_to_parquet
-from libs.profiles import build_profile
+from libs.profiles import ReferenceProfile, build_profile
 from services.monitoring import export
 from services.monitoring.domain import (
     CanaryPolicy,
@@ -174,6 +174,66 @@ def test_a_new_category_is_found_and_reported_as_unseen() -> None:
     plan = judgement.features[-1]
     assert plan.test is DriftTest.CHI2 and plan.drifted
     assert any(q.kind == "unseen-category" and q.feature == "plan" for q in judgement.quality)
+
+
+def one_feature_window(
+    frame: pd.DataFrame, kind: FeatureType, inputs: list[dict[str, Any]]
+) -> tuple[ModelReference, Any]:
+    """A model of one feature profiled from ``frame`` (as monitoring loads it) and a window of ``inputs``."""
+    [name] = frame.columns
+    profile = build_profile(frame, [(name, kind.value)], seed=0)
+    signature = ModelSignature(features=[FeatureSpec(name=name, type=kind)], target="y", task=Task.REGRESSION)
+    ref = ModelReference.build(
+        "m", 1, signature, {"mae": 1.0}, ReferenceProfile.from_bytes(profile.to_bytes())
+    )
+    rows = [
+        PredictionRecord(prediction_id=f"p-{i}", inputs=row, output=PredictionOutput(prediction=0.0))
+        for i, row in enumerate(inputs)
+    ]
+    logged = PredictionsLogged(
+        model="m",
+        model_version=1,
+        variant=Variant.STABLE,
+        request_id="r",
+        predicted_at=T0,
+        latency_ms=1.0,
+        rows=rows,
+    )
+    return ref, closed_window(ref, [(logged, 0, 0)], len(inputs))
+
+
+def test_integer_categories_of_a_reference_column_with_nulls_match_the_same_integer_traffic() -> None:
+    # pandas holds integer codes with a null as float64 (1.0); serving logs them as JSON integers (1).
+    rng = np.random.default_rng(0)
+    codes = rng.choice([1, 2, 3], 2_000).astype(float)
+    codes[::50] = np.nan
+    traffic = [{"store": int(v)} for v in rng.choice([1, 2, 3], 500)]
+    ref, window = one_feature_window(pd.DataFrame({"store": codes}), FeatureType.CATEGORICAL, traffic)
+    judgement = judge_window(ref, window, DriftPolicy())
+    [store] = judgement.features
+    assert store.unseen == 0 and not store.drifted, store.histogram
+    assert judgement.quality == []
+
+
+def test_negative_zero_is_the_category_zero_of_a_low_cardinality_numeric() -> None:
+    rng = np.random.default_rng(0)
+    flags = pd.DataFrame({"flag": rng.choice([0.0, 1.0], 2_000)})
+    traffic = [{"flag": -0.0 if v == 0 else 1.0} for v in rng.choice([0, 1], 500)]
+    ref, window = one_feature_window(flags, FeatureType.NUMERIC, traffic)
+    [flag] = judge_window(ref, window, DriftPolicy()).features
+    assert flag.test is DriftTest.CHI2
+    assert flag.unseen == 0 and not flag.drifted, flag.histogram
+
+
+def test_boolean_and_integer_categories_are_counted_apart_in_a_window_as_in_the_reference() -> None:
+    mixed = pd.DataFrame({"card": pd.Series([True, 1, False, 0] * 500, dtype=object)})
+    ref, window = one_feature_window(
+        mixed, FeatureType.CATEGORICAL, [{"card": v} for v in [True, 1, False, 0] * 125]
+    )
+    [card] = judge_window(ref, window, DriftPolicy()).features
+    assert card.histogram is not None and sorted(card.histogram.labels) == ["0", "1", "False", "True"]
+    assert card.histogram.current == card.histogram.reference
+    assert not card.drifted
 
 
 def test_nan_features_count_as_missing_and_are_reported() -> None:
