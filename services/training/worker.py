@@ -8,10 +8,10 @@ It runs in a separate process (see adapters/pool.py); its arguments and results 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import io
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
+from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, model_outputs
 from libs.modelspec import (
     FIT_WEIGHT_COLUMN,
@@ -49,6 +50,7 @@ from libs.profiles import (
 
 WEIGHT_COLUMN = FIT_WEIGHT_COLUMN  # the name the worker and its callers use
 T = TypeVar("T")
+log = get_logger(__name__)
 _progress_queue: Any = None
 
 
@@ -547,9 +549,7 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
     base_rows = (pd.concat(base, ignore_index=True) if base else _empty(spec)).dropna(subset=[spec.target])
     traffic = traffic.dropna(subset=[spec.target])
     if len(traffic) and len(base_rows):
-        # Labels arrive as JSON: 1.0 for a class 1 the base data spells as an integer; keep one spelling.
-        with contextlib.suppress(ValueError, TypeError):
-            traffic = traffic.astype({spec.target: base_rows[spec.target].dtype})
+        base_rows, traffic = _conform_labels(spec, base_rows, traffic)
     if policy.mode is TrainingSetMode.SLIDING_WINDOW:
         assert policy.window_rows is not None
         combined = _concat(base_rows, traffic).tail(policy.window_rows)
@@ -573,6 +573,94 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
             f"the training set has only one class of {spec.target!r}; a classifier needs at least two",
         )
     return combined
+
+
+def _conform_labels(
+    spec: ModelSpec, base_rows: pd.DataFrame, traffic: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Traffic labels in the base target's type, value by value and only where that loses nothing.
+
+    Labels come through JSON and the window file (a mixed column is text there: "True", "False", "1"),
+    so a cast of the column would be wrong: text to bool is truthiness ("False" is True) and float to
+    int truncates (19.75 is 19, a class 0.7 is 0). A boolean target takes booleans, "True"/"False" and
+    the numbers 0 and 1; an integer or float target takes numbers and their text, exactly. A regression
+    target of integers becomes float when a label has a fraction; a classification label that is no
+    exact value of the target's type is no class. Rows whose label cannot be converted are dropped and
+    counted (logged); a text (or other) target keeps its labels as they are.
+    """
+    target = spec.target
+    column = base_rows[target]
+    if column.dtype == traffic[target].dtype and column.dtype != object:
+        return base_rows, traffic
+    convert: Callable[[Any], Any]
+    if pd.api.types.is_bool_dtype(column) or (
+        column.dtype == object and all(isinstance(v, bool | np.bool_) for v in column.tolist())
+    ):
+        convert, dtype = _bool_label, "bool"
+    elif pd.api.types.is_integer_dtype(column) or pd.api.types.is_float_dtype(column):
+        convert, dtype = _number_label, "float64"
+    else:
+        return base_rows, traffic
+    converted = [convert(v) for v in traffic[target].tolist()]
+    keep = np.array([v is not None for v in converted], dtype=bool)
+    if pd.api.types.is_integer_dtype(column):
+        integral = [v for v in converted if v is not None and float(v).is_integer()]
+        if spec.task is Task.CLASSIFICATION:
+            # A class of an integer target is an integer: a fractional label is no class.
+            converted = [int(v) if v is not None and float(v).is_integer() else None for v in converted]
+            keep = np.array([v is not None for v in converted], dtype=bool)
+            dtype = str(column.dtype)
+        elif len(integral) == int(keep.sum()):
+            converted = [int(v) if v is not None else None for v in converted]
+            dtype = str(column.dtype)
+        else:
+            base_rows = base_rows.astype({target: "float64"})
+    dropped = int(keep.size - keep.sum())
+    if dropped:
+        log.warning(
+            "traffic labels dropped: not exactly a value of the target's type",
+            model=spec.name,
+            target=target,
+            target_type=str(column.dtype),
+            dropped=dropped,
+            kept=int(keep.sum()),
+        )
+    values = pd.Series([v for v, k in zip(converted, keep.tolist(), strict=True) if k], dtype=dtype)
+    kept = traffic[keep].copy()
+    kept[target] = values.to_numpy()
+    return base_rows, kept
+
+
+def _bool_label(value: Any) -> bool | None:
+    """A boolean label: a boolean, its text, or the number 0 or 1; None for anything else."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, str) and value in ("True", "False", "true", "false"):
+        return value in ("True", "true")
+    number = _number_label(value)
+    return bool(number) if number is not None and number in (0, 1) else None
+
+
+def _number_label(value: Any) -> int | float | None:
+    """A numeric label as an exact number (an int when it is one); None for a boolean, text that is no
+    number, NaN, infinity, or an integer a double cannot hold."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, int):
+        return value if float(value) == value else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
 
 
 def _concat(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:

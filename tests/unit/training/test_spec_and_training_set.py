@@ -18,6 +18,7 @@ from libs.artifacts import ArtifactStore
 from libs.modelspec import (
     RESERVED_FEATURE_NAMES,
     WINDOW_COLUMNS,
+    ModelSpec,
     SpecError,
     build_pipeline,
     parse_spec,
@@ -34,7 +35,14 @@ from services.training.worker import (
     run_training,
     split,
 )
-from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
+from tests.unit.training.data import (
+    churn_frame,
+    churn_spec,
+    churn_spec_data,
+    put_frame,
+    regression_frame,
+    traffic_window,
+)
 
 
 def test_yaml_and_json_of_the_same_spec_give_the_same_canonical_hash() -> None:
@@ -229,6 +237,50 @@ def test_all_mode_keeps_base_then_labelled_traffic_with_the_base_label_type() ->
     assert len(combined) == 200 + len(traffic)
     assert combined["churned"].dtype == base["churned"].dtype  # 1.0 from JSON becomes 1 again
     assert combined.iloc[200:]["x0"].tolist() == traffic["x0"].tolist()
+
+
+def test_text_labels_of_a_boolean_target_keep_their_truth_and_the_unconvertible_are_dropped() -> None:
+    # The window file holds a mixed label column as text: "True", "False", "1" (docs/monitoring.md).
+    spec = churn_spec()
+    base = churn_frame(200).assign(churned=lambda f: f["churned"].astype(bool))
+    traffic = churn_frame(8, seed=5).drop(columns=["churned"])
+    traffic["churned"] = ["False", "True", "1", "0", "false", 0.0, "maybe", "2"]
+    combined = assemble_training_set(spec, [base], traffic)
+    assert combined["churned"].dtype == bool
+    assert combined["churned"].iloc[200:].tolist() == [False, True, True, False, False, False]
+    assert combined["x0"].iloc[200:].tolist() == traffic["x0"].iloc[:6].tolist()
+
+
+def _price_spec() -> ModelSpec:
+    return spec_from_data(
+        {
+            "name": "price",
+            "features": [{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+            "target": "price",
+            "task": "regression",
+            "estimator": "linear_regression",
+            "seed": 7,
+            "base_datasets": ["price-base"],
+        }
+    )
+
+
+def test_fractional_regression_labels_widen_an_integer_target_to_float() -> None:
+    base = regression_frame(200).assign(price=lambda f: f["price"].round().astype("int64"))  # whole euros
+    traffic = regression_frame(3, seed=3).assign(price=[19.75, 20.0, 20.5])
+    combined = assemble_training_set(_price_spec(), [base], traffic)
+    assert combined["price"].dtype == np.float64
+    assert combined["price"].iloc[200:].tolist() == [19.75, 20.0, 20.5]
+    assert combined["price"].iloc[:200].tolist() == base["price"].astype(float).tolist()
+
+
+def test_a_label_that_is_no_exact_class_of_an_integer_target_is_dropped_not_truncated() -> None:
+    spec = churn_spec()
+    traffic = churn_frame(4, seed=5).assign(churned=[1.0, 0.7, "0", True])
+    combined = assemble_training_set(spec, [churn_frame(200)], traffic)
+    assert combined["churned"].dtype == np.int64
+    assert combined["churned"].iloc[200:].tolist() == [1, 0]
+    assert combined["x0"].iloc[200:].tolist() == traffic["x0"].iloc[[0, 2]].tolist()
 
 
 def test_sliding_window_keeps_the_newest_rows_and_always_the_traffic() -> None:
