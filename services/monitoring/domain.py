@@ -466,6 +466,12 @@ class FeatureResult:
     unseen: int = 0
     drifted: bool = False
     p_adjusted: float | None = None
+    untested: str | None = None  # why the window could not be compared with the reference
+
+    @property
+    def tested(self) -> bool:
+        """The window had values and the test could compare them with the reference."""
+        return self.n_current > 0 and self.untested is None
 
     def evidence(self, consecutive: int) -> FeatureDrift:
         return FeatureDrift(
@@ -493,9 +499,10 @@ def _finite(x: float) -> float:
 
 @dataclass
 class QualityFinding:
-    """A data-quality observation of a window (missing values, unseen categories, type mismatches)."""
+    """A data-quality observation of a window (missing values, unseen categories, type mismatches, a
+    feature that could not be tested)."""
 
-    kind: Literal["missing-values", "unseen-category", "type-mismatch"]
+    kind: Literal["missing-values", "unseen-category", "out-of-range", "type-mismatch"]
     feature: str
     count: int
     share: float
@@ -515,7 +522,7 @@ class WindowJudgement:
 
     @property
     def drift_share(self) -> float:
-        tested = [f for f in self.features if f.n_current > 0]
+        tested = [f for f in self.features if f.tested]
         return sum(f.drifted for f in tested) / len(tested) if tested else 0.0
 
 
@@ -575,6 +582,21 @@ def judge_feature(
         present = []
     test = choose_test(ref, n, policy)
     threshold = policy.threshold_for(ref.name, test)
+    if ref.count == 0:
+        # No reference value to compare with: not "no drift" (a p-value of 1), no verdict at all.
+        return FeatureResult(
+            name=ref.name,
+            kind=ref.kind,
+            test=test,
+            statistic=0.0,
+            p_value=None,
+            threshold=threshold,
+            n_current=n,
+            n_reference=0,
+            n_missing=n_missing,
+            histogram=None,
+            untested=f"the reference has no values of {ref.name} (all {ref.missing} rows missing)",
+        )
     hist: Histogram | None = None
     unseen = 0
     statistic, p_value = 0.0, None
@@ -661,7 +683,7 @@ def _fmt(x: float) -> str:
 
 def correct(results: list[FeatureResult], policy: DriftPolicy) -> None:
     """Adjust the p-values of the p-value tests as one family and set their verdicts (in place)."""
-    tested = [r for r in results if r.test in P_VALUE_TESTS and r.p_value is not None and r.n_current > 0]
+    tested = [r for r in results if r.test in P_VALUE_TESTS and r.p_value is not None and r.tested]
     if not tested:
         return
     raw = np.array([r.p_value for r in tested], dtype=float)
@@ -719,6 +741,16 @@ def quality_findings(
     size = max(window.size, 1)
     refs = {f.name: f for f in model.features}
     for r in results:
+        if r.untested is not None and r.n_current:
+            findings.append(
+                QualityFinding(
+                    "missing-values" if refs[r.name].count == 0 else "out-of-range",
+                    r.name,
+                    r.n_current,
+                    r.n_current / size,
+                    f"{r.name} not tested: {r.untested}",
+                )
+            )
         share = r.n_missing / size
         ref_share = refs[r.name].missing_share
         if r.n_missing and share > ref_share + policy.missing_share_tolerance:
@@ -783,7 +815,7 @@ def debounce(state: DebounceState, judgement: WindowJudgement, policy: DriftPoli
     counts = dict(state.consecutive)
     for r in judgement.features:
         counts[r.name] = counts.get(r.name, 0) + 1 if r.drifted else 0
-    tested = [r for r in judgement.features if r.n_current > 0]
+    tested = [r for r in judgement.features if r.tested]
     debounced = [r.name for r in tested if counts.get(r.name, 0) >= policy.consecutive_windows]
     share = len(debounced) / len(tested) if tested else 0.0
     end = judgement.window.end

@@ -343,7 +343,12 @@ async def judge_closed_window(
     traffic = TrafficWindow(
         id=window.window_id, start=from_epoch(window.start), end=from_epoch(window.end), size=window.size
     )
-    evidence = [r.evidence(decision.state.consecutive.get(r.name, 0)) for r in judgement.features]
+    # DriftDetected carries evidence of the features tested; an untested one is a DataQualityIssue.
+    evidence = [
+        r.evidence(decision.state.consecutive.get(r.name, 0))
+        for r in judgement.features
+        if r.untested is None
+    ]
     prediction = (
         judgement.prediction.evidence(1 if judgement.prediction.drifted else 0)
         if judgement.prediction
@@ -436,6 +441,7 @@ def window_report(
     def feature(r: Any, count: int) -> dict[str, Any]:
         item = r.evidence(count).model_dump(mode="json")
         item["p_value_raw"] = r.p_value
+        item["untested"] = r.untested
         item["histogram"] = r.histogram.as_dict() if r.histogram else None
         return item
 

@@ -236,6 +236,45 @@ def test_boolean_and_integer_categories_are_counted_apart_in_a_window_as_in_the_
     assert not card.drifted
 
 
+def test_a_feature_without_reference_values_is_untested_and_reported_not_judged_calm() -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": [np.nan] * 2_000, "z": rng.normal(0, 1, 2_000)})
+    profile = build_profile(frame, [("x", "numeric"), ("z", "numeric")], seed=0)
+    signature = ModelSignature(
+        features=[FeatureSpec(name=n, type=FeatureType.NUMERIC) for n in ("x", "z")],
+        target="y",
+        task=Task.REGRESSION,
+    )
+    ref = ModelReference.build("m", 1, signature, {"mae": 1.0}, profile)
+    rows = [
+        PredictionRecord(
+            prediction_id=f"p-{i}",
+            inputs={"x": float(i), "z": float(rng.normal(3, 1))},
+            output=PredictionOutput(prediction=0.0),
+        )
+        for i in range(400)
+    ]
+    logged = PredictionsLogged(
+        model="m",
+        model_version=1,
+        variant=Variant.STABLE,
+        request_id="r",
+        predicted_at=T0,
+        latency_ms=1.0,
+        rows=rows,
+    )
+    judgement = judge_window(ref, closed_window(ref, [(logged, 0, 0)], 400), DriftPolicy())
+    x, z = judgement.features
+    assert x.p_value is None and x.p_adjusted is None and not x.drifted  # not "p = 1, calm"
+    assert z.drifted
+    assert judgement.drift_share == 1.0  # z of the one tested feature
+    [issue] = [q for q in judgement.quality if q.feature == "x"]
+    assert (issue.kind, issue.count) == ("missing-values", 400)
+    assert not x.tested and x.untested is not None and "no values" in x.untested
+    decision = debounce(DebounceState(consecutive={"z": 1}), judgement, DriftPolicy())
+    assert decision.debounced == ["z"] and decision.share == 1.0
+
+
 def test_nan_features_count_as_missing_and_are_reported() -> None:
     ref = reference()
     reqs = requests(500, seed=5)
