@@ -66,6 +66,7 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker-lost"
     ARTIFACT_STORE_ERROR = "artifact-store-error"
+    UNPROFILABLE_DATA = "unprofilable-data"
 
 
 class ModelSpecRegistered(EventPayload):

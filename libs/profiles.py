@@ -8,6 +8,7 @@ edges with their histogram (for PSI and Jensen–Shannon), summary statistics, a
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -24,7 +25,8 @@ MISSING_CATEGORY = "__missing__"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No NaN or infinity: JSON would write null, and monitoring could not load the profile back.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class NumericProfile(_Frozen):
@@ -92,7 +94,13 @@ def numeric_bin_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarra
     """Inner edges at the reference quantiles, deduplicated (ties collapse bins)."""
     if values.size == 0:
         return np.array([], dtype=float)
-    qs = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    levels = np.linspace(0, 1, bins + 1)[1:-1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        qs = np.quantile(values, levels)
+    if not np.isfinite(qs).all():
+        # Interpolating between values near the double's limits (-1e308 and 1e308) overflows to an
+        # infinite or NaN edge, which JSON cannot hold: the edges are then the values themselves.
+        qs = np.quantile(values, levels, method="lower")
     return np.unique(qs)
 
 
@@ -128,6 +136,7 @@ def profile_numeric(
     # No full sort: the quantiles select (partition), the histogram is one comparison pass per edge, and
     # only the bounded sample is sorted. Measured on 40,000 rows: 1.7 ms per column sorted, 1.2 ms not.
     edges = numeric_bin_edges(present, bins)
+    mean, std = _mean_std(present) if present.size else (None, None)
     if present.size > sample_size:
         sample = np.random.default_rng(seed).choice(present, size=sample_size, replace=False)
     else:
@@ -136,8 +145,8 @@ def profile_numeric(
         name=name,
         count=int(present.size),
         missing=int(raw.size - present.size),
-        mean=float(present.mean()) if present.size else None,
-        std=float(present.std()) if present.size else None,
+        mean=mean,
+        std=std,
         min=float(present.min()) if present.size else None,
         max=float(present.max()) if present.size else None,
         edges=edges.tolist(),
@@ -176,6 +185,18 @@ def count_categories(values: Sequence[Any] | np.ndarray) -> dict[str, int]:
         key = category_key(value)
         counts[key] = counts.get(key, 0) + n
     return counts
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (ddof=0), finite for any finite values: a sum of values near the
+    double's limits overflows, so such values are scaled into [-1, 1] first."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(values.mean()), float(values.std())
+    if math.isfinite(mean) and math.isfinite(std):
+        return mean, std
+    scale = float(np.max(np.abs(values)))
+    scaled = values / scale
+    return float(scaled.mean()) * scale, float(scaled.std()) * scale
 
 
 def profile_categorical(name: str, series: pd.Series) -> CategoricalProfile:

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
@@ -365,13 +365,24 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
 
         t4 = time.perf_counter()
         report(job.job_id, "profiling", 0.9)
-        profiled, encoded = feature_profiles.result()
-        profile = ReferenceProfile(
-            rows=len(reference),
-            created_at=datetime.now(UTC),
-            features=profiled,
-            prediction=prediction_profile(spec, pipeline, reference, train_rows, outputs),
-        )
+        try:
+            profiled, encoded = feature_profiles.result()
+            profile = ReferenceProfile(
+                rows=len(reference),
+                created_at=datetime.now(UTC),
+                features=profiled,
+                prediction=prediction_profile(spec, pipeline, reference, train_rows, outputs),
+            )
+        except ValidationError as exc:
+            # A profile holds finite numbers only (JSON has no NaN or infinity): such a one is not stored.
+            fields = ", ".join(
+                f"{'.'.join(str(part) for part in e['loc'])} = {e['input']!r}" for e in exc.errors()[:5]
+            )
+            raise TrainingError(
+                FailureReason.UNPROFILABLE_DATA,
+                f"the reference profile of the training data is not finite ({fields}): monitoring could not "
+                "load it back; look for values a double cannot hold in the training data",
+            ) from exc
         profile_ref = _ref(store.put(profile.to_bytes(encoded)), ArtifactFormat.JSON)
         seconds["profile"] = time.perf_counter() - t4
 

@@ -75,6 +75,23 @@ def test_boolean_and_integer_categories_are_profiled_apart() -> None:
     assert card.frequencies == {"0": 1, "1": 1, "False": 1, "True": 2}
 
 
+def test_a_column_of_the_largest_doubles_of_both_signs_gives_finite_edges_that_load_back() -> None:
+    # Interpolating a quantile between -1e308 and 1e308 overflows: the edges are the values themselves.
+    profile = build_profile(pd.DataFrame({"x": [1e308, -1e308] * 50}), [("x", "numeric")])
+    x = profile.feature("x")
+    assert x.kind == "numeric"
+    assert x.edges == [-1e308, 1e308] and x.histogram == [50, 50, 0]
+    assert ReferenceProfile.from_bytes(profile.to_bytes()) == profile
+
+
+def test_mean_and_std_of_values_near_the_double_limit_are_finite_and_load_back() -> None:
+    profile = build_profile(pd.DataFrame({"x": [1e308] * 5 + [1.7e308] * 5}), [("x", "numeric")])
+    x = profile.feature("x")
+    assert x.kind == "numeric" and x.mean is not None and x.std is not None
+    assert x.mean == pytest.approx(1.35e308) and x.std == pytest.approx(0.35e308)
+    assert ReferenceProfile.from_bytes(profile.to_bytes()) == profile
+
+
 def test_bin_counts_use_right_closed_bins() -> None:
     edges = np.array([1.0, 2.0])
     assert bin_counts(np.array([0.5, 1.0, 1.5, 2.0, 9.0]), edges).tolist() == [2, 2, 1]

@@ -14,6 +14,7 @@ import yaml
 
 from contracts.common import ArtifactFormat
 from contracts.training import FailureReason
+from libs import profiles
 from libs.artifacts import ArtifactStore
 from libs.modelspec import (
     RESERVED_FEATURE_NAMES,
@@ -387,6 +388,31 @@ def test_without_a_window_or_with_a_small_one_the_training_rows_are_profiled(tmp
         x0 = profile.feature("x0")
         assert isinstance(x0, NumericProfile) and x0.mean is not None and abs(x0.mean) < 0.5
         assert profile.rows > len(small)
+
+
+def test_a_profile_that_is_not_finite_fails_the_job_naming_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Profiles of finite data are finite (test_profiles); should a statistic still overflow, the job fails
+    # rather than store a profile whose JSON says null where monitoring needs a number.
+    monkeypatch.setattr(profiles, "_mean_std", lambda values: (float("inf"), 1.0))
+    url = f"file://{tmp_path}"
+    store = ArtifactStore(url)
+    spec = churn_spec()
+    result = run_training(
+        {
+            "job_id": "job-inf",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [
+                {"name": "churn-base", "version": 1, "sha256": put_frame(store, churn_frame(300)).key}
+            ],
+            "artifacts_url": url,
+        }
+    )
+    assert not result["ok"]
+    assert result["reason"] == FailureReason.UNPROFILABLE_DATA.value
+    assert "not finite (mean = inf" in result["message"], result["message"]
 
 
 def test_a_base_file_with_more_columns_trains_like_one_with_only_the_specs(tmp_path: Path) -> None:
