@@ -116,6 +116,7 @@ class FeatureReference:
             )
         sample = np.asarray(profile.sample, dtype=float)
         values, counts = np.unique(sample, return_counts=True)
+        measurable = stats.WassersteinGrid.measurable(sample)
         ref = cls(
             name=profile.name,
             kind=FeatureType.NUMERIC,
@@ -124,7 +125,7 @@ class FeatureReference:
             sample=sample,
             edges=np.asarray(profile.edges, dtype=float),
             histogram=np.asarray(profile.histogram, dtype=float),
-            grid=stats.WassersteinGrid.from_sample(sample) if sample.size else None,
+            grid=stats.WassersteinGrid.from_sample(sample) if measurable else None,
             distinct=int(values.size),
         )
         if ref.distinct <= LOW_CARDINALITY:
@@ -564,6 +565,19 @@ def _category_counts(
     return ref_counts, current, labels
 
 
+def _untestable(ref: FeatureReference, test: DriftTest) -> str | None:
+    """Why ``test`` cannot compare a window with this reference, if it cannot."""
+    if ref.count == 0:
+        return f"the reference has no values of {ref.name} (all {ref.missing} rows missing)"
+    if test is DriftTest.WASSERSTEIN and ref.grid is None:
+        assert ref.sample is not None
+        return (
+            f"the reference values of {ref.name} span {ref.sample[0]:.4g} to {ref.sample[-1]:.4g}, beyond "
+            "what a double can measure: the Wasserstein distance cannot be computed"
+        )
+    return None
+
+
 def judge_feature(
     ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy
 ) -> FeatureResult:
@@ -582,8 +596,9 @@ def judge_feature(
         present = []
     test = choose_test(ref, n, policy)
     threshold = policy.threshold_for(ref.name, test)
-    if ref.count == 0:
-        # No reference value to compare with: not "no drift" (a p-value of 1), no verdict at all.
+    untested = _untestable(ref, test)
+    if untested is not None:
+        # Nothing the test can compare with: not "no drift" (a p-value of 1, a distance of 0), no verdict.
         return FeatureResult(
             name=ref.name,
             kind=ref.kind,
@@ -592,10 +607,10 @@ def judge_feature(
             p_value=None,
             threshold=threshold,
             n_current=n,
-            n_reference=0,
+            n_reference=ref.count,
             n_missing=n_missing,
             histogram=None,
-            untested=f"the reference has no values of {ref.name} (all {ref.missing} rows missing)",
+            untested=untested,
         )
     hist: Histogram | None = None
     unseen = 0

@@ -103,6 +103,17 @@ class WassersteinGrid:
     reference_cdf: np.ndarray  # F_ref at the bins + 1 grid edges
     reference_std: float
 
+    @staticmethod
+    def measurable(sample_sorted: np.ndarray) -> bool:
+        """Whether the sample's range and spread fit in a double: values near the double's limits (a
+        sentinel of -1.7e308 and one of 1.7e308) overflow both, and the distance would be NaN."""
+        if sample_sorted.size == 0:
+            return False
+        with np.errstate(over="ignore", invalid="ignore"):
+            span = sample_sorted[-1] - sample_sorted[0]
+            spread = np.std(sample_sorted)
+        return bool(np.isfinite(span) and np.isfinite(spread))
+
     @classmethod
     def from_sample(cls, sample_sorted: np.ndarray, bins: int = 4096) -> WassersteinGrid:
         lo, hi = float(sample_sorted[0]), float(sample_sorted[-1])

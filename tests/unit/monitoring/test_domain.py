@@ -275,6 +275,22 @@ def test_a_feature_without_reference_values_is_untested_and_reported_not_judged_
     assert decision.debounced == ["z"] and decision.share == 1.0
 
 
+def test_a_reference_spanning_more_than_a_double_is_untested_by_wasserstein_not_calm() -> None:
+    # A few -1.7e308 / 1.7e308 sentinels: the reference's range and spread overflow, the distance is NaN.
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 1, 20_000)
+    values[:5], values[5:10] = -1.7e308, 1.7e308
+    traffic = [{"x": float(v)} for v in rng.normal(5, 1, 2_000)]
+    ref, window = one_feature_window(pd.DataFrame({"x": values}), FeatureType.NUMERIC, traffic)
+    judgement = judge_window(ref, window, DriftPolicy())
+    [x] = judgement.features
+    assert x.test is DriftTest.WASSERSTEIN
+    assert x.untested is not None and "Wasserstein" in x.untested and not x.drifted
+    assert judgement.drift_share == 0.0
+    [issue] = judgement.quality
+    assert (issue.kind, issue.feature, issue.count) == ("out-of-range", "x", 2_000)
+
+
 def test_nan_features_count_as_missing_and_are_reported() -> None:
     ref = reference()
     reqs = requests(500, seed=5)
