@@ -146,9 +146,13 @@ def wasserstein_normed(grid: WassersteinGrid, current: np.ndarray) -> float:
     # F_cur at the grid edges: values below lo count from the first edge on; values equal to an edge
     # fall in the bin to its right, so the edge itself sees them through the right-continuous cumsum of
     # the bin before: the trapezoid treats mass inside a bin as spread over it, which is the error bound.
+    # The first edge counts the values equal to lo too, as the reference CDF (side="right") does there:
+    # otherwise a point mass at lo (a constant reference and the same constant live) spreads over the
+    # first bin and a window identical to the reference measures 0.5 / bins of the range, not 0.
     cur_cdf = np.empty(grid.bins + 1)
-    cur_cdf[0] = np.count_nonzero(below) / n
-    cur_cdf[1:] = cur_cdf[0] + np.cumsum(counts) / n
+    below_share = np.count_nonzero(below) / n
+    cur_cdf[0] = below_share + np.count_nonzero(inside == grid.lo) / n
+    cur_cdf[1:] = below_share + np.cumsum(counts) / n
     diff = cur_cdf - grid.reference_cdf
     a, b = diff[:-1], diff[1:]
     same_sign = a * b >= 0

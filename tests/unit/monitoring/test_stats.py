@@ -47,6 +47,15 @@ def test_wasserstein_on_the_grid_is_within_a_thousandth_of_the_exact_distance() 
         assert stats.wasserstein_normed(grid, cur) == pytest.approx(exact, abs=1e-3)
 
 
+def test_wasserstein_of_a_constant_reference_and_the_same_constant_is_zero() -> None:
+    grid = stats.WassersteinGrid.from_sample(np.full(5_000, 3.0))
+    assert stats.wasserstein_normed(grid, np.full(2_000, 3.0)) == 0.0
+    # Nor does a window identical to a reference with a point mass at its minimum measure anything.
+    ref = np.sort(np.random.default_rng(0).integers(0, 4, 5_000).astype(float))
+    grid = stats.WassersteinGrid.from_sample(ref)
+    assert stats.wasserstein_normed(grid, ref) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_jensen_shannon_is_scipys_distance_and_needs_no_smoothing() -> None:
     ref, cur = np.array([50.0, 30, 20, 0]), np.array([10.0, 30, 40, 20])
     assert stats.jensen_shannon(ref, cur) == pytest.approx(jensenshannon(ref / 100, cur / 100))
