@@ -66,7 +66,6 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker-lost"
     ARTIFACT_STORE_ERROR = "artifact-store-error"
-    UNPROFILABLE_DATA = "unprofilable-data"
 
 
 class ModelSpecRegistered(EventPayload):

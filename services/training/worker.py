@@ -379,7 +379,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
                 f"{'.'.join(str(part) for part in e['loc'])} = {e['input']!r}" for e in exc.errors()[:5]
             )
             raise TrainingError(
-                FailureReason.UNPROFILABLE_DATA,
+                FailureReason.FIT_ERROR,
                 f"the reference profile of the training data is not finite ({fields}): monitoring could not "
                 "load it back; look for values a double cannot hold in the training data",
             ) from exc

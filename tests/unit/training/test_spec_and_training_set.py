@@ -411,7 +411,7 @@ def test_a_profile_that_is_not_finite_fails_the_job_naming_why(
         }
     )
     assert not result["ok"]
-    assert result["reason"] == FailureReason.UNPROFILABLE_DATA.value
+    assert result["reason"] == FailureReason.FIT_ERROR.value
     assert "not finite (mean = inf" in result["message"], result["message"]
 
 
