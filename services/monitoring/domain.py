@@ -646,6 +646,23 @@ def judge_feature(
             else:
                 statistic = stats.jensen_shannon(ref.histogram, cur_bins)
         hist = _numeric_histogram(ref.edges, ref.histogram, cur_bins)
+    if n and (math.isnan(statistic) or (p_value is not None and math.isnan(p_value))):
+        # A test that gives no number measured nothing: no verdict, rather than a calm one (NaN >= threshold
+        # is False, and the statistic would be published as 0).
+        return FeatureResult(
+            name=ref.name,
+            kind=ref.kind,
+            test=test,
+            statistic=0.0,
+            p_value=None,
+            threshold=threshold,
+            n_current=n,
+            n_reference=ref.count,
+            n_missing=n_missing,
+            histogram=hist,
+            unseen=unseen,
+            untested=f"{test.value} gave no number for this window",
+        )
     # Tests on the sample (KS, Wasserstein, and categories of a low-cardinality numeric) see the sample;
     # binned tests and categorical frequencies see every reference row.
     uses_sample = ref.sample is not None and (

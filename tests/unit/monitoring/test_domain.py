@@ -24,7 +24,7 @@ from contracts.predictions import (
 )
 from libs.artifacts import frame_to_parquet
 from libs.profiles import ReferenceProfile, build_profile
-from services.monitoring import export
+from services.monitoring import export, stats
 from services.monitoring.domain import (
     CanaryPolicy,
     CanaryStep,
@@ -234,6 +234,30 @@ def test_boolean_and_integer_categories_are_counted_apart_in_a_window_as_in_the_
     assert card.histogram is not None and sorted(card.histogram.labels) == ["0", "1", "False", "True"]
     assert card.histogram.current == card.histogram.reference
     assert not card.drifted
+
+
+@pytest.mark.parametrize("broken", ["ks_test", "wasserstein_normed"])
+def test_a_test_that_gives_no_number_leaves_its_feature_untested_not_calm(
+    monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    # Whatever input makes a test give NaN: NaN >= threshold is False, and the statistic was published as 0.
+    nan = float("nan")
+    monkeypatch.setattr(stats, broken, lambda *_: (nan, nan) if broken == "ks_test" else nan)
+    rng = np.random.default_rng(0)
+    policy = DriftPolicy(feature_tests={"x": "wasserstein"} if broken == "wasserstein_normed" else {})
+    ref, window = one_feature_window(
+        pd.DataFrame({"x": rng.normal(0, 1, 2_000)}),
+        FeatureType.NUMERIC,
+        [{"x": float(v)} for v in rng.normal(5, 1, 300)],
+    )
+    judgement = judge_window(ref, window, policy)
+    [x] = judgement.features
+    assert (x.drifted, x.p_value, x.untested) == (
+        False,
+        None,
+        f"{x.test.value} gave no number for this window",
+    )
+    assert any(q.feature == "x" and "not tested" in q.message for q in judgement.quality)
 
 
 def test_a_feature_without_reference_values_is_untested_and_reported_not_judged_calm() -> None:
