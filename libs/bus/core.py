@@ -499,32 +499,24 @@ class Dispatcher:
             metrics.PROCESSED.labels(self.sub.consumer, topic).inc(count)
 
     async def _dead_letter(self, record: Record, reason: str, error: str) -> None:
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         if _dead_lettered_by(record, self.sub.consumer):
             # This consumer's own dead letter, read back from the dead-letter topic, failed again. Writing it
             # once more would feed itself for ever; it is already kept there, so it is left as it is.
-            self._dead_lettered.add((record.topic, record.partition, record.offset))
             metrics.DEAD_LETTERS_LEFT.labels(self.sub.consumer, record.topic).inc()
             log.error(
                 "a dead letter of this consumer failed again; left on its topic, not written again",
                 reason=reason,
                 error=error,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
+                **where,
             )
-            return
-        await self.dead_letters.dead_letter(record, consumer=self.sub.consumer, reason=reason, error=error)
-        # Said only once it is true: a write that failed is the runner's to retry, not a dead letter yet.
+        else:
+            consumer = self.sub.consumer
+            await self.dead_letters.dead_letter(record, consumer=consumer, reason=reason, error=error)
+            # Said only once it is true: a write that failed is the runner's to retry, not a dead letter yet.
+            metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
+            log.warning("dead-lettered", reason=reason, error=error, **where)
         self._dead_lettered.add((record.topic, record.partition, record.offset))
-        metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
-        log.warning(
-            "dead-lettered",
-            reason=reason,
-            error=error,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
 
 
 def _dead_lettered_by(record: Record, consumer: str) -> bool:

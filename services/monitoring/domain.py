@@ -596,9 +596,9 @@ def judge_feature(
         present = []
     test = choose_test(ref, n, policy)
     threshold = policy.threshold_for(ref.name, test)
-    untested = _untestable(ref, test)
-    if untested is not None:
-        # Nothing the test can compare with: not "no drift" (a p-value of 1, a distance of 0), no verdict.
+
+    def untested_result(why: str, histogram: Histogram | None = None, unseen: int = 0) -> FeatureResult:
+        # Nothing the test could compare: not "no drift" (a p-value of 1, a distance of 0), no verdict.
         return FeatureResult(
             name=ref.name,
             kind=ref.kind,
@@ -609,9 +609,14 @@ def judge_feature(
             n_current=n,
             n_reference=ref.count,
             n_missing=n_missing,
-            histogram=None,
-            untested=untested,
+            histogram=histogram,
+            unseen=unseen,
+            untested=why,
         )
+
+    untested = _untestable(ref, test)
+    if untested is not None:
+        return untested_result(untested)
     hist: Histogram | None = None
     unseen = 0
     statistic, p_value = 0.0, None
@@ -647,22 +652,9 @@ def judge_feature(
                 statistic = stats.jensen_shannon(ref.histogram, cur_bins)
         hist = _numeric_histogram(ref.edges, ref.histogram, cur_bins)
     if n and (math.isnan(statistic) or (p_value is not None and math.isnan(p_value))):
-        # A test that gives no number measured nothing: no verdict, rather than a calm one (NaN >= threshold
-        # is False, and the statistic would be published as 0).
-        return FeatureResult(
-            name=ref.name,
-            kind=ref.kind,
-            test=test,
-            statistic=0.0,
-            p_value=None,
-            threshold=threshold,
-            n_current=n,
-            n_reference=ref.count,
-            n_missing=n_missing,
-            histogram=hist,
-            unseen=unseen,
-            untested=f"{test.value} gave no number for this window",
-        )
+        # A test that gives no number measured nothing (NaN >= threshold is False, and the statistic would
+        # be published as 0).
+        return untested_result(f"{test.value} gave no number for this window", hist, unseen)
     # Tests on the sample (KS, Wasserstein, and categories of a low-cardinality numeric) see the sample;
     # binned tests and categorical frequencies see every reference row.
     uses_sample = ref.sample is not None and (

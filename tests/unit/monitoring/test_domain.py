@@ -181,8 +181,19 @@ def one_feature_window(
 ) -> tuple[ModelReference, Any]:
     """A model of one feature profiled from ``frame`` (as monitoring loads it) and a window of ``inputs``."""
     [name] = frame.columns
-    profile = build_profile(frame, [(name, kind.value)], seed=0)
-    signature = ModelSignature(features=[FeatureSpec(name=name, type=kind)], target="y", task=Task.REGRESSION)
+    return feature_window(frame, {name: kind}, inputs)
+
+
+def feature_window(
+    frame: pd.DataFrame, kinds: dict[str, FeatureType], inputs: list[dict[str, Any]]
+) -> tuple[ModelReference, Any]:
+    """A model of these features profiled from ``frame`` (as monitoring loads it), a window of ``inputs``."""
+    profile = build_profile(frame, [(name, kind.value) for name, kind in kinds.items()], seed=0)
+    signature = ModelSignature(
+        features=[FeatureSpec(name=name, type=kind) for name, kind in kinds.items()],
+        target="y",
+        task=Task.REGRESSION,
+    )
     ref = ModelReference.build(
         "m", 1, signature, {"mae": 1.0}, ReferenceProfile.from_bytes(profile.to_bytes())
     )
@@ -263,31 +274,9 @@ def test_a_test_that_gives_no_number_leaves_its_feature_untested_not_calm(
 def test_a_feature_without_reference_values_is_untested_and_reported_not_judged_calm() -> None:
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"x": [np.nan] * 2_000, "z": rng.normal(0, 1, 2_000)})
-    profile = build_profile(frame, [("x", "numeric"), ("z", "numeric")], seed=0)
-    signature = ModelSignature(
-        features=[FeatureSpec(name=n, type=FeatureType.NUMERIC) for n in ("x", "z")],
-        target="y",
-        task=Task.REGRESSION,
-    )
-    ref = ModelReference.build("m", 1, signature, {"mae": 1.0}, profile)
-    rows = [
-        PredictionRecord(
-            prediction_id=f"p-{i}",
-            inputs={"x": float(i), "z": float(rng.normal(3, 1))},
-            output=PredictionOutput(prediction=0.0),
-        )
-        for i in range(400)
-    ]
-    logged = PredictionsLogged(
-        model="m",
-        model_version=1,
-        variant=Variant.STABLE,
-        request_id="r",
-        predicted_at=T0,
-        latency_ms=1.0,
-        rows=rows,
-    )
-    judgement = judge_window(ref, closed_window(ref, [(logged, 0, 0)], 400), DriftPolicy())
+    inputs = [{"x": float(i), "z": float(rng.normal(3, 1))} for i in range(400)]
+    ref, window = feature_window(frame, {"x": FeatureType.NUMERIC, "z": FeatureType.NUMERIC}, inputs)
+    judgement = judge_window(ref, window, DriftPolicy())
     x, z = judgement.features
     assert x.p_value is None and x.p_adjusted is None and not x.drifted  # not "p = 1, calm"
     assert z.drifted
