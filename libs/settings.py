@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -217,9 +217,15 @@ class ServiceSettings(BaseSettings):
 
     def _secrets(self) -> dict[str, SecretStr | None]:
         """Secrets that must be real outside dev; subclasses add theirs."""
+        secrets: dict[str, SecretStr | None] = {}
         if self.kafka.security_protocol.startswith("SASL"):
-            return {"DRIFTLOOP_KAFKA_SASL_PASSWORD": self.kafka.sasl_password}
-        return {}
+            secrets["DRIFTLOOP_KAFKA_SASL_PASSWORD"] = self.kafka.sasl_password
+        # A URL without a password is fine (PGPASSWORD, a passfile, a client certificate); one with the
+        # compose file's password is not.
+        password = urlsplit(self.database_url).password
+        if password is not None:
+            secrets["the password in DRIFTLOOP_DATABASE_URL"] = SecretStr(unquote(password))
+        return secrets
 
 
 def check_database_url(url: str) -> None:

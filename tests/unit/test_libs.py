@@ -49,6 +49,35 @@ def test_prod_refuses_a_placeholder_secret(monkeypatch: pytest.MonkeyPatch) -> N
     assert ExampleSettings().env == "prod"
 
 
+@pytest.mark.parametrize("password", ["driftloop", "changeme", "Password", "%64riftloop"])
+def test_prod_refuses_a_placeholder_database_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], password: str
+) -> None:
+    # docker-compose.yml's database password is "driftloop": prod must not start with it.
+    monkeypatch.setenv("DRIFTLOOP_ENV", "prod")
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://driftloop:{password}@postgres:5432/driftloop")
+    with pytest.raises(SystemExit):
+        load_settings(ExampleSettings)
+    err = capsys.readouterr().err
+    assert "DRIFTLOOP_DATABASE_URL" in err
+    assert "placeholder" in err
+    assert f":{password}@" not in err  # the URL is never shown
+    assert "postgres:5432" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://driftloop:s3cr3t-from-the-vault@postgres:5432/driftloop",
+        "postgresql://driftloop@postgres:5432/driftloop",  # the password from PGPASSWORD or a passfile
+    ],
+)
+def test_prod_takes_a_real_or_absent_database_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("DRIFTLOOP_ENV", "prod")
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+    assert ExampleSettings().database_url == url
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
