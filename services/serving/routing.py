@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from prometheus_client import Counter
 
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.predictions import Variant
@@ -25,16 +24,10 @@ from libs.errors import Unavailable
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
+from services.serving.metrics import UNCOMPILED
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
-
-UNCOMPILED = Counter(
-    "driftloop_serving_uncompiled_requests_total",
-    "Requests to a compiled model that its estimator answered instead (a category sent as a number, or a "
-    "non-finite output from the compiled copy's float32 arithmetic).",
-    ["model", "version"],
-)
 
 
 @dataclass(frozen=True)

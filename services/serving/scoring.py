@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from contracts.common import ModelSignature
 from contracts.predictions import Variant
@@ -31,30 +31,11 @@ from services.serving.domain import (
     prediction_id_prefix,
     shadowed_rows,
 )
+from services.serving.metrics import LATENCY, MODEL_ERRORS, REQUESTS, ROWS, request_series
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
 
 log = get_logger(__name__)
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-REQUESTS = Counter(
-    "driftloop_serving_requests_total",
-    "Predict requests answered, per model, version and variant (a request split across variants counts "
-    "once per variant).",
-    ["model", "version", "variant"],
-)
-ROWS = Counter("driftloop_serving_rows_total", "Rows scored.", ["model", "version", "variant"])
-LATENCY = Histogram(
-    "driftloop_serving_model_latency_seconds",
-    "Model time per request and variant.",
-    ["model", "version", "variant"],
-    buckets=_LATENCY_BUCKETS,
-)
-MODEL_ERRORS = Counter(
-    "driftloop_serving_model_errors_total",
-    "Model calls that failed (a failed canary call is answered by the stable version).",
-    ["model", "version", "variant"],
-)
 UNSEEN = Counter(
     "driftloop_serving_unseen_categories_total",
     "Categorical values the model did not see in training (allowed; the encoder ignores them).",
@@ -64,21 +45,6 @@ SHADOW_DROPPED = Counter(
     "driftloop_serving_shadow_dropped_total", "Shadow scorings dropped because their queue was full."
 )
 SHADOW_QUEUE = Gauge("driftloop_serving_shadow_queue", "Shadow scorings waiting.")
-
-
-_SERIES: dict[tuple[str, int, Variant], tuple[Any, Any, Any]] = {}
-
-
-def _series(model: str, version: int, variant: Variant) -> tuple[Any, Any, Any]:
-    """The request, row and latency series of one model version and variant (``labels()`` is a lookup
-    under a lock: once per series, not per request)."""
-    key = (model, version, variant)
-    series = _SERIES.get(key)
-    if series is None:
-        labels = (model, str(version), variant.value)
-        series = (REQUESTS.labels(*labels), ROWS.labels(*labels), LATENCY.labels(*labels))
-        _SERIES[key] = series
-    return series
 
 
 class PredictionLog(Protocol):
@@ -344,7 +310,7 @@ class Predictor:
         scores: Scores,
         latency_s: float,
     ) -> None:
-        requests, rows_total, latency = _series(served.model, served.version, variant)
+        requests, rows_total, latency = request_series(served.model, served.version, variant)
         requests.inc()
         rows_total.inc(columns.rows)
         latency.observe(latency_s)

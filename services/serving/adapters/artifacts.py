@@ -7,23 +7,18 @@ import asyncio
 import time
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from contracts.common import ModelSignature
 from libs.artifacts import ArtifactError, ArtifactStore, load_model
 from libs.logging import get_logger
 from services.serving.compiled import DEFAULT_TOLERANCE, CompiledModel, NotCompilable, compile_model
+from services.serving.metrics import ENGINE
 from services.serving.ports import ModelLoadError, VersionRecord
 from services.serving.routing import ServedModel
 
 log = get_logger(__name__)
 
-ENGINE = Gauge(
-    "driftloop_serving_model_engine",
-    "1 for what computes a loaded version's answers: onnxruntime (a verified compiled copy) or "
-    "scikit-learn (the pipeline itself).",
-    ["model", "version", "engine"],
-)
 NOT_COMPILED = Counter(
     "driftloop_serving_compile_fallbacks_total",
     "Loaded versions served by their pipeline because no verified compiled copy could be had "
