@@ -1,10 +1,26 @@
-"""Serving's series labelled with a model version, in one place."""
+"""Serving's series per model version, and their lifetime: a version's series exist while the version
+serves on this replica, and go with it.
+
+Every routing swap (:meth:`services.serving.routing.RoutingState.swap`) calls :func:`keep_served`: each
+series whose model version the new table does not serve (promoted over, rolled back, replaced, its model
+no longer served) is removed from the registry, with the handles this process cached for it. Otherwise
+automatic retraining (a new version per drift event) would grow /metrics, and this process, without bound,
+and dashboards would list versions long dead.
+
+Removing a counter is what Prometheus expects of a labelled series that is gone for good: the scrape after
+it marks the series stale. What the version counted after the last scrape before its removal is not seen
+(at most one scrape interval's worth, for a version that no longer takes traffic). A version that serves
+again (a production rollback to it) starts its series from zero, which ``rate()`` and ``increase()`` read
+as a counter reset.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from contracts.predictions import Variant
 
@@ -42,6 +58,15 @@ ENGINE = Gauge(
     ["model", "version", "engine"],
 )
 
+_PER_VERSION: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
+    (REQUESTS, _BY_VARIANT),
+    (ROWS, _BY_VARIANT),
+    (LATENCY, _BY_VARIANT),
+    (MODEL_ERRORS, _BY_VARIANT),
+    (UNCOMPILED, ("model", "version")),
+    (ENGINE, ("model", "version", "engine")),
+)
+
 _SERIES: dict[tuple[str, int, Variant], tuple[Any, Any, Any]] = {}
 
 
@@ -55,3 +80,21 @@ def request_series(model: str, version: int, variant: Variant) -> tuple[Any, Any
         series = (REQUESTS.labels(*labels), ROWS.labels(*labels), LATENCY.labels(*labels))
         _SERIES[key] = series
     return series
+
+
+def keep_served(served: Collection[tuple[str, int]]) -> None:
+    """Remove every per-version series, and every cached handle, of a (model, version) not in ``served``.
+
+    Runs once per routing swap, never per request. The series to remove are read from the registry itself,
+    so one created by any path (a load that never reached the table, a late shadow scoring) goes too."""
+    for key in [k for k in _SERIES if (k[0], k[1]) not in served]:
+        # A handle kept for a removed series would count into a series no longer exported.
+        del _SERIES[key]
+    wanted = {(model, str(version)) for model, version in served}
+    for metric, names in _PER_VERSION:
+        present = {
+            tuple(sample.labels[n] for n in names) for family in metric.collect() for sample in family.samples
+        }
+        for labels in present:
+            if (labels[0], labels[1]) not in wanted:
+                metric.remove(*labels)

@@ -24,7 +24,7 @@ from libs.errors import Unavailable
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
-from services.serving.metrics import UNCOMPILED
+from services.serving.metrics import UNCOMPILED, keep_served
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
@@ -158,6 +158,11 @@ class RoutingTable:
 
     models: Mapping[str, ModelRouting] = field(default_factory=dict)
 
+    @property
+    def served(self) -> set[tuple[str, int]]:
+        """Every (model, version) the table serves, stable or candidate."""
+        return {(r.model, v) for r in self.models.values() for v in r.versions}
+
 
 class RoutingState:
     """Holds the current table; readers take ``table`` once per request."""
@@ -167,9 +172,13 @@ class RoutingState:
         self.synced = asyncio.Event()
 
     def swap(self, table: RoutingTable) -> None:
-        """Put a fully built table in place (one reference assignment)."""
+        """Put a fully built table in place (one reference assignment), and drop the series of the versions
+        it no longer serves."""
         self.table = table
         self.synced.set()
+        # Here, not per request: no request runs between the assignment and this (both on the event loop),
+        # and no version this table serves loses a series.
+        keep_served(table.served)
 
 
 class RoutingSource(Protocol):

@@ -31,7 +31,7 @@ from services.serving.domain import (
     prediction_id_prefix,
     shadowed_rows,
 )
-from services.serving.metrics import LATENCY, MODEL_ERRORS, REQUESTS, ROWS, request_series
+from services.serving.metrics import MODEL_ERRORS, request_series
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
 
 log = get_logger(__name__)
@@ -393,19 +393,26 @@ class Predictor:
         SHADOW_QUEUE.set(self.shadow_queue.qsize())
 
     def score_shadow(self, job: _ShadowJob) -> None:
-        """Score one shadow job and log it; its answer goes nowhere else."""
+        """Score one shadow job and log it; its answer goes nowhere else. A job whose candidate stopped
+        serving while it waited (its rollout ended) is not counted: the version's series went with it, and
+        counting would bring them back until the next swap (services/serving/metrics.py)."""
         served = job.served
+        routing = self.state.table.models.get(served.model)
+        counted = routing is not None and routing.by_version(served.version) is not None
         started = time.perf_counter()
         try:
             scores = served.predict(job.columns)
         except Exception as exc:
-            MODEL_ERRORS.labels(served.model, str(served.version), Variant.SHADOW.value).inc()
+            if counted:
+                MODEL_ERRORS.labels(served.model, str(served.version), Variant.SHADOW.value).inc()
             log.warning("shadow scoring failed", model=served.model, version=served.version, error=repr(exc))
             return
         latency_s = time.perf_counter() - started
-        REQUESTS.labels(served.model, str(served.version), Variant.SHADOW.value).inc()
-        ROWS.labels(served.model, str(served.version), Variant.SHADOW.value).inc(job.columns.rows)
-        LATENCY.labels(served.model, str(served.version), Variant.SHADOW.value).observe(latency_s)
+        if counted:
+            requests, rows, latency = request_series(served.model, served.version, Variant.SHADOW)
+            requests.inc()
+            rows.inc(job.columns.rows)
+            latency.observe(latency_s)
         self.prediction_log.offer(
             LogItem(
                 model=served.model,

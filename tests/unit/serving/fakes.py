@@ -149,6 +149,27 @@ class FakeRoutes:
         self.saves += 1
 
 
+class FakeRoutingSource:
+    """RoutingSource on the fakes' routes and versions, read as PgRoutingSource reads its tables: each
+    route with the records of its stable version and of its live canary."""
+
+    def __init__(self, routes: FakeRoutes, versions: FakeVersions) -> None:
+        self.routes = routes
+        self.versions = versions
+
+    async def snapshot(self) -> list[tuple[ModelRoute, dict[int, VersionRecord]]]:
+        out = []
+        for model, route in sorted(self.routes.rows.items()):
+            live = route.active
+            wanted = {route.stable_version, live.canary_version if live else None}
+            records = {v: r for (m, v), r in self.versions.rows.items() if m == model and v in wanted}
+            out.append((route, records))
+        return out
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        return None
+
+
 class FakeLoader:
     """Loads any registered record with one shared estimator, except artifact keys listed as broken."""
 
