@@ -27,7 +27,7 @@ from services.monitoring import api, handlers
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.adapters.replay import READERS, replay_predictions
-from services.monitoring.domain import CanaryPolicy, DriftPolicy
+from services.monitoring.domain import CanaryPolicy, ClosedWindow, DriftPolicy
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
 from services.monitoring.ports import ProfileUnavailable
@@ -133,7 +133,7 @@ class Background:
 
         An outage (``is_transient``) leaves the window at the head of the queue for the next tick. Any other
         error would fail the same way on every tick and hold up every window, verdict and replay offset
-        behind it, so that window is set aside: logged as an error, counted, and not judged.
+        behind it, so that window is set aside: stored as done (unjudged), logged as an error, and counted.
         """
         live = self.monitor.live
         while live.closed:
@@ -146,16 +146,40 @@ class Background:
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                WINDOWS_SET_ASIDE.labels(window.model, type(exc).__name__).inc()
-                log.error(
-                    "window set aside: its judgement failed and retrying cannot help",
-                    model=window.model,
-                    version=window.version,
-                    window_id=window.window_id,
-                    rows=window.size,
-                    error=repr(exc),
-                )
+                await self.set_aside(window, exc)
             live.closed.popleft()
+
+    async def set_aside(self, window: ClosedWindow, exc: Exception) -> None:
+        """Store the window as done in a transaction of its own (the judgement's was rolled back), then log
+        and count it. An outage raises before the count: the window stays queued and is counted once, when
+        the next tick sets it aside again."""
+        stored = True
+        try:
+            async with self.rt.begin() as tx:
+                await handlers.set_window_aside(
+                    window, monitor=self.monitor, store=PgMonitoringStore(tx.conn)
+                )
+        except Exception as store_exc:
+            if is_transient(store_exc):
+                raise
+            stored = False
+            log.error(
+                "window set aside but not stored as done: a restart may rebuild it",
+                model=window.model,
+                version=window.version,
+                window_id=window.window_id,
+                error=repr(store_exc),
+            )
+        WINDOWS_SET_ASIDE.labels(window.model, type(exc).__name__).inc()
+        log.error(
+            "window set aside: its judgement failed and retrying cannot help",
+            model=window.model,
+            version=window.version,
+            window_id=window.window_id,
+            rows=window.size,
+            stored_as_done=stored,
+            error=repr(exc),
+        )
 
     async def once(self) -> None:
         await self.judge_closed()

@@ -411,21 +411,39 @@ async def judge_closed_window(
         "alerted": decision.alert,
     }
     await store.record_window(window.model, window.version, window.seq, summary, report)
-    open_window = monitor.live.windows.get(key)
-    starts = dict(window.next_offsets)
-    if open_window is not None and open_window.first_offsets:
-        starts.update(open_window.first_offsets)
     await store.save_window_state(
         window.model,
         window.version,
         WindowState(
             next_seq=window.seq + 1,
-            starts=starts,
+            starts=_starts_after(window, monitor.live),
             consecutive=decision.state.consecutive,
             last_alert_at=decision.state.last_alert_at,
         ),
     )
     return judgement
+
+
+async def set_window_aside(window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore) -> None:
+    """Count a window whose judgement failed for good as done, unjudged: the version's next window number
+    and first offsets move past it as a judgement's would (debounce state unchanged), so a restart neither
+    rebuilds it from the replay and sets it aside again nor folds its rows into the window after it."""
+    state = await store.window_state(window.model, window.version, lock=True)
+    if window.seq < state.next_seq:
+        return
+    state.next_seq = window.seq + 1
+    state.starts = _starts_after(window, monitor.live)
+    await store.save_window_state(window.model, window.version, state)
+
+
+def _starts_after(window: ClosedWindow, live: LiveState) -> dict[int, int]:
+    """Where the version's traffic after ``window`` starts, per partition: replayed rows before it belong to
+    windows already done."""
+    starts = dict(window.next_offsets)
+    open_window = live.windows.get((window.model, window.version))
+    if open_window is not None and open_window.first_offsets:
+        starts.update(open_window.first_offsets)
+    return starts
 
 
 def window_report(

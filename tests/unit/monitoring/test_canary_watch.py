@@ -8,6 +8,7 @@ up the windows and the verdicts behind it."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -255,6 +256,63 @@ async def test_a_window_whose_judgement_meets_an_outage_stays_queued_for_the_nex
     await background.once()
     assert store.recorded == [1, 2]
     assert not monitor.live.closed
+
+
+class LastingWindowStore(WindowStore):
+    """A WindowStore that keeps the window state and the replay offsets, as Postgres does across a restart."""
+
+    def __init__(self, failing: dict[int, Exception]) -> None:
+        super().__init__([], failing)
+        self.states: dict[tuple[str, int], WindowState] = {}
+        self.replay_from: dict[int, int] = {}
+
+    async def window_state(self, model: str, version: int, *, lock: bool = False) -> WindowState:
+        return copy.deepcopy(self.states.get((model, version), WindowState()))
+
+    async def save_window_state(self, model: str, version: int, state: WindowState) -> None:
+        self.states[(model, version)] = copy.deepcopy(state)
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        self.replay_from = dict(offsets)
+
+
+async def restarted(store: LastingWindowStore, traffic: list[Any]) -> Monitor:
+    """A new process restored as ``bootstrap.restore`` does: the window state, then the replayed traffic."""
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    state = await store.window_state("churn", 1)
+    monitor.live.add_reference(reference(), seq=state.next_seq, starts=state.starts)
+    replayed = [r for r in traffic if r[2] >= store.replay_from.get(r[1], 0)]
+    monitor.live.ingest(replayed, arrival=0.0, replaying=True)
+    return monitor
+
+
+async def test_a_window_set_aside_is_done_for_good_and_not_rebuilt_and_set_aside_again_after_a_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = LastingWindowStore(failing={1: ValueError("a value the judgement cannot take")})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: 1.0)  # no idle close: window 2 stays open
+    traffic = requests(300, seed=1)  # window 1: 200 rows, closed; window 2: 100 rows, open
+    before = set_aside_count("churn", "ValueError")
+    first = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    first.live.add_reference(reference())
+    first.live.ingest(traffic, arrival=0.0)
+
+    await Background(Runtime(), first, tick_s=1.0).once()  # type: ignore[arg-type]
+    assert set_aside_count("churn", "ValueError") == before + 1
+    assert store.states[("churn", 1)].next_seq == 2  # counted as done, as a judged window is
+
+    second = await restarted(store, traffic)
+    await Background(Runtime(), second, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert set_aside_count("churn", "ValueError") == before + 1  # not rebuilt, not set aside again
+    assert store.recorded == []
+    window = second.live.windows[("churn", 1)]
+    assert (window.seq, window.rows) == (2, 100)  # the open window is rebuilt as it was
 
 
 async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
