@@ -135,7 +135,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         "unknown": unknown,
         "windows_waiting_for_judgement": len(live.closed),
         "cached_predictions": live.cache.rows,
-        "labels_waiting_for_prediction": len(live.pending_label_ids),
+        "labels_waiting_for_prediction": len(live.pending_labels),
     }
 
 

@@ -102,7 +102,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         await handlers.refresh_policies(monitor=monitor, store=store)
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
-        monitor.live.pending_label_ids = await store.pending_ids()
+        monitor.live.pending_labels = await store.pending_labels()
         replay_from = await store.replay_offsets(cast(MonitoringSettings, rt.settings).predictions_topic)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
@@ -181,15 +181,44 @@ class Background:
             error=repr(exc),
         )
 
+    async def join_missed(self) -> None:
+        """Make, in a transaction of their own, the label joins a prediction missed because the label's
+        transaction had not committed yet. Joins that fail for good (not an outage) are given up, logged: the
+        labels wait on and expire as unmatched, and do not hold up the housekeeping behind them."""
+        live = self.monitor.live
+        missed = live.joins_to_retry()
+        if not missed:
+            return
+        try:
+            async with self.rt.begin() as tx:
+                joined = await handlers.join_pending(
+                    missed, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                )
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            live.joins_missed.difference_update(missed)
+            log.error(
+                "missed label joins given up: joining them failed and retrying cannot help",
+                labels=len(missed),
+                first=missed[0],
+                error=repr(exc),
+            )
+            return
+        live.labels_settled(joined)  # only now that the joins are committed
+
     async def once(self) -> None:
         await self.judge_closed()
+        await self.join_missed()
         async with self.rt.begin() as tx:
-            decided = await handlers.housekeeping(
+            done = await handlers.housekeeping(
                 time.time(), monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
-        # Only now that the verdicts are committed: a failed transaction leaves the steps watched.
-        for step in decided:
+        # Only now that the verdicts and expiries are committed: a failed transaction leaves the steps watched
+        # and the labels waiting, as they still are in Postgres.
+        for step in done.decided:
             self.monitor.live.unwatch(step.rollout_id, step.step_index)
+        self.monitor.live.labels_settled(done.expired_labels)
         await self.judge_closed()
 
     async def run(self) -> None:

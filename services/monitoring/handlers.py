@@ -151,20 +151,29 @@ async def on_predictions_logged(
             hint="monitoring has no ModelVersionRegistered for it (yet)",
         )
     if result.pending_matches:
-        await _join_pending(result.pending_matches, monitor=monitor, store=store, publish=publish)
+        joined = await join_pending(result.pending_matches, monitor=monitor, store=store, publish=publish)
+        # At once, not after the commit: a poll read again after a failed transaction looks all its ids up.
+        live.labels_settled(joined)
     if result.closed:
         monitor.on_windows_closed()
 
 
-async def _join_pending(
+async def join_pending(
     prediction_ids: list[str], *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> None:
+) -> list[str]:
+    """Join the waiting labels of these held predictions; returns the prediction ids joined, for the caller
+    to take out of ``live.pending_labels`` (the background tick: once its transaction commits)."""
     live = monitor.live
     hits = {pid: hit for pid in prediction_ids if (hit := live.cache.get(pid)) is not None}
     # A label joins only a prediction of the model it names, as on_ground_truth_received requires: one for
-    # another model keeps waiting (its id stays looked for) and expires as unmatched.
+    # another model keeps waiting and expires as unmatched.
     pending = await store.take_pending(list(hits), [hit.model for hit in hits.values()])
-    live.pending_label_ids.difference_update(label.prediction_id for label in pending)
+    taken = {label.prediction_id for label in pending}
+    # Waiting in memory for this model, but not found: the label's transaction has not committed yet (its
+    # handler runs beside this one). Looked for again at the next tick.
+    live.joins_missed.update(
+        pid for pid, hit in hits.items() if pid not in taken and live.pending_labels.get(pid) == hit.model
+    )
     rows = [
         _labelled(hit, label.label, label.observed_at, late=False)
         for label in pending
@@ -173,6 +182,7 @@ async def _join_pending(
     await store.add_labelled(rows)
     for key in sorted({(r.model, r.version) for r in rows}):
         await check_performance(key[0], key[1], monitor=monitor, store=store, publish=publish)
+    return sorted(taken)
 
 
 def _labelled(hit: Any, label: Any, observed_at: Any, *, late: bool) -> LabelledRecord:
@@ -207,6 +217,9 @@ async def on_ground_truth_received(
         _check_label(g, hit.version if hit is not None and hit.model == g.model else g.model_version, live)
         if hit is None or hit.model != g.model:
             waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
+            # In memory now, with no await since the look-up: a prediction consumed from here on looks for
+            # it (and, until this transaction commits, misses it and leaves it to the next tick).
+            live.label_waits(g.prediction_id, g.model)
             continue
         window = live.windows.get((hit.model, hit.version))
         # Late: the prediction's drift window was already judged when its label came.
@@ -215,7 +228,6 @@ async def on_ground_truth_received(
     await store.add_labelled(joined)
     if waiting:
         await store.add_pending(waiting)
-        live.pending_label_ids.update(p.prediction_id for p in waiting)
     for model, version in sorted({(r.model, r.version) for r in joined}):
         await check_performance(model, version, monitor=monitor, store=store, publish=publish)
 
@@ -703,21 +715,29 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 # --- time-driven housekeeping ----------------------------------------------------------------------------
 
 
+@dataclass
+class Housekeeping:
+    """What a housekeeping transaction settled, for the caller to apply to memory once it commits."""
+
+    decided: list[CanaryStep] = field(default_factory=list)
+    expired_labels: list[str] = field(default_factory=list)
+
+
 async def housekeeping(
     now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> list[CanaryStep]:
+) -> Housekeeping:
     """Close idle windows, give due canary verdicts, forget expired predictions and labels, and record
-    where a restart must replay from. Returns the decided steps, to unwatch once the transaction commits."""
+    where a restart must replay from. Returns the decided steps and the expired labels: a transaction that
+    fails leaves them watched and waiting in memory, as they are in Postgres."""
     live = monitor.live
     if live.close_idle(now):
         monitor.on_windows_closed()
     live.cache.evict(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
-    live.pending_label_ids.difference_update(expired)
     decided = await check_canaries(now, monitor=monitor, store=store, publish=publish)
     await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
-    return decided
+    return Housekeeping(decided, expired)
 
 
 # --- policies ----------------------------------------------------------------------------------------------

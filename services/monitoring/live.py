@@ -114,6 +114,11 @@ class PredictionCache:
             dropped += part.batch.size
         return dropped
 
+    def model_of(self, prediction_id: str) -> str | None:
+        """The model of a held prediction, or None when it is not held."""
+        hit = self._index.get(prediction_id)
+        return hit[0].batch.model if hit is not None else None
+
     def first_offsets(self) -> dict[int, int]:
         out: dict[int, int] = {}
         for part in self._parts:
@@ -162,7 +167,12 @@ class LiveState:
         self.unknown: Counter[ModelKey] = Counter()
         self._unknown_models_logged: set[str] = set()
         self.next_offsets: dict[int, int] = {}
-        self.pending_label_ids: set[str] = set()
+        # Labels waiting for their prediction (Postgres's pending_labels): prediction id -> the model the
+        # label names. A prediction of that model is looked for in Postgres; one of another model is not.
+        self.pending_labels: dict[str, str] = {}
+        # Waiting labels a held prediction of their model looked for in vain: the label's transaction had not
+        # committed yet. The housekeeping tick looks for them again while both are still here.
+        self.joins_missed: set[str] = set()
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -190,8 +200,8 @@ class LiveState:
             cols = payload if type(payload) is PredictionColumns else PredictionColumns.of(payload)  # type: ignore[arg-type]
             if off < offsets.get(part, -1):
                 # A redelivery after a failed transaction: its rows are in memory already, but the label joins
-                # it made were rolled back with the transaction (and the ids dropped from pending_label_ids
-                # all the same), so each of its ids is looked up again. Rare: only after a failure.
+                # it made were rolled back with the transaction (and the ids dropped from pending_labels all
+                # the same), so each of its ids is looked up again. Rare: only after a failure.
                 result.pending_matches.extend(cols.prediction_ids)
                 continue
             offsets[part] = off + 1
@@ -214,9 +224,9 @@ class LiveState:
             result.rows += batch.size
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)
-            if self.pending_label_ids:
+            if self.pending_labels:
                 result.pending_matches.extend(
-                    pid for pid in batch.prediction_ids if pid in self.pending_label_ids
+                    pid for pid in batch.prediction_ids if self.pending_labels.get(pid) == batch.model
                 )
         return result
 
@@ -274,6 +284,28 @@ class LiveState:
                 self._close(key)
                 closed += 1
         return closed
+
+    # -- labels waiting for their prediction --------------------------------------------------------------
+
+    def label_waits(self, prediction_id: str, model: str) -> None:
+        """A label for ``model`` waits for its prediction; the first one for a prediction is kept, as in
+        Postgres."""
+        self.pending_labels.setdefault(prediction_id, model)
+
+    def labels_settled(self, prediction_ids: Iterable[str]) -> None:
+        """These predictions' waiting labels were joined or expired (and that is committed)."""
+        for pid in prediction_ids:
+            self.pending_labels.pop(pid, None)
+            self.joins_missed.discard(pid)
+
+    def joins_to_retry(self) -> list[str]:
+        """The missed joins still to make: the label still waits and a prediction of its model is held."""
+        self.joins_missed = {
+            pid
+            for pid in self.joins_missed
+            if (model := self.pending_labels.get(pid)) is not None and self.cache.model_of(pid) == model
+        }
+        return sorted(self.joins_missed)
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

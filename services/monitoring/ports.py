@@ -173,8 +173,8 @@ class MonitoringStore(Protocol):
         made the prediction (``models``, in the same order)."""
         ...
 
-    async def pending_ids(self) -> set[str]:
-        """Ids of every label still waiting for its prediction."""
+    async def pending_labels(self) -> dict[str, str]:
+        """Every label still waiting for its prediction: the prediction's id and the model the label names."""
         ...
 
     async def expire_pending(self, received_before: datetime) -> list[str]:

@@ -295,9 +295,9 @@ class PgMonitoringStore:
         )
         return [PendingLabel(r["prediction_id"], r["model"], r["label"], r["observed_at"]) for r in rows]
 
-    async def pending_ids(self) -> set[str]:
-        rows = await self.conn.fetch("SELECT prediction_id FROM pending_labels WHERE NOT expired")
-        return {r["prediction_id"] for r in rows}
+    async def pending_labels(self) -> dict[str, str]:
+        rows = await self.conn.fetch("SELECT prediction_id, model FROM pending_labels WHERE NOT expired")
+        return {r["prediction_id"]: r["model"] for r in rows}
 
     async def expire_pending(self, received_before: datetime) -> list[str]:
         rows = await self.conn.fetch(

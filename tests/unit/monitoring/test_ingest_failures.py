@@ -116,7 +116,7 @@ async def test_a_label_join_rolled_back_is_made_again_when_the_poll_is_read_agai
     settings = MonitoringSettings()
     monitor = make_monitor(settings, artifacts=None, source="/t")
     monitor.live.add_reference(reference())
-    monitor.live.pending_label_ids = {"good-1-0"}
+    monitor.live.pending_labels = {"good-1-0": "churn"}
     store = Store("good-1-0", failures=1)
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
     bus = predictions_bus(settings, monitor)
@@ -139,7 +139,7 @@ async def test_a_waiting_label_for_another_model_is_not_joined_and_keeps_waiting
     monitor.live.add_reference(reference())  # model "churn"
     store = Store("good-1-0", failures=0)
     store.pending["good-1-0"] = PendingLabel("good-1-0", "fraud", 1, datetime.now(UTC))  # sent for "fraud"
-    monitor.live.pending_label_ids = {"good-1-0"}
+    monitor.live.pending_labels = {"good-1-0": "fraud"}
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
     bus = predictions_bus(settings, monitor)
 
@@ -147,7 +147,7 @@ async def test_a_waiting_label_for_another_model_is_not_joined_and_keeps_waiting
     await bus.drain()
 
     assert store.labelled == []
-    assert set(store.pending) == {"good-1-0"} and monitor.live.pending_label_ids == {"good-1-0"}
+    assert set(store.pending) == {"good-1-0"} and monitor.live.pending_labels == {"good-1-0": "fraud"}
 
 
 class LabelStore:

@@ -1,0 +1,272 @@
+"""A label that comes before its prediction waits, in Postgres (``pending_labels``) and in memory
+(``LiveState.pending_labels``, which tells the predictions consumer which ids to look for), and is joined when
+its prediction comes. The two consumers run side by side, each in its own transaction: a prediction consumed
+while its label's transaction is still open misses the label, and the next tick makes the join. Memory
+follows what is committed: a tick whose transaction fails leaves its expired labels waiting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+
+from contracts.envelope import CloudEvent, new_event
+from contracts.feedback import GroundTruthReceived
+from libs.bus import Delivery, Record
+from services.monitoring import bootstrap
+from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
+from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel
+from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import reference
+from tests.unit.monitoring.test_ingest_failures import logged
+
+NOW = 1_000.0  # the tick's clock: no window is idle, no label has waited long
+
+
+@dataclass
+class Waiting:
+    label: PendingLabel
+    received_at: datetime
+    expired: bool = False
+
+
+class Tables:
+    """``pending_labels`` and ``labelled`` as Postgres keeps them, between transactions."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Waiting] = {}
+        self.labelled: dict[str, LabelledRecord] = {}
+        self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
+        self.replay_saves = 0
+
+    def begin(self) -> Tx:
+        return Tx(self)
+
+    def waiting(self) -> set[str]:
+        return {pid for pid, row in self.pending.items() if not row.expired}
+
+
+class Tx:
+    """One transaction's store: it sees what was committed before and its own writes, and writes on commit."""
+
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
+        self.added: dict[str, PendingLabel] = {}
+        self.taken: set[str] = set()
+        self.expired: set[str] = set()
+        self.labelled: dict[str, LabelledRecord] = {}
+
+    def _waiting(self) -> dict[str, PendingLabel]:
+        rows = {pid: row.label for pid, row in self.tables.pending.items() if not row.expired}
+        rows.update(self.added)
+        return {pid: label for pid, label in rows.items() if pid not in self.taken | self.expired}
+
+    async def add_pending(self, labels: list[PendingLabel]) -> None:
+        for label in labels:
+            self.added.setdefault(label.prediction_id, label)
+
+    async def take_pending(self, ids: list[str], models: list[str]) -> list[PendingLabel]:
+        waiting, made = self._waiting(), dict(zip(ids, models, strict=True))
+        taken = [waiting[pid] for pid in ids if pid in waiting and waiting[pid].model == made[pid]]
+        self.taken.update(label.prediction_id for label in taken)
+        return taken
+
+    async def expire_pending(self, received_before: datetime) -> list[str]:
+        old = [
+            pid
+            for pid, row in self.tables.pending.items()
+            if pid in self._waiting() and row.received_at < received_before
+        ]
+        self.expired.update(old)
+        return old
+
+    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+        if rows and self.tables.joins_fail:
+            raise ValueError("a value the labelled table cannot take")
+        for row in rows:
+            self.labelled.setdefault(row.prediction_id, row)
+        return len(rows)
+
+    async def unscored(self, *_: Any) -> list[LabelledRecord]:
+        return []
+
+    async def watched_steps(self) -> list[Any]:
+        return []
+
+    async def save_replay_offsets(self, *_: Any) -> None:
+        self.tables.replay_saves += 1
+
+    async def policies_fingerprint(self) -> str:
+        return ""
+
+    async def policies(self) -> dict[str, Any]:
+        return {}
+
+    def commit(self) -> None:
+        t = self.tables
+        for pid, label in self.added.items():
+            if pid not in t.pending or t.pending[pid].expired:
+                t.pending[pid] = Waiting(label, datetime.now(UTC))
+        for pid in self.taken:
+            t.pending.pop(pid, None)
+        for pid in self.expired:
+            t.pending[pid].expired = True
+        for pid, row in self.labelled.items():
+            t.labelled.setdefault(pid, row)
+
+
+class Runtime:
+    """``begin()`` on the tables; ``commit_fails``: the commit raises (Postgres away), nothing written."""
+
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
+        self.commit_fails = False
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        tx = self.tables.begin()
+
+        async def publish(event: CloudEvent[Any]) -> None:
+            pass
+
+        yield type("Tx", (), {"conn": tx, "publish": staticmethod(publish)})()
+        if self.commit_fails:
+            raise ConnectionError("connection was closed in the middle of operation")
+        tx.commit()
+
+
+async def nothing(event: CloudEvent[Any]) -> None:
+    pass
+
+
+def delivery(event: CloudEvent[Any], offset: int) -> Delivery:
+    return Delivery(Record(event.data.topic, 0, offset, None, b"", ()), event)
+
+
+async def receive_label(monitor: Monitor, tx: Tx, prediction_id: str, model: str = "churn") -> None:
+    """The feedback consumer handles a label in ``tx``, not committed yet."""
+    g = GroundTruthReceived(prediction_id=prediction_id, model=model, label=1, observed_at=datetime.now(UTC))
+    await on_ground_truth_received(
+        [delivery(new_event(g, source="/feedback"), 0)],
+        monitor=monitor,
+        store=cast(MonitoringStore, tx),
+        publish=nothing,
+    )
+
+
+async def consume_prediction(monitor: Monitor, tables: Tables, request_id: str) -> None:
+    """The predictions consumer handles a request and commits."""
+    tx = tables.begin()
+    await on_predictions_logged(
+        [delivery(logged(request_id), 0)], monitor=monitor, store=cast(MonitoringStore, tx), publish=nothing
+    )
+    tx.commit()
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
+    monitor.live.add_reference(reference())
+    return monitor
+
+
+async def test_a_prediction_consumed_while_its_labels_transaction_is_open_is_joined_at_the_next_tick(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    label_tx = tables.begin()
+    await receive_label(monitor, label_tx, "good-1-0")
+    await consume_prediction(monitor, tables, "good-1")  # the label's transaction has not committed yet
+    label_tx.commit()
+    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # the join was missed
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert monitor.live.pending_labels == {}
+
+
+async def test_a_prediction_consumed_while_its_label_is_being_stored_is_joined_at_the_next_tick(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+
+    class Storing(Tx):
+        """The label's transaction; while it stores the label, the predictions consumer runs."""
+
+        def __init__(self, tables: Tables, meanwhile: Callable[[], Awaitable[None]]) -> None:
+            super().__init__(tables)
+            self.meanwhile = meanwhile
+
+        async def add_pending(self, labels: list[PendingLabel]) -> None:
+            await self.meanwhile()
+            await super().add_pending(labels)
+
+    label_tx = Storing(tables, lambda: consume_prediction(monitor, tables, "good-1"))
+    await receive_label(monitor, label_tx, "good-1-0")
+    label_tx.commit()
+    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # the join was missed
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert monitor.live.pending_labels == {}
+
+
+async def test_a_missed_join_that_fails_for_good_is_given_up_and_the_housekeeping_goes_on(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    label_tx = tables.begin()
+    await receive_label(monitor, label_tx, "good-1-0")
+    await consume_prediction(monitor, tables, "good-1")
+    label_tx.commit()
+    tables.joins_fail = True
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert tables.replay_saves == 1  # the housekeeping ran
+    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # waits on, to expire as unmatched
+    assert monitor.live.pending_labels == {"good-1-0": "churn"} and monitor.live.joins_missed == set()
+
+
+async def test_a_label_expired_by_a_tick_whose_transaction_fails_still_waits_in_memory_as_in_postgres(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    long_ago = datetime.fromtimestamp(NOW, UTC) - timedelta(days=2)
+    tables.pending["p-old"] = Waiting(PendingLabel("p-old", "churn", 1, long_ago), received_at=long_ago)
+    monitor.live.pending_labels = {"p-old": "churn"}
+    rt = Runtime(tables)
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    rt.commit_fails = True
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert tables.waiting() == {"p-old"} and monitor.live.pending_labels == {"p-old": "churn"}
+
+    rt.commit_fails = False
+    await background.once()
+    assert tables.waiting() == set() and monitor.live.pending_labels == {}
+
+
+async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_again(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await consume_prediction(monitor, tables, "good-1")  # churn's prediction good-1-0 is held
+    label_tx = tables.begin()
+    await receive_label(monitor, label_tx, "good-1-0", model="fraud")
+    label_tx.commit()
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}
+    assert monitor.live.pending_labels == {"good-1-0": "fraud"} and monitor.live.joins_missed == set()
