@@ -165,7 +165,8 @@ class MonitoringStore(Protocol):
         ...
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
-        """Keep labels whose prediction is not known yet."""
+        """Keep labels whose prediction is not known yet: the first for a prediction waits, and a label for
+        a prediction whose earlier label expired waits anew."""
         ...
 
     async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:

@@ -273,14 +273,21 @@ class PgMonitoringStore:
     async def add_pending(self, labels: list[PendingLabel]) -> None:
         if not labels:
             return
+        first: dict[str, PendingLabel] = {}
+        for p in labels:  # one row per prediction: DO UPDATE cannot touch a row the same statement inserted
+            first.setdefault(p.prediction_id, p)
+        # A label still waiting keeps its place; one that expired unmatched is replaced by the new label,
+        # which waits its own time (the prediction may still come: a label sent again, or corrected).
         await self.conn.execute(
             """INSERT INTO pending_labels (prediction_id, model, label, observed_at)
                SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
-               ON CONFLICT DO NOTHING""",
-            [p.prediction_id for p in labels],
-            [p.model for p in labels],
-            [_jsonb(p.label) for p in labels],
-            [p.observed_at for p in labels],
+               ON CONFLICT (prediction_id) DO UPDATE SET model = excluded.model, label = excluded.label,
+                   observed_at = excluded.observed_at, received_at = now(), expired = false
+               WHERE pending_labels.expired""",
+            list(first),
+            [p.model for p in first.values()],
+            [_jsonb(p.label) for p in first.values()],
+            [p.observed_at for p in first.values()],
         )
 
     async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:

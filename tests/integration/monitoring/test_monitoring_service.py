@@ -529,3 +529,41 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await pool.close()
+
+
+async def test_a_label_sent_again_after_its_first_expired_waits_anew_and_one_still_waiting_is_kept(
+    database_url: str,
+) -> None:
+    schema = unique("t_mon_pending")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, MIGRATIONS)
+        at = datetime.now(UTC)
+        async with pool.acquire() as conn, conn.transaction():
+            await PgMonitoringStore(conn).add_pending([PendingLabel("p-expired", "churn", 0, at)])
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert await store.expire_pending(at + timedelta(hours=1)) == ["p-expired"]
+            await store.add_pending([PendingLabel("p-waiting", "churn", 0, at)])
+
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            # Sent again (twice in one poll): the expired label is replaced, the waiting one keeps its place.
+            await store.add_pending(
+                [
+                    PendingLabel("p-expired", "churn", 1, at),
+                    PendingLabel("p-expired", "churn", 2, at),
+                    PendingLabel("p-waiting", "churn", 1, at),
+                ]
+            )
+
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert await store.pending_labels() == {"p-expired": "churn", "p-waiting": "churn"}
+            assert await store.expire_pending(at - timedelta(minutes=1)) == []  # it waits its own time
+            taken = await store.take_pending(["p-expired", "p-waiting"], ["churn", "churn"])
+            assert sorted((t.prediction_id, t.label) for t in taken) == [("p-expired", 1), ("p-waiting", 0)]
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
