@@ -16,6 +16,12 @@ import numpy as np
 from contracts.common import Task
 
 LOG_LOSS_EPS = 1e-15
+# Resamples of a bootstrap drawn at once, and the cells (resamples x rows) one chunk may hold: its draws, its
+# counts and its weights take 8 bytes a cell each, so about 100 MB whatever the holdout's size (100
+# resamples of 5 million rows at once were 12 GB). The draws come from one stream whatever the chunk size,
+# so chunking changes no interval.
+BOOTSTRAP_CHUNK_RESAMPLES = 100
+BOOTSTRAP_CHUNK_CELLS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -227,14 +233,32 @@ def all_metrics(outputs: Outputs) -> dict[str, float]:
     return {k: v for k, v in values.items() if np.isfinite(v)}
 
 
-def bootstrap_weights(rows: int, resamples: int, seed: int, *, chunk: int = 100) -> Iterator[np.ndarray]:
-    """Row-count matrices of a seeded bootstrap (each row of a matrix is one resample), in chunks."""
+def resamples_per_chunk(rows: int, max_cells: int = BOOTSTRAP_CHUNK_CELLS) -> int:
+    """How many bootstrap resamples of ``rows`` rows are drawn at once: at most 100, and no more than fit in
+    ``max_cells`` (resamples x rows), but always one."""
+    return max(1, min(BOOTSTRAP_CHUNK_RESAMPLES, max_cells // max(rows, 1)))
+
+
+def bootstrap_weights(
+    rows: int, resamples: int, seed: int, *, max_cells: int = BOOTSTRAP_CHUNK_CELLS
+) -> Iterator[np.ndarray]:
+    """Row-count matrices of a seeded bootstrap (each row of a matrix is one resample), in chunks of at most
+    ``max_cells`` cells (one resample when a single one is larger)."""
     rng = np.random.default_rng(seed)
+    chunk = resamples_per_chunk(rows, max_cells)
     done = 0
     while done < resamples:
         b = min(chunk, resamples - done)
-        drawn = rng.integers(0, rows, size=(b, rows)) + (np.arange(b) * rows)[:, None]
-        yield np.bincount(drawn.ravel(), minlength=b * rows).reshape(b, rows).astype(float)
+        drawn = rng.integers(0, rows, size=(b, rows))
+        if b > 1:
+            drawn += (np.arange(b) * rows)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=b * rows)
+        del drawn
+        weights = counts.reshape(b, rows).astype(float)
+        del counts
+        yield weights
+        # Not held while the next chunk is drawn: the caller's copy of this one is alive until then too.
+        del weights
         done += b
 
 
