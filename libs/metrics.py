@@ -79,6 +79,11 @@ class Outputs:
 
     Classification: ``y`` and ``pred`` are class indices into ``classes`` (``y`` is -1 for a label the
     model does not know), ``proba`` the class probabilities. Regression: ``y`` and ``pred`` are floats.
+
+    A row whose label the model does not know is scored by every metric as a row of none of its classes,
+    the model giving its class probability 0: accuracy counts it wrong, log_loss charges it -log(1e-15),
+    f1 counts it a false positive of the class predicted, and for the positive class of binary f1 and
+    roc_auc it is a negative.
     """
 
     task: Task
@@ -207,7 +212,9 @@ def _roc_auc(outputs: Outputs, w: np.ndarray) -> np.ndarray:
     # Rank once: rows with equal scores form one group, so ties count one half (Mann-Whitney U).
     uniq, group = np.unique(score, return_inverse=True)
     pos = (outputs.y == 1).astype(float)
-    neg = (outputs.y == 0).astype(float)
+    # Every row not of the positive class is a negative, a class the model never saw (-1) too: as binary f1
+    # counts it. Left out, such rows made the score look better than the model is.
+    neg = 1.0 - pos
     out = np.empty(w.shape[0])
     for b in range(w.shape[0]):
         pw = np.bincount(group, weights=w[b] * pos, minlength=uniq.size)

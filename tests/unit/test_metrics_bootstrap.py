@@ -35,7 +35,9 @@ def test_the_bootstrap_of_a_large_holdout_holds_a_few_copies_of_the_holdout_not_
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, rows)
     score = np.clip(y * 0.3 + rng.random(rows) * 0.7, 0, 1)
-    out = Outputs(Task.CLASSIFICATION, y, (score > 0.5).astype(int), np.column_stack([1 - score, score]), (0, 1))
+    out = Outputs(
+        Task.CLASSIFICATION, y, (score > 0.5).astype(int), np.column_stack([1 - score, score]), (0, 1)
+    )
     tracemalloc.start()
     try:
         paired_bootstrap_difference(out, out, "accuracy", resamples=200, level=0.95, seed=1)
