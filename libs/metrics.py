@@ -7,6 +7,7 @@ holdout metrics and validation's recomputed ones therefore agree to the last dig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,39 @@ def _label_key(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return ("n", float(value))
     return ("s", str(value))
+
+
+def bool_label(value: Any) -> bool | None:
+    """A boolean label: a boolean, its text, or the number 0 or 1; None for anything else (training reads
+    traffic labels with it, validation holdout labels)."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, str) and value in ("True", "False", "true", "false"):
+        return value in ("True", "true")
+    number = number_label(value)
+    return bool(number) if number is not None and number in (0, 1) else None
+
+
+def number_label(value: Any) -> int | float | None:
+    """A numeric label as an exact number (an int when it is one); None for a boolean, text that is no
+    number, NaN, infinity, or an integer a double cannot hold."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, int):
+        return value if float(value) == value else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
 
 
 def classifier_outputs(model: Any, frame: Any, labels: Sequence[Any] | np.ndarray) -> Outputs:

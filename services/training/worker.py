@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import io
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureTy
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
 from libs.logging import get_logger
-from libs.metrics import Outputs, all_metrics, model_outputs
+from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
 from libs.modelspec import (
     FIT_WEIGHT_COLUMN,
     ModelSpec,
@@ -607,9 +606,9 @@ def _conform_labels(
     if pd.api.types.is_bool_dtype(column) or (
         column.dtype == object and all(isinstance(v, bool | np.bool_) for v in column.tolist())
     ):
-        convert, dtype = _bool_label, "bool"
+        convert, dtype = bool_label, "bool"
     elif pd.api.types.is_integer_dtype(column) or pd.api.types.is_float_dtype(column):
-        convert, dtype = _number_label, "float64"
+        convert, dtype = number_label, "float64"
     else:
         return base_rows, traffic
     converted = [convert(v) for v in traffic[target].tolist()]
@@ -640,38 +639,6 @@ def _conform_labels(
     kept = traffic[keep].copy()
     kept[target] = values.to_numpy()
     return base_rows, kept
-
-
-def _bool_label(value: Any) -> bool | None:
-    """A boolean label: a boolean, its text, or the number 0 or 1; None for anything else."""
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, str) and value in ("True", "False", "true", "false"):
-        return value in ("True", "true")
-    number = _number_label(value)
-    return bool(number) if number is not None and number in (0, 1) else None
-
-
-def _number_label(value: Any) -> int | float | None:
-    """A numeric label as an exact number (an int when it is one); None for a boolean, text that is no
-    number, NaN, infinity, or an integer a double cannot hold."""
-    if isinstance(value, bool | np.bool_):
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            try:
-                value = float(value)
-            except ValueError:
-                return None
-    if isinstance(value, int):
-        return value if float(value) == value else None
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return None
 
 
 def _concat(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:

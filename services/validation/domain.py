@@ -41,7 +41,7 @@ class SliceMeasure:
 
 @dataclass(frozen=True)
 class Measured:
-    """What scoring measured on the holdout."""
+    """What scoring measured on the holdout: ``rows`` are the rows with a usable label, every check's rows."""
 
     rows: int
     metrics: dict[str, float]
@@ -53,6 +53,12 @@ class Measured:
     slice_feature: str | None = None
     slice_metric: str | None = None
     slices: list[SliceMeasure] = field(default_factory=list)
+    unlabelled_rows: int = 0
+    """Holdout rows left out of every check: their label is missing or no value of the target's type."""
+    unusable_labels: tuple[str, ...] = ()
+    """A few of the values present that are no label of the target's type (as ``repr``)."""
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+    """Labels that are none of the candidate's classes, with their rows: scored as probability 0."""
 
 
 def champion_metric(spec: ValidationSpec, task: Task, n_classes: int | None) -> str:
@@ -298,6 +304,50 @@ def sanity_checks(measured: Measured) -> list[CheckResult]:
     ]
 
 
+UNKNOWN_LABELS_NAMED = 5
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" if n == 1 else f"{n:,} rows"
+
+
+def labels_check(measured: Measured) -> CheckResult:
+    """Holdout rows left out for want of a usable label, and classes the candidate never saw: reported, not
+    judged (the metrics judge what those rows cost)."""
+    total = measured.rows + measured.unlabelled_rows
+    parts = []
+    if measured.unlabelled_rows:
+        what = "missing" + (
+            f" or no value of the target's type, such as {', '.join(measured.unusable_labels)}"
+            if measured.unusable_labels
+            else ""
+        )
+        parts.append(
+            f"{measured.unlabelled_rows:,} of {total:,} holdout rows have no usable label ({what}): left out "
+            f"of every check, which ran on the other {measured.rows:,}"
+        )
+    if measured.unknown_labels:
+        rows = sum(measured.unknown_labels.values())
+        named = [
+            f"{label} ({_rows(n)})"
+            for label, n in list(measured.unknown_labels.items())[:UNKNOWN_LABELS_NAMED]
+        ]
+        more = len(measured.unknown_labels) - UNKNOWN_LABELS_NAMED
+        parts.append(
+            f"{_rows(rows)} {'has' if rows == 1 else 'have'} a class the candidate never saw in training: "
+            f"{', '.join(named)}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; every metric scores them as the model giving that class probability 0"
+        )
+    return CheckResult(
+        name="sanity:holdout-labels",
+        kind=CheckKind.SANITY,
+        value=float(measured.unlabelled_rows),
+        passed=True,
+        detail="; ".join(parts) if parts else f"all {total:,} holdout rows have a usable label",
+    )
+
+
 def judge(
     spec: ValidationSpec,
     *,
@@ -317,6 +367,7 @@ def judge(
         signature_check(spec, candidate, champion_signature),
         latency_check(spec, measured),
         *sanity_checks(measured),
+        labels_check(measured),
     ]
 
 

@@ -3,14 +3,25 @@ batched latency and output sanity. CPU work on fitted models and frames; no data
 
 from __future__ import annotations
 
+import numbers
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from contracts.common import ModelSignature, Task
-from libs.metrics import Outputs, all_metrics, metric, model_outputs, paired_bootstrap_difference
+from libs.metrics import (
+    Outputs,
+    all_metrics,
+    bool_label,
+    metric,
+    model_outputs,
+    number_label,
+    paired_bootstrap_difference,
+)
 from libs.modelspec import ValidationSpec
 from services.validation.domain import (
     ChampionComparison,
@@ -25,6 +36,108 @@ MISSING_LEVEL = "__missing__"
 
 class HoldoutMismatch(ValueError):
     """The holdout lacks a column the model needs."""
+
+
+class HoldoutUnlabelled(ValueError):
+    """No row of the holdout has a label the metrics can use."""
+
+
+@dataclass(frozen=True)
+class HoldoutLabels:
+    """A holdout's label column as the metrics take it: which rows have a usable label, and those labels."""
+
+    usable: np.ndarray
+    values: np.ndarray
+    missing: int
+    unusable: tuple[str, ...]
+    """A few of the values present that are no label of the target's type."""
+
+
+LabelKind = Literal["number", "boolean", "any"]
+UNUSABLE_EXAMPLES = 3
+
+
+def _label_kind(task: Task, classes: Sequence[Any]) -> LabelKind:
+    if task is Task.REGRESSION:
+        return "number"
+    if classes and all(isinstance(c, bool | np.bool_) for c in classes):
+        return "boolean"
+    if classes and all(isinstance(c, numbers.Real) and not isinstance(c, bool | np.bool_) for c in classes):
+        return "number"
+    return "any"
+
+
+def read_labels(column: pd.Series, task: Task, classes: Sequence[Any]) -> HoldoutLabels:
+    """Which rows of a label column carry a label, read as the target's type the way training reads
+    traffic labels: a regressor takes finite numbers and their text; a classifier whose classes are numbers
+    takes those too, one whose classes are booleans takes booleans, "True"/"False" and 0 or 1, one whose
+    classes are text takes anything present. A missing value (null, NaN) is no label; nor is a value the
+    target's type cannot hold (text in a numeric label column, as a CSV gives it). A label of the right
+    type that is none of the classes is a label: a class the model never saw."""
+    missing = column.isna().to_numpy()
+    present = column[~missing]
+    kind = _label_kind(task, classes)
+    values: np.ndarray
+    if kind == "any":
+        values = present.to_numpy()
+        ok = np.ones(len(values), dtype=bool)
+    elif (
+        kind == "number"
+        and pd.api.types.is_numeric_dtype(present)
+        and not pd.api.types.is_bool_dtype(present)
+    ):
+        numeric = present.to_numpy(dtype=float)
+        ok = np.isfinite(numeric)
+        # A classifier's labels keep their type (an integer class beyond 2**53 stays itself); a nullable
+        # column (the registry's Int64) has no missing value left here, so its numpy type holds it.
+        own = getattr(present.dtype, "numpy_dtype", present.dtype)
+        values = (present.to_numpy(dtype=own) if task is Task.CLASSIFICATION else numeric)[ok]
+    elif kind == "boolean" and pd.api.types.is_bool_dtype(present):
+        values = present.to_numpy(dtype=bool)
+        ok = np.ones(len(values), dtype=bool)
+    else:  # text, or another type than the target's: value by value (the rare case, never the hot path)
+        read = bool_label if kind == "boolean" else number_label
+        converted = [read(v) for v in present.tolist()]
+        ok = np.array([v is not None for v in converted], dtype=bool)
+        kept = [v for v in converted if v is not None]
+        values = np.array(kept, dtype=float if task is Task.REGRESSION else object)
+    unusable: list[str] = []
+    if not ok.all():
+        for v in present[~ok].tolist():
+            text = repr(v)
+            if text not in unusable:
+                unusable.append(text)
+            if len(unusable) == UNUSABLE_EXAMPLES:
+                break
+    usable = ~missing
+    usable[usable] = ok
+    return HoldoutLabels(usable=usable, values=values, missing=int(missing.sum()), unusable=tuple(unusable))
+
+
+def _unlabelled_message(target: str, labels: HoldoutLabels, kind: LabelKind, classes: Sequence[Any]) -> str:
+    rows = labels.usable.size
+    parts = []
+    if labels.missing:
+        parts.append(f"{labels.missing:,} missing")
+    if labels.unusable:
+        wanted = {"number": "a number", "boolean": "a boolean", "any": "a label"}[kind]
+        parts.append(f"{rows - labels.missing:,} not {wanted} (such as {', '.join(labels.unusable)})")
+    of_classes = f"; the candidate's classes are {list(classes)}" if classes else ""
+    return (
+        f"the holdout's label column {target!r} has no usable label in its {rows:,} rows: "
+        f"{', '.join(parts) or 'no rows'}{of_classes}"
+    )
+
+
+def _unknown_labels(outputs: Outputs, values: np.ndarray) -> dict[str, int]:
+    """Labels of the holdout that are none of the model's classes, with their row counts (most first)."""
+    if outputs.task is not Task.CLASSIFICATION:
+        return {}
+    unknown = outputs.y < 0
+    if not unknown.any():
+        return {}
+    counts = pd.Series([str(v.item() if isinstance(v, np.generic) else v) for v in values[unknown]])
+    return {str(k): int(n) for k, n in counts.value_counts().items()}
 
 
 def _inputs(frame: pd.DataFrame, signature: ModelSignature, who: str) -> pd.DataFrame:
@@ -47,9 +160,23 @@ def measure(
     latency_repeats: int = 7,
     latency_batch_rows: int = 1000,
 ) -> Measured:
-    """Everything the gate needs, measured on the same rows for candidate and champion."""
+    """Everything the gate needs, measured on the same rows for candidate and champion: the holdout rows
+    with a usable label (the others are left out of every check and counted)."""
+    _inputs(holdout, signature, "candidate")
+    classes = (
+        tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)
+        if signature.task is Task.CLASSIFICATION
+        else ()
+    )
+    labels = read_labels(holdout[signature.target], signature.task, classes)
+    if not labels.usable.any():
+        kind = _label_kind(signature.task, classes)
+        raise HoldoutUnlabelled(_unlabelled_message(signature.target, labels, kind, classes))
+    unlabelled = int((~labels.usable).sum())
+    if unlabelled:
+        holdout = holdout[labels.usable].reset_index(drop=True)
     x = _inputs(holdout, signature, "candidate")
-    y = holdout[signature.target].to_numpy()
+    y = labels.values
     outputs = model_outputs(candidate, signature.task, x, y)
     n_classes = len(outputs.classes) if signature.task is Task.CLASSIFICATION else None
     values = np.asarray(outputs.proba if outputs.proba is not None else outputs.pred, dtype=float)
@@ -96,6 +223,9 @@ def measure(
         slice_feature=feature,
         slice_metric=slice_name,
         slices=slices,
+        unlabelled_rows=unlabelled,
+        unusable_labels=labels.unusable,
+        unknown_labels=_unknown_labels(outputs, y),
     )
 
 

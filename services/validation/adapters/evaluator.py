@@ -13,7 +13,7 @@ from libs.artifacts import ArtifactError, ArtifactStore, load_model
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
 from services.validation.domain import Measured
 from services.validation.ports import Evaluation, EvaluationError
-from services.validation.scoring import HoldoutMismatch, measure
+from services.validation.scoring import HoldoutMismatch, HoldoutUnlabelled, measure
 
 
 def preload() -> None:
@@ -74,6 +74,8 @@ class StoreEvaluator:
             )
         except HoldoutMismatch as exc:
             raise EvaluationError("holdout-matches-signature", str(exc)) from exc
+        except HoldoutUnlabelled as exc:
+            raise EvaluationError("holdout-labelled", str(exc)) from exc
         except (ValueError, TypeError, AttributeError) as exc:
             raise EvaluationError(
                 "candidate-scores", f"the candidate cannot score the holdout: {exc}"

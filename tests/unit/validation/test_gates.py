@@ -187,6 +187,7 @@ def test_judge_runs_every_gate_once_in_report_order() -> None:
         "latency-per-row",
         "sanity:finite-outputs",
         "sanity:not-constant",
+        "sanity:holdout-labels",
     ]
     assert len(set(names)) == len(names)
 

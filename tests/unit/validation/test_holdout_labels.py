@@ -3,11 +3,27 @@ in a numeric label column. Each is scored or left out one documented way, and th
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from contracts.common import Task
+from contracts.common import ArtifactFormat, ArtifactRef, ModelSignature, Task
+from libs.artifacts import ArtifactStore, save_model
 from libs.metrics import LOG_LOSS_EPS, Outputs, metric, paired_bootstrap_difference, weighted
+from libs.modelspec import ModelSpec, build_pipeline, spec_from_data
+from services.training.worker import signature
+from services.validation.adapters.evaluator import StoreEvaluator
+from services.validation.domain import Measured, judge
+from services.validation.ports import Evaluation, EvaluationError
+from services.validation.scoring import measure
+from tests.unit.training.data import churn_frame, churn_spec_data, regression_frame
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 
 # --- classes the candidate never saw ---------------------------------------------------------------------
 
@@ -61,3 +77,158 @@ def test_the_bootstrap_scores_rows_of_an_unseen_class_as_the_point_estimate_does
     assert weighted(out, "roc_auc", counts)[0] == pytest.approx(metric(resampled, "roc_auc"), abs=1e-12)
     diff, low, high = paired_bootstrap_difference(out, out, "roc_auc", resamples=50, level=0.9, seed=3)
     assert (diff, low, high) == (0, 0, 0)
+
+
+# --- missing labels and text in a numeric label column ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def churn_model() -> tuple[ModelSpec, Any, ModelSignature]:
+    spec = spec_from_data(churn_spec_data(params={}))
+    frame = churn_frame(400)
+    model = build_pipeline(spec).fit(frame.drop(columns=["churned"]), frame["churned"])
+    return spec, model, signature(spec, model, tuple(model.classes_))
+
+
+def _measure(model: tuple[ModelSpec, Any, ModelSignature], holdout: pd.DataFrame) -> Measured:
+    spec, candidate, sig = model
+    return measure(spec.validation, candidate=candidate, signature=sig, holdout=holdout, latency_repeats=1)
+
+
+def _csv(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as validation reads it back from a CSV file."""
+    return pd.read_csv(io.BytesIO(frame.to_csv(index=False).encode()))
+
+
+def _parquet(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as validation reads it back from a Parquet file."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return pd.read_parquet(io.BytesIO(buffer.getvalue()))
+
+
+def _without_labels(holdout: pd.DataFrame, rows: slice) -> pd.DataFrame:
+    """The holdout with no label on ``rows``: a nullable integer column, as the registry stores it."""
+    out = holdout.astype({"churned": "Int64"})
+    out.loc[rows, "churned"] = pd.NA
+    return out
+
+
+def _with_text_labels(holdout: pd.DataFrame, rows: slice) -> pd.DataFrame:
+    out = holdout.astype({"churned": object})
+    out.loc[rows, "churned"] = "unknown"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("read", "spoil"),
+    [
+        (_parquet, _without_labels),
+        (_csv, _without_labels),
+        (_csv, _with_text_labels),
+    ],
+    ids=["parquet-missing", "csv-missing", "csv-text"],
+)
+def test_holdout_rows_without_a_usable_label_are_left_out_of_every_metric_and_counted(
+    churn_model: tuple[ModelSpec, Any, ModelSignature], read: Any, spoil: Any
+) -> None:
+    holdout = churn_frame(300, seed=1)
+    labelled = _measure(churn_model, holdout.iloc[40:].reset_index(drop=True))
+    spoiled = _measure(churn_model, read(spoil(holdout, slice(0, 39))))
+    assert spoiled.rows == labelled.rows == 260
+    assert spoiled.metrics == pytest.approx(labelled.metrics, abs=1e-12)
+    assert spoiled.unlabelled_rows == 40
+    spec, _, sig = churn_model
+    [labels] = [
+        c
+        for c in judge(
+            spec.validation,
+            task=Task.CLASSIFICATION,
+            n_classes=2,
+            measured=spoiled,
+            candidate=sig,
+            champion_signature=None,
+            champion_version=None,
+        )
+        if c.name == "sanity:holdout-labels"
+    ]
+    assert labels.passed and labels.value == 40
+    assert "40 of 300 holdout rows" in labels.detail and "left out" in labels.detail
+
+
+def test_the_report_names_classes_of_the_holdout_the_candidate_never_saw(
+    churn_model: tuple[ModelSpec, Any, ModelSignature],
+) -> None:
+    holdout = churn_frame(300, seed=1)
+    holdout.loc[:9, "churned"] = 2
+    measured = _measure(churn_model, holdout)
+    assert measured.rows == 300 and measured.unlabelled_rows == 0
+    assert measured.unknown_labels == {"2": 10}
+    spec, _, sig = churn_model
+    checks = judge(
+        spec.validation,
+        task=Task.CLASSIFICATION,
+        n_classes=2,
+        measured=measured,
+        candidate=sig,
+        champion_signature=None,
+        champion_version=None,
+    )
+    [labels] = [c for c in checks if c.name == "sanity:holdout-labels"]
+    assert labels.passed and "2 (10 rows)" in labels.detail and "probability 0" in labels.detail
+
+
+def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() -> None:
+    data = churn_spec_data(
+        "price",
+        target="price",
+        task="regression",
+        estimator="ridge",
+        params={},
+        features=[{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+        validation={"thresholds": {"rmse": 1.0}},
+    )
+    spec = spec_from_data(data)
+    frame = regression_frame(400)
+    model = build_pipeline(spec).fit(frame.drop(columns=["price"]), frame["price"])
+    sig = signature(spec, model, ())
+    holdout = regression_frame(200, seed=1)
+    labelled = measure(
+        spec.validation, candidate=model, signature=sig, holdout=holdout.iloc[20:], latency_repeats=1
+    )
+    spoiled = holdout.astype({"price": object})
+    spoiled.loc[:9, "price"] = "unknown"
+    spoiled.loc[10:19, "price"] = None
+    measured = measure(
+        spec.validation, candidate=model, signature=sig, holdout=_csv(spoiled), latency_repeats=1
+    )
+    assert (measured.rows, measured.unlabelled_rows) == (180, 20)
+    assert measured.metrics == pytest.approx(labelled.metrics, rel=1e-12)
+
+
+def _store_holdout(store: ArtifactStore, frame: pd.DataFrame) -> ArtifactRef:
+    stored = store.put(frame.to_csv(index=False).encode())
+    return ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.CSV, size_bytes=stored.size)
+
+
+async def test_a_label_column_with_no_usable_label_fails_the_holdout_labelled_check(
+    tmp_path: Path, churn_model: tuple[ModelSpec, Any, ModelSignature]
+) -> None:
+    spec, model, sig = churn_model
+    store = ArtifactStore(str(tmp_path))
+    stored = save_model(store, model)
+    holdout = churn_frame(50, seed=1).astype({"churned": object})
+    holdout["churned"] = ["yes", "no"] * 25
+    evaluation = Evaluation(
+        candidate=ArtifactRef(
+            key=stored.sha256, uri=stored.uri, format=ArtifactFormat.SKOPS, size_bytes=stored.size
+        ),
+        signature=sig,
+        holdout=_store_holdout(store, holdout),
+        spec=spec.validation,
+        seed=0,
+    )
+    with pytest.raises(EvaluationError) as caught:
+        await StoreEvaluator(store, latency_repeats=1).measure(evaluation)
+    assert caught.value.check == "holdout-labelled"
+    assert "'churned'" in caught.value.message and "'yes'" in caught.value.message
