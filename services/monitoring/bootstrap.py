@@ -27,7 +27,7 @@ from services.monitoring import api, handlers
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.adapters.replay import READERS, replay_predictions
-from services.monitoring.domain import CanaryPolicy, ClosedWindow, DriftPolicy
+from services.monitoring.domain import CanaryPolicy, CanaryStep, ClosedWindow, DriftPolicy, canary_due
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
 from services.monitoring.ports import ProfileUnavailable
@@ -42,6 +42,14 @@ WINDOWS_SET_ASIDE = Counter(
     "Closed windows whose judgement failed with an error retrying cannot cure (not an outage of the "
     "database or the broker): logged as errors and left unjudged, so the windows and housekeeping behind "
     "them go on.",
+    ["model", "error"],
+)
+
+CANARY_STEPS_SET_ASIDE = Counter(
+    "driftloop_monitoring_canary_steps_set_aside_total",
+    "Rollout steps whose canary decision failed with an error retrying cannot cure (not an outage of the "
+    "database or the broker): logged as errors and given an inconclusive verdict saying so (serving rolls "
+    "the canary back), so the other steps and the housekeeping go on.",
     ["model", "error"],
 )
 
@@ -118,7 +126,8 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
 
 
 class Background:
-    """Judges closed windows (one transaction each) and runs the housekeeping every tick."""
+    """Judges closed windows and decides canary steps (one transaction each), and runs the housekeeping
+    every tick."""
 
     def __init__(self, rt: Runtime, monitor: Monitor, tick_s: float) -> None:
         self.rt = rt
@@ -207,18 +216,76 @@ class Background:
             return
         live.labels_settled(joined)  # only now that the joins are committed
 
+    async def decide_canaries(self, now: float) -> None:
+        """Give each watched step its verdict once due, one transaction each.
+
+        An outage (``is_transient``) raises: the step stays watched and the tick is retried. Any other error
+        would fail the same way on every tick, and the rollout would wait for ever for its verdict, so that
+        step is set aside: given an inconclusive verdict saying it could not be judged, logged as an error,
+        and counted.
+        """
+        live = self.monitor.live
+        for step in list(live.steps.values()):
+            if not canary_due(step, now, self.monitor.canary):
+                continue  # no transaction for a step still waiting for its samples and bake time
+            try:
+                async with self.rt.begin() as tx:
+                    decided = await handlers.check_canary(
+                        step, now, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                    )
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                await self.set_step_aside(step, now, exc)
+                decided = True
+            # Only now that the verdict is committed: a failed transaction leaves the step watched, as it
+            # still is in Postgres.
+            if decided:
+                live.unwatch(step.rollout_id, step.step_index)
+
+    async def set_step_aside(self, step: CanaryStep, now: float, exc: Exception) -> None:
+        """Give the step its inconclusive verdict in a transaction of its own (the decision's was rolled
+        back), then log and count it. An outage raises before the count: the step stays watched and is
+        counted once, when the next tick sets it aside again."""
+        try:
+            async with self.rt.begin() as tx:
+                given = await handlers.set_step_aside(
+                    step, now, exc, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                )
+        except Exception as store_exc:
+            if is_transient(store_exc):
+                raise
+            given = False
+            log.error(
+                "canary step set aside but no verdict given: its rollout waits until rolled back by hand "
+                "(or a restart decides the step again)",
+                rollout_id=step.rollout_id,
+                step=step.step_index,
+                model=step.model,
+                error=repr(store_exc),
+            )
+        CANARY_STEPS_SET_ASIDE.labels(step.model, type(exc).__name__).inc()
+        log.error(
+            "canary step set aside: its decision failed and retrying cannot help",
+            rollout_id=step.rollout_id,
+            step=step.step_index,
+            model=step.model,
+            stable_version=step.stable_version,
+            canary_version=step.canary_version,
+            verdict_given=given,
+            error=repr(exc),
+        )
+
     async def once(self) -> None:
         await self.judge_closed()
         await self.join_missed()
+        now = time.time()
+        await self.decide_canaries(now)
         async with self.rt.begin() as tx:
-            done = await handlers.housekeeping(
-                time.time(), monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
-            )
-        # Only now that the verdicts and expiries are committed: a failed transaction leaves the steps watched
-        # and the labels waiting, as they still are in Postgres.
-        for step in done.decided:
-            self.monitor.live.unwatch(step.rollout_id, step.step_index)
-        self.monitor.live.labels_settled(done.expired_labels)
+            expired = await handlers.housekeeping(now, monitor=self.monitor, store=PgMonitoringStore(tx.conn))
+        # Only now that the expiries are committed: a failed transaction leaves the labels waiting, as they
+        # still are in Postgres.
+        self.monitor.live.labels_settled(expired)
         await self.judge_closed()
 
     async def run(self) -> None:

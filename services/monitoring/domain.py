@@ -1107,6 +1107,11 @@ def canary_ready(step: CanaryStep, now: float) -> Literal["wait", "judge", "time
     return "wait"
 
 
+def canary_due(step: CanaryStep, now: float, policy: CanaryPolicy) -> bool:
+    """Whether the step may get its verdict now: its samples and bake time are in, or it timed out."""
+    return canary_ready(step, now) == "judge" or now - step.started_at >= policy.timeout_seconds
+
+
 def _p95(values: np.ndarray) -> float | None:
     return float(np.percentile(values, 95)) if values.size else None
 

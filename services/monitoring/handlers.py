@@ -571,48 +571,95 @@ def canary_step(step: StoredStep) -> CanaryStep:
     )
 
 
-async def check_canaries(
-    now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> list[CanaryStep]:
-    """Give each watched step its one verdict once due (samples and bake time), or inconclusive at timeout.
+async def check_canary(
+    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> bool:
+    """Give a watched step its one verdict once due (samples and bake time), or inconclusive at timeout.
 
-    Returns the steps decided in the caller's transaction (here, or by another replica before): the caller
-    stops watching them once that transaction commits. Until then they stay watched, so a transaction that
-    fails (Postgres away) leaves them to be decided again on the next tick, not forgotten unjudged.
+    Runs in a transaction of its own, so a step whose decision fails does not hold up the others. Returns
+    whether the step is decided in it (here, or by another replica before): the caller stops watching it once
+    that transaction commits. Until then it stays watched, so a transaction that fails (Postgres away) leaves
+    it to be decided again on the next tick, not forgotten unjudged.
     """
-    decided = []
-    stored = {(s.rollout_id, s.step_index): s for s in await store.watched_steps()}
-    for step in list(monitor.live.steps.values()):
-        meta = stored.get((step.rollout_id, step.step_index))
-        if meta is None:
-            continue
-        decision = await _decide(step, now, monitor=monitor, store=store)
-        if decision is None:
-            continue
-        verdict = _verdict(step, decision, now)
-        event = new_event(verdict, source=monitor.source).model_copy(
-            update={"correlationid": meta.correlation_id, "causationid": meta.cause_id, "actor": meta.actor}
-        )
-        if await store.decide_step(
-            step.rollout_id, step.step_index, decision.verdict.value, decision.reason, event.id
-        ):
-            await publish(event)
-            await store.record_alert(
-                event.id,
-                step.model,
-                step.canary_version,
-                "CanaryVerdict",
-                f"{decision.verdict.value}: {decision.reason}",
-            )
-            log.info(
-                "canary verdict",
-                rollout_id=step.rollout_id,
-                step=step.step_index,
-                verdict=decision.verdict.value,
-                reason=decision.reason,
-            )
-        decided.append(step)
-    return decided
+    meta = await _watched(step, store)
+    if meta is None:
+        return False
+    decision = await _decide(step, now, monitor=monitor, store=store)
+    if decision is None:
+        return False
+    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish)
+    return True
+
+
+async def set_step_aside(
+    step: CanaryStep,
+    now: float,
+    error: Exception,
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+) -> bool:
+    """Give a step whose decision failed for good (not an outage) its one verdict: inconclusive, saying it
+    could not be judged. Serving rolls an inconclusive canary back; without a verdict the rollout would wait
+    for ever, since monitoring gives one verdict per step. Returns whether the step is decided (as
+    :func:`check_canary` does)."""
+    meta = await _watched(step, store)
+    if meta is None:
+        return False
+    # The error's type only: its message may carry the values that broke the decision (and Postgres text
+    # cannot hold every character); the log has it whole.
+    decision = CanaryDecision(
+        Verdict.INCONCLUSIVE,
+        [],
+        f"could not be judged: the step's analysis failed with {type(error).__name__} "
+        "(monitoring logged the error)",
+    )
+    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish)
+    return True
+
+
+async def _watched(step: CanaryStep, store: MonitoringStore) -> StoredStep | None:
+    """The stored step, while Postgres has it watched (not decided, finished or superseded)."""
+    key = (step.rollout_id, step.step_index)
+    return next((s for s in await store.watched_steps() if (s.rollout_id, s.step_index) == key), None)
+
+
+async def _give_verdict(
+    step: CanaryStep,
+    meta: StoredStep,
+    decision: CanaryDecision,
+    now: float,
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+) -> None:
+    """Record the step as decided and publish its verdict, caused by the step's event; nothing when another
+    replica decided it first."""
+    verdict = _verdict(step, decision, now)
+    event = new_event(verdict, source=monitor.source).model_copy(
+        update={"correlationid": meta.correlation_id, "causationid": meta.cause_id, "actor": meta.actor}
+    )
+    if not await store.decide_step(
+        step.rollout_id, step.step_index, decision.verdict.value, decision.reason, event.id
+    ):
+        return
+    await publish(event)
+    await store.record_alert(
+        event.id,
+        step.model,
+        step.canary_version,
+        "CanaryVerdict",
+        f"{decision.verdict.value}: {decision.reason}",
+    )
+    log.info(
+        "canary verdict",
+        rollout_id=step.rollout_id,
+        step=step.step_index,
+        verdict=decision.verdict.value,
+        reason=decision.reason,
+    )
 
 
 async def _decide(
@@ -715,29 +762,19 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 # --- time-driven housekeeping ----------------------------------------------------------------------------
 
 
-@dataclass
-class Housekeeping:
-    """What a housekeeping transaction settled, for the caller to apply to memory once it commits."""
-
-    decided: list[CanaryStep] = field(default_factory=list)
-    expired_labels: list[str] = field(default_factory=list)
-
-
-async def housekeeping(
-    now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> Housekeeping:
-    """Close idle windows, give due canary verdicts, forget expired predictions and labels, and record
-    where a restart must replay from. Returns the decided steps and the expired labels: a transaction that
-    fails leaves them watched and waiting in memory, as they are in Postgres."""
+async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) -> list[str]:
+    """Close idle windows, forget expired predictions and labels, record where a restart must replay from,
+    and take changed policies. Canary verdicts are given apart, one transaction per step
+    (:func:`check_canary`). Returns the expired labels: a transaction that fails leaves them waiting in
+    memory, as they are in Postgres."""
     live = monitor.live
     if live.close_idle(now):
         monitor.on_windows_closed()
     live.cache.evict(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
-    decided = await check_canaries(now, monitor=monitor, store=store, publish=publish)
     await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
-    return Housekeeping(decided, expired)
+    return expired
 
 
 # --- policies ----------------------------------------------------------------------------------------------

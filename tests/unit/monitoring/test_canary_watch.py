@@ -4,7 +4,8 @@ A step stops being watched only once the transaction that records and publishes 
 tick whose transaction fails (Postgres restarted under it) leaves the step watched, so the next tick decides
 it again instead of leaving the rollout waiting for a verdict that was never published. A closed window
 stays queued through an outage, but one whose judgement fails for good is set aside so that it does not hold
-up the windows and the verdicts behind it."""
+up the windows and the verdicts behind it. So is a step whose decision fails for good: it gets an
+inconclusive verdict saying it could not be judged, and the other steps and the housekeeping go on."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from contracts.envelope import CloudEvent
 from contracts.monitoring import CanaryVerdict, Verdict
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
-from services.monitoring.handlers import Monitor, canary_step, check_canaries
+from services.monitoring.handlers import Monitor, canary_step, check_canary
 from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference, regression_reference, requests
@@ -106,7 +107,7 @@ def monitor_watching(step: StoredStep) -> Monitor:
     return monitor
 
 
-async def test_check_canaries_leaves_the_decided_step_to_the_caller() -> None:
+async def test_check_canary_leaves_the_decided_step_to_the_caller() -> None:
     step = watched(started_at=0.0)
     monitor, store, published = monitor_watching(step), Store([step]), []
 
@@ -114,12 +115,13 @@ async def test_check_canaries_leaves_the_decided_step_to_the_caller() -> None:
         published.append(event)
 
     # No canary traffic at all, past the timeout: the step is decided inconclusive.
-    decided = await check_canaries(TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    live = monitor.live.steps["r-1"]
+    decided = await check_canary(live, TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
 
     [event] = published
     assert isinstance(event.data, CanaryVerdict) and event.data.verdict is Verdict.INCONCLUSIVE
     assert event.correlationid == "cascade-1" and event.causationid == "started-1"
-    assert [(s.rollout_id, s.step_index) for s in decided] == [("r-1", 0)]
+    assert decided
     assert "r-1" in monitor.live.steps  # still watched: the caller's transaction has not committed yet
 
 
@@ -170,9 +172,10 @@ async def test_a_canary_version_without_a_profile_is_inconclusive_at_the_timeout
     async def publish(event: CloudEvent[Any]) -> None:
         published.append(event)
 
-    assert await check_canaries(60.0, monitor=monitor, store=store, publish=publish) == []  # type: ignore[arg-type]
+    live = monitor.live.steps["r-1"]
+    assert not await check_canary(live, 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
     assert published == []
-    await check_canaries(TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(live, TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
     [event] = published
     assert event.data.verdict is Verdict.INCONCLUSIVE
     assert event.data.reason == "timed out: no reference profile for version 2 of churn"
@@ -336,9 +339,137 @@ async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_labe
     async def publish(event: CloudEvent[Any]) -> None:
         published.append(event)
 
-    await check_canaries(60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
     [event] = published
     mae = next(c for c in event.data.evidence if c.name == "mae")
     assert (mae.stable_value, mae.canary_value) == (pytest.approx(0.42), pytest.approx(0.52))
     after = REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "churn"})
     assert after == before + 2  # one on each side
+
+
+def watched_rollout(rollout_id: str, model: str, started_at: float = 0.0) -> StoredStep:
+    step = watched(started_at)
+    step.rollout_id, step.model, step.cause_id = rollout_id, model, f"started-{rollout_id}"
+    return step
+
+
+class TickStore(Store):
+    """A tick's store with labelled outcomes, label expiry and replay offsets to look at. ``away``: the
+    calls that meet an outage (the connection drops), by method name and rollout or model."""
+
+    def __init__(self, steps: list[StoredStep], outcomes: dict[tuple[str, int], list[Any]]) -> None:
+        super().__init__(steps)
+        self.outcomes = outcomes
+        self.expired = ["p-expired"]
+        self.offsets_saved = 0
+        self.away: set[tuple[str, str]] = set()
+
+    def _outage(self, call: str, key: str) -> None:
+        if (call, key) in self.away:
+            raise ConnectionError("connection was closed in the middle of operation")
+
+    async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        self._outage("labelled_outcomes", model)
+        return self.outcomes.get((model, version), [])
+
+    async def decide_step(
+        self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
+    ) -> bool:
+        self._outage("decide_step", rollout_id)
+        return await super().decide_step(rollout_id, step_index, verdict, reason, event_id)
+
+    async def expire_pending(self, received_before: datetime) -> list[str]:
+        expired, self.expired = self.expired, []
+        return expired
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        self.offsets_saved += 1
+
+
+def steps_set_aside(model: str, error: str) -> float:
+    labels = {"model": model, "error": error}
+    return REGISTRY.get_sample_value("driftloop_monitoring_canary_steps_set_aside_total", labels) or 0.0
+
+
+def overflowing_regression_canary(monkeypatch: pytest.MonkeyPatch) -> tuple[Monitor, TickStore]:
+    """Rollout r-price (a regression model) whose canary predicted 1e308 where the truth was -1e308: both
+    finite, so the prediction and the label were accepted, but the absolute error overflows a double and
+    its MAE (infinity) cannot go into a CanaryVerdict. Rollout r-churn, behind it, is due its verdict."""
+    broken, other = watched_rollout("r-price", "price"), watched_rollout("r-churn", "churn")
+    store = TickStore([broken, other], outcomes={("price", 2): [(1e308, -1e308, None)]})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: TIMEOUT_S + 1)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(regression_reference("price", 2))
+    for step in (broken, other):
+        monitor.live.watch(canary_step(step))
+    monitor.live.steps["r-price"].canary.rows = 500
+    monitor.live.label_waits("p-expired", "churn")
+    return monitor, store
+
+
+async def test_a_canary_step_whose_decision_fails_for_good_is_set_aside_and_the_tick_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monitor, store = overflowing_regression_canary(monkeypatch)
+    rt = Runtime()
+    before = steps_set_aside("price", "ValidationError")
+
+    await Background(rt, monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    verdicts = {e.data.rollout_id: e.data for e in rt.published if isinstance(e.data, CanaryVerdict)}
+    assert verdicts["r-churn"].verdict is Verdict.INCONCLUSIVE  # the rollout behind it got its verdict
+    assert verdicts["r-churn"].reason.startswith("timed out")
+    # The broken step is not left waiting for ever: it gets a verdict that says it could not be judged,
+    # which serving rolls back, and it is stored as decided.
+    assert verdicts["r-price"].verdict is Verdict.INCONCLUSIVE
+    assert verdicts["r-price"].reason.startswith("could not be judged")
+    assert store.decided == {("r-price", 0): "inconclusive", ("r-churn", 0): "inconclusive"}
+    assert steps_set_aside("price", "ValidationError") == before + 1
+    assert monitor.live.steps == {}
+    assert store.offsets_saved == 1  # and the housekeeping after it ran
+    assert "p-expired" not in monitor.live.pending_labels
+
+
+async def test_a_canary_step_whose_decision_meets_an_outage_stays_watched_and_is_not_set_aside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monitor, store = overflowing_regression_canary(monkeypatch)
+    store.outcomes = {("price", 2): [(1.0, 1.5, None)]}  # nothing wrong with the data this time
+    store.away = {("labelled_outcomes", "price")}
+    rt = Runtime()
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+    before = steps_set_aside("price", "ConnectionError")
+
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert "r-price" in monitor.live.steps and ("r-price", 0) not in store.decided
+    assert steps_set_aside("price", "ConnectionError") == before
+
+    store.away.clear()  # the database is back
+    await background.once()
+    verdicts = {e.data.rollout_id: e.data for e in rt.published if isinstance(e.data, CanaryVerdict)}
+    assert set(verdicts) == {"r-price", "r-churn"}
+    assert not verdicts["r-price"].reason.startswith("could not be judged")
+    assert monitor.live.steps == {}
+
+
+async def test_a_canary_step_set_aside_during_an_outage_is_counted_once_when_its_verdict_is_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monitor, store = overflowing_regression_canary(monkeypatch)
+    store.away = {("decide_step", "r-price")}  # the outage comes while its inconclusive verdict is stored
+    rt = Runtime()
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+    before = steps_set_aside("price", "ValidationError")
+
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert "r-price" in monitor.live.steps
+    assert steps_set_aside("price", "ValidationError") == before
+
+    store.away.clear()  # the database is back
+    await background.once()
+    assert store.decided[("r-price", 0)] == "inconclusive"
+    assert steps_set_aside("price", "ValidationError") == before + 1
+    assert monitor.live.steps == {}
