@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from contracts.common import Sha256Hex, UtcDatetime
+from contracts.common import Identifier, Sha256Hex, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.audit"
@@ -40,7 +40,7 @@ class AuditCheckpoint(EventPayload):
         ge=0, description="Rows in the trail up to and including `sequence`.", examples=[184467]
     )
     signed_at: UtcDatetime = Field(description="When the checkpoint was signed.")
-    key_id: str = Field(
+    key_id: Identifier = Field(
         min_length=1,
         description="Names the signing key: the first 16 hex digits of sha256 of the raw Ed25519 public key.",
         examples=["73518d035cf770e1"],

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from contracts.common import ModelName, ModelVersion
+from contracts.common import FreeText, ModelName, ModelVersion
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.commands"
@@ -24,7 +24,7 @@ class RetrainRequested(EventPayload):
     topic: ClassVar[str] = TOPIC
 
     model: ModelName = Field(description="Model to retrain.", examples=["churn"])
-    reason: str = Field(
+    reason: FreeText = Field(
         min_length=1, description="Why, for the audit trail.", examples=["new labelled export"]
     )
     ignore_cooldown: bool = Field(
@@ -41,7 +41,9 @@ class PromoteRequested(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version to promote.", examples=[7])
-    reason: str = Field(min_length=1, description="Why, for the audit trail.", examples=["canary looks fine"])
+    reason: FreeText = Field(
+        min_length=1, description="Why, for the audit trail.", examples=["canary looks fine"]
+    )
 
 
 class RollbackRequested(EventPayload):
@@ -60,7 +62,7 @@ class RollbackRequested(EventPayload):
         "production) version.",
         examples=[6],
     )
-    reason: str = Field(
+    reason: FreeText = Field(
         min_length=1, description="Why, for the audit trail.", examples=["complaints from sales"]
     )
 
@@ -73,4 +75,4 @@ class ArchiveRequested(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version to archive.", examples=[4])
-    reason: str = Field(min_length=1, description="Why, for the audit trail.", examples=["superseded"])
+    reason: FreeText = Field(min_length=1, description="Why, for the audit trail.", examples=["superseded"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Self, TypeAlias
+from typing import Annotated, Any, Self, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -16,9 +16,110 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     StringConstraints,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+
+# --- text every service can store ---------------------------------------------------------------------
+#
+# Services store what events carry in Postgres text and jsonb columns, which cannot hold a NUL character,
+# and write it as UTF-8, which has no form for a lone surrogate (an unpaired \ud800-\udfff). The JSON
+# readers consumers use (orjson, pydantic's) already refuse lone surrogates; NUL is valid JSON ("\u0000").
+# Each kind of string has one rule:
+#   * ids, names and keys, and the categories, classes and parameters a model is stored with (Identifier,
+#     Storable): refused, so the event is dead-lettered as schema-invalid naming the field, and a producer
+#     that builds one gets a ValidationError where it builds it (an HTTP edge refuses them first, with 422);
+#   * free text for people (FreeText: reasons, messages, details, descriptions): NUL and lone surrogates
+#     become NUL_STAND_IN; nothing looks a text up, and a message quoting what it saw stays publishable;
+#   * traffic data (a prediction's inputs and output, a ground-truth label): carried exactly, as the caller
+#     sent it; whoever stores it writes NUL as NUL_STAND_IN (monitoring).
+
+NUL_STAND_IN = "\ufffd"
+"""What a NUL character (or a lone surrogate) becomes in text that is stored but never looked up: U+FFFD, the
+replacement character, which keeps the text apart from the same text without it."""
+
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+"""The JSON Schema pattern of an :data:`Identifier` (ECMA-262 syntax): no NUL character."""
+
+
+def unstorable_text(value: str) -> str | None:
+    """What keeps a string from being stored and sent as text, or None: a NUL character (Postgres text and
+    jsonb refuse it) or a lone surrogate (it has no UTF-8 form; orjson and pydantic's JSON reader refuse one,
+    but Python's json, which serving reads bodies with NaN literals with, lets ``"\\ud800"`` through)."""
+    if "\x00" in value:
+        return "holds a NUL character (\\u0000), which cannot be stored"
+    if not value.isascii():  # a flag on the string: O(1)
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not valid text"
+    return None
+
+
+def _unstorable_in(value: Any, where: str = "") -> tuple[str, str] | None:
+    """(where, why) of the first string in ``value`` (a string, or lists and dicts of them, keys included)
+    that cannot be stored, or None."""
+    if isinstance(value, str):
+        why = unstorable_text(value)
+        return (where, why) if why is not None else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unstorable_in(key, f"{where}[{key!r}]") or _unstorable_in(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _unstorable_in(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_unstorable(value: Any) -> Any:
+    found = _unstorable_in(value)
+    if found is not None:
+        where, why = found
+        raise PydanticCustomError(
+            "unstorable_text", "{where}{why}", {"where": f"{where} " if where else "", "why": why}
+        )
+    return value
+
+
+class Storable:
+    """``Annotated`` marker: every string in the value (a string, or lists and dicts of them, keys included)
+    can be stored as Postgres text, or the value is refused (see :func:`unstorable_text`). For an id, a name
+    or a key, and for containers whose strings are, such as a signature's classes."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(_refuse_unstorable, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        if json_schema.get("type") == "string":
+            json_schema["pattern"] = NO_NUL_PATTERN
+        return json_schema
+
+
+Identifier = Annotated[str, Storable()]
+"""An id, a name or a key: services store it in text columns and look things up by it, so a NUL character
+or a lone surrogate in it makes the event invalid."""
+
+
+def _stand_in(value: str) -> str:
+    if unstorable_text(value) is None:
+        return value
+    return "".join(NUL_STAND_IN if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in value)
+
+
+FreeText = Annotated[str, AfterValidator(_stand_in)]
+"""Text for people (a reason, a message, a detail): a NUL character or a lone surrogate in it becomes
+:data:`NUL_STAND_IN`, so it can be stored and shown, and the event stays valid."""
 
 # A model or dataset name travels as the Kafka key and appears in URLs and file names, so it is kept to a
 # safe alphabet rather than trusting every producer to escape it.
@@ -53,7 +154,7 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_has_utc_form)]
 """A time with its UTC offset that has a UTC form: every consumer stores times in UTC (Postgres'
 ``timestamptz`` among them), so ``0001-01-01T00:00:00+01:00`` is refused where it is made."""
 
-EventId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=128), Storable()]
 
 JsonScalar: TypeAlias = bool | int | float | str | None
 """A hyper-parameter value: params are flat so they can be compared and diffed across versions."""
@@ -115,7 +216,7 @@ class EventRef(ContractModel):
     id: EventId = Field(
         description="The event's CloudEvents `id`.", examples=["5b0e7c1e-6a8d-4f0b-9d55-0c0f0c3e1a77"]
     )
-    type: str = Field(
+    type: Identifier = Field(
         description="The event's CloudEvents `type`.", examples=["io.driftloop.DriftDetected.v1"]
     )
 
@@ -128,7 +229,7 @@ class ArtifactRef(ContractModel):
         "every reader verifies after loading.",
         examples=["9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4"],
     )
-    uri: str = Field(
+    uri: Identifier = Field(
         description="Where the store keeps it (file:// or any fsspec URL); informative, the key decides.",
         examples=[
             "file:///srv/driftloop/artifacts/93/9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4"
@@ -153,9 +254,9 @@ class DatasetRef(ContractModel):
 class FeatureSpec(ContractModel):
     """One input feature of a model's signature."""
 
-    name: str = Field(min_length=1, description="Feature (column) name.", examples=["tenure_months"])
+    name: Identifier = Field(min_length=1, description="Feature (column) name.", examples=["tenure_months"])
     type: FeatureType = Field(description="Numeric or categorical.", examples=["numeric"])
-    categories: list[Category] | None = Field(
+    categories: Annotated[list[Category], Storable()] | None = Field(
         default=None,
         description="Known levels of a categorical feature, in training order; other values are treated as "
         "unseen. Null for numeric features.",
@@ -167,9 +268,9 @@ class ModelSignature(ContractModel):
     """What a model takes and gives: features with types, the target, the task and the classes."""
 
     features: list[FeatureSpec] = Field(min_length=1, description="Input features, in the model's order.")
-    target: str = Field(min_length=1, description="Name of the target column.", examples=["churned"])
+    target: Identifier = Field(min_length=1, description="Name of the target column.", examples=["churned"])
     task: Task = Field(description="Classification or regression.", examples=["classification"])
-    classes: list[Label] | None = Field(
+    classes: Annotated[list[Label], Storable()] | None = Field(
         default=None,
         description="Class labels in the order of the model's probability outputs; classification only.",
         examples=[[0, 1]],
@@ -204,12 +305,12 @@ class Lineage(ContractModel):
         description="sha256 of the canonical model spec (features, target, estimator, params, preprocessing)",
         examples=["d4f02eaafd1a9e9de7d10972ca8e47fa7a985825c3c9c1e249c72683cb3e4f19"],
     )
-    params: dict[str, JsonScalar] = Field(
+    params: Annotated[dict[str, JsonScalar], Storable()] = Field(
         default_factory=dict,
         description="Estimator and preprocessing parameters, flattened (`estimator__max_depth`).",
         examples=[{"estimator": "HistGradientBoostingClassifier", "estimator__max_depth": 6}],
     )
-    code_version: str = Field(
+    code_version: Identifier = Field(
         min_length=1,
         description="Version of the training code: a git commit or a package version.",
         examples=["c165da6"],
@@ -220,7 +321,7 @@ class Lineage(ContractModel):
         examples=[6],
     )
     seed: int = Field(description="Random seed of the run; same data, spec and seed give the same model.")
-    environment: dict[str, str] = Field(
+    environment: dict[Identifier, Identifier] = Field(
         default_factory=dict,
         description="Versions of the libraries the model was trained with (scikit-learn, numpy, ...).",
         examples=[{"python": "3.11.9", "scikit-learn": "1.9.1"}],
@@ -235,7 +336,9 @@ class Lineage(ContractModel):
 class TrafficWindow(ContractModel):
     """A window of live traffic for one model version, as judged by monitoring."""
 
-    id: str = Field(min_length=1, description="Window id, unique per model.", examples=["churn:7:000142"])
+    id: Identifier = Field(
+        min_length=1, description="Window id, unique per model.", examples=["churn:7:000142"]
+    )
     start: UtcDatetime = Field(description="Time of the first prediction in the window.")
     end: UtcDatetime = Field(description="Time of the last prediction in the window.")
     size: int = Field(ge=0, description="Number of predictions (rows) in the window.", examples=[5000])

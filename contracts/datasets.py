@@ -6,7 +6,16 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from contracts.common import ArtifactRef, DatasetName, DatasetRef, DatasetVersion, ModelName, Sha256Hex
+from contracts.common import (
+    ArtifactRef,
+    DatasetName,
+    DatasetRef,
+    DatasetVersion,
+    FreeText,
+    Identifier,
+    ModelName,
+    Sha256Hex,
+)
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.datasets"
@@ -31,12 +40,12 @@ class DatasetRegistered(EventPayload):
     )
     artifact: ArtifactRef = Field(description="The dataset file in the artifact store (Parquet or CSV).")
     row_count: int = Field(ge=0, description="Number of rows.", examples=[50000])
-    columns: dict[str, str] = Field(
+    columns: dict[Identifier, Identifier] = Field(
         min_length=1,
         description="Column name -> dtype, in file order (pandas dtype names: int64, float64, string, ...).",
         examples=[{"tenure_months": "int64", "plan": "string", "churned": "int64"}],
     )
-    source: str = Field(
+    source: Identifier = Field(
         min_length=1,
         description="Where the data came from: `upload`, `traffic-window:<window id>`, "
         "`training-set:<job id>`, or a URL.",
@@ -52,7 +61,9 @@ class DatasetRegistered(EventPayload):
         "retrain them on new data.",
         examples=[["churn"]],
     )
-    description: str | None = Field(default=None, description="Free text for people.", examples=["Q3 export"])
+    description: FreeText | None = Field(
+        default=None, description="Free text for people.", examples=["Q3 export"]
+    )
 
     def ref(self) -> DatasetRef:
         """This version as a :class:`DatasetRef`, for lineage."""

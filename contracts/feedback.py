@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from contracts.common import Label, ModelName, ModelVersion, UtcDatetime
+from contracts.common import Identifier, Label, ModelName, ModelVersion, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.feedback"
@@ -18,7 +18,7 @@ class GroundTruthReceived(EventPayload):
     event_name: ClassVar[str] = "GroundTruthReceived"
     topic: ClassVar[str] = TOPIC
 
-    prediction_id: str = Field(
+    prediction_id: Identifier = Field(
         min_length=1, description="Id of the prediction this label is for.", examples=["p-01J9Z6M3K2Q8"]
     )
     model: ModelName = Field(description="Model that made the prediction.", examples=["churn"])
@@ -27,6 +27,6 @@ class GroundTruthReceived(EventPayload):
     )
     label: Label = Field(description="The true class label or value.", examples=[1, "churned", 42.5])
     observed_at: UtcDatetime = Field(description="When the outcome was observed (not when it was sent).")
-    entity_key: str | None = Field(
+    entity_key: Identifier | None = Field(
         default=None, description="Caller's entity id, if given.", examples=["customer-48213"]
     )

@@ -21,9 +21,11 @@ from typing import Any
 
 import yaml
 from pydantic import AwareDatetime, BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from contracts import topics as topics_module
-from contracts.common import ContractModel
+from contracts.common import NO_NUL_PATTERN, ContractModel
 from contracts.envelope import (
     BOUNDED_ATTRIBUTES,
     CONTENT_TYPE,
@@ -55,9 +57,24 @@ def schema_path(cls: type[EventPayload]) -> str:
     return f"{SCHEMA_DIR}/{cls.event_name}.v{cls.version}.json"
 
 
+class _ContractJsonSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema, with the rule on Identifier keys said as ``propertyNames`` (no key holds NUL)
+    instead of pydantic's ``patternProperties``, which would leave the keys outside the pattern free to
+    hold any value."""
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        json_schema = super().dict_schema(schema)
+        by_pattern = json_schema.get("patternProperties", {})
+        if list(by_pattern) == [NO_NUL_PATTERN]:
+            del json_schema["patternProperties"]
+            json_schema["additionalProperties"] = by_pattern[NO_NUL_PATTERN] or True
+            json_schema["propertyNames"] = {**json_schema.get("propertyNames", {}), "pattern": NO_NUL_PATTERN}
+        return json_schema
+
+
 def event_schema(cls: type[EventPayload]) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of one payload, with its wire type, topic and an example."""
-    schema = cls.model_json_schema(mode="validation")
+    schema = cls.model_json_schema(mode="validation", schema_generator=_ContractJsonSchema)
     schema["$schema"] = JSON_SCHEMA_DIALECT
     schema["x-cloudevents-type"] = cls.event_type()
     schema["x-topic"] = cls.topic
@@ -407,6 +424,21 @@ Rules: payloads are frozen and refuse unknown fields. A compatible change only a
 breaking change is a new version of the type with an upcaster registered in `contracts/registry.py`.
 Numbers are finite: NaN and infinity are refused when a payload is built (a missing input is `null`).
 Model versions are fields named `model_version` (`version` is the schema version of the event type).
+
+Text: consumers store what events carry in Postgres `text` and `jsonb`, which cannot hold a NUL character
+(`\\u0000`), as UTF-8, which has no lone surrogate (the JSON readers already refuse one). Each kind of string
+has one rule (`contracts/common.py`):
+
+- ids, names and keys (`Identifier`: prediction, rollout, request, job, run, report and window ids, entity
+  keys, feature, metric, check, tag and column names, sources, URIs), and the categories, classes and
+  parameters a model is stored with (`Storable`), may hold neither: the payload is `schema-invalid`, and
+  the dead letter names the field (the JSON Schemas say `"pattern": "^[^\\u0000]*$"`);
+- free text for people (`FreeText`: a `reason`, `message`, `detail` or `description`) gets U+FFFD, the
+  replacement character, in place of each, so a message quoting what it saw stays publishable;
+- traffic data (a prediction's `inputs`, `prediction` and `probabilities`, a ground-truth `label`) is
+  carried as the caller sent it; monitoring stores a NUL in it as U+FFFD.
+
+HTTP edges refuse NUL in every text they take, free text included, with 422.
 
 ## How events flow
 

@@ -9,7 +9,17 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import ArtifactRef, EventRef, Lineage, ModelName, ModelSignature, ModelVersion, Stage
+from contracts.common import (
+    ArtifactRef,
+    EventRef,
+    FreeText,
+    Identifier,
+    Lineage,
+    ModelName,
+    ModelSignature,
+    ModelVersion,
+    Stage,
+)
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.models"
@@ -28,16 +38,16 @@ class ModelVersionRegistered(EventPayload):
     stage: Stage = Field(
         default=Stage.CANDIDATE, description="Stage at registration.", examples=["candidate"]
     )
-    run_id: str = Field(
+    run_id: Identifier = Field(
         min_length=1, description="The training run that produced it.", examples=["run-8a41b7"]
     )
-    job_id: str = Field(
+    job_id: Identifier = Field(
         min_length=1, description="The training job that produced it.", examples=["job-2f6c1d0e"]
     )
     artifact: ArtifactRef = Field(description="The model (skops), verified by sha256 on every load.")
     profile: ArtifactRef = Field(description="The reference profile for drift detection (JSON).")
     signature: ModelSignature = Field(description="Features, target, task and classes.")
-    metrics: dict[str, float] = Field(
+    metrics: dict[Identifier, float] = Field(
         description="Holdout metrics from training.", examples=[{"roc_auc": 0.861, "accuracy": 0.842}]
     )
     lineage: Lineage = Field(description="Data, spec, code and parameters that made it.")
@@ -52,11 +62,11 @@ class ModelVersionTagged(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="The tagged version.", examples=[7])
-    key: str = Field(min_length=1, description="Tag name.", examples=["approved-by"])
-    value: str | None = Field(
+    key: Identifier = Field(min_length=1, description="Tag name.", examples=["approved-by"])
+    value: Identifier | None = Field(
         description="The value now; null when the tag was removed.", examples=["risk-team"]
     )
-    previous: str | None = Field(
+    previous: Identifier | None = Field(
         default=None, description="The value before; null when the tag was not set.", examples=[None]
     )
 
@@ -71,14 +81,14 @@ class ModelStageChanged(EventPayload):
     model_version: ModelVersion = Field(description="The version whose stage changed.", examples=[7])
     from_stage: Stage = Field(description="Stage before the change.", examples=["canary"])
     to_stage: Stage = Field(description="Stage after the change.", examples=["production"])
-    reason: str = Field(
+    reason: FreeText = Field(
         description="Why, for people.", examples=["rollout r-91c2 promoted after 3 healthy steps"]
     )
     caused_by: EventRef | None = Field(
         default=None,
         description="The event that caused it (RolloutPromoted, ValidationFailed, ArchiveRequested, ...).",
     )
-    aliases: list[str] = Field(
+    aliases: list[Identifier] = Field(
         default_factory=list,
         description="Aliases the version holds after the change (`champion` follows production).",
         examples=[["champion"]],

@@ -13,7 +13,15 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import ContractModel, FeatureType, ModelName, ModelVersion, TrafficWindow
+from contracts.common import (
+    ContractModel,
+    FeatureType,
+    FreeText,
+    Identifier,
+    ModelName,
+    ModelVersion,
+    TrafficWindow,
+)
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.monitoring"
@@ -61,7 +69,7 @@ class CorrectionMethod(StrEnum):
 class FeatureDrift(ContractModel):
     """Drift evidence for one feature (or for the model's predictions) in one window."""
 
-    feature: str = Field(
+    feature: Identifier = Field(
         min_length=1,
         description="Feature name, or `prediction` for prediction drift.",
         examples=["tenure_months"],
@@ -105,7 +113,7 @@ class DriftDetected(EventPayload):
     features: list[FeatureDrift] = Field(
         min_length=1, description="Evidence for every feature tested, drifted or not."
     )
-    drifted_features: list[str] = Field(
+    drifted_features: list[Identifier] = Field(
         min_length=1,
         description="Features that drifted after debouncing (the reason for this event).",
         examples=[["tenure_months", "monthly_charges"]],
@@ -143,7 +151,7 @@ class PerformanceDegraded(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version whose performance degraded.", examples=[6])
-    metric: str = Field(
+    metric: Identifier = Field(
         min_length=1, description="Metric: accuracy, f1, roc_auc, rmse, mae, ...", examples=["roc_auc"]
     )
     value: float = Field(description="Metric over the labelled rows of the window.", examples=[0.71])
@@ -176,7 +184,7 @@ class Verdict(StrEnum):
 class CanaryComparison(ContractModel):
     """One named comparison of canary against stable over the same window."""
 
-    name: str = Field(
+    name: Identifier = Field(
         min_length=1,
         description="What was compared: error_rate, latency_p95_ms, prediction_divergence, accuracy, ...",
         examples=["latency_p95_ms"],
@@ -193,7 +201,7 @@ class CanaryComparison(ContractModel):
         examples=[5.0],
     )
     passed: bool | None = Field(description="Within tolerance; null when there was not enough data to judge.")
-    detail: str = Field(
+    detail: FreeText = Field(
         default="", description="Explanation for people.", examples=["+0.7 ms, tolerance 5 ms"]
     )
 
@@ -204,7 +212,7 @@ class CanaryVerdict(EventPayload):
     event_name: ClassVar[str] = "CanaryVerdict"
     topic: ClassVar[str] = TOPIC
 
-    rollout_id: str = Field(min_length=1, description="Rollout judged.", examples=["r-91c2"])
+    rollout_id: Identifier = Field(min_length=1, description="Rollout judged.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
     canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
@@ -214,7 +222,7 @@ class CanaryVerdict(EventPayload):
     stable_samples: int = Field(ge=0, description="Stable predictions in the window.", examples=[4480])
     canary_samples: int = Field(ge=0, description="Canary predictions in the window.", examples=[512])
     window: TrafficWindow = Field(description="The window both variants were compared over.")
-    reason: str = Field(
+    reason: FreeText = Field(
         default="", description="Summary for people.", examples=["all 4 comparisons within tolerance"]
     )
 
@@ -240,7 +248,7 @@ class DataQualityIssue(EventPayload):
         description="Version concerned; null when the version is unknown to monitoring.", examples=[6]
     )
     kind: DataQualityIssueKind = Field(description="Kind of finding.", examples=["missing-values"])
-    feature: str | None = Field(
+    feature: Identifier | None = Field(
         default=None, description="Feature concerned, if one.", examples=["monthly_charges"]
     )
     count: int = Field(ge=0, description="Rows affected in the window.", examples=[412])
@@ -248,7 +256,7 @@ class DataQualityIssue(EventPayload):
     window: TrafficWindow | None = Field(
         default=None, description="The window, when the finding is per window."
     )
-    message: str = Field(
+    message: FreeText = Field(
         description="What was seen, for people.",
         examples=["8.2% of monthly_charges missing (reference: 0.1%)"],
     )

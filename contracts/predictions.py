@@ -18,7 +18,15 @@ from typing import Any, ClassVar
 import orjson
 from pydantic import Field, ValidationError, create_model
 
-from contracts.common import ContractModel, FeatureValue, Label, ModelName, ModelVersion, UtcDatetime
+from contracts.common import (
+    ContractModel,
+    FeatureValue,
+    Identifier,
+    Label,
+    ModelName,
+    ModelVersion,
+    UtcDatetime,
+)
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.predictions"
@@ -46,13 +54,13 @@ class PredictionOutput(ContractModel):
 class PredictionRecord(ContractModel):
     """One scored row: its id, inputs and output."""
 
-    prediction_id: str = Field(
+    prediction_id: Identifier = Field(
         min_length=1,
         description="Unique id returned to the caller, used to send the ground truth later. A shadow row "
         "carries the id of the served prediction it shadows, so the two can be compared pairwise.",
         examples=["p-01J9Z6M3K2Q8"],
     )
-    entity_key: str | None = Field(
+    entity_key: Identifier | None = Field(
         default=None,
         description="Caller's entity id (customer, device, ...), used for sticky routing.",
         examples=["customer-48213"],
@@ -73,10 +81,12 @@ class PredictionsLogged(EventPayload):
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version that answered.", examples=[7])
     variant: Variant = Field(description="Stable, canary or shadow.", examples=["canary"])
-    rollout_id: str | None = Field(
+    rollout_id: Identifier | None = Field(
         default=None, description="The live rollout, for canary and shadow rows.", examples=["r-91c2"]
     )
-    request_id: str = Field(min_length=1, description="Id of the predict request.", examples=["req-7f3a9c"])
+    request_id: Identifier = Field(
+        min_length=1, description="Id of the predict request.", examples=["req-7f3a9c"]
+    )
     predicted_at: UtcDatetime = Field(description="When the model answered.")
     latency_ms: float = Field(
         ge=0, description="Model time for the whole request, in milliseconds.", examples=[1.8]
@@ -91,7 +101,9 @@ class PredictionsLogged(EventPayload):
 # ``read_predictions_logged`` instead: orjson, the request's own fields validated by pydantic, and the rows
 # checked for the exact shape and types the schema allows, built without validating them a second time.
 # Anything else — a coercion pydantic would apply, a missing or extra key, a bad type — returns None and goes
-# through the full validation, which accepts it or names what is wrong.
+# through the full validation, which accepts it or names what is wrong. The rows' ids are Identifiers
+# (contracts.common): orjson has already refused any lone surrogate, so one scan for NUL per id is the whole
+# of that check; inputs and outputs are traffic data, carried as they are.
 
 _HEAD = create_model(  # type: ignore[call-overload]
     "PredictionsLoggedHead",
@@ -157,7 +169,8 @@ def read_predictions_logged(value: bytes) -> PredictionsLogged | None:
         if (
             type(prediction_id) is not str
             or not prediction_id
-            or (entity_key is not None and type(entity_key) is not str)
+            or "\x00" in prediction_id
+            or (entity_key is not None and (type(entity_key) is not str or "\x00" in entity_key))
             or type(inputs) is not dict
             or not _FEATURE_TYPES.issuperset(map(type, inputs.values()))
             or type(output) is not dict
@@ -328,6 +341,9 @@ def read_prediction_columns(value: bytes) -> PredictionColumns | None:
         not _STR.issuperset(map(type, prediction_ids))
         or "" in prediction_ids
         or not _STR_OR_NONE.issuperset(map(type, entity_keys))
+        # One scan of all the ids for NUL: their Identifier check (orjson has refused lone surrogates).
+        or "\x00" in "".join(prediction_ids)
+        or "\x00" in "".join(filter(None, entity_keys))
         or not _DICT.issuperset(map(type, inputs))
         or not _DICT.issuperset(map(type, outputs))
         or not _OUTPUT_KEYS.issuperset(_union(*outputs))

@@ -13,7 +13,7 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import ModelName, ModelVersion
+from contracts.common import FreeText, Identifier, ModelName, ModelVersion
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.rollouts"
@@ -43,7 +43,7 @@ class RolloutStarted(EventPayload):
     event_name: ClassVar[str] = "RolloutStarted"
     topic: ClassVar[str] = TOPIC
 
-    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    rollout_id: Identifier = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(
         description="Version serving the rest of the traffic; null for a model's first rollout.", examples=[6]
@@ -69,7 +69,7 @@ class RolloutStarted(EventPayload):
     bake_seconds: float = Field(
         ge=0, description="Minimum time on each step before it can advance.", examples=[30]
     )
-    validation_report_id: str | None = Field(
+    validation_report_id: Identifier | None = Field(
         default=None, description="The validation report that let the version in.", examples=["vr-5d1e"]
     )
 
@@ -94,7 +94,7 @@ class RolloutStepAdvanced(EventPayload):
     event_name: ClassVar[str] = "RolloutStepAdvanced"
     topic: ClassVar[str] = TOPIC
 
-    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    rollout_id: Identifier = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
     canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
@@ -115,7 +115,7 @@ class RolloutPromoted(EventPayload):
     event_name: ClassVar[str] = "RolloutPromoted"
     topic: ClassVar[str] = TOPIC
 
-    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    rollout_id: Identifier = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="The version promoted to production.", examples=[7])
     previous_version: ModelVersion | None = Field(
@@ -135,14 +135,14 @@ class RolloutRolledBack(EventPayload):
     event_name: ClassVar[str] = "RolloutRolledBack"
     topic: ClassVar[str] = TOPIC
 
-    rollout_id: str = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
+    rollout_id: Identifier = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(description="Version that keeps serving.", examples=[6])
     canary_version: ModelVersion = Field(description="Version rolled back (to be rejected).", examples=[7])
     step_index: int = Field(ge=0, description="Step the rollout was on.", examples=[0])
     weight: float = Field(ge=0, le=1, description="Canary share at the moment of rollback.", examples=[0.1])
     reason: RollbackReason = Field(description="Machine-readable reason.", examples=["unhealthy-verdict"])
-    message: str = Field(
+    message: FreeText = Field(
         description="What was seen, for people.",
         examples=["canary error rate 4.1% vs stable 0.2% over 612 vs 5,480 requests"],
     )

@@ -17,6 +17,8 @@ from contracts.common import (
     DatasetName,
     DatasetRef,
     EventRef,
+    FreeText,
+    Identifier,
     Lineage,
     ModelName,
     ModelSignature,
@@ -79,7 +81,7 @@ class ModelSpecRegistered(EventPayload):
     spec_hash: Sha256Hex = Field(description="sha256 of the canonical spec JSON (equal to `spec.key`).")
     spec: ArtifactRef = Field(description="The canonical spec (JSON) in the artifact store.")
     task: Task = Field(description="Classification or regression.", examples=["classification"])
-    estimator: str = Field(
+    estimator: Identifier = Field(
         min_length=1,
         description="Estimator name from the training service's registry.",
         examples=["random_forest"],
@@ -98,10 +100,10 @@ class TrainingRequested(EventPayload):
     event_name: ClassVar[str] = "TrainingRequested"
     topic: ClassVar[str] = TOPIC
 
-    job_id: str = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
     model: ModelName = Field(description="Model to train.", examples=["churn"])
     trigger: TrainingTrigger = Field(description="What asked for the retrain.", examples=["drift-detected"])
-    reason: str = Field(
+    reason: FreeText = Field(
         description="Why, for people.", examples=["drift in 4 of 30 features (share 0.13 >= 0.10)"]
     )
     trigger_event: EventRef | None = Field(
@@ -129,11 +131,11 @@ class TrainingSkipped(EventPayload):
     trigger: TrainingTrigger = Field(description="What asked for the retrain.", examples=["drift-detected"])
     trigger_event: EventRef | None = Field(default=None, description="The event that was refused, if any.")
     reason: SkipReason = Field(description="Machine-readable reason.", examples=["cooldown"])
-    message: str = Field(
+    message: FreeText = Field(
         description="What happened and what would change the decision, for people.",
         examples=["last run finished 12 min ago; cooldown is 30 min (next possible at 14:05Z)"],
     )
-    in_flight_job_id: str | None = Field(
+    in_flight_job_id: Identifier | None = Field(
         default=None, description="The job already running, when the reason is `in-flight`."
     )
     retry_after_seconds: float | None = Field(
@@ -150,8 +152,8 @@ class TrainingStarted(EventPayload):
     event_name: ClassVar[str] = "TrainingStarted"
     topic: ClassVar[str] = TOPIC
 
-    job_id: str = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: str = Field(
+    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    run_id: Identifier = Field(
         min_length=1, description="Id of this run (one per attempt).", examples=["run-8a41b7"]
     )
     model: ModelName = Field(description="Model being trained.", examples=["churn"])
@@ -168,10 +170,10 @@ class TrainingProgress(EventPayload):
     event_name: ClassVar[str] = "TrainingProgress"
     topic: ClassVar[str] = TOPIC
 
-    job_id: str = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: str = Field(min_length=1, description="Run id.", examples=["run-8a41b7"])
+    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    run_id: Identifier = Field(min_length=1, description="Run id.", examples=["run-8a41b7"])
     model: ModelName = Field(description="Model being trained.", examples=["churn"])
-    phase: str = Field(
+    phase: Identifier = Field(
         min_length=1,
         description="Current phase: loading-data, fitting, evaluating, profiling, storing.",
         examples=["fitting"],
@@ -192,8 +194,8 @@ class TrainingCompleted(EventPayload):
     event_name: ClassVar[str] = "TrainingCompleted"
     topic: ClassVar[str] = TOPIC
 
-    job_id: str = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: str = Field(
+    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    run_id: Identifier = Field(
         min_length=1,
         description="Run id; the registry creates exactly one version per run id.",
         examples=["run-8a41b7"],
@@ -204,7 +206,7 @@ class TrainingCompleted(EventPayload):
         description="The reference profile monitoring compares live traffic with (JSON: per-feature quantile "
         "bins and histograms, category frequencies, a bounded sample for KS)."
     )
-    metrics: dict[str, float] = Field(
+    metrics: dict[Identifier, float] = Field(
         description="Holdout metrics by name.", examples=[{"roc_auc": 0.861, "accuracy": 0.842, "f1": 0.611}]
     )
     signature: ModelSignature = Field(description="Features, target, task and classes of the model.")
@@ -220,11 +222,11 @@ class TrainingFailed(EventPayload):
     event_name: ClassVar[str] = "TrainingFailed"
     topic: ClassVar[str] = TOPIC
 
-    job_id: str = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: str | None = Field(default=None, description="Run id, when a run had started.")
+    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    run_id: Identifier | None = Field(default=None, description="Run id, when a run had started.")
     model: ModelName = Field(description="Model that was being trained.", examples=["churn"])
     reason: FailureReason = Field(description="Machine-readable reason.", examples=["unknown-feature"])
-    message: str = Field(
+    message: FreeText = Field(
         description="What was wrong and what to do, for people.",
         examples=[
             "spec names feature 'tenure' which is not a column of churn-base v3 (did you mean "

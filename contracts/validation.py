@@ -7,7 +7,7 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import ContractModel, DatasetRef, ModelName, ModelVersion
+from contracts.common import ContractModel, DatasetRef, FreeText, Identifier, ModelName, ModelVersion
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.validation"
@@ -45,13 +45,13 @@ class ConfidenceInterval(ContractModel):
 class CheckResult(ContractModel):
     """One validation check: what was measured, against what, and the verdict."""
 
-    name: str = Field(
+    name: Identifier = Field(
         min_length=1,
         description="Unique name of the check within the report.",
         examples=["roc_auc>=0.75", "challenger-vs-champion:roc_auc", "slice:plan=basic:roc_auc"],
     )
     kind: CheckKind = Field(description="Family of the check.", examples=["threshold"])
-    metric: str | None = Field(
+    metric: Identifier | None = Field(
         default=None, description="Metric measured, when there is one.", examples=["roc_auc"]
     )
     value: float | None = Field(
@@ -70,7 +70,7 @@ class CheckResult(ContractModel):
         default=None, description="Confidence interval of the value, when it was estimated."
     )
     passed: bool = Field(description="The check's verdict.")
-    detail: str = Field(
+    detail: FreeText = Field(
         default="", description="Explanation for people.", examples=["0.861 >= 0.75 on 10,000 holdout rows"]
     )
 
@@ -80,13 +80,13 @@ class _ValidationReport(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="The candidate version validated.", examples=[7])
-    report_id: str = Field(
+    report_id: Identifier = Field(
         min_length=1,
         description="Id of the stored report (served by validation over HTTP).",
         examples=["vr-5d1e"],
     )
     checks: list[CheckResult] = Field(min_length=1, description="Every check run, in order.")
-    failed_checks: list[str] = Field(
+    failed_checks: list[Identifier] = Field(
         default_factory=list, description="Names of the checks that failed (empty when passed)."
     )
     champion_version: ModelVersion | None = Field(

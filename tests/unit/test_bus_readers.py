@@ -97,6 +97,9 @@ def _raw(bus: InMemoryBus, body: Any, *, like: CloudEvent[Any] | None = None) ->
         (lambda b: b.update(rows=[]), "schema-invalid", "rows"),
         (lambda b: b.update(model_version=0), "schema-invalid", "model_version"),
         (lambda b: b.update(surprise=1), "schema-invalid", "surprise"),
+        (lambda b: b["rows"][1].update(prediction_id="p-1\x00"), "schema-invalid", "rows.1.prediction_id"),
+        (lambda b: b["rows"][0].update(entity_key="c-\x00"), "schema-invalid", "rows.0.entity_key"),
+        (lambda b: b.update(rollout_id="r-1\x00"), "schema-invalid", "rollout_id"),
     ],
 )
 async def test_a_malformed_record_on_the_fast_path_is_dead_lettered_with_its_reason(

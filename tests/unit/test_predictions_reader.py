@@ -151,6 +151,11 @@ def test_a_payload_built_by_the_model_is_read_on_the_fast_path() -> None:
         lambda p: p.update(latency_ms=-1),
         lambda p: p.update(request_id=""),
         lambda p: p.update(extra="x"),
+        # Ids no consumer can store (contracts.common.Identifier).
+        lambda p: p["rows"][1].update(prediction_id="p-2\x00"),
+        lambda p: p["rows"][0].update(entity_key="\x00"),
+        lambda p: p.update(rollout_id="r-1\x00"),
+        lambda p: p.update(request_id="req-1\x00"),
     ],
 )
 def test_a_payload_full_validation_refuses_is_left_to_it(change: Any) -> None:
@@ -160,6 +165,17 @@ def test_a_payload_full_validation_refuses_is_left_to_it(change: Any) -> None:
     assert full(value) is None
     assert read_predictions_logged(value) is None
     assert read_prediction_columns(value) is None
+
+
+def test_traffic_data_holding_a_nul_is_read_on_the_fast_paths_as_it_was_sent() -> None:
+    body = payload()
+    body["rows"][1]["inputs"]["plan\x00"] = "pro\x00"
+    body["rows"][1]["output"] = {"prediction": "yes\x00", "probabilities": {"yes\x00": 1.0}}
+    value = orjson.dumps(body)
+    logged = read_predictions_logged(value)
+    assert logged is not None and logged == full(value)
+    assert logged.rows[1].inputs["plan\x00"] == "pro\x00"
+    assert assert_columns_agree(value) is not None
 
 
 @pytest.mark.parametrize(
@@ -194,7 +210,24 @@ def test_values_orjson_cannot_read_are_left_to_full_validation(value: bytes) -> 
     assert_agrees(value)
 
 
-JSON_VALUES: list[Any] = [None, True, False, 0, -1, 1.5, "", "x", [], [1], {}, {"a": 1}, 2**70, "1", 1.0]
+JSON_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    "",
+    "x",
+    [],
+    [1],
+    {},
+    {"a": 1},
+    2**70,
+    "1",
+    1.0,
+    "x\x00",
+]
 
 
 def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -312,6 +345,8 @@ def test_rows_with_different_features_read_as_columns_with_none_where_a_row_lack
         lambda p: p["rows"][-1]["inputs"].update(a={"x": 1}),
         lambda p: p["rows"][-1].update(prediction_id=""),
         lambda p: p["rows"][-1].update(prediction_id=None),
+        lambda p: p["rows"][-1].update(prediction_id="p\x00"),
+        lambda p: p["rows"][-1].update(entity_key="c-\x00"),
         lambda p: p["rows"][-1].pop("output"),
         lambda p: p["rows"][-1].update(entity_key=1.5),
         lambda p: p["rows"][-1].update(other=None),

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from contracts.common import ArtifactRef, ModelSignature
+from contracts.common import NUL_STAND_IN, ArtifactRef, ModelSignature
 from libs.logging import get_logger
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.ports import (
@@ -22,15 +22,13 @@ from services.monitoring.ports import (
 
 log = get_logger(__name__)
 
-NUL_STAND_IN = "\ufffd"
-"""What a NUL character becomes in the JSON monitoring stores. Events may carry NUL in any string (valid JSON:
-a category, a label, a class), but jsonb cannot hold it, and one such value would fail the window report or
-every label joined to its prediction. U+FFFD, the replacement character, keeps the value apart from the same
-text without the NUL."""
-
 
 def _jsonb(value: Any) -> Any:
-    """``value`` as jsonb can store it: NUL in every string and key replaced by :data:`NUL_STAND_IN`."""
+    """``value`` as jsonb can store it: NUL in every string and key replaced by :data:`NUL_STAND_IN`.
+
+    Traffic data (a prediction's inputs and output, a label) may carry NUL (valid JSON: the contracts carry
+    it exactly), but jsonb cannot hold it, and one such value would fail the window report or every label
+    joined to its prediction. Ids and names never hold one: the contracts refuse it."""
     if isinstance(value, str):
         return value.replace("\x00", NUL_STAND_IN) if "\x00" in value else value
     if isinstance(value, dict):

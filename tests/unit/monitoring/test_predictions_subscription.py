@@ -108,6 +108,8 @@ async def test_a_payload_full_validation_coerces_reaches_the_handler_as_full_val
         lambda b: b["rows"][1].update(surprise=1),
         lambda b: b.update(rows=[]),
         lambda b: b.update(model_version=0),
+        lambda b: b["rows"][1].update(prediction_id="p-1\x00"),
+        lambda b: b.update(rollout_id="r-1\x00"),
     ],
 )
 async def test_a_malformed_payload_is_dead_lettered_with_the_reason_it_has_without_the_reader(
