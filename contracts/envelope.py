@@ -383,12 +383,15 @@ class EventTypeRegistry:
         size = value_bytes
         hdr: dict[str, str] = {}
         present = 0
+        nul: str | None = None
         try:
             for k, v in pairs:
                 present += 1
                 if v is not None:
                     size += len(k) + len(v)
                     hdr[k] = v.decode()
+                    if b"\x00" in v and k in _ONE_EACH:
+                        nul = k
         except UnicodeDecodeError as exc:
             # Too big is the more useful verdict, whatever the bytes are.
             size = record_bytes(value, pairs)
@@ -402,6 +405,13 @@ class EventTypeRegistry:
         if size - value_bytes > MAX_ATTRIBUTE_CHARS:
             # Only headers longer than the bound together can hold an attribute longer than it.
             check_attributes(hdr)
+        if nul is not None:
+            # Consumers store the attributes in Postgres text, which cannot hold NUL: the inbox keys on source
+            # and id, the registry's stage history and monitoring's rollout steps keep the cascade and actor.
+            raise MalformedEvent(
+                f"header {nul!r} holds a NUL character, which no consumer can store (Postgres text "
+                "refuses it)"
+            )
         for required in ("ce_type", "ce_id", "ce_source", "ce_specversion"):
             if required not in hdr:
                 raise MissingAttribute(

@@ -413,8 +413,8 @@ extensions `ce_correlationid` (root event of the cascade), `ce_causationid` (dir
 identify an event (neither may be empty): a publisher keeps its ids unique among its own events, and
 another publisher's event with the same id is another event. Consumers skip a redelivery of one they
 handled and dead-letter the same source and id with a different value as `reused-event-id`. Each
-attribute header comes once (given twice, the record is dead-lettered as `malformed`), and `ce_time` is an
-RFC 3339 timestamp with its UTC offset.
+attribute header comes once (given twice, the record is dead-lettered as `malformed`, and so is one that
+holds a NUL character), and `ce_time` is an RFC 3339 timestamp with its UTC offset.
 
 Machine-readable: one JSON Schema per event in `contracts/schemas/`, every topic, message and service
 operation in `contracts/asyncapi.yaml` (AsyncAPI 3.0). The topic map is `contracts/topics.py`; the

@@ -20,7 +20,9 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from contracts import generate
 from contracts.common import NUL_STAND_IN, ContractModel, FreeText, Storable
 from contracts.envelope import (
+    BOUNDED_ATTRIBUTES,
     EventPayload,
+    MalformedEvent,
     NotJson,
     PayloadReader,
     SchemaInvalid,
@@ -307,3 +309,16 @@ def test_an_id_built_with_a_lone_surrogate_is_refused_where_the_event_is_made(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         GroundTruthReceived.model_validate({**EXAMPLES[GroundTruthReceived].model_dump(), field: "p-\ud800"})
+
+
+# --- the envelope ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", BOUNDED_ATTRIBUTES)
+def test_a_cloudevents_attribute_holding_a_nul_is_malformed(header: str) -> None:
+    value, headers = _message(GroundTruthReceived, EXAMPLES[GroundTruthReceived].model_dump(mode="json"))
+    headers[header] = b"user:al\x00ice"
+
+    with pytest.raises(MalformedEvent, match=rf"header '{header}' holds a NUL character") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "malformed"
