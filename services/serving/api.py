@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import FeatureType, Label, ModelName, ModelVersion, UtcDatetime
+from contracts.common import FeatureType, Label, ModelName, ModelVersion, UtcDatetime, unstorable_text
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
@@ -39,7 +39,6 @@ from services.serving.domain import (
     read_json,
     tensor_rows,
     tensors_from_json,
-    text_problem,
 )
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
 from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody
@@ -292,7 +291,7 @@ def _text_member(value: Any, where: str) -> str | None:
         return None
     if type(value) is not str:
         raise InvalidInput(f"{where} must be a string, not {json_kind(value)}", reason="wrong-type")
-    problem = text_problem(value)
+    problem = unstorable_text(value)
     if problem is not None:
         raise InvalidInput(f"{where} {problem}", reason="invalid-text")
     return value
@@ -485,7 +484,7 @@ def _check_label(value: Any) -> Any:
     member ("label.bool: Input should be a valid boolean")."""
     t = type(value)
     if t is str:
-        problem = text_problem(value)
+        problem = unstorable_text(value)
         if problem is not None:
             raise PydanticCustomError("label_text", "the label {problem}", {"problem": problem})
     elif t is int or t is float:

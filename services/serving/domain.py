@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from contracts.common import VERSION_MAX, FeatureType, ModelSignature
+from contracts.common import VERSION_MAX, FeatureType, ModelSignature, unstorable_text
 from contracts.envelope import EventPayload
 from contracts.predictions import Variant
 from contracts.rollouts import (
@@ -617,20 +617,6 @@ def _bad_tensor(name: str, reason: str, message: str, row: int | None = None) ->
     return InvalidInput(f"input tensor {name!r}{where}: {message}", feature=name, reason=reason, row=row)
 
 
-def text_problem(value: str) -> str | None:
-    """What keeps a string from being stored and sent as text, or None: a NUL character (PostgreSQL's text
-    and jsonb refuse it) or a lone surrogate (it has no UTF-8 form; orjson refuses one, but Python's json,
-    which reads the bodies with NaN literals, lets ``"\\ud800"`` through)."""
-    if "\x00" in value:
-        return "holds a NUL character (\\u0000), which cannot be stored"
-    if not value.isascii():  # a flag on the string: O(1)
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not valid text"
-    return None
-
-
 def json_kind(value: Any) -> str:
     """What a JSON value is, for messages: a string with its start, anything else by kind only (a list or an
     object could be megabytes, or nested too deeply to print)."""
@@ -711,7 +697,7 @@ def _check_categorical(name: str, values: list[Any], known: frozenset[Any] | Non
                 if known is not None:
                     unseen += 1
                 if t is str:
-                    problem = text_problem(v)
+                    problem = unstorable_text(v)
                     if problem is not None:
                         raise _bad(name, "invalid-text", problem, i)
                 elif t is int and not _INT64_MIN <= v <= _UINT64_MAX:
@@ -785,7 +771,7 @@ def check_entity_keys(keys: list[Any]) -> list[str | None]:
     if {str, _NONE}.issuperset(map(type, keys)):
         # Every key's characters at once, in C: the common case costs one join.
         text = "".join(filter(None, keys))
-        if text_problem(text) is None:
+        if unstorable_text(text) is None:
             return keys
     for i, key in enumerate(keys):
         if key is None:
@@ -794,7 +780,7 @@ def check_entity_keys(keys: list[Any]) -> list[str | None]:
             raise InvalidInput(
                 f"entity_keys[{i}] must be a string or null, not {json_kind(key)}", reason="wrong-type"
             )
-        problem = text_problem(key)
+        problem = unstorable_text(key)
         if problem is not None:
             raise InvalidInput(f"entity_keys[{i}] {problem}", reason="invalid-text")
     return keys

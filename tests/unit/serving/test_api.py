@@ -777,6 +777,23 @@ async def test_v1_request_members_are_checked_and_named(
             "[0]: Input should be a valid string",  # pydantic's word for a key that is not text
         ),
         (b'"hello"', "the body must be a feedback object or a list of them"),
+        # Ids that monitoring could not store or look up (the event would be schema-invalid).
+        (
+            b'{"prediction_id": "churn:1:a-0\\u0000", "label": 1}',
+            "[0].prediction_id: String should match pattern",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1, "entity_key": "c-1\\u0000"}',
+            "[0].entity_key: String should match pattern",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-\\ud800", "label": 1}',
+            "[0].prediction_id: Input should be a valid string, unable to parse raw data as a unicode string",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1, "entity_key": "c-\\ud800"}',
+            "[0].entity_key: Input should be a valid string, unable to parse raw data as a unicode string",
+        ),
         # Times that have no UTC form: monitoring could not store them (it was 202, then a dead letter).
         (
             b'{"prediction_id": "churn:1:a-0", "label": 1, "observed_at": "0001-01-01T00:00:00+01:00"}',
