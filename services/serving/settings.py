@@ -87,8 +87,8 @@ class ServingSettings(ServiceSettings):
         5.0,
         ge=0,
         le=1000,
-        description="Small prediction-log frames (1-row requests) of this long go to the producer process "
-        "in one write (one wake-up for many requests; frames over 8 KiB go at once); 0: every frame at once.",
+        description="Prediction-log items queued for up to this long go to the producer process in one "
+        "write (one wake-up for many requests), sooner once about 64 KiB wait; 0: every item at once.",
     )
     prediction_log_handoff_poll_ms: float = Field(
         5.0,
