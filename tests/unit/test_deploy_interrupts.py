@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from deploy.local.interrupts import run_to_completion
 from deploy.local.processes import pid_alive, read_pid, wait_until
 from deploy.local.settings import PROJECT_ROOT
 
@@ -84,7 +85,7 @@ sys.exit(cli.main(sys.argv[3:]))
 # platform and dropping its database do), around a test that runs until it is interrupted; it notes every
 # SIGINT pytest gets.
 SESSION = """
-import os, signal, time
+import os, signal, subprocess, time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ def sandbox():
     state = os.environ.get("SANDBOX_STATE")
     if state:  # a platform supervisor, as the e2e and chaos sandboxes start (here with no services)
         Platform(Path(state), services=()).start(dict(os.environ))
+    service = os.environ.get("SERVICE_PID_FILE")
+    if service:  # a process as a test starts a service: a session of its own, no handler for SIGHUP
+        Path(service).write_text(str(subprocess.Popen(["sleep", "300"], start_new_session=True).pid))
     note("session set up")
     yield
     time.sleep(float(os.environ["TEARDOWN_S"]))
@@ -349,3 +353,64 @@ def test_a_second_interrupt_while_the_demo_cleans_up_does_not_leave_the_infrastr
     assert run.finish() == 130, run.output.decode()
     assert run.events[-3:] == ["platform stopping", "platform stopped", "infra down postgres,kafka"]
     assert "finishing that first, so nothing is left running" in run.output.decode()
+
+
+def test_what_pytest_starts_under_driftloop_test_ends_on_sighup_as_it_would_anywhere(
+    tmp_path: Path, runs: list[Run]
+) -> None:
+    service_pid = tmp_path / "service.pid"
+    run = driftloop_test(tmp_path, runs, SERVICE_PID_FILE=str(service_pid))
+    run.start(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run.wait_for("session set up")
+    service = read_pid(service_pid)
+    assert service is not None and pid_alive(service)
+
+    try:
+        os.kill(service, signal.SIGHUP)  # a service manager's reload or stop, a test of its ending signals
+
+        assert wait_until(lambda: not pid_alive(service), timeout_s=10, interval_s=0.05), (
+            f"SIGHUP did not end what pytest started: {signal_dispositions(service)}"
+        )
+    finally:
+        if pid_alive(service):
+            os.kill(service, signal.SIGKILL)
+    assert run.process is not None
+    os.kill(run.process.pid, signal.SIGTERM)
+    assert run.finish() == 143, run.output.decode()
+
+
+def signal_dispositions(pid: int) -> str:
+    """The SigBlk and SigIgn lines of a process's /proc status."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return ", ".join(line for line in status if line.startswith(("SigBlk", "SigIgn")))
+
+
+def signals_in(status: str, field: str) -> set[int]:
+    """The signals set in a mask field (SigBlk, SigIgn, ...) of a /proc/<pid>/status text."""
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith(f"{field}:"))
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
+# A child that writes its own /proc status where argv[1] says.
+STATUS_REPORTER = (
+    "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(open('/proc/self/status').read())"
+)
+
+
+def test_the_child_starts_with_the_signal_mask_and_dispositions_of_its_caller(tmp_path: Path) -> None:
+    report = tmp_path / "status"
+    ours = Path("/proc/thread-self/status").read_text()
+
+    outcome = run_to_completion(
+        [sys.executable, "-c", STATUS_REPORTER, str(report)],
+        name="child",
+        cwd=tmp_path,
+        env=os.environ,
+        grace_s=5,
+    )
+
+    assert outcome.returncode == 0
+    # Inherited by all it starts (services, Kafka, Postgres): they must get SIGHUP as they would anywhere.
+    theirs = report.read_text()
+    assert signals_in(theirs, "SigBlk") == signals_in(ours, "SigBlk")
+    assert (signal.SIGHUP in signals_in(theirs, "SigIgn")) == (signal.SIGHUP in signals_in(ours, "SigIgn"))
