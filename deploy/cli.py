@@ -603,10 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_invalid_settings(err)
         return 1
     except Terminated as err:
-        print(f"driftloop: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
+        say(f"stopped by {signal.Signals(err.signum).name}")  # after a hang-up, to no terminal
         return err.exit_code
     except KeyboardInterrupt:
-        print("driftloop: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from deploy.local.interrupts import run_to_completion
-from deploy.local.processes import pid_alive, read_pid, wait_until
+from deploy.local.processes import descendants, pid_alive, read_pid, wait_until
 from deploy.local.settings import PROJECT_ROOT
 
 # The CLI with fakes: argv is the events file, pytest's grace in seconds, then the driftloop arguments.
@@ -156,8 +157,7 @@ class Run:
 
         def as_from_a_terminal() -> None:
             # Signals as a terminal starts a command, whatever this test process inherited: under nohup or
-            # from a shell's background job SIGINT is ignored (Python then installs no KeyboardInterrupt),
-            # and under `driftloop test` SIGHUP is blocked.
+            # from a shell's background job SIGINT is ignored (Python then installs no KeyboardInterrupt).
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -297,6 +297,38 @@ def test_a_closing_terminal_lets_pytest_clean_up_instead_of_killing_it(
 
     assert run.finish() == 129, run.output.decode()
     assert run.events == CLEAN_END
+
+
+def test_a_terminal_closing_under_its_shell_lets_pytest_clean_up(tmp_path: Path, runs: list[Run]) -> None:
+    run = driftloop_test(tmp_path, runs, HISTFILE=os.devnull)
+    typed = shlex.join(run.command).encode() + b"\n"
+    run.command = ["bash", "--norc", "--noprofile", "-i"]  # a terminal's shell, with job control
+    terminal, side = os.openpty()
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    job: list[int] = []
+    try:
+        shell = run.start(stdin=side, stdout=side, stderr=side, preexec_fn=take_terminal)
+        os.close(side)
+        os.write(terminal, typed)
+        output = b""
+        while "session set up" not in run.events and select.select([terminal], [], [], 30)[0]:
+            output += os.read(terminal, 65536)  # read, so nothing blocks on a full terminal
+        assert "session set up" in run.events, output.decode(errors="replace")
+        job = [shell.pid, *descendants(shell.pid)]
+    finally:
+        # Hang-up: the kernel sends the shell SIGHUP; it sends SIGHUP to its jobs, and as it exits the
+        # kernel sends SIGHUP to the terminal's foreground group (driftloop's, with pytest in it).
+        os.close(terminal)
+    try:
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in job), timeout_s=60, interval_s=0.1)
+        assert run.events == CLEAN_END
+    finally:
+        for pid in job:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_pytest_that_does_not_finish_its_clean_up_is_stopped_with_the_platforms_it_left(
