@@ -297,7 +297,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     try:
         result = infra.up()
         env = {**os.environ, **result.client_env()}
-        command = [sys.executable, "-m", "pytest", *args.passthrough]
+        # The plugin keeps a closing terminal's SIGHUP from ending pytest before its clean-up.
+        command = [sys.executable, "-m", "pytest", "-p", "deploy.local.pytest_hangup", *args.passthrough]
         say(f"running {' '.join(command[1:])} against Kafka {result.kafka_bootstrap} ...")
         outcome = run_to_completion(command, name="pytest", cwd=PROJECT_ROOT, env=env, grace_s=PYTEST_GRACE_S)
         if outcome.signal_received is not None:

@@ -11,6 +11,7 @@ its own clean-up before we do ours.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import subprocess
 import sys
@@ -148,15 +149,24 @@ def run_to_completion(
     it, and a second one would cut that clean-up short, so that one is not passed on. A child still running
     ``grace_s`` later gets SIGTERM, then SIGKILL; what ran below it then is returned as ``left_behind``.
     Call it from the main thread: the signals are taken with sigtimedwait, which sees the sender.
+
+    The child starts with our signal mask and dispositions, which everything it starts inherits. A closing
+    terminal's SIGHUP reaches it as well as us; a child that must clean up first has to outlive it with a
+    handler of its own (pytest: ``deploy.local.pytest_hangup``) and wait for our SIGINT.
     """
     # Ignored signals stay ignored (nohup): blocked, they would still be queued and seen below.
     watched = {s for s in ENDING_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    # The child inherits SIGHUP blocked: a closing terminal reaches it through us, as SIGINT, so it can
-    # clean up instead of dying on the spot. Our own mask stays blocked from here to the end.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # Blocked from before the child starts to the end, so no signal is lost or raised while it starts; it
+    # gets the mask we had back before its exec (blocked, SIGHUP would stay blocked in all it starts).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
-        process = subprocess.Popen(list(command), cwd=cwd, env=dict(env))
-        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=dict(env),
+            # Not safe with threads in general; here one C call, which takes no lock a thread may hold.
+            preexec_fn=functools.partial(signal.pthread_sigmask, signal.SIG_SETMASK, mask),
+        )
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
