@@ -130,17 +130,31 @@ class RolloutPromoted(EventPayload):
 
 
 class RolloutRolledBack(EventPayload):
-    """The canary was taken off traffic (share 0 at once); the stable version serves everything."""
+    """A version was taken off traffic at once: the canary (share 0; the stable version serves everything),
+    or, by a manual rollback of production, the production version (its replacement serves everything)."""
 
     event_name: ClassVar[str] = "RolloutRolledBack"
     topic: ClassVar[str] = TOPIC
 
     rollout_id: Identifier = Field(min_length=1, description="Rollout id.", examples=["r-91c2"])
     model: ModelName = Field(description="Model name.", examples=["churn"])
-    stable_version: ModelVersion | None = Field(description="Version that keeps serving.", examples=[6])
-    canary_version: ModelVersion = Field(description="Version rolled back (to be rejected).", examples=[7])
+    stable_version: ModelVersion | None = Field(
+        description="Version that serves everything from now on: the stable one, or a production rollback's "
+        "target.",
+        examples=[6],
+    )
+    canary_version: ModelVersion = Field(
+        description="Version rolled back (to be rejected): the canary, or the production version a manual "
+        "rollback replaced.",
+        examples=[7],
+    )
     step_index: int = Field(ge=0, description="Step the rollout was on.", examples=[0])
-    weight: float = Field(ge=0, le=1, description="Canary share at the moment of rollback.", examples=[0.1])
+    weight: float = Field(
+        ge=0,
+        le=1,
+        description="Share the rolled-back version had at the moment of rollback (1 for production).",
+        examples=[0.1],
+    )
     reason: RollbackReason = Field(description="Machine-readable reason.", examples=["unhealthy-verdict"])
     message: FreeText = Field(
         description="What was seen, for people.",
