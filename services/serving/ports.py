@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -80,6 +81,11 @@ class ModelLoader(Protocol):
     async def load(self, record: VersionRecord) -> Any:
         """The warmed model; raises :class:`ModelLoadError` when it cannot be served, and OSError when the
         store cannot be reached (the caller retries: the version is not at fault)."""
+        ...
+
+    def keep_served(self, artifact_keys: Collection[str]) -> None:
+        """Let go of every model whose artifact the routing table no longer serves (it is loaded again if
+        asked for again); called at each table swap."""
         ...
 
 

@@ -163,6 +163,11 @@ class RoutingTable:
         """Every (model, version) the table serves, stable or candidate."""
         return {(r.model, v) for r in self.models.values() for v in r.versions}
 
+    @property
+    def artifact_keys(self) -> set[str]:
+        """The artifact of every model the table serves, stable or candidate."""
+        return {m.artifact_key for r in self.models.values() for m in (r.stable, r.canary) if m is not None}
+
 
 class RoutingState:
     """Holds the current table; readers take ``table`` once per request."""
@@ -274,10 +279,15 @@ class RoutingSync:
             return False
         table = await build_table(snapshot, self.loader, self.state.table)
         self.state.swap(table)
+        # Whatever this table does not serve leaves the loader's cache: promoted over, rolled back, replaced,
+        # or loaded by a handler for a table still to come (the next rebuild loads that one again). A request
+        # or a queued shadow scoring that took an older table still holds its models until it ends.
+        self.loader.keep_served(table.artifact_keys)
         # The loaded models are a few hundred thousand long-lived objects: left to the collector, every
         # full collection walks them all (100-200 ms on this machine, on the event loop: the p99 of
         # 100-row requests while the prediction log keeps their rows alive). Frozen, it walks only what
-        # requests allocate. A replaced model is still freed by its reference count.
+        # requests allocate. Freezing does not keep a model alive: once neither the table, the loader nor a
+        # request holds it, its reference count frees it (tests/unit/serving/test_loaded_models.py).
         gc.freeze()
         self._last = key
         log.info(

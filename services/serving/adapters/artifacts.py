@@ -1,10 +1,12 @@
 """Models from the shared artifact store: skops with the trusted-type list, compiled (when a verified
-compiled copy can be had), loaded and warmed off the event loop, cached by artifact key."""
+compiled copy can be had), loaded and warmed off the event loop, cached by artifact key while the routing
+table serves them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from typing import Any
 
 from prometheus_client import Counter
@@ -78,7 +80,7 @@ class ArtifactModelLoader:
                     raise
                 except (ArtifactError, ValueError) as exc:
                     message = f"{record.model} v{record.version}: artifact {key[:12]} cannot be loaded: {exc}"
-                    self._failed[key] = (time.monotonic(), message)
+                    self._remember_failure(key, message)
                     raise ModelLoadError(message) from exc
                 compiled, note = await asyncio.to_thread(
                     compile_or_explain,
@@ -96,7 +98,7 @@ class ArtifactModelLoader:
                 await asyncio.to_thread(served.warm)
             except Exception as exc:
                 message = f"{record.model} v{record.version}: warm-up prediction failed: {exc!r}"
-                self._failed[key] = (time.monotonic(), message)
+                self._remember_failure(key, message)
                 raise ModelLoadError(message) from exc
             self._estimators[key] = cached
             self._failed.pop(key, None)
@@ -118,3 +120,25 @@ class ArtifactModelLoader:
                 max_abs_diff=compiled.max_abs_diff if compiled else None,
             )
             return served
+
+    def keep_served(self, artifact_keys: Collection[str]) -> None:
+        """Drop every cached model whose artifact is not in ``artifact_keys`` (the new routing table's), and
+        every failure past its retry delay."""
+        # Synchronous, on the event loop, so never in the middle of a load's own dictionary work. A load
+        # awaiting its warm-up when this runs puts its model back when done; if that model does not serve,
+        # the next swap drops it.
+        for key in [k for k in self._estimators if k not in artifact_keys]:
+            del self._estimators[key]
+            log.info("model unloaded, no longer served", artifact=key[:12])
+        self._forget_expired_failures(time.monotonic())
+
+    def _remember_failure(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        self._forget_expired_failures(now)
+        self._failed[key] = (now, message)
+
+    def _forget_expired_failures(self, now: float) -> None:
+        # A failure only holds off retries for retry_failed_after_s; kept longer it would only grow this with
+        # every version that never loads.
+        for key in [k for k, (at, _) in self._failed.items() if now - at >= self.retry_failed_after_s]:
+            del self._failed[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -171,12 +172,14 @@ class FakeRoutingSource:
 
 
 class FakeLoader:
-    """Loads any registered record with one shared estimator, except artifact keys listed as broken."""
+    """Loads any registered record with one shared estimator, except artifact keys listed as broken;
+    ``held`` is the artifacts a real loader would still hold in memory."""
 
     def __init__(self, estimator: Any = None) -> None:
         self.estimator = estimator if estimator is not None else churn_pipeline()
         self.broken: set[str] = set()
         self.loaded: list[tuple[str, int]] = []
+        self.held: set[str] = set()
 
     async def load(self, record: VersionRecord) -> ServedModel:
         if record.artifact_key is None or record.signature is None:
@@ -184,9 +187,13 @@ class FakeLoader:
         if record.artifact_key in self.broken:
             raise ModelLoadError(f"artifact {record.artifact_key[:8]} is untrusted")
         self.loaded.append((record.model, record.version))
+        self.held.add(record.artifact_key)
         return ServedModel(
             record.model, record.version, record.artifact_key, record.signature, self.estimator
         )
+
+    def keep_served(self, artifact_keys: Collection[str]) -> None:
+        self.held &= set(artifact_keys)
 
 
 # --- events as the registry, validation and monitoring publish them ------------------------------------

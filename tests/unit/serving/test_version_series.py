@@ -90,14 +90,17 @@ class Retraining(World):
         self.store = store
         self.loader = ArtifactModelLoader(store, compile_models=False)  # type: ignore[assignment]
 
-    async def register(self, version: int) -> None:
+    async def register(self, version: int, model: str = MODEL) -> str:
+        """Register a new version (its own artifact); returns its artifact key."""
         key = save_model(self.store, churn_pipeline(version)).sha256
-        await self.send(registered(version, model=MODEL, key=key))
+        await self.send(registered(version, model=model, key=key))
+        return key
 
-    async def release(self, version: int) -> None:
-        """Register and validate a new version of MODEL (its own artifact)."""
-        await self.register(version)
-        await self.send(passed(version, model=MODEL))
+    async def release(self, version: int, model: str = MODEL) -> str:
+        """Register and validate a new version (its own artifact); returns its artifact key."""
+        key = await self.register(version, model)
+        await self.send(passed(version, model=model))
+        return key
 
 
 @pytest.fixture
