@@ -162,33 +162,37 @@ class Background:
         """Store the window as done in a transaction of its own (the judgement's was rolled back), then log
         and count it. An outage raises before the count: the window stays queued and is counted once, when
         the next tick sets it aside again."""
-        stored = True
-        try:
-            async with self.rt.begin() as tx:
-                await handlers.set_window_aside(
-                    window, monitor=self.monitor, store=PgMonitoringStore(tx.conn)
-                )
-        except Exception as store_exc:
-            if is_transient(store_exc):
-                raise
-            stored = False
-            log.error(
-                "window set aside but not stored as done: a restart may rebuild it",
-                model=window.model,
-                version=window.version,
-                window_id=window.window_id,
-                error=repr(store_exc),
-            )
+
+        async def store_as_done(tx: Transaction) -> bool:
+            await handlers.set_window_aside(window, monitor=self.monitor, store=PgMonitoringStore(tx.conn))
+            return True
+
+        where = {"model": window.model, "version": window.version, "window_id": window.window_id}
+        stored = await self.settle(
+            store_as_done, "window set aside but not stored as done: a restart may rebuild it", where
+        )
         WINDOWS_SET_ASIDE.labels(window.model, type(exc).__name__).inc()
         log.error(
             "window set aside: its judgement failed and retrying cannot help",
-            model=window.model,
-            version=window.version,
-            window_id=window.window_id,
+            **where,
             rows=window.size,
             stored_as_done=stored,
             error=repr(exc),
         )
+
+    async def settle(
+        self, work: Callable[[Transaction], Awaitable[bool]], failed: str, where: dict[str, Any]
+    ) -> bool:
+        """What ``work`` returns, run in a transaction of its own, for something set aside; an outage raises
+        (it is set aside again on the next tick), any other error is logged as ``failed`` and gives False."""
+        try:
+            async with self.rt.begin() as tx:
+                return await work(tx)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error(failed, **where, error=repr(exc))
+            return False
 
     async def join_missed(self) -> None:
         """Make, in a transaction of their own, the label joins a prediction missed because the label's
@@ -247,29 +251,23 @@ class Background:
         """Give the step its inconclusive verdict in a transaction of its own (the decision's was rolled
         back), then log and count it. An outage raises before the count: the step stays watched and is
         counted once, when the next tick sets it aside again."""
-        try:
-            async with self.rt.begin() as tx:
-                given = await handlers.set_step_aside(
-                    step, now, exc, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
-                )
-        except Exception as store_exc:
-            if is_transient(store_exc):
-                raise
-            given = False
-            log.error(
-                "canary step set aside but no verdict given: its rollout waits until rolled back by hand "
-                "(or a restart decides the step again)",
-                rollout_id=step.rollout_id,
-                step=step.step_index,
-                model=step.model,
-                error=repr(store_exc),
+
+        async def give_verdict(tx: Transaction) -> bool:
+            return await handlers.set_step_aside(
+                step, now, exc, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
+
+        where = {"rollout_id": step.rollout_id, "step": step.step_index, "model": step.model}
+        given = await self.settle(
+            give_verdict,
+            "canary step set aside but no verdict given: its rollout waits until rolled back by hand "
+            "(or a restart decides the step again)",
+            where,
+        )
         CANARY_STEPS_SET_ASIDE.labels(step.model, type(exc).__name__).inc()
         log.error(
             "canary step set aside: its decision failed and retrying cannot help",
-            rollout_id=step.rollout_id,
-            step=step.step_index,
-            model=step.model,
+            **where,
             stable_version=step.stable_version,
             canary_version=step.canary_version,
             verdict_given=given,
