@@ -23,7 +23,7 @@ from services.monitoring.handlers import Monitor, on_ground_truth_received, on_p
 from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference
-from tests.unit.monitoring.test_ingest_failures import logged
+from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
 
 NOW = 1_000.0  # the tick's clock: no window is idle, no label has waited long
 
@@ -148,9 +148,13 @@ def delivery(event: CloudEvent[Any], offset: int) -> Delivery:
     return Delivery(Record(event.data.topic, 0, offset, None, b"", ()), event)
 
 
-async def receive_label(monitor: Monitor, tx: Tx, prediction_id: str, model: str = "churn") -> None:
+async def receive_label(
+    monitor: Monitor, tx: Tx, prediction_id: str, model: str = "churn", label: Any = 1
+) -> None:
     """The feedback consumer handles a label in ``tx``, not committed yet."""
-    g = GroundTruthReceived(prediction_id=prediction_id, model=model, label=1, observed_at=datetime.now(UTC))
+    g = GroundTruthReceived(
+        prediction_id=prediction_id, model=model, label=label, observed_at=datetime.now(UTC)
+    )
     await on_ground_truth_received(
         [delivery(new_event(g, source="/feedback"), 0)],
         monitor=monitor,
@@ -270,3 +274,76 @@ async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_a
 
     assert tables.labelled == {} and tables.waiting() == {"good-1-0"}
     assert monitor.live.pending_labels == {"good-1-0": "fraud"} and monitor.live.joins_missed == set()
+
+
+async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, model: str, label: Any) -> None:
+    """The feedback consumer handles a label and commits."""
+    tx = tables.begin()
+    await receive_label(monitor, tx, prediction_id, model, label)
+    tx.commit()
+
+
+async def test_a_label_naming_another_model_does_not_keep_this_models_label_from_waiting(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "fraud", 0)  # the wrong model, sent first
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # the right one, while the first waits
+    await consume_prediction(monitor, tables, "good-1")  # churn's prediction good-1-0
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    # The label naming another model waits on, for a prediction of its own, and expires as unmatched.
+    assert [(row.label.model, row.label.label) for row in tables.pending.values()] == [("fraud", 0)]
+
+
+async def test_a_corrected_label_replaces_the_one_still_waiting(monitor: Monitor) -> None:
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "churn", 0)
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # a correction, while the first waits
+    await consume_prediction(monitor, tables, "good-1")
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert tables.waiting() == set()
+
+
+async def test_a_label_for_a_prediction_joined_before_replaces_its_label_as_a_correction(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await consume_prediction(monitor, tables, "good-1")
+    await send_label(monitor, tables, "good-1-0", "churn", 0)  # joined at once
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # a correction, after the join
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert tables.waiting() == set()
+
+
+async def test_a_prediction_event_whose_label_join_fails_for_good_counts_its_rows_once(
+    monkeypatch: pytest.MonkeyPatch, monitor: Monitor
+) -> None:
+    """A prediction's rows go into the windows as it is consumed. Were its event dead-lettered after that
+    (its label join failing for good), an operator replaying the dead letter would count its rows twice."""
+    settings = MonitoringSettings(consumer_retry_backoff_s=0.001)
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "churn", 1)
+    tables.joins_fail = True  # storing the joined label fails, whatever the transaction
+    # The bus's transactions are never committed here: what a failed one wrote is rolled back.
+    monkeypatch.setattr(
+        bootstrap, "PgMonitoringStore", lambda conn: conn if conn is not None else tables.begin()
+    )
+    bus = predictions_bus(settings, monitor)
+
+    await bus.publish(logged("good-1"))
+    await bus.drain()
+    for dead in bus.dead_letters:  # what an operator does with a dead letter, once the cause is fixed
+        bus.append_raw(dead.record.topic, dead.record.key, dead.record.value, dead.record.headers)
+    await bus.drain()
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert monitor.live.windows[("churn", 1)].rows == 3
+    assert bus.dead_letters == []  # the join's failure is the label's, not the prediction event's
+    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # given up: expires as unmatched
