@@ -26,7 +26,7 @@ from libs.service import Runtime, ServiceParts
 from services.monitoring import api, handlers
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
-from services.monitoring.adapters.replay import READERS, replay_predictions
+from services.monitoring.adapters.replay import READERS, Request, replay_predictions
 from services.monitoring.domain import CanaryPolicy, CanaryStep, ClosedWindow, DriftPolicy, canary_due
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
@@ -43,6 +43,13 @@ WINDOWS_SET_ASIDE = Counter(
     "database or the broker): logged as errors and left unjudged, so the windows and housekeeping behind "
     "them go on.",
     ["model", "error"],
+)
+
+LABEL_JOINS_GIVEN_UP = Counter(
+    "driftloop_monitoring_label_joins_given_up_total",
+    "Waiting labels whose join with their prediction failed with an error retrying cannot cure (not an "
+    "outage): logged as errors and left waiting, to expire as unmatched, so the other joins go on.",
+    ["model"],
 )
 
 CANARY_STEPS_SET_ASIDE = Counter(
@@ -115,13 +122,20 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
         now = time.time()
+
+        def feed(requests: Sequence[Request]) -> None:
+            result = monitor.live.ingest(requests, arrival=now, replaying=True)
+            # The joins due before the stop were in memory only (their polls committed): the labels still
+            # waiting for a replayed prediction are joined at the first tick.
+            monitor.live.joins_due.update(result.pending_matches)
+
         await replay_predictions(
             settings.kafka,
             topic=settings.predictions_topic,
             group=f"{settings.consumer_group}-predictions",
             start=replay_from,
             registry=rt.registry,
-            feed=lambda requests: monitor.live.ingest(requests, arrival=now, replaying=True),
+            feed=feed,
         )
 
 
@@ -136,6 +150,7 @@ class Background:
         self.wake = asyncio.Event()
         self.stopping = False
         monitor.on_windows_closed = self.wake.set
+        monitor.on_joins_due = self.wake.set
 
     async def judge_closed(self) -> None:
         """Judge the closed windows in order, one transaction each.
@@ -194,31 +209,54 @@ class Background:
             log.error(failed, **where, error=repr(exc))
             return False
 
-    async def join_missed(self) -> None:
-        """Make, in a transaction of their own, the label joins a prediction missed because the label's
-        transaction had not committed yet. Joins that fail for good (not an outage) are given up, logged: the
-        labels wait on and expire as unmatched, and do not hold up the housekeeping behind them."""
-        live = self.monitor.live
-        missed = live.joins_to_retry()
-        if not missed:
+    async def join_due(self) -> None:
+        """Join the waiting labels of held predictions (see ``LiveState.joins_due``), all in one transaction.
+
+        An outage raises: they stay due for the next tick. After any other error they are made again one per
+        transaction, and one that fails again is given up (logged and counted): its label waits on in
+        Postgres and expires as unmatched, and the joins and the housekeeping behind it go on."""
+        due = self.monitor.live.joins_to_make()
+        if not due:
             return
         try:
-            async with self.rt.begin() as tx:
-                joined = await handlers.join_pending(
-                    missed, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
-                )
+            await self.join(due)
+            return
         except Exception as exc:
             if is_transient(exc):
                 raise
-            live.joins_missed.difference_update(missed)
-            log.error(
-                "missed label joins given up: joining them failed and retrying cannot help",
-                labels=len(missed),
-                first=missed[0],
-                error=repr(exc),
+            log.warning("label joins failed, isolating the failing one", labels=len(due), error=repr(exc))
+        for pid in due:
+            try:
+                await self.join([pid])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                self.give_up_join(pid, exc)
+
+    async def join(self, prediction_ids: list[str]) -> None:
+        """Make these joins in a transaction of their own; they leave memory once it commits."""
+        live = self.monitor.live
+        async with self.rt.begin() as tx:
+            joined = await handlers.join_pending(
+                prediction_ids, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
-            return
-        live.labels_settled(joined)  # only now that the joins are committed
+        # Only now that they are committed. A join not made (the label's transaction had not committed yet)
+        # stays due while the label waits in memory.
+        live.labels_settled(joined)
+        live.joins_due.difference_update(pid for pid, _ in joined)
+
+    def give_up_join(self, prediction_id: str, exc: Exception) -> None:
+        """Stop trying a join that failed for good; log and count it."""
+        live = self.monitor.live
+        live.joins_due.discard(prediction_id)
+        model = live.cache.model_of(prediction_id) or ""
+        LABEL_JOINS_GIVEN_UP.labels(model).inc()
+        log.error(
+            "label join given up: joining it failed and retrying cannot help; the label expires as unmatched",
+            prediction_id=prediction_id,
+            model=model,
+            error=repr(exc),
+        )
 
     async def decide_canaries(self, now: float) -> None:
         """Give each watched step its verdict once due, one transaction each.
@@ -276,7 +314,7 @@ class Background:
 
     async def once(self) -> None:
         await self.judge_closed()
-        await self.join_missed()
+        await self.join_due()
         now = time.time()
         await self.decide_canaries(now)
         async with self.rt.begin() as tx:

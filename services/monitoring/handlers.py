@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,13 @@ UNSCORABLE = Counter(
     ["model"],
 )
 
+LABELS_CORRECTED = Counter(
+    "driftloop_monitoring_labels_corrected_total",
+    "Labels that replaced the different label a prediction was joined with before (a correction): the stored "
+    "label is the latest; performance windows scored and verdicts given with the earlier one stand.",
+    ["model"],
+)
+
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 PREDICTIONS_TOPIC = PredictionsLogged.topic
 
@@ -97,6 +105,7 @@ class Monitor:
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policies_fingerprint: str | None = None
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
+    on_joins_due: Callable[[], None] = field(default=lambda: None)
 
     def policy(self, model: str) -> DriftPolicy:
         """The model's policy, or the defaults."""
@@ -134,7 +143,13 @@ async def load_reference(stored: StoredModel, *, monitor: Monitor, store: Monito
 async def on_predictions_logged(
     deliveries: Sequence[Delivery], *, monitor: Monitor, store: MonitoringStore, publish: Publish
 ) -> None:
-    """Add a poll's predictions to the windows (vectorised per model version); join waiting labels."""
+    """Add a poll's predictions to the windows (vectorised per model version); hand the joins of their
+    waiting labels to the background.
+
+    Nothing else happens in the poll's transaction: once its rows are in the windows, nothing can fail it for
+    good (only an outage, and then its records are read again and recognised by offset). A label join that
+    failed here would dead-letter the prediction event with its rows already counted, and replaying it would
+    count them twice; in a transaction of its own, a join that fails for good is the label's alone."""
     requests = [
         (d.event.data, d.record.partition, d.record.offset)
         for d in deliveries
@@ -151,41 +166,47 @@ async def on_predictions_logged(
             hint="monitoring has no ModelVersionRegistered for it (yet)",
         )
     if result.pending_matches:
-        joined = await join_pending(result.pending_matches, monitor=monitor, store=store, publish=publish)
-        # At once, not after the commit: a poll read again after a failed transaction looks all its ids up.
-        live.labels_settled(joined)
+        live.joins_due.update(result.pending_matches)
+        monitor.on_joins_due()
     if result.closed:
         monitor.on_windows_closed()
 
 
 async def join_pending(
     prediction_ids: list[str], *, monitor: Monitor, store: MonitoringStore, publish: Publish
-) -> list[str]:
-    """Join the waiting labels of these held predictions; returns the prediction ids joined, for the caller
-    to take out of ``live.pending_labels`` (the background tick: once its transaction commits)."""
+) -> list[tuple[str, str]]:
+    """Join the waiting labels of these held predictions; returns the (prediction id, model) labels joined,
+    for the caller to take out of ``live.pending_labels`` once its transaction commits."""
     live = monitor.live
     hits = {pid: hit for pid in prediction_ids if (hit := live.cache.get(pid)) is not None}
     # A label joins only a prediction of the model it names, as on_ground_truth_received requires: one for
-    # another model keeps waiting and expires as unmatched.
+    # another model keeps waiting and expires as unmatched. Not found while waiting in memory: the label's
+    # transaction has not committed yet (its handler runs beside this one); the caller keeps it due.
     pending = await store.take_pending(list(hits), [hit.model for hit in hits.values()])
-    taken = {label.prediction_id for label in pending}
-    # Waiting in memory for this model, but not found: the label's transaction has not committed yet (its
-    # handler runs beside this one). Looked for again at the next tick.
-    live.joins_missed.update(
-        pid for pid, hit in hits.items() if pid not in taken and live.pending_labels.get(pid) == hit.model
-    )
     rows = [
-        _labelled(hit, label.label, label.observed_at, late=False)
+        _labelled(hits[label.prediction_id], label.label, label.observed_at, late=False, at=label.received_at)
         for label in pending
-        if (hit := hits[label.prediction_id]).model == label.model
     ]
-    await store.add_labelled(rows)
-    for key in sorted({(r.model, r.version) for r in rows}):
-        await check_performance(key[0], key[1], monitor=monitor, store=store, publish=publish)
-    return sorted(taken)
+    await _store_labelled(rows, monitor=monitor, store=store, publish=publish)
+    return sorted((label.prediction_id, label.model) for label in pending)
 
 
-def _labelled(hit: Any, label: Any, observed_at: Any, *, late: bool) -> LabelledRecord:
+async def _store_labelled(
+    rows: list[LabelledRecord], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+) -> None:
+    """Store joined labels (a later, different label for a prediction joined before replaces its label),
+    then score the versions' full performance windows."""
+    corrected = await store.add_labelled(rows)
+    models = {r.prediction_id: r.model for r in rows}
+    for pid in corrected:
+        LABELS_CORRECTED.labels(models[pid]).inc()
+    for model, version in sorted({(r.model, r.version) for r in rows}):
+        await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+
+
+def _labelled(
+    hit: Any, label: Any, observed_at: Any, *, late: bool, at: datetime | None = None
+) -> LabelledRecord:
     return LabelledRecord(
         prediction_id=hit.prediction_id,
         model=hit.model,
@@ -199,15 +220,18 @@ def _labelled(hit: Any, label: Any, observed_at: Any, *, late: bool) -> Labelled
         observed_at=observed_at,
         late=late,
         inputs=hit.inputs,
+        received_at=at,
     )
 
 
 async def on_ground_truth_received(
     deliveries: Sequence[Delivery], *, monitor: Monitor, store: MonitoringStore, publish: Publish
 ) -> None:
-    """Join labels to their predictions by id; a label whose prediction is not known yet waits (bounded)."""
+    """Join labels to their predictions by id; a label whose prediction is not known yet waits (bounded).
+    The latest label for a prediction wins: it replaces the one waiting for the same prediction and model, or
+    the one its prediction was joined with (a correction)."""
     live = monitor.live
-    joined: list[LabelledRecord] = []
+    joined: dict[str, LabelledRecord] = {}
     waiting: list[PendingLabel] = []
     for d in deliveries:
         if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
@@ -224,12 +248,11 @@ async def on_ground_truth_received(
         window = live.windows.get((hit.model, hit.version))
         # Late: the prediction's drift window was already judged when its label came.
         late = window is not None and hit.window_seq < window.seq
-        joined.append(_labelled(hit, g.label, g.observed_at, late=late))
-    await store.add_labelled(joined)
+        # One row per prediction (a statement cannot change a row twice): the poll's last label for it.
+        joined[g.prediction_id] = _labelled(hit, g.label, g.observed_at, late=late)
     if waiting:
         await store.add_pending(waiting)
-    for model, version in sorted({(r.model, r.version) for r in joined}):
-        await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+    await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
 
 
 def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -> None:
@@ -762,7 +785,7 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 # --- time-driven housekeeping ----------------------------------------------------------------------------
 
 
-async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) -> list[str]:
+async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, str]]:
     """Close idle windows, forget expired predictions and labels, record where a restart must replay from,
     and take changed policies. Canary verdicts are given apart, one transaction per step
     (:func:`check_canary`). Returns the expired labels: a transaction that fails leaves them waiting in

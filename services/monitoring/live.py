@@ -167,12 +167,15 @@ class LiveState:
         self.unknown: Counter[ModelKey] = Counter()
         self._unknown_models_logged: set[str] = set()
         self.next_offsets: dict[int, int] = {}
-        # Labels waiting for their prediction (Postgres's pending_labels): prediction id -> the model the
-        # label names. A prediction of that model is looked for in Postgres; one of another model is not.
-        self.pending_labels: dict[str, str] = {}
-        # Waiting labels a held prediction of their model looked for in vain: the label's transaction had not
-        # committed yet. The housekeeping tick looks for them again while both are still here.
-        self.joins_missed: set[str] = set()
+        # Labels waiting for their prediction (Postgres's pending_labels), as (prediction id, the model the
+        # label names): one per pair, so a label naming another model never stands in this model's way. A
+        # prediction of that model is looked for in Postgres; one of another model is not.
+        self.pending_labels: set[tuple[str, str]] = set()
+        # Held predictions whose model has a label waiting: the background joins them, each in a transaction
+        # of its own, so a join that fails for good is the label's failure, never the prediction event's
+        # (whose rows are in the windows already). One not found (the label's transaction had not committed
+        # yet) is looked for again at the next tick while both are still here.
+        self.joins_due: set[str] = set()
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -199,10 +202,8 @@ class LiveState:
         for payload, part, off in requests:
             cols = payload if type(payload) is PredictionColumns else PredictionColumns.of(payload)  # type: ignore[arg-type]
             if off < offsets.get(part, -1):
-                # A redelivery after a failed transaction: its rows are in memory already, but the label joins
-                # it made were rolled back with the transaction (and the ids dropped from pending_labels all
-                # the same), so each of its ids is looked up again. Rare: only after a failure.
-                result.pending_matches.extend(cols.prediction_ids)
+                # A redelivery after a failed transaction (an outage: nothing else can fail it once its rows
+                # are in): its rows are in memory already, and its label joins are due with the background.
                 continue
             offsets[part] = off + 1
             groups.setdefault((cols.model, cols.model_version), []).append((cols, part, off))
@@ -225,9 +226,8 @@ class LiveState:
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)
             if self.pending_labels:
-                result.pending_matches.extend(
-                    pid for pid in batch.prediction_ids if self.pending_labels.get(pid) == batch.model
-                )
+                pending, model = self.pending_labels, batch.model
+                result.pending_matches.extend(pid for pid in batch.prediction_ids if (pid, model) in pending)
         return result
 
     def _to_windows(
@@ -288,24 +288,22 @@ class LiveState:
     # -- labels waiting for their prediction --------------------------------------------------------------
 
     def label_waits(self, prediction_id: str, model: str) -> None:
-        """A label for ``model`` waits for its prediction; the first one for a prediction is kept, as in
-        Postgres."""
-        self.pending_labels.setdefault(prediction_id, model)
+        """A label naming ``model`` waits for its prediction (a later one for the same pair replaces it in
+        Postgres: one entry here)."""
+        self.pending_labels.add((prediction_id, model))
 
-    def labels_settled(self, prediction_ids: Iterable[str]) -> None:
-        """These predictions' waiting labels were joined or expired (and that is committed)."""
-        for pid in prediction_ids:
-            self.pending_labels.pop(pid, None)
-            self.joins_missed.discard(pid)
+    def labels_settled(self, labels: Iterable[tuple[str, str]]) -> None:
+        """These (prediction id, model) waiting labels were joined or expired (and that is committed)."""
+        self.pending_labels.difference_update(labels)
 
-    def joins_to_retry(self) -> list[str]:
-        """The missed joins still to make: the label still waits and a prediction of its model is held."""
-        self.joins_missed = {
+    def joins_to_make(self) -> list[str]:
+        """The joins still to make: a label still waits for a held prediction of its model."""
+        self.joins_due = {
             pid
-            for pid in self.joins_missed
-            if (model := self.pending_labels.get(pid)) is not None and self.cache.model_of(pid) == model
+            for pid in self.joins_due
+            if (model := self.cache.model_of(pid)) is not None and (pid, model) in self.pending_labels
         }
-        return sorted(self.joins_missed)
+        return sorted(self.joins_due)
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

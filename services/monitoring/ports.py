@@ -49,6 +49,9 @@ class LabelledRecord:
     observed_at: datetime
     late: bool
     inputs: dict[str, Any]
+    # When monitoring received the label (a waiting label's, once joined); None: now. Of two labels for one
+    # prediction, the one received later is kept.
+    received_at: datetime | None = None
 
 
 @dataclass
@@ -59,6 +62,7 @@ class PendingLabel:
     model: str
     label: Any
     observed_at: datetime
+    received_at: datetime | None = None  # set by the store
 
 
 @dataclass
@@ -136,8 +140,10 @@ class MonitoringStore(Protocol):
         """The model's most recent window reports, newest first."""
         ...
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
-        """Store joined labels (a label already joined is ignored); returns how many were new."""
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
+        """Store joined labels, one per prediction. A label for a prediction joined before replaces the
+        stored label when it differs and was received later (a correction; the row keeps its performance
+        window, if scored, and its ``late``); returns the prediction ids so corrected."""
         ...
 
     async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
@@ -165,21 +171,22 @@ class MonitoringStore(Protocol):
         ...
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
-        """Keep labels whose prediction is not known yet: the first for a prediction waits, and a label for
-        a prediction whose earlier label expired waits anew."""
+        """Keep labels whose prediction is not known yet, one per prediction and model named: a later label
+        for the pair replaces the one waiting or expired (a correction, or a label sent again), and waits its
+        own time."""
         ...
 
     async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:
-        """Remove and return the pending labels of these predictions, each only if it names the model that
-        made the prediction (``models``, in the same order)."""
+        """Remove and return the waiting labels of these predictions that name the model that made the
+        prediction (``models``, in the same order), with when they were received."""
         ...
 
-    async def pending_labels(self) -> dict[str, str]:
-        """Every label still waiting for its prediction: the prediction's id and the model the label names."""
+    async def pending_labels(self) -> set[tuple[str, str]]:
+        """Every label still waiting for its prediction: (the prediction's id, the model the label names)."""
         ...
 
-    async def expire_pending(self, received_before: datetime) -> list[str]:
-        """Give up on labels that waited too long; returns their prediction ids."""
+    async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
+        """Give up on labels that waited too long; returns their (prediction id, model)."""
         ...
 
     async def label_counts(self) -> dict[str, dict[str, int]]:

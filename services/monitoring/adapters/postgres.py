@@ -52,6 +52,7 @@ def _labelled(r: asyncpg.Record) -> LabelledRecord:
         observed_at=r["observed_at"],
         late=r["late"],
         inputs=r["inputs"],
+        received_at=r["received_at"],
     )
 
 
@@ -187,16 +188,24 @@ class PgMonitoringStore:
         )
         return [r["report"] for r in rows]
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
         if not rows:
-            return 0
-        inserted = await self.conn.fetch(
+            return []
+        # A correction replaces the label only if received later: a waiting label joined by the background
+        # after a later one was joined at once (their transactions ran side by side) does not undo it.
+        # xmax is 0 on a row the INSERT made, the updating transaction's on one DO UPDATE changed.
+        stored = await self.conn.fetch(
             """INSERT INTO labelled (prediction_id, model, version, variant, rollout_id, predicted_at,
-                   prediction, score, label, observed_at, late, inputs)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],
-                   $6::timestamptz[], $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[],
-                   $12::jsonb[])
-               ON CONFLICT DO NOTHING RETURNING prediction_id""",
+                   prediction, score, label, observed_at, late, inputs, received_at)
+               SELECT pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, coalesce(rcv, now())
+               FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
+                   $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[], $12::jsonb[],
+                   $13::timestamptz[]) AS sent(pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, rcv)
+               ON CONFLICT (prediction_id) DO UPDATE SET label = excluded.label,
+                   observed_at = excluded.observed_at, received_at = excluded.received_at
+               WHERE labelled.label IS DISTINCT FROM excluded.label
+                   AND labelled.received_at <= excluded.received_at
+               RETURNING prediction_id, xmax = 0 AS inserted""",
             [r.prediction_id for r in rows],
             [r.model for r in rows],
             [r.version for r in rows],
@@ -209,8 +218,9 @@ class PgMonitoringStore:
             [r.observed_at for r in rows],
             [r.late for r in rows],
             [_jsonb(r.inputs) for r in rows],
+            [r.received_at for r in rows],
         )
-        return len(inserted)
+        return [r["prediction_id"] for r in stored if not r["inserted"]]
 
     async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
         if not prediction_ids:
@@ -271,21 +281,19 @@ class PgMonitoringStore:
     async def add_pending(self, labels: list[PendingLabel]) -> None:
         if not labels:
             return
-        first: dict[str, PendingLabel] = {}
-        for p in labels:  # one row per prediction: DO UPDATE cannot touch a row the same statement inserted
-            first.setdefault(p.prediction_id, p)
-        # A label still waiting keeps its place; one that expired unmatched is replaced by the new label,
-        # which waits its own time (the prediction may still come: a label sent again, or corrected).
+        # One row per prediction and model, the poll's last label (DO UPDATE cannot touch a row the same
+        # statement inserted). It replaces the label waiting for the pair, or one that expired unmatched,
+        # and waits its own time (the prediction may still come: a label corrected, or sent again).
+        latest = {(p.prediction_id, p.model): p for p in labels}
         await self.conn.execute(
             """INSERT INTO pending_labels (prediction_id, model, label, observed_at)
                SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
-               ON CONFLICT (prediction_id) DO UPDATE SET model = excluded.model, label = excluded.label,
-                   observed_at = excluded.observed_at, received_at = now(), expired = false
-               WHERE pending_labels.expired""",
-            list(first),
-            [p.model for p in first.values()],
-            [_jsonb(p.label) for p in first.values()],
-            [p.observed_at for p in first.values()],
+               ON CONFLICT (prediction_id, model) DO UPDATE SET label = excluded.label,
+                   observed_at = excluded.observed_at, received_at = now(), expired = false""",
+            [p.prediction_id for p in latest.values()],
+            [p.model for p in latest.values()],
+            [_jsonb(p.label) for p in latest.values()],
+            [p.observed_at for p in latest.values()],
         )
 
     async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:
@@ -294,23 +302,26 @@ class PgMonitoringStore:
         rows = await self.conn.fetch(
             """DELETE FROM pending_labels p USING unnest($1::text[], $2::text[]) AS made(prediction_id, model)
                WHERE p.prediction_id = made.prediction_id AND p.model = made.model AND NOT p.expired
-               RETURNING p.prediction_id, p.model, p.label, p.observed_at""",
+               RETURNING p.prediction_id, p.model, p.label, p.observed_at, p.received_at""",
             prediction_ids,
             models,
         )
-        return [PendingLabel(r["prediction_id"], r["model"], r["label"], r["observed_at"]) for r in rows]
+        return [
+            PendingLabel(r["prediction_id"], r["model"], r["label"], r["observed_at"], r["received_at"])
+            for r in rows
+        ]
 
-    async def pending_labels(self) -> dict[str, str]:
+    async def pending_labels(self) -> set[tuple[str, str]]:
         rows = await self.conn.fetch("SELECT prediction_id, model FROM pending_labels WHERE NOT expired")
-        return {r["prediction_id"]: r["model"] for r in rows}
+        return {(r["prediction_id"], r["model"]) for r in rows}
 
-    async def expire_pending(self, received_before: datetime) -> list[str]:
+    async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
         rows = await self.conn.fetch(
             """UPDATE pending_labels SET expired = true WHERE NOT expired AND received_at < $1
-               RETURNING prediction_id""",
+               RETURNING prediction_id, model""",
             received_before,
         )
-        return [r["prediction_id"] for r in rows]
+        return [(r["prediction_id"], r["model"]) for r in rows]
 
     async def label_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

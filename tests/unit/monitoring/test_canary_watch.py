@@ -68,7 +68,7 @@ class Store:
     async def record_alert(self, *args: Any) -> None:
         pass
 
-    async def expire_pending(self, received_before: datetime) -> list[str]:
+    async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
         return []
 
     async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
@@ -360,7 +360,7 @@ class TickStore(Store):
     def __init__(self, steps: list[StoredStep], outcomes: dict[tuple[str, int], list[Any]]) -> None:
         super().__init__(steps)
         self.outcomes = outcomes
-        self.expired = ["p-expired"]
+        self.expired = [("p-expired", "churn")]
         self.offsets_saved = 0
         self.away: set[tuple[str, str]] = set()
 
@@ -378,7 +378,7 @@ class TickStore(Store):
         self._outage("decide_step", rollout_id)
         return await super().decide_step(rollout_id, step_index, verdict, reason, event_id)
 
-    async def expire_pending(self, received_before: datetime) -> list[str]:
+    async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
         expired, self.expired = self.expired, []
         return expired
 
@@ -428,7 +428,7 @@ async def test_a_canary_step_whose_decision_fails_for_good_is_set_aside_and_the_
     assert steps_set_aside("price", "ValidationError") == before + 1
     assert monitor.live.steps == {}
     assert store.offsets_saved == 1  # and the housekeeping after it ran
-    assert "p-expired" not in monitor.live.pending_labels
+    assert monitor.live.pending_labels == set()
 
 
 async def test_a_canary_step_whose_decision_meets_an_outage_stays_watched_and_is_not_set_aside(

@@ -1,11 +1,13 @@
 """A poll that fails part-way loses nothing: a value that is no number is counted, a poll that cannot be
-read changes no window, and a label join rolled back with its transaction is made again when the poll is
-read again. A label that could never be scored is refused alone, and one stored before is left out of the
+read changes no window, and a poll read again after its commit failed counts its rows once, its label joins
+still due. A label that could never be scored is refused alone, and one stored before is left out of the
 metrics, not allowed to fail every label after it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.feedback import GroundTruthReceived
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from libs.bus import InMemoryBus
+from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap, live
 from services.monitoring.bootstrap import make_monitor, subscriptions
 from services.monitoring.ports import LabelledRecord, PendingLabel, PerformanceState
@@ -42,28 +45,6 @@ def logged(request_id: str, x0: float = 0.5) -> CloudEvent[PredictionsLogged]:
         "rows": rows,
     }
     return new_event(PredictionsLogged.model_validate(payload), source="/serving")
-
-
-class Store:
-    """The predictions handler's side of the store: one label waits for its prediction."""
-
-    def __init__(self, waiting: str, *, failures: int) -> None:
-        self.pending = {waiting: PendingLabel(waiting, "churn", 1, datetime.now(UTC))}
-        self.failures = failures
-        self.labelled: list[Any] = []
-
-    async def take_pending(self, ids: list[str], models: list[str]) -> list[PendingLabel]:
-        if self.failures:
-            self.failures -= 1
-            raise ConnectionError("connection was closed in the middle of operation")
-        made = dict(zip(ids, models, strict=True))
-        return [self.pending.pop(i) for i in ids if i in self.pending and self.pending[i].model == made[i]]
-
-    async def add_labelled(self, rows: list[Any]) -> None:
-        self.labelled += rows
-
-    async def unscored(self, *_: Any) -> list[Any]:
-        return []
 
 
 def predictions_bus(settings: MonitoringSettings, monitor: Any) -> InMemoryBus:
@@ -110,44 +91,53 @@ def test_a_poll_that_cannot_be_read_changes_nothing(monkeypatch: pytest.MonkeyPa
     assert state.ingest(poll, arrival=0.0).rows == 100  # read again in full, nothing taken as done
 
 
-async def test_a_label_join_rolled_back_is_made_again_when_the_poll_is_read_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+class CommitFails(InMemoryBus):
+    """A bus whose next ``failures`` commits fail (Postgres away): nothing of those transactions is kept."""
+
+    failures = 0
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[MemoryTransaction]:
+        async with super()._begin() as tx:
+            yield tx
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("connection was closed in the middle of operation")
+
+
+async def test_a_poll_read_again_after_its_commit_failed_counts_its_rows_once_and_its_joins_stay_due() -> (
+    None
+):
     settings = MonitoringSettings()
     monitor = make_monitor(settings, artifacts=None, source="/t")
     monitor.live.add_reference(reference())
-    monitor.live.pending_labels = {"good-1-0": "churn"}
-    store = Store("good-1-0", failures=1)
-    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
-    bus = predictions_bus(settings, monitor)
+    monitor.live.pending_labels = {("good-1-0", "churn")}
+    [sub] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-predictions")]
+    bus = CommitFails(EventTypeRegistry([PredictionsLogged]))
+    bus.subscribe(sub)
+    bus.failures = 1
 
     await bus.publish(logged("good-1"))
     with pytest.raises(ConnectionError):
         await bus.drain()  # the transaction fails after the rows are in memory
     await bus.drain()  # the same record again, as the consumer seeks back
 
-    assert [row.prediction_id for row in store.labelled] == ["good-1-0"]
-    assert store.pending == {}
     assert monitor.live.windows[("churn", 1)].rows == 3
+    assert monitor.live.joins_to_make() == ["good-1-0"]  # for the background to join, once
 
 
-async def test_a_waiting_label_for_another_model_is_not_joined_and_keeps_waiting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_waiting_label_for_another_model_is_not_looked_for() -> None:
     settings = MonitoringSettings()
     monitor = make_monitor(settings, artifacts=None, source="/t")
     monitor.live.add_reference(reference())  # model "churn"
-    store = Store("good-1-0", failures=0)
-    store.pending["good-1-0"] = PendingLabel("good-1-0", "fraud", 1, datetime.now(UTC))  # sent for "fraud"
-    monitor.live.pending_labels = {"good-1-0": "fraud"}
-    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monitor.live.pending_labels = {("good-1-0", "fraud")}  # sent for "fraud"
     bus = predictions_bus(settings, monitor)
 
     await bus.publish(logged("good-1"))  # churn's prediction good-1-0 comes after fraud's label
     await bus.drain()
 
-    assert store.labelled == []
-    assert set(store.pending) == {"good-1-0"} and monitor.live.pending_labels == {"good-1-0": "fraud"}
+    assert monitor.live.joins_to_make() == []
+    assert monitor.live.pending_labels == {("good-1-0", "fraud")}
 
 
 class LabelStore:
@@ -158,10 +148,10 @@ class LabelStore:
         self.scored: set[str] = set()
         self.state = PerformanceState()
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
         for r in rows:
             self.labelled.setdefault(r.prediction_id, r)
-        return len(rows)
+        return []
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
         pass

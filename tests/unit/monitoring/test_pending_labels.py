@@ -1,18 +1,21 @@
 """A label that comes before its prediction waits, in Postgres (``pending_labels``) and in memory
-(``LiveState.pending_labels``, which tells the predictions consumer which ids to look for), and is joined when
-its prediction comes. The two consumers run side by side, each in its own transaction: a prediction consumed
+(``LiveState.pending_labels``, which tells the predictions consumer which ids to look for), one per prediction
+and model named, the latest replacing the one waiting. When its prediction comes, the background joins it in a
+transaction of its own. The two consumers run side by side, each in its own transaction: a prediction consumed
 while its label's transaction is still open misses the label, and the next tick makes the join. Memory
-follows what is committed: a tick whose transaction fails leaves its expired labels waiting."""
+follows what is committed: a tick whose transaction fails leaves its expired labels waiting. A later label for
+a prediction joined before replaces its label (a correction)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
@@ -27,6 +30,8 @@ from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
 
 NOW = 1_000.0  # the tick's clock: no window is idle, no label has waited long
 
+Pair = tuple[str, str]  # (prediction id, the model the label names)
+
 
 @dataclass
 class Waiting:
@@ -39,16 +44,23 @@ class Tables:
     """``pending_labels`` and ``labelled`` as Postgres keeps them, between transactions."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, Waiting] = {}
+        self.pending: dict[Pair, Waiting] = {}
         self.labelled: dict[str, LabelledRecord] = {}
         self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
+        self.refused: set[str] = set()  # the same, for these predictions' labels only
         self.replay_saves = 0
+        self.ticks = 0
+
+    def now(self) -> datetime:
+        """Postgres's now(), a transaction's start: later for every transaction begun later."""
+        self.ticks += 1
+        return datetime.now(UTC) + timedelta(seconds=self.ticks)
 
     def begin(self) -> Tx:
         return Tx(self)
 
-    def waiting(self) -> set[str]:
-        return {pid for pid, row in self.pending.items() if not row.expired}
+    def waiting(self) -> set[Pair]:
+        return {pair for pair, row in self.pending.items() if not row.expired}
 
 
 class Tx:
@@ -56,41 +68,51 @@ class Tx:
 
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
-        self.added: dict[str, PendingLabel] = {}
-        self.taken: set[str] = set()
-        self.expired: set[str] = set()
+        self.now = tables.now()
+        self.added: dict[Pair, PendingLabel] = {}
+        self.taken: set[Pair] = set()
+        self.expired: set[Pair] = set()
         self.labelled: dict[str, LabelledRecord] = {}
 
-    def _waiting(self) -> dict[str, PendingLabel]:
-        rows = {pid: row.label for pid, row in self.tables.pending.items() if not row.expired}
+    def _waiting(self) -> dict[Pair, PendingLabel]:
+        rows = {pair: row.label for pair, row in self.tables.pending.items() if not row.expired}
         rows.update(self.added)
-        return {pid: label for pid, label in rows.items() if pid not in self.taken | self.expired}
+        return {pair: label for pair, label in rows.items() if pair not in self.taken | self.expired}
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
-        for label in labels:
-            self.added.setdefault(label.prediction_id, label)
+        for label in labels:  # the latest for the pair, waiting or expired, is kept
+            self.added[(label.prediction_id, label.model)] = replace(label, received_at=self.now)
 
     async def take_pending(self, ids: list[str], models: list[str]) -> list[PendingLabel]:
-        waiting, made = self._waiting(), dict(zip(ids, models, strict=True))
-        taken = [waiting[pid] for pid in ids if pid in waiting and waiting[pid].model == made[pid]]
-        self.taken.update(label.prediction_id for label in taken)
+        waiting = self._waiting()
+        taken = [waiting[pair] for pair in zip(ids, models, strict=True) if pair in waiting]
+        self.taken.update((label.prediction_id, label.model) for label in taken)
         return taken
 
-    async def expire_pending(self, received_before: datetime) -> list[str]:
+    async def expire_pending(self, received_before: datetime) -> list[Pair]:
         old = [
-            pid
-            for pid, row in self.tables.pending.items()
-            if pid in self._waiting() and row.received_at < received_before
+            pair
+            for pair, row in self.tables.pending.items()
+            if pair in self._waiting() and row.received_at < received_before
         ]
         self.expired.update(old)
         return old
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> int:
-        if rows and self.tables.joins_fail:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
+        if (rows and self.tables.joins_fail) or any(r.prediction_id in self.tables.refused for r in rows):
             raise ValueError("a value the labelled table cannot take")
+        corrected = []
         for row in rows:
-            self.labelled.setdefault(row.prediction_id, row)
-        return len(rows)
+            row = replace(row, received_at=row.received_at or self.now)
+            old = self.labelled.get(row.prediction_id) or self.tables.labelled.get(row.prediction_id)
+            if old is None:
+                self.labelled[row.prediction_id] = row
+            elif old.label != row.label and old.received_at <= row.received_at:  # type: ignore[operator]
+                self.labelled[row.prediction_id] = replace(
+                    old, label=row.label, observed_at=row.observed_at, received_at=row.received_at
+                )
+                corrected.append(row.prediction_id)
+        return corrected
 
     async def unscored(self, *_: Any) -> list[LabelledRecord]:
         return []
@@ -107,17 +129,24 @@ class Tx:
     async def policies(self) -> dict[str, Any]:
         return {}
 
+    async def models(self) -> list[Any]:
+        return []
+
+    async def pending_labels(self) -> set[Pair]:
+        return set(self._waiting())
+
+    async def replay_offsets(self, topic: str) -> dict[int, int]:
+        return {0: 0}
+
     def commit(self) -> None:
         t = self.tables
-        for pid, label in self.added.items():
-            if pid not in t.pending or t.pending[pid].expired:
-                t.pending[pid] = Waiting(label, datetime.now(UTC))
-        for pid in self.taken:
-            t.pending.pop(pid, None)
-        for pid in self.expired:
-            t.pending[pid].expired = True
-        for pid, row in self.labelled.items():
-            t.labelled.setdefault(pid, row)
+        for pair, label in self.added.items():
+            t.pending[pair] = Waiting(label, self.now)
+        for pair in self.taken:
+            t.pending.pop(pair, None)
+        for pair in self.expired:
+            t.pending[pair].expired = True
+        t.labelled.update(self.labelled)
 
 
 class Runtime:
@@ -126,6 +155,8 @@ class Runtime:
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
         self.commit_fails = False
+        self.settings = MonitoringSettings()
+        self.registry = None
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Any]:
@@ -189,12 +220,12 @@ async def test_a_prediction_consumed_while_its_labels_transaction_is_open_is_joi
     await receive_label(monitor, label_tx, "good-1-0")
     await consume_prediction(monitor, tables, "good-1")  # the label's transaction has not committed yet
     label_tx.commit()
-    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # the join was missed
+    assert tables.labelled == {} and tables.waiting() == {("good-1-0", "churn")}  # the join was missed
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
     assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
-    assert monitor.live.pending_labels == {}
+    assert monitor.live.pending_labels == set()
 
 
 async def test_a_prediction_consumed_while_its_label_is_being_stored_is_joined_at_the_next_tick(
@@ -216,12 +247,12 @@ async def test_a_prediction_consumed_while_its_label_is_being_stored_is_joined_a
     label_tx = Storing(tables, lambda: consume_prediction(monitor, tables, "good-1"))
     await receive_label(monitor, label_tx, "good-1-0")
     label_tx.commit()
-    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # the join was missed
+    assert tables.labelled == {} and tables.waiting() == {("good-1-0", "churn")}  # the join was missed
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
     assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
-    assert monitor.live.pending_labels == {}
+    assert monitor.live.pending_labels == set()
 
 
 async def test_a_missed_join_that_fails_for_good_is_given_up_and_the_housekeeping_goes_on(
@@ -237,8 +268,10 @@ async def test_a_missed_join_that_fails_for_good_is_given_up_and_the_housekeepin
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
     assert tables.replay_saves == 1  # the housekeeping ran
-    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # waits on, to expire as unmatched
-    assert monitor.live.pending_labels == {"good-1-0": "churn"} and monitor.live.joins_missed == set()
+    assert tables.labelled == {} and tables.waiting() == {
+        ("good-1-0", "churn")
+    }  # waits on, to expire as unmatched
+    assert monitor.live.pending_labels == {("good-1-0", "churn")} and monitor.live.joins_due == set()
 
 
 async def test_a_label_expired_by_a_tick_whose_transaction_fails_still_waits_in_memory_as_in_postgres(
@@ -246,19 +279,19 @@ async def test_a_label_expired_by_a_tick_whose_transaction_fails_still_waits_in_
 ) -> None:
     tables = Tables()
     long_ago = datetime.fromtimestamp(NOW, UTC) - timedelta(days=2)
-    tables.pending["p-old"] = Waiting(PendingLabel("p-old", "churn", 1, long_ago), received_at=long_ago)
-    monitor.live.pending_labels = {"p-old": "churn"}
+    tables.pending[("p-old", "churn")] = Waiting(PendingLabel("p-old", "churn", 1, long_ago), long_ago)
+    monitor.live.pending_labels = {("p-old", "churn")}
     rt = Runtime(tables)
     background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
 
     rt.commit_fails = True
     with pytest.raises(ConnectionError):
         await background.once()
-    assert tables.waiting() == {"p-old"} and monitor.live.pending_labels == {"p-old": "churn"}
+    assert tables.waiting() == monitor.live.pending_labels == {("p-old", "churn")}
 
     rt.commit_fails = False
     await background.once()
-    assert tables.waiting() == set() and monitor.live.pending_labels == {}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
 
 
 async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_again(
@@ -272,8 +305,18 @@ async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_a
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}
-    assert monitor.live.pending_labels == {"good-1-0": "fraud"} and monitor.live.joins_missed == set()
+    assert tables.labelled == {} and tables.waiting() == {("good-1-0", "fraud")}
+    assert monitor.live.pending_labels == {("good-1-0", "fraud")} and monitor.live.joins_due == set()
+
+
+def joins_given_up(model: str) -> float:
+    labels = {"model": model}
+    return REGISTRY.get_sample_value("driftloop_monitoring_label_joins_given_up_total", labels) or 0.0
+
+
+def corrections(model: str) -> float:
+    labels = {"model": model}
+    return REGISTRY.get_sample_value("driftloop_monitoring_labels_corrected_total", labels) or 0.0
 
 
 async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, model: str, label: Any) -> None:
@@ -314,12 +357,29 @@ async def test_a_label_for_a_prediction_joined_before_replaces_its_label_as_a_co
     monitor: Monitor,
 ) -> None:
     tables = Tables()
+    before = corrections("churn")
     await consume_prediction(monitor, tables, "good-1")
     await send_label(monitor, tables, "good-1-0", "churn", 0)  # joined at once
+    await send_label(monitor, tables, "good-1-0", "churn", 0)  # sent again: nothing changes
     await send_label(monitor, tables, "good-1-0", "churn", 1)  # a correction, after the join
 
     assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
     assert tables.waiting() == set()
+    assert corrections("churn") == before + 1
+
+
+async def test_a_waiting_label_joined_after_a_later_one_was_joined_at_once_does_not_undo_it(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "churn", 0)  # waits
+    await consume_prediction(monitor, tables, "good-1")  # its join is due with the background
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # the prediction is held: joined at once
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
 
 
 async def test_a_prediction_event_whose_label_join_fails_for_good_counts_its_rows_once(
@@ -331,6 +391,7 @@ async def test_a_prediction_event_whose_label_join_fails_for_good_counts_its_row
     tables = Tables()
     await send_label(monitor, tables, "good-1-0", "churn", 1)
     tables.joins_fail = True  # storing the joined label fails, whatever the transaction
+    before = joins_given_up("churn")
     # The bus's transactions are never committed here: what a failed one wrote is rolled back.
     monkeypatch.setattr(
         bootstrap, "PgMonitoringStore", lambda conn: conn if conn is not None else tables.begin()
@@ -339,11 +400,76 @@ async def test_a_prediction_event_whose_label_join_fails_for_good_counts_its_row
 
     await bus.publish(logged("good-1"))
     await bus.drain()
-    for dead in bus.dead_letters:  # what an operator does with a dead letter, once the cause is fixed
-        bus.append_raw(dead.record.topic, dead.record.key, dead.record.value, dead.record.headers)
+    for dead in bus.dead_letters:  # what an operator does with a dead letter: replay it to its topic
+        r = dead.record
+        bus.append_raw(r.topic, r.key, r.value, [(name, value or b"") for name, value in r.headers])
     await bus.drain()
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
     assert monitor.live.windows[("churn", 1)].rows == 3
     assert bus.dead_letters == []  # the join's failure is the label's, not the prediction event's
-    assert tables.labelled == {} and tables.waiting() == {"good-1-0"}  # given up: expires as unmatched
+    assert tables.labelled == {} and tables.waiting() == {
+        ("good-1-0", "churn")
+    }  # given up: expires as unmatched
+    assert joins_given_up("churn") == before + 1
+
+
+async def test_a_join_whose_transaction_meets_an_outage_stays_due_and_is_made_at_the_next_tick(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "churn", 1)
+    await consume_prediction(monitor, tables, "good-1")
+    rt = Runtime(tables)
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    rt.commit_fails = True
+    with pytest.raises(ConnectionError):
+        await background.once()
+    assert tables.labelled == {} and tables.waiting() == {("good-1-0", "churn")}
+    assert monitor.live.pending_labels == {("good-1-0", "churn")} and monitor.live.joins_due == {"good-1-0"}
+
+    rt.commit_fails = False
+    await background.once()
+    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert monitor.live.pending_labels == set()
+
+
+async def test_a_join_that_fails_for_good_is_given_up_alone_and_the_others_are_made(monitor: Monitor) -> None:
+    tables = Tables()
+    for pid in ("good-1-0", "good-1-1", "good-1-2"):
+        await send_label(monitor, tables, pid, "churn", 1)
+    await consume_prediction(monitor, tables, "good-1")
+    tables.refused = {"good-1-1"}
+    before = joins_given_up("churn")
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert set(tables.labelled) == {"good-1-0", "good-1-2"}
+    assert (
+        tables.waiting() == monitor.live.pending_labels == {("good-1-1", "churn")}
+    )  # to expire as unmatched
+    assert monitor.live.joins_due == set() and joins_given_up("churn") == before + 1
+
+
+async def test_a_join_due_when_the_process_stopped_is_made_after_the_restart(
+    monkeypatch: pytest.MonkeyPatch, monitor: Monitor
+) -> None:
+    """The predictions consumer committed its poll, the join it left due was in memory only: the restart's
+    replay of the predictions topic finds it again."""
+    tables = Tables()
+    await send_label(monitor, tables, "good-1-0", "churn", 1)
+    restarted = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
+    restarted.live.add_reference(reference())  # as restore loads it (its profile from the artifact store)
+
+    async def replay(*_: Any, feed: Callable[[Any], Any], **__: Any) -> int:
+        feed([(logged("good-1").data, 0, 0)])
+        return 1
+
+    monkeypatch.setattr(bootstrap, "replay_predictions", replay)
+    rt = Runtime(tables)
+    await bootstrap.restore(rt, restarted)  # type: ignore[arg-type]
+    await Background(rt, restarted, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert restarted.live.pending_labels == set()
