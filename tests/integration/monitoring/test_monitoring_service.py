@@ -506,7 +506,7 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
         async with pool.acquire() as conn, conn.transaction():
             store = PgMonitoringStore(conn)
             assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish)
-            assert await store.add_labelled([joined]) == 1
+            assert await store.add_labelled([joined]) == []  # new: nothing corrected
             await store.add_pending([PendingLabel("p-waiting", "churn", "no\x00", at)])
 
         async with pool.acquire() as conn, conn.transaction():
@@ -531,7 +531,7 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
         await pool.close()
 
 
-async def test_a_label_sent_again_after_its_first_expired_waits_anew_and_one_still_waiting_is_kept(
+async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(
     database_url: str,
 ) -> None:
     schema = unique("t_mon_pending")
@@ -543,26 +543,65 @@ async def test_a_label_sent_again_after_its_first_expired_waits_anew_and_one_sti
             await PgMonitoringStore(conn).add_pending([PendingLabel("p-expired", "churn", 0, at)])
         async with pool.acquire() as conn, conn.transaction():
             store = PgMonitoringStore(conn)
-            assert await store.expire_pending(at + timedelta(hours=1)) == ["p-expired"]
+            assert await store.expire_pending(at + timedelta(hours=1)) == [("p-expired", "churn")]
             await store.add_pending([PendingLabel("p-waiting", "churn", 0, at)])
 
         async with pool.acquire() as conn, conn.transaction():
             store = PgMonitoringStore(conn)
-            # Sent again (twice in one poll): the expired label is replaced, the waiting one keeps its place.
+            # Sent again (twice in one poll: the last counts), corrected, and one naming another model.
             await store.add_pending(
                 [
                     PendingLabel("p-expired", "churn", 1, at),
                     PendingLabel("p-expired", "churn", 2, at),
+                    PendingLabel("p-waiting", "fraud", 5, at),
                     PendingLabel("p-waiting", "churn", 1, at),
                 ]
             )
 
         async with pool.acquire() as conn, conn.transaction():
             store = PgMonitoringStore(conn)
-            assert await store.pending_labels() == {"p-expired": "churn", "p-waiting": "churn"}
-            assert await store.expire_pending(at - timedelta(minutes=1)) == []  # it waits its own time
+            assert await store.pending_labels() == {
+                ("p-expired", "churn"),
+                ("p-waiting", "churn"),
+                ("p-waiting", "fraud"),
+            }
+            assert await store.expire_pending(at - timedelta(minutes=1)) == []  # each waits its own time
             taken = await store.take_pending(["p-expired", "p-waiting"], ["churn", "churn"])
-            assert sorted((t.prediction_id, t.label) for t in taken) == [("p-expired", 1), ("p-waiting", 0)]
+            assert sorted((t.prediction_id, t.label) for t in taken) == [("p-expired", 2), ("p-waiting", 1)]
+            assert all(t.received_at is not None and t.received_at >= at for t in taken)
+            assert await store.pending_labels() == {("p-waiting", "fraud")}
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
+
+
+async def test_a_later_different_label_corrects_a_joined_one_and_an_earlier_one_does_not(
+    database_url: str,
+) -> None:
+    schema = unique("t_mon_correct")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, MIGRATIONS)
+        at = datetime.now(UTC)
+
+        def joined(label: Any, received_at: datetime | None = None) -> LabelledRecord:
+            return LabelledRecord(
+                "p-1", "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}, received_at
+            )
+
+        async with pool.acquire() as conn, conn.transaction():
+            assert await PgMonitoringStore(conn).add_labelled([joined(0)]) == []
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert await store.add_labelled([joined(0)]) == []  # the same label again: nothing changes
+            assert await store.add_labelled([joined(1)]) == ["p-1"]  # a correction
+        async with pool.acquire() as conn, conn.transaction():
+            # A waiting label received before the correction, joined after it, does not undo it.
+            store = PgMonitoringStore(conn)
+            assert await store.add_labelled([joined(0, at - timedelta(minutes=1))]) == []
+            [stored] = await store.recent_labelled("churn", 1)
+            assert stored.label == 1 and stored.late is False
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
