@@ -111,11 +111,14 @@ class DriftDetected(EventPayload):
     window: TrafficWindow = Field(description="The window judged (time range, size, and its data).")
     reference_size: int = Field(ge=0, description="Rows behind the reference profile.", examples=[40000])
     features: list[FeatureDrift] = Field(
-        min_length=1, description="Evidence for every feature tested, drifted or not."
+        min_length=1,
+        description="Evidence for every feature tested, drifted or not; only the most drifted ones when "
+        "`evidence_truncated`.",
     )
     drifted_features: list[Identifier] = Field(
         min_length=1,
-        description="Features that drifted after debouncing (the reason for this event).",
+        description="Features that drifted after debouncing (the reason for this event); only those with "
+        "evidence in `features` when `evidence_truncated`.",
         examples=[["tenure_months", "monthly_charges"]],
     )
     drift_share: float = Field(
@@ -133,6 +136,28 @@ class DriftDetected(EventPayload):
     prediction_drift: FeatureDrift | None = Field(
         default=None, description="Drift of the model's predictions (feature `prediction`), when computed."
     )
+    features_total: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many features the evidence covers in full: the length of `features` unless "
+        "`evidence_truncated`. Null in events from before it was added (then `features` is complete).",
+        examples=[5000],
+    )
+    drifted_features_total: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many features drifted after debouncing: the length of `drifted_features` unless "
+        "`evidence_truncated`. Null in events from before it was added.",
+        examples=[1200],
+    )
+    evidence_truncated: bool = Field(
+        default=False,
+        description="The evidence of every feature would pass the event size limit (a model with thousands "
+        "of features), so `features` holds the most drifted ones that fit: every feature that drifted after "
+        "debouncing first, then those that drifted in this window, each group strongest first; "
+        "`drifted_features` names those among them. The totals count them all, and monitoring's report of "
+        "the window (`GET /v1/models/{model}/windows/{window id}`) has every feature.",
+    )
 
     @model_validator(mode="after")
     def _drifted_are_tested(self) -> Self:
@@ -140,6 +165,14 @@ class DriftDetected(EventPayload):
         unknown = [name for name in self.drifted_features if name not in tested]
         if unknown:
             raise ValueError(f"drifted_features {unknown} have no evidence in features")
+        if self.features_total is not None and self.features_total < len(self.features):
+            raise ValueError(f"features_total {self.features_total} is less than the evidence in features")
+        if self.drifted_features_total is not None and self.drifted_features_total < len(
+            self.drifted_features
+        ):
+            raise ValueError(
+                f"drifted_features_total {self.drifted_features_total} is less than drifted_features names"
+            )
         return self
 
 

@@ -20,6 +20,7 @@ from libs.bus.core import (
     Subscription,
     Transaction,
     TransactionFactory,
+    bytes_over_limit,
 )
 from libs.bus.memory import InMemoryBus
 
@@ -37,4 +38,5 @@ __all__ = [
     "Subscription",
     "Transaction",
     "TransactionFactory",
+    "bytes_over_limit",
 ]

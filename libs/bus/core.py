@@ -202,6 +202,13 @@ def encode_outgoing(event: CloudEvent[Any], *, max_bytes: int) -> tuple[bytes | 
     return key, value, headers
 
 
+def bytes_over_limit(event: CloudEvent[Any], *, max_bytes: int) -> int:
+    """By how many bytes the event's value and headers pass ``max_bytes`` (0: consumers accept its size).
+    For a producer that can make an event smaller (carry less evidence) before it publishes it."""
+    _, value, headers = event.to_kafka()
+    return max(0, record_bytes(value, headers) - max_bytes)
+
+
 # SQLSTATEs of a database that is away, busy or failing over, not of a wrong event: class 08 (connection),
 # 40 (transaction rollback: serialization failure, deadlock), 53 (insufficient resources: disk full, out of
 # memory, too many connections), and single states of classes that also hold the event's own errors.

@@ -65,6 +65,18 @@ async def drift_report(
 
 
 @router.get(
+    "/models/{model}/windows/{window_id}",
+    summary="One judged window's full report (JSON): every feature's evidence, as DriftDetected names it.",
+)
+async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: RuntimeDep) -> dict[str, Any]:
+    async with rt.pool.acquire() as conn:
+        found = await PgMonitoringStore(conn).window_report(model, window_id)
+    if found is None:
+        raise NotFound(f"monitoring judged no window {window_id!r} of model {model!r}")
+    return found
+
+
+@router.get(
     "/models/{model}/drift.html",
     response_class=HTMLResponse,
     summary="The drift report as a page with per-feature histograms of reference and current.",

@@ -99,6 +99,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         performance_window_labels=settings.performance_window_labels,
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
+        max_event_bytes=settings.kafka.max_event_bytes,
     )
 
 

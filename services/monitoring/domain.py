@@ -20,6 +20,7 @@ from contracts.monitoring import (
     P_VALUE_TESTS,
     CanaryComparison,
     CorrectionMethod,
+    DriftDetected,
     DriftTest,
     FeatureDrift,
     Verdict,
@@ -847,6 +848,41 @@ def debounce(state: DebounceState, judgement: WindowJudgement, policy: DriftPoli
     alert = bool(debounced) and share >= policy.share_threshold and not in_cooldown
     new_state = DebounceState(consecutive=counts, last_alert_at=end if alert else state.last_alert_at)
     return DebounceDecision(new_state, debounced, share, alert, in_cooldown)
+
+
+def drift_rank(evidence: FeatureDrift, debounced: set[str]) -> tuple[bool, bool, float, str]:
+    """Sort key of a feature's evidence, most drifted first: drifted after debouncing, then drifted in this
+    window, then by how far past its threshold (p-value over α for tests, threshold over distance for
+    distances: the smaller, the further)."""
+    if evidence.p_value is not None:
+        margin = evidence.p_value / evidence.threshold
+    else:
+        margin = evidence.threshold / evidence.statistic if evidence.statistic > 0 else math.inf
+    return (evidence.feature not in debounced, not evidence.drifted, margin, evidence.feature)
+
+
+def cut_evidence(alert: DriftDetected, excess: int) -> DriftDetected:
+    """The alert with the evidence of its most drifted features only, about ``excess`` bytes smaller (at least
+    one feature less; the first kept is one that drifted after debouncing, so the alert keeps its reason).
+    The kept features stay in the model's order; the totals still count every feature."""
+    debounced = set(alert.drifted_features)
+    ranked = sorted(alert.features, key=lambda f: drift_rank(f, debounced))
+    keep, freed = len(ranked), 0
+    while keep > 1 and (keep == len(ranked) or freed < excess):
+        keep -= 1
+        dropped = ranked[keep]
+        freed += len(dropped.model_dump_json()) + 1  # the item and its comma
+        if dropped.feature in debounced:
+            freed += len(dropped.feature.encode()) + 3  # its name in drifted_features: quotes and comma
+    kept = {f.feature for f in ranked[:keep]}
+    return DriftDetected(
+        **{
+            **dict(alert),
+            "features": [f for f in alert.features if f.feature in kept],
+            "drifted_features": [name for name in alert.drifted_features if name in kept],
+            "evidence_truncated": True,
+        }
+    )
 
 
 # --- labelled performance --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from contracts.monitoring import (
 from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
-from libs.bus import Delivery, PermanentError
+from libs.bus import Delivery, PermanentError, bytes_over_limit
 from libs.logging import get_logger
 from services.monitoring import export
 from services.monitoring.domain import (
@@ -45,6 +45,7 @@ from services.monitoring.domain import (
     ModelReference,
     WindowJudgement,
     canary_ready,
+    cut_evidence,
     debounce,
     degradations,
     epoch,
@@ -101,6 +102,8 @@ class Monitor:
     performance_window_labels: int = 200
     export_labelled_rows: int = 50_000
     label_wait_seconds: float = 86_400.0
+    max_event_bytes: int = 1_000_000
+    """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policies_fingerprint: str | None = None
@@ -403,17 +406,33 @@ async def judge_closed_window(
             correction=policy.correction,
             alpha=policy.alpha,
             prediction_drift=prediction,
+            features_total=len(evidence),
+            drifted_features_total=len(decision.debounced),
         )
         event = new_event(payload, source=monitor.source)
+        # Evidence of thousands of features passes what consumers accept: the most drifted that fit go,
+        # the window's report keeps them all. One feature too large to announce still fails the judgement.
+        while excess := bytes_over_limit(event, max_bytes=monitor.max_event_bytes):
+            if len(payload.features) == 1:
+                break
+            payload = cut_evidence(payload, excess)
+            event = new_event(payload, source=monitor.source)
         await publish(event)
         await store.record_alert(
             event.id,
             window.model,
             window.version,
             "DriftDetected",
-            f"{len(decision.debounced)} of {len(evidence)} features drifted: {', '.join(decision.debounced)}",
+            f"{len(decision.debounced)} of {len(evidence)} features drifted: {_names(decision.debounced)}",
         )
-        log.info("drift detected", model=window.model, version=window.version, features=decision.debounced)
+        log.info(
+            "drift detected",
+            model=window.model,
+            version=window.version,
+            drifted=len(decision.debounced),
+            features=decision.debounced[:NAMES_SHOWN],
+            evidence_truncated=payload.evidence_truncated,
+        )
     for finding in judgement.quality:
         last = await store.quality_last(window.model, window.version, finding.feature, finding.kind)
         if last is not None and window.end - last < policy.cooldown_seconds:
@@ -457,6 +476,15 @@ async def judge_closed_window(
         ),
     )
     return judgement
+
+
+NAMES_SHOWN = 10
+"""Feature names an alert's summary and log line show; the window's report names them all."""
+
+
+def _names(names: Sequence[str]) -> str:
+    more = len(names) - NAMES_SHOWN
+    return ", ".join(names[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 async def set_window_aside(window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore) -> None:

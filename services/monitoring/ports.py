@@ -140,6 +140,10 @@ class MonitoringStore(Protocol):
         """The model's most recent window reports, newest first."""
         ...
 
+    async def window_report(self, model: str, window_id: str) -> dict[str, Any] | None:
+        """One judged window's report by its id (``TrafficWindow.id``); None when none was judged."""
+        ...
+
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
         """Store joined labels, one per prediction. A label for a prediction joined before replaces the
         stored label when it differs and was received later (a correction; the row keeps its performance

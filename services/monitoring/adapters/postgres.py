@@ -188,6 +188,14 @@ class PgMonitoringStore:
         )
         return [r["report"] for r in rows]
 
+    async def window_report(self, model: str, window_id: str) -> dict[str, Any] | None:
+        report: dict[str, Any] | None = await self.conn.fetchval(
+            "SELECT report FROM window_reports WHERE model = $1 AND window_id = $2 ORDER BY seq DESC LIMIT 1",
+            model,
+            window_id,
+        )
+        return report
+
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
         if not rows:
             return []

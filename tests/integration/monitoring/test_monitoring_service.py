@@ -317,6 +317,7 @@ async def test_shifted_traffic_gives_exactly_one_drift_detected(harness: Harness
     assert len(drifts) == 1
     event = drifts[0].data
     assert event.drifted_features == ["tenure"]
+    assert (event.features_total, event.drifted_features_total, event.evidence_truncated) == (3, 1, False)
     tenure = next(f for f in event.features if f.feature == "tenure")
     assert tenure.test.value == "ks" and tenure.drifted and tenure.consecutive_windows == 2
     assert tenure.p_value is not None and tenure.p_value < event.alpha
@@ -336,7 +337,11 @@ async def test_shifted_traffic_gives_exactly_one_drift_detected(harness: Harness
         report = (await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/drift")).json()
         page = await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/drift.html")
         status = (await client.get(f"http://127.0.0.1:{h.port}/v1/status")).json()
+        window = await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/windows/{event.window.id}")
+        unknown = await client.get(f"http://127.0.0.1:{h.port}/v1/models/{model}/windows/{model}:1:999999")
     assert report["windows"][0]["features"][0]["histogram"]["labels"]
+    assert window.status_code == 200 and window.json()["window"]["id"] == event.window.id
+    assert window.json()["debounced_features"] == ["tenure"] and unknown.status_code == 404
     assert page.status_code == 200 and "<svg" in page.text and "<script" not in page.text
     assert status["models"][model]["last_window"] is not None
 
