@@ -221,8 +221,10 @@ def envelope_of(event: CloudEvent[Any]) -> RequestEnvelope:
 async def on_drift_detected(event: CloudEvent[DriftDetected], **ports: Any) -> None:
     """Drift: retrain on base data plus whatever the window has labelled (labels may still be on the way)."""
     d = event.data
+    # The totals count every feature; the lists may hold the most drifted only (evidence_truncated).
+    drifted = d.drifted_features_total or len(d.drifted_features)
     reason = (
-        f"drift in {len(d.drifted_features)} of {len(d.features)} features "
+        f"drift in {drifted} of {d.features_total or len(d.features)} features "
         f"(share {d.drift_share:.2f} >= {d.share_threshold:.2f}) on version {d.model_version}"
     )
     await request_retrain(

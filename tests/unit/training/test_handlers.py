@@ -172,6 +172,20 @@ async def test_second_drift_while_a_job_is_in_flight_is_skipped(harness: Harness
     assert skipped.data.in_flight_job_id == harness.events(TrainingRequested)[0].data.job_id
 
 
+async def test_a_drift_alert_whose_evidence_was_cut_is_explained_by_its_totals(harness: Harness) -> None:
+    # A model with thousands of features: the alert carries the most drifted ones and counts them all.
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    alert = drift(harness, "churn").data
+    cut = alert.model_copy(
+        update={"features_total": 5000, "drifted_features_total": 1200, "evidence_truncated": True}
+    )
+    await harness.bus.publish(new_event(cut, source="/driftloop/monitoring"))
+    await harness.bus.drain()
+    [requested] = harness.events(TrainingRequested)
+    assert requested.data.reason.startswith("drift in 1200 of 5000 features")
+
+
 def foreign_request(like: CloudEvent[TrainingRequested], *, model: str, job_id: str) -> CloudEvent[Any]:
     """A TrainingRequested this service did not record (another deployment's, or a hand-made one)."""
     return new_event(like.data.model_copy(update={"model": model, "job_id": job_id}), source="/elsewhere")
