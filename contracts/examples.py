@@ -346,6 +346,8 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
             champion_version=6,
             holdout=HOLDOUT,
             duration_seconds=1.9,
+            checks_total=len(_CHECKS_PASSED),
+            failed_checks_total=0,
         ),
         ValidationFailed(
             model=MODEL,
@@ -368,6 +370,8 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
             champion_version=7,
             holdout=HOLDOUT,
             duration_seconds=1.4,
+            checks_total=2,
+            failed_checks_total=1,
         ),
         RolloutStarted(
             rollout_id="r-91c2",

@@ -98,12 +98,41 @@ class _ValidationReport(EventPayload):
         default=None, description="The rows champion and challenger were both scored on."
     )
     duration_seconds: float = Field(ge=0, description="Wall time of the validation.", examples=[1.9])
+    checks_total: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many checks ran: the length of `checks` unless `checks_truncated`. Null in events "
+        "from before it was added (then `checks` is complete).",
+        examples=[9],
+    )
+    failed_checks_total: int | None = Field(
+        default=None,
+        ge=0,
+        description="How many checks failed: the length of `failed_checks` unless `checks_truncated`. Null "
+        "in events from before it was added.",
+        examples=[0],
+    )
+    checks_truncated: bool = Field(
+        default=False,
+        description="Every check would pass the event size limit (a slice feature with thousands of "
+        "levels), so `checks` holds every check that is not a slice, and as many slices as fit: failed ones "
+        "first, then passed ones that were judged, then those only reported, each in report order; a detail "
+        "longer than 1,000 characters is cut. `failed_checks` names the failed ones among them; the totals "
+        "count them all, and the stored report (validation's `GET /v1/reports/{report_id}`) has every check "
+        "in full.",
+    )
 
     @model_validator(mode="after")
     def _failed_checks_match(self) -> Self:
         failed = [c.name for c in self.checks if not c.passed]
         if sorted(failed) != sorted(self.failed_checks):
             raise ValueError(f"failed_checks must name exactly the checks that did not pass: {failed}")
+        if self.checks_total is not None and self.checks_total < len(self.checks):
+            raise ValueError(f"checks_total {self.checks_total} is less than the checks in checks")
+        if self.failed_checks_total is not None and self.failed_checks_total < len(self.failed_checks):
+            raise ValueError(
+                f"failed_checks_total {self.failed_checks_total} is less than failed_checks names"
+            )
         return self
 
 

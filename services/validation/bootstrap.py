@@ -43,6 +43,7 @@ def subscription(
                 evaluator=evaluator,
                 publish=tx.publish,
                 source=source,
+                max_event_bytes=rt.settings.kafka.max_event_bytes,
             )
 
         return run

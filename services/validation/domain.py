@@ -6,6 +6,7 @@ The numbers come from scoring.py (predictions, bootstrap, timing); here they mee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from contracts.common import ModelSignature, Task
@@ -369,6 +370,51 @@ def judge(
         *sanity_checks(measured),
         labels_check(measured),
     ]
+
+
+DETAIL_CHARS_WHEN_CUT = 1_000
+"""A detail longer than this is cut in an event whose checks would pass the event size limit."""
+
+
+def _json_bytes(check: CheckResult) -> int:
+    return len(check.model_dump_json().encode())
+
+
+def _shortened(check: CheckResult) -> CheckResult:
+    if len(check.detail) <= DETAIL_CHARS_WHEN_CUT:
+        return check
+    cut = len(check.detail) - DETAIL_CHARS_WHEN_CUT
+    detail = f"{check.detail[:DETAIL_CHARS_WHEN_CUT]}… ({cut:,} more characters in the stored report)"
+    return check.model_copy(update={"detail": detail})
+
+
+def _slice_order(check: CheckResult) -> int:
+    """Which slices an event keeps first: failed, then passed on a threshold, then only reported."""
+    if not check.passed:
+        return 0
+    return 1 if check.threshold is not None else 2
+
+
+def cut_checks(checks: Sequence[CheckResult], excess: int) -> list[CheckResult]:
+    """The checks an event carries when all of them would pass the event size limit by ``excess`` bytes: long
+    details cut, then slices left out (only reported ones first, then passed, then failed; the last in report
+    order first) until about ``excess`` bytes are freed. Every check that is no slice stays, and so does one
+    failed check when any failed. The stored report keeps them all."""
+    shown = [_shortened(c) for c in checks]
+    freed = sum(_json_bytes(a) - _json_bytes(b) for a, b in zip(checks, shown, strict=True) if a is not b)
+    slices = sorted(
+        (i for i, c in enumerate(shown) if c.kind is CheckKind.SLICE),
+        key=lambda i: (_slice_order(shown[i]), i),
+    )
+    failed_elsewhere = any(not c.passed for c in shown if c.kind is not CheckKind.SLICE)
+    keep = 0 if failed_elsewhere or all(shown[i].passed for i in slices) else 1
+    left_out: set[int] = set()
+    while freed < excess and len(slices) > keep:
+        i = slices.pop()
+        left_out.add(i)
+        # The check and its comma; a failed one is also named in failed_checks.
+        freed += _json_bytes(shown[i]) + 1 + (0 if shown[i].passed else len(shown[i].name.encode()) + 3)
+    return [c for i, c in enumerate(shown) if i not in left_out]
 
 
 def failure(name: str, detail: str) -> CheckResult:

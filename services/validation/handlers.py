@@ -16,10 +16,11 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
+from libs.bus import bytes_over_limit
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ValidationSpec
-from services.validation.domain import failure, judge, report_id_for
+from services.validation.domain import cut_checks, failure, judge, report_id_for
 from services.validation.ports import (
     Champions,
     Datasets,
@@ -64,6 +65,7 @@ async def validate(
     evaluator: Evaluator,
     publish: Publish,
     source: str,
+    max_event_bytes: int = 1_000_000,
     **_: Any,
 ) -> Report | None:
     """Gate a candidate and publish the outcome; None when the version was validated before."""
@@ -131,9 +133,26 @@ async def validate(
         "champion_version": champion_version,
         "holdout": holdout_ref,
         "duration_seconds": duration,
+        "checks_total": len(checks),
+        "failed_checks_total": len(failed),
     }
-    outcome = ValidationFailed(**fields) if failed else ValidationPassed(**fields)
+    outcome: ValidationFailed | ValidationPassed = (
+        ValidationFailed(**fields) if failed else ValidationPassed(**fields)
+    )
     out = new_event(outcome, source=source, cause=event)
+    # Thousands of slices pass what consumers accept: the event carries what matters most and fits, the
+    # stored report every check. One that cannot be cut enough is still refused by publish.
+    while excess := bytes_over_limit(out, max_bytes=max_event_bytes):
+        shown = cut_checks(outcome.checks, excess)
+        if shown == outcome.checks:
+            break
+        cut = {
+            "checks": shown,
+            "failed_checks": [c.name for c in shown if not c.passed],
+            "checks_truncated": True,
+        }
+        outcome = type(outcome)(**{**dict(outcome), **cut})
+        out = new_event(outcome, source=source, cause=event)
     stored = Report(
         report_id=report_id,
         model=d.model,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from contracts.common import FeatureSpec, ModelSignature, Task
-from contracts.validation import Comparator
+from contracts.validation import CheckKind, Comparator
 from libs.metrics import Outputs, metric, paired_bootstrap_difference
 from libs.modelspec import ValidationSpec
 from services.validation.domain import (
@@ -15,6 +15,8 @@ from services.validation.domain import (
     Measured,
     SliceMeasure,
     champion_check,
+    cut_checks,
+    failure,
     judge,
     latency_check,
     sanity_checks,
@@ -230,3 +232,45 @@ def test_paired_bootstrap_is_seeded_and_zero_for_identical_models() -> None:
     diff, low, high = first
     assert low <= diff <= high < 0
     assert paired_bootstrap_difference(good, good, "roc_auc", resamples=100, level=0.9, seed=1) == (0, 0, 0)
+
+
+def test_an_oversized_reports_event_keeps_every_other_check_and_the_failed_slices_first() -> None:
+    slices = [
+        SliceMeasure(level="a-reported", rows=5, value=0.9),
+        SliceMeasure(level="b-failed", rows=100, value=0.5),
+        SliceMeasure(level="c-passed", rows=100, value=0.9),
+        SliceMeasure(level="d-failed", rows=100, value=0.6),
+    ]
+    checks = judge(
+        SPEC,
+        task=Task.CLASSIFICATION,
+        n_classes=2,
+        measured=measured(slices=slices, slice_feature="plan", slice_metric="roc_auc"),
+        candidate=signature(),
+        champion_signature=None,
+        champion_version=None,
+    )
+    names = [c.name for c in checks]
+
+    one_less = cut_checks(checks, excess=1)
+    assert [c.name for c in one_less] == [n for n in names if "a-reported" not in n]
+    failed_only = cut_checks(one_less, excess=1)
+    assert [c.name for c in failed_only if c.kind is CheckKind.SLICE] == [
+        "slice:plan=b-failed:roc_auc",
+        "slice:plan=d-failed:roc_auc",
+    ]
+    # Everything that can go has gone: the other checks, and one failed check to say why it failed.
+    least = cut_checks(checks, excess=10**6)
+    assert least == [
+        c for c in checks if c.kind is not CheckKind.SLICE or c.name == "slice:plan=b-failed:roc_auc"
+    ]
+
+
+def test_an_oversized_reports_event_cuts_a_long_detail_before_leaving_out_slices() -> None:
+    long = failure(
+        "signature-compatible", "; ".join(f"feature 'f{i:05d}' of the champion is gone" for i in range(5_000))
+    )
+    kept = cut_checks([long], excess=10_000)
+    [short] = kept
+    assert len(short.detail) < 1_100 and short.detail.startswith(long.detail[:1_000])
+    assert short.detail.endswith(f"… ({len(long.detail) - 1_000:,} more characters in the stored report)")

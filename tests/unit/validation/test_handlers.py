@@ -7,13 +7,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.registry import EVENT_TYPES
-from contracts.validation import ValidationFailed, ValidationPassed
+from contracts.validation import CheckKind, ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore, save_model
 from libs.bus import InMemoryBus, Subscription, Transaction
 from libs.modelspec import ModelSpec, build_pipeline, spec_from_data
@@ -315,3 +316,30 @@ async def test_a_champion_that_cannot_score_the_holdout_is_the_champions_failure
     measured = await StoreEvaluator(store, latency_repeats=1).measure(evaluation)
     assert measured.champion is None
     assert measured.champion_error is not None and measured.champion_error.startswith("TypeError: ")
+
+
+async def test_a_report_with_thousands_of_slices_is_announced_within_the_event_limit(gate: Gate) -> None:
+    # Slices by store, thousands of them: one check per level, about 220 bytes each, made a ValidationPassed
+    # larger than consumers accept. The bus refused it, the registration was dead-lettered as
+    # output-oversized and the candidate was never gated.
+    frame = churn_frame(50_000)
+    stores = np.random.default_rng(3).integers(0, 8_000, len(frame))
+    frame["store"] = [f"store-{i:05d}-springfield" for i in stores]
+    data = churn_spec_data(params={})
+    data["features"].append({"name": "store", "type": "categorical"})
+    data["validation"]["slices"] = {"feature": "store", "min_value": 0.6, "min_rows": 30}
+    await gate.register(gate.train(spec_from_data(data), 1, frame))
+
+    assert gate.bus.dead_letters == []
+    [passed] = gate.bus.events(of=ValidationPassed)
+    report = await report_for_version("churn", 1, reports=gate.reports)
+    slices = [c for c in report.checks if c.kind is CheckKind.SLICE]
+    assert len(slices) > 4_000  # the stored report has every check
+    assert passed.data.checks_truncated
+    assert passed.data.checks_total == len(report.checks) and passed.data.failed_checks_total == 0
+    shown = [c for c in passed.data.checks if c.kind is CheckKind.SLICE]
+    assert 0 < len(shown) < len(slices)
+    assert [c for c in passed.data.checks if c.kind is not CheckKind.SLICE] == [
+        c for c in report.checks if c.kind is not CheckKind.SLICE
+    ]
+    assert report.event_id == passed.id
