@@ -480,7 +480,8 @@ def _split_models(values: list[str]) -> list[str]:
         },
         422: {
             "description": "The file cannot be read, or the name, models or description are not valid; the "
-            "body names the column or the encoding problem."
+            "body names the column or the encoding problem. Also when the DatasetRegistered announcing it "
+            "would be larger than consumers accept (max_event_bytes): it lists every column's name and type."
         },
     },
 )
@@ -524,6 +525,7 @@ async def upload_dataset(
                 artifacts=_artifacts(request),
                 publish=tx.publish,
                 source=rt.source(),
+                max_event_bytes=settings.kafka.max_event_bytes,
             )
     except asyncpg.UniqueViolationError as exc:
         # Every writer of the registry numbers under the name's lock; one that does not (a replica still on

@@ -10,13 +10,13 @@ import hashlib
 from typing import Any
 
 from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested, RollbackRequested
-from contracts.common import EventRef, Stage
+from contracts.common import ArtifactFormat, ArtifactRef, EventRef, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.training import TrainingCompleted
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact
-from libs.bus import PermanentError
+from libs.bus import PermanentError, bytes_over_limit
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.logging import get_logger
 from services.registry.dataset_files import CanonicalDataset
@@ -30,6 +30,7 @@ from services.registry.domain import (
     dataset_problems,
     may_be_challenger,
     rejected_by_failed_validation,
+    too_wide_to_announce,
 )
 from services.registry.ports import Artifacts, Cause, Datasets, Publish, Versions
 from services.registry.schemas import DatasetPublic
@@ -373,9 +374,11 @@ async def upload_dataset(
     artifacts: Artifacts,
     publish: Publish,
     source: str,
+    max_event_bytes: int,
 ) -> tuple[DatasetPublic, bool]:
     """Store a validated upload as the name's next version and announce it; the same content as an
-    existing version of the name gives that version back (False: nothing new)."""
+    existing version of the name gives that version back (False: nothing new). ``max_event_bytes``: what
+    consumers accept; an upload whose DatasetRegistered would be larger is refused (422)."""
     # Everything the event and the row are made of is checked before the file is stored.
     check_name(name, what="dataset name", field="name")
     for model in models:
@@ -397,20 +400,31 @@ async def upload_dataset(
     existing = await datasets.with_content(name, sha256)
     if existing is not None:
         return existing, False
-    ref = await artifacts.put(dataset.parquet)
     version = await datasets.next_version(name)
-    registered = DatasetRegistered(
-        name=name,
-        dataset_version=version,
-        sha256=ref.key,
-        artifact=ref,
-        row_count=dataset.row_count,
-        columns=dataset.columns,
-        source="upload",
-        models=models,
-        description=description,
-    )
-    event = new_event(registered, source=source, actor=actor)
+
+    def announcement(ref: ArtifactRef) -> CloudEvent[DatasetRegistered]:
+        registered = DatasetRegistered(
+            name=name,
+            dataset_version=version,
+            sha256=ref.key,
+            artifact=ref,
+            row_count=dataset.row_count,
+            columns=dataset.columns,
+            source="upload",
+            models=models,
+            description=description,
+        )
+        return new_event(registered, source=source, actor=actor)
+
+    # The event lists every column: measured before the file is stored (the store's URI still to come).
+    unstored = ArtifactRef(key=sha256, uri="", format=ArtifactFormat.PARQUET, size_bytes=len(dataset.parquet))
+    if excess := bytes_over_limit(announcement(unstored), max_bytes=max_event_bytes):
+        raise InvalidInput(
+            too_wide_to_announce(dataset.columns, description, excess, max_event_bytes), field="file"
+        )
+    ref = await artifacts.put(dataset.parquet)
+    event = announcement(ref)
+    registered = event.data
     await datasets.add(registered, event_id=event.id, actor=actor)
     await publish(event)
     stored = await datasets.get(name, version)

@@ -235,6 +235,23 @@ def dataset_problems(
     return problems
 
 
+def too_wide_to_announce(columns: dict[str, str], description: str | None, excess: int, limit: int) -> str:
+    """Why a dataset whose DatasetRegistered would pass the consumers' size limit by ``excess`` bytes is
+    refused, and what to do: the event lists every column's name and type."""
+    listed = len(orjson.dumps(columns))
+    told = len(description.encode()) if description else 0
+    return (
+        f"the dataset cannot be announced: its DatasetRegistered would be {limit + excess:,} bytes and "
+        f"consumers accept {limit:,} bytes (max_event_bytes). The event lists every column's name and type: "
+        + (f"{len(columns):,} columns take" if len(columns) != 1 else "its one column takes")
+        + f" {listed:,} bytes"
+        + (f", the description {told:,} bytes" if told else "")
+        + ". Shorten the column names"
+        + (" or the description" if told else "")
+        + ", or split the table into narrower datasets"
+    )
+
+
 # --- model cards --------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from contracts.commands import ArchiveRequested, PromoteRequested, RetrainReques
 from contracts.common import Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
+from libs.bus.core import encode_outgoing
 from libs.errors import Conflict, InvalidInput, NotFound
 from services.registry import core
 from services.registry.dataset_files import TableLimits, canonicalise
@@ -159,6 +160,7 @@ async def upload(
         artifacts=FakeArtifacts(),
         publish=outbox,
         source=SOURCE,
+        max_event_bytes=1_000_000,
     )
 
 
@@ -225,5 +227,44 @@ async def test_an_upload_the_event_could_not_carry_is_refused_before_the_file_is
             artifacts=artifacts,
             publish=outbox,
             source=SOURCE,
+            max_event_bytes=1_000_000,
         )
+    assert artifacts.blobs == {} and datasets.rows == {} and outbox.events == []
+
+
+class SizedOutbox(Outbox):
+    """The transaction's publish as on Postgres: an event consumers would refuse as oversized is refused."""
+
+    async def __call__(self, event: CloudEvent[Any]) -> None:
+        encode_outgoing(event, max_bytes=1_000_000)
+        await super().__call__(event)
+
+
+async def test_an_upload_too_wide_for_its_event_is_refused_naming_the_limit_before_the_file_is_stored(
+    versions: FakeVersions,
+) -> None:
+    # Wide data (max_dataset_columns raised): DatasetRegistered lists every column's name and type, and
+    # 10,000 columns of 100-character names make it 1.1 MB. It was refused only when published, with a 413
+    # that spoke of the event, after the file was stored.
+    names = [f"sensor_{i:05d}_" + "reading" * 13 for i in range(10_000)]
+    data = (",".join(names) + "\n" + ",".join("1" for _ in names) + "\n").encode()
+    wide = canonicalise(data, filename="wide.csv", limits=TableLimits(columns=20_000, rows=10, cells=100_000))
+    datasets, artifacts, outbox = FakeDatasets(), FakeArtifacts(), SizedOutbox()
+    with pytest.raises(InvalidInput) as caught:
+        await core.upload_dataset(
+            "sensors",
+            wide,
+            models=[],
+            description=None,
+            actor="user:alice",
+            versions=versions,
+            datasets=datasets,
+            artifacts=artifacts,
+            publish=outbox,
+            source=SOURCE,
+            max_event_bytes=1_000_000,
+        )
+    message = caught.value.message
+    assert "10,000 columns" in message and "1,000,000 bytes" in message, message
+    assert caught.value.extra["field"] == "file"
     assert artifacts.blobs == {} and datasets.rows == {} and outbox.events == []
