@@ -31,6 +31,7 @@ from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, PermanentError, bytes_over_limit
+from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
 from services.monitoring.domain import (
@@ -831,6 +832,15 @@ async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) 
 # --- policies ----------------------------------------------------------------------------------------------
 
 
+POLICY_HEADROOM_BYTES = 16_384
+"""What a DriftPolicyChanged holds besides its two policies: the model's name, the keys, the headers."""
+
+
+def policy_max_bytes(max_event_bytes: int) -> int:
+    """The largest policy (as JSON) whose DriftPolicyChanged fits with any other such policy it replaces."""
+    return max(0, (max_event_bytes - POLICY_HEADROOM_BYTES) // 2)
+
+
 async def set_policy(
     model: str,
     fields: dict[str, Any],
@@ -844,6 +854,17 @@ async def set_policy(
     set it and published as DriftPolicyChanged for the audit trail, in the caller's transaction. The caller
     puts it in force here once committed; every other replica takes it at its next tick."""
     policy = DriftPolicy.model_validate({**monitor.defaults.model_dump(), **fields})
+    # DriftPolicyChanged carries the policy and the one it replaces: a policy over half of what consumers
+    # accept could be set once and then never changed (every later change too large to announce).
+    size, most = len(policy.model_dump_json().encode()), policy_max_bytes(monitor.max_event_bytes)
+    if size > most:
+        raise InvalidInput(
+            f"the policy takes {size:,} bytes as JSON; a policy may take at most {most:,} bytes: "
+            f"DriftPolicyChanged carries it and the policy it replaces, and consumers accept "
+            f"{monitor.max_event_bytes:,} bytes (max_event_bytes). Name fewer features in feature_tests "
+            "and feature_thresholds (the others take the automatic test and the policy's thresholds)",
+            field="feature_tests",
+        )
     previous = await store.policy(model)
     await store.save_policy(model, policy, actor)
     changed = DriftPolicyChanged(model=model, policy=policy, previous=previous)

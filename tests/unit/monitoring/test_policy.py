@@ -13,10 +13,14 @@ import pytest
 from pydantic import ValidationError
 
 from contracts.monitoring import JENSEN_SHANNON_MAX, DriftTest
+from libs.bus.core import encode_outgoing
+from libs.errors import InvalidInput
 from libs.http import create_app
 from services.monitoring import api
 from services.monitoring.adapters.postgres import _stored_policy
+from services.monitoring.bootstrap import make_monitor
 from services.monitoring.domain import DriftPolicy
+from services.monitoring.handlers import set_policy
 from services.monitoring.settings import MonitoringSettings
 
 BIG = 10**20  # beyond the 64-bit integers of orjson, which writes the policy's jsonb
@@ -107,3 +111,61 @@ def test_a_stored_policy_that_breaks_a_newer_rule_gives_way_to_the_defaults() ->
     model (nor fail its policy reload in a loop)."""
     assert _stored_policy("churn", {"feature_thresholds": {"tenure": -1}}) is None
     assert _stored_policy("churn", {"alpha": 0.01}) == DriftPolicy(alpha=0.01)
+
+
+class PolicyStore:
+    """The policy calls of the MonitoringStore, on one dict."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, DriftPolicy] = {}
+
+    async def policy(self, model: str) -> DriftPolicy | None:
+        return self.rows.get(model)
+
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
+        self.rows[model] = policy
+
+
+def per_feature(n: int, threshold: float) -> dict[str, Any]:
+    names = [f"customer_activity_feature_{i:05d}_last_90_days" for i in range(n)]
+    return {
+        "feature_tests": dict.fromkeys(names, "wasserstein"),
+        "feature_thresholds": dict.fromkeys(names, threshold),
+    }
+
+
+async def test_a_policy_too_large_to_be_replaced_later_is_refused_naming_the_limit() -> None:
+    # DriftPolicyChanged carries the new policy and the one it replaces. A policy of 560 KB (per-feature
+    # tests and thresholds of 5,000 features) was accepted, and then no change to one as large could be
+    # announced: a PUT that only moved a threshold was a 413.
+    settings = MonitoringSettings()
+    monitor = make_monitor(settings, artifacts=None, source="/test/monitoring")
+    store, published = PolicyStore(), []
+
+    async def publish(event: Any) -> None:
+        encode_outgoing(event, max_bytes=settings.kafka.max_event_bytes)
+        published.append(event)
+
+    async def put(fields: dict[str, Any]) -> DriftPolicy:
+        return await set_policy(
+            "wide",
+            fields,
+            actor="user:alice",
+            monitor=monitor,
+            store=store,
+            publish=publish,  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(InvalidInput) as caught:
+        await put(per_feature(5_000, 0.2))
+    assert "at most 491,808 bytes" in caught.value.message and "1,000,000" in caught.value.message
+    assert store.rows == {} and published == []
+    # The largest policy accepted can always be replaced by another as large.
+    await put(per_feature(4_000, 0.2))
+    await put(per_feature(4_000, 0.3))
+    assert [
+        e.data.policy.feature_thresholds["customer_activity_feature_00000_last_90_days"] for e in published
+    ] == [
+        0.2,
+        0.3,
+    ]
