@@ -440,6 +440,23 @@ has one rule (`contracts/common.py`):
 
 HTTP edges refuse NUL in every text they take, free text included, with 422.
 
+Size: consumers accept an event of at most `max_event_bytes` (1,000,000 bytes of value and headers), and a
+producer refuses to make a larger one (docs/architecture.md, "Size limits"). An event whose size grows with
+what it describes gets a defined answer instead of a failure:
+
+- it carries everything when that fits, and otherwise the part that matters most, saying so in optional
+  fields that count the whole, while the whole stays where the producer serves it over HTTP:
+  `DriftDetected` (`evidence_truncated`, `features_total`, `drifted_features_total`; the window's report at
+  monitoring's `GET /v1/models/{{model}}/windows/{{window id}}`), `ValidationPassed` and `ValidationFailed`
+  (`checks_truncated`, `checks_total`, `failed_checks_total`; validation's `GET /v1/reports/{{report_id}}`).
+  A consumer that needs every item reads it there, not from the event;
+- or the input that would make it is refused where it enters: a dataset upload whose `DatasetRegistered`
+  would be too large (422), a drift policy larger than half the limit (422: `DriftPolicyChanged` carries it
+  and the one it replaces), a trained model whose `TrainingCompleted` would be (the job fails as
+  `invalid-spec`); `PredictionsLogged` is split into several events.
+
+A new event, or a new field that grows with its input, says which of the two it takes.
+
 ## How events flow
 
 ```
