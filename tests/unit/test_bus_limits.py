@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from contracts.envelope import MAX_ATTRIBUTE_CHARS, CloudEvent, new_event
-from libs.bus import InMemoryBus, PermanentError, Subscription, Transaction
+from libs.bus import InMemoryBus, PermanentError, Subscription, Transaction, bytes_over_limit
 from libs.bus.core import EventTooLarge, encode_outgoing
 from libs.bus.kafka import KafkaPublisher
 from libs.bus.postgres import PgTransaction
@@ -108,6 +108,17 @@ async def test_an_event_within_the_limits_is_published() -> None:
     _, value, _ = encode_outgoing(event, max_bytes=10_000)
     assert REGISTRY.decode(*event.to_kafka()[1:], max_bytes=10_000).actor == event.actor
     assert value == event.payload_bytes()
+
+
+def test_bytes_over_limit_measures_what_the_refusal_counts() -> None:
+    event = new_event(ThingCounted(n=1), source="/counter")
+    _, value, headers = event.to_kafka()
+    size = len(value) + sum(len(name) + len(raw) for name, raw in headers)
+    assert bytes_over_limit(event, max_bytes=size) == 0
+    assert bytes_over_limit(event, max_bytes=size - 7) == 7
+    encode_outgoing(event, max_bytes=size)
+    with pytest.raises(EventTooLarge):
+        encode_outgoing(event, max_bytes=size - 1)
 
 
 def test_event_too_large_is_permanent_for_a_handler_and_413_for_a_request() -> None:
