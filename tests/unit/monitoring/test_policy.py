@@ -152,8 +152,8 @@ async def test_a_policy_too_large_to_be_replaced_later_is_refused_naming_the_lim
             fields,
             actor="user:alice",
             monitor=monitor,
-            store=store,
-            publish=publish,  # type: ignore[arg-type]
+            store=store,  # type: ignore[arg-type]
+            publish=publish,
         )
 
     with pytest.raises(InvalidInput) as caught:
