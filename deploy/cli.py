@@ -477,8 +477,11 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         args.usage_of.error(
             "a name (not blank) and a --role are required, e.g. `token issue billing-client --role predict`"
         )
-    from libs.auth import Role, TokenFileInvalid, issue_token
+    from libs.auth import Role, TokenFileInvalid, issue_token, token_name_problem
     from libs.settings import LOCAL_STATE
+
+    if why := token_name_problem(args.name):
+        args.usage_of.error(f"the name {why}")
 
     path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
     named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from contracts.common import unstorable_text
+from contracts.envelope import MAX_ATTRIBUTE_CHARS
 from libs.errors import Forbidden, Unauthorized
 
 
@@ -46,6 +48,10 @@ DEV_TOKENS: dict[str, tuple[str, Role]] = {
     "dev-predict": ("dev-predict", Role.predict),
 }
 
+ACTOR_PREFIX = "user:"
+"""A token holder's actor is this and the token's name."""
+TOKEN_NAME_MAX_CHARS = MAX_ATTRIBUTE_CHARS - len(ACTOR_PREFIX)
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -57,7 +63,21 @@ class Principal:
     @property
     def actor(self) -> str:
         """How the caller is named in the events the request causes."""
-        return f"user:{self.name}"
+        return f"{ACTOR_PREFIX}{self.name}"
+
+
+def token_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a token's holder, or None. The name travels as the ``ce_actor`` attribute of
+    every event its requests cause, so it must be text a consumer accepts there: not blank, no NUL or lone
+    surrogate, and short enough for the attribute's limit."""
+    if not name.strip():
+        return "is blank"
+    if len(name) > TOKEN_NAME_MAX_CHARS:
+        return (
+            f"is {len(name)} characters; at most {TOKEN_NAME_MAX_CHARS} fit the events' actor attribute "
+            f"({ACTOR_PREFIX!r} + name)"
+        )
+    return unstorable_text(name)
 
 
 def hash_token(token: str) -> str:
@@ -124,12 +144,17 @@ def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
                 f"has a malformed token (number {i + 1}): each is {TOKEN_ROW_FORM}, the role one of "
                 f"{', '.join(Role)}"
             )
+        if why := token_name_problem(row["name"]):
+            raise invalid(f"has a token (number {i + 1}) whose name {why}")
     return content
 
 
 def issue_token(path: Path, *, name: str, role: Role, named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE") -> str:
     """Create a token, store its hash in ``path`` and return the token (shown once, never stored); a file
-    that is not a token file is left as it was (TokenFileInvalid)."""
+    that is not a token file is left as it was (TokenFileInvalid). A name that cannot name the holder
+    (:func:`token_name_problem`) is a ValueError, the file untouched."""
+    if why := token_name_problem(name):
+        raise ValueError(f"the token's name {why}")
     token = f"dl_{secrets.token_urlsafe(32)}"
     content = read_token_file(path, named_by=named_by)
     content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})

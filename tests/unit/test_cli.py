@@ -133,6 +133,24 @@ def test_token_issue_refuses_a_blank_name(tmp_path: Path, capsys: pytest.Capture
     assert not path.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("bad\x00name", "NUL character"), ("x" * 508, "508 characters; at most 507")],
+    ids=["nul", "too-long"],
+)
+def test_token_issue_refuses_a_name_no_event_could_carry_as_its_actor(
+    name: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.json"
+
+    with pytest.raises(SystemExit) as caught:
+        main(["token", "issue", name, "--role", "operator", "--file", str(path)])
+
+    assert caught.value.code == 2
+    assert why in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_infra_topics_creates_the_topics_under_the_configured_prefix(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,7 +14,17 @@ import pytest
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import Field, TypeAdapter, ValidationError
 
-from libs.auth import OperatorDep, PredictDep, Role, TokenFileInvalid, ViewerDep, issue_token
+from contracts.envelope import OversizedEvent, check_attributes
+from libs.auth import (
+    TOKEN_NAME_MAX_CHARS,
+    OperatorDep,
+    PredictDep,
+    Principal,
+    Role,
+    TokenFileInvalid,
+    ViewerDep,
+    issue_token,
+)
 from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
@@ -250,6 +260,14 @@ async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) 
         ("not json", "is not JSON"),
         ("[]", 'has no "tokens" list'),
         ('{"tokens": [{"name": "alice", "role": "operator"}]}', "has a malformed token (number 1)"),
+        (
+            '{"tokens": [{"name": "a\\u0000b", "role": "operator", "sha256": "00"}]}',
+            "has a token (number 1) whose name holds a NUL character",
+        ),
+        (
+            f'{{"tokens": [{{"name": "{"x" * 600}", "role": "viewer", "sha256": "00"}}]}}',
+            "has a token (number 1) whose name is 600 characters; at most 507",
+        ),
     ],
 )
 def test_a_service_refuses_a_token_file_it_cannot_use_naming_file_and_setting(
@@ -262,6 +280,16 @@ def test_a_service_refuses_a_token_file_it_cannot_use_naming_file_and_setting(
         create_app(ExampleSettings(auth_tokens_file=path), title="t", description="d")
 
     assert str(caught.value).startswith(f"the token file {path} (DRIFTLOOP_AUTH_TOKENS_FILE) {why}")
+
+
+def test_the_longest_token_name_makes_an_actor_every_consumer_accepts() -> None:
+    actor = Principal("x" * TOKEN_NAME_MAX_CHARS, Role.operator).actor
+
+    check_attributes({"ce_actor": actor})  # the consumers' bound: no OversizedEvent
+    with pytest.raises(OversizedEvent):
+        check_attributes({"ce_actor": actor + "x"})
+    with pytest.raises(ValueError, match="507 fit the events' actor attribute"):
+        issue_token(Path("/nonexistent/tokens.json"), name="x" * 508, role=Role.viewer)
 
 
 async def test_typed_errors_become_clear_4xx(tmp_path: Path) -> None:
