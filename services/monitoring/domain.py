@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
+import pydantic_core
 
 from contracts.common import FeatureType, ModelSignature, Task
 from contracts.monitoring import (
@@ -761,11 +762,13 @@ def _floats(values: list[Any]) -> np.ndarray:
 def quality_findings(
     model: ModelReference, window: ClosedWindow, results: list[FeatureResult], policy: DriftPolicy
 ) -> list[QualityFinding]:
-    """Missing values above the reference's share, unseen categories, values of the wrong type."""
+    """Missing values above the reference's share, unseen categories, values of the wrong type. Messages show
+    a long feature name shortened (:func:`shown_name`): the finding's ``feature`` has it whole."""
     findings: list[QualityFinding] = []
     size = max(window.size, 1)
     refs = {f.name: f for f in model.features}
     for r in results:
+        name = shown_name(r.name)
         if r.untested is not None and r.n_current:
             findings.append(
                 QualityFinding(
@@ -773,7 +776,7 @@ def quality_findings(
                     r.name,
                     r.n_current,
                     r.n_current / size,
-                    f"{r.name} not tested: {r.untested}",
+                    f"{name} not tested: {r.untested.replace(r.name, name)}",
                 )
             )
         share = r.n_missing / size
@@ -785,7 +788,7 @@ def quality_findings(
                     r.name,
                     r.n_missing,
                     share,
-                    f"{share:.1%} of {r.name} missing (reference: {ref_share:.1%})",
+                    f"{share:.1%} of {name} missing (reference: {ref_share:.1%})",
                 )
             )
         if r.unseen and refs[r.name].kind is FeatureType.CATEGORICAL and r.unseen / size > 0.01:
@@ -795,20 +798,29 @@ def quality_findings(
                     r.name,
                     r.unseen,
                     r.unseen / size,
-                    f"{r.unseen / size:.1%} of {r.name} are categories the reference never had",
+                    f"{r.unseen / size:.1%} of {name} are categories the reference never had",
                 )
             )
-    for name, bad in sorted(window.type_mismatches.items()):
+    for feature, bad in sorted(window.type_mismatches.items()):
         findings.append(
             QualityFinding(
                 "type-mismatch",
-                name,
+                feature,
                 bad,
                 bad / size,
-                f"{bad} values of numeric feature {name} are not numbers",
+                f"{bad} values of numeric feature {shown_name(feature)} are not numbers",
             )
         )
     return findings
+
+
+NAME_SHOWN_CHARS = 80
+"""The longest feature name a message shows whole; a longer one is cut (the event's fields carry it whole)."""
+
+
+def shown_name(name: str) -> str:
+    """A feature name as a message for people shows it: cut to :data:`NAME_SHOWN_CHARS`, ending in "…"."""
+    return name if len(name) <= NAME_SHOWN_CHARS else name[: NAME_SHOWN_CHARS - 1] + "…"
 
 
 # --- debouncing ------------------------------------------------------------------------------------------
@@ -862,19 +874,37 @@ def drift_rank(evidence: FeatureDrift, debounced: set[str]) -> tuple[bool, bool,
 
 
 def cut_evidence(alert: DriftDetected, excess: int) -> DriftDetected:
-    """The alert with the evidence of its most drifted features only, about ``excess`` bytes smaller (at least
-    one feature less; the first kept is one that drifted after debouncing, so the alert keeps its reason).
+    """The alert with the evidence of its most drifted features that fit, at least ``excess`` bytes smaller
+    (a feature less at least). Features are taken most drifted first, each when it fits in what is left: one
+    too large on its own (a very long name) is left out and the ones after it still get in. At least one
+    feature that drifted after debouncing is kept, so the alert keeps its reason: when none fits, the one
+    whose evidence is smallest (:func:`least_evidence`; the caller then finds the alert still too large).
     The kept features stay in the model's order; the totals still count every feature."""
     debounced = set(alert.drifted_features)
     ranked = sorted(alert.features, key=lambda f: drift_rank(f, debounced))
-    keep, freed = len(ranked), 0
-    while keep > 1 and (keep == len(ranked) or freed < excess):
-        keep -= 1
-        dropped = ranked[keep]
-        freed += len(dropped.model_dump_json()) + 1  # the item and its comma
-        if dropped.feature in debounced:
-            freed += len(dropped.feature.encode()) + 3  # its name in drifted_features: quotes and comma
-    kept = {f.feature for f in ranked[:keep]}
+    cost = {f.feature: _evidence_bytes(f, f.feature in debounced) for f in ranked}
+    room = sum(cost.values()) - max(excess, 1)
+    kept: set[str] = set()
+    for f in ranked:
+        if cost[f.feature] <= room:
+            kept.add(f.feature)
+            room -= cost[f.feature]
+    if not kept & debounced:
+        return least_evidence(alert)
+    return _with_evidence(alert, kept)
+
+
+def least_evidence(alert: DriftDetected) -> DriftDetected:
+    """The alert with the least evidence it can carry: that of the one feature that drifted after debouncing
+    whose evidence takes the fewest bytes (the shortest name)."""
+    debounced = set(alert.drifted_features)
+    smallest = min(
+        (f for f in alert.features if f.feature in debounced), key=lambda f: _evidence_bytes(f, True)
+    )
+    return _with_evidence(alert, {smallest.feature})
+
+
+def _with_evidence(alert: DriftDetected, kept: set[str]) -> DriftDetected:
     return DriftDetected(
         **{
             **dict(alert),
@@ -883,6 +913,13 @@ def cut_evidence(alert: DriftDetected, excess: int) -> DriftDetected:
             "evidence_truncated": True,
         }
     )
+
+
+def _evidence_bytes(evidence: FeatureDrift, debounced: bool) -> int:
+    """What a feature's evidence takes in a DriftDetected's JSON: its item and comma, and its name in
+    ``drifted_features`` when it drifted after debouncing."""
+    item = len(evidence.__pydantic_serializer__.to_json(evidence)) + 1
+    return item + (len(pydantic_core.to_json(evidence.feature)) + 1 if debounced else 0)
 
 
 # --- labelled performance --------------------------------------------------------------------------------

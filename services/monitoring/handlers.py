@@ -30,7 +30,7 @@ from contracts.monitoring import (
 from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
-from libs.bus import Delivery, PermanentError, bytes_over_limit
+from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
 from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
@@ -53,10 +53,12 @@ from services.monitoring.domain import (
     from_epoch,
     judge_canary,
     judge_window,
+    least_evidence,
     metric_standard_errors,
     performance_metrics,
     regression_pairs,
     regression_value,
+    shown_name,
     unscorable,
 )
 from services.monitoring.live import LiveState
@@ -411,12 +413,18 @@ async def judge_closed_window(
             drifted_features_total=len(decision.debounced),
         )
         event = new_event(payload, source=monitor.source)
-        # Evidence of thousands of features passes what consumers accept: the most drifted that fit go,
-        # the window's report keeps them all. One feature too large to announce still fails the judgement.
+        # Evidence of thousands of features (or of one with a very long name) passes what consumers accept:
+        # the most drifted that fit go, the window's report keeps them all. Down to one feature and still too
+        # large, the least evidence the alert can carry is the last try; when not even that fits, the
+        # judgement fails and the window is set aside, saying why.
+        whole = payload
         while excess := bytes_over_limit(event, max_bytes=monitor.max_event_bytes):
-            if len(payload.features) == 1:
-                break
-            payload = cut_evidence(payload, excess)
+            if len(payload.features) > 1:
+                payload = cut_evidence(payload, excess)
+            elif (least := least_evidence(whole)).features != payload.features:
+                payload = least
+            else:
+                raise _evidence_too_large(event, payload, monitor.max_event_bytes)
             event = new_event(payload, source=monitor.source)
         await publish(event)
         await store.record_alert(
@@ -431,7 +439,7 @@ async def judge_closed_window(
             model=window.model,
             version=window.version,
             drifted=len(decision.debounced),
-            features=decision.debounced[:NAMES_SHOWN],
+            features=[shown_name(name) for name in decision.debounced[:NAMES_SHOWN]],
             evidence_truncated=payload.evidence_truncated,
         )
     for finding in judgement.quality:
@@ -479,13 +487,31 @@ async def judge_closed_window(
     return judgement
 
 
+def _evidence_too_large(
+    event: CloudEvent[DriftDetected], alert: DriftDetected, max_bytes: int
+) -> EventTooLarge:
+    """Why a DriftDetected cannot be announced even with one feature's evidence."""
+    [evidence] = alert.features
+    name, size = evidence.feature, max_bytes + bytes_over_limit(event, max_bytes=max_bytes)
+    return EventTooLarge(
+        f"DriftDetected for {alert.model} version {alert.model_version} (window {alert.window.id}) would be "
+        f"{size:,} bytes even with the evidence of one feature that drifted, over the {max_bytes:,} "
+        f"consumers accept (max_event_bytes): the name of feature {shown_name(name)!r} takes "
+        f"{len(name.encode()):,} bytes, and the event carries it twice (features, drifted_features); no "
+        "other feature that drifted after debouncing is smaller. Give the model shorter feature names, or "
+        "raise max_event_bytes"
+    )
+
+
 NAMES_SHOWN = 10
-"""Feature names an alert's summary and log line show; the window's report names them all."""
+"""Feature names an alert's summary and log line show (a long one shortened); the window's report names them
+all."""
 
 
 def _names(names: Sequence[str]) -> str:
     more = len(names) - NAMES_SHOWN
-    return ", ".join(names[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+    shown = ", ".join(shown_name(name) for name in names[:NAMES_SHOWN])
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 async def set_window_aside(window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore) -> None:
