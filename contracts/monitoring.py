@@ -282,10 +282,23 @@ class DataQualityIssue(EventPayload):
     )
     kind: DataQualityIssueKind = Field(description="Kind of finding.", examples=["missing-values"])
     feature: Identifier | None = Field(
-        default=None, description="Feature concerned, if one.", examples=["monthly_charges"]
+        default=None,
+        description="Feature concerned, if one; null when the issue stands for many features "
+        "(`features_total`).",
+        examples=["monthly_charges"],
     )
-    count: int = Field(ge=0, description="Rows affected in the window.", examples=[412])
-    share: float = Field(ge=0, le=1, description="Share of the window's rows affected.", examples=[0.082])
+    count: int = Field(
+        ge=0,
+        description="Rows affected in the window (the worst feature's, when the issue stands for many).",
+        examples=[412],
+    )
+    share: float = Field(
+        ge=0,
+        le=1,
+        description="Share of the window's rows affected (the worst feature's, when the issue stands for "
+        "many).",
+        examples=[0.082],
+    )
     window: TrafficWindow | None = Field(
         default=None, description="The window, when the finding is per window."
     )
@@ -293,6 +306,23 @@ class DataQualityIssue(EventPayload):
         description="What was seen, for people.",
         examples=["8.2% of monthly_charges missing (reference: 0.1%)"],
     )
+    features_total: int | None = Field(
+        default=None,
+        ge=1,
+        description="When many features of the window have this kind of finding (more than monitoring's "
+        "`quality_issues_per_kind`, 10 by default: an upstream outage), one issue stands for them all: "
+        "`feature` is null, `count` and `share` are the worst feature's, the message names the worst few, "
+        "and this counts them. Monitoring's report of the window "
+        "(`GET /v1/models/{model}/windows/{window id}`) lists every finding. Null for an issue about one "
+        "feature, and in events from before it was added.",
+        examples=[5000],
+    )
+
+    @model_validator(mode="after")
+    def _many_features_name_none(self) -> Self:
+        if self.features_total is not None and self.feature is not None:
+            raise ValueError("an issue that stands for features_total features names no single feature")
+        return self
 
 
 class DriftPolicy(ContractModel):

@@ -100,6 +100,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
         max_event_bytes=settings.kafka.max_event_bytes,
+        quality_issues_per_kind=settings.quality_issues_per_kind,
     )
 
 

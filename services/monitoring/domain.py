@@ -823,6 +823,72 @@ def shown_name(name: str) -> str:
     return name if len(name) <= NAME_SHOWN_CHARS else name[: NAME_SHOWN_CHARS - 1] + "…"
 
 
+ALL_FEATURES = ""
+"""The feature under which an issue that stands for many features keeps its cooldown: no feature is named
+"" (a signature's names are at least one character long)."""
+
+WORST_SHOWN = 3
+"""Features an issue that stands for many names, the worst first."""
+
+_MANY_FEATURES_HAVE = {
+    "missing-values": "have missing values",
+    "unseen-category": "have categories the reference never had",
+    "out-of-range": "have values out of the range the test can measure",
+    "type-mismatch": "have values of the wrong type",
+}
+
+
+@dataclass
+class QualityIssue:
+    """What one DataQualityIssue of a window says: one feature's finding, or one issue that stands for every
+    feature with the same kind of finding (``feature`` None, the worst feature's count and share)."""
+
+    kind: Literal["missing-values", "unseen-category", "out-of-range", "type-mismatch"]
+    feature: str | None
+    count: int
+    share: float
+    message: str
+    features_total: int | None = None
+
+    @property
+    def cooldown_key(self) -> str:
+        """The feature its cooldown is kept under."""
+        return self.feature if self.feature is not None else ALL_FEATURES
+
+
+def quality_issues(
+    findings: Sequence[QualityFinding], *, per_kind: int, window_report: str
+) -> list[QualityIssue]:
+    """The issues a window's findings make: one per finding while at most ``per_kind`` features share a
+    kind, else one for that kind standing for them all, naming how many, the worst few and
+    ``window_report`` (where every finding is listed). So an outage that empties every feature of a wide
+    model is one issue, not thousands; nothing is left out of the window's report."""
+    by_kind: dict[str, list[QualityFinding]] = {}
+    for finding in findings:
+        by_kind.setdefault(finding.kind, []).append(finding)
+    issues: list[QualityIssue] = []
+    for kind, found in by_kind.items():
+        worst: dict[str, QualityFinding] = {}
+        for finding in found:
+            if finding.feature not in worst or finding.share > worst[finding.feature].share:
+                worst[finding.feature] = finding
+        if len(worst) <= per_kind:
+            issues += [QualityIssue(f.kind, f.feature, f.count, f.share, f.message) for f in found]
+            continue
+        # Stable: among equally bad features, the model's order.
+        ranked = sorted(worst.values(), key=lambda f: -f.share)
+        shown = ", ".join(f"{shown_name(f.feature)} {f.share:.1%}" for f in ranked[:WORST_SHOWN])
+        more = len(ranked) - WORST_SHOWN
+        message = (
+            f"{len(ranked):,} features {_MANY_FEATURES_HAVE[kind]} (worst: {shown}"
+            f"{f' and {more:,} more' if more > 0 else ''}); the window's report lists every one: "
+            f"{window_report}"
+        )
+        first = ranked[0]
+        issues.append(QualityIssue(first.kind, None, first.count, first.share, message, len(ranked)))
+    return issues
+
+
 # --- debouncing ------------------------------------------------------------------------------------------
 
 

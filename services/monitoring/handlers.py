@@ -56,6 +56,7 @@ from services.monitoring.domain import (
     least_evidence,
     metric_standard_errors,
     performance_metrics,
+    quality_issues,
     regression_pairs,
     regression_value,
     shown_name,
@@ -107,6 +108,8 @@ class Monitor:
     label_wait_seconds: float = 86_400.0
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
+    quality_issues_per_kind: int = 10
+    """More features than this with the same kind of finding in a window make one grouped DataQualityIssue."""
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policies_fingerprint: str | None = None
@@ -442,25 +445,32 @@ async def judge_closed_window(
             features=[shown_name(name) for name in decision.debounced[:NAMES_SHOWN]],
             evidence_truncated=payload.evidence_truncated,
         )
-    for finding in judgement.quality:
-        last = await store.quality_last(window.model, window.version, finding.feature, finding.kind)
+    # Per kind, many features with the same finding (an outage) make one issue, not one each.
+    for issue in quality_issues(
+        judgement.quality,
+        per_kind=monitor.quality_issues_per_kind,
+        window_report=f"GET /v1/models/{window.model}/windows/{window.window_id}",
+    ):
+        cooldown_key = issue.cooldown_key
+        last = await store.quality_last(window.model, window.version, cooldown_key, issue.kind)
         if last is not None and window.end - last < policy.cooldown_seconds:
             continue
-        issue = DataQualityIssue(
+        payload_issue = DataQualityIssue(
             model=window.model,
             model_version=window.version,
-            kind=DataQualityIssueKind(finding.kind),
-            feature=finding.feature,
-            count=finding.count,
-            share=min(finding.share, 1.0),
+            kind=DataQualityIssueKind(issue.kind),
+            feature=issue.feature,
+            count=issue.count,
+            share=min(issue.share, 1.0),
             window=traffic,
-            message=finding.message,
+            message=issue.message,
+            features_total=issue.features_total,
         )
-        issue_event = new_event(issue, source=monitor.source)
+        issue_event = new_event(payload_issue, source=monitor.source)
         await publish(issue_event)
-        await store.save_quality(window.model, window.version, finding.feature, finding.kind, window.end)
+        await store.save_quality(window.model, window.version, cooldown_key, issue.kind, window.end)
         await store.record_alert(
-            issue_event.id, window.model, window.version, "DataQualityIssue", finding.message
+            issue_event.id, window.model, window.version, "DataQualityIssue", issue.message
         )
     report = window_report(
         judgement, decision.debounced, decision.share, decision.alert, decision.state.consecutive

@@ -88,6 +88,13 @@ class MonitoringSettings(ServiceSettings):
         le=1,
         description="DataQualityIssue when a missing share exceeds the reference's by more than this.",
     )
+    quality_issues_per_kind: int = Field(
+        10,
+        ge=1,
+        description="Per window and kind of finding, up to this many features get a DataQualityIssue each; "
+        "more (an upstream outage: every feature missing) get one for them all, with no feature, naming how "
+        "many and the worst few (the window's report lists every one).",
+    )
 
     # --- labels and performance ----------------------------------------------------------------------------
     label_wait_seconds: float = Field(
