@@ -28,6 +28,7 @@ from services.registry.domain import (
     check_name,
     check_transition,
     dataset_problems,
+    failed_checks_phrase,
     may_be_challenger,
     rejected_by_failed_validation,
     too_wide_to_announce,
@@ -189,14 +190,15 @@ async def record_validation(
                 version=report.model_version,
                 stage=stage,
                 report_id=report.report_id,
-                failed_checks=list(report.failed_checks),
+                failed_checks=failed_checks_phrase(report.failed_checks, report.failed_checks_total),
             )
             return
         await change_stage(
             report.model,
             report.model_version,
             Stage.REJECTED,
-            reason=f"validation {report.report_id} failed: {', '.join(report.failed_checks)}",
+            reason=f"validation {report.report_id} failed: "
+            f"{failed_checks_phrase(report.failed_checks, report.failed_checks_total)}",
             event=event,
             versions=versions,
             publish=publish,

@@ -252,6 +252,27 @@ def too_wide_to_announce(columns: dict[str, str], description: str | None, exces
     )
 
 
+# --- validation reports ------------------------------------------------------------------------------
+
+FAILED_CHECKS_NAMED_CHARS = 1_000
+"""Failed check names a rejection's reason or a card's verdict spells out, in characters; the rest are
+counted. A report can fail thousands of slices."""
+
+
+def failed_checks_phrase(names: Sequence[str], total: int | None = None) -> str:
+    """The first failed checks by name (at least one, about 1,000 characters), then how many more failed:
+    ``total`` counts every failed check when the event named only some of them."""
+    named: list[str] = []
+    chars = 0
+    for name in names:
+        if named and chars + len(name) > FAILED_CHECKS_NAMED_CHARS:
+            break
+        named.append(name)
+        chars += len(name) + 2
+    more = max(total or 0, len(names)) - len(named)
+    return ", ".join(named) + (f" and {more} more" if more else "")
+
+
 # --- model cards --------------------------------------------------------------------------------------
 
 
@@ -338,17 +359,30 @@ def card_sections(v: VersionPublic) -> list[CardSection]:
     ]
     if v.validation_reports:
         for report in v.validation_reports:
-            verdict = "passed" if report.passed else f"failed ({', '.join(report.failed_checks)})"
+            verdict = (
+                "passed"
+                if report.passed
+                else f"failed ({failed_checks_phrase(report.failed_checks, report.failed_checks_total)})"
+            )
             against = (
                 f" against champion version {report.champion_version}"
                 if report.champion_version is not None
                 else ""
+            )
+            whole = f"validation's `GET {report.full_report_path}`"
+            extent = (
+                f"The event carried {len(report.checks)} of the {report.checks_total} checks and named "
+                f"{len(report.failed_checks)} of the {report.failed_checks_total} failed ones: the report "
+                f"was too large for it. Every check, in full: {whole}."
+                if report.checks_truncated
+                else f"The whole report: {whole}."
             )
             sections.append(
                 CardSection(
                     f"Validation report {report.report_id}",
                     paragraphs=(
                         f"Validation {verdict}{against}, received {report.received_at.isoformat()}.",
+                        extent,
                     ),
                     header=("check", "kind", "value", "threshold", "passed", "detail"),
                     rows=tuple(

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, ModelVersion, Stage
 from libs.http import Text
@@ -43,12 +44,40 @@ class ValidationReportPublic(_Public):
 
     report_id: str = Field(description="The validation service's report id.")
     passed: bool = Field(description="Whether every check passed.")
-    checks: list[dict[str, Any]] = Field(description="Every check as validation sent it.")
-    failed_checks: list[str] = Field(description="Names of the failed checks.")
+    checks: list[dict[str, Any]] = Field(
+        description="The checks as the validation event carried them: every check, unless `checks_truncated`."
+    )
+    failed_checks: list[str] = Field(
+        description="Names of the failed checks the event named: all of them, unless `checks_truncated`."
+    )
     champion_version: int | None = Field(description="The production version it was compared with.")
     holdout: DatasetRef | None = Field(description="The rows both were scored on.")
     event_id: str = Field(description="Id of the validation event.")
     received_at: datetime = Field(description="When the registry recorded it.")
+    checks_truncated: bool = Field(
+        False,
+        description="The report was too large for its event, which carried part of it: `checks` and "
+        "`failed_checks` hold what it carried, the totals count every check, and validation serves the whole "
+        "report at `full_report_path`.",
+    )
+    checks_total: int | None = Field(
+        None,
+        description="How many checks ran (more than `checks` holds when `checks_truncated`); null for "
+        "reports the registry received before it kept the count.",
+    )
+    failed_checks_total: int | None = Field(
+        None,
+        description="How many checks failed (more than `failed_checks` names when `checks_truncated`); null "
+        "for reports the registry received before it kept the count.",
+    )
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="Path of the whole report, every check in full, on the validation service's HTTP API "
+        "(`GET`, viewer role)."
+    )
+    @property
+    def full_report_path(self) -> str:
+        return f"/v1/reports/{quote(self.report_id, safe='')}"
 
 
 class VersionSummaryPublic(_Public):

@@ -176,8 +176,10 @@ class PgVersions:
     async def record_validation(self, report: ValidationPassed | ValidationFailed, cause: Cause) -> None:
         await self.conn.execute(
             """INSERT INTO validation_reports (event_id, model, version, report_id, passed, checks,
-                   failed_checks, champion_version, holdout, duration_seconds)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING""",
+                   failed_checks, champion_version, holdout, duration_seconds, checks_truncated, checks_total,
+                   failed_checks_total)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+               ON CONFLICT (event_id) DO NOTHING""",
             cause.event_id,
             report.model,
             report.model_version,
@@ -188,6 +190,10 @@ class PgVersions:
             report.champion_version,
             report.holdout.model_dump(mode="json") if report.holdout else None,
             report.duration_seconds,
+            report.checks_truncated,
+            # Events from before the totals were added carry every check.
+            len(report.checks) if report.checks_total is None else report.checks_total,
+            len(report.failed_checks) if report.failed_checks_total is None else report.failed_checks_total,
         )
 
     async def model_exists(self, model: str) -> bool:
@@ -319,7 +325,9 @@ SELECT {_SUMMARY_COLUMNS},
     coalesce((SELECT jsonb_agg(jsonb_build_object(
                   'report_id', r.report_id, 'passed', r.passed, 'checks', r.checks,
                   'failed_checks', r.failed_checks, 'champion_version', r.champion_version,
-                  'holdout', r.holdout, 'event_id', r.event_id, 'received_at', r.received_at)
+                  'holdout', r.holdout, 'event_id', r.event_id, 'received_at', r.received_at,
+                  'checks_truncated', r.checks_truncated, 'checks_total', r.checks_total,
+                  'failed_checks_total', r.failed_checks_total)
                   ORDER BY r.received_at, r.event_id)
               FROM validation_reports r WHERE r.model = v.model AND r.version = v.version), '[]'::jsonb)
         AS reports,

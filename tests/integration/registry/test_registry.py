@@ -17,7 +17,7 @@ from contracts.examples import EXAMPLES
 from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
-from contracts.validation import ValidationPassed
+from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact, load_model
 from services.registry import core
 from services.registry.adapters.postgres import PgDatasets
@@ -160,6 +160,46 @@ async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered
 
     champion = await registry.http.get(f"/v1/models/{model}/versions/champion", headers=AUTH["viewer"])
     assert champion.json()["version"] == 1
+
+
+async def test_a_cut_validation_report_is_kept_with_its_totals_and_where_the_whole_is(
+    registry: RunningRegistry,
+) -> None:
+    # A report too large for its event: the version page showed the part the event carried as the report.
+    model = model_name()
+    await register(registry, model, "run-1")
+    base = EXAMPLES[ValidationFailed]
+    assert isinstance(base, ValidationFailed)
+    cut = base.model_copy(
+        update={
+            "model": model,
+            "model_version": 1,
+            "checks_truncated": True,
+            "checks_total": 5_000,
+            "failed_checks_total": 1_200,
+        }
+    )
+    event = new_event(cut, source="/driftloop/validation")
+    whole = passed(model, 1)  # validation's event of another report, from before the totals
+    whole = new_event(
+        whole.data.model_copy(update={"report_id": "vr-whole", "checks_total": None}),
+        source="/driftloop/validation",
+    )
+    await registry.send(whole, event)
+    await registry.wait_handled(event)
+
+    page = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    reports = {r["report_id"]: r for r in page["validation_reports"]}
+    shown = reports[cut.report_id]
+    assert shown["checks_truncated"] is True
+    assert (shown["checks_total"], shown["failed_checks_total"]) == (5_000, 1_200)
+    assert shown["full_report_path"] == f"/v1/reports/{cut.report_id}"
+    assert len(shown["checks"]) == len(cut.checks)
+    assert reports["vr-whole"]["checks_truncated"] is False
+    assert reports["vr-whole"]["checks_total"] == len(whole.data.checks)
+    assert reports["vr-whole"]["failed_checks_total"] == 0
+    card = await registry.http.get(f"/v1/models/{model}/versions/1/card", headers=AUTH["viewer"])
+    assert f"{len(cut.checks)} of the 5000 checks" in card.text
 
 
 async def test_commands_over_http_become_events_with_the_actor(registry: RunningRegistry) -> None:

@@ -458,3 +458,51 @@ def test_html_model_card_escapes_every_value() -> None:
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<strong>production</strong>" in page
+
+
+def cut_report() -> ValidationReportPublic:
+    """A failed report whose event carried one of 5,000 checks and named 2 of its 1,200 failed ones."""
+    return ValidationReportPublic(
+        report_id="vr-churn-v7",
+        passed=False,
+        checks=[
+            {
+                "name": "slice:store=s-0001:roc_auc",
+                "kind": "slice",
+                "value": 0.5,
+                "threshold": 0.6,
+                "comparator": ">=",
+                "passed": False,
+                "detail": "0.5000 misses 0.6 on 80 rows",
+            }
+        ],
+        failed_checks=["slice:store=s-0001:roc_auc", "slice:store=s-0002:roc_auc"],
+        champion_version=None,
+        holdout=None,
+        event_id="e-6",
+        received_at=datetime(2025, 6, 2, tzinfo=UTC),
+        checks_truncated=True,
+        checks_total=5_000,
+        failed_checks_total=1_200,
+    )
+
+
+def test_a_cut_validation_report_says_how_much_was_cut_and_where_the_whole_report_is() -> None:
+    report = cut_report()
+    shown = report.model_dump(mode="json")
+    assert shown["checks_truncated"] is True
+    assert (shown["checks_total"], shown["failed_checks_total"]) == (5_000, 1_200)
+    assert shown["full_report_path"] == "/v1/reports/vr-churn-v7"
+
+    version = version_with_hostile_text().model_copy(update={"validation_reports": [report]})
+    card = render_markdown(version)
+    assert "The event carried 1 of the 5000 checks and named 2 of the 1200 failed ones" in card
+    assert "`GET /v1/reports/vr-churn-v7`" in card
+    assert "and 1198 more" in card
+
+
+def test_a_whole_validation_report_points_at_the_stored_one_too() -> None:
+    [report] = version_with_hostile_text().validation_reports
+    assert not report.checks_truncated and report.checks_total is None
+    assert report.full_report_path == "/v1/reports/vr-1"
+    assert "`GET /v1/reports/vr-1`" in render_markdown(version_with_hostile_text())

@@ -256,6 +256,31 @@ async def test_validation_failed_rejects_the_candidate(registry: Registry) -> No
     assert len(registry.versions.reports) == 1
 
 
+async def test_a_rejection_names_a_few_failed_checks_and_counts_the_rest(registry: Registry) -> None:
+    # Thousands of failed slices: the reason listed every name, and ModelStageChanged carries the reason.
+    checks = [
+        CheckResult(name=f"slice:store=s-{i:05d}:roc_auc", kind=CheckKind.SLICE, value=0.5, passed=False)
+        for i in range(3_000)
+    ]
+    report = ValidationFailed(
+        model="churn",
+        model_version=1,
+        report_id="vr-f",
+        checks=checks,
+        failed_checks=[c.name for c in checks],
+        duration_seconds=1.0,
+        checks_total=4_000,
+        failed_checks_total=3_500,
+    )
+    await registry.deliver(training_completed(registry.artifacts), report)
+    [change] = registry.stage_changes()
+    assert change.to_stage is Stage.REJECTED
+    assert change.reason.startswith("validation vr-f failed: slice:store=s-00000:roc_auc, ")
+    assert len(change.reason) < 1_200
+    named = change.reason.count("slice:")
+    assert change.reason.endswith(f" and {3_500 - named} more")
+
+
 @pytest.mark.parametrize(
     ("stage", "moves"),
     [
