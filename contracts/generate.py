@@ -448,10 +448,12 @@ what it describes gets a defined answer instead of a failure:
   fields that count the whole, while the whole stays where the producer serves it over HTTP:
   `DriftDetected` (`evidence_truncated`, `features_total`, `drifted_features_total`; the window's report at
   monitoring's `GET /v1/models/{{model}}/windows/{{window id}}`), `ValidationPassed` and `ValidationFailed`
-  (`checks_truncated`, `checks_total`, `failed_checks_total`; validation's `GET /v1/reports/{{report_id}}`).
-  A consumer that needs every item reads it there, not from the event. Likewise `DataQualityIssue`: past
-  `quality_issues_per_kind` features (10) with the same kind of finding in a window, one issue stands for
-  them all (`feature` null, `features_total`), and the window's report lists every finding;
+  (`checks_truncated`, `checks_total`, `failed_checks_total`; validation's `GET /v1/reports/{{report_id}}`;
+  when even one check passes the limit, its registration is dead-lettered as `output-oversized`, see
+  docs/validation.md). A consumer that needs every item reads it there, not from the event. Likewise
+  `DataQualityIssue`: past `quality_issues_per_kind` features (10) with the same kind of finding in a
+  window, one issue stands for them all (`feature` null, `features_total`), and the window's report lists
+  every finding;
 - or the input that would make it is refused where it enters: a dataset upload whose `DatasetRegistered`
   would be too large (422), a drift policy larger than half the limit (422: `DriftPolicyChanged` carries it
   and the one it replaces), a trained model whose `TrainingCompleted` would be (the job fails as

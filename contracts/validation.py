@@ -85,9 +85,14 @@ class _ValidationReport(EventPayload):
         description="Id of the stored report (served by validation over HTTP).",
         examples=["vr-5d1e"],
     )
-    checks: list[CheckResult] = Field(min_length=1, description="Every check run, in order.")
+    checks: list[CheckResult] = Field(
+        min_length=1, description="Every check run, in order; part of them when `checks_truncated`."
+    )
     failed_checks: list[Identifier] = Field(
-        default_factory=list, description="Names of the checks that failed (empty when passed)."
+        default_factory=list,
+        description="Names of the checks that failed, in report order (empty when passed). When "
+        "`checks_truncated`, it may name failed checks that `checks` leaves out: every failed check, unless "
+        "even the names would pass the event size limit.",
     )
     champion_version: ModelVersion | None = Field(
         default=None,
@@ -115,17 +120,24 @@ class _ValidationReport(EventPayload):
     checks_truncated: bool = Field(
         default=False,
         description="Every check would pass the event size limit (a slice feature with thousands of "
-        "levels), so `checks` holds every check that is not a slice, and as many slices as fit: failed ones "
-        "first, then passed ones that were judged, then those only reported, each in report order; a detail "
-        "longer than 1,000 characters is cut. `failed_checks` names the failed ones among them; the totals "
-        "count them all, and the stored report (validation's `GET /v1/reports/{report_id}`) has every check "
-        "in full.",
+        "levels), so `checks` holds part of them, in report order. Details longer than 1,000 characters are "
+        "cut; then passed checks are left out (slices only reported, then passed slices, then the other "
+        "passed checks); then failed checks' details are cut to 200 characters; then failed checks are left "
+        "out, slices first, while `failed_checks` still names them; then their names go too. One failed "
+        "check always stays when any failed, so the outcome is the report's. The totals count every check, "
+        "and the stored report (validation's `GET /v1/reports/{report_id}`) has every check in full.",
     )
 
     @model_validator(mode="after")
     def _failed_checks_match(self) -> Self:
         failed = [c.name for c in self.checks if not c.passed]
-        if sorted(failed) != sorted(self.failed_checks):
+        if self.checks_truncated:
+            passed = {c.name for c in self.checks if c.passed}
+            if not set(failed) <= set(self.failed_checks) or passed & set(self.failed_checks):
+                raise ValueError(
+                    "failed_checks must name every check in checks that did not pass, and none that passed"
+                )
+        elif sorted(failed) != sorted(self.failed_checks):
             raise ValueError(f"failed_checks must name exactly the checks that did not pass: {failed}")
         if self.checks_total is not None and self.checks_total < len(self.checks):
             raise ValueError(f"checks_total {self.checks_total} is less than the checks in checks")

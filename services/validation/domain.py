@@ -6,11 +6,20 @@ The numbers come from scoring.py (predictions, bootstrap, timing); here they mee
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
 from dataclasses import dataclass, field
 
+import orjson
+
 from contracts.common import ModelSignature, Task
-from contracts.validation import CheckKind, CheckResult, Comparator, ConfidenceInterval
+from contracts.validation import (
+    CheckKind,
+    CheckResult,
+    Comparator,
+    ConfidenceInterval,
+    ValidationFailed,
+    ValidationPassed,
+)
 from libs.metrics import METRICS, primary_metric
 from libs.modelspec import ValidationSpec
 
@@ -375,46 +384,134 @@ def judge(
 DETAIL_CHARS_WHEN_CUT = 1_000
 """A detail longer than this is cut in an event whose checks would pass the event size limit."""
 
+FAILED_DETAIL_CHARS_WHEN_CUT = 200
+"""A failed check's detail longer than this is cut when even the failed checks would pass the limit."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a validation event carries of its report: checks, and the names of the failed ones (which may
+    name failed checks the event leaves out)."""
+
+    checks: list[CheckResult]
+    failed_checks: list[str]
+
 
 def _json_bytes(check: CheckResult) -> int:
     return len(check.model_dump_json().encode())
 
 
-def _shortened(check: CheckResult) -> CheckResult:
-    if len(check.detail) <= DETAIL_CHARS_WHEN_CUT:
+def _name_bytes(name: str) -> int:
+    # The name as a JSON string, and its comma.
+    return len(orjson.dumps(name)) + 1
+
+
+_CUT_DETAIL = re.compile(r"(.*)… \(([0-9,]+) more characters in the stored report\)", re.DOTALL)
+
+
+def _shortened(check: CheckResult, chars: int) -> CheckResult:
+    # A detail cut before is cut again from its start, counting from the stored report's length.
+    kept, more = check.detail, 0
+    if (was_cut := _CUT_DETAIL.fullmatch(check.detail)) is not None:
+        kept, more = was_cut[1], int(was_cut[2].replace(",", ""))
+    if len(kept) <= chars:
         return check
-    cut = len(check.detail) - DETAIL_CHARS_WHEN_CUT
-    detail = f"{check.detail[:DETAIL_CHARS_WHEN_CUT]}… ({cut:,} more characters in the stored report)"
+    more += len(kept) - chars
+    detail = f"{kept[:chars]}… ({more:,} more characters in the stored report)"
     return check.model_copy(update={"detail": detail})
 
 
-def _slice_order(check: CheckResult) -> int:
-    """Which slices an event keeps first: failed, then passed on a threshold, then only reported."""
-    if not check.passed:
-        return 0
-    return 1 if check.threshold is not None else 2
+def _leave_out_order(check: CheckResult) -> int:
+    """Which checks an event leaves out first: passed before failed, slices before the others, and among
+    passed slices those only reported before those judged."""
+    if check.passed:
+        if check.kind is CheckKind.SLICE:
+            return 0 if check.threshold is None else 1
+        return 2
+    return 3 if check.kind is CheckKind.SLICE else 4
 
 
-def cut_checks(checks: Sequence[CheckResult], excess: int) -> list[CheckResult]:
-    """The checks an event carries when all of them would pass the event size limit by ``excess`` bytes: long
-    details cut, then slices left out (only reported ones first, then passed, then failed; the last in report
-    order first) until about ``excess`` bytes are freed. Every check that is no slice stays, and so does one
-    failed check when any failed. The stored report keeps them all."""
-    shown = [_shortened(c) for c in checks]
-    freed = sum(_json_bytes(a) - _json_bytes(b) for a, b in zip(checks, shown, strict=True) if a is not b)
-    slices = sorted(
-        (i for i, c in enumerate(shown) if c.kind is CheckKind.SLICE),
-        key=lambda i: (_slice_order(shown[i]), i),
-    )
-    failed_elsewhere = any(not c.passed for c in shown if c.kind is not CheckKind.SLICE)
-    keep = 0 if failed_elsewhere or all(shown[i].passed for i in slices) else 1
+def cut_checks(carried: Carried, excess: int) -> Carried:
+    """What an event carries of its report when all of ``carried`` would pass the event size limit by
+    ``excess`` bytes: each step is taken only while less than about ``excess`` bytes are freed.
+
+    1. details longer than 1,000 characters are cut;
+    2. passed checks are left out: slices only reported, then passed slices, then the other passed checks;
+    3. failed checks' details longer than 200 characters are cut;
+    4. failed checks are left out, slices first, their names staying in ``failed_checks``;
+    5. names of failed checks left out are dropped from ``failed_checks``.
+
+    Within a step the last in report order goes first. One check always stays: when any failed, a failed one
+    (one that is no slice if there is one, else the smallest), named in ``failed_checks``; so the verdict is
+    the report's, whatever is cut. The stored report keeps every check in full. Nothing changes when
+    nothing more can be cut."""
+    shown = list(carried.checks)
+    names = list(carried.failed_checks)
+    freed = 0
+
+    def shorten(chars: int, *, failed_only: bool) -> None:
+        nonlocal freed
+        for i, check in enumerate(shown):
+            if failed_only and check.passed:
+                continue
+            short = _shortened(check, chars)
+            if short is not check:
+                freed += _json_bytes(check) - _json_bytes(short)
+                shown[i] = short
+
+    failed = [i for i, c in enumerate(shown) if not c.passed]
+    if failed:
+        keep = min(failed, key=lambda i: (shown[i].kind is CheckKind.SLICE, _json_bytes(shown[i]), i))
+    else:
+        keep = min(range(len(shown)), key=lambda i: (-_leave_out_order(shown[i]), i), default=-1)
     left_out: set[int] = set()
-    while freed < excess and len(slices) > keep:
-        i = slices.pop()
-        left_out.add(i)
-        # The check and its comma; a failed one is also named in failed_checks.
-        freed += _json_bytes(shown[i]) + 1 + (0 if shown[i].passed else len(shown[i].name.encode()) + 3)
-    return [c for i, c in enumerate(shown) if i not in left_out]
+
+    def leave_out(orders: tuple[int, ...]) -> None:
+        nonlocal freed
+        candidates = sorted(
+            (i for i, c in enumerate(shown) if i != keep and _leave_out_order(c) in orders),
+            key=lambda i: (_leave_out_order(shown[i]), -i),
+        )
+        for i in candidates:
+            if freed >= excess:
+                return
+            left_out.add(i)
+            freed += _json_bytes(shown[i]) + 1  # and its comma; a failed one stays named
+
+    shorten(DETAIL_CHARS_WHEN_CUT, failed_only=False)
+    if freed < excess:
+        leave_out((0, 1, 2))
+    if freed < excess:
+        shorten(FAILED_DETAIL_CHARS_WHEN_CUT, failed_only=True)
+    if freed < excess:
+        leave_out((3, 4))
+    if freed < excess:
+        carried_names = {c.name for i, c in enumerate(shown) if i not in left_out}
+        for j in reversed(range(len(names))):
+            if freed >= excess:
+                break
+            if names[j] not in carried_names:
+                freed += _name_bytes(names.pop(j))
+    return Carried(checks=[c for i, c in enumerate(shown) if i not in left_out], failed_checks=names)
+
+
+NAME_CHARS_IN_MESSAGES = 80
+"""A check name longer than this is cut where a message names it (a slice level can be any length)."""
+
+
+def too_large_to_announce(outcome: ValidationPassed | ValidationFailed, *, size: int, limit: int) -> str:
+    """Why a report cannot be announced: even cut as far as it goes, its event passes the event size limit."""
+    names = ", ".join(
+        n if len(n) <= NAME_CHARS_IN_MESSAGES else f"{n[:NAME_CHARS_IN_MESSAGES]}…"
+        for n in (c.name for c in outcome.checks)
+    )
+    return (
+        f"{type(outcome).__name__} of {outcome.model} version {outcome.model_version} (report "
+        f"{outcome.report_id}) would be {size:,} bytes with as little as it can carry, "
+        f"{len(outcome.checks)} of its {outcome.checks_total} checks ({names}), over the limit of {limit} "
+        "bytes (max_event_bytes) that consumers accept: the candidate is not gated and no report is stored; "
+        "raise the limit (and the topic's message size) and replay this dead letter"
+    )
 
 
 def failure(name: str, detail: str) -> CheckResult:

@@ -16,11 +16,18 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
-from libs.bus import bytes_over_limit
+from libs.bus import EventTooLarge, bytes_over_limit
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ValidationSpec
-from services.validation.domain import cut_checks, failure, judge, report_id_for
+from services.validation.domain import (
+    Carried,
+    cut_checks,
+    failure,
+    judge,
+    report_id_for,
+    too_large_to_announce,
+)
 from services.validation.ports import (
     Champions,
     Datasets,
@@ -34,6 +41,9 @@ from services.validation.ports import (
 )
 
 log = get_logger(__name__)
+
+FAILED_CHECKS_LOGGED = 10
+"""Failed checks a log line names; it counts them all."""
 
 
 # --- the core, shared with the HTTP API ---------------------------------------------------------------
@@ -140,18 +150,24 @@ async def validate(
         ValidationFailed(**fields) if failed else ValidationPassed(**fields)
     )
     out = new_event(outcome, source=source, cause=event)
-    # Thousands of slices pass what consumers accept: the event carries what matters most and fits, the
-    # stored report every check. One that cannot be cut enough is still refused by publish.
+    # Thousands of slices, or a limit set low, pass what consumers accept: the event carries what matters
+    # most and fits, the stored report every check. The verdict is the report's whatever is cut.
+    carried = Carried(checks=outcome.checks, failed_checks=outcome.failed_checks)
     while excess := bytes_over_limit(out, max_bytes=max_event_bytes):
-        shown = cut_checks(outcome.checks, excess)
-        if shown == outcome.checks:
-            break
-        cut = {
-            "checks": shown,
-            "failed_checks": [c.name for c in shown if not c.passed],
-            "checks_truncated": True,
-        }
-        outcome = type(outcome)(**{**dict(outcome), **cut})
+        cut = cut_checks(carried, excess)
+        if cut == carried:
+            raise EventTooLarge(
+                too_large_to_announce(outcome, size=max_event_bytes + excess, limit=max_event_bytes)
+            )
+        carried = cut
+        outcome = type(outcome)(
+            **{
+                **dict(outcome),
+                "checks": cut.checks,
+                "failed_checks": cut.failed_checks,
+                "checks_truncated": True,
+            }
+        )
         out = new_event(outcome, source=source, cause=event)
     stored = Report(
         report_id=report_id,
@@ -171,7 +187,9 @@ async def validate(
         "validation passed" if not failed else "validation failed",
         model=d.model,
         version=d.model_version,
-        failed_checks=failed,
+        # Thousands of failed slices would make one log line as large as the report.
+        failed_checks=failed[:FAILED_CHECKS_LOGGED],
+        failed_checks_total=len(failed),
         duration_s=duration,
     )
     return stored

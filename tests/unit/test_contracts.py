@@ -242,6 +242,19 @@ def test_payloads_refuse_inconsistent_content(
         cls.model_validate(_with(cls, **changes))
 
 
+def test_a_cut_validation_event_may_name_failed_checks_it_leaves_out_and_never_a_passed_one() -> None:
+    cut = _with(ValidationFailed, checks_truncated=True, checks_total=9, failed_checks_total=2)
+    named = ValidationFailed.model_validate(
+        {**cut, "failed_checks": ["roc_auc>=0.75", "slice:plan=basic:f1"]}
+    )
+    assert named.failed_checks == ["roc_auc>=0.75", "slice:plan=basic:f1"]
+    for failed_checks in (["slice:plan=basic:f1"], ["roc_auc>=0.75", "sanity:not-constant"]):
+        with pytest.raises(ValidationError, match="every check in checks that did not pass"):
+            ValidationFailed.model_validate({**cut, "failed_checks": failed_checks})
+    with pytest.raises(ValidationError, match="exactly"):
+        ValidationFailed.model_validate(_with(ValidationFailed, failed_checks=["roc_auc>=0.75", "slice:x"]))
+
+
 def test_a_classification_signature_must_list_its_classes() -> None:
     signature = EXAMPLES[TrainingCompleted].model_dump()["signature"]
 

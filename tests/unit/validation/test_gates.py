@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from contracts.common import FeatureSpec, ModelSignature, Task
-from contracts.validation import CheckKind, Comparator
+from contracts.validation import CheckKind, CheckResult, Comparator, ValidationFailed, ValidationPassed
 from libs.metrics import Outputs, metric, paired_bootstrap_difference
 from libs.modelspec import ValidationSpec
 from services.validation.domain import (
     NO_CHAMPION,
+    Carried,
     ChampionComparison,
     Measured,
     SliceMeasure,
@@ -234,14 +237,18 @@ def test_paired_bootstrap_is_seeded_and_zero_for_identical_models() -> None:
     assert paired_bootstrap_difference(good, good, "roc_auc", resamples=100, level=0.9, seed=1) == (0, 0, 0)
 
 
-def test_an_oversized_reports_event_keeps_every_other_check_and_the_failed_slices_first() -> None:
+def carried(checks: list[CheckResult]) -> Carried:
+    return Carried(checks=checks, failed_checks=[c.name for c in checks if not c.passed])
+
+
+def four_slices() -> list[CheckResult]:
     slices = [
         SliceMeasure(level="a-reported", rows=5, value=0.9),
         SliceMeasure(level="b-failed", rows=100, value=0.5),
         SliceMeasure(level="c-passed", rows=100, value=0.9),
         SliceMeasure(level="d-failed", rows=100, value=0.6),
     ]
-    checks = judge(
+    return judge(
         SPEC,
         task=Task.CLASSIFICATION,
         n_classes=2,
@@ -250,27 +257,102 @@ def test_an_oversized_reports_event_keeps_every_other_check_and_the_failed_slice
         champion_signature=None,
         champion_version=None,
     )
-    names = [c.name for c in checks]
 
-    one_less = cut_checks(checks, excess=1)
-    assert [c.name for c in one_less] == [n for n in names if "a-reported" not in n]
-    failed_only = cut_checks(one_less, excess=1)
-    assert [c.name for c in failed_only if c.kind is CheckKind.SLICE] == [
-        "slice:plan=b-failed:roc_auc",
-        "slice:plan=d-failed:roc_auc",
-    ]
-    # Everything that can go has gone: the other checks, and one failed check to say why it failed.
-    least = cut_checks(checks, excess=10**6)
-    assert least == [
-        c for c in checks if c.kind is not CheckKind.SLICE or c.name == "slice:plan=b-failed:roc_auc"
-    ]
+
+def test_an_oversized_reports_event_leaves_out_passed_slices_then_other_passed_checks_then_failed_ones() -> (
+    None
+):
+    checks = four_slices()
+    names = [c.name for c in checks]
+    failed = ["slice:plan=b-failed:roc_auc", "slice:plan=d-failed:roc_auc"]
+
+    one_less = cut_checks(carried(checks), excess=1)
+    assert [c.name for c in one_less.checks] == [n for n in names if "a-reported" not in n]
+    no_passed_slice = cut_checks(one_less, excess=1)
+    assert [c.name for c in no_passed_slice.checks if c.kind is CheckKind.SLICE] == failed
+    # Then the passed checks that are no slice, the last in report order first.
+    next_cut = cut_checks(no_passed_slice, excess=1)
+    assert next_cut.checks == [c for c in no_passed_slice.checks if c.name != "sanity:holdout-labels"]
+    state = no_passed_slice
+    while any(c.passed for c in state.checks):
+        state = cut_checks(state, excess=1)
+    assert [c.name for c in state.checks] == failed and state.failed_checks == failed
+    # Then the failed ones, their names staying, until one is left; then the names of those left out.
+    state = cut_checks(state, excess=1)
+    assert [c.name for c in state.checks] == failed[:1] and state.failed_checks == failed
+    least = cut_checks(state, excess=1)
+    assert [c.name for c in least.checks] == failed[:1] and least.failed_checks == failed[:1]
+    assert cut_checks(least, excess=1) == least  # nothing left to cut
+    assert cut_checks(carried(checks), excess=10**6) == least
 
 
 def test_an_oversized_reports_event_cuts_a_long_detail_before_leaving_out_slices() -> None:
     long = failure(
         "signature-compatible", "; ".join(f"feature 'f{i:05d}' of the champion is gone" for i in range(5_000))
     )
-    kept = cut_checks([long], excess=10_000)
-    [short] = kept
+    kept = cut_checks(carried([long]), excess=10_000)
+    [short] = kept.checks
     assert len(short.detail) < 1_100 and short.detail.startswith(long.detail[:1_000])
     assert short.detail.endswith(f"… ({len(long.detail) - 1_000:,} more characters in the stored report)")
+    # Cut again (the event still too large: a failed check's detail goes down to 200 characters), it counts
+    # from the stored detail, not from the cut one.
+    [shorter] = cut_checks(kept, excess=10_000).checks
+    assert (
+        shorter.detail
+        == f"{long.detail[:200]}… ({len(long.detail) - 200:,} more characters in the stored report)"
+    )
+    assert cut_checks(Carried([shorter], [shorter.name]), excess=10_000).checks == [shorter]
+
+
+def test_failed_checks_keep_their_names_when_they_do_not_fit_and_keep_one_that_is_no_slice() -> None:
+    checks = four_slices()
+    roc_auc = next(c for c in checks if c.name == "roc_auc>=0.75")
+    gone = failure(
+        "signature-compatible", "; ".join(f"feature 'f{i:05d}' of the champion is gone" for i in range(20))
+    )
+    checks = [roc_auc.model_copy(update={"passed": False, "detail": "x" * 300}), *checks[1:]]
+    checks = [gone if c.name == "signature-compatible" else c for c in checks]
+    failed = [c.name for c in checks if not c.passed]
+    assert failed == [
+        "roc_auc>=0.75",
+        "slice:plan=b-failed:roc_auc",
+        "slice:plan=d-failed:roc_auc",
+        "signature-compatible",
+    ]
+    only_failed = [c for c in checks if not c.passed]
+    # Every passed check gone and a few bytes more to free: the failed details are cut to 200 characters.
+    passed_bytes = sum(len(c.model_dump_json()) + 1 for c in checks if c.passed)
+    shorter = cut_checks(carried(checks), excess=passed_bytes + 10)
+    assert [c.name for c in shorter.checks] == failed and shorter.failed_checks == failed
+    assert [len(c.detail) < 260 for c in shorter.checks] == [True, True, True, True]
+    assert shorter.checks[0].detail == "x" * 200 + "… (100 more characters in the stored report)"
+    # Then failed slices go before the others, every name staying; the one kept is no slice.
+    fewer = cut_checks(shorter, excess=1)
+    assert [c.name for c in fewer.checks] == [failed[0], failed[1], failed[3]]
+    fewest = cut_checks(carried(only_failed), excess=10**6)
+    assert [c.name for c in fewest.checks] == ["roc_auc>=0.75"] and fewest.failed_checks == ["roc_auc>=0.75"]
+
+
+@pytest.mark.parametrize("excess", [1, 100, 300, 1_000, 2_000, 3_000, 10**6])
+@pytest.mark.parametrize("fail", [False, True])
+def test_cutting_never_changes_the_verdict(excess: int, fail: bool) -> None:
+    checks = four_slices()
+    if not fail:
+        checks = [c.model_copy(update={"passed": True}) for c in checks]
+    fields: dict[str, Any] = {
+        "model": "churn",
+        "model_version": 3,
+        "report_id": "vr-churn-v3",
+        "duration_seconds": 1.0,
+        "checks_truncated": True,
+        "checks_total": len(checks),
+        "failed_checks_total": sum(not c.passed for c in checks),
+    }
+    state = carried(checks)
+    while (cut := cut_checks(state, excess)) != state:
+        state = cut
+        outcome = (ValidationFailed if fail else ValidationPassed)(
+            **fields, checks=state.checks, failed_checks=state.failed_checks
+        )
+        assert bool(outcome.failed_checks) == fail and any(not c.passed for c in outcome.checks) == fail
+    assert len(state.checks) == 1

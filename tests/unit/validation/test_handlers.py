@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,18 @@ import pytest
 
 from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
 from contracts.envelope import CloudEvent, new_event
+from contracts.examples import EXAMPLES
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.registry import EVENT_TYPES
 from contracts.validation import CheckKind, ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore, save_model
 from libs.bus import InMemoryBus, Subscription, Transaction
-from libs.modelspec import ModelSpec, build_pipeline, spec_from_data
+from libs.modelspec import ModelSpec, SliceRule, ValidationSpec, build_pipeline, spec_from_data
 from services.training.worker import run_training, signature
 from services.validation.adapters.evaluator import StoreEvaluator
+from services.validation.domain import Measured, SliceMeasure
 from services.validation.handlers import HANDLERS, report_for_version
-from services.validation.ports import Evaluation, Report, VersionRecord
+from services.validation.ports import Evaluation, Evaluator, Report, VersionRecord
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -82,12 +85,14 @@ class FakeReports:
 class Gate:
     """Validation's handlers on an in-memory bus, a temporary artifact store and trained models."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, *, max_event_bytes: int = 1_000_000, evaluator: Evaluator | None = None
+    ) -> None:
         self.url = str(root)
         self.store = ArtifactStore(self.url)
         self.versions, self.champions, self.reports = FakeVersions(), FakeChampions(), FakeReports()
-        self.bus = InMemoryBus(EVENT_TYPES)
-        evaluator = StoreEvaluator(self.store, latency_repeats=3)
+        self.bus = InMemoryBus(EVENT_TYPES, max_event_bytes=max_event_bytes)
+        evaluator = evaluator or StoreEvaluator(self.store, latency_repeats=3)
 
         def bind(handler: Any) -> Any:
             async def run(event: CloudEvent[Any], tx: Transaction) -> None:
@@ -100,6 +105,7 @@ class Gate:
                     evaluator=evaluator,
                     publish=tx.publish,
                     source="/driftloop/validation",
+                    max_event_bytes=max_event_bytes,
                 )
 
             return run
@@ -343,3 +349,109 @@ async def test_a_report_with_thousands_of_slices_is_announced_within_the_event_l
         c for c in report.checks if c.kind is not CheckKind.SLICE
     ]
     assert report.event_id == passed.id
+
+
+class MeasuredEvaluator:
+    """An evaluator that scores nothing: every candidate gets the same spec and the same measurements."""
+
+    def __init__(self, spec: ValidationSpec, measured: Measured) -> None:
+        self.spec, self.measured = spec, measured
+
+    async def validation_spec(self, spec: ArtifactRef) -> ValidationSpec:
+        return self.spec
+
+    async def measure(self, evaluation: Evaluation) -> Measured:
+        return self.measured
+
+
+# roc_auc misses its threshold; the other nine checks pass. Announced whole, the event takes about 2,850 bytes
+# (the registration it answers, about 2,150).
+FOUR_THRESHOLDS = ValidationSpec(thresholds={"accuracy": 0.8, "f1": 0.7, "roc_auc": 0.75, "log_loss": 0.5})
+ROC_AUC_MISSES = Measured(
+    rows=10_000,
+    metrics={"accuracy": 0.84, "f1": 0.72, "roc_auc": 0.70, "log_loss": 0.4},
+    nonfinite_outputs=0,
+    distinct_outputs=900,
+    latency_ms_per_row=0.01,
+    unlabelled_rows=3,
+    unusable_labels=("'x'",),
+    unknown_labels={"maybe": 4},
+)
+LIMIT = 2_500
+
+
+def registered() -> ModelVersionRegistered:
+    example = EXAMPLES[ModelVersionRegistered]
+    assert isinstance(example, ModelVersionRegistered)
+    return example
+
+
+@pytest.mark.parametrize("metrics", [ROC_AUC_MISSES.metrics, {**ROC_AUC_MISSES.metrics, "roc_auc": 0.9}])
+async def test_a_report_whose_checks_that_are_no_slice_pass_the_event_limit_is_announced_cut(
+    tmp_path: Path, metrics: dict[str, float]
+) -> None:
+    # No slice to leave out: the cut left every other check in, the event stayed over the limit, the bus
+    # refused it and the registration was dead-lettered as output-oversized: the candidate was never gated.
+    measured = replace(ROC_AUC_MISSES, metrics=metrics)
+    gate = Gate(tmp_path, max_event_bytes=LIMIT, evaluator=MeasuredEvaluator(FOUR_THRESHOLDS, measured))
+    await gate.register(registered())
+
+    assert gate.bus.dead_letters == []
+    report = await report_for_version("churn", 7, reports=gate.reports)
+    assert len(report.checks) == 10 and all(c.kind is not CheckKind.SLICE for c in report.checks)
+    [announced] = gate.bus.events(of=ValidationPassed) + gate.bus.events(of=ValidationFailed)
+    outcome = announced.data
+    assert isinstance(outcome, ValidationFailed) == (not report.passed) == (metrics["roc_auc"] < 0.75)
+    assert outcome.checks_truncated and 0 < len(outcome.checks) < len(report.checks)
+    assert (outcome.checks_total, outcome.failed_checks_total) == (10, len(report.failed_checks))
+    assert outcome.failed_checks == report.failed_checks
+    assert [c for c in report.checks if not c.passed] == [c for c in outcome.checks if not c.passed]
+    assert report.event_id == announced.id
+
+
+async def test_a_report_too_large_to_announce_even_cut_dead_letters_the_registration_saying_so(
+    tmp_path: Path,
+) -> None:
+    # The one failed check is a slice whose level is 3,000 characters long: named in the check and in
+    # failed_checks, it passes the limit alone, and a failed validation cannot be announced without it.
+    spec = FOUR_THRESHOLDS.model_copy(update={"slices": SliceRule(feature="plan", min_value=0.6)})
+    measured = replace(
+        ROC_AUC_MISSES,
+        metrics={**ROC_AUC_MISSES.metrics, "roc_auc": 0.9},
+        slice_feature="plan",
+        slice_metric="roc_auc",
+        slices=[SliceMeasure(level="p" * 3_000, rows=100, value=0.5)],
+    )
+    gate = Gate(tmp_path, max_event_bytes=LIMIT, evaluator=MeasuredEvaluator(spec, measured))
+    await gate.register(registered())
+
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "output-oversized"
+    assert "ValidationFailed of churn version 7 (report vr-churn-v7) would be " in dead.error
+    assert "1 of its 11 checks (slice:plan=ppp" in dead.error and f"the limit of {LIMIT} bytes" in dead.error
+    assert len(dead.error) < 1_000
+    assert gate.bus.events(of=ValidationFailed) == [] and gate.reports.rows == {}
+
+
+async def test_a_report_failing_thousands_of_slices_names_every_failed_one_in_its_cut_event(
+    tmp_path: Path,
+) -> None:
+    # Before, the event named only the failed slices it carried (about 4,000 of them here).
+    spec = FOUR_THRESHOLDS.model_copy(update={"slices": SliceRule(feature="store", min_value=0.6)})
+    measured = replace(
+        ROC_AUC_MISSES,
+        slice_feature="store",
+        slice_metric="roc_auc",
+        slices=[SliceMeasure(level=f"s-{i:05d}", rows=100, value=0.5) for i in range(8_000)],
+    )
+    gate = Gate(tmp_path, evaluator=MeasuredEvaluator(spec, measured))
+    await gate.register(registered())
+
+    assert gate.bus.dead_letters == []
+    report = await report_for_version("churn", 7, reports=gate.reports)
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.checks_truncated and failed.data.failed_checks_total == 8_001
+    assert failed.data.failed_checks == report.failed_checks
+    shown = failed.data.checks
+    assert all(not c.passed for c in shown) and 0 < len(shown) < 8_001
+    assert shown[0].name == "roc_auc>=0.75"
