@@ -1029,6 +1029,41 @@ def regression_pairs(pairs: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, np.n
     return np.array([p for p, _ in kept], dtype=float), np.array([y for _, y in kept], dtype=float)
 
 
+def absolute_errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """|prediction - label| per pair; infinity where the difference is beyond a double (a prediction of
+    1e308 against a label of -1e308: each finite, so accepted, their difference not)."""
+    with np.errstate(over="ignore"):
+        return np.abs(pred - truth)
+
+
+def _unit_exponent(values: np.ndarray) -> int:
+    """The power of two that brings finite, non-negative ``values`` below 1. Dividing by it is exact, and
+    the squares and sums of what it gives cannot overflow, so a mean or a root mean square of large errors
+    is computed as it is of small ones (and is at most the largest of them)."""
+    peak = float(values.max()) if values.size else 0.0
+    return math.frexp(peak)[1] if peak > 0 else 0
+
+
+def _times_power_of_two(x: float, exponent: int) -> float:
+    """``x * 2**exponent``; infinity if beyond a double."""
+    try:
+        return math.ldexp(x, exponent)
+    except OverflowError:
+        return math.inf
+
+
+def _error_metrics(errors: np.ndarray) -> dict[str, float]:
+    """RMSE and MAE of absolute errors: infinite (not measurable) when an error is."""
+    if not np.isfinite(errors).all():
+        return {"rmse": math.inf, "mae": math.inf}
+    exponent = _unit_exponent(errors)
+    unit = np.ldexp(errors, -exponent)
+    return {
+        "rmse": _times_power_of_two(float(np.sqrt(np.mean(unit**2))), exponent),
+        "mae": _times_power_of_two(float(np.mean(unit)), exponent),
+    }
+
+
 def unscorable(rows: Sequence[LabelledRow], task: Task) -> int:
     """Rows the metrics leave out: a regression model's rows whose prediction or label is no number."""
     if task is not Task.REGRESSION:
@@ -1039,15 +1074,15 @@ def unscorable(rows: Sequence[LabelledRow], task: Task) -> int:
 def performance_metrics(
     rows: Sequence[LabelledRow], task: Task, positive_class: str | None
 ) -> dict[str, float]:
-    """Accuracy / F1 / ROC AUC (classification) or RMSE / MAE (regression) over labelled rows."""
+    """Accuracy / F1 / ROC AUC (classification) or RMSE / MAE (regression) over labelled rows. A regression
+    window with an error beyond a double has infinite RMSE and MAE: not measurable."""
     if not rows:
         return {}
     if task is Task.REGRESSION:
         pred, truth = regression_pairs([(r.prediction, r.label) for r in rows])
         if not pred.size:
             return {}
-        err = pred - truth
-        return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+        return _error_metrics(absolute_errors(pred, truth))
     correct_ = np.array([_same_label(r.prediction, r.label) for r in rows])
     out = {"accuracy": float(correct_.mean())}
     if positive_class is not None:
@@ -1123,12 +1158,16 @@ def metric_standard_errors(
     """Bootstrap standard errors of the window's metrics (vectorised; a few milliseconds for 500 rows)."""
     if task is Task.REGRESSION:
         pred, truth = regression_pairs([(r.prediction, r.label) for r in rows])
-        if pred.size < 2:
-            return {}
-        err = (pred - truth)[np.random.default_rng(seed).integers(0, pred.size, size=(resamples, pred.size))]
+        errors = absolute_errors(pred, truth)
+        if errors.size < 2 or not np.isfinite(errors).all():
+            return {}  # too few rows, or metrics not measurable
+        exponent = _unit_exponent(errors)
+        unit = np.ldexp(errors, -exponent)[
+            np.random.default_rng(seed).integers(0, errors.size, size=(resamples, errors.size))
+        ]
         return {
-            "rmse": float(np.sqrt((err**2).mean(axis=1)).std()),
-            "mae": float(np.abs(err).mean(axis=1).std()),
+            "rmse": _times_power_of_two(float(np.sqrt((unit**2).mean(axis=1)).std()), exponent),
+            "mae": _times_power_of_two(float(unit.mean(axis=1).std()), exponent),
         }
     n = len(rows)
     if n < 2:

@@ -83,6 +83,14 @@ UNSCORABLE = Counter(
     ["model"],
 )
 
+PERFORMANCE_UNMEASURABLE = Counter(
+    "driftloop_monitoring_performance_windows_unmeasurable_total",
+    "Performance windows whose metrics are beyond a double (a regression model's prediction and label so far "
+    "apart that their error is, e.g. 1e308 against -1e308): scored without a verdict, logged as a warning, "
+    "the degraded-window streak left as it was, so the windows after them are judged.",
+    ["model"],
+)
+
 LABELS_CORRECTED = Counter(
     "driftloop_monitoring_labels_corrected_total",
     "Labels that replaced the different label a prediction was joined with before (a correction): the stored "
@@ -307,8 +315,23 @@ async def check_performance(
             )
         metrics = performance_metrics(labelled, ref.task, ref.positive_class)
         state.next_seq += 1
-        state.last_metrics = metrics
         await store.mark_scored([r.prediction_id for r in rows], seq)
+        if unmeasurable := sorted(name for name, value in metrics.items() if not math.isfinite(value)):
+            # Nothing a PerformanceDegraded could carry, and judging it would fail every label join after
+            # it (they all score this window first): scored, unjudged, the streak left as it was.
+            state.last_metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            PERFORMANCE_UNMEASURABLE.labels(model).inc()
+            log.warning(
+                "performance window not measurable: scored without a verdict",
+                model=model,
+                version=version,
+                window=seq,
+                metrics=unmeasurable,
+                hint="a prediction and its label so far apart that their error is beyond a double",
+            )
+            await store.save_performance_state(model, version, state)
+            continue
+        state.last_metrics = metrics
         errors = metric_standard_errors(labelled, ref.task, ref.positive_class, seed=seq)
         found = degradations(metrics, ref.baseline, policy.performance_tolerance, errors)
         start = min(epoch(r.predicted_at) for r in rows)

@@ -4,6 +4,8 @@ the window's Parquet export."""
 from __future__ import annotations
 
 import io
+import math
+import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -443,6 +445,32 @@ def test_regression_metrics_leave_out_rows_whose_prediction_or_label_is_no_numbe
         good, Task.REGRESSION, None, seed=3
     )
     assert performance_metrics(bad, Task.REGRESSION, None) == {}
+
+
+def test_regression_metrics_of_errors_whose_squares_or_sums_overflow_are_the_finite_true_values() -> None:
+    huge = [LabelledRow(1e200, None, 0.0, False)] * 10  # each error fits a double; its square does not
+    many = [LabelledRow(1e308, None, 0.0, False)] * 10  # each error fits; their sum does not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no RuntimeWarning on the way
+        assert performance_metrics(huge, Task.REGRESSION, None) == {
+            "rmse": pytest.approx(1e200),
+            "mae": pytest.approx(1e200),
+        }
+        assert performance_metrics(many, Task.REGRESSION, None) == {
+            "rmse": pytest.approx(1e308),
+            "mae": pytest.approx(1e308),
+        }
+        mixed = huge[:3] + [LabelledRow(1.0, None, 1.5, False)] * 7
+        errors = metric_standard_errors(mixed, Task.REGRESSION, None, seed=1)
+        assert set(errors) == {"rmse", "mae"} and all(math.isfinite(e) and e > 0 for e in errors.values())
+
+
+def test_regression_metrics_of_an_error_beyond_a_double_are_infinite_without_a_warning() -> None:
+    rows = [LabelledRow(1e308, None, -1e308, False)] + [LabelledRow(1.0, None, 1.5, False)] * 9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert performance_metrics(rows, Task.REGRESSION, None) == {"rmse": math.inf, "mae": math.inf}
+        assert metric_standard_errors(rows, Task.REGRESSION, None) == {}  # not measurable, not estimated
 
 
 def _window(accuracy: float, n: int, seed: int) -> list[LabelledRow]:

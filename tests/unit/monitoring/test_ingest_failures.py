@@ -5,9 +5,12 @@ metrics, not allowed to fail every label after it."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +18,13 @@ from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.feedback import GroundTruthReceived
+from contracts.monitoring import PerformanceDegraded
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from libs.artifacts import ArtifactStore
 from libs.bus import InMemoryBus
 from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap, live
+from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.bootstrap import make_monitor, subscriptions
 from services.monitoring.ports import LabelledRecord, PendingLabel, PerformanceState
 from services.monitoring.settings import MonitoringSettings
@@ -168,13 +174,22 @@ class LabelStore:
     async def save_performance_state(self, *_: Any) -> None:
         pass
 
+    async def record_alert(self, *_: Any) -> None:
+        pass
 
-def regression_monitor(settings: MonitoringSettings, n: int) -> Any:
-    monitor = make_monitor(settings, artifacts=None, source="/t")
+
+def regression_monitor(
+    settings: MonitoringSettings, n: int, predictions: dict[int, float] | None = None, artifacts: Any = None
+) -> Any:
+    """A regression model's monitor holding predictions p-0 .. p-<n-1>: i, or ``predictions[i]``."""
+    monitor = make_monitor(settings, artifacts=artifacts, source="/t")
     monitor.live.add_reference(regression_reference())
+    chosen = predictions or {}
     rows = [
         PredictionRecord(
-            prediction_id=f"p-{i}", inputs={"x0": 0.1 * i}, output=PredictionOutput(prediction=i)
+            prediction_id=f"p-{i}",
+            inputs={"x0": 0.1 * i},
+            output=PredictionOutput(prediction=chosen.get(i, i)),
         )
         for i in range(n)
     ]
@@ -193,7 +208,7 @@ def regression_monitor(settings: MonitoringSettings, n: int) -> Any:
 
 def feedback_bus(settings: MonitoringSettings, monitor: Any) -> InMemoryBus:
     [sub] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-feedback")]
-    bus = InMemoryBus(EventTypeRegistry([GroundTruthReceived]))
+    bus = InMemoryBus(EventTypeRegistry([GroundTruthReceived, PerformanceDegraded]))
     bus.subscribe(sub)
     return bus
 
@@ -247,3 +262,42 @@ async def test_a_label_that_is_no_number_stored_before_is_left_out_of_the_metric
     assert store.state.next_seq == 2 and "mae" in store.state.last_metrics
     after = REGISTRY.get_sample_value("driftloop_monitoring_unscorable_labels_total", {"model": "price"})
     assert after == before + 1
+
+
+def unmeasurable_windows(model: str) -> float:
+    labels = {"model": model}
+    return (
+        REGISTRY.get_sample_value("driftloop_monitoring_performance_windows_unmeasurable_total", labels)
+        or 0.0
+    )
+
+
+async def test_a_performance_window_whose_errors_overflow_is_not_measurable_and_the_windows_after_it_go_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Window 2's predictions are 1e308 where the truth is -1e308: both finite, so accepted, but their error
+    is beyond a double, and so are its RMSE and MAE. It is scored without a verdict, counted, and neither
+    breaks nor resets the run of degraded windows around it (1 and 3, MAE 5 against a baseline of 1)."""
+    settings = MonitoringSettings(
+        performance_window_labels=10, consumer_retry_backoff_s=0.001, export_labelled_rows=0
+    )
+    overflowing = {i: 1e308 for i in range(10, 20)}
+    artifacts = StoreArtifacts(ArtifactStore(str(tmp_path)))
+    monitor, store = regression_monitor(settings, 30, overflowing, artifacts), LabelStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
+    before = unmeasurable_windows("price")
+
+    for i in range(30):
+        await bus.publish(label(f"p-{i}", -1e308 if i in overflowing else i + 5.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await bus.drain()
+
+    assert bus.dead_letters == []
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert store.scored == {f"p-{i}" for i in range(30)} and store.state.next_seq == 4
+    assert unmeasurable_windows("price") == before + 1
+    [alert] = bus.events(of=PerformanceDegraded)  # windows 1 and 3: two degraded windows in a row
+    assert alert.data.window.id == "price:1:perf000003" and alert.data.metric in {"mae", "rmse"}
+    assert all(math.isfinite(v) for v in store.state.last_metrics.values())
