@@ -1300,8 +1300,13 @@ def _prediction_divergence(
     cs, ss = step.canary.scores(), step.stable.scores()
     if cs.size and ss.size and not np.isnan(cs).all() and not np.isnan(ss).all():
         cs, ss = cs[~np.isnan(cs)], ss[~np.isnan(ss)]
-        bins = edges if edges is not None and edges.size else np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
-        bins = np.unique(bins)
+        if edges is not None and edges.size:
+            bins = edges
+        else:
+            # Interpolating between -1.7e308 and 1.7e308 overflows: such an edge is left out.
+            with np.errstate(over="ignore", invalid="ignore"):
+                bins = np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
+        bins = np.unique(bins[np.isfinite(bins)])
         return stats.jensen_shannon(bin_counts(ss, bins), bin_counts(cs, bins)), "scores"
     if step.canary.prediction and step.stable.prediction:
         labels = sorted({str(v) for v in step.canary.prediction} | {str(v) for v in step.stable.prediction})
@@ -1325,7 +1330,9 @@ def judge_canary(
 ) -> CanaryDecision:
     """Compare canary with stable over the step: latency p95, prediction divergence, labelled performance.
 
-    Unhealthy when any comparison that could be made failed; healthy when the ones made passed. Labelled
+    Unhealthy when any comparison that could be made failed; else inconclusive when one could not be
+    measured (its numbers beyond a double: an absolute error of 1e308 against -1e308, the tolerance of a
+    huge stable latency), since it may hide anything; else healthy when the ones made passed. Labelled
     performance counts once both variants have ``min_labelled`` labelled rows: classification by a
     one-sided two-proportion z-test on accuracy (canary worse at ``alpha`` and by more than ``margin``),
     regression by a one-sided Welch test on absolute errors.
@@ -1349,19 +1356,33 @@ def judge_canary(
                 detail="no stable traffic in the step to compare with",
             )
         )
+    unmeasurable: list[str] = []
     s95, c95 = _p95(step.stable.latencies()), _p95(step.canary.latencies())
     if s95 is not None and c95 is not None:
         allowed = s95 * policy.latency_ratio + policy.latency_slack_ms
-        evidence.append(
-            CanaryComparison(
-                name="latency_p95_ms",
-                stable_value=round(s95, 4),
-                canary_value=round(c95, 4),
-                threshold=round(allowed - s95, 4),
-                passed=c95 <= allowed,
-                detail=f"canary p95 {c95:.2f} ms vs stable {s95:.2f} ms; allowed up to {allowed:.2f} ms",
+        if math.isfinite(allowed):
+            evidence.append(
+                CanaryComparison(
+                    name="latency_p95_ms",
+                    stable_value=round(s95, 4),
+                    canary_value=round(c95, 4),
+                    threshold=round(allowed - s95, 4),
+                    passed=c95 <= allowed,
+                    detail=f"canary p95 {c95:.2f} ms vs stable {s95:.2f} ms; allowed up to {allowed:.2f} ms",
+                )
             )
-        )
+        else:
+            unmeasurable.append("latency_p95_ms")
+            evidence.append(
+                CanaryComparison(
+                    name="latency_p95_ms",
+                    stable_value=round(s95, 4),
+                    canary_value=round(c95, 4),
+                    passed=None,
+                    detail=f"not measurable: the tolerance of stable's p95 of {s95:.3g} ms "
+                    f"(x {policy.latency_ratio} + {policy.latency_slack_ms} ms) is beyond a double",
+                )
+            )
     divergence, what = _prediction_divergence(step, task, score_edges)
     if divergence is not None:
         evidence.append(
@@ -1375,12 +1396,17 @@ def judge_canary(
                 f"(limit {policy.divergence_threshold})",
             )
         )
-    evidence.append(_labelled_comparison(task, labelled, policy))
+    outcome, measurable = _labelled_comparison(task, labelled, policy)
+    evidence.append(outcome)
+    if not measurable:
+        unmeasurable.append(outcome.name)
     judged = [e for e in evidence if e.passed is not None]
     failed = [e for e in judged if e.passed is False]
     if failed:
         names = ", ".join(e.name for e in failed)
         return CanaryDecision(Verdict.UNHEALTHY, evidence, f"canary failed: {names}")
+    if unmeasurable:
+        return CanaryDecision(Verdict.INCONCLUSIVE, evidence, f"not measurable: {', '.join(unmeasurable)}")
     if not judged:
         return CanaryDecision(
             Verdict.INCONCLUSIVE, evidence, "nothing could be compared (no stable traffic, no labels)"
@@ -1390,12 +1416,31 @@ def judge_canary(
     )
 
 
-def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPolicy) -> CanaryComparison:
+def _mean_error(errors: np.ndarray | None) -> float | None:
+    """The mean of absolute errors (None without any; infinite when one is), overflow-free."""
+    if errors is None or not errors.size:
+        return None
+    return _error_metrics(errors)["mae"]
+
+
+def _labelled_comparison(
+    task: Task, lab: LabelledComparison, policy: CanaryPolicy
+) -> tuple[CanaryComparison, bool]:
+    """The labelled comparison, and whether it could be measured."""
     enough = lab.stable_n >= policy.min_labelled and lab.canary_n >= policy.min_labelled
     if task is Task.REGRESSION:
         se, ce = lab.stable_abs_errors, lab.canary_abs_errors
-        s_mae = float(se.mean()) if se is not None and se.size else None
-        c_mae = float(ce.mean()) if ce is not None and ce.size else None
+        s_mae, c_mae = _mean_error(se), _mean_error(ce)
+        beyond = [side for side, mae in (("stable", s_mae), ("canary", c_mae)) if mae == math.inf]
+        if beyond:
+            return CanaryComparison(
+                name="mae",
+                stable_value=s_mae if s_mae != math.inf else None,
+                canary_value=c_mae if c_mae != math.inf else None,
+                passed=None,
+                detail=f"not measurable: an absolute error of {' and '.join(beyond)} is beyond a double "
+                "(a prediction and its label too far apart)",
+            ), False
         if not enough or se is None or ce is None or s_mae is None or c_mae is None:
             return CanaryComparison(
                 name="mae",
@@ -1404,17 +1449,29 @@ def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPoli
                 passed=None,
                 detail=f"needs {policy.min_labelled} labelled rows per variant "
                 f"(stable {lab.stable_n}, canary {lab.canary_n})",
-            )
-        _, p = stats.welch_greater(se, ce)
+            ), True
+        # Both sides scaled by one power of two (exact, and the test does not depend on the unit): the
+        # variances of large errors cannot overflow.
+        exponent = _unit_exponent(np.concatenate((se, ce)))
+        _, p = stats.welch_greater(np.ldexp(se, -exponent), np.ldexp(ce, -exponent))
         worse = p < policy.alpha and c_mae > s_mae * (1 + policy.margin)
+        threshold = s_mae * policy.margin
+        if not math.isfinite(threshold):
+            return CanaryComparison(
+                name="mae",
+                stable_value=s_mae,
+                canary_value=c_mae,
+                passed=None,
+                detail=f"not measurable: the margin of stable's MAE of {s_mae:.3g} is beyond a double",
+            ), False
         return CanaryComparison(
             name="mae",
             stable_value=s_mae,
             canary_value=c_mae,
-            threshold=s_mae * policy.margin,
+            threshold=threshold,
             passed=not worse,
             detail=f"one-sided Welch p={p:.3g} over {lab.stable_n} vs {lab.canary_n} labelled rows",
-        )
+        ), True
     s_acc = lab.stable_correct / lab.stable_n if lab.stable_n else None
     c_acc = lab.canary_correct / lab.canary_n if lab.canary_n else None
     if not enough or s_acc is None or c_acc is None:
@@ -1425,7 +1482,7 @@ def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPoli
             passed=None,
             detail=f"needs {policy.min_labelled} labelled rows per variant "
             f"(stable {lab.stable_n}, canary {lab.canary_n})",
-        )
+        ), True
     _, p = stats.two_proportion_worse(lab.stable_correct, lab.stable_n, lab.canary_correct, lab.canary_n)
     worse = p < policy.alpha and (s_acc - c_acc) > policy.margin
     return CanaryComparison(
@@ -1436,7 +1493,7 @@ def _labelled_comparison(task: Task, lab: LabelledComparison, policy: CanaryPoli
         passed=not worse,
         detail=f"one-sided two-proportion z-test p={p:.3g} over {lab.stable_n} vs {lab.canary_n} "
         "labelled rows",
-    )
+    ), True
 
 
 def canary_variant(variant: str) -> bool:

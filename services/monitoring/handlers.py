@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from prometheus_client import Counter
 
 from contracts.common import Task, TrafficWindow
@@ -45,6 +44,7 @@ from services.monitoring.domain import (
     LabelledRow,
     ModelReference,
     WindowJudgement,
+    absolute_errors,
     canary_ready,
     cut_evidence,
     debounce,
@@ -838,8 +838,9 @@ async def _labelled_comparison(
     if ref.task is Task.REGRESSION:
         stable_pred, stable_truth = regression_pairs([(p, y) for p, y, _ in stable])
         canary_pred, canary_truth = regression_pairs([(p, y) for p, y, _ in canary])
-        out.stable_abs_errors = np.abs(stable_pred - stable_truth)
-        out.canary_abs_errors = np.abs(canary_pred - canary_truth)
+        # Infinite where a prediction and its label are too far apart for a double: judge_canary says so.
+        out.stable_abs_errors = absolute_errors(stable_pred, stable_truth)
+        out.canary_abs_errors = absolute_errors(canary_pred, canary_truth)
         out.stable_n, out.canary_n = stable_pred.size, canary_pred.size
         out.unscorable = len(stable) + len(canary) - out.stable_n - out.canary_n
     else:

@@ -10,6 +10,7 @@ inconclusive verdict saying it could not be judged, and the other steps and the 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -355,7 +356,8 @@ def watched_rollout(rollout_id: str, model: str, started_at: float = 0.0) -> Sto
 
 class TickStore(Store):
     """A tick's store with labelled outcomes, label expiry and replay offsets to look at. ``away``: the
-    calls that meet an outage (the connection drops), by method name and rollout or model."""
+    calls that meet an outage (the connection drops), by method name and rollout or model; ``broken``: the
+    calls that fail for good, with their error."""
 
     def __init__(self, steps: list[StoredStep], outcomes: dict[tuple[str, int], list[Any]]) -> None:
         super().__init__(steps)
@@ -363,10 +365,13 @@ class TickStore(Store):
         self.expired = [("p-expired", "churn")]
         self.offsets_saved = 0
         self.away: set[tuple[str, str]] = set()
+        self.broken: dict[tuple[str, str], Exception] = {}
 
     def _outage(self, call: str, key: str) -> None:
         if (call, key) in self.away:
             raise ConnectionError("connection was closed in the middle of operation")
+        if (call, key) in self.broken:
+            raise self.broken[(call, key)]
 
     async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
         self._outage("labelled_outcomes", model)
@@ -386,34 +391,71 @@ class TickStore(Store):
         self.offsets_saved += 1
 
 
-def steps_set_aside(model: str, error: str) -> float:
-    labels = {"model": model, "error": error}
-    return REGISTRY.get_sample_value("driftloop_monitoring_canary_steps_set_aside_total", labels) or 0.0
+def steps_set_aside(model: str, error: str | None = None) -> float:
+    """Steps of the model set aside, for this error type or (None) any."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == "driftloop_monitoring_canary_steps_set_aside_total"
+        and sample.labels["model"] == model
+        and error in (None, sample.labels["error"])
+    )
 
 
-def overflowing_regression_canary(monkeypatch: pytest.MonkeyPatch) -> tuple[Monitor, TickStore]:
-    """Rollout r-price (a regression model) whose canary predicted 1e308 where the truth was -1e308: both
-    finite, so the prediction and the label were accepted, but the absolute error overflows a double and
-    its MAE (infinity) cannot go into a CanaryVerdict. Rollout r-churn, behind it, is due its verdict."""
-    broken, other = watched_rollout("r-price", "price"), watched_rollout("r-churn", "churn")
-    store = TickStore([broken, other], outcomes={("price", 2): [(1e308, -1e308, None)]})
+def regression_rollouts(monkeypatch: pytest.MonkeyPatch, outcomes: list[Any]) -> tuple[Monitor, TickStore]:
+    """Rollout r-price (a regression model) with 500 canary predictions and these labelled canary outcomes;
+    rollout r-churn, behind it, is due its verdict."""
+    price, other = watched_rollout("r-price", "price"), watched_rollout("r-churn", "churn")
+    store = TickStore([price, other], outcomes={("price", 2): outcomes})
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
     monkeypatch.setattr(bootstrap.time, "time", lambda: TIMEOUT_S + 1)
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
     monitor.live.add_reference(regression_reference("price", 2))
-    for step in (broken, other):
+    for step in (price, other):
         monitor.live.watch(canary_step(step))
     monitor.live.steps["r-price"].canary.rows = 500
     monitor.live.label_waits("p-expired", "churn")
     return monitor, store
 
 
+def failing_canary(monkeypatch: pytest.MonkeyPatch) -> tuple[Monitor, TickStore]:
+    """Rollout r-price, whose decision fails for good: reading its labelled outcomes raises an error that is
+    no outage (a row the code cannot take), on every tick."""
+    monitor, store = regression_rollouts(monkeypatch, [(1.0, 1.5, None)])
+    store.broken = {("labelled_outcomes", "price"): ValueError("a stored row the decision cannot take")}
+    return monitor, store
+
+
+async def test_a_regression_canary_whose_errors_overflow_is_inconclusive_as_not_measurable_not_set_aside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The canary predicted 1e308 where the truth was -1e308: both finite, so the prediction and the label
+    were accepted, but the absolute error is beyond a double. The decision says so itself."""
+    monitor, store = regression_rollouts(monkeypatch, [(1e308, -1e308, None)])
+    rt = Runtime()
+    before = steps_set_aside("price")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        await Background(rt, monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    verdicts = {e.data.rollout_id: e.data for e in rt.published if isinstance(e.data, CanaryVerdict)}
+    assert verdicts["r-price"].verdict is Verdict.INCONCLUSIVE
+    assert verdicts["r-price"].reason == "not measurable: mae"
+    mae = next(c for c in verdicts["r-price"].evidence if c.name == "mae")
+    assert (mae.canary_value, mae.passed) == (None, None) and mae.detail.startswith("not measurable")
+    assert steps_set_aside("price") == before  # for any error
+    assert store.decided == {("r-price", 0): "inconclusive", ("r-churn", 0): "inconclusive"}
+    assert monitor.live.steps == {}
+
+
 async def test_a_canary_step_whose_decision_fails_for_good_is_set_aside_and_the_tick_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monitor, store = overflowing_regression_canary(monkeypatch)
+    monitor, store = failing_canary(monkeypatch)
     rt = Runtime()
-    before = steps_set_aside("price", "ValidationError")
+    before = steps_set_aside("price", "ValueError")
 
     await Background(rt, monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
@@ -425,7 +467,7 @@ async def test_a_canary_step_whose_decision_fails_for_good_is_set_aside_and_the_
     assert verdicts["r-price"].verdict is Verdict.INCONCLUSIVE
     assert verdicts["r-price"].reason.startswith("could not be judged")
     assert store.decided == {("r-price", 0): "inconclusive", ("r-churn", 0): "inconclusive"}
-    assert steps_set_aside("price", "ValidationError") == before + 1
+    assert steps_set_aside("price", "ValueError") == before + 1
     assert monitor.live.steps == {}
     assert store.offsets_saved == 1  # and the housekeeping after it ran
     assert monitor.live.pending_labels == set()
@@ -434,8 +476,7 @@ async def test_a_canary_step_whose_decision_fails_for_good_is_set_aside_and_the_
 async def test_a_canary_step_whose_decision_meets_an_outage_stays_watched_and_is_not_set_aside(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monitor, store = overflowing_regression_canary(monkeypatch)
-    store.outcomes = {("price", 2): [(1.0, 1.5, None)]}  # nothing wrong with the data this time
+    monitor, store = regression_rollouts(monkeypatch, [(1.0, 1.5, None)])
     store.away = {("labelled_outcomes", "price")}
     rt = Runtime()
     background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
@@ -457,19 +498,19 @@ async def test_a_canary_step_whose_decision_meets_an_outage_stays_watched_and_is
 async def test_a_canary_step_set_aside_during_an_outage_is_counted_once_when_its_verdict_is_stored(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monitor, store = overflowing_regression_canary(monkeypatch)
+    monitor, store = failing_canary(monkeypatch)
     store.away = {("decide_step", "r-price")}  # the outage comes while its inconclusive verdict is stored
     rt = Runtime()
     background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
-    before = steps_set_aside("price", "ValidationError")
+    before = steps_set_aside("price", "ValueError")
 
     with pytest.raises(ConnectionError):
         await background.once()
     assert "r-price" in monitor.live.steps
-    assert steps_set_aside("price", "ValidationError") == before
+    assert steps_set_aside("price", "ValueError") == before
 
     store.away.clear()  # the database is back
     await background.once()
     assert store.decided[("r-price", 0)] == "inconclusive"
-    assert steps_set_aside("price", "ValidationError") == before + 1
+    assert steps_set_aside("price", "ValueError") == before + 1
     assert monitor.live.steps == {}

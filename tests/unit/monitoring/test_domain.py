@@ -529,6 +529,76 @@ def test_a_canary_like_stable_is_healthy_and_labels_below_n_do_not_count() -> No
     assert next(e for e in decision.evidence if e.name == "accuracy").passed is None
 
 
+def test_a_canary_whose_stable_latency_tolerance_overflows_is_inconclusive_as_not_measurable() -> None:
+    rng = np.random.default_rng(2)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    step.stable.latency_ms = [np.full(200, 1.5e308)]  # finite, but 1.5 times it is not
+    labelled = LabelledComparison(stable_correct=170, stable_n=200, canary_correct=168, canary_n=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.INCONCLUSIVE
+    assert decision.reason == "not measurable: latency_p95_ms"
+    latency = next(e for e in decision.evidence if e.name == "latency_p95_ms")
+    assert latency.passed is None and latency.canary_value == 2.0 and latency.threshold is None
+    assert latency.detail.startswith("not measurable")
+    assert next(e for e in decision.evidence if e.name == "accuracy").passed is True  # the others are made
+
+
+def test_a_regression_canary_whose_absolute_errors_overflow_is_inconclusive_as_not_measurable() -> None:
+    rng = np.random.default_rng(2)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    labelled = LabelledComparison(
+        stable_n=150,
+        canary_n=150,
+        stable_abs_errors=np.full(150, 0.5),
+        canary_abs_errors=np.concatenate(([math.inf], rng.uniform(0.0, 1.0, 149))),  # 1e308 against -1e308
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decision = judge_canary(step, task=Task.REGRESSION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.INCONCLUSIVE and decision.reason == "not measurable: mae"
+    mae = next(e for e in decision.evidence if e.name == "mae")
+    assert (mae.stable_value, mae.canary_value, mae.passed) == (0.5, None, None)
+
+
+def test_a_failed_comparison_makes_a_canary_unhealthy_even_beside_one_not_measurable() -> None:
+    rng = np.random.default_rng(2)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    step.stable.latency_ms = [np.full(200, 1.5e308)]
+    labelled = LabelledComparison(stable_correct=170, stable_n=200, canary_correct=110, canary_n=200)
+    decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.UNHEALTHY and decision.reason == "canary failed: accuracy"
+
+
+def test_large_but_finite_absolute_errors_are_compared_as_small_ones_are() -> None:
+    rng = np.random.default_rng(3)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    stable, canary = rng.uniform(0.0, 1.0, 150), rng.uniform(0.5, 1.5, 150)
+    small = LabelledComparison(stable_n=150, canary_n=150, stable_abs_errors=stable, canary_abs_errors=canary)
+    scale = 2.0**1020  # a power of two: the scaled errors are exact, their sums overflow a double
+    large = LabelledComparison(
+        stable_n=150, canary_n=150, stable_abs_errors=stable * scale, canary_abs_errors=canary * scale
+    )
+    policy = CanaryPolicy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        at_small = next(
+            e
+            for e in judge_canary(step, task=Task.REGRESSION, labelled=small, policy=policy).evidence
+            if e.name == "mae"
+        )
+        at_large = next(
+            e
+            for e in judge_canary(step, task=Task.REGRESSION, labelled=large, policy=policy).evidence
+            if e.name == "mae"
+        )
+    assert at_small.passed is False and at_large.passed is False
+    assert at_small.canary_value is not None
+    assert at_large.canary_value == pytest.approx(at_small.canary_value * scale)
+    assert at_large.detail == at_small.detail  # the same test statistic: it does not depend on the unit
+
+
 @pytest.mark.parametrize("n_numeric", [1, 3])
 def test_columns_are_the_same_whether_every_row_has_every_feature_or_not(n_numeric: int) -> None:
     ref = reference(n_numeric=n_numeric)
