@@ -250,26 +250,39 @@ async def on_ground_truth_received(
     live = monitor.live
     joined: dict[str, LabelledRecord] = {}
     waiting: list[PendingLabel] = []
-    for d in deliveries:
-        if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
-            continue
-        g = d.event.data
-        hit = live.cache.get(g.prediction_id)
-        _check_label(g, hit.version if hit is not None and hit.model == g.model else g.model_version, live)
-        if hit is None or hit.model != g.model:
-            waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
-            # In memory now, with no await since the look-up: a prediction consumed from here on looks for
-            # it (and, until this transaction commits, misses it and leaves it to the next tick).
-            live.label_waits(g.prediction_id, g.model)
-            continue
-        window = live.windows.get((hit.model, hit.version))
-        # Late: the prediction's drift window was already judged when its label came.
-        late = window is not None and hit.window_seq < window.seq
-        # One row per prediction (a statement cannot change a row twice): the poll's last label for it.
-        joined[g.prediction_id] = _labelled(hit, g.label, g.observed_at, late=late)
-    if waiting:
-        await store.add_pending(waiting)
-    await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
+    marked: list[tuple[str, str]] = []
+    try:
+        for d in deliveries:
+            if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
+                continue
+            g = d.event.data
+            hit = live.cache.get(g.prediction_id)
+            _check_label(
+                g, hit.version if hit is not None and hit.model == g.model else g.model_version, live
+            )
+            if hit is None or hit.model != g.model:
+                waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
+                # In memory now, with no await since the look-up: a prediction consumed from here on looks
+                # for it (and, until this transaction commits, misses it and leaves it to the next tick).
+                if live.label_waits(g.prediction_id, g.model):
+                    marked.append((g.prediction_id, g.model))
+                continue
+            window = live.windows.get((hit.model, hit.version))
+            # Late: the prediction's drift window was already judged when its label came.
+            late = window is not None and hit.window_seq < window.seq
+            # One row per prediction (a statement cannot change a row twice): the poll's last label for it.
+            joined[g.prediction_id] = _labelled(hit, g.label, g.observed_at, late=late)
+        if waiting:
+            await store.add_pending(waiting)
+        await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
+    except BaseException:
+        # The transaction fails with the handler: these labels are not in Postgres, and memory follows what
+        # is committed. The bus retries the poll (one event at a time after a failure that is not an
+        # outage), which marks again the labels whose own transaction commits; one that fails for good is
+        # dead-lettered, and no prediction waits for it. Pairs already waiting before stay: an earlier
+        # label for them is still in Postgres.
+        live.labels_settled(marked)
+        raise
 
 
 def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -> None:

@@ -287,13 +287,19 @@ class LiveState:
 
     # -- labels waiting for their prediction --------------------------------------------------------------
 
-    def label_waits(self, prediction_id: str, model: str) -> None:
+    def label_waits(self, prediction_id: str, model: str) -> bool:
         """A label naming ``model`` waits for its prediction (a later one for the same pair replaces it in
-        Postgres: one entry here)."""
-        self.pending_labels.add((prediction_id, model))
+        Postgres: one entry here). Returns whether the pair is new here: if the transaction storing the
+        label fails, that mark is the one to take back."""
+        pair = (prediction_id, model)
+        if pair in self.pending_labels:
+            return False
+        self.pending_labels.add(pair)
+        return True
 
     def labels_settled(self, labels: Iterable[tuple[str, str]]) -> None:
-        """These (prediction id, model) waiting labels were joined or expired (and that is committed)."""
+        """These (prediction id, model) labels no longer wait in Postgres: joined or expired (and that is
+        committed), or never stored (the transaction that stored them failed)."""
         self.pending_labels.difference_update(labels)
 
     def joins_to_make(self) -> list[str]:

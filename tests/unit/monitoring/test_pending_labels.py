@@ -17,11 +17,13 @@ from typing import Any, cast
 import pytest
 from prometheus_client import REGISTRY
 
-from contracts.envelope import CloudEvent, new_event
+from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.feedback import GroundTruthReceived
-from libs.bus import Delivery, Record
+from contracts.predictions import PredictionsLogged
+from libs.bus import Delivery, InMemoryBus, Record
+from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap
-from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.bootstrap import Background, make_monitor, subscriptions
 from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
 from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel
 from services.monitoring.settings import MonitoringSettings
@@ -48,6 +50,7 @@ class Tables:
         self.labelled: dict[str, LabelledRecord] = {}
         self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
         self.refused: set[str] = set()  # the same, for these predictions' labels only
+        self.waits_refused: set[str] = set()  # storing these predictions' waiting labels fails for good
         self.replay_saves = 0
         self.ticks = 0
 
@@ -80,6 +83,8 @@ class Tx:
         return {pair: label for pair, label in rows.items() if pair not in self.taken | self.expired}
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
+        if any(label.prediction_id in self.tables.waits_refused for label in labels):
+            raise ValueError("a value the pending_labels table cannot take")
         for label in labels:  # the latest for the pair, waiting or expired, is kept
             self.added[(label.prediction_id, label.model)] = replace(label, received_at=self.now)
 
@@ -168,6 +173,23 @@ class Runtime:
         yield type("Tx", (), {"conn": tx, "publish": staticmethod(publish)})()
         if self.commit_fails:
             raise ConnectionError("connection was closed in the middle of operation")
+        tx.commit()
+
+
+class TablesBus(InMemoryBus):
+    """The in-memory bus with its transactions on the tables: a handler's writes are kept only if its
+    transaction commits."""
+
+    def __init__(self, tables: Tables) -> None:
+        super().__init__(EventTypeRegistry([GroundTruthReceived, PredictionsLogged]))
+        self.tables = tables
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[MemoryTransaction]:
+        tx = self.tables.begin()
+        async with super()._begin() as memory:
+            memory.conn = tx
+            yield memory
         tx.commit()
 
 
@@ -473,3 +495,28 @@ async def test_a_join_due_when_the_process_stopped_is_made_after_the_restart(
 
     assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
     assert restarted.live.pending_labels == set()
+
+
+async def test_a_label_whose_transaction_fails_for_good_is_dead_lettered_and_does_not_wait_in_memory(
+    monitor: Monitor,
+) -> None:
+    """The feedback handler marks a waiting label in memory before its transaction commits (a prediction
+    consumed meanwhile must look for it). If that transaction fails for good, the label is dead-lettered and
+    is not in Postgres: memory must not keep it waiting, nor a later prediction with its id look for it."""
+    tables = Tables()
+    tables.waits_refused = {"bad-1-0"}
+    settings = MonitoringSettings(consumer_retry_backoff_s=0.001)
+    [feedback] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-feedback")]
+    bus = TablesBus(tables)
+    bus.subscribe(feedback)
+
+    for pid in ("good-1-0", "bad-1-0"):  # one poll: the batch fails, then each label alone
+        g = GroundTruthReceived(prediction_id=pid, model="churn", label=1, observed_at=datetime.now(UTC))
+        await bus.publish(new_event(g, source="/feedback"))
+    await bus.drain()
+
+    [dead] = bus.dead_letters
+    assert dead.reason == "handler-failed" and "pending_labels" in dead.error
+    assert tables.waiting() == monitor.live.pending_labels == {("good-1-0", "churn")}
+    await consume_prediction(monitor, tables, "bad-1")  # a prediction with the dead-lettered label's id
+    assert monitor.live.joins_to_make() == []
