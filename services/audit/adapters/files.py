@@ -73,8 +73,12 @@ class CheckpointFile:
         if not newer:
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            if _torn(fd):
+                # A write cut short (a crash, a full disk) left a line without its end: the torn line is
+                # skipped when read, and must not take the next checkpoint with it.
+                os.write(fd, b"\n")
             for cp in newer:
                 os.write(fd, orjson.dumps(cp.model_dump(mode="json")) + b"\n")
             os.fsync(fd)
@@ -82,3 +86,9 @@ class CheckpointFile:
             os.close(fd)
         self._last = newer[-1].sequence
         return len(newer)
+
+
+def _torn(fd: int) -> bool:
+    """Whether the file open at ``fd`` ends inside a line (not empty, its last byte no newline)."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"

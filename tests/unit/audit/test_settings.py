@@ -66,6 +66,26 @@ def test_checkpoint_file_appends_only_newer_checkpoints(tmp_path: Path) -> None:
     assert archive.read() == cps
 
 
+def test_a_torn_last_line_costs_no_checkpoint_appended_after_it(tmp_path: Path) -> None:
+    # A crash (or a full disk) in the middle of an append leaves a line without its newline: the next
+    # checkpoint must start a line of its own, not be glued to the torn one and lost with it.
+    signer = Signer(bytes(range(32)))
+    path = tmp_path / "checkpoints.ndjson"
+    first, second = (
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n, tzinfo=UTC))
+        for n in (10, 20)
+    )
+    CheckpointFile(path).append([first])
+    with path.open("ab") as f:
+        f.write(second.model_dump_json().encode()[:40])  # the torn write of the second
+
+    archive = CheckpointFile(path)
+    assert archive.append([first, second]) == 1
+
+    assert archive.read() == [first, second]
+    assert CheckpointFile(path).last_sequence() == 20
+
+
 def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
     assert AuditSettings(writer_role="audit_writer").writer_role == "audit_writer"
     for bad in ("audit_writer\n", "Audit", "audit-writer", "a" * 64):
