@@ -50,8 +50,8 @@ def _drain(agen: object) -> int:
 
 def _bookkeeping(poll: Sequence[Record]) -> list[Incoming]:
     incoming = [Incoming(r, None, True) for r in poll]
-    positions = [KafkaPosition(r.topic, r.partition, r.offset) for r, _, _ in incoming]
-    fresh = new_positions(incoming, set(), positions)
+    positions = [KafkaPosition(r.topic, r.partition, r.offset) for r in poll]
+    fresh = new_positions(incoming, {}, positions)
     keys = event_keys(fresh)
     if [k for k in keys if k is not None]:
         fresh = without_resent_copies(fresh, keys, {})

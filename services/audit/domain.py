@@ -168,6 +168,9 @@ class Incoming(NamedTuple):
     error: MalformedEvent | None = None
     decoded: bool = True
     """False when the platform's decoder did not produce an event from it."""
+    reuse: int = 0
+    """How many other records the trail holds at the record's Kafka position (see :func:`new_positions`):
+    0 but when the position was used again (a topic deleted and created again, a log truncated)."""
 
 
 def record_meta(
@@ -188,18 +191,22 @@ def record_meta(
         kind = Kind.EVENT
     if error is None and incoming.error is not None:
         error = {"reason": incoming.error.reason, "detail": incoming.error.detail}
+    kafka: dict[str, Any] = {
+        "key": _text_or_base64(r.key),
+        "offset": r.offset,
+        "partition": r.partition,
+        "timestamp_ms": r.timestamp_ms,
+        "tombstone": r.value is None,
+        "topic": r.topic,
+    }
+    if incoming.reuse:
+        # Only a record at a reused position says so: every other record's meta stays as it always was.
+        kafka["reuse"] = incoming.reuse
     meta = {
         "error": error,
         "format": FORMAT,
         "headers": headers,
-        "kafka": {
-            "key": _text_or_base64(r.key),
-            "offset": r.offset,
-            "partition": r.partition,
-            "timestamp_ms": r.timestamp_ms,
-            "tombstone": r.value is None,
-            "topic": r.topic,
-        },
+        "kafka": kafka,
         "kind": kind.value,
         "recorded_at": recorded_at if isinstance(recorded_at, str) else utc_text(recorded_at),
     }
@@ -228,7 +235,8 @@ class KafkaPosition(NamedTuple):
 
 class TrailRow(NamedTuple):
     """One row of the trail, ready to be written, its fields in the table's column order (so COPY takes
-    it as it is). Everything after ``seal`` is a copy of a record field, for the indexes."""
+    it as it is). Everything after ``seal`` is a copy of a record field, for the indexes and the unique
+    Kafka position (``reuse`` last: the column came with migration 0003)."""
 
     seq: int
     record: bytes
@@ -246,6 +254,7 @@ class TrailRow(NamedTuple):
     actor: str | None
     event_time: datetime | None
     recorded_at: datetime
+    reuse: int
 
     @property
     def position(self) -> KafkaPosition:
@@ -286,6 +295,7 @@ class Unchained(NamedTuple):
     actor: str | None
     event_time: datetime | None
     recorded_at: datetime
+    reuse: int
 
 
 def unchained_rows(
@@ -306,7 +316,7 @@ def unchained_rows(
     for item in incoming:
         r = item.record
         headers: dict[str, Any] | None = None
-        if item.decoded and item.error is None and r.topic != dead_letter_topic:
+        if item.decoded and item.error is None and not item.reuse and r.topic != dead_letter_topic:
             try:
                 # A null value is left out, so the count below sends the record the general way.
                 headers = {name: raw.decode() for name, raw in r.headers if raw is not None}
@@ -326,6 +336,7 @@ def unchained_rows(
                     kind.value,
                     *Attributes.of(meta["headers"]),
                     recorded_at,
+                    item.reuse,
                 ),
             )
             continue
@@ -390,6 +401,7 @@ def unchained_rows(
                 actor,
                 when,
                 recorded_at,
+                0,
             ),
         )
 
@@ -456,7 +468,7 @@ class ChainBuilder:
             return
         for item in incoming:
             row = prepared.take(item.record)
-            if row is None:
+            if row is None or item.reuse:  # prepared before the transaction knew the position was reused
                 row = next(unchained_rows((item,), recorded_at=at, dead_letter_topic=dead_letter_topic))
             yield row
 
@@ -509,25 +521,74 @@ class PartitionEnds:
         self._head = (head.seq, head.row_hash)
 
 
+KafkaContent = tuple[bytes, bytes]
+"""What tells a record read at a Kafka position from another record at the same position: its key,
+timestamp, tombstone flag and headers (as the trail stores them, one line of JSON) and the SHA-256 of its
+value. A redelivery is the very same record, so all of them match; a record at a position used again (the
+topic deleted and created again, a log truncated by an unclean leader election) is another record, and
+differs at least in its timestamp. ``recorded_at``, which the stored record also holds, is not part of it:
+each reading would have its own."""
+
+
+def kafka_content(meta: Mapping[str, Any], value_digest: bytes) -> KafkaContent:
+    """The :data:`KafkaContent` of a stored record, from its meta and the SHA-256 of its value."""
+    kafka = meta["kafka"]
+    identity = [kafka["key"], kafka["timestamp_ms"], kafka["tombstone"], meta["headers"]]
+    return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), value_digest
+
+
+def record_content(record: Record) -> KafkaContent:
+    """The :data:`KafkaContent` of a record as read from Kafka (the same bytes as :func:`kafka_content` of
+    the record the trail would store)."""
+    identity = [
+        _text_or_base64(record.key),
+        record.timestamp_ms,
+        record.value is None,
+        _headers_json(record.headers),
+    ]
+    value_digest = hashlib.sha256(record.value or b"").digest()
+    return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), value_digest
+
+
+HeldAt = list[tuple[int, KafkaContent | None]]
+"""The records the trail holds at one Kafka position: each one's reuse number and content (None for a row
+whose record cannot be read: changed in the database, which verification names)."""
+
+
 def new_positions(
     incoming: Sequence[Incoming],
-    recorded: set[KafkaPosition],
+    held: Mapping[KafkaPosition, HeldAt],
     positions: Sequence[KafkaPosition] | None = None,
 ) -> list[Incoming]:
-    """The records not in the trail yet, each position once, in order: a redelivery adds nothing.
+    """The records the trail does not hold yet, in order: a redelivery adds nothing.
 
-    ``positions`` are the records' positions in the same order, when the caller has them already.
+    A record at a position the trail (or this batch) holds is a redelivery only if it is the very record
+    held there (:data:`KafkaContent`). Another record at a taken position is new: it comes back with its
+    ``reuse``, one more than the highest held there. ``held`` is what the trail holds at these positions,
+    ``positions`` the records' positions in the same order, when the caller has them already.
     """
     if positions is None:
         positions = [KafkaPosition(i.record.topic, i.record.partition, i.record.offset) for i in incoming]
-    if not recorded and len(set(positions)) == len(positions):
+    if not held and len(set(positions)) == len(positions):
         return list(incoming)  # the usual batch: nothing seen before, nothing twice
-    seen = set(recorded)
+    # Contents are worked out only at taken positions: a record first seen in this batch is kept as it is
+    # until another record of the batch lands on its position.
+    taken: dict[KafkaPosition, list[tuple[int, KafkaContent | Record | None]]] = {
+        p: list(at) for p, at in held.items()
+    }
     fresh = []
     for item, position in zip(incoming, positions, strict=True):
-        if position not in seen:
-            seen.add(position)
+        at = taken.get(position)
+        if at is None:
+            taken[position] = [(item.reuse, item.record)]
             fresh.append(item)
+            continue
+        content = record_content(item.record)
+        if any((record_content(c) if isinstance(c, Record) else c) == content for _, c in at):
+            continue
+        reuse = max(n for n, _ in at) + 1
+        at.append((reuse, content))
+        fresh.append(item._replace(reuse=reuse))
     return fresh
 
 
@@ -718,6 +779,7 @@ class StoredRow:
     kind: str
     attributes: Attributes
     recorded_at: datetime
+    reuse: int = 0
 
 
 _ATTRIBUTE_COLUMNS = (
@@ -742,6 +804,7 @@ def column_mismatch(row: StoredRow) -> str | None:
             "topic": kafka["topic"],
             "kafka_partition": kafka["partition"],
             "kafka_offset": kafka["offset"],
+            "kafka_reuse": kafka.get("reuse", 0),
             "kind": meta["kind"],
             "recorded_at": _parse_time(meta["recorded_at"]),
         }
@@ -752,6 +815,7 @@ def column_mismatch(row: StoredRow) -> str | None:
         "topic": row.topic,
         "kafka_partition": row.partition,
         "kafka_offset": row.offset,
+        "kafka_reuse": row.reuse,
         "kind": row.kind,
         "recorded_at": row.recorded_at,
     }
@@ -858,6 +922,8 @@ def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> d
         "data": data,
         "error": meta["error"],
     }
+    if "reuse" in kafka:
+        view["reuse"] = kafka["reuse"]
     if meta["kind"] != Kind.EVENT:
         view["headers"] = headers
         view["value"] = raw_value

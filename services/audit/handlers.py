@@ -2,8 +2,10 @@
 
 Audit does not react to event types: it keeps whatever arrives, decodable or not, exactly once. One
 transaction per poll appends the batch to the chain, so the database commit and the offsets the runner
-commits afterwards move together; a redelivered record finds its Kafka position taken and adds nothing,
-and a re-sent copy of an event (an outbox relay's retry: same topic, id and bytes) finds the event held.
+commits afterwards move together; a redelivered record finds itself at its Kafka position and adds nothing,
+and a re-sent copy of an event (an outbox relay's retry: same topic, id and bytes) finds the event held. A
+record at a position the trail holds another record at (the topic was deleted and created again, or its log
+truncated) is new: it is recorded with its reuse number, counted and logged.
 
 While one poll's transaction is in flight, the next poll's rows are prepared (:func:`prepare_records`):
 everything but their sequence numbers, chain hashes and seals, which only the transaction can know once
@@ -16,13 +18,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from prometheus_client import Counter
+
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import new_event
-from libs.bus.core import Delivery
+from libs.bus.core import Delivery, Record
 from libs.logging import get_logger
 from services.audit.domain import (
     ChainBuilder,
     ChainHead,
+    HeldAt,
     Incoming,
     KafkaPosition,
     PartitionEnds,
@@ -37,6 +42,14 @@ from services.audit.domain import (
 from services.audit.ports import Clock, Publish, TrailWriter
 
 log = get_logger(__name__)
+
+POSITIONS_REUSED = Counter(
+    "driftloop_audit_positions_reused_total",
+    "Records read at a Kafka position the trail holds another record at (the topic was deleted and created "
+    "again, or its log truncated): recorded, each with its reuse number. Any increase wants an operator's "
+    "look: docs/operations.md.",
+    ["topic"],
+)
 
 
 async def on_records(
@@ -60,12 +73,14 @@ async def on_records(
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     head = await trail.lock_head()
-    positions = [KafkaPosition(r.topic, r.partition, r.offset) for r, _, _ in incoming]
+    positions = [KafkaPosition(d.record.topic, d.record.partition, d.record.offset) for d in deliveries]
     if ends is None:
         ends = PartitionEnds()
-    fresh = new_positions(incoming, await _recorded(trail, ends.at(head), positions), positions)
+    fresh = new_positions(incoming, await _held(trail, ends.at(head), positions), positions)
     if len(fresh) < len(incoming):
         log.info("redelivered records skipped", skipped=len(incoming) - len(fresh))
+    if reused := [item.record for item in fresh if item.reuse]:
+        _count_reused(reused)
     keys = event_keys(fresh)
     if checked := [k for k in keys if k is not None]:
         firsts = without_resent_copies(fresh, keys, await trail.held_events(checked))
@@ -84,15 +99,34 @@ async def on_records(
     return builder.head.seq - head.seq
 
 
-async def _recorded(
+async def _held(
     trail: TrailWriter, ends: dict[tuple[str, int], int], positions: Sequence[KafkaPosition]
-) -> set[KafkaPosition]:
-    """The positions the trail holds: only those at or below their partition's end can be, so only they
-    are looked up; the ends not known yet are read first (and kept in ``ends``)."""
+) -> dict[KafkaPosition, HeldAt]:
+    """What the trail holds at these positions: only those at or below their partition's end can be taken,
+    so only they are looked up; the ends not known yet are read first (and kept in ``ends``)."""
     if unknown := sorted({(p.topic, p.partition) for p in positions}.difference(ends)):
         ends.update(await trail.partition_ends(unknown))
     maybe = [p for p in positions if p.offset <= ends[(p.topic, p.partition)]]
-    return await trail.recorded(maybe) if maybe else set()
+    return await trail.held_at(maybe) if maybe else {}
+
+
+def _count_reused(records: Sequence[Record]) -> None:
+    """Count and log records at reused positions, one line per partition: the trail keeps them, but the
+    reason (a recreated topic, a truncated log) is an operator's to know."""
+    by_partition: dict[tuple[str, int], list[int]] = {}
+    for r in records:
+        by_partition.setdefault((r.topic, r.partition), []).append(r.offset)
+        POSITIONS_REUSED.labels(r.topic).inc()
+    for (topic, partition), offsets in by_partition.items():
+        log.warning(
+            "records at Kafka positions the trail holds other records at: recorded as new, with their reuse "
+            "number (was the topic deleted and created again, or its log truncated?)",
+            topic=topic,
+            partition=partition,
+            records=len(offsets),
+            first_offset=min(offsets),
+            last_offset=max(offsets),
+        )
 
 
 PREPARE_STEP = 50

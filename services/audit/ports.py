@@ -8,7 +8,15 @@ from typing import Any, Protocol
 
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent
-from services.audit.domain import ChainHead, EventQuery, HeldEvent, KafkaPosition, StoredRow, TrailRow
+from services.audit.domain import (
+    ChainHead,
+    EventQuery,
+    HeldAt,
+    HeldEvent,
+    KafkaPosition,
+    StoredRow,
+    TrailRow,
+)
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
@@ -28,8 +36,8 @@ class TrailWriter(Protocol):
         none."""
         ...
 
-    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
-        """Which of these Kafka positions the trail already holds."""
+    async def held_at(self, positions: Sequence[KafkaPosition]) -> dict[KafkaPosition, HeldAt]:
+        """What the trail holds at these Kafka positions (those it holds nothing at are left out)."""
         ...
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:

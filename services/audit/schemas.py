@@ -25,6 +25,11 @@ class AuditEventPublic(BaseModel):
     topic: str | None = Field(description="Kafka topic it was read from; null when `unreadable`.")
     partition: int | None = Field(description="Kafka partition; null when `unreadable`.")
     offset: int | None = Field(description="Kafka offset; null when `unreadable`.")
+    reuse: int | None = Field(
+        default=None,
+        description="Set only when other records were read at the same Kafka position before this one (its "
+        "topic was deleted and created again, or its log truncated): how many. The trail keeps each of them.",
+    )
     key: Any = Field(description="Kafka key (the model name on model topics).")
     id: str | None = Field(description="CloudEvents id.")
     type: str | None = Field(description="CloudEvents type, e.g. `io.driftloop.DriftDetected.v1`.")

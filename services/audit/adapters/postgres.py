@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 
 from contracts.audit import AuditCheckpoint
 from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
@@ -24,13 +25,16 @@ from services.audit.domain import (
     Attributes,
     ChainHead,
     EventQuery,
+    HeldAt,
     HeldEvent,
+    KafkaContent,
     KafkaPosition,
     Kind,
     StoredRow,
     TrailRow,
     decode_record,
     held_event,
+    kafka_content,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -53,6 +57,7 @@ TRAIL_COLUMNS = (
     "actor",
     "event_time",
     "recorded_at",
+    "kafka_reuse",
 )
 # The order append() sends the columns in: the fixed-size ones first, so one struct packs them.
 COPY_COLUMNS = (
@@ -61,6 +66,7 @@ COPY_COLUMNS = (
     "seal",
     "kafka_partition",
     "kafka_offset",
+    "kafka_reuse",
     "recorded_at",
     "record",
     "topic",
@@ -75,7 +81,7 @@ COPY_COLUMNS = (
 )
 _STORED = (
     "seq, record, row_hash, topic, kafka_partition, kafka_offset, kind, event_id, event_type, subject, "
-    "correlation_id, causation_id, actor, event_time, recorded_at"
+    "correlation_id, causation_id, actor, event_time, recorded_at, kafka_reuse"
 )
 
 # Binary COPY: an 11-byte signature, 4 bytes of flags, a 4-byte header-extension length (then the
@@ -93,9 +99,9 @@ _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 _COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
 _NULL = b"\xff\xff\xff\xff"
-# Field count, then seq, row_hash, seal, kafka_partition, kafka_offset, recorded_at, each after its length,
-# then the record's length.
-_FIXED = struct.Struct("!hiqi32si16siiiqiqi")
+# Field count, then seq, row_hash, seal, kafka_partition, kafka_offset, kafka_reuse, recorded_at, each after
+# its length, then the record's length.
+_FIXED = struct.Struct("!hiqi32si16siiiqiiiqi")
 _LENGTH = struct.Struct("!i")
 _TIMESTAMP = struct.Struct("!iq")
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -133,7 +139,7 @@ async def copy_data(rows: Iterable[TrailRow], chunk_bytes: int = COPY_CHUNK_BYTE
     stamp = 0
     for row in rows:
         (seq, record, row_hash, seal, topic, partition, offset, kind, event_id, event_type, subject,
-         correlation_id, causation_id, actor, event_time, recorded_at) = row  # fmt: skip
+         correlation_id, causation_id, actor, event_time, recorded_at, reuse) = row  # fmt: skip
         if recorded_at is not stamped:
             stamped, stamp = recorded_at, (recorded_at - epoch) // microsecond
         # Ids are new on every row: encoded inline, as a Python call per field costs more than the field.
@@ -143,7 +149,9 @@ async def copy_data(rows: Iterable[TrailRow], chunk_bytes: int = COPY_CHUNK_BYTE
             raw_id = event_id.encode()
             encoded_id = length(len(raw_id)) + raw_id
         out += (
-            fixed(16, 8, seq, 32, row_hash, 16, seal, 4, partition, 8, offset, 8, stamp, len(record)),
+            fixed(
+                17, 8, seq, 32, row_hash, 16, seal, 4, partition, 8, offset, 4, reuse, 8, stamp, len(record)
+            ),
             record,
             cache.get(topic) or cache.setdefault(topic, text(topic)),
             cache.get(kind) or cache.setdefault(kind, text(kind)),
@@ -227,6 +235,7 @@ def _stored(row: asyncpg.Record) -> StoredRow:
             event_time=row["event_time"],
         ),
         recorded_at=row["recorded_at"],
+        reuse=row["kafka_reuse"],
     )
 
 
@@ -275,19 +284,39 @@ class PgTrail:
         )
         return {(r["topic"], r["kafka_partition"]): -1 if r["last"] is None else r["last"] for r in rows}
 
-    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
-        """Exact look-ups through the unique Kafka position."""
+    async def held_at(self, positions: Sequence[KafkaPosition]) -> dict[KafkaPosition, HeldAt]:
+        """Exact look-ups through the unique Kafka position. Only the meta line and the SHA-256 of the value
+        come back (the database hashes the value): a batch of redelivered predictions costs no more than
+        their meta on the wire. A row whose record cannot be read holds a position with no content."""
         if not positions:
-            return set()
+            return {}
         rows = await self.conn.fetch(
-            """SELECT t.topic, t.kafka_partition, t.kafka_offset
+            """SELECT t.topic, t.kafka_partition, t.kafka_offset, t.kafka_reuse, t.seq,
+                      substr(t.record, 1, n.at - 1) AS meta,
+                      sha256(substr(t.record, n.at + 1)) AS value_digest
                FROM unnest($1::text[], $2::int[], $3::bigint[]) AS g(topic, kafka_partition, kafka_offset)
-               JOIN trail t USING (topic, kafka_partition, kafka_offset)""",
+               JOIN trail t USING (topic, kafka_partition, kafka_offset)
+               -- the meta line ends at the first LF (a record without one has no meta, and no content)
+               CROSS JOIN LATERAL (
+                   SELECT greatest(position(decode('0a', 'hex') IN t.record), 1) AS at
+               ) AS n""",
             [p.topic for p in positions],
             [p.partition for p in positions],
             [p.offset for p in positions],
         )
-        return {KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"]) for r in rows}
+        held: dict[KafkaPosition, HeldAt] = {}
+        for r in rows:
+            content: KafkaContent | None
+            try:
+                content = kafka_content(orjson.loads(r["meta"]), bytes(r["value_digest"]))
+            except Exception as exc:
+                log.warning(
+                    "a trail row cannot be read; it holds its position", seq=r["seq"], error=repr(exc)
+                )
+                content = None
+            position = KafkaPosition(r["topic"], r["kafka_partition"], r["kafka_offset"])
+            held.setdefault(position, []).append((r["kafka_reuse"], content))
+        return held
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
         """Headers and value of each row holding these (topic, event id) pairs, through the partial

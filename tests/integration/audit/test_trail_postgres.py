@@ -18,6 +18,7 @@ from libs.bus.core import Delivery, Record
 from services.audit import core
 from services.audit.adapters.postgres import PgTrail, reading
 from services.audit.domain import ChainBuilder, ChainHead, EventQuery, Incoming, PartitionEnds
+from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import delivery, example, record_of
 
@@ -48,6 +49,44 @@ async def test_redelivered_records_add_nothing_and_a_position_is_unique(trail_db
                SELECT 6, record, row_hash, seal, topic, kafka_partition, kafka_offset, kind, recorded_at
                FROM trail WHERE seq = 3"""
         )
+
+
+async def test_records_at_positions_a_recreated_topic_uses_again_are_recorded_once_each(
+    trail_db: TrailDb,
+) -> None:
+    ends = PartitionEnds()
+    old = [delivery(example(DriftDetected), offset=i) for i in range(4)]
+    assert await trail_db.record(old, ends=ends) == 4
+    # The topic was deleted and created again: offsets 0..2 hold new records, written later.
+    recreated = [
+        Delivery(replace(d.record, timestamp_ms=d.record.timestamp_ms + 60_000), d.event)
+        for d in (delivery(example(DriftDetected), offset=i) for i in range(3))
+    ]
+    assert await trail_db.record(recreated, ends=ends) == 3
+    assert await trail_db.record([*old, *recreated], ends=ends) == 0  # redeliveries of either
+    assert await trail_db.record([*old, *recreated]) == 0  # ... by a writer that knows no ends
+    rows = await trail_db.pool.fetch(
+        "SELECT kafka_offset, kafka_reuse, event_id, record FROM trail ORDER BY seq"
+    )
+    assert [(r["kafka_offset"], r["kafka_reuse"]) for r in rows[4:]] == [(0, 1), (1, 1), (2, 1)]
+    assert [r["event_id"] for r in rows] == [d.event.id for d in [*old, *recreated] if d.event is not None]
+    assert orjson.loads(bytes(rows[4]["record"]).partition(b"\n")[0])["kafka"]["reuse"] == 1
+    report = await trail_db.verify(full=True)
+    assert report.ok, report
+    # The reuse number is a copy of a record field like the others: the full verification checks it.
+    await trail_db.superuser("UPDATE trail SET kafka_reuse = 7 WHERE seq = 6")
+    report = await trail_db.verify(full=True)
+    assert report.first_bad_seq == 6 and report.problem == Problem.COLUMN_MISMATCH, report
+
+
+async def test_a_row_that_cannot_be_read_still_holds_its_position(trail_db: TrailDb) -> None:
+    batch = [delivery(example(DriftDetected), offset=i) for i in range(2)]
+    assert await trail_db.record(batch) == 2
+    await trail_db.superuser("UPDATE trail SET record = convert_to('not a record', 'UTF8') WHERE seq = 1")
+    # Whatever comes at offset 0 now is not taken for what the row held: it is recorded after it.
+    assert await trail_db.record(batch) == 1
+    rows = await trail_db.pool.fetch("SELECT kafka_offset, kafka_reuse FROM trail ORDER BY seq")
+    assert [tuple(r) for r in rows] == [(0, 0), (1, 0), (0, 1)]
 
 
 async def test_a_resent_copy_of_an_event_at_new_offsets_adds_nothing(trail_db: TrailDb) -> None:

@@ -19,6 +19,7 @@ from services.audit import handlers
 from services.audit.domain import (
     ChainHead,
     EventQuery,
+    HeldAt,
     HeldEvent,
     KafkaPosition,
     Kind,
@@ -30,6 +31,7 @@ from services.audit.domain import (
     chain_hash,
     decode_record,
     held_event,
+    kafka_content,
 )
 from services.audit.verification import Finding, LinkScanner, RecordScanner
 
@@ -78,10 +80,17 @@ class FakeTrail:
                 ends[key] = max(ends[key], s.row.offset)
         return ends
 
-    async def recorded(self, positions: Sequence[KafkaPosition]) -> set[KafkaPosition]:
+    async def held_at(self, positions: Sequence[KafkaPosition]) -> dict[KafkaPosition, HeldAt]:
         self.exact_lookups += 1
-        held = {KafkaPosition(s.row.topic, s.row.partition, s.row.offset) for s in self.rows.values()}
-        return {p for p in positions if p in held}
+        wanted = set(positions)
+        held: dict[KafkaPosition, HeldAt] = {}
+        for s in self.rows.values():
+            position = KafkaPosition(s.row.topic, s.row.partition, s.row.offset)
+            if position in wanted:
+                meta, value = decode_record(s.row.record)
+                content = kafka_content(meta, hashlib.sha256(value or b"").digest())
+                held.setdefault(position, []).append((s.row.reuse, content))
+        return held
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
         wanted = set(keys)
@@ -106,6 +115,7 @@ class FakeTrail:
                     kind=r.kind,
                     attributes=r.attributes,
                     recorded_at=r.recorded_at,
+                    reuse=r.reuse,
                 ),
                 r.seal,
             )

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent
@@ -19,7 +20,15 @@ from libs.bus import Delivery, InMemoryBus, Record, Subscription, Transaction
 from libs.bus.kafka import dead_letter_message
 from services.audit import handlers
 from services.audit.core import verify_trail
-from services.audit.domain import KeyRing, Kind, PartitionEnds, Signer, chain_hash
+from services.audit.domain import (
+    KeyRing,
+    Kind,
+    PartitionEnds,
+    PreparedRows,
+    Signer,
+    chain_hash,
+    decode_record,
+)
 from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example, kind_of, record
 
 
@@ -128,6 +137,13 @@ async def test_predictions_are_not_looked_up_by_id(trail: FakeTrail, signer: Sig
     assert n == 2
 
 
+def reused_count() -> float:
+    return (
+        REGISTRY.get_sample_value("driftloop_audit_positions_reused_total", {"topic": "mlops.monitoring"})
+        or 0.0
+    )
+
+
 def drifts(offsets: range, partition: int = 0) -> list[Delivery]:
     return [delivery(example(DriftDetected), partition=partition, offset=i) for i in offsets]
 
@@ -142,9 +158,10 @@ async def test_a_writer_that_knows_the_partition_ends_looks_up_only_redeliveries
     ends = PartitionEnds()
     await record(trail, signer, [*drifts(range(3)), *drifts(range(2), partition=1)], ends=ends)
     assert (trail.end_lookups, trail.exact_lookups) == (1, 0)
-    await record(trail, signer, [*drifts(range(3, 6)), *drifts(range(2, 4), partition=1)], ends=ends)
+    second = drifts(range(3, 6))
+    await record(trail, signer, [*second, *drifts(range(2, 4), partition=1)], ends=ends)
     assert (trail.end_lookups, trail.exact_lookups) == (1, 0)  # nothing read: all beyond the ends left
-    redelivered = drifts(range(5, 8))  # offset 5 is in the trail
+    redelivered = [second[-1], *drifts(range(6, 8))]  # offset 5 is in the trail
     n, _ = await record(trail, signer, redelivered, ends=ends)
     assert (n, trail.end_lookups, trail.exact_lookups) == (2, 1, 1)
     n, _ = await record(trail, signer, drifts(range(1), partition=2), ends=ends)  # a partition not seen yet
@@ -178,6 +195,51 @@ async def test_the_ends_are_read_again_after_a_transaction_rolled_back(
     assert n == 3
     assert trail.end_lookups == 2
     assert positions(trail) == [("mlops.monitoring", 0, i) for i in range(6)]
+
+
+async def test_events_at_offsets_a_recreated_topic_uses_again_are_recorded_not_taken_for_redeliveries(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    ends = PartitionEnds()
+    before = reused_count()
+    await record(trail, signer, drifts(range(5)), ends=ends)
+    # The topic was deleted and created again: its offsets start at 0, and the records there are new.
+    events = [example(DriftDetected) for _ in range(3)]
+    recreated = [delivery(e, offset=i) for i, e in enumerate(events)]
+    n, _ = await record(trail, signer, recreated, ends=ends)
+    assert n == 3
+    assert [trail.rows[s].row.attributes.event_id for s in (6, 7, 8)] == [e.id for e in events]
+    assert [(trail.rows[s].row.offset, trail.rows[s].row.reuse) for s in (6, 7, 8)] == [
+        (0, 1),
+        (1, 1),
+        (2, 1),
+    ]
+    assert decode_record(trail.rows[6].row.record)[0]["kafka"]["reuse"] == 1
+    assert reused_count() == before + 3
+    # Their redeliveries, and those of the records they followed, add nothing; beyond the end is the usual.
+    n, _ = await record(trail, signer, [*recreated, *drifts(range(5, 6))], ends=ends)
+    assert n == 1
+    n, _ = await record(trail, signer, [delivery(e, offset=i) for i, e in enumerate(events)])
+    assert n == 0
+    # Created again once more: offset 0 holds a third record.
+    n, _ = await record(trail, signer, drifts(range(1)), ends=ends)
+    assert (n, trail.rows[10].row.reuse) == (1, 2)
+    report = await verify_trail(trail, keys=KeyRing([signer.public_raw]), sealer=signer.sealer, full=True)
+    assert report.ok, report
+
+
+async def test_a_row_prepared_for_a_record_at_a_reused_position_is_made_again_saying_so(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    await record(trail, signer, drifts(range(2)))
+    recreated = drifts(range(2))
+    prepared = PreparedRows()
+    await handlers.prepare_records(recreated, prepared=prepared, clock=Clock(), dead_letter_topic=DEAD_LETTER)
+    n, _ = await record(trail, signer, recreated, prepared=prepared)
+    assert n == 2
+    assert [decode_record(trail.rows[s].row.record)[0]["kafka"].get("reuse") for s in (3, 4)] == [1, 1]
+    report = await verify_trail(trail, keys=KeyRing([signer.public_raw]), sealer=signer.sealer, full=True)
+    assert report.ok, report
 
 
 async def test_checkpoint_is_signed_and_published_every_n_rows(trail: FakeTrail, signer: Signer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from services.audit.domain import (
     GENESIS,
     Attributes,
     ChainHead,
+    HeldAt,
     Incoming,
     KafkaPosition,
     Kind,
@@ -26,7 +28,9 @@ from services.audit.domain import (
     chain_rows,
     decode_record,
     encode_record,
+    kafka_content,
     new_positions,
+    record_content,
     record_meta,
 )
 from tests.unit.audit.fakes import SEED, example, record_of
@@ -156,6 +160,7 @@ def _reference_rows(head: ChainHead, incoming: list[Incoming], sealer: Sealer) -
                 kind.value,
                 *attributes,
                 AT,
+                item.reuse,
             )
         )
     return rows
@@ -188,15 +193,58 @@ def test_the_builders_fast_path_makes_the_same_rows_as_the_general_one() -> None
     incoming += [
         Incoming(records[0], NotJson("value is not JSON"), decoded=False),
         Incoming(records[0], decoded=False),
+        Incoming(records[0], reuse=2),
     ]
     head = ChainHead(41, hashlib.sha256(b"row 41").digest())
     sealer = Sealer(SEED)
     rows = chain_rows(head, incoming, recorded_at=AT, sealer=sealer, dead_letter_topic=DEAD_LETTER)
     assert [tuple(r) for r in rows] == _reference_rows(head, incoming, sealer)
-    assert [r.kind for r in rows[-3:]] == ["dead-letter", "undecodable", "undecodable"]
+    assert [r.kind for r in rows[-4:]] == ["dead-letter", "undecodable", "undecodable", "event"]
+    assert [r.reuse for r in rows[-2:]] == [0, 2]
 
 
 def test_redelivered_positions_and_repeats_within_a_batch_are_dropped() -> None:
     a, b, c = (Record("t", 0, n, None, b"{}", ()) for n in (1, 2, 3))
-    fresh = new_positions([Incoming(a), Incoming(b), Incoming(b), Incoming(c)], {KafkaPosition("t", 0, 1)})
-    assert [i.record.offset for i in fresh] == [2, 3]
+    held: dict[KafkaPosition, HeldAt] = {KafkaPosition("t", 0, 1): [(0, record_content(a))]}
+    fresh = new_positions([Incoming(a), Incoming(b), Incoming(b), Incoming(c)], held)
+    assert [(i.record.offset, i.reuse) for i in fresh] == [(2, 0), (3, 0)]
+
+
+def test_another_record_at_a_held_position_is_new_and_numbered_after_those_held_there() -> None:
+    # The topic was deleted and created again: offset 1 holds another record now.
+    held_record = Record("t", 0, 1, b"k", b'{"n":1}', (("ce_id", b"a"),), 1_000)
+    held: dict[KafkaPosition, HeldAt] = {
+        KafkaPosition("t", 0, 1): [(0, record_content(held_record)), (1, None)]
+    }
+    others = [
+        replace(held_record, timestamp_ms=2_000),  # the same bytes, written later
+        replace(held_record, value=b'{"n":2}'),
+        replace(held_record, key=None),
+        replace(held_record, value=None),  # a tombstone
+        replace(held_record, headers=(("ce_id", b"b"),)),
+    ]
+    for other in others:
+        [fresh] = new_positions([Incoming(other)], held)
+        assert fresh.record is other and fresh.reuse == 2  # after the highest held (unreadable or not)
+    assert new_positions([Incoming(held_record)], held) == []
+    # Two records at one taken position in a batch: each is new once, numbered in order.
+    again = [Incoming(others[0]), Incoming(others[1]), Incoming(others[0]), Incoming(held_record)]
+    assert [i.reuse for i in new_positions(again, held)] == [2, 3]
+    # ... and a record first seen in the batch, then another at its position.
+    first = Record("t", 0, 7, None, b"{}", (), 5)
+    kept = new_positions([Incoming(first), Incoming(replace(first, timestamp_ms=6)), Incoming(first)], {})
+    assert [(i.record.timestamp_ms, i.reuse) for i in kept] == [(5, 0), (6, 1)]
+
+
+def test_a_record_at_a_reused_position_says_so_and_the_stored_record_gives_the_same_content() -> None:
+    r = Record("t", 0, 1, b"\xff", None, (("ce_id", b"a"), ("x", b"\xfe"), ("x", None)), 1_000)
+    [row] = chain_rows(
+        ChainHead(), [Incoming(r, reuse=3)], recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=""
+    )
+    meta, value = decode_record(row.record)
+    assert meta["kafka"]["reuse"] == row.reuse == 3
+    assert kafka_content(meta, hashlib.sha256(value or b"").digest()) == record_content(r)
+    [first] = chain_rows(
+        ChainHead(), [Incoming(r)], recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=""
+    )
+    assert "reuse" not in decode_record(first.record)[0]["kafka"] and first.reuse == 0
