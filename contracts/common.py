@@ -127,6 +127,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
+FEATURE_NAME_MAX_CHARS = 256
+"""The longest name a feature or a target may be given where it enters: a column of an uploaded dataset (any
+column can become a feature) and a feature or the target of a model spec; longer ones are refused there. A
+feature's name is a key that travels in every event about its model (a signature, drift evidence,
+data-quality findings) and is stored in indexed text columns: 256 characters are at most 1 KiB of UTF-8,
+within what one Postgres index entry holds, and half a CloudEvents attribute (MAX_ATTRIBUTE_CHARS).
+
+The contract does not carry the bound (no ``maxLength`` on :attr:`FeatureSpec.name`): consumers still take
+the longer names of events, stored signatures and specs made before it, rather than refuse them."""
+
 # Artifacts live in a content-addressed store: the key of an artifact is the sha256 of its bytes.
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -254,7 +264,13 @@ class DatasetRef(ContractModel):
 class FeatureSpec(ContractModel):
     """One input feature of a model's signature."""
 
-    name: Identifier = Field(min_length=1, description="Feature (column) name.", examples=["tenure_months"])
+    name: Identifier = Field(
+        min_length=1,
+        description="Feature (column) name. Producers give at most 256 characters (a longer one is refused "
+        "where it enters: a dataset upload's columns, a model spec); consumers take longer ones from older "
+        "events.",
+        examples=["tenure_months"],
+    )
     type: FeatureType = Field(description="Numeric or categorical.", examples=["numeric"])
     categories: Annotated[list[Category], Storable()] | None = Field(
         default=None,
@@ -268,7 +284,11 @@ class ModelSignature(ContractModel):
     """What a model takes and gives: features with types, the target, the task and the classes."""
 
     features: list[FeatureSpec] = Field(min_length=1, description="Input features, in the model's order.")
-    target: Identifier = Field(min_length=1, description="Name of the target column.", examples=["churned"])
+    target: Identifier = Field(
+        min_length=1,
+        description="Name of the target column; at most 256 characters, as a feature's name.",
+        examples=["churned"],
+    )
     task: Task = Field(description="Classification or regression.", examples=["classification"])
     classes: Annotated[list[Label], Storable()] | None = Field(
         default=None,

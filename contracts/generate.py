@@ -459,7 +459,10 @@ what it describes gets a defined answer instead of a failure:
   and the one it replaces), a trained model whose `TrainingCompleted` would be (the job fails as
   `invalid-spec`); `PredictionsLogged` is split into several events.
 
-Feature names have no length limit of their own, and an item of evidence names its feature whole. A message
+Feature names are bounded where they enter, not by the contract: a dataset upload's columns and a model spec's
+features and target take at most 256 characters (`FEATURE_NAME_MAX_CHARS`, 422 naming the column or field),
+while consumers still take the longer names of events made before the bound.
+An item of evidence names its feature whole. A message
 for people shows a long name shortened; a `DriftDetected` leaves out the evidence of a feature whose name
 alone does not fit and carries that of other drifted features; only when no feature that drifted after
 debouncing fits (a name over about half the limit: the event names it twice) is the window set aside

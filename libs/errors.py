@@ -50,3 +50,11 @@ class Forbidden(DomainError):
 class Unavailable(DomainError):
     status = 503
     code = "unavailable"
+
+
+def shown(text: str, chars: int = 40) -> str:
+    """``text`` as a message quotes it: its repr, or when it is longer than ``chars`` characters the repr of
+    its start, then "…" and its length, so a name of 12,000 characters does not make a message as long."""
+    if len(text) <= chars:
+        return repr(text)
+    return f"{text[:chars]!r}… ({len(text):,} characters)"

@@ -21,7 +21,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from contracts.common import DatasetName, FeatureSpec, FeatureType, JsonScalar, ModelName, Task
+from contracts.common import (
+    FEATURE_NAME_MAX_CHARS,
+    DatasetName,
+    FeatureSpec,
+    FeatureType,
+    JsonScalar,
+    ModelName,
+    Task,
+)
+from libs.errors import shown
 from libs.metrics import METRICS, metrics_for
 
 # name -> (classifier, regressor) as import paths; None where the estimator has no such variant.
@@ -489,7 +498,7 @@ def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
             raise SpecError(f"the spec names model {given!r} but was sent for {name!r}", field="name")
         data = {**data, "name": name}
     try:
-        return ModelSpec.model_validate(data)
+        spec = ModelSpec.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         reason = _REASONS.get(first["type"], "invalid-spec")
@@ -499,6 +508,25 @@ def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
             raise SpecError(f"{where}: {ctx['message']}", reason=reason, field=where) from exc
         where = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise SpecError(f"{where}: {first['msg']}", reason=reason, field=where) from exc
+    check_entry_bounds(spec)
+    return spec
+
+
+def check_entry_bounds(spec: ModelSpec) -> None:
+    """Refuse (:class:`SpecError`, naming the field) what a spec may no longer bring in, though one stored
+    before the bound may hold it: a feature or target name longer than ``FEATURE_NAME_MAX_CHARS``.
+
+    Checked where a spec enters (registered, or read back for a run, by :func:`spec_from_data`), not by the
+    model itself: the stores read their specs with ``ModelSpec.model_validate``, and a stored spec must stay
+    readable so that it can be shown and replaced."""
+    named = [(f"features.{i}.name", f.name) for i, f in enumerate(spec.features)]
+    for field, name in [*named, ("target", spec.target)]:
+        if len(name) > FEATURE_NAME_MAX_CHARS:
+            raise SpecError(
+                f"{field}: {shown(name)} is longer than the {FEATURE_NAME_MAX_CHARS} characters a feature or "
+                "target name may have (it travels in every event about the model): rename the column",
+                field=field,
+            )
 
 
 def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str | None = None) -> ModelSpec:

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pandas.api import types as ptypes
 
-from libs.errors import InvalidInput, PayloadTooLarge
+from contracts.common import FEATURE_NAME_MAX_CHARS
+from libs.errors import InvalidInput, PayloadTooLarge, shown
 
 PARQUET_MAGIC = b"PAR1"
 INT64_MAX = 2**63 - 1
@@ -179,7 +180,7 @@ def _decode(data: bytes) -> str:
         index = len(next(csv.reader([prefix]), [""])) - 1
         header_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
         header = [h.strip() for h in next(csv.reader([header_line]), [])]
-        where = f"column {header[index]!r}" if index < len(header) and line_no > 1 else "the header"
+        where = f"column {shown(header[index])}" if index < len(header) and line_no > 1 else "the header"
         bad = data[exc.start : exc.start + 1].hex()
         raise InvalidInput(
             f"the file is not UTF-8: byte 0x{bad} in {where} on line {line_no} is not valid UTF-8 "
@@ -197,6 +198,15 @@ def _check_header(names: list[str]) -> None:
     for i, n in enumerate(names, start=1):
         if not n:
             raise InvalidInput(f"column {i} of the header has no name", field="file", column_index=i)
+        if len(n) > FEATURE_NAME_MAX_CHARS:
+            # Any column can become a model's feature, whose name travels in every event about the model.
+            raise InvalidInput(
+                f"column {i} of the header, {shown(n)}, is longer than the {FEATURE_NAME_MAX_CHARS} "
+                "characters a column name may have (it can become a model's feature, whose name travels in "
+                "every event about the model): shorten it",
+                field="file",
+                column_index=i,
+            )
         if "\x00" in n:
             # Column names travel in DatasetRegistered, which Postgres stores as jsonb: no NUL there.
             raise InvalidInput(

@@ -78,3 +78,15 @@ async def test_an_upload_with_a_bad_field_is_422_before_the_file_is_read(
     r = await client.post("/v1/datasets", data=form, files=files, headers=OPERATOR)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(message)
+
+
+async def test_an_upload_with_a_column_name_too_long_for_a_feature_is_422_naming_the_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    name = "x" * 12_000
+    files = {"file": ("d.csv", f"a,{name}\n1,2\n".encode(), "text/csv")}
+    r = await client.post("/v1/datasets", data={"name": "churn"}, files=files, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert "column 2 of the header" in body["detail"] and "256 characters" in body["detail"], body
+    assert name not in r.text and len(r.text) < 1000

@@ -238,6 +238,38 @@ def test_a_column_name_with_a_nul_is_refused(data: bytes, filename: str) -> None
         canonicalise(data, filename=filename, limits=LIMITS)
 
 
+LONG_NAME = "reading_" * 1500  # 12,000 characters
+
+
+@pytest.mark.parametrize(
+    ("data", "filename"),
+    [
+        (f"a,{LONG_NAME}\n1,2\n".encode(), "x.csv"),
+        (parquet_table(pa.table({"a": [1], LONG_NAME: [2]})), "x.parquet"),
+    ],
+)
+def test_a_column_name_longer_than_a_feature_name_may_be_is_refused_shown_shortened(
+    data: bytes, filename: str
+) -> None:
+    # Every column can become a model's feature, whose name travels in every event about the model: a
+    # 12,000-character name was stored, and surfaced later as drift windows set aside.
+    with pytest.raises(InvalidInput) as caught:
+        canonicalise(data, filename=filename, limits=LIMITS)
+    message = caught.value.message
+    assert "column 2 of the header" in message and "(12,000 characters)" in message, message
+    assert "256 characters" in message, message
+    assert len(message) < 400, message
+    assert caught.value.extra == {"field": "file", "column_index": 2}
+
+
+def test_a_column_name_as_long_as_a_feature_name_may_be_is_kept() -> None:
+    name = "w" * 256
+    assert list(canonicalise(f"a,{name}\n1,2\n".encode(), filename="x.csv", limits=LIMITS).columns) == [
+        "a",
+        name,
+    ]
+
+
 @pytest.mark.parametrize(
     ("data", "filename"),
     [

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from contracts.commands import RetrainRequested
-from contracts.common import Stage, TrafficWindow
+from contracts.common import FeatureSpec, FeatureType, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelStageChanged
@@ -384,6 +384,27 @@ async def test_a_model_whose_outcome_is_too_large_to_announce_fails_once_saying_
     assert harness.events(TrainingCompleted) == []
     [job] = harness.jobs.rows.values()
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
+
+
+async def test_a_spec_stored_with_a_feature_name_too_long_fails_the_run_naming_the_limit(
+    harness: Harness,
+) -> None:
+    # Registered before feature names were bounded: the run refuses it as it reads the spec, rather than
+    # announce a model whose 12,000-character feature name travels in every event about it.
+    long_name = "reading_" * 1500
+    spec = churn_spec(validation={})
+    spec = spec.model_copy(
+        update={"features": [*spec.features, FeatureSpec(name=long_name, type=FeatureType.NUMERIC)]}
+    )
+    frame = churn_frame()
+    frame[long_name] = frame["x0"]
+    await register(harness, spec)
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    assert "256 characters" in failed.data.message and long_name not in failed.data.message
+    assert harness.events(TrainingCompleted) == []
 
 
 async def test_lost_fit_process_is_retried_and_completes_once(harness: Harness) -> None:

@@ -146,6 +146,14 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             ["'_sample_weight' is a reserved column name"],
         ),
         ({"target": "_sample_weight"}, "target", ["reserved"]),
+        # A feature's name (and the target's) travels in every event about the model: a 12,000-character
+        # one was accepted, and surfaced later as drift windows set aside.
+        (
+            {"features": [{"name": "reading_" * 1500, "type": "numeric"}], "validation": {}},
+            "features.0.name",
+            ["'reading_reading_", "(12,000 characters)", "256 characters"],
+        ),
+        ({"target": "y" * 257}, "target", ["(257 characters)", "256 characters"]),
         # A cooldown past the calendar made every later trigger fail to say when it ends.
         (
             {"retrain": {"cooldown_seconds": 1e12}},
@@ -162,6 +170,16 @@ def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_
     assert (caught.value.field, caught.value.reason) == (field, "invalid-spec")
     for word in words:
         assert word in caught.value.message
+
+
+def test_a_spec_stored_before_the_name_bound_is_still_read_but_not_taken_again() -> None:
+    """The bound applies where a spec enters (registered, or read for a run), so a stored spec with a longer
+    name can still be read to be shown or replaced."""
+    data = churn_spec_data(features=[{"name": "x" * 300, "type": "numeric"}], validation={})
+    assert ModelSpec.model_validate(data).features[0].name == "x" * 300
+    with pytest.raises(SpecError, match="256 characters"):
+        spec_from_data(data)
+    assert spec_from_data({**data, "features": [{"name": "x" * 256, "type": "numeric"}]})
 
 
 def test_a_window_files_own_columns_are_the_reserved_ones() -> None:
