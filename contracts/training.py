@@ -8,7 +8,7 @@ completes or fails exactly once. A trigger the policy refuses gives TrainingSkip
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import Field
 
@@ -214,6 +214,14 @@ class TrainingCompleted(EventPayload):
     train_rows: int = Field(ge=1, description="Rows the model was fitted on.", examples=[40000])
     holdout_rows: int = Field(ge=0, description="Rows the metrics were computed on.", examples=[10000])
     duration_seconds: float = Field(ge=0, description="Wall time of the run.", examples=[8.7])
+    categories_seen: dict[Identifier, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Categorical features whose training rows held more levels than a model keeps: feature "
+        "name -> distinct levels seen. A model keeps at most the 1,000 most frequent levels of a feature, of "
+        "at most 256 characters each (docs/training.md, 'Categories kept'): the signature lists those, and "
+        "the values of the others are treated as unseen. Empty when every level was kept.",
+        examples=[{"customer_id": 48213}],
+    )
 
 
 class TrainingFailed(EventPayload):

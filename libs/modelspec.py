@@ -130,6 +130,16 @@ RESERVED_FEATURE_NAMES = frozenset({FIT_WEIGHT_COLUMN, *WINDOW_COLUMNS})
 """Names a feature cannot have: a window file's own columns, and the fit weights (a target cannot be named
 ``_sample_weight`` either)."""
 
+CATEGORIES_KEPT_MAX = 1_000
+"""The most levels a model keeps of one categorical feature: the most frequent of its training rows. The
+signature lists every level kept, and it travels in every event about the model (an id column has as many
+levels as rows); the values of the other levels are encoded as an unseen value is. A spec declares at most
+as many ``categories`` for a feature."""
+
+CATEGORY_KEPT_MAX_CHARS = 256
+"""The longest level (as text) a model keeps of a categorical feature, or a spec declares: a longer one is
+free text rather than a level, and is encoded as an unseen value is."""
+
 COOLDOWN_MAX_SECONDS = 10 * 365 * 24 * 3600
 """Ten years: beyond it a cooldown means "never", which ``enabled: false`` says plainly."""
 
@@ -514,7 +524,8 @@ def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
 
 def check_entry_bounds(spec: ModelSpec) -> None:
     """Refuse (:class:`SpecError`, naming the field) what a spec may no longer bring in, though one stored
-    before the bound may hold it: a feature or target name longer than ``FEATURE_NAME_MAX_CHARS``.
+    before the bound may hold it: a feature or target name longer than ``FEATURE_NAME_MAX_CHARS``, more than
+    ``CATEGORIES_KEPT_MAX`` declared categories of a feature, or one longer than ``CATEGORY_KEPT_MAX_CHARS``.
 
     Checked where a spec enters (registered, or read back for a run, by :func:`spec_from_data`), not by the
     model itself: the stores read their specs with ``ModelSpec.model_validate``, and a stored spec must stay
@@ -527,6 +538,22 @@ def check_entry_bounds(spec: ModelSpec) -> None:
                 "target name may have (it travels in every event about the model): rename the column",
                 field=field,
             )
+    for i, f in enumerate(spec.features):
+        declared = f.categories or []
+        if len(declared) > CATEGORIES_KEPT_MAX:
+            raise SpecError(
+                f"features.{i}.categories: {len(declared):,} categories are declared; a model keeps at most "
+                f"{CATEGORIES_KEPT_MAX:,} levels of a feature (the signature lists them all)",
+                field=f"features.{i}.categories",
+            )
+        for j, level in enumerate(declared):
+            if _too_long_to_keep(level):
+                assert isinstance(level, str)
+                raise SpecError(
+                    f"features.{i}.categories.{j}: {shown(level)} is longer than the "
+                    f"{CATEGORY_KEPT_MAX_CHARS} characters a level may have",
+                    field=f"features.{i}.categories.{j}",
+                )
 
 
 def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str | None = None) -> ModelSpec:
@@ -561,8 +588,10 @@ def load_canonical(data: bytes) -> ModelSpec:
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
-def build_pipeline(spec: ModelSpec) -> Any:
-    """The spec's scikit-learn Pipeline (unfitted): preprocess (ColumnTransformer) then the estimator."""
+def build_pipeline(spec: ModelSpec, categories: list[Any] | None = None) -> Any:
+    """The spec's scikit-learn Pipeline (unfitted): preprocess (ColumnTransformer) then the estimator.
+    ``categories``: the levels the one-hot encoder keeps of each categorical feature
+    (:func:`kept_categories`); None, it keeps every level it sees."""
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
@@ -577,7 +606,12 @@ def build_pipeline(spec: ModelSpec) -> Any:
             steps.append(("scale", StandardScaler()))
         parts.append(("numeric", Pipeline(steps), numeric))
     if categorical:
-        parts.append(("categorical", OneHotEncoder(handle_unknown="ignore"), categorical))
+        encoder = (
+            OneHotEncoder(handle_unknown="ignore")
+            if categories is None
+            else OneHotEncoder(categories=categories, handle_unknown="ignore")
+        )
+        parts.append(("categorical", encoder, categorical))
     cls = _import(spec.estimator_path())
     params = dict(spec.params)
     if "random_state" in cls().get_params():
@@ -585,6 +619,49 @@ def build_pipeline(spec: ModelSpec) -> Any:
     return Pipeline(
         [("preprocess", ColumnTransformer(parts, remainder="drop")), ("estimator", cls(**params))]
     )
+
+
+def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[str, int]]:
+    """The levels a model trained on ``rows`` keeps of each categorical feature, for :func:`build_pipeline`,
+    and the features that had more: name -> distinct levels seen (a missing value not counted).
+
+    A model keeps at most :data:`CATEGORIES_KEPT_MAX` levels of a feature, the most frequent in ``rows``
+    (equally frequent ones in the encoder's order), each at most :data:`CATEGORY_KEPT_MAX_CHARS` characters;
+    a missing value stays a level of its own. The categories are None when every feature keeps every level:
+    the encoder then learns them itself, as it always did, and the model is the same as before the bound.
+    """
+    names = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    counts = {name: rows[name].value_counts(dropna=True) for name in names}
+    if not any(
+        len(c) > CATEGORIES_KEPT_MAX or any(_too_long_to_keep(v) for v in c.index) for c in counts.values()
+    ):
+        return None, {}
+    from sklearn.preprocessing import OneHotEncoder
+
+    # The encoder's own levels, in its order and with its missing values: kept ones are taken from them.
+    learned = OneHotEncoder(handle_unknown="ignore").fit(rows[names]).categories_
+    kept: list[Any] = []
+    seen: dict[str, int] = {}
+    for name, levels in zip(names, learned, strict=True):
+        frequency = counts[name].to_dict()
+        present = [i for i, level in enumerate(levels) if not _missing(level)]
+        candidates = [i for i in present if not _too_long_to_keep(levels[i])]
+        # A stable sort: equally frequent levels stay in the encoder's order.
+        chosen = set(sorted(candidates, key=lambda i: -frequency.get(levels[i], 0))[:CATEGORIES_KEPT_MAX])
+        if len(chosen) == len(present):
+            kept.append(levels)
+            continue
+        seen[name] = len(present)
+        kept.append(levels[[i for i in range(len(levels)) if i in chosen or _missing(levels[i])]])
+    return kept, seen
+
+
+def _too_long_to_keep(level: Any) -> bool:
+    return isinstance(level, str) and len(level) > CATEGORY_KEPT_MAX_CHARS
+
+
+def _missing(level: Any) -> bool:
+    return level is None or (isinstance(level, float) and math.isnan(level))
 
 
 def flat_params(spec: ModelSpec, pipeline: Any) -> dict[str, JsonScalar]:

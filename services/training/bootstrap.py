@@ -123,6 +123,7 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         job_timeout_s=settings.job_timeout_s,
         progress_interval_s=settings.progress_interval_s,
         poll_s=settings.runner_poll_s,
+        max_event_bytes=settings.kafka.max_event_bytes,
     )
 
     async def run_jobs() -> None:

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+import orjson
+
+from contracts.common import ModelSignature
 from contracts.training import SkipReason, TrainingTrigger
-from libs.modelspec import RetrainPolicy
+from libs.errors import shown
+from libs.modelspec import CATEGORIES_KEPT_MAX, CATEGORY_KEPT_MAX_CHARS, RetrainPolicy
 
 BUDGET_WINDOW = timedelta(hours=24)
 
@@ -128,3 +132,31 @@ def job_id_for(model: str, event_id: str) -> str:
 def run_id_for(job_id: str, attempt: int) -> str:
     """One run id per attempt: the registry creates exactly one version per run id."""
     return f"run-{job_id.removeprefix('job-')}-{attempt}"
+
+
+def too_large_to_announce(signature: ModelSignature, size: int, limit: int) -> str:
+    """Why a trained model whose TrainingCompleted would be ``size`` bytes, past the consumers' ``limit``, is
+    failed, and what to do: the signature lists every level the model keeps of its categorical features and
+    every class, and those are what grow with the data."""
+    lists = [
+        (len(orjson.dumps(f.categories)), f"{shown(f.name)} {{:,}} bytes ({len(f.categories):,} levels)")
+        for f in signature.features
+        if f.categories
+    ]
+    if signature.classes:
+        lists.append(
+            (
+                len(orjson.dumps(signature.classes)),
+                f"the classes of {shown(signature.target)} {{:,}} bytes ({len(signature.classes):,})",
+            )
+        )
+    largest = sorted(lists, key=lambda item: -item[0])[:3]
+    return (
+        f"the trained model cannot be announced: its TrainingCompleted would be {size:,} bytes and consumers "
+        f"accept {limit:,} bytes (max_event_bytes). Its signature lists every level it keeps of each "
+        f"categorical feature (at most {CATEGORIES_KEPT_MAX:,}, of at most {CATEGORY_KEPT_MAX_CHARS} "
+        "characters)"
+        + (", the largest: " + ", ".join(text.format(n) for n, text in largest) if largest else "")
+        + ". Leave some of these features out of the spec, or re-code their values into fewer or shorter "
+        "levels"
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 from contracts.common import ArtifactFormat, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import DatasetRegistered
-from contracts.envelope import CloudEvent, new_event
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES, CloudEvent, new_event
 from contracts.training import (
     FailureReason,
     TrainingCompleted,
@@ -27,9 +27,9 @@ from contracts.training import (
     TrainingRequested,
     TrainingStarted,
 )
-from libs.bus import EventTooLarge, Transaction
+from libs.bus import EventTooLarge, Transaction, bytes_over_limit
 from libs.logging import bound, get_logger
-from services.training.domain import next_attempt_allowed
+from services.training.domain import next_attempt_allowed, too_large_to_announce
 from services.training.ports import Datasets, Job, JobQueue, Trainer
 from services.training.worker import MaterialisedSet, TrainingFailure, TrainingResult
 
@@ -40,6 +40,11 @@ Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
 class LostOwnership(Exception):
     """Another run took the job over (this one was presumed dead): its outcome must not be recorded."""
+
+
+class Unannounceable(Exception):
+    """The run's TrainingCompleted would be larger than consumers accept; the message says why and what to
+    do."""
 
 
 class JobRunner:
@@ -61,6 +66,7 @@ class JobRunner:
         job_timeout_s: float = 3600.0,
         progress_interval_s: float = 5.0,
         poll_s: float = 5.0,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.begin = begin
         self.queue_on = queue_on
@@ -75,6 +81,7 @@ class JobRunner:
         self.job_timeout_s = job_timeout_s
         self.progress_interval_s = progress_interval_s
         self.poll_s = poll_s
+        self.max_event_bytes = max_event_bytes
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -202,11 +209,14 @@ class JobRunner:
             if raw.get("ok"):
                 try:
                     await self._complete(job, TrainingResult.model_validate(raw), duration)
-                except EventTooLarge as exc:
-                    # The outcome cannot be announced: consumers would refuse the event (a categorical
-                    # feature with thousands of long categories lists them all in the signature). Failed
-                    # once, saying why, rather than left running to be fitted again as a lost run.
-                    message = f"the trained model cannot be announced: {exc}"
+                except (Unannounceable, EventTooLarge) as exc:
+                    # The outcome cannot be announced: consumers would refuse the event. Failed once, saying
+                    # why, rather than left running to be fitted again as a lost run.
+                    message = (
+                        str(exc)
+                        if isinstance(exc, Unannounceable)
+                        else f"the trained model cannot be announced: {exc}"
+                    )
                     await self._fail(job, FailureReason.INVALID_SPEC, message, duration)
             else:
                 failure = TrainingFailure.model_validate(raw)
@@ -277,7 +287,17 @@ class JobRunner:
                 train_rows=result.train_rows,
                 holdout_rows=result.holdout.rows,
                 duration_seconds=round(duration, 3),
+                categories_seen=result.categories_seen,
             )
+            announced = self._event(job, completed)
+            # The signature lists every level kept of each categorical feature, and every class: measured
+            # here, so the failure can say which features take the room.
+            if excess := bytes_over_limit(announced, max_bytes=self.max_event_bytes):
+                raise Unannounceable(
+                    too_large_to_announce(
+                        completed.signature, self.max_event_bytes + excess, self.max_event_bytes
+                    )
+                )
             if not await self.queue_on(tx.conn).complete(
                 job.job_id, job.run_id, completed.model_dump(mode="json")
             ):
@@ -285,10 +305,11 @@ class JobRunner:
             for event in (training_event, holdout_event):
                 if event is not None:
                     await tx.publish(event)
-            await tx.publish(self._event(job, completed))
+            await tx.publish(announced)
         log.info(
             "training completed",
             metrics=result.metrics,
+            categories_seen=result.categories_seen or None,
             duration_s=round(duration, 2),
             train_rows=result.train_rows,
             traffic_rows=result.traffic_rows,

@@ -35,6 +35,7 @@ from libs.modelspec import (
     TrainingSetMode,
     build_pipeline,
     flat_params,
+    kept_categories,
     load_canonical,
 )
 from libs.profiles import (
@@ -111,6 +112,10 @@ class TrainingResult(_Plain):
     traffic_rows: int
     seed: int
     seconds: dict[str, float]
+    categories_seen: dict[str, int] = Field(
+        default_factory=dict,
+        description="Categorical features with more levels than a model keeps: name -> distinct levels seen.",
+    )
 
 
 class TrainingFailure(_Plain):
@@ -318,14 +323,15 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
 
         t2 = time.perf_counter()
         report(job.job_id, "fitting", 0.1)
-        pipeline = build_pipeline(spec)
-        preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
         target = train_rows[spec.target]
         fit_params = {}
         if WEIGHT_COLUMN in train_rows:
             fit_params["sample_weight"] = train_rows[WEIGHT_COLUMN].to_numpy()
         holdout_features: Future[Any] | None = None
         try:
+            categories, categories_seen = kept_categories(spec, train_rows)
+            pipeline = build_pipeline(spec, categories)
+            preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
             # What Pipeline.fit does (fit_transform the preprocessing, fit the estimator on its output), in
             # two steps: once the preprocessing is fitted, the holdout's features are transformed beside the
             # estimator's fit — the same fitted pipeline and the same holdout outputs (a test compares them).
@@ -404,6 +410,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
         traffic_rows=len(traffic),
         seed=spec.seed,
         seconds=seconds,
+        categories_seen=categories_seen,
     )
 
 

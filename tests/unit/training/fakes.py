@@ -272,6 +272,7 @@ class Harness:
             code_version="test",
             max_attempts=max_attempts,
             progress_interval_s=0.0,
+            max_event_bytes=self.bus.max_event_bytes,
         )
 
     def ports(self, publish: Any) -> dict[str, Any]:

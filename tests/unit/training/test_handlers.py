@@ -370,20 +370,67 @@ async def test_empty_dataset_fails_as_too_small(harness: Harness) -> None:
     assert harness.events(TrainingFailed)[0].data.reason is FailureReason.DATASET_TOO_SMALL
 
 
-async def test_a_model_whose_outcome_is_too_large_to_announce_fails_once_saying_so(harness: Harness) -> None:
-    # Every learned category is in the signature: 1,500 categories of 1,200 characters pass 1 MB.
+async def test_a_model_whose_outcome_is_too_large_to_announce_fails_once_naming_the_features(
+    harness: Harness,
+) -> None:
+    # Every kept level is in the signature: five features of 960 distinct 250-character levels (each within
+    # what a model keeps of one feature) pass 1 MB together.
     frame = churn_frame()
-    frame["customer"] = [f"{i:06d}-" + "c" * 1200 for i in range(len(frame))]
-    features = [*churn_spec_data()["features"], {"name": "customer", "type": "categorical"}]
+    wide = [f"code{k}" for k in range(5)]
+    for k, name in enumerate(wide):
+        frame[name] = [f"{k}-{i:06d}-" + "c" * 240 for i in range(len(frame))]
+    features = [*churn_spec_data()["features"], *({"name": n, "type": "categorical"} for n in wide)]
     await register(harness, churn_spec(features=features, validation={}))
     await upload(harness, "churn-base", frame, models=["churn"])
     assert await harness.run_jobs() == 1
     [failed] = harness.events(TrainingFailed)
     assert failed.data.reason is FailureReason.INVALID_SPEC
-    assert "cannot be announced" in failed.data.message and "bytes" in failed.data.message
+    message = failed.data.message
+    assert "cannot be announced" in message and "1,000,000 bytes" in message, message
+    assert "'code0'" in message and "960 levels" in message, message
     assert harness.events(TrainingCompleted) == []
     [job] = harness.jobs.rows.values()
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
+
+
+async def test_an_id_like_categorical_feature_keeps_its_most_frequent_levels_and_says_so(
+    harness: Harness,
+) -> None:
+    # 4,800 distinct 250-character levels in the training rows made a 1.2 MB signature: the job failed as
+    # "cannot be announced" after the whole fit. A model keeps the 1,000 most frequent; the others are
+    # treated as unseen, and TrainingCompleted counts what was seen.
+    frame = churn_frame(6000)
+    frame["customer"] = [f"{i:06d}-" + "c" * 243 for i in range(len(frame))]
+    frame.loc[:99, "customer"] = "frequent-" + "c" * 241  # one level that is certainly kept
+    features = [*churn_spec_data()["features"], {"name": "customer", "type": "categorical"}]
+    await register(harness, churn_spec(features=features, validation={}))
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    assert harness.events(TrainingFailed) == []
+    [completed] = harness.events(TrainingCompleted)
+    customer = completed.data.signature.features[-1]
+    assert customer.categories is not None and len(customer.categories) == 1000
+    assert "frequent-" + "c" * 241 in customer.categories
+    seen = completed.data.categories_seen
+    assert seen["customer"] > 1000 and set(seen) == {"customer"}
+    plan = completed.data.signature.features[-2]
+    assert plan.categories == ["basic", "plus", "premium"]
+    model = load_model(harness.store, completed.data.artifact.key)
+    rows = frame.drop(columns=["churned"]).iloc[:5]
+    assert model.predict_proba(rows).shape == (5, 2)
+
+
+async def test_levels_too_long_to_list_are_treated_as_unseen_and_said_so(harness: Harness) -> None:
+    # 40 levels of 30,000 characters made a 1.2 MB signature; a level over 256 characters is not kept.
+    frame = churn_frame()
+    frame["note"] = [f"{i // 2 % 40:02d}" + "n" * 30_000 if i % 2 else "short" for i in range(len(frame))]
+    features = [*churn_spec_data()["features"], {"name": "note", "type": "categorical"}]
+    await register(harness, churn_spec(features=features, validation={}))
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.signature.features[-1].categories == ["short"]
+    assert completed.data.categories_seen == {"note": 41}
 
 
 async def test_a_spec_stored_with_a_feature_name_too_long_fails_the_run_naming_the_limit(

@@ -17,11 +17,13 @@ from contracts.training import FailureReason
 from libs import profiles
 from libs.artifacts import ArtifactStore
 from libs.modelspec import (
+    CATEGORIES_KEPT_MAX,
     RESERVED_FEATURE_NAMES,
     WINDOW_COLUMNS,
     ModelSpec,
     SpecError,
     build_pipeline,
+    kept_categories,
     parse_spec,
     spec_from_data,
 )
@@ -180,6 +182,50 @@ def test_a_spec_stored_before_the_name_bound_is_still_read_but_not_taken_again()
     with pytest.raises(SpecError, match="256 characters"):
         spec_from_data(data)
     assert spec_from_data({**data, "features": [{"name": "x" * 256, "type": "numeric"}]})
+
+
+@pytest.mark.parametrize(
+    ("categories", "field", "words"),
+    [
+        ([f"level-{i}" for i in range(1001)], "features.0.categories", ["1,001 categories", "at most 1,000"]),
+        (["basic", "p" * 257], "features.0.categories.1", ["(257 characters)", "256 characters"]),
+    ],
+)
+def test_declared_categories_are_bounded_as_the_levels_a_model_keeps(
+    categories: list[str], field: str, words: list[str]
+) -> None:
+    data = churn_spec_data(features=[{"name": "plan", "type": "categorical", "categories": categories}])
+    with pytest.raises(SpecError) as caught:
+        spec_from_data(data)
+    assert caught.value.field == field
+    for word in words:
+        assert word in caught.value.message
+
+
+def test_a_model_keeps_every_level_within_the_bounds_as_the_encoder_learns_them() -> None:
+    spec = churn_spec()
+    assert kept_categories(spec, churn_frame()) == (None, {})
+
+
+def test_a_model_keeps_the_most_frequent_levels_in_the_encoders_order_and_missing_as_a_level() -> None:
+    spec = churn_spec()
+    levels = [f"l{i:04d}" for i in range(CATEGORIES_KEPT_MAX + 5)]
+    frame = pd.DataFrame(
+        {
+            # l1004 three times: kept though last in order; of the levels seen once, the first 999 are kept.
+            "plan": [*levels, "l1004", "l1004", None, "x" * 300, "x" * 300],
+            **{f"x{i}": 0.0 for i in range(4)},
+        }
+    )
+    categories, seen = kept_categories(spec, frame)
+    assert seen == {"plan": CATEGORIES_KEPT_MAX + 6}
+    assert categories is not None
+    [kept] = categories
+    assert list(kept[:-1]) == [*levels[: CATEGORIES_KEPT_MAX - 1], "l1004"]
+    assert pd.isna(kept[-1])  # a missing value stays a level of its own (not counted, not listed)
+    pipeline = build_pipeline(spec, categories).fit(frame[spec.feature_names], [0, 1] * (len(frame) // 2))
+    encoder = pipeline.named_steps["preprocess"].named_transformers_["categorical"]
+    assert len(encoder.categories_[0]) == len(kept)
 
 
 def test_a_window_files_own_columns_are_the_reserved_ones() -> None:
