@@ -616,9 +616,20 @@ def build_pipeline(spec: ModelSpec, categories: list[Any] | None = None) -> Any:
     params = dict(spec.params)
     if "random_state" in cls().get_params():
         params["random_state"] = spec.seed
+    # The one-hot columns of many levels are mostly zeros, and the ColumnTransformer hands them over sparse
+    # (below 30% non-zeros): an estimator that takes no sparse input gets them dense instead.
+    dense = {} if takes_sparse_input(spec.estimator, spec.task) else {"sparse_threshold": 0.0}
     return Pipeline(
-        [("preprocess", ColumnTransformer(parts, remainder="drop")), ("estimator", cls(**params))]
+        [("preprocess", ColumnTransformer(parts, remainder="drop", **dense)), ("estimator", cls(**params))]
     )
+
+
+def takes_sparse_input(estimator: str, task: Task) -> bool:
+    """Whether the estimator of the registry fits on sparse input (scikit-learn's own tag): all but
+    hist_gradient_boosting."""
+    classifier, regressor = ESTIMATORS[estimator]
+    path = classifier if task is Task.CLASSIFICATION else regressor
+    return path is not None and bool(_import(path)().__sklearn_tags__().input_tags.sparse)
 
 
 def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[str, int]]:

@@ -26,9 +26,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
+from libs.errors import shown
 from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
 from libs.modelspec import (
+    ESTIMATORS,
     FIT_WEIGHT_COLUMN,
     ModelSpec,
     SpecError,
@@ -37,6 +39,7 @@ from libs.modelspec import (
     flat_params,
     kept_categories,
     load_canonical,
+    takes_sparse_input,
 )
 from libs.profiles import (
     CategoricalProfile,
@@ -330,6 +333,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
         holdout_features: Future[Any] | None = None
         try:
             categories, categories_seen = kept_categories(spec, train_rows)
+            check_dense_encoding(spec, train_rows, categories)
             pipeline = build_pipeline(spec, categories)
             preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
             # What Pipeline.fit does (fit_transform the preprocessing, fit the estimator on its output), in
@@ -411,6 +415,41 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
         seed=spec.seed,
         seconds=seconds,
         categories_seen=categories_seen,
+    )
+
+
+ONE_HOT_DENSE_MAX_BYTES = 2 * 1024**3
+"""The largest one-hot encoding (rows x levels x 8 bytes) an estimator that takes no sparse input
+(hist_gradient_boosting) is fitted on. It is held dense in the fit process, twice while it is converted;
+past this the run fails saying so, rather than exhaust the process's memory and be retried as a lost
+worker."""
+
+
+def check_dense_encoding(spec: ModelSpec, rows: pd.DataFrame, categories: list[Any] | None) -> None:
+    """Refuse (:class:`TrainingError`) a fit whose estimator takes its inputs dense when the one-hot encoding
+    of ``rows`` (the levels kept, ``categories``, or every level) would pass
+    :data:`ONE_HOT_DENSE_MAX_BYTES`."""
+    if takes_sparse_input(spec.estimator, spec.task):
+        return
+    names = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    if categories is None:
+        widths = {name: int(rows[name].nunique(dropna=False)) for name in names}
+    else:
+        widths = {name: len(levels) for name, levels in zip(names, categories, strict=True)}
+    size = len(rows) * sum(widths.values()) * 8
+    if size <= ONE_HOT_DENSE_MAX_BYTES:
+        return
+    largest = sorted(widths.items(), key=lambda item: -item[1])[:3]
+    sparse = [name for name in ESTIMATORS if takes_sparse_input(name, spec.task)]
+    raise TrainingError(
+        FailureReason.INVALID_SPEC,
+        f"{spec.estimator} takes its inputs dense, and the one-hot encoding of the categorical features "
+        f"would be {len(rows):,} rows x {sum(widths.values()):,} levels x 8 = {size:,} bytes; a fit holds at "
+        f"most {ONE_HOT_DENSE_MAX_BYTES:,} bytes dense (the largest: "
+        + ", ".join(f"{shown(name)} {width:,} levels" for name, width in largest)
+        + "). Choose an estimator that takes sparse inputs ("
+        + ", ".join(sparse)
+        + "), or re-code these features into fewer levels",
     )
 
 

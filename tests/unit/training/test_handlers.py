@@ -34,6 +34,7 @@ from contracts.training import (
 from libs.artifacts import load_model
 from libs.modelspec import ModelSpec
 from libs.profiles import ReferenceProfile
+from services.training import worker
 from services.training.domain import JobState
 from services.training.handlers import register_spec
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
@@ -431,6 +432,43 @@ async def test_levels_too_long_to_list_are_treated_as_unseen_and_said_so(harness
     [completed] = harness.events(TrainingCompleted)
     assert completed.data.signature.features[-1].categories == ["short"]
     assert completed.data.categories_seen == {"note": 41}
+
+
+async def test_hist_gradient_boosting_trains_on_features_with_many_levels(harness: Harness) -> None:
+    # The one-hot encoding of 200 levels is sparse, which HistGradientBoosting does not take: every such
+    # spec failed as fit-error, "Sparse data was passed for X, but dense data is required".
+    frame = churn_frame()
+    frame["region"] = [f"region-{i % 200:03d}" for i in range(len(frame))]
+    features = [*churn_spec_data()["features"], {"name": "region", "type": "categorical"}]
+    spec = churn_spec(features=features, validation={}, estimator="hist_gradient_boosting", params={})
+    await register(harness, spec)
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    assert harness.events(TrainingFailed) == []
+    [completed] = harness.events(TrainingCompleted)
+    model = load_model(harness.store, completed.data.artifact.key)
+    assert model.predict_proba(frame.drop(columns=["churned"]).iloc[:5]).shape == (5, 2)
+
+
+async def test_a_one_hot_encoding_too_large_to_hold_dense_fails_naming_the_features(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HistGradientBoosting takes its inputs dense: rows x levels could exhaust the fit process's memory,
+    # which would be killed and retried as a lost worker. 960 rows x 200 levels x 8 bytes is 1.5 MB.
+    monkeypatch.setattr(worker, "ONE_HOT_DENSE_MAX_BYTES", 1_000_000)
+    frame = churn_frame()
+    frame["region"] = [f"region-{i % 200:03d}" for i in range(len(frame))]
+    features = [*churn_spec_data()["features"], {"name": "region", "type": "categorical"}]
+    spec = churn_spec(features=features, validation={}, estimator="hist_gradient_boosting", params={})
+    await register(harness, spec)
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    message = failed.data.message
+    assert "'region' 200 levels" in message and "dense" in message and "random_forest" in message, message
+    [job] = harness.jobs.rows.values()
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
 
 
 async def test_a_spec_stored_with_a_feature_name_too_long_fails_the_run_naming_the_limit(
