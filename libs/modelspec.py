@@ -140,6 +140,11 @@ CATEGORY_KEPT_MAX_CHARS = 256
 """The longest level (as text) a model keeps of a categorical feature, or a spec declares: a longer one is
 free text rather than a level, and is encoded as an unseen value is."""
 
+CLASSES_MAX = 1_000
+"""The most classes a classifier is trained for. A target with more distinct values is an id or a number
+rather than a class (scoring the holdout takes rows x classes probabilities, and the signature lists every
+class): the run fails before the fit, naming the target."""
+
 COOLDOWN_MAX_SECONDS = 10 * 365 * 24 * 3600
 """Ten years: beyond it a cooldown means "never", which ``enabled: false`` says plainly."""
 

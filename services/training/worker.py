@@ -30,6 +30,7 @@ from libs.errors import shown
 from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
 from libs.modelspec import (
+    CLASSES_MAX,
     ESTIMATORS,
     FIT_WEIGHT_COLUMN,
     ModelSpec,
@@ -623,10 +624,17 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
             f"the training set has {len(combined)} rows with a target; the spec needs at least "
             f"{policy.min_rows} (retrain.training_set.min_rows)",
         )
-    if spec.task is Task.CLASSIFICATION and combined[spec.target].nunique() < 2:
+    classes = combined[spec.target].nunique() if spec.task is Task.CLASSIFICATION else None
+    if classes is not None and classes < 2:
         raise TrainingError(
             FailureReason.DATASET_TOO_SMALL,
             f"the training set has only one class of {spec.target!r}; a classifier needs at least two",
+        )
+    if classes is not None and classes > CLASSES_MAX:
+        raise TrainingError(
+            FailureReason.INVALID_SPEC,
+            f"the target {spec.target!r} has {classes:,} classes in the training set; a classifier is "
+            f"trained for at most {CLASSES_MAX:,}: is it an id, or a number to predict with task regression?",
         )
     return combined
 

@@ -471,6 +471,23 @@ async def test_a_one_hot_encoding_too_large_to_hold_dense_fails_naming_the_featu
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
 
 
+async def test_an_id_like_classification_target_fails_before_the_fit_naming_the_limit(
+    harness: Harness,
+) -> None:
+    # A classifier of one class per customer: fitted for minutes (or out of memory, scoring rows x classes
+    # probabilities) into a model whose signature lists every class.
+    frame = churn_frame(2400)
+    frame["churned"] = [f"customer-{i % 1200:05d}" for i in range(len(frame))]
+    await register(harness, churn_spec(validation={}))
+    await upload(harness, "churn-base", frame, models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    message = failed.data.message
+    assert "'churned'" in message and "1,200 classes" in message and "1,000" in message, message
+    assert harness.events(TrainingCompleted) == []
+
+
 async def test_a_spec_stored_with_a_feature_name_too_long_fails_the_run_naming_the_limit(
     harness: Harness,
 ) -> None:
