@@ -73,6 +73,14 @@ class KafkaSettings(BaseSettings):
         "it: Kafka's 500 ms default capped a consumer of idle and busy topics at a few thousand records/s "
         "(docs/benchmarks.md, Audit).",
     )
+    metadata_max_age_ms: int = Field(
+        30_000,
+        ge=1_000,
+        le=300_000,
+        description="How often a client refreshes the cluster's metadata even when nothing failed. A "
+        "consumer whose topic was deleted and created again (an operator's reset) resumes reading it only "
+        "once it sees the topic again: Kafka's default of 5 minutes left it idle that long.",
+    )
     topic_prefix: str = Field(
         "",
         pattern=r"^[a-z0-9._-]*$",
@@ -92,6 +100,7 @@ class KafkaSettings(BaseSettings):
         options: dict[str, object] = {
             "bootstrap_servers": self.bootstrap,
             "security_protocol": self.security_protocol,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
         }
         if self.security_protocol in ("SSL", "SASL_SSL"):
             from aiokafka.helpers import create_ssl_context

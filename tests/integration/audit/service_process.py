@@ -55,6 +55,8 @@ class AuditProcess:
             "DRIFTLOOP_AUDIT_CONSUMER_GROUP": self.group,
             "DRIFTLOOP_AUDIT_TOPICS": orjson.dumps(list(self.topics)).decode(),
             "DRIFTLOOP_AUDIT_HTTP_PORT": str(self.port),
+            # A service running through a topic's re-creation sees it again within this (30 s by default).
+            "DRIFTLOOP_KAFKA_METADATA_MAX_AGE_MS": "2000",
             "DRIFTLOOP_AUDIT_SIGNING_KEY": base64.b64encode(self.seed).decode(),
             "DRIFTLOOP_AUDIT_CHECKPOINT_FILE": str(self.checkpoint_file),
             "DRIFTLOOP_AUDIT_CHECKPOINT_EVERY_ROWS": str(self.checkpoint_every_rows),

@@ -60,7 +60,7 @@ async def test_events_of_a_recreated_topic_at_offsets_the_trail_holds_are_record
     await create_topics(kafka_bootstrap, topic, partitions=1)
     svc = AuditProcess(kafka_bootstrap, database_url, [topic], tmp_path, checkpoint_every_rows=5)
     before = [example(DriftDetected) for _ in range(5)]
-    after = [example(DriftDetected) for _ in range(3)]
+    after = [example(DriftDetected) for _ in range(8)]
     svc.start()
     try:
         await svc.ready()
@@ -70,11 +70,12 @@ async def test_events_of_a_recreated_topic_at_offsets_the_trail_holds_are_record
             # Stopped cleanly: the group's committed offset (5) is beyond the new log's end.
             assert svc.stop() == 0, svc.log_tail()
         await recreate(kafka_bootstrap, topic)
-        await publish(publisher, topic, after)  # offsets 0..2, each held by an event of `before`
+        # Offsets 0..7: 0..4 held by the events of `before`, 5..7 past the old log's end.
+        await publish(publisher, topic, after)
         if not running:
             svc.start()
         await svc.ready()
-        await eventually(lambda: _rows(svc, 8), deadline_s=60)
+        await eventually(lambda: _rows(svc, 13), deadline_s=60)
         stored = await fetchval(
             database_url, f"SELECT array_agg(event_id ORDER BY seq) FROM {svc.schema}.trail"
         )
@@ -86,7 +87,7 @@ async def test_events_of_a_recreated_topic_at_offsets_the_trail_holds_are_record
         svc.start()
         await svc.ready()
         await publish(publisher, topic, [late := example(DriftDetected)])
-        await eventually(lambda: _rows(svc, 9), deadline_s=60)
+        await eventually(lambda: _rows(svc, 14), deadline_s=60)
         stored = await fetchval(
             database_url, f"SELECT array_agg(event_id ORDER BY seq) FROM {svc.schema}.trail"
         )
