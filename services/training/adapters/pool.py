@@ -7,7 +7,6 @@ import asyncio
 import multiprocessing
 import queue as queue_module
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from libs.logging import get_logger
@@ -48,16 +47,25 @@ class ProcessPoolTrainer:
         return self._executor
 
     async def warm_up(self) -> None:
-        """Start the fit process and import scikit-learn there, before the first job needs it."""
-        await asyncio.get_running_loop().run_in_executor(self._pool(), warm_up)
+        """Start the fit process and import scikit-learn there, before the first job needs it. Only an
+        optimisation: a pool that fails to start (its process or the fork server dying) is let go, logged,
+        and the first job starts a new one."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool(), warm_up)
+        except Exception as exc:
+            log.warning("fit process not warmed up; the first job starts a new one", error=repr(exc))
+            self._discard()
 
     async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Run one training in the pool; raises BrokenProcessPool when the fit process dies."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool(), run_training, job_input, self._overlap)
+        """Run one training in the pool; raises BrokenProcessPool when the fit process dies (or what starting
+        it raised), the pool let go so the next run starts a new one."""
         job_id = job_input["job_id"]
         phase: tuple[str, float | None] = ("loading-data", 0.0)
         try:
+            # Submitting starts the fit process when there is none: that can fail too.
+            future = asyncio.get_running_loop().run_in_executor(
+                self._pool(), run_training, job_input, self._overlap
+            )
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self._poll_s)
                 reported = [(p, f) for owner, p, f in self._drain() if owner == job_id]
@@ -69,7 +77,10 @@ class ProcessPoolTrainer:
                     # scikit-learn has no progress callback: a long fit re-reports its phase (the caller
                     # throttles), so followers see it is alive and how long it has run.
                     await progress(*phase)
-        except BrokenProcessPool:
+        except Exception:
+            # The fit process died (BrokenProcessPool), or could not be started (the fork server's socket
+            # gone: BrokenPipeError, ConnectionError): a pool in that state would fail every later run too.
+            # The run itself never raises here (run_training returns its failure), so nothing else lands.
             self._discard()
             raise
 
