@@ -3,14 +3,16 @@
 Training computes a profile from the training set and stores it (JSON) in the artifact store next to
 the model; monitoring loads it and compares live windows against it. Numeric features keep quantile bin
 edges with their histogram (for PSI and Jensen–Shannon), summary statistics, and a bounded sorted sample
-(for Kolmogorov–Smirnov and Wasserstein); categorical features keep category frequencies.
+(for Kolmogorov–Smirnov and Wasserstein); categorical features keep category frequencies: of the levels the
+model keeps, with every other level's values counted in one bin (``other``), so that an id-like column makes
+a profile of at most as many frequencies as the model keeps levels, not one per distinct value.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -54,7 +56,17 @@ class CategoricalProfile(_Frozen):
     name: str = Field(description="Feature name.")
     count: int = Field(description="Non-missing values.")
     missing: int = Field(description="Missing values.")
-    frequencies: dict[str, int] = Field(description="Count per category (as text).")
+    frequencies: dict[str, int] = Field(
+        description="Count per category (as text). With ``other`` set, exactly the levels the model keeps "
+        "(0 for one the reference does not have); without, every category of the reference."
+    )
+    other: int | None = Field(
+        default=None,
+        ge=0,
+        description="Values of the categories the model does not keep, counted in one bin (the model encodes "
+        "them as unseen). None in a profile that lists every category of the reference (written before "
+        "categories were folded, or without the model's levels).",
+    )
 
 
 FeatureProfile = Annotated[NumericProfile | CategoricalProfile, Field(discriminator="kind")]
@@ -199,14 +211,27 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(scaled.mean()) * scale, float(scaled.std()) * scale
 
 
-def profile_categorical(name: str, series: pd.Series) -> CategoricalProfile:
+def profile_categorical(
+    name: str, series: pd.Series, kept: Collection[str] | None = None
+) -> CategoricalProfile:
+    """A categorical feature's profile; with ``kept`` (the :func:`category_key` of each level the model
+    keeps), the frequencies of those levels and the values of every other level in one bin (``other``)."""
     present = series.dropna()
     counts = count_categories(present.tolist())
+    if kept is None:
+        return CategoricalProfile(
+            name=name,
+            count=int(present.size),
+            missing=int(series.size - present.size),
+            frequencies={k: counts[k] for k in sorted(counts)},
+        )
+    levels = set(kept)
     return CategoricalProfile(
         name=name,
         count=int(present.size),
         missing=int(series.size - present.size),
-        frequencies={k: counts[k] for k in sorted(counts)},
+        frequencies={k: counts.get(k, 0) for k in sorted(levels)},
+        other=sum(n for k, n in counts.items() if k not in levels),
     )
 
 
@@ -217,10 +242,12 @@ def profile_features(
     bins: int = DEFAULT_BINS,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int = 0,
+    kept: Mapping[str, Collection[str]] | None = None,
 ) -> list[NumericProfile | CategoricalProfile]:
     """The features' profiles, in the given order, from their columns (a :class:`ReferenceProfile`'s
     ``features``); it takes columns rather than a frame, so another thread can profile a frame's columns
-    while this one keeps using the frame."""
+    while this one keeps using the frame. ``kept``: the levels the model keeps of each categorical feature
+    (:func:`category_key` text), the others folded (:func:`profile_categorical`)."""
     profiles: list[NumericProfile | CategoricalProfile] = []
     for name, kind in features:
         if kind == "numeric":
@@ -228,7 +255,9 @@ def profile_features(
                 profile_numeric(name, columns[name], bins=bins, sample_size=sample_size, seed=seed)
             )
         else:
-            profiles.append(profile_categorical(name, columns[name]))
+            profiles.append(
+                profile_categorical(name, columns[name], None if kept is None else kept.get(name))
+            )
     return profiles
 
 
@@ -247,14 +276,17 @@ def build_profile(
     bins: int = DEFAULT_BINS,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int = 0,
+    kept: Mapping[str, Collection[str]] | None = None,
 ) -> ReferenceProfile:
-    """Profile the given feature columns (and optionally the model's outputs) of a reference frame."""
+    """Profile the given feature columns (and optionally the model's outputs) of a reference frame; ``kept``
+    as :func:`profile_features` takes it."""
     profiles = profile_features(
         {name: frame[name] for name, _ in features},
         features,
         bins=bins,
         sample_size=sample_size,
         seed=seed,
+        kept=kept,
     )
     prediction: NumericProfile | CategoricalProfile | None = None
     if predictions is not None:

@@ -94,6 +94,9 @@ class FeatureReference:
     # categorical (and low-cardinality numeric: the sample's values as categories)
     categories: list[str] = field(default_factory=list)
     category_counts: np.ndarray | None = None
+    # A profile that keeps the model's levels: the reference count of every other level, in one bin that the
+    # window's values of other levels join. None: the categories are every level the reference had.
+    other: float | None = None
 
     @property
     def compared_as_categories(self) -> bool:
@@ -103,6 +106,12 @@ class FeatureReference:
     def missing_share(self) -> float:
         total = self.count + self.missing
         return self.missing / total if total else 0.0
+
+    @property
+    def other_share(self) -> float:
+        """The reference's share of rows whose level the model does not keep (0 without such a bin)."""
+        total = self.count + self.missing
+        return (self.other or 0.0) / total if total else 0.0
 
     @classmethod
     def from_profile(cls, profile: NumericProfile | CategoricalProfile) -> FeatureReference:
@@ -115,6 +124,7 @@ class FeatureReference:
                 missing=profile.missing,
                 categories=cats,
                 category_counts=np.array([profile.frequencies[c] for c in cats], dtype=float),
+                other=None if profile.other is None else float(profile.other),
             )
         sample = np.asarray(profile.sample, dtype=float)
         values, counts = np.unique(sample, return_counts=True)
@@ -551,18 +561,33 @@ def _eligible(ref: FeatureReference, test: DriftTest) -> bool:
     return True  # PSI and Jensen–Shannon work on bins and on categories
 
 
+OTHER_LEVELS = "(levels the model does not keep)"
+"""The label of a folded profile's one bin for every level the model does not keep (histograms only: bins are
+matched by position, so a category spelled alike stays its own)."""
+
+
 def _category_counts(
     ref: FeatureReference, counted: dict[str, int]
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Reference and current counts over the union of categories (reference order, then unseen ones)."""
+    """Reference and current counts over the union of categories (reference order, then unseen ones). A
+    profile that keeps the model's levels has one bin for the others, on both sides (dropped when empty on
+    both)."""
     index = {c: i for i, c in enumerate(ref.categories)}
+    assert ref.category_counts is not None
+    if ref.other is not None:
+        kept = len(ref.categories)
+        current = np.zeros(kept + 1)
+        for c, n in counted.items():
+            current[index.get(c, kept)] += n
+        if not ref.other and not current[kept]:
+            return ref.category_counts, current[:kept], list(ref.categories)
+        return np.append(ref.category_counts, ref.other), current, [*ref.categories, OTHER_LEVELS]
     unseen = sorted(c for c in counted if c not in index)
     labels = ref.categories + unseen
     current = np.zeros(len(labels))
     for c, n in counted.items():
         current[index[c] if c in index else len(ref.categories) + unseen.index(c)] = n
     ref_counts = np.zeros(len(labels))
-    assert ref.category_counts is not None
     ref_counts[: len(ref.categories)] = ref.category_counts
     return ref_counts, current, labels
 
@@ -759,6 +784,20 @@ def _floats(values: list[Any]) -> np.ndarray:
     return column
 
 
+UNSEEN_SHARE_TOLERANCE = 0.01
+"""How much more of a window than of the reference may be categories unseen by the reference (or the model)
+before it is a finding."""
+
+
+def unseen_share_allowed(ref: FeatureReference, window_rows: int) -> float:
+    """The largest share of a window's rows that may have unseen categories without a finding: 1% above the
+    reference's own share of levels the model does not keep (a folded profile's bin; 0 for a profile that
+    lists every category), plus three standard errors of a window's share at the reference's, as such a
+    bin (an id-like feature's) holds a good part of every window."""
+    share = ref.other_share
+    return share + UNSEEN_SHARE_TOLERANCE + 3 * math.sqrt(share * (1 - share) / max(window_rows, 1))
+
+
 def quality_findings(
     model: ModelReference, window: ClosedWindow, results: list[FeatureResult], policy: DriftPolicy
 ) -> list[QualityFinding]:
@@ -791,14 +830,22 @@ def quality_findings(
                     f"{share:.1%} of {name} missing (reference: {ref_share:.1%})",
                 )
             )
-        if r.unseen and refs[r.name].kind is FeatureType.CATEGORICAL and r.unseen / size > 0.01:
+        ref = refs[r.name]
+        if (
+            r.unseen
+            and ref.kind is FeatureType.CATEGORICAL
+            and r.unseen / size > unseen_share_allowed(ref, size)
+        ):
             findings.append(
                 QualityFinding(
                     "unseen-category",
                     r.name,
                     r.unseen,
                     r.unseen / size,
-                    f"{r.unseen / size:.1%} of {name} are categories the reference never had",
+                    f"{r.unseen / size:.1%} of {name} are categories the reference never had"
+                    if ref.other is None
+                    else f"{r.unseen / size:.1%} of {name} are categories the model does not keep "
+                    f"(reference: {ref.other_share:.1%})",
                 )
             )
     for feature, bad in sorted(window.type_mismatches.items()):
@@ -832,7 +879,7 @@ WORST_SHOWN = 3
 
 _MANY_FEATURES_HAVE = {
     "missing-values": "have missing values",
-    "unseen-category": "have categories the reference never had",
+    "unseen-category": "have categories the reference never had or the model does not keep",
     "out-of-range": "have values out of the range the test can measure",
     "type-mismatch": "have values of the wrong type",
 }

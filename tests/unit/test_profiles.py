@@ -1,6 +1,7 @@
 """Reference profiles: what training stores and monitoring compares against."""
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -49,6 +50,34 @@ def test_categorical_frequencies_and_round_trip_through_bytes() -> None:
     assert set(c.frequencies) == {"a", "b", "c"}
     assert sum(c.frequencies.values()) == 2_000
     assert ReferenceProfile.from_bytes(profile.to_bytes()) == profile
+
+
+def test_a_categorical_profile_keeps_the_models_levels_and_folds_every_other_into_one_bin() -> None:
+    # An id-like column of 200,000 distinct values made a profile of 200,000 frequencies that monitoring
+    # loaded and compared every window against; the model keeps 1,000 levels, and so does the profile.
+    ids = pd.Series([f"id-{i:06d}" for i in range(200_000)] + [None] * 10 + ["id-000001"] * 5)
+    kept = {f"id-{i:06d}" for i in range(1_000)} | {"declared-absent"}
+    everything = build_profile(pd.DataFrame({"customer": ids}), [("customer", "categorical")])
+    unfolded = everything.feature("customer")
+    assert unfolded.kind == "categorical" and len(unfolded.frequencies) == 200_000  # no levels given
+    profile = build_profile(
+        pd.DataFrame({"customer": ids}), [("customer", "categorical")], kept={"customer": kept}
+    )
+    customer = profile.feature("customer")
+    assert customer.kind == "categorical"
+    assert set(customer.frequencies) == kept
+    assert customer.frequencies["id-000001"] == 6 and customer.frequencies["declared-absent"] == 0
+    assert customer.other == 199_000 and customer.missing == 10 and customer.count == 200_005
+    assert len(profile.to_bytes()) < 40_000
+    assert ReferenceProfile.from_bytes(profile.to_bytes()) == profile
+
+
+def test_a_profile_written_before_levels_were_folded_loads_with_every_category_listed() -> None:
+    written = orjson.loads(build_profile(frame(), [("c", "categorical")]).to_bytes())
+    del written["features"][0]["other"]
+    c = ReferenceProfile.from_bytes(orjson.dumps(written)).feature("c")
+    assert c.kind == "categorical" and c.other is None
+    assert set(c.frequencies) == {"a", "b", "c"}
 
 
 def test_category_keys_spell_integral_numbers_as_integers_and_keep_booleans_apart() -> None:

@@ -187,10 +187,14 @@ def one_feature_window(
 
 
 def feature_window(
-    frame: pd.DataFrame, kinds: dict[str, FeatureType], inputs: list[dict[str, Any]]
+    frame: pd.DataFrame,
+    kinds: dict[str, FeatureType],
+    inputs: list[dict[str, Any]],
+    kept: dict[str, set[str]] | None = None,
 ) -> tuple[ModelReference, Any]:
-    """A model of these features profiled from ``frame`` (as monitoring loads it), a window of ``inputs``."""
-    profile = build_profile(frame, [(name, kind.value) for name, kind in kinds.items()], seed=0)
+    """A model of these features profiled from ``frame`` (as monitoring loads it), a window of ``inputs``;
+    ``kept``: the levels the model keeps of a categorical feature, as training profiles them."""
+    profile = build_profile(frame, [(name, kind.value) for name, kind in kinds.items()], seed=0, kept=kept)
     signature = ModelSignature(
         features=[FeatureSpec(name=name, type=kind) for name, kind in kinds.items()],
         target="y",
@@ -213,6 +217,59 @@ def feature_window(
         rows=rows,
     )
     return ref, closed_window(ref, [(logged, 0, 0)], len(inputs))
+
+
+def _customers(rows: int, seed: int, *, share_ids: float) -> list[str]:
+    """Two frequent levels the model keeps, and a share of one-off ids it does not keep."""
+    rng = np.random.default_rng(seed)
+    draws = rng.random(rows)
+    return [
+        f"id-{seed}-{i}" if d < share_ids else ("basic" if d < share_ids + (1 - share_ids) * 0.6 else "plus")
+        for i, d in enumerate(draws)
+    ]
+
+
+def test_levels_the_model_does_not_keep_are_one_bin_of_the_reference_and_of_the_window() -> None:
+    # The profile keeps the model's two levels and folds 1,200 one-off ids into one bin: a window of other
+    # one-off ids in the same share is the same distribution (one bin on both sides, not 1,200 reference
+    # categories the window lacks and 150 the reference lacks).
+    reference = pd.DataFrame({"customer": _customers(4_000, 0, share_ids=0.3)})
+    traffic = [{"customer": c} for c in _customers(500, 1, share_ids=0.3)]
+    ref, window = feature_window(
+        reference, {"customer": FeatureType.CATEGORICAL}, traffic, kept={"customer": {"basic", "plus"}}
+    )
+    assert ref.features[0].categories == ["basic", "plus"]
+    judgement = judge_window(ref, window, DriftPolicy())
+    [customer] = judgement.features
+    ids = sum(c["customer"].startswith("id-") for c in traffic)
+    counts = reference["customer"].where(reference["customer"].isin(["basic", "plus"]), "other")
+    expected = stats.chi_square(
+        counts.value_counts()[["basic", "plus", "other"]].to_numpy(dtype=float),
+        np.array(
+            [sum(c["customer"] == level for c in traffic) for level in ("basic", "plus")] + [ids], float
+        ),
+    )
+    assert customer.test is DriftTest.CHI2
+    assert (customer.statistic, customer.p_value) == pytest.approx(expected)
+    assert not customer.drifted and customer.unseen == ids
+    assert judgement.quality == []  # the reference had as many: no news
+
+
+def test_more_values_of_levels_the_model_does_not_keep_than_the_reference_had_are_a_finding() -> None:
+    reference = pd.DataFrame({"customer": _customers(4_000, 0, share_ids=0.3)})
+    traffic = [{"customer": c} for c in _customers(500, 1, share_ids=0.6)]
+    ref, window = feature_window(
+        reference,
+        {"customer": FeatureType.CATEGORICAL},
+        traffic,
+        kept={"customer": {"basic", "plus", "gold"}},
+    )
+    judgement = judge_window(ref, window, DriftPolicy())
+    [customer] = judgement.features
+    assert customer.drifted
+    [finding] = judgement.quality
+    assert finding.kind == "unseen-category" and finding.count == customer.unseen
+    assert "categories the model does not keep (reference: 29." in finding.message, finding.message
 
 
 def test_integer_categories_of_a_reference_column_with_nulls_match_the_same_integer_traffic() -> None:
