@@ -458,7 +458,8 @@ what it describes gets a defined answer instead of a failure:
   would be too large (422), a drift policy larger than half the limit (422: `DriftPolicyChanged` carries it
   and the one it replaces), a trained model whose `TrainingCompleted` would be (the job fails as
   `invalid-spec`, naming the features whose levels take the room; a model keeps at most 1,000 levels of a
-  categorical feature, of at most 256 characters, and `categories_seen` says which features had more);
+  categorical feature, of at most 256 characters, and `categories_seen` says which features had levels it
+  does not keep);
   `PredictionsLogged` is split into several events.
 
 Feature names are bounded where they enter, not by the contract: a dataset upload's columns and a model spec's

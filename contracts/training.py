@@ -204,7 +204,8 @@ class TrainingCompleted(EventPayload):
     artifact: ArtifactRef = Field(description="The fitted scikit-learn pipeline, saved with skops.")
     profile: ArtifactRef = Field(
         description="The reference profile monitoring compares live traffic with (JSON: per-feature quantile "
-        "bins and histograms, category frequencies, a bounded sample for KS)."
+        "bins and histograms, category frequencies of the levels the model keeps with the other levels' "
+        "values in one bin, a bounded sample for KS)."
     )
     metrics: dict[Identifier, float] = Field(
         description="Holdout metrics by name.", examples=[{"roc_auc": 0.861, "accuracy": 0.842, "f1": 0.611}]
@@ -216,10 +217,11 @@ class TrainingCompleted(EventPayload):
     duration_seconds: float = Field(ge=0, description="Wall time of the run.", examples=[8.7])
     categories_seen: dict[Identifier, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,
-        description="Categorical features whose training rows held more levels than a model keeps: feature "
-        "name -> distinct levels seen. A model keeps at most the 1,000 most frequent levels of a feature, of "
-        "at most 256 characters each (docs/training.md, 'Categories kept'): the signature lists those, and "
-        "the values of the others are treated as unseen. Empty when every level was kept.",
+        description="Categorical features whose training rows held levels the model does not keep: feature "
+        "name -> distinct levels seen. A model keeps the categories its spec declares for a feature, else at "
+        "most the 1,000 most frequent levels, of at most 256 characters each (docs/training.md, 'Categories "
+        "kept'): the signature lists those, and the values of the others are treated as unseen. Empty when "
+        "every level was kept.",
         examples=[{"customer_id": 48213}],
     )
 

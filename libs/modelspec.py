@@ -16,6 +16,7 @@ import math
 from enum import StrEnum
 from typing import Any, Literal, Self
 
+import numpy as np
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -639,16 +640,25 @@ def takes_sparse_input(estimator: str, task: Task) -> bool:
 
 def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[str, int]]:
     """The levels a model trained on ``rows`` keeps of each categorical feature, for :func:`build_pipeline`,
-    and the features that had more: name -> distinct levels seen (a missing value not counted).
+    and the features whose rows held levels it does not keep: name -> distinct levels seen (a missing value
+    not counted).
 
-    A model keeps at most :data:`CATEGORIES_KEPT_MAX` levels of a feature, the most frequent in ``rows``
-    (equally frequent ones in the encoder's order), each at most :data:`CATEGORY_KEPT_MAX_CHARS` characters;
-    a missing value stays a level of its own. The categories are None when every feature keeps every level:
-    the encoder then learns them itself, as it always did, and the model is the same as before the bound.
+    A feature whose spec declares ``categories`` keeps exactly those, in the type of its training values
+    (numbers sorted, as the encoder needs them): the signature lists them, so the model must know the same
+    levels, those absent from ``rows`` included, and encode any other as unseen. A declared level of another
+    type than the feature's values (``"1"`` for a column of integers) could never match a value: the spec is
+    refused (:class:`SpecError`, naming the field).
+
+    Any other feature keeps at most :data:`CATEGORIES_KEPT_MAX` levels, the most frequent in ``rows``
+    (equally frequent ones in the encoder's order), each at most :data:`CATEGORY_KEPT_MAX_CHARS` characters.
+    A missing value stays a level of its own. The categories are None when no feature declares categories
+    and every feature keeps every level: the encoder then learns them itself, as it always did, and the model
+    is the same as before the bound.
     """
-    names = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    features = [f for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    names = [f.name for f in features]
     counts = {name: rows[name].value_counts(dropna=True) for name in names}
-    if not any(
+    if not any(f.categories for f in features) and not any(
         len(c) > CATEGORIES_KEPT_MAX or any(_too_long_to_keep(v) for v in c.index) for c in counts.values()
     ):
         return None, {}
@@ -658,9 +668,17 @@ def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[
     learned = OneHotEncoder(handle_unknown="ignore").fit(rows[names]).categories_
     kept: list[Any] = []
     seen: dict[str, int] = {}
-    for name, levels in zip(names, learned, strict=True):
-        frequency = counts[name].to_dict()
+    for feature, levels in zip(features, learned, strict=True):
+        name = feature.name
         present = [i for i, level in enumerate(levels) if not _missing(level)]
+        if feature.categories:
+            declared = _declared_levels(spec, feature, levels)
+            keys = {_level_key(level) for level in declared if not _missing(level)}
+            if any(_level_key(levels[i]) not in keys for i in present):
+                seen[name] = len(present)
+            kept.append(declared)
+            continue
+        frequency = counts[name].to_dict()
         candidates = [i for i in present if not _too_long_to_keep(levels[i])]
         # A stable sort: equally frequent levels stay in the encoder's order.
         chosen = set(sorted(candidates, key=lambda i: -frequency.get(levels[i], 0))[:CATEGORIES_KEPT_MAX])
@@ -670,6 +688,80 @@ def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[
         seen[name] = len(present)
         kept.append(levels[[i for i in range(len(levels)) if i in chosen or _missing(levels[i])]])
     return kept, seen
+
+
+def levels_kept(spec: ModelSpec, rows: Any, categories: list[Any] | None) -> dict[str, list[Any]]:
+    """The levels (no missing value) of each categorical feature that a model fitted on ``rows`` with
+    ``categories`` (:func:`kept_categories`) knows: those categories, or (None) every level of ``rows``, which
+    the encoder then learns."""
+    names = [f.name for f in spec.features if f.type is FeatureType.CATEGORICAL]
+    if categories is None:
+        return {name: rows[name].dropna().unique().tolist() for name in names}
+    return {
+        name: [level for level in levels if not _missing(level)]
+        for name, levels in zip(names, categories, strict=True)
+    }
+
+
+_NUMERIC_KINDS = frozenset("iuf")
+
+
+def _declared_levels(spec: ModelSpec, feature: FeatureSpec, levels: Any) -> Any:
+    """A feature's declared categories as its encoder takes them: in the type of the values it learned
+    (``levels``), without repeats, sorted when they are numbers, then the missing value when ``levels`` has
+    one; :class:`SpecError` for a declared level of another type."""
+    assert feature.categories
+    index = spec.features.index(feature)
+    kind = levels.dtype.kind
+    present = [_plain(level) for level in levels if not _missing(level)]
+    if kind == "b":
+        wanted: type = bool
+    elif kind in _NUMERIC_KINDS:
+        wanted = int
+    elif present:
+        wanted = type(present[0])
+    else:  # no value to go by: the declared levels' own type, one for all
+        wanted = type(feature.categories[0])
+    for j, level in enumerate(feature.categories):
+        if type(level) is not wanted:
+            raise SpecError(
+                f"features.{index}.categories.{j}: {shown(str(level))} is declared as "
+                f"{_TYPE_NAME[type(level)]}, but the training values of {shown(feature.name)} are "
+                f"{_TYPE_NAMES.get(wanted, wanted.__name__)}: no value could ever be that level. Declare the "
+                "categories as the data holds them (numbers as numbers, text as text)",
+                field=f"features.{index}.categories.{j}",
+            )
+    unique = list(dict.fromkeys(feature.categories))
+    if kind in _NUMERIC_KINDS or kind == "b":
+        unique.sort()
+    missing = [level for level in levels if _missing(level)]
+    try:
+        return np.array([*unique, *missing], dtype=levels.dtype)
+    except OverflowError as exc:  # an integer beyond what the column's type holds (a negative one, unsigned)
+        raise SpecError(
+            f"features.{index}.categories: a declared level is beyond what the training values of "
+            f"{shown(feature.name)} ({levels.dtype}) can hold: {exc}",
+            field=f"features.{index}.categories",
+        ) from exc
+
+
+_TYPE_NAME = {str: "text", int: "an integer", bool: "a boolean"}
+_TYPE_NAMES = {str: "text", int: "integers", bool: "booleans", float: "numbers"}
+
+
+def _plain(level: Any) -> Any:
+    """A level as a Python value (numpy scalars unwrapped, integral floats as integers)."""
+    if isinstance(level, np.generic):
+        level = level.item()
+    if isinstance(level, float) and level.is_integer():
+        return int(level)
+    return level
+
+
+def _level_key(level: Any) -> tuple[type, Any]:
+    # By type too: True and 1 are equal (and hash alike) in Python, but are different levels.
+    plain = _plain(level)
+    return type(plain), plain
 
 
 def _too_long_to_keep(level: Any) -> bool:

@@ -39,6 +39,7 @@ from libs.modelspec import (
     build_pipeline,
     flat_params,
     kept_categories,
+    levels_kept,
     load_canonical,
     takes_sparse_input,
 )
@@ -308,12 +309,30 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     train_rows, holdout_rows = split(spec, frame)
     seconds["split"] = time.perf_counter() - t1
 
+    # The levels the model keeps (part of the fit's phase, as before): the profile keeps the same ones.
+    t_levels = time.perf_counter()
+    try:
+        categories, categories_seen = kept_categories(spec, train_rows)
+    except SpecError as exc:
+        raise TrainingError(FailureReason.INVALID_SPEC, exc.message) from exc
+    except (ValueError, TypeError) as exc:
+        raise TrainingError(FailureReason.FIT_ERROR, f"the estimator could not be fitted: {exc}") from exc
+    kept = {
+        name: {category_key(level) for level in levels}
+        for name, levels in levels_kept(spec, train_rows, categories).items()
+    }
+    levels_seconds = time.perf_counter() - t_levels
+
     with Beside(overlap) as beside:
         t_prepare = time.perf_counter()
         reference = reference_rows(train_rows, window, job.window_start, job.window_end)
         features = spec.feature_names
         feature_profiles = beside.submit(
-            _profiled_features, {name: reference[name] for name in features}, spec.feature_types(), spec.seed
+            _profiled_features,
+            {name: reference[name] for name in features},
+            spec.feature_types(),
+            spec.seed,
+            kept,
         )
         # A training set that is one base dataset as it is already has its file and its hash: no copy.
         unchanged = (
@@ -333,7 +352,6 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
             fit_params["sample_weight"] = train_rows[WEIGHT_COLUMN].to_numpy()
         holdout_features: Future[Any] | None = None
         try:
-            categories, categories_seen = kept_categories(spec, train_rows)
             check_dense_encoding(spec, train_rows, categories)
             pipeline = build_pipeline(spec, categories)
             preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
@@ -346,7 +364,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
             estimator.fit(fitted_features, target, **fit_params)
         except (ValueError, TypeError) as exc:
             raise TrainingError(FailureReason.FIT_ERROR, f"the estimator could not be fitted: {exc}") from exc
-        seconds["fit"] = time.perf_counter() - t2
+        seconds["fit"] = time.perf_counter() - t2 + levels_seconds
 
         # The data files are written by now (a fraction of the fit's time): a failure there ends the run
         # here, before the model is evaluated and stored.
@@ -455,11 +473,15 @@ def check_dense_encoding(spec: ModelSpec, rows: pd.DataFrame, categories: list[A
 
 
 def _profiled_features(
-    columns: dict[str, pd.Series], features: list[tuple[str, Literal["numeric", "categorical"]]], seed: int
+    columns: dict[str, pd.Series],
+    features: list[tuple[str, Literal["numeric", "categorical"]]],
+    seed: int,
+    kept: dict[str, set[str]],
 ) -> tuple[list[NumericProfile | CategoricalProfile], bytes]:
     # Encoded here too: the samples are most of the profile file's bytes (about 11 ms of JSON for 28
-    # numeric features), and here it runs beside the fit.
-    profiled = profile_features(columns, features, seed=seed)
+    # numeric features), and here it runs beside the fit. A categorical feature keeps the model's levels and
+    # folds the rest into one bin: an id-like column would otherwise give one frequency per distinct value.
+    profiled = profile_features(columns, features, seed=seed, kept=kept)
     return profiled, encode_features(profiled)
 
 

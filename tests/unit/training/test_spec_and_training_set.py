@@ -228,6 +228,92 @@ def test_a_model_keeps_the_most_frequent_levels_in_the_encoders_order_and_missin
     assert len(encoder.categories_[0]) == len(kept)
 
 
+def _declaring(plan: dict[str, object]) -> ModelSpec:
+    return churn_spec(features=[*({"name": f"x{i}", "type": "numeric"} for i in range(4)), plan])
+
+
+def test_declared_categories_are_the_levels_the_encoder_keeps_in_the_columns_own_type() -> None:
+    # Integer codes with a null are float64 in pandas: the declared integers are given to the encoder as
+    # such numbers (sorted, as it needs them), a level absent from the rows included, missing last.
+    spec = _declaring({"name": "plan", "type": "categorical", "categories": [3, 1, 2, 9, 1]})
+    frame = pd.DataFrame({f"x{i}": 0.0 for i in range(4)} | {"plan": [1.0, 2.0, 3.0, 4.0, np.nan] * 20})
+    categories, seen = kept_categories(spec, frame)
+    assert categories is not None
+    [plan] = categories
+    assert plan.dtype == np.float64 and plan[:-1].tolist() == [1.0, 2.0, 3.0, 9.0] and np.isnan(plan[-1])
+    assert seen == {"plan": 4}  # 4 is in the rows, not declared: encoded as unseen
+    pipeline = build_pipeline(spec, categories).fit(frame[spec.feature_names], [0, 1] * 50)
+    encoder = pipeline.named_steps["preprocess"].named_transformers_["categorical"]
+    assert encoder.transform(pd.DataFrame({"plan": [4.0]})).sum() == 0
+    # Every level of the rows declared: nothing reported.
+    spec = _declaring({"name": "plan", "type": "categorical", "categories": ["premium", "basic", "plus"]})
+    categories, seen = kept_categories(spec, churn_frame())
+    assert categories is not None and list(categories[0]) == ["premium", "basic", "plus"] and seen == {}
+
+
+@pytest.mark.parametrize(
+    ("values", "declared", "words"),
+    [
+        ([1, 2, 3], ["1", "2"], "'1' is declared as text, but the training values of 'plan' are integers"),
+        (["a", "b"], ["a", 2], "'2' is declared as an integer, but the training values of 'plan' are text"),
+        (
+            [True, False],
+            [True, 1],
+            "'1' is declared as an integer, but the training values of 'plan' are booleans",
+        ),
+    ],
+)
+def test_a_declared_category_of_another_type_than_the_training_values_fails_the_run_as_invalid_spec(
+    tmp_path: Path, values: list[object], declared: list[object], words: str
+) -> None:
+    # It could never match a value: serving would count the model's own levels as unseen and take the
+    # declared ones as known.
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    spec = _declaring({"name": "plan", "type": "categorical", "categories": declared})
+    frame = churn_frame(300)
+    frame["plan"] = [values[i % len(values)] for i in range(len(frame))]
+    result = run_training(
+        {
+            "job_id": "job-declared",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, frame).key}],
+            "artifacts_url": url,
+        }
+    )
+    assert not result["ok"]
+    assert result["reason"] == FailureReason.INVALID_SPEC.value
+    assert result["message"].startswith("features.4.categories."), result["message"]
+    assert words in result["message"], result["message"]
+
+
+def test_the_reference_profile_keeps_the_levels_the_model_keeps_and_folds_the_rest(tmp_path: Path) -> None:
+    # 16,000 training rows of an id-like feature gave a profile of 16,000 frequencies (a 200,000-row one,
+    # 200,000) for monitoring to load and compare every window against; the model keeps 1,000 levels.
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    frame = churn_frame(20_000)
+    frame["customer"] = [f"customer-{i:06d}" for i in range(len(frame))]
+    spec = churn_spec(
+        features=[*churn_spec_data()["features"], {"name": "customer", "type": "categorical"}], validation={}
+    )
+    result = run_training(
+        {
+            "job_id": "job-ids",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, frame).key}],
+            "artifacts_url": url,
+        }
+    )
+    assert result["ok"], result
+    customer = ReferenceProfile.from_bytes(store.get(result["profile"]["key"])).feature("customer")
+    assert isinstance(customer, profiles.CategoricalProfile)
+    kept = result["signature"]["features"][-1]["categories"]
+    assert sorted(customer.frequencies) == sorted(kept) and len(kept) == CATEGORIES_KEPT_MAX
+    assert customer.count == 16_000 and customer.other == 16_000 - CATEGORIES_KEPT_MAX
+    assert len(json.dumps(customer.model_dump())) < 40_000
+
+
 def test_a_window_files_own_columns_are_the_reserved_ones() -> None:
     """Training reads monitoring's window files by these names: a feature named like one is refused."""
     assert set(window_frame(None, {}, [], ["x0"]).columns) - {"x0"} == set(WINDOW_COLUMNS)
