@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from deploy.local.broker import create_platform_topics, delete_topics
 from deploy.local.errors import InfraError
 from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, LocalInfra
 from deploy.local.postgres import drop_schemas
+from libs.bus.kafka import KafkaPublisher
+from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import made_by_this_session
 
 TESTS = Path(__file__).resolve().parent
@@ -142,6 +144,15 @@ def kafka_bootstrap(test_backends: TestBackends) -> Iterator[str]:
     yield bootstrap
     with _reported("delete the session's topics"):
         delete_topics(bootstrap, made_by_this_session)
+
+
+@pytest.fixture
+async def publisher(kafka_bootstrap: str) -> AsyncIterator[KafkaPublisher]:
+    """A started publisher to the real broker."""
+    p = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap))
+    await p.start()
+    yield p
+    await p.stop()
 
 
 @pytest.fixture(scope="session")

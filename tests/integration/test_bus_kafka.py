@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,14 +31,6 @@ from tests.integration.kafka_tools import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-async def publisher(kafka_bootstrap: str) -> AsyncIterator[KafkaPublisher]:
-    p = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap))
-    await p.start()
-    yield p
-    await p.stop()
 
 
 def worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:

@@ -9,13 +9,11 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from contracts.audit import AuditCheckpoint
 from contracts.commands import RollbackRequested
@@ -26,21 +24,12 @@ from contracts.rollouts import RolloutPromoted, RolloutStarted
 from contracts.training import TrainingCompleted, TrainingRequested, TrainingStarted
 from contracts.validation import ValidationPassed
 from libs.bus.kafka import KafkaPublisher
-from libs.settings import KafkaSettings
 from services.audit.domain import key_id_of
 from tests.integration.audit.service_process import ROOT, AuditProcess
 from tests.integration.kafka_tools import create_topics, eventually, fetchval, read_topic, unique
 from tests.unit.audit.fakes import example
 
 CONSUMER = ROOT / "docs" / "examples" / "audit_consumer.py"
-
-
-@pytest.fixture
-async def publisher(kafka_bootstrap: str) -> AsyncIterator[KafkaPublisher]:
-    p = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap))
-    await p.start()
-    yield p
-    await p.stop()
 
 
 def on(topic: str, event: CloudEvent[Any]) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:

@@ -3,7 +3,6 @@ again starts its offsets at 0, and the records there are new, not redeliveries o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 from contracts.envelope import CloudEvent
 from contracts.monitoring import DriftDetected
 from libs.bus.kafka import KafkaPublisher
-from libs.settings import KafkaSettings
 from tests.integration.audit.service_process import AuditProcess
 from tests.integration.kafka_tools import create_topics, eventually, fetchval, unique
 from tests.unit.audit.fakes import example
-
-
-@pytest.fixture
-async def publisher(kafka_bootstrap: str) -> AsyncIterator[KafkaPublisher]:
-    p = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap))
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def publish(publisher: KafkaPublisher, topic: str, events: list[CloudEvent[Any]]) -> None:

@@ -13,43 +13,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.monitoring import DataQualityIssue, DataQualityIssueKind
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
-from libs.profiles import build_profile
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background
 from services.monitoring.domain import DriftPolicy, ModelReference
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, wide_monitor
+from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, names, numeric_reference, wide_monitor
 
 FEATURES = 1_000
 WINDOW_ROWS = 200
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def names(n: int) -> list[str]:
-    return [f"f{i:04d}" for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def many_features() -> ModelReference:
-    rng = np.random.default_rng(0)
-    columns = names(FEATURES)
-    frame = pd.DataFrame(rng.normal(0, 1, (500, FEATURES)), columns=columns)
-    profile = build_profile(
-        frame, [(c, "numeric") for c in columns], predictions=pd.Series(rng.uniform(0, 1, 500))
-    )
-    signature = ModelSignature(
-        features=[FeatureSpec(name=c, type=FeatureType.NUMERIC) for c in columns],
-        target="churned",
-        task=Task.CLASSIFICATION,
-        classes=[0, 1],
-    )
-    return ModelReference.build("wide", 1, signature, {"accuracy": 0.85}, profile)
+    return numeric_reference(FEATURES, 500)
 
 
 def traffic(

@@ -46,13 +46,13 @@ def names(n: int) -> list[str]:
     return [f"f{i:04d}" for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def wide_reference() -> ModelReference:
+def numeric_reference(features: int, rows: int) -> ModelReference:
+    """Model "wide" version 1: ``features`` standard normal features (``names``), profiled on ``rows``."""
     rng = np.random.default_rng(0)
-    columns = names(FEATURES)
-    frame = pd.DataFrame(rng.normal(0, 1, (1_000, FEATURES)), columns=columns)
+    columns = names(features)
+    frame = pd.DataFrame(rng.normal(0, 1, (rows, features)), columns=columns)
     profile = build_profile(
-        frame, [(c, "numeric") for c in columns], predictions=pd.Series(rng.uniform(0, 1, 1_000))
+        frame, [(c, "numeric") for c in columns], predictions=pd.Series(rng.uniform(0, 1, rows))
     )
     signature = ModelSignature(
         features=[FeatureSpec(name=c, type=FeatureType.NUMERIC) for c in columns],
@@ -61,6 +61,11 @@ def wide_reference() -> ModelReference:
         classes=[0, 1],
     )
     return ModelReference.build("wide", 1, signature, {"accuracy": 0.85}, profile)
+
+
+@pytest.fixture(scope="module")
+def wide_reference() -> ModelReference:
+    return numeric_reference(FEATURES, 1_000)
 
 
 def traffic(rows: int, *, shifted: int) -> list[tuple[PredictionsLogged, int, int]]:
