@@ -22,7 +22,7 @@ import pytest
 
 from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.monitoring import DataQualityIssue, DriftDetected
-from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from contracts.predictions import PredictionsLogged
 from libs.bus import EventTooLarge, bytes_over_limit
 from libs.profiles import build_profile
 from services.monitoring import bootstrap
@@ -31,7 +31,7 @@ from services.monitoring.domain import DriftPolicy, ModelReference
 from services.monitoring.handlers import Monitor, judge_closed_window
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import set_aside_count
-from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, wide_monitor
+from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, logged_request, wide_monitor
 
 LIMIT = 20_000
 """What consumers accept in these tests (``max_event_bytes``): the name below fits once, not twice."""
@@ -64,27 +64,14 @@ def traffic(*, x_shift: float, long_shift: float | None) -> list[tuple[Predictio
     rng = np.random.default_rng(1)
     out = []
     for r in range(WINDOW_ROWS // 50):
-        records = [
-            PredictionRecord(
-                prediction_id=f"p-{r}-{i}",
-                inputs={
-                    "x": float(rng.normal(x_shift, 1)),
-                    LONG: None if long_shift is None else float(rng.normal(long_shift, 1)),
-                },
-                output=PredictionOutput(prediction=1, probabilities={"0": 0.3, "1": 0.7}),
-            )
-            for i in range(50)
+        inputs = [
+            {
+                "x": float(rng.normal(x_shift, 1)),
+                LONG: None if long_shift is None else float(rng.normal(long_shift, 1)),
+            }
+            for _ in range(50)
         ]
-        logged = PredictionsLogged(
-            model="long",
-            model_version=1,
-            variant=Variant.STABLE,
-            request_id=f"r{r}",
-            predicted_at=T0 + timedelta(seconds=r),
-            latency_ms=1.0,
-            rows=records,
-        )
-        out.append((logged, 0, r))
+        out.append((logged_request("long", str(r), inputs, T0 + timedelta(seconds=r)), 0, r))
     return out
 
 

@@ -16,12 +16,19 @@ import numpy as np
 import pytest
 
 from contracts.monitoring import DataQualityIssue, DataQualityIssueKind
-from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
+from contracts.predictions import PredictionsLogged
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background
 from services.monitoring.domain import DriftPolicy, ModelReference
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, names, numeric_reference, wide_monitor
+from tests.unit.monitoring.test_wide_models import (
+    Outbox,
+    ReportStore,
+    logged_request,
+    names,
+    numeric_reference,
+    wide_monitor,
+)
 
 FEATURES = 1_000
 WINDOW_ROWS = 200
@@ -43,27 +50,12 @@ def traffic(
     out = []
     for r in range(rows // 50):
         values = rng.normal(0, 1, (50, FEATURES))
-        records = [
-            PredictionRecord(
-                prediction_id=f"p-{start.timestamp():.0f}-{r}-{i}",
-                inputs={
-                    c: None if j < missing and (j < 3 or i % 4) else values[i, j]
-                    for j, c in enumerate(columns)
-                },
-                output=PredictionOutput(prediction=1, probabilities={"0": 0.3, "1": 0.7}),
-            )
+        inputs = [
+            {c: None if j < missing and (j < 3 or i % 4) else values[i, j] for j, c in enumerate(columns)}
             for i in range(50)
         ]
-        logged = PredictionsLogged(
-            model="wide",
-            model_version=1,
-            variant=Variant.STABLE,
-            request_id=f"r{start.timestamp():.0f}-{r}",
-            predicted_at=start + timedelta(seconds=r),
-            latency_ms=1.0,
-            rows=records,
-        )
-        out.append((logged, 0, first_offset + r))
+        tag = f"{start.timestamp():.0f}-{r}"
+        out.append((logged_request("wide", tag, inputs, start + timedelta(seconds=r)), 0, first_offset + r))
     return out
 
 

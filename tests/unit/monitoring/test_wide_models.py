@@ -10,7 +10,7 @@ and the window's report keeps every feature.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,25 +76,31 @@ def traffic(rows: int, *, shifted: int) -> list[tuple[PredictionsLogged, int, in
     out = []
     for r in range(rows // 50):
         values = rng.normal(0, 1, (50, FEATURES)) + shift
-        records = [
-            PredictionRecord(
-                prediction_id=f"p-{r}-{i}",
-                inputs=dict(zip(columns, values[i].tolist(), strict=True)),
-                output=PredictionOutput(prediction=1, probabilities={"0": 0.3, "1": 0.7}),
-            )
-            for i in range(50)
-        ]
-        logged = PredictionsLogged(
-            model="wide",
-            model_version=1,
-            variant=Variant.STABLE,
-            request_id=f"r{r}",
-            predicted_at=T0 + timedelta(seconds=r),
-            latency_ms=1.0,
-            rows=records,
-        )
-        out.append((logged, 0, r))
+        inputs = [dict(zip(columns, values[i].tolist(), strict=True)) for i in range(50)]
+        out.append((logged_request("wide", str(r), inputs, T0 + timedelta(seconds=r)), 0, r))
     return out
+
+
+def logged_request(model: str, tag: str, inputs: Sequence[dict[str, Any]], at: datetime) -> PredictionsLogged:
+    """A request of version 1's stable variant with a row per ``inputs``, each predicted 1: request id
+    ``r{tag}``, prediction ids ``p-{tag}-{row}``."""
+    records = [
+        PredictionRecord(
+            prediction_id=f"p-{tag}-{i}",
+            inputs=row,
+            output=PredictionOutput(prediction=1, probabilities={"0": 0.3, "1": 0.7}),
+        )
+        for i, row in enumerate(inputs)
+    ]
+    return PredictionsLogged(
+        model=model,
+        model_version=1,
+        variant=Variant.STABLE,
+        request_id=f"r{tag}",
+        predicted_at=at,
+        latency_ms=1.0,
+        rows=records,
+    )
 
 
 class Outbox:
