@@ -101,6 +101,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         label_wait_seconds=settings.label_wait_seconds,
         max_event_bytes=settings.kafka.max_event_bytes,
         quality_issues_per_kind=settings.quality_issues_per_kind,
+        predictions_topic=settings.predictions_topic,
     )
 
 
@@ -120,7 +121,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
         monitor.live.pending_labels = await store.pending_labels()
-        replay_from = await store.replay_offsets(cast(MonitoringSettings, rt.settings).predictions_topic)
+        replay_from = await store.replay_offsets(monitor.predictions_topic)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
         now = time.time()

@@ -118,6 +118,9 @@ class Monitor:
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
     """More features than this with the same kind of finding in a window make one grouped DataQualityIssue."""
+    predictions_topic: str = PREDICTIONS_TOPIC
+    """The topic the live consumer reads predictions from (``MonitoringSettings.predictions_topic``): its
+    replay offsets are saved under this name, where a restart looks them up."""
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policies_fingerprint: str | None = None
@@ -897,7 +900,7 @@ async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) 
         monitor.on_windows_closed()
     live.cache.evict(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
-    await store.save_replay_offsets(PREDICTIONS_TOPIC, live.hold_offsets())
+    await store.save_replay_offsets(monitor.predictions_topic, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
     return expired
 
