@@ -15,7 +15,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +339,8 @@ def _words(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", " ", name)
 
 
-def _cell(text: str) -> str:
+def table_cell(text: str) -> str:
+    """Text for one cell of a Markdown table: pipes escaped, on one line."""
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -368,8 +369,8 @@ def _field_rows(model: type[BaseModel]) -> list[str]:
     for name, info in model.model_fields.items():
         required = "yes" if info.is_required() else "no"
         rows.append(
-            f"| `{name}` | `{_cell(_type_name(info.annotation))}` | {required} "
-            f"| {_cell(info.description or '')} |"
+            f"| `{name}` | `{table_cell(_type_name(info.annotation))}` | {required} "
+            f"| {table_cell(info.description or '')} |"
         )
     return rows
 
@@ -509,11 +510,11 @@ def catalogue() -> str:
         retention = "forever" if spec.retention_ms < 0 else f"{spec.retention_ms // 86_400_000} days"
         volume = " (high volume)" if spec.high_volume else ""
         out.append(
-            f"| `{spec.name}`{volume} | {spec.partitions} | {_cell(spec.key)} | {retention} | "
+            f"| `{spec.name}`{volume} | {spec.partitions} | {table_cell(spec.key)} | {retention} | "
             f"{_services(spec.producers)} | {_services(spec.consumers)} |"
         )
     for spec in TOPICS.values():
-        out += ["", f"## `{spec.name}`", "", _cell(spec.description)]
+        out += ["", f"## `{spec.name}`", "", table_cell(spec.description)]
         for note in spec.notes:
             out += ["", note]
         if not spec.routes:
@@ -523,7 +524,7 @@ def catalogue() -> str:
             consumers = list(route.consumers) + ([AUDIT] if spec.audited else [])
             link = f"[`{route.event.event_name}`](#{route.event.event_name.lower()})"
             out.append(
-                f"| {link} | {_cell(_doc(route.event))} | {_services(route.producers)} | "
+                f"| {link} | {table_cell(_doc(route.event))} | {_services(route.producers)} | "
                 f"{_services(dict.fromkeys(consumers))} |"
             )
     out += ["", "## Events", ""]
@@ -567,9 +568,9 @@ def _extra_schemas(root: Path, expected: dict[str, str]) -> list[str]:
     return sorted(present - expected.keys())
 
 
-def stale_files(root: Path = ROOT) -> list[str]:
-    """Generated files that are missing, differ from what the code generates, or should not exist."""
-    expected = expected_files()
+def out_of_date(expected: Mapping[str, str], root: Path) -> list[str]:
+    """Of the generated files ``expected`` (repository-relative path -> content), each that is missing or
+    differs under ``root``, saying which."""
     stale = []
     for rel, content in expected.items():
         path = root / rel
@@ -577,13 +578,12 @@ def stale_files(root: Path = ROOT) -> list[str]:
             stale.append(f"{rel} (missing)")
         elif path.read_text(encoding="utf-8") != content:
             stale.append(f"{rel} (out of date)")
-    stale += [f"{rel} (no such event any more)" for rel in _extra_schemas(root, expected)]
     return stale
 
 
-def write(root: Path = ROOT) -> list[str]:
-    """Write every generated file that changed and remove schemas of events that no longer exist."""
-    expected = expected_files()
+def write_changed(expected: Mapping[str, str], root: Path) -> list[str]:
+    """Write each of the generated files ``expected`` whose content under ``root`` differs; the paths
+    written."""
     changed = []
     for rel, content in expected.items():
         path = root / rel
@@ -592,32 +592,70 @@ def write(root: Path = ROOT) -> list[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")
         changed.append(rel)
+    return changed
+
+
+def stale_files(root: Path = ROOT) -> list[str]:
+    """Generated files that are missing, differ from what the code generates, or should not exist."""
+    expected = expected_files()
+    stale = out_of_date(expected, root)
+    stale += [f"{rel} (no such event any more)" for rel in _extra_schemas(root, expected)]
+    return stale
+
+
+def write(root: Path = ROOT) -> list[str]:
+    """Write every generated file that changed and remove schemas of events that no longer exist."""
+    expected = expected_files()
+    changed = write_changed(expected, root)
     for rel in _extra_schemas(root, expected):
         (root / rel).unlink()
         changed.append(rel)
     return changed
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m contracts.generate", description=__doc__.splitlines()[0])
+def run_generator(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    label: str,
+    expected: Callable[[], Mapping[str, str]],
+    find_stale: Callable[[Path], list[str]],
+    write_all: Callable[[Path], list[str]],
+) -> int:
+    """The command line of a generator of checked-in files: write them, or with --check exit 1 naming each
+    stale one (for CI)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
     parser.add_argument("--check", action="store_true", help="exit 1 if any generated file is stale")
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = parser.parse_args(argv)
     if args.check:
-        stale = stale_files(args.root)
+        stale = find_stale(args.root)
         if stale:
-            print("contracts: generated specs are stale:", file=sys.stderr)
+            print(f"{label}: generated files are stale:", file=sys.stderr)
             for line in stale:
                 print(f"  {line}", file=sys.stderr)
-            print("Run `python -m contracts.generate` and commit the result.", file=sys.stderr)
+            print(f"Run `python -m {prog}` and commit the result.", file=sys.stderr)
             return 1
-        print(f"contracts: {len(expected_files())} generated files are up to date")
+        print(f"{label}: {len(expected())} generated file(s) up to date")
         return 0
-    changed = write(args.root)
+    changed = write_all(args.root)
     for rel in changed:
         print(f"wrote {rel}")
-    print(f"contracts: {len(changed)} file(s) changed")
+    print(f"{label}: {len(changed)} file(s) changed")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_generator(
+        argv,
+        prog="contracts.generate",
+        description=__doc__.splitlines()[0],
+        label="contracts",
+        expected=expected_files,
+        find_stale=stale_files,
+        write_all=write,
+    )
 
 
 if __name__ == "__main__":
