@@ -363,12 +363,14 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Everything CI checks before the tests: lint, plus generated contracts specs are up to date."""
+    """Everything CI checks before the tests: lint, plus the generated contracts specs and settings reference
+    are up to date."""
     steps = _lint_steps()
     if importlib.util.find_spec("contracts.generate") is not None:
         steps.append(("contracts up to date", [sys.executable, "-m", "contracts.generate", "--check"]))
     else:
         say("contracts up to date: skipped (contracts/generate.py does not exist yet)")
+    steps.append(("settings reference up to date", [sys.executable, "-m", "deploy.settings_doc", "--check"]))
     return _run_steps(steps)
 
 
@@ -517,7 +519,9 @@ COMMANDS: list[Subcommand] = [
         passthrough=True,
     ),
     Subcommand(("lint",), "ruff, ruff format --check, mypy, import boundaries", cmd_lint),
-    Subcommand(("check",), "lint plus contracts staleness: what CI runs before the tests", cmd_check),
+    Subcommand(
+        ("check",), "lint plus staleness of the contracts and docs/settings.md: what CI runs first", cmd_check
+    ),
     Subcommand(("infra", "up"), "start Kafka and Postgres (idempotent) and create the topics", cmd_infra_up),
     Subcommand(("infra", "down"), "stop our Kafka and Postgres", cmd_infra_down),
     Subcommand(
@@ -621,8 +625,8 @@ def print_invalid_settings(err: ValidationError | SettingsError) -> None:
         print(f"driftloop: error: {line}", file=sys.stderr)
     settings_class = f"{err.title}: " if isinstance(err, ValidationError) else ""
     print(
-        "driftloop: what to do: correct or unset it; every setting is described in the settings.py it "
-        f"belongs to ({settings_class}deploy/local/settings.py for DRIFTLOOP_LOCAL_*, the services' own "
-        "settings.py for the others).",
+        "driftloop: what to do: correct or unset it; every setting is listed in docs/settings.md, from the "
+        f"settings.py it belongs to ({settings_class}deploy/local/settings.py for DRIFTLOOP_LOCAL_*, the "
+        "services' own settings.py for the others).",
         file=sys.stderr,
     )

@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import Field, TypeAdapter, ValidationError
 
 from contracts.envelope import OversizedEvent, check_attributes
+from deploy.settings_doc import SERVICE_SETTINGS
 from libs.auth import (
     TOKEN_NAME_MAX_CHARS,
     OperatorDep,
@@ -118,25 +119,7 @@ def test_settings_refuse_values_no_service_can_run_with(
         ExampleSettings()
 
 
-def every_service_settings() -> list[type[ServiceSettings]]:
-    from services.audit.settings import AuditSettings
-    from services.monitoring.settings import MonitoringSettings
-    from services.registry.settings import RegistrySettings
-    from services.serving.settings import ServingSettings
-    from services.training.settings import TrainingSettings
-    from services.validation.settings import ValidationSettings
-
-    return [
-        RegistrySettings,
-        TrainingSettings,
-        ValidationSettings,
-        ServingSettings,
-        MonitoringSettings,
-        AuditSettings,
-    ]
-
-
-@pytest.mark.parametrize("settings_class", every_service_settings(), ids=lambda c: c.service)
+@pytest.mark.parametrize("settings_class", SERVICE_SETTINGS, ids=lambda c: c.service)
 @pytest.mark.parametrize("port", ["70000", "0"])
 def test_every_service_refuses_a_port_it_cannot_listen_on(
     settings_class: type[ServiceSettings], port: str, monkeypatch: pytest.MonkeyPatch
