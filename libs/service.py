@@ -49,8 +49,8 @@ def load_settings(settings_class: type[S]) -> S:
     for problem in problems:
         print(f"driftloop {settings_class.service}: error: {problem}", file=sys.stderr)
     print(
-        f"driftloop {settings_class.service}: what to do: correct or unset it; every setting is described "
-        f"in services/{settings_class.service}/settings.py and libs/settings.py.",
+        f"driftloop {settings_class.service}: what to do: correct or unset it; every setting is listed in "
+        f"docs/settings.md, from services/{settings_class.service}/settings.py and libs/settings.py.",
         file=sys.stderr,
     )
     raise SystemExit(2)
