@@ -239,14 +239,15 @@ class Background:
     async def join(self, prediction_ids: list[str]) -> None:
         """Make these joins in a transaction of their own; they leave memory once it commits."""
         live = self.monitor.live
+        live.settle_begins()
         async with self.rt.begin() as tx:
             joined = await handlers.join_pending(
                 prediction_ids, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
         # Only now that they are committed. A join not made (the label's transaction had not committed yet)
         # stays due while the label waits in memory.
-        live.labels_settled(joined)
-        live.joins_due.difference_update(pid for pid, _ in joined)
+        settled = live.labels_settled(joined)
+        live.joins_due.difference_update(pid for pid, _ in settled)
 
     def give_up_join(self, prediction_id: str, exc: Exception) -> None:
         """Stop trying a join that failed for good; log and count it."""
@@ -320,6 +321,7 @@ class Background:
         await self.join_due()
         now = time.time()
         await self.decide_canaries(now)
+        self.monitor.live.settle_begins()
         async with self.rt.begin() as tx:
             expired = await handlers.housekeeping(now, monitor=self.monitor, store=PgMonitoringStore(tx.conn))
         # Only now that the expiries are committed: a failed transaction leaves the labels waiting, as they

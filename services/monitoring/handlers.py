@@ -283,9 +283,15 @@ async def on_ground_truth_received(
         # is committed. The bus retries the poll (one event at a time after a failure that is not an
         # outage), which marks again the labels whose own transaction commits; one that fails for good is
         # dead-lettered, and no prediction waits for it. Pairs already waiting before stay: an earlier
-        # label for them is still in Postgres.
-        live.labels_settled(marked)
+        # label for them is still in Postgres, as no join takes it while this one is being stored (an
+        # expiry may: then memory keeps the pair, and the retry stores this label again).
+        live.labels_stored(_pairs(waiting), marked=marked)
         raise
+    live.labels_stored(_pairs(waiting))
+
+
+def _pairs(labels: list[PendingLabel]) -> list[tuple[str, str]]:
+    return [(label.prediction_id, label.model) for label in labels]
 
 
 def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -> None:

@@ -176,6 +176,14 @@ class LiveState:
         # (whose rows are in the windows already). One not found (the label's transaction had not committed
         # yet) is looked for again at the next tick while both are still here.
         self.joins_due: set[str] = set()
+        # Waiting labels being stored, per pair: from their handler's mark until it returns or fails (by then
+        # its upsert has run: a join or expiry after it cannot take the earlier label from under it).
+        self.labels_storing: Counter[tuple[str, str]] = Counter()
+        # While a join or expiry transaction runs (from settle_begins; a failed one leaves it to the next):
+        # the pairs whose label was being stored at any moment of it. Its upsert may have come after that
+        # transaction took or expired the earlier label, as a new row: that pair still waits in Postgres,
+        # and stays in memory.
+        self._stored_meanwhile: set[tuple[str, str]] | None = None
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -289,27 +297,53 @@ class LiveState:
 
     def label_waits(self, prediction_id: str, model: str) -> bool:
         """A label naming ``model`` waits for its prediction (a later one for the same pair replaces it in
-        Postgres: one entry here). Returns whether the pair is new here: if the transaction storing the
-        label fails, that mark is the one to take back."""
+        Postgres: one entry here), and is being stored until :meth:`labels_stored`. Returns whether the pair
+        is new here: if the transaction storing the label fails, that mark is the one to take back."""
         pair = (prediction_id, model)
+        self.labels_storing[pair] += 1
+        if self._stored_meanwhile is not None:
+            self._stored_meanwhile.add(pair)
         if pair in self.pending_labels:
             return False
         self.pending_labels.add(pair)
         return True
 
-    def labels_settled(self, labels: Iterable[tuple[str, str]]) -> None:
-        """These (prediction id, model) labels no longer wait in Postgres: joined or expired (and that is
-        committed), or never stored (the transaction that stored them failed)."""
-        self.pending_labels.difference_update(labels)
+    def labels_stored(
+        self, labels: Iterable[tuple[str, str]], *, marked: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """The handler that stored these waiting labels (one entry per :meth:`label_waits`) returned, or
+        failed: then its transaction stored none of them, and the pairs it ``marked`` new are taken back."""
+        for pair in labels:
+            self.labels_storing[pair] -= 1
+            if self.labels_storing[pair] <= 0:
+                del self.labels_storing[pair]
+        self.pending_labels.difference_update(marked)
+
+    def settle_begins(self) -> None:
+        """A transaction that joins or expires waiting labels begins: note the labels stored meanwhile."""
+        self._stored_meanwhile = set(self.labels_storing)
+
+    def labels_settled(self, labels: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """These (prediction id, model) labels, joined or expired by the transaction that began at
+        :meth:`settle_begins`, no longer wait in Postgres (that is committed), but for a pair whose label was
+        being stored meanwhile. Returns the pairs settled."""
+        kept = self._stored_meanwhile or set()
+        self._stored_meanwhile = None
+        settled = [pair for pair in labels if pair not in kept]
+        self.pending_labels.difference_update(settled)
+        return settled
 
     def joins_to_make(self) -> list[str]:
-        """The joins still to make: a label still waits for a held prediction of its model."""
-        self.joins_due = {
-            pid
+        """The joins still to make: a label still waits for a held prediction of its model. One whose label
+        is being stored again (a correction, or the label sent again) is left for the next tick: made now, its
+        join could take the earlier label before the later one's upsert, which would then wait on its own."""
+        due = {
+            pid: model
             for pid in self.joins_due
             if (model := self.cache.model_of(pid)) is not None and (pid, model) in self.pending_labels
         }
-        return sorted(self.joins_due)
+        self.joins_due = set(due)
+        return sorted(pid for pid, model in due.items() if (pid, model) not in self.labels_storing)
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

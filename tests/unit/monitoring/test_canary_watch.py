@@ -415,7 +415,7 @@ def regression_rollouts(monkeypatch: pytest.MonkeyPatch, outcomes: list[Any]) ->
     for step in (price, other):
         monitor.live.watch(canary_step(step))
     monitor.live.steps["r-price"].canary.rows = 500
-    monitor.live.label_waits("p-expired", "churn")
+    monitor.live.pending_labels.add(("p-expired", "churn"))  # waiting, as restore loads it
     return monitor, store
 
 

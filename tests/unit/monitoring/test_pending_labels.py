@@ -3,11 +3,13 @@
 and model named, the latest replacing the one waiting. When its prediction comes, the background joins it in a
 transaction of its own. The two consumers run side by side, each in its own transaction: a prediction consumed
 while its label's transaction is still open misses the label, and the next tick makes the join. Memory
-follows what is committed: a tick whose transaction fails leaves its expired labels waiting. A later label for
-a prediction joined before replaces its label (a correction)."""
+follows what is committed: a tick whose transaction fails leaves its expired labels waiting, and a join or an
+expiry leaves waiting a label stored again while it ran (no join is made while its label is being stored). A
+later label for a prediction joined before replaces its label (a correction)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -520,3 +522,105 @@ async def test_a_label_whose_transaction_fails_for_good_is_dead_lettered_and_doe
     assert tables.waiting() == monitor.live.pending_labels == {("good-1-0", "churn")}
     await consume_prediction(monitor, tables, "bad-1")  # a prediction with the dead-lettered label's id
     assert monitor.live.joins_to_make() == []
+
+
+class Held(Tx):
+    """A transaction whose ``method`` waits, when called, until ``release`` is set (``reached`` says it was
+    called): the other transactions run meanwhile, in the order the test gives them."""
+
+    def __init__(self, tables: Tables, method: str) -> None:
+        super().__init__(tables)
+        self.reached, self.release = asyncio.Event(), asyncio.Event()
+        held = getattr(self, method)
+
+        async def wait_then_call(*args: Any) -> Any:
+            self.reached.set()
+            await self.release.wait()
+            return await held(*args)
+
+        setattr(self, method, wait_then_call)
+
+
+async def stored_again_as_its_prediction_comes(
+    monitor: Monitor, tables: Tables
+) -> tuple[Held, asyncio.Task[None]]:
+    """good-1-0's label 0 waits; its label 1 is being stored (``storing``, held in ``add_pending``) as its
+    prediction is consumed, and that join is due with the background."""
+    await send_label(monitor, tables, "good-1-0", "churn", 0)
+    label_tx = Held(tables, "add_pending")
+    storing = asyncio.create_task(receive_label(monitor, label_tx, "good-1-0", "churn", 1))
+    await label_tx.reached.wait()  # the prediction was not held: the label is being stored to wait
+    await consume_prediction(monitor, tables, "good-1")
+    return label_tx, storing
+
+
+async def test_a_label_sent_again_while_its_prediction_comes_is_the_one_joined_and_none_is_left_waiting(
+    monitor: Monitor,
+) -> None:
+    """A prediction's label waits; a later one for it (a correction) is being stored, and the prediction comes
+    meanwhile. In Postgres the background's join can take the earlier label before the later one's upsert
+    (which then waits for the join to commit and inserts the later label anew): the join must not be made
+    then, or the earlier label is joined and the later one waits in Postgres with memory no longer looking
+    for it, to expire as unmatched."""
+    tables = Tables()
+    before = corrections("churn")
+    label_tx, storing = await stored_again_as_its_prediction_comes(monitor, tables)
+    background = Background(Runtime(tables), monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    await background.once()  # a tick while the later label is being stored
+    assert tables.labelled == {}  # the join waits for it: the earlier label is never joined
+    label_tx.release.set()
+    await storing
+    label_tx.commit()
+    await background.once()  # the next tick
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
+    assert corrections("churn") == before
+
+
+async def test_a_join_left_for_a_label_being_stored_is_made_when_that_labels_transaction_fails(
+    monitor: Monitor,
+) -> None:
+    """The join left for the next tick while a later label was being stored is made with the earlier label
+    when the later one's transaction fails: the wait for it ends with its handler, whatever the outcome."""
+    tables = Tables()
+    label_tx, storing = await stored_again_as_its_prediction_comes(monitor, tables)
+    tables.waits_refused = {"good-1-0"}  # storing the later label fails for good
+    background = Background(Runtime(tables), monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    await background.once()
+    label_tx.release.set()
+    with pytest.raises(ValueError):
+        await storing
+    await background.once()
+
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 0}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
+
+
+async def test_a_label_sent_again_while_the_earlier_one_expires_waits_in_memory_as_in_postgres(
+    monitor: Monitor,
+) -> None:
+    """A label waited its time and the tick expires it while a later one for the same prediction is being
+    stored. In Postgres the later label's upsert waits for the expiry to commit, then waits its own time:
+    memory must go on looking for it, so that the prediction, when it comes, is joined."""
+    tables = Tables()
+    long_ago = datetime.fromtimestamp(NOW, UTC) - timedelta(days=2)
+    tables.pending[("good-1-0", "churn")] = Waiting(PendingLabel("good-1-0", "churn", 0, long_ago), long_ago)
+    monitor.live.pending_labels = {("good-1-0", "churn")}
+    label_tx = Held(tables, "add_pending")
+    storing = asyncio.create_task(receive_label(monitor, label_tx, "good-1-0", "churn", 1))
+    await label_tx.reached.wait()
+    background = Background(Runtime(tables), monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    await background.once()  # expires the earlier label
+    label_tx.release.set()
+    await storing
+    label_tx.commit()
+    assert tables.waiting() == monitor.live.pending_labels == {("good-1-0", "churn")}
+
+    await consume_prediction(monitor, tables, "good-1")
+    await background.once()
+    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
