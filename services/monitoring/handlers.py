@@ -325,6 +325,11 @@ async def check_performance(
         if len(rows) < size:
             return
         state = await store.performance_state(model, version)
+        # Read again under the version's lock: the other transaction joining labels (the feedback consumer's
+        # beside the background's) may have scored some of these rows while this one waited for it.
+        rows = await store.unscored(model, version, size)
+        if len(rows) < size:
+            return
         seq = state.next_seq
         labelled = [LabelledRow(r.prediction, r.score, r.label, r.late) for r in rows]
         if skipped := unscorable(labelled, ref.task):

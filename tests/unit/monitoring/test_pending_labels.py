@@ -5,11 +5,14 @@ transaction of its own. The two consumers run side by side, each in its own tran
 while its label's transaction is still open misses the label, and the next tick makes the join. Memory
 follows what is committed: a tick whose transaction fails leaves its expired labels waiting, and a join or an
 expiry leaves waiting a label stored again while it ran (no join is made while its label is being stored). A
-later label for a prediction joined before replaces its label (a correction)."""
+later label for a prediction joined before replaces its label (a correction). Labels joined side by side score
+each labelled row into one performance window."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -27,7 +30,7 @@ from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor, subscriptions
 from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
-from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel
+from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel, PerformanceState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference
 from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
@@ -35,6 +38,7 @@ from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
 NOW = 1_000.0  # the tick's clock: no window is idle, no label has waited long
 
 Pair = tuple[str, str]  # (prediction id, the model the label names)
+Version = tuple[str, int]
 
 
 @dataclass
@@ -50,6 +54,9 @@ class Tables:
     def __init__(self) -> None:
         self.pending: dict[Pair, Waiting] = {}
         self.labelled: dict[str, LabelledRecord] = {}
+        self.scored: dict[str, int] = {}  # labelled rows in a performance window: its number
+        self.windows: list[tuple[int, list[str]]] = []  # the performance windows scored, with their rows
+        self.performance: dict[Version, PerformanceState] = {}
         self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
         self.refused: set[str] = set()  # the same, for these predictions' labels only
         self.waits_refused: set[str] = set()  # storing these predictions' waiting labels fails for good
@@ -78,6 +85,8 @@ class Tx:
         self.taken: set[Pair] = set()
         self.expired: set[Pair] = set()
         self.labelled: dict[str, LabelledRecord] = {}
+        self.windows: list[tuple[int, list[str]]] = []
+        self.performance: dict[Version, PerformanceState] = {}
 
     def _waiting(self) -> dict[Pair, PendingLabel]:
         rows = {pair: row.label for pair, row in self.tables.pending.items() if not row.expired}
@@ -121,8 +130,27 @@ class Tx:
                 corrected.append(row.prediction_id)
         return corrected
 
-    async def unscored(self, *_: Any) -> list[LabelledRecord]:
-        return []
+    async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
+        scored = set(self.tables.scored).union(*(ids for _, ids in self.windows))
+        rows = [
+            row
+            for row in {**self.tables.labelled, **self.labelled}.values()
+            if (row.model, row.version) == (model, version) and row.prediction_id not in scored
+        ]
+        return sorted(rows, key=lambda r: (r.received_at, r.prediction_id))[:limit]
+
+    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
+        self.windows.append((seq, prediction_ids))
+
+    async def performance_state(self, model: str, version: int) -> PerformanceState:
+        """The version's state (Postgres locks its row until the transaction ends; not modelled here)."""
+        key = (model, version)
+        return copy.deepcopy(
+            self.performance.get(key) or self.tables.performance.get(key) or PerformanceState()
+        )
+
+    async def save_performance_state(self, model: str, version: int, state: PerformanceState) -> None:
+        self.performance[(model, version)] = copy.deepcopy(state)
 
     async def watched_steps(self) -> list[Any]:
         return []
@@ -154,6 +182,10 @@ class Tx:
         for pair in self.expired:
             t.pending[pair].expired = True
         t.labelled.update(self.labelled)
+        for seq, ids in self.windows:
+            t.scored.update(dict.fromkeys(ids, seq))
+        t.windows.extend(self.windows)
+        t.performance.update(self.performance)
 
 
 class Runtime:
@@ -218,11 +250,14 @@ async def receive_label(
     )
 
 
-async def consume_prediction(monitor: Monitor, tables: Tables, request_id: str) -> None:
-    """The predictions consumer handles a request and commits."""
+async def consume_prediction(monitor: Monitor, tables: Tables, request_id: str, offset: int = 0) -> None:
+    """The predictions consumer handles a request (at ``offset`` of the topic) and commits."""
     tx = tables.begin()
     await on_predictions_logged(
-        [delivery(logged(request_id), 0)], monitor=monitor, store=cast(MonitoringStore, tx), publish=nothing
+        [delivery(logged(request_id), offset)],
+        monitor=monitor,
+        store=cast(MonitoringStore, tx),
+        publish=nothing,
     )
     tx.commit()
 
@@ -624,3 +659,30 @@ async def test_a_label_sent_again_while_the_earlier_one_expires_waits_in_memory_
     await background.once()
     assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
+
+
+async def test_labels_joined_beside_each_other_fill_a_performance_window_with_each_row_once(
+    monitor: Monitor,
+) -> None:
+    """The feedback consumer and the background join labels of one version in transactions side by side.
+    Each reads the unscored rows, sees a full window (a row committed before, and its own), and takes the
+    version's performance state; the later one waits in Postgres for the first to commit. It must not then
+    score the rows the first one scored into a window of its own."""
+    monitor.performance_window_labels = 2
+    tables = Tables()
+    await consume_prediction(monitor, tables, "good-1")
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # joined at once: one unscored row
+    await send_label(monitor, tables, "good-2-0", "churn", 1)  # waits for its prediction
+    await consume_prediction(monitor, tables, "good-2", offset=1)  # its join is due with the background
+    label_tx = Held(tables, "performance_state")
+    joining = asyncio.create_task(receive_label(monitor, label_tx, "good-1-1", "churn", 1))
+    await label_tx.reached.wait()  # it read good-1-0 and good-1-1: a full window
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+    label_tx.release.set()
+    await joining
+    label_tx.commit()
+
+    assert tables.windows == [(1, ["good-1-0", "good-2-0"])]
+    assert Counter(tables.scored.values()) == {1: 2} and "good-1-1" not in tables.scored
+    assert tables.performance[("churn", 1)].next_seq == 2
