@@ -54,7 +54,8 @@ class CompiledModel:
 
     def feeds(self, columns: FeatureColumns) -> dict[str, np.ndarray] | None:
         """The session's inputs, or None when a value has no faithful string-tensor form (a category given
-        as a number or boolean): such a request is answered by the pipeline."""
+        as a number or boolean, which the input check lets through only for a feature whose signature lists
+        no levels): such a request is answered by the pipeline."""
         feeds: dict[str, np.ndarray] = {}
         for spec in self.signature.features:
             values = columns.columns[spec.name]

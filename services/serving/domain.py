@@ -580,6 +580,17 @@ def parse_prediction_id(pid: str) -> tuple[str, int] | None:
 #   * a category the model has not seen is allowed (the pipeline's encoder ignores it), counted in the
 #     metric driftloop_serving_unseen_categories_total and left for monitoring to judge; unless it is no
 #     text (a NUL character, a lone surrogate) or an integer beyond 64 bits, which nothing downstream stores.
+#
+# The rule for what a categorical value is: a JSON string, integer or boolean, matched by its JSON identity.
+# A feature's levels (the signature's categories) have one type, the training column's: text, integers or
+# booleans. A value is one of them only as that very value, of that type: the string "1" is not the integer
+# 1, and true is not 1 (Python's equality, and so scikit-learn's encoder of integer and boolean levels, takes
+# true for 1; monitoring's counts, by text, would take "1" for 1). A value of another type is refused (422,
+# wrong-type, naming the type to send): it can never be a level, and taken as an unseen one it would
+# silently degrade every answer to a client that sends "7" for 7. So the model, this check's unseen count and
+# monitoring (which sees the logged values) agree on every value, and the prediction log holds one type per
+# feature, which the window files that retrain the model keep. A feature whose signature lists no levels
+# takes any of the three types (docs/serving.md, "Categories").
 
 MISSING = float("nan")
 
@@ -685,32 +696,98 @@ def _check_numeric(name: str, values: list[Any]) -> list[Any]:
     return out
 
 
-def _check_categorical(name: str, values: list[Any], known: frozenset[Any] | None) -> tuple[list[Any], int]:
+_LEVELS_ARE = {str: "text", int: "integers", bool: "booleans"}
+_SEND = {str: "a string (BYTES)", int: "an integer (INT64)", bool: "true or false (BOOL)"}
+
+
+@dataclass(frozen=True)
+class CategoryLevels:
+    """A categorical feature's levels as the input check uses them: the set, and the JSON types they have
+    (one for every signature training writes)."""
+
+    known: frozenset[Any]
+    types: frozenset[type]
+    kind: type | None
+    """The levels' one type; None when they have several (a signature registered from elsewhere)."""
+    typed: frozenset[tuple[type, Any]]
+    """(type, level) pairs, for levels of several types: there ``True in {1}`` would hold."""
+
+    @classmethod
+    def of(cls, categories: Sequence[Any]) -> CategoryLevels:
+        types = frozenset(map(type, categories))
+        if len(types) == 1:
+            return cls(frozenset(categories), types, next(iter(types)), frozenset())
+        return cls(frozenset(), types, None, frozenset(zip(map(type, categories), categories, strict=True)))
+
+    def refuse(self, name: str, value: Any, row: int) -> InvalidInput:
+        kinds = [t for t in _LEVELS_ARE if t in self.types]
+        return _bad(
+            name,
+            "wrong-type",
+            f"the model's levels of this feature are {' and '.join(_LEVELS_ARE[t] for t in kinds)}, and a "
+            f'category is one only as a value of that type ("1" is not 1, true is not 1): send '
+            f"{' or '.join(_SEND[t] for t in kinds)}, not {json_kind(value)}",
+            row,
+        )
+
+
+_LEVELS_HELD = 1024
+_levels_of: dict[int, tuple[list[Any], CategoryLevels]] = {}
+
+
+def category_levels(categories: list[Any]) -> CategoryLevels:
+    """The :class:`CategoryLevels` of a signature's categories, made once per list: a served signature is the
+    same object for every request, and a thousand levels take 20 µs to make into a set."""
+    # Keyed by the list's identity, and the list held with its levels, so a key is never another list's.
+    held = _levels_of.get(id(categories))
+    if held is not None and held[0] is categories:
+        return held[1]
+    levels = CategoryLevels.of(categories)
+    if len(_levels_of) >= _LEVELS_HELD:
+        _levels_of.clear()
+    _levels_of[id(categories)] = (categories, levels)
+    return levels
+
+
+def _check_categorical(name: str, values: list[Any], levels: CategoryLevels | None) -> tuple[list[Any], int]:
+    known, kind = (levels.known, levels.kind) if levels is not None else (frozenset(), None)
+    # The common case, every value a known level of the levels' one type, checked at C speed: the levels are
+    # storable by construction (they came through JSON and Postgres), so nothing else needs a look. Only a
+    # string equals a string; 1, 1.0 and true equal each other, so numbers and booleans need their types too.
+    if kind is not None and known.issuperset(values) and (kind is str or set(map(type, values)) == {kind}):
+        return values, 0
     out = values
     unseen = 0
     for i, v in enumerate(values):
         t = type(v)
-        if t is str or t is int or t is bool:
-            # A category of the signature is fit by construction (it came through JSON and Postgres); only
-            # another value can hold what nothing downstream stores.
-            if known is None or v not in known:
-                if known is not None:
-                    unseen += 1
-                if t is str:
-                    problem = unstorable_text(v)
-                    if problem is not None:
-                        raise _bad(name, "invalid-text", problem, i)
-                elif t is int and not _INT64_MIN <= v <= _UINT64_MAX:
-                    raise _bad(name, "out-of-range", "an integer category must fit in 64 bits", i)
-            continue
-        if v is None or (t is float and v != v):
+        if t is kind:
+            if v in known:
+                continue
+            unseen += 1
+        elif t is str or t is int or t is bool:
+            if levels is not None:
+                if kind is not None or t not in levels.types:
+                    raise levels.refuse(name, v, i)
+                if (t, v) in levels.typed:
+                    continue
+                unseen += 1
+        elif v is None or (t is float and v != v):
             if out is values:
                 out = list(values)
             out[i] = MISSING
             continue
-        raise _bad(
-            name, "wrong-type", f"expected a category (string, integer or boolean), got {json_kind(v)}", i
-        )
+        else:
+            raise _bad(
+                name, "wrong-type", f"expected a category (string, integer or boolean), got {json_kind(v)}", i
+            )
+        # A value that is no level: one of the signature is fit by construction, another may hold what
+        # nothing downstream stores.
+        if t is str:
+            problem = unstorable_text(v)
+            if problem is not None:
+                raise _bad(name, "invalid-text", problem, i)
+        elif t is int and not _INT64_MIN <= v <= _UINT64_MAX:
+            raise _bad(name, "out-of-range", "an integer category must fit in 64 bits", i)
     return out, unseen
 
 
@@ -722,8 +799,8 @@ def _check_columns(signature: ModelSignature, raw: Mapping[str, list[Any]], rows
         if spec.type is FeatureType.NUMERIC:
             columns[spec.name] = _check_numeric(spec.name, values)
         else:
-            known = frozenset(spec.categories) if spec.categories else None
-            columns[spec.name], n = _check_categorical(spec.name, values, known)
+            levels = category_levels(spec.categories) if spec.categories else None
+            columns[spec.name], n = _check_categorical(spec.name, values, levels)
             if n:
                 unseen[spec.name] = n
     return FeatureColumns(rows, columns, unseen)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -385,13 +387,13 @@ async def test_what_serving_offers_the_log_reads_back_in_the_producer_as_offered
 # --- Open Inference Protocol ------------------------------------------------------------------------------
 
 
-def oip_body(rows: int = 2) -> dict[str, Any]:
+def oip_body(rows: int = 2, plans: list[Any] | None = None, plan_datatype: str = "BYTES") -> dict[str, Any]:
     return {
         "id": "my-request",
         "inputs": [
             {"name": "tenure_months", "shape": [rows], "datatype": "FP64", "data": [3.0] * rows},
             {"name": "monthly_charges", "shape": [rows], "datatype": "FP64", "data": [50.0] * rows},
-            {"name": "plan", "shape": [rows], "datatype": "BYTES", "data": ["basic"] * rows},
+            {"name": "plan", "shape": [rows], "datatype": plan_datatype, "data": plans or ["basic"] * rows},
         ],
     }
 
@@ -626,6 +628,91 @@ async def test_both_engines_refuse_numbers_beyond_float32s_range_naming_feature_
     assert r.status_code == 422, r.text
     assert (r.json()["feature"], r.json()["reason"]) == ("tenure_months", reason)
     assert service.log.items == []
+
+
+def trained(levels: str, *, compile: bool = False) -> ServedModel:
+    """A model as training builds one (no imputer before the one-hot encoder), on a plan column of ``levels``:
+    text, integers or booleans."""
+    from libs.modelspec import build_pipeline, spec_from_data
+    from services.serving.compiled import compile_model
+    from services.training.worker import signature
+    from tests.unit.training.data import churn_spec_data
+
+    features = [
+        {"name": "tenure_months", "type": "numeric"},
+        {"name": "monthly_charges", "type": "numeric"},
+        {"name": "plan", "type": "categorical"},
+    ]
+    spec = spec_from_data(churn_spec_data(features=features, validation={}))
+    rng = np.random.default_rng(0)
+    plans = pd.Series(rng.choice(["basic", "plus", "premium"], 300))
+    frame = pd.DataFrame(
+        {
+            "tenure_months": rng.integers(0, 72, 300).astype(float),
+            "monthly_charges": rng.normal(60, 20, 300),
+            "plan": {
+                "text": plans,
+                "integers": plans.map({"basic": 0, "plus": 1, "premium": 2}),
+                "booleans": plans == "premium",
+            }[levels],
+        }
+    )
+    target = (frame["tenure_months"] < 12).astype(int)
+    pipeline = build_pipeline(spec).fit(frame, target)
+    sig = signature(spec, pipeline, tuple(pipeline.classes_))
+    return ServedModel(
+        "churn", 1, "01" * 32, sig, pipeline, compile_model(pipeline, sig) if compile else None
+    )
+
+
+_TENSOR_TYPE = {str: "BYTES", int: "INT64", bool: "BOOL"}
+
+
+@pytest.mark.parametrize(
+    ("levels", "plans", "row"),
+    [
+        ("text", [1, 2], 0),  # all numbers: the model refused them ("ufunc 'isnan' not supported")
+        ("text", ["basic", 1], 1),  # beside a string: the model took the same 1 as an unseen level
+        ("text", [True], 0),  # "y contains previously unseen labels"
+        ("integers", [True, 1], 0),  # the model took true as the level 1, monitoring as a new level
+        ("integers", [1, "1"], 1),  # monitoring took "1" as the level 1, the model as unseen
+        ("booleans", [1, 0], 0),  # the model took 1 as true, monitoring as a new level
+        ("booleans", ["True"], 0),  # monitoring took "True" as the level true, the model as unseen
+    ],
+)
+async def test_a_category_of_another_type_than_the_levels_is_a_422_naming_it_on_both_protocols(
+    service: Service, levels: str, plans: list[Any], row: int
+) -> None:
+    service.route(trained(levels, compile=levels == "text"))
+    r = await predict(service, [record(plan=p) for p in plans])
+    assert r.status_code == 422, r.text
+    assert (r.json()["feature"], r.json()["reason"], r.json()["row"]) == ("plan", "wrong-type", row), r.text
+    assert {"text": "text", "integers": "integers", "booleans": "booleans"}[levels] in r.json()["detail"]
+    kinds = {type(p) for p in plans}
+    body = oip_body(len(plans), plans, _TENSOR_TYPE[kinds.pop()] if len(kinds) == 1 else "BYTES")
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert (r.json()["feature"], r.json()["reason"]) == ("plan", "wrong-type"), r.text
+    assert service.log.items == []
+
+
+@pytest.mark.parametrize("levels", ["text", "integers", "booleans"])
+async def test_categories_of_the_levels_type_are_answered_and_logged_as_sent(
+    service: Service, levels: str
+) -> None:
+    model = trained(levels, compile=levels == "text")
+    service.route(model)
+    known = model.signature.features[-1].categories or []
+    unseen = {"text": "gold", "integers": 7, "booleans": None}[levels]
+    plans = [*known, unseen]
+    r = await predict(service, [record(plan=p) for p in plans])
+    assert r.status_code == 200, r.text
+    assert [row["plan"] for item in service.log.items for row in item.raw_rows or []] == plans
+    assert service.log.items[-1].columns.unseen == ({} if unseen is None else {"plan": 1})
+    body = oip_body(len(plans), plans, _TENSOR_TYPE[type(known[0])])
+    r2 = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["outputs"][0]["data"] == [p["prediction"] for p in r.json()["predictions"]]
 
 
 class NaNModel:

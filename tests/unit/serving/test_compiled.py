@@ -16,7 +16,7 @@ from libs.artifacts import ArtifactStore, save_model
 from libs.modelspec import build_pipeline, spec_from_data
 from services.serving.adapters.artifacts import ArtifactModelLoader, compile_or_explain
 from services.serving.compiled import CompiledModel, NotCompilable, compile_model
-from services.serving.domain import MISSING, FeatureColumns, columns_from_records
+from services.serving.domain import columns_from_records
 from services.serving.ports import VersionRecord
 from services.serving.routing import ServedModel
 from services.training.worker import signature
@@ -100,11 +100,15 @@ def _uncompiled() -> float:
 
 
 def test_a_category_sent_as_a_number_is_answered_by_the_pipeline_and_counted() -> None:
-    fast = ServedModel("churn", 7, "k", SIGNATURE, PIPELINE, compile_model(PIPELINE, SIGNATURE))
-    columns = FeatureColumns(1, {"tenure_months": [3.0], "monthly_charges": [MISSING], "plan": [2]})
+    # Only a feature whose signature lists no levels takes a number (any other refuses another type than its
+    # levels'): the string tensors have no faithful form for it.
+    plan = SIGNATURE.features[-1].model_copy(update={"categories": None})
+    unlisted = SIGNATURE.model_copy(update={"features": [*SIGNATURE.features[:-1], plan]})
+    fast = ServedModel("churn", 7, "k", unlisted, PIPELINE, compile_model(PIPELINE, unlisted))
+    columns = columns_from_records(unlisted, [{"tenure_months": 3.0, "monthly_charges": None, "plan": 2}])
     before = _uncompiled()
     got = fast.predict(columns)
-    expected = ServedModel("churn", 7, "k", SIGNATURE, PIPELINE).predict(columns)
+    expected = ServedModel("churn", 7, "k", unlisted, PIPELINE).predict(columns)
     assert got == expected
     assert _uncompiled() == before + 1
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from contracts.common import ModelSignature
 from contracts.predictions import Variant
 from contracts.rollouts import (
     RollbackReason,
@@ -564,6 +565,13 @@ def test_numbers_up_to_float32s_limit_are_accepted() -> None:
     assert cols.columns["tenure_months"] == [top, 10**38]
 
 
+def levelled(categories: list[Any] | None) -> ModelSignature:
+    """The churn signature with these levels of ``plan`` (None: no levels listed)."""
+    signature = churn_signature()
+    plan = signature.features[-1].model_copy(update={"categories": categories})
+    return signature.model_copy(update={"features": [*signature.features[:-1], plan]})
+
+
 @pytest.mark.parametrize(
     ("plan", "reason"),
     [
@@ -575,16 +583,61 @@ def test_numbers_up_to_float32s_limit_are_accepted() -> None:
     ],
 )
 def test_a_category_that_nothing_downstream_can_store_is_refused(plan: Any, reason: str) -> None:
+    signature, level = (churn_signature(), "basic") if isinstance(plan, str) else (levelled([1, 2, 3]), 1)
     with pytest.raises(InvalidInput) as err:
-        domain.columns_from_records(churn_signature(), [record(), record(plan=plan)])
+        domain.columns_from_records(signature, [record(plan=level), record(plan=plan)])
     assert err.value.extra == {"feature": "plan", "reason": reason, "row": 1}
 
 
 def test_unseen_categories_that_are_text_or_64_bit_integers_are_still_allowed() -> None:
-    cols = domain.columns_from_records(
-        churn_signature(), [record(plan="gold \u00e9\U0001f600"), record(plan=2**64 - 1), record(plan=True)]
+    cols = domain.columns_from_records(churn_signature(), [record(plan="gold \u00e9\U0001f600")])
+    assert cols.unseen == {"plan": 1}
+    cols = domain.columns_from_records(levelled([1, 2, 3]), [record(plan=2**64 - 1), record(plan=-(2**63))])
+    assert cols.unseen == {"plan": 2}
+    assert domain.columns_from_records(levelled([True]), [record(plan=False)]).unseen == {"plan": 1}
+
+
+@pytest.mark.parametrize(
+    ("categories", "known", "unseen", "refused"),
+    [
+        (["basic", "plus", "1"], ["basic", "1"], ["gold", "2"], [1, True, 0]),
+        ([0, 1, 2], [0, 1, 2], [7, -1], ["1", True, False]),
+        ([False, True], [True, False], [], [1, 0, "True"]),
+        # A signature registered from elsewhere may list levels of several types: each matches its own.
+        (["a", 1], ["a", 1], ["1", 2], [True, False]),
+    ],
+)
+def test_a_category_is_a_level_only_as_that_very_json_value(
+    categories: list[Any], known: list[Any], unseen: list[Any], refused: list[Any]
+) -> None:
+    # Python's equality takes true for 1 (and 1 for true): serving counted them as known, the model's encoder
+    # encoded them so, and monitoring counted them as new; "1" for 1 it was the other way round.
+    signature = levelled(categories)
+    for value in known:
+        assert domain.columns_from_records(signature, [record(plan=value)] * 3).unseen == {}, value
+    for value in unseen:
+        assert domain.columns_from_records(signature, [record(plan=value)] * 3).unseen == {"plan": 3}, value
+    for value in refused:
+        # Alone and beside known values: the check at C speed for a column of known levels must not take true
+        # for the level 1 either.
+        for rows, row in (([value], 0), ([known[0], value], 1), ([value, value], 0)):
+            with pytest.raises(InvalidInput) as err:
+                domain.columns_from_records(signature, [record(plan=v) for v in rows])
+            assert err.value.extra == {"feature": "plan", "reason": "wrong-type", "row": row}
+
+
+def test_a_feature_that_lists_no_levels_takes_any_category_and_counts_none_unseen() -> None:
+    cols = domain.columns_from_records(levelled(None), [record(plan=v) for v in ["a", 1, True, None]])
+    assert cols.unseen == {} and cols.columns["plan"][:3] == ["a", 1, True]
+
+
+def test_a_wrong_type_refusal_says_what_to_send() -> None:
+    with pytest.raises(InvalidInput) as err:
+        domain.columns_from_records(levelled([0, 1, 2]), [record(plan="1")])
+    assert err.value.message == (
+        "feature 'plan' (row 0): the model's levels of this feature are integers, and a category is one only "
+        "as a value of that type (\"1\" is not 1, true is not 1): send an integer (INT64), not a string ('1')"
     )
-    assert cols.unseen == {"plan": 3}
 
 
 @pytest.mark.parametrize(
