@@ -97,6 +97,10 @@ class FeatureReference:
     # A profile that keeps the model's levels: the reference count of every other level, in one bin that the
     # window's values of other levels join. None: the categories are every level the reference had.
     other: float | None = None
+    # The JSON types of the model's levels (the signature's categories): a window's value of another type is
+    # never one of the categories, though its text may read alike ("1" and 1); see count_window_categories.
+    # Empty when the signature lists no levels.
+    level_types: frozenset[type] = frozenset()
 
     @property
     def compared_as_categories(self) -> bool:
@@ -114,7 +118,10 @@ class FeatureReference:
         return (self.other or 0.0) / total if total else 0.0
 
     @classmethod
-    def from_profile(cls, profile: NumericProfile | CategoricalProfile) -> FeatureReference:
+    def from_profile(
+        cls, profile: NumericProfile | CategoricalProfile, levels: Sequence[Any] | None = None
+    ) -> FeatureReference:
+        """The reference of a profiled feature; ``levels``: the signature's categories of it."""
         if isinstance(profile, CategoricalProfile):
             cats = sorted(profile.frequencies)
             return cls(
@@ -125,6 +132,7 @@ class FeatureReference:
                 categories=cats,
                 category_counts=np.array([profile.frequencies[c] for c in cats], dtype=float),
                 other=None if profile.other is None else float(profile.other),
+                level_types=frozenset(map(type, levels or [])),
             )
         sample = np.asarray(profile.sample, dtype=float)
         values, counts = np.unique(sample, return_counts=True)
@@ -174,7 +182,9 @@ class ModelReference:
     ) -> ModelReference:
         by_name = {f.name: f for f in profile.features}
         features = [
-            FeatureReference.from_profile(by_name[f.name]) for f in signature.features if f.name in by_name
+            FeatureReference.from_profile(by_name[f.name], f.categories)
+            for f in signature.features
+            if f.name in by_name
         ]
         prediction = FeatureReference.from_profile(profile.prediction) if profile.prediction else None
         positive = None
@@ -566,27 +576,62 @@ OTHER_LEVELS = "(levels the model does not keep)"
 matched by position, so a category spelled alike stays its own)."""
 
 
+_JSON_TYPE = {str: "text", int: "integer", bool: "boolean", float: "number"}
+
+
+def count_window_categories(
+    values: Sequence[Any] | np.ndarray, level_types: frozenset[type]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """A window's categorical values counted as the reference profile counts its own (per
+    :func:`~libs.profiles.category_key`), and apart, those of another JSON type than the model's levels
+    (``level_types``; none apart when it is empty), labelled with their type: "1" is not the integer level
+    1, nor true the level 1, though their text reads alike (docs/serving.md, "Categories"). Serving refuses
+    such values; a prediction log written before it did can hold them."""
+    if not level_types:
+        return count_categories(values), {}
+    # By (type, value), at C speed: a plain Counter would merge True with 1 (they hash equal).
+    raw = Counter(zip(map(type, values), values, strict=True))
+    counted: dict[str, int] = {}
+    foreign: dict[str, int] = {}
+    for (t, value), n in raw.items():
+        if value is None:
+            continue
+        if t in level_types:
+            key = category_key(value)
+            counted[key] = counted.get(key, 0) + n
+        else:
+            key = f"{category_key(value)} ({_JSON_TYPE.get(t, t.__name__)})"
+            foreign[key] = foreign.get(key, 0) + n
+    return counted, foreign
+
+
 def _category_counts(
-    ref: FeatureReference, counted: dict[str, int]
+    ref: FeatureReference, counted: dict[str, int], foreign: dict[str, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Reference and current counts over the union of categories (reference order, then unseen ones). A
-    profile that keeps the model's levels has one bin for the others, on both sides (dropped when empty on
-    both)."""
+    """Reference and current counts over the union of categories (reference order, then unseen ones, then
+    ``foreign``: values of another type than the levels, never looked up among the reference's categories). A
+    profile that keeps the model's levels has one bin for the others, foreign values included, on both sides
+    (dropped when empty on both)."""
     index = {c: i for i, c in enumerate(ref.categories)}
+    foreign = foreign or {}
     assert ref.category_counts is not None
     if ref.other is not None:
         kept = len(ref.categories)
         current = np.zeros(kept + 1)
         for c, n in counted.items():
             current[index.get(c, kept)] += n
+        current[kept] += sum(foreign.values())
         if not ref.other and not current[kept]:
             return ref.category_counts, current[:kept], list(ref.categories)
         return np.append(ref.category_counts, ref.other), current, [*ref.categories, OTHER_LEVELS]
     unseen = sorted(c for c in counted if c not in index)
-    labels = ref.categories + unseen
+    labels = ref.categories + unseen + sorted(foreign)
     current = np.zeros(len(labels))
     for c, n in counted.items():
         current[index[c] if c in index else len(ref.categories) + unseen.index(c)] = n
+    offset = len(ref.categories) + len(unseen)
+    for j, c in enumerate(sorted(foreign)):
+        current[offset + j] = foreign[c]
     ref_counts = np.zeros(len(labels))
     ref_counts[: len(ref.categories)] = ref.category_counts
     return ref_counts, current, labels
@@ -610,6 +655,7 @@ def judge_feature(
 ) -> FeatureResult:
     """Compare one feature's window values with its reference (before correction)."""
     counted: dict[str, int] | None = None
+    foreign: dict[str, int] = {}
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         present_num = values[~np.isnan(values)]
         n_missing = int(values.size - present_num.size)
@@ -617,8 +663,8 @@ def judge_feature(
         n = int(present_num.size)
     else:
         # The same category keys as the reference profile's (libs.profiles.category_key).
-        counted = count_categories(values)
-        n = sum(counted.values())
+        counted, foreign = count_window_categories(values, ref.level_types)
+        n = sum(counted.values()) + sum(foreign.values())
         n_missing = len(values) - n
         present = []
     test = choose_test(ref, n, policy)
@@ -652,7 +698,7 @@ def judge_feature(
             distinct, freq = np.unique(np.asarray(present, dtype=float), return_counts=True)
             # np.unique already holds -0.0 and 0.0 as one value: one key per distinct number.
             counted = {category_key(v): c for v, c in zip(distinct.tolist(), freq.tolist(), strict=True)}
-        ref_counts, cur_counts, labels = _category_counts(ref, counted)
+        ref_counts, cur_counts, labels = _category_counts(ref, counted, foreign)
         unseen = int(cur_counts[len(ref.categories) :].sum())
         if n:
             if test is DriftTest.CHI2:

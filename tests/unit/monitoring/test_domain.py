@@ -191,12 +191,17 @@ def feature_window(
     kinds: dict[str, FeatureType],
     inputs: list[dict[str, Any]],
     kept: dict[str, set[str]] | None = None,
+    levels: dict[str, list[Any]] | None = None,
 ) -> tuple[ModelReference, Any]:
     """A model of these features profiled from ``frame`` (as monitoring loads it), a window of ``inputs``;
-    ``kept``: the levels the model keeps of a categorical feature, as training profiles them."""
+    ``kept``: the levels the model keeps of a categorical feature, as training profiles them; ``levels``: the
+    signature's categories of a feature (none listed without)."""
     profile = build_profile(frame, [(name, kind.value) for name, kind in kinds.items()], seed=0, kept=kept)
     signature = ModelSignature(
-        features=[FeatureSpec(name=name, type=kind) for name, kind in kinds.items()],
+        features=[
+            FeatureSpec(name=name, type=kind, categories=(levels or {}).get(name))
+            for name, kind in kinds.items()
+        ],
         target="y",
         task=Task.REGRESSION,
     )
@@ -283,6 +288,38 @@ def test_integer_categories_of_a_reference_column_with_nulls_match_the_same_inte
     [store] = judgement.features
     assert store.unseen == 0 and not store.drifted, store.histogram
     assert judgement.quality == []
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_a_logged_value_of_another_type_than_the_levels_is_never_one_of_them(folded: bool) -> None:
+    # The model's levels are the integers 1, 2 and 3. A prediction log written before serving refused other
+    # types holds "1" (whose text reads as the level 1: it was counted as one, though the model encoded it
+    # as unseen) and true (which the model encoded as the level 1): neither is a level, both are unseen.
+    rng = np.random.default_rng(0)
+    codes = pd.DataFrame({"store": rng.choice([1, 2, 3], 2_000)})
+    traffic: list[dict[str, Any]] = [{"store": int(v)} for v in rng.choice([1, 2, 3], 450)]
+    traffic += [{"store": "1"}, {"store": True}] * 25
+    ref, window = feature_window(
+        codes,
+        {"store": FeatureType.CATEGORICAL},
+        traffic,
+        kept={"store": {"1", "2", "3"}} if folded else None,
+        levels={"store": [1, 2, 3]},
+    )
+    judgement = judge_window(ref, window, DriftPolicy())
+    [store] = judgement.features
+    assert store.unseen == 50 and store.n_current == 500
+    assert store.histogram is not None
+    shares = dict(zip(store.histogram.labels, store.histogram.current, strict=True))
+    if folded:
+        assert shares["(levels the model does not keep)"] == pytest.approx(0.1)
+    else:
+        assert shares["1 (text)"] == shares["True (boolean)"] == pytest.approx(0.05)
+    assert shares["1"] == pytest.approx(
+        sum(t["store"] == 1 and type(t["store"]) is int for t in traffic) / 500
+    )
+    [finding] = judgement.quality
+    assert finding.kind == "unseen-category" and finding.count == 50
 
 
 def test_negative_zero_is_the_category_zero_of_a_low_cardinality_numeric() -> None:
