@@ -658,6 +658,8 @@ def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[
     features = [f for f in spec.features if f.type is FeatureType.CATEGORICAL]
     names = [f.name for f in features]
     counts = {name: rows[name].value_counts(dropna=True) for name in names}
+    for feature in features:
+        _check_level_type(spec, feature, counts[feature.name].index)
     if not any(f.categories for f in features) and not any(
         len(c) > CATEGORIES_KEPT_MAX or any(_too_long_to_keep(v) for v in c.index) for c in counts.values()
     ):
@@ -743,6 +745,42 @@ def _declared_levels(spec: ModelSpec, feature: FeatureSpec, levels: Any) -> Any:
             f"{shown(feature.name)} ({levels.dtype}) can hold: {exc}",
             field=f"features.{index}.categories",
         ) from exc
+
+
+def _check_level_type(spec: ModelSpec, feature: FeatureSpec, levels: Any) -> None:
+    """Refuse (:class:`SpecError`) a categorical feature whose training values (``levels``: the distinct ones)
+    are not all of one of the types a category has, text, integers or booleans: what a request can send, and
+    what the signature lists. A number with a fraction, a date or bytes could never be matched by one (the
+    signature would list its text, which the model, having learned the value, encodes as unseen), and values
+    of several types make the encoder fail the fit."""
+    kind = levels.dtype.kind
+    if kind in "biu" or len(levels) == 0:
+        return
+    if kind == "f":
+        fractional = [v for v in levels.tolist() if not float(v).is_integer()]
+        if not fractional:
+            return
+        found = f"numbers with a fraction (such as {fractional[0]!r})"
+        fix = "Declare the feature numeric, or store its values as text"
+    else:
+        types = {type(_plain(level)) for level in levels}
+        if len(types) == 1 and types <= {str, int, bool}:
+            return
+        if types <= {str, int, bool}:
+            found = (
+                f"of several types ({' and '.join(_TYPE_NAMES[t] for t in (int, bool, str) if t in types)})"
+            )
+            fix = "Store its values as one type in every dataset the model trains on"
+        else:
+            other = next(level for level in levels if type(_plain(level)) not in (str, int, bool))
+            found = f"{type(other).__name__} values (such as {shown(str(other))})"
+            fix = "Store its values as text, integers or booleans, or declare the feature numeric"
+    index = spec.features.index(feature)
+    raise SpecError(
+        f"features.{index}: {shown(feature.name)} is categorical, but its training values are {found}: a "
+        f"category is text, an integer or a boolean, one type per feature, as requests send it. {fix}",
+        field=f"features.{index}.type",
+    )
 
 
 _TYPE_NAME = {str: "text", int: "an integer", bool: "a boolean"}
