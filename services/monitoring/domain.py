@@ -596,6 +596,8 @@ def count_window_categories(
     for (t, value), n in raw.items():
         if value is None:
             continue
+        if t is float and value.is_integer():
+            t = int  # 1.0 is the integer 1, as serving takes it (JSON has one kind of number)
         if t in level_types:
             key = category_key(value)
             counted[key] = counted.get(key, 0) + n

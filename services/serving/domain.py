@@ -585,12 +585,13 @@ def parse_prediction_id(pid: str) -> tuple[str, int] | None:
 # A feature's levels (the signature's categories) have one type, the training column's: text, integers or
 # booleans. A value is one of them only as that very value, of that type: the string "1" is not the integer
 # 1, and true is not 1 (Python's equality, and so scikit-learn's encoder of integer and boolean levels, takes
-# true for 1; monitoring's counts, by text, would take "1" for 1). A value of another type is refused (422,
-# wrong-type, naming the type to send): it can never be a level, and taken as an unseen one it would
-# silently degrade every answer to a client that sends "7" for 7. So the model, this check's unseen count and
-# monitoring (which sees the logged values) agree on every value, and the prediction log holds one type per
-# feature, which the window files that retrain the model keep. A feature whose signature lists no levels
-# takes any of the three types (docs/serving.md, "Categories").
+# true for 1; monitoring's counts, by text, would take "1" for 1). A number with no fraction, 1.0, is the
+# integer 1: JSON has one kind of number. A value of another type is refused (422, wrong-type, naming the
+# type to send): it can never be a level, and taken as an unseen one it would silently degrade every answer
+# to a client that sends "7" for 7. So the model, this check's unseen count and monitoring (which sees the
+# logged values) agree on every value, and the prediction log holds one type per feature, which the window
+# files that retrain the model keep. A feature whose signature lists no levels takes any of the three types
+# (docs/serving.md, "Categories").
 
 MISSING = float("nan")
 
@@ -776,6 +777,20 @@ def _check_categorical(name: str, values: list[Any], levels: CategoryLevels | No
                 out = list(values)
             out[i] = MISSING
             continue
+        elif t is float and v.is_integer() and (levels is None or int in levels.types):
+            # JSON has one kind of number: 1.0 is the integer 1 (as JSON Schema's "integer" has it, and an OIP
+            # INT64 tensor), which is what a pandas column of integer codes with a gap writes. The model gets
+            # the integer.
+            v, t = int(v), int
+            if out is values:
+                out = list(values)
+            out[i] = v
+            if levels is not None:
+                if (v in known) if kind is int else ((int, v) in levels.typed):
+                    continue
+                unseen += 1
+        elif levels is not None and t is float:
+            raise levels.refuse(name, v, i)
         else:
             raise _bad(
                 name, "wrong-type", f"expected a category (string, integer or boolean), got {json_kind(v)}", i

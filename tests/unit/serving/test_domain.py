@@ -600,9 +600,9 @@ def test_unseen_categories_that_are_text_or_64_bit_integers_are_still_allowed() 
 @pytest.mark.parametrize(
     ("categories", "known", "unseen", "refused"),
     [
-        (["basic", "plus", "1"], ["basic", "1"], ["gold", "2"], [1, True, 0]),
-        ([0, 1, 2], [0, 1, 2], [7, -1], ["1", True, False]),
-        ([False, True], [True, False], [], [1, 0, "True"]),
+        (["basic", "plus", "1"], ["basic", "1"], ["gold", "2"], [1, True, 0, 1.0]),
+        ([0, 1, 2], [0, 1, 2, 1.0], [7, -1, 7.0], ["1", True, False, 0.5]),
+        ([False, True], [True, False], [], [1, 0, "True", 1.0]),
         # A signature registered from elsewhere may list levels of several types: each matches its own.
         (["a", 1], ["a", 1], ["1", 2], [True, False]),
     ],
@@ -624,6 +624,26 @@ def test_a_category_is_a_level_only_as_that_very_json_value(
             with pytest.raises(InvalidInput) as err:
                 domain.columns_from_records(signature, [record(plan=v) for v in rows])
             assert err.value.extra == {"feature": "plan", "reason": "wrong-type", "row": row}
+
+
+def test_a_number_with_no_fraction_is_the_integer_of_integer_levels() -> None:
+    # JSON has one kind of number: 1.0 is the integer 1 (JSON Schema's "integer", an OIP INT64 tensor), and
+    # what a pandas column of integer codes with a gap writes. It was refused as "a number".
+    signature = levelled([0, 1, 2])
+    cols = domain.columns_from_records(signature, [record(plan=v) for v in [1.0, 7.0, -0.0, 2]])
+    assert cols.unseen == {"plan": 1}
+    assert cols.columns["plan"] == [1, 7, 0, 2] and {type(v) for v in cols.columns["plan"]} == {int}
+    ts = [
+        domain.Tensor("tenure_months", [2], "FP64", [1.0, 2.0]),
+        domain.Tensor("monthly_charges", [2], "FP64", [1.0, 2.0]),
+        domain.Tensor("plan", [2], "INT64", [1.0, 2]),
+    ]
+    assert domain.columns_from_tensors(signature, ts).columns["plan"] == [1, 2]
+    refused: list[tuple[list[Any], float]] = [([0, 1, 2], 1.5), (["basic"], 1.0), ([True, False], 1.0)]
+    for categories, value in refused:
+        with pytest.raises(InvalidInput) as err:
+            domain.columns_from_records(levelled(categories), [record(plan=value)])
+        assert err.value.extra["reason"] == "wrong-type" and "not a number" in err.value.message
 
 
 def test_a_feature_that_lists_no_levels_takes_any_category_and_counts_none_unseen() -> None:
