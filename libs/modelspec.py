@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import math
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal, Self
 
@@ -680,16 +681,22 @@ def kept_categories(spec: ModelSpec, rows: Any) -> tuple[list[Any] | None, dict[
                 seen[name] = len(present)
             kept.append(declared)
             continue
-        frequency = counts[name].to_dict()
-        candidates = [i for i in present if not _too_long_to_keep(levels[i])]
-        # A stable sort: equally frequent levels stay in the encoder's order.
-        chosen = set(sorted(candidates, key=lambda i: -frequency.get(levels[i], 0))[:CATEGORIES_KEPT_MAX])
+        chosen = most_frequent_levels(levels, counts[name].to_dict())
         if len(chosen) == len(present):
             kept.append(levels)
             continue
         seen[name] = len(present)
         kept.append(levels[[i for i in range(len(levels)) if i in chosen or _missing(levels[i])]])
     return kept, seen
+
+
+def most_frequent_levels(levels: Sequence[Any], frequency: Mapping[Any, int]) -> set[int]:
+    """The positions in ``levels`` of those a model keeps of a feature: at most :data:`CATEGORIES_KEPT_MAX`,
+    the most frequent (``frequency``, by level; 0 for one it lacks), equally frequent ones in the order of
+    ``levels`` (the encoder's), none missing or longer than :data:`CATEGORY_KEPT_MAX_CHARS`."""
+    candidates = [i for i, level in enumerate(levels) if not _missing(level) and not _too_long_to_keep(level)]
+    # A stable sort: equally frequent levels stay in the order of ``levels``.
+    return set(sorted(candidates, key=lambda i: -frequency.get(levels[i], 0))[:CATEGORIES_KEPT_MAX])
 
 
 def levels_kept(spec: ModelSpec, rows: Any, categories: list[Any] | None) -> dict[str, list[Any]]:

@@ -21,6 +21,8 @@ import orjson
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.modelspec import CATEGORIES_KEPT_MAX, most_frequent_levels
+
 DEFAULT_SAMPLE_SIZE = 10_000
 DEFAULT_BINS = 10
 MISSING_CATEGORY = "__missing__"
@@ -225,14 +227,44 @@ def profile_categorical(
             missing=int(series.size - present.size),
             frequencies={k: counts[k] for k in sorted(counts)},
         )
+    return _folded(name, int(present.size), int(series.size - present.size), counts, kept)
+
+
+def _folded(
+    name: str, count: int, missing: int, counts: Mapping[str, int], kept: Collection[str]
+) -> CategoricalProfile:
     levels = set(kept)
     return CategoricalProfile(
         name=name,
-        count=int(present.size),
-        missing=int(series.size - present.size),
+        count=count,
+        missing=missing,
         frequencies={k: counts.get(k, 0) for k in sorted(levels)},
         other=sum(n for k, n in counts.items() if k not in levels),
     )
+
+
+def refolded(profile: CategoricalProfile, levels: Sequence[Any] | None) -> CategoricalProfile:
+    """A profile written before categories were folded (``other`` None) listing more levels than a model
+    keeps (:data:`~libs.modelspec.CATEGORIES_KEPT_MAX`), folded as training folds one now; any other profile
+    as it is. ``levels``: the model's levels of the feature (its signature's ``categories``, in the encoder's
+    order).
+
+    The profile keeps the model's levels when they are at most that many (declared, or every level a model
+    learned): serving knows the same ones. A model trained before the bound learned every level, and its
+    signature lists them all; the profile then keeps the most frequent of them in the profile
+    (:func:`~libs.modelspec.most_frequent_levels`, equally frequent ones in the model's order), the ones the
+    model would keep if trained again on the profiled rows. Every other level's values go to ``other``.
+    """
+    if profile.other is not None or len(profile.frequencies) <= CATEGORIES_KEPT_MAX:
+        return profile
+    listed = list(dict.fromkeys(category_key(level) for level in levels or ()))
+    if listed and len(listed) <= CATEGORIES_KEPT_MAX:
+        kept: Collection[str] = listed
+    else:
+        # Without the model's levels (a signature that lists none), the profile's, in their text's order.
+        candidates = listed or sorted(profile.frequencies)
+        kept = [candidates[i] for i in most_frequent_levels(candidates, profile.frequencies)]
+    return _folded(profile.name, profile.count, profile.missing, profile.frequencies, kept)
 
 
 def profile_features(

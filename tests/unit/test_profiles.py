@@ -1,18 +1,25 @@
 """Reference profiles: what training stores and monitoring compares against."""
 
+from typing import Any
+
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
+from sklearn.preprocessing import OneHotEncoder
 
+from libs.modelspec import CATEGORIES_KEPT_MAX, ModelSpec, kept_categories, levels_kept
 from libs.profiles import (
+    CategoricalProfile,
     ReferenceProfile,
     bin_counts,
     build_profile,
     category_key,
     edge_counts,
+    refolded,
     sorted_bin_counts,
 )
+from tests.unit.training.data import churn_spec
 
 
 def frame(n: int = 2_000, seed: int = 1) -> pd.DataFrame:
@@ -78,6 +85,78 @@ def test_a_profile_written_before_levels_were_folded_loads_with_every_category_l
     c = ReferenceProfile.from_bytes(orjson.dumps(written)).feature("c")
     assert c.kind == "categorical" and c.other is None
     assert set(c.frequencies) == {"a", "b", "c"}
+
+
+def _old_and_new(
+    rows: pd.DataFrame, spec: ModelSpec
+) -> tuple[CategoricalProfile, CategoricalProfile, list[Any]]:
+    """The customer profile of ``rows`` as training wrote it before categories were folded (every level),
+    and as it writes it now (the levels the model keeps), with the levels an old model learned (all of them,
+    in the encoder's order: its signature's categories)."""
+    categories, _ = kept_categories(spec, rows)
+    kept = {
+        name: {category_key(level) for level in levels}
+        for name, levels in levels_kept(spec, rows, categories).items()
+    }
+    old = build_profile(rows, spec.feature_types()).feature("customer")
+    new = build_profile(rows, spec.feature_types(), kept=kept).feature("customer")
+    assert isinstance(old, CategoricalProfile) and isinstance(new, CategoricalProfile)
+    learned = OneHotEncoder().fit(rows[["customer"]]).categories_[0].tolist()
+    return old, new, learned
+
+
+def test_an_old_profile_of_more_levels_than_a_model_keeps_is_folded_as_training_folds_one_now() -> None:
+    # Integer ids, most of them once: the levels kept among equally frequent ones are the first in the
+    # encoder's order (0, 1, 2, ...), not in their text's ("0", "1", "10", "100", ...).
+    customers = list(range(3_000)) + list(range(2_500, 2_600)) * 2
+    rows = pd.DataFrame({"customer": customers})
+    spec = churn_spec(features=[{"name": "customer", "type": "categorical"}], validation={})
+    old, new, learned = _old_and_new(rows, spec)
+    assert old.other is None and len(old.frequencies) == 3_000
+    assert new.other is not None and len(new.frequencies) == CATEGORIES_KEPT_MAX
+
+    assert refolded(old, learned) == new
+    assert "899" in new.frequencies and "900" not in new.frequencies and new.frequencies["2500"] == 3
+
+
+def test_an_old_profile_of_a_model_with_few_levels_keeps_the_models_levels() -> None:
+    # Declared categories (or levels learned from fewer rows than the profiled ones): the model's levels,
+    # those the profile lacks at 0, as training profiles them now.
+    rows = pd.DataFrame({"customer": ["basic"] * 500 + ["plus"] * 300 + [f"id-{i}" for i in range(1_500)]})
+    old = build_profile(rows, [("customer", "categorical")]).feature("customer")
+    new = build_profile(
+        rows, [("customer", "categorical")], kept={"customer": {"basic", "plus", "gold"}}
+    ).feature("customer")
+    assert isinstance(old, CategoricalProfile)
+
+    folded = refolded(old, ["basic", "plus", "gold"])
+    assert folded == new
+    assert folded.frequencies == {"basic": 500, "gold": 0, "plus": 300} and folded.other == 1_500
+
+
+def test_an_old_profile_without_the_models_levels_keeps_its_most_frequent_in_their_texts_order() -> None:
+    rows = pd.DataFrame({"customer": ["basic"] * 5 + [f"id-{i:04d}" for i in range(1_500)]})
+    old = build_profile(rows, [("customer", "categorical")]).feature("customer")
+    assert isinstance(old, CategoricalProfile)
+
+    folded = refolded(old, None)
+    assert folded.frequencies == {"basic": 5, **{f"id-{i:04d}": 1 for i in range(CATEGORIES_KEPT_MAX - 1)}}
+    assert folded.other == 1_500 - (CATEGORIES_KEPT_MAX - 1)
+    assert (folded.count, folded.missing) == (old.count, old.missing)
+
+
+def test_a_profile_with_the_bin_or_of_at_most_as_many_levels_as_a_model_keeps_is_not_refolded() -> None:
+    many = pd.DataFrame({"customer": [f"id-{i:04d}" for i in range(1_500)]})
+    folded = build_profile(many, [("customer", "categorical")], kept={"customer": {"id-0001"}}).feature(
+        "customer"
+    )
+    few = pd.DataFrame({"customer": [f"id-{i:04d}" for i in range(CATEGORIES_KEPT_MAX)]})
+    unfolded = build_profile(few, [("customer", "categorical")]).feature("customer")
+    assert isinstance(folded, CategoricalProfile) and isinstance(unfolded, CategoricalProfile)
+
+    assert refolded(folded, ["id-0001", "id-0002"]) is folded
+    assert refolded(unfolded, ["id-0001", "id-0002"]) is unfolded
+    assert unfolded.other is None and len(unfolded.frequencies) == CATEGORIES_KEPT_MAX
 
 
 def test_category_keys_spell_integral_numbers_as_integers_and_keep_booleans_apart() -> None:
