@@ -35,6 +35,7 @@ from libs.profiles import (
     bin_counts,
     category_key,
     count_categories,
+    refolded,
 )
 from services.monitoring import stats
 
@@ -154,6 +155,15 @@ class FeatureReference:
         return ref
 
 
+def _as_kept_now(
+    profile: NumericProfile | CategoricalProfile, levels: Sequence[Any] | None
+) -> NumericProfile | CategoricalProfile:
+    """A categorical profile written before categories were folded, of more levels than a model keeps, folded
+    in memory as training folds one now (:func:`libs.profiles.refolded`): an id-like column's 200,000 levels
+    cost every window as much, and its fresh ids were all new categories. The stored profile is untouched."""
+    return refolded(profile, levels) if isinstance(profile, CategoricalProfile) else profile
+
+
 @dataclass
 class ModelReference:
     """What monitoring knows of one registered model version."""
@@ -182,7 +192,7 @@ class ModelReference:
     ) -> ModelReference:
         by_name = {f.name: f for f in profile.features}
         features = [
-            FeatureReference.from_profile(by_name[f.name], f.categories)
+            FeatureReference.from_profile(_as_kept_now(by_name[f.name], f.categories), f.categories)
             for f in signature.features
             if f.name in by_name
         ]
