@@ -637,10 +637,11 @@ def _category_counts(
             return ref.category_counts, current[:kept], list(ref.categories)
         return np.append(ref.category_counts, ref.other), current, [*ref.categories, OTHER_LEVELS]
     unseen = sorted(c for c in counted if c not in index)
+    index.update((c, len(ref.categories) + j) for j, c in enumerate(unseen))
     labels = ref.categories + unseen + sorted(foreign)
     current = np.zeros(len(labels))
     for c, n in counted.items():
-        current[index[c] if c in index else len(ref.categories) + unseen.index(c)] = n
+        current[index[c]] = n
     offset = len(ref.categories) + len(unseen)
     for j, c in enumerate(sorted(foreign)):
         current[offset + j] = foreign[c]
