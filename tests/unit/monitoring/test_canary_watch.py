@@ -27,6 +27,7 @@ from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import Monitor, canary_step, check_canary
 from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import NoPolicies
 from tests.unit.monitoring.test_domain import reference, regression_reference, requests
 
 TIMEOUT_S = 600.0  # the settings' default canary_timeout_seconds
@@ -49,7 +50,7 @@ def watched(started_at: float, step_index: int = 0) -> StoredStep:
 
 
 @dataclass
-class Store:
+class Store(NoPolicies):
     """The MonitoringStore calls a housekeeping tick makes, on one stored step."""
 
     steps: list[StoredStep]
@@ -74,12 +75,6 @@ class Store:
 
     async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
         pass
-
-    async def policies_fingerprint(self) -> str:
-        return ""
-
-    async def policies(self) -> dict[str, Any]:
-        return {}
 
 
 class Runtime:

@@ -32,6 +32,7 @@ from services.monitoring.bootstrap import Background, make_monitor, subscription
 from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
 from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel, PerformanceState
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import NoPolicies
 from tests.unit.monitoring.test_domain import reference
 from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
 
@@ -75,7 +76,7 @@ class Tables:
         return {pair for pair, row in self.pending.items() if not row.expired}
 
 
-class Tx:
+class Tx(NoPolicies):
     """One transaction's store: it sees what was committed before and its own writes, and writes on commit."""
 
     def __init__(self, tables: Tables) -> None:
@@ -157,15 +158,6 @@ class Tx:
 
     async def save_replay_offsets(self, *_: Any) -> None:
         self.tables.replay_saves += 1
-
-    async def policies_fingerprint(self) -> str:
-        return ""
-
-    async def policies(self) -> dict[str, Any]:
-        return {}
-
-    async def models(self) -> list[Any]:
-        return []
 
     async def pending_labels(self) -> set[Pair]:
         return set(self._waiting())

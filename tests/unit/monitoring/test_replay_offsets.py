@@ -12,9 +12,10 @@ import pytest
 from services.monitoring import bootstrap, handlers
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import NoPolicies
 
 
-class Store:
+class Store(NoPolicies):
     """The MonitoringStore calls of a housekeeping tick and of a restore, on saved replay offsets only."""
 
     def __init__(self) -> None:
@@ -27,15 +28,6 @@ class Store:
         return self.offsets.get(topic, {})
 
     async def expire_pending(self, *_: Any) -> list[tuple[str, str]]:
-        return []
-
-    async def policies_fingerprint(self) -> str:
-        return ""
-
-    async def policies(self) -> dict[str, Any]:
-        return {}
-
-    async def models(self) -> list[Any]:
         return []
 
     async def watched_steps(self) -> list[Any]:

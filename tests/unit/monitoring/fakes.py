@@ -1,0 +1,19 @@
+"""What the monitoring tests' fake stores share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NoPolicies:
+    """The MonitoringStore calls a housekeeping tick or a restore makes about policies and registered models,
+    answered as by a store that has none: the part of a fake store no test here is about."""
+
+    async def policies_fingerprint(self) -> str:
+        return ""
+
+    async def policies(self) -> dict[str, Any]:
+        return {}
+
+    async def models(self) -> list[Any]:
+        return []
