@@ -4,6 +4,7 @@ the artifact store through the ports."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,7 +152,11 @@ async def on_model_version_registered(
 async def load_reference(stored: StoredModel, *, monitor: Monitor, store: MonitoringStore) -> ModelReference:
     """Load a version's profile and open its window where the last judged one ended."""
     profile = await monitor.artifacts.profile(stored.profile)
-    ref = ModelReference.build(stored.model, stored.version, stored.signature, stored.baseline, profile)
+    # In a thread: folding an old id-like profile's 200,000 levels (domain._as_kept_now) takes ~0.3 s, which
+    # the event loop would otherwise stall for (its consumers, joins and HTTP) at every such version's load.
+    ref = await asyncio.to_thread(
+        ModelReference.build, stored.model, stored.version, stored.signature, stored.baseline, profile
+    )
     state = await store.window_state(stored.model, stored.version)
     monitor.live.add_reference(ref, seq=state.next_seq, starts=state.starts)
     return ref

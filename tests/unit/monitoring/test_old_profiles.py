@@ -10,6 +10,7 @@ levels than a model keeps, are judged as before.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureTy
 from libs.artifacts import ArtifactStore
 from libs.modelspec import CATEGORIES_KEPT_MAX
 from libs.profiles import ReferenceProfile, build_profile
+from services.monitoring import domain
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.domain import (
@@ -158,3 +160,30 @@ async def test_profiles_with_the_bin_or_with_few_levels_are_judged_as_before(tmp
             assert judge_feature(feature, values, DriftPolicy()) == judge_feature(
                 as_before, values, DriftPolicy()
             )
+
+
+async def test_an_old_profile_is_parsed_and_folded_off_the_event_loop(
+    tmp_path: Path, id_like: tuple[ReferenceProfile, ModelSignature], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parsing the 200,000 levels and folding them took ~0.4 s on the event loop at every such version's load,
+    # stalling the service's consumers and its HTTP meanwhile.
+    profile, signature = id_like
+    threads: dict[str, int] = {}
+    parse, fold = ReferenceProfile.from_bytes, domain.refolded
+
+    def parsed(data: bytes) -> ReferenceProfile:
+        threads["parse"] = threading.get_ident()
+        return parse(data)
+
+    def folded(*args: Any) -> Any:
+        threads["fold"] = threading.get_ident()
+        return fold(*args)
+
+    monkeypatch.setattr(ReferenceProfile, "from_bytes", parsed)
+    monkeypatch.setattr(domain, "refolded", folded)
+
+    ref = await loaded(tmp_path, profile, signature)
+
+    assert ref.features[1].other is not None  # folded
+    assert threads.keys() == {"parse", "fold"}
+    assert threading.get_ident() not in threads.values()
