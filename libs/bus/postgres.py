@@ -62,8 +62,12 @@ SELECT source, event_id, payload_sha256 FROM inbox WHERE consumer = $1 AND event
 """
 
 
+_OUTBOX_SQL = "INSERT INTO outbox (event_id, topic, key, value, headers) VALUES ($1, $2, $3, $4, $5)"
+
+
 class PgTransaction:
-    """An open transaction on one connection; ``publish`` writes to the outbox inside it."""
+    """An open transaction on one connection; ``publish`` adds to the outbox inside it. The published
+    events are written together by :meth:`flush`, which :func:`pg_transactions` calls before the commit."""
 
     def __init__(
         self, conn: asyncpg.Connection, schema: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -72,20 +76,22 @@ class PgTransaction:
         self.max_event_bytes = max_event_bytes
         self._channel = outbox_channel(schema)
         self._notified = False
+        self._outbox: list[tuple[str, str, bytes | None, bytes, list[list[str]]]] = []
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         """Add the event to the outbox; the relay sends it after this transaction commits. An event that
         consumers would refuse as oversized is refused here (:class:`~libs.bus.core.EventTooLarge`), so it
         never holds up the outbox and the input that made it is dead-lettered with the reason."""
         key, value, headers = encode_outgoing(event, max_bytes=self.max_event_bytes)
-        await self.conn.execute(
-            "INSERT INTO outbox (event_id, topic, key, value, headers) VALUES ($1, $2, $3, $4, $5)",
-            event.id,
-            event.topic,
-            key,
-            value,
-            [[k, v.decode()] for k, v in headers],
-        )
+        self._outbox.append((event.id, event.topic, key, value, [[k, v.decode()] for k, v in headers]))
+
+    async def flush(self) -> None:
+        """Write the events published since the last flush to the outbox, in one round trip: a feedback
+        request of 500 labels made 500 INSERTs, one after the other (~0.4 s on an idle host)."""
+        if not self._outbox:
+            return
+        rows, self._outbox = self._outbox, []
+        await self.conn.executemany(_OUTBOX_SQL, rows)
         if not self._notified:
             # NOTIFY is delivered at commit, so the relay wakes exactly when the rows become visible.
             await self.conn.execute("SELECT pg_notify($1, '')", self._channel)
@@ -122,7 +128,10 @@ def pg_transactions(
     @asynccontextmanager
     async def begin() -> AsyncIterator[PgTransaction]:
         async with pool.acquire() as conn, conn.transaction():
-            yield PgTransaction(conn, schema, max_event_bytes=max_event_bytes)
+            tx = PgTransaction(conn, schema, max_event_bytes=max_event_bytes)
+            yield tx
+            # Only when the work succeeded: an exception leaves the transaction at the yield, rolled back.
+            await tx.flush()
 
     return begin
 

@@ -21,3 +21,19 @@ class NullTransaction:
 
     async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         return [Claim.NEW for _ in items]
+
+
+class RecordingConn:
+    """An asyncpg connection that records the statements it is given, and answers none of them."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+        self.rows: list[Any] = []
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.statements.append(sql)
+        return "OK"
+
+    async def executemany(self, sql: str, args: Sequence[Any]) -> None:
+        self.statements.append(sql)
+        self.rows.extend(args)

@@ -15,6 +15,7 @@ from libs.bus.kafka import KafkaPublisher
 from libs.bus.postgres import PgTransaction
 from libs.errors import PayloadTooLarge
 from libs.settings import KafkaSettings
+from tests.unit.bus_fakes import RecordingConn
 from tests.unit.test_bus import REGISTRY, ThingCounted, ThingHappened, counting_subscription, thing
 
 
@@ -133,26 +134,17 @@ async def test_the_in_memory_bus_refuses_to_publish_an_oversized_event(bus: InMe
     assert bus.log["test.things"] == []
 
 
-class _Conn:
-    """An asyncpg connection that records statements."""
-
-    def __init__(self) -> None:
-        self.statements: list[str] = []
-
-    async def execute(self, sql: str, *args: Any) -> str:
-        self.statements.append(sql)
-        return "OK"
-
-
 async def test_the_outbox_refuses_an_oversized_event_and_writes_nothing() -> None:
-    conn = _Conn()
+    conn = RecordingConn()
     tx = PgTransaction(conn, "registry", max_event_bytes=10_000)
 
     with pytest.raises(EventTooLarge, match="10000"):
         await tx.publish(thing(1, actor="a" * 20_000))
+    await tx.flush()
     assert conn.statements == []
 
     await tx.publish(thing(2))
+    await tx.flush()
     assert any("INSERT INTO outbox" in sql for sql in conn.statements)
 
 

@@ -1,0 +1,49 @@
+"""The outbox on the real Postgres: a handler transaction's events are written at its end, in order, and
+only if its work succeeded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from libs.bus.postgres import bus_migrations, outbox_channel, pg_transactions
+from libs.db import apply_migrations, create_pool
+from tests.integration.kafka_tools import unique
+from tests.unit.test_bus import thing
+
+
+async def test_a_transaction_writes_its_events_in_order_a_failed_one_none(database_url: str) -> None:
+    schema = unique("t_outbox")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, bus_migrations())
+        begin = pg_transactions(pool, schema)
+        woken = asyncio.Event()
+        async with pool.acquire() as listener:
+
+            def wake(*_: object) -> None:
+                woken.set()
+
+            await listener.add_listener(outbox_channel(schema), wake)
+
+            events = [thing(n) for n in range(300)]
+            async with begin() as tx:
+                for event in events:
+                    await tx.publish(event)
+            await asyncio.wait_for(woken.wait(), timeout=10)
+
+            with pytest.raises(RuntimeError):
+                async with begin() as tx:
+                    await tx.publish(thing(1_000))
+                    raise RuntimeError("the handler failed after publishing")
+
+            async with pool.acquire() as conn:
+                rows = await conn.fetch("SELECT event_id, topic, sent_at FROM outbox ORDER BY seq")
+            await listener.remove_listener(outbox_channel(schema), wake)
+        assert [r["event_id"] for r in rows] == [e.id for e in events]
+        assert {r["topic"] for r in rows} == {events[0].topic} and all(r["sent_at"] is None for r in rows)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
