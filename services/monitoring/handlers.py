@@ -840,10 +840,16 @@ async def _decide(
             )
         return None
     labelled = await _labelled_comparison(step, ref, store)
-    flowing = labelled.stable_n > 0 or labelled.canary_n > 0
     short = labelled.canary_n < policy.min_labelled or labelled.stable_n < policy.min_labelled
-    if flowing and short and now < step.started_at + step.bake_seconds + policy.label_grace_seconds:
-        return None  # labels are coming: give them the grace period before judging without them
+    if short and now < step.started_at + step.bake_seconds + policy.label_grace_seconds:
+        # Labels are coming when the step's predictions have some already, or when the model's labels
+        # arrived lately: labels that come later than the bake time (ground truth is rarely instant) have
+        # none of the step's yet when it is due, and the step waits for them too.
+        flowing = labelled.stable_n > 0 or labelled.canary_n > 0
+        if flowing or await store.labels_received_since(
+            step.model, from_epoch(now - policy.label_grace_seconds)
+        ):
+            return None  # give them the grace period before judging without them
     edges = ref.prediction.edges if ref.prediction is not None else None
     if labelled.unscorable:  # counted once, with the verdict, not on every tick that waits for labels
         UNSCORABLE.labels(step.model).inc(labelled.unscorable)

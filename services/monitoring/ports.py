@@ -225,6 +225,10 @@ class MonitoringStore(Protocol):
         """(prediction, label, score) of a version's labelled rows predicted since a time."""
         ...
 
+    async def labels_received_since(self, model: str, since: datetime) -> bool:
+        """Whether any label of the model's predictions was joined since a time."""
+        ...
+
     async def quality_last(self, model: str, version: int, feature: str, kind: str) -> float | None:
         """When this finding was last published (epoch seconds)."""
         ...

@@ -415,6 +415,13 @@ class PgMonitoringStore:
         )
         return [(r["prediction"], r["label"], r["score"]) for r in rows]
 
+    async def labels_received_since(self, model: str, since: datetime) -> bool:
+        return bool(
+            await self.conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM labelled WHERE model = $1 AND received_at >= $2)", model, since
+            )
+        )
+
     async def quality_last(self, model: str, version: int, feature: str, kind: str) -> float | None:
         value = await self.conn.fetchval(
             """SELECT last_at FROM quality_state WHERE model = $1 AND version = $2 AND feature = $3

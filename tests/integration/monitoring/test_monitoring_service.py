@@ -611,3 +611,27 @@ async def test_a_later_different_label_corrects_a_joined_one_and_an_earlier_one_
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await pool.close()
+
+
+async def test_labels_received_lately_are_found_by_model_and_time(database_url: str) -> None:
+    # What a canary step asks before judging without labels: whether the model's labels are coming.
+    schema = unique("t_mon_recent")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, MIGRATIONS)
+        at = datetime.now(UTC)
+        joined = LabelledRecord(
+            "p-1", "churn", 1, "stable", None, at, "yes", 0.7, "no", at, False, {}, received_at=at
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert not await store.labels_received_since("churn", at - timedelta(seconds=60))
+            await store.add_labelled([joined])
+            assert await store.labels_received_since("churn", at - timedelta(seconds=60))
+            assert await store.labels_received_since("churn", at)
+            assert not await store.labels_received_since("churn", at + timedelta(seconds=1))
+            assert not await store.labels_received_since("fraud", at - timedelta(seconds=60))
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()

@@ -10,6 +10,7 @@ inconclusive verdict saying it could not be judged, and the other steps and the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,6 +56,8 @@ class Store(NoPolicies):
 
     steps: list[StoredStep]
     decided: dict[tuple[str, int], str] = field(default_factory=dict)
+    labels_since: float | None = None
+    """When the model's labels last arrived (epoch seconds); None: never."""
 
     async def watched_steps(self) -> list[StoredStep]:
         return [s for s in self.steps if (s.rollout_id, s.step_index) not in self.decided]
@@ -69,6 +72,9 @@ class Store(NoPolicies):
 
     async def record_alert(self, *args: Any) -> None:
         pass
+
+    async def labels_received_since(self, model: str, since: datetime) -> bool:
+        return self.labels_since is not None and self.labels_since >= since.timestamp()
 
     async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
         return []
@@ -509,3 +515,36 @@ async def test_a_canary_step_set_aside_during_an_outage_is_counted_once_when_its
     assert store.decided[("r-price", 0)] == "inconclusive"
     assert steps_set_aside("price", "ValueError") == before + 1
     assert monitor.live.steps == {}
+
+
+class Unlabelled(Store):
+    """A step's store with no labelled rows of the step's predictions yet."""
+
+    async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize("labels_lately", [True, False])
+async def test_a_step_waits_for_labels_that_come_later_than_its_bake_time(labels_lately: bool) -> None:
+    # The model's labels come 15 s after its predictions and the step bakes 2 s: when it is due, none of its
+    # predictions has a label yet. It waited only for labels some of its predictions already had, so it was
+    # judged without any (the demo's corrupted candidate was promoted: "needs 100 labelled rows per variant
+    # (stable 0, canary 0)"). A model whose labels do not come is judged at the bake time, as before.
+    step = watched(started_at=0.0)
+    monitor, published = monitor_watching(step), []
+    store = Unlabelled([step], labels_since=1.0 if labels_lately else None)
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    monitor.live.steps["r-1"].canary.rows = 500
+    grace = MonitoringSettings().canary_label_grace_seconds
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    live = monitor.live.steps["r-1"]
+    await check_canary(live, 3.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    assert len(published) == (0 if labels_lately else 1)
+
+    await check_canary(live, step.bake_seconds + grace + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    [event] = published  # past the grace period, judged without them
+    accuracy = next(c for c in event.data.evidence if c.name == "accuracy")
+    assert accuracy.passed is None and "needs 100 labelled rows" in accuracy.detail
