@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,8 +153,28 @@ LOCAL_PROFILE = {
 def platform_env(result: UpResult) -> dict[str, str]:
     """The services' environment: the broker and database `infra up` chose (it said which; a dead
     DRIFTLOOP_KAFKA_BOOTSTRAP left in the caller's environment must not win over them), then the
-    caller's settings, then the laptop profile."""
-    return {**LOCAL_PROFILE, **os.environ, **result.client_env()}
+    caller's settings, then the laptop profile. The variables a service reads before those two (its own
+    DRIFTLOOP_<SERVICE>_DATABASE_URL, a nested DRIFTLOOP_KAFKA__BOOTSTRAP) are left out, saying so."""
+    chosen = result.client_env()
+    env = {**LOCAL_PROFILE, **os.environ, **chosen}
+    for name in sorted(read_before(chosen) & env.keys()):
+        say(f"ignoring {name}: the services use what `infra up` chose ({', '.join(chosen)})")
+        del env[name]
+    return env
+
+
+def read_before(variables: Iterable[str]) -> set[str]:
+    """The variables a service reads ahead of any of ``variables`` for the same setting (they would win)."""
+    from deploy.settings_doc import SERVICE_SETTINGS, settings_of
+
+    return {
+        ahead
+        for cls in SERVICE_SETTINGS
+        for setting in settings_of(cls)
+        for name in variables
+        if name in setting.variables
+        for ahead in setting.variables[: setting.variables.index(name)]
+    }
 
 
 def print_services(platform: Platform) -> bool:

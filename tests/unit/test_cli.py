@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from deploy.platform import Supervision
 from libs.auth import Principal, Role, TokenStore
 from services.audit import cli as audit_cli
 from services.audit.settings import AuditSettings
+from services.serving.settings import ServingSettings
 from tests.ports import free_port
 
 
@@ -370,6 +372,36 @@ def test_the_services_use_the_broker_and_database_infra_chose_over_a_dead_one_in
     assert env["DRIFTLOOP_MONITORING_WINDOW_ROWS"] == "500"  # the caller's other settings still win
     bake = "DRIFTLOOP_SERVING_ROLLOUT_BAKE_SECONDS"
     assert env[bake] == LOCAL_PROFILE[bake]  # the laptop profile under them
+
+
+def test_no_variable_a_service_reads_first_overrides_the_broker_and_database_infra_chose(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each of these is read before DRIFTLOOP_KAFKA_BOOTSTRAP or DRIFTLOOP_DATABASE_URL (docs/settings.md).
+    monkeypatch.setenv("DRIFTLOOP_KAFKA__BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setenv("DRIFTLOOP_SERVING_KAFKA__BOOTSTRAP", "127.0.0.1:2")
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/gone")
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_KAFKA__TOPIC_PREFIX", "mine.")  # not the broker: kept
+    chosen = FakeInfra().result
+
+    env = platform_env(chosen)
+
+    assert not {
+        "DRIFTLOOP_KAFKA__BOOTSTRAP",
+        "DRIFTLOOP_SERVING_KAFKA__BOOTSTRAP",
+        "DRIFTLOOP_AUDIT_DATABASE_URL",
+    } & (env.keys())
+    assert env["DRIFTLOOP_AUDIT_KAFKA__TOPIC_PREFIX"] == "mine."
+    with monkeypatch.context() as services:
+        for name in [n for n in os.environ if n.startswith("DRIFTLOOP_")]:
+            services.delenv(name)
+        for name, value in env.items():
+            services.setenv(name, value)
+        for settings in (AuditSettings(), ServingSettings()):
+            assert settings.kafka.bootstrap == chosen.kafka_bootstrap
+            assert settings.database_url == chosen.database_url
+    err = capsys.readouterr().err
+    assert "ignoring DRIFTLOOP_AUDIT_DATABASE_URL: the services use what `infra up` chose" in err
 
 
 def test_a_malformed_setting_is_named_with_what_to_do_without_a_traceback(
