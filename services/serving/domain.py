@@ -453,13 +453,25 @@ def roll_back_production(
     return Transition(ModelRoute(route.model, target, None, rollout), (event,))
 
 
-def production_changed(route: ModelRoute, version: int, *, now: datetime) -> Transition:
+def production_changed(
+    route: ModelRoute, version: int, *, now: datetime, following_serving: bool = False
+) -> Transition:
     """The registry moved ``version`` to production (a manual change there): serve it as stable.
 
     No event: the registry's ModelStageChanged is the fact. A live canary of that version ends promoted.
+    A change the registry made to follow serving's own promotion or rollback (``following_serving``) is
+    no news unless it names the stable version: serving has decided again since (promoted a newer version,
+    rolled production back), and the registry's echo of that decision is on its way behind this one.
     """
     if version == route.stable_version:
         return _ignore(route, "already-stable", f"version {version} is already the stable version")
+    if following_serving:
+        return _ignore(
+            route,
+            "stale-echo",
+            f"the registry followed serving's earlier decision to serve version {version}; serving has "
+            f"moved on to version {route.stable_version} since",
+        )
     live = route.active
     rollout = route.rollout
     if live is not None and live.canary_version == version:

@@ -19,7 +19,7 @@ from contracts.common import Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
-from contracts.rollouts import RollbackReason, RolloutRolledBack
+from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack
 from contracts.validation import ValidationPassed
 from libs.bus import PermanentError
 from libs.logging import get_logger
@@ -92,6 +92,10 @@ async def apply(
     if t.events:
         log.info("rollout changed", model=t.route.model, events=[type(p).__name__ for p in t.events])
     return emitted
+
+
+_SERVING_DECISIONS = frozenset(p.event_type() for p in (RolloutPromoted, RolloutRolledBack))
+"""Serving's events the registry follows by moving a version to production (its ``caused_by``)."""
 
 
 def _refuse_rejected(event_name: str, record: VersionRecord, what: str) -> None:
@@ -379,6 +383,9 @@ async def on_model_stage_changed(
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Mirror the registry's stage; a version moved to production there (a manual change) becomes stable.
+    A move to production that follows serving's own promotion or rollback changes nothing: serving took
+    that decision itself, and when the version is no longer stable it has decided again since (an echo
+    arriving late would put a superseded version back on all traffic).
     A version serving rolled back stays off traffic: the registry only archives a rejected version, so a
     change of it to another stage was sent before the registry learnt of the rollback, and is ignored."""
     d = event.data
@@ -404,6 +411,12 @@ async def on_model_stage_changed(
         IGNORED.labels("ModelStageChanged", "unknown-version").inc()
         log.warning("production version is unknown to serving", model=d.model, version=d.model_version)
         return
+    now = clock()
+    following_serving = d.caused_by is not None and d.caused_by.type in _SERVING_DECISIONS
+    t = domain.production_changed(route, d.model_version, now=now, following_serving=following_serving)
+    if t.ignored is not None:
+        _ignored("ModelStageChanged", d.model, t)
+        return
     try:
         await loader.load(record)
     except ModelLoadError as exc:
@@ -411,11 +424,6 @@ async def on_model_stage_changed(
         log.error(
             "production version cannot be loaded, keeping the current one", model=d.model, error=str(exc)
         )
-        return
-    now = clock()
-    t = domain.production_changed(route, d.model_version, now=now)
-    if t.ignored is not None:
-        _ignored("ModelStageChanged", d.model, t)
         return
     await apply(
         route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event

@@ -335,6 +335,13 @@ def test_registry_production_change_makes_the_version_stable(clock: Clock) -> No
     assert domain.production_changed(stable_route(), 1, now=clock()).ignored is not None
 
 
+def test_a_registry_change_following_an_earlier_decision_of_serving_changes_nothing(clock: Clock) -> None:
+    route = ModelRoute("churn", stable_version=3, previous_stable_version=2)
+    t = domain.production_changed(route, 2, now=clock(), following_serving=True)
+    assert t.ignored is not None and t.ignored.code == "stale-echo"
+    assert t.route == route and t.events == ()
+
+
 @pytest.mark.parametrize(
     ("requests", "errors", "breached"),
     [(19, 19, False), (20, 1, False), (20, 2, True), (100, 5, False), (100, 6, True)],

@@ -8,7 +8,7 @@ import pytest
 
 from contracts import commands, models, monitoring, validation
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import Stage
+from contracts.common import EventRef, Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged
 from contracts.monitoring import Verdict
@@ -384,3 +384,51 @@ async def test_a_stale_stage_change_does_not_put_a_rolled_back_version_back(worl
         )
     )
     assert world.versions.rows[("churn", 2)].stage == Stage.ARCHIVED.value
+
+
+def registry_echo(
+    decision: CloudEvent[Any], version: int, from_stage: Stage, to_stage: Stage
+) -> CloudEvent[ModelStageChanged]:
+    """The registry's stage change following one of serving's rollout events, as the registry makes it."""
+    change = ModelStageChanged(
+        model="churn",
+        model_version=version,
+        from_stage=from_stage,
+        to_stage=to_stage,
+        reason=f"rollout {decision.data.rollout_id}",
+        caused_by=EventRef(id=decision.id, type=decision.type),
+    )
+    return new_event(change, source="/driftloop/registry", cause=decision)
+
+
+async def test_a_late_echo_of_a_superseded_promotion_does_not_put_that_version_back(world: World) -> None:
+    await world.send(registered(2), passed(2), registered(3))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=3, reason="ok"), source="/x"))
+    assert world.route.stable_version == 3
+    to_2, to_3 = world.rollouts(RolloutPromoted)[-2:]
+    loads = len(world.loader.loaded)
+    # The registry follows both promotions only now (it was down, or slow): its echoes come in order.
+    await world.send(registry_echo(to_2, 1, Stage.PRODUCTION, Stage.ARCHIVED))
+    await world.send(registry_echo(to_2, 2, Stage.CANDIDATE, Stage.PRODUCTION))
+    assert world.route.stable_version == 3 and world.route.previous_stable_version == 2
+    assert len(world.loader.loaded) == loads  # not even loaded again
+    await world.send(registry_echo(to_3, 2, Stage.PRODUCTION, Stage.ARCHIVED))
+    await world.send(registry_echo(to_3, 3, Stage.CANDIDATE, Stage.PRODUCTION))
+    assert world.route.stable_version == 3 and world.route.previous_stable_version == 2
+    assert world.versions.rows[("churn", 3)].stage == Stage.PRODUCTION.value
+    assert world.bus.dead_letters == []
+
+
+async def test_a_late_echo_of_a_rollback_restoring_production_does_not_undo_a_later_promotion(
+    world: World,
+) -> None:
+    await world.send(registered(2), passed(2), registered(3))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    await world.send(new_event(RollbackRequested(model="churn", model_version=2, reason="bad"), source="/x"))
+    rollback = world.rollouts(RolloutRolledBack)[-1]
+    await world.send(new_event(PromoteRequested(model="churn", model_version=3, reason="ok"), source="/x"))
+    assert world.route.stable_version == 3
+    # The registry restores version 1 to production on the rollback's event, after serving moved on.
+    await world.send(registry_echo(rollback, 1, Stage.ARCHIVED, Stage.PRODUCTION))
+    assert world.route.stable_version == 3
