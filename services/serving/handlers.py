@@ -297,16 +297,7 @@ async def on_rollback_requested(
         t = domain.rollback(route, reason=RollbackReason.MANUAL, message=message, now=now)
     else:
         if d.to_version is not None:
-            target = await versions.get(d.model, d.to_version)
-            if target is None or not target.registered:
-                IGNORED.labels("RollbackRequested", "unknown-version").inc()
-                raise PermanentError(f"rollback target {d.model} v{d.to_version} is not a registered version")
-            _refuse_rejected("RollbackRequested", target, "cannot be the rollback target")
-            try:
-                await loader.load(target)
-            except ModelLoadError as exc:
-                IGNORED.labels("RollbackRequested", "load-failed").inc()
-                raise PermanentError(f"rollback target cannot be loaded: {exc}") from exc
+            await _check_rollback_target(d.model, d.to_version, versions=versions, loader=loader)
         t = domain.roll_back_production(
             route,
             version=d.model_version,
@@ -316,12 +307,33 @@ async def on_rollback_requested(
             rollout_id=new_id(),
             correlation_id=event.correlationid,
         )
+        if t.ignored is None and d.to_version is None and t.route.stable_version is not None:
+            # The previous stable version goes back on all traffic: it must load as a named one must.
+            await _check_rollback_target(d.model, t.route.stable_version, versions=versions, loader=loader)
     if t.ignored is not None:
         _ignored("RollbackRequested", d.model, t)
         return
     await apply(
         route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
     )
+
+
+async def _check_rollback_target(
+    model: str, version: int, *, versions: ModelVersions, loader: ModelLoader
+) -> None:
+    """The version a production rollback puts on all traffic is registered, not rolled back, and loads;
+    otherwise :class:`PermanentError` (the command is dead-lettered) and production stays as it is: a
+    version that cannot load would leave the model with none that answers."""
+    target = await versions.get(model, version)
+    if target is None or not target.registered:
+        IGNORED.labels("RollbackRequested", "unknown-version").inc()
+        raise PermanentError(f"rollback target {model} v{version} is not a registered version")
+    _refuse_rejected("RollbackRequested", target, "cannot be the rollback target")
+    try:
+        await loader.load(target)
+    except ModelLoadError as exc:
+        IGNORED.labels("RollbackRequested", "load-failed").inc()
+        raise PermanentError(f"rollback target cannot be loaded: {exc}") from exc
 
 
 async def on_promote_requested(

@@ -432,3 +432,17 @@ async def test_a_late_echo_of_a_rollback_restoring_production_does_not_undo_a_la
     # The registry restores version 1 to production on the rollback's event, after serving moved on.
     await world.send(registry_echo(rollback, 1, Stage.ARCHIVED, Stage.PRODUCTION))
     assert world.route.stable_version == 3
+
+
+@pytest.mark.parametrize("to_version", [None, 1], ids=["previous-stable", "named"])
+async def test_a_production_rollback_to_a_version_that_cannot_load_is_dead_lettered(
+    world: World, to_version: int | None
+) -> None:
+    await world.send(registered(2), passed(2))
+    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    world.loader.broken.add("01" * 32)  # version 1's artifact no longer loads (store, trust policy)
+    command = RollbackRequested(model="churn", model_version=2, to_version=to_version, reason="bad")
+    await world.send(new_event(command, source="/x"))
+    assert world.route.stable_version == 2  # the version that answers keeps answering
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "rollback target cannot be loaded" in dead.error
