@@ -244,7 +244,8 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
         for node in tree.get("roots") or []:
             _branch(root, node)
         for node in tree.get("flat") or []:
-            root.add(_label(node) + f"  [dim]<- {escape(node['parent'] or 'root')}[/dim]")
+            branch = root.add(_label(node) + f"  [dim]<- {escape(node['parent'] or 'root')}[/dim]")
+            _dead_letters(branch, node)
         for letter in tree["dead_letters"]:
             root.add(f"[red]dead letter[/red] {letter['seq']}: {escape(str(letter['error']))}")
         if tree["truncated"]:
@@ -274,7 +275,11 @@ def _label(node: dict[str, Any]) -> str:
 
 def _branch(parent: Tree, node: dict[str, Any]) -> None:
     branch = parent.add(_label(node))
-    for letter in node.get("dead_letters") or []:
-        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {escape(str(letter['error']))}")
+    _dead_letters(branch, node)
     for child in node.get("children") or []:
         _branch(branch, child)
+
+
+def _dead_letters(branch: Tree, node: dict[str, Any]) -> None:
+    for letter in node.get("dead_letters") or []:
+        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {escape(str(letter['error']))}")

@@ -1032,7 +1032,12 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     }
     if _depth(roots) > MAX_NESTING:
         result["flat"] = [
-            {**n.view, "parent": parents[id(n)].view["id"] if id(n) in parents else None} for n in order
+            {
+                **n.view,
+                "parent": parents[id(n)].view["id"] if id(n) in parents else None,
+                "dead_letters": n.dead_letters,
+            }
+            for n in order
         ]
     else:
         result["roots"] = [r.as_json() for r in roots]

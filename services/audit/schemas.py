@@ -86,6 +86,7 @@ class FlatTraceNodePublic(TraceEventPublic):
     """An event of a very deep cascade, naming its parent instead of nesting."""
 
     parent: str | None = Field(description="Id of the causing event (null for a root).")
+    dead_letters: list[AuditEventPublic] = Field(description="Dead letters of this event.")
 
 
 class TracePublic(BaseModel):

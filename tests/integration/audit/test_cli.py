@@ -91,6 +91,21 @@ async def test_tail_and_trace_print_markup_in_producer_fields_as_text(
     assert "[/]" in out and "by [bold]user:eve" in out and "[type=missing, input_value={}]" in out
 
 
+async def test_trace_of_a_very_deep_cascade_prints_its_dead_letters(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chain = [example(DriftDetected)]
+    for _ in range(120):
+        chain.append(example(TrainingRequested, cause=chain[-1]))
+    key, value, headers = chain[60].to_kafka()
+    dead = Record(DEAD_LETTER, 0, 0, key, value, (*headers, ("dlq_reason", b"handler-failed")))
+    await audit_env.record([*(delivery(e, offset=i) for i, e in enumerate(chain)), Delivery(dead, chain[60])])
+
+    assert await cli("audit", "trace", chain[0].id) == 0
+    out = capsys.readouterr().out
+    assert "dead letter" in out and "handler-failed" in out
+
+
 async def test_tail_beyond_the_query_limit_says_so(
     audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -333,3 +333,20 @@ async def test_an_event_recorded_before_the_loop_it_hangs_off_keeps_its_cause() 
     assert (root["id"], root["cause_cycle"]) == (a.id, b.id)
     assert sorted(n["id"] for n in root["children"]) == sorted([b.id, c.id])
     assert all("cause_cycle" not in n for n in root["children"])
+
+
+async def test_a_flat_cascade_keeps_the_dead_letters_of_its_events() -> None:
+    trail = FakeTrail()
+    chain = [example(DriftDetected)]
+    for _ in range(120):
+        chain.append(example(TrainingStarted, cause=chain[-1]))
+    failed = chain[60]
+    key, value, headers = failed.to_kafka()
+    dead = Record(DEAD_LETTER, 0, 0, key, value, (*headers, ("dlq_reason", b"handler-failed")))
+    await store(trail, [*(delivery(e, offset=i) for i, e in enumerate(chain)), Delivery(dead, failed)])
+    tree = await core.trace(trail, chain[0].id, max_events=1000)
+    assert "roots" not in tree and tree["dead_letters"] == []
+    [carrier] = [n for n in tree["flat"] if n["id"] == failed.id]
+    assert [d["kind"] for d in carrier["dead_letters"]] == ["dead-letter"]
+    assert carrier["dead_letters"][0]["error"]["reason"] == "handler-failed"
+    TracePublic.model_validate(tree)
