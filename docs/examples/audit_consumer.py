@@ -13,9 +13,9 @@ only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the co
     python docs/examples/audit_consumer.py --export trail.ndjson --public-key BASE64 \
         --checkpoints .driftloop/audit/checkpoints.ndjson --kafka 127.0.0.1:19092
 
-Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, and no
-known checkpoint lies beyond the end. Exit status 1: the first bad sequence number and why, or an input
-that could not be read (``error: ...``).
+Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, no
+known checkpoint lies beyond the end, and the rows reach the header's to_seq. Exit status 1: the first bad
+sequence number and why, or an input that could not be read (``error: ...``).
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ class Verifier:
         self.out = out
         self.prev: bytes | None = None
         self.from_seq = 0
+        self.to_seq = 0
         self.next_seq = 0
         self.lines = 0
         self.rows = 0
@@ -182,8 +183,12 @@ class Verifier:
             raise self._damaged("is a header without a from_seq of 1 or more")
         if not (isinstance(prev_hash, str) and HEX_HASH.fullmatch(prev_hash)):
             raise self._damaged("is a header without a prev_hash of 64 lowercase hex digits")
+        to_seq = obj.get("to_seq")
+        if not (_is_int(to_seq) and to_seq >= from_seq - 1):
+            raise self._damaged("is a header without a to_seq of from_seq - 1 or more")
         self.prev = bytes.fromhex(prev_hash)
         self.from_seq = self.next_seq = from_seq
+        self.to_seq = to_seq
 
     def _row(self, obj: dict[str, Any]) -> None:
         seq, stated = obj.get("seq"), obj.get("row_hash")
@@ -232,7 +237,8 @@ class Verifier:
         self.checkpoints += 1
 
     def finish(self) -> None:
-        """Checkpoints from elsewhere beyond the last row mean the export (or the trail) lost its tail."""
+        """Checkpoints from elsewhere beyond the last row mean the export (or the trail) lost its tail; an
+        export that stops before its header's to_seq was cut short on its way here."""
         if self.prev is None:
             raise Broken(0, "the export has no header line")
         beyond = sorted(s for s, cps in self.outside.items() if any(self.keys.signed(c) for c in cps))
@@ -240,6 +246,14 @@ class Verifier:
             raise Broken(
                 self.next_seq,
                 f"rows {self.next_seq}..{beyond[-1]} are missing: a signed checkpoint covers them",
+            )
+        if self.next_seq <= self.to_seq:
+            # A stream cut at a line boundary (a dropped connection, a partial download) reads like a
+            # shorter export; only the header says how far it should go.
+            raise Broken(
+                self.next_seq,
+                f"rows {self.next_seq}..{self.to_seq} are missing: the export stops after row "
+                f"{self.next_seq - 1} but its header says it runs to {self.to_seq} (cut short?)",
             )
 
 

@@ -205,15 +205,24 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
 
         cut = tmp_path / "cut.ndjson"
         cut.write_bytes(b"\n".join(line for line in lines if _seq(line) <= 7) + b"\n")
-        cut_ok = run_consumer("--export", str(cut), "--public-key", public)
-        assert cut_ok.returncode == 0  # a shorter export alone proves nothing missing ...
+        cut_short = run_consumer("--export", str(cut), "--public-key", public)
+        # The header still says to_seq 11: rows lost on the way (a dropped connection) do not read as OK ...
+        assert cut_short.returncode == 1 and "FAILED at sequence 8" in cut_short.stderr, cut_short.stderr
+        assert "its header says it runs to 11" in cut_short.stderr
+        # ... and a header changed to match proves nothing missing: the signed checkpoints elsewhere do.
+        relabelled = tmp_path / "relabelled.ndjson"
+        relabelled.write_bytes(cut.read_bytes().replace(b'"to_seq":11', b'"to_seq":7', 1))
+        assert run_consumer("--export", str(relabelled), "--public-key", public).returncode == 0
         truncated = run_consumer(
-            "--export", str(cut), "--public-key", public, "--checkpoints", str(svc.checkpoint_file)
+            "--export", str(relabelled), "--public-key", public, "--checkpoints", str(svc.checkpoint_file)
         )
-        assert truncated.returncode == 1 and "FAILED at sequence 8" in truncated.stderr  # ... the file does
+        assert truncated.returncode == 1 and "FAILED at sequence 8" in truncated.stderr
+        assert "a signed checkpoint covers them" in truncated.stderr
 
         await eventually(lambda: _on_audit_topic(kafka_bootstrap, keys[0]["key_id"]), deadline_s=30)
-        from_topic = run_consumer("--export", str(cut), "--public-key", public, "--kafka", kafka_bootstrap)
+        from_topic = run_consumer(
+            "--export", str(relabelled), "--public-key", public, "--kafka", kafka_bootstrap
+        )
         assert from_topic.returncode == 1 and "FAILED at sequence 8" in from_topic.stderr, from_topic.stderr
 
         file_lines = svc.checkpoint_file.read_bytes().splitlines()

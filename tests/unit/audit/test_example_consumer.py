@@ -102,6 +102,8 @@ async def test_a_damaged_line_fails_at_its_sequence_naming_the_line(
         {"format": "driftloop-audit-export/1"},
         {"format": "driftloop-audit-export/1", "from_seq": 0, "prev_hash": "00" * 32},
         {"format": "driftloop-audit-export/1", "from_seq": 1, "prev_hash": "not hex"},
+        {"format": "driftloop-audit-export/1", "from_seq": 1, "prev_hash": "00" * 32},
+        {"format": "driftloop-audit-export/1", "from_seq": 3, "to_seq": 1, "prev_hash": "00" * 32},
     ],
 )
 def test_a_damaged_header_fails(
@@ -109,6 +111,28 @@ def test_a_damaged_header_fails(
 ) -> None:
     assert verify(tmp_path, [header]) == 1
     assert "FAILED at sequence 0: line 1 of the export is a header without" in capsys.readouterr().err
+
+
+async def test_an_export_cut_short_at_a_line_boundary_fails_where_it_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a dropped connection leaves when it falls between two lines: the header still says to_seq 6.
+    header, *rows = await export(6)
+    assert header["to_seq"] == 6
+    assert verify(tmp_path, [header, *rows[:4]]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at sequence 5: rows 5..6 are missing: the export stops after row 4" in err
+    assert verify(tmp_path, [header]) == 1
+    assert "FAILED at sequence 1: rows 1..6 are missing" in capsys.readouterr().err
+
+
+async def test_an_export_of_an_empty_trail_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [header] = await export(0)
+    assert (header["from_seq"], header["to_seq"]) == (1, 0)
+    assert verify(tmp_path, [header]) == 0
+    assert "OK: 0 rows from sequence 1" in capsys.readouterr().out
 
 
 async def test_ok_says_which_row_it_verified_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
