@@ -120,8 +120,15 @@ async def verify_trail(
     for lo, hi in ranges:
         prev = GENESIS if lo == 0 else starts.get(lo)
         if prev is None:
+            # Absent, or present with its hash nulled in the database: the row is there, but malformed.
             findings.append(
                 Finding(lo, Problem.MISSING_ROW, f"row {lo} is missing: a verification range starts after it")
+                if lo not in starts
+                else Finding(
+                    lo,
+                    Problem.MALFORMED_ROW,
+                    f"row {lo} has no row hash: a verification range starts after it",
+                )
             )
             continue
         scans.append(

@@ -90,7 +90,8 @@ class ChainSource(Protocol):
         ...
 
     async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
-        """Row hashes at these sequence numbers (absent rows are left out)."""
+        """Row hashes at these sequence numbers (absent rows are left out; a hash nulled in the database
+        comes back as None)."""
         ...
 
     async def scan_links(self, scanner: LinkScanner) -> Finding | None:

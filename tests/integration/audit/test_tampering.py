@@ -182,6 +182,15 @@ async def test_an_export_streams_past_nulled_rows_and_the_outside_consumer_fails
     assert consumer().main(["--export", str(export), "--public-key", public_key]) == 1
 
 
+async def test_a_verification_that_starts_after_a_nulled_row_hash_names_that_row_malformed(
+    filled: TrailDb, full: bool
+) -> None:
+    await filled.superuser(NULL_ROW_HASH.format(seq=29))
+    report = await filled.verify(from_seq=30, full=full)
+    assert (report.first_bad_seq, report.problem) == (29, Problem.MALFORMED_ROW), report
+    assert report.detail is not None and "missing" not in report.detail
+
+
 async def test_the_head_shows_a_nulled_row_hash_as_null(filled: TrailDb) -> None:
     await filled.superuser(NULL_ROW_HASH.format(seq=ROWS))
     async with reading(filled.pool, ROLE) as trail:

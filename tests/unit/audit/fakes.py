@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent, EventPayload, new_event
@@ -205,6 +205,10 @@ class FakeTrail:
 
     def update_record(self, seq: int, record: bytes) -> None:
         self.rows[seq].row = replace(self.rows[seq].row, record=record)
+
+    def null_row_hash(self, seq: int) -> None:
+        """What `UPDATE trail SET row_hash = NULL` does once the NOT NULL constraint is dropped."""
+        self.rows[seq].row = replace(self.rows[seq].row, row_hash=cast(bytes, None))
 
     def delete(self, *seqs: int) -> None:
         for s in seqs:

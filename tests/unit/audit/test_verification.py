@@ -153,6 +153,17 @@ async def test_a_range_trusts_the_row_before_it_and_parallel_ranges_agree() -> N
         assert report.first_bad_seq == 33
 
 
+async def test_a_range_that_starts_after_a_nulled_row_hash_names_that_row_malformed() -> None:
+    trail = await filled()
+    trail.null_row_hash(29)
+    report = await verify(trail, from_seq=30)
+    assert (report.first_bad_seq, report.problem) == (29, Problem.MALFORMED_ROW), report
+    assert report.detail == "row 29 has no row hash: a verification range starts after it"
+    trail.delete(29)
+    report = await verify(trail, from_seq=30)
+    assert (report.first_bad_seq, report.problem) == (29, Problem.MISSING_ROW), report
+
+
 async def test_verifying_beyond_the_end_reports_the_missing_rows() -> None:
     trail = await filled()
     report = await verify(trail, to_seq=ROWS + 5)
