@@ -119,7 +119,8 @@ async def get_event(
 @router.get(
     "/trace/{correlation_id:path}",  # any correlation id a producer set, slashes included
     response_model=TracePublic,
-    response_model_exclude_none=True,
+    # Leaves out cause_missing and cause_cycle where they do not apply, never a field the schema requires.
+    response_model_exclude_unset=True,
     summary="The causal tree of one cascade.",
 )
 async def get_trace(

@@ -25,6 +25,7 @@ from contracts.training import TrainingCompleted, TrainingRequested, TrainingSta
 from contracts.validation import ValidationPassed
 from libs.bus.kafka import KafkaPublisher
 from services.audit.domain import key_id_of
+from services.audit.schemas import AuditEventPage, TracePublic
 from tests.integration.audit.service_process import ROOT, AuditProcess
 from tests.integration.kafka_tools import create_topics, eventually, fetchval, read_topic, unique
 from tests.unit.audit.fakes import example
@@ -156,6 +157,12 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         assert seen == list(range(1, 12))
 
         tree = (await svc.get(f"/v1/trace/{events[0].id}")).json()
+        # What the service answers is what its OpenAPI document says, null fields included (a root's
+        # causationid, an event's error), as on /v1/events.
+        TracePublic.model_validate(tree)
+        assert tree["roots"][0]["causationid"] is None and tree["roots"][0]["error"] is None
+        assert "cause_missing" not in tree["roots"][0]  # set only where it applies
+        AuditEventPage.model_validate(page)
         chain, node = [], tree["roots"][0]
         while True:
             chain.append(node["id"])
