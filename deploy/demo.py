@@ -254,7 +254,7 @@ def _flatten(trace: dict[str, Any]) -> list[dict[str, Any]]:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if "type" in node and "time" in node:
+            if node.get("type") is not None and node.get("time") is not None:  # an event, with its time
                 found.append(node)
             for value in node.values():
                 walk(value)

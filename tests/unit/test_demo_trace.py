@@ -1,0 +1,48 @@
+"""`driftloop demo` prints each cascade from the audit service's trace, whatever its rows hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deploy import demo
+
+
+class TraceClient:
+    """The one LoopClient call print_trace makes, answering with a fixed trace."""
+
+    def __init__(self, trace: dict[str, Any]) -> None:
+        self.trace = trace
+
+    async def audit_trace(self, correlation_id: str) -> dict[str, Any]:
+        return self.trace
+
+
+def node(seq: int, event_type: str | None, time: str | None, **children: Any) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "id": f"e{seq}",
+        "type": event_type,
+        "time": time,
+        "source": "/driftloop/training",
+        "subject": "churn",
+        "error": None,
+        "data": {"model": "churn"},
+        "dead_letters": [],
+        "children": [],
+        **children,
+    }
+
+
+async def test_a_trace_row_without_a_time_is_left_out_not_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
+    # The trace shows null fields as null: a row whose record cannot be read has no type and no time, an
+    # undecodable record may have a type but no time.
+    unreadable = node(2, None, None)
+    undecodable = node(3, "io.driftloop.TrainingStarted.v1", None)
+    root = node(
+        1, "io.driftloop.DriftDetected.v1", "2025-03-01T12:00:00.000000Z", children=[unreadable, undecodable]
+    )
+    await demo.print_trace(TraceClient({"roots": [root], "dead_letters": []}), "drift", "c" * 36)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "DriftDetected" in out and "TrainingStarted" not in out
