@@ -19,9 +19,8 @@ from services.audit.domain import (
     KeyRing,
     Sealer,
     causal_tree,
-    column_mismatch,
+    checked_view,
     encode_cursor,
-    event_view,
     export_header,
     export_row,
 )
@@ -43,14 +42,7 @@ from services.audit.verification import (
 async def query_events(trail: TrailReader, query: EventQuery) -> tuple[list[dict[str, Any]], str | None]:
     """One page of events and the cursor of the next page (None on the last page)."""
     rows = await trail.find(query)
-    views = []
-    for row in rows:
-        view = event_view(row)
-        column = None if "unreadable" in view else column_mismatch(row)
-        if column is not None:
-            # The row was found through an indexed copy that no longer matches the hashed record.
-            view["integrity"] = f"indexed column {column} does not match the hashed record"
-        views.append(view)
+    views = [checked_view(row) for row in rows]
     more = bool(rows) and len(rows) == query.limit
     return views, encode_cursor(query.newest_first, rows[-1].seq) if more else None
 
@@ -60,7 +52,7 @@ async def event_at(trail: TrailReader, seq: int) -> dict[str, Any]:
     row = await trail.row(seq)
     if row is None:
         raise NotFound(f"the trail has no row {seq}")
-    return event_view(row)
+    return checked_view(row)
 
 
 async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> dict[str, Any]:

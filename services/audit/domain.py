@@ -860,6 +860,16 @@ def event_view(row: StoredRow) -> dict[str, Any]:
         return _unreadable_view(row, f"its record is not a record ({exc.__class__.__name__}: {exc})")
 
 
+def checked_view(row: StoredRow) -> dict[str, Any]:
+    """:func:`event_view`, flagged ``integrity`` when an indexed copy disagrees with the hashed record: the
+    row was found (by a query or a trace) through a copy that no longer says what the record says."""
+    view = event_view(row)
+    column = None if "unreadable" in view else column_mismatch(row)
+    if column is not None:
+        view["integrity"] = f"indexed column {column} does not match the hashed record"
+    return view
+
+
 _VIEW_FIELDS = (
     "recorded_at",
     "kind",
@@ -973,7 +983,7 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     order: list[TraceNode] = []
     dead: list[dict[str, Any]] = []
     for row in rows:
-        view = event_view(row)
+        view = checked_view(row)
         if view["kind"] == Kind.DEAD_LETTER:
             dead.append(view)
             continue

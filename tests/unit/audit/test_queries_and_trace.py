@@ -116,6 +116,25 @@ async def test_event_fields_come_from_the_hashed_record_and_a_doctored_index_is_
     assert event["integrity"] == "indexed column actor does not match the hashed record"
 
 
+async def test_a_row_drawn_into_a_trace_by_a_doctored_index_is_flagged(trail: FakeTrail) -> None:
+    root_id = trail.rows[1].row.attributes.correlation_id
+    stranger = next(s.row for s in trail.rows.values() if s.row.attributes.actor == "user:alice")
+    trail.rows[stranger.seq].row = replace(
+        stranger, attributes=stranger.attributes._replace(correlation_id=root_id)
+    )
+    assert root_id is not None
+    tree = await core.trace(trail, root_id, max_events=100)
+    [shown] = [r for r in tree["roots"] if r["seq"] == stranger.seq]
+    assert shown["correlationid"] != root_id  # from the record ...
+    assert (
+        shown["integrity"] == "indexed column correlation_id does not match the hashed record"
+    )  # ... flagged
+    assert all("integrity" not in r for r in tree["roots"] if r["seq"] != stranger.seq)
+    one = await core.event_at(trail, stranger.seq)
+    assert one["integrity"] == "indexed column correlation_id does not match the hashed record"
+    TracePublic.model_validate(tree)
+
+
 async def test_integers_beyond_64_bits_are_shown_as_the_trail_holds_them() -> None:
     trail = FakeTrail()
     value = (
