@@ -181,6 +181,13 @@ class Verifier:
         from_seq, prev_hash = obj.get("from_seq"), obj.get("prev_hash")
         if not (_is_int(from_seq) and from_seq >= 1):
             raise self._damaged("is a header without a from_seq of 1 or more")
+        if prev_hash is None and from_seq > 1:
+            # The service exports a hash nulled in its database as null: the row before from_seq is bad.
+            raise Broken(
+                from_seq - 1,
+                f"line {self.lines} of the export is a header whose prev_hash is null: row {from_seq - 1} "
+                "has no hash in the trail to chain from",
+            )
         if not (isinstance(prev_hash, str) and HEX_HASH.fullmatch(prev_hash)):
             raise self._damaged("is a header without a prev_hash of 64 lowercase hex digits")
         to_seq = obj.get("to_seq")

@@ -165,7 +165,7 @@ NULL_ROW_HASH = (
 
 
 async def test_an_export_streams_past_nulled_rows_and_the_outside_consumer_fails_there(
-    filled: TrailDb, tmp_path: Path
+    filled: TrailDb, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await filled.superuser(NULL_RECORD)
     await filled.superuser(NULL_ROW_HASH.format(seq=29))
@@ -180,6 +180,12 @@ async def test_an_export_streams_past_nulled_rows_and_the_outside_consumer_fails
     export.write_bytes(whole)
     public_key = base64.b64encode(filled.signer.public_raw).decode()
     assert consumer().main(["--export", str(export), "--public-key", public_key]) == 1
+    assert "FAILED at sequence 17" in capsys.readouterr().err
+    export.write_bytes(after_nulled_hash)
+    assert consumer().main(["--export", str(export), "--public-key", public_key]) == 1
+    assert "FAILED at sequence 29: line 1 of the export is a header whose prev_hash is null" in (
+        capsys.readouterr().err
+    )
 
 
 async def test_a_verification_that_starts_after_a_nulled_row_hash_names_that_row_malformed(

@@ -135,6 +135,16 @@ async def test_an_export_of_an_empty_trail_verifies(
     assert "OK: 0 rows from sequence 1" in capsys.readouterr().out
 
 
+async def test_a_header_whose_prev_hash_was_nulled_fails_at_that_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The service exports a row hash nulled in the database as null, prev_hash included (docs/audit.md).
+    header, *rows = await export(6, from_seq=4)
+    assert verify(tmp_path, [{**header, "prev_hash": None}, *rows]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at sequence 3: line 1 of the export is a header whose prev_hash is null" in err
+
+
 async def test_ok_says_which_row_it_verified_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert verify(tmp_path, await export(5)) == 0
     assert "OK: 5 rows from sequence 1 and 0 checkpoints verified" in capsys.readouterr().out
