@@ -93,6 +93,9 @@ class StoredStep:
     actor: str | None
     state: str = "watching"
     verdict: str | None = None
+    learned_at: float | None = None
+    """When monitoring handled the step's event, on its own clock (the bake time runs from it); None for a
+    step stored before it was kept."""
 
 
 class MonitoringStore(Protocol):

@@ -72,6 +72,7 @@ def _steps(rows: list[asyncpg.Record]) -> list[StoredStep]:
             actor=r["actor"],
             state=r["state"],
             verdict=r["verdict"],
+            learned_at=r["learned_at"],
         )
         for r in rows
     ]
@@ -354,8 +355,8 @@ class PgMonitoringStore:
         )
         await self.conn.execute(
             """INSERT INTO rollout_steps (rollout_id, step_index, model, stable_version, canary_version,
-                   started_at, min_samples, bake_seconds, cause_id, correlation_id, actor)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING""",
+                   started_at, min_samples, bake_seconds, cause_id, correlation_id, actor, learned_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING""",
             step.rollout_id,
             step.step_index,
             step.model,
@@ -367,6 +368,7 @@ class PgMonitoringStore:
             step.cause_id,
             step.correlation_id,
             step.actor,
+            step.learned_at,
         )
 
     async def finish_rollout(self, rollout_id: str) -> None:

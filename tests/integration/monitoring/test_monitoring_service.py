@@ -46,7 +46,7 @@ from libs.settings import KafkaSettings
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
 from services.monitoring.handlers import judge_closed_window
-from services.monitoring.ports import LabelledRecord, PendingLabel
+from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
 from tests.ports import free_port
@@ -631,6 +631,37 @@ async def test_labels_received_lately_are_found_by_model_and_time(database_url: 
             assert await store.labels_received_since("churn", at)
             assert not await store.labels_received_since("churn", at + timedelta(seconds=1))
             assert not await store.labels_received_since("fraud", at - timedelta(seconds=60))
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
+
+
+async def test_a_steps_learned_at_is_stored_and_read_back_and_a_row_from_before_it_reads_none(
+    database_url: str,
+) -> None:
+    # When monitoring learned of a step: a restart bakes the step from it. A row stored before the column
+    # (migration 0005) has none and bakes from its start, as it did.
+    schema = unique("t_mon_learned")
+    pool = await create_pool(database_url, schema=schema)
+    learned_id = "monitoring/0005_rollout_step_learned_at.sql"
+    try:
+        await apply_migrations(pool, schema, [m for m in MIGRATIONS if m.id != learned_id])
+        async with pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO rollout_steps (rollout_id, step_index, model, stable_version, canary_version,
+                       started_at, min_samples, bake_seconds, cause_id, correlation_id, actor)
+                   VALUES ('r-older', 0, 'churn', 1, 2, 100.0, 10, 5.0, 'e-1', 'c-1', NULL)"""
+            )
+        assert await apply_migrations(pool, schema, MIGRATIONS) == [learned_id]
+        step = StoredStep("r-new", 1, "churn", 1, 2, 200.0, 10, 5.0, "e-2", "c-2", None, learned_at=221.5)
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            await store.save_step(step)
+            watched = {s.rollout_id: s.learned_at for s in await store.watched_steps()}
+            assert watched == {"r-older": None, "r-new": 221.5}
+            last = await store.last_step("r-new")
+            assert last is not None and last.learned_at == 221.5
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
