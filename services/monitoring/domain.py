@@ -1340,11 +1340,23 @@ class CanaryStep:
     canary_version: int
     step_index: int
     started_at: float
+    """When serving started the step (the event's time, serving's clock): the step's time range."""
     min_samples: int
     bake_seconds: float
+    learned_at: float | None = None
+    """When monitoring handled the step's event, on its own clock; None for a step stored before it was kept
+    (bakes from ``started_at``)."""
     canary: VariantTraffic = field(default_factory=VariantTraffic)
     stable: VariantTraffic = field(default_factory=VariantTraffic)
     first_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def bake_from(self) -> float:
+        """Where the bake time runs from on monitoring's clock: when monitoring learned of the step, or the
+        step's start if later. Serving ignores a verdict given before its bake time passed on its own clock,
+        and monitoring gives one per step: timed from the start with monitoring's clock ahead, the step
+        would never advance. Whichever clock is ahead, the bake time from here is over on serving's too."""
+        return self.started_at if self.learned_at is None else max(self.started_at, self.learned_at)
 
 
 @dataclass
@@ -1385,7 +1397,7 @@ class CanaryDecision:
 
 def canary_ready(step: CanaryStep, now: float) -> Literal["wait", "judge", "timeout"]:
     """Judge once the canary has min_samples predictions in the step and the bake time passed."""
-    baked = now - step.started_at >= step.bake_seconds
+    baked = now - step.bake_from >= step.bake_seconds
     if step.canary.rows >= step.min_samples and baked:
         return "judge"
     return "wait"

@@ -660,6 +660,7 @@ async def on_rollout_started(
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
+        learned_at=monitor.clock(),
     )
     await store.save_step(step)
     monitor.live.watch(canary_step(step))
@@ -687,6 +688,7 @@ async def on_rollout_step_advanced(
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
+        learned_at=monitor.clock(),
     )
     await store.save_step(step)
     monitor.live.watch(canary_step(step))
@@ -711,6 +713,7 @@ def canary_step(step: StoredStep) -> CanaryStep:
         started_at=step.started_at,
         min_samples=step.min_samples,
         bake_seconds=step.bake_seconds,
+        learned_at=step.learned_at,
     )
 
 
@@ -841,7 +844,7 @@ async def _decide(
         return None
     labelled = await _labelled_comparison(step, ref, store)
     short = labelled.canary_n < policy.min_labelled or labelled.stable_n < policy.min_labelled
-    if short and now < step.started_at + step.bake_seconds + policy.label_grace_seconds:
+    if short and now < step.bake_from + step.bake_seconds + policy.label_grace_seconds:
         # Labels are coming when the step's predictions have some already, or when the model's labels
         # arrived lately: labels that come later than the bake time (ground truth is rarely instant) have
         # none of the step's yet when it is due, and the step waits for them too.

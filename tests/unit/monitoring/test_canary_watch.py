@@ -21,11 +21,19 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import CloudEvent, new_event
 from contracts.monitoring import CanaryVerdict, Verdict
+from contracts.rollouts import RolloutStarted, RolloutStepAdvanced
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
-from services.monitoring.handlers import Monitor, canary_step, check_canary
+from services.monitoring.domain import CanaryStep, canary_due, from_epoch
+from services.monitoring.handlers import (
+    Monitor,
+    canary_step,
+    check_canary,
+    on_rollout_started,
+    on_rollout_step_advanced,
+)
 from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.fakes import NoPolicies
@@ -548,3 +556,161 @@ async def test_a_step_waits_for_labels_that_come_later_than_its_bake_time(labels
     [event] = published  # past the grace period, judged without them
     accuracy = next(c for c in event.data.evidence if c.name == "accuracy")
     assert accuracy.passed is None and "needs 100 labelled rows" in accuracy.detail
+
+
+# --- the bake time on monitoring's clock --------------------------------------------------------------------
+
+SERVING_START = 1_000_000.0  # when serving started the step, on serving's clock
+LATENCY_S = 0.5  # how long the step's event took to reach monitoring
+
+
+@dataclass
+class Steps(Unlabelled):
+    """A store that keeps the steps the rollout handlers save."""
+
+    async def save_step(self, step: StoredStep) -> None:
+        self.steps.append(step)
+
+    async def last_step(self, rollout_id: str) -> StoredStep | None:
+        mine = [s for s in self.steps if s.rollout_id == rollout_id]
+        return max(mine, key=lambda s: s.step_index, default=None)
+
+
+async def step_announced_at(
+    at: float, *, advanced: bool, monitor: Monitor, store: Steps
+) -> tuple[CanaryStep, float]:
+    """Serving starts rollout r-1 (bake 2 s), on its step 1 when ``advanced``, at ``at`` on its clock;
+    monitoring handles the event LATENCY_S later. Returns the watched step and when monitoring handled it."""
+    started = RolloutStarted(
+        rollout_id="r-1",
+        model="churn",
+        stable_version=1,
+        canary_version=2,
+        steps=[0.1, 0.5, 1.0],
+        weight=0.1,
+        min_samples=100,
+        bake_seconds=2.0,
+    )
+    event = new_event(started, source="/test/serving")
+    if advanced:
+        await on_rollout_started(event, monitor=monitor, store=store)  # type: ignore[arg-type]
+        step = RolloutStepAdvanced(
+            rollout_id="r-1",
+            model="churn",
+            stable_version=1,
+            canary_version=2,
+            step_index=1,
+            previous_weight=0.1,
+            weight=0.5,
+            samples_seen=100,
+            step_seconds=2.0,
+        )
+        later = new_event(step, source="/test/serving").model_copy(update={"time": from_epoch(at)})
+        await on_rollout_step_advanced(later, monitor=monitor, store=store)  # type: ignore[arg-type]
+    else:
+        event = event.model_copy(update={"time": from_epoch(at)})
+        await on_rollout_started(event, monitor=monitor, store=store)  # type: ignore[arg-type]
+    watched_step = monitor.live.steps["r-1"]
+    assert watched_step.step_index == (1 if advanced else 0)
+    watched_step.canary.rows = 500
+    return watched_step, monitor.clock()
+
+
+@pytest.mark.parametrize("advanced", [False, True], ids=["started", "advanced"])
+@pytest.mark.parametrize("ahead_s", [20.0, -20.0], ids=["monitoring-ahead", "monitoring-behind"])
+async def test_a_step_is_judged_no_earlier_than_its_bake_time_has_passed_on_servings_clock(
+    ahead_s: float, advanced: bool
+) -> None:
+    # Monitoring's clock 20 s ahead of serving's: measured from the event's time (serving's clock), the bake
+    # was over on monitoring's clock 20 s before it was on serving's. Serving ignored the healthy verdict as
+    # premature and, monitoring giving one verdict per step, the rollout never advanced. It is measured from
+    # when monitoring learned of the step, or from the step's start when that is later (monitoring behind).
+    monitor, published = monitor_watching(watched(started_at=0.0)), []
+    monitor.live.unwatch("r-1")
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    now = SERVING_START + LATENCY_S + ahead_s
+    monitor.clock = lambda: now
+    store = Steps([])
+    step, learned = await step_announced_at(SERVING_START, advanced=advanced, monitor=monitor, store=store)
+    baked = max(learned, SERVING_START) + step.bake_seconds  # on monitoring's clock
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    assert not canary_due(step, baked - 0.1, monitor.canary)
+    await check_canary(step, baked - 0.1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    assert published == []
+
+    assert canary_due(step, baked, monitor.canary)
+    await check_canary(step, baked, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    [verdict] = published
+    # On serving's clock the verdict comes once the bake time passed there: serving takes it.
+    assert baked - ahead_s >= SERVING_START + step.bake_seconds
+    # The step's time range stays on serving's clock, where the predictions' times are.
+    assert verdict.data.window.start == from_epoch(SERVING_START)
+    assert step.started_at == SERVING_START
+
+
+async def test_the_wait_for_labels_runs_from_when_monitoring_learned_of_the_step() -> None:
+    # Labels are coming for the model: the step waits the grace period after its bake time for them, on
+    # monitoring's clock from when monitoring learned of the step, not from the step's start on serving's.
+    monitor, published = monitor_watching(watched(started_at=0.0)), []
+    monitor.live.unwatch("r-1")
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    now = SERVING_START + LATENCY_S + 20.0
+    monitor.clock = lambda: now
+    grace = monitor.canary.label_grace_seconds
+    store = Steps([], labels_since=now + 3_600)  # labels keep arriving
+    step, learned = await step_announced_at(SERVING_START, advanced=False, monitor=monitor, store=store)
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    waited = learned + step.bake_seconds + grace
+    await check_canary(step, waited - 0.1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    assert published == []
+    await check_canary(step, waited, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    assert len(published) == 1
+
+
+class RestoreStore(Store):
+    """The MonitoringStore calls of a restart, on stored steps only."""
+
+    async def pending_labels(self) -> set[tuple[str, str]]:
+        return set()
+
+    async def replay_offsets(self, topic: str) -> dict[int, int]:
+        return {}
+
+
+class RestoreRuntime:
+    def __init__(self, store: RestoreStore) -> None:
+        self.settings = MonitoringSettings()
+        self.store = store
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        yield type("Tx", (), {"conn": self.store})()
+
+
+async def test_a_restart_bakes_a_step_from_when_monitoring_learned_of_it_or_from_its_start_for_an_older_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    learned = dataclasses.replace(
+        watched_rollout("r-learned", "churn", SERVING_START), learned_at=SERVING_START + 20.5
+    )
+    older = watched_rollout("r-older", "churn", SERVING_START)  # stored before learned_at was kept
+    assert older.learned_at is None
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
+    restarted = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    await bootstrap.restore(RestoreRuntime(RestoreStore([learned, older])), restarted)  # type: ignore[arg-type]
+
+    steps, policy = restarted.live.steps, restarted.canary
+    for step in steps.values():
+        step.canary.rows = 500
+    assert steps["r-learned"].learned_at == SERVING_START + 20.5
+    assert not canary_due(steps["r-learned"], SERVING_START + 20.5 + 2.0 - 0.1, policy)
+    assert canary_due(steps["r-learned"], SERVING_START + 20.5 + 2.0, policy)
+    assert steps["r-older"].learned_at is None
+    assert not canary_due(steps["r-older"], SERVING_START + 2.0 - 0.1, policy)
+    assert canary_due(steps["r-older"], SERVING_START + 2.0, policy)  # from its start, as before
