@@ -142,6 +142,11 @@ CATEGORY_KEPT_MAX_CHARS = 256
 """The longest level (as text) a model keeps of a categorical feature, or a spec declares: a longer one is
 free text rather than a level, and is encoded as an unseen value is."""
 
+MODEL_NAME_MAX_CHARS = 128 - len("-training")
+"""The longest model name a spec may have (119 characters): each training run registers its training set
+and its holdout as the datasets ``<model>-training`` and ``<model>-holdout``, and a dataset's name has at
+most 128 characters, as a model's has (``NAME_PATTERN``)."""
+
 CLASSES_MAX = 1_000
 """The most classes a classifier is trained for. A target with more distinct values is an id or a number
 rather than a class (scoring the holdout takes rows x classes probabilities, and the signature lists every
@@ -536,7 +541,30 @@ def check_entry_bounds(spec: ModelSpec) -> None:
 
     Checked where a spec enters (registered, or read back for a run, by :func:`spec_from_data`), not by the
     model itself: the stores read their specs with ``ModelSpec.model_validate``, and a stored spec must stay
-    readable so that it can be shown and replaced."""
+    readable so that it can be shown and replaced.
+
+    Also refused there: a model name longer than ``MODEL_NAME_MAX_CHARS``, whose runs could be fitted but
+    not completed (their datasets could not be named), and a base dataset listed twice, which puts every row
+    in the training set twice and so a copy of nearly every held-out row among the fitted ones: the holdout
+    metrics, and validation's gates on the same holdout, would flatter the model."""
+    if len(spec.name) > MODEL_NAME_MAX_CHARS:
+        raise SpecError(
+            f"name: {shown(spec.name)} is longer than the {MODEL_NAME_MAX_CHARS} characters a model name "
+            "may have: each run registers its training set and holdout as the datasets <model>-training "
+            "and <model>-holdout, whose names have at most 128 characters; register the spec under a "
+            "shorter name",
+            field="name",
+        )
+    listed: set[str] = set()
+    for i, dataset in enumerate(spec.base_datasets):
+        if dataset in listed:
+            raise SpecError(
+                f"base_datasets.{i}: {dataset!r} is listed twice; its rows would be in the training set "
+                "twice, and a copy of nearly every held-out row among the rows fitted (the holdout metrics "
+                "would flatter the model): list each dataset once",
+                field=f"base_datasets.{i}",
+            )
+        listed.add(dataset)
     named = [(f"features.{i}.name", f.name) for i, f in enumerate(spec.features)]
     for field, name in [*named, ("target", spec.target)]:
         if len(name) > FEATURE_NAME_MAX_CHARS:

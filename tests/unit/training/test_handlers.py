@@ -579,3 +579,36 @@ async def test_registered_spec_is_announced_with_the_actor_once_per_change(harne
     assert first.actor == "user:test" and first.data.previous_spec_hash is None
     assert second.data.previous_spec_hash == first.data.spec_hash
     assert second.data.spec.key == second.data.spec_hash == harness.specs.by_model["churn"].spec_hash
+
+
+async def test_a_stored_spec_whose_model_name_is_too_long_fails_the_run_before_the_fit(
+    harness: Harness,
+) -> None:
+    # Registered before model names were bounded: the run was fitted, then its holdout could not be named
+    # (<model>-holdout has more than 128 characters), and the runner fitted it again until worker-lost.
+    name = "m" * 125
+    spec = churn_spec(base_datasets=["churn-base"]).model_copy(update={"name": name})
+    await register(harness, spec)
+    await upload(harness, "churn-base", churn_frame(), models=[name])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    assert "119 characters" in failed.data.message and "<model>-holdout" in failed.data.message
+    assert harness.events(TrainingCompleted) == []
+    [job] = harness.jobs.rows.values()
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+
+
+async def test_a_stored_spec_listing_a_base_dataset_twice_fails_the_run_rather_than_leak_its_holdout(
+    harness: Harness,
+) -> None:
+    # Every row twice in the training set put a copy of nearly every held-out row among the fitted ones:
+    # roc_auc 0.90 became 0.999 on the same data.
+    spec = churn_spec().model_copy(update={"base_datasets": ["churn-base", "churn-base"]})
+    await register(harness, spec)
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.INVALID_SPEC
+    assert "'churn-base' is listed twice" in failed.data.message
+    assert harness.events(TrainingCompleted) == []

@@ -184,6 +184,30 @@ def test_a_spec_stored_before_the_name_bound_is_still_read_but_not_taken_again()
     assert spec_from_data({**data, "features": [{"name": "x" * 256, "type": "numeric"}]})
 
 
+def test_a_model_name_too_long_to_name_its_training_and_holdout_datasets_is_refused() -> None:
+    # Each run registers <model>-training and <model>-holdout, whose names have at most 128 characters like
+    # the model's: a longer model name was accepted, then every run was fitted and could not be completed.
+    with pytest.raises(SpecError) as caught:
+        spec_from_data(churn_spec_data(name="m" * 120, base_datasets=["churn-base"]))
+    assert caught.value.field == "name"
+    assert "(120 characters)" in caught.value.message and "119" in caught.value.message
+    assert "<model>-training" in caught.value.message
+    assert spec_from_data(churn_spec_data(name="m" * 119, base_datasets=["churn-base"])).name == "m" * 119
+    with pytest.raises(SpecError, match="119"):
+        # The name from the route's path (PUT /v1/models/{model}/spec), which takes up to 128 characters.
+        body = {k: v for k, v in churn_spec_data(base_datasets=["churn-base"]).items() if k != "name"}
+        parse_spec(json.dumps(body), content_type="application/json", name="m" * 128)
+
+
+def test_a_base_dataset_listed_twice_is_refused() -> None:
+    # Every row twice: nearly every held-out row has its copy among the training rows, so the holdout
+    # metrics (and validation's gate on the same holdout) flatter the model.
+    with pytest.raises(SpecError) as caught:
+        spec_from_data(churn_spec_data(base_datasets=["churn-base", "churn-extra", "churn-base"]))
+    assert caught.value.field == "base_datasets.2"
+    assert "'churn-base' is listed twice" in caught.value.message
+
+
 @pytest.mark.parametrize(
     ("categories", "field", "words"),
     [
