@@ -71,6 +71,17 @@ class Measured:
     """Labels that are none of the candidate's classes, with their rows: scored as probability 0."""
 
 
+def champion_unknown(version: int) -> str:
+    """Why a champion validation never recorded (its ModelVersionRegistered dead-lettered here, then the
+    version promoted by hand) is not compared: its artifact and signature come from that registration."""
+    return (
+        f"champion v{version} is unknown to validation: its ModelVersionRegistered was never recorded here "
+        "(dead-lettered, or before what validation's consumer read), so its model and signature are not "
+        "known; replay that registration to validation, then ask for a retrain (this version's report is "
+        "final)"
+    )
+
+
 def champion_metric(spec: ValidationSpec, task: Task, n_classes: int | None) -> str:
     """The metric champion/challenger compares (the spec's, else the task's primary one)."""
     return spec.champion.metric or primary_metric(task, n_classes)
@@ -160,7 +171,10 @@ def champion_check(
             threshold=threshold,
             comparator=comparator,
             passed=False,
-            detail=f"champion v{champion} could not be scored on the holdout: {measured.champion_error}",
+            # A champion scoring gave no comparison for says why; without that, it was never scored.
+            detail=f"champion v{champion} could not be scored on the holdout: {measured.champion_error}"
+            if measured.champion_error is not None
+            else champion_unknown(champion),
         )
     bound = comparison.low if higher else comparison.high
     value, low, high = (_finite(v) for v in (comparison.difference, comparison.low, comparison.high))
@@ -230,12 +244,23 @@ def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
 
 
 def signature_check(
-    spec: ValidationSpec, candidate: ModelSignature, champion: ModelSignature | None
+    spec: ValidationSpec,
+    candidate: ModelSignature,
+    champion: ModelSignature | None,
+    champion_version: int | None = None,
 ) -> CheckResult:
-    """The candidate takes what the champion takes (clients keep working) and gives the same classes."""
+    """The candidate takes what the champion takes (clients keep working) and gives the same classes; a
+    champion whose signature is unknown (``champion_version`` without ``champion``) is not checked here: the
+    champion/challenger check fails saying why."""
     name = "signature-compatible"
     if champion is None:
-        return CheckResult(name=name, kind=CheckKind.SIGNATURE, passed=True, detail=f"skipped: {NO_CHAMPION}")
+        detail = (
+            f"skipped: {NO_CHAMPION}"
+            if champion_version is None
+            else f"not checked: champion v{champion_version} is unknown to validation "
+            "(see challenger-vs-champion)"
+        )
+        return CheckResult(name=name, kind=CheckKind.SIGNATURE, passed=True, detail=detail)
     problems = signature_problems(candidate, champion, exact=spec.schema_compatibility == "exact")
     return CheckResult(
         name=name,
@@ -374,7 +399,7 @@ def judge(
         *threshold_checks(spec, measured),
         champion_check(spec, metric, measured, champion_version),
         *slice_checks(spec, measured),
-        signature_check(spec, candidate, champion_signature),
+        signature_check(spec, candidate, champion_signature, champion_version),
         latency_check(spec, measured),
         *sanity_checks(measured),
         labels_check(measured),

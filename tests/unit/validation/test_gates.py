@@ -115,6 +115,27 @@ def test_champion_that_could_not_be_scored_fails_the_check_with_the_reason() -> 
     assert not check.passed and "no column 'x9'" in check.detail
 
 
+def test_a_champion_validation_never_recorded_fails_the_comparison_saying_so() -> None:
+    # The production version's ModelVersionRegistered never reached validation (dead-lettered, then promoted
+    # by hand): nothing was scored, and the report said "could not be scored on the holdout: None" beside a
+    # signature check "skipped: no champion".
+    checks = judge(
+        SPEC,
+        task=Task.CLASSIFICATION,
+        n_classes=2,
+        measured=measured(),
+        candidate=signature(),
+        champion_signature=None,
+        champion_version=4,
+    )
+    by_name = {c.name: c for c in checks}
+    versus = by_name["challenger-vs-champion:roc_auc"]
+    assert not versus.passed
+    assert "champion v4 is unknown to validation" in versus.detail and "None" not in versus.detail
+    sig = by_name["signature-compatible"]
+    assert "champion v4 is unknown to validation" in sig.detail and NO_CHAMPION not in sig.detail
+
+
 def test_slices_below_the_minimum_fail_and_small_or_undefined_slices_are_reported() -> None:
     slices = [
         SliceMeasure("basic", 500, 0.9),
