@@ -20,7 +20,15 @@ from typing import Any, Literal, Self
 import numpy as np
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from contracts.common import (
@@ -289,17 +297,26 @@ class ModelSpec(_SpecModel):
                     )
         return params
 
+    @classmethod
+    def from_stored(cls, data: Any) -> ModelSpec:
+        """A spec as a store kept it (``spec.model_dump(mode="json")`` of an accepted spec), read even when
+        this release no longer has its estimator or scikit-learn no longer takes its parameters: it can
+        still be shown and replaced, and its policy still decides on triggers, while a run, which reads the
+        spec with :func:`load_canonical`, fails naming what is wrong (``unknown-estimator``,
+        ``invalid-spec``)."""
+        return cls.model_validate(data, context={_STORED: True})
+
     @field_validator("estimator")
     @classmethod
-    def _known_estimator(cls, name: str) -> str:
-        if name not in ESTIMATORS:
+    def _known_estimator(cls, name: str, info: ValidationInfo) -> str:
+        if name not in ESTIMATORS and not _stored(info):
             raise PydanticCustomError(
                 "unknown_estimator", f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}"
             )
         return name
 
     @model_validator(mode="after")
-    def _consistent(self) -> Self:
+    def _consistent(self, info: ValidationInfo) -> Self:
         unstorable = _unstorable(self.model_dump(mode="json"), "")
         if unstorable is not None:
             raise _fail("invalid_value", *unstorable)
@@ -326,34 +343,8 @@ class ModelSpec(_SpecModel):
                     f"features.{i}.categories",
                     f"numeric feature {f.name!r} has categories",
                 )
-        classifier, regressor = ESTIMATORS[self.estimator]
-        path = classifier if self.task is Task.CLASSIFICATION else regressor
-        if path is None:
-            fitting = [n for n, paths in ESTIMATORS.items() if paths[self.task is Task.REGRESSION]]
-            raise _fail(
-                "unknown_estimator",
-                "estimator",
-                f"estimator {self.estimator!r} has no {self.task.value} variant; allowed for "
-                f"{self.task.value}: {', '.join(fitting)}",
-            )
-        known = set(_import(path)().get_params())
-        for param in self.params:
-            if param == "random_state":
-                raise _fail(
-                    "invalid_param",
-                    "params.random_state",
-                    "set `seed` instead: it drives every random choice",
-                )
-            if param not in known:
-                raise _fail(
-                    "invalid_param",
-                    f"params.{param}",
-                    f"{path.rsplit('.', 1)[1]} has no parameter {param!r}"
-                    f"{_did_you_mean(param, sorted(known))}",
-                )
-            problem = _param_problem(_import(path), param, self.params[param])
-            if problem is not None:
-                raise _fail("invalid_param", f"params.{param}", problem)
+        if not _stored(info):
+            self._check_estimator()
         allowed_metrics = set(metrics_for(self.task))
         for where, name in self._metric_names():
             if name not in allowed_metrics:
@@ -384,6 +375,37 @@ class ModelSpec(_SpecModel):
                     f"slices need a categorical feature; {rule.feature!r} is numeric",
                 )
         return self
+
+    def _check_estimator(self) -> None:
+        """The estimator exists for the task and takes the params, in this release and scikit-learn."""
+        classifier, regressor = ESTIMATORS[self.estimator]
+        path = classifier if self.task is Task.CLASSIFICATION else regressor
+        if path is None:
+            fitting = [n for n, paths in ESTIMATORS.items() if paths[self.task is Task.REGRESSION]]
+            raise _fail(
+                "unknown_estimator",
+                "estimator",
+                f"estimator {self.estimator!r} has no {self.task.value} variant; allowed for "
+                f"{self.task.value}: {', '.join(fitting)}",
+            )
+        known = set(_import(path)().get_params())
+        for param in self.params:
+            if param == "random_state":
+                raise _fail(
+                    "invalid_param",
+                    "params.random_state",
+                    "set `seed` instead: it drives every random choice",
+                )
+            if param not in known:
+                raise _fail(
+                    "invalid_param",
+                    f"params.{param}",
+                    f"{path.rsplit('.', 1)[1]} has no parameter {param!r}"
+                    f"{_did_you_mean(param, sorted(known))}",
+                )
+            problem = _param_problem(_import(path), param, self.params[param])
+            if problem is not None:
+                raise _fail("invalid_param", f"params.{param}", problem)
 
     def _metric_names(self) -> list[tuple[str, str]]:
         names = [(f"validation.thresholds.{m}", m) for m in self.validation.thresholds]
@@ -418,6 +440,14 @@ class ModelSpec(_SpecModel):
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON (the store key of the stored spec)."""
         return hashlib.sha256(self.canonical_json()).hexdigest()
+
+
+_STORED = "stored"
+"""Validation context of :meth:`ModelSpec.from_stored`."""
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(_STORED))
 
 
 def _unstorable(value: Any, path: str) -> tuple[str, str] | None:

@@ -58,7 +58,8 @@ class PgSpecs:
 def _spec(row: asyncpg.Record) -> StoredSpec:
     return StoredSpec(
         model=row["model"],
-        spec=ModelSpec.model_validate(row["spec"]),
+        # Stored by an older release, it may name an estimator (or a parameter) this one lacks: still read.
+        spec=ModelSpec.from_stored(row["spec"]),
         spec_hash=row["spec_hash"],
         artifact=ArtifactRef.model_validate(row["artifact"]),
         registered_by=row["registered_by"],

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 
 from contracts.commands import RetrainRequested
-from contracts.training import ModelSpecRegistered, TrainingCompleted, TrainingRequested
+from contracts.training import (
+    FailureReason,
+    ModelSpecRegistered,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingRequested,
+)
 from tests.integration.training.conftest import Stage
-from tests.integration.training.harness import ServiceProcess, put_spec
+from tests.integration.training.harness import VIEWER, ServiceProcess, fetch, put_spec
 from tests.unit.training.data import churn_frame, churn_spec_data
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,6 +71,39 @@ async def test_two_runs_from_the_same_data_and_spec_give_identical_metrics(
     assert first.lineage.datasets == second.lineage.datasets
     assert first.lineage.holdout == second.lineage.holdout
     assert first.lineage.spec_hash == second.lineage.spec_hash
+
+
+async def test_a_stored_spec_this_release_no_longer_accepts_is_shown_replaced_and_fails_its_runs(
+    stage: Stage, training: ServiceProcess
+) -> None:
+    # A spec stored by an older release (or before a scikit-learn upgrade) whose estimator this one does not
+    # have: the table's copy was re-validated on every read, so each trigger for the model was dead-lettered
+    # (handler-failed), GET answered 500, and so did the PUT that would replace it.
+    model = "stale"
+    await stage.feeder.upload(stage.store, f"{model}-base", churn_frame(600, seed=5))
+    spec = json.dumps(churn_spec_data(model))
+    response = await put_spec(training, model, spec, "application/json")
+    assert response.status_code == 200
+    canonical = stage.store.get(response.json()["artifact"]["key"])
+    older = stage.store.put(canonical.replace(b'"logistic_regression"', b'"xgboost_classic"'))
+    await fetch(
+        stage.database_url,
+        f"""UPDATE {stage.schemas["training"]}.model_specs
+            SET spec = jsonb_set(spec, '{{estimator}}', '"xgboost_classic"'),
+                artifact = jsonb_set(artifact, '{{key}}', to_jsonb($2::text))
+            WHERE model = $1""",
+        model,
+        older.sha256,
+    )
+
+    await stage.feeder.send(RetrainRequested(model=model, reason="stale spec"), source="/driftloop/registry")
+    failed = await stage.tail.wait_for(TrainingFailed, lambda d: d.model == model)
+    assert failed.data.reason is FailureReason.UNKNOWN_ESTIMATOR
+    assert "xgboost_classic" in failed.data.message
+    async with httpx.AsyncClient(timeout=30) as client:
+        shown = await client.get(f"{training.url}/v1/models/{model}/spec", headers=VIEWER)
+    assert shown.status_code == 200 and shown.json()["spec"]["estimator"] == "xgboost_classic"
+    assert (await put_spec(training, model, spec, "application/json")).status_code == 200
 
 
 def _caused_by(stage: Stage, trigger_id: str) -> Callable[[TrainingCompleted], bool]:

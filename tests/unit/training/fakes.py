@@ -48,7 +48,9 @@ class FakeSpecs:
         return self.by_model.get(model)
 
     async def put(self, spec: ModelSpec, artifact: ArtifactRef, *, actor: str | None) -> StoredSpec:
-        stored = StoredSpec(spec.name, spec, spec.spec_hash(), artifact, actor, self.clock())
+        # Kept as the table keeps it (JSON) and read back as PgSpecs reads it.
+        kept = ModelSpec.from_stored(spec.model_dump(mode="json"))
+        stored = StoredSpec(spec.name, kept, spec.spec_hash(), artifact, actor, self.clock())
         self.by_model[spec.name] = stored
         return stored
 

@@ -36,7 +36,7 @@ from libs.modelspec import ModelSpec
 from libs.profiles import ReferenceProfile
 from services.training import worker
 from services.training.domain import JobState
-from services.training.handlers import register_spec
+from services.training.handlers import current_spec, register_spec
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 from tests.unit.training.fakes import Harness
 
@@ -339,18 +339,28 @@ async def test_spec_naming_a_missing_column_fails_with_unknown_feature_and_a_hin
 async def test_stored_spec_with_an_unknown_estimator_fails_the_job_not_the_service(harness: Harness) -> None:
     await upload(harness, "churn-base", churn_frame())
     await register(harness, churn_spec())
-    # A spec stored by an older release whose estimator no longer exists.
+    # A spec stored by an older release whose estimator no longer exists: the table's copy and the artifact.
     stored = harness.specs.by_model["churn"]
     raw = stored.spec.canonical_json().replace(b'"logistic_regression"', b'"xgboost_classic"')
     bad = harness.store.put(raw)
     harness.specs.by_model["churn"] = stored.__class__(
-        **{**stored.__dict__, "artifact": stored.artifact.model_copy(update={"key": bad.sha256})}
+        **{
+            **stored.__dict__,
+            "spec": ModelSpec.from_stored(
+                {**stored.spec.model_dump(mode="json"), "estimator": "xgboost_classic"}
+            ),
+            "artifact": stored.artifact.model_copy(update={"key": bad.sha256}),
+        }
     )
     await harness.bus.publish(drift(harness, "churn"))
     await harness.run_jobs()
     [failed] = harness.events(TrainingFailed)
     assert failed.data.reason is FailureReason.UNKNOWN_ESTIMATOR
     assert "xgboost_classic" in failed.data.message and "random_forest" in failed.data.message
+    # Shown as it is, and replaced.
+    assert (await current_spec("churn", specs=harness.specs)).spec.estimator == "xgboost_classic"
+    await register(harness, churn_spec())
+    assert harness.specs.by_model["churn"].spec.estimator == "logistic_regression"
 
 
 async def test_too_small_dataset_fails_with_the_row_count(harness: Harness) -> None:

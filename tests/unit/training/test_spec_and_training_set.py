@@ -24,6 +24,7 @@ from libs.modelspec import (
     SpecError,
     build_pipeline,
     kept_categories,
+    load_canonical,
     parse_spec,
     spec_from_data,
 )
@@ -182,6 +183,27 @@ def test_a_spec_stored_before_the_name_bound_is_still_read_but_not_taken_again()
     with pytest.raises(SpecError, match="256 characters"):
         spec_from_data(data)
     assert spec_from_data({**data, "features": [{"name": "x" * 256, "type": "numeric"}]})
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "words"),
+    [
+        ({"estimator": "xgboost_classic"}, "unknown-estimator", ["unknown estimator 'xgboost_classic'"]),
+        ({"params": {"multi_class": "ovr"}}, "invalid-spec", ["has no parameter 'multi_class'"]),
+    ],
+)
+def test_a_stored_spec_this_release_no_longer_accepts_is_read_from_the_store_but_refused_for_a_run(
+    change: dict[str, object], reason: str, words: list[str]
+) -> None:
+    # Stored by an older release, or before a scikit-learn upgrade: the store's copy must stay readable (to
+    # be shown, replaced, and to apply its retrain policy); the run refuses it, naming why.
+    stored = {**churn_spec().model_dump(mode="json"), **change}
+    assert ModelSpec.from_stored(stored).model_dump(mode="json") == stored
+    with pytest.raises(SpecError) as caught:
+        load_canonical(json.dumps(stored).encode())
+    assert caught.value.reason == reason
+    for word in words:
+        assert word in caught.value.message
 
 
 def test_a_model_name_too_long_to_name_its_training_and_holdout_datasets_is_refused() -> None:
