@@ -160,7 +160,7 @@ def _refuse_wide_integers(name: str, col: pd.Series) -> None:
     present = [v for v in col.tolist() if isinstance(v, str) and v.strip()]
     if not present or not all(_INTEGER_TEXT.fullmatch(v.strip()) for v in present):
         return
-    if any(not -INT64_MAX - 1 <= int(v) <= INT64_MAX for v in present):
+    if any(_beyond_int64(v.strip()) for v in present):
         raise InvalidInput(
             f"column {name!r} holds integers above {INT64_MAX} or below {-INT64_MAX - 1} (int64): "
             "to keep them as text, upload Parquet with a string column, or give the values a prefix that "
@@ -168,6 +168,16 @@ def _refuse_wide_integers(name: str, col: pd.Series) -> None:
             field="file",
             column=name,
         )
+
+
+def _beyond_int64(text: str) -> bool:
+    """Whether integer text is outside int64, judged by its digits first: ``int()`` refuses text of more than
+    4,300 digits (CPython's guard against quadratic conversion), and a CSV field can hold 131,072."""
+    sign = "-" if text.startswith("-") else ""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > len(str(INT64_MAX)):
+        return True
+    return not -INT64_MAX - 1 <= int(sign + digits) <= INT64_MAX
 
 
 def _decode(data: bytes) -> str:

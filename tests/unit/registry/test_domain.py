@@ -291,6 +291,10 @@ def test_a_text_value_with_a_nul_is_refused_naming_its_column(data: bytes, filen
         (b"a,b\n1,9223372036854775808\n2,\n", "x.csv"),
         (b"a,b\n1,-9223372036854775809\n2,5\n", "x.csv"),
         (b"a,b\n1,18446744073709551616\n", "x.csv"),
+        # more digits than int() converts (4,300): refused like any other, not a 500
+        (b"a,b\n1," + b"9" * 5_000 + b"\n", "x.csv"),
+        (b"a,b\n1,-" + b"9" * 5_000 + b"\n", "x.csv"),
+        (b"a,b\n1," + b"0" * 5_000 + b"7\n2,99999999999999999999\n", "x.csv"),
         (parquet_table(pa.table({"a": [1], "b": pa.array([2**63], type=pa.uint64())})), "x.parquet"),
         (parquet_table(pa.table({"a": [1, 2], "b": pa.array([2**63, None], pa.uint64())})), "x.parquet"),
     ],
