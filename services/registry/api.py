@@ -25,7 +25,7 @@ from contracts.common import (
 )
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
-from libs.errors import Conflict, DomainError, NotFound, PayloadTooLarge
+from libs.errors import Conflict, DomainError, NotFound, PayloadTooLarge, shown
 from libs.http import Text
 from libs.service import Runtime
 from services.registry import core
@@ -114,15 +114,16 @@ TagFilter = Annotated[
 async def _resolve(q: Queries, model: str, ref: str) -> int:
     """A version number from a path segment: a number, or an alias (`champion`)."""
     if ref.isascii() and ref.isdigit():
-        number = int(ref)
-        if number > VERSION_MAX:
-            raise NotFound(f"model {model!r} has no version {ref}: versions go up to {VERSION_MAX}")
-        return number
+        # Counted before int(), which refuses more than 4,300 digits (a ValueError, so a 500).
+        digits = ref.lstrip("0") or "0"
+        if len(digits) > len(str(VERSION_MAX)) or int(digits) > VERSION_MAX:
+            raise NotFound(f"model {model!r} has no version {shown(ref)}: versions go up to {VERSION_MAX}")
+        return int(digits)
     version = await q.version_by_alias(model, ref)
     if version is None:
         if await q.model(model) is None:
             raise NotFound(f"model {model!r} is not registered")
-        raise NotFound(f"model {model!r} has no alias {ref!r}")
+        raise NotFound(f"model {model!r} has no alias {shown(ref)}")
     return version
 
 

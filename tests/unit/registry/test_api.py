@@ -1,13 +1,16 @@
-"""The registry's HTTP routes refuse what the database could not take with a 422 before they reach it.
+"""The registry's HTTP routes refuse what the database could not take with a 422 (or a 404 for a version
+that cannot exist) before they reach it.
 
-The app here has no database, runtime or artifact store at all: a request that got past validation would
-fail with a 500, so every 422 below was given before anything was read or written.
+The app here has no database, runtime or artifact store at all (its read pool hands out no connection): a
+request that got past validation would fail with a 500, so every 422 and 404 below was given before
+anything was read or written.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -22,10 +25,19 @@ OPERATOR = {"Authorization": "Bearer dev-operator"}
 VIEWER = {"Authorization": "Bearer dev-viewer"}
 
 
+class NoReads:
+    """Stands in for the read pool: its connection is None, so a route that reads anything fails (500)."""
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        yield None
+
+
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = RegistrySettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
     app = create_app(settings, title="registry", description="", routers=[api.router])
+    app.state.reads = NoReads()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://registry") as c:
         yield c
@@ -90,3 +102,15 @@ async def test_an_upload_with_a_column_name_too_long_for_a_feature_is_422_naming
     body = r.json()
     assert "column 2 of the header" in body["detail"] and "256 characters" in body["detail"], body
     assert name not in r.text and len(r.text) < 1000
+
+
+@pytest.mark.parametrize("suffix", ["", "/artifact", "/card"])
+@pytest.mark.parametrize("digits", ["9" * 5_000, "0" * 5_000 + "2147483648", "2147483648"])
+async def test_a_version_number_beyond_the_last_is_404_before_anything_is_read(
+    client: httpx.AsyncClient, digits: str, suffix: str
+) -> None:
+    # 5,000 digits: more than int() converts (4,300), which raised a ValueError (a 500).
+    r = await client.get(f"/v1/models/churn/versions/{digits}{suffix}", headers=VIEWER)
+    assert r.status_code == 404, r.text
+    assert "versions go up to 2147483647" in r.json()["detail"]
+    assert len(r.text) < 1000
