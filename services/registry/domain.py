@@ -81,6 +81,13 @@ def may_be_challenger(stage: Stage) -> bool:
     return stage in (Stage.CANDIDATE, Stage.CANARY)
 
 
+def serves_after_rollback(stage: Stage) -> bool:
+    """A rollback's stable version, which serves all traffic once it is done, becomes production when its
+    stage may move there: an earlier version (archived), or a production rollback's ``to_version`` that never
+    served (a candidate: the rollback command accepts any version that may move to production)."""
+    return Stage.PRODUCTION in TRANSITIONS[stage]
+
+
 def rejected_by_failed_validation(stage: Stage) -> bool:
     """A failed validation rejects a version only while it is a candidate. Once serving has put it on
     traffic (canary, production) the registry's stage must keep saying so: taking it off is a rollback,

@@ -19,6 +19,7 @@ from contracts.training import TrainingCompleted
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.logging import get_logger
 from services.registry import core
+from services.registry.domain import serves_after_rollback
 from services.registry.ports import Artifacts, Datasets, Publish, Versions
 
 log = get_logger(__name__)
@@ -88,8 +89,9 @@ async def on_rollout_promoted(
 async def on_rollout_rolled_back(
     event: CloudEvent[RolloutRolledBack], *, versions: Versions, publish: Publish, source: str, **_: Any
 ) -> None:
-    """The rolled-back version is rejected; a stable version that was archived (a rollback of production
-    to an earlier version) is production again."""
+    """The rolled-back version is rejected; the stable version, which now serves all traffic, is production
+    (an archived one again, after a rollback of production to an earlier version; a candidate named as the
+    rollback's target for the first time)."""
     r = event.data
     await core.change_stage(
         r.model,
@@ -104,19 +106,23 @@ async def on_rollout_rolled_back(
     if r.stable_version is None:
         return
     stable = await versions.stage_for_update(r.model, r.stable_version)
-    if stable is Stage.ARCHIVED:
+    if stable is Stage.PRODUCTION:
+        return
+    if stable is not None and serves_after_rollback(stable):
+        how = "restored" if stable is Stage.ARCHIVED else "put on all traffic"
         await core.promote(
             r.model,
             r.stable_version,
-            reason=f"restored by the rollback of version {r.canary_version} (rollout {r.rollout_id})",
+            reason=f"{how} by the rollback of version {r.canary_version} (rollout {r.rollout_id})",
             event=event,
             versions=versions,
             publish=publish,
             source=source,
         )
-    elif stable is not Stage.PRODUCTION:
+    else:
         log.warning(
-            "rollback names a stable version that is not serving; its stage is left alone",
+            "rollback names a stable version that cannot be production (rejected or unknown); its stage is "
+            "left alone",
             model=r.model,
             stable_version=r.stable_version,
             stage=stable,

@@ -358,6 +358,24 @@ async def test_rollback_of_production_restores_the_archived_stable_version(regis
     assert registry.versions.aliases == {("churn", "champion"): 1}
 
 
+async def test_rollback_of_production_to_a_candidate_makes_the_candidate_production(
+    registry: Registry,
+) -> None:
+    # The rollback command takes any to_version that may move to production (a validated candidate too),
+    # and serving then serves it alone: the registry's stage and champion must say so.
+    await to_production(registry, "churn", "run-1")
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-2"), passed("churn", 2))
+    await to_production(registry, "churn", "run-3", previous=1)
+    assert registry.versions.stage("churn", 2) is Stage.CANDIDATE
+    await registry.deliver(rolled_back("churn", 3, 2))
+    assert registry.versions.stage("churn", 3) is Stage.REJECTED
+    assert registry.versions.stage("churn", 2) is Stage.PRODUCTION
+    assert registry.versions.aliases == {("churn", "champion"): 2}
+    last = registry.stage_changes()[-1]
+    assert (last.model_version, last.from_stage, last.to_stage) == (2, Stage.CANDIDATE, Stage.PRODUCTION)
+    assert registry.bus.dead_letters == []
+
+
 async def test_illegal_transition_is_dead_lettered_with_the_allowed_ones(registry: Registry) -> None:
     await registry.deliver(training_completed(registry.artifacts), failed("churn", 1), started("churn", 1))
     assert registry.versions.stage("churn", 1) is Stage.REJECTED
