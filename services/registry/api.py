@@ -25,7 +25,7 @@ from contracts.common import (
 )
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
-from libs.errors import Conflict, DomainError, NotFound, PayloadTooLarge, shown
+from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
 from libs.http import Text
 from libs.service import Runtime
 from services.registry import core
@@ -480,8 +480,9 @@ def _split_models(values: list[str]) -> list[str]:
             "than the dataset limits."
         },
         422: {
-            "description": "The file cannot be read, or the name, models or description are not valid; the "
-            "body names the column or the encoding problem. Also when the DatasetRegistered announcing it "
+            "description": "The file cannot be read, or the name, models or description are not valid, or "
+            "the form gives the file, the name or the description more than once; the body names the column "
+            "or the encoding problem. Also when the DatasetRegistered announcing it "
             "would be larger than consumers accept (max_event_bytes): it lists every column's name and type."
         },
     },
@@ -498,6 +499,16 @@ async def upload_dataset(
     description: Annotated[Text | None, Form(description="Free text.")] = None,
 ) -> DatasetUploaded:
     settings = _settings(request)
+    # The form parser keeps the last of two parts of one name: of two files, one would be stored and the
+    # other dropped without a word. (The parsed form is cached on the request: nothing is read again.)
+    form = await request.form()
+    for single in ("file", "name", "description"):
+        if (given := len(form.getlist(single))) > 1:
+            raise InvalidInput(
+                f"the form gives {single!r} {given} times; an upload takes one (only models repeats): "
+                "upload each file on its own",
+                field=single,
+            )
     check_name(name, what="dataset name", field="name")
     wanted = _split_models(models)
     limit = settings.max_upload_bytes

@@ -12,6 +12,7 @@ import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -114,3 +115,32 @@ async def test_a_version_number_beyond_the_last_is_404_before_anything_is_read(
     assert r.status_code == 404, r.text
     assert "versions go up to 2147483647" in r.json()["detail"]
     assert len(r.text) < 1000
+
+
+@pytest.mark.parametrize(
+    ("form", "files", "field"),
+    [
+        (
+            {"name": "churn"},
+            [("file", ("a.csv", b"a\n1\n", "text/csv")), ("file", ("b.csv", b"b\n2\n", "text/csv"))],
+            "file",
+        ),
+        ({"name": ["churn", "churn-b"]}, [("file", ("d.csv", b"a\n1\n", "text/csv"))], "name"),
+        (
+            {"name": "churn", "description": ["x", "y"]},
+            [("file", ("d.csv", b"a\n1\n", "text/csv"))],
+            "description",
+        ),
+    ],
+)
+async def test_an_upload_giving_a_field_twice_is_422_not_one_of_the_two(
+    client: httpx.AsyncClient,
+    form: dict[str, Any],
+    files: list[tuple[str, tuple[str, bytes, str]]],
+    field: str,
+) -> None:
+    # The form parser keeps the last of two parts: one of two files would be stored and the other dropped.
+    r = await client.post("/v1/datasets", data=form, files=files, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == field and f"gives {field!r} 2 times" in body["detail"], body
