@@ -217,6 +217,12 @@ async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Data
     if event.source == source:
         # The registry's own uploads were recorded in the transaction that published them.
         return False
+    if ds.sha256 != ds.artifact.key:
+        # The file is served by its sha256: recorded, the dataset would hand out whatever artifact that names.
+        raise PermanentError(
+            f"dataset {ds.name} version {ds.dataset_version} says sha256 {ds.sha256} but its artifact is "
+            f"{ds.artifact.key}: they must be the same file"
+        )
     # An upload of the same name waits for this transaction, then numbers after the version recorded here.
     await datasets.lock_name(ds.name)
     existing = await datasets.get(ds.name, ds.dataset_version)

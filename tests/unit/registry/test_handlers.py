@@ -427,6 +427,18 @@ async def test_dataset_version_reused_with_other_content_is_dead_lettered(regist
     assert "already registered with sha256" in dead.error
 
 
+async def test_a_dataset_whose_file_is_another_artifact_than_its_hash_is_dead_lettered(
+    registry: Registry,
+) -> None:
+    # The file is served by its sha256: recorded, the dataset would hand out whatever artifact that names.
+    other = dataset(1, "a").artifact.model_copy(update={"key": "b" * 64})
+    await registry.deliver(dataset(1, "a").model_copy(update={"artifact": other}))
+    assert registry.datasets.rows == {}
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"sha256 {'a' * 64} but its artifact is {'b' * 64}" in dead.error
+
+
 async def test_archive_request_archives_a_candidate_with_the_actor_in_history(registry: Registry) -> None:
     await registry.deliver(training_completed(registry.artifacts))
     request = ArchiveRequested(model="churn", model_version=1, reason="superseded")
