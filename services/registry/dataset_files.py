@@ -249,9 +249,15 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
         table = _decode_parquet(file, limits)
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            "the Parquet file cannot be read: its schema holds text that is not UTF-8 (a column name?): "
+            f"{exc}",
+            field="file",
+        ) from exc
     names = table.column_names
     _check_header([str(n).strip() for n in names])
-    for field_ in table.schema:
+    for index, field_ in enumerate(table.schema):
         t = field_.type
         if pa.types.is_dictionary(t):
             t = t.value_type
@@ -270,6 +276,18 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
                 field="file",
                 column=field_.name,
             )
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            # Arrow reads a Parquet string as it is stored, UTF-8 or not, and fails only when the text is
+            # turned into Python strings (an ArrowException far from here, so a 500).
+            try:
+                table.column(index).validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise InvalidInput(
+                    f"column {field_.name!r} holds text that is not valid UTF-8 (re-write the file with its "
+                    "strings in UTF-8)",
+                    field="file",
+                    column=field_.name,
+                ) from exc
     try:
         return table.to_pandas(types_mapper=_NULLABLE_DTYPES.get)
     except (pa.ArrowException, ValueError, OverflowError) as exc:

@@ -283,6 +283,36 @@ def test_a_text_value_with_a_nul_is_refused_naming_its_column(data: bytes, filen
     assert caught.value.extra["column"] == "plan"
 
 
+def strings_not_utf8(*values: bytes) -> pa.Array:
+    """A string array holding these bytes as they are: Arrow checks nothing when it is built from buffers, and
+    some Parquet writers do not either."""
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    buffers = [None, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(b"".join(values))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [strings_not_utf8(b"basic", b"caf\xe9"), strings_not_utf8(b"basic", b"caf\xe9").dictionary_encode()],
+    ids=["plain", "dictionary"],
+)
+def test_a_parquet_text_column_that_is_not_utf8_is_refused_naming_it(plan: pa.Array) -> None:
+    data = parquet_table(pa.table({"a": [1, 2], "plan": plan}))
+    with pytest.raises(InvalidInput, match="column 'plan' holds text that is not valid UTF-8") as caught:
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
+    assert caught.value.extra["column"] == "plan"
+
+
+def test_a_parquet_column_name_that_is_not_utf8_is_refused() -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": [1], "plan_": ["x"]}), buf, store_schema=False)
+    data = buf.getvalue().replace(b"plan_", b"plan\xe9")
+    with pytest.raises(InvalidInput, match="cannot be read: its schema holds text that is not UTF-8"):
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
+
+
 @pytest.mark.parametrize(
     ("data", "filename"),
     [
