@@ -302,6 +302,13 @@ async def request_command(
         payload = ArchiveRequested(model=model, model_version=version, reason=reason)
     else:
         if to_version is not None:
+            if stage is Stage.CANARY:
+                # Serving gives a rolled-back canary's traffic to the stable version and ignores to_version.
+                raise Conflict(
+                    f"to_version is for a production rollback: {model} version {version} is canary, and "
+                    "rolling it back gives its traffic back to the stable version; leave to_version out",
+                    field="to_version",
+                )
             if to_version == version:
                 raise Conflict("to_version must differ from the version rolled back", field="to_version")
             target = await require_stage(versions, model, to_version)

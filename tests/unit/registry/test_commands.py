@@ -89,6 +89,15 @@ async def test_rollback_to_a_rejected_version_is_a_conflict(versions: FakeVersio
         await command(versions, Command.ROLLBACK, 2, to_version=3)
 
 
+async def test_rollback_of_a_canary_naming_a_to_version_is_a_conflict(versions: FakeVersions) -> None:
+    # Serving gives a rolled-back canary's traffic to the stable version whatever to_version says.
+    versions.versions[("churn", 1)].stage = Stage.CANARY
+    with pytest.raises(Conflict, match="to_version is for a production rollback: churn version 1 is canary"):
+        await command(versions, Command.ROLLBACK, 1, to_version=2)
+    event, _ = await command(versions, Command.ROLLBACK, 1)
+    assert isinstance(event.data, RollbackRequested) and event.data.to_version is None
+
+
 async def test_archive_of_production_is_a_conflict(versions: FakeVersions) -> None:
     with pytest.raises(Conflict, match="archive applies to candidate, rejected versions"):
         await command(versions, Command.ARCHIVE, 2)
