@@ -7,6 +7,8 @@ import asyncio
 
 import pytest
 
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
+from libs.bus.core import encode_outgoing
 from libs.bus.postgres import bus_migrations, outbox_channel, pg_transactions
 from libs.db import apply_migrations, create_pool
 from tests.integration.kafka_tools import unique
@@ -39,10 +41,14 @@ async def test_a_transaction_writes_its_events_in_order_a_failed_one_none(databa
                     raise RuntimeError("the handler failed after publishing")
 
             async with pool.acquire() as conn:
-                rows = await conn.fetch("SELECT event_id, topic, sent_at FROM outbox ORDER BY seq")
+                rows = await conn.fetch("SELECT * FROM outbox ORDER BY seq")
             await listener.remove_listener(outbox_channel(schema), wake)
         assert [r["event_id"] for r in rows] == [e.id for e in events]
         assert {r["topic"] for r in rows} == {events[0].topic} and all(r["sent_at"] is None for r in rows)
+        # Stored as sent: the relay hands Kafka the key, value and headers as encode_outgoing made them.
+        for r, event in zip(rows, events, strict=True):
+            key, value, headers = encode_outgoing(event, max_bytes=DEFAULT_MAX_EVENT_BYTES)
+            assert (r["key"], r["value"], [(k, v.encode()) for k, v in r["headers"]]) == (key, value, headers)
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -24,16 +24,14 @@ class NullTransaction:
 
 
 class RecordingConn:
-    """An asyncpg connection that records the statements it is given, and answers none of them."""
+    """An asyncpg connection that records the statements it is given and their arguments, and answers none
+    of them."""
 
     def __init__(self) -> None:
         self.statements: list[str] = []
-        self.rows: list[Any] = []
+        self.arguments: list[tuple[Any, ...]] = []
 
     async def execute(self, sql: str, *args: Any) -> str:
         self.statements.append(sql)
+        self.arguments.append(args)
         return "OK"
-
-    async def executemany(self, sql: str, args: Sequence[Any]) -> None:
-        self.statements.append(sql)
-        self.rows.extend(args)
