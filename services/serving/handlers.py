@@ -297,7 +297,14 @@ async def on_rollback_requested(
         t = domain.rollback(route, reason=RollbackReason.MANUAL, message=message, now=now)
     else:
         if d.to_version is not None:
-            await _check_rollback_target(d.model, d.to_version, versions=versions, loader=loader)
+            await _check_target(
+                "RollbackRequested",
+                d.model,
+                d.to_version,
+                role="rollback target",
+                versions=versions,
+                loader=loader,
+            )
         t = domain.roll_back_production(
             route,
             version=d.model_version,
@@ -309,7 +316,14 @@ async def on_rollback_requested(
         )
         if t.ignored is None and d.to_version is None and t.route.stable_version is not None:
             # The previous stable version goes back on all traffic: it must load as a named one must.
-            await _check_rollback_target(d.model, t.route.stable_version, versions=versions, loader=loader)
+            await _check_target(
+                "RollbackRequested",
+                d.model,
+                t.route.stable_version,
+                role="rollback target",
+                versions=versions,
+                loader=loader,
+            )
     if t.ignored is not None:
         _ignored("RollbackRequested", d.model, t)
         return
@@ -318,22 +332,23 @@ async def on_rollback_requested(
     )
 
 
-async def _check_rollback_target(
-    model: str, version: int, *, versions: ModelVersions, loader: ModelLoader
+async def _check_target(
+    command: str, model: str, version: int, *, role: str, versions: ModelVersions, loader: ModelLoader
 ) -> None:
-    """The version a production rollback puts on all traffic is registered, not rolled back, and loads;
-    otherwise :class:`PermanentError` (the command is dead-lettered) and production stays as it is: a
-    version that cannot load would leave the model with none that answers."""
+    """The version a command puts on all traffic (``role``: what it would be, as the errors say) is
+    registered, not rolled back, and loads; otherwise :class:`PermanentError` (the command is dead-lettered)
+    and the model's traffic stays as it is: a version that cannot load would leave it with none that
+    answers."""
     target = await versions.get(model, version)
     if target is None or not target.registered:
-        IGNORED.labels("RollbackRequested", "unknown-version").inc()
-        raise PermanentError(f"rollback target {model} v{version} is not a registered version")
-    _refuse_rejected("RollbackRequested", target, "cannot be the rollback target")
+        IGNORED.labels(command, "unknown-version").inc()
+        raise PermanentError(f"{role} {model} v{version} is not a registered version")
+    _refuse_rejected(command, target, f"cannot be the {role}")
     try:
         await loader.load(target)
     except ModelLoadError as exc:
-        IGNORED.labels("RollbackRequested", "load-failed").inc()
-        raise PermanentError(f"rollback target cannot be loaded: {exc}") from exc
+        IGNORED.labels(command, "load-failed").inc()
+        raise PermanentError(f"{role} {model} v{version} cannot be loaded: {exc}") from exc
 
 
 async def on_promote_requested(
@@ -354,18 +369,14 @@ async def on_promote_requested(
     now = clock()
     live = route.active
     if live is None or live.canary_version != d.model_version:
-        record = await versions.get(d.model, d.model_version)
-        if record is None or not record.registered:
-            IGNORED.labels("PromoteRequested", "unknown-version").inc()
-            raise PermanentError(
-                f"{d.model} v{d.model_version} is not a registered version; nothing to promote"
-            )
-        _refuse_rejected("PromoteRequested", record, "cannot be promoted")
-        try:
-            await loader.load(record)
-        except ModelLoadError as exc:
-            IGNORED.labels("PromoteRequested", "load-failed").inc()
-            raise PermanentError(f"{d.model} v{d.model_version} cannot be promoted: {exc}") from exc
+        await _check_target(
+            "PromoteRequested",
+            d.model,
+            d.model_version,
+            role="promotion target",
+            versions=versions,
+            loader=loader,
+        )
     t = domain.promote(
         route,
         d.model_version,

@@ -445,4 +445,4 @@ async def test_a_production_rollback_to_a_version_that_cannot_load_is_dead_lette
     await world.send(new_event(command, source="/x"))
     assert world.route.stable_version == 2  # the version that answers keeps answering
     [dead] = world.bus.dead_letters
-    assert dead.reason == "rejected" and "rollback target cannot be loaded" in dead.error
+    assert dead.reason == "rejected" and "rollback target churn v1 cannot be loaded" in dead.error
