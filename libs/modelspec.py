@@ -576,7 +576,8 @@ def check_entry_bounds(spec: ModelSpec) -> None:
     Also refused there: a model name longer than ``MODEL_NAME_MAX_CHARS``, whose runs could be fitted but
     not completed (their datasets could not be named), and a base dataset listed twice, which puts every row
     in the training set twice and so a copy of nearly every held-out row among the fitted ones: the holdout
-    metrics, and validation's gates on the same holdout, would flatter the model."""
+    metrics, and validation's gates on the same holdout, would flatter the model; and a sliding window of
+    fewer rows than ``min_rows``, whose every run would fail as too small."""
     if len(spec.name) > MODEL_NAME_MAX_CHARS:
         raise SpecError(
             f"name: {shown(spec.name)} is longer than the {MODEL_NAME_MAX_CHARS} characters a model name "
@@ -595,6 +596,14 @@ def check_entry_bounds(spec: ModelSpec) -> None:
                 field=f"base_datasets.{i}",
             )
         listed.add(dataset)
+    policy = spec.retrain.training_set
+    if policy.mode is TrainingSetMode.SLIDING_WINDOW and (policy.window_rows or 0) < policy.min_rows:
+        raise SpecError(
+            f"retrain.training_set.window_rows: a sliding window of {policy.window_rows:,} rows is smaller "
+            f"than the {policy.min_rows:,} rows a training set needs (min_rows): every run would fail as "
+            "dataset-too-small; keep at least min_rows rows",
+            field="retrain.training_set.window_rows",
+        )
     named = [(f"features.{i}.name", f.name) for i, f in enumerate(spec.features)]
     for field, name in [*named, ("target", spec.target)]:
         if len(name) > FEATURE_NAME_MAX_CHARS:

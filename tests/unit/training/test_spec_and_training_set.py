@@ -639,3 +639,19 @@ def test_a_base_file_with_more_columns_trains_like_one_with_only_the_specs(tmp_p
         results.append(result)
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["holdout"]["artifact"]["key"] == results[1]["holdout"]["artifact"]["key"]
+
+
+def test_a_sliding_window_smaller_than_the_rows_a_training_set_needs_is_refused() -> None:
+    # Every run kept the window's rows and then failed as dataset-too-small.
+    def with_window(rows: int) -> dict[str, object]:
+        retrain = {
+            "cooldown_seconds": 0,
+            "training_set": {"mode": "sliding-window", "window_rows": rows, "min_rows": 100},
+        }
+        return churn_spec_data(base_datasets=["churn-base"], retrain=retrain)
+
+    with pytest.raises(SpecError) as caught:
+        spec_from_data(with_window(99))
+    assert caught.value.field == "retrain.training_set.window_rows"
+    assert "99 rows is smaller than the 100 rows" in caught.value.message
+    assert spec_from_data(with_window(100)).retrain.training_set.window_rows == 100
