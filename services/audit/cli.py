@@ -149,8 +149,13 @@ def verify(
         elif report.ok:
             _console().print(
                 f"[green]OK[/green]: rows {report.from_seq}..{report.to_seq} chain ({report.mode}), "
-                f"{report.checkpoints_checked} signed checkpoints match, rows up to "
-                f"{report.covered_by_checkpoint} vouched for; {report.rows_per_s:,.0f} rows/s"
+                f"{report.checkpoints_checked} signed checkpoints match, "
+                + (
+                    f"rows up to {report.covered_by_checkpoint} vouched for"
+                    if report.covered_by_checkpoint
+                    else "no row vouched for by one yet"
+                )
+                + f"; {report.rows_per_s:,.0f} rows/s"
                 + ("" if report.seals_checked else " (no signing key here: seals not checked)")
             )
         else:

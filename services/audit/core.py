@@ -168,7 +168,8 @@ async def verify_trail(
         to_seq=upto,
         rows_checked=rows_checked,
         checkpoints_checked=verdict.checked,
-        covered_by_checkpoint=verdict.covered_up_to,
+        # What a checkpoint of the range vouches for: a range trusts the row before it, no checkpoint does.
+        covered_by_checkpoint=verdict.covered_up_to if verdict.covered_up_to > after else 0,
         head_hash=last_hash.hex() if last_hash is not None and finding is None else None,
         first_bad_seq=finding.seq if finding else None,
         problem=finding.problem.value if finding else None,

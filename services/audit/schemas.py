@@ -115,7 +115,9 @@ class VerifyPublic(BaseModel):
     to_seq: int = Field(description="Last row that should exist.")
     rows_checked: int = Field(description="Rows found good.")
     checkpoints_checked: int = Field(description="Signed checkpoints compared with the trail.")
-    covered_by_checkpoint: int = Field(description="Rows up to here are vouched for by a good checkpoint.")
+    covered_by_checkpoint: int = Field(
+        description="Rows up to here are vouched for by a good checkpoint of the range (0: none was)."
+    )
     head_hash: str | None = Field(description="Hash of the last row, when everything is good.")
     first_bad_seq: int | None = Field(description="The first sequence number found bad.")
     problem: str | None = Field(

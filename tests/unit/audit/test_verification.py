@@ -218,3 +218,13 @@ def test_checkpoint_signature_covers_every_field() -> None:
         {"signed_at": datetime.now(UTC)},
     ):
         assert KEYS.check(AuditCheckpoint.model_validate({**cp.model_dump(), **change})) is not None
+
+
+async def test_a_range_without_a_checkpoint_says_no_row_is_vouched_for() -> None:
+    # A range trusts the row before it; only a checkpoint vouches for rows, and 31..39 hold none. The report
+    # said "rows up to 30 vouched for" (the row before the range) though no checkpoint was checked.
+    trail = await filled()
+    report = await verify(trail, from_seq=31, to_seq=39)
+    assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (0, 0)
+    report = await verify(trail, from_seq=31, to_seq=45)
+    assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (1, 40)
