@@ -306,6 +306,41 @@ def _refuse_repeated_attributes(pairs: Iterable[tuple[str, bytes | None]]) -> No
         )
 
 
+def _is_attribute_header(name: str) -> bool:
+    """Whether a header carries a CloudEvents attribute (binary mode: ``ce_*``, and ``content-type``)."""
+    return name.startswith("ce_") or name == "content-type"
+
+
+def _text_headers(
+    value: bytes | None, pairs: Iterable[tuple[str, bytes | None]], max_bytes: int
+) -> tuple[int, dict[str, str], str | None]:
+    """``decode``'s header pass for a record with a header that is not UTF-8: (record_bytes, the text
+    headers, an attribute holding NUL). Only an attribute must be text; any other header may hold any bytes
+    (Kafka headers are bytes: a tracer's binary context, another framework's tag) and is left out."""
+    size = len(value) if value is not None else 0
+    hdr: dict[str, str] = {}
+    nul: str | None = None
+    binary: tuple[str, UnicodeDecodeError] | None = None
+    for k, v in pairs:
+        if v is None:
+            continue
+        size += len(k) + len(v)
+        try:
+            hdr[k] = v.decode()
+        except UnicodeDecodeError as exc:
+            if binary is None and _is_attribute_header(k):
+                binary = (k, exc)
+            continue
+        if b"\x00" in v and k in _ONE_EACH:
+            nul = k
+    # Too big is the more useful verdict, whatever the bytes are.
+    if size > max_bytes:
+        raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
+    if binary is not None:
+        raise MissingAttribute(f"header {binary[0]!r} is not UTF-8: {binary[1]}") from binary[1]
+    return size, hdr, nul
+
+
 def _event_time(raw: str) -> datetime:
     """``ce_time`` as an aware datetime; :class:`MalformedEvent` unless it is an RFC 3339 timestamp (date,
     time and UTC offset) that has a UTC form."""
@@ -392,12 +427,9 @@ class EventTypeRegistry:
                     hdr[k] = v.decode()
                     if b"\x00" in v and k in _ONE_EACH:
                         nul = k
-        except UnicodeDecodeError as exc:
-            # Too big is the more useful verdict, whatever the bytes are.
-            size = record_bytes(value, pairs)
-            if size > max_bytes:
-                raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}") from exc
-            raise MissingAttribute(f"a header is not UTF-8: {exc}") from exc
+        except UnicodeDecodeError:
+            size, hdr, nul = _text_headers(value, pairs, max_bytes)
+            present = sum(1 for _ in pairs)  # the loop above stopped short of counting them all
         if size > max_bytes:
             raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
         if present != len(hdr):

@@ -105,6 +105,22 @@ async def test_two_sources_may_use_one_event_id(bus: InMemoryBus) -> None:
     assert "source /team-a" in bus.dead_letters[0].error
 
 
+async def test_an_event_with_a_binary_header_of_its_own_is_handled(bus: InMemoryBus) -> None:
+    """Only the CloudEvents headers must be text: a non-UTF-8 trace context (a key that is not UTF-8 too)
+    beside them leaves the event as good as it was; a non-UTF-8 attribute is dead-lettered by name."""
+    seen: list[int] = []
+    bus.subscribe(counting_subscription(seen))
+    key, value, headers = thing(1).to_kafka()
+    bus.append_raw("test.things", b"\xff\xfe", value, [*headers, ("trace-bin", b"\x01\xff")])
+    key, value, headers = thing(2).to_kafka()
+    bus.append_raw("test.things", key, value, [*headers, ("ce_traceparent", b"\x01\xff")])
+    await bus.drain()
+    assert seen == [1]
+    [dead] = bus.dead_letters
+    assert dead.reason == "missing-attribute"
+    assert "'ce_traceparent' is not UTF-8" in dead.error
+
+
 @pytest.mark.parametrize("empty", ["ce_id", "ce_source"])
 async def test_an_event_without_an_id_or_source_is_dead_lettered(bus: InMemoryBus, empty: str) -> None:
     seen: list[int] = []

@@ -345,6 +345,42 @@ def test_a_header_that_is_not_utf8_is_refused() -> None:
         EVENT_TYPES.decode(value, headers)
 
 
+def test_a_binary_header_that_is_no_cloudevents_attribute_leaves_the_event_readable() -> None:
+    # Kafka headers are bytes: a tracer's binary context or another framework's tag is not ours to refuse.
+    value, headers = _valid_message()
+    pairs = [*headers.items(), ("x-trace-bin", b"\x00\xff\x10"), ("x-tag", None)]
+
+    event = EVENT_TYPES.decode(value, pairs)
+
+    assert event.id == headers["ce_id"].decode()
+    assert event.type == headers["ce_type"].decode()
+
+
+@pytest.mark.parametrize("header", ["ce_subject", "content-type", "ce_somextension"])
+def test_a_cloudevents_header_that_is_not_utf8_is_refused_by_name(header: str) -> None:
+    value, headers = _valid_message()
+    headers[header] = b"\xff\xfe"
+
+    with pytest.raises(MissingAttribute, match=f"header '{header}' is not UTF-8"):
+        EVENT_TYPES.decode(value, headers)
+
+
+def test_a_repeated_attribute_is_refused_beside_a_binary_header() -> None:
+    value, headers = _valid_message()
+    pairs = [("ce_id", b"other"), *headers.items(), ("x-trace-bin", b"\xff"), ("x-a", b"1"), ("x-b", b"2")]
+
+    with pytest.raises(MalformedEvent, match="'ce_id' appears 2 times"):
+        EVENT_TYPES.decode(value, pairs)
+
+
+def test_a_binary_header_still_counts_toward_the_size_limit() -> None:
+    value, headers = _valid_message()
+    pairs = [*headers.items(), ("x-blob", b"\xff" * 2000)]
+
+    with pytest.raises(OversizedEvent):
+        EVENT_TYPES.decode(value, pairs, max_bytes=len(value) + 1500)
+
+
 def test_another_cloudevents_spec_version_is_refused() -> None:
     value, headers = _valid_message()
     headers["ce_specversion"] = b"0.3"
