@@ -330,8 +330,21 @@ def cmd_test(args: argparse.Namespace) -> int:
                 if outcome is not None:
                     stop_platforms_left_behind(outcome.left_behind)
             finally:
-                if result is not None and result.started:
+                if result is not None and result.started and not _platform_uses_infrastructure():
                     infra.down(result.started)
+
+
+def _platform_uses_infrastructure() -> bool:
+    """Whether this checkout's platform runs (an `up` in another terminal may have started it on the
+    infrastructure a `test` started): then that infrastructure stays, and saying so is the way to learn it."""
+    pid = local_platform().supervisor_pid()
+    if pid is None:
+        return False
+    say(
+        f"leaving Kafka and Postgres running: this checkout's platform (supervisor pid {pid}) runs on "
+        "them; `driftloop down` stops both"
+    )
+    return True
 
 
 def stop_platforms_left_behind(pids: Sequence[int]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from deploy.cli import COMMANDS, LOCAL_PROFILE, build_parser, main, platform_env
 from deploy.local.broker import KafkaBroker
 from deploy.local.errors import PortTaken
 from deploy.local.infra import UpResult
+from deploy.local.interrupts import ChildOutcome
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Supervision
@@ -355,6 +356,42 @@ def test_up_that_gets_ready_leaves_everything_running(
 
     assert platform.running and platform.stops == 0
     assert infra.stopped == []
+
+
+def pytest_that_exits(monkeypatch: pytest.MonkeyPatch, code: int, meanwhile: Callable[[], object]) -> None:
+    """`driftloop test`'s pytest, as one that ends with ``code`` after ``meanwhile`` happened elsewhere."""
+
+    def run(command: list[str], **_: object) -> ChildOutcome:
+        meanwhile()
+        return ChildOutcome(code)
+
+    monkeypatch.setattr(cli, "run_to_completion", run)
+
+
+def test_a_test_run_stops_the_infrastructure_it_started(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_platform(monkeypatch, FakePlatform())
+    pytest_that_exits(monkeypatch, 3, lambda: None)
+
+    assert main(["test", "-q"]) == 3
+
+    assert infra.stopped == [("postgres", "kafka")]
+
+
+def test_a_test_run_leaves_the_infrastructure_to_a_platform_started_meanwhile(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `driftloop test` in one terminal started Kafka and Postgres; `driftloop up` in another found them
+    # running and started the services on them. The tests ending must not pull them from under it.
+    platform = use_platform(monkeypatch, FakePlatform())
+    pytest_that_exits(monkeypatch, 0, lambda: platform.start({}))
+
+    assert main(["test", "-q"]) == 0
+
+    assert infra.stopped == []
+    assert platform.running and platform.stops == 0
+    assert "this checkout's platform (supervisor pid 4242) runs on them" in capsys.readouterr().err
 
 
 def test_the_services_use_the_broker_and_database_infra_chose_over_a_dead_one_in_the_environment(

@@ -62,6 +62,9 @@ class FakePlatform:
     def wait_ready(self, timeout_s):
         return {"registry": "ready"}
 
+    def supervisor_pid(self):
+        return None
+
     def stop(self):
         note("platform stopping")
         time.sleep(float(os.environ.get("PLATFORM_STOP_S", "0")))
