@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ case "$1" in
     [ -e "$venv/pip" ] || { echo "No module named pip" >&2; exit 1; }
     cp "$FAKE_UV" "$venv/bin/uv"
     echo "installed uv" >>"$FAKE_LOG" ;;
-  *) echo "driftloop ran with $venv/bin/python: ${*:2}" ;;
+  *)
+    # The setup's lock must not reach the CLI: a long `driftloop test` would hold up every other run.
+    [ ! -e "/proc/$$/fd/9" ] || echo "the CLI holds the setup lock (fd 9)"
+    echo "driftloop ran with $venv/bin/python: ${*:2}" ;;
 esac
 """
 
@@ -51,7 +55,7 @@ UV = """#!/bin/bash
 venv="$(cd "$(dirname "$0")/.." && pwd)"
 case "$1 $2" in
   "--version ") exit 0 ;;
-  "pip sync") echo "synced" >>"$FAKE_LOG" ;;
+  "pip sync") sleep "${FAKE_SYNC_S:-0}"; echo "synced" >>"$FAKE_LOG" ;;
   "pip install")
     printf '#!%s\\n' "$venv/bin/python" >"$venv/bin/driftloop"
     chmod +x "$venv/bin/driftloop"
@@ -165,3 +169,25 @@ def test_a_changed_lock_is_synced_into_the_same_venv(checkout: Checkout) -> None
 
     assert synced.returncode == 0, synced.stderr
     assert checkout.did == ["synced", "installed driftloop"]
+
+
+def test_two_first_runs_at_once_make_the_venv_once_and_both_run(checkout: Checkout) -> None:
+    # Two terminals on a fresh checkout: the second must not find the first's setup unfinished and make
+    # .venv again under it.
+    checkout.log.write_text("")
+    command = [str(checkout.root / "deploy" / "local" / "driftloop"), "status"]
+    env = {**checkout.env, "FAKE_SYNC_S": "1.5"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "installed uv" not in checkout.log.read_text():  # the first is syncing the packages
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    outputs = [p.communicate(timeout=60) for p in (first, second)]
+
+    venv = checkout.root / ".venv"
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert [out for out, _ in outputs] == [f"driftloop ran with {venv}/bin/python: status\n"] * 2
+    assert checkout.did == [f"made a venv at {venv}", "installed uv", "synced", "installed driftloop"]
+    assert "waiting for another driftloop to finish setting up .venv" in outputs[1][1]
