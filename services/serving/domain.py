@@ -619,7 +619,9 @@ _UINT64_MAX = 2**64 - 1
 _NUMERIC_TENSOR = frozenset(
     {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
 )
-_CATEGORY_TENSOR = frozenset({"BYTES", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "BOOL"})
+_CATEGORY_TENSOR = frozenset(
+    {"BYTES", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
+)
 
 
 @dataclass(frozen=True)

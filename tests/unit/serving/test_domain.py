@@ -800,3 +800,16 @@ def test_a_body_nested_too_deeply_for_the_json_reader_is_invalid_input() -> None
     with pytest.raises(InvalidInput, match="nested too deeply") as err:
         domain.parse_json(b"[" * 5000 + b"]" * 5000)
     assert err.value.extra["reason"] == "too-deep"
+
+
+@pytest.mark.parametrize(
+    "datatype", ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]
+)
+def test_every_integer_datatype_carries_a_categorical_feature_with_integer_levels(datatype: str) -> None:
+    # A client sends a numpy column of small integer codes as it is typed, uint8 as often as int64.
+    signature = churn_signature()
+    plan = signature.features[-1].model_copy(update={"categories": [0, 1, 2]})
+    signature = signature.model_copy(update={"features": [*signature.features[:-1], plan]})
+    tensor: dict[str, object] = {"name": "plan", "shape": [2], "datatype": datatype, "data": [2, 7]}
+    columns = domain.columns_from_tensors(signature, domain.tensors_from_json(tensors(plan=tensor)))
+    assert columns.columns["plan"] == [2, 7] and columns.unseen == {"plan": 1}
