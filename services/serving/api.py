@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import FeatureType, Label, ModelName, ModelVersion, UtcDatetime, unstorable_text
+from contracts.common import (
+    FeatureType,
+    Label,
+    ModelName,
+    ModelVersion,
+    Task,
+    UtcDatetime,
+    unstorable_text,
+)
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
@@ -142,7 +150,10 @@ def _metadata(routing: ModelRouting, served: ServedModel) -> dict[str, Any]:
     outputs: list[dict[str, Any]] = [
         {
             "name": "predict",
-            "datatype": _datatype(list(served.classes or [])) if served.gives_probabilities else "FP64",
+            # The labels' type for a classifier (with or without predict_proba), numbers for a regressor.
+            "datatype": _datatype(served.classes)
+            if served.signature.task is Task.CLASSIFICATION and served.classes
+            else "FP64",
             "shape": [-1],
         }
     ]

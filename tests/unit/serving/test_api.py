@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from contracts.commands import PromoteRequested, RollbackRequested
+from contracts.common import Task
 from contracts.envelope import CloudEvent
 from contracts.feedback import GroundTruthReceived
 from contracts.predictions import Variant
@@ -1022,3 +1023,43 @@ async def test_a_lone_surrogate_in_a_name_is_refused_not_a_crash(
     r = await _json(service, path, body)
     assert r.status_code == 422, r.text
     assert "\\ud800" in r.json()["error"]
+
+
+class Regressor:
+    """A regression model: no classes, no probabilities."""
+
+    def predict(self, frame: Any) -> Any:
+        return np.full(len(frame), 2.5)
+
+
+class LabelsOnly:
+    """A classifier without predict_proba (an SVC trained without probability=True), labelled by text."""
+
+    classes_ = np.array(["stays", "churns"])
+
+    def predict(self, frame: Any) -> Any:
+        return np.array(["churns"] * len(frame), dtype=object)
+
+
+def without_probabilities(kind: str) -> ServedModel:
+    signature = churn_signature()
+    if kind == "regressor":
+        return ServedModel(
+            "churn",
+            1,
+            "01" * 32,
+            signature.model_copy(update={"task": Task.REGRESSION, "classes": None}),
+            Regressor(),
+        )
+    return ServedModel(
+        "churn", 1, "01" * 32, signature.model_copy(update={"classes": ["stays", "churns"]}), LabelsOnly()
+    )
+
+
+async def test_model_metadata_gives_the_datatype_the_predict_output_has(service: Service) -> None:
+    for model in (served(1), without_probabilities("regressor"), without_probabilities("classifier")):
+        service.route(model)
+        meta = (await service.client.get("/v2/models/churn", headers=PREDICT)).json()
+        answer = (await service.client.post("/v2/models/churn/infer", json=oip(), headers=PREDICT)).json()
+        declared = {o["name"]: o["datatype"] for o in meta["outputs"]}
+        assert {o["name"]: o["datatype"] for o in answer["outputs"]} == declared, (meta, answer)
