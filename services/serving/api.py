@@ -32,6 +32,7 @@ from contracts.common import (
 )
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
+from contracts.rollouts import RolloutMode
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
@@ -269,7 +270,10 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
     key = _text_member(params.get("entity_key"), "parameters.entity_key")
     tensors = tensors_from_json(body.get("inputs"))
     rows = tensor_rows(tensors)
-    wanted = _requested_outputs(body.get("outputs"))
+    outputs = body.get("outputs")
+    wanted = _requested_outputs(outputs)
+    if outputs is not None and "predict_proba" in wanted:
+        _check_probabilities_given(ctx.predictor.routing(name), version)
     result = ctx.predictor.predict(
         PredictRequest(
             model=name,
@@ -332,6 +336,31 @@ def _requested_outputs(outputs: Any) -> set[str]:
             )
         names.add(name)
     return names
+
+
+def _check_probabilities_given(routing: ModelRouting, version: int | None) -> None:
+    """Refuse ``predict_proba`` asked of a version that may answer and gives none (a regression model, a
+    classifier without ``predict_proba``): the protocol's requested outputs are outputs of the model, as its
+    metadata lists them, and an answer silently without one is one a client cannot tell from a broken one."""
+    if version is not None:
+        found = routing.by_version(version)
+        answering = [found[0]] if found is not None else []  # not serving: the predictor's 404
+    elif routing.stable is not None and routing.mode is RolloutMode.SHADOW:
+        answering = [routing.stable]  # the shadow candidate answers no client
+    else:
+        answering = [m for m in (routing.stable, routing.canary) if m is not None]
+    for served in answering:
+        if not served.gives_probabilities:
+            kind = (
+                "a regression model"
+                if served.signature.task is Task.REGRESSION
+                else "a classifier without predict_proba"
+            )
+            raise InvalidInput(
+                f"output 'predict_proba': model {routing.model!r} version {served.version} is {kind} and "
+                "gives no probabilities; its outputs: predict",
+                reason="unknown",
+            )
 
 
 def _infer_response(

@@ -1056,6 +1056,24 @@ def without_probabilities(kind: str) -> ServedModel:
     )
 
 
+@pytest.mark.parametrize("kind", ["regressor", "classifier without predict_proba"])
+async def test_predict_proba_asked_of_a_version_that_gives_none_is_a_422_naming_it(
+    service: Service, kind: str
+) -> None:
+    service.route(without_probabilities(kind))
+    # The protocol's requested outputs are outputs of the model (its metadata lists only predict): a 200
+    # with the asked output silently left out is an answer a client cannot tell from a broken one.
+    for path in ("/v2/models/churn/infer", "/v2/models/churn/versions/1/infer"):
+        body = oip(outputs=[{"name": "predict"}, {"name": "predict_proba"}])
+        r = await service.client.post(path, json=body, headers=PREDICT)
+        assert r.status_code == 422, r.text
+        assert r.json()["reason"] == "unknown" and "predict_proba" in r.json()["error"], r.text
+        assert "version 1" in r.json()["error"] and "outputs: predict" in r.json()["error"], r.text
+    assert service.log.items == []
+    r = await service.client.post("/v2/models/churn/infer", json=oip(), headers=PREDICT)
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["predict"], r.text
+
+
 async def test_model_metadata_gives_the_datatype_the_predict_output_has(service: Service) -> None:
     for model in (served(1), without_probabilities("regressor"), without_probabilities("classifier")):
         service.route(model)
