@@ -142,8 +142,12 @@ def _feature_datatype(served: ServedModel, name: str) -> str:
     spec = next(f for f in served.signature.features if f.name == name)
     if spec.type is FeatureType.NUMERIC:
         return "FP64"
-    if spec.categories and all(type(c) is int for c in spec.categories):
+    # The levels' one type (docs/serving.md, "Categories"): a category is sent as a value of that type.
+    kinds = set(map(type, spec.categories or ()))
+    if kinds == {int}:
         return "INT64"
+    if kinds == {bool}:
+        return "BOOL"
     return "BYTES"
 
 

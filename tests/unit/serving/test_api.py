@@ -1081,3 +1081,18 @@ async def test_model_metadata_gives_the_datatype_the_predict_output_has(service:
         answer = (await service.client.post("/v2/models/churn/infer", json=oip(), headers=PREDICT)).json()
         declared = {o["name"]: o["datatype"] for o in meta["outputs"]}
         assert {o["name"]: o["datatype"] for o in answer["outputs"]} == declared, (meta, answer)
+
+
+@pytest.mark.parametrize("levels", ["text", "integers", "booleans"])
+async def test_model_metadata_gives_each_input_a_datatype_that_carries_its_levels(
+    service: Service, levels: str
+) -> None:
+    # A client builds its tensors from the metadata: the datatype it declares must take the feature's levels.
+    model = trained(levels)
+    service.route(model)
+    meta = (await service.client.get("/v2/models/churn", headers=PREDICT)).json()
+    declared = {i["name"]: i["datatype"] for i in meta["inputs"]}
+    known = model.signature.features[-1].categories or []
+    body = oip_body(len(known), list(known), declared["plan"])
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 200, (declared, r.text)
