@@ -51,7 +51,21 @@ class PredictAnswer(BaseModel):
     predictions: list[Prediction] = Field(description="One per record, in order.")
 
 
-Datatype = Literal["BOOL", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+Datatype = Literal[
+    "BOOL",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
 
 
 class InferInput(BaseModel):
