@@ -349,10 +349,12 @@ def _check_probabilities_given(routing: ModelRouting, version: int | None) -> No
     if version is not None:
         found = routing.by_version(version)
         answering = [found[0]] if found is not None else []  # not serving: the predictor's 404
-    elif routing.stable is not None and routing.mode is RolloutMode.SHADOW:
-        answering = [routing.stable]  # the shadow candidate answers no client
+    elif routing.stable is None:
+        answering = [routing.canary] if routing.canary is not None else []
+    elif routing.canary is None or routing.mode is RolloutMode.SHADOW or routing.weight <= 0:
+        answering = [routing.stable]  # a shadow candidate, or one at weight 0, answers no client
     else:
-        answering = [m for m in (routing.stable, routing.canary) if m is not None]
+        answering = [routing.stable, routing.canary]
     for served in answering:
         if not served.gives_probabilities:
             kind = (

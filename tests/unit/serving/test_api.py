@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -1124,3 +1124,17 @@ async def test_the_openapi_document_allows_every_datatype_the_infer_route_takes(
     r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
     assert r.status_code == 200, r.text
     schemas.InferBody.model_validate(body)
+
+
+async def test_predict_proba_is_refused_only_when_a_version_that_answers_clients_gives_none(
+    service: Service,
+) -> None:
+    canary = replace(without_probabilities("classifier"), version=2)
+    asked = oip(outputs=[{"name": "predict_proba"}])
+    service.route(served(1), canary, weight=0.5)
+    r = await service.client.post("/v2/models/churn/infer", json=asked, headers=PREDICT)
+    assert r.status_code == 422 and "version 2" in r.json()["error"], r.text
+    for mode in (RolloutMode.SHADOW, RolloutMode.CANARY):
+        service.route(served(1), canary, weight=0.0 if mode is RolloutMode.CANARY else 0.5, mode=mode)
+        r = await service.client.post("/v2/models/churn/infer", json=asked, headers=PREDICT)
+        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "predict_proba", r.text
