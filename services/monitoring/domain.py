@@ -1109,8 +1109,11 @@ class LabelledRow:
     late: bool
 
 
-def _same_label(a: Any, b: Any) -> bool:
-    return str(a) == str(b)
+def same_label(a: Any, b: Any) -> bool:
+    """Whether a prediction and a label (or the positive class) name the same class: alike as text ("1" is
+    1, as before), or as categories are counted (:func:`~libs.profiles.category_key`): JSON has one kind of
+    number, so a label of 1.0 (a pandas column of integer codes with a gap sends it) is the class 1."""
+    return str(a) == str(b) or category_key(a) == category_key(b)
 
 
 def regression_value(value: Any) -> float | None:
@@ -1189,11 +1192,11 @@ def performance_metrics(
         if not pred.size:
             return {}
         return _error_metrics(absolute_errors(pred, truth))
-    correct_ = np.array([_same_label(r.prediction, r.label) for r in rows])
+    correct_ = np.array([same_label(r.prediction, r.label) for r in rows])
     out = {"accuracy": float(correct_.mean())}
     if positive_class is not None:
-        pred_pos = np.array([str(r.prediction) == positive_class for r in rows])
-        true_pos = np.array([str(r.label) == positive_class for r in rows])
+        pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows])
+        true_pos = np.array([same_label(r.label, positive_class) for r in rows])
         tp = float(np.sum(pred_pos & true_pos))
         denom = float(pred_pos.sum() + true_pos.sum())
         out["f1"] = 2 * tp / denom if denom else 0.0
@@ -1279,11 +1282,11 @@ def metric_standard_errors(
     if n < 2:
         return {}
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    correct = np.array([_same_label(r.prediction, r.label) for r in rows])[idx]
+    correct = np.array([same_label(r.prediction, r.label) for r in rows])[idx]
     out = {"accuracy": float(correct.mean(axis=1).std())}
     if positive_class is not None:
-        pred_pos = np.array([str(r.prediction) == positive_class for r in rows])[idx]
-        true_pos = np.array([str(r.label) == positive_class for r in rows])
+        pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows])[idx]
+        true_pos = np.array([same_label(r.label, positive_class) for r in rows])
         tp = (pred_pos & true_pos[idx]).sum(axis=1)
         denom = pred_pos.sum(axis=1) + true_pos[idx].sum(axis=1)
         out["f1"] = float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).std())

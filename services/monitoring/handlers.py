@@ -60,6 +60,7 @@ from services.monitoring.domain import (
     quality_issues,
     regression_pairs,
     regression_value,
+    same_label,
     shown_name,
     unscorable,
 )
@@ -885,8 +886,8 @@ async def _labelled_comparison(
         out.stable_n, out.canary_n = stable_pred.size, canary_pred.size
         out.unscorable = len(stable) + len(canary) - out.stable_n - out.canary_n
     else:
-        out.stable_correct = sum(str(p) == str(y) for p, y, _ in stable)
-        out.canary_correct = sum(str(p) == str(y) for p, y, _ in canary)
+        out.stable_correct = sum(same_label(p, y) for p, y, _ in stable)
+        out.canary_correct = sum(same_label(p, y) for p, y, _ in canary)
     return out
 
 

@@ -357,6 +357,29 @@ async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_labe
     assert after == before + 2  # one on each side
 
 
+async def test_a_canary_whose_labels_come_as_numbers_with_no_fraction_is_judged_on_its_classes() -> None:
+    class Labelled(Store):
+        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+            # Every prediction right on both sides; the canary's labels come from a client that sends the
+            # class 1 as 1.0 (a pandas column of integer codes with a gap).
+            rows: list[tuple[Any, Any, None]] = [(i % 2, i % 2, None) for i in range(150)]
+            return [(p, float(y), None) for p, y, _ in rows] if version == 2 else rows
+
+    step = watched(started_at=0.0)
+    monitor, store, published = monitor_watching(step), Labelled([step]), []
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    monitor.live.steps["r-1"].canary.rows = 500
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    [event] = published
+    accuracy = next(c for c in event.data.evidence if c.name == "accuracy")
+    assert (accuracy.stable_value, accuracy.canary_value, accuracy.passed) == (1.0, 1.0, True)
+    assert event.data.verdict is not Verdict.UNHEALTHY
+
+
 def watched_rollout(rollout_id: str, model: str, started_at: float = 0.0) -> StoredStep:
     step = watched(started_at)
     step.rollout_id, step.model, step.cause_id = rollout_id, model, f"started-{rollout_id}"

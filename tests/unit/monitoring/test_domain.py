@@ -522,6 +522,29 @@ def test_performance_metrics_and_degradation_against_the_baseline() -> None:
     assert [d.metric for d in found] == ["accuracy"]
 
 
+def test_a_label_sent_as_a_number_with_no_fraction_is_the_integer_class_it_names() -> None:
+    # JSON has one kind of number: a pandas column of integer codes with a gap sends 1.0 for the class 1.
+    rows = [LabelledRow(1, 0.9, 1.0, False)] * 60 + [LabelledRow(0, 0.2, 0.0, False)] * 40
+    as_integers = [LabelledRow(r.prediction, r.score, int(r.label), False) for r in rows]
+
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+
+    assert metrics == performance_metrics(as_integers, Task.CLASSIFICATION, "1")
+    assert (metrics["accuracy"], metrics["f1"]) == (1.0, 1.0)
+    assert degradations(metrics, {"accuracy": 0.85, "f1": 0.8}, 0.05) == []
+    assert metric_standard_errors(rows, Task.CLASSIFICATION, "1", seed=2) == metric_standard_errors(
+        as_integers, Task.CLASSIFICATION, "1", seed=2
+    )
+    # Text still names the class its text reads (as before), a boolean stays apart from 1, and a fraction is
+    # no integer class.
+    others = [
+        LabelledRow(1, None, "1", False),
+        LabelledRow(1, None, True, False),
+        LabelledRow(1, None, 1.5, False),
+    ]
+    assert performance_metrics(others, Task.CLASSIFICATION, "1")["accuracy"] == pytest.approx(1 / 3)
+
+
 def test_regression_metrics_leave_out_rows_whose_prediction_or_label_is_no_number() -> None:
     good = [LabelledRow(float(i), None, float(i) + (0.5 if i % 2 else -1.5), False) for i in range(20)]
     bad = [
