@@ -743,6 +743,24 @@ def test_columns_are_the_same_whether_every_row_has_every_feature_or_not(n_numer
     assert partial.categorical["plan"][:7] == complete.categorical["plan"][:7]
 
 
+def test_text_reading_as_infinity_in_a_numeric_feature_is_a_type_mismatch_not_drift() -> None:
+    # Serving refuses text in a numeric feature; a log written otherwise can hold it, and numpy reads "inf"
+    # as infinity: 1% of such rows measured an infinite Wasserstein distance, and x0 drifted.
+    ref = reference()
+    reqs = requests(2_000, seed=4)
+    rows = [r for p, _, _ in reqs for r in p.rows]
+    for i, text in enumerate(["inf", "-Infinity", "1e999", "INF"] * 5):
+        rows[40 * i + 3].inputs["x0"] = text
+
+    judgement = judge_window(ref, closed_window(ref, reqs, 2_000), DriftPolicy())
+
+    x0 = next(r for r in judgement.features if r.name == "x0")
+    assert x0.test is DriftTest.WASSERSTEIN and math.isfinite(x0.statistic)
+    assert not x0.drifted and x0.n_current == 1_980
+    [mismatch] = [q for q in judgement.quality if q.kind == "type-mismatch"]
+    assert (mismatch.feature, mismatch.count) == ("x0", 20)
+
+
 # --- ingestion from columns (monitoring's reader, contracts.predictions.read_prediction_columns) ------------
 
 
