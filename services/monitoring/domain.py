@@ -63,8 +63,12 @@ class DriftPolicy(PolicyContract):
     logic that reads it."""
 
     def threshold_for(self, feature: str, test: DriftTest) -> float:
-        """The threshold a feature is judged with."""
-        if feature in self.feature_thresholds:
+        """The threshold a feature is judged with by ``test``."""
+        named = self.feature_tests.get(feature)
+        # A feature's threshold is given for the test its policy names (validated for it): when the feature
+        # cannot take that test (a distance of 2.0 for `wasserstein` on a categorical feature, judged by
+        # chi-square instead), it is no threshold of the test chosen (an α of 2.0: drift in every window).
+        if feature in self.feature_thresholds and (named is None or named is test):
             return self.feature_thresholds[feature]
         return {
             DriftTest.KS: self.alpha,

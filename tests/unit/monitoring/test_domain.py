@@ -145,6 +145,28 @@ def test_same_distribution_gives_no_drift_at_the_chosen_level() -> None:
     assert not any(r.drifted for r in judgement.features)
 
 
+def test_a_features_threshold_for_a_test_it_cannot_take_is_not_used_for_the_test_chosen() -> None:
+    # The policy names a test the feature cannot take and a threshold valid for that test: the feature is
+    # judged by the automatic test, at that test's policy threshold (a distance of 2.0 as chi-square's α was
+    # drift in every window, and an α of 0.5 as KS's made it ten times as quick to alarm).
+    ref = reference()
+    window = closed_window(ref, requests(500, seed=1), 500)
+    policy = DriftPolicy(
+        feature_tests={"plan": DriftTest.WASSERSTEIN, "x0": DriftTest.CHI2, "x1": DriftTest.KS},
+        feature_thresholds={"plan": 2.0, "x0": 0.5, "x1": 0.2},
+    )
+
+    judged = {r.name: r for r in judge_window(ref, window, policy).features}
+
+    assert (judged["plan"].test, judged["plan"].threshold) == (DriftTest.CHI2, 0.05)
+    assert (judged["x0"].test, judged["x0"].threshold) == (DriftTest.KS, 0.05)
+    assert (judged["x1"].test, judged["x1"].threshold) == (DriftTest.KS, 0.2)  # the test it names: its own
+    assert not any(r.drifted for r in judged.values())
+    # Without a test named, the feature's threshold is the automatic test's, as documented.
+    plain = DriftPolicy(feature_thresholds={"plan": 0.2})
+    assert next(r for r in judge_window(ref, window, plain).features if r.name == "plan").threshold == 0.2
+
+
 def test_shifted_mean_is_found_by_ks_in_a_small_window() -> None:
     ref = reference()
     judgement = judge_window(ref, closed_window(ref, requests(500, seed=2, shift=0.5), 500), DriftPolicy())
