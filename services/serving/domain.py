@@ -1040,7 +1040,12 @@ def tensor_rows(tensors: Sequence[Tensor]) -> int:
     rows: int | None = None
     for t in tensors:
         if len(t.shape) == 0 or len(t.shape) > 2 or (len(t.shape) == 2 and t.shape[1] != 1):
-            raise _bad_tensor(t.name, "wrong-shape", f"shape {t.shape}: one value per row, [n] or [n, 1]")
+            raise _bad_tensor(
+                t.name,
+                "wrong-shape",
+                f"shape {t.shape}: one value per row, [n] or [n, 1]; send one input tensor per feature, "
+                "named as the feature (GET /v2/models/{name} lists them)",
+            )
         if len(t.data) != t.shape[0]:
             raise _bad_tensor(t.name, "wrong-shape", f"shape {t.shape} but {len(t.data)} values")
         if rows is None:

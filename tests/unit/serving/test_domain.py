@@ -518,6 +518,21 @@ def test_bad_tensors_are_refused(override: dict[str, dict[str, object]], reason:
     assert err.value.extra["reason"] == reason
 
 
+def test_one_tensor_of_every_feature_is_refused_saying_one_tensor_per_feature() -> None:
+    # What KServe's sklearn examples send: one [n, features] tensor. Its error said only "one value per row",
+    # and the client learnt of the one-tensor-per-feature rule at its second try.
+    matrix = {
+        "name": "input-0",
+        "shape": [2, 3],
+        "datatype": "FP64",
+        "data": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]],
+    }
+    with pytest.raises(InvalidInput) as err:
+        domain.tensor_rows(domain.tensors_from_json([matrix]))
+    assert err.value.extra["reason"] == "wrong-shape"
+    assert "one input tensor per feature" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "pid",
     [
