@@ -141,10 +141,11 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
                 "drifted_features": r["drifted_features"],
                 "alerted": r["alerted"],
             }
-    unknown = [{"model": m, "version": v, "rows_skipped": n} for (m, v), n in sorted(live.unknown.items())]
+    unknown, skipped = live.skipped_rows()
     return {
         "models": models,
         "unknown": unknown,
+        "skipped_before_registration": skipped,
         "windows_waiting_for_judgement": len(live.closed),
         "cached_predictions": live.cache.rows,
         "labels_waiting_for_prediction": len(live.pending_labels),

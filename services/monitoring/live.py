@@ -403,6 +403,16 @@ class LiveState:
         hold(self.cache.first_offsets())
         return holds
 
+    def skipped_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The rows skipped for want of a registered version (``unknown``), as ``/v1/status`` shows them: of
+        versions still unknown, and of versions registered since (whose earlier rows stay skipped)."""
+        unknown: list[dict[str, Any]] = []
+        registered_since: list[dict[str, Any]] = []
+        for (model, version), rows in sorted(self.unknown.items()):
+            entry = {"model": model, "version": version, "rows_skipped": rows}
+            (registered_since if (model, version) in self.references else unknown).append(entry)
+        return unknown, registered_since
+
     def unknown_models_to_log(self, keys: Iterable[ModelKey]) -> list[str]:
         """Models not logged yet as unknown: one log line per model, not per message."""
         out = []

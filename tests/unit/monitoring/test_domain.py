@@ -526,6 +526,15 @@ def test_unknown_model_rows_are_counted_and_logged_once_per_model() -> None:
     assert state.unknown_models_to_log(second.newly_unknown) == []
 
 
+def test_rows_skipped_before_a_version_registered_are_not_listed_as_of_an_unknown_version() -> None:
+    # /v1/status listed the version as unknown until a restart, though it had registered since.
+    state = live()
+    state.ingest(requests(200, seed=8), arrival=0.0)
+    assert state.skipped_rows() == ([{"model": "churn", "version": 1, "rows_skipped": 200}], [])
+    state.add_reference(reference())
+    assert state.skipped_rows() == ([], [{"model": "churn", "version": 1, "rows_skipped": 200}])
+
+
 def test_label_cache_returns_the_prediction_with_its_inputs() -> None:
     ref = reference()
     state = live()
