@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import numpy as np
 import pandas as pd
@@ -166,6 +167,20 @@ async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
         proc.terminate()
         proc.wait(30)
         await publisher.stop()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a schema of its own with monitoring's migrations applied, dropped afterwards."""
+    schema = unique("t_mon")
+    migrated = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(migrated, schema, MIGRATIONS)
+        yield migrated
+    finally:
+        async with migrated.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await migrated.close()
 
 
 async def _ready(port: int) -> bool:
@@ -474,167 +489,135 @@ async def test_a_policy_change_is_published_for_the_audit_and_reaches_every_repl
     await eventually(in_force, deadline_s=20)
 
 
-async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_character(database_url: str) -> None:
-    schema = unique("t_mon_nul")
-    pool = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(pool, schema, MIGRATIONS)
-        monitor = make_monitor(
-            MonitoringSettings(window_rows=500, min_window_rows=10), artifacts=None, source="/t"
+async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_character(
+    pool: asyncpg.Pool,
+) -> None:
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=500, min_window_rows=10), artifacts=None, source="/t"
+    )
+    monitor.live.add_reference(reference())
+    reqs = request_batches(500, seed=1)
+    for row in reqs[0][0].rows:  # valid JSON ("basic\u0000"), which jsonb cannot hold
+        row.inputs["plan"] = "basic\x00"
+    monitor.live.ingest(reqs, arrival=0.0)
+    [window] = monitor.live.closed
+    at = datetime.now(UTC)
+    joined = LabelledRecord(
+        "p-nul",
+        "churn",
+        1,
+        "stable",
+        None,
+        at,
+        "yes\x00",
+        0.7,
+        "no\x00",
+        at,
+        False,
+        {"plan": "basic\x00"},
+    )
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish)
+        assert await store.add_labelled([joined]) == []  # new: nothing corrected
+        await store.add_pending([PendingLabel("p-waiting", "churn", "no\x00", at)])
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        [report] = await store.latest_reports("churn", 1)
+        plan = next(f for f in report["features"] if f["feature"] == "plan")
+        assert "basic\ufffd" in plan["histogram"]["labels"]
+        [stored] = await store.recent_labelled("churn", 1)
+        assert (stored.prediction, stored.label, stored.inputs) == (
+            "yes\ufffd",
+            "no\ufffd",
+            {"plan": "basic\ufffd"},
         )
-        monitor.live.add_reference(reference())
-        reqs = request_batches(500, seed=1)
-        for row in reqs[0][0].rows:  # valid JSON ("basic\u0000"), which jsonb cannot hold
-            row.inputs["plan"] = "basic\x00"
-        monitor.live.ingest(reqs, arrival=0.0)
-        [window] = monitor.live.closed
-        at = datetime.now(UTC)
-        joined = LabelledRecord(
-            "p-nul",
-            "churn",
-            1,
-            "stable",
-            None,
-            at,
-            "yes\x00",
-            0.7,
-            "no\x00",
-            at,
-            False,
-            {"plan": "basic\x00"},
-        )
-        published: list[CloudEvent[Any]] = []
-
-        async def publish(event: CloudEvent[Any]) -> None:
-            published.append(event)
-
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish)
-            assert await store.add_labelled([joined]) == []  # new: nothing corrected
-            await store.add_pending([PendingLabel("p-waiting", "churn", "no\x00", at)])
-
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            [report] = await store.latest_reports("churn", 1)
-            plan = next(f for f in report["features"] if f["feature"] == "plan")
-            assert "basic\ufffd" in plan["histogram"]["labels"]
-            [stored] = await store.recent_labelled("churn", 1)
-            assert (stored.prediction, stored.label, stored.inputs) == (
-                "yes\ufffd",
-                "no\ufffd",
-                {"plan": "basic\ufffd"},
-            )
-            assert (
-                await store.take_pending(["p-waiting"], ["fraud"]) == []
-            )  # not for another model's prediction
-            [waiting] = await store.take_pending(["p-waiting"], ["churn"])
-            assert waiting.label == "no\ufffd"
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await pool.close()
+        assert await store.take_pending(["p-waiting"], ["fraud"]) == []  # not for another model's prediction
+        [waiting] = await store.take_pending(["p-waiting"], ["churn"])
+        assert waiting.label == "no\ufffd"
 
 
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(
-    database_url: str,
+    pool: asyncpg.Pool,
 ) -> None:
-    schema = unique("t_mon_pending")
-    pool = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(pool, schema, MIGRATIONS)
-        at = datetime.now(UTC)
-        async with pool.acquire() as conn, conn.transaction():
-            await PgMonitoringStore(conn).add_pending([PendingLabel("p-expired", "churn", 0, at)])
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            assert await store.expire_pending(at + timedelta(hours=1)) == [("p-expired", "churn")]
-            await store.add_pending([PendingLabel("p-waiting", "churn", 0, at)])
+    at = datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        await PgMonitoringStore(conn).add_pending([PendingLabel("p-expired", "churn", 0, at)])
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.expire_pending(at + timedelta(hours=1)) == [("p-expired", "churn")]
+        await store.add_pending([PendingLabel("p-waiting", "churn", 0, at)])
 
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            # Sent again (twice in one poll: the last counts), corrected, and one naming another model.
-            await store.add_pending(
-                [
-                    PendingLabel("p-expired", "churn", 1, at),
-                    PendingLabel("p-expired", "churn", 2, at),
-                    PendingLabel("p-waiting", "fraud", 5, at),
-                    PendingLabel("p-waiting", "churn", 1, at),
-                ]
-            )
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        # Sent again (twice in one poll: the last counts), corrected, and one naming another model.
+        await store.add_pending(
+            [
+                PendingLabel("p-expired", "churn", 1, at),
+                PendingLabel("p-expired", "churn", 2, at),
+                PendingLabel("p-waiting", "fraud", 5, at),
+                PendingLabel("p-waiting", "churn", 1, at),
+            ]
+        )
 
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            assert await store.pending_labels() == {
-                ("p-expired", "churn"),
-                ("p-waiting", "churn"),
-                ("p-waiting", "fraud"),
-            }
-            assert await store.expire_pending(at - timedelta(minutes=1)) == []  # each waits its own time
-            taken = await store.take_pending(["p-expired", "p-waiting"], ["churn", "churn"])
-            assert sorted((t.prediction_id, t.label) for t in taken) == [("p-expired", 2), ("p-waiting", 1)]
-            assert all(t.received_at is not None and t.received_at >= at for t in taken)
-            assert await store.pending_labels() == {("p-waiting", "fraud")}
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await pool.close()
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.pending_labels() == {
+            ("p-expired", "churn"),
+            ("p-waiting", "churn"),
+            ("p-waiting", "fraud"),
+        }
+        assert await store.expire_pending(at - timedelta(minutes=1)) == []  # each waits its own time
+        taken = await store.take_pending(["p-expired", "p-waiting"], ["churn", "churn"])
+        assert sorted((t.prediction_id, t.label) for t in taken) == [("p-expired", 2), ("p-waiting", 1)]
+        assert all(t.received_at is not None and t.received_at >= at for t in taken)
+        assert await store.pending_labels() == {("p-waiting", "fraud")}
 
 
 async def test_a_later_different_label_corrects_a_joined_one_and_an_earlier_one_does_not(
-    database_url: str,
+    pool: asyncpg.Pool,
 ) -> None:
-    schema = unique("t_mon_correct")
-    pool = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(pool, schema, MIGRATIONS)
-        at = datetime.now(UTC)
+    at = datetime.now(UTC)
 
-        def joined(label: Any, received_at: datetime | None = None) -> LabelledRecord:
-            return LabelledRecord(
-                "p-1", "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}, received_at
-            )
-
-        async with pool.acquire() as conn, conn.transaction():
-            assert await PgMonitoringStore(conn).add_labelled([joined(0)]) == []
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            assert await store.add_labelled([joined(0)]) == []  # the same label again: nothing changes
-            assert await store.add_labelled([joined(1)]) == ["p-1"]  # a correction
-        async with pool.acquire() as conn, conn.transaction():
-            # A waiting label received before the correction, joined after it, does not undo it.
-            store = PgMonitoringStore(conn)
-            assert await store.add_labelled([joined(0, at - timedelta(minutes=1))]) == []
-            [stored] = await store.recent_labelled("churn", 1)
-            assert stored.label == 1 and stored.late is False
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await pool.close()
-
-
-async def test_labels_received_lately_are_found_by_model_and_time(database_url: str) -> None:
-    # What a canary step asks before judging without labels: whether the model's labels are coming.
-    schema = unique("t_mon_recent")
-    pool = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(pool, schema, MIGRATIONS)
-        at = datetime.now(UTC)
-        joined = LabelledRecord(
-            "p-1", "churn", 1, "stable", None, at, "yes", 0.7, "no", at, False, {}, received_at=at
+    def joined(label: Any, received_at: datetime | None = None) -> LabelledRecord:
+        return LabelledRecord(
+            "p-1", "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}, received_at
         )
-        async with pool.acquire() as conn, conn.transaction():
-            store = PgMonitoringStore(conn)
-            assert not await store.labels_received_since("churn", at - timedelta(seconds=60))
-            await store.add_labelled([joined])
-            assert await store.labels_received_since("churn", at - timedelta(seconds=60))
-            assert await store.labels_received_since("churn", at)
-            assert not await store.labels_received_since("churn", at + timedelta(seconds=1))
-            assert not await store.labels_received_since("fraud", at - timedelta(seconds=60))
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await pool.close()
+
+    async with pool.acquire() as conn, conn.transaction():
+        assert await PgMonitoringStore(conn).add_labelled([joined(0)]) == []
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined(0)]) == []  # the same label again: nothing changes
+        assert await store.add_labelled([joined(1)]) == ["p-1"]  # a correction
+    async with pool.acquire() as conn, conn.transaction():
+        # A waiting label received before the correction, joined after it, does not undo it.
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined(0, at - timedelta(minutes=1))]) == []
+        [stored] = await store.recent_labelled("churn", 1)
+        assert stored.label == 1 and stored.late is False
+
+
+async def test_labels_received_lately_are_found_by_model_and_time(pool: asyncpg.Pool) -> None:
+    # What a canary step asks before judging without labels: whether the model's labels are coming.
+    at = datetime.now(UTC)
+    joined = LabelledRecord(
+        "p-1", "churn", 1, "stable", None, at, "yes", 0.7, "no", at, False, {}, received_at=at
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert not await store.labels_received_since("churn", at - timedelta(seconds=60))
+        await store.add_labelled([joined])
+        assert await store.labels_received_since("churn", at - timedelta(seconds=60))
+        assert await store.labels_received_since("churn", at)
+        assert not await store.labels_received_since("churn", at + timedelta(seconds=1))
+        assert not await store.labels_received_since("fraud", at - timedelta(seconds=60))
 
 
 async def test_a_steps_learned_at_is_stored_and_read_back_and_a_row_from_before_it_reads_none(
