@@ -23,13 +23,13 @@ import argparse
 import asyncio
 import hashlib
 import os
-import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from bench.bus import print_per_event
 from deploy.local.postgres import drop_schemas
 from libs.bus.core import InboxEntry
 from libs.bus.postgres import PgTransaction, bus_migrations
@@ -150,18 +150,7 @@ async def main(rows: int, rounds: int, legacy_rows: int) -> None:
             await pool.close()
         drop_schemas(DATABASE, lambda schema: schema.startswith("bench_inbox_") and schema.endswith(RUN))
 
-    def per_event(name: str) -> list[float]:
-        return sorted(s / rows * 1e6 for s in seconds[name][WARM_UP_ROUNDS:])
-
-    base = statistics.median(per_event("raw"))
-    print(
-        f"inbox claim, {rows:,} events per transaction, {rounds - WARM_UP_ROUNDS} rounds each (µs per event)"
-    )
-    for name in pools:
-        us = per_event(name)
-        p10, p90 = us[len(us) // 10], us[len(us) * 9 // 10]
-        median = statistics.median(us)
-        print(f"  {name:<40} {median:6.2f}  ({p10:.2f}–{p90:.2f})   {median / base:4.2f}× raw")
+    print_per_event("inbox claim", seconds, rows, warm_up=WARM_UP_ROUNDS, width=40)
 
 
 if __name__ == "__main__":

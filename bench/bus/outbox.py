@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from bench.bus import print_per_event
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from deploy.local.postgres import drop_schemas
@@ -127,19 +127,7 @@ async def main(sizes: list[int], rounds: int) -> None:
             await apply_migrations(pools[name], schema, bus_migrations())
         for n in sizes:
             seconds = await measure(n, rounds, pools)
-
-            def per_event(name: str, n: int = n, seconds: dict[str, list[float]] = seconds) -> list[float]:
-                return sorted(s / n * 1e6 for s in seconds[name][WARM_UP_ROUNDS:])
-
-            base = statistics.median(per_event("raw"))
-            print(
-                f"outbox, {n:,} events per transaction, {rounds - WARM_UP_ROUNDS} rounds each (µs per event)"
-            )
-            for name in seconds:
-                us = per_event(name)
-                p10, p90 = us[len(us) // 10], us[len(us) * 9 // 10]
-                median = statistics.median(us)
-                print(f"  {name:<12} {median:8.1f}  ({p10:.1f}–{p90:.1f})   {median / base:5.2f}× raw")
+            print_per_event("outbox", seconds, n, warm_up=WARM_UP_ROUNDS)
     finally:
         for pool in pools.values():
             await pool.close()
