@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 
 # The interpreter DRIFTLOOP_PYTHON names: answers the version check, and makes a venv whose python is
@@ -178,10 +178,12 @@ def test_two_first_runs_at_once_make_the_venv_once_and_both_run(checkout: Checko
     command = [str(checkout.root / "deploy" / "local" / "driftloop"), "status"]
     env = {**checkout.env, "FAKE_SYNC_S": "1.5"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while "installed uv" not in checkout.log.read_text():  # the first is syncing the packages
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.05)
+    syncing = wait_until(  # the first is syncing the packages
+        lambda: "installed uv" in checkout.log.read_text() or first.poll() is not None,
+        timeout_s=30,
+        interval_s=0.05,
+    )
+    assert syncing and first.poll() is None, first.communicate()
     second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     outputs = [p.communicate(timeout=60) for p in (first, second)]
