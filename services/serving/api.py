@@ -32,13 +32,13 @@ from contracts.common import (
 )
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
-from contracts.rollouts import RolloutMode
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 from libs.http import Text, error_body, json_body
 from services.serving.domain import (
     ModelRoute,
+    answering_variants,
     check_entity_keys,
     columns_from_records,
     columns_from_tensors,
@@ -346,17 +346,14 @@ def _check_probabilities_given(routing: ModelRouting, version: int | None) -> No
     """Refuse ``predict_proba`` asked of a version that may answer and gives none (a regression model, a
     classifier without ``predict_proba``): the protocol's requested outputs are outputs of the model, as its
     metadata lists them, and an answer silently without one is one a client cannot tell from a broken one."""
+    answering: list[ServedModel | None]
     if version is not None:
         found = routing.by_version(version)
-        answering = [found[0]] if found is not None else []  # not serving: the predictor's 404
-    elif routing.stable is None:
-        answering = [routing.canary] if routing.canary is not None else []
-    elif routing.canary is None or routing.mode is RolloutMode.SHADOW or routing.weight <= 0:
-        answering = [routing.stable]  # a shadow candidate, or one at weight 0, answers no client
+        answering = [found[0] if found is not None else None]  # not serving: the predictor's 404
     else:
-        answering = [routing.stable, routing.canary]
+        answering = [routing.serving(v) for v in answering_variants(routing.view)]
     for served in answering:
-        if not served.gives_probabilities:
+        if served is not None and not served.gives_probabilities:
             kind = (
                 "a regression model"
                 if served.signature.task is Task.REGRESSION

@@ -515,17 +515,28 @@ class RouteView:
     has_canary: bool
 
 
-def assign_variants(view: RouteView, entity_keys: Sequence[str | None], request_draw: float) -> list[Variant]:
-    """The variant answering each row. Rows with an entity key are routed by its sticky draw; rows without
-    one share the request's random draw. In shadow mode the stable answers every row (the canary scores
-    the rows it would have taken: see :func:`shadowed_rows`)."""
+def answering_variants(view: RouteView) -> tuple[Variant, ...]:
+    """The variants that can answer a client's rows: the stable alone without a live canary, in shadow mode
+    (the canary scores the rows it would have taken: see :func:`shadowed_rows`) and at weight 0; the canary
+    alone without a stable version, or at weight 1 (a draw is below 1); otherwise both, row by row
+    (:func:`assign_variants`)."""
     if not view.has_canary or view.rollout_id is None:
-        return [Variant.STABLE] * len(entity_keys)
+        return (Variant.STABLE,)
     if not view.has_stable:
-        return [Variant.CANARY] * len(entity_keys)
-    if view.mode is RolloutMode.SHADOW:
-        return [Variant.STABLE] * len(entity_keys)
+        return (Variant.CANARY,)
+    if view.mode is RolloutMode.SHADOW or view.weight <= 0:
+        return (Variant.STABLE,)
+    return (Variant.CANARY,) if view.weight >= 1 else (Variant.STABLE, Variant.CANARY)
+
+
+def assign_variants(view: RouteView, entity_keys: Sequence[str | None], request_draw: float) -> list[Variant]:
+    """The variant answering each row (of :func:`answering_variants`). Rows with an entity key are routed by
+    its sticky draw; rows without one share the request's random draw."""
+    answering = answering_variants(view)
+    if len(answering) == 1:
+        return [answering[0]] * len(entity_keys)
     rid = view.rollout_id
+    assert rid is not None  # a live canary's
     return [
         Variant.CANARY
         if canary_takes(sticky_draw(rid, key) if key is not None else request_draw, view.weight)
@@ -619,9 +630,8 @@ _UINT64_MAX = 2**64 - 1
 _NUMERIC_TENSOR = frozenset(
     {"FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
 )
-_CATEGORY_TENSOR = frozenset(
-    {"BYTES", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL"}
-)
+# A category is text, an integer or a boolean: every datatype but the floating-point ones, and BYTES.
+_CATEGORY_TENSOR = (_NUMERIC_TENSOR - {"FP64", "FP32", "FP16"}) | {"BYTES"}
 
 
 @dataclass(frozen=True)
