@@ -1212,11 +1212,9 @@ def performance_metrics(
         if not pred.size:
             return {}
         return _error_metrics(absolute_errors(pred, truth))
-    correct_ = np.array([same_label(r.prediction, r.label) for r in rows])
+    correct_, pred_pos, true_pos = _label_matches(rows, positive_class)
     out = {"accuracy": float(correct_.mean())}
     if positive_class is not None:
-        pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows])
-        true_pos = np.array([same_label(r.label, positive_class) for r in rows])
         tp = float(np.sum(pred_pos & true_pos))
         denom = float(pred_pos.sum() + true_pos.sum())
         out["f1"] = 2 * tp / denom if denom else 0.0
@@ -1224,6 +1222,19 @@ def performance_metrics(
         if not np.isnan(scores).any() and 0 < true_pos.sum() < len(rows):
             out["roc_auc"] = _roc_auc(true_pos, scores)
     return out
+
+
+def _label_matches(
+    rows: Sequence[LabelledRow], positive_class: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: whether the prediction is right, and (empty without a positive class) whether the prediction
+    and the label are the positive class (:func:`same_label` throughout)."""
+    correct = np.array([same_label(r.prediction, r.label) for r in rows], dtype=bool)
+    if positive_class is None:
+        return correct, np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+    pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows], dtype=bool)
+    true_pos = np.array([same_label(r.label, positive_class) for r in rows], dtype=bool)
+    return correct, pred_pos, true_pos
 
 
 def _roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -1302,13 +1313,11 @@ def metric_standard_errors(
     if n < 2:
         return {}
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    correct = np.array([same_label(r.prediction, r.label) for r in rows])[idx]
-    out = {"accuracy": float(correct.mean(axis=1).std())}
+    correct, pred_pos, true_pos = _label_matches(rows, positive_class)
+    out = {"accuracy": float(correct[idx].mean(axis=1).std())}
     if positive_class is not None:
-        pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows])[idx]
-        true_pos = np.array([same_label(r.label, positive_class) for r in rows])
-        tp = (pred_pos & true_pos[idx]).sum(axis=1)
-        denom = pred_pos.sum(axis=1) + true_pos[idx].sum(axis=1)
+        tp = (pred_pos[idx] & true_pos[idx]).sum(axis=1)
+        denom = pred_pos[idx].sum(axis=1) + true_pos[idx].sum(axis=1)
         out["f1"] = float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).std())
         positives = int(true_pos.sum())
         if 0 < positives < n:
