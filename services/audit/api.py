@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
 import asyncpg
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import WithJsonSchema
 
 from libs.auth import ViewerDep
 from libs.errors import InvalidInput
@@ -21,6 +21,7 @@ from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
 from services.audit.domain import (
+    EVENT_TIME_FORM,
     SEQ_MAX,
     EventQuery,
     KeyRing,
@@ -60,6 +61,12 @@ class AuditContext:
         return self.settings.writer_role
 
 
+EventTimeText = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+"""A time query parameter: text, read by ``time_range`` (pydantic would take a number as Unix time)."""
+
+_TIME_FORM = f"{EVENT_TIME_FORM} (anything else is 422)"
+
+
 def _context(request: Request) -> AuditContext:
     return cast(AuditContext, request.app.state.audit)
 
@@ -75,8 +82,10 @@ async def list_events(
     actor: Annotated[str | None, Query(description="Who asked, e.g. `user:alice`.")] = None,
     correlation_id: Annotated[str | None, Query(description="Events of one cascade.")] = None,
     kind: Annotated[Kind | None, Query(description="event, undecodable or dead-letter.")] = None,
-    since: Annotated[datetime | None, Query(description="Event time at or after (RFC 3339).")] = None,
-    until: Annotated[datetime | None, Query(description="Event time before (RFC 3339).")] = None,
+    since: Annotated[
+        EventTimeText | None, Query(description=f"Event time at or after: {_TIME_FORM}.")
+    ] = None,
+    until: Annotated[EventTimeText | None, Query(description=f"Event time before: {_TIME_FORM}.")] = None,
     order: Annotated[Literal["newest", "oldest"], Query(description="Newest or oldest first.")] = "newest",
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, description="Page size (at most query_max_limit).")] = 100,
@@ -85,7 +94,7 @@ async def list_events(
     ctx = _context(request)
     if limit > ctx.settings.query_max_limit:
         raise InvalidInput(f"limit may be at most {ctx.settings.query_max_limit}", field="limit")
-    since, until = time_range(since, until)
+    since_utc, until_utc = time_range(since, until)
     newest_first = order == "newest"
     position = decode_cursor(cursor, newest_first=newest_first) if cursor else None
     query = EventQuery(
@@ -94,8 +103,8 @@ async def list_events(
         actor=actor,
         correlation_id=correlation_id,
         kind=kind,
-        since=since,
-        until=until,
+        since=since_utc,
+        until=until_utc,
         newest_first=newest_first,
         after=position if position is not None and not newest_first else None,
         before=position if position is not None and newest_first else None,

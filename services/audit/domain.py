@@ -1117,25 +1117,63 @@ def decode_cursor(cursor: str, *, newest_first: bool) -> int:
     return int(raw[1:])
 
 
-def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
-    """``since`` and ``until`` of an events query in UTC; 422 for a time without a zone, one whose UTC
-    time falls outside years 1..9999, or ``until`` before ``since``."""
-    bounds: dict[str, datetime | None] = {"since": since, "until": until}
-    for name, value in bounds.items():
-        if value is None:
+EVENT_TIME_FORM = (
+    "an ISO 8601 (RFC 3339) date and time with its time zone, e.g. 2025-01-01T00:00:00Z or "
+    "2025-01-01T01:00:00.5+01:00"
+)
+"""What ``since`` and ``until`` of an events query must look like, as the 422 says it."""
+
+_EVENT_TIME_TEXT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?"
+    r"(?P<zone>[Zz]|[+-][0-9]{2}:?[0-9]{2})?"
+)
+"""A date and a time of day, seconds and their fraction optional, then the zone (checked apart, to say that
+it is missing)."""
+
+_NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]+(?:\.[0-9]*)?\s*")
+
+
+def event_time(name: str, text: str) -> datetime:
+    """``since`` or ``until`` of an events query: :data:`EVENT_TIME_FORM`, nothing else. A number is refused
+    rather than read as Unix time (audit-log consumers and the trail itself speak ISO 8601; ``12`` is more
+    likely a mistake than 1970-01-01T00:00:12Z), as is a date or time without its zone."""
+    shape = _EVENT_TIME_TEXT.fullmatch(text)
+    if shape is None:
+        if _NUMBER_TEXT.fullmatch(text):
+            why = "is a number, not a time (Unix times are not read)"
+        elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            why = "is a date: it needs a time of day and a time zone"
+        else:
+            why = "is not a time"
+        raise InvalidInput(f"{name} {why}: give {EVENT_TIME_FORM}", field=name)
+    if shape["zone"] is None:
+        raise InvalidInput(f"{name} needs a time zone ('Z' for UTC): give {EVENT_TIME_FORM}", field=name)
+    try:
+        return datetime.fromisoformat(text.upper())
+    except ValueError as exc:  # 2025-02-30, hour 24, an offset of 24 hours or more
+        raise InvalidInput(f"{name} is not a time ({exc}): give {EVENT_TIME_FORM}", field=name) from exc
+
+
+def time_range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """``since`` and ``until`` of an events query, read by :func:`event_time`, in UTC; 422 for a time that
+    is not :data:`EVENT_TIME_FORM`, one whose UTC time falls outside years 1..9999, or ``until`` before
+    ``since``."""
+    bounds: dict[str, datetime | None] = {}
+    for name, text in (("since", since), ("until", until)):
+        if text is None:
+            bounds[name] = None
             continue
-        if value.tzinfo is None:
-            raise InvalidInput(f"{name} needs a time zone, e.g. 2025-01-01T00:00:00Z", field=name)
+        value = event_time(name, text)
         try:
             bounds[name] = value.astimezone(UTC)
         except OverflowError as exc:
             raise InvalidInput(
                 f"{name}: time out of range: {value.isoformat()} is outside years 1..9999 in UTC", field=name
             ) from exc
-    since, until = bounds["since"], bounds["until"]
-    if since is not None and until is not None and until < since:
+    since_utc, until_utc = bounds["since"], bounds["until"]
+    if since_utc is not None and until_utc is not None and until_utc < since_utc:
         raise InvalidInput("until must not be before since", field="until")
-    return since, until
+    return since_utc, until_utc
 
 
 def export_header(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -297,26 +297,35 @@ def test_a_cursor_not_made_by_the_list_is_not_valid(cursor: str) -> None:
 
 
 def test_time_range_is_utc_and_refuses_what_a_query_cannot_mean() -> None:
-    plus_five = timezone(timedelta(hours=5))
-    since, until = time_range(datetime(2025, 1, 1, 5, tzinfo=plus_five), None)
+    since, until = time_range("2025-01-01T05:00:00+05:00", None)
     assert since == datetime(2025, 1, 1, tzinfo=UTC) and since.tzinfo is UTC and until is None
     assert time_range(None, None) == (None, None)
     cases = [
-        ((datetime(2025, 1, 1), None), "since needs a time zone"),
-        ((None, datetime(2025, 1, 1)), "until needs a time zone"),
-        ((datetime(1, 1, 1, tzinfo=plus_five), None), "since: time out of range"),
-        (
-            (None, datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=5)))),
-            "until: time out of range",
-        ),
-        (
-            (datetime(2026, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC)),
-            "until must not be before since",
-        ),
+        (("2025-01-01T00:00:00", None), "since needs a time zone"),
+        ((None, "2025-01-01T00:00:00"), "until needs a time zone"),
+        (("0001-01-01T00:00:00+05:00", None), "since: time out of range"),
+        ((None, "9999-12-31T23:00:00-05:00"), "until: time out of range"),
+        (("2026-01-01T00:00:00Z", "2020-01-01T00:00:00Z"), "until must not be before since"),
     ]
     for (since_, until_), message in cases:
         with pytest.raises(InvalidInput, match=message):
             time_range(since_, until_)
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("2025-01-01T00:00:00Z", datetime(2025, 1, 1, tzinfo=UTC)),
+        ("2025-01-01t00:00:00z", datetime(2025, 1, 1, tzinfo=UTC)),  # RFC 3339 allows lower case
+        ("2025-01-01 00:00:00Z", datetime(2025, 1, 1, tzinfo=UTC)),  # and a space
+        ("2025-01-01T01:00+01:00", datetime(2025, 1, 1, tzinfo=UTC)),  # ISO 8601 lets seconds out
+        ("2025-01-01T01:00:00+0100", datetime(2025, 1, 1, tzinfo=UTC)),
+        ("2025-01-01T00:00:00.123456789Z", datetime(2025, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)),
+        ("2025-01-01T00:00:00,5-00:00", datetime(2025, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)),
+    ],
+)
+def test_a_time_in_iso_8601_with_its_zone_is_read(text: str, meant: datetime) -> None:
+    assert time_range(text, text) == (meant, meant)
 
 
 async def test_an_export_whose_range_is_reversed_is_refused(trail: FakeTrail) -> None:
