@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,23 +105,19 @@ async def verify_trail(
     findings: list[Finding | None] = []
     scanned_upto = min(upto, head)
     ranges = split_ranges(after, scanned_upto, parallelism) if scanned_upto > after else []
-    starts = await chain.row_hashes([lo for lo, _ in ranges if lo > 0])
+    # The row the verification trusts is read even when no row follows it (from_seq one past the end): its
+    # hash is then the head, as the header of an export of that range gives it.
+    starts = await chain.row_hashes(sorted({after, *(lo for lo, _ in ranges)} - {0}))
     rows_checked = 0
-    last_hash: bytes | None = None
+    # An empty range's head is the hash it trusts: all zeros for an empty trail, as GET /v1/head says.
+    last_hash: bytes | None = GENESIS if after == 0 else starts.get(after)
     scans: list[Any] = []
+    if not ranges and last_hash is None:
+        findings.append(_unusable_start(after, starts))
     for lo, hi in ranges:
         prev = GENESIS if lo == 0 else starts.get(lo)
         if prev is None:
-            # Absent, or present with its hash nulled in the database: the row is there, but malformed.
-            findings.append(
-                Finding(lo, Problem.MISSING_ROW, f"row {lo} is missing: a verification range starts after it")
-                if lo not in starts
-                else Finding(
-                    lo,
-                    Problem.MALFORMED_ROW,
-                    f"row {lo} has no row hash: a verification range starts after it",
-                )
-            )
+            findings.append(_unusable_start(lo, starts))
             continue
         scans.append(
             RecordScanner(after=lo, upto=hi, prev=prev) if full else LinkScanner(after=lo, upto=hi, prev=prev)
@@ -132,8 +128,8 @@ async def verify_trail(
     for s in scans:
         findings.append(s.finding)
         rows_checked += s.rows
-    if scans and scans[-1].finding is None:
-        last_hash = scans[-1].prev
+    if scans:
+        last_hash = scans[-1].prev if scans[-1].finding is None else None
     if upto > head:
         findings.append(
             Finding(head + 1, Problem.MISSING_ROW, f"row {head + 1} is missing: the trail ends at {head}")
@@ -177,6 +173,18 @@ async def verify_trail(
         exact=finding.exact if finding else True,
         seals_checked=sealer is not None,
         elapsed_s=clock() - started,
+    )
+
+
+def _unusable_start(seq: int, starts: Mapping[int, bytes]) -> Finding:
+    """Why a verification range cannot start after row ``seq``: the row is absent, or present with its hash
+    nulled in the database (malformed)."""
+    if seq not in starts:
+        return Finding(
+            seq, Problem.MISSING_ROW, f"row {seq} is missing: a verification range starts after it"
+        )
+    return Finding(
+        seq, Problem.MALFORMED_ROW, f"row {seq} has no row hash: a verification range starts after it"
     )
 
 

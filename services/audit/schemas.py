@@ -118,7 +118,11 @@ class VerifyPublic(BaseModel):
     covered_by_checkpoint: int = Field(
         description="Rows up to here are vouched for by a good checkpoint of the range (0: none was)."
     )
-    head_hash: str | None = Field(description="Hash of the last row, when everything is good.")
+    head_hash: str | None = Field(
+        description="When everything is good, the row hash of `to_seq`, lowercase hex: 64 zeros for an empty "
+        "trail (as `GET /v1/head` shows it), the hash of the row it trusts for the empty range from one past "
+        "the end; null when something is wrong."
+    )
     first_bad_seq: int | None = Field(description="The first sequence number found bad.")
     problem: str | None = Field(
         description="missing-row, hash-mismatch, malformed-row, column-mismatch, truncated, rewritten or "

@@ -37,6 +37,18 @@ async def test_records_are_appended_in_order_and_the_trail_verifies(trail_db: Tr
         assert (report.rows_checked, report.checkpoints_checked) == (24, 2)
 
 
+async def test_verify_and_get_head_agree_on_the_head_of_an_empty_trail_and_of_an_empty_range(
+    trail_db: TrailDb,
+) -> None:
+    for rows in (0, 5):  # empty: the 64 zeros of row_hash(0); then the range from one past the end
+        await trail_db.fill(rows)
+        async with reading(trail_db.pool, ROLE) as trail:
+            head = await core.head_view(trail)
+        report = await trail_db.verify(from_seq=rows + 1)
+        assert report.ok and report.head_hash == head["row_hash"], (report, head)
+    assert head["row_hash"] != "0" * 64
+
+
 async def test_redelivered_records_add_nothing_and_a_position_is_unique(trail_db: TrailDb) -> None:
     batch = [delivery(example(DriftDetected), offset=i) for i in range(5)]
     assert await trail_db.record(batch) == 5

@@ -11,8 +11,10 @@ import pytest
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from libs.errors import NotFound
+from services.audit import core
 from services.audit.core import verify_trail
 from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
+from services.audit.schemas import VerifyPublic
 from services.audit.verification import LinkScanner, Problem, split_ranges
 from tests.unit.audit.fakes import OTHER_SEED, SEED, FakeTrail, changed_payload, delivery, example, record
 
@@ -179,9 +181,26 @@ async def test_verifying_from_beyond_the_end_is_not_found_as_for_an_export() -> 
             await verify(trail, from_seq=ROWS + 2, to_seq=to_seq)
 
 
-async def test_empty_trail_verifies() -> None:
-    report = await verify(FakeTrail())
+async def test_empty_trail_verifies_with_the_genesis_hash_as_its_head_as_get_head_shows_it() -> None:
+    trail = FakeTrail()
+    report = await verify(trail)
     assert report.ok and report.rows_checked == 0
+    assert report.head_hash == GENESIS.hex() == (await core.head_view(trail))["row_hash"]
+    VerifyPublic.model_validate(report.as_json())
+
+
+async def test_an_empty_range_at_the_end_has_the_hash_of_the_row_it_trusts_as_its_head() -> None:
+    trail = await filled()
+    report = await verify(trail, from_seq=ROWS + 1)
+    assert report.ok and report.head_hash == trail.rows[ROWS].row.row_hash.hex(), report
+    trail.null_row_hash(ROWS)  # as for a range with rows: the row it starts after has no hash to trust
+    report = await verify(trail, from_seq=ROWS + 1)
+    assert (report.ok, report.first_bad_seq, report.problem, report.head_hash) == (
+        False,
+        ROWS,
+        Problem.MALFORMED_ROW,
+        None,
+    ), report
 
 
 def test_link_scanner_reads_links_cut_anywhere_and_stops_at_a_wrong_prefix() -> None:
