@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -279,13 +280,29 @@ def describe(record: bytes) -> str:
     return f"{kind!s:<11} {event_type}  {subject}"
 
 
+def http_get(url: str, token: str | None) -> Any:
+    """The response to GET ``url`` (a context manager); an error answer is :class:`Unreadable`, saying what
+    the service said: its error body's ``detail`` (or the start of a body that is not one)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        return urllib.request.urlopen(request)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            body = exc.read(4096)
+        try:
+            detail = json.loads(body)["detail"]
+        except (ValueError, TypeError, KeyError):  # not the service's error body: a proxy's page, say
+            detail = None
+        said = detail if isinstance(detail, str) else body.decode(errors="replace").strip()[:200]
+        raise Unreadable(f"{url} answered HTTP {exc.code} {exc.reason}: {said or '(no body)'}") from None
+    except urllib.error.URLError as exc:
+        raise Unreadable(f"cannot reach {url}: {exc.reason}") from None
+
+
 def export_lines(source: str, token: str | None) -> Iterator[bytes]:
     """Lines of the export from a URL, a file, or '-' (stdin), read as they stream in."""
     if source.startswith(("http://", "https://")):
-        request = urllib.request.Request(
-            source, headers={"Authorization": f"Bearer {token}"} if token else {}
-        )
-        with urllib.request.urlopen(request) as response:
+        with http_get(source, token) as response:
             yield from response
     elif source == "-":
         yield from sys.stdin.buffer
@@ -378,12 +395,14 @@ def _topic_checkpoint(value: bytes | None, where: str) -> list[dict[str, Any]]:
     return []
 
 
-def served_keys(export_url: str, token: str | None) -> list[str]:
+def served_keys(export_url: str, token: str | None) -> Keys:
     """The keys the audit service says it signs with (GET /v1/keys next to the export URL)."""
     url = export_url.split("/v1/export")[0] + "/v1/keys"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(request) as response:
-        return [k["public_key"] for k in json.load(response)]
+    with http_get(url, token) as response:
+        try:
+            return Keys([k["public_key"] for k in json.load(response)])
+        except (ValueError, TypeError, KeyError):
+            raise Unreadable(f"{url} did not answer a list of public keys (base64)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,17 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print each event as it is verified")
     args = parser.parse_args(argv)
 
-    public_keys = list(args.public_key)
-    if not public_keys:
-        if not args.export.startswith(("http://", "https://")):
-            parser.error("--public-key is required for a file export")
-        print("warning: no --public-key pinned; trusting the keys the service serves", file=sys.stderr)
-        public_keys = served_keys(args.export, args.token)
+    if not args.public_key and not args.export.startswith(("http://", "https://")):
+        parser.error("--public-key is required for a file export")
     try:
-        keys = Keys(public_keys)
+        keys = Keys(args.public_key)
     except ValueError:  # binascii.Error included
         parser.error("--public-key: not the base64 of a raw 32-byte Ed25519 public key")
     try:
+        if not args.public_key:
+            print("warning: no --public-key pinned; trusting the keys the service serves", file=sys.stderr)
+            keys = served_keys(args.export, args.token)
         outside = [cp for path in args.checkpoints for cp in file_checkpoints(path)]
         if args.kafka:
             outside += topic_checkpoints(args.kafka, args.topic)

@@ -3,13 +3,18 @@ forged, damaged and partial exports get `FAILED at sequence N: why`, never a tra
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from contracts.monitoring import DriftDetected
+from libs.http import error_body
 from services.audit import core
 from services.audit.domain import Signer, chain_hash
 from tests.unit.audit.fakes import SEED, FakeTrail, changed_payload, delivery, example, record
@@ -188,3 +193,87 @@ async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.
     status = consumer().main(["--export", str(tmp_path / "typo.ndjson"), "--public-key", PUBLIC_KEY])
     assert status == 1
     assert "error: [Errno 2] No such file or directory" in capsys.readouterr().err
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """Stands in for the audit service refusing a request: its status and error body (libs.http), or a
+    proxy's page that is not JSON."""
+
+    answers: ClassVar[dict[str, tuple[int, bytes]]] = {}
+
+    def do_GET(self) -> None:
+        status, body = self.answers[self.path.split("?")[0]]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads the consumer's output."""
+
+
+@pytest.fixture
+def service() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def refusal(message: str, code: str) -> bytes:
+    return json.dumps(error_body(message, code)).encode()
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "body", "says"),
+    [
+        (
+            "/v1/export",
+            404,
+            refusal("the trail has no row 99 to start the export after", "not-found"),
+            "HTTP 404 Not Found: the trail has no row 99 to start the export after",
+        ),
+        (
+            "/v1/export",
+            422,
+            refusal("to_seq must not be below from_seq", "invalid-input"),
+            "HTTP 422 Unprocessable Entity: to_seq must not be below from_seq",
+        ),
+        ("/v1/export", 502, b"<html>Bad Gateway</html>", "HTTP 502 Bad Gateway: <html>Bad Gateway</html>"),
+        (
+            "/v1/keys",  # asked when no key is pinned
+            401,
+            refusal("the bearer token is not valid", "unauthorized"),
+            "HTTP 401 Unauthorized: the bearer token is not valid",
+        ),
+    ],
+)
+def test_an_http_error_shows_what_the_service_said(
+    service: str,
+    capsys: pytest.CaptureFixture[str],
+    route: str,
+    status: int,
+    body: bytes,
+    says: str,
+) -> None:
+    Refusing.answers = {route: (status, body)}
+    pinned = ["--public-key", PUBLIC_KEY] if route == "/v1/export" else []
+    assert consumer().main(["--export", f"{service}/v1/export?from_seq=100", "--token", "t", *pinned]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: {service}{route}") and last.endswith(says), last
+
+
+def test_keys_the_service_cannot_be_asked_for_are_an_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    assert consumer().main(["--export", f"http://127.0.0.1:{port}/v1/export"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
