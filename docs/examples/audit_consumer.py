@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import http.client
 import json
 import re
 import sys
@@ -303,7 +304,12 @@ def export_lines(source: str, token: str | None) -> Iterator[bytes]:
     """Lines of the export from a URL, a file, or '-' (stdin), read as they stream in."""
     if source.startswith(("http://", "https://")):
         with http_get(source, token) as response:
-            yield from response
+            try:
+                yield from response
+            except (http.client.IncompleteRead, OSError) as exc:
+                # The connection broke within a chunk: the lines that came are verified, and finish() says
+                # what did not come.
+                print(f"warning: the connection broke while the export streamed in: {exc!r}", file=sys.stderr)
     elif source == "-":
         yield from sys.stdin.buffer
     else:
