@@ -96,7 +96,7 @@ async def list_events(
         raise InvalidInput(f"limit may be at most {ctx.settings.query_max_limit}", field="limit")
     since_utc, until_utc = time_range(since, until)
     newest_first = order == "newest"
-    position = decode_cursor(cursor, newest_first=newest_first) if cursor else None
+    position = decode_cursor(cursor, newest_first=newest_first) if cursor is not None else None
     query = EventQuery(
         model=model,
         event_type=event_type_filter(type),

@@ -51,3 +51,14 @@ async def test_a_time_that_is_not_iso_8601_with_a_zone_is_refused_saying_what_it
     detail = r.json()["detail"]
     assert detail.startswith(f"{name} ") and says in detail, detail
     assert "ISO 8601" in detail and "2025-01-01T00:00:00Z" in detail, detail
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+async def test_an_empty_cursor_is_refused_not_taken_for_the_first_page(
+    client: httpx.AsyncClient, order: str
+) -> None:
+    # A client that sends the last page's null next_cursor as `cursor=` would page through the trail again
+    # and again; the empty text is no cursor of any page.
+    r = await client.get("/v1/events", params={"cursor": "", "order": order})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "cursor is not valid: pass the next_cursor of a previous page"
