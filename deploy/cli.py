@@ -435,8 +435,8 @@ def _seconds(text: str) -> float:
 
 
 def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_seq", type=int, default=1, help="first sequence number")
-    parser.add_argument("--to", dest="to_seq", type=int, help="last sequence number (default: the end)")
+    parser.add_argument("--from", dest="from_seq", type=_count, default=1, help="first sequence number")
+    parser.add_argument("--to", dest="to_seq", type=_count, help="last sequence number (default: the end)")
     parser.add_argument("--full", action="store_true", help="hash every record here, check indexed columns")
     parser.add_argument("--checkpoints", action="append", type=Path, default=[], help="more checkpoint files")
     parser.add_argument("--public-key", action="append", default=[], help="another trusted key (base64)")
