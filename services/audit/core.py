@@ -19,6 +19,7 @@ from services.audit.domain import (
     KeyRing,
     Sealer,
     causal_tree,
+    check_indexed_filter,
     checked_view,
     encode_cursor,
     export_header,
@@ -57,6 +58,7 @@ async def event_at(trail: TrailReader, seq: int) -> dict[str, Any]:
 
 async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> dict[str, Any]:
     """The causal tree of one cascade, or 404 when the trail has none of its events."""
+    check_indexed_filter("correlation_id", correlation_id)
     rows = await trail.cascade(correlation_id, max_events + 1)
     if not rows:
         raise NotFound(

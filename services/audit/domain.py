@@ -1082,6 +1082,28 @@ class EventQuery:
     before: int | None = None
     limit: int = 100
 
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("model", self.model),
+            ("type", self.event_type),
+            ("actor", self.actor),
+            ("correlation_id", self.correlation_id),
+        ):
+            check_indexed_filter(name, value)
+
+
+def check_indexed_filter(name: str, value: str | None) -> None:
+    """422 for a filter on an indexed attribute that is longer than the index holds: it could never match.
+    Only an undecodable record has an attribute that long (the envelope refuses them); its indexed copy holds
+    the first :data:`INDEX_TEXT_MAX` characters, which find it."""
+    if value is not None and len(value) > INDEX_TEXT_MAX:
+        raise InvalidInput(
+            f"{name} is longer than {INDEX_TEXT_MAX} characters: the trail indexes an attribute by its "
+            f"first {INDEX_TEXT_MAX} (only an undecodable record has a longer one); query by its first "
+            f"{INDEX_TEXT_MAX}",
+            field=name,
+        )
+
 
 def event_type_filter(value: str | None) -> str | None:
     """Accept the wire type (``io.driftloop.DriftDetected.v1``) or the bare name (``DriftDetected``)."""

@@ -62,3 +62,10 @@ async def test_an_empty_cursor_is_refused_not_taken_for_the_first_page(
     r = await client.get("/v1/events", params={"cursor": "", "order": order})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "cursor is not valid: pass the next_cursor of a previous page"
+
+
+@pytest.mark.parametrize("name", ["model", "type", "actor", "correlation_id"])
+async def test_a_filter_longer_than_the_index_holds_is_refused(client: httpx.AsyncClient, name: str) -> None:
+    r = await client.get("/v1/events", params={name: "x" * 513})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"{name} is longer than 512 characters"), r.text

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from contracts.commands import RollbackRequested
-from contracts.envelope import CloudEvent
+from contracts.envelope import CloudEvent, MissingAttribute
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import DriftDetected
 from contracts.rollouts import RolloutPromoted, RolloutStarted
@@ -378,3 +378,36 @@ async def test_a_flat_cascade_keeps_the_dead_letters_of_its_events() -> None:
     assert [d["kind"] for d in carrier["dead_letters"]] == ["dead-letter"]
     assert carrier["dead_letters"][0]["error"]["reason"] == "handler-failed"
     TracePublic.model_validate(tree)
+
+
+async def test_a_filter_longer_than_the_index_holds_is_refused_and_its_first_characters_find_the_record() -> (
+    None
+):
+    # Only an undecodable record has an attribute over 512 characters (the envelope refuses them); its
+    # indexed copy holds the first 512, so a query by the whole value could never match: it said "none".
+    long_id, long_model = "c" * 600, "m" * 513
+    headers = (
+        ("ce_id", long_id.encode()),
+        ("ce_correlationid", long_id.encode()),
+        ("ce_subject", long_model.encode()),
+    )
+    record = Record("mlops.models", 0, 0, b"k", b"{}", headers, 1)
+    trail = FakeTrail()
+    await store(trail, [Delivery(record, None, MissingAttribute("ce_type is missing"))])
+    for make, named in (
+        (lambda: EventQuery(correlation_id=long_id), "correlation_id"),
+        (lambda: EventQuery(model=long_model), "model"),
+        (lambda: EventQuery(actor=long_id), "actor"),
+        (lambda: EventQuery(event_type=long_id), "type"),
+    ):
+        with pytest.raises(
+            InvalidInput, match=f"^{named} is longer than 512 characters: .* query by its first 512"
+        ):
+            make()
+    with pytest.raises(InvalidInput, match=r"^correlation_id is longer than 512 characters"):
+        await core.trace(trail, long_id, max_events=10)
+    [event], _ = await core.query_events(
+        trail, EventQuery(correlation_id=long_id[:512], model=long_model[:512])
+    )
+    assert (event["correlationid"], event["subject"]) == (long_id, long_model)
+    assert (await core.trace(trail, long_id[:512], max_events=10))["events"] == 1
