@@ -156,7 +156,7 @@ async def list_models(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> ModelPage:
-    after = decode_name_cursor(cursor) if cursor else None
+    after = decode_name_cursor(cursor) if cursor is not None else None
     async with _queries(request) as q:
         items = await q.models(
             prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
@@ -184,7 +184,7 @@ async def _version_page(
     limit: int,
     cursor: str | None,
 ) -> VersionPage:
-    after = decode_version_cursor(cursor) if cursor else None
+    after = decode_version_cursor(cursor) if cursor is not None else None
     async with _queries(request) as q:
         if model is not None and await q.model(model) is None:
             raise NotFound(f"model {model!r} is not registered")
@@ -562,7 +562,7 @@ async def list_datasets(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> DatasetPage:
-    after = decode_version_cursor(cursor) if cursor else None
+    after = decode_version_cursor(cursor) if cursor is not None else None
     async with _reads(request).acquire() as conn:
         items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
     next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None

@@ -64,6 +64,14 @@ async def test_a_cursor_the_database_could_not_compare_is_422(client: httpx.Asyn
     assert r.json()["detail"].startswith("cursor is not valid")
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/datasets", "/v1/versions", "/v1/models/churn/versions"])
+async def test_an_empty_cursor_is_422_not_the_first_page(client: httpx.AsyncClient, path: str) -> None:
+    # A client sending the last page's null cursor back as "" would otherwise page for ever.
+    r = await client.get(path + "?cursor=", headers=VIEWER)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("cursor is not valid")
+
+
 @pytest.mark.parametrize("method", ["PUT", "DELETE"])
 @pytest.mark.parametrize("key", ["k" * 3000, "%20", "a=b", "-x"])
 async def test_a_tag_key_that_could_not_be_indexed_or_found_is_422(
