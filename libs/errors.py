@@ -52,6 +52,17 @@ class Unavailable(DomainError):
     code = "unavailable"
 
 
+class TooManyRequests(DomainError):
+    """429: the caller may try again after ``retry_after_s`` seconds (the answer's Retry-After)."""
+
+    status = 429
+    code = "too-many-requests"
+
+    def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **extra)
+        self.retry_after_s = retry_after_s
+
+
 def shown(text: str, chars: int = 40) -> str:
     """``text`` as a message quotes it: its repr, or when it is longer than ``chars`` characters the repr of
     its start, then "…" and its length, so a name of 12,000 characters does not make a message as long."""

@@ -6,7 +6,8 @@ the `driftloop audit` commands use.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
@@ -16,7 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
 from libs.auth import ViewerDep
-from libs.errors import InvalidInput
+from libs.errors import InvalidInput, TooManyRequests
+from libs.http import ErrorBody
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -45,6 +47,32 @@ from services.audit.settings import AuditSettings
 router = APIRouter(prefix="/v1", tags=["audit"])
 
 
+class ExportSlots:
+    """How many exports stream at once: one more than ``limit`` is refused (429), never queued. Each holds
+    a database connection until its client has read the whole export, and slow clients must not take the
+    connections the trail's writer needs."""
+
+    RETRY_AFTER_S = 5
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.held >= self.limit:
+            raise TooManyRequests(
+                f"{self.held} exports are being streamed already, the most at once "
+                f"(DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY={self.limit}): try again in {self.RETRY_AFTER_S} s",
+                retry_after_s=self.RETRY_AFTER_S,
+            )
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+
 @dataclass(frozen=True)
 class AuditContext:
     """What the routes need, built once by the bootstrap."""
@@ -54,6 +82,7 @@ class AuditContext:
     signer: Signer
     keys: KeyRing
     archive: CheckpointFile
+    exports: ExportSlots
 
     @property
     def role(self) -> str:
@@ -172,7 +201,15 @@ async def verify(
     "/export",
     summary="The trail as NDJSON, with the signed checkpoints in place.",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}}}},
+    responses={
+        200: {"content": {"application/x-ndjson": {}}},
+        429: {
+            "model": ErrorBody,
+            "description": "As many exports as DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY are streaming already: try "
+            "again after the Retry-After header's seconds.",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}},
+        },
+    },
 )
 async def export(
     request: Request,
@@ -185,9 +222,13 @@ async def export(
     archived = ctx.archive.read()
 
     async def lines() -> AsyncGenerator[bytes, None]:
-        async with reading(ctx.pool, ctx.role, snapshot=True) as trail:
-            async for chunk in core.export_lines(trail, from_seq=from_seq, to_seq=to_seq, archived=archived):
-                yield chunk
+        # The slot is held as long as the connection is: released with it, however the stream ends.
+        with ctx.exports.hold():
+            async with reading(ctx.pool, ctx.role, snapshot=True) as trail:
+                async for chunk in core.export_lines(
+                    trail, from_seq=from_seq, to_seq=to_seq, archived=archived
+                ):
+                    yield chunk
 
     # Problems with the request are found before the first byte goes out, while a status can still say so.
     stream = lines()

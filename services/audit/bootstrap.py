@@ -174,7 +174,12 @@ async def build(rt: Runtime) -> ServiceParts:
     )
     app.state.runtime = rt
     app.state.audit = api.AuditContext(
-        settings=settings, pool=rt.pool, signer=signer, keys=key_ring(settings, signer), archive=archive
+        settings=settings,
+        pool=rt.pool,
+        signer=signer,
+        keys=key_ring(settings, signer),
+        archive=archive,
+        exports=api.ExportSlots(settings.export_concurrency),
     )
     log.info("audit trail ready", topics=topics, key_id=signer.key_id, schema=settings.db_schema)
     return ServiceParts(app=app, subscriptions=[subscription], tasks=[keeper.run], on_stop=[keeper.stop])

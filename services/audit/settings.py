@@ -84,6 +84,13 @@ class AuditSettings(ServiceSettings):
     trace_max_events: int = Field(
         10_000, ge=1, description="Most events one causal trace returns (it says when it was cut)."
     )
+    export_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Exports streamed at once (GET /v1/export); one more is a 429 with Retry-After. Each "
+        "holds a database connection until its client has read it all, so this must stay below db_pool_max: "
+        "slow readers must not take the connections the trail's writer needs.",
+    )
     verify_parallelism: int = Field(
         3,
         ge=1,
@@ -103,6 +110,16 @@ class AuditSettings(ServiceSettings):
         if not _ROLE_NAME.fullmatch(value):  # match() would let a trailing newline through
             raise ValueError("writer_role must be a lower-case SQL identifier")
         return value
+
+    @model_validator(mode="after")
+    def _exports_leave_connections(self) -> AuditSettings:
+        if self.export_concurrency >= self.db_pool_max:
+            raise ValueError(
+                f"DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY ({self.export_concurrency}) must be below "
+                f"DRIFTLOOP_DB_POOL_MAX ({self.db_pool_max}): exports hold their connections while their "
+                "clients read, and the trail's writer needs one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _keys_decode(self) -> AuditSettings:

@@ -1,0 +1,113 @@
+"""Exports stream at most DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY at once: each holds a database connection until
+its client has read it all, so one more is refused with a 429 and Retry-After instead of taking a connection
+the trail's writer needs; a finished or failed export gives its slot back."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from libs.errors import InvalidInput
+from libs.http import create_app
+from services.audit import api, core
+from services.audit.settings import AuditSettings
+
+VIEWER = {"Authorization": "Bearer dev-viewer"}
+
+
+class Trail:
+    """A stand-in for the reading transaction: an export enters it, then waits until let go."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.go = asyncio.Event()
+
+    @asynccontextmanager
+    async def reading(self, *_: Any, **__: Any) -> AsyncIterator[object]:
+        self.inside += 1
+        try:
+            await self.go.wait()
+            yield object()
+        finally:
+            self.inside -= 1
+
+
+@pytest.fixture
+def trail(monkeypatch: pytest.MonkeyPatch) -> Trail:
+    trail = Trail()
+
+    async def export_lines(_: object, *, from_seq: int, **__: Any) -> AsyncIterator[bytes]:
+        if from_seq == 99:
+            raise InvalidInput("no row 98", field="from_seq")
+        yield b'{"header": true}\n'
+
+    monkeypatch.setattr(api, "reading", trail.reading)
+    monkeypatch.setattr(core, "export_lines", export_lines)
+    return trail
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    settings = AuditSettings(env="test", export_concurrency=2)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    app.state.audit = types.SimpleNamespace(
+        settings=settings,
+        pool=None,
+        role="audit_writer",
+        archive=types.SimpleNamespace(read=list),
+        exports=api.ExportSlots(settings.export_concurrency),
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as c:
+        yield c
+
+
+async def until(check: Any) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached")
+
+
+async def test_one_export_more_than_allowed_is_429_with_retry_after_and_a_slot_comes_back(
+    client: httpx.AsyncClient, trail: Trail
+) -> None:
+    held = [asyncio.create_task(client.get("/v1/export")) for _ in range(2)]
+    await until(lambda: trail.inside == 2)
+
+    refused = await asyncio.wait_for(client.get("/v1/export"), timeout=10)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["Retry-After"] == "5"
+    assert "2 exports are being streamed already" in refused.json()["detail"]
+    assert "DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY=2" in refused.json()["detail"]
+    assert trail.inside == 2  # the refused one never took a connection
+
+    trail.go.set()
+    for r in await asyncio.gather(*held):
+        assert r.status_code == 200 and r.text == '{"header": true}\n'
+    again = await client.get("/v1/export")
+    assert again.status_code == 200, again.text
+
+
+async def test_an_export_refused_for_its_range_gives_its_slot_back(
+    client: httpx.AsyncClient, trail: Trail
+) -> None:
+    trail.go.set()
+    for _ in range(3):  # more than the two slots: each refusal released its own
+        r = await client.get("/v1/export", params={"from_seq": 99})
+        assert r.status_code == 422, r.text
+    assert (await client.get("/v1/export")).status_code == 200
+
+
+def test_exports_may_not_take_every_connection_of_the_pool() -> None:
+    with pytest.raises(
+        ValueError, match="DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY \\(8\\) must be below DRIFTLOOP_DB_POOL_MAX"
+    ):
+        AuditSettings(env="test", export_concurrency=8, db_pool_max=8)
