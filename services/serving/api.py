@@ -617,7 +617,10 @@ async def feedback(request: Request, ctx: ContextDep, principal: PredictDep) -> 
         if model not in known:
             known[model] = model in ctx.state.table.models or await ctx.read_route(model) is not None
         if not known[model]:
-            raise NotFound(f"[{i}]: model {model!r} is not known to serving")
+            raise NotFound(
+                f"[{i}]: model {model!r} is not known to serving: no version of it has served here, so it "
+                "made no prediction to label"
+            )
         try:
             payload = GroundTruthReceived(
                 prediction_id=item.prediction_id,

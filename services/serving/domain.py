@@ -99,6 +99,12 @@ class ModelRoute:
     rollout: Rollout | None = None
 
     @property
+    def known(self) -> bool:
+        """Whether serving ever served a version of the model: a route it saved has a stable version or a
+        rollout; the empty route of a model it never served has neither."""
+        return self.stable_version is not None or self.rollout is not None
+
+    @property
     def active(self) -> Rollout | None:
         """The live rollout, if one is."""
         if self.rollout is not None and self.rollout.status is RolloutStatus.ACTIVE:
@@ -237,8 +243,13 @@ def judge_verdict(
     one verdict per step, so nothing would ever decide a step it could not judge, and a canary is exposed
     further only on evidence.
 
-    Verdicts for another rollout, another canary or another step are stale and ignored.
+    Verdicts for another rollout, another canary or another step are stale and ignored, and so are verdicts
+    for a model serving never served (no rollout of it can have been judged).
     """
+    if not route.known:
+        return _ignore(
+            route, "unknown-model", f"verdict for model {route.model!r}, which serving never served"
+        )
     live = route.active
     if live is None or live.rollout_id != rollout_id or live.canary_version != canary_version:
         return _ignore(route, "stale-rollout", f"verdict for rollout {rollout_id}, which is not live")

@@ -290,6 +290,13 @@ async def on_rollback_requested(
     """Take the named version off traffic: the live canary at once, or production back to an earlier one."""
     d = event.data
     route = await routes.lock(d.model)
+    if not route.known:
+        # A command naming what serving lacks is refused in the open, as one naming an unknown version is.
+        IGNORED.labels("RollbackRequested", "unknown-model").inc()
+        raise PermanentError(
+            f"model {d.model!r} has no version serving: serving never served it, so it has nothing to roll "
+            f"back (version {d.model_version})"
+        )
     now = clock()
     live = route.active
     message = f"manual rollback by {event.actor or 'unknown'}: {d.reason}"

@@ -60,11 +60,12 @@ class Routes(Protocol):
     """The persisted routing state per model; ``save`` wakes every replica's routing."""
 
     async def lock(self, model: str) -> ModelRoute:
-        """The model's route, locked until the transaction ends (created empty if new)."""
+        """The model's route, locked until the transaction ends; for a model with none yet, an empty route
+        (stored by ``save`` only: an event that changes nothing leaves no trace of the model)."""
         ...
 
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
-        """Store the route and notify every replica (at commit)."""
+        """Store the route (creating the model's row if new) and notify every replica (at commit)."""
         ...
 
 

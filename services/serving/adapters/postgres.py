@@ -128,6 +128,16 @@ def _route(row: Any) -> ModelRoute:
     )
 
 
+_LOCK_ROUTE = "SELECT * FROM model_routes WHERE model = $1 FOR UPDATE"
+_LOCK_NEW_ROUTE = (
+    "SELECT pg_advisory_xact_lock(hashtext('driftloop-serving-route-' || current_schema() || '-' || $1))"
+)
+
+_HAS_A_VERSION = "(stable_version IS NOT NULL OR rollout_id IS NOT NULL)"
+"""A route serving saved (ModelRoute.known). Migration 0003 removed the empty rows serving once wrote for
+every model an event named; a replica of an earlier release, still running, may write more."""
+
+
 class PgRoutes:
     """:class:`services.serving.ports.Routes` on one connection (the handler's or request's transaction)."""
 
@@ -136,21 +146,31 @@ class PgRoutes:
         self.channel = routes_channel(schema)
 
     async def lock(self, model: str) -> ModelRoute:
-        # Insert first so two replicas deciding for a new model serialise on the same row.
-        await self.conn.execute("INSERT INTO model_routes (model) VALUES ($1) ON CONFLICT DO NOTHING", model)
-        row = await self.conn.fetchrow("SELECT * FROM model_routes WHERE model = $1 FOR UPDATE", model)
-        return _route(row)
+        row = await self.conn.fetchrow(_LOCK_ROUTE, model)
+        if row is None:
+            # A model with no route yet: its deciders take turns on a lock named after it, and the first to
+            # save creates the row the next one finds. An event that changes nothing leaves nothing behind
+            # (an empty row would make the model known: listed, and taking feedback).
+            await self.conn.execute(_LOCK_NEW_ROUTE, model)
+            row = await self.conn.fetchrow(_LOCK_ROUTE, model)
+        return _route(row) if row is not None else ModelRoute(model)
 
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         r = route.rollout
         await self.conn.execute(
-            """UPDATE model_routes SET
+            """INSERT INTO model_routes (
+                 model, stable_version, previous_stable_version, rollout_id, canary_version,
+                 rollout_stable_version, mode, steps, step_index, min_samples, bake_seconds, started_at,
+                 step_started_at, samples_seen, status, ended_at, end_reason, rollout_correlation_id,
+                 revision, updated_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                       1, $19)
+               ON CONFLICT (model) DO UPDATE SET
                  stable_version = $2, previous_stable_version = $3, rollout_id = $4, canary_version = $5,
                  rollout_stable_version = $6, mode = $7, steps = $8, step_index = $9, min_samples = $10,
                  bake_seconds = $11, started_at = $12, step_started_at = $13, samples_seen = $14,
                  status = $15, ended_at = $16, end_reason = $17, rollout_correlation_id = $18,
-                 revision = revision + 1, updated_at = $19
-               WHERE model = $1""",
+                 revision = model_routes.revision + 1, updated_at = $19""",
             route.model,
             route.stable_version,
             route.previous_stable_version,
@@ -176,16 +196,16 @@ class PgRoutes:
 
 
 async def read_route(pool: asyncpg.Pool, model: str) -> ModelRoute | None:
-    """One model's route, unlocked (for the read API)."""
+    """One model's route, unlocked (for the read API); None for a model serving does not know."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT * FROM model_routes WHERE model = $1", model)
+        row = await conn.fetchrow(f"SELECT * FROM model_routes WHERE model = $1 AND {_HAS_A_VERSION}", model)
     return _route(row) if row is not None else None
 
 
 async def read_routes(pool: asyncpg.Pool) -> list[ModelRoute]:
-    """Every model's route (for the read API)."""
+    """Every known model's route (for the read API)."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT * FROM model_routes ORDER BY model")
+        rows = await conn.fetch(f"SELECT * FROM model_routes WHERE {_HAS_A_VERSION} ORDER BY model")
     return [_route(r) for r in rows]
 
 

@@ -21,7 +21,7 @@ import pytest
 from contracts import feedback as feedback_events
 from contracts import predictions as prediction_events
 from contracts import rollouts as rollout_events
-from contracts.commands import PromoteRequested
+from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import ArtifactRef
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
@@ -50,7 +50,14 @@ from tests.integration.serving.harness import (
     store_models,
 )
 from tests.ports import free_port
-from tests.unit.serving.fakes import canary_verdict, churn_pipeline, passed, record, registered
+from tests.unit.serving.fakes import (
+    canary_verdict,
+    churn_pipeline,
+    passed,
+    record,
+    registered,
+    rollout_never_started,
+)
 
 
 @dataclass
@@ -427,3 +434,44 @@ async def test_feedback_is_published_as_ground_truth(run: Run) -> None:
         (ids[1], 0, 1),
     }
     assert {t.actor for t in truths} == {"user:dev-predict"}
+
+
+async def ignored_events(url: str, event: str, reason: str) -> float:
+    """Serving's count of ``event``s it ignored for ``reason`` (its /metrics)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{url}/metrics/")).text
+    series = f'driftloop_serving_ignored_events_total{{event="{event}",reason="{reason}"}} '
+    return sum(float(line[len(series) :]) for line in text.splitlines() if line.startswith(series))
+
+
+async def test_a_verdict_and_a_command_for_a_model_serving_never_served_leave_it_unknown(run: Run) -> None:
+    ghost = run.model("ghost")
+    rollout = rollout_never_started(ghost)
+    url = run.replica.url
+    verdicts = await ignored_events(url, "CanaryVerdict", "unknown-model")
+    commands = await ignored_events(url, "RollbackRequested", "unknown-model")
+    await run.publish(
+        canary_verdict(rollout, 0, Verdict.HEALTHY, samples=500),
+        new_event(RollbackRequested(model=ghost, model_version=1, reason="hand-made"), source="/x"),
+    )
+
+    async def listed() -> bool:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.get(f"{url}/v1/models", headers=VIEWER)
+        return ghost in {m["model"] for m in r.json()["models"]}
+
+    async def handled() -> bool:
+        # Before serving knew better, each left the model a route, listed: wait for either outcome.
+        return await listed() or (
+            await ignored_events(url, "CanaryVerdict", "unknown-model") > verdicts
+            and await ignored_events(url, "RollbackRequested", "unknown-model") > commands
+        )
+
+    await eventually(handled, deadline_s=30)
+    assert not await listed()
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(f"{url}/v1/models/{ghost}", headers=VIEWER)).status_code == 404
+        sent = await client.post(
+            f"{url}/v1/feedback", json={"prediction_id": f"{ghost}:1:t-0", "label": 1}, headers=PREDICT
+        )
+    assert sent.status_code == 404 and repr(ghost) in sent.json()["error"], sent.text

@@ -29,7 +29,7 @@ from contracts.common import (
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
-from contracts.rollouts import RolloutStarted
+from contracts.rollouts import RolloutMode, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
 from services.serving.domain import ModelRoute
 from services.serving.ports import ModelLoadError, VersionRecord
@@ -253,3 +253,20 @@ def canary_verdict(
         reason=f"{verdict.value} on step {step}",
     )
     return new_event(payload, source="/driftloop/monitoring")
+
+
+def rollout_never_started(model: str) -> RolloutStarted:
+    """A rollout serving never started, of a model it never served: what a hand-made or misrouted
+    verdict about ``model`` refers to."""
+    return RolloutStarted(
+        rollout_id="r-ghost",
+        model=model,
+        stable_version=1,
+        canary_version=2,
+        mode=RolloutMode.CANARY,
+        steps=[0.1, 1.0],
+        step_index=0,
+        weight=0.1,
+        min_samples=0,
+        bake_seconds=0.0,
+    )

@@ -34,6 +34,7 @@ from tests.unit.serving.fakes import (
     canary_verdict,
     passed,
     registered,
+    rollout_never_started,
 )
 
 POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=10, bake_seconds=5.0)
@@ -446,3 +447,39 @@ async def test_a_production_rollback_to_a_version_that_cannot_load_is_dead_lette
     assert world.route.stable_version == 2  # the version that answers keeps answering
     [dead] = world.bus.dead_letters
     assert dead.reason == "rejected" and "rollback target churn v1 cannot be loaded" in dead.error
+
+
+# --- events naming a model serving does not know ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("verdict", list(Verdict))
+async def test_a_verdict_for_a_model_serving_does_not_know_is_ignored_and_counted(
+    world: World, verdict: Verdict
+) -> None:
+    before = handlers.IGNORED.labels("CanaryVerdict", "unknown-model")._value.get()
+    world.clock.advance(60)
+    await world.send(canary_verdict(rollout_never_started("ghost"), 0, verdict, samples=500))
+    assert handlers.IGNORED.labels("CanaryVerdict", "unknown-model")._value.get() == before + 1
+    assert "ghost" not in world.routes.rows and len(world.rollouts()) == 2
+    assert world.bus.dead_letters == []
+
+
+@pytest.mark.parametrize("to_version", [None, 1], ids=["previous-stable", "named"])
+async def test_a_rollback_command_for_a_model_serving_does_not_know_is_dead_lettered_naming_it(
+    world: World, to_version: int | None
+) -> None:
+    await world.send(registered(1, model="ghost"))  # registered, never validated: it never served
+    before = handlers.IGNORED.labels("RollbackRequested", "unknown-model")._value.get()
+    command = RollbackRequested(model="ghost", model_version=1, to_version=to_version, reason="bad")
+    await world.send(new_event(command, source="/x", actor="user:bob"))
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "model 'ghost' has no version serving" in dead.error
+    assert handlers.IGNORED.labels("RollbackRequested", "unknown-model")._value.get() == before + 1
+    assert "ghost" not in world.routes.rows and len(world.rollouts()) == 2
+
+
+async def test_a_promote_command_for_a_registered_version_of_a_new_model_serves_it(world: World) -> None:
+    """A model becomes known by a version taking traffic, whichever way: here by hand, never validated."""
+    await world.send(registered(1, model="fresh"))
+    await world.send(new_event(PromoteRequested(model="fresh", model_version=1, reason="ok"), source="/x"))
+    assert world.routes.rows["fresh"].stable_version == 1 and world.bus.dead_letters == []

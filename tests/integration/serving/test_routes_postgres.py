@@ -1,0 +1,167 @@
+"""Serving's Postgres adapters under its handlers: what the routing state holds after each kind of event.
+
+The handlers run here on PgRoutes and PgModelVersions, in a transaction of their own, as the consumer runs
+them (without Kafka: the events they publish are collected)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from contracts.common import Stage
+from contracts.envelope import CloudEvent, new_event
+from contracts.models import ModelStageChanged
+from contracts.monitoring import Verdict
+from libs.db import apply_migrations, create_pool
+from services.serving import handlers
+from services.serving.adapters.postgres import PgModelVersions, PgRoutes, read_route, read_routes
+from services.serving.bootstrap import MIGRATIONS
+from services.serving.domain import ModelRoute, RolloutPolicy
+from tests.integration.kafka_tools import eventually, unique
+from tests.unit.serving.fakes import (
+    FakeLoader,
+    canary_verdict,
+    passed,
+    registered,
+    rollout_never_started,
+)
+
+POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=0, bake_seconds=0.0)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
+    """A pool on a schema of its own with serving's migrations applied, dropped afterwards."""
+    schema = unique("t_serving")
+    migrated = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(migrated, schema, MIGRATIONS)
+        yield migrated, schema
+    finally:
+        async with migrated.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await migrated.close()
+
+
+async def handle(
+    pool: tuple[asyncpg.Pool, str], event: CloudEvent[Any], loader: FakeLoader | None = None
+) -> list[CloudEvent[Any]]:
+    """Run serving's handler of ``event`` in one committed transaction; the events it published."""
+    pg, schema = pool
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(e: CloudEvent[Any]) -> None:
+        published.append(e)
+
+    async with pg.acquire() as conn, conn.transaction():
+        await handlers.HANDLERS[type(event.data)](
+            event,
+            versions=PgModelVersions(conn),
+            routes=PgRoutes(conn, schema),
+            loader=loader or FakeLoader(),
+            publish=publish,
+            source="/driftloop/serving",
+            policy=POLICY,
+        )
+    return published
+
+
+async def route_models(pg: asyncpg.Pool) -> list[str]:
+    async with pg.acquire() as conn:
+        return [r["model"] for r in await conn.fetch("SELECT model FROM model_routes ORDER BY model")]
+
+
+async def test_events_naming_a_model_serving_does_not_know_leave_no_route(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    ghost = rollout_never_started("ghost")
+    await handle(pool, canary_verdict(ghost, 0, Verdict.HEALTHY))
+    await handle(pool, canary_verdict(ghost, 0, Verdict.UNHEALTHY))
+    change = ModelStageChanged(
+        model="ghost", model_version=3, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="x"
+    )
+    await handle(pool, new_event(change, source="/driftloop/registry"))
+    # A first version that cannot load never serves: its model has no route either.
+    broken = FakeLoader()
+    broken.broken.add("01" * 32)
+    await handle(pool, registered(1, model="unloadable"), broken)
+    failed = await handle(pool, passed(1, model="unloadable"), broken)
+    assert [type(e.data).__name__ for e in failed] == ["RolloutRolledBack"]
+    assert await route_models(pool[0]) == []
+    assert await read_routes(pool[0]) == [] and await read_route(pool[0], "ghost") is None
+
+
+async def test_the_first_version_of_a_model_creates_its_route(pool: tuple[asyncpg.Pool, str]) -> None:
+    await handle(pool, registered(1))
+    await handle(pool, passed(1))
+    [route] = await read_routes(pool[0])
+    assert route.model == "churn" and route.stable_version == 1
+    assert await read_route(pool[0], "churn") == route
+
+
+async def test_deciders_for_a_new_model_take_turns(pool: tuple[asyncpg.Pool, str]) -> None:
+    """Two transactions deciding for a model that has no route yet: the second waits for the first and
+    decides on what it saved, as it would on an existing model's row."""
+    pg, schema = pool
+    first = await pg.acquire()
+    second = await pg.acquire()
+    try:
+        tx = first.transaction()
+        await tx.start()
+        empty = await PgRoutes(first, schema).lock("new")
+        assert empty == ModelRoute("new")
+
+        async def lock_second() -> ModelRoute:
+            async with second.transaction():
+                return await PgRoutes(second, schema).lock("new")
+
+        waiting = asyncio.create_task(lock_second())
+        pid = second.get_server_pid()
+
+        async def blocked() -> bool:
+            async with pg.acquire() as conn:
+                kind = await conn.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid)
+            return kind == "Lock"
+
+        await eventually(blocked, deadline_s=10)
+        await PgRoutes(first, schema).save(ModelRoute("new", stable_version=1), now=datetime.now(UTC))
+        await tx.commit()
+        assert (await asyncio.wait_for(waiting, 10)).stable_version == 1
+    finally:
+        await pg.release(first)
+        await pg.release(second)
+
+
+async def test_the_migration_removes_routes_with_no_version_and_keeps_the_rest(database_url: str) -> None:
+    schema = unique("t_serving")
+    pg = await create_pool(database_url, schema=schema)
+    try:
+        cleanup = [m.id for m in MIGRATIONS].index("serving/0003_routes_with_a_version.sql")
+        await apply_migrations(pg, schema, MIGRATIONS[:cleanup])
+        async with pg.acquire() as conn:
+            # What serving wrote before: an empty row for every model an event named.
+            await conn.execute("INSERT INTO model_routes (model) VALUES ('ghost')")
+            await conn.execute("INSERT INTO model_routes (model, stable_version) VALUES ('churn', 1)")
+            await conn.execute(
+                """INSERT INTO model_routes (model, rollout_id, canary_version, status)
+                   VALUES ('odd', 'r-1', 1, 'rolled-back')"""
+            )
+        await apply_migrations(pg, schema, MIGRATIONS)
+        assert await route_models(pg) == ["churn", "odd"]
+    finally:
+        async with pg.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pg.close()
+
+
+async def test_the_read_api_skips_a_route_with_no_version(pool: tuple[asyncpg.Pool, str]) -> None:
+    """A replica of an earlier release may still write an empty row after the migration removed them."""
+    pg, _ = pool
+    async with pg.acquire() as conn:
+        await conn.execute("INSERT INTO model_routes (model) VALUES ('ghost')")
+    assert await read_routes(pg) == [] and await read_route(pg, "ghost") is None
