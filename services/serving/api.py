@@ -34,9 +34,10 @@ from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
-from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
+from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
 from libs.http import Text, error_body, json_body
 from services.serving.domain import (
+    VERSION_TEXT,
     ModelRoute,
     answering_variants,
     check_entity_keys,
@@ -45,6 +46,7 @@ from services.serving.domain import (
     json_kind,
     parse_json,
     parse_prediction_id,
+    parse_version,
     read_json,
     tensor_rows,
     tensors_from_json,
@@ -214,17 +216,27 @@ async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response
     return _json(_metadata(routing, served))
 
 
+def _path_version(name: str, text: str) -> int:
+    """The version a path names; 404 for text that writes none, as the registry answers its version paths
+    (and as for a version that is not serving): no other text is a second name of a version."""
+    version = parse_version(text)
+    if version is None:
+        raise NotFound(f"model {name!r} has no version {shown(text)}: {VERSION_TEXT}")
+    return version
+
+
 @router.get(
     "/v2/models/{name}/versions/{version}", tags=["open inference protocol"], summary="Version metadata."
 )
-async def version_metadata(name: str, version: int, ctx: ContextDep, _: AnyTokenDep) -> Response:
+async def version_metadata(name: str, version: str, ctx: ContextDep, _: AnyTokenDep) -> Response:
+    number = _path_version(name, version)
     routing = ctx.predictor.routing(name)
-    found = routing.by_version(version)
+    found = routing.by_version(number)
     if found is None:
         raise NotFound(
-            f"model {name!r} version {version} is not serving; serving versions: {routing.versions}"
+            f"model {name!r} version {number} is not serving; serving versions: {routing.versions}"
         )
-    return _json({**_metadata(routing, found[0]), "versions": [str(version)]})
+    return _json({**_metadata(routing, found[0]), "versions": [version]})
 
 
 @router.get("/v2/models/{name}/ready", tags=["open inference protocol"], summary="The model can answer.")
@@ -240,12 +252,16 @@ async def model_ready(name: str, ctx: ContextDep) -> Response:
     tags=["open inference protocol"],
     summary="The version can answer.",
 )
-async def version_ready(name: str, version: int, ctx: ContextDep) -> Response:
+async def version_ready(name: str, version: str, ctx: ContextDep) -> Response:
+    number = parse_version(version)
+    if number is None:
+        message = f"model {name!r} has no version {shown(version)}: {VERSION_TEXT}"
+        return _json(error_body(message, "not-found", name=name, version=version, ready=False), 404)
     routing = ctx.state.table.models.get(name)
-    if routing is None or routing.by_version(version) is None:
-        message = f"model {name!r} version {version} is not serving"
-        return _json(error_body(message, "not-found", name=name, version=str(version), ready=False), 404)
-    return _json({"name": name, "version": str(version), "ready": True})
+    if routing is None or routing.by_version(number) is None:
+        message = f"model {name!r} version {number} is not serving"
+        return _json(error_body(message, "not-found", name=name, version=version, ready=False), 404)
+    return _json({"name": name, "version": version, "ready": True})
 
 
 async def _infer(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:
@@ -417,10 +433,10 @@ async def infer(name: str, request: Request) -> Response:
     summary="Score tensors with one version.",
     **_INFER_DOCS,
 )
-async def infer_version(name: str, version: int, request: Request) -> Response:
+async def infer_version(name: str, version: str, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
     _caller(request, Role.predict)
-    return await _infer(name, version, request, _context(request))
+    return await _infer(name, _path_version(name, version), request, _context(request))
 
 
 # --- simple JSON API ---------------------------------------------------------------------------------------

@@ -589,18 +589,31 @@ def prediction_id_prefix(model: str, version: int, request_token: str) -> str:
     return f"{model}:{version}:{request_token}-"
 
 
+VERSION_TEXT = (
+    f"a version is a whole number from 1 to {VERSION_MAX}, in decimal digits with no sign, no leading zero, "
+    "no space and no fraction"
+)
+"""How a model version is written in a path or a prediction id, for the messages refusing another text."""
+
+
+def parse_version(text: str) -> int | None:
+    """The model version ``text`` writes as serving writes versions (``VERSION_TEXT``), or None. ``int`` would
+    also read '01', '+1', ' 1', '1_0' and '١' (and pydantic '1.0') as versions: one version with many names,
+    or another number than the one meant."""
+    if not (0 < len(text) <= len(str(VERSION_MAX)) and text.isascii() and text.isdigit()) or text[0] == "0":
+        return None
+    version = int(text)
+    return version if version <= VERSION_MAX else None
+
+
 def parse_prediction_id(pid: str) -> tuple[str, int] | None:
-    """The (model, version) a prediction id names, or None when it is not one of ours: ours have a version
-    of ASCII digits from 1 to 2^31 - 1 (``str.isdigit`` would also take '²' or '١', which ``int`` refuses or
-    reads as another number)."""
+    """The (model, version) a prediction id names, or None when it is not one of ours: ours write the version
+    as :func:`parse_version` reads it."""
     parts = pid.split(":")
     if len(parts) != 3 or not parts[0] or not parts[2]:
         return None
-    digits = parts[1]
-    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(VERSION_MAX)):
-        return None
-    version = int(digits)
-    return (parts[0], version) if 1 <= version <= VERSION_MAX else None
+    version = parse_version(parts[1])
+    return (parts[0], version) if version is not None else None
 
 
 # --- inputs against the signature ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -908,6 +909,7 @@ async def test_feedback_refusals_name_the_item_and_the_field(
         "churn:\u00b2:abc-0",
         "churn:\u0661:abc-0",
         "churn:0:abc-0",
+        "churn:01:abc-0",
         "churn:3000000000:abc-0",
         "churn:99999999999999999999:abc-0",
     ],
@@ -982,7 +984,7 @@ async def test_a_production_rollback_to_another_version_is_accepted(service: Ser
     ("method", "path", "body", "status"),
     [
         ("POST", "/v2/models/churn/infer", b'{"inputs": [' + b" " * 30_000 + b"]}", 413),
-        ("POST", "/v2/models/churn/versions/x/infer", b"{}", 422),
+        ("POST", "/v2/models/churn/versions/x/infer", b"{}", 404),
         ("POST", "/v1/models/churn/rollback", b'{"reason":', 422),
         ("GET", "/v2/nothing-here", b"", 404),
         ("GET", "/v1/models/churn/predict", b"", 405),
@@ -1138,3 +1140,34 @@ async def test_predict_proba_is_refused_only_when_a_version_that_answers_clients
         service.route(served(1), canary, weight=0.0 if mode is RolloutMode.CANARY else 0.5, mode=mode)
         r = await service.client.post("/v2/models/churn/infer", json=asked, headers=PREDICT)
         assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "predict_proba", r.text
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["1.0", "01", "+1", " 1", "1 ", "1_0", "0", "-1", "x", "\u0661", "2147483648", "9" * 5_000],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/models/churn/versions/{v}"),
+        ("GET", "/v2/models/churn/versions/{v}/ready"),
+        ("POST", "/v2/models/churn/versions/{v}/infer"),
+    ],
+    ids=["metadata", "ready", "infer"],
+)
+async def test_a_path_version_not_written_as_serving_writes_versions_is_a_404_saying_what_one_is(
+    service: Service, method: str, path: str, version: str
+) -> None:
+    """The registry answers these paths' versions alike: 404, as for a version it does not have."""
+    r = await service.client.request(
+        method, path.format(v=quote(version)), json=oip_body() if method == "POST" else None, headers=PREDICT
+    )
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error.startswith("model 'churn' has no version ") and "a version is a whole number" in error
+    assert r.json()["code"] == "not-found"
+    assert (
+        await service.client.request(
+            method, path.format(v="1"), json=oip_body() if method == "POST" else None, headers=PREDICT
+        )
+    ).status_code == 200
