@@ -192,8 +192,18 @@ async def on_model_version_registered(
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
-    """Record where the version's artifact is and its signature; start its rollout if it already passed."""
+    """Record where the version's artifact is and its signature; start its rollout if it already passed.
+    A version's artifact never changes: a registration naming another one for a version serving knows is
+    dead-lettered (taken, the next routing sync would serve other bytes under the same version)."""
     d = event.data
+    known = await versions.get(d.model, d.model_version)
+    if known is not None and known.artifact_key is not None and known.artifact_key != d.artifact.key:
+        IGNORED.labels("ModelVersionRegistered", "other-artifact").inc()
+        raise PermanentError(
+            f"{d.model} v{d.model_version} is registered with artifact {known.artifact_key[:12]}…; this "
+            f"registration names another ({d.artifact.key[:12]}…): a version's artifact never changes, "
+            "register a new version"
+        )
     record = await versions.registered(
         d.model, d.model_version, artifact_key=d.artifact.key, signature=d.signature, stage=d.stage.value
     )

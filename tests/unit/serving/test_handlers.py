@@ -483,3 +483,21 @@ async def test_a_promote_command_for_a_registered_version_of_a_new_model_serves_
     await world.send(registered(1, model="fresh"))
     await world.send(new_event(PromoteRequested(model="fresh", model_version=1, reason="ok"), source="/x"))
     assert world.routes.rows["fresh"].stable_version == 1 and world.bus.dead_letters == []
+
+
+# --- duplicated and out-of-order events -------------------------------------------------------------------
+
+
+async def test_a_registration_naming_another_artifact_for_a_known_version_is_dead_lettered(
+    world: World,
+) -> None:
+    """A version's artifact never changes: taken, the next routing sync would serve other bytes as v1."""
+    before = handlers.IGNORED.labels("ModelVersionRegistered", "other-artifact")._value.get()
+    await world.send(registered(1, key="aa" * 32))
+    assert world.versions.rows[("churn", 1)].artifact_key == "01" * 32
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "churn v1 is registered with artifact 010101" in dead.error
+    assert handlers.IGNORED.labels("ModelVersionRegistered", "other-artifact")._value.get() == before + 1
+    # The registry announcing the same version again (a replay, a new event id) is no news.
+    await world.send(registered(1))
+    assert len(world.bus.dead_letters) == 1 and len(world.rollouts()) == 2
