@@ -469,7 +469,10 @@ def production_changed(
 ) -> Transition:
     """The registry moved ``version`` to production (a manual change there): serve it as stable.
 
-    No event: the registry's ModelStageChanged is the fact. A live canary of that version ends promoted.
+    The registry's ModelStageChanged is the fact, so the change has no event of serving's. A live canary of
+    that version ends promoted; an older one is superseded (RolloutRolledBack), since a canary is never
+    older than the stable version (:func:`start_rollout`): promoted on its verdicts, it would put production
+    back behind the registry's choice. A newer one goes on against the new stable version.
     A change the registry made to follow serving's own promotion or rollback (``following_serving``) is
     no news unless it names the stable version: serving has decided again since (promoted a newer version,
     rolled production back), and the registry's echo of that decision is on its way behind this one.
@@ -489,7 +492,17 @@ def production_changed(
         rollout = replace(live, status=RolloutStatus.PROMOTED, ended_at=now, end_reason="registry")
     elif live is not None:
         rollout = replace(live, stable_version=version)
-    return Transition(ModelRoute(route.model, version, route.stable_version, rollout))
+    changed = ModelRoute(route.model, version, route.stable_version, rollout)
+    if live is not None and live.canary_version < version:
+        # On the new stable version first: the registry moves the rollback's stable version to production.
+        return rollback(
+            changed,
+            reason=RollbackReason.SUPERSEDED,
+            message=f"version {version} was moved to production in the registry, over the older canary "
+            f"{live.canary_version}",
+            now=now,
+        )
+    return Transition(changed)
 
 
 def error_rate_breached(requests: int, errors: int, *, threshold: float, min_requests: int) -> bool:

@@ -501,3 +501,37 @@ async def test_a_registration_naming_another_artifact_for_a_known_version_is_dea
     # The registry announcing the same version again (a replay, a new event id) is no news.
     await world.send(registered(1))
     assert len(world.bus.dead_letters) == 1 and len(world.rollouts()) == 2
+
+
+async def test_a_production_change_newer_than_the_live_canary_supersedes_it(world: World) -> None:
+    """Left live, the older canary's healthy verdicts would promote it over the version the registry chose."""
+    await world.send(registered(2), passed(2), registered(3))
+    started = world.rollouts(RolloutStarted)[-1]
+    change = ModelStageChanged(
+        model="churn", model_version=3, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="manual"
+    )
+    await world.send(new_event(change, source="/driftloop/registry"))
+    assert world.route.stable_version == 3 and world.route.active is None
+    [superseded] = world.rollouts(RolloutRolledBack)
+    assert superseded.data.reason is RollbackReason.SUPERSEDED and superseded.data.canary_version == 2
+    # The registry moves the rollback's stable version to production: the one it chose, not the one before.
+    assert superseded.data.stable_version == 3
+    assert superseded.correlationid == started.correlationid
+    assert world.versions.rows[("churn", 2)].stage == Stage.REJECTED.value
+    for step in (0, 1):
+        world.clock.advance(10)
+        await world.send(canary_verdict(started.data, step, Verdict.HEALTHY, samples=100))
+    assert world.route.stable_version == 3 and len(world.rollouts(RolloutPromoted)) == 1
+
+
+async def test_a_production_change_older_than_the_live_canary_keeps_it_against_the_new_stable(
+    world: World,
+) -> None:
+    await world.send(registered(2), registered(3), passed(3))
+    change = ModelStageChanged(
+        model="churn", model_version=2, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="manual"
+    )
+    await world.send(new_event(change, source="/driftloop/registry"))
+    live = world.route.active
+    assert world.route.stable_version == 2 and live is not None
+    assert (live.canary_version, live.stable_version) == (3, 2) and world.rollouts(RolloutRolledBack) == []
