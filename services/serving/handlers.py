@@ -427,19 +427,17 @@ async def on_model_stage_changed(
     that decision itself, and when the version is no longer stable it has decided again since (an echo
     arriving late would put a superseded version back on all traffic).
     A version serving rolled back stays off traffic: the registry only archives a rejected version, so a
-    change of it to another stage was sent before the registry learnt of the rollback, and is ignored."""
+    change of it to another stage was sent before the registry learnt of the rollback, and is ignored.
+    So is a change of a version serving never learnt of: the registry announces a version before changing
+    its stage, so the change is no news of it, and mirrored it would stick to the version if registered."""
     d = event.data
-    if d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED):
-        known = await versions.get(d.model, d.model_version)
-        if known is not None and known.stage == Stage.REJECTED.value:
-            IGNORED.labels("ModelStageChanged", "retired-version").inc()
-            log.warning(
-                "stage change of a version serving rolled back is stale, ignored",
-                model=d.model,
-                version=d.model_version,
-                to_stage=d.to_stage.value,
-            )
-            return
+    known = await versions.get(d.model, d.model_version)
+    if known is None:
+        _stage_change_ignored(d, "unknown-version", "stage change of a version serving never learnt of")
+        return
+    if d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED) and known.stage == Stage.REJECTED.value:
+        _stage_change_ignored(d, "retired-version", "stage change of a version serving rolled back is stale")
+        return
     await versions.set_stage(d.model, d.model_version, d.to_stage.value)
     if d.to_stage is not Stage.PRODUCTION:
         return
@@ -468,6 +466,11 @@ async def on_model_stage_changed(
     await apply(
         route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
     )
+
+
+def _stage_change_ignored(d: ModelStageChanged, reason: str, message: str) -> None:
+    IGNORED.labels("ModelStageChanged", reason).inc()
+    log.warning(f"{message}, ignored", model=d.model, version=d.model_version, to_stage=d.to_stage.value)
 
 
 async def roll_back_for_error_rate(

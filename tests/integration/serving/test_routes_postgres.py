@@ -93,6 +93,8 @@ async def test_events_naming_a_model_serving_does_not_know_leave_no_route(
     failed = await handle(pool, passed(1, model="unloadable"), broken)
     assert [type(e.data).__name__ for e in failed] == ["RolloutRolledBack"]
     assert await route_models(pool[0]) == []
+    async with pool[0].acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM model_versions WHERE model = 'ghost'") == 0
     assert await read_routes(pool[0]) == [] and await read_route(pool[0], "ghost") is None
 
 

@@ -535,3 +535,19 @@ async def test_a_production_change_older_than_the_live_canary_keeps_it_against_t
     live = world.route.active
     assert world.route.stable_version == 2 and live is not None
     assert (live.canary_version, live.stable_version) == (3, 2) and world.rollouts(RolloutRolledBack) == []
+
+
+async def test_a_stage_change_of_a_version_serving_never_learnt_of_is_ignored_not_stored(
+    world: World,
+) -> None:
+    """The registry announces a version before it changes its stage, on the same partition: a change of one
+    serving never learnt of is no news of it, and its stage must not stick to the version registered later."""
+    before = handlers.IGNORED.labels("ModelStageChanged", "unknown-version")._value.get()
+    change = ModelStageChanged(
+        model="churn", model_version=2, from_stage=Stage.CANDIDATE, to_stage=Stage.ARCHIVED, reason="x"
+    )
+    await world.send(new_event(change, source="/x"))
+    assert ("churn", 2) not in world.versions.rows and world.bus.dead_letters == []
+    assert handlers.IGNORED.labels("ModelStageChanged", "unknown-version")._value.get() == before + 1
+    await world.send(registered(2), passed(2))
+    assert world.route.active is not None and world.route.active.canary_version == 2
