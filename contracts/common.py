@@ -143,6 +143,23 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 VERSION_MAX = 2**31 - 1
 """Every service stores versions as Postgres integers: a larger number cannot name a version anywhere."""
 
+VERSION_TEXT = (
+    f"a version is a whole number from 1 to {VERSION_MAX}, in decimal digits with no sign, no leading zero, "
+    "no space and no fraction"
+)
+"""How a version is written as text (a URL path, a prediction id): one way only."""
+
+
+def parse_version(text: str) -> int | None:
+    """The version ``text`` writes as :data:`VERSION_TEXT` says, or None. ``int`` would also read '01', '+1',
+    ' 1', '1_0' and '١' (and pydantic '1.0') as versions: one version with many names, or another number
+    than the one meant."""
+    if not (0 < len(text) <= len(str(VERSION_MAX)) and text.isascii() and text.isdigit()) or text[0] == "0":
+        return None
+    version = int(text)
+    return version if version <= VERSION_MAX else None
+
+
 ModelVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 """Model versions are numbered 1, 2, 3, ... per model by the registry."""
 

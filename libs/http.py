@@ -9,7 +9,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts.common import VERSION_TEXT, parse_version
 from libs.auth import TokenStore
 from libs.errors import (
     Conflict,
@@ -30,6 +31,7 @@ from libs.errors import (
     PayloadTooLarge,
     TooManyRequests,
     Unauthorized,
+    shown,
 )
 from libs.settings import ServiceSettings
 
@@ -148,6 +150,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 }
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""
+
+
+def path_version(text: str, owner: str) -> int:
+    """The version a URL path segment names, or 404 naming ``owner`` ("model 'churn'") and saying how a
+    version is written: a path that writes no version names nothing, as a version that does not exist."""
+    version = parse_version(text)
+    if version is None:
+        raise NotFound(f"{owner} has no version {shown(text)}: {VERSION_TEXT}")
+    return version
+
+
+VersionPath = Annotated[str, Path(description=f"The version number ({VERSION_TEXT}).")]
+"""A version path parameter, read by :func:`path_version` (FastAPI's int would take '01' or '1.0')."""
 
 
 def error_body(message: str, code: str, **extra: Any) -> dict[str, Any]:

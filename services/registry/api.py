@@ -16,23 +16,23 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from contracts.common import (
-    VERSION_MAX,
+    VERSION_TEXT,
     DatasetName,
-    DatasetVersion,
     ModelName,
-    ModelVersion,
     Stage,
+    parse_version,
 )
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
-from libs.http import Text
+from libs.http import Text, VersionPath, path_version
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
 from services.registry.adapters.postgres import PgDatasets, PgQueries, PgVersions
 from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import (
+    ALIASES,
     Command,
     check_name,
     decode_name_cursor,
@@ -111,24 +111,30 @@ TagFilter = Annotated[
 ]
 
 
-async def _resolve(q: Queries, model: str, ref: str) -> int:
-    """A version number from a path segment: a number, or an alias (`champion`)."""
-    if ref.isascii() and ref.isdigit():
-        # Counted before int(), which refuses more than 4,300 digits (a ValueError, so a 500).
-        digits = ref.lstrip("0") or "0"
-        if len(digits) > len(str(VERSION_MAX)) or int(digits) > VERSION_MAX:
-            raise NotFound(f"model {model!r} has no version {shown(ref)}: versions go up to {VERSION_MAX}")
-        return int(digits)
-    version = await q.version_by_alias(model, ref)
+def _version_ref(model: str, ref: str) -> int | str:
+    """What a version path segment names, read before any look-up: a number written as
+    :data:`VERSION_TEXT` says, or an alias (`champion`, `challenger`); anything else names no version (404).
+    """
+    if ref in ALIASES:
+        return ref
+    version = parse_version(ref)
     if version is None:
-        if await q.model(model) is None:
-            raise NotFound(f"model {model!r} is not registered")
-        raise NotFound(f"model {model!r} has no alias {shown(ref)}")
+        raise NotFound(
+            f"model {model!r} has no version {shown(ref)}: {VERSION_TEXT}, or an alias ({', '.join(ALIASES)})"
+        )
     return version
 
 
-async def _version(q: Queries, model: str, ref: str) -> VersionPublic:
-    number = await _resolve(q, model, ref)
+async def _version(q: Queries, model: str, ref: int | str) -> VersionPublic:
+    if isinstance(ref, int):
+        number = ref
+    else:
+        alias = await q.version_by_alias(model, ref)
+        if alias is None:
+            if await q.model(model) is None:
+                raise NotFound(f"model {model!r} is not registered")
+            raise NotFound(f"model {model!r} has no {ref} now")
+        number = alias
     found = await q.version(model, number)
     if found is None:
         if await q.model(model) is None:
@@ -233,8 +239,9 @@ async def search_versions(
     response_model=VersionPublic,
 )
 async def get_version(request: Request, _: ViewerDep, model: ModelName, version: str) -> Response:
+    ref = _version_ref(model, version)
     async with _queries(request) as q:
-        found = await _version(q, model, version)
+        found = await _version(q, model, ref)
     # Built and validated from the database row already: serialise once, not validate again on the way out.
     return Response(found.model_dump_json(), media_type="application/json")
 
@@ -252,8 +259,9 @@ async def download_artifact(
     version: str,
     kind: Annotated[Literal["model", "profile"], Query(description="Which artifact.")] = "model",
 ) -> StreamingResponse:
+    named = _version_ref(model, version)
     async with _queries(request) as q:
-        v = await _version(q, model, version)
+        v = await _version(q, model, named)
     ref = v.artifact if kind == "model" else v.profile
     suffix = "skops" if kind == "model" else "json"
     media = "application/octet-stream" if kind == "model" else "application/json"
@@ -296,8 +304,9 @@ async def model_card(
     version: str,
     format: Annotated[Literal["markdown", "html"], Query(description="Markdown or HTML.")] = "markdown",
 ) -> Response:
+    ref = _version_ref(model, version)
     async with _queries(request) as q:
-        v = await _version(q, model, version)
+        v = await _version(q, model, ref)
     if format == "html":
         return HTMLResponse(render_html(v))
     return PlainTextResponse(render_markdown(v), media_type="text/markdown; charset=utf-8")
@@ -305,13 +314,14 @@ async def model_card(
 
 @router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
 async def set_tag(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: TagKey, body: TagCreate
+    request: Request, who: OperatorDep, model: ModelName, version: VersionPath, key: TagKey, body: TagCreate
 ) -> dict[str, str]:
+    number = path_version(version, f"model {model!r}")
     rt = _runtime(request)
     async with rt.begin() as tx:
         await core.tag(
             model,
-            version,
+            number,
             key,
             body.value,
             actor=who.actor,
@@ -329,13 +339,14 @@ async def set_tag(
     status_code=204,
 )
 async def delete_tag(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, key: TagKey
+    request: Request, who: OperatorDep, model: ModelName, version: VersionPath, key: TagKey
 ) -> Response:
+    number = path_version(version, f"model {model!r}")
     rt = _runtime(request)
     async with rt.begin() as tx:
         removed = await core.tag(
             model,
-            version,
+            number,
             key,
             None,
             actor=who.actor,
@@ -344,7 +355,7 @@ async def delete_tag(
             source=rt.source(),
         )
     if not removed:
-        raise NotFound(f"{model} version {version} has no tag {key!r}")
+        raise NotFound(f"{model} version {number} has no tag {key!r}")
     return Response(status_code=204)
 
 
@@ -391,9 +402,10 @@ _COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Ask serving to put the version on all traffic now (PromoteRequested).",
 )
 async def promote(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: CommandCreate
+    request: Request, who: OperatorDep, model: ModelName, version: VersionPath, body: CommandCreate
 ) -> CommandAccepted:
-    return await _command(request, Command.PROMOTE, model, version, who.actor, body.reason)
+    number = path_version(version, f"model {model!r}")
+    return await _command(request, Command.PROMOTE, model, number, who.actor, body.reason)
 
 
 @router.post(
@@ -404,9 +416,10 @@ async def promote(
     summary="Ask serving to take the version off traffic at once (RollbackRequested).",
 )
 async def rollback(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: RollbackCreate
+    request: Request, who: OperatorDep, model: ModelName, version: VersionPath, body: RollbackCreate
 ) -> CommandAccepted:
-    return await _command(request, Command.ROLLBACK, model, version, who.actor, body.reason, body.to_version)
+    number = path_version(version, f"model {model!r}")
+    return await _command(request, Command.ROLLBACK, model, number, who.actor, body.reason, body.to_version)
 
 
 @router.post(
@@ -417,9 +430,10 @@ async def rollback(
     summary="Archive a version that does not serve (ArchiveRequested; the registry carries it out).",
 )
 async def archive(
-    request: Request, who: OperatorDep, model: ModelName, version: ModelVersion, body: CommandCreate
+    request: Request, who: OperatorDep, model: ModelName, version: VersionPath, body: CommandCreate
 ) -> CommandAccepted:
-    return await _command(request, Command.ARCHIVE, model, version, who.actor, body.reason)
+    number = path_version(version, f"model {model!r}")
+    return await _command(request, Command.ARCHIVE, model, number, who.actor, body.reason)
 
 
 @router.post(
@@ -579,9 +593,9 @@ async def _dataset(request: Request, name: str, version: int) -> DatasetPublic:
 
 @router.get("/datasets/{name}/versions/{version}", tags=["datasets"], summary="One dataset version.")
 async def get_dataset(
-    request: Request, _: ViewerDep, name: DatasetName, version: DatasetVersion
+    request: Request, _: ViewerDep, name: DatasetName, version: VersionPath
 ) -> DatasetPublic:
-    return await _dataset(request, name, version)
+    return await _dataset(request, name, path_version(version, f"dataset {name!r}"))
 
 
 @router.get(
@@ -591,9 +605,9 @@ async def get_dataset(
     response_class=StreamingResponse,
 )
 async def download_dataset(
-    request: Request, _: ViewerDep, name: DatasetName, version: DatasetVersion
+    request: Request, _: ViewerDep, name: DatasetName, version: VersionPath
 ) -> StreamingResponse:
-    ds = await _dataset(request, name, version)
+    ds = await _dataset(request, name, path_version(version, f"dataset {name!r}"))
     suffix = ds.artifact.format.value
     media = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
     kind = media.get(suffix, "application/octet-stream")

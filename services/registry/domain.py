@@ -56,6 +56,8 @@ def check_transition(model: str, version: int, current: Stage, target: Stage) ->
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+ALIASES = (CHAMPION, CHALLENGER)
+"""Every alias a version can hold: a model's version paths take these besides numbers."""
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,14 @@ from pydantic_core import PydanticCustomError
 
 from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import (
+    VERSION_TEXT,
     FeatureType,
     Label,
     ModelName,
     ModelVersion,
     Task,
     UtcDatetime,
+    parse_version,
     unstorable_text,
 )
 from contracts.envelope import CloudEvent, new_event
@@ -35,9 +37,8 @@ from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
-from libs.http import Text, error_body, json_body
+from libs.http import Text, VersionPath, error_body, json_body, path_version
 from services.serving.domain import (
-    VERSION_TEXT,
     ModelRoute,
     answering_variants,
     check_entity_keys,
@@ -46,7 +47,6 @@ from services.serving.domain import (
     json_kind,
     parse_json,
     parse_prediction_id,
-    parse_version,
     read_json,
     tensor_rows,
     tensors_from_json,
@@ -216,20 +216,11 @@ async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response
     return _json(_metadata(routing, served))
 
 
-def _path_version(name: str, text: str) -> int:
-    """The version a path names; 404 for text that writes none, as the registry answers its version paths
-    (and as for a version that is not serving): no other text is a second name of a version."""
-    version = parse_version(text)
-    if version is None:
-        raise NotFound(f"model {name!r} has no version {shown(text)}: {VERSION_TEXT}")
-    return version
-
-
 @router.get(
     "/v2/models/{name}/versions/{version}", tags=["open inference protocol"], summary="Version metadata."
 )
-async def version_metadata(name: str, version: str, ctx: ContextDep, _: AnyTokenDep) -> Response:
-    number = _path_version(name, version)
+async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, _: AnyTokenDep) -> Response:
+    number = path_version(version, f"model {name!r}")
     routing = ctx.predictor.routing(name)
     found = routing.by_version(number)
     if found is None:
@@ -252,7 +243,7 @@ async def model_ready(name: str, ctx: ContextDep) -> Response:
     tags=["open inference protocol"],
     summary="The version can answer.",
 )
-async def version_ready(name: str, version: str, ctx: ContextDep) -> Response:
+async def version_ready(name: str, version: VersionPath, ctx: ContextDep) -> Response:
     number = parse_version(version)
     if number is None:
         message = f"model {name!r} has no version {shown(version)}: {VERSION_TEXT}"
@@ -433,10 +424,10 @@ async def infer(name: str, request: Request) -> Response:
     summary="Score tensors with one version.",
     **_INFER_DOCS,
 )
-async def infer_version(name: str, version: str, request: Request) -> Response:
+async def infer_version(name: str, version: VersionPath, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
     _caller(request, Role.predict)
-    return await _infer(name, _path_version(name, version), request, _context(request))
+    return await _infer(name, path_version(version, f"model {name!r}"), request, _context(request))
 
 
 # --- simple JSON API ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from contracts.common import VERSION_MAX, FeatureType, ModelSignature, unstorable_text
+from contracts.common import FeatureType, ModelSignature, parse_version, unstorable_text
 from contracts.envelope import EventPayload
 from contracts.predictions import Variant
 from contracts.rollouts import (
@@ -600,23 +600,6 @@ def prediction_id(model: str, version: int, request_token: str, row: int) -> str
 def prediction_id_prefix(model: str, version: int, request_token: str) -> str:
     """What every :func:`prediction_id` of one request and version starts with: the row follows it."""
     return f"{model}:{version}:{request_token}-"
-
-
-VERSION_TEXT = (
-    f"a version is a whole number from 1 to {VERSION_MAX}, in decimal digits with no sign, no leading zero, "
-    "no space and no fraction"
-)
-"""How a model version is written in a path or a prediction id, for the messages refusing another text."""
-
-
-def parse_version(text: str) -> int | None:
-    """The model version ``text`` writes as serving writes versions (``VERSION_TEXT``), or None. ``int`` would
-    also read '01', '+1', ' 1', '1_0' and '١' (and pydantic '1.0') as versions: one version with many names,
-    or another number than the one meant."""
-    if not (0 < len(text) <= len(str(VERSION_MAX)) and text.isascii() and text.isdigit()) or text[0] == "0":
-        return None
-    version = int(text)
-    return version if version <= VERSION_MAX else None
 
 
 def parse_prediction_id(pid: str) -> tuple[str, int] | None:

@@ -5,14 +5,14 @@ Routes call the same core functions as the handlers (handlers.report, report_for
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.common import VERSION_MAX, DatasetRef, ModelName
+from contracts.common import DatasetRef, ModelName
 from contracts.validation import CheckResult
 from libs.auth import ViewerDep
+from libs.http import VersionPath, path_version
 from services.validation import handlers
 from services.validation.adapters.postgres import PgReports
 from services.validation.ports import Report
@@ -67,9 +67,10 @@ async def get_report(report_id: str, request: Request, _: ViewerDep) -> ReportPu
 )
 async def get_version_report(
     model: ModelName,
-    version: Annotated[int, Path(ge=1, le=VERSION_MAX, description="Model version.")],
+    version: VersionPath,
     request: Request,
     _: ViewerDep,
 ) -> ReportPublic:
+    number = path_version(version, f"model {model!r}")
     async with request.app.state.runtime.pool.acquire() as conn:
-        return ReportPublic.of(await handlers.report_for_version(model, version, reports=PgReports(conn)))
+        return ReportPublic.of(await handlers.report_for_version(model, number, reports=PgReports(conn)))

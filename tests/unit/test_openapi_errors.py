@@ -131,3 +131,24 @@ async def test_the_registry_tag_filter_documents_that_a_key_is_needed(path: str)
         True,
         True,
     ]
+
+
+@pytest.mark.parametrize(
+    ("service", "path", "url"),
+    [
+        ("validation", "/v1/models/{model}/versions/{version}/report", "/v1/models/m/versions/{v}/report"),
+        ("registry", "/v1/datasets/{name}/versions/{version}", "/v1/datasets/d/versions/{v}"),
+        ("registry", "/v1/models/{model}/versions/{version}", "/v1/models/m/versions/{v}"),
+        ("serving", "/v2/models/{name}/versions/{version}", "/v2/models/m/versions/{v}"),
+    ],
+)
+@pytest.mark.parametrize("text", ["01", "1.0", "+1", "1_0", "0", "2147483648"])
+async def test_a_version_written_another_way_is_a_documented_404_in_every_service(
+    service: str, path: str, url: str, text: str
+) -> None:
+    # FastAPI's int path parameter read '01', '1.0' and '+1' as version 1 and '1_0' as 10: one version with
+    # many names. Every service's version paths read a version one way (contracts.common.parse_version).
+    doc, r = await answer(service, "GET", url.format(v=text), headers=ADMIN)
+    assert r.status_code == 404, r.text
+    assert "a whole number from 1 to 2147483647" in r.json()["detail"], r.text
+    assert conforms(doc, path, "get", r) == []

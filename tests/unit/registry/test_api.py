@@ -121,8 +121,35 @@ async def test_a_version_number_beyond_the_last_is_404_before_anything_is_read(
     # 5,000 digits: more than int() converts (4,300), which raised a ValueError (a 500).
     r = await client.get(f"/v1/models/churn/versions/{digits}{suffix}", headers=VIEWER)
     assert r.status_code == 404, r.text
-    assert "versions go up to 2147483647" in r.json()["detail"]
+    assert "a whole number from 1 to 2147483647" in r.json()["detail"]
     assert len(r.text) < 1000
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/churn/versions/{v}",
+        "/v1/models/churn/versions/{v}/artifact",
+        "/v1/datasets/churn/versions/{v}",
+        "/v1/datasets/churn/versions/{v}/file",
+    ],
+)
+@pytest.mark.parametrize("text", ["01", "007", "0", "1.0", "+1", "1_0", "%201"])
+async def test_a_version_is_written_one_way_only(client: httpx.AsyncClient, path: str, text: str) -> None:
+    # int() (and FastAPI's int path parameter) read '01', '1.0', '+1' and ' 1' as 1 and '1_0' as 10: one
+    # version with many names in URLs, as serving's OIP paths no longer allow either.
+    r = await client.get(path.format(v=text), headers=VIEWER)
+    assert r.status_code == 404, r.text
+    assert "no leading zero, no space and no fraction" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback", "archive"])
+async def test_a_command_to_a_version_written_another_way_is_404(
+    client: httpx.AsyncClient, command: str
+) -> None:
+    r = await client.post(f"/v1/models/churn/versions/01/{command}", json={"reason": "r"}, headers=OPERATOR)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"].startswith("model 'churn' has no version '01'"), r.text
 
 
 @pytest.mark.parametrize(
