@@ -179,8 +179,8 @@ class MonitoringStore(Protocol):
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
         """Keep labels whose prediction is not known yet, one per prediction and model named: a later label
-        for the pair replaces the one waiting or expired (a correction, or a label sent again), and waits its
-        own time."""
+        for the pair replaces the one waiting (a correction, or a label sent again), and waits its own time;
+        one sent again after the pair's label expired waits anew."""
         ...
 
     async def take_pending(self, prediction_ids: list[str], models: list[str]) -> list[PendingLabel]:
@@ -193,11 +193,12 @@ class MonitoringStore(Protocol):
         ...
 
     async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
-        """Give up on labels that waited too long; returns their (prediction id, model)."""
+        """Give up on labels that waited too long: count them as unmatched (per model) and delete them;
+        returns their (prediction id, model)."""
         ...
 
     async def label_counts(self) -> dict[str, dict[str, int]]:
-        """Per model: labelled, late and unmatched label counts."""
+        """Per model: labelled, late, unmatched (expired so far) and waiting label counts."""
         ...
 
     async def save_step(self, step: StoredStep) -> None:

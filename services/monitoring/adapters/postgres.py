@@ -291,14 +291,14 @@ class PgMonitoringStore:
         if not labels:
             return
         # One row per prediction and model, the poll's last label (DO UPDATE cannot touch a row the same
-        # statement inserted). It replaces the label waiting for the pair, or one that expired unmatched,
-        # and waits its own time (the prediction may still come: a label corrected, or sent again).
+        # statement inserted). It replaces the label waiting for the pair and waits its own time (the
+        # prediction may still come: a label corrected, or sent again, also after the first one expired).
         latest = {(p.prediction_id, p.model): p for p in labels}
         await self.conn.execute(
             """INSERT INTO pending_labels (prediction_id, model, label, observed_at)
                SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])
                ON CONFLICT (prediction_id, model) DO UPDATE SET label = excluded.label,
-                   observed_at = excluded.observed_at, received_at = now(), expired = false""",
+                   observed_at = excluded.observed_at, received_at = now()""",
             [p.prediction_id for p in latest.values()],
             [p.model for p in latest.values()],
             [_jsonb(p.label) for p in latest.values()],
@@ -310,7 +310,7 @@ class PgMonitoringStore:
             return []
         rows = await self.conn.fetch(
             """DELETE FROM pending_labels p USING unnest($1::text[], $2::text[]) AS made(prediction_id, model)
-               WHERE p.prediction_id = made.prediction_id AND p.model = made.model AND NOT p.expired
+               WHERE p.prediction_id = made.prediction_id AND p.model = made.model
                RETURNING p.prediction_id, p.model, p.label, p.observed_at, p.received_at""",
             prediction_ids,
             models,
@@ -321,13 +321,22 @@ class PgMonitoringStore:
         ]
 
     async def pending_labels(self) -> set[tuple[str, str]]:
-        rows = await self.conn.fetch("SELECT prediction_id, model FROM pending_labels WHERE NOT expired")
+        rows = await self.conn.fetch("SELECT prediction_id, model FROM pending_labels")
         return {(r["prediction_id"], r["model"]) for r in rows}
 
     async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
+        # Counted and deleted in one statement: the count needs no row, so the table holds only the labels
+        # still waiting. A label expiring in two transactions at once is deleted, and counted, by one.
         rows = await self.conn.fetch(
-            """UPDATE pending_labels SET expired = true WHERE NOT expired AND received_at < $1
-               RETURNING prediction_id, model""",
+            """WITH expired AS (
+                   DELETE FROM pending_labels WHERE received_at < $1 RETURNING prediction_id, model
+               ), counted AS (
+                   INSERT INTO unmatched_labels (model, unmatched)
+                   SELECT model, count(*) FROM expired GROUP BY model
+                   ON CONFLICT (model)
+                   DO UPDATE SET unmatched = unmatched_labels.unmatched + excluded.unmatched
+               )
+               SELECT prediction_id, model FROM expired""",
             received_before,
         )
         return [(r["prediction_id"], r["model"]) for r in rows]
@@ -339,9 +348,10 @@ class PgMonitoringStore:
         ):
             out.setdefault(r["model"], {}).update(labelled=r["n"], late=r["late"])
         for r in await self.conn.fetch(
-            """SELECT model, count(*) FILTER (WHERE expired) AS unmatched,
-                      count(*) FILTER (WHERE NOT expired) AS waiting
-               FROM pending_labels GROUP BY model"""
+            """SELECT model, coalesce(u.unmatched, 0) AS unmatched, coalesce(w.waiting, 0) AS waiting
+               FROM unmatched_labels u
+               FULL JOIN (SELECT model, count(*) AS waiting FROM pending_labels GROUP BY model) w
+                   USING (model)"""
         ):
             out.setdefault(r["model"], {}).update(unmatched=r["unmatched"], waiting=r["waiting"])
         return out

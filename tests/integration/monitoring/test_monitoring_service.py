@@ -8,7 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -181,6 +182,25 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         async with migrated.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await migrated.close()
+
+
+@asynccontextmanager
+async def migrated_before(
+    database_url: str, migration_id: str
+) -> AsyncIterator[tuple[asyncpg.Pool, Callable[[], Awaitable[list[str]]]]]:
+    """A pool on a schema of its own with monitoring's migrations before ``migration_id`` applied, rows to
+    be written as a database of that time holds them, and the call that applies the rest (it returns their
+    ids); the schema is dropped afterwards."""
+    schema = unique("t_mon_before")
+    pool = await create_pool(database_url, schema=schema)
+    ids = [m.id for m in MIGRATIONS]
+    try:
+        await apply_migrations(pool, schema, MIGRATIONS[: ids.index(migration_id)])
+        yield pool, lambda: apply_migrations(pool, schema, MIGRATIONS)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
 
 
 async def _ready(port: int) -> bool:
@@ -625,18 +645,15 @@ async def test_a_steps_learned_at_is_stored_and_read_back_and_a_row_from_before_
 ) -> None:
     # When monitoring learned of a step: a restart bakes the step from it. A row stored before the column
     # (migration 0005) has none and bakes from its start, as it did.
-    schema = unique("t_mon_learned")
-    pool = await create_pool(database_url, schema=schema)
     learned_id = "monitoring/0005_rollout_step_learned_at.sql"
-    try:
-        await apply_migrations(pool, schema, [m for m in MIGRATIONS if m.id != learned_id])
+    async with migrated_before(database_url, learned_id) as (pool, migrate_rest):
         async with pool.acquire() as conn:
             await conn.execute(
                 """INSERT INTO rollout_steps (rollout_id, step_index, model, stable_version, canary_version,
                        started_at, min_samples, bake_seconds, cause_id, correlation_id, actor)
                    VALUES ('r-older', 0, 'churn', 1, 2, 100.0, 10, 5.0, 'e-1', 'c-1', NULL)"""
             )
-        assert await apply_migrations(pool, schema, MIGRATIONS) == [learned_id]
+        assert learned_id in await migrate_rest()
         step = StoredStep("r-new", 1, "churn", 1, 2, 200.0, 10, 5.0, "e-2", "c-2", None, learned_at=221.5)
         async with pool.acquire() as conn, conn.transaction():
             store = PgMonitoringStore(conn)
@@ -645,7 +662,59 @@ async def test_a_steps_learned_at_is_stored_and_read_back_and_a_row_from_before_
             assert watched == {"r-older": None, "r-new": 221.5}
             last = await store.last_step("r-new")
             assert last is not None and last.learned_at == 221.5
-    finally:
+
+
+async def test_expired_labels_leave_the_table_and_stay_counted_as_unmatched(pool: asyncpg.Pool) -> None:
+    # Kept as rows only to be counted, expired labels made pending_labels grow for as long as the platform
+    # ran: they are counted per model as they expire, and deleted.
+    at = datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        await PgMonitoringStore(conn).add_pending(
+            [
+                PendingLabel("p-1", "churn", 0, at),
+                PendingLabel("p-2", "churn", 1, at),
+                PendingLabel("p-1", "fraud", 1, at),
+            ]
+        )
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        expired = await store.expire_pending(at + timedelta(hours=1))
+        assert sorted(expired) == [("p-1", "churn"), ("p-1", "fraud"), ("p-2", "churn")]
+        assert await conn.fetchval("SELECT count(*) FROM pending_labels") == 0
+        assert await store.expire_pending(at + timedelta(hours=1)) == []  # counted once
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.label_counts() == {
+            "churn": {"unmatched": 2, "waiting": 0},
+            "fraud": {"unmatched": 1, "waiting": 0},
+        }
+        # Sent again after it expired: it waits its own time, and joins a prediction that comes.
+        await store.add_pending([PendingLabel("p-1", "churn", 1, at)])
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.pending_labels() == {("p-1", "churn")}
+        assert (await store.label_counts())["churn"] == {"unmatched": 2, "waiting": 1}
+        [taken] = await store.take_pending(["p-1"], ["churn"])
+        assert taken.label == 1
+
+
+async def test_the_migration_counts_the_expired_labels_kept_before_and_deletes_them(
+    database_url: str,
+) -> None:
+    counted_id = "monitoring/0006_unmatched_labels_counted.sql"
+    async with migrated_before(database_url, counted_id) as (pool, migrate_rest):
         async with pool.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await pool.close()
+            await conn.execute(
+                """INSERT INTO pending_labels (prediction_id, model, label, observed_at, expired)
+                   VALUES ('p-1', 'churn', '0', now(), true), ('p-2', 'churn', '1', now(), true),
+                          ('p-3', 'churn', '1', now(), false), ('p-1', 'fraud', '1', now(), true)"""
+            )
+        assert counted_id in await migrate_rest()
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            assert await store.label_counts() == {
+                "churn": {"unmatched": 2, "waiting": 1},
+                "fraud": {"unmatched": 1, "waiting": 0},
+            }
+            assert await store.pending_labels() == {("p-3", "churn")}
+            assert await conn.fetchval("SELECT count(*) FROM pending_labels") == 1

@@ -46,7 +46,6 @@ Version = tuple[str, int]
 class Waiting:
     label: PendingLabel
     received_at: datetime
-    expired: bool = False
 
 
 class Tables:
@@ -54,6 +53,7 @@ class Tables:
 
     def __init__(self) -> None:
         self.pending: dict[Pair, Waiting] = {}
+        self.unmatched: Counter[str] = Counter()  # unmatched_labels: expired labels, counted and deleted
         self.labelled: dict[str, LabelledRecord] = {}
         self.scored: dict[str, int] = {}  # labelled rows in a performance window: its number
         self.windows: list[tuple[int, list[str]]] = []  # the performance windows scored, with their rows
@@ -73,7 +73,7 @@ class Tables:
         return Tx(self)
 
     def waiting(self) -> set[Pair]:
-        return {pair for pair, row in self.pending.items() if not row.expired}
+        return set(self.pending)
 
 
 class Tx(NoPolicies):
@@ -90,14 +90,14 @@ class Tx(NoPolicies):
         self.performance: dict[Version, PerformanceState] = {}
 
     def _waiting(self) -> dict[Pair, PendingLabel]:
-        rows = {pair: row.label for pair, row in self.tables.pending.items() if not row.expired}
+        rows = {pair: row.label for pair, row in self.tables.pending.items()}
         rows.update(self.added)
         return {pair: label for pair, label in rows.items() if pair not in self.taken | self.expired}
 
     async def add_pending(self, labels: list[PendingLabel]) -> None:
         if any(label.prediction_id in self.tables.waits_refused for label in labels):
             raise ValueError("a value the pending_labels table cannot take")
-        for label in labels:  # the latest for the pair, waiting or expired, is kept
+        for label in labels:  # the latest for the pair is kept
             self.added[(label.prediction_id, label.model)] = replace(label, received_at=self.now)
 
     async def take_pending(self, ids: list[str], models: list[str]) -> list[PendingLabel]:
@@ -172,7 +172,8 @@ class Tx(NoPolicies):
         for pair in self.taken:
             t.pending.pop(pair, None)
         for pair in self.expired:
-            t.pending[pair].expired = True
+            t.pending.pop(pair, None)
+            t.unmatched[pair[1]] += 1
         t.labelled.update(self.labelled)
         for seq, ids in self.windows:
             t.scored.update(dict.fromkeys(ids, seq))
@@ -343,6 +344,7 @@ async def test_a_label_expired_by_a_tick_whose_transaction_fails_still_waits_in_
     rt.commit_fails = False
     await background.once()
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
+    assert tables.unmatched == {"churn": 1}
 
 
 async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_again(
