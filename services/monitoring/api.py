@@ -149,6 +149,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         "windows_waiting_for_judgement": len(live.closed),
         "cached_predictions": live.cache.rows,
         "labels_waiting_for_prediction": len(live.pending_labels),
+        "replay": monitor.replay.public() if monitor.replay is not None else None,
     }
 
 

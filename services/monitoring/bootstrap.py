@@ -132,13 +132,14 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
             # waiting for a replayed prediction are joined at the first tick.
             monitor.live.joins_due.update(result.pending_matches)
 
-        await replay_predictions(
+        monitor.replay = await replay_predictions(
             settings.kafka,
             topic=settings.predictions_topic,
             group=f"{settings.consumer_group}-predictions",
             start=replay_from,
             registry=rt.registry,
             feed=feed,
+            deadline_s=settings.replay_deadline_seconds,
         )
 
 

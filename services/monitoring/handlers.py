@@ -71,6 +71,7 @@ from services.monitoring.ports import (
     MonitoringStore,
     PendingLabel,
     ProfileUnavailable,
+    ReplayReport,
     StoredModel,
     StoredStep,
     WindowState,
@@ -126,6 +127,8 @@ class Monitor:
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policies_fingerprint: str | None = None
+    replay: ReplayReport | None = None
+    """What the restart's replay of the predictions topic read and missed; None when none ran."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
 

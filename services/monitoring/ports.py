@@ -98,6 +98,37 @@ class StoredStep:
     step stored before it was kept."""
 
 
+@dataclass
+class ReplayReport:
+    """What a restart's replay of the predictions topic read, and what it should have read but did not."""
+
+    records: int = 0
+    """Prediction events fed to memory."""
+    seconds: float = 0.0
+    deleted: dict[int, int] = field(default_factory=dict)
+    """Per partition: records below the group's committed offset the broker no longer held (deleted by
+    retention, or a truncated log)."""
+    unread: dict[int, int] = field(default_factory=dict)
+    """Per partition: records still to read when the replay's deadline passed."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every record the memory depended on was read."""
+        return not self.deleted and not self.unread
+
+    def public(self) -> dict[str, Any]:
+        """As ``GET /v1/status`` shows it."""
+        return {
+            "records": self.records,
+            "seconds": self.seconds,
+            "complete": self.complete,
+            "not_replayed": {
+                "deadline": {str(p): n for p, n in sorted(self.unread.items())},
+                "deleted": {str(p): n for p, n in sorted(self.deleted.items())},
+            },
+        }
+
+
 class MonitoringStore(Protocol):
     """Monitoring's tables, inside the caller's transaction."""
 

@@ -158,6 +158,13 @@ class MonitoringSettings(ServiceSettings):
     replay_on_start: bool = Field(
         True, description="Rebuild in-memory windows and label joins by re-reading predictions at start."
     )
+    replay_deadline_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="The replay at start reads until every partition reached the group's committed offset "
+        "or this long passed; what it did not read by then is logged as a warning, counted and shown in "
+        "/v1/status. Consumers start after it.",
+    )
     schema_name: str = Field(
         "monitoring", description="Postgres schema of the service (another name isolates a test or bench)."
     )

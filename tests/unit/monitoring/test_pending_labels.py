@@ -30,7 +30,13 @@ from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor, subscriptions
 from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
-from services.monitoring.ports import LabelledRecord, MonitoringStore, PendingLabel, PerformanceState
+from services.monitoring.ports import (
+    LabelledRecord,
+    MonitoringStore,
+    PendingLabel,
+    PerformanceState,
+    ReplayReport,
+)
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.fakes import NoPolicies
 from tests.unit.monitoring.test_domain import reference
@@ -515,9 +521,9 @@ async def test_a_join_due_when_the_process_stopped_is_made_after_the_restart(
     restarted = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
     restarted.live.add_reference(reference())  # as restore loads it (its profile from the artifact store)
 
-    async def replay(*_: Any, feed: Callable[[Any], Any], **__: Any) -> int:
+    async def replay(*_: Any, feed: Callable[[Any], Any], **__: Any) -> ReplayReport:
         feed([(logged("good-1").data, 0, 0)])
-        return 1
+        return ReplayReport(records=1)
 
     monkeypatch.setattr(bootstrap, "replay_predictions", replay)
     rt = Runtime(tables)

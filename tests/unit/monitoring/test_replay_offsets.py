@@ -11,6 +11,7 @@ import pytest
 
 from services.monitoring import bootstrap, handlers
 from services.monitoring.bootstrap import make_monitor
+from services.monitoring.ports import ReplayReport
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.fakes import NoPolicies
 
@@ -60,9 +61,9 @@ async def test_a_restart_replays_from_the_offsets_the_last_tick_saved(
 
     replays: list[tuple[str, dict[int, int]]] = []
 
-    async def replay(_: Any, *, topic: str, start: dict[int, int], **__: Any) -> int:
+    async def replay(_: Any, *, topic: str, start: dict[int, int], **__: Any) -> ReplayReport:
         replays.append((topic, start))
-        return 0
+        return ReplayReport()
 
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
     monkeypatch.setattr(bootstrap, "replay_predictions", replay)
