@@ -98,6 +98,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
     async with rt.pool.acquire() as conn:
         store = PgMonitoringStore(conn)
         labels = await store.label_counts()
+        outside = await store.labels_outside_classes()
         alerts = await store.recent_alerts(200)
         steps = await store.watched_steps()
         latest: dict[str, dict[str, Any]] = {}
@@ -131,6 +132,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
             "features": len(ref.features),
             "open_window": {"seq": window.seq, "rows": window.rows} if window else None,
             "baseline": ref.baseline,
+            "labels_outside_classes": outside.get((model, version), 0),
         }
         if model in latest:
             r = latest[model]

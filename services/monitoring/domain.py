@@ -949,6 +949,22 @@ def shown_name(name: str) -> str:
     return name if len(name) <= NAME_SHOWN_CHARS else name[: NAME_SHOWN_CHARS - 1] + "…"
 
 
+VALUE_SHOWN_CHARS = 40
+CLASSES_SHOWN = 10
+
+
+def shown_value(value: Any) -> str:
+    """A label or a class as a message for people shows it: its ``repr``, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= VALUE_SHOWN_CHARS else f"{text[:VALUE_SHOWN_CHARS]}..."
+
+
+def shown_classes(classes: Sequence[Any]) -> str:
+    """A model's classes as a message shows them: the first 10, and how many in all beyond that."""
+    shown = ", ".join(shown_value(c) for c in classes[:CLASSES_SHOWN])
+    return shown if len(classes) <= CLASSES_SHOWN else f"{shown}, ... ({len(classes)} classes)"
+
+
 ALL_FEATURES = ""
 """The feature under which an issue that stands for many features keeps its cooldown: no feature is named
 "" (a signature's names are at least one character long)."""
@@ -1134,6 +1150,12 @@ def same_label(a: Any, b: Any) -> bool:
     1, as before), or as categories are counted (:func:`~libs.profiles.category_key`): JSON has one kind of
     number, so a label of 1.0 (a pandas column of integer codes with a gap sends it) is the class 1."""
     return str(a) == str(b) or category_key(a) == category_key(b)
+
+
+def outside_classes(label: Any, classes: Sequence[Any] | None) -> bool:
+    """Whether a classifier's label names none of its classes (:func:`same_label`: ``"1"`` and ``1.0`` name
+    the class 1, ``True`` and ``"yes"`` do not); False when the classes are not known."""
+    return bool(classes) and not any(same_label(label, c) for c in classes or ())
 
 
 def regression_value(value: Any) -> float | None:
@@ -1416,6 +1438,11 @@ class LabelledComparison:
     stable_abs_errors: np.ndarray | None = None
     canary_abs_errors: np.ndarray | None = None
     unscorable: int = 0  # a regression model's rows left out: prediction or label no number
+    # A classifier's labels that name none of the version's classes (counted as wrong): mostly such labels
+    # on a side say its accuracy measures the labels' encoding, and the verdict's reason says so.
+    stable_outside: int = 0
+    canary_outside: int = 0
+    classes: Sequence[Any] = ()
 
 
 @dataclass
@@ -1550,19 +1577,41 @@ def judge_canary(
     evidence.append(outcome)
     if not measurable:
         unmeasurable.append(outcome.name)
+    verdict, reason = _verdict_of(evidence, unmeasurable)
+    if outcome.passed is not None and (note := _labels_outside_classes(labelled)):
+        reason = f"{reason}; {note}"
+    return CanaryDecision(verdict, evidence, reason)
+
+
+def _verdict_of(evidence: list[CanaryComparison], unmeasurable: list[str]) -> tuple[Verdict, str]:
     judged = [e for e in evidence if e.passed is not None]
     failed = [e for e in judged if e.passed is False]
     if failed:
-        names = ", ".join(e.name for e in failed)
-        return CanaryDecision(Verdict.UNHEALTHY, evidence, f"canary failed: {names}")
+        return Verdict.UNHEALTHY, f"canary failed: {', '.join(e.name for e in failed)}"
     if unmeasurable:
-        return CanaryDecision(Verdict.INCONCLUSIVE, evidence, f"not measurable: {', '.join(unmeasurable)}")
+        return Verdict.INCONCLUSIVE, f"not measurable: {', '.join(unmeasurable)}"
     if not judged:
-        return CanaryDecision(
-            Verdict.INCONCLUSIVE, evidence, "nothing could be compared (no stable traffic, no labels)"
+        return Verdict.INCONCLUSIVE, "nothing could be compared (no stable traffic, no labels)"
+    return Verdict.HEALTHY, f"all {len(judged)} comparisons made are within tolerance"
+
+
+def _labels_outside_classes(lab: LabelledComparison) -> str:
+    """What a reason says of the labelled accuracy when most labels of a side name no class of its version
+    (an encoding mistake, such as "yes"/"no" for the classes 0/1, reads as accuracy 0); empty otherwise."""
+    sides = [
+        f"{side} {outside} of {n}"
+        for side, outside, n in (
+            ("stable", lab.stable_outside, lab.stable_n),
+            ("canary", lab.canary_outside, lab.canary_n),
         )
-    return CanaryDecision(
-        Verdict.HEALTHY, evidence, f"all {len(judged)} comparisons made are within tolerance"
+        if n and outside * 2 > n
+    ]
+    if not sides:
+        return ""
+    return (
+        f"most labels name no class of the model ({' and '.join(sides)} labelled rows; classes "
+        f"{shown_classes(lab.classes)}) "
+        "and count as wrong predictions: check the labels' encoding"
     )
 
 

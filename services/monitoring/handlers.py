@@ -56,12 +56,15 @@ from services.monitoring.domain import (
     judge_window,
     least_evidence,
     metric_standard_errors,
+    outside_classes,
     performance_metrics,
     quality_issues,
     regression_pairs,
     regression_value,
     same_label,
+    shown_classes,
     shown_name,
+    shown_value,
     unscorable,
 )
 from services.monitoring.live import LiveState
@@ -101,6 +104,18 @@ LABELS_CORRECTED = Counter(
     ["model"],
 )
 
+LABELS_OUTSIDE_CLASSES = Counter(
+    "driftloop_monitoring_labels_outside_classes_total",
+    "Labels joined to a classifier's prediction that name none of the version's classes (e.g. \"yes\" for "
+    "the classes 0 and 1: an encoding mistake, or a class the model never learned): counted as wrong "
+    "predictions in accuracy and F1, and logged as a warning (at most once a minute per model version).",
+    ["model", "version"],
+)
+
+OUTSIDE_CLASSES_WARNING_EVERY_S = 60.0
+"""At most one warning per model version this often about labels outside its classes (a whole feed of them
+would otherwise log a line per poll)."""
+
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 PREDICTIONS_TOPIC = PredictionsLogged.topic
 
@@ -129,6 +144,8 @@ class Monitor:
     policies_fingerprint: str | None = None
     replay: ReplayReport | None = None
     """What the restart's replay of the predictions topic read and missed; None when none ran."""
+    outside_classes_warned: dict[tuple[str, int], float] = field(default_factory=dict)
+    """When labels outside a model version's classes were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
 
@@ -225,12 +242,46 @@ async def _store_labelled(
 ) -> None:
     """Store joined labels (a later, different label for a prediction joined before replaces its label),
     then score the versions' full performance windows."""
+    _mark_outside_classes(rows, monitor)
     corrected = await store.add_labelled(rows)
     models = {r.prediction_id: r.model for r in rows}
     for pid in corrected:
         LABELS_CORRECTED.labels(models[pid]).inc()
     for model, version in sorted({(r.model, r.version) for r in rows}):
         await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+
+
+def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor) -> None:
+    """Mark the labels that name none of their version's classes; count them and warn (rate-limited).
+
+    They are joined all the same, and are wrong predictions: a label may name a class the model never
+    learned. But a whole feed of them is more likely an encoding mistake, which would read as accuracy 0."""
+    found: dict[tuple[str, int], list[LabelledRecord]] = {}
+    for row in rows:
+        ref = monitor.live.references.get((row.model, row.version))
+        if ref is not None and ref.task is Task.CLASSIFICATION:
+            row.outside_classes = outside_classes(row.label, ref.signature.classes)
+            if row.outside_classes:
+                found.setdefault((row.model, row.version), []).append(row)
+    now = monitor.clock()
+    for (model, version), outside in sorted(found.items()):
+        LABELS_OUTSIDE_CLASSES.labels(model, str(version)).inc(len(outside))
+        last = monitor.outside_classes_warned.get((model, version))
+        if last is not None and now - last < OUTSIDE_CLASSES_WARNING_EVERY_S:
+            continue
+        monitor.outside_classes_warned[(model, version)] = now
+        ref = monitor.live.references[(model, version)]
+        log.warning(
+            "labels that name no class of the model: counted as wrong predictions",
+            model=model,
+            version=version,
+            label=shown_value(outside[0].label),
+            prediction_id=outside[0].prediction_id,
+            classes=shown_classes(ref.signature.classes or []),
+            labels=len(outside),
+            hint="check how the labels are encoded (a label must name one of the classes, as the class or "
+            "as its text); driftloop_monitoring_labels_outside_classes_total counts them",
+        )
 
 
 def _labelled(
@@ -312,11 +363,10 @@ def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -
         ref.task for (model, v), ref in live.references.items() if model == g.model and version in (None, v)
     }
     if tasks == {Task.REGRESSION}:
-        shown = repr(g.label) if len(repr(g.label)) <= 40 else f"{repr(g.label)[:40]}..."
         which = f"version {version}" if version is not None else "every known version"
         raise PermanentError(
-            f"label {shown} for prediction {g.prediction_id!r} is not a number, but {g.model} {which} is a "
-            "regression model: send the true value as a finite number"
+            f"label {shown_value(g.label)} for prediction {g.prediction_id!r} is not a number, but {g.model} "
+            f"{which} is a regression model: send the true value as a finite number"
         )
 
 
@@ -846,7 +896,7 @@ async def _decide(
                 f"timed out: no reference profile for version {step.canary_version} of {step.model}",
             )
         return None
-    labelled = await _labelled_comparison(step, ref, store)
+    labelled = await _labelled_comparison(step, ref, store, monitor.live.references)
     short = labelled.canary_n < policy.min_labelled or labelled.stable_n < policy.min_labelled
     if short and now < step.bake_from + step.bake_seconds + policy.label_grace_seconds:
         # Labels are coming when the step's predictions have some already, or when the model's labels
@@ -870,7 +920,10 @@ async def _decide(
 
 
 async def _labelled_comparison(
-    step: CanaryStep, ref: ModelReference, store: MonitoringStore
+    step: CanaryStep,
+    ref: ModelReference,
+    store: MonitoringStore,
+    references: dict[tuple[str, int], ModelReference],
 ) -> LabelledComparison:
     since = from_epoch(step.started_at)
     canary = await store.labelled_outcomes(step.model, step.canary_version, since)
@@ -891,6 +944,13 @@ async def _labelled_comparison(
     else:
         out.stable_correct = sum(same_label(p, y) for p, y, _ in stable)
         out.canary_correct = sum(same_label(p, y) for p, y, _ in canary)
+        stable_ref = (
+            references.get((step.model, step.stable_version)) if step.stable_version is not None else None
+        )
+        stable_classes = stable_ref.signature.classes if stable_ref is not None else None
+        out.stable_outside = sum(outside_classes(y, stable_classes) for _, y, _ in stable)
+        out.canary_outside = sum(outside_classes(y, ref.signature.classes) for _, y, _ in canary)
+        out.classes = ref.signature.classes or ()
     return out
 
 

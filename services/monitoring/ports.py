@@ -52,6 +52,8 @@ class LabelledRecord:
     # When monitoring received the label (a waiting label's, once joined); None: now. Of two labels for one
     # prediction, the one received later is kept.
     received_at: datetime | None = None
+    # A classifier's label that names none of the version's classes (counted as a wrong prediction).
+    outside_classes: bool = False
 
 
 @dataclass
@@ -226,6 +228,10 @@ class MonitoringStore(Protocol):
     async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
         """Give up on labels that waited too long: count them as unmatched (per model) and delete them;
         returns their (prediction id, model)."""
+        ...
+
+    async def labels_outside_classes(self) -> dict[tuple[str, int], int]:
+        """Per model version: the joined labels that name none of its classes."""
         ...
 
     async def label_counts(self) -> dict[str, dict[str, int]]:

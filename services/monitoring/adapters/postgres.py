@@ -53,6 +53,7 @@ def _labelled(r: asyncpg.Record) -> LabelledRecord:
         late=r["late"],
         inputs=r["inputs"],
         received_at=r["received_at"],
+        outside_classes=r["outside_classes"],
     )
 
 
@@ -205,13 +206,15 @@ class PgMonitoringStore:
         # xmax is 0 on a row the INSERT made, the updating transaction's on one DO UPDATE changed.
         stored = await self.conn.fetch(
             """INSERT INTO labelled (prediction_id, model, version, variant, rollout_id, predicted_at,
-                   prediction, score, label, observed_at, late, inputs, received_at)
-               SELECT pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, coalesce(rcv, now())
+                   prediction, score, label, observed_at, late, inputs, received_at, outside_classes)
+               SELECT pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, coalesce(rcv, now()), oc
                FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
                    $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[], $12::jsonb[],
-                   $13::timestamptz[]) AS sent(pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, rcv)
+                   $13::timestamptz[], $14::bool[])
+                   AS sent(pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, rcv, oc)
                ON CONFLICT (prediction_id) DO UPDATE SET label = excluded.label,
-                   observed_at = excluded.observed_at, received_at = excluded.received_at
+                   observed_at = excluded.observed_at, received_at = excluded.received_at,
+                   outside_classes = excluded.outside_classes
                WHERE labelled.label IS DISTINCT FROM excluded.label
                    AND labelled.received_at <= excluded.received_at
                RETURNING prediction_id, xmax = 0 AS inserted""",
@@ -228,6 +231,7 @@ class PgMonitoringStore:
             [r.late for r in rows],
             [_jsonb(r.inputs) for r in rows],
             [r.received_at for r in rows],
+            [r.outside_classes for r in rows],
         )
         return [r["prediction_id"] for r in stored if not r["inserted"]]
 
@@ -340,6 +344,12 @@ class PgMonitoringStore:
             received_before,
         )
         return [(r["prediction_id"], r["model"]) for r in rows]
+
+    async def labels_outside_classes(self) -> dict[tuple[str, int], int]:
+        rows = await self.conn.fetch(
+            "SELECT model, version, count(*) AS n FROM labelled WHERE outside_classes GROUP BY model, version"
+        )
+        return {(r["model"], r["version"]): r["n"] for r in rows}
 
     async def label_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

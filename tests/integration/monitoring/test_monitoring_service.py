@@ -718,3 +718,52 @@ async def test_the_migration_counts_the_expired_labels_kept_before_and_deletes_t
             }
             assert await store.pending_labels() == {("p-3", "churn")}
             assert await conn.fetchval("SELECT count(*) FROM pending_labels") == 1
+
+
+async def test_labels_outside_a_versions_classes_are_counted_in_the_status(harness: Harness) -> None:
+    h, model = harness, unique("encoded")
+    await register(h, model, 1)  # classes 0 and 1
+    await eventually(lambda: known(h, model, 1))
+    sent = predictions(model, 1, 40, seed=11, start=datetime.now(UTC))
+    await h.send_many(sent, "predictions")
+    labels = labels_for(sent, accuracy=1.0, seed=12)[:30]
+    encoded = {0: "no", 1: "yes"}  # the first 25 from a feed that sends "yes"/"no" for 1/0
+    labels[:25] = [
+        e.model_copy(update={"data": e.data.model_copy(update={"label": encoded[e.data.label]})})
+        for e in labels[:25]
+    ]
+    await h.send_many(labels, "feedback")
+
+    async def joined() -> bool:
+        rows = await h.sql("SELECT count(*) AS n FROM labelled WHERE model = $1", model)
+        return int(rows[0]["n"]) == 30
+
+    await eventually(joined, deadline_s=60)
+    async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
+        status = (await client.get(f"http://127.0.0.1:{h.port}/v1/status")).json()
+    assert status["models"][model]["versions"]["1"]["labels_outside_classes"] == 25
+    assert status["models"][model]["labels"]["labelled"] == 30
+
+
+async def test_a_label_outside_the_classes_is_stored_marked_and_a_correction_unmarks_it(
+    pool: asyncpg.Pool,
+) -> None:
+    at = datetime.now(UTC)
+
+    def joined(pid: str, label: Any, outside: bool) -> LabelledRecord:
+        return LabelledRecord(
+            pid, "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}, outside_classes=outside
+        )
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await store.add_labelled([joined("p-1", "yes", True), joined("p-2", 1, False)])
+        assert await store.labels_outside_classes() == {("churn", 1): 1}
+        assert {r.prediction_id: r.outside_classes for r in await store.recent_labelled("churn", 5)} == {
+            "p-1": True,
+            "p-2": False,
+        }
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined("p-1", 1, False)]) == ["p-1"]  # corrected to a class
+        assert await store.labels_outside_classes() == {}

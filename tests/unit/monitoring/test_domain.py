@@ -891,3 +891,33 @@ def test_an_integer_category_beyond_64_bits_is_exported_as_text_and_the_others_s
     plan = table.column("plan").to_pylist()
     assert plan[0] == str(10**30) and set(plan[1:]) == {"1"}
     assert table.schema.field("x0").type == "double"
+
+
+def test_a_label_outside_the_classes_is_one_no_class_names_alike() -> None:
+    from services.monitoring.domain import outside_classes
+
+    # Named alike as text or as a number with no fraction, as accuracy compares them.
+    assert not any(outside_classes(label, [0, 1]) for label in (0, 1, "1", 1.0, np.int64(0)))
+    # An encoding mistake ("yes"/"no" for 0/1), a boolean (apart from 1), a fraction, a class never learned.
+    assert all(outside_classes(label, [0, 1]) for label in ("yes", "no", True, 0.5, 2))
+    assert not outside_classes("yes", ["yes", "no"]) and outside_classes("Yes", ["yes", "no"])
+    assert not outside_classes("yes", None) and not outside_classes("yes", [])  # classes unknown
+
+
+def test_a_canary_verdict_on_labels_mostly_outside_the_classes_says_so() -> None:
+    rng = np.random.default_rng(1)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    # The canary's labels came as "yes"/"no" for a model of classes 0 and 1: its accuracy reads 0.
+    labelled = LabelledComparison(
+        stable_correct=170, stable_n=200, canary_correct=0, canary_n=200, canary_outside=190, classes=[0, 1]
+    )
+    decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    assert decision.verdict is Verdict.UNHEALTHY
+    assert decision.reason == (
+        "canary failed: accuracy; most labels name no class of the model (canary 190 of 200 labelled rows; "
+        "classes 0, 1) and count as wrong predictions: check the labels' encoding"
+    )
+    # A few such labels (a class the model never learned, now and then) are no encoding mistake: not named.
+    labelled.canary_outside = 20
+    reason = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy()).reason
+    assert reason == "canary failed: accuracy"

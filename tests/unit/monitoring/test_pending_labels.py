@@ -132,7 +132,11 @@ class Tx(NoPolicies):
                 self.labelled[row.prediction_id] = row
             elif old.label != row.label and old.received_at <= row.received_at:  # type: ignore[operator]
                 self.labelled[row.prediction_id] = replace(
-                    old, label=row.label, observed_at=row.observed_at, received_at=row.received_at
+                    old,
+                    label=row.label,
+                    observed_at=row.observed_at,
+                    received_at=row.received_at,
+                    outside_classes=row.outside_classes,
                 )
                 corrected.append(row.prediction_id)
         return corrected

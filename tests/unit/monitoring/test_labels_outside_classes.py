@@ -1,0 +1,122 @@
+"""A classifier's label that names none of the version's classes ("yes"/"no" for the classes 0 and 1: an
+encoding mistake, or a class the model never learned) is joined and counted as a wrong prediction, as
+before; it is no longer silent: the joined row is marked (/v1/status counts them per model version), the
+labels are counted per model version, and a warning names the model, a label and the classes, at most once a
+minute per version. A canary verdict judged on mostly such labels says so in its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from contracts.monitoring import Verdict
+from services.monitoring import bootstrap
+from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.handlers import Monitor, check_canary
+from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_canary_watch import Store, monitor_watching, watched
+from tests.unit.monitoring.test_domain import reference
+from tests.unit.monitoring.test_pending_labels import NOW, Runtime, Tables, consume_prediction, send_label
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
+    monitor.live.add_reference(reference())  # churn version 1, classes 0 and 1
+    monitor.clock = Clock()
+    return monitor
+
+
+def outside_total() -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "driftloop_monitoring_labels_outside_classes_total", {"model": "churn", "version": "1"}
+        )
+        or 0.0
+    )
+
+
+def warnings_of(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in logs if e["log_level"] == "warning" and "no class" in e["event"]]
+
+
+async def test_labels_outside_the_classes_are_joined_marked_counted_and_warned_about_once_a_minute(
+    monitor: Monitor,
+) -> None:
+    tables, before = Tables(), outside_total()
+    await consume_prediction(monitor, tables, "good-1")  # predictions good-1-0, -1, -2 of class 1
+    await send_label(monitor, tables, "good-2-0", "churn", "maybe")  # waits for its prediction
+
+    with capture_logs() as logs:
+        await send_label(monitor, tables, "good-1-0", "churn", "yes")
+        await send_label(monitor, tables, "good-1-1", "churn", "no")
+        await send_label(monitor, tables, "good-1-2", "churn", 1.0)  # the class 1
+        monitor.clock.now += 61  # type: ignore[attr-defined]
+        await consume_prediction(monitor, tables, "good-2", offset=1)
+        await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    marked = {pid: row.outside_classes for pid, row in tables.labelled.items()}
+    assert marked == {"good-1-0": True, "good-1-1": True, "good-1-2": False, "good-2-0": True}
+    assert {pid: row.label for pid, row in tables.labelled.items() if row.outside_classes} == {
+        "good-1-0": "yes",
+        "good-1-1": "no",
+        "good-2-0": "maybe",
+    }
+    assert outside_total() == before + 3
+    first, second = warnings_of(logs)  # "no" came within the minute of "yes": no warning of its own
+    assert (first["model"], first["version"], first["label"], first["classes"]) == (
+        "churn",
+        1,
+        "'yes'",
+        "0, 1",
+    )
+    assert second["label"] == "'maybe'"
+
+
+async def test_a_correction_to_a_class_is_no_longer_outside_the_classes(monitor: Monitor) -> None:
+    tables = Tables()
+    await consume_prediction(monitor, tables, "good-1")
+    await send_label(monitor, tables, "good-1-0", "churn", "yes")
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # the label corrected
+    assert tables.labelled["good-1-0"].outside_classes is False
+
+
+async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_its_verdict() -> None:
+    class Labelled(Store):
+        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+            # Stable's labels name the classes; the canary's came as "yes"/"no" (a feed encoded otherwise).
+            if version == 2:
+                return [(i % 2, "yes" if i % 2 else "no", None) for i in range(150)]
+            return [(i % 2, i % 2, None) for i in range(150)]
+
+    step = watched(started_at=0.0)
+    monitor, store, published = monitor_watching(step), Labelled([step]), []
+    monitor.live.add_reference(reference())
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    monitor.live.steps["r-1"].canary.rows = 500
+
+    async def publish(event: Any) -> None:
+        published.append(event)
+
+    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+
+    [event] = published
+    assert event.data.verdict is Verdict.UNHEALTHY
+    assert "most labels name no class of the model (canary 150 of 150 labelled rows" in event.data.reason
+    assert "check the labels' encoding" in event.data.reason
