@@ -112,17 +112,15 @@ def start_service(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.fixture(scope="module")
-def process_env(
-    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
+def service_env(kafka_bootstrap: str, database_url: str, artifacts: Path) -> dict[str, str]:
+    """The environment of a monitoring process with its own topics, schema, groups and port."""
     topics = {k: unique(f"test.mon.{k}") for k in ("models", "predictions", "feedback", "rollouts")}
-    env = {
+    return {
         "DRIFTLOOP_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "DRIFTLOOP_DATABASE_URL": database_url,
         "DRIFTLOOP_ENV": "test",
         "DRIFTLOOP_LOG_JSON": "false",
-        "DRIFTLOOP_ARTIFACTS_URL": str(tmp_path_factory.mktemp("artifacts")),
+        "DRIFTLOOP_ARTIFACTS_URL": str(artifacts),
         "DRIFTLOOP_MONITORING_HTTP_PORT": str(free_port()),
         "DRIFTLOOP_MONITORING_SCHEMA_NAME": unique("t_mon"),
         "DRIFTLOOP_MONITORING_CONSUMER_GROUP": unique("g_mon"),
@@ -138,17 +136,18 @@ def process_env(
         "DRIFTLOOP_MONITORING_CANARY_LABEL_GRACE_SECONDS": "30",
         "DRIFTLOOP_MONITORING_TICK_SECONDS": "0.2",
     }
-    yield env
 
 
-@pytest.fixture(scope="module")
-async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
-    env = process_env
-    topics = {
+def topics_of(env: dict[str, str]) -> dict[str, str]:
+    return {
         k: env[f"DRIFTLOOP_MONITORING_{k.upper()}_TOPIC"]
         for k in ("models", "predictions", "feedback", "rollouts")
     }
-    await create_topics(env["DRIFTLOOP_KAFKA_BOOTSTRAP"], *topics.values())
+
+
+@asynccontextmanager
+async def running(env: dict[str, str]) -> AsyncIterator[Harness]:
+    """A monitoring process on ``env`` (its topics made before), ready; stopped at the end."""
     publisher = KafkaPublisher(KafkaSettings(bootstrap=env["DRIFTLOOP_KAFKA_BOOTSTRAP"]))
     await publisher.start()
     proc = start_service(env)
@@ -156,7 +155,7 @@ async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
         kafka=env["DRIFTLOOP_KAFKA_BOOTSTRAP"],
         database_url=env["DRIFTLOOP_DATABASE_URL"],
         schema=env["DRIFTLOOP_MONITORING_SCHEMA_NAME"],
-        topics=topics,
+        topics=topics_of(env),
         store=ArtifactStore(env["DRIFTLOOP_ARTIFACTS_URL"]),
         port=int(env["DRIFTLOOP_MONITORING_HTTP_PORT"]),
         publisher=publisher,
@@ -168,6 +167,20 @@ async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
         proc.terminate()
         proc.wait(30)
         await publisher.stop()
+
+
+@pytest.fixture(scope="module")
+def process_env(
+    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    yield service_env(kafka_bootstrap, database_url, tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="module")
+async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
+    await create_topics(process_env["DRIFTLOOP_KAFKA_BOOTSTRAP"], *topics_of(process_env).values())
+    async with running(process_env) as h:
+        yield h
 
 
 @pytest.fixture
@@ -767,3 +780,37 @@ async def test_a_label_outside_the_classes_is_stored_marked_and_a_correction_unm
         store = PgMonitoringStore(conn)
         assert await store.add_labelled([joined("p-1", 1, False)]) == ["p-1"]  # corrected to a class
         assert await store.labels_outside_classes() == {}
+
+
+async def test_a_restart_rebuilds_the_open_window_and_reports_its_replay_in_the_status(
+    kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    env = service_env(kafka_bootstrap, database_url, tmp_path)
+    await create_topics(kafka_bootstrap, *topics_of(env).values())
+    model = unique("restart")
+    viewer = {"Authorization": "Bearer dev-viewer"}
+
+    async def status(h: Harness) -> dict[str, Any]:
+        async with httpx.AsyncClient(headers=viewer) as client:
+            return (await client.get(f"http://127.0.0.1:{h.port}/v1/status")).json()
+
+    async def open_rows(h: Harness) -> int:
+        version = (await status(h))["models"].get(model, {}).get("versions", {}).get("1")
+        return int(version["open_window"]["rows"]) if version else 0
+
+    async with running(env) as h:
+        assert (await status(h))["replay"] is None  # nothing to replay on a first start
+        await register(h, model, 1)
+        await eventually(lambda: known(h, model, 1))
+        await h.send_many(predictions(model, 1, 100, seed=13, start=datetime.now(UTC)), "predictions")
+        await eventually(lambda: _equals(open_rows(h), 100), deadline_s=60)
+        await eventually(lambda: h.sql("SELECT 1 FROM replay_offsets"), deadline_s=30)
+    async with running(env) as h:
+        assert await open_rows(h) == 100  # rebuilt by the replay, before the consumers started
+        replay = (await status(h))["replay"]
+    assert replay["complete"] is True and replay["records"] == 5  # five requests of 20 rows
+    assert replay["not_replayed"] == {"deadline": {}, "deleted": {}}
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
