@@ -56,6 +56,10 @@ class StateLayout:
         return self.root / "infra.lock"
 
     @property
+    def leases(self) -> Path:
+        return self.root / "leases"
+
+    @property
     def kafka(self) -> Path:
         return self.root / "kafka"
 
