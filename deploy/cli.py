@@ -28,7 +28,16 @@ from rich.table import Table
 from deploy.local.broker import broker_answers, create_platform_topics
 from deploy.local.console import say
 from deploy.local.errors import InfraError, StartFailed
-from deploy.local.infra import KAFKA_ENV, LocalInfra, UpResult
+from deploy.local.infra import (
+    EVERYTHING,
+    INFRASTRUCTURE,
+    KAFKA_ENV,
+    PLATFORM,
+    InfraLease,
+    LeaseEnd,
+    LocalInfra,
+    UpResult,
+)
 from deploy.local.interrupts import (
     ChildOutcome,
     DeferredSignals,
@@ -37,10 +46,11 @@ from deploy.local.interrupts import (
     run_to_completion,
     terminations_raise,
 )
+from deploy.local.leases import Holder
 from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT
 from deploy.local.status import ComponentStatus
-from deploy.platform import Platform, Supervision, supervised_state_dir
+from deploy.platform import Platform, supervised_state_dir
 from libs.settings import KafkaSettings, settings_problems
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
@@ -88,26 +98,74 @@ def print_status(rows: Sequence[ComponentStatus]) -> None:
 
 
 def cmd_infra_up(args: argparse.Namespace) -> int:
-    """Start broker and database unless they run, create the topics, show the status."""
+    """Start broker and database unless they run, create the topics, show the status. What a `test` or
+    `demo` running meanwhile started is taken over: it stays up after they end."""
     infra = LocalInfra()
     infra.up()
+    if taken := infra.keep(INFRASTRUCTURE):
+        say(
+            f"{_names(taken)} stay running after the commands that started them end (`infra down` stops them)"
+        )
     rows = infra.status()
     print_status(rows)
     return 0 if all(row.ready for row in rows) else 1
 
 
+def _infra_down_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--left-behind",
+        action="store_true",
+        help="stop only what `test`, `demo` or `up` started and left running when they were killed "
+        "(SIGKILL), unless a running command uses it",
+    )
+
+
 def cmd_infra_down(args: argparse.Namespace) -> int:
-    """Stop our broker and database."""
-    stopped = LocalInfra().down()
+    """Stop our broker and database, whoever uses them (saying who); with --left-behind only what commands
+    that have ended left running."""
+    infra = LocalInfra()
+    if getattr(args, "left_behind", False):
+        end = infra.stop_unused(local_platform(), "stopping what commands that have ended left running ...")
+        if not end.stopped:
+            say("nothing left behind by a command that has ended was running")
+        return 0
+    warn_users(infra.users(), INFRASTRUCTURE)
+    stopped = infra.down()
     say(f"stopped: {', '.join(stopped)}" if stopped else "nothing of ours was running")
     return 0
 
 
+def warn_users(users: Sequence[Holder], things: Sequence[str]) -> None:
+    """Say which running commands use what is about to be stopped under them (they will fail)."""
+    using = [user.describe() for user in users if any(user.needs(thing) for thing in things)]
+    if using:
+        say(
+            f"stopping {_names(things)} although running commands use them (they will fail): "
+            + ", ".join(using)
+        )
+
+
+def _names(things: Sequence[str]) -> str:
+    """``Kafka and Postgres``, for messages."""
+    known = {"kafka": "Kafka", "postgres": "Postgres", PLATFORM: "the platform"}
+    names = [known[thing] for thing in EVERYTHING if thing in things]
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
 def cmd_infra_status(args: argparse.Namespace) -> int:
-    """Show each component; exit 1 unless all are ready."""
-    rows = LocalInfra().status()
+    """Show each component, and which running commands use them; exit 1 unless all are ready."""
+    infra = LocalInfra()
+    rows = infra.status()
     print_status(rows)
+    say_users(infra)
     return 0 if all(row.ready for row in rows) else 1
+
+
+def say_users(infra: LocalInfra) -> None:
+    """Name the running commands that use the infrastructure or the platform (the last to end stops what
+    they started)."""
+    if users := infra.users():
+        say(f"in use by: {', '.join(user.describe() for user in users)}")
 
 
 def _topics_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,40 +256,52 @@ def print_services(platform: Platform) -> bool:
     return all(v == "ready" for v in health.values())
 
 
-def stop_what_was_started(
-    infra: LocalInfra, result: UpResult, platform: Platform, supervision: Supervision | None, why: str
-) -> None:
-    """Stop the supervisor if this command started it, and the infrastructure it started unless a platform
-    was running before (that one keeps using it); says ``why`` first when there is anything to stop.
+def end_lease(lease: InfraLease, platform: Platform, why: str | None = None) -> LeaseEnd:
+    """End a command's lease: what it and other commands started and no running command uses any more is
+    stopped (``why`` is said first), the supervisor before the infrastructure; what it started and leaves
+    running, it says why. Another `test`, `demo` or `up` still running keeps what it uses: the last one
+    to end stops it.
 
     A second Ctrl-C or a SIGTERM meanwhile is held until the end, and the infrastructure is stopped
     even when stopping the services failed."""
-    platform_was_running = supervision is not None and not supervision.started
-    services = supervision is not None and supervision.started
-    infrastructure = result.started if not platform_was_running else ()
-    if not services and not infrastructure:
-        return
-    say(why)
     with DeferredSignals():
-        try:
-            if services:
-                platform.stop()
-        finally:
-            if infrastructure:
-                infra.down(infrastructure)
+        end = lease.end(platform, why)
+    left = [thing for thing in lease.started if thing in end.left_running]
+    infrastructure = [thing for thing in left if thing != PLATFORM]
+    if end.platform_pid is not None and infrastructure:
+        say(
+            f"leaving {_names(infrastructure)} running: this checkout's platform (supervisor pid "
+            f"{end.platform_pid}) runs on them; `driftloop down` stops both"
+        )
+        left = [thing for thing in left if thing == PLATFORM]
+    if left:
+        using = [user.describe() for user in end.users if any(user.needs(thing) for thing in left)]
+        say(
+            f"leaving {_names(left)} running: still used by {', '.join(using) or 'a running command'}; "
+            "the last command using it stops it when it ends"
+        )
+    if taken := lease.taken_over(end):
+        say(
+            f"leaving {_names(taken)} running: taken over by `driftloop up`, `infra up` or "
+            "`demo --keep-running` meanwhile; `driftloop down` stops it"
+        )
+    return end
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Bring the infrastructure and all six services up (supervised), and show their health. When they do
-    not become ready (or on an error, Ctrl-C), what this `up` started is stopped again."""
+    not become ready (or on an error, Ctrl-C), what this `up` started is stopped again, unless a `test` or
+    `demo` running meanwhile uses it; when they do, it stays up until `down`, also what a running `test`
+    or `demo` started."""
     infra = LocalInfra()
-    result = infra.up()
+    lease = infra.lease("driftloop up", EVERYTHING)
     platform = local_platform()
-    supervision: Supervision | None = None
-    ok = False
     try:
+        result = lease.up()
         print_status(infra.status())
         supervision = platform.start(platform_env(result))
+        if supervision.started:
+            lease.note_started(PLATFORM)
         say(
             f"services already supervised (pid {supervision.pid})"
             if not supervision.started
@@ -240,15 +310,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         health = platform.wait_ready(timeout_s=args.wait)
         ok = print_services(platform)
-        if not ok:
+        if ok:
+            lease.keep()
+        else:
             waiting = ", ".join(name for name, state in health.items() if state != "ready")
             say(f"not ready after {args.wait:.0f}s: {waiting}")
             say("see .driftloop/logs/<service>.log")
     finally:
-        if not ok:
-            stop_what_was_started(
-                infra, result, platform, supervision, "stopping what this `up` started (the logs stay) ..."
-            )
+        end_lease(lease, platform, "stopping what this `up` started (the logs stay) ...")
     return 0 if ok else 1
 
 
@@ -257,7 +326,8 @@ def _up_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    """Stop the services, then the infrastructure this checkout started."""
+    """Stop the services, then the infrastructure this checkout started, whoever uses them (saying who)."""
+    warn_users(LocalInfra().users(), [PLATFORM])
     if local_platform().stop():
         say("services stopped")
     return cmd_infra_down(args)
@@ -269,13 +339,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from deploy import demo  # pandas and friends load only for the demo
 
     infra = LocalInfra()
-    result = infra.up()
+    lease = infra.lease("driftloop demo", EVERYTHING)
     platform = local_platform()
-    supervision: Supervision | None = None
     ready = False
     try:
+        result = lease.up()
         supervision = platform.start(platform_env(result))
         if supervision.started:
+            lease.note_started(PLATFORM)
             say("starting the six services under a supervisor; logs in .driftloop/logs/ ...")
         health = platform.wait_ready(timeout_s=args.wait)
         if not all(v == "ready" for v in health.values()):
@@ -284,13 +355,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ready = True
         return asyncio.run(demo.run(platform, result.kafka_bootstrap))
     finally:
-        if not (ready and args.keep_running):
-            why = (
-                "stopping what the demo started (use --keep-running to explore afterwards) ..."
-                if ready
-                else "stopping what the demo started ..."
-            )
-            stop_what_was_started(infra, result, platform, supervision, why)
+        if ready and args.keep_running:
+            lease.keep()
+        why = (
+            "stopping what the demo started (use --keep-running to explore afterwards) ..."
+            if ready
+            else "stopping what the demo started ..."
+        )
+        end_lease(lease, platform, why)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,9 +372,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Infrastructure and services, with their health."""
-    rows = LocalInfra().status()
+    infra = LocalInfra()
+    rows = infra.status()
     print_status(rows)
     services_ok = print_services(local_platform())
+    say_users(infra)
     return 0 if services_ok and all(row.ready for row in rows) else 1
 
 
@@ -310,12 +384,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     """Run pytest against the local infrastructure, starting it (and stopping it after) if needed.
 
     Ctrl-C, SIGTERM or SIGHUP reach pytest as one SIGINT, and its session clean-up (sandbox platforms,
-    databases, topics) runs before the infrastructure it needs is stopped."""
-    infra = LocalInfra()
-    result: UpResult | None = None
+    databases, topics) runs before the infrastructure it needs is stopped; not before every other command
+    using it (another `test`, a `demo`, this checkout's platform) has ended too."""
+    lease = LocalInfra().lease("driftloop test")
     outcome: ChildOutcome | None = None
     try:
-        result = infra.up()
+        result = lease.up()
         env = {**os.environ, **result.client_env()}
         # The plugin keeps a closing terminal's SIGHUP from ending pytest before its clean-up.
         command = [sys.executable, "-m", "pytest", "-p", "deploy.local.pytest_hangup", *args.passthrough]
@@ -330,21 +404,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                 if outcome is not None:
                     stop_platforms_left_behind(outcome.left_behind)
             finally:
-                if result is not None and result.started and not _platform_uses_infrastructure():
-                    infra.down(result.started)
-
-
-def _platform_uses_infrastructure() -> bool:
-    """Whether this checkout's platform runs (an `up` in another terminal may have started it on the
-    infrastructure a `test` started): then that infrastructure stays, and saying so is the way to learn it."""
-    pid = local_platform().supervisor_pid()
-    if pid is None:
-        return False
-    say(
-        f"leaving Kafka and Postgres running: this checkout's platform (supervisor pid {pid}) runs on "
-        "them; `driftloop down` stops both"
-    )
-    return True
+                end_lease(lease, local_platform())
 
 
 def stop_platforms_left_behind(pids: Sequence[int]) -> None:
@@ -556,7 +616,12 @@ COMMANDS: list[Subcommand] = [
         ("check",), "lint plus staleness of the contracts and docs/settings.md: what CI runs first", cmd_check
     ),
     Subcommand(("infra", "up"), "start Kafka and Postgres (idempotent) and create the topics", cmd_infra_up),
-    Subcommand(("infra", "down"), "stop our Kafka and Postgres", cmd_infra_down),
+    Subcommand(
+        ("infra", "down"),
+        "stop our Kafka and Postgres (--left-behind: only what killed commands left)",
+        cmd_infra_down,
+        _infra_down_arguments,
+    ),
     Subcommand(
         ("infra", "status"), "show Kafka and Postgres; exit 1 unless both are ready", cmd_infra_status
     ),

@@ -18,13 +18,13 @@ from deploy.local.errors import PortTaken
 from deploy.local.infra import UpResult
 from deploy.local.interrupts import ChildOutcome
 from deploy.local.settings import LocalInfraSettings, StateLayout
-from deploy.local.status import ComponentStatus
 from deploy.platform import Supervision
 from libs.auth import Principal, Role, TokenStore
 from services.audit import cli as audit_cli
 from services.audit.settings import AuditSettings
 from services.serving.settings import ServingSettings
 from tests.ports import free_port
+from tests.unit.infra_fakes import FakeInfra
 
 
 @pytest.fixture
@@ -218,22 +218,7 @@ def test_audit_verify_names_the_setting_of_a_file_it_cannot_read(
 # --- what `up` and `demo` leave behind when they fail --------------------------------------------------
 
 
-class FakeInfra:
-    """The local infrastructure as `up` sees it: what it started now, and what `down` was asked to stop."""
-
-    def __init__(self, started: tuple[str, ...] = ("postgres", "kafka")) -> None:
-        self.result = UpResult(started, "127.0.0.1:19092", "postgresql://driftloop@127.0.0.1:54329/driftloop")
-        self.stopped: list[tuple[str, ...]] = []
-
-    def up(self) -> UpResult:
-        return self.result
-
-    def down(self, components: tuple[str, ...] = ("kafka", "postgres")) -> list[str]:
-        self.stopped.append(tuple(components))
-        return list(components)
-
-    def status(self) -> list[ComponentStatus]:
-        return [ComponentStatus("kafka", "ready", True, "127.0.0.1:19092")]
+CHOSEN = UpResult((), "127.0.0.1:19092", "postgresql://driftloop@127.0.0.1:54329/driftloop")
 
 
 class FakePlatform:
@@ -276,9 +261,9 @@ class FakePlatform:
 
 
 @pytest.fixture
-def infra(monkeypatch: pytest.MonkeyPatch) -> FakeInfra:
-    fake = FakeInfra()
-    monkeypatch.setattr(cli, "LocalInfra", lambda: fake)
+def infra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeInfra:
+    fake = FakeInfra(tmp_path / ".driftloop", monkeypatch)
+    monkeypatch.setattr(cli, "LocalInfra", lambda: fake.local)
     return fake
 
 
@@ -295,7 +280,7 @@ def test_a_demo_whose_services_never_get_ready_stops_what_it_started(
     assert main(["demo", "--wait", "0"]) == 1
 
     assert platform.stops == 1
-    assert infra.stopped == [("postgres", "kafka")]
+    assert infra.stopped == ["kafka", "postgres"]
     err = capsys.readouterr().err
     assert "driftloop: error: the services did not become ready." in err
     assert "stopping what the demo started" in err
@@ -309,7 +294,7 @@ def test_a_demo_that_cannot_start_the_services_stops_the_infrastructure_it_start
     assert main(["demo"]) == 1
 
     assert platform.stops == 0  # it never started one
-    assert infra.stopped == [("postgres", "kafka")]
+    assert infra.stopped == ["kafka", "postgres"]
     assert "port 8101 (the registry service) is already in use" in capsys.readouterr().err
 
 
@@ -332,7 +317,7 @@ def test_keep_running_keeps_nothing_of_a_demo_that_never_got_ready(
     assert main(["demo", "--wait", "0", "--keep-running"]) == 1
 
     assert platform.stops == 1
-    assert infra.stopped == [("postgres", "kafka")]
+    assert infra.stopped == ["kafka", "postgres"]
 
 
 def test_up_that_does_not_get_ready_stops_what_it_started_and_says_so(
@@ -343,7 +328,7 @@ def test_up_that_does_not_get_ready_stops_what_it_started_and_says_so(
     assert main(["up", "--wait", "0"]) == 1
 
     assert platform.stops == 1
-    assert infra.stopped == [("postgres", "kafka")]
+    assert infra.stopped == ["kafka", "postgres"]
     assert "stopping what this `up` started" in capsys.readouterr().err
 
 
@@ -376,7 +361,7 @@ def test_a_test_run_stops_the_infrastructure_it_started(
 
     assert main(["test", "-q"]) == 3
 
-    assert infra.stopped == [("postgres", "kafka")]
+    assert infra.stopped == ["kafka", "postgres"]
 
 
 def test_a_test_run_leaves_the_infrastructure_to_a_platform_started_meanwhile(
@@ -394,13 +379,113 @@ def test_a_test_run_leaves_the_infrastructure_to_a_platform_started_meanwhile(
     assert "this checkout's platform (supervisor pid 4242) runs on them" in capsys.readouterr().err
 
 
+def test_a_test_run_leaves_the_infrastructure_to_an_up_that_got_ready_meanwhile(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    platform = use_platform(monkeypatch, FakePlatform())
+    pytest_that_exits(monkeypatch, 0, lambda: main(["up"]))
+
+    assert main(["test", "-q"]) == 0
+
+    assert infra.stopped == [] and platform.running
+    assert "leaving Kafka and Postgres running: taken over by `driftloop up`" in capsys.readouterr().err
+
+
+def test_infra_up_takes_over_what_a_running_test_started(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_platform(monkeypatch, FakePlatform())
+    pytest_that_exits(monkeypatch, 0, lambda: main(["infra", "up"]))
+
+    assert main(["test", "-q"]) == 0
+
+    assert infra.stopped == []
+    err = capsys.readouterr().err
+    assert "Kafka and Postgres stay running after the commands that started them end" in err
+
+
+def test_infra_down_stops_what_running_commands_use_and_names_them(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_platform(monkeypatch, FakePlatform())
+    running = infra.local.lease("driftloop test")  # a test run in another terminal
+    running.up()
+
+    assert main(["infra", "down"]) == 0
+
+    assert infra.stopped == ["kafka", "postgres"]
+    err = capsys.readouterr().err
+    assert (
+        "stopping Kafka and Postgres although running commands use them (they will fail): "
+        f"pid {os.getpid()} (driftloop test)"
+    ) in err
+
+
+def test_a_test_run_whose_infrastructure_was_stopped_under_it_says_nothing_of_stopping_or_leaving_it(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_platform(monkeypatch, FakePlatform())
+    pytest_that_exits(monkeypatch, 1, lambda: main(["infra", "down"]))
+
+    assert main(["test", "-q"]) == 1
+
+    assert infra.stopped == ["kafka", "postgres"]  # by `infra down`, once
+    err = capsys.readouterr().err
+    assert "stopping Kafka and Postgres although running commands use them" in err
+    assert "which no running command uses" not in err and "leaving" not in err
+
+
+def test_infra_status_names_the_running_commands_that_use_it(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = infra.local.lease("driftloop demo")
+    running.up()
+
+    assert main(["infra", "status"]) == 0
+
+    assert f"driftloop: in use by: pid {os.getpid()} (driftloop demo)" in capsys.readouterr().err
+
+
+def test_infra_down_left_behind_stops_only_what_no_running_command_uses(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_platform(monkeypatch, FakePlatform())
+    running = infra.local.lease("driftloop test")
+    running.up()
+
+    assert main(["infra", "down", "--left-behind"]) == 0
+    assert infra.stopped == []
+    assert "nothing left behind by a command that has ended was running" in capsys.readouterr().err
+
+    running.lease.close()  # as its process's end (SIGKILL) leaves it: no `end`, nothing stopped by it
+
+    assert main(["infra", "down", "--left-behind"]) == 0
+    assert infra.stopped == ["kafka", "postgres"]
+
+
+@pytest.mark.parametrize("command", [["infra", "up"], ["up"]])
+def test_infra_down_left_behind_leaves_what_a_developer_brought_up_alone(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # A `driftloop test` started Kafka and Postgres and was killed; then the developer brought them up.
+    use_platform(monkeypatch, FakePlatform())
+    killed = infra.local.lease("driftloop test")
+    killed.up()
+    killed.lease.close()
+    assert main(command) == 0
+
+    assert main(["infra", "down", "--left-behind"]) == 0
+
+    assert infra.stopped == []
+
+
 def test_the_services_use_the_broker_and_database_infra_chose_over_a_dead_one_in_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # infra said: does not answer
     monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/gone")
     monkeypatch.setenv("DRIFTLOOP_MONITORING_WINDOW_ROWS", "500")
-    chosen = FakeInfra().result
+    chosen = CHOSEN
 
     env = platform_env(chosen)
 
@@ -419,7 +504,7 @@ def test_no_variable_a_service_reads_first_overrides_the_broker_and_database_inf
     monkeypatch.setenv("DRIFTLOOP_SERVING_KAFKA__BOOTSTRAP", "127.0.0.1:2")
     monkeypatch.setenv("DRIFTLOOP_AUDIT_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/gone")
     monkeypatch.setenv("DRIFTLOOP_AUDIT_KAFKA__TOPIC_PREFIX", "mine.")  # not the broker: kept
-    chosen = FakeInfra().result
+    chosen = CHOSEN
 
     env = platform_env(chosen)
 

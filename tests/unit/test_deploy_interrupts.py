@@ -33,10 +33,15 @@ from typing import Any
 
 import deploy.cli as cli
 import deploy.demo
-from deploy.local.infra import UpResult
+from deploy.local import infra as infra_module
+from deploy.local.infra import LocalInfra
+from deploy.local.settings import LocalInfraSettings
 from deploy.platform import Supervision
 
 EVENTS = Path(sys.argv[1])
+# The fakes below, not a broker or database this test run was given.
+os.environ.pop("DRIFTLOOP_KAFKA_BOOTSTRAP", None)
+os.environ.pop("DRIFTLOOP_DATABASE_URL", None)
 
 
 def note(event):
@@ -44,14 +49,36 @@ def note(event):
         f.write(event + "\\n")
 
 
-class FakeInfra:
-    def up(self):
-        note("infra up")
-        return UpResult(("postgres", "kafka"), "127.0.0.1:9", "postgresql://x@127.0.0.1:9/x")
+class FakeComponent:
+    bootstrap = "127.0.0.1:9"
+    url = "postgresql://x@127.0.0.1:9/x"
 
-    def down(self, components):
-        note("infra down " + ",".join(components))
-        return list(components)
+    def __init__(self, name):
+        self.name = name
+        self.running = False
+
+    def preflight(self):
+        pass
+
+    def running_pid(self):
+        return 1 if self.running else None
+
+    def start(self):
+        self.running = True
+        note(f"{self.name} started")
+        return True
+
+    def stop(self):
+        self.running = False
+        note(f"{self.name} stopped")
+        return True
+
+
+def local_infra():
+    # The real one (its leases are on a state folder of the test's), with fake Kafka and Postgres.
+    infra = LocalInfra(LocalInfraSettings(state_dir=EVENTS.parent / "state"))
+    infra.broker, infra.postgres = FakeComponent("kafka"), FakeComponent("postgres")
+    return infra
 
 
 class FakePlatform:
@@ -79,7 +106,8 @@ async def demo_run(platform, bootstrap, **_):
 
 
 deploy.demo.run = demo_run
-cli.LocalInfra = FakeInfra
+infra_module.create_platform_topics = lambda *args, **kwargs: []
+cli.LocalInfra = local_infra
 cli.local_platform = FakePlatform
 cli.PYTEST_GRACE_S = float(sys.argv[2])
 sys.exit(cli.main(sys.argv[3:]))
@@ -210,11 +238,13 @@ def runs() -> Iterator[list[Run]]:
 # What a `driftloop test` ended by a signal must show: pytest interrupted once, its session torn down, and
 # only then the infrastructure stopped.
 CLEAN_END = [
-    "infra up",
+    "postgres started",
+    "kafka started",
     "session set up",
     "pytest got SIGINT",
     "session torn down",
-    "infra down postgres,kafka",
+    "kafka stopped",
+    "postgres stopped",
 ]
 
 
@@ -351,7 +381,7 @@ def test_a_pytest_that_does_not_finish_its_clean_up_is_stopped_with_the_platform
         assert run.finish() == 143, run.output.decode()
         assert "pytest did not finish its clean-up within 1s" in run.output.decode()
         assert not pid_alive(supervisor), "the sandbox's supervisor outlived the pytest that started it"
-        assert run.events[-1] == "infra down postgres,kafka"
+        assert run.events[-2:] == ["kafka stopped", "postgres stopped"]
     finally:
         if pid_alive(supervisor):
             os.kill(supervisor, signal.SIGKILL)
@@ -367,7 +397,7 @@ def test_sigterm_to_a_demo_stops_what_it_started(tmp_path: Path, runs: list[Run]
     os.kill(run.process.pid, signal.SIGTERM)
 
     assert run.finish() == 143, run.output.decode()
-    assert run.events[-3:] == ["platform stopping", "platform stopped", "infra down postgres,kafka"]
+    assert run.events[-4:] == ["platform stopping", "platform stopped", "kafka stopped", "postgres stopped"]
     assert "driftloop: stopped by SIGTERM" in run.output.decode()
 
 
@@ -386,7 +416,7 @@ def test_a_second_interrupt_while_the_demo_cleans_up_does_not_leave_the_infrastr
     os.kill(run.process.pid, signal.SIGTERM)
 
     assert run.finish() == 130, run.output.decode()
-    assert run.events[-3:] == ["platform stopping", "platform stopped", "infra down postgres,kafka"]
+    assert run.events[-4:] == ["platform stopping", "platform stopped", "kafka stopped", "postgres stopped"]
     assert "finishing that first, so nothing is left running" in run.output.decode()
 
 
