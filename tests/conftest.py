@@ -2,7 +2,8 @@
 
 In this order: DRIFTLOOP_KAFKA_BOOTSTRAP / DRIFTLOOP_DATABASE_URL from the environment (what
 `driftloop test` sets); else the project's own local infrastructure (deploy.local), started once per
-session and stopped at the end if this session started it; else testcontainers when a Docker engine
+session under a lease and stopped at its end unless another command still uses it (see
+deploy/local/leases.py); else testcontainers when a Docker engine
 answers. Tests under tests/integration, tests/e2e and tests/chaos are marked by their folder.
 """
 
@@ -21,7 +22,7 @@ import pytest
 
 from deploy.local.broker import create_platform_topics, delete_topics
 from deploy.local.errors import InfraError
-from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, LocalInfra
+from deploy.local.infra import DATABASE_ENV, KAFKA_ENV, InfraLease, LocalInfra
 from deploy.local.postgres import drop_schemas
 from libs.bus.kafka import KafkaPublisher
 from libs.settings import KafkaSettings
@@ -62,17 +63,18 @@ class TestBackends:
 
     def __init__(self) -> None:
         self.infra = LocalInfra()
-        self.started: list[str] = []
+        self.lease: InfraLease | None = None
         self.containers: list[Any] = []
         self.local_errors: dict[str, InfraError] = {}
 
     def _local(self, component: str) -> str | None:
         try:
-            result = self.infra.up((component,))
+            if self.lease is None:
+                self.lease = self.infra.lease("pytest (tests/conftest.py)")
+            result = self.lease.up((component,))
         except InfraError as err:
             self.local_errors[component] = err
             return None
-        self.started.extend(result.started)
         return result.kafka_bootstrap if component == "kafka" else result.database_url
 
     def _nothing_found(self, component: str, variable: str) -> None:
@@ -119,11 +121,11 @@ class TestBackends:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Stop what this session started, and nothing else."""
+        """Stop what this session started, unless another command still uses it, and nothing else."""
         for container in reversed(self.containers):
             container.stop()
-        if self.started:
-            self.infra.down(tuple(self.started))
+        if self.lease is not None:
+            self.lease.end(platform=None)
 
 
 @pytest.fixture(scope="session")

@@ -464,13 +464,12 @@ def main() -> int:
     parser.add_argument("--rows-per-request", type=int, default=25)
     parser.add_argument("--port-base", type=int, default=PORT_BASE)
     args = parser.parse_args()
-    infra = LocalInfra()
-    up = infra.up()
+    lease = LocalInfra().lease("bench/loop/run.py")
     try:
+        up = lease.up()
         ok = asyncio.run(run(args, up.kafka_bootstrap, up.database_url))
     finally:
-        if up.started:
-            infra.down(up.started)
+        lease.end(platform=None)
     return 0 if ok else 1
 
 
