@@ -13,6 +13,7 @@ import io
 import json
 import re
 import threading
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -21,9 +22,17 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from libs.logging import get_logger
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
 T = TypeVar("T")
+log = get_logger(__name__)
+
+STORE_ATTEMPTS = 5
+"""Tries of one read or write of the store, for the services that retry in place (training, validation)."""
+STORE_RETRY_BACKOFF_S = 1.0
+"""The wait before the second try; it doubles before each next (1 + 2 + 4 + 8 s: 15 s in all)."""
 
 # Types a driftloop model may contain beyond what skops trusts by default: the estimators, transformers
 # and numpy/scipy pieces that the training service's specs can build. Anything else is refused.
@@ -85,6 +94,12 @@ class UntrustedArtifact(ArtifactError):
     """The blob is not a skops file, or holds types outside the trusted list."""
 
 
+class StoreUnavailable(OSError):
+    """The store failed (unreachable, timing out: an OSError) on every one of a bounded number of tries of one
+    read or write. The artifact itself may be fine. An OSError, so a caller that does not answer it on its own
+    leaves it to the bus's rule for the infrastructure."""
+
+
 class UnloadableArtifact(ArtifactError):
     """The blob passed the checks, but skops cannot build the model from it (damaged content, or written by
     an incompatible version)."""
@@ -107,11 +122,49 @@ def check_key(key: str) -> str:
 
 
 class ArtifactStore:
-    """Content-addressed blobs under ``<root>/sha256/<2 hex>/<64 hex>``."""
+    """Content-addressed blobs under ``<root>/sha256/<2 hex>/<64 hex>``.
 
-    def __init__(self, url: str) -> None:
+    ``attempts``: how often one ``get`` (or ``get_parsed``'s read) or ``put`` is tried when the store fails
+    with an OSError (unreachable, timing out), waiting ``backoff_s`` before the second try and twice as long
+    before each next; the last failure is raised as :class:`StoreUnavailable`. An artifact that is missing,
+    corrupted or untrusted (:class:`ArtifactError`) is its own fault and is not tried again. None (the
+    default): one try, its OSError raised as it is (the caller retries, or the bus does).
+    """
+
+    def __init__(
+        self, url: str, *, attempts: int | None = None, backoff_s: float = STORE_RETRY_BACKOFF_S
+    ) -> None:
+        if attempts is not None and attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {attempts}")
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+
+    def _tried(self, what: str, action: Callable[[], T]) -> T:
+        """``action()`` (one read or write of the store), tried as ``attempts`` says."""
+        attempt, delay = 1, self.backoff_s
+        while True:
+            try:
+                return action()
+            except OSError as exc:
+                if self.attempts is None:
+                    raise
+                if attempt >= self.attempts:
+                    raise StoreUnavailable(
+                        f"the artifact store failed {attempt} times in a row on {what} "
+                        f"({type(exc).__name__}: {exc}); the artifact itself may be fine: check that the "
+                        "store is reachable"
+                    ) from exc
+                log.warning(
+                    "artifact store failed, trying again",
+                    what=what,
+                    attempt=attempt,
+                    error=repr(exc),
+                    delay_s=delay,
+                )
+                time.sleep(delay)
+                attempt, delay = attempt + 1, delay * 2
 
     def _path(self, key: str) -> str:
         check_key(key)
@@ -122,7 +175,7 @@ class ArtifactStore:
 
     def put(self, data: bytes) -> StoredArtifact:
         """Store bytes; storing the same content twice is a no-op."""
-        return self.put_chunks([data])
+        return self._tried("a write", lambda: self.put_chunks([data]))
 
     def put_chunks(self, chunks: Iterable[bytes]) -> StoredArtifact:
         """Store a stream of chunks without holding it in memory; returns its key once hashed."""
@@ -175,6 +228,9 @@ class ArtifactStore:
         return parsed
 
     def _read(self, key: str) -> bytes:
+        return self._tried(f"reading {key}", lambda: self._read_once(key))
+
+    def _read_once(self, key: str) -> bytes:
         path = self._path(key)
         if not self.fs.exists(path):
             raise ArtifactNotFound(f"no artifact {key}")

@@ -25,7 +25,16 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from contracts.common import ArtifactFormat, ArtifactRef, FeatureSpec, FeatureType, ModelSignature, Task
 from contracts.training import FailureReason
-from libs.artifacts import ArtifactError, ArtifactStore, StoredArtifact, frame_to_parquet, save_model
+from libs.artifacts import (
+    STORE_ATTEMPTS,
+    STORE_RETRY_BACKOFF_S,
+    ArtifactError,
+    ArtifactStore,
+    StoredArtifact,
+    StoreUnavailable,
+    frame_to_parquet,
+    save_model,
+)
 from libs.errors import shown
 from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
@@ -88,6 +97,16 @@ class TrainingInput(_Plain):
     )
     window_end: AwareDatetime | None = None
     artifacts_url: str
+    store_attempts: int = Field(
+        STORE_ATTEMPTS,
+        ge=1,
+        description="Tries of one read or write of the artifact store that fails with an OSError "
+        "(unreachable, timing out) before the run fails with artifact-store-error; a missing or corrupted "
+        "file is not tried again.",
+    )
+    store_retry_backoff_s: float = Field(
+        STORE_RETRY_BACKOFF_S, ge=0, description="Wait before the second try; doubled before each next."
+    )
 
 
 class MaterialisedSet(_Plain):
@@ -184,6 +203,10 @@ def run_training(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
         return train(job, overlap=overlap).model_dump(mode="json")
     except TrainingError as exc:
         return TrainingFailure(reason=exc.reason, message=exc.message).model_dump(mode="json")
+    except StoreUnavailable as exc:
+        return TrainingFailure(
+            reason=FailureReason.ARTIFACT_STORE_ERROR, message=f"{exc}; ask for a retrain once it is"
+        ).model_dump(mode="json")
     except (ArtifactError, OSError) as exc:
         # Every file a run reads is read (and its errors named) by the loading steps: an OSError after
         # them is the store failing to write.
@@ -294,7 +317,8 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     data files), evaluate (without overlap the model file too), profile, store (waiting for the model
     file); and beside, the time the handed-over work took wherever it ran.
     """
-    store = ArtifactStore(job.artifacts_url)
+    # The store failing for a moment is tried again in place; a missing or corrupted file fails the run.
+    store = ArtifactStore(job.artifacts_url, attempts=job.store_attempts, backoff_s=job.store_retry_backoff_s)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     report(job.job_id, "loading-data", 0.0)
@@ -543,6 +567,8 @@ def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> 
     needed = [*spec.feature_names, spec.target]
     try:
         frame = store.get_parsed(dataset.sha256, lambda data: read_frame(data, dataset.format, needed))
+    except StoreUnavailable:
+        raise  # the store's fault, not the dataset's: artifact-store-error
     except ArtifactError as exc:
         raise TrainingError(FailureReason.DATASET_UNAVAILABLE, f"dataset {label}: {exc}") from exc
     except Exception as exc:
@@ -576,6 +602,8 @@ def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> p
     assert job.window_key is not None
     try:
         window = read_frame(store.get(job.window_key), job.window_format)
+    except StoreUnavailable:
+        raise  # the store's fault, not the window's: artifact-store-error
     except Exception as exc:
         raise TrainingError(
             FailureReason.DATASET_UNAVAILABLE, f"the traffic window {job.window_key[:12]}: {exc}"

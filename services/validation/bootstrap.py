@@ -9,7 +9,7 @@ from typing import Any
 
 from contracts import datasets, models
 from contracts.envelope import CloudEvent
-from libs.artifacts import ArtifactStore
+from libs.artifacts import STORE_ATTEMPTS, ArtifactStore
 from libs.bus import Handler, Subscription, Transaction
 from libs.db import migrations_in
 from libs.http import create_app
@@ -65,7 +65,8 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     # Before the consumer joins its group: first imports of scikit-learn and skops take seconds.
     await asyncio.to_thread(preload)
     evaluator = StoreEvaluator(
-        ArtifactStore(settings.artifacts_url),
+        # The store failing for a moment is tried again in place; the rule is the evaluator's docstring.
+        ArtifactStore(settings.artifacts_url, attempts=STORE_ATTEMPTS),
         latency_repeats=settings.latency_repeats,
         latency_batch_rows=settings.latency_batch_rows,
     )

@@ -15,6 +15,7 @@ from libs.artifacts import (
     ArtifactCorrupted,
     ArtifactNotFound,
     ArtifactStore,
+    StoreUnavailable,
     UntrustedArtifact,
     check_model,
     check_model_bytes,
@@ -23,6 +24,7 @@ from libs.artifacts import (
     load_model_bytes,
     save_model,
 )
+from tests.unit.store_fakes import FlakyStore
 
 
 def pickle_that_creates(marker: Path, *, protocol: int) -> bytes:
@@ -119,6 +121,33 @@ def test_parsed_read_of_a_modified_artifact_is_refused_whatever_the_parser_made_
         store.get_parsed(good, refuse)
     with pytest.raises(ArtifactNotFound):
         store.get_parsed("0" * 64, bytes.upper)
+
+
+def test_a_store_told_to_try_again_does_so_for_its_own_failures_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = ArtifactStore(str(tmp_path))
+    key = plain.put(b"content").sha256
+    flaky = FlakyStore(monkeypatch)
+    # By default one try, the OSError as it is: the caller's own retry applies (serving's, the bus's).
+    flaky.failing_reads[key] = 1
+    with pytest.raises(TimeoutError):
+        plain.get(key)
+    flaky.failing_reads[key], flaky.reads[key] = 2, 0
+    assert ArtifactStore(str(tmp_path), attempts=3, backoff_s=0).get(key) == b"content"
+    assert flaky.reads[key] == 3
+    flaky.failing_reads[key], flaky.reads[key] = 2, 0
+    with pytest.raises(StoreUnavailable, match="failed 2 times in a row on reading") as failed:
+        ArtifactStore(str(tmp_path), attempts=2, backoff_s=0).get(key)
+    assert isinstance(failed.value, OSError) and flaky.reads[key] == 2
+    flaky.failing_writes = 1
+    assert ArtifactStore(str(tmp_path), attempts=2, backoff_s=0).put(b"more").size == 4
+    # A missing artifact is its own fault: not tried again.
+    with pytest.raises(ArtifactNotFound):
+        ArtifactStore(str(tmp_path), attempts=3, backoff_s=0).get("0" * 64)
+    assert flaky.reads["0" * 64] == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        ArtifactStore(str(tmp_path), attempts=0)
 
 
 def test_model_file_holds_what_skops_itself_writes() -> None:

@@ -1,5 +1,10 @@
 """The Evaluator port on the artifact store: models (skops, trusted types only), holdouts and specs are
-loaded by key and verified; the measuring runs in a thread so the event loop keeps serving."""
+loaded by key and verified; the measuring runs in a thread so the event loop keeps serving.
+
+Every artifact follows one rule. The store failing for a moment (unreachable, timing out) is tried again
+in place, a bounded number of times (the store's ``attempts``); an artifact that is missing, corrupted
+(its bytes do not hash to its key), untrusted or not readable as what it should be fails its check at once.
+When the store still fails after its last try, the check fails too, saying it was the store."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import io
 import pandas as pd
 
 from contracts.common import ArtifactFormat, ArtifactRef
-from libs.artifacts import ArtifactError, ArtifactStore, load_model
+from libs.artifacts import ArtifactError, ArtifactStore, StoreUnavailable, load_model
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
 from services.validation.domain import Measured
 from services.validation.ports import Evaluation, EvaluationError
@@ -40,7 +45,7 @@ class StoreEvaluator:
         try:
             data = await asyncio.to_thread(self.store.get, spec.key)
             return load_canonical(data).validation
-        except (ArtifactError, SpecError) as exc:
+        except (ArtifactError, StoreUnavailable, SpecError) as exc:
             raise EvaluationError(
                 "spec-readable", f"the model spec {spec.key[:12]} cannot be used: {exc}"
             ) from exc
@@ -51,15 +56,23 @@ class StoreEvaluator:
     def _measure(self, evaluation: Evaluation) -> Measured:
         candidate = self._model(evaluation.candidate, "candidate")
         champion = self._model(evaluation.champion, "champion") if evaluation.champion else None
+        key, fmt = evaluation.holdout.key, evaluation.holdout.format
         try:
-            data = self.store.get(evaluation.holdout.key)
+            data = self.store.get(key)
+        except (ArtifactError, StoreUnavailable) as exc:
+            raise EvaluationError(
+                "holdout-readable", f"the holdout {key[:12]} cannot be read: {exc}"
+            ) from exc
+        try:
             holdout = (
                 pd.read_csv(io.BytesIO(data))
-                if evaluation.holdout.format is ArtifactFormat.CSV
+                if fmt is ArtifactFormat.CSV
                 else pd.read_parquet(io.BytesIO(data))
             )
-        except Exception as exc:
-            raise EvaluationError("holdout-readable", f"the holdout cannot be read: {exc}") from exc
+        except Exception as exc:  # whatever the reader makes of bytes that are not a table: the file's fault
+            raise EvaluationError(
+                "holdout-readable", f"the holdout {key[:12]} is not a readable {fmt.value} file: {exc}"
+            ) from exc
         try:
             return measure(
                 evaluation.spec,
@@ -85,7 +98,7 @@ class StoreEvaluator:
         assert ref is not None
         try:
             return load_model(self.store, ref.key)
-        except ArtifactError as exc:
+        except (ArtifactError, StoreUnavailable) as exc:
             raise EvaluationError(
                 f"{who}-loads", f"the {who} model {ref.key[:12]} cannot be loaded: {exc}"
             ) from exc

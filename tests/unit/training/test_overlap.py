@@ -52,6 +52,7 @@ def _job(
         "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
         "window_key": put_frame(store, window).key if window is not None else None,
         "artifacts_url": url,
+        "store_retry_backoff_s": 0,  # a store that fails is still tried again, without the waits
     }
 
 
