@@ -68,6 +68,9 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker-lost"
     ARTIFACT_STORE_ERROR = "artifact-store-error"
+    # The model was fitted and stored, but recording the job's outcome failed (a bug, or a conflict in
+    # training's own tables): failed once, naming the error, rather than fitted again as a lost worker.
+    COMPLETION_ERROR = "completion-error"
 
 
 class ModelSpecRegistered(EventPayload):

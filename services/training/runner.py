@@ -5,14 +5,16 @@ A job is claimed (state running, one more attempt, a new run id) in the same tra
 TrainingStarted. While the fit runs, the runner writes a heartbeat; a job whose heartbeat went stale belongs
 to a dead worker and is claimed again by any runner — re-run from scratch, which gives the same result
 because data, spec and seed are pinned. Completion and failure are conditional on the run still owning the
-job, so a job completes (or fails) exactly once, whoever finishes it.
+job, so a job completes (or fails) exactly once, whoever finishes it. A fit is never redone for the sake of
+recording it: the database failing meanwhile is waited out with the outcome in hand (heartbeats go on), and
+any other error completing the job fails it, naming the error (completion-error).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
 
@@ -28,12 +30,18 @@ from contracts.training import (
     TrainingStarted,
 )
 from libs.bus import EventTooLarge, Transaction, bytes_over_limit
+from libs.bus.core import is_transient
 from libs.logging import bound, get_logger
 from services.training.domain import next_attempt_allowed, too_large_to_announce
-from services.training.ports import Datasets, Job, JobQueue, Trainer
+from services.training.ports import Datasets, Job, JobQueue, Progress, Trainer
 from services.training.worker import MaterialisedSet, TrainingFailure, TrainingResult
 
 log = get_logger(__name__)
+
+RETRY_FIRST_S = 0.5
+"""The runner's wait after an error of the infrastructure; it doubles on each further one, up to
+RETRY_MAX_S."""
+RETRY_MAX_S = 10.0
 
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
@@ -67,6 +75,7 @@ class JobRunner:
         progress_interval_s: float = 5.0,
         poll_s: float = 5.0,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        retry_first_s: float = RETRY_FIRST_S,
     ) -> None:
         self.begin = begin
         self.queue_on = queue_on
@@ -82,6 +91,7 @@ class JobRunner:
         self.progress_interval_s = progress_interval_s
         self.poll_s = poll_s
         self.max_event_bytes = max_event_bytes
+        self.retry_first_s = retry_first_s
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -96,17 +106,17 @@ class JobRunner:
 
     async def run(self) -> None:
         """Run jobs until stopped; errors of the infrastructure are retried with backoff."""
-        delay = 0.5
+        delay = self.retry_first_s
         while not self._stopping:
             try:
                 worked = await self.run_once()
-                delay = 0.5
+                delay = self.retry_first_s
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("job runner error, retrying", error=repr(exc), delay_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if worked:
                 continue
@@ -187,42 +197,88 @@ class JobRunner:
                 if await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or ""):
                     await tx.publish(self._event(job, event))
 
+        # Beating until the outcome is recorded: a completion waiting for the database is not a lost run.
         heartbeats = asyncio.create_task(self._heartbeats(job))
         try:
-            raw = await asyncio.wait_for(self.trainer.train(job_input, progress), timeout=self.job_timeout_s)
+            raw = await self._fit(job, job_input, progress)
+            if raw is not None:
+                await self._record(job, raw, time.monotonic() - started)
+        finally:
+            heartbeats.cancel()
+            with suppress(asyncio.CancelledError):
+                await heartbeats
+
+    async def _fit(self, job: Job, job_input: dict[str, Any], progress: Progress) -> dict[str, Any] | None:
+        """The run's outcome (a TrainingResult or TrainingFailure as a dict); None when the fit process was
+        lost (the job is then requeued or failed)."""
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(self.trainer.train(job_input, progress), timeout=self.job_timeout_s)
         except TimeoutError:
             self.trainer.abort()
-            raw = TrainingFailure(
+            return TrainingFailure(
                 reason=FailureReason.TIMEOUT,
                 message=f"the run took longer than job_timeout_s={self.job_timeout_s:.0f}s and was stopped",
             ).model_dump(mode="json")
         except Exception as exc:
             # The fit process died under us (killed, out of memory): another attempt, if allowed.
             await self._lost(job, exc, time.monotonic() - started)
-            return
-        finally:
-            heartbeats.cancel()
-            with suppress(asyncio.CancelledError):
-                await heartbeats
-        duration = time.monotonic() - started
+            return None
+
+    async def _record(self, job: Job, raw: dict[str, Any], duration: float) -> None:
+        """Complete or fail the job as the run's outcome says, once. The fit is never redone for the sake of
+        recording it: an error of the infrastructure (Postgres away) is retried with the outcome in hand, and
+        any other error completing it fails the job, naming the error."""
         try:
-            if raw.get("ok"):
-                try:
-                    await self._complete(job, TrainingResult.model_validate(raw), duration)
-                except (Unannounceable, EventTooLarge) as exc:
-                    # The outcome cannot be announced: consumers would refuse the event. Failed once, saying
-                    # why, rather than left running to be fitted again as a lost run.
-                    message = (
-                        str(exc)
-                        if isinstance(exc, Unannounceable)
-                        else f"the trained model cannot be announced: {exc}"
-                    )
-                    await self._fail(job, FailureReason.INVALID_SPEC, message, duration)
-            else:
+            if not raw.get("ok"):
                 failure = TrainingFailure.model_validate(raw)
-                await self._fail(job, failure.reason, failure.message, duration)
+                await self._retried(lambda: self._fail(job, failure.reason, failure.message, duration))
+                return
+            try:
+                await self._retried(lambda: self._complete(job, TrainingResult.model_validate(raw), duration))
+            except LostOwnership:
+                raise
+            except (Unannounceable, EventTooLarge) as exc:
+                # The outcome cannot be announced: consumers would refuse the event. Failed once, saying
+                # why, rather than left running to be fitted again as a lost run.
+                message = (
+                    str(exc)
+                    if isinstance(exc, Unannounceable)
+                    else f"the trained model cannot be announced: {exc}"
+                )
+                await self._retried(lambda: self._fail(job, FailureReason.INVALID_SPEC, message, duration))
+            except Exception as exc:
+                # A bug, or a conflict in training's tables: it would fail the same way after every refit.
+                log.exception("recording the completed run failed", error=repr(exc))
+                message = (
+                    "the model was fitted, but recording the job's outcome failed: "
+                    f"{type(exc).__name__}: {exc}. This is a fault of the training service, not of the data "
+                    "or the spec: look at the training logs, then ask for a retrain"
+                )
+                await self._retried(
+                    lambda: self._fail(job, FailureReason.COMPLETION_ERROR, message, duration)
+                )
         except LostOwnership:
             log.warning("job was taken over by another run; this run's outcome is dropped")
+
+    async def _retried(self, record: Callable[[], Awaitable[None]]) -> None:
+        """``record()``, again after each error of the infrastructure, backing off as ``run`` does, until it
+        goes through or the runner stops (the job, left running, is then resumed as a lost run)."""
+        delay = self.retry_first_s
+        while True:
+            try:
+                await record()
+                return
+            except Exception as exc:
+                if not is_transient(exc) or self._stopping:
+                    raise
+                log.warning(
+                    "recording the run's outcome failed on the infrastructure; retrying, the outcome kept",
+                    error=repr(exc),
+                    delay_s=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     async def _heartbeats(self, job: Job) -> None:
         while True:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from contracts.commands import RetrainRequested
@@ -622,3 +623,65 @@ async def test_a_stored_spec_listing_a_base_dataset_twice_fails_the_run_rather_t
     assert failed.data.reason is FailureReason.INVALID_SPEC
     assert "'churn-base' is listed twice" in failed.data.message
     assert harness.events(TrainingCompleted) == []
+
+
+class FailingCompletion:
+    """Makes the completion's first dataset registration raise ``errors`` in turn (then work)."""
+
+    def __init__(self, harness: Harness, *errors: Exception) -> None:
+        self.errors = list(errors)
+        version_for = harness.datasets.version_for
+
+        async def failing(name: str, sha256: str) -> tuple[int, bool]:
+            if self.errors:
+                raise self.errors.pop(0)
+            return await version_for(name, sha256)
+
+        harness.datasets.version_for = failing  # type: ignore[method-assign]
+
+
+async def requested_job(harness: Harness) -> str:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    return str(harness.events(TrainingRequested)[0].data.job_id)
+
+
+async def test_a_completion_that_fails_for_a_reason_of_its_own_fails_the_job_once_naming_it(
+    harness: Harness,
+) -> None:
+    job_id = await requested_job(harness)
+    FailingCompletion(harness, asyncpg.UniqueViolationError("duplicate key value violates unique constraint"))
+    assert await harness.runner.run_once()
+    await harness.bus.drain()
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.COMPLETION_ERROR
+    assert "UniqueViolationError: duplicate key value violates unique constraint" in failed.data.message
+    assert "worker" not in failed.data.message
+    assert harness.jobs.rows[job_id].state is JobState.FAILED
+    # Failed once and for good: a stale-job sweep finds nothing to fit again.
+    harness.jobs.stale.add(job_id)
+    assert await harness.run_jobs() == 0
+    assert len(harness.trainer.runs) == 1
+    assert not harness.events(TrainingCompleted)
+
+
+async def test_a_completion_the_database_interrupts_is_retried_without_fitting_again(
+    harness: Harness,
+) -> None:
+    job_id = await requested_job(harness)
+    lost = FailingCompletion(
+        harness,
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        ConnectionRefusedError("Postgres is restarting"),
+    )
+    harness.runner.retry_first_s = 0.0
+    assert await harness.runner.run_once()
+    await harness.bus.drain()
+    assert lost.errors == []
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.run_id.endswith("-1")
+    assert harness.jobs.rows[job_id].state is JobState.COMPLETED
+    assert len(harness.trainer.runs) == 1
+    assert not harness.events(TrainingFailed)
