@@ -20,6 +20,19 @@ from contracts.envelope import EventPayload
 
 TOPIC = "mlops.datasets"
 
+TRAINING_SET_SUFFIX = "-training"
+"""Each training run registers its training set (base data and labelled traffic, before the holdout split)
+as the dataset ``<model>-training``."""
+HOLDOUT_SUFFIX = "-holdout"
+"""... and its holdout rows as ``<model>-holdout``. Training numbers the versions of these names in its own
+tables, so they are reserved for it: the registry refuses uploads under them (two writers numbering one
+name would give one version number to two files)."""
+
+
+def is_training_output(name: str) -> bool:
+    """Whether ``name`` has the form of a name training registers its output under (reserved for it)."""
+    return name.endswith((TRAINING_SET_SUFFIX, HOLDOUT_SUFFIX))
+
 
 class DatasetRegistered(EventPayload):
     """A dataset version was stored, verified and registered; its bytes never change."""

@@ -40,6 +40,7 @@ from contracts.common import (
     ModelName,
     Task,
 )
+from contracts.datasets import TRAINING_SET_SUFFIX
 from libs.errors import shown
 from libs.metrics import METRICS, metrics_for
 
@@ -150,7 +151,7 @@ CATEGORY_KEPT_MAX_CHARS = 256
 """The longest level (as text) a model keeps of a categorical feature, or a spec declares: a longer one is
 free text rather than a level, and is encoded as an unseen value is."""
 
-MODEL_NAME_MAX_CHARS = 128 - len("-training")
+MODEL_NAME_MAX_CHARS = 128 - len(TRAINING_SET_SUFFIX)
 """The longest model name a spec may have (119 characters): each training run registers its training set
 and its holdout as the datasets ``<model>-training`` and ``<model>-holdout``, and a dataset's name has at
 most 128 characters, as a model's has (``NAME_PATTERN``)."""

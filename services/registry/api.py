@@ -35,6 +35,7 @@ from services.registry.domain import (
     ALIASES,
     Command,
     check_name,
+    check_upload_name,
     decode_name_cursor,
     decode_version_cursor,
     encode_cursor,
@@ -523,7 +524,7 @@ async def upload_dataset(
                 "upload each file on its own",
                 field=single,
             )
-    check_name(name, what="dataset name", field="name")
+    check_upload_name(name)
     wanted = _split_models(models)
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:

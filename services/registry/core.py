@@ -27,6 +27,7 @@ from services.registry.domain import (
     check_command,
     check_name,
     check_transition,
+    check_upload_name,
     dataset_problems,
     failed_checks_phrase,
     may_be_challenger,
@@ -395,7 +396,7 @@ async def upload_dataset(
     existing version of the name gives that version back (False: nothing new). ``max_event_bytes``: what
     consumers accept; an upload whose DatasetRegistered would be larger is refused (422)."""
     # Everything the event and the row are made of is checked before the file is stored.
-    check_name(name, what="dataset name", field="name")
+    check_upload_name(name)
     for model in models:
         check_name(model, what="model name", field="models")
     if description is not None and "\x00" in description:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from contracts.common import NAME_PATTERN, VERSION_MAX, FeatureType, ModelSignature, Stage
+from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX, is_training_output
 from libs.errors import Conflict, InvalidInput
 from services.registry.schemas import VersionPublic
 
@@ -150,6 +151,20 @@ def check_name(value: str, *, what: str, field: str) -> str:
     if not is_name(value):
         raise InvalidInput(f"{what} {value!r} must match {NAME_PATTERN}", field=field)
     return value
+
+
+def check_upload_name(name: str) -> str:
+    """``name`` when a file may be uploaded under it, else 422: not a name, or one reserved for training's
+    output (training numbers those versions itself; an upload would take a number training gives too)."""
+    check_name(name, what="dataset name", field="name")
+    if is_training_output(name):
+        raise InvalidInput(
+            f"dataset name {name!r} is reserved for training's output: each run registers its training set "
+            f"and holdout as <model>{TRAINING_SET_SUFFIX} and <model>{HOLDOUT_SUFFIX}; upload under another "
+            "name",
+            field="name",
+        )
+    return name
 
 
 # --- cursors ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
 
 from contracts.common import ArtifactFormat, DatasetRef, Lineage, ModelSignature
-from contracts.datasets import DatasetRegistered
+from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX, DatasetRegistered
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES, CloudEvent, new_event
 from contracts.training import (
     FailureReason,
@@ -316,10 +316,14 @@ class JobRunner:
             training_ref, training_event = None, None
             if result.training_set is not None:
                 training_ref, training_event = await self._register_set(
-                    datasets, job, f"{job.model}-training", f"training-set:{job.job_id}", result.training_set
+                    datasets,
+                    job,
+                    f"{job.model}{TRAINING_SET_SUFFIX}",
+                    f"training-set:{job.job_id}",
+                    result.training_set,
                 )
             holdout_ref, holdout_event = await self._register_set(
-                datasets, job, f"{job.model}-holdout", f"holdout:{job.job_id}", result.holdout
+                datasets, job, f"{job.model}{HOLDOUT_SUFFIX}", f"holdout:{job.job_id}", result.holdout
             )
             completed = TrainingCompleted(
                 job_id=job.job_id,

@@ -486,6 +486,43 @@ async def test_an_upload_whose_number_another_writer_took_meanwhile_is_a_conflic
     assert (await upload_csv(registry, name)).json()["dataset"]["version"] == 2
 
 
+async def settle(registry: RunningRegistry, *events: CloudEvent[Any]) -> None:
+    """Send events and wait until the consumer settled them (handled or dead-lettered): a marker sent after
+    them on the topic's one partition is handled."""
+    marker = registry.training_completed(model_name(), "run-marker")
+    await registry.send(*events, marker)
+    await registry.wait_handled(marker)
+
+
+@pytest.mark.parametrize("order", ["upload first", "training first", "at once"])
+@pytest.mark.parametrize("output", ["training", "holdout"])
+async def test_an_upload_cannot_take_a_version_of_a_name_training_registers_its_output_under(
+    registry: RunningRegistry, order: str, output: str
+) -> None:
+    name = f"{model_name()}-{output}"
+    # Training numbers the versions of <model>-training and <model>-holdout in its own tables: version 1
+    # here, announced while an operator uploads a file under the same name.
+    event = new_event(training_set(registry, name), source="/driftloop/training")
+    if order == "upload first":
+        upload = await upload_csv(registry, name)
+        await settle(registry, event)
+    elif order == "training first":
+        await settle(registry, event)
+        upload = await upload_csv(registry, name)
+    else:
+        upload, _ = await asyncio.gather(upload_csv(registry, name), settle(registry, event))
+    assert upload.status_code == 422, upload.text
+    assert upload.json()["field"] == "name"
+    assert upload.json()["detail"] == (
+        f"dataset name {name!r} is reserved for training's output: each run registers its training set "
+        f"and holdout as <model>-training and <model>-holdout; upload under another name"
+    )
+    # Training's version is the one recorded, with training's file: lineage naming it finds it.
+    rows = await registry.fetch("SELECT version, sha256, source FROM datasets WHERE name = $1", name)
+    assert [tuple(r) for r in rows] == [(1, event.data.sha256, "training-set:job-1")]
+    assert await registry.outbox(DatasetRegistered, name) == []
+
+
 async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> None:
     model = model_name()
     await register(registry, model, "run-1")

@@ -90,6 +90,8 @@ async def test_a_tag_key_that_could_not_be_indexed_or_found_is_422(
         ({"name": "churn\n"}, "dataset name 'churn\\n' must match"),
         ({"name": "churn", "models": "churn\n,bad name"}, "model name 'bad name' must match"),
         ({"name": "churn", "description": "a\x00b"}, "body.description: String should match pattern"),
+        ({"name": "churn-training"}, "dataset name 'churn-training' is reserved for training's output"),
+        ({"name": "churn-holdout"}, "dataset name 'churn-holdout' is reserved for training's output"),
     ],
 )
 async def test_an_upload_with_a_bad_field_is_422_before_the_file_is_read(
