@@ -62,6 +62,26 @@ ROWS_MAX = 10**9
 """Bound of every row count in a spec: far beyond any training set, well inside the 64-bit integers the
 spec's JSON can hold."""
 
+ENSEMBLE_MAX = 10_000
+"""The most trees (random_forest's ``n_estimators``) or boosting iterations (hist_gradient_boosting's
+``max_iter``) a spec may ask for. scikit-learn takes any number, and what it fits is kept: a forest makes
+every tree object before it fits any, so 10**9 trees filled the fit process's memory within minutes, and
+the job was lost and run again ``max_attempts`` times."""
+
+THREADS_MAX = 256
+"""The most threads (``n_jobs``) a spec may give a fit; -1 is every core."""
+
+_THREADS = (THREADS_MAX, "threads", "-1 takes every core")
+PARAM_MAXIMA: dict[tuple[str, str], tuple[int, str, str]] = {
+    ("random_forest", "n_estimators"): (ENSEMBLE_MAX, "trees", "a forest makes them all before it fits any"),
+    ("hist_gradient_boosting", "max_iter"): (ENSEMBLE_MAX, "boosting iterations", "each adds trees"),
+    ("random_forest", "n_jobs"): _THREADS,
+    ("logistic_regression", "n_jobs"): _THREADS,
+    ("linear_regression", "n_jobs"): _THREADS,
+}
+"""(estimator, parameter) -> (largest value, what it counts, why): parameters whose value scikit-learn does
+not bound and whose size the fit process pays for in memory or threads."""
+
 INT64 = (-(2**63), 2**63 - 1)
 """The integers the canonical JSON (orjson) and Postgres jsonb hold exactly."""
 
@@ -405,6 +425,8 @@ class ModelSpec(_SpecModel):
                     f"{_did_you_mean(param, sorted(known))}",
                 )
             problem = _param_problem(_import(path), param, self.params[param])
+            if problem is None:
+                problem = _beyond_maximum(self.estimator, param, self.params[param])
             if problem is not None:
                 raise _fail("invalid_param", f"params.{param}", problem)
 
@@ -493,6 +515,15 @@ def _param_problem(cls: Any, name: str, value: Any) -> str | None:
     except (ValueError, TypeError) as exc:  # sklearn's InvalidParameterError is both
         return str(exc)
     return None
+
+
+def _beyond_maximum(estimator: str, name: str, value: Any) -> str | None:
+    """Why ``value`` of an estimator's parameter in :data:`PARAM_MAXIMA` is too large, or None."""
+    bound = PARAM_MAXIMA.get((estimator, name))
+    if bound is None or not isinstance(value, int) or isinstance(value, bool) or value <= bound[0]:
+        return None
+    most, unit, why = bound
+    return f"{value:,} {unit} are more than a fit may take: at most {most:,} ({why})"
 
 
 def _threshold_problem(metric: str, threshold: float) -> str | None:

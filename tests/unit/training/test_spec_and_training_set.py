@@ -157,6 +157,23 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             ["'reading_reading_", "(12,000 characters)", "256 characters"],
         ),
         ({"target": "y" * 257}, "target", ["(257 characters)", "256 characters"]),
+        # scikit-learn takes any size of ensemble: a forest of 10**9 trees makes every tree object before it
+        # fits any, and filled the fit process's memory (the job then lost and retried, max_attempts times).
+        (
+            {"estimator": "random_forest", "params": {"n_estimators": 10**9}},
+            "params.n_estimators",
+            ["1,000,000,000", "at most 10,000"],
+        ),
+        (
+            {"estimator": "hist_gradient_boosting", "params": {"max_iter": 10_001}},
+            "params.max_iter",
+            ["10,001", "at most 10,000"],
+        ),
+        (
+            {"estimator": "random_forest", "params": {"n_jobs": 100_000}},
+            "params.n_jobs",
+            ["100,000", "at most 256"],
+        ),
         # A cooldown past the calendar made every later trigger fail to say when it ends.
         (
             {"retrain": {"cooldown_seconds": 1e12}},
@@ -173,6 +190,17 @@ def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_
     assert (caught.value.field, caught.value.reason) == (field, "invalid-spec")
     for word in words:
         assert word in caught.value.message
+
+
+def test_ensembles_and_threads_up_to_their_bounds_are_accepted() -> None:
+    forest = spec_from_data(
+        churn_spec_data(estimator="random_forest", params={"n_estimators": 10_000, "n_jobs": -1})
+    )
+    assert forest.params == {"n_estimators": 10_000, "n_jobs": -1}
+    boosted = spec_from_data(churn_spec_data(estimator="hist_gradient_boosting", params={"max_iter": 10_000}))
+    assert boosted.params == {"max_iter": 10_000}
+    # An iteration limit of an optimiser that stops once it converges holds nothing per iteration.
+    assert spec_from_data(churn_spec_data(params={"max_iter": 10**9})).params == {"max_iter": 10**9}
 
 
 def test_a_spec_stored_before_the_name_bound_is_still_read_but_not_taken_again() -> None:
