@@ -82,6 +82,16 @@ PARAM_MAXIMA: dict[tuple[str, str], tuple[int, str, str]] = {
 """(estimator, parameter) -> (largest value, what it counts, why): parameters whose value scikit-learn does
 not bound and whose size the fit process pays for in memory or threads."""
 
+PARAM_ONLY: dict[tuple[str, str], tuple[Any, str]] = {
+    ("hist_gradient_boosting", "scoring"): (
+        "loss",
+        "early stopping keeps any other scorer in the model, which cannot be stored as a skops file of "
+        "trusted types (and early stopping is on by default past 10,000 rows)",
+    ),
+}
+"""(estimator, parameter) -> (the one value taken, why): parameters whose other values give a model that
+cannot be stored or loaded."""
+
 INT64 = (-(2**63), 2**63 - 1)
 """The integers the canonical JSON (orjson) and Postgres jsonb hold exactly."""
 
@@ -427,6 +437,8 @@ class ModelSpec(_SpecModel):
             problem = _param_problem(_import(path), param, self.params[param])
             if problem is None:
                 problem = _beyond_maximum(self.estimator, param, self.params[param])
+            if problem is None:
+                problem = _not_the_only_value(self.estimator, param, self.params[param])
             if problem is not None:
                 raise _fail("invalid_param", f"params.{param}", problem)
 
@@ -524,6 +536,14 @@ def _beyond_maximum(estimator: str, name: str, value: Any) -> str | None:
         return None
     most, unit, why = bound
     return f"{value:,} {unit} are more than a fit may take: at most {most:,} ({why})"
+
+
+def _not_the_only_value(estimator: str, name: str, value: Any) -> str | None:
+    """Why ``value`` of an estimator's parameter in :data:`PARAM_ONLY` is refused, or None."""
+    only = PARAM_ONLY.get((estimator, name))
+    if only is None or value == only[0]:
+        return None
+    return f"{value!r} is not taken here, only {only[0]!r}: {only[1]}; leave {name} out or give {only[0]!r}"
 
 
 def _threshold_problem(metric: str, threshold: float) -> str | None:

@@ -174,6 +174,18 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             "params.n_jobs",
             ["100,000", "at most 256"],
         ),
+        # Early stopping keeps its scorer in the model, which skops could not write (RecursionError) and the
+        # trusted types would not load: every run with more than 10,000 rows (early stopping "auto") failed.
+        (
+            {"estimator": "hist_gradient_boosting", "params": {"scoring": "accuracy"}},
+            "params.scoring",
+            ["'accuracy'", "only 'loss'", "cannot be stored"],
+        ),
+        (
+            {"estimator": "hist_gradient_boosting", "params": {"scoring": None}},
+            "params.scoring",
+            ["None", "only 'loss'"],
+        ),
         # A cooldown past the calendar made every later trigger fail to say when it ends.
         (
             {"retrain": {"cooldown_seconds": 1e12}},
@@ -192,13 +204,18 @@ def test_a_spec_the_store_or_the_estimator_could_not_take_is_refused_naming_the_
         assert word in caught.value.message
 
 
-def test_ensembles_and_threads_up_to_their_bounds_are_accepted() -> None:
+def test_parameters_within_what_a_fit_can_hold_and_store_are_accepted() -> None:
     forest = spec_from_data(
         churn_spec_data(estimator="random_forest", params={"n_estimators": 10_000, "n_jobs": -1})
     )
     assert forest.params == {"n_estimators": 10_000, "n_jobs": -1}
     boosted = spec_from_data(churn_spec_data(estimator="hist_gradient_boosting", params={"max_iter": 10_000}))
     assert boosted.params == {"max_iter": 10_000}
+    assert spec_from_data(
+        churn_spec_data(
+            estimator="hist_gradient_boosting", params={"scoring": "loss", "early_stopping": True}
+        )
+    ).params == {"scoring": "loss", "early_stopping": True}
     # An iteration limit of an optimiser that stops once it converges holds nothing per iteration.
     assert spec_from_data(churn_spec_data(params={"max_iter": 10**9})).params == {"max_iter": 10**9}
 
