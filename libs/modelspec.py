@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal, Self
@@ -352,7 +353,8 @@ class ModelSpec(_SpecModel):
         if unstorable is not None:
             raise _fail("invalid_value", *unstorable)
         names = [f.name for f in self.features]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        # Counted once: a list.count per name took 8 s of a 20,000-feature spec (event loop, read back).
+        duplicates = sorted(n for n, times in Counter(names).items() if times > 1)
         if duplicates:
             raise _fail("invalid_feature", "features", f"features {duplicates} are listed twice")
         if self.target in names:
