@@ -63,6 +63,11 @@ ROWS_MAX = 10**9
 """Bound of every row count in a spec: far beyond any training set, well inside the 64-bit integers the
 spec's JSON can hold."""
 
+TRAFFIC_WEIGHT_MAX = 1e6
+"""The most a labelled traffic row may weigh in a weighted training set (base rows weigh 1). The fit sums
+weights with gradients: past some 1e20 hist_gradient_boosting fitted a constant model (roc_auc 0.5) and the
+run still completed."""
+
 ENSEMBLE_MAX = 10_000
 """The most trees (random_forest's ``n_estimators``) or boosting iterations (hist_gradient_boosting's
 ``max_iter``) a spec may ask for. scikit-learn takes any number, and what it fits is kept: a forest makes
@@ -147,7 +152,11 @@ class TrainingSetPolicy(_SpecModel):
         description="Rows kept by the sliding window (required for mode sliding-window).",
     )
     traffic_weight: float = Field(
-        1.0, gt=0, description="Sample weight of labelled traffic rows in mode weighted (base rows weigh 1)."
+        1.0,
+        gt=0,
+        le=TRAFFIC_WEIGHT_MAX,
+        description="Sample weight of labelled traffic rows in mode weighted (base rows weigh 1), above 0 "
+        "and at most 1,000,000.",
     )
     min_rows: int = Field(
         50, ge=10, le=ROWS_MAX, description="A training set with fewer rows fails with dataset-too-small."

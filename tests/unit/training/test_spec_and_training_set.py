@@ -187,6 +187,13 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             "params.scoring",
             ["None", "only 'loss'"],
         ),
+        # Weights past what the fit's sums hold: hist_gradient_boosting fitted a constant model at 1e40
+        # (roc_auc 0.5) and the run completed; random_forest failed at 1e307 (probabilities not summing to 1).
+        (
+            {"retrain": {"training_set": {"mode": "weighted", "traffic_weight": 1e40}}},
+            "retrain.training_set.traffic_weight",
+            ["less than or equal to 1000000"],
+        ),
         # A cooldown past the calendar made every later trigger fail to say when it ends.
         (
             {"retrain": {"cooldown_seconds": 1e12}},
