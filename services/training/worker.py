@@ -323,7 +323,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     t0 = time.perf_counter()
     report(job.job_id, "loading-data", 0.0)
     spec = _load_spec(store, job.spec_key)
-    base = [_load_base(store, d, spec) for d in job.datasets]
+    base = conformed_base(spec, job.datasets, [_load_base(store, d, spec) for d in job.datasets])
     window = _load_window(store, job, spec) if job.window_key else None
     traffic = labelled_traffic(window, spec) if window is not None else _empty(spec)
     frame = assemble_training_set(spec, base, traffic)
@@ -580,6 +580,42 @@ def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> 
     return frame[needed]
 
 
+def conformed_base(
+    spec: ModelSpec, datasets: list[InputDataset], frames: list[pd.DataFrame]
+) -> list[pd.DataFrame]:
+    """The base datasets' rows, ready to be joined into one training set.
+
+    A numeric feature that holds no value in a dataset (a text column of nulls) becomes a float column of
+    missing values there: joined as it is, it turned the numbers of the other datasets into objects, which
+    no estimator fits. Base datasets of which one holds numbers and another text in a numeric feature or
+    the target are refused (:class:`TrainingError`, naming both): joined, the column holds both, and the
+    failure named neither dataset. Categorical features are checked with the levels the model keeps
+    (:func:`libs.modelspec.kept_categories`)."""
+    numeric = [f.name for f in spec.features if f.type is FeatureType.NUMERIC]
+    conformed = []
+    for frame in frames:
+        empty = [n for n in numeric if not pd.api.types.is_numeric_dtype(frame[n]) and frame[n].isna().all()]
+        conformed.append(frame.assign(**{n: np.nan for n in empty}) if empty else frame)
+    for name in [*numeric, spec.target]:
+        kinds = ["numbers" if pd.api.types.is_numeric_dtype(f[name]) else "text" for f in conformed]
+        if len(set(kinds)) < 2:
+            continue
+        held = [
+            (kind, f"{d.name} v{d.version}")
+            for kind, d, f in zip(kinds, datasets, conformed, strict=True)
+            if f[name].notna().any()
+        ]
+        for kind, label in held[1:]:
+            if kind != held[0][0]:
+                raise TrainingError(
+                    FailureReason.FIT_ERROR,
+                    f"column {name!r} holds {held[0][0]} in {held[0][1]} and {kind} in {label}: the base "
+                    "datasets of a model must give each column one type; upload one of them again, or change "
+                    "the spec's base_datasets",
+                )
+    return conformed
+
+
 def _require_columns(frame: pd.DataFrame, needed: list[str], label: str) -> None:
     columns = [str(c) for c in frame.columns]
     for name in needed:
@@ -653,7 +689,10 @@ def reference_rows(
 def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd.DataFrame) -> pd.DataFrame:
     """Base rows then labelled traffic rows, combined by the policy; rows without a target are dropped."""
     policy = spec.retrain.training_set
-    base_rows = (pd.concat(base, ignore_index=True) if base else _empty(spec)).dropna(subset=[spec.target])
+    # Each dataset's rows without a target are dropped before the join: a dataset with no label at all (a
+    # text column of nulls) would otherwise make the labels of the others objects, which no classifier fits.
+    labelled = [rows for rows in (b.dropna(subset=[spec.target]) for b in base) if len(rows)]
+    base_rows = pd.concat(labelled, ignore_index=True) if labelled else _empty(spec)
     traffic = traffic.dropna(subset=[spec.target])
     if len(traffic) and len(base_rows):
         base_rows, traffic = _conform_labels(spec, base_rows, traffic)

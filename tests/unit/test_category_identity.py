@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from contracts.common import ModelSignature
@@ -25,7 +24,7 @@ from services.serving.compiled import NotCompilable, compile_model
 from services.serving.domain import columns_from_records
 from services.serving.routing import ServedModel
 from services.training.worker import run_training
-from tests.unit.training.data import churn_frame, churn_spec, put_frame
+from tests.unit.training.data import churn_frame, churn_spec, put_frame, run_on_bases
 
 NUMERIC = ["x0", "x1", "x2", "x3"]
 
@@ -173,30 +172,13 @@ def test_both_engines_answer_alike_for_every_level_and_an_unseen_one(trained: Tr
 # --- training: what a categorical column's levels can be ----------------------------------------------------
 
 
-def _run(tmp_path: Path, *frames: pd.DataFrame) -> dict[str, Any]:
-    store = ArtifactStore(str(tmp_path))
-    spec = churn_spec(validation={})
-    return run_training(
-        {
-            "job_id": "job-types",
-            "model": spec.name,
-            "spec_key": store.put(spec.canonical_json()).sha256,
-            "datasets": [
-                {"name": f"churn-base-{i}", "version": 1, "sha256": put_frame(store, frame).key}
-                for i, frame in enumerate(frames)
-            ],
-            "artifacts_url": str(tmp_path),
-        }
-    )
-
-
 def test_a_categorical_feature_of_numbers_with_a_fraction_fails_the_run_naming_it(tmp_path: Path) -> None:
     # No request can send 1.5 as a category (a category is text, an integer or a boolean), and the signature
     # listed "1.5", which serving took as known while the model, which learned the number, encoded it as
     # unseen.
     frame = churn_frame(600)
     frame["plan"] = frame["plan"].map({"basic": 1.5, "plus": 2.0, "premium": 3.25})
-    result = _run(tmp_path, frame)
+    result = run_on_bases(tmp_path, frame, spec=churn_spec(validation={}))
     assert not result["ok"] and result["reason"] == "invalid-spec", result
     assert "'plan'" in result["message"] and "1.5" in result["message"], result["message"]
     assert "declare the feature numeric" in result["message"].lower()
@@ -207,6 +189,6 @@ def test_training_rows_whose_categories_mix_types_fail_the_run_naming_the_featur
     # ("Encoders require their input argument must be uniformly strings or numbers").
     codes = churn_frame(600, seed=1)
     codes["plan"] = codes["plan"].map({"basic": 0, "plus": 1, "premium": 2})
-    result = _run(tmp_path, churn_frame(600), codes)
+    result = run_on_bases(tmp_path, churn_frame(600), codes, spec=churn_spec(validation={}))
     assert not result["ok"] and result["reason"] == "invalid-spec", result
     assert "'plan'" in result["message"] and "integers and text" in result["message"], result["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 from contracts.common import ArtifactFormat, ArtifactRef
 from libs.artifacts import ArtifactStore
 from libs.modelspec import ModelSpec, spec_from_data
+from services.training.worker import run_training
 
 PLANS = ["basic", "plus", "premium"]
 
@@ -91,3 +93,22 @@ def traffic_window(
     start = datetime(2026, 1, 1, tzinfo=UTC)
     window["predicted_at"] = [start + timedelta(seconds=i) for i in range(len(frame))]
     return window
+
+
+def run_on_bases(root: Path, *frames: pd.DataFrame, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """:func:`run_training` of ``spec`` (the churn spec) on base datasets churn-base-0 v1, churn-base-1 v1,
+    ... holding ``frames``, with a store in ``root``."""
+    store = ArtifactStore(str(root))
+    spec = spec or churn_spec()
+    return run_training(
+        {
+            "job_id": "job-bases",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [
+                {"name": f"churn-base-{i}", "version": 1, "sha256": put_frame(store, frame).key}
+                for i, frame in enumerate(frames)
+            ],
+            "artifacts_url": str(root),
+        }
+    )

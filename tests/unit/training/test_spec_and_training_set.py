@@ -7,6 +7,7 @@ import json
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ from tests.unit.training.data import (
     churn_spec_data,
     put_frame,
     regression_frame,
+    run_on_bases,
     traffic_window,
 )
 
@@ -722,3 +724,44 @@ def test_a_sliding_window_smaller_than_the_rows_a_training_set_needs_is_refused(
     assert caught.value.field == "retrain.training_set.window_rows"
     assert "99 rows is smaller than the 100 rows" in caught.value.message
     assert spec_from_data(with_window(100)).retrain.training_set.window_rows == 100
+
+
+@pytest.mark.parametrize(
+    ("column", "as_text"),
+    [
+        # Numbers in one base dataset and text in the other: the run failed as "ArrowInvalid: Could not
+        # convert '0.19' with type str: tried to convert to double" writing the training set, or, for the
+        # target, "Unknown label type: unknown" from the fit: neither said which datasets disagree.
+        ("x0", lambda values: values.map(lambda v: f"{v:.2f}")),
+        ("churned", lambda values: values.map({0: "no", 1: "yes"})),
+    ],
+)
+def test_base_datasets_that_disagree_on_a_columns_type_fail_the_run_naming_both(
+    tmp_path: Path, column: str, as_text: Any
+) -> None:
+    texts = churn_frame(600, seed=2)
+    texts[column] = as_text(texts[column])
+    result = run_on_bases(tmp_path, churn_frame(600, seed=1), texts)
+    assert result["ok"] is False
+    assert result["reason"] == FailureReason.FIT_ERROR.value
+    assert result["message"] == (
+        f"column {column!r} holds numbers in churn-base-0 v1 and text in churn-base-1 v1: the base datasets "
+        "of a model "
+        "must give each column one type; upload one of them again, or change the spec's base_datasets"
+    )
+
+
+def test_base_datasets_whose_column_holds_no_value_in_one_train_on_the_others(tmp_path: Path) -> None:
+    # A dataset whose target (or a numeric feature) is a text column holding no value at all: joined to
+    # the others' numbers, the column became one of objects, and every run failed ("Unknown label type:
+    # unknown" for the target, "float() argument must be a string or a real number, not 'NAType'" for the
+    # feature).
+    unlabelled = churn_frame(600, seed=2)
+    unlabelled["churned"] = pd.Series([None] * len(unlabelled), dtype="string")
+    unmeasured = churn_frame(600, seed=3)
+    unmeasured["x3"] = pd.Series([None] * len(unmeasured), dtype="string")
+    booleans = churn_frame(600, seed=4)
+    booleans["churned"] = booleans["churned"].astype(bool)
+    result = run_on_bases(tmp_path, churn_frame(600, seed=1), unlabelled, unmeasured, booleans)
+    assert result["ok"] is True, result
+    assert result["train_rows"] + result["holdout"]["rows"] == 1800
