@@ -34,7 +34,7 @@ from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import (
     ALIASES,
     Command,
-    check_name,
+    check_dataset_models,
     check_upload_name,
     decode_name_cursor,
     decode_version_cursor,
@@ -466,15 +466,11 @@ async def retrain(
 
 
 def _split_models(values: list[str]) -> list[str]:
-    models: list[str] = []
-    for value in values:
-        for name in (m.strip() for m in value.split(",")):
-            if not name:
-                continue
-            check_name(name, what="model name", field="models")
-            if name not in models:
-                models.append(name)
-    return models
+    """The models named (repeated, or comma-separated), each once in order of first mention; 422 for one that
+    is no name, or for more than a dataset is meant for."""
+    # A dict keeps the order and finds a repeat at once: a list was searched for each name.
+    named = dict.fromkeys(m for value in values for m in (n.strip() for n in value.split(",")) if m)
+    return check_dataset_models(list(named))
 
 
 @router.post(

@@ -25,7 +25,7 @@ from services.registry.domain import (
     Command,
     alias_effect,
     check_command,
-    check_name,
+    check_dataset_models,
     check_transition,
     check_upload_name,
     dataset_problems,
@@ -397,8 +397,7 @@ async def upload_dataset(
     consumers accept; an upload whose DatasetRegistered would be larger is refused (422)."""
     # Everything the event and the row are made of is checked before the file is stored.
     check_upload_name(name)
-    for model in models:
-        check_name(model, what="model name", field="models")
+    check_dataset_models(models)
     if description is not None and "\x00" in description:
         raise InvalidInput("description holds a NUL character", field="description")
     for model in models:

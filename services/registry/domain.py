@@ -153,6 +153,23 @@ def check_name(value: str, *, what: str, field: str) -> str:
     return value
 
 
+DATASET_MODELS_MAX = 100
+"""The most models one dataset upload may name: each is looked up (its newest signature checks the file),
+and each is a retrain that training decides on when the dataset is announced."""
+
+
+def check_dataset_models(models: list[str]) -> list[str]:
+    """``models`` when each is a model name and there are at most :data:`DATASET_MODELS_MAX`, else 422."""
+    if len(models) > DATASET_MODELS_MAX:
+        raise InvalidInput(
+            f"the upload names {len(models):,} models; a dataset is meant for at most {DATASET_MODELS_MAX}",
+            field="models",
+        )
+    for model in models:
+        check_name(model, what="model name", field="models")
+    return models
+
+
 def check_upload_name(name: str) -> str:
     """``name`` when a file may be uploaded under it, else 422: not a name, or one reserved for training's
     output (training numbers those versions itself; an upload would take a number training gives too)."""

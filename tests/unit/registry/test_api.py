@@ -9,6 +9,7 @@ anything was read or written.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -101,6 +102,29 @@ async def test_an_upload_with_a_bad_field_is_422_before_the_file_is_read(
     r = await client.post("/v1/datasets", data=form, files=files, headers=OPERATOR)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(message)
+
+
+async def test_an_upload_naming_more_models_than_a_dataset_serves_is_422_at_once(
+    client: httpx.AsyncClient,
+) -> None:
+    # Each name was looked for among those already split (40,000 names: 17 s on the event loop), then
+    # looked up in the database one by one.
+    many = ",".join(f"model-{i}" for i in range(40_000))
+    files = {"file": ("d.csv", b"a,b\n1,2\n", "text/csv")}
+    started = time.perf_counter()
+    r = await client.post(
+        "/v1/datasets", data={"name": "churn", "models": many}, files=files, headers=OPERATOR
+    )
+    assert time.perf_counter() - started < 5
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "models"
+    assert r.json()["detail"] == "the upload names 40,000 models; a dataset is meant for at most 100"
+    # Named twice is named once.
+    twice = ",".join(["churn"] * 101)
+    r = await client.post(
+        "/v1/datasets", data={"name": "churn", "models": twice}, files=files, headers=OPERATOR
+    )
+    assert r.status_code == 500  # past every check: the app here has no database
 
 
 async def test_an_upload_with_a_column_name_too_long_for_a_feature_is_422_naming_the_limit(
