@@ -4,7 +4,9 @@ loaded by key and verified; the measuring runs in a thread so the event loop kee
 Every artifact follows one rule. The store failing for a moment (unreachable, timing out) is tried again
 in place, a bounded number of times (the store's ``attempts``); an artifact that is missing, corrupted
 (its bytes do not hash to its key), untrusted or not readable as what it should be fails its check at once.
-When the store still fails after its last try, the check fails too, saying it was the store."""
+When the store still fails after its last try, no check fails: ``StoreUnavailable`` (an OSError) goes to the
+bus, which retries the event without limit as for any outage of the infrastructure. A candidate is judged
+once, for good, so an outage must not judge it."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import io
 import pandas as pd
 
 from contracts.common import ArtifactFormat, ArtifactRef
-from libs.artifacts import ArtifactError, ArtifactStore, StoreUnavailable, load_model
+from libs.artifacts import ArtifactError, ArtifactStore, load_model
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
 from services.validation.domain import Measured
 from services.validation.ports import Evaluation, EvaluationError
@@ -45,7 +47,7 @@ class StoreEvaluator:
         try:
             data = await asyncio.to_thread(self.store.get, spec.key)
             return load_canonical(data).validation
-        except (ArtifactError, StoreUnavailable, SpecError) as exc:
+        except (ArtifactError, SpecError) as exc:
             raise EvaluationError(
                 "spec-readable", f"the model spec {spec.key[:12]} cannot be used: {exc}"
             ) from exc
@@ -59,7 +61,7 @@ class StoreEvaluator:
         key, fmt = evaluation.holdout.key, evaluation.holdout.format
         try:
             data = self.store.get(key)
-        except (ArtifactError, StoreUnavailable) as exc:
+        except ArtifactError as exc:
             raise EvaluationError(
                 "holdout-readable", f"the holdout {key[:12]} cannot be read: {exc}"
             ) from exc
@@ -98,7 +100,7 @@ class StoreEvaluator:
         assert ref is not None
         try:
             return load_model(self.store, ref.key)
-        except (ArtifactError, StoreUnavailable) as exc:
+        except ArtifactError as exc:
             raise EvaluationError(
                 f"{who}-loads", f"the {who} model {ref.key[:12]} cannot be loaded: {exc}"
             ) from exc
