@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -62,16 +63,22 @@ batch is parsed again on every fetch, so the error comes back until the consumer
 
 
 class KafkaPublisher:
-    """An idempotent producer (acks=all): a retried send never duplicates a record in the log."""
+    """An idempotent producer (acks=all): a retried send never duplicates a record in the log.
+
+    A batch the broker refuses (a record over the topic's ``max.message.bytes``) keeps the sequence numbers
+    aiokafka gave it, so the broker would refuse every later batch to that partition as out of order for as
+    long as the producer lives: after any refused batch, the producer is replaced by a fresh one (a new
+    producer id) before the error is raised, and the caller's next send goes through."""
 
     def __init__(self, kafka: KafkaSettings, *, linger_ms: int = 2, client_id: str = "driftloop") -> None:
         self.kafka = kafka
         self.linger_ms = linger_ms
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
+        self._renewing = asyncio.Lock()
 
-    async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             enable_idempotence=True,
             acks="all",
             linger_ms=self.linger_ms,
@@ -79,7 +86,11 @@ class KafkaPublisher:
             client_id=self.client_id,
             **self.kafka.client_options(),
         )
-        await self._producer.start()
+
+    async def start(self) -> None:
+        producer = self._new_producer()
+        await producer.start()
+        self._producer = producer
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -106,14 +117,45 @@ class KafkaPublisher:
     async def send_many(
         self, items: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]]
     ) -> None:
-        """Send records (in order per partition) and wait until all are acknowledged."""
+        """Send records (in order per partition) and wait until all are acknowledged. If the broker refused
+        any, the first refusal is raised once every record has its answer and the producer is renewed."""
+        producer = self.producer
         futures = [
-            await self.producer.send(self.kafka.physical(topic), value=value, key=key, headers=headers)
+            await producer.send(self.kafka.physical(topic), value=value, key=key, headers=headers)
             for topic, key, value, headers in items
         ]
-        await asyncio.gather(*futures)
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        refused = next((a for a in answers if isinstance(a, BaseException)), None)
+        if refused is not None:
+            await self._renew(producer, refused)
+            raise refused
         for topic, *_ in items:
             metrics.PUBLISHED.labels(topic).inc()
+
+    def _is_current(self, producer: AIOKafkaProducer) -> bool:
+        return self._producer is producer
+
+    async def _renew(self, broken: AIOKafkaProducer, error: BaseException) -> None:
+        """Replace ``broken`` (a producer a batch was refused to) by a fresh one, unless another send did
+        already. If the fresh one cannot start, the old one stays: the next refusal tries again."""
+        async with self._renewing:
+            if not self._is_current(broken):
+                return
+            fresh = self._new_producer()
+            try:
+                await fresh.start()
+            except KafkaError as exc:
+                log.warning("the producer could not be renewed", error=repr(exc), after=repr(error))
+                with suppress(Exception):  # what the failed start left open
+                    await fresh.stop()
+                return
+            self._producer = fresh
+        log.warning("the broker refused a batch: producer renewed", error=repr(error))
+        try:
+            # Its other batches are answered before it stops; what it still sends is the caller's to retry.
+            await broken.stop()
+        except Exception as exc:
+            log.warning("the replaced producer did not stop cleanly", error=repr(exc))
 
 
 DEAD_LETTER_HEADER_BYTES = 16 * 1024

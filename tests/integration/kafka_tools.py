@@ -32,12 +32,18 @@ def made_by_this_session(name: str) -> bool:
     return f"_{SESSION}" in name
 
 
-async def create_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
+async def create_topics(
+    bootstrap: str, *names: str, partitions: int = 1, configs: dict[str, str] | None = None
+) -> None:
+    """Create topics, with topic ``configs`` (e.g. ``max.message.bytes``) if given."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics(
-            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+            [
+                NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})
+                for n in names
+            ]
         )
     finally:
         await admin.close()

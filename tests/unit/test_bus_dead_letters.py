@@ -5,21 +5,28 @@ up the rows behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, OutOfOrderSequenceNumber
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent
 from contracts.topics import DEAD_LETTER
 from libs.bus import Dispatcher, Record, Subscription, Transaction, metrics
-from libs.bus.kafka import DEAD_LETTER_HEADER_VALUE_BYTES, dead_letter_message
+from libs.bus.kafka import (
+    DEAD_LETTER_HEADER_VALUE_BYTES,
+    KafkaDeadLetters,
+    KafkaPublisher,
+    dead_letter_message,
+)
 from libs.bus.postgres import OutboxRelay
+from libs.settings import KafkaSettings
 from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 
@@ -297,3 +304,103 @@ async def test_an_outbox_row_kafka_refuses_is_set_aside_and_the_rows_behind_it_g
     assert dlq["dlq_original_value_bytes"] == b"300002"
     assert (sent_topic, sent_value) == ("mlops.monitoring", b"{}")
     assert set_aside._value.get() == before + 1
+
+
+# --- the producer after a refusal -----------------------------------------------------------------------
+
+
+class IdempotentProducer:
+    """aiokafka's idempotent producer as the broker answers it: a batch over the topic's limit is refused,
+    and its sequence numbers stay taken, so every later batch to that partition is refused as out of order
+    (read in aiokafka 0.14's message_accumulator.py and sender.py; the real broker does it in
+    tests/integration/test_bus_broker_refusals.py)."""
+
+    def __init__(self, topic_limit: int, log: list[tuple[str, bytes]]) -> None:
+        self.topic_limit = topic_limit
+        self.log = log
+        self.broken: set[str] = set()
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def send(
+        self, topic: str, *, value: bytes, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+    ) -> asyncio.Future[None]:
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if topic in self.broken:
+            answer.set_exception(OutOfOrderSequenceNumber())
+        elif size(key, value, list(headers)) > self.topic_limit:
+            self.broken.add(topic)
+            answer.set_exception(MessageSizeTooLargeError())
+        else:
+            self.log.append((topic, value))
+            answer.set_result(None)
+        return answer
+
+
+class FakeBrokerPublisher(KafkaPublisher):
+    """The real publisher, started, on :class:`IdempotentProducer` instead of aiokafka's."""
+
+    def __init__(self, topic_limit: int) -> None:
+        super().__init__(KafkaSettings())
+        self.topic_limit = topic_limit
+        self.log: list[tuple[str, bytes]] = []
+        self.producers: list[IdempotentProducer] = []
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Any:
+        self.producers.append(IdempotentProducer(self.topic_limit, self.log))
+        return self.producers[-1]
+
+
+async def test_a_batch_the_broker_refuses_costs_its_records_and_not_the_partition() -> None:
+    publisher = FakeBrokerPublisher(topic_limit=100_000)
+    await publisher.send_many([("t", None, b"before", [])])
+
+    with pytest.raises(MessageSizeTooLargeError):
+        await publisher.send_many([("t", None, b"x" * 200_000, []), ("t", None, b"behind it", [])])
+    await publisher.send_many([("t", None, b"after", [])])
+
+    assert publisher.log == [("t", b"before"), ("t", b"after")]
+    first, second = publisher.producers
+    assert first.stopped and not second.stopped
+
+
+async def test_a_dead_letter_the_broker_refuses_goes_without_its_value_and_the_next_one_whole() -> None:
+    publisher = FakeBrokerPublisher(topic_limit=100_000)
+    writer = KafkaDeadLetters(publisher)
+    for offset, value in enumerate([b"not json", b"x" * 200_000, b"not json either"]):
+        record = Record("test.things", 0, offset, b"churn", value, ())
+        await writer.dead_letter(record, consumer="counter", reason="not-json", error="value is not JSON")
+
+    assert [(topic, value) for topic, value in publisher.log] == [
+        (DEAD_LETTER, b"not json"),
+        (DEAD_LETTER, b""),
+        (DEAD_LETTER, b"not json either"),
+    ]
+
+
+async def test_an_outbox_row_the_broker_refuses_is_set_aside_and_the_rows_behind_it_go_out_after_it() -> None:
+    rows: list[dict[str, Any]] = [
+        {"seq": n, "topic": "mlops.monitoring", "key": b"churn", "value": value, "sent_at": None}
+        for n, value in enumerate([b"{}", b"{" + b" " * 200_000 + b"}", b"[]"], start=1)
+    ]
+    for row in rows:
+        row["headers"] = [["ce_id", f"e-{row['seq']}"]]
+    publisher = FakeBrokerPublisher(topic_limit=100_000)
+    relay = OutboxRelay(_Pool(_OutboxConn(rows)), "monitoring", publisher)
+
+    assert await relay.flush_once() == 3
+
+    # The first row went out with the refused batch and again alone: consumers absorb the repeat.
+    assert publisher.log == [
+        ("mlops.monitoring", b"{}"),
+        ("mlops.monitoring", b"{}"),
+        (DEAD_LETTER, b""),
+        ("mlops.monitoring", b"[]"),
+    ]
+    assert [r["sent_at"] for r in rows] == ["now", "now", "now"]
