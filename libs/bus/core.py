@@ -29,6 +29,7 @@ from contracts.envelope import (
     check_attributes,
     record_bytes,
 )
+from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
 from libs.errors import PayloadTooLarge
 from libs.logging import get_logger, handling
@@ -527,7 +528,12 @@ class Dispatcher:
 
 
 def _dead_lettered_by(record: Record, consumer: str) -> bool:
-    """Whether the record is a dead letter this consumer wrote (its ``dlq_consumer`` header)."""
+    """Whether the record is a dead letter this consumer wrote, read from the dead-letter topic (its
+    ``dlq_consumer`` header). Elsewhere the header proves nothing: a dead letter copied back to its topic
+    with its headers (an operator's replay), or any record claiming to be one, is dead-lettered like any
+    other when it fails."""
+    if record.topic != DEAD_LETTER:
+        return False
     mark = consumer.encode()
     return any(name == "dlq_consumer" and value == mark for name, value in record.headers)
 

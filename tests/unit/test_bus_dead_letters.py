@@ -225,6 +225,34 @@ async def test_a_consumers_own_dead_letter_that_fails_again_is_left_not_written_
     assert left._value.get() == before + 1
 
 
+async def test_a_dead_letter_replayed_to_its_topic_that_fails_again_is_dead_lettered_again() -> None:
+    """Only the dead-letter topic's own records are left where they are: an operator who copies a dead letter
+    back to its topic, headers and all, and sees it fail again gets a new dead letter with the new reason."""
+    sink, db = Sink(), Database()
+
+    async def failing(event: CloudEvent[Any], tx: Transaction) -> None:
+        raise RuntimeError("still cannot handle it")
+
+    sub = Subscription(
+        consumer="counter",
+        topics=["test.things"],
+        handlers={ThingHappened: failing},
+        max_retries=0,
+        retry_backoff_s=0,
+    )
+    d = Dispatcher(sub, registry=REGISTRY, begin=db.begin, dead_letters=sink)
+    key, value, headers = dead_letter_message(
+        record_of(thing(1), 3), consumer="counter", reason="handler-failed", error="boom", max_bytes=LIMIT
+    )
+    left = metrics.DEAD_LETTERS_LEFT.labels("counter", "test.things")
+    before = left._value.get()
+
+    await d.dispatch([Record("test.things", 0, 9, key, value, tuple(headers))])
+
+    assert sink.written == [(9, "handler-failed")]
+    assert left._value.get() == before
+
+
 # --- the outbox ---------------------------------------------------------------------------------------
 
 
