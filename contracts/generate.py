@@ -139,8 +139,9 @@ _DEAD_LETTER_HEADERS: dict[str, Any] = {
         "dlq_reason": {
             "type": "string",
             "description": "Machine-readable reason. The record could not be read: not-json, unknown-type, "
-            "unknown-schema-version, schema-invalid, oversized (value and headers over the limit, or a "
-            "CloudEvents attribute over 512 characters), missing-attribute, malformed (e.g. a wrong "
+            "unknown-schema-version, schema-invalid, oversized (value and headers over the limit, a "
+            "CloudEvents attribute over 512 characters, or a source and id too large together for the "
+            "inbox's index), missing-attribute, malformed (e.g. a wrong "
             "specversion), unreadable (the Kafka client cannot parse its record batch; no key, value or "
             "headers). Its handler refused it: rejected (the event is wrong, with why), reused-event-id "
             "(an id seen before with other bytes), output-oversized (what it caused would be over the "

@@ -177,6 +177,14 @@ class ReusedEventId(PermanentError):
     reason = "reused-event-id"
 
 
+class InboxKeyTooLarge(PermanentError):
+    """The inbox cannot record an event's source and id: each is within its length, but together, in UTF-8,
+    they pass what a Postgres index entry may hold. Retrying cannot help; the event is dead-lettered as
+    ``oversized``, as the decoder refuses an attribute that is too long."""
+
+    reason = "oversized"
+
+
 class EventTooLarge(PermanentError, PayloadTooLarge):
     """An event to publish is larger than consumers accept (they would dead-letter it as ``oversized``): it is
     refused where it is made. From a handler, the event being handled is dead-lettered as

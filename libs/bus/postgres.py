@@ -18,6 +18,7 @@ from libs.bus.core import (
     LEGACY_SOURCE,
     Claim,
     InboxEntry,
+    InboxKeyTooLarge,
     RawSender,
     Record,
     TransactionFactory,
@@ -108,16 +109,26 @@ class PgTransaction:
 
     async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         """Record handled events in the inbox, telling new ones from redeliveries and reused ids."""
-        new = {
-            (r["source"], r["event_id"])
-            for r in await self.conn.fetch(
+        try:
+            claimed = await self.conn.fetch(
                 _CLAIM_SQL,
                 consumer,
                 [i.source for i in items],
                 [i.event_id for i in items],
                 [i.sha256 for i in items],
             )
-        }
+        except asyncpg.ProgramLimitExceededError as exc:
+            # Which of several events it was, the statement does not say: the dispatcher replays a failed
+            # poll one event per transaction, and then the one that cannot be keyed is named.
+            if len(items) > 1:
+                raise InboxKeyTooLarge(f"the inbox cannot record one of {len(items)} events: {exc}") from exc
+            item = items[0]
+            raise InboxKeyTooLarge(
+                f"the inbox cannot record event id {item.event_id!r:.80} from source {item.source!r:.80}: "
+                f"together they are {len(item.source.encode()) + len(item.event_id.encode())} bytes in "
+                f"UTF-8, more than a Postgres index entry holds ({exc})"
+            ) from exc
+        new = {(r["source"], r["event_id"]) for r in claimed}
         held: dict[tuple[str, str], str] = {}
         if len(new) < len(items):
             # Only redeliveries pay for this second look-up.

@@ -4,13 +4,18 @@ inbox recorded sources still standing for their events."""
 from __future__ import annotations
 
 import hashlib
+import random
+from typing import Any
 
 import asyncpg
 
-from libs.bus.core import Claim, InboxEntry
-from libs.bus.postgres import PgTransaction, bus_migrations
+from contracts.envelope import MAX_ATTRIBUTE_CHARS, CloudEvent, new_event
+from libs.bus.core import Claim, Dispatcher, InboxEntry, Subscription, Transaction
+from libs.bus.postgres import PgTransaction, bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
 from tests.integration.kafka_tools import unique
+from tests.unit.test_bus import REGISTRY, ThingHappened, thing
+from tests.unit.test_bus_dead_letters import Sink, record_of
 
 
 def entry(source: str, event_id: str, value: bytes) -> InboxEntry:
@@ -79,5 +84,39 @@ async def test_rows_from_before_the_upgrade_still_absorb_their_redeliveries(data
             ("", "old-1"),
             ("", "old-2"),
         ]
+    finally:
+        await pool.close()
+
+
+async def test_an_event_whose_source_and_id_the_inbox_cannot_key_is_dead_lettered_as_oversized(
+    database_url: str,
+) -> None:
+    """Each attribute is within its 512 characters, but in 4-byte UTF-8 (and too random to compress) the two
+    together pass the 2,704 bytes a Postgres index entry may have: the event is refused, not retried as a
+    failing handler."""
+    schema = unique("t_inbox")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, bus_migrations())
+        rnd = random.Random(7)
+        wide = "".join(chr(rnd.randrange(0x10000, 0x110000)) for _ in range(MAX_ATTRIBUTE_CHARS))
+        handled: list[int] = []
+
+        async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+            handled.append(event.data.n)
+
+        sink = Sink()
+        dispatcher = Dispatcher(
+            Subscription(consumer="counter", topics=["test.things"], handlers={ThingHappened: on_thing}),
+            registry=REGISTRY,
+            begin=pg_transactions(pool, schema),
+            dead_letters=sink,
+        )
+        unkeyable = new_event(ThingHappened(n=1), source=wide, event_id=wide)
+
+        await dispatcher.dispatch([record_of(unkeyable, 0), record_of(thing(2), 1)])
+
+        assert handled == [2]
+        assert sink.written == [(0, "oversized")]
     finally:
         await pool.close()
