@@ -23,14 +23,25 @@ from services.monitoring.ports import (
 log = get_logger(__name__)
 
 
-def _jsonb(value: Any) -> Any:
-    """``value`` as jsonb can store it: NUL in every string and key replaced by :data:`NUL_STAND_IN`.
+JSONB_INTEGERS = (-(2**63), 2**64 - 1)
+"""The integers the jsonb encoder (orjson, ``libs.db``) writes: a signed or an unsigned 64-bit one."""
 
-    Traffic data (a prediction's inputs and output, a label) may carry NUL (valid JSON: the contracts carry
-    it exactly), but jsonb cannot hold it, and one such value would fail the window report or every label
-    joined to its prediction. Ids and names never hold one: the contracts refuse it."""
+
+def _jsonb(value: Any) -> Any:
+    """``value`` as jsonb can store it: NUL in every string and key replaced by :data:`NUL_STAND_IN`, and an
+    integer beyond 64 bits written as a float, or beyond a double as its decimal text.
+
+    Traffic data (a prediction's inputs and output, a label) may carry NUL or any integer (valid JSON: the
+    contracts carry it exactly; serving takes a label of 10**20), but jsonb and its encoder refuse them, and
+    one such value would fail the window report or every label joined to its prediction. Ids and names never
+    hold one: the contracts refuse it."""
     if isinstance(value, str):
         return value.replace("\x00", NUL_STAND_IN) if "\x00" in value else value
+    if type(value) is int and not JSONB_INTEGERS[0] <= value <= JSONB_INTEGERS[1]:
+        try:
+            return float(value)
+        except OverflowError:
+            return str(value)
     if isinstance(value, dict):
         return {_jsonb(k): _jsonb(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

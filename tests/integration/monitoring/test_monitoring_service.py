@@ -576,6 +576,39 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
         assert waiting.label == "no\ufffd"
 
 
+async def test_integers_beyond_64_bits_in_a_label_or_an_input_are_stored_as_numbers(
+    pool: asyncpg.Pool,
+) -> None:
+    # JSON allows any integer, and serving takes a label of 10**20 (a finite number); a prediction log written
+    # otherwise can hold such a category. The jsonb encoder writes integers of 64 bits only: the label was
+    # dead-lettered (handler-failed: "Integer exceeds 64-bit range"), waiting or joined, and so was every
+    # label of a prediction holding such a value.
+    at = datetime.now(UTC)
+    joined = LabelledRecord(
+        "p-wide", "churn", 1, "stable", None, at, 10**20, None, -(10**20), at, False, {"plan": 2**64}
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined]) == []
+        await store.add_pending(
+            [PendingLabel("p-waiting", "churn", 10**20, at), PendingLabel("p-huge", "churn", 10**400, at)]
+        )
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        [stored] = await store.recent_labelled("churn", 1)
+        assert (stored.prediction, stored.label, stored.inputs) == (1e20, -1e20, {"plan": float(2**64)})
+        # The same label sent again is no correction: it is stored as it was the first time.
+        assert await store.add_labelled([joined]) == []
+        waiting = await store.take_pending(["p-waiting", "p-huge"], ["churn", "churn"])
+        # Beyond a double, its decimal text, which a classifier's label reads alike (no regression label is
+        # one: monitoring refuses it before it is stored).
+        assert sorted((w.prediction_id, w.label) for w in waiting) == [
+            ("p-huge", str(10**400)),
+            ("p-waiting", 1e20),
+        ]
+
+
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(
     pool: asyncpg.Pool,
 ) -> None:
