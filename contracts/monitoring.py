@@ -21,6 +21,7 @@ from contracts.common import (
     ModelName,
     ModelVersion,
     TrafficWindow,
+    unstorable_text,
 )
 from contracts.envelope import EventPayload
 
@@ -375,8 +376,9 @@ class DriftPolicy(ContractModel):
             ("feature_thresholds", self.feature_thresholds),
         ):
             for feature in features:
-                if not feature or "\x00" in feature:
-                    # The policy is stored as jsonb, which cannot hold NUL; no feature is named "".
+                # The policy is stored as jsonb, which cannot hold NUL, and no text holds a lone surrogate
+                # (written out, it became another name); no feature is named "" or holds either.
+                if not feature or unstorable_text(feature) is not None:
                     raise ValueError(f"{name}: {feature!r} is not a feature name")
         for feature, threshold in self.feature_thresholds.items():
             test = self.feature_tests.get(feature)

@@ -3,6 +3,7 @@ can use; anything else is refused with a 422 that names the field, before Postgr
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ BIG = 10**20  # beyond the 64-bit integers of orjson, which writes the policy's 
         ({"feature_thresholds": {"a\x00": 0.1}}, "feature_thresholds: 'a\\x00' is not a feature name"),
         ({"feature_tests": {"a\x00": "psi"}}, "feature_tests: 'a\\x00' is not a feature name"),
         ({"feature_tests": {"": "psi"}}, "feature_tests: '' is not a feature name"),
+        # a lone surrogate has no UTF-8 form: pydantic wrote it as "\ufffd\ufffd\ufffd", another name
+        ({"feature_tests": {"x\ud800": "psi"}}, "feature_tests: 'x\\ud800' is not a feature name"),
+        ({"feature_thresholds": {"\udfff": 0.1}}, "feature_thresholds: '\\udfff' is not a feature name"),
         ({"feature_thresholds": {"tenure": -1}}, "greater than 0"),
         ({"feature_thresholds": {"tenure": 0}}, "greater than 0"),
         # no test named: an alpha in small windows, a distance in large ones
@@ -92,6 +96,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         {"small_sample_max": BIG},
         {"consecutive_windows": BIG},
         {"feature_thresholds": {"a\x00": 0.1}},
+        {"feature_tests": {"a\ud800": "psi"}},
         {"feature_thresholds": {"tenure": -1}},
         {"feature_thresholds": {"tenure": 7.5}},
     ],
@@ -100,7 +105,9 @@ async def test_putting_such_a_policy_is_422_before_the_database(
     client: httpx.AsyncClient, body: dict[str, Any]
 ) -> None:
     r = await client.put(
-        "/v1/models/churn/policy", json=body, headers={"Authorization": "Bearer dev-operator"}
+        "/v1/models/churn/policy",
+        content=json.dumps(body),  # escapes a lone surrogate ("\\ud800"), as a client's JSON writer may
+        headers={"Authorization": "Bearer dev-operator", "Content-Type": "application/json"},
     )
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("body")
