@@ -1030,11 +1030,49 @@ async def set_policy(
             "and feature_thresholds (the others take the automatic test and the policy's thresholds)",
             field="feature_tests",
         )
+    _refuse_unknown_features(model, policy, monitor)
     previous = await store.policy(model)
     await store.save_policy(model, policy, actor)
     changed = DriftPolicyChanged(model=model, policy=policy, previous=previous)
     await publish(new_event(changed, source=monitor.source, actor=actor))
     return policy
+
+
+FEATURES_LISTED = 10
+"""Features of the model a message about a policy naming others lists."""
+UNKNOWN_FEATURES_SHOWN = 3
+"""Names a message about a policy naming features the model lacks quotes."""
+
+
+def _refuse_unknown_features(model: str, policy: DriftPolicy, monitor: Monitor) -> None:
+    """Refuse a policy naming a feature no registered version of the model has: a misspelt name would be
+    stored and announced, and never applied. A model with no version known yet takes any name."""
+    known: dict[str, None] = {}
+    for (name, _), ref in sorted(monitor.live.references.items()):
+        if name == model:
+            known.update(dict.fromkeys(f.name for f in ref.signature.features))
+    if not known:
+        return
+    for field_name, named in (
+        ("feature_tests", policy.feature_tests),
+        ("feature_thresholds", policy.feature_thresholds),
+    ):
+        unknown = [repr(shown_name(f)) for f in named if f not in known]
+        if not unknown:
+            continue
+        quoted = unknown[:UNKNOWN_FEATURES_SHOWN]
+        rest = len(unknown) - len(quoted)
+        names = ", ".join(quoted[:-1]) + " and " + quoted[-1] if len(quoted) > 1 else quoted[0]
+        if rest:
+            names = f"{', '.join(quoted)} and {rest:,} more"
+        listed = ", ".join(shown_name(f) for f in list(known)[:FEATURES_LISTED])
+        if len(known) > FEATURES_LISTED:
+            listed += f", ... ({len(known):,} features)"
+        raise InvalidInput(
+            f"{field_name} names {names}, which no version of model {model!r} has (its features: {listed}); "
+            "name features of the model, or set the policy again once a version with them is registered",
+            field=field_name,
+        )
 
 
 async def refresh_policies(*, monitor: Monitor, store: MonitoringStore) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from services.monitoring import api
 from services.monitoring.adapters.postgres import _stored_policy
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.domain import DriftPolicy
-from services.monitoring.handlers import set_policy
+from services.monitoring.handlers import Monitor, set_policy
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import reference
 
 BIG = 10**20  # beyond the 64-bit integers of orjson, which writes the policy's jsonb
 
@@ -141,38 +143,75 @@ def per_feature(n: int, threshold: float) -> dict[str, Any]:
     }
 
 
+class Operator:
+    """``set_policy`` as the PUT route calls it, on a :class:`PolicyStore`; what it publishes is encoded as
+    the bus encodes it (refused when larger than consumers accept)."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.store = PolicyStore()
+        self.published: list[Any] = []
+
+    async def put(self, model: str, fields: dict[str, Any]) -> DriftPolicy:
+        async def publish(event: Any) -> None:
+            encode_outgoing(event, max_bytes=self.monitor.max_event_bytes)
+            self.published.append(event)
+
+        return await set_policy(
+            model,
+            fields,
+            actor="user:alice",
+            monitor=self.monitor,
+            store=self.store,  # type: ignore[arg-type]
+            publish=publish,
+        )
+
+
 async def test_a_policy_too_large_to_be_replaced_later_is_refused_naming_the_limit() -> None:
     # DriftPolicyChanged carries the new policy and the one it replaces. A policy of 560 KB (per-feature
     # tests and thresholds of 5,000 features) was accepted, and then no change to one as large could be
     # announced: a PUT that only moved a threshold was a 413.
-    settings = MonitoringSettings()
-    monitor = make_monitor(settings, artifacts=None, source="/test/monitoring")
-    store, published = PolicyStore(), []
-
-    async def publish(event: Any) -> None:
-        encode_outgoing(event, max_bytes=settings.kafka.max_event_bytes)
-        published.append(event)
-
-    async def put(fields: dict[str, Any]) -> DriftPolicy:
-        return await set_policy(
-            "wide",
-            fields,
-            actor="user:alice",
-            monitor=monitor,
-            store=store,  # type: ignore[arg-type]
-            publish=publish,
-        )
+    operator = Operator(make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring"))
 
     with pytest.raises(InvalidInput) as caught:
-        await put(per_feature(5_000, 0.2))
+        await operator.put("wide", per_feature(5_000, 0.2))
     assert "at most 491,808 bytes" in caught.value.message and "1,000,000" in caught.value.message
-    assert store.rows == {} and published == []
+    assert operator.store.rows == {} and operator.published == []
     # The largest policy accepted can always be replaced by another as large.
-    await put(per_feature(4_000, 0.2))
-    await put(per_feature(4_000, 0.3))
+    await operator.put("wide", per_feature(4_000, 0.2))
+    await operator.put("wide", per_feature(4_000, 0.3))
     assert [
-        e.data.policy.feature_thresholds["customer_activity_feature_00000_last_90_days"] for e in published
+        e.data.policy.feature_thresholds["customer_activity_feature_00000_last_90_days"]
+        for e in operator.published
     ] == [
         0.2,
         0.3,
     ]
+
+
+async def test_a_policy_naming_no_feature_of_a_known_model_is_refused_naming_its_features() -> None:
+    # A misspelt feature ("plna") was accepted, stored and announced, and never applied: the feature kept the
+    # automatic test and the policy's thresholds while the operator believed it set.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(reference())  # churn version 1: x0, x1, x2, plan
+    operator = Operator(monitor)
+
+    with pytest.raises(InvalidInput) as caught:
+        await operator.put("churn", {"feature_thresholds": {"x0": 0.2, "plna": 0.3, "x9": 0.3}})
+    assert caught.value.message == (
+        "feature_thresholds names 'plna' and 'x9', which no version of model 'churn' has (its features: x0, "
+        "x1, x2, plan); name features of the model, or set the policy again once a version with them is "
+        "registered"
+    )
+    assert caught.value.extra == {"field": "feature_thresholds"}
+    with pytest.raises(InvalidInput, match=r"^feature_tests names 'X0', which no version"):
+        await operator.put("churn", {"feature_tests": {"X0": "ks"}})
+    assert operator.store.rows == {} and operator.published == []
+
+    await operator.put("churn", {"feature_tests": {"plan": "psi"}, "feature_thresholds": {"x0": 0.2}})
+    # A feature of any version of the model counts: the policy is the model's, for every version.
+    monitor.live.add_reference(replace(reference(n_numeric=5), version=2))
+    await operator.put("churn", {"feature_thresholds": {"x4": 0.2}})
+    # A model monitoring knows no version of yet takes any name: its first version may bring them.
+    await operator.put("fraud", {"feature_tests": {"amount": "ks"}})
+    assert sorted(operator.store.rows) == ["churn", "fraud"] and len(operator.published) == 3
