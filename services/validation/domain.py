@@ -82,6 +82,26 @@ def champion_unknown(version: int) -> str:
     )
 
 
+def gates_of_another_task(spec: ValidationSpec, task: Task) -> str | None:
+    """Why the spec's gates cannot judge a model of ``task``, or None: they name metrics of the other task
+    (the candidate's lineage names another model's spec; a spec is checked against its own task only)."""
+    rule = spec.slices
+    named = [
+        *((f"validation.thresholds.{m}", m) for m in spec.thresholds),
+        *([("validation.champion.metric", spec.champion.metric)] if spec.champion.metric else []),
+        *([("validation.slices.metric", rule.metric)] if rule is not None and rule.metric else []),
+    ]
+    foreign = [(where, name) for where, name in named if METRICS[name].task is not task]
+    if not foreign:
+        return None
+    tasks = sorted({METRICS[name].task.value for _, name in foreign})
+    gates = " and ".join(f"{name} ({where})" for where, name in foreign)
+    return (
+        f"it gates on {gates}, metrics of {' and '.join(tasks)}, but the candidate is a {task.value} model: "
+        "its lineage names the spec of another model"
+    )
+
+
 def champion_metric(spec: ValidationSpec, task: Task, n_classes: int | None) -> str:
     """The metric champion/challenger compares (the spec's, else the task's primary one)."""
     return spec.champion.metric or primary_metric(task, n_classes)

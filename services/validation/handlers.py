@@ -24,6 +24,7 @@ from services.validation.domain import (
     Carried,
     cut_checks,
     failure,
+    gates_of_another_task,
     judge,
     report_id_for,
     too_large_to_announce,
@@ -96,6 +97,10 @@ async def validate(
     checks: list[CheckResult]
     try:
         spec = await evaluator.validation_spec(d.lineage.spec) if d.lineage.spec else ValidationSpec()
+        if d.lineage.spec and (problem := gates_of_another_task(spec, d.signature.task)):
+            raise EvaluationError(
+                "spec-readable", f"the model spec {d.lineage.spec.key[:12]} cannot be used: {problem}"
+            )
         if holdout_ref is None:
             raise EvaluationError(
                 "holdout-available", "the candidate's lineage names no holdout: nothing to validate it on"

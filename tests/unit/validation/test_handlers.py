@@ -280,6 +280,31 @@ async def test_a_damaged_champion_fails_the_champion_loads_check_of_each_candida
     assert failed.data.failed_checks == ["champion-loads"]
 
 
+async def test_a_candidate_whose_spec_gates_another_task_fails_the_spec_readable_check(gate: Gate) -> None:
+    # The lineage names a regression model's spec for a classifier: its slices were judged on rmse, which
+    # scoring a classifier raised KeyError for, and the registration was dead-lettered (handler-failed)
+    # instead of the candidate failing with a named check.
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    data = churn_spec_data(task="regression", estimator="linear_regression", params={})
+    data["validation"] = {
+        "thresholds": {"rmse": 1.0},
+        "slices": {"feature": "plan", "metric": "mae", "min_value": 1.0},
+    }
+    other = gate.store.put(spec_from_data(data).canonical_json())
+    spec_ref = ArtifactRef(key=other.sha256, uri=other.uri, format=ArtifactFormat.JSON, size_bytes=other.size)
+    await gate.register(
+        registered.model_copy(update={"lineage": registered.lineage.model_copy(update={"spec": spec_ref})})
+    )
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["spec-readable"]
+    assert failed.data.checks[0].detail == (
+        f"the model spec {other.sha256[:12]} cannot be used: it gates on rmse (validation.thresholds.rmse) "
+        "and mae (validation.slices.metric), metrics of regression, but the candidate is a classification "
+        "model: its lineage names the spec of another model"
+    )
+
+
 async def test_candidate_without_a_holdout_fails(gate: Gate) -> None:
     registered = gate.train(churn_spec(), 1, churn_frame())
     no_holdout = registered.model_copy(
