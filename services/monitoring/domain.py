@@ -1053,10 +1053,18 @@ class DebounceDecision:
     in_cooldown: bool
 
 
+def in_cooldown(end: float, last: float | None, cooldown_seconds: float) -> bool:
+    """Whether an alert of a window ending at ``end`` (event time) is held back by the last one, sent for a
+    window ending at ``last``: within ``cooldown_seconds`` of it, before it (rows that came late) as after it.
+    Not one further before: a window whose rows carried a clock years ahead would otherwise hold back every
+    alert of the version until real time caught up with it."""
+    return last is not None and abs(end - last) < cooldown_seconds
+
+
 def debounce(state: DebounceState, judgement: WindowJudgement, policy: DriftPolicy) -> DebounceDecision:
     """One shift, one alert: a feature counts once it drifted ``consecutive_windows`` windows in a row; the
-    model alerts when the share of such features reaches ``share_threshold``, and then stays quiet for
-    ``cooldown_seconds`` of event time."""
+    model alerts when the share of such features reaches ``share_threshold``, and then stays quiet within
+    ``cooldown_seconds`` of event time (:func:`in_cooldown`)."""
     counts = dict(state.consecutive)
     for r in judgement.features:
         counts[r.name] = counts.get(r.name, 0) + 1 if r.drifted else 0
@@ -1064,10 +1072,10 @@ def debounce(state: DebounceState, judgement: WindowJudgement, policy: DriftPoli
     debounced = [r.name for r in tested if counts.get(r.name, 0) >= policy.consecutive_windows]
     share = len(debounced) / len(tested) if tested else 0.0
     end = judgement.window.end
-    in_cooldown = state.last_alert_at is not None and end - state.last_alert_at < policy.cooldown_seconds
-    alert = bool(debounced) and share >= policy.share_threshold and not in_cooldown
+    quiet = in_cooldown(end, state.last_alert_at, policy.cooldown_seconds)
+    alert = bool(debounced) and share >= policy.share_threshold and not quiet
     new_state = DebounceState(consecutive=counts, last_alert_at=end if alert else state.last_alert_at)
-    return DebounceDecision(new_state, debounced, share, alert, in_cooldown)
+    return DebounceDecision(new_state, debounced, share, alert, quiet)
 
 
 def drift_rank(evidence: FeatureDrift, debounced: set[str]) -> tuple[bool, bool, float, str]:

@@ -52,6 +52,7 @@ from services.monitoring.domain import (
     degradations,
     epoch,
     from_epoch,
+    in_cooldown,
     judge_canary,
     judge_window,
     least_evidence,
@@ -444,7 +445,7 @@ async def check_performance(
         last = state.last_alerts.get("any")
         state.degraded_streak = state.degraded_streak + 1 if found else 0
         persistent = state.degraded_streak >= policy.consecutive_windows
-        if found and persistent and (last is None or end - last >= policy.cooldown_seconds):
+        if found and persistent and not in_cooldown(end, last, policy.cooldown_seconds):
             worst = max(found, key=lambda d: abs(d.value - d.baseline) / max(abs(d.baseline), 1e-9))
             state.last_alerts["any"] = end
             data = await _export(None, rows, ref, monitor=monitor, store=store)
@@ -581,7 +582,7 @@ async def judge_closed_window(
     ):
         cooldown_key = issue.cooldown_key
         last = await store.quality_last(window.model, window.version, cooldown_key, issue.kind)
-        if last is not None and window.end - last < policy.cooldown_seconds:
+        if in_cooldown(window.end, last, policy.cooldown_seconds):
             continue
         payload_issue = DataQualityIssue(
             model=window.model,

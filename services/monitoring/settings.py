@@ -80,7 +80,8 @@ class MonitoringSettings(ServiceSettings):
     cooldown_seconds: float = Field(
         1_800.0,
         ge=0,
-        description="After a DriftDetected, none other for the version until this long (event time) passed.",
+        description="After a DriftDetected, none other for the version within this long of its event time "
+        "(window ends, before or after it); the same for PerformanceDegraded and DataQualityIssue.",
     )
     missing_share_tolerance: float = Field(
         0.05,

@@ -476,6 +476,25 @@ def test_one_shift_gives_one_alert_after_k_windows_and_then_a_cooldown() -> None
     assert alerts == [False, True, False, False, False, False]
 
 
+def test_an_alert_of_a_window_dated_years_ahead_does_not_silence_the_alerts_after_it() -> None:
+    # A serving replica whose clock ran ten years ahead: the window holding its rows alerted, its end (event
+    # time) became the last alert, and every window after it was in cooldown (its end minus the last alert's
+    # was negative, so below the cooldown) for ten years: drift never alerted again for the version.
+    ref = reference()
+    policy = DriftPolicy(consecutive_windows=1, cooldown_seconds=3_600, share_threshold=0.1)
+    ahead = T0 + timedelta(days=3_650)
+    starts = [ahead, T0, T0 + timedelta(minutes=10), T0 + timedelta(minutes=5), T0 + timedelta(hours=2)]
+    state, alerts = DebounceState(), []
+    for i, start in enumerate(starts):
+        reqs = requests(500, seed=20 + i, shift=0.6, start=start)
+        decision = debounce(state, judge_window(ref, closed_window(ref, reqs, 500), policy), policy)
+        state = decision.state
+        alerts.append(decision.alert)
+    # The cooldown holds within cooldown_seconds of the last alert's event time, before it (a window whose
+    # rows came late) as after it.
+    assert alerts == [True, True, False, False, True]
+
+
 def test_windows_close_at_request_boundaries_by_count() -> None:
     ref = reference()
     state = live(window_rows=120)

@@ -155,6 +155,26 @@ async def test_a_grouped_issue_keeps_its_cooldown_while_the_outage_lasts(
     assert store.alert_kinds == ["DataQualityIssue", "DataQualityIssue"]
 
 
+async def test_an_issue_of_a_window_dated_years_ahead_does_not_silence_the_issues_after_it(
+    many_features: ModelReference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows from a serving replica whose clock ran ten years ahead: their window's issue set the cooldown's
+    # start ten years ahead, and the outage after it was never reported again for ten years.
+    ahead = T0 + timedelta(days=3_650)
+    _, per_window = await judge(
+        many_features,
+        tmp_path,
+        monkeypatch,
+        [
+            traffic(WINDOW_ROWS, missing=FEATURES, start=ahead),
+            traffic(WINDOW_ROWS, missing=FEATURES, first_offset=100),
+            traffic(WINDOW_ROWS, missing=FEATURES, start=T0 + timedelta(minutes=5), first_offset=200),
+        ],
+    )
+
+    assert [len(found) for found in per_window] == [1, 1, 0]
+
+
 async def test_up_to_the_bound_each_feature_gets_its_own_issue(
     many_features: ModelReference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
