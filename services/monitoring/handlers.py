@@ -31,7 +31,7 @@ from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
-from libs.errors import InvalidInput, shown
+from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
 from services.monitoring.domain import (
@@ -320,7 +320,6 @@ async def on_ground_truth_received(
             if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
                 continue
             g = d.event.data
-            _check_prediction_id(g)
             hit = live.cache.get(g.prediction_id)
             _check_label(
                 g, hit.version if hit is not None and hit.model == g.model else g.model_version, live
@@ -354,24 +353,6 @@ async def on_ground_truth_received(
 
 def _pairs(labels: list[PendingLabel]) -> list[tuple[str, str]]:
     return [(label.prediction_id, label.model) for label in labels]
-
-
-PREDICTION_ID_MAX_BYTES = 2_048
-"""The longest prediction id (UTF-8) a label may name: labels are stored and joined by it in indexed Postgres
-columns (with the model's name, at most 128 characters), and a btree entry holds at most 2,704 bytes.
-Serving's ids take under 200."""
-
-
-def _check_prediction_id(g: GroundTruthReceived) -> None:
-    """Refuse a label whose prediction id is too long to be stored: it could never wait or be joined."""
-    size = len(g.prediction_id.encode()) if len(g.prediction_id) > PREDICTION_ID_MAX_BYTES // 4 else 0
-    if size > PREDICTION_ID_MAX_BYTES:
-        raise PermanentError(
-            f"prediction id {shown(g.prediction_id)} takes {size:,} bytes; monitoring keeps labels by "
-            f"prediction ids of at most {PREDICTION_ID_MAX_BYTES:,} bytes (UTF-8, in indexed Postgres "
-            "columns), so this label can be neither joined nor kept waiting: send the id its prediction was "
-            "made with"
-        )
 
 
 def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -> None:

@@ -41,14 +41,13 @@ from contracts.predictions import PredictionOutput, PredictionRecord, Prediction
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RolloutStarted
 from libs.artifacts import ArtifactStore
-from libs.bus import Delivery, PermanentError, Record
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
 from libs.profiles import build_profile
 from libs.settings import KafkaSettings
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
-from services.monitoring.handlers import judge_closed_window, on_ground_truth_received
+from services.monitoring.handlers import judge_closed_window
 from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
@@ -608,33 +607,6 @@ async def test_integers_beyond_64_bits_in_a_label_or_an_input_are_stored_as_numb
             ("p-huge", str(10**400)),
             ("p-waiting", 1e20),
         ]
-
-
-async def test_a_label_whose_prediction_id_is_too_long_to_index_is_rejected_naming_its_size(
-    pool: asyncpg.Pool,
-) -> None:
-    # Serving's feedback takes any prediction id with a model named ("another system's id"). One of 4,000
-    # characters of random hex passes what a Postgres btree entry holds: storing the label raised
-    # ProgramLimitExceeded, which the bus retried and dead-lettered as handler-failed, naming an index rather
-    # than the label.
-    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
-    pid = os.urandom(2_000).hex()
-    g = GroundTruthReceived(prediction_id=pid, model="churn", label=1, observed_at=datetime.now(UTC))
-    delivery = Delivery(Record("feedback", 0, 0, None, None, ()), new_event(g, source="/test"))
-
-    async def publish(event: CloudEvent[Any]) -> None:
-        raise AssertionError("nothing to publish")
-
-    with pytest.raises(PermanentError) as caught:
-        async with pool.acquire() as conn, conn.transaction():
-            await on_ground_truth_received(
-                [delivery], monitor=monitor, store=PgMonitoringStore(conn), publish=publish
-            )
-    assert caught.value.reason == "rejected"
-    assert str(caught.value).startswith(f"prediction id {pid[:40]!r}… (4,000 characters) takes 4,000 bytes")
-    assert monitor.live.pending_labels == set()
-    async with pool.acquire() as conn:
-        assert await PgMonitoringStore(conn).pending_labels() == set()
 
 
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(

@@ -220,19 +220,13 @@ def label(prediction_id: str, value: Any) -> CloudEvent[GroundTruthReceived]:
     return new_event(g, source="/feedback")
 
 
-def regression_feedback(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, LabelStore, InMemoryBus]:
-    """The feedback consumer of a regression model holding predictions p-0 .. p-11, on a LabelStore; a
-    performance window is 10 labels."""
-    settings = MonitoringSettings(performance_window_labels=10, consumer_retry_backoff_s=0.001)
-    monitor, store = regression_monitor(settings, 12), LabelStore()
-    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
-    return monitor, store, feedback_bus(settings, monitor)
-
-
 async def test_a_text_label_for_a_regression_model_is_dead_lettered_with_its_reason_and_the_rest_scored(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, store, bus = regression_feedback(monkeypatch)
+    settings = MonitoringSettings(performance_window_labels=10, consumer_retry_backoff_s=0.001)
+    monitor, store = regression_monitor(settings, 12), LabelStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
 
     for i in range(12):  # one label of the wrong type in one poll with good ones
         await bus.publish(label(f"p-{i}", "n/a" if i == 3 else i + 0.5))
@@ -243,27 +237,6 @@ async def test_a_text_label_for_a_regression_model_is_dead_lettered_with_its_rea
     assert "'n/a'" in dead.error and "'p-3'" in dead.error and "regression" in dead.error
     assert sorted(store.labelled) == sorted(f"p-{i}" for i in range(12) if i != 3)
     assert store.state.next_seq == 2  # a performance window was scored
-
-
-async def test_a_label_naming_a_prediction_id_too_long_to_store_is_dead_lettered_and_the_rest_stored(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Postgres refused to index it (tests/integration/monitoring): dead-lettered as handler-failed, naming an
-    # index, after retries.
-    monitor, store, bus = regression_feedback(monkeypatch)
-
-    long_id = "p-" + "é" * 1_024  # 1,026 characters, 2,050 bytes of UTF-8
-    for pid in ["p-0", long_id, "p-1"]:
-        await bus.publish(label(pid, 1.5))
-    await bus.publish(label("q" * 2_048, 1.5))  # 2,048 bytes: waits (no prediction of that id)
-    await bus.drain()
-
-    [dead] = bus.dead_letters
-    assert dead.reason == "rejected"
-    assert dead.error.startswith("PermanentError: prediction id 'p-éééé")
-    assert "takes 2,050 bytes" in dead.error and "at most 2,048 bytes" in dead.error
-    assert sorted(store.labelled) == ["p-0", "p-1"]
-    assert monitor.live.pending_labels == {("q" * 2_048, "price")}
 
 
 async def test_a_label_that_is_no_number_stored_before_is_left_out_of_the_metrics_and_counted(
