@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from contracts.common import Identifier, Label, ModelName, ModelVersion, UtcDatetime
-from contracts.envelope import EventPayload
+from contracts.envelope import MAX_ATTRIBUTE_CHARS, EventPayload
 
 TOPIC = "mlops.feedback"
 
@@ -19,7 +19,11 @@ class GroundTruthReceived(EventPayload):
     topic: ClassVar[str] = TOPIC
 
     prediction_id: Identifier = Field(
-        min_length=1, description="Id of the prediction this label is for.", examples=["p-01J9Z6M3K2Q8"]
+        min_length=1,
+        max_length=MAX_ATTRIBUTE_CHARS,
+        description="Id of the prediction this label is for (at most 512 characters: monitoring keeps "
+        "waiting labels in an index by it).",
+        examples=["p-01J9Z6M3K2Q8"],
     )
     model: ModelName = Field(description="Model that made the prediction.", examples=["churn"])
     model_version: ModelVersion | None = Field(

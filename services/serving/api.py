@@ -32,7 +32,7 @@ from contracts.common import (
     parse_version,
     unstorable_text,
 )
-from contracts.envelope import CloudEvent, new_event
+from contracts.envelope import MAX_ATTRIBUTE_CHARS, CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
@@ -558,7 +558,11 @@ class FeedbackCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prediction_id: Text = Field(min_length=1, description="The id the predict response gave.")
+    prediction_id: Text = Field(
+        min_length=1,
+        max_length=MAX_ATTRIBUTE_CHARS,
+        description="The id the predict response gave (another system's: at most 512 characters).",
+    )
     label: Annotated[Label, PlainValidator(_check_label, json_schema_input_type=Label)] = Field(
         description="The true class label or value: a string, integer, finite number or boolean."
     )

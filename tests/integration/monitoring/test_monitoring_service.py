@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from contracts.common import (
     ArtifactFormat,
@@ -32,7 +33,7 @@ from contracts.common import (
     ModelSignature,
     Task,
 )
-from contracts.envelope import CloudEvent, EventPayload, new_event
+from contracts.envelope import MAX_ATTRIBUTE_CHARS, CloudEvent, EventPayload, new_event
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import TOPIC as MONITORING_TOPIC
@@ -607,6 +608,27 @@ async def test_integers_beyond_64_bits_in_a_label_or_an_input_are_stored_as_numb
             ("p-huge", str(10**400)),
             ("p-waiting", 1e20),
         ]
+
+
+async def test_the_longest_prediction_id_a_label_may_name_is_stored_waiting_and_joined(
+    pool: asyncpg.Pool,
+) -> None:
+    # GroundTruthReceived takes prediction ids of at most 512 characters: 2,048 bytes of UTF-8 at most, which
+    # with the longest model name fits a btree entry (2,704 bytes). One of 4,000 bytes failed in Postgres
+    # (ProgramLimitExceeded) and was dead-lettered as handler-failed, naming an index.
+    pid, model = "\U0001f600" * MAX_ATTRIBUTE_CHARS, "m" * 128
+    GroundTruthReceived(prediction_id=pid, model=model, label=1, observed_at=datetime.now(UTC))
+    with pytest.raises(ValidationError, match="at most 512 characters"):
+        GroundTruthReceived(prediction_id=pid + "x", model=model, label=1, observed_at=datetime.now(UTC))
+    at = datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await store.add_pending([PendingLabel(pid, model, 1, at)])
+        assert await store.pending_labels() == {(pid, model)}
+        assert [p.prediction_id for p in await store.take_pending([pid], [model])] == [pid]
+        joined = LabelledRecord(pid, model, 1, "stable", None, at, 1, 0.9, 1, at, False, {})
+        assert await store.add_labelled([joined]) == []
+        assert pid in await store.labelled_for([pid])
 
 
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(

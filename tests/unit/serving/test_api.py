@@ -883,6 +883,11 @@ async def test_v1_request_members_are_checked_and_named(
             b'{"prediction_id": "churn:1:a-0", "label": 1, "entity_key": "c-\\ud800"}',
             "[0].entity_key: Input should be a valid string, unable to parse raw data as a unicode string",
         ),
+        # Monitoring keeps waiting labels in an index by their id: a longer one was a 202, then a dead letter.
+        (
+            b'{"prediction_id": "' + b"x" * 513 + b'", "model": "churn", "label": 1}',
+            "[0].prediction_id: String should have at most 512 characters",
+        ),
         # Times that have no UTC form: monitoring could not store them (it was 202, then a dead letter).
         (
             b'{"prediction_id": "churn:1:a-0", "label": 1, "observed_at": "0001-01-01T00:00:00+01:00"}',
