@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
+import asyncpg
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.common import VERSION_TEXT, parse_version
 from libs.auth import TokenStore
+from libs.bus.core import is_transient
 from libs.errors import (
     Conflict,
     DomainError,
@@ -33,7 +35,10 @@ from libs.errors import (
     Unauthorized,
     shown,
 )
+from libs.logging import get_logger
 from libs.settings import ServiceSettings
+
+log = get_logger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
@@ -138,6 +143,10 @@ class ErrorBody(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="Invalid input: each problem found (at most 20), where and why."
     )
+
+
+UNAVAILABLE_RETRY_AFTER_S = 5
+"""The Retry-After of a 503 answered while Postgres or the artifact store is unavailable."""
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -341,6 +350,24 @@ def create_app(
         return JSONResponse(
             error_body(exc.message, exc.code, **exc.extra), status_code=exc.status, headers=headers
         )
+
+    async def _infrastructure_down(_: Request, exc: Exception) -> JSONResponse:
+        # Postgres or the artifact store unreachable, restarting or failing over: the request was fine and
+        # may be sent again, so a 503 with Retry-After says so. Any other such error is a fault (a 500).
+        if not is_transient(exc):
+            raise exc
+        log.warning("request failed: infrastructure unavailable", error=repr(exc))
+        return JSONResponse(
+            error_body(
+                f"a service this one depends on is unavailable ({type(exc).__name__}); try again shortly",
+                "unavailable",
+            ),
+            status_code=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
+
+    for transient in (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        app.add_exception_handler(transient, _infrastructure_down)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
