@@ -17,6 +17,7 @@ from libs.errors import InvalidInput
 from libs.http import create_app
 from services.audit import api, core
 from services.audit.settings import AuditSettings
+from tests.waiting import eventually
 
 VIEWER = {"Authorization": "Bearer dev-viewer"}
 
@@ -68,19 +69,15 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def until(check: Any) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not reached")
-
-
 async def test_one_export_more_than_allowed_is_429_with_retry_after_and_a_slot_comes_back(
     client: httpx.AsyncClient, trail: Trail
 ) -> None:
     held = [asyncio.create_task(client.get("/v1/export")) for _ in range(2)]
-    await until(lambda: trail.inside == 2)
+
+    async def both_inside() -> bool:
+        return trail.inside == 2
+
+    await eventually(both_inside, deadline_s=5, interval_s=0.01)
 
     refused = await asyncio.wait_for(client.get("/v1/export"), timeout=10)
     assert refused.status_code == 429, refused.text
