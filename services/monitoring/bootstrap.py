@@ -229,32 +229,33 @@ class Background:
             if is_transient(exc):
                 raise
             log.warning("label joins failed, isolating the failing one", labels=len(due), error=repr(exc))
-        for pid in due:
+        for pair in due:
             try:
-                await self.join([pid])
+                await self.join([pair])
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                self.give_up_join(pid, exc)
+                self.give_up_join(pair, exc)
 
-    async def join(self, prediction_ids: list[str]) -> None:
-        """Make these joins in a transaction of their own; they leave memory once it commits."""
+    async def join(self, due: list[tuple[str, str]]) -> None:
+        """Make these joins, (prediction id, model), in a transaction of their own; they leave memory once it
+        commits."""
         live = self.monitor.live
         live.settle_begins()
         async with self.rt.begin() as tx:
             joined = await handlers.join_pending(
-                prediction_ids, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                due, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
             )
         # Only now that they are committed. A join not made (the label's transaction had not committed yet)
         # stays due while the label waits in memory.
         settled = live.labels_settled(joined)
-        live.joins_due.difference_update(pid for pid, _ in settled)
+        live.joins_due.difference_update(settled)
 
-    def give_up_join(self, prediction_id: str, exc: Exception) -> None:
+    def give_up_join(self, pair: tuple[str, str], exc: Exception) -> None:
         """Stop trying a join that failed for good; log and count it."""
         live = self.monitor.live
-        live.joins_due.discard(prediction_id)
-        model = live.cache.model_of(prediction_id) or ""
+        live.joins_due.discard(pair)
+        prediction_id, model = pair
         LABEL_JOINS_GIVEN_UP.labels(model).inc()
         log.error(
             "label join given up: joining it failed and retrying cannot help; the label expires as unmatched",

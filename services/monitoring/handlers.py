@@ -220,18 +220,24 @@ async def on_predictions_logged(
 
 
 async def join_pending(
-    prediction_ids: list[str], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    due: list[tuple[str, str]], *, monitor: Monitor, store: MonitoringStore, publish: Publish
 ) -> list[tuple[str, str]]:
-    """Join the waiting labels of these held predictions; returns the (prediction id, model) labels joined,
-    for the caller to take out of ``live.pending_labels`` once its transaction commits."""
+    """Join the waiting labels of these held predictions, as (prediction id, model); returns the labels
+    joined, for the caller to take out of ``live.pending_labels`` once its transaction commits."""
     live = monitor.live
-    hits = {pid: hit for pid in prediction_ids if (hit := live.cache.get(pid)) is not None}
     # A label joins only a prediction of the model it names, as on_ground_truth_received requires: one for
     # another model keeps waiting and expires as unmatched. Not found while waiting in memory: the label's
     # transaction has not committed yet (its handler runs beside this one); the caller keeps it due.
-    pending = await store.take_pending(list(hits), [hit.model for hit in hits.values()])
+    hits = {(pid, model): hit for pid, model in due if (hit := live.cache.get(model, pid)) is not None}
+    pending = await store.take_pending([pid for pid, _ in hits], [model for _, model in hits])
     rows = [
-        _labelled(hits[label.prediction_id], label.label, label.observed_at, late=False, at=label.received_at)
+        _labelled(
+            hits[(label.prediction_id, label.model)],
+            label.label,
+            label.observed_at,
+            late=False,
+            at=label.received_at,
+        )
         for label in pending
     ]
     await _store_labelled(rows, monitor=monitor, store=store, publish=publish)
@@ -244,10 +250,8 @@ async def _store_labelled(
     """Store joined labels (a later, different label for a prediction joined before replaces its label),
     then score the versions' full performance windows."""
     _mark_outside_classes(rows, monitor)
-    corrected = await store.add_labelled(rows)
-    models = {r.prediction_id: r.model for r in rows}
-    for pid in corrected:
-        LABELS_CORRECTED.labels(models[pid]).inc()
+    for _, model in await store.add_labelled(rows):
+        LABELS_CORRECTED.labels(model).inc()
     for model, version in sorted({(r.model, r.version) for r in rows}):
         await check_performance(model, version, monitor=monitor, store=store, publish=publish)
 
@@ -312,7 +316,7 @@ async def on_ground_truth_received(
     The latest label for a prediction wins: it replaces the one waiting for the same prediction and model, or
     the one its prediction was joined with (a correction)."""
     live = monitor.live
-    joined: dict[str, LabelledRecord] = {}
+    joined: dict[tuple[str, str], LabelledRecord] = {}
     waiting: list[PendingLabel] = []
     marked: list[tuple[str, str]] = []
     try:
@@ -320,11 +324,10 @@ async def on_ground_truth_received(
             if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
                 continue
             g = d.event.data
-            hit = live.cache.get(g.prediction_id)
-            _check_label(
-                g, hit.version if hit is not None and hit.model == g.model else g.model_version, live
-            )
-            if hit is None or hit.model != g.model:
+            # Only a prediction of the model the label names: another model's with the same id is not its.
+            hit = live.cache.get(g.model, g.prediction_id)
+            _check_label(g, hit.version if hit is not None else g.model_version, live)
+            if hit is None:
                 waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
                 # In memory now, with no await since the look-up: a prediction consumed from here on looks
                 # for it (and, until this transaction commits, misses it and leaves it to the next tick).
@@ -335,7 +338,7 @@ async def on_ground_truth_received(
             # Late: the prediction's drift window was already judged when its label came.
             late = window is not None and hit.window_seq < window.seq
             # One row per prediction (a statement cannot change a row twice): the poll's last label for it.
-            joined[g.prediction_id] = _labelled(hit, g.label, g.observed_at, late=late)
+            joined[(g.prediction_id, g.model)] = _labelled(hit, g.label, g.observed_at, late=late)
         if waiting:
             await store.add_pending(waiting)
         await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
@@ -402,7 +405,7 @@ async def check_performance(
             )
         metrics = performance_metrics(labelled, ref.task, ref.positive_class)
         state.next_seq += 1
-        await store.mark_scored([r.prediction_id for r in rows], seq)
+        await store.mark_scored(model, [r.prediction_id for r in rows], seq)
         if unmeasurable := sorted(name for name, value in metrics.items() if not math.isfinite(value)):
             # Nothing a PerformanceDegraded could carry, and judging it would fail every label join after
             # it (they all score this window first): scored, unjudged, the streak left as it was.
@@ -466,7 +469,7 @@ async def _export(
     monitor: Monitor,
     store: MonitoringStore,
 ) -> Any:
-    labels = await store.labelled_for(window.prediction_ids) if window is not None else {}
+    labels = await store.labelled_for(window.model, window.prediction_ids) if window is not None else {}
     history = list(extra)
     if monitor.export_labelled_rows:
         history += await store.recent_labelled(ref.model, monitor.export_labelled_rows)

@@ -57,12 +57,17 @@ class _CachedPart:
 
 
 class PredictionCache:
-    """Predictions kept for their labels, bounded by age and count; oldest parts leave first."""
+    """Predictions kept for their labels, bounded by age and count; oldest parts leave first.
+
+    Held per model, then prediction id, as Postgres joins them (``labelled`` and ``pending_labels`` are keyed
+    by both): prediction ids are the clients' to choose, and two models may answer requests with the same
+    id. Keyed by id alone, the later prediction took the earlier one's place, whose label then waited and
+    expired as unmatched."""
 
     def __init__(self, *, max_age_s: float, max_rows: int) -> None:
         self.max_age_s = max_age_s
         self.max_rows = max_rows
-        self._index: dict[str, tuple[_CachedPart, int]] = {}
+        self._index: dict[str, dict[str, tuple[_CachedPart, int]]] = {}
         self._parts: deque[_CachedPart] = deque()
         self.rows = 0
 
@@ -74,12 +79,18 @@ class PredictionCache:
             first.setdefault(p, o)
         part = _CachedPart(batch, window_seq, float(batch.predicted_at.max()), first)
         self._parts.append(part)
-        # (part, row) per id, the pairs built in C: this runs for every prediction consumed.
-        self._index.update(zip(batch.prediction_ids, zip(repeat(part), range(batch.size)), strict=True))
+        # (part, row) per id, the pairs built in C: this runs for every prediction consumed. A batch holds
+        # one model version's rows.
+        index = self._index.get(batch.model)
+        if index is None:
+            index = self._index[batch.model] = {}
+        index.update(zip(batch.prediction_ids, zip(repeat(part), range(batch.size)), strict=True))
         self.rows += batch.size
 
-    def get(self, prediction_id: str) -> CachedPrediction | None:
-        hit = self._index.get(prediction_id)
+    def get(self, model: str, prediction_id: str) -> CachedPrediction | None:
+        """The held prediction of ``model`` with this id, or None."""
+        index = self._index.get(model)
+        hit = index.get(prediction_id) if index is not None else None
         if hit is None:
             return None
         part, i = hit
@@ -101,23 +112,26 @@ class PredictionCache:
             window_seq=part.window_seq,
         )
 
+    def holds(self, model: str, prediction_id: str) -> bool:
+        """Whether a prediction of ``model`` with this id is held."""
+        index = self._index.get(model)
+        return index is not None and prediction_id in index
+
     def evict(self, now: float) -> int:
         """Drop parts older than the label wait, and the oldest beyond the row bound; returns rows dropped."""
         dropped = 0
         while self._parts and (self._parts[0].newest_at < now - self.max_age_s or self.rows > self.max_rows):
             part = self._parts.popleft()
+            index = self._index.get(part.batch.model, {})
             for pid in part.batch.prediction_ids:
-                hit = self._index.get(pid)
+                hit = index.get(pid)
                 if hit is not None and hit[0] is part:
-                    del self._index[pid]
+                    del index[pid]
+            if not index:
+                self._index.pop(part.batch.model, None)
             self.rows -= part.batch.size
             dropped += part.batch.size
         return dropped
-
-    def model_of(self, prediction_id: str) -> str | None:
-        """The model of a held prediction, or None when it is not held."""
-        hit = self._index.get(prediction_id)
-        return hit[0].batch.model if hit is not None else None
 
     def first_offsets(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -140,7 +154,8 @@ class IngestResult:
     closed: int = 0
     unknown: Counter[ModelKey] = field(default_factory=Counter)
     newly_unknown: list[ModelKey] = field(default_factory=list)
-    pending_matches: list[str] = field(default_factory=list)
+    pending_matches: list[tuple[str, str]] = field(default_factory=list)
+    """(prediction id, model) of the held predictions a label waits for."""
 
 
 @dataclass
@@ -175,7 +190,7 @@ class LiveState:
         # of its own, so a join that fails for good is the label's failure, never the prediction event's
         # (whose rows are in the windows already). One not found (the label's transaction had not committed
         # yet) is looked for again at the next tick while both are still here.
-        self.joins_due: set[str] = set()
+        self.joins_due: set[tuple[str, str]] = set()
         # Waiting labels being stored, per pair: from their handler's mark until it returns or fails (by then
         # its upsert has run: a join or expiry after it cannot take the earlier label from under it).
         self.labels_storing: Counter[tuple[str, str]] = Counter()
@@ -235,7 +250,9 @@ class LiveState:
             self._to_steps(batch)
             if self.pending_labels:
                 pending, model = self.pending_labels, batch.model
-                result.pending_matches.extend(pid for pid in batch.prediction_ids if (pid, model) in pending)
+                result.pending_matches.extend(
+                    (pid, model) for pid in batch.prediction_ids if (pid, model) in pending
+                )
         return result
 
     def _to_windows(
@@ -333,17 +350,17 @@ class LiveState:
         self.pending_labels.difference_update(settled)
         return settled
 
-    def joins_to_make(self) -> list[str]:
-        """The joins still to make: a label still waits for a held prediction of its model. One whose label
-        is being stored again (a correction, or the label sent again) is left for the next tick: made now, its
-        join could take the earlier label before the later one's upsert, which would then wait on its own."""
-        due = {
-            pid: model
-            for pid in self.joins_due
-            if (model := self.cache.model_of(pid)) is not None and (pid, model) in self.pending_labels
+    def joins_to_make(self) -> list[tuple[str, str]]:
+        """The joins still to make, as (prediction id, model): a label still waits for a held prediction of
+        its model. One whose label is being stored again (a correction, or the label sent again) is left for
+        the next tick: made now, its join could take the earlier label before the later one's upsert, which
+        would then wait on its own."""
+        self.joins_due = {
+            pair
+            for pair in self.joins_due
+            if pair in self.pending_labels and self.cache.holds(pair[1], pair[0])
         }
-        self.joins_due = set(due)
-        return sorted(pid for pid, model in due.items() if (pid, model) not in self.labels_storing)
+        return sorted(pair for pair in self.joins_due if pair not in self.labels_storing)
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

@@ -180,14 +180,15 @@ class MonitoringStore(Protocol):
         """One judged window's report by its id (``TrafficWindow.id``); None when none was judged."""
         ...
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
-        """Store joined labels, one per prediction. A label for a prediction joined before replaces the
-        stored label when it differs and was received later (a correction; the row keeps its performance
-        window, if scored, and its ``late``); returns the prediction ids so corrected."""
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
+        """Store joined labels, one per prediction and model (two models' predictions may share an id). A
+        label for a prediction joined before replaces the stored label when it differs and was received later
+        (a correction; the row keeps its performance window, if scored, and its ``late``); returns the
+        (prediction id, model) pairs so corrected."""
         ...
 
-    async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
-        """Labels of the given predictions, where joined."""
+    async def labelled_for(self, model: str, prediction_ids: list[str]) -> dict[str, Any]:
+        """Labels of the given predictions of ``model``, where joined."""
         ...
 
     async def recent_labelled(self, model: str, limit: int) -> list[LabelledRecord]:
@@ -198,8 +199,8 @@ class MonitoringStore(Protocol):
         """Labelled rows of a version not yet in a performance window, oldest first."""
         ...
 
-    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
-        """Put labelled rows in performance window ``seq``."""
+    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
+        """Put labelled rows of ``model`` in performance window ``seq``."""
         ...
 
     async def performance_state(self, model: str, version: int) -> PerformanceState:

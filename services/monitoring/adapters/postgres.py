@@ -209,7 +209,7 @@ class PgMonitoringStore:
         )
         return report
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
         if not rows:
             return []
         # A correction replaces the label only if received later: a waiting label joined by the background
@@ -223,12 +223,12 @@ class PgMonitoringStore:
                    $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[], $12::jsonb[],
                    $13::timestamptz[], $14::bool[])
                    AS sent(pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, rcv, oc)
-               ON CONFLICT (prediction_id) DO UPDATE SET label = excluded.label,
+               ON CONFLICT (prediction_id, model) DO UPDATE SET label = excluded.label,
                    observed_at = excluded.observed_at, received_at = excluded.received_at,
                    outside_classes = excluded.outside_classes
                WHERE labelled.label IS DISTINCT FROM excluded.label
                    AND labelled.received_at <= excluded.received_at
-               RETURNING prediction_id, xmax = 0 AS inserted""",
+               RETURNING prediction_id, model, xmax = 0 AS inserted""",
             [r.prediction_id for r in rows],
             [r.model for r in rows],
             [r.version for r in rows],
@@ -244,13 +244,15 @@ class PgMonitoringStore:
             [r.received_at for r in rows],
             [r.outside_classes for r in rows],
         )
-        return [r["prediction_id"] for r in stored if not r["inserted"]]
+        return [(r["prediction_id"], r["model"]) for r in stored if not r["inserted"]]
 
-    async def labelled_for(self, prediction_ids: list[str]) -> dict[str, Any]:
+    async def labelled_for(self, model: str, prediction_ids: list[str]) -> dict[str, Any]:
         if not prediction_ids:
             return {}
         rows = await self.conn.fetch(
-            "SELECT prediction_id, label FROM labelled WHERE prediction_id = ANY($1::text[])", prediction_ids
+            "SELECT prediction_id, label FROM labelled WHERE prediction_id = ANY($1::text[]) AND model = $2",
+            prediction_ids,
+            model,
         )
         return {r["prediction_id"]: r["label"] for r in rows}
 
@@ -270,9 +272,12 @@ class PgMonitoringStore:
         )
         return [_labelled(r) for r in rows]
 
-    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
+    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
         await self.conn.execute(
-            "UPDATE labelled SET perf_seq = $2 WHERE prediction_id = ANY($1::text[])", prediction_ids, seq
+            "UPDATE labelled SET perf_seq = $3 WHERE prediction_id = ANY($1::text[]) AND model = $2",
+            prediction_ids,
+            model,
+            seq,
         )
 
     async def performance_state(self, model: str, version: int) -> PerformanceState:

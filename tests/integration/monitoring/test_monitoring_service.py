@@ -628,7 +628,7 @@ async def test_the_longest_prediction_id_a_label_may_name_is_stored_waiting_and_
         assert [p.prediction_id for p in await store.take_pending([pid], [model])] == [pid]
         joined = LabelledRecord(pid, model, 1, "stable", None, at, 1, 0.9, 1, at, False, {})
         assert await store.add_labelled([joined]) == []
-        assert pid in await store.labelled_for([pid])
+        assert pid in await store.labelled_for(model, [pid])
 
 
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(
@@ -683,13 +683,36 @@ async def test_a_later_different_label_corrects_a_joined_one_and_an_earlier_one_
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         assert await store.add_labelled([joined(0)]) == []  # the same label again: nothing changes
-        assert await store.add_labelled([joined(1)]) == ["p-1"]  # a correction
+        assert await store.add_labelled([joined(1)]) == [("p-1", "churn")]  # a correction
     async with pool.acquire() as conn, conn.transaction():
         # A waiting label received before the correction, joined after it, does not undo it.
         store = PgMonitoringStore(conn)
         assert await store.add_labelled([joined(0, at - timedelta(minutes=1))]) == []
         [stored] = await store.recent_labelled("churn", 1)
         assert stored.label == 1 and stored.late is False
+
+
+async def test_two_models_predictions_with_the_same_id_keep_their_own_labels(pool: asyncpg.Pool) -> None:
+    # Prediction ids are the clients' to choose. Keyed by the id alone, the second model's label took the
+    # first one's row (its label replaced, its model and version kept) and was never stored itself.
+    at = datetime.now(UTC)
+
+    def joined(model: str, label: Any) -> LabelledRecord:
+        return LabelledRecord("p-same", model, 1, "stable", None, at, 1, 0.7, label, at, False, {})
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined("churn", 1), joined("fraud", 0)]) == []
+        assert await store.add_labelled([joined("fraud", 2)]) == [("p-same", "fraud")]  # fraud's correction
+        await store.mark_scored("churn", ["p-same"], 1)
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.labelled_for("churn", ["p-same"]) == {"p-same": 1}
+        assert await store.labelled_for("fraud", ["p-same"]) == {"p-same": 2}
+        assert [r.label for r in await store.recent_labelled("churn", 10)] == [1]
+        assert await store.unscored("churn", 1, 10) == []
+        assert [(r.model, r.label) for r in await store.unscored("fraud", 1, 10)] == [("fraud", 2)]
 
 
 async def test_labels_received_lately_are_found_by_model_and_time(pool: asyncpg.Pool) -> None:
@@ -833,7 +856,8 @@ async def test_a_label_outside_the_classes_is_stored_marked_and_a_correction_unm
         }
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        assert await store.add_labelled([joined("p-1", 1, False)]) == ["p-1"]  # corrected to a class
+        # Corrected to a class:
+        assert await store.add_labelled([joined("p-1", 1, False)]) == [("p-1", "churn")]
         assert await store.labels_outside_classes() == {}
 
 

@@ -32,7 +32,7 @@ from tests.unit.monitoring.test_domain import T0, reference, regression_referenc
 from tests.unit.monitoring.test_domain import live as live_state
 
 
-def logged(request_id: str, x0: float = 0.5) -> CloudEvent[PredictionsLogged]:
+def logged(request_id: str, x0: float = 0.5, model: str = "churn") -> CloudEvent[PredictionsLogged]:
     rows = [
         {
             "prediction_id": f"{request_id}-{i}",
@@ -42,7 +42,7 @@ def logged(request_id: str, x0: float = 0.5) -> CloudEvent[PredictionsLogged]:
         for i in range(3)
     ]
     payload = {
-        "model": "churn",
+        "model": model,
         "model_version": 1,
         "variant": "stable",
         "request_id": request_id,
@@ -129,7 +129,7 @@ async def test_a_poll_read_again_after_its_commit_failed_counts_its_rows_once_an
     await bus.drain()  # the same record again, as the consumer seeks back
 
     assert monitor.live.windows[("churn", 1)].rows == 3
-    assert monitor.live.joins_to_make() == ["good-1-0"]  # for the background to join, once
+    assert monitor.live.joins_to_make() == [("good-1-0", "churn")]  # for the background to join, once
 
 
 async def test_a_waiting_label_for_another_model_is_not_looked_for() -> None:
@@ -154,7 +154,7 @@ class LabelStore:
         self.scored: set[str] = set()
         self.state = PerformanceState()
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
         for r in rows:
             self.labelled.setdefault(r.prediction_id, r)
         return []
@@ -165,7 +165,7 @@ class LabelStore:
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         return [r for pid, r in self.labelled.items() if pid not in self.scored][:limit]
 
-    async def mark_scored(self, ids: list[str], seq: int) -> None:
+    async def mark_scored(self, model: str, ids: list[str], seq: int) -> None:
         self.scored.update(ids)
 
     async def performance_state(self, *_: Any) -> PerformanceState:

@@ -71,9 +71,9 @@ async def test_labels_outside_the_classes_are_joined_marked_counted_and_warned_a
         await consume_prediction(monitor, tables, "good-2", offset=1)
         await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    marked = {pid: row.outside_classes for pid, row in tables.labelled.items()}
+    marked = {row.prediction_id: row.outside_classes for row in tables.labelled.values()}
     assert marked == {"good-1-0": True, "good-1-1": True, "good-1-2": False, "good-2-0": True}
-    assert {pid: row.label for pid, row in tables.labelled.items() if row.outside_classes} == {
+    assert {row.prediction_id: row.label for row in tables.labelled.values() if row.outside_classes} == {
         "good-1-0": "yes",
         "good-1-1": "no",
         "good-2-0": "maybe",
@@ -94,7 +94,7 @@ async def test_a_correction_to_a_class_is_no_longer_outside_the_classes(monitor:
     await consume_prediction(monitor, tables, "good-1")
     await send_label(monitor, tables, "good-1-0", "churn", "yes")
     await send_label(monitor, tables, "good-1-0", "churn", 1)  # the label corrected
-    assert tables.labelled["good-1-0"].outside_classes is False
+    assert tables.labelled[("good-1-0", "churn")].outside_classes is False
 
 
 async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_its_verdict() -> None:

@@ -60,9 +60,9 @@ class Tables:
     def __init__(self) -> None:
         self.pending: dict[Pair, Waiting] = {}
         self.unmatched: Counter[str] = Counter()  # unmatched_labels: expired labels, counted and deleted
-        self.labelled: dict[str, LabelledRecord] = {}
-        self.scored: dict[str, int] = {}  # labelled rows in a performance window: its number
-        self.windows: list[tuple[int, list[str]]] = []  # the performance windows scored, with their rows
+        self.labelled: dict[Pair, LabelledRecord] = {}  # by prediction id and model, as its primary key
+        self.scored: dict[Pair, int] = {}  # labelled rows in a performance window: its number
+        self.windows: list[tuple[int, list[Pair]]] = []  # the performance windows scored, with their rows
         self.performance: dict[Version, PerformanceState] = {}
         self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
         self.refused: set[str] = set()  # the same, for these predictions' labels only
@@ -91,8 +91,8 @@ class Tx(NoPolicies):
         self.added: dict[Pair, PendingLabel] = {}
         self.taken: set[Pair] = set()
         self.expired: set[Pair] = set()
-        self.labelled: dict[str, LabelledRecord] = {}
-        self.windows: list[tuple[int, list[str]]] = []
+        self.labelled: dict[Pair, LabelledRecord] = {}
+        self.windows: list[tuple[int, list[Pair]]] = []
         self.performance: dict[Version, PerformanceState] = {}
 
     def _waiting(self) -> dict[Pair, PendingLabel]:
@@ -121,24 +121,25 @@ class Tx(NoPolicies):
         self.expired.update(old)
         return old
 
-    async def add_labelled(self, rows: list[LabelledRecord]) -> list[str]:
+    async def add_labelled(self, rows: list[LabelledRecord]) -> list[Pair]:
         if (rows and self.tables.joins_fail) or any(r.prediction_id in self.tables.refused for r in rows):
             raise ValueError("a value the labelled table cannot take")
         corrected = []
         for row in rows:
             row = replace(row, received_at=row.received_at or self.now)
-            old = self.labelled.get(row.prediction_id) or self.tables.labelled.get(row.prediction_id)
+            key = (row.prediction_id, row.model)
+            old = self.labelled.get(key) or self.tables.labelled.get(key)
             if old is None:
-                self.labelled[row.prediction_id] = row
+                self.labelled[key] = row
             elif old.label != row.label and old.received_at <= row.received_at:  # type: ignore[operator]
-                self.labelled[row.prediction_id] = replace(
+                self.labelled[key] = replace(
                     old,
                     label=row.label,
                     observed_at=row.observed_at,
                     received_at=row.received_at,
                     outside_classes=row.outside_classes,
                 )
-                corrected.append(row.prediction_id)
+                corrected.append(key)
         return corrected
 
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
@@ -146,12 +147,12 @@ class Tx(NoPolicies):
         rows = [
             row
             for row in {**self.tables.labelled, **self.labelled}.values()
-            if (row.model, row.version) == (model, version) and row.prediction_id not in scored
+            if (row.model, row.version) == (model, version) and (row.prediction_id, row.model) not in scored
         ]
         return sorted(rows, key=lambda r: (r.received_at, r.prediction_id))[:limit]
 
-    async def mark_scored(self, prediction_ids: list[str], seq: int) -> None:
-        self.windows.append((seq, prediction_ids))
+    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
+        self.windows.append((seq, [(pid, model) for pid in prediction_ids]))
 
     async def performance_state(self, model: str, version: int) -> PerformanceState:
         """The version's state (Postgres locks its row until the transaction ends; not modelled here)."""
@@ -253,11 +254,13 @@ async def receive_label(
     )
 
 
-async def consume_prediction(monitor: Monitor, tables: Tables, request_id: str, offset: int = 0) -> None:
+async def consume_prediction(
+    monitor: Monitor, tables: Tables, request_id: str, offset: int = 0, model: str = "churn"
+) -> None:
     """The predictions consumer handles a request (at ``offset`` of the topic) and commits."""
     tx = tables.begin()
     await on_predictions_logged(
-        [delivery(logged(request_id), offset)],
+        [delivery(logged(request_id, model=model), offset)],
         monitor=monitor,
         store=cast(MonitoringStore, tx),
         publish=nothing,
@@ -286,7 +289,7 @@ async def test_a_prediction_consumed_while_its_labels_transaction_is_open_is_joi
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -313,7 +316,7 @@ async def test_a_prediction_consumed_while_its_label_is_being_stored_is_joined_a
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -382,6 +385,11 @@ def corrections(model: str) -> float:
     return REGISTRY.get_sample_value("driftloop_monitoring_labels_corrected_total", labels) or 0.0
 
 
+def labels(tables: Tables) -> dict[str, Any]:
+    """The joined labels of churn's predictions, by prediction id."""
+    return {row.prediction_id: row.label for (_, model), row in tables.labelled.items() if model == "churn"}
+
+
 async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, model: str, label: Any) -> None:
     """The feedback consumer handles a label and commits."""
     tx = tables.begin()
@@ -399,7 +407,7 @@ async def test_a_label_naming_another_model_does_not_keep_this_models_label_from
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     # The label naming another model waits on, for a prediction of its own, and expires as unmatched.
     assert [(row.label.model, row.label.label) for row in tables.pending.values()] == [("fraud", 0)]
 
@@ -412,7 +420,7 @@ async def test_a_corrected_label_replaces_the_one_still_waiting(monitor: Monitor
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     assert tables.waiting() == set()
 
 
@@ -426,7 +434,7 @@ async def test_a_label_for_a_prediction_joined_before_replaces_its_label_as_a_co
     await send_label(monitor, tables, "good-1-0", "churn", 0)  # sent again: nothing changes
     await send_label(monitor, tables, "good-1-0", "churn", 1)  # a correction, after the join
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     assert tables.waiting() == set()
     assert corrections("churn") == before + 1
 
@@ -441,7 +449,7 @@ async def test_a_waiting_label_joined_after_a_later_one_was_joined_at_once_does_
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
 
 
@@ -490,11 +498,11 @@ async def test_a_join_whose_transaction_meets_an_outage_stays_due_and_is_made_at
     with pytest.raises(ConnectionError):
         await background.once()
     assert tables.labelled == {} and tables.waiting() == {("good-1-0", "churn")}
-    assert monitor.live.pending_labels == {("good-1-0", "churn")} and monitor.live.joins_due == {"good-1-0"}
+    assert monitor.live.pending_labels == monitor.live.joins_due == {("good-1-0", "churn")}
 
     rt.commit_fails = False
     await background.once()
-    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -508,7 +516,7 @@ async def test_a_join_that_fails_for_good_is_given_up_alone_and_the_others_are_m
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {"good-1-0", "good-1-2"}
+    assert set(tables.labelled) == {("good-1-0", "churn"), ("good-1-2", "churn")}
     assert (
         tables.waiting() == monitor.live.pending_labels == {("good-1-1", "churn")}
     )  # to expire as unmatched
@@ -534,7 +542,7 @@ async def test_a_join_due_when_the_process_stopped_is_made_after_the_restart(
     await bootstrap.restore(rt, restarted)  # type: ignore[arg-type]
     await Background(rt, restarted, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {"good-1-0"} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
     assert restarted.live.pending_labels == set()
 
 
@@ -613,7 +621,7 @@ async def test_a_label_sent_again_while_its_prediction_comes_is_the_one_joined_a
     label_tx.commit()
     await background.once()  # the next tick
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
     assert corrections("churn") == before
 
@@ -634,7 +642,7 @@ async def test_a_join_left_for_a_label_being_stored_is_made_when_that_labels_tra
         await storing
     await background.once()
 
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 0}
+    assert labels(tables) == {"good-1-0": 0}
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
 
 
@@ -661,7 +669,7 @@ async def test_a_label_sent_again_while_the_earlier_one_expires_waits_in_memory_
 
     await consume_prediction(monitor, tables, "good-1")
     await background.once()
-    assert {pid: row.label for pid, row in tables.labelled.items()} == {"good-1-0": 1}
+    assert labels(tables) == {"good-1-0": 1}
     assert tables.waiting() == set() and monitor.live.pending_labels == set()
 
 
@@ -687,6 +695,32 @@ async def test_labels_joined_beside_each_other_fill_a_performance_window_with_ea
     await joining
     label_tx.commit()
 
-    assert tables.windows == [(1, ["good-1-0", "good-2-0"])]
-    assert Counter(tables.scored.values()) == {1: 2} and "good-1-1" not in tables.scored
+    assert tables.windows == [(1, [("good-1-0", "churn"), ("good-2-0", "churn")])]
+    assert Counter(tables.scored.values()) == {1: 2} and ("good-1-1", "churn") not in tables.scored
     assert tables.performance[("churn", 1)].next_seq == 2
+
+
+async def test_two_models_predictions_with_the_same_id_each_join_their_own_label(monitor: Monitor) -> None:
+    # Prediction ids are the clients' to choose. Held by id alone, fraud's prediction took the place of
+    # churn's, and churn's label waited (to expire as unmatched) beside a prediction of its own.
+    monitor.live.add_reference(replace(reference(), model="fraud"))
+    tables = Tables()
+    await consume_prediction(monitor, tables, "good-1", offset=0, model="churn")
+    await consume_prediction(monitor, tables, "good-1", offset=1, model="fraud")  # the same ids
+    await send_label(monitor, tables, "good-1-0", "churn", 1)  # joined at once, with churn's prediction
+    await send_label(monitor, tables, "good-1-1", "fraud", 0)
+    await send_label(monitor, tables, "good-2-0", "fraud", 1)  # waits for its prediction
+    await send_label(monitor, tables, "good-2-0", "churn", 0)
+    await consume_prediction(monitor, tables, "good-2", offset=2, model="fraud")
+    await consume_prediction(monitor, tables, "good-2", offset=3, model="churn")
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert {pair: row.label for pair, row in tables.labelled.items()} == {
+        ("good-1-0", "churn"): 1,
+        ("good-1-1", "fraud"): 0,
+        ("good-2-0", "fraud"): 1,
+        ("good-2-0", "churn"): 0,
+    }
+    assert all(row.model == model for (_, model), row in tables.labelled.items())
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
