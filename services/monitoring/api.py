@@ -157,6 +157,13 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
 
 @router.get("/models/{model}/policy", summary="The drift policy in force for a model.")
 async def get_policy(model: ModelName, _: ViewerDep, monitor: MonitorDep) -> PolicyPublic:
+    # The defaults for any name would make a misspelt one look watched: a model is known by a registered
+    # version or by a policy an operator set for it (one may be set before its first version).
+    if model not in monitor.policies and not any(m == model for m, _ in monitor.live.references):
+        raise NotFound(
+            f"monitoring knows no model {model!r}: no version of it is registered and no policy is set for "
+            "it; check the name (a model's policy is the service defaults until an operator sets one)"
+        )
     return PolicyPublic.model_validate(monitor.policy(model).model_dump())
 
 

@@ -215,3 +215,34 @@ async def test_a_policy_naming_no_feature_of_a_known_model_is_refused_naming_its
     # A model monitoring knows no version of yet takes any name: its first version may bring them.
     await operator.put("fraud", {"feature_tests": {"amount": "ks"}})
     assert sorted(operator.store.rows) == ["churn", "fraud"] and len(operator.published) == 3
+
+
+@pytest.fixture
+async def viewer(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Monitor]]:
+    settings = MonitoringSettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
+    app = create_app(settings, title="monitoring", description="", routers=[api.router])
+    monitor = make_monitor(settings, artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(reference())  # churn version 1
+    app.state.runtime, app.state.monitor = object(), monitor
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://monitoring", headers={"Authorization": "Bearer dev-viewer"}
+    ) as c:
+        yield c, monitor
+
+
+async def test_the_policy_of_a_model_monitoring_never_saw_is_404_naming_it(
+    viewer: tuple[httpx.AsyncClient, Monitor],
+) -> None:
+    # A misspelt model name answered 200 with the service defaults, as if that model were watched so.
+    client, monitor = viewer
+    r = await client.get("/v1/models/churm/policy")
+    assert r.status_code == 404, r.text
+    assert "'churm'" in r.json()["detail"]
+
+    known = await client.get("/v1/models/churn/policy")  # a registered version: its policy, the defaults
+    assert known.status_code == 200 and known.json() == monitor.defaults.model_dump(mode="json")
+    # A policy set for a model not registered yet is the one in force for it.
+    monitor.policies["fraud"] = DriftPolicy(alpha=0.01)
+    set_first = await client.get("/v1/models/fraud/policy")
+    assert set_first.status_code == 200 and set_first.json()["alpha"] == 0.01
