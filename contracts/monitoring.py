@@ -205,6 +205,14 @@ class PerformanceDegraded(EventPayload):
     late_labels: int = Field(
         default=0, ge=0, description="Labels that arrived after their prediction's window closed."
     )
+    labels_outside_classes: int = Field(
+        default=0,
+        ge=0,
+        description="A classifier's labelled rows in the window whose label names none of the version's "
+        'classes ("yes" for the classes 0 and 1), counted as wrong predictions. When they are most of '
+        "the window, the labels' encoding is the likelier cause than the model.",
+        examples=[0],
+    )
 
 
 class Verdict(StrEnum):

@@ -1586,7 +1586,9 @@ def judge_canary(
     if not measurable:
         unmeasurable.append(outcome.name)
     verdict, reason = _verdict_of(evidence, unmeasurable)
-    if outcome.passed is not None and (note := _labels_outside_classes(labelled)):
+    sides = [("stable", labelled.stable_outside, labelled.stable_n)]
+    sides.append(("canary", labelled.canary_outside, labelled.canary_n))
+    if outcome.passed is not None and (note := labels_outside_classes_note(sides, labelled.classes)):
         reason = f"{reason}; {note}"
     return CanaryDecision(verdict, evidence, reason)
 
@@ -1603,22 +1605,16 @@ def _verdict_of(evidence: list[CanaryComparison], unmeasurable: list[str]) -> tu
     return Verdict.HEALTHY, f"all {len(judged)} comparisons made are within tolerance"
 
 
-def _labels_outside_classes(lab: LabelledComparison) -> str:
-    """What a reason says of the labelled accuracy when most labels of a side name no class of its version
-    (an encoding mistake, such as "yes"/"no" for the classes 0/1, reads as accuracy 0); empty otherwise."""
-    sides = [
-        f"{side} {outside} of {n}"
-        for side, outside, n in (
-            ("stable", lab.stable_outside, lab.stable_n),
-            ("canary", lab.canary_outside, lab.canary_n),
-        )
-        if n and outside * 2 > n
-    ]
-    if not sides:
+def labels_outside_classes_note(sides: Sequence[tuple[str, int, int]], classes: Sequence[Any]) -> str:
+    """What a canary verdict's reason or a performance alert says of its labelled rows when most labels of a
+    side (``(name, outside, labelled)``; the name may be empty) name no class of the version: an encoding
+    mistake, such as "yes"/"no" for the classes 0/1, reads as accuracy 0. Empty otherwise."""
+    shown = [f"{side} {outside} of {n}".lstrip() for side, outside, n in sides if n and outside * 2 > n]
+    if not shown:
         return ""
     return (
-        f"most labels name no class of the model ({' and '.join(sides)} labelled rows; classes "
-        f"{shown_classes(lab.classes)}) "
+        f"most labels name no class of the model ({' and '.join(shown)} labelled rows; classes "
+        f"{shown_classes(classes)}) "
         "and count as wrong predictions: check the labels' encoding"
     )
 

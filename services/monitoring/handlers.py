@@ -55,6 +55,7 @@ from services.monitoring.domain import (
     in_cooldown,
     judge_canary,
     judge_window,
+    labels_outside_classes_note,
     least_evidence,
     metric_standard_errors,
     outside_classes,
@@ -431,6 +432,11 @@ async def check_performance(
         persistent = state.degraded_streak >= policy.consecutive_windows
         if found and persistent and not in_cooldown(end, last, policy.cooldown_seconds):
             worst = max(found, key=lambda d: abs(d.value - d.baseline) / max(abs(d.baseline), 1e-9))
+            classes = ref.signature.classes or ()
+            # Judged as the canary's accuracy is, from the labels (rows joined before migration 0007 are not
+            # marked): mostly outside the classes, the labels' encoding is the likelier cause.
+            outside = sum(outside_classes(r.label, classes) for r in rows) if classes else 0
+            note = labels_outside_classes_note([("", outside, len(rows))], classes)
             state.last_alerts["any"] = end
             data = await _export(None, rows, ref, monitor=monitor, store=store)
             payload = PerformanceDegraded(
@@ -450,14 +456,24 @@ async def check_performance(
                 ),
                 labelled_rows=len(rows),
                 late_labels=sum(r.late for r in rows),
+                labels_outside_classes=outside,
             )
             event = new_event(payload, source=monitor.source)
             await publish(event)
             summary = (
                 f"{worst.metric} {worst.value:.4f} vs baseline {worst.baseline:.4f} over {len(rows)} labels"
             )
+            if note:
+                summary = f"{summary}; {note}"
             await store.record_alert(event.id, model, version, "PerformanceDegraded", summary)
-            log.info("performance degraded", model=model, version=version, metric=worst.metric)
+            log.info(
+                "performance degraded",
+                model=model,
+                version=version,
+                metric=worst.metric,
+                labels_outside_classes=outside,
+                **({"note": note} if note else {}),
+            )
         await store.save_performance_state(model, version, state)
 
 

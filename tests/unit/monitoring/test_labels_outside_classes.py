@@ -2,13 +2,15 @@
 encoding mistake, or a class the model never learned) is joined and counted as a wrong prediction, as
 before; it is no longer silent: the joined row is marked (/v1/status counts them per model version), the
 labels are counted per model version, and a warning names the model, a label and the classes, at most once a
-minute per version. A canary verdict judged on mostly such labels says so in its reason."""
+minute per version. A canary verdict judged on mostly such labels says so in its reason, and so does a
+PerformanceDegraded (its count of them, the alert's summary and the log line)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,12 +18,16 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from contracts.monitoring import Verdict
+from libs.artifacts import ArtifactStore
 from services.monitoring import bootstrap
+from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.bootstrap import Background, make_monitor
-from services.monitoring.handlers import Monitor, check_canary
+from services.monitoring.handlers import Monitor, check_canary, check_performance
+from services.monitoring.ports import LabelledRecord, PerformanceState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import Store, monitor_watching, watched
 from tests.unit.monitoring.test_domain import reference
+from tests.unit.monitoring.test_ingest_failures import LabelStore
 from tests.unit.monitoring.test_pending_labels import NOW, Runtime, Tables, consume_prediction, send_label
 
 
@@ -120,3 +126,71 @@ async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_i
     assert event.data.verdict is Verdict.UNHEALTHY
     assert "most labels name no class of the model (canary 150 of 150 labelled rows" in event.data.reason
     assert "check the labels' encoding" in event.data.reason
+
+
+async def test_a_performance_alert_on_labels_mostly_outside_the_classes_says_so(tmp_path: Path) -> None:
+    # A feed of "yes"/"no" for the classes 0 and 1 reads as accuracy near 0: PerformanceDegraded said only
+    # that accuracy fell, which sends people retraining a model whose labels are encoded otherwise.
+    settings = MonitoringSettings(performance_window_labels=10, export_labelled_rows=0)
+    monitor = make_monitor(settings, StoreArtifacts(ArtifactStore(str(tmp_path))), source="/t")
+    monitor.live.add_reference(reference())  # churn version 1, classes 0 and 1, accuracy 0.85
+    store, published = AlertStore(), []
+    store.state = PerformanceState(degraded_streak=1)  # the window before was degraded too
+    at = datetime.now(UTC)
+    for i in range(10):
+        label = 1 if i < 2 else "yes"
+        store.labelled[f"p-{i}"] = LabelledRecord(
+            f"p-{i}", "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}
+        )
+
+    async def publish(event: Any) -> None:
+        published.append(event)
+
+    with capture_logs() as logs:
+        await check_performance("churn", 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+
+    [event] = published
+    assert event.data.metric == "accuracy" and event.data.labels_outside_classes == 8
+    note = (
+        "most labels name no class of the model (8 of 10 labelled rows; classes 0, 1) and count as wrong "
+        "predictions: check the labels' encoding"
+    )
+    [summary] = store.alerts
+    assert summary.endswith(f"over 10 labels; {note}")
+    [line] = [e for e in logs if e["event"] == "performance degraded"]
+    assert line["labels_outside_classes"] == 8 and line["note"] == note
+
+
+async def test_a_performance_alert_on_labels_of_the_classes_says_nothing_of_them(tmp_path: Path) -> None:
+    settings = MonitoringSettings(performance_window_labels=10, export_labelled_rows=0)
+    monitor = make_monitor(settings, StoreArtifacts(ArtifactStore(str(tmp_path))), source="/t")
+    monitor.live.add_reference(reference())
+    store, published = AlertStore(), []
+    store.state = PerformanceState(degraded_streak=1)
+    at = datetime.now(UTC)
+    for i in range(10):  # wrong predictions, but of the classes (4 of them outside: not most)
+        label = 0 if i < 6 else "yes"
+        store.labelled[f"p-{i}"] = LabelledRecord(
+            f"p-{i}", "churn", 1, "stable", None, at, 1, 0.7, label, at, False, {}
+        )
+
+    async def publish(event: Any) -> None:
+        published.append(event)
+
+    await check_performance("churn", 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+
+    [event] = published
+    assert event.data.labels_outside_classes == 4
+    [summary] = store.alerts
+    assert summary.endswith("over 10 labels")
+
+
+class AlertStore(LabelStore):
+    """The feedback handler's side of the store, keeping the alerts' summaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alerts: list[str] = []
+
+    async def record_alert(self, *args: Any) -> None:
+        self.alerts.append(args[-1])
