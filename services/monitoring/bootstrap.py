@@ -88,7 +88,11 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
     )
     live = LiveState(
         WindowSettings(settings.window_rows, settings.window_seconds, settings.min_window_rows),
-        PredictionCache(max_age_s=settings.label_wait_seconds, max_rows=settings.max_cached_predictions),
+        PredictionCache(
+            max_age_s=settings.label_wait_seconds,
+            max_rows=settings.max_cached_predictions,
+            max_ahead_s=settings.max_clock_skew_seconds,
+        ),
     )
     return Monitor(
         live=live,

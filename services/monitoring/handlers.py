@@ -114,6 +114,14 @@ LABELS_OUTSIDE_CLASSES = Counter(
     ["model", "version"],
 )
 
+PREDICTIONS_AHEAD = Counter(
+    "driftloop_monitoring_predictions_ahead_of_clock_total",
+    "Predictions dated further ahead of when monitoring consumed them than max_clock_skew_seconds (a serving "
+    "replica's clock ahead): kept for their labels as if dated that far ahead, so that they leave the label "
+    "cache, and let the replay offsets move on, in time; their dates are kept as sent.",
+    ["model"],
+)
+
 OUTSIDE_CLASSES_WARNING_EVERY_S = 60.0
 """At most one warning per model version this often about labels outside its classes (a whole feed of them
 would otherwise log a line per poll)."""
@@ -146,6 +154,8 @@ class Monitor:
     policies_fingerprint: str | None = None
     replay: ReplayReport | None = None
     """What the restart's replay of the predictions topic read and missed; None when none ran."""
+    ahead_of_clock_warned: set[str] = field(default_factory=set)
+    """Models whose predictions dated ahead of the clock were logged (once per model)."""
     outside_classes_warned: dict[tuple[str, int], float] = field(default_factory=dict)
     """When labels outside a model version's classes were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
@@ -213,6 +223,19 @@ async def on_predictions_logged(
             versions=versions,
             hint="monitoring has no ModelVersionRegistered for it (yet)",
         )
+    for model, rows in sorted(result.ahead.items()):
+        PREDICTIONS_AHEAD.labels(model).inc(rows)
+        if model not in monitor.ahead_of_clock_warned:
+            monitor.ahead_of_clock_warned.add(model)
+            log.warning(
+                "predictions dated ahead of monitoring's clock: held for their labels as if dated "
+                "max_clock_skew_seconds ahead",
+                model=model,
+                rows=rows,
+                max_clock_skew_seconds=live.cache.max_ahead_s,
+                hint="check the clocks of the serving replicas (NTP); "
+                "driftloop_monitoring_predictions_ahead_of_clock_total counts such rows",
+            )
     if result.pending_matches:
         live.joins_due.update(result.pending_matches)
         monitor.on_joins_due()

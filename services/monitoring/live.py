@@ -64,20 +64,26 @@ class PredictionCache:
     id. Keyed by id alone, the later prediction took the earlier one's place, whose label then waited and
     expired as unmatched."""
 
-    def __init__(self, *, max_age_s: float, max_rows: int) -> None:
+    def __init__(self, *, max_age_s: float, max_rows: int, max_ahead_s: float = 300.0) -> None:
         self.max_age_s = max_age_s
         self.max_rows = max_rows
+        # A part is held by its newest row's date, but never one further ahead of its arrival than this: one
+        # dated years ahead (a serving replica's clock) would stay until the row bound pushed it out, and keep
+        # every part behind it (they leave in order) and the replay offsets with it.
+        self.max_ahead_s = max_ahead_s
         self._index: dict[str, dict[str, tuple[_CachedPart, int]]] = {}
         self._parts: deque[_CachedPart] = deque()
         self.rows = 0
 
-    def add(self, batch: RowBatch, window_seq: int) -> None:
+    def add(self, batch: RowBatch, window_seq: int, *, arrival: float) -> None:
+        """Hold a batch's predictions, which came at ``arrival`` (monitoring's clock)."""
         if batch.size == 0:
             return
         first: dict[int, int] = {}
         for p, o in zip(batch.partition.tolist(), batch.offset.tolist(), strict=True):
             first.setdefault(p, o)
-        part = _CachedPart(batch, window_seq, float(batch.predicted_at.max()), first)
+        newest = min(float(batch.predicted_at.max()), arrival + self.max_ahead_s)
+        part = _CachedPart(batch, window_seq, newest, first)
         self._parts.append(part)
         # (part, row) per id, the pairs built in C: this runs for every prediction consumed. A batch holds
         # one model version's rows.
@@ -155,6 +161,8 @@ class IngestResult:
     unknown: Counter[ModelKey] = field(default_factory=Counter)
     newly_unknown: list[ModelKey] = field(default_factory=list)
     pending_matches: list[tuple[str, str]] = field(default_factory=list)
+    ahead: Counter[str] = field(default_factory=Counter)
+    """Rows per model dated further ahead of their arrival than the cache allows (``max_ahead_s``)."""
     """(prediction id, model) of the held predictions a label waits for."""
 
 
@@ -246,6 +254,9 @@ class LiveState:
                 result.unknown[key] += n
                 continue
             result.rows += batch.size
+            latest = arrival + self.cache.max_ahead_s
+            if not replaying and (ahead := int((batch.predicted_at > latest).sum())):
+                result.ahead[batch.model] += ahead
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)
             if self.pending_labels:
@@ -269,7 +280,7 @@ class LiveState:
             if not keep.all():
                 # Rows of windows judged before the restart: only the label cache needs them.
                 first_kept = int(np.argmax(keep)) if keep.any() else batch.requests
-                self.cache.add(batch.row_slice(0, first_kept), self.windows[key].seq - 1)
+                self.cache.add(batch.row_slice(0, first_kept), self.windows[key].seq - 1, arrival=arrival)
                 batch = batch.row_slice(first_kept, batch.requests)
         ws = self.window_settings
         while batch.requests:
@@ -284,11 +295,11 @@ class LiveState:
             )
             if cut is None:
                 win.add(batch, arrival=arrival)
-                self.cache.add(batch, win.seq)
+                self.cache.add(batch, win.seq, arrival=arrival)
                 return
             head = batch.row_slice(0, cut)
             win.add(head, arrival=arrival)
-            self.cache.add(head, win.seq)
+            self.cache.add(head, win.seq, arrival=arrival)
             self._close(key)
             result.closed += 1
             batch = batch.row_slice(cut, batch.requests)

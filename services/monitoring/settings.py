@@ -107,6 +107,13 @@ class MonitoringSettings(ServiceSettings):
     max_cached_predictions: int = Field(
         500_000, ge=1_000, description="Upper bound of predictions kept in memory for label joins."
     )
+    max_clock_skew_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A prediction dated further ahead of when monitoring consumed it (a serving replica's "
+        "clock ahead) is kept for its label as if dated this far ahead, and counted "
+        "(driftloop_monitoring_predictions_ahead_of_clock_total); its date is kept as sent.",
+    )
     performance_window_labels: int = Field(
         500,
         ge=10,
