@@ -745,6 +745,17 @@ async def on_rollout_started(
 ) -> None:
     """Watch the rollout's current step."""
     p = event.data
+    if await store.last_step(p.rollout_id) is not None:
+        # Started before (rollout ids are serving's, one per rollout): a second RolloutStarted, under another
+        # event id, would supersede the step in force and watch its first step again, decided long ago, and
+        # the step in force would never get its verdict.
+        log.warning(
+            "rollout started again: ignored, the rollout is known already",
+            rollout_id=p.rollout_id,
+            model=p.model,
+            event_id=event.id,
+        )
+        return
     step = StoredStep(
         rollout_id=p.rollout_id,
         step_index=p.step_index,

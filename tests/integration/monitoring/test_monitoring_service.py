@@ -40,7 +40,7 @@ from contracts.monitoring import TOPIC as MONITORING_TOPIC
 from contracts.monitoring import DriftPolicyChanged
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
-from contracts.rollouts import RolloutStarted
+from contracts.rollouts import RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
@@ -48,7 +48,7 @@ from libs.profiles import build_profile
 from libs.settings import KafkaSettings
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
-from services.monitoring.handlers import judge_closed_window
+from services.monitoring.handlers import judge_closed_window, on_rollout_started, on_rollout_step_advanced
 from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
@@ -893,3 +893,44 @@ async def test_a_restart_rebuilds_the_open_window_and_reports_its_replay_in_the_
 
 async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
+
+
+async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: asyncpg.Pool) -> None:
+    # A second RolloutStarted for a rollout on its step 1 (another event id: not the inbox's duplicate)
+    # marked step 1 superseded and watched step 0 again, whose verdict was given: step 1 never got one, and
+    # serving's rollout waited for it.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    started = RolloutStarted(
+        rollout_id="r-again",
+        model="churn",
+        stable_version=1,
+        canary_version=2,
+        steps=[0.1, 0.5, 1.0],
+        weight=0.1,
+        min_samples=100,
+        bake_seconds=2.0,
+    )
+    advanced = RolloutStepAdvanced(
+        rollout_id="r-again",
+        model="churn",
+        stable_version=1,
+        canary_version=2,
+        step_index=1,
+        previous_weight=0.1,
+        weight=0.5,
+        samples_seen=100,
+        step_seconds=2.0,
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await on_rollout_started(new_event(started, source="/serving"), monitor=monitor, store=store)
+        await store.decide_step("r-again", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
+        await on_rollout_step_advanced(new_event(advanced, source="/serving"), monitor=monitor, store=store)
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await on_rollout_started(new_event(started, source="/serving"), monitor=monitor, store=store)
+
+    async with pool.acquire() as conn:
+        watched = await PgMonitoringStore(conn).watched_steps()
+    assert [(s.rollout_id, s.step_index) for s in watched if s.rollout_id == "r-again"] == [("r-again", 1)]
+    assert monitor.live.steps["r-again"].step_index == 1
