@@ -175,7 +175,11 @@ async def on_model_version_registered(
     """Remember the version and prepare its reference profile for window judgements."""
     p = event.data
     stored = StoredModel(p.model, p.model_version, p.signature, dict(p.metrics), p.profile)
-    await store.save_model(stored)
+    if not await store.save_model(stored) and (p.model, p.model_version) in monitor.live.references:
+        # Registered before (another event id): Postgres keeps the version as first registered, and so does
+        # memory. Loading this event's profile would judge with another reference than a restart would, and a
+        # profile gone from the artifact store would dead-letter an event that changes nothing.
+        return
     try:
         await load_reference(stored, monitor=monitor, store=store)
     except ProfileUnavailable as exc:

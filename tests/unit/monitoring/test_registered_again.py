@@ -1,0 +1,59 @@
+"""A ModelVersionRegistered for a version monitoring knows already (another event id: not the inbox's
+duplicate) changes nothing: Postgres keeps the version as first registered, and so does memory. Before, the
+event's profile was loaded again, replacing in memory the reference Postgres did not replace (a restart judged
+with the other one), and a profile no longer in the artifact store dead-lettered the event."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from contracts.common import ArtifactRef
+from contracts.envelope import new_event
+from contracts.examples import EXAMPLES
+from contracts.models import ModelVersionRegistered
+from services.monitoring.bootstrap import make_monitor
+from services.monitoring.handlers import on_model_version_registered
+from services.monitoring.ports import ProfileUnavailable, StoredModel
+from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import reference
+
+
+class GoneArtifacts:
+    """An artifact store that no longer has the profile."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    async def profile(self, ref: ArtifactRef) -> Any:
+        self.loads += 1
+        raise ProfileUnavailable(f"profile {ref.uri} is not in the artifact store")
+
+
+class KnownVersions:
+    """The model versions table, holding the example's version already."""
+
+    def __init__(self) -> None:
+        self.saved: list[StoredModel] = []
+
+    async def save_model(self, model: StoredModel) -> bool:
+        self.saved.append(model)
+        return False  # ON CONFLICT DO NOTHING: registered before
+
+
+async def test_a_version_registered_again_changes_nothing() -> None:
+    registered = EXAMPLES[ModelVersionRegistered]
+    assert isinstance(registered, ModelVersionRegistered)
+    artifacts = GoneArtifacts()
+    monitor = make_monitor(MonitoringSettings(), artifacts=artifacts, source="/test/monitoring")
+    known = dataclasses.replace(reference(), model=registered.model, version=registered.model_version)
+    monitor.live.add_reference(known)
+
+    await on_model_version_registered(
+        new_event(registered, source="/registry"),
+        monitor=monitor,
+        store=KnownVersions(),  # type: ignore[arg-type]
+    )
+
+    assert monitor.live.references[(registered.model, registered.model_version)] is known
+    assert artifacts.loads == 0
