@@ -34,6 +34,7 @@ from contracts.common import (
     Task,
 )
 from contracts.envelope import MAX_ATTRIBUTE_CHARS, CloudEvent, EventPayload, new_event
+from contracts.examples import EXAMPLES
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import TOPIC as MONITORING_TOPIC
@@ -900,27 +901,11 @@ async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: as
     # marked step 1 superseded and watched step 0 again, whose verdict was given: step 1 never got one, and
     # serving's rollout waited for it.
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
-    started = RolloutStarted(
-        rollout_id="r-again",
-        model="churn",
-        stable_version=1,
-        canary_version=2,
-        steps=[0.1, 0.5, 1.0],
-        weight=0.1,
-        min_samples=100,
-        bake_seconds=2.0,
-    )
-    advanced = RolloutStepAdvanced(
-        rollout_id="r-again",
-        model="churn",
-        stable_version=1,
-        canary_version=2,
-        step_index=1,
-        previous_weight=0.1,
-        weight=0.5,
-        samples_seen=100,
-        step_seconds=2.0,
-    )
+    # The examples' rollout (step 0, then step 1), under an id of this test's.
+    started = EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": "r-again"})
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-again"})
+    assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
+    assert (started.step_index, advanced.step_index) == (0, 1)
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(new_event(started, source="/serving"), monitor=monitor, store=store)
