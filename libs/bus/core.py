@@ -87,6 +87,12 @@ class Transaction(Protocol):
         """Emit an event; it leaves only if the transaction commits (transactional outbox)."""
         ...
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the transaction has committed, never if it rolls back: for effects
+        outside the database (a service's metrics) that must happen once per settled event, though a handler
+        may run more than once for it (a failed poll is replayed one event per transaction)."""
+        ...
+
 
 class Claim(enum.Enum):
     NEW = "new"
@@ -166,9 +172,12 @@ class RawSender(Protocol):
 class PermanentError(Exception):
     """Raised by a handler when retrying cannot help (the event is wrong, not the world).
 
-    The event is dead-lettered at once with ``reason`` (subclasses name theirs)."""
+    The event is dead-lettered at once with ``reason`` (subclasses name theirs). ``on_dead_lettered``, if
+    the handler set it, is called once the dead letter is written: the refusal's counterpart of
+    ``Transaction.after_commit`` (a handler may refuse one event more than once, it is dead-lettered once)."""
 
     reason: str = "rejected"
+    on_dead_lettered: Callable[[], None] | None = None
 
 
 class ReusedEventId(PermanentError):
@@ -463,6 +472,8 @@ class Dispatcher:
                 return
             except PermanentError as exc:
                 await self._dead_letter(record, exc.reason, f"{type(exc).__name__}: {exc}")
+                if exc.on_dead_lettered is not None:
+                    exc.on_dead_lettered()
                 return
             except Exception as exc:
                 if is_transient(exc):

@@ -7,7 +7,7 @@ retries, dead letters) as on Kafka; only the log and the transactions live in me
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,10 @@ class MemoryTransaction:
     conn: Any = None
     published: list[CloudEvent[Any]] = field(default_factory=list)
     claims: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.on_commit.append(callback)
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         # Refused here, as the outbox refuses it: the handler's transaction fails, not a later relay.
@@ -108,6 +112,8 @@ class InMemoryBus:
         self.inbox.update(tx.claims)
         for event in tx.published:
             await self.publish(event)
+        for callback in tx.on_commit:
+            callback()
 
     # -- inspection for tests ---------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ class PgTransaction:
         self.max_event_bytes = max_event_bytes
         self._channel = outbox_channel(schema)
         self._outbox: list[tuple[str, str, bytes | None, bytes, str]] = []
+        self._after_commit: list[Callable[[], None]] = []
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         """Add the event to the outbox; the relay sends it after this transaction commits. An event that
@@ -98,6 +99,16 @@ class PgTransaction:
         key, value, headers = encode_outgoing(event, max_bytes=self.max_event_bytes)
         text = orjson.dumps([[k, v.decode()] for k, v in headers]).decode()
         self._outbox.append((event.id, event.topic, key, value, text))
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this transaction has committed (:func:`pg_transactions` does)."""
+        self._after_commit.append(callback)
+
+    def committed(self) -> None:
+        """The transaction committed: call what waited for it."""
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
 
     async def flush(self) -> None:
         """Write the events published since the last flush to the outbox, in one statement: a feedback
@@ -147,11 +158,13 @@ def pg_transactions(
 
     @asynccontextmanager
     async def begin() -> AsyncIterator[PgTransaction]:
-        async with pool.acquire() as conn, conn.transaction():
-            tx = PgTransaction(conn, schema, max_event_bytes=max_event_bytes)
-            yield tx
-            # Only when the work succeeded: an exception leaves the transaction at the yield, rolled back.
-            await tx.flush()
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                tx = PgTransaction(conn, schema, max_event_bytes=max_event_bytes)
+                yield tx
+                # Only when the work succeeded: an exception leaves the transaction at the yield, rolled back.
+                await tx.flush()
+            tx.committed()
 
     return begin
 

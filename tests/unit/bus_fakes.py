@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from contracts.envelope import CloudEvent
@@ -18,6 +18,9 @@ class NullTransaction:
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         return None
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        callback()
 
     async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         return [Claim.NEW for _ in items]

@@ -183,6 +183,32 @@ async def test_permanent_error_skips_retries(bus: InMemoryBus) -> None:
     assert bus.dead_letters[0].reason == "rejected"
 
 
+async def test_what_waits_for_the_outcome_happens_once_though_a_failed_poll_is_replayed(
+    bus: InMemoryBus,
+) -> None:
+    """A poll whose group commit fails is replayed one event per transaction, so a handler runs twice for
+    the events before the failing one: its after-commit effect and a refusal's dead-letter effect once."""
+    runs: list[int] = []
+    committed: list[int] = []
+    dead_lettered: list[int] = []
+
+    async def handle(event: CloudEvent[Any], tx: Transaction) -> None:
+        n = event.data.n
+        runs.append(n)
+        if n == 2:
+            exc = PermanentError(f"{n} is refused")
+            exc.on_dead_lettered = lambda: dead_lettered.append(n)
+            raise exc
+        tx.after_commit(lambda: committed.append(n))
+
+    bus.subscribe(Subscription(consumer="c", topics=["test.things"], handlers={ThingHappened: handle}))
+    for n in (1, 2, 3):
+        await bus.publish(thing(n))
+    await bus.drain()
+    assert runs == [1, 2, 1, 2, 3]  # the group, then one by one
+    assert committed == [1, 3] and dead_lettered == [2]
+
+
 @pytest.mark.parametrize(
     ("value", "headers", "reason"),
     [

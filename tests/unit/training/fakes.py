@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -302,6 +302,8 @@ class Harness:
             raise
         for event in tx.published:
             await self.bus.publish(event)
+        for callback in tx.committed:
+            callback()
 
     async def run_jobs(self) -> int:
         """Deliver everything, run every runnable job, deliver what they published; returns jobs run."""
@@ -321,7 +323,11 @@ class _Tx:
     max_event_bytes: int
     conn: Any = None
     published: list[CloudEvent[Any]] = field(default_factory=list)
+    committed: list[Callable[[], None]] = field(default_factory=list)
 
     async def publish(self, event: CloudEvent[Any]) -> None:
         encode_outgoing(event, max_bytes=self.max_event_bytes)
         self.published.append(event)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
