@@ -1,8 +1,11 @@
 """Manual commands: requests from people (or client programs) that the platform may refuse.
 
 They are accepted over HTTP, checked for the caller's role, and published here; the caller is in the
-envelope's ``actor`` (``user:alice``), so the audit trail records who asked. The outcome is the ordinary
-fact event (TrainingRequested or TrainingSkipped, RolloutPromoted, RolloutRolledBack, ModelStageChanged).
+envelope's ``actor`` (``user:alice``), so the audit trail records who asked. The envelope's ``time`` is when
+the command was issued: serving refuses a promotion or production rollback issued before the model's last
+routing decision (docs/serving.md), so a command that arrives late, or again, cannot undo a later one.
+The outcome is the ordinary fact event (TrainingRequested or TrainingSkipped, RolloutPromoted,
+RolloutRolledBack, ModelStageChanged).
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ class RollbackRequested(EventPayload):
     )
     to_version: ModelVersion | None = Field(
         default=None,
-        description="Version to serve instead when rolling back production; null: the stable (or previous "
-        "production) version.",
+        description="Version to serve instead when rolling back production; null: the previous production "
+        "version. A canary's traffic goes back to the stable version: with the live canary, only that one "
+        "may be named (another is refused).",
         examples=[6],
     )
     reason: FreeText = Field(

@@ -304,7 +304,8 @@ async def request_command(
     else:
         if to_version is not None:
             if stage is Stage.CANARY:
-                # Serving gives a rolled-back canary's traffic to the stable version and ignores to_version.
+                # Serving gives a rolled-back canary's traffic to the stable version, and dead-letters a
+                # to_version naming another.
                 raise Conflict(
                     f"to_version is for a production rollback: {model} version {version} is canary, and "
                     "rolling it back gives its traffic back to the stable version; leave to_version out",

@@ -96,6 +96,7 @@ async def build(rt: Runtime) -> ServiceParts:
     async def roll_back_for_errors(model: str, rollout_id: str, message: str) -> None:
         try:
             async with rt.begin() as tx:
+                tally = handlers.Tally()
                 await handlers.roll_back_for_error_rate(
                     model,
                     rollout_id,
@@ -104,7 +105,9 @@ async def build(rt: Runtime) -> ServiceParts:
                     routes=PgRoutes(tx.conn, schema),
                     publish=tx.publish,
                     source=source,
+                    tally=tally,
                 )
+                tx.after_commit(tally.count)
         except Exception as exc:
             breaches.discard(rollout_id)  # let the next failure try again
             log.error("error-rate rollback failed", model=model, rollout_id=rollout_id, error=repr(exc))
@@ -135,12 +138,13 @@ async def build(rt: Runtime) -> ServiceParts:
         handler: Callable[..., Awaitable[None]],
     ) -> Callable[[CloudEvent[Any], Transaction], Awaitable[None]]:
         async def run(event: CloudEvent[Any], tx: Transaction) -> None:
-            await handler(
+            await handlers.handle(
+                handler,
                 event,
+                tx,
                 versions=PgModelVersions(tx.conn),
                 routes=PgRoutes(tx.conn, schema),
                 loader=loader,
-                publish=tx.publish,
                 source=source,
                 policy=policy,
             )

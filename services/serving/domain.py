@@ -97,6 +97,11 @@ class ModelRoute:
     stable_version: int | None = None
     previous_stable_version: int | None = None
     rollout: Rollout | None = None
+    decided_at: datetime | None = None
+    """When the model's traffic was last decided: a rollout started or ended, or the stable version changed
+    (a step advance is not a decision: it follows the one that started the rollout). A command that puts a
+    version on all traffic and was issued before this is refused (:func:`stale_command`). None for a route
+    serving never saved."""
 
     @property
     def known(self) -> bool:
@@ -218,7 +223,7 @@ def start_rollout(
             validation_report_id=report_id,
         )
     )
-    route = replace(route, rollout=rollout)
+    route = replace(route, rollout=rollout, decided_at=now)
     if first:
         promoted = promote(
             route, version, now=now, manual=False, rollout_id=rollout_id, correlation_id=correlation_id
@@ -376,6 +381,7 @@ def promote(
         stable_version=version,
         previous_stable_version=route.stable_version,
         rollout=done,
+        decided_at=now,
     )
     return Transition(new_route, tuple(events))
 
@@ -405,7 +411,7 @@ def rollback(
         message=message,
     )
     done = replace(live, status=RolloutStatus.ROLLED_BACK, ended_at=now, end_reason=reason.value)
-    return Transition(replace(route, rollout=done), (event,))
+    return Transition(replace(route, rollout=done, decided_at=now), (event,))
 
 
 def roll_back_production(
@@ -461,7 +467,26 @@ def roll_back_production(
         reason=RollbackReason.MANUAL,
         message=message,
     )
-    return Transition(ModelRoute(route.model, target, None, rollout), (event,))
+    return Transition(ModelRoute(route.model, target, None, rollout, decided_at=now), (event,))
+
+
+def stale_command(route: ModelRoute, command: str, *, issued_at: datetime) -> str | None:
+    """Why a command that puts a version on all traffic (a promotion, a production rollback) is not taken,
+    or None when it may be: issued before the model's last routing decision (:attr:`ModelRoute.decided_at`),
+    it was decided on a state that no longer holds, and taken late (the bus was slow, the publisher sent it
+    again) it would undo that decision, e.g. put production back behind a version promoted since. A
+    command issued at or after the decision is taken, whatever version it names."""
+    if route.decided_at is None or issued_at >= route.decided_at:
+        return None
+    live = route.active
+    now = f"stable version {route.stable_version}" + (
+        f", canary {live.canary_version} live" if live is not None else ""
+    )
+    return (
+        f"{command} was issued at {issued_at.isoformat()}, before {route.model}'s last routing change at "
+        f"{route.decided_at.isoformat()} (now: {now}): it was decided on a state that no longer holds; check "
+        f"the model's routing (GET /v1/models/{route.model}) and send it again if it is still wanted"
+    )
 
 
 def production_changed(
@@ -492,7 +517,7 @@ def production_changed(
         rollout = replace(live, status=RolloutStatus.PROMOTED, ended_at=now, end_reason="registry")
     elif live is not None:
         rollout = replace(live, stable_version=version)
-    changed = ModelRoute(route.model, version, route.stable_version, rollout)
+    changed = ModelRoute(route.model, version, route.stable_version, rollout, decided_at=now)
     if live is not None and live.canary_version < version:
         # On the new stable version first: the registry moves the rollback's stable version to production.
         return rollback(

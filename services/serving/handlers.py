@@ -15,13 +15,13 @@ from typing import Any
 from prometheus_client import Counter
 
 from contracts.commands import PromoteRequested, RollbackRequested
-from contracts.common import Stage
+from contracts.common import ModelSignature, Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack
 from contracts.validation import ValidationPassed
-from libs.bus import PermanentError
+from libs.bus import PermanentError, Transaction
 from libs.logging import get_logger
 from services.serving import domain
 from services.serving.domain import ModelRoute, RolloutPolicy, Transition
@@ -52,9 +52,48 @@ def new_rollout_id() -> str:
     return f"r-{uuid.uuid4().hex[:12]}"
 
 
-def _ignored(event_name: str, model: str, t: Transition) -> None:
+class Tally:
+    """The counts one event's handling makes, made once its outcome is settled (:func:`handle`): when its
+    transaction commits, or once it is dead-lettered. The bus replays a poll whose group commit failed one
+    event per transaction, and retries a failing handler, so a handler may run several times for one event;
+    counted as it ran, an event in a failed poll was counted once per run."""
+
+    def __init__(self) -> None:
+        self._counts: list[tuple[Counter, tuple[str, ...]]] = []
+
+    def ignored(self, event_name: str, reason: str) -> None:
+        """An event that changed nothing, or was refused, for ``reason``."""
+        self._counts.append((IGNORED, (event_name, reason)))
+
+    def transition(self, event_name: str) -> None:
+        """A rollout event emitted."""
+        self._counts.append((TRANSITIONS, (event_name,)))
+
+    def count(self) -> None:
+        """Make the counts (once: a second call counts nothing)."""
+        counts, self._counts = self._counts, []
+        for counter, labels in counts:
+            counter.labels(*labels).inc()
+
+
+async def handle(
+    handler: Callable[..., Awaitable[Any]], event: CloudEvent[Any], tx: Transaction, **deps: Any
+) -> None:
+    """Run one of :data:`HANDLERS` in the delivery's transaction (``deps``: its ports, without ``publish``
+    and ``tally``), its counts made once the outcome is settled: at commit, or at the dead letter of a
+    refused event."""
+    tally = Tally()
+    try:
+        await handler(event, publish=tx.publish, tally=tally, **deps)
+    except PermanentError as exc:
+        exc.on_dead_lettered = tally.count
+        raise
+    tx.after_commit(tally.count)
+
+
+def _ignored(event_name: str, model: str, t: Transition, tally: Tally) -> None:
     assert t.ignored is not None
-    IGNORED.labels(event_name, t.ignored.code).inc()
+    tally.ignored(event_name, t.ignored.code)
     log.info(
         "event changed nothing",
         event_type_name=event_name,
@@ -73,6 +112,7 @@ async def apply(
     publish: Publish,
     source: str,
     now: datetime,
+    tally: Tally,
     cause: CloudEvent[Any] | None = None,
     actor: str | None = None,
 ) -> list[CloudEvent[Any]]:
@@ -87,7 +127,7 @@ async def apply(
         correlation_id = cascade_of.get(getattr(payload, "rollout_id", ""))
         event = new_event(payload, source=source, cause=cause, actor=actor, correlation_id=correlation_id)
         await publish(event)
-        TRANSITIONS.labels(type(payload).__name__).inc()
+        tally.transition(type(payload).__name__)
         emitted.append(event)
     if t.events:
         log.info("rollout changed", model=t.route.model, events=[type(p).__name__ for p in t.events])
@@ -98,11 +138,11 @@ _SERVING_DECISIONS = frozenset(p.event_type() for p in (RolloutPromoted, Rollout
 """Serving's events the registry follows by moving a version to production (its ``caused_by``)."""
 
 
-def _refuse_rejected(event_name: str, record: VersionRecord, what: str) -> None:
+def _refuse_rejected(event_name: str, record: VersionRecord, what: str, tally: Tally) -> None:
     """A version once rolled back never serves again (a command that says otherwise was sent before the
     rollback, or names the wrong version): :class:`PermanentError`, so the command is dead-lettered."""
     if record.stage == Stage.REJECTED.value:
-        IGNORED.labels(event_name, "retired-version").inc()
+        tally.ignored(event_name, "retired-version")
         raise PermanentError(
             f"{record.model} v{record.version} was rolled back (rejected) and {what}; register a new version"
         )
@@ -120,6 +160,7 @@ async def _start_if_ready(
     policy: RolloutPolicy,
     clock: Clock,
     new_id: NewId,
+    tally: Tally,
 ) -> None:
     """Start the rollout of a version that is both registered and validated."""
     name = type(cause.data).__name__
@@ -133,7 +174,7 @@ async def _start_if_ready(
         )
         return
     if record.stage in (Stage.REJECTED.value, Stage.ARCHIVED.value):
-        IGNORED.labels(name, "retired-version").inc()
+        tally.ignored(name, "retired-version")
         log.info(
             "version is retired, no rollout", model=record.model, version=record.version, stage=record.stage
         )
@@ -151,7 +192,7 @@ async def _start_if_ready(
         correlation_id=cause.correlationid,
     )
     if t.ignored is not None:
-        _ignored(name, record.model, t)
+        _ignored(name, record.model, t, tally)
         return
     try:
         # This replica proves the artifact loads and answers before any traffic moves to it.
@@ -170,13 +211,21 @@ async def _start_if_ready(
             message=str(exc),
         )
         await publish(new_event(failed, source=source, cause=cause))
-        TRANSITIONS.labels("RolloutRolledBack").inc()
+        tally.transition("RolloutRolledBack")
         log.error(
             "version cannot be loaded, no rollout", model=record.model, version=record.version, error=str(exc)
         )
         return
     await apply(
-        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=cause
+        route,
+        t,
+        routes=routes,
+        versions=versions,
+        publish=publish,
+        source=source,
+        now=now,
+        tally=tally,
+        cause=cause,
     )
 
 
@@ -189,20 +238,34 @@ async def on_model_version_registered(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Record where the version's artifact is and its signature; start its rollout if it already passed.
-    A version's artifact never changes: a registration naming another one for a version serving knows is
-    dead-lettered (taken, the next routing sync would serve other bytes under the same version)."""
+    A version's artifact and signature never change: a registration naming another of either for a version
+    serving knows is dead-lettered (taken, the next routing sync would serve other bytes under the same
+    version, or check its requests against other features)."""
     d = event.data
     known = await versions.get(d.model, d.model_version)
     if known is not None and known.artifact_key is not None and known.artifact_key != d.artifact.key:
-        IGNORED.labels("ModelVersionRegistered", "other-artifact").inc()
+        tally.ignored("ModelVersionRegistered", "other-artifact")
         raise PermanentError(
             f"{d.model} v{d.model_version} is registered with artifact {known.artifact_key[:12]}…; this "
             f"registration names another ({d.artifact.key[:12]}…): a version's artifact never changes, "
             "register a new version"
+        )
+    if (
+        known is not None
+        and known.signature is not None
+        and not _same_signature(known.signature, d.signature)
+    ):
+        tally.ignored("ModelVersionRegistered", "other-signature")
+        raise PermanentError(
+            f"{d.model} v{d.model_version} is registered with another signature "
+            f"({_signature_summary(known.signature)}) than this registration's "
+            f"({_signature_summary(d.signature)}): a version's signature never changes, register a new "
+            "version"
         )
     record = await versions.registered(
         d.model, d.model_version, artifact_key=d.artifact.key, signature=d.signature, stage=d.stage.value
@@ -218,7 +281,18 @@ async def on_model_version_registered(
         policy=policy,
         clock=clock,
         new_id=new_id,
+        tally=tally,
     )
+
+
+def _same_signature(a: ModelSignature, b: ModelSignature) -> bool:
+    # As JSON: pydantic's equality takes True for 1 (a class label, a category), which are different values.
+    return a.model_dump_json() == b.model_dump_json()
+
+
+def _signature_summary(signature: ModelSignature) -> str:
+    features = ", ".join(f"{f.name}: {f.type.value}" for f in signature.features)
+    return f"features {features}; target {signature.target}; {signature.task.value}"
 
 
 async def on_validation_passed(
@@ -230,6 +304,7 @@ async def on_validation_passed(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
@@ -247,6 +322,7 @@ async def on_validation_passed(
         policy=policy,
         clock=clock,
         new_id=new_id,
+        tally=tally,
     )
 
 
@@ -259,6 +335,7 @@ async def on_canary_verdict(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
@@ -278,10 +355,18 @@ async def on_canary_verdict(
         now=now,
     )
     if t.ignored is not None:
-        _ignored("CanaryVerdict", d.model, t)
+        _ignored("CanaryVerdict", d.model, t, tally)
         return
     await apply(
-        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+        route,
+        t,
+        routes=routes,
+        versions=versions,
+        publish=publish,
+        source=source,
+        now=now,
+        tally=tally,
+        cause=event,
     )
 
 
@@ -294,6 +379,7 @@ async def on_rollback_requested(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
@@ -302,7 +388,7 @@ async def on_rollback_requested(
     route = await routes.lock(d.model)
     if not route.known:
         # A command naming what serving lacks is refused in the open, as one naming an unknown version is.
-        IGNORED.labels("RollbackRequested", "unknown-model").inc()
+        tally.ignored("RollbackRequested", "unknown-model")
         raise PermanentError(
             f"model {d.model!r} has no version serving: serving never served it, so it has nothing to roll "
             f"back (version {d.model_version})"
@@ -311,17 +397,16 @@ async def on_rollback_requested(
     live = route.active
     message = f"manual rollback by {event.actor or 'unknown'}: {d.reason}"
     if live is not None and live.canary_version == d.model_version:
+        # Taking a canary off traffic only lowers exposure to a version on trial: taken whenever it comes.
+        if d.to_version is not None and d.to_version != live.stable_version:
+            tally.ignored("RollbackRequested", "to-version-not-stable")
+            raise PermanentError(
+                f"to_version {d.to_version} cannot be honoured: {d.model} v{d.model_version} is the live "
+                f"canary, and rolling it back gives its traffic to the stable version {live.stable_version}; "
+                f"leave to_version out, then roll production back to v{d.to_version} if it is still wanted"
+            )
         t = domain.rollback(route, reason=RollbackReason.MANUAL, message=message, now=now)
     else:
-        if d.to_version is not None:
-            await _check_target(
-                "RollbackRequested",
-                d.model,
-                d.to_version,
-                role="rollback target",
-                versions=versions,
-                loader=loader,
-            )
         t = domain.roll_back_production(
             route,
             version=d.model_version,
@@ -331,8 +416,17 @@ async def on_rollback_requested(
             rollout_id=new_id(),
             correlation_id=event.correlationid,
         )
-        if t.ignored is None and d.to_version is None and t.route.stable_version is not None:
-            # The previous stable version goes back on all traffic: it must load as a named one must.
+        if t.ignored is not None and t.ignored.code in _PRODUCTION_ROLLBACK_REFUSALS:
+            # Production stays on the version the operator asked to take off: refused in the open. (One
+            # naming a version that no longer serves is ignored: what it asked for holds already.)
+            tally.ignored("RollbackRequested", t.ignored.code)
+            raise PermanentError(
+                f"the rollback of {d.model} v{d.model_version} cannot be taken: {t.ignored.detail}"
+                + _PRODUCTION_ROLLBACK_REFUSALS[t.ignored.code]
+            )
+        if t.ignored is None and t.route.stable_version is not None:
+            _refuse_stale("RollbackRequested", route, event, tally)
+            # The version going back on all traffic, named or the previous stable one, must load.
             await _check_target(
                 "RollbackRequested",
                 d.model,
@@ -340,17 +434,50 @@ async def on_rollback_requested(
                 role="rollback target",
                 versions=versions,
                 loader=loader,
+                tally=tally,
             )
     if t.ignored is not None:
-        _ignored("RollbackRequested", d.model, t)
+        _ignored("RollbackRequested", d.model, t, tally)
         return
     await apply(
-        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+        route,
+        t,
+        routes=routes,
+        versions=versions,
+        publish=publish,
+        source=source,
+        now=now,
+        tally=tally,
+        cause=event,
     )
 
 
+_PRODUCTION_ROLLBACK_REFUSALS = {
+    "rollout-live": "",
+    "nothing-to-roll-back-to": ": name one with to_version",
+    "already-stable": ": to_version must name another version",
+}
+"""Why :func:`domain.roll_back_production` refuses a rollback of the production version, and what to do."""
+
+
+def _refuse_stale(command: str, route: ModelRoute, event: CloudEvent[Any], tally: Tally) -> None:
+    """A command putting a version on all traffic that was issued before the model's last routing decision
+    is dead-lettered (:func:`domain.stale_command`); one with no ``time`` counts as issued when it came."""
+    why = domain.stale_command(route, command, issued_at=event.time)
+    if why is not None:
+        tally.ignored(command, "stale-command")
+        raise PermanentError(why)
+
+
 async def _check_target(
-    command: str, model: str, version: int, *, role: str, versions: ModelVersions, loader: ModelLoader
+    command: str,
+    model: str,
+    version: int,
+    *,
+    role: str,
+    versions: ModelVersions,
+    loader: ModelLoader,
+    tally: Tally,
 ) -> None:
     """The version a command puts on all traffic (``role``: what it would be, as the errors say) is
     registered, not rolled back, and loads; otherwise :class:`PermanentError` (the command is dead-lettered)
@@ -358,13 +485,13 @@ async def _check_target(
     answers."""
     target = await versions.get(model, version)
     if target is None or not target.registered:
-        IGNORED.labels(command, "unknown-version").inc()
+        tally.ignored(command, "unknown-version")
         raise PermanentError(f"{role} {model} v{version} is not a registered version")
-    _refuse_rejected(command, target, f"cannot be the {role}")
+    _refuse_rejected(command, target, f"cannot be the {role}", tally)
     try:
         await loader.load(target)
     except ModelLoadError as exc:
-        IGNORED.labels(command, "load-failed").inc()
+        tally.ignored(command, "load-failed")
         raise PermanentError(f"{role} {model} v{version} cannot be loaded: {exc}") from exc
 
 
@@ -377,6 +504,7 @@ async def on_promote_requested(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
@@ -385,6 +513,8 @@ async def on_promote_requested(
     route = await routes.lock(d.model)
     now = clock()
     live = route.active
+    if d.model_version != route.stable_version:
+        _refuse_stale("PromoteRequested", route, event, tally)
     if live is None or live.canary_version != d.model_version:
         await _check_target(
             "PromoteRequested",
@@ -393,6 +523,7 @@ async def on_promote_requested(
             role="promotion target",
             versions=versions,
             loader=loader,
+            tally=tally,
         )
     t = domain.promote(
         route,
@@ -403,10 +534,18 @@ async def on_promote_requested(
         correlation_id=event.correlationid,
     )
     if t.ignored is not None:
-        _ignored("PromoteRequested", d.model, t)
+        _ignored("PromoteRequested", d.model, t, tally)
         return
     await apply(
-        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+        route,
+        t,
+        routes=routes,
+        versions=versions,
+        publish=publish,
+        source=source,
+        now=now,
+        tally=tally,
+        cause=event,
     )
 
 
@@ -419,6 +558,7 @@ async def on_model_stage_changed(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
+    tally: Tally,
     clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
@@ -433,10 +573,14 @@ async def on_model_stage_changed(
     d = event.data
     known = await versions.get(d.model, d.model_version)
     if known is None:
-        _stage_change_ignored(d, "unknown-version", "stage change of a version serving never learnt of")
+        _stage_change_ignored(
+            d, "unknown-version", "stage change of a version serving never learnt of", tally
+        )
         return
     if d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED) and known.stage == Stage.REJECTED.value:
-        _stage_change_ignored(d, "retired-version", "stage change of a version serving rolled back is stale")
+        _stage_change_ignored(
+            d, "retired-version", "stage change of a version serving rolled back is stale", tally
+        )
         return
     await versions.set_stage(d.model, d.model_version, d.to_stage.value)
     if d.to_stage is not Stage.PRODUCTION:
@@ -446,30 +590,38 @@ async def on_model_stage_changed(
         return  # our own promotion coming back from the registry
     record = await versions.get(d.model, d.model_version)
     if record is None or not record.registered:
-        IGNORED.labels("ModelStageChanged", "unknown-version").inc()
+        tally.ignored("ModelStageChanged", "unknown-version")
         log.warning("production version is unknown to serving", model=d.model, version=d.model_version)
         return
     now = clock()
     following_serving = d.caused_by is not None and d.caused_by.type in _SERVING_DECISIONS
     t = domain.production_changed(route, d.model_version, now=now, following_serving=following_serving)
     if t.ignored is not None:
-        _ignored("ModelStageChanged", d.model, t)
+        _ignored("ModelStageChanged", d.model, t, tally)
         return
     try:
         await loader.load(record)
     except ModelLoadError as exc:
-        IGNORED.labels("ModelStageChanged", "load-failed").inc()
+        tally.ignored("ModelStageChanged", "load-failed")
         log.error(
             "production version cannot be loaded, keeping the current one", model=d.model, error=str(exc)
         )
         return
     await apply(
-        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, cause=event
+        route,
+        t,
+        routes=routes,
+        versions=versions,
+        publish=publish,
+        source=source,
+        now=now,
+        tally=tally,
+        cause=event,
     )
 
 
-def _stage_change_ignored(d: ModelStageChanged, reason: str, message: str) -> None:
-    IGNORED.labels("ModelStageChanged", reason).inc()
+def _stage_change_ignored(d: ModelStageChanged, reason: str, message: str, tally: Tally) -> None:
+    tally.ignored("ModelStageChanged", reason)
     log.warning(f"{message}, ignored", model=d.model, version=d.model_version, to_stage=d.to_stage.value)
 
 
@@ -482,6 +634,7 @@ async def roll_back_for_error_rate(
     routes: Routes,
     publish: Publish,
     source: str,
+    tally: Tally,
     clock: Clock = utcnow,
 ) -> bool:
     """Serving saw the canary fail too often: roll that rollout back (no-op if it is no longer live)."""
@@ -491,9 +644,11 @@ async def roll_back_for_error_rate(
         route, reason=RollbackReason.ERROR_RATE, message=message, now=now, rollout_id=rollout_id
     )
     if t.ignored is not None:
-        _ignored("ErrorRateBreach", model, t)
+        _ignored("ErrorRateBreach", model, t, tally)
         return False
-    await apply(route, t, routes=routes, versions=versions, publish=publish, source=source, now=now)
+    await apply(
+        route, t, routes=routes, versions=versions, publish=publish, source=source, now=now, tally=tally
+    )
     return True
 
 

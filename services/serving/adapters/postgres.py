@@ -125,6 +125,7 @@ def _route(row: Any) -> ModelRoute:
         stable_version=row["stable_version"],
         previous_stable_version=row["previous_stable_version"],
         rollout=rollout,
+        decided_at=row["decided_at"],
     )
 
 
@@ -162,15 +163,15 @@ class PgRoutes:
                  model, stable_version, previous_stable_version, rollout_id, canary_version,
                  rollout_stable_version, mode, steps, step_index, min_samples, bake_seconds, started_at,
                  step_started_at, samples_seen, status, ended_at, end_reason, rollout_correlation_id,
-                 revision, updated_at)
+                 decided_at, revision, updated_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                       1, $19)
+                       $20, 1, $19)
                ON CONFLICT (model) DO UPDATE SET
                  stable_version = $2, previous_stable_version = $3, rollout_id = $4, canary_version = $5,
                  rollout_stable_version = $6, mode = $7, steps = $8, step_index = $9, min_samples = $10,
                  bake_seconds = $11, started_at = $12, step_started_at = $13, samples_seen = $14,
                  status = $15, ended_at = $16, end_reason = $17, rollout_correlation_id = $18,
-                 revision = model_routes.revision + 1, updated_at = $19""",
+                 decided_at = $20, revision = model_routes.revision + 1, updated_at = $19""",
             route.model,
             route.stable_version,
             route.previous_stable_version,
@@ -190,6 +191,7 @@ class PgRoutes:
             r.end_reason if r else None,
             r.correlation_id if r else None,
             now,
+            route.decided_at,
         )
         # Delivered at commit: every replica rebuilds its routing exactly when the change is visible.
         await self.conn.execute("SELECT pg_notify($1, $2)", self.channel, route.model)

@@ -13,10 +13,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+from contracts.commands import PromoteRequested
 from contracts.common import Stage
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelStageChanged
 from contracts.monitoring import Verdict
+from libs.bus import PermanentError
+from libs.bus.postgres import pg_transactions
 from libs.db import apply_migrations, create_pool
 from services.serving import handlers
 from services.serving.adapters.postgres import PgModelVersions, PgRoutes, read_route, read_routes
@@ -58,6 +61,7 @@ async def handle(
     async def publish(e: CloudEvent[Any]) -> None:
         published.append(e)
 
+    tally = handlers.Tally()
     async with pg.acquire() as conn, conn.transaction():
         await handlers.HANDLERS[type(event.data)](
             event,
@@ -67,7 +71,9 @@ async def handle(
             publish=publish,
             source="/driftloop/serving",
             policy=POLICY,
+            tally=tally,
         )
+    tally.count()
     return published
 
 
@@ -167,3 +173,51 @@ async def test_the_read_api_skips_a_route_with_no_version(pool: tuple[asyncpg.Po
     async with pg.acquire() as conn:
         await conn.execute("INSERT INTO model_routes (model) VALUES ('ghost')")
     assert await read_routes(pg) == [] and await read_route(pg, "ghost") is None
+
+
+async def test_a_promote_issued_before_the_last_routing_decision_is_refused_on_postgres(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    """The time of the model's last routing decision is stored with its route, so every replica refuses a
+    command issued before it; one issued after it is taken, whatever version it names."""
+    for version in (1, 2, 3):
+        await handle(pool, registered(version))
+    await handle(pool, passed(1))
+    late = new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x")
+    await handle(pool, new_event(PromoteRequested(model="churn", model_version=3, reason="ok"), source="/x"))
+    route = await read_route(pool[0], "churn")
+    assert route is not None and route.stable_version == 3 and route.decided_at is not None
+    assert late.time < route.decided_at
+    with pytest.raises(PermanentError, match="before churn's last routing change"):
+        await handle(pool, late)
+    await handle(pool, new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
+    route = await read_route(pool[0], "churn")
+    assert route is not None and route.stable_version == 2
+
+
+async def test_an_events_counts_are_made_when_its_transaction_commits_and_never_if_it_rolls_back(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    pg, schema = pool
+    await handle(pool, registered(1))
+    await handle(pool, passed(1))
+    begin = pg_transactions(pg, schema)
+    promote_stable = new_event(PromoteRequested(model="churn", model_version=1, reason="ok"), source="/x")
+    counter = handlers.IGNORED.labels("PromoteRequested", "already-stable")
+    before = counter._value.get()
+    deps: dict[str, Any] = {"loader": FakeLoader(), "source": "/s", "policy": POLICY}
+
+    async def run(tx: Any) -> None:
+        conn = tx.conn
+        deps.update(versions=PgModelVersions(conn), routes=PgRoutes(conn, schema))
+        await handlers.handle(handlers.on_promote_requested, promote_stable, tx, **deps)
+
+    with pytest.raises(RuntimeError):
+        async with begin() as tx:
+            await run(tx)
+            raise RuntimeError("another event of the poll failed")
+    assert counter._value.get() == before
+    async with begin() as tx:
+        await run(tx)
+        assert counter._value.get() == before
+    assert counter._value.get() == before + 1

@@ -350,6 +350,41 @@ def test_error_rate_breach_needs_enough_requests(requests: int, errors: int, bre
     assert domain.error_rate_breached(requests, errors, threshold=0.05, min_requests=20) is breached
 
 
+def test_every_decision_records_its_time_and_a_step_advance_does_not(clock: Clock) -> None:
+    started = live_route(clock)
+    assert started.decided_at == clock()
+    clock.advance(12)
+    advanced = verdict(started, clock).route
+    assert advanced.active is not None and advanced.active.step_index == 1
+    assert advanced.decided_at == started.decided_at
+    clock.advance(1)
+    decisions = [
+        domain.promote(advanced, 2, now=clock(), manual=True),
+        domain.rollback(advanced, reason=RollbackReason.MANUAL, message="x", now=clock()),
+        domain.production_changed(advanced, 3, now=clock()),
+        domain.production_changed(stable_route(2), 1, now=clock()),
+        domain.roll_back_production(
+            replace(stable_route(2), previous_stable_version=1),
+            version=2,
+            to_version=None,
+            message="x",
+            now=clock(),
+            rollout_id="r-2",
+        ),
+    ]
+    assert [t.route.decided_at for t in decisions] == [clock()] * len(decisions)
+
+
+def test_a_command_issued_before_the_last_decision_is_stale(clock: Clock) -> None:
+    route = replace(stable_route(3), decided_at=clock())
+    assert domain.stale_command(route, "PromoteRequested", issued_at=clock()) is None
+    clock.advance(-1)
+    why = domain.stale_command(route, "PromoteRequested", issued_at=clock())
+    assert why is not None and "before churn's last routing change" in why and "stable version 3" in why
+    # A route saved before serving recorded decisions refuses nothing.
+    assert domain.stale_command(stable_route(3), "PromoteRequested", issued_at=clock()) is None
+
+
 # --- routing -----------------------------------------------------------------------------------------------
 
 

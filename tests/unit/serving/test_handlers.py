@@ -53,12 +53,13 @@ class World:
 
         def bind(handler: Any) -> Any:
             async def run(event: CloudEvent[Any], tx: Transaction) -> None:
-                await handler(
+                await handlers.handle(
+                    handler,
                     event,
+                    tx,
                     versions=self.versions,
                     routes=self.routes,
                     loader=self.loader,
-                    publish=tx.publish,
                     source="/driftloop/serving",
                     policy=POLICY,
                     clock=self.clock,
@@ -252,6 +253,7 @@ async def test_error_rate_breach_rolls_back_only_the_live_rollout(world: World) 
         "routes": world.routes,
         "publish": publish,
         "source": "/s",
+        "tally": handlers.Tally(),
     }
     assert not await handlers.roll_back_for_error_rate("churn", "r-0", "old", **kw)
     assert await handlers.roll_back_for_error_rate("churn", "r-2", "3 of 20 failed", **kw)
@@ -308,6 +310,7 @@ async def test_manual_and_error_rate_rollbacks_stay_in_the_rollout_cascade(world
         routes=world.routes,
         publish=publish,
         source="/s",
+        tally=handlers.Tally(),
     )
     [breach] = published
     assert (breach.correlationid, breach.causationid) == (v3.correlationid, None)
@@ -551,3 +554,170 @@ async def test_a_stage_change_of_a_version_serving_never_learnt_of_is_ignored_no
     assert handlers.IGNORED.labels("ModelStageChanged", "unknown-version")._value.get() == before + 1
     await world.send(registered(2), passed(2))
     assert world.route.active is not None and world.route.active.canary_version == 2
+
+
+# --- commands that arrive late, and what they may not do --------------------------------------------------
+
+
+def issued_at(command: EventPayload, when: Any, actor: str = "user:bob") -> CloudEvent[Any]:
+    """A command as its publisher stamped it at ``when`` (the CloudEvents ``time``)."""
+    return new_event(command, source="/x", actor=actor).model_copy(update={"time": when})
+
+
+def promote(version: int) -> PromoteRequested:
+    return PromoteRequested(model="churn", model_version=version, reason="ok")
+
+
+async def test_a_promote_issued_before_the_last_routing_change_is_dead_lettered_naming_both_times(
+    world: World,
+) -> None:
+    """The operator asked for v2 while v1 served; v3 was promoted before the command arrived: the command
+    was decided on a state that no longer holds, and taken it would put production back behind v3."""
+    await world.send(registered(2), registered(3))
+    late = issued_at(promote(2), world.clock.now)
+    world.clock.advance(10)
+    await world.send(issued_at(promote(3), world.clock.now))
+    decided = world.clock.now
+    assert world.route.stable_version == 3
+    before = handlers.IGNORED.labels("PromoteRequested", "stale-command")._value.get()
+    await world.send(late)
+    assert world.route.stable_version == 3 and len(world.rollouts(RolloutPromoted)) == 2
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert late.time.isoformat() in dead.error and decided.isoformat() in dead.error
+    assert handlers.IGNORED.labels("PromoteRequested", "stale-command")._value.get() == before + 1
+
+
+async def test_a_promote_of_an_older_version_issued_after_the_last_change_serves_it(world: World) -> None:
+    await world.send(registered(2), registered(3))
+    await world.send(issued_at(promote(3), world.clock.now))
+    world.clock.advance(10)
+    await world.send(issued_at(promote(2), world.clock.now))
+    assert world.route.stable_version == 2 and world.bus.dead_letters == []
+
+
+async def test_a_production_rollback_issued_before_the_last_routing_change_is_dead_lettered(
+    world: World,
+) -> None:
+    await world.send(registered(2), registered(3))
+    await world.send(issued_at(promote(2), world.clock.now))
+    world.clock.advance(1)
+    late = issued_at(RollbackRequested(model="churn", model_version=2, reason="bad"), world.clock.now)
+    world.clock.advance(10)
+    # Production went 2 -> 3 -> 2 meanwhile: the command names the stable version, but not the state it saw.
+    await world.send(issued_at(promote(3), world.clock.now))
+    world.clock.advance(1)
+    await world.send(issued_at(promote(2), world.clock.now))
+    await world.send(late)
+    assert world.route.stable_version == 2 and world.route.previous_stable_version == 3
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "before churn's last routing change" in dead.error
+
+
+async def test_a_late_rollback_of_the_live_canary_still_takes_it_off_traffic(world: World) -> None:
+    """Taking a canary off traffic only ever lowers exposure to a version still on trial: honoured whenever
+    it comes, even after the registry changed the stable version under the canary."""
+    await world.send(registered(2), registered(3), passed(3))
+    late = issued_at(RollbackRequested(model="churn", model_version=3, reason="bad"), world.clock.now)
+    world.clock.advance(10)
+    change = ModelStageChanged(
+        model="churn", model_version=2, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="manual"
+    )
+    await world.send(new_event(change, source="/driftloop/registry"))
+    assert world.route.active is not None and world.route.stable_version == 2
+    await world.send(late)
+    assert world.route.active is None and world.bus.dead_letters == []
+    assert world.rollouts(RolloutRolledBack)[-1].data.reason is RollbackReason.MANUAL
+
+
+async def test_a_canary_rollback_naming_another_version_to_serve_is_dead_lettered(world: World) -> None:
+    """Rolling back the canary gives its traffic back to the stable version: a to_version naming another
+    version cannot be honoured, and is not silently dropped either."""
+    await world.send(registered(2), registered(3), passed(3))
+    command = RollbackRequested(model="churn", model_version=3, to_version=2, reason="bad")
+    await world.send(new_event(command, source="/x"))
+    assert world.route.active is not None and world.route.active.canary_version == 3
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert "to_version 2" in dead.error and "stable version 1" in dead.error
+
+
+async def test_a_canary_rollback_naming_the_stable_version_to_serve_rolls_it_back(world: World) -> None:
+    await world.send(registered(2), passed(2))
+    command = RollbackRequested(model="churn", model_version=2, to_version=1, reason="bad")
+    await world.send(new_event(command, source="/x"))
+    assert world.route.active is None and world.route.stable_version == 1
+    assert world.bus.dead_letters == []
+
+
+async def test_a_registration_with_another_signature_for_a_known_version_is_dead_lettered(
+    world: World,
+) -> None:
+    """A version's signature is what its requests are checked against: it never changes, as its artifact."""
+    event = registered(1)
+    other = event.data.signature.model_copy(update={"target": "left"})
+    changed = new_event(event.data.model_copy(update={"signature": other}), source="/driftloop/registry")
+    before = handlers.IGNORED.labels("ModelVersionRegistered", "other-signature")._value.get()
+    await world.send(changed)
+    assert world.versions.rows[("churn", 1)].signature == event.data.signature
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and "churn v1 is registered with another signature" in dead.error
+    assert handlers.IGNORED.labels("ModelVersionRegistered", "other-signature")._value.get() == before + 1
+
+
+async def test_an_event_in_a_poll_replayed_one_by_one_is_counted_once(world: World) -> None:
+    """A poll whose group commit fails is replayed one event per transaction: the counts of what the
+    handlers saw are made once, for the attempt that settled each event."""
+    ignored = handlers.IGNORED.labels("PromoteRequested", "already-stable")
+    refused = handlers.IGNORED.labels("PromoteRequested", "unknown-version")
+    before = (ignored._value.get(), refused._value.get())
+    # One poll: a promote of the stable version (changes nothing) and one of an unknown version (refused).
+    await world.bus.publish(new_event(promote(1), source="/x"))
+    await world.bus.publish(new_event(promote(9), source="/x"))
+    await world.bus.drain()
+    assert len(world.bus.dead_letters) == 1
+    assert (ignored._value.get(), refused._value.get()) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize(
+    ("setup", "command", "error"),
+    [
+        ("canary", RollbackRequested(model="churn", model_version=1, reason="bad"), "roll back its canary"),
+        ("first", RollbackRequested(model="churn", model_version=1, reason="bad"), "no earlier version"),
+        (
+            "promoted",
+            RollbackRequested(model="churn", model_version=2, to_version=2, reason="bad"),
+            "version 2 is already the stable version",
+        ),
+    ],
+    ids=["while-a-canary-is-live", "nothing-to-go-back-to", "to-itself"],
+)
+async def test_a_production_rollback_that_cannot_be_taken_is_dead_lettered_not_dropped(
+    world: World, setup: str, command: RollbackRequested, error: str
+) -> None:
+    """Production stays on the version the operator asked to take off: they must learn it, as they do of
+    a command naming an unknown version. (A rollback of a version already off traffic changes nothing.)"""
+    if setup == "canary":
+        await world.send(registered(2), passed(2))
+    elif setup == "promoted":
+        await world.send(registered(2))
+        await world.send(issued_at(promote(2), world.clock.now))
+    before = world.route
+    await world.send(new_event(command, source="/x"))
+    assert world.route == before
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected" and error in dead.error
+
+
+async def test_a_rollback_of_a_version_no_longer_serving_changes_nothing(world: World) -> None:
+    await world.send(registered(2))
+    await world.send(issued_at(promote(2), world.clock.now))
+    world.clock.advance(1)
+    await world.send(
+        issued_at(RollbackRequested(model="churn", model_version=2, reason="x"), world.clock.now)
+    )
+    before = world.route
+    await world.send(
+        new_event(RollbackRequested(model="churn", model_version=2, reason="again"), source="/x")
+    )
+    assert world.route == before and world.bus.dead_letters == []
