@@ -683,6 +683,7 @@ def _route_public(route: ModelRoute, routing: ModelRouting | None) -> dict[str, 
         "model": route.model,
         "stable_version": route.stable_version,
         "previous_stable_version": route.previous_stable_version,
+        "decided_at": route.decided_at.isoformat() if route.decided_at else None,
         "rollout": None
         if r is None
         else {

@@ -124,6 +124,7 @@ class Service:
             stable.version if stable else None,
             None if stable is None or stable.version == 1 else 1,
             rollout,
+            decided_at=clock(),
         )
 
 
@@ -542,6 +543,8 @@ async def test_operator_commands_become_events_with_the_actor(service: Service) 
     assert isinstance(promote.data, PromoteRequested) and promote.data.model_version == 2
     state = (await service.client.get("/v1/models/churn", headers=VIEWER)).json()
     assert state["rollout"]["canary_version"] == 2 and state["this_replica"]["weight"] == 0.1
+    # What a command must be issued after (serving refuses a promotion issued before it).
+    assert state["decided_at"] == Clock()().isoformat()
 
 
 async def test_a_swap_between_requests_never_fails_one(service: Service) -> None:
