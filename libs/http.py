@@ -7,7 +7,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, Path, Request
@@ -68,9 +68,11 @@ def json_body(kind: Any, description: str) -> dict[str, Any]:
 
 class RequestLimits:
     """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent; a NUL
-    character in the path or the query with 422 (no name, key or filter can hold one); and a query
-    parameter given twice with 422: every parameter of these APIs takes one value, and answering with one
-    of two filters (FastAPI takes the last) would answer another question than the one asked."""
+    character in the path or the query with 422 (no name, key or filter can hold one); a path or a query
+    whose %-escapes are not UTF-8 with 422 (the server and Starlette decode them with replacement
+    characters, so ``?model=%ff`` was a search for U+FFFD and a lone surrogate, ``%ED%A0%80``, another); and
+    a query parameter given twice with 422: every parameter of these APIs takes one value, and answering
+    with one of two filters (FastAPI takes the last) would answer another question than the one asked."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -82,6 +84,9 @@ class RequestLimits:
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
             await _refuse(send, 422, "invalid-input", "the path or the query holds a NUL character (%00)")
+            return
+        if (not_utf8 := _not_utf8(scope)) is not None:
+            await _refuse(send, 422, "invalid-input", not_utf8)
             return
         if scope["query_string"] and (repeated := _repeated_parameter(scope["query_string"])) is not None:
             detail = f"the query gives {repeated!r} more than once; give each parameter once"
@@ -110,6 +115,24 @@ class RequestLimits:
     async def _too_large(self, send: Send) -> None:
         detail = f"request body is larger than the limit of {self.max_bytes} bytes"
         await _refuse(send, 413, "payload-too-large", detail)
+
+
+def _not_utf8(scope: Scope) -> str | None:
+    """Why the request's path or query is not text, or None: its bytes, once their %-escapes are decoded,
+    are not UTF-8 (a byte of Latin-1, an encoded lone surrogate). Without a %-escape or a byte above 127
+    there is nothing to decode: the common request costs two scans."""
+    for where, raw in (("path", scope.get("raw_path") or b""), ("query", scope["query_string"])):
+        if b"%" not in raw and raw.isascii():
+            continue
+        try:
+            unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            byte = exc.object[exc.start]
+            return (
+                f"the {where} is not UTF-8 once its %-escapes are decoded (byte 0x{byte:02x} is not valid "
+                "UTF-8 there): write each character as the %-escapes of its UTF-8 bytes"
+            )
+    return None
 
 
 def _repeated_parameter(query_string: bytes) -> str | None:

@@ -189,6 +189,10 @@ def make_app(tmp_path: Path, *, env: str = "dev", max_request_bytes: int = 1000)
     async def predict(who: PredictDep) -> dict[str, str]:
         return {"ok": "yes"}
 
+    @router.get("/find/{name}")
+    async def find(name: str, model: str | None = None) -> dict[str, str | None]:
+        return {"name": name, "model": model}
+
     @router.get("/missing")
     async def missing() -> None:
         raise NotFound("model 'churn' has no version 9")
@@ -310,6 +314,30 @@ async def test_a_nul_character_in_the_path_or_the_query_is_refused_with_422(tmp_
             assert response.json()["code"] == "invalid-input"
             assert "NUL" in response.json()["detail"]
         assert (await client.get("/read?model=churn", headers=bearer("dev-viewer"))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("url", "where", "byte"),
+    [
+        ("/find/churn?model=%ff", "query", "0xff"),  # Latin-1's ÿ
+        ("/find/churn?model=caf%E9", "query", "0xe9"),
+        ("/find/churn?model=%ED%A0%80", "query", "0xed"),  # a lone surrogate, U+D800
+        ("/find/%ED%B0%80x", "path", "0xed"),
+        ("/find/a%C3?model=b", "path", "0xc3"),  # a cut sequence
+    ],
+)
+async def test_a_path_or_query_whose_escapes_are_not_utf8_is_refused_with_422(
+    tmp_path: Path, url: str, where: str, byte: str
+) -> None:
+    # Decoded with replacement characters, ?model=%ff was a search for U+FFFD: an answer to another question.
+    async with make_app(tmp_path) as client:
+        response = await client.get(url, headers=bearer("dev-viewer"))
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["code"] == "invalid-input"
+        assert body["detail"].startswith(f"the {where} is not UTF-8") and byte in body["detail"], body
+        fine = await client.get("/find/caf%C3%A9?model=%F0%9F%98%80+x", headers=bearer("dev-viewer"))
+        assert fine.json() == {"name": "café", "model": "😀 x"}
 
 
 async def test_a_query_parameter_given_twice_is_refused_with_422(tmp_path: Path) -> None:
