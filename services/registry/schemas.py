@@ -189,7 +189,10 @@ class DatasetUploaded(_Public):
 class CommandCreate(BaseModel):
     """A manual command on a model version."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: each field takes its own JSON type only. Lax, `"to_version": true` was version 1 (a rollback
+    # to another version than any the caller wrote), `1.0` and `"2"` were versions, and `"ignore_cooldown":
+    # "no"`, `"off"` or `0` were read as false and `"yes"` or `1` as true.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     reason: Text = Field(min_length=1, max_length=2000, description="Why, for the audit trail.")
 

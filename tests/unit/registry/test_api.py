@@ -205,3 +205,22 @@ async def test_an_upload_giving_a_field_twice_is_422_not_one_of_the_two(
     assert r.status_code == 422, r.text
     body = r.json()
     assert body["field"] == field and f"gives {field!r} 2 times" in body["detail"], body
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/v1/models/churn/versions/2/rollback", {"reason": "r", "to_version": True}, "to_version"),
+        ("/v1/models/churn/versions/2/rollback", {"reason": "r", "to_version": 1.0}, "to_version"),
+        ("/v1/models/churn/versions/2/rollback", {"reason": "r", "to_version": "1"}, "to_version"),
+        ("/v1/models/churn/retrain", {"reason": "r", "ignore_cooldown": "no"}, "ignore_cooldown"),
+        ("/v1/models/churn/retrain", {"reason": "r", "ignore_cooldown": 1}, "ignore_cooldown"),
+    ],
+)
+async def test_a_command_field_of_another_json_type_is_422_not_converted(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], field: str
+) -> None:
+    # Read laxly, `"to_version": true` was a rollback to version 1 and `"ignore_cooldown": "no"` was false.
+    r = await client.post(url, json=body, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"body.{field}: Input should be a valid"), r.text
