@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -15,7 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import make_asgi_app
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
@@ -45,6 +54,24 @@ ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 """Free text in a request body. PostgreSQL's text and jsonb refuse the NUL character, so it is refused at
 the door (422) rather than where a row is written."""
+
+
+NUMBER_TEXT = (
+    "write a whole number in decimal digits, with no sign, no leading zero, no space, no '_' and no fraction"
+)
+_NUMBER = re.compile(r"0|[1-9][0-9]*")
+
+
+def _in_digits(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.fullmatch(value) is None:
+        raise ValueError(NUMBER_TEXT)
+    return value
+
+
+InDigits = BeforeValidator(_in_digits)
+"""Metadata for an ``int`` query or path parameter (``Annotated[int, InDigits, Query(...)]``): the number is
+written one way only. Pydantic's int reads ``010``, ``+10``, `` 10``, ``10.0`` and ``1_0`` too, the last as
+10, so ``/v1/events/1_0`` was the trail's row 10."""
 
 
 def json_body(kind: Any, description: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pydantic import WithJsonSchema
 
 from libs.auth import ViewerDep
 from libs.errors import InvalidInput, TooManyRequests
-from libs.http import ErrorBody
+from libs.http import ErrorBody, InDigits
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -117,7 +117,7 @@ async def list_events(
     until: Annotated[EventTimeText | None, Query(description=f"Event time before: {_TIME_FORM}.")] = None,
     order: Annotated[Literal["newest", "oldest"], Query(description="Newest or oldest first.")] = "newest",
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
-    limit: Annotated[int, Query(ge=1, description="Page size (at most query_max_limit).")] = 100,
+    limit: Annotated[int, InDigits, Query(ge=1, description="Page size (at most query_max_limit).")] = 100,
 ) -> dict[str, Any]:
     """Events matching every given filter, one page at a time."""
     ctx = _context(request)
@@ -146,7 +146,7 @@ async def list_events(
 
 @router.get("/events/{seq}", response_model=AuditEventPublic, summary="One event by sequence number.")
 async def get_event(
-    request: Request, _: ViewerDep, seq: Annotated[int, Path(ge=1, le=SEQ_MAX)]
+    request: Request, _: ViewerDep, seq: Annotated[int, InDigits, Path(ge=1, le=SEQ_MAX)]
 ) -> dict[str, Any]:
     """The trail row ``seq``."""
     ctx = _context(request)
@@ -175,9 +175,11 @@ async def verify(
     request: Request,
     _: ViewerDep,
     from_seq: Annotated[
-        int, Query(ge=1, le=SEQ_MAX, description="First row (trusting the row before it).")
+        int, InDigits, Query(ge=1, le=SEQ_MAX, description="First row (trusting the row before it).")
     ] = 1,
-    to_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")] = None,
+    to_seq: Annotated[
+        int | None, InDigits, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")
+    ] = None,
     full: Annotated[
         bool, Query(description="Hash every record here and check the indexed columns too (slower).")
     ] = False,
@@ -214,8 +216,10 @@ async def verify(
 async def export(
     request: Request,
     _: ViewerDep,
-    from_seq: Annotated[int, Query(ge=1, le=SEQ_MAX, description="First row.")] = 1,
-    to_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")] = None,
+    from_seq: Annotated[int, InDigits, Query(ge=1, le=SEQ_MAX, description="First row.")] = 1,
+    to_seq: Annotated[
+        int | None, InDigits, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")
+    ] = None,
 ) -> StreamingResponse:
     """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
     ctx = _context(request)
@@ -247,7 +251,7 @@ async def export(
 
 @router.get("/checkpoints", response_model=CheckpointPage, summary="The newest signed checkpoints.")
 async def list_checkpoints(
-    request: Request, _: ViewerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, _: ViewerDep, limit: Annotated[int, InDigits, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Checkpoints as published on mlops.audit, newest first."""
     ctx = _context(request)

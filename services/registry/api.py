@@ -25,7 +25,7 @@ from contracts.common import (
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
-from libs.http import Text, VersionPath, path_version
+from libs.http import InDigits, Text, VersionPath, path_version
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
@@ -98,7 +98,9 @@ async def _queries(request: Request) -> AsyncIterator[PgQueries]:
         yield PgQueries(conn)
 
 
-Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description=f"Page size, at most {PAGE_SIZE_MAX}.")]
+Limit = Annotated[
+    int, InDigits, Query(ge=1, le=PAGE_SIZE_MAX, description=f"Page size, at most {PAGE_SIZE_MAX}.")
+]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 Prefix = Annotated[str | None, Query(description="Only names starting with this.")]
 StageFilter = Annotated[Stage | None, Query(description="Only versions in this stage.")]

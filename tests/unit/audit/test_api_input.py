@@ -69,3 +69,27 @@ async def test_a_filter_longer_than_the_index_holds_is_refused(client: httpx.Asy
     r = await client.get("/v1/events", params={name: "x" * 513})
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(f"{name} is longer than 512 characters"), r.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/events/1_0",  # pydantic's int read it as 10: the trail's row 10
+        "/v1/events/010",
+        "/v1/events/+10",
+        "/v1/events/10.0",
+        "/v1/events/%2010",
+        "/v1/verify?from_seq=1_0",
+        "/v1/verify?to_seq=05",
+        "/v1/export?from_seq=2.0",
+        "/v1/export?to_seq=+3",
+        "/v1/events?limit=1_0",
+        "/v1/checkpoints?limit=010",
+    ],
+)
+async def test_a_sequence_number_or_limit_written_another_way_is_refused(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    r = await client.get(url)
+    assert r.status_code == 422, r.text
+    assert "write a whole number in decimal digits" in r.json()["detail"], r.text

@@ -224,3 +224,12 @@ async def test_a_command_field_of_another_json_type_is_422_not_converted(
     r = await client.post(url, json=body, headers=OPERATOR)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(f"body.{field}: Input should be a valid"), r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/versions", "/v1/datasets", "/v1/models/churn/versions"])
+@pytest.mark.parametrize("limit", ["1_0", "010", "+10", "10.0"])
+async def test_a_limit_written_another_way_is_422(client: httpx.AsyncClient, path: str, limit: str) -> None:
+    # Pydantic's int read '1_0' as 10.
+    r = await client.get(f"{path}?limit={limit}", headers=VIEWER)
+    assert r.status_code == 422, r.text
+    assert "write a whole number in decimal digits" in r.json()["detail"], r.text
