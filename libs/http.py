@@ -420,11 +420,19 @@ def create_app(
         app.add_exception_handler(transient, _infrastructure_down)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         where = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "json_invalid":
+        if first["loc"][:1] == ("body",) and isinstance(exc.body, bytes):
+            # FastAPI reads a body as JSON only under a JSON Content-Type, and otherwise validates its bytes:
+            # "body: Input should be a valid dictionary" said nothing of the header that was wrong.
+            sent = request.headers.get("content-type")
+            message = (
+                "the request body was not read as JSON: send it with Content-Type: application/json (it "
+                f"came {f'as {shown(sent)}' if sent else 'without a Content-Type'})"
+            )
+        elif first["type"] == "json_invalid":
             # FastAPI's own message is "JSON decode error" at "body.<offset>"; say what the reader said.
             ctx = first.get("ctx")
             why = ctx.get("error", "") if isinstance(ctx, dict) else ""

@@ -499,6 +499,30 @@ async def test_a_body_fastapi_cannot_read_is_a_422_saying_why(
     assert response.json()["detail"].startswith(message) and response.json()["code"] == "invalid-input"
 
 
+@pytest.mark.parametrize(
+    ("headers", "came"),
+    [
+        ({}, "without a Content-Type"),
+        ({"content-type": "text/plain"}, "as 'text/plain'"),
+        ({"content-type": "application/x-www-form-urlencoded"}, "as 'application/x-www-form-urlencoded'"),
+    ],
+)
+async def test_a_json_body_sent_without_a_json_content_type_is_a_422_naming_the_header(
+    tmp_path: Path, headers: dict[str, str], came: str
+) -> None:
+    # FastAPI validated the body's bytes: "body: Input should be a valid dictionary", the header unnamed.
+    async with make_app(tmp_path) as client:
+        response = await client.post("/echo", content=b'{"a": 1}', headers=headers)
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert detail.startswith("the request body was not read as JSON: send it with Content-Type: ")
+        assert detail.endswith(f"(it came {came})"), detail
+        as_json = await client.post(
+            "/echo", content=b'{"a": 1}', headers={"content-type": "application/json"}
+        )
+        assert as_json.json() == {"a": 1}
+
+
 def test_an_error_naming_a_lone_surrogate_can_still_be_sent() -> None:
     # Python's json reader lets "\ud800" into a request, and so into the name an error gives back.
     body = error_body("feature '\ud800': not a feature", "invalid-input", feature="\udc00x", row=1)
