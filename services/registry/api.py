@@ -34,6 +34,7 @@ from services.registry.dataset_files import TableLimits, canonicalise
 from services.registry.domain import (
     ALIASES,
     Command,
+    check_cursor_in_list,
     check_dataset_models,
     check_upload_name,
     decode_name_cursor,
@@ -166,6 +167,8 @@ async def list_models(
     cursor: Cursor = None,
 ) -> ModelPage:
     after = decode_name_cursor(cursor) if cursor is not None else None
+    if after is not None:
+        check_cursor_in_list(after, prefix=prefix)
     async with _queries(request) as q:
         items = await q.models(
             prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
@@ -194,6 +197,8 @@ async def _version_page(
     cursor: str | None,
 ) -> VersionPage:
     after = decode_version_cursor(cursor) if cursor is not None else None
+    if after is not None:
+        check_cursor_in_list(after[0], model=model, prefix=prefix)
     async with _queries(request) as q:
         if model is not None and await q.model(model) is None:
             raise NotFound(f"model {model!r} is not registered")
@@ -576,6 +581,8 @@ async def list_datasets(
     cursor: Cursor = None,
 ) -> DatasetPage:
     after = decode_version_cursor(cursor) if cursor is not None else None
+    if after is not None:
+        check_cursor_in_list(after[0], prefix=prefix)
     async with _reads(request).acquire() as conn:
         items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
     next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None

@@ -236,6 +236,14 @@ def decode_version_cursor(cursor: str) -> tuple[str, int]:
     return name, version
 
 
+def check_cursor_in_list(name: str, *, model: str | None = None, prefix: str | None = None) -> None:
+    """422 when the name inside a cursor could not be a row of the list it was passed to: another model's
+    versions, or a name outside the list's prefix. Such a cursor came from another list (or was made by
+    hand): the list answered an empty last page for it, or its first page again."""
+    if (model is not None and name != model) or (prefix is not None and not name.startswith(prefix)):
+        raise _other_list()
+
+
 def parse_tag_filter(tag: str | None) -> tuple[str, str | None] | None:
     """``key`` or ``key=value`` -> (key, value or None)."""
     if tag is None:

@@ -233,3 +233,21 @@ async def test_a_limit_written_another_way_is_422(client: httpx.AsyncClient, pat
     r = await client.get(f"{path}?limit={limit}", headers=VIEWER)
     assert r.status_code == 422, r.text
     assert "write a whole number in decimal digits" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/models/churn/versions?cursor=" + cursor(["fraud", 3]),  # another model's versions
+        "/v1/versions?prefix=ch&cursor=" + cursor(["fraud", 3]),
+        "/v1/models?prefix=ch&cursor=" + cursor(["fraud"]),
+        "/v1/datasets?prefix=ch&cursor=" + cursor(["fraud", 1]),
+    ],
+)
+async def test_a_cursor_of_another_list_is_422_not_an_empty_last_page(
+    client: httpx.AsyncClient, url: str
+) -> None:
+    # The cursor's row sorts after every row of the list: the answer was an empty page with no next_cursor.
+    r = await client.get(url, headers=VIEWER)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "cursor does not belong to this list: pass its own next_cursor"
