@@ -180,6 +180,10 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     ) -> Principal:
         if credentials is None:
             raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        if (sent := len(request.headers.getlist("authorization"))) > 1:
+            # The first was read and the others ignored: the caller (or a proxy that added one) would be
+            # answered as whoever the first names, which need not be who they meant.
+            raise Unauthorized(f"the request has {sent} Authorization headers: send one")
         store: TokenStore = request.app.state.tokens
         principal = store.authenticate(credentials.credentials)
         if principal is None:

@@ -233,6 +233,16 @@ async def test_roles_gate_reads_commands_and_predictions(tmp_path: Path) -> None
         assert (await client.post("/predict", headers=bearer("dev-predict"))).status_code == 200
 
 
+async def test_a_request_with_two_authorization_headers_is_401(tmp_path: Path) -> None:
+    # The first was read and the second ignored: a viewer's and a bogus token read as the viewer.
+    async with make_app(tmp_path) as client:
+        for second in ("Bearer nope", "Bearer dev-admin"):
+            headers = [("Authorization", "Bearer dev-viewer"), ("Authorization", second)]
+            response = await client.get("/read", headers=headers)
+            assert response.status_code == 401, response.text
+            assert response.json()["detail"] == "the request has 2 Authorization headers: send one"
+
+
 async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) -> None:
     token = issue_token(tmp_path / "tokens.json", name="alice", role=Role.operator)
     assert token not in (tmp_path / "tokens.json").read_text()  # only the hash is stored
