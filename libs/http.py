@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.message
 import inspect
+import json
 import re
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -91,6 +93,55 @@ def json_body(kind: Any, description: str) -> dict[str, Any]:
 
     content = {"application/json": {"schema": inline(schema)}}
     return {"requestBody": {"required": True, "description": description, "content": content}}
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object names one key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body sent with ``content_type`` as JSON (it reads it as bytes otherwise)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+async def json_keys_once(request: Request) -> None:
+    """A router dependency: 422 for a JSON body in which an object names a key twice. FastAPI's reader keeps
+    the last (``{"to_version": 3, "to_version": 5}`` was 5), where another reader on the way (a proxy, an
+    audit log, the client's own check) may have read the first. Only a body FastAPI read as JSON is looked
+    at (already read and cached: a form is never read here), so it costs a second parse of small bodies."""
+    if not _is_json(request.headers.get("content-type")):
+        return
+    body = await request.body()
+    try:
+        json.loads(body, object_pairs_hook=_keys_once)
+    except _RepeatedKey as exc:
+        raise InvalidInput(
+            f"the JSON body names the key {shown(exc.key)} more than once in one object; give each key once"
+        ) from exc
+    except (ValueError, RecursionError):
+        return  # not JSON: FastAPI's reader has said so already
 
 
 class RequestLimits:
