@@ -406,6 +406,18 @@ def test_rows_and_values_beyond_the_limits_are_payload_too_large(filename: str) 
     assert canonicalise(data, filename=filename, limits=TableLimits(10, 1001, 2002)).row_count == 1001
 
 
+def test_a_csv_is_refused_at_the_first_row_beyond_the_limits_not_after_the_rest() -> None:
+    # The rows were all read (and checked) before they were counted against the limits: 30 million
+    # one-field rows took 23 s to refuse. A broken line after the limit shows where the read stopped.
+    data = b"a,b\n" + b"1,2\n" * 1001 + b"1,2,3\n"
+    with pytest.raises(PayloadTooLarge, match="the file has at least 1001 rows; the limit is 1000"):
+        canonicalise(data, filename="x.csv", limits=LIMITS)
+    with pytest.raises(
+        PayloadTooLarge, match="at least 1001 rows x 2 columns = 2002 values; the limit is 2000"
+    ):
+        canonicalise(data, filename="x.csv", limits=TableLimits(columns=10, rows=5000, cells=2000))
+
+
 def test_too_many_columns_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="3 columns; the limit is 2"):
         canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", limits=replace(LIMITS, columns=2))
