@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -154,7 +155,44 @@ def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
     frame.columns = [str(c).strip() for c in frame.columns]
     for name in frame.columns:
         _refuse_wide_integers(name, frame[name])
+    _refuse_overflowing_floats(text, frame)
     return frame
+
+
+_INFINITY_TEXT = frozenset({"inf", "infinity"})
+
+
+def _refuse_overflowing_floats(text: str, frame: pd.DataFrame) -> None:
+    """A number beyond float64's range (``1e400``) is refused: pandas reads it as infinity, a value the file
+    does not hold. ``inf`` and ``-Infinity`` written out stay infinities. The text of a column is read again
+    only when the column holds an infinity."""
+    suspects = [
+        i
+        for i, name in enumerate(frame.columns)
+        if ptypes.is_float_dtype(frame[name].dtype) and frame[name].abs().eq(float("inf")).any()
+    ]
+    if not suspects:
+        return
+    raw = pd.read_csv(
+        io.StringIO(text),
+        usecols=suspects,
+        dtype=str,
+        keep_default_na=False,
+        skipinitialspace=True,
+        index_col=False,
+    )
+    for index, texts in zip(suspects, (raw.iloc[:, i] for i in range(len(suspects))), strict=True):
+        name = frame.columns[index]
+        for row, (value, written) in enumerate(zip(frame[name].tolist(), texts.tolist(), strict=True)):
+            infinite = isinstance(value, float) and math.isinf(value)  # a missing value is NA
+            if infinite and written.strip().lstrip("+-").lower() not in _INFINITY_TEXT:
+                raise InvalidInput(
+                    f"column {name!r} holds {shown(written.strip())} (row {row}), beyond the range of a "
+                    "float64 (about ±1.8e308): it would be stored as infinity; write inf if that is what it "
+                    "means",
+                    field="file",
+                    column=name,
+                )
 
 
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")

@@ -418,6 +418,24 @@ def test_a_csv_is_refused_at_the_first_row_beyond_the_limits_not_after_the_rest(
         canonicalise(data, filename="x.csv", limits=TableLimits(columns=10, rows=5000, cells=2000))
 
 
+@pytest.mark.parametrize(
+    ("data", "written", "row"),
+    [(b"a,b\n1,1e400\n", "1e400", 0), (b"a,b\n1,\n\n2,inf\n3,-1E999\n", "-1E999", 2)],
+)
+def test_a_csv_number_beyond_float64_is_refused_not_stored_as_infinity(
+    data: bytes, written: str, row: int
+) -> None:
+    # pandas read 1e400 as inf: the stored table held a value the file did not.
+    with pytest.raises(InvalidInput, match=f"column 'b' holds '{written}' \\(row {row}\\), beyond the range"):
+        canonicalise(data, filename="x.csv", limits=LIMITS)
+
+
+def test_infinity_written_out_in_a_csv_stays_infinity() -> None:
+    dataset = canonicalise(b"a,b\ninf,-Infinity\n1,+inf\n", filename="x.csv", limits=LIMITS)
+    table = pq.read_table(io.BytesIO(dataset.parquet)).to_pylist()
+    assert table[0] == {"a": float("inf"), "b": float("-inf")} and table[1]["b"] == float("inf")
+
+
 def test_too_many_columns_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="3 columns; the limit is 2"):
         canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", limits=replace(LIMITS, columns=2))
