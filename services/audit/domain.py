@@ -1153,6 +1153,8 @@ _EVENT_TIME_TEXT = re.compile(
 it is missing)."""
 
 _NUMBER_TEXT = re.compile(r"\s*[+-]?[0-9]+(?:\.[0-9]*)?\s*")
+_PLUS_READ_AS_SPACE = re.compile(r" ([0-9]{2}:?[0-9]{2})$")
+"""A zone offset after a space: what ``+01:00`` becomes in a query string that was not %-encoded."""
 
 
 def event_time(name: str, text: str) -> datetime:
@@ -1165,6 +1167,11 @@ def event_time(name: str, text: str) -> datetime:
             why = "is a number, not a time (Unix times are not read)"
         elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
             why = "is a date: it needs a time of day and a time zone"
+        elif _EVENT_TIME_TEXT.fullmatch(_PLUS_READ_AS_SPACE.sub(r"+\1", text)):
+            why = (
+                "has a space where its zone's '+' goes: a '+' in a URL's query means a space, so write it "
+                "%2B (2025-01-01T01:00:00%2B01:00)"
+            )
         else:
             why = "is not a time"
         raise InvalidInput(f"{name} {why}: give {EVENT_TIME_FORM}", field=name)

@@ -93,3 +93,16 @@ async def test_a_sequence_number_or_limit_written_another_way_is_refused(
     r = await client.get(url)
     assert r.status_code == 422, r.text
     assert "write a whole number in decimal digits" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+@pytest.mark.parametrize("zone", ["+00:00", "+0100", "+05:30"])
+async def test_a_zone_whose_plus_came_as_a_space_is_refused_saying_to_write_it_2b(
+    client: httpx.AsyncClient, name: str, zone: str
+) -> None:
+    # '+' in a query string is a space: curl 'http://.../v1/events?since=2025-01-01T00:00:00+00:00' sent
+    # "2025-01-01T00:00:00 00:00", answered with "is not a time", which named nothing that was wrong.
+    r = await client.get(f"/v1/events?{name}=2025-01-01T00:00:00{zone}")
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"{name} has a space where its zone's '+' goes"), r.text
+    assert "%2B" in r.json()["detail"]
