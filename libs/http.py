@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
 )
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -512,6 +513,13 @@ def create_app(
                 if isinstance(cause, RecursionError)
                 else f"the request body is not JSON: {cause}"
             )
+            return JSONResponse(error_body(message, "invalid-input"), status_code=422)
+        context = exc.__context__
+        if exc.status_code == 400 and isinstance(context, MultiPartException) and context.__cause__:
+            # Starlette's "Invalid multipart data." for whatever the multipart reader refused (a part's
+            # header longer than it reads, such as a file name of 5,000 characters; more than 8 headers in a
+            # part; a body that is not multipart): say what it said.
+            message = f"the multipart body cannot be read: {context.__cause__}"
             return JSONResponse(error_body(message, "invalid-input"), status_code=422)
         return JSONResponse(
             error_body(str(exc.detail), _http_code(exc.status_code)),

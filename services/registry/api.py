@@ -499,7 +499,8 @@ def _split_models(values: list[str]) -> list[str]:
             "than the dataset limits."
         },
         422: {
-            "description": "The file cannot be read, or the name, models or description are not valid, or "
+            "description": "The multipart body or the file cannot be read, or the name, models or "
+            "description are not valid, or "
             "the form gives the file, the name or the description more than once; the body names the column "
             "or the encoding problem. Also when the DatasetRegistered announcing it "
             "would be larger than consumers accept (max_event_bytes): it lists every column's name and type."

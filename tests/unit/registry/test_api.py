@@ -283,3 +283,21 @@ async def test_a_json_body_naming_a_key_twice_is_422_not_its_last_value(
         r.json()["detail"]
         == f"the JSON body names the key {key!r} more than once in one object; give each key once"
     )
+
+
+@pytest.mark.parametrize(
+    ("part", "why"),
+    [
+        (b'name="file"; filename="' + b"x" * 5000 + b'.csv"', "Maximum header size exceeded"),
+        (b'name="file"; filename="d.csv"' + b"".join(b"\r\nX-%d: 1" % i for i in range(10)), "header count"),
+    ],
+)
+async def test_a_multipart_body_the_reader_refuses_is_a_422_saying_why(
+    client: httpx.AsyncClient, part: bytes, why: str
+) -> None:
+    # Starlette answered 400 "Invalid multipart data.", whatever the reader had refused.
+    body = b"--b\r\nContent-Disposition: form-data; " + part + b"\r\n\r\na\n1\n\r\n--b--\r\n"
+    headers = {**OPERATOR, "content-type": "multipart/form-data; boundary=b"}
+    r = await client.post("/v1/datasets", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("the multipart body cannot be read: ") and why in r.json()["detail"]
