@@ -47,23 +47,26 @@ from services.audit.settings import AuditSettings
 router = APIRouter(prefix="/v1", tags=["audit"])
 
 
-class ExportSlots:
-    """How many exports stream at once: one more than ``limit`` is refused (429), never queued. Each holds
-    a database connection until its client has read the whole export, and slow clients must not take the
-    connections the trail's writer needs."""
+class Slots:
+    """How many requests of one kind run at once: one more than ``limit`` is refused (429), never queued.
+    Exports hold a database connection until their client has read the whole export, verifications
+    ``verify_parallelism`` connections until the chain is checked; neither may take the connections the
+    trail's writer needs (the API reads on the writer's pool)."""
 
     RETRY_AFTER_S = 5
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, running: str, setting: str) -> None:
         self.limit = limit
+        self.running = running
+        self.setting = setting
         self.held = 0
 
     @contextmanager
     def hold(self) -> Iterator[None]:
         if self.held >= self.limit:
             raise TooManyRequests(
-                f"{self.held} exports are being streamed already, the most at once "
-                f"(DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY={self.limit}): try again in {self.RETRY_AFTER_S} s",
+                f"{self.held} {self.running} already, the most at once "
+                f"({self.setting}={self.limit}): try again in {self.RETRY_AFTER_S} s",
                 retry_after_s=self.RETRY_AFTER_S,
             )
         self.held += 1
@@ -71,6 +74,16 @@ class ExportSlots:
             yield
         finally:
             self.held -= 1
+
+
+def export_slots(limit: int) -> Slots:
+    """The slots of GET /v1/export (DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY)."""
+    return Slots(limit, running="exports are being streamed", setting="DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY")
+
+
+def verify_slots(limit: int) -> Slots:
+    """The slots of GET /v1/verify (DRIFTLOOP_AUDIT_VERIFY_CONCURRENCY)."""
+    return Slots(limit, running="verifications are running", setting="DRIFTLOOP_AUDIT_VERIFY_CONCURRENCY")
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,8 @@ class AuditContext:
     signer: Signer
     keys: KeyRing
     archive: CheckpointFile
-    exports: ExportSlots
+    exports: Slots
+    verifications: Slots
 
     @property
     def role(self) -> str:
@@ -170,7 +184,19 @@ async def get_trace(
         return await core.trace(trail, correlation_id, max_events=ctx.settings.trace_max_events)
 
 
-@router.get("/verify", response_model=VerifyPublic, summary="Verify the chain and the checkpoints.")
+@router.get(
+    "/verify",
+    response_model=VerifyPublic,
+    summary="Verify the chain and the checkpoints.",
+    responses={
+        429: {
+            "model": ErrorBody,
+            "description": "As many verifications as DRIFTLOOP_AUDIT_VERIFY_CONCURRENCY are running already: "
+            "try again after the Retry-After header's seconds.",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}},
+        },
+    },
+)
 async def verify(
     request: Request,
     _: ViewerDep,
@@ -186,16 +212,17 @@ async def verify(
 ) -> dict[str, Any]:
     """OK, or the first bad sequence number and why."""
     ctx = _context(request)
-    report = await core.verify_trail(
-        PgChain(ctx.pool, ctx.role),
-        keys=ctx.keys,
-        sealer=ctx.signer.sealer,
-        archived=ctx.archive.read(),
-        from_seq=from_seq,
-        to_seq=to_seq,
-        full=full,
-        parallelism=ctx.settings.verify_parallelism,
-    )
+    with ctx.verifications.hold():
+        report = await core.verify_trail(
+            PgChain(ctx.pool, ctx.role),
+            keys=ctx.keys,
+            sealer=ctx.signer.sealer,
+            archived=ctx.archive.read(),
+            from_seq=from_seq,
+            to_seq=to_seq,
+            full=full,
+            parallelism=ctx.settings.verify_parallelism,
+        )
     return report.as_json()
 
 

@@ -179,7 +179,8 @@ async def build(rt: Runtime) -> ServiceParts:
         signer=signer,
         keys=key_ring(settings, signer),
         archive=archive,
-        exports=api.ExportSlots(settings.export_concurrency),
+        exports=api.export_slots(settings.export_concurrency),
+        verifications=api.verify_slots(settings.verify_concurrency),
     )
     log.info("audit trail ready", topics=topics, key_id=signer.key_id, schema=settings.db_schema)
     return ServiceParts(app=app, subscriptions=[subscription], tasks=[keeper.run], on_stop=[keeper.stop])

@@ -91,6 +91,14 @@ class AuditSettings(ServiceSettings):
         "holds a database connection until its client has read it all, so this must stay below db_pool_max: "
         "slow readers must not take the connections the trail's writer needs.",
     )
+    verify_concurrency: int = Field(
+        1,
+        ge=1,
+        description="Verifications run at once (GET /v1/verify); one more is a 429 with Retry-After. Each "
+        "holds verify_parallelism database connections until the chain is checked, so verify_concurrency x "
+        "verify_parallelism must stay below db_pool_max (and with export_concurrency added, should): the "
+        "trail's writer needs one.",
+    )
     verify_parallelism: int = Field(
         3,
         ge=1,
@@ -118,6 +126,14 @@ class AuditSettings(ServiceSettings):
                 f"DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY ({self.export_concurrency}) must be below "
                 f"DRIFTLOOP_DB_POOL_MAX ({self.db_pool_max}): exports hold their connections while their "
                 "clients read, and the trail's writer needs one"
+            )
+        held = self.verify_concurrency * self.verify_parallelism
+        if held >= self.db_pool_max:
+            raise ValueError(
+                f"DRIFTLOOP_AUDIT_VERIFY_CONCURRENCY ({self.verify_concurrency}) x "
+                f"DRIFTLOOP_AUDIT_VERIFY_PARALLELISM ({self.verify_parallelism}) = {held} must be below "
+                f"DRIFTLOOP_DB_POOL_MAX ({self.db_pool_max}): verifications hold their connections while "
+                "they run, and the trail's writer needs one"
             )
         return self
 

@@ -62,7 +62,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         pool=None,
         role="audit_writer",
         archive=types.SimpleNamespace(read=list),
-        exports=api.ExportSlots(settings.export_concurrency),
+        exports=api.export_slots(settings.export_concurrency),
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as c:
@@ -108,3 +108,77 @@ def test_exports_may_not_take_every_connection_of_the_pool() -> None:
         ValueError, match="DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY \\(8\\) must be below DRIFTLOOP_DB_POOL_MAX"
     ):
         AuditSettings(env="test", export_concurrency=8, db_pool_max=8)
+
+
+REPORT = {
+    "ok": True,
+    "mode": "fast",
+    "from_seq": 1,
+    "to_seq": 0,
+    "rows_checked": 0,
+    "checkpoints_checked": 0,
+    "covered_by_checkpoint": 0,
+    "head_hash": "0" * 64,
+    "first_bad_seq": None,
+    "problem": None,
+    "detail": None,
+    "exact": True,
+    "seals_checked": False,
+    "elapsed_s": 0.0,
+    "rows_per_s": 0,
+}
+
+
+async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each verification holds verify_parallelism connections of the writer's pool while it runs; they were
+    # not counted, so a few viewers asking at once took every connection the trail's writer needed.
+    running = 0
+    go = asyncio.Event()
+
+    async def verify_trail(*_: Any, **__: Any) -> Any:
+        nonlocal running
+        running += 1
+        await go.wait()
+        return types.SimpleNamespace(as_json=lambda: REPORT)
+
+    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    settings = AuditSettings(env="test", verify_concurrency=1)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    app.state.audit = types.SimpleNamespace(
+        settings=settings,
+        pool=None,
+        role="audit_writer",
+        keys=None,
+        signer=types.SimpleNamespace(sealer=None),
+        archive=types.SimpleNamespace(read=list),
+        verifications=api.verify_slots(settings.verify_concurrency),
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+        held = asyncio.create_task(client.get("/v1/verify"))
+
+        async def inside() -> bool:
+            return running == 1
+
+        await eventually(inside, deadline_s=5, interval_s=0.01)
+        refused = await asyncio.wait_for(client.get("/v1/verify", params={"full": "true"}), timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["Retry-After"] == "5"
+        assert refused.json()["detail"] == (
+            "1 verifications are running already, the most at once (DRIFTLOOP_AUDIT_VERIFY_CONCURRENCY=1): "
+            "try again in 5 s"
+        )
+        assert running == 1  # the refused one never started
+        go.set()
+        assert (await held).json() == REPORT
+        assert (await client.get("/v1/verify")).status_code == 200
+
+
+def test_verifications_may_not_take_every_connection_of_the_pool() -> None:
+    with pytest.raises(
+        ValueError, match=r"\(2\) x DRIFTLOOP_AUDIT_VERIFY_PARALLELISM \(4\) = 8 must be below"
+    ):
+        AuditSettings(env="test", verify_concurrency=2, verify_parallelism=4, db_pool_max=8)
+    AuditSettings(env="test", verify_concurrency=2, verify_parallelism=3, db_pool_max=8)
