@@ -48,7 +48,7 @@ from deploy.local.interrupts import (
 )
 from deploy.local.leases import Holder
 from deploy.local.processes import wait_until
-from deploy.local.settings import PROJECT_ROOT
+from deploy.local.settings import PROJECT_ROOT, LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, supervised_state_dir
 from libs.settings import KafkaSettings, settings_problems
@@ -193,8 +193,9 @@ def cmd_infra_topics(args: argparse.Namespace) -> int:
 
 
 def local_platform() -> Platform:
-    """The platform of this checkout: state in .driftloop/, services on ports 8101-8106."""
-    return Platform(PROJECT_ROOT / ".driftloop")
+    """The platform of this checkout: state in the state folder the infrastructure and the leases use
+    (.driftloop/ unless DRIFTLOOP_LOCAL_STATE_DIR names another), services on ports 8101-8106."""
+    return Platform(StateLayout.from_settings(LocalInfraSettings()).root)
 
 
 # The local platform runs with windows and canary steps sized for a laptop's traffic (the services'
@@ -306,7 +307,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"services already supervised (pid {supervision.pid})"
             if not supervision.started
             else f"starting the six services under a supervisor (pid {supervision.pid}); "
-            "logs in .driftloop/logs/ ..."
+            f"logs in {platform.log.parent}/ ..."
         )
         health = platform.wait_ready(timeout_s=args.wait)
         ok = print_services(platform)
@@ -315,7 +316,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             waiting = ", ".join(name for name, state in health.items() if state != "ready")
             say(f"not ready after {args.wait:.0f}s: {waiting}")
-            say("see .driftloop/logs/<service>.log")
+            say(f"see {platform.log.parent}/<service>.log")
     finally:
         end_lease(lease, platform, "stopping what this `up` started (the logs stay) ...")
     return 0 if ok else 1
@@ -347,11 +348,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         supervision = platform.start(platform_env(result))
         if supervision.started:
             lease.note_started(PLATFORM)
-            say("starting the six services under a supervisor; logs in .driftloop/logs/ ...")
+            say(f"starting the six services under a supervisor; logs in {platform.log.parent}/ ...")
         health = platform.wait_ready(timeout_s=args.wait)
         if not all(v == "ready" for v in health.values()):
             print_services(platform)
-            raise StartFailed("the services did not become ready.", hint="see .driftloop/logs/<service>.log")
+            raise StartFailed(
+                "the services did not become ready.", hint=f"see {platform.log.parent}/<service>.log"
+            )
         ready = True
         return asyncio.run(demo.run(platform, result.kafka_bootstrap))
     finally:

@@ -231,6 +231,7 @@ class FakePlatform:
         self.ready = ready
         self.start_error = start_error
         self.stops = 0
+        self.log = Path("/nonexistent/logs/supervisor.log")
 
     def start(self, env: dict[str, str]) -> Supervision:
         if self.start_error:
@@ -630,3 +631,16 @@ def test_wait_refuses_what_is_not_a_finite_number_of_seconds_0_or_more(
 @pytest.mark.parametrize("seconds", ["0.5", "0"])
 def test_wait_takes_a_fraction_of_a_second_or_0_to_look_once(seconds: str) -> None:
     assert build_parser().parse_args(["infra", "topics", "--wait", seconds]).wait == float(seconds)
+
+
+def test_the_platform_lives_in_the_state_folder_the_leases_and_infrastructure_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second stack beside the default one (docs/operations.md) must not see, start or stop the default
+    # checkout's platform: its supervisor pid, services' state and logs are under its own state folder.
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_STATE_DIR", str(tmp_path / "elsewhere"))
+
+    platform = cli.local_platform()
+
+    assert platform.state_dir == cli.LocalInfra().layout.root == (tmp_path / "elsewhere").resolve()
+    assert platform.pid_file.is_relative_to(tmp_path / "elsewhere")

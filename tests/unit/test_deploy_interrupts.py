@@ -82,6 +82,8 @@ def local_infra():
 
 
 class FakePlatform:
+    log = Path("/nonexistent/logs/supervisor.log")
+
     def start(self, env):
         note("platform started")
         return Supervision(4242, started=True)
