@@ -497,6 +497,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _text(text: str) -> str:
+    """An argparse type: UTF-8 text, as the trail holds. A byte that is not UTF-8 on the command line
+    (``$'\\xff'`` in a shell) arrives as a lone surrogate, which no query can carry."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text: {os.fsencode(text)!r}") from None
+    return text
+
+
 def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_seq", type=_count, default=1, help="first sequence number")
     parser.add_argument("--to", dest="to_seq", type=_count, help="last sequence number (default: the end)")
@@ -508,6 +518,10 @@ def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Verify the trail's hash chain, signed checkpoints and seals; exit 1 naming the first bad row."""
+    if args.to_seq is not None and args.to_seq < args.from_seq:
+        args.usage_of.error(
+            f"--to {args.to_seq} is below --from {args.from_seq}: the range would be reversed"
+        )
     from services.audit import cli as audit
 
     return audit.verify(
@@ -524,8 +538,8 @@ def _audit_tail_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n", "--lines", type=_count, default=20, help="how many of the newest events (1 to the query limit)"
     )
-    parser.add_argument("--model", help="only this model's events")
-    parser.add_argument("--type", help="only this event type, e.g. DriftDetected")
+    parser.add_argument("--model", type=_text, help="only this model's events")
+    parser.add_argument("--type", type=_text, help="only this event type, e.g. DriftDetected")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
 
 
@@ -539,7 +553,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 def _audit_trace_arguments(parser: argparse.ArgumentParser) -> None:
     # Optional to argparse so the command is reachable by its path alone; required below.
     parser.add_argument(
-        "correlation_id", nargs="?", help="the cascade's correlation id (its root event's id)"
+        "correlation_id", nargs="?", type=_text, help="the cascade's correlation id (its root event's id)"
     )
     parser.add_argument("--json", action="store_true", help="print the tree as JSON")
 

@@ -25,6 +25,7 @@ from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
 from services.audit.domain import EventQuery, KeyRing, Sealer, Signer, event_type_filter
 from services.audit.settings import AuditSettings, decode_key
+from services.audit.verification import VerifyReport
 
 
 def _console() -> Console:
@@ -146,24 +147,37 @@ def verify(
             )
         if as_json:
             print(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
-        elif report.ok:
-            _console().print(
-                f"[green]OK[/green]: rows {report.from_seq}..{report.to_seq} chain ({report.mode}), "
-                f"{report.checkpoints_checked} signed checkpoints match, "
-                + (
-                    f"rows up to {report.covered_by_checkpoint} vouched for"
-                    if report.covered_by_checkpoint
-                    else "no row vouched for by one yet"
-                )
-                + f"; {report.rows_per_s:,.0f} rows/s"
-                + ("" if report.seals_checked else " (no signing key here: seals not checked)")
-            )
         else:
-            where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
-            _console().print(f"[red]FAILED[/red] at {where}: {report.problem}: {escape(report.detail or '')}")
+            _console().print(verdict(report))
         return 0 if report.ok else 1
 
     return _run(main())
+
+
+def verdict(report: VerifyReport) -> str:
+    """The line (markup) ``verify`` prints for ``report``: OK and what was checked, or the first bad row."""
+    if not report.ok:
+        where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
+        return f"[red]FAILED[/red] at {where}: {report.problem}: {escape(report.detail or '')}"
+    if report.to_seq < report.from_seq:
+        # The empty range from one past the end: only the row it trusts was read.
+        why = (
+            "the trail has no rows yet"
+            if report.to_seq == 0
+            else f"the trail ends at row {report.to_seq}, before --from {report.from_seq}"
+        )
+        return f"[green]OK[/green]: nothing to verify: {why} (the range is empty)"
+    return (
+        f"[green]OK[/green]: rows {report.from_seq}..{report.to_seq} chain ({report.mode}), "
+        f"{report.checkpoints_checked} signed checkpoints match, "
+        + (
+            f"rows up to {report.covered_by_checkpoint} vouched for"
+            if report.covered_by_checkpoint
+            else "no row vouched for by one yet"
+        )
+        + f"; {report.rows_per_s:,.0f} rows/s"
+        + ("" if report.seals_checked else " (no signing key here: seals not checked)")
+    )
 
 
 def tail(

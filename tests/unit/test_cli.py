@@ -644,3 +644,61 @@ def test_the_platform_lives_in_the_state_folder_the_leases_and_infrastructure_us
 
     assert platform.state_dir == cli.LocalInfra().layout.root == (tmp_path / "elsewhere").resolve()
     assert platform.pid_file.is_relative_to(tmp_path / "elsewhere")
+
+
+async def test_audit_verify_of_an_empty_range_says_it_is_empty_not_rows_24_to_23() -> None:
+    from contracts.monitoring import DriftDetected
+    from services.audit.core import verify_trail
+    from services.audit.domain import KeyRing, Signer
+    from tests.unit.audit.fakes import SEED, FakeTrail, delivery, example, record
+
+    trail, signer = FakeTrail(), Signer(SEED)
+    await record(trail, signer, [delivery(example(DriftDetected), offset=i) for i in range(23)], every=10)
+    keys = KeyRing([signer.public_raw])
+
+    empty = await verify_trail(trail, keys=keys, sealer=None, from_seq=24)  # one past the end
+    nothing = await verify_trail(FakeTrail(), keys=keys, sealer=None)
+    some = await verify_trail(trail, keys=keys, sealer=None, from_seq=21)
+
+    assert empty.ok and nothing.ok
+    line = audit_cli.verdict(empty)
+    assert "24..23" not in line
+    assert "nothing to verify: the trail ends at row 23, before --from 24" in line
+    assert "nothing to verify: the trail has no rows yet" in audit_cli.verdict(nothing)
+    assert "rows 21..23 chain (fast)" in audit_cli.verdict(some)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "trace", "cascade-\udcff"],
+        ["audit", "tail", "--model", "\udcffchurn"],
+        ["audit", "tail", "--type", "\udce9"],
+    ],
+    ids=["trace", "tail-model", "tail-type"],
+)
+def test_audit_arguments_that_are_not_utf8_are_a_usage_error_not_a_postgres_refusal(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A byte that is not UTF-8 on the command line ($'\xff' in a shell) arrives as a lone surrogate.
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://audit@127.0.0.1:{free_port()}/x")
+
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text: b'" in err
+    assert "Postgres" not in err and "Traceback" not in err
+
+
+def test_audit_verify_to_below_from_is_a_usage_error_naming_the_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://audit@127.0.0.1:{free_port()}/x")
+
+    with pytest.raises(SystemExit) as caught:
+        main(["audit", "verify", "--from", "5", "--to", "3"])
+
+    assert caught.value.code == 2
+    assert "--to 3 is below --from 5" in capsys.readouterr().err
