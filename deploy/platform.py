@@ -270,7 +270,7 @@ class Platform:
 
     def start(self, env: Mapping[str, str]) -> Supervision:
         """Start the supervisor detached unless it runs; one check-and-start at a time per state folder."""
-        with exclusive(self.state_dir / "platform" / "start.lock"):
+        with exclusive(self.state_dir / "platform" / "start.lock", "starting the platform's supervisor"):
             running = self.supervisor_pid()
             if running is not None:
                 return Supervision(running, started=False)

@@ -85,7 +85,7 @@ class InfraLease:
 
     def note_started(self, thing: str) -> None:
         """Note that this command started ``thing`` (the platform), for the last holder to stop."""
-        with exclusive(self.infra.layout.lock_file):
+        with exclusive(self.infra.layout.lock_file, f"noting that it started {thing}"):
             self.infra.leases.add_started([thing])
         self.started.append(thing)
 
@@ -117,7 +117,7 @@ class LocalInfra:
     def lease(self, command: str, uses: Iterable[str] = INFRASTRUCTURE) -> InfraLease:
         """A lease for ``command`` (``driftloop test``), which uses ``uses`` until it ends the lease or dies:
         meanwhile no other command's end stops any of it."""
-        with exclusive(self.layout.lock_file):
+        with exclusive(self.layout.lock_file, "taking a lease"):
             return InfraLease(self, self.leases.take(command, uses))
 
     def users(self) -> list[Holder]:
@@ -127,7 +127,7 @@ class LocalInfra:
     def keep(self, things: Iterable[str] = EVERYTHING) -> list[str]:
         """What lease holders started of ``things`` stays running after they end: an `infra up`, an `up`
         that got ready, a `demo --keep-running` took it over (`down` stops it). Returns what it took."""
-        with exclusive(self.layout.lock_file):
+        with exclusive(self.layout.lock_file, "taking over what running commands started"):
             taken = sorted(self.leases.started() & set(things))
             self.leases.forget(taken)
             return taken
@@ -147,7 +147,7 @@ class LocalInfra:
         started, a dead one's too (its lease ended with its process). Without ``ending``, it stops what
         commands that have ended left running (one killed with SIGKILL).
         """
-        with exclusive(self.layout.lock_file):
+        with exclusive(self.layout.lock_file, "stopping what no running command uses"):
             if ending is not None:
                 ending.close()
             users = self.leases.holders()
@@ -228,7 +228,7 @@ class LocalInfra:
         command is killed with SIGKILL meanwhile is stopped by the last holder all the same.
         """
         # One up/down at a time per checkout: a test session and a terminal may race otherwise.
-        with exclusive(self.layout.lock_file):
+        with exclusive(self.layout.lock_file, f"starting {' and '.join(components)}"):
             kafka = self.external_kafka(announce=True) if "kafka" in components else None
             database = self.external_postgres(announce=True) if "postgres" in components else None
             local_kafka = "kafka" in components and kafka is None
@@ -285,7 +285,7 @@ class LocalInfra:
         """Stop our own broker and cluster (never external ones), whoever uses them; returns what was
         running. What lease holders started stays on their list: stopping what does not run does nothing,
         and a component stopped to be started again (the chaos tests') is still theirs to stop."""
-        with exclusive(self.layout.lock_file):
+        with exclusive(self.layout.lock_file, f"stopping {' and '.join(components)}"):
             return self._stop(components)
 
     def status(self) -> list[ComponentStatus]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from deploy.local.console import say
 from deploy.local.errors import PermissionProblem, PortTaken
 
 T = TypeVar("T")
@@ -188,15 +189,44 @@ def ensure_port_free(port: int, purpose: str, setting: str | None = None) -> Non
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_file`` for the block: one check-and-start at a time."""
+def exclusive(lock_file: Path, doing: str = "") -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file`` for the block: one check-and-start at a time.
+
+    ``doing`` (``stopping the platform``) is written into the file while it is held, so that a command
+    that has to wait meanwhile says once what it waits for (a platform's stop may take 40 s) instead of
+    hanging silently; it is only for that message."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_file.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for {_lock_holder(lock_file)} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _write_note(lock, f"{os.getpid()}\n{doing}" if doing else "")
         try:
             yield
         finally:
+            _write_note(lock, "")
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_note(lock: IO[str], note: str) -> None:
+    # Only for another command's message: a note that cannot be written (disk full) changes nothing else.
+    with contextlib.suppress(OSError):
+        lock.truncate(0)
+        lock.write(note)
+        lock.flush()
+
+
+def _lock_holder(lock_file: Path) -> str:
+    """``another driftloop command (pid 1234) to finish stopping the platform``, as its note says."""
+    try:
+        pid, doing = lock_file.read_text().split("\n", 1)
+        if doing:
+            return f"another driftloop command (pid {int(pid)}) to finish {doing}"
+    except (OSError, ValueError):
+        pass  # not written yet (or no longer), or by a driftloop from before notes
+    return f"another driftloop command to finish with {lock_file}"
 
 
 def wait_until(check: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.25) -> bool:

@@ -6,11 +6,14 @@ or a postmaster's; nothing starts Kafka or Postgres.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +21,9 @@ import pytest
 
 from deploy.local import infra as infra_module
 from deploy.local.broker import MAIN_CLASS, KafkaBroker
-from deploy.local.infra import LocalInfra
+from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
-from deploy.local.processes import command_args, open_log, runs_exactly, wait_until
+from deploy.local.processes import command_args, exclusive, open_log, runs_exactly, wait_until
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from tests.ports import free_port
 
@@ -304,3 +307,78 @@ def test_a_log_over_its_limit_is_rotated_when_its_process_starts_again(tmp_path:
         f.write(b"newest run\n")
     assert log.read_bytes() == b"newest run\n"
     assert (tmp_path / "logs" / "kafka.log.1").read_bytes() == b"old run\n" * 10 + b"new run\n"
+
+
+class SlowToStopPlatform:
+    """A platform whose stop takes until the test lets it end (a real one may take 40 s)."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.may_end = threading.Event()
+        self.running = True
+
+    def supervisor_pid(self) -> int | None:
+        return 4242 if self.running else None
+
+    def stop(self) -> bool:
+        self.stopping.set()
+        self.may_end.wait(timeout=30)
+        self.running = False
+        return True
+
+
+def test_a_command_waiting_for_another_to_finish_stopping_says_so_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    infra = LocalInfra(LocalInfraSettings(state_dir=tmp_path))
+    up = infra.lease("driftloop up", EVERYTHING)
+    up.note_started(PLATFORM)
+    platform = SlowToStopPlatform()
+    ending = threading.Thread(target=up.end, args=(platform,))
+    joining = threading.Thread(target=lambda: infra.lease("driftloop test").lease.close())
+    said: list[str] = []
+
+    def waiting_said() -> bool:
+        said.extend(line for line in capsys.readouterr().err.splitlines() if "waiting for" in line)
+        return bool(said)
+
+    ending.start()
+    try:
+        assert platform.stopping.wait(timeout=10)
+        joining.start()  # the `test` starting now waits on infra.lock while the platform stops
+        assert wait_until(waiting_said, timeout_s=10, interval_s=0.05), "the waiting command said nothing"
+        time.sleep(0.5)  # still waiting: nothing more is said meanwhile
+        assert joining.is_alive()
+    finally:
+        platform.may_end.set()
+        ending.join(timeout=10)
+        joining.join(timeout=10)
+    waiting_said()
+
+    assert said == [
+        f"driftloop: waiting for another driftloop command (pid {os.getpid()}) to finish stopping what no "
+        "running command uses ..."
+    ]
+    assert not joining.is_alive() and not platform.running
+
+
+def test_a_lock_held_without_a_note_is_waited_for_naming_the_lock_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lock_file = tmp_path / "infra.lock"
+    entered = threading.Event()
+
+    def take() -> None:
+        with exclusive(lock_file):
+            entered.set()
+
+    with lock_file.open("a") as held:  # as a driftloop from before the notes holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        taker = threading.Thread(target=take)
+        taker.start()
+        assert wait_until(lambda: "waiting for" in capsys.readouterr().err, timeout_s=10, interval_s=0.05)
+        assert not entered.is_set()
+    taker.join(timeout=10)
+
+    assert entered.is_set()
+    assert lock_file.read_text() == ""  # the note goes with the lock
