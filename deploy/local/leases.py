@@ -8,6 +8,11 @@ process ends, however it ends (SIGKILL, the OOM killer): a lease file nobody hol
 command's, and is ignored and removed. The pid is for messages only; a pid used again by another process
 cannot keep a lease alive. The file ``started`` lists what lease holders started and is theirs to stop.
 
+A flock belongs to the open file, which a fork without exec shares with the child (multiprocessing's fork
+start method, ``os.fork``): the child would hold the lease for a command that died, and its clean-up would
+remove the lease file, or unlock it, under the parent. So a forked child lets go of its copies at once,
+closing them without unlocking (``os.register_at_fork``); an exec drops them anyway (not inheritable).
+
 Nothing here locks the folder: callers take the state's one up/down lock (``infra.lock``) around taking a
 lease and around deciding what to stop, so a command cannot join while the last one decides to stop.
 Looking at the holders needs no lock: a lease file is only removed once nobody holds it, and no two
@@ -22,6 +27,7 @@ import json
 import os
 import secrets
 import tempfile
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +56,13 @@ class Holder:
 
 
 class Lease:
-    """This process's lease, held until ``close``."""
+    """This process's lease, held until ``close`` (a forked child does not hold it)."""
 
     def __init__(self, path: Path, handle: IO[str], holder: Holder) -> None:
         self.path = path
         self.holder = holder
         self._handle: IO[str] | None = handle
+        _HELD.add(self)
 
     @property
     def held(self) -> bool:
@@ -69,6 +76,28 @@ class Lease:
         self.path.unlink(missing_ok=True)
         self._handle.close()
         self._handle = None
+        _HELD.discard(self)
+
+    def _let_go_in_child(self) -> None:
+        # The parent's lease, not this process's: the descriptor is closed (never flock(LOCK_UN), which
+        # would unlock the file for the parent too) and the file is left to the parent.
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+
+
+_HELD: weakref.WeakSet[Lease] = weakref.WeakSet()
+"""The leases this process holds, for a forked child to let go of."""
+
+
+def _let_go_after_fork() -> None:
+    for lease in list(_HELD):
+        lease._let_go_in_child()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_after_fork)
 
 
 class Leases:

@@ -22,7 +22,8 @@ from deploy.local.processes import pid_alive
 from tests.unit.infra_fakes import FakeInfra
 
 # Takes a lease on the folder argv[1] for the command argv[2], using argv[3:]; with CHILD set it first
-# starts a `sleep` that outlives it. Says "holding" and waits to be killed.
+# starts a `sleep` that outlives it, with FORK a forked copy of itself that does. Says "holding" and waits
+# to be killed.
 HOLDER = """
 import os, subprocess, sys, time
 from pathlib import Path
@@ -34,6 +35,13 @@ if os.environ.get("CHILD"):
     # close_fds=False: as a fork does, it would get every descriptor that may be inherited.
     child = subprocess.Popen(["sleep", "300"], start_new_session=True, close_fds=False)
     Path(os.environ["CHILD"]).write_text(str(child.pid))
+if os.environ.get("FORK"):
+    # A fork without exec (multiprocessing's fork start method, os.fork): the child gets every descriptor.
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(300)
+        os._exit(0)
+    Path(os.environ["FORK"]).write_text(str(pid))
 print("holding", flush=True)
 time.sleep(300)
 """
@@ -148,6 +156,39 @@ def test_what_a_command_starts_does_not_keep_its_lease_alive_after_it_died(stack
         assert lease.end(stack.platform).stopped == ("kafka", "postgres")
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_forked_child_of_a_command_does_not_keep_its_lease_alive_after_it_died(stack: Stack) -> None:
+    child_pid_file = stack.tmp_path / "forked.pid"
+    lease = stack.infra.lease("driftloop test")
+    lease.up()
+    killed = stack.other_command("driftloop demo", FORK=str(child_pid_file))
+    child = int(child_pid_file.read_text())
+    try:
+        stack.kill(killed)
+        assert pid_alive(child)
+
+        assert [holder.pid for holder in stack.infra.users()] == [os.getpid()]
+        assert lease.end(stack.platform).stopped == ("kafka", "postgres")
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_forked_child_ending_gives_up_nothing_of_its_parents_lease(tmp_path: Path) -> None:
+    leases = Leases(tmp_path)
+    lease = leases.take("driftloop test", INFRASTRUCTURE)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: its clean-up (a finally, an atexit) runs as the parent's
+        try:
+            lease.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+    assert lease.path.exists()
+    assert [holder.pid for holder in leases.holders()] == [os.getpid()]
+    lease.close()
+    assert leases.holders() == []
 
 
 def test_what_a_killed_command_started_is_stopped_by_the_next_to_end(stack: Stack) -> None:
