@@ -200,11 +200,17 @@ class SpecStore(Protocol):
 Progress = Callable[[str, float | None], Awaitable[None]]
 
 
+class FitProcessUnavailable(Exception):
+    """No fit process could be started for a run (the fork server gone, a pool broken before the run, with a
+    new pool too): the run never began."""
+
+
 class Trainer(Protocol):
     """Runs one training off the event loop and reports its phases."""
 
     async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Run :func:`services.training.worker.run_training` on ``job_input``; returns its outcome."""
+        """Run :func:`services.training.worker.run_training` on ``job_input``; returns its outcome. Raises
+        FitProcessUnavailable when no process could take the run, anything else when its process died."""
         ...
 
     def abort(self) -> None:

@@ -33,7 +33,7 @@ from libs.bus import EventTooLarge, Transaction, bytes_over_limit
 from libs.bus.core import is_transient
 from libs.logging import bound, get_logger
 from services.training.domain import next_attempt_allowed, too_large_to_announce
-from services.training.ports import Datasets, Job, JobQueue, Progress, Trainer
+from services.training.ports import Datasets, FitProcessUnavailable, Job, JobQueue, Progress, Trainer
 from services.training.worker import MaterialisedSet, TrainingFailure, TrainingResult
 
 log = get_logger(__name__)
@@ -297,7 +297,11 @@ class JobRunner:
             if next_attempt_allowed(job.attempts, self.max_attempts):
                 await queue.requeue(job.job_id, job.run_id)
                 return
-            message = f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc!r}"
+            message = (
+                f"no fit process could be started on attempt {job.attempts} of {self.max_attempts}: {exc}"
+                if isinstance(exc, FitProcessUnavailable)
+                else f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc!r}"
+            )
             if await queue.fail(job.job_id, job.run_id, FailureReason.WORKER_LOST, message):
                 await tx.publish(self._failed(job, FailureReason.WORKER_LOST, message, duration))
 

@@ -7,10 +7,11 @@ import asyncio
 import multiprocessing
 import queue as queue_module
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from libs.logging import get_logger
-from services.training.ports import Progress
+from services.training.ports import FitProcessUnavailable, Progress
 from services.training.worker import install_progress_queue, run_training, warm_up
 
 log = get_logger(__name__)
@@ -23,7 +24,12 @@ class ProcessPoolTrainer:
     ``overlap_fit``)."""
 
     def __init__(
-        self, start_method: str = "forkserver", *, poll_s: float = 0.5, overlap: bool = True
+        self,
+        start_method: str = "forkserver",
+        *,
+        poll_s: float = 0.5,
+        overlap: bool = True,
+        retry_pause_s: float = 0.5,
     ) -> None:
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
@@ -31,6 +37,7 @@ class ProcessPoolTrainer:
             # process replaced after a crash or a timeout costs milliseconds, not an import.
             self._context.set_forkserver_preload(["services.training.worker"])
         self._poll_s = poll_s
+        self._retry_pause_s = retry_pause_s
         self._overlap = overlap
         self._executor: ProcessPoolExecutor | None = None
         self._progress: Any = None
@@ -62,10 +69,7 @@ class ProcessPoolTrainer:
         job_id = job_input["job_id"]
         phase: tuple[str, float | None] = ("loading-data", 0.0)
         try:
-            # Submitting starts the fit process when there is none: that can fail too.
-            future = asyncio.get_running_loop().run_in_executor(
-                self._pool(), run_training, job_input, self._overlap
-            )
+            future = await self._hand_over(job_input)
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self._poll_s)
                 reported = [(p, f) for owner, p, f in self._drain() if owner == job_id]
@@ -78,11 +82,36 @@ class ProcessPoolTrainer:
                     # throttles), so followers see it is alive and how long it has run.
                     await progress(*phase)
         except Exception:
-            # The fit process died (BrokenProcessPool), or could not be started (the fork server's socket
-            # gone: BrokenPipeError, ConnectionError): a pool in that state would fail every later run too.
-            # The run itself never raises here (run_training returns its failure), so nothing else lands.
+            # The fit process died under the run (BrokenProcessPool), or none could take it: a pool in that
+            # state would fail every later run too. The run itself never raises here (run_training returns
+            # its failure), so nothing else lands.
             self._discard()
             raise
+
+    async def _hand_over(self, job_input: dict[str, Any]) -> asyncio.Future[Any]:
+        """Submit the run to the fit process. A pool that cannot take it is let go and the run handed to a
+        new one, once, a moment later: its process died while idle (the OOM killer; the fork server's end
+        takes it too), so the pool is broken before the run began (BrokenProcessPool), or a process cannot
+        be started (the fork server's socket gone: BrokenPipeError, ConnectionError, EOFError; a new pool
+        starts a new fork server, once the old one is seen to have exited). Neither is the run's doing, nor
+        worth one of its attempts."""
+        for tries_left in (1, 0):
+            try:
+                return asyncio.get_running_loop().run_in_executor(
+                    self._pool(), run_training, job_input, self._overlap
+                )
+            except (BrokenProcessPool, OSError, EOFError) as exc:
+                self._discard()
+                if not tries_left:
+                    raise FitProcessUnavailable(
+                        f"no fit process could be started for the run, with a new pool either: {exc!r}"
+                    ) from exc
+                log.warning(
+                    "the fit process could not take the run; handing it to a new one", error=repr(exc)
+                )
+                # A fork server killed a moment ago may not have exited yet: it would be used again.
+                await asyncio.sleep(self._retry_pause_s)
+        raise AssertionError("unreachable")
 
     def _drain(self) -> list[tuple[str, str, float | None]]:
         items = []

@@ -38,6 +38,7 @@ from libs.profiles import ReferenceProfile
 from services.training import worker
 from services.training.domain import JobState
 from services.training.handlers import current_spec, register_spec
+from services.training.ports import FitProcessUnavailable
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 from tests.unit.training.fakes import Harness
 
@@ -529,6 +530,23 @@ async def test_lost_fit_process_is_retried_and_completes_once(harness: Harness) 
     assert [e.data.attempt for e in harness.events(TrainingStarted)] == [1, 2]
     [completed] = harness.events(TrainingCompleted)
     assert completed.data.run_id.endswith("-2")
+
+
+async def test_a_job_no_fit_process_could_be_started_for_fails_saying_so(tmp_path: Path) -> None:
+    h = Harness(str(tmp_path), max_attempts=1)
+    await upload(h, "churn-base", churn_frame())
+    await register(h, churn_spec())
+    h.trainer.die_next = FitProcessUnavailable(
+        "no fit process could be started for the run, with a new pool either: "
+        "BrokenPipeError(32, 'Broken pipe')"
+    )
+    await h.bus.publish(drift(h, "churn"))
+    await h.run_jobs()
+
+    [failed] = h.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.WORKER_LOST
+    assert failed.data.message.startswith("no fit process could be started on attempt 1 of 1: ")
+    assert "BrokenPipeError" in failed.data.message and "died" not in failed.data.message
 
 
 async def test_job_whose_worker_keeps_dying_fails_as_worker_lost(tmp_path: Path) -> None:
