@@ -170,7 +170,7 @@ def say_users(infra: LocalInfra) -> None:
 
 def _topics_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=os.environ.get(KAFKA_ENV), help=f"default: ${KAFKA_ENV}")
-    parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--replication-factor", type=_count, default=1, help="1 or more (default 1)")
     parser.add_argument("--wait", type=_seconds, default=120.0, help="seconds to wait for the broker")
 
 

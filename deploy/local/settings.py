@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.settings import Port
@@ -20,7 +20,8 @@ class LocalInfraSettings(BaseSettings):
 
     state_dir: Path | None = Field(
         default=None,
-        description="Folder for jars, data, logs and pids; defaults to .driftloop/ in the project root.",
+        description="Folder for jars, data, logs, pids and the platform (made if missing; not empty, not a "
+        "file); defaults to .driftloop/ in the project root.",
     )
     kafka_version: str = Field(default="4.4.0", description="Apache Kafka release from Maven Central.")
     kafka_port: Port = Field(default=19092, description="Kafka client listener on 127.0.0.1 (1 to 65535).")
@@ -34,6 +35,22 @@ class LocalInfraSettings(BaseSettings):
     ready_timeout_s: float = Field(
         default=90.0, gt=0, allow_inf_nan=False, description="How long a component may take to become ready."
     )
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _names_a_folder(cls, value: object) -> object:
+        # Path("") is the current folder: an empty variable (a script's unset $STATE) would spread the
+        # state there.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: name a folder, or unset it for .driftloop/ in the project root")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _not_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is not a folder: name a folder (it is made if missing)")
+        return value
 
 
 @dataclass(frozen=True)

@@ -702,3 +702,33 @@ def test_audit_verify_to_below_from_is_a_usage_error_naming_the_options(
 
     assert caught.value.code == 2
     assert "--to 3 is below --from 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["down"], ["infra", "status"], ["status"]])
+@pytest.mark.parametrize("state", ["", "a-file"], ids=["empty", "a-file"])
+def test_a_state_folder_setting_that_names_no_folder_is_refused_naming_it(
+    command: list[str],
+    state: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Empty, it would put the state in the current folder (Path("") is "."); a file, `down` crashed.
+    if state:
+        state = str(tmp_path / state)
+        Path(state).write_text("not a folder")
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_STATE_DIR", state)
+
+    assert main(command) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: DRIFTLOOP_LOCAL_STATE_DIR={state!r} is not valid" in err
+    assert ("is empty" if not state else "is not a folder") in err
+    assert "Traceback" not in err
+
+
+def test_infra_topics_refuses_a_replication_factor_below_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["infra", "topics", "--bootstrap", "127.0.0.1:1", "--wait", "0", "--replication-factor", "0"])
+    assert caught.value.code == 2
+    assert "argument --replication-factor: must be 1 or more, not 0" in capsys.readouterr().err
