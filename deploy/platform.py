@@ -327,9 +327,11 @@ class Platform:
             terminate_all(orphans, timeout_s=20)
             for orphan in orphans:
                 reap_group(orphan)
-        # Nothing of it runs now: what the files say is history.
-        self.pid_file.unlink(missing_ok=True)
-        self.state_file.unlink(missing_ok=True)
+        # Nothing of it runs now: what the files say is history (a state folder never made has none; one
+        # under a file cannot, NotADirectoryError).
+        for history in (self.pid_file, self.state_file):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                history.unlink()
         return pid is not None or bool(orphans)
 
     @staticmethod

@@ -39,5 +39,9 @@ class PostgresMissing(InfraError):
     """The PostgreSQL server binaries are not installed and could not be installed."""
 
 
+class StateUnusable(InfraError):
+    """The state folder (DRIFTLOOP_LOCAL_STATE_DIR, .driftloop/) cannot be made or written."""
+
+
 class StartFailed(InfraError):
     """A component started but never became ready, or died on the way."""

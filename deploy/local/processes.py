@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from deploy.local.console import say
-from deploy.local.errors import PermissionProblem, PortTaken
+from deploy.local.errors import PermissionProblem, PortTaken, StateUnusable
 
 T = TypeVar("T")
 
@@ -195,8 +195,7 @@ def exclusive(lock_file: Path, doing: str = "") -> Iterator[None]:
     ``doing`` (``stopping the platform``) is written into the file while it is held, so that a command
     that has to wait meanwhile says once what it waits for (a platform's stop may take 40 s) instead of
     hanging silently; it is only for that message."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("a") as lock:
+    with _opened_lock(lock_file) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -208,6 +207,21 @@ def exclusive(lock_file: Path, doing: str = "") -> Iterator[None]:
         finally:
             _write_note(lock, "")
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _opened_lock(lock_file: Path) -> IO[str]:
+    """The lock file, open for appending; its folder (the state's, the first thing a command writes there)
+    is made if missing, and one that cannot be is a StateUnusable naming it."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        return lock_file.open("a")
+    except OSError as exc:
+        state = lock_file.parent.parent if lock_file.parent.name == "platform" else lock_file.parent
+        raise StateUnusable(
+            f"cannot use {state} for driftloop's state: {exc.strerror} ({exc.filename})",
+            hint="set DRIFTLOOP_LOCAL_STATE_DIR to a folder this user can write (it is made if missing), "
+            "or give this user the rights to that one.",
+        ) from exc
 
 
 def _write_note(lock: IO[str], note: str) -> None:

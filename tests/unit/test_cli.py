@@ -732,3 +732,19 @@ def test_infra_topics_refuses_a_replication_factor_below_1(capsys: pytest.Captur
         main(["infra", "topics", "--bootstrap", "127.0.0.1:1", "--wait", "0", "--replication-factor", "0"])
     assert caught.value.code == 2
     assert "argument --replication-factor: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["down"], ["infra", "down", "--left-behind"]])
+def test_a_state_folder_that_cannot_be_made_is_an_error_naming_it_not_a_traceback(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    state = tmp_path / "a-file" / "state"  # under a file: no folder can be made there
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_STATE_DIR", str(state))
+
+    assert main(command) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: cannot use {state} for driftloop's state: Not a directory" in err
+    assert "driftloop: what to do: set DRIFTLOOP_LOCAL_STATE_DIR to a folder this user can write" in err
+    assert "Traceback" not in err
