@@ -52,12 +52,19 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+PID_LIMIT = 2**22
+"""Linux's highest pid_max: every pid is below it."""
+
+
 def read_pid(path: Path) -> int | None:
-    """The pid stored in a pid file, or None when the file is missing or garbled."""
+    """The pid stored in a pid file, or None when the file is missing or garbled: a number no process can
+    have is garbled too (0 and -1 would mean this process group and every process to os.kill, a number
+    beyond a C long an OverflowError)."""
     try:
-        return int(path.read_text().split()[0])
+        pid = int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    return pid if 0 < pid < PID_LIMIT else None
 
 
 def command_args(pid: int) -> list[str]:

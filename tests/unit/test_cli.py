@@ -17,6 +17,7 @@ from deploy.local.broker import KafkaBroker
 from deploy.local.errors import PortTaken
 from deploy.local.infra import UpResult
 from deploy.local.interrupts import ChildOutcome
+from deploy.local.processes import read_pid
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from deploy.platform import Supervision
 from libs.auth import Principal, Role, TokenStore
@@ -748,3 +749,28 @@ def test_a_state_folder_that_cannot_be_made_is_an_error_naming_it_not_a_tracebac
     assert f"driftloop: error: cannot use {state} for driftloop's state: Not a directory" in err
     assert "driftloop: what to do: set DRIFTLOOP_LOCAL_STATE_DIR to a folder this user can write" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("garbled", ["99999999999999999999", "0", "-1", "4194305"])
+def test_pid_files_naming_no_possible_process_are_stale_not_a_crash_nor_a_signal_to_a_group(
+    garbled: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0 and -1 would mean this process group and every process to os.kill; beyond pid_max (2**22) an
+    # OverflowError, or a pid that cannot exist.
+    layout = StateLayout(tmp_path)
+    for pid_file in (
+        tmp_path / "platform" / "supervisor.pid",
+        layout.kafka_pid,
+        layout.postgres_data / "postmaster.pid",
+    ):
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{garbled}\n")
+        assert read_pid(pid_file) is None
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_KAFKA_PORT", str(free_port()))
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_POSTGRES_PORT", str(free_port()))
+
+    assert main(["down"]) == 0
+
+    err = capsys.readouterr().err
+    assert "nothing of ours was running" in err and "Traceback" not in err
