@@ -142,27 +142,14 @@ def test_a_command_killed_with_sigkill_holds_nothing_up(stack: Stack) -> None:
     assert list(stack.infra.layout.leases.glob("*.lease")) == []  # its lease file is cleared away
 
 
-def test_what_a_command_starts_does_not_keep_its_lease_alive_after_it_died(stack: Stack) -> None:
-    # A service or a `sleep` the command started must not inherit the lock and hold the lease for it.
+@pytest.mark.parametrize("how", ["CHILD", "FORK"], ids=["started", "forked-without-exec"])
+def test_what_a_command_starts_does_not_keep_its_lease_alive_after_it_died(how: str, stack: Stack) -> None:
+    # A service or a `sleep` the command started must not inherit the lock and hold the lease for it, nor
+    # a copy of the command forked without exec (os.fork, multiprocessing's fork start method).
     child_pid_file = stack.tmp_path / "child.pid"
     lease = stack.infra.lease("driftloop test")
     lease.up()
-    killed = stack.other_command("driftloop demo", CHILD=str(child_pid_file))
-    child = int(child_pid_file.read_text())
-    try:
-        stack.kill(killed)
-        assert pid_alive(child)
-
-        assert lease.end(stack.platform).stopped == ("kafka", "postgres")
-    finally:
-        os.kill(child, signal.SIGKILL)
-
-
-def test_a_forked_child_of_a_command_does_not_keep_its_lease_alive_after_it_died(stack: Stack) -> None:
-    child_pid_file = stack.tmp_path / "forked.pid"
-    lease = stack.infra.lease("driftloop test")
-    lease.up()
-    killed = stack.other_command("driftloop demo", FORK=str(child_pid_file))
+    killed = stack.other_command("driftloop demo", INFRASTRUCTURE, **{how: str(child_pid_file)})
     child = int(child_pid_file.read_text())
     try:
         stack.kill(killed)
