@@ -273,9 +273,25 @@ async def on_retrain_requested(event: CloudEvent[RetrainRequested], **ports: Any
 async def on_dataset_registered(
     event: CloudEvent[DatasetRegistered], *, datasets: Datasets, specs: Specs, **ports: Any
 ) -> None:
-    """Remember the version; retrain the models it is meant for when their policy says so."""
+    """Remember the version; retrain the models it is meant for when their policy says so.
+
+    A version already known is announced again (a replay, a producer's retry under a new event id): with the
+    same file it changes nothing and starts no second run; with another file it is dead-lettered."""
     d = event.data
-    await datasets.record(d)
+    if not await datasets.record(d):
+        held = await datasets.get(d.name, d.dataset_version)
+        if held is not None and held.sha256 != d.sha256:
+            raise PermanentError(
+                f"dataset {d.name} version {d.dataset_version} is already known with sha256 {held.sha256} "
+                f"(source {held.source}); this event says {d.sha256}: a version names one file"
+            )
+        log.info(
+            "dataset version announced again; already known, no retrain",
+            dataset=d.name,
+            version=d.dataset_version,
+            event_id=event.id,
+        )
+        return
     if d.source.startswith(OWN_SOURCES):
         return
     models = sorted(set(d.models) | set(await specs.models_for_dataset(d.name)))

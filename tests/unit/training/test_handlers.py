@@ -227,6 +227,31 @@ async def test_a_request_for_a_model_without_a_spec_is_dead_lettered(harness: Ha
     assert "job-ghost" not in harness.jobs.rows
 
 
+async def test_a_dataset_announced_again_under_a_new_event_id_starts_no_second_job(harness: Harness) -> None:
+    # The same version of the same file, re-sent as a new event (a replay, a producer's retry with a new id).
+    await register(harness, churn_spec())
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    await harness.run_jobs()
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    await harness.run_jobs()
+    assert len(harness.events(TrainingRequested)) == 1
+    assert harness.bus.dead_letters == []
+
+
+async def test_a_dataset_version_announced_again_with_another_file_is_dead_lettered(harness: Harness) -> None:
+    await register(harness, churn_spec())
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    await harness.run_jobs()
+    first = harness.datasets.rows[("churn-base", 1)].sha256
+    await upload(harness, "churn-base", churn_frame(seed=9), models=["churn"])
+    await harness.run_jobs()
+    assert harness.datasets.rows[("churn-base", 1)].sha256 == first
+    assert len(harness.events(TrainingRequested)) == 1
+    [dead] = harness.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"churn-base version 1 is already known with sha256 {first}" in dead.error
+
+
 async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: Harness) -> None:
     await upload(harness, "churn-base", churn_frame())
     await register(harness, churn_spec(retrain={"cooldown_seconds": 600, "daily_budget": 10}))
