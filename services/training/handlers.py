@@ -335,8 +335,10 @@ async def on_training_requested(
     stored = await specs.get(d.model)
     if stored is None:
         raise PermanentError(f"training requested for model {d.model!r}, which has no spec (job {d.job_id})")
+    # Created now, not at the event's time: a clock years ahead (or before 1970) in another producer's
+    # envelope would otherwise count the job in the daily budget for years, or never.
     if (
-        await jobs.dispatch(new_job(event, stored, created_at=event.time))
+        await jobs.dispatch(new_job(event, stored, created_at=clock()))
         or await jobs.get(d.job_id) is not None
     ):
         return

@@ -31,6 +31,7 @@ from contracts.training import (
     TrainingRequested,
     TrainingSkipped,
     TrainingStarted,
+    TrainingTrigger,
 )
 from libs.artifacts import load_model
 from libs.modelspec import ModelSpec
@@ -250,6 +251,31 @@ async def test_a_dataset_version_announced_again_with_another_file_is_dead_lette
     [dead] = harness.bus.dead_letters
     assert dead.reason == "rejected"
     assert f"churn-base version 1 is already known with sha256 {first}" in dead.error
+
+
+async def test_a_foreign_request_dated_years_ahead_does_not_hold_the_daily_budget(harness: Harness) -> None:
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec(retrain={"cooldown_seconds": 0, "daily_budget": 1}))
+    base = await harness.datasets.latest("churn-base")
+    assert base is not None
+    request = TrainingRequested(
+        job_id="job-from-elsewhere",
+        model="churn",
+        trigger=TrainingTrigger.MANUAL,
+        reason="restored from another deployment",
+        datasets=[base.ref()],
+    )
+    ahead = new_event(request, source="/elsewhere").model_copy(
+        update={"time": datetime(2031, 1, 1, tzinfo=UTC)}
+    )
+    await harness.bus.publish(ahead)
+    assert await harness.run_jobs() == 1
+
+    harness.clock.advance(2 * 24 * 3600)  # the budget's 24 hours are long over
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    assert harness.events(TrainingSkipped) == []
+    assert len(harness.events(TrainingRequested)) == 2
 
 
 async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: Harness) -> None:
