@@ -181,6 +181,25 @@ async def record_validation(
         raise PermanentError(
             f"{event.type} names {report.model} version {report.model_version}, which the registry lacks"
         )
+    verdict = "passed" if not report.failed_checks else "failed"
+    held = await versions.report_verdict(report.model, report.model_version, report.report_id)
+    if held is not None:
+        # The report re-sent under a new event id (a replay, a producer's retry). Applied again, it would
+        # list the report twice and take the challenger alias back from a later version.
+        if held != verdict:
+            raise PermanentError(
+                f"{report.model} version {report.model_version} already holds validation report "
+                f"{report.report_id}, which {held}; this {event.type} {event.id} says it {verdict}: "
+                "a report has one outcome"
+            )
+        log.info(
+            "validation report received again; already recorded, nothing changes",
+            model=report.model,
+            version=report.model_version,
+            report_id=report.report_id,
+            event_id=event.id,
+        )
+        return
     await versions.record_validation(report, Cause.of(event))
     if report.failed_checks:
         if not rejected_by_failed_validation(stage):

@@ -82,6 +82,11 @@ class Versions(Protocol):
         """Aliases the version holds, sorted."""
         ...
 
+    async def report_verdict(self, model: str, version: int, report_id: str) -> str | None:
+        """``passed`` or ``failed``: the outcome of the version's validation report of this id, or None when
+        the version holds no such report."""
+        ...
+
     async def record_validation(self, report: ValidationPassed | ValidationFailed, cause: Cause) -> None:
         """Keep a validation outcome for the version page and the model card."""
         ...

@@ -173,6 +173,16 @@ class PgVersions:
         )
         return [r["alias"] for r in rows]
 
+    async def report_verdict(self, model: str, version: int, report_id: str) -> str | None:
+        passed = await self.conn.fetchval(
+            """SELECT passed FROM validation_reports WHERE model = $1 AND version = $2 AND report_id = $3
+               ORDER BY received_at LIMIT 1""",
+            model,
+            version,
+            report_id,
+        )
+        return None if passed is None else "passed" if passed else "failed"
+
     async def record_validation(self, report: ValidationPassed | ValidationFailed, cause: Cause) -> None:
         await self.conn.execute(
             """INSERT INTO validation_reports (event_id, model, version, report_id, passed, checks,

@@ -202,6 +202,18 @@ async def test_a_cut_validation_report_is_kept_with_its_totals_and_where_the_who
     assert f"{len(cut.checks)} of the 5000 checks" in card.text
 
 
+async def test_a_report_re_sent_under_a_new_event_id_is_listed_once(registry: RunningRegistry) -> None:
+    model = model_name()
+    await register(registry, model, "run-1")
+    first = passed(model, 1)
+    again = new_event(first.data, source="/driftloop/validation")
+    await registry.send(first, again)
+    await registry.wait_handled(again)
+    page = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    assert [r["report_id"] for r in page["validation_reports"]] == [first.data.report_id]
+    assert page["aliases"] == ["challenger"]
+
+
 async def test_commands_over_http_become_events_with_the_actor(registry: RunningRegistry) -> None:
     model = model_name()
     await register(registry, model, "run-1")

@@ -91,6 +91,12 @@ class FakeVersions:
     async def aliases_of(self, model: str, version: int) -> list[str]:
         return sorted(a for (m, a), n in self.aliases.items() if m == model and n == version)
 
+    async def report_verdict(self, model: str, version: int, report_id: str) -> str | None:
+        for report, _ in self.reports:
+            if (report.model, report.model_version, report.report_id) == (model, version, report_id):
+                return "failed" if report.failed_checks else "passed"
+        return None
+
     async def record_validation(self, report: ValidationPassed | ValidationFailed, cause: Cause) -> None:
         if all(c.event_id != cause.event_id for _, c in self.reports):
             self.reports.append((report, cause))

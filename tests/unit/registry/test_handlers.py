@@ -306,6 +306,29 @@ async def test_a_late_validation_failure_keeps_the_report_and_leaves_the_stage(
     assert registry.bus.dead_letters == []
 
 
+async def test_a_report_re_sent_under_a_new_event_id_changes_nothing(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-1"), passed("churn", 1))
+    await registry.deliver(training_completed(registry.artifacts, run_id="run-2"), passed("churn", 2))
+    assert registry.versions.aliases == {("churn", "challenger"): 2}
+    await registry.deliver(passed("churn", 1))  # the same report of version 1, as a new event
+    assert registry.versions.aliases == {("churn", "challenger"): 2}
+    assert [r.model_version for r, _ in registry.versions.reports] == [1, 2]
+    assert registry.bus.dead_letters == []
+
+
+async def test_a_report_re_sent_with_another_outcome_is_dead_lettered(registry: Registry) -> None:
+    await registry.deliver(training_completed(registry.artifacts), passed("churn", 1))
+    report_id = passed("churn", 1).report_id
+    await registry.deliver(failed("churn", 1).model_copy(update={"report_id": report_id}))
+    assert registry.versions.stage("churn", 1) is Stage.CANDIDATE
+    assert registry.versions.aliases == {("churn", "challenger"): 1}
+    assert len(registry.versions.reports) == 1
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"already holds validation report {report_id}, which passed" in dead.error
+    assert "says it failed" in dead.error
+
+
 async def test_validation_of_an_unknown_version_is_dead_lettered(registry: Registry) -> None:
     await registry.deliver(passed("churn", 9))
     [dead] = registry.bus.dead_letters
