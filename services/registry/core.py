@@ -171,6 +171,26 @@ async def promote(
     )
 
 
+async def refuse_out_of_date(
+    event: CloudEvent[Any], model: str, version: int, stable: int | None, *, versions: Versions
+) -> None:
+    """Raise :class:`PermanentError` when a rollout event would bring ``version`` back to traffic over a
+    production version other than the one it names as replaced (``stable``): the event is older than the
+    registry's stages (a rollout's event re-sent under a new id after production moved on). Applied, it
+    would archive the version that serves and call production one that does not."""
+    if await versions.stage_for_update(model, version) is not Stage.ARCHIVED:
+        return
+    production = [v for v in await versions.versions_in(model, Stage.PRODUCTION) if v != version]
+    if production and stable not in production:
+        rollout_id = getattr(event.data, "rollout_id", "?")
+        raise PermanentError(
+            f"{event.type} {event.id} (rollout {rollout_id}) would put {model} version {version} on traffic "
+            f"in place of version {stable if stable is not None else '(none)'}, but production is version "
+            f"{', '.join(map(str, production))}: the event is older than the registry's stages (re-sent "
+            "under a new id?); nothing was changed"
+        )
+
+
 async def record_validation(
     event: CloudEvent[Any], *, versions: Versions, publish: Publish, source: str
 ) -> None:

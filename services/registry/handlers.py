@@ -55,8 +55,9 @@ async def on_validation_failed(
 async def on_rollout_started(
     event: CloudEvent[RolloutStarted], *, versions: Versions, publish: Publish, source: str, **_: Any
 ) -> None:
-    """The rolled-out version is canary."""
+    """The rolled-out version is canary (an archived one only over the production version it names)."""
     r = event.data
+    await core.refuse_out_of_date(event, r.model, r.canary_version, r.stable_version, versions=versions)
     await core.change_stage(
         r.model,
         r.canary_version,
@@ -74,6 +75,7 @@ async def on_rollout_promoted(
 ) -> None:
     """Production and champion; the previous production version is archived."""
     r = event.data
+    await core.refuse_out_of_date(event, r.model, r.model_version, r.previous_version, versions=versions)
     how = "promoted on request" if r.manual else f"promoted after {r.steps_completed} healthy steps"
     await core.promote(
         r.model,
@@ -93,6 +95,13 @@ async def on_rollout_rolled_back(
     (an archived one again, after a rollback of production to an earlier version; a candidate named as the
     rollback's target for the first time)."""
     r = event.data
+    if (
+        r.stable_version is not None
+        and await versions.stage_for_update(r.model, r.canary_version) is Stage.REJECTED
+    ):
+        # Rejected already: this rollback was applied before. Its stable version is brought back only while
+        # the rolled-back one is still what it replaced.
+        await core.refuse_out_of_date(event, r.model, r.stable_version, r.canary_version, versions=versions)
     await core.change_stage(
         r.model,
         r.canary_version,

@@ -415,6 +415,64 @@ async def test_a_fact_repeated_under_a_new_id_changes_nothing(registry: Registry
     assert registry.bus.dead_letters == []
 
 
+async def replaced(r: Registry) -> None:
+    """Version 1 served, then version 2 replaced it: 1 is archived, 2 is production."""
+    await to_production(r, "churn", "run-1")
+    await to_production(r, "churn", "run-2", previous=1)
+    assert (r.versions.stage("churn", 1), r.versions.stage("churn", 2)) == (Stage.ARCHIVED, Stage.PRODUCTION)
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        promoted("churn", 1),  # version 1's own promotion, replacing nothing
+        started("churn", 1),  # version 1's first rollout
+        rolled_back("churn", 2, 1),  # production rolled back from 2 to 1, before 3 replaced 1
+    ],
+    ids=["promoted", "started", "rolled-back"],
+)
+async def test_a_rollout_fact_re_sent_after_production_moved_on_is_dead_lettered(
+    registry: Registry, stale: EventPayload
+) -> None:
+    await replaced(registry)
+    production = 2
+    if isinstance(stale, RolloutRolledBack):
+        await registry.deliver(stale)
+        await to_production(registry, "churn", "run-3", previous=1)
+        production = 3
+    stages = {n: v.stage for (_, n), v in registry.versions.versions.items()}
+    changes = len(registry.stage_changes())
+    await registry.deliver(stale)  # re-sent under a new event id
+    assert {n: v.stage for (_, n), v in registry.versions.versions.items()} == stages
+    assert registry.versions.aliases.get(("churn", "champion")) == production
+    assert len(registry.stage_changes()) == changes
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"production is version {production}" in dead.error
+
+
+async def test_an_archived_version_rolled_out_or_promoted_again_serves_again(registry: Registry) -> None:
+    await replaced(registry)
+    await registry.deliver(started("churn", 1, 2))
+    assert registry.versions.stage("churn", 1) is Stage.CANARY
+    await registry.deliver(promoted("churn", 1, 2))
+    assert (registry.versions.stage("churn", 1), registry.versions.stage("churn", 2)) == (
+        Stage.PRODUCTION,
+        Stage.ARCHIVED,
+    )
+    assert registry.bus.dead_letters == []
+
+
+async def test_an_archived_version_promoted_at_once_on_request_serves_again(registry: Registry) -> None:
+    await replaced(registry)
+    await registry.deliver(promoted("churn", 1, 2).model_copy(update={"manual": True, "steps_completed": 0}))
+    assert (registry.versions.stage("churn", 1), registry.versions.stage("churn", 2)) == (
+        Stage.PRODUCTION,
+        Stage.ARCHIVED,
+    )
+    assert registry.bus.dead_letters == []
+
+
 # --- datasets and commands --------------------------------------------------------------------------------
 
 
