@@ -16,7 +16,7 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
-from libs.bus import EventTooLarge, bytes_over_limit
+from libs.bus import EventTooLarge, PermanentError, bytes_over_limit
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ValidationSpec
@@ -82,6 +82,12 @@ async def validate(
     """Gate a candidate and publish the outcome; None when the version was validated before."""
     d = event.data
     if await reports.for_version(d.model, d.model_version) is not None:
+        log.info(
+            "version validated before; registration received again, nothing to do",
+            model=d.model,
+            version=d.model_version,
+            event_id=event.id,
+        )
         return None
     started = time.monotonic()
     champion_version = await champions.get(d.model)
@@ -206,8 +212,17 @@ async def validate(
 async def on_model_version_registered(
     event: CloudEvent[ModelVersionRegistered], *, versions: Versions, **ports: Any
 ) -> None:
-    """Remember the version (it may be a champion later), then gate it."""
-    await versions.record(event.data)
+    """Remember the version (it may be a champion later), then gate it. A version announced again with
+    another model (another artifact) is dead-lettered: its report judged the first one."""
+    d = event.data
+    held = await versions.get(d.model, d.model_version)
+    if held is not None and held.artifact.key != d.artifact.key:
+        raise PermanentError(
+            f"{d.model} version {d.model_version} is known with artifact {held.artifact.key}; this "
+            f"{event.type} {event.id} (run {d.run_id}) names artifact {d.artifact.key}: a version is one "
+            "model, and its validation stands for the first"
+        )
+    await versions.record(d)
     await validate(event, versions=versions, **ports)
 
 

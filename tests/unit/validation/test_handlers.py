@@ -231,6 +231,21 @@ async def test_redelivered_registration_is_not_validated_twice(gate: Gate) -> No
     assert len(gate.bus.events(of=ValidationPassed)) == 1
 
 
+async def test_a_version_announced_again_with_another_model_is_dead_lettered(gate: Gate) -> None:
+    first = gate.train(churn_spec(), 1, churn_frame())
+    await gate.register(first)
+    other = gate.train(churn_spec(), 1, churn_frame(seed=3))
+    assert other.artifact.key != first.artifact.key
+    await gate.register(other)  # the same number for another model: a registry restored from a backup
+    assert len(gate.bus.events(of=ValidationPassed)) == 1
+    held = await gate.versions.get("churn", 1)
+    assert held is not None and held.artifact == first.artifact
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"churn version 1 is known with artifact {first.artifact.key}" in dead.error
+    assert f"names artifact {other.artifact.key}" in dead.error
+
+
 async def test_candidate_whose_artifact_is_missing_fails_with_a_named_check(gate: Gate) -> None:
     registered = gate.train(churn_spec(), 1, churn_frame())
     broken = registered.model_copy(
