@@ -183,6 +183,18 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_has_utc_form)]
 
 EventId = Annotated[str, StringConstraints(min_length=1, max_length=128), Storable()]
 
+ID_MAX_CHARS = 512
+"""The longest training job or run id an event may carry. Services keep them in indexed columns (training's
+jobs, the registry's one version per run): 512 characters are at most 2,048 bytes of UTF-8, which beside the
+longest model name fits a Postgres index entry (2,704 bytes); a longer id failed there, retried as if the
+database were at fault."""
+
+JobId = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_CHARS), Storable()]
+"""A training job's id: at most :data:`ID_MAX_CHARS` characters, no NUL or lone surrogate."""
+
+RunId = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_CHARS), Storable()]
+"""A training run's id (one per attempt of a job): at most :data:`ID_MAX_CHARS` characters."""
+
 JsonScalar: TypeAlias = bool | int | float | str | None
 """A hyper-parameter value: params are flat so they can be compared and diffed across versions."""
 

@@ -14,10 +14,12 @@ from contracts.common import (
     EventRef,
     FreeText,
     Identifier,
+    JobId,
     Lineage,
     ModelName,
     ModelSignature,
     ModelVersion,
+    RunId,
     Stage,
 )
 from contracts.envelope import EventPayload
@@ -38,11 +40,15 @@ class ModelVersionRegistered(EventPayload):
     stage: Stage = Field(
         default=Stage.CANDIDATE, description="Stage at registration.", examples=["candidate"]
     )
-    run_id: Identifier = Field(
-        min_length=1, description="The training run that produced it.", examples=["run-8a41b7"]
+    run_id: RunId = Field(
+        min_length=1,
+        description="The training run that produced it (at most 512 characters).",
+        examples=["run-8a41b7"],
     )
-    job_id: Identifier = Field(
-        min_length=1, description="The training job that produced it.", examples=["job-2f6c1d0e"]
+    job_id: JobId = Field(
+        min_length=1,
+        description="The training job that produced it (at most 512 characters).",
+        examples=["job-2f6c1d0e"],
     )
     artifact: ArtifactRef = Field(description="The model (skops), verified by sha256 on every load.")
     profile: ArtifactRef = Field(description="The reference profile for drift detection (JSON).")

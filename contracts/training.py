@@ -19,10 +19,12 @@ from contracts.common import (
     EventRef,
     FreeText,
     Identifier,
+    JobId,
     Lineage,
     ModelName,
     ModelSignature,
     ModelVersion,
+    RunId,
     Sha256Hex,
     Task,
     TrafficWindow,
@@ -103,7 +105,9 @@ class TrainingRequested(EventPayload):
     event_name: ClassVar[str] = "TrainingRequested"
     topic: ClassVar[str] = TOPIC
 
-    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
+    job_id: JobId = Field(
+        min_length=1, description="Training job id (at most 512 characters).", examples=["job-2f6c1d0e"]
+    )
     model: ModelName = Field(description="Model to train.", examples=["churn"])
     trigger: TrainingTrigger = Field(description="What asked for the retrain.", examples=["drift-detected"])
     reason: FreeText = Field(
@@ -138,7 +142,7 @@ class TrainingSkipped(EventPayload):
         description="What happened and what would change the decision, for people.",
         examples=["last run finished 12 min ago; cooldown is 30 min (next possible at 14:05Z)"],
     )
-    in_flight_job_id: Identifier | None = Field(
+    in_flight_job_id: JobId | None = Field(
         default=None, description="The job already running, when the reason is `in-flight`."
     )
     retry_after_seconds: float | None = Field(
@@ -155,9 +159,13 @@ class TrainingStarted(EventPayload):
     event_name: ClassVar[str] = "TrainingStarted"
     topic: ClassVar[str] = TOPIC
 
-    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: Identifier = Field(
-        min_length=1, description="Id of this run (one per attempt).", examples=["run-8a41b7"]
+    job_id: JobId = Field(
+        min_length=1, description="Training job id (at most 512 characters).", examples=["job-2f6c1d0e"]
+    )
+    run_id: RunId = Field(
+        min_length=1,
+        description="Id of this run (one per attempt; at most 512 characters).",
+        examples=["run-8a41b7"],
     )
     model: ModelName = Field(description="Model being trained.", examples=["churn"])
     attempt: int = Field(ge=1, description="1 for the first run; higher when a job is resumed.", examples=[1])
@@ -173,8 +181,12 @@ class TrainingProgress(EventPayload):
     event_name: ClassVar[str] = "TrainingProgress"
     topic: ClassVar[str] = TOPIC
 
-    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: Identifier = Field(min_length=1, description="Run id.", examples=["run-8a41b7"])
+    job_id: JobId = Field(
+        min_length=1, description="Training job id (at most 512 characters).", examples=["job-2f6c1d0e"]
+    )
+    run_id: RunId = Field(
+        min_length=1, description="Run id (at most 512 characters).", examples=["run-8a41b7"]
+    )
     model: ModelName = Field(description="Model being trained.", examples=["churn"])
     phase: Identifier = Field(
         min_length=1,
@@ -197,10 +209,12 @@ class TrainingCompleted(EventPayload):
     event_name: ClassVar[str] = "TrainingCompleted"
     topic: ClassVar[str] = TOPIC
 
-    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: Identifier = Field(
+    job_id: JobId = Field(
+        min_length=1, description="Training job id (at most 512 characters).", examples=["job-2f6c1d0e"]
+    )
+    run_id: RunId = Field(
         min_length=1,
-        description="Run id; the registry creates exactly one version per run id.",
+        description="Run id (at most 512 characters); the registry creates exactly one version per run id.",
         examples=["run-8a41b7"],
     )
     model: ModelName = Field(description="Model trained.", examples=["churn"])
@@ -235,8 +249,10 @@ class TrainingFailed(EventPayload):
     event_name: ClassVar[str] = "TrainingFailed"
     topic: ClassVar[str] = TOPIC
 
-    job_id: Identifier = Field(min_length=1, description="Training job id.", examples=["job-2f6c1d0e"])
-    run_id: Identifier | None = Field(default=None, description="Run id, when a run had started.")
+    job_id: JobId = Field(
+        min_length=1, description="Training job id (at most 512 characters).", examples=["job-2f6c1d0e"]
+    )
+    run_id: RunId | None = Field(default=None, description="Run id, when a run had started.")
     model: ModelName = Field(description="Model that was being trained.", examples=["churn"])
     reason: FailureReason = Field(description="Machine-readable reason.", examples=["unknown-feature"])
     message: FreeText = Field(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 import contracts
 from contracts import generate
 from contracts.audit import AuditCheckpoint
-from contracts.common import ContractModel, ModelSignature, Task, TrafficWindow
+from contracts.common import ID_MAX_CHARS, ContractModel, ModelSignature, Task, TrafficWindow
 from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import AUDIT_EXAMPLE_PUBLIC_KEY, EXAMPLES
 from contracts.feedback import GroundTruthReceived
@@ -30,7 +30,7 @@ from contracts.predictions import PredictionsLogged
 from contracts.registry import ALL_PAYLOADS, EVENT_TYPES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.topics import AUDIT, DEAD_LETTER, SERVICES, TOPICS
-from contracts.training import TrainingCompleted
+from contracts.training import TrainingCompleted, TrainingRequested
 from contracts.validation import ValidationFailed, ValidationPassed
 
 PAYLOAD_IDS = [cls.__name__ for cls in ALL_PAYLOADS]
@@ -276,6 +276,23 @@ def test_a_window_cannot_end_before_it_starts() -> None:
 def test_timestamps_must_carry_a_timezone() -> None:
     with pytest.raises(ValidationError, match="timezone"):
         PredictionsLogged.model_validate(_with(PredictionsLogged, predicted_at="2025-06-02T09:20:03"))
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (TrainingRequested, "job_id"),
+        (TrainingCompleted, "job_id"),
+        (TrainingCompleted, "run_id"),
+        (ModelVersionRegistered, "run_id"),
+        (ModelVersionRegistered, "job_id"),
+    ],
+)
+def test_a_job_or_run_id_fits_an_index_entry(cls: type[EventPayload], name: str) -> None:
+    # Four-byte characters at the bound: 2,048 bytes, within a Postgres index entry beside any model name.
+    cls.model_validate(_with(cls, **{name: "\U0001d4c1" * ID_MAX_CHARS}))
+    with pytest.raises(ValidationError, match="at most 512 characters"):
+        cls.model_validate(_with(cls, **{name: "r" * (ID_MAX_CHARS + 1)}))
 
 
 def test_a_missing_input_value_is_null() -> None:

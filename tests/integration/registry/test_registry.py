@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 
 from contracts.commands import ArchiveRequested, PromoteRequested
@@ -212,6 +213,26 @@ async def test_a_report_re_sent_under_a_new_event_id_is_listed_once(registry: Ru
     page = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
     assert [r["report_id"] for r in page["validation_reports"]] == [first.data.report_id]
     assert page["aliases"] == ["challenger"]
+
+
+def dead_lettered(registry: RunningRegistry, reason: str) -> float:
+    """How many of the input topic's records this registry's consumer dead-lettered with ``reason``."""
+    consumer = str(getattr(registry.rt.settings, "consumer_group", "registry"))
+    labels = {"consumer": consumer, "topic": registry.topic, "reason": reason}
+    return prometheus_client.REGISTRY.get_sample_value("driftloop_bus_dead_lettered_total", labels) or 0.0
+
+
+async def test_a_run_id_too_long_for_the_index_is_dead_lettered_at_once_as_schema_invalid(
+    registry: RunningRegistry,
+) -> None:
+    # 1,000 distinct three-byte characters: 3,000 bytes that do not compress, past a btree entry (2,704).
+    model = model_name()
+    long_run = "".join(chr(0x4E00 + i) for i in range(1_000))
+    before = {r: dead_lettered(registry, r) for r in ("schema-invalid", "handler-failed")}
+    await settle(registry, registry.training_completed(model, long_run))
+    assert dead_lettered(registry, "schema-invalid") == before["schema-invalid"] + 1
+    assert dead_lettered(registry, "handler-failed") == before["handler-failed"]
+    assert await registry.versions_of(model) == []
 
 
 async def test_commands_over_http_become_events_with_the_actor(registry: RunningRegistry) -> None:
