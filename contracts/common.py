@@ -160,6 +160,14 @@ def parse_version(text: str) -> int | None:
     return version if version <= VERSION_MAX else None
 
 
+COUNT_MAX = 2**63 - 1
+"""The largest row count or size in bytes an event may carry: services store them in Postgres ``bigint``
+columns (and in ``jsonb``, whose encoder takes 64-bit integers), so a larger one failed there, retried as if
+the database were at fault."""
+
+SEED_MAX = 2**32 - 1
+"""The largest random seed: a model spec's ``seed`` (numpy's and scikit-learn's range)."""
+
 ModelVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 """Model versions are numbered 1, 2, 3, ... per model by the registry."""
 
@@ -275,7 +283,9 @@ class ArtifactRef(ContractModel):
         ],
     )
     format: ArtifactFormat = Field(description="How the bytes are serialised.", examples=["skops"])
-    size_bytes: int = Field(ge=0, description="Size of the artifact in bytes.", examples=[482113])
+    size_bytes: int = Field(
+        ge=0, le=COUNT_MAX, description="Size of the artifact in bytes.", examples=[482113]
+    )
 
 
 class DatasetRef(ContractModel):
@@ -287,7 +297,9 @@ class DatasetRef(ContractModel):
         description="sha256 of the dataset file's bytes; also its key in the artifact store.",
         examples=["b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"],
     )
-    rows: int | None = Field(default=None, ge=0, description="Row count, when known.", examples=[50000])
+    rows: int | None = Field(
+        default=None, ge=0, le=COUNT_MAX, description="Row count, when known.", examples=[50000]
+    )
 
 
 class FeatureSpec(ContractModel):
@@ -369,7 +381,11 @@ class Lineage(ContractModel):
         description="The version that was in production when this one was trained (null for the first).",
         examples=[6],
     )
-    seed: int = Field(description="Random seed of the run; same data, spec and seed give the same model.")
+    seed: int = Field(
+        ge=0,
+        le=SEED_MAX,
+        description="Random seed of the run (the spec's); same data, spec and seed give the same model.",
+    )
     environment: dict[Identifier, Identifier] = Field(
         default_factory=dict,
         description="Versions of the libraries the model was trained with (scikit-learn, numpy, ...).",
@@ -390,7 +406,9 @@ class TrafficWindow(ContractModel):
     )
     start: UtcDatetime = Field(description="Time of the first prediction in the window.")
     end: UtcDatetime = Field(description="Time of the last prediction in the window.")
-    size: int = Field(ge=0, description="Number of predictions (rows) in the window.", examples=[5000])
+    size: int = Field(
+        ge=0, le=COUNT_MAX, description="Number of predictions (rows) in the window.", examples=[5000]
+    )
     data: ArtifactRef | None = Field(
         default=None,
         description="The window's rows (inputs, prediction, joined label when there is one) as Parquet in "

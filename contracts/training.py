@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from contracts.common import (
+    COUNT_MAX,
     ArtifactRef,
     DatasetName,
     DatasetRef,
@@ -229,8 +230,10 @@ class TrainingCompleted(EventPayload):
     )
     signature: ModelSignature = Field(description="Features, target, task and classes of the model.")
     lineage: Lineage = Field(description="Data, spec, code and parameters that made the model.")
-    train_rows: int = Field(ge=1, description="Rows the model was fitted on.", examples=[40000])
-    holdout_rows: int = Field(ge=0, description="Rows the metrics were computed on.", examples=[10000])
+    train_rows: int = Field(ge=1, le=COUNT_MAX, description="Rows the model was fitted on.", examples=[40000])
+    holdout_rows: int = Field(
+        ge=0, le=COUNT_MAX, description="Rows the metrics were computed on.", examples=[10000]
+    )
     duration_seconds: float = Field(ge=0, description="Wall time of the run.", examples=[8.7])
     categories_seen: dict[Identifier, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,

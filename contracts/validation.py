@@ -13,6 +13,11 @@ from contracts.envelope import EventPayload
 TOPIC = "mlops.validation"
 
 
+CHECKS_MAX = 2**31 - 1
+"""The most checks a report may count: the registry keeps ``checks_total`` and ``failed_checks_total`` in
+Postgres ``integer`` columns, so a larger total failed there, retried as if the database were at fault."""
+
+
 class Comparator(StrEnum):
     """How a check's value is compared with its threshold: passed when ``value <comparator> threshold``."""
 
@@ -106,6 +111,7 @@ class _ValidationReport(EventPayload):
     checks_total: int | None = Field(
         default=None,
         ge=1,
+        le=CHECKS_MAX,
         description="How many checks ran: the length of `checks` unless `checks_truncated`. Null in events "
         "from before it was added (then `checks` is complete).",
         examples=[9],
@@ -113,6 +119,7 @@ class _ValidationReport(EventPayload):
     failed_checks_total: int | None = Field(
         default=None,
         ge=0,
+        le=CHECKS_MAX,
         description="How many checks failed: the length of `failed_checks` unless `checks_truncated`. Null "
         "in events from before it was added.",
         examples=[0],

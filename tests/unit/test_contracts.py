@@ -20,7 +20,16 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 import contracts
 from contracts import generate
 from contracts.audit import AuditCheckpoint
-from contracts.common import ID_MAX_CHARS, ContractModel, ModelSignature, Task, TrafficWindow
+from contracts.common import (
+    COUNT_MAX,
+    ID_MAX_CHARS,
+    SEED_MAX,
+    ContractModel,
+    ModelSignature,
+    Task,
+    TrafficWindow,
+)
+from contracts.datasets import DatasetRegistered
 from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import AUDIT_EXAMPLE_PUBLIC_KEY, EXAMPLES
 from contracts.feedback import GroundTruthReceived
@@ -31,7 +40,7 @@ from contracts.registry import ALL_PAYLOADS, EVENT_TYPES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.topics import AUDIT, DEAD_LETTER, SERVICES, TOPICS
 from contracts.training import TrainingCompleted, TrainingRequested
-from contracts.validation import ValidationFailed, ValidationPassed
+from contracts.validation import CHECKS_MAX, ValidationFailed, ValidationPassed
 
 PAYLOAD_IDS = [cls.__name__ for cls in ALL_PAYLOADS]
 
@@ -293,6 +302,39 @@ def test_a_job_or_run_id_fits_an_index_entry(cls: type[EventPayload], name: str)
     cls.model_validate(_with(cls, **{name: "\U0001d4c1" * ID_MAX_CHARS}))
     with pytest.raises(ValidationError, match="at most 512 characters"):
         cls.model_validate(_with(cls, **{name: "r" * (ID_MAX_CHARS + 1)}))
+
+
+@pytest.mark.parametrize(
+    ("cls", "path", "largest"),
+    [
+        (DatasetRegistered, ("row_count",), COUNT_MAX),
+        (DatasetRegistered, ("artifact", "size_bytes"), COUNT_MAX),
+        (TrainingCompleted, ("train_rows",), COUNT_MAX),
+        (TrainingCompleted, ("holdout_rows",), COUNT_MAX),
+        (TrainingCompleted, ("lineage", "seed"), SEED_MAX),
+        (DriftDetected, ("window", "size"), COUNT_MAX),
+        (ValidationPassed, ("checks_total",), CHECKS_MAX),
+        (ValidationPassed, ("failed_checks_total",), CHECKS_MAX),
+    ],
+)
+def test_a_number_fits_the_column_its_consumers_keep_it_in(
+    cls: type[EventPayload], path: tuple[str, ...], largest: int
+) -> None:
+    def with_value(value: int) -> dict[str, Any]:
+        data = EXAMPLES[cls].model_dump(mode="json")
+        *parents, leaf = path
+        inner = data
+        for name in parents:
+            inner = inner[name]
+        inner[leaf] = value
+        return data
+
+    if path == ("checks_total",):
+        cls.model_validate({**with_value(largest), "checks_truncated": True})
+    elif path != ("failed_checks_total",):
+        cls.model_validate(with_value(largest))
+    with pytest.raises(ValidationError, match=f"less than or equal to {largest}"):
+        cls.model_validate(with_value(largest + 1))
 
 
 def test_a_missing_input_value_is_null() -> None:

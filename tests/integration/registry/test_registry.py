@@ -571,3 +571,50 @@ async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> Non
     )
     assert html.status_code == 200 and html.text.startswith("<!doctype html>")
     assert (await registry.http.get(f"/v1/models/{model}/versions/1/card")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "train_rows",
+        "lineage.seed",
+        "lineage.datasets.rows",
+        "artifact.size_bytes",
+        "dataset.row_count",
+        "report.checks_total",
+    ],
+)
+async def test_a_number_past_what_postgres_stores_is_dead_lettered_at_once_as_schema_invalid(
+    registry: RunningRegistry, field: str
+) -> None:
+    # 2**63 passes a bigint column (and 2**64 orjson's range for jsonb): the contract's bounds keep them out.
+    model = model_name()
+    completed = registry.training_completed(model, "run-1")
+    c = completed.data
+    too_big = {"artifact.size_bytes": 2**64, "report.checks_total": 2**31}.get(field, 2**63)
+    event: CloudEvent[Any]
+    if field == "report.checks_total":
+        await register(registry, model, "run-1")
+        report = passed(model, 1).data
+        event = new_event(report.model_copy(update={"checks_total": too_big}), source="/driftloop/validation")
+    elif field == "dataset.row_count":
+        event = new_event(
+            training_set(registry, f"{model}-training").model_copy(update={"row_count": too_big}),
+            source="/driftloop/training",
+        )
+    else:
+        if field == "train_rows":
+            c = c.model_copy(update={"train_rows": too_big})
+        elif field == "lineage.seed":
+            c = c.model_copy(update={"lineage": c.lineage.model_copy(update={"seed": too_big})})
+        elif field == "lineage.datasets.rows":
+            cut = [d.model_copy(update={"rows": too_big}) for d in c.lineage.datasets]
+            c = c.model_copy(update={"lineage": c.lineage.model_copy(update={"datasets": cut})})
+        else:
+            c = c.model_copy(update={"artifact": c.artifact.model_copy(update={"size_bytes": too_big})})
+        event = new_event(c, source="/driftloop/training")
+    before = {r: dead_lettered(registry, r) for r in ("schema-invalid", "handler-failed")}
+    await settle(registry, event)
+    assert dead_lettered(registry, "schema-invalid") == before["schema-invalid"] + 1
+    assert dead_lettered(registry, "handler-failed") == before["handler-failed"]
+    assert await registry.versions_of(model) == ([1] if field == "report.checks_total" else [])
