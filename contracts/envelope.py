@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -341,16 +342,64 @@ def _text_headers(
     return size, hdr, nul
 
 
-def _event_time(raw: str) -> datetime:
-    """``ce_time`` as an aware datetime; :class:`MalformedEvent` unless it is an RFC 3339 timestamp (date,
-    time and UTC offset) that has a UTC form."""
+CE_TIME_FORM = (
+    "an RFC 3339 date-time: date, 'T', time with seconds (a fraction optional), then 'Z' or a +hh:mm/-hh:mm "
+    "offset, e.g. 2025-01-01T00:00:00Z or 2025-01-01T01:00:00.5+01:00 ('t' and 'z' may be lower case)"
+)
+"""What ``ce_time`` must be, as a refusal says it."""
+
+_RFC3339_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:(?P<second>[0-9]{2})(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-](?P<offset_hour>[0-9]{2}):(?P<offset_minute>[0-9]{2}))"
+)
+"""RFC 3339 §5.6 ``date-time``, ASCII digits only; the ranges of the numbers are checked apart."""
+
+_ZONELESS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?)?")
+
+
+def parse_event_time(text: str) -> datetime:
+    """``ce_time`` (CloudEvents ``time``) as an aware datetime, or :class:`MalformedEvent` saying why it is
+    not one: exactly an RFC 3339 ``date-time`` (:data:`CE_TIME_FORM`) that has a UTC form (years 1..9999).
+
+    The one reading of the attribute: the bus decodes events with it and the audit trail indexes their time
+    with it, so both take and refuse the same texts. ISO 8601 forms RFC 3339 leaves out (a space for the
+    'T', no seconds, basic format, week dates, a comma, an offset without its colon) are refused. A leap
+    second (second 60, which RFC 3339 allows at 23:59 UTC) is read as 23:59:59.999999: datetime has no
+    second 60."""
+    shape = _RFC3339_DATE_TIME.fullmatch(text)
+    if shape is None:
+        why = " (it has no UTC offset: 'Z' for UTC)" if _ZONELESS.fullmatch(text) else ""
+        raise MalformedEvent(f"ce_time {text!r} is not an RFC 3339 date-time{why}: give {CE_TIME_FORM}")
+    if shape["offset_hour"] is not None and (
+        int(shape["offset_hour"]) > 23 or int(shape["offset_minute"]) > 59
+    ):
+        raise MalformedEvent(
+            f"ce_time {text!r} is not an RFC 3339 date-time (its UTC offset is out of range): give "
+            f"{CE_TIME_FORM}"
+        )
+    # The shape puts 'T' at 10 and 'Z' last: upper() makes a lower-case 't' or 'z' what fromisoformat reads.
+    normal = text.upper() if text[10] == "t" or text[-1] == "z" else text
+    leap = shape["second"] == "60"
+    if leap:
+        normal = f"{normal[:17]}59{normal[19:]}"
     try:
-        time = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        if time.tzinfo is None:
-            raise ValueError("no UTC offset")
-        time.astimezone(UTC)
-    except (ValueError, OverflowError) as exc:
-        raise MalformedEvent(f"ce_time {raw!r} is not an RFC 3339 timestamp ({exc})") from exc
+        time = datetime.fromisoformat(normal)
+        utc = time.astimezone(UTC)
+    except ValueError as exc:  # 2025-02-30, hour 24, minute 60, year 0
+        raise MalformedEvent(
+            f"ce_time {text!r} is not an RFC 3339 date-time ({exc}): give {CE_TIME_FORM}"
+        ) from exc
+    except OverflowError as exc:
+        raise MalformedEvent(
+            f"ce_time {text!r} has no UTC form (it falls before year 1 or after year 9999 in UTC)"
+        ) from exc
+    if leap:
+        if (utc.hour, utc.minute) != (23, 59):
+            raise MalformedEvent(
+                f"ce_time {text!r} is not an RFC 3339 date-time (second 60 is a leap second, which falls "
+                "only at 23:59 UTC)"
+            )
+        time = time.replace(microsecond=999_999)
     return time
 
 
@@ -463,7 +512,7 @@ class EventTypeRegistry:
             raise NotJson("the message has no value")
         ce_type, data = self._payload(ce_type, value, readers)
         raw_time = hdr.get("ce_time")
-        time = _event_time(raw_time) if raw_time else datetime.now(UTC)
+        time = parse_event_time(raw_time) if raw_time else datetime.now(UTC)
         # Every attribute was checked above: build without validating them again (the consumer hot path).
         return CloudEvent._trusted(
             id=ce_id,

@@ -416,7 +416,11 @@ identify an event (neither may be empty): a publisher keeps its ids unique among
 another publisher's event with the same id is another event. Consumers skip a redelivery of one they
 handled and dead-letter the same source and id with a different value as `reused-event-id`. Each
 attribute header comes once (given twice, the record is dead-lettered as `malformed`, and so is one that
-holds a NUL character), and `ce_time` is an RFC 3339 timestamp with its UTC offset.
+holds a NUL character). `ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00Z`,
+`2025-01-01T01:00:00.5+01:00`; `t` and `z` may be lower case, the fraction has any number of digits and a
+leap second, `23:59:60` UTC, is read as `23:59:59.999999`); anything else (a space for the `T`, no seconds,
+no UTC offset, ISO 8601's basic format or week dates, a time with no UTC form) is dead-lettered as
+`malformed`, and the audit trail indexes the time of exactly the records the bus takes.
 
 Machine-readable: one JSON Schema per event in `contracts/schemas/`, every topic, message and service
 operation in `contracts/asyncapi.yaml` (AsyncAPI 3.0). The topic map is `contracts/topics.py`; the

@@ -35,12 +35,14 @@ from contracts.envelope import (
     UnknownEventType,
     UnknownSchemaVersion,
     new_event,
+    parse_event_time,
     record_bytes,
 )
 from contracts.examples import EXAMPLES
 from contracts.monitoring import DriftDetected
 from contracts.registry import EVENT_TYPES
 from contracts.training import TrainingCompleted, TrainingRequested
+from tests.unit.event_times import ACCEPTED, REFUSED
 
 EXAMPLE_LIST = list(EXAMPLES.values())
 IDS = [type(e).__name__ for e in EXAMPLE_LIST]
@@ -389,26 +391,35 @@ def test_another_cloudevents_spec_version_is_refused() -> None:
         EVENT_TYPES.decode(value, headers)
 
 
-@pytest.mark.parametrize(
-    "time",
-    [
-        b"yesterday",
-        # ISO 8601 that RFC 3339 is not: no UTC offset (naive, read as local time somewhere), or a date only
-        b"2024-01-01T00:00:00",
-        b"2024-01-01T00:00:00.5",
-        b"2024-01-01",
-        # no UTC form: the hour before year 1, in UTC
-        b"0001-01-01T00:00:00+01:00",
-        b"9999-12-31T23:00:00-05:00",
-    ],
-)
-def test_a_time_that_is_not_rfc3339_is_refused(time: bytes) -> None:
+@pytest.mark.parametrize("time", REFUSED)
+def test_a_time_that_is_not_rfc3339_is_refused(time: str) -> None:
     value, headers = _valid_message()
-    headers["ce_time"] = time
+    headers["ce_time"] = time.encode()
 
-    with pytest.raises(MalformedEvent, match=re.escape(time.decode())) as caught:
+    if not time:
+        # An empty ce_time is an absent one (the attribute is optional): the event is read as of now.
+        assert EVENT_TYPES.decode(value, headers).time.tzinfo is not None
+        return
+    with pytest.raises(MalformedEvent, match=re.escape(repr(time))) as caught:
         EVENT_TYPES.decode(value, headers)
     assert caught.value.reason == "malformed"
+    assert "RFC 3339" in caught.value.detail or "no UTC form" in caught.value.detail
+    with pytest.raises(MalformedEvent):
+        parse_event_time(time)
+
+
+@pytest.mark.parametrize(("time", "instant"), ACCEPTED)
+def test_every_rfc3339_date_time_is_accepted(time: str, instant: datetime) -> None:
+    value, headers = _valid_message()
+    headers["ce_time"] = time.encode()
+
+    event = EVENT_TYPES.decode(value, headers)
+
+    assert event.time == instant
+    assert parse_event_time(time) == instant
+    # Published again, it is written in the canonical form, which reads back as the same instant.
+    _, _, again = event.to_kafka()
+    assert EVENT_TYPES.decode(value, again).time == instant
 
 
 @pytest.mark.parametrize("header", ["ce_id", "ce_type", "ce_actor", "ce_time", "content-type"])

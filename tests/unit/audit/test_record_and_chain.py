@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 
-from contracts.envelope import NotJson
+from contracts.envelope import MalformedEvent, NotJson
 from contracts.monitoring import DriftDetected
+from contracts.registry import EVENT_TYPES
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Record
 from services.audit.domain import (
@@ -24,8 +26,10 @@ from services.audit.domain import (
     KafkaPosition,
     Kind,
     Sealer,
+    StoredRow,
     chain_hash,
     chain_rows,
+    column_mismatch,
     decode_record,
     encode_record,
     kafka_content,
@@ -34,6 +38,7 @@ from services.audit.domain import (
     record_meta,
 )
 from tests.unit.audit.fakes import SEED, example, record_of
+from tests.unit.event_times import ACCEPTED, REFUSED
 
 AT = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -248,3 +253,58 @@ def test_a_record_at_a_reused_position_says_so_and_the_stored_record_gives_the_s
         ChainHead(), [Incoming(r)], recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=""
     )
     assert "reuse" not in decode_record(first.record)[0]["kafka"] and first.reuse == 0
+
+
+def _with_time(record: Record, ce_time: str) -> Record:
+    headers = tuple((name, ce_time.encode() if name == "ce_time" else raw) for name, raw in record.headers)
+    return replace(record, headers=headers)
+
+
+@pytest.mark.parametrize("ce_time", [text for text, _ in ACCEPTED] + [t for t in REFUSED if t])
+def test_the_trail_indexes_ce_time_exactly_when_the_bus_decodes_it(ce_time: str) -> None:
+    r = _with_time(record_of(example(DriftDetected)), ce_time)
+    try:
+        decoded: datetime | None = EVENT_TYPES.decode(r.value, r.headers).time
+        incoming = Incoming(r)
+    except MalformedEvent as exc:
+        decoded, incoming = None, Incoming(r, exc, decoded=False)
+    # As the audit consumer sees it (the decoder's verdict), and as if decoded (the builder's fast path).
+    for item in (incoming, Incoming(r)):
+        [row] = chain_rows(
+            ChainHead(0, GENESIS), [item], recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=DEAD_LETTER
+        )
+        meta, _ = decode_record(row.record)
+        assert row.event_time == decoded
+        assert Attributes.of(meta["headers"]).event_time == decoded
+    assert (decoded is not None) == (ce_time in dict(ACCEPTED))
+    if decoded is not None:
+        assert decoded == dict(ACCEPTED)[ce_time]
+
+
+def test_a_time_copy_made_before_the_trail_read_ce_time_as_the_bus_does_still_verifies() -> None:
+    # Until then, the copy of "2025-03-01 12:00:00Z" (no RFC 3339: the bus refuses it now) was a time.
+    r = _with_time(record_of(example(DriftDetected)), "2025-03-01 12:00:00Z")
+    [row] = chain_rows(
+        ChainHead(0, GENESIS),
+        [Incoming(r)],
+        recorded_at=AT,
+        sealer=Sealer(SEED),
+        dead_letter_topic=DEAD_LETTER,
+    )
+    stored = StoredRow(
+        seq=row.seq,
+        record=row.record,
+        row_hash=row.row_hash,
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        kind=row.kind,
+        attributes=Attributes(*row[8:15]),
+        recorded_at=row.recorded_at,
+    )
+    assert stored.attributes.event_time is None
+    assert column_mismatch(stored) is None
+    old_copy = stored.attributes._replace(event_time=datetime(2025, 3, 1, 12, tzinfo=UTC))
+    assert column_mismatch(replace(stored, attributes=old_copy)) is None
+    moved = stored.attributes._replace(event_time=datetime(2025, 3, 1, 13, tzinfo=UTC))
+    assert column_mismatch(replace(stored, attributes=moved)) == "event_time"
