@@ -506,7 +506,9 @@ class EventTypeRegistry:
         if hdr["ce_specversion"] != SPEC_VERSION:
             raise MalformedEvent(f"ce_specversion is {hdr['ce_specversion']!r}, expected {SPEC_VERSION!r}")
         content_type = hdr.get("content-type") or CONTENT_TYPE
-        if content_type.split(";")[0].strip() != CONTENT_TYPE:
+        # A media type is case-insensitive (RFC 9110 §8.3.1); its parameters do not matter: JSON is UTF-8,
+        # and a charset parameter has no effect on it (RFC 8259 §11).
+        if content_type != CONTENT_TYPE and content_type.partition(";")[0].strip().lower() != CONTENT_TYPE:
             raise NotJson(f"content-type is {content_type!r}, expected {CONTENT_TYPE!r}")
         if value is None:
             raise NotJson("the message has no value")

@@ -420,7 +420,10 @@ holds a NUL character). `ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00
 `2025-01-01T01:00:00.5+01:00`; `t` and `z` may be lower case, the fraction has any number of digits and a
 leap second, `23:59:60` UTC, is read as `23:59:59.999999`); anything else (a space for the `T`, no seconds,
 no UTC offset, ISO 8601's basic format or week dates, a time with no UTC form) is dead-lettered as
-`malformed`, and the audit trail indexes the time of exactly the records the bus takes.
+`malformed`, and the audit trail indexes the time of exactly the records the bus takes. `content-type`,
+when given, is `application/json` in any case (`Application/JSON; charset=UTF-8` too: a media type is
+case-insensitive, and JSON is UTF-8 whatever a `charset` says); another media type is dead-lettered as
+`not-json`.
 
 Machine-readable: one JSON Schema per event in `contracts/schemas/`, every topic, message and service
 operation in `contracts/asyncapi.yaml` (AsyncAPI 3.0). The topic map is `contracts/topics.py`; the

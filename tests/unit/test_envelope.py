@@ -206,6 +206,36 @@ def test_a_non_json_content_type_is_refused_as_not_json() -> None:
         EVENT_TYPES.decode(value, headers)
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/json",
+        b"Application/JSON",
+        b"APPLICATION/JSON; charset=UTF-8",
+        b"application/json;Charset=utf-8",
+        b'application/JSON ; CHARSET="UTF-8"',
+        b"",  # absent: CloudEvents' default for this binding
+    ],
+)
+def test_the_json_media_type_is_read_in_any_case(content_type: bytes) -> None:
+    # Media types and their parameters' names are case-insensitive (RFC 9110 §8.3.1).
+    value, headers = _valid_message()
+    headers["content-type"] = content_type
+
+    assert EVENT_TYPES.decode(value, headers).datacontenttype == "application/json"
+
+
+@pytest.mark.parametrize(
+    "content_type", [b"application/avro", b"Application/Cloudevents+JSON", b"text/json", b"application/jsonx"]
+)
+def test_another_media_type_in_any_case_is_refused_as_not_json(content_type: bytes) -> None:
+    value, headers = _valid_message()
+    headers["content-type"] = content_type
+
+    with pytest.raises(NotJson, match=re.escape(repr(content_type.decode()))):
+        EVENT_TYPES.decode(value, headers)
+
+
 def test_a_message_without_value_is_refused_as_not_json() -> None:
     _, headers = _valid_message()
 
