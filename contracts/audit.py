@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from contracts.common import Identifier, Sha256Hex, UtcDatetime
+from contracts.common import PG_BIGINT_MAX, Identifier, Sha256Hex, UtcDatetime
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.audit"
@@ -30,14 +30,20 @@ class AuditCheckpoint(EventPayload):
     subject_field: ClassVar[str | None] = None
 
     sequence: int = Field(
-        ge=0, description="Sequence number of the last trail row covered.", examples=[184467]
+        ge=0,
+        le=PG_BIGINT_MAX,
+        description="Sequence number of the last trail row covered.",
+        examples=[184467],
     )
     head_hash: Sha256Hex = Field(
         description="Row hash of that row (lowercase hex): it commits to every row before it.",
         examples=["b441775b084d687bec4f2f6be95598a4cf2f017c7043262d359de00b0505d00d"],
     )
     row_count: int = Field(
-        ge=0, description="Rows in the trail up to and including `sequence`.", examples=[184467]
+        ge=0,
+        le=PG_BIGINT_MAX,
+        description="Rows in the trail up to and including `sequence`.",
+        examples=[184467],
     )
     signed_at: UtcDatetime = Field(description="When the checkpoint was signed.")
     key_id: Identifier = Field(

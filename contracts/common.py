@@ -37,6 +37,9 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 #     become NUL_STAND_IN; nothing looks a text up, and a message quoting what it saw stays publishable;
 #   * traffic data (a prediction's inputs and output, a ground-truth label): carried exactly, as the caller
 #     sent it; whoever stores it writes NUL as NUL_STAND_IN (monitoring).
+# Integers in the Storable containers (categories, classes, parameters) are int64s, or refused the same way:
+# orjson cannot write a larger one to jsonb, and numpy cannot hold it. Integer fields are bounded by the
+# column or the library they end up in (PG_INTEGER_MAX, PG_BIGINT_MAX, SEED_MAX).
 
 NUL_STAND_IN = "\ufffd"
 """What a NUL character (or a lone surrogate) becomes in text that is stored but never looked up: U+FFFD, the
@@ -60,20 +63,28 @@ def unstorable_text(value: str) -> str | None:
     return None
 
 
-def _unstorable_in(value: Any, where: str = "") -> tuple[str, str] | None:
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The integers a category, a class or a parameter may be: what numpy's int64 holds (the datasets a model is
+trained on are int64: a larger integer is refused at upload), and what the jsonb encoder (orjson) writes."""
+
+
+def _unstorable_in(value: Any, where: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str] | None:
     """(where, why) of the first string in ``value`` (a string, or lists and dicts of them, keys included)
-    that cannot be stored, or None."""
+    that cannot be stored, or of the first integer beyond 64 bits, or None. ``where`` is the path to it: list
+    indexes and dict keys."""
     if isinstance(value, str):
         why = unstorable_text(value)
         return (where, why) if why is not None else None
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:  # type(): not bool
+        return (where, f"is beyond the 64-bit integers that can be stored ({INT64_MIN} to {INT64_MAX})")
     if isinstance(value, dict):
         for key, item in value.items():
-            found = _unstorable_in(key, f"{where}[{key!r}]") or _unstorable_in(item, f"{where}[{key!r}]")
+            found = _unstorable_in(key, (*where, key)) or _unstorable_in(item, (*where, key))
             if found is not None:
                 return found
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            found = _unstorable_in(item, f"{where}[{i}]")
+            found = _unstorable_in(item, (*where, i))
             if found is not None:
                 return found
     return None
@@ -83,16 +94,20 @@ def _refuse_unstorable(value: Any) -> Any:
     found = _unstorable_in(value)
     if found is not None:
         where, why = found
-        raise PydanticCustomError(
-            "unstorable_text", "{where}{why}", {"where": f"{where} " if where else "", "why": why}
-        )
+        shown = "".join(f"[{step!r}]" for step in where)
+        context: dict[str, Any] = {"where": f"{shown} " if shown else "", "why": why}
+        if where:
+            # What libs.modelspec names a spec's field from: the error's location, then this path.
+            context |= {"field": ".".join(map(str, where)), "message": why}
+        raise PydanticCustomError("unstorable", "{where}{why}", context)
     return value
 
 
 class Storable:
     """``Annotated`` marker: every string in the value (a string, or lists and dicts of them, keys included)
-    can be stored as Postgres text, or the value is refused (see :func:`unstorable_text`). For an id, a name
-    or a key, and for containers whose strings are, such as a signature's classes."""
+    can be stored as Postgres text (see :func:`unstorable_text`), and every integer in it is an int64, or the
+    value is refused. For an id, a name or a key, and for containers whose strings are, such as a
+    signature's classes."""
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         return core_schema.no_info_after_validator_function(_refuse_unstorable, handler(source))
@@ -103,7 +118,21 @@ class Storable:
         json_schema = handler(schema)
         if json_schema.get("type") == "string":
             json_schema["pattern"] = NO_NUL_PATTERN
+        _bound_integers(json_schema)
         return json_schema
+
+
+def _bound_integers(json_schema: Any) -> None:
+    """Give every integer in a Storable value's JSON Schema the int64 bounds the validator applies."""
+    if isinstance(json_schema, dict):
+        if json_schema.get("type") == "integer":
+            json_schema.setdefault("minimum", INT64_MIN)
+            json_schema.setdefault("maximum", INT64_MAX)
+        for item in json_schema.values():
+            _bound_integers(item)
+    elif isinstance(json_schema, list):
+        for item in json_schema:
+            _bound_integers(item)
 
 
 Identifier = Annotated[str, Storable()]
@@ -140,7 +169,19 @@ the longer names of events, stored signatures and specs made before it, rather t
 # Artifacts live in a content-addressed store: the key of an artifact is the sha256 of its bytes.
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
-VERSION_MAX = 2**31 - 1
+PG_INTEGER_MAX = 2**31 - 1
+"""The largest Postgres ``integer``. A number some consumer stores in such a column (a version, a step index,
+an attempt, a count of checks) is bounded by it in the contract, so a larger one is refused when the event is
+decoded (dead-lettered as ``schema-invalid``, or 422 at an HTTP edge), not by the insert of a handler."""
+
+PG_BIGINT_MAX = 2**63 - 1
+"""The largest Postgres ``bigint`` and numpy ``int64``: the bound of every count of rows, values, samples or
+bytes, and of the audit trail's sequence numbers."""
+
+SEED_MAX = 2**32 - 1
+"""numpy and scikit-learn take seeds from 0 to 2**32 - 1; a model spec's ``seed`` has the same bounds."""
+
+VERSION_MAX = PG_INTEGER_MAX
 """Every service stores versions as Postgres integers: a larger number cannot name a version anywhere."""
 
 VERSION_TEXT = (
@@ -159,14 +200,6 @@ def parse_version(text: str) -> int | None:
     version = int(text)
     return version if version <= VERSION_MAX else None
 
-
-COUNT_MAX = 2**63 - 1
-"""The largest row count or size in bytes an event may carry: services store them in Postgres ``bigint``
-columns (and in ``jsonb``, whose encoder takes 64-bit integers), so a larger one failed there, retried as if
-the database were at fault."""
-
-SEED_MAX = 2**32 - 1
-"""The largest random seed: a model spec's ``seed`` (numpy's and scikit-learn's range)."""
 
 ModelVersion = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 """Model versions are numbered 1, 2, 3, ... per model by the registry."""
@@ -284,7 +317,7 @@ class ArtifactRef(ContractModel):
     )
     format: ArtifactFormat = Field(description="How the bytes are serialised.", examples=["skops"])
     size_bytes: int = Field(
-        ge=0, le=COUNT_MAX, description="Size of the artifact in bytes.", examples=[482113]
+        ge=0, le=PG_BIGINT_MAX, description="Size of the artifact in bytes.", examples=[482113]
     )
 
 
@@ -298,7 +331,7 @@ class DatasetRef(ContractModel):
         examples=["b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"],
     )
     rows: int | None = Field(
-        default=None, ge=0, le=COUNT_MAX, description="Row count, when known.", examples=[50000]
+        default=None, ge=0, le=PG_BIGINT_MAX, description="Row count, when known.", examples=[50000]
     )
 
 
@@ -384,7 +417,7 @@ class Lineage(ContractModel):
     seed: int = Field(
         ge=0,
         le=SEED_MAX,
-        description="Random seed of the run (the spec's); same data, spec and seed give the same model.",
+        description="Random seed of the run; same data, spec and seed give the same model.",
     )
     environment: dict[Identifier, Identifier] = Field(
         default_factory=dict,
@@ -407,7 +440,7 @@ class TrafficWindow(ContractModel):
     start: UtcDatetime = Field(description="Time of the first prediction in the window.")
     end: UtcDatetime = Field(description="Time of the last prediction in the window.")
     size: int = Field(
-        ge=0, le=COUNT_MAX, description="Number of predictions (rows) in the window.", examples=[5000]
+        ge=0, le=PG_INTEGER_MAX, description="Number of predictions (rows) in the window.", examples=[5000]
     )
     data: ArtifactRef | None = Field(
         default=None,

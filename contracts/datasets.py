@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from contracts.common import (
-    COUNT_MAX,
+    PG_BIGINT_MAX,
     ArtifactRef,
     DatasetName,
     DatasetRef,
@@ -53,7 +53,7 @@ class DatasetRegistered(EventPayload):
         examples=["b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"],
     )
     artifact: ArtifactRef = Field(description="The dataset file in the artifact store (Parquet or CSV).")
-    row_count: int = Field(ge=0, le=COUNT_MAX, description="Number of rows.", examples=[50000])
+    row_count: int = Field(ge=0, le=PG_BIGINT_MAX, description="Number of rows.", examples=[50000])
     columns: dict[Identifier, Identifier] = Field(
         min_length=1,
         description="Column name -> dtype, in file order (pandas dtype names: int64, float64, string, ...).",

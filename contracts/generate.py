@@ -432,6 +432,12 @@ payloads are `contracts/<family>.py`, their shared value types `contracts/common
 Rules: payloads are frozen and refuse unknown fields. A compatible change only adds optional fields; a
 breaking change is a new version of the type with an upcaster registered in `contracts/registry.py`.
 Numbers are finite: NaN and infinity are refused when a payload is built (a missing input is `null`).
+Every integer field has the bounds of where it ends up (the `minimum` and `maximum` of the JSON Schemas): a
+version, step index, attempt or count of checks fits a Postgres `integer` (2147483647), a count of rows,
+values, samples or bytes a `bigint` (9223372036854775807), a seed is one numpy and scikit-learn take (0 to
+4294967295), and an integer among a model's categories, classes or parameters is an int64; a larger one is
+dead-lettered as `schema-invalid` naming the field. Only traffic data (a prediction's inputs and output, a
+ground-truth label) is carried exactly, whatever its size.
 Model versions are fields named `model_version` (`version` is the schema version of the event type).
 
 Text: consumers store what events carry in Postgres `text` and `jsonb`, which cannot hold a NUL character

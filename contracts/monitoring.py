@@ -14,6 +14,8 @@ from typing import Annotated, ClassVar, Self
 from pydantic import Field, model_validator
 
 from contracts.common import (
+    PG_BIGINT_MAX,
+    PG_INTEGER_MAX,
     ContractModel,
     FeatureType,
     FreeText,
@@ -94,11 +96,20 @@ class FeatureDrift(ContractModel):
     )
     drifted: bool = Field(description="Verdict for this window, before debouncing.")
     consecutive_windows: int = Field(
-        default=1, ge=0, description="Consecutive windows in which this feature drifted, this one included."
+        default=1,
+        ge=0,
+        le=PG_BIGINT_MAX,
+        description="Consecutive windows in which this feature drifted, this one included.",
     )
-    n_current: int = Field(ge=0, description="Non-missing values in the current window.", examples=[5000])
-    n_reference: int = Field(ge=0, description="Values in the reference sample or profile.", examples=[40000])
-    n_missing: int = Field(default=0, ge=0, description="Missing (null or NaN) values in the current window.")
+    n_current: int = Field(
+        ge=0, le=PG_BIGINT_MAX, description="Non-missing values in the current window.", examples=[5000]
+    )
+    n_reference: int = Field(
+        ge=0, le=PG_BIGINT_MAX, description="Values in the reference sample or profile.", examples=[40000]
+    )
+    n_missing: int = Field(
+        default=0, ge=0, le=PG_BIGINT_MAX, description="Missing (null or NaN) values in the current window."
+    )
 
 
 class DriftDetected(EventPayload):
@@ -110,7 +121,9 @@ class DriftDetected(EventPayload):
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version whose traffic drifted.", examples=[6])
     window: TrafficWindow = Field(description="The window judged (time range, size, and its data).")
-    reference_size: int = Field(ge=0, description="Rows behind the reference profile.", examples=[40000])
+    reference_size: int = Field(
+        ge=0, le=PG_BIGINT_MAX, description="Rows behind the reference profile.", examples=[40000]
+    )
     features: list[FeatureDrift] = Field(
         min_length=1,
         description="Evidence for every feature tested, drifted or not; only the most drifted ones when "
@@ -140,6 +153,7 @@ class DriftDetected(EventPayload):
     features_total: int | None = Field(
         default=None,
         ge=1,
+        le=PG_BIGINT_MAX,
         description="How many features the evidence covers in full: the length of `features` unless "
         "`evidence_truncated`. Null in events from before it was added (then `features` is complete).",
         examples=[5000],
@@ -147,6 +161,7 @@ class DriftDetected(EventPayload):
     drifted_features_total: int | None = Field(
         default=None,
         ge=1,
+        le=PG_BIGINT_MAX,
         description="How many features drifted after debouncing: the length of `drifted_features` unless "
         "`evidence_truncated`. Null in events from before it was added.",
         examples=[1200],
@@ -200,10 +215,13 @@ class PerformanceDegraded(EventPayload):
     higher_is_better: bool = Field(description="Direction of the metric.", examples=[True])
     window: TrafficWindow = Field(description="The window the metric was computed on.")
     labelled_rows: int = Field(
-        ge=0, description="Predictions in the window with a joined label.", examples=[1800]
+        ge=0, le=PG_BIGINT_MAX, description="Predictions in the window with a joined label.", examples=[1800]
     )
     late_labels: int = Field(
-        default=0, ge=0, description="Labels that arrived after their prediction's window closed."
+        default=0,
+        ge=0,
+        le=PG_BIGINT_MAX,
+        description="Labels that arrived after their prediction's window closed.",
     )
     labels_outside_classes: int = Field(
         default=0,
@@ -258,11 +276,15 @@ class CanaryVerdict(EventPayload):
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
     canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
-    step_index: int = Field(ge=0, description="The rollout step judged.", examples=[0])
+    step_index: int = Field(ge=0, le=PG_INTEGER_MAX, description="The rollout step judged.", examples=[0])
     verdict: Verdict = Field(description="Healthy, unhealthy or inconclusive.", examples=["healthy"])
     evidence: list[CanaryComparison] = Field(description="Every comparison made.")
-    stable_samples: int = Field(ge=0, description="Stable predictions in the window.", examples=[4480])
-    canary_samples: int = Field(ge=0, description="Canary predictions in the window.", examples=[512])
+    stable_samples: int = Field(
+        ge=0, le=PG_BIGINT_MAX, description="Stable predictions in the window.", examples=[4480]
+    )
+    canary_samples: int = Field(
+        ge=0, le=PG_BIGINT_MAX, description="Canary predictions in the window.", examples=[512]
+    )
     window: TrafficWindow = Field(description="The window both variants were compared over.")
     reason: FreeText = Field(
         default="", description="Summary for people.", examples=["all 4 comparisons within tolerance"]
@@ -298,6 +320,7 @@ class DataQualityIssue(EventPayload):
     )
     count: int = Field(
         ge=0,
+        le=PG_BIGINT_MAX,
         description="Rows affected in the window (the worst feature's, when the issue stands for many).",
         examples=[412],
     )
@@ -318,6 +341,7 @@ class DataQualityIssue(EventPayload):
     features_total: int | None = Field(
         default=None,
         ge=1,
+        le=PG_BIGINT_MAX,
         description="When many features of the window have this kind of finding (more than monitoring's "
         "`quality_issues_per_kind`, 10 by default: an upstream outage), one issue stands for them all: "
         "`feature` is null, `count` and `share` are the worst feature's, the message names the worst few, "

@@ -13,7 +13,7 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import FreeText, Identifier, ModelName, ModelVersion
+from contracts.common import PG_BIGINT_MAX, PG_INTEGER_MAX, FreeText, Identifier, ModelName, ModelVersion
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.rollouts"
@@ -58,13 +58,16 @@ class RolloutStarted(EventPayload):
         examples=[[0.1, 0.5, 1.0]],
     )
     step_index: int = Field(
-        default=0, ge=0, description="Index of the current step in `steps`.", examples=[0]
+        default=0, ge=0, le=PG_INTEGER_MAX, description="Index of the current step in `steps`.", examples=[0]
     )
     weight: float = Field(
         gt=0, le=1, description="Current canary share (`steps[step_index]`).", examples=[0.1]
     )
     min_samples: int = Field(
-        ge=0, description="Canary predictions needed before a step can advance.", examples=[500]
+        ge=0,
+        le=PG_INTEGER_MAX,
+        description="Canary predictions needed before a step can advance.",
+        examples=[500],
     )
     bake_seconds: float = Field(
         ge=0, description="Minimum time on each step before it can advance.", examples=[30]
@@ -98,13 +101,15 @@ class RolloutStepAdvanced(EventPayload):
     model: ModelName = Field(description="Model name.", examples=["churn"])
     stable_version: ModelVersion | None = Field(description="Stable version.", examples=[6])
     canary_version: ModelVersion = Field(description="Canary version.", examples=[7])
-    step_index: int = Field(ge=1, description="Index of the step now in force.", examples=[1])
+    step_index: int = Field(
+        ge=1, le=PG_INTEGER_MAX, description="Index of the step now in force.", examples=[1]
+    )
     previous_weight: float = Field(
         gt=0, le=1, description="Canary share of the step just passed.", examples=[0.1]
     )
     weight: float = Field(gt=0, le=1, description="Canary share from now on.", examples=[0.5])
     samples_seen: int = Field(
-        ge=0, description="Canary predictions during the step just passed.", examples=[812]
+        ge=0, le=PG_BIGINT_MAX, description="Canary predictions during the step just passed.", examples=[812]
     )
     step_seconds: float = Field(ge=0, description="How long the step just passed lasted.", examples=[34.2])
 
@@ -122,7 +127,9 @@ class RolloutPromoted(EventPayload):
         description="The production version it replaced (to be archived); null for a first rollout.",
         examples=[6],
     )
-    steps_completed: int = Field(ge=0, description="Steps passed before promotion.", examples=[3])
+    steps_completed: int = Field(
+        ge=0, le=PG_INTEGER_MAX, description="Steps passed before promotion.", examples=[3]
+    )
     duration_seconds: float = Field(
         ge=0, description="Time from RolloutStarted to promotion.", examples=[104.0]
     )
@@ -148,7 +155,7 @@ class RolloutRolledBack(EventPayload):
         "rollback replaced.",
         examples=[7],
     )
-    step_index: int = Field(ge=0, description="Step the rollout was on.", examples=[0])
+    step_index: int = Field(ge=0, le=PG_INTEGER_MAX, description="Step the rollout was on.", examples=[0])
     weight: float = Field(
         ge=0,
         le=1,

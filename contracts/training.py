@@ -13,7 +13,8 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from contracts.common import (
-    COUNT_MAX,
+    PG_BIGINT_MAX,
+    PG_INTEGER_MAX,
     ArtifactRef,
     DatasetName,
     DatasetRef,
@@ -169,7 +170,12 @@ class TrainingStarted(EventPayload):
         examples=["run-8a41b7"],
     )
     model: ModelName = Field(description="Model being trained.", examples=["churn"])
-    attempt: int = Field(ge=1, description="1 for the first run; higher when a job is resumed.", examples=[1])
+    attempt: int = Field(
+        ge=1,
+        le=PG_INTEGER_MAX,
+        description="1 for the first run; higher when a job is resumed.",
+        examples=[1],
+    )
     spec_hash: Sha256Hex = Field(description="sha256 of the canonical model spec in use.")
     datasets: list[DatasetRef] = Field(
         min_length=1, description="The resolved training set: every dataset version, pinned by sha256."
@@ -230,12 +236,14 @@ class TrainingCompleted(EventPayload):
     )
     signature: ModelSignature = Field(description="Features, target, task and classes of the model.")
     lineage: Lineage = Field(description="Data, spec, code and parameters that made the model.")
-    train_rows: int = Field(ge=1, le=COUNT_MAX, description="Rows the model was fitted on.", examples=[40000])
+    train_rows: int = Field(
+        ge=1, le=PG_BIGINT_MAX, description="Rows the model was fitted on.", examples=[40000]
+    )
     holdout_rows: int = Field(
-        ge=0, le=COUNT_MAX, description="Rows the metrics were computed on.", examples=[10000]
+        ge=0, le=PG_BIGINT_MAX, description="Rows the metrics were computed on.", examples=[10000]
     )
     duration_seconds: float = Field(ge=0, description="Wall time of the run.", examples=[8.7])
-    categories_seen: dict[Identifier, Annotated[int, Field(ge=0)]] = Field(
+    categories_seen: dict[Identifier, Annotated[int, Field(ge=0, le=PG_BIGINT_MAX)]] = Field(
         default_factory=dict,
         description="Categorical features whose training rows held levels the model does not keep: feature "
         "name -> distinct levels seen. A model keeps the categories its spec declares for a feature, else at "
@@ -265,5 +273,7 @@ class TrainingFailed(EventPayload):
             "'tenure_months'?)"
         ],
     )
-    attempt: int = Field(default=1, ge=1, description="The attempt that failed.", examples=[1])
+    attempt: int = Field(
+        default=1, ge=1, le=PG_INTEGER_MAX, description="The attempt that failed.", examples=[1]
+    )
     duration_seconds: float | None = Field(default=None, ge=0, description="Wall time until the failure.")

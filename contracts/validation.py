@@ -7,15 +7,18 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import ContractModel, DatasetRef, FreeText, Identifier, ModelName, ModelVersion
+from contracts.common import (
+    PG_INTEGER_MAX,
+    ContractModel,
+    DatasetRef,
+    FreeText,
+    Identifier,
+    ModelName,
+    ModelVersion,
+)
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.validation"
-
-
-CHECKS_MAX = 2**31 - 1
-"""The most checks a report may count: the registry keeps ``checks_total`` and ``failed_checks_total`` in
-Postgres ``integer`` columns, so a larger total failed there, retried as if the database were at fault."""
 
 
 class Comparator(StrEnum):
@@ -111,7 +114,7 @@ class _ValidationReport(EventPayload):
     checks_total: int | None = Field(
         default=None,
         ge=1,
-        le=CHECKS_MAX,
+        le=PG_INTEGER_MAX,
         description="How many checks ran: the length of `checks` unless `checks_truncated`. Null in events "
         "from before it was added (then `checks` is complete).",
         examples=[9],
@@ -119,7 +122,7 @@ class _ValidationReport(EventPayload):
     failed_checks_total: int | None = Field(
         default=None,
         ge=0,
-        le=CHECKS_MAX,
+        le=PG_INTEGER_MAX,
         description="How many checks failed: the length of `failed_checks` unless `checks_truncated`. Null "
         "in events from before it was added.",
         examples=[0],

@@ -21,8 +21,9 @@ import contracts
 from contracts import generate
 from contracts.audit import AuditCheckpoint
 from contracts.common import (
-    COUNT_MAX,
     ID_MAX_CHARS,
+    PG_BIGINT_MAX,
+    PG_INTEGER_MAX,
     SEED_MAX,
     ContractModel,
     ModelSignature,
@@ -40,7 +41,7 @@ from contracts.registry import ALL_PAYLOADS, EVENT_TYPES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.topics import AUDIT, DEAD_LETTER, SERVICES, TOPICS
 from contracts.training import TrainingCompleted, TrainingRequested
-from contracts.validation import CHECKS_MAX, ValidationFailed, ValidationPassed
+from contracts.validation import ValidationFailed, ValidationPassed
 
 PAYLOAD_IDS = [cls.__name__ for cls in ALL_PAYLOADS]
 
@@ -307,14 +308,14 @@ def test_a_job_or_run_id_fits_an_index_entry(cls: type[EventPayload], name: str)
 @pytest.mark.parametrize(
     ("cls", "path", "largest"),
     [
-        (DatasetRegistered, ("row_count",), COUNT_MAX),
-        (DatasetRegistered, ("artifact", "size_bytes"), COUNT_MAX),
-        (TrainingCompleted, ("train_rows",), COUNT_MAX),
-        (TrainingCompleted, ("holdout_rows",), COUNT_MAX),
+        (DatasetRegistered, ("row_count",), PG_BIGINT_MAX),
+        (DatasetRegistered, ("artifact", "size_bytes"), PG_BIGINT_MAX),
+        (TrainingCompleted, ("train_rows",), PG_BIGINT_MAX),
+        (TrainingCompleted, ("holdout_rows",), PG_BIGINT_MAX),
         (TrainingCompleted, ("lineage", "seed"), SEED_MAX),
-        (DriftDetected, ("window", "size"), COUNT_MAX),
-        (ValidationPassed, ("checks_total",), CHECKS_MAX),
-        (ValidationPassed, ("failed_checks_total",), CHECKS_MAX),
+        (DriftDetected, ("window", "size"), PG_INTEGER_MAX),
+        (ValidationPassed, ("checks_total",), PG_INTEGER_MAX),
+        (ValidationPassed, ("failed_checks_total",), PG_INTEGER_MAX),
     ],
 )
 def test_a_number_fits_the_column_its_consumers_keep_it_in(
