@@ -514,7 +514,9 @@ class EventTypeRegistry:
             raise NotJson("the message has no value")
         ce_type, data = self._payload(ce_type, value, readers)
         raw_time = hdr.get("ce_time")
-        time = parse_event_time(raw_time) if raw_time else datetime.now(UTC)
+        # Absent, the time is now; present, it is RFC 3339 (an empty one too is refused, as the trail would
+        # index no time for it).
+        time = parse_event_time(raw_time) if raw_time is not None else datetime.now(UTC)
         # Every attribute was checked above: build without validating them again (the consumer hot path).
         return CloudEvent._trusted(
             id=ce_id,

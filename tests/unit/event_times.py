@@ -25,7 +25,7 @@ ACCEPTED: list[tuple[str, datetime]] = [
 
 REFUSED: list[str] = [
     "yesterday",
-    "",
+    "",  # present, but empty
     # ISO 8601 that RFC 3339 is not.
     "2025-03-01 12:00:00Z",  # a space for the T
     "20250301T120000Z",  # basic format

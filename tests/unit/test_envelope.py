@@ -426,16 +426,20 @@ def test_a_time_that_is_not_rfc3339_is_refused(time: str) -> None:
     value, headers = _valid_message()
     headers["ce_time"] = time.encode()
 
-    if not time:
-        # An empty ce_time is an absent one (the attribute is optional): the event is read as of now.
-        assert EVENT_TYPES.decode(value, headers).time.tzinfo is not None
-        return
     with pytest.raises(MalformedEvent, match=re.escape(repr(time))) as caught:
         EVENT_TYPES.decode(value, headers)
     assert caught.value.reason == "malformed"
     assert "RFC 3339" in caught.value.detail or "no UTC form" in caught.value.detail
     with pytest.raises(MalformedEvent):
         parse_event_time(time)
+
+
+def test_an_event_without_a_time_is_read_as_of_now() -> None:
+    value, headers = _valid_message()
+    del headers["ce_time"]
+    before = datetime.now(UTC)
+
+    assert before <= EVENT_TYPES.decode(value, headers).time <= datetime.now(UTC)
 
 
 @pytest.mark.parametrize(("time", "instant"), ACCEPTED)
