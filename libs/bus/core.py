@@ -163,9 +163,10 @@ class RawSender(Protocol):
     """What the outbox relay and the dead-letter writer need of a producer."""
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]]
     ) -> None:
-        """Send (topic, key, value, headers) records and return once the broker acknowledged them all."""
+        """Send (topic, key, value, headers) records (a null value: a tombstone) and return once the broker
+        acknowledged them all."""
         ...
 
 

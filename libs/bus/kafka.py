@@ -115,7 +115,7 @@ class KafkaPublisher:
         await self.send_many([(event.topic, key, value, headers)])
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, Sequence[tuple[str, bytes | None]]]]
     ) -> None:
         """Send records (in order per partition) and wait until all are acknowledged. If the broker refused
         any, the first refusal is raised once every record has its answer and the producer is renewed."""
@@ -169,7 +169,7 @@ _TRUNCATED_PARTS = "key,value,headers"
 
 def dead_letter_message(
     record: Record, *, consumer: str, reason: str, error: str, max_bytes: int
-) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
     """The dead letter of ``record`` as (key, value, headers): the original with ``dlq_*`` headers saying
     why and where from, or, if that would be larger than ``max_bytes`` (aiokafka's estimate, as its
     producer checks it), a truncated copy that fits.
@@ -178,8 +178,10 @@ def dead_letter_message(
     :data:`DEAD_LETTER_HEADER_BYTES` in all) and the key (cut), and says what was cut (``dlq_truncated``),
     the original value's size and sha256 and the original headers' size: the original can be found and
     checked in the origin topic by ``dlq_origin_*``. A dead letter must always be writable: one that is not
-    blocks its partition."""
+    blocks its partition. A tombstone's dead letter is a tombstone (a null value), as the record was; an
+    unreadable record's value is unknown, and its dead letter's is empty."""
     value = record.value or b""
+    tombstone = record.value is None and not isinstance(record, UnreadableRecord)
     original = [(name, raw) for name, raw in record.headers if not name.startswith("dlq_")]
     why: list[tuple[str, bytes | None]] = [
         ("dlq_reason", reason.encode()),
@@ -191,7 +193,7 @@ def dead_letter_message(
     ]
     whole = [*original, *why]
     if DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, value, whole) <= max_bytes:
-        return record.key, value, whole
+        return record.key, None if tombstone else value, whole
     cut: list[str] = []
     key = record.key
     if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
@@ -222,7 +224,7 @@ def dead_letter_message(
     body = value[: max(0, max_bytes - framing - 4)]
     if len(body) < len(value):
         cut.insert(1 if "key" in cut else 0, "value")
-    return key, body, [*kept, *why, *about, ("dlq_truncated", ",".join(cut).encode())]
+    return key, None if tombstone else body, [*kept, *why, *about, ("dlq_truncated", ",".join(cut).encode())]
 
 
 async def write_dead_letter(

@@ -44,7 +44,7 @@ async def test_every_consumer_dead_letters_poison_with_its_reason_and_goes_on(
     e2e: Sandbox, client: LoopClient, tail: EventTail
 ) -> None:
     kafka = KafkaSettings(bootstrap=e2e.bootstrap, topic_prefix=e2e.prefix)
-    records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes | None]]]] = []
+    records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = []
     expected: dict[Sent, tuple[set[str], str]] = {}
 
     def poison(topic: str, payload: EventPayload, value: bytes, consumers: set[str], reason: str) -> None:

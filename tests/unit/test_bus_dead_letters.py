@@ -39,11 +39,13 @@ def record_of(event: CloudEvent[Any], offset: int, **changes: Any) -> Record:
     return Record("test.things", 0, offset, **fields)
 
 
-def size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes | None]]) -> int:
+def size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]) -> int:
     return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
 
 
-def letter(record: Record, max_bytes: int = LIMIT) -> tuple[bytes | None, bytes, dict[str, bytes | None]]:
+def letter(
+    record: Record, max_bytes: int = LIMIT
+) -> tuple[bytes | None, bytes | None, dict[str, bytes | None]]:
     key, value, headers = dead_letter_message(
         record, consumer="counter", reason="oversized", error="too big", max_bytes=max_bytes
     )
@@ -72,7 +74,7 @@ def test_a_value_too_large_to_copy_is_cut_with_its_size_and_hash_kept() -> None:
 
     key, value, headers = letter(record)
 
-    assert huge.startswith(value) and 1_000_000 < len(value) < len(huge)
+    assert value is not None and huge.startswith(value) and 1_000_000 < len(value) < len(huge)
     assert headers["dlq_truncated"] == b"value"
     assert headers["dlq_original_value_bytes"] == b"1500019"
     assert headers["dlq_original_value_sha256"] == hashlib.sha256(huge).hexdigest().encode()
@@ -93,6 +95,17 @@ def test_oversized_headers_and_key_are_cut_too() -> None:
     assert headers["ce_correlationid"] == b"c" * DEAD_LETTER_HEADER_VALUE_BYTES
     assert "x" * 1000 not in headers
     assert int(headers["dlq_original_headers_bytes"] or b"0") > 1_200_000
+
+
+@pytest.mark.parametrize("max_bytes", [LIMIT, 0], ids=["whole", "truncated"])
+def test_the_dead_letter_of_a_tombstone_is_a_tombstone(max_bytes: int) -> None:
+    # An empty value is another record: replayed, it would not delete what the tombstone deletes.
+    record = record_of(thing(1), 5, value=None)
+
+    _, value, headers = letter(record, max_bytes=max_bytes)
+
+    assert value is None
+    assert headers["dlq_reason"] == b"oversized"
 
 
 def test_the_smallest_dead_letter_has_no_value_but_says_what_it_was() -> None:
@@ -293,10 +306,10 @@ class Broker:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.log: list[tuple[str, bytes, dict[str, bytes]]] = []
+        self.log: list[tuple[str, bytes | None, dict[str, bytes]]] = []
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]]
     ) -> None:
         for topic, key, value, headers in items:
             if size(key, value, list(headers)) > self.limit:
@@ -322,7 +335,7 @@ async def test_an_outbox_row_kafka_refuses_is_set_aside_and_the_rows_behind_it_g
 
     assert [r["sent_at"] for r in rows] == ["now", "now"]
     [(topic, value, dlq), (sent_topic, sent_value, _)] = broker.log
-    assert 0 < len(value) < 300_002
+    assert value is not None and 0 < len(value) < 300_002
     assert (topic, dlq["dlq_reason"], dlq["dlq_consumer"]) == (
         DEAD_LETTER,
         b"output-oversized",

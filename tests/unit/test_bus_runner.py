@@ -165,10 +165,10 @@ class DeadLetterTopic(KafkaPublisher):
     def __init__(self, broker_limit: int | None = None) -> None:
         super().__init__(KafkaSettings())
         self.broker_limit = broker_limit
-        self.sent: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = []
+        self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, bytes]]] = []
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes | None]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, Sequence[tuple[str, bytes | None]]]]
     ) -> None:
         for topic, key, value, headers in items:
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
@@ -384,7 +384,7 @@ async def test_an_oversized_record_is_dead_lettered_truncated_and_the_partition_
     assert handled(store) == [2]
     assert dead_letters(dead) == [(0, 0, "oversized")]
     [(_, _, value, dlq)] = dead.sent
-    assert len(value) < len(huge)
+    assert value is not None and len(value) < len(huge)
     assert dlq["dlq_truncated"] == b"value"
     assert dlq["dlq_original_value_bytes"] == str(len(huge)).encode()
 

@@ -33,7 +33,7 @@ from tests.unit.audit.fakes import example
 CONSUMER = ROOT / "docs" / "examples" / "audit_consumer.py"
 
 
-def on(topic: str, event: CloudEvent[Any]) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+def on(topic: str, event: CloudEvent[Any]) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]:
     key, value, headers = event.to_kafka()
     return topic, key, value, headers
 

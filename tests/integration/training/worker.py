@@ -26,7 +26,7 @@ class TopicRewrite:
         self.topic = topic
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]]
     ) -> None:
         await self.publisher.send_many(
             [(self.topic, key, value, headers) for _, key, value, headers in items]

@@ -72,7 +72,7 @@ class DyingSender:
         self.inner = inner
 
     async def send_many(
-        self, items: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]]
     ) -> None:
         half = len(items) // 2
         await self.inner.send_many(items[: max(half, 1)])

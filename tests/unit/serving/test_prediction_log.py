@@ -57,7 +57,7 @@ def item(rows: int = 2, *, raw: bool = True) -> LogItem:
     )
 
 
-def decode(wire: tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]) -> Any:
+def decode(wire: tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]) -> Any:
     topic, key, value, headers = wire
     assert topic == "mlops.predictions" and key == b"churn"
     return EVENT_TYPES.decode(value, headers)
