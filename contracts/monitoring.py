@@ -226,6 +226,7 @@ class PerformanceDegraded(EventPayload):
     labels_outside_classes: int = Field(
         default=0,
         ge=0,
+        le=PG_BIGINT_MAX,
         description="A classifier's labelled rows in the window whose label names none of the version's "
         'classes ("yes" for the classes 0 and 1), counted as wrong predictions. When they are most of '
         "the window, the labels' encoding is the likelier cause than the model.",
