@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from contracts.common import ModelSignature, Task
+from libs.bus.core import is_transient
 from libs.metrics import (
     Outputs,
     all_metrics,
@@ -40,6 +41,47 @@ class HoldoutMismatch(ValueError):
 
 class HoldoutUnlabelled(ValueError):
     """No row of the holdout has a label the metrics can use."""
+
+
+class CandidateFailed(Exception):
+    """The candidate raised while scoring the holdout, or returned outputs that are not those of its rows:
+    the candidate's fault, whatever the exception."""
+
+
+CANDIDATE_ERROR_MAX_CHARS = 1_000
+"""Characters of a candidate's own error message that a check's detail quotes (a model's message may quote
+the whole input it refused)."""
+
+
+def _candidate_failed(exc: Exception) -> CandidateFailed:
+    text = str(exc)
+    if len(text) > CANDIDATE_ERROR_MAX_CHARS:
+        text = f"{text[:CANDIDATE_ERROR_MAX_CHARS]}… ({len(text):,} characters)"
+    return CandidateFailed(f"{type(exc).__name__}: {text}")
+
+
+def _scored_by_candidate(candidate: Any, task: Task, x: pd.DataFrame, y: np.ndarray) -> Outputs:
+    """The candidate's outputs on ``x``; raises CandidateFailed for whatever it raises (an error of the
+    infrastructure, which the bus retries, excepted) or for outputs that are not one per row."""
+    try:
+        outputs = model_outputs(candidate, task, x, y)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        raise _candidate_failed(exc) from exc
+    rows = len(x)
+    if outputs.proba is not None:
+        shape = outputs.proba.shape
+        if shape != (rows, len(outputs.classes)):
+            raise CandidateFailed(
+                f"its predict_proba returned shape {shape} for {rows:,} rows and "
+                f"{len(outputs.classes):,} classes"
+            )
+    elif outputs.pred.shape != (rows,):
+        raise CandidateFailed(f"its predict returned {outputs.pred.size:,} values for {rows:,} rows")
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -163,11 +205,14 @@ def measure(
     """Everything the gate needs, measured on the same rows for candidate and champion: the holdout rows
     with a usable label (the others are left out of every check and counted)."""
     _inputs(holdout, signature, "candidate")
-    classes = (
-        tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)
-        if signature.task is Task.CLASSIFICATION
-        else ()
-    )
+    try:
+        classes = (
+            tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)
+            if signature.task is Task.CLASSIFICATION
+            else ()
+        )
+    except Exception as exc:  # no classes_, or one that is no sequence: the candidate is no classifier
+        raise _candidate_failed(exc) from exc
     labels = read_labels(holdout[signature.target], signature.task, classes)
     if not labels.usable.any():
         kind = _label_kind(signature.task, classes)
@@ -177,7 +222,7 @@ def measure(
         holdout = holdout[labels.usable].reset_index(drop=True)
     x = _inputs(holdout, signature, "candidate")
     y = labels.values
-    outputs = model_outputs(candidate, signature.task, x, y)
+    outputs = _scored_by_candidate(candidate, signature.task, x, y)
     n_classes = len(outputs.classes) if signature.task is Task.CLASSIFICATION else None
     values = np.asarray(outputs.proba if outputs.proba is not None else outputs.pred, dtype=float)
     bad = ~np.isfinite(values)
@@ -210,14 +255,23 @@ def measure(
                 SliceMeasure(level=level, rows=int(mask.sum()), value=metric(outputs, slice_name, mask))
             )
 
+    try:
+        latency = latency_ms_per_row(
+            candidate, signature.task, x, repeats=latency_repeats, batch_rows=latency_batch_rows
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # a candidate that scored the holdout once and fails on a batch of it
+        if is_transient(exc):
+            raise
+        raise _candidate_failed(exc) from exc
+
     return Measured(
         rows=outputs.rows,
         metrics=all_metrics(outputs),
         nonfinite_outputs=nonfinite,
         distinct_outputs=distinct,
-        latency_ms_per_row=latency_ms_per_row(
-            candidate, signature.task, x, repeats=latency_repeats, batch_rows=latency_batch_rows
-        ),
+        latency_ms_per_row=latency,
         champion=comparison,
         champion_error=champion_error,
         slice_feature=feature,

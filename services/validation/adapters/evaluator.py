@@ -20,7 +20,7 @@ from libs.artifacts import ArtifactError, ArtifactStore, load_model
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
 from services.validation.domain import Measured
 from services.validation.ports import Evaluation, EvaluationError
-from services.validation.scoring import HoldoutMismatch, HoldoutUnlabelled, measure
+from services.validation.scoring import CandidateFailed, HoldoutMismatch, HoldoutUnlabelled, measure
 
 
 def preload() -> None:
@@ -91,6 +91,10 @@ class StoreEvaluator:
             raise EvaluationError("holdout-matches-signature", str(exc)) from exc
         except HoldoutUnlabelled as exc:
             raise EvaluationError("holdout-labelled", str(exc)) from exc
+        except CandidateFailed as exc:
+            raise EvaluationError(
+                "candidate-scores", f"the candidate cannot score the holdout: {exc}"
+            ) from exc
         except (ValueError, TypeError, AttributeError) as exc:
             raise EvaluationError(
                 "candidate-scores", f"the candidate cannot score the holdout: {exc}"

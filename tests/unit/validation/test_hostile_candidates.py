@@ -1,0 +1,113 @@
+"""A candidate that errors on its holdout is a failed candidate: whatever its predict or predict_proba raises
+(or returns that cannot be the outputs of the rows it was given) fails the candidate-scores check, naming the
+exception, and the registration is not dead-lettered; an error of the infrastructure still goes to the bus,
+which retries the event until it is judged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from contracts.validation import ValidationFailed, ValidationPassed
+from services.validation.adapters.evaluator import StoreEvaluator
+from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
+from tests.unit.training.data import churn_frame, churn_spec
+from tests.unit.validation.test_handlers import Gate
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Hostile:
+    """A fitted classifier whose scoring raises its evaluator's ``error`` (on the evaluator's first ``times``
+    calls, or on every call), or, without an error, returns the probabilities of one row fewer than given."""
+
+    def __init__(self, model: Any, evaluator: HostileEvaluator) -> None:
+        self.model = model
+        self.classes_ = model.classes_
+        self.evaluator = evaluator
+
+    def _scored(self, frame: Any, score: Any) -> Any:
+        owner = self.evaluator
+        if owner.error is None:
+            return score(frame)[1:]
+        if owner.times is None or owner.times > 0:
+            if owner.times is not None:
+                owner.times -= 1  # counted across the bus's retries, each of which loads the model again
+            raise owner.error
+        return score(frame)
+
+    def predict(self, frame: Any) -> Any:
+        return self._scored(frame, self.model.predict)
+
+    def predict_proba(self, frame: Any) -> Any:
+        return self._scored(frame, self.model.predict_proba)
+
+
+class HostileEvaluator(StoreEvaluator):
+    """Loads the candidate from the store as validation does, then hands over a hostile one in its place."""
+
+    def __init__(self, gate_root: Path, error: BaseException | None, *, times: int | None = None) -> None:
+        from libs.artifacts import ArtifactStore
+
+        super().__init__(ArtifactStore(str(gate_root)), latency_repeats=1)
+        self.error, self.times = error, times
+
+    def _model(self, ref: Any, who: str) -> object:
+        model = super()._model(ref, who)
+        return Hostile(model, self) if who == "candidate" else model
+
+
+ERRORS = [
+    IndexError("index 7 is out of bounds for axis 0 with size 2"),
+    ValueError("Input X contains infinity"),
+    KeyError("plan"),
+    ZeroDivisionError("division by zero"),
+    RuntimeError("x" * 50_000),
+    np.linalg.LinAlgError("Singular matrix"),
+]
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
+async def test_a_candidate_raising_on_the_holdout_fails_candidate_scores_naming_the_error(
+    tmp_path: Path, error: BaseException
+) -> None:
+    gate = Gate(tmp_path, evaluator=HostileEvaluator(tmp_path, error))
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["candidate-scores"]
+    detail = failed.data.checks[0].detail
+    assert detail.startswith(f"the candidate cannot score the holdout: {type(error).__name__}: ")
+    assert str(error)[:100] in detail
+    assert len(detail) <= CANDIDATE_ERROR_MAX_CHARS + 200
+
+
+async def test_a_candidate_returning_outputs_for_other_rows_fails_candidate_scores(tmp_path: Path) -> None:
+    gate = Gate(tmp_path, evaluator=HostileEvaluator(tmp_path, None))
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    await gate.register(registered)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["candidate-scores"]
+    assert registered.lineage.holdout is not None and registered.lineage.holdout.rows is not None
+    rows = registered.lineage.holdout.rows
+    assert failed.data.checks[0].detail == (
+        f"the candidate cannot score the holdout: its predict_proba returned shape ({rows - 1}, 2) "
+        f"for {rows:,} rows and 2 classes"
+    )
+
+
+async def test_an_infrastructure_error_while_scoring_goes_to_the_bus_and_the_candidate_is_judged(
+    tmp_path: Path,
+) -> None:
+    # An OSError (a joblib worker that cannot start, a file the model reads) is the machine's, not the
+    # candidate's: the bus retries the event, and the candidate is judged once it goes through.
+    evaluator = HostileEvaluator(tmp_path, ConnectionError("worker unreachable"), times=2)
+    gate = Gate(tmp_path, evaluator=evaluator)
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    assert gate.bus.dead_letters == []
+    assert gate.bus.events(of=ValidationFailed) == []
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
