@@ -327,6 +327,7 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     window = _load_window(store, job, spec) if job.window_key else None
     traffic = labelled_traffic(window, spec) if window is not None else _empty(spec)
     frame = assemble_training_set(spec, base, traffic)
+    check_numeric_values(spec, frame)
     seconds["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -494,6 +495,47 @@ def check_dense_encoding(spec: ModelSpec, rows: pd.DataFrame, categories: list[A
         + ", ".join(sparse)
         + "), or re-code these features into fewer levels",
     )
+
+
+def check_numeric_values(spec: ModelSpec, rows: pd.DataFrame) -> None:
+    """Refuse (:class:`TrainingError`, naming the feature) a numeric feature of ``rows`` (the training set,
+    before the holdout split) that holds an infinity, which no estimator takes, or, when the spec scales
+    numeric features, values so large that their variance overflows a double (magnitudes past some 1e154):
+    the scaler's output is then NaN, and the fit failed saying the input "contains NaN"."""
+    for feature in spec.features:
+        if feature.type is not FeatureType.NUMERIC:
+            continue
+        column = rows[feature.name]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            continue
+        values = column.to_numpy(dtype=float, na_value=np.nan)
+        # One pass over the column in the common case (every magnitude far from what overflows); the
+        # variance is computed only for the rare column that comes close.
+        magnitude = float(np.fmax.reduce(np.abs(values), initial=0.0))
+        if magnitude == np.inf:
+            raise TrainingError(
+                FailureReason.FIT_ERROR,
+                f"numeric feature {shown(feature.name)} holds an infinity in {int(np.isinf(values).sum()):,} "
+                "row(s): no estimator takes one; replace them by a finite value or leave them empty (missing "
+                "values are imputed)",
+            )
+        if not spec.preprocessing.scale_numeric or magnitude < SCALE_CHECKED_FROM:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            variance = np.nanvar(values)
+        if not np.isfinite(variance):
+            largest = values[np.nanargmax(np.abs(values))]
+            raise TrainingError(
+                FailureReason.FIT_ERROR,
+                f"numeric feature {shown(feature.name)} holds values too large to scale (such as "
+                f"{largest:.6g}): their variance overflows a double (values past some 1e154 in magnitude); "
+                "change the column's unit or take its logarithm, or set preprocessing.scale_numeric to false",
+            )
+
+
+SCALE_CHECKED_FROM = 1e100
+"""Magnitude of a numeric feature's values from which :func:`check_numeric_values` computes their variance:
+below it, the squares summed over any number of rows a frame holds stay finite."""
 
 
 def _profiled_features(
