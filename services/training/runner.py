@@ -7,7 +7,9 @@ to a dead worker and is claimed again by any runner — re-run from scratch, whi
 because data, spec and seed are pinned. Completion and failure are conditional on the run still owning the
 job, so a job completes (or fails) exactly once, whoever finishes it. A fit is never redone for the sake of
 recording it: the database failing meanwhile is waited out with the outcome in hand (heartbeats go on), and
-any other error completing the job fails it, naming the error (completion-error).
+any other error completing the job fails it, naming the error (completion-error). The artifact store away
+fails no job either: before the fit the run waits and starts again; after it the runner writes the files the
+store refused (the fit process hands them over) once the store is back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
+
+from prometheus_client import Counter
 
 from contracts.common import ArtifactFormat, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX, DatasetRegistered
@@ -29,12 +33,13 @@ from contracts.training import (
     TrainingRequested,
     TrainingStarted,
 )
+from libs.artifacts import ArtifactStore
 from libs.bus import EventTooLarge, Transaction, bytes_over_limit
 from libs.bus.core import is_transient
 from libs.logging import bound, get_logger
 from services.training.domain import next_attempt_allowed, too_large_to_announce
 from services.training.ports import Datasets, FitProcessUnavailable, Job, JobQueue, Progress, Trainer
-from services.training.worker import MaterialisedSet, TrainingFailure, TrainingResult
+from services.training.worker import UNWRITTEN, MaterialisedSet, TrainingFailure, TrainingResult
 
 log = get_logger(__name__)
 
@@ -42,6 +47,14 @@ RETRY_FIRST_S = 0.5
 """The runner's wait after an error of the infrastructure; it doubles on each further one, up to
 RETRY_MAX_S."""
 RETRY_MAX_S = 10.0
+
+STORE_WAITS = Counter(
+    "driftloop_training_store_waits_total",
+    "Waits of a run for the artifact store, still failing after its own tries (an outage, never the job's "
+    "fault): before the fit (phase load) the run starts again after the wait; after it (phase write) the "
+    "runner writes the run's files again, the fit kept.",
+    ["phase"],
+)
 
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
@@ -201,6 +214,23 @@ class JobRunner:
         heartbeats = asyncio.create_task(self._heartbeats(job))
         try:
             raw = await self._fit(job, job_input, progress)
+            delay = self.retry_first_s
+            while raw is not None and raw.get("store_outage"):
+                # The store is away before the fit: nothing is wrong with the job, nothing is fitted yet.
+                # The run keeps the job (heartbeats go on) and starts again once the store answers.
+                if self._stopping:
+                    return  # left running: resumed as a lost run by whoever runs next
+                STORE_WAITS.labels(phase="load").inc()
+                log.warning(
+                    "artifact store unavailable before the fit; the run waits for it and starts again",
+                    error=raw.get("message"),
+                    delay_s=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                raw = await self._fit(job, job_input, progress)
+            if raw is not None and raw.get(UNWRITTEN):
+                raw = await self._write_unwritten(raw)
             if raw is not None:
                 await self._record(job, raw, time.monotonic() - started)
         finally:
@@ -224,6 +254,40 @@ class JobRunner:
             # The fit process died under us (killed, out of memory): another attempt, if allowed.
             await self._lost(job, exc, time.monotonic() - started)
             return None
+
+    async def _write_unwritten(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """Write the files of a fitted run that the store refused (the fit kept, the keys already in the
+        outcome), waiting for the store as long as it takes; the outcome without them, or None when the
+        runner stops meanwhile (the job, left running, is then resumed as a lost run). An error of the
+        store that is no outage fails the run with artifact-store-error."""
+        unwritten: list[bytes] = raw.pop(UNWRITTEN)
+        store = ArtifactStore(self.artifacts_url)  # one try per write: the waiting is done here
+        delay = self.retry_first_s
+        for data in unwritten:
+            while True:
+                try:
+                    await asyncio.to_thread(store.put, data)
+                    break
+                except Exception as exc:
+                    if not is_transient(exc):
+                        return TrainingFailure(
+                            reason=FailureReason.ARTIFACT_STORE_ERROR,
+                            message=f"the model was fitted, but the artifact store refused its files: "
+                            f"{type(exc).__name__}: {exc}",
+                        ).model_dump(mode="json")
+                    if self._stopping:
+                        return None
+                    STORE_WAITS.labels(phase="write").inc()
+                    log.warning(
+                        "artifact store unavailable after the fit; the run's files wait for it, the fit kept",
+                        error=repr(exc),
+                        files=len(unwritten),
+                        delay_s=delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+        log.info("the run's files are written after the store's outage", files=len(unwritten))
+        return raw
 
     async def _record(self, job: Job, raw: dict[str, Any], duration: float) -> None:
         """Complete or fail the job as the run's outcome says, once. The fit is never redone for the sake of

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import io
 import platform
 import time
@@ -101,8 +102,8 @@ class TrainingInput(_Plain):
         STORE_ATTEMPTS,
         ge=1,
         description="Tries of one read or write of the artifact store that fails with an OSError "
-        "(unreachable, timing out) before the run fails with artifact-store-error; a missing or corrupted "
-        "file is not tried again.",
+        "(unreachable, timing out) before the run leaves it to the runner, which waits for the store; a "
+        "missing or corrupted file is not tried again.",
     )
     store_retry_backoff_s: float = Field(
         STORE_RETRY_BACKOFF_S, ge=0, description="Wait before the second try; doubled before each next."
@@ -148,6 +149,45 @@ class TrainingFailure(_Plain):
     ok: Literal[False] = False
     reason: FailureReason
     message: str
+
+
+class StoreOutage(_Plain):
+    """The artifact store failed on every try of a read the run cannot go on without (the spec, a dataset,
+    the window): nothing is wrong with the job, which the runner runs again once the store is back."""
+
+    ok: Literal[False] = False
+    store_outage: Literal[True] = True
+    message: str
+
+
+UNWRITTEN = "unwritten"
+"""Key of a successful outcome's files the store refused after its tries (a list of bytes, each stored
+under its sha256): the runner writes them, waiting for the store, before it records the run, so an outage
+after the fit costs no refit."""
+
+
+class KeepingStore(ArtifactStore):
+    """The run's store: a write the store still refuses after its tries (StoreUnavailable) is kept in
+    ``kept`` and its artifact returned as the store would have (the key is the bytes' sha256), and every
+    later write is kept without trying; reads go to the store as ever."""
+
+    def __init__(self, url: str, *, attempts: int, backoff_s: float) -> None:
+        super().__init__(url, attempts=attempts, backoff_s=backoff_s)
+        self.kept: dict[str, bytes] = {}
+        self.down = False
+
+    def put(self, data: bytes) -> StoredArtifact:
+        if not self.down:
+            try:
+                return super().put(data)
+            except StoreUnavailable as exc:
+                self.down = True
+                log.warning(
+                    "artifact store unavailable; the run keeps its files for the runner", error=str(exc)
+                )
+        key = hashlib.sha256(data).hexdigest()
+        self.kept[key] = data  # one writer per file; a dict item is set atomically
+        return StoredArtifact(key, len(data), self.uri(key))
 
 
 class TrainingError(Exception):
@@ -199,14 +239,18 @@ def run_training(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
     :func:`train`); the outcome is the same either way.
     """
     job = TrainingInput.model_validate(raw)
+    # The store failing for a moment is tried again in place; a missing or corrupted file fails the run; a
+    # write the store still refuses is kept for the runner (UNWRITTEN), a read is a StoreOutage.
+    store = KeepingStore(job.artifacts_url, attempts=job.store_attempts, backoff_s=job.store_retry_backoff_s)
     try:
-        return train(job, overlap=overlap).model_dump(mode="json")
+        outcome = train(job, overlap=overlap, store=store).model_dump(mode="json")
+        if store.kept:
+            outcome[UNWRITTEN] = list(store.kept.values())
+        return outcome
     except TrainingError as exc:
         return TrainingFailure(reason=exc.reason, message=exc.message).model_dump(mode="json")
     except StoreUnavailable as exc:
-        return TrainingFailure(
-            reason=FailureReason.ARTIFACT_STORE_ERROR, message=f"{exc}; ask for a retrain once it is"
-        ).model_dump(mode="json")
+        return StoreOutage(message=str(exc)).model_dump(mode="json")
     except (ArtifactError, OSError) as exc:
         # Every file a run reads is read (and its errors named) by the loading steps: an OSError after
         # them is the store failing to write.
@@ -299,7 +343,7 @@ def scorer(estimator: Any, features: Any, beside: Beside) -> Any:
     return estimator
 
 
-def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
+def train(job: TrainingInput, *, overlap: bool = True, store: ArtifactStore | None = None) -> TrainingResult:
     """The run itself; raises :class:`TrainingError` for failures people can act on.
 
     With ``overlap``, what does not need the fitted model — the features' reference profile, the holdout
@@ -317,8 +361,11 @@ def train(job: TrainingInput, *, overlap: bool = True) -> TrainingResult:
     data files), evaluate (without overlap the model file too), profile, store (waiting for the model
     file); and beside, the time the handed-over work took wherever it ran.
     """
-    # The store failing for a moment is tried again in place; a missing or corrupted file fails the run.
-    store = ArtifactStore(job.artifacts_url, attempts=job.store_attempts, backoff_s=job.store_retry_backoff_s)
+    if store is None:
+        # The store failing for a moment is tried again in place; a missing or corrupted file fails the run.
+        store = ArtifactStore(
+            job.artifacts_url, attempts=job.store_attempts, backoff_s=job.store_retry_backoff_s
+        )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     report(job.job_id, "loading-data", 0.0)

@@ -224,6 +224,8 @@ class InProcessTrainer:
     def __init__(self) -> None:
         self.runs: list[dict[str, Any]] = []
         self.die_next: BaseException | None = None
+        self.job_overrides: dict[str, Any] = {}
+        """Fields of every run's input set here (the store's tries and waits, for tests of an outage)."""
 
     async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
         self.runs.append(job_input)
@@ -231,7 +233,7 @@ class InProcessTrainer:
         if self.die_next is not None:
             exc, self.die_next = self.die_next, None
             raise exc
-        return run_training(job_input)
+        return run_training({**job_input, **self.job_overrides})
 
     def abort(self) -> None:
         return None

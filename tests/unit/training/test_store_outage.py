@@ -1,0 +1,102 @@
+"""A store outage is never the job's fault: a run that finds the artifact store still failing after its own
+tries is not failed. Before the fit it waits and starts again, keeping its job, run and attempt; after the
+fit the runner writes the files the store refused, waiting as long as it takes, and the fit is kept."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from contracts.training import TrainingCompleted, TrainingFailed, TrainingStarted
+from libs.artifacts import ArtifactStore
+from services.training.runner import STORE_WAITS
+from services.training.worker import UNWRITTEN, run_training
+from tests.unit.store_fakes import FlakyStore
+from tests.unit.training.data import churn_frame, churn_spec, put_frame
+from tests.unit.training.fakes import Harness
+from tests.unit.training.test_handlers import requested_job
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+ATTEMPTS = 2
+"""The store's own tries of one read or write, in these tests (5 in the service)."""
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    h = Harness(str(tmp_path / "artifacts"))
+    h.trainer.job_overrides = {"store_attempts": ATTEMPTS, "store_retry_backoff_s": 0}
+    h.runner.retry_first_s = 0.0
+    return h
+
+
+def waits(phase: str) -> float:
+    return STORE_WAITS.labels(phase=phase)._value.get()
+
+
+async def test_a_store_away_longer_than_its_tries_before_the_fit_is_waited_for_and_the_job_completes(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await requested_job(harness)
+    [base] = [d for d in harness.datasets.rows.values() if d.name == "churn-base"]
+    flaky = FlakyStore(monkeypatch)
+    flaky.failing_reads[base.sha256] = 3 * ATTEMPTS  # three runs' worth of tries, then the store is back
+    before = waits("load")
+    assert await harness.runner.run_once()
+    await harness.bus.drain()
+    assert harness.events(TrainingFailed) == []
+    [started] = harness.events(TrainingStarted)
+    [completed] = harness.events(TrainingCompleted)
+    assert started.data.attempt == 1 and completed.data.run_id == started.data.run_id
+    assert len(harness.trainer.runs) == 4
+    assert flaky.reads[base.sha256] == 3 * ATTEMPTS + 1
+    assert waits("load") - before == 3
+
+
+async def test_a_store_away_after_the_fit_is_waited_for_and_the_fit_kept(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await requested_job(harness)
+    flaky = FlakyStore(monkeypatch)
+    # Every try of the fit process's first write fails (the store is then taken for down: its other files
+    # are kept without trying), and the runner's first three tries too.
+    flaky.failing_writes = ATTEMPTS + 3
+    before = waits("write")
+    assert await harness.runner.run_once()
+    await harness.bus.drain()
+    assert harness.events(TrainingFailed) == []
+    [completed] = harness.events(TrainingCompleted)
+    assert len(harness.trainer.runs) == 1  # fitted once
+    assert waits("write") - before == 3
+    store = ArtifactStore(harness.store.url)
+    assert completed.data.lineage.holdout is not None
+    holdout = completed.data.lineage.holdout.sha256
+    for key in (completed.data.artifact.key, completed.data.profile.key, holdout):
+        assert store.get(key)
+
+
+def test_the_fit_process_keeps_the_files_the_store_refuses_and_hands_them_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ArtifactStore(str(tmp_path))
+    spec = churn_spec()
+    raw = {
+        "job_id": "job-kept",
+        "model": spec.name,
+        "spec_key": store.put(spec.canonical_json()).sha256,
+        "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, churn_frame()).key}],
+        "artifacts_url": str(tmp_path),
+        "store_attempts": ATTEMPTS,
+        "store_retry_backoff_s": 0,
+    }
+    flaky = FlakyStore(monkeypatch)
+    flaky.failing_writes = 1_000
+    outcome = run_training(raw)
+    assert outcome["ok"], outcome
+    kept = outcome[UNWRITTEN]
+    assert flaky.failing_writes == 1_000 - ATTEMPTS  # one write tried, the others kept without trying
+    keys = {hashlib.sha256(data).hexdigest() for data in kept}
+    files = {outcome["artifact"]["key"], outcome["profile"]["key"], outcome["holdout"]["artifact"]["key"]}
+    assert files <= keys
