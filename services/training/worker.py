@@ -846,10 +846,16 @@ def _conform_labels(
     converted = [convert(v) for v in traffic[target].tolist()]
     keep = np.array([v is not None for v in converted], dtype=bool)
     if pd.api.types.is_integer_dtype(column):
-        integral = [v for v in converted if v is not None and float(v).is_integer()]
+        # A whole number the target's integer type cannot hold (a label of 1e300) is no value of it.
+        bounds = np.iinfo(column.dtype)
+
+        def held(v: Any) -> bool:
+            return v is not None and float(v).is_integer() and bounds.min <= int(v) <= bounds.max
+
+        integral = [v for v in converted if held(v)]
         if spec.task is Task.CLASSIFICATION:
             # A class of an integer target is an integer: a fractional label is no class.
-            converted = [int(v) if v is not None and float(v).is_integer() else None for v in converted]
+            converted = [int(v) if v is not None and held(v) else None for v in converted]
             keep = np.array([v is not None for v in converted], dtype=bool)
             dtype = str(column.dtype)
         elif len(integral) == int(keep.sum()):

@@ -549,6 +549,24 @@ def test_a_label_that_is_no_exact_class_of_an_integer_target_is_dropped_not_trun
     assert combined["x0"].iloc[200:].tolist() == traffic["x0"].iloc[[0, 2]].tolist()
 
 
+def test_a_label_past_the_integer_targets_range_is_no_class_and_is_dropped() -> None:
+    # A label of 1e300 (serving's feedback takes any number) is a whole number, but no int64: it made the
+    # training set's cast overflow, and every retrain on that window failed (fit-error: OverflowError).
+    spec = churn_spec()
+    traffic = churn_frame(4, seed=5).assign(churned=[1.0, 1e300, 2.0**63, 0])
+    combined = assemble_training_set(spec, [churn_frame(200)], traffic)
+    assert combined["churned"].dtype == np.int64
+    assert combined["churned"].iloc[200:].tolist() == [1, 0]
+
+
+def test_a_regression_label_past_the_integer_targets_range_widens_it_to_float() -> None:
+    base = regression_frame(200).assign(price=lambda f: f["price"].round().astype("int64"))
+    traffic = regression_frame(2, seed=3).assign(price=[20.0, 1e300])
+    combined = assemble_training_set(_price_spec(), [base], traffic)
+    assert combined["price"].dtype == np.float64
+    assert combined["price"].iloc[200:].tolist() == [20.0, 1e300]
+
+
 def test_sliding_window_keeps_the_newest_rows_and_always_the_traffic() -> None:
     spec = churn_spec(retrain={"training_set": {"mode": "sliding-window", "window_rows": 150}})
     combined = assemble_training_set(spec, [churn_frame(200)], _traffic(100))
