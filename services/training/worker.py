@@ -735,8 +735,23 @@ def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> p
         ) from exc
     _require_columns(window, [*spec.feature_names, "label"], "the traffic window")
     if "predicted_at" in window.columns:
-        window = window.sort_values("predicted_at", kind="stable")
+        # Times as the window's file has them: a timestamp column, or text (a CSV). A value that is no time
+        # is an unknown time: oldest, and outside the window's own time range (reference_rows).
+        at = prediction_times(window["predicted_at"])
+        if unknown := int(at.isna().sum() - window["predicted_at"].isna().sum()):
+            log.warning(
+                "traffic window rows whose predicted_at is no time, taken as of unknown time", rows=unknown
+            )
+        window = window.assign(predicted_at=at).sort_values(
+            "predicted_at", kind="stable", na_position="first"
+        )
     return window.reset_index(drop=True)
+
+
+def prediction_times(column: pd.Series) -> pd.Series:
+    """A window's ``predicted_at`` as UTC timestamps; NaT where a value is no time (ISO 8601 text or a
+    timestamp)."""
+    return pd.to_datetime(column, utc=True, errors="coerce", format="ISO8601")
 
 
 def labelled_traffic(window: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
@@ -770,7 +785,7 @@ def reference_rows(
     if window is None:
         return train_rows
     if start is not None and end is not None and "predicted_at" in window.columns:
-        at = pd.to_datetime(window["predicted_at"], utc=True)
+        at = prediction_times(window["predicted_at"])
         window = window[(at >= pd.Timestamp(start)) & (at <= pd.Timestamp(end))]
     return window if len(window) >= PROFILE_MIN_WINDOW_ROWS else train_rows
 

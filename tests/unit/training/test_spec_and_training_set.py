@@ -662,6 +662,23 @@ def test_the_older_labelled_rows_the_window_carries_for_training_are_not_profile
     assert _run(store, url, base, exported, late).rows > len(exported)
 
 
+def test_window_rows_whose_prediction_time_is_no_time_are_outside_the_window_not_a_failed_run(
+    tmp_path: Path,
+) -> None:
+    # A predicted_at of text that is no time (or of mixed types) failed the run with fit-error and pandas'
+    # DateParseError (or a TypeError sorting it), naming neither the window nor the column.
+    store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
+    window = traffic_window(churn_frame(PROFILE_MIN_WINDOW_ROWS + 10, seed=2, shift=2.0), "churned")
+    times = window["predicted_at"]
+    between = (times.min().to_pydatetime(), times.max().to_pydatetime())
+    mixed = window.assign(predicted_at=times.map(lambda t: t.isoformat()))  # times as text, as a CSV has them
+    mixed.loc[:9, "predicted_at"] = "yesterday"
+    assert _run(store, url, churn_frame(2000, seed=1), mixed, between).rows == PROFILE_MIN_WINDOW_ROWS
+    texts = window.assign(predicted_at="not a time")
+    # No row within the window's time range: the training rows are profiled, as for a small window.
+    assert _run(store, url, churn_frame(2000, seed=1), texts, between).rows > len(window)
+
+
 def test_without_a_window_or_with_a_small_one_the_training_rows_are_profiled(tmp_path: Path) -> None:
     store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
     base = churn_frame(4000, seed=1)
