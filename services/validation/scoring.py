@@ -238,9 +238,14 @@ def measure(
                 champion, champion_signature.task, _inputs(holdout, champion_signature, "champion"), y
             )
             comparison = _compare(spec, metric_name, outputs, theirs, seed)
+        except MemoryError:
+            raise
         except Exception as exc:
             # Whatever the champion raises on this holdout (a feature that changed type makes numpy's
-            # isnan refuse it: TypeError) is the champion's, never the candidate's.
+            # isnan refuse it: TypeError) is the champion's, never the candidate's; an outage (an OSError, a
+            # timeout) is nobody's and must not judge the candidate: the bus retries the event.
+            if is_transient(exc):
+                raise
             champion_error = str(exc) if isinstance(exc, HoldoutMismatch) else f"{type(exc).__name__}: {exc}"
 
     slices: list[SliceMeasure] = []

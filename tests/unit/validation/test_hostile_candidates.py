@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from contracts.validation import ValidationFailed, ValidationPassed
+from libs.artifacts import ArtifactStore
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
 from tests.unit.training.data import churn_frame, churn_spec
@@ -49,15 +50,20 @@ class Hostile:
 class HostileEvaluator(StoreEvaluator):
     """Loads the candidate from the store as validation does, then hands over a hostile one in its place."""
 
-    def __init__(self, gate_root: Path, error: BaseException | None, *, times: int | None = None) -> None:
-        from libs.artifacts import ArtifactStore
-
+    def __init__(
+        self,
+        gate_root: Path,
+        error: BaseException | None,
+        *,
+        times: int | None = None,
+        who: str = "candidate",
+    ) -> None:
         super().__init__(ArtifactStore(str(gate_root)), latency_repeats=1)
-        self.error, self.times = error, times
+        self.error, self.times, self.who = error, times, who
 
     def _model(self, ref: Any, who: str) -> object:
         model = super()._model(ref, who)
-        return Hostile(model, self) if who == "candidate" else model
+        return Hostile(model, self) if who == self.who else model
 
 
 ERRORS = [
@@ -111,3 +117,21 @@ async def test_an_infrastructure_error_while_scoring_goes_to_the_bus_and_the_can
     assert gate.bus.dead_letters == []
     assert gate.bus.events(of=ValidationFailed) == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+
+
+async def test_an_infrastructure_error_while_scoring_the_champion_goes_to_the_bus_not_into_the_report(
+    tmp_path: Path,
+) -> None:
+    # The champion's errors are the champion's (its check fails), but an outage is nobody's: it failed the
+    # challenger-vs-champion check of the candidate for good.
+    evaluator = HostileEvaluator(tmp_path, TimeoutError("scoring timed out"), times=2, who="champion")
+    gate = Gate(tmp_path, evaluator=evaluator)
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    await gate.promote("churn", 1)
+    await gate.register(gate.train(churn_spec(), 2, churn_frame(1500, seed=1)))
+    assert gate.bus.dead_letters == []
+    assert gate.bus.events(of=ValidationFailed) == []
+    passed = gate.bus.events(of=ValidationPassed)
+    assert [e.data.model_version for e in passed] == [1, 2]
+    assert passed[1].data.champion_version == 1
+    assert evaluator.times == 0
