@@ -229,7 +229,7 @@ class JobRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 raw = await self._fit(job, job_input, progress)
-            if raw is not None and raw.get(UNWRITTEN):
+            if raw is not None and UNWRITTEN in raw:
                 raw = await self._write_unwritten(raw)
             if raw is not None:
                 await self._record(job, raw, time.monotonic() - started)

@@ -252,8 +252,8 @@ def run_training(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
     except StoreUnavailable as exc:
         return StoreOutage(message=str(exc)).model_dump(mode="json")
     except (ArtifactError, OSError) as exc:
-        # Every file a run reads is read (and its errors named) by the loading steps: an OSError after
-        # them is the store failing to write.
+        # Every file a run reads is read (and its errors named) by the loading steps, and a write the store
+        # keeps refusing is kept for the runner: what is left here is the store's, said so.
         return TrainingFailure(
             reason=FailureReason.ARTIFACT_STORE_ERROR, message=f"artifact store: {exc}"
         ).model_dump(mode="json")
