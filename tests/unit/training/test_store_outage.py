@@ -4,19 +4,25 @@ fit the runner writes the files the store refused, waiting as long as it takes, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from contracts.training import TrainingCompleted, TrainingFailed, TrainingStarted
 from libs.artifacts import ArtifactStore
+from services.training.adapters.pool import ProcessPoolTrainer
+from services.training.ports import Progress
 from services.training.runner import STORE_WAITS
 from services.training.worker import UNWRITTEN, run_training
 from tests.unit.store_fakes import FlakyStore
 from tests.unit.training.data import churn_frame, churn_spec, put_frame
 from tests.unit.training.fakes import Harness
 from tests.unit.training.test_handlers import requested_job
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -100,3 +106,55 @@ def test_the_fit_process_keeps_the_files_the_store_refuses_and_hands_them_over(
     keys = {hashlib.sha256(data).hexdigest() for data in kept}
     files = {outcome["artifact"]["key"], outcome["profile"]["key"], outcome["holdout"]["artifact"]["key"]}
     assert files <= keys
+
+
+class PoolTrainer:
+    """The service's fit process pool (spawned), with the store's tries of these tests."""
+
+    def __init__(self) -> None:
+        self.pool = ProcessPoolTrainer("spawn", poll_s=0.05)
+        self.runs = 0
+
+    async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        self.runs += 1
+        overrides = {"store_attempts": ATTEMPTS, "store_retry_backoff_s": 0}
+        return await self.pool.train({**job_input, **overrides}, progress)
+
+    def abort(self) -> None:
+        self.pool.abort()
+
+
+async def test_files_a_fit_process_could_not_write_cross_to_the_runner_and_are_written_once_the_store_is_back(
+    harness: Harness,
+) -> None:
+    # The store's staging folder is a file: every write fails (an OSError) while reads still work. The fit
+    # process hands the files over with its outcome; the runner writes them once the folder is back.
+    await requested_job(harness)
+    trainer = PoolTrainer()
+    harness.runner.trainer = trainer
+    staging = Path(harness.store.root) / "tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.write_bytes(b"not a folder")
+    before = waits("write")
+
+    async def waited_twice() -> bool:
+        return waits("write") - before >= 2
+
+    async def store_back() -> None:
+        await eventually(waited_twice, deadline_s=120, interval_s=0.05)
+        staging.unlink()
+
+    try:
+        back = asyncio.create_task(store_back())
+        assert await harness.runner.run_once()
+        await back
+    finally:
+        trainer.pool.close()
+    await harness.bus.drain()
+    assert harness.events(TrainingFailed) == []
+    [completed] = harness.events(TrainingCompleted)
+    assert trainer.runs == 1
+    assert completed.data.lineage.holdout is not None
+    holdout = completed.data.lineage.holdout.sha256
+    for key in (completed.data.artifact.key, completed.data.profile.key, holdout):
+        assert harness.store.get(key)
