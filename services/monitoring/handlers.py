@@ -255,18 +255,14 @@ async def join_pending(
     live = monitor.live
     # A label joins only a prediction of the model it names, as on_ground_truth_received requires: one for
     # another model keeps waiting and expires as unmatched. Not found while waiting in memory: the label's
-    # transaction has not committed yet (its handler runs beside this one); the caller keeps it due.
-    hits = {(pid, model): hit for pid, model in due if (hit := live.cache.get(model, pid)) is not None}
+    # transaction has not committed yet (its handler runs beside this one); the caller keeps it due. The label
+    # joins every held prediction of its id and model: the stable version's and its shadow candidate's.
+    hits = {(pid, model): held for pid, model in due if (held := live.cache.predictions(model, pid))}
     pending = await store.take_pending([pid for pid, _ in hits], [model for _, model in hits])
     rows = [
-        _labelled(
-            hits[(label.prediction_id, label.model)],
-            label.label,
-            label.observed_at,
-            late=False,
-            at=label.received_at,
-        )
+        _labelled(hit, label.label, label.observed_at, late=False, at=label.received_at)
         for label in pending
+        for hit in hits[(label.prediction_id, label.model)]
     ]
     await _store_labelled(rows, monitor=monitor, store=store, publish=publish)
     return sorted((label.prediction_id, label.model) for label in pending)
@@ -344,7 +340,7 @@ async def on_ground_truth_received(
     The latest label for a prediction wins: it replaces the one waiting for the same prediction and model, or
     the one its prediction was joined with (a correction)."""
     live = monitor.live
-    joined: dict[tuple[str, str], LabelledRecord] = {}
+    joined: dict[tuple[str, str, int], LabelledRecord] = {}
     waiting: list[PendingLabel] = []
     marked: list[tuple[str, str]] = []
     try:
@@ -352,21 +348,28 @@ async def on_ground_truth_received(
             if d.event is None or not isinstance(d.event.data, GroundTruthReceived):
                 continue
             g = d.event.data
-            # Only a prediction of the model the label names: another model's with the same id is not its.
-            hit = live.cache.get(g.model, g.prediction_id)
-            _check_label(g, hit.version if hit is not None else g.model_version, live)
-            if hit is None:
+            # Only predictions of the model the label names: another model's with the same id is not its. Of
+            # that model, every version's: in a shadow rollout the candidate's scoring of a served row has the
+            # served prediction's id, and the label is the truth for both (each version's windows count it).
+            held = live.cache.predictions(g.model, g.prediction_id)
+            versions: list[int | None] = [hit.version for hit in held] or [g.model_version]
+            for version in versions:
+                _check_label(g, version, live)
+            if not held:
                 waiting.append(PendingLabel(g.prediction_id, g.model, g.label, g.observed_at))
                 # In memory now, with no await since the look-up: a prediction consumed from here on looks
                 # for it (and, until this transaction commits, misses it and leaves it to the next tick).
                 if live.label_waits(g.prediction_id, g.model):
                     marked.append((g.prediction_id, g.model))
                 continue
-            window = live.windows.get((hit.model, hit.version))
-            # Late: the prediction's drift window was already judged when its label came.
-            late = window is not None and hit.window_seq < window.seq
-            # One row per prediction (a statement cannot change a row twice): the poll's last label for it.
-            joined[(g.prediction_id, g.model)] = _labelled(hit, g.label, g.observed_at, late=late)
+            for hit in held:
+                window = live.windows.get((hit.model, hit.version))
+                # Late: the prediction's drift window was already judged when its label came.
+                late = window is not None and hit.window_seq < window.seq
+                # One row per prediction (a statement cannot change a row twice): the poll's last label.
+                joined[(g.prediction_id, g.model, hit.version)] = _labelled(
+                    hit, g.label, g.observed_at, late=late
+                )
         if waiting:
             await store.add_pending(waiting)
         await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
@@ -433,7 +436,7 @@ async def check_performance(
             )
         metrics = performance_metrics(labelled, ref.task, ref.positive_class)
         state.next_seq += 1
-        await store.mark_scored(model, [r.prediction_id for r in rows], seq)
+        await store.mark_scored(model, version, [r.prediction_id for r in rows], seq)
         if unmeasurable := sorted(name for name, value in metrics.items() if not math.isfinite(value)):
             # Nothing a PerformanceDegraded could carry, and judging it would fail every label join after
             # it (they all score this window first): scored, unjudged, the streak left as it was.
@@ -512,7 +515,11 @@ async def _export(
     monitor: Monitor,
     store: MonitoringStore,
 ) -> Any:
-    labels = await store.labelled_for(window.model, window.prediction_ids) if window is not None else {}
+    labels = (
+        await store.labelled_for(window.model, window.version, window.prediction_ids)
+        if window is not None
+        else {}
+    )
     history = list(extra)
     if monitor.export_labelled_rows:
         history += await store.recent_labelled(ref.model, monitor.export_labelled_rows)

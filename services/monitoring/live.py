@@ -59,10 +59,13 @@ class _CachedPart:
 class PredictionCache:
     """Predictions kept for their labels, bounded by age and count; oldest parts leave first.
 
-    Held per model, then prediction id, as Postgres joins them (``labelled`` and ``pending_labels`` are keyed
-    by both): prediction ids are the clients' to choose, and two models may answer requests with the same
-    id. Keyed by id alone, the later prediction took the earlier one's place, whose label then waited and
-    expired as unmatched."""
+    Held per model, then version, then prediction id, as Postgres joins them (``labelled`` is keyed by the
+    three): prediction ids are the clients' to choose, and two models may answer requests with the same id;
+    and in a shadow rollout serving logs the candidate's scoring of a served row under the served
+    prediction's id (docs/serving.md), so one model has two predictions of that id, one per version. A label
+    joins every one of them. Held by model and id alone, the shadow prediction (logged later) took the
+    stable one's place, and the stable version got no label for the rows its candidate shadowed. Within one
+    version a later prediction with an id takes the earlier one's place."""
 
     def __init__(self, *, max_age_s: float, max_rows: int, max_ahead_s: float = 300.0) -> None:
         self.max_age_s = max_age_s
@@ -71,7 +74,7 @@ class PredictionCache:
         # dated years ahead (a serving replica's clock) would stay until the row bound pushed it out, and keep
         # every part behind it (they leave in order) and the replay offsets with it.
         self.max_ahead_s = max_ahead_s
-        self._index: dict[str, dict[str, tuple[_CachedPart, int]]] = {}
+        self._index: dict[str, dict[int, dict[str, tuple[_CachedPart, int]]]] = {}
         self._parts: deque[_CachedPart] = deque()
         self.rows = 0
 
@@ -87,18 +90,20 @@ class PredictionCache:
         self._parts.append(part)
         # (part, row) per id, the pairs built in C: this runs for every prediction consumed. A batch holds
         # one model version's rows.
-        index = self._index.get(batch.model)
-        if index is None:
-            index = self._index[batch.model] = {}
+        index = self._index.setdefault(batch.model, {}).setdefault(batch.version, {})
         index.update(zip(batch.prediction_ids, zip(repeat(part), range(batch.size)), strict=True))
         self.rows += batch.size
 
-    def get(self, model: str, prediction_id: str) -> CachedPrediction | None:
-        """The held prediction of ``model`` with this id, or None."""
-        index = self._index.get(model)
-        hit = index.get(prediction_id) if index is not None else None
-        if hit is None:
-            return None
+    def predictions(self, model: str, prediction_id: str) -> list[CachedPrediction]:
+        """The held predictions of ``model`` with this id, one per version (stable and shadow), by version."""
+        versions = self._index.get(model, {})
+        return [
+            self._prediction(hit, prediction_id)
+            for _, index in sorted(versions.items())
+            if (hit := index.get(prediction_id)) is not None
+        ]
+
+    def _prediction(self, hit: tuple[_CachedPart, int], prediction_id: str) -> CachedPrediction:
         part, i = hit
         b = part.batch
         request = int(np.searchsorted(np.cumsum(b.request_rows), i, side="right"))
@@ -119,22 +124,25 @@ class PredictionCache:
         )
 
     def holds(self, model: str, prediction_id: str) -> bool:
-        """Whether a prediction of ``model`` with this id is held."""
-        index = self._index.get(model)
-        return index is not None and prediction_id in index
+        """Whether a prediction of ``model`` with this id is held (of any version)."""
+        return any(prediction_id in index for index in self._index.get(model, {}).values())
 
     def evict(self, now: float) -> int:
         """Drop parts older than the label wait, and the oldest beyond the row bound; returns rows dropped."""
         dropped = 0
         while self._parts and (self._parts[0].newest_at < now - self.max_age_s or self.rows > self.max_rows):
             part = self._parts.popleft()
-            index = self._index.get(part.batch.model, {})
-            for pid in part.batch.prediction_ids:
+            b = part.batch
+            versions = self._index.get(b.model, {})
+            index = versions.get(b.version, {})
+            for pid in b.prediction_ids:
                 hit = index.get(pid)
                 if hit is not None and hit[0] is part:
                     del index[pid]
             if not index:
-                self._index.pop(part.batch.model, None)
+                versions.pop(b.version, None)
+            if not versions:
+                self._index.pop(b.model, None)
             self.rows -= part.batch.size
             dropped += part.batch.size
         return dropped

@@ -181,26 +181,28 @@ class MonitoringStore(Protocol):
         ...
 
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
-        """Store joined labels, one per prediction and model (two models' predictions may share an id). A
-        label for a prediction joined before replaces the stored label when it differs and was received later
-        (a correction; the row keeps its performance window, if scored, and its ``late``); returns the
-        (prediction id, model) pairs so corrected."""
+        """Store joined labels, one per prediction, model and version (two models' predictions may share an
+        id, and a shadow candidate's scoring has the id of the stable prediction it shadows). A label for a
+        prediction joined before replaces the stored label when it differs and was received later (a
+        correction; the row keeps its performance window, if scored, and its ``late``); returns the
+        (prediction id, model) pairs so corrected, each once however many versions' rows it corrected."""
         ...
 
-    async def labelled_for(self, model: str, prediction_ids: list[str]) -> dict[str, Any]:
-        """Labels of the given predictions of ``model``, where joined."""
+    async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:
+        """Labels of the given predictions of a model version, where joined."""
         ...
 
     async def recent_labelled(self, model: str, limit: int) -> list[LabelledRecord]:
-        """The model's most recently labelled rows, any version."""
+        """The model's most recently labelled rows, any version; not the shadow candidates' (their ids and
+        inputs are those of a served prediction's row, labelled too)."""
         ...
 
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         """Labelled rows of a version not yet in a performance window, oldest first."""
         ...
 
-    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
-        """Put labelled rows of ``model`` in performance window ``seq``."""
+    async def mark_scored(self, model: str, version: int, prediction_ids: list[str], seq: int) -> None:
+        """Put labelled rows of a model version in its performance window ``seq``."""
         ...
 
     async def performance_state(self, model: str, version: int) -> PerformanceState:

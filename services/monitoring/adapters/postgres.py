@@ -223,7 +223,7 @@ class PgMonitoringStore:
                    $7::jsonb[], $8::float8[], $9::jsonb[], $10::timestamptz[], $11::bool[], $12::jsonb[],
                    $13::timestamptz[], $14::bool[])
                    AS sent(pid, m, v, va, ro, pa, pr, sc, lb, ob, la, inp, rcv, oc)
-               ON CONFLICT (prediction_id, model) DO UPDATE SET label = excluded.label,
+               ON CONFLICT (prediction_id, model, version) DO UPDATE SET label = excluded.label,
                    observed_at = excluded.observed_at, received_at = excluded.received_at,
                    outside_classes = excluded.outside_classes
                WHERE labelled.label IS DISTINCT FROM excluded.label
@@ -244,21 +244,27 @@ class PgMonitoringStore:
             [r.received_at for r in rows],
             [r.outside_classes for r in rows],
         )
-        return [(r["prediction_id"], r["model"]) for r in stored if not r["inserted"]]
+        # One label corrects the rows of every version it joined (a stable prediction and its shadow's).
+        return list(dict.fromkeys((r["prediction_id"], r["model"]) for r in stored if not r["inserted"]))
 
-    async def labelled_for(self, model: str, prediction_ids: list[str]) -> dict[str, Any]:
+    async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:
         if not prediction_ids:
             return {}
         rows = await self.conn.fetch(
-            "SELECT prediction_id, label FROM labelled WHERE prediction_id = ANY($1::text[]) AND model = $2",
+            """SELECT prediction_id, label FROM labelled
+               WHERE prediction_id = ANY($1::text[]) AND model = $2 AND version = $3""",
             prediction_ids,
             model,
+            version,
         )
         return {r["prediction_id"]: r["label"] for r in rows}
 
     async def recent_labelled(self, model: str, limit: int) -> list[LabelledRecord]:
         rows = await self.conn.fetch(
-            "SELECT * FROM labelled WHERE model = $1 ORDER BY received_at DESC LIMIT $2", model, limit
+            """SELECT * FROM labelled WHERE model = $1 AND variant <> 'shadow'
+               ORDER BY received_at DESC LIMIT $2""",
+            model,
+            limit,
         )
         return [_labelled(r) for r in rows]
 
@@ -272,11 +278,13 @@ class PgMonitoringStore:
         )
         return [_labelled(r) for r in rows]
 
-    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
+    async def mark_scored(self, model: str, version: int, prediction_ids: list[str], seq: int) -> None:
         await self.conn.execute(
-            "UPDATE labelled SET perf_seq = $3 WHERE prediction_id = ANY($1::text[]) AND model = $2",
+            """UPDATE labelled SET perf_seq = $4
+               WHERE prediction_id = ANY($1::text[]) AND model = $2 AND version = $3""",
             prediction_ids,
             model,
+            version,
             seq,
         )
 
@@ -370,7 +378,10 @@ class PgMonitoringStore:
     async def label_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for r in await self.conn.fetch(
-            "SELECT model, count(*) AS n, count(*) FILTER (WHERE late) AS late FROM labelled GROUP BY model"
+            # Labels, not rows: a label that joined a stable prediction and its shadow's is one.
+            """SELECT model, count(DISTINCT prediction_id) AS n,
+                   count(DISTINCT prediction_id) FILTER (WHERE late) AS late
+               FROM labelled GROUP BY model"""
         ):
             out.setdefault(r["model"], {}).update(labelled=r["n"], late=r["late"])
         for r in await self.conn.fetch(

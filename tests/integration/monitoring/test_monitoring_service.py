@@ -41,7 +41,7 @@ from contracts.monitoring import TOPIC as MONITORING_TOPIC
 from contracts.monitoring import DriftPolicyChanged
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
-from contracts.rollouts import RolloutStarted, RolloutStepAdvanced
+from contracts.rollouts import RolloutMode, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
@@ -629,7 +629,7 @@ async def test_the_longest_prediction_id_a_label_may_name_is_stored_waiting_and_
         assert [p.prediction_id for p in await store.take_pending([pid], [model])] == [pid]
         joined = LabelledRecord(pid, model, 1, "stable", None, at, 1, 0.9, 1, at, False, {})
         assert await store.add_labelled([joined]) == []
-        assert pid in await store.labelled_for(model, [pid])
+        assert pid in await store.labelled_for(model, 1, [pid])
 
 
 async def test_a_later_label_replaces_the_one_waiting_or_expired_and_one_for_another_model_waits_beside_it(
@@ -705,15 +705,164 @@ async def test_two_models_predictions_with_the_same_id_keep_their_own_labels(poo
         store = PgMonitoringStore(conn)
         assert await store.add_labelled([joined("churn", 1), joined("fraud", 0)]) == []
         assert await store.add_labelled([joined("fraud", 2)]) == [("p-same", "fraud")]  # fraud's correction
-        await store.mark_scored("churn", ["p-same"], 1)
+        await store.mark_scored("churn", 1, ["p-same"], 1)
 
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        assert await store.labelled_for("churn", ["p-same"]) == {"p-same": 1}
-        assert await store.labelled_for("fraud", ["p-same"]) == {"p-same": 2}
+        assert await store.labelled_for("churn", 1, ["p-same"]) == {"p-same": 1}
+        assert await store.labelled_for("fraud", 1, ["p-same"]) == {"p-same": 2}
         assert [r.label for r in await store.recent_labelled("churn", 10)] == [1]
         assert await store.unscored("churn", 1, 10) == []
         assert [(r.model, r.label) for r in await store.unscored("fraud", 1, 10)] == [("fraud", 2)]
+
+
+async def test_a_shadow_prediction_and_the_stable_one_it_shadows_are_each_joined_and_scored_by_version(
+    pool: asyncpg.Pool,
+) -> None:
+    # In a shadow rollout serving logs the candidate's scoring of a served row under the served prediction's
+    # id and model. Keyed by (prediction id, model), the second join took the first one's row (its label
+    # replaced, version and variant kept), and one version got no label.
+    at = datetime.now(UTC)
+
+    def joined(version: int, variant: str, prediction: int, label: Any) -> LabelledRecord:
+        rollout = None if variant == "stable" else "ro-1"
+        return LabelledRecord(
+            "p-shadowed", "churn", version, variant, rollout, at, prediction, 0.7, label, at, False, {}
+        )
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.add_labelled([joined(1, "stable", 1, 0), joined(2, "shadow", 0, 0)]) == []
+        # Redelivered: nothing changes. Corrected: both rows, one correction.
+        assert await store.add_labelled([joined(1, "stable", 1, 0), joined(2, "shadow", 0, 0)]) == []
+        corrected = [joined(1, "stable", 1, 1), joined(2, "shadow", 0, 1)]
+        assert await store.add_labelled(corrected) == [("p-shadowed", "churn")]
+        await store.mark_scored("churn", 1, ["p-shadowed"], 1)  # the stable version's performance window
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        since = at - timedelta(minutes=1)
+        assert await store.labelled_outcomes("churn", 1, since) == [(1, 1, 0.7)]  # the canary comparison
+        assert await store.labelled_outcomes("churn", 2, since) == [(0, 1, 0.7)]
+        assert await store.unscored("churn", 1, 10) == []
+        assert [(r.version, r.variant) for r in await store.unscored("churn", 2, 10)] == [(2, "shadow")]
+        assert await store.labelled_for("churn", 2, ["p-shadowed"]) == {"p-shadowed": 1}
+        # The training history and the status count the label once, with the served prediction.
+        assert [(r.version, r.variant) for r in await store.recent_labelled("churn", 10)] == [(1, "stable")]
+        assert (await store.label_counts())["churn"] == {"labelled": 1, "late": 0}
+
+
+async def test_the_migration_keys_the_labels_joined_before_by_version_as_they_are(database_url: str) -> None:
+    keyed_id = "monitoring/0009_labelled_by_version.sql"
+    async with migrated_before(database_url, keyed_id) as (pool, migrate_rest):
+        async with pool.acquire() as conn:
+            await conn.execute(
+                """INSERT INTO labelled (prediction_id, model, version, variant, predicted_at, prediction,
+                       label, observed_at, late, inputs)
+                   VALUES ('p-1', 'churn', 2, 'shadow', now(), '0', '1', now(), false, '{}'),
+                          ('p-1', 'fraud', 1, 'stable', now(), '1', '1', now(), false, '{}')"""
+            )
+        assert keyed_id in await migrate_rest()
+        at = datetime.now(UTC)
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            stable = LabelledRecord("p-1", "churn", 1, "stable", None, at, 1, 0.7, 1, at, False, {})
+            assert await store.add_labelled([stable]) == []
+            rows = await conn.fetch("SELECT model, version, label FROM labelled ORDER BY model, version")
+            assert [(r["model"], r["version"], r["label"]) for r in rows] == [
+                ("churn", 1, 1),
+                ("churn", 2, 1),
+                ("fraud", 1, 1),
+            ]
+
+
+async def test_a_shadow_candidate_worse_than_stable_gets_an_unhealthy_verdict_from_their_labels(
+    harness: Harness,
+) -> None:
+    # The candidate's rows carry the ids of the stable rows they shadow, and one label per id joins both:
+    # joined to one of them only, the stable version had no labelled rows and the accuracy comparison never
+    # counted.
+    from contracts.monitoring import CanaryVerdict
+
+    h, model = harness, unique("shadow")
+    await register(h, model, 1)
+    await register(h, model, 2)
+    await eventually(lambda: known(h, model, 2))
+    # Labels are flowing before the rollout (joined within the grace period), so the verdict waits for the
+    # step's labels rather than judging without them as soon as its predictions are in.
+    before = predictions(model, 1, 20, seed=12, start=datetime.now(UTC) - timedelta(minutes=10))
+    await h.send_many(before, "predictions")
+    await h.send_many(labels_for(before, accuracy=1.0, seed=12), "feedback")
+    await eventually(lambda: _labelled(h, model, 20), deadline_s=60)
+    rollout = unique("r")
+    started = new_event(
+        RolloutStarted(
+            rollout_id=rollout,
+            model=model,
+            stable_version=1,
+            canary_version=2,
+            mode=RolloutMode.SHADOW,
+            steps=[1.0],
+            step_index=0,
+            weight=1.0,
+            min_samples=200,
+            bake_seconds=1,
+        ),
+        source="/test/serving",
+    )
+    await h.send(started, "rollouts")
+    await eventually(lambda: _step_known(h, rollout))
+    stable = predictions(model, 1, 300, seed=13, start=datetime.now(UTC))
+    rng = np.random.default_rng(14)
+    shadow = []
+    for e in stable:  # the same rows and ids, scored later by version 2, which gets 40% of them wrong
+        rows = [
+            r.model_copy(
+                update={
+                    "output": PredictionOutput(
+                        prediction=1 - int(r.output.prediction)
+                        if rng.uniform() < 0.4
+                        else r.output.prediction
+                    )
+                }
+            )
+            for r in e.data.rows
+        ]
+        payload = e.data.model_copy(
+            update={"model_version": 2, "variant": Variant.SHADOW, "rollout_id": rollout, "rows": rows}
+        )
+        shadow.append(new_event(payload, source="/test/serving"))
+    await h.send_many(stable + shadow, "predictions")
+    await eventually(lambda: _consumed(h, model, {"1": 320, "2": 300}), deadline_s=60)
+    await h.send_many(labels_for(stable, accuracy=0.95, seed=15), "feedback")  # one label per id
+
+    async def verdicts() -> list[CloudEvent[Any]]:
+        return await h.published(model, CanaryVerdict)
+
+    [verdict] = await eventually(verdicts, deadline_s=60)
+    assert verdict.data.verdict.value == "unhealthy"
+    accuracy = next(e for e in verdict.data.evidence if e.name == "accuracy")
+    assert accuracy.passed is False
+    rows = await h.sql(
+        "SELECT version, variant, count(*) AS n FROM labelled WHERE model = $1 GROUP BY 1, 2 ORDER BY 1",
+        model,
+    )
+    assert [(r["version"], r["variant"], r["n"]) for r in rows] == [(1, "stable", 320), (2, "shadow", 300)]
+
+
+async def _labelled(h: Harness, model: str, n: int) -> bool:
+    rows = await h.sql("SELECT count(*) AS n FROM labelled WHERE model = $1", model)
+    return bool(rows[0]["n"] >= n)
+
+
+async def _consumed(h: Harness, model: str, rows: dict[str, int]) -> bool:
+    """Each version's predictions were consumed: its open window holds that many rows (none closed: fewer
+    than a window's 400)."""
+    async with httpx.AsyncClient(headers={"Authorization": "Bearer dev-viewer"}) as client:
+        status = (await client.get(f"http://127.0.0.1:{h.port}/v1/status")).json()
+    versions = status["models"].get(model, {}).get("versions", {})
+    held = {v: (w["open_window"] or {}).get("rows", 0) for v, w in versions.items()}
+    return all(held.get(v, 0) >= n for v, n in rows.items())
 
 
 async def test_labels_received_lately_are_found_by_model_and_time(pool: asyncpg.Pool) -> None:

@@ -559,8 +559,8 @@ def test_label_cache_returns_the_prediction_with_its_inputs() -> None:
     state = live()
     state.add_reference(ref)
     state.ingest(requests(100, seed=9), arrival=0.0)
-    hit = state.cache.get("churn", "p-9-1-3")
-    assert hit is not None and hit.prediction == 1 and hit.score == pytest.approx(0.7)
+    [hit] = state.cache.predictions("churn", "p-9-1-3")
+    assert hit.prediction == 1 and hit.score == pytest.approx(0.7)
     assert set(hit.inputs) == {"x0", "x1", "x2", "plan"}
 
 
@@ -882,8 +882,8 @@ def test_a_poll_mixing_columns_and_fully_validated_payloads_ingests_like_payload
             assert np.array_equal(wa.numeric[k], wb.numeric[k])
         assert wa.categorical == wb.categorical
         assert (wa.first_offsets, wa.next_offsets) == (wb.first_offsets, wb.next_offsets)
-    hit = a.cache.get("churn", "p-13-1-3")
-    assert hit is not None and hit.prediction == 1 and hit.score == pytest.approx(0.7)
+    [hit] = a.cache.predictions("churn", "p-13-1-3")
+    assert hit.prediction == 1 and hit.score == pytest.approx(0.7)
     assert hit.inputs == reqs[1][0].rows[3].inputs
     # Redelivered columns are skipped like redelivered payloads.
     assert a.ingest(columns, arrival=1.0).rows == 0

@@ -165,7 +165,7 @@ class LabelStore:
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         return [r for pid, r in self.labelled.items() if pid not in self.scored][:limit]
 
-    async def mark_scored(self, model: str, ids: list[str], seq: int) -> None:
+    async def mark_scored(self, model: str, version: int, ids: list[str], seq: int) -> None:
         self.scored.update(ids)
 
     async def performance_state(self, *_: Any) -> PerformanceState:

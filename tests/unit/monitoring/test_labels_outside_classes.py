@@ -100,7 +100,7 @@ async def test_a_correction_to_a_class_is_no_longer_outside_the_classes(monitor:
     await consume_prediction(monitor, tables, "good-1")
     await send_label(monitor, tables, "good-1-0", "churn", "yes")
     await send_label(monitor, tables, "good-1-0", "churn", 1)  # the label corrected
-    assert tables.labelled[("good-1-0", "churn")].outside_classes is False
+    assert tables.labelled[("good-1-0", "churn", 1)].outside_classes is False
 
 
 async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_its_verdict() -> None:

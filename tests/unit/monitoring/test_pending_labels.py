@@ -45,6 +45,7 @@ from tests.unit.monitoring.test_ingest_failures import logged, predictions_bus
 NOW = 1_000.0  # the tick's clock: no window is idle, no label has waited long
 
 Pair = tuple[str, str]  # (prediction id, the model the label names)
+Join = tuple[str, str, int]  # a joined prediction: (its id, model, version)
 Version = tuple[str, int]
 
 
@@ -60,9 +61,9 @@ class Tables:
     def __init__(self) -> None:
         self.pending: dict[Pair, Waiting] = {}
         self.unmatched: Counter[str] = Counter()  # unmatched_labels: expired labels, counted and deleted
-        self.labelled: dict[Pair, LabelledRecord] = {}  # by prediction id and model, as its primary key
-        self.scored: dict[Pair, int] = {}  # labelled rows in a performance window: its number
-        self.windows: list[tuple[int, list[Pair]]] = []  # the performance windows scored, with their rows
+        self.labelled: dict[Join, LabelledRecord] = {}  # by prediction id, model and version, as its key
+        self.scored: dict[Join, int] = {}  # labelled rows in a performance window: its number
+        self.windows: list[tuple[int, list[Join]]] = []  # the performance windows scored, with their rows
         self.performance: dict[Version, PerformanceState] = {}
         self.joins_fail = False  # storing a joined label fails for good (a value Postgres refuses)
         self.refused: set[str] = set()  # the same, for these predictions' labels only
@@ -91,8 +92,8 @@ class Tx(NoPolicies):
         self.added: dict[Pair, PendingLabel] = {}
         self.taken: set[Pair] = set()
         self.expired: set[Pair] = set()
-        self.labelled: dict[Pair, LabelledRecord] = {}
-        self.windows: list[tuple[int, list[Pair]]] = []
+        self.labelled: dict[Join, LabelledRecord] = {}
+        self.windows: list[tuple[int, list[Join]]] = []
         self.performance: dict[Version, PerformanceState] = {}
 
     def _waiting(self) -> dict[Pair, PendingLabel]:
@@ -127,7 +128,7 @@ class Tx(NoPolicies):
         corrected = []
         for row in rows:
             row = replace(row, received_at=row.received_at or self.now)
-            key = (row.prediction_id, row.model)
+            key = (row.prediction_id, row.model, row.version)
             old = self.labelled.get(key) or self.tables.labelled.get(key)
             if old is None:
                 self.labelled[key] = row
@@ -139,20 +140,21 @@ class Tx(NoPolicies):
                     received_at=row.received_at,
                     outside_classes=row.outside_classes,
                 )
-                corrected.append(key)
-        return corrected
+                corrected.append((row.prediction_id, row.model))
+        return list(dict.fromkeys(corrected))
 
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         scored = set(self.tables.scored).union(*(ids for _, ids in self.windows))
         rows = [
             row
             for row in {**self.tables.labelled, **self.labelled}.values()
-            if (row.model, row.version) == (model, version) and (row.prediction_id, row.model) not in scored
+            if (row.model, row.version) == (model, version)
+            and (row.prediction_id, row.model, row.version) not in scored
         ]
         return sorted(rows, key=lambda r: (r.received_at, r.prediction_id))[:limit]
 
-    async def mark_scored(self, model: str, prediction_ids: list[str], seq: int) -> None:
-        self.windows.append((seq, [(pid, model) for pid in prediction_ids]))
+    async def mark_scored(self, model: str, version: int, prediction_ids: list[str], seq: int) -> None:
+        self.windows.append((seq, [(pid, model, version) for pid in prediction_ids]))
 
     async def performance_state(self, model: str, version: int) -> PerformanceState:
         """The version's state (Postgres locks its row until the transaction ends; not modelled here)."""
@@ -289,7 +291,7 @@ async def test_a_prediction_consumed_while_its_labels_transaction_is_open_is_joi
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn", 1)} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -316,7 +318,7 @@ async def test_a_prediction_consumed_while_its_label_is_being_stored_is_joined_a
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn", 1)} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -387,7 +389,9 @@ def corrections(model: str) -> float:
 
 def labels(tables: Tables) -> dict[str, Any]:
     """The joined labels of churn's predictions, by prediction id."""
-    return {row.prediction_id: row.label for (_, model), row in tables.labelled.items() if model == "churn"}
+    return {
+        row.prediction_id: row.label for (_, model, _), row in tables.labelled.items() if model == "churn"
+    }
 
 
 async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, model: str, label: Any) -> None:
@@ -502,7 +506,7 @@ async def test_a_join_whose_transaction_meets_an_outage_stays_due_and_is_made_at
 
     rt.commit_fails = False
     await background.once()
-    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn", 1)} and tables.waiting() == set()
     assert monitor.live.pending_labels == set()
 
 
@@ -516,7 +520,7 @@ async def test_a_join_that_fails_for_good_is_given_up_alone_and_the_others_are_m
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {("good-1-0", "churn"), ("good-1-2", "churn")}
+    assert set(tables.labelled) == {("good-1-0", "churn", 1), ("good-1-2", "churn", 1)}
     assert (
         tables.waiting() == monitor.live.pending_labels == {("good-1-1", "churn")}
     )  # to expire as unmatched
@@ -542,7 +546,7 @@ async def test_a_join_due_when_the_process_stopped_is_made_after_the_restart(
     await bootstrap.restore(rt, restarted)  # type: ignore[arg-type]
     await Background(rt, restarted, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert set(tables.labelled) == {("good-1-0", "churn")} and tables.waiting() == set()
+    assert set(tables.labelled) == {("good-1-0", "churn", 1)} and tables.waiting() == set()
     assert restarted.live.pending_labels == set()
 
 
@@ -695,8 +699,8 @@ async def test_labels_joined_beside_each_other_fill_a_performance_window_with_ea
     await joining
     label_tx.commit()
 
-    assert tables.windows == [(1, [("good-1-0", "churn"), ("good-2-0", "churn")])]
-    assert Counter(tables.scored.values()) == {1: 2} and ("good-1-1", "churn") not in tables.scored
+    assert tables.windows == [(1, [("good-1-0", "churn", 1), ("good-2-0", "churn", 1)])]
+    assert Counter(tables.scored.values()) == {1: 2} and ("good-1-1", "churn", 1) not in tables.scored
     assert tables.performance[("churn", 1)].next_seq == 2
 
 
@@ -716,11 +720,11 @@ async def test_two_models_predictions_with_the_same_id_each_join_their_own_label
 
     await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
-    assert {pair: row.label for pair, row in tables.labelled.items()} == {
-        ("good-1-0", "churn"): 1,
-        ("good-1-1", "fraud"): 0,
-        ("good-2-0", "fraud"): 1,
-        ("good-2-0", "churn"): 0,
+    assert {key: row.label for key, row in tables.labelled.items()} == {
+        ("good-1-0", "churn", 1): 1,
+        ("good-1-1", "fraud", 1): 0,
+        ("good-2-0", "fraud", 1): 1,
+        ("good-2-0", "churn", 1): 0,
     }
-    assert all(row.model == model for (_, model), row in tables.labelled.items())
+    assert all(row.model == model for (_, model, _), row in tables.labelled.items())
     assert tables.waiting() == set() and monitor.live.pending_labels == set()

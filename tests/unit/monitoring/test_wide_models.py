@@ -140,7 +140,7 @@ class ReportStore(WindowStore):
     ) -> None:
         self.alerts.append(summary)
 
-    async def labelled_for(self, model: str, prediction_ids: list[str]) -> dict[str, Any]:
+    async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:
         return {}
 
     async def recent_labelled(self, model: str, limit: int) -> list[Any]:

@@ -1,0 +1,171 @@
+"""In a shadow rollout serving logs the candidate's scoring of a served row under the served prediction's id
+and model, with its own version and variant ``shadow`` (docs/serving.md). A label for that id joins both
+predictions: the stable version's and the candidate's, each counted in its own version's performance windows
+and canary comparison. Held one per model and id, the shadow prediction (logged later) took the stable one's
+place, and the stable version got no labels for the rows its candidate shadowed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+
+from contracts.envelope import CloudEvent, new_event
+from contracts.feedback import GroundTruthReceived
+from contracts.predictions import PredictionsLogged
+from services.monitoring import bootstrap
+from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
+from services.monitoring.live import LiveState, PredictionCache, WindowSettings
+from services.monitoring.ports import MonitoringStore
+from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_domain import reference
+from tests.unit.monitoring.test_pending_labels import (
+    NOW,
+    Runtime,
+    Tables,
+    corrections,
+    delivery,
+    nothing,
+)
+
+STABLE, CANDIDATE = 1, 2
+
+
+def served(request_id: str, version: int, variant: str, prediction: int) -> CloudEvent[PredictionsLogged]:
+    """A request's three rows as one version logged them (the stable's ids: a shadow scoring keeps them)."""
+    rows = [
+        {
+            "prediction_id": f"{request_id}-{i}",
+            "inputs": {"x0": 0.5, "x1": 0.1, "x2": 0.2, "plan": "basic"},
+            "output": {"prediction": prediction, "probabilities": {"0": 0.4, "1": 0.6}},
+        }
+        for i in range(3)
+    ]
+    payload = {
+        "model": "churn",
+        "model_version": version,
+        "variant": variant,
+        "rollout_id": None if variant == "stable" else "ro-1",
+        "request_id": request_id,
+        "predicted_at": "2026-11-28T07:00:00Z",
+        "latency_ms": 1.0,
+        "rows": rows,
+    }
+    return new_event(PredictionsLogged.model_validate(payload), source="/serving")
+
+
+async def consume(monitor: Monitor, tables: Tables, event: CloudEvent[Any], offset: int) -> None:
+    tx = tables.begin()
+    await on_predictions_logged(
+        [delivery(event, offset)], monitor=monitor, store=cast(MonitoringStore, tx), publish=nothing
+    )
+    tx.commit()
+
+
+async def consume_both(monitor: Monitor, tables: Tables) -> None:
+    """The stable version answers request r-1; its candidate's shadow scoring of it is logged after."""
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)
+
+
+async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, label: Any) -> None:
+    g = GroundTruthReceived(
+        prediction_id=prediction_id, model="churn", label=label, observed_at=datetime.now(UTC)
+    )
+    tx = tables.begin()
+    await on_ground_truth_received(
+        [delivery(new_event(g, source="/feedback"), 0)],
+        monitor=monitor,
+        store=cast(MonitoringStore, tx),
+        publish=nothing,
+    )
+    tx.commit()
+
+
+def joined(tables: Tables) -> dict[tuple[str, int], tuple[str, Any, Any]]:
+    """The stored joins, by prediction id and version: (variant, prediction, label)."""
+    return {
+        (row.prediction_id, row.version): (row.variant, row.prediction, row.label)
+        for row in tables.labelled.values()
+    }
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
+    """Monitoring with churn's stable version 1 and its candidate version 2 registered."""
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
+    monitor.live.add_reference(reference())
+    monitor.live.add_reference(replace(reference(), version=CANDIDATE))
+    return monitor
+
+
+def test_the_cache_holds_every_versions_prediction_of_one_id() -> None:
+    state = LiveState(WindowSettings(), PredictionCache(max_age_s=1e9, max_rows=10**6))
+    state.add_reference(reference())
+    state.add_reference(replace(reference(), version=CANDIDATE))
+    for offset, event in enumerate(
+        [served("r-1", STABLE, "stable", prediction=1), served("r-1", CANDIDATE, "shadow", prediction=0)]
+    ):
+        state.ingest([(event.data, 0, offset)], arrival=0.0)
+
+    held = state.cache.predictions("churn", "r-1-0")
+    assert [(h.version, h.variant, h.prediction) for h in held] == [(1, "stable", 1), (2, "shadow", 0)]
+    assert state.cache.predictions("fraud", "r-1-0") == []
+    assert state.cache.evict(now=1e12) == 6 and state.cache.predictions("churn", "r-1-0") == []
+
+
+async def test_a_label_joins_the_stable_and_the_shadow_prediction_of_its_id(monitor: Monitor) -> None:
+    tables = Tables()
+    await consume_both(monitor, tables)
+
+    await send_label(monitor, tables, "r-1-0", 1)
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+
+
+async def test_a_waiting_label_joins_the_stable_and_the_shadow_prediction_of_its_id(monitor: Monitor) -> None:
+    tables = Tables()
+    await send_label(monitor, tables, "r-1-0", 1)  # before either prediction: it waits
+    await consume_both(monitor, tables)
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+    assert tables.waiting() == set() and monitor.live.pending_labels == set()
+
+
+async def test_a_label_sent_again_changes_neither_join_and_a_correction_changes_both_counted_once(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await consume_both(monitor, tables)
+    before = corrections("churn")
+    await send_label(monitor, tables, "r-1-0", 0)
+    await send_label(monitor, tables, "r-1-0", 0)  # redelivered, or sent again
+    assert corrections("churn") == before
+    assert len(tables.labelled) == 2
+
+    await send_label(monitor, tables, "r-1-0", 1)  # a correction: one label, counted once
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+    assert corrections("churn") == before + 1
+
+
+async def test_each_versions_performance_windows_count_the_label(monitor: Monitor) -> None:
+    monitor.performance_window_labels = 3
+    tables = Tables()
+    await consume_both(monitor, tables)
+
+    for i in range(3):
+        await send_label(monitor, tables, f"r-1-{i}", 1)
+
+    # One window per version, each of its own three rows (scoring the stable's did not take the candidate's).
+    assert sorted(tables.windows) == [
+        (1, [("r-1-0", "churn", STABLE), ("r-1-1", "churn", STABLE), ("r-1-2", "churn", STABLE)]),
+        (1, [("r-1-0", "churn", CANDIDATE), ("r-1-1", "churn", CANDIDATE), ("r-1-2", "churn", CANDIDATE)]),
+    ]
