@@ -409,6 +409,7 @@ async def test_canary_worse_than_stable_gets_an_unhealthy_verdict(harness: Harne
     await register(h, model, 1)
     await register(h, model, 2)
     await eventually(lambda: known(h, model, 2))
+    await labels_flowing(h, model)
     rollout = unique("r")
     started = new_event(
         RolloutStarted(
@@ -788,12 +789,7 @@ async def test_a_shadow_candidate_worse_than_stable_gets_an_unhealthy_verdict_fr
     await register(h, model, 1)
     await register(h, model, 2)
     await eventually(lambda: known(h, model, 2))
-    # Labels are flowing before the rollout (joined within the grace period), so the verdict waits for the
-    # step's labels rather than judging without them as soon as its predictions are in.
-    before = predictions(model, 1, 20, seed=12, start=datetime.now(UTC) - timedelta(minutes=10))
-    await h.send_many(before, "predictions")
-    await h.send_many(labels_for(before, accuracy=1.0, seed=12), "feedback")
-    await eventually(lambda: _labelled(h, model, 20), deadline_s=60)
+    await labels_flowing(h, model)
     rollout = unique("r")
     started = new_event(
         RolloutStarted(
@@ -848,6 +844,17 @@ async def test_a_shadow_candidate_worse_than_stable_gets_an_unhealthy_verdict_fr
         model,
     )
     assert [(r["version"], r["variant"], r["n"]) for r in rows] == [(1, "stable", 320), (2, "shadow", 300)]
+
+
+async def labels_flowing(h: Harness, model: str) -> None:
+    """Labels of ``model`` joined just now (within the canary's label grace period), from before any step:
+    the verdict then waits for a step's labels rather than judging without them as soon as its predictions
+    are in, which it does for a model whose labels are not flowing (docs/monitoring.md, Canary analysis).
+    Without this a test sending a step's predictions and labels at once raced the labels' join."""
+    before = predictions(model, 1, 20, seed=12, start=datetime.now(UTC) - timedelta(minutes=10))
+    await h.send_many(before, "predictions")
+    await h.send_many(labels_for(before, accuracy=1.0, seed=12), "feedback")
+    await eventually(lambda: _labelled(h, model, 20), deadline_s=60)
 
 
 async def _labelled(h: Harness, model: str, n: int) -> bool:
