@@ -30,6 +30,12 @@ tables, so they are reserved for it: the registry refuses uploads under them (tw
 name would give one version number to two files)."""
 
 
+DATASET_MODELS_MAX = 100
+"""The most models one dataset version may name: training decides on a retrain for each when the dataset is
+announced (one TrainingSkipped or TrainingRequested apiece, in one transaction), and the registry looks each
+up when a file is uploaded."""
+
+
 def is_training_output(name: str) -> bool:
     """Whether ``name`` has the form of a name training registers its output under (reserved for it)."""
     return name.endswith((TRAINING_SET_SUFFIX, HOLDOUT_SUFFIX))
@@ -71,8 +77,9 @@ class DatasetRegistered(EventPayload):
     )
     models: list[ModelName] = Field(
         default_factory=list,
+        max_length=DATASET_MODELS_MAX,
         description="Models this dataset is meant for, when the producer knows; training policies may "
-        "retrain them on new data.",
+        f"retrain them on new data. At most {DATASET_MODELS_MAX}.",
         examples=[["churn"]],
     )
     description: FreeText | None = Field(

@@ -14,7 +14,12 @@ from typing import Any
 import orjson
 
 from contracts.common import NAME_PATTERN, VERSION_MAX, FeatureType, ModelSignature, Stage
-from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX, is_training_output
+from contracts.datasets import (
+    DATASET_MODELS_MAX,
+    HOLDOUT_SUFFIX,
+    TRAINING_SET_SUFFIX,
+    is_training_output,
+)
 from libs.errors import Conflict, InvalidInput
 from services.registry.schemas import VersionPublic
 
@@ -153,13 +158,9 @@ def check_name(value: str, *, what: str, field: str) -> str:
     return value
 
 
-DATASET_MODELS_MAX = 100
-"""The most models one dataset upload may name: each is looked up (its newest signature checks the file),
-and each is a retrain that training decides on when the dataset is announced."""
-
-
 def check_dataset_models(models: list[str]) -> list[str]:
-    """``models`` when each is a model name and there are at most :data:`DATASET_MODELS_MAX`, else 422."""
+    """``models`` when each is a model name and there are at most
+    :data:`~contracts.datasets.DATASET_MODELS_MAX` (the contract's bound), else 422."""
     if len(models) > DATASET_MODELS_MAX:
         raise InvalidInput(
             f"the upload names {len(models):,} models; a dataset is meant for at most {DATASET_MODELS_MAX}",

@@ -30,7 +30,7 @@ from contracts.common import (
     Task,
     TrafficWindow,
 )
-from contracts.datasets import DatasetRegistered
+from contracts.datasets import DATASET_MODELS_MAX, DatasetRegistered
 from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import AUDIT_EXAMPLE_PUBLIC_KEY, EXAMPLES
 from contracts.feedback import GroundTruthReceived
@@ -336,6 +336,21 @@ def test_a_number_fits_the_column_its_consumers_keep_it_in(
         cls.model_validate(with_value(largest))
     with pytest.raises(ValidationError, match=f"less than or equal to {largest}"):
         cls.model_validate(with_value(largest + 1))
+
+
+def test_a_dataset_names_no_more_models_than_an_upload_may() -> None:
+    # One event naming many models made training decide (and publish) a retrain for each in one transaction.
+    event = new_event(EXAMPLES[DatasetRegistered], source="/driftloop/test")
+    _, raw, headers = event.to_kafka()
+    data = orjson.loads(raw)
+    data["models"] = [f"m{i}" for i in range(DATASET_MODELS_MAX)]
+    assert len(EVENT_TYPES.decode(orjson.dumps(data), headers).data.models) == DATASET_MODELS_MAX
+    data["models"].append("one-more")
+    with pytest.raises(
+        SchemaInvalid, match=f"invalid at models: .*at most {DATASET_MODELS_MAX} items"
+    ) as caught:
+        EVENT_TYPES.decode(orjson.dumps(data), headers)
+    assert caught.value.reason == "schema-invalid"
 
 
 def test_a_missing_input_value_is_null() -> None:
