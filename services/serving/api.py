@@ -92,8 +92,17 @@ def _caller(request: Request, role: Role | None) -> Principal:
     """The bearer token's principal, if it grants ``role`` (any role when None): libs.auth's rule, as a
     plain function so the predict routes skip FastAPI's dependency resolution, which costs more per
     request than everything serving adds to the model call."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    # One pass over the raw headers (ASGI gives their names in lower case) finds the first and any second,
+    # without building Starlette's Headers; a second is refused as libs.auth refuses it: whom the first
+    # names need not be whom the caller (or a proxy that added one) meant.
+    found: bytes | None = None
+    for key, value in request.scope["headers"]:
+        if key == b"authorization":
+            if found is not None:
+                sent = sum(k == b"authorization" for k, _ in request.scope["headers"])
+                raise Unauthorized(f"the request has {sent} Authorization headers: send one")
+            found = value
+    scheme, _, token = (found or b"").decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     store: TokenStore = request.app.state.tokens

@@ -279,6 +279,21 @@ async def test_predict_needs_a_predict_token(service: Service, headers: dict[str
     assert (await predict(service, [record()], headers=headers)).status_code == status
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/models/churn/predict", "/v2/models/churn/infer", "/v2/models/churn/versions/1/infer"]
+)
+async def test_a_hot_lane_request_with_two_authorization_headers_is_401(service: Service, path: str) -> None:
+    # The lane read the first and ignored the rest, where every libs.auth route refuses the request.
+    body = {"records": [record()]} if path.startswith("/v1") else oip_body()
+    for first, second in (("Bearer dev-predict", "Bearer nope"), ("Bearer nope", "Bearer dev-predict")):
+        headers = [("Authorization", first), ("Authorization", second)]
+        r = await service.client.post(path, json=body, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"] == "the request has 2 Authorization headers: send one"
+    r = await service.client.get("/v2/models/churn", headers=[("Authorization", "Bearer dev-viewer")] * 3)
+    assert r.status_code == 401 and r.json()["detail"] == "the request has 3 Authorization headers: send one"
+
+
 async def test_bad_feature_is_a_422_naming_it(service: Service) -> None:
     r = await predict(service, [record(), record(plan=3.5)])
     assert r.status_code == 422
