@@ -240,13 +240,16 @@ class CloudEvent(BaseModel, Generic[P]):
             ("ce_type", self.type.encode()),
             ("ce_time", self.time.astimezone(UTC).isoformat().replace("+00:00", "Z").encode()),
             ("content-type", self.datacontenttype.encode()),
-            ("ce_correlationid", self.correlationid.encode()),
         ]
-        if self.subject is not None:
+        # An empty optional attribute is left out, as consumers refuse one that is present and empty (one
+        # could come back from a row kept before they did).
+        if self.correlationid:
+            headers.append(("ce_correlationid", self.correlationid.encode()))
+        if self.subject:
             headers.append(("ce_subject", self.subject.encode()))
-        if self.causationid is not None:
+        if self.causationid:
             headers.append(("ce_causationid", self.causationid.encode()))
-        if self.actor is not None:
+        if self.actor:
             headers.append(("ce_actor", self.actor.encode()))
         return self.key, self.payload_bytes(), headers
 
@@ -305,6 +308,10 @@ def _refuse_repeated_attributes(pairs: Iterable[tuple[str, bytes | None]]) -> No
         raise MalformedEvent(
             f"header {name!r} appears {counts[name]} times: a CloudEvents attribute comes once"
         )
+
+
+OPTIONAL_ATTRIBUTES = ("ce_subject", "ce_correlationid", "ce_causationid", "ce_actor")
+"""The optional CloudEvents attributes consumers read, each of which must be non-empty when present."""
 
 
 def _is_attribute_header(name: str) -> bool:
@@ -505,6 +512,20 @@ class EventTypeRegistry:
             raise MissingAttribute(f"header {empty!r} is empty: CloudEvents requires a non-empty {empty[3:]}")
         if hdr["ce_specversion"] != SPEC_VERSION:
             raise MalformedEvent(f"ce_specversion is {hdr['ce_specversion']!r}, expected {SPEC_VERSION!r}")
+        optional = (
+            subject := hdr.get("ce_subject"),
+            correlationid := hdr.get("ce_correlationid"),
+            causationid := hdr.get("ce_causationid"),
+            actor := hdr.get("ce_actor"),
+        )
+        if "" in optional:
+            # CloudEvents: an attribute that is present is non-empty. Read as "" it would be kept as a value
+            # (an actor or cause of no one) and travel into the events it causes.
+            empty = OPTIONAL_ATTRIBUTES[optional.index("")]
+            raise MalformedEvent(
+                f"header {empty!r} is empty: a CloudEvents attribute that is present must be non-empty "
+                "(leave the header out when there is no value)"
+            )
         content_type = hdr.get("content-type") or CONTENT_TYPE
         # A media type is case-insensitive (RFC 9110 §8.3.1); its parameters do not matter: JSON is UTF-8,
         # and a charset parameter has no effect on it (RFC 8259 §11).
@@ -523,12 +544,12 @@ class EventTypeRegistry:
             source=hdr["ce_source"],
             type=ce_type,
             time=time,
-            subject=hdr.get("ce_subject"),
+            subject=subject,
             specversion=SPEC_VERSION,
             datacontenttype=CONTENT_TYPE,
-            correlationid=hdr.get("ce_correlationid") or ce_id,
-            causationid=hdr.get("ce_causationid"),
-            actor=hdr.get("ce_actor"),
+            correlationid=correlationid or ce_id,
+            causationid=causationid,
+            actor=actor,
             data=data,
         )
 

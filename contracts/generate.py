@@ -30,6 +30,7 @@ from contracts.envelope import (
     BOUNDED_ATTRIBUTES,
     CONTENT_TYPE,
     MAX_ATTRIBUTE_CHARS,
+    OPTIONAL_ATTRIBUTES,
     SPEC_VERSION,
     TYPE_PREFIX,
     EventPayload,
@@ -123,6 +124,8 @@ _HEADER_SCHEMA: dict[str, Any] = {
 }
 for _name in BOUNDED_ATTRIBUTES:  # consumers dead-letter longer ones as oversized
     _HEADER_SCHEMA["properties"][_name]["maxLength"] = MAX_ATTRIBUTE_CHARS
+for _name in OPTIONAL_ATTRIBUTES:  # and empty ones as malformed
+    _HEADER_SCHEMA["properties"][_name]["minLength"] = 1
 
 _DEAD_LETTER_HEADERS: dict[str, Any] = {
     "type": "object",
@@ -420,7 +423,9 @@ holds a NUL character). `ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00
 `2025-01-01T01:00:00.5+01:00`; `t` and `z` may be lower case, the fraction has any number of digits and a
 leap second, `23:59:60` UTC, is read as `23:59:59.999999`); anything else (a space for the `T`, no seconds,
 no UTC offset, ISO 8601's basic format or week dates, a time with no UTC form) is dead-lettered as
-`malformed`, and the audit trail indexes the time of exactly the records the bus takes. `content-type`,
+`malformed`, and the audit trail indexes the time of exactly the records the bus takes. `ce_subject`,
+`ce_correlationid`, `ce_causationid` and `ce_actor` may be left out; given, each is non-empty (an empty
+one is dead-lettered as `malformed`: CloudEvents has no empty attribute). `content-type`,
 when given, is `application/json` in any case (`Application/JSON; charset=UTF-8` too: a media type is
 case-insensitive, and JSON is UTF-8 whatever a `charset` says); another media type is dead-lettered as
 `not-json`.

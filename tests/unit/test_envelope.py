@@ -369,6 +369,31 @@ def test_a_message_missing_a_required_cloudevents_header_is_refused(header: str)
     assert caught.value.reason == "missing-attribute"
 
 
+@pytest.mark.parametrize("header", ["ce_subject", "ce_correlationid", "ce_causationid", "ce_actor"])
+def test_an_optional_attribute_given_empty_is_refused_by_name(header: str) -> None:
+    # Read as "", an empty actor or cause was kept and travelled into every event the record caused.
+    value, headers = _valid_message()
+    headers[header] = b""
+
+    with pytest.raises(MalformedEvent, match=f"header '{header}' is empty") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "malformed"
+    del headers[header]
+    assert EVENT_TYPES.decode(value, headers).id == headers["ce_id"].decode()
+
+
+def test_an_event_with_an_empty_optional_attribute_is_sent_without_it() -> None:
+    # A row kept before consumers refused "" may come back as a cause: its effect must still be readable.
+    event = new_event(EXAMPLES[DriftDetected], source="/driftloop/test", subject="", actor="")
+    event = event.model_copy(update={"causationid": "", "correlationid": ""})
+    _, value, headers = event.to_kafka()
+
+    assert not {"ce_subject", "ce_correlationid", "ce_causationid", "ce_actor"} & {k for k, _ in headers}
+    decoded = EVENT_TYPES.decode(value, headers)
+    assert (decoded.subject, decoded.causationid, decoded.actor) == (None, None, None)
+    assert decoded.correlationid == decoded.id
+
+
 def test_a_header_that_is_not_utf8_is_refused() -> None:
     value, headers = _valid_message()
     headers["ce_source"] = b"\xff\xfe"
