@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import make_asgi_app
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -57,6 +58,21 @@ ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 """Free text in a request body. PostgreSQL's text and jsonb refuse the NUL character, so it is refused at
 the door (422) rather than where a row is written."""
+
+REASON_MAX_CHARS = 2000
+"""The longest reason a command may give (it travels in the command's event and the audit trail)."""
+
+
+def _says_something(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a reason must say something: it is only white space")
+    return value
+
+
+Reason = Annotated[
+    Text, StringConstraints(min_length=1, max_length=REASON_MAX_CHARS), AfterValidator(_says_something)
+]
+"""Why a command was given, for the audit trail: text that is not only white space (422 naming the field)."""
 
 
 NUMBER_TEXT = (

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
 
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, ModelVersion, Stage
-from libs.http import Text
+from libs.http import Reason, Text
 
 TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
@@ -194,7 +194,7 @@ class CommandCreate(BaseModel):
     # "no"`, `"off"` or `0` were read as false and `"yes"` or `1` as true.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    reason: Text = Field(min_length=1, max_length=2000, description="Why, for the audit trail.")
+    reason: Reason = Field(description="Why, for the audit trail (not only white space).")
 
 
 class RollbackCreate(CommandCreate):

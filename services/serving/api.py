@@ -37,7 +37,7 @@ from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
-from libs.http import Text, VersionPath, error_body, json_body, path_version
+from libs.http import Reason, Text, VersionPath, error_body, json_body, path_version
 from services.serving.domain import (
     ModelRoute,
     answering_variants,
@@ -754,7 +754,7 @@ class RollbackCreate(BaseModel):
         strict=True,
         description="For a production rollback: the version to serve instead (default: the previous stable).",
     )
-    reason: Text = Field(min_length=1, description="Why, for the audit trail.")
+    reason: Reason = Field(description="Why, for the audit trail (not only white space).")
 
 
 class PromoteCreate(BaseModel):
@@ -768,7 +768,7 @@ class PromoteCreate(BaseModel):
         description="Version to promote: the live canary (the default). Another registered version is "
         "promoted through the registry, which knows them all.",
     )
-    reason: Text = Field(min_length=1, description="Why, for the audit trail.")
+    reason: Reason = Field(description="Why, for the audit trail (not only white space).")
 
 
 async def _accepted(ctx: ServingContext, event: CloudEvent[Any]) -> Response:

@@ -254,6 +254,11 @@ async def test_commands_over_http_become_events_with_the_actor(registry: Running
     assert illegal.json()["allowed"] == ["canary", "production", "rejected", "archived"]
     assert illegal.json()["commands"] == ["promote", "archive"]
 
+    blank = await registry.http.post(
+        f"/v1/models/{model}/versions/1/promote", json={"reason": " \t"}, headers=AUTH["operator"]
+    )
+    assert blank.status_code == 422 and blank.json()["detail"].startswith("body.reason: "), blank.text
+
     accepted = await registry.http.post(
         f"/v1/models/{model}/versions/1/promote", json={"reason": "looks good"}, headers=AUTH["operator"]
     )

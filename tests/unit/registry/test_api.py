@@ -226,6 +226,25 @@ async def test_a_command_field_of_another_json_type_is_422_not_converted(
     assert r.json()["detail"].startswith(f"body.{field}: Input should be a valid"), r.text
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/models/churn/versions/2/promote",
+        "/v1/models/churn/versions/2/rollback",
+        "/v1/models/churn/versions/2/archive",
+        "/v1/models/churn/retrain",
+    ],
+)
+@pytest.mark.parametrize("reason", [" ", "\t\n", "\u3000\u00a0"])
+async def test_a_command_reason_of_only_white_space_is_422_naming_it(
+    client: httpx.AsyncClient, url: str, reason: str
+) -> None:
+    # It went into the command's event and the audit trail as a reason that says nothing.
+    r = await client.post(url, json={"reason": reason}, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("body.reason: Value error, a reason must say something"), r.text
+
+
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/versions", "/v1/datasets", "/v1/models/churn/versions"])
 @pytest.mark.parametrize("limit", ["1_0", "010", "+10", "10.0"])
 async def test_a_limit_written_another_way_is_422(client: httpx.AsyncClient, path: str, limit: str) -> None:

@@ -562,6 +562,18 @@ async def test_operator_commands_become_events_with_the_actor(service: Service) 
     assert state["decided_at"] == Clock()().isoformat()
 
 
+@pytest.mark.parametrize("url", ["/v1/models/churn/rollback", "/v1/models/churn/promote"])
+@pytest.mark.parametrize("reason", [" ", "\t\n", "\u3000\u00a0"])
+async def test_a_command_reason_of_only_white_space_is_422_naming_it(
+    service: Service, url: str, reason: str
+) -> None:
+    service.route(served(1), served(2), weight=0.1)
+    r = await service.client.post(url, json={"reason": reason}, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("body.reason: Value error, a reason must say something"), r.text
+    assert service.outbox.events == []
+
+
 async def test_a_swap_between_requests_never_fails_one(service: Service) -> None:
     async def swapper() -> None:
         for i in range(50):
