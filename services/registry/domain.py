@@ -6,7 +6,7 @@ import base64
 import binascii
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -327,8 +327,51 @@ def failed_checks_phrase(names: Sequence[str], total: int | None = None) -> str:
 
 
 @dataclass(frozen=True)
+class CardMarkup:
+    """How a card format writes the parts of a paragraph: ``text`` as it is (escaped, so a value from a
+    request or an event shows as written and never becomes a link, an image or markup), ``code`` and
+    ``strong`` around a value."""
+
+    text: Callable[[str], str]
+    code: Callable[[str], str]
+    strong: Callable[[str], str]
+
+
+_MD_SPECIAL = re.compile(r"[\\`*\[\]<&|~]|(?<![^\W_])_|_(?![^\W_])")
+"""What starts Markdown inline markup within a line (emphasis, code, links and images, raw HTML and
+autolinks, entities, table cells, strikethrough); the card puts no value at the start of a line. An ``_``
+between two letters or digits (``roc_auc``) can neither open nor close emphasis, and is left as it is."""
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def md_text(text: str) -> str:
+    """``text`` as Markdown that shows it as written: on one line, every mark character escaped."""
+    return _MD_SPECIAL.sub(r"\\\g<0>", _LINE_BREAK.sub(" ", text))
+
+
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span, on one line: fenced by more backticks than it holds in a row (no
+    backslash escape works inside a code span), padded when it starts or ends with a backtick or space."""
+    text = _LINE_BREAK.sub(" ", text)
+    if not text.strip():
+        return md_text(text)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    padded = text[0] in "` " or text[-1] in "` "
+    return f"{fence} {text} {fence}" if padded else f"{fence}{text}{fence}"
+
+
+MARKDOWN = CardMarkup(text=md_text, code=md_code, strong=lambda t: f"**{md_text(t)}**")
+HTML = CardMarkup(
+    text=html.escape,
+    code=lambda t: f"<code>{html.escape(t)}</code>",
+    strong=lambda t: f"<strong>{html.escape(t)}</strong>",
+)
+
+
+@dataclass(frozen=True)
 class CardSection:
-    """A titled part of a model card: paragraphs, then an optional table."""
+    """A titled part of a model card: paragraphs (in the card's format), then an optional table (of plain
+    text, escaped by the renderer)."""
 
     title: str
     paragraphs: tuple[str, ...] = ()
@@ -344,19 +387,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def card_sections(v: VersionPublic) -> list[CardSection]:
-    """The content of a version's model card, from lineage, validation reports and stage history."""
+def card_sections(v: VersionPublic, m: CardMarkup) -> list[CardSection]:
+    """The content of a version's model card, from lineage, validation reports and stage history, its
+    paragraphs written with ``m``."""
     lineage = v.lineage.document
     sig = v.signature
     sections = [
         CardSection(
             "Summary",
             paragraphs=(
-                f"Version {v.version} of `{v.model}` is **{v.stage.value}**"
-                + (f" (aliases: {', '.join(v.aliases)})" if v.aliases else "")
-                + f". It is a {sig.task.value} model predicting `{sig.target}` from {len(sig.features)} "
-                f"features, trained by run `{v.lineage.run_id}` (job `{v.lineage.job_id}`) on "
-                f"{v.train_rows} rows and evaluated on {v.holdout_rows} held-out rows.",
+                f"Version {v.version} of {m.code(v.model)} is {m.strong(v.stage.value)}"
+                + (f" (aliases: {m.text(', '.join(v.aliases))})" if v.aliases else "")
+                + f". It is a {m.text(sig.task.value)} model predicting {m.code(sig.target)} from "
+                f"{len(sig.features)} features, trained by run {m.code(v.lineage.run_id)} (job "
+                f"{m.code(v.lineage.job_id)}) on {v.train_rows} rows and evaluated on {v.holdout_rows} "
+                "held-out rows.",
             ),
             header=("field", "value"),
             rows=(
@@ -374,8 +419,8 @@ def card_sections(v: VersionPublic) -> list[CardSection]:
         CardSection(
             "Inputs and output",
             paragraphs=(
-                f"Target `{sig.target}`"
-                + (f", classes {', '.join(str(c) for c in sig.classes)}" if sig.classes else "")
+                f"Target {m.code(sig.target)}"
+                + (f", classes {m.text(', '.join(str(c) for c in sig.classes))}" if sig.classes else "")
                 + ".",
             ),
             header=("feature", "type", "categories"),
@@ -419,7 +464,7 @@ def card_sections(v: VersionPublic) -> list[CardSection]:
                 if report.champion_version is not None
                 else ""
             )
-            whole = f"validation's `GET {report.full_report_path}`"
+            whole = f"validation's {m.code(f'GET {report.full_report_path}')}"
             extent = (
                 f"The event carried {len(report.checks)} of the {report.checks_total} checks and named "
                 f"{len(report.failed_checks)} of the {report.failed_checks_total} failed ones: the report "
@@ -431,7 +476,7 @@ def card_sections(v: VersionPublic) -> list[CardSection]:
                 CardSection(
                     f"Validation report {report.report_id}",
                     paragraphs=(
-                        f"Validation {verdict}{against}, received {report.received_at.isoformat()}.",
+                        f"Validation {m.text(verdict)}{against}, received {report.received_at.isoformat()}.",
                         extent,
                     ),
                     header=("check", "kind", "value", "threshold", "passed", "detail"),
@@ -470,41 +515,28 @@ def card_sections(v: VersionPublic) -> list[CardSection]:
     return sections
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(v: VersionPublic) -> str:
-    """The model card as Markdown."""
-    out = [f"# Model card: {v.model} version {v.version}", ""]
-    for s in card_sections(v):
-        out += [f"## {s.title}", ""]
+    """The model card as Markdown (every value escaped: free text shows as written, never as markup)."""
+    out = [f"# Model card: {md_text(v.model)} version {v.version}", ""]
+    for s in card_sections(v, MARKDOWN):
+        out += [f"## {md_text(s.title)}", ""]
         for p in s.paragraphs:
             out += [p, ""]
         if s.header:
             out.append("| " + " | ".join(s.header) + " |")
             out.append("|" + "---|" * len(s.header))
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in s.rows]
+            out += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in s.rows]
             out.append("")
     return "\n".join(out)
-
-
-def _inline_html(text: str) -> str:
-    """Escape, then render the two inline marks the card uses (`code` and **bold**)."""
-    escaped = html.escape(text)
-    parts = escaped.split("`")
-    escaped = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    parts = escaped.split("**")
-    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def render_html(v: VersionPublic) -> str:
     """The model card as a self-contained HTML page (every value escaped)."""
     title = html.escape(f"Model card: {v.model} version {v.version}")
     body: list[str] = [f"<h1>{title}</h1>"]
-    for s in card_sections(v):
+    for s in card_sections(v, HTML):
         body.append(f"<h2>{html.escape(s.title)}</h2>")
-        body += [f"<p>{_inline_html(p)}</p>" for p in s.paragraphs]
+        body += [f"<p>{p}</p>" for p in s.paragraphs]
         if s.header:
             body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header))
             body.append("</tr></thead><tbody>")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import struct
 from dataclasses import replace
@@ -14,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from markdown_it import MarkdownIt
 from pydantic import TypeAdapter, ValidationError
 
 from contracts.common import VERSION_MAX, Stage
@@ -547,6 +549,45 @@ def test_model_card_has_lineage_validation_and_history() -> None:
         "| code version | c165da6 |",
     ):
         assert needle in card
+
+
+INJECTION = (
+    "![pixel](https://t.example/p.gif) [click](https://t.example) <img src=x> *em* _em_ `x` &amp; ~~s~~ "
+    "| cell\n\n# head"
+)
+"""Markdown that, put in a card as it is, would load a tracking pixel, add a link, raw HTML and a heading,
+and break the table it is in."""
+
+
+def test_markdown_model_card_shows_free_text_as_written_never_as_markup() -> None:
+    version = version_with_hostile_text()
+    [history] = version.stage_history
+    [report] = version.validation_reports
+    check = {**report.checks[0], "detail": INJECTION}
+    version = version.model_copy(
+        update={
+            "stage_history": [history.model_copy(update={"reason": INJECTION})],
+            "validation_reports": [
+                report.model_copy(update={"passed": False, "checks": [check], "failed_checks": [INJECTION]})
+            ],
+            "lineage": version.lineage.model_copy(update={"job_id": "job `x` ``y``", "run_id": "`edge`"}),
+        }
+    )
+    card = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(render_markdown(version))
+
+    assert card.count("<h1>") == 1  # the card's own title
+    for mark in ("<img", "<a ", "<em>", "<s>", "src=x>"):
+        assert mark not in card
+    flat = INJECTION.replace("\n", " ")
+    # Once in the history, once as the failed check's detail, once in the verdict naming it.
+    assert card.count(html.escape(flat, quote=False)) == 3, card
+    for table in card.split("<table>")[1:]:  # every row keeps its table's columns
+        columns = table.split("</thead>")[0].count("<th>")
+        assert [row.count("<td>") for row in table.split("<tbody>")[1].split("<tr>")[1:]] == [columns] * (
+            table.count("<tr>") - 1
+        ), table
+    assert "<code>job `x` ``y``</code>" in card and "<code>`edge`</code>" in card
+    assert "<strong>production</strong>" in card
 
 
 def test_html_model_card_escapes_every_value() -> None:
