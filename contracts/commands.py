@@ -10,12 +10,29 @@ RolloutRolledBack, ModelStageChanged).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, StringConstraints
 
 from contracts.common import FreeText, ModelName, ModelVersion
 from contracts.envelope import EventPayload
+
+REASON_MAX_CHARS = 2000
+"""The longest reason a command may give (the registry and serving refuse a longer one with 422)."""
+
+
+def says_something(reason: str) -> str:
+    """``reason`` when it is not only white space (a reason for the audit trail must say something)."""
+    if not reason.strip():
+        raise ValueError("a reason must say something: it is only white space")
+    return reason
+
+
+Reason = Annotated[
+    FreeText, StringConstraints(min_length=1, max_length=REASON_MAX_CHARS), AfterValidator(says_something)
+]
+"""Why a command was given: 1 to :data:`REASON_MAX_CHARS` characters, not only white space."""
+REASON_DESCRIPTION = f"Why, for the audit trail: 1 to {REASON_MAX_CHARS:,} characters, not only white space."
 
 TOPIC = "mlops.commands"
 
@@ -27,9 +44,7 @@ class RetrainRequested(EventPayload):
     topic: ClassVar[str] = TOPIC
 
     model: ModelName = Field(description="Model to retrain.", examples=["churn"])
-    reason: FreeText = Field(
-        min_length=1, description="Why, for the audit trail.", examples=["new labelled export"]
-    )
+    reason: Reason = Field(description=REASON_DESCRIPTION, examples=["new labelled export"])
     ignore_cooldown: bool = Field(
         default=False,
         description="Bypass the cooldown (never the one-run-in-flight rule or the budget).",
@@ -44,9 +59,7 @@ class PromoteRequested(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version to promote.", examples=[7])
-    reason: FreeText = Field(
-        min_length=1, description="Why, for the audit trail.", examples=["canary looks fine"]
-    )
+    reason: Reason = Field(description=REASON_DESCRIPTION, examples=["canary looks fine"])
 
 
 class RollbackRequested(EventPayload):
@@ -66,9 +79,7 @@ class RollbackRequested(EventPayload):
         "may be named (another is refused).",
         examples=[6],
     )
-    reason: FreeText = Field(
-        min_length=1, description="Why, for the audit trail.", examples=["complaints from sales"]
-    )
+    reason: Reason = Field(description=REASON_DESCRIPTION, examples=["complaints from sales"])
 
 
 class ArchiveRequested(EventPayload):
@@ -79,4 +90,4 @@ class ArchiveRequested(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="Version to archive.", examples=[4])
-    reason: FreeText = Field(min_length=1, description="Why, for the audit trail.", examples=["superseded"])
+    reason: Reason = Field(description=REASON_DESCRIPTION, examples=["superseded"])

@@ -34,6 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts.commands import REASON_MAX_CHARS, says_something
 from contracts.common import VERSION_TEXT, parse_version
 from libs.auth import TokenStore
 from libs.bus.core import is_transient
@@ -59,20 +60,11 @@ Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 """Free text in a request body. PostgreSQL's text and jsonb refuse the NUL character, so it is refused at
 the door (422) rather than where a row is written."""
 
-REASON_MAX_CHARS = 2000
-"""The longest reason a command may give (it travels in the command's event and the audit trail)."""
-
-
-def _says_something(value: str) -> str:
-    if not value.strip():
-        raise ValueError("a reason must say something: it is only white space")
-    return value
-
-
 Reason = Annotated[
-    Text, StringConstraints(min_length=1, max_length=REASON_MAX_CHARS), AfterValidator(_says_something)
+    Text, StringConstraints(min_length=1, max_length=REASON_MAX_CHARS), AfterValidator(says_something)
 ]
-"""Why a command was given, for the audit trail: text that is not only white space (422 naming the field)."""
+"""Why a command was given, for the audit trail: the commands' rule (contracts.commands.Reason), and no NUL
+character; 422 naming the field."""
 
 
 NUMBER_TEXT = (

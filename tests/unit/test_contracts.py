@@ -20,6 +20,13 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 import contracts
 from contracts import generate
 from contracts.audit import AuditCheckpoint
+from contracts.commands import (
+    REASON_MAX_CHARS,
+    ArchiveRequested,
+    PromoteRequested,
+    RetrainRequested,
+    RollbackRequested,
+)
 from contracts.common import (
     ID_MAX_CHARS,
     PG_BIGINT_MAX,
@@ -351,6 +358,26 @@ def test_a_dataset_names_no_more_models_than_an_upload_may() -> None:
     ) as caught:
         EVENT_TYPES.decode(orjson.dumps(data), headers)
     assert caught.value.reason == "schema-invalid"
+
+
+@pytest.mark.parametrize("cls", [RetrainRequested, PromoteRequested, RollbackRequested, ArchiveRequested])
+def test_a_command_reason_says_something_within_the_bound_the_http_routes_keep(
+    cls: type[EventPayload],
+) -> None:
+    # The routes refuse these with 422; another producer's command carried them to the registry and serving.
+    event = new_event(EXAMPLES[cls], source="/driftloop/test")
+    _, raw, headers = event.to_kafka()
+    data = orjson.loads(raw)
+    data["reason"] = "é" * REASON_MAX_CHARS
+    assert EVENT_TYPES.decode(orjson.dumps(data), headers).data.reason == data["reason"]
+    for reason, why in (
+        (" \t\n", "a reason must say something"),
+        ("r" * (REASON_MAX_CHARS + 1), "at most 2000"),
+    ):
+        data["reason"] = reason
+        with pytest.raises(SchemaInvalid, match=f"invalid at reason: .*{why}") as caught:
+            EVENT_TYPES.decode(orjson.dumps(data), headers)
+        assert caught.value.reason == "schema-invalid"
 
 
 def test_a_missing_input_value_is_null() -> None:
