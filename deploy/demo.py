@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from contracts.datasets import DatasetRegistered
@@ -38,32 +39,36 @@ console = Console(highlight=False)
 
 
 def describe(seen: Seen) -> str | None:
-    """One line for the events worth narrating; None for the rest."""
+    """One line (markup) for the events worth narrating; None for the rest. Every value from an event is
+    escaped: producers write them, and a message holding "[/]" stopped the demo with rich's MarkupError."""
     e, d = seen.event, seen.event.data
     if isinstance(d, DatasetRegistered):
         return (
-            f"dataset [bold]{d.name}[/] v{d.dataset_version} registered ({d.row_count} rows, from {d.source})"
+            f"dataset [bold]{escape(d.name)}[/] v{d.dataset_version} registered ({d.row_count} rows, from "
+            f"{escape(d.source)})"
         )
     if isinstance(d, TrainingRequested):
-        return f"retrain requested ({d.trigger.value}): {d.reason}"
+        return f"retrain requested ({escape(d.trigger.value)}): {escape(d.reason)}"
     if isinstance(d, TrainingSkipped):
-        return f"retrain skipped: {d.reason.value} — {d.message}"
+        return f"retrain skipped: {d.reason.value} — {escape(d.message)}"
     if isinstance(d, TrainingCompleted):
         metrics = ", ".join(
             f"{k} {v:.3f}" for k, v in sorted(d.metrics.items()) if k in ("roc_auc", "accuracy")
         )
         return f"training completed in {d.duration_seconds:.1f}s on {d.train_rows} rows: {metrics}"
     if isinstance(d, TrainingFailed):
-        return f"[red]training failed[/]: {d.reason.value} — {d.message}"
+        return f"[red]training failed[/]: {d.reason.value} — {escape(d.message)}"
     if isinstance(d, ModelVersionRegistered):
         return f"registry: version [bold]{d.model_version}[/] registered as {d.stage.value}"
     if isinstance(d, ValidationPassed | ValidationFailed):
         verdict = "[green]passed[/]" if isinstance(d, ValidationPassed) else "[red]failed[/]"
-        checks = ", ".join(c.name for c in d.checks if not c.passed) or f"{len(d.checks)} checks"
+        checks = escape(", ".join(c.name for c in d.checks if not c.passed)) or f"{len(d.checks)} checks"
         return f"validation of v{d.model_version} {verdict} ({checks})"
     if isinstance(d, DriftDetected):
         top = sorted(d.features, key=lambda f: f.p_value if f.p_value is not None else 1.0)[:3]
-        evidence = "; ".join(f"{f.feature} {f.test.value}={f.statistic:.3g}" for f in top if f.drifted)
+        evidence = "; ".join(
+            f"{escape(f.feature)} {f.test.value}={f.statistic:.3g}" for f in top if f.drifted
+        )
         return (
             f"[yellow]drift detected[/] on v{d.model_version}: {len(d.drifted_features)}/{len(d.features)} "
             f"features ({evidence})"
@@ -71,8 +76,8 @@ def describe(seen: Seen) -> str | None:
     if isinstance(d, PerformanceDegraded):
         side = "below" if d.higher_is_better else "above"
         return (
-            f"[yellow]performance degraded[/] on v{d.model_version}: {d.metric} {d.value:.3f} is {side} "
-            f"{d.threshold:.3f} over {d.labelled_rows} labelled rows"
+            f"[yellow]performance degraded[/] on v{d.model_version}: {escape(d.metric)} {d.value:.3f} is "
+            f"{side} {d.threshold:.3f} over {d.labelled_rows} labelled rows"
         )
     if isinstance(d, RolloutStarted):
         steps = " → ".join(f"{w:.0%}" for w in d.steps)
@@ -81,14 +86,14 @@ def describe(seen: Seen) -> str | None:
         colour = {"healthy": "green", "unhealthy": "red"}.get(d.verdict.value, "yellow")
         return (
             f"canary verdict for step {d.step_index}: [{colour}]{d.verdict.value}[/] "
-            f"({d.canary_samples} canary / {d.stable_samples} stable samples) {d.reason}"
+            f"({d.canary_samples} canary / {d.stable_samples} stable samples) {escape(d.reason)}"
         )
     if isinstance(d, RolloutStepAdvanced):
         return f"canary v{d.canary_version} advanced to {d.weight:.0%}"
     if isinstance(d, RolloutPromoted):
         return f"[green bold]v{d.model_version} promoted to production[/] after {d.duration_seconds:.1f}s"
     if isinstance(d, RolloutRolledBack):
-        return f"[red bold]v{d.canary_version} rolled back[/] ({d.reason.value}): {d.message}"
+        return f"[red bold]v{d.canary_version} rolled back[/] ({d.reason.value}): {escape(d.message)}"
     del e
     return None
 
@@ -177,7 +182,7 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
     ):
         await print_trace(client, title, correlation)
     verify = await client.audit_verify()
-    verdict = "[green]verified[/]" if verify.get("ok") else f"[red]BROKEN[/] {verify}"
+    verdict = "[green]verified[/]" if verify.get("ok") else f"[red]BROKEN[/] {escape(str(verify))}"
     console.print(f"\n  audit chain: {verdict} ({verify.get('rows_checked', '?')} rows checked)")
     stats = traffic.stats if traffic is not None else None
     if stats is not None:
@@ -186,7 +191,7 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
             f"{stats.labels_sent} labels; by variant {stats.by_variant}"
         )
         for failure in stats.failures[:5]:
-            console.print(f"  [red]failed request[/]: {failure}")
+            console.print(f"  [red]failed request[/]: {escape(str(failure))}")
     await client.close()
     ok = ok_first and caught and (stats is None or stats.failed == 0)
     console.print(
@@ -241,9 +246,9 @@ async def print_trace(client: LoopClient, title: str, correlation_id: str) -> No
         table.add_row(
             f"{(when - start).total_seconds():.1f}",
             step,
-            str(row["type"]).removeprefix("io.driftloop.").removesuffix(".v1"),
-            str(row.get("source", "")).removeprefix("/driftloop/"),
-            str(row.get("subject") or ""),
+            escape(str(row["type"]).removeprefix("io.driftloop.").removesuffix(".v1")),
+            escape(str(row.get("source", "")).removeprefix("/driftloop/")),
+            escape(str(row.get("subject") or "")),
         )
     console.print(table)
 

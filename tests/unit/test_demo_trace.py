@@ -6,7 +6,11 @@ from typing import Any
 
 import pytest
 
+from contracts.envelope import new_event
+from contracts.examples import EXAMPLES
+from contracts.training import TrainingFailed, TrainingRequested
 from deploy import demo
+from deploy.loop import Seen
 
 
 class TraceClient:
@@ -46,3 +50,23 @@ async def test_a_trace_row_without_a_time_is_left_out_not_a_crash(capsys: pytest
     await demo.print_trace(TraceClient({"roots": [root], "dead_letters": []}), "drift", "c" * 36)  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert "DriftDetected" in out and "TrainingStarted" not in out
+
+
+MARKUP = "KeyError: [plan] then [/] and [link=https://t.example]here[/link]"
+"""A message as a producer may write it: rich read it as markup, and "[/]" stopped the demo (MarkupError)."""
+
+
+def test_the_narration_shows_an_event_s_text_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    failed = EXAMPLES[TrainingFailed].model_copy(update={"message": MARKUP})
+    requested = EXAMPLES[TrainingRequested].model_copy(update={"reason": MARKUP})
+    narrate = demo.Narrator("churn", "churn-base")
+    for payload in (failed, requested):
+        narrate(Seen(new_event(payload, source="/driftloop/test"), topic="t", seen_at=narrate.started + 1))
+    shown = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert shown.count(MARKUP) == 2, shown
+
+
+async def test_a_trace_row_s_text_is_shown_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    root = node(1, "io.driftloop.DriftDetected.v1", "2025-03-01T12:00:00.000000Z", subject="[/]x[bold]")
+    await demo.print_trace(TraceClient({"roots": [root], "dead_letters": []}), "drift", "c" * 36)  # type: ignore[arg-type]
+    assert "[/]x[bold]" in capsys.readouterr().out
