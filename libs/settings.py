@@ -25,6 +25,10 @@ from pydantic_settings import (
 
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
 
+MAX_EVENT_BYTES_LIMIT = 512 * 2**20
+"""The largest ``max_event_bytes``: an event published in a transaction is one outbox row, which must fit in
+one Postgres message (1 GB, the largest it takes) with its key and headers (``libs.bus.postgres``)."""
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
 
@@ -60,8 +64,10 @@ class KafkaSettings(BaseSettings):
     max_event_bytes: int = Field(
         DEFAULT_MAX_EVENT_BYTES,
         ge=1,
+        le=MAX_EVENT_BYTES_LIMIT,
         description="Events larger than this (value and headers) are dead-lettered; refused when published. "
-        "1 or more.",
+        "1 to 536,870,912 (512 MiB): an event is one row of a service's outbox, and Postgres takes at most "
+        "1 GB in one value or message.",
     )
     fetch_max_wait_ms: int = Field(
         100,

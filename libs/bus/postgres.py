@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -78,18 +78,55 @@ WITH written AS (
 SELECT pg_notify($6, '')
 """
 
+OUTBOX_STATEMENT_BYTES = 64 * 2**20
+"""How many bytes of rows (key, value and headers) :meth:`PgTransaction.flush` writes per statement at
+most (a larger row alone): a transaction's events are written in as many statements as that takes, in
+order; a typical transaction's take one. Postgres takes at most 1 GB in one protocol message (and in one
+value): past that it does not answer with an error but closes the connection, which the bus reads as the
+database being away and retries for ever. One row stays within it because ``max_event_bytes`` does
+(``KafkaSettings``)."""
+
+
+OutboxRow = tuple[str, str, bytes | None, bytes, str]
+"""An event as :meth:`PgTransaction.flush` writes it: event id, topic, key, value, headers as JSON text."""
+
+
+def _row_bytes(key: bytes | None, value: bytes, headers: str) -> int:
+    return len(key or b"") + len(value) + len(headers)
+
+
+def _statements(rows: list[OutboxRow], max_bytes: int) -> Iterator[list[OutboxRow]]:
+    """The rows in order, in runs of at most ``max_bytes`` (a larger row alone)."""
+    run: list[OutboxRow] = []
+    size = 0
+    for row in rows:
+        n = _row_bytes(row[2], row[3], row[4])
+        if run and size + n > max_bytes:
+            yield run
+            run, size = [], 0
+        run.append(row)
+        size += n
+    if run:
+        yield run
+
 
 class PgTransaction:
     """An open transaction on one connection; ``publish`` adds to the outbox inside it. The published
     events are written together by :meth:`flush`, which :func:`pg_transactions` calls before the commit."""
 
     def __init__(
-        self, conn: asyncpg.Connection, schema: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+        self,
+        conn: asyncpg.Connection,
+        schema: str,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_statement_bytes: int = OUTBOX_STATEMENT_BYTES,
     ) -> None:
         self.conn = conn
         self.max_event_bytes = max_event_bytes
+        self.max_statement_bytes = max_statement_bytes
         self._channel = outbox_channel(schema)
-        self._outbox: list[tuple[str, str, bytes | None, bytes, str]] = []
+        self._outbox: list[OutboxRow] = []
         self._after_commit: list[Callable[[], None]] = []
 
     async def publish(self, event: CloudEvent[Any]) -> None:
@@ -111,12 +148,17 @@ class PgTransaction:
             callback()
 
     async def flush(self) -> None:
-        """Write the events published since the last flush to the outbox, in one statement: a feedback
-        request of 500 labels made 500 INSERTs, one after the other (bench/bus/outbox.py)."""
+        """Write the events published since the last flush to the outbox, in order, in one statement per
+        ``max_statement_bytes`` of rows (one, for all but huge transactions): a feedback request of 500
+        labels made 500 INSERTs, one after the other (bench/bus/outbox.py). One statement for all rows
+        failed past Postgres' 1 GB message limit, as a lost connection: retried for ever."""
         if not self._outbox:
             return
         rows, self._outbox = self._outbox, []
-        await self.conn.execute(_OUTBOX_SQL, *map(list, zip(*rows, strict=True)), self._channel)
+        # Each statement NOTIFYs too: Postgres delivers one notification per channel and payload per
+        # transaction, at commit.
+        for chunk in _statements(rows, self.max_statement_bytes):
+            await self.conn.execute(_OUTBOX_SQL, *map(list, zip(*chunk, strict=True)), self._channel)
 
     async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         """Record handled events in the inbox, telling new ones from redeliveries and reused ids."""

@@ -9,9 +9,9 @@ import pytest
 
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
 from libs.bus.core import encode_outgoing
-from libs.bus.postgres import bus_migrations, outbox_channel, pg_transactions
+from libs.bus.postgres import PgTransaction, bus_migrations, outbox_channel, pg_transactions
 from libs.db import apply_migrations, create_pool
-from tests.integration.kafka_tools import unique
+from tests.integration.kafka_tools import eventually, unique
 from tests.unit.test_bus import thing
 
 
@@ -49,6 +49,43 @@ async def test_a_transaction_writes_its_events_in_order_a_failed_one_none(databa
         for r, event in zip(rows, events, strict=True):
             key, value, headers = encode_outgoing(event, max_bytes=DEFAULT_MAX_EVENT_BYTES)
             assert (r["key"], r["value"], [(k, v.encode()) for k, v in r["headers"]]) == (key, value, headers)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+
+async def test_a_transaction_past_the_statement_budget_is_written_whole_in_order(database_url: str) -> None:
+    # One statement for all rows closed the connection past Postgres' 1 GB message limit (retried for ever);
+    # the budget here is small so that 300 events take many statements.
+    schema = unique("t_outbox")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, bus_migrations())
+        events = [thing(n) for n in range(300)]
+        notified: list[str] = []
+
+        def wake(*_: object) -> None:
+            notified.append("woken")
+
+        async def woken() -> bool:
+            return bool(notified)
+
+        async with pool.acquire() as listener:
+            await listener.add_listener(outbox_channel(schema), wake)
+            async with pool.acquire() as conn, conn.transaction():
+                tx = PgTransaction(conn, schema, max_statement_bytes=20_000)
+                for event in events:
+                    await tx.publish(event)
+                await tx.flush()
+            async with pool.acquire() as conn:
+                rows = await conn.fetch("SELECT event_id FROM outbox ORDER BY seq")
+            await eventually(woken, deadline_s=30)
+            # A round trip on the listener's connection: any other notification of that commit came before it.
+            await listener.fetchval("SELECT 1")
+            await listener.remove_listener(outbox_channel(schema), wake)
+        assert [r["event_id"] for r in rows] == [e.id for e in events]
+        assert notified == ["woken"]  # the relay is woken once, at commit
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -26,3 +26,34 @@ async def test_events_published_in_a_transaction_are_written_in_one_statement_in
 
     await tx.flush()  # nothing new: nothing written
     assert len(conn.statements) == 1
+
+
+async def test_a_transaction_past_the_statement_budget_is_written_in_several_statements_in_order() -> None:
+    # All rows in one statement: past Postgres' 1 GB message limit the server closed the connection, which
+    # the bus read as the database being away and retried for ever.
+    conn = RecordingConn()
+    tx = PgTransaction(conn, "serving", max_statement_bytes=5_000)
+    events = [thing(n) for n in range(40)]
+    for event in events:
+        await tx.publish(event)
+
+    await tx.flush()
+
+    assert len(conn.statements) > 1
+    written: list[str] = []
+    for event_ids, _topics, keys, values, headers, channel in conn.arguments:
+        size = sum(len(k or b"") + len(v) + len(h) for k, v, h in zip(keys, values, headers, strict=True))
+        assert size <= 5_000 and channel == "driftloop_outbox_serving"
+        written += event_ids
+    assert written == [e.id for e in events]
+
+
+async def test_a_row_larger_than_the_statement_budget_is_written_alone() -> None:
+    conn = RecordingConn()
+    tx = PgTransaction(conn, "serving", max_statement_bytes=10)
+    for n in range(3):
+        await tx.publish(thing(n))
+
+    await tx.flush()
+
+    assert [len(event_ids) for event_ids, *_ in conn.arguments] == [1, 1, 1]
