@@ -1,7 +1,8 @@
 """Runs the serving service as real processes on the real broker and database, and drives it with events.
 
-Each test run gets its own Postgres schema, consumer group and artifact folder, and model names of its
-own; the group starts at the end of the platform topics so the run never replays other runs' history.
+Each test run gets its own Postgres schema, consumer group, artifact folder and topic namespace (a prefix:
+the platform topics are created under it and deleted at the end), and model names of its own, so a run
+never reads or writes another run's events, nor a platform's running on the same broker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
@@ -24,6 +25,8 @@ from contracts import commands, models, monitoring, validation
 from contracts.common import ArtifactFormat, ArtifactRef
 from contracts.envelope import CloudEvent
 from contracts.registry import EVENT_TYPES
+from contracts.topics import TOPICS
+from deploy.local.broker import create_platform_topics, delete_platform_topics
 from libs.artifacts import ArtifactStore, save_model
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import eventually, unique
@@ -35,10 +38,29 @@ PREDICT = {"Authorization": "Bearer dev-predict"}
 OPERATOR = {"Authorization": "Bearer dev-operator"}
 VIEWER = {"Authorization": "Bearer dev-viewer"}
 
+LOAD_DEADLINE_S = 180.0
+"""Deadline of a wait that holds a replica's start or a model's load (a rollout starting, a replica following
+a route): one load took over 30 s on this two-core host at a load average of 8-12, and a wait may hold
+two (each replica loads the model)."""
 
-def physical(topic: str) -> str:
-    """A platform topic's name on the cluster (DRIFTLOOP_KAFKA_TOPIC_PREFIX, as the service reads it)."""
-    return KafkaSettings().physical(topic)
+EVENT_DEADLINE_S = 60.0
+"""Deadline of a wait for serving to act on an event when no model is loaded on the way (a verdict, a
+command, feedback)."""
+
+
+def physical(topic: str, prefix: str) -> str:
+    """A platform topic's name in a run's namespace (DRIFTLOOP_KAFKA_TOPIC_PREFIX, as serving reads it)."""
+    return KafkaSettings(topic_prefix=prefix).physical(topic)
+
+
+async def create_run_topics(bootstrap: str, prefix: str) -> None:
+    """Create every platform topic under the run's prefix, as ``driftloop infra up`` does unprefixed."""
+    await asyncio.to_thread(create_platform_topics, bootstrap, prefix=prefix)
+
+
+async def delete_run_topics(bootstrap: str, prefix: str) -> None:
+    """Delete the run's topics (only names under its prefix)."""
+    await asyncio.to_thread(delete_platform_topics, bootstrap, prefix=prefix)
 
 
 def store_models(folder: Path, seeds: Sequence[int]) -> list[ArtifactRef]:
@@ -55,12 +77,15 @@ def store_models(folder: Path, seeds: Sequence[int]) -> list[ArtifactRef]:
     return refs
 
 
-async def start_group_at_end(bootstrap: str, group: str, topics: Sequence[str] = STATE_TOPICS) -> None:
-    """Commit the group's offsets at the topics' current ends, so it reads only what comes next."""
+async def start_group_at_end(
+    bootstrap: str, group: str, prefix: str, topics: Sequence[str] = STATE_TOPICS
+) -> None:
+    """Commit the group's offsets at the topics' current ends, so it reads what is published from now on even
+    if it is published before the group joins."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        described = await admin.describe_topics([physical(t) for t in topics])
+        described = await admin.describe_topics([physical(t, prefix) for t in topics])
     finally:
         await admin.close()
     partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
@@ -74,20 +99,74 @@ async def start_group_at_end(bootstrap: str, group: str, topics: Sequence[str] =
         await consumer.stop()
 
 
-class TopicWatcher:
-    """Collects the events of one model on some topics, from the moment it starts."""
+class OutsideTheRun:
+    """The platform's own (unprefixed) topics, from where they ended when a run started: what a run wrote
+    there would reach a platform running on the same broker, and that platform's events the run."""
 
-    def __init__(self, bootstrap: str, topics: Sequence[str], model_prefix: str) -> None:
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.start: dict[TopicPartition, int] = {}
+
+    async def mark(self) -> None:
+        """Note where each platform topic ends now."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            present = set(await admin.list_topics()) & set(TOPICS)
+            described = await admin.describe_topics(sorted(present))
+        finally:
+            await admin.close()
+        partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            self.start = dict(await consumer.end_offsets(partitions)) if partitions else {}
+        finally:
+            await consumer.stop()
+
+    async def keys_since(self, key_prefix: str) -> list[str]:
+        """The keys starting with ``key_prefix`` of the records written there since :meth:`mark`."""
+        if not self.start:
+            return []
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        found: list[str] = []
+        try:
+            consumer.assign(list(self.start))
+            ends = await consumer.end_offsets(list(self.start))
+            for tp, offset in self.start.items():
+                consumer.seek(tp, offset)
+            pending = {tp for tp in self.start if ends[tp] > self.start[tp]}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=1_000)
+                for tp, records in batch.items():
+                    found += [
+                        r.key.decode(errors="replace")
+                        for r in records
+                        if r.key is not None and r.key.decode(errors="replace").startswith(key_prefix)
+                    ]
+                    if records and records[-1].offset + 1 >= ends[tp]:
+                        pending.discard(tp)
+        finally:
+            await consumer.stop()
+        return found
+
+
+class TopicWatcher:
+    """Collects the events of one run's models on some topics of its namespace, from the moment it starts."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], model_prefix: str, topic_prefix: str) -> None:
         self.bootstrap = bootstrap
         self.topics = list(topics)
         self.prefix = model_prefix
+        self.topic_prefix = topic_prefix
         self.events: list[CloudEvent[Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            *[physical(t) for t in self.topics],
+            *[physical(t, self.topic_prefix) for t in self.topics],
             bootstrap_servers=self.bootstrap,
             group_id=None,
             auto_offset_reset="latest",
@@ -131,6 +210,12 @@ class TopicWatcher:
             await self._consumer.stop()
 
 
+def inherited_env() -> dict[str, str]:
+    """This process's environment without driftloop's settings: a developer's own
+    ``DRIFTLOOP_SERVING_KAFKA__TOPIC_PREFIX`` or schema would win over the run's shared ones."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
+
+
 class ServingProcess:
     """``python -m services.serving`` with this run's schema, group, port and artifact folder."""
 
@@ -146,12 +231,12 @@ class ServingProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.serving"],
             cwd=ROOT,
-            env={**os.environ, **self.env, "DRIFTLOOP_SERVING_HTTP_PORT": str(self.port)},
+            env={**inherited_env(), **self.env, "DRIFTLOOP_SERVING_HTTP_PORT": str(self.port)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
 
-    async def wait_ready(self, deadline_s: float = 60) -> None:
+    async def wait_ready(self, deadline_s: float = LOAD_DEADLINE_S) -> None:
         async def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -176,12 +261,20 @@ class ServingProcess:
 
 
 def serving_env(
-    *, bootstrap: str, database_url: str, artifacts: Path, schema: str, group: str, **extra: str
+    *,
+    bootstrap: str,
+    database_url: str,
+    artifacts: Path,
+    schema: str,
+    group: str,
+    topic_prefix: str,
+    **extra: str,
 ) -> dict[str, str]:
     """Environment of one test run's serving replicas."""
     return {
         "DRIFTLOOP_ENV": "test",
         "DRIFTLOOP_KAFKA_BOOTSTRAP": bootstrap,
+        "DRIFTLOOP_KAFKA_TOPIC_PREFIX": topic_prefix,
         "DRIFTLOOP_DATABASE_URL": database_url,
         "DRIFTLOOP_ARTIFACTS_URL": str(artifacts),
         "DRIFTLOOP_SERVING_DATABASE_SCHEMA": schema,
@@ -205,7 +298,17 @@ async def drop_schema(database_url: str, schema: str) -> None:
         await conn.close()
 
 
-def new_run_names() -> tuple[str, str, str]:
-    """(schema, consumer group, model prefix) unique to one test run."""
+class RunNames(NamedTuple):
+    """The names one test run keeps to."""
+
+    schema: str
+    group: str
+    model_prefix: str
+    topic_prefix: str
+
+
+def new_run_names() -> RunNames:
+    """Names unique to one test run; each carries the session's mark, so what a run that died leaves is
+    deleted at the session's end (tests/conftest.py)."""
     tag = unique("serving")
-    return tag.lower(), f"test-{tag}", f"it-{tag[-10:]}"
+    return RunNames(tag.lower(), f"test-{tag}", f"it-{tag[-10:]}", f"{tag.lower()}.")

@@ -38,11 +38,16 @@ from libs.bus.kafka import KafkaPublisher
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import eventually
 from tests.integration.serving.harness import (
+    EVENT_DEADLINE_S,
+    LOAD_DEADLINE_S,
     OPERATOR,
     PREDICT,
     VIEWER,
+    OutsideTheRun,
     ServingProcess,
     TopicWatcher,
+    create_run_topics,
+    delete_run_topics,
     drop_schema,
     new_run_names,
     serving_env,
@@ -84,7 +89,7 @@ class Run:
         await self.publish(registered(version, model=model, key=art.key), passed(version, model=model))
 
     async def wait_for(
-        self, payload: type, model: str, count: int = 1, deadline_s: float = 30
+        self, payload: type, model: str, count: int = 1, deadline_s: float = EVENT_DEADLINE_S
     ) -> list[CloudEvent[Any]]:
         async def seen() -> list[CloudEvent[Any]]:
             found = self.watcher.of(payload, model)
@@ -95,9 +100,15 @@ class Run:
     async def wait_routing(
         self, url: str, model: str, *, stable: int | None, canary: int | None, weight: float | None = None
     ) -> dict[str, Any]:
+        """Wait until the replica at ``url`` routes ``model`` so; a replica follows a route only once it has
+        loaded its versions."""
+
         async def routed() -> dict[str, Any] | None:
-            async with httpx.AsyncClient(timeout=5) as client:
-                r = await client.get(f"{url}/v1/models/{model}", headers=VIEWER)
+            try:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    r = await client.get(f"{url}/v1/models/{model}", headers=VIEWER)
+            except httpx.TimeoutException:
+                return None  # a replica busy loading a model on a loaded host: asked again until the deadline
             if r.status_code != 200:
                 return None
             body: dict[str, Any] = r.json()
@@ -108,7 +119,7 @@ class Run:
                 return None
             return body
 
-        return await eventually(routed, deadline_s=30)
+        return await eventually(routed, deadline_s=LOAD_DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
@@ -116,38 +127,49 @@ async def run(
     kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Run]:
     tmp = tmp_path_factory.mktemp("serving")
-    schema, group, prefix = new_run_names()
+    names = new_run_names()
     artifacts = store_models(tmp / "artifacts", seeds=[0, 1, 2])
-    await start_group_at_end(kafka_bootstrap, group)
-    env = serving_env(
-        bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        artifacts=tmp / "artifacts",
-        schema=schema,
-        group=group,
-    )
     watcher = TopicWatcher(
-        kafka_bootstrap, [rollout_events.TOPIC, prediction_events.TOPIC, feedback_events.TOPIC], prefix
+        kafka_bootstrap,
+        [rollout_events.TOPIC, prediction_events.TOPIC, feedback_events.TOPIC],
+        names.model_prefix,
+        names.topic_prefix,
     )
-    await watcher.start()
-    publisher = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap))
-    await publisher.start()
-    replica = ServingProcess(env, free_port(), tmp / "replica-a.log")
-    replica.start()
+    publisher = KafkaPublisher(KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=names.topic_prefix))
+    outside = OutsideTheRun(kafka_bootstrap)
+    await outside.mark()
+    replica: ServingProcess | None = None
     try:
+        await create_run_topics(kafka_bootstrap, names.topic_prefix)
+        await start_group_at_end(kafka_bootstrap, names.group, names.topic_prefix)
+        env = serving_env(
+            bootstrap=kafka_bootstrap,
+            database_url=database_url,
+            artifacts=tmp / "artifacts",
+            schema=names.schema,
+            group=names.group,
+            topic_prefix=names.topic_prefix,
+        )
+        await watcher.start()
+        await publisher.start()
+        replica = ServingProcess(env, free_port(), tmp / "replica-a.log")
+        replica.start()
         await replica.wait_ready()
-        yield Run(env, replica, artifacts, publisher, watcher, prefix, tmp)
+        yield Run(env, replica, artifacts, publisher, watcher, names.model_prefix, tmp)
     finally:
-        code = replica.stop()
+        code = replica.stop() if replica is not None else 0
         await publisher.stop()
         await watcher.stop()
-        await drop_schema(database_url, schema)
+        await drop_schema(database_url, names.schema)
+        await delete_run_topics(kafka_bootstrap, names.topic_prefix)
     assert code == 0, f"serving did not stop cleanly; see {tmp / 'replica-a.log'}"
+    # Nothing of the run reached the platform's own topics (serving's events are keyed by model).
+    assert await outside.keys_since(names.model_prefix) == []
 
 
 async def serve_first_version(run: Run, model: str) -> None:
     await run.register_and_pass(model, 1)
-    promoted = await run.wait_for(RolloutPromoted, model)
+    promoted = await run.wait_for(RolloutPromoted, model, deadline_s=LOAD_DEADLINE_S)
     assert promoted[0].data.model_version == 1
     await run.wait_routing(run.replica.url, model, stable=1, canary=None)
 
@@ -164,7 +186,7 @@ async def healthy_verdicts_until(
         await run.publish(canary_verdict(started, step, Verdict.HEALTHY, samples=200))
         return False
 
-    await eventually(acted, deadline_s=30, interval_s=0.5)
+    await eventually(acted, deadline_s=EVENT_DEADLINE_S, interval_s=0.5)
 
 
 async def predict(
@@ -198,7 +220,7 @@ async def test_canary_takes_its_share_then_healthy_verdicts_promote_it(run: Run)
     model = run.model("share")
     await serve_first_version(run, model)
     await run.register_and_pass(model, 2)
-    await run.wait_for(RolloutStarted, model, count=2)
+    await run.wait_for(RolloutStarted, model, count=2, deadline_s=LOAD_DEADLINE_S)
     started = run.watcher.of(RolloutStarted, model)[-1]
     assert (
         started.data.canary_version == 2 and started.data.weight == 0.1 and started.data.stable_version == 1
@@ -227,7 +249,7 @@ async def test_canary_takes_its_share_then_healthy_verdicts_promote_it(run: Run)
     } == {("stable", 2)}
 
     # Every request was logged: one PredictionsLogged per request (and variant), with the row's id.
-    logged = await run.wait_for(PredictionsLogged, model, count=n + 50, deadline_s=60)
+    logged = await run.wait_for(PredictionsLogged, model, count=n + 50, deadline_s=EVENT_DEADLINE_S)
     variants = {e.data.variant.value for e in logged}
     assert variants == {"stable", "canary"}
     assert {e.data.rows[0].prediction_id for e in logged} >= {p["prediction_id"] for p in rows}
@@ -239,7 +261,7 @@ async def test_unhealthy_verdict_and_operator_command_roll_back_at_once(run: Run
     model = run.model("rollback")
     await serve_first_version(run, model)
     await run.register_and_pass(model, 2)
-    await run.wait_for(RolloutStarted, model, count=2)
+    await run.wait_for(RolloutStarted, model, count=2, deadline_s=LOAD_DEADLINE_S)
     started = run.watcher.of(RolloutStarted, model)[-1]
     await run.wait_routing(run.replica.url, model, stable=1, canary=2)
 
@@ -253,7 +275,7 @@ async def test_unhealthy_verdict_and_operator_command_roll_back_at_once(run: Run
     assert {r.json()["predictions"][0]["model_version"] for r in after} == {1}
 
     await run.register_and_pass(model, 3)
-    await run.wait_for(RolloutStarted, model, count=3)
+    await run.wait_for(RolloutStarted, model, count=3, deadline_s=LOAD_DEADLINE_S)
     await run.wait_routing(run.replica.url, model, stable=1, canary=3)
     async with httpx.AsyncClient(timeout=10) as client:
         refused = await client.post(
@@ -286,7 +308,7 @@ async def test_two_replicas_transition_once_and_a_restart_restores_the_same_rout
         await second.wait_ready()
         await serve_first_version(run, model)
         await run.register_and_pass(model, 2)
-        await run.wait_for(RolloutStarted, model, count=2)
+        await run.wait_for(RolloutStarted, model, count=2, deadline_s=LOAD_DEADLINE_S)
         started = run.watcher.of(RolloutStarted, model)[-1]
         await healthy_verdicts_until(run, started.data, 0, RolloutStepAdvanced, 1)
         for replica in (run.replica, second):
@@ -336,16 +358,16 @@ async def test_hot_swap_under_concurrent_load_fails_no_request(run: Run) -> None
         workers = [asyncio.create_task(hammer(client, i)) for i in range(8)]
         try:
             # The load is on before the swaps start and stays on after them: counted, not timed.
-            await eventually(lambda: _at_least(statuses, 20), deadline_s=30)
+            await eventually(lambda: _at_least(statuses, 20), deadline_s=EVENT_DEADLINE_S)
             await run.register_and_pass(model, 2)  # load + warm v2, swap to a canary table
             await run.wait_routing(run.replica.url, model, stable=1, canary=2)
             await run.publish(
                 new_event(PromoteRequested(model=model, model_version=2, reason="swap"), source="/test")
             )
             await run.wait_routing(run.replica.url, model, stable=2, canary=None)
-            await eventually(lambda: _served(versions, 2), deadline_s=10)
+            await eventually(lambda: _served(versions, 2), deadline_s=EVENT_DEADLINE_S)
             swapped = len(statuses)
-            await eventually(lambda: _at_least(statuses, swapped + 20), deadline_s=30)
+            await eventually(lambda: _at_least(statuses, swapped + 20), deadline_s=EVENT_DEADLINE_S)
         finally:
             stop.set()
             await asyncio.gather(*workers)
@@ -467,7 +489,7 @@ async def test_a_verdict_and_a_command_for_a_model_serving_never_served_leave_it
             and await ignored_events(url, "RollbackRequested", "unknown-model") > commands
         )
 
-    await eventually(handled, deadline_s=30)
+    await eventually(handled, deadline_s=EVENT_DEADLINE_S)
     assert not await listed()
     async with httpx.AsyncClient(timeout=10) as client:
         assert (await client.get(f"{url}/v1/models/{ghost}", headers=VIEWER)).status_code == 404
