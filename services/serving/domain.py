@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from contracts.common import FeatureType, ModelSignature, parse_version, unstorable_text
+from contracts.common import FeatureSpec, FeatureType, ModelSignature, parse_version, unstorable_text
 from contracts.envelope import EventPayload
 from contracts.predictions import Variant
 from contracts.rollouts import (
@@ -801,21 +802,27 @@ class CategoryLevels:
         )
 
 
-_LEVELS_HELD = 1024
-_levels_of: dict[int, tuple[list[Any], CategoryLevels]] = {}
+# Keyed by the spec's identity; the weak reference's callback drops the entry when the spec goes, with the
+# model version that held it, so the levels of a version no longer served are not kept (a cap of 1,024 lists
+# held each one, with its set, until a thousand more had come: a retrained model's levels, every hour).
+_levels_of: dict[int, tuple[weakref.ref[FeatureSpec], CategoryLevels]] = {}
 
 
-def category_levels(categories: list[Any]) -> CategoryLevels:
-    """The :class:`CategoryLevels` of a signature's categories, made once per list: a served signature is the
-    same object for every request, and a thousand levels take 20 µs to make into a set."""
-    # Keyed by the list's identity, and the list held with its levels, so a key is never another list's.
-    held = _levels_of.get(id(categories))
-    if held is not None and held[0] is categories:
+def category_levels(spec: FeatureSpec) -> CategoryLevels:
+    """The :class:`CategoryLevels` of a categorical feature's categories, made once per spec: a served
+    signature is the same object for every request, and a thousand levels take 20 µs to make into a set."""
+    key = id(spec)
+    held = _levels_of.get(key)
+    if held is not None and held[0]() is spec:
         return held[1]
-    levels = CategoryLevels.of(categories)
-    if len(_levels_of) >= _LEVELS_HELD:
-        _levels_of.clear()
-    _levels_of[id(categories)] = (categories, levels)
+    levels = CategoryLevels.of(spec.categories or [])
+
+    def forget(ref: weakref.ref[FeatureSpec]) -> None:
+        entry = _levels_of.get(key)
+        if entry is not None and entry[0] is ref:
+            del _levels_of[key]
+
+    _levels_of[key] = (weakref.ref(spec, forget), levels)
     return levels
 
 
@@ -883,7 +890,7 @@ def _check_columns(signature: ModelSignature, raw: Mapping[str, list[Any]], rows
         if spec.type is FeatureType.NUMERIC:
             columns[spec.name] = _check_numeric(spec.name, values)
         else:
-            levels = category_levels(spec.categories) if spec.categories else None
+            levels = category_levels(spec) if spec.categories else None
             columns[spec.name], n = _check_categorical(spec.name, values, levels)
             if n:
                 unseen[spec.name] = n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from dataclasses import replace
@@ -487,6 +488,37 @@ def test_bad_records_are_refused_naming_the_feature_and_why(
         domain.columns_from_records(churn_signature(), [record(), row])
     assert err.value.extra["feature"] == feature and err.value.extra["reason"] == reason
     assert repr(feature) in err.value.message and err.value.extra["row"] == 1
+
+
+def test_a_signature_no_longer_served_leaves_no_levels_behind() -> None:
+    # The levels were held by a module cache of 1,024 lists: a retrained model's levels stayed in memory,
+    # version after version, until a thousand more had come.
+    held = len(domain._levels_of)
+    signature = churn_signature()
+    domain.columns_from_records(signature, [record()])
+    assert len(domain._levels_of) == held + 1  # made once, for every request to this version
+    del signature
+    gc.collect()
+    assert len(domain._levels_of) == held
+
+
+def test_a_new_version_is_checked_against_its_own_levels() -> None:
+    v1 = churn_signature()
+    plan = next(f for f in v1.features if f.name == "plan")
+    v2 = ModelSignature.model_validate(
+        {
+            **v1.model_dump(),
+            "features": [
+                {**f.model_dump(), "categories": [*(plan.categories or []), "gold"]}
+                if f is plan
+                else f.model_dump()
+                for f in v1.features
+            ],
+        }
+    )
+    assert domain.columns_from_records(v1, [record(plan="gold")]).unseen == {"plan": 1}
+    assert domain.columns_from_records(v2, [record(plan="gold")]).unseen == {}
+    assert domain.columns_from_records(v1, [record(plan="gold")]).unseen == {"plan": 1}
 
 
 def test_unseen_categories_are_allowed_and_counted() -> None:
