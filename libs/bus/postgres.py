@@ -211,6 +211,29 @@ def pg_transactions(
     return begin
 
 
+RELAY_BATCH_BYTES = 64 * 2**20
+"""How many bytes of rows (keys and values) :class:`OutboxRelay` takes per batch at most, besides the first
+row, which it always takes. A batch is held in memory twice (the rows, and the producer's records): 500 rows
+of events near ``max_event_bytes`` were 500 MB, or, with the limit raised, more than a service has, and a
+relay killed for it would take the same batch again on restart."""
+
+# The batch's rows are chosen among the first batch_size unsent ones, in order, until their sizes pass the
+# budget (octet_length reads a stored value's size without reading the value); FOR UPDATE locks only them.
+_RELAY_BATCH_SQL = """
+WITH head AS (
+    SELECT seq, coalesce(octet_length(key), 0) + octet_length(value) AS size
+    FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT $1
+), chosen AS (
+    SELECT seq, row_number() OVER w AS n, sum(size) OVER w AS upto FROM head WINDOW w AS (ORDER BY seq)
+)
+SELECT outbox.seq, topic, key, value, headers
+FROM outbox JOIN chosen USING (seq)
+WHERE chosen.n = 1 OR chosen.upto <= $2
+ORDER BY outbox.seq
+FOR UPDATE OF outbox SKIP LOCKED
+"""
+
+
 class OutboxRelay:
     """Publishes a service's outbox in order. One relay per schema works at a time (advisory lock), so
     per-model order survives several replicas; rows are claimed with FOR UPDATE SKIP LOCKED and marked
@@ -224,6 +247,7 @@ class OutboxRelay:
         sender: RawSender,
         *,
         batch_size: int = 500,
+        batch_bytes: int = RELAY_BATCH_BYTES,
         idle_s: float = 1.0,
         max_record_bytes: int = DEFAULT_MAX_EVENT_BYTES + RECORD_HEADROOM_BYTES,
     ) -> None:
@@ -231,6 +255,7 @@ class OutboxRelay:
         self.schema = check_schema_name(schema)
         self.sender = sender
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.idle_s = idle_s
         self.max_record_bytes = max_record_bytes
         self._wake = asyncio.Event()
@@ -241,11 +266,7 @@ class OutboxRelay:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_name):
                 return 0
-            rows = await conn.fetch(
-                """SELECT seq, topic, key, value, headers FROM outbox
-                   WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED""",
-                self.batch_size,
-            )
+            rows = await conn.fetch(_RELAY_BATCH_SQL, self.batch_size, self.batch_bytes)
             if not rows:
                 return 0
             items = [

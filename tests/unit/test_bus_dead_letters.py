@@ -282,7 +282,7 @@ class _OutboxConn:
     async def fetchval(self, sql: str, *args: Any) -> bool:
         return True
 
-    async def fetch(self, sql: str, limit: int) -> list[dict[str, Any]]:
+    async def fetch(self, sql: str, limit: int, max_bytes: int) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["sent_at"] is None][:limit]
 
     async def execute(self, sql: str, seqs: list[int]) -> None:
