@@ -25,9 +25,11 @@ from pydantic_settings import (
 
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
 
-MAX_EVENT_BYTES_LIMIT = 512 * 2**20
-"""The largest ``max_event_bytes``: an event published in a transaction is one outbox row, which must fit in
-one Postgres message (1 GB, the largest it takes) with its key and headers (``libs.bus.postgres``)."""
+MAX_EVENT_BYTES_LIMIT = 256 * 2**20
+"""The largest ``max_event_bytes``. An event published in a transaction is one outbox row, which must fit in
+one Postgres message (1 GB, the largest it takes) with its key and headers (``libs.bus.postgres``); and a
+consumer's fetch may bring four times it (``consumer_options``), which Kafka's protocol carries as a 32-bit
+integer: at 512 MiB, 2**31, every fetch failed to encode."""
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
@@ -66,8 +68,9 @@ class KafkaSettings(BaseSettings):
         ge=1,
         le=MAX_EVENT_BYTES_LIMIT,
         description="Events larger than this (value and headers) are dead-lettered; refused when published. "
-        "1 to 536,870,912 (512 MiB): an event is one row of a service's outbox, and Postgres takes at most "
-        "1 GB in one value or message.",
+        "1 to 268,435,456 (256 MiB): an event is one row of a service's outbox (Postgres takes at most 1 GB "
+        "in one value or message), and a consumer's fetch takes four times it (at most 2 GiB in Kafka's "
+        "protocol).",
     )
     fetch_max_wait_ms: int = Field(
         100,

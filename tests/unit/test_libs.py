@@ -30,7 +30,7 @@ from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
 from libs.http import Text, create_app, error_body
 from libs.service import load_settings
-from libs.settings import ServiceSettings, settings_problems
+from libs.settings import MAX_EVENT_BYTES_LIMIT, KafkaSettings, ServiceSettings, settings_problems
 from tests.ports import free_port
 
 
@@ -119,6 +119,13 @@ def test_settings_refuse_values_no_service_can_run_with(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         ExampleSettings()
+
+
+def test_the_largest_event_size_gives_fetch_sizes_kafkas_protocol_carries() -> None:
+    # At 512 MiB, a consumer's fetch_max_bytes was 2**31: every fetch request failed to encode (Int32).
+    options = KafkaSettings(max_event_bytes=MAX_EVENT_BYTES_LIMIT).consumer_options()
+    sizes = [options["fetch_max_bytes"], options["max_partition_fetch_bytes"]]
+    assert all(isinstance(n, int) and n <= 2**31 - 1 for n in sizes), sizes
 
 
 @pytest.mark.parametrize("settings_class", SERVICE_SETTINGS, ids=lambda c: c.service)
