@@ -336,6 +336,7 @@ EXAMPLES: dict[type[EventPayload], EventPayload] = {
                 id="0d8e2b6a-33f1-4c56-8f0e-7b9a1c2d3e4f", type="io.driftloop.RolloutPromoted.v1"
             ),
             aliases=["champion"],
+            sequence=42,
         ),
         ModelVersionTagged(model=MODEL, model_version=7, key="approved-by", value="risk-team", previous=None),
         ValidationPassed(

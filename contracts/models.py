@@ -1,15 +1,20 @@
 """Model registry events: a version exists, and a version moved between stages.
 
-The registry is the only producer: it owns version numbers and the stage of every version.
+The registry is the only producer: it owns version numbers and the stage of every version, and numbers
+each model's stage changes (``ModelStageChanged.sequence``) so consumers can tell an old change from a new
+one whatever its event id.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
 from contracts.common import (
+    PG_BIGINT_MAX,
     ArtifactRef,
     EventRef,
     FreeText,
@@ -99,9 +104,87 @@ class ModelStageChanged(EventPayload):
         description="Aliases the version holds after the change (`champion` follows production).",
         examples=[["champion"]],
     )
+    sequence: int | None = Field(
+        default=None,
+        ge=1,
+        le=PG_BIGINT_MAX,
+        description="The model's stage-change number: 1, 2, ... over all versions of the model, given by "
+        "the registry in the transaction that makes the change, so a later change of the model has a "
+        "larger one (a promotion's archive of the previous production version comes just before it). "
+        "Consumers (training, validation, serving) apply a model's changes in this order: one below the "
+        "last they applied, or under its number but another change, is stale (re-sent under a new event "
+        "id, or delayed) and dead-lettered as `rejected`, naming both numbers; the last change again under "
+        "another id changes nothing. Null on events published before "
+        "the registry numbered them (its migration 0003): applied as they come while a consumer holds no "
+        "numbered change of the model, stale after one (a model's events keep their order on its "
+        "partition, so an unnumbered one is older than every numbered one).",
+        examples=[42],
+    )
 
     @model_validator(mode="after")
     def _moves(self) -> Self:
         if self.from_stage == self.to_stage:
             raise ValueError(f"from_stage and to_stage are both {self.from_stage.value!r}: not a change")
         return self
+
+
+@dataclass(frozen=True)
+class AppliedStageChange:
+    """The last numbered ``ModelStageChanged`` of a model that a consumer applied: what it compares the next
+    one with (:func:`stage_change_order`)."""
+
+    sequence: int
+    model_version: int
+    to_stage: Stage
+    event_id: str
+
+    @classmethod
+    def of(cls, change: ModelStageChanged, event_id: str) -> AppliedStageChange | None:
+        """What a consumer keeps of a change it applies; None for an unnumbered one (it keeps nothing)."""
+        if change.sequence is None:
+            return None
+        return cls(change.sequence, change.model_version, change.to_stage, event_id)
+
+
+class StageChangeOrder(Enum):
+    """Where a ``ModelStageChanged`` stands against the last change of its model a consumer applied."""
+
+    NEW = "new"
+    """Apply it (and keep it as the last one when it is numbered)."""
+    REPEAT = "repeat"
+    """The change applied last, again under another event id: it changes nothing."""
+    STALE = "stale"
+    """Older than the change applied last: applied, it would undo a later one. Dead-letter it."""
+
+
+def stage_change_order(change: ModelStageChanged, applied: AppliedStageChange | None) -> StageChangeOrder:
+    """Whether a consumer holding ``applied`` (None: no numbered change of the model yet) applies
+    ``change``."""
+    if applied is None:
+        return StageChangeOrder.NEW
+    if change.sequence is None:
+        return StageChangeOrder.STALE
+    if change.sequence > applied.sequence:
+        return StageChangeOrder.NEW
+    if change.sequence == applied.sequence and (change.model_version, change.to_stage) == (
+        applied.model_version,
+        applied.to_stage,
+    ):
+        return StageChangeOrder.REPEAT
+    return StageChangeOrder.STALE
+
+
+def stale_stage_change(
+    event_type: str, event_id: str, change: ModelStageChanged, applied: AppliedStageChange
+) -> str:
+    """The dead letter's error for a :attr:`StageChangeOrder.STALE` change: both numbers, both changes."""
+    number = (
+        f"stage change {change.sequence}" if change.sequence is not None else "an unnumbered stage change"
+    )
+    return (
+        f"{event_type} {event_id} is {number} of {change.model} (version {change.model_version} "
+        f"{change.from_stage.value} -> {change.to_stage.value}), but stage change {applied.sequence} "
+        f"(version {applied.model_version} -> {applied.to_stage.value}, event {applied.event_id}) was "
+        "applied already: a stale stage change (re-sent under a new event id, or delayed), which applied "
+        "would undo the later one; nothing was changed"
+    )

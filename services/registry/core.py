@@ -112,7 +112,7 @@ async def change_stage(
     except Conflict as exc:
         raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
     cause = Cause.of(event)
-    await versions.move(model, version, current, to_stage, reason, cause)
+    sequence = await versions.move(model, version, current, to_stage, reason, cause)
     effect = alias_effect(to_stage)
     await versions.drop_aliases(model, version, effect.drop)
     for alias in effect.take:
@@ -127,6 +127,7 @@ async def change_stage(
                 reason=reason,
                 caused_by=EventRef(id=event.id, type=event.type),
                 aliases=await versions.aliases_of(model, version),
+                sequence=sequence,
             ),
             source=source,
             cause=event,

@@ -66,8 +66,9 @@ class Versions(Protocol):
 
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
-    ) -> None:
-        """Set the stage and append the change to the history."""
+    ) -> int:
+        """Set the stage and append the change to the history; returns the change's number among the
+        model's stage changes (1, 2, ...: ``ModelStageChanged.sequence``)."""
         ...
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:

@@ -37,6 +37,11 @@ class StageChangePublic(_Public):
     event_type: str = Field(description="Type of that event.")
     correlation_id: str = Field(description="The cascade the change belongs to.")
     changed_at: datetime = Field(description="When the registry recorded it.")
+    sequence: int | None = Field(
+        default=None,
+        description="The change's number among the model's stage changes (`ModelStageChanged.sequence`); "
+        "null for the registration and for changes made before the registry numbered them.",
+    )
 
 
 class ValidationReportPublic(_Public):

@@ -119,7 +119,7 @@ class PgVersions:
 
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
-    ) -> None:
+    ) -> int:
         await self.conn.execute(
             """UPDATE model_versions SET stage = $3, stage_changed_at = clock_timestamp()
                WHERE model = $1 AND version = $2""",
@@ -127,14 +127,31 @@ class PgVersions:
             version,
             to_stage.value,
         )
-        await self._history(model, version, from_stage, to_stage, reason, cause)
+        # The model's row lock, held to commit, orders concurrent changes of its versions: a change that
+        # commits later has the larger number, and its outbox row comes after.
+        sequence = await self.conn.fetchval(
+            """UPDATE registered_models SET stage_sequence = stage_sequence + 1, updated_at = now()
+               WHERE name = $1 RETURNING stage_sequence""",
+            model,
+        )
+        await self._history(model, version, from_stage, to_stage, reason, cause, sequence=sequence)
+        return int(sequence)
 
     async def _history(
-        self, model: str, version: int, from_stage: Stage | None, to_stage: Stage, reason: str, cause: Cause
+        self,
+        model: str,
+        version: int,
+        from_stage: Stage | None,
+        to_stage: Stage,
+        reason: str,
+        cause: Cause,
+        *,
+        sequence: int | None = None,
     ) -> None:
         await self.conn.execute(
             """INSERT INTO stage_history (model, version, from_stage, to_stage, reason, actor, source,
-                   event_id, event_type, correlation_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                   event_id, event_type, correlation_id, sequence)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
             model,
             version,
             from_stage.value if from_stage else None,
@@ -145,6 +162,7 @@ class PgVersions:
             cause.event_id,
             cause.event_type,
             cause.correlation_id,
+            sequence,
         )
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:
@@ -329,7 +347,8 @@ SELECT {_SUMMARY_COLUMNS},
     coalesce((SELECT jsonb_agg(jsonb_build_object(
                   'from_stage', h.from_stage, 'to_stage', h.to_stage, 'reason', h.reason, 'actor', h.actor,
                   'source', h.source, 'event_id', h.event_id, 'event_type', h.event_type,
-                  'correlation_id', h.correlation_id, 'changed_at', h.changed_at) ORDER BY h.id)
+                  'correlation_id', h.correlation_id, 'changed_at', h.changed_at, 'sequence', h.sequence)
+                  ORDER BY h.id)
               FROM stage_history h WHERE h.model = v.model AND h.version = v.version), '[]'::jsonb)
         AS history,
     coalesce((SELECT jsonb_agg(jsonb_build_object(

@@ -158,6 +158,10 @@ async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered
         (2, "canary", "rejected"),
     ]
     assert changes[1]["caused_by"] == {"id": promoted.id, "type": promoted.type}
+    # Numbered per model in the order made, and the history says which number each change had.
+    assert [c["sequence"] for c in changes] == [1, 2, 3, 4]
+    assert [h["sequence"] for h in v1["stage_history"]] == [None, 1, 2]
+    assert [h["sequence"] for h in v2["stage_history"]] == [None, 3, 4]
 
     champion = await registry.http.get(f"/v1/models/{model}/versions/champion", headers=AUTH["viewer"])
     assert champion.json()["version"] == 1

@@ -45,6 +45,7 @@ class FakeVersions:
     aliases: dict[tuple[str, str], int] = field(default_factory=dict)
     reports: list[tuple[Any, Cause]] = field(default_factory=list)
     tags: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    stage_sequences: dict[str, int] = field(default_factory=dict)
 
     async def find_run(self, model: str, run_id: str) -> RegisteredRun | None:
         for (m, n), v in self.versions.items():
@@ -76,9 +77,11 @@ class FakeVersions:
 
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
-    ) -> None:
+    ) -> int:
         self.versions[(model, version)].stage = to_stage
         self.history.append(HistoryEntry(model, version, from_stage, to_stage, reason, cause))
+        self.stage_sequences[model] = self.stage_sequences.get(model, 0) + 1
+        return self.stage_sequences[model]
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:
         self.aliases[(model, alias)] = version

@@ -362,6 +362,25 @@ async def test_promotion_archives_the_previous_production_and_moves_champion(reg
     assert archive.data.caused_by is not None and archive.data.caused_by.type == RolloutPromoted.event_type()
 
 
+async def test_stage_changes_are_numbered_per_model_in_the_order_they_are_made(registry: Registry) -> None:
+    await to_production(registry, "churn", "run-1")
+    await to_production(registry, "fraud", "run-1")
+    await to_production(registry, "churn", "run-2", previous=1)
+    numbered = [(c.model, c.model_version, c.to_stage, c.sequence) for c in registry.stage_changes()]
+    assert numbered == [
+        ("churn", 1, Stage.CANARY, 1),
+        ("churn", 1, Stage.PRODUCTION, 2),
+        ("fraud", 1, Stage.CANARY, 1),
+        ("fraud", 1, Stage.PRODUCTION, 2),
+        ("churn", 2, Stage.CANARY, 3),
+        ("churn", 1, Stage.ARCHIVED, 4),
+        ("churn", 2, Stage.PRODUCTION, 5),
+    ]
+    # A fact repeated changes nothing and takes no number.
+    await registry.deliver(promoted("churn", 2, 1))
+    assert [c.sequence for c in registry.stage_changes() if c.model == "churn"] == [1, 2, 3, 4, 5]
+
+
 async def test_rollback_rejects_the_canary_and_production_stays(registry: Registry) -> None:
     await to_production(registry, "churn", "run-1")
     await registry.deliver(training_completed(registry.artifacts, run_id="run-2"))
