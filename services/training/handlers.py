@@ -15,7 +15,13 @@ from contracts.commands import RetrainRequested
 from contracts.common import EventRef, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
-from contracts.models import ModelStageChanged
+from contracts.models import (
+    AppliedStageChange,
+    ModelStageChanged,
+    StageChangeOrder,
+    stage_change_order,
+    stale_stage_change,
+)
 from contracts.monitoring import DriftDetected, PerformanceDegraded
 from contracts.training import (
     ModelSpecRegistered,
@@ -358,8 +364,19 @@ async def on_training_requested(
 async def on_model_stage_changed(
     event: CloudEvent[ModelStageChanged], *, production: ProductionVersions, **_: Any
 ) -> None:
-    """Track the production version: the parent of the next model."""
+    """Track the production version: the parent of the next model. A change older than the last one applied
+    (by the registry's ``sequence``) is dead-lettered: applied, it would move the parent back."""
     d = event.data
+    applied = await production.last_change(d.model)
+    order = stage_change_order(d, applied)
+    if order is StageChangeOrder.REPEAT:
+        log.info("stage change received again; already applied", model=d.model, sequence=d.sequence)
+        return
+    if order is StageChangeOrder.STALE:
+        assert applied is not None
+        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
+    if (kept := AppliedStageChange.of(d, event.id)) is not None:
+        await production.keep_change(d.model, kept)
     if d.to_stage is Stage.PRODUCTION:
         await production.set(d.model, d.model_version)
     elif d.from_stage is Stage.PRODUCTION:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from contracts.common import ArtifactRef, DatasetRef
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
+from contracts.models import AppliedStageChange
 from contracts.training import FailureReason, TrainingRequested
 from libs.modelspec import ModelSpec
 from services.training.domain import JobState, PolicyState
@@ -136,6 +137,15 @@ class ProductionVersions(Protocol):
 
     async def clear(self, model: str, version: int) -> None:
         """``version`` left production (if it was the one recorded)."""
+        ...
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        """The last numbered stage change of the model applied here, locked until the transaction ends;
+        None before the first."""
+        ...
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

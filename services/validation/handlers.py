@@ -14,7 +14,14 @@ from typing import Any
 from contracts.common import ArtifactFormat, ArtifactRef, Stage, Task
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import (
+    AppliedStageChange,
+    ModelStageChanged,
+    ModelVersionRegistered,
+    StageChangeOrder,
+    stage_change_order,
+    stale_stage_change,
+)
 from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
 from libs.bus import EventTooLarge, PermanentError, bytes_over_limit
 from libs.errors import NotFound
@@ -229,8 +236,19 @@ async def on_model_version_registered(
 async def on_model_stage_changed(
     event: CloudEvent[ModelStageChanged], *, champions: Champions, **_: Any
 ) -> None:
-    """Track the champion: the production version."""
+    """Track the champion: the production version. A change older than the last one applied (by the
+    registry's ``sequence``) is dead-lettered: applied, it would make an earlier version champion again."""
     d = event.data
+    applied = await champions.last_change(d.model)
+    order = stage_change_order(d, applied)
+    if order is StageChangeOrder.REPEAT:
+        log.info("stage change received again; already applied", model=d.model, sequence=d.sequence)
+        return
+    if order is StageChangeOrder.STALE:
+        assert applied is not None
+        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
+    if (kept := AppliedStageChange.of(d, event.id)) is not None:
+        await champions.keep_change(d.model, kept)
     if d.to_stage is Stage.PRODUCTION:
         await champions.set(d.model, d.model_version)
     elif d.from_stage is Stage.PRODUCTION:

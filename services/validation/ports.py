@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
-from contracts.models import ModelVersionRegistered
+from contracts.models import AppliedStageChange, ModelVersionRegistered
 from contracts.validation import CheckResult
 from libs.modelspec import ValidationSpec
 from services.validation.domain import Measured
@@ -95,6 +95,15 @@ class Champions(Protocol):
 
     async def clear(self, model: str, version: int) -> None:
         """``version`` left production (if it was the champion)."""
+        ...
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        """The last numbered stage change of the model applied here, locked until the transaction ends;
+        None before the first."""
+        ...
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

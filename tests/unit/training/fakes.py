@@ -12,6 +12,7 @@ from typing import Any
 from contracts.common import ArtifactFormat, ArtifactRef
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
+from contracts.models import AppliedStageChange
 from contracts.registry import EVENT_TYPES
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
@@ -95,6 +96,7 @@ class FakeDatasets:
 class FakeProduction:
     def __init__(self) -> None:
         self.by_model: dict[str, int] = {}
+        self.changes: dict[str, AppliedStageChange] = {}
 
     async def get(self, model: str) -> int | None:
         return self.by_model.get(model)
@@ -105,6 +107,12 @@ class FakeProduction:
     async def clear(self, model: str, version: int) -> None:
         if self.by_model.get(model) == version:
             del self.by_model[model]
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        return self.changes.get(model)
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        self.changes[model] = change
 
 
 @dataclass

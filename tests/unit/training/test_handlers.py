@@ -754,3 +754,76 @@ async def test_a_completion_the_database_interrupts_is_retried_without_fitting_a
     assert harness.jobs.rows[job_id].state is JobState.COMPLETED
     assert len(harness.trainer.runs) == 1
     assert not harness.events(TrainingFailed)
+
+
+def stage_change(
+    version: int, from_stage: Stage, to_stage: Stage, sequence: int | None
+) -> CloudEvent[ModelStageChanged]:
+    """A ModelStageChanged of churn as the registry publishes it, numbered ``sequence``."""
+    change = ModelStageChanged(
+        model="churn",
+        model_version=version,
+        from_stage=from_stage,
+        to_stage=to_stage,
+        reason="test",
+        sequence=sequence,
+    )
+    return new_event(change, source="/driftloop/registry")
+
+
+async def publish_all(h: Harness, *events: CloudEvent[Any]) -> None:
+    for event in events:
+        await h.bus.publish(event)
+    await h.bus.drain()
+
+
+async def test_an_old_stage_change_re_sent_under_a_new_id_does_not_move_the_parent_back(
+    harness: Harness,
+) -> None:
+    v2 = stage_change(2, Stage.CANARY, Stage.PRODUCTION, 2)
+    await publish_all(
+        harness,
+        v2,
+        stage_change(3, Stage.CANDIDATE, Stage.CANARY, 3),
+        stage_change(2, Stage.PRODUCTION, Stage.ARCHIVED, 4),
+        stage_change(3, Stage.CANARY, Stage.PRODUCTION, 5),
+    )
+    assert await harness.production.get("churn") == 3
+    # The registry's v2 promotion again under a new id (a replay, a producer's retry): dedupe by id misses it.
+    again = new_event(v2.data, source="/driftloop/registry")
+    await publish_all(harness, again)
+    assert await harness.production.get("churn") == 3
+    [dead] = harness.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"ModelStageChanged.v1 {again.id} is stage change 2 of churn" in dead.error
+    assert "but stage change 5 (version 3 -> production" in dead.error and "stale stage change" in dead.error
+
+
+async def test_the_last_stage_change_re_sent_under_a_new_id_changes_nothing(harness: Harness) -> None:
+    last = stage_change(3, Stage.CANARY, Stage.PRODUCTION, 5)
+    await publish_all(harness, stage_change(2, Stage.CANARY, Stage.PRODUCTION, 2), last)
+    await publish_all(harness, new_event(last.data, source="/driftloop/registry"))
+    assert await harness.production.get("churn") == 3
+    assert harness.bus.dead_letters == []
+    # Another change under the number applied last is not the same change: refused.
+    await publish_all(harness, stage_change(2, Stage.ARCHIVED, Stage.PRODUCTION, 5))
+    assert await harness.production.get("churn") == 3
+    assert len(harness.bus.dead_letters) == 1
+
+
+async def test_unnumbered_stage_changes_apply_until_a_numbered_one_did(harness: Harness) -> None:
+    # Published by a registry before it numbered its changes: applied as they come, as before.
+    await publish_all(
+        harness,
+        stage_change(1, Stage.CANARY, Stage.PRODUCTION, None),
+        stage_change(1, Stage.PRODUCTION, Stage.ARCHIVED, None),
+        stage_change(2, Stage.CANARY, Stage.PRODUCTION, None),
+    )
+    assert await harness.production.get("churn") == 2
+    await publish_all(harness, stage_change(3, Stage.CANARY, Stage.PRODUCTION, 1))
+    assert await harness.production.get("churn") == 3
+    # A model's events keep their order on its partition: an unnumbered one after a numbered one is older.
+    await publish_all(harness, stage_change(2, Stage.CANARY, Stage.PRODUCTION, None))
+    assert await harness.production.get("churn") == 3
+    [dead] = harness.bus.dead_letters
+    assert "is an unnumbered stage change of churn" in dead.error and "but stage change 1" in dead.error

@@ -14,7 +14,7 @@ import pytest
 from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
 from contracts.envelope import CloudEvent, new_event
 from contracts.examples import EXAMPLES
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import AppliedStageChange, ModelStageChanged, ModelVersionRegistered
 from contracts.registry import EVENT_TYPES
 from contracts.validation import CheckKind, ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore, save_model
@@ -47,6 +47,7 @@ class FakeVersions:
 class FakeChampions:
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
+        self.changes: dict[str, AppliedStageChange] = {}
 
     async def get(self, model: str) -> int | None:
         return self.rows.get(model)
@@ -57,6 +58,12 @@ class FakeChampions:
     async def clear(self, model: str, version: int) -> None:
         if self.rows.get(model) == version:
             del self.rows[model]
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        return self.changes.get(model)
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        self.changes[model] = change
 
 
 class FakeDatasets:
@@ -495,3 +502,51 @@ async def test_a_report_failing_thousands_of_slices_names_every_failed_one_in_it
     shown = failed.data.checks
     assert all(not c.passed for c in shown) and 0 < len(shown) < 8_001
     assert shown[0].name == "roc_auc>=0.75"
+
+
+async def change_stage(
+    gate: Gate, version: int, from_stage: Stage, to_stage: Stage, sequence: int | None
+) -> CloudEvent[ModelStageChanged]:
+    change = ModelStageChanged(
+        model="churn",
+        model_version=version,
+        from_stage=from_stage,
+        to_stage=to_stage,
+        reason="test",
+        sequence=sequence,
+    )
+    event = new_event(change, source="/driftloop/registry")
+    await gate.bus.publish(event)
+    await gate.bus.drain()
+    return event
+
+
+async def test_an_old_stage_change_re_sent_under_a_new_id_does_not_bring_the_old_champion_back(
+    gate: Gate,
+) -> None:
+    v2 = await change_stage(gate, 2, Stage.CANARY, Stage.PRODUCTION, 2)
+    await change_stage(gate, 2, Stage.PRODUCTION, Stage.ARCHIVED, 4)
+    await change_stage(gate, 3, Stage.CANARY, Stage.PRODUCTION, 5)
+    assert await gate.champions.get("churn") == 3
+    again = new_event(v2.data, source="/driftloop/registry")
+    await gate.bus.publish(again)
+    await gate.bus.drain()
+    assert await gate.champions.get("churn") == 3
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"{again.id} is stage change 2 of churn" in dead.error and "but stage change 5" in dead.error
+
+
+async def test_stage_changes_repeated_or_unnumbered_before_numbering_keep_the_old_behaviour(
+    gate: Gate,
+) -> None:
+    await change_stage(gate, 1, Stage.CANARY, Stage.PRODUCTION, None)
+    assert await gate.champions.get("churn") == 1
+    last = await change_stage(gate, 2, Stage.CANARY, Stage.PRODUCTION, 3)
+    await gate.bus.publish(new_event(last.data, source="/driftloop/registry"))
+    await gate.bus.drain()
+    assert await gate.champions.get("churn") == 2 and gate.bus.dead_letters == []
+    await change_stage(gate, 1, Stage.ARCHIVED, Stage.PRODUCTION, None)
+    assert await gate.champions.get("churn") == 2
+    [dead] = gate.bus.dead_letters
+    assert "unnumbered stage change" in dead.error
