@@ -17,7 +17,14 @@ from prometheus_client import Counter
 from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import ModelSignature, Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
-from contracts.models import ModelStageChanged, ModelVersionRegistered
+from contracts.models import (
+    AppliedStageChange,
+    ModelStageChanged,
+    ModelVersionRegistered,
+    StageChangeOrder,
+    stage_change_order,
+    stale_stage_change,
+)
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack
 from contracts.validation import ValidationPassed
@@ -569,8 +576,23 @@ async def on_model_stage_changed(
     A version serving rolled back stays off traffic: the registry only archives a rejected version, so a
     change of it to another stage was sent before the registry learnt of the rollback, and is ignored.
     So is a change of a version serving never learnt of: the registry announces a version before changing
-    its stage, so the change is no news of it, and mirrored it would stick to the version if registered."""
+    its stage, so the change is no news of it, and mirrored it would stick to the version if registered.
+    A change older than the last one of the model applied here (by the registry's ``sequence``) is
+    dead-lettered: mirrored, it would set a version's stage back."""
     d = event.data
+    applied = await versions.last_change(d.model)
+    order = stage_change_order(d, applied)
+    if order is StageChangeOrder.REPEAT:
+        _stage_change_ignored(
+            d, "repeated-stage-change", "stage change applied already, received again", tally
+        )
+        return
+    if order is StageChangeOrder.STALE:
+        assert applied is not None
+        tally.ignored("ModelStageChanged", "stale-stage-change")
+        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
+    if (kept := AppliedStageChange.of(d, event.id)) is not None:
+        await versions.keep_change(d.model, kept)
     known = await versions.get(d.model, d.model_version)
     if known is None:
         _stage_change_ignored(

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from contracts.common import ModelSignature
+from contracts.models import AppliedStageChange
 from services.serving.domain import ModelRoute
 
 
@@ -53,6 +54,15 @@ class ModelVersions(Protocol):
 
     async def load_failed(self, model: str, version: int, error: str) -> None:
         """Remember that a version's artifact could not be loaded."""
+        ...
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        """The last numbered stage change of the model applied here, locked until the transaction ends;
+        None before the first."""
+        ...
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

@@ -221,3 +221,38 @@ async def test_an_events_counts_are_made_when_its_transaction_commits_and_never_
         await run(tx)
         assert counter._value.get() == before
     assert counter._value.get() == before + 1
+
+
+async def test_a_stage_change_older_than_the_last_applied_is_refused_on_postgres(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    await handle(pool, registered(1))
+    await handle(pool, registered(2))
+
+    def change(
+        version: int, from_stage: Stage, to_stage: Stage, sequence: int
+    ) -> CloudEvent[ModelStageChanged]:
+        payload = ModelStageChanged(
+            model="churn",
+            model_version=version,
+            from_stage=from_stage,
+            to_stage=to_stage,
+            reason="x",
+            sequence=sequence,
+        )
+        return new_event(payload, source="/driftloop/registry")
+
+    canary = change(2, Stage.CANDIDATE, Stage.CANARY, 3)
+    await handle(pool, canary)
+    await handle(pool, change(2, Stage.CANARY, Stage.REJECTED, 4))
+    again = new_event(canary.data, source="/driftloop/registry")
+    with pytest.raises(PermanentError, match=f"{again.id} is stage change 3 of churn .* but stage change 4"):
+        await handle(pool, again)
+    # The last change again under another id changes nothing and is not refused.
+    await handle(
+        pool, new_event(change(2, Stage.CANARY, Stage.REJECTED, 4).data, source="/driftloop/registry")
+    )
+    async with pool[0].acquire() as conn:
+        record = await PgModelVersions(conn).get("churn", 2)
+        assert record is not None and record.stage == Stage.REJECTED.value
+        assert await conn.fetchval("SELECT sequence FROM stage_changes_applied WHERE model = 'churn'") == 4

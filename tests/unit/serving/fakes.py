@@ -27,7 +27,7 @@ from contracts.common import (
     TrafficWindow,
 )
 from contracts.envelope import CloudEvent, new_event
-from contracts.models import ModelVersionRegistered
+from contracts.models import AppliedStageChange, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RolloutMode, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
@@ -108,6 +108,7 @@ class FakeVersions:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], VersionRecord] = {}
+        self.changes: dict[str, AppliedStageChange] = {}
 
     async def registered(
         self, model: str, version: int, *, artifact_key: str, signature: ModelSignature, stage: str
@@ -133,6 +134,12 @@ class FakeVersions:
     async def load_failed(self, model: str, version: int, error: str) -> None:
         old = self.rows.get((model, version)) or VersionRecord(model, version)
         self.rows[(model, version)] = replace(old, load_error=error)
+
+    async def last_change(self, model: str) -> AppliedStageChange | None:
+        return self.changes.get(model)
+
+    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
+        self.changes[model] = change
 
 
 class FakeRoutes:

@@ -721,3 +721,34 @@ async def test_a_rollback_of_a_version_no_longer_serving_changes_nothing(world: 
         new_event(RollbackRequested(model="churn", model_version=2, reason="again"), source="/x")
     )
     assert world.route == before and world.bus.dead_letters == []
+
+
+def numbered(change: CloudEvent[ModelStageChanged], sequence: int) -> CloudEvent[ModelStageChanged]:
+    """The registry's change as it publishes it now: with the model's stage-change number."""
+    data = change.data.model_copy(update={"sequence": sequence})
+    return new_event(data, source="/driftloop/registry", cause=change)
+
+
+async def test_an_old_stage_change_re_sent_under_a_new_id_does_not_set_a_stage_back(world: World) -> None:
+    first = world.rollouts(RolloutPromoted)[-1]
+    to_production = numbered(registry_echo(first, 1, Stage.CANARY, Stage.PRODUCTION), 2)
+    await world.send(numbered(registry_echo(first, 1, Stage.CANDIDATE, Stage.CANARY), 1), to_production)
+    await world.send(
+        registered(2), new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x")
+    )
+    second = world.rollouts(RolloutPromoted)[-1]
+    await world.send(
+        numbered(registry_echo(second, 1, Stage.PRODUCTION, Stage.ARCHIVED), 3),
+        numbered(registry_echo(second, 2, Stage.CANDIDATE, Stage.PRODUCTION), 4),
+    )
+    assert world.versions.rows[("churn", 1)].stage == Stage.ARCHIVED.value
+    before = handlers.IGNORED.labels("ModelStageChanged", "stale-stage-change")._value.get()
+    # v1's move to production again, under a new id (a replay, a producer's retry): dedupe by id misses it.
+    again = new_event(to_production.data, source="/driftloop/registry")
+    await world.send(again)
+    assert world.versions.rows[("churn", 1)].stage == Stage.ARCHIVED.value
+    assert world.route.stable_version == 2
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"{again.id} is stage change 2 of churn" in dead.error and "but stage change 4" in dead.error
+    assert handlers.IGNORED.labels("ModelStageChanged", "stale-stage-change")._value.get() == before + 1
