@@ -5,8 +5,9 @@ The registry moves a version to production only to follow serving (RolloutPromot
 serving takes the registry's echoes of its own decisions as no news, so serving decides what serves and the
 registry follows in serving's order. They part when the registry refuses, or cannot apply, one of serving's
 decisions: serving acted on a command about a version the registry rejected meanwhile (a failed validation),
-which serving had not heard of yet. The tests marked ``xfail`` show such a crossing: each asserts that the
-two agree, and fails today (run with ``--runxfail`` to see how).
+which serving had not heard of yet (docs/registry.md, "A verdict that overtakes serving's decision"). The
+tests show where such a crossing leaves them, that the registry says so in a dead letter, and that the
+remedy the page gives, a rollback at serving, brings them back to one version.
 """
 
 from __future__ import annotations
@@ -169,47 +170,12 @@ async def test_serving_decisions_and_the_registry_agree_when_they_do_not_cross(p
     assert platform.bus.dead_letters == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a promotion crossing a failed validation: serving serves the version, the registry rejected it "
-    "and dead-letters the promotion; no clean fix by ordering alone (see the report)",
-)
-async def test_a_promotion_crossing_a_failed_validation_leaves_both_on_one_version(
-    platform: Platform,
-) -> None:
-    v2 = await platform.train("run-2")
-    # Accepted while v2 is a candidate; validation's verdict on v2 is on its way at the same time.
-    await platform.send(PromoteRequested(model=MODEL, model_version=v2, reason="by hand"), failed(v2))
-    promotions = [d for d in platform.bus.dead_letters if d.consumer == "registry"]
-    assert promotions == [], [d.error for d in promotions]
-    assert platform.registry_production() == [platform.serving_stable]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a production rollback to a candidate crossing its failed validation: serving serves it, "
-    "the registry has no production version, and says so only in a warning",
-)
-async def test_a_rollback_to_a_candidate_crossing_its_failed_validation_leaves_both_on_one_version(
-    platform: Platform,
-) -> None:
-    v2 = await platform.train("run-2")
-    await platform.send(PromoteRequested(model=MODEL, model_version=v2, reason="by hand"))
-    v3 = await platform.train("run-3")
-    await platform.send(
-        RollbackRequested(model=MODEL, model_version=v2, to_version=v3, reason="back to the new one"),
-        failed(v3),
-    )
-    assert platform.serving_stable == 3
-    assert platform.registry_production() == [3] or platform.bus.dead_letters != []
-
-
 async def test_after_a_promotion_crossed_a_failed_validation_a_rollback_at_serving_reunites_them(
     platform: Platform,
 ) -> None:
     v2 = await platform.train("run-2")
     await platform.send(PromoteRequested(model=MODEL, model_version=v2, reason="by hand"), failed(v2))
-    # Where the crossing leaves them (the xfail test above): apart, and the registry's refusal dead-lettered.
+    # Where the crossing leaves them: apart, and the registry's refusal dead-lettered.
     assert (platform.serving_stable, platform.registry_production(), platform.stage(v2)) == (
         2,
         [1],
@@ -233,6 +199,8 @@ async def test_after_a_rollback_crossed_its_targets_failed_validation_a_rollback
         RollbackRequested(model=MODEL, model_version=v2, to_version=v3, reason="back to the new one"),
         failed(v3),
     )
+    # Where the crossing leaves them: serving on v3, which the registry holds rejected; the registry took the
+    # rollback of v2 and left v3 as it is (a warning), so it has no production version.
     assert (platform.serving_stable, platform.registry_production(), platform.bus.dead_letters) == (3, [], [])
     await platform.send(
         RollbackRequested(model=MODEL, model_version=v3, to_version=1, reason="validation failed")
