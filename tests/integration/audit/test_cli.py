@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,38 @@ async def test_a_writer_role_that_does_not_exist_is_named(
     role = "the database role 'no_such_writer_role' (DRIFTLOOP_AUDIT_WRITER_ROLE)"
     assert f"driftloop: error: {role} does not exist" in err
     assert "Traceback" not in err
+
+
+def run_into_a_closed_pipe(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """The command as a shell runs `driftloop ... | head -0`: its reader is gone before it writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["trace", "--json"], ["trace"], ["tail", "-n", "20"], ["verify", "--json"], ["verify"]],
+    ids=["trace-json", "trace", "tail", "verify-json", "verify"],
+)
+async def test_a_reader_that_stops_reading_ends_the_command_quietly(
+    audit_env: TrailDb, command: list[str]
+) -> None:
+    # `driftloop audit trace <id> --json | head` said "driftloop: error: [Errno 32] Broken pipe" and exit 1,
+    # the status of a failed verification; the tables ended with exit 1 and nothing said.
+    events = await audit_env.fill(20)
+    argv = [command[0], events[0].id, *command[1:]] if command[0] == "trace" else command
+
+    done = await asyncio.to_thread(run_into_a_closed_pipe, "audit", *argv)
+
+    assert done.stderr.decode() == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as a shell reports a command its reader left
