@@ -105,6 +105,18 @@ class Keys:
 # --- reading -------------------------------------------------------------------------------------
 
 
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Characters a terminal acts on rather than prints (C0 and C1 controls, DEL, bidirectional marks and
+overrides): ESC alone can clear the screen or print over the verdict."""
+
+
+def shown(text: object) -> str:
+    """Text from the export (whoever wrote it), as a terminal may print it: each control as its escape."""
+    return CONTROLS.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) <= 0xFF else f"\\u{ord(m[0]):04x}", str(text)
+    )
+
+
 HEX_HASH = re.compile(r"[0-9a-f]{64}")
 CHECKPOINT_FIELDS = {
     "sequence": int,
@@ -237,7 +249,8 @@ class Verifier:
             if not inline:
                 return  # the audit topic may carry other trails' checkpoints: only pinned keys count
             raise Broken(
-                seq, f"the checkpoint at {seq} is not signed by a pinned key (key id {cp.get('key_id')})"
+                seq,
+                f"the checkpoint at {seq} is not signed by a pinned key (key id {shown(cp.get('key_id'))})",
             )
         if self.prev is None or seq != self.next_seq - 1:
             raise Broken(seq, f"the checkpoint at {seq} is out of place in the export")
@@ -278,7 +291,7 @@ def describe(record: bytes) -> str:
         )
     except (ValueError, AttributeError):
         return "? (the record's meta line is not a JSON object)"
-    return f"{kind!s:<11} {event_type}  {subject}"
+    return shown(f"{kind!s:<11} {event_type}  {subject}")
 
 
 def http_get(url: str, token: str | None) -> Any:
@@ -295,7 +308,9 @@ def http_get(url: str, token: str | None) -> Any:
         except (ValueError, TypeError, KeyError):  # not the service's error body: a proxy's page, say
             detail = None
         said = detail if isinstance(detail, str) else body.decode(errors="replace").strip()[:200]
-        raise Unreadable(f"{url} answered HTTP {exc.code} {exc.reason}: {said or '(no body)'}") from None
+        raise Unreadable(
+            f"{url} answered HTTP {exc.code} {shown(exc.reason)}: {shown(said) or '(no body)'}"
+        ) from None
     except urllib.error.URLError as exc:
         raise Unreadable(f"cannot reach {url}: {exc.reason}") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -58,6 +59,29 @@ def _reader_gone() -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     return READER_GONE
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""What a terminal acts on rather than prints: C0 and C1 controls (ESC starts a sequence that can clear the
+screen, move the cursor over lines printed before, set the clipboard), DEL, and the bidirectional marks and
+overrides that show text in another order than it has."""
+
+
+def shown(text: str) -> str:
+    """Text a producer wrote, as a terminal may print it: each control character as its escape (``\\x1b``,
+    ``\\u202e``), so a header cannot drive the reader's terminal. rich takes some controls out of Text, but
+    passes ESC on."""
+    return _CONTROLS.sub(_escaped, text)
+
+
+def _markup_text(text: str) -> str:
+    """Text a producer wrote, inside rich markup: printed as it is (``[/]`` included), controls escaped."""
+    return escape(shown(text))
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 class TrailUnavailable(Exception):
@@ -188,7 +212,7 @@ def verdict(report: VerifyReport) -> str:
     """The line (markup) ``verify`` prints for ``report``: OK and what was checked, or the first bad row."""
     if not report.ok:
         where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
-        return f"[red]FAILED[/red] at {where}: {report.problem}: {escape(report.detail or '')}"
+        return f"[red]FAILED[/red] at {where}: {report.problem}: {_markup_text(report.detail or '')}"
     if report.to_seq < report.from_seq:
         # The empty range from one past the end: only the row it trusts was read.
         why = (
@@ -264,17 +288,17 @@ def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:
         table.add_column(column)
     for e in events:
         # Every cell is Text, never markup: producers write these fields, and "[/]" in a subject must
-        # print as it is, not end a style (or crash the command).
+        # print as it is, not end a style (or crash the command); a control character shows as its escape.
         event_type = (e["type"] or "-").removeprefix("io.driftloop.")
         table.add_row(
             Text(str(e["seq"])),
-            Text((e["recorded_at"] or "-")[:23]),
+            Text(shown((e["recorded_at"] or "-")[:23])),
             Text(e["kind"] or "unreadable", style="" if e["kind"] == "event" else "red"),
-            Text(event_type),
-            Text(e["subject"] or "-"),
-            Text(e["actor"] or "-"),
-            Text((e["id"] or "-")[:13]),
-            Text((e["causationid"] or "-")[:13]),
+            Text(shown(event_type)),
+            Text(shown(e["subject"] or "-")),
+            Text(shown(e["actor"] or "-")),
+            Text(shown((e["id"] or "-")[:13])),
+            Text(shown((e["causationid"] or "-")[:13])),
         )
     return table
 
@@ -289,14 +313,14 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
         if as_json:
             print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
             return 0
-        root = Tree(f"[bold]cascade {escape(correlation_id)}[/bold] ({tree['events']} events)")
+        root = Tree(f"[bold]cascade {_markup_text(correlation_id)}[/bold] ({tree['events']} events)")
         for node in tree.get("roots") or []:
             _branch(root, node)
         for node in tree.get("flat") or []:
-            branch = root.add(_label(node) + f"  [dim]<- {escape(node['parent'] or 'root')}[/dim]")
+            branch = root.add(_label(node) + f"  [dim]<- {_markup_text(node['parent'] or 'root')}[/dim]")
             _dead_letters(branch, node)
         for letter in tree["dead_letters"]:
-            root.add(f"[red]dead letter[/red] {letter['seq']}: {escape(str(letter['error']))}")
+            root.add(f"[red]dead letter[/red] {letter['seq']}: {_markup_text(str(letter['error']))}")
         if tree["truncated"]:
             root.add(f"[yellow]... cut at {settings.trace_max_events} events[/yellow]")
         _console().print(root)
@@ -307,18 +331,18 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
 
 def _label(node: dict[str, Any]) -> str:
     """Markup for one event; every value in it is escaped, since producers write them."""
-    event_type = escape((node["type"] or "?").removeprefix("io.driftloop."))
-    actor = f" by {escape(node['actor'])}" if node["actor"] else ""
+    event_type = _markup_text((node["type"] or "?").removeprefix("io.driftloop."))
+    actor = f" by {_markup_text(node['actor'])}" if node["actor"] else ""
     missing = (
-        f" [yellow](cause {escape(node['cause_missing'])} not recorded)[/yellow]"
+        f" [yellow](cause {_markup_text(node['cause_missing'])} not recorded)[/yellow]"
         if node.get("cause_missing")
         else ""
     )
     if node.get("cause_cycle"):
         missing += (
-            f" [yellow](cause {escape(node['cause_cycle'])} leads back here: a loop of causes)[/yellow]"
+            f" [yellow](cause {_markup_text(node['cause_cycle'])} leads back here: a loop of causes)[/yellow]"
         )
-    subject, when = escape(node["subject"] or ""), escape(node["time"] or "")
+    subject, when = _markup_text(node["subject"] or ""), _markup_text(node["time"] or "")
     return f"[bold]{event_type}[/bold] {subject} #{node['seq']} {when}{actor}{missing}"
 
 
@@ -331,4 +355,4 @@ def _branch(parent: Tree, node: dict[str, Any]) -> None:
 
 def _dead_letters(branch: Tree, node: dict[str, Any]) -> None:
     for letter in node.get("dead_letters") or []:
-        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {escape(str(letter['error']))}")
+        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {_markup_text(str(letter['error']))}")

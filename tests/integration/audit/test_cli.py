@@ -94,6 +94,39 @@ async def test_tail_and_trace_print_markup_in_producer_fields_as_text(
     assert "[/]" in out and "by [bold]user:eve" in out and "[type=missing, input_value={}]" in out
 
 
+CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\r\x9b1A\u202e"
+"""What a producer may put in a header to drive the reader's terminal: clear the screen, set the clipboard
+(OSC 52), go back over the line, a C1 control sequence, a right-to-left override."""
+
+
+async def test_tail_and_trace_show_terminal_controls_in_producer_fields_as_escapes(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # rich's Text takes \r and BEL out, but passes ESC on: a subject could clear an auditor's screen or
+    # print over the lines before it.
+    drift = example(DriftDetected).model_copy(
+        update={"subject": f"churn{CONTROLS}", "actor": f"user:eve{CONTROLS}"}
+    )
+    key, value, headers = drift.to_kafka()
+    dead = Record(
+        DEAD_LETTER,
+        0,
+        0,
+        key,
+        value,
+        (*headers, ("dlq_reason", b"handler-failed"), ("dlq_error", f"boom{CONTROLS}".encode())),
+    )
+    await audit_env.record([delivery(drift, offset=0), Delivery(dead, drift)])
+
+    for command in (("tail", "-n", "5"), ("trace", drift.id)):
+        assert await cli("audit", *command) == 0
+        out = capsys.readouterr().out
+        assert not any(c in out for c in "\x1b\x07\r\x9b\u202e"), command
+        assert "churn\\x1b[2J\\x1b]52;c;ZXZpbA==\\x07\\x0d\\x9b1A\\u202e" in out, command
+        assert "user:eve\\x1b[2J" in out, command
+    assert "boom\\x1b[2J" in out
+
+
 async def test_trace_of_a_very_deep_cascade_prints_its_dead_letters(
     audit_env: TrailDb, capsys: pytest.CaptureFixture[str]
 ) -> None:

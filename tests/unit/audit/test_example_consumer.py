@@ -319,3 +319,31 @@ async def test_an_export_whose_connection_breaks_mid_chunk_fails_as_cut_short(
     assert re.fullmatch(
         r"FAILED at sequence (\d): rows \1\.\.6 are missing: .* \(cut short\?\)", err.splitlines()[-1]
     ), err
+
+
+CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\r\x9b1A\u202e"
+"""What a producer (or whoever forged the export) may write to drive the verifier's terminal: clear the
+screen, set the clipboard, go back over the line, a C1 control sequence, a right-to-left override."""
+
+
+async def test_terminal_controls_in_what_it_prints_show_as_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --print wrote a record's subject as it is, and a FAILED line the key id of a forged checkpoint: either
+    # could print over the verdict before it or clear the auditor's screen.
+    trail = FakeTrail()
+    drift = example(DriftDetected).model_copy(update={"subject": f"churn{CONTROLS}"})
+    await record(trail, Signer(SEED), [delivery(drift, offset=0)], every=1)
+    header, row, checkpoint = [
+        json.loads(line) async for chunk in core.export_lines(trail) for line in chunk.splitlines()
+    ]
+    visible = "\\x1b[2J\\x1b]52;c;ZXZpbA==\\x07\\x0d\\x9b1A\\u202e"
+
+    assert verify(tmp_path, [header, row, checkpoint], "--print") == 0
+    out = capsys.readouterr().out
+    assert f"churn{visible}" in out and not re.search("[\x1b\x07\r\x9b\u202e]", out)
+
+    forged = {"checkpoint": {**checkpoint["checkpoint"], "key_id": f"k{CONTROLS}"}}
+    assert verify(tmp_path, [header, row, forged]) == 1
+    err = capsys.readouterr().err
+    assert f"(key id k{visible})" in err and not re.search("[\x1b\x07\r\x9b\u202e]", err)
