@@ -117,6 +117,21 @@ process builds the rows, then this process idle while Postgres writes them. A vo
 Postgres insert each row as it is read (copyfrom.c: no multi-insert buffer then), so the two work side
 by side. docs/benchmarks.md (Audit) has the numbers."""
 _TEXT_CACHE_MAX = 4096
+READ_ROWS = 2000
+"""Most rows one read of an export or a full verification brings back."""
+READ_BYTES = 8 * 1024 * 1024
+"""About how many bytes of records one such read holds (beyond its first row): a count of rows alone would
+hold 2,000 records at once whatever their size, 20 GB of records near the broker's 10 MiB, in the process
+that also writes the trail."""
+_ROWS_BETWEEN = """
+SELECT {columns} FROM (
+    SELECT *, sum(coalesce(octet_length(record), 0)) OVER (ORDER BY seq) AS bytes_through
+    FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3
+) AS page
+-- octet_length reads a stored value's size, not the value: rows past the budget are never fetched whole
+WHERE bytes_through - coalesce(octet_length(record), 0) < $4
+ORDER BY seq
+"""
 
 
 def _text(value: str | None) -> bytes:
@@ -439,12 +454,23 @@ class PgTrail:
         return [_checkpoint(r) for r in rows]
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
-        """(seq, record, row_hash) in batches through a server-side cursor (needs a transaction)."""
-        cursor = await self.conn.cursor(
-            "SELECT seq, record, row_hash FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, upto
-        )
-        while batch := await cursor.fetch(2000):
+        """(seq, record, row_hash) in batches (:meth:`rows_between`)."""
+        async for batch in self.rows_between("seq, record, row_hash", after, upto):
             yield [(r["seq"], r["record"], r["row_hash"]) for r in batch]
+
+    async def rows_between(
+        self, columns: str, after: int, upto: int, *, rows: int = READ_ROWS, budget: int = READ_BYTES
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """Rows after..upto in sequence order, ``columns`` of each, in batches of at most ``rows`` rows and
+        about ``budget`` bytes of records (at least one row); in a repeatable-read transaction, every batch
+        reads the same snapshot."""
+        sql = _ROWS_BETWEEN.format(columns=columns)
+        while after < upto:
+            batch = await self.conn.fetch(sql, after, upto, rows, budget)
+            if not batch:
+                return  # the rows left are missing: the reader's own count says so
+            yield batch
+            after = batch[-1]["seq"]
 
 
 @asynccontextmanager
@@ -513,15 +539,12 @@ class PgChain:
         return scanner.finish(trailer=_COPY_TRAILER)
 
     async def scan_rows(self, scanner: RecordScanner) -> Finding | None:
-        """Stream whole rows through a server-side cursor; the scanner hashes the records itself."""
-        async with reading(self.pool, self.role) as trail:
-            cursor = await trail.conn.cursor(
-                f"SELECT {_STORED} FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq",
-                scanner.after,
-                scanner.upto,
-            )
-            while scanner.finding is None and (batch := await cursor.fetch(2000)):
+        """Read whole rows a batch at a time from one snapshot; the scanner hashes the records itself."""
+        async with reading(self.pool, self.role, snapshot=True) as trail:
+            async for batch in trail.rows_between(_STORED, scanner.after, scanner.upto):
                 scanner.feed(_stored(r) for r in batch)
+                if scanner.finding is not None:
+                    break
         return scanner.finish()
 
     async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
@@ -16,9 +18,17 @@ from contracts.predictions import PredictionsLogged
 from contracts.training import TrainingRequested
 from libs.bus.core import Delivery, Record
 from services.audit import core
-from services.audit.adapters.postgres import PgTrail, reading
-from services.audit.domain import ChainBuilder, ChainHead, EventQuery, Incoming, PartitionEnds
-from services.audit.verification import Problem
+from services.audit.adapters.postgres import READ_BYTES, PgChain, PgTrail, reading
+from services.audit.domain import (
+    GENESIS,
+    ChainBuilder,
+    ChainHead,
+    EventQuery,
+    Incoming,
+    PartitionEnds,
+    StoredRow,
+)
+from services.audit.verification import Problem, RecordScanner
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import delivery, example, record_of
 
@@ -281,3 +291,41 @@ async def test_a_ce_time_with_no_utc_form_is_indexed_as_no_time_and_the_trail_st
         [row] = await trail.find(EventQuery())
     assert row.attributes.event_time is None
     assert (await trail_db.verify(full=True)).ok
+
+
+class MeasuredScanner(RecordScanner):
+    """A full verification's scanner that notes how many bytes of records each batch it is fed holds."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.batch_bytes: list[int] = []
+
+    def feed(self, rows: Iterable[StoredRow]) -> None:
+        batch = list(rows)
+        self.batch_bytes.append(sum(len(r.record) for r in batch))
+        super().feed(batch)
+
+
+async def test_an_export_and_a_full_verification_of_large_records_hold_a_bounded_batch(
+    trail_db: TrailDb,
+) -> None:
+    # Both read 2,000 rows at a time: of records near the broker's 10 MiB (the trail keeps whatever comes,
+    # predictions of a large request included), 20 GB in the audit service, which runs the writer too.
+    size, rows = 1_000_000, 30
+    for first in range(0, rows, 5):
+        await trail_db.record(
+            [
+                Delivery(Record("mlops.models", 0, i, b"churn", b"x" * size, ()), None, NotJson("not JSON"))
+                for i in range(first, first + 5)
+            ]
+        )
+    one_row = size + 2_000  # the record's meta line, and the export line's framing
+    async with reading(trail_db.pool, ROLE, snapshot=True) as trail:
+        chunks = [len(chunk) async for chunk in core.export_lines(trail)]
+    assert sum(chunks) > rows * size
+    assert max(chunks) <= READ_BYTES + one_row
+
+    scanner = MeasuredScanner(after=0, upto=rows, prev=GENESIS)
+    assert await PgChain(trail_db.pool, ROLE).scan_rows(scanner) is None
+    assert scanner.rows == rows
+    assert max(scanner.batch_bytes) <= READ_BYTES + one_row
