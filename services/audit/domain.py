@@ -860,6 +860,27 @@ def _json_value(value: bytes) -> Any:
         return data
 
 
+DATA_MAX_DEPTH = 128
+"""The deepest JSON value shown as an event's ``data``; a deeper one is shown as ``value``, its text. The
+response's serializer refuses values nested about 255 levels (a trace's own nesting, up to
+:data:`MAX_NESTING` events, counts too), and any producer can send JSON 1,000 levels deep: every page
+holding it would be a 500."""
+
+
+def _deeper_than(limit: int, value: bytes, data: Any) -> bool:
+    """Whether ``data`` (read from ``value``) nests more than ``limit`` arrays and objects deep."""
+    if value.count(b"[") + value.count(b"{") <= limit:
+        return False  # it cannot nest deeper than it has brackets (those in strings counted too)
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def event_view(row: StoredRow) -> dict[str, Any]:
     """A row for people and programs: every field comes from the hashed record, none from the copies; a
     row whose record cannot be read (changed in the database) is flagged ``unreadable``."""
@@ -923,6 +944,9 @@ def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> d
             data = _json_value(value)
         except orjson.JSONDecodeError:
             raw_value = _text_or_base64(value)
+        else:
+            if isinstance(data, (dict, list)) and _deeper_than(DATA_MAX_DEPTH, value, data):
+                data, raw_value = None, _text_or_base64(value)
     view: dict[str, Any] = {
         "seq": row.seq,
         "row_hash": row.row_hash.hex() if row.row_hash is not None else None,
@@ -947,6 +971,8 @@ def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> d
         view["reuse"] = kafka["reuse"]
     if meta["kind"] != Kind.EVENT:
         view["headers"] = headers
+        view["value"] = raw_value
+    elif raw_value is not None:
         view["value"] = raw_value
     return view
 

@@ -39,12 +39,17 @@ class AuditEventPublic(BaseModel):
     correlationid: str | None = Field(description="Id of the cascade's root event.")
     causationid: str | None = Field(description="Id of the event that caused this one.")
     actor: str | None = Field(description="Who asked, for manual commands.")
-    data: Any = Field(description="The payload, when it is JSON.")
+    data: Any = Field(
+        description="The payload, when it is JSON nested at most 128 levels deep (else it is in `value`)."
+    )
     error: dict[str, str] | None = Field(description="Why the record is not a valid event (reason, detail).")
     headers: dict[str, Any] | None = Field(
         default=None, description="All Kafka headers, for undecodable records and dead letters."
     )
-    value: Any = Field(default=None, description="The value when it is not JSON (text, or {base64}).")
+    value: Any = Field(
+        default=None,
+        description="The value when it is not JSON, or JSON nested deeper than 128 levels: text or {base64}.",
+    )
     integrity: str | None = Field(
         default=None, description="Set when the row's indexed columns disagree with its hashed record."
     )

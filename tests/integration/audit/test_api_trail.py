@@ -1,0 +1,90 @@
+"""The audit API in process on a trail in the real Postgres: what a client program reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from contracts.envelope import NotJson
+from libs.bus.core import Delivery, Record
+from libs.http import create_app
+from services.audit import api
+from services.audit.adapters.files import CheckpointFile
+from services.audit.domain import DATA_MAX_DEPTH, KeyRing
+from services.audit.settings import AuditSettings
+from tests.integration.audit.conftest import ROLE, TrailDb
+
+VIEWER = {"Authorization": "Bearer dev-viewer"}
+
+
+@pytest.fixture
+async def client(trail_db: TrailDb, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = AuditSettings(env="test", writer_role=ROLE, db_schema=trail_db.schema)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    app.state.audit = api.AuditContext(
+        settings=settings,
+        pool=trail_db.pool,
+        signer=trail_db.signer,
+        keys=KeyRing([trail_db.signer.public_raw]),
+        archive=CheckpointFile(tmp_path / "checkpoints.ndjson"),
+        exports=api.export_slots(settings.export_concurrency),
+        verifications=api.verify_slots(settings.verify_concurrency),
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as c:
+        yield c
+
+
+def nested(depth: int) -> bytes:
+    """A JSON value nested ``depth`` levels deep."""
+    return b'{"a":' * (depth - 1) + b"[1]" + b"}" * (depth - 1)
+
+
+async def test_a_value_nested_too_deep_for_the_response_is_shown_as_text_not_a_500(
+    trail_db: TrailDb, client: httpx.AsyncClient
+) -> None:
+    # Any producer can send JSON nested 1,000 levels deep (as an undecodable record, the trail keeps it);
+    # the response's serializer stops at about 250, so every page holding the row was a 500.
+    deep, shallow = nested(1000), nested(20)
+    await trail_db.record(
+        [
+            Delivery(Record("mlops.models", 0, i, b"churn", value, ()), None, NotJson("not an event"))
+            for i, value in enumerate((deep, shallow))
+        ]
+    )
+
+    r = await client.get("/v1/events", params={"order": "oldest"})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["events"]
+    assert first["data"] is None and first["value"] == deep.decode()
+    assert second["data"] == json.loads(shallow) and second["value"] is None
+    one = await client.get("/v1/events/1")
+    assert one.status_code == 200 and one.json()["value"] == deep.decode()
+
+
+async def test_a_trace_100_events_deep_shows_data_as_deep_as_an_event_may_show_it(
+    trail_db: TrailDb, client: httpx.AsyncClient
+) -> None:
+    # The trace's own nesting counts towards the serializer's limit: its deepest event's data must fit.
+    def link(i: int, value: bytes, cause: int | None = None) -> Delivery:
+        headers = [("ce_id", f"e{i}".encode()), ("ce_correlationid", b"deep")]
+        if i:
+            headers.append(("ce_causationid", f"e{i - 1 if cause is None else cause}".encode()))
+        record = Record("mlops.models", 0, i, b"churn", value, tuple(headers))
+        return Delivery(record, None, NotJson("not an event"))
+
+    await trail_db.record([link(i, b"{}") for i in range(99)] + [link(99, nested(DATA_MAX_DEPTH))])
+    await trail_db.record([link(100, nested(DATA_MAX_DEPTH + 1), cause=98)])  # e99's sibling
+
+    r = await client.get("/v1/trace/deep")
+    assert r.status_code == 200, r.text
+    node = r.json()["roots"][0]
+    for _ in range(98):
+        node = node["children"][0]
+    deepest, beyond = node["children"]
+    assert deepest["data"] == json.loads(nested(DATA_MAX_DEPTH))
+    assert beyond["data"] is None and beyond["value"] == nested(DATA_MAX_DEPTH + 1).decode()
