@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import re
 import signal
@@ -311,7 +312,9 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
         async with _pool(settings) as pool, reading(pool, settings.writer_role) as trail:
             tree = await core.trace(trail, correlation_id, max_events=settings.trace_max_events)
         if as_json:
-            print(orjson.dumps(tree, option=orjson.OPT_INDENT_2).decode())
+            # Python's json, not orjson: orjson writes no integer beyond 64 bits (the trail shows them as
+            # recorded) and nothing nested past 254 levels (a cascade 100 events deep is 200 before its data).
+            print(json.dumps(tree, indent=2, ensure_ascii=False))
             return 0
         root = Tree(f"[bold]cascade {_markup_text(correlation_id)}[/bold] ({tree['events']} events)")
         for node in tree.get("roots") or []:

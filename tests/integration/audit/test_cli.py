@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
 from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
@@ -218,3 +219,34 @@ async def test_a_reader_that_stops_reading_ends_the_command_quietly(
 
     assert done.stderr.decode() == ""
     assert done.returncode == 141  # 128 + SIGPIPE, as a shell reports a command its reader left
+
+
+def undecodable(offset: int, value: bytes, event_id: str, cause: str | None = None) -> Delivery:
+    """A record of one cascade ("the-cascade") that is JSON but not an event of the platform."""
+    headers = [("ce_id", event_id.encode()), ("ce_correlationid", b"the-cascade")]
+    if cause is not None:
+        headers.append(("ce_causationid", cause.encode()))
+    return Delivery(
+        Record("mlops.models", 0, offset, b"churn", value, tuple(headers)), None, NotJson("not an event")
+    )
+
+
+async def test_trace_json_prints_integers_beyond_64_bits_and_deep_cascades(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # orjson writes neither an integer beyond 64 bits (which the trail shows exactly) nor JSON nested more
+    # than 254 levels (a cascade 100 events deep is 200 before its data): both were a traceback.
+    deep = b'{"a":' * 59 + b"[1]" + b"}" * 59
+    chain = [undecodable(0, b'{"n": 123456789012345678901234}', "e0")]
+    chain += [undecodable(i, deep if i == 99 else b"{}", f"e{i}", cause=f"e{i - 1}") for i in range(1, 100)]
+    await audit_env.record(chain)
+    capsys.readouterr()  # the writer's log
+
+    assert await cli("audit", "trace", "the-cascade", "--json") == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    node = json.loads(captured.out)["roots"][0]
+    assert node["data"] == {"n": 123456789012345678901234}
+    for _ in range(99):
+        node = node["children"][0]
+    assert node["data"] == json.loads(deep)
