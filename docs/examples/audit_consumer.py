@@ -14,8 +14,9 @@ only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the co
         --checkpoints .driftloop/audit/checkpoints.ndjson --kafka 127.0.0.1:19092
 
 Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, no
-known checkpoint lies beyond the end, and the rows reach the header's to_seq. Exit status 1: the first bad
-sequence number and why, or an input that could not be read (``error: ...``).
+known checkpoint lies beyond the end, and the rows reach the header's to_seq; the OK line says which rows a
+signed checkpoint vouches for (the others, only the chain, which anyone can recompute). Exit status 1: the
+first bad sequence number and why, or an input that could not be read (``error: ...``).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class Verifier:
         self.lines = 0
         self.rows = 0
         self.checkpoints = 0
+        self.vouched = 0  # the highest row a signed checkpoint that matches the chain vouches for
 
     def line(self, text: str | bytes) -> None:
         """One NDJSON line of the export: the header first and only there, then rows and checkpoints."""
@@ -257,6 +259,7 @@ class Verifier:
         if cp["head_hash"] != self.prev.hex():
             raise Broken(seq, f"the trail's hash at {seq} differs from the signed checkpoint: rewritten")
         self.checkpoints += 1
+        self.vouched = max(self.vouched, seq)
 
     def finish(self) -> None:
         """Checkpoints from elsewhere beyond the last row mean the export (or the trail) lost its tail; an
@@ -471,9 +474,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"OK: {verifier.rows} rows from sequence {verifier.from_seq} and {verifier.checkpoints} checkpoints "
-        f"verified; head {head}{trusted}"
+        f"verified; head {head}{trusted}{vouched_for(verifier)}"
     )
     return 0
+
+
+def vouched_for(verifier: Verifier) -> str:
+    """Which verified rows a signed checkpoint vouches for. The chain alone proves only that the rows hang
+    together: anyone can recompute it (the algorithm is public), so rows after the last checkpoint, or an
+    export stripped of its checkpoints, could have been rewritten; only a pinned key's signature says not."""
+    last = verifier.next_seq - 1
+    if verifier.rows == 0:
+        return ""
+    if verifier.vouched >= last:
+        return "; every row is vouched for by a signed checkpoint"
+    if verifier.vouched >= verifier.from_seq:
+        return (
+            f"; rows up to {verifier.vouched} are vouched for by a signed checkpoint, rows "
+            f"{verifier.vouched + 1}..{last} only by the chain"
+        )
+    return "; no row is vouched for by a signed checkpoint, only by the chain"
 
 
 if __name__ == "__main__":

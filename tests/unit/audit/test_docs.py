@@ -38,6 +38,7 @@ def test_the_documented_export_verifies_with_the_example_consumer(
     out = capsys.readouterr().out
     assert "io.driftloop.RollbackRequested.v1" in out
     assert "OK: 1 rows from sequence 1 and 1 checkpoints verified; head 317425123b43a726" in out
+    assert out.rstrip().endswith("; every row is vouched for by a signed checkpoint")
     assert "317425123b43a726cdfb1438ae5731110d9c91144568ae75b0618de2ac0a5ac2" in DOC.read_text()
 
 

@@ -347,3 +347,27 @@ async def test_terminal_controls_in_what_it_prints_show_as_escapes(
     assert verify(tmp_path, [header, row, forged]) == 1
     err = capsys.readouterr().err
     assert f"(key id k{visible})" in err and not re.search("[\x1b\x07\r\x9b\u202e]", err)
+
+
+@pytest.mark.parametrize(
+    ("polls", "every", "says"),
+    [
+        ([4], 2, "; every row is vouched for by a signed checkpoint"),
+        ([4, 1], 2, "; rows up to 4 are vouched for by a signed checkpoint, rows 5..5 only by the chain"),
+        ([3], 1000, "; no row is vouched for by a signed checkpoint, only by the chain"),
+    ],
+)
+async def test_ok_says_which_rows_a_signed_checkpoint_vouches_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], polls: list[int], every: int, says: str
+) -> None:
+    # The chain alone proves nothing anyone could not recompute: an export rewritten and stripped of its
+    # checkpoints on its way said "OK" in the same words as the genuine one, the pinned key unused.
+    trail, offset = FakeTrail(), 0
+    for size in polls:
+        events = [delivery(example(DriftDetected), offset=offset + i) for i in range(size)]
+        await record(trail, Signer(SEED), events, every=every)
+        offset += size
+    lines = [json.loads(line) async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+    capsys.readouterr()
+    assert verify(tmp_path, lines) == 0
+    assert says in capsys.readouterr().out
