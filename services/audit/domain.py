@@ -934,7 +934,35 @@ def _unreadable_view(row: StoredRow, why: str) -> dict[str, Any]:
     }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(meta: Any) -> None:
+    """ValueError saying how a record's meta differs from what the trail writes (:func:`record_meta`), in
+    the fields a view shows: a record replaced in the database by JSON of another shape."""
+    kafka, error = meta["kafka"], meta["error"]
+    expected = [
+        ("headers", isinstance(meta["headers"], dict)),
+        ("kind", isinstance(meta["kind"], str)),
+        ("recorded_at", isinstance(meta["recorded_at"], str)),
+        ("kafka", isinstance(kafka, dict)),
+        ("kafka.topic", isinstance(kafka["topic"], str)),
+        ("kafka.partition", _is_int(kafka["partition"])),
+        ("kafka.offset", _is_int(kafka["offset"])),
+        ("kafka.reuse", _is_int(kafka.get("reuse", 0))),
+        (
+            "error",
+            error is None or (isinstance(error, dict) and all(isinstance(v, str) for v in error.values())),
+        ),
+    ]
+    wrong = [name for name, good in expected if not good]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} of another type than the trail writes")
+
+
 def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> dict[str, Any]:
+    _check_meta(meta)
     headers: dict[str, Any] = meta["headers"]
     kafka = meta["kafka"]
     data: Any = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -88,3 +89,48 @@ async def test_a_trace_100_events_deep_shows_data_as_deep_as_an_event_may_show_i
     deepest, beyond = node["children"]
     assert deepest["data"] == json.loads(nested(DATA_MAX_DEPTH))
     assert beyond["data"] is None and beyond["value"] == nested(DATA_MAX_DEPTH + 1).decode()
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"error": {"reason": 1}},
+        {"error": "text"},
+        {"kafka": {"partition": "0"}},
+        {"kafka": {"offset": None, "reuse": "x"}},
+        {"kind": 7},
+        {"recorded_at": ["2025"]},
+        {"headers": ["ce_id"]},
+    ],
+    ids=[
+        "error-number",
+        "error-text",
+        "partition-text",
+        "offset-null",
+        "kind-number",
+        "time-list",
+        "headers",
+    ],
+)
+async def test_a_record_replaced_by_json_of_another_shape_is_shown_unreadable_not_a_500(
+    trail_db: TrailDb, client: httpx.AsyncClient, meta: dict[str, Any]
+) -> None:
+    # docs/audit.md: a row whose record was replaced in the database still shows, flagged unreadable; a
+    # record that is JSON with fields of other types made the response fail its schema instead.
+    await trail_db.fill(3)
+    stored = json.loads(
+        (await trail_db.pool.fetchval("SELECT record FROM trail WHERE seq = 2")).split(b"\n")[0]
+    )
+    changed = {**stored, **meta}
+    if "kafka" in meta:
+        changed["kafka"] = {**stored["kafka"], **meta["kafka"]}
+    record = json.dumps(changed, sort_keys=True).encode() + b"\n{}"
+    await trail_db.superuser("UPDATE trail SET record = $1 WHERE seq = 2", record)
+
+    for path in ("/v1/events", "/v1/events/2"):
+        r = await client.get(path)
+        assert r.status_code == 200, (path, r.text)
+        body = r.json()
+        row = body if path.endswith("/2") else body["events"][1]
+        assert row["seq"] == 2 and row["unreadable"].startswith("row 2 cannot be read: "), row
+        assert row["kind"] is None
