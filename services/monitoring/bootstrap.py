@@ -27,7 +27,15 @@ from services.monitoring import api, handlers
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.adapters.replay import READERS, Request, replay_predictions
-from services.monitoring.domain import CanaryPolicy, CanaryStep, ClosedWindow, DriftPolicy, canary_due
+from services.monitoring.domain import (
+    CanaryPolicy,
+    CanaryStep,
+    ClosedWindow,
+    DriftPolicy,
+    canary_due,
+    epoch,
+    from_epoch,
+)
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
 from services.monitoring.ports import ProfileUnavailable
@@ -125,6 +133,16 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
         monitor.live.pending_labels = await store.pending_labels()
+        # Labels joined within the label wait: predictions of their id and model consumed from now on (or
+        # replayed, and not joined before the stop) are joined with them too.
+        since = time.time() - monitor.label_wait_seconds
+        monitor.live.remember_joined(
+            (
+                ((pid, model), epoch(received) + monitor.label_wait_seconds)
+                for pid, model, received in await store.labels_joined_since(from_epoch(since))
+            ),
+            bound=monitor.live.cache.max_rows,
+        )
         replay_from = await store.replay_offsets(monitor.predictions_topic)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
@@ -247,9 +265,11 @@ class Background:
         live = self.monitor.live
         live.settle_begins()
         async with self.rt.begin() as tx:
+            tally = handlers.Tally()
             joined = await handlers.join_pending(
-                due, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                due, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish, tally=tally
             )
+            tx.after_commit(tally.count)
         # Only now that they are committed. A join not made (the label's transaction had not committed yet)
         # stays due while the label waits in memory.
         settled = live.labels_settled(joined)
@@ -282,9 +302,16 @@ class Background:
                 continue  # no transaction for a step still waiting for its samples and bake time
             try:
                 async with self.rt.begin() as tx:
+                    tally = handlers.Tally()
                     decided = await handlers.check_canary(
-                        step, now, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                        step,
+                        now,
+                        monitor=self.monitor,
+                        store=PgMonitoringStore(tx.conn),
+                        publish=tx.publish,
+                        tally=tally,
                     )
+                    tx.after_commit(tally.count)
             except Exception as exc:
                 if is_transient(exc):
                     raise
@@ -359,21 +386,39 @@ class Background:
 
 
 def _bind_batch(
-    handler: Callable[..., Awaitable[None]], monitor: Monitor
+    handler: Callable[..., Awaitable[None]], monitor: Monitor, *, tallied: bool = False
 ) -> Callable[[Sequence[Delivery], Transaction], Awaitable[None]]:
     async def run(deliveries: Sequence[Delivery], tx: Transaction) -> None:
-        await handler(deliveries, monitor=monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish)
+        deps: dict[str, Any] = {
+            "monitor": monitor,
+            "store": PgMonitoringStore(tx.conn),
+            "publish": tx.publish,
+        }
+        if tallied:
+            deps["tally"] = _tally_for(tx)
+        await handler(deliveries, **deps)
 
     return run
 
 
 def _bind(
-    handler: Callable[..., Awaitable[None]], monitor: Monitor
+    handler: Callable[..., Awaitable[None]], monitor: Monitor, *, tallied: bool = False
 ) -> Callable[[CloudEvent[Any], Transaction], Awaitable[None]]:
     async def run(event: CloudEvent[Any], tx: Transaction) -> None:
-        await handler(event, monitor=monitor, store=PgMonitoringStore(tx.conn))
+        deps: dict[str, Any] = {"monitor": monitor, "store": PgMonitoringStore(tx.conn)}
+        if tallied:
+            deps["tally"] = _tally_for(tx)
+        await handler(event, **deps)
 
     return run
+
+
+def _tally_for(tx: Transaction) -> handlers.Tally:
+    """A tally whose counts are made once ``tx`` commits, never for a run the bus rolls back and replays (a
+    refused event changed nothing: its counts are dropped with its transaction)."""
+    tally = handlers.Tally()
+    tx.after_commit(tally.count)
+    return tally
 
 
 def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscription]:
@@ -390,8 +435,8 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
             topics=[settings.models_topic, settings.rollouts_topic],
             handlers={
                 ModelVersionRegistered: _bind(handlers.on_model_version_registered, monitor),
-                RolloutStarted: _bind(handlers.on_rollout_started, monitor),
-                RolloutStepAdvanced: _bind(handlers.on_rollout_step_advanced, monitor),
+                RolloutStarted: _bind(handlers.on_rollout_started, monitor, tallied=True),
+                RolloutStepAdvanced: _bind(handlers.on_rollout_step_advanced, monitor, tallied=True),
                 RolloutPromoted: _bind(handlers.on_rollout_finished, monitor),
                 RolloutRolledBack: _bind(handlers.on_rollout_finished, monitor),
             },
@@ -410,7 +455,7 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
         Subscription(
             consumer=f"{group}-feedback",
             topics=[settings.feedback_topic],
-            batch_handler=_bind_batch(handlers.on_ground_truth_received, monitor),
+            batch_handler=_bind_batch(handlers.on_ground_truth_received, monitor, tallied=True),
             batch_types=frozenset({GroundTruthReceived}),
             **common,
         ),

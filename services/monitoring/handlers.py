@@ -122,12 +122,59 @@ PREDICTIONS_AHEAD = Counter(
     ["model"],
 )
 
+PREDICTIONS_PAST_LABEL_WAIT = Counter(
+    "driftloop_monitoring_predictions_past_label_wait_total",
+    "Predictions dated further back than label_wait_seconds when monitoring consumed them (a backlog caught "
+    "up, a serving replica's clock behind): in their drift windows as any, joined to the labels already "
+    "waiting for them, but not held for labels that come later (those expire as unmatched, as any label for "
+    "a prediction older than the label wait); logged as a warning once per model.",
+    ["model"],
+)
+
+ROLLOUT_STEPS_AHEAD = Counter(
+    "driftloop_monitoring_rollout_steps_ahead_of_clock_total",
+    "Rollout steps (RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled "
+    "them than max_clock_skew_seconds (a serving replica's clock ahead): watched as if they started that "
+    "far ahead, so that their time range takes the canary's traffic and their timeout passes; logged as a "
+    "warning.",
+    ["model"],
+)
+
 OUTSIDE_CLASSES_WARNING_EVERY_S = 60.0
 """At most one warning per model version this often about labels outside its classes (a whole feed of them
 would otherwise log a line per poll)."""
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 PREDICTIONS_TOPIC = PredictionsLogged.topic
+
+
+class Tally:
+    """The counts and memory changes one transaction's work makes, made once it commits (``count``, which
+    the caller passes to ``Transaction.after_commit``): the bus replays a poll whose group commit failed one
+    event per transaction, and a tick retries a step whose transaction failed, so the same work may run more
+    than once for one committed effect; counted as it ran, a label in a failed poll was counted once per
+    run."""
+
+    def __init__(self) -> None:
+        self._counts: list[tuple[Counter, tuple[str, ...], float]] = []
+        self._then: list[Callable[[], None]] = []
+
+    def add(self, counter: Counter, *labels: str, amount: float = 1.0) -> None:
+        """Count ``amount`` in ``counter`` once committed."""
+        self._counts.append((counter, labels, amount))
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once committed (memory that must follow only what Postgres holds)."""
+        self._then.append(callback)
+
+    def count(self) -> None:
+        """The transaction committed: make the counts and the changes (once: a second call does nothing)."""
+        counts, self._counts = self._counts, []
+        callbacks, self._then = self._then, []
+        for counter, labels, amount in counts:
+            counter.labels(*labels).inc(amount)
+        for callback in callbacks:
+            callback()
 
 
 @dataclass
@@ -156,6 +203,8 @@ class Monitor:
     """What the restart's replay of the predictions topic read and missed; None when none ran."""
     ahead_of_clock_warned: set[str] = field(default_factory=set)
     """Models whose predictions dated ahead of the clock were logged (once per model)."""
+    past_label_wait_warned: set[str] = field(default_factory=set)
+    """Models whose predictions dated further back than the label wait were logged (once per model)."""
     outside_classes_warned: dict[tuple[str, int], float] = field(default_factory=dict)
     """When labels outside a model version's classes were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
@@ -227,6 +276,8 @@ async def on_predictions_logged(
             versions=versions,
             hint="monitoring has no ModelVersionRegistered for it (yet)",
         )
+    # Counted as ingested, not at commit: the rows are in memory now, and a poll read again after its
+    # transaction failed is recognised by offset and not ingested (nor counted) again.
     for model, rows in sorted(result.ahead.items()):
         PREDICTIONS_AHEAD.labels(model).inc(rows)
         if model not in monitor.ahead_of_clock_warned:
@@ -240,6 +291,19 @@ async def on_predictions_logged(
                 hint="check the clocks of the serving replicas (NTP); "
                 "driftloop_monitoring_predictions_ahead_of_clock_total counts such rows",
             )
+    for model, rows in sorted(result.past.items()):
+        PREDICTIONS_PAST_LABEL_WAIT.labels(model).inc(rows)
+        if model not in monitor.past_label_wait_warned:
+            monitor.past_label_wait_warned.add(model)
+            log.warning(
+                "predictions dated further back than the label wait: joined to the labels waiting for them, "
+                "not held for later ones",
+                model=model,
+                rows=rows,
+                label_wait_seconds=live.cache.max_age_s,
+                hint="monitoring is catching up on a backlog, or a serving replica's clock is behind; "
+                "driftloop_monitoring_predictions_past_label_wait_total counts such rows",
+            )
     if result.pending_matches:
         live.joins_due.update(result.pending_matches)
         monitor.on_joins_due()
@@ -248,7 +312,7 @@ async def on_predictions_logged(
 
 
 async def join_pending(
-    due: list[tuple[str, str]], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    due: list[tuple[str, str]], *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
 ) -> list[tuple[str, str]]:
     """Join the waiting labels of these held predictions, as (prediction id, model); returns the labels
     joined, for the caller to take out of ``live.pending_labels`` once its transaction commits."""
@@ -264,23 +328,68 @@ async def join_pending(
         for label in pending
         for hit in hits[(label.prediction_id, label.model)]
     ]
-    await _store_labelled(rows, monitor=monitor, store=store, publish=publish)
-    return sorted((label.prediction_id, label.model) for label in pending)
+    joined = {
+        (label.prediction_id, label.model): (
+            {hit.version for hit in hits[(label.prediction_id, label.model)]},
+            _forget_at(label.received_at, monitor),
+        )
+        for label in pending
+    }
+    # A label joined before to some versions' predictions of the pair (at once, or from waiting) joins the
+    # versions consumed since (a shadow candidate's scoring, logged after the served row): from Postgres,
+    # where it is the pair's latest label, once per version (one it joined already is left as it is).
+    again = [pair for pair in hits if pair not in joined and pair in live.labels_joined]
+    for label in await store.joined_labels([pid for pid, _ in again], [model for _, model in again]):
+        pair = (label.prediction_id, label.model)
+        new = [hit for hit in hits[pair] if hit.version not in label.versions]
+        rows += [
+            _labelled(hit, label.label, label.observed_at, late=False, at=label.received_at) for hit in new
+        ]
+        joined[pair] = (label.versions | {hit.version for hit in new}, _forget_at(label.received_at, monitor))
+    await _store_labelled(rows, monitor=monitor, store=store, publish=publish, tally=tally)
+    _remember_joined(joined, monitor, tally)
+    # Settled: the waiting labels taken, and the joins from Postgres (but of a pair whose label is still
+    # waiting to be taken: its transaction had not committed).
+    settled = [pair for pair in again if pair not in live.pending_labels] + [
+        (label.prediction_id, label.model) for label in pending
+    ]
+    return sorted(set(settled))
+
+
+def _forget_at(received_at: datetime | None, monitor: Monitor) -> float:
+    """When memory forgets a joined label received then (None: now): ``label_wait_seconds`` later, as a
+    label waiting for its prediction is given up."""
+    received = monitor.clock() if received_at is None else epoch(received_at)
+    return received + monitor.label_wait_seconds
+
+
+def _remember_joined(
+    joined: dict[tuple[str, str], tuple[set[int], float]], monitor: Monitor, tally: Tally
+) -> None:
+    """Once committed, remember the labels joined, for predictions of their id and model still to come."""
+    if not joined:
+        return
+
+    def remember() -> None:
+        if monitor.live.labels_joined_now(joined):
+            monitor.on_joins_due()
+
+    tally.then(remember)
 
 
 async def _store_labelled(
-    rows: list[LabelledRecord], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    rows: list[LabelledRecord], *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
 ) -> None:
     """Store joined labels (a later, different label for a prediction joined before replaces its label),
     then score the versions' full performance windows."""
-    _mark_outside_classes(rows, monitor)
+    _mark_outside_classes(rows, monitor, tally)
     for _, model in await store.add_labelled(rows):
-        LABELS_CORRECTED.labels(model).inc()
+        tally.add(LABELS_CORRECTED, model)
     for model, version in sorted({(r.model, r.version) for r in rows}):
-        await check_performance(model, version, monitor=monitor, store=store, publish=publish)
+        await check_performance(model, version, monitor=monitor, store=store, publish=publish, tally=tally)
 
 
-def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor) -> None:
+def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor, tally: Tally) -> None:
     """Mark the labels that name none of their version's classes; count them and warn (rate-limited).
 
     They are joined all the same, and are wrong predictions: a label may name a class the model never
@@ -294,7 +403,7 @@ def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor) -> None:
                 found.setdefault((row.model, row.version), []).append(row)
     now = monitor.clock()
     for (model, version), outside in sorted(found.items()):
-        LABELS_OUTSIDE_CLASSES.labels(model, str(version)).inc(len(outside))
+        tally.add(LABELS_OUTSIDE_CLASSES, model, str(version), amount=len(outside))
         last = monitor.outside_classes_warned.get((model, version))
         if last is not None and now - last < OUTSIDE_CLASSES_WARNING_EVERY_S:
             continue
@@ -334,7 +443,12 @@ def _labelled(
 
 
 async def on_ground_truth_received(
-    deliveries: Sequence[Delivery], *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    deliveries: Sequence[Delivery],
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+    tally: Tally,
 ) -> None:
     """Join labels to their predictions by id; a label whose prediction is not known yet waits (bounded).
     The latest label for a prediction wins: it replaces the one waiting for the same prediction and model, or
@@ -372,7 +486,14 @@ async def on_ground_truth_received(
                 )
         if waiting:
             await store.add_pending(waiting)
-        await _store_labelled(list(joined.values()), monitor=monitor, store=store, publish=publish)
+        await _store_labelled(
+            list(joined.values()), monitor=monitor, store=store, publish=publish, tally=tally
+        )
+        joined_versions: dict[tuple[str, str], tuple[set[int], float]] = {}
+        for prediction_id, model, version in joined:
+            pair = (prediction_id, model)
+            joined_versions.setdefault(pair, (set(), _forget_at(None, monitor)))[0].add(version)
+        _remember_joined(joined_versions, monitor, tally)
     except BaseException:
         # The transaction fails with the handler: these labels are not in Postgres, and memory follows what
         # is committed. The bus retries the poll (one event at a time after a failure that is not an
@@ -406,7 +527,7 @@ def _check_label(g: GroundTruthReceived, version: int | None, live: LiveState) -
 
 
 async def check_performance(
-    model: str, version: int, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    model: str, version: int, *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
 ) -> None:
     """Score every full performance window of labelled rows against the validation baseline."""
     ref = monitor.live.references.get((model, version))
@@ -427,7 +548,7 @@ async def check_performance(
         seq = state.next_seq
         labelled = [LabelledRow(r.prediction, r.score, r.label, r.late) for r in rows]
         if skipped := unscorable(labelled, ref.task):
-            UNSCORABLE.labels(model).inc(skipped)
+            tally.add(UNSCORABLE, model, amount=skipped)
             log.warning(
                 "labelled rows that are no numbers left out of a performance window",
                 model=model,
@@ -441,7 +562,7 @@ async def check_performance(
             # Nothing a PerformanceDegraded could carry, and judging it would fail every label join after
             # it (they all score this window first): scored, unjudged, the streak left as it was.
             state.last_metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-            PERFORMANCE_UNMEASURABLE.labels(model).inc()
+            tally.add(PERFORMANCE_UNMEASURABLE, model)
             log.warning(
                 "performance window not measurable: scored without a verdict",
                 model=model,
@@ -752,7 +873,7 @@ def window_report(
 
 
 async def on_rollout_started(
-    event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore
+    event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> None:
     """Watch the rollout's current step."""
     p = event.data
@@ -773,7 +894,7 @@ async def on_rollout_started(
         model=p.model,
         stable_version=p.stable_version,
         canary_version=p.canary_version,
-        started_at=epoch(event.time),
+        started_at=_step_start(event, p.step_index, monitor=monitor, tally=tally),
         min_samples=p.min_samples,
         bake_seconds=p.bake_seconds,
         cause_id=event.id,
@@ -786,7 +907,7 @@ async def on_rollout_started(
 
 
 async def on_rollout_step_advanced(
-    event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore
+    event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> None:
     """Watch the new step, with the rollout's sample and bake requirements."""
     p = event.data
@@ -801,7 +922,7 @@ async def on_rollout_step_advanced(
         model=p.model,
         stable_version=p.stable_version,
         canary_version=p.canary_version,
-        started_at=epoch(event.time),
+        started_at=_step_start(event, p.step_index, monitor=monitor, tally=tally),
         min_samples=previous.min_samples,
         bake_seconds=previous.bake_seconds,
         cause_id=event.id,
@@ -811,6 +932,37 @@ async def on_rollout_step_advanced(
     )
     await store.save_step(step)
     monitor.live.watch(canary_step(step))
+
+
+def _step_start(
+    event: CloudEvent[RolloutStarted] | CloudEvent[RolloutStepAdvanced],
+    step_index: int,
+    *,
+    monitor: Monitor,
+    tally: Tally,
+) -> float:
+    """When a step started: its event's time (serving's clock), but never further ahead of when monitoring
+    handled it than ``max_clock_skew_seconds``, as a prediction is held for its label. Dated years ahead, its
+    time range (from its start on) took none of the canary's traffic and its timeout never came: the rollout
+    waited for ever for its one verdict."""
+    started, now = epoch(event.time), monitor.clock()
+    latest = now + monitor.live.cache.max_ahead_s
+    if started <= latest:
+        return started
+    tally.add(ROLLOUT_STEPS_AHEAD, event.data.model)
+    log.warning(
+        "rollout step dated ahead of monitoring's clock: watched as if it started "
+        "max_clock_skew_seconds ahead",
+        rollout_id=event.data.rollout_id,
+        model=event.data.model,
+        step=step_index,
+        event_time=event.time.isoformat(),
+        monitoring_time=from_epoch(now).isoformat(),
+        max_clock_skew_seconds=monitor.live.cache.max_ahead_s,
+        hint="check the clocks of the serving replicas (NTP); "
+        "driftloop_monitoring_rollout_steps_ahead_of_clock_total counts such steps",
+    )
+    return latest
 
 
 async def on_rollout_finished(
@@ -837,7 +989,7 @@ def canary_step(step: StoredStep) -> CanaryStep:
 
 
 async def check_canary(
-    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
 ) -> bool:
     """Give a watched step its one verdict once due (samples and bake time), or inconclusive at timeout.
 
@@ -849,7 +1001,7 @@ async def check_canary(
     meta = await _watched(step, store)
     if meta is None:
         return False
-    decision = await _decide(step, now, monitor=monitor, store=store)
+    decision = await _decide(step, now, monitor=monitor, store=store, tally=tally)
     if decision is None:
         return False
     await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish)
@@ -928,7 +1080,7 @@ async def _give_verdict(
 
 
 async def _decide(
-    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore
+    step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> CanaryDecision | None:
     policy = monitor.canary
     timed_out = now - step.started_at >= policy.timeout_seconds
@@ -974,7 +1126,7 @@ async def _decide(
             return None  # give them the grace period before judging without them
     edges = ref.prediction.edges if ref.prediction is not None else None
     if labelled.unscorable:  # counted once, with the verdict, not on every tick that waits for labels
-        UNSCORABLE.labels(step.model).inc(labelled.unscorable)
+        tally.add(UNSCORABLE, step.model, amount=labelled.unscorable)
         log.warning(
             "labelled rows that are no numbers left out of a canary comparison",
             rollout_id=step.rollout_id,
@@ -1052,7 +1204,8 @@ async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) 
     live = monitor.live
     if live.close_idle(now):
         monitor.on_windows_closed()
-    live.cache.evict(now)
+    live.cache.evict(now, joins_due=live.joins_due)
+    live.forget_joined(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
     await store.save_replay_offsets(monitor.predictions_topic, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -123,16 +124,31 @@ class PredictionCache:
             window_seq=part.window_seq,
         )
 
+    def versions(self, model: str, prediction_id: str) -> set[int]:
+        """The versions of ``model`` whose prediction with this id is held."""
+        return {version for version, index in self._index.get(model, {}).items() if prediction_id in index}
+
     def holds(self, model: str, prediction_id: str) -> bool:
         """Whether a prediction of ``model`` with this id is held (of any version)."""
         return any(prediction_id in index for index in self._index.get(model, {}).values())
 
-    def evict(self, now: float) -> int:
-        """Drop parts older than the label wait, and the oldest beyond the row bound; returns rows dropped."""
+    def evict(self, now: float, *, joins_due: AbstractSet[tuple[str, str]] = frozenset()) -> int:
+        """Drop parts older than the label wait, and the oldest beyond the row bound; returns rows dropped.
+
+        A part holding a prediction whose waiting label is still to be joined (``joins_due``: (prediction
+        id, model)) stays, and the parts behind it (they leave in order), until that join is made or given
+        up (the row bound still applies): a prediction consumed already older than the label wait left at the
+        next tick, and the join of a label whose transaction was still open as it came was lost with it."""
         dropped = 0
         while self._parts and (self._parts[0].newest_at < now - self.max_age_s or self.rows > self.max_rows):
+            b = self._parts[0].batch
+            if (
+                self.rows <= self.max_rows
+                and joins_due
+                and any((pid, b.model) in joins_due for pid in b.prediction_ids)
+            ):
+                break
             part = self._parts.popleft()
-            b = part.batch
             versions = self._index.get(b.model, {})
             index = versions.get(b.version, {})
             for pid in b.prediction_ids:
@@ -169,9 +185,12 @@ class IngestResult:
     unknown: Counter[ModelKey] = field(default_factory=Counter)
     newly_unknown: list[ModelKey] = field(default_factory=list)
     pending_matches: list[tuple[str, str]] = field(default_factory=list)
+    """(prediction id, model) of the held predictions a label waits for (or was joined to lately)."""
     ahead: Counter[str] = field(default_factory=Counter)
     """Rows per model dated further ahead of their arrival than the cache allows (``max_ahead_s``)."""
-    """(prediction id, model) of the held predictions a label waits for."""
+    past: Counter[str] = field(default_factory=Counter)
+    """Rows per model dated further back than the label wait (``max_age_s``) when they came: held only for
+    the labels waiting for them."""
 
 
 @dataclass
@@ -215,6 +234,11 @@ class LiveState:
         # transaction took or expired the earlier label, as a new row: that pair still waits in Postgres,
         # and stays in memory.
         self._stored_meanwhile: set[tuple[str, str]] | None = None
+        # Labels joined lately (committed in ``labelled``), as (prediction id, model): when memory forgets
+        # them, on monitoring's clock, oldest first. A prediction of such a pair consumed after its label was
+        # joined (a shadow candidate's scoring of the served row, logged after it, or consumed later from a
+        # backlog) is joined with that label too, from Postgres, by the background.
+        self.labels_joined: dict[tuple[str, str], float] = {}
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -265,12 +289,16 @@ class LiveState:
             latest = arrival + self.cache.max_ahead_s
             if not replaying and (ahead := int((batch.predicted_at > latest).sum())):
                 result.ahead[batch.model] += ahead
+            if not replaying and (past := int((batch.predicted_at < arrival - self.cache.max_age_s).sum())):
+                result.past[batch.model] += past
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)
-            if self.pending_labels:
-                pending, model = self.pending_labels, batch.model
+            if self.pending_labels or self.labels_joined:
+                pending, joined, model = self.pending_labels, self.labels_joined, batch.model
                 result.pending_matches.extend(
-                    (pid, model) for pid in batch.prediction_ids if (pid, model) in pending
+                    (pid, model)
+                    for pid in batch.prediction_ids
+                    if (pid, model) in pending or (pid, model) in joined
                 )
         return result
 
@@ -377,9 +405,44 @@ class LiveState:
         self.joins_due = {
             pair
             for pair in self.joins_due
-            if pair in self.pending_labels and self.cache.holds(pair[1], pair[0])
+            if (pair in self.pending_labels or pair in self.labels_joined)
+            and self.cache.holds(pair[1], pair[0])
         }
         return sorted(pair for pair in self.joins_due if pair not in self.labels_storing)
+
+    def labels_joined_now(self, joined: dict[tuple[str, str], tuple[set[int], float]]) -> bool:
+        """These labels, per (prediction id, model) the versions whose predictions they joined and when memory
+        may forget them, are committed: remember them for the predictions of their pair still to come. A
+        version held now that they did not join (consumed while their transaction ran) is due for a join.
+        Returns whether any join is due."""
+        order = sorted(joined.items(), key=lambda item: item[1][1])
+        self.remember_joined(((pair, until) for pair, (_, until) in order), bound=self.cache.max_rows)
+        due = False
+        for (prediction_id, model), (versions, _) in joined.items():
+            if self.cache.versions(model, prediction_id) - versions:
+                self.joins_due.add((prediction_id, model))
+                due = True
+        return due
+
+    def remember_joined(self, pairs: Iterable[tuple[tuple[str, str], float]], *, bound: int) -> None:
+        """Remember joined labels' pairs until their time (in the order given, which is the order they are
+        forgotten in), at most ``bound`` of them: the oldest go first."""
+        joined = self.labels_joined
+        for pair, until in pairs:
+            joined.pop(pair, None)
+            joined[pair] = until
+        while len(joined) > bound:
+            del joined[next(iter(joined))]
+
+    def forget_joined(self, now: float) -> None:
+        """Forget the joined labels whose time is up: a prediction of their pair consumed from now on is not
+        joined with them (it is older than the label wait, as a label that comes for it is)."""
+        joined = self.labels_joined
+        while joined:
+            pair, until = next(iter(joined.items()))
+            if until >= now:
+                return
+            del joined[pair]
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

@@ -68,6 +68,18 @@ class PendingLabel:
 
 
 @dataclass
+class JoinedLabel:
+    """The latest label joined to predictions of an id and model, and the versions whose rows it joined."""
+
+    prediction_id: str
+    model: str
+    label: Any
+    observed_at: datetime
+    received_at: datetime
+    versions: set[int]
+
+
+@dataclass
 class PerformanceState:
     """A model version's next performance window number, last alert time per metric, and how many
     windows in a row were degraded."""
@@ -186,6 +198,16 @@ class MonitoringStore(Protocol):
         prediction joined before replaces the stored label when it differs and was received later (a
         correction; the row keeps its performance window, if scored, and its ``late``); returns the
         (prediction id, model) pairs so corrected, each once however many versions' rows it corrected."""
+        ...
+
+    async def joined_labels(self, prediction_ids: list[str], models: list[str]) -> list[JoinedLabel]:
+        """The latest label joined to predictions of each (id, model) given (``models`` in the same order),
+        with the versions whose rows have it; nothing for a pair never joined."""
+        ...
+
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
+        """(prediction id, model, when its latest label was received) of the labels joined since a time,
+        oldest first."""
         ...
 
     async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:

@@ -112,7 +112,10 @@ class MonitoringSettings(ServiceSettings):
         ge=0,
         description="A prediction dated further ahead of when monitoring consumed it (a serving replica's "
         "clock ahead) is kept for its label as if dated this far ahead, and counted "
-        "(driftloop_monitoring_predictions_ahead_of_clock_total); its date is kept as sent.",
+        "(driftloop_monitoring_predictions_ahead_of_clock_total); its date is kept as sent. A rollout step "
+        "(RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled it starts this "
+        "far ahead (its time range and timeout), and is counted "
+        "(driftloop_monitoring_rollout_steps_ahead_of_clock_total).",
     )
     performance_window_labels: int = Field(
         500,

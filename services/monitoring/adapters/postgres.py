@@ -12,6 +12,7 @@ from contracts.common import NUL_STAND_IN, ArtifactRef, ModelSignature
 from libs.logging import get_logger
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.ports import (
+    JoinedLabel,
     LabelledRecord,
     PendingLabel,
     PerformanceState,
@@ -246,6 +247,39 @@ class PgMonitoringStore:
         )
         # One label corrects the rows of every version it joined (a stable prediction and its shadow's).
         return list(dict.fromkeys((r["prediction_id"], r["model"]) for r in stored if not r["inserted"]))
+
+    async def joined_labels(self, prediction_ids: list[str], models: list[str]) -> list[JoinedLabel]:
+        if not prediction_ids:
+            return []
+        rows = await self.conn.fetch(
+            """SELECT DISTINCT ON (l.prediction_id, l.model) l.prediction_id, l.model, l.label,
+                   l.observed_at, l.received_at,
+                   array_agg(l.version) OVER (PARTITION BY l.prediction_id, l.model) AS versions
+               FROM labelled l JOIN unnest($1::text[], $2::text[]) AS due(prediction_id, model)
+                   ON l.prediction_id = due.prediction_id AND l.model = due.model
+               ORDER BY l.prediction_id, l.model, l.received_at DESC""",
+            prediction_ids,
+            models,
+        )
+        return [
+            JoinedLabel(
+                r["prediction_id"],
+                r["model"],
+                r["label"],
+                r["observed_at"],
+                r["received_at"],
+                set(r["versions"]),
+            )
+            for r in rows
+        ]
+
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
+        rows = await self.conn.fetch(
+            """SELECT prediction_id, model, max(received_at) AS at FROM labelled WHERE received_at >= $1
+               GROUP BY prediction_id, model ORDER BY at""",
+            received_since,
+        )
+        return [(r["prediction_id"], r["model"], r["at"]) for r in rows]
 
     async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:
         if not prediction_ids:

@@ -49,7 +49,12 @@ from libs.profiles import build_profile
 from libs.settings import KafkaSettings
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
-from services.monitoring.handlers import judge_closed_window, on_rollout_started, on_rollout_step_advanced
+from services.monitoring.handlers import (
+    Tally,
+    judge_closed_window,
+    on_rollout_started,
+    on_rollout_step_advanced,
+)
 from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
@@ -862,6 +867,31 @@ async def _labelled(h: Harness, model: str, n: int) -> bool:
     return bool(rows[0]["n"] >= n)
 
 
+async def test_the_latest_label_joined_to_an_id_is_found_with_the_versions_it_joined(
+    pool: asyncpg.Pool,
+) -> None:
+    # What the background joins a shadow prediction consumed after its label with, and what a restart loads.
+    at = datetime.now(UTC)
+    pid = unique("p-joined")
+
+    def joined(version: int, label: Any, received: datetime) -> LabelledRecord:
+        return LabelledRecord(
+            pid, "churn", version, "stable", None, at, 1, 0.7, label, at, False, {}, received_at=received
+        )
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.joined_labels([pid], ["churn"]) == []
+        await store.add_labelled([joined(1, 0, at), joined(3, 0, at)])
+        await store.add_labelled([joined(1, 1, at + timedelta(seconds=1))])  # a correction of one row
+        [latest] = await store.joined_labels([pid, pid], ["churn", "fraud"])
+        assert (latest.prediction_id, latest.model, latest.label) == (pid, "churn", 1)
+        assert latest.received_at == at + timedelta(seconds=1) and latest.versions == {1, 3}
+        mine = [r for r in await store.labels_joined_since(at - timedelta(seconds=1)) if r[0] == pid]
+        assert mine == [(pid, "churn", at + timedelta(seconds=1))]
+        assert [r for r in await store.labels_joined_since(at + timedelta(seconds=2)) if r[0] == pid] == []
+
+
 async def _consumed(h: Harness, model: str, rows: dict[str, int]) -> bool:
     """Each version's predictions were consumed: its open window holds that many rows (none closed: fewer
     than a window's 400)."""
@@ -1064,12 +1094,18 @@ async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: as
     assert (started.step_index, advanced.step_index) == (0, 1)
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        await on_rollout_started(new_event(started, source="/serving"), monitor=monitor, store=store)
+        await on_rollout_started(
+            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
         await store.decide_step("r-again", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
-        await on_rollout_step_advanced(new_event(advanced, source="/serving"), monitor=monitor, store=store)
+        await on_rollout_step_advanced(
+            new_event(advanced, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        await on_rollout_started(new_event(started, source="/serving"), monitor=monitor, store=store)
+        await on_rollout_started(
+            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
 
     async with pool.acquire() as conn:
         watched = await PgMonitoringStore(conn).watched_steps()

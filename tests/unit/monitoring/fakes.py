@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 
 class NoPolicies:
-    """The MonitoringStore calls a housekeeping tick or a restore makes about policies and registered models,
-    answered as by a store that has none: the part of a fake store no test here is about."""
+    """The MonitoringStore calls a housekeeping tick or a restore makes about policies, registered models and
+    labels joined lately, answered as by a store that has none: the part of a fake store no test here is
+    about."""
 
     async def policies_fingerprint(self) -> str:
         return ""
@@ -16,4 +18,7 @@ class NoPolicies:
         return {}
 
     async def models(self) -> list[Any]:
+        return []
+
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
         return []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent, new_event
 from contracts.monitoring import CanaryVerdict, Verdict
@@ -29,6 +30,7 @@ from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.domain import CanaryStep, canary_due, from_epoch
 from services.monitoring.handlers import (
     Monitor,
+    Tally,
     canary_step,
     check_canary,
     on_rollout_started,
@@ -105,10 +107,15 @@ class Runtime:
         async def publish(event: CloudEvent[Any]) -> None:
             pending.append(event)
 
-        yield type("Tx", (), {"conn": None, "publish": staticmethod(publish)})()
+        committed: list[Callable[[], None]] = []
+        yield type(
+            "Tx", (), {"conn": None, "publish": staticmethod(publish), "after_commit": committed.append}
+        )()
         if self.commit_fails:
             raise ConnectionError("connection was closed in the middle of operation")
         self.published += pending
+        for callback in committed:
+            callback()
 
 
 def monitor_watching(step: StoredStep) -> Monitor:
@@ -126,7 +133,14 @@ async def test_check_canary_leaves_the_decided_step_to_the_caller() -> None:
 
     # No canary traffic at all, past the timeout: the step is decided inconclusive.
     live = monitor.live.steps["r-1"]
-    decided = await check_canary(live, TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    decided = await check_canary(
+        live,
+        TIMEOUT_S + 1,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
 
     [event] = published
     assert isinstance(event.data, CanaryVerdict) and event.data.verdict is Verdict.INCONCLUSIVE
@@ -183,9 +197,9 @@ async def test_a_canary_version_without_a_profile_is_inconclusive_at_the_timeout
         published.append(event)
 
     live = monitor.live.steps["r-1"]
-    assert not await check_canary(live, 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    assert not await check_canary(live, 60.0, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     assert published == []
-    await check_canary(live, TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(live, TIMEOUT_S + 1, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     [event] = published
     assert event.data.verdict is Verdict.INCONCLUSIVE
     assert event.data.reason == "timed out: no reference profile for version 2 of churn"
@@ -349,7 +363,16 @@ async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_labe
     async def publish(event: CloudEvent[Any]) -> None:
         published.append(event)
 
-    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    tally = Tally()
+    await check_canary(
+        monitor.live.steps["r-1"],
+        60.0,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=tally,
+    )
+    tally.count()  # its transaction committed
     [event] = published
     mae = next(c for c in event.data.evidence if c.name == "mae")
     assert (mae.stable_value, mae.canary_value) == (pytest.approx(0.42), pytest.approx(0.52))
@@ -373,7 +396,14 @@ async def test_a_canary_whose_labels_come_as_numbers_with_no_fraction_is_judged_
     async def publish(event: CloudEvent[Any]) -> None:
         published.append(event)
 
-    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(
+        monitor.live.steps["r-1"],
+        60.0,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
     [event] = published
     accuracy = next(c for c in event.data.evidence if c.name == "accuracy")
     assert (accuracy.stable_value, accuracy.canary_value, accuracy.passed) == (1.0, 1.0, True)
@@ -572,10 +602,17 @@ async def test_a_step_waits_for_labels_that_come_later_than_its_bake_time(labels
         published.append(event)
 
     live = monitor.live.steps["r-1"]
-    await check_canary(live, 3.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(live, 3.0, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     assert len(published) == (0 if labels_lately else 1)
 
-    await check_canary(live, step.bake_seconds + grace + 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(
+        live,
+        step.bake_seconds + grace + 1,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
     [event] = published  # past the grace period, judged without them
     accuracy = next(c for c in event.data.evidence if c.name == "accuracy")
     assert accuracy.passed is None and "needs 100 labelled rows" in accuracy.detail
@@ -583,6 +620,27 @@ async def test_a_step_waits_for_labels_that_come_later_than_its_bake_time(labels
 
 # --- the bake time on monitoring's clock --------------------------------------------------------------------
 
+STARTED = RolloutStarted(
+    rollout_id="r-1",
+    model="churn",
+    stable_version=1,
+    canary_version=2,
+    steps=[0.1, 0.5, 1.0],
+    weight=0.1,
+    min_samples=100,
+    bake_seconds=2.0,
+)
+ADVANCED = RolloutStepAdvanced(
+    rollout_id="r-1",
+    model="churn",
+    stable_version=1,
+    canary_version=2,
+    step_index=1,
+    previous_weight=0.1,
+    weight=0.5,
+    samples_seen=100,
+    step_seconds=2.0,
+)
 SERVING_START = 1_000_000.0  # when serving started the step, on serving's clock
 LATENCY_S = 0.5  # how long the step's event took to reach monitoring
 
@@ -604,35 +662,14 @@ async def step_announced_at(
 ) -> tuple[CanaryStep, float]:
     """Serving starts rollout r-1 (bake 2 s), on its step 1 when ``advanced``, at ``at`` on its clock;
     monitoring handles the event LATENCY_S later. Returns the watched step and when monitoring handled it."""
-    started = RolloutStarted(
-        rollout_id="r-1",
-        model="churn",
-        stable_version=1,
-        canary_version=2,
-        steps=[0.1, 0.5, 1.0],
-        weight=0.1,
-        min_samples=100,
-        bake_seconds=2.0,
-    )
-    event = new_event(started, source="/test/serving")
+    event = new_event(STARTED, source="/test/serving")
     if advanced:
-        await on_rollout_started(event, monitor=monitor, store=store)  # type: ignore[arg-type]
-        step = RolloutStepAdvanced(
-            rollout_id="r-1",
-            model="churn",
-            stable_version=1,
-            canary_version=2,
-            step_index=1,
-            previous_weight=0.1,
-            weight=0.5,
-            samples_seen=100,
-            step_seconds=2.0,
-        )
-        later = new_event(step, source="/test/serving").model_copy(update={"time": from_epoch(at)})
-        await on_rollout_step_advanced(later, monitor=monitor, store=store)  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        later = new_event(ADVANCED, source="/test/serving").model_copy(update={"time": from_epoch(at)})
+        await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
     else:
         event = event.model_copy(update={"time": from_epoch(at)})
-        await on_rollout_started(event, monitor=monitor, store=store)  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
     watched_step = monitor.live.steps["r-1"]
     assert watched_step.step_index == (1 if advanced else 0)
     watched_step.canary.rows = 500
@@ -661,11 +698,11 @@ async def test_a_step_is_judged_no_earlier_than_its_bake_time_has_passed_on_serv
         published.append(event)
 
     assert not canary_due(step, baked - 0.1, monitor.canary)
-    await check_canary(step, baked - 0.1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(step, baked - 0.1, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     assert published == []
 
     assert canary_due(step, baked, monitor.canary)
-    await check_canary(step, baked, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(step, baked, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     [verdict] = published
     # On serving's clock the verdict comes once the bake time passed there: serving takes it.
     assert baked - ahead_s >= SERVING_START + step.bake_seconds
@@ -690,9 +727,9 @@ async def test_the_wait_for_labels_runs_from_when_monitoring_learned_of_the_step
         published.append(event)
 
     waited = learned + step.bake_seconds + grace
-    await check_canary(step, waited - 0.1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(step, waited - 0.1, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     assert published == []
-    await check_canary(step, waited, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(step, waited, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
     assert len(published) == 1
 
 
@@ -737,3 +774,75 @@ async def test_a_restart_bakes_a_step_from_when_monitoring_learned_of_it_or_from
     assert steps["r-older"].learned_at is None
     assert not canary_due(steps["r-older"], SERVING_START + 2.0 - 0.1, policy)
     assert canary_due(steps["r-older"], SERVING_START + 2.0, policy)  # from its start, as before
+
+
+def steps_ahead_counted(model: str) -> float:
+    sample = "driftloop_monitoring_rollout_steps_ahead_of_clock_total"
+    return REGISTRY.get_sample_value(sample, {"model": model}) or 0.0
+
+
+@pytest.mark.parametrize("advanced", [False, True], ids=["started", "advanced"])
+async def test_a_step_dated_years_ahead_is_watched_from_the_skew_allowed_and_times_out(
+    advanced: bool,
+) -> None:
+    # A serving replica's clock years ahead: the step's time range (from its start on) took none of the
+    # canary's traffic and its timeout never came, so the rollout waited for ever for its verdict. As a
+    # prediction is held for its label, it starts at most max_clock_skew_seconds ahead of when monitoring
+    # handled it; counted, and logged naming both times.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    monitor.clock = lambda: SERVING_START
+    skew = monitor.live.cache.max_ahead_s
+    store, published, tally = Steps([]), [], Tally()
+    ahead = from_epoch(SERVING_START + 10 * 365 * 86_400)
+    before = steps_ahead_counted("churn")
+
+    with capture_logs() as logs:
+        first = new_event(STARTED, source="/test/serving")
+        first = first.model_copy(update={"time": from_epoch(SERVING_START) if advanced else ahead})
+        await on_rollout_started(first, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        if advanced:
+            later = new_event(ADVANCED, source="/test/serving").model_copy(update={"time": ahead})
+            await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    assert steps_ahead_counted("churn") == before  # counted once the transaction commits
+    tally.count()
+
+    step = monitor.live.steps["r-1"]
+    assert step.step_index == (1 if advanced else 0)
+    assert step.started_at == SERVING_START + skew
+    assert steps_ahead_counted("churn") == before + 1
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event_time"] == ahead.isoformat()
+    assert warning["monitoring_time"] == from_epoch(SERVING_START).isoformat()
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    # No canary traffic: inconclusive at the timeout, counted from the start monitoring allowed.
+    timeout = SERVING_START + skew + TIMEOUT_S
+    assert not await check_canary(
+        step,
+        timeout - 1,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=tally,
+    )
+    assert await check_canary(step, timeout, monitor=monitor, store=store, publish=publish, tally=tally)  # type: ignore[arg-type]
+    [verdict] = published
+    assert verdict.data.verdict is Verdict.INCONCLUSIVE and verdict.data.reason.startswith("timed out")
+    assert verdict.data.window.start == from_epoch(SERVING_START + skew)
+
+
+async def test_a_step_dated_within_the_skew_allowed_keeps_its_start() -> None:
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.clock = lambda: SERVING_START
+    store, tally, before = Steps([]), Tally(), steps_ahead_counted("churn")
+    at = from_epoch(SERVING_START + monitor.live.cache.max_ahead_s)  # as far ahead as allowed
+    event = new_event(STARTED, source="/test/serving").model_copy(update={"time": at})
+
+    await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    tally.count()
+
+    assert monitor.live.steps["r-1"].started_at == at.timestamp()
+    assert steps_ahead_counted("churn") == before

@@ -22,7 +22,7 @@ from libs.artifacts import ArtifactStore
 from services.monitoring import bootstrap
 from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.bootstrap import Background, make_monitor
-from services.monitoring.handlers import Monitor, check_canary, check_performance
+from services.monitoring.handlers import Monitor, Tally, check_canary, check_performance
 from services.monitoring.ports import LabelledRecord, PerformanceState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import Store, monitor_watching, watched
@@ -120,7 +120,14 @@ async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_i
     async def publish(event: Any) -> None:
         published.append(event)
 
-    await check_canary(monitor.live.steps["r-1"], 60.0, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_canary(
+        monitor.live.steps["r-1"],
+        60.0,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
 
     [event] = published
     assert event.data.verdict is Verdict.UNHEALTHY
@@ -147,7 +154,7 @@ async def test_a_performance_alert_on_labels_mostly_outside_the_classes_says_so(
         published.append(event)
 
     with capture_logs() as logs:
-        await check_performance("churn", 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+        await check_performance("churn", 1, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
 
     [event] = published
     assert event.data.metric == "accuracy" and event.data.labels_outside_classes == 8
@@ -177,7 +184,7 @@ async def test_a_performance_alert_on_labels_of_the_classes_says_nothing_of_them
     async def publish(event: Any) -> None:
         published.append(event)
 
-    await check_performance("churn", 1, monitor=monitor, store=store, publish=publish)  # type: ignore[arg-type]
+    await check_performance("churn", 1, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
 
     [event] = published
     assert event.data.labels_outside_classes == 4

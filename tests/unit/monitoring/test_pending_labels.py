@@ -29,8 +29,9 @@ from libs.bus import Delivery, InMemoryBus, Record
 from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor, subscriptions
-from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
+from services.monitoring.handlers import Monitor, Tally, on_ground_truth_received, on_predictions_logged
 from services.monitoring.ports import (
+    JoinedLabel,
     LabelledRecord,
     MonitoringStore,
     PendingLabel,
@@ -95,6 +96,10 @@ class Tx(NoPolicies):
         self.labelled: dict[Join, LabelledRecord] = {}
         self.windows: list[tuple[int, list[Join]]] = []
         self.performance: dict[Version, PerformanceState] = {}
+        self.on_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.on_commit.append(callback)
 
     def _waiting(self) -> dict[Pair, PendingLabel]:
         rows = {pair: row.label for pair, row in self.tables.pending.items()}
@@ -142,6 +147,25 @@ class Tx(NoPolicies):
                 )
                 corrected.append((row.prediction_id, row.model))
         return list(dict.fromkeys(corrected))
+
+    async def joined_labels(self, ids: list[str], models: list[str]) -> list[JoinedLabel]:
+        rows = {**self.tables.labelled, **self.labelled}
+        out = []
+        for pair in dict.fromkeys(zip(ids, models, strict=True)):
+            mine = [row for (pid, model, _), row in rows.items() if (pid, model) == pair]
+            if mine:
+                latest = max(mine, key=lambda r: r.received_at)  # type: ignore[arg-type, return-value]
+                versions = {r.version for r in mine}
+                out.append(JoinedLabel(*pair, latest.label, latest.observed_at, latest.received_at, versions))  # type: ignore[arg-type]
+        return out
+
+    async def labels_joined_since(self, since: datetime) -> list[tuple[str, str, datetime]]:
+        latest: dict[Pair, datetime] = {}
+        for (pid, model, _), row in self.tables.labelled.items():
+            assert row.received_at is not None
+            if row.received_at >= since:
+                latest[(pid, model)] = max(latest.get((pid, model), row.received_at), row.received_at)
+        return sorted(((*pair, at) for pair, at in latest.items()), key=lambda r: r[2])
 
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         scored = set(self.tables.scored).union(*(ids for _, ids in self.windows))
@@ -192,6 +216,9 @@ class Tx(NoPolicies):
             t.scored.update(dict.fromkeys(ids, seq))
         t.windows.extend(self.windows)
         t.performance.update(self.performance)
+        callbacks, self.on_commit = self.on_commit, []
+        for callback in callbacks:
+            callback()
 
 
 class Runtime:
@@ -210,7 +237,9 @@ class Runtime:
         async def publish(event: CloudEvent[Any]) -> None:
             pass
 
-        yield type("Tx", (), {"conn": tx, "publish": staticmethod(publish)})()
+        yield type(
+            "Tx", (), {"conn": tx, "publish": staticmethod(publish), "after_commit": tx.after_commit}
+        )()
         if self.commit_fails:
             raise ConnectionError("connection was closed in the middle of operation")
         tx.commit()
@@ -237,6 +266,13 @@ async def nothing(event: CloudEvent[Any]) -> None:
     pass
 
 
+def tally_of(tx: Tx) -> Tally:
+    """A tally whose counts are made when ``tx`` commits, as the service's transactions make them."""
+    tally = Tally()
+    tx.after_commit(tally.count)
+    return tally
+
+
 def delivery(event: CloudEvent[Any], offset: int) -> Delivery:
     return Delivery(Record(event.data.topic, 0, offset, None, b"", ()), event)
 
@@ -253,6 +289,7 @@ async def receive_label(
         monitor=monitor,
         store=cast(MonitoringStore, tx),
         publish=nothing,
+        tally=tally_of(tx),
     )
 
 

@@ -6,11 +6,14 @@ place, and the stable version got no labels for the rows its candidate shadowed.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
@@ -19,7 +22,7 @@ from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import Monitor, on_ground_truth_received, on_predictions_logged
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
-from services.monitoring.ports import MonitoringStore
+from services.monitoring.ports import MonitoringStore, ReplayReport
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference
 from tests.unit.monitoring.test_pending_labels import (
@@ -29,6 +32,8 @@ from tests.unit.monitoring.test_pending_labels import (
     corrections,
     delivery,
     nothing,
+    receive_label,
+    tally_of,
 )
 
 STABLE, CANDIDATE = 1, 2
@@ -81,6 +86,7 @@ async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, label
         monitor=monitor,
         store=cast(MonitoringStore, tx),
         publish=nothing,
+        tally=tally_of(tx),
     )
     tx.commit()
 
@@ -169,3 +175,119 @@ async def test_each_versions_performance_windows_count_the_label(monitor: Monito
         (1, [("r-1-0", "churn", STABLE), ("r-1-1", "churn", STABLE), ("r-1-2", "churn", STABLE)]),
         (1, [("r-1-0", "churn", CANDIDATE), ("r-1-1", "churn", CANDIDATE), ("r-1-2", "churn", CANDIDATE)]),
     ]
+
+
+def outside_classes_counted(version: int) -> float:
+    sample = "driftloop_monitoring_labels_outside_classes_total"
+    return REGISTRY.get_sample_value(sample, {"model": "churn", "version": str(version)}) or 0.0
+
+
+async def test_a_label_joined_before_the_shadow_prediction_was_consumed_joins_it_at_the_next_tick(
+    monitor: Monitor,
+) -> None:
+    # Monitoring catching up on a backlog: the label is consumed after the stable prediction and before the
+    # candidate's shadow scoring of it. It joined the stable one at once; the shadow's got none.
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1)}
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+    assert monitor.live.joins_due == set()  # made once: the next tick has nothing to join
+
+
+async def test_a_waiting_label_joined_to_the_stable_prediction_joins_the_shadow_consumed_after(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    background = Background(Runtime(tables), monitor, tick_s=1.0)  # type: ignore[arg-type]
+    await send_label(monitor, tables, "r-1-0", 1)  # before either prediction: it waits
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await background.once()
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1)} and tables.waiting() == set()
+
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)
+    await background.once()
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+    assert tables.waiting() == set() and tables.unmatched == Counter()
+
+
+async def test_the_shadow_joins_the_latest_label_of_its_id_once_and_counts_it_once(monitor: Monitor) -> None:
+    tables = Tables()
+    background = Background(Runtime(tables), monitor, tick_s=1.0)  # type: ignore[arg-type]
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    await send_label(monitor, tables, "r-1-0", "yes")  # a correction, to a label naming no class
+    stable, candidate = outside_classes_counted(STABLE), outside_classes_counted(CANDIDATE)
+    before = corrections("churn")
+
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)
+    await background.once()
+    monitor.live.joins_due.add(("r-1-0", "churn"))  # due again (a replay of the shadow's poll)
+    await background.once()
+
+    assert joined(tables) == {
+        ("r-1-0", STABLE): ("stable", 1, "yes"),
+        ("r-1-0", CANDIDATE): ("shadow", 0, "yes"),
+    }
+    # The candidate's row counted once; the stable one's not again; no correction.
+    assert outside_classes_counted(CANDIDATE) == candidate + 1
+    assert outside_classes_counted(STABLE) == stable
+    assert corrections("churn") == before
+
+
+async def test_a_shadow_consumed_while_its_labels_transaction_is_open_is_joined_once_it_commits(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    label_tx = tables.begin()
+    await receive_label(monitor, label_tx, "r-1-0")  # joined at once, not committed yet
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)  # meanwhile
+    label_tx.commit()
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+
+
+async def test_after_a_restart_a_label_joined_before_it_joins_the_shadow_prediction(
+    monitor: Monitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop came after the label joined the stable prediction and before the shadow's was joined: memory
+    # is rebuilt from Postgres (the labels joined within the label wait) and the predictions topic.
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    restarted = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
+    restarted.live.add_reference(reference())
+    restarted.live.add_reference(replace(reference(), version=CANDIDATE))
+
+    async def replay(*_: Any, feed: Callable[[Any], Any], **__: Any) -> ReplayReport:
+        feed([(served("r-1", STABLE, "stable", prediction=1).data, 0, 0)])
+        feed([(served("r-1", CANDIDATE, "shadow", prediction=0).data, 0, 1)])
+        return ReplayReport(records=2)
+
+    monkeypatch.setattr(bootstrap, "replay_predictions", replay)
+    rt = Runtime(tables)
+    await bootstrap.restore(rt, restarted)  # type: ignore[arg-type]
+    await Background(rt, restarted, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
+
+
+async def test_a_joined_label_is_forgotten_after_the_label_wait(monitor: Monitor) -> None:
+    # A prediction of its id consumed more than label_wait_seconds after the label came is not joined with
+    # it, as a label that comes that long after its prediction is not.
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    assert ("r-1-0", "churn") in monitor.live.labels_joined
+
+    monitor.live.forget_joined(monitor.clock() + monitor.label_wait_seconds + 1)
+
+    assert monitor.live.labels_joined == {}
