@@ -1472,7 +1472,14 @@ def canary_ready(step: CanaryStep, now: float) -> Literal["wait", "judge", "time
 
 def canary_due(step: CanaryStep, now: float, policy: CanaryPolicy) -> bool:
     """Whether the step may get its verdict now: its samples and bake time are in, or it timed out."""
-    return canary_ready(step, now) == "judge" or now - step.started_at >= policy.timeout_seconds
+    return canary_ready(step, now) == "judge" or canary_timed_out(step, now, policy)
+
+
+def canary_timed_out(step: CanaryStep, now: float, policy: CanaryPolicy) -> bool:
+    """Whether the canary is still short of ``min_samples`` ``timeout_seconds`` after the step's start. One
+    that has them waits for its bake time, however long serving's is: timed out while baking, a step was
+    rolled back as short of predictions it had."""
+    return step.canary.rows < step.min_samples and now - step.started_at >= policy.timeout_seconds
 
 
 def _p95(values: np.ndarray) -> float | None:

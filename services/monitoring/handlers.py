@@ -47,6 +47,7 @@ from services.monitoring.domain import (
     WindowJudgement,
     absolute_errors,
     canary_ready,
+    canary_timed_out,
     cut_evidence,
     debounce,
     degradations,
@@ -1085,7 +1086,7 @@ async def _decide(
     policy = monitor.canary
     timed_out = now - step.started_at >= policy.timeout_seconds
     if canary_ready(step, now) != "judge":
-        if timed_out:
+        if canary_timed_out(step, now, policy):
             return CanaryDecision(
                 Verdict.INCONCLUSIVE,
                 [

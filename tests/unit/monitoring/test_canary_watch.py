@@ -618,6 +618,38 @@ async def test_a_step_waits_for_labels_that_come_later_than_its_bake_time(labels
     assert accuracy.passed is None and "needs 100 labelled rows" in accuracy.detail
 
 
+async def test_a_step_with_its_samples_and_a_bake_longer_than_the_timeout_is_judged_once_baked() -> None:
+    # Serving's bake time (rollout_bake_seconds) longer than monitoring's canary_timeout_seconds: the step had
+    # its samples but not its bake at the timeout, and was given "inconclusive: timed out: canary had 500 of
+    # 100 predictions" (rolled back) every time. The timeout is for a canary short of samples.
+    step = dataclasses.replace(watched(started_at=0.0), bake_seconds=TIMEOUT_S + 300)
+    monitor, published, store = monitor_watching(step), [], Unlabelled([step])
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    live = monitor.live.steps["r-1"]
+    live.canary.rows = 500
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    past_timeout = TIMEOUT_S + 1
+    assert not canary_due(live, past_timeout, monitor.canary)
+    assert not await check_canary(
+        live, past_timeout, monitor=monitor, store=store, publish=publish, tally=Tally()
+    )  # type: ignore[arg-type]
+    assert published == []
+
+    baked = step.bake_seconds
+    assert canary_due(live, baked, monitor.canary)
+    assert await check_canary(live, baked, monitor=monitor, store=store, publish=publish, tally=Tally())  # type: ignore[arg-type]
+    [event] = published
+    assert not event.data.reason.startswith("timed out")
+
+    short = dataclasses.replace(watched(started_at=0.0), bake_seconds=TIMEOUT_S + 300)
+    monitor = monitor_watching(short)  # 10 of its 100 samples: it times out, its bake time or not
+    monitor.live.steps["r-1"].canary.rows = 10
+    assert canary_due(monitor.live.steps["r-1"], past_timeout, monitor.canary)
+
+
 # --- the bake time on monitoring's clock --------------------------------------------------------------------
 
 STARTED = RolloutStarted(
