@@ -239,6 +239,9 @@ class LiveState:
         # joined (a shadow candidate's scoring of the served row, logged after it, or consumed later from a
         # backlog) is joined with that label too, from Postgres, by the background.
         self.labels_joined: dict[tuple[str, str], float] = {}
+        # Their prediction ids per model: the predictions consumer looks for them in a set operation per
+        # batch, not a Python loop per row (almost every batch has some label joined lately).
+        self._joined_ids: dict[str, set[str]] = {}
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -293,12 +296,15 @@ class LiveState:
                 result.past[batch.model] += past
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
             self._to_steps(batch)
-            if self.pending_labels or self.labels_joined:
-                pending, joined, model = self.pending_labels, self.labels_joined, batch.model
+            if self.pending_labels:
+                pending, model = self.pending_labels, batch.model
                 result.pending_matches.extend(
-                    (pid, model)
-                    for pid in batch.prediction_ids
-                    if (pid, model) in pending or (pid, model) in joined
+                    (pid, model) for pid in batch.prediction_ids if (pid, model) in pending
+                )
+            if joined_ids := self._joined_ids.get(batch.model):
+                model = batch.model
+                result.pending_matches.extend(
+                    (pid, model) for pid in joined_ids.intersection(batch.prediction_ids)
                 )
         return result
 
@@ -431,8 +437,9 @@ class LiveState:
         for pair, until in pairs:
             joined.pop(pair, None)
             joined[pair] = until
+            self._joined_ids.setdefault(pair[1], set()).add(pair[0])
         while len(joined) > bound:
-            del joined[next(iter(joined))]
+            self._forget(next(iter(joined)))
 
     def forget_joined(self, now: float) -> None:
         """Forget the joined labels whose time is up: a prediction of their pair consumed from now on is not
@@ -442,7 +449,15 @@ class LiveState:
             pair, until = next(iter(joined.items()))
             if until >= now:
                 return
-            del joined[pair]
+            self._forget(pair)
+
+    def _forget(self, pair: tuple[str, str]) -> None:
+        del self.labels_joined[pair]
+        prediction_id, model = pair
+        ids = self._joined_ids[model]
+        ids.discard(prediction_id)
+        if not ids:
+            del self._joined_ids[model]
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

@@ -633,9 +633,15 @@ async def test_a_step_with_its_samples_and_a_bake_longer_than_the_timeout_is_jud
 
     past_timeout = TIMEOUT_S + 1
     assert not canary_due(live, past_timeout, monitor.canary)
-    assert not await check_canary(
-        live, past_timeout, monitor=monitor, store=store, publish=publish, tally=Tally()
-    )  # type: ignore[arg-type]
+    decided = await check_canary(
+        live,
+        past_timeout,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
+    assert not decided
     assert published == []
 
     baked = step.bake_seconds

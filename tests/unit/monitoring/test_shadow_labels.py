@@ -291,3 +291,17 @@ async def test_a_joined_label_is_forgotten_after_the_label_wait(monitor: Monitor
     monitor.live.forget_joined(monitor.clock() + monitor.label_wait_seconds + 1)
 
     assert monitor.live.labels_joined == {}
+
+
+def test_joined_labels_remembered_are_bounded_the_oldest_forgotten_first() -> None:
+    state = LiveState(WindowSettings(), PredictionCache(max_age_s=1e9, max_rows=10**6))
+    state.add_reference(replace(reference(), version=CANDIDATE))
+    state.remember_joined(
+        [(("r-1-0", "churn"), 10.0), (("r-1-1", "churn"), 20.0), (("r-1-2", "churn"), 30.0)], bound=2
+    )
+
+    result = state.ingest([(served("r-1", CANDIDATE, "shadow", prediction=0).data, 0, 0)], arrival=0.0)
+
+    assert sorted(result.pending_matches) == [("r-1-1", "churn"), ("r-1-2", "churn")]
+    state.forget_joined(now=25.0)
+    assert list(state.labels_joined) == [("r-1-2", "churn")]
