@@ -27,7 +27,7 @@ from contracts.monitoring import (
     PerformanceDegraded,
     Verdict,
 )
-from contracts.predictions import PredictionColumns, PredictionsLogged
+from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
@@ -338,11 +338,18 @@ async def join_pending(
     }
     # A label joined before to some versions' predictions of the pair (at once, or from waiting) joins the
     # versions consumed since (a shadow candidate's scoring, logged after the served row): from Postgres,
-    # where it is the pair's latest label, once per version (one it joined already is left as it is).
+    # where it is the pair's latest label, once per version (one it joined already is left as it is). Only
+    # a served row and its shadow share an id across versions: another version's prediction with the id is
+    # a client reusing it for another request, which that label is not the truth of.
     again = [pair for pair in hits if pair not in joined and pair in live.labels_joined]
     for label in await store.joined_labels([pid for pid, _ in again], [model for _, model in again]):
         pair = (label.prediction_id, label.model)
-        new = [hit for hit in hits[pair] if hit.version not in label.versions]
+        shadowed = SHADOW in label.variants
+        new = [
+            hit
+            for hit in hits[pair]
+            if hit.version not in label.versions and (shadowed or hit.variant == SHADOW)
+        ]
         rows += [
             _labelled(hit, label.label, label.observed_at, late=False, at=label.received_at) for hit in new
         ]
@@ -355,6 +362,10 @@ async def join_pending(
         (label.prediction_id, label.model) for label in pending
     ]
     return sorted(set(settled))
+
+
+SHADOW = Variant.SHADOW.value
+"""The variant of a shadow candidate's scoring of a served row (under the served prediction's id)."""
 
 
 def _forget_at(received_at: datetime | None, monitor: Monitor) -> float:

@@ -69,7 +69,8 @@ class PendingLabel:
 
 @dataclass
 class JoinedLabel:
-    """The latest label joined to predictions of an id and model, and the versions whose rows it joined."""
+    """The latest label joined to predictions of an id and model, and the versions (and their variants) whose
+    rows it joined."""
 
     prediction_id: str
     model: str
@@ -77,6 +78,7 @@ class JoinedLabel:
     observed_at: datetime
     received_at: datetime
     versions: set[int]
+    variants: set[str]
 
 
 @dataclass

@@ -254,7 +254,8 @@ class PgMonitoringStore:
         rows = await self.conn.fetch(
             """SELECT DISTINCT ON (l.prediction_id, l.model) l.prediction_id, l.model, l.label,
                    l.observed_at, l.received_at,
-                   array_agg(l.version) OVER (PARTITION BY l.prediction_id, l.model) AS versions
+                   array_agg(l.version) OVER (PARTITION BY l.prediction_id, l.model) AS versions,
+                   array_agg(l.variant) OVER (PARTITION BY l.prediction_id, l.model) AS variants
                FROM labelled l JOIN unnest($1::text[], $2::text[]) AS due(prediction_id, model)
                    ON l.prediction_id = due.prediction_id AND l.model = due.model
                ORDER BY l.prediction_id, l.model, l.received_at DESC""",
@@ -269,6 +270,7 @@ class PgMonitoringStore:
                 r["observed_at"],
                 r["received_at"],
                 set(r["versions"]),
+                set(r["variants"]),
             )
             for r in rows
         ]

@@ -155,8 +155,10 @@ class Tx(NoPolicies):
             mine = [row for (pid, model, _), row in rows.items() if (pid, model) == pair]
             if mine:
                 latest = max(mine, key=lambda r: r.received_at)  # type: ignore[arg-type, return-value]
-                versions = {r.version for r in mine}
-                out.append(JoinedLabel(*pair, latest.label, latest.observed_at, latest.received_at, versions))  # type: ignore[arg-type]
+                versions, variants = {r.version for r in mine}, {r.variant for r in mine}
+                assert latest.received_at is not None  # set as stored
+                received = latest.received_at
+                out.append(JoinedLabel(*pair, latest.label, latest.observed_at, received, versions, variants))
         return out
 
     async def labels_joined_since(self, since: datetime) -> list[tuple[str, str, datetime]]:

@@ -305,3 +305,32 @@ def test_joined_labels_remembered_are_bounded_the_oldest_forgotten_first() -> No
     assert sorted(result.pending_matches) == [("r-1-1", "churn"), ("r-1-2", "churn")]
     state.forget_joined(now=25.0)
     assert list(state.labels_joined) == [("r-1-2", "churn")]
+
+
+async def test_another_versions_served_prediction_reusing_a_labelled_id_is_not_joined_with_its_label(
+    monitor: Monitor,
+) -> None:
+    # Only a served row and its shadow share an id across versions. A client reusing the id for another
+    # request answered by another version (the candidate promoted meanwhile) asks of another truth.
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    await consume(monitor, tables, served("r-1", CANDIDATE, "stable", prediction=0), 1)
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1)}
+    assert monitor.live.joins_due == set()
+
+
+async def test_a_label_joined_to_the_shadow_first_joins_the_served_prediction_consumed_after(
+    monitor: Monitor,
+) -> None:
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 1)
+
+    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
