@@ -138,8 +138,8 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         since = time.time() - monitor.label_wait_seconds
         monitor.live.remember_joined(
             (
-                ((pid, model), epoch(received) + monitor.label_wait_seconds)
-                for pid, model, received in await store.labels_joined_since(from_epoch(since))
+                ((pid, model), epoch(received) + monitor.label_wait_seconds, shadowed)
+                for pid, model, received, shadowed in await store.labels_joined_since(from_epoch(since))
             ),
             bound=monitor.live.cache.max_rows,
         )

@@ -27,7 +27,7 @@ from contracts.monitoring import (
     PerformanceDegraded,
     Verdict,
 )
-from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
+from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
@@ -70,7 +70,7 @@ from services.monitoring.domain import (
     shown_value,
     unscorable,
 )
-from services.monitoring.live import LiveState
+from services.monitoring.live import SHADOW, LabelJoined, LiveState
 from services.monitoring.ports import (
     Artifacts,
     LabelledRecord,
@@ -330,8 +330,9 @@ async def join_pending(
         for hit in hits[(label.prediction_id, label.model)]
     ]
     joined = {
-        (label.prediction_id, label.model): (
+        (label.prediction_id, label.model): LabelJoined(
             {hit.version for hit in hits[(label.prediction_id, label.model)]},
+            any(hit.variant == SHADOW for hit in hits[(label.prediction_id, label.model)]),
             _forget_at(label.received_at, monitor),
         )
         for label in pending
@@ -353,7 +354,11 @@ async def join_pending(
         rows += [
             _labelled(hit, label.label, label.observed_at, late=False, at=label.received_at) for hit in new
         ]
-        joined[pair] = (label.versions | {hit.version for hit in new}, _forget_at(label.received_at, monitor))
+        joined[pair] = LabelJoined(
+            label.versions | {hit.version for hit in new},
+            shadowed or bool(new),
+            _forget_at(label.received_at, monitor),
+        )
     await _store_labelled(rows, monitor=monitor, store=store, publish=publish, tally=tally)
     _remember_joined(joined, monitor, tally)
     # Settled: the waiting labels taken, and the joins from Postgres (but of a pair whose label is still
@@ -364,10 +369,6 @@ async def join_pending(
     return sorted(set(settled))
 
 
-SHADOW = Variant.SHADOW.value
-"""The variant of a shadow candidate's scoring of a served row (under the served prediction's id)."""
-
-
 def _forget_at(received_at: datetime | None, monitor: Monitor) -> float:
     """When memory forgets a joined label received then (None: now): ``label_wait_seconds`` later, as a
     label waiting for its prediction is given up."""
@@ -375,9 +376,7 @@ def _forget_at(received_at: datetime | None, monitor: Monitor) -> float:
     return received + monitor.label_wait_seconds
 
 
-def _remember_joined(
-    joined: dict[tuple[str, str], tuple[set[int], float]], monitor: Monitor, tally: Tally
-) -> None:
+def _remember_joined(joined: dict[tuple[str, str], LabelJoined], monitor: Monitor, tally: Tally) -> None:
     """Once committed, remember the labels joined, for predictions of their id and model still to come."""
     if not joined:
         return
@@ -501,11 +500,13 @@ async def on_ground_truth_received(
         await _store_labelled(
             list(joined.values()), monitor=monitor, store=store, publish=publish, tally=tally
         )
-        joined_versions: dict[tuple[str, str], tuple[set[int], float]] = {}
-        for prediction_id, model, version in joined:
+        joins: dict[tuple[str, str], LabelJoined] = {}
+        for (prediction_id, model, version), row in joined.items():
             pair = (prediction_id, model)
-            joined_versions.setdefault(pair, (set(), _forget_at(None, monitor)))[0].add(version)
-        _remember_joined(joined_versions, monitor, tally)
+            join = joins.setdefault(pair, LabelJoined(set(), False, _forget_at(None, monitor)))
+            join.versions.add(version)
+            join.shadowed = join.shadowed or row.variant == SHADOW
+        _remember_joined(joins, monitor, tally)
     except BaseException:
         # The transaction fails with the handler: these labels are not in Postgres, and memory follows what
         # is committed. The bus retries the poll (one event at a time after a failure that is not an

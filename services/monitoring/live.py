@@ -29,6 +29,8 @@ from services.monitoring.domain import (
 )
 
 ModelKey = tuple[str, int]
+SHADOW = Variant.SHADOW.value
+"""The variant of a shadow candidate's scoring of a served row (under the served prediction's id)."""
 # payload, partition, offset; the payload as columns (monitoring's reader) or as full validation gave it
 Request = tuple[PredictionColumns | PredictionsLogged, int, int]
 
@@ -124,10 +126,6 @@ class PredictionCache:
             window_seq=part.window_seq,
         )
 
-    def versions(self, model: str, prediction_id: str) -> set[int]:
-        """The versions of ``model`` whose prediction with this id is held."""
-        return {version for version, index in self._index.get(model, {}).items() if prediction_id in index}
-
     def holds(self, model: str, prediction_id: str) -> bool:
         """Whether a prediction of ``model`` with this id is held (of any version)."""
         return any(prediction_id in index for index in self._index.get(model, {}).values())
@@ -194,6 +192,16 @@ class IngestResult:
 
 
 @dataclass
+class LabelJoined:
+    """A label's joins, as committed: the versions whose predictions of its id and model it joined, whether
+    one of them was a shadow candidate's scoring, and when memory forgets it (monitoring's clock)."""
+
+    versions: set[int]
+    shadowed: bool
+    until: float
+
+
+@dataclass
 class WindowSettings:
     """Window sizes (from the settings)."""
 
@@ -240,8 +248,11 @@ class LiveState:
         # backlog) is joined with that label too, from Postgres, by the background.
         self.labels_joined: dict[tuple[str, str], float] = {}
         # Their prediction ids per model: the predictions consumer looks for them in a set operation per
-        # batch, not a Python loop per row (almost every batch has some label joined lately).
+        # batch, not a Python loop per row (almost every batch has some label joined lately). Only a served
+        # row and its shadow share an id across versions: a shadow's batch looks for every one of them,
+        # another batch only for those of labels that joined a shadow's prediction.
         self._joined_ids: dict[str, set[str]] = {}
+        self._shadowed_ids: dict[str, set[str]] = {}
 
     # -- models and windows -------------------------------------------------------------------------
 
@@ -301,8 +312,9 @@ class LiveState:
                 result.pending_matches.extend(
                     (pid, model) for pid in batch.prediction_ids if (pid, model) in pending
                 )
-            if joined_ids := self._joined_ids.get(batch.model):
-                model = batch.model
+            model = batch.model
+            joined_ids = (self._joined_ids if SHADOW in batch.variant else self._shadowed_ids).get(model)
+            if joined_ids:
                 result.pending_matches.extend(
                     (pid, model) for pid in joined_ids.intersection(batch.prediction_ids)
                 )
@@ -416,28 +428,35 @@ class LiveState:
         }
         return sorted(pair for pair in self.joins_due if pair not in self.labels_storing)
 
-    def labels_joined_now(self, joined: dict[tuple[str, str], tuple[set[int], float]]) -> bool:
-        """These labels, per (prediction id, model) the versions whose predictions they joined and when memory
-        may forget them, are committed: remember them for the predictions of their pair still to come. A
-        version held now that they did not join (consumed while their transaction ran) is due for a join.
-        Returns whether any join is due."""
-        order = sorted(joined.items(), key=lambda item: item[1][1])
-        self.remember_joined(((pair, until) for pair, (_, until) in order), bound=self.cache.max_rows)
+    def labels_joined_now(self, joined: dict[tuple[str, str], LabelJoined]) -> bool:
+        """These labels' joins, per (prediction id, model), are committed: remember them for the predictions
+        of their pair still to come. A version held now that they did not join (consumed while their
+        transaction ran), where a shadow is on either side, is due for a join. Returns whether any is."""
+        order = sorted(joined.items(), key=lambda item: item[1].until)
+        self.remember_joined(((pair, j.until, j.shadowed) for pair, j in order), bound=self.cache.max_rows)
         due = False
-        for (prediction_id, model), (versions, _) in joined.items():
-            if self.cache.versions(model, prediction_id) - versions:
+        for (prediction_id, model), j in joined.items():
+            if any(
+                hit.version not in j.versions and (j.shadowed or hit.variant == SHADOW)
+                for hit in self.cache.predictions(model, prediction_id)
+            ):
                 self.joins_due.add((prediction_id, model))
                 due = True
         return due
 
-    def remember_joined(self, pairs: Iterable[tuple[tuple[str, str], float]], *, bound: int) -> None:
-        """Remember joined labels' pairs until their time (in the order given, which is the order they are
-        forgotten in), at most ``bound`` of them: the oldest go first."""
+    def remember_joined(self, pairs: Iterable[tuple[tuple[str, str], float, bool]], *, bound: int) -> None:
+        """Remember joined labels' pairs until their time, and whether they joined a shadow's prediction (in
+        the order given, which is the order they are forgotten in), at most ``bound`` of them: the oldest go
+        first."""
         joined = self.labels_joined
-        for pair, until in pairs:
-            joined.pop(pair, None)
+        for pair, until, shadowed in pairs:
+            prediction_id, model = pair
+            if pair in joined:
+                self._forget(pair)
             joined[pair] = until
-            self._joined_ids.setdefault(pair[1], set()).add(pair[0])
+            self._joined_ids.setdefault(model, set()).add(prediction_id)
+            if shadowed:
+                self._shadowed_ids.setdefault(model, set()).add(prediction_id)
         while len(joined) > bound:
             self._forget(next(iter(joined)))
 
@@ -454,10 +473,12 @@ class LiveState:
     def _forget(self, pair: tuple[str, str]) -> None:
         del self.labels_joined[pair]
         prediction_id, model = pair
-        ids = self._joined_ids[model]
-        ids.discard(prediction_id)
-        if not ids:
-            del self._joined_ids[model]
+        for index in (self._joined_ids, self._shadowed_ids):
+            ids = index.get(model)
+            if ids is not None:
+                ids.discard(prediction_id)
+                if not ids:
+                    del index[model]
 
     # -- rollouts ---------------------------------------------------------------------------------------
 

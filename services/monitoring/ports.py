@@ -207,9 +207,9 @@ class MonitoringStore(Protocol):
         with the versions whose rows have it; nothing for a pair never joined."""
         ...
 
-    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
-        """(prediction id, model, when its latest label was received) of the labels joined since a time,
-        oldest first."""
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
+        """(prediction id, model, when its latest label was received, whether it joined a shadow candidate's
+        prediction) of the labels joined since a time, oldest first."""
         ...
 
     async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:

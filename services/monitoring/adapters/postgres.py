@@ -275,13 +275,13 @@ class PgMonitoringStore:
             for r in rows
         ]
 
-    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
         rows = await self.conn.fetch(
-            """SELECT prediction_id, model, max(received_at) AS at FROM labelled WHERE received_at >= $1
-               GROUP BY prediction_id, model ORDER BY at""",
+            """SELECT prediction_id, model, max(received_at) AS at, bool_or(variant = 'shadow') AS shadowed
+               FROM labelled WHERE received_at >= $1 GROUP BY prediction_id, model ORDER BY at""",
             received_since,
         )
-        return [(r["prediction_id"], r["model"], r["at"]) for r in rows]
+        return [(r["prediction_id"], r["model"], r["at"], r["shadowed"]) for r in rows]
 
     async def labelled_for(self, model: str, version: int, prediction_ids: list[str]) -> dict[str, Any]:
         if not prediction_ids:

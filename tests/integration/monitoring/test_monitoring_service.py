@@ -889,7 +889,7 @@ async def test_the_latest_label_joined_to_an_id_is_found_with_the_versions_it_jo
         assert latest.received_at == at + timedelta(seconds=1) and latest.versions == {1, 3}
         assert latest.variants == {"stable"}
         mine = [r for r in await store.labels_joined_since(at - timedelta(seconds=1)) if r[0] == pid]
-        assert mine == [(pid, "churn", at + timedelta(seconds=1))]
+        assert mine == [(pid, "churn", at + timedelta(seconds=1), False)]
         assert [r for r in await store.labels_joined_since(at + timedelta(seconds=2)) if r[0] == pid] == []
 
 

@@ -20,5 +20,5 @@ class NoPolicies:
     async def models(self) -> list[Any]:
         return []
 
-    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime]]:
+    async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
         return []

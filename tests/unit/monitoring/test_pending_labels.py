@@ -161,13 +161,14 @@ class Tx(NoPolicies):
                 out.append(JoinedLabel(*pair, latest.label, latest.observed_at, received, versions, variants))
         return out
 
-    async def labels_joined_since(self, since: datetime) -> list[tuple[str, str, datetime]]:
-        latest: dict[Pair, datetime] = {}
+    async def labels_joined_since(self, since: datetime) -> list[tuple[str, str, datetime, bool]]:
+        latest: dict[Pair, tuple[datetime, bool]] = {}
         for (pid, model, _), row in self.tables.labelled.items():
             assert row.received_at is not None
             if row.received_at >= since:
-                latest[(pid, model)] = max(latest.get((pid, model), row.received_at), row.received_at)
-        return sorted(((*pair, at) for pair, at in latest.items()), key=lambda r: r[2])
+                at, shadowed = latest.get((pid, model), (row.received_at, False))
+                latest[(pid, model)] = (max(at, row.received_at), shadowed or row.variant == "shadow")
+        return sorted(((*pair, *joined) for pair, joined in latest.items()), key=lambda r: r[2])
 
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         scored = set(self.tables.scored).union(*(ids for _, ids in self.windows))

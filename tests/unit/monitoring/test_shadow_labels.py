@@ -297,7 +297,12 @@ def test_joined_labels_remembered_are_bounded_the_oldest_forgotten_first() -> No
     state = LiveState(WindowSettings(), PredictionCache(max_age_s=1e9, max_rows=10**6))
     state.add_reference(replace(reference(), version=CANDIDATE))
     state.remember_joined(
-        [(("r-1-0", "churn"), 10.0), (("r-1-1", "churn"), 20.0), (("r-1-2", "churn"), 30.0)], bound=2
+        [
+            (("r-1-0", "churn"), 10.0, False),
+            (("r-1-1", "churn"), 20.0, False),
+            (("r-1-2", "churn"), 30.0, False),
+        ],
+        bound=2,
     )
 
     result = state.ingest([(served("r-1", CANDIDATE, "shadow", prediction=0).data, 0, 0)], arrival=0.0)
@@ -305,6 +310,19 @@ def test_joined_labels_remembered_are_bounded_the_oldest_forgotten_first() -> No
     assert sorted(result.pending_matches) == [("r-1-1", "churn"), ("r-1-2", "churn")]
     state.forget_joined(now=25.0)
     assert list(state.labels_joined) == [("r-1-2", "churn")]
+
+
+def test_a_served_batch_looks_only_for_the_labels_that_joined_a_shadows_prediction() -> None:
+    # Only a served row and its shadow share an id across versions: a served batch with the id of a label
+    # that joined only served rows (a client reusing ids, or a replay after a restart) has no join to make,
+    # and asks nothing of Postgres.
+    state = LiveState(WindowSettings(), PredictionCache(max_age_s=1e9, max_rows=10**6))
+    state.add_reference(reference())
+    state.remember_joined([(("r-1-0", "churn"), 10.0, False), (("r-1-1", "churn"), 10.0, True)], bound=10)
+
+    result = state.ingest([(served("r-1", STABLE, "stable", prediction=1).data, 0, 0)], arrival=0.0)
+
+    assert result.pending_matches == [("r-1-1", "churn")]
 
 
 async def test_another_versions_served_prediction_reusing_a_labelled_id_is_not_joined_with_its_label(
