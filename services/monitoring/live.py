@@ -451,7 +451,8 @@ class LiveState:
         joined = self.labels_joined
         for pair, until, shadowed in pairs:
             prediction_id, model = pair
-            if pair in joined:
+            if pair in joined:  # remembered again (a correction): as long as the latest, shadowed if ever
+                shadowed = shadowed or prediction_id in self._shadowed_ids.get(model, ())
                 self._forget(pair)
             joined[pair] = until
             self._joined_ids.setdefault(model, set()).add(prediction_id)

@@ -320,6 +320,9 @@ def test_a_served_batch_looks_only_for_the_labels_that_joined_a_shadows_predicti
     state.add_reference(reference())
     state.remember_joined([(("r-1-0", "churn"), 10.0, False), (("r-1-1", "churn"), 10.0, True)], bound=10)
 
+    # A later label for r-1-1 (a correction) joined only the stable prediction; its rows hold a shadow's.
+    state.remember_joined([(("r-1-1", "churn"), 20.0, False)], bound=10)
+
     result = state.ingest([(served("r-1", STABLE, "stable", prediction=1).data, 0, 0)], arrival=0.0)
 
     assert result.pending_matches == [("r-1-1", "churn")]
