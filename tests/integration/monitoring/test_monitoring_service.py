@@ -844,11 +844,17 @@ async def test_a_shadow_candidate_worse_than_stable_gets_an_unhealthy_verdict_fr
     assert verdict.data.verdict.value == "unhealthy"
     accuracy = next(e for e in verdict.data.evidence if e.name == "accuracy")
     assert accuracy.passed is False
-    rows = await h.sql(
-        "SELECT version, variant, count(*) AS n FROM labelled WHERE model = $1 GROUP BY 1, 2 ORDER BY 1",
-        model,
-    )
-    assert [(r["version"], r["variant"], r["n"]) for r in rows] == [(1, "stable", 320), (2, "shadow", 300)]
+
+    async def joined() -> list[tuple[int, str, int]]:
+        rows = await h.sql(
+            "SELECT version, variant, count(*) AS n FROM labelled WHERE model = $1 GROUP BY 1, 2 ORDER BY 1",
+            model,
+        )
+        return [(r["version"], r["variant"], r["n"]) for r in rows]
+
+    # The verdict comes once each side has 100 labelled rows; the labels after them are still being joined.
+    expected = [(1, "stable", 320), (2, "shadow", 300)]
+    assert await eventually(lambda: _equals(joined(), expected), deadline_s=60)
 
 
 async def labels_flowing(h: Harness, model: str) -> None:
@@ -1079,8 +1085,8 @@ async def test_a_restart_rebuilds_the_open_window_and_reports_its_replay_in_the_
     assert replay["not_replayed"] == {"deadline": {}, "deleted": {}}
 
 
-async def _equals(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
+async def _equals(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
 
 
 async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: asyncpg.Pool) -> None:
