@@ -1476,10 +1476,12 @@ def canary_due(step: CanaryStep, now: float, policy: CanaryPolicy) -> bool:
 
 
 def canary_timed_out(step: CanaryStep, now: float, policy: CanaryPolicy) -> bool:
-    """Whether the canary is still short of ``min_samples`` ``timeout_seconds`` after the step's start. One
-    that has them waits for its bake time, however long serving's is: timed out while baking, a step was
-    rolled back as short of predictions it had."""
-    return step.canary.rows < step.min_samples and now - step.started_at >= policy.timeout_seconds
+    """Whether the canary is still short of ``min_samples`` ``timeout_seconds`` after the step began on
+    monitoring's clock (:attr:`CanaryStep.bake_from`). One that has them waits for its bake time, however long
+    serving's is: timed out while baking, a step was rolled back as short of predictions it had. Timed from
+    the step's start (serving's clock), a step dated in the past (serving's clock behind, or its event read
+    late) timed out at the first tick, before its canary could answer."""
+    return step.canary.rows < step.min_samples and now - step.bake_from >= policy.timeout_seconds
 
 
 def _p95(values: np.ndarray) -> float | None:

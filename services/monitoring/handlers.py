@@ -1096,7 +1096,7 @@ async def _decide(
     step: CanaryStep, now: float, *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> CanaryDecision | None:
     policy = monitor.canary
-    timed_out = now - step.started_at >= policy.timeout_seconds
+    timed_out = now - step.bake_from >= policy.timeout_seconds
     if canary_ready(step, now) != "judge":
         if canary_timed_out(step, now, policy):
             return CanaryDecision(

@@ -656,6 +656,32 @@ async def test_a_step_with_its_samples_and_a_bake_longer_than_the_timeout_is_jud
     assert canary_due(monitor.live.steps["r-1"], past_timeout, monitor.canary)
 
 
+async def test_a_step_dated_in_the_past_times_out_from_when_monitoring_learned_of_it() -> None:
+    # Serving's clock an hour behind monitoring's (or the step's event read an hour late): timed from the
+    # step's start, the canary was out of time at the first tick, before it could answer, and rolled back.
+    step = dataclasses.replace(watched(started_at=0.0), learned_at=3_600.0)
+    monitor, published, store = monitor_watching(step), [], Unlabelled([step])
+    live = monitor.live.steps["r-1"]
+    live.canary.rows = 10  # of its 100
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    assert not canary_due(live, 3_601.0, monitor.canary)
+    assert canary_due(live, 3_600.0 + TIMEOUT_S, monitor.canary)
+    await check_canary(
+        live,
+        3_600.0 + TIMEOUT_S,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        publish=publish,
+        tally=Tally(),
+    )
+    [event] = published
+    assert event.data.verdict is Verdict.INCONCLUSIVE and event.data.reason.startswith("timed out")
+    assert event.data.window.start == from_epoch(0.0)  # the step's time range stays on serving's clock
+
+
 # --- the bake time on monitoring's clock --------------------------------------------------------------------
 
 STARTED = RolloutStarted(
