@@ -702,7 +702,60 @@ def conformed_base(
                     "datasets of a model must give each column one type; upload one of them again, or change "
                     "the spec's base_datasets",
                 )
-    return conformed
+    return [
+        numeric_features(spec, frame, f"{d.name} v{d.version}")
+        for d, frame in zip(datasets, conformed, strict=True)
+    ]
+
+
+NO_NUMBER_EXAMPLES = 3
+"""Values a message quotes of a numeric feature's values that are no number."""
+
+
+def numeric_features(spec: ModelSpec, frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``frame`` with each numeric feature as float64 numbers: a column of text (a CSV's, or a traffic
+    window's, where monitoring writes a feature holding anything but numbers as text) is read value by value,
+    text that reads as a number as that number. A value that reads as no number (``"abc"``) is refused
+    (:class:`TrainingError`, fit-error), naming the feature, ``label`` and such values: joined to numbers,
+    such a column made the training set's file unwritable (pyarrow's "Could not convert 'abc' with type str:
+    tried to convert to double") or the fit fail naming no column."""
+    converted = {}
+    for feature in spec.features:
+        if feature.type is not FeatureType.NUMERIC:
+            continue
+        column = frame[feature.name]
+        if pd.api.types.is_numeric_dtype(column):
+            continue
+        values = column.tolist()
+        read = [_as_number(v) for v in values]
+        bad = [v for v, number in zip(values, read, strict=True) if number is None]
+        if bad:
+            examples: list[str] = []
+            for value in bad:
+                quoted = shown(value) if isinstance(value, str) else shown(repr(value))
+                if quoted not in examples:
+                    examples.append(quoted)
+                if len(examples) == NO_NUMBER_EXAMPLES:
+                    break
+            raise TrainingError(
+                FailureReason.FIT_ERROR,
+                f"numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that are no number in "
+                f"{label} (of {len(column):,} rows), such as {', '.join(examples)}: a numeric feature takes "
+                "numbers (a missing value is imputed); correct the data, or declare the feature categorical "
+                "in the spec",
+            )
+        converted[feature.name] = np.array(read, dtype=np.float64)
+    return frame.assign(**converted) if converted else frame
+
+
+def _as_number(value: Any) -> float | None:
+    """A numeric feature's value as a float (NaN when missing); None when it is no number."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return np.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _require_columns(frame: pd.DataFrame, needed: list[str], label: str) -> None:
@@ -734,6 +787,7 @@ def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> p
             FailureReason.DATASET_UNAVAILABLE, f"the traffic window {job.window_key[:12]}: {exc}"
         ) from exc
     _require_columns(window, [*spec.feature_names, "label"], "the traffic window")
+    window = numeric_features(spec, window, f"the traffic window {job.window_key[:12]}")
     if "predicted_at" in window.columns:
         # Times as the window's file has them: a timestamp column, or text (a CSV). A value that is no time
         # is an unknown time: oldest, and outside the window's own time range (reference_rows).

@@ -123,9 +123,16 @@ def test_a_fit_that_fails_while_work_runs_beside_it_fails_with_the_fit_error_and
     tmp_path: Path,
 ) -> None:
     store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
-    base = churn_frame(2000, seed=1)
-    base["x2"] = base["x2"].map(lambda v: f"{v:.3f} units")  # profiled as missing values; unfittable
-    outcome = run_training(_job(store, url, base, None), overlap=True)
+    job = _job(store, url, churn_frame(2000, seed=1), None)
+    # Early stopping's validation split leaves the estimator no row to fit on: it fails once the
+    # preprocessing is fitted and the holdout's features are being transformed beside it. (Text in a numeric
+    # feature, used here before, is now refused before the fit.)
+    unfittable = churn_spec(
+        estimator="hist_gradient_boosting",
+        params={"max_iter": 20, "early_stopping": True, "validation_fraction": 0.9999},
+    )
+    job["spec_key"] = store.put(unfittable.canonical_json()).sha256
+    outcome = run_training(job, overlap=True)
     assert outcome["ok"] is False
     assert outcome["reason"] == FailureReason.FIT_ERROR.value
     assert "could not be fitted" in outcome["message"]

@@ -1,0 +1,110 @@
+"""Values of another type than the spec says: text in a numeric feature, of a base dataset or of a traffic
+window as monitoring writes it, fails the run naming the feature and such a value; a boolean target with a
+gap (the registry's nullable booleans, a CSV's objects) trains as booleans, and its holdout validates."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from contracts.training import FailureReason
+from libs.artifacts import ArtifactStore
+from services.monitoring.export import window_frame
+from services.monitoring.ports import LabelledRecord
+from services.training.worker import run_training
+from tests.unit.training.data import churn_frame, churn_spec, put_frame, run_on_bases
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def monitoring_window(frame: pd.DataFrame, odd: dict[int, Any]) -> pd.DataFrame:
+    """``frame``'s rows as labelled traffic, written by monitoring's own export, with x2 of row ``i`` logged
+    as ``odd[i]`` (a producer other than serving can log anything)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    history = []
+    for i, row in enumerate(frame.to_dict("records")):
+        inputs = {name: row[name] for name in ("x0", "x1", "x2", "x3", "plan")}
+        if i in odd:
+            inputs["x2"] = odd[i]
+        at = start + timedelta(seconds=i)
+        history.append(
+            LabelledRecord(
+                prediction_id=f"p-{i}",
+                model="churn",
+                version=1,
+                variant="stable",
+                rollout_id=None,
+                predicted_at=at,
+                prediction=0,
+                score=None,
+                label=int(row["churned"]),
+                observed_at=at,
+                late=False,
+                inputs=inputs,
+            )
+        )
+    return window_frame(None, {}, history, ["x0", "x1", "x2", "x3", "plan"])
+
+
+def run_with_window(root: Path, window: pd.DataFrame) -> dict[str, Any]:
+    store = ArtifactStore(str(root))
+    spec = churn_spec()
+    base = put_frame(store, churn_frame(600))
+    return run_training(
+        {
+            "job_id": "job-window",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [{"name": "churn-base", "version": 1, "sha256": base.key}],
+            "window_key": put_frame(store, window).key,
+            "artifacts_url": str(root),
+        }
+    )
+
+
+def test_text_in_a_windows_numeric_feature_fails_the_run_naming_the_feature_and_the_value(
+    tmp_path: Path,
+) -> None:
+    # Monitoring writes a feature of mixed values as text; joined to the base's numbers, the training set's
+    # file could not be written: fit-error with pyarrow's "ArrowInvalid: ('Could not convert ...')".
+    window = monitoring_window(churn_frame(300, seed=1), {7: "abc", 9: "abc", 11: "n/a"})
+    assert not pd.api.types.is_numeric_dtype(window["x2"])
+    result = run_with_window(tmp_path, window)
+    assert result["ok"] is False
+    assert result["reason"] == FailureReason.FIT_ERROR.value
+    message = result["message"]
+    assert "Arrow" not in message
+    assert message.startswith(
+        "numeric feature 'x2' holds 3 value(s) that are no number in the traffic window "
+    )
+    assert "such as 'abc', 'n/a'" in message
+
+
+def test_a_windows_numeric_feature_written_as_text_trains_on_its_numbers(tmp_path: Path) -> None:
+    # One integer past int64 makes monitoring write the column as text: every other value reads as a number.
+    window = monitoring_window(churn_frame(300, seed=1), {4: 2**70})
+    assert not pd.api.types.is_numeric_dtype(window["x2"])
+    result = run_with_window(tmp_path, window)
+    assert result["ok"] is True, result
+    assert result["traffic_rows"] == 300
+
+
+def test_text_in_a_base_datasets_numeric_feature_fails_the_run_naming_the_feature_the_dataset_and_the_value(
+    tmp_path: Path,
+) -> None:
+    # As a CSV reads it: one word makes the column text. The fit failed with scikit-learn's "Cannot use
+    # median strategy with non-numeric data", naming no column.
+    frame = churn_frame(600)
+    frame["x1"] = frame["x1"].map(str)
+    frame.loc[3, "x1"] = "oops"
+    result = run_on_bases(tmp_path, frame)
+    assert result["ok"] is False
+    assert result["reason"] == FailureReason.FIT_ERROR.value
+    assert result["message"].startswith(
+        "numeric feature 'x1' holds 1 value(s) that are no number in churn-base-0 v1 (of 600 rows), such as "
+        "'oops'"
+    )
