@@ -849,7 +849,11 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
     policy = spec.retrain.training_set
     # Each dataset's rows without a target are dropped before the join: a dataset with no label at all (a
     # text column of nulls) would otherwise make the labels of the others objects, which no classifier fits.
-    labelled = [rows for rows in (b.dropna(subset=[spec.target]) for b in base) if len(rows)]
+    labelled = [
+        _plain_target(rows, spec.target)
+        for rows in (b.dropna(subset=[spec.target]) for b in base)
+        if len(rows)
+    ]
     base_rows = pd.concat(labelled, ignore_index=True) if labelled else _empty(spec)
     traffic = traffic.dropna(subset=[spec.target])
     if len(traffic) and len(base_rows):
@@ -884,6 +888,26 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
             f"trained for at most {CLASSES_MAX:,}: is it an id, or a number to predict with task regression?",
         )
     return combined
+
+
+def _plain_target(rows: pd.DataFrame, target: str) -> pd.DataFrame:
+    """``rows`` (each with a target) with the target in numpy's type for its values: the registry's nullable
+    booleans and integers (a column with a gap) become bool and int64, and so does a column of booleans held
+    as objects (a CSV's, or a Parquet file's without pandas' types). scikit-learn took a nullable column's
+    classes as floats (0.0 and 1.0, not False and True, and an integer past 2**53 not itself), which the
+    holdout's booleans then did not meet in validation, and a boolean column of objects as no classes at all
+    ("Unknown label type: unknown")."""
+    column = rows[target]
+    numpy_dtype = getattr(column.dtype, "numpy_dtype", None)
+    if (
+        numpy_dtype is not None
+        and pd.api.types.is_extension_array_dtype(column)
+        and (pd.api.types.is_bool_dtype(column) or pd.api.types.is_integer_dtype(column))
+    ):
+        return rows.assign(**{target: column.to_numpy(dtype=numpy_dtype)})
+    if column.dtype == object and all(isinstance(v, bool | np.bool_) for v in column.tolist()):
+        return rows.assign(**{target: column.to_numpy(dtype=bool)})
+    return rows
 
 
 def _conform_labels(

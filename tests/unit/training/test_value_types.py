@@ -108,3 +108,58 @@ def test_text_in_a_base_datasets_numeric_feature_fails_the_run_naming_the_featur
         "numeric feature 'x1' holds 1 value(s) that are no number in churn-base-0 v1 (of 600 rows), such as "
         "'oops'"
     )
+
+
+def with_a_gap(dtype: str) -> pd.DataFrame:
+    """A churn frame whose target is booleans or integers with one missing label, in ``dtype``."""
+    frame = churn_frame(600)
+    labels = frame["churned"].astype(bool) if dtype in ("boolean", "object") else frame["churned"]
+    frame["churned"] = labels.astype(dtype)
+    frame.loc[3, "churned"] = None
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("dtype", "classes"),
+    [
+        # The registry's nullable booleans: trained as the floats 0.0 and 1.0, which validation then found
+        # no boolean label of the holdout to meet (holdout-labelled failed every candidate).
+        ("boolean", [False, True]),
+        # A CSV's booleans with a gap (objects): "Unknown label type: unknown".
+        ("object", [False, True]),
+        # The registry's nullable integers: trained as floats.
+        ("Int64", [0, 1]),
+    ],
+)
+def test_a_target_with_a_gap_trains_on_its_own_classes(
+    tmp_path: Path, dtype: str, classes: list[Any]
+) -> None:
+    result = run_on_bases(tmp_path, with_a_gap(dtype))
+    assert result["ok"] is True, result
+    assert result["signature"]["classes"] == classes
+    assert all(type(c) is type(classes[0]) for c in result["signature"]["classes"])
+    assert result["train_rows"] + result["holdout"]["rows"] == 599
+
+
+@pytest.mark.parametrize("dtype", ["boolean", "Int64"])
+def test_a_nullable_target_takes_the_windows_labels(tmp_path: Path, dtype: str) -> None:
+    # An integer target with a gap and labelled traffic failed every run: "ValueError: Invalid integer data
+    # type 'O'." (numpy's iinfo of the nullable type).
+    store = ArtifactStore(str(tmp_path))
+    spec = churn_spec()
+    window = monitoring_window(churn_frame(300, seed=1), {})
+    result = run_training(
+        {
+            "job_id": "job-window",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [
+                {"name": "churn-base", "version": 1, "sha256": put_frame(store, with_a_gap(dtype)).key}
+            ],
+            "window_key": put_frame(store, window).key,
+            "artifacts_url": str(tmp_path),
+        }
+    )
+    assert result["ok"] is True, result
+    assert result["traffic_rows"] == 300
+    assert result["signature"]["classes"] == ([False, True] if dtype == "boolean" else [0, 1])

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from contracts.common import ArtifactFormat, ArtifactRef, ModelSignature, Task
+from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore, save_model
 from libs.metrics import LOG_LOSS_EPS, Outputs, metric, paired_bootstrap_difference, weighted
 from libs.modelspec import ModelSpec, build_pipeline, spec_from_data
@@ -20,7 +21,8 @@ from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.domain import Measured, judge
 from services.validation.ports import Evaluation, EvaluationError
 from services.validation.scoring import measure
-from tests.unit.training.data import churn_frame, churn_spec_data, regression_frame
+from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, regression_frame
+from tests.unit.validation.test_handlers import Gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -232,3 +234,21 @@ async def test_a_label_column_with_no_usable_label_fails_the_holdout_labelled_ch
         await StoreEvaluator(store, latency_repeats=1).measure(evaluation)
     assert caught.value.check == "holdout-labelled"
     assert "'churned'" in caught.value.message and "'yes'" in caught.value.message
+
+
+async def test_a_model_of_a_boolean_target_with_a_gap_validates_on_its_holdouts_booleans(
+    tmp_path: Path,
+) -> None:
+    # The registry keeps a boolean column with a gap as nullable booleans: the model was trained with the
+    # classes 0.0 and 1.0, and its own holdout's True and False were "not a number" to validation.
+    frame = churn_frame(1200)
+    frame["churned"] = frame["churned"].astype(bool).astype("boolean")
+    frame.loc[[3, 8], "churned"] = None
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, frame)
+    assert registered.signature.classes == [False, True]
+    await gate.register(registered)
+    assert gate.bus.events(of=ValidationFailed) == []
+    [passed] = gate.bus.events(of=ValidationPassed)
+    labels = {c.name: c for c in passed.data.checks}["sanity:holdout-labels"]
+    assert labels.detail.startswith("all ") and labels.detail.endswith(" holdout rows have a usable label")
