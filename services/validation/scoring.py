@@ -233,11 +233,11 @@ def measure(
     champion_error: str | None = None
     if champion is not None and champion_signature is not None:
         metric_name = champion_metric(spec, signature.task, n_classes)
+        theirs: Outputs | None = None
         try:
             theirs = model_outputs(
                 champion, champion_signature.task, _inputs(holdout, champion_signature, "champion"), y
             )
-            comparison = _compare(spec, metric_name, outputs, theirs, seed)
         except MemoryError:
             raise
         except Exception as exc:
@@ -247,6 +247,16 @@ def measure(
             if is_transient(exc):
                 raise
             champion_error = str(exc) if isinstance(exc, HoldoutMismatch) else f"{type(exc).__name__}: {exc}"
+        if theirs is not None:
+            if outputs.task is Task.CLASSIFICATION and list(outputs.classes) != list(theirs.classes):
+                champion_error = (
+                    f"the champion's classes {list(theirs.classes)} differ from the candidate's "
+                    f"{list(outputs.classes)}"
+                )
+            else:
+                # Our own computation on both models' outputs: what it raises is a bug of validation, which
+                # the bus retries and dead-letters, never a verdict on either model.
+                comparison = _compare(spec, metric_name, outputs, theirs, seed)
 
     slices: list[SliceMeasure] = []
     feature = spec.slices.feature if spec.slices is not None else None
@@ -291,8 +301,6 @@ def measure(
 def _compare(
     spec: ValidationSpec, name: str, ours: Outputs, theirs: Outputs, seed: int
 ) -> ChampionComparison:
-    if ours.task is Task.CLASSIFICATION and list(ours.classes) != list(theirs.classes):
-        raise ValueError(f"the champion's classes {list(theirs.classes)} differ from {list(ours.classes)}")
     rule = spec.champion
     diff, low, high = paired_bootstrap_difference(
         ours, theirs, name, resamples=rule.resamples, level=rule.confidence_level, seed=seed

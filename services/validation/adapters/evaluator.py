@@ -92,10 +92,9 @@ class StoreEvaluator:
         except HoldoutUnlabelled as exc:
             raise EvaluationError("holdout-labelled", str(exc)) from exc
         except CandidateFailed as exc:
-            raise EvaluationError(
-                "candidate-scores", f"the candidate cannot score the holdout: {exc}"
-            ) from exc
-        except (ValueError, TypeError, AttributeError) as exc:
+            # Only what the candidate's own calls raised (scoring.measure wraps them): any other error of
+            # measuring is validation's (a bug, retried then dead-lettered) or the infrastructure's (retried),
+            # never a verdict on the candidate.
             raise EvaluationError(
                 "candidate-scores", f"the candidate cannot score the holdout: {exc}"
             ) from exc

@@ -13,6 +13,7 @@ import pytest
 
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore
+from services.validation import scoring
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
 from tests.unit.training.data import churn_frame, churn_spec
@@ -135,3 +136,40 @@ async def test_an_infrastructure_error_while_scoring_the_champion_goes_to_the_bu
     assert [e.data.model_version for e in passed] == [1, 2]
     assert passed[1].data.champion_version == 1
     assert evaluator.times == 0
+
+
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+
+@pytest.mark.parametrize("where", ["all_metrics", "read_labels"])
+async def test_a_bug_of_validations_own_measuring_is_not_the_candidates_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Only what the candidate's own calls raise judges it: an error of validation's code (here one of its
+    # steps that never calls the candidate) failed candidate-scores for good, blaming a model that scores
+    # its holdout fine. It goes to the bus instead: retried, then dead-lettered, the candidate not judged.
+    gate = Gate(tmp_path, evaluator=StoreEvaluator(ArtifactStore(str(tmp_path)), latency_repeats=1))
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    monkeypatch.setattr(scoring, where, _bug)
+    await gate.register(registered)
+    assert gate.bus.events(of=ValidationFailed) == []
+    assert gate.bus.events(of=ValidationPassed) == []
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "handler-failed"
+    assert "AttributeError" in dead.error
+
+
+async def test_a_bug_comparing_with_the_champion_is_not_the_champions_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(tmp_path, evaluator=StoreEvaluator(ArtifactStore(str(tmp_path)), latency_repeats=1))
+    await gate.register(gate.train(churn_spec(), 1, churn_frame()))
+    await gate.promote("churn", 1)
+    registered = gate.train(churn_spec(), 2, churn_frame(1500, seed=1))
+    monkeypatch.setattr(scoring, "paired_bootstrap_difference", _bug)
+    await gate.register(registered)
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+    assert gate.bus.events(of=ValidationFailed) == []
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "handler-failed"
