@@ -102,7 +102,11 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     settings = rt.settings
     assert isinstance(settings, TrainingSettings)
     spec_store = StoreSpecs(ArtifactStore(settings.artifacts_url))
-    trainer = ProcessPoolTrainer(settings.start_method, overlap=settings.overlap_fit)
+    trainer = ProcessPoolTrainer(
+        settings.start_method,
+        overlap=settings.overlap_fit,
+        start_timeout_s=settings.fit_start_timeout_s,
+    )
     # The fit process imports scikit-learn while this one does the same: both take seconds on a busy machine.
     warming = asyncio.create_task(trainer.warm_up(), name="fit-process-warm-up")
     # Before the consumer joins its group: a first scikit-learn import must not happen on the event loop

@@ -47,6 +47,14 @@ class TrainingSettings(ServiceSettings):
     start_method: Literal["forkserver", "spawn"] = Field(
         "forkserver", description="How the fit process is started (never fork: the service has threads)."
     )
+    fit_start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for the fit process to start (a fork that never answers: the fork server "
+        "stopped or wedged). The start runs beside the event loop; past this the pool and its fork server "
+        "are let go and the run handed to a new one; when that does not start either, the run counts as "
+        "lost.",
+    )
     overlap_fit: bool = Field(
         True,
         description="Run the work that does not need the fitted model (the features' reference profile, the "

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import queue as queue_module
-from concurrent.futures import ProcessPoolExecutor
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -30,7 +35,9 @@ class ProcessPoolTrainer:
         poll_s: float = 0.5,
         overlap: bool = True,
         retry_pause_s: float = 0.5,
+        start_timeout_s: float = 120.0,
     ) -> None:
+        self._start_method = start_method
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # The fork server imports scikit-learn once; every fit process forked from it starts warm, so a
@@ -38,6 +45,8 @@ class ProcessPoolTrainer:
             self._context.set_forkserver_preload(["services.training.worker"])
         self._poll_s = poll_s
         self._retry_pause_s = retry_pause_s
+        self._start_timeout_s = start_timeout_s
+        self._starting: _Start | None = None
         self._overlap = overlap
         self._executor: ProcessPoolExecutor | None = None
         self._progress: Any = None
@@ -58,7 +67,7 @@ class ProcessPoolTrainer:
         optimisation: a pool that fails to start (its process or the fork server dying) is let go, logged,
         and the first job starts a new one."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool(), warm_up)
+            await (await self._submit(warm_up))
         except Exception as exc:
             log.warning("fit process not warmed up; the first job starts a new one", error=repr(exc))
             self._discard()
@@ -93,13 +102,11 @@ class ProcessPoolTrainer:
         new one, once, a moment later: its process died while idle (the OOM killer; the fork server's end
         takes it too), so the pool is broken before the run began (BrokenProcessPool), or a process cannot
         be started (the fork server's socket gone: BrokenPipeError, ConnectionError, EOFError; a new pool
-        starts a new fork server, once the old one is seen to have exited). Neither is the run's doing, nor
-        worth one of its attempts."""
+        starts a new fork server, once the old one is seen to have exited), or not within start_timeout_s (a
+        fork server that is frozen: TimeoutError). None is the run's doing, nor worth one of its attempts."""
         for tries_left in (1, 0):
             try:
-                return asyncio.get_running_loop().run_in_executor(
-                    self._pool(), run_training, job_input, self._overlap
-                )
+                return await self._submit(run_training, job_input, self._overlap)
             except (BrokenProcessPool, OSError, EOFError) as exc:
                 self._discard()
                 if not tries_left:
@@ -112,6 +119,51 @@ class ProcessPoolTrainer:
                 # A fork server killed a moment ago may not have exited yet: it would be used again.
                 await asyncio.sleep(self._retry_pause_s)
         raise AssertionError("unreachable")
+
+    async def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Hand ``fn(*args)`` to the pool; its result, as a future of the event loop.
+
+        Submitting starts the fit process when the pool has none, and that waits for the fork server to fork
+        it (or for a spawned interpreter to take its start): done on the event loop, a fork server that never
+        answers (stopped, swapped out, wedged) held the loop, and with it every consumer, the outbox relay,
+        heartbeats and the HTTP API, for as long as it lasted. So it is done on a thread of its own, waited
+        for at most ``start_timeout_s``; past that the pool is let go and its fork server killed (which ends
+        the thread's wait, and makes the next pool start a new one), and TimeoutError is raised."""
+        executor = self._pool()
+        start = _Start(executor, asyncio.get_running_loop())
+        self._starting = start
+        threading.Thread(target=start.run, args=(fn, *args), name="fit-process-start", daemon=True).start()
+        try:
+            submitted = await asyncio.wait_for(asyncio.shield(start.handed), self._start_timeout_s)
+        except TimeoutError:
+            if not start.abandon():
+                submitted = await start.handed  # handed over as the wait ran out: taken after all
+            else:
+                log.error(
+                    "the fit process did not start in time; its pool and fork server are let go",
+                    start_timeout_s=self._start_timeout_s,
+                )
+                self._let_go_starting(executor)
+                raise TimeoutError(
+                    f"the fit process did not start within start_timeout_s={self._start_timeout_s:g}s "
+                    "(the fork server does not answer)"
+                ) from None
+        finally:
+            if self._starting is start:
+                self._starting = None
+        return asyncio.wrap_future(submitted)
+
+    def _let_go_starting(self, executor: ProcessPoolExecutor) -> None:
+        """Forget a pool whose start hangs, without its lock (the starting thread holds it and shuts the pool
+        down once its wait ends), and kill the fork server it waits for."""
+        if self._executor is executor:
+            self._executor = None
+            if self._progress is not None:
+                self._progress.close()
+                self._progress = None
+        _kill_processes(executor)
+        if self._start_method == "forkserver":
+            _kill_fork_server()
 
     def _drain(self) -> list[tuple[str, str, float | None]]:
         items = []
@@ -131,16 +183,92 @@ class ProcessPoolTrainer:
         self._discard()
 
     def _discard(self) -> None:
-        executor, self._executor = self._executor, None
+        executor = self._executor
         if executor is None:
             return
-        # The executor cannot cancel a running call; killing its process is the only way to stop a fit.
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
-            try:
-                process.kill()
-            except Exception as exc:
-                log.debug("fit process already gone", error=repr(exc))
+        starting = self._starting
+        if starting is not None and starting.executor is executor and starting.abandon():
+            # Its start still waits, holding the pool's lock: shutting it down here would wait too.
+            self._let_go_starting(executor)
+            return
+        self._executor = None
+        _kill_processes(executor)
         executor.shutdown(wait=False, cancel_futures=True)
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+
+
+class _Start:
+    """One hand-over of work to a pool, on a thread of its own: ``handed`` gets the pool's future (or what
+    submitting raised) unless the caller gave up on it first (``abandon``), in which case the thread lets
+    the pool go once its wait ends."""
+
+    def __init__(self, executor: ProcessPoolExecutor, loop: asyncio.AbstractEventLoop) -> None:
+        self.executor = executor
+        self.loop = loop
+        self.handed: asyncio.Future[Future[Any]] = loop.create_future()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._delivered = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> None:
+        submitted: Future[Any] | None = None
+        error: BaseException | None = None
+        try:
+            submitted = self.executor.submit(fn, *args)
+        except BaseException as exc:  # handed to the caller, which decides
+            error = exc
+        with self._lock:
+            if not self._abandoned:
+                self._delivered = True
+                try:
+                    self.loop.call_soon_threadsafe(self._deliver, submitted, error)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+                else:
+                    return
+        # Given up on (or nobody left to take it): the work must not run in a pool nobody watches.
+        if submitted is not None:
+            submitted.cancel()
+        _kill_processes(self.executor)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _deliver(self, submitted: Future[Any] | None, error: BaseException | None) -> None:
+        if self.handed.done():
+            return
+        if error is not None:
+            self.handed.set_exception(error)
+        else:
+            assert submitted is not None
+            self.handed.set_result(submitted)
+
+    def abandon(self) -> bool:
+        """Give up on the hand-over; False when it was already handed (the caller takes it)."""
+        with self._lock:
+            if self._delivered:
+                return False
+            self._abandoned = True
+            return True
+
+
+def _kill_processes(executor: ProcessPoolExecutor) -> None:
+    # The executor cannot cancel a running call; killing its process is the only way to stop a fit.
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except Exception as exc:
+            log.debug("fit process already gone", error=repr(exc))
+
+
+def _kill_fork_server() -> None:
+    """Kill this process's fork server (multiprocessing keeps its pid privately): a fork that never answers
+    is over, and the next pool starts a new server once this one is seen to have exited."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError as exc:
+        log.debug("fork server already gone", error=repr(exc))

@@ -3,8 +3,11 @@ warm-up that fails does not take the service down."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -119,3 +122,65 @@ async def test_a_fit_process_that_died_while_idle_costs_the_next_run_nothing(
         assert second["ok"] and second["pid"] != first["pid"]
     finally:
         trainer.close()
+
+
+class FrozenStart(BrokenExecutor):
+    """An executor whose process start waits for a fork server that does not answer: ``submit`` returns only
+    once ``answer`` is set (or after ``wait_s``), as ProcessPoolExecutor.submit does while the fork server is
+    stopped."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(works=True)
+        self.answer = threading.Event()
+        self.wait_s = wait_s
+
+    def submit(self, fn: Any, /, *args: Any) -> Future[Any]:
+        self.answer.wait(self.wait_s)
+        return super().submit(fn, *args)
+
+
+async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> None:
+    # Starting the fit process waits for the fork server to fork it. It ran on the event loop: a fork server
+    # stopped (or wedged) held the loop, and with it the consumers, the outbox relay, the heartbeats and
+    # the HTTP API, for as long as it lasted.
+    trainer = ProcessPoolTrainer("spawn", poll_s=0.01, retry_pause_s=0, start_timeout_s=0.2)
+    made: list[FrozenStart] = []
+
+    def pool() -> Any:
+        if trainer._executor is None:
+            trainer._executor = FrozenStart(wait_s=3.0)  # type: ignore[assignment]
+            made.append(trainer._executor)  # type: ignore[arg-type]
+        return trainer._executor
+
+    trainer._pool = pool  # type: ignore[method-assign]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        with pytest.raises(
+            FitProcessUnavailable, match=r"did not start within start_timeout_s=0.2s .*fork server"
+        ):
+            await trainer.train({"job_id": "j1"}, progress)
+    finally:
+        ticking.cancel()
+    waited = time.monotonic() - started
+    assert waited < 2.0
+    # The loop kept running while both starts waited (two tries of 0.2 s).
+    assert ticks >= 15
+    assert len(made) == 2 and trainer._executor is None
+    for executor in made:
+        executor.answer.set()
+
+    async def let_go() -> bool:
+        # Once its wait ends, each starting thread shuts down the pool it was given up on (never the loop,
+        # which would wait on the pool's lock held by the start).
+        return all(e.shut_down for e in made)
+
+    await eventually(let_go, deadline_s=5.0, interval_s=0.02)
