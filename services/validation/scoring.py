@@ -12,8 +12,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from contracts.common import ModelSignature, Task
+from contracts.common import FeatureType, ModelSignature, Task
 from libs.bus.core import is_transient
+from libs.errors import shown
 from libs.metrics import (
     Outputs,
     all_metrics,
@@ -190,6 +191,34 @@ def _inputs(frame: pd.DataFrame, signature: ModelSignature, who: str) -> pd.Data
     return frame[names]
 
 
+NO_NUMBER_EXAMPLES = 3
+
+
+def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignature) -> None:
+    """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose numeric feature holds a
+    value that reads as no number: any model would fail on it, and the failure is the holdout's, not the
+    candidate's (it failed candidate-scores). Text that reads as a number is left to the model."""
+    for feature in signature.features:
+        if feature.type is not FeatureType.NUMERIC or pd.api.types.is_numeric_dtype(frame[feature.name]):
+            continue
+        column = frame[feature.name]
+        bad = [v for v in column[column.notna()].tolist() if not _reads_as_number(v)]
+        if bad:
+            examples = list(dict.fromkeys(shown(v if isinstance(v, str) else repr(v)) for v in bad))
+            raise HoldoutMismatch(
+                f"the holdout's numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
+                f"no number (of {len(column):,} rows), such as {', '.join(examples[:NO_NUMBER_EXAMPLES])}"
+            )
+
+
+def _reads_as_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
 def measure(
     spec: ValidationSpec,
     *,
@@ -205,6 +234,7 @@ def measure(
     """Everything the gate needs, measured on the same rows for candidate and champion: the holdout rows
     with a usable label (the others are left out of every check and counted)."""
     _inputs(holdout, signature, "candidate")
+    _numeric_features_hold_numbers(holdout, signature)
     try:
         classes = (
             tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)

@@ -5,10 +5,12 @@ which retries the event until it is judged."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from contracts.validation import ValidationFailed, ValidationPassed
@@ -16,7 +18,7 @@ from libs.artifacts import ArtifactStore
 from services.validation import scoring
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
-from tests.unit.training.data import churn_frame, churn_spec
+from tests.unit.training.data import churn_frame, churn_spec, put_frame
 from tests.unit.validation.test_handlers import Gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -173,3 +175,28 @@ async def test_a_bug_comparing_with_the_champion_is_not_the_champions_fault(
     assert gate.bus.events(of=ValidationFailed) == []
     [dead] = gate.bus.dead_letters
     assert dead.reason == "handler-failed"
+
+
+async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_the_candidate(
+    tmp_path: Path,
+) -> None:
+    # Every model fails on such a holdout: the candidate's predict raised and candidate-scores failed,
+    # blaming the model for the holdout's values.
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    holdout["x1"] = holdout["x1"].map(str)
+    holdout.loc[[2, 5], "x1"] = "abc"
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's numeric feature 'x1' holds 2 value(s) that are no number (of {len(holdout):,} rows), "
+        "such as 'abc'"
+    )
