@@ -143,26 +143,32 @@ class ProcessPoolTrainer:
                     "the fit process did not start in time; its pool and fork server are let go",
                     start_timeout_s=self._start_timeout_s,
                 )
-                self._let_go_starting(executor)
+                self._let_go_starting(executor, kill_fork_server=True)
                 raise TimeoutError(
                     f"the fit process did not start within start_timeout_s={self._start_timeout_s:g}s "
                     "(the fork server does not answer)"
                 ) from None
+        except asyncio.CancelledError:
+            # The run was given up meanwhile (the service stopping): the pool must not be shut down here, on
+            # the loop, while its start may hold its lock.
+            if start.abandon():
+                self._let_go_starting(executor, kill_fork_server=False)
+            raise
         finally:
             if self._starting is start:
                 self._starting = None
         return asyncio.wrap_future(submitted)
 
-    def _let_go_starting(self, executor: ProcessPoolExecutor) -> None:
-        """Forget a pool whose start hangs, without its lock (the starting thread holds it and shuts the pool
-        down once its wait ends), and kill the fork server it waits for."""
+    def _let_go_starting(self, executor: ProcessPoolExecutor, *, kill_fork_server: bool) -> None:
+        """Forget a pool whose start still waits, without its lock (the starting thread holds it and shuts the
+        pool down once its wait ends); with ``kill_fork_server``, kill the fork server it waits for."""
         if self._executor is executor:
             self._executor = None
             if self._progress is not None:
                 self._progress.close()
                 self._progress = None
         _kill_processes(executor)
-        if self._start_method == "forkserver":
+        if kill_fork_server and self._start_method == "forkserver":
             _kill_fork_server()
 
     def _drain(self) -> list[tuple[str, str, float | None]]:
@@ -189,7 +195,7 @@ class ProcessPoolTrainer:
         starting = self._starting
         if starting is not None and starting.executor is executor and starting.abandon():
             # Its start still waits, holding the pool's lock: shutting it down here would wait too.
-            self._let_go_starting(executor)
+            self._let_go_starting(executor, kill_fork_server=False)
             return
         self._executor = None
         _kill_processes(executor)

@@ -126,17 +126,37 @@ async def test_a_fit_process_that_died_while_idle_costs_the_next_run_nothing(
 
 class FrozenStart(BrokenExecutor):
     """An executor whose process start waits for a fork server that does not answer: ``submit`` returns only
-    once ``answer`` is set (or after ``wait_s``), as ProcessPoolExecutor.submit does while the fork server is
-    stopped."""
+    once ``answer`` is set (or after ``wait_s``), holding the executor's lock meanwhile, which ``shutdown``
+    takes too, as ProcessPoolExecutor's do while the fork server is stopped."""
 
     def __init__(self, wait_s: float) -> None:
         super().__init__(works=True)
         self.answer = threading.Event()
         self.wait_s = wait_s
+        self.lock = threading.Lock()
 
     def submit(self, fn: Any, /, *args: Any) -> Future[Any]:
-        self.answer.wait(self.wait_s)
-        return super().submit(fn, *args)
+        with self.lock:
+            self.answer.wait(self.wait_s)
+            return super().submit(fn, *args)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self.lock:
+            super().shutdown(wait, cancel_futures=cancel_futures)
+
+
+def frozen_pool(trainer: ProcessPoolTrainer, wait_s: float = 3.0) -> list[FrozenStart]:
+    """Make every pool of the trainer one whose process start waits for a fork server that does not answer."""
+    made: list[FrozenStart] = []
+
+    def pool() -> Any:
+        if trainer._executor is None:
+            trainer._executor = FrozenStart(wait_s)  # type: ignore[assignment]
+            made.append(trainer._executor)  # type: ignore[arg-type]
+        return trainer._executor
+
+    trainer._pool = pool  # type: ignore[method-assign]
+    return made
 
 
 async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> None:
@@ -144,15 +164,7 @@ async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> 
     # stopped (or wedged) held the loop, and with it the consumers, the outbox relay, the heartbeats and
     # the HTTP API, for as long as it lasted.
     trainer = ProcessPoolTrainer("spawn", poll_s=0.01, retry_pause_s=0, start_timeout_s=0.2)
-    made: list[FrozenStart] = []
-
-    def pool() -> Any:
-        if trainer._executor is None:
-            trainer._executor = FrozenStart(wait_s=3.0)  # type: ignore[assignment]
-            made.append(trainer._executor)  # type: ignore[arg-type]
-        return trainer._executor
-
-    trainer._pool = pool  # type: ignore[method-assign]
+    made = frozen_pool(trainer)
     ticks = 0
 
     async def ticker() -> None:
@@ -182,5 +194,31 @@ async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> 
         # Once its wait ends, each starting thread shuts down the pool it was given up on (never the loop,
         # which would wait on the pool's lock held by the start).
         return all(e.shut_down for e in made)
+
+    await eventually(let_go, deadline_s=5.0, interval_s=0.02)
+
+
+async def test_a_run_given_up_while_its_process_starts_lets_the_pool_go_without_waiting_for_it() -> None:
+    # The service stopping (or the job's time running out) while the fit process starts: letting the pool
+    # go on the loop would wait for the lock its start holds.
+    trainer = ProcessPoolTrainer("spawn", poll_s=0.01, retry_pause_s=0, start_timeout_s=30)
+    made = frozen_pool(trainer)
+    run = asyncio.create_task(trainer.train({"job_id": "j1"}, progress))
+
+    async def starting() -> bool:
+        return bool(made) and made[0].lock.locked()
+
+    await eventually(starting, deadline_s=5.0, interval_s=0.01)
+    started = time.monotonic()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    trainer.close()
+    assert time.monotonic() - started < 1.0
+    assert trainer._executor is None
+    made[0].answer.set()
+
+    async def let_go() -> bool:
+        return made[0].shut_down
 
     await eventually(let_go, deadline_s=5.0, interval_s=0.02)
