@@ -549,6 +549,19 @@ def check_numeric_values(spec: ModelSpec, rows: pd.DataFrame) -> None:
     before the holdout split) that holds an infinity, which no estimator takes, or, when the spec scales
     numeric features, values so large that their variance overflows a double (magnitudes past some 1e154):
     the scaler's output is then NaN, and the fit failed saying the input "contains NaN"."""
+    if spec.task is Task.REGRESSION:
+        target = rows[spec.target]
+        if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
+            infinite = int(np.isinf(target.to_numpy(dtype=float, na_value=np.nan)).sum())
+            if infinite:
+                # Fitted on, scikit-learn refuses it ("Input y contains infinity"); held out, every metric
+                # came out infinite or NaN and the run completed with no metrics at all.
+                raise TrainingError(
+                    FailureReason.FIT_ERROR,
+                    f"regression target {shown(spec.target)} holds an infinity in {infinite:,} row(s): no "
+                    "estimator fits one, nor can a metric measure it; replace them by a finite value or "
+                    "leave them empty (a row without a target is left out)",
+                )
     for feature in spec.features:
         if feature.type is not FeatureType.NUMERIC:
             continue
@@ -703,7 +716,7 @@ def conformed_base(
                     "the spec's base_datasets",
                 )
     return [
-        numeric_features(spec, frame, f"{d.name} v{d.version}")
+        numeric_features(spec, frame, f"{d.name} v{d.version}", with_target=True)
         for d, frame in zip(datasets, conformed, strict=True)
     ]
 
@@ -712,18 +725,22 @@ NO_NUMBER_EXAMPLES = 3
 """Values a message quotes of a numeric feature's values that are no number."""
 
 
-def numeric_features(spec: ModelSpec, frame: pd.DataFrame, label: str) -> pd.DataFrame:
+def numeric_features(
+    spec: ModelSpec, frame: pd.DataFrame, label: str, *, with_target: bool = False
+) -> pd.DataFrame:
     """``frame`` with each numeric feature as float64 numbers: a column of text (a CSV's, or a traffic
     window's, where monitoring writes a feature holding anything but numbers as text) is read value by value,
     text that reads as a number as that number. A value that reads as no number (``"abc"``) is refused
     (:class:`TrainingError`, fit-error), naming the feature, ``label`` and such values: joined to numbers,
     such a column made the training set's file unwritable (pyarrow's "Could not convert 'abc' with type str:
-    tried to convert to double") or the fit fail naming no column."""
+    tried to convert to double") or the fit fail naming no column. ``with_target``: a regression target too
+    (a base dataset's; a window's labels are read by :func:`_conform_labels`)."""
     converted = {}
-    for feature in spec.features:
-        if feature.type is not FeatureType.NUMERIC:
-            continue
-        column = frame[feature.name]
+    columns = [(f.name, "numeric feature") for f in spec.features if f.type is FeatureType.NUMERIC]
+    if with_target and spec.task is Task.REGRESSION:
+        columns.append((spec.target, "regression target"))
+    for name, kind in columns:
+        column = frame[name]
         if pd.api.types.is_numeric_dtype(column):
             continue
         values = column.tolist()
@@ -737,14 +754,19 @@ def numeric_features(spec: ModelSpec, frame: pd.DataFrame, label: str) -> pd.Dat
                     examples.append(quoted)
                 if len(examples) == NO_NUMBER_EXAMPLES:
                     break
+            remedy = (
+                "a numeric feature takes numbers (a missing value is imputed); correct the data, or declare "
+                "the feature categorical in the spec"
+                if kind == "numeric feature"
+                else "a regression target takes numbers (a row without one is left out); correct the data, "
+                "or make the model a classifier (task: classification)"
+            )
             raise TrainingError(
                 FailureReason.FIT_ERROR,
-                f"numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that are no number in "
-                f"{label} (of {len(column):,} rows), such as {', '.join(examples)}: a numeric feature takes "
-                "numbers (a missing value is imputed); correct the data, or declare the feature categorical "
-                "in the spec",
+                f"{kind} {shown(name)} holds {len(bad):,} value(s) that are no number in {label} (of "
+                f"{len(column):,} rows), such as {', '.join(examples)}: {remedy}",
             )
-        converted[feature.name] = np.array(read, dtype=np.float64)
+        converted[name] = np.array(read, dtype=np.float64)
     return frame.assign(**converted) if converted else frame
 
 

@@ -8,15 +8,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
+from libs.modelspec import spec_from_data
 from services.monitoring.export import window_frame
 from services.monitoring.ports import LabelledRecord
 from services.training.worker import run_training
-from tests.unit.training.data import churn_frame, churn_spec, put_frame, run_on_bases
+from tests.unit.training.data import churn_frame, churn_spec, put_frame, regression_frame, run_on_bases
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -163,3 +165,46 @@ def test_a_nullable_target_takes_the_windows_labels(tmp_path: Path, dtype: str) 
     assert result["ok"] is True, result
     assert result["traffic_rows"] == 300
     assert result["signature"]["classes"] == ([False, True] if dtype == "boolean" else [0, 1])
+
+
+REGRESSION = spec_from_data(
+    {
+        "name": "churn",
+        "features": [{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+        "target": "price",
+        "task": "regression",
+        "estimator": "linear_regression",
+        "base_datasets": ["churn-base"],
+        "seed": 1,
+    }
+)
+
+
+def test_text_in_a_regression_target_fails_the_run_naming_the_target_and_the_value(tmp_path: Path) -> None:
+    # It failed with "ValueError: could not convert string to float: 'abc'", naming no column.
+    frame = regression_frame()
+    frame["price"] = frame["price"].map(str)
+    frame.loc[4, "price"] = "abc"
+    result = run_on_bases(tmp_path, frame, spec=REGRESSION)
+    assert result["ok"] is False
+    assert result["reason"] == FailureReason.FIT_ERROR.value
+    assert result["message"].startswith(
+        "regression target 'price' holds 1 value(s) that are no number in churn-base-0 v1 (of 800 rows), "
+        "such as 'abc'"
+    )
+    frame.loc[4, "price"] = "1.5"  # text that reads as a number is that number
+    assert run_on_bases(tmp_path, frame, spec=REGRESSION)["ok"] is True
+
+
+@pytest.mark.parametrize("rows", [[4], list(range(0, 800, 3))])
+def test_an_infinite_regression_target_fails_the_run_naming_the_target(
+    tmp_path: Path, rows: list[int]
+) -> None:
+    # Held out, an infinite target made every metric undefined and the run completed with no metrics at
+    # all; fitted on, scikit-learn refused it ("Input y contains infinity"), naming no column.
+    frame = regression_frame()
+    frame.loc[rows, "price"] = np.inf
+    result = run_on_bases(tmp_path, frame, spec=REGRESSION)
+    assert result["ok"] is False, result
+    assert result["reason"] == FailureReason.FIT_ERROR.value
+    assert result["message"].startswith(f"regression target 'price' holds an infinity in {len(rows)} row(s)")
