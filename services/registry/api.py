@@ -174,7 +174,7 @@ async def list_models(
         items = await q.models(
             prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
         )
-    next_cursor = encode_cursor([items[-1].name]) if len(items) == limit else None
+    next_cursor = encode_cursor("models", [items[-1].name]) if len(items) == limit else None
     return ModelPage(items=items, next_cursor=next_cursor)
 
 
@@ -197,7 +197,7 @@ async def _version_page(
     limit: int,
     cursor: str | None,
 ) -> VersionPage:
-    after = decode_version_cursor(cursor) if cursor is not None else None
+    after = decode_version_cursor(cursor, "versions") if cursor is not None else None
     if after is not None:
         check_cursor_in_list(after[0], model=model, prefix=prefix)
     async with _queries(request) as q:
@@ -206,7 +206,9 @@ async def _version_page(
         items = await q.versions(
             model=model, prefix=prefix, stage=stage, tag=parse_tag_filter(tag), after=after, limit=limit
         )
-    next_cursor = encode_cursor([items[-1].model, items[-1].version]) if len(items) == limit else None
+    next_cursor = (
+        encode_cursor("versions", [items[-1].model, items[-1].version]) if len(items) == limit else None
+    )
     return VersionPage(items=items, next_cursor=next_cursor)
 
 
@@ -582,12 +584,14 @@ async def list_datasets(
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> DatasetPage:
-    after = decode_version_cursor(cursor) if cursor is not None else None
+    after = decode_version_cursor(cursor, "datasets") if cursor is not None else None
     if after is not None:
         check_cursor_in_list(after[0], prefix=prefix)
     async with _reads(request).acquire() as conn:
         items = await PgQueries(conn).datasets(prefix=prefix, model=model, after=after, limit=limit)
-    next_cursor = encode_cursor([items[-1].name, items[-1].version]) if len(items) == limit else None
+    next_cursor = (
+        encode_cursor("datasets", [items[-1].name, items[-1].version]) if len(items) == limit else None
+    )
     return DatasetPage(items=items, next_cursor=next_cursor)
 
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -188,9 +188,17 @@ def check_upload_name(name: str) -> str:
 # --- cursors ------------------------------------------------------------------------------------------
 
 
-def encode_cursor(position: Sequence[Any]) -> str:
-    """An opaque cursor for the row after ``position`` (the sort key of the page's last row)."""
-    return base64.urlsafe_b64encode(orjson.dumps(list(position))).decode().rstrip("=")
+CursorList = Literal["models", "versions", "datasets"]
+"""The list a cursor pages through. The versions of one model and the search of every model's versions are
+one list (both are sorted by model and version); a model's versions are told apart by its name."""
+CURSOR_LISTS: tuple[CursorList, ...] = ("models", "versions", "datasets")
+
+
+def encode_cursor(of: CursorList, position: Sequence[Any]) -> str:
+    """An opaque cursor for the row after ``position`` (the sort key of the page's last row) in the list
+    ``of``: the versions and the datasets lists are sorted by the same (name, number) key, so without the
+    list's name one's cursor was read as the other's."""
+    return base64.urlsafe_b64encode(orjson.dumps([of, *position])).decode().rstrip("=")
 
 
 def _not_valid() -> InvalidInput:
@@ -201,22 +209,25 @@ def _other_list() -> InvalidInput:
     return InvalidInput("cursor does not belong to this list: pass its own next_cursor", field="cursor")
 
 
-def _position(cursor: str, size: int) -> list[Any]:
+def _position(cursor: str, of: CursorList, size: int) -> list[Any]:
     try:
         # validate=True: a character outside the URL-safe alphabet is an error, not skipped.
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         position = orjson.loads(raw)
     except (binascii.Error, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise _not_valid() from exc
-    if not isinstance(position, list) or len(position) != size:
+    if not isinstance(position, list) or not position or position[0] not in CURSOR_LISTS:
+        # Not made by encode_cursor (or made before cursors named their list).
+        raise _not_valid()
+    if position[0] != of or len(position) != size + 1:
         raise _other_list()
-    return position
+    return position[1:]
 
 
 def decode_name_cursor(cursor: str) -> str:
-    """The name inside a cursor of a list sorted by name (models); 422 when :func:`encode_cursor` did not
-    make it for such a list."""
-    [name] = _position(cursor, 1)
+    """The name inside a cursor of the models list; 422 when :func:`encode_cursor` did not make it for that
+    list."""
+    [name] = _position(cursor, "models", 1)
     if type(name) is not str:
         raise _other_list()
     if not is_name(name):
@@ -224,10 +235,10 @@ def decode_name_cursor(cursor: str) -> str:
     return name
 
 
-def decode_version_cursor(cursor: str) -> tuple[str, int]:
-    """The (name, version) inside a cursor of a list sorted by name and version (versions, datasets); 422
-    when :func:`encode_cursor` did not make it for such a list."""
-    name, version = _position(cursor, 2)
+def decode_version_cursor(cursor: str, of: Literal["versions", "datasets"]) -> tuple[str, int]:
+    """The (name, version) inside a cursor of the list ``of`` (versions or datasets, both sorted by name and
+    version); 422 when :func:`encode_cursor` did not make it for that list."""
+    name, version = _position(cursor, of, 2)
     if type(name) is not str or type(version) is not int:
         raise _other_list()
     # Names and versions of the registry only: anything else could not be compared with a row in Postgres

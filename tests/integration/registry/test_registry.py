@@ -396,6 +396,42 @@ async def test_lists_are_paginated_with_an_opaque_cursor(registry: RunningRegist
     ]
 
 
+async def test_a_cursor_of_the_datasets_list_is_refused_by_the_versions_list(
+    registry: RunningRegistry,
+) -> None:
+    # Both lists are sorted by (name, number), and their cursors had the same shape: the versions list read
+    # a dataset's cursor as a version's and answered a page from wherever that fell.
+    name = model_name()
+    await register(registry, name, "run-a")
+    await register(registry, name, "run-b")
+    for rows in (b"a\n1\n", b"a\n2\n"):
+        uploaded = await registry.http.post(
+            "/v1/datasets",
+            files={"file": ("d.csv", rows, "text/csv")},
+            data={"name": name},
+            headers=AUTH["operator"],
+        )
+        assert uploaded.status_code == 201, uploaded.text
+    pages = {
+        path: (
+            await registry.http.get(path, params={"prefix": name, "limit": 1}, headers=AUTH["viewer"])
+        ).json()
+        for path in ("/v1/datasets", "/v1/versions")
+    }
+    for made_by, read_by in (("/v1/datasets", "/v1/versions"), ("/v1/versions", "/v1/datasets")):
+        cursor = pages[made_by]["next_cursor"]
+        assert cursor is not None
+        own = await registry.http.get(
+            made_by, params={"prefix": name, "cursor": cursor}, headers=AUTH["viewer"]
+        )
+        assert own.status_code == 200 and len(own.json()["items"]) == 1, own.text
+        foreign = await registry.http.get(
+            read_by, params={"prefix": name, "cursor": cursor}, headers=AUTH["viewer"]
+        )
+        assert foreign.status_code == 422, foreign.text
+        assert foreign.json()["detail"] == "cursor does not belong to this list: pass its own next_cursor"
+
+
 async def test_dataset_upload_is_validated_stored_and_announced(registry: RunningRegistry) -> None:
     model = model_name()
     await register(registry, model, "run-1")

@@ -52,11 +52,11 @@ def cursor(position: object) -> str:
 @pytest.mark.parametrize(
     "url",
     [
-        "/v1/models?cursor=" + cursor(["a\x00b"]),
-        "/v1/datasets?cursor=" + cursor(["x\x00", 1]),
-        "/v1/versions?cursor=" + cursor(["churn", 2**31]),
-        "/v1/datasets?cursor=" + cursor(["x", 2**40]),
-        "/v1/models/churn/versions?cursor=" + cursor(["churn", -5]),
+        "/v1/models?cursor=" + cursor(["models", "a\x00b"]),
+        "/v1/datasets?cursor=" + cursor(["datasets", "x\x00", 1]),
+        "/v1/versions?cursor=" + cursor(["versions", "churn", 2**31]),
+        "/v1/datasets?cursor=" + cursor(["datasets", "x", 2**40]),
+        "/v1/models/churn/versions?cursor=" + cursor(["versions", "churn", -5]),
     ],
 )
 async def test_a_cursor_the_database_could_not_compare_is_422(client: httpx.AsyncClient, url: str) -> None:
@@ -257,10 +257,13 @@ async def test_a_limit_written_another_way_is_422(client: httpx.AsyncClient, pat
 @pytest.mark.parametrize(
     "url",
     [
-        "/v1/models/churn/versions?cursor=" + cursor(["fraud", 3]),  # another model's versions
-        "/v1/versions?prefix=ch&cursor=" + cursor(["fraud", 3]),
-        "/v1/models?prefix=ch&cursor=" + cursor(["fraud"]),
-        "/v1/datasets?prefix=ch&cursor=" + cursor(["fraud", 1]),
+        "/v1/models/churn/versions?cursor=" + cursor(["versions", "fraud", 3]),  # another model's versions
+        "/v1/versions?prefix=ch&cursor=" + cursor(["versions", "fraud", 3]),
+        "/v1/versions?cursor=" + cursor(["datasets", "churn", 3]),  # the datasets list's
+        "/v1/datasets?cursor=" + cursor(["versions", "churn", 3]),
+        "/v1/models?cursor=" + cursor(["versions", "churn", 3]),
+        "/v1/models?prefix=ch&cursor=" + cursor(["models", "fraud"]),
+        "/v1/datasets?prefix=ch&cursor=" + cursor(["datasets", "fraud", 1]),
     ],
 )
 async def test_a_cursor_of_another_list_is_422_not_an_empty_last_page(

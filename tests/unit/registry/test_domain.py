@@ -71,15 +71,44 @@ def test_commands_never_archive_or_promote_what_they_should_not() -> None:
 
 
 def test_cursor_round_trips_and_garbage_is_invalid_input() -> None:
-    assert decode_version_cursor(encode_cursor(["churn", 7])) == ("churn", 7)
-    assert decode_version_cursor(encode_cursor(["churn", VERSION_MAX])) == ("churn", VERSION_MAX)
-    assert decode_name_cursor(encode_cursor(["churn"])) == "churn"
-    for bad in ("%%%", "bm90IGpzb24", encode_cursor(["churn"]), encode_cursor([1, "x"]), encode_cursor([1])):
+    assert decode_version_cursor(encode_cursor("versions", ["churn", 7]), "versions") == ("churn", 7)
+    assert decode_version_cursor(encode_cursor("datasets", ["churn", VERSION_MAX]), "datasets") == (
+        "churn",
+        VERSION_MAX,
+    )
+    assert decode_name_cursor(encode_cursor("models", ["churn"])) == "churn"
+    for bad in (
+        "%%%",
+        "bm90IGpzb24",
+        encode_cursor("versions", ["churn"]),
+        encode_cursor("versions", [1, "x"]),
+        encode_cursor("versions", [1]),
+    ):
         with pytest.raises(InvalidInput) as caught:
-            decode_version_cursor(bad)
+            decode_version_cursor(bad, "versions")
         assert caught.value.extra["field"] == "cursor"
     with pytest.raises(InvalidInput):
-        decode_name_cursor(encode_cursor(["churn", 7]))
+        decode_name_cursor(encode_cursor("versions", ["churn", 7]))
+
+
+@pytest.mark.parametrize(
+    ("made_by", "read_by"), [("datasets", "versions"), ("versions", "datasets"), ("models", "versions")]
+)
+def test_a_cursor_of_another_list_of_the_same_shape_belongs_to_that_list(made_by: str, read_by: str) -> None:
+    # A dataset and a version are both a (name, number): the versions list read the datasets list's cursor
+    # as its own and answered from there.
+    position = ["churn"] if made_by == "models" else ["churn", 3]
+    with pytest.raises(InvalidInput, match="cursor does not belong to this list") as caught:
+        decode_version_cursor(encode_cursor(made_by, position), read_by)  # type: ignore[arg-type]
+    assert caught.value.extra["field"] == "cursor"
+
+
+def test_a_cursor_naming_no_list_is_not_valid() -> None:
+    # What encode_cursor wrote before cursors named their list: ["churn", 7].
+    with pytest.raises(InvalidInput, match="cursor is not valid"):
+        decode_version_cursor(raw_cursor(["churn", 7]), "versions")
+    with pytest.raises(InvalidInput, match="cursor is not valid"):
+        decode_name_cursor(raw_cursor(["churn"]))
 
 
 def raw_cursor(position: object) -> str:
@@ -101,15 +130,15 @@ def raw_cursor(position: object) -> str:
 )
 def test_a_cursor_whose_name_or_version_the_registry_cannot_hold_is_not_valid(position: list[object]) -> None:
     with pytest.raises(InvalidInput, match="cursor is not valid"):
-        decode_version_cursor(raw_cursor(position))
+        decode_version_cursor(raw_cursor(["versions", *position]), "versions")
     if position[0] != "churn":
         with pytest.raises(InvalidInput, match="cursor is not valid"):
-            decode_name_cursor(raw_cursor(position[:1]))
+            decode_name_cursor(raw_cursor(["models", *position[:1]]))
 
 
 def test_a_cursor_with_characters_outside_base64_is_not_valid() -> None:
     with pytest.raises(InvalidInput, match="cursor is not valid"):
-        decode_version_cursor("!!!" + encode_cursor(["churn", 7]) + "!!!")
+        decode_version_cursor("!!!" + encode_cursor("versions", ["churn", 7]) + "!!!", "versions")
 
 
 def test_names_are_checked_whole() -> None:
