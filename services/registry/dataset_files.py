@@ -155,21 +155,30 @@ def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
     frame.columns = [str(c).strip() for c in frame.columns]
     for name in frame.columns:
         _refuse_wide_integers(name, frame[name])
-    _refuse_overflowing_floats(text, frame)
+    _refuse_floats_out_of_range(text, frame)
     return frame
 
 
 _INFINITY_TEXT = frozenset({"inf", "infinity"})
+# Text a float64 can only read as 0 although it is not zero: an exponent of three digits or more, or 300
+# zeros after the point. Every non-zero literal of a magnitude below float64's least (about 4.9e-324) has
+# one of them; a file with neither is not read again.
+_TINY_TEXT = re.compile(r"[eE][+-]?0*[1-9][0-9]{2}|\.0{300}")
+_NONZERO_DIGIT = re.compile(r"[1-9]")
 
 
-def _refuse_overflowing_floats(text: str, frame: pd.DataFrame) -> None:
-    """A number beyond float64's range (``1e400``) is refused: pandas reads it as infinity, a value the file
-    does not hold. ``inf`` and ``-Infinity`` written out stay infinities. The text of a column is read again
-    only when the column holds an infinity."""
+def _refuse_floats_out_of_range(text: str, frame: pd.DataFrame) -> None:
+    """A number beyond float64's range is refused: pandas reads ``1e400`` as infinity and ``1e-400`` as 0,
+    values the file does not hold (0 is the one value a tiny measurement, a probability, a rate is not).
+    ``inf`` and ``-Infinity`` written out stay infinities, and a subnormal such as ``4e-320`` is kept: it is
+    not 0. The text of a column is read again only when the column holds an infinity, or a zero in a file
+    with text that may be a tiny number."""
+    tiny = _TINY_TEXT.search(text) is not None
     suspects = [
         i
         for i, name in enumerate(frame.columns)
-        if ptypes.is_float_dtype(frame[name].dtype) and frame[name].abs().eq(float("inf")).any()
+        if ptypes.is_float_dtype(frame[name].dtype)
+        and (frame[name].abs().eq(float("inf")).any() or (tiny and frame[name].eq(0).any()))
     ]
     if not suspects:
         return
@@ -184,12 +193,22 @@ def _refuse_overflowing_floats(text: str, frame: pd.DataFrame) -> None:
     for index, texts in zip(suspects, (raw.iloc[:, i] for i in range(len(suspects))), strict=True):
         name = frame.columns[index]
         for row, (value, written) in enumerate(zip(frame[name].tolist(), texts.tolist(), strict=True)):
-            infinite = isinstance(value, float) and math.isinf(value)  # a missing value is NA
-            if infinite and written.strip().lstrip("+-").lower() not in _INFINITY_TEXT:
+            if not isinstance(value, float):  # a missing value is NA
+                continue
+            literal = written.strip()
+            if math.isinf(value) and literal.lstrip("+-").lower() not in _INFINITY_TEXT:
                 raise InvalidInput(
-                    f"column {name!r} holds {shown(written.strip())} (row {row}), beyond the range of a "
+                    f"column {name!r} holds {shown(literal)} (row {row}), beyond the range of a "
                     "float64 (about ±1.8e308): it would be stored as infinity; write inf if that is what it "
                     "means",
+                    field="file",
+                    column=name,
+                )
+            if value == 0 and _NONZERO_DIGIT.search(literal.partition("e")[0].partition("E")[0]):
+                raise InvalidInput(
+                    f"column {name!r} holds {shown(literal)} (row {row}), nearer to 0 than a float64 can "
+                    "hold (about ±4.9e-324): it would be stored as 0; write 0 if that is what it means, or "
+                    "change the column's unit",
                     field="file",
                     column=name,
                 )

@@ -467,6 +467,31 @@ def test_infinity_written_out_in_a_csv_stays_infinity() -> None:
     assert table[0] == {"a": float("inf"), "b": float("-inf")} and table[1]["b"] == float("inf")
 
 
+@pytest.mark.parametrize(
+    ("data", "written", "row"),
+    [
+        (b"a,b\n1,1e-400\n", "1e-400", 0),
+        (b"a,b\n1,0\n2,\n3,-2E-324\n", "-2E-324", 2),
+        (b"a,b\n1,0.0\n2,0." + b"0" * 400 + b"7\n", "0." + "0" * 400 + "7", 1),
+    ],
+)
+def test_a_csv_number_nearer_zero_than_float64_holds_is_refused_not_stored_as_zero(
+    data: bytes, written: str, row: int
+) -> None:
+    # pandas read 1e-400 as 0 where 1e400 was already refused: the stored table held a 0 the file did not.
+    with pytest.raises(InvalidInput, match="nearer to 0 than a float64 can hold") as caught:
+        canonicalise(data, filename="x.csv", limits=LIMITS)
+    assert caught.value.message.startswith(f"column 'b' holds {written[:40]!r}")
+    assert f"(row {row})" in caught.value.message and caught.value.extra["column"] == "b"
+
+
+def test_zero_and_subnormal_numbers_in_a_csv_are_kept() -> None:
+    data = b"a,b\n0e-999,4e-320\n-0.000,5e-324\n1e-300,0." + b"0" * 310 + b"1e10\n"
+    dataset = canonicalise(data, filename="x.csv", limits=LIMITS)
+    table = pq.read_table(io.BytesIO(dataset.parquet)).to_pydict()
+    assert table == {"a": [0.0, -0.0, 1e-300], "b": [4e-320, 5e-324, 1e-301]}
+
+
 def test_too_many_columns_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="3 columns; the limit is 2"):
         canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", limits=replace(LIMITS, columns=2))
