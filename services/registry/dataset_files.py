@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import pandas as pd
@@ -270,6 +271,7 @@ def _check_header(names: list[str]) -> None:
     if not any(names):
         raise InvalidInput("the file has no header row naming its columns", field="file")
     seen: dict[str, int] = {}
+    looks_like: dict[str, int] = {}
     for i, n in enumerate(names, start=1):
         if not n:
             raise InvalidInput(f"column {i} of the header has no name", field="file", column_index=i)
@@ -294,6 +296,37 @@ def _check_header(names: list[str]) -> None:
                 column=n,
             )
         seen[n] = i
+        looks = _as_shown(n)
+        if (first := looks_like.get(looks)) is not None:
+            raise InvalidInput(
+                f"columns {first} and {i} of the header, {_escaped(names[first - 1])} and {_escaped(n)}, "
+                "differ only in what does not show (Unicode normalisation such as é written as e and an "
+                "accent, zero-width or other format characters, kinds or runs of white space): a model's "
+                "feature named by one could be taken for the other; rename one",
+                field="file",
+                column=n,
+                columns=[names[first - 1], n],
+            )
+        looks_like[looks] = i
+
+
+_WHITE_SPACE = re.compile(r"\s+")
+
+
+def _escaped(name: str) -> str:
+    """``name`` quoted with every character beyond ASCII escaped, so the message shows how two names that
+    look the same differ; cut as :func:`shown` cuts."""
+    return ascii(name) if len(name) <= 40 else f"{name[:40]!a}… ({len(name):,} characters)"
+
+
+def _as_shown(name: str) -> str:
+    """``name`` as it shows: compatibility-normalised (NFKC: é as one character or as e and an accent, a
+    no-break space, a full-width letter), without the characters that render as nothing (Unicode Cf, such as
+    the zero-width space and joiners, the soft hyphen, direction marks and the BOM, and control characters)
+    and with each run of white space as one space."""
+    normal = unicodedata.normalize("NFKC", name)
+    visible = "".join(c for c in normal if c.isspace() or unicodedata.category(c) not in ("Cf", "Cc"))
+    return _WHITE_SPACE.sub(" ", visible).strip()
 
 
 def _parser_message(exc: Exception, columns: int) -> str:

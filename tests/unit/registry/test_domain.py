@@ -492,6 +492,41 @@ def test_zero_and_subnormal_numbers_in_a_csv_are_kept() -> None:
     assert table == {"a": [0.0, -0.0, 1e-300], "b": [4e-320, 5e-324, 1e-301]}
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("\u00e9t\u00e9", "e\u0301te\u0301"),  # NFC and NFD
+        ("age", "age\u200b"),  # a zero-width space
+        ("age", "\u200dage"),  # a zero-width joiner
+        ("monthly charges", "monthly\u00a0charges"),  # a no-break space
+        ("monthly charges", "monthly  charges"),
+        ("plan", "pl\u00adan"),  # a soft hyphen
+        ("plan", "\uff50\uff4c\uff41\uff4e"),  # full-width letters
+    ],
+)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_columns_whose_names_differ_only_invisibly_are_refused_naming_both(
+    first: str, second: str, fmt: str
+) -> None:
+    # Both were kept as distinct columns, so as features a model or a request could name either and mean
+    # the other.
+    if fmt == "csv":
+        data = f"{first},{second}\n1,2\n".encode()
+    else:
+        data = parquet_table(pa.table({first: [1], second: [2]}))
+    with pytest.raises(InvalidInput, match="differ only in what does not show") as caught:
+        canonicalise(data, filename=f"x.{fmt}", limits=LIMITS)
+    assert caught.value.message.startswith(f"columns 1 and 2 of the header, {first!a} and {second!a}")
+    assert caught.value.extra["columns"] == [first, second] and caught.value.extra["field"] == "file"
+
+
+def test_columns_whose_names_differ_in_what_shows_are_kept() -> None:
+    dataset = canonicalise(
+        "Age,age,\u00e9,e,x2,x\u00b3\n1,2,3,4,5,6\n".encode(), filename="x.csv", limits=LIMITS
+    )
+    assert list(dataset.columns) == ["Age", "age", "\u00e9", "e", "x2", "x\u00b3"]
+
+
 def test_too_many_columns_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="3 columns; the limit is 2"):
         canonicalise(b"a,b,c\n1,2,3\n", filename="x.csv", limits=replace(LIMITS, columns=2))
