@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 import email.message
 import inspect
 import json
 import re
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import aclosing
 from http import HTTPStatus
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -28,8 +30,10 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -151,6 +155,97 @@ async def json_keys_once(request: Request) -> None:
         ) from exc
     except (ValueError, RecursionError):
         return  # not JSON: FastAPI's reader has said so already
+
+
+class _StrictMultiPart(MultiPartParser):
+    """Starlette's multipart reader, refusing text it cannot decode in the body's charset (UTF-8 unless the
+    Content-Type names another): a text field, a part's name or a file name. Starlette decodes such bytes
+    as Latin-1 instead, so a description sent in Windows-1252 was stored as other characters than the
+    client's, and no one was told."""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._current_part.content_disposition)
+        for option, what in ((b"name", "a part's name"), (b"filename", "a file name")):
+            if option in options:
+                _decoded(options[option], self._charset, what, "name" if option == b"name" else "filename")
+        super().on_headers_finished()
+
+    def on_part_end(self) -> None:
+        if self._current_part.file is None:
+            name = self._current_part.field_name
+            _decoded(self._current_part.data, self._charset, f"the form field {shown(name)}", name)
+        super().on_part_end()
+
+
+def _decoded(raw: bytes | bytearray, charset: str, what: str, field: str) -> None:
+    try:
+        raw.decode(charset)
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise InvalidInput(
+            f"{what} is not {charset.upper()} text (byte 0x{byte:02x} at {exc.start} cannot be decoded): "
+            "send the form's text as UTF-8, or name its charset in the Content-Type",
+            field=field,
+        ) from None
+
+
+class _StrictFormRequest(Request):
+    """A request whose multipart form is read by :class:`_StrictMultiPart`."""
+
+    async def _get_form(
+        self,
+        *,
+        max_files: int | float = 1000,
+        max_fields: int | float = 1000,
+        max_part_size: int = 1024 * 1024,
+    ) -> FormData:
+        media, params = parse_options_header(self.headers.get("content-type"))
+        if self._form is not None or media != b"multipart/form-data":
+            return await super()._get_form(
+                max_files=max_files, max_fields=max_fields, max_part_size=max_part_size
+            )
+        charset = params.get(b"charset", b"utf-8")
+        charset_name = charset.decode("latin-1") if isinstance(charset, bytes) else charset
+        try:
+            codecs.lookup(charset_name)
+        except LookupError:
+            # Starlette read the form as Latin-1 then.
+            raise InvalidInput(
+                f"the Content-Type names the charset {shown(charset_name)}, which this server does not know: "
+                "send the form as UTF-8",
+                field="content-type",
+            ) from None
+        try:
+            async with aclosing(self.stream()) as stream:
+                parser = _StrictMultiPart(
+                    self.headers,
+                    stream,
+                    max_files=max_files,
+                    max_fields=max_fields,
+                    max_part_size=max_part_size,
+                )
+                self._form = await parser.parse()
+        except MultiPartException as exc:
+            raise HTTPException(status_code=400, detail=exc.message)  # noqa: B904 (the handler reads __context__)
+        return self._form
+
+
+class FormRoute(APIRoute):
+    """The route class of a router with a route that reads a form (``File``, ``Form``): its text is UTF-8 or
+    in the charset the Content-Type names, or 422 naming the field (:class:`_StrictMultiPart`).
+    :func:`create_app` refuses a form route of another class."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictFormRequest(request.scope, request.receive))
+
+        return strict
+
+
+def _reads_a_form(route: APIRoute) -> bool:
+    return route.body_field is not None and isinstance(route.body_field.field_info, params.Form)
 
 
 class RequestLimits:
@@ -430,6 +525,15 @@ def _exception_handler(app: FastAPI, exc: Exception) -> Callable[..., Any] | Non
     return None
 
 
+def _domain_answer(exc: DomainError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse(
+        error_body(exc.message, exc.code, **exc.extra), status_code=exc.status, headers=headers
+    )
+
+
 def create_app(
     settings: ServiceSettings,
     *,
@@ -454,12 +558,7 @@ def create_app(
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        if isinstance(exc, TooManyRequests):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        return JSONResponse(
-            error_body(exc.message, exc.code, **exc.extra), status_code=exc.status, headers=headers
-        )
+        return _domain_answer(exc)
 
     async def _infrastructure_down(_: Request, exc: Exception) -> JSONResponse:
         # Postgres or the artifact store unreachable, restarting or failing over: the request was fine and
@@ -522,6 +621,10 @@ def create_app(
                 else f"the request body is not JSON: {cause}"
             )
             return JSONResponse(error_body(message, "invalid-input"), status_code=422)
+        if exc.status_code == 400 and isinstance(cause, DomainError):
+            # What the body's reader refused itself (a form's text that is not in its charset): FastAPI
+            # answers whatever its reader raises with 400 "There was an error parsing the body".
+            return _domain_answer(cause)
         context = exc.__context__
         if exc.status_code == 400 and isinstance(context, MultiPartException) and context.__cause__:
             # Starlette's "Invalid multipart data." for whatever the multipart reader refused (a part's
@@ -548,6 +651,12 @@ def create_app(
         )
 
     for router in (*hot, *routers):
+        for route in router.routes:
+            if isinstance(route, APIRoute) and _reads_a_form(route) and not isinstance(route, FormRoute):
+                raise ValueError(
+                    f"{route.path} reads a form: its router needs route_class=FormRoute (libs.http), or a "
+                    "text field that is not UTF-8 is read as Latin-1"
+                )
         app.include_router(router, responses=ERROR_RESPONSES)
     app.mount("/metrics", make_asgi_app())
     hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]

@@ -11,7 +11,8 @@ from typing import Annotated, ClassVar
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi.routing import APIRoute
 from pydantic import Field, TypeAdapter, ValidationError
 
 from contracts.envelope import OversizedEvent, check_attributes
@@ -28,7 +29,7 @@ from libs.auth import (
 )
 from libs.db import shown_dsn
 from libs.errors import Conflict, NotFound
-from libs.http import Text, create_app, error_body
+from libs.http import FormRoute, Text, create_app, error_body
 from libs.service import load_settings
 from libs.settings import MAX_EVENT_BYTES_LIMIT, KafkaSettings, ServiceSettings, settings_problems
 from tests.ports import free_port
@@ -626,3 +627,63 @@ def test_load_settings_names_a_token_file_it_cannot_use(
         f'driftloop example: error: the token file {path} (DRIFTLOOP_AUTH_TOKENS_FILE) has no "tokens" list'
         in (capsys.readouterr().err)
     )
+
+
+def form_app(tmp_path: Path, route_class: type[APIRoute] = FormRoute) -> FastAPI:
+    router = APIRouter(route_class=route_class)
+
+    @router.post("/upload")
+    async def upload(
+        file: Annotated[UploadFile, File()], note: Annotated[str | None, Form()] = None
+    ) -> dict[str, str | None]:
+        return {"note": note, "filename": file.filename}
+
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json")
+    return create_app(settings, title="t", description="d", routers=[router])
+
+
+def multipart(note: bytes, *, filename: bytes = b"d.csv", charset: str = "") -> tuple[bytes, dict[str, str]]:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n' + note + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n\r\n'
+        b"a\n1\n\r\n--b--\r\n"
+    )
+    return body, {"content-type": f"multipart/form-data; boundary=b{charset}"}
+
+
+@pytest.mark.parametrize(
+    ("note", "filename", "field", "message"),
+    [
+        (b"caf\xe9", b"d.csv", "note", "the form field 'note' is not UTF-8 text (byte 0xe9 at 3"),
+        (b"\xed\xa0\x80", b"d.csv", "note", "the form field 'note' is not UTF-8 text (byte 0xed at 0"),
+        (b"cafe", b"d\xe9.csv", "filename", "a file name is not UTF-8 text (byte 0xe9 at 1"),
+    ],
+)
+async def test_form_text_that_is_not_utf8_is_422_naming_the_field(
+    tmp_path: Path, note: bytes, filename: bytes, field: str, message: str
+) -> None:
+    # Starlette read such bytes as Latin-1: 'caf\xe9' became 'café', a lone surrogate's bytes three letters.
+    body, headers = multipart(note, filename=filename)
+    transport = httpx.ASGITransport(app=form_app(tmp_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/upload", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(message) and r.json()["field"] == field, r.text
+
+
+async def test_form_text_in_the_charset_its_content_type_names_is_read_in_it(tmp_path: Path) -> None:
+    transport = httpx.ASGITransport(app=form_app(tmp_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body, headers = multipart("café".encode())
+        assert (await client.post("/upload", content=body, headers=headers)).json()["note"] == "café"
+        body, headers = multipart(b"caf\xe9", charset="; charset=iso-8859-1")
+        assert (await client.post("/upload", content=body, headers=headers)).json()["note"] == "café"
+        body, headers = multipart(b"cafe", charset="; charset=no-such-charset")
+        r = await client.post("/upload", content=body, headers=headers)
+    assert r.status_code == 422 and r.json()["field"] == "content-type", r.text
+    assert r.json()["detail"].startswith("the Content-Type names the charset 'no-such-charset'")
+
+
+def test_an_app_refuses_a_form_route_that_would_read_text_as_latin1(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="/upload reads a form: its router needs route_class=FormRoute"):
+        form_app(tmp_path, route_class=APIRoute)

@@ -323,3 +323,24 @@ async def test_a_multipart_body_the_reader_refuses_is_a_422_saying_why(
     r = await client.post("/v1/datasets", content=body, headers=headers)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("the multipart body cannot be read: ") and why in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("name", "description", "field"),
+    [(b"churn", b"caf\xe9 export", "description"), (b"churn\xe9", b"export", "name")],
+)
+async def test_an_upload_whose_text_field_is_not_utf8_is_422_naming_it(
+    client: httpx.AsyncClient, name: bytes, description: bytes, field: str
+) -> None:
+    # Starlette read the bytes as Latin-1: the description 'caf\xe9' (Windows-1252) was stored as 'café' with
+    # no word, though the body said nothing of a charset (UTF-8).
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\n' + name + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="description"\r\n\r\n' + description + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.csv"\r\n\r\na\n1\n\r\n--b--\r\n'
+    )
+    headers = {**OPERATOR, "content-type": "multipart/form-data; boundary=b"}
+    r = await client.post("/v1/datasets", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field
+    assert r.json()["detail"].startswith(f"the form field {field!r} is not UTF-8 text (byte 0xe9"), r.text
