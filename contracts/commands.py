@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
 from contracts.common import FreeText, ModelName, ModelVersion
 from contracts.envelope import EventPayload
@@ -33,6 +33,29 @@ Reason = Annotated[
 ]
 """Why a command was given: 1 to :data:`REASON_MAX_CHARS` characters, not only white space."""
 REASON_DESCRIPTION = f"Why, for the audit trail: 1 to {REASON_MAX_CHARS:,} characters, not only white space."
+
+
+def within_reason(text: str) -> str:
+    """``text`` if it has at most :data:`REASON_MAX_CHARS` characters, else its start and "…" with the whole
+    length, within the cap: a reason a service composes (from a command's reason and its actor, from a list of
+    names) may run past it, and the event must still be valid."""
+    if len(text) <= REASON_MAX_CHARS:
+        return text
+    cut = f"… ({len(text):,} characters)"
+    return text[: REASON_MAX_CHARS - len(cut)] + cut
+
+
+ComposedReason = Annotated[
+    FreeText,
+    BeforeValidator(lambda v: within_reason(v) if isinstance(v, str) else v),
+    StringConstraints(max_length=REASON_MAX_CHARS),
+]
+"""Why, for people, in an event a service composes itself (a retrain from a drift alert or from a command
+and its actor, a canary verdict): cut to :data:`REASON_MAX_CHARS` characters by :func:`within_reason`, when
+made and when read (an event from before the cap, a stored job), so a producer always makes a valid event."""
+COMPOSED_REASON_TEXT = (
+    f"at most {REASON_MAX_CHARS:,} characters (a longer one is cut, ending with its length)"
+)
 
 TOPIC = "mlops.commands"
 

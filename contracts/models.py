@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Self
+from typing import Annotated, ClassVar, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from contracts.common import (
     PG_BIGINT_MAX,
@@ -64,6 +64,16 @@ class ModelVersionRegistered(EventPayload):
     lineage: Lineage = Field(description="Data, spec, code and parameters that made it.")
 
 
+TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
+"""A tag key: at most 128 characters (keys are indexed), a letter or digit first, then letters, digits and
+``. _ : -``; no ``=`` (the registry's ``?tag=key=value`` splits at the first one), no space."""
+TAG_VALUE_MAX_CHARS = 500
+TagValue = Annotated[Identifier, StringConstraints(max_length=TAG_VALUE_MAX_CHARS)]
+"""A tag's value: at most :data:`TAG_VALUE_MAX_CHARS` characters, no NUL (the registry's route refuses
+more)."""
+
+
 class ModelVersionTagged(EventPayload):
     """A person set, changed or removed a tag on a model version (an approval, a ticket, an owner). The
     CloudEvents ``actor`` says who."""
@@ -73,12 +83,20 @@ class ModelVersionTagged(EventPayload):
 
     model: ModelName = Field(description="Model name.", examples=["churn"])
     model_version: ModelVersion = Field(description="The tagged version.", examples=[7])
-    key: Identifier = Field(min_length=1, description="Tag name.", examples=["approved-by"])
-    value: Identifier | None = Field(
-        description="The value now; null when the tag was removed.", examples=["risk-team"]
+    key: TagKey = Field(
+        description="Tag name: 1 to 128 letters, digits and `. _ : -`, a letter or digit first.",
+        examples=["approved-by"],
     )
-    previous: Identifier | None = Field(
-        default=None, description="The value before; null when the tag was not set.", examples=[None]
+    value: TagValue | None = Field(
+        description=f"The value now (at most {TAG_VALUE_MAX_CHARS} characters); null when the tag was "
+        "removed.",
+        examples=["risk-team"],
+    )
+    previous: TagValue | None = Field(
+        default=None,
+        description=f"The value before (at most {TAG_VALUE_MAX_CHARS} characters); null when the tag was "
+        "not set.",
+        examples=[None],
     )
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import Field, model_validator
 
+from contracts.commands import COMPOSED_REASON_TEXT, ComposedReason
 from contracts.common import (
     PG_BIGINT_MAX,
     PG_INTEGER_MAX,
@@ -287,8 +288,10 @@ class CanaryVerdict(EventPayload):
         ge=0, le=PG_BIGINT_MAX, description="Canary predictions in the window.", examples=[512]
     )
     window: TrafficWindow = Field(description="The window both variants were compared over.")
-    reason: FreeText = Field(
-        default="", description="Summary for people.", examples=["all 4 comparisons within tolerance"]
+    reason: ComposedReason = Field(
+        default="",
+        description=f"Summary for people: {COMPOSED_REASON_TEXT}.",
+        examples=["all 4 comparisons within tolerance"],
     )
 
 

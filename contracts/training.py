@@ -12,6 +12,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
+from contracts.commands import COMPOSED_REASON_TEXT, ComposedReason
 from contracts.common import (
     PG_BIGINT_MAX,
     PG_INTEGER_MAX,
@@ -112,8 +113,9 @@ class TrainingRequested(EventPayload):
     )
     model: ModelName = Field(description="Model to train.", examples=["churn"])
     trigger: TrainingTrigger = Field(description="What asked for the retrain.", examples=["drift-detected"])
-    reason: FreeText = Field(
-        description="Why, for people.", examples=["drift in 4 of 30 features (share 0.13 >= 0.10)"]
+    reason: ComposedReason = Field(
+        description=f"Why, for people: {COMPOSED_REASON_TEXT}.",
+        examples=["drift in 4 of 30 features (share 0.13 >= 0.10)"],
     )
     trigger_event: EventRef | None = Field(
         default=None, description="The event that triggered it (null for a request with no event behind it)."

@@ -22,6 +22,7 @@ from contracts.common import (
     Stage,
     parse_version,
 )
+from contracts.models import TagKey
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
@@ -56,7 +57,6 @@ from services.registry.schemas import (
     RetrainCreate,
     RollbackCreate,
     TagCreate,
-    TagKey,
     VersionPage,
     VersionPublic,
 )

@@ -7,18 +7,14 @@ people and client programs see. The Postgres adapter builds the ``XPublic`` mode
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, ModelVersion, Stage
+from contracts.models import TAG_VALUE_MAX_CHARS
 from libs.http import Reason, Text
-
-TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
-"""A tag key: at most 128 characters (keys are indexed), a letter or digit first, then letters, digits and
-``. _ : -``; no ``=`` (``?tag=key=value`` splits at the first one), no space."""
 
 
 class _Public(BaseModel):
@@ -224,4 +220,4 @@ class CommandAccepted(_Public):
 class TagCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    value: Text = Field(max_length=500, description="Tag value.")
+    value: Text = Field(max_length=TAG_VALUE_MAX_CHARS, description="Tag value.")

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from contracts.common import VERSION_MAX, Stage
 from contracts.examples import EXAMPLES
+from contracts.models import TagKey
 from contracts.training import TrainingCompleted
 from libs.errors import InvalidInput, PayloadTooLarge
 from services.registry.dataset_files import TableLimits, canonicalise
@@ -41,7 +42,6 @@ from services.registry.schemas import (
     LineageDatasetPublic,
     LineagePublic,
     StageChangePublic,
-    TagKey,
     ValidationReportPublic,
     VersionPublic,
 )

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from contracts.commands import RetrainRequested
+from contracts.commands import REASON_MAX_CHARS, RetrainRequested
 from contracts.common import FeatureSpec, FeatureType, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, new_event
@@ -340,6 +340,24 @@ async def test_manual_request_carries_the_actor_into_the_job(harness: Harness) -
     [requested] = harness.events(TrainingRequested)
     assert requested.actor == "user:bob" and "user:bob" in requested.data.reason
     assert harness.events(TrainingCompleted)[0].actor == "user:bob"
+
+
+async def test_a_manual_request_with_the_longest_reason_makes_a_request_within_the_cap(
+    harness: Harness,
+) -> None:
+    # "requested by <actor>: <reason>" ran past the cap its reason was already at: the event carried more
+    # than any reason may.
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    ask = RetrainRequested(model="churn", reason="r" * REASON_MAX_CHARS, ignore_cooldown=True)
+    await harness.bus.publish(new_event(ask, source="/driftloop/registry", actor="user:" + "b" * 200))
+    await harness.bus.drain()
+    [requested] = harness.events(TrainingRequested)
+    assert len(requested.data.reason) == REASON_MAX_CHARS
+    assert requested.data.reason.startswith("requested by user:bbb")
+    assert requested.data.reason.endswith(
+        f"r… ({REASON_MAX_CHARS + len('requested by user:: ') + 200:,} characters)"
+    )
 
 
 async def test_datasets_training_materialises_never_trigger_a_retrain(harness: Harness) -> None:
