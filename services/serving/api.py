@@ -37,7 +37,15 @@ from contracts.feedback import GroundTruthReceived
 from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenStore, ViewerDep
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
-from libs.http import Reason, Text, VersionPath, error_body, json_body, path_version
+from libs.http import (
+    Reason,
+    Text,
+    VersionPath,
+    check_json_content_type,
+    error_body,
+    json_body,
+    path_version,
+)
 from services.serving.domain import (
     ModelRoute,
     answering_variants,
@@ -123,6 +131,7 @@ AnyTokenDep = Annotated[Principal, Depends(_any_token)]
 
 
 async def _json_body(request: Request) -> Any:
+    check_json_content_type(request, reason="not-json")
     return read_json(await request.body())
 
 
@@ -454,6 +463,7 @@ async def predict(name: str, request: Request) -> Response:
     started = time.perf_counter()
     _caller(request, Role.predict)
     ctx = _context(request)
+    check_json_content_type(request, reason="not-json")
     raw = await request.body()
     body, strict = parse_json(raw)
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):

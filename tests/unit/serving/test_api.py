@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from fastapi import FastAPI
@@ -343,6 +344,36 @@ async def test_not_json_and_unknown_model(service: Service) -> None:
     assert r.status_code == 422 and r.json()["reason"] == "not-json"
     r = await service.client.post("/v1/models/other/predict", json={"records": [record()]}, headers=PREDICT)
     assert r.status_code == 404 and "churn" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models/churn/predict", "/v2/models/churn/infer", "/v1/feedback"])
+@pytest.mark.parametrize("content_type", ["", "text/plain", "application/x-www-form-urlencoded", "json"])
+async def test_a_body_sent_as_another_content_type_than_json_is_422_naming_it(
+    service: Service, path: str, content_type: str
+) -> None:
+    # These routes read their body themselves, as JSON whatever the header said: an empty Content-Type, or
+    # a form's, was scored as JSON where every other route of the platform refuses it.
+    body = orjson.dumps({"records": [record()]})
+    r = await service.client.post(path, content=body, headers={**PREDICT, "content-type": content_type})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "content-type" and r.json()["reason"] == "not-json"
+    assert r.json()["detail"] == (
+        "the request body was not read as JSON: send it with Content-Type: application/json (it came as "
+        f"{content_type!r})"
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json", "Application/JSON; charset=utf-8", "application/x+json"]
+)
+async def test_a_body_sent_as_json_or_without_a_content_type_is_read(
+    service: Service, content_type: str | None
+) -> None:
+    # Open Inference Protocol clients (tritonclient) send no Content-Type.
+    headers = PREDICT if content_type is None else {**PREDICT, "content-type": content_type}
+    body = orjson.dumps({"records": [record()]})
+    r = await service.client.post("/v1/models/churn/predict", content=body, headers=headers)
+    assert r.status_code == 200, r.text
 
 
 async def test_failing_canary_is_answered_by_the_stable_and_its_error_rate_rolls_it_back(
