@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
+from libs.http import InDigits
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
@@ -58,7 +59,7 @@ async def drift_report(
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    limit: Annotated[int, InDigits, Query(ge=1, le=100)] = 10,
 ) -> dict[str, Any]:
     _known(monitor, model)
     return {"model": model, "windows": await _reports(rt, model, limit)}
@@ -86,7 +87,7 @@ async def drift_page(
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    limit: Annotated[int, InDigits, Query(ge=1, le=100)] = 10,
 ) -> HTMLResponse:
     _known(monitor, model)
     return HTMLResponse(report.render(model, await _reports(rt, model, limit)))

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.common import ArtifactRef, ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import InvalidInput
+from libs.http import InDigits
 from libs.modelspec import SpecError, parse_spec
 from services.training import handlers
 from services.training.adapters.postgres import PgJobs, PgSpecs
@@ -160,7 +161,7 @@ async def list_jobs(
     model: ModelName,
     request: Request,
     _: ViewerDep,
-    limit: Annotated[int, Query(ge=1, le=200, description="At most this many jobs.")] = 50,
+    limit: Annotated[int, InDigits, Query(ge=1, le=200, description="At most this many jobs.")] = 50,
 ) -> list[JobPublic]:
     rt = request.app.state.runtime
     async with rt.pool.acquire() as conn:
