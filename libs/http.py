@@ -189,6 +189,17 @@ class _StrictMultiPart(MultiPartParser):
                 _decoded(options[option], self._charset, what, "name" if option == b"name" else "filename")
         super().on_headers_finished()
 
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:
+            # Starlette's "Part exceeded maximum size of 1024KB." named neither the part nor a size in bytes.
+            raise PayloadTooLarge(
+                f"the form field {shown(part.field_name)} is larger than the {self.max_part_size:,} bytes a "
+                "text field may have",
+                field=part.field_name,
+            )
+        super().on_part_data(data, start, end)
+
     def on_part_end(self) -> None:
         if self._current_part.file is None:
             name = self._current_part.field_name
@@ -641,11 +652,13 @@ def create_app(
             # answers whatever its reader raises with 400 "There was an error parsing the body".
             return _domain_answer(cause)
         context = exc.__context__
-        if exc.status_code == 400 and isinstance(context, MultiPartException) and context.__cause__:
+        if exc.status_code == 400 and isinstance(context, MultiPartException):
             # Starlette's "Invalid multipart data." for whatever the multipart reader refused (a part's
             # header longer than it reads, such as a file name of 5,000 characters; more than 8 headers in a
-            # part; a body that is not multipart): say what it said.
-            message = f"the multipart body cannot be read: {context.__cause__}"
+            # part; a body that is not multipart): say what it said. Its own refusals (no boundary, a part
+            # without a name, more than 1,000 fields or files) were a 400 where every other unreadable body
+            # is a 422.
+            message = f"the multipart body cannot be read: {context.__cause__ or context.message}"
             return JSONResponse(error_body(message, "invalid-input"), status_code=422)
         return JSONResponse(
             error_body(str(exc.detail), _http_code(exc.status_code)),

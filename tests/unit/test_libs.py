@@ -638,7 +638,7 @@ def form_app(tmp_path: Path, route_class: type[APIRoute] = FormRoute) -> FastAPI
     ) -> dict[str, str | None]:
         return {"note": note, "filename": file.filename}
 
-    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json")
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json", max_request_bytes=4_000_000)
     return create_app(settings, title="t", description="d", routers=[router])
 
 
@@ -687,3 +687,45 @@ async def test_form_text_in_the_charset_its_content_type_names_is_read_in_it(tmp
 def test_an_app_refuses_a_form_route_that_would_read_text_as_latin1(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="/upload reads a form: its router needs route_class=FormRoute"):
         form_app(tmp_path, route_class=APIRoute)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (
+            multipart(b"x" * 1_100_000)[0],
+            "multipart/form-data; boundary=b",
+            413,
+            "the form field 'note' is larger than the 1,048,576 bytes a text field may have",
+        ),
+        (
+            b"x",
+            "multipart/form-data",
+            422,
+            "the multipart body cannot be read: Missing boundary in multipart.",
+        ),
+        (
+            b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+            "multipart/form-data; boundary=b",
+            422,
+            "the multipart body cannot be read: The Content-Disposition header field "
+            '"name" must be provided.',
+        ),
+        (
+            b"&".join([b"note=x"] * 1001),
+            "application/x-www-form-urlencoded",
+            422,
+            "the multipart body cannot be read: Too many fields. Maximum number of fields is 1000.",
+        ),
+    ],
+)
+async def test_a_form_the_reader_refuses_is_a_4xx_saying_what_and_where(
+    tmp_path: Path, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    # Starlette answered 400 "Part exceeded maximum size of 1024KB." (which part?) and 400 for its other
+    # refusals, where every other body that cannot be read is a 422.
+    transport = httpx.ASGITransport(app=form_app(tmp_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/upload", content=body, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+    assert r.json()["detail"] == message
