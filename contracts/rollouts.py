@@ -13,7 +13,8 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
-from contracts.common import PG_BIGINT_MAX, PG_INTEGER_MAX, FreeText, Identifier, ModelName, ModelVersion
+from contracts.commands import COMPOSED_REASON_TEXT, ComposedReason
+from contracts.common import PG_BIGINT_MAX, PG_INTEGER_MAX, Identifier, ModelName, ModelVersion
 from contracts.envelope import EventPayload
 
 TOPIC = "mlops.rollouts"
@@ -163,7 +164,8 @@ class RolloutRolledBack(EventPayload):
         examples=[0.1],
     )
     reason: RollbackReason = Field(description="Machine-readable reason.", examples=["unhealthy-verdict"])
-    message: FreeText = Field(
-        description="What was seen, for people.",
+    message: ComposedReason = Field(
+        description="What was seen, for people (a manual rollback's: who asked and why): "
+        f"{COMPOSED_REASON_TEXT}.",
         examples=["canary error rate 4.1% vs stable 0.2% over 612 vs 5,480 requests"],
     )

@@ -186,6 +186,18 @@ async def test_manual_rollback_carries_the_actor(world: World) -> None:
     assert rolled_back.data.reason is RollbackReason.MANUAL and "user:alice" in rolled_back.data.message
 
 
+async def test_a_manual_rollback_with_the_longest_reason_is_told_within_the_cap(world: World) -> None:
+    # "manual rollback by <actor>: <reason>" ran past the cap its reason was already at.
+    await world.send(registered(2), passed(2))
+    reason = "r" * commands.REASON_MAX_CHARS
+    command = RollbackRequested(model="churn", model_version=2, reason=reason)
+    await world.send(new_event(command, source="/x", actor="user:" + "a" * 200))
+    [rolled_back] = world.rollouts(RolloutRolledBack)
+    assert len(rolled_back.data.message) == commands.REASON_MAX_CHARS
+    assert rolled_back.data.message.startswith("manual rollback by user:aaa")
+    assert rolled_back.data.message.endswith(" characters)")
+
+
 async def test_manual_promote_of_the_canary(world: World) -> None:
     await world.send(registered(2), passed(2))
     await world.send(
