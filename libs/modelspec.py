@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -693,6 +694,43 @@ def check_entry_bounds(spec: ModelSpec) -> None:
                 )
 
 
+class _RepeatedKey(ValueError):
+    """A mapping of the spec names one key twice."""
+
+    def __init__(self, key: Any, line: int | None = None) -> None:
+        at = f" (line {line})" if line is not None else ""
+        super().__init__(f"the key {shown(str(key))} is given twice in one mapping{at}: give each key once")
+
+
+def _json_keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice (it keeps the last, so a spec giving
+    ``estimator`` twice trained the second without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # what a merge key (<<) brings in may be overridden, as YAML says
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Mapping | list):
+                continue  # unhashable: the base constructor says so
+            if key in seen:
+                raise _RepeatedKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str | None = None) -> ModelSpec:
     """A spec from JSON or YAML text (YAML is a superset of JSON, so unknown content types parse too)."""
     try:
@@ -702,7 +740,13 @@ def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str 
     kind = (content_type or "").split(";")[0].strip().lower()
     kind_name = "JSON" if kind == "application/json" else "YAML"
     try:
-        data = orjson.loads(text) if kind == "application/json" else yaml.safe_load(text)
+        if kind == "application/json":
+            data = orjson.loads(text)
+            # orjson keeps the last of two equal keys without a word; Python's reader, read again, says which
+            # (a spec is registered rarely, and small).
+            json.loads(text, object_pairs_hook=_json_keys_once)
+        else:
+            data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader
     except RecursionError as exc:
         # orjson stops at 1024 levels with a JSONDecodeError; PyYAML recurses until Python's limit.
         raise SpecError(f"the spec is not valid {kind_name}: it is nested too deeply") from exc

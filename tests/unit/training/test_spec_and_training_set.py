@@ -800,3 +800,41 @@ def test_base_datasets_whose_column_holds_no_value_in_one_train_on_the_others(tm
     result = run_on_bases(tmp_path, churn_frame(600, seed=1), unlabelled, unmeasured, booleans)
     assert result["ok"] is True, result
     assert result["train_rows"] + result["holdout"]["rows"] == 1800
+
+
+SPEC_HEAD = "features:\n  - {name: tenure_months, type: numeric}\ntarget: churned\ntask: classification\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (
+            SPEC_HEAD + "estimator: random_forest\nestimator: logistic_regression\n",
+            "application/yaml",
+            "the spec is not valid YAML: the key 'estimator' is given twice in one mapping (line 6)",
+        ),
+        (
+            '{"features": [{"name": "a", "type": "numeric", "name": "b"}], "target": "churned", '
+            '"task": "classification", "estimator": "logistic_regression"}',
+            "application/json",
+            "the spec is not valid JSON: the key 'name' is given twice in one mapping",
+        ),
+    ],
+)
+def test_a_spec_naming_a_key_twice_is_refused_not_its_last_value(
+    body: str, content_type: str, message: str
+) -> None:
+    # PyYAML and orjson keep the last of two equal keys: the spec above trained a logistic regression where
+    # its author, reading from the top, saw a random forest.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(body.encode(), content_type=content_type, name="churn")
+    assert caught.value.message.startswith(message), caught.value.message
+
+
+def test_a_yaml_merge_key_may_be_overridden() -> None:
+    body = (
+        "features:\n  - &f {name: tenure_months, type: numeric}\n  - {<<: *f, name: monthly_charges}\n"
+        "target: churned\ntask: classification\nestimator: logistic_regression\n"
+    )
+    spec = parse_spec(body.encode(), content_type="application/yaml", name="churn")
+    assert [f.name for f in spec.features] == ["tenure_months", "monthly_charges"]
