@@ -63,6 +63,28 @@ class TooManyRequests(DomainError):
         self.retry_after_s = retry_after_s
 
 
+class RepeatedKey(ValueError):
+    """A JSON object or a YAML mapping names one key twice (``line``: where, when the reader knows)."""
+
+    def __init__(self, key: str, line: int | None = None) -> None:
+        super().__init__(key)
+        self.key = key
+        self.line = line
+
+
+def keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An ``object_pairs_hook`` for ``json.loads`` that raises :class:`RepeatedKey` for an object naming a key
+    twice: the readers keep the last, where another reader on the way may keep the first."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
 def shown(text: str, chars: int = 40) -> str:
     """``text`` as a message quotes it: its repr, or when it is longer than ``chars`` characters the repr of
     its start, then "…" and its length, so a name of 12,000 characters does not make a message as long."""

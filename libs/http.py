@@ -49,8 +49,10 @@ from libs.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RepeatedKey,
     TooManyRequests,
     Unauthorized,
+    keys_once,
     shown,
 )
 from libs.logging import get_logger
@@ -108,25 +110,6 @@ def json_body(kind: Any, description: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "description": description, "content": content}}
 
 
-class _RepeatedKey(ValueError):
-    """A JSON object names one key twice."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _RepeatedKey(key)
-            seen.add(key)
-    return obj
-
-
 def _is_json(content_type: str | None) -> bool:
     """Whether FastAPI reads a body sent with ``content_type`` as JSON (it reads it as bytes otherwise)."""
     if not content_type:
@@ -167,8 +150,8 @@ async def json_keys_once(request: Request) -> None:
         return
     body = await request.body()
     try:
-        json.loads(body, object_pairs_hook=_keys_once)
-    except _RepeatedKey as exc:
+        json.loads(body, object_pairs_hook=keys_once)
+    except RepeatedKey as exc:
         raise InvalidInput(
             f"the JSON body names the key {shown(exc.key)} more than once in one object; give each key once"
         ) from exc

@@ -43,7 +43,7 @@ from contracts.common import (
     Task,
 )
 from contracts.datasets import TRAINING_SET_SUFFIX
-from libs.errors import shown
+from libs.errors import RepeatedKey, keys_once, shown
 from libs.metrics import METRICS, metrics_for
 
 # name -> (classifier, regressor) as import paths; None where the estimator has no such variant.
@@ -694,25 +694,6 @@ def check_entry_bounds(spec: ModelSpec) -> None:
                 )
 
 
-class _RepeatedKey(ValueError):
-    """A mapping of the spec names one key twice."""
-
-    def __init__(self, key: Any, line: int | None = None) -> None:
-        at = f" (line {line})" if line is not None else ""
-        super().__init__(f"the key {shown(str(key))} is given twice in one mapping{at}: give each key once")
-
-
-def _json_keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _RepeatedKey(key)
-            seen.add(key)
-    return obj
-
-
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping that names a key twice (it keeps the last, so a spec giving
     ``estimator`` twice trained the second without a word)."""
@@ -726,7 +707,7 @@ class _SpecLoader(yaml.SafeLoader):
             if isinstance(key, Mapping | list):
                 continue  # unhashable: the base constructor says so
             if key in seen:
-                raise _RepeatedKey(key, key_node.start_mark.line + 1)
+                raise RepeatedKey(str(key), key_node.start_mark.line + 1)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -744,9 +725,15 @@ def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str 
             data = orjson.loads(text)
             # orjson keeps the last of two equal keys without a word; Python's reader, read again, says which
             # (a spec is registered rarely, and small).
-            json.loads(text, object_pairs_hook=_json_keys_once)
+            json.loads(text, object_pairs_hook=keys_once)
         else:
             data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader
+    except RepeatedKey as exc:
+        at = f" (line {exc.line})" if exc.line is not None else ""
+        raise SpecError(
+            f"the spec is not valid {kind_name}: the key {shown(exc.key)} is given twice in one mapping{at}: "
+            "give each key once"
+        ) from exc
     except RecursionError as exc:
         # orjson stops at 1024 levels with a JSONDecodeError; PyYAML recurses until Python's limit.
         raise SpecError(f"the spec is not valid {kind_name}: it is nested too deeply") from exc
