@@ -92,6 +92,9 @@ async def test_a_sweep_deletes_what_it_picks_but_never_platform_or_kafka_topics(
     finally:
         await admin.close()
     assert made_by_this_session(mine) and not made_by_this_session(other)
+    # Creation is asynchronous too: a topic just made may be missing from another client's list for a moment,
+    # and a sweep can delete only what it is listed.
+    await eventually(lambda: _listing(kafka_bootstrap, mine, other))
 
     deleted = delete_topics(kafka_bootstrap, lambda t: t == mine or t in TOPICS or t.startswith("__"))
 
@@ -99,6 +102,11 @@ async def test_a_sweep_deletes_what_it_picks_but_never_platform_or_kafka_topics(
     left = await eventually(lambda: _without(kafka_bootstrap, mine))
     assert set(TOPICS) <= left and other in left and "__consumer_offsets" in left
     delete_topics(kafka_bootstrap, lambda t: t == other)
+
+
+async def _listing(bootstrap: str, *topics: str) -> set[str] | None:
+    listed = await _topics(bootstrap)
+    return listed if set(topics) <= listed else None
 
 
 async def _without(bootstrap: str, topic: str) -> set[str] | None:
