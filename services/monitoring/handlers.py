@@ -884,12 +884,15 @@ def window_report(
 
 # --- rollouts ---------------------------------------------------------------------------------------------
 
+PROMOTED, ROLLED_BACK = "promoted", "rolled back"  # how a rollout ended, as finished_rollouts records it
+
 
 async def on_rollout_started(
     event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> None:
     """Watch the rollout's current step."""
     p = event.data
+    await _refuse_finished(p.rollout_id, p.step_index, store)
     if await store.last_step(p.rollout_id) is not None:
         # Started before (rollout ids are serving's, one per rollout): a second RolloutStarted, under another
         # event id, would supersede the step in force and watch its first step again, decided long ago, and
@@ -924,6 +927,7 @@ async def on_rollout_step_advanced(
 ) -> None:
     """Watch the new step, with the rollout's sample and bake requirements."""
     p = event.data
+    await _refuse_finished(p.rollout_id, p.step_index, store)
     previous = await store.last_step(p.rollout_id)
     if previous is None:
         raise PermanentError(f"rollout {p.rollout_id} advanced, but monitoring never saw it start")
@@ -981,9 +985,21 @@ def _step_start(
 async def on_rollout_finished(
     event: CloudEvent[RolloutPromoted | RolloutRolledBack], *, monitor: Monitor, store: MonitoringStore
 ) -> None:
-    """Stop watching a promoted or rolled back rollout."""
-    await store.finish_rollout(event.data.rollout_id)
+    """Stop watching a promoted or rolled back rollout, and record that it is over."""
+    outcome = PROMOTED if isinstance(event.data, RolloutPromoted) else ROLLED_BACK
+    await store.finish_rollout(event.data.rollout_id, outcome)
     monitor.live.unwatch(event.data.rollout_id)
+
+
+async def _refuse_finished(rollout_id: str, step_index: int, store: MonitoringStore) -> None:
+    """Dead-letter a step event of a rollout that is over: watched again, its step would get a CanaryVerdict
+    for a rollout serving ended (a step event sent again under another id, or read after the ending)."""
+    outcome = await store.rollout_outcome(rollout_id)
+    if outcome is not None:
+        raise PermanentError(
+            f"rollout {rollout_id} was {outcome} already: its step {step_index} is not watched "
+            "(a step event sent again, or read after the rollout ended)"
+        )
 
 
 def canary_step(step: StoredStep) -> CanaryStep:

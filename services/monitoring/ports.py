@@ -269,8 +269,13 @@ class MonitoringStore(Protocol):
         """Record a rollout step to watch (superseding the rollout's earlier steps)."""
         ...
 
-    async def finish_rollout(self, rollout_id: str) -> None:
-        """Stop watching a rollout."""
+    async def finish_rollout(self, rollout_id: str, outcome: str) -> None:
+        """Stop watching a rollout and record how it ended ("promoted" or "rolled back"); the first ending
+        recorded stays."""
+        ...
+
+    async def rollout_outcome(self, rollout_id: str) -> str | None:
+        """How the rollout ended; None while it runs (or is unknown)."""
         ...
 
     async def last_step(self, rollout_id: str) -> StoredStep | None:

@@ -454,11 +454,22 @@ class PgMonitoringStore:
             step.learned_at,
         )
 
-    async def finish_rollout(self, rollout_id: str) -> None:
+    async def finish_rollout(self, rollout_id: str, outcome: str) -> None:
+        await self.conn.execute(
+            "INSERT INTO finished_rollouts (rollout_id, outcome) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            rollout_id,
+            outcome,
+        )
         await self.conn.execute(
             "UPDATE rollout_steps SET state = 'finished' WHERE rollout_id = $1 AND state = 'watching'",
             rollout_id,
         )
+
+    async def rollout_outcome(self, rollout_id: str) -> str | None:
+        outcome: str | None = await self.conn.fetchval(
+            "SELECT outcome FROM finished_rollouts WHERE rollout_id = $1", rollout_id
+        )
+        return outcome
 
     async def last_step(self, rollout_id: str) -> StoredStep | None:
         rows = await self.conn.fetch(

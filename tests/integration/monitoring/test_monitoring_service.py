@@ -41,8 +41,9 @@ from contracts.monitoring import TOPIC as MONITORING_TOPIC
 from contracts.monitoring import DriftPolicyChanged
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
-from contracts.rollouts import RolloutMode, RolloutStarted, RolloutStepAdvanced
+from contracts.rollouts import RolloutMode, RolloutPromoted, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
+from libs.bus import PermanentError
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
 from libs.profiles import build_profile
@@ -52,6 +53,7 @@ from services.monitoring.bootstrap import MIGRATIONS, make_monitor
 from services.monitoring.handlers import (
     Tally,
     judge_closed_window,
+    on_rollout_finished,
     on_rollout_started,
     on_rollout_step_advanced,
 )
@@ -1118,3 +1120,36 @@ async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: as
         watched = await PgMonitoringStore(conn).watched_steps()
     assert [(s.rollout_id, s.step_index) for s in watched if s.rollout_id == "r-again"] == [("r-again", 1)]
     assert monitor.live.steps["r-again"].step_index == 1
+
+
+async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_step(
+    pool: asyncpg.Pool,
+) -> None:
+    # Every step had its verdict when the rollout was promoted: marking its watched steps finished changed no
+    # row, so a RolloutStepAdvanced read afterwards watched a step of a rollout that was over.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    started = EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": "r-over"})
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-over"})
+    promoted = EXAMPLES[RolloutPromoted].model_copy(update={"rollout_id": "r-over"})
+    assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
+    assert isinstance(promoted, RolloutPromoted)
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await on_rollout_started(
+            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
+        await store.decide_step("r-over", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
+        await on_rollout_finished(new_event(promoted, source="/serving"), monitor=monitor, store=store)
+        assert await store.rollout_outcome("r-over") == "promoted"
+        assert await store.rollout_outcome("r-never") is None
+    with pytest.raises(PermanentError, match="rollout r-over was promoted already"):
+        async with pool.acquire() as conn, conn.transaction():
+            await on_rollout_step_advanced(
+                new_event(advanced, source="/serving"),
+                monitor=monitor,
+                store=PgMonitoringStore(conn),
+                tally=Tally(),
+            )
+    async with pool.acquire() as conn:
+        watched = await PgMonitoringStore(conn).watched_steps()
+    assert [s for s in watched if s.rollout_id == "r-over"] == []

@@ -720,6 +720,9 @@ class Steps(Unlabelled):
         mine = [s for s in self.steps if s.rollout_id == rollout_id]
         return max(mine, key=lambda s: s.step_index, default=None)
 
+    async def rollout_outcome(self, rollout_id: str) -> str | None:
+        return None  # no rollout here ends
+
 
 async def step_announced_at(
     at: float, *, advanced: bool, monitor: Monitor, store: Steps

@@ -1,0 +1,158 @@
+"""Step events of a rollout that is over (promoted or rolled back) watch nothing again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from contracts.envelope import new_event
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
+from libs.bus import PermanentError
+from services.monitoring.bootstrap import make_monitor
+from services.monitoring.handlers import (
+    Tally,
+    on_rollout_finished,
+    on_rollout_started,
+    on_rollout_step_advanced,
+)
+from services.monitoring.ports import StoredStep
+from services.monitoring.settings import MonitoringSettings
+
+STARTED = RolloutStarted(
+    rollout_id="r-1",
+    model="churn",
+    stable_version=1,
+    canary_version=2,
+    steps=[0.1, 0.5, 1.0],
+    weight=0.1,
+    min_samples=100,
+    bake_seconds=2.0,
+)
+ADVANCED = RolloutStepAdvanced(
+    rollout_id="r-1",
+    model="churn",
+    stable_version=1,
+    canary_version=2,
+    step_index=1,
+    previous_weight=0.1,
+    weight=0.5,
+    samples_seen=100,
+    step_seconds=2.0,
+)
+PROMOTED = RolloutPromoted(
+    rollout_id="r-1",
+    model="churn",
+    model_version=2,
+    previous_version=1,
+    steps_completed=1,
+    duration_seconds=60.0,
+)
+ROLLED_BACK = RolloutRolledBack(
+    rollout_id="r-1",
+    model="churn",
+    stable_version=1,
+    canary_version=2,
+    step_index=0,
+    weight=0.1,
+    reason="unhealthy-verdict",
+    message="canary worse",
+)
+
+
+@dataclass
+class RolloutSteps:
+    """The rollout_steps and finished_rollouts tables, as the Postgres store keeps them."""
+
+    steps: dict[tuple[str, int], StoredStep] = field(default_factory=dict)
+    state: dict[tuple[str, int], str] = field(default_factory=dict)
+    finished: dict[str, str] = field(default_factory=dict)
+
+    async def save_step(self, step: StoredStep) -> None:
+        key = (step.rollout_id, step.step_index)
+        for other, state in self.state.items():
+            if other[0] == step.rollout_id and other != key and state == "watching":
+                self.state[other] = "superseded"
+        if key not in self.steps:
+            self.steps[key], self.state[key] = step, "watching"
+
+    async def decide(self, rollout_id: str, step_index: int) -> None:
+        self.state[(rollout_id, step_index)] = "decided"
+
+    async def finish_rollout(self, rollout_id: str, outcome: str = "finished") -> None:
+        self.finished.setdefault(rollout_id, outcome)
+        for key, state in self.state.items():
+            if key[0] == rollout_id and state == "watching":
+                self.state[key] = "finished"
+
+    async def rollout_outcome(self, rollout_id: str) -> str | None:
+        return self.finished.get(rollout_id)
+
+    async def last_step(self, rollout_id: str) -> StoredStep | None:
+        mine = [s for (r, _), s in self.steps.items() if r == rollout_id]
+        return max(mine, key=lambda s: s.step_index, default=None)
+
+    def watching(self) -> list[tuple[str, int]]:
+        return [key for key, state in self.state.items() if state == "watching"]
+
+
+async def handle(payload: Any, monitor: Any, store: RolloutSteps) -> None:
+    event = new_event(payload, source="/test/serving")
+    if isinstance(payload, RolloutStarted):
+        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+    elif isinstance(payload, RolloutStepAdvanced):
+        await on_rollout_step_advanced(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+    else:
+        await on_rollout_finished(event, monitor=monitor, store=store)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("ending", "how"), [(PROMOTED, "promoted"), (ROLLED_BACK, "rolled back")], ids=["promoted", "rolled-back"]
+)
+@pytest.mark.parametrize("late", [STARTED, ADVANCED], ids=["started", "advanced"])
+async def test_a_step_event_of_a_rollout_that_ended_after_its_steps_were_decided_is_dead_lettered(
+    ending: Any, how: str, late: Any
+) -> None:
+    # Every step had its verdict when the rollout ended: finishing it changed no row, so nothing recorded that
+    # it was over, and a RolloutStepAdvanced to a later step read after the ending was watched, to publish a
+    # CanaryVerdict for a rollout that is over (a RolloutStarted sent again was ignored with a warning, as for
+    # a running rollout). Both are dead-lettered now, naming the rollout and how it ended.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    store = RolloutSteps()
+    await handle(STARTED, monitor, store)
+    await store.decide("r-1", 0)
+    monitor.live.unwatch("r-1")
+    await handle(ending, monitor, store)
+
+    with pytest.raises(PermanentError) as refused:
+        await handle(late, monitor, store)
+    assert "rollout r-1" in str(refused.value) and how in str(refused.value)
+    assert store.watching() == []
+    assert "r-1" not in monitor.live.steps
+
+
+@pytest.mark.parametrize("late", [STARTED, ADVANCED], ids=["started", "advanced"])
+async def test_a_step_event_of_a_rollout_that_ended_before_monitoring_saw_it_start_is_dead_lettered(
+    late: Any,
+) -> None:
+    # Rolled back before monitoring stored any step of it: nothing recorded the ending, and a RolloutStarted
+    # read afterwards watched the rollout as if it were running.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    store = RolloutSteps()
+    await handle(ROLLED_BACK, monitor, store)
+
+    with pytest.raises(PermanentError, match="rollout r-1 was rolled back"):
+        await handle(late, monitor, store)
+    assert store.watching() == []
+    assert "r-1" not in monitor.live.steps
+
+
+async def test_a_running_rollout_still_advances() -> None:
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    store = RolloutSteps()
+    await handle(STARTED, monitor, store)
+    await store.decide("r-1", 0)
+    await handle(ADVANCED, monitor, store)
+    assert store.watching() == [("r-1", 1)]
+    assert monitor.live.steps["r-1"].step_index == 1
