@@ -55,8 +55,9 @@ WINDOWS_SET_ASIDE = Counter(
 
 LABEL_JOINS_GIVEN_UP = Counter(
     "driftloop_monitoring_label_joins_given_up_total",
-    "Waiting labels whose join with their prediction failed with an error retrying cannot cure (not an "
-    "outage): logged as errors and left waiting, to expire as unmatched, so the other joins go on.",
+    "Label joins that failed with an error retrying cannot cure (not an outage): logged as errors, so the "
+    "other joins go on. A waiting label is left waiting, to expire as unmatched; one joined before (to the "
+    "served row) keeps that join, and the predictions consumed since (a shadow scoring) go without it.",
     ["model"],
 )
 
@@ -239,8 +240,9 @@ class Background:
         """Join the waiting labels of held predictions (see ``LiveState.joins_due``), all in one transaction.
 
         An outage raises: they stay due for the next tick. After any other error they are made again one per
-        transaction, and one that fails again is given up (logged and counted): its label waits on in
-        Postgres and expires as unmatched, and the joins and the housekeeping behind it go on."""
+        transaction, and one that fails again is given up (logged and counted): a waiting label waits on in
+        Postgres and expires as unmatched, one joined before keeps its joins, and the joins and the
+        housekeeping behind it go on."""
         due = self.monitor.live.joins_to_make()
         if not due:
             return
@@ -281,8 +283,23 @@ class Background:
         live.joins_due.discard(pair)
         prediction_id, model = pair
         LABEL_JOINS_GIVEN_UP.labels(model).inc()
+        if pair in live.pending_labels:
+            log.error(
+                "label join given up: joining it failed and retrying cannot help; the waiting label expires "
+                "as unmatched",
+                label="waiting",
+                prediction_id=prediction_id,
+                model=model,
+                error=repr(exc),
+            )
+            return
+        # A label joined before, to the predictions of its id then held (the served row): the join that failed
+        # is to those consumed since (a shadow candidate's scoring), which go without it.
         log.error(
-            "label join given up: joining it failed and retrying cannot help; the label expires as unmatched",
+            "label join given up: joining it to the predictions consumed since it joined (a shadow "
+            "candidate's scoring) failed and retrying cannot help; those go without it, the predictions it "
+            "joined before keep it",
+            label="joined before",
             prediction_id=prediction_id,
             model=model,
             error=repr(exc),

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.feedback import GroundTruthReceived
@@ -372,8 +373,11 @@ async def test_a_missed_join_that_fails_for_good_is_given_up_and_the_housekeepin
     label_tx.commit()
     tables.joins_fail = True
 
-    await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
 
+    [given_up] = [e for e in logs if e["event"].startswith("label join given up")]
+    assert "expires as unmatched" in given_up["event"] and given_up["label"] == "waiting"
     assert tables.replay_saves == 1  # the housekeeping ran
     assert tables.labelled == {} and tables.waiting() == {
         ("good-1-0", "churn")

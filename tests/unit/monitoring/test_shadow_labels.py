@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent, new_event
 from contracts.feedback import GroundTruthReceived
@@ -31,6 +32,7 @@ from tests.unit.monitoring.test_pending_labels import (
     Tables,
     corrections,
     delivery,
+    joins_given_up,
     nothing,
     receive_label,
     tally_of,
@@ -197,6 +199,29 @@ async def test_a_label_joined_before_the_shadow_prediction_was_consumed_joins_it
 
     assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1), ("r-1-0", CANDIDATE): ("shadow", 0, 1)}
     assert monitor.live.joins_due == set()  # made once: the next tick has nothing to join
+
+
+async def test_a_shadow_join_given_up_says_the_label_stays_joined_to_the_stable_prediction(
+    monitor: Monitor,
+) -> None:
+    # The label joined the stable prediction; joining it to the candidate's shadow scoring, consumed after,
+    # fails for good. The log said the label "expires as unmatched": it waits for nothing, and stays joined.
+    tables = Tables()
+    await consume(monitor, tables, served("r-1", STABLE, "stable", prediction=1), 0)
+    await send_label(monitor, tables, "r-1-0", 1)
+    await consume(monitor, tables, served("r-1", CANDIDATE, "shadow", prediction=0), 1)
+    tables.joins_fail = True
+    before = joins_given_up("churn")
+
+    with capture_logs() as logs:
+        await Background(Runtime(tables), monitor, tick_s=1.0).once()  # type: ignore[arg-type]
+
+    assert joined(tables) == {("r-1-0", STABLE): ("stable", 1, 1)} and tables.waiting() == set()
+    assert joins_given_up("churn") == before + 1
+    [given_up] = [e for e in logs if e["event"].startswith("label join given up")]
+    assert "unmatched" not in given_up["event"]
+    assert "keep" in given_up["event"] and given_up["label"] == "joined before"
+    assert given_up["prediction_id"] == "r-1-0" and given_up["model"] == "churn"
 
 
 async def test_a_waiting_label_joined_to_the_stable_prediction_joins_the_shadow_consumed_after(
