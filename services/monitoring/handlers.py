@@ -932,7 +932,17 @@ async def on_rollout_step_advanced(
     if previous is None:
         raise PermanentError(f"rollout {p.rollout_id} advanced, but monitoring never saw it start")
     if previous.step_index >= p.step_index:
-        return  # an old event: the step is known already
+        # An old event (sent again under another event id, or read late): the rollout is on that step or past
+        # it. Watching it would supersede the step in force, which would never get its verdict.
+        log.warning(
+            "rollout step advanced again: ignored, the rollout is on that step or past it already",
+            rollout_id=p.rollout_id,
+            model=p.model,
+            step=p.step_index,
+            known_step=previous.step_index,
+            event_id=event.id,
+        )
+        return
     step = StoredStep(
         rollout_id=p.rollout_id,
         step_index=p.step_index,

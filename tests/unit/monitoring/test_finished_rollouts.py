@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from contracts.envelope import new_event
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
@@ -156,3 +157,18 @@ async def test_a_running_rollout_still_advances() -> None:
     await handle(ADVANCED, monitor, store)
     assert store.watching() == [("r-1", 1)]
     assert monitor.live.steps["r-1"].step_index == 1
+
+
+async def test_an_old_step_event_of_a_running_rollout_is_ignored_with_a_warning() -> None:
+    # The docs say an old RolloutStepAdvanced is ignored with a warning, as a RolloutStarted sent again is; it
+    # was ignored without a word.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    store = RolloutSteps()
+    await handle(STARTED, monitor, store)
+    await handle(ADVANCED, monitor, store)
+    with capture_logs() as logs:
+        await handle(ADVANCED, monitor, store)  # sent again under another event id
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"].startswith("rollout step advanced again")
+    assert (warning["rollout_id"], warning["step"], warning["known_step"]) == ("r-1", 1, 1)
+    assert store.watching() == [("r-1", 1)] and monitor.live.steps["r-1"].step_index == 1
