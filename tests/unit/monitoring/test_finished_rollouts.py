@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts.envelope import new_event
+from contracts.examples import EXAMPLES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.bus import PermanentError
 from services.monitoring.bootstrap import make_monitor
@@ -20,46 +21,11 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import StoredStep
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED
 
-STARTED = RolloutStarted(
-    rollout_id="r-1",
-    model="churn",
-    stable_version=1,
-    canary_version=2,
-    steps=[0.1, 0.5, 1.0],
-    weight=0.1,
-    min_samples=100,
-    bake_seconds=2.0,
-)
-ADVANCED = RolloutStepAdvanced(
-    rollout_id="r-1",
-    model="churn",
-    stable_version=1,
-    canary_version=2,
-    step_index=1,
-    previous_weight=0.1,
-    weight=0.5,
-    samples_seen=100,
-    step_seconds=2.0,
-)
-PROMOTED = RolloutPromoted(
-    rollout_id="r-1",
-    model="churn",
-    model_version=2,
-    previous_version=1,
-    steps_completed=1,
-    duration_seconds=60.0,
-)
-ROLLED_BACK = RolloutRolledBack(
-    rollout_id="r-1",
-    model="churn",
-    stable_version=1,
-    canary_version=2,
-    step_index=0,
-    weight=0.1,
-    reason="unhealthy-verdict",
-    message="canary worse",
-)
+# Serving's rollout r-1 of tests/unit/monitoring/test_canary_watch.py, and its endings from the examples.
+PROMOTED = EXAMPLES[RolloutPromoted].model_copy(update={"rollout_id": "r-1"})
+ROLLED_BACK = EXAMPLES[RolloutRolledBack].model_copy(update={"rollout_id": "r-1"})
 
 
 @dataclass
