@@ -99,6 +99,30 @@ PARAM_ONLY: dict[tuple[str, str], tuple[Any, str]] = {
 """(estimator, parameter) -> (the one value taken, why): parameters whose other values give a model that
 cannot be stored or loaded."""
 
+PROBE_ROWS_PER_CLASS = 16
+"""Rows of each of the two classes (or, for regression, half the rows) of the synthetic training set that
+:func:`check_fits` fits a spec's estimator on."""
+
+PROBE_SIZES_MAX: dict[tuple[str, str], int] = {
+    ("random_forest", "n_estimators"): 10,
+    ("hist_gradient_boosting", "max_iter"): 10,
+    ("logistic_regression", "max_iter"): 100,
+    ("ridge", "max_iter"): 100,
+}
+"""(estimator, parameter) -> the most trees or iterations the probe fit of :func:`check_fits` runs, whatever
+the spec (or the default) asks for: the size of a fit decides how long it takes, never whether it can be made.
+The solvers stop at 100 iterations (their default, where they converge on the probe's rows) even with ``tol:
+0``; ensembles at 10 trees or boosting iterations (a second under load)."""
+
+PROBE_NEUTRAL: dict[str, Any] = {"n_jobs": 1, "verbose": 0}
+"""Parameters the probe fit sets when the spec gives them (each value of the spec's is still checked alone):
+one thread, nothing printed (their defaults)."""
+
+PROBE_LEFT_OUT = frozenset({"validation_fraction"})
+"""Parameters the probe fit leaves at their default (checked alone): whether they can be fitted depends on the
+number of rows (hist_gradient_boosting's early stopping holds out a fraction, and needs a row of each class
+in it), which the probe's few rows would judge wrongly."""
+
 INT64 = (-(2**63), 2**63 - 1)
 """The integers the canonical JSON (orjson) and Postgres jsonb hold exactly."""
 
@@ -558,6 +582,83 @@ def _not_the_only_value(estimator: str, name: str, value: Any) -> str | None:
     return f"{value!r} is not taken here, only {only[0]!r}: {only[1]}; leave {name} out or give {only[0]!r}"
 
 
+def check_fits(spec: ModelSpec) -> None:
+    """Refuse (:class:`SpecError`, naming the parameters and scikit-learn's message) a spec whose estimator
+    parameters scikit-learn takes one by one but checks together only when fitting, such as logistic
+    regression's ``penalty: l1`` with its default solver lbfgs: every run would fail as fit-error.
+
+    The estimator is fitted as a run fits it (preprocessing, then the estimator, with sample weights in mode
+    weighted) on a synthetic training set shaped like the spec: ``2 * PROBE_ROWS_PER_CLASS`` rows, at most
+    one numeric and one categorical feature, two classes or a positive target. Its work is bounded whatever
+    the spec says (tens of milliseconds a fit): the rows and columns are fixed, ``PROBE_SIZES_MAX`` caps
+    trees and iterations, ``PROBE_NEUTRAL`` fixes the threads, ``PROBE_LEFT_OUT`` leaves out what only the
+    number of rows decides. When the fit fails, each parameter is left out in turn (one fit more each; a
+    spec's parameters are the estimator's, some twenty at most) to name those in conflict. Only what fails
+    on any data is refused: what depends on the data (a multiclass target, a negative target for a poisson
+    loss) still fails the run."""
+    if not spec.params:
+        return
+    problem = _probe_fit(spec, dict(spec.params))
+    if problem is None or _probe_fit(spec, {}) is not None:
+        return  # fitted, or the probe cannot judge: its rows cannot be fitted even with the defaults
+    names = [
+        name
+        for name in spec.params
+        if _probe_fit(spec, {k: v for k, v in spec.params.items() if k != name}) is None
+    ] or list(spec.params)
+    given = " and ".join(f"{name}={spec.params[name]!r}" for name in names)
+    together = " together" if len(names) > 1 else ""
+    cls = spec.estimator_path().rsplit(".", 1)[1]
+    raise SpecError(
+        f"params.{names[0]}: {cls} cannot be fitted with {given}{together}, scikit-learn says: {problem} "
+        f"Change {' or '.join(names)}, or leave {'them' if len(names) > 1 else 'it'} out",
+        field=f"params.{names[0]}",
+    )
+
+
+def _probe_fit(spec: ModelSpec, params: dict[str, JsonScalar]) -> str | None:
+    """scikit-learn's message when the spec's pipeline, with ``params``, cannot be fitted on the probe's
+    synthetic rows (:func:`check_fits`), or None."""
+    numeric = next((f for f in spec.features if f.type is FeatureType.NUMERIC), None)
+    categorical = next((f for f in spec.features if f.type is FeatureType.CATEGORICAL), None)
+    features = [f for f in (numeric, categorical) if f is not None]
+    probe = spec.model_copy(
+        update={"features": features, "params": {k: v for k, v in params.items() if k not in PROBE_LEFT_OUT}}
+    )
+    pipeline = build_pipeline(probe)
+    preprocess, estimator = pipeline.named_steps["preprocess"], pipeline.named_steps["estimator"]
+    current = estimator.get_params()
+    bounded = {k: v for k, v in PROBE_NEUTRAL.items() if k in params}
+    for (name, param), most in PROBE_SIZES_MAX.items():
+        if name == spec.estimator and isinstance(current.get(param), int) and current[param] > most:
+            bounded[param] = most
+    estimator.set_params(**bounded)
+    rows = 2 * PROBE_ROWS_PER_CLASS
+    rng = np.random.default_rng(spec.seed)
+    if spec.task is Task.CLASSIFICATION:
+        target = np.tile([0, 1], PROBE_ROWS_PER_CLASS)
+    else:  # strictly positive: what poisson and gamma losses need
+        target = rng.uniform(1.0, 2.0, rows)
+    import pandas as pd
+
+    columns: dict[str, Any] = {}
+    if numeric is not None:
+        columns[numeric.name] = target + rng.normal(0.0, 0.5, rows)
+    if categorical is not None:
+        columns[categorical.name] = np.tile(["a", "b", "c", "d"], rows // 4)
+    fit_params = {}
+    if spec.retrain.training_set.mode is TrainingSetMode.WEIGHTED:
+        fit_params["sample_weight"] = np.where(
+            np.arange(rows) % 2, spec.retrain.training_set.traffic_weight, 1.0
+        )
+    try:
+        fitted = preprocess.fit_transform(pd.DataFrame(columns), target)
+        estimator.fit(fitted, target, **fit_params)
+    except (ValueError, TypeError) as exc:  # what a run reports as fit-error
+        return " ".join(str(exc).split())
+    return None
+
+
 def _threshold_problem(metric: str, threshold: float) -> str | None:
     """Why a threshold on ``metric`` can never decide anything, or None."""
     lo, hi = METRIC_RANGES[metric]
@@ -741,7 +842,9 @@ def parse_spec(body: bytes | str, *, content_type: str | None = None, name: str 
         # PyYAML's constructors raise what their Python conversions raise: ValueError for a date such as
         # 2025-02-30 or `!!int abc`, AttributeError for a malformed `!!timestamp`.
         raise SpecError(f"the spec is not valid {kind_name}: {' '.join(str(exc).split())}") from exc
-    return spec_from_data(data, name=name)
+    spec = spec_from_data(data, name=name)
+    check_fits(spec)
+    return spec
 
 
 def load_canonical(data: bytes) -> ModelSpec:

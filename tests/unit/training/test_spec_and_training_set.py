@@ -41,6 +41,7 @@ from services.training.worker import (
     run_training,
     split,
 )
+from tests.unit.test_openapi_errors import ADMIN, answer, conforms
 from tests.unit.training.data import (
     churn_frame,
     churn_spec,
@@ -838,3 +839,104 @@ def test_a_yaml_merge_key_may_be_overridden() -> None:
     )
     spec = parse_spec(body.encode(), content_type="application/yaml", name="churn")
     assert [f.name for f in spec.features] == ["tenure_months", "monthly_charges"]
+
+
+@pytest.mark.parametrize(
+    ("estimator", "task", "params", "field", "words"),
+    [
+        # lbfgs, the default solver, takes no l1 penalty: every run failed as fit-error.
+        ("logistic_regression", "classification", {"penalty": "l1"}, "params.penalty", ["penalty='l1'"]),
+        (
+            "logistic_regression",
+            "classification",
+            {"C": 0.5, "l1_ratio": 0.5},
+            "params.l1_ratio",
+            ["l1_ratio=0.5", "Solver lbfgs supports only 'l2' or None penalties"],
+        ),
+        (
+            "random_forest",
+            "classification",
+            {"oob_score": True, "bootstrap": False, "n_estimators": 10_000},
+            "params.oob_score",
+            ["oob_score=True and bootstrap=False together", "only available if bootstrap=True"],
+        ),
+        (
+            "ridge",
+            "regression",
+            {"positive": True, "solver": "svd"},
+            "params.positive",
+            ["positive=True and solver='svd' together", "does not support positive fitting"],
+        ),
+        ("ridge", "regression", {"solver": "lbfgs"}, "params.solver", ["only when positive=True"]),
+        ("hist_gradient_boosting", "regression", {"loss": "quantile"}, "params.loss", ["quantile must be"]),
+    ],
+)
+def test_parameters_that_can_never_be_fitted_together_are_refused_when_registered(
+    estimator: str, task: str, params: dict[str, object], field: str, words: list[str]
+) -> None:
+    data = churn_spec_data(estimator=estimator, task=task, params=params, validation={})
+    with pytest.raises(SpecError) as caught:
+        parse_spec(json.dumps(data), content_type="application/json")
+    assert (caught.value.field, caught.value.reason) == (field, "invalid-spec")
+    assert caught.value.message.startswith(f"{field}: ")
+    for word in words:
+        assert word in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("estimator", "task", "params"),
+    [
+        ("logistic_regression", "classification", {"penalty": "l1", "solver": "liblinear"}),
+        ("logistic_regression", "classification", {"l1_ratio": 0.5, "solver": "saga"}),
+        # Whether these fit depends on the rows, which a registration does not have: left to the run.
+        ("hist_gradient_boosting", "classification", {"early_stopping": True, "validation_fraction": 0.001}),
+        ("random_forest", "classification", {"max_samples": 500, "max_features": 50}),
+        ("random_forest", "regression", {"criterion": "poisson"}),
+        ("hist_gradient_boosting", "regression", {"loss": "gamma"}),
+        ("ridge", "regression", {"positive": True}),
+    ],
+)
+def test_parameters_scikit_learn_can_fit_together_are_registered(
+    estimator: str, task: str, params: dict[str, object]
+) -> None:
+    data = churn_spec_data(estimator=estimator, task=task, params=params, validation={})
+    assert parse_spec(json.dumps(data), content_type="application/json").params == params
+
+
+def test_the_fit_that_checks_a_spec_is_bounded_whatever_sizes_it_asks_for() -> None:
+    """The probe fit caps trees and iterations and fixes its rows and columns: a spec asking for the most
+    trees, threads, iterations and features registers in about a second, not the minutes its fit takes."""
+    many = [{"name": f"x{i}", "type": "numeric"} for i in range(5_000)]
+    specs = [
+        churn_spec_data(
+            estimator="random_forest",
+            params={"n_estimators": 10_000, "n_jobs": 256, "oob_score": True},
+            features=many,
+            validation={},
+        ),
+        churn_spec_data(
+            estimator="hist_gradient_boosting", params={"max_iter": 10_000, "max_bins": 255}, validation={}
+        ),
+        churn_spec_data(params={"tol": 0.0, "max_iter": 10**9}, validation={}),
+    ]
+    for data in specs:
+        started = time.perf_counter()
+        parse_spec(json.dumps(data), content_type="application/json")
+        assert time.perf_counter() - started < 10.0, data["estimator"]
+
+
+async def test_registering_parameters_that_can_never_be_fitted_is_a_422_naming_them() -> None:
+    """Refused before the spec is stored or a retrain is announced: no database here."""
+    data = churn_spec_data(params={"penalty": "l1"}, validation={})
+    doc, r = await answer(
+        "training",
+        "PUT",
+        "/v1/models/churn/spec",
+        content=json.dumps(data),
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert (body["field"], body["reason"]) == ("params.penalty", "invalid-spec")
+    assert "Solver lbfgs supports only 'l2' or None penalties, got l1 penalty." in body["error"]
+    assert conforms(doc, "/v1/models/{model}/spec", "put", r) == []
