@@ -610,7 +610,8 @@ def check_fits(spec: ModelSpec) -> None:
     together = " together" if len(names) > 1 else ""
     cls = spec.estimator_path().rsplit(".", 1)[1]
     raise SpecError(
-        f"params.{names[0]}: {cls} cannot be fitted with {given}{together}, scikit-learn says: {problem} "
+        f"params.{names[0]}: {cls} cannot be fitted with {given}{together}, scikit-learn says: "
+        f"{problem.rstrip('.')}. "
         f"Change {' or '.join(names)}, or leave {'them' if len(names) > 1 else 'it'} out",
         field=f"params.{names[0]}",
     )
