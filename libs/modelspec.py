@@ -657,6 +657,8 @@ def _probe_fit(spec: ModelSpec, params: dict[str, JsonScalar]) -> str | None:
         estimator.fit(fitted, target, **fit_params)
     except (ValueError, TypeError) as exc:  # what a run reports as fit-error
         return " ".join(str(exc).split())
+    except Exception:  # anything else the probe cannot judge (not the spec's fault, known): the run will
+        return None
     return None
 
 

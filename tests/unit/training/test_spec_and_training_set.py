@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import yaml
 
 from contracts.common import ArtifactFormat
 from contracts.training import FailureReason
-from libs import profiles
+from libs import modelspec, profiles
 from libs.artifacts import ArtifactStore
 from libs.modelspec import (
     CATEGORIES_KEPT_MAX,
@@ -262,15 +261,14 @@ def test_a_stored_spec_this_release_no_longer_accepts_is_read_from_the_store_but
         assert word in caught.value.message
 
 
-def test_a_spec_of_many_features_is_checked_in_time_linear_in_their_number() -> None:
+def test_a_spec_of_many_features_is_checked_and_a_repeated_one_named() -> None:
     # Each feature's name was counted over the whole list: 8 s for 20,000 features, some 30 s for 40,000,
     # in the API's thread and again on the event loop each time the stored spec was read back (a trigger).
+    # Now one pass (about 1 s here); tests assert no wall-clock time, so a slower check shows as a slow suite.
     features = [{"name": f"reading_{i}", "type": "numeric"} for i in range(40_000)]
     body = json.dumps(churn_spec_data(features=features, validation={})).encode()
-    started = time.perf_counter()
     spec = parse_spec(body, content_type="application/json", name="churn")
-    ModelSpec.from_stored(spec.model_dump(mode="json"))
-    assert time.perf_counter() - started < 10  # about 1 s; 30 s and more before
+    assert len(ModelSpec.from_stored(spec.model_dump(mode="json")).features) == 40_000
     twice = json.dumps(churn_spec_data(features=[*features, features[17]], validation={})).encode()
     with pytest.raises(SpecError, match=r"features \['reading_17'\] are listed twice"):
         parse_spec(twice, content_type="application/json", name="churn")
@@ -903,9 +901,28 @@ def test_parameters_scikit_learn_can_fit_together_are_registered(
     assert parse_spec(json.dumps(data), content_type="application/json").params == params
 
 
-def test_the_fit_that_checks_a_spec_is_bounded_whatever_sizes_it_asks_for() -> None:
-    """The probe fit caps trees and iterations and fixes its rows and columns: a spec asking for the most
-    trees, threads, iterations and features registers in about a second, not the minutes its fit takes."""
+def test_the_fit_that_checks_a_spec_is_bounded_whatever_sizes_it_asks_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe fit caps trees and iterations and fixes its rows, columns and threads: a spec asking for the
+    most trees, threads, iterations and features is checked by a fit of the probe's size (without the caps,
+    the forest below took 56 s to register)."""
+    fits: list[tuple[str, dict[str, Any], tuple[int, int]]] = []
+    real_build = modelspec.build_pipeline
+
+    def spied(spec: ModelSpec) -> Any:
+        pipeline = real_build(spec)
+        estimator = pipeline.named_steps["estimator"]
+        real_fit = estimator.fit
+
+        def fit(x: Any, y: Any, **kw: Any) -> Any:
+            fits.append((spec.estimator, estimator.get_params(), x.shape))
+            return real_fit(x, y, **kw)
+
+        estimator.fit = fit
+        return pipeline
+
+    monkeypatch.setattr(modelspec, "build_pipeline", spied)
     many = [{"name": f"x{i}", "type": "numeric"} for i in range(5_000)]
     specs = [
         churn_spec_data(
@@ -920,9 +937,21 @@ def test_the_fit_that_checks_a_spec_is_bounded_whatever_sizes_it_asks_for() -> N
         churn_spec_data(params={"tol": 0.0, "max_iter": 10**9}, validation={}),
     ]
     for data in specs:
-        started = time.perf_counter()
         parse_spec(json.dumps(data), content_type="application/json")
-        assert time.perf_counter() - started < 10.0, data["estimator"]
+    assert [estimator for estimator, _, _ in fits] == [
+        "random_forest",
+        "hist_gradient_boosting",
+        "logistic_regression",
+    ]
+    for estimator, params, (rows, columns) in fits:
+        assert rows == 2 * modelspec.PROBE_ROWS_PER_CLASS and columns <= 8, (estimator, rows, columns)
+        param, most = {
+            "random_forest": ("n_estimators", 10),
+            "hist_gradient_boosting": ("max_iter", 10),
+            "logistic_regression": ("max_iter", 100),
+        }[estimator]
+        assert params[param] <= most, (estimator, param, params[param])
+        assert params.get("n_jobs") in (None, 1), estimator
 
 
 async def test_registering_parameters_that_can_never_be_fitted_is_a_422_naming_them() -> None:
@@ -940,3 +969,25 @@ async def test_registering_parameters_that_can_never_be_fitted_is_a_422_naming_t
     assert (body["field"], body["reason"]) == ("params.penalty", "invalid-spec")
     assert "Solver lbfgs supports only 'l2' or None penalties, got l1 penalty." in body["error"]
     assert conforms(doc, "/v1/models/{model}/spec", "put", r) == []
+
+
+def test_a_probe_fit_failing_otherwise_than_scikit_learn_refuses_leaves_the_spec_to_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only what a run reports as fit-error (ValueError, TypeError) refuses a spec; any other failure of the
+    probe fit cannot judge it, and registration must not become a 500 for it."""
+
+    real_build = modelspec.build_pipeline
+
+    def broken(spec: ModelSpec) -> Any:
+        pipeline = real_build(spec)
+
+        def fit(x: Any, y: Any, **kw: Any) -> Any:
+            raise MemoryError("the probe's fit could not allocate")
+
+        pipeline.named_steps["estimator"].fit = fit
+        return pipeline
+
+    monkeypatch.setattr(modelspec, "build_pipeline", broken)
+    data = churn_spec_data(params={"penalty": "l1"}, validation={})
+    assert parse_spec(json.dumps(data), content_type="application/json").params == {"penalty": "l1"}
