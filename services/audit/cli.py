@@ -244,7 +244,8 @@ def tail(
     poll_s: float = 1.0,
     settings: AuditSettings | None = None,
 ) -> int:
-    """Print the newest events; with ``follow``, keep printing new ones until interrupted."""
+    """Print the newest events; with ``follow``, keep printing new ones until interrupted (KeyboardInterrupt
+    is raised, not turned into a status)."""
     settings = settings or AuditSettings()
     console = _console()
 
@@ -277,10 +278,9 @@ def tail(
                     last = events[-1]["seq"]
         return 0
 
-    try:
-        return _run(main())
-    except KeyboardInterrupt:
-        return 0
+    # Ctrl-C (the way out of --follow) goes on to deploy/cli.py's main: "interrupted", exit status 130, as
+    # every driftloop command.
+    return _run(main())
 
 
 def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
+import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -202,6 +205,21 @@ def test_audit_tail_names_a_database_it_cannot_reach_without_its_password(
     err = capsys.readouterr().err
     assert "driftloop: error: cannot reach Postgres at postgresql://audit:***@127.0.0.1:" in err
     assert "TopSecretPw" not in err
+
+
+def test_ctrl_c_ends_audit_tail_follow_with_130_as_every_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @contextlib.asynccontextmanager
+    async def interrupted_pool(settings: AuditSettings) -> AsyncIterator[object]:
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the command waits
+        await asyncio.sleep(30)
+        yield None
+
+    monkeypatch.setattr(audit_cli, "_pool", interrupted_pool)
+
+    assert main(["audit", "tail", "-f"]) == 130
+    assert "driftloop: interrupted" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variable", ["DRIFTLOOP_AUDIT_SIGNING_KEY_FILE", "DRIFTLOOP_AUDIT_CHECKPOINT_FILE"])
