@@ -499,7 +499,10 @@ def _seconds(text: str) -> float:
 
 def _text(text: str) -> str:
     """An argparse type: UTF-8 text, as the trail holds. A byte that is not UTF-8 on the command line
-    (``$'\\xff'`` in a shell) arrives as a lone surrogate, which no query can carry."""
+    (``$'\\xff'`` in a shell) arrives as a lone surrogate, which no query can carry. Empty text (an unset
+    shell variable, ``--model "$MODEL"``) is no filter: refused as the API refuses ``?model=``."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a value")
     try:
         text.encode()
     except UnicodeEncodeError:

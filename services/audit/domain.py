@@ -1160,7 +1160,12 @@ class EventQuery:
 def check_indexed_filter(name: str, value: str | None) -> None:
     """422 for a filter on an indexed attribute that is longer than the index holds: it could never match.
     Only an undecodable record has an attribute that long (the envelope refuses them); its indexed copy holds
-    the first :data:`INDEX_TEXT_MAX` characters, which find it."""
+    the first :data:`INDEX_TEXT_MAX` characters, which find it. An empty filter is 422 too: it is a filter
+    left blank (``?model=``), not one left out, and would answer an empty page as if nothing matched."""
+    if value == "":
+        raise InvalidInput(
+            f"{name} is empty: give a value to match, or leave {name} out to match every event", field=name
+        )
     if value is not None and len(value) > INDEX_TEXT_MAX:
         raise InvalidInput(
             f"{name} is longer than {INDEX_TEXT_MAX} characters: the trail indexes an attribute by its "
@@ -1172,7 +1177,7 @@ def check_indexed_filter(name: str, value: str | None) -> None:
 
 def event_type_filter(value: str | None) -> str | None:
     """Accept the wire type (``io.driftloop.DriftDetected.v1``) or the bare name (``DriftDetected``)."""
-    if value is None or "." in value:
+    if not value or "." in value:  # None, or the empty text that check_indexed_filter refuses
         return value
     return f"io.driftloop.{value}.v1"
 

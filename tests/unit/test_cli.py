@@ -222,6 +222,17 @@ def test_ctrl_c_ends_audit_tail_follow_with_130_as_every_command(
     assert "driftloop: interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--model", "--type"])
+def test_audit_tail_refuses_an_empty_filter_as_a_usage_error(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["audit", "tail", option, ""])
+
+    assert exited.value.code == 2
+    assert f"argument {option}: is empty: give a value" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variable", ["DRIFTLOOP_AUDIT_SIGNING_KEY_FILE", "DRIFTLOOP_AUDIT_CHECKPOINT_FILE"])
 def test_audit_verify_names_the_setting_of_a_file_it_cannot_read(
     variable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

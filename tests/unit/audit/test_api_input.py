@@ -71,6 +71,16 @@ async def test_a_filter_longer_than_the_index_holds_is_refused(client: httpx.Asy
     assert r.json()["detail"].startswith(f"{name} is longer than 512 characters"), r.text
 
 
+@pytest.mark.parametrize("name", ["model", "type", "actor", "correlation_id"])
+async def test_an_empty_filter_is_refused_naming_it_not_answered_with_an_empty_page(
+    client: httpx.AsyncClient, name: str
+) -> None:
+    r = await client.get("/v1/events", params={name: ""})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"{name} is empty: give a value to match, or leave {name} out"), detail
+
+
 @pytest.mark.parametrize(
     "url",
     [
