@@ -161,6 +161,9 @@ class Verifier:
         self.lines = 0
         self.rows = 0
         self.checkpoints = 0
+        # A checkpoint is counted once however many inputs carry it (the export, a file, the topic): the
+        # service names one by its sequence and signature, as here.
+        self.counted: set[tuple[int, str]] = set()
         self.vouched = 0  # the highest row a signed checkpoint that matches the chain vouches for
 
     def line(self, text: str | bytes) -> None:
@@ -258,7 +261,10 @@ class Verifier:
             raise Broken(seq, f"the checkpoint at {seq} is out of place in the export")
         if cp["head_hash"] != self.prev.hex():
             raise Broken(seq, f"the trail's hash at {seq} differs from the signed checkpoint: rewritten")
-        self.checkpoints += 1
+        # Counted only once checked: a copy that differs from the one counted fails above, never hides.
+        if (seq, cp["signature"]) not in self.counted:
+            self.counted.add((seq, cp["signature"]))
+            self.checkpoints += 1
         self.vouched = max(self.vouched, seq)
 
     def finish(self) -> None:

@@ -190,6 +190,25 @@ async def test_a_checkpoint_file_that_cannot_be_read_is_an_error(
     assert err.startswith("error: ") and why in err and "Traceback" not in err
 
 
+async def test_a_checkpoint_both_in_the_export_and_from_a_file_counts_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trail = FakeTrail()
+    for offset in (0, 2):  # two polls of two events: a checkpoint after each
+        events = [delivery(example(DriftDetected), offset=offset + i) for i in range(2)]
+        await record(trail, Signer(SEED), events, every=2)
+    lines = [json.loads(line) async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+    inline = [line["checkpoint"] for line in lines if "checkpoint" in line]
+    assert len(inline) == 2
+    checkpoints = tmp_path / "checkpoints.ndjson"
+    # The file holds both again, one of them twice (the same file named twice would do the same).
+    checkpoints.write_text("".join(json.dumps(cp) + "\n" for cp in [*inline, inline[0]]))
+    capsys.readouterr()
+
+    assert verify(tmp_path, lines, "--checkpoints", str(checkpoints), "--checkpoints", str(checkpoints)) == 0
+    assert "OK: 4 rows from sequence 1 and 2 checkpoints verified" in capsys.readouterr().out
+
+
 async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = consumer().main(["--export", str(tmp_path / "typo.ndjson"), "--public-key", PUBLIC_KEY])
     assert status == 1
