@@ -34,6 +34,7 @@ from contracts.validation import ValidationFailed, ValidationPassed
 from deploy.loop import EventTail, LoopClient, Seen, Traffic, spec_yaml
 from deploy.platform import Platform
 from deploy.scenario import INPUTS_SHIFTED, REFERENCE, TARGET, generate
+from services.audit.cli import markup_text
 
 console = Console(highlight=False)
 
@@ -182,7 +183,7 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
     ):
         await print_trace(client, title, correlation)
     verify = await client.audit_verify()
-    verdict = "[green]verified[/]" if verify.get("ok") else f"[red]BROKEN[/] {escape(str(verify))}"
+    verdict = "[green]verified[/]" if verify.get("ok") else f"[red]BROKEN[/] {markup_text(str(verify))}"
     console.print(f"\n  audit chain: {verdict} ({verify.get('rows_checked', '?')} rows checked)")
     stats = traffic.stats if traffic is not None else None
     if stats is not None:
@@ -233,7 +234,8 @@ async def print_trace(client: LoopClient, title: str, correlation_id: str) -> No
     """One cascade from the audit service: each event, with time since the cascade began."""
     trace = await client.audit_trace(correlation_id)
     rows = _flatten(trace)
-    table = Table(title=f"{title} — correlation {correlation_id[:8]}…", show_edge=False, header_style="bold")
+    heading = f"{title} — correlation {markup_text(correlation_id[:8])}…"
+    table = Table(title=heading, show_edge=False, header_style="bold")
     for column in ("+s", "step", "event", "by", "subject"):
         table.add_column(column)
     start: datetime | None = None
@@ -246,9 +248,10 @@ async def print_trace(client: LoopClient, title: str, correlation_id: str) -> No
         table.add_row(
             f"{(when - start).total_seconds():.1f}",
             step,
-            escape(str(row["type"]).removeprefix("io.driftloop.").removesuffix(".v1")),
-            escape(str(row.get("source", "")).removeprefix("/driftloop/")),
-            escape(str(row.get("subject") or "")),
+            # Producers wrote these: markup prints as written, a terminal control as its escape (`\x1b`).
+            markup_text(str(row["type"]).removeprefix("io.driftloop.").removesuffix(".v1")),
+            markup_text(str(row.get("source", "")).removeprefix("/driftloop/")),
+            markup_text(str(row.get("subject") or "")),
         )
     console.print(table)
 

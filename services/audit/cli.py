@@ -75,7 +75,7 @@ def shown(text: str) -> str:
     return _CONTROLS.sub(_escaped, text)
 
 
-def _markup_text(text: str) -> str:
+def markup_text(text: str) -> str:
     """Text a producer wrote, inside rich markup: printed as it is (``[/]`` included), controls escaped."""
     return escape(shown(text))
 
@@ -213,7 +213,7 @@ def verdict(report: VerifyReport) -> str:
     """The line (markup) ``verify`` prints for ``report``: OK and what was checked, or the first bad row."""
     if not report.ok:
         where = f"sequence {report.first_bad_seq}" + ("" if report.exact else " (or later)")
-        return f"[red]FAILED[/red] at {where}: {report.problem}: {_markup_text(report.detail or '')}"
+        return f"[red]FAILED[/red] at {where}: {report.problem}: {markup_text(report.detail or '')}"
     if report.to_seq < report.from_seq:
         # The empty range from one past the end: only the row it trusts was read.
         why = (
@@ -316,14 +316,14 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
             # recorded) and nothing nested past 254 levels (a cascade 100 events deep is 200 before its data).
             print(json.dumps(tree, indent=2, ensure_ascii=False))
             return 0
-        root = Tree(f"[bold]cascade {_markup_text(correlation_id)}[/bold] ({tree['events']} events)")
+        root = Tree(f"[bold]cascade {markup_text(correlation_id)}[/bold] ({tree['events']} events)")
         for node in tree.get("roots") or []:
             _branch(root, node)
         for node in tree.get("flat") or []:
-            branch = root.add(_label(node) + f"  [dim]<- {_markup_text(node['parent'] or 'root')}[/dim]")
+            branch = root.add(_label(node) + f"  [dim]<- {markup_text(node['parent'] or 'root')}[/dim]")
             _dead_letters(branch, node)
         for letter in tree["dead_letters"]:
-            root.add(f"[red]dead letter[/red] {letter['seq']}: {_markup_text(str(letter['error']))}")
+            root.add(f"[red]dead letter[/red] {letter['seq']}: {markup_text(str(letter['error']))}")
         if tree["truncated"]:
             root.add(f"[yellow]... cut at {settings.trace_max_events} events[/yellow]")
         _console().print(root)
@@ -334,18 +334,18 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
 
 def _label(node: dict[str, Any]) -> str:
     """Markup for one event; every value in it is escaped, since producers write them."""
-    event_type = _markup_text((node["type"] or "?").removeprefix("io.driftloop."))
-    actor = f" by {_markup_text(node['actor'])}" if node["actor"] else ""
+    event_type = markup_text((node["type"] or "?").removeprefix("io.driftloop."))
+    actor = f" by {markup_text(node['actor'])}" if node["actor"] else ""
     missing = (
-        f" [yellow](cause {_markup_text(node['cause_missing'])} not recorded)[/yellow]"
+        f" [yellow](cause {markup_text(node['cause_missing'])} not recorded)[/yellow]"
         if node.get("cause_missing")
         else ""
     )
     if node.get("cause_cycle"):
         missing += (
-            f" [yellow](cause {_markup_text(node['cause_cycle'])} leads back here: a loop of causes)[/yellow]"
+            f" [yellow](cause {markup_text(node['cause_cycle'])} leads back here: a loop of causes)[/yellow]"
         )
-    subject, when = _markup_text(node["subject"] or ""), _markup_text(node["time"] or "")
+    subject, when = markup_text(node["subject"] or ""), markup_text(node["time"] or "")
     return f"[bold]{event_type}[/bold] {subject} #{node['seq']} {when}{actor}{missing}"
 
 
@@ -358,4 +358,4 @@ def _branch(parent: Tree, node: dict[str, Any]) -> None:
 
 def _dead_letters(branch: Tree, node: dict[str, Any]) -> None:
     for letter in node.get("dead_letters") or []:
-        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {_markup_text(str(letter['error']))}")
+        branch.add(f"[red]dead letter[/red] #{letter['seq']}: {markup_text(str(letter['error']))}")

@@ -70,3 +70,20 @@ async def test_a_trace_row_s_text_is_shown_as_written(capsys: pytest.CaptureFixt
     root = node(1, "io.driftloop.DriftDetected.v1", "2025-03-01T12:00:00.000000Z", subject="[/]x[bold]")
     await demo.print_trace(TraceClient({"roots": [root], "dead_letters": []}), "drift", "c" * 36)  # type: ignore[arg-type]
     assert "[/]x[bold]" in capsys.readouterr().out
+
+
+async def test_terminal_controls_in_a_trace_row_show_as_escapes(capsys: pytest.CaptureFixture[str]) -> None:
+    # ESC starts a sequence that can clear the screen or print over the lines before; U+202E shows the
+    # text after it reversed. The audit CLI shows them as escapes, and so does the demo, with its helper.
+    root = node(
+        1,
+        "io.driftloop.Drift\u202eDetected.v1",
+        "2025-03-01T12:00:00.000000Z",
+        source="/driftloop/train\x9bing",
+        subject="churn\x1b[2J\x07",
+    )
+    await demo.print_trace(TraceClient({"roots": [root], "dead_letters": []}), "drift", "\x1b]0;x" + "c" * 36)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "churn\\x1b[2J\\x07" in out and "Drift\\u202eDetected" in out and "train\\x9bing" in out, out
+    assert "\\x1b]0;x" in out, out  # the correlation id in the title
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e"), repr(out)
