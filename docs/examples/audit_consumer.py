@@ -257,6 +257,12 @@ class Verifier:
                 seq,
                 f"the checkpoint at {seq} is not signed by a pinned key (key id {shown(cp.get('key_id'))})",
             )
+        if self.prev is not None and seq >= self.next_seq:
+            # Signed for rows that did not come before it: the service puts the checkpoints of rows cut off
+            # the trail's end after its last row.
+            raise Broken(
+                self.next_seq, f"rows {self.next_seq}..{seq} are missing: a signed checkpoint covers them"
+            )
         if self.prev is None or seq != self.next_seq - 1:
             raise Broken(seq, f"the checkpoint at {seq} is out of place in the export")
         if cp["head_hash"] != self.prev.hex():

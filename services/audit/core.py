@@ -210,7 +210,9 @@ async def export_lines(
     archived: Sequence[AuditCheckpoint] = (),
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> AsyncIterator[bytes]:
-    """The NDJSON export: a header line, then each row, each signed checkpoint right after its row."""
+    """The NDJSON export: a header line, then each row, each signed checkpoint right after its row. Known
+    checkpoints of the range that no row of it came before (rows cut off the end) follow the last row: a
+    reader of the export alone sees that rows it covers are gone."""
     if from_seq < 1:
         raise InvalidInput("from_seq must be 1 or more", field="from_seq")
     if to_seq is not None and to_seq < from_seq:
@@ -225,7 +227,11 @@ async def export_lines(
             raise NotFound(f"the trail has no row {after} to start the export after")
         prev = row.row_hash
     known = {(c.sequence, c.signature): c for c in [*await trail.checkpoints(), *archived]}
-    pending = sorted((c for c in known.values() if after < c.sequence <= upto), key=lambda c: c.sequence)
+    # Bounded by to_seq, not by upto: beyond the head is where a cut tail's checkpoints are.
+    pending = sorted(
+        (c for c in known.values() if after < c.sequence and (to_seq is None or c.sequence <= to_seq)),
+        key=lambda c: c.sequence,
+    )
     yield _line(export_header(from_seq=from_seq, to_seq=upto, prev_hash=prev, exported_at=now()))
     i = 0
     async for batch in trail.export_rows(after, upto):
@@ -236,6 +242,8 @@ async def export_lines(
                 out.append(_line({"checkpoint": pending[i].model_dump(mode="json")}))
                 i += 1
         yield b"".join(out)
+    if i < len(pending):
+        yield b"".join(_line({"checkpoint": c.model_dump(mode="json")}) for c in pending[i:])
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -209,6 +209,25 @@ async def test_a_checkpoint_both_in_the_export_and_from_a_file_counts_once(
     assert "OK: 4 rows from sequence 1 and 2 checkpoints verified" in capsys.readouterr().out
 
 
+async def test_an_export_of_a_trail_whose_tail_was_cut_fails_without_other_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trail = FakeTrail()
+    for offset in range(0, 8, 2):  # four polls of two events: a checkpoint at 2, 4, 6 and 8
+        events = [delivery(example(DriftDetected), offset=offset + i) for i in range(2)]
+        await record(trail, Signer(SEED), events, every=2)
+    trail.delete(5, 6, 7, 8)  # the database's checkpoints stay: rows alone were deleted
+    lines = [json.loads(line) async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+    # The header runs to the new end; the checkpoints at 6 and 8 follow the last row.
+    assert lines[0]["to_seq"] == 4
+    assert [line["checkpoint"]["sequence"] for line in lines[-2:] if "checkpoint" in line] == [6, 8]
+    capsys.readouterr()
+
+    assert verify(tmp_path, lines) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at sequence 5: rows 5..6 are missing: a signed checkpoint covers them" in err, err
+
+
 async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = consumer().main(["--export", str(tmp_path / "typo.ndjson"), "--public-key", PUBLIC_KEY])
     assert status == 1

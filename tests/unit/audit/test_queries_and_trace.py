@@ -411,3 +411,16 @@ async def test_a_filter_longer_than_the_index_holds_is_refused_and_its_first_cha
     )
     assert (event["correlationid"], event["subject"]) == (long_id, long_model)
     assert (await core.trace(trail, long_id[:512], max_events=10))["events"] == 1
+
+
+async def test_export_of_a_range_carries_no_checkpoint_beyond_its_to_seq() -> None:
+    # Checkpoints beyond the trail's end follow the last row (a cut tail); beyond an asked to_seq, none.
+    trail = FakeTrail()
+    await store(trail, [delivery(example(DriftDetected), offset=i) for i in range(5)])
+    signer = Signer(SEED)
+    await trail.add_checkpoint(signer.checkpoint(await trail.head(), signed_at=Clock()()), "e")
+    ranged = [line async for chunk in core.export_lines(trail, to_seq=4) for line in chunk.splitlines()]
+    assert len(ranged) == 5 and not any(b'"checkpoint"' in line for line in ranged)
+    trail.delete(4, 5)
+    whole = [line async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+    assert [b'"checkpoint"' in line for line in whole[1:]] == [False] * 3 + [True]
