@@ -213,12 +213,19 @@ def test_ctrl_c_ends_audit_tail_follow_with_130_as_every_command(
     @contextlib.asynccontextmanager
     async def interrupted_pool(settings: AuditSettings) -> AsyncIterator[object]:
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the command waits
-        await asyncio.sleep(30)
-        yield None
+        await asyncio.sleep(10)
+        raise AssertionError("SIGINT did not interrupt the command")
+        yield
 
     monkeypatch.setattr(audit_cli, "_pool", interrupted_pool)
+    # Ctrl-C as from a terminal, whatever this process inherited (a background job ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = main(["audit", "tail", "-f"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
-    assert main(["audit", "tail", "-f"]) == 130
+    assert status == 130
     assert "driftloop: interrupted" in capsys.readouterr().err
 
 
