@@ -209,12 +209,10 @@ async def test_a_run_given_up_while_its_process_starts_lets_the_pool_go_without_
         return bool(made) and made[0].lock.locked()
 
     await eventually(starting, deadline_s=5.0, interval_s=0.01)
-    started = time.monotonic()
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    trainer.close()
-    assert time.monotonic() - started < 1.0
+    trainer.close()  # waiting for the start's lock, this would never return: the start ends only below
     assert trainer._executor is None
     made[0].answer.set()
 
