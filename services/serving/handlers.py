@@ -18,18 +18,15 @@ from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import ModelSignature, Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import (
-    AppliedStageChange,
     ModelStageChanged,
     ModelVersionRegistered,
-    StageChangeOrder,
-    stage_change_order,
-    stale_stage_change,
 )
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack
 from contracts.validation import ValidationPassed
 from libs.bus import PermanentError, Transaction
 from libs.logging import get_logger
+from libs.stage_order import take_in_order
 from services.serving import domain
 from services.serving.domain import ModelRoute, RolloutPolicy, Transition
 from services.serving.ports import ModelLoader, ModelLoadError, ModelVersions, Routes, VersionRecord
@@ -580,19 +577,16 @@ async def on_model_stage_changed(
     A change older than the last one of the model applied here (by the registry's ``sequence``) is
     dead-lettered: mirrored, it would set a version's stage back."""
     d = event.data
-    applied = await versions.last_change(d.model)
-    order = stage_change_order(d, applied)
-    if order is StageChangeOrder.REPEAT:
+    try:
+        new = await take_in_order(event, versions)
+    except PermanentError:
+        tally.ignored("ModelStageChanged", "stale-stage-change")
+        raise
+    if not new:
         _stage_change_ignored(
             d, "repeated-stage-change", "stage change applied already, received again", tally
         )
         return
-    if order is StageChangeOrder.STALE:
-        assert applied is not None
-        tally.ignored("ModelStageChanged", "stale-stage-change")
-        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
-    if (kept := AppliedStageChange.of(d, event.id)) is not None:
-        await versions.keep_change(d.model, kept)
     known = await versions.get(d.model, d.model_version)
     if known is None:
         _stage_change_ignored(

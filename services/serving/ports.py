@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from contracts.common import ModelSignature
-from contracts.models import AppliedStageChange
+from libs.stage_order import StageChangesApplied
 from services.serving.domain import ModelRoute
 
 
@@ -31,7 +31,7 @@ class VersionRecord:
         return self.artifact_key is not None and self.signature is not None
 
 
-class ModelVersions(Protocol):
+class ModelVersions(StageChangesApplied, Protocol):
     """Serving's own record of model versions (artifact key, signature, validation)."""
 
     async def registered(
@@ -54,15 +54,6 @@ class ModelVersions(Protocol):
 
     async def load_failed(self, model: str, version: int, error: str) -> None:
         """Remember that a version's artifact could not be loaded."""
-        ...
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        """The last numbered stage change of the model applied here, locked until the transaction ends;
-        None before the first."""
-        ...
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

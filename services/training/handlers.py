@@ -16,11 +16,7 @@ from contracts.common import EventRef, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import (
-    AppliedStageChange,
     ModelStageChanged,
-    StageChangeOrder,
-    stage_change_order,
-    stale_stage_change,
 )
 from contracts.monitoring import DriftDetected, PerformanceDegraded
 from contracts.training import (
@@ -34,6 +30,7 @@ from libs.bus import PermanentError
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ModelSpec
+from libs.stage_order import take_in_order
 from services.training.domain import JobState, Trigger, decide, job_id_for
 from services.training.ports import (
     Clock,
@@ -367,16 +364,9 @@ async def on_model_stage_changed(
     """Track the production version: the parent of the next model. A change older than the last one applied
     (by the registry's ``sequence``) is dead-lettered: applied, it would move the parent back."""
     d = event.data
-    applied = await production.last_change(d.model)
-    order = stage_change_order(d, applied)
-    if order is StageChangeOrder.REPEAT:
+    if not await take_in_order(event, production):
         log.info("stage change received again; already applied", model=d.model, sequence=d.sequence)
         return
-    if order is StageChangeOrder.STALE:
-        assert applied is not None
-        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
-    if (kept := AppliedStageChange.of(d, event.id)) is not None:
-        await production.keep_change(d.model, kept)
     if d.to_stage is Stage.PRODUCTION:
         await production.set(d.model, d.model_version)
     elif d.from_stage is Stage.PRODUCTION:

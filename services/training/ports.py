@@ -11,9 +11,9 @@ from typing import Any, Protocol
 from contracts.common import ArtifactRef, DatasetRef
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
-from contracts.models import AppliedStageChange
 from contracts.training import FailureReason, TrainingRequested
 from libs.modelspec import ModelSpec
+from libs.stage_order import StageChangesApplied
 from services.training.domain import JobState, PolicyState
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
@@ -124,7 +124,7 @@ class Datasets(Protocol):
         ...
 
 
-class ProductionVersions(Protocol):
+class ProductionVersions(StageChangesApplied, Protocol):
     """Which version of each model serves in production (the parent of the next one)."""
 
     async def get(self, model: str) -> int | None:
@@ -137,15 +137,6 @@ class ProductionVersions(Protocol):
 
     async def clear(self, model: str, version: int) -> None:
         """``version`` left production (if it was the one recorded)."""
-        ...
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        """The last numbered stage change of the model applied here, locked until the transaction ends;
-        None before the first."""
-        ...
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

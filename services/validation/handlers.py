@@ -15,18 +15,15 @@ from contracts.common import ArtifactFormat, ArtifactRef, Stage, Task
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import (
-    AppliedStageChange,
     ModelStageChanged,
     ModelVersionRegistered,
-    StageChangeOrder,
-    stage_change_order,
-    stale_stage_change,
 )
 from contracts.validation import CheckResult, ValidationFailed, ValidationPassed
 from libs.bus import EventTooLarge, PermanentError, bytes_over_limit
 from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ValidationSpec
+from libs.stage_order import take_in_order
 from services.validation.domain import (
     Carried,
     cut_checks,
@@ -239,16 +236,9 @@ async def on_model_stage_changed(
     """Track the champion: the production version. A change older than the last one applied (by the
     registry's ``sequence``) is dead-lettered: applied, it would make an earlier version champion again."""
     d = event.data
-    applied = await champions.last_change(d.model)
-    order = stage_change_order(d, applied)
-    if order is StageChangeOrder.REPEAT:
+    if not await take_in_order(event, champions):
         log.info("stage change received again; already applied", model=d.model, sequence=d.sequence)
         return
-    if order is StageChangeOrder.STALE:
-        assert applied is not None
-        raise PermanentError(stale_stage_change(event.type, event.id, d, applied))
-    if (kept := AppliedStageChange.of(d, event.id)) is not None:
-        await champions.keep_change(d.model, kept)
     if d.to_stage is Stage.PRODUCTION:
         await champions.set(d.model, d.model_version)
     elif d.from_stage is Stage.PRODUCTION:

@@ -11,9 +11,10 @@ from typing import Any, Protocol
 from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
-from contracts.models import AppliedStageChange, ModelVersionRegistered
+from contracts.models import ModelVersionRegistered
 from contracts.validation import CheckResult
 from libs.modelspec import ValidationSpec
+from libs.stage_order import StageChangesApplied
 from services.validation.domain import Measured
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
@@ -82,7 +83,7 @@ class Versions(Protocol):
         ...
 
 
-class Champions(Protocol):
+class Champions(StageChangesApplied, Protocol):
     """The production version of each model."""
 
     async def get(self, model: str) -> int | None:
@@ -95,15 +96,6 @@ class Champions(Protocol):
 
     async def clear(self, model: str, version: int) -> None:
         """``version`` left production (if it was the champion)."""
-        ...
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        """The last numbered stage change of the model applied here, locked until the transaction ends;
-        None before the first."""
-        ...
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        """``change`` is now the last numbered stage change of the model applied here."""
         ...
 
 

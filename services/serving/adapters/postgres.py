@@ -9,11 +9,11 @@ from typing import Any
 
 import asyncpg
 
-from contracts.common import ModelSignature, Stage
-from contracts.models import AppliedStageChange
+from contracts.common import ModelSignature
 from contracts.rollouts import RolloutMode
 from libs.db import check_schema_name
 from libs.logging import get_logger
+from libs.stage_order import PgStageChangesApplied
 from services.serving.domain import ModelRoute, Rollout, RolloutStatus
 from services.serving.ports import VersionRecord
 
@@ -39,7 +39,7 @@ def _record(row: Any) -> VersionRecord:
     )
 
 
-class PgModelVersions:
+class PgModelVersions(PgStageChangesApplied):
     """:class:`services.serving.ports.ModelVersions` on one connection (the handler's transaction)."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
@@ -90,29 +90,6 @@ class PgModelVersions:
             model,
             version,
             stage,
-        )
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        row = await self.conn.fetchrow(
-            """SELECT sequence, version, to_stage, event_id FROM stage_changes_applied WHERE model = $1
-               FOR UPDATE""",
-            model,
-        )
-        if row is None:
-            return None
-        return AppliedStageChange(row["sequence"], row["version"], Stage(row["to_stage"]), row["event_id"])
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        await self.conn.execute(
-            """INSERT INTO stage_changes_applied (model, sequence, version, to_stage, event_id)
-               VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (model) DO UPDATE SET sequence = EXCLUDED.sequence, version = EXCLUDED.version,
-                   to_stage = EXCLUDED.to_stage, event_id = EXCLUDED.event_id, applied_at = now()""",
-            model,
-            change.sequence,
-            change.model_version,
-            change.to_stage.value,
-            change.event_id,
         )
 
     async def load_failed(self, model: str, version: int, error: str) -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import asyncpg
 
-from contracts.common import ArtifactRef, Stage
+from contracts.common import ArtifactRef
 from contracts.datasets import DatasetRegistered
-from contracts.models import AppliedStageChange
 from contracts.training import FailureReason, TrainingRequested
 from libs.modelspec import ModelSpec
+from libs.stage_order import PgStageChangesApplied
 from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
 from services.training.ports import DatasetRecord, Job, RequestEnvelope, StoredSpec
 
@@ -128,7 +128,7 @@ def _dataset(row: asyncpg.Record) -> DatasetRecord:
     )
 
 
-class PgProduction:
+class PgProduction(PgStageChangesApplied):
     """The production version of each model."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
@@ -149,29 +149,6 @@ class PgProduction:
     async def clear(self, model: str, version: int) -> None:
         await self.conn.execute(
             "DELETE FROM production_versions WHERE model = $1 AND version = $2", model, version
-        )
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        row = await self.conn.fetchrow(
-            """SELECT sequence, version, to_stage, event_id FROM stage_changes_applied WHERE model = $1
-               FOR UPDATE""",
-            model,
-        )
-        if row is None:
-            return None
-        return AppliedStageChange(row["sequence"], row["version"], Stage(row["to_stage"]), row["event_id"])
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        await self.conn.execute(
-            """INSERT INTO stage_changes_applied (model, sequence, version, to_stage, event_id)
-               VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (model) DO UPDATE SET sequence = EXCLUDED.sequence, version = EXCLUDED.version,
-                   to_stage = EXCLUDED.to_stage, event_id = EXCLUDED.event_id, applied_at = now()""",
-            model,
-            change.sequence,
-            change.model_version,
-            change.to_stage.value,
-            change.event_id,
         )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncpg
 
-from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
+from contracts.common import ArtifactRef, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import DatasetRegistered
-from contracts.models import AppliedStageChange, ModelVersionRegistered
+from contracts.models import ModelVersionRegistered
 from contracts.validation import CheckResult
+from libs.stage_order import PgStageChangesApplied
 from services.validation.ports import Report, VersionRecord
 
 
@@ -46,7 +47,7 @@ class PgVersions:
         )
 
 
-class PgChampions:
+class PgChampions(PgStageChangesApplied):
     """The production version of each model."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
@@ -66,29 +67,6 @@ class PgChampions:
 
     async def clear(self, model: str, version: int) -> None:
         await self.conn.execute("DELETE FROM champions WHERE model = $1 AND version = $2", model, version)
-
-    async def last_change(self, model: str) -> AppliedStageChange | None:
-        row = await self.conn.fetchrow(
-            """SELECT sequence, version, to_stage, event_id FROM stage_changes_applied WHERE model = $1
-               FOR UPDATE""",
-            model,
-        )
-        if row is None:
-            return None
-        return AppliedStageChange(row["sequence"], row["version"], Stage(row["to_stage"]), row["event_id"])
-
-    async def keep_change(self, model: str, change: AppliedStageChange) -> None:
-        await self.conn.execute(
-            """INSERT INTO stage_changes_applied (model, sequence, version, to_stage, event_id)
-               VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (model) DO UPDATE SET sequence = EXCLUDED.sequence, version = EXCLUDED.version,
-                   to_stage = EXCLUDED.to_stage, event_id = EXCLUDED.event_id, applied_at = now()""",
-            model,
-            change.sequence,
-            change.model_version,
-            change.to_stage.value,
-            change.event_id,
-        )
 
 
 class PgDatasets:
