@@ -22,6 +22,7 @@ from services.validation import bootstrap as validation_bootstrap
 from services.validation import handlers as validation_handlers
 from services.validation.adapters.postgres import PgChampions
 from tests.integration.kafka_tools import unique
+from tests.stage_changes import stage_change as change
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,6 @@ async def consumer(
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await pool.close()
-
-
-def change(
-    version: int, from_stage: Stage, to_stage: Stage, sequence: int | None
-) -> CloudEvent[ModelStageChanged]:
-    payload = ModelStageChanged(
-        model="churn",
-        model_version=version,
-        from_stage=from_stage,
-        to_stage=to_stage,
-        reason="test",
-        sequence=sequence,
-    )
-    return new_event(payload, source="/driftloop/registry")
 
 
 async def test_a_stage_change_older_than_the_last_applied_is_refused_and_changes_nothing(

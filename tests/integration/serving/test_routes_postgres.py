@@ -26,6 +26,7 @@ from services.serving.adapters.postgres import PgModelVersions, PgRoutes, read_r
 from services.serving.bootstrap import MIGRATIONS
 from services.serving.domain import ModelRoute, RolloutPolicy
 from tests.integration.kafka_tools import eventually, unique
+from tests.stage_changes import stage_change
 from tests.unit.serving.fakes import (
     FakeLoader,
     canary_verdict,
@@ -229,28 +230,15 @@ async def test_a_stage_change_older_than_the_last_applied_is_refused_on_postgres
     await handle(pool, registered(1))
     await handle(pool, registered(2))
 
-    def change(
-        version: int, from_stage: Stage, to_stage: Stage, sequence: int
-    ) -> CloudEvent[ModelStageChanged]:
-        payload = ModelStageChanged(
-            model="churn",
-            model_version=version,
-            from_stage=from_stage,
-            to_stage=to_stage,
-            reason="x",
-            sequence=sequence,
-        )
-        return new_event(payload, source="/driftloop/registry")
-
-    canary = change(2, Stage.CANDIDATE, Stage.CANARY, 3)
+    canary = stage_change(2, Stage.CANDIDATE, Stage.CANARY, 3)
     await handle(pool, canary)
-    await handle(pool, change(2, Stage.CANARY, Stage.REJECTED, 4))
+    await handle(pool, stage_change(2, Stage.CANARY, Stage.REJECTED, 4))
     again = new_event(canary.data, source="/driftloop/registry")
     with pytest.raises(PermanentError, match=f"{again.id} is stage change 3 of churn .* but stage change 4"):
         await handle(pool, again)
     # The last change again under another id changes nothing and is not refused.
     await handle(
-        pool, new_event(change(2, Stage.CANARY, Stage.REJECTED, 4).data, source="/driftloop/registry")
+        pool, new_event(stage_change(2, Stage.CANARY, Stage.REJECTED, 4).data, source="/driftloop/registry")
     )
     async with pool[0].acquire() as conn:
         record = await PgModelVersions(conn).get("churn", 2)

@@ -40,6 +40,7 @@ from services.training import worker
 from services.training.domain import JobState
 from services.training.handlers import current_spec, register_spec
 from services.training.ports import FitProcessUnavailable
+from tests.stage_changes import stage_change
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 from tests.unit.training.fakes import Harness
 
@@ -772,21 +773,6 @@ async def test_a_completion_the_database_interrupts_is_retried_without_fitting_a
     assert harness.jobs.rows[job_id].state is JobState.COMPLETED
     assert len(harness.trainer.runs) == 1
     assert not harness.events(TrainingFailed)
-
-
-def stage_change(
-    version: int, from_stage: Stage, to_stage: Stage, sequence: int | None
-) -> CloudEvent[ModelStageChanged]:
-    """A ModelStageChanged of churn as the registry publishes it, numbered ``sequence``."""
-    change = ModelStageChanged(
-        model="churn",
-        model_version=version,
-        from_stage=from_stage,
-        to_stage=to_stage,
-        reason="test",
-        sequence=sequence,
-    )
-    return new_event(change, source="/driftloop/registry")
 
 
 async def publish_all(h: Harness, *events: CloudEvent[Any]) -> None:

@@ -25,6 +25,7 @@ from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.domain import Measured, SliceMeasure
 from services.validation.handlers import HANDLERS, report_for_version
 from services.validation.ports import Evaluation, Evaluator, Report, VersionRecord
+from tests.stage_changes import stage_change
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -507,15 +508,7 @@ async def test_a_report_failing_thousands_of_slices_names_every_failed_one_in_it
 async def change_stage(
     gate: Gate, version: int, from_stage: Stage, to_stage: Stage, sequence: int | None
 ) -> CloudEvent[ModelStageChanged]:
-    change = ModelStageChanged(
-        model="churn",
-        model_version=version,
-        from_stage=from_stage,
-        to_stage=to_stage,
-        reason="test",
-        sequence=sequence,
-    )
-    event = new_event(change, source="/driftloop/registry")
+    event = stage_change(version, from_stage, to_stage, sequence)
     await gate.bus.publish(event)
     await gate.bus.drain()
     return event
