@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -165,16 +164,16 @@ async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> 
     # the HTTP API, for as long as it lasted.
     trainer = ProcessPoolTrainer("spawn", poll_s=0.01, retry_pause_s=0, start_timeout_s=0.2)
     made = frozen_pool(trainer)
-    ticks = 0
+    ticks_while_starting = 0
 
     async def ticker() -> None:
-        nonlocal ticks
+        # Counts the loop's turns taken while a start holds its pool's lock (waits on the frozen fork server).
+        nonlocal ticks_while_starting
         while True:
             await asyncio.sleep(0.01)
-            ticks += 1
+            ticks_while_starting += any(e.lock.locked() for e in made)
 
     ticking = asyncio.create_task(ticker())
-    started = time.monotonic()
     try:
         with pytest.raises(
             FitProcessUnavailable, match=r"did not start within start_timeout_s=0.2s .*fork server"
@@ -182,10 +181,8 @@ async def test_a_fit_process_start_that_hangs_does_not_hold_the_event_loop() -> 
             await trainer.train({"job_id": "j1"}, progress)
     finally:
         ticking.cancel()
-    waited = time.monotonic() - started
-    assert waited < 2.0
-    # The loop kept running while both starts waited (two tries of 0.2 s).
-    assert ticks >= 15
+    # The loop kept running while the starts waited (two tries of 0.2 s); held by a start, it never would.
+    assert ticks_while_starting > 0
     assert len(made) == 2 and trainer._executor is None
     for executor in made:
         executor.answer.set()
