@@ -33,6 +33,7 @@ from services.registry.domain import (
     may_be_challenger,
     rejected_by_failed_validation,
     too_wide_to_announce,
+    verdict_overtaken,
 )
 from services.registry.ports import Artifacts, Cause, Datasets, Publish, Versions
 from services.registry.schemas import DatasetPublic
@@ -99,18 +100,21 @@ async def change_stage(
     versions: Versions,
     publish: Publish,
     source: str,
+    over_verdict: bool = False,
 ) -> bool:
     """Move a version to ``to_stage`` (aliases follow), record it and announce it; False when it already
-    was there. An illegal move raises :class:`PermanentError` (the event is dead-lettered with the reason)."""
+    was there. An illegal move raises :class:`PermanentError` (the event is dead-lettered with the reason);
+    ``over_verdict`` allows rejected -> production for a version :func:`overtaken_by_verdict` says so of."""
     current = await versions.stage_for_update(model, version)
     if current is None:
         raise PermanentError(f"{event.type} names {model} version {version}, which the registry lacks")
     if current is to_stage:
         return False
-    try:
-        check_transition(model, version, current, to_stage)
-    except Conflict as exc:
-        raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
+    if not (over_verdict and current is Stage.REJECTED and to_stage is Stage.PRODUCTION):
+        try:
+            check_transition(model, version, current, to_stage)
+        except Conflict as exc:
+            raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
     cause = Cause.of(event)
     sequence = await versions.move(model, version, current, to_stage, reason, cause)
     effect = alias_effect(to_stage)
@@ -147,7 +151,22 @@ async def promote(
     publish: Publish,
     source: str,
 ) -> None:
-    """The version is production now; whatever was production before is archived."""
+    """The version is production now; whatever was production before is archived. A version a failed
+    validation rejected before it served goes to production too: serving put it there on a command accepted
+    before the verdict (:func:`overtaken_by_verdict`)."""
+    over_verdict = await overtaken_by_verdict(versions, model, version)
+    if over_verdict:
+        reason += (
+            "; a failed validation had rejected it here first, but serving had already put it on traffic "
+            "on a command accepted while it was a candidate, so the registry follows serving"
+        )
+        log.warning(
+            "a version rejected by its validation serves; production follows serving",
+            model=model,
+            version=version,
+            event_type=event.type,
+            event_id=event.id,
+        )
     for previous in await versions.versions_in(model, Stage.PRODUCTION):
         if previous != version:
             await change_stage(
@@ -169,7 +188,18 @@ async def promote(
         versions=versions,
         publish=publish,
         source=source,
+        over_verdict=over_verdict,
     )
+
+
+async def overtaken_by_verdict(versions: Versions, model: str, version: int) -> bool:
+    """Whether the version is rejected by a failed validation read before it ever served
+    (:func:`services.registry.domain.verdict_overtaken`)."""
+    current = await versions.stage_for_update(model, version)
+    if current is not Stage.REJECTED:
+        return False
+    last = await versions.last_move(model, version)
+    return last is not None and verdict_overtaken(current, last.from_stage, last.event_type)
 
 
 async def refuse_out_of_date(

@@ -20,6 +20,7 @@ from contracts.datasets import (
     TRAINING_SET_SUFFIX,
     is_training_output,
 )
+from contracts.validation import ValidationFailed
 from libs.errors import Conflict, InvalidInput
 from services.registry.schemas import VersionPublic
 
@@ -35,7 +36,8 @@ TRANSITIONS: dict[Stage, tuple[Stage, ...]] = {
     Stage.PRODUCTION: (Stage.ARCHIVED, Stage.REJECTED),
     # An archived version can come back: rolled out again, or restored by a rollback of its successor.
     Stage.ARCHIVED: (Stage.CANARY, Stage.PRODUCTION),
-    # A rejected version never serves again; it can only be put away.
+    # A rejected version never serves again; it can only be put away. (The one exception, a candidate
+    # rejected by a verdict that overtook serving's promotion of it, is not a command: verdict_overtaken.)
     Stage.REJECTED: (Stage.ARCHIVED,),
 }
 
@@ -94,6 +96,22 @@ def serves_after_rollback(stage: Stage) -> bool:
     stage may move there: an earlier version (archived), or a production rollback's ``to_version`` that never
     served (a candidate: the rollback command accepts any version that may move to production)."""
     return Stage.PRODUCTION in TRANSITIONS[stage]
+
+
+def verdict_overtaken(current: Stage, last_from: Stage | None, last_cause: str) -> bool:
+    """Serving reports it put on all traffic (promoted, or restored by a rollback) a version the registry
+    holds rejected by a failed validation it read while the version was a candidate, that is before the
+    version ever served: serving acted on an operator's command accepted while the version was a candidate,
+    and the verdict overtook it on its way to the registry. The registry follows serving, as it does in the
+    other order (a verdict for a version on traffic leaves its stage, :func:`rejected_by_failed_validation`):
+    whichever comes first, the command accepted before the verdict wins, and the registry's production
+    version is the one that serves. A version rejected any other way (a rollback took it off traffic) never
+    serves again."""
+    return (
+        current is Stage.REJECTED
+        and last_from is Stage.CANDIDATE
+        and last_cause == ValidationFailed.event_type()
+    )
 
 
 def rejected_by_failed_validation(stage: Stage) -> bool:

@@ -117,7 +117,9 @@ async def on_rollout_rolled_back(
     stable = await versions.stage_for_update(r.model, r.stable_version)
     if stable is Stage.PRODUCTION:
         return
-    if stable is not None and serves_after_rollback(stable):
+    if stable is not None and (
+        serves_after_rollback(stable) or await core.overtaken_by_verdict(versions, r.model, r.stable_version)
+    ):
         how = "restored" if stable is Stage.ARCHIVED else "put on all traffic"
         await core.promote(
             r.model,

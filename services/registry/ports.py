@@ -45,6 +45,15 @@ class Cause:
         return cls(event.id, event.type, event.actor, event.source, event.correlationid)
 
 
+@dataclass(frozen=True)
+class LastMove:
+    """The latest change of a version's stage, as its history records it."""
+
+    from_stage: Stage | None
+    to_stage: Stage
+    event_type: str
+
+
 class Versions(Protocol):
     """Model versions, their stages, aliases and validation reports (one open transaction)."""
 
@@ -69,6 +78,10 @@ class Versions(Protocol):
     ) -> int:
         """Set the stage and append the change to the history; returns the change's number among the
         model's stage changes (1, 2, ...: ``ModelStageChanged.sequence``)."""
+        ...
+
+    async def last_move(self, model: str, version: int) -> LastMove | None:
+        """The latest entry of the version's stage history (its registration when it never moved)."""
         ...
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:

@@ -142,6 +142,11 @@ _SERVING_DECISIONS = frozenset(p.event_type() for p in (RolloutPromoted, Rollout
 """Serving's events the registry follows by moving a version to production (its ``caused_by``)."""
 
 
+async def _serves_all_traffic(routes: Routes, d: ModelStageChanged) -> bool:
+    """Whether a move to production names the version serving has as stable (locks the model's route)."""
+    return d.to_stage is Stage.PRODUCTION and (await routes.lock(d.model)).stable_version == d.model_version
+
+
 def _refuse_rejected(event_name: str, record: VersionRecord, what: str, tally: Tally) -> None:
     """A version once rolled back never serves again (a command that says otherwise was sent before the
     rollback, or names the wrong version): :class:`PermanentError`, so the command is dead-lettered."""
@@ -574,6 +579,9 @@ async def on_model_stage_changed(
     change of it to another stage was sent before the registry learnt of the rollback, and is ignored.
     So is a change of a version serving never learnt of: the registry announces a version before changing
     its stage, so the change is no news of it, and mirrored it would stick to the version if registered.
+    The one exception is a move to production of the version serving has on all traffic: the registry had
+    rejected it by a failed validation that overtook serving's promotion (or rollback to it) and now follows
+    serving (docs/registry.md, "A verdict that overtakes serving's decision"), so the mirror follows too.
     A change older than the last one of the model applied here (by the registry's ``sequence``) is
     dead-lettered: mirrored, it would set a version's stage back."""
     d = event.data
@@ -593,7 +601,11 @@ async def on_model_stage_changed(
             d, "unknown-version", "stage change of a version serving never learnt of", tally
         )
         return
-    if d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED) and known.stage == Stage.REJECTED.value:
+    if (
+        d.to_stage not in (Stage.REJECTED, Stage.ARCHIVED)
+        and known.stage == Stage.REJECTED.value
+        and not await _serves_all_traffic(routes, d)
+    ):
         _stage_change_ignored(
             d, "retired-version", "stage change of a version serving rolled back is stale", tally
         )

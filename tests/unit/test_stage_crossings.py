@@ -3,11 +3,10 @@ the registry makes on its own cross, do both end on the same version?
 
 The registry moves a version to production only to follow serving (RolloutPromoted, RolloutRolledBack), and
 serving takes the registry's echoes of its own decisions as no news, so serving decides what serves and the
-registry follows in serving's order. They part when the registry refuses, or cannot apply, one of serving's
-decisions: serving acted on a command about a version the registry rejected meanwhile (a failed validation),
-which serving had not heard of yet (docs/registry.md, "A verdict that overtakes serving's decision"). The
-tests show where such a crossing leaves them, that the registry says so in a dead letter, and that the
-remedy the page gives, a rollback at serving, brings them back to one version.
+registry follows in serving's order. That holds when serving acted on a command about a version the
+registry rejected meanwhile by a failed validation, which serving had not heard of yet: the registry
+follows serving there too (docs/registry.md, "A verdict that overtakes serving's decision"), while a
+version a rollback rejected is never brought back.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from contracts.commands import PromoteRequested, RollbackRequested
 from contracts.common import Stage
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.registry import EVENT_TYPES
+from contracts.rollouts import RolloutPromoted
 from contracts.validation import CheckKind, CheckResult, ValidationFailed
 from libs.bus import InMemoryBus, Subscription, Transaction
 from services.registry.bootstrap import TOPICS as REGISTRY_TOPICS
@@ -170,26 +170,32 @@ async def test_serving_decisions_and_the_registry_agree_when_they_do_not_cross(p
     assert platform.bus.dead_letters == []
 
 
-async def test_after_a_promotion_crossed_a_failed_validation_a_rollback_at_serving_reunites_them(
+async def test_a_promotion_that_crossed_a_failed_validation_leaves_both_on_the_promoted_version(
     platform: Platform,
 ) -> None:
     v2 = await platform.train("run-2")
     await platform.send(PromoteRequested(model=MODEL, model_version=v2, reason="by hand"), failed(v2))
-    # Where the crossing leaves them: apart, and the registry's refusal dead-lettered.
+    # The registry read the verdict first and rejected the candidate; serving had promoted it on the command.
+    # The registry follows serving, as it does when the verdict comes after the promotion.
     assert (platform.serving_stable, platform.registry_production(), platform.stage(v2)) == (
         2,
-        [1],
-        Stage.REJECTED,
+        [2],
+        Stage.PRODUCTION,
     )
-    [refused] = platform.bus.dead_letters
-    assert refused.consumer == "registry" and "churn version 2 is rejected" in refused.error
-    # The remedy docs/registry.md gives: roll the version back at serving (the registry refuses the command,
-    # as it holds the version rejected), which puts the registry's production version back on traffic.
+    assert platform.bus.dead_letters == []
+    assert platform.registry_versions.aliases[(MODEL, "champion")] == 2
+    assert platform.serving_versions.rows[(MODEL, 2)].stage == Stage.PRODUCTION.value
+    [moves] = [
+        h for h in platform.registry_versions.history if h.to_stage is Stage.PRODUCTION and h.version == 2
+    ]
+    assert moves.from_stage is Stage.REJECTED and "registry follows serving" in moves.reason
+    # Undoing it is an ordinary rollback, which the registry's route takes too (v2 is production there).
     await platform.send(RollbackRequested(model=MODEL, model_version=v2, reason="validation failed"))
     assert platform.serving_stable == 1 and platform.registry_production() == [1]
+    assert platform.stage(v2) is Stage.REJECTED and platform.bus.dead_letters == []
 
 
-async def test_after_a_rollback_crossed_its_targets_failed_validation_a_rollback_at_serving_reunites_them(
+async def test_a_rollback_that_crossed_its_targets_failed_validation_leaves_both_on_the_target(
     platform: Platform,
 ) -> None:
     v2 = await platform.train("run-2")
@@ -199,10 +205,27 @@ async def test_after_a_rollback_crossed_its_targets_failed_validation_a_rollback
         RollbackRequested(model=MODEL, model_version=v2, to_version=v3, reason="back to the new one"),
         failed(v3),
     )
-    # Where the crossing leaves them: serving on v3, which the registry holds rejected; the registry took the
-    # rollback of v2 and left v3 as it is (a warning), so it has no production version.
-    assert (platform.serving_stable, platform.registry_production(), platform.bus.dead_letters) == (3, [], [])
+    assert (platform.serving_stable, platform.registry_production(), platform.bus.dead_letters) == (
+        3,
+        [3],
+        [],
+    )
+    assert platform.stage(v2) is Stage.REJECTED
     await platform.send(
         RollbackRequested(model=MODEL, model_version=v3, to_version=1, reason="validation failed")
     )
     assert platform.serving_stable == 1 and platform.registry_production() == [1]
+
+
+async def test_a_version_taken_off_traffic_by_a_rollback_is_not_brought_back_by_its_promotion_resent(
+    platform: Platform,
+) -> None:
+    v2 = await platform.train("run-2")
+    await platform.send(PromoteRequested(model=MODEL, model_version=v2, reason="by hand"))
+    await platform.send(RollbackRequested(model=MODEL, model_version=v2, reason="by hand"))
+    [promoted] = [e for e in platform.bus.events(of=RolloutPromoted) if e.data.model_version == v2]
+    await platform.send(promoted.model_copy(update={"id": "resent-1"}))
+    # Rejected by a rollback, not by a verdict it overtook: the re-sent promotion is refused, not followed.
+    assert platform.registry_production() == [1] and platform.stage(v2) is Stage.REJECTED
+    [refused] = platform.bus.dead_letters
+    assert refused.consumer == "registry" and "churn version 2 is rejected" in refused.error

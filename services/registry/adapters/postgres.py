@@ -10,7 +10,7 @@ from contracts.common import ModelSignature, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.training import TrainingCompleted
 from contracts.validation import ValidationFailed, ValidationPassed
-from services.registry.ports import Cause, RegisteredRun
+from services.registry.ports import Cause, LastMove, RegisteredRun
 from services.registry.schemas import (
     DatasetPublic,
     LineageDatasetPublic,
@@ -164,6 +164,18 @@ class PgVersions:
             cause.correlation_id,
             sequence,
         )
+
+    async def last_move(self, model: str, version: int) -> LastMove | None:
+        row = await self.conn.fetchrow(
+            """SELECT from_stage, to_stage, event_type FROM stage_history
+               WHERE model = $1 AND version = $2 ORDER BY id DESC LIMIT 1""",
+            model,
+            version,
+        )
+        if row is None:
+            return None
+        from_stage = Stage(row["from_stage"]) if row["from_stage"] is not None else None
+        return LastMove(from_stage, Stage(row["to_stage"]), row["event_type"])
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:
         await self.conn.execute(

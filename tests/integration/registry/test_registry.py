@@ -167,6 +167,58 @@ async def test_stage_history_of_a_promote_and_a_rollback_is_complete_and_ordered
     assert champion.json()["version"] == 1
 
 
+async def test_a_promotion_overtaken_by_a_failed_validation_moves_the_rejected_version_to_production(
+    registry: RunningRegistry,
+) -> None:
+    """The registry read a candidate's failed validation before serving's promotion of it on an operator's
+    command: it follows serving (docs/registry.md, "A verdict that overtakes serving's decision")."""
+    model = model_name()
+    await register(registry, model, "run-1")
+    first = serving(
+        RolloutPromoted(
+            rollout_id="r-1",
+            model=model,
+            model_version=1,
+            previous_version=None,
+            steps_completed=2,
+            duration_seconds=5,
+        )
+    )
+    await registry.send(*rollout(model, 1, None), first)
+    await registry.wait_handled(first)
+    await register(registry, model, "run-2")
+    failed = EXAMPLES[ValidationFailed].model_copy(update={"model": model, "model_version": 2})
+    promoted = serving(
+        RolloutPromoted(
+            rollout_id="r-2",
+            model=model,
+            model_version=2,
+            previous_version=1,
+            steps_completed=0,
+            duration_seconds=0,
+            manual=True,
+        )
+    )
+    await registry.send(new_event(failed, source="/driftloop/validation"), promoted)
+    await registry.wait_handled(promoted)
+
+    v2 = (await registry.http.get(f"/v1/models/{model}/versions/2", headers=AUTH["viewer"])).json()
+    assert [(h["from_stage"], h["to_stage"], h["event_type"].split(".")[2]) for h in v2["stage_history"]] == [
+        (None, "candidate", "TrainingCompleted"),
+        ("candidate", "rejected", "ValidationFailed"),
+        ("rejected", "production", "RolloutPromoted"),
+    ]
+    assert "registry follows serving" in v2["stage_history"][2]["reason"]
+    assert v2["stage"] == "production" and v2["aliases"] == ["champion"]
+    assert await registry.versions_of(model) == [1, 2]
+    changes = [e["payload"] for e in await registry.outbox(ModelStageChanged, model)]
+    assert [(c["model_version"], c["from_stage"], c["to_stage"]) for c in changes][-3:] == [
+        (2, "candidate", "rejected"),
+        (1, "production", "archived"),
+        (2, "rejected", "production"),
+    ]
+
+
 async def test_a_cut_validation_report_is_kept_with_its_totals_and_where_the_whole_is(
     registry: RunningRegistry,
 ) -> None:

@@ -15,7 +15,7 @@ from contracts.examples import EXAMPLES
 from contracts.training import TrainingCompleted
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound, UntrustedArtifact
-from services.registry.ports import Cause, RegisteredRun
+from services.registry.ports import Cause, LastMove, RegisteredRun
 from services.registry.schemas import DatasetPublic
 
 
@@ -82,6 +82,12 @@ class FakeVersions:
         self.history.append(HistoryEntry(model, version, from_stage, to_stage, reason, cause))
         self.stage_sequences[model] = self.stage_sequences.get(model, 0) + 1
         return self.stage_sequences[model]
+
+    async def last_move(self, model: str, version: int) -> LastMove | None:
+        for h in reversed(self.history):
+            if (h.model, h.version) == (model, version):
+                return LastMove(h.from_stage, h.to_stage, h.cause.event_type)
+        return None
 
     async def take_alias(self, model: str, alias: str, version: int, cause: Cause) -> None:
         self.aliases[(model, alias)] = version
