@@ -112,6 +112,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         performance_window_labels=settings.performance_window_labels,
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
+        rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
         max_event_bytes=settings.kafka.max_event_bytes,
         quality_issues_per_kind=settings.quality_issues_per_kind,
         predictions_topic=settings.predictions_topic,
@@ -373,7 +374,11 @@ class Background:
         await self.decide_canaries(now)
         self.monitor.live.settle_begins()
         async with self.rt.begin() as tx:
-            expired = await handlers.housekeeping(now, monitor=self.monitor, store=PgMonitoringStore(tx.conn))
+            tally = handlers.Tally()
+            expired = await handlers.housekeeping(
+                now, monitor=self.monitor, store=PgMonitoringStore(tx.conn), tally=tally
+            )
+            tx.after_commit(tally.count)
         # Only now that the expiries are committed: a failed transaction leaves the labels waiting, as they
         # still are in Postgres.
         self.monitor.live.labels_settled(expired)
@@ -454,8 +459,8 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
                 ModelVersionRegistered: _bind(handlers.on_model_version_registered, monitor),
                 RolloutStarted: _bind(handlers.on_rollout_started, monitor, tallied=True),
                 RolloutStepAdvanced: _bind(handlers.on_rollout_step_advanced, monitor, tallied=True),
-                RolloutPromoted: _bind(handlers.on_rollout_finished, monitor),
-                RolloutRolledBack: _bind(handlers.on_rollout_finished, monitor),
+                RolloutPromoted: _bind(handlers.on_rollout_finished, monitor, tallied=True),
+                RolloutRolledBack: _bind(handlers.on_rollout_finished, monitor, tallied=True),
             },
             **common,
         ),

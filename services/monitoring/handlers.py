@@ -73,6 +73,7 @@ from services.monitoring.domain import (
 from services.monitoring.live import SHADOW, LabelJoined, LiveState
 from services.monitoring.ports import (
     Artifacts,
+    EarlyStep,
     LabelledRecord,
     MonitoringStore,
     PendingLabel,
@@ -190,6 +191,8 @@ class Monitor:
     performance_window_labels: int = 200
     export_labelled_rows: int = 50_000
     label_wait_seconds: float = 86_400.0
+    rollout_start_wait_seconds: float = 86_400.0
+    """How long a step that came before its rollout's start is kept for it."""
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
@@ -890,7 +893,8 @@ PROMOTED, ROLLED_BACK = "promoted", "rolled back"  # how a rollout ended, as fin
 async def on_rollout_started(
     event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> None:
-    """Watch the rollout's current step."""
+    """Watch the rollout's current step: the highest step kept because its event came before this one, else
+    the start's. Memory follows once the transaction commits."""
     p = event.data
     await _refuse_finished(p.rollout_id, p.step_index, store)
     if await store.last_step(p.rollout_id) is not None:
@@ -904,33 +908,92 @@ async def on_rollout_started(
             event_id=event.id,
         )
         return
-    step = StoredStep(
+    early = await store.take_early_steps(p.rollout_id)
+    later = [e for e in early if e.step_index > p.step_index]
+    if later:
+        # Serving is on that step already: watching the start's step would give a verdict serving ignores as
+        # stale, and the step it is on would never get one.
+        step = _started_late(later[-1], p, learned_at=monitor.clock())
+        log.warning(
+            "rollout started after its step's event: watching the step serving is on",
+            rollout_id=p.rollout_id,
+            model=p.model,
+            step=step.step_index,
+            start_step=p.step_index,
+            steps_kept=[e.step_index for e in early],
+            event_id=event.id,
+        )
+    else:
+        if early:
+            log.warning(
+                "rollout step kept for its start is on the start's step or before it: ignored",
+                rollout_id=p.rollout_id,
+                model=p.model,
+                steps_kept=[e.step_index for e in early],
+                start_step=p.step_index,
+                event_id=event.id,
+            )
+        step = _step_in_force(event, p.min_samples, p.bake_seconds, monitor=monitor, tally=tally)
+    await store.save_step(step)
+    _watch_once_committed(step, monitor, tally)
+
+
+def _step_in_force(
+    event: CloudEvent[RolloutStarted] | CloudEvent[RolloutStepAdvanced],
+    min_samples: int,
+    bake_seconds: float,
+    *,
+    monitor: Monitor,
+    tally: Tally,
+) -> StoredStep:
+    """The step a rollout event puts in force, learned of now."""
+    p = event.data
+    return StoredStep(
         rollout_id=p.rollout_id,
         step_index=p.step_index,
         model=p.model,
         stable_version=p.stable_version,
         canary_version=p.canary_version,
         started_at=_step_start(event, p.step_index, monitor=monitor, tally=tally),
-        min_samples=p.min_samples,
-        bake_seconds=p.bake_seconds,
+        min_samples=min_samples,
+        bake_seconds=bake_seconds,
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
         learned_at=monitor.clock(),
     )
-    await store.save_step(step)
-    monitor.live.watch(canary_step(step))
+
+
+def _started_late(early: EarlyStep, started: RolloutStarted, *, learned_at: float) -> StoredStep:
+    """The step kept for its start, watched with the start's sample and bake requirements. Its bake time and
+    timeout run from when the start came (``learned_at``): its traffic is counted from then on."""
+    return StoredStep(
+        rollout_id=early.rollout_id,
+        step_index=early.step_index,
+        model=early.model,
+        stable_version=early.stable_version,
+        canary_version=early.canary_version,
+        started_at=early.started_at,
+        min_samples=started.min_samples,
+        bake_seconds=started.bake_seconds,
+        cause_id=early.cause_id,
+        correlation_id=early.correlation_id,
+        actor=early.actor,
+        learned_at=learned_at,
+    )
 
 
 async def on_rollout_step_advanced(
     event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> None:
-    """Watch the new step, with the rollout's sample and bake requirements."""
+    """Watch the new step, with the rollout's sample and bake requirements; keep it for the rollout's start
+    when that has not come yet. Memory follows once the transaction commits."""
     p = event.data
     await _refuse_finished(p.rollout_id, p.step_index, store)
     previous = await store.last_step(p.rollout_id)
     if previous is None:
-        raise PermanentError(f"rollout {p.rollout_id} advanced, but monitoring never saw it start")
+        await _keep_for_start(event, monitor=monitor, store=store, tally=tally)
+        return
     if previous.step_index >= p.step_index:
         # An old event (sent again under another event id, or read late): the rollout is on that step or past
         # it. Watching it would supersede the step in force, which would never get its verdict.
@@ -943,22 +1006,49 @@ async def on_rollout_step_advanced(
             event_id=event.id,
         )
         return
-    step = StoredStep(
+    step = _step_in_force(event, previous.min_samples, previous.bake_seconds, monitor=monitor, tally=tally)
+    await store.save_step(step)
+    _watch_once_committed(step, monitor, tally)
+
+
+async def _keep_for_start(
+    event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore, tally: Tally
+) -> None:
+    """Keep a step whose event came before its rollout's RolloutStarted (another partition, a redelivery, a
+    replica catching up), in the transaction that claims the event: the start carries the sample and bake
+    requirements, and watches the highest step kept. Dead-lettered instead, the step was lost, and the late
+    start watched its first step while serving was on a later one."""
+    p = event.data
+    early = EarlyStep(
         rollout_id=p.rollout_id,
         step_index=p.step_index,
         model=p.model,
         stable_version=p.stable_version,
         canary_version=p.canary_version,
         started_at=_step_start(event, p.step_index, monitor=monitor, tally=tally),
-        min_samples=previous.min_samples,
-        bake_seconds=previous.bake_seconds,
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
-        learned_at=monitor.clock(),
+        received_at=monitor.clock(),
     )
-    await store.save_step(step)
-    monitor.live.watch(canary_step(step))
+    kept = await store.keep_early_step(early)
+    log.warning(
+        "rollout step came before its start: kept until the RolloutStarted comes"
+        if kept
+        else "rollout step came before its start again: ignored, that step is kept already",
+        rollout_id=p.rollout_id,
+        model=p.model,
+        step=p.step_index,
+        event_id=event.id,
+        rollout_start_wait_seconds=monitor.rollout_start_wait_seconds,
+    )
+
+
+def _watch_once_committed(step: StoredStep, monitor: Monitor, tally: Tally) -> None:
+    """Watch the step (superseding the rollout's step in memory) once the transaction that stored it commits:
+    a transaction rolled back leaves memory watching what Postgres still has."""
+    watcher = canary_step(step)
+    tally.then(lambda: monitor.live.watch(watcher))
 
 
 def _step_start(
@@ -992,13 +1082,64 @@ def _step_start(
     return latest
 
 
+STEPS_NEVER_WATCHED = Counter(
+    "driftloop_monitoring_rollout_steps_never_watched_total",
+    "Rollout steps whose RolloutStepAdvanced came before the rollout's RolloutStarted and were dropped "
+    "unwatched: the start did not come within rollout_start_wait_seconds (reason no-start: logged as an "
+    "error, the rollout gets no verdict for the step), or the rollout ended first (reason rollout-ended).",
+    ["model", "reason"],
+)
+
+
 async def on_rollout_finished(
-    event: CloudEvent[RolloutPromoted | RolloutRolledBack], *, monitor: Monitor, store: MonitoringStore
+    event: CloudEvent[RolloutPromoted | RolloutRolledBack],
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    tally: Tally,
 ) -> None:
-    """Stop watching a promoted or rolled back rollout, and record that it is over."""
+    """Stop watching a promoted or rolled back rollout, and record that it is over; memory follows once the
+    transaction commits."""
+    rollout_id = event.data.rollout_id
     outcome = PROMOTED if isinstance(event.data, RolloutPromoted) else ROLLED_BACK
-    await store.finish_rollout(event.data.rollout_id, outcome)
-    monitor.live.unwatch(event.data.rollout_id)
+    await store.finish_rollout(rollout_id, outcome)
+    dropped = await store.take_early_steps(rollout_id)
+    for early in dropped:
+        tally.add(STEPS_NEVER_WATCHED, early.model, "rollout-ended")
+    if dropped:
+        log.warning(
+            "rollout ended before its start came: the steps kept for it are dropped unwatched",
+            rollout_id=rollout_id,
+            model=event.data.model,
+            outcome=outcome,
+            steps=[e.step_index for e in dropped],
+        )
+    tally.then(lambda: monitor.live.unwatch(rollout_id))
+
+
+def _report_never_started(expired: list[EarlyStep], monitor: Monitor, tally: Tally) -> None:
+    """Count and log, once committed, the steps given up because their rollout's start never came."""
+    for early in expired:
+        tally.add(STEPS_NEVER_WATCHED, early.model, "no-start")
+
+    def report() -> None:
+        for early in expired:
+            log.error(
+                "rollout step dropped: its RolloutStarted never came, the step is not watched and gets no "
+                "verdict",
+                rollout_id=early.rollout_id,
+                model=early.model,
+                step=early.step_index,
+                canary_version=early.canary_version,
+                event_id=early.cause_id,
+                kept_seconds=round(monitor.clock() - early.received_at, 1),
+                rollout_start_wait_seconds=monitor.rollout_start_wait_seconds,
+                hint="serving's rollout waits for a verdict: roll it back or promote it by hand; "
+                "driftloop_monitoring_rollout_steps_never_watched_total counts such steps",
+            )
+
+    if expired:
+        tally.then(report)
 
 
 async def _refuse_finished(rollout_id: str, step_index: int, store: MonitoringStore) -> None:
@@ -1235,17 +1376,21 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 # --- time-driven housekeeping ----------------------------------------------------------------------------
 
 
-async def housekeeping(now: float, *, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, str]]:
-    """Close idle windows, forget expired predictions and labels, record where a restart must replay from,
-    and take changed policies. Canary verdicts are given apart, one transaction per step
-    (:func:`check_canary`). Returns the expired labels: a transaction that fails leaves them waiting in
-    memory, as they are in Postgres."""
+async def housekeeping(
+    now: float, *, monitor: Monitor, store: MonitoringStore, tally: Tally
+) -> list[tuple[str, str]]:
+    """Close idle windows, forget expired predictions and labels, give up on rollout steps whose start never
+    came, record where a restart must replay from, and take changed policies. Canary verdicts are given apart,
+    one transaction per step (:func:`check_canary`). Returns the expired labels: a transaction that fails
+    leaves them waiting in memory, as they are in Postgres."""
     live = monitor.live
     if live.close_idle(now):
         monitor.on_windows_closed()
     live.cache.evict(now, joins_due=live.joins_due)
     live.forget_joined(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
+    never_started = await store.expire_early_steps(now - monitor.rollout_start_wait_seconds)
+    _report_never_started(never_started, monitor, tally)
     await store.save_replay_offsets(monitor.predictions_topic, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
     return expired

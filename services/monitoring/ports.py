@@ -115,6 +115,26 @@ class StoredStep:
 
 
 @dataclass
+class EarlyStep:
+    """A rollout step whose RolloutStepAdvanced came before the rollout's RolloutStarted (events of one
+    rollout can arrive out of order): kept until the start comes, which watches the highest step kept, until
+    the rollout ends, or until ``rollout_start_wait_seconds`` passed."""
+
+    rollout_id: str
+    step_index: int
+    model: str
+    stable_version: int | None
+    canary_version: int
+    started_at: float
+    """When serving started the step (the event's time, at most ``max_clock_skew_seconds`` ahead)."""
+    cause_id: str
+    correlation_id: str
+    actor: str | None
+    received_at: float
+    """When monitoring handled the step's event, on its own clock (how long it waited is timed from it)."""
+
+
+@dataclass
 class ReplayReport:
     """What a restart's replay of the predictions topic read, and what it should have read but did not."""
 
@@ -267,6 +287,19 @@ class MonitoringStore(Protocol):
 
     async def save_step(self, step: StoredStep) -> None:
         """Record a rollout step to watch (superseding the rollout's earlier steps)."""
+        ...
+
+    async def keep_early_step(self, step: EarlyStep) -> bool:
+        """Keep a step that came before its rollout's start; False when that step is kept already."""
+        ...
+
+    async def take_early_steps(self, rollout_id: str) -> list[EarlyStep]:
+        """Remove and return the rollout's steps kept for its start, lowest step first."""
+        ...
+
+    async def expire_early_steps(self, received_before: float) -> list[EarlyStep]:
+        """Give up on the steps kept for their start since before a time (epoch seconds): remove and return
+        them."""
         ...
 
     async def finish_rollout(self, rollout_id: str, outcome: str) -> None:

@@ -161,6 +161,14 @@ class MonitoringSettings(ServiceSettings):
     canary_timeout_seconds: float = Field(
         600.0, gt=0, description="A step whose canary did not get min_samples by then is inconclusive."
     )
+    rollout_start_wait_seconds: float = Field(
+        86_400.0,
+        gt=0,
+        description="A RolloutStepAdvanced that comes before its rollout's RolloutStarted (events out of "
+        "order) is kept this long for the start, which then watches the highest step kept; past it the "
+        "step is dropped, logged as an error and counted "
+        "(driftloop_monitoring_rollout_steps_never_watched_total).",
+    )
 
     # --- plumbing -----------------------------------------------------------------------------------------
     tick_seconds: float = Field(

@@ -12,6 +12,7 @@ from contracts.common import NUL_STAND_IN, ArtifactRef, ModelSignature
 from libs.logging import get_logger
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.ports import (
+    EarlyStep,
     JoinedLabel,
     LabelledRecord,
     PendingLabel,
@@ -86,6 +87,24 @@ def _steps(rows: list[asyncpg.Record]) -> list[StoredStep]:
             state=r["state"],
             verdict=r["verdict"],
             learned_at=r["learned_at"],
+        )
+        for r in rows
+    ]
+
+
+def _early_steps(rows: list[asyncpg.Record]) -> list[EarlyStep]:
+    return [
+        EarlyStep(
+            rollout_id=r["rollout_id"],
+            step_index=r["step_index"],
+            model=r["model"],
+            stable_version=r["stable_version"],
+            canary_version=r["canary_version"],
+            started_at=r["started_at"],
+            cause_id=r["cause_id"],
+            correlation_id=r["correlation_id"],
+            actor=r["actor"],
+            received_at=r["received_at"],
         )
         for r in rows
     ]
@@ -453,6 +472,34 @@ class PgMonitoringStore:
             step.actor,
             step.learned_at,
         )
+
+    async def keep_early_step(self, step: EarlyStep) -> bool:
+        row = await self.conn.fetchval(
+            """INSERT INTO early_steps (rollout_id, step_index, model, stable_version, canary_version,
+                   started_at, cause_id, correlation_id, actor, received_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING 1""",
+            step.rollout_id,
+            step.step_index,
+            step.model,
+            step.stable_version,
+            step.canary_version,
+            step.started_at,
+            step.cause_id,
+            step.correlation_id,
+            step.actor,
+            step.received_at,
+        )
+        return row is not None
+
+    async def take_early_steps(self, rollout_id: str) -> list[EarlyStep]:
+        rows = await self.conn.fetch("DELETE FROM early_steps WHERE rollout_id = $1 RETURNING *", rollout_id)
+        return sorted(_early_steps(rows), key=lambda s: s.step_index)
+
+    async def expire_early_steps(self, received_before: float) -> list[EarlyStep]:
+        rows = await self.conn.fetch(
+            "DELETE FROM early_steps WHERE received_at < $1 RETURNING *", received_before
+        )
+        return sorted(_early_steps(rows), key=lambda s: (s.received_at, s.rollout_id, s.step_index))
 
     async def finish_rollout(self, rollout_id: str, outcome: str) -> None:
         await self.conn.execute(

@@ -52,6 +52,7 @@ from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
 from services.monitoring.handlers import (
     Tally,
+    housekeeping,
     judge_closed_window,
     on_rollout_finished,
     on_rollout_started,
@@ -1101,20 +1102,23 @@ async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: as
     advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-again"})
     assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
     assert (started.step_index, advanced.step_index) == (0, 1)
+    tally = Tally()
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            new_event(started, source="/serving"), monitor=monitor, store=store, tally=tally
         )
         await store.decide_step("r-again", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
         await on_rollout_step_advanced(
-            new_event(advanced, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            new_event(advanced, source="/serving"), monitor=monitor, store=store, tally=tally
         )
+    tally.count()  # committed: memory follows
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            new_event(started, source="/serving"), monitor=monitor, store=store, tally=tally
         )
+    tally.count()
 
     async with pool.acquire() as conn:
         watched = await PgMonitoringStore(conn).watched_steps()
@@ -1139,7 +1143,9 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
             new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
         )
         await store.decide_step("r-over", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
-        await on_rollout_finished(new_event(promoted, source="/serving"), monitor=monitor, store=store)
+        await on_rollout_finished(
+            new_event(promoted, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
         assert await store.rollout_outcome("r-over") == "promoted"
         assert await store.rollout_outcome("r-never") is None
     with pytest.raises(PermanentError, match="rollout r-over was promoted already"):
@@ -1153,3 +1159,82 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
     async with pool.acquire() as conn:
         watched = await PgMonitoringStore(conn).watched_steps()
     assert [s for s in watched if s.rollout_id == "r-over"] == []
+
+
+async def test_a_step_that_came_before_its_start_is_kept_in_postgres_and_watched_when_the_start_comes(
+    pool: asyncpg.Pool,
+) -> None:
+    # Step 2's event, then step 1's, before the rollout's start (another partition, a replica catching up):
+    # kept in Postgres in their events' transactions, so a monitoring process started afresh watches step 2
+    # when the start comes. Before, both were dead-lettered and the start watched step 0.
+    started = EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": "r-early"})
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-early"})
+    assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
+    assert len(started.steps) >= 3
+    twice = advanced.model_copy(
+        update={"step_index": 2, "previous_weight": started.steps[1], "weight": started.steps[2]}
+    )
+    first = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    for payload in (twice, advanced, advanced):  # step 1 sent twice (another event id)
+        async with pool.acquire() as conn, conn.transaction():
+            await on_rollout_step_advanced(
+                new_event(payload, source="/serving"),
+                monitor=first,
+                store=PgMonitoringStore(conn),
+                tally=Tally(),
+            )
+    async with pool.acquire() as conn:
+        kept = await conn.fetch("SELECT step_index FROM early_steps WHERE rollout_id = 'r-early' ORDER BY 1")
+        assert [r["step_index"] for r in kept] == [1, 2]
+        assert [s for s in await PgMonitoringStore(conn).watched_steps() if s.rollout_id == "r-early"] == []
+
+    restarted = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    tally = Tally()
+    async with pool.acquire() as conn, conn.transaction():
+        await on_rollout_started(
+            new_event(started, source="/serving"),
+            monitor=restarted,
+            store=PgMonitoringStore(conn),
+            tally=tally,
+        )
+    tally.count()
+    async with pool.acquire() as conn:
+        store = PgMonitoringStore(conn)
+        watched = [s for s in await store.watched_steps() if s.rollout_id == "r-early"]
+        assert [(s.step_index, s.min_samples, s.bake_seconds) for s in watched] == [
+            (2, started.min_samples, started.bake_seconds)
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM early_steps WHERE rollout_id = 'r-early'") == 0
+    assert restarted.live.steps["r-early"].step_index == 2
+
+
+async def test_a_step_whose_start_never_comes_leaves_postgres_after_the_wait(pool: asyncpg.Pool) -> None:
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-orphan"})
+    ended = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-ended"})
+    promoted = EXAMPLES[RolloutPromoted].model_copy(update={"rollout_id": "r-ended"})
+    assert isinstance(advanced, RolloutStepAdvanced) and isinstance(ended, RolloutStepAdvanced)
+    assert isinstance(promoted, RolloutPromoted)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    now = datetime.now(UTC).timestamp()
+    monitor.clock = lambda: now
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        for payload in (advanced, ended):
+            await on_rollout_step_advanced(
+                new_event(payload, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            )
+        # The rollout ended before its start came: its kept step goes with the ending.
+        await on_rollout_finished(
+            new_event(promoted, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
+    async with pool.acquire() as conn:
+        assert [r["rollout_id"] for r in await conn.fetch("SELECT rollout_id FROM early_steps")] == [
+            "r-orphan"
+        ]
+
+    wait = monitor.rollout_start_wait_seconds
+    for at, left in ((now + wait - 1, ["r-orphan"]), (now + wait + 1, [])):
+        async with pool.acquire() as conn, conn.transaction():
+            store = PgMonitoringStore(conn)
+            await housekeeping(at, monitor=monitor, store=store, tally=Tally())
+            assert [r["rollout_id"] for r in await conn.fetch("SELECT rollout_id FROM early_steps")] == left

@@ -7,9 +7,9 @@ from typing import Any
 
 
 class NoPolicies:
-    """The MonitoringStore calls a housekeeping tick or a restore makes about policies, registered models and
-    labels joined lately, answered as by a store that has none: the part of a fake store no test here is
-    about."""
+    """The MonitoringStore calls a housekeeping tick, a restore or a rollout's start makes about policies,
+    registered models, labels joined lately and rollout steps kept for their start, answered as by a store
+    that has none: the part of a fake store no test here is about."""
 
     async def policies_fingerprint(self) -> str:
         return ""
@@ -21,4 +21,10 @@ class NoPolicies:
         return []
 
     async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
+        return []
+
+    async def take_early_steps(self, rollout_id: str) -> list[Any]:
+        return []
+
+    async def expire_early_steps(self, received_before: float) -> list[Any]:
         return []

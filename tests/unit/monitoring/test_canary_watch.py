@@ -729,14 +729,15 @@ async def step_announced_at(
 ) -> tuple[CanaryStep, float]:
     """Serving starts rollout r-1 (bake 2 s), on its step 1 when ``advanced``, at ``at`` on its clock;
     monitoring handles the event LATENCY_S later. Returns the watched step and when monitoring handled it."""
-    event = new_event(STARTED, source="/test/serving")
+    event, tally = new_event(STARTED, source="/test/serving"), Tally()
     if advanced:
-        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
         later = new_event(ADVANCED, source="/test/serving").model_copy(update={"time": from_epoch(at)})
-        await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
     else:
         event = event.model_copy(update={"time": from_epoch(at)})
-        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    tally.count()  # committed: memory follows
     watched_step = monitor.live.steps["r-1"]
     assert watched_step.step_index == (1 if advanced else 0)
     watched_step.canary.rows = 500

@@ -17,7 +17,7 @@ from libs.bus import Delivery, Record
 from services.monitoring import handlers
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.domain import epoch
-from services.monitoring.handlers import Monitor, on_predictions_logged
+from services.monitoring.handlers import Monitor, Tally, on_predictions_logged
 from services.monitoring.ports import MonitoringStore
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import T0, reference, requests
@@ -74,7 +74,12 @@ async def test_a_prediction_dated_years_ahead_leaves_the_label_cache_and_the_rep
     # An hour past the label wait and the skew allowed (300 s), every prediction left, those from the future
     # with them, and a restart would replay from the next record, not from the first one dated ahead.
     store = Store()
-    await handlers.housekeeping(NOW + WAIT + 3_600, monitor=monitor, store=store)  # type: ignore[arg-type]
+    await handlers.housekeeping(
+        NOW + WAIT + 3_600,
+        monitor=monitor,
+        store=store,  # type: ignore[arg-type]
+        tally=Tally(),
+    )
     assert live.cache.rows == 0
     assert store.offsets[TOPIC] == {0: 6}
     # Counted, and named in a warning once per model.

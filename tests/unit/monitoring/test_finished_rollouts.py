@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -23,6 +23,9 @@ from services.monitoring.ports import StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED
 
+if TYPE_CHECKING:
+    from services.monitoring.ports import EarlyStep
+
 # Serving's rollout r-1 of tests/unit/monitoring/test_canary_watch.py, and its endings from the examples.
 PROMOTED = EXAMPLES[RolloutPromoted].model_copy(update={"rollout_id": "r-1"})
 ROLLED_BACK = EXAMPLES[RolloutRolledBack].model_copy(update={"rollout_id": "r-1"})
@@ -30,11 +33,12 @@ ROLLED_BACK = EXAMPLES[RolloutRolledBack].model_copy(update={"rollout_id": "r-1"
 
 @dataclass
 class RolloutSteps:
-    """The rollout_steps and finished_rollouts tables, as the Postgres store keeps them."""
+    """The rollout_steps, finished_rollouts and early_steps tables, as the Postgres store keeps them."""
 
     steps: dict[tuple[str, int], StoredStep] = field(default_factory=dict)
     state: dict[tuple[str, int], str] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
+    early: dict[tuple[str, int], EarlyStep] = field(default_factory=dict)
 
     async def save_step(self, step: StoredStep) -> None:
         key = (step.rollout_id, step.step_index)
@@ -60,18 +64,38 @@ class RolloutSteps:
         mine = [s for (r, _), s in self.steps.items() if r == rollout_id]
         return max(mine, key=lambda s: s.step_index, default=None)
 
+    async def keep_early_step(self, step: EarlyStep) -> bool:
+        key = (step.rollout_id, step.step_index)
+        if key in self.early:
+            return False
+        self.early[key] = step
+        return True
+
+    async def take_early_steps(self, rollout_id: str) -> list[EarlyStep]:
+        mine = sorted(k for k in self.early if k[0] == rollout_id)
+        return [self.early.pop(k) for k in mine]
+
+    async def expire_early_steps(self, received_before: float) -> list[EarlyStep]:
+        old = sorted(k for k, s in self.early.items() if s.received_at < received_before)
+        return [self.early.pop(k) for k in old]
+
     def watching(self) -> list[tuple[str, int]]:
         return [key for key, state in self.state.items() if state == "watching"]
 
 
-async def handle(payload: Any, monitor: Any, store: RolloutSteps) -> None:
+async def handle(payload: Any, monitor: Any, store: RolloutSteps, *, committed: bool = True) -> None:
+    """Handle a rollout event as the bus does, in a transaction that commits (memory follows then) unless
+    ``committed`` is False."""
     event = new_event(payload, source="/test/serving")
+    tally = Tally()
     if isinstance(payload, RolloutStarted):
-        await on_rollout_started(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
     elif isinstance(payload, RolloutStepAdvanced):
-        await on_rollout_step_advanced(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await on_rollout_step_advanced(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
     else:
-        await on_rollout_finished(event, monitor=monitor, store=store)  # type: ignore[arg-type]
+        await on_rollout_finished(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    if committed:
+        tally.count()
 
 
 @pytest.mark.parametrize(

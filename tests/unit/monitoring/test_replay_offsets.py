@@ -57,7 +57,7 @@ async def test_a_restart_replays_from_the_offsets_the_last_tick_saved(
     store = Store()
     before = make_monitor(settings, artifacts=None, source="/t")
     before.live.next_offsets = {0: 42, 1: 7}  # what the live consumer had read, no window open
-    await handlers.housekeeping(1_000.0, monitor=before, store=store)  # type: ignore[arg-type]
+    await handlers.housekeeping(1_000.0, monitor=before, store=store, tally=handlers.Tally())  # type: ignore[arg-type]
 
     replays: list[tuple[str, dict[int, int]]] = []
 

@@ -10,7 +10,7 @@ and the window's report keeps every feature.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,7 +105,8 @@ def logged_request(model: str, tag: str, inputs: Sequence[dict[str, Any]], at: d
 
 class Outbox:
     """The runtime's transactions as on Postgres: the outbox refuses an event consumers would refuse as
-    oversized (EventTooLarge), and the block's events are published only if it succeeds."""
+    oversized (EventTooLarge), and the block's events are published (and what waits for its commit is
+    called) only if it succeeds."""
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
@@ -119,8 +120,13 @@ class Outbox:
             encode_outgoing(event, max_bytes=self.max_event_bytes)
             pending.append(event)
 
-        yield type("Tx", (), {"conn": None, "publish": staticmethod(publish)})()
+        committed: list[Callable[[], None]] = []
+        yield type(
+            "Tx", (), {"conn": None, "publish": staticmethod(publish), "after_commit": committed.append}
+        )()
         self.published += pending
+        for callback in committed:
+            callback()
 
 
 class ReportStore(WindowStore):
