@@ -6,6 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from contracts.audit import AuditCheckpoint
@@ -247,3 +248,36 @@ async def test_a_range_without_a_checkpoint_says_no_row_is_vouched_for() -> None
     assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (0, 0)
     report = await verify(trail, from_seq=31, to_seq=45)
     assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (1, 40)
+
+
+async def test_a_ranged_verification_or_export_reads_only_the_range_s_checkpoints() -> None:
+    # A trail kept for years has a checkpoint a minute: both read every one of them for a range of a few rows.
+    trail = await filled(200, every=5)  # checkpoints at 5, 10, ..., 200
+    report = await verify(trail, from_seq=101, to_seq=120)
+    assert report.ok and report.checkpoints_checked == 4, report
+    assert trail.checkpoints_read == [105, 110, 115, 120]
+
+    trail.checkpoints_read.clear()
+    lines = [
+        line
+        async for chunk in core.export_lines(trail, from_seq=101, to_seq=120)
+        for line in chunk.splitlines()
+    ]
+    assert sum(b'"checkpoint"' in line for line in lines) == 4
+    assert trail.checkpoints_read == [105, 110, 115, 120]
+
+
+async def test_a_ranged_verification_still_finds_a_tail_cut_after_its_start() -> None:
+    # The checkpoints beyond the trail's end are in a range without an end: they show the cut.
+    trail = await filled(200, every=5)
+    trail.delete(*range(153, 201))
+    report = await verify(trail, from_seq=141)
+    assert (report.first_bad_seq, report.problem) == (153, Problem.TRUNCATED), report
+    assert trail.checkpoints_read == list(range(145, 201, 5))
+    trail.checkpoints_read.clear()
+    report = await verify(trail, from_seq=141, to_seq=160)
+    assert (report.first_bad_seq, report.problem) == (153, Problem.MISSING_ROW), report
+    assert trail.checkpoints_read == [145, 150, 155, 160]
+
+    lines = [line async for chunk in core.export_lines(trail, from_seq=141) for line in chunk.splitlines()]
+    assert [orjson.loads(line)["checkpoint"]["sequence"] for line in lines[-10:]] == list(range(155, 201, 5))
