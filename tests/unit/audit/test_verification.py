@@ -82,7 +82,8 @@ async def test_truncated_tail_is_found_through_the_checkpoints(full: bool) -> No
     trail.delete(*range(38, ROWS + 1))
     report = await verify(trail, full=full)
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
-    assert "rows 38..40 are gone" in (report.detail or "")
+    # Up to the last checkpoint beyond the end (50), the full extent known; it said rows 38..40.
+    assert "rows 38..50 are gone: the trail ends at 37" in (report.detail or ""), report
 
 
 async def test_truncated_tail_with_its_checkpoints_is_found_through_the_archive() -> None:
@@ -144,6 +145,21 @@ async def test_checkpoint_of_an_unknown_key_is_reported_as_untrusted() -> None:
     report = await verify(trail, archived=[stranger])
     assert (report.first_bad_seq, report.problem) == (14, Problem.BAD_CHECKPOINT)
     assert "not trusted here" in (report.detail or "")
+
+
+async def test_a_cut_tail_is_named_up_to_the_last_trusted_checkpoint_beyond_the_end() -> None:
+    trail = await filled()
+    trail.delete(*range(38, ROWS + 1))
+    stranger = Signer(OTHER_SEED).checkpoint(ChainHead(70, bytes(32)), signed_at=datetime.now(UTC))
+    report = await verify(trail, archived=[stranger])
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+    assert "rows 38..50 are gone" in (report.detail or ""), report  # not ..70: that one proves nothing
+    trail.drop_checkpoints_after(37)
+    report = await verify(trail, archived=[stranger])
+    assert (report.first_bad_seq, report.problem) == (70, Problem.BAD_CHECKPOINT), report
+    assert f"signed by key {stranger.key_id}, which is not trusted here, so it vouches for nothing" in (
+        report.detail or ""
+    )
 
 
 async def test_a_range_trusts_the_row_before_it_and_parallel_ranges_agree() -> None:
