@@ -15,8 +15,10 @@ only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the co
 
 Exit status 0: every row chains, every checkpoint is signed by a pinned key and matches the chain, no
 known checkpoint lies beyond the end, and the rows reach the header's to_seq; the OK line says which rows a
-signed checkpoint vouches for (the others, only the chain, which anyone can recompute). Exit status 1: the
-first bad sequence number and why, or an input that could not be read (``error: ...``).
+signed checkpoint vouches for (the others, only the chain, which anyone can recompute). A checkpoint of a
+key not pinned fails verification in the export or a file; on the audit topic, which other trails share, it
+is a warning (never proof). Exit status 1: the first bad sequence number and why (rows cut off the end are
+named up to the highest signed checkpoint beyond it), or an input that could not be read (``error: ...``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO, Any, TypeGuard
+from typing import IO, Any, NamedTuple, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -91,16 +93,26 @@ class Keys:
             raw = base64.b64decode(text)
             self.by_id[key_id(raw)] = Ed25519PublicKey.from_public_bytes(raw)
 
-    def signed(self, checkpoint: dict[str, Any]) -> bool:
-        """True when a pinned key made the signature over exactly these fields."""
+    def pinned(self, checkpoint: dict[str, Any]) -> bool:
+        """Whether the checkpoint names a pinned key (its signature unchecked)."""
+        return checkpoint.get("key_id") in self.by_id
+
+    def problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """None when a pinned key made the signature over exactly these fields, else why not."""
         key = self.by_id.get(checkpoint.get("key_id", ""))
         if key is None:
-            return False
+            return (
+                f"it is signed by key {shown(checkpoint.get('key_id'))}, which is not pinned here, so it "
+                "vouches for nothing; pin its public key with --public-key if it is a retired key of this "
+                "trail"
+            )
         try:
             key.verify(base64.b64decode(checkpoint["signature"]), signing_input(checkpoint))
         except (InvalidSignature, ValueError):
-            return False
-        return checkpoint["row_count"] == checkpoint["sequence"]
+            return "its signature does not match its contents (forged or altered)"
+        if checkpoint["row_count"] != checkpoint["sequence"]:
+            return f"it claims {checkpoint['row_count']} rows up to sequence {checkpoint['sequence']}"
+        return None
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -144,14 +156,27 @@ def checkpoint_problem(cp: Any) -> str | None:
     return None
 
 
+class CheckpointCopy(NamedTuple):
+    """A checkpoint as one input carries it: where it was read, and whether that input is a channel other
+    trails publish on too (the audit topic) rather than this trail's own copy (the export, a file)."""
+
+    checkpoint: dict[str, Any]
+    where: str
+    shared: bool = False
+
+    @property
+    def sequence(self) -> int:
+        return int(self.checkpoint["sequence"])
+
+
 class Verifier:
     """Verifies an export line by line; checkpoints from elsewhere are checked when their row passes."""
 
-    def __init__(self, keys: Keys, outside: list[dict[str, Any]], *, show: bool, out: IO[str]) -> None:
+    def __init__(self, keys: Keys, outside: list[CheckpointCopy], *, show: bool, out: IO[str]) -> None:
         self.keys = keys
-        self.outside: dict[int, list[dict[str, Any]]] = {}
-        for cp in outside:
-            self.outside.setdefault(cp["sequence"], []).append(cp)
+        self.outside: dict[int, list[CheckpointCopy]] = {}
+        for copy in outside:
+            self.outside.setdefault(copy.sequence, []).append(copy)
         self.show = show
         self.out = out
         self.prev: bytes | None = None
@@ -165,6 +190,12 @@ class Verifier:
         # service names one by its sequence and signature, as here.
         self.counted: set[tuple[int, str]] = set()
         self.vouched = 0  # the highest row a signed checkpoint that matches the chain vouches for
+        # Checkpoints of the export for rows that did not come before them: a cut tail's, which the service
+        # puts after the last row. Judged at the end, all together: the rows missing run to the highest.
+        self.ahead: list[CheckpointCopy] = []
+        # Checkpoints of the audit topic signed by keys not pinned (other trails publish there too): not
+        # counted, and reported (key id -> their sequences).
+        self.unpinned: dict[str, list[int]] = {}
 
     def line(self, text: str | bytes) -> None:
         """One NDJSON line of the export: the header first and only there, then rows and checkpoints."""
@@ -185,7 +216,7 @@ class Verifier:
             problem = checkpoint_problem(obj["checkpoint"])
             if problem is not None:
                 raise self._damaged(f"is a damaged checkpoint: {problem}")
-            self._checkpoint(obj["checkpoint"], inline=True)
+            self._checkpoint(CheckpointCopy(obj["checkpoint"], f"line {self.lines} of the export"))
         else:
             self._row(obj)
 
@@ -220,6 +251,13 @@ class Verifier:
         seq, stated = obj.get("seq"), obj.get("row_hash")
         if not _is_int(seq) or not isinstance(stated, str):
             raise self._damaged("is neither a row (seq, row_hash, record) nor a checkpoint")
+        if self.ahead:
+            early = self.ahead[0]
+            raise Broken(
+                early.sequence,
+                f"the checkpoint at {early.sequence} ({early.where}) is out of place in the export: it comes "
+                f"before row {self.next_seq}",
+            )
         if seq != self.next_seq:
             raise Broken(self.next_seq, f"row {self.next_seq} is missing (the next row is {seq})")
         record = self._record(obj)
@@ -230,8 +268,8 @@ class Verifier:
         self.prev = computed
         self.next_seq = seq + 1
         self.rows += 1
-        for cp in self.outside.pop(seq, []):
-            self._checkpoint(cp, inline=False)
+        for copy in self.outside.pop(seq, []):
+            self._checkpoint(copy)
         if self.show:
             self.out.write(f"{seq:>8}  {describe(record)}\n")
 
@@ -248,21 +286,15 @@ class Verifier:
                 raise self._damaged("has a record_base64 that is not base64") from None
         raise self._damaged("is a row without a record (text) or record_base64")
 
-    def _checkpoint(self, cp: dict[str, Any], *, inline: bool) -> None:
-        seq = cp["sequence"]
-        if not self.keys.signed(cp):
-            if not inline:
-                return  # the audit topic may carry other trails' checkpoints: only pinned keys count
-            raise Broken(
-                seq,
-                f"the checkpoint at {seq} is not signed by a pinned key (key id {shown(cp.get('key_id'))})",
-            )
+    def _checkpoint(self, copy: CheckpointCopy) -> None:
+        cp, seq = copy.checkpoint, copy.sequence
         if self.prev is not None and seq >= self.next_seq:
-            # Signed for rows that did not come before it: the service puts the checkpoints of rows cut off
-            # the trail's end after its last row.
-            raise Broken(
-                self.next_seq, f"rows {self.next_seq}..{seq} are missing: a signed checkpoint covers them"
-            )
+            # For rows that did not come before it: the service puts the checkpoints of rows cut off the
+            # trail's end after its last row. finish() says how far the rows they cover go.
+            self.ahead.append(copy)
+            return
+        if not self._signed(copy):
+            return
         if self.prev is None or seq != self.next_seq - 1:
             raise Broken(seq, f"the checkpoint at {seq} is out of place in the export")
         if cp["head_hash"] != self.prev.hex():
@@ -273,17 +305,43 @@ class Verifier:
             self.checkpoints += 1
         self.vouched = max(self.vouched, seq)
 
+    def _signed(self, copy: CheckpointCopy) -> bool:
+        """Whether a pinned key signed the checkpoint. One that is not is a failure, never a checkpoint
+        passed over: the export and a file are this trail's own copies. Only on the audit topic, where other
+        trails publish theirs, is a key not pinned reported in a warning instead (False: not counted)."""
+        problem = self.keys.problem(copy.checkpoint)
+        if problem is None:
+            return True
+        if copy.shared and not self.keys.pinned(copy.checkpoint):
+            self.unpinned.setdefault(shown(copy.checkpoint["key_id"]), []).append(copy.sequence)
+            return False
+        seq = copy.sequence
+        raise Broken(seq, f"the checkpoint at {seq} ({copy.where}) is not signed by a pinned key: {problem}")
+
     def finish(self) -> None:
-        """Checkpoints from elsewhere beyond the last row mean the export (or the trail) lost its tail; an
-        export that stops before its header's to_seq was cut short on its way here."""
+        """Signed checkpoints beyond the last row (in the export, or from elsewhere) mean the export (or the
+        trail) lost its tail, up to the highest of them; an export that stops before its header's to_seq
+        was cut short on its way here."""
         if self.prev is None:
             raise Broken(0, "the export has no header line")
-        beyond = sorted(s for s, cps in self.outside.items() if any(self.keys.signed(c) for c in cps))
-        if beyond and beyond[-1] >= self.next_seq:
+        beyond = [*self.ahead, *(c for s, cs in self.outside.items() if s >= self.next_seq for c in cs)]
+        signed, unsigned = set(), []
+        for copy in sorted(beyond, key=lambda c: c.sequence):
+            try:
+                if self._signed(copy):
+                    signed.add(copy.sequence)
+            except Broken as broken:
+                unsigned.append(broken)
+        if signed:
+            # Named from the first missing row, which comes before any of these checkpoints: one not signed
+            # among them is not the first thing wrong.
             raise Broken(
                 self.next_seq,
-                f"rows {self.next_seq}..{beyond[-1]} are missing: a signed checkpoint covers them",
+                f"rows {self.next_seq}..{max(signed)} are missing: a signed checkpoint covers them (the "
+                f"highest of {len(signed)} signed for rows after {self.next_seq - 1})",
             )
+        if unsigned:
+            raise unsigned[0]
         if self.next_seq <= self.to_seq:
             # A stream cut at a line boundary (a dropped connection, a partial download) reads like a
             # shorter export; only the header says how far it should go.
@@ -347,7 +405,7 @@ def export_lines(source: str, token: str | None) -> Iterator[bytes]:
             yield from f
 
 
-def file_checkpoints(path: str) -> list[dict[str, Any]]:
+def file_checkpoints(path: str) -> list[CheckpointCopy]:
     """Checkpoints kept as NDJSON (one AuditCheckpoint per line), like .driftloop/audit/checkpoints.ndjson."""
     found = []
     with open(path, "rb") as f:
@@ -361,14 +419,14 @@ def file_checkpoints(path: str) -> list[dict[str, Any]]:
             problem = checkpoint_problem(cp)
             if problem is not None:
                 raise Unreadable(f"{path} line {number}: {problem}")
-            found.append(cp)
+            found.append(CheckpointCopy(cp, f"{path} line {number}"))
     return found
 
 
 ASSIGNMENT_DEADLINE_S = 30.0
 
 
-def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+def topic_checkpoints(bootstrap: str, topic: str) -> list[CheckpointCopy]:
     """Every AuditCheckpoint on the audit topic, read from the beginning to the current end."""
     import asyncio
     import time
@@ -376,14 +434,14 @@ def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.errors import KafkaError
 
-    async def read() -> list[dict[str, Any]]:
+    async def read() -> list[CheckpointCopy]:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
-        found: list[dict[str, Any]] = []
+        found: list[CheckpointCopy] = []
         try:
             await consumer.start()
             # Subscribing to a topic that does not exist would wait for it forever (or have a broker that
@@ -417,7 +475,7 @@ def topic_checkpoints(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     return asyncio.run(read())
 
 
-def _topic_checkpoint(value: bytes | None, where: str) -> list[dict[str, Any]]:
+def _topic_checkpoint(value: bytes | None, where: str) -> list[CheckpointCopy]:
     """The checkpoint in a message of the audit topic; none (with a warning) when it is not one: like a
     checkpoint of another trail, it cannot vouch for this export."""
     try:
@@ -426,7 +484,7 @@ def _topic_checkpoint(value: bytes | None, where: str) -> list[dict[str, Any]]:
     except ValueError:
         problem = "not JSON"
     if problem is None:
-        return [cp]
+        return [CheckpointCopy(cp, where, shared=True)]
     print(f"warning: {where} is not a checkpoint ({problem}): ignored", file=sys.stderr)
     return []
 
@@ -460,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = Keys(args.public_key)
     except ValueError:  # binascii.Error included
         parser.error("--public-key: not the base64 of a raw 32-byte Ed25519 public key")
+    verifier: Verifier | None = None
     try:
         if not args.public_key:
             print("warning: no --public-key pinned; trusting the keys the service serves", file=sys.stderr)
@@ -473,11 +532,14 @@ def main(argv: list[str] | None = None) -> int:
                 verifier.line(text)
         verifier.finish()
     except Broken as broken:
+        warn_unpinned(verifier)
         print(f"FAILED at sequence {broken.seq}: {broken.reason}", file=sys.stderr)
         return 1
     except (OSError, Unreadable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    assert verifier is not None  # made before anything that can end the try without an exception
+    warn_unpinned(verifier)
     head = verifier.prev.hex() if verifier.prev else "-"
     trusted = (
         f"; rows before {verifier.from_seq} are trusted (the header's prev_hash), not verified"
@@ -489,6 +551,18 @@ def main(argv: list[str] | None = None) -> int:
         f"verified; head {head}{trusted}{vouched_for(verifier)}"
     )
     return 0
+
+
+def warn_unpinned(verifier: Verifier | None) -> None:
+    """One warning per key not pinned whose checkpoints the audit topic carried for the rows verified or
+    beyond them: counted for nothing, and said so."""
+    for key, seqs in sorted((verifier.unpinned if verifier else {}).items()):
+        print(
+            f"warning: {len(seqs)} checkpoints on the audit topic (sequences {min(seqs)}..{max(seqs)}) are "
+            f"signed by key {key}, which is not pinned: they vouch for nothing here (another trail's, or a "
+            "retired key of this one: pin it too with --public-key)",
+            file=sys.stderr,
+        )
 
 
 def vouched_for(verifier: Verifier) -> str:

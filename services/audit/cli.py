@@ -186,7 +186,7 @@ def verify(
         named = [("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", settings.checkpoint_file)]
         for name, path in [*named, *(("--checkpoints", path) for path in checkpoint_files)]:
             try:
-                archived += CheckpointFile(path).read()
+                archived += CheckpointFile(path).read(after=from_seq - 1, upto=to_seq)
             except OSError as exc:  # a directory, no permission
                 raise ValueError(f"{name} {path} cannot be read: {exc.strerror}") from exc
         async with _pool(settings) as pool:

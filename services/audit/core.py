@@ -91,11 +91,13 @@ async def verify_trail(
     if to_seq is not None and to_seq < from_seq:
         raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
     started = clock()
+    after = from_seq - 1
     # Checkpoints first, then the head: every checkpoint read here was written after its rows, so any that
     # lies beyond the head read next means rows are gone, never that the trail grew between two reads.
-    known_checkpoints = [*await chain.checkpoints(), *archived]
+    # Only the range's are read (a trail kept for years has millions): those are all the checks below use,
+    # those beyond the last row included, which show a cut tail.
+    known_checkpoints = [*await chain.checkpoints(after=after, upto=to_seq), *archived]
     head = await chain.head_seq()
-    after = from_seq - 1
     if after > head:
         # As /export: a range cannot start after a row that does not exist (from_seq = head + 1 is the
         # empty range of a trail that has not grown since).
@@ -226,8 +228,9 @@ async def export_lines(
         if row is None:
             raise NotFound(f"the trail has no row {after} to start the export after")
         prev = row.row_hash
-    known = {(c.sequence, c.signature): c for c in [*await trail.checkpoints(), *archived]}
     # Bounded by to_seq, not by upto: beyond the head is where a cut tail's checkpoints are.
+    in_range = await trail.checkpoints(after=after, upto=to_seq)
+    known = {(c.sequence, c.signature): c for c in [*in_range, *archived]}
     pending = sorted(
         (c for c in known.values() if after < c.sequence and (to_seq is None or c.sequence <= to_seq)),
         key=lambda c: c.sequence,

@@ -749,8 +749,9 @@ class KeyRing:
         key = self.keys.get(checkpoint.key_id)
         if key is None:
             return (
-                f"it is signed by key {checkpoint.key_id}, which is not trusted here (add its public key "
-                "to DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS if it is a retired key of this trail)"
+                f"it is signed by key {checkpoint.key_id}, which is not trusted here, so it vouches for "
+                "nothing (if it is a retired key of this trail, add its public key to "
+                "DRIFTLOOP_AUDIT_TRUSTED_PUBLIC_KEYS, or give it to driftloop audit verify --public-key)"
             )
         try:
             key.verify(base64.b64decode(checkpoint.signature), checkpoint.signing_input())

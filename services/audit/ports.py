@@ -73,8 +73,11 @@ class TrailReader(Protocol):
         """Rows of one correlation id in trail order, at most ``limit``."""
         ...
 
-    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
-        """Signed checkpoints, newest first when limited, else all after ``after`` in sequence order."""
+    async def checkpoints(
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+    ) -> list[AuditCheckpoint]:
+        """Signed checkpoints, newest first when limited, else those of ``after+1 .. upto`` (no ``upto``:
+        every one after ``after``) in sequence order."""
         ...
 
     def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
@@ -106,16 +109,17 @@ class ChainSource(Protocol):
         """(seq, row_hash, seal) of rows after..upto in order."""
         ...
 
-    async def checkpoints(self) -> list[AuditCheckpoint]:
-        """Every checkpoint the database holds."""
+    async def checkpoints(self, *, after: int, upto: int | None) -> list[AuditCheckpoint]:
+        """The checkpoints the database holds for rows ``after+1 .. upto`` (no ``upto``: every one after
+        ``after``, beyond the last row too), in sequence order."""
         ...
 
 
 class CheckpointArchive(Protocol):
     """The copy of the checkpoints outside the database."""
 
-    def read(self) -> list[AuditCheckpoint]:
-        """Every checkpoint in the archive."""
+    def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
+        """The checkpoints in the archive for rows ``after+1 .. upto`` (default: every one)."""
         ...
 
     def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:

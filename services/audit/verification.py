@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -242,19 +242,16 @@ def check_checkpoints(
     for cp in ordered:
         if cp.sequence <= after or checked_upto < cp.sequence <= head_seq:
             continue  # outside the range, or past a broken link where nothing can be vouched for
+        if cp.sequence > head_seq:
+            beyond = [c for c in ordered if c.sequence > head_seq]
+            checked += len(beyond)
+            finding = _cut_tail(beyond, head_seq=head_seq, keys=keys)
+            break
         checked += 1
         bad_signature = keys.check(cp)
         if bad_signature is not None:
             finding = Finding(
                 cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {bad_signature}"
-            )
-            break
-        if cp.sequence > head_seq:
-            finding = Finding(
-                head_seq + 1,
-                Problem.TRUNCATED,
-                f"rows {head_seq + 1}..{cp.sequence} are gone: the trail ends at {head_seq}, but a "
-                f"checkpoint signed at {utc_text(cp.signed_at)} covers rows up to {cp.sequence}",
             )
             break
         actual = stored_hash.get(cp.sequence)
@@ -270,6 +267,25 @@ def check_checkpoints(
             break
         covered = cp.sequence
     return CheckpointVerdict(checked, finding, covered, suspect)
+
+
+def _cut_tail(beyond: Sequence[AuditCheckpoint], *, head_seq: int, keys: KeyRing) -> Finding:
+    """What checkpoints beyond the trail's end say: the rows up to the highest one a trusted key signed are
+    gone (the full extent known, not only up to the first), or, when none is, the first is a bad checkpoint
+    (one signed by a key not trusted is no proof of anything)."""
+    signed = [cp for cp in beyond if keys.check(cp) is None]
+    if not signed:
+        cp = beyond[0]
+        return Finding(
+            cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {keys.check(cp)}"
+        )
+    last = signed[-1]
+    return Finding(
+        head_seq + 1,
+        Problem.TRUNCATED,
+        f"rows {head_seq + 1}..{last.sequence} are gone: the trail ends at {head_seq}, but a checkpoint "
+        f"signed at {utc_text(last.signed_at)} covers rows up to {last.sequence}",
+    )
 
 
 def first_bad_seal(rows: Iterable[tuple[int, bytes, bytes]], sealer: Sealer) -> int | None:

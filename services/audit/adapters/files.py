@@ -46,18 +46,27 @@ class CheckpointFile:
         self.path = path
         self._last: int | None = None  # the newest sequence in the file, once read
 
-    def read(self) -> list[AuditCheckpoint]:
-        """Every checkpoint in the file; a line that is not one is skipped with a warning."""
+    def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
+        """The file's checkpoints for rows ``after+1 .. upto`` (default: every one); a line that is not a
+        checkpoint is skipped with a warning.
+
+        The file is read a line at a time and only the range's lines are made checkpoints: a line of
+        another sequence is passed over once its ``sequence`` is read, so a verification or an export of a
+        few rows holds their checkpoints, not years of them."""
         if not self.path.exists():
             return []
         checkpoints = []
-        for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                checkpoints.append(AuditCheckpoint.model_validate_json(line))
-            except ValidationError as exc:
-                log.warning("not a checkpoint, skipped", path=str(self.path), line=number, error=str(exc))
+        with self.path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                seq = _sequence_of(line)
+                if seq is not None and (seq <= after or (upto is not None and seq > upto)):
+                    continue
+                try:
+                    checkpoints.append(AuditCheckpoint.model_validate_json(line))
+                except ValidationError as exc:
+                    log.warning("not a checkpoint, skipped", path=str(self.path), line=number, error=str(exc))
         return checkpoints
 
     def last_sequence(self) -> int:
@@ -86,6 +95,17 @@ class CheckpointFile:
             os.close(fd)
         self._last = newer[-1].sequence
         return len(newer)
+
+
+def _sequence_of(line: bytes) -> int | None:
+    """The ``sequence`` of a checkpoint's JSON line, None when the line is not JSON with an integer one
+    (it is then validated, and skipped with a warning, whatever the range)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    seq = obj.get("sequence") if isinstance(obj, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _torn(fd: int) -> bool:

@@ -22,6 +22,7 @@ from libs.db import check_schema_name
 from libs.logging import get_logger
 from services.audit.domain import (
     GENESIS,
+    SEQ_MAX,
     Attributes,
     ChainHead,
     EventQuery,
@@ -445,10 +446,17 @@ class PgTrail:
         )
         return [_stored(r) for r in rows]
 
-    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
-        """The newest ``limit`` checkpoints (newest first), or all after ``after`` in sequence order."""
+    async def checkpoints(
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+    ) -> list[AuditCheckpoint]:
+        """The newest ``limit`` checkpoints (newest first), or those of ``after+1 .. upto`` in sequence
+        order (an index range scan of the primary key)."""
         if limit is None:
-            rows = await self.conn.fetch("SELECT * FROM checkpoints WHERE seq > $1 ORDER BY seq", after)
+            rows = await self.conn.fetch(
+                "SELECT * FROM checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                after,
+                SEQ_MAX if upto is None else upto,
+            )
         else:
             rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT $1", limit)
         return [_checkpoint(r) for r in rows]
@@ -555,7 +563,7 @@ class PgChain:
             )
         return [(r["seq"], r["row_hash"], r["seal"]) for r in rows]
 
-    async def checkpoints(self) -> list[AuditCheckpoint]:
-        """Every checkpoint in the database."""
+    async def checkpoints(self, *, after: int, upto: int | None) -> list[AuditCheckpoint]:
+        """The database's checkpoints for rows ``after+1 .. upto``."""
         async with reading(self.pool, self.role) as trail:
-            return await trail.checkpoints()
+            return await trail.checkpoints(after=after, upto=upto)

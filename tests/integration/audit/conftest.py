@@ -64,10 +64,10 @@ class TrailDb:
             )
         return events
 
-    async def verify(self, *, sealed: bool = True, **kw: Any) -> VerifyReport:
-        """Verify as the service does, in the writer role."""
+    async def verify(self, *, sealed: bool = True, chain: PgChain | None = None, **kw: Any) -> VerifyReport:
+        """Verify as the service does, in the writer role (through ``chain``, a PgChain of the pool)."""
         return await verify_trail(
-            PgChain(self.pool, ROLE),
+            chain or PgChain(self.pool, ROLE),
             keys=KeyRing([self.signer.public_raw]),
             sealer=self.signer.sealer if sealed else None,
             **kw,

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,13 @@ from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
 from deploy.cli import main
 from libs.bus.core import Delivery, Record
-from tests.integration.audit.conftest import TrailDb
+from services.audit import core
+from services.audit.adapters.postgres import reading
+from services.audit.domain import ChainHead, Signer
+from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.integration.audit.test_tampering import CHANGE_PAYLOAD
-from tests.unit.audit.fakes import SEED, delivery, example
+from tests.unit.audit.fakes import OTHER_SEED, SEED, delivery, example
+from tests.unit.audit.test_docs import consumer
 
 
 @pytest.fixture
@@ -250,3 +255,46 @@ async def test_trace_json_prints_integers_beyond_64_bits_and_deep_cascades(
     for _ in range(99):
         node = node["children"][0]
     assert node["data"] == json.loads(deep)
+
+
+async def test_verify_and_the_example_consumer_refuse_a_checkpoint_of_a_key_not_trusted_alike(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # docs/audit.md: a checkpoint signed by a key not trusted vouches for nothing and fails verification,
+    # whichever of the two reads it from a file; the consumer passed it over without a word.
+    await audit_env.fill(23)
+    row_14 = await audit_env.pool.fetchval("SELECT row_hash FROM trail WHERE seq = 14")
+    stranger = Signer(OTHER_SEED)
+    checkpoint = stranger.checkpoint(ChainHead(14, row_14), signed_at=datetime.now(UTC))
+    kept = tmp_path / "kept.ndjson"
+    kept.write_text(checkpoint.model_dump_json() + "\n")
+    capsys.readouterr()
+
+    assert await cli("audit", "verify", "--checkpoints", str(kept), "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["first_bad_seq"], report["problem"]) == (14, "bad-checkpoint"), report
+    assert (
+        f"signed by key {stranger.key_id}, which is not trusted here, so it vouches for nothing"
+        in (report["detail"])
+    )
+
+    async with reading(audit_env.pool, ROLE, snapshot=True) as trail:
+        export = b"".join([chunk async for chunk in core.export_lines(trail)])
+    saved = tmp_path / "export.ndjson"
+    saved.write_bytes(export)
+    public = Signer(SEED).public_key_b64
+    assert consumer().main(["--export", str(saved), "--public-key", public, "--checkpoints", str(kept)]) == 1
+    assert (
+        f"FAILED at sequence 14: the checkpoint at 14 ({kept} line 1) is not signed by a pinned key: it is "
+        f"signed by key {stranger.key_id}, which is not pinned here, so it vouches for nothing"
+    ) in capsys.readouterr().err
+
+    # Trusted, by both, it is a checkpoint like any other; a range after it does not read it.
+    assert (
+        await cli("audit", "verify", "--checkpoints", str(kept), "--public-key", stranger.public_key_b64) == 0
+    )
+    assert "OK" in capsys.readouterr().out
+    assert await cli("audit", "verify", "--from", "15", "--checkpoints", str(kept)) == 0
+    args = ["--export", str(saved), "--checkpoints", str(kept), "--public-key", public]
+    assert consumer().main([*args, "--public-key", stranger.public_key_b64]) == 0
+    assert "OK: 23 rows from sequence 1 and 3 checkpoints verified" in capsys.readouterr().out

@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
+from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
-from services.audit.adapters.postgres import reading
+from services.audit.adapters.postgres import PgChain, PgTrail, reading
 from services.audit.bootstrap import sync_archive
 from services.audit.domain import EventQuery
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
@@ -96,6 +98,61 @@ async def test_tail_truncated_with_its_checkpoints_is_found_through_the_export_f
     assert (await filled.verify()).ok  # the database alone no longer shows it
     report = await filled.verify(archived=archive.read())
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+
+
+class CountedChain(PgChain):
+    """The verification's reads, noting the sequence of every checkpoint the database sends."""
+
+    def __init__(self, trail_db: TrailDb) -> None:
+        super().__init__(trail_db.pool, ROLE)
+        self.checkpoints_read: list[int] = []
+
+    async def checkpoints(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
+        found = await super().checkpoints(after=after, upto=upto)
+        self.checkpoints_read += [c.sequence for c in found]
+        return found
+
+
+class CountedTrail(PgTrail):
+    """An export's reads, noting the sequence of every checkpoint the database sends."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__(conn)
+        self.checkpoints_read: list[int] = []
+
+    async def checkpoints(
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+    ) -> list[AuditCheckpoint]:
+        found = await super().checkpoints(limit=limit, after=after, upto=upto)
+        self.checkpoints_read += [c.sequence for c in found]
+        return found
+
+
+async def test_a_ranged_verification_and_export_read_only_the_range_s_checkpoints(
+    filled: TrailDb, full: bool
+) -> None:
+    chain = CountedChain(filled)
+    report = await filled.verify(chain=chain, from_seq=21, to_seq=40, full=full)
+    assert report.ok and report.checkpoints_checked == 2, report
+    assert chain.checkpoints_read == [30, 40]
+
+    async with reading(filled.pool, ROLE, snapshot=True) as trail:
+        counted = CountedTrail(trail.conn)
+        lines = [
+            line
+            async for chunk in core.export_lines(counted, from_seq=21, to_seq=40)
+            for line in chunk.splitlines()
+        ]
+    assert [orjson.loads(x)["checkpoint"]["sequence"] for x in lines if b'"checkpoint"' in x] == [30, 40]
+    assert counted.checkpoints_read == [30, 40]
+
+
+async def test_a_ranged_verification_finds_a_tail_cut_after_its_start(filled: TrailDb, full: bool) -> None:
+    await filled.superuser("DELETE FROM trail WHERE seq >= 38")
+    chain = CountedChain(filled)
+    report = await filled.verify(chain=chain, from_seq=21, full=full)
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED), report
+    assert chain.checkpoints_read == [30, 40, 50]
 
 
 async def test_chain_recomputed_without_the_key_is_found_at_its_first_row(

@@ -57,6 +57,8 @@ class FakeTrail:
     locks: int = 0
     end_lookups: int = 0
     exact_lookups: int = 0
+    checkpoints_read: list[int] = field(default_factory=list)
+    """The sequence of every checkpoint a reader was handed, as a database would send them."""
 
     # -- TrailWriter ---------------------------------------------------------------------------------
 
@@ -156,9 +158,20 @@ class FakeTrail:
         rows = [s.row for s in self.rows.values() if s.row.attributes.correlation_id == correlation_id]
         return sorted(rows, key=lambda r: r.seq)[:limit]
 
-    async def checkpoints(self, *, limit: int | None = None, after: int = 0) -> list[AuditCheckpoint]:
-        ordered = sorted((c for c, _ in self.checkpoint_rows if c.sequence > after), key=lambda c: c.sequence)
-        return ordered if limit is None else list(reversed(ordered))[:limit]
+    async def checkpoints(
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+    ) -> list[AuditCheckpoint]:
+        ordered = sorted(
+            (
+                c
+                for c, _ in self.checkpoint_rows
+                if after < c.sequence and (upto is None or c.sequence <= upto)
+            ),
+            key=lambda c: c.sequence,
+        )
+        handed = ordered if limit is None else list(reversed(ordered))[:limit]
+        self.checkpoints_read += [c.sequence for c in handed]
+        return handed
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
         rows = [self.rows[s].row for s in sorted(self.rows) if after < s <= upto]

@@ -61,7 +61,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         settings=settings,
         pool=None,
         role="audit_writer",
-        archive=types.SimpleNamespace(read=list),
+        archive=types.SimpleNamespace(read=lambda **_: []),
         exports=api.export_slots(settings.export_concurrency),
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -152,7 +152,7 @@ async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back
         role="audit_writer",
         keys=None,
         signer=types.SimpleNamespace(sealer=None),
-        archive=types.SimpleNamespace(read=list),
+        archive=types.SimpleNamespace(read=lambda **_: []),
         verifications=api.verify_slots(settings.verify_concurrency),
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -49,7 +49,10 @@ def test_the_documented_export_verifies_with_the_example_consumer(
             ("complaints from the sales team", "complaints from the CEO"),
             "FAILED at sequence 1: the row's hash",
         ),
-        (('"sequence":1,"head_hash":"3174', '"sequence":1,"head_hash":"4174'), "not signed by a pinned key"),
+        (
+            ('"sequence":1,"head_hash":"3174', '"sequence":1,"head_hash":"4174'),
+            "not signed by a pinned key: its signature does not match its contents (forged or altered)",
+        ),
     ],
 )
 def test_an_altered_export_fails_at_its_row(
@@ -67,5 +70,7 @@ def test_a_key_that_is_not_pinned_is_refused(tmp_path: Path, capsys: pytest.Capt
     other = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik="
     assert consumer().main(["--export", str(export), "--public-key", other]) == 1
     assert (
-        "FAILED at sequence 1: the checkpoint at 1 is not signed by a pinned key" in capsys.readouterr().err
+        "FAILED at sequence 1: the checkpoint at 1 (line 3 of the export) is not signed by a pinned key: it "
+        "is signed by key 56475aa75463474c, which is not pinned here, so it vouches for nothing"
+        in capsys.readouterr().err
     )

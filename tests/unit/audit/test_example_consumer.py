@@ -4,11 +4,13 @@ forged, damaged and partial exports get `FAILED at sequence N: why`, never a tra
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import re
 import socket
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,8 +19,8 @@ import pytest
 from contracts.monitoring import DriftDetected
 from libs.http import error_body
 from services.audit import core
-from services.audit.domain import Signer, chain_hash
-from tests.unit.audit.fakes import SEED, FakeTrail, changed_payload, delivery, example, record
+from services.audit.domain import ChainHead, Signer, chain_hash
+from tests.unit.audit.fakes import OTHER_SEED, SEED, FakeTrail, changed_payload, delivery, example, record
 from tests.unit.audit.test_docs import consumer
 
 PUBLIC_KEY = Signer(SEED).public_key_b64
@@ -225,7 +227,8 @@ async def test_an_export_of_a_trail_whose_tail_was_cut_fails_without_other_input
 
     assert verify(tmp_path, lines) == 1
     err = capsys.readouterr().err
-    assert "FAILED at sequence 5: rows 5..6 are missing: a signed checkpoint covers them" in err, err
+    # The extent known to be missing runs to the last checkpoint seen, not the first: it said rows 5..6.
+    assert "FAILED at sequence 5: rows 5..8 are missing: a signed checkpoint covers them" in err, err
 
 
 async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -384,7 +387,7 @@ async def test_terminal_controls_in_what_it_prints_show_as_escapes(
     forged = {"checkpoint": {**checkpoint["checkpoint"], "key_id": f"k{CONTROLS}"}}
     assert verify(tmp_path, [header, row, forged]) == 1
     err = capsys.readouterr().err
-    assert f"(key id k{visible})" in err and not re.search("[\x1b\x07\r\x9b\u202e]", err)
+    assert f"signed by key k{visible}, which" in err and not re.search("[\x1b\x07\r\x9b\u202e]", err)
 
 
 @pytest.mark.parametrize(
@@ -409,3 +412,117 @@ async def test_ok_says_which_rows_a_signed_checkpoint_vouches_for(
     capsys.readouterr()
     assert verify(tmp_path, lines) == 0
     assert says in capsys.readouterr().out
+
+
+async def cut_trail(rows: int, keep: int, *, every: int = 2) -> FakeTrail:
+    """A trail of ``rows`` events with a checkpoint every ``every`` rows, its rows after ``keep`` deleted
+    (the database's checkpoints stay)."""
+    trail = FakeTrail()
+    for offset in range(0, rows, every):
+        events = [delivery(example(DriftDetected), offset=offset + i) for i in range(every)]
+        await record(trail, Signer(SEED), events, every=every)
+    trail.delete(*range(keep + 1, rows + 1))
+    return trail
+
+
+async def lines_of(trail: FakeTrail) -> list[dict[str, Any]]:
+    return [json.loads(line) async for chunk in core.export_lines(trail) for line in chunk.splitlines()]
+
+
+def write_checkpoints(path: Path, checkpoints: list[Any]) -> str:
+    path.write_text(
+        "".join(
+            json.dumps(cp if isinstance(cp, dict) else cp.model_dump(mode="json")) + "\n"
+            for cp in checkpoints
+        )
+    )
+    return str(path)
+
+
+async def test_a_cut_tail_is_named_up_to_the_highest_checkpoint_of_any_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trail = await cut_trail(12, 4)
+    every = [cp for cp, _ in trail.checkpoint_rows]  # at 2, 4, ..., 12
+    trail.drop_checkpoints_after(8)  # the export carries those at 6 and 8; a file keeps them all
+    lines = await lines_of(trail)
+    capsys.readouterr()
+    assert verify(tmp_path, lines, "--checkpoints", write_checkpoints(tmp_path / "cps.ndjson", every)) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at sequence 5: rows 5..12 are missing: a signed checkpoint covers them" in err, err
+
+
+async def test_a_checkpoint_that_comes_before_its_row_is_out_of_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header, *rest = await export(4, every=4)
+    *rows, checkpoint = rest
+    assert verify(tmp_path, [header, *rows[:2], checkpoint, *rows[2:]]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at sequence 4: the checkpoint at 4 (line 4 of the export) is out of place" in err, err
+
+
+async def test_a_checkpoint_of_a_key_not_pinned_in_a_file_fails_as_in_the_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As `driftloop audit verify --checkpoints` says bad-checkpoint: the file is this trail's own copy. The
+    # consumer passed it over without a word, and a forged one under the pinned key's id too.
+    lines = await export(6, every=1000)
+    stranger = Signer(OTHER_SEED).checkpoint(
+        ChainHead(3, bytes.fromhex(lines[3]["row_hash"])), signed_at=datetime.now(UTC)
+    )
+    path = write_checkpoints(tmp_path / "cps.ndjson", [stranger])
+    capsys.readouterr()
+    assert verify(tmp_path, lines, "--checkpoints", path) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"FAILED at sequence 3: the checkpoint at 3 ({path} line 1) is not signed by a pinned key: it is "
+        f"signed by key {stranger.key_id}, which is not pinned here, so it vouches for nothing"
+    ) in err, err
+
+    forged = stranger.model_copy(update={"key_id": Signer(SEED).key_id})
+    assert verify(tmp_path, lines, "--checkpoints", write_checkpoints(tmp_path / "cps.ndjson", [forged])) == 1
+    assert "its signature does not match its contents (forged or altered)" in capsys.readouterr().err
+
+    beyond = Signer(OTHER_SEED).checkpoint(ChainHead(9, bytes(32)), signed_at=datetime.now(UTC))
+    assert verify(tmp_path, lines, "--checkpoints", write_checkpoints(tmp_path / "cps.ndjson", [beyond])) == 1
+    assert "FAILED at sequence 9: the checkpoint at 9" in capsys.readouterr().err
+
+
+async def test_a_checkpoint_of_a_key_not_pinned_on_the_audit_topic_is_reported_not_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Other trails publish theirs on the topic too: each key not pinned is a warning, never proof.
+    audit = consumer()
+    lines = await export(6, every=1000)
+    strangers = [
+        Signer(OTHER_SEED).checkpoint(
+            ChainHead(n, bytes.fromhex(lines[n]["row_hash"])), signed_at=datetime.now(UTC)
+        )
+        for n in (3, 6)
+    ] + [Signer(OTHER_SEED).checkpoint(ChainHead(40, bytes(32)), signed_at=datetime.now(UTC))]
+    topic = [
+        audit.CheckpointCopy(cp.model_dump(mode="json"), f"mlops.audit offset {i}", True)
+        for i, cp in enumerate(strangers)
+    ]
+    verifier = audit.Verifier(audit.Keys([PUBLIC_KEY]), topic, show=False, out=io.StringIO())
+    for line in lines:
+        verifier.line(json.dumps(line))
+    verifier.finish()
+    assert (verifier.checkpoints, verifier.vouched) == (0, 0)
+    audit.warn_unpinned(verifier)
+    assert (
+        f"warning: 3 checkpoints on the audit topic (sequences 3..40) are signed by key "
+        f"{strangers[0].key_id}, which is not pinned: they vouch for nothing here"
+    ) in capsys.readouterr().err
+
+    forged = strangers[0].model_copy(update={"key_id": Signer(SEED).key_id})
+    verifier = audit.Verifier(
+        audit.Keys([PUBLIC_KEY]),
+        [audit.CheckpointCopy(forged.model_dump(mode="json"), "mlops.audit offset 9", True)],
+        show=False,
+        out=io.StringIO(),
+    )
+    with pytest.raises(audit.Broken, match="signature does not match its contents"):
+        for line in lines:
+            verifier.line(json.dumps(line))

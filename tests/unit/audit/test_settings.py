@@ -91,3 +91,21 @@ def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
     for bad in ("audit_writer\n", "Audit", "audit-writer", "a" * 64):
         with pytest.raises(ValidationError, match="writer_role must be a lower-case SQL identifier"):
             AuditSettings(writer_role=bad)
+
+
+def test_the_checkpoint_file_gives_a_range_its_checkpoints_alone(tmp_path: Path) -> None:
+    # A verification or export of a few rows made every line of years of checkpoints a checkpoint.
+    signer = Signer(bytes(range(32)))
+    path = tmp_path / "checkpoints.ndjson"
+    cps = [
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n % 60, tzinfo=UTC))
+        for n in range(10, 101, 10)
+    ]
+    archive = CheckpointFile(path)
+    archive.append(cps)
+    with path.open("ab") as f:
+        f.write(cps[-1].model_dump_json().encode().replace(b'"sequence":100', b'"sequence":110')[:60] + b"\n")
+
+    assert archive.read(after=30, upto=60) == cps[3:6]
+    assert archive.read(after=80) == cps[8:]  # the torn line is skipped, with a warning, in every range
+    assert archive.read() == cps

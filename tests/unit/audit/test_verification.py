@@ -6,6 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from contracts.audit import AuditCheckpoint
@@ -81,7 +82,8 @@ async def test_truncated_tail_is_found_through_the_checkpoints(full: bool) -> No
     trail.delete(*range(38, ROWS + 1))
     report = await verify(trail, full=full)
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
-    assert "rows 38..40 are gone" in (report.detail or "")
+    # Up to the last checkpoint beyond the end (50), the full extent known; it said rows 38..40.
+    assert "rows 38..50 are gone: the trail ends at 37" in (report.detail or ""), report
 
 
 async def test_truncated_tail_with_its_checkpoints_is_found_through_the_archive() -> None:
@@ -143,6 +145,21 @@ async def test_checkpoint_of_an_unknown_key_is_reported_as_untrusted() -> None:
     report = await verify(trail, archived=[stranger])
     assert (report.first_bad_seq, report.problem) == (14, Problem.BAD_CHECKPOINT)
     assert "not trusted here" in (report.detail or "")
+
+
+async def test_a_cut_tail_is_named_up_to_the_last_trusted_checkpoint_beyond_the_end() -> None:
+    trail = await filled()
+    trail.delete(*range(38, ROWS + 1))
+    stranger = Signer(OTHER_SEED).checkpoint(ChainHead(70, bytes(32)), signed_at=datetime.now(UTC))
+    report = await verify(trail, archived=[stranger])
+    assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
+    assert "rows 38..50 are gone" in (report.detail or ""), report  # not ..70: that one proves nothing
+    trail.drop_checkpoints_after(37)
+    report = await verify(trail, archived=[stranger])
+    assert (report.first_bad_seq, report.problem) == (70, Problem.BAD_CHECKPOINT), report
+    assert f"signed by key {stranger.key_id}, which is not trusted here, so it vouches for nothing" in (
+        report.detail or ""
+    )
 
 
 async def test_a_range_trusts_the_row_before_it_and_parallel_ranges_agree() -> None:
@@ -247,3 +264,36 @@ async def test_a_range_without_a_checkpoint_says_no_row_is_vouched_for() -> None
     assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (0, 0)
     report = await verify(trail, from_seq=31, to_seq=45)
     assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (1, 40)
+
+
+async def test_a_ranged_verification_or_export_reads_only_the_range_s_checkpoints() -> None:
+    # A trail kept for years has a checkpoint a minute: both read every one of them for a range of a few rows.
+    trail = await filled(200, every=5)  # checkpoints at 5, 10, ..., 200
+    report = await verify(trail, from_seq=101, to_seq=120)
+    assert report.ok and report.checkpoints_checked == 4, report
+    assert trail.checkpoints_read == [105, 110, 115, 120]
+
+    trail.checkpoints_read.clear()
+    lines = [
+        line
+        async for chunk in core.export_lines(trail, from_seq=101, to_seq=120)
+        for line in chunk.splitlines()
+    ]
+    assert sum(b'"checkpoint"' in line for line in lines) == 4
+    assert trail.checkpoints_read == [105, 110, 115, 120]
+
+
+async def test_a_ranged_verification_still_finds_a_tail_cut_after_its_start() -> None:
+    # The checkpoints beyond the trail's end are in a range without an end: they show the cut.
+    trail = await filled(200, every=5)
+    trail.delete(*range(153, 201))
+    report = await verify(trail, from_seq=141)
+    assert (report.first_bad_seq, report.problem) == (153, Problem.TRUNCATED), report
+    assert trail.checkpoints_read == list(range(145, 201, 5))
+    trail.checkpoints_read.clear()
+    report = await verify(trail, from_seq=141, to_seq=160)
+    assert (report.first_bad_seq, report.problem) == (153, Problem.MISSING_ROW), report
+    assert trail.checkpoints_read == [145, 150, 155, 160]
+
+    lines = [line async for chunk in core.export_lines(trail, from_seq=141) for line in chunk.splitlines()]
+    assert [orjson.loads(line)["checkpoint"]["sequence"] for line in lines[-10:]] == list(range(155, 201, 5))
