@@ -19,11 +19,13 @@ from asyncpg.exceptions import _base as asyncpg_base
 
 from contracts.envelope import CloudEvent
 from libs.artifacts import StoreUnavailable
-from libs.bus import Dispatcher, InMemoryBus, Record, Subscription, Transaction
+from libs.bus import Dispatcher, InMemoryBus, Subscription, Transaction
 from libs.bus.core import TransactionFailed, Transience, is_transient, transience
+from libs.bus.memory import DeadLetter
 from libs.db import DatabaseUnreachable, create_pool
 from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
+from tests.unit.test_bus_dead_letters import Sink, record_of
 
 E = asyncpg.exceptions
 
@@ -194,61 +196,48 @@ def failing(error: BaseException, times: int) -> tuple[list[int], Any]:
     return calls, on_thing
 
 
-def subscribed(bus: InMemoryBus, handler: Any) -> None:
-    bus.subscribe(
-        Subscription(
-            consumer="c",
-            topics=["test.things"],
-            handlers={ThingHappened: handler},
-            max_retries=2,
-            max_uncertain_retries=5,
-            retry_backoff_s=0.0,
-        )
+def subscription(handler: Any) -> Subscription:
+    return Subscription(
+        consumer="c",
+        topics=["test.things"],
+        handlers={ThingHappened: handler},
+        max_retries=2,
+        max_uncertain_retries=5,
+        retry_backoff_s=0.0,
     )
+
+
+async def one_event_failing(error: BaseException, times: int) -> tuple[int, list[DeadLetter]]:
+    """One event through a handler that raises ``error`` ``times`` times: how often it was called, and the
+    dead letters."""
+    bus = InMemoryBus(REGISTRY)
+    calls, handler = failing(error, times)
+    bus.subscribe(subscription(handler))
+    await bus.publish(thing(1))
+    await bus.drain()
+    return len(calls), bus.dead_letters
 
 
 @pytest.mark.parametrize("error", OF_THE_INPUT.values(), ids=OF_THE_INPUT.keys())
 async def test_a_handler_raising_an_oserror_about_a_path_has_its_event_dead_lettered_with_the_reason(
     error: BaseException,
 ) -> None:
-    # It would raise it for ever; the 50 tries are only there so that a bus retrying it without limit ends.
-    bus = InMemoryBus(REGISTRY)
-    calls, handler = failing(error, times=50)
-    subscribed(bus, handler)
-    await bus.publish(thing(1))
+    # It would raise it for ever; the 50 times are only there so that a bus retrying it without limit ends.
+    calls, [dead] = await one_event_failing(error, times=50)
 
-    await bus.drain()
-
-    [dead] = bus.dead_letters
-    assert dead.reason == "handler-failed"
-    assert dead.error == f"{type(error).__name__}: {error}"
-    assert len(calls) == 3  # max_retries=2
+    assert (dead.reason, dead.error) == ("handler-failed", f"{type(error).__name__}: {error}")
+    assert calls == 3  # max_retries=2
 
 
 @pytest.mark.parametrize("error", OUTAGES.values(), ids=OUTAGES.keys())
 async def test_a_handler_raising_a_connection_error_is_retried_past_every_bound(error: BaseException) -> None:
-    bus = InMemoryBus(REGISTRY)
-    calls, handler = failing(error, times=30)
-    subscribed(bus, handler)
-    await bus.publish(thing(1))
-
-    await bus.drain()
-
-    assert bus.dead_letters == []
-    assert len(calls) == 31
+    assert await one_event_failing(error, times=30) == (31, [])
 
 
 @pytest.mark.parametrize("error", UNCERTAIN.values(), ids=UNCERTAIN.keys())
 async def test_an_uncertain_error_that_clears_within_its_bound_loses_nothing(error: BaseException) -> None:
-    bus = InMemoryBus(REGISTRY)
-    calls, handler = failing(error, times=5)  # more than max_retries, within max_uncertain_retries
-    subscribed(bus, handler)
-    await bus.publish(thing(1))
-
-    await bus.drain()
-
-    assert bus.dead_letters == []
-    assert len(calls) == 6
+    # More often than max_retries, within max_uncertain_retries.
+    assert await one_event_failing(error, times=5) == (6, [])
 
 
 @pytest.mark.parametrize("error", UNCERTAIN.values(), ids=UNCERTAIN.keys())
@@ -256,17 +245,11 @@ async def test_an_uncertain_error_that_outlasts_its_bound_is_dead_lettered_sayin
     error: BaseException,
 ) -> None:
     # A handler's own wait that never ends (a timeout) must not hold its partition for ever.
-    bus = InMemoryBus(REGISTRY)
-    calls, handler = failing(error, times=50)
-    subscribed(bus, handler)
-    await bus.publish(thing(1))
+    calls, [dead] = await one_event_failing(error, times=50)
 
-    await bus.drain()
-
-    [dead] = bus.dead_letters
     assert dead.reason == "handler-failed"
     assert dead.error.startswith(f"{type(error).__name__}: {error} (on 6 attempts in a row;")
-    assert len(calls) == 6
+    assert calls == 6
 
 
 async def test_one_event_timing_out_in_a_group_commit_holds_up_neither_the_poll_nor_its_partition() -> None:
@@ -278,7 +261,7 @@ async def test_one_event_timing_out_in_a_group_commit_holds_up_neither_the_poll_
             raise TimeoutError("waiting for a lock of its own that never comes")
         tx.after_commit(lambda: handled.append(event.data.n))
 
-    subscribed(bus, on_thing)
+    bus.subscribe(subscription(on_thing))
     for n in (1, 2, 3):
         await bus.publish(thing(n))
 
@@ -304,14 +287,6 @@ class Database:
         yield NullTransaction()
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.written: list[tuple[int, str, str]] = []
-
-    async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None:
-        self.written.append((record.offset, reason, error))
-
-
 @pytest.mark.parametrize(
     "error",
     [
@@ -326,18 +301,9 @@ async def test_the_consumers_own_transaction_failing_is_an_outage_whatever_the_o
 ) -> None:
     db, sink = Database(error, fail_next=30), Sink()
     calls, handler = failing(RuntimeError("never raised"), times=0)
-    sub = Subscription(
-        consumer="c",
-        topics=["test.things"],
-        handlers={ThingHappened: handler},
-        max_retries=2,
-        max_uncertain_retries=5,
-        retry_backoff_s=0.0,
-    )
-    d = Dispatcher(sub, registry=REGISTRY, begin=db.begin, dead_letters=sink)
-    key, value, headers = thing(1).to_kafka()
+    d = Dispatcher(subscription(handler), registry=REGISTRY, begin=db.begin, dead_letters=sink)
 
-    await d.dispatch([Record("test.things", 0, 0, key, value, tuple(headers))])
+    await d.dispatch([record_of(thing(1), 0)])
 
     assert sink.written == []
     assert calls == [1] and db.fail_next == 0
