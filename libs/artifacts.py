@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from libs.errors import Outage
 from libs.logging import get_logger
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -94,15 +95,26 @@ class UntrustedArtifact(ArtifactError):
     """The blob is not a skops file, or holds types outside the trusted list."""
 
 
-class StoreUnavailable(OSError):
-    """The store failed (unreachable, timing out: an OSError) on every one of a bounded number of tries of one
-    read or write. The artifact itself may be fine. An OSError, so a caller that does not answer it on its own
-    leaves it to the bus's rule for the infrastructure."""
+class StoreUnavailable(Outage):
+    """The store failed (unreachable, timing out, refusing: an OSError) on every one of a bounded number of
+    tries of one read or write (one try, for a store made without ``attempts``). The artifact itself may be
+    fine: the store names its files by their hash, never by anything an event or a request chose, so none of
+    its OSErrors, a FileNotFoundError or a PermissionError included, is the caller's fault. An
+    :class:`~libs.errors.Outage`, so a caller that does not answer it on its own leaves it to the bus, which
+    retries the event without limit."""
 
 
 class UnloadableArtifact(ArtifactError):
     """The blob passed the checks, but skops cannot build the model from it (damaged content, or written by
     an incompatible version)."""
+
+
+def _unavailable(what: str, exc: OSError) -> StoreUnavailable:
+    """One try of ``what`` failed with ``exc``."""
+    return StoreUnavailable(
+        f"the artifact store failed on {what} ({type(exc).__name__}: {exc}); the artifact itself may be "
+        "fine: check that the store is reachable"
+    )
 
 
 @dataclass(frozen=True)
@@ -128,8 +140,8 @@ class ArtifactStore:
     with an OSError (unreachable, timing out), waiting ``backoff_s`` before the second try and twice as long
     before each next; the last failure is raised as :class:`StoreUnavailable`. An artifact that is missing,
     corrupted or untrusted (:class:`ArtifactError`) is its own fault and is not tried again. None (the
-    default): one try, its OSError raised as it is (the caller retries, or the bus does).
-    """
+    default): one try, its OSError raised as :class:`StoreUnavailable` too (the caller retries, or the bus
+    does)."""
 
     def __init__(
         self, url: str, *, attempts: int | None = None, backoff_s: float = STORE_RETRY_BACKOFF_S
@@ -149,7 +161,7 @@ class ArtifactStore:
                 return action()
             except OSError as exc:
                 if self.attempts is None:
-                    raise
+                    raise _unavailable(what, exc) from exc
                 if attempt >= self.attempts:
                     raise StoreUnavailable(
                         f"the artifact store failed {attempt} times in a row on {what} "
@@ -252,15 +264,19 @@ class ArtifactStore:
 
     def stream(self, key: str) -> Iterator[bytes]:
         """Chunks of the artifact; the last step verifies the hash, so a consumer never silently gets
-        modified bytes (verify first with :meth:`verify` when nothing may be sent before the check)."""
+        modified bytes (verify first with :meth:`verify` when nothing may be sent before the check). One
+        try: an OSError of the store is raised as :class:`StoreUnavailable`, as without ``attempts``."""
         path = self._path(key)
-        if not self.fs.exists(path):
-            raise ArtifactNotFound(f"no artifact {key}")
         digest = hashlib.sha256()
-        with self.fs.open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-                yield chunk
+        try:
+            if not self.fs.exists(path):
+                raise ArtifactNotFound(f"no artifact {key}")
+            with self.fs.open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    yield chunk
+        except OSError as exc:
+            raise _unavailable(f"reading {key}", exc) from exc
         self._check(key, digest.hexdigest())
 
 

@@ -19,11 +19,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from libs.errors import Outage
 from libs.logging import get_logger
 
 log = get_logger(__name__)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class DatabaseUnreachable(Outage):
+    """A new connection to Postgres could not be made: whatever the socket said (refused, a unix socket that
+    is gone while the server restarts, a name that does not resolve yet, a timeout), the database is away."""
 
 
 class MigrationError(RuntimeError):
@@ -72,6 +78,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, its OSErrors and timeouts raised as :class:`DatabaseUnreachable`: connecting
+    holds nothing of an event or a request, so a FileNotFoundError here (the server's unix socket, removed
+    while it restarts) is an outage, where from a handler it would be the event's fault."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except ConnectionError:
+        raise
+    except OSError as exc:  # TimeoutError (asyncio's too) is one
+        raise DatabaseUnreachable(f"cannot connect to the database: {type(exc).__name__}: {exc}") from exc
+
+
 async def create_pool(
     dsn: str, *, schema: str, min_size: int = 1, max_size: int = 8, **kwargs: Any
 ) -> asyncpg.Pool:
@@ -82,6 +100,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        connect=_connect,
         server_settings={"search_path": f"{schema},public", "application_name": f"driftloop-{schema}"},
         **kwargs,
     )

@@ -63,6 +63,14 @@ class TooManyRequests(DomainError):
         self.retry_after_s = retry_after_s
 
 
+class Outage(OSError):
+    """A dependency (the database, the artifact store) failed, and the code that talks to it judged it the
+    dependency's fault, never the caller's: whatever the error underneath (a unix socket that is gone while
+    Postgres restarts is a FileNotFoundError), the bus retries the event without limit
+    (``libs.bus.core.transience``) and HTTP answers 503. An OSError, so code that answers OSErrors still does.
+    """
+
+
 class RepeatedKey(ValueError):
     """A JSON object or a YAML mapping names one key twice (``line``: where, when the reader knows)."""
 

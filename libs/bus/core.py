@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import hashlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ from contracts.envelope import (
 )
 from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
-from libs.errors import PayloadTooLarge
+from libs.errors import Outage, PayloadTooLarge
 from libs.logging import get_logger, handling
 
 log = get_logger(__name__)
@@ -245,18 +246,60 @@ _TRANSIENT_SQLSTATES = frozenset(
 )
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Errors of the infrastructure (database or broker unreachable, busy, failing over) rather than of the
-    event. Postgres errors are told apart by their SQLSTATE.
+class Transience(enum.Enum):
+    """How long an error is worth retrying, when it may not be the event's fault."""
 
-    These are retried without limit: dead-lettering a good event because Postgres restarted would lose it.
-    """
+    OUTAGE = "outage"
+    """The infrastructure's for certain (Postgres away, busy or failing over, a connection lost, an adapter's
+    :class:`~libs.errors.Outage`): retried without limit."""
+    UNCERTAIN = "uncertain"
+    """An OSError or a timeout that may be an outage or may be the handler's own doing (a wait of its own
+    that will never end, a disk error on one file): retried as an outage for a while, then dead-lettered."""
+
+
+# OSErrors about a path, not about a connection: the same call with the same input fails the same way.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def transience(exc: BaseException) -> Transience | None:
+    """Whether ``exc`` may be the infrastructure's fault rather than the event's, and for how long it is worth
+    retrying (None: it is the event's, or a bug; retried ``max_retries`` times, then dead-lettered).
+
+    Postgres errors are told apart by their SQLSTATE. An OSError about a path (FileNotFoundError,
+    PermissionError, ...) or one that is also a ValueError (``io.UnsupportedOperation``, asyncpg's
+    ``DataError`` for a query argument of the wrong type) says the input was wrong, not the world: None. Code
+    that knows an OSError is an outage whatever its type (connecting to Postgres, the artifact store, the
+    bus's own transaction) raises :class:`~libs.errors.Outage` for it."""
     import asyncpg
 
+    if isinstance(exc, Outage):
+        return Transience.OUTAGE
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
-    return isinstance(exc, (asyncpg.InterfaceError, ConnectionError, OSError, asyncio.TimeoutError))
+        infrastructure = state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+        return Transience.OUTAGE if infrastructure else None
+    if isinstance(exc, ValueError):
+        return None
+    if isinstance(exc, (asyncpg.InterfaceError, ConnectionError)):
+        return Transience.OUTAGE
+    if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS):
+        return None
+    if isinstance(exc, OSError):  # TimeoutError (asyncio's too) is one
+        return Transience.UNCERTAIN
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` may be the infrastructure's fault rather than the event's (:func:`transience` says
+    for how long the bus retries it): an HTTP request that failed so gets 503, a service's own loop tries
+    again."""
+    return transience(exc) is not None
+
+
+class TransactionFailed(Outage):
+    """The consumer's own transaction (opening it, the inbox claim, the commit) failed with an OSError or a
+    timeout: none of that holds anything of the event, so it is an outage whatever the error's type."""
 
 
 @dataclass
@@ -287,6 +330,10 @@ class Subscription:
     raw: bool = False
     max_retries: int = 3
     retry_backoff_s: float = 0.2
+    max_uncertain_retries: int = 20
+    """Retries of an event whose handler keeps raising a :attr:`Transience.UNCERTAIN` error (an OSError or a
+    timeout of its own), with the outage's backoff (doubling from ``retry_backoff_s`` up to 5 s: about 80 s
+    at the defaults), before it is dead-lettered as ``handler-failed``. An outage is retried without limit."""
     max_event_bytes: int = 1_000_000
     readers: Mapping[type[EventPayload], PayloadReader] = field(default_factory=dict)
 
@@ -429,7 +476,9 @@ class Dispatcher:
             await self._attempt(deliveries, run_all)
             return True
         except Exception as exc:
-            if is_transient(exc):
+            # Only an outage is the whole poll's: anything else may be one event's, and replaying them one
+            # per transaction finds it (an uncertain error is retried there, within its bound).
+            if transience(exc) is Transience.OUTAGE:
                 raise
             log.info("group commit failed, replaying one event per transaction", error=repr(exc))
             return False
@@ -451,7 +500,7 @@ class Dispatcher:
             await self._attempt(deliveries, lambda tx, fresh: handler(fresh, tx) if fresh else _noop())
             return
         except Exception as exc:
-            if is_transient(exc):
+            if transience(exc) is Transience.OUTAGE:
                 raise
             log.warning("batch failed, isolating the failing event", size=len(deliveries), error=repr(exc))
         # One poison event must not sink the rest: replay one per transaction.
@@ -462,7 +511,7 @@ class Dispatcher:
         self, deliveries: list[Delivery], run: Callable[[Transaction, list[Delivery]], Awaitable[None]]
     ) -> None:
         record = deliveries[0].record
-        attempt = 0
+        attempt = uncertain = 0
         transient_delay = self.sub.retry_backoff_s
         while True:
             try:
@@ -477,12 +526,33 @@ class Dispatcher:
                     exc.on_dead_lettered()
                 return
             except Exception as exc:
-                if is_transient(exc):
+                kind = transience(exc)
+                if kind is Transience.UNCERTAIN:
+                    uncertain += 1
+                    if uncertain > self.sub.max_uncertain_retries:
+                        # It may have been an outage, but one that outlasted the bound is far likelier the
+                        # handler's own (a wait that never ends): holding the partition for ever is worse.
+                        log.error(
+                            "handler failed with an OSError or a timeout on every retry, dead-lettering",
+                            attempts=uncertain,
+                            error=repr(exc),
+                        )
+                        await self._dead_letter(
+                            record,
+                            "handler-failed",
+                            f"{type(exc).__name__}: {exc} (on {uncertain} attempts in a row; an OSError or a "
+                            "timeout raised by a handler is retried for a while in case it is an outage)",
+                        )
+                        return
+                if kind is not None:
                     if self.stopping():
                         raise
-                    # Not the event's fault: wait for the infrastructure, never dead-letter.
+                    # Maybe not the event's fault: wait for the infrastructure rather than dead-letter.
                     log.warning(
-                        "infrastructure unavailable, retrying", error=repr(exc), delay_s=transient_delay
+                        "infrastructure unavailable, retrying",
+                        error=repr(exc),
+                        delay_s=transient_delay,
+                        bounded=kind is Transience.UNCERTAIN,
                     )
                     metrics.RETRIED.labels(self.sub.consumer, record.topic).inc()
                     await asyncio.sleep(transient_delay)
@@ -500,29 +570,44 @@ class Dispatcher:
     async def _attempt(
         self, deliveries: list[Delivery], run: Callable[[Transaction, list[Delivery]], Awaitable[None]]
     ) -> None:
-        async with self.begin() as tx:
-            if self.sub.raw:
-                fresh = deliveries
-            else:
-                items = [
-                    InboxEntry(d.event.source, d.event.id, hashlib.sha256(d.record.value or b"").hexdigest())
-                    for d in deliveries
-                    if d.event is not None
-                ]
-                claims = await tx.claim(self.sub.consumer, items)
-                fresh = []
-                for d, claim in zip(deliveries, claims, strict=True):
-                    if claim is Claim.NEW:
-                        fresh.append(d)
-                    elif claim is Claim.DUPLICATE:
-                        metrics.DUPLICATES.labels(self.sub.consumer, d.record.topic).inc()
-                    else:
-                        assert d.event is not None
-                        raise ReusedEventId(
-                            f"event id {d.event.id} from source {d.event.source} was handled before"
-                            " with a different payload"
+        """One try: the inbox claim and ``run`` in one transaction. An OSError or a timeout of the
+        transaction itself (opening it, the claim, the commit) is raised as :class:`TransactionFailed`, an
+        outage: only what ``run`` raises is classified by its type."""
+        in_handler = False
+        try:
+            async with self.begin() as tx:
+                if self.sub.raw:
+                    fresh = deliveries
+                else:
+                    items = [
+                        InboxEntry(
+                            d.event.source, d.event.id, hashlib.sha256(d.record.value or b"").hexdigest()
                         )
-            await run(tx, fresh)
+                        for d in deliveries
+                        if d.event is not None
+                    ]
+                    claims = await tx.claim(self.sub.consumer, items)
+                    fresh = []
+                    for d, claim in zip(deliveries, claims, strict=True):
+                        if claim is Claim.NEW:
+                            fresh.append(d)
+                        elif claim is Claim.DUPLICATE:
+                            metrics.DUPLICATES.labels(self.sub.consumer, d.record.topic).inc()
+                        else:
+                            assert d.event is not None
+                            raise ReusedEventId(
+                                f"event id {d.event.id} from source {d.event.source} was handled before"
+                                " with a different payload"
+                            )
+                in_handler = True
+                await run(tx, fresh)
+                in_handler = False
+        except OSError as exc:  # TimeoutError (asyncio's too) is one
+            if in_handler or transience(exc) is Transience.OUTAGE:
+                raise
+            raise TransactionFailed(
+                f"the consumer's transaction failed: {type(exc).__name__}: {exc}"
+            ) from exc
         for topic, count in Counter(d.record.topic for d in fresh).items():
             metrics.PROCESSED.labels(self.sub.consumer, topic).inc(count)
 

@@ -24,6 +24,7 @@ from libs.artifacts import (
     load_model_bytes,
     save_model,
 )
+from libs.bus.core import Transience, transience
 from tests.unit.store_fakes import FlakyStore
 
 
@@ -129,10 +130,14 @@ def test_a_store_told_to_try_again_does_so_for_its_own_failures_only(
     plain = ArtifactStore(str(tmp_path))
     key = plain.put(b"content").sha256
     flaky = FlakyStore(monkeypatch)
-    # By default one try, the OSError as it is: the caller's own retry applies (serving's, the bus's).
+    # By default one try, its OSError raised as StoreUnavailable, an outage whatever the OSError was: the
+    # caller's own retry applies (serving's, the bus's, which retries an outage without limit).
     flaky.failing_reads[key] = 1
-    with pytest.raises(TimeoutError):
+    with pytest.raises(
+        StoreUnavailable, match=r"failed on reading .* \(TimeoutError: read timed out\)"
+    ) as once:
         plain.get(key)
+    assert isinstance(once.value.__cause__, TimeoutError) and flaky.reads[key] == 1
     flaky.failing_reads[key], flaky.reads[key] = 2, 0
     assert ArtifactStore(str(tmp_path), attempts=3, backoff_s=0).get(key) == b"content"
     assert flaky.reads[key] == 3
@@ -148,6 +153,31 @@ def test_a_store_told_to_try_again_does_so_for_its_own_failures_only(
     assert flaky.reads["0" * 64] == 1
     with pytest.raises(ValueError, match="at least 1"):
         ArtifactStore(str(tmp_path), attempts=0)
+
+
+@pytest.mark.parametrize("read", ["get", "verify", "stream"])
+def test_every_oserror_of_the_store_is_an_outage_even_one_about_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    # The store names its files by hash: a PermissionError opening one is the store's (its folder's mode, its
+    # bucket's policy), never the event's that named the key. Raised as an OSError about a path, the bus would
+    # dead-letter the event; as StoreUnavailable, it waits for the store.
+    store = ArtifactStore(str(tmp_path))
+    key = store.put(b"content").sha256
+
+    def refused(path: str, mode: str = "rb", **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(store.fs, "open", refused)
+    with pytest.raises(
+        StoreUnavailable, match=r"\(PermissionError: \[Errno 13\] Permission denied"
+    ) as failed:
+        if read == "stream":
+            list(store.stream(key))
+        else:
+            getattr(store, read)(key)
+    assert isinstance(failed.value.__cause__, PermissionError)
+    assert transience(failed.value) is Transience.OUTAGE
 
 
 def test_model_file_holds_what_skops_itself_writes() -> None:

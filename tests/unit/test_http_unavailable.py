@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Request
 
+from libs.artifacts import StoreUnavailable
 from libs.http import UNAVAILABLE_RETRY_AFTER_S, create_app
 from libs.settings import ServiceSettings
 
@@ -22,6 +23,7 @@ ERRORS: dict[str, Exception] = {
     "pool-closed": asyncpg.InterfaceError("pool is closed"),
     "unique-violation": asyncpg.UniqueViolationError("duplicate key"),
     "missing-file": FileNotFoundError(2, "No such file"),
+    "store-refusing": StoreUnavailable("the artifact store failed on reading ... (PermissionError: denied)"),
 }
 
 
@@ -47,7 +49,8 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.mark.parametrize("lane", ["/v1", "/v2"])
 @pytest.mark.parametrize(
-    "kind", ["refused", "timeout", "postgres-restarting", "postgres-admin-shutdown", "pool-closed"]
+    "kind",
+    ["refused", "timeout", "postgres-restarting", "postgres-admin-shutdown", "pool-closed", "store-refusing"],
 )
 async def test_an_unavailable_dependency_is_a_503_with_retry_after(
     client: httpx.AsyncClient, lane: str, kind: str
@@ -61,7 +64,7 @@ async def test_an_unavailable_dependency_is_a_503_with_retry_after(
 
 
 @pytest.mark.parametrize("lane", ["/v1", "/v2"])
-@pytest.mark.parametrize("kind", ["unique-violation"])
+@pytest.mark.parametrize("kind", ["unique-violation", "missing-file"])
 async def test_an_error_that_is_no_outage_stays_a_500(
     client: httpx.AsyncClient, lane: str, kind: str
 ) -> None:

@@ -75,7 +75,7 @@ class ArtifactModelLoader:
                     estimator = await asyncio.to_thread(load_model, self.store, key)
                 except OSError:
                     # The store unreachable is the infrastructure's fault, not the version's: raised as it
-                    # is, so the event that asked is retried (the bus retries OSError without limit), and
+                    # is (StoreUnavailable, an outage), so the event that asked is retried without limit, and
                     # nothing is remembered as failed.
                     raise
                 except (ArtifactError, ValueError) as exc:
