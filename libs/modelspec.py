@@ -14,6 +14,8 @@ import hashlib
 import importlib
 import json
 import math
+import threading
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -582,6 +584,11 @@ def _not_the_only_value(estimator: str, name: str, value: Any) -> str | None:
     return f"{value!r} is not taken here, only {only[0]!r}: {only[1]}; leave {name} out or give {only[0]!r}"
 
 
+_PROBE_WARNINGS = threading.Lock()
+"""Held while :func:`check_fits` silences warnings: ``catch_warnings`` swaps the process's filters, so two
+checks on two threads at once could each restore the other's and leave every warning silenced for good."""
+
+
 def check_fits(spec: ModelSpec) -> None:
     """Refuse (:class:`SpecError`, naming the parameters and scikit-learn's message) a spec whose estimator
     parameters scikit-learn takes one by one but checks together only when fitting, such as logistic
@@ -598,14 +605,18 @@ def check_fits(spec: ModelSpec) -> None:
     loss) still fails the run."""
     if not spec.params:
         return
-    problem = _probe_fit(spec, dict(spec.params))
-    if problem is None or _probe_fit(spec, {}) is not None:
-        return  # fitted, or the probe cannot judge: its rows cannot be fitted even with the defaults
-    names = [
-        name
-        for name in spec.params
-        if _probe_fit(spec, {k: v for k, v in spec.params.items() if k != name}) is None
-    ] or list(spec.params)
+    with _PROBE_WARNINGS, warnings.catch_warnings():
+        # What scikit-learn warns of on the probe's synthetic rows (a ConvergenceWarning of 32 rows) says
+        # nothing of the user's data and reached the service's log; a run's fit warns of its own rows.
+        warnings.simplefilter("ignore")
+        problem = _probe_fit(spec, dict(spec.params))
+        if problem is None or _probe_fit(spec, {}) is not None:
+            return  # fitted, or the probe cannot judge: its rows cannot be fitted even with the defaults
+        names = [
+            name
+            for name in spec.params
+            if _probe_fit(spec, {k: v for k, v in spec.params.items() if k != name}) is None
+        ] or list(spec.params)
     given = " and ".join(f"{name}={spec.params[name]!r}" for name in names)
     together = " together" if len(names) > 1 else ""
     cls = spec.estimator_path().rsplit(".", 1)[1]

@@ -8,8 +8,10 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import queue as queue_module
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,6 +38,7 @@ class ProcessPoolTrainer:
         overlap: bool = True,
         retry_pause_s: float = 0.5,
         start_timeout_s: float = 120.0,
+        report_grace_s: float = 2.0,
     ) -> None:
         self._start_method = start_method
         self._context = multiprocessing.get_context(start_method)
@@ -46,6 +49,7 @@ class ProcessPoolTrainer:
         self._poll_s = poll_s
         self._retry_pause_s = retry_pause_s
         self._start_timeout_s = start_timeout_s
+        self._report_grace_s = report_grace_s
         self._starting: _Start | None = None
         self._overlap = overlap
         self._executor: ProcessPoolExecutor | None = None
@@ -77,8 +81,11 @@ class ProcessPoolTrainer:
         it raised), the pool let go so the next run starts a new one."""
         job_id = job_input["job_id"]
         phase: tuple[str, float | None] = ("loading-data", 0.0)
+        future: asyncio.Future[Any] | None = None
+        watch: _EndWatch | None = None
         try:
             future = await self._hand_over(job_input)
+            watch = _EndWatch(self._executor, forked=self._start_method == "forkserver")
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self._poll_s)
                 reported = [(p, f) for owner, p, f in self._drain() if owner == job_id]
@@ -86,29 +93,46 @@ class ProcessPoolTrainer:
                     await progress(*phase)
                 if done:
                     return dict(future.result())
+                watch.check(self._report_grace_s)
                 if not reported:
                     # scikit-learn has no progress callback: a long fit re-reports its phase (the caller
                     # throttles), so followers see it is alive and how long it has run.
                     await progress(*phase)
-        except Exception:
+        except Exception as exc:
             # The fit process died under the run (BrokenProcessPool), or none could take it: a pool in that
             # state would fail every later run too. The run itself never raises here (run_training returns
             # its failure), so nothing else lands.
-            self._discard()
+            self._let_go(exc)
             raise
+        finally:
+            if watch is not None:
+                watch.close()
+            if future is not None and not future.done():
+                # Given up on (the job's time ran out, the process ended unreported): the pool fails it
+                # later, and nobody is left to read that.
+                future.add_done_callback(_ignored)
+
+    def _let_go(self, exc: BaseException) -> None:
+        """Let the pool go after ``exc``; when its process ended unreported, its fork server too: stopped or
+        wedged, it would start no process for the next pool either."""
+        if isinstance(exc, FitProcessEnded) and self._start_method == "forkserver":
+            _kill_fork_server()
+        self._discard()
 
     async def _hand_over(self, job_input: dict[str, Any]) -> asyncio.Future[Any]:
         """Submit the run to the fit process. A pool that cannot take it is let go and the run handed to a
         new one, once, a moment later: its process died while idle (the OOM killer; the fork server's end
-        takes it too), so the pool is broken before the run began (BrokenProcessPool), or a process cannot
-        be started (the fork server's socket gone: BrokenPipeError, ConnectionError, EOFError; a new pool
-        starts a new fork server, once the old one is seen to have exited), or not within start_timeout_s (a
-        fork server that is frozen: TimeoutError). None is the run's doing, nor worth one of its attempts."""
+        takes it too), so the pool is broken before the run began (BrokenProcessPool, or FitProcessEnded when
+        a stopped fork server did not report it), or a process cannot be started (the fork server's socket
+        gone: BrokenPipeError, ConnectionError, EOFError; a new pool starts a new fork server, once the old
+        one is seen to have exited), or not within start_timeout_s (a fork server that is frozen:
+        TimeoutError). None is the run's doing, nor worth one of its attempts."""
         for tries_left in (1, 0):
             try:
+                await self._idle_process_ended_unreported()
                 return await self._submit(run_training, job_input, self._overlap)
             except (BrokenProcessPool, OSError, EOFError) as exc:
-                self._discard()
+                self._let_go(exc)
                 if not tries_left:
                     raise FitProcessUnavailable(
                         f"no fit process could be started for the run, with a new pool either: {exc!r}"
@@ -119,6 +143,21 @@ class ProcessPoolTrainer:
                 # A fork server killed a moment ago may not have exited yet: it would be used again.
                 await asyncio.sleep(self._retry_pause_s)
         raise AssertionError("unreachable")
+
+    async def _idle_process_ended_unreported(self) -> None:
+        """Raise FitProcessEnded when the pool's idle process has ended and the pool is not told within
+        report_grace_s; return once it is (the submit then raises BrokenProcessPool) or the process lives.
+        Handed over, the run would wait for a process that is gone."""
+        executor = self._executor
+        if executor is None:
+            return
+        watch = _EndWatch(executor, forked=self._start_method == "forkserver")
+        try:
+            while watch.ended() is not None and not getattr(executor, "_broken", False):
+                watch.check(self._report_grace_s)
+                await asyncio.sleep(self._poll_s)
+        finally:
+            watch.close()
 
     async def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Hand ``fn(*args)`` to the pool; its result, as a future of the event loop.
@@ -205,6 +244,69 @@ class ProcessPoolTrainer:
             self._progress = None
 
 
+class FitProcessEnded(BrokenProcessPool):
+    """The fit process ended under a run and its pool was not told (its fork server, which reports a
+    process's end, is stopped or wedged): the run is lost as if the pool had said so."""
+
+
+class _EndWatch:
+    """Sees a pool's fit process end by the process itself (a pidfd), not by its fork server's word: a fork
+    server that is stopped (SIGSTOP, frozen, swapped out) never reports it, and the pool then waited for a
+    dead process until job_timeout_s. Linux only (pidfd_open, 5.3); elsewhere it watches nothing and the
+    pool's own watch is all there is."""
+
+    def __init__(self, executor: ProcessPoolExecutor | None, *, forked: bool) -> None:
+        self._forked = forked
+        self._pidfds: dict[int, int | None] = {}
+        self._ended_at: float | None = None
+        for pid in list((getattr(executor, "_processes", None) or {}).keys()):
+            try:
+                self._pidfds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._pidfds[pid] = None  # gone already
+            except (AttributeError, OSError) as exc:  # no pidfds on this system
+                log.debug("fit process not watched", pid=pid, error=repr(exc))
+
+    def ended(self) -> int | None:
+        """The id of a watched process that has ended, if any."""
+        for pid, pidfd in self._pidfds.items():
+            if pidfd is None:
+                return pid
+            ready = select.poll()  # not select.select: the service's descriptors may number past 1024
+            ready.register(pidfd, select.POLLIN)
+            if ready.poll(0):
+                return pid
+        return None
+
+    def check(self, grace_s: float) -> None:
+        """Raise FitProcessEnded when a watched process ended more than ``grace_s`` ago (a living fork server
+        reports a process's end within milliseconds: the pool's own BrokenProcessPool then comes first)."""
+        pid = self.ended()
+        if pid is None:
+            return
+        now = time.monotonic()
+        if self._ended_at is None:
+            self._ended_at = now
+        if now - self._ended_at < grace_s:
+            return
+        server = _fork_server_pid() if self._forked else None
+        raise FitProcessEnded(
+            f"the fit process (pid {pid}) ended and its pool was not told within {grace_s:g}s"
+            + (
+                f": its fork server (pid {server}) is stopped or wedged, so it is killed and a new one "
+                "started"
+                if server is not None
+                else ""
+            )
+        )
+
+    def close(self) -> None:
+        for pidfd in self._pidfds.values():
+            if pidfd is not None:
+                os.close(pidfd)
+        self._pidfds = {}
+
+
 class _Start:
     """One hand-over of work to a pool, on a thread of its own: ``handed`` gets the pool's future (or what
     submitting raised) unless the caller gave up on it first (``abandon``), in which case the thread lets
@@ -270,11 +372,21 @@ def _kill_processes(executor: ProcessPoolExecutor) -> None:
 def _kill_fork_server() -> None:
     """Kill this process's fork server (multiprocessing keeps its pid privately): a fork that never answers
     is over, and the next pool starts a new server once this one is seen to have exited."""
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    pid = getattr(server, "_forkserver_pid", None)
+    pid = _fork_server_pid()
     if pid is None:
         return
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError as exc:
         log.debug("fork server already gone", error=repr(exc))
+
+
+def _fork_server_pid() -> int | None:
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid: int | None = getattr(server, "_forkserver_pid", None)
+    return pid
+
+
+def _ignored(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -4,17 +4,26 @@ warm-up that fails does not take the service down."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.forkserver
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from contracts.training import FailureReason, TrainingCompleted, TrainingFailed, TrainingStarted
 from services.training.adapters import pool as pool_module
 from services.training.adapters.pool import ProcessPoolTrainer
 from services.training.ports import FitProcessUnavailable
+from services.training.worker import run_training
+from tests.unit.training.data import churn_frame, churn_spec
+from tests.unit.training.fakes import Harness
+from tests.unit.training.test_handlers import register, upload
 from tests.waiting import eventually
 
 
@@ -217,3 +226,132 @@ async def test_a_run_given_up_while_its_process_starts_lets_the_pool_go_without_
         return made[0].shut_down
 
     await eventually(let_go, deadline_s=5.0, interval_s=0.02)
+
+
+HELD_FIT_PID = "held-fit.pid"
+
+
+def fork_server() -> int:
+    """The id of this process's fork server (multiprocessing keeps it privately)."""
+    pid: int = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert pid is not None
+    return pid
+
+
+def process_ended(pid: int) -> bool:
+    """Whether a process is gone or a zombie (a stopped fork server, its parent, can neither reap it nor tell
+    the pool)."""
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rpartition(") ")[2].startswith("Z")
+
+
+def fit_held_first(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: the first run writes its process id next to the
+    artifacts and waits to be killed; a later run trains."""
+    pid_file = Path(raw["artifacts_url"]) / HELD_FIT_PID
+    if not pid_file.exists():
+        written = pid_file.with_suffix(".tmp")
+        written.write_text(str(os.getpid()))
+        written.rename(pid_file)
+        time.sleep(600)  # the test kills this process long before
+    return run_training(raw, overlap)
+
+
+async def run_with_the_fork_server_stopped_and_the_fit_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, max_attempts: int
+) -> tuple[Harness, int, int]:
+    """Run a retrain whose fit process is killed while its fork server is stopped (SIGSTOP: it can neither
+    fork nor report a child's end); the harness, the fit process's id and the stopped fork server's."""
+    monkeypatch.setattr(pool_module, "run_training", fit_held_first)
+    artifacts = tmp_path / "artifacts"
+    h = Harness(str(artifacts), max_attempts=max_attempts)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    h.runner.trainer = trainer
+    # Far below the default hour, so that a runner that notices the fit's end only when its time is up
+    # fails the test (as timeout) rather than hang it; the outcome is what is checked, never the time taken.
+    h.runner.job_timeout_s = 120.0
+    await trainer.warm_up()
+    server = fork_server()
+    await register(h, churn_spec())
+    await upload(h, "churn-base", churn_frame(), models=["churn"])
+
+    async def held_fit() -> int | None:
+        pid_file = artifacts / HELD_FIT_PID
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    async def stop_the_fork_server_and_kill_the_fit() -> int:
+        fit = await eventually(held_fit, interval_s=0.02)
+        os.kill(server, signal.SIGSTOP)
+        os.kill(fit, signal.SIGKILL)
+        return fit
+
+    killing = asyncio.create_task(stop_the_fork_server_and_kill_the_fit())
+    try:
+        await h.run_jobs()
+        fit = await killing
+    finally:
+        killing.cancel()
+        trainer.close()
+        with suppress(OSError):  # a stopped server left behind would hold the pool's threads at exit
+            os.kill(server, signal.SIGKILL)
+    return h, fit, server
+
+
+async def test_a_fit_process_that_dies_while_the_fork_server_is_stopped_is_retried_with_a_new_fork_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fork server reports a fit process's end to the pool; stopped (SIGSTOP, wedged) it reports
+    # nothing, and the run waited for a process already dead until job_timeout_s, then failed as timeout.
+    h, _, server = await run_with_the_fork_server_stopped_and_the_fit_killed(
+        tmp_path, monkeypatch, max_attempts=2
+    )
+
+    assert [(e.data.reason, e.data.message) for e in h.events(TrainingFailed)] == []
+    assert [e.data.attempt for e in h.events(TrainingStarted)] == [1, 2]
+    [completed] = h.events(TrainingCompleted)
+    assert completed.data.run_id.endswith("-2")
+    assert fork_server() != server  # the second attempt's process came from a new fork server
+
+
+async def test_a_fit_process_that_dies_while_the_fork_server_is_stopped_fails_its_last_attempt_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, fit, server = await run_with_the_fork_server_stopped_and_the_fit_killed(
+        tmp_path, monkeypatch, max_attempts=1
+    )
+
+    [failed] = h.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.WORKER_LOST, failed.data.message
+    message = failed.data.message
+    assert message.startswith("the fit process died on attempt 1 of 1: "), message
+    assert f"fit process (pid {fit})" in message and f"fork server (pid {server})" in message, message
+
+
+async def test_a_fit_process_that_died_idle_while_the_fork_server_is_stopped_costs_the_next_run_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its pool never learns of the end (the fork server would say it): the next run was handed to a process
+    # that is gone, and waited for it until the job's time was up.
+    monkeypatch.setattr(pool_module, "run_training", quick_fit)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    server: int | None = None
+    try:
+        first = await trainer.train({"job_id": "j1"}, progress)
+        server = fork_server()
+        os.kill(server, signal.SIGSTOP)
+        os.kill(first["pid"], signal.SIGKILL)
+
+        async def ended() -> bool:
+            return process_ended(first["pid"])
+
+        await eventually(ended, interval_s=0.02)
+        # Bounded so that a run waiting for the dead process fails the test rather than hang it.
+        second = await asyncio.wait_for(trainer.train({"job_id": "j2"}, progress), timeout=120)
+
+        assert second["ok"] and second["pid"] != first["pid"]
+        assert fork_server() != server
+    finally:
+        trainer.close()
+        if server is not None:
+            with suppress(OSError):
+                os.kill(server, signal.SIGKILL)

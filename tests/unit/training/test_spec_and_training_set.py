@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -991,3 +992,26 @@ def test_a_probe_fit_failing_otherwise_than_scikit_learn_refuses_leaves_the_spec
     monkeypatch.setattr(modelspec, "build_pipeline", broken)
     data = churn_spec_data(params={"penalty": "l1"}, validation={})
     assert parse_spec(json.dumps(data), content_type="application/json").params == {"penalty": "l1"}
+
+
+@pytest.mark.parametrize(
+    ("estimator", "task", "params"),
+    [
+        ("logistic_regression", "classification", {"max_iter": 1}),
+        ("ridge", "regression", {"solver": "sag", "max_iter": 1}),
+    ],
+)
+def test_what_scikit_learn_warns_of_on_the_probe_fits_rows_stays_out_of_the_log(
+    estimator: str, task: str, params: dict[str, object]
+) -> None:
+    """The probe fit's 32 synthetic rows do not converge in one iteration: scikit-learn's ConvergenceWarning
+    about them reached the service's log at every registration, though it says nothing of the user's data."""
+    data = churn_spec_data(estimator=estimator, task=task, params=params, validation={})
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert parse_spec(json.dumps(data), content_type="application/json").params == params
+        warnings.warn("a warning of the service's own", UserWarning, stacklevel=1)
+
+    assert [str(w.message) for w in shown] == ["a warning of the service's own"]
+    assert warnings.filters == before
