@@ -31,7 +31,7 @@ from contracts.rollouts import (
     RolloutStarted,
     RolloutStepAdvanced,
 )
-from libs.errors import InvalidInput, PayloadTooLarge
+from libs.errors import InvalidInput, PayloadTooLarge, shown
 
 # --- the rollout state machine -----------------------------------------------------------------------
 
@@ -678,6 +678,8 @@ _NUMERIC_TENSOR = frozenset(
 )
 # A category is text, an integer or a boolean: every datatype but the floating-point ones, and BYTES.
 _CATEGORY_TENSOR = (_NUMERIC_TENSOR - {"FP64", "FP32", "FP16"}) | {"BYTES"}
+_DATATYPES = _NUMERIC_TENSOR | {"BYTES"}
+_DATATYPES_LISTED = "BOOL, INT8, INT16, INT32, INT64, UINT8, UINT16, UINT32, UINT64, FP16, FP32, FP64, BYTES"
 
 
 @dataclass(frozen=True)
@@ -1084,6 +1086,8 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
             raise _bad_tensor(name, "wrong-shape", "shape must be a list of non-negative integers")
         if not isinstance(datatype, str):
             raise _bad_tensor(name, "wrong-type", "datatype must be a string such as FP64, INT64 or BYTES")
+        if datatype not in _DATATYPES:
+            raise _unknown_datatype(name, datatype)
         if "data" not in t:
             raise _bad_tensor(
                 name, "wrong-type", "has no JSON data (the binary tensor extension is not supported)"
@@ -1093,8 +1097,21 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
             raise _bad_tensor(
                 name, "wrong-type", f"parameters must be an object, not {json_kind(parameters)}"
             )
-        tensors.append(Tensor(name, shape, datatype.upper(), _tensor_values(name, t["data"], shape)))
+        tensors.append(Tensor(name, shape, datatype, _tensor_values(name, t["data"], shape)))
     return tensors
+
+
+def _unknown_datatype(name: str, datatype: str) -> InvalidInput:
+    """422 for a datatype the protocol does not name: its strings are case-sensitive, so ``fp64`` is not
+    ``FP64`` (a tensor is read as the datatype it names, never as one it resembles)."""
+    if datatype.upper() in _DATATYPES:
+        message = f"datatype {shown(datatype)} is not {datatype.upper()}: datatypes are case-sensitive"
+    else:
+        message = (
+            f"datatype {shown(datatype)} is not an Open Inference Protocol datatype the server takes "
+            f"({_DATATYPES_LISTED})"
+        )
+    return _bad_tensor(name, "wrong-type", message)
 
 
 def tensor_rows(tensors: Sequence[Tensor]) -> int:

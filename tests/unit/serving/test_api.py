@@ -861,6 +861,28 @@ async def test_oip_request_members_are_checked_and_named(
     assert service.log.items == []
 
 
+@pytest.mark.parametrize(
+    ("datatype", "message"),
+    [
+        ("fp64", "datatype 'fp64' is not FP64: datatypes are case-sensitive"),
+        ("Bytes", "datatype 'Bytes' is not BYTES: datatypes are case-sensitive"),
+        ("FLOAT", "datatype 'FLOAT' is not an Open Inference Protocol datatype"),
+        ("BF16", "datatype 'BF16' is not an Open Inference Protocol datatype"),
+    ],
+)
+async def test_a_datatype_the_protocol_does_not_spell_so_is_a_422_naming_it(
+    service: Service, datatype: str, message: str
+) -> None:
+    # The protocol's strings are case-sensitive and the OpenAPI document lists the datatypes as it spells
+    # them: a tensor is read as the datatype it names, or refused, never as one it resembles.
+    body = oip_body(1)
+    body["inputs"][0]["datatype"] = datatype
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"] and r.json()["feature"] == "tenure_months", r.text
+    assert r.json()["reason"] == "wrong-type"
+
+
 async def test_oip_answers_carry_the_request_id_as_sent(service: Service) -> None:
     r = await service.client.post("/v2/models/churn/infer", json=oip(id="", parameters=None), headers=PREDICT)
     assert r.status_code == 200 and r.json()["id"] == ""
