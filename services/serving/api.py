@@ -301,7 +301,7 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
     rows = tensor_rows(tensors)
     outputs = body.get("outputs")
     wanted = _requested_outputs(outputs)
-    if outputs is not None and "predict_proba" in wanted:
+    if outputs and "predict_proba" in wanted:
         _check_probabilities_given(ctx.predictor.routing(name), version)
     result = ctx.predictor.predict(
         PredictRequest(
@@ -320,11 +320,13 @@ _INFER_MEMBERS = frozenset({"id", "parameters", "inputs", "outputs"})
 """What an Open Inference Protocol inference request holds (its JSON form; the binary extension aside)."""
 
 
-def _refuse_unknown_members(body: dict[str, Any], allowed: frozenset[str]) -> None:
+def _refuse_unknown_members(
+    body: dict[str, Any], allowed: frozenset[str], where: str = "the request body"
+) -> None:
     if len(body) > len(allowed) or not body.keys() <= allowed:
         unknown = sorted(body.keys() - allowed)
         raise InvalidInput(
-            f"unknown member {unknown[0]!r} in the request body (it may hold {', '.join(sorted(allowed))})",
+            f"unknown member {unknown[0]!r} in {where} (it may hold {', '.join(sorted(allowed))})",
             reason="unknown",
         )
 
@@ -342,19 +344,40 @@ def _text_member(value: Any, where: str) -> str | None:
 
 
 _OUTPUTS = ("predict", "predict_proba")
+_OUTPUT_MEMBERS = frozenset({"name", "parameters"})
 
 
 def _requested_outputs(outputs: Any) -> set[str]:
+    """The outputs a request asks for. None named (``outputs`` absent or empty) is every output the model
+    gives, as the protocol has it and Triton reads an empty list. An output's ``binary_data`` parameter is
+    taken and answered in JSON (the binary extension is optional, and clients read JSON tensors as well);
+    ``classification`` is refused: that extension's answer has another datatype and shape, which a client
+    asking for it would read wrongly from the probabilities."""
     if outputs is None:
         return set(_OUTPUTS)
     if not isinstance(outputs, list):
         raise InvalidInput("outputs must be a list of {name}", reason="wrong-type")
+    if not outputs:
+        return set(_OUTPUTS)
     names = set()
     for i, output in enumerate(outputs):
         if not isinstance(output, dict):
             raise InvalidInput(
                 f"outputs[{i}] must be an object with a name, not {json_kind(output)}", reason="wrong-type"
             )
+        _refuse_unknown_members(output, _OUTPUT_MEMBERS, f"outputs[{i}]")
+        params = output.get("parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise InvalidInput(
+                    f"outputs[{i}].parameters must be an object, not {json_kind(params)}", reason="wrong-type"
+                )
+            if "classification" in params:
+                raise InvalidInput(
+                    f"outputs[{i}].parameters.classification: the classification extension is not "
+                    "supported; ask for predict_proba (its classes are the answer's parameters.classes)",
+                    reason="unsupported",
+                )
         name = output.get("name")
         if name is None:
             raise InvalidInput(f"outputs[{i}] has no name (predict or predict_proba)", reason="missing")

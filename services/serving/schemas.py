@@ -81,7 +81,14 @@ class InferInput(BaseModel):
 
 
 class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: Literal["predict", "predict_proba"]
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="`binary_data` is taken and answered with JSON data; `classification` (that extension) "
+        "is refused with 422.",
+    )
 
 
 class InferBody(BaseModel):
@@ -94,7 +101,9 @@ class InferBody(BaseModel):
         default=None, description="`entity_key`: route the whole request as this entity (sticky canary)."
     )
     inputs: list[InferInput] = Field(description="One tensor per feature of the model's signature.")
-    outputs: list[RequestedOutput] | None = Field(default=None, description="Default: both.")
+    outputs: list[RequestedOutput] | None = Field(
+        default=None, description="Absent or empty: every output the model gives."
+    )
 
 
 class InferOutput(BaseModel):

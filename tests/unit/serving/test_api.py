@@ -846,6 +846,15 @@ def oip(**changes: Any) -> dict[str, Any]:
         (oip(outputs=[{}]), "outputs[0] has no name"),
         (oip(outputs=[{"name": ["predict"]}]), "outputs[0]: unknown output a list"),
         (oip(extra=1), "unknown member 'extra'"),
+        (oip(outputs=[{"name": "predict", "parameters": 5}]), "outputs[0].parameters must be an object"),
+        (
+            oip(outputs=[{"name": "predict_proba", "parameters": {"classification": 2}}]),
+            "outputs[0].parameters.classification: the classification extension is not supported",
+        ),
+        (
+            oip(outputs=[{"name": "predict", "binary_data": True}]),
+            "unknown member 'binary_data' in outputs[0]",
+        ),
         (
             oip(inputs=[*oip_body(1)["inputs"], oip_body(1)["inputs"][0]]),
             "input tensor 'tenure_months' is given twice",
@@ -881,6 +890,36 @@ async def test_a_datatype_the_protocol_does_not_spell_so_is_a_422_naming_it(
     assert r.status_code == 422, r.text
     assert message in r.json()["error"] and r.json()["feature"] == "tenure_months", r.text
     assert r.json()["reason"] == "wrong-type"
+
+
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+async def test_an_empty_outputs_list_is_answered_with_every_output(service: Service, kind: str) -> None:
+    # The protocol returns every output when none is asked for, as Triton reads an empty list too: a 200
+    # with no output at all answers nothing.
+    service.route(served(1) if kind == "classifier" else without_probabilities("regressor"))
+    every = await service.client.post("/v2/models/churn/infer", json=oip(), headers=PREDICT)
+    r = await service.client.post("/v2/models/churn/infer", json=oip(outputs=[]), headers=PREDICT)
+    assert r.status_code == every.status_code == 200, r.text
+    schemas.InferAnswer.model_validate(r.json())
+    names = [o["name"] for o in r.json()["outputs"]]
+    assert names == [o["name"] for o in every.json()["outputs"]]
+    assert names == (["predict", "predict_proba"] if kind == "classifier" else ["predict"])
+
+
+async def test_a_binary_output_request_is_answered_with_json_tensors(service: Service) -> None:
+    # tritonclient asks for binary outputs unless told otherwise (binary_data_output with no outputs named,
+    # binary_data on each one named). The extension is optional and not offered (GET /v2 lists none): the
+    # answer is JSON, which the client reads as well, never a refusal.
+    asked = [
+        oip(parameters={"binary_data_output": True}),
+        oip(outputs=[{"name": "predict", "parameters": {"binary_data": True}}]),
+    ]
+    for body in asked:
+        schemas.InferBody.model_validate(body)  # the OpenAPI document allows it too
+        r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+        assert r.status_code == 200, r.text
+        assert all("data" in o and "parameters" not in o for o in r.json()["outputs"]), r.text
+    assert (await service.client.get("/v2")).json()["extensions"] == []
 
 
 async def test_oip_answers_carry_the_request_id_as_sent(service: Service) -> None:
