@@ -11,6 +11,7 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from http import HTTPStatus
+from importlib import metadata
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -57,6 +58,18 @@ from libs.errors import (
 )
 from libs.logging import get_logger
 from libs.settings import ServiceSettings
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("driftloop")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+PLATFORM_VERSION = _package_version()
+"""driftloop's version (the installed package's), as every service's OpenAPI document and serving's Open
+Inference Protocol server metadata give it."""
 
 log = get_logger(__name__)
 
@@ -563,7 +576,7 @@ def create_app(
     app = FastAPI(
         title=title,
         description=description,
-        version="0.1.0",
+        version=PLATFORM_VERSION,
         lifespan=lifespan,
     )
     app.state.settings = settings

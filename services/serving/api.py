@@ -38,6 +38,7 @@ from libs.auth import GRANTS, OperatorDep, PredictDep, Principal, Role, TokenSto
 from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
 from libs.http import (
+    PLATFORM_VERSION,
     Reason,
     Text,
     VersionPath,
@@ -71,7 +72,6 @@ REQUEST_SECONDS = Histogram(
 )
 
 SERVER_NAME = "driftloop-serving"
-SERVER_VERSION = "0.1.0"
 
 
 @dataclass
@@ -208,7 +208,7 @@ def _metadata(routing: ModelRouting, served: ServedModel) -> dict[str, Any]:
 
 @router.get("/v2", tags=["open inference protocol"], summary="Server metadata.")
 async def server_metadata() -> Response:
-    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []})
+    return _json({"name": SERVER_NAME, "version": PLATFORM_VERSION, "extensions": []})
 
 
 @router.get("/v2/health/live", tags=["open inference protocol"], summary="The server is up.")
