@@ -26,6 +26,7 @@ from contracts.envelope import (
     NotJson,
     PayloadReader,
     SchemaInvalid,
+    attribute_text_problem,
     new_event,
 )
 from contracts.examples import EXAMPLES
@@ -351,6 +352,15 @@ def test_a_cloudevents_attribute_holding_a_character_cloudevents_disallows_is_ma
     with pytest.raises(MalformedEvent, match=rf"header '{header}' holds {re.escape(what)}") as caught:
         EVENT_TYPES.decode(value, headers)
     assert caught.value.reason == "malformed"
+
+
+def test_every_character_cloudevents_disallows_fails_the_decoders_quick_look() -> None:
+    """The decoder looks at all header text with str.isprintable() and runs the exact test only when that is
+    False: so every character the exact test refuses must be one isprintable() is False for."""
+    disallowed = [c for c in map(chr, range(0x110000)) if attribute_text_problem(c) is not None]
+
+    assert len(disallowed) == 32 + 33 + 2048 + 32 + 34  # C0, DEL and C1, surrogates, noncharacters
+    assert [c for c in disallowed if c.isprintable()] == []
 
 
 def test_attributes_in_any_script_and_other_headers_with_any_text_still_decode() -> None:
