@@ -314,6 +314,54 @@ OPTIONAL_ATTRIBUTES = ("ce_subject", "ce_correlationid", "ce_causationid", "ce_a
 """The optional CloudEvents attributes consumers read, each of which must be non-empty when present."""
 
 
+_NOT_CLOUDEVENTS_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000))
+    + "]"
+)
+"""What the CloudEvents 1.0 type system leaves out of a ``String``: the control characters U+0000-U+001F and
+U+007F-U+009F, Unicode's noncharacters and lone surrogates."""
+
+
+def attribute_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be the value of a CloudEvents attribute, or None: it holds a character the
+    CloudEvents 1.0 ``String`` type disallows (:data:`_NOT_CLOUDEVENTS_TEXT`). A producer that sent one would
+    send an event that is not a valid CloudEvent, and a newline, say, is not usable in an HTTP header."""
+    found = _NOT_CLOUDEVENTS_TEXT.search(text)
+    if found is None:
+        return None
+    c = found.group()
+    if c == "\x00":
+        what = "a NUL character"
+    elif c < "\xa0":
+        what = "a control character"
+    elif "\ud800" <= c <= "\udfff":
+        what = "a lone surrogate"
+    else:
+        what = "a Unicode noncharacter"
+    return f"holds {what} (U+{ord(c):04X}), which a CloudEvents attribute may not hold"
+
+
+def _refuse_disallowed_text(hdr: Mapping[str, str]) -> None:
+    """Raise :class:`MalformedEvent` naming the first attribute header that holds a character CloudEvents
+    disallows (:func:`attribute_text_problem`)."""
+    for name, text in hdr.items():
+        if name not in _ONE_EACH:
+            continue
+        if "\x00" in text:
+            # Consumers store the attributes in Postgres text, which cannot hold NUL: the inbox keys on source
+            # and id, the registry's stage history and monitoring's rollout steps keep the cascade and actor.
+            raise MalformedEvent(
+                f"header {name!r} holds a NUL character, which no consumer can store (Postgres text "
+                "refuses it)"
+            )
+        # ce_time is read as an RFC 3339 date-time (ASCII digits and separators only), and its refusal names
+        # the form it should have.
+        why = attribute_text_problem(text) if name != "ce_time" else None
+        if why is not None:
+            raise MalformedEvent(f"header {name!r} {why} (CloudEvents 1.0, type String)")
+
+
 def _is_attribute_header(name: str) -> bool:
     """Whether a header carries a CloudEvents attribute (binary mode: ``ce_*``, and ``content-type``)."""
     return name.startswith("ce_") or name == "content-type"
@@ -321,13 +369,12 @@ def _is_attribute_header(name: str) -> bool:
 
 def _text_headers(
     value: bytes | None, pairs: Iterable[tuple[str, bytes | None]], max_bytes: int
-) -> tuple[int, dict[str, str], str | None]:
+) -> tuple[int, dict[str, str]]:
     """``decode``'s header pass for a record with a header that is not UTF-8: (record_bytes, the text
-    headers, an attribute holding NUL). Only an attribute must be text; any other header may hold any bytes
-    (Kafka headers are bytes: a tracer's binary context, another framework's tag) and is left out."""
+    headers). Only an attribute must be text; any other header may hold any bytes (Kafka headers are bytes: a
+    tracer's binary context, another framework's tag) and is left out."""
     size = len(value) if value is not None else 0
     hdr: dict[str, str] = {}
-    nul: str | None = None
     binary: tuple[str, UnicodeDecodeError] | None = None
     for k, v in pairs:
         if v is None:
@@ -339,14 +386,12 @@ def _text_headers(
             if binary is None and _is_attribute_header(k):
                 binary = (k, exc)
             continue
-        if b"\x00" in v and k in _ONE_EACH:
-            nul = k
     # Too big is the more useful verdict, whatever the bytes are.
     if size > max_bytes:
         raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
     if binary is not None:
         raise MissingAttribute(f"header {binary[0]!r} is not UTF-8: {binary[1]}") from binary[1]
-    return size, hdr, nul
+    return size, hdr
 
 
 CE_TIME_FORM = (
@@ -474,17 +519,14 @@ class EventTypeRegistry:
         size = value_bytes
         hdr: dict[str, str] = {}
         present = 0
-        nul: str | None = None
         try:
             for k, v in pairs:
                 present += 1
                 if v is not None:
                     size += len(k) + len(v)
                     hdr[k] = v.decode()
-                    if b"\x00" in v and k in _ONE_EACH:
-                        nul = k
         except UnicodeDecodeError:
-            size, hdr, nul = _text_headers(value, pairs, max_bytes)
+            size, hdr = _text_headers(value, pairs, max_bytes)
             present = sum(1 for _ in pairs)  # the loop above stopped short of counting them all
         if size > max_bytes:
             raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
@@ -493,13 +535,12 @@ class EventTypeRegistry:
         if size - value_bytes > MAX_ATTRIBUTE_CHARS:
             # Only headers longer than the bound together can hold an attribute longer than it.
             check_attributes(hdr)
-        if nul is not None:
-            # Consumers store the attributes in Postgres text, which cannot hold NUL: the inbox keys on source
-            # and id, the registry's stage history and monitoring's rollout steps keep the cascade and actor.
-            raise MalformedEvent(
-                f"header {nul!r} holds a NUL character, which no consumer can store (Postgres text "
-                "refuses it)"
-            )
+        # One look at all the header text: isprintable() is False for every character CloudEvents disallows in
+        # an attribute (and for a few more, such as a tab in another header), and costs far less than the
+        # exact test, which then names the attribute. An attribute read with such a character would travel
+        # into the events it causes (a cascade's actor and correlation id), which would not be CloudEvents.
+        if not "".join(hdr.values()).isprintable():
+            _refuse_disallowed_text(hdr)
         for required in ("ce_type", "ce_id", "ce_source", "ce_specversion"):
             if required not in hdr:
                 raise MissingAttribute(

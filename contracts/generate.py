@@ -418,8 +418,11 @@ extensions `ce_correlationid` (root event of the cascade), `ce_causationid` (dir
 identify an event (neither may be empty): a publisher keeps its ids unique among its own events, and
 another publisher's event with the same id is another event. Consumers skip a redelivery of one they
 handled and dead-letter the same source and id with a different value as `reused-event-id`. Each
-attribute header comes once (given twice, the record is dead-lettered as `malformed`, and so is one that
-holds a NUL character). `ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00Z`,
+attribute header comes once (given twice, the record is dead-lettered as `malformed`). An attribute is
+CloudEvents `String` text: one holding a character CloudEvents leaves out of it (a control character,
+U+0000-U+001F or U+007F-U+009F, such as NUL, a tab or a newline; a Unicode noncharacter such as U+FFFE) is
+dead-lettered as `malformed`, naming the header, so no such text travels on into the events it causes.
+`ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00Z`,
 `2025-01-01T01:00:00.5+01:00`; `t` and `z` may be lower case, the fraction has any number of digits and a
 leap second, `23:59:60` UTC, is read as `23:59:59.999999`); anything else (a space for the `T`, no seconds,
 no UTC offset, ISO 8601's basic format or week dates, a time with no UTC form) is dead-lettered as

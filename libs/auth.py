@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from contracts.common import unstorable_text
-from contracts.envelope import MAX_ATTRIBUTE_CHARS
+from contracts.envelope import MAX_ATTRIBUTE_CHARS, attribute_text_problem
 from libs.errors import Forbidden, Unauthorized
 
 
@@ -68,8 +68,9 @@ class Principal:
 
 def token_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a token's holder, or None. The name travels as the ``ce_actor`` attribute of
-    every event its requests cause, so it must be text a consumer accepts there: not blank, no NUL or lone
-    surrogate, and short enough for the attribute's limit."""
+    every event its requests cause, so it must be text a consumer accepts there: not blank, no character a
+    CloudEvents attribute may not hold (a control character such as NUL or a newline, a noncharacter, a lone
+    surrogate), and short enough for the attribute's limit."""
     if not name.strip():
         return "is blank"
     if len(name) > TOKEN_NAME_MAX_CHARS:
@@ -77,7 +78,7 @@ def token_name_problem(name: str) -> str | None:
             f"is {len(name)} characters; at most {TOKEN_NAME_MAX_CHARS} fit the events' actor attribute "
             f"({ACTOR_PREFIX!r} + name)"
         )
-    return unstorable_text(name)
+    return unstorable_text(name) or attribute_text_problem(name)
 
 
 def hash_token(token: str) -> str:

@@ -142,8 +142,14 @@ def test_token_issue_refuses_a_blank_name(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("bad\x00name", "NUL character"), ("x" * 508, "508 characters; at most 507")],
-    ids=["nul", "too-long"],
+    [
+        ("bad\x00name", "NUL character"),
+        ("x" * 508, "508 characters; at most 507"),
+        ("ops\nteam", "control character (U+000A)"),
+        ("ops\x85team", "control character (U+0085)"),
+        ("ops\ufffeteam", "Unicode noncharacter (U+FFFE)"),
+    ],
+    ids=["nul", "too-long", "newline", "c1-control", "noncharacter"],
 )
 def test_token_issue_refuses_a_name_no_event_could_carry_as_its_actor(
     name: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

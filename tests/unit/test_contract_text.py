@@ -26,6 +26,7 @@ from contracts.envelope import (
     NotJson,
     PayloadReader,
     SchemaInvalid,
+    attribute_text_problem,
     new_event,
 )
 from contracts.examples import EXAMPLES
@@ -322,3 +323,53 @@ def test_a_cloudevents_attribute_holding_a_nul_is_malformed(header: str) -> None
     with pytest.raises(MalformedEvent, match=rf"header '{header}' holds a NUL character") as caught:
         EVENT_TYPES.decode(value, headers)
     assert caught.value.reason == "malformed"
+
+
+# ce_time is an RFC 3339 date-time, ASCII only: one with any such character is refused as not one
+# (tests/unit/event_times.py).
+@pytest.mark.parametrize("header", [name for name in BOUNDED_ATTRIBUTES if name != "ce_time"])
+@pytest.mark.parametrize(
+    ("char", "what"),
+    [
+        ("\n", "a control character (U+000A)"),
+        ("\t", "a control character (U+0009)"),
+        ("\x7f", "a control character (U+007F)"),
+        ("\x85", "a control character (U+0085)"),
+        ("\ufdd0", "a Unicode noncharacter (U+FDD0)"),
+        ("\U0010ffff", "a Unicode noncharacter (U+10FFFF)"),
+    ],
+    ids=["newline", "tab", "delete", "c1-control", "noncharacter", "last-noncharacter"],
+)
+def test_a_cloudevents_attribute_holding_a_character_cloudevents_disallows_is_malformed(
+    header: str, char: str, what: str
+) -> None:
+    """CloudEvents 1.0's String type has no control characters, noncharacters or lone surrogates. Read, such
+    an attribute would travel into the events it causes (a cascade's actor and correlation id), which would
+    then not be CloudEvents: the record is dead-lettered naming the header and the character."""
+    value, headers = _message(GroundTruthReceived, EXAMPLES[GroundTruthReceived].model_dump(mode="json"))
+    headers[header] = f"user:al{char}ice".encode()
+
+    with pytest.raises(MalformedEvent, match=rf"header '{header}' holds {re.escape(what)}") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "malformed"
+
+
+def test_every_character_cloudevents_disallows_fails_the_decoders_quick_look() -> None:
+    """The decoder looks at all header text with str.isprintable() and runs the exact test only when that is
+    False: so every character the exact test refuses must be one isprintable() is False for."""
+    disallowed = [c for c in map(chr, range(0x110000)) if attribute_text_problem(c) is not None]
+
+    assert len(disallowed) == 32 + 33 + 2048 + 32 + 34  # C0, DEL and C1, surrogates, noncharacters
+    assert [c for c in disallowed if c.isprintable()] == []
+
+
+def test_attributes_in_any_script_and_other_headers_with_any_text_still_decode() -> None:
+    value, headers = _message(GroundTruthReceived, EXAMPLES[GroundTruthReceived].model_dump(mode="json"))
+    # Printable to CloudEvents but not to str.isprintable() (a no-break space, a format character), and a
+    # control character in a header that is no CloudEvents attribute.
+    headers["ce_actor"] = "user:Zoë\u00a0Ødegård\u200d".encode()
+    headers["x-trace-note"] = b"line one\nline two"
+
+    event = EVENT_TYPES.decode(value, headers)
+
+    assert event.actor == "user:Zoë\u00a0Ødegård\u200d"

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, cast
 
+import jsonschema_rs
 import orjson
 import pytest
 import yaml
@@ -567,6 +568,37 @@ def test_the_asyncapi_document_describes_every_topic_message_and_operation() -> 
         for message_ref in operation["messages"]:
             assert message_ref["$ref"].startswith(operation["channel"]["$ref"] + "/messages/")
             assert _resolve(document, message_ref["$ref"]) in channel["messages"].values()
+
+
+ASYNCAPI_SCHEMA = Path(__file__).parents[1] / "schemas" / "asyncapi-3.0.0.json"
+"""The official AsyncAPI 3.0.0 JSON Schema, vendored (see tests/schemas/README.md)."""
+
+
+def _asyncapi_problems(document: dict[str, Any]) -> list[str]:
+    validator = jsonschema_rs.validator_for(json.loads(ASYNCAPI_SCHEMA.read_text()))
+    return [
+        f"/{'/'.join(map(str, e.instance_path))}: {e.message:.200}" for e in validator.iter_errors(document)
+    ]
+
+
+def test_the_asyncapi_document_is_valid_against_the_official_asyncapi_3_schema() -> None:
+    """Any AsyncAPI 3.0 tool reads contracts/asyncapi.yaml: it validates against the official schema, with
+    each message's payload schema (a file under contracts/schemas/) read in place of its reference, so they
+    are checked as AsyncAPI Schema Objects too."""
+    document = yaml.safe_load((generate.ROOT / generate.ASYNCAPI_FILE).read_text())
+    for message in document["components"]["messages"].values():
+        ref = message.get("payload", {}).get("$ref")
+        if ref is not None:
+            message["payload"] = json.loads((generate.ROOT / "contracts" / ref).read_text())
+
+    assert _asyncapi_problems(document) == []
+
+
+def test_the_asyncapi_schema_check_finds_a_wrong_document() -> None:
+    document = yaml.safe_load((generate.ROOT / generate.ASYNCAPI_FILE).read_text())
+    next(iter(document["operations"].values()))["action"] = "publish"  # AsyncAPI 2's word, not 3's
+
+    assert _asyncapi_problems(document) != []
 
 
 def test_the_asyncapi_operations_follow_the_topic_map() -> None:

@@ -34,6 +34,7 @@ from contracts.envelope import (
     SchemaInvalid,
     UnknownEventType,
     UnknownSchemaVersion,
+    attribute_text_problem,
     new_event,
     parse_event_time,
     record_bytes,
@@ -597,6 +598,40 @@ def test_the_cloudevents_sdk_reads_every_message_we_produce(payload: EventPayloa
     assert read.get_extension("actor") == "user:alice"
     assert read.get_extension("partitionkey") == event.subject
     assert read.get_data() == payload.model_dump(mode="json")
+
+
+CLOUDEVENTS_ATTRIBUTE_NAME = re.compile("[a-z0-9]{1,20}")
+"""CloudEvents 1.0: lower-case ASCII letters and digits (MUST), at most 20 characters (SHOULD)."""
+URI_REFERENCE_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
+"""An absolute-path reference of RFC 3986 (what our sources are): ``source`` is a URI-reference."""
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
+def test_every_record_we_produce_follows_cloudevents_and_its_kafka_binary_binding(
+    payload: EventPayload,
+) -> None:
+    event = _caused_event(payload)
+    key, value, header_list = event.to_kafka()
+    headers = {name: raw.decode() for name, raw in header_list}
+
+    # Binary mode: the data is the value as it is, `content-type` is `datacontenttype`, every other
+    # attribute is a `ce_` header, each once.
+    assert value == event.payload_bytes()
+    assert headers.pop("content-type") == event.datacontenttype == "application/json"
+    assert len(headers) == len(header_list) - 1
+    assert all(name.startswith("ce_") for name in headers)
+    attributes = {name.removeprefix("ce_"): text for name, text in headers.items()}
+    assert {"id", "source", "specversion", "type"} <= attributes.keys()
+    assert {"correlationid", "causationid", "actor"} <= attributes.keys()
+    for name, text in attributes.items():
+        assert CLOUDEVENTS_ATTRIBUTE_NAME.fullmatch(name), name
+        assert text, f"{name} is empty"
+        assert attribute_text_problem(text) is None, name
+    assert attributes["specversion"] == "1.0"
+    assert URI_REFERENCE_PATH.fullmatch(attributes["source"])
+    assert parse_event_time(attributes["time"]) == event.time  # an RFC 3339 date-time
+    # The key is mapped from an attribute, which stays in the event (the binding's key mapping).
+    assert key == (attributes["subject"].encode() if "subject" in attributes else None)
 
 
 def test_the_legacy_cloudevents_sdk_api_reads_our_messages_too() -> None:

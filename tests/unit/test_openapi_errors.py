@@ -12,6 +12,7 @@ import httpx
 import jsonschema_rs
 import pytest
 from fastapi import FastAPI
+from openapi_spec_validator import validate as validate_openapi
 
 from libs.http import create_app
 
@@ -57,6 +58,16 @@ def conforms(doc: dict[str, Any], path: str, method: str, r: httpx.Response) -> 
     schema = documented(doc, path, method, r.status_code)
     assert schema is not None, f"{method.upper()} {path}: {r.status_code} is not documented"
     return [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(r.json())]
+
+
+@pytest.mark.parametrize("service", list(SETTINGS))
+async def test_the_openapi_document_is_valid_against_the_openapi_schema(service: str) -> None:
+    """What /openapi.json serves is a valid OpenAPI document (the official schema of its version, plus the
+    checks no schema can make: unique operation ids, path parameters that are declared), so any client
+    generator or gateway reads it."""
+    doc, _ = await answer(service, "GET", "/health/live")
+
+    validate_openapi(doc)
 
 
 @pytest.mark.parametrize("service", list(SETTINGS))
