@@ -3,6 +3,7 @@ batched latency and output sanity. CPU work on fitted models and frames; no data
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -196,27 +197,45 @@ NO_NUMBER_EXAMPLES = 3
 
 def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignature) -> None:
     """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose numeric feature holds a
-    value that reads as no number: any model would fail on it, and the failure is the holdout's, not the
-    candidate's (it failed candidate-scores). Text that reads as a number is left to the model."""
+    value that reads as no number, such as ``"abc"``, or an infinity: any model would fail on it (training
+    refuses an infinity in its rows, serving answers 422), and the failure is the holdout's, not the
+    candidate's (it failed candidate-scores). Text that reads as a finite number is left to the model."""
     for feature in signature.features:
-        if feature.type is not FeatureType.NUMERIC or pd.api.types.is_numeric_dtype(frame[feature.name]):
+        if feature.type is not FeatureType.NUMERIC:
             continue
         column = frame[feature.name]
-        bad = [v for v in column[column.notna()].tolist() if not _reads_as_number(v)]
-        if bad:
-            examples = list(dict.fromkeys(shown(v if isinstance(v, str) else repr(v)) for v in bad))
+        if pd.api.types.is_numeric_dtype(column):
+            # Integers and booleans hold no infinity: only a float column is looked at (one pass, at C speed).
+            infinite = (
+                int(np.isinf(column.to_numpy(dtype=float, na_value=np.nan)).sum())
+                if pd.api.types.is_float_dtype(column)
+                else 0
+            )
+        else:
+            read = [_as_number(v) for v in column[column.notna()].tolist()]
+            bad = [v for v, number in read if number is None]
+            if bad:
+                examples = list(dict.fromkeys(shown(v if isinstance(v, str) else repr(v)) for v in bad))
+                raise HoldoutMismatch(
+                    f"the holdout's numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that "
+                    f"are no number (of {len(column):,} rows), such as "
+                    f"{', '.join(examples[:NO_NUMBER_EXAMPLES])}"
+                )
+            infinite = sum(1 for _, number in read if number is not None and math.isinf(number))
+        if infinite:
             raise HoldoutMismatch(
-                f"the holdout's numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
-                f"no number (of {len(column):,} rows), such as {', '.join(examples[:NO_NUMBER_EXAMPLES])}"
+                f"the holdout's numeric feature {shown(feature.name)} holds an infinity in {infinite:,} "
+                f"row(s) (of {len(column):,} rows): no model takes one; replace them by a finite value or "
+                "leave them empty (missing values are imputed)"
             )
 
 
-def _reads_as_number(value: Any) -> bool:
+def _as_number(value: Any) -> tuple[Any, float | None]:
+    """The value, and the number it reads as (None: it reads as no number)."""
     try:
-        float(value)
+        return value, float(value)
     except (TypeError, ValueError, OverflowError):
-        return False
-    return True
+        return value, None
 
 
 def measure(

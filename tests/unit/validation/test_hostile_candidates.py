@@ -200,3 +200,33 @@ async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_th
         f"the holdout's numeric feature 'x1' holds 2 value(s) that are no number (of {len(holdout):,} rows), "
         "such as 'abc'"
     )
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["numbers", "text"])
+async def test_an_infinity_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_the_candidate(
+    tmp_path: Path, as_text: bool
+) -> None:
+    # No model takes an infinity (training refuses one in its rows, serving answers 422), yet a registered
+    # dataset may hold one ("inf" written out) and a lineage may name it as the holdout: the candidate's
+    # predict raised "Input X contains infinity" and candidate-scores failed, blaming the model.
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    if as_text:
+        holdout["x1"] = holdout["x1"].map(str)
+        holdout.loc[[2, 5, 9], "x1"] = ["inf", "-Infinity", "1e400"]
+    else:
+        holdout.loc[[2, 5, 9], "x1"] = [np.inf, -np.inf, np.inf]
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's numeric feature 'x1' holds an infinity in 3 row(s) (of {len(holdout):,} rows): no "
+        "model takes one; replace them by a finite value or leave them empty (missing values are imputed)"
+    )
