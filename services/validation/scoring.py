@@ -280,7 +280,14 @@ def measure(
 
     comparison: ChampionComparison | None = None
     champion_error: str | None = None
-    if champion is not None and champion_signature is not None:
+    if champion_signature is not None and champion_signature.task is not signature.task:
+        # The model's spec was put again with the other task: the champion is not even scored (rmse of a
+        # classifier raised KeyError in our own comparison, and the candidate was never judged).
+        champion_error = (
+            f"the champion is a {champion_signature.task.value} model and the candidate a "
+            f"{signature.task.value} one: no metric measures both"
+        )
+    elif champion is not None and champion_signature is not None:
         metric_name = champion_metric(spec, signature.task, n_classes)
         theirs: Outputs | None = None
         try:

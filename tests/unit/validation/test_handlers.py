@@ -543,3 +543,35 @@ async def test_stage_changes_repeated_or_unnumbered_before_numbering_keep_the_ol
     assert await gate.champions.get("churn") == 2
     [dead] = gate.bus.dead_letters
     assert "unnumbered stage change" in dead.error
+
+
+@pytest.mark.parametrize("first", ["classification", "regression"])
+async def test_a_candidate_of_another_task_than_its_champion_fails_the_comparison_saying_so(
+    gate: Gate, first: str
+) -> None:
+    # The model's spec was put again with the other task. A regressor compared with a classifier champion on
+    # rmse raised KeyError (rmse does not apply to classification) in validation's own measuring: retried,
+    # then dead-lettered as handler-failed, the candidate never judged. The other way round, the detail
+    # blamed the champion's classes ([]) rather than its task.
+    classifier = churn_spec_data(params={})
+    regressor = churn_spec_data(task="regression", estimator="linear_regression", params={})
+    regressor["validation"] = {"thresholds": {"rmse": 1.0}, "champion": {"resamples": 50}}
+    specs = [spec_from_data(classifier), spec_from_data(regressor)]
+    if first == "regression":
+        specs.reverse()
+    await gate.register(gate.train(specs[0], 1, churn_frame()))
+    await gate.promote("churn", 1)
+    await gate.register(gate.train(specs[1], 2, churn_frame(seed=1)))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.model_version == 2
+    assert failed.data.failed_checks == [c.name for c in failed.data.checks if not c.passed]
+    checks = {c.name: c for c in failed.data.checks}
+    metric = "rmse" if first == "classification" else "roc_auc"
+    other = "regression" if first == "classification" else "classification"
+    assert checks[f"challenger-vs-champion:{metric}"].detail == (
+        f"champion v1 could not be scored on the holdout: the champion is a {first} model and the candidate "
+        f"a {other} one: no metric measures both"
+    )
+    assert not checks["signature-compatible"].passed
+    assert f"task changed {first} -> {other}" in checks["signature-compatible"].detail
