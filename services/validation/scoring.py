@@ -230,6 +230,45 @@ def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignatur
             )
 
 
+LEVEL_EXAMPLES = 3
+
+
+def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSignature) -> None:
+    """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose categorical feature, which
+    the candidate learned as text, holds numbers or booleans: none of them can be one of its levels (serving
+    answers 422 wrong-type), and scikit-learn's encoder raises on them, which failed candidate-scores and
+    blamed the model for the holdout. Levels that all read as numbers are left alone: the training column may
+    have held numbers, which the signature keeps as text when they are no integers (``1.5``)."""
+    for feature in signature.features:
+        levels = feature.categories or []
+        if (
+            feature.type is not FeatureType.CATEGORICAL
+            or not levels
+            or not all(isinstance(level, str) for level in levels)
+            or all(_as_number(level)[1] is not None for level in levels)
+        ):
+            continue
+        column = frame[feature.name]
+        present = column[column.notna()]
+        if pd.api.types.is_object_dtype(present) and pd.api.types.infer_dtype(present) in ("string", "empty"):
+            continue  # the common case, every value text, told at C speed
+        if isinstance(present.dtype, pd.CategoricalDtype):
+            present = present.astype(object)
+        if pd.api.types.is_string_dtype(present) and pd.api.types.infer_dtype(present) in ("string", "empty"):
+            continue
+        bad = [v for v in present.tolist() if not isinstance(v, str)]
+        if not bad:
+            continue
+        examples = ", ".join(repr(v) for v in list(dict.fromkeys(bad))[:NO_NUMBER_EXAMPLES])
+        named = ", ".join(shown(str(level)) for level in levels[:LEVEL_EXAMPLES])
+        more = f" and {len(levels) - LEVEL_EXAMPLES:,} more" if len(levels) > LEVEL_EXAMPLES else ""
+        raise HoldoutMismatch(
+            f"the holdout's categorical feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
+            f"no text (of {len(column):,} rows), such as {examples}: the candidate learned its levels as "
+            f"text ({named}{more}), which a number or a boolean is none of; write them as text"
+        )
+
+
 def _as_number(value: Any) -> tuple[Any, float | None]:
     """The value, and the number it reads as (None: it reads as no number)."""
     try:
@@ -254,6 +293,7 @@ def measure(
     with a usable label (the others are left out of every check and counted)."""
     _inputs(holdout, signature, "candidate")
     _numeric_features_hold_numbers(holdout, signature)
+    _categorical_features_hold_levels(holdout, signature)
     try:
         classes = (
             tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)

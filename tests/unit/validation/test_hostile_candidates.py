@@ -230,3 +230,54 @@ async def test_an_infinity_in_a_holdouts_numeric_feature_fails_the_holdout_check
         f"the holdout's numeric feature 'x1' holds an infinity in 3 row(s) (of {len(holdout):,} rows): no "
         "model takes one; replace them by a finite value or leave them empty (missing values are imputed)"
     )
+
+
+@pytest.mark.parametrize("kind", ["numbers", "booleans"])
+async def test_numbers_in_a_holdouts_categorical_feature_of_text_levels_fail_the_holdout_check(
+    tmp_path: Path, kind: str
+) -> None:
+    # The candidate learned plan as text ("basic", "plus", "premium"); a number or a boolean can be none of
+    # its levels (serving answers 422 wrong-type), and scikit-learn's encoder raised on them (TypeError,
+    # or "y contains previously unseen labels"): candidate-scores failed, blaming the model for the holdout
+    # (another dataset than the training set's, say, where the plan is coded).
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    if kind == "numbers":
+        holdout["plan"] = holdout["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    else:
+        holdout["plan"] = holdout["plan"] == "basic"
+    shown = ", ".join(map(str, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's categorical feature 'plan' holds {len(holdout):,} value(s) that are no text (of "
+        f"{len(holdout):,} rows), such as {shown}: the candidate learned its levels as text ('basic', "
+        "'plus', 'premium'), which a number or a boolean is none of; write them as text"
+    )
+
+
+async def test_a_holdouts_categorical_feature_of_text_levels_may_be_a_pandas_category_or_string_column(
+    tmp_path: Path,
+) -> None:
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    holdout["plan"] = holdout["plan"].astype("category")
+    holdout["x2"] = holdout["x2"].astype("string")
+    holdout.loc[[3], "plan"] = None
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
