@@ -575,3 +575,27 @@ async def test_a_candidate_of_another_task_than_its_champion_fails_the_compariso
     )
     assert not checks["signature-compatible"].passed
     assert f"task changed {first} -> {other}" in checks["signature-compatible"].detail
+
+
+async def test_a_multiclass_candidate_whose_spec_gates_on_roc_auc_fails_the_spec_readable_check(
+    gate: Gate,
+) -> None:
+    # roc_auc is a metric of two classes. Its threshold failed saying "roc_auc is undefined on this holdout",
+    # and every slice on it passed as "reported, not judged" (one class?): the slices never gated anything,
+    # and the report blamed the holdout for what the spec asks.
+    frame = churn_frame()
+    frame["churned"] = np.where(frame["x2"] > 0.8, 2, frame["churned"])
+    data = churn_spec_data(params={})
+    data["validation"]["slices"]["metric"] = "roc_auc"
+    registered = gate.train(spec_from_data(data), 1, frame)
+    assert registered.signature.classes == [0, 1, 2]
+    await gate.register(registered)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["spec-readable"]
+    assert registered.lineage.spec is not None
+    assert failed.data.checks[0].detail == (
+        f"the model spec {registered.lineage.spec.key[:12]} cannot be used: it gates on roc_auc "
+        "(validation.thresholds.roc_auc) and roc_auc (validation.slices.metric), metrics of two classes, but "
+        "the candidate has 3 classes (0, 1, 2): gate on accuracy, f1 or log_loss"
+    )
