@@ -234,39 +234,70 @@ LEVEL_EXAMPLES = 3
 
 
 def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSignature) -> None:
-    """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose categorical feature, which
-    the candidate learned as text, holds numbers or booleans: none of them can be one of its levels (serving
-    answers 422 wrong-type), and scikit-learn's encoder raises on them, which failed candidate-scores and
-    blamed the model for the holdout. Levels that all read as numbers are left alone: the training column may
-    have held numbers, which the signature keeps as text when they are no integers (``1.5``)."""
+    """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose categorical feature holds
+    values of another type than the levels the candidate learned: numbers or booleans where it learned text,
+    text, booleans or fractions where it learned integers. None of them can be one of its levels (serving
+    answers 422 wrong-type); scikit-learn's encoder raised on numbers among text levels, which failed
+    candidate-scores and blamed the model for the holdout, and took text among integer levels for unseen
+    levels, scoring the candidate on inputs it was never given. Text levels that all read as numbers are left
+    alone: the training column may have held numbers, which the signature keeps as text when they are no
+    integers (``1.5``); so are levels of booleans or of mixed types."""
     for feature in signature.features:
         levels = feature.categories or []
-        if (
-            feature.type is not FeatureType.CATEGORICAL
-            or not levels
-            or not all(isinstance(level, str) for level in levels)
-            or all(_as_number(level)[1] is not None for level in levels)
-        ):
+        if feature.type is not FeatureType.CATEGORICAL or not levels:
+            continue
+        if all(isinstance(level, str) for level in levels):
+            if all(_as_number(level)[1] is not None for level in levels):
+                continue
+            learned, fits = "text", _is_text
+            other = "a number or a boolean"
+        elif all(isinstance(level, int) and not isinstance(level, bool) for level in levels):
+            learned, fits = "integers", _is_integer
+            other = "text, a boolean or a fraction"
+        else:
             continue
         column = frame[feature.name]
         present = column[column.notna()]
-        if pd.api.types.is_object_dtype(present) and pd.api.types.infer_dtype(present) in ("string", "empty"):
-            continue  # the common case, every value text, told at C speed
-        if isinstance(present.dtype, pd.CategoricalDtype):
-            present = present.astype(object)
-        if pd.api.types.is_string_dtype(present) and pd.api.types.infer_dtype(present) in ("string", "empty"):
-            continue
-        bad = [v for v in present.tolist() if not isinstance(v, str)]
+        if learned == "text" and _all_text(present):
+            continue  # the common case, told at C speed
+        if (
+            learned == "integers"
+            and pd.api.types.is_numeric_dtype(present)
+            and not pd.api.types.is_bool_dtype(present)
+        ):
+            if pd.api.types.is_integer_dtype(present):
+                continue
+            numbers = present.to_numpy(dtype=float)
+            if np.all(numbers == np.round(numbers)):
+                continue
+        bad = [v for v in present.tolist() if not fits(v)]
         if not bad:
             continue
         examples = ", ".join(repr(v) for v in list(dict.fromkeys(bad))[:NO_NUMBER_EXAMPLES])
-        named = ", ".join(shown(str(level)) for level in levels[:LEVEL_EXAMPLES])
+        named = ", ".join(shown(v) if isinstance(v, str) else repr(v) for v in levels[:LEVEL_EXAMPLES])
         more = f" and {len(levels) - LEVEL_EXAMPLES:,} more" if len(levels) > LEVEL_EXAMPLES else ""
+        no = "text" if learned == "text" else "integer"
         raise HoldoutMismatch(
             f"the holdout's categorical feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
-            f"no text (of {len(column):,} rows), such as {examples}: the candidate learned its levels as "
-            f"text ({named}{more}), which a number or a boolean is none of; write them as text"
+            f"no {no} (of {len(column):,} rows), such as {examples}: the candidate learned its levels as "
+            f"{learned} ({named}{more}), which {other} is none of; write them as {learned}"
         )
+
+
+def _all_text(values: pd.Series) -> bool:
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(object)
+    return pd.api.types.is_string_dtype(values) and pd.api.types.infer_dtype(values) in ("string", "empty")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
 
 
 def _as_number(value: Any) -> tuple[Any, float | None]:

@@ -281,3 +281,50 @@ async def test_a_holdouts_categorical_feature_of_text_levels_may_be_a_pandas_cat
     await gate.register(registered.model_copy(update={"lineage": lineage}))
     assert gate.bus.dead_letters == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+
+
+async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_the_holdout_check(
+    tmp_path: Path,
+) -> None:
+    # The candidate learned plan as integer codes; the holdout writes them as text ("1"), which scikit-learn's
+    # encoder took for unseen levels: the candidate was scored as if it knew no plan at all, and its metrics
+    # judged, with nothing said.
+    gate = Gate(tmp_path)
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    registered = gate.train(churn_spec(), 1, frame)
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    holdout["plan"] = holdout["plan"].map(str)
+    shown = ", ".join(map(repr, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's categorical feature 'plan' holds {len(holdout):,} value(s) that are no integer (of "
+        f"{len(holdout):,} rows), such as {shown}: the candidate learned its levels as integers (1, 2, 3), "
+        "which text, a boolean or a fraction is none of; write them as integers"
+    )
+
+
+async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    registered = gate.train(churn_spec(), 1, frame)
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    holdout["plan"] = holdout["plan"].astype(float)  # a gap makes a CSV's integer column floats
+    holdout.loc[[3, 4], "plan"] = np.nan
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    assert gate.bus.dead_letters == []
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
