@@ -6,6 +6,7 @@ which retries the event until it is judged."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contracts.models import ModelVersionRegistered
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore
 from services.validation import scoring
@@ -177,6 +179,21 @@ async def test_a_bug_comparing_with_the_champion_is_not_the_champions_fault(
     assert dead.reason == "handler-failed"
 
 
+async def register_with_holdout(
+    gate: Gate, registered: ModelVersionRegistered, change: Callable[[pd.DataFrame], None]
+) -> pd.DataFrame:
+    """Register the version with its holdout as ``change`` makes it (in place); that holdout."""
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    change(holdout)
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    return holdout
+
+
 async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_the_candidate(
     tmp_path: Path,
 ) -> None:
@@ -184,15 +201,12 @@ async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_th
     # blaming the model for the holdout's values.
     gate = Gate(tmp_path)
     registered = gate.train(churn_spec(), 1, churn_frame())
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    holdout["x1"] = holdout["x1"].map(str)
-    holdout.loc[[2, 5], "x1"] = "abc"
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["x1"] = holdout["x1"].map(str)
+        holdout.loc[[2, 5], "x1"] = "abc"
+
+    holdout = await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-matches-signature"]
@@ -211,18 +225,15 @@ async def test_an_infinity_in_a_holdouts_numeric_feature_fails_the_holdout_check
     # predict raised "Input X contains infinity" and candidate-scores failed, blaming the model.
     gate = Gate(tmp_path)
     registered = gate.train(churn_spec(), 1, churn_frame())
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    if as_text:
-        holdout["x1"] = holdout["x1"].map(str)
-        holdout.loc[[2, 5, 9], "x1"] = ["inf", "-Infinity", "1e400"]
-    else:
-        holdout.loc[[2, 5, 9], "x1"] = [np.inf, -np.inf, np.inf]
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
+
+    def change(holdout: pd.DataFrame) -> None:
+        if as_text:
+            holdout["x1"] = holdout["x1"].map(str)
+            holdout.loc[[2, 5, 9], "x1"] = ["inf", "-Infinity", "1e400"]
+        else:
+            holdout.loc[[2, 5, 9], "x1"] = [np.inf, -np.inf, np.inf]
+
+    holdout = await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-matches-signature"]
@@ -242,18 +253,15 @@ async def test_numbers_in_a_holdouts_categorical_feature_of_text_levels_fail_the
     # (another dataset than the training set's, say, where the plan is coded).
     gate = Gate(tmp_path)
     registered = gate.train(churn_spec(), 1, churn_frame())
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    if kind == "numbers":
-        holdout["plan"] = holdout["plan"].map({"basic": 1, "plus": 2, "premium": 3})
-    else:
-        holdout["plan"] = holdout["plan"] == "basic"
+
+    def change(holdout: pd.DataFrame) -> None:
+        if kind == "numbers":
+            holdout["plan"] = holdout["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+        else:
+            holdout["plan"] = holdout["plan"] == "basic"
+
+    holdout = await register_with_holdout(gate, registered, change)
     shown = ", ".join(map(str, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
     assert gate.bus.dead_letters == []
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-matches-signature"]
@@ -269,16 +277,13 @@ async def test_a_holdouts_categorical_feature_of_text_levels_may_be_a_pandas_cat
 ) -> None:
     gate = Gate(tmp_path)
     registered = gate.train(churn_spec(), 1, churn_frame())
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    holdout["plan"] = holdout["plan"].astype("category")
-    holdout["x2"] = holdout["x2"].astype("string")
-    holdout.loc[[3], "plan"] = None
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].astype("category")
+        holdout["x2"] = holdout["x2"].astype("string")
+        holdout.loc[[3], "plan"] = None
+
+    await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
 
@@ -293,15 +298,12 @@ async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_th
     frame = churn_frame()
     frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
     registered = gate.train(churn_spec(), 1, frame)
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    holdout["plan"] = holdout["plan"].map(str)
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].map(str)
+
+    holdout = await register_with_holdout(gate, registered, change)
     shown = ", ".join(map(repr, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
     assert gate.bus.dead_letters == []
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-matches-signature"]
@@ -317,14 +319,11 @@ async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tm
     frame = churn_frame()
     frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
     registered = gate.train(churn_spec(), 1, frame)
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    holdout["plan"] = holdout["plan"].astype(float)  # a gap makes a CSV's integer column floats
-    holdout.loc[[3, 4], "plan"] = np.nan
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].astype(float)  # a gap makes a CSV's integer column floats
+        holdout.loc[[3, 4], "plan"] = np.nan
+
+    await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
