@@ -97,6 +97,11 @@ class Outputs:
     def rows(self) -> int:
         return int(self.y.shape[0])
 
+    def of_rows(self, rows: np.ndarray) -> Outputs:
+        """The outputs of the rows at the indices ``rows`` only (a slice of the holdout)."""
+        proba = self.proba[rows] if self.proba is not None else None
+        return Outputs(self.task, self.y[rows], self.pred[rows], proba, self.classes)
+
 
 def encode_labels(values: Sequence[Any] | np.ndarray, classes: Sequence[Any]) -> np.ndarray:
     """Class indices of labels; -1 for labels that are not among ``classes``."""
