@@ -238,7 +238,9 @@ def _f1(outputs: Outputs, w: np.ndarray) -> np.ndarray:
         scores.append(np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0))
         present.append(denom > 0)
     if k == 2:
-        return scores[0]
+        # No positive row and none predicted: undefined, as macro F1 leaves such a class out (0.0 failed a
+        # slice the model got entirely right).
+        return np.where(present[0], scores[0], np.nan)
     stacked, mask = np.vstack(scores), np.vstack(present)
     counted = mask.sum(axis=0)
     return np.where(counted > 0, (stacked * mask).sum(axis=0) / np.maximum(counted, 1), np.nan)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
 from libs.metrics import Outputs
-from libs.modelspec import build_pipeline, spec_from_data
+from libs.modelspec import SliceRule, ValidationSpec, build_pipeline, spec_from_data
 from services.training.worker import signature
 from services.validation import scoring
+from services.validation.domain import slice_checks
 from services.validation.scoring import measure
 from tests.unit.training.data import churn_frame, churn_spec_data
 
@@ -82,3 +85,38 @@ def test_slices_of_a_regressor_and_of_missing_levels_are_measured_on_their_rows(
         expected = mean_squared_error(holdout["churned"].to_numpy()[rows], pred[rows]) ** 0.5
         assert s.value == pytest.approx(expected, rel=1e-12)
         assert s.rows == rows.sum()
+
+
+class Perfect:
+    """A classifier that is right on every row of ``perfect_holdout``."""
+
+    classes_ = np.array([0, 1])
+
+    def predict_proba(self, frame: Any) -> Any:
+        p = np.where((frame["x0"] > 0) & (frame["plan"] != "premium"), 0.9, 0.1)
+        return np.column_stack([1 - p, p])
+
+
+def test_a_slice_without_a_positive_row_where_none_is_predicted_is_reported_not_failed_on_f1() -> None:
+    # F1 of the positive class is undefined on rows that have none and where the model predicts none (macro
+    # F1 leaves such a class out): it came out 0.0, and a slice the model got entirely right failed its
+    # min_value, rejecting the candidate.
+    rng = np.random.default_rng(4)
+    holdout = pd.DataFrame({"x0": rng.normal(0, 1, 400), "plan": rng.choice(["basic", "premium"], 400)})
+    holdout["churned"] = ((holdout["x0"] > 0) & (holdout["plan"] != "premium")).astype("int64")
+    sig = ModelSignature(
+        features=[
+            FeatureSpec(name="x0", type=FeatureType.NUMERIC),
+            FeatureSpec(name="plan", type=FeatureType.CATEGORICAL, categories=["basic", "premium"]),
+        ],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+    spec = ValidationSpec(slices=SliceRule(feature="plan", metric="f1", min_value=0.6, min_rows=10))
+    measured = measure(spec, candidate=Perfect(), signature=sig, holdout=holdout, latency_repeats=1)
+    checks = {c.name: c for c in slice_checks(spec, measured)}
+    assert checks["slice:plan=basic:f1"].value == 1.0 and checks["slice:plan=basic:f1"].passed
+    premium = checks["slice:plan=premium:f1"]
+    assert premium.passed and premium.value is None
+    assert premium.detail.startswith("reported, not judged: f1 is undefined on these")
