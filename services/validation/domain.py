@@ -109,7 +109,7 @@ def gates_of_another_task(
             "model: its lineage names the spec of another model"
         )
     n = len(classes) if task is Task.CLASSIFICATION and classes else None
-    binary = [(where, name) for where, name in named if METRICS[name].binary_only and n not in (None, 2)]
+    binary = [(where, name) for where, name in named if METRICS[name].binary_only and n is not None and n > 2]
     if not binary:
         return None
     gates = " and ".join(f"{name} ({where})" for where, name in binary)
