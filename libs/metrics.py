@@ -97,6 +97,11 @@ class Outputs:
     def rows(self) -> int:
         return int(self.y.shape[0])
 
+    def of_rows(self, rows: np.ndarray) -> Outputs:
+        """The outputs of the rows at the indices ``rows`` only (a slice of the holdout)."""
+        proba = self.proba[rows] if self.proba is not None else None
+        return Outputs(self.task, self.y[rows], self.pred[rows], proba, self.classes)
+
 
 def encode_labels(values: Sequence[Any] | np.ndarray, classes: Sequence[Any]) -> np.ndarray:
     """Class indices of labels; -1 for labels that are not among ``classes``."""
@@ -233,7 +238,9 @@ def _f1(outputs: Outputs, w: np.ndarray) -> np.ndarray:
         scores.append(np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0))
         present.append(denom > 0)
     if k == 2:
-        return scores[0]
+        # No positive row and none predicted: undefined, as macro F1 leaves such a class out (0.0 failed a
+        # slice the model got entirely right).
+        return np.where(present[0], scores[0], np.nan)
     stacked, mask = np.vstack(scores), np.vstack(present)
     counted = mask.sum(axis=0)
     return np.where(counted > 0, (stacked * mask).sum(axis=0) / np.maximum(counted, 1), np.nan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -20,7 +21,7 @@ from contracts.validation import (
     ValidationFailed,
     ValidationPassed,
 )
-from libs.metrics import METRICS, primary_metric
+from libs.metrics import METRICS, metrics_for, primary_metric
 from libs.modelspec import ValidationSpec
 
 NO_CHAMPION = "no champion"
@@ -82,9 +83,17 @@ def champion_unknown(version: int) -> str:
     )
 
 
-def gates_of_another_task(spec: ValidationSpec, task: Task) -> str | None:
-    """Why the spec's gates cannot judge a model of ``task``, or None: they name metrics of the other task
-    (the candidate's lineage names another model's spec; a spec is checked against its own task only)."""
+CLASSES_NAMED = 5
+"""Classes a message names; it counts them all."""
+
+
+def gates_of_another_task(
+    spec: ValidationSpec, task: Task, classes: Sequence[object] | None = None
+) -> str | None:
+    """Why the spec's gates cannot judge a model of ``task`` (of ``classes``), or None: they name metrics of
+    the other task (the candidate's lineage names another model's spec; a spec is checked against its own
+    task only), or metrics of two classes for a candidate of more (the spec cannot know how many classes the
+    data will have)."""
     rule = spec.slices
     named = [
         *((f"validation.thresholds.{m}", m) for m in spec.thresholds),
@@ -92,13 +101,25 @@ def gates_of_another_task(spec: ValidationSpec, task: Task) -> str | None:
         *([("validation.slices.metric", rule.metric)] if rule is not None and rule.metric else []),
     ]
     foreign = [(where, name) for where, name in named if METRICS[name].task is not task]
-    if not foreign:
+    if foreign:
+        tasks = sorted({METRICS[name].task.value for _, name in foreign})
+        gates = " and ".join(f"{name} ({where})" for where, name in foreign)
+        return (
+            f"it gates on {gates}, metrics of {' and '.join(tasks)}, but the candidate is a {task.value} "
+            "model: its lineage names the spec of another model"
+        )
+    n = len(classes) if task is Task.CLASSIFICATION and classes else None
+    binary = [(where, name) for where, name in named if METRICS[name].binary_only and n is not None and n > 2]
+    if not binary:
         return None
-    tasks = sorted({METRICS[name].task.value for _, name in foreign})
-    gates = " and ".join(f"{name} ({where})" for where, name in foreign)
+    gates = " and ".join(f"{name} ({where})" for where, name in binary)
+    assert classes is not None
+    shown_classes = ", ".join(str(c)[:40] for c in classes[:CLASSES_NAMED])
+    more = f" and {len(classes) - CLASSES_NAMED:,} more" if len(classes) > CLASSES_NAMED else ""
+    *others, last = metrics_for(task, n)
     return (
-        f"it gates on {gates}, metrics of {' and '.join(tasks)}, but the candidate is a {task.value} model: "
-        "its lineage names the spec of another model"
+        f"it gates on {gates}, metrics of two classes, but the candidate has {n:,} classes "
+        f"({shown_classes}{more}): gate on {', '.join(others)} or {last}"
     )
 
 

@@ -107,7 +107,7 @@ async def validate(
     checks: list[CheckResult]
     try:
         spec = await evaluator.validation_spec(d.lineage.spec) if d.lineage.spec else ValidationSpec()
-        if d.lineage.spec and (problem := gates_of_another_task(spec, d.signature.task)):
+        if d.lineage.spec and (problem := gates_of_another_task(spec, d.signature.task, d.signature.classes)):
             raise EvaluationError(
                 "spec-readable", f"the model spec {d.lineage.spec.key[:12]} cannot be used: {problem}"
             )

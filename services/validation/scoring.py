@@ -3,6 +3,7 @@ batched latency and output sanity. CPU work on fitted models and frames; no data
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -196,27 +197,115 @@ NO_NUMBER_EXAMPLES = 3
 
 def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignature) -> None:
     """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose numeric feature holds a
-    value that reads as no number: any model would fail on it, and the failure is the holdout's, not the
-    candidate's (it failed candidate-scores). Text that reads as a number is left to the model."""
+    value that reads as no number, such as ``"abc"``, or an infinity: any model would fail on it (training
+    refuses an infinity in its rows, serving answers 422), and the failure is the holdout's, not the
+    candidate's (it failed candidate-scores). Text that reads as a finite number is left to the model."""
     for feature in signature.features:
-        if feature.type is not FeatureType.NUMERIC or pd.api.types.is_numeric_dtype(frame[feature.name]):
+        if feature.type is not FeatureType.NUMERIC:
             continue
         column = frame[feature.name]
-        bad = [v for v in column[column.notna()].tolist() if not _reads_as_number(v)]
-        if bad:
-            examples = list(dict.fromkeys(shown(v if isinstance(v, str) else repr(v)) for v in bad))
+        if pd.api.types.is_numeric_dtype(column):
+            # Integers and booleans hold no infinity: only a float column is looked at (one pass, at C speed).
+            infinite = (
+                int(np.isinf(column.to_numpy(dtype=float, na_value=np.nan)).sum())
+                if pd.api.types.is_float_dtype(column)
+                else 0
+            )
+        else:
+            read = [_as_number(v) for v in column[column.notna()].tolist()]
+            bad = [v for v, number in read if number is None]
+            if bad:
+                examples = list(dict.fromkeys(shown(v if isinstance(v, str) else repr(v)) for v in bad))
+                raise HoldoutMismatch(
+                    f"the holdout's numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that "
+                    f"are no number (of {len(column):,} rows), such as "
+                    f"{', '.join(examples[:NO_NUMBER_EXAMPLES])}"
+                )
+            infinite = sum(1 for _, number in read if number is not None and math.isinf(number))
+        if infinite:
             raise HoldoutMismatch(
-                f"the holdout's numeric feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
-                f"no number (of {len(column):,} rows), such as {', '.join(examples[:NO_NUMBER_EXAMPLES])}"
+                f"the holdout's numeric feature {shown(feature.name)} holds an infinity in {infinite:,} "
+                f"row(s) (of {len(column):,} rows): no model takes one; replace them by a finite value or "
+                "leave them empty (missing values are imputed)"
             )
 
 
-def _reads_as_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError, OverflowError):
+LEVEL_EXAMPLES = 3
+
+
+def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSignature) -> None:
+    """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose categorical feature holds
+    values of another type than the levels the candidate learned: numbers or booleans where it learned text,
+    text, booleans or fractions where it learned integers. None of them can be one of its levels (serving
+    answers 422 wrong-type); scikit-learn's encoder raised on numbers among text levels, which failed
+    candidate-scores and blamed the model for the holdout, and took text among integer levels for unseen
+    levels, scoring the candidate on inputs it was never given. Text levels that all read as numbers are left
+    alone: the training column may have held numbers, which the signature keeps as text when they are no
+    integers (``1.5``); so are levels of booleans or of mixed types."""
+    for feature in signature.features:
+        levels = feature.categories or []
+        if feature.type is not FeatureType.CATEGORICAL or not levels:
+            continue
+        if all(isinstance(level, str) for level in levels):
+            if all(_as_number(level)[1] is not None for level in levels):
+                continue
+            learned, fits = "text", _is_text
+            other = "a number or a boolean"
+        elif all(isinstance(level, int) and not isinstance(level, bool) for level in levels):
+            learned, fits = "integers", _is_integer
+            other = "text, a boolean or a fraction"
+        else:
+            continue
+        column = frame[feature.name]
+        present = column[column.notna()]
+        if learned == "text" and _all_text(present):
+            continue  # the common case, told at C speed
+        if (
+            learned == "integers"
+            and pd.api.types.is_numeric_dtype(present)
+            and not pd.api.types.is_bool_dtype(present)
+        ):
+            if pd.api.types.is_integer_dtype(present):
+                continue
+            numbers = present.to_numpy(dtype=float)
+            if np.all(numbers == np.round(numbers)):
+                continue
+        bad = [v for v in present.tolist() if not fits(v)]
+        if not bad:
+            continue
+        examples = ", ".join(repr(v) for v in list(dict.fromkeys(bad))[:NO_NUMBER_EXAMPLES])
+        named = ", ".join(shown(v) if isinstance(v, str) else repr(v) for v in levels[:LEVEL_EXAMPLES])
+        more = f" and {len(levels) - LEVEL_EXAMPLES:,} more" if len(levels) > LEVEL_EXAMPLES else ""
+        no = "text" if learned == "text" else "integer"
+        raise HoldoutMismatch(
+            f"the holdout's categorical feature {shown(feature.name)} holds {len(bad):,} value(s) that are "
+            f"no {no} (of {len(column):,} rows), such as {examples}: the candidate learned its levels as "
+            f"{learned} ({named}{more}), which {other} is none of; write them as {learned}"
+        )
+
+
+def _all_text(values: pd.Series) -> bool:
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(object)
+    return pd.api.types.is_string_dtype(values) and pd.api.types.infer_dtype(values) in ("string", "empty")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
         return False
-    return True
+    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+
+
+def _as_number(value: Any) -> tuple[Any, float | None]:
+    """The value, and the number it reads as (None: it reads as no number)."""
+    try:
+        return value, float(value)
+    except (TypeError, ValueError, OverflowError):
+        return value, None
 
 
 def measure(
@@ -235,6 +324,7 @@ def measure(
     with a usable label (the others are left out of every check and counted)."""
     _inputs(holdout, signature, "candidate")
     _numeric_features_hold_numbers(holdout, signature)
+    _categorical_features_hold_levels(holdout, signature)
     try:
         classes = (
             tuple(c.item() if isinstance(c, np.generic) else c for c in candidate.classes_)
@@ -261,7 +351,14 @@ def measure(
 
     comparison: ChampionComparison | None = None
     champion_error: str | None = None
-    if champion is not None and champion_signature is not None:
+    if champion_signature is not None and champion_signature.task is not signature.task:
+        # The model's spec was put again with the other task: the champion is not even scored (rmse of a
+        # classifier raised KeyError in our own comparison, and the candidate was never judged).
+        champion_error = (
+            f"the champion is a {champion_signature.task.value} model and the candidate a "
+            f"{signature.task.value} one: no metric measures both"
+        )
+    elif champion is not None and champion_signature is not None:
         metric_name = champion_metric(spec, signature.task, n_classes)
         theirs: Outputs | None = None
         try:
@@ -294,10 +391,17 @@ def measure(
     if feature is not None and feature in holdout.columns:
         slice_name = slice_metric(spec, signature.task, n_classes)
         levels = holdout[feature].astype(object).where(holdout[feature].notna(), MISSING_LEVEL).astype(str)
-        for level in sorted(levels.unique()):
-            mask = (levels == level).to_numpy()
+        # Each level measured on its own rows only: a metric over every row with the others masked out was
+        # rows x levels of work (hours for millions of rows of thousands of stores).
+        codes, names = pd.factorize(levels, sort=True)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        for code, level in enumerate(names):
+            rows = order[bounds[code] : bounds[code + 1]]
             slices.append(
-                SliceMeasure(level=level, rows=int(mask.sum()), value=metric(outputs, slice_name, mask))
+                SliceMeasure(
+                    level=str(level), rows=int(rows.size), value=metric(outputs.of_rows(rows), slice_name)
+                )
             )
 
     try:

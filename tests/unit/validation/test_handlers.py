@@ -543,3 +543,59 @@ async def test_stage_changes_repeated_or_unnumbered_before_numbering_keep_the_ol
     assert await gate.champions.get("churn") == 2
     [dead] = gate.bus.dead_letters
     assert "unnumbered stage change" in dead.error
+
+
+@pytest.mark.parametrize("first", ["classification", "regression"])
+async def test_a_candidate_of_another_task_than_its_champion_fails_the_comparison_saying_so(
+    gate: Gate, first: str
+) -> None:
+    # The model's spec was put again with the other task. A regressor compared with a classifier champion on
+    # rmse raised KeyError (rmse does not apply to classification) in validation's own measuring: retried,
+    # then dead-lettered as handler-failed, the candidate never judged. The other way round, the detail
+    # blamed the champion's classes ([]) rather than its task.
+    classifier = churn_spec_data(params={})
+    regressor = churn_spec_data(task="regression", estimator="linear_regression", params={})
+    regressor["validation"] = {"thresholds": {"rmse": 1.0}, "champion": {"resamples": 50}}
+    specs = [spec_from_data(classifier), spec_from_data(regressor)]
+    if first == "regression":
+        specs.reverse()
+    await gate.register(gate.train(specs[0], 1, churn_frame()))
+    await gate.promote("churn", 1)
+    await gate.register(gate.train(specs[1], 2, churn_frame(seed=1)))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.model_version == 2
+    assert failed.data.failed_checks == [c.name for c in failed.data.checks if not c.passed]
+    checks = {c.name: c for c in failed.data.checks}
+    metric = "rmse" if first == "classification" else "roc_auc"
+    other = "regression" if first == "classification" else "classification"
+    assert checks[f"challenger-vs-champion:{metric}"].detail == (
+        f"champion v1 could not be scored on the holdout: the champion is a {first} model and the candidate "
+        f"a {other} one: no metric measures both"
+    )
+    assert not checks["signature-compatible"].passed
+    assert f"task changed {first} -> {other}" in checks["signature-compatible"].detail
+
+
+async def test_a_multiclass_candidate_whose_spec_gates_on_roc_auc_fails_the_spec_readable_check(
+    gate: Gate,
+) -> None:
+    # roc_auc is a metric of two classes. Its threshold failed saying "roc_auc is undefined on this holdout",
+    # and every slice on it passed as "reported, not judged" (one class?): the slices never gated anything,
+    # and the report blamed the holdout for what the spec asks.
+    frame = churn_frame()
+    frame["churned"] = np.where(frame["x2"] > 0.8, 2, frame["churned"])
+    data = churn_spec_data(params={})
+    data["validation"]["slices"]["metric"] = "roc_auc"
+    registered = gate.train(spec_from_data(data), 1, frame)
+    assert registered.signature.classes == [0, 1, 2]
+    await gate.register(registered)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["spec-readable"]
+    assert registered.lineage.spec is not None
+    assert failed.data.checks[0].detail == (
+        f"the model spec {registered.lineage.spec.key[:12]} cannot be used: it gates on roc_auc "
+        "(validation.thresholds.roc_auc) and roc_auc (validation.slices.metric), metrics of two classes, but "
+        "the candidate has 3 classes (0, 1, 2): gate on accuracy, f1 or log_loss"
+    )

@@ -6,6 +6,7 @@ which retries the event until it is judged."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contracts.models import ModelVersionRegistered
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore
 from services.validation import scoring
@@ -177,6 +179,21 @@ async def test_a_bug_comparing_with_the_champion_is_not_the_champions_fault(
     assert dead.reason == "handler-failed"
 
 
+async def register_with_holdout(
+    gate: Gate, registered: ModelVersionRegistered, change: Callable[[pd.DataFrame], None]
+) -> pd.DataFrame:
+    """Register the version with its holdout as ``change`` makes it (in place); that holdout."""
+    assert registered.lineage.holdout is not None
+    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
+    change(holdout)
+    key = put_frame(gate.store, holdout).key
+    lineage = registered.lineage.model_copy(
+        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
+    )
+    await gate.register(registered.model_copy(update={"lineage": lineage}))
+    return holdout
+
+
 async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_the_candidate(
     tmp_path: Path,
 ) -> None:
@@ -184,15 +201,12 @@ async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_th
     # blaming the model for the holdout's values.
     gate = Gate(tmp_path)
     registered = gate.train(churn_spec(), 1, churn_frame())
-    assert registered.lineage.holdout is not None
-    holdout = pd.read_parquet(io.BytesIO(gate.store.get(registered.lineage.holdout.sha256)))
-    holdout["x1"] = holdout["x1"].map(str)
-    holdout.loc[[2, 5], "x1"] = "abc"
-    key = put_frame(gate.store, holdout).key
-    lineage = registered.lineage.model_copy(
-        update={"holdout": registered.lineage.holdout.model_copy(update={"sha256": key})}
-    )
-    await gate.register(registered.model_copy(update={"lineage": lineage}))
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["x1"] = holdout["x1"].map(str)
+        holdout.loc[[2, 5], "x1"] = "abc"
+
+    holdout = await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-matches-signature"]
@@ -200,3 +214,116 @@ async def test_text_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_th
         f"the holdout's numeric feature 'x1' holds 2 value(s) that are no number (of {len(holdout):,} rows), "
         "such as 'abc'"
     )
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["numbers", "text"])
+async def test_an_infinity_in_a_holdouts_numeric_feature_fails_the_holdout_check_not_the_candidate(
+    tmp_path: Path, as_text: bool
+) -> None:
+    # No model takes an infinity (training refuses one in its rows, serving answers 422), yet a registered
+    # dataset may hold one ("inf" written out) and a lineage may name it as the holdout: the candidate's
+    # predict raised "Input X contains infinity" and candidate-scores failed, blaming the model.
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+
+    def change(holdout: pd.DataFrame) -> None:
+        if as_text:
+            holdout["x1"] = holdout["x1"].map(str)
+            holdout.loc[[2, 5, 9], "x1"] = ["inf", "-Infinity", "1e400"]
+        else:
+            holdout.loc[[2, 5, 9], "x1"] = [np.inf, -np.inf, np.inf]
+
+    holdout = await register_with_holdout(gate, registered, change)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's numeric feature 'x1' holds an infinity in 3 row(s) (of {len(holdout):,} rows): no "
+        "model takes one; replace them by a finite value or leave them empty (missing values are imputed)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["numbers", "booleans"])
+async def test_numbers_in_a_holdouts_categorical_feature_of_text_levels_fail_the_holdout_check(
+    tmp_path: Path, kind: str
+) -> None:
+    # The candidate learned plan as text ("basic", "plus", "premium"); a number or a boolean can be none of
+    # its levels (serving answers 422 wrong-type), and scikit-learn's encoder raised on them (TypeError,
+    # or "y contains previously unseen labels"): candidate-scores failed, blaming the model for the holdout
+    # (another dataset than the training set's, say, where the plan is coded).
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+
+    def change(holdout: pd.DataFrame) -> None:
+        if kind == "numbers":
+            holdout["plan"] = holdout["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+        else:
+            holdout["plan"] = holdout["plan"] == "basic"
+
+    holdout = await register_with_holdout(gate, registered, change)
+    shown = ", ".join(map(str, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's categorical feature 'plan' holds {len(holdout):,} value(s) that are no text (of "
+        f"{len(holdout):,} rows), such as {shown}: the candidate learned its levels as text ('basic', "
+        "'plus', 'premium'), which a number or a boolean is none of; write them as text"
+    )
+
+
+async def test_a_holdouts_categorical_feature_of_text_levels_may_be_a_pandas_category_or_string_column(
+    tmp_path: Path,
+) -> None:
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].astype("category")
+        holdout["x2"] = holdout["x2"].astype("string")
+        holdout.loc[[3], "plan"] = None
+
+    await register_with_holdout(gate, registered, change)
+    assert gate.bus.dead_letters == []
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+
+
+async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_the_holdout_check(
+    tmp_path: Path,
+) -> None:
+    # The candidate learned plan as integer codes; the holdout writes them as text ("1"), which scikit-learn's
+    # encoder took for unseen levels: the candidate was scored as if it knew no plan at all, and its metrics
+    # judged, with nothing said.
+    gate = Gate(tmp_path)
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    registered = gate.train(churn_spec(), 1, frame)
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].map(str)
+
+    holdout = await register_with_holdout(gate, registered, change)
+    shown = ", ".join(map(repr, list(dict.fromkeys(holdout["plan"].tolist()))[:3]))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's categorical feature 'plan' holds {len(holdout):,} value(s) that are no integer (of "
+        f"{len(holdout):,} rows), such as {shown}: the candidate learned its levels as integers (1, 2, 3), "
+        "which text, a boolean or a fraction is none of; write them as integers"
+    )
+
+
+async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    registered = gate.train(churn_spec(), 1, frame)
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].astype(float)  # a gap makes a CSV's integer column floats
+        holdout.loc[[3, 4], "plan"] = np.nan
+
+    await register_with_holdout(gate, registered, change)
+    assert gate.bus.dead_letters == []
+    assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
