@@ -29,13 +29,23 @@ from tests.unit.monitoring.test_finished_rollouts import PROMOTED, ROLLED_BACK, 
 
 # Step 2 of rollout r-1 (steps 0.1, 0.5, 1.0): serving advanced twice before monitoring saw it start.
 ADVANCED_TWICE = ADVANCED.model_copy(update={"step_index": 2, "previous_weight": 0.5, "weight": 1.0})
-NOW = time.time()  # monitoring's clock, by the events' (new_event dates them now)
+NOW = time.time()
+"""Monitoring's clock in a test: the time the test began (:func:`_now`), as ``handle``'s events are dated
+when they are made (new_event). Taken once at import, it fell behind them by however long the suite ran
+before the test, and past ``max_clock_skew_seconds`` the events were dated ahead of the clock."""
 WAIT = 86_400.0  # the settings' default rollout_start_wait_seconds
 
 
-def monitor_at(now: float = NOW) -> Monitor:
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    global NOW
+    NOW = time.time()
+
+
+def monitor_at(now: float | None = None) -> Monitor:
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
-    monitor.clock = lambda: now
+    at = NOW if now is None else now
+    monitor.clock = lambda: at
     return monitor
 
 
