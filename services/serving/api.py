@@ -51,12 +51,14 @@ from services.serving.domain import (
     ModelRoute,
     answering_variants,
     check_entity_keys,
+    check_parameters,
     columns_from_records,
     columns_from_tensors,
     json_kind,
     parse_json,
     parse_prediction_id,
     read_json,
+    refuse_unknown_members,
     tensor_rows,
     tensors_from_json,
 )
@@ -289,13 +291,9 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise InvalidInput("the request must be a JSON object with 'inputs'", reason="wrong-type")
-    _refuse_unknown_members(body, _INFER_MEMBERS)
+    refuse_unknown_members(body, _INFER_MEMBERS)
     request_id = _text_member(body.get("id"), "id")
-    params = body.get("parameters")
-    if params is None:
-        params = {}
-    elif not isinstance(params, dict):
-        raise InvalidInput(f"parameters must be an object, not {json_kind(params)}", reason="wrong-type")
+    params = check_parameters(body.get("parameters"), "parameters")
     key = _text_member(params.get("entity_key"), "parameters.entity_key")
     tensors = tensors_from_json(body.get("inputs"))
     rows = tensor_rows(tensors)
@@ -318,17 +316,6 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
 
 _INFER_MEMBERS = frozenset({"id", "parameters", "inputs", "outputs"})
 """What an Open Inference Protocol inference request holds (its JSON form; the binary extension aside)."""
-
-
-def _refuse_unknown_members(
-    body: dict[str, Any], allowed: frozenset[str], where: str = "the request body"
-) -> None:
-    if len(body) > len(allowed) or not body.keys() <= allowed:
-        unknown = sorted(body.keys() - allowed)
-        raise InvalidInput(
-            f"unknown member {unknown[0]!r} in {where} (it may hold {', '.join(sorted(allowed))})",
-            reason="unknown",
-        )
 
 
 def _text_member(value: Any, where: str) -> str | None:
@@ -365,19 +352,13 @@ def _requested_outputs(outputs: Any) -> set[str]:
             raise InvalidInput(
                 f"outputs[{i}] must be an object with a name, not {json_kind(output)}", reason="wrong-type"
             )
-        _refuse_unknown_members(output, _OUTPUT_MEMBERS, f"outputs[{i}]")
-        params = output.get("parameters")
-        if params is not None:
-            if not isinstance(params, dict):
-                raise InvalidInput(
-                    f"outputs[{i}].parameters must be an object, not {json_kind(params)}", reason="wrong-type"
-                )
-            if "classification" in params:
-                raise InvalidInput(
-                    f"outputs[{i}].parameters.classification: the classification extension is not "
-                    "supported; ask for predict_proba (its classes are the answer's parameters.classes)",
-                    reason="unsupported",
-                )
+        refuse_unknown_members(output, _OUTPUT_MEMBERS, f"outputs[{i}]")
+        if "classification" in check_parameters(output.get("parameters"), f"outputs[{i}].parameters"):
+            raise InvalidInput(
+                f"outputs[{i}].parameters.classification: the classification extension is not "
+                "supported; ask for predict_proba (its classes are the answer's parameters.classes)",
+                reason="unsupported",
+            )
         name = output.get("name")
         if name is None:
             raise InvalidInput(f"outputs[{i}] has no name (predict or predict_proba)", reason="missing")
@@ -492,7 +473,7 @@ async def predict(name: str, request: Request) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("records"), list):
         raise InvalidInput("the request must be a JSON object with a 'records' list", reason="wrong-type")
     if len(body) > 1:
-        _refuse_unknown_members(body, _PREDICT_MEMBERS)
+        refuse_unknown_members(body, _PREDICT_MEMBERS)
     records: list[Any] = body["records"]
     keys = body.get("entity_keys")
     if keys is None:

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 import orjson
 
@@ -701,6 +702,52 @@ def _bad_tensor(name: str, reason: str, message: str, row: int | None = None) ->
     return InvalidInput(f"input tensor {name!r}{where}: {message}", feature=name, reason=reason, row=row)
 
 
+def refuse_unknown_members(
+    body: Mapping[str, Any], allowed: frozenset[str], where: str = "the request body", **extra: Any
+) -> None:
+    """422 naming the first member of a JSON object that ``allowed`` does not hold (reason ``unknown``): a
+    misspelt member is refused, never ignored."""
+    if len(body) > len(allowed) or not body.keys() <= allowed:
+        unknown = sorted(body.keys() - allowed)
+        raise InvalidInput(
+            f"unknown member {shown(unknown[0])} in {where} (it may hold {', '.join(sorted(allowed))})",
+            reason="unknown",
+            **extra,
+        )
+
+
+_PARAMETER_TYPES = frozenset({str, int, float, bool, type(None)})
+_NO_PARAMETERS: Mapping[str, Any] = MappingProxyType({})
+
+
+def plain_parameters(parameters: Any) -> bool:
+    """Whether ``parameters`` is an object of strings, numbers, booleans and nulls: :func:`check_parameters`'s
+    test, with no message built (callers on a per-tensor path ask this first)."""
+    return type(parameters) is dict and _PARAMETER_TYPES.issuperset(map(type, parameters.values()))
+
+
+def check_parameters(parameters: Any, where: str, **extra: Any) -> Mapping[str, Any]:
+    """An Open Inference Protocol ``parameters`` member (of the request, a tensor or a requested output): an
+    object whose values are strings, numbers or booleans, as the protocol has them (its gRPC form holds
+    nothing else); null, the member's or a value's, is absent, as elsewhere in a request. 422 naming the
+    parameter otherwise (``where`` says whose they are)."""
+    if parameters is None:
+        return _NO_PARAMETERS
+    if plain_parameters(parameters):
+        return cast(dict[str, Any], parameters)
+    if type(parameters) is not dict:
+        raise InvalidInput(
+            f"{where} must be an object, not {json_kind(parameters)}", reason="wrong-type", **extra
+        )
+    key, value = next((k, v) for k, v in parameters.items() if type(v) not in _PARAMETER_TYPES)
+    named = f"{where}.{key}" if key.isidentifier() and len(key) <= 40 else f"{where}[{shown(key)}]"
+    raise InvalidInput(
+        f"{named} must be a string, a number or a boolean, not {json_kind(value)}",
+        reason="wrong-type",
+        **extra,
+    )
+
+
 def json_kind(value: Any) -> str:
     """What a JSON value is, for messages: a string with its start, anything else by kind only (a list or an
     object could be megabytes, or nested too deeply to print)."""
@@ -1066,9 +1113,13 @@ def _unfit(datatype: str, v: Any) -> tuple[str, str] | None:
     return None
 
 
+_TENSOR_MEMBERS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+"""What an Open Inference Protocol input tensor holds (its JSON form)."""
+
+
 def tensors_from_json(inputs: Any) -> list[Tensor]:
-    """The request's ``inputs`` -> tensors, refusing malformed ones with 422 (the shape, the nesting of the
-    data), and a tensor given twice."""
+    """The request's ``inputs`` -> tensors, refusing malformed ones with 422 (a member the protocol does not
+    name, the shape, the nesting of the data, the parameters), and a tensor given twice."""
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("inputs must be a non-empty list of tensors", reason="wrong-type")
     tensors = []
@@ -1082,6 +1133,8 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
         if name in names:
             raise InvalidInput(f"input tensor {name!r} is given twice", feature=name, reason="duplicate")
         names.add(name)
+        if not t.keys() <= _TENSOR_MEMBERS:  # messages are built only for a refusal: this runs per tensor
+            refuse_unknown_members(t, _TENSOR_MEMBERS, f"input tensor {name!r}", feature=name)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _bad_tensor(name, "wrong-shape", "shape must be a list of non-negative integers")
         if not isinstance(datatype, str):
@@ -1093,10 +1146,8 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
                 name, "wrong-type", "has no JSON data (the binary tensor extension is not supported)"
             )
         parameters = t.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _bad_tensor(
-                name, "wrong-type", f"parameters must be an object, not {json_kind(parameters)}"
-            )
+        if parameters is not None and not plain_parameters(parameters):
+            check_parameters(parameters, f"input tensor {name!r}: parameters", feature=name)
         tensors.append(Tensor(name, shape, datatype, _tensor_values(name, t["data"], shape)))
     return tensors
 

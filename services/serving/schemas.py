@@ -68,8 +68,15 @@ Datatype = Literal[
 ]
 
 
+Parameters = dict[str, str | int | float | bool | None]
+"""The protocol's ``$parameters``: values are strings, numbers or booleans (null: absent); an object or a list
+is refused with 422 naming the parameter."""
+
+
 class InferInput(BaseModel):
     """One input tensor: one feature, one value per row."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Feature name.")
     shape: list[int] = Field(description="[rows] or [rows, 1].")
@@ -77,14 +84,14 @@ class InferInput(BaseModel):
     data: list[Any] = Field(
         description="The values, flat or nested exactly as the shape; each must fit the datatype."
     )
-    parameters: dict[str, Any] | None = None
+    parameters: Parameters | None = Field(default=None, description="Taken and ignored.")
 
 
 class RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["predict", "predict_proba"]
-    parameters: dict[str, Any] | None = Field(
+    parameters: Parameters | None = Field(
         default=None,
         description="`binary_data` is taken and answered with JSON data; `classification` (that extension) "
         "is refused with 422.",
@@ -97,7 +104,7 @@ class InferBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(default=None, description="Echoed in the answer.")
-    parameters: dict[str, Any] | None = Field(
+    parameters: Parameters | None = Field(
         default=None, description="`entity_key`: route the whole request as this entity (sticky canary)."
     )
     inputs: list[InferInput] = Field(description="One tensor per feature of the model's signature.")

@@ -922,6 +922,116 @@ async def test_a_binary_output_request_is_answered_with_json_tensors(service: Se
     assert (await service.client.get("/v2")).json()["extensions"] == []
 
 
+def with_tensor(**changes: Any) -> dict[str, Any]:
+    """oip() whose first input tensor (tenure_months) has ``changes``."""
+    body = oip()
+    body["inputs"][0].update(changes)
+    return body
+
+
+async def test_an_input_tensor_member_the_protocol_does_not_name_is_a_422_naming_it(service: Service) -> None:
+    # The protocol's input tensor holds name, shape, datatype, parameters and data, as the request body holds
+    # id, parameters, inputs and outputs: a misspelt member ("paramters") is refused, never ignored.
+    for member in ("bogus", "paramters", "contents"):
+        body = with_tensor(**{member: 1})
+        r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith(f"unknown member {member!r} in input tensor 'tenure_months'"), (
+            r.text
+        )
+        assert (r.json()["reason"], r.json()["feature"]) == ("unknown", "tenure_months")
+        with pytest.raises(ValueError, match=member):  # and the OpenAPI document says so
+            schemas.InferBody.model_validate(body)
+    assert service.log.items == []
+
+
+NESTED = [{"a": 1}, [1, 2], []]
+
+
+@pytest.mark.parametrize("value", NESTED, ids=["object", "list", "empty-list"])
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("request", "parameters.sequence_id must be a string, a number or a boolean, not a"),
+        (
+            "tensor",
+            "input tensor 'tenure_months': parameters.sequence_id must be a string, a number or a boolean",
+        ),
+        ("output", "outputs[0].parameters.sequence_id must be a string, a number or a boolean, not a"),
+    ],
+)
+async def test_a_parameter_that_is_not_a_string_number_or_boolean_is_a_422_naming_it(
+    service: Service, value: Any, where: str, message: str
+) -> None:
+    # The protocol's parameter values are strings, numbers and booleans (its gRPC form has nothing else).
+    parameters = {"binary_data": False, "sequence_id": value}
+    body = {
+        "request": oip(parameters=parameters),
+        "tensor": with_tensor(parameters=parameters),
+        "output": oip(outputs=[{"name": "predict", "parameters": parameters}]),
+    }[where]
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"] and r.json()["reason"] == "wrong-type", r.text
+    with pytest.raises(ValueError, match="sequence_id"):
+        schemas.InferBody.model_validate(body)
+    assert service.log.items == []
+
+
+async def test_a_parameter_with_an_unusual_name_is_named_quoted_and_cut(service: Service) -> None:
+    for parameters, message in (
+        ({"ok": 1, "a b": {}, "x" * 100: []}, "parameters['a b'] must be a string"),
+        ({"x" * 100: []}, f"parameters[{'x' * 40!r}… (100 characters)] must be a string"),
+    ):
+        r = await service.client.post(
+            "/v2/models/churn/infer", json=oip(parameters=parameters), headers=PREDICT
+        )
+        assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
+async def test_parameters_of_strings_numbers_booleans_and_null_are_taken(service: Service) -> None:
+    # What clients send (tritonclient: binary_data_output, priority, timeout, sequence_*, binary_data_size,
+    # binary_data) and any other scalar: taken and, but for entity_key, ignored; null is absent, as elsewhere.
+    scalars = {"s": "x", "i": 7, "f": 0.5, "t": True, "n": None, "binary_data_size": 8}
+    body = oip(
+        parameters={**scalars, "entity_key": None, "binary_data_output": True, "priority": 1, "timeout": 100},
+        outputs=[{"name": "predict", "parameters": {**scalars, "binary_data": True}}],
+    )
+    body["inputs"][0]["parameters"] = scalars
+    schemas.InferBody.model_validate(body)
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 200, r.text
+
+
+async def test_tritonclient_request_bodies_are_taken(service: Service) -> None:
+    # The members and parameters tritonclient writes (its own request builder: JSON tensors, binary or JSON
+    # outputs, a sequence, a priority, a timeout, custom parameters) are all ones the route takes.
+    triton = pytest.importorskip("tritonclient.http")
+    inputs = []
+    for name, data, datatype in (
+        ("tenure_months", np.array([3.0, 4.0]), "FP64"),
+        ("monthly_charges", np.array([50.0, 60.0]), "FP64"),
+        ("plan", np.array([b"basic", b"plus"], dtype=np.object_), "BYTES"),
+    ):
+        tensor = triton.InferInput(name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data, binary_data=False)
+        inputs.append(tensor)
+    asked: list[dict[str, Any]] = [
+        {},
+        {"outputs": [triton.InferRequestedOutput("predict", binary_data=False)]},
+        {"outputs": [triton.InferRequestedOutput("predict_proba", binary_data=True)], "request_id": "r-1"},
+        {"sequence_id": "s-1", "sequence_start": True, "priority": 2, "timeout": 1_000},
+        {"parameters": {"entity_key": "customer-7", "note": "x", "ratio": 0.5, "flag": False}},
+    ]
+    for options in asked:
+        raw, header_size = triton.InferenceServerClient.generate_request_body(inputs, **options)
+        assert header_size is None  # JSON tensors only: no binary part
+        schemas.InferBody.model_validate_json(raw)
+        r = await service.client.post("/v2/models/churn/infer", content=raw, headers=PREDICT)
+        assert r.status_code == 200, (options, r.text)
+        schemas.InferAnswer.model_validate(r.json())
+
+
 async def test_oip_answers_carry_the_request_id_as_sent(service: Service) -> None:
     r = await service.client.post("/v2/models/churn/infer", json=oip(id="", parameters=None), headers=PREDICT)
     assert r.status_code == 200 and r.json()["id"] == ""
