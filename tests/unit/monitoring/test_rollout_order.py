@@ -23,7 +23,7 @@ from libs.bus import InMemoryBus, PermanentError
 from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap, handlers
 from services.monitoring.bootstrap import make_monitor, subscriptions
-from services.monitoring.domain import canary_ready, from_epoch
+from services.monitoring.domain import canary_ready, canary_timed_out, from_epoch
 from services.monitoring.handlers import Monitor, Tally
 from services.monitoring.ports import ReplayReport, StoredStep
 from services.monitoring.settings import MonitoringSettings
@@ -281,6 +281,21 @@ async def test_the_canarys_traffic_while_its_step_is_kept_counts_toward_the_step
     # min_samples (100) in, and the bake time (2 s) passed since monitoring handled the step's event.
     assert canary_ready(step, NOW + 30.0) == "judge"
     assert monitor.live.kept == {}
+
+
+async def test_a_step_kept_past_the_canary_timeout_without_its_samples_times_out_at_the_start() -> None:
+    # As it would have had its events come in order: the timeout runs from when monitoring handled the step's
+    # event, and the canary had all that time to reach min_samples.
+    monitor, store = with_canary(monitor_at()), RolloutSteps()
+    await handle(ADVANCED, monitor, store)
+    monitor.live.ingest(canary_traffic(50, at=NOW + 1.0), arrival=NOW + 5.0)
+    timeout = monitor.canary.timeout_seconds
+    monitor.clock = lambda: NOW + timeout + 1.0
+    await handle(STARTED, monitor, store)
+    step = monitor.live.steps["r-1"]
+    assert step.canary.rows == 50 < step.min_samples
+    assert canary_timed_out(step, NOW + timeout + 1.0, monitor.canary)
+    assert not canary_timed_out(step, NOW + timeout - 1.0, monitor.canary)
 
 
 async def test_only_the_highest_step_kept_collects_and_a_rolled_back_transaction_collects_nothing() -> None:
