@@ -15,8 +15,9 @@ from libs.http import InDigits
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
-from services.monitoring.domain import DriftPolicy
+from services.monitoring.domain import DriftPolicy, from_epoch
 from services.monitoring.handlers import Monitor
+from services.monitoring.ports import EarlyStep
 
 router = APIRouter(prefix="/v1", tags=["monitoring"])
 
@@ -102,6 +103,8 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         outside = await store.labels_outside_classes()
         alerts = await store.recent_alerts(200)
         steps = await store.watched_steps()
+        kept = await store.kept_steps()
+        given_up = await store.given_up_steps()
         latest: dict[str, dict[str, Any]] = {}
         for model in sorted({m for m, _ in live.references}):
             reports = await store.latest_reports(model, 1)
@@ -152,7 +155,45 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         "windows_waiting_for_judgement": len(live.closed),
         "cached_predictions": live.cache.rows,
         "labels_waiting_for_prediction": len(live.pending_labels),
+        "rollout_steps_kept": [_kept_public(s, monitor) for s in kept],
+        "rollout_steps_given_up": [_given_up_public(s) for s in given_up],
         "replay": monitor.replay.public() if monitor.replay is not None else None,
+    }
+
+
+def _early_public(step: EarlyStep) -> dict[str, Any]:
+    """What ``/v1/status`` shows of any step whose event came before its rollout's start."""
+    return {
+        "rollout_id": step.rollout_id,
+        "model": step.model,
+        "step_index": step.step_index,
+        "stable_version": step.stable_version,
+        "canary_version": step.canary_version,
+        "kept_at": from_epoch(step.received_at).isoformat(),
+    }
+
+
+def _kept_public(step: EarlyStep, monitor: Monitor) -> dict[str, Any]:
+    """A step kept for its rollout's start: also its own start, when it is given up if the start does not
+    come, and the traffic collected for it so far (the rollout's highest kept step only; 0 for the others)."""
+    collector = monitor.live.kept.get(step.rollout_id)
+    if collector is not None and collector.step_index != step.step_index:
+        collector = None
+    return {
+        **_early_public(step),
+        "started_at": from_epoch(step.started_at).isoformat(),
+        "expires_at": from_epoch(step.received_at + monitor.rollout_start_wait_seconds).isoformat(),
+        "canary_samples": collector.canary.rows if collector is not None else 0,
+        "stable_samples": collector.stable.rows if collector is not None else 0,
+    }
+
+
+def _given_up_public(step: EarlyStep) -> dict[str, Any]:
+    """A rollout's highest step given up for want of its start: also when it was given up."""
+    given_up = step.given_up_at
+    return {
+        **_early_public(step),
+        "given_up_at": from_epoch(given_up).isoformat() if given_up is not None else None,
     }
 
 

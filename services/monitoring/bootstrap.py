@@ -120,7 +120,8 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
 
 
 async def restore(rt: Runtime, monitor: Monitor) -> None:
-    """Load models, policies, watched rollout steps and waiting labels from Postgres."""
+    """Load models, policies, watched rollout steps (and those kept for their start) and waiting labels from
+    Postgres."""
     async with rt.begin() as tx:
         store = PgMonitoringStore(tx.conn)
         models = await store.models()
@@ -134,6 +135,9 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         await handlers.refresh_policies(monitor=monitor, store=store)
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
+        # Before the replay, which collects their traffic from their own start, as memory did before the stop.
+        for early in await store.kept_steps():
+            monitor.live.keep(handlers.kept_step(early))
         monitor.live.pending_labels = await store.pending_labels()
         # Labels joined within the label wait: predictions of their id and model consumed from now on (or
         # replayed, and not joined before the stop) are joined with them too.

@@ -909,11 +909,32 @@ async def on_rollout_started(
         )
         return
     early = await store.take_early_steps(p.rollout_id)
+    given_up = await store.take_given_up(p.rollout_id)
     later = [e for e in early if e.step_index > p.step_index]
-    if later:
+    kept = later[-1] if later else None
+    collected = False
+    if given_up is not None and given_up.step_index > max(p.step_index, kept.step_index if kept else -1):
+        # Its kept step was given up (rollout_start_wait_seconds passed) and nothing higher came since:
+        # serving is on that step or past it, and the start's own step would get a verdict serving ignores as
+        # stale. Its traffic before now was not collected, so its time range runs from now.
+        step = _started_after_given_up(given_up, p, now=monitor.clock())
+        tally.add(STEPS_STARTED_AFTER_GIVEN_UP, p.model)
+        log.warning(
+            "rollout started after its step was given up: watching that step from now on",
+            rollout_id=p.rollout_id,
+            model=p.model,
+            step=step.step_index,
+            start_step=p.step_index,
+            given_up_seconds_ago=round(monitor.clock() - (given_up.given_up_at or monitor.clock()), 1),
+            event_id=event.id,
+            hint="the start came after rollout_start_wait_seconds; the step's traffic before the start is "
+            "not counted toward it; driftloop_monitoring_rollout_steps_started_after_given_up_total counts "
+            "such starts",
+        )
+    elif kept is not None:
         # Serving is on that step already: watching the start's step would give a verdict serving ignores as
         # stale, and the step it is on would never get one.
-        step = _started_late(later[-1], p, learned_at=monitor.clock())
+        step, collected = _started_late(kept, p), True
         log.warning(
             "rollout started after its step's event: watching the step serving is on",
             rollout_id=p.rollout_id,
@@ -924,18 +945,19 @@ async def on_rollout_started(
             event_id=event.id,
         )
     else:
-        if early:
+        if early or given_up is not None:
             log.warning(
                 "rollout step kept for its start is on the start's step or before it: ignored",
                 rollout_id=p.rollout_id,
                 model=p.model,
                 steps_kept=[e.step_index for e in early],
+                step_given_up=given_up.step_index if given_up is not None else None,
                 start_step=p.step_index,
                 event_id=event.id,
             )
         step = _step_in_force(event, p.min_samples, p.bake_seconds, monitor=monitor, tally=tally)
     await store.save_step(step)
-    _watch_once_committed(step, monitor, tally)
+    _watch_once_committed(step, monitor, tally, collected=collected)
 
 
 def _step_in_force(
@@ -964,9 +986,10 @@ def _step_in_force(
     )
 
 
-def _started_late(early: EarlyStep, started: RolloutStarted, *, learned_at: float) -> StoredStep:
-    """The step kept for its start, watched with the start's sample and bake requirements. Its bake time and
-    timeout run from when the start came (``learned_at``): its traffic is counted from then on."""
+def _started_late(early: EarlyStep, started: RolloutStarted) -> StoredStep:
+    """The step kept for its start, watched with the start's sample and bake requirements. Its traffic was
+    collected while it was kept (from its own start, as any step's), and its bake time and timeout run from
+    when monitoring handled its event, as any step's do."""
     return StoredStep(
         rollout_id=early.rollout_id,
         step_index=early.step_index,
@@ -979,8 +1002,18 @@ def _started_late(early: EarlyStep, started: RolloutStarted, *, learned_at: floa
         cause_id=early.cause_id,
         correlation_id=early.correlation_id,
         actor=early.actor,
-        learned_at=learned_at,
+        learned_at=early.received_at,
     )
+
+
+def _started_after_given_up(given_up: EarlyStep, started: RolloutStarted, *, now: float) -> StoredStep:
+    """A step given up for want of its start, watched once the start came after all: its traffic was not
+    collected once it was given up (memory and a restart's replay would count it differently), so its time
+    range, bake time and timeout all run from ``now``."""
+    step = _started_late(given_up, started)
+    step.started_at = max(given_up.started_at, now)
+    step.learned_at = now
+    return step
 
 
 async def on_rollout_step_advanced(
@@ -1032,6 +1065,9 @@ async def _keep_for_start(
         received_at=monitor.clock(),
     )
     kept = await store.keep_early_step(early)
+    if kept:
+        collector = kept_step(early)
+        tally.then(lambda: monitor.live.keep(collector))
     log.warning(
         "rollout step came before its start: kept until the RolloutStarted comes"
         if kept
@@ -1044,11 +1080,40 @@ async def _keep_for_start(
     )
 
 
-def _watch_once_committed(step: StoredStep, monitor: Monitor, tally: Tally) -> None:
+def _watch_once_committed(
+    step: StoredStep, monitor: Monitor, tally: Tally, *, collected: bool = False
+) -> None:
     """Watch the step (superseding the rollout's step in memory) once the transaction that stored it commits:
-    a transaction rolled back leaves memory watching what Postgres still has."""
+    a transaction rolled back leaves memory watching what Postgres still has. A rollout's step kept for its
+    start stops being collected; ``collected``: the step watched is that one, and takes the traffic collected
+    for it."""
     watcher = canary_step(step)
-    tally.then(lambda: monitor.live.watch(watcher))
+
+    def watch() -> None:
+        kept = monitor.live.take_kept(step.rollout_id)
+        if collected and kept is not None and kept.step_index == watcher.step_index:
+            watcher.canary, watcher.stable = kept.canary, kept.stable
+            watcher.first_offsets = kept.first_offsets
+        monitor.live.watch(watcher)
+
+    tally.then(watch)
+
+
+def kept_step(early: EarlyStep) -> CanaryStep:
+    """The in-memory collector of a step kept for its rollout's start: its traffic counts from its own start,
+    as a watched step's does, and goes to the step the start watches. Never judged: the start brings the
+    sample and bake requirements (zero until then)."""
+    return CanaryStep(
+        rollout_id=early.rollout_id,
+        model=early.model,
+        stable_version=early.stable_version,
+        canary_version=early.canary_version,
+        step_index=early.step_index,
+        started_at=early.started_at,
+        min_samples=0,
+        bake_seconds=0.0,
+        learned_at=early.received_at,
+    )
 
 
 def _step_start(
@@ -1090,6 +1155,15 @@ STEPS_NEVER_WATCHED = Counter(
     ["model", "reason"],
 )
 
+STEPS_STARTED_AFTER_GIVEN_UP = Counter(
+    "driftloop_monitoring_rollout_steps_started_after_given_up_total",
+    "RolloutStarted events that came after the rollout's step kept for them was given up (past "
+    "rollout_start_wait_seconds, counted in driftloop_monitoring_rollout_steps_never_watched_total): the "
+    "start watches that step (serving is on it or past it), its traffic counted from when the start came; "
+    "logged as a warning.",
+    ["model"],
+)
+
 
 async def on_rollout_finished(
     event: CloudEvent[RolloutPromoted | RolloutRolledBack],
@@ -1103,6 +1177,7 @@ async def on_rollout_finished(
     rollout_id = event.data.rollout_id
     outcome = PROMOTED if isinstance(event.data, RolloutPromoted) else ROLLED_BACK
     await store.finish_rollout(rollout_id, outcome)
+    await store.take_given_up(rollout_id)
     dropped = await store.take_early_steps(rollout_id)
     for early in dropped:
         tally.add(STEPS_NEVER_WATCHED, early.model, "rollout-ended")
@@ -1114,7 +1189,12 @@ async def on_rollout_finished(
             outcome=outcome,
             steps=[e.step_index for e in dropped],
         )
-    tally.then(lambda: monitor.live.unwatch(rollout_id))
+
+    def forget() -> None:
+        monitor.live.unwatch(rollout_id)
+        monitor.live.take_kept(rollout_id)
+
+    tally.then(forget)
 
 
 def _report_never_started(expired: list[EarlyStep], monitor: Monitor, tally: Tally) -> None:
@@ -1126,7 +1206,7 @@ def _report_never_started(expired: list[EarlyStep], monitor: Monitor, tally: Tal
         for early in expired:
             log.error(
                 "rollout step dropped: its RolloutStarted never came, the step is not watched and gets no "
-                "verdict",
+                "verdict unless the start still comes (it is watched from then on)",
                 rollout_id=early.rollout_id,
                 model=early.model,
                 step=early.step_index,
@@ -1135,8 +1215,12 @@ def _report_never_started(expired: list[EarlyStep], monitor: Monitor, tally: Tal
                 kept_seconds=round(monitor.clock() - early.received_at, 1),
                 rollout_start_wait_seconds=monitor.rollout_start_wait_seconds,
                 hint="serving's rollout waits for a verdict: roll it back or promote it by hand; "
-                "driftloop_monitoring_rollout_steps_never_watched_total counts such steps",
+                "driftloop_monitoring_rollout_steps_never_watched_total counts such steps, GET /v1/status "
+                "lists them (rollout_steps_given_up)",
             )
+
+        for early in expired:
+            monitor.live.take_kept(early.rollout_id, early.step_index)
 
     if expired:
         tally.then(report)
@@ -1390,6 +1474,8 @@ async def housekeeping(
     live.forget_joined(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
     never_started = await store.expire_early_steps(now - monitor.rollout_start_wait_seconds)
+    if never_started:
+        await store.remember_given_up(never_started, now)
     _report_never_started(never_started, monitor, tally)
     await store.save_replay_offsets(monitor.predictions_topic, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)

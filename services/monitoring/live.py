@@ -11,7 +11,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -222,6 +222,10 @@ class LiveState:
         self.window_starts: dict[ModelKey, dict[int, int]] = {}
         self.closed: deque[ClosedWindow] = deque()
         self.steps: dict[str, CanaryStep] = {}
+        # Per rollout, the highest step kept for its RolloutStarted (its step event came first): its traffic
+        # is collected as a watched step's is, and handed to the step the start watches. Not collected, the
+        # canary's predictions in between counted toward no step until a restart's replay counted them.
+        self.kept: dict[str, CanaryStep] = {}
         self.unknown: Counter[ModelKey] = Counter()
         self._unknown_models_logged: set[str] = set()
         self.next_offsets: dict[int, int] = {}
@@ -493,8 +497,21 @@ class LiveState:
         if step is not None and (step_index is None or step.step_index == step_index):
             del self.steps[rollout_id]
 
+    def keep(self, step: CanaryStep) -> None:
+        """Collect the traffic of a step kept for its rollout's start (the rollout's highest kept step)."""
+        kept = self.kept.get(step.rollout_id)
+        if kept is None or kept.step_index < step.step_index:
+            self.kept[step.rollout_id] = step
+
+    def take_kept(self, rollout_id: str, step_index: int | None = None) -> CanaryStep | None:
+        """Stop collecting the rollout's kept step (or only step ``step_index``); returns it if it was."""
+        kept = self.kept.get(rollout_id)
+        if kept is None or (step_index is not None and kept.step_index != step_index):
+            return None
+        return self.kept.pop(rollout_id)
+
     def _to_steps(self, batch: RowBatch) -> None:
-        for step in self.steps.values():
+        for step in chain(self.steps.values(), self.kept.values()):
             if step.model != batch.model:
                 continue
             variants = batch.variant
@@ -534,7 +551,7 @@ class LiveState:
             hold(win.first_offsets)
         for closed in self.closed:
             hold(closed.first_offsets)
-        for step in self.steps.values():
+        for step in chain(self.steps.values(), self.kept.values()):
             hold(step.first_offsets)
         hold(self.cache.first_offsets())
         return holds

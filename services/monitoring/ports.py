@@ -132,6 +132,9 @@ class EarlyStep:
     actor: str | None
     received_at: float
     """When monitoring handled the step's event, on its own clock (how long it waited is timed from it)."""
+    given_up_at: float | None = None
+    """When the step was given up because the start did not come in time (``given_up_steps``); None while
+    kept."""
 
 
 @dataclass
@@ -300,6 +303,23 @@ class MonitoringStore(Protocol):
     async def expire_early_steps(self, received_before: float) -> list[EarlyStep]:
         """Give up on the steps kept for their start since before a time (epoch seconds): remove and return
         them."""
+        ...
+
+    async def kept_steps(self) -> list[EarlyStep]:
+        """Every step kept for its rollout's start, by rollout and step."""
+        ...
+
+    async def remember_given_up(self, steps: list[EarlyStep], given_up_at: float) -> None:
+        """Remember, per rollout, the highest of these steps given up for want of their start (a tombstone
+        that a higher step given up later replaces)."""
+        ...
+
+    async def take_given_up(self, rollout_id: str) -> EarlyStep | None:
+        """Remove and return the rollout's step given up for want of its start; None when there is none."""
+        ...
+
+    async def given_up_steps(self) -> list[EarlyStep]:
+        """Every rollout's step given up for want of its start, by rollout."""
         ...
 
     async def finish_rollout(self, rollout_id: str, outcome: str) -> None:

@@ -165,9 +165,10 @@ class MonitoringSettings(ServiceSettings):
         86_400.0,
         gt=0,
         description="A RolloutStepAdvanced that comes before its rollout's RolloutStarted (events out of "
-        "order) is kept this long for the start, which then watches the highest step kept; past it the "
-        "step is dropped, logged as an error and counted "
-        "(driftloop_monitoring_rollout_steps_never_watched_total).",
+        "order) is kept this long for the start, which then watches the highest step kept (its canary's "
+        "traffic collected meanwhile); past it the step is given up, logged as an error and counted "
+        "(driftloop_monitoring_rollout_steps_never_watched_total), and a start that still comes watches it "
+        "from then on.",
     )
 
     # --- plumbing -----------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ def _early_steps(rows: list[asyncpg.Record]) -> list[EarlyStep]:
             correlation_id=r["correlation_id"],
             actor=r["actor"],
             received_at=r["received_at"],
+            given_up_at=r.get("given_up_at"),
         )
         for r in rows
     ]
@@ -500,6 +501,49 @@ class PgMonitoringStore:
             "DELETE FROM early_steps WHERE received_at < $1 RETURNING *", received_before
         )
         return sorted(_early_steps(rows), key=lambda s: (s.received_at, s.rollout_id, s.step_index))
+
+    async def kept_steps(self) -> list[EarlyStep]:
+        rows = await self.conn.fetch("SELECT * FROM early_steps ORDER BY rollout_id, step_index")
+        return _early_steps(rows)
+
+    async def remember_given_up(self, steps: list[EarlyStep], given_up_at: float) -> None:
+        await self.conn.executemany(
+            """INSERT INTO given_up_steps (rollout_id, step_index, model, stable_version, canary_version,
+                   started_at, cause_id, correlation_id, actor, received_at, given_up_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+               ON CONFLICT (rollout_id) DO UPDATE SET
+                   step_index = excluded.step_index, model = excluded.model,
+                   stable_version = excluded.stable_version, canary_version = excluded.canary_version,
+                   started_at = excluded.started_at, cause_id = excluded.cause_id,
+                   correlation_id = excluded.correlation_id, actor = excluded.actor,
+                   received_at = excluded.received_at, given_up_at = excluded.given_up_at
+               WHERE excluded.step_index > given_up_steps.step_index""",
+            [
+                (
+                    s.rollout_id,
+                    s.step_index,
+                    s.model,
+                    s.stable_version,
+                    s.canary_version,
+                    s.started_at,
+                    s.cause_id,
+                    s.correlation_id,
+                    s.actor,
+                    s.received_at,
+                    given_up_at,
+                )
+                for s in steps
+            ],
+        )
+
+    async def take_given_up(self, rollout_id: str) -> EarlyStep | None:
+        rows = await self.conn.fetch(
+            "DELETE FROM given_up_steps WHERE rollout_id = $1 RETURNING *", rollout_id
+        )
+        return next(iter(_early_steps(rows)), None)
+
+    async def given_up_steps(self) -> list[EarlyStep]:
+        return _early_steps(await self.conn.fetch("SELECT * FROM given_up_steps ORDER BY rollout_id"))
 
     async def finish_rollout(self, rollout_id: str, outcome: str) -> None:
         await self.conn.execute(

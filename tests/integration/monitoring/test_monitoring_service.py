@@ -4,6 +4,7 @@ Postgres store on its own, for values only a real database refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -46,10 +48,13 @@ from libs.artifacts import ArtifactStore
 from libs.bus import PermanentError
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
+from libs.http import create_app
 from libs.profiles import build_profile
 from libs.settings import KafkaSettings
+from services.monitoring import api
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
+from services.monitoring.domain import from_epoch
 from services.monitoring.handlers import (
     Tally,
     housekeeping,
@@ -1238,3 +1243,92 @@ async def test_a_step_whose_start_never_comes_leaves_postgres_after_the_wait(poo
             store = PgMonitoringStore(conn)
             await housekeeping(at, monitor=monitor, store=store, tally=Tally())
             assert [r["rollout_id"] for r in await conn.fetch("SELECT rollout_id FROM early_steps")] == left
+
+
+async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_the_status_shows_both(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # Step 2 of r-late given up (its start did not come within the wait), step 1 of r-kept kept: the status
+    # lists both, with when they were kept and when the kept one is given up; before, neither was on it. The
+    # start of r-late, later still, watches step 2 from then on; before, it watched its own step 0.
+    started = EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": "r-late"})
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-late"})
+    assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
+    twice = advanced.model_copy(
+        update={"step_index": 2, "previous_weight": started.steps[1], "weight": started.steps[2]}
+    )
+    kept = advanced.model_copy(update={"rollout_id": "r-kept"})
+    settings = MonitoringSettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
+    monitor = make_monitor(settings, artifacts=None, source="/test/monitoring")
+    now = datetime.now(UTC).timestamp()
+    wait = monitor.rollout_start_wait_seconds
+    monitor.clock = lambda: now
+    for payload in (advanced, twice):
+        async with pool.acquire() as conn, conn.transaction():
+            await on_rollout_step_advanced(
+                new_event(payload, source="/serving"),
+                monitor=monitor,
+                store=PgMonitoringStore(conn),
+                tally=Tally(),
+            )
+    async with pool.acquire() as conn, conn.transaction():
+        await housekeeping(now + wait + 1, monitor=monitor, store=PgMonitoringStore(conn), tally=Tally())
+    monitor.clock = lambda: now + wait + 2
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await on_rollout_step_advanced(
+            new_event(kept, source="/serving"), monitor=monitor, store=store, tally=Tally()
+        )
+        # A lower step given up later does not replace the higher one remembered.
+        [lower] = [s for s in await store.kept_steps() if s.rollout_id == "r-kept"]
+        await store.remember_given_up([dataclasses.replace(lower, rollout_id="r-late")], now)
+
+    app = create_app(settings, title="monitoring", description="", routers=[api.router])
+    app.state.runtime, app.state.monitor = SimpleNamespace(pool=pool), monitor
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://monitoring", headers={"Authorization": "Bearer dev-viewer"}
+    ) as client:
+        r = await client.get("/v1/status")
+    assert r.status_code == 200, r.text
+    status = r.json()
+    assert status["rollout_steps_kept"] == [
+        {
+            "rollout_id": "r-kept",
+            "model": kept.model,
+            "step_index": 1,
+            "stable_version": kept.stable_version,
+            "canary_version": kept.canary_version,
+            "started_at": status["rollout_steps_kept"][0]["started_at"],
+            "kept_at": from_epoch(now + wait + 2).isoformat(),
+            "expires_at": from_epoch(now + 2 * wait + 2).isoformat(),
+            "canary_samples": 0,
+            "stable_samples": 0,
+        }
+    ]
+    assert status["rollout_steps_given_up"] == [
+        {
+            "rollout_id": "r-late",
+            "model": twice.model,
+            "step_index": 2,
+            "stable_version": twice.stable_version,
+            "canary_version": twice.canary_version,
+            "kept_at": from_epoch(now).isoformat(),
+            "given_up_at": from_epoch(now + wait + 1).isoformat(),
+        }
+    ]
+
+    late = now + wait + 60
+    monitor.clock = lambda: late
+    tally = Tally()
+    async with pool.acquire() as conn, conn.transaction():
+        await on_rollout_started(
+            new_event(started, source="/serving"), monitor=monitor, store=PgMonitoringStore(conn), tally=tally
+        )
+    tally.count()
+    async with pool.acquire() as conn:
+        store = PgMonitoringStore(conn)
+        watched = [s for s in await store.watched_steps() if s.rollout_id == "r-late"]
+        assert [(s.step_index, s.started_at, s.learned_at) for s in watched] == [(2, late, late)]
+        assert await store.given_up_steps() == []
+    assert monitor.live.steps["r-late"].step_index == 2

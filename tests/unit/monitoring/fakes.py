@@ -28,3 +28,9 @@ class NoPolicies:
 
     async def expire_early_steps(self, received_before: float) -> list[Any]:
         return []
+
+    async def kept_steps(self) -> list[Any]:
+        return []
+
+    async def take_given_up(self, rollout_id: str) -> Any:
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ class RolloutSteps:
     state: dict[tuple[str, int], str] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
     early: dict[tuple[str, int], EarlyStep] = field(default_factory=dict)
+    given_up: dict[str, EarlyStep] = field(default_factory=dict)
 
     async def save_step(self, step: StoredStep) -> None:
         key = (step.rollout_id, step.step_index)
@@ -78,6 +80,21 @@ class RolloutSteps:
     async def expire_early_steps(self, received_before: float) -> list[EarlyStep]:
         old = sorted(k for k, s in self.early.items() if s.received_at < received_before)
         return [self.early.pop(k) for k in old]
+
+    async def kept_steps(self) -> list[EarlyStep]:
+        return [self.early[k] for k in sorted(self.early)]
+
+    async def remember_given_up(self, steps: list[EarlyStep], given_up_at: float) -> None:
+        for step in steps:
+            known = self.given_up.get(step.rollout_id)
+            if known is None or known.step_index < step.step_index:
+                self.given_up[step.rollout_id] = dataclasses.replace(step, given_up_at=given_up_at)
+
+    async def take_given_up(self, rollout_id: str) -> EarlyStep | None:
+        return self.given_up.pop(rollout_id, None)
+
+    async def given_up_steps(self) -> list[EarlyStep]:
+        return [self.given_up[k] for k in sorted(self.given_up)]
 
     def watching(self) -> list[tuple[str, int]]:
         return [key for key, state in self.state.items() if state == "watching"]

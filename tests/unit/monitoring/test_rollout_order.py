@@ -1,13 +1,14 @@
 """Events of one rollout out of order (another partition, a redelivery, a replica catching up): a step whose
-RolloutStepAdvanced comes before the rollout's RolloutStarted is kept for it, and the start watches the
-step serving is on. And the rollout handlers change memory only once their transaction commits."""
+RolloutStepAdvanced comes before the rollout's RolloutStarted is kept for it (its canary's traffic collected
+meanwhile), and the start watches the step serving is on, even after the kept step was given up. And the
+rollout handlers change memory only once their transaction commits."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,15 +17,19 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from contracts.envelope import new_event
+from contracts.predictions import Variant
 from contracts.registry import EVENT_TYPES
 from libs.bus import InMemoryBus, PermanentError
 from libs.bus.memory import MemoryTransaction
 from services.monitoring import bootstrap, handlers
 from services.monitoring.bootstrap import make_monitor, subscriptions
+from services.monitoring.domain import canary_ready, canary_timed_out, from_epoch
 from services.monitoring.handlers import Monitor, Tally
+from services.monitoring.ports import ReplayReport, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.fakes import NoPolicies
-from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED
+from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED, RestoreRuntime
+from tests.unit.monitoring.test_domain import reference, requests
 from tests.unit.monitoring.test_finished_rollouts import PROMOTED, ROLLED_BACK, RolloutSteps, handle
 
 # Step 2 of rollout r-1 (steps 0.1, 0.5, 1.0): serving advanced twice before monitoring saw it start.
@@ -74,9 +79,10 @@ async def test_a_step_that_comes_before_its_start_is_watched_once_the_start_come
     assert store.watching() == [("r-1", 1)] and store.early == {}
     step = monitor.live.steps["r-1"]
     assert step.step_index == 1
-    # The start's sample and bake requirements; the bake and timeout from when the start came.
+    # The start's sample and bake requirements; the bake and timeout from when monitoring handled the step's
+    # own event, as any step's (its traffic since is collected while it is kept).
     assert (step.min_samples, step.bake_seconds) == (STARTED.min_samples, STARTED.bake_seconds)
-    assert step.learned_at == NOW + 30.0
+    assert step.learned_at == NOW
     stored = store.steps[("r-1", 1)]
     assert stored.cause_id == kept.cause_id  # the verdict is caused by the step's own event
 
@@ -240,3 +246,201 @@ async def test_a_rollout_event_dead_lettered_after_its_handler_ran_leaves_memory
     await bus.drain()
     assert "r-1" not in monitor.live.steps
     assert len(bus.dead_letters) == 2
+
+
+# --- the canary's traffic while its step is kept ---------------------------------------------------------
+
+
+def with_canary(monitor: Monitor) -> Monitor:
+    """The monitor, knowing the rollout's stable version (1) and its canary (2)."""
+    monitor.live.add_reference(reference())
+    monitor.live.add_reference(dataclasses.replace(reference(), version=2))
+    return monitor
+
+
+def canary_traffic(n_rows: int, *, at: float) -> list[Any]:
+    """The canary's logged predictions (version 2, variant canary), dated ``at`` on, in partition 0."""
+    return [
+        (payload.model_copy(update={"model_version": 2, "variant": Variant.CANARY}), part, off)
+        for payload, part, off in requests(n_rows, seed=7, start=from_epoch(at))
+    ]
+
+
+async def test_the_canarys_traffic_while_its_step_is_kept_counts_toward_the_step() -> None:
+    # Collected nowhere before: the canary's predictions between the step's event and its late start counted
+    # toward no step in memory (a restart's replay counted them), so the step waited for min_samples it had
+    # had, or timed out short of them. And its bake time ran from when the start came.
+    monitor, store = with_canary(monitor_at()), RolloutSteps()
+    await handle(ADVANCED, monitor, store)
+    monitor.live.ingest(canary_traffic(150, at=NOW + 1.0), arrival=NOW + 5.0)
+    monitor.clock = lambda: NOW + 30.0
+    await handle(STARTED, monitor, store)
+    step = monitor.live.steps["r-1"]
+    assert (step.step_index, step.canary.rows) == (1, 150)
+    assert step.first_offsets == {0: 0}  # a restart replays them
+    # min_samples (100) in, and the bake time (2 s) passed since monitoring handled the step's event.
+    assert canary_ready(step, NOW + 30.0) == "judge"
+    assert monitor.live.kept == {}
+
+
+async def test_a_step_kept_past_the_canary_timeout_without_its_samples_times_out_at_the_start() -> None:
+    # As it would have had its events come in order: the timeout runs from when monitoring handled the step's
+    # event, and the canary had all that time to reach min_samples.
+    monitor, store = with_canary(monitor_at()), RolloutSteps()
+    await handle(ADVANCED, monitor, store)
+    monitor.live.ingest(canary_traffic(50, at=NOW + 1.0), arrival=NOW + 5.0)
+    timeout = monitor.canary.timeout_seconds
+    monitor.clock = lambda: NOW + timeout + 1.0
+    await handle(STARTED, monitor, store)
+    step = monitor.live.steps["r-1"]
+    assert step.canary.rows == 50 < step.min_samples
+    assert canary_timed_out(step, NOW + timeout + 1.0, monitor.canary)
+    assert not canary_timed_out(step, NOW + timeout - 1.0, monitor.canary)
+
+
+async def test_only_the_highest_step_kept_collects_and_a_rolled_back_transaction_collects_nothing() -> None:
+    monitor, store = with_canary(monitor_at()), RolloutSteps()
+    await handle(ADVANCED_TWICE, monitor, store, committed=False)
+    assert monitor.live.kept == {}
+    store.early.clear()  # rolled back with it
+    await handle(ADVANCED_TWICE, monitor, store)
+    await handle(ADVANCED, monitor, store)  # step 1's event after step 2's: step 2 still collects
+    assert monitor.live.kept["r-1"].step_index == 2
+
+
+async def test_a_rollout_that_ends_before_its_start_stops_collecting_its_kept_steps_traffic() -> None:
+    monitor, store = with_canary(monitor_at()), RolloutSteps()
+    await handle(ADVANCED, monitor, store)
+    assert monitor.live.kept["r-1"].step_index == 1
+    await handle(ROLLED_BACK, monitor, store)
+    assert monitor.live.kept == {}
+
+
+@dataclasses.dataclass
+class RestartSteps(TickSteps):
+    """The rollout tables, saved replay offsets and what else a tick and a restart ask for."""
+
+    offsets: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+
+    async def save_replay_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        self.offsets[topic] = dict(offsets)
+
+    async def replay_offsets(self, topic: str) -> dict[int, int]:
+        return self.offsets.get(topic, {})
+
+    async def watched_steps(self) -> list[StoredStep]:
+        return [self.steps[key] for key in self.watching()]
+
+    async def pending_labels(self) -> set[tuple[str, str]]:
+        return set()
+
+
+class ReplayRuntime(RestoreRuntime):
+    registry = None  # what replay_predictions decodes with: the fake replay below feeds decoded requests
+
+
+@pytest.mark.parametrize("restart", ["before-the-start", "after-the-start"])
+async def test_a_restart_counts_a_kept_steps_traffic_as_memory_did(
+    monkeypatch: pytest.MonkeyPatch, restart: str
+) -> None:
+    # A restart rebuilds the steps watched and kept from Postgres, then replays the predictions topic from the
+    # offsets the last tick saved. Before, a restart after the start counted the traffic memory had not
+    # (150 after, 0 before), and one before the start counted it toward nothing, as memory had not.
+    store, traffic = RestartSteps(), canary_traffic(150, at=NOW + 1.0)
+    first = with_canary(monitor_at())
+    await handle(ADVANCED, first, store)
+    first.live.ingest(traffic, arrival=NOW + 5.0)
+    if restart == "after-the-start":
+        first.clock = lambda: NOW + 30.0
+        await handle(STARTED, first, store)
+        assert first.live.steps["r-1"].canary.rows == 150
+    tally = Tally()
+    await handlers.housekeeping(NOW + 40.0, monitor=first, store=store, tally=tally)  # type: ignore[arg-type]
+    tally.count()
+    assert store.offsets[first.predictions_topic] == {0: 0}
+
+    replayed_from: list[dict[int, int]] = []
+
+    async def replay(
+        _: Any, *, start: dict[int, int], feed: Callable[[Sequence[Any]], Any], **__: Any
+    ) -> ReplayReport:
+        replayed_from.append(start)
+        feed([r for r in traffic if r[2] >= start.get(r[1], 0)])
+        return ReplayReport()
+
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
+    monkeypatch.setattr(bootstrap, "replay_predictions", replay)
+    restarted = with_canary(monitor_at(NOW + 60.0))
+    await bootstrap.restore(ReplayRuntime(store), restarted)  # type: ignore[arg-type]
+    if restart == "before-the-start":
+        await handle(STARTED, restarted, store)
+    assert replayed_from == [{0: 0}]
+    assert restarted.live.steps["r-1"].canary.rows == 150
+
+
+# --- a start after its step was given up -----------------------------------------------------------------
+
+
+def started_after_given_up(model: str) -> float:
+    sample = "driftloop_monitoring_rollout_steps_started_after_given_up_total"
+    return REGISTRY.get_sample_value(sample, {"model": model}) or 0.0
+
+
+async def give_up(monitor: Monitor, store: TickSteps, at: float) -> None:
+    tally = Tally()
+    await handlers.housekeeping(at, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    tally.count()
+
+
+async def test_a_start_that_comes_after_its_kept_step_was_given_up_watches_that_step_from_then_on() -> None:
+    # Before, the step was forgotten when given up, and a start that came later still watched its own step 0
+    # while serving was on step 2: step 0's verdict was stale to serving, and step 2 never got one.
+    monitor, store = with_canary(monitor_at()), TickSteps()
+    await handle(ADVANCED_TWICE, monitor, store)
+    await give_up(monitor, store, NOW + WAIT + 1)
+    assert store.early == {} and monitor.live.kept == {}
+    assert store.given_up["r-1"].step_index == 2 and store.given_up["r-1"].given_up_at == NOW + WAIT + 1
+
+    before, late = started_after_given_up("churn"), NOW + WAIT + 60.0
+    monitor.clock = lambda: late
+    monitor.live.ingest(canary_traffic(150, at=NOW + 1.0), arrival=late - 10.0)  # while no step collected
+    with capture_logs() as logs:
+        await handle(STARTED, monitor, store)
+    assert store.watching() == [("r-1", 2)] and store.given_up == {}
+    step = monitor.live.steps["r-1"]
+    # Its traffic while it was given up was collected nowhere: its time range runs from the start, as a
+    # restart's replay would count it.
+    assert (step.step_index, step.started_at, step.learned_at, step.canary.rows) == (2, late, late, 0)
+    assert (step.min_samples, step.bake_seconds) == (STARTED.min_samples, STARTED.bake_seconds)
+    assert store.steps[("r-1", 2)].started_at == late
+    assert started_after_given_up("churn") == before + 1
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"].startswith("rollout started after its step was given up")
+    assert (warning["step"], warning["start_step"]) == (2, 0)
+
+
+async def test_a_step_kept_after_a_lower_one_was_given_up_is_the_one_the_start_watches() -> None:
+    monitor, store = with_canary(monitor_at()), TickSteps()
+    await handle(ADVANCED, monitor, store)
+    await give_up(monitor, store, NOW + WAIT + 1)
+    monitor.clock = lambda: NOW + WAIT + 2
+    await handle(ADVANCED_TWICE, monitor, store)  # serving moved on: kept, and collecting
+    monitor.live.ingest(canary_traffic(150, at=NOW + WAIT + 3), arrival=NOW + WAIT + 5)
+    await handle(STARTED, monitor, store)
+    step = monitor.live.steps["r-1"]
+    assert (step.step_index, step.canary.rows, step.learned_at) == (2, 150, NOW + WAIT + 2)
+    assert store.given_up == {} and store.early == {}
+
+
+async def test_a_later_step_given_up_replaces_the_one_remembered_and_the_rollouts_end_forgets_it() -> None:
+    monitor, store = with_canary(monitor_at()), TickSteps()
+    await handle(ADVANCED, monitor, store)
+    await give_up(monitor, store, NOW + WAIT + 1)
+    monitor.clock = lambda: NOW + WAIT + 2
+    await handle(ADVANCED_TWICE, monitor, store)
+    await give_up(monitor, store, NOW + 2 * WAIT + 3)
+    assert store.given_up["r-1"].step_index == 2
+    await handle(ROLLED_BACK, monitor, store)
+    assert store.given_up == {}
+    with pytest.raises(PermanentError, match="rollout r-1 was rolled back"):
+        await handle(STARTED, monitor, store)
