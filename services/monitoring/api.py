@@ -11,14 +11,14 @@ from fastapi.responses import HTMLResponse
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
-from libs.http import InDigits
+from libs.http import BodyRoute, InDigits
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.domain import DriftPolicy
 from services.monitoring.handlers import Monitor
 
-router = APIRouter(prefix="/v1", tags=["monitoring"])
+router = APIRouter(prefix="/v1", tags=["monitoring"], route_class=BodyRoute)
 
 
 def _runtime(request: Request) -> Runtime:
