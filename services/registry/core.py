@@ -9,7 +9,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested, RollbackRequested
+from contracts.commands import (
+    ArchiveRequested,
+    PromoteRequested,
+    RetrainRequested,
+    RollbackRequested,
+    within_reason,
+)
 from contracts.common import ArtifactFormat, ArtifactRef, EventRef, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
@@ -116,6 +122,9 @@ async def change_stage(
         except Conflict as exc:
             raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
     cause = Cause.of(event)
+    # A reason wraps another event's or a command's text, itself up to the cap: cut here, so the history
+    # shows what the event says (the event's contract would cut it alone).
+    reason = within_reason(reason)
     sequence = await versions.move(model, version, current, to_stage, reason, cause)
     effect = alias_effect(to_stage)
     await versions.drop_aliases(model, version, effect.drop)
