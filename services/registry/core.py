@@ -163,7 +163,8 @@ async def promote(
     """The version is production now; whatever was production before is archived. A version a failed
     validation rejected before it served goes to production too: serving put it there on a command accepted
     before the verdict (:func:`overtaken_by_verdict`)."""
-    over_verdict = await overtaken_by_verdict(versions, model, version)
+    current = await versions.stage_for_update(model, version)
+    over_verdict = await overtaken_by_verdict(versions, model, version, current)
     if over_verdict:
         reason += (
             "; a failed validation had rejected it here first, but serving had already put it on traffic "
@@ -201,10 +202,10 @@ async def promote(
     )
 
 
-async def overtaken_by_verdict(versions: Versions, model: str, version: int) -> bool:
-    """Whether the version is rejected by a failed validation read before it ever served
+async def overtaken_by_verdict(versions: Versions, model: str, version: int, current: Stage | None) -> bool:
+    """Whether the version, in stage ``current`` (as the caller read it under the row's lock, which this
+    transaction holds), is rejected by a failed validation read before it ever served
     (:func:`services.registry.domain.verdict_overtaken`)."""
-    current = await versions.stage_for_update(model, version)
     if current is not Stage.REJECTED:
         return False
     last = await versions.last_move(model, version)

@@ -556,6 +556,34 @@ async def test_archive_request_archives_a_candidate_with_the_actor_in_history(re
     assert change.actor == "user:alice"
 
 
+async def test_a_version_serving_put_on_traffic_before_its_failed_verdict_arrived_is_production(
+    registry: Registry,
+) -> None:
+    # Serving promoted version 1, then rolled production back to version 2, each on a command accepted while
+    # the version was a candidate; each failed validation reached the registry first. The registry follows
+    # serving both times (docs/registry.md, "A verdict that overtakes serving's decision").
+    await registry.deliver(
+        *(training_completed(registry.artifacts, run_id=f"run-{n}") for n in (1, 2)),
+        failed("churn", 1),
+        failed("churn", 2),
+    )
+    manual = promoted("churn", 1).model_copy(update={"manual": True, "steps_completed": 0})
+    await registry.deliver(manual, rolled_back("churn", 1, stable=2))
+    assert registry.bus.dead_letters == []
+    assert [registry.versions.stage("churn", n) for n in (1, 2)] == [Stage.REJECTED, Stage.PRODUCTION]
+    moves = [(c.model_version, c.from_stage, c.to_stage) for c in registry.stage_changes()]
+    assert moves == [
+        (1, Stage.CANDIDATE, Stage.REJECTED),
+        (2, Stage.CANDIDATE, Stage.REJECTED),
+        (1, Stage.REJECTED, Stage.PRODUCTION),
+        (1, Stage.PRODUCTION, Stage.REJECTED),
+        (2, Stage.REJECTED, Stage.PRODUCTION),
+    ]
+    followed = [c for c in registry.stage_changes() if c.from_stage is Stage.REJECTED]
+    assert all(c.reason.endswith("so the registry follows serving") for c in followed)
+    assert followed[-1].aliases == ["champion"]
+
+
 async def test_a_reason_composed_around_a_longest_text_is_cut_alike_in_the_event_and_the_history(
     registry: Registry,
 ) -> None:
