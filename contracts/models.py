@@ -13,11 +13,11 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import Field, StringConstraints, model_validator
 
+from contracts.commands import COMPOSED_REASON_TEXT, ComposedReason
 from contracts.common import (
     PG_BIGINT_MAX,
     ArtifactRef,
     EventRef,
-    FreeText,
     Identifier,
     JobId,
     Lineage,
@@ -110,8 +110,11 @@ class ModelStageChanged(EventPayload):
     model_version: ModelVersion = Field(description="The version whose stage changed.", examples=[7])
     from_stage: Stage = Field(description="Stage before the change.", examples=["canary"])
     to_stage: Stage = Field(description="Stage after the change.", examples=["production"])
-    reason: FreeText = Field(
-        description="Why, for people.", examples=["rollout r-91c2 promoted after 3 healthy steps"]
+    reason: ComposedReason = Field(
+        description=f"Why, for people: {COMPOSED_REASON_TEXT}. The registry composes it, at times around "
+        "another event's or a command's text (`archived on request: <the command's reason>`, a rollback's "
+        "message), and cuts it so.",
+        examples=["rollout r-91c2 promoted after 3 healthy steps"],
     )
     caused_by: EventRef | None = Field(
         default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 from typing import Any
 
 
@@ -91,6 +93,30 @@ def keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise RepeatedKey(key)
             seen.add(key)
     return obj
+
+
+def json_text(body: bytes, **extra: Any) -> str:
+    """A JSON body's text: UTF-8 without a byte order mark, as RFC 8259 (section 8.1) has JSON between
+    systems, else :class:`InvalidInput` saying what it is instead (``extra`` adds to it). Python's json reads
+    bytes in UTF-16 and UTF-32 too, skips a leading byte order mark and lets in the bytes of a lone surrogate
+    (ED A0 80), none of which another reader on the way (orjson, a proxy, an audit log) may read the same."""
+    if body.startswith(codecs.BOM_UTF8):
+        raise InvalidInput(
+            "the JSON body starts with a byte order mark (bytes EF BB BF): send it as UTF-8 without one",
+            **extra,
+        )
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        named = encoding.upper().replace("-BE", "BE").replace("-LE", "LE")
+        raise InvalidInput(f"the JSON body reads as {named}, not UTF-8: send it as UTF-8", **extra)
+    try:
+        return body.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"the JSON body is not UTF-8 (byte 0x{body[exc.start]:02x} at {exc.start} cannot be decoded): "
+            "send it as UTF-8",
+            **extra,
+        ) from None
 
 
 def shown(text: str, chars: int = 40) -> str:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Path, Request, params
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -53,6 +53,7 @@ from libs.errors import (
     RepeatedKey,
     TooManyRequests,
     Unauthorized,
+    json_text,
     keys_once,
     shown,
 )
@@ -215,8 +216,14 @@ def _decoded(raw: bytes | bytearray, charset: str, what: str, field: str) -> Non
         ) from None
 
 
-class _StrictFormRequest(Request):
-    """A request whose multipart form is read by :class:`_StrictMultiPart`."""
+class _StrictBodyRequest(Request):
+    """A request whose JSON body is UTF-8 without a byte order mark (:func:`libs.errors.json_text`), and
+    whose multipart form is read by :class:`_StrictMultiPart`."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(json_text(await self.body()))
+        return self._json
 
     async def _get_form(
         self,
@@ -256,22 +263,21 @@ class _StrictFormRequest(Request):
         return self._form
 
 
-class FormRoute(APIRoute):
-    """The route class of a router with a route that reads a form (``File``, ``Form``): its text is UTF-8 or
-    in the charset the Content-Type names, or 422 naming the field (:class:`_StrictMultiPart`).
-    :func:`create_app` refuses a form route of another class."""
+class BodyRoute(APIRoute):
+    """The route class of a router with a route whose body FastAPI reads (a pydantic model, ``File``,
+    ``Form``): a JSON body is UTF-8 without a byte order mark, or 422 saying what it is instead; a form's
+    text is UTF-8 or in the charset the Content-Type names, or 422 naming the field
+    (:class:`_StrictBodyRequest`). :func:`create_app` refuses such a route of another class."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
 
         async def strict(request: Request) -> Response:
-            return await handler(_StrictFormRequest(request.scope, request.receive))
+            return await handler(_StrictBodyRequest(request.scope, request.receive))
 
         return strict
-
-
-def _reads_a_form(route: APIRoute) -> bool:
-    return route.body_field is not None and isinstance(route.body_field.field_info, params.Form)
 
 
 class RequestLimits:
@@ -676,10 +682,15 @@ def create_app(
 
     for router in (*hot, *routers):
         for route in router.routes:
-            if isinstance(route, APIRoute) and _reads_a_form(route) and not isinstance(route, FormRoute):
+            if (
+                isinstance(route, APIRoute)
+                and route.body_field is not None
+                and not isinstance(route, BodyRoute)
+            ):
                 raise ValueError(
-                    f"{route.path} reads a form: its router needs route_class=FormRoute (libs.http), or a "
-                    "text field that is not UTF-8 is read as Latin-1"
+                    f"{route.path} reads a body: its router needs route_class=BodyRoute (libs.http), or "
+                    "a JSON body in UTF-16 is read as well as one in UTF-8, and a form's text that is not "
+                    "UTF-8 as Latin-1"
                 )
         app.include_router(router, responses=ERROR_RESPONSES)
     app.mount("/metrics", make_asgi_app())

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
-from libs.http import InDigits
+from libs.http import BodyRoute, InDigits
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
@@ -19,7 +19,7 @@ from services.monitoring.domain import DriftPolicy, from_epoch
 from services.monitoring.handlers import Monitor
 from services.monitoring.ports import EarlyStep
 
-router = APIRouter(prefix="/v1", tags=["monitoring"])
+router = APIRouter(prefix="/v1", tags=["monitoring"], route_class=BodyRoute)
 
 
 def _runtime(request: Request) -> Runtime:

@@ -26,7 +26,7 @@ from contracts.models import TagKey
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
-from libs.http import FormRoute, InDigits, Text, VersionPath, json_keys_once, path_version
+from libs.http import BodyRoute, InDigits, Text, VersionPath, json_keys_once, path_version
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
@@ -65,7 +65,7 @@ from services.registry.settings import RegistrySettings
 PAGE_SIZE_MAX = 100
 
 # Every JSON body of the registry is a command or a tag, each key of which says what to do.
-router = APIRouter(prefix="/v1", dependencies=[Depends(json_keys_once)], route_class=FormRoute)
+router = APIRouter(prefix="/v1", dependencies=[Depends(json_keys_once)], route_class=BodyRoute)
 
 
 class ArtifactIntegrityError(DomainError):

@@ -9,7 +9,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested, RollbackRequested
+from contracts.commands import (
+    ArchiveRequested,
+    PromoteRequested,
+    RetrainRequested,
+    RollbackRequested,
+    within_reason,
+)
 from contracts.common import ArtifactFormat, ArtifactRef, EventRef, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
@@ -116,6 +122,9 @@ async def change_stage(
         except Conflict as exc:
             raise PermanentError(f"{event.type} {event.id}: {exc.message}") from exc
     cause = Cause.of(event)
+    # A reason wraps another event's or a command's text, itself up to the cap: cut here, so the history
+    # shows what the event says (the event's contract would cut it alone).
+    reason = within_reason(reason)
     sequence = await versions.move(model, version, current, to_stage, reason, cause)
     effect = alias_effect(to_stage)
     await versions.drop_aliases(model, version, effect.drop)
@@ -154,7 +163,8 @@ async def promote(
     """The version is production now; whatever was production before is archived. A version a failed
     validation rejected before it served goes to production too: serving put it there on a command accepted
     before the verdict (:func:`overtaken_by_verdict`)."""
-    over_verdict = await overtaken_by_verdict(versions, model, version)
+    current = await versions.stage_for_update(model, version)
+    over_verdict = await overtaken_by_verdict(versions, model, version, current)
     if over_verdict:
         reason += (
             "; a failed validation had rejected it here first, but serving had already put it on traffic "
@@ -192,10 +202,10 @@ async def promote(
     )
 
 
-async def overtaken_by_verdict(versions: Versions, model: str, version: int) -> bool:
-    """Whether the version is rejected by a failed validation read before it ever served
+async def overtaken_by_verdict(versions: Versions, model: str, version: int, current: Stage | None) -> bool:
+    """Whether the version, in stage ``current`` (as the caller read it under the row's lock, which this
+    transaction holds), is rejected by a failed validation read before it ever served
     (:func:`services.registry.domain.verdict_overtaken`)."""
-    current = await versions.stage_for_update(model, version)
     if current is not Stage.REJECTED:
         return False
     last = await versions.last_move(model, version)

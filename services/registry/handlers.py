@@ -118,7 +118,8 @@ async def on_rollout_rolled_back(
     if stable is Stage.PRODUCTION:
         return
     if stable is not None and (
-        serves_after_rollback(stable) or await core.overtaken_by_verdict(versions, r.model, r.stable_version)
+        serves_after_rollback(stable)
+        or await core.overtaken_by_verdict(versions, r.model, r.stable_version, stable)
     ):
         how = "restored" if stable is Stage.ARCHIVED else "put on all traffic"
         await core.promote(

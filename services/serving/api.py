@@ -39,6 +39,7 @@ from libs.bus.core import TransactionFactory
 from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized, shown
 from libs.http import (
     PLATFORM_VERSION,
+    BodyRoute,
     Reason,
     Text,
     VersionPath,
@@ -141,7 +142,7 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 predict_router = APIRouter()
 """The hot routes: served ahead of FastAPI's router (``libs.http.HotRoutes``), so their endpoints take only
 the path and the Request."""

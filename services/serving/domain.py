@@ -32,7 +32,7 @@ from contracts.rollouts import (
     RolloutStarted,
     RolloutStepAdvanced,
 )
-from libs.errors import InvalidInput, PayloadTooLarge, shown
+from libs.errors import InvalidInput, PayloadTooLarge, json_text, shown
 
 # --- the rollout state machine -----------------------------------------------------------------------
 
@@ -1238,10 +1238,12 @@ def parse_json(body: bytes) -> tuple[Any, bool]:
         return orjson.loads(body), True
     except orjson.JSONDecodeError:
         pass
+    # Python's json reads the NaN/Infinity literals some clients write; the NaN/inf rule then applies. It
+    # reads text, not bytes: on bytes it reads UTF-16 and UTF-32 and skips a byte order mark too.
+    text = json_text(body, reason="not-json")
     try:
-        # Python's json reads the NaN/Infinity literals some clients write; the NaN/inf rule then applies.
-        return json.loads(body), False
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(text), False
+    except ValueError as exc:
         raise InvalidInput(f"the request body is not JSON: {exc}", reason="not-json") from exc
     except RecursionError as exc:
         # orjson stops at 1024 levels; Python's json recurses until the interpreter's limit.

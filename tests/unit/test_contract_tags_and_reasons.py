@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from contracts.commands import REASON_MAX_CHARS, within_reason
 from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import EXAMPLES
-from contracts.models import TAG_VALUE_MAX_CHARS, ModelVersionTagged
+from contracts.models import TAG_VALUE_MAX_CHARS, ModelStageChanged, ModelVersionTagged
 from contracts.monitoring import CanaryVerdict
 from contracts.registry import EVENT_TYPES
 from contracts.training import TrainingRequested
@@ -59,7 +59,7 @@ def test_within_reason_keeps_a_reason_under_the_cap_and_cuts_a_longer_one_within
     assert len(cut) == REASON_MAX_CHARS and cut.endswith("r… (10,000 characters)")
 
 
-@pytest.mark.parametrize("cls", [TrainingRequested, CanaryVerdict])
+@pytest.mark.parametrize("cls", [TrainingRequested, CanaryVerdict, ModelStageChanged])
 def test_a_composed_reason_past_the_cap_makes_a_valid_event_within_it(cls: type[EventPayload]) -> None:
     # A manual retrain's reason is "requested by <actor>: <the command's reason>", the command's reason up to
     # the cap already: the event carried more than any command may.

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.routing import APIRoute
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts.envelope import OversizedEvent, check_attributes
 from deploy.settings_doc import SERVICE_SETTINGS
@@ -28,8 +28,8 @@ from libs.auth import (
     issue_token,
 )
 from libs.db import shown_dsn
-from libs.errors import Conflict, NotFound
-from libs.http import FormRoute, Text, create_app, error_body
+from libs.errors import Conflict, InvalidInput, NotFound, json_text
+from libs.http import BodyRoute, Text, create_app, error_body
 from libs.service import load_settings
 from libs.settings import MAX_EVENT_BYTES_LIMIT, KafkaSettings, ServiceSettings, settings_problems
 from tests.ports import free_port
@@ -185,7 +185,7 @@ def test_a_refused_database_url_is_named_without_its_password(
 
 
 def make_app(tmp_path: Path, *, env: str = "dev", max_request_bytes: int = 1000) -> httpx.AsyncClient:
-    router = APIRouter()
+    router = APIRouter(route_class=BodyRoute)
 
     @router.get("/read")
     async def read(who: ViewerDep) -> dict[str, str]:
@@ -506,7 +506,7 @@ async def test_every_error_body_has_the_same_keys(tmp_path: Path) -> None:
     [
         (b'{"a": ', "the request body is not JSON: Expecting value (at character 6)"),
         (b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}", "the JSON body is nested too deeply"),
-        (b'{"a": "\xff"}', "the request body is not JSON: 'utf-8' codec can't decode byte 0xff"),
+        (b'{"a": "\xff"}', "the JSON body is not UTF-8 (byte 0xff at 7 cannot be decoded): send it as UTF-8"),
     ],
     ids=["syntax", "too-deep", "not-utf-8"],
 )
@@ -629,7 +629,7 @@ def test_load_settings_names_a_token_file_it_cannot_use(
     )
 
 
-def form_app(tmp_path: Path, route_class: type[APIRoute] = FormRoute) -> FastAPI:
+def form_app(tmp_path: Path, route_class: type[APIRoute] = BodyRoute) -> FastAPI:
     router = APIRouter(route_class=route_class)
 
     @router.post("/upload")
@@ -685,8 +685,73 @@ async def test_form_text_in_the_charset_its_content_type_names_is_read_in_it(tmp
 
 
 def test_an_app_refuses_a_form_route_that_would_read_text_as_latin1(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="/upload reads a form: its router needs route_class=FormRoute"):
+    with pytest.raises(ValueError, match="/upload reads a body: its router needs route_class=BodyRoute"):
         form_app(tmp_path, route_class=APIRoute)
+
+
+def json_app(tmp_path: Path, route_class: type[APIRoute] = BodyRoute) -> FastAPI:
+    router = APIRouter(route_class=route_class)
+
+    @router.post("/note")
+    async def note(body: NoteCreate) -> dict[str, str]:
+        return {"text": body.text}
+
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json")
+    return create_app(settings, title="t", description="d", routers=[router])
+
+
+class NoteCreate(BaseModel):
+    text: str
+
+
+UTF8_JSON_REFUSED = [
+    ('{"text": "caf\u00e9"}'.encode("utf-16"), "the JSON body reads as UTF-16, not UTF-8: send it as UTF-8"),
+    ('{"text": "café"}'.encode("utf-16-le"), "the JSON body reads as UTF-16LE, not UTF-8: send it as UTF-8"),
+    ('{"text": "café"}'.encode("utf-16-be"), "the JSON body reads as UTF-16BE, not UTF-8: send it as UTF-8"),
+    ('{"text": "café"}'.encode("utf-32"), "the JSON body reads as UTF-32, not UTF-8: send it as UTF-8"),
+    (
+        '{"text": "café"}'.encode("utf-8-sig"),
+        "the JSON body starts with a byte order mark (bytes EF BB BF): send it as UTF-8 without one",
+    ),
+    (
+        b'{"text": "caf\xe9"}',
+        "the JSON body is not UTF-8 (byte 0xe9 at 13 cannot be decoded): send it as UTF-8",
+    ),
+    (
+        b'{"text": "\xed\xa0\x80"}',
+        "the JSON body is not UTF-8 (byte 0xed at 10 cannot be decoded): send it as UTF-8",
+    ),
+]
+"""JSON bodies that are not UTF-8 without a byte order mark, and what the answer says (RFC 8259, section
+8.1). Python's json reader, which FastAPI's is, read all but the Latin-1 one (the lone surrogate's bytes as
+one), which it refused saying "'utf-8' codec can't decode byte 0xe9 in position 13: invalid continuation
+byte"."""
+
+
+@pytest.mark.parametrize(("body", "message"), UTF8_JSON_REFUSED)
+def test_json_text_is_utf8_without_a_byte_order_mark(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        json_text(body, field="(body)")
+    assert refused.value.message == message and refused.value.extra == {"field": "(body)"}
+    assert json_text('{"text": "café"}'.encode()) == '{"text": "café"}'
+
+
+@pytest.mark.parametrize(("body", "message"), UTF8_JSON_REFUSED)
+async def test_a_json_body_that_is_not_utf8_is_422_saying_what_it_is(
+    tmp_path: Path, body: bytes, message: str
+) -> None:
+    transport = httpx.ASGITransport(app=json_app(tmp_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/note", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == message
+        r = await client.post("/note", json={"text": "café"})
+    assert r.status_code == 200 and r.json() == {"text": "café"}, r.text
+
+
+def test_an_app_refuses_a_json_body_route_that_would_read_utf16(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="/note reads a body: its router needs route_class=BodyRoute"):
+        json_app(tmp_path, route_class=APIRoute)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from typing import Any
 import prometheus_client
 import pytest
 
-from contracts.commands import ArchiveRequested, PromoteRequested
+from contracts.commands import REASON_MAX_CHARS, ArchiveRequested, PromoteRequested, within_reason
 from contracts.common import ArtifactFormat
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, new_event
@@ -340,6 +340,35 @@ async def test_commands_over_http_become_events_with_the_actor(registry: Running
     assert v1["stage"] == "archived"
     assert v1["stage_history"][-1]["actor"] == "user:dev-admin"
     assert v1["stage_history"][-1]["reason"] == "archived on request: superseded"
+
+
+async def test_an_archive_on_a_longest_reason_is_cut_alike_in_history_and_event(
+    registry: RunningRegistry,
+) -> None:
+    # "archived on request: <reason>" around a reason at the commands' cap ran past it, into the history row
+    # and an event that every consumer and the audit trail take; and a body in UTF-16 was read.
+    model = model_name()
+    await register(registry, model, "run-1")
+    url = f"/v1/models/{model}/versions/1/archive"
+    headers = {**AUTH["operator"], "content-type": "application/json"}
+    utf16 = await registry.http.post(url, content='{"reason": "x"}'.encode("utf-16"), headers=headers)
+    assert utf16.status_code == 422 and utf16.json()["detail"].startswith("the JSON body reads as UTF-16")
+    longest = "r" * REASON_MAX_CHARS
+    archive = await registry.http.post(url, json={"reason": longest}, headers=AUTH["operator"])
+    assert archive.status_code == 202, archive.text
+    [row] = await registry.fetch(
+        "SELECT value, headers FROM outbox WHERE event_id = $1", archive.json()["event_id"]
+    )
+    request = EVENT_TYPES.decode(row["value"], [(k, v.encode()) for k, v in row["headers"]])
+    await registry.send(request)
+    await registry.wait_handled(request)
+
+    cut = within_reason(f"archived on request: {longest}")
+    assert len(cut) == REASON_MAX_CHARS and cut.endswith("r… (2,021 characters)")
+    v1 = (await registry.http.get(f"/v1/models/{model}/versions/1", headers=AUTH["viewer"])).json()
+    assert v1["stage"] == "archived" and v1["stage_history"][-1]["reason"] == cut
+    [change] = await registry.outbox(ModelStageChanged, model)
+    assert change["payload"]["reason"] == cut
 
 
 async def test_artifact_modified_on_disk_is_refused_with_a_clear_error(registry: RunningRegistry) -> None:

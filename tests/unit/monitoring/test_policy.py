@@ -115,6 +115,29 @@ async def test_putting_such_a_policy_is_422_before_the_database(
     assert r.json()["detail"].startswith("body")
 
 
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("utf-16", "the JSON body reads as UTF-16, not UTF-8: send it as UTF-8"),
+        (
+            "utf-8-sig",
+            "the JSON body starts with a byte order mark (bytes EF BB BF): send it as UTF-8 without one",
+        ),
+    ],
+)
+async def test_a_policy_body_that_is_not_utf8_is_422_not_read_in_its_encoding(
+    client: httpx.AsyncClient, encoding: str, message: str
+) -> None:
+    # FastAPI's reader (Python's json, on bytes) read it: JSON between systems is UTF-8 (RFC 8259).
+    r = await client.put(
+        "/v1/models/churn/policy",
+        content='{"alpha": 0.01}'.encode(encoding),
+        headers={"Authorization": "Bearer dev-operator", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == message
+
+
 def test_a_stored_policy_that_breaks_a_newer_rule_gives_way_to_the_defaults() -> None:
     """Rows set before a rule existed are read back: one bad row must not stop monitoring judging every
     model (nor fail its policy reload in a loop)."""

@@ -18,6 +18,7 @@ import httpx
 import orjson
 import pytest
 
+from contracts.commands import REASON_MAX_CHARS
 from libs.http import create_app
 from services.registry import api
 from services.registry.settings import RegistrySettings
@@ -223,15 +224,16 @@ async def test_a_command_field_of_another_json_type_is_422_not_converted(
     assert r.json()["detail"].startswith(f"body.{field}: Input should be a valid"), r.text
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "/v1/models/churn/versions/2/promote",
-        "/v1/models/churn/versions/2/rollback",
-        "/v1/models/churn/versions/2/archive",
-        "/v1/models/churn/retrain",
-    ],
-)
+COMMAND_URLS = [
+    "/v1/models/churn/versions/2/promote",
+    "/v1/models/churn/versions/2/rollback",
+    "/v1/models/churn/versions/2/archive",
+    "/v1/models/churn/retrain",
+]
+"""Every command route: each takes a ``reason``."""
+
+
+@pytest.mark.parametrize("url", COMMAND_URLS)
 @pytest.mark.parametrize("reason", [" ", "\t\n", "\u3000\u00a0"])
 async def test_a_command_reason_of_only_white_space_is_422_naming_it(
     client: httpx.AsyncClient, url: str, reason: str
@@ -240,6 +242,45 @@ async def test_a_command_reason_of_only_white_space_is_422_naming_it(
     r = await client.post(url, json={"reason": reason}, headers=OPERATOR)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("body.reason: Value error, a reason must say something"), r.text
+
+
+@pytest.mark.parametrize("url", COMMAND_URLS)
+async def test_a_command_reason_over_the_cap_is_422_naming_it(client: httpx.AsyncClient, url: str) -> None:
+    r = await client.post(url, json={"reason": "r" * (REASON_MAX_CHARS + 1)}, headers=OPERATOR)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(
+        f"body.reason: String should have at most {REASON_MAX_CHARS} characters"
+    ), r.text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("POST", "/v1/models/churn/versions/2/archive", '{"reason": "superseded"}'),
+        ("POST", "/v1/models/churn/retrain", '{"reason": "new export"}'),
+        ("PUT", "/v1/models/churn/versions/1/tags/owner", '{"value": "ops"}'),
+    ],
+)
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("utf-16", "the JSON body reads as UTF-16, not UTF-8: send it as UTF-8"),
+        ("utf-32-le", "the JSON body reads as UTF-32LE, not UTF-8: send it as UTF-8"),
+        (
+            "utf-8-sig",
+            "the JSON body starts with a byte order mark (bytes EF BB BF): send it as UTF-8 without one",
+        ),
+    ],
+)
+async def test_a_json_body_that_is_not_utf8_is_422_not_read_in_its_encoding(
+    client: httpx.AsyncClient, method: str, url: str, body: str, encoding: str, message: str
+) -> None:
+    # FastAPI's reader (Python's json, on bytes) read UTF-16 and UTF-32 and skipped a byte order mark, where
+    # JSON between systems is UTF-8 without one (RFC 8259, section 8.1): the command went on to the core.
+    headers = {**OPERATOR, "content-type": "application/json"}
+    r = await client.request(method, url, content=body.encode(encoding), headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == message
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/versions", "/v1/datasets", "/v1/models/churn/versions"])

@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from contracts.commands import ArchiveRequested, PromoteRequested, RetrainRequested
+from contracts.commands import (
+    REASON_MAX_CHARS,
+    ArchiveRequested,
+    PromoteRequested,
+    RetrainRequested,
+    within_reason,
+)
 from contracts.common import ArtifactFormat, Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload
@@ -548,6 +554,68 @@ async def test_archive_request_archives_a_candidate_with_the_actor_in_history(re
     assert last.cause.actor == "user:alice" and last.cause.event_id == cause.id
     [change] = registry.bus.events(of=ModelStageChanged)
     assert change.actor == "user:alice"
+
+
+async def test_a_version_serving_put_on_traffic_before_its_failed_verdict_arrived_is_production(
+    registry: Registry,
+) -> None:
+    # Serving promoted version 1, then rolled production back to version 2, each on a command accepted while
+    # the version was a candidate; each failed validation reached the registry first. The registry follows
+    # serving both times (docs/registry.md, "A verdict that overtakes serving's decision").
+    await registry.deliver(
+        *(training_completed(registry.artifacts, run_id=f"run-{n}") for n in (1, 2)),
+        failed("churn", 1),
+        failed("churn", 2),
+    )
+    manual = promoted("churn", 1).model_copy(update={"manual": True, "steps_completed": 0})
+    await registry.deliver(manual, rolled_back("churn", 1, stable=2))
+    assert registry.bus.dead_letters == []
+    assert [registry.versions.stage("churn", n) for n in (1, 2)] == [Stage.REJECTED, Stage.PRODUCTION]
+    moves = [(c.model_version, c.from_stage, c.to_stage) for c in registry.stage_changes()]
+    assert moves == [
+        (1, Stage.CANDIDATE, Stage.REJECTED),
+        (2, Stage.CANDIDATE, Stage.REJECTED),
+        (1, Stage.REJECTED, Stage.PRODUCTION),
+        (1, Stage.PRODUCTION, Stage.REJECTED),
+        (2, Stage.REJECTED, Stage.PRODUCTION),
+    ]
+    followed = [c for c in registry.stage_changes() if c.from_stage is Stage.REJECTED]
+    assert all(c.reason.endswith("so the registry follows serving") for c in followed)
+    assert followed[-1].aliases == ["champion"]
+
+
+async def test_a_reason_composed_around_a_longest_text_is_cut_alike_in_the_event_and_the_history(
+    registry: Registry,
+) -> None:
+    # "archived on request: <the command's reason>" and "rollout ... rolled back (...): <its message>" run
+    # past the cap when the text they wrap is at it; ModelStageChanged.reason had no bound, so any length went
+    # to every consumer and the audit trail.
+    await registry.deliver(
+        training_completed(registry.artifacts, run_id="run-1"),
+        training_completed(registry.artifacts, run_id="run-2"),
+    )
+    longest = "r" * REASON_MAX_CHARS
+    await registry.deliver(
+        ArchiveRequested(model="churn", model_version=1, reason=longest),
+        passed("churn", 2),
+        started("churn", 2),
+        rolled_back("churn", 2, None).model_copy(update={"message": longest}),
+    )
+    assert registry.bus.dead_letters == []
+    changes = {c.to_stage: c for c in registry.stage_changes()}
+    archived, rejected = changes[Stage.ARCHIVED], changes[Stage.REJECTED]
+    for change, text in [
+        (archived, f"archived on request: {longest}"),
+        (rejected, f"rollout r-2 rolled back (unhealthy-verdict): {longest}"),
+    ]:
+        assert change.reason == within_reason(text) and len(change.reason) == REASON_MAX_CHARS
+        [entry] = [
+            h
+            for h in registry.versions.history
+            if (h.version, h.to_stage) == (change.model_version, change.to_stage)
+        ]
+        assert entry.reason == change.reason  # the version's page shows what the event said
+    assert archived.reason.endswith("r… (2,021 characters)")
 
 
 async def test_archive_request_for_production_is_dead_lettered(registry: Registry) -> None:

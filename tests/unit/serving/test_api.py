@@ -346,6 +346,37 @@ async def test_not_json_and_unknown_model(service: Service) -> None:
     assert r.status_code == 404 and "churn" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("utf-16", "the JSON body reads as UTF-16, not UTF-8: send it as UTF-8"),
+        ("utf-32-be", "the JSON body reads as UTF-32BE, not UTF-8: send it as UTF-8"),
+        (
+            "utf-8-sig",
+            "the JSON body starts with a byte order mark (bytes EF BB BF): send it as UTF-8 without one",
+        ),
+    ],
+)
+async def test_a_body_that_is_not_utf8_is_422_on_the_predict_and_command_routes(
+    service: Service, encoding: str, message: str
+) -> None:
+    # orjson refuses these, and the fallback for NaN literals (Python's json, on bytes) read them: JSON
+    # between systems is UTF-8 without a byte order mark (RFC 8259, section 8.1).
+    service.route(served(1), served(2), weight=0.1)
+    body = orjson.dumps({"records": [record()]}).decode().encode(encoding)
+    headers = {**PREDICT, "content-type": "application/json"}
+    r = await service.client.post("/v1/models/churn/predict", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == message and r.json()["reason"] == "not-json"
+    headers = {**OPERATOR, "content-type": "application/json"}
+    r = await service.client.post(
+        "/v1/models/churn/rollback", content='{"reason": "x"}'.encode(encoding), headers=headers
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == message
+    assert service.outbox.events == [] and service.log.items == []
+
+
 @pytest.mark.parametrize("path", ["/v1/models/churn/predict", "/v2/models/churn/infer", "/v1/feedback"])
 @pytest.mark.parametrize("content_type", ["", "text/plain", "application/x-www-form-urlencoded", "json"])
 async def test_a_body_sent_as_another_content_type_than_json_is_422_naming_it(
