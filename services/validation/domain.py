@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import orjson
 
@@ -50,6 +51,19 @@ class SliceMeasure:
     value: float
 
 
+ChampionProblem = Literal["missing", "corrupted", "untrusted", "unloadable"]
+
+
+@dataclass(frozen=True)
+class ChampionUnloadable:
+    """Why the champion's model could not be loaded: its artifact is missing, corrupted (its bytes no longer
+    hash to its key), untrusted (no skops file, or types outside the trusted list) or unloadable (skops cannot
+    build it). The comparison with it cannot be measured; the candidate is judged on its absolute checks."""
+
+    reason: ChampionProblem
+    detail: str
+
+
 @dataclass(frozen=True)
 class Measured:
     """What scoring measured on the holdout: ``rows`` are the rows with a usable label, every check's rows."""
@@ -61,6 +75,8 @@ class Measured:
     latency_ms_per_row: float
     champion: ChampionComparison | None = None
     champion_error: str | None = None
+    champion_unloadable: ChampionUnloadable | None = None
+    """Set when the champion's model could not be loaded: the comparison is reported, not judged."""
     slice_feature: str | None = None
     slice_metric: str | None = None
     slices: list[SliceMeasure] = field(default_factory=list)
@@ -202,6 +218,18 @@ def champion_check(
             comparator=comparator,
             passed=True,
             detail=f"skipped: {NO_CHAMPION} (first version of the model)",
+        )
+    if (unloadable := measured.champion_unloadable) is not None:
+        # A damaged production artifact must not freeze the loop: the candidate is judged as a first version
+        # is, and the canary rollout's live comparison with the stable version is the safety net.
+        return CheckResult(
+            name=name,
+            kind=CheckKind.CHAMPION_CHALLENGER,
+            metric=metric,
+            passed=True,
+            detail=f"reported, not judged: champion v{champion} cannot be loaded ({unloadable.reason}): "
+            f"{unloadable.detail}; the candidate is judged on its absolute checks alone, as a first version "
+            "is, and its canary rollout compares it live with the stable version",
         )
     comparison = measured.champion
     if comparison is None:
