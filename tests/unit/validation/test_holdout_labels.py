@@ -208,6 +208,37 @@ def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() ->
     assert measured.metrics == pytest.approx(labelled.metrics, rel=1e-12)
 
 
+@pytest.mark.parametrize("as_text", [False, True], ids=["numbers", "text"])
+def test_regression_labels_beyond_float32s_range_are_left_out_as_no_target(as_text: bool) -> None:
+    # Training refuses such a target; in a holdout it made rmse overflow to infinity, and the rmse threshold
+    # failed as "undefined on this holdout" (r2 too), whatever the candidate.
+    data = churn_spec_data(
+        "price",
+        target="price",
+        task="regression",
+        estimator="ridge",
+        params={},
+        features=[{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+        validation={"thresholds": {"rmse": 1.0}},
+    )
+    spec = spec_from_data(data)
+    frame = regression_frame(400)
+    model = build_pipeline(spec).fit(frame.drop(columns=["price"]), frame["price"])
+    sig = signature(spec, model, ())
+    holdout = regression_frame(200, seed=1)
+    labelled = measure(
+        spec.validation, candidate=model, signature=sig, holdout=holdout.iloc[3:], latency_repeats=1
+    )
+    spoiled = holdout.copy()
+    spoiled.loc[:2, "price"] = [1e200, -1e200, 4e38]
+    if as_text:
+        spoiled["price"] = spoiled["price"].map(repr)  # a column of text, read value by value
+    measured = measure(spec.validation, candidate=model, signature=sig, holdout=spoiled, latency_repeats=1)
+    assert (measured.rows, measured.unlabelled_rows) == (197, 3)
+    assert measured.metrics == pytest.approx(labelled.metrics, rel=1e-12)
+    assert set(measured.metrics) == {"rmse", "mae", "r2"}
+
+
 def _store_holdout(store: ArtifactStore, frame: pd.DataFrame) -> ArtifactRef:
     stored = store.put(frame.to_csv(index=False).encode())
     return ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.CSV, size_bytes=stored.size)
