@@ -377,6 +377,9 @@ def measure(
     bad = ~np.isfinite(values)
     nonfinite = int(bad.any(axis=1).sum() if values.ndim > 1 else bad.sum())
     distinct = int(np.unique(np.round(values, 12), axis=0).shape[0])
+    # Looked at only when the outputs never vary (a model that answers differently was given different
+    # inputs): a column with two values, a missing one counting as a value, stops the search.
+    inputs_vary = distinct >= 2 or any(x[name].nunique(dropna=False) > 1 for name in x.columns)
 
     comparison: ChampionComparison | None = None
     champion_error: str | None = None
@@ -458,6 +461,7 @@ def measure(
         unlabelled_rows=unlabelled,
         unusable_labels=labels.unusable,
         unknown_labels=_unknown_labels(outputs, y),
+        inputs_vary=inputs_vary,
     )
 
 

@@ -239,6 +239,43 @@ def test_regression_labels_beyond_float32s_range_are_left_out_as_no_target(as_te
     assert set(measured.metrics) == {"rmse", "mae", "r2"}
 
 
+@pytest.mark.parametrize(
+    ("rows", "judged"), [([7], False), ([7, 7, 7], False), ([7, 8], True)], ids=["one", "alike", "two"]
+)
+def test_a_holdout_whose_inputs_do_not_vary_leaves_not_constant_unjudged(
+    rows: list[int], judged: bool
+) -> None:
+    # A one-row holdout failed sanity:not-constant whatever the model: one input gives one output.
+    data = churn_spec_data(
+        "price",
+        target="price",
+        task="regression",
+        estimator="ridge",
+        params={},
+        features=[{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+        validation={"thresholds": {"rmse": 5.0}},
+    )
+    spec = spec_from_data(data)
+    frame = regression_frame(400)
+    model = build_pipeline(spec).fit(frame.drop(columns=["price"]), frame["price"])
+    sig = signature(spec, model, ())
+    holdout = regression_frame(20, seed=1).iloc[rows].reset_index(drop=True)
+    measured = measure(spec.validation, candidate=model, signature=sig, holdout=holdout, latency_repeats=1)
+    checks = judge(
+        spec.validation,
+        task=Task.REGRESSION,
+        n_classes=None,
+        measured=measured,
+        candidate=sig,
+        champion_signature=None,
+        champion_version=None,
+    )
+    varied = next(c for c in checks if c.name == "sanity:not-constant")
+    assert varied.passed
+    assert (varied.threshold is not None) is judged
+    assert varied.detail.startswith("reported, not judged") is not judged
+
+
 def _store_holdout(store: ArtifactStore, frame: pd.DataFrame) -> ArtifactRef:
     stored = store.put(frame.to_csv(index=False).encode())
     return ArtifactRef(key=stored.sha256, uri=stored.uri, format=ArtifactFormat.CSV, size_bytes=stored.size)
