@@ -33,6 +33,7 @@ from contracts.rollouts import (
     RolloutStepAdvanced,
 )
 from libs.errors import InvalidInput, PayloadTooLarge, json_text, shown
+from libs.modelspec import FLOAT32_MAX
 
 # --- the rollout state machine -----------------------------------------------------------------------
 
@@ -665,11 +666,10 @@ def parse_prediction_id(pid: str) -> tuple[str, int] | None:
 
 MISSING = float("nan")
 
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest finite float32 (``numpy.finfo(numpy.float32).max``): numeric inputs beyond it are refused. The
-compiled engine computes in float32, where such a value is infinity (its answer would be NaN or whatever
-infinity makes of it), and the pipeline's answer would be an accident of float64 arithmetic far outside any
-training data; refusing them keeps both engines' answers the same and meaningful."""
+# Numeric inputs beyond FLOAT32_MAX (libs.modelspec: training and validation refuse the same values) are
+# refused. The compiled engine computes in float32, where such a value is infinity (its answer would be NaN or
+# whatever infinity makes of it), and the pipeline's answer would be an accident of float64 arithmetic far
+# outside any training data; refusing them keeps both engines' answers the same and meaningful.
 
 _INT64_MIN = -(2**63)
 _UINT64_MAX = 2**64 - 1

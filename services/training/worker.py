@@ -43,6 +43,7 @@ from libs.modelspec import (
     CLASSES_MAX,
     ESTIMATORS,
     FIT_WEIGHT_COLUMN,
+    FLOAT32_MAX,
     ModelSpec,
     SpecError,
     TrainingSetMode,
@@ -545,57 +546,55 @@ def check_dense_encoding(spec: ModelSpec, rows: pd.DataFrame, categories: list[A
 
 
 def check_numeric_values(spec: ModelSpec, rows: pd.DataFrame) -> None:
-    """Refuse (:class:`TrainingError`, naming the feature) a numeric feature of ``rows`` (the training set,
-    before the holdout split) that holds an infinity, which no estimator takes, or, when the spec scales
-    numeric features, values so large that their variance overflows a double (magnitudes past some 1e154):
-    the scaler's output is then NaN, and the fit failed saying the input "contains NaN"."""
+    """Refuse (:class:`TrainingError`, naming the column) a numeric feature or a regression target of ``rows``
+    (the training set, before the holdout split) that holds an infinity, which no estimator takes, or a finite
+    value beyond float32's range (:data:`libs.modelspec.FLOAT32_MAX`), which serving refuses as an input
+    (422): a model fitted on such a feature could never be served it, and one fitted on such a target learns
+    to predict values no float32 engine holds, and its rmse overflowed to infinity (the run completed with
+    rmse and r2 left out of its metrics). Within that range a scaler's variance cannot overflow a double (past
+    some 1e154, the fit failed saying the input "contains NaN")."""
+    columns = [(f.name, "numeric feature") for f in spec.features if f.type is FeatureType.NUMERIC]
     if spec.task is Task.REGRESSION:
-        target = rows[spec.target]
-        if pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target):
-            infinite = int(np.isinf(target.to_numpy(dtype=float, na_value=np.nan)).sum())
-            if infinite:
-                # Fitted on, scikit-learn refuses it ("Input y contains infinity"); held out, every metric
-                # came out infinite or NaN and the run completed with no metrics at all.
-                raise TrainingError(
-                    FailureReason.FIT_ERROR,
-                    f"regression target {shown(spec.target)} holds an infinity in {infinite:,} row(s): no "
-                    "estimator fits one, nor can a metric measure it; replace them by a finite value or "
-                    "leave them empty (a row without a target is left out)",
-                )
-    for feature in spec.features:
-        if feature.type is not FeatureType.NUMERIC:
-            continue
-        column = rows[feature.name]
+        columns.append((spec.target, "regression target"))
+    for name, kind in columns:
+        column = rows[name]
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             continue
         values = column.to_numpy(dtype=float, na_value=np.nan)
-        # One pass over the column in the common case (every magnitude far from what overflows); the
-        # variance is computed only for the rare column that comes close.
+        # One pass over the column in the common case (every magnitude within float32's range).
         magnitude = float(np.fmax.reduce(np.abs(values), initial=0.0))
-        if magnitude == np.inf:
-            raise TrainingError(
-                FailureReason.FIT_ERROR,
-                f"numeric feature {shown(feature.name)} holds an infinity in {int(np.isinf(values).sum()):,} "
-                "row(s): no estimator takes one; replace them by a finite value or leave them empty (missing "
-                "values are imputed)",
-            )
-        if not spec.preprocessing.scale_numeric or magnitude < SCALE_CHECKED_FROM:
+        if magnitude <= FLOAT32_MAX:
             continue
-        with np.errstate(over="ignore", invalid="ignore"):
-            variance = np.nanvar(values)
-        if not np.isfinite(variance):
-            largest = values[np.nanargmax(np.abs(values))]
+        feature = kind == "numeric feature"
+        if magnitude == np.inf:
+            # A target: fitted on, scikit-learn refuses it ("Input y contains infinity"); held out, every
+            # metric came out infinite or NaN and the run completed with no metrics at all.
             raise TrainingError(
                 FailureReason.FIT_ERROR,
-                f"numeric feature {shown(feature.name)} holds values too large to scale (such as "
-                f"{largest:.6g}): their variance overflows a double (values past some 1e154 in magnitude); "
-                "change the column's unit or take its logarithm, or set preprocessing.scale_numeric to false",
+                f"{kind} {shown(name)} holds an infinity in {int(np.isinf(values).sum()):,} row(s): "
+                + (
+                    "no estimator takes one; replace them by a finite value or leave them empty (missing "
+                    "values are imputed)"
+                    if feature
+                    else "no estimator fits one, nor can a metric measure it; replace them by a finite value "
+                    "or leave them empty (a row without a target is left out)"
+                ),
             )
-
-
-SCALE_CHECKED_FROM = 1e100
-"""Magnitude of a numeric feature's values from which :func:`check_numeric_values` computes their variance:
-below it, the squares summed over any number of rows a frame holds stay finite."""
+        beyond = int((np.abs(values) > FLOAT32_MAX).sum())
+        largest = values[np.nanargmax(np.abs(values))]
+        raise TrainingError(
+            FailureReason.FIT_ERROR,
+            f"{kind} {shown(name)} holds a value beyond float32's range (magnitude at most "
+            f"{FLOAT32_MAX:.8g}, where models compute) in {beyond:,} row(s), such as {largest:.6g}: "
+            + (
+                "serving refuses such an input, so a model fitted on it could never be served it; change the "
+                "column's unit or take its logarithm, or leave them empty (missing values are imputed)"
+                if feature
+                else "a model fitted on it would predict values no float32 engine holds, and its rmse "
+                "overflows; change the target's unit or take its logarithm, or leave them empty (a row "
+                "without a target is left out)"
+            ),
+        )
 
 
 def _profiled_features(
@@ -880,6 +879,8 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
     traffic = traffic.dropna(subset=[spec.target])
     if len(traffic) and len(base_rows):
         base_rows, traffic = _conform_labels(spec, base_rows, traffic)
+    if len(traffic) and spec.task is Task.REGRESSION:
+        traffic = _labels_within_float32(spec, traffic)
     if policy.mode is TrainingSetMode.SLIDING_WINDOW:
         assert policy.window_rows is not None
         combined = _concat(base_rows, traffic).tail(policy.window_rows)
@@ -910,6 +911,27 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
             f"trained for at most {CLASSES_MAX:,}: is it an id, or a number to predict with task regression?",
         )
     return combined
+
+
+def _labels_within_float32(spec: ModelSpec, traffic: pd.DataFrame) -> pd.DataFrame:
+    """``traffic`` without the rows whose regression label is beyond float32's range (serving's feedback
+    takes any number, 1e300 too): dropped and logged as a label that is no value of the target's type is,
+    where in a base dataset such a target fails the run (:func:`check_numeric_values`): one client's label
+    must not fail every retrain on the window."""
+    labels = traffic[spec.target]
+    if not pd.api.types.is_numeric_dtype(labels) or pd.api.types.is_bool_dtype(labels):
+        return traffic
+    beyond = np.abs(labels.to_numpy(dtype=float, na_value=np.nan)) > FLOAT32_MAX
+    if not beyond.any():
+        return traffic
+    log.warning(
+        "traffic labels dropped: beyond float32's range, where models compute",
+        model=spec.name,
+        target=spec.target,
+        dropped=int(beyond.sum()),
+        kept=int((~beyond).sum()),
+    )
+    return traffic[~beyond]
 
 
 def _plain_target(rows: pd.DataFrame, target: str) -> pd.DataFrame:

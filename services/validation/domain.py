@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import orjson
 
@@ -50,6 +51,19 @@ class SliceMeasure:
     value: float
 
 
+ChampionProblem = Literal["missing", "corrupted", "untrusted", "unloadable"]
+
+
+@dataclass(frozen=True)
+class ChampionUnloadable:
+    """Why the champion's model could not be loaded: its artifact is missing, corrupted (its bytes no longer
+    hash to its key), untrusted (no skops file, or types outside the trusted list) or unloadable (skops cannot
+    build it). The comparison with it cannot be measured; the candidate is judged on its absolute checks."""
+
+    reason: ChampionProblem
+    detail: str
+
+
 @dataclass(frozen=True)
 class Measured:
     """What scoring measured on the holdout: ``rows`` are the rows with a usable label, every check's rows."""
@@ -61,6 +75,8 @@ class Measured:
     latency_ms_per_row: float
     champion: ChampionComparison | None = None
     champion_error: str | None = None
+    champion_unloadable: ChampionUnloadable | None = None
+    """Set when the champion's model could not be loaded: the comparison is reported, not judged."""
     slice_feature: str | None = None
     slice_metric: str | None = None
     slices: list[SliceMeasure] = field(default_factory=list)
@@ -70,6 +86,9 @@ class Measured:
     """A few of the values present that are no label of the target's type (as ``repr``)."""
     unknown_labels: dict[str, int] = field(default_factory=dict)
     """Labels that are none of the candidate's classes, with their rows: scored as probability 0."""
+    inputs_vary: bool = True
+    """At least two of the rows hold different inputs: only then can outputs that never vary be the model's
+    doing (one row, or rows all alike, give any model one output)."""
 
 
 def champion_unknown(version: int) -> str:
@@ -202,6 +221,18 @@ def champion_check(
             comparator=comparator,
             passed=True,
             detail=f"skipped: {NO_CHAMPION} (first version of the model)",
+        )
+    if (unloadable := measured.champion_unloadable) is not None:
+        # A damaged production artifact must not freeze the loop: the candidate is judged as a first version
+        # is, and the canary rollout's live comparison with the stable version is the safety net.
+        return CheckResult(
+            name=name,
+            kind=CheckKind.CHAMPION_CHALLENGER,
+            metric=metric,
+            passed=True,
+            detail=f"reported, not judged: champion v{champion} cannot be loaded ({unloadable.reason}): "
+            f"{unloadable.detail}; the candidate is judged on its absolute checks alone, as a first version "
+            "is, and its canary rollout compares it live with the stable version",
         )
     comparison = measured.champion
     if comparison is None:
@@ -356,7 +387,34 @@ def latency_check(spec: ValidationSpec, measured: Measured) -> CheckResult:
 
 
 def sanity_checks(measured: Measured) -> list[CheckResult]:
-    """Outputs are numbers, and they vary."""
+    """Outputs are numbers, and they vary where the inputs do: on a holdout of one row, or of rows that all
+    hold the same inputs, any model gives one output, so not-constant is reported, not judged."""
+    distinct = measured.distinct_outputs
+    if distinct < 2 and not measured.inputs_vary:
+        holdout = (
+            "the holdout's one row gives the model one input"
+            if measured.rows == 1
+            else f"the holdout's {measured.rows:,} rows all hold the same inputs"
+        )
+        varied = CheckResult(
+            name="sanity:not-constant",
+            kind=CheckKind.SANITY,
+            value=float(distinct),
+            passed=True,
+            detail=f"reported, not judged: {holdout}, to which any model gives one output ({distinct} "
+            "distinct); whether its outputs vary takes at least 2 rows with different inputs",
+        )
+    else:
+        varied = CheckResult(
+            name="sanity:not-constant",
+            kind=CheckKind.SANITY,
+            value=float(distinct),
+            threshold=2.0,
+            comparator=Comparator.GE,
+            passed=distinct >= 2,
+            detail=f"{distinct} distinct outputs on {measured.rows} rows"
+            + ("" if distinct >= 2 else ": the model answers the same for everything"),
+        )
     return [
         CheckResult(
             name="sanity:finite-outputs",
@@ -367,16 +425,7 @@ def sanity_checks(measured: Measured) -> list[CheckResult]:
             passed=measured.nonfinite_outputs == 0,
             detail=f"{measured.nonfinite_outputs} NaN or infinite outputs on {measured.rows} rows",
         ),
-        CheckResult(
-            name="sanity:not-constant",
-            kind=CheckKind.SANITY,
-            value=float(measured.distinct_outputs),
-            threshold=2.0,
-            comparator=Comparator.GE,
-            passed=measured.distinct_outputs >= 2,
-            detail=f"{measured.distinct_outputs} distinct outputs on {measured.rows} rows"
-            + ("" if measured.distinct_outputs >= 2 else ": the model answers the same for everything"),
-        ),
+        varied,
     ]
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import Counter
+
 from contracts.common import ArtifactFormat, ArtifactRef, Stage, Task
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
@@ -26,6 +28,7 @@ from libs.modelspec import ValidationSpec
 from libs.stage_order import take_in_order
 from services.validation.domain import (
     Carried,
+    ChampionUnloadable,
     cut_checks,
     failure,
     gates_of_another_task,
@@ -49,6 +52,34 @@ log = get_logger(__name__)
 
 FAILED_CHECKS_LOGGED = 10
 """Failed checks a log line names; it counts them all."""
+
+CHAMPIONS_UNLOADABLE = Counter(
+    "driftloop_validation_champions_unloadable_total",
+    "Candidates gated while their champion's model could not be loaded, by reason: its artifact missing, "
+    "corrupted (its bytes no longer hash to its key), untrusted (no skops file, or types outside the trusted "
+    "list: possibly tampered with) or unloadable (skops cannot build it). Each is judged on its absolute "
+    "checks alone, as a first version is, and logged as an error; the production artifact needs replacing.",
+    ["model", "reason"],
+)
+
+
+def _champion_unloadable(
+    registered: ModelVersionRegistered, champion: int, artifact: ArtifactRef, problem: ChampionUnloadable
+) -> None:
+    """Say loudly that the champion's model cannot be loaded: what serves production may be damaged or
+    tampered with, and no candidate is compared with it offline until it is replaced."""
+    CHAMPIONS_UNLOADABLE.labels(model=registered.model, reason=problem.reason).inc()
+    log.error(
+        "champion artifact is untrusted, possibly tampered with: candidate judged without the comparison"
+        if problem.reason == "untrusted"
+        else "champion model cannot be loaded: candidate judged without the comparison",
+        model=registered.model,
+        candidate=registered.model_version,
+        champion=champion,
+        champion_artifact=artifact.key,
+        reason=problem.reason,
+        detail=problem.detail,
+    )
 
 
 # --- the core, shared with the HTTP API ---------------------------------------------------------------
@@ -135,6 +166,8 @@ async def validate(
                 champion_signature=champion.signature if champion else None,
             )
         )
+        if measured.champion_unloadable is not None and champion is not None:
+            _champion_unloadable(d, champion.version, champion.artifact, measured.champion_unloadable)
         checks = judge(
             spec,
             task=d.signature.task,

@@ -3,7 +3,6 @@ batched latency and output sanity. CPU work on fitted models and frames; no data
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from libs.metrics import (
     number_label,
     paired_bootstrap_difference,
 )
-from libs.modelspec import ValidationSpec
+from libs.modelspec import FLOAT32_MAX, ValidationSpec
 from services.validation.domain import (
     ChampionComparison,
     Measured,
@@ -116,7 +115,8 @@ def read_labels(column: pd.Series, task: Task, classes: Sequence[Any]) -> Holdou
     traffic labels: a regressor takes finite numbers and their text; a classifier whose classes are numbers
     takes those too, one whose classes are booleans takes booleans, "True"/"False" and 0 or 1, one whose
     classes are text takes anything present. A missing value (null, NaN) is no label; nor is a value the
-    target's type cannot hold (text in a numeric label column, as a CSV gives it). A label of the right
+    target's type cannot hold (text in a numeric label column, as a CSV gives it), nor a regression label
+    beyond float32's range, which training refuses as a target. A label of the right
     type that is none of the classes is a label: a class the model never saw."""
     missing = column.isna().to_numpy()
     present = column[~missing]
@@ -132,6 +132,8 @@ def read_labels(column: pd.Series, task: Task, classes: Sequence[Any]) -> Holdou
     ):
         numeric = present.to_numpy(dtype=float)
         ok = np.isfinite(numeric)
+        if task is Task.REGRESSION:
+            ok &= np.abs(numeric) <= FLOAT32_MAX
         # A classifier's labels keep their type (an integer class beyond 2**53 stays itself); a nullable
         # column (the registry's Int64) has no missing value left here, so its numpy type holds it.
         own = getattr(present.dtype, "numpy_dtype", present.dtype)
@@ -140,7 +142,13 @@ def read_labels(column: pd.Series, task: Task, classes: Sequence[Any]) -> Holdou
         values = present.to_numpy(dtype=bool)
         ok = np.ones(len(values), dtype=bool)
     else:  # text, or another type than the target's: value by value (the rare case, never the hot path)
-        read = bool_label if kind == "boolean" else number_label
+        read = (
+            bool_label
+            if kind == "boolean"
+            else _regression_label
+            if task is Task.REGRESSION
+            else number_label
+        )
         converted = [read(v) for v in present.tolist()]
         ok = np.array([v is not None for v in converted], dtype=bool)
         kept = [v for v in converted if v is not None]
@@ -156,6 +164,13 @@ def read_labels(column: pd.Series, task: Task, classes: Sequence[Any]) -> Holdou
     usable = ~missing
     usable[usable] = ok
     return HoldoutLabels(usable=usable, values=values, missing=int(missing.sum()), unusable=tuple(unusable))
+
+
+def _regression_label(value: Any) -> int | float | None:
+    """A regression label: a number within float32's range (:data:`libs.modelspec.FLOAT32_MAX`), as
+    training fits targets; None for anything else (a target near 1e200 made rmse overflow to infinity)."""
+    number = number_label(value)
+    return number if number is not None and abs(number) <= FLOAT32_MAX else None
 
 
 def _unlabelled_message(target: str, labels: HoldoutLabels, kind: LabelKind, classes: Sequence[Any]) -> str:
@@ -197,20 +212,21 @@ NO_NUMBER_EXAMPLES = 3
 
 def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignature) -> None:
     """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose numeric feature holds a
-    value that reads as no number, such as ``"abc"``, or an infinity: any model would fail on it (training
-    refuses an infinity in its rows, serving answers 422), and the failure is the holdout's, not the
-    candidate's (it failed candidate-scores). Text that reads as a finite number is left to the model."""
+    value that reads as no number, such as ``"abc"``, an infinity, or a finite number beyond float32's range
+    (:data:`libs.modelspec.FLOAT32_MAX`): no model is given one (training refuses them in its rows, serving
+    answers 422), and the failure is the holdout's, not the candidate's (an infinity failed candidate-scores;
+    1e300 was scored, and the candidate judged on an input it can never be served). Text that reads as a
+    number within that range is left to the model."""
     for feature in signature.features:
         if feature.type is not FeatureType.NUMERIC:
             continue
         column = frame[feature.name]
         if pd.api.types.is_numeric_dtype(column):
-            # Integers and booleans hold no infinity: only a float column is looked at (one pass, at C speed).
-            infinite = (
-                int(np.isinf(column.to_numpy(dtype=float, na_value=np.nan)).sum())
-                if pd.api.types.is_float_dtype(column)
-                else 0
-            )
+            # Integers and booleans hold no value beyond float32's range (an int64 is at most 9.2e18): only a
+            # float column is looked at (one pass, at C speed).
+            if not pd.api.types.is_float_dtype(column):
+                continue
+            values = column.to_numpy(dtype=float, na_value=np.nan)
         else:
             read = [_as_number(v) for v in column[column.notna()].tolist()]
             bad = [v for v, number in read if number is None]
@@ -221,13 +237,26 @@ def _numeric_features_hold_numbers(frame: pd.DataFrame, signature: ModelSignatur
                     f"are no number (of {len(column):,} rows), such as "
                     f"{', '.join(examples[:NO_NUMBER_EXAMPLES])}"
                 )
-            infinite = sum(1 for _, number in read if number is not None and math.isinf(number))
+            values = np.array([number for _, number in read], dtype=float)
+        magnitude = np.abs(values)
+        if not (magnitude > FLOAT32_MAX).any():
+            continue
+        infinite = int(np.isinf(values).sum())
         if infinite:
             raise HoldoutMismatch(
                 f"the holdout's numeric feature {shown(feature.name)} holds an infinity in {infinite:,} "
                 f"row(s) (of {len(column):,} rows): no model takes one; replace them by a finite value or "
                 "leave them empty (missing values are imputed)"
             )
+        beyond = int((magnitude > FLOAT32_MAX).sum())
+        largest = values[np.nanargmax(magnitude)]
+        raise HoldoutMismatch(
+            f"the holdout's numeric feature {shown(feature.name)} holds a value beyond float32's range "
+            f"(magnitude at most {FLOAT32_MAX:.8g}, where models compute) in {beyond:,} row(s) "
+            f"(of {len(column):,} rows), such as {largest:.6g}: no model is given one "
+            "(training refuses it, serving answers 422); replace them by a value within that range or leave "
+            "them empty (missing values are imputed)"
+        )
 
 
 LEVEL_EXAMPLES = 3
@@ -348,6 +377,9 @@ def measure(
     bad = ~np.isfinite(values)
     nonfinite = int(bad.any(axis=1).sum() if values.ndim > 1 else bad.sum())
     distinct = int(np.unique(np.round(values, 12), axis=0).shape[0])
+    # Looked at only when the outputs never vary (a model that answers differently was given different
+    # inputs): a column with two values, a missing one counting as a value, stops the search.
+    inputs_vary = distinct >= 2 or any(x[name].nunique(dropna=False) > 1 for name in x.columns)
 
     comparison: ChampionComparison | None = None
     champion_error: str | None = None
@@ -429,6 +461,7 @@ def measure(
         unlabelled_rows=unlabelled,
         unusable_labels=labels.unusable,
         unknown_labels=_unknown_labels(outputs, y),
+        inputs_vary=inputs_vary,
     )
 
 

@@ -794,3 +794,16 @@ async def test_a_form_the_reader_refuses_is_a_4xx_saying_what_and_where(
         r = await client.post("/upload", content=body, headers={"content-type": content_type})
     assert r.status_code == status, r.text
     assert r.json()["detail"] == message
+
+
+def test_one_float32_bound_for_serving_training_and_validation() -> None:
+    # A value serving refuses (422) is one no model is trained on or judged on: one definition, in libs.
+    import numpy as np
+
+    from libs import modelspec
+    from services.serving import domain
+    from services.training import worker
+    from services.validation import scoring
+
+    assert float(np.finfo(np.float32).max) == modelspec.FLOAT32_MAX
+    assert domain.FLOAT32_MAX is worker.FLOAT32_MAX is scoring.FLOAT32_MAX is modelspec.FLOAT32_MAX

@@ -3,7 +3,9 @@ loaded by key and verified; the measuring runs in a thread so the event loop kee
 
 Every artifact follows one rule. The store failing for a moment (unreachable, timing out) is tried again
 in place, a bounded number of times (the store's ``attempts``); an artifact that is missing, corrupted
-(its bytes do not hash to its key), untrusted or not readable as what it should be fails its check at once.
+(its bytes do not hash to its key), untrusted or not readable as what it should be fails its check at once,
+except the champion's model: then the comparison with it cannot be measured, and the candidate is judged on
+its absolute checks (``Measured.champion_unloadable`` says why; the handler logs and counts it).
 When the store still fails after its last try, no check fails: ``StoreUnavailable`` (an OSError) goes to the
 bus, which retries the event without limit as for any outage of the infrastructure. A candidate is judged
 once, for good, so an outage must not judge it."""
@@ -11,14 +13,22 @@ once, for good, so an outage must not judge it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 import pandas as pd
 
 from contracts.common import ArtifactFormat, ArtifactRef
-from libs.artifacts import ArtifactError, ArtifactStore, load_model
+from libs.artifacts import (
+    ArtifactCorrupted,
+    ArtifactError,
+    ArtifactNotFound,
+    ArtifactStore,
+    UntrustedArtifact,
+    load_model,
+)
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
-from services.validation.domain import Measured
+from services.validation.domain import ChampionProblem, ChampionUnloadable, Measured
 from services.validation.ports import Evaluation, EvaluationError
 from services.validation.scoring import CandidateFailed, HoldoutMismatch, HoldoutUnlabelled, measure
 
@@ -56,8 +66,25 @@ class StoreEvaluator:
         return await asyncio.to_thread(self._measure, evaluation)
 
     def _measure(self, evaluation: Evaluation) -> Measured:
-        candidate = self._model(evaluation.candidate, "candidate")
-        champion = self._model(evaluation.champion, "champion") if evaluation.champion else None
+        try:
+            candidate = self._model(evaluation.candidate, "candidate")
+        except ArtifactError as exc:
+            raise EvaluationError(
+                "candidate-loads",
+                f"the candidate model {evaluation.candidate.key[:12]} cannot be loaded: {exc}",
+            ) from exc
+        champion: object | None = None
+        unloadable: ChampionUnloadable | None = None
+        if evaluation.champion is not None:
+            try:
+                champion = self._model(evaluation.champion, "champion")
+            except ArtifactError as exc:
+                # Only a champion that is definitely unloadable; the store failing (StoreUnavailable, an
+                # OSError) is no ArtifactError and goes to the bus, which retries the event.
+                unloadable = ChampionUnloadable(
+                    reason=_problem(exc),
+                    detail=f"the champion model {evaluation.champion.key[:12]} cannot be loaded: {exc}",
+                )
         key, fmt = evaluation.holdout.key, evaluation.holdout.format
         try:
             data = self.store.get(key)
@@ -76,13 +103,13 @@ class StoreEvaluator:
                 "holdout-readable", f"the holdout {key[:12]} is not a readable {fmt.value} file: {exc}"
             ) from exc
         try:
-            return measure(
+            measured = measure(
                 evaluation.spec,
                 candidate=candidate,
                 signature=evaluation.signature,
                 holdout=holdout,
                 champion=champion,
-                champion_signature=evaluation.champion_signature,
+                champion_signature=evaluation.champion_signature if unloadable is None else None,
                 seed=evaluation.seed,
                 latency_repeats=self.latency_repeats,
                 latency_batch_rows=self.latency_batch_rows,
@@ -98,12 +125,18 @@ class StoreEvaluator:
             raise EvaluationError(
                 "candidate-scores", f"the candidate cannot score the holdout: {exc}"
             ) from exc
+        return dataclasses.replace(measured, champion_unloadable=unloadable) if unloadable else measured
 
-    def _model(self, ref: ArtifactRef | None, who: str) -> object:
-        assert ref is not None
-        try:
-            return load_model(self.store, ref.key)
-        except ArtifactError as exc:
-            raise EvaluationError(
-                f"{who}-loads", f"the {who} model {ref.key[:12]} cannot be loaded: {exc}"
-            ) from exc
+    def _model(self, ref: ArtifactRef, who: str) -> object:
+        """The ``who`` model (candidate or champion); raises ArtifactError when it cannot be loaded."""
+        return load_model(self.store, ref.key)
+
+
+def _problem(exc: ArtifactError) -> ChampionProblem:
+    if isinstance(exc, ArtifactNotFound):
+        return "missing"
+    if isinstance(exc, ArtifactCorrupted):
+        return "corrupted"
+    if isinstance(exc, UntrustedArtifact):
+        return "untrusted"
+    return "unloadable"

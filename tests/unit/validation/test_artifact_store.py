@@ -113,3 +113,23 @@ async def test_a_holdout_whose_bytes_are_no_table_fails_naming_the_format(gate: 
     [failed] = gate.bus.events(of=ValidationFailed)
     assert failed.data.failed_checks == ["holdout-readable"]
     assert f"the holdout {junk.sha256[:12]} is not a readable parquet file" in failed.data.checks[0].detail
+
+
+async def test_a_store_that_keeps_failing_on_the_champion_judges_nothing_and_the_bus_retries(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A champion that cannot load leaves the candidate judged without the comparison; a store that cannot
+    # read the champion is an outage, which must not: the candidate is judged against it once it is back.
+    flaky = FlakyStore(monkeypatch)
+    champion = gate.train(churn_spec(), 1, churn_frame())
+    await gate.versions.record(champion)
+    await gate.promote("churn", 1)
+    candidate = gate.train(churn_spec(), 2, churn_frame(1500, seed=1))
+    flaky.reads.clear()
+    flaky.failing_reads[champion.artifact.key] = 2 * ATTEMPTS
+    await gate.register(candidate)
+    assert gate.bus.dead_letters == []
+    [passed] = gate.bus.events(of=ValidationPassed)
+    comparison = next(c for c in passed.data.checks if c.name == "challenger-vs-champion:roc_auc")
+    assert comparison.interval is not None and comparison.passed
+    assert flaky.reads[champion.artifact.key] == 2 * ATTEMPTS + 1

@@ -193,6 +193,20 @@ def test_nan_outputs_and_constant_outputs_fail_sanity() -> None:
     assert not varied.passed and "the same for everything" in varied.detail
 
 
+def test_not_constant_is_reported_not_judged_where_the_inputs_do_not_vary() -> None:
+    # One row, or rows all alike, give any model one output: it failed every such holdout.
+    _, one_row = sanity_checks(measured(rows=1, distinct_outputs=1, inputs_vary=False))
+    assert one_row.passed and one_row.threshold is None and one_row.value == 1.0
+    assert one_row.detail == (
+        "reported, not judged: the holdout's one row gives the model one input, to which any model gives one "
+        "output (1 distinct); whether its outputs vary takes at least 2 rows with different inputs"
+    )
+    _, alike = sanity_checks(measured(rows=40, distinct_outputs=1, inputs_vary=False))
+    assert alike.passed and "the holdout's 40 rows all hold the same inputs" in alike.detail
+    _, constant = sanity_checks(measured(rows=40, distinct_outputs=1, inputs_vary=True))
+    assert not constant.passed and constant.threshold == 2.0
+
+
 def test_judge_runs_every_gate_once_in_report_order() -> None:
     checks = judge(
         SPEC,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.common import ArtifactFormat, ArtifactRef, DatasetRef, Lineage, ModelSignature, Stage
 from contracts.envelope import CloudEvent, new_event
@@ -293,14 +296,70 @@ async def test_a_damaged_candidate_fails_the_candidate_loads_check(gate: Gate) -
     assert "cannot be loaded" in failed.data.checks[0].detail
 
 
-async def test_a_damaged_champion_fails_the_champion_loads_check_of_each_candidate(gate: Gate) -> None:
+def champion_artifact(gate: Gate, registered: ModelVersionRegistered, problem: str) -> ModelVersionRegistered:
+    """``registered`` with its artifact made ``problem``: missing, corrupted (bytes changed after storing),
+    untrusted (a pickle) or unloadable (a damaged skops file)."""
+    if problem == "unloadable":
+        return with_damaged_artifact(gate, registered)
+    if problem == "missing":
+        key = "0" * 64
+    elif problem == "untrusted":
+        key = gate.store.put(pickle.dumps({"not": "a skops file"})).sha256
+    else:
+        key = registered.artifact.key
+        path = Path(gate.store.root) / "sha256" / key[:2] / key
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return registered.model_copy(update={"artifact": registered.artifact.model_copy(update={"key": key})})
+
+
+def unloadable_champions(reason: str) -> float:
+    labels = {"model": "churn", "reason": reason}
+    return REGISTRY.get_sample_value("driftloop_validation_champions_unloadable_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupted", "untrusted", "unloadable"])
+async def test_a_champion_that_cannot_load_leaves_the_candidate_judged_on_its_absolute_checks(
+    gate: Gate, problem: str
+) -> None:
+    # It failed every candidate with champion-loads until a person demoted the champion: the loop stalled.
+    champion = champion_artifact(gate, gate.train(churn_spec(), 1, churn_frame()), problem)
+    await gate.versions.record(champion)
+    await gate.promote("churn", 1)
+    counted = unloadable_champions(problem)
+    with capture_logs() as logs:
+        await gate.register(gate.train(churn_spec(), 2, churn_frame(1500, seed=1)))
+    assert gate.bus.dead_letters == []
+    [passed] = gate.bus.events(of=ValidationPassed)
+    assert passed.data.champion_version == 1
+    checks = {c.name: c for c in passed.data.checks}
+    assert "champion-loads" not in checks
+    comparison = checks["challenger-vs-champion:roc_auc"]
+    assert comparison.passed and comparison.value is None and comparison.threshold is None
+    assert comparison.detail.startswith(
+        f"reported, not judged: champion v1 cannot be loaded ({problem}): the champion model "
+        f"{champion.artifact.key[:12]} cannot be loaded: "
+    )
+    assert "judged on its absolute checks alone" in comparison.detail
+    assert checks["signature-compatible"].passed  # its signature is its registration's: still checked
+    assert unloadable_champions(problem) == counted + 1
+    [error] = [line for line in logs if line["log_level"] == "error"]
+    assert error["champion"] == 1 and error["champion_artifact"] == champion.artifact.key
+    assert error["reason"] == problem
+    assert ("possibly tampered" in error["event"]) is (problem == "untrusted")
+
+
+async def test_a_candidate_with_an_unloadable_champion_still_fails_its_absolute_checks(gate: Gate) -> None:
     champion = with_damaged_artifact(gate, gate.train(churn_spec(), 1, churn_frame()))
     await gate.versions.record(champion)
     await gate.promote("churn", 1)
-    await gate.register(gate.train(churn_spec(), 2, churn_frame(1500, seed=1)))
-    assert gate.bus.dead_letters == []
+    worse = churn_frame(1500, seed=1)
+    worse["churned"] = np.random.default_rng(3).integers(0, 2, len(worse))  # labels that are noise
+    await gate.register(gate.train(churn_spec(), 2, worse))
     [failed] = gate.bus.events(of=ValidationFailed)
-    assert failed.data.failed_checks == ["champion-loads"]
+    assert "roc_auc>=0.75" in failed.data.failed_checks
+    assert not any(name.startswith("challenger-vs-champion") for name in failed.data.failed_checks)
 
 
 async def test_a_candidate_whose_spec_gates_another_task_fails_the_spec_readable_check(gate: Gate) -> None:

@@ -180,7 +180,8 @@ def test_the_report_names_classes_of_the_holdout_the_candidate_never_saw(
     assert labels.passed and "2 (10 rows)" in labels.detail and "probability 0" in labels.detail
 
 
-def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() -> None:
+def _ridge() -> tuple[ModelSpec, Any, ModelSignature]:
+    """A ridge regressor of price on x0..x2, fitted on 400 rows: its spec, model and signature."""
     data = churn_spec_data(
         "price",
         target="price",
@@ -193,7 +194,11 @@ def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() ->
     spec = spec_from_data(data)
     frame = regression_frame(400)
     model = build_pipeline(spec).fit(frame.drop(columns=["price"]), frame["price"])
-    sig = signature(spec, model, ())
+    return spec, model, signature(spec, model, ())
+
+
+def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() -> None:
+    spec, model, sig = _ridge()
     holdout = regression_frame(200, seed=1)
     labelled = measure(
         spec.validation, candidate=model, signature=sig, holdout=holdout.iloc[20:], latency_repeats=1
@@ -206,6 +211,50 @@ def test_a_regression_holdout_with_missing_and_text_targets_scores_the_rest() ->
     )
     assert (measured.rows, measured.unlabelled_rows) == (180, 20)
     assert measured.metrics == pytest.approx(labelled.metrics, rel=1e-12)
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["numbers", "text"])
+def test_regression_labels_beyond_float32s_range_are_left_out_as_no_target(as_text: bool) -> None:
+    # Training refuses such a target; in a holdout it made rmse overflow to infinity, and the rmse threshold
+    # failed as "undefined on this holdout" (r2 too), whatever the candidate.
+    spec, model, sig = _ridge()
+    holdout = regression_frame(200, seed=1)
+    labelled = measure(
+        spec.validation, candidate=model, signature=sig, holdout=holdout.iloc[3:], latency_repeats=1
+    )
+    spoiled = holdout.copy()
+    spoiled.loc[:2, "price"] = [1e200, -1e200, 4e38]
+    if as_text:
+        spoiled["price"] = spoiled["price"].map(repr)  # a column of text, read value by value
+    measured = measure(spec.validation, candidate=model, signature=sig, holdout=spoiled, latency_repeats=1)
+    assert (measured.rows, measured.unlabelled_rows) == (197, 3)
+    assert measured.metrics == pytest.approx(labelled.metrics, rel=1e-12)
+    assert set(measured.metrics) == {"rmse", "mae", "r2"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "judged"), [([7], False), ([7, 7, 7], False), ([7, 8], True)], ids=["one", "alike", "two"]
+)
+def test_a_holdout_whose_inputs_do_not_vary_leaves_not_constant_unjudged(
+    rows: list[int], judged: bool
+) -> None:
+    # A one-row holdout failed sanity:not-constant whatever the model: one input gives one output.
+    spec, model, sig = _ridge()
+    holdout = regression_frame(20, seed=1).iloc[rows].reset_index(drop=True)
+    measured = measure(spec.validation, candidate=model, signature=sig, holdout=holdout, latency_repeats=1)
+    checks = judge(
+        spec.validation,
+        task=Task.REGRESSION,
+        n_classes=None,
+        measured=measured,
+        candidate=sig,
+        champion_signature=None,
+        champion_version=None,
+    )
+    varied = next(c for c in checks if c.name == "sanity:not-constant")
+    assert varied.passed
+    assert (varied.threshold is not None) is judged
+    assert varied.detail.startswith("reported, not judged") is not judged
 
 
 def _store_holdout(store: ArtifactStore, frame: pd.DataFrame) -> ArtifactRef:

@@ -17,6 +17,7 @@ import pytest
 from contracts.models import ModelVersionRegistered
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore
+from libs.modelspec import FLOAT32_MAX
 from services.validation import scoring
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
@@ -240,6 +241,35 @@ async def test_an_infinity_in_a_holdouts_numeric_feature_fails_the_holdout_check
     assert failed.data.checks[0].detail == (
         f"the holdout's numeric feature 'x1' holds an infinity in 3 row(s) (of {len(holdout):,} rows): no "
         "model takes one; replace them by a finite value or leave them empty (missing values are imputed)"
+    )
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["numbers", "text"])
+async def test_a_value_beyond_float32s_range_in_a_holdouts_numeric_feature_fails_the_holdout_check(
+    tmp_path: Path, as_text: bool
+) -> None:
+    # Serving answers 422 for such an input and training refuses it in its rows, yet the candidate was scored
+    # on it (1e300 is finite) and judged on an input it can never be served.
+    gate = Gate(tmp_path)
+    registered = gate.train(churn_spec(), 1, churn_frame())
+
+    def change(holdout: pd.DataFrame) -> None:
+        if as_text:
+            holdout["x1"] = holdout["x1"].map(str)
+            holdout.loc[[2, 5], "x1"] = ["1e300", "-4e38"]
+        else:
+            holdout.loc[[2, 5], "x1"] = [1e300, -4e38]
+        holdout.loc[7, "x1"] = FLOAT32_MAX if not as_text else repr(FLOAT32_MAX)  # the bound itself is served
+
+    holdout = await register_with_holdout(gate, registered, change)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        "the holdout's numeric feature 'x1' holds a value beyond float32's range (magnitude at most "
+        f"3.4028235e+38, where models compute) in 2 row(s) (of {len(holdout):,} rows), such as 1e+300: no "
+        "model is given one (training refuses it, serving answers 422); replace them by a value within that "
+        "range or leave them empty (missing values are imputed)"
     )
 
 
