@@ -148,14 +148,20 @@ ROUTE = re.compile(r"\b(GET|POST|PUT|DELETE|PATCH) +(/[^\s`|,;)]*)")
 BARE_PATH = re.compile(r"(?<![\w./:-])(/(?:v\d+|health|metrics|docs|openapi\.json)\b[^\s`|,;)]*)")
 
 
-def served_routes() -> set[tuple[str, str]]:
-    """(method, path template) of every route a service's app answers, `/docs` and `/metrics` included."""
+def served_routes() -> dict[tuple[str, str], set[str]]:
+    """(method, path template) of every route a service's app answers, `/docs` and `/metrics` included, and
+    the names of its query parameters."""
     from tests.unit.test_openapi_errors import SETTINGS, app_of
 
-    served = {("GET", path) for path in ("/docs", "/redoc", "/openapi.json", "/metrics")}
+    served: dict[tuple[str, str], set[str]] = {
+        ("GET", path): set() for path in ("/docs", "/redoc", "/openapi.json", "/metrics")
+    }
     for service in SETTINGS:
         for path, operations in app_of(service).openapi()["paths"].items():
-            served |= {(method.upper(), path) for method in operations}
+            for method, operation in operations.items():
+                query = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+                # Two services may serve one path (GET /v1/models): either's parameters are taken.
+                served.setdefault((method.upper(), path), set()).update(query)
     return served
 
 
@@ -172,9 +178,10 @@ def route_matches(named: str, template: str) -> bool:
     )
 
 
-def unserved_routes(pages: list[Path], served: set[tuple[str, str]]) -> list[str]:
-    """`page:line: METHOD path` for each route a page names that no service answers (a path named without a
-    method: under any method; one of a single segment, `/v1`, is where routes are and needs one under it)."""
+def unserved_routes(pages: list[Path], served: dict[tuple[str, str], set[str]]) -> list[str]:
+    """`page:line: METHOD path` for each route a page names that no service answers, or with a query
+    parameter it does not take (`?limit=&cursor=`); a path named without a method: under any method, and one
+    of a single segment, `/v1`, is where routes are and needs one under it."""
     missing = []
     for page in pages:
         for line, span in code_spans(page):
@@ -184,9 +191,12 @@ def unserved_routes(pages: list[Path], served: set[tuple[str, str]]) -> list[str
             for method, path in named:
                 # A bare `/v1` or `/health` names where routes are, not one route.
                 under = not method and path.count("/") == 1
+                query = set(re.findall(r"[?&]([a-z_]+)=", path))
                 if not any(
-                    (route_matches(path, t) or (under and t.startswith(f"{path}/"))) and method in ("", m)
-                    for m, t in served
+                    (route_matches(path, t) or (under and t.startswith(f"{path}/")))
+                    and method in ("", m)
+                    and query <= params
+                    for (m, t), params in served.items()
                 ):
                     missing.append(f"{where(page, line)}: {f'{method} {path}'.strip()}")
     return missing
@@ -204,21 +214,22 @@ def test_a_route_no_service_answers_is_found(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text(
-        "`GET /v1/models/{model}/versions/7` `GET /v1/models?prefix=&limit=`"
+        "`GET /v1/models/{model}/versions/7` `GET /v1/models?prefix=&limit=` `GET /v1/models?page=2`"
         " `PUT` / `DELETE /v1/tags/{key}`\n"
         "`POST /v1/models/{name}/drift` `/v1/status` `.../file` `GET /metrics` under `/v1`, not `/v3`\n"
         "```\ncurl http://127.0.0.1:8101/v1/models\ncurl -X POST /v1/modles\n```\n"
     )
     served = {
-        ("GET", "/v1/models"),
-        ("GET", "/v1/models/{model}/versions/{version}"),
-        ("GET", "/v1/models/{model}/drift"),
-        ("GET", "/v1/datasets/{name}/file"),
-        ("GET", "/metrics"),
+        ("GET", "/v1/models"): {"prefix", "limit"},
+        ("GET", "/v1/models/{model}/versions/{version}"): set(),
+        ("GET", "/v1/models/{model}/drift"): set(),
+        ("GET", "/v1/datasets/{name}/file"): set(),
+        ("GET", "/metrics"): set(),
     }
 
     assert unserved_routes([docs / "a.md"], served) == [
         "docs/a.md:5: POST /v1/modles",
+        "docs/a.md:1: GET /v1/models?page=2",
         "docs/a.md:1: DELETE /v1/tags/{key}",
         "docs/a.md:2: POST /v1/models/{name}/drift",
         "docs/a.md:2: /v1/status",
