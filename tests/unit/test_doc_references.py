@@ -117,6 +117,58 @@ def test_every_series_the_docs_name_is_exported() -> None:
     assert [(page, name) for page, name in named if name not in exported | NOT_SERIES] == []
 
 
+def series_labels() -> dict[str, tuple[str, ...]]:
+    """The label names of every series libs and services register, by series name (a counter's `_total`
+    too), from the registry after importing every module of theirs."""
+    import pkgutil
+
+    import prometheus_client
+
+    for top in ("libs", "services"):
+        for module in pkgutil.walk_packages(importlib.import_module(top).__path__, f"{top}."):
+            if not module.name.endswith("__main__"):
+                importlib.import_module(module.name)
+    return {
+        name: tuple(getattr(collector, "_labelnames", ()))
+        for collector, names in prometheus_client.REGISTRY._collector_to_names.items()
+        for name in names
+    }
+
+
+def wrong_labels(pages: list[Path], labels: dict[str, tuple[str, ...]]) -> list[str]:
+    """`page: series{label}` for each label a page gives a series (`driftloop_x_total{model, reason}`) that
+    the series does not have."""
+    wrong = []
+    for page in pages:
+        for name, given in re.findall(r"\b(driftloop_[a-z0-9_]*[a-z0-9])\{([a-z_, ]+)\}", page.read_text()):
+            wrong += [
+                f"{page.name}: {name}{{{label}}}"
+                for label in (part.strip() for part in given.split(","))
+                if label not in labels.get(name, ())
+            ]
+    return wrong
+
+
+def test_every_label_the_docs_give_a_series_is_its_own() -> None:
+    pages = [p for p in PAGES if p.name != "benchmarks.md"]
+    labels = series_labels()
+
+    assert len(re.findall(r"driftloop_\w+\{[a-z_, ]+\}", " ".join(p.read_text() for p in pages))) > 5
+    assert wrong_labels(pages, labels) == []
+
+
+def test_a_label_a_series_lacks_is_found(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text(
+        "`driftloop_x_total{model, reason}` `driftloop_y{phase}` `driftloop_x_{a,b}` `driftloop_z{topic}`"
+    )
+    labels: dict[str, tuple[str, ...]] = {"driftloop_x_total": ("model",), "driftloop_y": ("phase",)}
+
+    assert wrong_labels([tmp_path / "a.md"], labels) == [
+        "a.md: driftloop_x_total{reason}",
+        "a.md: driftloop_z{topic}",
+    ]
+
+
 # --- what a reader types or calls: HTTP routes, `driftloop` commands, topics, files ---------------------
 
 # The pages a user acts on; docs/benchmarks.md records past runs, which may name what has changed since.
