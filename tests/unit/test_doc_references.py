@@ -527,3 +527,17 @@ def test_a_name_the_code_lacks_is_found(tmp_path: Path) -> None:
         "docs/a.md:3: libs.bus.core.is_transient_error",
         "docs/a.md:3: libs.buss",
     ]
+
+
+# -- examples a reader copies
+
+
+def test_the_model_spec_docs_training_shows_is_accepted_and_fits() -> None:
+    from libs.modelspec import check_fits, parse_spec
+
+    text = (PROJECT_ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    [example] = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    spec = parse_spec(example, content_type="application/yaml")
+
+    check_fits(spec)
+    assert spec.validation.slices is not None and spec.retrain.training_set.min_rows == 50
