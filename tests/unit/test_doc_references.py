@@ -541,3 +541,75 @@ def test_the_model_spec_docs_training_shows_is_accepted_and_fits() -> None:
 
     check_fits(spec)
     assert spec.validation.slices is not None and spec.retrain.training_set.min_rows == 50
+
+
+# -- the settings tables of the service pages
+
+UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def documented_default(cell: str) -> object:
+    """What a page's default cell says, as a value: `8101`, `5,000,000`, `64 MiB`, `true`, `[]`, `audit`,
+    `—` (none); a description in words (`package version + git commit`) is returned as it is written."""
+    text = cell.strip().strip("`")
+    if number := re.fullmatch(r"(\d[\d,]*(?:\.\d+)?)(?: (KiB|MiB|GiB))?", text):
+        return float(number.group(1).replace(",", "")) * UNITS.get(number.group(2) or "", 1)
+    return {"true": True, "false": False, "—": None, "[]": []}.get(text, text)
+
+
+def wrong_settings_rows(page: Path, settings: type[BaseSettings]) -> list[str]:
+    """`page:line: setting (why)` for each row of the page's `| setting | default |` tables whose setting
+    the class lacks, or whose default is not the class's (a path default: its end, `.driftloop/x`; a default
+    described in words is not compared)."""
+    wrong = []
+    in_table = False
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        in_table = bool(re.match(r"\| setting \| default \|", line)) or (in_table and line.startswith("|"))
+        if not (in_table and (row := re.match(r"\| `(\w+)` \| ([^|]*) \|", line))):
+            continue
+        name, said = row.group(1).lower(), documented_default(row.group(2))
+        field = settings.model_fields.get(name)
+        if field is None:
+            wrong.append(f"{where(page, number)}: {row.group(1)} (no such setting)")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(said, str) and said.startswith(".driftloop/"):
+            agrees = str(default).endswith(f"/{said}")  # under the checkout, wherever that is
+        elif isinstance(said, str) and " " in said:
+            agrees = True  # described, not given
+        else:
+            agrees = said == default
+        if not agrees:
+            said_text = row.group(2).strip()
+            wrong.append(
+                f"{where(page, number)}: {row.group(1)} (the page says {said_text}, the code {default!r})"
+            )
+    return wrong
+
+
+def test_the_settings_tables_of_the_service_pages_name_real_settings_and_defaults() -> None:
+    from deploy.settings_doc import SERVICE_SETTINGS
+
+    pages = [(PROJECT_ROOT / "docs" / f"{settings.service}.md", settings) for settings in SERVICE_SETTINGS]
+
+    assert sum(page.read_text(encoding="utf-8").count("\n| `") for page, _ in pages) > 30
+    assert [wrong for page, settings in pages for wrong in wrong_settings_rows(page, settings)] == []
+
+
+def test_a_setting_or_default_the_code_does_not_have_is_found(tmp_path: Path) -> None:
+    from services.registry.settings import RegistrySettings
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "registry.md").write_text(
+        "| setting | default | what |\n| --- | --- | --- |\n"
+        "| `http_port` | 8101 | |\n| `max_upload_bytes` | 64 MiB | |\n| `max_dataset_rows` | 5,000,000 | |\n"
+        "| `consumer_group` | `registry` | |\n| `read_pool_max` | 8 | |\n| `max_upload_mb` | 64 | |\n"
+        "| `max_request_bytes` | 64 MiB | |\n| `artifacts_url` | `.driftloop/artifacts` | |\n"
+        "\n| `read_pool_max` | 9 | outside the table |\n"
+    )
+
+    assert wrong_settings_rows(tmp_path / "docs" / "registry.md", RegistrySettings) == [
+        "docs/registry.md:7: read_pool_max (the page says 8, the code 4)",
+        "docs/registry.md:8: max_upload_mb (no such setting)",
+        "docs/registry.md:9: max_request_bytes (the page says 64 MiB, the code 68157440)",
+    ]
