@@ -188,6 +188,14 @@ def code_spans(page: Path) -> list[tuple[int, str]]:
     return spans
 
 
+def a_page(tmp_path: Path, text: str, name: str = "a.md") -> Path:
+    """A page `docs/<name>` of a checkout in ``tmp_path``, holding ``text``."""
+    page = tmp_path / "docs" / name
+    page.parent.mkdir(exist_ok=True)
+    page.write_text(text)
+    return page
+
+
 def where(page: Path, line: int) -> str:
     """`docs/x.md:12`, or `README.md:12` for the checkout's own README."""
     name = page.name if page.parent == PROJECT_ROOT else f"{page.parent.name}/{page.name}"
@@ -263,13 +271,12 @@ def test_every_route_the_docs_name_is_served() -> None:
 
 
 def test_a_route_no_service_answers_is_found(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.md").write_text(
+    page = a_page(
+        tmp_path,
         "`GET /v1/models/{model}/versions/7` `GET /v1/models?prefix=&limit=` `GET /v1/models?page=2`"
         " `PUT` / `DELETE /v1/tags/{key}`\n"
         "`POST /v1/models/{name}/drift` `/v1/status` `.../file` `GET /metrics` under `/v1`, not `/v3`\n"
-        "```\ncurl http://127.0.0.1:8101/v1/models\ncurl -X POST /v1/modles\n```\n"
+        "```\ncurl http://127.0.0.1:8101/v1/models\ncurl -X POST /v1/modles\n```\n",
     )
     served = {
         ("GET", "/v1/models"): {"prefix", "limit"},
@@ -279,7 +286,7 @@ def test_a_route_no_service_answers_is_found(tmp_path: Path) -> None:
         ("GET", "/metrics"): set(),
     }
 
-    assert unserved_routes([docs / "a.md"], served) == [
+    assert unserved_routes([page], served) == [
         "docs/a.md:5: POST /v1/modles",
         "docs/a.md:1: GET /v1/models?page=2",
         "docs/a.md:1: DELETE /v1/tags/{key}",
@@ -340,17 +347,16 @@ def test_every_driftloop_command_the_docs_show_exists_with_its_options() -> None
 
 
 def test_a_command_or_option_the_cli_lacks_is_found(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.md").write_text(
+    page = a_page(
+        tmp_path,
         "`driftloop infra up | status | down` `deploy/local/driftloop audit tail -n 5 --follow`\n"
         "`driftloop infra restart` `driftloop up --keep-running` `driftloop test -x --lf`\n"
         "`driftloop <service>: error:` `initdb -U driftloop --auth=trust` (`driftloop test`)\n"
         "```\ndriftloop audit verify [--from N] [--checkpoints FILE]... [--since T]\n```\n"
-        "`driftloop infra topics --bootstrap <servers>\n--replication-factor 3 --partitions 6`\n"
+        "`driftloop infra topics --bootstrap <servers>\n--replication-factor 3 --partitions 6`\n",
     )
 
-    assert wrong_commands([docs / "a.md"]) == [
+    assert wrong_commands([page]) == [
         "docs/a.md:5: driftloop audit verify [--from N] [--checkpoints FILE]... [--since T]"
         " (--since is not an option of it)",
         "docs/a.md:2: driftloop infra restart (no such command)",
@@ -415,16 +421,16 @@ def test_every_file_of_the_checkout_the_docs_name_exists() -> None:
 
 
 def test_a_file_the_checkout_lacks_is_found(tmp_path: Path) -> None:
-    (tmp_path / "docs").mkdir()
     (tmp_path / "deploy" / "local").mkdir(parents=True)
     (tmp_path / "deploy" / "local" / "broker.py").write_text("")
-    (tmp_path / "docs" / "a.md").write_text(
+    page = a_page(
+        tmp_path,
         "`deploy/local/broker.py` `deploy/local/kafka.py` `deploy/local/` (`deploy/cli.py:12`)\n"
         "`.driftloop/logs/x.log` `logs/kafka.log` `services/<name>/settings.py`\n"
-        "```\npython deploy/local/broker.py && cat deploy/tokens.json\n```\n"
+        "```\npython deploy/local/broker.py && cat deploy/tokens.json\n```\n",
     )
 
-    assert missing_files([tmp_path / "docs" / "a.md"], root=tmp_path) == [
+    assert missing_files([page], root=tmp_path) == [
         "docs/a.md:4: deploy/tokens.json",
         "docs/a.md:1: deploy/local/kafka.py",
         "docs/a.md:1: deploy/cli.py",
@@ -511,16 +517,16 @@ def test_every_name_of_the_code_the_docs_show_exists() -> None:
 
 
 def test_a_name_the_code_lacks_is_found(tmp_path: Path) -> None:
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.md").write_text(
+    page = a_page(
+        tmp_path,
         "`MAX_POLL_RECORDS` `MAX_POLL_ROWS` `ROLLOUT_STEPS` `ConsumerRunner` `ConsumerRunr` `OSError`\n"
         "`Subscription.max_uncertain_retries` `Subscription.max_retries_uncertain` `SASL_SSL`\n"
         "`libs.bus.core.is_transient` `libs.bus.core.is_transient_error` `libs.buss`\n"
-        "`services.serving.handlers.handle()`\n"
+        "`services.serving.handlers.handle()`\n",
     )
     defined = {"MAX_POLL_RECORDS", "ConsumerRunner", "Subscription"}
 
-    assert unknown_names([tmp_path / "docs" / "a.md"], defined, "max_uncertain_retries: int = 20") == [
+    assert unknown_names([page], defined, "max_uncertain_retries: int = 20") == [
         "docs/a.md:1: MAX_POLL_ROWS",
         "docs/a.md:1: ConsumerRunr",
         "docs/a.md:2: Subscription.max_retries_uncertain",
@@ -599,16 +605,17 @@ def test_the_settings_tables_of_the_service_pages_name_real_settings_and_default
 def test_a_setting_or_default_the_code_does_not_have_is_found(tmp_path: Path) -> None:
     from services.registry.settings import RegistrySettings
 
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "registry.md").write_text(
+    page = a_page(
+        tmp_path,
         "| setting | default | what |\n| --- | --- | --- |\n"
         "| `http_port` | 8101 | |\n| `max_upload_bytes` | 64 MiB | |\n| `max_dataset_rows` | 5,000,000 | |\n"
         "| `consumer_group` | `registry` | |\n| `read_pool_max` | 8 | |\n| `max_upload_mb` | 64 | |\n"
         "| `max_request_bytes` | 64 MiB | |\n| `artifacts_url` | `.driftloop/artifacts` | |\n"
-        "\n| `read_pool_max` | 9 | outside the table |\n"
+        "\n| `read_pool_max` | 9 | outside the table |\n",
+        name="registry.md",
     )
 
-    assert wrong_settings_rows(tmp_path / "docs" / "registry.md", RegistrySettings) == [
+    assert wrong_settings_rows(page, RegistrySettings) == [
         "docs/registry.md:7: read_pool_max (the page says 8, the code 4)",
         "docs/registry.md:8: max_upload_mb (no such setting)",
         "docs/registry.md:9: max_request_bytes (the page says 64 MiB, the code 68157440)",
