@@ -25,7 +25,8 @@ case "$1" in
   -m)
     [ "$2" = venv ] || exit 2
     venv="${@: -1}"
-    rm -rf "$venv"
+    # As venv --clear does: what is in the directory goes, through a link too (os.listdir follows it).
+    [ ! -d "$venv" ] || find "$venv/" -mindepth 1 -delete
     mkdir -p "$venv/bin"
     cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
     echo "made a venv at $venv" >>"$FAKE_LOG"
@@ -148,6 +149,26 @@ def test_a_moved_checkout_gets_a_venv_made_for_its_new_path(checkout: Checkout) 
     assert moved.stdout == f"driftloop ran with {venv}/bin/python: status\n"
     assert f".venv was made at {old}/.venv, and this checkout is at {checkout.root}" in moved.stderr
     assert checkout.did == [f"made a venv at {venv}", "installed uv", "synced", "installed driftloop"]
+
+
+def test_a_venv_linked_from_elsewhere_is_replaced_and_what_it_links_to_left_alone(
+    checkout: Checkout, tmp_path: Path
+) -> None:
+    # A .venv linked to another checkout's (to share one): `venv --clear` on the link would empty the other
+    # checkout's environment, since it clears what the path holds, through the link.
+    shared = tmp_path / "shared-venv"
+    (shared / "bin").mkdir(parents=True)
+    (shared / "bin" / "python").write_text("the other checkout's python\n")
+    (checkout.root / ".venv").symlink_to(shared)
+
+    made = checkout.run("status")
+
+    venv = checkout.root / ".venv"
+    assert made.returncode == 0, made.stderr
+    assert f".venv is a link to {shared}" in made.stderr
+    assert not venv.is_symlink()
+    assert (shared / "bin" / "python").read_text() == "the other checkout's python\n"
+    assert checkout.did[0] == f"made a venv at {venv}"
 
 
 def test_a_venv_stamped_before_paths_were_recorded_is_kept_where_it_belongs(checkout: Checkout) -> None:
