@@ -147,9 +147,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
         # The trail needs only the decoder's verdict on each record, and most records are predictions: the
         # fast reader gives the same verdict (and the same error for a malformed one) for less.
         readers={PredictionsLogged: read_predictions_logged},
-        max_retries=settings.consumer_max_retries,
-        retry_backoff_s=settings.consumer_retry_backoff_s,
-        max_event_bytes=settings.kafka.max_event_bytes,
+        **settings.consumer_limits(),
     )
 
 
