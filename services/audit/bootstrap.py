@@ -157,7 +157,7 @@ async def build(rt: Runtime) -> ServiceParts:
     role = settings.writer_role
     await prepare_writer_role(rt.pool, settings.db_schema, role)
     signer = Signer(signing_seed(settings))
-    archive = CheckpointFile(settings.checkpoint_file)
+    archive = CheckpointFile(settings.checkpoint_file, in_order=True)
     await sync_archive(rt.pool, role, archive)
     topics = settings.recorded_topics()
     subscription = trail_subscription(settings, signer, rt.source())
