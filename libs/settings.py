@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, TypedDict
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -138,6 +138,15 @@ class KafkaSettings(BaseSettings):
         }
 
 
+class ConsumerLimits(TypedDict):
+    """A subscription's limits from the settings (the fields of ``libs.bus.core.Subscription`` they set)."""
+
+    max_retries: int
+    retry_backoff_s: float
+    max_uncertain_retries: int
+    max_event_bytes: int
+
+
 class ServiceSettings(BaseSettings):
     """Settings every service has. Subclasses set ``service`` and their own env prefix."""
 
@@ -184,9 +193,25 @@ class ServiceSettings(BaseSettings):
         description="First retry delay, above 0 (the outage retry loop waits this long first); "
         "doubles per attempt.",
     )
+    consumer_max_uncertain_retries: int = Field(
+        20,
+        ge=0,
+        description="Retries of a handler that keeps raising an OSError or a timeout not known to be an "
+        "outage (it may be the handler's own), with the outage's delay (doubling up to 5 s: about 80 s at "
+        "the defaults), before its event is dead-lettered; 0 or more. An outage is retried without limit.",
+    )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="HTTP request bodies above this get 413; 1 or more."
     )
+
+    def consumer_limits(self) -> ConsumerLimits:
+        """The retry and size limits every subscription of the service takes (``Subscription(**...)``)."""
+        return ConsumerLimits(
+            max_retries=self.consumer_max_retries,
+            retry_backoff_s=self.consumer_retry_backoff_s,
+            max_uncertain_retries=self.consumer_max_uncertain_retries,
+            max_event_bytes=self.kafka.max_event_bytes,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -333,7 +333,9 @@ class Subscription:
     max_uncertain_retries: int = 20
     """Retries of an event whose handler keeps raising a :attr:`Transience.UNCERTAIN` error (an OSError or a
     timeout of its own), with the outage's backoff (doubling from ``retry_backoff_s`` up to 5 s: about 80 s
-    at the defaults), before it is dead-lettered as ``handler-failed``. An outage is retried without limit."""
+    at the defaults), before it is dead-lettered as ``handler-failed``. An outage is retried without limit.
+    Services set it, with ``max_retries`` and ``retry_backoff_s``, from their settings
+    (``ServiceSettings.consumer_limits``: ``DRIFTLOOP_CONSUMER_MAX_UNCERTAIN_RETRIES``)."""
     max_event_bytes: int = 1_000_000
     readers: Mapping[type[EventPayload], PayloadReader] = field(default_factory=dict)
 

@@ -147,9 +147,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
         # The trail needs only the decoder's verdict on each record, and most records are predictions: the
         # fast reader gives the same verdict (and the same error for a malformed one) for less.
         readers={PredictionsLogged: read_predictions_logged},
-        max_retries=settings.consumer_max_retries,
-        retry_backoff_s=settings.consumer_retry_backoff_s,
-        max_event_bytes=settings.kafka.max_event_bytes,
+        **settings.consumer_limits(),
     )
 
 
@@ -159,7 +157,7 @@ async def build(rt: Runtime) -> ServiceParts:
     role = settings.writer_role
     await prepare_writer_role(rt.pool, settings.db_schema, role)
     signer = Signer(signing_seed(settings))
-    archive = CheckpointFile(settings.checkpoint_file)
+    archive = CheckpointFile(settings.checkpoint_file, in_order=True)
     await sync_archive(rt.pool, role, archive)
     topics = settings.recorded_topics()
     subscription = trail_subscription(settings, signer, rt.source())

@@ -183,12 +183,15 @@ def verify(
                 raise FileNotFoundError(f"--checkpoints {path} {why}: name an NDJSON file of checkpoints")
         keys, sealer = _keys(settings, public_keys)
         archived = []
-        named = [("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", settings.checkpoint_file)]
-        for name, path in [*named, *(("--checkpoints", path) for path in checkpoint_files)]:
+        # The service's own file is in sequence order (it only appends newer ones): searched. A file named
+        # here may come from elsewhere: read through, so that a line out of order hides no checkpoint.
+        own = [("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", CheckpointFile(settings.checkpoint_file, in_order=True))]
+        given = [("--checkpoints", CheckpointFile(path)) for path in checkpoint_files]
+        for name, archive in [*own, *given]:
             try:
-                archived += CheckpointFile(path).read(after=from_seq - 1, upto=to_seq)
+                archived += archive.read(after=from_seq - 1, upto=to_seq)
             except OSError as exc:  # a directory, no permission
-                raise ValueError(f"{name} {path} cannot be read: {exc.strerror}") from exc
+                raise ValueError(f"{name} {archive.path} cannot be read: {exc.strerror}") from exc
         async with _pool(settings) as pool:
             report = await core.verify_trail(
                 PgChain(pool, settings.writer_role),

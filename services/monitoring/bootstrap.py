@@ -449,11 +449,7 @@ def _tally_for(tx: Transaction) -> handlers.Tally:
 
 def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscription]:
     """Predictions and labels in batches (high volume); models and rollouts one event at a time."""
-    common: dict[str, Any] = {
-        "max_retries": settings.consumer_max_retries,
-        "retry_backoff_s": settings.consumer_retry_backoff_s,
-        "max_event_bytes": settings.kafka.max_event_bytes,
-    }
+    common = settings.consumer_limits()
     group = settings.consumer_group
     return [
         Subscription(

@@ -49,9 +49,7 @@ def subscription(
         consumer=consumer,
         topics=list(topics),
         handlers={payload: bind(handler) for payload, handler in HANDLERS.items()},
-        max_retries=rt.settings.consumer_max_retries,
-        retry_backoff_s=rt.settings.consumer_retry_backoff_s,
-        max_event_bytes=rt.settings.kafka.max_event_bytes,
+        **rt.settings.consumer_limits(),
     )
 
 

@@ -155,9 +155,7 @@ async def build(rt: Runtime) -> ServiceParts:
         consumer=settings.consumer_group,
         topics=[models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC],
         handlers={payload: bind(h) for payload, h in handlers.HANDLERS.items()},
-        max_retries=settings.consumer_max_retries,
-        retry_backoff_s=settings.consumer_retry_backoff_s,
-        max_event_bytes=settings.kafka.max_event_bytes,
+        **settings.consumer_limits(),
     )
 
     stopping = asyncio.Event()

@@ -100,6 +100,7 @@ def test_prod_takes_a_real_or_absent_database_password(monkeypatch: pytest.Monke
         ("DRIFTLOOP_DB_POOL_MIN", "50"),  # above the maximum, 8
         ("DRIFTLOOP_MAX_REQUEST_BYTES", "-1"),  # every POST would get 413
         ("DRIFTLOOP_CONSUMER_MAX_RETRIES", "-1"),
+        ("DRIFTLOOP_CONSUMER_MAX_UNCERTAIN_RETRIES", "-1"),
         ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "-1"),  # the outage retry loop would spin
         ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "nan"),
         ("DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "inf"),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 from pydantic import ValidationError
@@ -39,41 +40,75 @@ def signing_seed(settings: AuditSettings) -> bytes:
     return decode_key(path.read_text(), str(path))
 
 
-class CheckpointFile:
-    """Checkpoints as NDJSON lines (one AuditCheckpoint JSON each), appended in sequence order."""
+# Below this many bytes between its bounds, the search for a range's first line reads on line by line.
+SEARCH_BLOCK_BYTES = 64 * 1024
 
-    def __init__(self, path: Path) -> None:
+
+class CheckpointFile:
+    """Checkpoints as NDJSON lines (one AuditCheckpoint JSON each), appended in sequence order.
+
+    ``in_order`` (the service's own file, which only ``append`` writes): its lines are in sequence order, so a
+    range's first line is found by a binary search on byte offsets and its newest checkpoint at its end,
+    and neither a range nor the start reads years of checkpoints. A file from elsewhere (``verify
+    --checkpoints``) is read from its start to its end: a line out of order there must not hide a
+    checkpoint."""
+
+    def __init__(self, path: Path, *, in_order: bool = False) -> None:
         self.path = path
+        self.in_order = in_order
         self._last: int | None = None  # the newest sequence in the file, once read
 
     def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
         """The file's checkpoints for rows ``after+1 .. upto`` (default: every one); a line that is not a
         checkpoint is skipped with a warning.
 
-        The file is read a line at a time and only the range's lines are made checkpoints: a line of
-        another sequence is passed over once its ``sequence`` is read, so a verification or an export of a
-        few rows holds their checkpoints, not years of them."""
+        Only the range's lines are made checkpoints: a line of another sequence is passed over once its
+        ``sequence`` is read, so a verification or an export of a few rows holds their checkpoints, not
+        years of them; in a file ``in_order``, the lines before the range are searched, not read, and
+        those after it not read at all."""
         if not self.path.exists():
             return []
         checkpoints = []
         with self.path.open("rb") as lines:
-            for number, line in enumerate(lines, start=1):
+            offset = _range_start(lines, after) if self.in_order and after > 0 else 0
+            lines.seek(offset)
+            for line in lines:
+                at, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
                 seq = _sequence_of(line)
+                if seq is not None and self.in_order and upto is not None and seq > upto:
+                    break
                 if seq is not None and (seq <= after or (upto is not None and seq > upto)):
                     continue
                 try:
                     checkpoints.append(AuditCheckpoint.model_validate_json(line))
                 except ValidationError as exc:
-                    log.warning("not a checkpoint, skipped", path=str(self.path), line=number, error=str(exc))
+                    log.warning("not a checkpoint, skipped", path=str(self.path), offset=at, error=str(exc))
         return checkpoints
 
     def last_sequence(self) -> int:
-        """The newest sequence in the file (0: none); read once, then kept as this object appends."""
+        """The newest sequence in the file (0: none); read once, then kept as this object appends. In a
+        file ``in_order``, its last checkpoint, read from the end."""
         if self._last is None:
-            self._last = max((c.sequence for c in self.read()), default=0)
+            if self.in_order:
+                self._last = self._last_in_order()
+            else:
+                self._last = max((c.sequence for c in self.read()), default=0)
         return self._last
+
+    def _last_in_order(self) -> int:
+        if not self.path.exists():
+            return 0
+        with self.path.open("rb") as lines:
+            for line in _lines_from_the_end(lines):
+                if not line.strip():
+                    continue
+                try:
+                    return AuditCheckpoint.model_validate_json(line).sequence
+                except ValidationError as exc:
+                    log.warning("not a checkpoint, skipped", path=str(self.path), error=str(exc))
+        return 0
 
     def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
         """Append those newer than the file's newest; one write per line, so lines never interleave."""
@@ -106,6 +141,48 @@ def _sequence_of(line: bytes) -> int | None:
         return None
     seq = obj.get("sequence") if isinstance(obj, dict) else None
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _range_start(lines: BinaryIO, after: int) -> int:
+    """The offset of a line at or before the first checkpoint of a sequence above ``after`` in a file whose
+    lines are in sequence order, and after every one of ``after`` or below but for the last block's.
+    Lines that are not checkpoints (a torn one) are passed over to the next that is."""
+    lo = 0  # a line's start; every checkpoint before it is of ``after`` or below
+    hi = lines.seek(0, os.SEEK_END)  # the first checkpoint above ``after`` starts at hi or before
+    while hi - lo > SEARCH_BLOCK_BYTES:
+        mid = (lo + hi) // 2
+        lines.seek(mid - 1)
+        lines.readline()  # to the start of the line after the one ``mid`` falls in
+        pos = lines.tell()
+        seq = None
+        while seq is None and pos < hi:
+            line = lines.readline()
+            if not line:
+                break
+            seq = _sequence_of(line)
+            pos += len(line)
+        if seq is not None and seq <= after:
+            lo = pos
+        else:  # above ``after`` (its line starts past mid), or no checkpoint from mid to hi
+            hi = mid
+    return lo
+
+
+def _lines_from_the_end(lines: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, the last first (a last line without its newline too)."""
+    block = SEARCH_BLOCK_BYTES
+    end = lines.seek(0, os.SEEK_END)
+    tail = b""
+    while end > 0:
+        start = max(0, end - block)
+        lines.seek(start)
+        chunk = lines.read(end - start) + tail
+        end = start
+        # The first piece may be the end of a line that began in the block before.
+        first, *rest = chunk.split(b"\n")
+        tail = first
+        yield from reversed(rest)
+    yield tail
 
 
 def _torn(fd: int) -> bool:

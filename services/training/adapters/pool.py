@@ -51,6 +51,7 @@ class ProcessPoolTrainer:
         self._start_timeout_s = start_timeout_s
         self._report_grace_s = report_grace_s
         self._starting: _Start | None = None
+        self._aborted: tuple[int, ...] = ()  # the fit processes killed by abort, until seen reaped
         self._overlap = overlap
         self._executor: ProcessPoolExecutor | None = None
         self._progress: Any = None
@@ -127,6 +128,7 @@ class ProcessPoolTrainer:
         gone: BrokenPipeError, ConnectionError, EOFError; a new pool starts a new fork server, once the old
         one is seen to have exited), or not within start_timeout_s (a fork server that is frozen:
         TimeoutError). None is the run's doing, nor worth one of its attempts."""
+        await self._aborted_reaped()
         for tries_left in (1, 0):
             try:
                 await self._idle_process_ended_unreported()
@@ -143,6 +145,37 @@ class ProcessPoolTrainer:
                 # A fork server killed a moment ago may not have exited yet: it would be used again.
                 await asyncio.sleep(self._retry_pause_s)
         raise AssertionError("unreachable")
+
+    async def _aborted_reaped(self) -> None:
+        """Wait up to report_grace_s for the fork server to reap the fit processes ``abort`` killed (a living
+        one does so within milliseconds); one that does not is stopped or wedged, so it is killed and the
+        run goes to a new one. Handed to it, the run waited for a fork that never came, until
+        start_timeout_s."""
+        aborted, self._aborted = self._aborted, ()
+        if not aborted or await self._within(lambda: all(_reaped(pid) for pid in aborted)):
+            return
+        server = _fork_server_pid()
+        log.warning(
+            "the fork server did not reap the fit process killed at the run's time limit: stopped or wedged, "
+            "it is killed and a new one started",
+            fit_pids=list(aborted),
+            fork_server_pid=server,
+            report_grace_s=self._report_grace_s,
+        )
+        _kill_fork_server()
+        # Seen still running, it would be used again (multiprocessing asks it, not the kernel); one that
+        # outlasts the grace too is the hand-over's to retry, as after a start timeout.
+        if server is not None:
+            await self._within(lambda: _exited(server))
+
+    async def _within(self, done: Callable[[], bool]) -> bool:
+        """Whether ``done()`` comes true within report_grace_s, looked at every poll_s."""
+        deadline = time.monotonic() + self._report_grace_s
+        while not done():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self._poll_s)
+        return True
 
     async def _idle_process_ended_unreported(self) -> None:
         """Raise FitProcessEnded when the pool's idle process has ended and the pool is not told within
@@ -220,7 +253,10 @@ class ProcessPoolTrainer:
         return items
 
     def abort(self) -> None:
-        """Kill the fit process (a run over its time limit); the next run starts a new one."""
+        """Kill the fit process (a run over its time limit); the next run starts a new one, from a new fork
+        server when the old one does not reap the killed process (see ``_aborted_reaped``)."""
+        if self._executor is not None and self._start_method == "forkserver":
+            self._aborted = tuple((getattr(self._executor, "_processes", None) or {}).keys())
         self._discard()
 
     def close(self) -> None:
@@ -379,6 +415,21 @@ def _kill_fork_server() -> None:
         os.kill(pid, signal.SIGKILL)
     except OSError as exc:
         log.debug("fork server already gone", error=repr(exc))
+
+
+def _reaped(pid: int) -> bool:
+    """Whether a process is gone, reaped by its parent (not a zombie). Linux (/proc); elsewhere always True,
+    and nothing is waited for."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process has exited: gone, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(") ")[2].startswith("Z")
+    except OSError:
+        return True
 
 
 def _fork_server_pid() -> int | None:

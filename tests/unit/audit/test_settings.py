@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from contracts.audit import AuditCheckpoint
 from contracts.topics import DEAD_LETTER
+from services.audit.adapters import files
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.domain import ChainHead, Signer
 from services.audit.settings import AuditSettings
@@ -84,6 +86,10 @@ def test_a_torn_last_line_costs_no_checkpoint_appended_after_it(tmp_path: Path) 
 
     assert archive.read() == [first, second]
     assert CheckpointFile(path).last_sequence() == 20
+    assert CheckpointFile(path, in_order=True).last_sequence() == 20
+    with path.open("ab") as f:
+        f.write(b"\n" + second.model_dump_json().encode()[:40])  # a torn line at the end, after a blank one
+    assert CheckpointFile(path, in_order=True).last_sequence() == 20
 
 
 def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
@@ -93,7 +99,8 @@ def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
             AuditSettings(writer_role=bad)
 
 
-def test_the_checkpoint_file_gives_a_range_its_checkpoints_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_order", [False, True], ids=["read-through", "in-order"])
+def test_the_checkpoint_file_gives_a_range_its_checkpoints_alone(tmp_path: Path, in_order: bool) -> None:
     # A verification or export of a few rows made every line of years of checkpoints a checkpoint.
     signer = Signer(bytes(range(32)))
     path = tmp_path / "checkpoints.ndjson"
@@ -101,7 +108,7 @@ def test_the_checkpoint_file_gives_a_range_its_checkpoints_alone(tmp_path: Path)
         signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n % 60, tzinfo=UTC))
         for n in range(10, 101, 10)
     ]
-    archive = CheckpointFile(path)
+    archive = CheckpointFile(path, in_order=in_order)
     archive.append(cps)
     with path.open("ab") as f:
         f.write(cps[-1].model_dump_json().encode().replace(b'"sequence":100', b'"sequence":110')[:60] + b"\n")
@@ -109,3 +116,92 @@ def test_the_checkpoint_file_gives_a_range_its_checkpoints_alone(tmp_path: Path)
     assert archive.read(after=30, upto=60) == cps[3:6]
     assert archive.read(after=80) == cps[8:]  # the torn line is skipped, with a warning, in every range
     assert archive.read() == cps
+
+
+class LinesLookedAt:
+    """Counts the checkpoint file's lines whose sequence was read or that were made checkpoints."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        sequence_of = files._sequence_of
+        made = files.AuditCheckpoint.model_validate_json
+
+        def counted_sequence_of(line: bytes) -> int | None:
+            self.count += 1
+            return sequence_of(line)
+
+        def counted_made(line: bytes) -> AuditCheckpoint:
+            self.count += 1
+            return made(line)
+
+        monkeypatch.setattr(files, "_sequence_of", counted_sequence_of)
+        monkeypatch.setattr(files.AuditCheckpoint, "model_validate_json", counted_made)
+
+
+def long_trail_file(path: Path, checkpoints: int) -> list[AuditCheckpoint]:
+    """A checkpoint file of ``checkpoints`` lines, one every ten rows, as the service appends them."""
+    signer = Signer(bytes(range(32)))
+    cps = [
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, tzinfo=UTC))
+        for n in range(10, 10 * checkpoints + 1, 10)
+    ]
+    CheckpointFile(path, in_order=True).append(cps)
+    return cps
+
+
+def test_a_range_of_a_years_long_checkpoint_file_reads_the_range_not_the_years(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each ranged verification or export read the service's checkpoint file from its first line.
+    path = tmp_path / "checkpoints.ndjson"
+    cps = long_trail_file(path, 10_000)
+    archive = CheckpointFile(path, in_order=True)
+    looked_at = LinesLookedAt(monkeypatch)
+
+    assert archive.read(after=50_000, upto=50_030) == cps[5_000:5_003]
+    assert archive.read(after=99_970) == cps[-3:]
+    assert archive.read(after=10, upto=30) == cps[1:3]
+
+    # A 64 KiB block (about 200 lines) for each range and a few lines of the search, of 30,000 read through.
+    assert looked_at.count < 3 * 300, looked_at.count
+
+
+def test_the_newest_checkpoint_of_a_years_long_file_is_read_from_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service read every line of the file, each made a checkpoint, once at start.
+    path = tmp_path / "checkpoints.ndjson"
+    long_trail_file(path, 10_000)
+    looked_at = LinesLookedAt(monkeypatch)
+
+    assert CheckpointFile(path, in_order=True).last_sequence() == 100_000
+    assert looked_at.count == 1
+
+
+def test_the_search_of_an_in_order_file_finds_what_reading_it_through_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lines that are not checkpoints (torn by a crash, blank, a repeat from a second writer) where the
+    # search lands must not hide a checkpoint of the range; small blocks so that a short file is searched.
+    monkeypatch.setattr(files, "SEARCH_BLOCK_BYTES", 64)
+    signer = Signer(bytes(range(32)))
+    path = tmp_path / "checkpoints.ndjson"
+    lines = []
+    for n in range(1, 61):
+        cp = signer.checkpoint(ChainHead(n * 10, bytes(32)), signed_at=datetime(2025, 1, 1, tzinfo=UTC))
+        line = cp.model_dump_json().encode()
+        lines.append(line)
+        if n % 7 == 0:
+            lines.append(line[:50])  # torn
+        if n % 11 == 0:
+            lines.append(b"")
+        if n % 13 == 0:
+            lines.append(line)  # the same checkpoint again
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    searched, read_through = CheckpointFile(path, in_order=True), CheckpointFile(path)
+
+    for after in range(0, 620, 5):
+        for upto in (None, after + 5, after + 45):
+            expected = read_through.read(after=after, upto=upto)
+            assert searched.read(after=after, upto=upto) == expected, (after, upto)
+    assert searched.last_sequence() == read_through.last_sequence() == 600

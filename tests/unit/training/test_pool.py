@@ -245,15 +245,19 @@ def process_ended(pid: int) -> bool:
     return not stat.exists() or stat.read_text().rpartition(") ")[2].startswith("Z")
 
 
-def fit_held_first(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
-    """Stands in for run_training in the fit process: the first run writes its process id next to the
-    artifacts and waits to be killed; a later run trains."""
-    pid_file = Path(raw["artifacts_url"]) / HELD_FIT_PID
+def held_once(pid_file: Path) -> None:
+    """In the fit process: the first time, write its process id to ``pid_file`` and wait to be killed."""
     if not pid_file.exists():
         written = pid_file.with_suffix(".tmp")
         written.write_text(str(os.getpid()))
         written.rename(pid_file)
         time.sleep(600)  # the test kills this process long before
+
+
+def fit_held_first(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: the first run writes its process id next to the
+    artifacts and waits to be killed; a later run trains."""
+    held_once(Path(raw["artifacts_url"]) / HELD_FIT_PID)
     return run_training(raw, overlap)
 
 
@@ -355,3 +359,84 @@ async def test_a_fit_process_that_died_idle_while_the_fork_server_is_stopped_cos
         if server is not None:
             with suppress(OSError):
                 os.kill(server, signal.SIGKILL)
+
+
+def fit_held_then_quick(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: the first run writes its process id to ``pid_file``
+    and waits to be killed; a later run answers at once, saying which process ran it."""
+    held_once(Path(raw["pid_file"]))
+    return quick_fit(raw, overlap)
+
+
+def written_pid(pid_file: Path) -> int | None:
+    """The process id ``held_once`` wrote, once it has."""
+    return int(pid_file.read_text()) if pid_file.exists() else None
+
+
+async def timed_out_run_then_another(
+    trainer: ProcessPoolTrainer, pid_file: Path, *, stop_the_fork_server: bool
+) -> tuple[int, int, dict[str, Any]]:
+    """A run held in its fit process until its time runs out (the runner cancels it, then aborts), the fork
+    server stopped meanwhile or not, then another run: the held fit's id, the fork server's, the second
+    run's outcome."""
+    first = asyncio.create_task(trainer.train({"job_id": "j1", "pid_file": str(pid_file)}, progress))
+
+    async def held_fit() -> int | None:
+        return written_pid(pid_file)
+
+    fit = await eventually(held_fit, interval_s=0.02)
+    server = fork_server()
+    if stop_the_fork_server:
+        os.kill(server, signal.SIGSTOP)
+    first.cancel()  # what the runner's wait_for does when job_timeout_s runs out, then it aborts
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    trainer.abort()
+    # Bounded so that a run waiting for a fork that never comes fails the test rather than hang it.
+    second = await asyncio.wait_for(
+        trainer.train({"job_id": "j2", "pid_file": str(pid_file)}, progress), timeout=120
+    )
+    return fit, server, second
+
+
+async def test_a_run_timed_out_under_a_stopped_fork_server_costs_the_next_run_no_start_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run's time runs out while the fork server is stopped: the fit process killed, the server can
+    # neither reap it nor fork the next one, and the next run waited for it until fit_start_timeout_s gave
+    # up (two minutes by default) before it got a new server.
+    monkeypatch.setattr(pool_module, "run_training", fit_held_then_quick)
+    # A start that waits for the stopped server fails the test (the bound above) rather than pass late.
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1, start_timeout_s=600)
+    server: int | None = None
+    try:
+        fit, server, second = await timed_out_run_then_another(
+            trainer, tmp_path / "held-fit.pid", stop_the_fork_server=True
+        )
+
+        assert second["ok"] and second["pid"] != fit
+        assert fork_server() != server
+        assert process_ended(server)  # the stopped server was killed, not left behind
+    finally:
+        trainer.close()
+        if server is not None:
+            with suppress(OSError):
+                os.kill(server, signal.SIGKILL)
+
+
+async def test_a_run_timed_out_under_a_living_fork_server_keeps_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It reaps the killed fit process at once: the next run's process is forked from it, warm, not from a
+    # new server that imports scikit-learn again.
+    monkeypatch.setattr(pool_module, "run_training", fit_held_then_quick)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1, start_timeout_s=600)
+    try:
+        fit, server, second = await timed_out_run_then_another(
+            trainer, tmp_path / "held-fit.pid", stop_the_fork_server=False
+        )
+
+        assert second["ok"] and second["pid"] != fit
+        assert fork_server() == server
+    finally:
+        trainer.close()
