@@ -242,6 +242,35 @@ JsonScalar: TypeAlias = bool | int | float | str | None
 Label: TypeAlias = bool | int | float | str
 """A target value: a class label (string, integer or boolean) or a regression target (number)."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32 (``numpy.finfo(numpy.float32).max``): the bound of every number a model takes
+or is fitted to, one definition for the platform (:data:`libs.modelspec.FLOAT32_MAX` is this one). Serving
+refuses a numeric input beyond it (422): its compiled engine computes in float32, where such a value is
+infinity, and the pipeline's answer would be an accident of float64 arithmetic far outside any training data.
+So training refuses a numeric feature or a regression target beyond it, as it refuses an infinity (a model
+fitted on such values could never be served them, nor predict what it learned), validation a holdout whose
+numeric feature holds one, and a ground-truth label beyond it is no event (:data:`GroundTruthLabel`)."""
+
+
+def label_within_float32(value: Any) -> Any:
+    """A label, if it is no number (text, a boolean) or a number within float32's range (:data:`FLOAT32_MAX`);
+    a ``label_range`` error otherwise, which names the bound."""
+    if (type(value) is int or type(value) is float) and not abs(value) <= FLOAT32_MAX:
+        raise PydanticCustomError(
+            "label_range",
+            "a numeric label must be within float32's range (magnitude at most {limit}), where models "
+            "compute; send a smaller number",
+            {"limit": f"{FLOAT32_MAX:.8g}"},
+        )
+    return value
+
+
+GroundTruthLabel = Annotated[Label, AfterValidator(label_within_float32)]
+"""A ground-truth label (traffic data, carried as the caller sent it): a :data:`Label` whose number, if it is
+one, is within float32's range. Anything beyond it is refused where it is built (serving's feedback answers
+422) or, sent to the topic by another producer, dead-lettered as schema-invalid: every consumer is spared a
+label no model predicts (one such label made a regression model's window MAE the label's alone)."""
+
 FeatureValue: TypeAlias = bool | int | float | str | None
 """One input value; ``null`` means missing (NaN and infinity are sent as ``null`` too: JSON has neither)."""
 

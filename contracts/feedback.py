@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from contracts.common import Identifier, Label, ModelName, ModelVersion, UtcDatetime
+from contracts.common import GroundTruthLabel, Identifier, ModelName, ModelVersion, UtcDatetime
 from contracts.envelope import MAX_ATTRIBUTE_CHARS, EventPayload
 
 TOPIC = "mlops.feedback"
@@ -29,7 +29,12 @@ class GroundTruthReceived(EventPayload):
     model_version: ModelVersion | None = Field(
         default=None, description="Version that made it, when the sender knows; monitoring knows anyway."
     )
-    label: Label = Field(description="The true class label or value.", examples=[1, "churned", 42.5])
+    label: GroundTruthLabel = Field(
+        description="The true class label or value. A number must be finite and within float32's range "
+        "(magnitude at most 3.4028235e38, where models compute): an event with one beyond it is "
+        "dead-lettered as schema-invalid.",
+        examples=[1, "churned", 42.5],
+    )
     observed_at: UtcDatetime = Field(description="When the outcome was observed (not when it was sent).")
     entity_key: Identifier | None = Field(
         default=None, description="Caller's entity id, if given.", examples=["customer-48213"]

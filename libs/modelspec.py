@@ -44,6 +44,9 @@ from contracts.common import (
     ModelName,
     Task,
 )
+from contracts.common import (
+    FLOAT32_MAX as FLOAT32_MAX,  # the platform's bound of a model's numbers, defined with the label's
+)
 from contracts.datasets import TRAINING_SET_SUFFIX
 from libs.errors import RepeatedKey, keys_once, shown
 from libs.metrics import METRICS, metrics_for
@@ -61,14 +64,6 @@ ESTIMATORS: dict[str, tuple[str | None, str | None]] = {
     "linear_regression": (None, "sklearn.linear_model.LinearRegression"),
 }
 
-
-FLOAT32_MAX = 3.4028234663852886e38
-"""The largest finite float32 (``numpy.finfo(numpy.float32).max``): the bound of every number a model takes or
-is fitted to, one definition for the platform. Serving refuses a numeric input beyond it (422): its compiled
-engine computes in float32, where such a value is infinity, and the pipeline's answer would be an accident of
-float64 arithmetic far outside any training data. So training refuses a numeric feature or a regression target
-beyond it, as it refuses an infinity (a model fitted on such values could never be served them, nor predict
-what it learned), and validation a holdout whose numeric feature holds one."""
 
 ROWS_MAX = 10**9
 """Bound of every row count in a spec: far beyond any training set, well inside the 64-bit integers the

@@ -29,6 +29,7 @@ from contracts.common import (
     ModelVersion,
     Task,
     UtcDatetime,
+    label_within_float32,
     parse_version,
     unstorable_text,
 )
@@ -553,9 +554,9 @@ def _predictions(result: PredictResult) -> list[dict[str, Any]]:
 
 
 def _check_label(value: Any) -> Any:
-    """A label as sent, if it is one (contracts.common.Label): a string holding text, an integer, a finite
-    number or a boolean. One message for every other value, where a union of those types would give one per
-    member ("label.bool: Input should be a valid boolean")."""
+    """A label as sent, if it is one (contracts.common.GroundTruthLabel): a string holding text, an integer,
+    a finite number within float32's range or a boolean. One message for every other value, where a union of
+    those types would give one per member ("label.bool: Input should be a valid boolean")."""
     t = type(value)
     if t is str:
         problem = unstorable_text(value)
@@ -568,6 +569,7 @@ def _check_label(value: Any) -> Any:
             finite = False
         if not finite:
             raise PydanticCustomError("label_finite", "a numeric label must be a finite number")
+        label_within_float32(value)  # the event's own rule, checked here to name the item before any lookup
     elif t is not bool:
         raise PydanticCustomError(
             "label_type",
@@ -588,7 +590,8 @@ class FeedbackCreate(BaseModel):
         description="The id the predict response gave (another system's: at most 512 characters).",
     )
     label: Annotated[Label, PlainValidator(_check_label, json_schema_input_type=Label)] = Field(
-        description="The true class label or value: a string, integer, finite number or boolean."
+        description="The true class label or value: a string, integer, finite number or boolean; a "
+        "number's magnitude at most 3.4028235e38 (float32's range, where models compute)."
     )
     observed_at: UtcDatetime | None = Field(
         default=None, description="When the outcome was observed (with its UTC offset); now if absent."

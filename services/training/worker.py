@@ -914,10 +914,10 @@ def assemble_training_set(spec: ModelSpec, base: list[pd.DataFrame], traffic: pd
 
 
 def _labels_within_float32(spec: ModelSpec, traffic: pd.DataFrame) -> pd.DataFrame:
-    """``traffic`` without the rows whose regression label is beyond float32's range (serving's feedback
-    takes any number, 1e300 too): dropped and logged as a label that is no value of the target's type is,
-    where in a base dataset such a target fails the run (:func:`check_numeric_values`): one client's label
-    must not fail every retrain on the window."""
+    """``traffic`` without the rows whose regression label is beyond float32's range (monitoring may hold
+    some from before ``contracts.common.GroundTruthLabel`` refused them in events): dropped and logged as a
+    label that is no value of the target's type is, where in a base dataset such a target fails the run
+    (:func:`check_numeric_values`): one client's label must not fail every retrain on the window."""
     labels = traffic[spec.target]
     if not pd.api.types.is_numeric_dtype(labels) or pd.api.types.is_bool_dtype(labels):
         return traffic

@@ -15,11 +15,13 @@ from contracts.common import PG_BIGINT_MAX, PG_INTEGER_MAX, SEED_MAX
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import EventPayload, SchemaInvalid, new_event
 from contracts.examples import EXAMPLES
+from contracts.feedback import GroundTruthReceived
 from contracts.monitoring import CanaryVerdict, DataQualityIssue, DriftDetected, PerformanceDegraded
 from contracts.registry import ALL_PAYLOADS, EVENT_TYPES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from contracts.training import TrainingCompleted, TrainingFailed, TrainingStarted
 from contracts.validation import ValidationFailed, ValidationPassed
+from libs.modelspec import FLOAT32_MAX
 
 INT64_MIN = -(2**63)
 
@@ -57,13 +59,13 @@ def test_every_integer_of_an_event_has_both_bounds_in_its_schema(cls: type[Event
     assert unbounded == []
 
 
-def _set(data: Any, path: tuple[str | int, ...], value: int) -> None:
+def _set(data: Any, path: tuple[str | int, ...], value: Any) -> None:
     for step in path[:-1]:
         data = data[step]
     data[path[-1]] = value
 
 
-def _decoded(cls: type[EventPayload], path: tuple[str | int, ...], value: int) -> EventPayload:
+def _decoded(cls: type[EventPayload], path: tuple[str | int, ...], value: Any) -> EventPayload:
     event = new_event(EXAMPLES[cls], source="/driftloop/test")
     _, raw, headers = event.to_kafka()
     data = orjson.loads(raw)
@@ -161,3 +163,19 @@ def test_a_category_is_an_int64() -> None:
         1,
         2**63 - 1,
     ]
+
+
+def test_a_numeric_label_beyond_float32_is_refused_at_decoding_naming_the_field() -> None:
+    # Another producer may publish labels straight to mlops.feedback: one beyond float32's range is dead-
+    # lettered once, for every consumer, rather than making a regression model's window MAE its own.
+    for value in (FLOAT32_MAX, -FLOAT32_MAX, 10**38, 1, 42.5, True, "1e39"):
+        assert _decoded_label(value) == value
+    for value in (1e39, -3.5e38, 1e300, 10**39, 10**400):
+        with pytest.raises(SchemaInvalid, match=r"invalid at label: a numeric label must be within float32"):
+            _decoded_label(value)
+
+
+def _decoded_label(value: Any) -> Any:
+    decoded = _decoded(GroundTruthReceived, ("label",), value)
+    assert isinstance(decoded, GroundTruthReceived)
+    return decoded.label

@@ -5,6 +5,7 @@ metrics, not allowed to fail every label after it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from contracts.common import Label
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.feedback import GroundTruthReceived
 from contracts.monitoring import PerformanceDegraded
@@ -272,12 +274,46 @@ def unmeasurable_windows(model: str) -> float:
     )
 
 
+async def test_a_label_beyond_float32_from_the_topic_is_dead_lettered_naming_it_and_the_rest_scored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another producer may publish to mlops.feedback directly: a label of 1e300 for a regression model is
+    refused by the contract at decoding (schema-invalid, naming the label), not joined, where its window's MAE
+    would have been the label's alone."""
+    settings = MonitoringSettings(performance_window_labels=10, consumer_retry_backoff_s=0.001)
+    monitor, store = regression_monitor(settings, 12), LabelStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
+
+    for i in range(12):
+        event = label(f"p-{i}", i + 0.5)
+        key, value, headers = event.to_kafka()
+        if i == 3:  # as a producer in another language writes it: the contract never lets one be built
+            value = value.replace(b'"label":3.5', b'"label":1e300')
+        bus.append_raw(event.topic, key, value, headers)
+    await bus.drain()
+
+    [dead] = bus.dead_letters
+    assert dead.reason == "schema-invalid"
+    assert "label: a numeric label must be within float32's range" in dead.error
+    assert sorted(store.labelled) == sorted(f"p-{i}" for i in range(12) if i != 3)
+    assert store.state.next_seq == 2 and store.state.last_metrics["mae"] < 1.0
+
+
+class _GroundTruthBeforeTheFloat32Bound(GroundTruthReceived):
+    """GroundTruthReceived as it was before 2026-12-01, when its label could be any finite number: such
+    labels, joined then, are what can still make a window's errors overflow."""
+
+    label: Label
+
+
 async def test_a_performance_window_whose_errors_overflow_is_not_measurable_and_the_windows_after_it_go_on(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Window 2's predictions are 1e308 where the truth is -1e308: both finite, so accepted, but their error
-    is beyond a double, and so are its RMSE and MAE. It is scored without a verdict, counted, and neither
-    breaks nor resets the run of degraded windows around it (1 and 3, MAE 5 against a baseline of 1)."""
+    """Window 2's predictions are 1e308 where the truth is -1e308 (a label from before labels beyond float32
+    were refused): both finite, but their error is beyond a double, and so are its RMSE and MAE. It is scored
+    without a verdict, counted, and neither breaks nor resets the run of degraded windows around it (1 and 3,
+    MAE 5 against a baseline of 1)."""
     settings = MonitoringSettings(
         performance_window_labels=10, consumer_retry_backoff_s=0.001, export_labelled_rows=0
     )
@@ -285,11 +321,17 @@ async def test_a_performance_window_whose_errors_overflow_is_not_measurable_and_
     artifacts = StoreArtifacts(ArtifactStore(str(tmp_path)))
     monitor, store = regression_monitor(settings, 30, overflowing, artifacts), LabelStore()
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
-    bus = feedback_bus(settings, monitor)
+    [sub] = [s for s in subscriptions(settings, monitor) if s.consumer.endswith("-feedback")]
+    bus = InMemoryBus(EventTypeRegistry([_GroundTruthBeforeTheFloat32Bound, PerformanceDegraded]))
+    bus.subscribe(dataclasses.replace(sub, batch_types=frozenset({_GroundTruthBeforeTheFloat32Bound})))
     before = unmeasurable_windows("price")
 
     for i in range(30):
-        await bus.publish(label(f"p-{i}", -1e308 if i in overflowing else i + 5.0))
+        value = -1e308 if i in overflowing else i + 5.0
+        truth = _GroundTruthBeforeTheFloat32Bound(
+            prediction_id=f"p-{i}", model="price", label=value, observed_at=T0 + timedelta(hours=1)
+        )
+        await bus.publish(new_event(truth, source="/feedback"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         await bus.drain()

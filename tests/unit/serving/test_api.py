@@ -24,6 +24,7 @@ from contracts.feedback import GroundTruthReceived
 from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
 from libs.http import create_app
+from libs.modelspec import FLOAT32_MAX
 from services.serving import api, schemas
 from services.serving.adapters.prediction_log import COLUMNWISE_FROM_ROWS, FRAME, Unpacker, encode, pack
 from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
@@ -592,6 +593,20 @@ async def test_feedback_becomes_ground_truth_events_with_the_actor(service: Serv
     assert {t.actor for t in truths} == {"user:dev-predict"} and {t.subject for t in truths} == {"churn"}
 
 
+async def test_a_label_at_float32s_bound_is_ground_truth(service: Service) -> None:
+    r = await service.client.post(
+        "/v1/feedback",
+        json=[
+            {"prediction_id": "churn:1:a-0", "label": FLOAT32_MAX},
+            {"prediction_id": "churn:1:a-1", "label": -1e38},
+        ],
+        headers=PREDICT,
+    )
+    assert r.status_code == 202, r.text
+    labels = [e.data.label for e in service.outbox.events if isinstance(e.data, GroundTruthReceived)]
+    assert labels == [FLOAT32_MAX, -1e38]
+
+
 async def test_feedback_refusals(service: Service) -> None:
     r = await service.client.post("/v1/feedback", json={"prediction_id": "p-1", "label": 1}, headers=PREDICT)
     assert r.status_code == 422 and r.json()["reason"] == "unknown-prediction-id"
@@ -1115,6 +1130,20 @@ async def test_v1_request_members_are_checked_and_named(
         (
             b'{"prediction_id": "churn:1:a-0", "label": ' + b"9" * 400 + b"}",
             "[0].label: a numeric label must be a finite number",
+        ),
+        # Beyond float32's range, where models compute: the event refuses it too (contracts.GroundTruthLabel).
+        (
+            b'[{"prediction_id": "churn:1:a-0", "label": 1}, {"prediction_id": "churn:1:a-1", "label": 1e300}'
+            b"]",
+            "[1].label: a numeric label must be within float32's range (magnitude at most 3.4028235e+38)",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": -3.5e38}',
+            "[0].label: a numeric label must be within float32's range",
+        ),
+        (
+            b'{"prediction_id": "churn:1:a-0", "label": 1' + b"0" * 39 + b"}",
+            "[0].label: a numeric label must be within float32's range",
         ),
         (
             b'{"prediction_id": "churn:1:a-0", "label": "x\\u0000"}',
