@@ -36,3 +36,10 @@ OUTBOX_SET_ASIDE = Counter(
     "behind them go on.",
     ["schema", "topic"],
 )
+OUTBOX_RELAY_FAILURES = Counter(
+    "driftloop_bus_outbox_relay_failures_total",
+    "Rounds of a service's outbox relay that failed (Postgres or Kafka away, or anything else): logged as a "
+    "warning and retried with back-off (up to 5 s); the rows stay in the outbox. A count that keeps rising, "
+    "with driftloop_bus_outbox_backlog, is a relay that publishes nothing.",
+    ["schema"],
+)

@@ -340,6 +340,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                metrics.OUTBOX_RELAY_FAILURES.labels(self.schema).inc()
                 log.warning("outbox relay error, retrying", error=repr(exc), delay_s=delay)
                 if listener is not None:
                     await self._release(listener)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import cast
 
 import asyncpg
+from prometheus_client import Counter
 
 from contracts.predictions import PredictionsLogged, read_predictions_logged
 from contracts.topics import DEAD_LETTER
@@ -26,6 +27,14 @@ from services.audit.domain import KeyRing, PartitionEnds, PreparedRows, Signer
 from services.audit.settings import AuditSettings, decode_key
 
 log = get_logger(__name__)
+
+CHECKPOINT_KEEPER_FAILURES = Counter(
+    "driftloop_audit_checkpoint_keeper_failures_total",
+    "Ticks of the checkpoint keeper whose step failed, by step (sign: the timed checkpoint; archive: the "
+    "copy to the export file): logged as a warning and tried again on the next tick. A count that keeps "
+    "rising is a trail that gets no checkpoint, or an export file that falls behind.",
+    ["step"],
+)
 
 MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="audit")
 
@@ -100,6 +109,7 @@ class CheckpointKeeper:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database may be away: try again on the next tick
+            CHECKPOINT_KEEPER_FAILURES.labels(what).inc()
             log.warning("checkpoint keeper failed, retrying", step=what, error=repr(exc))
 
     async def stop(self) -> None:

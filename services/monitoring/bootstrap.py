@@ -61,6 +61,15 @@ LABEL_JOINS_GIVEN_UP = Counter(
     ["model"],
 )
 
+BACKGROUND_FAILURES = Counter(
+    "driftloop_monitoring_background_failures_total",
+    "Ticks of monitoring's background loop that failed, by the task that failed (judge_closed, join_due, "
+    "decide_canaries, housekeeping) and its cause (outage: the database or the broker away; error: anything "
+    "else): logged, and the tick retried with back-off (up to 10 s), its work kept queued. A count that "
+    "keeps rising is a stuck loop: no verdicts, label joins or expiries are made meanwhile.",
+    ["task", "cause"],
+)
+
 CANARY_STEPS_SET_ASIDE = Counter(
     "driftloop_monitoring_canary_steps_set_aside_total",
     "Rollout steps whose canary decision failed with an error retrying cannot cure (not an outage of the "
@@ -181,6 +190,8 @@ class Background:
         self.tick_s = tick_s
         self.wake = asyncio.Event()
         self.stopping = False
+        self.failed_task: str | None = None
+        """The task the last failed tick failed in, for its log line."""
         monitor.on_windows_closed = self.wake.set
         monitor.on_joins_due = self.wake.set
 
@@ -371,11 +382,8 @@ class Background:
             error=repr(exc),
         )
 
-    async def once(self) -> None:
-        await self.judge_closed()
-        await self.join_due()
-        now = time.time()
-        await self.decide_canaries(now)
+    async def housekeeping(self, now: float) -> None:
+        """Expire what is due (waiting labels, old state) in one transaction."""
         self.monitor.live.settle_begins()
         async with self.rt.begin() as tx:
             tally = handlers.Tally()
@@ -386,7 +394,25 @@ class Background:
         # Only now that the expiries are committed: a failed transaction leaves the labels waiting, as they
         # still are in Postgres.
         self.monitor.live.labels_settled(expired)
-        await self.judge_closed()
+
+    async def once(self) -> None:
+        """One tick: each task in turn; the first that fails ends the tick (counted by its name)."""
+        await self.task("judge_closed", self.judge_closed)
+        await self.task("join_due", self.join_due)
+        now = time.time()
+        await self.task("decide_canaries", lambda: self.decide_canaries(now))
+        await self.task("housekeeping", lambda: self.housekeeping(now))
+        await self.task("judge_closed", self.judge_closed)
+
+    async def task(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one task of a tick; a failure is counted by the task and its cause, then raised for
+        :meth:`run` to retry the tick."""
+        try:
+            await work()
+        except Exception as exc:
+            BACKGROUND_FAILURES.labels(name, "outage" if is_transient(exc) else "error").inc()
+            self.failed_task = name
+            raise
 
     async def run(self) -> None:
         delay = self.tick_s
@@ -400,10 +426,11 @@ class Background:
                 await self.once()
                 delay = self.tick_s
             except Exception as exc:  # the database may be away: keep the work queued and retry
+                where = {"task": self.failed_task, "error": repr(exc)}
                 if is_transient(exc):
-                    log.warning("monitoring housekeeping failed, retrying", error=repr(exc))
+                    log.warning("monitoring housekeeping failed, retrying", **where)
                 else:
-                    log.error("monitoring housekeeping failed, not for an outage; retrying", error=repr(exc))
+                    log.error("monitoring housekeeping failed, not for an outage; retrying", **where)
                 delay = min(max(delay * 2, self.tick_s), 10.0)
 
     async def stop(self) -> None:

@@ -56,6 +56,13 @@ STORE_WAITS = Counter(
     ["phase"],
 )
 
+RUNNER_FAILURES = Counter(
+    "driftloop_training_runner_failures_total",
+    "Rounds of the job runner's loop that raised (Postgres away, most often): logged as the warning 'job "
+    "runner error, retrying' and retried with back-off (up to 10 s). A count that keeps rising is a runner "
+    "that gets no job done.",
+)
+
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
 
@@ -127,6 +134,7 @@ class JobRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                RUNNER_FAILURES.inc()
                 log.warning("job runner error, retrying", error=repr(exc), delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)

@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from services.audit.bootstrap import CheckpointKeeper
 from services.audit.settings import AuditSettings
 
@@ -55,3 +57,17 @@ async def test_signing_goes_on_after_archiving_failed(tmp_path: Path) -> None:
     keeper = Keeper(tmp_path, seal_fails=False)
     await run_until_archived(keeper)
     assert keeper.sealed >= 2
+
+
+def keeper_failures(step: str) -> float:
+    labels = {"step": step}
+    return REGISTRY.get_sample_value("driftloop_audit_checkpoint_keeper_failures_total", labels) or 0.0
+
+
+async def test_each_failed_step_is_counted_by_its_name(tmp_path: Path) -> None:
+    # An operator alerts on a keeper that keeps failing by this count: the log alone said only "retrying".
+    sign, archive = keeper_failures("sign"), keeper_failures("archive")
+    keeper = Keeper(tmp_path, seal_fails=True)
+    await run_until_archived(keeper)
+    assert keeper_failures("sign") - sign == keeper.sealed >= 2
+    assert keeper_failures("archive") - archive == 1  # the first archive only

@@ -9,6 +9,7 @@ inconclusive verdict saying it could not be judged, and the other steps and the 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import warnings
@@ -40,6 +41,7 @@ from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.fakes import NoPolicies
 from tests.unit.monitoring.test_domain import reference, regression_reference, requests
+from tests.waiting import eventually
 
 TIMEOUT_S = 600.0  # the settings' default canary_timeout_seconds
 
@@ -174,6 +176,43 @@ async def test_a_tick_whose_transaction_fails_keeps_the_step_and_the_next_tick_p
     [event] = rt.published
     assert isinstance(event.data, CanaryVerdict) and event.data.step_index == 0
     assert "r-1" not in monitor.live.steps
+
+
+def background_failures(task: str, cause: str) -> float:
+    labels = {"task": task, "cause": cause}
+    return REGISTRY.get_sample_value("driftloop_monitoring_background_failures_total", labels) or 0.0
+
+
+async def test_failing_ticks_are_counted_by_their_task_and_cause_and_the_loop_goes_on(
+    fake_tick: Store,
+) -> None:
+    """An operator alerts on a stuck loop by this count: the log alone said only "retrying"."""
+    monitor, rt = monitor_watching(fake_tick.steps[0]), Runtime()
+    background = Background(rt, monitor, tick_s=0.01)  # type: ignore[arg-type]
+    before = background_failures("decide_canaries", "outage")
+
+    async def failed_twice() -> bool:
+        return background_failures("decide_canaries", "outage") >= before + 2
+
+    async def published() -> bool:
+        return bool(rt.published)
+
+    rt.commit_fails = True
+    with capture_logs() as logs:
+        running = asyncio.create_task(background.run())
+        await eventually(failed_twice, deadline_s=10.0, interval_s=0.01)
+        fake_tick.decided.clear()  # the failed transactions' decisions were rolled back with them
+        rt.commit_fails = False
+        await eventually(published, deadline_s=10.0, interval_s=0.01)
+        await background.stop()
+        await running
+
+    assert background_failures("decide_canaries", "outage") >= before + 2
+    assert background_failures("judge_closed", "outage") == background_failures("housekeeping", "outage") == 0
+    retried = [e for e in logs if e["event"] == "monitoring housekeeping failed, retrying"]
+    assert retried and {e["task"] for e in retried} == {"decide_canaries"}
+    [event] = rt.published
+    assert isinstance(event.data, CanaryVerdict)
 
 
 def test_unwatching_a_decided_step_keeps_the_rollouts_next_step() -> None:

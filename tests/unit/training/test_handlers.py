@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.commands import REASON_MAX_CHARS, RetrainRequested
 from contracts.common import FeatureSpec, FeatureType, Stage, TrafficWindow
@@ -43,6 +45,7 @@ from services.training.ports import FitProcessUnavailable
 from tests.stage_changes import stage_change
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
 from tests.unit.training.fakes import Harness
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -831,3 +834,25 @@ async def test_unnumbered_stage_changes_apply_until_a_numbered_one_did(harness: 
     assert await harness.production.get("churn") == 3
     [dead] = harness.bus.dead_letters
     assert "is an unnumbered stage change of churn" in dead.error and "but stage change 1" in dead.error
+
+
+async def test_each_failed_round_of_the_runner_loop_is_counted_and_the_loop_goes_on(harness: Harness) -> None:
+    # An operator alerts on a runner that keeps failing by this count: the log alone said only "retrying".
+    def database_away(_conn: Any) -> Any:
+        raise ConnectionRefusedError("Postgres is restarting")
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("driftloop_training_runner_failures_total") or 0.0
+
+    async def failed_twice() -> bool:
+        return failures() >= before + 2
+
+    before = failures()
+    harness.runner.queue_on = database_away
+    harness.runner.retry_first_s = 0.01
+    running = asyncio.create_task(harness.runner.run())
+    try:
+        await eventually(failed_twice, deadline_s=10.0, interval_s=0.02)
+    finally:
+        harness.runner.stop()
+        await asyncio.wait_for(running, timeout=10.0)
