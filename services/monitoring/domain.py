@@ -959,6 +959,16 @@ def shown_value(value: Any) -> str:
     return text if len(text) <= VALUE_SHOWN_CHARS else f"{text[:VALUE_SHOWN_CHARS]}..."
 
 
+METRIC_SHOWN_FIXED_BELOW = 1e6
+"""The largest metric a message shows with four decimals; a larger one (an error of a regression model that
+predicted 1e300: its true, finite MAE) is shown with four significant digits, not its 300 digits."""
+
+
+def shown_metric(x: float) -> str:
+    """A metric as a message for people shows it: four decimals, or four significant digits when large."""
+    return f"{x:.4f}" if abs(x) < METRIC_SHOWN_FIXED_BELOW else f"{x:.4g}"
+
+
 def shown_classes(classes: Sequence[Any]) -> str:
     """A model's classes as a message shows them: the first 10, and how many in all beyond that."""
     shown = ", ".join(shown_value(c) for c in classes[:CLASSES_SHOWN])

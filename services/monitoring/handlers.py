@@ -66,6 +66,7 @@ from services.monitoring.domain import (
     regression_value,
     same_label,
     shown_classes,
+    shown_metric,
     shown_name,
     shown_value,
     unscorable,
@@ -628,7 +629,8 @@ async def check_performance(
             event = new_event(payload, source=monitor.source)
             await publish(event)
             summary = (
-                f"{worst.metric} {worst.value:.4f} vs baseline {worst.baseline:.4f} over {len(rows)} labels"
+                f"{worst.metric} {shown_metric(worst.value)} vs baseline {shown_metric(worst.baseline)} "
+                f"over {len(rows)} labels"
             )
             if note:
                 summary = f"{summary}; {note}"

@@ -343,3 +343,48 @@ async def test_a_performance_window_whose_errors_overflow_is_not_measurable_and_
     [alert] = bus.events(of=PerformanceDegraded)  # windows 1 and 3: two degraded windows in a row
     assert alert.data.window.id == "price:1:perf000003" and alert.data.metric in {"mae", "rmse"}
     assert all(math.isfinite(v) for v in store.state.last_metrics.values())
+
+
+class AlertStore(LabelStore):
+    """A LabelStore that keeps the summaries of the alerts it records (what ``GET /v1/status`` shows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries: list[str] = []
+
+    async def record_alert(
+        self, event_id: str, model: str, version: int | None, kind: str, summary: str
+    ) -> None:
+        self.summaries.append(summary)
+
+
+async def test_a_prediction_of_1e300_against_a_bounded_label_gives_its_true_mae_and_a_readable_summary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Serving refuses only non-finite outputs: a model that predicted 1e300 is logged, and its labels (within
+    float32's range) join it. Such an error fits a double whatever the label, so the window is measured: its
+    true MAE in the alert, and the alert's summary shows it in four digits, not its 300."""
+    settings = MonitoringSettings(
+        performance_window_labels=10, consumer_retry_backoff_s=0.001, export_labelled_rows=0
+    )
+    artifacts = StoreArtifacts(ArtifactStore(str(tmp_path)))
+    monitor = regression_monitor(settings, 20, {i: 1e300 for i in range(10, 20)}, artifacts)
+    store = AlertStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    bus = feedback_bus(settings, monitor)
+    before = unmeasurable_windows("price")
+
+    for i in range(20):
+        await bus.publish(label(f"p-{i}", 3.4e38 if i == 15 else i + 5.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await bus.drain()
+
+    assert bus.dead_letters == []
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert unmeasurable_windows("price") == before
+    [alert] = bus.events(of=PerformanceDegraded)  # windows 1 (MAE 5) and 2, baseline 1
+    assert alert.data.window.id == "price:1:perf000002"
+    assert alert.data.value == pytest.approx(1e300)
+    [summary] = store.summaries
+    assert summary == f"{alert.data.metric} 1e+300 vs baseline 1.0000 over 10 labels"
