@@ -131,7 +131,8 @@ def wasserstein_normed(grid: WassersteinGrid, current: np.ndarray) -> float:
     above it, so the integral is a sum over the current values that fall there). Inside, both CDFs are
     read at the grid edges and integrated with the trapezoid rule, handling a sign change inside a bin;
     the error is at most 2 * (hi - lo) / bins, about 0.05% of the range with 4096 bins. No sort of the
-    current values is needed, which is what keeps a 100k-row window fast.
+    current values is needed, which is what keeps a 100k-row window fast. Values near the double's limits
+    give their true distance when it fits a double (:func:`_mean_of_sum`), else infinity.
     """
     n = current.size
     if n == 0:
@@ -139,7 +140,9 @@ def wasserstein_normed(grid: WassersteinGrid, current: np.ndarray) -> float:
     width = (grid.hi - grid.lo) / grid.bins
     below = current < grid.lo
     above = current > grid.hi
-    tails = (float(np.sum(grid.lo - current[below])) + float(np.sum(current[above] - grid.hi))) / n
+    with np.errstate(over="ignore"):  # a distance beyond a double is infinite: so is the mean
+        outside = np.concatenate((grid.lo - current[below], current[above] - grid.hi))
+    tails = _mean_of_sum(outside, n)
     inside = current[~(below | above)]
     idx = np.minimum(((inside - grid.lo) / width).astype(np.int64), grid.bins - 1)
     counts = np.bincount(idx, minlength=grid.bins)
@@ -161,6 +164,25 @@ def wasserstein_normed(grid: WassersteinGrid, current: np.ndarray) -> float:
     area = np.where(same_sign, np.abs(a + b) / 2.0, np.nan_to_num(crossing))
     w = tails + float(np.sum(area)) * width
     return w / max(grid.reference_std, WASSERSTEIN_MIN_NORM)
+
+
+def _mean_of_sum(distances: np.ndarray, n: int) -> float:
+    """``sum(distances) / n`` of non-negative distances without overflowing on the way: scaled below 1 by a
+    power of two (exact) before summing, so values near the double's limits (a prediction of 1e306 against a
+    reference near 0) give their true mean; infinity only when a distance or the mean itself is beyond a
+    double (1.7e308 against a reference at -1e300)."""
+    if not distances.size:
+        return 0.0
+    with np.errstate(over="ignore"):
+        peak = float(distances.max())
+    if not math.isfinite(peak):
+        return math.inf
+    exponent = math.frexp(peak)[1] if peak > 0 else 0
+    mean = float(np.sum(np.ldexp(distances, -exponent))) / n
+    try:
+        return math.ldexp(mean, exponent)
+    except OverflowError:
+        return math.inf
 
 
 # --- binned distances ----------------------------------------------------------------------------------

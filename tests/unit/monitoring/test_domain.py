@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,6 +40,7 @@ from services.monitoring.domain import (
     debounce,
     degradations,
     judge_canary,
+    judge_feature,
     judge_window,
     metric_standard_errors,
     performance_metrics,
@@ -420,6 +422,32 @@ def test_a_reference_spanning_more_than_a_double_is_untested_by_wasserstein_not_
     assert judgement.drift_share == 0.0
     [issue] = judgement.quality
     assert (issue.kind, issue.feature, issue.count) == ("out-of-range", "x", 2_000)
+
+
+def test_a_prediction_drift_beyond_a_double_is_drift_whose_evidence_says_the_largest_double() -> None:
+    """A regression model whose predictions (0 to 0.01 in training) jump to 1.7e308 (serving refuses only
+    non-finite outputs): the normalised Wasserstein distance is beyond a double. It is drift, and the
+    evidence, which JSON cannot give an infinity, carries the largest double (it was 1e300, which a true
+    distance can be)."""
+    rng = np.random.default_rng(0)
+    profile = build_profile(
+        pd.DataFrame({"x0": rng.normal(0, 1, 2_000)}),
+        [("x0", "numeric")],
+        predictions=pd.Series(rng.uniform(0.0, 0.01, 2_000)),
+        seed=0,
+    )
+    signature = ModelSignature(
+        features=[FeatureSpec(name="x0", type=FeatureType.NUMERIC)], target="y", task=Task.REGRESSION
+    )
+    ref = ModelReference.build("price", 1, signature, {"mae": 1.0}, profile)
+    assert ref.prediction is not None
+    values = np.concatenate((rng.uniform(0.0, 0.01, 1_990), np.full(10, 1.7e308)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = judge_feature(ref.prediction, values, DriftPolicy())
+    assert result.test is DriftTest.WASSERSTEIN and result.untested is None
+    assert result.statistic == math.inf and result.drifted
+    assert result.evidence(0).statistic == sys.float_info.max
 
 
 def test_nan_features_count_as_missing_and_are_reported() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
@@ -54,6 +57,26 @@ def test_wasserstein_of_a_constant_reference_and_the_same_constant_is_zero() -> 
     ref = np.sort(np.random.default_rng(0).integers(0, 4, 5_000).astype(float))
     grid = stats.WassersteinGrid.from_sample(ref)
     assert stats.wasserstein_normed(grid, ref) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("far", [1e306, 1.7e308, -1.7e308])
+def test_wasserstein_of_values_near_the_double_limits_is_their_true_distance(far: float) -> None:
+    """A regression model's predictions are bounded by nothing but a double: summed one by one, their
+    distances to the reference overflowed to infinity (with a warning) where the mean of them fits."""
+    rng = np.random.default_rng(4)
+    ref, cur = rng.normal(size=10_000), np.concatenate((rng.normal(size=1_000), np.full(1_000, far)))
+    grid = stats.WassersteinGrid.from_sample(np.sort(ref))
+    exact = wasserstein_distance(ref, cur) / np.std(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stats.wasserstein_normed(grid, cur) == pytest.approx(exact, rel=1e-9)
+
+
+def test_wasserstein_beyond_a_double_is_infinite_without_a_warning() -> None:
+    grid = stats.WassersteinGrid.from_sample(np.sort(np.random.default_rng(5).uniform(0.0, 0.01, 5_000)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stats.wasserstein_normed(grid, np.full(100, 1.7e308)) == math.inf  # divided by a std of 0.003
 
 
 def test_jensen_shannon_is_scipys_distance_and_needs_no_smoothing() -> None:
