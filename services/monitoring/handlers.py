@@ -1179,8 +1179,10 @@ async def on_rollout_finished(
     rollout_id = event.data.rollout_id
     outcome = PROMOTED if isinstance(event.data, RolloutPromoted) else ROLLED_BACK
     await store.finish_rollout(rollout_id, outcome)
-    await store.take_given_up(rollout_id)
+    # The kept steps first, as the start takes them: a housekeeping tick giving them up meanwhile (on its own
+    # connection) holds their rows, so this waits for its commit and then sees the given-up step it wrote.
     dropped = await store.take_early_steps(rollout_id)
+    await store.take_given_up(rollout_id)
     for early in dropped:
         tally.add(STEPS_NEVER_WATCHED, early.model, "rollout-ended")
     if dropped:

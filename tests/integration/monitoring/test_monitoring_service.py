@@ -4,6 +4,7 @@ Postgres store on its own, for values only a real database refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -1332,3 +1333,53 @@ async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_th
         assert [(s.step_index, s.started_at, s.learned_at) for s in watched] == [(2, late, late)]
         assert await store.given_up_steps() == []
     assert monitor.live.steps["r-late"].step_index == 2
+
+
+async def test_a_rollout_ending_while_housekeeping_gives_up_its_kept_step_leaves_no_given_up_step(
+    pool: asyncpg.Pool,
+) -> None:
+    # The housekeeping tick and the rollouts consumer run on connections of their own. The tick has taken
+    # r-race's kept step (its start did not come in time) and written the given-up step, not yet committed,
+    # when the rollout's end comes: the ending waits for the kept step's row, finds it gone, and must still
+    # drop the given-up step the tick then commits. Before, it looked for the given-up step first (not yet
+    # there), so the row of a rollout that had ended stayed in given_up_steps, and GET /v1/status, for good.
+    advanced = EXAMPLES[RolloutStepAdvanced].model_copy(update={"rollout_id": "r-race"})
+    promoted = EXAMPLES[RolloutPromoted].model_copy(update={"rollout_id": "r-race"})
+    assert isinstance(advanced, RolloutStepAdvanced) and isinstance(promoted, RolloutPromoted)
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    now = datetime.now(UTC).timestamp()
+    monitor.clock = lambda: now
+    async with pool.acquire() as conn, conn.transaction():
+        await on_rollout_step_advanced(
+            new_event(advanced, source="/serving"),
+            monitor=monitor,
+            store=PgMonitoringStore(conn),
+            tally=Tally(),
+        )
+
+    async def ending(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await on_rollout_finished(
+                new_event(promoted, source="/serving"),
+                monitor=monitor,
+                store=PgMonitoringStore(conn),
+                tally=Tally(),
+            )
+
+    async with pool.acquire() as tick, pool.acquire() as consumer, pool.acquire() as watcher:
+        async with tick.transaction():
+            wait = monitor.rollout_start_wait_seconds
+            await housekeeping(now + wait + 1, monitor=monitor, store=PgMonitoringStore(tick), tally=Tally())
+            ended = asyncio.create_task(ending(consumer))
+            pid = consumer.get_server_pid()
+
+            async def waiting_for_a_lock() -> bool:
+                kind = await watcher.fetchval(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                return kind == "Lock"
+
+            await eventually(waiting_for_a_lock, deadline_s=10.0)
+        await ended
+        assert await PgMonitoringStore(watcher).rollout_outcome("r-race") == "promoted"
+        assert await PgMonitoringStore(watcher).given_up_steps() == []
