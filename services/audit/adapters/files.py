@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import heapq
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,51 +52,99 @@ class CheckpointFile:
     range's first line is found by a binary search on byte offsets and its newest checkpoint at its end,
     and neither a range nor the start reads years of checkpoints. A file from elsewhere (``verify
     --checkpoints``) is read from its start to its end: a line out of order there must not hide a
-    checkpoint."""
+    checkpoint; once read through (:meth:`last_sequence`), it is searched too if its lines were in order."""
 
     def __init__(self, path: Path, *, in_order: bool = False) -> None:
         self.path = path
         self.in_order = in_order
+        self._searched = in_order  # its lines are known to be in sequence order
         self._last: int | None = None  # the newest sequence in the file, once read
 
-    def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
-        """The file's checkpoints for rows ``after+1 .. upto`` (default: every one); a line that is not a
-        checkpoint is skipped with a warning.
+    def read(
+        self, *, after: int = 0, upto: int | None = None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
+        """The file's checkpoints for rows ``after+1 .. upto`` (default: every one), in file order; a line
+        that is not a checkpoint is skipped with a warning. ``page``: only those of the ``page`` lowest
+        sequences of the range (more when the last has several: a page never splits one).
 
         Only the range's lines are made checkpoints: a line of another sequence is passed over once its
         ``sequence`` is read, so a verification or an export of a few rows holds their checkpoints, not
-        years of them; in a file ``in_order``, the lines before the range are searched, not read, and
-        those after it not read at all."""
+        years of them; in a file in order, the lines before the range are searched, not read, and
+        those after it (or after the page) not read at all. A page of a file out of order costs two
+        passes over the file, holding ``page`` sequence numbers."""
         if not self.path.exists():
             return []
-        checkpoints = []
+        if page is not None and not self._searched:
+            upto = self._page_end(after, upto, page)
+        checkpoints: list[AuditCheckpoint] = []
         with self.path.open("rb") as lines:
-            offset = _range_start(lines, after) if self.in_order and after > 0 else 0
+            offset = _range_start(lines, after) if self._searched and after > 0 else 0
             lines.seek(offset)
             for line in lines:
                 at, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
                 seq = _sequence_of(line)
-                if seq is not None and self.in_order and upto is not None and seq > upto:
-                    break
+                if seq is not None and self._searched:
+                    if upto is not None and seq > upto:
+                        break
+                    if page is not None and len(checkpoints) >= page and seq > checkpoints[-1].sequence:
+                        break
                 if seq is not None and (seq <= after or (upto is not None and seq > upto)):
                     continue
-                try:
-                    checkpoints.append(AuditCheckpoint.model_validate_json(line))
-                except ValidationError as exc:
-                    log.warning("not a checkpoint, skipped", path=str(self.path), offset=at, error=str(exc))
+                checkpoint = self._checkpoint(line, at)
+                if checkpoint is None or checkpoint.sequence <= after:
+                    continue
+                # A line whose sequence only the model reads (not a JSON integer) is held to the range too.
+                if upto is None or checkpoint.sequence <= upto:
+                    checkpoints.append(checkpoint)
         return checkpoints
+
+    def _checkpoint(self, line: bytes, offset: int) -> AuditCheckpoint | None:
+        try:
+            return AuditCheckpoint.model_validate_json(line)
+        except ValidationError as exc:
+            log.warning("not a checkpoint, skipped", path=str(self.path), offset=offset, error=str(exc))
+            return None
+
+    def _page_end(self, after: int, upto: int | None, page: int) -> int | None:
+        """The ``page``-th lowest sequence of the range in a file out of order (``upto`` when it has fewer):
+        one pass, holding ``page`` numbers."""
+        with self.path.open("rb") as lines:
+            in_range = (
+                seq
+                for seq in map(_sequence_of, lines)
+                if seq is not None and seq > after and (upto is None or seq <= upto)
+            )
+            lowest = heapq.nsmallest(page, in_range)
+        return lowest[-1] if len(lowest) == page else upto
 
     def last_sequence(self) -> int:
         """The newest sequence in the file (0: none); read once, then kept as this object appends. In a
-        file ``in_order``, its last checkpoint, read from the end."""
+        file ``in_order``, its last checkpoint, read from the end; in another, read through (one
+        checkpoint held at a time), which shows whether its lines are in order."""
         if self._last is None:
-            if self.in_order:
-                self._last = self._last_in_order()
-            else:
-                self._last = max((c.sequence for c in self.read()), default=0)
+            self._last = self._last_in_order() if self.in_order else self._read_through()
         return self._last
+
+    def _read_through(self) -> int:
+        if not self.path.exists():
+            return 0
+        last, previous, in_order = 0, 0, True
+        with self.path.open("rb") as lines:
+            offset = 0
+            for line in lines:
+                at, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                seq = _sequence_of(line)
+                if seq is not None:
+                    in_order, previous = in_order and seq >= previous, seq
+                checkpoint = self._checkpoint(line, at)
+                if checkpoint is not None:
+                    last = max(last, checkpoint.sequence)
+        self._searched = self._searched or in_order
+        return last
 
     def _last_in_order(self) -> int:
         if not self.path.exists():

@@ -205,3 +205,35 @@ def test_the_search_of_an_in_order_file_finds_what_reading_it_through_finds(
             expected = read_through.read(after=after, upto=upto)
             assert searched.read(after=after, upto=upto) == expected, (after, upto)
     assert searched.last_sequence() == read_through.last_sequence() == 600
+
+
+@pytest.mark.parametrize(
+    ("in_order", "shuffled"),
+    [(True, False), (False, False), (False, True)],
+    ids=["in-order", "read-through", "out-of-order"],
+)
+def test_the_checkpoint_file_gives_its_checkpoints_a_page_at_a_time(
+    tmp_path: Path, in_order: bool, shuffled: bool
+) -> None:
+    # A whole trail's verification reads the file a page at a time: every checkpoint once, in sequence
+    # order, two of one sequence (a second writer's) in one page, whatever the order of the lines.
+    signer = Signer(bytes(range(32)))
+    cps = [
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n % 60, tzinfo=UTC))
+        for n in range(10, 201, 10)
+    ]
+    again = signer.checkpoint(ChainHead(30, bytes(32)), signed_at=datetime(2025, 1, 2, tzinfo=UTC))
+    lines = [*cps[:3], again, *cps[3:]]
+    if shuffled:
+        lines = lines[::2] + lines[1::2]
+    path = tmp_path / "checkpoints.ndjson"
+    path.write_bytes(b"".join(cp.model_dump_json().encode() + b"\n" for cp in lines))
+    archive = CheckpointFile(path, in_order=in_order)
+    assert archive.last_sequence() == 200
+
+    pages, after = [], 0
+    while page := archive.read(after=after, upto=180, page=3):
+        pages.append(sorted(page, key=lambda c: (c.sequence, c.signed_at)))
+        after = page[-1].sequence if not shuffled else max(c.sequence for c in page)
+    assert [c for p in pages for c in p] == [*cps[:3], again, *cps[3:18]]
+    assert [len(p) for p in pages] == [4, 3, 3, 3, 3, 3]  # the page of 30 holds both of its checkpoints
