@@ -6,7 +6,6 @@ the `driftloop audit` commands use.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
-from contracts.audit import AuditCheckpoint
 from libs.auth import ViewerDep
 from libs.errors import InvalidInput, TooManyRequests
 from libs.http import ErrorBody, InDigits
@@ -219,7 +217,7 @@ async def verify(
             PgChain(ctx.pool, ctx.role),
             keys=ctx.keys,
             sealer=ctx.signer.sealer,
-            archived=await _archived(ctx, after=from_seq - 1, upto=to_seq),
+            archives=[ctx.archive],
             from_seq=from_seq,
             to_seq=to_seq,
             full=full,
@@ -256,10 +254,9 @@ async def export(
     async def lines() -> AsyncGenerator[bytes, None]:
         # The slot is held as long as the connection is: released with it, however the stream ends.
         with ctx.exports.hold():
-            archived = await _archived(ctx, after=from_seq - 1, upto=to_seq)
             async with reading(ctx.pool, ctx.role, snapshot=True) as trail:
                 async for chunk in core.export_lines(
-                    trail, from_seq=from_seq, to_seq=to_seq, archived=archived
+                    trail, from_seq=from_seq, to_seq=to_seq, archives=[ctx.archive]
                 ):
                     yield chunk
 
@@ -276,13 +273,6 @@ async def export(
             await stream.aclose()  # a client that hangs up frees the connection at once
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
-
-
-async def _archived(ctx: AuditContext, *, after: int, upto: int | None) -> list[AuditCheckpoint]:
-    """The checkpoint file's checkpoints of rows ``after+1 .. upto``, read in a thread: the file grows by a
-    line a minute while rows arrive (about 525,000 a year, each line read to find the range's), and the
-    trail's writer shares this event loop."""
-    return await asyncio.to_thread(ctx.archive.read, after=after, upto=upto)
 
 
 @router.get("/checkpoints", response_model=CheckpointPage, summary="The newest signed checkpoints.")

@@ -182,14 +182,14 @@ def verify(
                 why = "is a directory" if path.is_dir() else "does not exist"
                 raise FileNotFoundError(f"--checkpoints {path} {why}: name an NDJSON file of checkpoints")
         keys, sealer = _keys(settings, public_keys)
-        archived = []
         # The service's own file is in sequence order (it only appends newer ones): searched. A file named
-        # here may come from elsewhere: read through, so that a line out of order hides no checkpoint.
+        # here may come from elsewhere: read through once, so that a line out of order hides no checkpoint
+        # (then searched if it was in order). Both are read a page at a time as the rows are verified.
         own = [("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", CheckpointFile(settings.checkpoint_file, in_order=True))]
         given = [("--checkpoints", CheckpointFile(path)) for path in checkpoint_files]
         for name, archive in [*own, *given]:
             try:
-                archived += archive.read(after=from_seq - 1, upto=to_seq)
+                archive.last_sequence()  # read first by the verification: a file that cannot be, said here
             except OSError as exc:  # a directory, no permission
                 raise ValueError(f"{name} {archive.path} cannot be read: {exc.strerror}") from exc
         async with _pool(settings) as pool:
@@ -197,7 +197,7 @@ def verify(
                 PgChain(pool, settings.writer_role),
                 keys=keys,
                 sealer=sealer,
-                archived=archived,
+                archives=[archive for _, archive in [*own, *given]],
                 from_seq=from_seq,
                 to_seq=to_seq,
                 full=full,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,14 +26,14 @@ from services.audit.domain import (
     export_header,
     export_row,
 )
-from services.audit.ports import ChainSource, TrailReader
+from services.audit.ports import ChainSource, CheckpointArchive, TrailReader
 from services.audit.verification import (
+    CheckpointChecker,
     Finding,
     LinkScanner,
     Problem,
     RecordScanner,
     VerifyReport,
-    check_checkpoints,
     first_bad_seal,
     first_finding,
     rewritten_at,
@@ -68,23 +69,102 @@ async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> 
     return causal_tree(correlation_id, rows[:max_events], truncated=len(rows) > max_events)
 
 
+CHECKPOINT_PAGE = 1000
+"""Most checkpoints a verification or an export reads from one source (the database, a file) at once: a
+trail kept for years has a checkpoint every few thousand rows, a billion rows 100,000 or more, and they are
+read a page at a time alongside the rows, never all together."""
+
+ReadCheckpoints = Callable[[int, int], Awaitable[list[AuditCheckpoint]]]
+"""(after, page): the first ``page`` checkpoints of one source above ``after``, in sequence order (more when
+the last sequence has several, fewer only at the source's end)."""
+
+
+async def checkpoint_pages(
+    sources: Sequence[ReadCheckpoints], *, after: int, page: int = CHECKPOINT_PAGE
+) -> AsyncGenerator[list[AuditCheckpoint], None]:
+    """The checkpoints of every source above ``after`` merged in sequence order, a page at a time, the same
+    checkpoint (sequence and signature) once: at most a page per source is held at once.
+
+    A page ends at the lowest sequence a source not yet at its end has read up to: what it holds above
+    that comes in a later page, beside what the others hold there. On one sequence, the earlier source's
+    checkpoints come first."""
+    held: list[list[AuditCheckpoint]] = [[] for _ in sources]
+    read_to = [after] * len(sources)
+    ended = [False] * len(sources)
+    while True:
+        for i, read in enumerate(sources):
+            if not held[i] and not ended[i]:
+                got = await read(read_to[i], page)
+                held[i] = sorted((c for c in got if c.sequence > read_to[i]), key=lambda c: c.sequence)
+                ended[i] = len(got) < page or not held[i]
+                read_to[i] = held[i][-1].sequence if held[i] else read_to[i]
+        if not any(held):
+            return
+        bound = min((read_to[i] for i in range(len(sources)) if not ended[i]), default=None)
+        taken: list[AuditCheckpoint] = []
+        for i, mine in enumerate(held):
+            cut = len(mine) if bound is None else bisect_right([c.sequence for c in mine], bound)
+            taken += mine[:cut]
+            held[i] = mine[cut:]
+        merged = sorted({(c.sequence, c.signature): c for c in taken}.values(), key=lambda c: c.sequence)
+        del taken  # the copies left out are let go before the next pages are read
+        if merged:
+            yield merged
+
+
+def _reads(
+    chain_read: Callable[..., Awaitable[list[AuditCheckpoint]]],
+    database_upto: int | None,
+    archives: Sequence[tuple[CheckpointArchive, int | None]],
+) -> list[ReadCheckpoints]:
+    """The database's pages (``chain_read``), then each archive's, read in a thread: a file of years of
+    checkpoints is searched on disk, and the trail's writer may share this event loop."""
+
+    def database(lo: int, n: int) -> Awaitable[list[AuditCheckpoint]]:
+        return chain_read(after=lo, upto=database_upto, page=n)
+
+    def archive_read(archive: CheckpointArchive, upto: int | None) -> ReadCheckpoints:
+        async def read(lo: int, n: int) -> list[AuditCheckpoint]:
+            return await asyncio.to_thread(archive.read, after=lo, upto=upto, page=n)
+
+        return read
+
+    return [database, *(archive_read(a, upto) for a, upto in archives)]
+
+
+async def _archive_bounds(
+    archives: Sequence[CheckpointArchive], to_seq: int | None
+) -> list[tuple[CheckpointArchive, int]]:
+    """Each archive with the highest sequence to read from it: its newest checkpoint now, so that one
+    appended after the trail's head is read next is never taken for a checkpoint of rows gone."""
+    bounds = []
+    for archive in archives:
+        newest = await asyncio.to_thread(archive.last_sequence)
+        bounds.append((archive, newest if to_seq is None else min(newest, to_seq)))
+    return bounds
+
+
 async def verify_trail(
     chain: ChainSource,
     *,
     keys: KeyRing,
     sealer: Sealer | None,
-    archived: Sequence[AuditCheckpoint] = (),
+    archives: Sequence[CheckpointArchive] = (),
     from_seq: int = 1,
     to_seq: int | None = None,
     full: bool = False,
     parallelism: int = 1,
+    checkpoint_page: int = CHECKPOINT_PAGE,
     clock: Callable[[], float] = time.perf_counter,
 ) -> VerifyReport:
     """Check the chain from ``from_seq`` (trusting the row before it) to ``to_seq`` (default: the end),
-    then every signed checkpoint in that range, then the seals where no checkpoint vouches for the rows.
+    then every signed checkpoint in that range (the database's and the ``archives``'), then the seals where
+    no checkpoint vouches for the rows.
 
     ``full`` hashes every record in this process and compares the indexed columns with the records;
-    the default lets the database hash the records while this process chains the digests.
+    the default lets the database hash the records while this process chains the digests. The checkpoints
+    are read ``checkpoint_page`` at a time from each source, the seals a batch of rows at a time: memory
+    does not grow with the trail.
     """
     if from_seq < 1:
         raise InvalidInput("from_seq must be 1 or more", field="from_seq")
@@ -92,11 +172,13 @@ async def verify_trail(
         raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
     started = clock()
     after = from_seq - 1
-    # Checkpoints first, then the head: every checkpoint read here was written after its rows, so any that
-    # lies beyond the head read next means rows are gone, never that the trail grew between two reads.
-    # Only the range's are read (a trail kept for years has millions): those are all the checks below use,
-    # those beyond the last row included, which show a cut tail.
-    known_checkpoints = [*await chain.checkpoints(after=after, upto=to_seq), *archived]
+    # The newest checkpoint of each source first, then the head: every checkpoint up to those was written
+    # after its rows, so any that lies beyond the head read next means rows are gone, never that the trail
+    # grew between two reads. Only the range's are read (a trail kept for years has millions), those beyond
+    # the last row included, which show a cut tail, and a page at a time.
+    newest = await chain.newest_checkpoint()
+    database_upto = newest if to_seq is None else min(newest, to_seq)
+    archive_bounds = await _archive_bounds(archives, to_seq)
     head = await chain.head_seq()
     if after > head:
         # As /export: a range cannot start after a row that does not exist (from_seq = head + 1 is the
@@ -141,23 +223,25 @@ async def verify_trail(
     chain_finding = first_finding(findings)
     checked_upto = chain_finding.seq - 1 if chain_finding is not None else scanned_upto
 
-    checkpoints = [
-        c for c in known_checkpoints if c.sequence > after and (to_seq is None or c.sequence <= to_seq)
-    ]
-    stored = await chain.row_hashes(sorted({c.sequence for c in checkpoints if c.sequence <= checked_upto}))
-    verdict = check_checkpoints(
-        checkpoints, after=after, checked_upto=checked_upto, head_seq=head, stored_hash=stored, keys=keys
+    checker = CheckpointChecker(after=after, checked_upto=checked_upto, head_seq=head, keys=keys)
+    pages = checkpoint_pages(
+        _reads(chain.checkpoints, database_upto, archive_bounds), after=after, page=checkpoint_page
     )
+    async for page in pages:
+        if not checker.feed(page, await chain.row_hashes(checker.wanted(page))):
+            break
+    await pages.aclose()
+    verdict = checker.finish()
     checkpoint_finding = verdict.finding
     if sealer is not None and verdict.suspect_range is not None:
         lo, hi = verdict.suspect_range
-        bad = first_bad_seal(await chain.seals(lo, hi), sealer)
+        bad = await _first_bad_seal(chain, lo, hi, sealer)
         if bad is not None:
             checkpoint_finding = rewritten_at(bad, hi)
     tail_finding = None
     if sealer is not None and verdict.finding is None and checked_upto > verdict.covered_up_to:
         # No checkpoint vouches for these rows yet; only the seals show a chain recomputed here.
-        bad = first_bad_seal(await chain.seals(verdict.covered_up_to, checked_upto), sealer)
+        bad = await _first_bad_seal(chain, verdict.covered_up_to, checked_upto, sealer)
         if bad is not None:
             tail_finding = rewritten_at(bad, None)
     finding = first_finding([chain_finding, checkpoint_finding, tail_finding])
@@ -178,6 +262,19 @@ async def verify_trail(
         seals_checked=sealer is not None,
         elapsed_s=clock() - started,
     )
+
+
+async def _first_bad_seal(chain: ChainSource, after: int, upto: int, sealer: Sealer) -> int | None:
+    """The first row of after..upto whose seal does not match, read a batch at a time."""
+    batches = chain.seals(after, upto)
+    try:
+        async for batch in batches:
+            bad = first_bad_seal(batch, sealer)
+            if bad is not None:
+                return bad
+        return None
+    finally:
+        await batches.aclose()  # a batch left unread frees its connection at once
 
 
 def _unusable_start(seq: int, starts: Mapping[int, bytes]) -> Finding:
@@ -209,16 +306,20 @@ async def export_lines(
     *,
     from_seq: int = 1,
     to_seq: int | None = None,
-    archived: Sequence[AuditCheckpoint] = (),
+    archives: Sequence[CheckpointArchive] = (),
+    checkpoint_page: int = CHECKPOINT_PAGE,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> AsyncIterator[bytes]:
     """The NDJSON export: a header line, then each row, each signed checkpoint right after its row. Known
     checkpoints of the range that no row of it came before (rows cut off the end) follow the last row: a
-    reader of the export alone sees that rows it covers are gone."""
+    reader of the export alone sees that rows it covers are gone. Checkpoints are read a page at a time
+    (``checkpoint_page`` per source), as the rows are."""
     if from_seq < 1:
         raise InvalidInput("from_seq must be 1 or more", field="from_seq")
     if to_seq is not None and to_seq < from_seq:
         raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
+    # Before the trail's snapshot (its first read): a checkpoint archived later is of rows it does not hold.
+    archive_bounds = await _archive_bounds(archives, to_seq)
     head = await trail.head()
     upto = head.seq if to_seq is None else min(to_seq, head.seq)
     after = from_seq - 1
@@ -229,24 +330,27 @@ async def export_lines(
             raise NotFound(f"the trail has no row {after} to start the export after")
         prev = row.row_hash
     # Bounded by to_seq, not by upto: beyond the head is where a cut tail's checkpoints are.
-    in_range = await trail.checkpoints(after=after, upto=to_seq)
-    known = {(c.sequence, c.signature): c for c in [*in_range, *archived]}
-    pending = sorted(
-        (c for c in known.values() if after < c.sequence and (to_seq is None or c.sequence <= to_seq)),
-        key=lambda c: c.sequence,
-    )
-    yield _line(export_header(from_seq=from_seq, to_seq=upto, prev_hash=prev, exported_at=now()))
-    i = 0
-    async for batch in trail.export_rows(after, upto):
-        out = []
-        for seq, record, row_hash in batch:
-            out.append(_line(export_row(seq, record, row_hash)))
-            while i < len(pending) and pending[i].sequence <= seq:
-                out.append(_line({"checkpoint": pending[i].model_dump(mode="json")}))
-                i += 1
-        yield b"".join(out)
-    if i < len(pending):
-        yield b"".join(_line({"checkpoint": c.model_dump(mode="json")}) for c in pending[i:])
+    reads = _reads(trail.checkpoints, to_seq, archive_bounds)
+    pages = checkpoint_pages(reads, after=after, page=checkpoint_page)
+    try:
+        pending: list[AuditCheckpoint] = await anext(pages, [])  # a file that cannot be read fails here
+        i = 0
+        yield _line(export_header(from_seq=from_seq, to_seq=upto, prev_hash=prev, exported_at=now()))
+        async for batch in trail.export_rows(after, upto):
+            out = []
+            for seq, record, row_hash in batch:
+                out.append(_line(export_row(seq, record, row_hash)))
+                while pending and pending[i].sequence <= seq:
+                    out.append(_line({"checkpoint": pending[i].model_dump(mode="json")}))
+                    i += 1
+                    if i == len(pending):
+                        pending, i = await anext(pages, []), 0
+            yield b"".join(out)
+        while pending:
+            yield b"".join(_line({"checkpoint": c.model_dump(mode="json")}) for c in pending[i:])
+            pending, i = await anext(pages, []), 0
+    finally:
+        await pages.aclose()
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -74,10 +74,10 @@ class TrailReader(Protocol):
         ...
 
     async def checkpoints(
-        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
     ) -> list[AuditCheckpoint]:
         """Signed checkpoints, newest first when limited, else those of ``after+1 .. upto`` (no ``upto``:
-        every one after ``after``) in sequence order."""
+        every one after ``after``) in sequence order, the first ``page`` of them when paged."""
         ...
 
     def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
@@ -105,21 +105,35 @@ class ChainSource(Protocol):
         """Feed the scanner whole rows of its range, then finish it."""
         ...
 
-    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
-        """(seq, row_hash, seal) of rows after..upto in order."""
+    def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        """(seq, row_hash, seal) of rows after..upto in order, in batches."""
         ...
 
-    async def checkpoints(self, *, after: int, upto: int | None) -> list[AuditCheckpoint]:
+    async def newest_checkpoint(self) -> int:
+        """The highest sequence the database holds a checkpoint of (0: none)."""
+        ...
+
+    async def checkpoints(
+        self, *, after: int, upto: int | None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
         """The checkpoints the database holds for rows ``after+1 .. upto`` (no ``upto``: every one after
-        ``after``, beyond the last row too), in sequence order."""
+        ``after``, beyond the last row too), in sequence order; the first ``page`` of them when paged."""
         ...
 
 
 class CheckpointArchive(Protocol):
     """The copy of the checkpoints outside the database."""
 
-    def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
-        """The checkpoints in the archive for rows ``after+1 .. upto`` (default: every one)."""
+    def read(
+        self, *, after: int = 0, upto: int | None = None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
+        """The checkpoints in the archive for rows ``after+1 .. upto`` (default: every one); the ``page``
+        of the lowest sequences when paged (more when the last sequence has several: a page never splits
+        one), in sequence order."""
+        ...
+
+    def last_sequence(self) -> int:
+        """The highest sequence in the archive (0: none)."""
         ...
 
     def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:

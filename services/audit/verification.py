@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -219,72 +219,91 @@ class CheckpointVerdict:
     """(after, upto]: where a rewrite must be, when a checkpoint's head does not match."""
 
 
-def check_checkpoints(
-    checkpoints: Iterable[AuditCheckpoint],
-    *,
-    after: int,
-    checked_upto: int,
-    head_seq: int,
-    stored_hash: Mapping[int, bytes],
-    keys: KeyRing,
-) -> CheckpointVerdict:
-    """Compare each signed checkpoint after ``after`` with the trail: signature, then the row hash at its
-    sequence (``stored_hash``; the links up to ``checked_upto`` were found consistent).
+class CheckpointChecker:
+    """Compares signed checkpoints after ``after``, fed in sequence order a page at a time, with the trail:
+    signature, then the row hash at its sequence (the links up to ``checked_upto`` were found consistent).
 
     A checkpoint beyond the trail's head means rows were cut off the end; one whose head hash differs
-    means the chain was recomputed after the last checkpoint that still matches.
+    means the chain was recomputed after the last checkpoint that still matches. Holds no checkpoint
+    between pages: only counts, and the first and the last trusted one beyond the head.
     """
-    ordered = sorted({(c.sequence, c.signature): c for c in checkpoints}.values(), key=lambda c: c.sequence)
-    finding: Finding | None = None
-    checked = 0
-    covered = after
-    suspect: tuple[int, int] | None = None
-    for cp in ordered:
-        if cp.sequence <= after or checked_upto < cp.sequence <= head_seq:
-            continue  # outside the range, or past a broken link where nothing can be vouched for
-        if cp.sequence > head_seq:
-            beyond = [c for c in ordered if c.sequence > head_seq]
-            checked += len(beyond)
-            finding = _cut_tail(beyond, head_seq=head_seq, keys=keys)
-            break
-        checked += 1
-        bad_signature = keys.check(cp)
-        if bad_signature is not None:
-            finding = Finding(
-                cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {bad_signature}"
+
+    def __init__(self, *, after: int, checked_upto: int, head_seq: int, keys: KeyRing) -> None:
+        self.after = after
+        self.checked_upto = checked_upto
+        self.head_seq = head_seq
+        self.keys = keys
+        self.checked = 0
+        self.covered = after
+        self.finding: Finding | None = None
+        self.suspect: tuple[int, int] | None = None
+        self._first_beyond: AuditCheckpoint | None = None
+        self._last_signed_beyond: AuditCheckpoint | None = None
+
+    def wanted(self, page: Iterable[AuditCheckpoint]) -> list[int]:
+        """The sequences of ``page`` whose row hash :meth:`feed` needs."""
+        return sorted({c.sequence for c in page if self.after < c.sequence <= self.checked_upto})
+
+    def feed(self, page: Iterable[AuditCheckpoint], stored_hash: Mapping[int, bytes]) -> bool:
+        """Check the next checkpoints (sequence order, each after the previous page's), ``stored_hash``
+        holding the row hashes at :meth:`wanted`'s sequences; False once there is a finding (read no more)."""
+        for cp in page:
+            if self.finding is not None:
+                break
+            if cp.sequence <= self.after or self.checked_upto < cp.sequence <= self.head_seq:
+                continue  # outside the range, or past a broken link where nothing can be vouched for
+            if cp.sequence > self.head_seq:
+                self.checked += 1
+                if self._first_beyond is None:
+                    self._first_beyond = cp
+                if self.keys.check(cp) is None:
+                    self._last_signed_beyond = cp
+                continue
+            self.checked += 1
+            bad_signature = self.keys.check(cp)
+            if bad_signature is not None:
+                self.finding = Finding(
+                    cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {bad_signature}"
+                )
+                break
+            actual = stored_hash.get(cp.sequence)
+            if actual is None or actual.hex() != cp.head_hash:
+                self.suspect = (self.covered, cp.sequence)
+                self.finding = Finding(
+                    self.covered + 1,
+                    Problem.REWRITTEN,
+                    f"the chain was recomputed: row {cp.sequence}'s hash differs from the checkpoint signed "
+                    f"at {utc_text(cp.signed_at)}; the change lies in rows {self.covered + 1}..{cp.sequence}",
+                    exact=False,
+                )
+                break
+            self.covered = cp.sequence
+        return self.finding is None
+
+    def finish(self) -> CheckpointVerdict:
+        """What the checkpoints fed say."""
+        if self.finding is None and self._first_beyond is not None:
+            self.finding = _cut_tail(
+                self._first_beyond, self._last_signed_beyond, head_seq=self.head_seq, keys=self.keys
             )
-            break
-        actual = stored_hash.get(cp.sequence)
-        if actual is None or actual.hex() != cp.head_hash:
-            suspect = (covered, cp.sequence)
-            finding = Finding(
-                covered + 1,
-                Problem.REWRITTEN,
-                f"the chain was recomputed: row {cp.sequence}'s hash differs from the checkpoint signed at "
-                f"{utc_text(cp.signed_at)}; the change lies in rows {covered + 1}..{cp.sequence}",
-                exact=False,
-            )
-            break
-        covered = cp.sequence
-    return CheckpointVerdict(checked, finding, covered, suspect)
+        return CheckpointVerdict(self.checked, self.finding, self.covered, self.suspect)
 
 
-def _cut_tail(beyond: Sequence[AuditCheckpoint], *, head_seq: int, keys: KeyRing) -> Finding:
-    """What checkpoints beyond the trail's end say: the rows up to the highest one a trusted key signed are
-    gone (the full extent known, not only up to the first), or, when none is, the first is a bad checkpoint
-    (one signed by a key not trusted is no proof of anything)."""
-    signed = [cp for cp in beyond if keys.check(cp) is None]
-    if not signed:
-        cp = beyond[0]
+def _cut_tail(
+    first: AuditCheckpoint, last_signed: AuditCheckpoint | None, *, head_seq: int, keys: KeyRing
+) -> Finding:
+    """What checkpoints beyond the trail's end say: the rows up to the highest one a trusted key signed
+    (``last_signed``) are gone (the full extent known, not only up to the first), or, when none is, the
+    first is a bad checkpoint (one signed by a key not trusted is no proof of anything)."""
+    if last_signed is None:
         return Finding(
-            cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {keys.check(cp)}"
+            first.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {first.sequence}: {keys.check(first)}"
         )
-    last = signed[-1]
     return Finding(
         head_seq + 1,
         Problem.TRUNCATED,
-        f"rows {head_seq + 1}..{last.sequence} are gone: the trail ends at {head_seq}, but a checkpoint "
-        f"signed at {utc_text(last.signed_at)} covers rows up to {last.sequence}",
+        f"rows {head_seq + 1}..{last_signed.sequence} are gone: the trail ends at {head_seq}, but a "
+        f"checkpoint signed at {utc_text(last_signed.signed_at)} covers rows up to {last_signed.sequence}",
     )
 
 

@@ -7,7 +7,7 @@ on the trail and never UPDATE, DELETE or TRUNCATE it.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,6 +120,9 @@ by side. docs/benchmarks.md (Audit) has the numbers."""
 _TEXT_CACHE_MAX = 4096
 READ_ROWS = 2000
 """Most rows one read of an export or a full verification brings back."""
+SEAL_ROWS = 10_000
+"""Most rows whose seals one read brings back (about 100 bytes each): a verification checks the seals of
+the rows no checkpoint vouches for, all of a trail whose checkpoints were deleted."""
 READ_BYTES = 8 * 1024 * 1024
 """About how many bytes of records one such read holds (beyond its first row): a count of rows alone would
 hold 2,000 records at once whatever their size, 20 GB of records near the broker's 10 MiB, in the process
@@ -447,15 +450,16 @@ class PgTrail:
         return [_stored(r) for r in rows]
 
     async def checkpoints(
-        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
     ) -> list[AuditCheckpoint]:
         """The newest ``limit`` checkpoints (newest first), or those of ``after+1 .. upto`` in sequence
-        order (an index range scan of the primary key)."""
+        order, the first ``page`` of them (an index range scan of the primary key)."""
         if limit is None:
             rows = await self.conn.fetch(
-                "SELECT * FROM checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                "SELECT * FROM checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
                 after,
                 SEQ_MAX if upto is None else upto,
+                page,  # NULL: no limit
             )
         else:
             rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT $1", limit)
@@ -494,9 +498,10 @@ async def reading(pool: asyncpg.Pool, role: str, *, snapshot: bool = False) -> A
 class PgChain:
     """Verification reads on a pool: each scan takes its own connection, so ranges run side by side."""
 
-    def __init__(self, pool: asyncpg.Pool, role: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, role: str, *, seal_rows: int = SEAL_ROWS) -> None:
         self.pool = pool
         self.role = role
+        self.seal_rows = seal_rows
 
     async def head_seq(self) -> int:
         """The highest sequence number (0: empty)."""
@@ -555,15 +560,30 @@ class PgChain:
                     break
         return scanner.finish()
 
-    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
-        """(seq, row_hash, seal) of rows after..upto."""
-        async with reading(self.pool, self.role) as trail:
-            rows = await trail.conn.fetch(
-                "SELECT seq, row_hash, seal FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, upto
-            )
-        return [(r["seq"], r["row_hash"], r["seal"]) for r in rows]
+    async def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        """(seq, row_hash, seal) of rows after..upto, ``seal_rows`` at a time, from one snapshot."""
+        async with reading(self.pool, self.role, snapshot=True) as trail:
+            while after < upto:
+                rows = await trail.conn.fetch(
+                    "SELECT seq, row_hash, seal FROM trail WHERE seq > $1 AND seq <= $2 "
+                    "ORDER BY seq LIMIT $3",
+                    after,
+                    upto,
+                    self.seal_rows,
+                )
+                if not rows:
+                    return
+                yield [(r["seq"], r["row_hash"], r["seal"]) for r in rows]
+                after = rows[-1]["seq"]
 
-    async def checkpoints(self, *, after: int, upto: int | None) -> list[AuditCheckpoint]:
-        """The database's checkpoints for rows ``after+1 .. upto``."""
+    async def newest_checkpoint(self) -> int:
+        """The highest sequence of a checkpoint (0: none): the primary key's last entry."""
         async with reading(self.pool, self.role) as trail:
-            return await trail.checkpoints(after=after, upto=upto)
+            return int(await trail.conn.fetchval("SELECT coalesce(max(seq), 0) FROM checkpoints"))
+
+    async def checkpoints(
+        self, *, after: int, upto: int | None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
+        """The database's checkpoints for rows ``after+1 .. upto``, the first ``page`` of them."""
+        async with reading(self.pool, self.role) as trail:
+            return await trail.checkpoints(after=after, upto=upto, page=page)

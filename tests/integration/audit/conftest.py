@@ -27,6 +27,10 @@ from tests.unit.audit.fakes import SEED, Clock, delivery, example
 ROLE = "driftloop_audit_writer"
 
 
+def _outcome(report: VerifyReport) -> dict[str, Any]:
+    return {k: v for k, v in report.as_json().items() if k not in ("elapsed_s", "rows_per_s")}
+
+
 @dataclass
 class TrailDb:
     """A migrated audit schema with its pool, and the operations tests need."""
@@ -65,13 +69,16 @@ class TrailDb:
         return events
 
     async def verify(self, *, sealed: bool = True, chain: PgChain | None = None, **kw: Any) -> VerifyReport:
-        """Verify as the service does, in the writer role (through ``chain``, a PgChain of the pool)."""
-        return await verify_trail(
-            chain or PgChain(self.pool, ROLE),
-            keys=KeyRing([self.signer.public_raw]),
-            sealer=self.signer.sealer if sealed else None,
-            **kw,
-        )
+        """Verify as the service does, in the writer role (through ``chain``, a PgChain of the pool). Without
+        a ``chain``, the same verification reading one checkpoint and three seals at a time must agree."""
+        keys, sealer = KeyRing([self.signer.public_raw]), self.signer.sealer if sealed else None
+        report = await verify_trail(chain or PgChain(self.pool, ROLE), keys=keys, sealer=sealer, **kw)
+        if chain is None:
+            paged = await verify_trail(
+                PgChain(self.pool, ROLE, seal_rows=3), keys=keys, sealer=sealer, checkpoint_page=1, **kw
+            )
+            assert _outcome(paged) == _outcome(report)
+        return report
 
     async def superuser(self, sql: str, *args: Any) -> Any:
         """Run SQL as the superuser, triggers disabled first: what an attacker with full access does."""

@@ -32,9 +32,11 @@ class ReadWatched(CheckpointFile):
         super().__init__(path)
         self.read_on: list[int] = []
 
-    def read(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
+    def read(
+        self, *, after: int = 0, upto: int | None = None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
         self.read_on.append(threading.get_ident())
-        return super().read(after=after, upto=upto)
+        return super().read(after=after, upto=upto, page=page)
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ async def test_tail_truncated_with_its_checkpoints_is_found_through_the_export_f
     assert await sync_archive(filled.pool, ROLE, archive) == 5
     await filled.superuser("DELETE FROM trail WHERE seq >= 38; DELETE FROM checkpoints WHERE seq >= 38;")
     assert (await filled.verify()).ok  # the database alone no longer shows it
-    report = await filled.verify(archived=archive.read())
+    report = await filled.verify(archives=[archive])
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
 
 
@@ -107,8 +107,10 @@ class CountedChain(PgChain):
         super().__init__(trail_db.pool, ROLE)
         self.checkpoints_read: list[int] = []
 
-    async def checkpoints(self, *, after: int = 0, upto: int | None = None) -> list[AuditCheckpoint]:
-        found = await super().checkpoints(after=after, upto=upto)
+    async def checkpoints(
+        self, *, after: int = 0, upto: int | None = None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
+        found = await super().checkpoints(after=after, upto=upto, page=page)
         self.checkpoints_read += [c.sequence for c in found]
         return found
 
@@ -121,9 +123,9 @@ class CountedTrail(PgTrail):
         self.checkpoints_read: list[int] = []
 
     async def checkpoints(
-        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
     ) -> list[AuditCheckpoint]:
-        found = await super().checkpoints(limit=limit, after=after, upto=upto)
+        found = await super().checkpoints(limit=limit, after=after, upto=upto, page=page)
         self.checkpoints_read += [c.sequence for c in found]
         return found
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -48,6 +49,61 @@ class Stored:
 
 
 @dataclass
+class Materialised:
+    """How many of the checkpoints readers were handed are alive at once: each is handed as a copy of its
+    own, counted until the reader lets go of it."""
+
+    live: int = 0
+    peak: int = 0
+
+    def hand(self, checkpoints: Iterable[AuditCheckpoint]) -> list[AuditCheckpoint]:
+        copies = [c.model_copy() for c in checkpoints]
+        for c in copies:
+            self.live += 1
+            weakref.finalize(c, self._freed)
+        self.peak = max(self.peak, self.live)
+        return copies
+
+    def _freed(self) -> None:
+        self.live -= 1
+
+
+def first_page(ordered: Sequence[AuditCheckpoint], page: int | None) -> list[AuditCheckpoint]:
+    """The first ``page`` of checkpoints in sequence order, with every other one of the last's sequence."""
+    if page is None or len(ordered) <= page:
+        return list(ordered)
+    end = page
+    while end < len(ordered) and ordered[end].sequence == ordered[page - 1].sequence:
+        end += 1
+    return list(ordered[:end])
+
+
+@dataclass
+class FakeArchive:
+    """A checkpoint archive (CheckpointArchive) in a list, in the list's order."""
+
+    checkpoints: list[AuditCheckpoint]
+    materialised: Materialised = field(default_factory=Materialised)
+
+    def read(
+        self, *, after: int = 0, upto: int | None = None, page: int | None = None
+    ) -> list[AuditCheckpoint]:
+        in_range = [
+            c for c in self.checkpoints if after < c.sequence and (upto is None or c.sequence <= upto)
+        ]
+        return self.materialised.hand(first_page(sorted(in_range, key=lambda c: c.sequence), page))
+
+    def last_sequence(self) -> int:
+        return max((c.sequence for c in self.checkpoints), default=0)
+
+    def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
+        last = self.last_sequence()
+        newer = [c for c in checkpoints if c.sequence > last]
+        self.checkpoints += newer
+        return len(newer)
+
+
+@dataclass
 class FakeTrail:
     """TrailWriter, TrailReader and ChainSource over a dict; scans cut their bytes at random places."""
 
@@ -59,6 +115,8 @@ class FakeTrail:
     exact_lookups: int = 0
     checkpoints_read: list[int] = field(default_factory=list)
     """The sequence of every checkpoint a reader was handed, as a database would send them."""
+    materialised: Materialised = field(default_factory=Materialised)
+    seal_batch: int = 7
 
     # -- TrailWriter ---------------------------------------------------------------------------------
 
@@ -159,7 +217,7 @@ class FakeTrail:
         return sorted(rows, key=lambda r: r.seq)[:limit]
 
     async def checkpoints(
-        self, *, limit: int | None = None, after: int = 0, upto: int | None = None
+        self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
     ) -> list[AuditCheckpoint]:
         ordered = sorted(
             (
@@ -169,9 +227,9 @@ class FakeTrail:
             ),
             key=lambda c: c.sequence,
         )
-        handed = ordered if limit is None else list(reversed(ordered))[:limit]
+        handed = first_page(ordered, page) if limit is None else list(reversed(ordered))[:limit]
         self.checkpoints_read += [c.sequence for c in handed]
-        return handed
+        return self.materialised.hand(handed)
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
         rows = [self.rows[s].row for s in sorted(self.rows) if after < s <= upto]
@@ -209,10 +267,13 @@ class FakeTrail:
             scanner.feed(rows[i : i + 4])
         return scanner.finish()
 
-    async def seals(self, after: int, upto: int) -> list[tuple[int, bytes, bytes]]:
-        return [
-            (s, self.rows[s].row.row_hash, self.rows[s].seal) for s in sorted(self.rows) if after < s <= upto
-        ]
+    async def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        seqs = [s for s in sorted(self.rows) if after < s <= upto]
+        for i in range(0, len(seqs), self.seal_batch):
+            yield [(s, self.rows[s].row.row_hash, self.rows[s].seal) for s in seqs[i : i + self.seal_batch]]
+
+    async def newest_checkpoint(self) -> int:
+        return max((c.sequence for c, _ in self.checkpoint_rows), default=0)
 
     # -- what a superuser can do in SQL -------------------------------------------------------------
 

@@ -13,11 +13,20 @@ from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from libs.errors import NotFound
 from services.audit import core
-from services.audit.core import verify_trail
+from services.audit.core import CHECKPOINT_PAGE, verify_trail
 from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
 from services.audit.schemas import VerifyPublic
 from services.audit.verification import LinkScanner, Problem, split_ranges
-from tests.unit.audit.fakes import OTHER_SEED, SEED, FakeTrail, changed_payload, delivery, example, record
+from tests.unit.audit.fakes import (
+    OTHER_SEED,
+    SEED,
+    FakeArchive,
+    FakeTrail,
+    changed_payload,
+    delivery,
+    example,
+    record,
+)
 
 ROWS = 53
 EVERY = 10
@@ -38,7 +47,24 @@ KEYS = KeyRing([SIGNER.public_raw])
 
 
 async def verify(trail: FakeTrail, *, full: bool = False, sealed: bool = True, **kw: Any) -> Any:
-    return await verify_trail(trail, keys=KEYS, sealer=SIGNER.sealer if sealed else None, full=full, **kw)
+    """The report of a verification reading the checkpoints a page at a time: the same whatever the size of
+    the pages (one checkpoint, two, all of them), which every tampering below shows on several pages."""
+
+    async def run(page: int) -> Any:
+        sealer = SIGNER.sealer if sealed else None
+        return await verify_trail(trail, keys=KEYS, sealer=sealer, full=full, checkpoint_page=page, **kw)
+
+    read_before = list(trail.checkpoints_read)
+    paged = [await run(page) for page in (1, 2)]
+    trail.checkpoints_read[:] = read_before  # what the tests look at: the reads of one verification
+    report = await run(CHECKPOINT_PAGE)
+    for other in paged:
+        assert _outcome(other) == _outcome(report)
+    return report
+
+
+def _outcome(report: Any) -> dict[str, Any]:
+    return {k: v for k, v in report.as_json().items() if k not in ("elapsed_s", "rows_per_s")}
 
 
 @pytest.fixture(params=[False, True], ids=["fast", "full"])
@@ -92,7 +118,7 @@ async def test_truncated_tail_with_its_checkpoints_is_found_through_the_archive(
     trail.delete(*range(38, ROWS + 1))
     trail.drop_checkpoints_after(37)
     assert (await verify(trail)).ok  # what the database alone still shows
-    report = await verify(trail, archived=archive)
+    report = await verify(trail, archives=[FakeArchive(archive)])
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
 
 
@@ -142,7 +168,7 @@ async def test_checkpoint_of_an_unknown_key_is_reported_as_untrusted() -> None:
     stranger = Signer(OTHER_SEED).checkpoint(
         ChainHead(14, trail.rows[14].row.row_hash), signed_at=datetime.now(UTC)
     )
-    report = await verify(trail, archived=[stranger])
+    report = await verify(trail, archives=[FakeArchive([stranger])])
     assert (report.first_bad_seq, report.problem) == (14, Problem.BAD_CHECKPOINT)
     assert "not trusted here" in (report.detail or "")
 
@@ -151,11 +177,11 @@ async def test_a_cut_tail_is_named_up_to_the_last_trusted_checkpoint_beyond_the_
     trail = await filled()
     trail.delete(*range(38, ROWS + 1))
     stranger = Signer(OTHER_SEED).checkpoint(ChainHead(70, bytes(32)), signed_at=datetime.now(UTC))
-    report = await verify(trail, archived=[stranger])
+    report = await verify(trail, archives=[FakeArchive([stranger])])
     assert (report.first_bad_seq, report.problem) == (38, Problem.TRUNCATED)
     assert "rows 38..50 are gone" in (report.detail or ""), report  # not ..70: that one proves nothing
     trail.drop_checkpoints_after(37)
-    report = await verify(trail, archived=[stranger])
+    report = await verify(trail, archives=[FakeArchive([stranger])])
     assert (report.first_bad_seq, report.problem) == (70, Problem.BAD_CHECKPOINT), report
     assert f"signed by key {stranger.key_id}, which is not trusted here, so it vouches for nothing" in (
         report.detail or ""
@@ -297,3 +323,48 @@ async def test_a_ranged_verification_still_finds_a_tail_cut_after_its_start() ->
 
     lines = [line async for chunk in core.export_lines(trail, from_seq=141) for line in chunk.splitlines()]
     assert [orjson.loads(line)["checkpoint"]["sequence"] for line in lines[-10:]] == list(range(155, 201, 5))
+
+
+async def test_verifying_the_whole_trail_holds_a_page_of_checkpoints_at_a_time(full: bool) -> None:
+    # A billion-row trail has 100,000 checkpoints in the database and as many in the export file: the whole
+    # trail's verification held every one of both at once (400 here), with their row hashes.
+    trail = await filled(1000, every=5)  # checkpoints at 5, 10, ..., 1000
+    archive = FakeArchive([c for c, _ in trail.checkpoint_rows], trail.materialised)
+    page = 10
+    report = await verify_trail(
+        trail, keys=KEYS, sealer=SIGNER.sealer, full=full, archives=[archive], checkpoint_page=page
+    )
+    assert report.ok and (report.checkpoints_checked, report.covered_by_checkpoint) == (200, 1000), report
+    # A page of the database's and one of the file's, while the reader still holds the page before.
+    assert 0 < trail.materialised.peak <= 3 * page
+
+    trail.delete(*range(613, 1001))  # the tail cut, its checkpoints beyond the end read a page at a time too
+    trail.materialised.peak = 0
+    report = await verify_trail(
+        trail, keys=KEYS, sealer=SIGNER.sealer, full=full, archives=[archive], checkpoint_page=page
+    )
+    assert (report.first_bad_seq, report.problem) == (613, Problem.TRUNCATED), report
+    assert "rows 613..1000 are gone" in (report.detail or ""), report
+    assert 0 < trail.materialised.peak <= 3 * page + 2  # and the first and the last trusted past the end
+
+
+async def test_an_export_holds_a_page_of_checkpoints_at_a_time_and_places_them_as_before() -> None:
+    trail = await filled(300, every=5)  # checkpoints at 5, 10, ..., 300
+    archive = FakeArchive([c for c, _ in trail.checkpoint_rows], trail.materialised)
+    trail.delete(*range(253, 301))  # the checkpoints of rows cut off the end follow the last row
+
+    async def exported(page: int) -> list[bytes]:
+        lines = core.export_lines(
+            trail, archives=[archive], checkpoint_page=page, now=lambda: datetime(2025, 1, 1, tzinfo=UTC)
+        )
+        return [line async for chunk in lines for line in chunk.splitlines()]
+
+    whole = await exported(CHECKPOINT_PAGE)
+    trail.materialised.peak = 0
+    assert await exported(3) == whole
+    assert 0 < trail.materialised.peak <= 3 * 3
+    objs = [orjson.loads(line) for line in whole[1:]]
+    placed = [(i, o["checkpoint"]["sequence"]) for i, o in enumerate(objs) if "checkpoint" in o]
+    assert [seq for _, seq in placed] == list(range(5, 301, 5))  # each once, though in both sources
+    assert all(objs[i - 1]["seq"] == seq for i, seq in placed if seq <= 252)
+    assert [i for i, seq in placed if seq > 252] == list(range(len(objs) - 10, len(objs)))
