@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -117,6 +117,8 @@ class FakeTrail:
     """The sequence of every checkpoint a reader was handed, as a database would send them."""
     materialised: Materialised = field(default_factory=Materialised)
     seal_batch: int = 7
+    after_head: Callable[[], Awaitable[None]] | None = None
+    """Run once, right after the head is next read: the writer going on meanwhile."""
 
     # -- TrailWriter ---------------------------------------------------------------------------------
 
@@ -239,7 +241,11 @@ class FakeTrail:
     # -- ChainSource ---------------------------------------------------------------------------------
 
     async def head_seq(self) -> int:
-        return max(self.rows, default=0)
+        head = max(self.rows, default=0)
+        if self.after_head is not None:
+            writer, self.after_head = self.after_head, None
+            await writer()
+        return head
 
     async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
         return {s: self.rows[s].row.row_hash for s in seqs if s in self.rows}

@@ -368,3 +368,20 @@ async def test_an_export_holds_a_page_of_checkpoints_at_a_time_and_places_them_a
     assert [seq for _, seq in placed] == list(range(5, 301, 5))  # each once, though in both sources
     assert all(objs[i - 1]["seq"] == seq for i, seq in placed if seq <= 252)
     assert [i for i, seq in placed if seq > 252] == list(range(len(objs) - 10, len(objs)))
+
+
+async def test_a_checkpoint_signed_while_the_trail_is_verified_is_not_taken_for_a_cut_tail() -> None:
+    # Checkpoints are read a page at a time after the head: one signed meanwhile lies beyond the head read.
+    trail = await filled()
+    archive = FakeArchive([c for c, _ in trail.checkpoint_rows])
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]
+
+    async def writer_goes_on() -> None:
+        _, published = await record(trail, SIGNER, more, every=EVERY)
+        assert published  # the checkpoint at 63, beyond the head (53) the verification read
+        archive.append([c for c, _ in trail.checkpoint_rows])
+
+    trail.after_head = writer_goes_on
+    report = await verify_trail(trail, keys=KEYS, sealer=SIGNER.sealer, archives=[archive], checkpoint_page=1)
+    assert report.ok and (report.to_seq, report.checkpoints_checked) == (ROWS, 5), report
+    assert max(c.sequence for c, _ in trail.checkpoint_rows) == ROWS + 10
