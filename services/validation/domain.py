@@ -23,7 +23,7 @@ from contracts.validation import (
     ValidationPassed,
 )
 from libs.metrics import METRICS, metrics_for, primary_metric
-from libs.modelspec import ValidationSpec
+from libs.modelspec import FLOAT32_MAX, ValidationSpec
 
 NO_CHAMPION = "no champion"
 
@@ -71,12 +71,18 @@ class Measured:
     rows: int
     metrics: dict[str, float]
     nonfinite_outputs: int
+    """Rows whose output is NaN, infinite or beyond float32's range (any of a row's probabilities)."""
     distinct_outputs: int
     latency_ms_per_row: float
     champion: ChampionComparison | None = None
     champion_error: str | None = None
     champion_unloadable: ChampionUnloadable | None = None
     """Set when the champion's model could not be loaded: the comparison is reported, not judged."""
+    champion_outputs_unusable: str | None = None
+    """Set when the champion's outputs on the holdout are NaN, infinite or beyond float32's range (how many,
+    and one): no metric of them means anything, so the comparison is reported, not judged."""
+    nonfinite_example: str | None = None
+    """One of the candidate's outputs counted in ``nonfinite_outputs``."""
     slice_feature: str | None = None
     slice_metric: str | None = None
     slices: list[SliceMeasure] = field(default_factory=list)
@@ -165,6 +171,13 @@ def _meets(value: float, threshold: float, comparator: Comparator) -> bool:
     return value >= threshold if comparator is Comparator.GE else value <= threshold
 
 
+def _outputs_unusable_hint(measured: Measured) -> str:
+    """Why a metric of the candidate may be undefined: its own outputs (the check that fails for them)."""
+    if not measured.nonfinite_outputs:
+        return ""
+    return ": the candidate's outputs are not all usable numbers (see sanity:finite-outputs)"
+
+
 def threshold_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
     """Absolute thresholds: a minimum for higher-is-better metrics, a maximum for the others."""
     checks = []
@@ -181,7 +194,8 @@ def threshold_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResu
                     threshold=threshold,
                     comparator=comparator,
                     passed=False,
-                    detail=f"{metric} is undefined on this holdout ({measured.rows} rows)",
+                    detail=f"{metric} is undefined on this holdout ({measured.rows} rows)"
+                    + _outputs_unusable_hint(measured),
                 )
             )
             continue
@@ -222,17 +236,24 @@ def champion_check(
             passed=True,
             detail=f"skipped: {NO_CHAMPION} (first version of the model)",
         )
-    if (unloadable := measured.champion_unloadable) is not None:
-        # A damaged production artifact must not freeze the loop: the candidate is judged as a first version
-        # is, and the canary rollout's live comparison with the stable version is the safety net.
+    # A damaged production artifact, or a champion whose outputs no metric can use, must not freeze the loop:
+    # the candidate is judged as a first version is, and the canary rollout's live comparison with the stable
+    # version is the safety net.
+    why_not_judged = (
+        f"champion v{champion} cannot be loaded ({unloadable.reason}): {unloadable.detail}"
+        if (unloadable := measured.champion_unloadable) is not None
+        else f"champion v{champion} gives outputs no metric can use: {measured.champion_outputs_unusable}"
+        if measured.champion_outputs_unusable is not None
+        else None
+    )
+    if why_not_judged is not None:
         return CheckResult(
             name=name,
             kind=CheckKind.CHAMPION_CHALLENGER,
             metric=metric,
             passed=True,
-            detail=f"reported, not judged: champion v{champion} cannot be loaded ({unloadable.reason}): "
-            f"{unloadable.detail}; the candidate is judged on its absolute checks alone, as a first version "
-            "is, and its canary rollout compares it live with the stable version",
+            detail=f"reported, not judged: {why_not_judged}; the candidate is judged on its absolute checks "
+            "alone, as a first version is, and its canary rollout compares it live with the stable version",
         )
     comparison = measured.champion
     if comparison is None:
@@ -258,7 +279,8 @@ def champion_check(
             threshold=threshold,
             comparator=comparator,
             passed=False,
-            detail=f"{metric} is undefined on this holdout: champion and challenger cannot be compared",
+            detail=f"{metric} is undefined on this holdout: champion and challenger cannot be compared"
+            + _outputs_unusable_hint(measured),
         )
     passed = _meets(bound, threshold, comparator)
     side = "lower" if higher else "upper"
@@ -423,7 +445,9 @@ def sanity_checks(measured: Measured) -> list[CheckResult]:
             threshold=0.0,
             comparator=Comparator.EQ,
             passed=measured.nonfinite_outputs == 0,
-            detail=f"{measured.nonfinite_outputs} NaN or infinite outputs on {measured.rows} rows",
+            detail=f"{measured.nonfinite_outputs:,} NaN, infinite or out-of-range outputs (beyond float32's "
+            f"range: magnitude at most {FLOAT32_MAX:.8g}) on {measured.rows:,} rows"
+            + (f", such as {measured.nonfinite_example}" if measured.nonfinite_example is not None else ""),
         ),
         varied,
     ]

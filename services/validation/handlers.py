@@ -168,6 +168,14 @@ async def validate(
         )
         if measured.champion_unloadable is not None and champion is not None:
             _champion_unloadable(d, champion.version, champion.artifact, measured.champion_unloadable)
+        if measured.champion_outputs_unusable is not None and champion is not None:
+            log.warning(
+                "champion's outputs on the holdout are unusable: candidate judged without the comparison",
+                model=d.model,
+                candidate=d.model_version,
+                champion=champion.version,
+                detail=measured.champion_outputs_unusable,
+            )
         checks = judge(
             spec,
             task=d.signature.task,

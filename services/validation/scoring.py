@@ -373,9 +373,8 @@ def measure(
     y = labels.values
     outputs = _scored_by_candidate(candidate, signature.task, x, y)
     n_classes = len(outputs.classes) if signature.task is Task.CLASSIFICATION else None
-    values = np.asarray(outputs.proba if outputs.proba is not None else outputs.pred, dtype=float)
-    bad = ~np.isfinite(values)
-    nonfinite = int(bad.any(axis=1).sum() if values.ndim > 1 else bad.sum())
+    values = _output_values(outputs)
+    unusable = _unusable_outputs(values)
     distinct = int(np.unique(np.round(values, 12), axis=0).shape[0])
     # Looked at only when the outputs never vary (a model that answers differently was given different
     # inputs): a column with two values, a missing one counting as a value, stops the search.
@@ -383,6 +382,7 @@ def measure(
 
     comparison: ChampionComparison | None = None
     champion_error: str | None = None
+    champion_outputs_unusable: str | None = None
     if champion_signature is not None and champion_signature.task is not signature.task:
         # The model's spec was put again with the other task: the champion is not even scored (rmse of a
         # classifier raised KeyError in our own comparison, and the candidate was never judged).
@@ -411,6 +411,13 @@ def measure(
                 champion_error = (
                     f"the champion's classes {list(theirs.classes)} differ from the candidate's "
                     f"{list(outputs.classes)}"
+                )
+            elif (theirs_unusable := _unusable_outputs(_output_values(theirs))).rows:
+                # The champion's own outputs make its metric meaningless (rmse of 1e200 is infinite): compared
+                # with, it failed a sound candidate as "undefined", or (4e38, finite) passed any candidate.
+                champion_outputs_unusable = (
+                    f"its outputs on {theirs_unusable.rows:,} of the {theirs.rows:,} holdout rows are "
+                    f"{UNUSABLE_OUTPUTS}, such as {theirs_unusable.example}"
                 )
             else:
                 # Our own computation on both models' outputs: what it raises is a bug of validation, which
@@ -450,11 +457,13 @@ def measure(
     return Measured(
         rows=outputs.rows,
         metrics=all_metrics(outputs),
-        nonfinite_outputs=nonfinite,
+        nonfinite_outputs=unusable.rows,
+        nonfinite_example=unusable.example,
         distinct_outputs=distinct,
         latency_ms_per_row=latency,
         champion=comparison,
         champion_error=champion_error,
+        champion_outputs_unusable=champion_outputs_unusable,
         slice_feature=feature,
         slice_metric=slice_name,
         slices=slices,
@@ -463,6 +472,32 @@ def measure(
         unknown_labels=_unknown_labels(outputs, y),
         inputs_vary=inputs_vary,
     )
+
+
+UNUSABLE_OUTPUTS = f"NaN, infinite or beyond float32's range (magnitude at most {FLOAT32_MAX:.8g})"
+"""What makes a model's output unusable: no metric of it means anything (rmse of 1e200 overflows to
+infinity), and no model is served or fitted beyond float32's range (:data:`libs.modelspec.FLOAT32_MAX`)."""
+
+
+@dataclass(frozen=True)
+class UnusableOutputs:
+    """Rows whose output (a prediction, or any of a row's probabilities) is unusable, and one such value."""
+
+    rows: int
+    example: str | None
+
+
+def _output_values(outputs: Outputs) -> np.ndarray:
+    return np.asarray(outputs.proba if outputs.proba is not None else outputs.pred, dtype=float)
+
+
+def _unusable_outputs(values: np.ndarray) -> UnusableOutputs:
+    """The rows of ``values`` holding a NaN, an infinity or a number beyond float32's range."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(values) <= FLOAT32_MAX)  # NaN compares false: unusable too
+    rows = bad.any(axis=1) if values.ndim > 1 else bad
+    count = int(rows.sum())
+    return UnusableOutputs(rows=count, example=f"{values[bad][0]:.6g}" if count else None)
 
 
 def _compare(

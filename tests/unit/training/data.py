@@ -60,6 +60,21 @@ def churn_spec_data(name: str = "churn", *, numeric: int = 4, **overrides: Any) 
     return data
 
 
+def price_spec_data(name: str = "price", **overrides: Any) -> dict[str, Any]:
+    """A spec (as parsed YAML) of a ridge regressor of price on x0..x2, for :func:`regression_frame`."""
+    data = churn_spec_data(
+        name,
+        target="price",
+        task="regression",
+        estimator="ridge",
+        params={},
+        features=[{"name": f"x{i}", "type": "numeric"} for i in range(3)],
+        validation={"thresholds": {"rmse": 1.0}},
+    )
+    data.update(overrides)
+    return data
+
+
 def churn_spec(name: str = "churn", **overrides: Any) -> ModelSpec:
     """:func:`churn_spec_data` validated."""
     return spec_from_data(churn_spec_data(name, **overrides))

@@ -21,7 +21,13 @@ from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.domain import Measured, judge
 from services.validation.ports import Evaluation, EvaluationError
 from services.validation.scoring import measure
-from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, regression_frame
+from tests.unit.training.data import (
+    churn_frame,
+    churn_spec,
+    churn_spec_data,
+    price_spec_data,
+    regression_frame,
+)
 from tests.unit.validation.test_handlers import Gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -182,16 +188,7 @@ def test_the_report_names_classes_of_the_holdout_the_candidate_never_saw(
 
 def _ridge() -> tuple[ModelSpec, Any, ModelSignature]:
     """A ridge regressor of price on x0..x2, fitted on 400 rows: its spec, model and signature."""
-    data = churn_spec_data(
-        "price",
-        target="price",
-        task="regression",
-        estimator="ridge",
-        params={},
-        features=[{"name": f"x{i}", "type": "numeric"} for i in range(3)],
-        validation={"thresholds": {"rmse": 1.0}},
-    )
-    spec = spec_from_data(data)
+    spec = spec_from_data(price_spec_data())
     frame = regression_frame(400)
     model = build_pipeline(spec).fit(frame.drop(columns=["price"]), frame["price"])
     return spec, model, signature(spec, model, ())

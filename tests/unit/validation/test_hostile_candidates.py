@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from contracts.models import ModelVersionRegistered
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore
-from libs.modelspec import FLOAT32_MAX
+from libs.modelspec import FLOAT32_MAX, spec_from_data
 from services.validation import scoring
 from services.validation.adapters.evaluator import StoreEvaluator
 from services.validation.scoring import CANDIDATE_ERROR_MAX_CHARS
-from tests.unit.training.data import churn_frame, churn_spec, put_frame
+from tests.unit.training.data import churn_frame, churn_spec, price_spec_data, put_frame, regression_frame
 from tests.unit.validation.test_handlers import Gate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -357,3 +358,118 @@ async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tm
     await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+
+
+class Overflowing:
+    """A fitted regressor whose predictions on its first ``rows`` rows are ``value`` (1e200: finite, yet its
+    square overflows to infinity)."""
+
+    def __init__(self, model: Any, value: float, rows: int) -> None:
+        self.model, self.value, self.rows = model, value, rows
+
+    def predict(self, frame: Any) -> Any:
+        predictions = np.asarray(self.model.predict(frame), dtype=float).copy()
+        predictions[: self.rows] = self.value
+        return predictions
+
+
+class OverflowingEvaluator(StoreEvaluator):
+    """Loads the models from the store as validation does, then hands over an overflowing ``who`` model."""
+
+    def __init__(self, gate_root: Path, value: float, *, who: str, rows: int = 3) -> None:
+        super().__init__(ArtifactStore(str(gate_root)), latency_repeats=1)
+        self.value, self.who, self.rows = value, who, rows
+
+    def _model(self, ref: Any, who: str) -> object:
+        model = super()._model(ref, who)
+        return Overflowing(model, self.value, self.rows) if who == self.who else model
+
+
+def price_spec(thresholds: dict[str, float]) -> Any:
+    """A ridge regressor of price on x0..x2 (:func:`regression_frame`), gated on ``thresholds``."""
+    champion = {"max_degradation": 0.5, "resamples": 100}
+    return spec_from_data(price_spec_data(validation={"thresholds": thresholds, "champion": champion}))
+
+
+def all_finite(checks: list[Any]) -> bool:
+    """Every number a check carries is finite (JSON has no NaN nor infinity)."""
+    numbers = [
+        v
+        for c in checks
+        for v in (c.value, c.threshold, *((c.interval.low, c.interval.high) if c.interval else ()))
+        if v is not None
+    ]
+    return all(np.isfinite(numbers))
+
+
+OUT_OF_RANGE = [1e200, -1e300, 4e38, np.inf, np.nan]
+
+
+@pytest.mark.parametrize("value", OUT_OF_RANGE, ids=lambda v: f"{v:g}")
+async def test_a_candidate_predicting_beyond_float32s_range_fails_finite_outputs_naming_one(
+    tmp_path: Path, value: float
+) -> None:
+    # 1e200 is finite: sanity:finite-outputs passed it and rmse overflowed to infinity ("undefined on this
+    # holdout"), so a first version with no threshold on rmse or r2 passed the gate, and serving would have
+    # answered those predictions. No model is fitted or served beyond float32's range.
+    gate = Gate(tmp_path, evaluator=OverflowingEvaluator(tmp_path, value, who="candidate"))
+    await gate.register(gate.train(price_spec({}), 1, regression_frame(600)))
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["sanity:finite-outputs"]
+    checks = {c.name: c for c in failed.data.checks}
+    finite = checks["sanity:finite-outputs"]
+    assert finite.value == 3.0
+    assert finite.detail.startswith(
+        "3 NaN, infinite or out-of-range outputs (beyond float32's range: magnitude at most 3.4028235e+38) "
+        "on "
+    )
+    assert finite.detail.endswith(f", such as {value:.6g}")
+    assert all_finite(failed.data.checks)
+
+
+async def test_a_candidate_predicting_beyond_float32s_range_says_why_its_metrics_are_undefined(
+    tmp_path: Path,
+) -> None:
+    gate = Gate(tmp_path, evaluator=OverflowingEvaluator(tmp_path, 1e200, who="candidate"))
+    await gate.register(gate.train(price_spec({"rmse": 5.0, "r2": 0.5}), 1, regression_frame(600)))
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["r2>=0.5", "rmse<=5", "sanity:finite-outputs"]
+    checks = {c.name: c for c in failed.data.checks}
+    assert checks["rmse<=5"].detail.endswith(
+        ": the candidate's outputs are not all usable numbers (see sanity:finite-outputs)"
+    )
+    assert all_finite(failed.data.checks)
+
+
+@pytest.mark.parametrize("value", OUT_OF_RANGE, ids=lambda v: f"{v:g}")
+async def test_a_champion_predicting_beyond_float32s_range_has_its_comparison_reported_not_judged(
+    tmp_path: Path, value: float
+) -> None:
+    # The champion's rmse of infinity failed a sound candidate's comparison as "undefined on this holdout";
+    # one of 1.2e38 (predictions of 4e38) passed any candidate. Neither is a comparison: it is reported, as
+    # for a champion that cannot be loaded, and the candidate judged on its absolute checks.
+    gate = Gate(tmp_path, evaluator=OverflowingEvaluator(tmp_path, value, who="champion"))
+    spec = price_spec({"rmse": 5.0})
+    await gate.register(gate.train(spec, 1, regression_frame(600)))
+    await gate.promote("price", 1)
+    registered = gate.train(spec, 2, regression_frame(800, seed=1))
+    with capture_logs() as logs:
+        await gate.register(registered)
+    assert gate.bus.dead_letters == []
+    passed = gate.bus.events(of=ValidationPassed)
+    assert [e.data.model_version for e in passed] == [1, 2]
+    assert passed[1].data.champion_version == 1
+    checks = {c.name: c for c in passed[1].data.checks}
+    comparison = checks["challenger-vs-champion:rmse"]
+    assert comparison.passed and comparison.value is None and comparison.threshold is None
+    assert registered.lineage.holdout is not None and registered.lineage.holdout.rows is not None
+    assert comparison.detail == (
+        f"reported, not judged: champion v1 gives outputs no metric can use: its outputs on 3 of the "
+        f"{registered.lineage.holdout.rows:,} holdout rows are NaN, infinite or beyond float32's range "
+        f"(magnitude at most 3.4028235e+38), such as {value:.6g}; the candidate is judged on its absolute "
+        "checks alone, as a first version is, and its canary rollout compares it live with the stable version"
+    )
+    assert all_finite(passed[1].data.checks)
+    [warning] = [line for line in logs if line["log_level"] == "warning"]
+    assert warning["champion"] == 1 and warning["candidate"] == 2
