@@ -42,6 +42,7 @@ def subscription(
                 reports=PgReports(tx.conn),
                 evaluator=evaluator,
                 publish=tx.publish,
+                after_commit=tx.after_commit,
                 source=source,
                 max_event_bytes=rt.settings.kafka.max_event_bytes,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from prometheus_client import Counter
@@ -37,6 +38,7 @@ from services.validation.domain import (
     too_large_to_announce,
 )
 from services.validation.ports import (
+    AfterCommit,
     Champions,
     Datasets,
     Evaluation,
@@ -58,7 +60,9 @@ CHAMPIONS_UNLOADABLE = Counter(
     "Candidates gated while their champion's model could not be loaded, by reason: its artifact missing, "
     "corrupted (its bytes no longer hash to its key), untrusted (no skops file, or types outside the trusted "
     "list: possibly tampered with) or unloadable (skops cannot build it). Each is judged on its absolute "
-    "checks alone, as a first version is, and logged as an error; the production artifact needs replacing.",
+    "checks alone, as a first version is, and logged as an error; the production artifact needs replacing. "
+    "Counted once per candidate judged (its report committed), whether it passed or failed, however many "
+    "times its registration was delivered.",
     ["model", "reason"],
 )
 
@@ -67,7 +71,8 @@ def _champion_unloadable(
     registered: ModelVersionRegistered, champion: int, artifact: ArtifactRef, problem: ChampionUnloadable
 ) -> None:
     """Say loudly that the champion's model cannot be loaded: what serves production may be damaged or
-    tampered with, and no candidate is compared with it offline until it is replaced."""
+    tampered with, and no candidate is compared with it offline until it is replaced. Called once the
+    candidate's report is committed: once per judged candidate, never for a delivery that rolled back."""
     CHAMPIONS_UNLOADABLE.labels(model=registered.model, reason=problem.reason).inc()
     log.error(
         "champion artifact is untrusted, possibly tampered with: candidate judged without the comparison"
@@ -110,6 +115,7 @@ async def validate(
     reports: Reports,
     evaluator: Evaluator,
     publish: Publish,
+    after_commit: AfterCommit,
     source: str,
     max_event_bytes: int = 1_000_000,
     **_: Any,
@@ -136,6 +142,7 @@ async def validate(
     )
     holdout_ref = d.lineage.holdout
     checks: list[CheckResult]
+    unloadable: ChampionUnloadable | None = None
     try:
         spec = await evaluator.validation_spec(d.lineage.spec) if d.lineage.spec else ValidationSpec()
         if d.lineage.spec and (problem := gates_of_another_task(spec, d.signature.task, d.signature.classes)):
@@ -166,8 +173,7 @@ async def validate(
                 champion_signature=champion.signature if champion else None,
             )
         )
-        if measured.champion_unloadable is not None and champion is not None:
-            _champion_unloadable(d, champion.version, champion.artifact, measured.champion_unloadable)
+        unloadable = measured.champion_unloadable
         if measured.champion_outputs_unusable is not None and champion is not None:
             log.warning(
                 "champion's outputs on the holdout are unusable: candidate judged without the comparison",
@@ -187,6 +193,7 @@ async def validate(
         )
     except EvaluationError as exc:
         checks = [failure(exc.check, exc.message)]
+        unloadable = exc.champion_unloadable
     failed = [c.name for c in checks if not c.passed]
     report_id = report_id_for(d.model, d.model_version)
     duration = round(time.monotonic() - started, 3)
@@ -239,6 +246,10 @@ async def validate(
     )
     await reports.save(stored)
     await publish(out)
+    if unloadable is not None and champion is not None:
+        # Once committed: a delivery retried, or dead-lettered (its report too large) and replayed, counted
+        # once per run before, and an alert on the counter saw candidates that were never judged.
+        after_commit(partial(_champion_unloadable, d, champion.version, champion.artifact, unloadable))
     log.info(
         "validation passed" if not failed else "validation failed",
         model=d.model,

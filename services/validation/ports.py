@@ -15,9 +15,14 @@ from contracts.models import ModelVersionRegistered
 from contracts.validation import CheckResult
 from libs.modelspec import ValidationSpec
 from libs.stage_order import StageChangesApplied
-from services.validation.domain import Measured
+from services.validation.domain import ChampionUnloadable, Measured
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
+
+AfterCommit = Callable[[Callable[[], None]], None]
+"""Call a callback once the delivery's transaction has committed, never if it rolls back
+(:meth:`libs.bus.Transaction.after_commit`): for the counts and error lines that stand for one judged
+candidate, though the handler may run more than once for it."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,16 @@ class Evaluation:
 
 
 class EvaluationError(Exception):
-    """Something needed for the measurement cannot be read; ``check`` names the failing check."""
+    """Something needed for the measurement cannot be read; ``check`` names the failing check, and
+    ``champion_unloadable`` why the champion's model could not be loaded, when that was found before."""
 
-    def __init__(self, check: str, message: str) -> None:
+    def __init__(
+        self, check: str, message: str, *, champion_unloadable: ChampionUnloadable | None = None
+    ) -> None:
         super().__init__(message)
         self.check = check
         self.message = message
+        self.champion_unloadable = champion_unloadable
 
 
 class Versions(Protocol):

@@ -5,7 +5,8 @@ Every artifact follows one rule. The store failing for a moment (unreachable, ti
 in place, a bounded number of times (the store's ``attempts``); an artifact that is missing, corrupted
 (its bytes do not hash to its key), untrusted or not readable as what it should be fails its check at once,
 except the champion's model: then the comparison with it cannot be measured, and the candidate is judged on
-its absolute checks (``Measured.champion_unloadable`` says why; the handler logs and counts it).
+its absolute checks (``Measured.champion_unloadable`` says why, or ``EvaluationError.champion_unloadable``
+when a check of the candidate's own fails it; the handler logs and counts it once the report is committed).
 When the store still fails after its last try, no check fails: ``StoreUnavailable`` (an OSError) goes to the
 bus, which retries the event without limit as for any outage of the infrastructure. A candidate is judged
 once, for good, so an outage must not judge it."""
@@ -66,13 +67,8 @@ class StoreEvaluator:
         return await asyncio.to_thread(self._measure, evaluation)
 
     def _measure(self, evaluation: Evaluation) -> Measured:
-        try:
-            candidate = self._model(evaluation.candidate, "candidate")
-        except ArtifactError as exc:
-            raise EvaluationError(
-                "candidate-loads",
-                f"the candidate model {evaluation.candidate.key[:12]} cannot be loaded: {exc}",
-            ) from exc
+        # The champion first: production's model that cannot be loaded is said (logged, counted) for every
+        # candidate measured, one failing a check of its own as well (it went unsaid before).
         champion: object | None = None
         unloadable: ChampionUnloadable | None = None
         if evaluation.champion is not None:
@@ -85,6 +81,23 @@ class StoreEvaluator:
                     reason=_problem(exc),
                     detail=f"the champion model {evaluation.champion.key[:12]} cannot be loaded: {exc}",
                 )
+        try:
+            measured = self._measure_candidate(evaluation, champion, unloadable)
+        except EvaluationError as exc:
+            exc.champion_unloadable = unloadable
+            raise
+        return dataclasses.replace(measured, champion_unloadable=unloadable) if unloadable else measured
+
+    def _measure_candidate(
+        self, evaluation: Evaluation, champion: object | None, unloadable: ChampionUnloadable | None
+    ) -> Measured:
+        try:
+            candidate = self._model(evaluation.candidate, "candidate")
+        except ArtifactError as exc:
+            raise EvaluationError(
+                "candidate-loads",
+                f"the candidate model {evaluation.candidate.key[:12]} cannot be loaded: {exc}",
+            ) from exc
         key, fmt = evaluation.holdout.key, evaluation.holdout.format
         try:
             data = self.store.get(key)
@@ -103,7 +116,7 @@ class StoreEvaluator:
                 "holdout-readable", f"the holdout {key[:12]} is not a readable {fmt.value} file: {exc}"
             ) from exc
         try:
-            measured = measure(
+            return measure(
                 evaluation.spec,
                 candidate=candidate,
                 signature=evaluation.signature,
@@ -125,7 +138,6 @@ class StoreEvaluator:
             raise EvaluationError(
                 "candidate-scores", f"the candidate cannot score the holdout: {exc}"
             ) from exc
-        return dataclasses.replace(measured, champion_unloadable=unloadable) if unloadable else measured
 
     def _model(self, ref: ArtifactRef, who: str) -> object:
         """The ``who`` model (candidate or champion); raises ArtifactError when it cannot be loaded."""

@@ -25,7 +25,7 @@ from libs.bus import InMemoryBus, Subscription, Transaction
 from libs.modelspec import ModelSpec, SliceRule, ValidationSpec, build_pipeline, spec_from_data
 from services.training.worker import run_training, signature
 from services.validation.adapters.evaluator import StoreEvaluator
-from services.validation.domain import Measured, SliceMeasure
+from services.validation.domain import ChampionUnloadable, Measured, SliceMeasure
 from services.validation.handlers import HANDLERS, report_for_version
 from services.validation.ports import Evaluation, Evaluator, Report, VersionRecord
 from tests.stage_changes import stage_change
@@ -115,6 +115,7 @@ class Gate:
                     reports=self.reports,
                     evaluator=evaluator,
                     publish=tx.publish,
+                    after_commit=tx.after_commit,
                     source="/driftloop/validation",
                     max_event_bytes=max_event_bytes,
                 )
@@ -516,20 +517,28 @@ async def test_a_report_whose_checks_that_are_no_slice_pass_the_event_limit_is_a
     assert report.event_id == announced.id
 
 
+def too_large_to_announce(measured: Measured) -> MeasuredEvaluator:
+    """An evaluator whose report fails one slice only, whose level is 3,000 characters long: no event within
+    :data:`LIMIT` can announce it."""
+    spec = FOUR_THRESHOLDS.model_copy(update={"slices": SliceRule(feature="plan", min_value=0.6)})
+    return MeasuredEvaluator(
+        spec,
+        replace(
+            measured,
+            metrics={**ROC_AUC_MISSES.metrics, "roc_auc": 0.9},
+            slice_feature="plan",
+            slice_metric="roc_auc",
+            slices=[SliceMeasure(level="p" * 3_000, rows=100, value=0.5)],
+        ),
+    )
+
+
 async def test_a_report_too_large_to_announce_even_cut_dead_letters_the_registration_saying_so(
     tmp_path: Path,
 ) -> None:
     # The one failed check is a slice whose level is 3,000 characters long: named in the check and in
     # failed_checks, it passes the limit alone, and a failed validation cannot be announced without it.
-    spec = FOUR_THRESHOLDS.model_copy(update={"slices": SliceRule(feature="plan", min_value=0.6)})
-    measured = replace(
-        ROC_AUC_MISSES,
-        metrics={**ROC_AUC_MISSES.metrics, "roc_auc": 0.9},
-        slice_feature="plan",
-        slice_metric="roc_auc",
-        slices=[SliceMeasure(level="p" * 3_000, rows=100, value=0.5)],
-    )
-    gate = Gate(tmp_path, max_event_bytes=LIMIT, evaluator=MeasuredEvaluator(spec, measured))
+    gate = Gate(tmp_path, max_event_bytes=LIMIT, evaluator=too_large_to_announce(ROC_AUC_MISSES))
     await gate.register(registered())
 
     [dead] = gate.bus.dead_letters
@@ -658,3 +667,98 @@ async def test_a_multiclass_candidate_whose_spec_gates_on_roc_auc_fails_the_spec
         "(validation.thresholds.roc_auc) and roc_auc (validation.slices.metric), metrics of two classes, but "
         "the candidate has 3 classes (0, 1, 2): gate on accuracy, f1 or log_loss"
     )
+
+
+def candidate_failing(gate: Gate, registered: ModelVersionRegistered, check: str) -> ModelVersionRegistered:
+    """``registered`` made to fail ``check``: its artifact missing (candidate-loads), its holdout no parquet
+    file (holdout-readable)."""
+    if check == "candidate-loads":
+        return registered.model_copy(
+            update={"artifact": registered.artifact.model_copy(update={"key": "0" * 64})}
+        )
+    assert registered.lineage.holdout is not None
+    holdout = registered.lineage.holdout.model_copy(update={"sha256": gate.store.put(b"not a table").sha256})
+    return registered.model_copy(
+        update={"lineage": registered.lineage.model_copy(update={"holdout": holdout})}
+    )
+
+
+@pytest.mark.parametrize("check", ["candidate-loads", "holdout-readable"])
+async def test_a_champion_that_cannot_load_is_said_when_the_candidate_fails_a_check_of_its_own(
+    gate: Gate, check: str
+) -> None:
+    # A candidate that could not load was failed before the champion was tried, and one whose holdout could
+    # not be read dropped what was found of the champion: no error, no count, and an operator alerting on the
+    # counter saw nothing while production's artifact was damaged.
+    champion = champion_artifact(gate, gate.train(churn_spec(), 1, churn_frame()), "corrupted")
+    await gate.versions.record(champion)
+    await gate.promote("churn", 1)
+    counted = unloadable_champions("corrupted")
+    with capture_logs() as logs:
+        await gate.register(candidate_failing(gate, gate.train(churn_spec(), 2, churn_frame(seed=1)), check))
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == [check] and failed.data.champion_version == 1
+    assert unloadable_champions("corrupted") == counted + 1
+    [error] = [line for line in logs if line["log_level"] == "error"]
+    assert (error["candidate"], error["champion"]) == (2, 1)
+    assert error["champion_artifact"] == champion.artifact.key and error["reason"] == "corrupted"
+
+
+class ReportsFailingOnce(FakeReports):
+    """Reports whose first save fails as a database connection lost mid-transaction does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def save(self, report: Report) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection lost")
+        await super().save(report)
+
+
+UNLOADABLE = replace(
+    ROC_AUC_MISSES,
+    champion_unloadable=ChampionUnloadable(reason="missing", detail="the champion model 0000 is gone"),
+)
+
+
+async def with_champion(gate: Gate) -> ModelVersionRegistered:
+    """The example registration (churn v7), its champion v6 promoted."""
+    candidate = registered()
+    await gate.versions.record(candidate.model_copy(update={"model_version": 6}))
+    await gate.promote(candidate.model, 6)
+    return candidate
+
+
+async def test_an_unloadable_champion_is_counted_once_for_a_candidate_judged_on_a_second_run(
+    tmp_path: Path,
+) -> None:
+    # The bus runs the handler again when its transaction fails (here the report's save): counted as it ran,
+    # the champion was counted once per run, not once per judged candidate.
+    gate = Gate(tmp_path, evaluator=MeasuredEvaluator(FOUR_THRESHOLDS, UNLOADABLE))
+    gate.reports = ReportsFailingOnce()
+    candidate = await with_champion(gate)
+    counted = unloadable_champions("missing")
+    with capture_logs() as logs:
+        await gate.register(candidate)
+    assert gate.bus.dead_letters == [] and isinstance(gate.reports, ReportsFailingOnce)
+    assert gate.reports.failures == 0  # the handler did run twice
+    assert len(gate.bus.events(of=ValidationFailed)) == 1
+    assert unloadable_champions("missing") == counted + 1
+    assert len([line for line in logs if line["log_level"] == "error"]) == 1
+
+
+async def test_an_unloadable_champion_is_not_counted_for_a_candidate_whose_report_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    # Too large to announce, the registration is dead-lettered and the candidate not judged; replayed once the
+    # limit is raised, it is judged and counted then.
+    gate = Gate(tmp_path, max_event_bytes=LIMIT, evaluator=too_large_to_announce(UNLOADABLE))
+    candidate = await with_champion(gate)
+    counted = unloadable_champions("missing")
+    await gate.register(candidate)
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "output-oversized"
+    assert unloadable_champions("missing") == counted
