@@ -103,11 +103,20 @@ class Claim(enum.Enum):
 
 class InboxEntry(NamedTuple):
     """A delivered event as the inbox records it. CloudEvents identify an event by its source and id
-    together; the hash is of the value as delivered, so a reused id with other content is caught."""
+    together; the hash is of the value as delivered and the type is its ``ce_type`` as delivered, so a reused
+    id with other content is caught, a payload of the same bytes under another type too (a RollbackRequested
+    that leaves ``to_version`` out has the bytes of a PromoteRequested)."""
 
     source: str
     event_id: str
     sha256: str
+    event_type: str | None = None
+    """None: not known (an inbox row stored before the inbox recorded types, bus migration 0003): such a
+    row is compared by its payload alone."""
+
+
+Held = tuple[str, str | None]
+"""What the inbox holds for an event it recorded: the payload's sha256, and its type (None: not recorded)."""
 
 
 LEGACY_SOURCE = ""
@@ -124,26 +133,35 @@ class InboxTransaction(Transaction, Protocol):
 
 
 def judge_claims(
-    items: Sequence[InboxEntry], new: AbstractSet[tuple[str, str]], held: Mapping[tuple[str, str], str]
+    items: Sequence[InboxEntry], new: AbstractSet[tuple[str, str]], held: Mapping[tuple[str, str], Held]
 ) -> list[Claim]:
     """Each item's verdict, given the (source, event id) pairs the inbox has just recorded (``new``) and
-    the hash it held before for the others (``held``; a row stored before sources were, under
+    what it held before for the others (``held``; a row stored before sources were, under
     :data:`LEGACY_SOURCE`)."""
     claims: list[Claim] = []
-    first: dict[tuple[str, str], str] = {}
+    first: dict[tuple[str, str], InboxEntry] = {}
     for item in items:
         key = (item.source, item.event_id)
         if key in first:
             # The same event twice in one poll: the first one is the one that counts.
-            claims.append(Claim.DUPLICATE if first[key] == item.sha256 else Claim.REUSED_ID)
+            earlier = first[key]
+            claims.append(_same_event(item, (earlier.sha256, earlier.event_type)))
             continue
-        first[key] = item.sha256
+        first[key] = item
         if key in new:
             claims.append(Claim.NEW)
         else:
-            sha = held.get(key, held.get((LEGACY_SOURCE, item.event_id)))
-            claims.append(Claim.DUPLICATE if sha == item.sha256 else Claim.REUSED_ID)
+            was = held.get(key, held.get((LEGACY_SOURCE, item.event_id)))
+            claims.append(Claim.REUSED_ID if was is None else _same_event(item, was))
     return claims
+
+
+def _same_event(item: InboxEntry, held: Held) -> Claim:
+    """DUPLICATE if ``item`` is the event the inbox holds under its id (a type not recorded on either side
+    is not compared), else REUSED_ID."""
+    sha, event_type = held
+    same_type = event_type is None or item.event_type is None or event_type == item.event_type
+    return Claim.DUPLICATE if sha == item.sha256 and same_type else Claim.REUSED_ID
 
 
 TransactionFactory = Callable[[], AbstractAsyncContextManager[InboxTransaction]]
@@ -583,7 +601,10 @@ class Dispatcher:
                 else:
                     items = [
                         InboxEntry(
-                            d.event.source, d.event.id, hashlib.sha256(d.record.value or b"").hexdigest()
+                            d.event.source,
+                            d.event.id,
+                            hashlib.sha256(d.record.value or b"").hexdigest(),
+                            _delivered_type(d.record),
                         )
                         for d in deliveries
                         if d.event is not None
@@ -599,7 +620,7 @@ class Dispatcher:
                             assert d.event is not None
                             raise ReusedEventId(
                                 f"event id {d.event.id} from source {d.event.source} was handled before"
-                                " with a different payload"
+                                " with a different payload or type"
                             )
                 in_handler = True
                 await run(tx, fresh)
@@ -632,6 +653,15 @@ class Dispatcher:
             metrics.DEAD_LETTERED.labels(self.sub.consumer, record.topic, reason).inc()
             log.warning("dead-lettered", reason=reason, error=error, **where)
         self._dead_lettered.add((record.topic, record.partition, record.offset))
+
+
+def _delivered_type(record: Record) -> str:
+    """The ``ce_type`` of a record that decoded (so it has exactly one, in UTF-8), as delivered: an upcast
+    event is recorded under its own type, so a redelivery after an upcaster is added is still a duplicate."""
+    for name, raw in record.headers:
+        if name == "ce_type" and raw is not None:
+            return raw.decode()
+    raise AssertionError("a decoded record has a ce_type header")
 
 
 def _dead_lettered_by(record: Record, consumer: str) -> bool:

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry
-from libs.bus.core import Claim, Dispatcher, InboxEntry, Record, Subscription, encode_outgoing, judge_claims
+from libs.bus.core import (
+    Claim,
+    Dispatcher,
+    Held,
+    InboxEntry,
+    Record,
+    Subscription,
+    encode_outgoing,
+    judge_claims,
+)
 
 
 @dataclass
@@ -31,7 +40,7 @@ class MemoryTransaction:
     bus: InMemoryBus
     conn: Any = None
     published: list[CloudEvent[Any]] = field(default_factory=list)
-    claims: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    claims: dict[tuple[str, str, str], Held] = field(default_factory=dict)
     on_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -44,7 +53,7 @@ class MemoryTransaction:
 
     async def claim(self, consumer: str, items: Sequence[InboxEntry]) -> list[Claim]:
         new: set[tuple[str, str]] = set()
-        held: dict[tuple[str, str], str] = {}
+        held: dict[tuple[str, str], Held] = {}
         for item in items:
             key = (consumer, item.source, item.event_id)
             old = self.bus.inbox.get(key) or self.claims.get(key)
@@ -52,7 +61,7 @@ class MemoryTransaction:
                 held[(item.source, item.event_id)] = old
             elif (item.source, item.event_id) not in new:
                 new.add((item.source, item.event_id))
-                self.claims[key] = item.sha256
+                self.claims[key] = (item.sha256, item.event_type)
         return judge_claims(items, new, held)
 
 
@@ -63,8 +72,9 @@ class InMemoryBus:
         self.registry = registry
         self.max_event_bytes = max_event_bytes
         self.log: dict[str, list[Record]] = defaultdict(list)
-        self.inbox: dict[tuple[str, str, str], str] = {}
-        """(consumer, source, event id) → the payload's sha256, as the Postgres inbox keeps it."""
+        self.inbox: dict[tuple[str, str, str], Held] = {}
+        """(consumer, source, event id) → the payload's sha256 and the event's type, as the Postgres inbox
+        keeps them."""
         self.dead_letters: list[DeadLetter] = []
         self._subscriptions: list[tuple[Subscription, Dispatcher, dict[str, int]]] = []
 

@@ -17,6 +17,7 @@ from libs.bus import metrics
 from libs.bus.core import (
     LEGACY_SOURCE,
     Claim,
+    Held,
     InboxEntry,
     InboxKeyTooLarge,
     RawSender,
@@ -47,9 +48,9 @@ def outbox_channel(schema: str) -> str:
 # consumer that has such rows pays for looking them up: the first condition is evaluated once per statement
 # (through the partial index of such rows), and while it is false, OR never evaluates the per-event probe.
 _CLAIM_SQL = f"""
-INSERT INTO inbox (consumer, source, event_id, payload_sha256)
-SELECT $1, t.source, t.event_id, t.sha
-FROM unnest($2::text[], $3::text[], $4::text[]) AS t(source, event_id, sha)
+INSERT INTO inbox (consumer, source, event_id, payload_sha256, event_type)
+SELECT $1, t.source, t.event_id, t.sha, t.event_type
+FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(source, event_id, sha, event_type)
 WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND source = '{LEGACY_SOURCE}')
    OR NOT EXISTS (
        SELECT 1 FROM inbox AS held
@@ -60,7 +61,8 @@ RETURNING source, event_id
 """
 
 _HELD_SQL = """
-SELECT source, event_id, payload_sha256 FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])
+SELECT source, event_id, payload_sha256, event_type FROM inbox
+WHERE consumer = $1 AND event_id = ANY($2::text[])
 """
 
 
@@ -169,6 +171,7 @@ class PgTransaction:
                 [i.source for i in items],
                 [i.event_id for i in items],
                 [i.sha256 for i in items],
+                [i.event_type for i in items],
             )
         except asyncpg.ProgramLimitExceededError as exc:
             # Which of several events it was, the statement does not say: the dispatcher replays a failed
@@ -182,13 +185,13 @@ class PgTransaction:
                 f"UTF-8, more than a Postgres index entry holds ({exc})"
             ) from exc
         new = {(r["source"], r["event_id"]) for r in claimed}
-        held: dict[tuple[str, str], str] = {}
+        held: dict[tuple[str, str], Held] = {}
         if len(new) < len(items):
             # Only redeliveries pay for this second look-up.
             rows = await self.conn.fetch(
                 _HELD_SQL, consumer, list({i.event_id for i in items if (i.source, i.event_id) not in new})
             )
-            held = {(r["source"], r["event_id"]): r["payload_sha256"] for r in rows}
+            held = {(r["source"], r["event_id"]): (r["payload_sha256"], r["event_type"]) for r in rows}
         return judge_claims(items, new, held)
 
 

@@ -18,8 +18,8 @@ from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 from tests.unit.test_bus_dead_letters import Sink, record_of
 
 
-def entry(source: str, event_id: str, value: bytes) -> InboxEntry:
-    return InboxEntry(source, event_id, hashlib.sha256(value).hexdigest())
+def entry(source: str, event_id: str, value: bytes, event_type: str | None = None) -> InboxEntry:
+    return InboxEntry(source, event_id, hashlib.sha256(value).hexdigest(), event_type)
 
 
 async def claim(pool: asyncpg.Pool, schema: str, *items: InboxEntry) -> list[Claim]:
@@ -86,6 +86,51 @@ async def test_rows_from_before_the_upgrade_still_absorb_their_redeliveries(data
         ]
     finally:
         await pool.close()
+
+
+async def test_the_inbox_tells_another_type_from_a_redelivery_and_rows_without_a_type_go_by_payload(
+    database_url: str,
+) -> None:
+    """Same source, id and bytes under another type is another event; a row stored without a type (before
+    bus migration 0003, or by a replica still running the former code) is compared by its payload alone."""
+    schema = unique("t_inbox")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        migrations = bus_migrations()
+        assert [m.id for m in migrations[2:]] == ["bus/0003_inbox_event_type.sql"]
+        await apply_migrations(pool, schema, migrations[:2])
+        value = b'{"model":"churn","model_version":7,"reason":"x"}'
+        promote, rollback = "io.driftloop.PromoteRequested.v1", "io.driftloop.RollbackRequested.v1"
+        await record_without_type(pool, entry("/cli", "before", value))
+        await apply_migrations(pool, schema, migrations)
+        await record_without_type(pool, entry("/cli", "meanwhile", value))
+
+        handled = entry("/cli", "now", value, promote)
+        assert await claim(pool, schema, handled) == [Claim.NEW]
+        assert await claim(pool, schema, handled, entry("/cli", "now", value, rollback)) == [
+            Claim.DUPLICATE,
+            Claim.REUSED_ID,
+        ]
+        assert await claim(
+            pool,
+            schema,
+            entry("/cli", "before", value, rollback),
+            entry("/cli", "meanwhile", value, promote),
+            entry("/cli", "meanwhile", b"{}", promote),
+        ) == [Claim.DUPLICATE, Claim.DUPLICATE, Claim.REUSED_ID]
+    finally:
+        await pool.close()
+
+
+async def record_without_type(pool: asyncpg.Pool, handled: InboxEntry) -> None:
+    """What the inbox recorded before it knew types (bus migration 0002's statement)."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO inbox (consumer, source, event_id, payload_sha256) VALUES ('consumer', $1, $2, $3)",
+            handled.source,
+            handled.event_id,
+            handled.sha256,
+        )
 
 
 async def test_an_event_whose_source_and_id_the_inbox_cannot_key_is_dead_lettered_as_oversized(

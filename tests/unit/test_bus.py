@@ -27,7 +27,15 @@ class ThingCounted(EventPayload):
     n: int = Field(description="The number seen.")
 
 
-REGISTRY = EventTypeRegistry([ThingHappened, ThingCounted])
+class ThingUndone(EventPayload):
+    """A test fact of another type whose payload has the shape of :class:`ThingHappened`'s."""
+
+    event_name = "ThingUndone"
+    topic = "test.things"
+    n: int = Field(description="A number.")
+
+
+REGISTRY = EventTypeRegistry([ThingHappened, ThingCounted, ThingUndone])
 
 
 def thing(n: int, **kw: Any) -> CloudEvent[ThingHappened]:
@@ -83,6 +91,35 @@ async def test_reused_id_with_other_payload_is_dead_lettered_not_skipped(bus: In
     assert seen == [1]
     [dead] = bus.dead_letters
     assert dead.reason == "reused-event-id"
+
+
+async def test_a_reused_id_on_an_event_of_another_type_with_the_same_bytes_is_dead_lettered_not_skipped(
+    bus: InMemoryBus,
+) -> None:
+    """The type is part of what an event says: a payload with the same bytes under another ``ce_type`` (a
+    RollbackRequested that leaves ``to_version`` out reads exactly as the PromoteRequested before it) is
+    another event, not a redelivery; handled once under that id, it is refused as a reused id."""
+    seen: list[tuple[str, int]] = []
+
+    async def on_any(event: CloudEvent[Any], tx: Transaction) -> None:
+        seen.append((type(event.data).__name__, event.data.n))
+
+    bus.subscribe(
+        Subscription(
+            consumer="both", topics=["test.things"], handlers={ThingHappened: on_any, ThingUndone: on_any}
+        )
+    )
+    first = thing(1)
+    await bus.publish(first)
+    undone = new_event(ThingUndone(n=1), source=first.source, event_id=first.id)
+    assert undone.to_kafka()[1] == first.to_kafka()[1]
+    await bus.publish(undone)
+    await bus.publish(first)  # a redelivery of the first is still a no-op
+    await bus.drain()
+    assert seen == [("ThingHappened", 1)]
+    [dead] = bus.dead_letters
+    assert dead.reason == "reused-event-id"
+    assert dict(dead.record.headers)["ce_type"] == ThingUndone.event_type().encode()
 
 
 async def test_two_sources_may_use_one_event_id(bus: InMemoryBus) -> None:
