@@ -329,10 +329,20 @@ async def on_training_requested(
     """Hand the job to the job runner (recording it first if this store has not seen it).
 
     A request this service did not record itself is refused in the open: with no spec for its model it is
-    dead-lettered; with another job of its model in flight it gets TrainingSkipped (one run per model)."""
+    dead-lettered; with another job of its model in flight it gets TrainingSkipped (one run per model). One
+    naming a known job with another request than that job's is dead-lettered: taken for the known job, what
+    it asks for would silently never happen."""
     d = event.data
     existing = await jobs.get(d.job_id)
     if existing is not None:
+        if differing := [
+            name for name in type(d).model_fields if getattr(existing.request, name) != getattr(d, name)
+        ]:
+            raise PermanentError(
+                f"job {d.job_id} is already the request of model {existing.request.model!r}; this "
+                f"TrainingRequested names model {d.model!r} and differs from it in {', '.join(differing)}: "
+                "a job id names one request"
+            )
         await jobs.dispatch(existing)
         return
     stored = await specs.get(d.model)

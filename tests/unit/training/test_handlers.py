@@ -232,6 +232,30 @@ async def test_a_request_for_a_model_without_a_spec_is_dead_lettered(harness: Ha
     assert "job-ghost" not in harness.jobs.rows
 
 
+async def test_a_request_naming_a_known_job_with_other_content_is_dead_lettered(harness: Harness) -> None:
+    """A job id names one request: another model's (or other data's) under it would otherwise be taken for
+    the known job, and what it asked for silently never happen. The known job's own request again changes
+    nothing."""
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    [first] = harness.events(TrainingRequested)
+
+    await harness.bus.publish(new_event(first.data, source="/elsewhere"))
+    await harness.bus.drain()
+    assert harness.bus.dead_letters == []
+    await harness.bus.publish(foreign_request(first, model="fraud", job_id=first.data.job_id))
+    await harness.bus.drain()
+
+    [dead] = harness.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"job {first.data.job_id} is already the request of model 'churn'" in dead.error
+    assert "this TrainingRequested names model 'fraud'" in dead.error
+    assert harness.jobs.rows[first.data.job_id].model == "churn"
+    assert harness.events(TrainingSkipped) == []
+
+
 async def test_a_dataset_announced_again_under_a_new_event_id_starts_no_second_job(harness: Harness) -> None:
     # The same version of the same file, re-sent as a new event (a replay, a producer's retry with a new id).
     await register(harness, churn_spec())
