@@ -226,18 +226,39 @@ class Monitor:
 async def on_model_version_registered(
     event: CloudEvent[ModelVersionRegistered], *, monitor: Monitor, store: MonitoringStore
 ) -> None:
-    """Remember the version and prepare its reference profile for window judgements."""
+    """Remember the version and prepare its reference profile for window judgements. A version registered
+    before as another model (another profile or signature) is dead-lettered: it is judged as first
+    registered, as serving and validation keep it."""
     p = event.data
     stored = StoredModel(p.model, p.model_version, p.signature, dict(p.metrics), p.profile)
-    if not await store.save_model(stored) and (p.model, p.model_version) in monitor.live.references:
-        # Registered before (another event id): Postgres keeps the version as first registered, and so does
-        # memory. Loading this event's profile would judge with another reference than a restart would, and a
-        # profile gone from the artifact store would dead-letter an event that changes nothing.
-        return
+    if not await store.save_model(stored):
+        held = await store.model(p.model, p.model_version)
+        if held is not None and (other := _registered_otherwise(held, stored)):
+            raise PermanentError(
+                f"{p.model} version {p.model_version} is registered with another {other}; this "
+                f"{event.type} {event.id} (run {p.run_id}) contradicts it: a version is one model, and "
+                "monitoring judges it as first registered"
+            )
+        if (p.model, p.model_version) in monitor.live.references:
+            # Registered before (another event id): Postgres keeps the version as first registered, and so
+            # does memory. Loading this event's profile would judge with another reference than a restart
+            # would, and a profile gone from the artifact store would dead-letter an event that changes
+            # nothing.
+            return
     try:
         await load_reference(stored, monitor=monitor, store=store)
     except ProfileUnavailable as exc:
         raise PermanentError(str(exc)) from exc
+
+
+def _registered_otherwise(held: StoredModel, stored: StoredModel) -> str | None:
+    """What a registration of a known version says otherwise than the one monitoring keeps, or None."""
+    if held.profile.key != stored.profile.key:
+        return f"profile ({held.profile.key[:12]}…, this one {stored.profile.key[:12]}…)"
+    # As JSON: pydantic's equality takes True for 1 (a class label, a category), which are different values.
+    if held.signature.model_dump_json() != stored.signature.model_dump_json():
+        return "signature"
+    return None
 
 
 async def load_reference(stored: StoredModel, *, monitor: Monitor, store: MonitoringStore) -> ModelReference:

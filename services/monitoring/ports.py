@@ -179,6 +179,10 @@ class MonitoringStore(Protocol):
         """Every registered model version."""
         ...
 
+    async def model(self, model: str, version: int) -> StoredModel | None:
+        """A registered model version as first recorded, or None."""
+        ...
+
     async def policy(self, model: str) -> DriftPolicy | None:
         """The operator's policy for a model, if one was set."""
         ...

@@ -131,16 +131,13 @@ class PgMonitoringStore:
 
     async def models(self) -> list[StoredModel]:
         rows = await self.conn.fetch("SELECT * FROM model_versions ORDER BY model, version")
-        return [
-            StoredModel(
-                model=r["model"],
-                version=r["version"],
-                signature=ModelSignature.model_validate(r["signature"]),
-                baseline=r["baseline"],
-                profile=ArtifactRef.model_validate(r["profile"]),
-            )
-            for r in rows
-        ]
+        return [_stored_model(r) for r in rows]
+
+    async def model(self, model: str, version: int) -> StoredModel | None:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM model_versions WHERE model = $1 AND version = $2", model, version
+        )
+        return _stored_model(row) if row is not None else None
 
     async def policy(self, model: str) -> DriftPolicy | None:
         raw = await self.conn.fetchval("SELECT policy FROM policies WHERE model = $1", model)
@@ -685,3 +682,13 @@ def _stored_policy(model: str, raw: Any) -> DriftPolicy | None:
             error=" ".join(str(exc).splitlines()[:3]),
         )
         return None
+
+
+def _stored_model(r: asyncpg.Record) -> StoredModel:
+    return StoredModel(
+        model=r["model"],
+        version=r["version"],
+        signature=ModelSignature.model_validate(r["signature"]),
+        baseline=r["baseline"],
+        profile=ArtifactRef.model_validate(r["profile"]),
+    )
