@@ -293,10 +293,20 @@ async def record_validation(
 
 
 async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Datasets, source: str) -> bool:
-    """Record a dataset version another service registered; False when it was already recorded."""
+    """Record a dataset version another service registered; False when it was already recorded. One under
+    the registry's own source that it does not hold as that file was not published here, and is refused."""
     ds = event.data
     if event.source == source:
-        # The registry's own uploads were recorded in the transaction that published them.
+        # The registry's own uploads were recorded in the transaction that published them, and are never
+        # deleted: one it lacks was published elsewhere under its source (another deployment).
+        held = await datasets.get(ds.name, ds.dataset_version)
+        if held is None or held.sha256 != ds.sha256:
+            holds = "does not hold it" if held is None else f"holds it as sha256 {held.sha256}"
+            raise PermanentError(
+                f"{event.type} {event.id} for dataset {ds.name} version {ds.dataset_version} (sha256 "
+                f"{ds.sha256}) came under this registry's source {source}, but the registry {holds}: it "
+                "was not published here (another deployment under the same source?); nothing was recorded"
+            )
         return False
     if ds.sha256 != ds.artifact.key:
         # The file is served by its sha256: recorded, the dataset would hand out whatever artifact that names.

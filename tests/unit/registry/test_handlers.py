@@ -522,8 +522,31 @@ async def test_dataset_registered_by_training_is_recorded_once(registry: Registr
 
 
 async def test_datasets_the_registry_published_itself_are_skipped(registry: Registry) -> None:
-    await registry.deliver(event_of(dataset(1), source=SOURCE))
-    assert registry.datasets.rows == {}
+    # The registry records its own uploads in the transaction that publishes them.
+    own = event_of(dataset(1), source=SOURCE)
+    await registry.datasets.add(own.data, event_id=own.id, actor=None)
+    before = dict(registry.datasets.rows)
+    await registry.deliver(own)
+    assert registry.datasets.rows == before
+    assert registry.bus.dead_letters == []
+
+
+@pytest.mark.parametrize("held", [None, "b"])
+async def test_a_dataset_under_the_registrys_source_that_it_does_not_hold_is_dead_lettered(
+    registry: Registry, held: str | None
+) -> None:
+    """The registry's own uploads are recorded when published: one under its source that it lacks, or holds as
+    another file, was published elsewhere (another deployment under the same source) and is refused in the
+    open, not skipped without a word."""
+    if held is not None:
+        other = event_of(dataset(1, held), source=SOURCE)
+        await registry.datasets.add(other.data, event_id=other.id, actor=None)
+    await registry.deliver(event_of(dataset(1, "a"), source=SOURCE))
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert f"under this registry's source {SOURCE}" in dead.error
+    assert ("holds it as sha256 " + "b" * 64 if held else "does not hold it") in dead.error
+    assert [d.sha256 for d in registry.datasets.rows.values()] == (["b" * 64] if held else [])
 
 
 async def test_dataset_version_reused_with_other_content_is_dead_lettered(registry: Registry) -> None:
