@@ -27,13 +27,17 @@ async def claim(pool: asyncpg.Pool, schema: str, *items: InboxEntry) -> list[Cla
         return await PgTransaction(conn, schema).claim("consumer", items)
 
 
-async def record_as_before(pool: asyncpg.Pool, handled: InboxEntry) -> None:
-    """What the inbox recorded before it knew sources (bus migration 0001's statement)."""
+async def record_as_before(pool: asyncpg.Pool, handled: InboxEntry, *, with_source: bool = False) -> None:
+    """What the inbox recorded before it knew sources (bus migration 0001's statement), or ``with_source``,
+    before it knew types (0002's)."""
+    columns, values = ("source, ", "$3, ") if with_source else ("", "")
     async with pool.acquire() as conn:
         await conn.execute(
-            "INSERT INTO inbox (consumer, event_id, payload_sha256) VALUES ('consumer', $1, $2)",
+            f"INSERT INTO inbox (consumer, {columns}event_id, payload_sha256)"
+            f" VALUES ('consumer', {values}$1, $2)",
             handled.event_id,
             handled.sha256,
+            *([handled.source] if with_source else []),
         )
 
 
@@ -101,9 +105,9 @@ async def test_the_inbox_tells_another_type_from_a_redelivery_and_rows_without_a
         await apply_migrations(pool, schema, migrations[:2])
         value = b'{"model":"churn","model_version":7,"reason":"x"}'
         promote, rollback = "io.driftloop.PromoteRequested.v1", "io.driftloop.RollbackRequested.v1"
-        await record_without_type(pool, entry("/cli", "before", value))
+        await record_as_before(pool, entry("/cli", "before", value), with_source=True)
         await apply_migrations(pool, schema, migrations)
-        await record_without_type(pool, entry("/cli", "meanwhile", value))
+        await record_as_before(pool, entry("/cli", "meanwhile", value), with_source=True)
 
         handled = entry("/cli", "now", value, promote)
         assert await claim(pool, schema, handled) == [Claim.NEW]
@@ -120,17 +124,6 @@ async def test_the_inbox_tells_another_type_from_a_redelivery_and_rows_without_a
         ) == [Claim.DUPLICATE, Claim.DUPLICATE, Claim.REUSED_ID]
     finally:
         await pool.close()
-
-
-async def record_without_type(pool: asyncpg.Pool, handled: InboxEntry) -> None:
-    """What the inbox recorded before it knew types (bus migration 0002's statement)."""
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO inbox (consumer, source, event_id, payload_sha256) VALUES ('consumer', $1, $2, $3)",
-            handled.source,
-            handled.event_id,
-            handled.sha256,
-        )
 
 
 async def test_an_event_whose_source_and_id_the_inbox_cannot_key_is_dead_lettered_as_oversized(

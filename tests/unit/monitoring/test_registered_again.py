@@ -16,7 +16,8 @@ from contracts.examples import EXAMPLES
 from contracts.models import ModelVersionRegistered
 from libs.bus import PermanentError
 from services.monitoring.bootstrap import make_monitor
-from services.monitoring.handlers import on_model_version_registered
+from services.monitoring.domain import ModelReference
+from services.monitoring.handlers import Monitor, on_model_version_registered
 from services.monitoring.ports import ProfileUnavailable, StoredModel
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference
@@ -58,13 +59,19 @@ class KnownVersions:
         return self.held if (model, version) == (self.held.model, self.held.version) else None
 
 
-async def test_a_version_registered_again_changes_nothing() -> None:
+def example_known() -> tuple[ModelVersionRegistered, GoneArtifacts, Monitor, ModelReference]:
+    """The example's version, known to monitoring (in memory), whose profile the store no longer has."""
     registered = EXAMPLES[ModelVersionRegistered]
     assert isinstance(registered, ModelVersionRegistered)
     artifacts = GoneArtifacts()
     monitor = make_monitor(MonitoringSettings(), artifacts=artifacts, source="/test/monitoring")
     known = dataclasses.replace(reference(), model=registered.model, version=registered.model_version)
     monitor.live.add_reference(known)
+    return registered, artifacts, monitor, known
+
+
+async def test_a_version_registered_again_changes_nothing() -> None:
+    registered, artifacts, monitor, known = example_known()
 
     await on_model_version_registered(
         new_event(registered, source="/registry"),
@@ -82,12 +89,7 @@ async def test_a_version_registered_again_with_another_profile_or_signature_is_d
 ) -> None:
     """A version is one model: monitoring keeps it as first registered, as serving and validation do, and
     refuses in the open a registration that contradicts it (before, it was skipped without a word)."""
-    registered = EXAMPLES[ModelVersionRegistered]
-    assert isinstance(registered, ModelVersionRegistered)
-    artifacts = GoneArtifacts()
-    monitor = make_monitor(MonitoringSettings(), artifacts=artifacts, source="/test/monitoring")
-    known = dataclasses.replace(reference(), model=registered.model, version=registered.model_version)
-    monitor.live.add_reference(known)
+    registered, artifacts, monitor, known = example_known()
     if other == "profile":
         change: dict[str, Any] = {"profile": registered.profile.model_copy(update={"key": "0" * 64})}
     else:
