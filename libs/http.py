@@ -286,7 +286,10 @@ class RequestLimits:
     whose %-escapes are not UTF-8 with 422 (the server and Starlette decode them with replacement
     characters, so ``?model=%ff`` was a search for U+FFFD and a lone surrogate, ``%ED%A0%80``, another); and
     a query parameter given twice with 422: every parameter of these APIs takes one value, and answering
-    with one of two filters (FastAPI takes the last) would answer another question than the one asked."""
+    with one of two filters (FastAPI takes the last) would answer another question than the one asked; and
+    a body with a Content-Encoding other than identity with 415 (RFC 9110, 15.5.16): nothing here decodes
+    one, so a gzip body was read as its compressed bytes ("not UTF-8 (byte 0x8b ...)", or taken as they were
+    by a route reading bytes)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -306,7 +309,18 @@ class RequestLimits:
             detail = f"the query gives {repeated!r} more than once; give each parameter once"
             await _refuse(send, 422, "invalid-input", detail)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = scope.get("headers") or []
+        named = dict(headers)
+        declared = named.get(b"content-length")
+        # A header describing a body that is not there (a GET's) is let be.
+        sends_body = declared not in (None, b"0") or b"transfer-encoding" in named
+        if b"content-encoding" in named and sends_body and (coding := _content_coding(headers)) is not None:
+            detail = (
+                f"the request body came with Content-Encoding: {shown(coding)}, which this server does not "
+                "decode: send it uncompressed, without a Content-Encoding (or with identity)"
+            )
+            await _refuse(send, 415, "unsupported-media-type", detail, {"Accept-Encoding": "identity"})
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(send)
             return
@@ -359,8 +373,21 @@ def _repeated_parameter(query_string: bytes) -> str | None:
     return None
 
 
-async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
-    response = JSONResponse(error_body(detail, code), status_code=status)
+def _content_coding(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The Content-Encoding headers' value when one names a coding other than identity, else None; every such
+    header is looked at, as a reader on the way may go by any of them."""
+    for key, value in headers:
+        if key == b"content-encoding":
+            text = value.decode("latin-1")
+            if any(c.strip().lower() not in ("", "identity") for c in text.split(",")):
+                return text
+    return None
+
+
+async def _refuse(
+    send: Send, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    response = JSONResponse(error_body(detail, code), status_code=status, headers=headers)
     await response({"type": "http"}, _empty_receive, send)
 
 
@@ -392,7 +419,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "Refused: 401 without a valid token, 403 for a role that may not, 404 for what does "
         "not exist, 405 for another method, 409 for a conflict with the current state, 413 for a body over "
-        "the limit.",
+        "the limit, 415 for a compressed body (a Content-Encoding other than identity).",
     },
 }
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""

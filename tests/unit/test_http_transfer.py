@@ -1,0 +1,99 @@
+"""How a request body travels, on both lanes of every app (FastAPI's router and the hot lane) and for both
+kinds of body reader (a pydantic model FastAPI reads, a route that reads its own bytes): a body compressed
+with a Content-Encoding the server does not decode, and a body the client stopped sending half-way, are each
+a 4xx that says what was wrong, never a misleading 422 about the bytes or a 500."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI, Request, Response
+from pydantic import BaseModel
+
+from libs.http import BodyRoute, create_app
+from libs.settings import ServiceSettings
+
+
+class Item(BaseModel):
+    name: str
+
+
+def routers() -> tuple[APIRouter, APIRouter]:
+    """FastAPI's lane with a model body and a self-read one, and the hot lane with a self-read body."""
+    plain = APIRouter(prefix="/v1", route_class=BodyRoute)
+    hot = APIRouter(prefix="/v2")
+
+    @plain.post("/model")
+    async def with_model(item: Item) -> dict[str, str]:
+        return {"name": item.name}
+
+    @plain.post("/bytes")
+    async def with_bytes(request: Request) -> Response:
+        return Response(await request.body())
+
+    @hot.post("/bytes/{name}")
+    async def hot_bytes(name: str, request: Request) -> Response:
+        return Response(await request.body())
+
+    return plain, hot
+
+
+def app() -> FastAPI:
+    plain, hot = routers()
+    return create_app(ServiceSettings(env="test"), title="t", description="t", routers=[plain], hot=[hot])
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+
+
+PATHS = ["/v1/model", "/v1/bytes", "/v2/bytes/churn"]
+JSON = {"Content-Type": "application/json"}
+BODY = b'{"name": "churn"}'
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "x-gzip, identity", "GZIP"])
+async def test_a_body_in_a_content_encoding_the_server_does_not_decode_is_a_415_naming_it(
+    client: httpx.AsyncClient, path: str, coding: str
+) -> None:
+    # The body was read as it came: "the JSON body is not UTF-8 (byte 0x8b at 1 ...)" named the bytes, not
+    # the header that made them, and a route reading bytes took the compressed ones as the content.
+    r = await client.post(path, headers={**JSON, "Content-Encoding": coding}, content=gzip.compress(BODY))
+    assert r.status_code == 415, r.text
+    assert r.headers["Accept-Encoding"] == "identity"
+    body = r.json()
+    assert body["code"] == "unsupported-media-type"
+    assert f"Content-Encoding: {coding!r}" in body["detail"]
+    assert "send it uncompressed" in body["detail"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_body_sent_as_identity_is_read(client: httpx.AsyncClient, path: str) -> None:
+    r = await client.post(path, headers={**JSON, "Content-Encoding": "identity"}, content=BODY)
+    assert r.status_code == 200, r.text
+
+
+async def test_a_content_encoding_without_a_body_is_let_be() -> None:
+    plain, _ = routers()
+
+    @plain.get("/read")
+    async def read() -> dict[str, str]:
+        return {"read": "yes"}
+
+    served = create_app(ServiceSettings(env="test"), title="t", description="t", routers=[plain])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://t") as c:
+        r = await c.get("/v1/read", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_second_content_encoding_header_is_not_overlooked(client: httpx.AsyncClient) -> None:
+    headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
+    r = await client.post("/v1/model", headers=[*headers, ("Content-Encoding", "identity")], content=BODY)
+    assert r.status_code == 415, r.text
