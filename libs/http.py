@@ -35,6 +35,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -419,7 +420,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "Refused: 401 without a valid token, 403 for a role that may not, 404 for what does "
         "not exist, 405 for another method, 409 for a conflict with the current state, 413 for a body over "
-        "the limit, 415 for a compressed body (a Content-Encoding other than identity).",
+        "the limit, 415 for a compressed body (a Content-Encoding other than identity), 400 for a body the "
+        "client stopped sending.",
     },
 }
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""
@@ -584,6 +586,18 @@ def _exception_handler(app: FastAPI, exc: Exception) -> Callable[..., Any] | Non
     return None
 
 
+BODY_CUT_SHORT = (
+    "the connection closed before the whole request body arrived (fewer bytes than its Content-Length, or a "
+    "chunked body without its end): send the body in full"
+)
+"""The answer to a request whose client stopped sending its body: it may never be read, but the log and the
+access log say what happened rather than a 500 with a traceback."""
+
+
+def _cut_short() -> JSONResponse:
+    return JSONResponse(error_body(BODY_CUT_SHORT, "bad-request"), status_code=400)
+
+
 def _domain_answer(exc: DomainError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if isinstance(exc, TooManyRequests):
@@ -637,6 +651,11 @@ def create_app(
     for transient in (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         app.add_exception_handler(transient, _infrastructure_down)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _body_cut_short(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Raised by Request.body() in a route that reads its own body (serving's predict, training's spec).
+        return _cut_short()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -667,6 +686,9 @@ def create_app(
             if allowed:
                 exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
         cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ClientDisconnect):
+            # FastAPI's "There was an error parsing the body" for a body its reader never got in full.
+            return _cut_short()
         if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError):
             # FastAPI's "There was an error parsing the body" for what its JSON reader raised besides a
             # syntax error: say which.

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel
+from starlette.types import Message
 
 from libs.http import BodyRoute, create_app
 from libs.settings import ServiceSettings
@@ -97,3 +99,47 @@ async def test_a_second_content_encoding_header_is_not_overlooked(client: httpx.
     headers = [("Content-Type", "application/json"), ("Content-Encoding", "gzip")]
     r = await client.post("/v1/model", headers=[*headers, ("Content-Encoding", "identity")], content=BODY)
     assert r.status_code == 415, r.text
+
+
+async def answer_to_a_body_cut_short(path: str) -> tuple[int, dict[str, Any]]:
+    """What the app answers when the client promised 100 bytes, sent 10 and hung up (the ASGI server's
+    ``http.disconnect``). Called straight, not through httpx, which always sends the whole body."""
+    messages: list[Message] = [{"type": "http.request", "body": BODY[:10], "more_body": True}]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("t", 80),
+    }
+    await app()(scope, receive, send)
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], httpx.Response(start["status"], content=body).json()
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_body_the_client_stopped_sending_is_a_400_saying_so(path: str) -> None:
+    # A route reading its own body (serving's predict, infer and feedback, training's spec) raised
+    # Starlette's ClientDisconnect into a 500 and an error with its traceback in the log; FastAPI's reader
+    # answered "There was an error parsing the body".
+    status, body = await answer_to_a_body_cut_short(path)
+    assert status == 400, body
+    assert body["code"] == "bad-request"
+    assert body["detail"].startswith("the connection closed before the whole request body arrived")
