@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -172,6 +172,25 @@ def issue_token(path: Path, *, name: str, role: Role, named_by: str = "DRIFTLOOP
 
 _bearer = HTTPBearer(auto_error=False)
 
+_REQUIRED: dict[Callable[..., Awaitable[Principal]], Role] = {}
+"""The role each dependency made by :func:`require` asks for, for :func:`required_roles`."""
+
+
+def _authorized(request: Request, credentials: HTTPAuthorizationCredentials | None, role: Role) -> Principal:
+    if credentials is None:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    if (sent := len(request.headers.getlist("authorization"))) > 1:
+        # The first was read and the others ignored: the caller (or a proxy that added one) would be
+        # answered as whoever the first names, which need not be who they meant.
+        raise Unauthorized(f"the request has {sent} Authorization headers: send one")
+    store: TokenStore = request.app.state.tokens
+    principal = store.authenticate(credentials.credentials)
+    if principal is None:
+        raise Unauthorized("unknown or revoked token")
+    if principal.role not in GRANTS[role]:
+        raise Forbidden(f"role {principal.role.value!r} may not do this; it needs {role.value!r}")
+    return principal
+
 
 def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency that returns the caller if their token grants ``role``; 401 or 403 otherwise."""
@@ -179,21 +198,21 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     async def check(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
     ) -> Principal:
-        if credentials is None:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        if (sent := len(request.headers.getlist("authorization"))) > 1:
-            # The first was read and the others ignored: the caller (or a proxy that added one) would be
-            # answered as whoever the first names, which need not be who they meant.
-            raise Unauthorized(f"the request has {sent} Authorization headers: send one")
-        store: TokenStore = request.app.state.tokens
-        principal = store.authenticate(credentials.credentials)
-        if principal is None:
-            raise Unauthorized("unknown or revoked token")
-        if principal.role not in GRANTS[role]:
-            raise Forbidden(f"role {principal.role.value!r} may not do this; it needs {role.value!r}")
-        return principal
+        return _authorized(request, credentials, role)
 
+    _REQUIRED[check] = role
     return check
+
+
+def required_roles(calls: Iterable[Any]) -> list[Role]:
+    """The roles that the dependencies among ``calls`` (a route's, as FastAPI calls them) made by
+    :func:`require` ask for."""
+    return [_REQUIRED[call] for call in calls if call in _REQUIRED]
+
+
+async def authorize(request: Request, role: Role) -> Principal:
+    """What the dependency ``require(role)`` does, called before FastAPI solves a route's dependencies."""
+    return _authorized(request, await _bearer(request), role)
 
 
 ViewerDep = Annotated[Principal, Depends(require(Role.viewer))]

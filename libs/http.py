@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -42,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.commands import REASON_MAX_CHARS, says_something
 from contracts.common import VERSION_TEXT, parse_version
-from libs.auth import TokenStore
+from libs.auth import TokenStore, authorize, required_roles
 from libs.bus.core import is_transient
 from libs.errors import (
     Conflict,
@@ -268,17 +269,31 @@ class BodyRoute(APIRoute):
     """The route class of a router with a route whose body FastAPI reads (a pydantic model, ``File``,
     ``Form``): a JSON body is UTF-8 without a byte order mark, or 422 saying what it is instead; a form's
     text is UTF-8 or in the charset the Content-Type names, or 422 naming the field
-    (:class:`_StrictBodyRequest`). :func:`create_app` refuses such a route of another class."""
+    (:class:`_StrictBodyRequest`). :func:`create_app` refuses such a route of another class.
+
+    The caller's token is checked (libs.auth, 401 or 403) before a byte of the body is read: FastAPI reads
+    and parses the body before it solves the dependencies, so a request without a token had the service
+    parse up to ``max_request_bytes`` of JSON on its event loop (or spool a form to disk), and was told
+    what was wrong with the body rather than that it may not ask."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
+        roles = required_roles(_calls(self.dependant))
 
         async def strict(request: Request) -> Response:
-            return await handler(_StrictBodyRequest(request.scope, request.receive))
+            checked = _StrictBodyRequest(request.scope, request.receive)
+            for role in roles:
+                await authorize(checked, role)
+            return await handler(checked)
 
         return strict
+
+
+def _calls(dependant: Dependant) -> list[Any]:
+    """What a route's dependencies call, sub-dependencies included."""
+    return [c for d in dependant.dependencies for c in (d.call, *_calls(d))]
 
 
 class RequestLimits:
