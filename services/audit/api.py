@@ -181,7 +181,12 @@ async def get_trace(
     """Every event of one correlation id as a tree of causationid links: why something happened."""
     ctx = _context(request)
     async with reading(ctx.pool, ctx.role) as trail:
-        return await core.trace(trail, correlation_id, max_events=ctx.settings.trace_max_events)
+        return await core.trace(
+            trail,
+            correlation_id,
+            max_events=ctx.settings.trace_max_events,
+            max_bytes=ctx.settings.trace_max_bytes,
+        )
 
 
 @router.get(

@@ -313,7 +313,12 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
 
     async def main() -> int:
         async with _pool(settings) as pool, reading(pool, settings.writer_role) as trail:
-            tree = await core.trace(trail, correlation_id, max_events=settings.trace_max_events)
+            tree = await core.trace(
+                trail,
+                correlation_id,
+                max_events=settings.trace_max_events,
+                max_bytes=settings.trace_max_bytes,
+            )
         if as_json:
             # Python's json, not orjson: orjson writes no integer beyond 64 bits (the trail shows them as
             # recorded) and nothing nested past 254 levels (a cascade 100 events deep is 200 before its data).
@@ -328,7 +333,7 @@ def trace(correlation_id: str, *, as_json: bool = False, settings: AuditSettings
         for letter in tree["dead_letters"]:
             root.add(f"[red]dead letter[/red] {letter['seq']}: {markup_text(str(letter['error']))}")
         if tree["truncated"]:
-            root.add(f"[yellow]... cut at {settings.trace_max_events} events[/yellow]")
+            root.add(f"[yellow]... cut: {markup_text(tree['truncated_reason'])}[/yellow]")
         _console().print(root)
         return 0
 

@@ -19,6 +19,7 @@ from services.audit.domain import (
     EventQuery,
     KeyRing,
     Sealer,
+    TraceCut,
     causal_tree,
     check_indexed_filter,
     checked_view,
@@ -57,16 +58,35 @@ async def event_at(trail: TrailReader, seq: int) -> dict[str, Any]:
     return checked_view(row)
 
 
-async def trace(trail: TrailReader, correlation_id: str, *, max_events: int) -> dict[str, Any]:
-    """The causal tree of one cascade, or 404 when the trail has none of its events."""
+async def trace(
+    trail: TrailReader, correlation_id: str, *, max_events: int, max_bytes: int
+) -> dict[str, Any]:
+    """The causal tree of one cascade, or 404 when the trail has none of its events.
+
+    At most ``max_events`` events, and records of about ``max_bytes`` (the first event's whole, however
+    large): a cascade's events can each be near the broker's message size, and the tree holds them all at
+    once. The answer says which bound cut it."""
     check_indexed_filter("correlation_id", correlation_id)
-    rows = await trail.cascade(correlation_id, max_events + 1)
+    rows, budget_cut = await trail.cascade(correlation_id, limit=max_events + 1, budget=max_bytes)
     if not rows:
         raise NotFound(
             f"no event with correlation id {correlation_id!r} in the trail: pass the correlationid of an "
             "event (GET /v1/events shows it)"
         )
-    return causal_tree(correlation_id, rows[:max_events], truncated=len(rows) > max_events)
+    rest = "GET /v1/events?correlation_id=...&order=oldest pages through every event of the cascade"
+    cut = None
+    if len(rows) > max_events:
+        cut = TraceCut(
+            "trace_max_events",
+            f"the cascade has more than {max_events} events (DRIFTLOOP_AUDIT_TRACE_MAX_EVENTS): {rest}",
+        )
+    elif budget_cut:
+        cut = TraceCut(
+            "trace_max_bytes",
+            f"the records of the events up to seq {rows[-1].seq} reached {max_bytes} bytes "
+            f"(DRIFTLOOP_AUDIT_TRACE_MAX_BYTES) and the cascade has more: {rest}",
+        )
+    return causal_tree(correlation_id, rows[:max_events], truncation=cut)
 
 
 CHECKPOINT_PAGE = 1000

@@ -1036,8 +1036,20 @@ MAX_NESTING = 100
 """Deeper causal chains come back flat (each event names its parent), so any JSON parser reads them."""
 
 
-def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bool) -> dict[str, Any]:
-    """The cascade of one correlation id as a tree built from causationid links, in trail order.
+@dataclass(frozen=True)
+class TraceCut:
+    """Why a trace holds fewer events than its cascade: the bound that cut it (the setting's name) and a
+    sentence saying so to people."""
+
+    by: str
+    reason: str
+
+
+def causal_tree(
+    correlation_id: str, rows: Sequence[StoredRow], *, truncation: TraceCut | None
+) -> dict[str, Any]:
+    """The cascade of one correlation id as a tree built from causationid links, in trail order;
+    ``truncation`` says why events of the cascade after ``rows`` were left out.
 
     Dead letters hang off the event they carry. An event whose cause is not in the cascade (not recorded
     yet, or outside the trail) becomes a root with ``cause_missing`` set. Causationid links that go round
@@ -1103,7 +1115,9 @@ def causal_tree(correlation_id: str, rows: Sequence[StoredRow], *, truncated: bo
     result: dict[str, Any] = {
         "correlation_id": correlation_id,
         "events": len(order),
-        "truncated": truncated,
+        "truncated": truncation is not None,
+        "truncated_by": truncation.by if truncation is not None else None,
+        "truncated_reason": truncation.reason if truncation is not None else None,
         "dead_letters": orphans,
     }
     if _depth(roots) > MAX_NESTING:

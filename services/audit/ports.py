@@ -69,8 +69,10 @@ class TrailReader(Protocol):
         """One row by sequence number."""
         ...
 
-    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
-        """Rows of one correlation id in trail order, at most ``limit``."""
+    async def cascade(self, correlation_id: str, *, limit: int, budget: int) -> tuple[list[StoredRow], bool]:
+        """Rows of one correlation id in trail order, at most ``limit`` and as many as start before their
+        records' sizes add up to ``budget`` bytes (the first always), and whether rows after those were
+        left out for the budget."""
         ...
 
     async def checkpoints(

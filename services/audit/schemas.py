@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,7 +99,16 @@ class TracePublic(BaseModel):
 
     correlation_id: str = Field(description="The cascade.")
     events: int = Field(description="Events in the tree.")
-    truncated: bool = Field(description="True when the cascade has more events than the trace limit.")
+    truncated: bool = Field(
+        description="True when the cascade has more events than the trace holds: more than "
+        "trace_max_events, or more than about trace_max_bytes of records."
+    )
+    truncated_by: Literal["trace_max_events", "trace_max_bytes"] | None = Field(
+        description="The bound that cut the trace (null when it is whole): the setting's name."
+    )
+    truncated_reason: str | None = Field(
+        description="Why the trace was cut, and how to read the rest (null when it is whole)."
+    )
     dead_letters: list[AuditEventPublic] = Field(description="Dead letters whose event is not in the tree.")
     roots: list[TraceNodePublic] | None = Field(
         default=None, description="Root events with their descendants."

@@ -14,6 +14,8 @@ from contracts.topics import DEAD_LETTER, TOPICS
 from libs.settings import LOCAL_STATE, Port, ServiceSettings
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+TRACE_EVENTS_MAX = 100_000
+TRACE_BYTES_MAX = 256 * 1024 * 1024
 
 
 class AuditSettings(ServiceSettings):
@@ -82,7 +84,19 @@ class AuditSettings(ServiceSettings):
     )
     query_max_limit: int = Field(1000, ge=1, description="Most events one query page may return.")
     trace_max_events: int = Field(
-        10_000, ge=1, description="Most events one causal trace returns (it says when it was cut)."
+        10_000,
+        ge=1,
+        le=TRACE_EVENTS_MAX,
+        description="Most events one causal trace returns (it says when it was cut): the trace holds them "
+        "all at once, so this is at most 100,000.",
+    )
+    trace_max_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=TRACE_BYTES_MAX,
+        description="About how many bytes of records one causal trace reads (the first event's whole, "
+        "however large; it says when it was cut). Records can be near the broker's message size and the "
+        "trace holds them all at once, decoded, in the process that also writes the trail: 1 MiB to 256 MiB.",
     )
     export_concurrency: int = Field(
         2,

@@ -137,6 +137,20 @@ WHERE bytes_through - coalesce(octet_length(record), 0) < $4
 ORDER BY seq
 """
 
+_CASCADE = f"""
+SELECT {_STORED}, more AND bytes_through >= $3 AS budget_cut FROM (
+    SELECT *, sum(coalesce(octet_length(record), 0)) OVER w AS bytes_through,
+        lead(seq) OVER w IS NOT NULL AS more
+    FROM trail WHERE correlation_id = $1 AND {_NOT_PREDICTIONS}
+    WINDOW w AS (ORDER BY seq)
+    ORDER BY seq LIMIT $2
+) AS page
+-- as _ROWS_BETWEEN: the rows past the budget are never fetched whole; the last row taken says whether the
+-- cascade goes on past it (a row follows, and the budget is spent)
+WHERE bytes_through - coalesce(octet_length(record), 0) < $3
+ORDER BY seq
+"""
+
 
 def _text(value: str | None) -> bytes:
     if value is None:
@@ -439,15 +453,10 @@ class PgTrail:
         r = await self.conn.fetchrow(f"SELECT {_STORED} FROM trail WHERE seq = $1", seq)
         return _stored(r) if r else None
 
-    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
-        """Rows of one correlation id, in trail order."""
-        rows = await self.conn.fetch(
-            f"SELECT {_STORED} FROM trail WHERE correlation_id = $1 AND {_NOT_PREDICTIONS} "
-            "ORDER BY seq LIMIT $2",
-            correlation_id,
-            limit,
-        )
-        return [_stored(r) for r in rows]
+    async def cascade(self, correlation_id: str, *, limit: int, budget: int) -> tuple[list[StoredRow], bool]:
+        """Rows of one correlation id, in trail order, bounded in count and bytes of records in SQL."""
+        rows = await self.conn.fetch(_CASCADE, correlation_id, limit, budget)
+        return [_stored(r) for r in rows], bool(rows) and rows[-1]["budget_cut"]
 
     async def checkpoints(
         self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None

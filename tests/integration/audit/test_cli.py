@@ -24,7 +24,7 @@ from services.audit.adapters.postgres import reading
 from services.audit.domain import ChainHead, Signer
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.integration.audit.test_tampering import CHANGE_PAYLOAD
-from tests.unit.audit.fakes import OTHER_SEED, SEED, delivery, example
+from tests.unit.audit.fakes import OTHER_SEED, SEED, dead_letters_of, delivery, example
 from tests.unit.audit.test_docs import consumer
 
 
@@ -77,6 +77,25 @@ async def test_tail_and_trace_show_the_cascade(
 
     assert await cli("audit", "trace", "no-such-cascade") == 1
     assert "no event with correlation id" in capsys.readouterr().err
+
+
+async def test_trace_cut_by_its_byte_budget_says_so_at_the_end(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_TRACE_MAX_BYTES", str(1024 * 1024))
+    drift = example(DriftDetected)
+    await audit_env.record([delivery(drift), *dead_letters_of(drift, count=4, size=600_000)])
+
+    assert await cli("audit", "trace", drift.id) == 0
+    out = " ".join(capsys.readouterr().out.split())  # however the terminal's width wrapped it
+    assert (
+        "cut: the records of the events up to seq 3 reached 1048576 bytes (DRIFTLOOP_AUDIT_TRACE_MAX_BYTES)"
+        in out
+    )
+    assert await cli("audit", "trace", drift.id, "--json") == 0
+    tree = json.loads(capsys.readouterr().out)
+    # The drift and two letters: the records before the second hold less than the budget, not before a third.
+    assert tree["truncated_by"] == "trace_max_bytes" and len(tree["roots"][0]["dead_letters"]) == 2
 
 
 async def test_tail_and_trace_print_markup_in_producer_fields_as_text(

@@ -20,7 +20,7 @@ from services.audit.domain import EventQuery
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
-from tests.unit.audit.fakes import delivery, example
+from tests.unit.audit.fakes import TRACE_BYTES, delivery, example
 from tests.unit.audit.test_docs import consumer
 
 ROWS = 53  # checkpoints at 10, 20, 30, 40, 50; rows 51..53 wait for the next one
@@ -209,7 +209,7 @@ async def test_a_row_whose_record_cannot_be_read_is_shown_flagged_unreadable(
     async with reading(filled.pool, ROLE) as trail:
         page, _ = await core.query_events(trail, EventQuery(limit=10))
         one = await core.event_at(trail, 17)
-        tree = await core.trace(trail, first, max_events=100)
+        tree = await core.trace(trail, first, max_events=100, max_bytes=TRACE_BYTES)
     assert [e["seq"] for e in page] == list(range(ROWS, ROWS - 10, -1))
     assert one["unreadable"].startswith("row 17 cannot be read: ") and one["kind"] is None
     assert AuditEventPublic.model_validate(one).unreadable == one["unreadable"]

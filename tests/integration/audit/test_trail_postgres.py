@@ -30,7 +30,7 @@ from services.audit.domain import (
 )
 from services.audit.verification import Problem, RecordScanner
 from tests.integration.audit.conftest import ROLE, TrailDb
-from tests.unit.audit.fakes import delivery, example, record_of
+from tests.unit.audit.fakes import TRACE_BYTES, dead_letters_of, delivery, example, record_of
 
 
 async def test_records_are_appended_in_order_and_the_trail_verifies(trail_db: TrailDb) -> None:
@@ -268,7 +268,7 @@ async def test_predictions_are_found_by_model_and_type_and_stay_out_of_cascades(
             trail, EventQuery(model="churn", event_type="io.driftloop.DriftDetected.v1")
         )
         assert [e["id"] for e in found] == [drift.id]
-        tree = await core.trace(trail, drift.id, max_events=10)
+        tree = await core.trace(trail, drift.id, max_events=10, max_bytes=TRACE_BYTES)
         assert tree["events"] == 2
         await trail.conn.execute("SET LOCAL enable_seqscan = off")  # usable at all, whatever the table size
         plan = "\n".join(
@@ -329,3 +329,31 @@ async def test_an_export_and_a_full_verification_of_large_records_hold_a_bounded
     assert await PgChain(trail_db.pool, ROLE).scan_rows(scanner) is None
     assert scanner.rows == rows
     assert max(scanner.batch_bytes) <= READ_BYTES + one_row
+
+
+async def test_a_trace_of_large_records_reads_a_bounded_cascade_and_says_the_bytes_cut_it(
+    trail_db: TrailDb,
+) -> None:
+    # One correlation id, records near a megabyte each: counted by events alone, a trace would read them
+    # all (10,000 of them near the broker's 10 MiB is 100 GB) into the service that also writes the trail.
+    size, letters, budget = 1_000_000, 12, 3_000_000
+    drift = example(DriftDetected)
+    await trail_db.record([delivery(drift), *dead_letters_of(drift, count=letters, size=size)])
+    async with reading(trail_db.pool, ROLE) as trail:
+        rows, budget_cut = await trail.cascade(drift.id, limit=10_000, budget=budget)
+        # Taken while the records before a row hold less than the budget: the budget and one record at most.
+        held = [len(r.record or b"") for r in rows]
+        assert budget_cut and sum(held[:-1]) < budget <= sum(held)
+        assert 1 < len(rows) < 1 + letters and [r.seq for r in rows] == list(range(1, len(rows) + 1))
+
+        tree = await core.trace(trail, drift.id, max_events=10_000, max_bytes=budget)
+        assert tree["truncated_by"] == "trace_max_bytes"
+        assert 1 + len(tree["roots"][0]["dead_letters"]) == len(rows)
+
+        # The cascade's every byte as the budget: nothing left out, so nothing is said to be.
+        total = await trail.conn.fetchval("SELECT sum(octet_length(record)) FROM trail")
+        rows, budget_cut = await trail.cascade(drift.id, limit=10_000, budget=total)
+        assert len(rows) == 1 + letters and not budget_cut
+        # The count cuts first: the bytes did not.
+        tree = await core.trace(trail, drift.id, max_events=2, max_bytes=budget)
+        assert (tree["events"], tree["truncated_by"]) == (1, "trace_max_events")

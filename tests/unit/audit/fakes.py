@@ -38,6 +38,8 @@ from services.audit.verification import Finding, LinkScanner, RecordScanner
 
 SEED = bytes(range(32))
 OTHER_SEED = bytes(range(1, 33))
+TRACE_BYTES = 64 * 1024 * 1024
+"""A trace's byte budget no test cascade reaches but one made to."""
 
 
 @dataclass
@@ -214,9 +216,16 @@ class FakeTrail:
         stored = self.rows.get(seq)
         return stored.row if stored else None
 
-    async def cascade(self, correlation_id: str, limit: int) -> list[StoredRow]:
+    async def cascade(self, correlation_id: str, *, limit: int, budget: int) -> tuple[list[StoredRow], bool]:
         rows = [s.row for s in self.rows.values() if s.row.attributes.correlation_id == correlation_id]
-        return sorted(rows, key=lambda r: r.seq)[:limit]
+        taken: list[StoredRow] = []
+        held = 0
+        for row in sorted(rows, key=lambda r: r.seq)[:limit]:
+            if held >= budget:
+                return taken, True
+            taken.append(row)
+            held += len(row.record or b"")
+        return taken, False
 
     async def checkpoints(
         self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
@@ -334,6 +343,22 @@ def record_of(
 def delivery(event: CloudEvent[Any], **where: Any) -> Delivery:
     """A decoded delivery of an event."""
     return Delivery(record_of(event, **where), event)
+
+
+def dead_letters_of(event: CloudEvent[Any], *, count: int, size: int) -> list[Delivery]:
+    """``count`` dead letters of ``event`` at offsets 0.., each with a value of about ``size`` bytes: what a
+    producer publishing large records under one correlation id leaves."""
+    key, _, headers = event.to_kafka()
+    return [
+        Delivery(
+            # Each its own value: the same event id with the same value again is a re-sent copy, skipped.
+            Record(
+                DEAD_LETTER, 0, i, key, b"%08d" % i + b"x" * size, (*headers, ("dlq_reason", b"too-large"))
+            ),
+            None,
+        )
+        for i in range(count)
+    ]
 
 
 def example(

@@ -31,7 +31,15 @@ from services.audit.domain import (
     time_range,
 )
 from services.audit.schemas import AuditEventPublic, TracePublic
-from tests.unit.audit.fakes import SEED, Clock, FakeTrail, delivery, example
+from tests.unit.audit.fakes import (
+    SEED,
+    TRACE_BYTES,
+    Clock,
+    FakeTrail,
+    dead_letters_of,
+    delivery,
+    example,
+)
 
 
 async def store(trail: FakeTrail, deliveries: list[Delivery]) -> None:
@@ -123,7 +131,7 @@ async def test_a_row_drawn_into_a_trace_by_a_doctored_index_is_flagged(trail: Fa
         stranger, attributes=stranger.attributes._replace(correlation_id=root_id)
     )
     assert root_id is not None
-    tree = await core.trace(trail, root_id, max_events=100)
+    tree = await core.trace(trail, root_id, max_events=100, max_bytes=TRACE_BYTES)
     [shown] = [r for r in tree["roots"] if r["seq"] == stranger.seq]
     assert shown["correlationid"] != root_id  # from the record ...
     assert (
@@ -160,7 +168,7 @@ async def test_integers_beyond_64_bits_are_shown_as_the_trail_holds_them() -> No
 async def test_trace_is_the_causal_tree_from_drift_to_promotion(trail: FakeTrail) -> None:
     root_id = trail.rows[1].row.attributes.event_id
     assert root_id is not None
-    tree = await core.trace(trail, root_id, max_events=100)
+    tree = await core.trace(trail, root_id, max_events=100, max_bytes=TRACE_BYTES)
     assert tree["events"] == 9 and not tree["truncated"]
     [root] = tree["roots"]
     chain = []
@@ -179,20 +187,67 @@ async def test_trace_is_the_causal_tree_from_drift_to_promotion(trail: FakeTrail
 async def test_trace_cut_at_the_limit_says_so(trail: FakeTrail) -> None:
     root_id = trail.rows[1].row.attributes.event_id
     assert root_id is not None
-    tree = await core.trace(trail, root_id, max_events=3)
+    tree = await core.trace(trail, root_id, max_events=3, max_bytes=TRACE_BYTES)
     assert tree["truncated"] and tree["events"] == 3
+    assert tree["truncated_by"] == "trace_max_events"
+    assert "more than 3 events (DRIFTLOOP_AUDIT_TRACE_MAX_EVENTS)" in tree["truncated_reason"]
+
+
+async def large_dead_letters(trail: FakeTrail, *, count: int, size: int) -> str:
+    """An event and ``count`` large dead letters of it in the trail; the cascade's correlation id."""
+    drift = example(DriftDetected)
+    await store(trail, [delivery(drift), *dead_letters_of(drift, count=count, size=size)])
+    return str(drift.id)
+
+
+async def test_trace_of_large_records_stops_at_the_byte_budget_and_says_which_bound_cut_it() -> None:
+    trail = FakeTrail()
+    correlation_id = await large_dead_letters(trail, count=30, size=100_000)
+    sizes = [len(s.row.record or b"") for s in sorted(trail.rows.values(), key=lambda s: s.row.seq)]
+    budget = 1_000_000
+    # Rows are taken while the records before them hold less than the budget: the last one passes it.
+    taken = next(n for n in range(1, len(sizes) + 1) if sum(sizes[:n]) >= budget)
+    assert taken < len(sizes)
+
+    tree = await core.trace(trail, correlation_id, max_events=10_000, max_bytes=budget)
+
+    [root] = tree["roots"]
+    assert 1 + len(root["dead_letters"]) == taken
+    assert tree["truncated"] and tree["truncated_by"] == "trace_max_bytes"
+    assert (
+        f"up to seq {taken} reached {budget} bytes (DRIFTLOOP_AUDIT_TRACE_MAX_BYTES)"
+        in (tree["truncated_reason"])
+    )
+    assert TracePublic.model_validate(tree).truncated_by == "trace_max_bytes"
+
+
+async def test_a_cascade_that_ends_where_the_byte_budget_does_is_whole_and_one_past_any_budget_is_shown() -> (
+    None
+):
+    trail = FakeTrail()
+    correlation_id = await large_dead_letters(trail, count=3, size=10_000)
+    total = sum(len(s.row.record or b"") for s in trail.rows.values())
+
+    whole = await core.trace(trail, correlation_id, max_events=100, max_bytes=total)
+    assert len(whole["roots"][0]["dead_letters"]) == 3
+    assert (whole["truncated"], whole["truncated_by"], whole["truncated_reason"]) == (False, None, None)
+
+    # A budget below the first record still shows that record: a trace is never empty for its size.
+    first = await core.trace(trail, correlation_id, max_events=100, max_bytes=1)
+    assert first["events"] == 1 and first["roots"][0]["dead_letters"] == []
+    assert first["truncated_by"] == "trace_max_bytes"
 
 
 async def test_trace_of_an_unknown_cascade_is_404(trail: FakeTrail) -> None:
     with pytest.raises(NotFound):
-        await core.trace(trail, "nope", max_events=10)
+        await core.trace(trail, "nope", max_events=10, max_bytes=TRACE_BYTES)
 
 
 async def test_event_whose_cause_is_missing_becomes_a_root() -> None:
     trail = FakeTrail()
     events = cascade()
     await store(trail, [delivery(e, offset=i) for i, e in enumerate(events) if i != 2])
-    tree = await core.trace(trail, events[0].id, max_events=100)
+    tree = await core.trace(trail, events[0].id, max_events=100, max_bytes=TRACE_BYTES)
     assert [r["type"].split(".")[2] for r in tree["roots"]] == ["DriftDetected", "TrainingCompleted"]
     assert tree["roots"][1]["cause_missing"] == events[2].id
 
@@ -212,7 +267,7 @@ async def test_a_loop_of_causes_is_cut_at_its_earliest_event_and_nothing_goes_mi
     c = example(TrainingStarted, cause=b).model_copy(update={"correlationid": "loop"})
     trail = FakeTrail()
     await store(trail, [delivery(e, offset=i) for i, e in enumerate((a, b, c))])
-    tree = await core.trace(trail, "loop", max_events=100)
+    tree = await core.trace(trail, "loop", max_events=100, max_bytes=TRACE_BYTES)
     TracePublic.model_validate(tree)
     [root] = tree["roots"]
     assert (root["id"], root["cause_cycle"]) == (a.id, b.id)
@@ -228,7 +283,7 @@ async def test_an_event_caused_by_itself_is_a_root_flagged_as_a_loop() -> None:
     child = example(TrainingRequested, cause=event)
     trail = FakeTrail()
     await store(trail, [delivery(event, offset=0), delivery(child, offset=1)])
-    tree = await core.trace(trail, event.id, max_events=100)
+    tree = await core.trace(trail, event.id, max_events=100, max_bytes=TRACE_BYTES)
     TracePublic.model_validate(tree)
     [root] = tree["roots"]
     assert root["cause_cycle"] == event.id and "cause_missing" not in root
@@ -241,7 +296,7 @@ async def test_very_deep_cascade_comes_back_flat() -> None:
     for _ in range(120):
         chain.append(example(TrainingStarted, cause=chain[-1]))
     await store(trail, [delivery(e, offset=i) for i, e in enumerate(chain)])
-    tree = await core.trace(trail, chain[0].id, max_events=1000)
+    tree = await core.trace(trail, chain[0].id, max_events=1000, max_bytes=TRACE_BYTES)
     assert "roots" not in tree
     assert [n["parent"] for n in tree["flat"][:2]] == [None, chain[0].id]
 
@@ -252,7 +307,7 @@ async def test_a_flat_cascade_whose_first_cause_is_missing_fits_the_response_sch
     for _ in range(120):
         chain.append(example(TrainingStarted, cause=chain[-1]))
     await store(trail, [delivery(e, offset=i) for i, e in enumerate(chain)])
-    tree = await core.trace(trail, chain[0].correlationid, max_events=1000)
+    tree = await core.trace(trail, chain[0].correlationid, max_events=1000, max_bytes=TRACE_BYTES)
     assert tree["flat"][0]["cause_missing"] == chain[0].causationid
     assert tree["flat"][0]["parent"] is None
     TracePublic.model_validate(tree)
@@ -356,7 +411,7 @@ async def test_an_event_recorded_before_the_loop_it_hangs_off_keeps_its_cause() 
     trail = FakeTrail()
     # C (caused by A) arrives first, from another partition; then the loop A <-> B.
     await store(trail, [delivery(c, partition=1, offset=0), delivery(a, offset=0), delivery(b, offset=1)])
-    tree = await core.trace(trail, "loop", max_events=100)
+    tree = await core.trace(trail, "loop", max_events=100, max_bytes=TRACE_BYTES)
     [root] = tree["roots"]  # one cut, at the loop's earliest event, A
     assert (root["id"], root["cause_cycle"]) == (a.id, b.id)
     assert sorted(n["id"] for n in root["children"]) == sorted([b.id, c.id])
@@ -372,7 +427,7 @@ async def test_a_flat_cascade_keeps_the_dead_letters_of_its_events() -> None:
     key, value, headers = failed.to_kafka()
     dead = Record(DEAD_LETTER, 0, 0, key, value, (*headers, ("dlq_reason", b"handler-failed")))
     await store(trail, [*(delivery(e, offset=i) for i, e in enumerate(chain)), Delivery(dead, failed)])
-    tree = await core.trace(trail, chain[0].id, max_events=1000)
+    tree = await core.trace(trail, chain[0].id, max_events=1000, max_bytes=TRACE_BYTES)
     assert "roots" not in tree and tree["dead_letters"] == []
     [carrier] = [n for n in tree["flat"] if n["id"] == failed.id]
     assert [d["kind"] for d in carrier["dead_letters"]] == ["dead-letter"]
@@ -405,12 +460,12 @@ async def test_a_filter_longer_than_the_index_holds_is_refused_and_its_first_cha
         ):
             make()
     with pytest.raises(InvalidInput, match=r"^correlation_id is longer than 512 characters"):
-        await core.trace(trail, long_id, max_events=10)
+        await core.trace(trail, long_id, max_events=10, max_bytes=TRACE_BYTES)
     [event], _ = await core.query_events(
         trail, EventQuery(correlation_id=long_id[:512], model=long_model[:512])
     )
     assert (event["correlationid"], event["subject"]) == (long_id, long_model)
-    assert (await core.trace(trail, long_id[:512], max_events=10))["events"] == 1
+    assert (await core.trace(trail, long_id[:512], max_events=10, max_bytes=TRACE_BYTES))["events"] == 1
 
 
 async def test_export_of_a_range_carries_no_checkpoint_beyond_its_to_seq() -> None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from contracts.audit import AuditCheckpoint
 from contracts.topics import DEAD_LETTER
+from libs.settings import settings_problems
 from services.audit.adapters import files
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.domain import ChainHead, Signer
@@ -45,6 +46,25 @@ def test_a_key_that_is_not_32_bytes_of_base64_is_refused_naming_the_setting() ->
         AuditSettings(signing_key=base64.b64encode(b"short").decode())
     with pytest.raises(ValidationError, match="TRUSTED_PUBLIC_KEYS"):
         AuditSettings(trusted_public_keys=["not base64!"])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "bound"),
+    [
+        ("DRIFTLOOP_AUDIT_TRACE_MAX_EVENTS", "100001", "less than or equal to 100000"),
+        ("DRIFTLOOP_AUDIT_TRACE_MAX_BYTES", str(256 * 1024 * 1024 + 1), "less than or equal to 268435456"),
+        ("DRIFTLOOP_AUDIT_TRACE_MAX_BYTES", "1000", "greater than or equal to 1048576"),
+    ],
+)
+def test_a_trace_bound_out_of_range_is_refused_at_start_naming_the_variable(
+    variable: str, value: str, bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A trace holds every event it returns at once: an unbounded setting is the service's memory.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as caught:
+        AuditSettings()
+    [line] = settings_problems(caught.value)
+    assert line.startswith(f"{variable}='{value}' is not valid:") and bound in line
 
 
 def test_dev_key_is_generated_once_and_private(tmp_path: Path) -> None:
