@@ -154,7 +154,7 @@ async def list_events(
         limit=limit,
     )
     async with reading(ctx.pool, ctx.role) as trail:
-        events, next_cursor = await core.query_events(trail, query)
+        events, next_cursor = await core.query_events(trail, query, max_bytes=ctx.settings.query_max_bytes)
     return {"events": events, "next_cursor": next_cursor}
 
 

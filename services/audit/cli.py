@@ -261,12 +261,19 @@ def tail(
         async with _pool(settings) as pool:
             query = EventQuery(model=model, event_type=event_type_filter(event_type), limit=limit)
             async with reading(pool, settings.writer_role) as trail:
-                events, _ = await core.query_events(trail, query)
+                events, cursor = await core.query_events(trail, query, max_bytes=settings.query_max_bytes)
             events.reverse()
             console.print(_table(events))
+            if cursor is not None and len(events) < limit:
+                console.print(
+                    f"[yellow]... the {len(events)} newest shown: their records reached "
+                    f"{settings.query_max_bytes} bytes (DRIFTLOOP_AUDIT_QUERY_MAX_BYTES)[/yellow]"
+                )
             last = events[-1]["seq"] if events else 0
+            more = False
             while follow:
-                await asyncio.sleep(poll_s)
+                if not more:  # the last page was ended by the limit or the bytes: read on at once
+                    await asyncio.sleep(poll_s)
                 query = EventQuery(
                     model=model,
                     event_type=event_type_filter(event_type),
@@ -275,7 +282,8 @@ def tail(
                     limit=settings.query_max_limit,
                 )
                 async with reading(pool, settings.writer_role) as trail:
-                    events, _ = await core.query_events(trail, query)
+                    events, cursor = await core.query_events(trail, query, max_bytes=settings.query_max_bytes)
+                more = cursor is not None
                 if events:
                     console.print(_table(events, header=False))
                     last = events[-1]["seq"]

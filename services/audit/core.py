@@ -42,11 +42,17 @@ from services.audit.verification import (
 )
 
 
-async def query_events(trail: TrailReader, query: EventQuery) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of events and the cursor of the next page (None on the last page)."""
-    rows = await trail.find(query)
+async def query_events(
+    trail: TrailReader, query: EventQuery, *, max_bytes: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of events and the cursor of the next page (None on the last page).
+
+    At most ``query.limit`` events, and records of about ``max_bytes`` (the first event's whole, however
+    large): a record can be near the broker's message size, and the page holds them all at once. A page
+    the bytes ended early still has a cursor, which goes on right after its last event."""
+    rows, budget_cut = await trail.find(query, budget=max_bytes)
     views = [checked_view(row) for row in rows]
-    more = bool(rows) and len(rows) == query.limit
+    more = budget_cut or (bool(rows) and len(rows) == query.limit)
     return views, encode_cursor(query.newest_first, rows[-1].seq) if more else None
 
 

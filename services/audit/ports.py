@@ -61,8 +61,10 @@ class TrailReader(Protocol):
         """The last row."""
         ...
 
-    async def find(self, query: EventQuery) -> list[StoredRow]:
-        """Rows matching the query, in its order, at most ``query.limit``."""
+    async def find(self, query: EventQuery, *, budget: int) -> tuple[list[StoredRow], bool]:
+        """Rows matching the query, in its order, at most ``query.limit`` and as many as start before their
+        records' sizes add up to ``budget`` bytes (the first always), and whether rows after those were
+        left out for the budget."""
         ...
 
     async def row(self, seq: int) -> StoredRow | None:

@@ -16,6 +16,7 @@ from libs.settings import LOCAL_STATE, Port, ServiceSettings
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 TRACE_EVENTS_MAX = 100_000
 TRACE_BYTES_MAX = 256 * 1024 * 1024
+QUERY_BYTES_MAX = 64 * 1024 * 1024
 
 
 class AuditSettings(ServiceSettings):
@@ -83,6 +84,15 @@ class AuditSettings(ServiceSettings):
         "lives outside the database.",
     )
     query_max_limit: int = Field(1000, ge=1, description="Most events one query page may return.")
+    query_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=QUERY_BYTES_MAX,
+        description="About how many bytes of records one query page reads (GET /v1/events, driftloop audit "
+        "tail): the first event's whole, however large; a page its bytes end before `limit` events still has "
+        "a next_cursor, right after its last event. Records can be near the broker's message size and a page "
+        "holds them all at once, decoded, in the process that also writes the trail: 1 MiB to 64 MiB.",
+    )
     trace_max_events: int = Field(
         10_000,
         ge=1,

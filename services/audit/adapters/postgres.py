@@ -137,19 +137,26 @@ WHERE bytes_through - coalesce(octet_length(record), 0) < $4
 ORDER BY seq
 """
 
-_CASCADE = f"""
-SELECT {_STORED}, more AND bytes_through >= $3 AS budget_cut FROM (
+_BUDGETED = """
+SELECT {columns}, more AND bytes_through >= {budget} AS budget_cut FROM (
     SELECT *, sum(coalesce(octet_length(record), 0)) OVER w AS bytes_through,
         lead(seq) OVER w IS NOT NULL AS more
-    FROM trail WHERE correlation_id = $1 AND {_NOT_PREDICTIONS}
-    WINDOW w AS (ORDER BY seq)
-    ORDER BY seq LIMIT $2
+    FROM trail WHERE {where}
+    WINDOW w AS (ORDER BY seq {order})
+    ORDER BY seq {order} LIMIT {limit}
 ) AS page
 -- as _ROWS_BETWEEN: the rows past the budget are never fetched whole; the last row taken says whether the
--- cascade goes on past it (a row follows, and the budget is spent)
-WHERE bytes_through - coalesce(octet_length(record), 0) < $3
-ORDER BY seq
+-- rows go on past it (a row follows, and the budget is spent)
+WHERE bytes_through - coalesce(octet_length(record), 0) < {budget}
+ORDER BY seq {order}
 """
+"""Rows matching ``where`` in seq ``order``, at most ``limit`` and as many as start before their records add
+up to ``budget`` bytes (the first always), each with ``budget_cut``: true on the last row taken when rows
+after it were left out for the budget."""
+
+_CASCADE = _BUDGETED.format(
+    columns=_STORED, where=f"correlation_id = $1 AND {_NOT_PREDICTIONS}", order="ASC", limit="$2", budget="$3"
+)
 
 
 def _text(value: str | None) -> bytes:
@@ -408,8 +415,10 @@ class PgTrail:
         row = await self.conn.fetchrow("SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1")
         return ChainHead(row["seq"], row["row_hash"]) if row else ChainHead()
 
-    async def find(self, query: EventQuery) -> list[StoredRow]:
-        """Rows matching every given filter, in seq order (newest first by default)."""
+    async def find(self, query: EventQuery, *, budget: int) -> tuple[list[StoredRow], bool]:
+        """Rows matching every given filter, in seq order (newest first by default), bounded in count and
+        bytes of records in SQL (:data:`_BUDGETED`), and whether rows after those were left out for the
+        budget."""
         clauses: list[str] = []
         args: list[Any] = []
 
@@ -440,13 +449,16 @@ class PgTrail:
             where("seq > ?", query.after)
         if query.before is not None:
             where("seq < ?", query.before)
-        args.append(query.limit)
-        sql = (
-            f"SELECT {_STORED} FROM trail"
-            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
-            + f" ORDER BY seq {'DESC' if query.newest_first else 'ASC'} LIMIT ${len(args)}"
+        args += [query.limit, budget]
+        sql = _BUDGETED.format(
+            columns=_STORED,
+            where=" AND ".join(clauses) or "true",
+            order="DESC" if query.newest_first else "ASC",
+            limit=f"${len(args) - 1}",
+            budget=f"${len(args)}",
         )
-        return [_stored(r) for r in await self.conn.fetch(sql, *args)]
+        rows = await self.conn.fetch(sql, *args)
+        return [_stored(r) for r in rows], bool(rows) and rows[-1]["budget_cut"]
 
     async def row(self, seq: int) -> StoredRow | None:
         """One row by sequence number."""

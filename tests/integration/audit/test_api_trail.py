@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from services.audit.adapters.postgres import PgChain
 from services.audit.domain import DATA_MAX_DEPTH, KeyRing
 from services.audit.settings import AuditSettings
 from tests.integration.audit.conftest import ROLE, TrailDb
+from tests.unit.audit.fakes import small_and_large
 
 VIEWER = {"Authorization": "Bearer dev-viewer"}
 
@@ -171,3 +173,30 @@ async def test_the_checkpoint_file_is_read_off_the_event_loop(
     assert verify.status_code == 200 and verify.json()["ok"], verify.text
     assert len(archive.read_on) == 2
     assert threading.get_ident() not in archive.read_on
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+async def test_pages_of_large_records_end_at_query_max_bytes_and_the_cursors_return_every_event_once(
+    trail_db: TrailDb, client: httpx.AsyncClient, order: str
+) -> None:
+    budget = 1024 * 1024
+    context = client.app.state.audit  # type: ignore[attr-defined]
+    client.app.state.audit = replace(  # type: ignore[attr-defined]
+        context, settings=context.settings.model_copy(update={"query_max_bytes": budget})
+    )
+    await trail_db.record(small_and_large([0, 600_000, 0, 600_000, 600_000, 0, 2_000_000, 0, 0]))
+
+    pages: list[list[int]] = []
+    params = {"order": order, "limit": "5"}
+    while True:
+        r = await client.get("/v1/events", params=params)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        pages.append([e["seq"] for e in answer["events"]])
+        # About the budget and one record: the rows past it were not read, nor sent.
+        assert len(pages[-1]) >= 1 and len(r.content) < 4 * budget
+        if answer["next_cursor"] is None:
+            break
+        params["cursor"] = answer["next_cursor"]
+    assert [seq for page in pages for seq in page] == sorted(range(1, 10), reverse=order == "newest")
+    assert any(len(page) < 5 for page in pages[:-1])  # the bytes ended a page early; its cursor went on

@@ -24,7 +24,7 @@ from services.audit.adapters.postgres import reading
 from services.audit.domain import ChainHead, Signer
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.integration.audit.test_tampering import CHANGE_PAYLOAD
-from tests.unit.audit.fakes import OTHER_SEED, SEED, dead_letters_of, delivery, example
+from tests.unit.audit.fakes import OTHER_SEED, SEED, dead_letters_of, delivery, example, small_and_large
 from tests.unit.audit.test_docs import consumer
 
 
@@ -177,6 +177,18 @@ async def test_tail_beyond_the_query_limit_says_so(
         "driftloop: error: -n must be from 1 to 5 (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not 6"
         in capsys.readouterr().err
     )
+
+
+async def test_tail_of_large_records_shows_the_newest_the_byte_budget_holds_and_says_so(
+    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_QUERY_MAX_BYTES", str(1024 * 1024))
+    await audit_env.record(small_and_large([0, 600_000, 600_000, 600_000]))
+    assert await cli("audit", "tail", "-n", "5") == 0
+    out = capsys.readouterr().out
+    # Newest first: row 4, then row 3 (600,000 bytes before it), not row 2 (1,200,000 before it).
+    assert [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()] == ["3", "4"]
+    assert "the 2 newest shown: their records reached 1048576 bytes (DRIFTLOOP_AUDIT_QUERY_MAX_BYTES)" in out
 
 
 @pytest.mark.parametrize("name", ["typo.ndjson", "."], ids=["missing", "directory"])

@@ -20,7 +20,7 @@ from services.audit.domain import EventQuery
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
-from tests.unit.audit.fakes import TRACE_BYTES, delivery, example
+from tests.unit.audit.fakes import PAGE_BYTES, TRACE_BYTES, delivery, example
 from tests.unit.audit.test_docs import consumer
 
 ROWS = 53  # checkpoints at 10, 20, 30, 40, 50; rows 51..53 wait for the next one
@@ -207,7 +207,7 @@ async def test_a_row_whose_record_cannot_be_read_is_shown_flagged_unreadable(
     first = await filled.pool.fetchval("SELECT correlation_id FROM trail WHERE seq = 17")
     await filled.superuser(tamper)
     async with reading(filled.pool, ROLE) as trail:
-        page, _ = await core.query_events(trail, EventQuery(limit=10))
+        page, _ = await core.query_events(trail, EventQuery(limit=10), max_bytes=PAGE_BYTES)
         one = await core.event_at(trail, 17)
         tree = await core.trace(trail, first, max_events=100, max_bytes=TRACE_BYTES)
     assert [e["seq"] for e in page] == list(range(ROWS, ROWS - 10, -1))

@@ -27,10 +27,19 @@ from services.audit.domain import (
     Incoming,
     PartitionEnds,
     StoredRow,
+    decode_cursor,
 )
 from services.audit.verification import Problem, RecordScanner
 from tests.integration.audit.conftest import ROLE, TrailDb
-from tests.unit.audit.fakes import TRACE_BYTES, dead_letters_of, delivery, example, record_of
+from tests.unit.audit.fakes import (
+    PAGE_BYTES,
+    TRACE_BYTES,
+    dead_letters_of,
+    delivery,
+    example,
+    record_of,
+    small_and_large,
+)
 
 
 async def test_records_are_appended_in_order_and_the_trail_verifies(trail_db: TrailDb) -> None:
@@ -262,10 +271,12 @@ async def test_predictions_are_found_by_model_and_type_and_stay_out_of_cascades(
     prediction = example(PredictionsLogged)
     await trail_db.record([delivery(drift), delivery(retrain, offset=1), delivery(prediction)])
     async with reading(trail_db.pool, ROLE) as trail:
-        found, _ = await core.query_events(trail, EventQuery(event_type=PredictionsLogged.event_type()))
+        found, _ = await core.query_events(
+            trail, EventQuery(event_type=PredictionsLogged.event_type()), max_bytes=PAGE_BYTES
+        )
         assert [e["id"] for e in found] == [prediction.id]
         found, _ = await core.query_events(
-            trail, EventQuery(model="churn", event_type="io.driftloop.DriftDetected.v1")
+            trail, EventQuery(model="churn", event_type="io.driftloop.DriftDetected.v1"), max_bytes=PAGE_BYTES
         )
         assert [e["id"] for e in found] == [drift.id]
         tree = await core.trace(trail, drift.id, max_events=10, max_bytes=TRACE_BYTES)
@@ -288,7 +299,7 @@ async def test_a_ce_time_with_no_utc_form_is_indexed_as_no_time_and_the_trail_st
     headers = tuple((n, b"9999-12-31T23:30:00-01:00" if n == "ce_time" else v) for n, v in r.headers)
     assert await trail_db.record([Delivery(replace(r, headers=headers), None)]) == 1
     async with reading(trail_db.pool, ROLE) as trail:
-        [row] = await trail.find(EventQuery())
+        [row], _ = await trail.find(EventQuery(), budget=PAGE_BYTES)
     assert row.attributes.event_time is None
     assert (await trail_db.verify(full=True)).ok
 
@@ -357,3 +368,45 @@ async def test_a_trace_of_large_records_reads_a_bounded_cascade_and_says_the_byt
         # The count cuts first: the bytes did not.
         tree = await core.trace(trail, drift.id, max_events=2, max_bytes=budget)
         assert (tree["events"], tree["truncated_by"]) == (1, "trace_max_events")
+
+
+@pytest.mark.parametrize("newest_first", [True, False], ids=["newest", "oldest"])
+@pytest.mark.parametrize("by_cascade", [False, True], ids=["all", "by-correlation-id"])
+async def test_event_pages_of_large_records_hold_the_byte_budget_in_sql_and_page_through_every_row_once(
+    trail_db: TrailDb, newest_first: bool, by_cascade: bool
+) -> None:
+    # Counted by events alone, a page of 1,000 records near the broker's 10 MiB is 10 GB, read whole into
+    # the service that also writes the trail.
+    sizes = [0, 1_000_000, 0, 1_000_000, 1_000_000, 0, 4_000_000, 1_000_000, 0, 0, 1_000_000, 1_000_000, 0]
+    deliveries = small_and_large(sizes)
+    await trail_db.record(deliveries)
+    correlation_id = deliveries[0].event.correlationid if deliveries[0].event else None
+    budget, limit = 3_000_000, 5
+    async with reading(trail_db.pool, ROLE) as trail:
+        size = dict(await trail.conn.fetch("SELECT seq, octet_length(record) FROM trail"))
+        pages: list[list[int]] = []
+        cuts: list[bool] = []
+        at: int | None = None
+        while True:
+            query = EventQuery(
+                correlation_id=correlation_id if by_cascade else None,
+                newest_first=newest_first,
+                after=None if newest_first else at,
+                before=at if newest_first else None,
+                limit=limit,
+            )
+            rows, budget_cut = await trail.find(query, budget=budget)
+            pages.append([r.seq for r in rows])
+            cuts.append(budget_cut)
+            views, cursor = await core.query_events(trail, query, max_bytes=budget)
+            assert [v["seq"] for v in views] == pages[-1]
+            if cursor is None:
+                break
+            at = decode_cursor(cursor, newest_first=newest_first)
+            assert at == pages[-1][-1]  # the next page starts right after this one's last row
+    assert [seq for page in pages for seq in page] == sorted(size, reverse=newest_first)
+    for page, cut in zip(pages, cuts, strict=True):
+        held = [size[seq] for seq in page]
+        assert 1 <= len(page) <= limit and sum(held[:-1]) < budget
+        assert cut == (page is not pages[-1] and sum(held) >= budget)
+    assert any(cuts) and any(len(page) < limit for page in pages[:-1])

@@ -14,6 +14,7 @@ from typing import Any, cast
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.examples import EXAMPLES
+from contracts.monitoring import DriftDetected
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Delivery, Record
 from services.audit import handlers
@@ -40,6 +41,8 @@ SEED = bytes(range(32))
 OTHER_SEED = bytes(range(1, 33))
 TRACE_BYTES = 64 * 1024 * 1024
 """A trace's byte budget no test cascade reaches but one made to."""
+PAGE_BYTES = 64 * 1024 * 1024
+"""A query page's byte budget no test page reaches but one made to."""
 
 
 @dataclass
@@ -103,6 +106,20 @@ class FakeArchive:
         newer = [c for c in checkpoints if c.sequence > last]
         self.checkpoints += newer
         return len(newer)
+
+
+def budgeted(rows: list[StoredRow], *, limit: int, budget: int) -> tuple[list[StoredRow], bool]:
+    """What the trail's bounded queries take of ``rows`` (in the query's order): at most ``limit``, while
+    the records before a row hold less than ``budget`` bytes, and whether rows after those were left out
+    for the budget."""
+    taken: list[StoredRow] = []
+    held = 0
+    for row in rows[:limit]:
+        if held >= budget:
+            break
+        taken.append(row)
+        held += len(row.record or b"")
+    return taken, len(rows) > len(taken) and held >= budget
 
 
 @dataclass
@@ -192,7 +209,7 @@ class FakeTrail:
     async def head(self) -> ChainHead:
         return self._head()
 
-    async def find(self, query: EventQuery) -> list[StoredRow]:
+    async def find(self, query: EventQuery, *, budget: int) -> tuple[list[StoredRow], bool]:
         def matches(r: StoredRow) -> bool:
             a = r.attributes
             return (
@@ -210,7 +227,7 @@ class FakeTrail:
         found = sorted((s.row for s in self.rows.values() if matches(s.row)), key=lambda r: r.seq)
         if query.newest_first:
             found.reverse()
-        return found[: query.limit]
+        return budgeted(found, limit=query.limit, budget=budget)
 
     async def row(self, seq: int) -> StoredRow | None:
         stored = self.rows.get(seq)
@@ -218,14 +235,7 @@ class FakeTrail:
 
     async def cascade(self, correlation_id: str, *, limit: int, budget: int) -> tuple[list[StoredRow], bool]:
         rows = [s.row for s in self.rows.values() if s.row.attributes.correlation_id == correlation_id]
-        taken: list[StoredRow] = []
-        held = 0
-        for row in sorted(rows, key=lambda r: r.seq)[:limit]:
-            if held >= budget:
-                return taken, True
-            taken.append(row)
-            held += len(row.record or b"")
-        return taken, False
+        return budgeted(sorted(rows, key=lambda r: r.seq), limit=limit, budget=budget)
 
     async def checkpoints(
         self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
@@ -359,6 +369,24 @@ def dead_letters_of(event: CloudEvent[Any], *, count: int, size: int) -> list[De
         )
         for i in range(count)
     ]
+
+
+def small_and_large(sizes: Sequence[int]) -> list[Delivery]:
+    """A delivery per size, at offset i: a small event for 0, else a dead letter of about that many bytes;
+    rows of one correlation id, as a page of the trail can hold when dead letters carry large records."""
+    drift = example(DriftDetected)
+    key, _, headers = drift.to_kafka()
+    deliveries = []
+    for i, size in enumerate(sizes):
+        if size == 0:
+            event = example(DriftDetected).model_copy(update={"correlationid": drift.id})
+            deliveries.append(delivery(event, offset=i))
+        else:
+            dead = Record(
+                DEAD_LETTER, 0, i, key, b"%08d" % i + b"x" * size, (*headers, ("dlq_reason", b"big"))
+            )
+            deliveries.append(Delivery(dead, None))
+    return deliveries
 
 
 def example(

@@ -32,6 +32,7 @@ from services.audit.domain import (
 )
 from services.audit.schemas import AuditEventPublic, TracePublic
 from tests.unit.audit.fakes import (
+    PAGE_BYTES,
     SEED,
     TRACE_BYTES,
     Clock,
@@ -39,6 +40,7 @@ from tests.unit.audit.fakes import (
     dead_letters_of,
     delivery,
     example,
+    small_and_large,
 )
 
 
@@ -95,22 +97,74 @@ async def test_pages_follow_the_cursor_newest_first_without_overlap(trail: FakeT
     cursor: str | None = None
     while True:
         before = decode_cursor(cursor, newest_first=True) if cursor else None
-        page, cursor = await core.query_events(trail, EventQuery(limit=4, before=before))
+        page, cursor = await core.query_events(
+            trail, EventQuery(limit=4, before=before), max_bytes=PAGE_BYTES
+        )
         seen += [e["seq"] for e in page]
         if cursor is None:
             break
     assert seen == list(range(11, 0, -1))
 
 
+PAGE_SIZES = [0, 300_000, 0, 0, 300_000, 300_000, 300_000, 0, 1_500_000, 0, 300_000, 300_000, 0, 0, 0, 0, 0]
+"""Small events and large dead letters, one of them past a page's budget by itself."""
+
+
+async def page_through(
+    trail: FakeTrail, *, newest_first: bool, limit: int, max_bytes: int, **filters: Any
+) -> list[list[dict[str, Any]]]:
+    """Every page of a query, following each page's cursor as GET /v1/events does."""
+    pages: list[list[dict[str, Any]]] = []
+    cursor: str | None = None
+    while True:
+        at = decode_cursor(cursor, newest_first=newest_first) if cursor else None
+        query = EventQuery(
+            newest_first=newest_first,
+            after=None if newest_first else at,
+            before=at if newest_first else None,
+            limit=limit,
+            **filters,
+        )
+        page, cursor = await core.query_events(trail, query, max_bytes=max_bytes)
+        pages.append(page)
+        if cursor is None:
+            return pages
+
+
+@pytest.mark.parametrize("newest_first", [True, False], ids=["newest", "oldest"])
+async def test_pages_of_large_records_end_at_the_byte_budget_and_every_row_comes_once(
+    newest_first: bool,
+) -> None:
+    trail = FakeTrail()
+    await store(trail, small_and_large(PAGE_SIZES))
+    size = {s.row.seq: len(s.row.record or b"") for s in trail.rows.values()}
+    budget, limit = 1_000_000, 5
+
+    pages = await page_through(trail, newest_first=newest_first, limit=limit, max_bytes=budget)
+
+    seen = [e["seq"] for page in pages for e in page]
+    assert seen == sorted(size, reverse=newest_first)  # none lost, none twice, in order
+    for page in pages:
+        held = [size[e["seq"]] for e in page]
+        # Taken while the records before a row hold less than the budget: the budget and one record at most.
+        assert 1 <= len(page) <= limit and sum(held[:-1]) < budget
+    assert any(len(page) < limit for page in pages[:-1])  # the bytes ended some pages early
+    # A record past the budget by itself is still shown, and ends its page.
+    [big] = [seq for seq, n in size.items() if n > budget]
+    assert [page[-1]["seq"] for page in pages if big in (e["seq"] for e in page)] == [big]
+
+
 async def test_filters_by_model_type_and_actor(trail: FakeTrail) -> None:
-    events, _ = await core.query_events(trail, EventQuery(actor="user:alice"))
+    events, _ = await core.query_events(trail, EventQuery(actor="user:alice"), max_bytes=PAGE_BYTES)
     assert [e["type"] for e in events] == ["io.driftloop.RollbackRequested.v1"]
     assert events[0]["data"]["model"] == "churn"
     events, _ = await core.query_events(
-        trail, EventQuery(event_type=event_type_filter("RolloutPromoted"), model="churn")
+        trail,
+        EventQuery(event_type=event_type_filter("RolloutPromoted"), model="churn"),
+        max_bytes=PAGE_BYTES,
     )
     assert [e["type"] for e in events] == ["io.driftloop.RolloutPromoted.v1"]
-    dead, _ = await core.query_events(trail, EventQuery(kind=Kind.DEAD_LETTER))
+    dead, _ = await core.query_events(trail, EventQuery(kind=Kind.DEAD_LETTER), max_bytes=PAGE_BYTES)
     assert [e["error"] for e in dead] == [{"reason": "handler-failed", "detail": ""}]
 
 
@@ -119,7 +173,7 @@ async def test_event_fields_come_from_the_hashed_record_and_a_doctored_index_is_
 ) -> None:
     row = trail.rows[1].row
     trail.rows[1].row = replace(row, attributes=row.attributes._replace(actor="user:mallory"))
-    [event], _ = await core.query_events(trail, EventQuery(actor="user:mallory"))
+    [event], _ = await core.query_events(trail, EventQuery(actor="user:mallory"), max_bytes=PAGE_BYTES)
     assert event["actor"] is None
     assert event["integrity"] == "indexed column actor does not match the hashed record"
 
@@ -400,7 +454,7 @@ async def test_export_interleaves_checkpoints_after_their_row() -> None:
 
 
 async def test_a_page_with_no_rows_has_no_next_cursor(trail: FakeTrail) -> None:
-    assert await core.query_events(trail, EventQuery(limit=0)) == ([], None)
+    assert await core.query_events(trail, EventQuery(limit=0), max_bytes=PAGE_BYTES) == ([], None)
 
 
 async def test_an_event_recorded_before_the_loop_it_hangs_off_keeps_its_cause() -> None:
@@ -462,7 +516,7 @@ async def test_a_filter_longer_than_the_index_holds_is_refused_and_its_first_cha
     with pytest.raises(InvalidInput, match=r"^correlation_id is longer than 512 characters"):
         await core.trace(trail, long_id, max_events=10, max_bytes=TRACE_BYTES)
     [event], _ = await core.query_events(
-        trail, EventQuery(correlation_id=long_id[:512], model=long_model[:512])
+        trail, EventQuery(correlation_id=long_id[:512], model=long_model[:512]), max_bytes=PAGE_BYTES
     )
     assert (event["correlationid"], event["subject"]) == (long_id, long_model)
     assert (await core.trace(trail, long_id[:512], max_events=10, max_bytes=TRACE_BYTES))["events"] == 1
