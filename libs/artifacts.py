@@ -186,7 +186,7 @@ class ArtifactStore:
         return f"{self.url}/sha256/{key[:2]}/{key}"
 
     def put(self, data: bytes) -> StoredArtifact:
-        """Store bytes; storing the same content twice is a no-op."""
+        """Store bytes; storing the same content twice keeps one file (a damaged one is replaced)."""
         return self._tried("a write", lambda: self.put_chunks([data]))
 
     def put_chunks(self, chunks: Iterable[bytes]) -> StoredArtifact:
@@ -202,12 +202,27 @@ class ArtifactStore:
                 out.write(chunk)
         key = digest.hexdigest()
         final = self._path(key)
-        if self.fs.exists(final):
+        if self.fs.exists(final) and self._holds(final, key, size):
             self.fs.rm(tmp)
         else:
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             self.fs.mv(tmp, final)
         return StoredArtifact(key, size, self.uri(key))
+
+    def _holds(self, path: str, key: str, size: int) -> bool:
+        """Whether the file stored at ``path`` is whole (``size`` bytes hashing to ``key``). A crash can
+        leave one short (nothing is synced before the rename) and a disk can alter one; the same bytes
+        stored again (a retrain writes the same key, as ArtifactCorrupted advises) must then replace it,
+        not be taken for a copy already there."""
+        if self.fs.size(path) == size:
+            digest = hashlib.sha256()
+            with self.fs.open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+            if digest.hexdigest() == key:
+                return True
+        log.warning("stored artifact is damaged; replaced by the bytes stored again", key=key)
+        return False
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._path(key)))

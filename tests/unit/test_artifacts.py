@@ -308,3 +308,26 @@ def test_checking_a_model_lists_only_trusted_types() -> None:
     forest = RandomForestClassifier(n_estimators=2, random_state=0).fit([[0.0], [1.0]], [0, 1])
     types = check_model_bytes(dump_model(forest))
     assert types and set(types) <= TRUSTED_TYPES
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_storing_the_bytes_of_a_damaged_artifact_again_repairs_it(store: ArtifactStore, damage: str) -> None:
+    # A crash (no fsync before the rename) can leave a stored file short, and a disk can alter one; the
+    # error tells people to retrain, and a retrain writes the same bytes under the same key.
+    model = dump_model(small_model())
+    key = store.put(model).sha256
+    path = stored_path(store, key)
+    if damage == "truncated":
+        path.write_bytes(model[: len(model) // 2])
+    else:
+        altered = bytearray(model)
+        altered[len(altered) // 2] ^= 0xFF
+        path.write_bytes(bytes(altered))
+    with pytest.raises(ArtifactCorrupted):
+        store.get(key)
+
+    assert store.put(model).sha256 == key
+
+    assert store.get(key) == model
+    assert check_model(store, key) == len(model)
+    assert not list((Path(store.root) / "tmp").iterdir())
