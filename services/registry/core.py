@@ -164,6 +164,11 @@ async def promote(
     validation rejected before it served goes to production too: serving put it there on a command accepted
     before the verdict (:func:`overtaken_by_verdict`)."""
     current = await versions.stage_for_update(model, version)
+    # Another promotion of the model under way (a second consumer, a rollback restoring its stable version)
+    # has not committed the version it puts in production: read unlocked, production would miss it, and
+    # both versions would end up there. The model's lock (after the version's, the order move() takes them
+    # in) makes this one wait for it, then archive it.
+    await versions.lock_stages(model)
     over_verdict = await overtaken_by_verdict(versions, model, version, current)
     if over_verdict:
         reason += (

@@ -73,6 +73,11 @@ class Versions(Protocol):
         """Versions of a model currently in ``stage``."""
         ...
 
+    async def lock_stages(self, model: str) -> None:
+        """Hold the model's stages until the transaction ends: another change of any of its versions waits
+        (each :meth:`move` takes this lock too), so what is read in a stage after it stays true."""
+        ...
+
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
     ) -> int:

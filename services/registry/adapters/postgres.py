@@ -117,6 +117,10 @@ class PgVersions:
         )
         return [r["version"] for r in rows]
 
+    async def lock_stages(self, model: str) -> None:
+        # The row move() updates: taken here, it orders this transaction's reads before the others' moves.
+        await self.conn.execute("SELECT 1 FROM registered_models WHERE name = $1 FOR UPDATE", model)
+
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
     ) -> int:

@@ -21,7 +21,7 @@ from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBac
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact, load_model
 from services.registry import core
-from services.registry.adapters.postgres import PgDatasets
+from services.registry.adapters.postgres import PgDatasets, PgVersions
 from tests.integration.kafka_tools import eventually, unique
 from tests.integration.registry.harness import AUTH, RunningRegistry, running_registry
 from tests.unit.test_artifacts import pickle_that_creates
@@ -744,3 +744,45 @@ async def test_a_number_past_what_postgres_stores_is_dead_lettered_at_once_as_sc
     assert dead_lettered(registry, "schema-invalid") == before["schema-invalid"] + 1
     assert dead_lettered(registry, "handler-failed") == before["handler-failed"]
     assert await registry.versions_of(model) == ([1] if field == "report.checks_total" else [])
+
+
+@pytest.mark.parametrize("second", ["production", "candidate"])
+async def test_two_promotions_of_a_model_at_once_leave_one_version_in_production(
+    registry: RunningRegistry, second: str
+) -> None:
+    model = model_name()
+    for run in ("run-1", "run-2", "run-3"):
+        await register(registry, model, run)
+
+    async def promote(tx: Any, version: int) -> None:
+        event = serving(PromoteRequested(model=model, model_version=version, reason=f"promote {version}"))
+        await core.promote(
+            model,
+            version,
+            reason=f"promote {version}",
+            event=event,
+            versions=PgVersions(tx.conn),
+            publish=tx.publish,
+            source=registry.rt.source(),
+        )
+
+    async def promote_alone(version: int) -> None:
+        async with registry.rt.begin() as tx:
+            await promote(tx, version)
+
+    if second == "production":
+        await promote_alone(1)
+    async with registry.rt.begin() as tx:
+        # Version 2 is being promoted (version 1 archived, not yet committed) when version 3's promotion
+        # arrives (a rollout event and a replica's redelivery on another consumer, say).
+        await promote(tx, 2)
+        other = asyncio.create_task(promote_alone(3))
+        await waiting_on(tx.conn)
+    await other
+
+    rows = await registry.fetch(
+        "SELECT version, stage FROM model_versions WHERE model = $1 ORDER BY version", model
+    )
+    stages = {r["version"]: r["stage"] for r in rows}
+    assert [v for v, s in stages.items() if s == "production"] == [3], stages
+    assert stages[2] == "archived", stages

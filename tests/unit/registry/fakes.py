@@ -75,6 +75,9 @@ class FakeVersions:
     async def versions_in(self, model: str, stage: Stage) -> list[int]:
         return sorted(n for (m, n), v in self.versions.items() if m == model and v.stage is stage)
 
+    async def lock_stages(self, model: str) -> None:
+        return None  # one transaction at a time
+
     async def move(
         self, model: str, version: int, from_stage: Stage, to_stage: Stage, reason: str, cause: Cause
     ) -> int:
