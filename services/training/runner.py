@@ -214,9 +214,15 @@ class JobRunner:
                 fraction=fraction,
                 elapsed_seconds=round(now - started, 3),
             )
-            async with self.begin() as tx:
-                if await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or ""):
-                    await tx.publish(self._event(job, event))
+            try:
+                async with self.begin() as tx:
+                    if await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or ""):
+                        await tx.publish(self._event(job, event))
+            except Exception as exc:
+                # What followers see, no more: raised into the trainer, it would kill the fit (a lost run, one
+                # more attempt) or, a TimeoutError (the pool's acquire), pass for the job's own time limit.
+                # Missed like a heartbeat: a long outage makes the job stale, as it should.
+                log.warning("training progress not recorded", phase=phase, error=repr(exc))
 
         # Beating until the outcome is recorded: a completion waiting for the database is not a lost run.
         heartbeats = asyncio.create_task(self._heartbeats(job))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -680,6 +682,51 @@ async def test_run_that_lost_its_job_to_another_run_does_not_complete_it(harness
     assert await harness.runner.run_once()
     await harness.bus.drain()
     assert not harness.events(TrainingCompleted)
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [
+        ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"),
+        TimeoutError(),  # the pool gives no connection in time: asyncpg's acquire timing out
+    ],
+    ids=["refused", "acquire-timeout"],
+)
+async def test_the_database_away_while_the_fit_reports_progress_costs_neither_the_fit_nor_the_job(
+    harness: Harness, outage: Exception
+) -> None:
+    # Heartbeats wait a database outage out (the job goes stale only if it lasts); progress must too: it is
+    # only what followers see. Raised into the fit, it killed the fit process and took an attempt (the job
+    # re-run), and a TimeoutError failed the job as over job_timeout_s.
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    begin, original, away = harness.runner.begin, harness.trainer.train, [False]
+
+    @asynccontextmanager
+    async def begin_unless_away() -> AsyncIterator[Any]:
+        if away[0]:
+            raise outage
+        async with begin() as tx:
+            yield tx
+
+    async def fit_during_an_outage(job_input: dict[str, Any], progress: Any) -> dict[str, Any]:
+        away[0] = True
+        try:
+            await progress("fitting", 0.5)
+        finally:
+            away[0] = False
+        return await original(job_input, progress)
+
+    harness.runner.begin = begin_unless_away
+    harness.trainer.train = fit_during_an_outage  # type: ignore[method-assign]
+    assert await harness.run_jobs() == 1
+    assert harness.events(TrainingFailed) == []
+    [started] = harness.events(TrainingStarted)
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.run_id == started.data.run_id
+    assert len(harness.trainer.runs) == 1
 
 
 async def test_two_runs_on_the_same_data_and_spec_give_identical_metrics(harness: Harness) -> None:
