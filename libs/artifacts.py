@@ -17,6 +17,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -195,18 +196,25 @@ class ArtifactStore:
         size = 0
         tmp = f"{self.root}/tmp/{uuid.uuid4().hex}"
         self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
-        with self.fs.open(tmp, "wb") as out:
-            for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-        key = digest.hexdigest()
-        final = self._path(key)
-        if self.fs.exists(final) and self._holds(final, key, size):
-            self.fs.rm(tmp)
-        else:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.mv(tmp, final)
+        try:
+            with self.fs.open(tmp, "wb") as out:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            key = digest.hexdigest()
+            final = self._path(key)
+            if self.fs.exists(final) and self._holds(final, key, size):
+                self.fs.rm(tmp)
+            else:
+                self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.mv(tmp, final)
+        except BaseException:
+            # A write that fails partway (a full disk) must not keep its part: each retry would keep
+            # another, taking whatever room is freed, and the store would never come back by itself.
+            with suppress(OSError):
+                self.fs.rm(tmp)
+            raise
         return StoredArtifact(key, size, self.uri(key))
 
     def _holds(self, path: str, key: str, size: int) -> bool:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -331,3 +333,29 @@ def test_storing_the_bytes_of_a_damaged_artifact_again_repairs_it(store: Artifac
     assert store.get(key) == model
     assert check_model(store, key) == len(model)
     assert not list((Path(store.root) / "tmp").iterdir())
+
+
+def test_a_write_the_store_fails_partway_leaves_no_partial_file_behind(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk full: each try left its partial file, so every retry (the runner's wait for the store goes on
+    # without end) took whatever room an operator freed, and the store never came back by itself.
+    opened = store.fs.open
+
+    def open_on_a_full_disk(path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        f = opened(path, mode, **kwargs)
+        if "w" in mode:
+            write = f.write
+
+            def write_half(data: bytes) -> int:
+                write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            f.write = write_half
+        return f
+
+    monkeypatch.setattr(store.fs, "open", open_on_a_full_disk)
+    with pytest.raises(StoreUnavailable, match="failed 3 times"):
+        ArtifactStore(store.url, attempts=3, backoff_s=0).put(b"model bytes " * 1000)
+    assert list((Path(store.root) / "tmp").iterdir()) == []
+    assert not (Path(store.root) / "sha256").exists()
