@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from libs.settings import Port, ServiceSettings
 
@@ -29,7 +29,7 @@ class TrainingSettings(ServiceSettings):
         30.0,
         gt=0,
         description="A running job whose heartbeat is older than this belongs to a dead worker: it is "
-        "resumed.",
+        "resumed. More than twice heartbeat_interval_s.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Runs of one job before it fails for good (worker-lost) instead of resuming."
@@ -68,6 +68,19 @@ class TrainingSettings(ServiceSettings):
         description="Version of the training code recorded in lineage; empty: the package version plus the "
         "git commit when the code runs from a checkout.",
     )
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> TrainingSettings:
+        # Any replica claims a running job whose heartbeat is older than stale_after_s: within two beats, a
+        # live run whose beat is a moment late is taken over, fitted again, and failed as worker-lost once
+        # that has happened max_attempts times.
+        if self.stale_after_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"DRIFTLOOP_TRAINING_STALE_AFTER_S ({self.stale_after_s:g}) must be more than twice "
+                f"DRIFTLOOP_TRAINING_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g}): a running job "
+                "with one late heartbeat would be taken for a dead worker's and run again by another replica"
+            )
+        return self
 
     @property
     def db_schema(self) -> str:

@@ -160,6 +160,22 @@ def test_the_registry_refuses_limits_and_pools_below_1(
         RegistrySettings()
 
 
+@pytest.mark.parametrize(("heartbeat", "stale"), [("2", "3"), ("2", "4"), ("10", "5")])
+def test_training_refuses_a_staleness_a_late_heartbeat_passes(
+    heartbeat: str, stale: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another replica would take a live run's job over, fit it again, and at max_attempts fail it as
+    # worker-lost.
+    from services.training.settings import TrainingSettings
+
+    monkeypatch.setenv("DRIFTLOOP_TRAINING_HEARTBEAT_INTERVAL_S", heartbeat)
+    monkeypatch.setenv("DRIFTLOOP_TRAINING_STALE_AFTER_S", stale)
+    with pytest.raises(ValidationError, match="more than twice DRIFTLOOP_TRAINING_HEARTBEAT_INTERVAL_S"):
+        TrainingSettings()
+    monkeypatch.setenv("DRIFTLOOP_TRAINING_STALE_AFTER_S", str(2 * float(heartbeat) + 0.5))
+    assert TrainingSettings().stale_after_s > 2 * TrainingSettings().heartbeat_interval_s
+
+
 @pytest.mark.parametrize(
     "url",
     [
