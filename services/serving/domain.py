@@ -430,15 +430,16 @@ def roll_back_production(
     """Take the production version off traffic in favour of ``to_version`` (default: the previous stable).
 
     Refused while a canary is live (roll the canary back first), or when there is nothing to go back to.
+    A version that serves no traffic is ignored first, canary live or not: what the rollback asks for holds
+    already (a late rollback of a superseded canary must not be told to take the newer one off traffic).
     """
-    if route.active is not None:
-        return _ignore(
-            route,
-            "rollout-live",
-            f"rollout {route.active.rollout_id} is live: roll back its canary first",
-        )
-    if version != route.stable_version:
+    live = route.active
+    if version != route.stable_version and (live is None or version != live.canary_version):
         return _ignore(route, "not-serving", f"version {version} is not serving")
+    if live is not None:
+        return _ignore(
+            route, "rollout-live", f"rollout {live.rollout_id} is live: roll back its canary first"
+        )
     target = to_version if to_version is not None else route.previous_stable_version
     if target is None:
         return _ignore(route, "nothing-to-roll-back-to", f"no earlier version to replace {version} with")

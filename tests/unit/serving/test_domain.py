@@ -896,3 +896,12 @@ def test_every_integer_datatype_carries_a_categorical_feature_with_integer_level
     tensor: dict[str, object] = {"name": "plan", "shape": [2], "datatype": datatype, "data": [2, 7]}
     columns = domain.columns_from_tensors(signature, domain.tensors_from_json(tensors(plan=tensor)))
     assert columns.columns["plan"] == [2, 7] and columns.unseen == {"plan": 1}
+
+
+def test_a_production_rollback_of_a_version_not_serving_is_ignored_even_while_a_canary_is_live(
+    clock: Clock,
+) -> None:
+    t = domain.roll_back_production(
+        live_route(clock), version=7, to_version=None, message="", now=clock(), rollout_id="x"
+    )
+    assert t.ignored is not None and t.ignored.code == "not-serving"

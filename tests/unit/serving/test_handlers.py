@@ -764,3 +764,15 @@ async def test_an_old_stage_change_re_sent_under_a_new_id_does_not_set_a_stage_b
     assert dead.reason == "rejected"
     assert f"{again.id} is stage change 2 of churn" in dead.error and "but stage change 4" in dead.error
     assert handlers.IGNORED.labels("ModelStageChanged", "stale-stage-change")._value.get() == before + 1
+
+
+async def test_a_late_rollback_of_a_superseded_canary_changes_nothing_while_a_newer_one_is_live(
+    world: World,
+) -> None:
+    """Canary 2 was superseded by 3: a rollback of 2 asks for what holds already. Dead-lettered with "roll
+    back its canary first", it would tell the operator to take the healthy canary 3 off traffic."""
+    await world.send(registered(2), passed(2), registered(3), passed(3))
+    assert world.route.active is not None and world.route.active.canary_version == 3
+    before = world.route
+    await world.send(new_event(RollbackRequested(model="churn", model_version=2, reason="late"), source="/x"))
+    assert world.route == before and world.bus.dead_letters == []
