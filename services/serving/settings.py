@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from contracts.rollouts import RolloutMode
 from libs.settings import Port, ServiceSettings
@@ -34,7 +34,9 @@ class ServingSettings(ServiceSettings):
     )
     rollout_steps: list[float] = Field(
         default_factory=lambda: [0.1, 0.5, 1.0],
-        description="Canary traffic share of each rollout step, strictly increasing, ending at 1.0.",
+        description="Canary traffic share of each rollout step, strictly increasing, ending at 1.0; in "
+        "canary mode the first step is below 1.0 (a canary at 1.0 has no stable traffic to be judged "
+        "against).",
     )
     rollout_min_samples: int = Field(
         200,
@@ -129,11 +131,25 @@ class ServingSettings(ServiceSettings):
     @field_validator("rollout_steps")
     @classmethod
     def _steps(cls, steps: list[float]) -> list[float]:
-        if not steps or any(not 0 < w <= 1 for w in steps):
+        if not steps:
+            raise ValueError("rollout_steps must hold at least one step, e.g. [0.1, 0.5, 1.0]")
+        if any(not 0 < w <= 1 for w in steps):
             raise ValueError("rollout_steps must be shares in (0, 1]")
         if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 1.0:
             raise ValueError("rollout_steps must be strictly increasing and end at 1.0")
         return steps
+
+    @model_validator(mode="after")
+    def _a_canary_starts_below_full_traffic(self) -> ServingSettings:
+        # A canary at 100 % leaves no stable traffic to judge it against (reaching 100 % is promotion): a
+        # first step of 1.0 would put every new version on all traffic before any verdict.
+        if self.rollout_mode is RolloutMode.CANARY and self.rollout_steps[0] >= 1.0:
+            raise ValueError(
+                f"DRIFTLOOP_SERVING_ROLLOUT_STEPS {self.rollout_steps} with "
+                "DRIFTLOOP_SERVING_ROLLOUT_MODE=canary would put every new version on all traffic before any "
+                "verdict: the first step must be below 1.0 (e.g. [0.1, 0.5, 1.0]), or set the mode to shadow"
+            )
+        return self
 
     @property
     def db_schema(self) -> str:
