@@ -182,13 +182,13 @@ async def build(rt: Runtime) -> ServiceParts:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=settings.samples_flush_s)
             items = stats.unflushed()
-            if not items:
-                continue
-            try:
-                await add_samples(rt.pool, items)
-            except Exception as exc:
-                stats.restore(items)
-                log.warning("canary sample count not saved, will retry", error=repr(exc))
+            if items:
+                try:
+                    await add_samples(rt.pool, items)
+                except Exception as exc:
+                    stats.restore(items)
+                    log.warning("canary sample count not saved, will retry", error=repr(exc))
+            stats.forget_ended(state.table.live_steps)
 
     async def stop() -> None:
         stopping.set()

@@ -164,6 +164,11 @@ class RoutingTable:
         return {(r.model, v) for r in self.models.values() for v in r.versions}
 
     @property
+    def live_steps(self) -> set[tuple[str, str, int]]:
+        """(model, rollout id, step index) of every live rollout the table routes."""
+        return {(m, r.rollout_id, r.step_index) for m, r in self.models.items() if r.rollout_id is not None}
+
+    @property
     def artifact_keys(self) -> set[str]:
         """The artifact of every model the table serves, stable or candidate."""
         return {m.artifact_key for r in self.models.values() for m in (r.stable, r.canary) if m is not None}

@@ -11,7 +11,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -139,6 +139,13 @@ class CanaryStats:
                 out.append((model, rid, step, c.rows - c.flushed_rows))
                 c.flushed_rows = c.rows
         return out
+
+    def forget_ended(self, live: Collection[tuple[str, str, int]]) -> None:
+        """Drop the counts of every (model, rollout, step) not in ``live`` whose rows are all flushed: kept,
+        they grow with every step the replica ever served, and :meth:`unflushed` walks them all each flush.
+        A request still on the older table may count in an ended step again; that entry goes next time."""
+        for key in [k for k, c in self.counts.items() if k not in live and c.rows == c.flushed_rows]:
+            del self.counts[key]
 
     def restore(self, items: Sequence[tuple[str, str, int, int]]) -> None:
         """Put back rows whose flush failed, so they are added next time."""

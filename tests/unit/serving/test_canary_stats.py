@@ -1,0 +1,38 @@
+"""A replica's canary counts: kept for the live steps, let go once a step has ended and is flushed."""
+
+from __future__ import annotations
+
+from contracts.rollouts import RolloutMode
+from services.serving.routing import ModelRouting, RoutingTable
+from services.serving.scoring import CanaryStats
+
+
+def test_counts_of_ended_steps_are_let_go_once_flushed_and_the_live_steps_kept() -> None:
+    """Kept, the counts grow with every step the replica ever served, and each flush walks them all."""
+    stats = CanaryStats(threshold=0.5, min_requests=3)
+    for i in range(1000):
+        stats.served("churn", f"r-{i}", 0, rows=3)
+    stats.failed("churn", "r-999", 0)
+    stats.served("churn", "r-unflushed", 0, rows=2)
+    live = {("churn", "r-999", 0)}
+    flushed = stats.unflushed()
+    stats.restore([item for item in flushed if item[1] == "r-unflushed"])  # its flush failed
+    stats.forget_ended(live)
+    assert set(stats.counts) == {("churn", "r-999", 0), ("churn", "r-unflushed", 0)}
+    # The live step's requests and failures still count towards its error rate.
+    breaches: list[tuple[str, str, str]] = []
+    stats.on_breach = lambda *breach: breaches.append(breach)
+    stats.failed("churn", "r-999", 0)
+    assert [b[1] for b in breaches] == ["r-999"]
+    # Once flushed, the ended step's rows go too.
+    assert stats.unflushed() == [("churn", "r-unflushed", 0, 2)]
+    stats.forget_ended(live)
+    assert set(stats.counts) == {("churn", "r-999", 0)}
+
+
+def test_the_live_steps_are_those_of_the_rollouts_the_table_routes() -> None:
+    def routing(model: str, rollout_id: str | None, step: int) -> ModelRouting:
+        return ModelRouting(model, None, None, rollout_id, 0.5, RolloutMode.CANARY, step)
+
+    table = RoutingTable({"churn": routing("churn", "r-1", 2), "fraud": routing("fraud", None, 0)})
+    assert table.live_steps == {("churn", "r-1", 2)}
