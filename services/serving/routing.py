@@ -262,6 +262,32 @@ def routing_key(snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]])
     return tuple(sorted(key, key=lambda k: k[0]))
 
 
+def same_routing(a: RoutingTable, b: RoutingTable) -> bool:
+    """Whether two tables route every request alike, with the very same loaded models."""
+
+    def shape(r: ModelRouting) -> tuple[Any, ...]:
+        return (id(r.stable), id(r.canary), r.rollout_id, r.weight, r.mode, r.step_index)
+
+    return a.models.keys() == b.models.keys() and all(
+        shape(r) == shape(b.models[m]) for m, r in a.models.items()
+    )
+
+
+def unserved(
+    snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]], table: RoutingTable
+) -> set[tuple[str, int]]:
+    """The registered versions the persisted routes put on traffic (stable, live canary) that the table
+    does not serve: their load failed on this replica."""
+    wanted: set[tuple[str, int]] = set()
+    for route, records in snapshot:
+        live = route.active
+        for version in (route.stable_version, live.canary_version if live else None):
+            record = records.get(version) if version is not None else None
+            if record is not None and record.registered:
+                wanted.add((route.model, record.version))
+    return wanted - table.served
+
+
 class RoutingSync:
     """Keeps one replica's table equal to the persisted state: on every notification, and every
     ``poll_s`` in case a notification was lost with a connection."""
@@ -283,6 +309,12 @@ class RoutingSync:
         if key == self._last and self.state.synced.is_set():
             return False
         table = await build_table(snapshot, self.loader, self.state.table)
+        # A version this replica could not load is tried again at the next sync (the loader holds off its
+        # retries for a while). Taken as done, the key would leave the replica without it until some other
+        # routing change came: with nothing of the model to serve once that version was promoted.
+        self._last = key if unserved(snapshot, table) == set() else None
+        if self.state.synced.is_set() and same_routing(table, self.state.table):
+            return False  # a retry that loaded nothing new
         self.state.swap(table)
         # Whatever this table does not serve leaves the loader's cache: promoted over, rolled back, replaced,
         # or loaded by a handler for a table still to come (the next rebuild loads that one again). A request
@@ -294,7 +326,6 @@ class RoutingSync:
         # requests allocate. Freezing does not keep a model alive: once neither the table, the loader nor a
         # request holds it, its reference count frees it (tests/unit/serving/test_loaded_models.py).
         gc.freeze()
-        self._last = key
         log.info(
             "routing updated",
             models={
