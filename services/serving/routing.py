@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -207,9 +207,12 @@ async def build_table(
     snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]],
     loader: ModelLoader,
     current: RoutingTable,
+    failing: Collection[tuple[str, int]] = (),
 ) -> RoutingTable:
     """A table for the persisted state; models are loaded and warmed before the table exists. A store that
-    cannot be reached (OSError) fails the whole build: the current table stays, and the sync retries."""
+    cannot be reached (OSError) fails the whole build: the current table stays, and the sync retries. A
+    version that cannot load is logged as an error, unless it is among the (model, version) ``failing``
+    already (the sync tries those again at every re-read)."""
 
     async def served(record: VersionRecord | None) -> ServedModel | None:
         if record is None or not record.registered:
@@ -222,7 +225,8 @@ async def build_table(
             model: ServedModel = await loader.load(record)
             return model
         except ModelLoadError as exc:
-            log.error(
+            report = log.debug if (record.model, record.version) in failing else log.error
+            report(
                 "model version cannot be served", model=record.model, version=record.version, error=str(exc)
             )
             return None
@@ -301,6 +305,7 @@ class RoutingSync:
         self.poll_s = poll_s
         self._stopping = False
         self._last: tuple[Any, ...] | None = None
+        self._failing: set[tuple[str, int]] = set()
 
     async def sync_once(self) -> bool:
         """Rebuild the table if the state changed; returns whether it did."""
@@ -308,11 +313,12 @@ class RoutingSync:
         key = routing_key(snapshot)
         if key == self._last and self.state.synced.is_set():
             return False
-        table = await build_table(snapshot, self.loader, self.state.table)
+        table = await build_table(snapshot, self.loader, self.state.table, self._failing)
         # A version this replica could not load is tried again at the next sync (the loader holds off its
         # retries for a while). Taken as done, the key would leave the replica without it until some other
         # routing change came: with nothing of the model to serve once that version was promoted.
-        self._last = key if unserved(snapshot, table) == set() else None
+        self._failing = unserved(snapshot, table)
+        self._last = None if self._failing else key
         if self.state.synced.is_set() and same_routing(table, self.state.table):
             return False  # a retry that loaded nothing new
         self.state.swap(table)

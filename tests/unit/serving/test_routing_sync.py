@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from structlog.testing import capture_logs
+
 from contracts.commands import PromoteRequested
 from contracts.envelope import new_event
 from services.serving.routing import RoutingState, RoutingSync
@@ -22,15 +24,19 @@ async def test_a_version_this_replica_failed_to_load_is_loaded_at_a_later_sync_w
     await world.send(registered(1), passed(1))
     await sync.sync_once()
     loader.broken.add("02" * 32)
-    await world.send(registered(2), passed(2))
-    await sync.sync_once()
-    assert state.table.models["churn"].versions == [1], "the canary that did not load here takes no traffic"
+    with capture_logs() as logs:
+        await world.send(registered(2), passed(2))
+        await sync.sync_once()
+        assert state.table.models["churn"].versions == [1], "a canary that did not load here takes no traffic"
 
-    await world.send(new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x"))
-    await sync.sync_once()
-    assert "churn" not in state.table.models, "v2 could not load here, and v1 serves no more"
-
-    assert await sync.sync_once() is False, "a retry that loads nothing leaves the table as it is"
+        await world.send(
+            new_event(PromoteRequested(model="churn", model_version=2, reason="ok"), source="/x")
+        )
+        await sync.sync_once()
+        assert "churn" not in state.table.models, "v2 could not load here, and v1 serves no more"
+        assert await sync.sync_once() is False, "a retry that loads nothing leaves the table as it is"
+    failures = [e["log_level"] for e in logs if e["event"] == "model version cannot be served"]
+    assert failures == ["error", "debug", "debug"], "an error once, not at every retry"
 
     loader.broken.clear()
     await sync.sync_once()
