@@ -60,6 +60,23 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+CHANNEL_MAX_BYTES = 63
+"""The longest NOTIFY channel Postgres takes (NAMEDATALEN - 1): ``pg_notify`` refuses a longer one ("channel
+name too long") and ``LISTEN`` cuts it to this length, so the two would never meet."""
+
+
+def notify_channel(prefix: str, schema: str) -> str:
+    """The NOTIFY channel ``prefix`` + ``schema``, within :data:`CHANNEL_MAX_BYTES`: as it reads when it fits;
+    a longer one (a schema name of up to 63 characters is valid) keeps the start of the schema's name and
+    ends in a hash of the whole of it, so two schemas never share a channel and nothing a service saves fails
+    for its schema's name."""
+    channel = prefix + check_schema_name(schema)
+    if len(channel) <= CHANNEL_MAX_BYTES:
+        return channel
+    digest = hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()
+    return f"{channel[: CHANNEL_MAX_BYTES - len(digest) - 1]}_{digest}"
+
+
 def shown_dsn(dsn: str) -> str:
     """The DSN for a message or a log: its password, in the URL or in its query, replaced by ***."""
     parts = urlsplit(dsn)

@@ -27,7 +27,7 @@ from libs.bus.core import (
     judge_claims,
 )
 from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
-from libs.db import Migration, check_schema_name, migrations_in
+from libs.db import Migration, check_schema_name, migrations_in, notify_channel
 from libs.logging import get_logger
 
 log = get_logger(__name__)
@@ -41,7 +41,8 @@ def bus_migrations() -> list[Migration]:
 
 
 def outbox_channel(schema: str) -> str:
-    return f"driftloop_outbox_{check_schema_name(schema)}"
+    """The NOTIFY channel on which a committed outbox row wakes the schema's relay."""
+    return notify_channel("driftloop_outbox_", schema)
 
 
 # A row stored before the inbox recorded sources (LEGACY_SOURCE) still stands for its event id. Only a

@@ -57,6 +57,29 @@ async def test_a_transaction_writes_its_events_in_order_a_failed_one_none(databa
         await pool.close()
 
 
+async def test_a_schema_with_the_longest_name_postgres_allows_publishes_and_wakes_its_relay(
+    database_url: str,
+) -> None:
+    # 63 characters, as many as a schema name may have: driftloop_outbox_ + it was a channel pg_notify
+    # refused ("channel name too long"), so every transaction that published failed.
+    schema = unique("t_outbox_long").ljust(63, "x")
+    pool = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(pool, schema, bus_migrations())
+        woken = asyncio.Event()
+        async with pool.acquire() as listener:
+            await listener.add_listener(outbox_channel(schema), lambda *_: woken.set())
+            async with pg_transactions(pool, schema)() as tx:
+                await tx.publish(thing(1))
+            await asyncio.wait_for(woken.wait(), timeout=10)
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+
 async def test_a_transaction_past_the_statement_budget_is_written_whole_in_order(database_url: str) -> None:
     # One statement for all rows closed the connection past Postgres' 1 GB message limit (retried for ever);
     # the budget here is small so that 300 events take many statements.

@@ -27,7 +27,7 @@ from libs.auth import (
     ViewerDep,
     issue_token,
 )
-from libs.db import shown_dsn
+from libs.db import CHANNEL_MAX_BYTES, notify_channel, shown_dsn
 from libs.errors import Conflict, InvalidInput, NotFound, json_text
 from libs.http import BodyRoute, Text, create_app, error_body
 from libs.service import load_settings
@@ -585,6 +585,20 @@ def test_an_error_naming_a_lone_surrogate_can_still_be_sent() -> None:
 )
 def test_a_dsn_is_shown_without_its_password(dsn: str, shown: str) -> None:
     assert shown_dsn(dsn) == shown
+
+
+def test_a_notify_channel_fits_postgres_whatever_the_schema_name() -> None:
+    # As it reads while it fits: the channels of existing deployments do not change.
+    assert notify_channel("driftloop_routes_", "serving") == "driftloop_routes_serving"
+    # A schema name may have 63 characters; the channel may not ("channel name too long" from pg_notify).
+    long_a, long_b = "s" * 62 + "a", "s" * 62 + "b"
+    prefix = "driftloop_training_jobs_"
+    a, b = notify_channel(prefix, long_a), notify_channel(prefix, long_b)
+    assert len(a.encode()) <= CHANNEL_MAX_BYTES and len(b.encode()) <= CHANNEL_MAX_BYTES
+    assert a != b and a.startswith("driftloop_training_jobs_sss")
+    assert notify_channel(prefix, long_a) == a
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        notify_channel("driftloop_outbox_", "Not-A-Schema")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import asyncpg
 
 from contracts.common import ModelSignature
 from contracts.rollouts import RolloutMode
-from libs.db import check_schema_name
+from libs.db import notify_channel
 from libs.logging import get_logger
 from libs.stage_order import PgStageChangesApplied
 from services.serving.domain import ModelRoute, Rollout, RolloutStatus
@@ -22,7 +22,7 @@ log = get_logger(__name__)
 
 def routes_channel(schema: str) -> str:
     """The NOTIFY channel on which a committed route change wakes every replica of this schema."""
-    return f"driftloop_routes_{check_schema_name(schema)}"
+    return notify_channel("driftloop_routes_", schema)
 
 
 def _record(row: Any, signature: ModelSignature | None = None) -> VersionRecord:

@@ -11,6 +11,7 @@ import asyncpg
 from contracts.common import ArtifactRef
 from contracts.datasets import DatasetRegistered
 from contracts.training import FailureReason, TrainingRequested
+from libs.db import notify_channel
 from libs.modelspec import ModelSpec
 from libs.stage_order import PgStageChangesApplied
 from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
@@ -19,7 +20,7 @@ from services.training.ports import DatasetRecord, Job, RequestEnvelope, StoredS
 
 def jobs_channel(schema: str) -> str:
     """The NOTIFY channel that wakes the job runner of a schema."""
-    return f"driftloop_training_jobs_{schema}"
+    return notify_channel("driftloop_training_jobs_", schema)
 
 
 class PgSpecs:
