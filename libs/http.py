@@ -266,10 +266,16 @@ class _StrictBodyRequest(Request):
 
 
 class BodyRoute(APIRoute):
-    """The route class of a router with a route whose body FastAPI reads (a pydantic model, ``File``,
-    ``Form``): a JSON body is UTF-8 without a byte order mark, or 422 saying what it is instead; a form's
-    text is UTF-8 or in the charset the Content-Type names, or 422 naming the field
-    (:class:`_StrictBodyRequest`). :func:`create_app` refuses such a route of another class.
+    """The route class of every router :func:`create_app` takes (it refuses a route of another class).
+
+    A query parameter the route does not declare (its own, its dependencies' and theirs) is refused with 422
+    naming it and the ones the route takes: FastAPI ignores it, so ``GET /v1/models?stag=production``, a
+    typo of ``stage``, listed every model, answering another question than the one asked. A request without
+    a query costs nothing more.
+
+    For a route whose body FastAPI reads (a pydantic model, ``File``, ``Form``): a JSON body is UTF-8
+    without a byte order mark, or 422 saying what it is instead; a form's text is UTF-8 or in the charset
+    the Content-Type names, or 422 naming the field (:class:`_StrictBodyRequest`).
 
     The caller's token is checked (libs.auth, 401 or 403) before a byte of the body is read: FastAPI reads
     and parses the body before it solves the dependencies, so a request without a token had the service
@@ -278,17 +284,60 @@ class BodyRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        # The router's own dependencies are in the route's dependant; create_app includes routers without
+        # adding any.
+        takes = query_names(self.dependant)
+        path = self.path
         if self.body_field is None:
-            return handler
+
+            async def declared(request: Request) -> Response:
+                query = request.scope["query_string"]
+                if query and (refusal := undeclared_query(query, takes, path)) is not None:
+                    raise refusal
+                return await handler(request)
+
+            return declared
         roles = required_roles(_calls(self.dependant))
 
         async def strict(request: Request) -> Response:
+            query = request.scope["query_string"]
+            if query and (refusal := undeclared_query(query, takes, path)) is not None:
+                raise refusal
             checked = _StrictBodyRequest(request.scope, request.receive)
             for role in roles:
                 await authorize(checked, role)
             return await handler(checked)
 
         return strict
+
+
+def query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route takes: its own and its dependencies', by the name a client sends (the
+    alias); a pydantic model read from the query gives its fields'."""
+    names = set()
+    for param in dependant.query_params:
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names |= {f.alias or name for name, f in model.model_fields.items()}
+        else:
+            names.add(param.alias)
+    for sub in dependant.dependencies:
+        names |= query_names(sub)
+    return frozenset(names)
+
+
+def undeclared_query(query_string: bytes, takes: frozenset[str], path: str) -> InvalidInput | None:
+    """422 naming the first parameter of ``query_string`` that the route at ``path`` does not take (names
+    read as Starlette reads them), listing those it takes; None when it takes them all."""
+    for name, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name not in takes:
+            listed = f"it takes {', '.join(sorted(takes))}" if takes else "it takes none"
+            return InvalidInput(
+                f"{path} takes no query parameter {shown(name)}; {listed}",
+                field=name,
+                allowed=sorted(takes),
+            )
+    return None
 
 
 def _calls(dependant: Dependant) -> list[Any]:
@@ -575,6 +624,10 @@ class _HotRoute:
     async def serve(self, scope: Scope, receive: Receive, send: Send, params: dict[str, Any]) -> None:
         request = Request(scope, receive)
         try:
+            # A hot route takes no query parameter (checked above): any query is refused, as BodyRoute does.
+            query = scope["query_string"]
+            if query and (refusal := undeclared_query(query, frozenset(), self.route.path)) is not None:
+                raise refusal
             response = await self.route.endpoint(**params, **{self.request_name: request})
         except Exception as exc:
             handler = _exception_handler(request.app, exc)
@@ -641,6 +694,7 @@ def create_app(
         version=PLATFORM_VERSION,
         lifespan=lifespan,
     )
+    app.router.route_class = BodyRoute  # the health routes below
     app.state.settings = settings
     app.state.tokens = TokenStore.load(settings.auth_tokens_file, dev=settings.env != "prod")
 
@@ -746,15 +800,11 @@ def create_app(
 
     for router in (*hot, *routers):
         for route in router.routes:
-            if (
-                isinstance(route, APIRoute)
-                and route.body_field is not None
-                and not isinstance(route, BodyRoute)
-            ):
+            if isinstance(route, APIRoute) and not isinstance(route, BodyRoute):
                 raise ValueError(
-                    f"{route.path} reads a body: its router needs route_class=BodyRoute (libs.http), or "
-                    "a JSON body in UTF-16 is read as well as one in UTF-8, and a form's text that is not "
-                    "UTF-8 as Latin-1"
+                    f"{route.path}: its router needs route_class=BodyRoute (libs.http), or a query parameter "
+                    "it does not take is ignored, a JSON body in UTF-16 is read as well as one in UTF-8, and "
+                    "a form's text that is not UTF-8 as Latin-1"
                 )
         app.include_router(router, responses=ERROR_RESPONSES)
     app.mount("/metrics", make_asgi_app())

@@ -18,7 +18,7 @@ from pydantic import WithJsonSchema
 
 from libs.auth import ViewerDep
 from libs.errors import InvalidInput, TooManyRequests
-from libs.http import ErrorBody, InDigits
+from libs.http import BodyRoute, ErrorBody, InDigits
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -44,7 +44,7 @@ from services.audit.schemas import (
 )
 from services.audit.settings import AuditSettings
 
-router = APIRouter(prefix="/v1", tags=["audit"])
+router = APIRouter(prefix="/v1", tags=["audit"], route_class=BodyRoute)
 
 
 class Slots:

@@ -144,7 +144,7 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 router = APIRouter(route_class=BodyRoute)
-predict_router = APIRouter()
+predict_router = APIRouter(route_class=BodyRoute)
 """The hot routes: served ahead of FastAPI's router (``libs.http.HotRoutes``), so their endpoints take only
 the path and the Request."""
 

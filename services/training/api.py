@@ -14,13 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.common import ArtifactRef, ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import InvalidInput
-from libs.http import InDigits
+from libs.http import BodyRoute, InDigits
 from libs.modelspec import SpecError, parse_spec
 from services.training import handlers
 from services.training.adapters.postgres import PgJobs, PgSpecs
 from services.training.ports import Job, StoredSpec
 
-router = APIRouter(prefix="/v1", tags=["training"])
+router = APIRouter(prefix="/v1", tags=["training"], route_class=BodyRoute)
 
 
 class _Public(BaseModel):

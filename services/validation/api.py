@@ -12,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts.common import DatasetRef, ModelName
 from contracts.validation import CheckResult
 from libs.auth import ViewerDep
-from libs.http import VersionPath, path_version
+from libs.http import BodyRoute, VersionPath, path_version
 from services.validation import handlers
 from services.validation.adapters.postgres import PgReports
 from services.validation.ports import Report
 
-router = APIRouter(prefix="/v1", tags=["validation"])
+router = APIRouter(prefix="/v1", tags=["validation"], route_class=BodyRoute)
 
 
 class ReportPublic(BaseModel):

@@ -26,7 +26,7 @@ class Item(BaseModel):
 def routers() -> tuple[APIRouter, APIRouter]:
     """FastAPI's lane with a model body and a self-read one, and the hot lane with a self-read body."""
     plain = APIRouter(prefix="/v1", route_class=BodyRoute)
-    hot = APIRouter(prefix="/v2")
+    hot = APIRouter(prefix="/v2", route_class=BodyRoute)
 
     @plain.post("/model")
     async def with_model(item: Item) -> dict[str, str]:

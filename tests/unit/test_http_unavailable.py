@@ -12,7 +12,7 @@ import pytest
 from fastapi import APIRouter, Request
 
 from libs.artifacts import StoreUnavailable
-from libs.http import UNAVAILABLE_RETRY_AFTER_S, create_app
+from libs.http import UNAVAILABLE_RETRY_AFTER_S, BodyRoute, create_app
 from libs.settings import ServiceSettings
 
 ERRORS: dict[str, Exception] = {
@@ -28,7 +28,7 @@ ERRORS: dict[str, Exception] = {
 
 
 def router(prefix: str) -> APIRouter:
-    r = APIRouter(prefix=prefix)
+    r = APIRouter(prefix=prefix, route_class=BodyRoute)
 
     @r.get("/fail/{kind}")
     async def fail(kind: str, request: Request) -> None:
