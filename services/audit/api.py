@@ -216,6 +216,7 @@ async def verify(
     ] = False,
 ) -> dict[str, Any]:
     """OK, or the first bad sequence number and why."""
+    core.check_range(from_seq, to_seq)  # before a slot is taken: a range of no rows is 422, never 429
     ctx = _context(request)
     with ctx.verifications.hold():
         report = await core.verify_trail(
@@ -254,6 +255,7 @@ async def export(
     ] = None,
 ) -> StreamingResponse:
     """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
+    core.check_range(from_seq, to_seq)  # before a slot, a connection and a snapshot are taken
     ctx = _context(request)
 
     async def lines() -> AsyncGenerator[bytes, None]:

@@ -158,6 +158,15 @@ def _reads(
     return [database, *(archive_read(a, upto) for a, upto in archives)]
 
 
+def check_range(from_seq: int, to_seq: int | None) -> None:
+    """422 for a range of rows that holds none (``to_seq`` below ``from_seq``) or starts before row 1: what a
+    verification or an export refuses before it reads anything (a checkpoint file, a database snapshot)."""
+    if from_seq < 1:
+        raise InvalidInput("from_seq must be 1 or more", field="from_seq")
+    if to_seq is not None and to_seq < from_seq:
+        raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
+
+
 async def _archive_bounds(
     archives: Sequence[CheckpointArchive], to_seq: int | None
 ) -> list[tuple[CheckpointArchive, int]]:
@@ -192,10 +201,7 @@ async def verify_trail(
     are read ``checkpoint_page`` at a time from each source, the seals a batch of rows at a time: memory
     does not grow with the trail.
     """
-    if from_seq < 1:
-        raise InvalidInput("from_seq must be 1 or more", field="from_seq")
-    if to_seq is not None and to_seq < from_seq:
-        raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
+    check_range(from_seq, to_seq)
     started = clock()
     after = from_seq - 1
     # The newest checkpoint of each source first, then the head: every checkpoint up to those was written
@@ -340,10 +346,7 @@ async def export_lines(
     checkpoints of the range that no row of it came before (rows cut off the end) follow the last row: a
     reader of the export alone sees that rows it covers are gone. Checkpoints are read a page at a time
     (``checkpoint_page`` per source), as the rows are."""
-    if from_seq < 1:
-        raise InvalidInput("from_seq must be 1 or more", field="from_seq")
-    if to_seq is not None and to_seq < from_seq:
-        raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
+    check_range(from_seq, to_seq)
     # Before the trail's snapshot (its first read): a checkpoint archived later is of rows it does not hold.
     archive_bounds = await _archive_bounds(archives, to_seq)
     head = await trail.head()

@@ -27,11 +27,13 @@ class Trail:
 
     def __init__(self) -> None:
         self.inside = 0
+        self.entered = 0
         self.go = asyncio.Event()
 
     @asynccontextmanager
     async def reading(self, *_: Any, **__: Any) -> AsyncIterator[object]:
         self.inside += 1
+        self.entered += 1
         try:
             await self.go.wait()
             yield object()
@@ -101,6 +103,21 @@ async def test_an_export_refused_for_its_range_gives_its_slot_back(
         r = await client.get("/v1/export", params={"from_seq": 99})
         assert r.status_code == 422, r.text
     assert (await client.get("/v1/export")).status_code == 200
+
+
+async def test_an_export_of_no_rows_is_refused_before_it_takes_a_slot_or_a_snapshot(trail: Trail) -> None:
+    trail.go.set()
+    settings = AuditSettings(env="test", export_concurrency=2)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    slots = api.export_slots(settings.export_concurrency)
+    slots.held = 2  # every slot taken: a range checked after the slot would be a 429
+    app.state.audit = types.SimpleNamespace(settings=settings, pool=None, role="audit_writer", exports=slots)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+        r = await client.get("/v1/export", params={"from_seq": 5, "to_seq": 3})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "to_seq must not be below from_seq"
+    assert trail.entered == 0
 
 
 def test_exports_may_not_take_every_connection_of_the_pool() -> None:
@@ -182,3 +199,27 @@ def test_verifications_may_not_take_every_connection_of_the_pool() -> None:
     ):
         AuditSettings(env="test", verify_concurrency=2, verify_parallelism=4, db_pool_max=8)
     AuditSettings(env="test", verify_concurrency=2, verify_parallelism=3, db_pool_max=8)
+
+
+async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = 0
+
+    async def verify_trail(*_: Any, **__: Any) -> Any:
+        nonlocal started
+        started += 1
+        return types.SimpleNamespace(as_json=lambda: REPORT)
+
+    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    settings = AuditSettings(env="test", verify_concurrency=1)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    slots = api.verify_slots(settings.verify_concurrency)
+    slots.held = 1  # every slot taken: a range checked after the slot would be a 429
+    app.state.audit = types.SimpleNamespace(settings=settings, verifications=slots)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+        r = await client.get("/v1/verify", params={"from_seq": 5, "to_seq": 3})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "to_seq must not be below from_seq"
+    assert started == 0
