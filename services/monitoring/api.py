@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
-from libs.http import BodyRoute, InDigits
+from libs.http import BodyRoute, InDigits, json_keys_once
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
@@ -209,7 +209,11 @@ async def get_policy(model: ModelName, _: ViewerDep, monitor: MonitorDep) -> Pol
     return PolicyPublic.model_validate(monitor.policy(model).model_dump())
 
 
-@router.put("/models/{model}/policy", summary="Set a model's drift policy (operator).")
+@router.put(
+    "/models/{model}/policy",
+    summary="Set a model's drift policy (operator).",
+    dependencies=[Depends(json_keys_once)],
+)
 async def put_policy(
     model: ModelName, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
 ) -> PolicyPublic:

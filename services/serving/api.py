@@ -47,6 +47,7 @@ from libs.http import (
     check_json_content_type,
     error_body,
     json_body,
+    json_keys_once,
     path_version,
 )
 from services.serving.domain import (
@@ -809,6 +810,7 @@ async def _accepted(ctx: ServingContext, event: CloudEvent[Any]) -> Response:
     tags=["rollouts"],
     summary="Roll back the canary or production.",
     status_code=202,
+    dependencies=[Depends(json_keys_once)],
 )
 async def request_rollback(
     name: str, body: RollbackCreate, ctx: ContextDep, principal: OperatorDep
@@ -860,7 +862,11 @@ async def request_rollback(
 
 
 @router.post(
-    "/v1/models/{name}/promote", tags=["rollouts"], summary="Promote a version now.", status_code=202
+    "/v1/models/{name}/promote",
+    tags=["rollouts"],
+    summary="Promote a version now.",
+    status_code=202,
+    dependencies=[Depends(json_keys_once)],
 )
 async def request_promote(
     name: str, body: PromoteCreate, ctx: ContextDep, principal: OperatorDep

@@ -269,3 +269,25 @@ async def test_the_policy_of_a_model_monitoring_never_saw_is_404_naming_it(
     monitor.policies["fraud"] = DriftPolicy(alpha=0.01)
     set_first = await client.get("/v1/models/fraud/policy")
     assert set_first.status_code == 200 and set_first.json()["alpha"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"alpha": 0.01, "alpha": 0.5}', "alpha"),
+        (b'{"feature_thresholds": {"tenure": 0.1, "tenure": 0.3}}', "tenure"),
+    ],
+)
+async def test_a_policy_naming_a_key_twice_is_422_not_its_last_value(
+    client: httpx.AsyncClient, body: bytes, key: str
+) -> None:
+    # FastAPI's reader kept the last value, where a reader keeping the first (a proxy, a log) saw another.
+    r = await client.put(
+        "/v1/models/churn/policy",
+        content=body,
+        headers={"Authorization": "Bearer dev-operator", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == (
+        f"the JSON body names the key {key!r} more than once in one object; give each key once"
+    )

@@ -639,6 +639,27 @@ async def test_operator_commands_become_events_with_the_actor(service: Service) 
     assert state["decided_at"] == Clock()().isoformat()
 
 
+@pytest.mark.parametrize(
+    ("url", "body", "key"),
+    [
+        ("/v1/models/churn/rollback", b'{"reason": "x", "to_version": 1, "to_version": 3}', "to_version"),
+        ("/v1/models/churn/promote", b'{"reason": "first", "reason": "second"}', "reason"),
+    ],
+)
+async def test_a_command_naming_a_key_twice_is_422_not_its_last_value(
+    service: Service, url: str, body: bytes, key: str
+) -> None:
+    # FastAPI's reader kept the last value: a rollback to version 3, which a reader keeping the first (a
+    # proxy, a log) saw as a rollback to version 1.
+    service.route(served(1), served(2), weight=0.1)
+    r = await service.client.post(url, content=body, headers={**OPERATOR, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == (
+        f"the JSON body names the key {key!r} more than once in one object; give each key once"
+    )
+    assert service.outbox.events == []
+
+
 @pytest.mark.parametrize("url", ["/v1/models/churn/rollback", "/v1/models/churn/promote"])
 @pytest.mark.parametrize("reason", [" ", "\t\n", "\u3000\u00a0"])
 async def test_a_command_reason_of_only_white_space_is_422_naming_it(
