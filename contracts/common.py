@@ -152,7 +152,9 @@ FreeText = Annotated[str, AfterValidator(_stand_in)]
 
 # A model or dataset name travels as the Kafka key and appears in URLs and file names, so it is kept to a
 # safe alphabet rather than trusting every producer to escape it.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NAME_MAX_CHARS = 128
+"""The longest model or dataset name (NAME_PATTERN)."""
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}$"
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 

@@ -62,6 +62,7 @@ from services.serving.domain import (
     parse_prediction_id,
     read_json,
     refuse_unknown_members,
+    shown_model,
     tensor_rows,
     tensors_from_json,
 )
@@ -230,12 +231,19 @@ async def server_ready(ctx: ContextDep) -> Response:
     return _json({"ready": ok, "checks": checks}, 200 if ok else 503)
 
 
+def _path_version(name: str, version: str) -> int:
+    """The version the path names, or 404 naming the model (the message is built only then: infer with a
+    version is a hot route)."""
+    number = parse_version(version)
+    return number if number is not None else path_version(version, f"model {shown_model(name)}")
+
+
 @router.get("/v2/models/{name}", tags=["open inference protocol"], summary="Model metadata.")
 async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response:
     routing = ctx.predictor.routing(name)
     served = routing.default
     if served is None:
-        raise NotFound(f"model {name!r} has no loaded version")
+        raise NotFound(f"model {shown_model(name)} has no loaded version")
     return _json(_metadata(routing, served))
 
 
@@ -243,12 +251,12 @@ async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response
     "/v2/models/{name}/versions/{version}", tags=["open inference protocol"], summary="Version metadata."
 )
 async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, _: AnyTokenDep) -> Response:
-    number = path_version(version, f"model {name!r}")
+    number = _path_version(name, version)
     routing = ctx.predictor.routing(name)
     found = routing.by_version(number)
     if found is None:
         raise NotFound(
-            f"model {name!r} version {number} is not serving; serving versions: {routing.versions}"
+            f"model {shown_model(name)} version {number} is not serving; serving versions: {routing.versions}"
         )
     return _json({**_metadata(routing, found[0]), "versions": [version]})
 
@@ -257,7 +265,9 @@ async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, _: 
 async def model_ready(name: str, ctx: ContextDep) -> Response:
     routing = ctx.state.table.models.get(name)
     if routing is None or routing.default is None:
-        return _json(error_body(f"model {name!r} is not serving", "not-found", name=name, ready=False), 404)
+        return _json(
+            error_body(f"model {shown_model(name)} is not serving", "not-found", name=name, ready=False), 404
+        )
     return _json({"name": name, "ready": True})
 
 
@@ -269,11 +279,11 @@ async def model_ready(name: str, ctx: ContextDep) -> Response:
 async def version_ready(name: str, version: VersionPath, ctx: ContextDep) -> Response:
     number = parse_version(version)
     if number is None:
-        message = f"model {name!r} has no version {shown(version)}: {VERSION_TEXT}"
+        message = f"model {shown_model(name)} has no version {shown(version)}: {VERSION_TEXT}"
         return _json(error_body(message, "not-found", name=name, version=version, ready=False), 404)
     routing = ctx.state.table.models.get(name)
     if routing is None or routing.by_version(number) is None:
-        message = f"model {name!r} version {number} is not serving"
+        message = f"model {shown_model(name)} version {number} is not serving"
         return _json(error_body(message, "not-found", name=name, version=version, ready=False), 404)
     return _json({"name": name, "version": version, "ready": True})
 
@@ -452,7 +462,7 @@ async def infer(name: str, request: Request) -> Response:
 async def infer_version(name: str, version: VersionPath, request: Request) -> Response:
     """Needs a predict token (checked in the route, see :func:`_caller`)."""
     _caller(request, Role.predict)
-    return await _infer(name, path_version(version, f"model {name!r}"), request, _context(request))
+    return await _infer(name, _path_version(name, version), request, _context(request))
 
 
 # --- simple JSON API ---------------------------------------------------------------------------------------
@@ -754,7 +764,7 @@ async def list_models(ctx: ContextDep, _: ViewerDep) -> Response:
 async def get_model(name: str, ctx: ContextDep, _: ViewerDep) -> Response:
     route = await ctx.read_route(name)
     if route is None:
-        raise NotFound(f"model {name!r} is not known to serving")
+        raise NotFound(f"model {shown_model(name)} is not known to serving")
     return _json(_route_public(route, ctx.state.table.models.get(name)))
 
 
@@ -817,7 +827,7 @@ async def request_rollback(
 ) -> Response:
     route = await ctx.read_route(name)
     if route is None:
-        raise NotFound(f"model {name!r} is not known to serving")
+        raise NotFound(f"model {shown_model(name)} is not known to serving")
     # What the routing state shows would change nothing is refused here; the handler checks again, against
     # the state when the command arrives (and that the target version exists and loads).
     live = route.active
@@ -829,30 +839,32 @@ async def request_rollback(
     version = body.model_version or (live.canary_version if live else route.stable_version)
     if live is not None and version is not None and version == route.stable_version:
         raise Conflict(
-            f"rollout {live.rollout_id} of {name!r} is live: roll back its canary (version "
+            f"rollout {live.rollout_id} of {shown_model(name)} is live: roll back its canary (version "
             f"{live.canary_version}) first, then the production version {version}",
             allowed=allowed,
         )
     if version is None or version not in allowed:
         raise Conflict(
-            f"version {version} of {name!r} is not serving; it can roll back {allowed}", allowed=allowed
+            f"version {version} of {shown_model(name)} is not serving; it can roll back {allowed}",
+            allowed=allowed,
         )
     if live is not None and body.to_version is not None:
         raise Conflict(
             f"to_version is for a production rollback: rolling back the canary (version {version}) of "
-            f"{name!r} gives its traffic back to the stable version {route.stable_version}",
+            f"{shown_model(name)} gives its traffic back to the stable version {route.stable_version}",
             allowed=allowed,
         )
     if live is None:
         target = body.to_version if body.to_version is not None else route.previous_stable_version
         if target is None:
             raise Conflict(
-                f"{name!r} has no earlier version to go back to: name one with to_version", allowed=allowed
+                f"{shown_model(name)} has no earlier version to go back to: name one with to_version",
+                allowed=allowed,
             )
         if target == version:
             raise Conflict(
-                f"version {version} of {name!r} is the version being rolled back: to_version must name "
-                "another one",
+                f"version {version} of {shown_model(name)} is the version being rolled back: to_version "
+                "must name another one",
                 allowed=allowed,
             )
     payload = RollbackRequested(
@@ -873,21 +885,21 @@ async def request_promote(
 ) -> Response:
     route = await ctx.read_route(name)
     if route is None:
-        raise NotFound(f"model {name!r} is not known to serving")
+        raise NotFound(f"model {shown_model(name)} is not known to serving")
     live = route.active
     allowed = [live.canary_version] if live else []
     version = body.model_version or (live.canary_version if live else None)
     if version is None:
-        raise Conflict(f"{name!r} has no live canary to promote", allowed=allowed)
+        raise Conflict(f"{shown_model(name)} has no live canary to promote", allowed=allowed)
     if version == route.stable_version:
-        raise Conflict(f"version {version} of {name!r} is already stable", allowed=allowed)
+        raise Conflict(f"version {version} of {shown_model(name)} is already stable", allowed=allowed)
     if live is None or version != live.canary_version:
         # Serving knows the versions its routes name, not every registered one: those the registry promotes
         # (its endpoint checks that the version exists and may be promoted).
         canary = f"the live canary is version {live.canary_version}" if live else "no canary is live"
         raise Conflict(
-            f"version {version} of {name!r} is not loaded here ({canary}): this endpoint promotes the live "
-            f"canary; promote another registered version through the registry "
+            f"version {version} of {shown_model(name)} is not loaded here ({canary}): this endpoint "
+            f"promotes the live canary; promote another registered version through the registry "
             f"(POST /v1/models/{name}/versions/{version}/promote)",
             allowed=allowed,
         )

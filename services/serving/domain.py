@@ -21,7 +21,15 @@ from typing import Any, cast
 
 import orjson
 
-from contracts.common import FeatureSpec, FeatureType, ModelSignature, parse_version, unstorable_text
+from contracts.common import (
+    FEATURE_NAME_MAX_CHARS,
+    NAME_MAX_CHARS,
+    FeatureSpec,
+    FeatureType,
+    ModelSignature,
+    parse_version,
+    unstorable_text,
+)
 from contracts.envelope import EventPayload
 from contracts.predictions import Variant
 from contracts.rollouts import (
@@ -693,14 +701,31 @@ class FeatureColumns:
     unseen: dict[str, int] = field(default_factory=dict)
 
 
+def shown_model(name: str) -> str:
+    """A model name as an error message quotes it: whole when it is no longer than a model's name may be,
+    cut otherwise (:func:`libs.errors.shown`). A name in a path or a body is the client's text, of any
+    length: a name of 10,000 characters made a 404 of 30,000."""
+    return shown(name, NAME_MAX_CHARS)
+
+
+def shown_feature(name: str) -> str:
+    """A feature or input tensor name as an error message quotes it (:func:`shown_model`'s rule, at the
+    length a feature's name may have)."""
+    return shown(name, FEATURE_NAME_MAX_CHARS)
+
+
 def _bad(feature: str, reason: str, message: str, row: int | None = None) -> InvalidInput:
     where = f" (row {row})" if row is not None else ""
-    return InvalidInput(f"feature {feature!r}{where}: {message}", feature=feature, reason=reason, row=row)
+    return InvalidInput(
+        f"feature {shown_feature(feature)}{where}: {message}", feature=feature, reason=reason, row=row
+    )
 
 
 def _bad_tensor(name: str, reason: str, message: str, row: int | None = None) -> InvalidInput:
     where = f" (row {row})" if row is not None else ""
-    return InvalidInput(f"input tensor {name!r}{where}: {message}", feature=name, reason=reason, row=row)
+    return InvalidInput(
+        f"input tensor {shown_feature(name)}{where}: {message}", feature=name, reason=reason, row=row
+    )
 
 
 def refuse_unknown_members(
@@ -1132,10 +1157,12 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}].name must be a feature name", reason="wrong-type")
         if name in names:
-            raise InvalidInput(f"input tensor {name!r} is given twice", feature=name, reason="duplicate")
+            raise InvalidInput(
+                f"input tensor {shown_feature(name)} is given twice", feature=name, reason="duplicate"
+            )
         names.add(name)
         if not t.keys() <= _TENSOR_MEMBERS:  # messages are built only for a refusal: this runs per tensor
-            refuse_unknown_members(t, _TENSOR_MEMBERS, f"input tensor {name!r}", feature=name)
+            refuse_unknown_members(t, _TENSOR_MEMBERS, f"input tensor {shown_feature(name)}", feature=name)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _bad_tensor(name, "wrong-shape", "shape must be a list of non-negative integers")
         if not isinstance(datatype, str):
@@ -1148,7 +1175,7 @@ def tensors_from_json(inputs: Any) -> list[Tensor]:
             )
         parameters = t.get("parameters")
         if parameters is not None and not plain_parameters(parameters):
-            check_parameters(parameters, f"input tensor {name!r}: parameters", feature=name)
+            check_parameters(parameters, f"input tensor {shown_feature(name)}: parameters", feature=name)
         tensors.append(Tensor(name, shape, datatype, _tensor_values(name, t["data"], shape)))
     return tensors
 

@@ -30,6 +30,7 @@ from services.serving.domain import (
     error_rate_breached,
     prediction_id_prefix,
     shadowed_rows,
+    shown_model,
 )
 from services.serving.metrics import MODEL_ERRORS, request_series
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
@@ -203,7 +204,8 @@ class Predictor:
         if routing is None:
             served = sorted(self.state.table.models)
             raise NotFound(
-                f"model {model!r} is not served here; served models: {', '.join(served) or 'none yet'}",
+                f"model {shown_model(model)} is not served here; served models: "
+                f"{', '.join(served) or 'none yet'}",
                 models=served,
             )
         return routing
@@ -222,8 +224,8 @@ class Predictor:
             found = routing.by_version(request.version)
             if found is None:
                 raise NotFound(
-                    f"model {request.model!r} version {request.version} is not serving; serving versions: "
-                    f"{routing.versions}",
+                    f"model {shown_model(request.model)} version {request.version} is not serving; serving "
+                    f"versions: {routing.versions}",
                     versions=routing.versions,
                 )
             groups.append((found[1] if found[1] is not Variant.SHADOW else Variant.CANARY, found[0], None))

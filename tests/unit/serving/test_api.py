@@ -1489,3 +1489,53 @@ async def test_a_path_version_not_written_as_serving_writes_versions_is_a_404_sa
             method, path.format(v="1"), json=oip_body() if method == "POST" else None, headers=PREDICT
         )
     ).status_code == 200
+
+
+LONG = "m" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"),
+    [
+        ("GET", f"/v2/models/{LONG}", PREDICT, None),
+        ("GET", f"/v2/models/{LONG}/versions/1", PREDICT, None),
+        ("GET", f"/v2/models/{LONG}/versions/x", PREDICT, None),
+        ("GET", f"/v2/models/{LONG}/ready", PREDICT, None),
+        ("GET", f"/v2/models/{LONG}/versions/1/ready", PREDICT, None),
+        ("POST", f"/v2/models/{LONG}/infer", PREDICT, oip_body()),
+        ("POST", f"/v2/models/{LONG}/versions/x/infer", PREDICT, oip_body()),
+        ("POST", f"/v1/models/{LONG}/predict", PREDICT, {"records": [record()]}),
+        ("GET", f"/v1/models/{LONG}", VIEWER, None),
+        ("POST", f"/v1/models/{LONG}/rollback", OPERATOR, {"reason": "x"}),
+        ("POST", f"/v1/models/{LONG}/promote", OPERATOR, {"reason": "x"}),
+    ],
+)
+async def test_an_error_quotes_a_long_model_name_short(
+    service: Service, method: str, path: str, headers: dict[str, str], body: Any
+) -> None:
+    # A name of 10,000 characters was repeated in the message, and the message is both error and detail:
+    # a 404 of 30 KB.
+    service.route(served(1))
+    r = await service.client.request(method, path, json=body, headers=headers)
+    assert r.status_code == 404, r.text
+    detail = r.json()["detail"]
+    assert f"{LONG[:128]!r}… (10,000 characters)" in detail and len(detail) < 500, detail
+
+
+async def test_an_error_quotes_a_model_name_as_long_as_a_name_may_be_whole(service: Service) -> None:
+    name = "m" * 128
+    r = await service.client.get(f"/v1/models/{name}", headers=VIEWER)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"] == f"model {name!r} is not known to serving"
+
+
+@pytest.mark.parametrize("twice", [False, True])
+async def test_an_error_quotes_a_long_tensor_name_short(service: Service, twice: bool) -> None:
+    service.route(served(1))
+    body = oip_body()
+    long = {"name": "t" * 9_000, "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]}
+    body["inputs"] += [long, long] if twice else [long]
+    r = await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "… (9,000 characters)" in detail and len(detail) < 600, detail
