@@ -193,7 +193,9 @@ def weighted(outputs: Outputs, name: str, weights: np.ndarray) -> np.ndarray:
     """One metric under each row of ``weights`` (shape resamples × rows); NaN where it is undefined."""
     w = np.atleast_2d(np.asarray(weights, dtype=float))
     total = w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # Overflow too: an error beyond 1e154 squares to infinity, a metric the caller finds undefined (validation
+    # fails such outputs by name, sanity:finite-outputs), not a warning.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if outputs.task is Task.REGRESSION:
             err = outputs.pred - outputs.y
             if name == "rmse":

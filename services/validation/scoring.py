@@ -375,7 +375,8 @@ def measure(
     n_classes = len(outputs.classes) if signature.task is Task.CLASSIFICATION else None
     values = _output_values(outputs)
     unusable = _unusable_outputs(values)
-    distinct = int(np.unique(np.round(values, 12), axis=0).shape[0])
+    with np.errstate(over="ignore"):  # rounding 1e300 to 12 decimals overflows: infinity is as distinct
+        distinct = int(np.unique(np.round(values, 12), axis=0).shape[0])
     # Looked at only when the outputs never vary (a model that answers differently was given different
     # inputs): a column with two values, a missing one counting as a value, stops the search.
     inputs_vary = distinct >= 2 or any(x[name].nunique(dropna=False) > 1 for name in x.columns)
