@@ -266,12 +266,20 @@ class ArtifactStore:
         return self._tried(f"reading {key}", lambda: self._read_once(key))
 
     def _read_once(self, key: str) -> bytes:
-        path = self._path(key)
-        if not self.fs.exists(path):
-            raise ArtifactNotFound(f"no artifact {key}")
-        # One read: the bytes end up in memory anyway, and joining chunks would copy them once more.
-        with self.fs.open(path, "rb") as f:
+        # Opened without asking ``fs.exists`` first: fsspec's exists answers False for any error of the store
+        # (a timeout, an I/O error), which made an outage read as a missing artifact, the artifact's fault.
+        with self._opened(key) as f:
+            # One read: the bytes end up in memory anyway, and joining chunks would copy them once more.
             return bytes(f.read())
+
+    def _opened(self, key: str) -> Any:
+        """The artifact's file, open for reading; :class:`ArtifactNotFound` when the store has no such file
+        (only then: any other OSError is the store's, raised as it is for the caller to make it
+        :class:`StoreUnavailable`)."""
+        try:
+            return self.fs.open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"no artifact {key}") from None
 
     @staticmethod
     def _check(key: str, digest: str) -> None:
@@ -289,12 +297,9 @@ class ArtifactStore:
         """Chunks of the artifact; the last step verifies the hash, so a consumer never silently gets
         modified bytes (verify first with :meth:`verify` when nothing may be sent before the check). One
         try: an OSError of the store is raised as :class:`StoreUnavailable`, as without ``attempts``."""
-        path = self._path(key)
         digest = hashlib.sha256()
         try:
-            if not self.fs.exists(path):
-                raise ArtifactNotFound(f"no artifact {key}")
-            with self.fs.open(path, "rb") as f:
+            with self._opened(key) as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
                     yield chunk

@@ -182,6 +182,32 @@ def test_every_oserror_of_the_store_is_an_outage_even_one_about_its_files(
     assert transience(failed.value) is Transience.OUTAGE
 
 
+@pytest.mark.parametrize("read", ["get", "verify", "stream"])
+def test_a_store_that_cannot_be_reached_is_an_outage_not_a_missing_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    # fsspec's exists answers False for any error of the file system (a timeout, an I/O error on a mount):
+    # asked first, it made an unreachable store read as a missing artifact, which serving takes as the
+    # version's fault and rejects it for good.
+    store = ArtifactStore(str(tmp_path))
+    key = store.put(b"content").sha256
+
+    def unreachable(path: str, *args: object, **kwargs: object) -> object:
+        raise TimeoutError("the store timed out")
+
+    monkeypatch.setattr(store.fs, "info", unreachable)
+    monkeypatch.setattr(store.fs, "open", unreachable)
+    with pytest.raises(StoreUnavailable, match=r"\(TimeoutError: the store timed out\)") as failed:
+        if read == "stream":
+            list(store.stream(key))
+        else:
+            getattr(store, read)(key)
+    assert transience(failed.value) is Transience.OUTAGE
+    monkeypatch.undo()
+    with pytest.raises(ArtifactNotFound, match="no artifact"):  # a file the store does not have is missing
+        list(store.stream("0" * 64)) if read == "stream" else getattr(store, read)("0" * 64)
+
+
 def test_model_file_holds_what_skops_itself_writes() -> None:
     import json
 
