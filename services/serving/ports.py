@@ -81,8 +81,10 @@ class ModelLoader(Protocol):
     """Loads a version's artifact from the shared store (skops, trusted types) and warms it."""
 
     async def load(self, record: VersionRecord) -> Any:
-        """The warmed model; raises :class:`ModelLoadError` when it cannot be served, and OSError when the
-        store cannot be reached (the caller retries: the version is not at fault)."""
+        """The warmed model; raises :class:`ModelLoadError` when the version cannot be served (its artifact
+        or its warm-up at fault), and lets an infrastructure failure through as it is (an OSError, a
+        :class:`~libs.errors.Outage`: ``libs.bus.core.is_transient``), for the caller to retry: the version
+        is not at fault."""
         ...
 
     def keep_served(self, artifact_keys: Collection[str]) -> None:
@@ -92,4 +94,5 @@ class ModelLoader(Protocol):
 
 
 class ModelLoadError(Exception):
-    """A version's artifact is missing, corrupted, untrusted, or fails its warm-up prediction."""
+    """A version's artifact is missing, corrupted, untrusted, or fails its warm-up prediction: the version's
+    fault, never the infrastructure's."""

@@ -209,10 +209,12 @@ async def build_table(
     current: RoutingTable,
     failing: Collection[tuple[str, int]] = (),
 ) -> RoutingTable:
-    """A table for the persisted state; models are loaded and warmed before the table exists. A store that
-    cannot be reached (OSError) fails the whole build: the current table stays, and the sync retries. A
-    version that cannot load is logged as an error, unless it is among the (model, version) ``failing``
-    already (the sync tries those again at every re-read)."""
+    """A table for the persisted state; models are loaded and warmed before the table exists. An
+    infrastructure failure (the store unreachable or timing out: the loader raises it as it is, never as
+    :class:`ModelLoadError`) fails the whole build: the current table stays, and the sync retries with its
+    backoff, nothing remembered against the version. A version that cannot load (:class:`ModelLoadError`:
+    its artifact or warm-up at fault) is logged as an error, unless it is among the (model, version)
+    ``failing`` already (the sync tries those again at every re-read)."""
 
     async def served(record: VersionRecord | None) -> ServedModel | None:
         if record is None or not record.registered:

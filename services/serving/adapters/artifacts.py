@@ -13,6 +13,7 @@ from prometheus_client import Counter
 
 from contracts.common import ModelSignature
 from libs.artifacts import ArtifactError, ArtifactStore, load_model
+from libs.bus.core import is_transient
 from libs.logging import get_logger
 from services.serving.compiled import DEFAULT_TOLERANCE, CompiledModel, NotCompilable, compile_model
 from services.serving.metrics import ENGINE
@@ -60,8 +61,9 @@ class ArtifactModelLoader:
         self._lock = asyncio.Lock()
 
     async def load(self, record: VersionRecord) -> ServedModel:
-        """The version, loaded, compiled when possible and warmed; :class:`ModelLoadError` when it cannot
-        serve."""
+        """The version, loaded, compiled when possible and warmed; :class:`ModelLoadError` when the version
+        cannot serve (its artifact or its warm-up at fault); an infrastructure failure (``is_transient``: the
+        store unreachable, timing out) is raised as it is, and remembered as nothing."""
         if record.artifact_key is None or record.signature is None:
             raise ModelLoadError(f"{record.model} v{record.version} is not registered yet")
         key = record.artifact_key
@@ -78,6 +80,7 @@ class ArtifactModelLoader:
                     # is (StoreUnavailable, an outage), so the event that asked is retried without limit, and
                     # nothing is remembered as failed.
                     raise
+                # The artifact's own faults: missing, corrupted (its hash), untrusted types, not loadable.
                 except (ArtifactError, ValueError) as exc:
                     message = f"{record.model} v{record.version}: artifact {key[:12]} cannot be loaded: {exc}"
                     self._remember_failure(key, message)
@@ -97,6 +100,10 @@ class ArtifactModelLoader:
             try:
                 await asyncio.to_thread(served.warm)
             except Exception as exc:
+                if is_transient(exc):
+                    # Not the model's own code failing: raised as it is, for the caller to retry (the bus
+                    # retries an outage without limit), and nothing is remembered as failed.
+                    raise
                 message = f"{record.model} v{record.version}: warm-up prediction failed: {exc!r}"
                 self._remember_failure(key, message)
                 raise ModelLoadError(message) from exc

@@ -21,6 +21,7 @@ from contracts.monitoring import Verdict
 from libs.bus import PermanentError
 from libs.bus.postgres import pg_transactions
 from libs.db import apply_migrations, create_pool
+from libs.errors import Outage
 from services.serving import handlers
 from services.serving.adapters import postgres as serving_postgres
 from services.serving.adapters.postgres import (
@@ -292,3 +293,27 @@ async def test_a_routing_snapshot_parses_only_the_signatures_the_last_one_did_no
         assert len(parsed) == before + 1, "only the new canary's"
     finally:
         await source.close()
+
+
+async def test_a_production_change_whose_load_fails_on_an_outage_is_taken_when_retried_on_postgres(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    """The outage rolls the whole transaction back, the change's number with it: the retry is the change,
+    not a repeat of one applied already."""
+    await handle(pool, registered(1))
+    await handle(pool, passed(1))
+    await handle(pool, registered(2))
+    loader = FakeLoader()
+    loader.failing = [Outage("the artifact store is restarting")]
+    change = stage_change(2, Stage.CANDIDATE, Stage.PRODUCTION, 5)
+
+    with pytest.raises(Outage):
+        await handle(pool, change, loader)
+    async with pool[0].acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM stage_changes_applied WHERE model = 'churn'") == 0
+        record = await PgModelVersions(conn).get("churn", 2)
+        assert record is not None and record.stage != Stage.PRODUCTION.value
+
+    await handle(pool, change, loader)
+    route = await read_route(pool[0], "churn")
+    assert route is not None and route.stable_version == 2

@@ -180,17 +180,21 @@ class FakeRoutingSource:
 
 class FakeLoader:
     """Loads any registered record with one shared estimator, except artifact keys listed as broken;
-    ``held`` is the artifacts a real loader would still hold in memory."""
+    ``held`` is the artifacts a real loader would still hold in memory. ``failing``: errors the next loads
+    raise, one each, as a store that is away does (an Outage, a timeout)."""
 
     def __init__(self, estimator: Any = None) -> None:
         self.estimator = estimator if estimator is not None else churn_pipeline()
         self.broken: set[str] = set()
+        self.failing: list[Exception] = []
         self.loaded: list[tuple[str, int]] = []
         self.held: set[str] = set()
 
     async def load(self, record: VersionRecord) -> ServedModel:
         if record.artifact_key is None or record.signature is None:
             raise ModelLoadError("not registered")
+        if self.failing:
+            raise self.failing.pop(0)
         if record.artifact_key in self.broken:
             raise ModelLoadError(f"artifact {record.artifact_key[:8]} is untrusted")
         self.loaded.append((record.model, record.version))

@@ -24,12 +24,15 @@ from contracts.rollouts import (
     RolloutStepAdvanced,
 )
 from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.errors import Outage
 from services.serving import handlers
 from services.serving.domain import RolloutPolicy
+from services.serving.routing import RoutingState, RoutingSync
 from tests.unit.serving.fakes import (
     Clock,
     FakeLoader,
     FakeRoutes,
+    FakeRoutingSource,
     FakeVersions,
     canary_verdict,
     passed,
@@ -43,7 +46,8 @@ POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=10, bake_seconds=5.0)
 class World:
     """The bus, the fakes and the serving subscription wired like bootstrap does."""
 
-    def __init__(self) -> None:
+    def __init__(self, **limits: Any) -> None:
+        """``limits``: the subscription's retry settings, when not the defaults."""
         self.bus = InMemoryBus(EVENT_TYPES)
         self.versions = FakeVersions()
         self.routes = FakeRoutes()
@@ -73,6 +77,7 @@ class World:
                 consumer="serving",
                 topics=[models.TOPIC, validation.TOPIC, monitoring.TOPIC, commands.TOPIC],
                 handlers={p: bind(h) for p, h in handlers.HANDLERS.items()},
+                **limits,
             )
         )
 
@@ -171,6 +176,63 @@ async def test_a_version_that_cannot_load_never_takes_traffic(world: World) -> N
     assert failed.data.reason is RollbackReason.LOAD_FAILED and failed.data.weight == 0.0
     assert world.route.active is None and world.route.stable_version == 1
     assert world.versions.rows[("churn", 3)].load_error
+
+
+async def test_an_outage_while_a_validated_version_loads_is_retried_and_rejects_nothing(
+    world: World,
+) -> None:
+    """The store or the database away for a moment is no fault of the version: the bus retries the event
+    (an outage without limit, a timeout a bounded number of times), and the rollout starts once it loads."""
+    world.loader.failing = [Outage("the artifact store is restarting"), TimeoutError("read timed out")]
+    await world.send(registered(2), passed(2))
+    assert world.loader.failing == []
+    assert world.rollouts(RolloutRolledBack) == [] and world.bus.dead_letters == []
+    assert world.rollouts(RolloutStarted)[-1].data.canary_version == 2
+    record = world.versions.rows[("churn", 2)]
+    assert record.stage != Stage.REJECTED.value and record.load_error is None
+
+
+async def test_a_timeout_on_every_retry_dead_letters_the_event_and_rejects_nothing() -> None:
+    """A timeout may be the handler's own (a wait that never ends): the bus dead-letters it after its bound,
+    naming the error; the version is not rejected, so the event redriven later starts its rollout."""
+    world = World(max_uncertain_retries=2, retry_backoff_s=0.0)
+    await world.send(registered(1), passed(1))
+    world.loader.failing = [TimeoutError("read timed out")] * 3
+    passing = passed(2)
+    await world.send(registered(2), passing)
+    [dead] = world.bus.dead_letters
+    assert dead.reason == "handler-failed" and "TimeoutError: read timed out" in dead.error
+    assert world.rollouts(RolloutRolledBack) == [] and world.route.active is None
+    assert world.versions.rows[("churn", 2)].stage != Stage.REJECTED.value
+
+    world.loader.failing = []
+    await world.send(new_event(passing.data, source="/driftloop/validation"))
+    assert world.rollouts(RolloutStarted)[-1].data.canary_version == 2
+
+
+async def test_the_registrys_production_change_of_a_version_that_cannot_load_keeps_production_serving(
+    world: World,
+) -> None:
+    """Mirrored as the registry's stage, the change routes nothing: every replica follows the routes, which
+    keep the version that answers; the version's stage is the registry's, which no routing reads."""
+    world.loader.broken.add("02" * 32)
+    await world.send(registered(2))
+    before = handlers.IGNORED.labels("ModelStageChanged", "load-failed")._value.get()
+    change = ModelStageChanged(
+        model="churn", model_version=2, from_stage=Stage.CANDIDATE, to_stage=Stage.PRODUCTION, reason="manual"
+    )
+    await world.send(new_event(change, source="/driftloop/registry"))
+    assert handlers.IGNORED.labels("ModelStageChanged", "load-failed")._value.get() == before + 1
+    assert world.route.stable_version == 1 and world.route.active is None
+    assert world.versions.rows[("churn", 2)].stage == Stage.PRODUCTION.value
+    state = RoutingState()
+    await RoutingSync(state, FakeRoutingSource(world.routes, world.versions), FakeLoader()).sync_once()
+    assert state.table.models["churn"].versions == [1]
+
+    # The artifact restored, the registry's next move to production of it is taken.
+    world.loader.broken.clear()
+    await world.send(new_event(change, source="/driftloop/registry"))
+    assert world.route.stable_version == 2
 
 
 async def test_manual_rollback_carries_the_actor(world: World) -> None:
