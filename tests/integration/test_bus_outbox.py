@@ -67,13 +67,18 @@ async def test_a_schema_with_the_longest_name_postgres_allows_publishes_and_wake
     try:
         await apply_migrations(pool, schema, bus_migrations())
         woken = asyncio.Event()
+
+        def wake(*_: object) -> None:
+            woken.set()
+
         async with pool.acquire() as listener:
-            await listener.add_listener(outbox_channel(schema), lambda *_: woken.set())
+            await listener.add_listener(outbox_channel(schema), wake)
             async with pg_transactions(pool, schema)() as tx:
                 await tx.publish(thing(1))
             await asyncio.wait_for(woken.wait(), timeout=10)
-            async with pool.acquire() as conn:
-                assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+            await listener.remove_listener(outbox_channel(schema), wake)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
