@@ -135,6 +135,7 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
         console.print("  spec registered with training (logistic regression, gates: roc_auc ≥ 0.7)")
         await client.upload_dataset(dataset, generate(20_000, REFERENCE, seed=1), [model])
         await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=180)
+        await client.wait_served(model)
 
         stage("Live traffic from the reference world (20 requests/s × 25 customers, labels 1 s later)")
         traffic = Traffic(client, model, phase=REFERENCE, requests_per_s=20, rows_per_request=25)

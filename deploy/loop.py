@@ -108,6 +108,16 @@ class LoopClient:
     async def feedback(self, items: list[dict[str, Any]]) -> httpx.Response:
         return await self.http.post(self.url("serving", "/v1/feedback"), json=items, headers=PREDICT)
 
+    async def wait_served(self, model: str, *, timeout_s: float = 30) -> None:
+        """Until serving answers for ``model`` (``GET /v2/models/{model}/ready``, 200): a version's
+        RolloutPromoted is published when the route is decided, and the replica serves it once its routing
+        re-read has loaded it, a moment later; a client sending at once may get 404 until then."""
+        deadline = time.monotonic() + timeout_s
+        while (await self.http.get(self.url("serving", f"/v2/models/{model}/ready"))).status_code != 200:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"serving did not answer for model {model!r} within {timeout_s:g}s")
+            await asyncio.sleep(0.05)
+
     async def route(self, model: str) -> dict[str, Any] | None:
         r = await self.http.get(self.url("serving", f"/v1/models/{model}"), headers=VIEWER)
         return None if r.status_code == 404 else dict(r.json())

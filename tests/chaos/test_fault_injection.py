@@ -68,6 +68,7 @@ async def serve_version_1(client: LoopClient, tail: EventTail, model: str, *, co
     await client.put_spec(model, spec_yaml(model, dataset=f"{model}-base", cooldown_s=cooldown_s))
     await client.upload_dataset(f"{model}-base", generate(6_000, REFERENCE, seed=1), [model])
     await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=240)
+    await client.wait_served(model)
 
 
 def requested_ids(tail: EventTail, model: str) -> set[str]:

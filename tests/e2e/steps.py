@@ -15,6 +15,7 @@ async def serve_version_1(client: LoopClient, tail: EventTail, *, cooldown_s: fl
     await client.put_spec(model, spec_yaml(model, dataset=f"{model}-base", cooldown_s=cooldown_s))
     await client.upload_dataset(f"{model}-base", generate(8_000, REFERENCE, seed=1), [model])
     await tail.wait_for(RolloutPromoted, lambda e: e.subject == model, deadline_s=180)
+    await client.wait_served(model)
     route = await client.route(model)
     assert route is not None and route["stable_version"] == 1
     return model
