@@ -5,8 +5,9 @@ A job is claimed (state running, one more attempt, a new run id) in the same tra
 TrainingStarted. While the fit runs, the runner writes a heartbeat; a job whose heartbeat went stale belongs
 to a dead worker and is claimed again by any runner — re-run from scratch, which gives the same result
 because data, spec and seed are pinned. Completion and failure are conditional on the run still owning the
-job, so a job completes (or fails) exactly once, whoever finishes it. A fit is never redone for the sake of
-recording it: the database failing meanwhile is waited out with the outcome in hand (heartbeats go on), and
+job, so a job completes (or fails) exactly once, whoever finishes it; a heartbeat that finds the job taken
+over stops the fit there, rather than let it hold its core until it ends. A fit is never redone for the sake
+of recording it: the database failing meanwhile is waited out with the outcome in hand (heartbeats go on), and
 any other error completing the job fails it, naming the error (completion-error). The artifact store away
 fails no job either: before the fit the run waits and starts again; after it the runner writes the files the
 store refused (the fit process hands them over) once the store is back.
@@ -61,6 +62,15 @@ RUNNER_FAILURES = Counter(
     "Rounds of the job runner's loop that raised (Postgres away, most often): logged as the warning 'job "
     "runner error, retrying' and retried with back-off (up to 10 s). A count that keeps rising is a runner "
     "that gets no job done.",
+)
+
+RUNS_LET_GO = Counter(
+    "driftloop_training_runs_let_go_total",
+    "Runs that found, by a heartbeat during the fit, that another run had taken their job over (this one was "
+    "presumed dead: its heartbeat went stale, a long pause or a network partition): the fit process is "
+    "killed and the job left to the other run, logged as the warning 'the job was taken over by another "
+    "run; its fit is stopped'. A count that keeps rising is stale_after_s too short for this machine's "
+    "pauses.",
 )
 
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
@@ -199,6 +209,8 @@ class JobRunner:
         assert job.run_id is not None
         started = time.monotonic()
         last_progress = -self.progress_interval_s
+        # Set by a heartbeat that finds the job no longer this run's: the fit is then stopped, not finished.
+        taken_over = asyncio.Event()
 
         async def progress(phase: str, fraction: float | None) -> None:
             nonlocal last_progress
@@ -218,6 +230,8 @@ class JobRunner:
                 async with self.begin() as tx:
                     if await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or ""):
                         await tx.publish(self._event(job, event))
+                    else:
+                        taken_over.set()
             except Exception as exc:
                 # What followers see, no more: raised into the trainer, it would kill the fit (a lost run, one
                 # more attempt) or, a TimeoutError (the pool's acquire), pass for the job's own time limit.
@@ -225,15 +239,17 @@ class JobRunner:
                 log.warning("training progress not recorded", phase=phase, error=repr(exc))
 
         # Beating until the outcome is recorded: a completion waiting for the database is not a lost run.
-        heartbeats = asyncio.create_task(self._heartbeats(job))
+        heartbeats = asyncio.create_task(self._heartbeats(job, taken_over))
         try:
-            raw = await self._fit(job, job_input, progress)
+            raw = await self._fit(job, job_input, progress, taken_over)
             delay = self.retry_first_s
             while raw is not None and raw.get("store_outage"):
                 # The store is away before the fit: nothing is wrong with the job, nothing is fitted yet.
                 # The run keeps the job (heartbeats go on) and starts again once the store answers.
                 if self._stopping:
                     return  # left running: resumed as a lost run by whoever runs next
+                if taken_over.is_set():
+                    return  # another run has the job: nothing of this one's is recorded
                 STORE_WAITS.labels(phase="load").inc()
                 log.warning(
                     "artifact store unavailable before the fit; the run waits for it and starts again",
@@ -242,7 +258,7 @@ class JobRunner:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-                raw = await self._fit(job, job_input, progress)
+                raw = await self._fit(job, job_input, progress, taken_over)
             if raw is not None and UNWRITTEN in raw:
                 raw = await self._write_unwritten(raw)
             if raw is not None:
@@ -252,22 +268,48 @@ class JobRunner:
             with suppress(asyncio.CancelledError):
                 await heartbeats
 
-    async def _fit(self, job: Job, job_input: dict[str, Any], progress: Progress) -> dict[str, Any] | None:
+    async def _fit(
+        self, job: Job, job_input: dict[str, Any], progress: Progress, taken_over: asyncio.Event
+    ) -> dict[str, Any] | None:
         """The run's outcome (a TrainingResult or TrainingFailure as a dict); None when the fit process was
-        lost (the job is then requeued or failed)."""
+        lost (the job is then requeued or failed) or stopped because another run took the job over."""
         started = time.monotonic()
+        fit = asyncio.ensure_future(self.trainer.train(job_input, progress))
+        watch = asyncio.ensure_future(taken_over.wait())
+        finished = False
         try:
-            return await asyncio.wait_for(self.trainer.train(job_input, progress), timeout=self.job_timeout_s)
-        except TimeoutError:
-            self.trainer.abort()
-            return TrainingFailure(
-                reason=FailureReason.TIMEOUT,
-                message=f"the run took longer than job_timeout_s={self.job_timeout_s:.0f}s and was stopped",
-            ).model_dump(mode="json")
-        except Exception as exc:
-            # The fit process died under us (killed, out of memory): another attempt, if allowed.
-            await self._lost(job, exc, time.monotonic() - started)
+            done, _ = await asyncio.wait(
+                {fit, watch}, timeout=self.job_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            finished = fit in done
+        finally:
+            watch.cancel()
+            if not finished:
+                fit.cancel()
+                await asyncio.wait({fit})
+                if not fit.cancelled():
+                    fit.exception()  # given up on: whatever it ended with is no outcome
+        if finished:
+            try:
+                return fit.result()
+            except Exception as exc:
+                # The fit process died under us (killed, out of memory): another attempt, if allowed.
+                await self._lost(job, exc, time.monotonic() - started)
+                return None
+        # Stopped: the fit process is killed, or it would hold its core until the fit ends.
+        self.trainer.abort()
+        if taken_over.is_set():
+            RUNS_LET_GO.inc()
+            log.warning(
+                "the job was taken over by another run; its fit is stopped and the job left to that run",
+                fitted_s=round(time.monotonic() - started, 1),
+                stale_after_s=self.stale_after_s,
+            )
             return None
+        return TrainingFailure(
+            reason=FailureReason.TIMEOUT,
+            message=f"the run took longer than job_timeout_s={self.job_timeout_s:.0f}s and was stopped",
+        ).model_dump(mode="json")
 
     async def _write_unwritten(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """Write the files of a fitted run that the store refused (the fit kept, the keys already in the
@@ -358,14 +400,20 @@ class JobRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _heartbeats(self, job: Job) -> None:
+    async def _heartbeats(self, job: Job, taken_over: asyncio.Event) -> None:
+        """Beat until cancelled; set ``taken_over`` and stop when a beat finds the job no longer this run's
+        (another run claimed it, this one presumed dead), as completion and failure would."""
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
             try:
                 async with self.begin() as tx:
-                    await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or "")
+                    owned = await self.queue_on(tx.conn).heartbeat(job.job_id, job.run_id or "")
             except Exception as exc:  # the next beat retries; a long outage makes the job stale, as it should
                 log.warning("heartbeat failed", error=repr(exc))
+                continue
+            if not owned:
+                taken_over.set()
+                return
 
     async def _lost(self, job: Job, exc: BaseException, duration: float) -> None:
         assert job.run_id is not None

@@ -684,6 +684,63 @@ async def test_run_that_lost_its_job_to_another_run_does_not_complete_it(harness
     assert not harness.events(TrainingCompleted)
 
 
+class EndlessFit:
+    """The Trainer port for a fit that runs until the runner aborts it (a fit process that would take its
+    core for up to job_timeout_s)."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.aborted = 0
+
+    async def train(self, job_input: dict[str, Any], progress: Any) -> dict[str, Any]:
+        self.running = True
+        await asyncio.Event().wait()  # only the runner's cancelling ends it
+        raise AssertionError("unreachable")
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def let_go_count() -> float:
+    return REGISTRY.get_sample_value("driftloop_training_runs_let_go_total") or 0.0
+
+
+async def test_a_run_whose_job_another_run_took_over_stops_its_fit_and_lets_the_job_go(
+    harness: Harness,
+) -> None:
+    # Its heartbeat went stale (a long pause, a partition) and another replica claimed the job: the fit went
+    # on until it ended or job_timeout_s (an hour) ran out, holding a core, its outcome dropped anyway.
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    await harness.bus.publish(drift(harness, "churn"))
+    await harness.bus.drain()
+    fit = EndlessFit()
+    harness.runner.trainer = fit
+    harness.runner.heartbeat_interval_s = 0.01
+    # A bound, not a measure: a run that does not let go ends as timeout and fails the test rather than hang.
+    harness.runner.job_timeout_s = 60.0
+    before = let_go_count()
+    run = asyncio.create_task(harness.runner.run_once())
+
+    async def fitting() -> bool:
+        return fit.running
+
+    await eventually(fitting, interval_s=0.01)
+    [requested] = harness.events(TrainingRequested)
+    job_id = requested.data.job_id
+    harness.jobs.stale.add(job_id)
+    taker = await harness.jobs.claim_next(stale_after_s=0)  # another replica, which presumed this run dead
+    assert taker is not None
+
+    assert await run
+    await harness.bus.drain()
+    assert fit.aborted == 1  # the fit process killed, its core free for the next run
+    assert let_go_count() == before + 1
+    job = harness.jobs.rows[job_id]
+    assert (job.state, job.run_id) == (JobState.RUNNING, taker.run_id)  # left to the run that took it
+    assert harness.events(TrainingFailed) == [] and harness.events(TrainingCompleted) == []
+
+
 @pytest.mark.parametrize(
     "outage",
     [

@@ -23,7 +23,7 @@ from services.training.ports import FitProcessUnavailable
 from services.training.worker import run_training
 from tests.unit.training.data import churn_frame, churn_spec
 from tests.unit.training.fakes import Harness
-from tests.unit.training.test_handlers import register, upload
+from tests.unit.training.test_handlers import let_go_count, register, upload
 from tests.waiting import eventually
 
 
@@ -438,5 +438,51 @@ async def test_a_run_timed_out_under_a_living_fork_server_keeps_the_server(
 
         assert second["ok"] and second["pid"] != fit
         assert fork_server() == server
+    finally:
+        trainer.close()
+
+
+async def test_a_run_whose_job_was_taken_over_kills_its_fit_process_and_the_next_run_gets_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fit went on to its end (or job_timeout_s, an hour) in a process holding one of the machine's cores,
+    # while the run that took the job over fitted it again.
+    monkeypatch.setattr(pool_module, "run_training", fit_held_first)
+    artifacts = tmp_path / "artifacts"
+    h = Harness(str(artifacts))
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    h.runner.trainer = trainer
+    h.runner.heartbeat_interval_s = 0.02
+    # A bound, not a measure: a run that does not let go ends as timeout and fails the test rather than hang.
+    h.runner.job_timeout_s = 60.0
+    await register(h, churn_spec())
+    await upload(h, "churn-base", churn_frame(), models=["churn"])
+    await h.bus.drain()
+    before = let_go_count()
+    try:
+        run = asyncio.create_task(h.runner.run_once())
+
+        async def held_fit() -> int | None:
+            return written_pid(artifacts / HELD_FIT_PID)
+
+        fit = await eventually(held_fit, interval_s=0.02)
+        [started] = h.events(TrainingStarted)
+        h.jobs.stale.add(started.data.job_id)
+        assert await h.jobs.claim_next(stale_after_s=0) is not None  # another replica took the job over
+
+        assert await run
+        assert let_go_count() == before + 1  # let go when a heartbeat saw it, not stopped at job_timeout_s
+
+        async def fit_ended() -> bool:
+            return process_ended(fit)
+
+        await eventually(fit_ended, interval_s=0.02)  # killed, not left fitting to its end
+        # That replica presumed dead in turn: the job is resumed here, in a new fit process, and completes
+        # once.
+        h.jobs.stale.add(started.data.job_id)
+        assert await h.run_jobs() == 1
+        assert h.events(TrainingFailed) == []
+        [completed] = h.events(TrainingCompleted)
+        assert completed.data.run_id.endswith("-3")
     finally:
         trainer.close()
