@@ -206,12 +206,18 @@ class FitProcessUnavailable(Exception):
     new pool too): the run never began."""
 
 
+class FitProcessDied(Exception):
+    """The run's fit process ended under it, by a signal the service did not send or an exit; the message
+    says how (a SIGKILL: most often the kernel's OOM killer) and what to look at."""
+
+
 class Trainer(Protocol):
     """Runs one training off the event loop and reports its phases."""
 
     async def train(self, job_input: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Run :func:`services.training.worker.run_training` on ``job_input``; returns its outcome. Raises
-        FitProcessUnavailable when no process could take the run, anything else when its process died."""
+        FitProcessUnavailable when no process could take the run, FitProcessDied when its process ended and
+        how is known, anything else when it died otherwise."""
         ...
 
     def abort(self) -> None:

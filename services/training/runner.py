@@ -39,7 +39,15 @@ from libs.bus import EventTooLarge, Transaction, bytes_over_limit
 from libs.bus.core import is_transient
 from libs.logging import bound, get_logger
 from services.training.domain import next_attempt_allowed, too_large_to_announce
-from services.training.ports import Datasets, FitProcessUnavailable, Job, JobQueue, Progress, Trainer
+from services.training.ports import (
+    Datasets,
+    FitProcessDied,
+    FitProcessUnavailable,
+    Job,
+    JobQueue,
+    Progress,
+    Trainer,
+)
 from services.training.worker import UNWRITTEN, MaterialisedSet, TrainingFailure, TrainingResult
 
 log = get_logger(__name__)
@@ -426,6 +434,8 @@ class JobRunner:
             message = (
                 f"no fit process could be started on attempt {job.attempts} of {self.max_attempts}: {exc}"
                 if isinstance(exc, FitProcessUnavailable)
+                else f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc}"
+                if isinstance(exc, FitProcessDied)
                 else f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc!r}"
             )
             if await queue.fail(job.job_id, job.run_id, FailureReason.WORKER_LOST, message):

@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from libs.logging import get_logger
-from services.training.ports import FitProcessUnavailable, Progress
+from services.training.ports import FitProcessDied, FitProcessUnavailable, Progress
 from services.training.worker import install_progress_queue, run_training, warm_up
 
 log = get_logger(__name__)
@@ -84,9 +84,13 @@ class ProcessPoolTrainer:
         phase: tuple[str, float | None] = ("loading-data", 0.0)
         future: asyncio.Future[Any] | None = None
         watch: _EndWatch | None = None
+        executor: ProcessPoolExecutor | None = None
+        processes: dict[int, Any] = {}
         try:
             future = await self._hand_over(job_input)
-            watch = _EndWatch(self._executor, forked=self._start_method == "forkserver")
+            executor = self._executor
+            processes = dict(getattr(executor, "_processes", None) or {})
+            watch = _EndWatch(executor, forked=self._start_method == "forkserver")
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self._poll_s)
                 reported = [(p, f) for owner, p, f in self._drain() if owner == job_id]
@@ -103,7 +107,12 @@ class ProcessPoolTrainer:
             # The fit process died under the run (BrokenProcessPool), or none could take it: a pool in that
             # state would fail every later run too. The run itself never raises here (run_training returns
             # its failure), so nothing else lands.
+            ended = None
+            if isinstance(exc, BrokenProcessPool) and not isinstance(exc, FitProcessEnded):
+                ended = await self._how_it_ended(executor, processes)
             self._let_go(exc)
+            if ended is not None:
+                raise FitProcessDied(ended) from exc
             raise
         finally:
             if watch is not None:
@@ -112,6 +121,34 @@ class ProcessPoolTrainer:
                 # Given up on (the job's time ran out, the process ended unreported): the pool fails it
                 # later, and nobody is left to read that.
                 future.add_done_callback(_ignored)
+
+    async def _how_it_ended(
+        self, executor: ProcessPoolExecutor | None, processes: dict[int, Any]
+    ) -> str | None:
+        """How the run's fit process ended, said for the job's failure; None when it is not known, or when
+        this pool killed it (``abort``, ``close``: the run was given up). BrokenProcessPool says only
+        "terminated abruptly": a SIGKILL the service did not send is most often the kernel's OOM killer."""
+        if executor is None or self._executor is not executor:
+            return None
+        # The pool's own thread joins the processes once it has failed the run; reading an exit code before
+        # that would race it for the fork server's report (and leave one of the two reading 255).
+        manager = getattr(executor, "_executor_manager_thread", None)
+        if manager is None or not await self._within(lambda: not manager.is_alive()):
+            return None
+        for pid, process in processes.items():
+            code = process.exitcode
+            if code is None or code == 0:
+                continue
+            if code == -signal.SIGKILL:
+                return (
+                    f"the fit process (pid {pid}) was killed (SIGKILL), most often by the kernel for lack of "
+                    "memory; look for the OOM killer in the kernel log (dmesg), then give training more "
+                    "memory or train on fewer rows or features"
+                )
+            if code < 0:
+                return f"the fit process (pid {pid}) was killed by signal {_signal_name(-code)}"
+            return f"the fit process (pid {pid}) exited with code {code}"
+        return None
 
     def _let_go(self, exc: BaseException) -> None:
         """Let the pool go after ``exc``; when its process ended unreported, its fork server too: stopped or
@@ -430,6 +467,13 @@ def _exited(pid: int) -> bool:
             return stat.read().rpartition(") ")[2].startswith("Z")
     except OSError:
         return True
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _fork_server_pid() -> int | None:

@@ -486,3 +486,61 @@ async def test_a_run_whose_job_was_taken_over_kills_its_fit_process_and_the_next
         assert completed.data.run_id.endswith("-3")
     finally:
         trainer.close()
+
+
+async def test_a_fit_process_killed_by_a_sigkill_the_service_did_not_send_fails_naming_memory_as_likely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the kernel's OOM killer does: the job failed as worker-lost with BrokenProcessPool's "terminated
+    # abruptly", which says nothing of memory, the first thing to look at.
+    monkeypatch.setattr(pool_module, "run_training", fit_held_first)
+    artifacts = tmp_path / "artifacts"
+    h = Harness(str(artifacts), max_attempts=1)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    h.runner.trainer = trainer
+    await register(h, churn_spec())
+    await upload(h, "churn-base", churn_frame(), models=["churn"])
+
+    async def held_fit() -> int | None:
+        return written_pid(artifacts / HELD_FIT_PID)
+
+    async def kill_the_fit() -> int:
+        fit = await eventually(held_fit, interval_s=0.02)
+        os.kill(fit, signal.SIGKILL)
+        return fit
+
+    killing = asyncio.create_task(kill_the_fit())
+    try:
+        await h.run_jobs()
+        fit = await killing
+    finally:
+        killing.cancel()
+        trainer.close()
+
+    [failed] = h.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.WORKER_LOST, failed.data.message
+    message = failed.data.message
+    assert message.startswith("the fit process died on attempt 1 of 1: "), message
+    assert (
+        f"the fit process (pid {fit}) was killed (SIGKILL), most often by the kernel for lack of memory;"
+        in message
+    ), message
+
+
+def exits_with_three(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: the process ends at once, with exit code 3."""
+    os._exit(3)
+
+
+async def test_a_fit_process_that_exits_under_a_run_is_named_with_its_exit_code_and_no_word_of_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "run_training", exits_with_three)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02)
+    try:
+        with pytest.raises(Exception) as raised:
+            await trainer.train({"job_id": "j1"}, progress)
+    finally:
+        trainer.close()
+    assert "exited with code 3" in str(raised.value), repr(raised.value)
+    assert "memory" not in str(raised.value)
