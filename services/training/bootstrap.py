@@ -104,6 +104,9 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         settings.start_method,
         overlap=settings.overlap_fit,
         start_timeout_s=settings.fit_start_timeout_s,
+        address_space_bytes=(
+            settings.fit_memory_limit_mb * 2**20 if settings.fit_memory_limit_mb is not None else None
+        ),
     )
     # The fit process imports scikit-learn while this one does the same: both take seconds on a busy machine.
     warming = asyncio.create_task(trainer.warm_up(), name="fit-process-warm-up")

@@ -55,6 +55,15 @@ class TrainingSettings(ServiceSettings):
         "are let go and the run handed to a new one; when that does not start either, the run counts as "
         "lost.",
     )
+    fit_memory_limit_mb: int | None = Field(
+        None,
+        gt=0,
+        description="Bound on the fit process's address space, in MiB (RLIMIT_AS); unset: none. A fit that "
+        "outgrows it fails at once with fit-error, saying it ran out of memory, instead of being killed by "
+        "the kernel's OOM killer (worker-lost, after every attempt, each taking the memory others need). "
+        "It bounds virtual memory, which is more than the fit holds (libraries mapped, a reserve per "
+        "thread): set it well above a typical run's, a few GiB at least.",
+    )
     overlap_fit: bool = Field(
         True,
         description="Run the work that does not need the fitted model (the features' reference profile, the "

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import platform
+import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -204,9 +205,34 @@ class TrainingError(Exception):
 
 
 def install_progress_queue(queue: Any) -> None:
-    """Pool initializer: where :func:`report` puts (job id, phase, fraction)."""
+    """Where :func:`report` puts (job id, phase, fraction), in the fit process (see prepare_fit_process)."""
     global _progress_queue
     _progress_queue = queue
+
+
+def prepare_fit_process(queue: Any, address_space_bytes: int | None = None) -> None:
+    """Pool initializer: the progress queue (:func:`install_progress_queue`) and, when given, a bound on the
+    fit process's address space (RLIMIT_AS), so that a fit outgrowing it fails with MemoryError, said as
+    fit-error, rather than be killed by the kernel's OOM killer (worker-lost, after every attempt)."""
+    install_progress_queue(queue)
+    if address_space_bytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = address_space_bytes if hard == resource.RLIM_INFINITY else min(address_space_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def out_of_memory(exc: MemoryError) -> str:
+    """The failure of a fit that ran out of memory, naming the fit process's bound when it has one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    bound = (
+        f" within the fit process's address space of {soft // 2**20} MB (fit_memory_limit_mb)"
+        if soft != resource.RLIM_INFINITY
+        else ""
+    )
+    return (
+        f"the fit ran out of memory{bound} ({type(exc).__name__}: {exc}); train on fewer rows or features, "
+        "or give training more memory"
+    )
 
 
 def warm_up() -> str:
@@ -258,6 +284,10 @@ def run_training(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
         return TrainingFailure(
             reason=FailureReason.ARTIFACT_STORE_ERROR, message=f"artifact store: {exc}"
         ).model_dump(mode="json")
+    except MemoryError as exc:
+        return TrainingFailure(reason=FailureReason.FIT_ERROR, message=out_of_memory(exc)).model_dump(
+            mode="json"
+        )
     except Exception as exc:
         return TrainingFailure(
             reason=FailureReason.FIT_ERROR, message=f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from libs.logging import get_logger
 from services.training.ports import FitProcessDied, FitProcessUnavailable, Progress
-from services.training.worker import install_progress_queue, run_training, warm_up
+from services.training.worker import prepare_fit_process, run_training, warm_up
 
 log = get_logger(__name__)
 
@@ -28,7 +28,8 @@ class ProcessPoolTrainer:
     """Runs :func:`services.training.worker.run_training` in a one-process pool (forkserver or spawn: the
     service has threads, which fork would copy in a broken state). Progress comes back on a queue.
     ``overlap``: the run's work that does not need the fitted model runs beside the fit (TrainingSettings
-    ``overlap_fit``)."""
+    ``overlap_fit``); ``address_space_bytes``: the fit process's RLIMIT_AS (``fit_memory_limit_mb``), None
+    for none."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class ProcessPoolTrainer:
         retry_pause_s: float = 0.5,
         start_timeout_s: float = 120.0,
         report_grace_s: float = 2.0,
+        address_space_bytes: int | None = None,
     ) -> None:
         self._start_method = start_method
         self._context = multiprocessing.get_context(start_method)
@@ -50,6 +52,7 @@ class ProcessPoolTrainer:
         self._retry_pause_s = retry_pause_s
         self._start_timeout_s = start_timeout_s
         self._report_grace_s = report_grace_s
+        self._address_space_bytes = address_space_bytes
         self._starting: _Start | None = None
         self._aborted: tuple[int, ...] = ()  # the fit processes killed by abort, until seen reaped
         self._overlap = overlap
@@ -62,8 +65,8 @@ class ProcessPoolTrainer:
             self._executor = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=self._context,
-                initializer=install_progress_queue,
-                initargs=(self._progress,),
+                initializer=prepare_fit_process,
+                initargs=(self._progress, self._address_space_bytes),
             )
         return self._executor
 

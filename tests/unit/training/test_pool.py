@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from contracts.training import FailureReason, TrainingCompleted, TrainingFailed, TrainingStarted
+from services.training import worker
 from services.training.adapters import pool as pool_module
 from services.training.adapters.pool import ProcessPoolTrainer
 from services.training.ports import FitProcessUnavailable
@@ -544,3 +545,41 @@ async def test_a_fit_process_that_exits_under_a_run_is_named_with_its_exit_code_
         trainer.close()
     assert "exited with code 3" in str(raised.value), repr(raised.value)
     assert "memory" not in str(raised.value)
+
+
+FIT_MEMORY_LIMIT_MB = 8192  # well above what a fit process maps with scikit-learn loaded
+
+
+def fit_beyond_its_memory(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: the run's fit asks for twice the fit process's bound."""
+
+    def outgrown(*args: Any, **kwargs: Any) -> Any:
+        return bytearray(2 * FIT_MEMORY_LIMIT_MB * 2**20)
+
+    worker.train = outgrown  # in the fit process only, which the test ends
+    return run_training(raw, overlap)
+
+
+async def test_a_fit_beyond_the_fit_processs_memory_limit_fails_as_fit_error_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unbounded, it grows until the kernel's OOM killer takes it (or another process): worker-lost after every
+    # attempt. Bounded (fit_memory_limit_mb), it fails once, saying why.
+    monkeypatch.setattr(pool_module, "run_training", fit_beyond_its_memory)
+    h = Harness(str(tmp_path / "artifacts"))
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, address_space_bytes=FIT_MEMORY_LIMIT_MB * 2**20)
+    h.runner.trainer = trainer
+    await register(h, churn_spec())
+    await upload(h, "churn-base", churn_frame(), models=["churn"])
+    try:
+        await h.run_jobs()
+    finally:
+        trainer.close()
+
+    [failed] = h.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.FIT_ERROR, failed.data.message
+    assert failed.data.message.startswith(
+        f"the fit ran out of memory within the fit process's address space of {FIT_MEMORY_LIMIT_MB} MB "
+        "(fit_memory_limit_mb) (MemoryError"
+    ), failed.data.message
+    assert [e.data.attempt for e in h.events(TrainingStarted)] == [1]
