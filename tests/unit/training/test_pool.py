@@ -262,31 +262,42 @@ def fit_held_first(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
     return run_training(raw, overlap)
 
 
-async def run_with_the_fork_server_stopped_and_the_fit_killed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, max_attempts: int
-) -> tuple[Harness, int, int]:
-    """Run a retrain whose fit process is killed while its fork server is stopped (SIGSTOP: it can neither
-    fork nor report a child's end); the harness, the fit process's id and the stopped fork server's."""
+async def churn_job_held_in_its_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, max_attempts: int = 3
+) -> tuple[Harness, ProcessPoolTrainer, Path]:
+    """A harness whose runner fits in a forkserver pool, its first fit held until killed (``fit_held_first``:
+    the fit process's id in the returned file), the churn model's first job requested; the caller closes the
+    trainer."""
     monkeypatch.setattr(pool_module, "run_training", fit_held_first)
     artifacts = tmp_path / "artifacts"
     h = Harness(str(artifacts), max_attempts=max_attempts)
     trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
     h.runner.trainer = trainer
+    await register(h, churn_spec())
+    await upload(h, "churn-base", churn_frame(), models=["churn"])
+    return h, trainer, artifacts / HELD_FIT_PID
+
+
+async def run_with_the_fit_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, max_attempts: int, stop_the_fork_server: bool = True
+) -> tuple[Harness, int, int]:
+    """Run a retrain whose fit process is killed (SIGKILL, as by the OOM killer), by default while its fork
+    server is stopped (SIGSTOP: it can neither fork nor report a child's end); the harness, the fit process's
+    id and the fork server's."""
+    h, trainer, pid_file = await churn_job_held_in_its_fit(tmp_path, monkeypatch, max_attempts=max_attempts)
     # Far below the default hour, so that a runner that notices the fit's end only when its time is up
     # fails the test (as timeout) rather than hang it; the outcome is what is checked, never the time taken.
     h.runner.job_timeout_s = 120.0
     await trainer.warm_up()
     server = fork_server()
-    await register(h, churn_spec())
-    await upload(h, "churn-base", churn_frame(), models=["churn"])
 
     async def held_fit() -> int | None:
-        pid_file = artifacts / HELD_FIT_PID
-        return int(pid_file.read_text()) if pid_file.exists() else None
+        return written_pid(pid_file)
 
     async def stop_the_fork_server_and_kill_the_fit() -> int:
         fit = await eventually(held_fit, interval_s=0.02)
-        os.kill(server, signal.SIGSTOP)
+        if stop_the_fork_server:
+            os.kill(server, signal.SIGSTOP)
         os.kill(fit, signal.SIGKILL)
         return fit
 
@@ -297,8 +308,9 @@ async def run_with_the_fork_server_stopped_and_the_fit_killed(
     finally:
         killing.cancel()
         trainer.close()
-        with suppress(OSError):  # a stopped server left behind would hold the pool's threads at exit
-            os.kill(server, signal.SIGKILL)
+        if stop_the_fork_server:
+            with suppress(OSError):  # a stopped server left behind would hold the pool's threads at exit
+                os.kill(server, signal.SIGKILL)
     return h, fit, server
 
 
@@ -307,9 +319,7 @@ async def test_a_fit_process_that_dies_while_the_fork_server_is_stopped_is_retri
 ) -> None:
     # The fork server reports a fit process's end to the pool; stopped (SIGSTOP, wedged) it reports
     # nothing, and the run waited for a process already dead until job_timeout_s, then failed as timeout.
-    h, _, server = await run_with_the_fork_server_stopped_and_the_fit_killed(
-        tmp_path, monkeypatch, max_attempts=2
-    )
+    h, _, server = await run_with_the_fit_killed(tmp_path, monkeypatch, max_attempts=2)
 
     assert [(e.data.reason, e.data.message) for e in h.events(TrainingFailed)] == []
     assert [e.data.attempt for e in h.events(TrainingStarted)] == [1, 2]
@@ -321,9 +331,7 @@ async def test_a_fit_process_that_dies_while_the_fork_server_is_stopped_is_retri
 async def test_a_fit_process_that_dies_while_the_fork_server_is_stopped_fails_its_last_attempt_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    h, fit, server = await run_with_the_fork_server_stopped_and_the_fit_killed(
-        tmp_path, monkeypatch, max_attempts=1
-    )
+    h, fit, server = await run_with_the_fit_killed(tmp_path, monkeypatch, max_attempts=1)
 
     [failed] = h.events(TrainingFailed)
     assert failed.data.reason is FailureReason.WORKER_LOST, failed.data.message
@@ -448,23 +456,17 @@ async def test_a_run_whose_job_was_taken_over_kills_its_fit_process_and_the_next
 ) -> None:
     # The fit went on to its end (or job_timeout_s, an hour) in a process holding one of the machine's cores,
     # while the run that took the job over fitted it again.
-    monkeypatch.setattr(pool_module, "run_training", fit_held_first)
-    artifacts = tmp_path / "artifacts"
-    h = Harness(str(artifacts))
-    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
-    h.runner.trainer = trainer
+    h, trainer, pid_file = await churn_job_held_in_its_fit(tmp_path, monkeypatch)
     h.runner.heartbeat_interval_s = 0.02
     # A bound, not a measure: a run that does not let go ends as timeout and fails the test rather than hang.
     h.runner.job_timeout_s = 60.0
-    await register(h, churn_spec())
-    await upload(h, "churn-base", churn_frame(), models=["churn"])
     await h.bus.drain()
     before = let_go_count()
     try:
         run = asyncio.create_task(h.runner.run_once())
 
         async def held_fit() -> int | None:
-            return written_pid(artifacts / HELD_FIT_PID)
+            return written_pid(pid_file)
 
         fit = await eventually(held_fit, interval_s=0.02)
         [started] = h.events(TrainingStarted)
@@ -494,29 +496,9 @@ async def test_a_fit_process_killed_by_a_sigkill_the_service_did_not_send_fails_
 ) -> None:
     # What the kernel's OOM killer does: the job failed as worker-lost with BrokenProcessPool's "terminated
     # abruptly", which says nothing of memory, the first thing to look at.
-    monkeypatch.setattr(pool_module, "run_training", fit_held_first)
-    artifacts = tmp_path / "artifacts"
-    h = Harness(str(artifacts), max_attempts=1)
-    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
-    h.runner.trainer = trainer
-    await register(h, churn_spec())
-    await upload(h, "churn-base", churn_frame(), models=["churn"])
-
-    async def held_fit() -> int | None:
-        return written_pid(artifacts / HELD_FIT_PID)
-
-    async def kill_the_fit() -> int:
-        fit = await eventually(held_fit, interval_s=0.02)
-        os.kill(fit, signal.SIGKILL)
-        return fit
-
-    killing = asyncio.create_task(kill_the_fit())
-    try:
-        await h.run_jobs()
-        fit = await killing
-    finally:
-        killing.cancel()
-        trainer.close()
+    h, fit, _ = await run_with_the_fit_killed(
+        tmp_path, monkeypatch, max_attempts=1, stop_the_fork_server=False
+    )
 
     [failed] = h.events(TrainingFailed)
     assert failed.data.reason is FailureReason.WORKER_LOST, failed.data.message
