@@ -296,6 +296,69 @@ def test_a_route_no_service_answers_is_found(tmp_path: Path) -> None:
     ]
 
 
+def success_statuses() -> dict[tuple[str, str], set[str]]:
+    """(method, path template) of every route whose success is not a plain 200, and its other 2xx answers."""
+    from tests.unit.test_openapi_errors import SETTINGS, app_of
+
+    found: dict[tuple[str, str], set[str]] = {}
+    for service in SETTINGS:
+        for path, operations in app_of(service).openapi()["paths"].items():
+            for method, operation in operations.items():
+                if codes := {c for c in operation.get("responses", {}) if c.startswith("2") and c != "200"}:
+                    found.setdefault((method.upper(), path), set()).update(codes)
+    return found
+
+
+def unstated_statuses(pages: list[Path], statuses: dict[tuple[str, str], set[str]]) -> list[str]:
+    """`page:line: METHOD path (status)` for each row of a route table (the route in its first cell) whose
+    route answers 201, 202 or 204 and the row does not say so: a client that checks for 200 takes the success
+    for a failure."""
+    unstated = []
+    for page in pages:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.startswith("|"):
+                continue
+            first = re.split(r"(?<!\\)\|", line)[1]
+            for method, path in ROUTE.findall(" ".join(INLINE_CODE.findall(first))):
+                for (m, template), codes in statuses.items():
+                    if m == method and route_matches(path, template):
+                        unstated += [
+                            f"{where(page, number)}: {method} {path} ({code})"
+                            for code in sorted(codes)
+                            if not re.search(rf"\b{code}\b", line)
+                        ]
+    return unstated
+
+
+def test_every_route_table_says_when_a_success_is_not_200() -> None:
+    statuses = success_statuses()
+
+    assert len(statuses) > 5, "the scan found too few routes answering 201, 202 or 204 to prove anything"
+    assert unstated_statuses(GUIDES, statuses) == []
+
+
+def test_a_route_row_without_its_success_status_is_found(tmp_path: Path) -> None:
+    page = a_page(
+        tmp_path,
+        "| route | what |\n| --- | --- |\n"
+        "| `POST /v1/feedback` | labels → `GroundTruthReceived` |\n"
+        "| `POST /v1/models/{name}/rollback` | → `RollbackRequested` (202) |\n"
+        "| `PUT` / `DELETE /v1/tags/{key}` | set or remove a tag |\n"
+        "`POST /v1/feedback` in prose is not a row\n"
+        "| `mlops.feedback` | one event per label sent to `POST /v1/feedback` |\n",
+    )
+    statuses = {
+        ("POST", "/v1/feedback"): {"202"},
+        ("POST", "/v1/models/{name}/rollback"): {"202"},
+        ("DELETE", "/v1/tags/{key}"): {"204"},
+    }
+
+    assert unstated_statuses([page], statuses) == [
+        "docs/a.md:3: POST /v1/feedback (202)",
+        "docs/a.md:5: DELETE /v1/tags/{key} (204)",
+    ]
+
+
 # -- `driftloop` commands
 
 # A command starts a span or a line of a block, or follows `(`, `&&`, `;`, `|` or a prompt's `$`: "another
