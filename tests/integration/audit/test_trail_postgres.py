@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from asyncpg.connection import LoggedQuery
 
 from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
@@ -289,6 +290,78 @@ async def test_predictions_are_found_by_model_and_type_and_stay_out_of_cascades(
             )
         )
         assert "trail_correlation" in plan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+async def _plan(conn: asyncpg.Connection, query: LoggedQuery, *, generic: bool) -> list[dict[str, Any]]:
+    """The nodes of the plan Postgres makes of a query the trail ran: for these argument values, or the
+    generic plan a connection settles on once it has run the statement a few times (asyncpg keeps its
+    statements prepared), which knows no value and expects an average cascade."""
+    if not generic:
+        [row] = await conn.fetch(f"EXPLAIN (FORMAT JSON) {query.query}", *query.args)
+    else:
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE planned AS {query.query}")
+        # EXECUTE takes no bound parameters: each value goes in as a quoted literal of the parameter's type.
+        values = [await conn.fetchval("SELECT quote_literal($1::text)", str(a)) for a in query.args]
+        [row] = await conn.fetch(f"EXPLAIN (FORMAT JSON) EXECUTE planned({', '.join(values)})")
+        await conn.execute("DEALLOCATE planned")
+        await conn.execute("RESET plan_cache_mode")
+    return list(_plan_nodes(row[0][0]["Plan"]))
+
+
+async def test_a_cascade_is_read_from_its_index_in_trail_order_and_never_sorted(trail_db: TrailDb) -> None:
+    # A long cascade among many short ones (and predictions, left out of the index). Before the index held
+    # seq, Postgres read every row of the cascade and sorted them before the limit could stop it: a cascade
+    # of millions of events cost a trace millions of row reads, however small trace_max_events. (Planned
+    # for its own id, a cascade the statistics know to be a large share of the trail can still be read by
+    # walking the primary key: in order too, and not what this test is about.)
+    drifts = [example(DriftDetected) for _ in range(300)]
+    root = drifts[0]
+    retrains = [example(TrainingRequested, cause=root) for _ in range(150)]
+    predictions = [example(PredictionsLogged) for _ in range(50)]
+    deliveries = [delivery(e, offset=i) for i, e in enumerate(drifts)]
+    for i, retrain in enumerate(retrains):
+        deliveries.insert(2 * i + 1, delivery(retrain, offset=i))
+    deliveries += [delivery(e, offset=i) for i, e in enumerate(predictions)]
+    for first in range(0, len(deliveries), 100):
+        await trail_db.record(deliveries[first : first + 100], every=1000)
+    await trail_db.pool.execute("ANALYZE trail")
+    short, long = drifts[-1].id, root.id
+    queries: list[LoggedQuery] = []
+    async with reading(trail_db.pool, ROLE) as trail:
+        with trail.conn.query_logger(queries.append):
+            tree = await core.trace(trail, long, max_events=10, max_bytes=TRACE_BYTES)
+            await core.trace(trail, short, max_events=10, max_bytes=TRACE_BYTES)
+            query = EventQuery(correlation_id=long, newest_first=False, limit=5)
+            oldest, _ = await trail.find(query, budget=PAGE_BYTES)
+            query = EventQuery(correlation_id=long, before=oldest[-1].seq, limit=5)
+            newest, _ = await trail.find(query, budget=PAGE_BYTES)
+        assert tree["events"] == 10 and tree["truncated_by"] == "trace_max_events"
+        assert [r.seq for r in newest] == [r.seq for r in oldest[-2::-1]]
+        await trail.conn.execute("SET LOCAL enable_seqscan = off")  # a table this small is read whole
+        plans = {
+            "trace (generic)": await _plan(trail.conn, queries[0], generic=True),
+            "trace of a short cascade": await _plan(trail.conn, queries[1], generic=False),
+            "oldest first (generic)": await _plan(trail.conn, queries[2], generic=True),
+            "newest first, after a cursor (generic)": await _plan(trail.conn, queries[3], generic=True),
+        }
+    scans: dict[str, dict[str, Any]] = {}
+    for name, nodes in plans.items():
+        summary = [(n["Node Type"], n.get("Index Name"), n.get("Index Cond")) for n in nodes]
+        assert not any("Sort" in n["Node Type"] for n in nodes), (name, summary)
+        [scans[name]] = [n for n in nodes if "Relation Name" in n]
+        assert scans[name]["Node Type"] == "Index Scan", (name, summary)
+        assert scans[name]["Index Name"] == "trail_correlation", (name, summary)
+        assert "correlation_id" in scans[name]["Index Cond"], (name, summary)
+    cursor_scan = scans["newest first, after a cursor (generic)"]
+    assert cursor_scan["Scan Direction"] == "Backward", cursor_scan
+    assert "seq <" in cursor_scan["Index Cond"], cursor_scan  # a bound of the scan, not a filter
 
 
 async def test_a_ce_time_with_no_utc_form_is_indexed_as_no_time_and_the_trail_stays_readable(
