@@ -15,6 +15,7 @@ from libs.settings import LOCAL_STATE, Port, ServiceSettings
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 TRACE_EVENTS_MAX = 100_000
+QUERY_EVENTS_MAX = 100_000
 TRACE_BYTES_MAX = 256 * 1024 * 1024
 QUERY_BYTES_MAX = 64 * 1024 * 1024
 
@@ -83,7 +84,13 @@ class AuditSettings(ServiceSettings):
         description="Every checkpoint is appended here too (one AuditCheckpoint JSON per line), so a copy "
         "lives outside the database.",
     )
-    query_max_limit: int = Field(1000, ge=1, description="Most events one query page may return.")
+    query_max_limit: int = Field(
+        1000,
+        ge=1,
+        le=QUERY_EVENTS_MAX,
+        description="Most events one query page may return (the `limit` a client may ask for: GET "
+        "/v1/events, driftloop audit tail -n): the page holds them all at once, so this is at most 100,000.",
+    )
     query_max_bytes: int = Field(
         8 * 1024 * 1024,
         ge=1024 * 1024,

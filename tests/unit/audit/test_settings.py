@@ -56,6 +56,8 @@ def test_a_key_that_is_not_32_bytes_of_base64_is_refused_naming_the_setting() ->
         ("DRIFTLOOP_AUDIT_TRACE_MAX_BYTES", "1000", "greater than or equal to 1048576"),
         ("DRIFTLOOP_AUDIT_QUERY_MAX_BYTES", str(64 * 1024 * 1024 + 1), "less than or equal to 67108864"),
         ("DRIFTLOOP_AUDIT_QUERY_MAX_BYTES", "1000", "greater than or equal to 1048576"),
+        ("DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT", "100001", "less than or equal to 100000"),
+        ("DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT", "0", "greater than or equal to 1"),
     ],
 )
 def test_a_trace_or_page_bound_out_of_range_is_refused_at_start_naming_the_variable(
