@@ -111,6 +111,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
             max_rows=settings.max_cached_predictions,
             max_ahead_s=settings.max_clock_skew_seconds,
         ),
+        step_max_rows=settings.canary_step_max_rows,
     )
     return Monitor(
         live=live,
@@ -122,6 +123,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
         rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
+        max_kept_steps=settings.max_kept_rollout_steps,
         max_event_bytes=settings.kafka.max_event_bytes,
         quality_issues_per_kind=settings.quality_issues_per_kind,
         predictions_topic=settings.predictions_topic,

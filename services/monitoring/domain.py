@@ -1385,22 +1385,42 @@ def metric_standard_errors(
 
 @dataclass
 class VariantTraffic:
-    """One variant's traffic during a rollout step: per-row predictions and per-request latencies."""
+    """One variant's traffic during a rollout step: per-row predictions and per-request latencies, the first
+    ones up to a bound (``canary_step_max_rows``); the rows and requests beyond it are counted, not kept."""
 
     predicted_at: list[np.ndarray] = field(default_factory=list)
     score: list[np.ndarray] = field(default_factory=list)
     prediction: list[Any] = field(default_factory=list)
     latency_ms: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
+    """Every row of the variant in the step, kept or not (what ``min_samples`` and the verdict count)."""
     requests: int = 0
+    rows_kept: int = 0
+    requests_kept: int = 0
+
+    @property
+    def rows_not_kept(self) -> int:
+        """The rows beyond the bound: counted in ``rows``, left out of the comparisons."""
+        return self.rows - self.rows_kept
 
     def add(self, at: np.ndarray, score: np.ndarray, prediction: list[Any], latency: np.ndarray) -> None:
-        self.predicted_at.append(at)
-        self.score.append(score)
-        self.prediction.extend(prediction)
-        self.latency_ms.append(latency)
+        """Keep these rows (and their requests' latencies), and count them. Empty ones add no chunk: rows and
+        requests reach the bound apart, and a full side must not grow by a chunk per poll."""
+        if at.size:
+            self.predicted_at.append(at)
+            self.score.append(score)
+            self.prediction.extend(prediction)
+        if latency.size:
+            self.latency_ms.append(latency)
         self.rows += at.size
         self.requests += latency.size
+        self.rows_kept += at.size
+        self.requests_kept += latency.size
+
+    def count_only(self, rows: int, requests: int) -> None:
+        """Count rows and requests past the bound, which are not kept."""
+        self.rows += rows
+        self.requests += requests
 
     def latencies(self) -> np.ndarray:
         return np.concatenate(self.latency_ms) if self.latency_ms else np.empty(0)

@@ -134,6 +134,15 @@ PREDICTIONS_PAST_LABEL_WAIT = Counter(
     ["model"],
 )
 
+STEP_PREDICTIONS_NOT_KEPT = Counter(
+    "driftloop_monitoring_rollout_step_predictions_not_kept_total",
+    "Predictions of a rollout step (watched, or kept for its rollout's start) past canary_step_max_rows on "
+    "their variant: counted toward min_samples and the verdict's samples, but their scores, predicted values "
+    "and latencies are not held, so the verdict's comparisons are over the first ones; logged as a warning "
+    "once per step.",
+    ["model"],
+)
+
 ROLLOUT_STEPS_AHEAD = Counter(
     "driftloop_monitoring_rollout_steps_ahead_of_clock_total",
     "Rollout steps (RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled "
@@ -194,6 +203,8 @@ class Monitor:
     label_wait_seconds: float = 86_400.0
     rollout_start_wait_seconds: float = 86_400.0
     """How long a step that came before its rollout's start is kept for it."""
+    max_kept_steps: int = 100
+    """How many such steps are kept at once: one more gives up the one kept longest."""
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
@@ -330,6 +341,19 @@ async def on_predictions_logged(
                 hint="monitoring is catching up on a backlog, or a serving replica's clock is behind; "
                 "driftloop_monitoring_predictions_past_label_wait_total counts such rows",
             )
+    for model, rows in sorted(result.step_rows_not_kept.items()):
+        STEP_PREDICTIONS_NOT_KEPT.labels(model).inc(rows)
+    for step in result.steps_full:
+        log.warning(
+            "rollout step's predictions beyond canary_step_max_rows are counted, not kept: its verdict "
+            "compares latency and predictions over the first ones",
+            rollout_id=step.rollout_id,
+            model=step.model,
+            step=step.step_index,
+            kept_for_start=live.kept.get(step.rollout_id) is step,
+            canary_step_max_rows=live.step_max_rows,
+            hint="driftloop_monitoring_rollout_step_predictions_not_kept_total counts such rows",
+        )
     if result.pending_matches:
         live.joins_due.update(result.pending_matches)
         monitor.on_joins_due()
@@ -1091,6 +1115,12 @@ async def _keep_for_start(
     if kept:
         collector = kept_step(early)
         tally.then(lambda: monitor.live.keep(collector))
+        # Each kept step collects its canary's traffic, and a publisher (the bus does not authenticate one)
+        # could keep any number: past the bound the one kept longest is given up now, as the wait would.
+        over = await store.expire_early_steps_beyond(monitor.max_kept_steps, keeping=early)
+        if over:
+            await store.remember_given_up(over, early.received_at)
+            _report_never_started(over, monitor, tally, reason=TOO_MANY_KEPT)
     log.warning(
         "rollout step came before its start: kept until the RolloutStarted comes"
         if kept
@@ -1174,7 +1204,9 @@ STEPS_NEVER_WATCHED = Counter(
     "driftloop_monitoring_rollout_steps_never_watched_total",
     "Rollout steps whose RolloutStepAdvanced came before the rollout's RolloutStarted and were dropped "
     "unwatched: the start did not come within rollout_start_wait_seconds (reason no-start: logged as an "
-    "error, the rollout gets no verdict for the step), or the rollout ended first (reason rollout-ended).",
+    "error, the rollout gets no verdict for the step), more than max_kept_rollout_steps were kept and it was "
+    "the one kept longest (reason too-many-kept: given up as if its wait had passed), or the rollout ended "
+    "first (reason rollout-ended).",
     ["model", "reason"],
 )
 
@@ -1222,23 +1254,37 @@ async def on_rollout_finished(
     tally.then(forget)
 
 
-def _report_never_started(expired: list[EarlyStep], monitor: Monitor, tally: Tally) -> None:
-    """Count and log, once committed, the steps given up because their rollout's start never came."""
+NO_START, TOO_MANY_KEPT = "no-start", "too-many-kept"
+"""Why a kept step was given up: its wait passed, or more than ``max_kept_steps`` were kept."""
+_GIVEN_UP_BECAUSE = {
+    NO_START: "its RolloutStarted never came",
+    TOO_MANY_KEPT: "more steps were kept for their RolloutStarted than max_kept_rollout_steps, and it was "
+    "the one kept longest",
+}
+
+
+def _report_never_started(
+    expired: list[EarlyStep], monitor: Monitor, tally: Tally, *, reason: str = NO_START
+) -> None:
+    """Count and log, once committed, the steps given up because their rollout's start never came (or, for
+    ``too-many-kept``, had not come while more were kept than the bound)."""
     for early in expired:
-        tally.add(STEPS_NEVER_WATCHED, early.model, "no-start")
+        tally.add(STEPS_NEVER_WATCHED, early.model, reason)
 
     def report() -> None:
         for early in expired:
             log.error(
-                "rollout step dropped: its RolloutStarted never came, the step is not watched and gets no "
+                f"rollout step dropped: {_GIVEN_UP_BECAUSE[reason]}, the step is not watched and gets no "
                 "verdict unless the start still comes (it is watched from then on)",
                 rollout_id=early.rollout_id,
                 model=early.model,
                 step=early.step_index,
                 canary_version=early.canary_version,
                 event_id=early.cause_id,
+                reason=reason,
                 kept_seconds=round(monitor.clock() - early.received_at, 1),
                 rollout_start_wait_seconds=monitor.rollout_start_wait_seconds,
+                max_kept_rollout_steps=monitor.max_kept_steps,
                 hint="serving's rollout waits for a verdict: roll it back or promote it by hand; "
                 "driftloop_monitoring_rollout_steps_never_watched_total counts such steps, GET /v1/status "
                 "lists them (rollout_steps_given_up)",

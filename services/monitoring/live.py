@@ -189,6 +189,11 @@ class IngestResult:
     past: Counter[str] = field(default_factory=Counter)
     """Rows per model dated further back than the label wait (``max_age_s``) when they came: held only for
     the labels waiting for them."""
+    step_rows_not_kept: Counter[str] = field(default_factory=Counter)
+    """Rows per model that a rollout step (watched or kept for its start) counted but did not keep: past its
+    bound (``LiveState.step_max_rows``) per variant."""
+    steps_full: list[CanaryStep] = field(default_factory=list)
+    """The steps that reached their bound in this batch (on either variant), each once."""
 
 
 @dataclass
@@ -213,9 +218,16 @@ class WindowSettings:
 class LiveState:
     """Open windows per model version, the label-join cache, and live rollout steps."""
 
-    def __init__(self, windows: WindowSettings, cache: PredictionCache) -> None:
+    def __init__(
+        self, windows: WindowSettings, cache: PredictionCache, *, step_max_rows: int = 50_000
+    ) -> None:
         self.window_settings = windows
         self.cache = cache
+        # Per rollout step and variant, the rows (and requests) whose scores, predictions and latencies are
+        # kept for its verdict; later ones are counted only. A step collects until its verdict, and a kept one
+        # until its start comes (up to rollout_start_wait_seconds): unbounded, a day of a busy model's traffic
+        # took gigabytes, once per step that named it.
+        self.step_max_rows = step_max_rows
         self.references: dict[ModelKey, ModelReference] = {}
         self.windows: dict[ModelKey, DriftWindow] = {}
         # Where each open window starts (from Postgres): replayed rows before it belong to judged windows.
@@ -310,7 +322,7 @@ class LiveState:
             if not replaying and (past := int((batch.predicted_at < arrival - self.cache.max_age_s).sum())):
                 result.past[batch.model] += past
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)
-            self._to_steps(batch)
+            self._to_steps(batch, result)
             if self.pending_labels:
                 pending, model = self.pending_labels, batch.model
                 result.pending_matches.extend(
@@ -510,7 +522,8 @@ class LiveState:
             return None
         return self.kept.pop(rollout_id)
 
-    def _to_steps(self, batch: RowBatch) -> None:
+    def _to_steps(self, batch: RowBatch, result: IngestResult) -> None:
+        most = self.step_max_rows
         for step in chain(self.steps.values(), self.kept.values()):
             if step.model != batch.model:
                 continue
@@ -528,11 +541,22 @@ class LiveState:
                 continue
             rows = np.repeat(mask, batch.request_rows)
             idx = np.flatnonzero(rows)
+            latency = batch.latency_ms[mask]
+            n_rows, n_requests = idx.size, latency.size
+            if side.rows_kept + n_rows > most or side.requests_kept + n_requests > most:
+                full = step.canary.rows_not_kept == 0 and step.stable.rows_not_kept == 0
+                idx = idx[: max(most - side.rows_kept, 0)]
+                latency = latency[: max(most - side.requests_kept, 0)]
+                side.count_only(n_rows - idx.size, n_requests - latency.size)
+                if n_rows > idx.size:
+                    result.step_rows_not_kept[step.model] += n_rows - idx.size
+                    if full:
+                        result.steps_full.append(step)
             side.add(
                 batch.predicted_at[idx],
                 batch.score[idx],
                 [batch.prediction[i] for i in idx.tolist()],
-                batch.latency_ms[mask],
+                latency,
             )
             for p, o in zip(batch.partition[mask].tolist(), batch.offset[mask].tolist(), strict=True):
                 step.first_offsets.setdefault(p, o)

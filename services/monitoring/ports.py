@@ -309,6 +309,11 @@ class MonitoringStore(Protocol):
         them."""
         ...
 
+    async def expire_early_steps_beyond(self, most: int, *, keeping: EarlyStep) -> list[EarlyStep]:
+        """Give up on the steps kept longest (by when they were kept) while more than ``most`` are kept,
+        never ``keeping`` (the one being kept): remove and return them, oldest first."""
+        ...
+
     async def kept_steps(self) -> list[EarlyStep]:
         """Every step kept for its rollout's start, by rollout and step."""
         ...

@@ -161,6 +161,25 @@ class MonitoringSettings(ServiceSettings):
     canary_timeout_seconds: float = Field(
         600.0, gt=0, description="A step whose canary did not get min_samples by then is inconclusive."
     )
+    canary_step_max_rows: int = Field(
+        50_000,
+        ge=1_000,
+        description="Per rollout step and variant (canary, stable), the predictions whose scores, "
+        "predicted values and latencies are held in memory for its verdict (26 bytes each or more), the "
+        "first that come; later ones count toward min_samples and the verdict's samples but are left out of "
+        "its latency and divergence comparisons, counted "
+        "(driftloop_monitoring_rollout_step_predictions_not_kept_total) and logged as a warning once per "
+        "step.",
+    )
+    max_kept_rollout_steps: int = Field(
+        100,
+        ge=1,
+        description="At most this many RolloutStepAdvanced events that came before their rollout's "
+        "RolloutStarted are kept for it at once (each collecting its canary's traffic, up to "
+        "canary_step_max_rows per variant); keeping one more gives up the one kept longest at once, as "
+        "rollout_start_wait_seconds would later: logged as an error and counted "
+        "(driftloop_monitoring_rollout_steps_never_watched_total, reason too-many-kept).",
+    )
     rollout_start_wait_seconds: float = Field(
         86_400.0,
         gt=0,

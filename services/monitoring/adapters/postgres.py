@@ -499,6 +499,22 @@ class PgMonitoringStore:
         )
         return sorted(_early_steps(rows), key=lambda s: (s.received_at, s.rollout_id, s.step_index))
 
+    async def expire_early_steps_beyond(self, most: int, *, keeping: EarlyStep) -> list[EarlyStep]:
+        rows = await self.conn.fetch(
+            """DELETE FROM early_steps e USING (
+                   SELECT rollout_id, step_index FROM early_steps
+                   WHERE (rollout_id, step_index) <> ($2, $3)
+                   ORDER BY received_at, rollout_id, step_index
+                   LIMIT greatest((SELECT count(*) FROM early_steps) - $1, 0)
+               ) oldest
+               WHERE e.rollout_id = oldest.rollout_id AND e.step_index = oldest.step_index
+               RETURNING e.*""",
+            most,
+            keeping.rollout_id,
+            keeping.step_index,
+        )
+        return sorted(_early_steps(rows), key=lambda s: (s.received_at, s.rollout_id, s.step_index))
+
     async def kept_steps(self) -> list[EarlyStep]:
         rows = await self.conn.fetch("SELECT * FROM early_steps ORDER BY rollout_id, step_index")
         return _early_steps(rows)

@@ -1246,6 +1246,73 @@ async def test_a_step_whose_start_never_comes_leaves_postgres_after_the_wait(poo
             assert [r["rollout_id"] for r in await conn.fetch("SELECT rollout_id FROM early_steps")] == left
 
 
+async def start_rollout(pool: asyncpg.Pool, monitor: Any, started: RolloutStarted) -> list[StoredStep]:
+    """Handle the rollout's start in a transaction that commits; returns the rollout's steps watched then."""
+    tally = Tally()
+    async with pool.acquire() as conn, conn.transaction():
+        await on_rollout_started(
+            new_event(started, source="/serving"), monitor=monitor, store=PgMonitoringStore(conn), tally=tally
+        )
+    tally.count()
+    async with pool.acquire() as conn:
+        return [
+            s for s in await PgMonitoringStore(conn).watched_steps() if s.rollout_id == started.rollout_id
+        ]
+
+
+async def test_keeping_more_steps_than_the_bound_gives_up_the_ones_kept_longest_in_postgres(
+    pool: asyncpg.Pool,
+) -> None:
+    # max_kept_rollout_steps 2. Before, every step event of a rollout not started yet stayed in early_steps
+    # (and collected its canary's traffic in memory) for rollout_start_wait_seconds, however many came.
+    started = EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": "r-b"})
+    advanced = EXAMPLES[RolloutStepAdvanced]
+    assert isinstance(started, RolloutStarted) and isinstance(advanced, RolloutStepAdvanced)
+    twice = advanced.model_copy(
+        update={"step_index": 2, "previous_weight": started.steps[1], "weight": started.steps[2]}
+    )
+    monitor = make_monitor(MonitoringSettings(max_kept_rollout_steps=2), artifacts=None, source="/test/m")
+    now = datetime.now(UTC).timestamp()
+
+    async def step_event(payload: RolloutStepAdvanced, rollout_id: str, at: float) -> None:
+        monitor.clock = lambda: at
+        tally = Tally()
+        async with pool.acquire() as conn, conn.transaction():
+            await on_rollout_step_advanced(
+                new_event(payload.model_copy(update={"rollout_id": rollout_id}), source="/serving"),
+                monitor=monitor,
+                store=PgMonitoringStore(conn),
+                tally=tally,
+            )
+        tally.count()
+
+    async def tables() -> tuple[list[tuple[str, int]], list[tuple[str, int, float]]]:
+        async with pool.acquire() as conn:
+            kept = await conn.fetch("SELECT rollout_id, step_index FROM early_steps ORDER BY 1, 2")
+            given_up = await conn.fetch(
+                "SELECT rollout_id, step_index, given_up_at FROM given_up_steps ORDER BY 1"
+            )
+        return [tuple(r) for r in kept], [tuple(r) for r in given_up]
+
+    await step_event(advanced, "r-a", now)
+    await step_event(advanced, "r-b", now + 1)
+    await step_event(twice, "r-a", now + 2)  # (r-a, 1) is the one kept longest
+    assert await tables() == ([("r-a", 2), ("r-b", 1)], [("r-a", 1, now + 2)])
+    await step_event(twice, "r-a", now + 3)  # the same step again (another event id): nothing changes
+    assert await tables() == ([("r-a", 2), ("r-b", 1)], [("r-a", 1, now + 2)])
+    # Kept at the same moment as (r-a, 2): the one being kept stays, the older (r-b, 1) goes.
+    await step_event(advanced, "r-c", now + 2)
+    assert await tables() == ([("r-a", 2), ("r-c", 1)], [("r-a", 1, now + 2), ("r-b", 1, now + 2)])
+    assert sorted((r, s.step_index) for r, s in monitor.live.kept.items()) == [("r-a", 2), ("r-c", 1)]
+
+    # r-b's start, later: it watches the step given up from then on, as after its wait's end.
+    late = now + 60
+    monitor.clock = lambda: late
+    watched = await start_rollout(pool, monitor, started)
+    assert [(s.step_index, s.started_at) for s in watched] == [(1, late)]
+    assert await tables() == ([("r-a", 2), ("r-c", 1)], [("r-a", 1, now + 2)])
+
+
 async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_the_status_shows_both(
     pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
@@ -1321,17 +1388,10 @@ async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_th
 
     late = now + wait + 60
     monitor.clock = lambda: late
-    tally = Tally()
-    async with pool.acquire() as conn, conn.transaction():
-        await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=PgMonitoringStore(conn), tally=tally
-        )
-    tally.count()
+    watched = await start_rollout(pool, monitor, started)
+    assert [(s.step_index, s.started_at, s.learned_at) for s in watched] == [(2, late, late)]
     async with pool.acquire() as conn:
-        store = PgMonitoringStore(conn)
-        watched = [s for s in await store.watched_steps() if s.rollout_id == "r-late"]
-        assert [(s.step_index, s.started_at, s.learned_at) for s in watched] == [(2, late, late)]
-        assert await store.given_up_steps() == []
+        assert await PgMonitoringStore(conn).given_up_steps() == []
     assert monitor.live.steps["r-late"].step_index == 2
 
 

@@ -81,6 +81,11 @@ class RolloutSteps:
         old = sorted(k for k, s in self.early.items() if s.received_at < received_before)
         return [self.early.pop(k) for k in old]
 
+    async def expire_early_steps_beyond(self, most: int, *, keeping: EarlyStep) -> list[EarlyStep]:
+        keep = (keeping.rollout_id, keeping.step_index)
+        oldest = sorted((s.received_at, k) for k, s in self.early.items() if k != keep)
+        return [self.early.pop(k) for _, k in oldest[: max(len(self.early) - most, 0)]]
+
     async def kept_steps(self) -> list[EarlyStep]:
         return [self.early[k] for k in sorted(self.early)]
 
