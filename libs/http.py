@@ -7,6 +7,7 @@ import email.message
 import inspect
 import json
 import re
+import types
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import aclosing
@@ -37,7 +38,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -280,9 +281,52 @@ class BodyRoute(APIRoute):
     The caller's token is checked (libs.auth, 401 or 403) before a byte of the body is read: FastAPI reads
     and parses the body before it solves the dependencies, so a request without a token had the service
     parse up to ``max_request_bytes`` of JSON on its event loop (or spool a form to disk), and was told
-    what was wrong with the body rather than that it may not ask."""
+    what was wrong with the body rather than that it may not ask.
+
+    A GET route answers HEAD too (RFC 9110, 9.1: a general-purpose server supports both; load balancers,
+    uptime checkers and ``curl -I`` send it), where FastAPI's routes answered 405: the same checks (token,
+    query, limits), status and headers as its GET, without the body. The server leaves the body out
+    (uvicorn does, as RFC 9110, 9.3.2 says); a :class:`StreamingResponse`'s stream is never read
+    (:func:`_head_answer`), so a HEAD costs what the endpoint does before it returns. An endpoint that takes
+    a slot, a connection or a snapshot before it returns its stream answers HEAD from the request alone
+    instead (it reads ``request.method``; audit's export). The OpenAPI document lists GET only, as FastAPI's
+    own."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.PARTIAL and scope["method"] == "HEAD" and "GET" in (self.methods or ()):
+            return Match.FULL, child
+        return match, child
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "HEAD" or "GET" not in (self.methods or ()):
+            await super().handle(scope, receive, send)
+            return
+        # FastAPI checks the method against the route's own before it calls the handler: GET, as HEAD is not
+        # among them (the OpenAPI document would list every operation twice). The handler puts HEAD back
+        # first thing (get_route_handler), before the endpoint reads it or an answer is sent.
+        scope["method"] = "GET"
+        scope[_HEAD] = True
+        try:
+            await super().handle(scope, receive, send)
+        finally:
+            scope["method"] = "HEAD"
+            scope.pop(_HEAD, None)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = self._checked_handler()
+        if "GET" not in (self.methods or ()):
+            return handler
+
+        async def answered(request: Request) -> Response:
+            if request.scope.pop(_HEAD, False):
+                request.scope["method"] = "HEAD"
+                return await _head_answer(await handler(request))
+            return await handler(request)
+
+        return answered
+
+    def _checked_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         # The router's own dependencies are in the route's dependant; create_app includes routers without
         # adding any.
@@ -309,6 +353,24 @@ class BodyRoute(APIRoute):
             return await handler(checked)
 
         return strict
+
+
+_HEAD = "driftloop.head"
+"""The scope's mark of a HEAD request that :meth:`BodyRoute.handle` passes to FastAPI as a GET."""
+
+
+async def _head_answer(response: Response) -> Response:
+    """The answer to a HEAD request, from its GET route's ``response``: that one (the server leaves its body
+    out), but a stream is closed unread and answered with its status and headers alone (a Content-Length
+    only if the route set one, as for its GET)."""
+    if not isinstance(response, StreamingResponse):
+        return response
+    close = getattr(response.body_iterator, "aclose", None)
+    if close is not None:
+        await close()
+    answer = Response(status_code=response.status_code, background=response.background)
+    answer.raw_headers = response.raw_headers
+    return answer
 
 
 def query_names(dependant: Dependant) -> frozenset[str]:
@@ -512,7 +574,8 @@ def error_body(message: str, code: str, **extra: Any) -> dict[str, Any]:
 
 
 def _allowed_methods(routes: Sequence[Any], scope: Scope) -> set[str]:
-    """The methods of every route whose path matches, looking into included routers."""
+    """The methods of every route whose path matches, looking into included routers; HEAD wherever GET is
+    (BodyRoute answers it)."""
     allowed: set[str] = set()
     for route in routes:
         match, _ = route.matches(scope)
@@ -522,6 +585,8 @@ def _allowed_methods(routes: Sequence[Any], scope: Scope) -> set[str]:
         inner = getattr(getattr(route, "original_router", None), "routes", None)
         if inner:
             allowed |= _allowed_methods(inner, scope)
+    if "GET" in allowed:
+        allowed.add("HEAD")
     return allowed
 
 
@@ -584,7 +649,7 @@ class HotRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for hot in self.routes:
-                match, child = hot.route.matches(scope)
+                match, child = hot.matches(scope)
                 if match is Match.FULL and (params := hot.params(child["path_params"])) is not None:
                     scope.update(child)
                     await hot.serve(scope, receive, send, params)
@@ -610,6 +675,9 @@ class _HotRoute:
             )
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
         self.route = route
+        # APIRoute's matching, without BodyRoute's HEAD check: the lane serves a route's own methods only (a
+        # HEAD goes on to FastAPI), and pays nothing for it on every request.
+        self.matches = types.MethodType(APIRoute.matches, route)
         self.request_name = d.request_param_name
         self.adapters = {p.name: TypeAdapter(hints.get(p.name, str)) for p in d.path_params}
 

@@ -439,6 +439,7 @@ HOT_REQUESTS = [
     ("POST", "/items/churn/versions/0", b""),  # fails the endpoint's own constraint: FastAPI's 422
     ("POST", "/items/churn/versions/seven", b""),  # not an int: FastAPI's 422
     ("GET", "/items/churn/versions/7", b""),  # another method: FastAPI's 405
+    ("HEAD", "/items/churn/versions/7", b""),  # HEAD of a route without GET: FastAPI's 405 too
     ("POST", "/items/churn/versions/7/", b""),  # another path: FastAPI's redirect
     ("POST", "/items/churn/versions/7", b"conflict"),  # a typed error: the app's handler
     ("POST", "/items/churn/versions/7", b"bug"),  # no handler: Starlette's 500

@@ -127,7 +127,10 @@ async def test_feedback_that_is_not_json_is_a_documented_422() -> None:
 async def test_a_405_allows_every_method_of_the_resource(service: str, path: str, url: str) -> None:
     doc, r = await answer(service, "OPTIONS", url, headers=ADMIN)
     assert r.status_code == 405
-    assert set(r.headers["allow"].replace(" ", "").split(",")) == {m.upper() for m in doc["paths"][path]}
+    documented = {m.upper() for m in doc["paths"][path]}
+    # A GET route answers HEAD too, which the document does not list (libs.http.BodyRoute).
+    head = {"HEAD"} if "GET" in documented else set()
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == documented | head
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/versions"])

@@ -272,6 +272,26 @@ async def test_the_policy_of_a_model_monitoring_never_saw_is_404_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("url", "status"),
+    [
+        ("/v1/models/churn/policy", 200),
+        ("/v1/models/churm/policy", 404),
+        ("/v1/models/churm/drift", 404),
+        ("/v1/models/churm/drift.html", 404),
+    ],
+)
+async def test_a_head_answers_as_the_get_without_the_body(
+    viewer: tuple[httpx.AsyncClient, Monitor], url: str, status: int
+) -> None:
+    client, _ = viewer
+    got, head = await client.get(url), await client.head(url)
+    assert (got.status_code, head.status_code) == (status, status), got.text
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["content-length"] == got.headers["content-length"]
+    assert head.content == b""
+
+
+@pytest.mark.parametrize(
     ("body", "key"),
     [
         (b'{"alpha": 0.01, "alpha": 0.5}', "alpha"),

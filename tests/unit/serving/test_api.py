@@ -574,6 +574,44 @@ async def test_oip_metadata_and_health(service: Service) -> None:
     assert meta["parameters"]["engine"] == "scikit-learn"
 
 
+@pytest.mark.parametrize(
+    ("url", "headers", "status"),
+    [
+        ("/health/live", {}, 200),
+        ("/health/ready", {}, 200),
+        ("/v2", {}, 200),
+        ("/v2/health/live", {}, 200),
+        ("/v2/health/ready", {}, 200),
+        ("/v2/models/churn/ready", {}, 200),
+        ("/v2/models/churn/versions/1/ready", {}, 200),
+        ("/v2/models/other/ready", {}, 404),
+        ("/v2/models/churn", PREDICT, 200),
+        ("/v2/models/churn", {}, 401),
+        ("/v2/models/churn/versions/1", PREDICT, 200),
+        ("/v2/models/churn/versions/9", PREDICT, 404),
+        ("/v1/models", VIEWER, 200),
+        ("/v1/models/churn", VIEWER, 200),
+        ("/v1/models/churn", PREDICT, 403),
+    ],
+)
+async def test_every_get_route_answers_head_as_its_get_without_the_body(
+    service: Service, url: str, headers: dict[str, str], status: int
+) -> None:
+    # Load balancers and uptime checkers probe /v2/health/live and /v2/health/ready with HEAD: it was a 405.
+    got = await service.client.get(url, headers=headers)
+    head = await service.client.head(url, headers=headers)
+    assert (got.status_code, head.status_code) == (status, status), got.text
+    for name in ("content-type", "content-length", "www-authenticate"):
+        assert head.headers.get(name) == got.headers.get(name), name
+    assert got.content and head.content == b""
+
+
+async def test_a_head_on_predict_is_405_allowing_post_and_predicts_nothing(service: Service) -> None:
+    r = await service.client.head("/v1/models/churn/predict", headers=PREDICT)
+    assert (r.status_code, r.headers["allow"], r.content) == (405, "POST", b"")
+    assert service.log.items == []
+
+
 # --- feedback and operator commands ---------------------------------------------------------------------
 
 
