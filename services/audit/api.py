@@ -61,14 +61,18 @@ class Slots:
         self.setting = setting
         self.held = 0
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
+    def check_free(self) -> None:
+        """429 when every slot is held, as :meth:`hold` would answer now; takes none."""
         if self.held >= self.limit:
             raise TooManyRequests(
                 f"{self.held} {self.running} already, the most at once "
                 f"({self.setting}={self.limit}): try again in {self.RETRY_AFTER_S} s",
                 retry_after_s=self.RETRY_AFTER_S,
             )
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.check_free()
         self.held += 1
         try:
             yield
@@ -257,6 +261,11 @@ async def export(
     """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
     core.check_range(from_seq, to_seq)  # before a slot, a connection and a snapshot are taken
     ctx = _context(request)
+    if request.method == "HEAD":
+        # The rest of the answer is known only from the export's first line, which takes a slot, a
+        # connection and a snapshot: a HEAD is answered from the request alone (docs/audit.md, Export format).
+        ctx.exports.check_free()
+        return StreamingResponse(iter(()), media_type="application/x-ndjson")
 
     async def lines() -> AsyncGenerator[bytes, None]:
         # The slot is held as long as the connection is: released with it, however the stream ends.

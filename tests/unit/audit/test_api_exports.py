@@ -120,6 +120,47 @@ async def test_an_export_of_no_rows_is_refused_before_it_takes_a_slot_or_a_snaps
     assert trail.entered == 0
 
 
+async def test_a_head_of_the_export_takes_no_slot_connection_or_snapshot(
+    client: httpx.AsyncClient, trail: Trail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A load balancer's or curl's HEAD: its answer is what the request decides, with the GET's headers.
+    exported = 0
+
+    async def export_lines(*_: Any, **__: Any) -> AsyncIterator[bytes]:
+        nonlocal exported
+        exported += 1
+        yield b'{"header": true}\n'
+
+    monkeypatch.setattr(core, "export_lines", export_lines)
+    trail.go.set()
+    head = await client.head("/v1/export", params={"from_seq": 2})
+    assert (trail.entered, exported) == (0, 0)
+    assert head.status_code == 200, head.text
+    assert head.headers["content-type"] == "application/x-ndjson"
+    assert "content-length" not in head.headers and head.content == b""
+    got = await client.get("/v1/export", params={"from_seq": 2})
+    assert (got.status_code, got.headers["content-type"], exported) == (200, "application/x-ndjson", 1)
+
+
+async def test_a_head_of_the_export_is_refused_as_its_get_would_be(trail: Trail) -> None:
+    settings = AuditSettings(env="test", export_concurrency=2)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    slots = api.export_slots(settings.export_concurrency)
+    slots.held = 2
+    app.state.audit = types.SimpleNamespace(settings=settings, pool=None, role="audit_writer", exports=slots)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit") as anyone:
+        unknown = await anyone.head("/v1/export")
+        client = httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER)
+        async with client:
+            full = await client.head("/v1/export")
+            empty = await client.head("/v1/export", params={"from_seq": 5, "to_seq": 3})
+    assert (unknown.status_code, unknown.headers["www-authenticate"], unknown.content) == (401, "Bearer", b"")
+    assert (full.status_code, full.headers["retry-after"], full.content) == (429, "5", b"")
+    assert (empty.status_code, empty.content) == (422, b"")
+    assert slots.held == 2 and trail.entered == 0
+
+
 def test_exports_may_not_take_every_connection_of_the_pool() -> None:
     with pytest.raises(
         ValueError, match="DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY \\(8\\) must be below DRIFTLOOP_DB_POOL_MAX"
