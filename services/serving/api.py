@@ -72,7 +72,8 @@ from services.serving.scoring import Predictor, PredictRequest, PredictResult
 
 REQUEST_SECONDS = Histogram(
     "driftloop_serving_request_seconds",
-    "Whole predict requests (reading, checking, scoring, answering), per model and protocol.",
+    "Whole predict requests answered with predictions (reading, checking, scoring, answering), per model and "
+    "protocol; a refused request (4xx) is not timed.",
     ["model", "protocol"],
     buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )

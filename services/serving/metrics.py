@@ -42,7 +42,8 @@ LATENCY = Histogram(
 )
 MODEL_ERRORS = Counter(
     "driftloop_serving_model_errors_total",
-    "Model calls that failed (a failed canary call is answered by the stable version).",
+    "Model calls that failed (a failed canary call is answered by the stable version); a request whose input "
+    "the model's signature refuses (422) calls no model and is not counted.",
     _BY_VARIANT,
 )
 UNCOMPILED = Counter(

@@ -276,24 +276,31 @@ class Predictor:
         rows: list[int] | None,
     ) -> tuple[Variant, ServedModel, FeatureColumns, Scores, float]:
         started = time.perf_counter()
+        # A model error is a model call that failed; a request whose input the signature refuses never called
+        # the model (a 422 for the client), and counted, any client could raise the error count of a healthy
+        # version at will.
+        columns: FeatureColumns | None = None
         try:
             columns = request.parse(served.signature, rows)
             scores = served.predict(columns)
             return variant, served, columns, scores, time.perf_counter() - started
         except Exception as exc:
             if variant is not Variant.CANARY or routing.stable is None or request.version is not None:
-                MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
+                if columns is not None:
+                    MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
                 raise _refused(served, exc) from exc
             canary_error = exc
         stable = routing.stable
         started = time.perf_counter()
+        columns = None
         try:
             columns = request.parse(stable.signature, rows)
             scores = stable.predict(columns)
         except Exception as exc:
             # The stable version cannot answer these rows either: the input is at fault, not the canary, so
             # nothing counts against it (bad requests would otherwise roll back a healthy canary).
-            MODEL_ERRORS.labels(stable.model, str(stable.version), Variant.STABLE.value).inc()
+            if columns is not None:
+                MODEL_ERRORS.labels(stable.model, str(stable.version), Variant.STABLE.value).inc()
             raise _refused(stable, exc) from exc
         MODEL_ERRORS.labels(served.model, str(served.version), variant.value).inc()
         if routing.rollout_id is not None:

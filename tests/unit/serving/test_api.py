@@ -15,6 +15,7 @@ import orjson
 import pandas as pd
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from contracts.commands import PromoteRequested, RollbackRequested
@@ -418,6 +419,40 @@ async def test_failing_canary_is_answered_by_the_stable_and_its_error_rate_rolls
         assert r.json()["predictions"][0]["model_version"] == 1
     assert service.breaches == [("churn", "r-1", service.breaches[0][2])]
     assert "failed 5 of 5" in service.breaches[0][2]
+
+
+def model_errors() -> dict[str, float]:
+    """`driftloop_serving_model_errors_total` of churn, by version."""
+    return {
+        v: REGISTRY.get_sample_value(
+            "driftloop_serving_model_errors_total", {"model": "churn", "version": v, "variant": variant}
+        )
+        or 0.0
+        for v, variant in (("1", "stable"), ("2", "canary"))
+    }
+
+
+@pytest.mark.parametrize("canary", [False, True], ids=["stable", "canary"])
+async def test_input_the_signature_refuses_is_a_422_not_a_model_error(service: Service, canary: bool) -> None:
+    """A model error is a model call that failed: a client sending rows the signature refuses (here with a
+    feature the model does not have) called no model, and does not raise any version's error count."""
+    if canary:
+        service.route(served(1), served(2), weight=1.0)
+    before = model_errors()
+
+    for _ in range(3):
+        r = await predict(service, [record(colour="red")])
+        assert r.status_code == 422 and "colour" in r.json()["detail"]
+    body = oip_body()
+    body["inputs"] = body["inputs"][:2]  # no plan
+    assert (
+        await service.client.post("/v2/models/churn/infer", json=body, headers=PREDICT)
+    ).status_code == 422
+
+    assert model_errors() == before
+    service.route(served(1, Broken()))
+    assert (await predict(service, [record()])).status_code == 503
+    assert model_errors()["1"] == before["1"] + 1  # a model that fails still counts
 
 
 async def test_shadow_answers_with_the_stable_and_logs_the_candidate(service: Service) -> None:
