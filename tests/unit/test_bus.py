@@ -9,6 +9,7 @@ from pydantic import Field
 
 from contracts.envelope import CloudEvent, EventPayload, EventTypeRegistry, new_event
 from libs.bus import InMemoryBus, PermanentError, Subscription, Transaction
+from tests.unit import metrics_lint
 
 
 class ThingHappened(EventPayload):
@@ -347,3 +348,46 @@ async def test_the_kafka_runner_lets_the_broker_hold_a_fetch_only_as_long_as_the
 
 async def _noop_batch(deliveries: Any, tx: Transaction) -> None:
     return None
+
+
+def hostile_text(i: int) -> str:
+    """A different text each time, of the kinds a producer may put in an event: long, not ASCII, path-like."""
+    return ["x" * 300 + str(i), f"m\u00e9t\u00e9o-{i}", f"../{i}/admin", f"io.driftloop.Thing{i}.v1"][i % 4]
+
+
+async def test_hostile_events_add_no_series(bus: InMemoryBus) -> None:
+    """No label of the bus takes its value from an event: a producer writing events of made-up types, sources,
+    ids, subjects and payloads, or that a handler refuses with text of their own, adds dead letters, not
+    series to /metrics (dead letters are counted by their reason, which the bus names)."""
+
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        if event.data.n % 2:
+            raise PermanentError(f"refused: {event.subject}")
+
+    bus.subscribe(
+        Subscription(consumer="counter", topics=["test.things"], handlers={ThingHappened: on_thing})
+    )
+    _, _, good_headers = thing(0).to_kafka()
+
+    async def send(i: int) -> None:
+        text = hostile_text(i)
+        await bus.publish(new_event(ThingHappened(n=i), source=f"/{text}", subject=text))
+        for header, value, payload in [
+            ("ce_type", text, b'{"n": 1}'),
+            ("ce_source", f"/{text}", b'{"n": 2}'),
+            ("ce_id", text, b'{"n": 2}'),
+            ("ce_subject", text, b'{"n": "' + text.encode() + b'"}'),
+            ("ce_type", "io.driftloop.ThingHappened.v1", text.encode()),
+        ]:
+            headers = {**dict(good_headers), header: value.encode()}
+            bus.append_raw("test.things", text.encode(), payload, list(headers.items()))
+        await bus.drain()
+
+    for i in range(8):  # every kind once, so that each bounded series there is to be exists
+        await send(i)
+    before = metrics_lint.series()
+    for i in range(8, 108):
+        await send(i)
+
+    assert {d.reason for d in bus.dead_letters} == {"not-json", "rejected", "schema-invalid", "unknown-type"}
+    assert metrics_lint.series() == before

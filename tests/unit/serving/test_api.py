@@ -32,6 +32,7 @@ from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
 from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
 from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictResult
 from services.serving.settings import ServingSettings
+from tests.unit import metrics_lint
 from tests.unit.serving.fakes import Clock, churn_pipeline, churn_signature, record
 
 PREDICT = {"Authorization": "Bearer dev-predict"}
@@ -690,6 +691,49 @@ async def test_feedback_refusals(service: Service) -> None:
     r = await service.client.post("/v1/feedback", json={"prediction_id": "churn:1:x-0"}, headers=PREDICT)
     assert r.status_code == 422
     assert service.outbox.events == []
+
+
+def hostile(i: int) -> str:
+    """A different name each time, of the kinds a client may send: long, not ASCII, path-like, an id."""
+    return ["x" * 300 + str(i), f"m\u00e9t\u00e9o-{i}", f"..%2f{i}%2fadmin", f"churn:{i}:abc-0", f"churn{i}"][
+        i % 5
+    ]
+
+
+async def test_hostile_names_and_values_add_no_series(service: Service) -> None:
+    """No label takes its value from what a client sends: requests for models serving does not serve, bad
+    versions, unknown routes, refused bodies and feedback for unknown models leave /metrics as it was. (A
+    series per name would grow /metrics, and Prometheus, without bound: a cardinality bomb.)"""
+    assert (await predict(service, [record(plan="never-seen")])).status_code == 200
+    assert (await service.client.post("/v2/models/churn/infer", json=oip_body(), headers=PREDICT)).is_success
+    before = metrics_lint.series()
+
+    for i in range(100):
+        name = quote(hostile(i), safe="")
+        answers = [
+            await service.client.post(
+                f"/v1/models/{name}/predict", json={"records": [record()]}, headers=PREDICT
+            ),
+            await service.client.post(f"/v2/models/{name}/infer", json=oip_body(), headers=PREDICT),
+            await service.client.post(
+                f"/v2/models/churn/versions/{i + 2}/infer", json=oip_body(), headers=PREDICT
+            ),
+            await service.client.post(
+                f"/v2/models/{name}/versions/1/infer", json=oip_body(), headers=PREDICT
+            ),
+            await service.client.get(f"/v2/models/{name}/ready", headers=PREDICT),
+            await service.client.post(f"/v1/{name}/predict", json={}, headers=PREDICT),
+            await predict(service, [record(**{hostile(i): 1})]),
+            await predict(service, [record(plan=hostile(i))], entity_keys=[hostile(i)]),
+            await service.client.post(
+                "/v1/feedback",
+                json={"prediction_id": hostile(i), "model": f"m{i}", "label": 1},
+                headers=PREDICT,
+            ),
+        ]
+        assert [a.status_code // 100 for a in answers] == [4, 4, 4, 4, 4, 4, 4, 2, 4], (i, answers[-1].text)
+
+    assert metrics_lint.series() == before
 
 
 async def test_operator_commands_become_events_with_the_actor(service: Service) -> None:
