@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib.util
 import math
 import os
@@ -22,7 +23,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from rich.console import Console
 from rich.table import Table
 
 from deploy.local.broker import broker_answers, create_platform_topics
@@ -51,6 +51,7 @@ from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT, LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, supervised_state_dir
+from libs.output import StdoutConsole, discard_output, output_reader_gone, reader_gone
 from libs.settings import KafkaSettings, settings_problems
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
@@ -91,7 +92,7 @@ def print_status(rows: Sequence[ComponentStatus]) -> None:
         table.add_row(
             row.name, f"[{colour}]{row.state}[/{colour}]", str(row.pid or "-"), row.address, row.detail
         )
-    Console().print(table)
+    StdoutConsole().print(table)
 
 
 # --- infra ------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def print_services(platform: Platform) -> bool:
             str(row.get("restarts", "-")),
             platform.url(name),
         )
-    Console().print(table)
+    StdoutConsole().print(table)
     return all(v == "ready" for v in health.values())
 
 
@@ -601,16 +602,30 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
     named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"
     try:
-        token = issue_token(path, name=args.name, role=Role(args.role), named_by=named_by)
+        issue_token(path, name=args.name, role=Role(args.role), named_by=named_by, show=show_token)
     except TokenFileInvalid as err:
         raise InfraError(
             str(err),
-            hint="correct the file (it was left as it was), or name another with --file or "
-            "DRIFTLOOP_AUTH_TOKENS_FILE.",
+            hint="correct the file (it was left as it was: no token was added), or name another with --file "
+            "or DRIFTLOOP_AUTH_TOKENS_FILE.",
         ) from err
     say(f"added a {args.role} token for {args.name!r} to {path}; services read the file when they start")
-    print(token)
     return 0
+
+
+def show_token(token: str) -> None:
+    """Print a new token, before it is stored: one that cannot be shown (stdout closed, a full disk, its
+    reader gone) is an error, and no token is stored that nobody has."""
+    try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`), where print() writes nothing
+            raise OSError(errno.EBADF, "standard output is closed")
+        print(token, flush=True)
+    except OSError as exc:
+        discard_output()
+        raise InfraError(
+            f"the token could not be written to standard output ({exc.strerror}), so none was stored",
+            hint="run it again with its output to a terminal, a file or a program that reads it.",
+        ) from exc
 
 
 # --- the table and the parser ------------------------------------------------------------------------
@@ -701,20 +716,30 @@ def build_parser(commands: Sequence[Subcommand] = COMMANDS) -> argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `driftloop` console script."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    command: Subcommand | None = getattr(args, "command", None)
-    if command is None:
-        args.usage_of.print_help()
-        return 2
-    if extra and not command.passthrough:
-        args.usage_of.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.passthrough = extra
+    """Entry point of the `driftloop` console script: the one place where what went wrong becomes a message
+    and an exit status (2, a usage error, is argparse's SystemExit)."""
     try:
+        # Building the parser imports what the commands' arguments need (a second or more): a Ctrl-C that
+        # early is answered as one during the command.
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        command: Subcommand | None = getattr(args, "command", None)
+        if command is None:
+            args.usage_of.print_help()
+            return 2
+        if extra and not command.passthrough:
+            args.usage_of.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.passthrough = extra
         # SIGTERM and SIGHUP end a command through its clean-up, as Ctrl-C does.
         with terminations_raise():
-            return command.run(args)
+            status = command.run(args)
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`), and print() writes nothing
+            sys.stdout.flush()  # here, where a reader gone is seen, not in Python's last flush
+        return status
+    except BrokenPipeError:
+        if not output_reader_gone():
+            raise  # a socket's or a child's pipe: not the command's output
+        return reader_gone()
     except InfraError as err:
         print(f"driftloop: error: {err.message}", file=sys.stderr)
         if err.hint:

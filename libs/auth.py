@@ -150,14 +150,25 @@ def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
     return content
 
 
-def issue_token(path: Path, *, name: str, role: Role, named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE") -> str:
+def issue_token(
+    path: Path,
+    *,
+    name: str,
+    role: Role,
+    named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE",
+    show: Callable[[str], None] | None = None,
+) -> str:
     """Create a token, store its hash in ``path`` and return the token (shown once, never stored); a file
     that is not a token file is left as it was (TokenFileInvalid). A name that cannot name the holder
-    (:func:`token_name_problem`) is a ValueError, the file untouched."""
+    (:func:`token_name_problem`) is a ValueError, the file untouched. ``show`` gets the token once the file
+    was read and before its hash is stored: whatever it raises (the token could not be shown) leaves the file
+    as it was, so no token grants a role that nobody has."""
     if why := token_name_problem(name):
         raise ValueError(f"the token's name {why}")
     token = f"dl_{secrets.token_urlsafe(32)}"
     content = read_token_file(path, named_by=named_by)
+    if show is not None:
+        show(token)
     content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

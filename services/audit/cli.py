@@ -4,14 +4,11 @@ service need not run). deploy/cli.py registers these; each returns the process e
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
-import os
 import re
-import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from rich.tree import Tree
 
 from libs.db import check_schema_name, create_pool, shown_dsn
 from libs.errors import DomainError
+from libs.output import StdoutConsole, output_reader_gone
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -33,33 +31,11 @@ from services.audit.settings import AuditSettings, decode_key
 from services.audit.verification import VerifyReport
 
 
-class _Console(Console):
-    """A console whose closed pipe ends the command as a :func:`print` to it does (:func:`_run`)."""
-
-    def on_broken_pipe(self) -> None:
-        # rich's own exits with status 1 here, the status of a failed verification.
-        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-
-
 def _console() -> Console:
-    """A terminal's width; a pipe or a file gets wide lines rather than cut columns."""
-    console = _Console()
-    return console if console.is_terminal else _Console(width=240)
-
-
-READER_GONE = 128 + signal.SIGPIPE
-"""The exit status of a command whose reader stopped reading (`driftloop audit tail | head`): what a shell
-reports for a command SIGPIPE ended, never 1 (a failed verification, an error)."""
-
-
-def _reader_gone() -> int:
-    """The output's reader went away: nothing more can be said to it, and nothing is wrong to say on
-    stderr. What is still buffered for stdout goes nowhere, so Python's last flush does not fail."""
-    with suppress(OSError, ValueError):  # stdout is not a file (a test's capture)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    return READER_GONE
+    """A terminal's width; a pipe or a file gets wide lines rather than cut columns. A reader gone raises
+    BrokenPipeError (rich's own exits with 1, the status of a failed verification)."""
+    console = StdoutConsole()
+    return console if console.is_terminal else StdoutConsole(width=240)
 
 
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -144,12 +120,10 @@ def _keys(settings: AuditSettings, extra: Sequence[str]) -> tuple[KeyRing, Seale
 
 def _run(main: Any) -> int:
     try:
-        status = int(asyncio.run(main))
-        sys.stdout.flush()  # here, where a reader gone is seen, not in Python's last flush
-        return status
-    except BrokenPipeError:  # an OSError, but the command's own, not the trail's
-        return _reader_gone()
+        return int(asyncio.run(main))
     except (TrailUnavailable, DomainError, ValueError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and output_reader_gone():
+            raise  # the command's own output's, not the trail's: deploy/cli.py's main ends it quietly
         print(f"driftloop: error: {exc}", file=sys.stderr)
         return 1
     except asyncpg.PostgresError as exc:

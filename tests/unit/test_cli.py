@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.abc
 import os
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -816,3 +818,186 @@ def test_pid_files_naming_no_possible_process_are_stale_not_a_crash_nor_a_signal
 
     err = capsys.readouterr().err
     assert "nothing of ours was running" in err and "Traceback" not in err
+
+
+# --- misuse: what a user sees when the command line, its output or a Ctrl-C is not what a command expects --
+
+
+def test_ctrl_c_while_the_command_line_is_read_ends_with_130_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Building the parser imports what the commands' arguments need (a second or more after `driftloop`
+    # starts): a Ctrl-C then went out of main as a KeyboardInterrupt, which Python prints as a traceback.
+    def interrupted_parser() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_parser)
+    try:
+        status: object = main(["audit", "tail", "-f"])
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt went out of main"
+
+    assert status == 130
+    assert "driftloop: interrupted" in capsys.readouterr().err
+
+
+class _InterruptedImport(importlib.abc.MetaPathFinder):
+    """A Ctrl-C while ``deploy.cli`` and what it imports load."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "deploy.cli":
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_command_loads_ends_with_130_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The console script imported deploy.cli (over a second) before any of its code could answer a Ctrl-C.
+    from deploy import __main__ as entry
+
+    monkeypatch.delitem(sys.modules, "deploy.cli")
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
+
+    assert entry.run() == 130
+    assert "driftloop: interrupted" in capsys.readouterr().err
+
+
+@pytest.fixture
+def cascade(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A trail of one cascade for the audit commands, in memory (the pool and its transactions are fakes);
+    its correlation id."""
+    from contracts.monitoring import DriftDetected
+    from services.audit.domain import Signer
+    from tests.unit.audit.fakes import SEED, FakeTrail, delivery, example, record
+
+    trail = FakeTrail()
+    event = example(DriftDetected)
+    asyncio.run(record(trail, Signer(SEED), [delivery(event, offset=0)]))
+
+    @contextlib.asynccontextmanager
+    async def pool(settings: AuditSettings) -> AsyncIterator[object]:
+        yield object()
+
+    @contextlib.asynccontextmanager
+    async def reading(pool: object, role: str) -> AsyncIterator[FakeTrail]:
+        yield trail
+
+    monkeypatch.setattr(audit_cli, "_pool", pool)
+    monkeypatch.setattr(audit_cli, "reading", reading)
+    return event.correlationid or event.id
+
+
+@contextlib.contextmanager
+def stdout_to_a_pipe(*, read: bool) -> Iterator[None]:
+    """sys.stdout to a pipe: read (its reader is there) or not (`driftloop ... | head -0`)."""
+    read_end, write_end = os.pipe()
+    if not read:
+        os.close(read_end)
+    stream = open(write_end, "w")  # noqa: SIM115  # closed below, after main is done with it
+    previous, sys.stdout = sys.stdout, stream
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+        with contextlib.suppress(OSError):
+            stream.close()
+        if read:
+            os.close(read_end)
+
+
+def test_a_reader_that_stops_reading_ends_a_command_quietly_with_141(
+    cascade: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with stdout_to_a_pipe(read=False):
+        status = main(["audit", "trace", cascade, "--json"])
+
+    assert status == 141  # 128 + SIGPIPE, as a shell reports a command its reader left
+    assert capsys.readouterr().err == ""
+
+
+def test_a_reader_that_stops_reading_a_status_table_ends_it_quietly_with_141(
+    infra: FakeInfra, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # rich's console ended such a command with 1, the status of components not ready.
+    infra.local.lease("driftloop demo").up()
+
+    with stdout_to_a_pipe(read=False):
+        status = main(["infra", "status"])
+
+    assert status == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_broken_pipe_of_the_trail_is_an_error_not_a_reader_gone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Any BrokenPipeError ended an audit command quietly with 141, one of the connection to the trail too:
+    # a command that could not read the trail said nothing.
+    @contextlib.asynccontextmanager
+    async def broken_pool(settings: AuditSettings) -> AsyncIterator[object]:
+        raise BrokenPipeError(32, "Broken pipe")
+        yield
+
+    monkeypatch.setattr(audit_cli, "_pool", broken_pool)
+    with stdout_to_a_pipe(read=True):
+        status = main(["audit", "tail"])
+
+    assert status == 1
+    assert "driftloop: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_an_audit_command_with_stdout_closed_ends_with_its_status_not_a_traceback(
+    cascade: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `driftloop audit trace <id> >&-`: Python has no sys.stdout then, and the command's last flush of it
+    # raised AttributeError ('NoneType' object has no attribute 'flush').
+    monkeypatch.setattr(sys, "stdout", None)
+
+    assert main(["audit", "trace", cascade]) == 0
+
+
+@contextlib.contextmanager
+def unwritable_stdout(kind: str) -> Iterator[str]:
+    """sys.stdout that nothing can be written to, set in the test's body (pytest sets its capture again
+    after the fixtures); the reason the error gives."""
+    if kind == "closed":  # `>&-`: no sys.stdout, and print() writes nothing
+        previous, sys.stdout = sys.stdout, None
+        try:
+            yield "standard output is closed"
+        finally:
+            sys.stdout = previous
+    elif kind == "reader-gone":
+        with stdout_to_a_pipe(read=False):
+            yield "Broken pipe"
+    else:
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full here")
+        with open("/dev/full", "w") as full:
+            previous, sys.stdout = sys.stdout, full
+            try:
+                yield "No space left on device"
+            finally:
+                sys.stdout = previous
+
+
+@pytest.mark.parametrize("kind", ["closed", "reader-gone", "disk-full"])
+def test_token_issue_stores_no_token_it_could_not_show(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The token's hash was stored first and the token printed after: with stdout closed the command said
+    # it added a token and exited 0; with a full disk or no reader, the token was lost on the way out.
+    # Either way a token that grants a role was in the file, and nobody had it.
+    tokens = tmp_path / "tokens.json"
+
+    with unwritable_stdout(kind) as why:
+        status = main(["token", "issue", "alice", "--role", "operator", "--file", str(tokens)])
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert (
+        f"driftloop: error: the token could not be written to standard output ({why}), so none was stored"
+        in err
+    )
+    assert "added" not in err and "Traceback" not in err
+    assert not tokens.exists()
