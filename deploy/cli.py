@@ -511,6 +511,20 @@ def _text(text: str) -> str:
     return text
 
 
+def _indexed_text(text: str) -> str:
+    """An argparse type: :func:`_text` no longer than the trail indexes an attribute (a correlation id, a
+    model, a type) by; the API answers 422 for a longer one."""
+    from services.audit.domain import INDEX_TEXT_MAX
+
+    text = _text(text)
+    if len(text) > INDEX_TEXT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"is {len(text):,} characters, more than the {INDEX_TEXT_MAX} the trail indexes it by (only an "
+            f"undecodable record has a longer one): give its first {INDEX_TEXT_MAX}"
+        )
+    return text
+
+
 def _audit_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_seq", type=_count, default=1, help="first sequence number")
     parser.add_argument("--to", dest="to_seq", type=_count, help="last sequence number (default: the end)")
@@ -542,22 +556,34 @@ def _audit_tail_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n", "--lines", type=_count, default=20, help="how many of the newest events (1 to the query limit)"
     )
-    parser.add_argument("--model", type=_text, help="only this model's events")
-    parser.add_argument("--type", type=_text, help="only this event type, e.g. DriftDetected")
+    parser.add_argument("--model", type=_indexed_text, help="only this model's events")
+    parser.add_argument("--type", type=_indexed_text, help="only this event type, e.g. DriftDetected")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     """The newest events of the trail."""
     from services.audit import cli as audit
+    from services.audit.settings import AuditSettings
 
-    return audit.tail(limit=args.lines, model=args.model, event_type=args.type, follow=args.follow)
+    settings = AuditSettings()
+    if args.lines > settings.query_max_limit:
+        args.usage_of.error(
+            f"argument -n/--lines: must be {settings.query_max_limit} or less "
+            f"(DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not {args.lines}"
+        )
+    return audit.tail(
+        limit=args.lines, model=args.model, event_type=args.type, follow=args.follow, settings=settings
+    )
 
 
 def _audit_trace_arguments(parser: argparse.ArgumentParser) -> None:
     # Optional to argparse so the command is reachable by its path alone; required below.
     parser.add_argument(
-        "correlation_id", nargs="?", type=_text, help="the cascade's correlation id (its root event's id)"
+        "correlation_id",
+        nargs="?",
+        type=_indexed_text,
+        help="the cascade's correlation id (its root event's id)",
     )
     parser.add_argument("--json", action="store_true", help="print the tree as JSON")
 

@@ -713,17 +713,33 @@ async def test_audit_verify_of_an_empty_range_says_it_is_empty_not_rows_24_to_23
     assert "rows 21..23 chain (fast)" in audit_cli.verdict(some)
 
 
+TOO_LONG = "characters, more than the 512 the trail indexes it by"
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "why"),
     [
-        ["audit", "trace", "cascade-\udcff"],
-        ["audit", "tail", "--model", "\udcffchurn"],
-        ["audit", "tail", "--type", "\udce9"],
+        (["audit", "trace", "cascade-\udcff"], "is not UTF-8 text: b'"),
+        (["audit", "tail", "--model", "\udcffchurn"], "is not UTF-8 text: b'"),
+        (["audit", "tail", "--type", "\udce9"], "is not UTF-8 text: b'"),
+        # Longer than the trail indexes was an error of the query (exit 1), once the database was reached.
+        (["audit", "trace", "c" * 513], TOO_LONG),
+        (["audit", "trace", "c" * 100_000, "--json"], TOO_LONG),
+        (["audit", "tail", "--model", "m" * 513], TOO_LONG),
+        (["audit", "tail", "--type", "T" * 513], TOO_LONG),
     ],
-    ids=["trace", "tail-model", "tail-type"],
+    ids=[
+        "trace",
+        "tail-model",
+        "tail-type",
+        "trace-long",
+        "trace-json-huge",
+        "tail-model-long",
+        "tail-type-long",
+    ],
 )
-def test_audit_arguments_that_are_not_utf8_are_a_usage_error_not_a_postgres_refusal(
-    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_audit_text_no_query_takes_is_a_usage_error_not_a_postgres_refusal(
+    argv: list[str], why: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A byte that is not UTF-8 on the command line ($'\xff' in a shell) arrives as a lone surrogate.
     monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://audit@127.0.0.1:{free_port()}/x")
@@ -733,7 +749,7 @@ def test_audit_arguments_that_are_not_utf8_are_a_usage_error_not_a_postgres_refu
 
     assert caught.value.code == 2
     err = capsys.readouterr().err
-    assert "is not UTF-8 text: b'" in err
+    assert why in err
     assert "Postgres" not in err and "Traceback" not in err
 
 
@@ -1001,3 +1017,19 @@ def test_token_issue_stores_no_token_it_could_not_show(
     )
     assert "added" not in err and "Traceback" not in err
     assert not tokens.exists()
+
+
+@pytest.mark.parametrize("count", ["1001", "99999999999999999999999"])
+def test_audit_tail_count_above_the_query_limit_is_a_usage_error_naming_the_setting(
+    count: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `-n 0` was a usage error (2) and `-n 1001` an error (1), for the same mistake.
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", f"postgresql://audit@127.0.0.1:{free_port()}/x")
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT", "1000")
+
+    with pytest.raises(SystemExit) as caught:
+        main(["audit", "tail", "-n", count])
+
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument -n/--lines: must be 1000 or less (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not {count}" in err
