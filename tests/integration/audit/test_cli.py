@@ -167,18 +167,6 @@ async def test_trace_of_a_very_deep_cascade_prints_its_dead_letters(
     assert "dead letter" in out and "handler-failed" in out
 
 
-async def test_tail_beyond_the_query_limit_says_so(
-    audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT", "5")
-    await audit_env.fill(3)
-    assert await cli("audit", "tail", "-n", "6") == 1
-    assert (
-        "driftloop: error: -n must be from 1 to 5 (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not 6"
-        in capsys.readouterr().err
-    )
-
-
 async def test_tail_of_large_records_shows_the_newest_the_byte_budget_holds_and_says_so(
     audit_env: TrailDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
