@@ -4,16 +4,14 @@ all in one event loop, stopped gracefully on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
-import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -25,6 +23,7 @@ from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
 from libs.db import Migration, apply_migrations, create_pool, shown_dsn
+from libs.http_server import http_server
 from libs.logging import configure_logging, get_logger
 from libs.settings import ServiceSettings, settings_problems
 
@@ -176,14 +175,6 @@ class ServiceParts:
 Build = Callable[[Runtime], Awaitable[ServiceParts]]
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service stops everything together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], build: Build) -> None:
     """Run a service until SIGTERM/SIGINT; then stop taking requests, finish the batches in hand, exit."""
     configure_logging(settings.service, level=settings.log_level, json=settings.log_json)
@@ -192,18 +183,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     tune_collector()
     runners = [runtime.consumer(s) for s in parts.subscriptions]
     relay = runtime.relay() if parts.relay else None
-    server = _Server(
-        uvicorn.Config(
-            parts.app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            # Longer than clients' idle expiry (httpx: 5 s, browsers and load balancers: 60 s), so the
-            # server never closes a kept-alive connection at the moment a client reuses it.
-            timeout_keep_alive=75,
-        )
-    )
+    server = http_server(parts.app, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

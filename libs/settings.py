@@ -203,6 +203,52 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="HTTP request bodies above this get 413; 1 or more."
     )
+    http_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="HTTP connections a service process holds at once, 1 or more; one more is answered 503 "
+        "(Retry-After: 1) and closed as it is accepted, and a request gets 503 while this many are being "
+        "answered. Lowered at start, with a warning, to the process's open-files limit (ulimit -n) less 640 "
+        "(256 for the database pools, Kafka and files, 384 for connections accepted in a burst before they "
+        "are refused): past that limit every connection and file the service opens fails, its database's "
+        "and Kafka's too.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a client may take to send a request's line and headers, above 0: counted from "
+        "the connection's opening for its first request, from the request's first byte for a later one. "
+        "Past it the server answers 408 and closes the connection; a connection that sent nothing is closed "
+        "without an answer. (Between requests a connection may stay idle 75 s.)",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request body may take to arrive once its headers have, above 0, plus one "
+        "second for every http_body_min_bytes_per_s bytes received (and the time the headers did not use): a "
+        "client that sends that fast is never cut off, one that sends a byte every few seconds gets 408 and "
+        "the connection closed.",
+    )
+    http_body_min_bytes_per_s: int = Field(
+        1000,
+        ge=1,
+        description="The rate of body that earns a request one more second (http_body_timeout_s), 1 or more.",
+    )
+    http_send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long a client may leave its answer unread (the server's send buffer full, nothing "
+        "taken from it) before its connection is dropped, above 0. Without it a client that never reads "
+        "held the unread answer in memory, or a streaming answer's task, for ever.",
+    )
+    http_max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="A request line and headers larger than this get 431 and the connection closed, 1,024 or "
+        "more. Counted as each read of the socket (at most 256 KiB) is parsed, so a head may pass it by up "
+        "to two reads: the one it begins in and the one it ends in. uvicorn's parser has no limit of its "
+        "own.",
+    )
 
     def consumer_limits(self) -> ConsumerLimits:
         """The retry and size limits every subscription of the service takes (``Subscription(**...)``)."""
