@@ -151,6 +151,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
     return {
         "models": models,
         "unknown": unknown,
+        "unknown_rows_not_listed": live.unknown_rows_not_listed,
         "skipped_before_registration": skipped,
         "windows_waiting_for_judgement": len(live.closed),
         "cached_predictions": live.cache.rows,

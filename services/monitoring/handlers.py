@@ -9,6 +9,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 from prometheus_client import Counter
@@ -71,7 +72,7 @@ from services.monitoring.domain import (
     shown_value,
     unscorable,
 )
-from services.monitoring.live import SHADOW, LabelJoined, LiveState
+from services.monitoring.live import SHADOW, LabelJoined, LiveState, Warned
 from services.monitoring.ports import (
     Artifacts,
     EarlyStep,
@@ -217,11 +218,14 @@ class Monitor:
     policies_fingerprint: str | None = None
     replay: ReplayReport | None = None
     """What the restart's replay of the predictions topic read and missed; None when none ran."""
-    ahead_of_clock_warned: set[str] = field(default_factory=set)
-    """Models whose predictions dated ahead of the clock were logged (once per model)."""
-    past_label_wait_warned: set[str] = field(default_factory=set)
-    """Models whose predictions dated further back than the label wait were logged (once per model)."""
-    outside_classes_warned: dict[tuple[str, int], float] = field(default_factory=dict)
+    ahead_of_clock_warned: Warned[str] = field(default_factory=Warned)
+    """Models whose predictions dated ahead of the clock were logged (once per model remembered)."""
+    past_label_wait_warned: Warned[str] = field(default_factory=Warned)
+    """Models whose predictions dated further back than the label wait were logged (once per model
+    remembered)."""
+    outside_classes_warned: Warned[tuple[str, int]] = field(
+        default_factory=lambda: Warned(every_s=OUTSIDE_CLASSES_WARNING_EVERY_S)
+    )
     """When labels outside a model version's classes were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
@@ -306,7 +310,7 @@ async def on_predictions_logged(
     live = monitor.live
     result = live.ingest(requests, arrival=monitor.clock())
     for model in live.unknown_models_to_log(result.newly_unknown):
-        versions = sorted(v for m, v in live.unknown if m == model)
+        versions = sorted({v for m, v in chain(live.unknown, result.unknown) if m == model})
         log.warning(
             "predictions for an unknown model or version are counted and skipped",
             model=model,
@@ -317,8 +321,7 @@ async def on_predictions_logged(
     # transaction failed is recognised by offset and not ingested (nor counted) again.
     for model, rows in sorted(result.ahead.items()):
         PREDICTIONS_AHEAD.labels(model).inc(rows)
-        if model not in monitor.ahead_of_clock_warned:
-            monitor.ahead_of_clock_warned.add(model)
+        if monitor.ahead_of_clock_warned.due(model):
             log.warning(
                 "predictions dated ahead of monitoring's clock: held for their labels as if dated "
                 "max_clock_skew_seconds ahead",
@@ -330,8 +333,7 @@ async def on_predictions_logged(
             )
     for model, rows in sorted(result.past.items()):
         PREDICTIONS_PAST_LABEL_WAIT.labels(model).inc(rows)
-        if model not in monitor.past_label_wait_warned:
-            monitor.past_label_wait_warned.add(model)
+        if monitor.past_label_wait_warned.due(model):
             log.warning(
                 "predictions dated further back than the label wait: joined to the labels waiting for them, "
                 "not held for later ones",
@@ -464,10 +466,8 @@ def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor, tally: T
     now = monitor.clock()
     for (model, version), outside in sorted(found.items()):
         tally.add(LABELS_OUTSIDE_CLASSES, model, str(version), amount=len(outside))
-        last = monitor.outside_classes_warned.get((model, version))
-        if last is not None and now - last < OUTSIDE_CLASSES_WARNING_EVERY_S:
+        if not monitor.outside_classes_warned.due((model, version), now):
             continue
-        monitor.outside_classes_warned[(model, version)] = now
         ref = monitor.live.references[(model, version)]
         log.warning(
             "labels that name no class of the model: counted as wrong predictions",

@@ -7,12 +7,12 @@ state still depends on (:meth:`LiveState.hold_offsets`), which the service store
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,44 @@ SHADOW = Variant.SHADOW.value
 """The variant of a shadow candidate's scoring of a served row (under the served prediction's id)."""
 # payload, partition, offset; the payload as columns (monitoring's reader) or as full validation gave it
 Request = tuple[PredictionColumns | PredictionsLogged, int, int]
+
+WARNED_KEYS_KEPT = 1_000
+"""How many models (or model versions) a warning given once per key, or once a while per key, remembers."""
+UNKNOWN_VERSIONS_LISTED = 1_000
+"""How many unknown (model, version) pairs ``/v1/status`` lists with their skipped rows; the rows of further
+pairs are counted together (:attr:`LiveState.unknown_rows_not_listed`)."""
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Warned(Generic[K]):
+    """The keys a warning was given for, to give it once per key (or, with ``every_s``, at most once that
+    often per key), remembering at most ``limit`` keys: the least lately seen is forgotten first, and warned
+    about again if it comes back. The keys are model names and versions that events carry, and the bus does
+    not authenticate a publisher: one remembered for good per key grew by a key per made-up name."""
+
+    def __init__(self, limit: int = WARNED_KEYS_KEPT, *, every_s: float | None = None) -> None:
+        self.limit = limit
+        self.every_s = every_s
+        self._at: OrderedDict[K, float] = OrderedDict()
+
+    def due(self, key: K, now: float = 0.0) -> bool:
+        """Whether to warn about ``key`` at ``now``; if so, the warning is taken as given then."""
+        at = self._at.get(key)
+        if at is not None:
+            self._at.move_to_end(key)
+            if self.every_s is None or now - at < self.every_s:
+                return False
+        self._at[key] = now
+        while len(self._at) > self.limit:
+            self._at.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._at
 
 
 @dataclass
@@ -238,8 +276,11 @@ class LiveState:
         # is collected as a watched step's is, and handed to the step the start watches. Not collected, the
         # canary's predictions in between counted toward no step until a restart's replay counted them.
         self.kept: dict[str, CanaryStep] = {}
+        # Rows skipped for want of a registered version, per (model, version) as events named them: the first
+        # UNKNOWN_VERSIONS_LISTED pairs, then together (a publisher can name any number of them).
         self.unknown: Counter[ModelKey] = Counter()
-        self._unknown_models_logged: set[str] = set()
+        self.unknown_rows_not_listed = 0
+        self.unknown_models_logged: Warned[str] = Warned()
         self.next_offsets: dict[int, int] = {}
         # Labels waiting for their prediction (Postgres's pending_labels), as (prediction id, the model the
         # label names): one per pair, so a label naming another model never stands in this model's way. A
@@ -310,9 +351,14 @@ class LiveState:
             batch = batches.get(key)
             if batch is None:
                 n = sum(c.size for c, _, _ in reqs)
-                if key not in self.unknown:
+                if key in self.unknown:
+                    self.unknown[key] += n
+                else:
                     result.newly_unknown.append(key)
-                self.unknown[key] += n
+                    if len(self.unknown) < UNKNOWN_VERSIONS_LISTED:
+                        self.unknown[key] += n
+                    else:
+                        self.unknown_rows_not_listed += n
                 result.unknown[key] += n
                 continue
             result.rows += batch.size
@@ -582,7 +628,8 @@ class LiveState:
 
     def skipped_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The rows skipped for want of a registered version (``unknown``), as ``/v1/status`` shows them: of
-        versions still unknown, and of versions registered since (whose earlier rows stay skipped)."""
+        versions still unknown, and of versions registered since (whose earlier rows stay skipped); those of
+        pairs past the listed ones are in :attr:`unknown_rows_not_listed`."""
         unknown: list[dict[str, Any]] = []
         registered_since: list[dict[str, Any]] = []
         for (model, version), rows in sorted(self.unknown.items()):
@@ -591,10 +638,6 @@ class LiveState:
         return unknown, registered_since
 
     def unknown_models_to_log(self, keys: Iterable[ModelKey]) -> list[str]:
-        """Models not logged yet as unknown: one log line per model, not per message."""
-        out = []
-        for model, _ in keys:
-            if model not in self._unknown_models_logged:
-                self._unknown_models_logged.add(model)
-                out.append(model)
-        return out
+        """Models not logged yet as unknown: one log line per model, not per message (per model remembered:
+        past ``WARNED_KEYS_KEPT`` models the least lately seen is logged again if it comes back)."""
+        return [model for model, _ in keys if self.unknown_models_logged.due(model)]
