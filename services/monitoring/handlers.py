@@ -149,9 +149,20 @@ ROLLOUT_STEPS_AHEAD = Counter(
     "Rollout steps (RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled "
     "them than max_clock_skew_seconds (a serving replica's clock ahead): watched as if they started that "
     "far ahead, so that their time range takes the canary's traffic and their timeout passes; logged as a "
-    "warning.",
+    "warning. A model with no version registered is counted as model _unregistered.",
     ["model"],
 )
+
+UNREGISTERED_MODEL = "_unregistered"
+"""The ``model`` label of a rollout's series whose model has no version registered here: a rollout event may
+name any model (the bus does not authenticate a publisher), and a series per name grew ``/metrics`` and memory
+(~1.2 KB each) for the life of the process. No model is named so (a name begins with a letter or a digit)."""
+
+
+def series_model(model: str, monitor: Monitor) -> str:
+    """The ``model`` label of a rollout event's series: the model, if a version of it is registered."""
+    return model if model in monitor.live.models else UNREGISTERED_MODEL
+
 
 OUTSIDE_CLASSES_WARNING_EVERY_S = 60.0
 """At most one warning per model version this often about labels outside its classes (a whole feed of them
@@ -965,7 +976,7 @@ async def on_rollout_started(
         # serving is on that step or past it, and the start's own step would get a verdict serving ignores as
         # stale. Its traffic before now was not collected, so its time range runs from now.
         step = _started_after_given_up(given_up, p, now=monitor.clock())
-        tally.add(STEPS_STARTED_AFTER_GIVEN_UP, p.model)
+        tally.add(STEPS_STARTED_AFTER_GIVEN_UP, series_model(p.model, monitor))
         log.warning(
             "rollout started after its step was given up: watching that step from now on",
             rollout_id=p.rollout_id,
@@ -1184,7 +1195,7 @@ def _step_start(
     latest = now + monitor.live.cache.max_ahead_s
     if started <= latest:
         return started
-    tally.add(ROLLOUT_STEPS_AHEAD, event.data.model)
+    tally.add(ROLLOUT_STEPS_AHEAD, series_model(event.data.model, monitor))
     log.warning(
         "rollout step dated ahead of monitoring's clock: watched as if it started "
         "max_clock_skew_seconds ahead",
@@ -1206,7 +1217,7 @@ STEPS_NEVER_WATCHED = Counter(
     "unwatched: the start did not come within rollout_start_wait_seconds (reason no-start: logged as an "
     "error, the rollout gets no verdict for the step), more than max_kept_rollout_steps were kept and it was "
     "the one kept longest (reason too-many-kept: given up as if its wait had passed), or the rollout ended "
-    "first (reason rollout-ended).",
+    "first (reason rollout-ended). A model with no version registered is counted as model _unregistered.",
     ["model", "reason"],
 )
 
@@ -1215,7 +1226,7 @@ STEPS_STARTED_AFTER_GIVEN_UP = Counter(
     "RolloutStarted events that came after the rollout's step kept for them was given up (past "
     "rollout_start_wait_seconds, counted in driftloop_monitoring_rollout_steps_never_watched_total): the "
     "start watches that step (serving is on it or past it), its traffic counted from when the start came; "
-    "logged as a warning.",
+    "logged as a warning. A model with no version registered is counted as model _unregistered.",
     ["model"],
 )
 
@@ -1237,7 +1248,7 @@ async def on_rollout_finished(
     dropped = await store.take_early_steps(rollout_id)
     await store.take_given_up(rollout_id)
     for early in dropped:
-        tally.add(STEPS_NEVER_WATCHED, early.model, "rollout-ended")
+        tally.add(STEPS_NEVER_WATCHED, series_model(early.model, monitor), "rollout-ended")
     if dropped:
         log.warning(
             "rollout ended before its start came: the steps kept for it are dropped unwatched",
@@ -1269,7 +1280,7 @@ def _report_never_started(
     """Count and log, once committed, the steps given up because their rollout's start never came (or, for
     ``too-many-kept``, had not come while more were kept than the bound)."""
     for early in expired:
-        tally.add(STEPS_NEVER_WATCHED, early.model, reason)
+        tally.add(STEPS_NEVER_WATCHED, series_model(early.model, monitor), reason)
 
     def report() -> None:
         for early in expired:

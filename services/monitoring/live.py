@@ -267,6 +267,8 @@ class LiveState:
         # took gigabytes, once per step that named it.
         self.step_max_rows = step_max_rows
         self.references: dict[ModelKey, ModelReference] = {}
+        self.models: set[str] = set()
+        """The models of ``references`` (a version of each registered)."""
         self.windows: dict[ModelKey, DriftWindow] = {}
         # Where each open window starts (from Postgres): replayed rows before it belong to judged windows.
         self.window_starts: dict[ModelKey, dict[int, int]] = {}
@@ -318,6 +320,7 @@ class LiveState:
     ) -> None:
         key = (ref.model, ref.version)
         self.references[key] = ref
+        self.models.add(ref.model)
         if key not in self.windows:
             self.windows[key] = DriftWindow(ref.model, ref.version, seq)
         if starts:

@@ -41,6 +41,9 @@ before the test, and past ``max_clock_skew_seconds`` the events were dated ahead
 WAIT = 86_400.0  # the settings' default rollout_start_wait_seconds
 
 
+REFERENCE = reference()
+
+
 @pytest.fixture(autouse=True)
 def _now() -> None:
     global NOW
@@ -48,7 +51,9 @@ def _now() -> None:
 
 
 def monitor_at(now: float | None = None) -> Monitor:
+    """A monitor at ``now`` that knows churn version 1 (a rollout's series name only a registered model)."""
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(REFERENCE)
     at = NOW if now is None else now
     monitor.clock = lambda: at
     return monitor

@@ -1,8 +1,9 @@
 """Monitoring's warnings given once per model (or once a minute per model version) remember at most
 ``WARNED_KEYS_KEPT`` keys, and ``/v1/status`` lists at most ``UNKNOWN_VERSIONS_LISTED`` unknown (model,
 version) pairs: the names come from events, which the bus takes from any publisher, and each was remembered
-for the life of the process, one entry per made-up name (~330 bytes each, /tmp/mem-keys-harness). The first
-warning about a name is still given, and a name seen all along is not warned about again."""
+for the life of the process, one entry per made-up name (~330 bytes each for 128-character names, measured
+with tracemalloc). The first warning about a name is still given, and a name seen all along is not warned
+about again."""
 
 from __future__ import annotations
 
