@@ -21,7 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 NAMESPACE = "driftloop"
-SUBSYSTEMS = ("bus", "registry", "training", "validation", "serving", "monitoring", "audit")
+SUBSYSTEMS = ("bus", "http", "registry", "training", "validation", "serving", "monitoring", "audit")
 CLIENT_DEFAULTS = ("python_", "process_")
 """prometheus_client's own collectors (gc, platform, process): named by the client, as in every Python
 exporter."""

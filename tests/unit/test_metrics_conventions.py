@@ -161,11 +161,14 @@ def test_each_series_is_named_after_the_package_that_exposes_it() -> None:
     defined = defined_series()
     wrong = []
     for module, names in defined.items():
-        package = "bus" if module.startswith("libs.bus") else module.split(".")[1]
+        package = module.split(".")[1]
+        if module.startswith("libs."):  # the shared layers: the bus, and HTTP (libs.http, libs.http_server)
+            package = "bus" if package == "bus" else package.split("_")[0]
         wrong += [f"{module}: {n}" for n in names if not n.startswith(f"{NAMESPACE}_{package}_")]
 
     assert {m.split(".")[1] for m in defined if m.startswith("services.")} >= set(SUBSYSTEMS) - {
         "bus",
+        "http",
         "registry",
     }
     assert wrong == []
