@@ -124,6 +124,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         label_wait_seconds=settings.label_wait_seconds,
         rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
         max_kept_steps=settings.max_kept_rollout_steps,
+        max_pending_labels=settings.max_pending_labels,
         max_event_bytes=settings.kafka.max_event_bytes,
         quality_issues_per_kind=settings.quality_issues_per_kind,
         predictions_topic=settings.predictions_topic,

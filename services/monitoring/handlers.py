@@ -153,6 +153,21 @@ ROLLOUT_STEPS_AHEAD = Counter(
     ["model"],
 )
 
+LABELS_NOT_KEPT = Counter(
+    "driftloop_monitoring_labels_not_kept_total",
+    "Labels no prediction was found for and that were not kept waiting for one, by reason: unknown-model "
+    "(no version of the model the label names is registered here, so no prediction of it is held: counted "
+    "and skipped as its predictions are, logged once per model), too-many-waiting (more than "
+    "max_pending_labels labels were waiting: the ones waiting longest are given up as if their wait had "
+    "ended, counted as unmatched for their model, logged at most once a minute).",
+    ["reason"],
+)
+UNKNOWN_MODEL = "unknown-model"
+TOO_MANY_WAITING = "too-many-waiting"
+
+TOO_MANY_WAITING_WARNING_EVERY_S = 60.0
+"""At most one warning this often about waiting labels given up past ``max_pending_labels``."""
+
 UNREGISTERED_MODEL = "_unregistered"
 """The ``model`` label of a rollout's series whose model has no version registered here: a rollout event may
 name any model (the bus does not authenticate a publisher), and a series per name grew ``/metrics`` and memory
@@ -217,6 +232,8 @@ class Monitor:
     """How long a step that came before its rollout's start is kept for it."""
     max_kept_steps: int = 100
     """How many such steps are kept at once: one more gives up the one kept longest."""
+    max_pending_labels: int = 500_000
+    """How many labels wait for their prediction at most: past it, the ones waiting longest are given up."""
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
@@ -238,6 +255,12 @@ class Monitor:
         default_factory=lambda: Warned(every_s=OUTSIDE_CLASSES_WARNING_EVERY_S)
     )
     """When labels outside a model version's classes were last logged (``clock`` time)."""
+    unknown_label_models_warned: Warned[str] = field(default_factory=Warned)
+    """Models with no version registered whose labels were logged (once per model remembered)."""
+    too_many_waiting_warned: Warned[str] = field(
+        default_factory=lambda: Warned(every_s=TOO_MANY_WAITING_WARNING_EVERY_S)
+    )
+    """When waiting labels given up past ``max_pending_labels`` were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
 
@@ -537,6 +560,12 @@ async def on_ground_truth_received(
             # that model, every version's: in a shadow rollout the candidate's scoring of a served row has the
             # served prediction's id, and the label is the truth for both (each version's windows count it).
             held = live.cache.predictions(g.model, g.prediction_id)
+            if not held and g.model not in live.models:
+                # No prediction of a model with no version registered is held (its rows are skipped), and the
+                # bus does not authenticate a publisher: kept waiting, labels for made-up names held memory
+                # and a row each for the whole label wait.
+                _skip_unknown_model_label(g, monitor, tally)
+                continue
             versions: list[int | None] = [hit.version for hit in held] or [g.model_version]
             for version in versions:
                 _check_label(g, version, live)
@@ -577,6 +606,19 @@ async def on_ground_truth_received(
         live.labels_stored(_pairs(waiting), marked=marked)
         raise
     live.labels_stored(_pairs(waiting))
+
+
+def _skip_unknown_model_label(g: GroundTruthReceived, monitor: Monitor, tally: Tally) -> None:
+    """Count (once committed) a label naming a model with no version registered, and log it once per model."""
+    tally.add(LABELS_NOT_KEPT, UNKNOWN_MODEL)
+    if monitor.unknown_label_models_warned.due(g.model):
+        log.warning(
+            "labels for an unknown model are counted and skipped",
+            model=g.model,
+            prediction_id=g.prediction_id,
+            hint="monitoring has no ModelVersionRegistered for it (yet), so holds none of its predictions; "
+            'driftloop_monitoring_labels_not_kept_total{reason="unknown-model"} counts such labels',
+        )
 
 
 def _pairs(labels: list[PendingLabel]) -> list[tuple[str, str]]:
@@ -1555,6 +1597,7 @@ async def housekeeping(
     live.cache.evict(now, joins_due=live.joins_due)
     live.forget_joined(now)
     expired = await store.expire_pending(from_epoch(now - monitor.label_wait_seconds))
+    expired += await _give_up_too_many_waiting(len(expired), now, monitor=monitor, store=store, tally=tally)
     never_started = await store.expire_early_steps(now - monitor.rollout_start_wait_seconds)
     if never_started:
         await store.remember_given_up(never_started, now)
@@ -1562,6 +1605,30 @@ async def housekeeping(
     await store.save_replay_offsets(monitor.predictions_topic, live.hold_offsets())
     await refresh_policies(monitor=monitor, store=store)
     return expired
+
+
+async def _give_up_too_many_waiting(
+    expired: int, now: float, *, monitor: Monitor, store: MonitoringStore, tally: Tally
+) -> list[tuple[str, str]]:
+    """Give up on the labels waiting longest past ``max_pending_labels`` (``expired`` of those in memory were
+    given up already), as on those whose wait ended; count them (once committed) and log (rate-limited)."""
+    excess = len(monitor.live.pending_labels) - expired - monitor.max_pending_labels
+    if excess <= 0:
+        return []
+    given_up = await store.give_up_oldest_pending(excess)
+    if given_up:
+        tally.add(LABELS_NOT_KEPT, TOO_MANY_WAITING, amount=len(given_up))
+        if monitor.too_many_waiting_warned.due(TOO_MANY_WAITING, now):
+            log.warning(
+                "too many labels waiting for their prediction: the ones waiting longest are given up as "
+                "unmatched",
+                given_up=len(given_up),
+                max_pending_labels=monitor.max_pending_labels,
+                models=sorted({model for _, model in given_up})[:10],
+                hint="labels for predictions monitoring never sees (a publisher's mistake, or a flood); "
+                'driftloop_monitoring_labels_not_kept_total{reason="too-many-waiting"} counts them',
+            )
+    return given_up
 
 
 # --- policies ----------------------------------------------------------------------------------------------

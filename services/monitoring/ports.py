@@ -284,6 +284,11 @@ class MonitoringStore(Protocol):
         returns their (prediction id, model)."""
         ...
 
+    async def give_up_oldest_pending(self, count: int) -> list[tuple[str, str]]:
+        """Give up on the ``count`` labels waiting longest, as on those whose wait ended (counted as unmatched
+        per model, and deleted); returns their (prediction id, model)."""
+        ...
+
     async def labels_outside_classes(self) -> dict[tuple[str, int], int]:
         """Per model version: the joined labels that name none of its classes."""
         ...

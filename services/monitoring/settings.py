@@ -107,6 +107,14 @@ class MonitoringSettings(ServiceSettings):
     max_cached_predictions: int = Field(
         500_000, ge=1_000, description="Upper bound of predictions kept in memory for label joins."
     )
+    max_pending_labels: int = Field(
+        500_000,
+        ge=1_000,
+        description="Upper bound of labels waiting for their prediction (~0.5 KB of memory and a Postgres "
+        "row each), checked at every tick: past it, the ones waiting longest are given up as unmatched, as "
+        "if their wait had ended, and counted (driftloop_monitoring_labels_not_kept_total, reason "
+        "too-many-waiting).",
+    )
     max_clock_skew_seconds: float = Field(
         300.0,
         ge=0,

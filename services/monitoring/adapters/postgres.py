@@ -422,6 +422,26 @@ class PgMonitoringStore:
         )
         return [(r["prediction_id"], r["model"]) for r in rows]
 
+    async def give_up_oldest_pending(self, count: int) -> list[tuple[str, str]]:
+        if count <= 0:
+            return []
+        # As expire_pending: counted and deleted in one statement (pending_labels_by_age finds the oldest).
+        rows = await self.conn.fetch(
+            """WITH expired AS (
+                   DELETE FROM pending_labels WHERE (prediction_id, model) IN (
+                       SELECT prediction_id, model FROM pending_labels ORDER BY received_at LIMIT $1
+                   ) RETURNING prediction_id, model
+               ), counted AS (
+                   INSERT INTO unmatched_labels (model, unmatched)
+                   SELECT model, count(*) FROM expired GROUP BY model
+                   ON CONFLICT (model)
+                   DO UPDATE SET unmatched = unmatched_labels.unmatched + excluded.unmatched
+               )
+               SELECT prediction_id, model FROM expired""",
+            count,
+        )
+        return [(r["prediction_id"], r["model"]) for r in rows]
+
     async def labels_outside_classes(self) -> dict[tuple[str, int], int]:
         rows = await self.conn.fetch(
             "SELECT model, version, count(*) AS n FROM labelled WHERE outside_classes GROUP BY model, version"

@@ -992,6 +992,25 @@ async def test_expired_labels_leave_the_table_and_stay_counted_as_unmatched(pool
         assert taken.label == 1
 
 
+async def test_the_labels_waiting_longest_are_given_up_and_counted_as_unmatched(pool: asyncpg.Pool) -> None:
+    # Past max_pending_labels, the oldest waiting labels are given up as those whose wait ended are.
+    at = datetime.now(UTC)
+    for pid, model in [("p-1", "churn"), ("p-2", "fraud"), ("p-1", "fraud"), ("p-3", "churn")]:
+        async with pool.acquire() as conn, conn.transaction():  # received_at: each transaction's start
+            await PgMonitoringStore(conn).add_pending([PendingLabel(pid, model, 1, at)])
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.give_up_oldest_pending(0) == []
+        given_up = await store.give_up_oldest_pending(3)
+        assert sorted(given_up) == [("p-1", "churn"), ("p-1", "fraud"), ("p-2", "fraud")]
+        assert await store.pending_labels() == {("p-3", "churn")}
+    async with pool.acquire() as conn, conn.transaction():
+        assert await PgMonitoringStore(conn).label_counts() == {
+            "churn": {"unmatched": 1, "waiting": 1},
+            "fraud": {"unmatched": 2, "waiting": 0},
+        }
+
+
 async def test_the_migration_counts_the_expired_labels_kept_before_and_deletes_them(
     database_url: str,
 ) -> None:

@@ -128,6 +128,15 @@ class Tx(NoPolicies):
         self.expired.update(old)
         return old
 
+    async def give_up_oldest_pending(self, count: int) -> list[Pair]:
+        waiting = self._waiting()
+        by_age = sorted(
+            (row.received_at, pair) for pair, row in self.tables.pending.items() if pair in waiting
+        )
+        oldest = [pair for _, pair in by_age[:count]]
+        self.expired.update(oldest)
+        return oldest
+
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[Pair]:
         if (rows and self.tables.joins_fail) or any(r.prediction_id in self.tables.refused for r in rows):
             raise ValueError("a value the labelled table cannot take")
@@ -409,6 +418,7 @@ async def test_a_label_expired_by_a_tick_whose_transaction_fails_still_waits_in_
 async def test_a_label_waiting_for_another_models_prediction_is_not_looked_for_again(
     monitor: Monitor,
 ) -> None:
+    monitor.live.add_reference(replace(reference(), model="fraud"))  # registered: its labels may wait
     tables = Tables()
     await consume_prediction(monitor, tables, "good-1")  # churn's prediction good-1-0 is held
     label_tx = tables.begin()
@@ -448,6 +458,7 @@ async def send_label(monitor: Monitor, tables: Tables, prediction_id: str, model
 async def test_a_label_naming_another_model_does_not_keep_this_models_label_from_waiting(
     monitor: Monitor,
 ) -> None:
+    monitor.live.add_reference(replace(reference(), model="fraud"))  # registered: its labels may wait
     tables = Tables()
     await send_label(monitor, tables, "good-1-0", "fraud", 0)  # the wrong model, sent first
     await send_label(monitor, tables, "good-1-0", "churn", 1)  # the right one, while the first waits
