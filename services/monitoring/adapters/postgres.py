@@ -406,31 +406,25 @@ class PgMonitoringStore:
         return {(r["prediction_id"], r["model"]) for r in rows}
 
     async def expire_pending(self, received_before: datetime) -> list[tuple[str, str]]:
-        # Counted and deleted in one statement: the count needs no row, so the table holds only the labels
-        # still waiting. A label expiring in two transactions at once is deleted, and counted, by one.
-        rows = await self.conn.fetch(
-            """WITH expired AS (
-                   DELETE FROM pending_labels WHERE received_at < $1 RETURNING prediction_id, model
-               ), counted AS (
-                   INSERT INTO unmatched_labels (model, unmatched)
-                   SELECT model, count(*) FROM expired GROUP BY model
-                   ON CONFLICT (model)
-                   DO UPDATE SET unmatched = unmatched_labels.unmatched + excluded.unmatched
-               )
-               SELECT prediction_id, model FROM expired""",
-            received_before,
-        )
-        return [(r["prediction_id"], r["model"]) for r in rows]
+        return await self._give_up_pending("received_at < $1", received_before)
 
     async def give_up_oldest_pending(self, count: int) -> list[tuple[str, str]]:
         if count <= 0:
             return []
-        # As expire_pending: counted and deleted in one statement (pending_labels_by_age finds the oldest).
+        # pending_labels_by_age finds the oldest.
+        return await self._give_up_pending(
+            "(prediction_id, model) IN (SELECT prediction_id, model FROM pending_labels ORDER BY received_at "
+            "LIMIT $1)",
+            count,
+        )
+
+    async def _give_up_pending(self, which: str, arg: object) -> list[tuple[str, str]]:
+        """Delete the waiting labels ``which`` selects and count them as unmatched for their model.
+        Counted and deleted in one statement: the count needs no row, so the table holds only the labels still
+        waiting. A label given up in two transactions at once is deleted, and counted, by one."""
         rows = await self.conn.fetch(
-            """WITH expired AS (
-                   DELETE FROM pending_labels WHERE (prediction_id, model) IN (
-                       SELECT prediction_id, model FROM pending_labels ORDER BY received_at LIMIT $1
-                   ) RETURNING prediction_id, model
+            f"""WITH expired AS (
+                   DELETE FROM pending_labels WHERE {which} RETURNING prediction_id, model
                ), counted AS (
                    INSERT INTO unmatched_labels (model, unmatched)
                    SELECT model, count(*) FROM expired GROUP BY model
@@ -438,7 +432,7 @@ class PgMonitoringStore:
                    DO UPDATE SET unmatched = unmatched_labels.unmatched + excluded.unmatched
                )
                SELECT prediction_id, model FROM expired""",
-            count,
+            arg,
         )
         return [(r["prediction_id"], r["model"]) for r in rows]
 
