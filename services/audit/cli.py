@@ -222,16 +222,12 @@ def tail(
     settings: AuditSettings | None = None,
 ) -> int:
     """Print the newest events; with ``follow``, keep printing new ones until interrupted (KeyboardInterrupt
-    is raised, not turned into a status)."""
+    is raised, not turned into a status). ``limit`` is checked against ``query_max_limit`` where the command's
+    arguments are (deploy/cli.py), as a usage error."""
     settings = settings or AuditSettings()
     console = _console()
 
     async def main() -> int:
-        if not 1 <= limit <= settings.query_max_limit:
-            raise ValueError(
-                f"-n must be from 1 to {settings.query_max_limit} (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), "
-                f"not {limit}"
-            )
         async with _pool(settings) as pool:
             query = EventQuery(model=model, event_type=event_type_filter(event_type), limit=limit)
             async with reading(pool, settings.writer_role) as trail:
