@@ -45,7 +45,7 @@ class PolicyUpdate(DriftPolicy):
 
 
 def _known(monitor: Monitor, model: str) -> None:
-    if not any(m == model for m, _ in monitor.live.references):
+    if model not in monitor.live.models:
         raise NotFound(f"monitoring knows no model {model!r}: it needs a ModelVersionRegistered first")
 
 
@@ -106,7 +106,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         kept = await store.kept_steps()
         given_up = await store.given_up_steps()
         latest: dict[str, dict[str, Any]] = {}
-        for model in sorted({m for m, _ in live.references}):
+        for model in sorted(live.models):
             reports = await store.latest_reports(model, 1)
             if reports:
                 latest[model] = reports[0]
@@ -202,7 +202,7 @@ def _given_up_public(step: EarlyStep) -> dict[str, Any]:
 async def get_policy(model: ModelName, _: ViewerDep, monitor: MonitorDep) -> PolicyPublic:
     # The defaults for any name would make a misspelt one look watched: a model is known by a registered
     # version or by a policy an operator set for it (one may be set before its first version).
-    if model not in monitor.policies and not any(m == model for m, _ in monitor.live.references):
+    if model not in monitor.policies and model not in monitor.live.models:
         raise NotFound(
             f"monitoring knows no model {model!r}: no version of it is registered and no policy is set for "
             "it; check the name (a model's policy is the service defaults until an operator sets one)"
