@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Match
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.commands import REASON_MAX_CHARS, says_something
@@ -590,6 +590,20 @@ def _allowed_methods(routes: Sequence[Any], scope: Scope) -> set[str]:
     return allowed
 
 
+class _PrometheusApp:
+    """prometheus_client's exposition app (text or OpenMetrics as the scraper asks, gzip, ``name[]``
+    filters) as the endpoint of a route of its own. Mounted, it answered every method, and ``/metrics``
+    itself with a redirect to ``/metrics/`` that a client which does not follow redirects (httpx's default)
+    read as an empty page. Starlette takes an endpoint that is not a function for an ASGI app, and the route
+    answers GET and HEAD, every other method 405 with ``Allow``."""
+
+    def __init__(self) -> None:
+        self.app = make_asgi_app()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 def _sendable(text: str) -> str:
     """``text``, with any lone surrogate written out as its escape, six characters. Python's json reader lets
     one into a request (``"\\ud800"``), and so into a message naming what was wrong; UTF-8 has no form for it,
@@ -875,7 +889,9 @@ def create_app(
                     "a form's text that is not UTF-8 as Latin-1"
                 )
         app.include_router(router, responses=ERROR_RESPONSES)
-    app.mount("/metrics", make_asgi_app())
+    app.router.routes.append(
+        Route("/metrics", endpoint=_PrometheusApp(), methods=["GET"], include_in_schema=False)
+    )
     hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]
     if hot_routes:
         app.add_middleware(HotRoutes, routes=hot_routes)

@@ -402,7 +402,23 @@ async def test_health_and_metrics_are_served(tmp_path: Path) -> None:
     async with make_app(tmp_path) as client:
         assert (await client.get("/health/live")).json() == {"status": "live"}
         assert (await client.get("/health/ready")).status_code == 200
-        assert "python_info" in (await client.get("/metrics/")).text
+        assert "python_info" in (await client.get("/metrics")).text
+
+
+async def test_metrics_answer_get_and_head_at_their_own_path_and_refuse_other_methods(tmp_path: Path) -> None:
+    # Mounted, /metrics was a redirect to /metrics/ (an empty page to a client that does not follow it, such
+    # as httpx by default), and /metrics/ answered any method with the page.
+    async with make_app(tmp_path) as client:
+        page = await client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert page.status_code == 200 and "python_info" in page.text
+        assert page.headers["content-type"].startswith("application/openmetrics-text")
+        head = await client.head("/metrics")
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/plain")
+        for method in ("POST", "PUT", "DELETE"):
+            refused = await client.request(method, "/metrics")
+            assert refused.status_code == 405, method
+            assert refused.headers["allow"] == "GET, HEAD"
+            assert refused.json()["code"] == "method-not-allowed"
 
 
 def hot_router() -> APIRouter:

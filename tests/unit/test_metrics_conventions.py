@@ -126,7 +126,7 @@ async def scrape(service: str) -> str:
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app_of(service)), base_url="http://t"
     ) as c:
-        r = await c.get("/metrics/")
+        r = await c.get("/metrics")
     assert r.status_code == 200
     return r.text
 

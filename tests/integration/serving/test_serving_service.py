@@ -461,7 +461,7 @@ async def test_feedback_is_published_as_ground_truth(run: Run) -> None:
 async def ignored_events(url: str, event: str, reason: str) -> float:
     """Serving's count of ``event``s it ignored for ``reason`` (its /metrics)."""
     async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"{url}/metrics/")).text
+        text = (await client.get(f"{url}/metrics")).text
     series = f'driftloop_serving_ignored_events_total{{event="{event}",reason="{reason}"}} '
     return sum(float(line[len(series) :]) for line in text.splitlines() if line.startswith(series))
 
