@@ -645,7 +645,14 @@ def start_driftloop(
 
 
 def dropped_predictions(base: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
+    """Prediction-log items the server dropped, from its /metrics. Until 1d0b703 /metrics answered with a
+    redirect that httpx does not follow, and this read an empty page as nothing dropped: a page that is not
+    the metrics is an error now."""
+    response = httpx.get(f"{base}/metrics")
+    response.raise_for_status()
+    text = response.text
+    if "driftloop_serving_prediction_log_" not in text:
+        raise RuntimeError(f"{base}/metrics has no prediction-log series: {text[:200]!r}")
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
