@@ -1384,49 +1384,111 @@ def metric_standard_errors(
 
 
 @dataclass
-class VariantTraffic:
-    """One variant's traffic during a rollout step: per-row predictions and per-request latencies, the first
-    ones up to a bound (``canary_step_max_rows``); the rows and requests beyond it are counted, not kept."""
+class ReservoirSample:
+    """A uniform random sample of at most ``most`` items of a stream of unknown length, each item one value
+    per column (Vitter's Algorithm R): after ``seen`` items, each of them is in it with the same chance,
+    ``most / seen``, in as little memory as the first ``most`` took. Vectorised per chunk, with no loop per
+    item: item ``i`` (0-based, ``i >= most``) draws a slot uniformly in ``[0, i]`` and takes it if the slot is
+    below ``most``; the draws do not depend on the sample, so a chunk's are drawn at once, and of a chunk's
+    items drawing one slot the last one stays, as it would one by one."""
 
-    predicted_at: list[np.ndarray] = field(default_factory=list)
-    score: list[np.ndarray] = field(default_factory=list)
-    prediction: list[Any] = field(default_factory=list)
-    latency_ms: list[np.ndarray] = field(default_factory=list)
+    columns: list[list[np.ndarray]] = field(default_factory=list)
+    """Per column, its chunks: those of the first items while the sample fills, then one array of ``most``."""
+    seen: int = 0
+    kept: int = 0
+
+    def offer(self, values: Sequence[np.ndarray], most: int, rng: np.random.Generator) -> None:
+        """Sample these items (``values``: one array per column, of one length) into the sample."""
+        n = values[0].size
+        if not n:
+            return  # no empty chunk: a side's rows and requests come apart, and a chunk per poll would grow
+        if not self.columns:
+            self.columns = [[] for _ in values]
+        fill = min(max(most - self.kept, 0), n)
+        if fill:
+            for chunks, column in zip(self.columns, values, strict=True):
+                chunks.append(column if fill == n else column[:fill])
+            self.kept += fill
+            if self.kept >= most:
+                # Full: one array per column from now on, replaced in place; a copy, as a slice would keep
+                # its whole chunk alive and the caller's arrays are not the sample's to change.
+                self.columns = [[np.concatenate(chunks)] for chunks in self.columns]
+        if fill < n:
+            slot = rng.integers(0, np.arange(self.seen + fill + 1, self.seen + n + 1))
+            taken = np.flatnonzero(slot < most)
+            if taken.size:
+                slots, last = np.unique(slot[taken][::-1], return_index=True)
+                items = taken[::-1][last] + fill
+                for chunks, column in zip(self.columns, values, strict=True):
+                    chunks[0][slots] = column[items]
+        self.seen += n
+
+    def column(self, index: int, empty: np.ndarray) -> np.ndarray:
+        """The sample's values of one column (``empty`` before any item)."""
+        chunks = self.columns[index] if self.columns else []
+        return np.concatenate(chunks) if chunks else empty
+
+
+@dataclass
+class VariantTraffic:
+    """One variant's traffic during a rollout step: every row and request counted, and a uniform random sample
+    of them, at most a bound of each (``canary_step_max_rows``), kept for the comparisons. Kept as the first
+    ones up to the bound, a busy model's step was judged on its first seconds: a canary that degraded later
+    in the step passed."""
+
     rows: int = 0
     """Every row of the variant in the step, kept or not (what ``min_samples`` and the verdict count)."""
     requests: int = 0
-    rows_kept: int = 0
-    requests_kept: int = 0
+    row_sample: ReservoirSample = field(default_factory=ReservoirSample)
+    """Rows: when each was predicted, its score, its predicted value (an object array: any JSON value)."""
+    request_sample: ReservoirSample = field(default_factory=ReservoirSample)
+    """Requests: their latencies."""
+    rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
+    """Which rows and requests the samples keep (a test gives a seeded one)."""
+
+    @property
+    def rows_kept(self) -> int:
+        return self.row_sample.kept
+
+    @property
+    def requests_kept(self) -> int:
+        return self.request_sample.kept
 
     @property
     def rows_not_kept(self) -> int:
-        """The rows beyond the bound: counted in ``rows``, left out of the comparisons."""
-        return self.rows - self.rows_kept
+        """The rows sampled out: counted in ``rows``, left out of the comparisons."""
+        return self.row_sample.seen - self.row_sample.kept
 
-    def add(self, at: np.ndarray, score: np.ndarray, prediction: list[Any], latency: np.ndarray) -> None:
-        """Keep these rows (and their requests' latencies), and count them. Empty ones add no chunk: rows and
-        requests reach the bound apart, and a full side must not grow by a chunk per poll."""
-        if at.size:
-            self.predicted_at.append(at)
-            self.score.append(score)
-            self.prediction.extend(prediction)
-        if latency.size:
-            self.latency_ms.append(latency)
+    def add(
+        self,
+        at: np.ndarray,
+        score: np.ndarray,
+        prediction: np.ndarray | Sequence[Any],
+        latency: np.ndarray,
+        *,
+        most: int,
+    ) -> None:
+        """Count these rows and their requests, and sample them into the kept ones (at most ``most`` each).
+        ``prediction``, one per row, is best an object array: a list is made one."""
+        if not isinstance(prediction, np.ndarray):
+            prediction = np.fromiter(prediction, dtype=object, count=len(prediction))
+        self.row_sample.offer((at, score, prediction), most, self.rng)
+        self.request_sample.offer((latency,), most, self.rng)
         self.rows += at.size
         self.requests += latency.size
-        self.rows_kept += at.size
-        self.requests_kept += latency.size
-
-    def count_only(self, rows: int, requests: int) -> None:
-        """Count rows and requests past the bound, which are not kept."""
-        self.rows += rows
-        self.requests += requests
 
     def latencies(self) -> np.ndarray:
-        return np.concatenate(self.latency_ms) if self.latency_ms else np.empty(0)
+        return self.request_sample.column(0, np.empty(0))
+
+    def predicted_at(self) -> np.ndarray:
+        return self.row_sample.column(0, np.empty(0))
 
     def scores(self) -> np.ndarray:
-        return np.concatenate(self.score) if self.score else np.empty(0)
+        return self.row_sample.column(1, np.empty(0))
+
+    def predictions(self) -> list[Any]:
+        """The kept rows' predicted values, in the order of :meth:`scores`."""
+        return self.row_sample.column(2, np.empty(0, dtype=object)).tolist()
 
 
 @dataclass
@@ -1539,13 +1601,14 @@ def _prediction_divergence(
                 bins = np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
         bins = np.unique(bins[np.isfinite(bins)])
         return stats.jensen_shannon(bin_counts(ss, bins), bin_counts(cs, bins)), "scores"
-    if step.canary.prediction and step.stable.prediction:
-        labels = sorted({str(v) for v in step.canary.prediction} | {str(v) for v in step.stable.prediction})
+    canary, stable = step.canary.predictions(), step.stable.predictions()
+    if canary and stable:
+        labels = sorted({str(v) for v in canary} | {str(v) for v in stable})
         index = {c: i for i, c in enumerate(labels)}
         a, b = np.zeros(len(labels)), np.zeros(len(labels))
-        for v in step.stable.prediction:
+        for v in stable:
             a[index[str(v)]] += 1
-        for v in step.canary.prediction:
+        for v in canary:
             b[index[str(v)]] += 1
         return stats.jensen_shannon(a, b), "predicted classes"
     return None, ""

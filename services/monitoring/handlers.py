@@ -137,10 +137,10 @@ PREDICTIONS_PAST_LABEL_WAIT = Counter(
 
 STEP_PREDICTIONS_NOT_KEPT = Counter(
     "driftloop_monitoring_rollout_step_predictions_not_kept_total",
-    "Predictions of a rollout step (watched, or kept for its rollout's start) past canary_step_max_rows on "
-    "their variant: counted toward min_samples and the verdict's samples, but their scores, predicted values "
-    "and latencies are not held, so the verdict's comparisons are over the first ones; logged as a warning "
-    "once per step.",
+    "Predictions of a rollout step (watched, or kept for its rollout's start) sampled out: past "
+    "canary_step_max_rows on their variant, the step holds the scores, predicted values and latencies of a "
+    "uniform random sample of its rows and requests, and the verdict's comparisons are over that; the others "
+    "count toward min_samples and the verdict's samples only. Logged as a warning once per step.",
     ["model"],
 )
 
@@ -381,8 +381,8 @@ async def on_predictions_logged(
         STEP_PREDICTIONS_NOT_KEPT.labels(model).inc(rows)
     for step in result.steps_full:
         log.warning(
-            "rollout step's predictions beyond canary_step_max_rows are counted, not kept: its verdict "
-            "compares latency and predictions over the first ones",
+            "rollout step's predictions beyond canary_step_max_rows are sampled: its verdict compares "
+            "latency and predictions over a uniform random sample of the step's, the others are counted only",
             rollout_id=step.rollout_id,
             model=step.model,
             step=step.step_index,

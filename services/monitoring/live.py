@@ -228,10 +228,10 @@ class IngestResult:
     """Rows per model dated further back than the label wait (``max_age_s``) when they came: held only for
     the labels waiting for them."""
     step_rows_not_kept: Counter[str] = field(default_factory=Counter)
-    """Rows per model that a rollout step (watched or kept for its start) counted but did not keep: past its
-    bound (``LiveState.step_max_rows``) per variant."""
+    """Rows per model that a rollout step (watched or kept for its start) counted past its bound
+    (``LiveState.step_max_rows``) per variant: as many as its kept rows, a uniform sample, leave out."""
     steps_full: list[CanaryStep] = field(default_factory=list)
-    """The steps that reached their bound in this batch (on either variant), each once."""
+    """The steps that passed their bound in this batch (on either variant, the first time), each once."""
 
 
 @dataclass
@@ -261,10 +261,11 @@ class LiveState:
     ) -> None:
         self.window_settings = windows
         self.cache = cache
-        # Per rollout step and variant, the rows (and requests) whose scores, predictions and latencies are
-        # kept for its verdict; later ones are counted only. A step collects until its verdict, and a kept one
-        # until its start comes (up to rollout_start_wait_seconds): unbounded, a day of a busy model's traffic
-        # took gigabytes, once per step that named it.
+        # Per rollout step and variant, at most this many rows (and requests) whose scores, predictions and
+        # latencies are kept for its verdict, a uniform sample of them all; the others are counted only. A
+        # step collects until its verdict, and a kept one until its start comes (up to
+        # rollout_start_wait_seconds): unbounded, a day of a busy model's traffic took gigabytes, once per
+        # step that named it.
         self.step_max_rows = step_max_rows
         self.references: dict[ModelKey, ModelReference] = {}
         self.models: set[str] = set()
@@ -573,6 +574,7 @@ class LiveState:
 
     def _to_steps(self, batch: RowBatch, result: IngestResult) -> None:
         most = self.step_max_rows
+        predictions: np.ndarray | None = None
         for step in chain(self.steps.values(), self.kept.values()):
             if step.model != batch.model:
                 continue
@@ -588,25 +590,23 @@ class LiveState:
             mask &= batch.request_at >= step.started_at
             if not mask.any():
                 continue
-            rows = np.repeat(mask, batch.request_rows)
-            idx = np.flatnonzero(rows)
-            latency = batch.latency_ms[mask]
-            n_rows, n_requests = idx.size, latency.size
-            if side.rows_kept + n_rows > most or side.requests_kept + n_requests > most:
-                full = step.canary.rows_not_kept == 0 and step.stable.rows_not_kept == 0
-                idx = idx[: max(most - side.rows_kept, 0)]
-                latency = latency[: max(most - side.requests_kept, 0)]
-                side.count_only(n_rows - idx.size, n_requests - latency.size)
-                if n_rows > idx.size:
-                    result.step_rows_not_kept[step.model] += n_rows - idx.size
-                    if full:
-                        result.steps_full.append(step)
+            idx = np.flatnonzero(np.repeat(mask, batch.request_rows))
+            if predictions is None:
+                # Once per batch, an object array: a step's rows are then taken as numpy takes the others.
+                predictions = np.fromiter(batch.prediction, dtype=object, count=batch.size)
+            full = step.canary.rows_not_kept == 0 and step.stable.rows_not_kept == 0
+            sampled_out = side.rows_not_kept
             side.add(
                 batch.predicted_at[idx],
                 batch.score[idx],
-                [batch.prediction[i] for i in idx.tolist()],
-                latency,
+                predictions[idx],
+                batch.latency_ms[mask],
+                most=most,
             )
+            if side.rows_not_kept > sampled_out:
+                result.step_rows_not_kept[step.model] += side.rows_not_kept - sampled_out
+                if full:
+                    result.steps_full.append(step)
             for p, o in zip(batch.partition[mask].tolist(), batch.offset[mask].tolist(), strict=True):
                 step.first_offsets.setdefault(p, o)
 

@@ -173,9 +173,10 @@ class MonitoringSettings(ServiceSettings):
         50_000,
         ge=1_000,
         description="Per rollout step and variant (canary, stable), the predictions whose scores, "
-        "predicted values and latencies are held in memory for its verdict (26 bytes each or more), the "
-        "first that come; later ones count toward min_samples and the verdict's samples but are left out of "
-        "its latency and divergence comparisons, counted "
+        "predicted values and latencies are held in memory for its verdict (26 bytes each or more): past it, "
+        "a uniform random sample of all the step's rows and requests (reservoir sampling), so a canary that "
+        "degrades late in the step is seen; the others count toward min_samples and the verdict's samples "
+        "but are left out of its latency and divergence comparisons, counted "
         "(driftloop_monitoring_rollout_step_predictions_not_kept_total) and logged as a warning once per "
         "step.",
     )

@@ -696,11 +696,18 @@ def test_a_clearly_worse_model_is_a_degradation_despite_the_noise() -> None:
     assert [d.metric for d in degradations(metrics, {"accuracy": 0.85}, 0.05, errors)] == ["accuracy"]
 
 
-def _step(canary_scores: np.ndarray, stable_scores: np.ndarray) -> CanaryStep:
+def _step(canary_scores: np.ndarray, stable_scores: np.ndarray, *, stable_latency: float = 2.0) -> CanaryStep:
     step = CanaryStep("r-1", "churn", 1, 2, 0, 0.0, 100, 0.0)
-    for side, scores in ((step.canary, canary_scores), (step.stable, stable_scores)):
+    for side, scores, latency in (
+        (step.canary, canary_scores, 2.0),
+        (step.stable, stable_scores, stable_latency),
+    ):
         side.add(
-            np.zeros(scores.size), scores, [int(s > 0.5) for s in scores], np.full(scores.size // 10, 2.0)
+            np.zeros(scores.size),
+            scores,
+            [int(s > 0.5) for s in scores],
+            np.full(scores.size // 10, latency),
+            most=50_000,
         )
     return step
 
@@ -726,8 +733,8 @@ def test_a_canary_like_stable_is_healthy_and_labels_below_n_do_not_count() -> No
 
 def test_a_canary_whose_stable_latency_tolerance_overflows_is_inconclusive_as_not_measurable() -> None:
     rng = np.random.default_rng(2)
-    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
-    step.stable.latency_ms = [np.full(200, 1.5e308)]  # finite, but 1.5 times it is not
+    # Stable's latency finite, but 1.5 times it is not.
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000), stable_latency=1.5e308)
     labelled = LabelledComparison(stable_correct=170, stable_n=200, canary_correct=168, canary_n=200)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -759,8 +766,7 @@ def test_a_regression_canary_whose_absolute_errors_overflow_is_inconclusive_as_n
 
 def test_a_failed_comparison_makes_a_canary_unhealthy_even_beside_one_not_measurable() -> None:
     rng = np.random.default_rng(2)
-    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
-    step.stable.latency_ms = [np.full(200, 1.5e308)]
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000), stable_latency=1.5e308)
     labelled = LabelledComparison(stable_correct=170, stable_n=200, canary_correct=110, canary_n=200)
     decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
     assert decision.verdict is Verdict.UNHEALTHY and decision.reason == "canary failed: accuracy"

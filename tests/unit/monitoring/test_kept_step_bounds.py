@@ -1,6 +1,7 @@
 """What bounds the memory of rollout steps: how many steps are kept for their rollout's start at once
 (``max_kept_rollout_steps``; one more gives up the one kept longest, as its wait's end would), and how many
-predictions a step's collector holds per variant (``canary_step_max_rows``; later ones are counted only).
+predictions a step's collector holds per variant (``canary_step_max_rows``; past it a sample of them all, the
+others counted only: test_step_sample.py).
 Unbounded, a publisher (the bus does not authenticate one) could keep any number of steps naming a busy
 model, each collecting a copy of its traffic for up to a day."""
 
@@ -198,13 +199,12 @@ async def test_a_steps_collector_stops_growing_at_its_bound_and_counts_what_it_d
         await consume(monitor, canary_traffic(1_500, at=now + 1.0), 0)  # 30 requests of 50 rows
         canary = collector.canary
         assert (canary.rows, canary.rows_kept, canary.rows_not_kept) == (1_500, MOST_ROWS, 500)
-        chunks = (len(canary.score), len(canary.predicted_at))
         await consume(monitor, canary_traffic(1_500, at=now + 100.0), 30)
     assert (canary.rows, canary.rows_kept, canary.rows_not_kept) == (3_000, MOST_ROWS, 2_000)
     assert (canary.requests, canary.requests_kept) == (60, 60)  # 60 requests: under the bound
-    # No more rows held: not a row, not an empty chunk per poll.
-    assert (len(canary.score), len(canary.predicted_at)) == chunks
-    assert canary.scores().size == len(canary.prediction) == MOST_ROWS
+    # No more rows held: one array per column of the bound's length, not a chunk per poll.
+    assert [[c.size for c in chunks] for chunks in canary.row_sample.columns] == [[MOST_ROWS]] * 3
+    assert canary.scores().size == len(canary.predictions()) == canary.predicted_at().size == MOST_ROWS
     assert rows_not_kept("churn") == before + 2_000
     [warning] = [e for e in logs if e["event"].startswith("rollout step's predictions beyond")]
     assert (warning["rollout_id"], warning["step"], warning["kept_for_start"]) == (
