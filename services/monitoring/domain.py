@@ -4,6 +4,7 @@ labelled performance and canary verdicts. No I/O: the handlers feed it and persi
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import numbers
@@ -1443,8 +1444,16 @@ class VariantTraffic:
     """Rows: when each was predicted, its score, its predicted value (an object array: any JSON value)."""
     request_sample: ReservoirSample = field(default_factory=ReservoirSample)
     """Requests: their latencies."""
-    rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
-    """Which rows and requests the samples keep (a test gives a seeded one)."""
+    row_rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
+    """Which rows the sample keeps (:meth:`seed` sets it)."""
+    request_rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
+    """Which requests the sample keeps: a generator of their own, so the draws of each do not depend on how
+    rows and requests came interleaved in polls."""
+
+    def seed(self, seed: int) -> None:
+        """Draw the samples from generators seeded by ``seed``."""
+        rows, requests = np.random.SeedSequence(seed).spawn(2)
+        self.row_rng, self.request_rng = np.random.default_rng(rows), np.random.default_rng(requests)
 
     @property
     def rows_kept(self) -> int:
@@ -1472,8 +1481,8 @@ class VariantTraffic:
         ``prediction``, one per row, is best an object array: a list is made one."""
         if not isinstance(prediction, np.ndarray):
             prediction = np.fromiter(prediction, dtype=object, count=len(prediction))
-        self.row_sample.offer((at, score, prediction), most, self.rng)
-        self.request_sample.offer((latency,), most, self.rng)
+        self.row_sample.offer((at, score, prediction), most, self.row_rng)
+        self.request_sample.offer((latency,), most, self.request_rng)
         self.rows += at.size
         self.requests += latency.size
 
@@ -1510,6 +1519,14 @@ class CanaryStep:
     canary: VariantTraffic = field(default_factory=VariantTraffic)
     stable: VariantTraffic = field(default_factory=VariantTraffic)
     first_offsets: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Each variant's sample drawn from a generator seeded by the step and the variant: the draws do not
+        # depend on how the rows come in polls, so a restart that reads the step's traffic again keeps the
+        # same sample and comes to the same verdict.
+        for variant, traffic in ((Variant.CANARY, self.canary), (Variant.STABLE, self.stable)):
+            name = f"{self.rollout_id}\0{self.step_index}\0{variant.value}".encode()
+            traffic.seed(int.from_bytes(hashlib.sha256(name).digest()[:16]))
 
     @property
     def bake_from(self) -> float:

@@ -63,7 +63,8 @@ def watched_step(*, seed: int = 7) -> tuple[LiveState, CanaryStep]:
     live.add_reference(reference())
     live.add_reference(dataclasses.replace(reference(), version=2))
     step = CanaryStep("r-1", "churn", 1, 2, 1, started_at=STARTED_AT, min_samples=100, bake_seconds=0.0)
-    step.canary.rng, step.stable.rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    step.canary.seed(seed)
+    step.stable.seed(seed + 1)
     live.watch(step)
     return live, step
 
@@ -156,3 +157,22 @@ def test_the_arrays_a_sample_was_given_stay_as_they_were() -> None:
     sample.offer((np.full(5 * MOST, -1.0),), MOST, rng)
     assert given.tolist() == list(range(MOST))
     assert (sample.column(0, np.empty(0)) == -1.0).any()
+
+
+def test_a_step_read_again_in_other_polls_keeps_the_same_sample() -> None:
+    # A restart reads the step's traffic again, polled otherwise: the sample, and so the verdict, is the same.
+    # Two different steps draw different samples.
+    def kept(step: CanaryStep, polls: list[int]) -> list[float]:
+        first = 0
+        for size in polls:
+            rows = np.arange(first, first + size, dtype=np.float64)
+            step.canary.add(rows, rows, rows.astype(object), rows, most=MOST)
+            first += size
+        return step.canary.scores().tolist()
+
+    def step(rollout: str) -> CanaryStep:
+        return CanaryStep(rollout, "churn", 1, 2, 1, started_at=STARTED_AT, min_samples=100, bake_seconds=0.0)
+
+    once = kept(step("r-1"), [10 * MOST])
+    assert kept(step("r-1"), [MOST // 2, 3 * MOST, 1, 6 * MOST + MOST // 2 - 1]) == once
+    assert kept(step("r-2"), [10 * MOST]) != once
