@@ -82,6 +82,11 @@ def _runtime(request: Request) -> Runtime:
     return cast(Runtime, request.app.state.runtime)
 
 
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: If-None-Match names the file's ETag (its SHA-256); no body."}
+}
+
+
 def _artifacts(request: Request) -> StoreArtifacts:
     return cast(StoreArtifacts, request.app.state.artifacts)
 
@@ -262,6 +267,7 @@ async def get_version(request: Request, _: ViewerDep, model: ModelName, version:
     tags=["versions"],
     summary="Download the model (skops) or its reference profile (JSON), verified before the first byte.",
     response_class=StreamingResponse,
+    responses=NOT_MODIFIED,
 )
 async def download_artifact(
     request: Request,
@@ -269,7 +275,7 @@ async def download_artifact(
     model: ModelName,
     version: str,
     kind: Annotated[Literal["model", "profile"], Query(description="Which artifact.")] = "model",
-) -> StreamingResponse:
+) -> Response:
     named = _version_ref(model, version)
     async with _queries(request) as q:
         v = await _version(q, model, named)
@@ -279,7 +285,12 @@ async def download_artifact(
     return await _stream(request, ref.key, media, f"{v.model}-v{v.version}-{kind}.{suffix}")
 
 
-async def _stream(request: Request, key: str, media_type: str, filename: str) -> StreamingResponse:
+async def _stream(request: Request, key: str, media_type: str, filename: str) -> Response:
+    etag = f'"{key}"'
+    if _none_match(request.headers.get("if-none-match"), etag):
+        # The file is named by its hash, so a client holding the tag holds these very bytes: 304, and nothing
+        # read or hashed (RFC 9110, 13.1.2). A client that keeps what it downloaded asks again for nothing.
+        return Response(status_code=304, headers={"ETag": etag})
     artifacts = _artifacts(request)
     # The whole file is hashed before the response starts, so a client never receives bytes that were
     # modified in the store; the stream checks the hash again at its end.
@@ -295,10 +306,18 @@ async def _stream(request: Request, key: str, media_type: str, filename: str) ->
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f'attachment; filename="{filename}"',
-            "ETag": f'"{key}"',
+            "ETag": etag,
             "X-Content-SHA256": key,
         },
     )
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (or is ``*``), compared weakly as RFC 9110 has it."""
+    if header is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.get(
@@ -615,10 +634,11 @@ async def get_dataset(
     tags=["datasets"],
     summary="Download the dataset file, verified before the first byte.",
     response_class=StreamingResponse,
+    responses=NOT_MODIFIED,
 )
 async def download_dataset(
     request: Request, _: ViewerDep, name: DatasetName, version: VersionPath
-) -> StreamingResponse:
+) -> Response:
     ds = await _dataset(request, name, path_version(version, f"dataset {name!r}"))
     suffix = ds.artifact.format.value
     media = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}

@@ -371,6 +371,42 @@ async def test_an_archive_on_a_longest_reason_is_cut_alike_in_history_and_event(
     assert change["payload"]["reason"] == cut
 
 
+async def test_a_download_the_client_holds_already_is_304_with_nothing_read(
+    registry: RunningRegistry,
+) -> None:
+    # The file is named by its hash, which is its ETag: a client that sends it back holds these bytes, and
+    # gets 304 without the file being read or hashed (it answers so even once the stored copy is damaged).
+    model = model_name()
+    event = await register(registry, model, "run-1")
+    key = event.data.artifact.key
+    url = f"/v1/models/{model}/versions/1/artifact"
+    first = await registry.http.get(url, headers=AUTH["viewer"])
+    assert first.status_code == 200 and first.headers["etag"] == f'"{key}"'
+    for held in (f'"{key}"', f'W/"{key}"', f'"other", "{key}"', "*"):
+        again = await registry.http.get(url, headers={**AUTH["viewer"], "If-None-Match": held})
+        assert again.status_code == 304, held
+        assert again.content == b"" and again.headers["etag"] == f'"{key}"'
+    other = await registry.http.get(url, headers={**AUTH["viewer"], "If-None-Match": '"other"'})
+    assert other.status_code == 200 and other.content == first.content
+    # The profile is another file, with another tag.
+    profile = await registry.http.get(
+        f"{url}?kind=profile", headers={**AUTH["viewer"], "If-None-Match": f'"{key}"'}
+    )
+    assert profile.status_code == 200 and profile.headers["etag"] == f'"{event.data.profile.key}"'
+    # Still checked: who may read it, and that the version exists.
+    assert (await registry.http.get(url, headers={"If-None-Match": f'"{key}"'})).status_code == 401
+    missing = f"/v1/models/{model}/versions/2/artifact"
+    assert (
+        await registry.http.get(missing, headers={**AUTH["viewer"], "If-None-Match": "*"})
+    ).status_code == 404
+
+    path = registry.stored_path(key)
+    path.write_bytes(path.read_bytes()[:-1])
+    kept = await registry.http.get(url, headers={**AUTH["viewer"], "If-None-Match": f'"{key}"'})
+    assert kept.status_code == 304
+    assert (await registry.http.get(url, headers=AUTH["viewer"])).status_code == 500
+
+
 async def test_artifact_modified_on_disk_is_refused_with_a_clear_error(registry: RunningRegistry) -> None:
     model = model_name()
     event = await register(registry, model, "run-1")
