@@ -125,6 +125,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
         max_kept_steps=settings.max_kept_rollout_steps,
         max_pending_labels=settings.max_pending_labels,
+        max_watched_steps=settings.max_watched_rollout_steps,
         max_event_bytes=settings.kafka.max_event_bytes,
         quality_issues_per_kind=settings.quality_issues_per_kind,
         predictions_topic=settings.predictions_topic,
@@ -145,6 +146,13 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
                     "model version not monitored: profile unavailable", model=stored.model, error=str(exc)
                 )
         await handlers.refresh_policies(monitor=monitor, store=store)
+        # The first started up to the bound, as the step events were admitted: more (a bound lowered, or rows
+        # from before there was one) would hold memory without bound again, at every start. The others are set
+        # aside unjudged in Postgres, so that they neither wait there for a verdict nobody gives nor count
+        # against the bound.
+        steps_set_aside, shown = await store.set_aside_watched_beyond(
+            monitor.max_watched_steps, STEPS_SET_ASIDE_AT_START
+        )
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
         # Before the replay, which collects their traffic from their own start, as memory did before the stop.
@@ -162,6 +170,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
             bound=monitor.live.cache.max_rows,
         )
         replay_from = await store.replay_offsets(monitor.predictions_topic)
+    _report_set_aside(steps_set_aside, shown, monitor)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
         now = time.time()
@@ -181,6 +190,29 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
             feed=feed,
             deadline_s=settings.replay_deadline_seconds,
         )
+
+
+STEPS_SET_ASIDE_AT_START = (
+    "set aside at start: more rollouts had a step watched than max_watched_rollout_steps, and it started "
+    "later"
+)
+"""The ``reason`` stored for a watched step a restart set aside."""
+
+
+def _report_set_aside(steps: int, rollouts_shown: list[str], monitor: Monitor) -> None:
+    """Count and log (once committed) the watched steps a restart set aside past ``max_watched_steps``."""
+    if steps == 0:
+        return
+    handlers.STEPS_REFUSED.inc(steps)
+    log.error(
+        "rollout steps set aside unjudged: more rollouts had a step watched than max_watched_rollout_steps, "
+        "the first started are watched",
+        steps_set_aside=steps,
+        rollouts=rollouts_shown,
+        max_watched_rollout_steps=monitor.max_watched_steps,
+        hint="their rollouts get no verdict from monitoring: promote or roll them back by hand; "
+        "driftloop_monitoring_rollout_steps_refused_total counts them",
+    )
 
 
 class Background:

@@ -168,6 +168,22 @@ TOO_MANY_WAITING = "too-many-waiting"
 TOO_MANY_WAITING_WARNING_EVERY_S = 60.0
 """At most one warning this often about waiting labels given up past ``max_pending_labels``."""
 
+STEPS_REFUSED = Counter(
+    "driftloop_monitoring_rollout_steps_refused_total",
+    "Rollout steps not watched because max_watched_rollout_steps rollouts had a step watched already: a "
+    "RolloutStarted or RolloutStepAdvanced dead-lettered (reason rejected), or a step watched before that a "
+    "restart sets aside unjudged; the rollout gets no verdict for it from monitoring; logged as an error at "
+    "most once a minute.",
+)
+
+STEPS_REFUSED_LOG = (
+    "rollout step not watched: max_watched_rollout_steps rollouts are watched already, its event is "
+    "dead-lettered"
+)
+STEPS_REFUSED_WARNING_EVERY_S = 60.0
+"""At most one error this often about rollout steps refused past ``max_watched_steps``: a flood of rollouts
+(the bus does not authenticate a publisher) would otherwise log a line per event."""
+
 UNREGISTERED_MODEL = "_unregistered"
 """The ``model`` label of a rollout's series whose model has no version registered here: a rollout event may
 name any model (the bus does not authenticate a publisher), and a series per name grew ``/metrics`` and memory
@@ -234,6 +250,8 @@ class Monitor:
     """How many such steps are kept at once: one more gives up the one kept longest."""
     max_pending_labels: int = 500_000
     """How many labels wait for their prediction at most: past it, the ones waiting longest are given up."""
+    max_watched_steps: int = 100
+    """How many rollouts have a step watched at once: a step event that would watch one more is refused."""
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
@@ -261,6 +279,10 @@ class Monitor:
         default_factory=lambda: Warned(every_s=TOO_MANY_WAITING_WARNING_EVERY_S)
     )
     """When waiting labels given up past ``max_pending_labels`` were last logged (``clock`` time)."""
+    steps_refused_warned: Warned[str] = field(
+        default_factory=lambda: Warned(every_s=STEPS_REFUSED_WARNING_EVERY_S)
+    )
+    """When rollout steps refused past ``max_watched_steps`` were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
 
@@ -1008,6 +1030,7 @@ async def on_rollout_started(
             event_id=event.id,
         )
         return
+    await _refuse_too_many_watched(event, monitor=monitor, store=store)
     early = await store.take_early_steps(p.rollout_id)
     given_up = await store.take_given_up(p.rollout_id)
     later = [e for e in early if e.step_index > p.step_index]
@@ -1139,9 +1162,56 @@ async def on_rollout_step_advanced(
             event_id=event.id,
         )
         return
+    await _refuse_too_many_watched(event, monitor=monitor, store=store)
     step = _step_in_force(event, previous.min_samples, previous.bake_seconds, monitor=monitor, tally=tally)
     await store.save_step(step)
     _watch_once_committed(step, monitor, tally)
+
+
+async def _refuse_too_many_watched(
+    event: CloudEvent[RolloutStarted] | CloudEvent[RolloutStepAdvanced],
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+) -> None:
+    """Dead-letter a step event that would watch one rollout more than ``max_watched_steps``: each watched
+    step collects its canary's and stable's traffic until its verdict, and every poll of predictions looks
+    through them all; a publisher (the bus does not authenticate one) could start any number of rollouts.
+    Counted in Postgres, this transaction's steps included (memory follows only at commit): one poll of
+    a thousand starts would all have passed a count of memory. The rollout's own watched step is not counted
+    (its next step replaces it); one between steps (its step decided, serving's advance on its way) has
+    none, and its next step counts as a new rollout's would."""
+    p = event.data
+    most = monitor.max_watched_steps
+    watched = await store.rollouts_watched(besides=p.rollout_id)
+    if watched < most:
+        return
+    refused = PermanentError(
+        f"rollout {p.rollout_id} step {p.step_index} ({p.model}) is not watched: {watched:,} other rollouts "
+        f"have a step watched, and monitoring watches at most {most:,} at once (max_watched_rollout_steps); "
+        "it gets no verdict from monitoring. Promote or roll the rollout back by hand, or raise "
+        "max_watched_rollout_steps and replay this dead letter"
+    )
+
+    def report() -> None:
+        # Once dead-lettered (a handler may refuse one event more than once: a poll replayed one event per
+        # transaction); logged at most once a minute, as a flood of made-up rollouts would log a line each.
+        STEPS_REFUSED.inc()
+        if monitor.steps_refused_warned.due(STEPS_REFUSED_LOG, monitor.clock()):
+            log.error(
+                STEPS_REFUSED_LOG,
+                rollout_id=p.rollout_id,
+                model=p.model,
+                step=p.step_index,
+                event_id=event.id,
+                max_watched_rollout_steps=most,
+                hint="serving's rollout waits for a verdict: roll it back or promote it by hand; a publisher "
+                "starting made-up rollouts, or more rollouts at once than the bound (raise it and replay the "
+                "dead letters); driftloop_monitoring_rollout_steps_refused_total counts them",
+            )
+
+    refused.on_dead_lettered = report
+    raise refused
 
 
 async def _keep_for_start(

@@ -353,6 +353,15 @@ class MonitoringStore(Protocol):
         """Steps without a verdict of rollouts still running."""
         ...
 
+    async def rollouts_watched(self, *, besides: str) -> int:
+        """How many rollouts other than ``besides`` have a step watched (this transaction's included)."""
+        ...
+
+    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
+        """Stop watching, unjudged, the steps watched beyond the first ``most`` started (state ``set-aside``,
+        ``reason`` recorded); returns how many, and the rollout ids of up to ten of them."""
+        ...
+
     async def decide_step(
         self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
     ) -> bool:

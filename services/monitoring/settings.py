@@ -180,6 +180,16 @@ class MonitoringSettings(ServiceSettings):
         "(driftloop_monitoring_rollout_step_predictions_not_kept_total) and logged as a warning once per "
         "step.",
     )
+    max_watched_rollout_steps: int = Field(
+        100,
+        ge=1,
+        description="At most this many rollouts have a step watched at once (each collecting its canary's "
+        "and stable's traffic, up to canary_step_max_rows per variant, until its verdict); a "
+        "RolloutStarted or RolloutStepAdvanced that would watch one more is dead-lettered (reason rejected), "
+        "logged as an error at most once a minute and counted "
+        "(driftloop_monitoring_rollout_steps_refused_total). A restart watches the first started up to "
+        "this many and sets the others aside, unjudged (counted and logged the same way).",
+    )
     max_kept_rollout_steps: int = Field(
         100,
         ge=1,

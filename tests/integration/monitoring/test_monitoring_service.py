@@ -1186,6 +1186,51 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
     assert [s for s in watched if s.rollout_id == "r-over"] == []
 
 
+async def test_watched_rollouts_are_counted_in_the_events_transaction_and_set_aside_past_the_bound(
+    pool: asyncpg.Pool,
+) -> None:
+    # Each watched step holds its traffic in memory: a start past max_watched_rollout_steps is refused,
+    # counted against the steps this very transaction watched (memory follows only at commit), and a restart
+    # sets aside the rows past the bound (from before it, or a bound lowered) instead of loading them all.
+    monitor = make_monitor(
+        MonitoringSettings(max_watched_rollout_steps=2), artifacts=None, source="/test/monitoring"
+    )
+
+    def started(rollout_id: str) -> CloudEvent[Any]:
+        return new_event(EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": rollout_id}), source="/s")
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        for rollout_id in ("r-1", "r-2"):
+            await on_rollout_started(started(rollout_id), monitor=monitor, store=store, tally=Tally())
+        with pytest.raises(
+            PermanentError, match=r"rollout r-3 step 0 .* 2 other rollouts have a step watched"
+        ):
+            await on_rollout_started(started("r-3"), monitor=monitor, store=store, tally=Tally())
+        assert await store.rollouts_watched(besides="r-1") == 1
+        watched = await store.watched_steps()
+        # A row watched past the bound (written before there was one), started last.
+        last = watched[-1]
+        await store.save_step(dataclasses.replace(last, rollout_id="r-3", started_at=last.started_at + 1))
+    assert monitor.live.steps == {}  # no Tally counted: nothing of it reached memory
+
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        assert await store.set_aside_watched_beyond(2, "past the bound") == (1, ["r-3"])
+        assert await store.set_aside_watched_beyond(2, "past the bound") == (0, [])
+        assert sorted(s.rollout_id for s in await store.watched_steps()) == ["r-1", "r-2"]
+        assert await store.rollouts_watched(besides="r-0") == 2
+        [row] = await conn.fetch("SELECT state, reason FROM rollout_steps WHERE rollout_id = 'r-3'")
+        assert (row["state"], row["reason"]) == ("set-aside", "past the bound")
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'rollout_steps_watching' "
+                "AND schemaname = current_schema()"
+            )
+            == 1
+        )
+
+
 async def test_a_step_that_came_before_its_start_is_kept_in_postgres_and_watched_when_the_start_comes(
     pool: asyncpg.Pool,
 ) -> None:

@@ -20,6 +20,12 @@ class NoPolicies:
     async def models(self) -> list[Any]:
         return []
 
+    async def rollouts_watched(self, *, besides: str) -> int:
+        return 0
+
+    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
+        return 0, []
+
     async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
         return []
 

@@ -50,6 +50,18 @@ class RolloutSteps:
         if key not in self.steps:
             self.steps[key], self.state[key] = step, "watching"
 
+    async def rollouts_watched(self, *, besides: str) -> int:
+        return len({r for (r, _), state in self.state.items() if state == "watching" and r != besides})
+
+    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
+        watching = sorted(
+            (self.steps[key].started_at, key) for key, state in self.state.items() if state == "watching"
+        )
+        aside = [key for _, key in watching[most:]]
+        for key in aside:
+            self.state[key] = "set-aside"
+        return len(aside), sorted(r for r, _ in aside)[:10]
+
     async def decide(self, rollout_id: str, step_index: int) -> None:
         self.state[(rollout_id, step_index)] = "decided"
 
