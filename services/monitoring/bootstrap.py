@@ -134,9 +134,11 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
 
 async def restore(rt: Runtime, monitor: Monitor) -> None:
     """Load models, policies, watched rollout steps (and those kept for their start) and waiting labels from
-    Postgres."""
+    Postgres; decide the watched steps beyond ``max_watched_rollout_steps``."""
     async with rt.begin() as tx:
         store = PgMonitoringStore(tx.conn)
+        tally = handlers.Tally()
+        tx.after_commit(tally.count)
         models = await store.models()
         for stored in models:
             try:
@@ -147,11 +149,12 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
                 )
         await handlers.refresh_policies(monitor=monitor, store=store)
         # The first started up to the bound, as the step events were admitted: more (a bound lowered, or rows
-        # from before there was one) would hold memory without bound again, at every start. The others are set
-        # aside unjudged in Postgres, so that they neither wait there for a verdict nobody gives nor count
-        # against the bound.
-        steps_set_aside, shown = await store.set_aside_watched_beyond(
-            monitor.max_watched_steps, STEPS_SET_ASIDE_AT_START
+        # from before there was one) would hold memory without bound again, at every start. The others get
+        # their inconclusive verdict here, in this transaction, whose outbox the relay sends once the
+        # consumers start (serving rolls their canaries back): the Background's first tick would also do, but
+        # it runs only after the replay, and meanwhile they would count against the bound.
+        await handlers.decide_watched_beyond_bound(
+            monitor.clock(), monitor=monitor, store=store, publish=tx.publish, tally=tally
         )
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
@@ -170,7 +173,6 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
             bound=monitor.live.cache.max_rows,
         )
         replay_from = await store.replay_offsets(monitor.predictions_topic)
-    _report_set_aside(steps_set_aside, shown, monitor)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
         now = time.time()
@@ -190,29 +192,6 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
             feed=feed,
             deadline_s=settings.replay_deadline_seconds,
         )
-
-
-STEPS_SET_ASIDE_AT_START = (
-    "set aside at start: more rollouts had a step watched than max_watched_rollout_steps, and it started "
-    "later"
-)
-"""The ``reason`` stored for a watched step a restart set aside."""
-
-
-def _report_set_aside(steps: int, rollouts_shown: list[str], monitor: Monitor) -> None:
-    """Count and log (once committed) the watched steps a restart set aside past ``max_watched_steps``."""
-    if steps == 0:
-        return
-    handlers.STEPS_REFUSED.inc(steps)
-    log.error(
-        "rollout steps set aside unjudged: more rollouts had a step watched than max_watched_rollout_steps, "
-        "the first started are watched",
-        steps_set_aside=steps,
-        rollouts=rollouts_shown,
-        max_watched_rollout_steps=monitor.max_watched_steps,
-        hint="their rollouts get no verdict from monitoring: promote or roll them back by hand; "
-        "driftloop_monitoring_rollout_steps_refused_total counts them",
-    )
 
 
 class Background:
@@ -490,10 +469,16 @@ def _bind_batch(
 
 
 def _bind(
-    handler: Callable[..., Awaitable[None]], monitor: Monitor, *, tallied: bool = False
+    handler: Callable[..., Awaitable[None]],
+    monitor: Monitor,
+    *,
+    tallied: bool = False,
+    publishing: bool = False,
 ) -> Callable[[CloudEvent[Any], Transaction], Awaitable[None]]:
     async def run(event: CloudEvent[Any], tx: Transaction) -> None:
         deps: dict[str, Any] = {"monitor": monitor, "store": PgMonitoringStore(tx.conn)}
+        if publishing:
+            deps["publish"] = tx.publish
         if tallied:
             deps["tally"] = _tally_for(tx)
         await handler(event, **deps)
@@ -519,8 +504,10 @@ def subscriptions(settings: MonitoringSettings, monitor: Monitor) -> list[Subscr
             topics=[settings.models_topic, settings.rollouts_topic],
             handlers={
                 ModelVersionRegistered: _bind(handlers.on_model_version_registered, monitor),
-                RolloutStarted: _bind(handlers.on_rollout_started, monitor, tallied=True),
-                RolloutStepAdvanced: _bind(handlers.on_rollout_step_advanced, monitor, tallied=True),
+                RolloutStarted: _bind(handlers.on_rollout_started, monitor, tallied=True, publishing=True),
+                RolloutStepAdvanced: _bind(
+                    handlers.on_rollout_step_advanced, monitor, tallied=True, publishing=True
+                ),
                 RolloutPromoted: _bind(handlers.on_rollout_finished, monitor, tallied=True),
                 RolloutRolledBack: _bind(handlers.on_rollout_finished, monitor, tallied=True),
             },

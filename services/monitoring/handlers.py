@@ -168,21 +168,42 @@ TOO_MANY_WAITING = "too-many-waiting"
 TOO_MANY_WAITING_WARNING_EVERY_S = 60.0
 """At most one warning this often about waiting labels given up past ``max_pending_labels``."""
 
-STEPS_REFUSED = Counter(
-    "driftloop_monitoring_rollout_steps_refused_total",
-    "Rollout steps not watched because max_watched_rollout_steps rollouts had a step watched already: a "
-    "RolloutStarted or RolloutStepAdvanced dead-lettered (reason rejected), or a step watched before that a "
-    "restart sets aside unjudged; the rollout gets no verdict for it from monitoring; logged as an error at "
-    "most once a minute.",
+STEPS_NOT_WATCHED = Counter(
+    "driftloop_monitoring_rollout_steps_decided_unwatched_total",
+    "Rollout steps given their one verdict, inconclusive, at once and never watched, because "
+    "max_watched_rollout_steps rollouts had a step watched already: the step of a RolloutStarted or "
+    "RolloutStepAdvanced that would have watched one more, or, at a restart, a step watched beyond the first "
+    "max_watched_rollout_steps started (rows from before the bound, or a bound lowered). Serving rolls the "
+    "canary back; logged as an error at most once a minute (a restart's, once). A model with no version "
+    "registered is counted as model _unregistered.",
+    ["model"],
 )
 
-STEPS_REFUSED_LOG = (
-    "rollout step not watched: max_watched_rollout_steps rollouts are watched already, its event is "
-    "dead-lettered"
+STEPS_NOT_WATCHED_LOG = (
+    "rollout step not watched: max_watched_rollout_steps rollouts have a step watched, it is given an "
+    "inconclusive verdict at once"
 )
-STEPS_REFUSED_WARNING_EVERY_S = 60.0
-"""At most one error this often about rollout steps refused past ``max_watched_steps``: a flood of rollouts
-(the bus does not authenticate a publisher) would otherwise log a line per event."""
+STEPS_NOT_WATCHED_WARNING_EVERY_S = 60.0
+"""At most one error this often about rollout steps decided unwatched past ``max_watched_steps``: a flood of
+rollouts (the bus does not authenticate a publisher) would otherwise log a line per event."""
+
+
+def not_watched_reason(most: int) -> str:
+    """The reason of the inconclusive verdict of a step not watched because ``most`` rollouts have one."""
+    rollouts = f"{most:,} rollouts have" if most != 1 else "1 rollout has"
+    return (
+        f"not watched: {rollouts} a step watched, the most monitoring watches at once "
+        "(max_watched_rollout_steps)"
+    )
+
+
+def not_watched_at_start_reason(most: int) -> str:
+    """The reason of the inconclusive verdict a restart gives a step watched beyond the first ``most``."""
+    return (
+        f"not watched: at a restart more rollouts had a step watched than the {most:,} monitoring watches at "
+        "once (max_watched_rollout_steps), and this one started later"
+    )
+
 
 UNREGISTERED_MODEL = "_unregistered"
 """The ``model`` label of a rollout's series whose model has no version registered here: a rollout event may
@@ -251,7 +272,8 @@ class Monitor:
     max_pending_labels: int = 500_000
     """How many labels wait for their prediction at most: past it, the ones waiting longest are given up."""
     max_watched_steps: int = 100
-    """How many rollouts have a step watched at once: a step event that would watch one more is refused."""
+    """How many rollouts have a step watched at once: the step of an event that would watch one more is given
+    an inconclusive verdict at once instead."""
     max_event_bytes: int = 1_000_000
     """What consumers accept (``KafkaSettings.max_event_bytes``): a DriftDetected larger is cut to fit."""
     quality_issues_per_kind: int = 10
@@ -279,10 +301,10 @@ class Monitor:
         default_factory=lambda: Warned(every_s=TOO_MANY_WAITING_WARNING_EVERY_S)
     )
     """When waiting labels given up past ``max_pending_labels`` were last logged (``clock`` time)."""
-    steps_refused_warned: Warned[str] = field(
-        default_factory=lambda: Warned(every_s=STEPS_REFUSED_WARNING_EVERY_S)
+    steps_not_watched_warned: Warned[str] = field(
+        default_factory=lambda: Warned(every_s=STEPS_NOT_WATCHED_WARNING_EVERY_S)
     )
-    """When rollout steps refused past ``max_watched_steps`` were last logged (``clock`` time)."""
+    """When rollout steps decided unwatched past ``max_watched_steps`` were last logged (``clock`` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
 
@@ -1013,10 +1035,16 @@ PROMOTED, ROLLED_BACK = "promoted", "rolled back"  # how a rollout ended, as fin
 
 
 async def on_rollout_started(
-    event: CloudEvent[RolloutStarted], *, monitor: Monitor, store: MonitoringStore, tally: Tally
+    event: CloudEvent[RolloutStarted],
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+    tally: Tally,
 ) -> None:
     """Watch the rollout's current step: the highest step kept because its event came before this one, else
-    the start's. Memory follows once the transaction commits."""
+    the start's; past ``max_watched_steps``, give it an inconclusive verdict at once instead. Memory follows
+    once the transaction commits."""
     p = event.data
     await _refuse_finished(p.rollout_id, p.step_index, store)
     if await store.last_step(p.rollout_id) is not None:
@@ -1030,7 +1058,6 @@ async def on_rollout_started(
             event_id=event.id,
         )
         return
-    await _refuse_too_many_watched(event, monitor=monitor, store=store)
     early = await store.take_early_steps(p.rollout_id)
     given_up = await store.take_given_up(p.rollout_id)
     later = [e for e in early if e.step_index > p.step_index]
@@ -1080,7 +1107,9 @@ async def on_rollout_started(
             )
         step = _step_in_force(event, p.min_samples, p.bake_seconds, monitor=monitor, tally=tally)
     await store.save_step(step)
-    _watch_once_committed(step, monitor, tally, collected=collected)
+    await _watch_within_bound(
+        step, monitor=monitor, store=store, publish=publish, tally=tally, collected=collected
+    )
 
 
 def _step_in_force(
@@ -1140,10 +1169,16 @@ def _started_after_given_up(given_up: EarlyStep, started: RolloutStarted, *, now
 
 
 async def on_rollout_step_advanced(
-    event: CloudEvent[RolloutStepAdvanced], *, monitor: Monitor, store: MonitoringStore, tally: Tally
+    event: CloudEvent[RolloutStepAdvanced],
+    *,
+    monitor: Monitor,
+    store: MonitoringStore,
+    publish: Publish,
+    tally: Tally,
 ) -> None:
-    """Watch the new step, with the rollout's sample and bake requirements; keep it for the rollout's start
-    when that has not come yet. Memory follows once the transaction commits."""
+    """Watch the new step, with the rollout's sample and bake requirements (past ``max_watched_steps``, give
+    it an inconclusive verdict at once instead); keep it for the rollout's start when that has not come yet.
+    Memory follows once the transaction commits."""
     p = event.data
     await _refuse_finished(p.rollout_id, p.step_index, store)
     previous = await store.last_step(p.rollout_id)
@@ -1162,56 +1197,111 @@ async def on_rollout_step_advanced(
             event_id=event.id,
         )
         return
-    await _refuse_too_many_watched(event, monitor=monitor, store=store)
     step = _step_in_force(event, previous.min_samples, previous.bake_seconds, monitor=monitor, tally=tally)
     await store.save_step(step)
-    _watch_once_committed(step, monitor, tally)
+    await _watch_within_bound(step, monitor=monitor, store=store, publish=publish, tally=tally)
 
 
-async def _refuse_too_many_watched(
-    event: CloudEvent[RolloutStarted] | CloudEvent[RolloutStepAdvanced],
+async def _watch_within_bound(
+    step: StoredStep,
     *,
     monitor: Monitor,
     store: MonitoringStore,
+    publish: Publish,
+    tally: Tally,
+    collected: bool = False,
 ) -> None:
-    """Dead-letter a step event that would watch one rollout more than ``max_watched_steps``: each watched
-    step collects its canary's and stable's traffic until its verdict, and every poll of predictions looks
-    through them all; a publisher (the bus does not authenticate one) could start any number of rollouts.
-    Counted in Postgres, this transaction's steps included (memory follows only at commit): one poll of
-    a thousand starts would all have passed a count of memory. The rollout's own watched step is not counted
-    (its next step replaces it); one between steps (its step decided, serving's advance on its way) has
-    none, and its next step counts as a new rollout's would."""
-    p = event.data
+    """Watch the step just saved once committed (:func:`_watch_once_committed`) or, when
+    ``max_watched_steps`` other rollouts have a step watched, decide it at once: its one verdict,
+    inconclusive, saying why, published in this transaction, caused by the step's event; never watched in
+    memory. Each watched step collects its canary's and stable's traffic until its verdict and every poll of
+    predictions looks through them all, and a publisher (the bus does not authenticate one) could start any
+    number of rollouts. Refused (dead-lettered) instead, a legitimate rollout's step waited for ever: serving
+    waits for monitoring's verdict on every step, and rolls a canary back on an inconclusive one by itself.
+
+    Counted in Postgres, this transaction's steps included (memory follows only at commit): one poll of a
+    thousand starts would all have passed a count of memory. The rollout's own watched step is not counted
+    (this step replaces it); one between steps (its step decided, serving's advance on its way) has none, and
+    its next step counts as a new rollout's would."""
     most = monitor.max_watched_steps
-    watched = await store.rollouts_watched(besides=p.rollout_id)
-    if watched < most:
+    if await store.rollouts_watched(besides=step.rollout_id) < most:
+        _watch_once_committed(step, monitor, tally, collected=collected)
         return
-    refused = PermanentError(
-        f"rollout {p.rollout_id} step {p.step_index} ({p.model}) is not watched: {watched:,} other rollouts "
-        f"have a step watched, and monitoring watches at most {most:,} at once (max_watched_rollout_steps); "
-        "it gets no verdict from monitoring. Promote or roll the rollout back by hand, or raise "
-        "max_watched_rollout_steps and replay this dead letter"
+    decision = CanaryDecision(Verdict.INCONCLUSIVE, [], not_watched_reason(most))
+    await _give_verdict(
+        canary_step(step),
+        step,
+        decision,
+        monitor.clock(),
+        monitor=monitor,
+        store=store,
+        publish=publish,
+        logged=False,
     )
+    tally.add(STEPS_NOT_WATCHED, series_model(step.model, monitor))
 
     def report() -> None:
-        # Once dead-lettered (a handler may refuse one event more than once: a poll replayed one event per
-        # transaction); logged at most once a minute, as a flood of made-up rollouts would log a line each.
-        STEPS_REFUSED.inc()
-        if monitor.steps_refused_warned.due(STEPS_REFUSED_LOG, monitor.clock()):
+        # Its rollout's step before it (superseded) and a step kept for its start are done with, as watching
+        # it would have made them. Logged at most once a minute: a flood of made-up rollouts would log a line
+        # each.
+        monitor.live.unwatch(step.rollout_id)
+        monitor.live.take_kept(step.rollout_id)
+        if monitor.steps_not_watched_warned.due(STEPS_NOT_WATCHED_LOG, monitor.clock()):
             log.error(
-                STEPS_REFUSED_LOG,
-                rollout_id=p.rollout_id,
-                model=p.model,
-                step=p.step_index,
-                event_id=event.id,
+                STEPS_NOT_WATCHED_LOG,
+                rollout_id=step.rollout_id,
+                model=step.model,
+                step=step.step_index,
+                event_id=step.cause_id,
                 max_watched_rollout_steps=most,
-                hint="serving's rollout waits for a verdict: roll it back or promote it by hand; a publisher "
-                "starting made-up rollouts, or more rollouts at once than the bound (raise it and replay the "
-                "dead letters); driftloop_monitoring_rollout_steps_refused_total counts them",
+                hint="serving rolls the canary back on the verdict; a publisher starting made-up rollouts, "
+                "or more rollouts at once than the bound (raise it); "
+                "driftloop_monitoring_rollout_steps_decided_unwatched_total counts them",
             )
 
-    refused.on_dead_lettered = report
-    raise refused
+    tally.then(report)
+
+
+async def decide_watched_beyond_bound(
+    now: float, *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
+) -> None:
+    """At a restart, before the watched steps are loaded: give each step watched beyond the first
+    ``max_watched_steps`` started (rows from before the bound, or a bound lowered) its one verdict,
+    inconclusive, saying why, published in the restore's transaction, as a step event past the bound gets
+    one. Loaded whole, they held memory without bound again at every start; left watching in Postgres
+    unjudged, their rollouts waited for ever. Counted and logged (once) when that transaction commits."""
+    most = monitor.max_watched_steps
+    beyond = await store.watched_beyond(most)
+    if not beyond:
+        return
+    decision = CanaryDecision(Verdict.INCONCLUSIVE, [], not_watched_at_start_reason(most))
+    for stored in beyond:
+        await _give_verdict(
+            canary_step(stored),
+            stored,
+            decision,
+            now,
+            monitor=monitor,
+            store=store,
+            publish=publish,
+            logged=False,
+        )
+        tally.add(STEPS_NOT_WATCHED, series_model(stored.model, monitor))
+    rollouts = sorted(s.rollout_id for s in beyond)[:10]
+
+    def report() -> None:
+        log.error(
+            "rollout steps not watched at start: more rollouts had a step watched than "
+            "max_watched_rollout_steps, the first started are watched and the others given an inconclusive "
+            "verdict",
+            steps=len(beyond),
+            rollouts=rollouts,
+            max_watched_rollout_steps=most,
+            hint="serving rolls their canaries back on the verdicts; "
+            "driftloop_monitoring_rollout_steps_decided_unwatched_total counts them",
+        )
+
+    tally.then(report)
 
 
 async def _keep_for_start(
@@ -1509,9 +1599,11 @@ async def _give_verdict(
     monitor: Monitor,
     store: MonitoringStore,
     publish: Publish,
+    logged: bool = True,
 ) -> None:
     """Record the step as decided and publish its verdict, caused by the step's event; nothing when another
-    replica decided it first."""
+    replica decided it first. ``logged``: False for a verdict whose caller logs steps like it at most once a
+    minute (a flood of made-up rollouts would log a line each)."""
     verdict = _verdict(step, decision, now)
     event = new_event(verdict, source=monitor.source).model_copy(
         update={"correlationid": meta.correlation_id, "causationid": meta.cause_id, "actor": meta.actor}
@@ -1528,6 +1620,8 @@ async def _give_verdict(
         "CanaryVerdict",
         f"{decision.verdict.value}: {decision.reason}",
     )
+    if not logged:
+        return
     log.info(
         "canary verdict",
         rollout_id=step.rollout_id,

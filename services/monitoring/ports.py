@@ -357,9 +357,8 @@ class MonitoringStore(Protocol):
         """How many rollouts other than ``besides`` have a step watched (this transaction's included)."""
         ...
 
-    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
-        """Stop watching, unjudged, the steps watched beyond the first ``most`` started (state ``set-aside``,
-        ``reason`` recorded); returns how many, and the rollout ids of up to ten of them."""
+    async def watched_beyond(self, most: int) -> list[StoredStep]:
+        """The steps watched beyond the first ``most`` started, in the order they started."""
         ...
 
     async def decide_step(

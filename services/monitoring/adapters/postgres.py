@@ -612,24 +612,14 @@ class PgMonitoringStore:
             )
         )
 
-    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
-        row = await self.conn.fetchrow(
-            """WITH kept AS (
-                   SELECT rollout_id, step_index FROM rollout_steps WHERE state = 'watching'
-                   ORDER BY started_at, rollout_id, step_index LIMIT $1
-               ), aside AS (
-                   UPDATE rollout_steps r SET state = 'set-aside', reason = $2
-                   WHERE r.state = 'watching' AND NOT EXISTS (
-                       SELECT 1 FROM kept k WHERE k.rollout_id = r.rollout_id AND k.step_index = r.step_index
-                   )
-                   RETURNING r.rollout_id
-               )
-               SELECT count(*) AS n, (array_agg(rollout_id ORDER BY rollout_id))[1:10] AS shown FROM aside""",
+    async def watched_beyond(self, most: int) -> list[StoredStep]:
+        # In the order watched_steps loads them (rollout_steps_watching, migration 0014), ties broken.
+        rows = await self.conn.fetch(
+            "SELECT * FROM rollout_steps WHERE state = 'watching' "
+            "ORDER BY started_at, rollout_id, step_index OFFSET $1",
             most,
-            reason,
         )
-        assert row is not None
-        return int(row["n"]), list(row["shown"] or [])
+        return _steps(rows)
 
     async def decide_step(
         self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str

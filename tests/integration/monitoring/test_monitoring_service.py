@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from contracts.examples import EXAMPLES
 from contracts.feedback import GroundTruthReceived
 from contracts.models import ModelVersionRegistered
 from contracts.monitoring import TOPIC as MONITORING_TOPIC
-from contracts.monitoring import DriftPolicyChanged
+from contracts.monitoring import DriftPolicyChanged, Verdict
 from contracts.predictions import PredictionOutput, PredictionRecord, PredictionsLogged, Variant
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RolloutMode, RolloutPromoted, RolloutStarted, RolloutStepAdvanced
@@ -58,6 +59,7 @@ from services.monitoring.bootstrap import MIGRATIONS, make_monitor
 from services.monitoring.domain import from_epoch
 from services.monitoring.handlers import (
     Tally,
+    decide_watched_beyond_bound,
     housekeeping,
     judge_closed_window,
     on_rollout_finished,
@@ -68,6 +70,7 @@ from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
 from tests.ports import free_port
+from tests.unit.monitoring.fakes import publish_nothing
 from tests.unit.monitoring.test_domain import reference
 from tests.unit.monitoring.test_domain import requests as request_batches
 
@@ -1131,17 +1134,29 @@ async def test_a_rollout_started_again_leaves_the_step_in_force_watched(pool: as
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=store, tally=tally
+            new_event(started, source="/serving"),
+            monitor=monitor,
+            store=store,
+            publish=publish_nothing,
+            tally=tally,
         )
         await store.decide_step("r-again", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
         await on_rollout_step_advanced(
-            new_event(advanced, source="/serving"), monitor=monitor, store=store, tally=tally
+            new_event(advanced, source="/serving"),
+            monitor=monitor,
+            store=store,
+            publish=publish_nothing,
+            tally=tally,
         )
     tally.count()  # committed: memory follows
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=store, tally=tally
+            new_event(started, source="/serving"),
+            monitor=monitor,
+            store=store,
+            publish=publish_nothing,
+            tally=tally,
         )
     tally.count()
 
@@ -1165,7 +1180,11 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            new_event(started, source="/serving"),
+            monitor=monitor,
+            store=store,
+            publish=publish_nothing,
+            tally=Tally(),
         )
         await store.decide_step("r-over", 0, "healthy", "all 2 comparisons made are within tolerance", "e-0")
         await on_rollout_finished(
@@ -1179,6 +1198,7 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
                 new_event(advanced, source="/serving"),
                 monitor=monitor,
                 store=PgMonitoringStore(conn),
+                publish=publish_nothing,
                 tally=Tally(),
             )
     async with pool.acquire() as conn:
@@ -1186,15 +1206,20 @@ async def test_a_rollout_promoted_after_its_steps_were_decided_refuses_a_later_s
     assert [s for s in watched if s.rollout_id == "r-over"] == []
 
 
-async def test_watched_rollouts_are_counted_in_the_events_transaction_and_set_aside_past_the_bound(
+async def test_watched_rollouts_are_counted_in_the_events_transaction_and_decided_inconclusive_past_the_bound(
     pool: asyncpg.Pool,
 ) -> None:
-    # Each watched step holds its traffic in memory: a start past max_watched_rollout_steps is refused,
-    # counted against the steps this very transaction watched (memory follows only at commit), and a restart
-    # sets aside the rows past the bound (from before it, or a bound lowered) instead of loading them all.
+    # Each watched step holds its traffic in memory: a start past max_watched_rollout_steps is decided at
+    # once, inconclusive, counted against the steps this very transaction watched (memory follows only at
+    # commit), and a restart decides so the rows past the bound (from before it, or a bound lowered) instead
+    # of loading them all. Serving rolls their canaries back.
     monitor = make_monitor(
         MonitoringSettings(max_watched_rollout_steps=2), artifacts=None, source="/test/monitoring"
     )
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
 
     def started(rollout_id: str) -> CloudEvent[Any]:
         return new_event(EXAMPLES[RolloutStarted].model_copy(update={"rollout_id": rollout_id}), source="/s")
@@ -1202,26 +1227,48 @@ async def test_watched_rollouts_are_counted_in_the_events_transaction_and_set_as
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         for rollout_id in ("r-1", "r-2"):
-            await on_rollout_started(started(rollout_id), monitor=monitor, store=store, tally=Tally())
-        with pytest.raises(
-            PermanentError, match=r"rollout r-3 step 0 .* 2 other rollouts have a step watched"
-        ):
-            await on_rollout_started(started("r-3"), monitor=monitor, store=store, tally=Tally())
+            await on_rollout_started(
+                started(rollout_id), monitor=monitor, store=store, publish=publish, tally=Tally()
+            )
+        assert published == []
+        third = started("r-3")
+        await on_rollout_started(third, monitor=monitor, store=store, publish=publish, tally=Tally())
+        [verdict] = published
+        assert verdict.data.verdict is Verdict.INCONCLUSIVE and verdict.causationid == third.id
+        assert verdict.data.reason.startswith("not watched: 2 rollouts have a step watched")
+        row = await conn.fetchrow(
+            "SELECT state, verdict, reason, event_id FROM rollout_steps WHERE rollout_id = 'r-3'"
+        )
+        assert dict(row) == {
+            "state": "decided",
+            "verdict": "inconclusive",
+            "reason": verdict.data.reason,
+            "event_id": verdict.id,
+        }
+        assert (
+            await conn.fetchval("SELECT kind FROM alerts WHERE event_id = $1", verdict.id) == "CanaryVerdict"
+        )
         assert await store.rollouts_watched(besides="r-1") == 1
         watched = await store.watched_steps()
         # A row watched past the bound (written before there was one), started last.
         last = watched[-1]
-        await store.save_step(dataclasses.replace(last, rollout_id="r-3", started_at=last.started_at + 1))
+        await store.save_step(dataclasses.replace(last, rollout_id="r-4", started_at=last.started_at + 1))
     assert monitor.live.steps == {}  # no Tally counted: nothing of it reached memory
 
+    published.clear()
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        assert await store.set_aside_watched_beyond(2, "past the bound") == (1, ["r-3"])
-        assert await store.set_aside_watched_beyond(2, "past the bound") == (0, [])
+        assert [s.rollout_id for s in await store.watched_beyond(2)] == ["r-4"]
+        await decide_watched_beyond_bound(
+            time.time(), monitor=monitor, store=store, publish=publish, tally=Tally()
+        )
+        [verdict] = published
+        assert (verdict.data.rollout_id, verdict.data.verdict) == ("r-4", Verdict.INCONCLUSIVE)
+        assert await store.watched_beyond(2) == []
         assert sorted(s.rollout_id for s in await store.watched_steps()) == ["r-1", "r-2"]
         assert await store.rollouts_watched(besides="r-0") == 2
-        [row] = await conn.fetch("SELECT state, reason FROM rollout_steps WHERE rollout_id = 'r-3'")
-        assert (row["state"], row["reason"]) == ("set-aside", "past the bound")
+        [row] = await conn.fetch("SELECT state, reason FROM rollout_steps WHERE rollout_id = 'r-4'")
+        assert (row["state"], row["reason"]) == ("decided", verdict.data.reason)
         assert (
             await conn.fetchval(
                 "SELECT count(*) FROM pg_indexes WHERE indexname = 'rollout_steps_watching' "
@@ -1251,6 +1298,7 @@ async def test_a_step_that_came_before_its_start_is_kept_in_postgres_and_watched
                 new_event(payload, source="/serving"),
                 monitor=first,
                 store=PgMonitoringStore(conn),
+                publish=publish_nothing,
                 tally=Tally(),
             )
     async with pool.acquire() as conn:
@@ -1265,6 +1313,7 @@ async def test_a_step_that_came_before_its_start_is_kept_in_postgres_and_watched
             new_event(started, source="/serving"),
             monitor=restarted,
             store=PgMonitoringStore(conn),
+            publish=publish_nothing,
             tally=tally,
         )
     tally.count()
@@ -1291,7 +1340,11 @@ async def test_a_step_whose_start_never_comes_leaves_postgres_after_the_wait(poo
         store = PgMonitoringStore(conn)
         for payload in (advanced, ended):
             await on_rollout_step_advanced(
-                new_event(payload, source="/serving"), monitor=monitor, store=store, tally=Tally()
+                new_event(payload, source="/serving"),
+                monitor=monitor,
+                store=store,
+                publish=publish_nothing,
+                tally=Tally(),
             )
         # The rollout ended before its start came: its kept step goes with the ending.
         await on_rollout_finished(
@@ -1315,7 +1368,11 @@ async def start_rollout(pool: asyncpg.Pool, monitor: Any, started: RolloutStarte
     tally = Tally()
     async with pool.acquire() as conn, conn.transaction():
         await on_rollout_started(
-            new_event(started, source="/serving"), monitor=monitor, store=PgMonitoringStore(conn), tally=tally
+            new_event(started, source="/serving"),
+            monitor=monitor,
+            store=PgMonitoringStore(conn),
+            publish=publish_nothing,
+            tally=tally,
         )
     tally.count()
     async with pool.acquire() as conn:
@@ -1346,6 +1403,7 @@ async def test_keeping_more_steps_than_the_bound_gives_up_the_ones_kept_longest_
                 new_event(payload.model_copy(update={"rollout_id": rollout_id}), source="/serving"),
                 monitor=monitor,
                 store=PgMonitoringStore(conn),
+                publish=publish_nothing,
                 tally=tally,
             )
         tally.count()
@@ -1401,6 +1459,7 @@ async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_th
                 new_event(payload, source="/serving"),
                 monitor=monitor,
                 store=PgMonitoringStore(conn),
+                publish=publish_nothing,
                 tally=Tally(),
             )
     async with pool.acquire() as conn, conn.transaction():
@@ -1409,7 +1468,11 @@ async def test_a_start_after_its_kept_step_was_given_up_watches_that_step_and_th
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         await on_rollout_step_advanced(
-            new_event(kept, source="/serving"), monitor=monitor, store=store, tally=Tally()
+            new_event(kept, source="/serving"),
+            monitor=monitor,
+            store=store,
+            publish=publish_nothing,
+            tally=Tally(),
         )
         # A lower step given up later does not replace the higher one remembered.
         [lower] = [s for s in await store.kept_steps() if s.rollout_id == "r-kept"]
@@ -1478,6 +1541,7 @@ async def test_a_rollout_ending_while_housekeeping_gives_up_its_kept_step_leaves
             new_event(advanced, source="/serving"),
             monitor=monitor,
             store=PgMonitoringStore(conn),
+            publish=publish_nothing,
             tally=Tally(),
         )
 

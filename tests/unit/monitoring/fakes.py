@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from contracts.envelope import CloudEvent
+
 
 class NoPolicies:
     """The MonitoringStore calls a housekeeping tick, a restore or a rollout's start makes about policies,
@@ -23,8 +25,8 @@ class NoPolicies:
     async def rollouts_watched(self, *, besides: str) -> int:
         return 0
 
-    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
-        return 0, []
+    async def watched_beyond(self, most: int) -> list[Any]:
+        return []
 
     async def labels_joined_since(self, received_since: datetime) -> list[tuple[str, str, datetime, bool]]:
         return []
@@ -40,3 +42,8 @@ class NoPolicies:
 
     async def take_given_up(self, rollout_id: str) -> Any:
         return None
+
+
+async def publish_nothing(event: CloudEvent[Any]) -> None:
+    """A handler's ``publish`` where the test expects nothing published (a rollout step watched)."""
+    raise AssertionError(f"nothing should be published here, yet {event.type} was")

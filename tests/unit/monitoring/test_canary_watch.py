@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import StoredStep, WindowState
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.fakes import NoPolicies
+from tests.unit.monitoring.fakes import NoPolicies, publish_nothing
 from tests.unit.monitoring.test_domain import reference, regression_reference, requests
 from tests.waiting import eventually
 
@@ -770,12 +771,18 @@ async def step_announced_at(
     monitoring handles the event LATENCY_S later. Returns the watched step and when monitoring handled it."""
     event, tally = new_event(STARTED, source="/test/serving"), Tally()
     if advanced:
-        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, publish=publish_nothing, tally=tally)  # type: ignore[arg-type]
         later = new_event(ADVANCED, source="/test/serving").model_copy(update={"time": from_epoch(at)})
-        await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_step_advanced(
+            later,
+            monitor=monitor,
+            store=store,  # type: ignore[arg-type]
+            publish=publish_nothing,
+            tally=tally,
+        )
     else:
         event = event.model_copy(update={"time": from_epoch(at)})
-        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, publish=publish_nothing, tally=tally)  # type: ignore[arg-type]
     tally.count()  # committed: memory follows
     watched_step = monitor.live.steps["r-1"]
     assert watched_step.step_index == (1 if advanced else 0)
@@ -851,13 +858,24 @@ class RestoreStore(Store):
 
 
 class RestoreRuntime:
+    """``begin()`` as the service's runtime has it, on ``store``: what it publishes is kept in ``published``
+    and what waits for the commit is called at its end."""
+
     def __init__(self, store: RestoreStore) -> None:
         self.settings = MonitoringSettings()
         self.store = store
+        self.published: list[CloudEvent[Any]] = []
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Any]:
-        yield type("Tx", (), {"conn": self.store})()
+        committed: list[Callable[[], None]] = []
+
+        async def publish(event: CloudEvent[Any]) -> None:
+            self.published.append(event)
+
+        yield SimpleNamespace(conn=self.store, publish=publish, after_commit=committed.append)
+        for callback in committed:
+            callback()
 
 
 async def test_a_restart_bakes_a_step_from_when_monitoring_learned_of_it_or_from_its_start_for_an_older_row(
@@ -907,10 +925,16 @@ async def test_a_step_dated_years_ahead_is_watched_from_the_skew_allowed_and_tim
     with capture_logs() as logs:
         first = new_event(STARTED, source="/test/serving")
         first = first.model_copy(update={"time": from_epoch(SERVING_START) if advanced else ahead})
-        await on_rollout_started(first, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_started(first, monitor=monitor, store=store, publish=publish_nothing, tally=tally)  # type: ignore[arg-type]
         if advanced:
             later = new_event(ADVANCED, source="/test/serving").model_copy(update={"time": ahead})
-            await on_rollout_step_advanced(later, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+            await on_rollout_step_advanced(
+                later,
+                monitor=monitor,
+                store=store,  # type: ignore[arg-type]
+                publish=publish_nothing,
+                tally=tally,
+            )
     assert steps_ahead_counted("churn") == before  # counted once the transaction commits
     tally.count()
 
@@ -948,7 +972,7 @@ async def test_a_step_dated_within_the_skew_allowed_keeps_its_start() -> None:
     at = from_epoch(SERVING_START + monitor.live.cache.max_ahead_s)  # as far ahead as allowed
     event = new_event(STARTED, source="/test/serving").model_copy(update={"time": at})
 
-    await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+    await on_rollout_started(event, monitor=monitor, store=store, publish=publish_nothing, tally=tally)  # type: ignore[arg-type]
     tally.count()
 
     assert monitor.live.steps["r-1"].started_at == at.timestamp()

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from structlog.testing import capture_logs
 
-from contracts.envelope import new_event
+from contracts.envelope import CloudEvent, new_event
 from contracts.examples import EXAMPLES
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.bus import PermanentError
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.handlers import (
+    Publish,
     Tally,
     on_rollout_finished,
     on_rollout_started,
@@ -22,6 +23,7 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import StoredStep
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import publish_nothing
 from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED
 
 if TYPE_CHECKING:
@@ -41,6 +43,10 @@ class RolloutSteps:
     finished: dict[str, str] = field(default_factory=dict)
     early: dict[tuple[str, int], EarlyStep] = field(default_factory=dict)
     given_up: dict[str, EarlyStep] = field(default_factory=dict)
+    verdicts: dict[tuple[str, int], tuple[str, str, str]] = field(default_factory=dict)
+    """(verdict, reason, event id) of each decided step."""
+    alerts: list[tuple[str, str, str]] = field(default_factory=list)
+    """(event id, kind, summary) of each alert recorded."""
 
     async def save_step(self, step: StoredStep) -> None:
         key = (step.rollout_id, step.step_index)
@@ -53,17 +59,29 @@ class RolloutSteps:
     async def rollouts_watched(self, *, besides: str) -> int:
         return len({r for (r, _), state in self.state.items() if state == "watching" and r != besides})
 
-    async def set_aside_watched_beyond(self, most: int, reason: str) -> tuple[int, list[str]]:
+    async def watched_beyond(self, most: int) -> list[StoredStep]:
         watching = sorted(
             (self.steps[key].started_at, key) for key, state in self.state.items() if state == "watching"
         )
-        aside = [key for _, key in watching[most:]]
-        for key in aside:
-            self.state[key] = "set-aside"
-        return len(aside), sorted(r for r, _ in aside)[:10]
+        return [self.steps[key] for _, key in watching[most:]]
 
     async def decide(self, rollout_id: str, step_index: int) -> None:
         self.state[(rollout_id, step_index)] = "decided"
+
+    async def decide_step(
+        self, rollout_id: str, step_index: int, verdict: str, reason: str, event_id: str
+    ) -> bool:
+        key = (rollout_id, step_index)
+        if self.state.get(key) != "watching":
+            return False
+        self.state[key] = "decided"
+        self.verdicts[key] = (verdict, reason, event_id)
+        return True
+
+    async def record_alert(
+        self, event_id: str, model: str, version: int | None, kind: str, summary: str
+    ) -> None:
+        self.alerts.append((event_id, kind, summary))
 
     async def finish_rollout(self, rollout_id: str, outcome: str = "finished") -> None:
         self.finished.setdefault(rollout_id, outcome)
@@ -117,19 +135,27 @@ class RolloutSteps:
         return [key for key, state in self.state.items() if state == "watching"]
 
 
-async def handle(payload: Any, monitor: Any, store: RolloutSteps, *, committed: bool = True) -> None:
+async def handle(
+    payload: Any,
+    monitor: Any,
+    store: RolloutSteps,
+    *,
+    committed: bool = True,
+    publish: Publish = publish_nothing,
+) -> CloudEvent[Any]:
     """Handle a rollout event as the bus does, in a transaction that commits (memory follows then) unless
-    ``committed`` is False."""
+    ``committed`` is False; returns the event handled."""
     event = new_event(payload, source="/test/serving")
     tally = Tally()
     if isinstance(payload, RolloutStarted):
-        await on_rollout_started(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_started(event, monitor=monitor, store=store, publish=publish, tally=tally)  # type: ignore[arg-type]
     elif isinstance(payload, RolloutStepAdvanced):
-        await on_rollout_step_advanced(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
+        await on_rollout_step_advanced(event, monitor=monitor, store=store, publish=publish, tally=tally)  # type: ignore[arg-type]
     else:
         await on_rollout_finished(event, monitor=monitor, store=store, tally=tally)  # type: ignore[arg-type]
     if committed:
         tally.count()
+    return event
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@ the restart looks them up under the same name, whatever ``predictions_topic`` is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from services.monitoring import bootstrap, handlers
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.ports import ReplayReport
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.fakes import NoPolicies
+from tests.unit.monitoring.fakes import NoPolicies, publish_nothing
 
 
 class Store(NoPolicies):
@@ -46,7 +47,10 @@ class Runtime:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Any]:
-        yield type("Tx", (), {"conn": self.store})()
+        committed: list[Callable[[], None]] = []
+        yield SimpleNamespace(conn=self.store, publish=publish_nothing, after_commit=committed.append)
+        for callback in committed:
+            callback()
 
 
 @pytest.mark.parametrize("topic", ["mlops.predictions", "bench.predictions"])

@@ -27,7 +27,7 @@ from services.monitoring.domain import canary_ready, canary_timed_out, from_epoc
 from services.monitoring.handlers import Monitor, Tally
 from services.monitoring.ports import ReplayReport, StoredStep
 from services.monitoring.settings import MonitoringSettings
-from tests.unit.monitoring.fakes import NoPolicies
+from tests.unit.monitoring.fakes import NoPolicies, publish_nothing
 from tests.unit.monitoring.test_canary_watch import ADVANCED, STARTED, RestoreRuntime
 from tests.unit.monitoring.test_domain import reference, requests
 from tests.unit.monitoring.test_finished_rollouts import PROMOTED, ROLLED_BACK, RolloutSteps, handle
@@ -113,7 +113,13 @@ async def test_a_step_sent_again_before_its_start_is_kept_once() -> None:
     first = new_event(ADVANCED, source="/test/serving")
     again = new_event(ADVANCED, source="/test/serving")  # another event id: not the inbox's duplicate
     for event in (first, again):
-        await handlers.on_rollout_step_advanced(event, monitor=monitor, store=store, tally=Tally())  # type: ignore[arg-type]
+        await handlers.on_rollout_step_advanced(
+            event,
+            monitor=monitor,
+            store=store,  # type: ignore[arg-type]
+            publish=publish_nothing,
+            tally=Tally(),
+        )
     assert [s.cause_id for s in store.early.values()] == [first.id]
     await handle(STARTED, monitor, store)
     assert store.steps[("r-1", 1)].cause_id == first.id
