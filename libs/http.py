@@ -289,8 +289,8 @@ class BodyRoute(APIRoute):
     (uvicorn does, as RFC 9110, 9.3.2 says); a :class:`StreamingResponse`'s stream is never read
     (:func:`_head_answer`), so a HEAD costs what the endpoint does before it returns. An endpoint that takes
     a slot, a connection or a snapshot before it returns its stream answers HEAD from the request alone
-    instead (it reads ``request.method``; audit's export). The OpenAPI document lists GET only, as FastAPI's
-    own."""
+    instead (it reads ``request.method``; audit's export and verify). The OpenAPI document lists GET only,
+    as FastAPI's own."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)

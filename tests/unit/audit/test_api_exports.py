@@ -264,3 +264,45 @@ async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "to_seq must not be below from_seq"
     assert started == 0
+
+
+async def test_a_head_of_verify_is_answered_from_the_request_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whether the chain holds is in the body (200 either way), and finding out reads the whole range: a HEAD
+    # ran the whole verification for headers alone. It is refused as its GET would be (token, range, slots).
+    started = 0
+
+    async def verify_trail(*_: Any, **__: Any) -> Any:
+        nonlocal started
+        started += 1
+        return types.SimpleNamespace(as_json=lambda: REPORT)
+
+    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    settings = AuditSettings(env="test", verify_concurrency=1)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    slots = api.verify_slots(settings.verify_concurrency)
+    app.state.audit = types.SimpleNamespace(
+        settings=settings,
+        pool=None,
+        role="audit_writer",
+        keys=None,
+        signer=types.SimpleNamespace(sealer=None),
+        archive=types.SimpleNamespace(read=lambda **_: []),
+        verifications=slots,
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+        head = await client.head("/v1/verify", params={"full": "true"})
+        assert (head.status_code, head.headers["content-type"], head.content) == (
+            200,
+            "application/json",
+            b"",
+        )
+        assert "content-length" not in head.headers
+        assert started == 0
+        empty = await client.head("/v1/verify", params={"from_seq": 5, "to_seq": 3})
+        slots.held = 1
+        busy = await client.head("/v1/verify")
+        slots.held = 0
+        got = await client.get("/v1/verify")
+    assert (empty.status_code, busy.status_code, busy.headers["retry-after"]) == (422, 429, "5")
+    assert (got.json(), started) == (REPORT, 1)
