@@ -1199,6 +1199,13 @@ async def on_rollout_step_advanced(
         return
     step = _step_in_force(event, previous.min_samples, previous.bake_seconds, monitor=monitor, tally=tally)
     await store.save_step(step)
+    if previous.verdict == Verdict.HEALTHY:
+        # Serving advances a rollout on its step's healthy verdict, and from that verdict to this event the
+        # rollout has no step watched: counted against the bound, a rollout under way would be rolled back
+        # midway whenever new ones filled it meanwhile. Each such step took a canary's traffic judged healthy
+        # here, which a publisher cannot name into being as it can a start.
+        _watch_once_committed(step, monitor, tally)
+        return
     await _watch_within_bound(step, monitor=monitor, store=store, publish=publish, tally=tally)
 
 
@@ -1221,8 +1228,8 @@ async def _watch_within_bound(
 
     Counted in Postgres, this transaction's steps included (memory follows only at commit): one poll of a
     thousand starts would all have passed a count of memory. The rollout's own watched step is not counted
-    (this step replaces it); one between steps (its step decided, serving's advance on its way) has none, and
-    its next step counts as a new rollout's would."""
+    (this step replaces it), and a rollout's step after a healthy verdict is watched without this check
+    (:func:`on_rollout_step_advanced`)."""
     most = monitor.max_watched_steps
     if await store.rollouts_watched(besides=step.rollout_id) < most:
         _watch_once_committed(step, monitor, tally, collected=collected)

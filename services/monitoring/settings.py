@@ -185,8 +185,9 @@ class MonitoringSettings(ServiceSettings):
         ge=1,
         description="At most this many rollouts have a step watched at once (each collecting its canary's "
         "and stable's traffic, up to canary_step_max_rows per variant, until its verdict); the step of a "
-        "RolloutStarted or RolloutStepAdvanced that would watch one more is not watched but given its one "
-        "verdict at once, inconclusive, saying why (serving rolls the canary back), logged as an error at "
+        "RolloutStarted or RolloutStepAdvanced that would watch one more (a rollout's step after a healthy "
+        "verdict excepted) is not watched but given its one verdict at once, inconclusive, saying why "
+        "(serving rolls the canary back), logged as an error at "
         "most once a minute and counted (driftloop_monitoring_rollout_steps_decided_unwatched_total). A "
         "restart watches the first started up to this many and gives the others the same verdict (counted "
         "the same way, logged once).",

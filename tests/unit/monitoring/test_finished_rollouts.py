@@ -94,7 +94,12 @@ class RolloutSteps:
 
     async def last_step(self, rollout_id: str) -> StoredStep | None:
         mine = [s for (r, _), s in self.steps.items() if r == rollout_id]
-        return max(mine, key=lambda s: s.step_index, default=None)
+        last = max(mine, key=lambda s: s.step_index, default=None)
+        if last is None:
+            return None
+        key = (last.rollout_id, last.step_index)
+        verdict = self.verdicts[key][0] if key in self.verdicts else None
+        return dataclasses.replace(last, state=self.state[key], verdict=verdict)
 
     async def keep_early_step(self, step: EarlyStep) -> bool:
         key = (step.rollout_id, step.step_index)

@@ -130,9 +130,26 @@ async def test_a_watched_rollouts_next_step_is_watched_at_the_bound() -> None:
     assert monitor.live.steps["r-1"].step_index == 1 and store.watching() == [("r-1", 1)]
 
 
-async def test_a_rollouts_next_step_past_the_bound_gets_an_inconclusive_verdict_at_once() -> None:
-    # Serving advances a rollout on its step's verdict, so the rollout has no step watched meanwhile: at the
-    # bound, its next step counts as a new rollout's would.
+async def test_a_rollouts_next_step_after_a_healthy_verdict_is_watched_past_the_bound() -> None:
+    # Serving advances a rollout on its step's healthy verdict, and the rollout has no step watched from then
+    # to the advance's event: counted as a new rollout's, it was rolled back midway when others filled the
+    # bound meanwhile.
+    monitor, store, published = monitor_watching_at_most(1), RestartSteps(), Published()
+    await handle(STARTED, monitor, store)
+    await store.decide_step("r-1", 0, "healthy", "canary within tolerances", "verdict-1")
+    monitor.live.unwatch("r-1", 0)
+    await handle(started("r-2"), monitor, store)
+
+    await handle_for(ADVANCED, monitor, store, published)
+
+    assert published == []
+    assert sorted(monitor.live.steps) == ["r-1", "r-2"]
+    assert sorted(store.watching()) == [("r-1", 1), ("r-2", 0)]
+
+
+async def test_a_rollouts_next_step_past_the_bound_without_a_healthy_verdict_is_decided_at_once() -> None:
+    # Its step decided otherwise (serving would have rolled it back, so the advance is not serving's): at
+    # the bound, its next step counts as a new rollout's would.
     monitor, store, published = monitor_watching_at_most(1), RestartSteps(), Published()
     await handle(STARTED, monitor, store)
     await store.decide("r-1", 0)
