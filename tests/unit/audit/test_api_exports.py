@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from libs.errors import InvalidInput
 from libs.http import create_app
@@ -187,6 +188,24 @@ REPORT = {
 }
 
 
+def verifying_app() -> tuple[FastAPI, api.Slots]:
+    """An audit app that runs one verification at a time (``core.verify_trail``, which each test replaces),
+    and its slots."""
+    settings = AuditSettings(env="test", verify_concurrency=1)
+    app = create_app(settings, title="audit", description="audit", routers=[api.router])
+    slots = api.verify_slots(settings.verify_concurrency)
+    app.state.audit = types.SimpleNamespace(
+        settings=settings,
+        pool=None,
+        role="audit_writer",
+        keys=None,
+        signer=types.SimpleNamespace(sealer=None),
+        archive=types.SimpleNamespace(read=lambda **_: []),
+        verifications=slots,
+    )
+    return app, slots
+
+
 async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -202,17 +221,7 @@ async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back
         return types.SimpleNamespace(as_json=lambda: REPORT)
 
     monkeypatch.setattr(core, "verify_trail", verify_trail)
-    settings = AuditSettings(env="test", verify_concurrency=1)
-    app = create_app(settings, title="audit", description="audit", routers=[api.router])
-    app.state.audit = types.SimpleNamespace(
-        settings=settings,
-        pool=None,
-        role="audit_writer",
-        keys=None,
-        signer=types.SimpleNamespace(sealer=None),
-        archive=types.SimpleNamespace(read=lambda **_: []),
-        verifications=api.verify_slots(settings.verify_concurrency),
-    )
+    app, _ = verifying_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
         held = asyncio.create_task(client.get("/v1/verify"))
@@ -253,11 +262,8 @@ async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
         return types.SimpleNamespace(as_json=lambda: REPORT)
 
     monkeypatch.setattr(core, "verify_trail", verify_trail)
-    settings = AuditSettings(env="test", verify_concurrency=1)
-    app = create_app(settings, title="audit", description="audit", routers=[api.router])
-    slots = api.verify_slots(settings.verify_concurrency)
+    app, slots = verifying_app()
     slots.held = 1  # every slot taken: a range checked after the slot would be a 429
-    app.state.audit = types.SimpleNamespace(settings=settings, verifications=slots)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
         r = await client.get("/v1/verify", params={"from_seq": 5, "to_seq": 3})
@@ -277,18 +283,7 @@ async def test_a_head_of_verify_is_answered_from_the_request_alone(monkeypatch: 
         return types.SimpleNamespace(as_json=lambda: REPORT)
 
     monkeypatch.setattr(core, "verify_trail", verify_trail)
-    settings = AuditSettings(env="test", verify_concurrency=1)
-    app = create_app(settings, title="audit", description="audit", routers=[api.router])
-    slots = api.verify_slots(settings.verify_concurrency)
-    app.state.audit = types.SimpleNamespace(
-        settings=settings,
-        pool=None,
-        role="audit_writer",
-        keys=None,
-        signer=types.SimpleNamespace(sealer=None),
-        archive=types.SimpleNamespace(read=lambda **_: []),
-        verifications=slots,
-    )
+    app, slots = verifying_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
         head = await client.head("/v1/verify", params={"full": "true"})
