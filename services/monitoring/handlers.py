@@ -982,11 +982,20 @@ async def set_window_aside(window: ClosedWindow, *, monitor: Monitor, store: Mon
 
 def _starts_after(window: ClosedWindow, live: LiveState) -> dict[int, int]:
     """Where the version's traffic after ``window`` starts, per partition: replayed rows before it belong to
-    windows already done."""
+    windows already done.
+
+    Right after the window on the partitions it read; on the others, where the first later window that read
+    them starts: the windows closed behind it and still queued for judgement, then the open one. Taken from
+    the open window alone, a restart before the queued ones were judged read their rows as done and dropped
+    them: they were never judged, and the open window's rows took their number."""
+    key = (window.model, window.version)
     starts = dict(window.next_offsets)
-    open_window = live.windows.get((window.model, window.version))
-    if open_window is not None and open_window.first_offsets:
-        starts.update(open_window.first_offsets)
+    later = [w.first_offsets for w in live.closed if (w.model, w.version) == key and w.seq > window.seq]
+    if (open_window := live.windows.get(key)) is not None:
+        later.append(open_window.first_offsets)
+    for first_offsets in later:
+        for partition, offset in first_offsets.items():
+            starts.setdefault(partition, offset)
     return starts
 
 

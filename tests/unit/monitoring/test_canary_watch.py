@@ -382,6 +382,31 @@ async def test_a_window_set_aside_is_done_for_good_and_not_rebuilt_and_set_aside
     assert (window.seq, window.rows) == (2, 100)  # the open window is rebuilt as it was
 
 
+async def test_windows_still_queued_behind_a_judged_one_are_rebuilt_by_a_restart_under_their_own_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outage = ConnectionError("connection was closed in the middle of operation")
+    store = LastingWindowStore(failing={2: outage})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: 1.0)  # no idle close: window 4 stays open
+    traffic = requests(700, seed=1)  # windows 1 to 3: 200 rows each, closed in one poll; window 4: 100 rows
+    first = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    first.live.add_reference(reference())
+    first.live.ingest(traffic, arrival=0.0)
+    with pytest.raises(ConnectionError):  # Postgres goes away after window 1 is judged; then a restart
+        await Background(Runtime(), first, tick_s=1.0).once()  # type: ignore[arg-type]
+    assert store.recorded == [1]
+
+    second = await restarted(store, traffic)
+
+    # Not dropped as rows of judged windows, with the open window's rows taking number 2.
+    assert [(w.seq, w.size) for w in second.live.closed] == [(2, 200), (3, 200)]
+    window = second.live.windows[("churn", 1)]
+    assert (window.seq, window.rows) == (4, 100)
+
+
 async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
     class Labelled(Store):
         async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
