@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -398,10 +398,22 @@ class LiveState:
                 ]
             )
             if not keep.all():
-                # Rows of windows judged before the restart: only the label cache needs them.
-                first_kept = int(np.argmax(keep)) if keep.any() else batch.requests
-                self.cache.add(batch.row_slice(0, first_kept), self.windows[key].seq - 1, arrival=arrival)
-                batch = batch.row_slice(first_kept, batch.requests)
+                # Rows of windows judged before the restart: only the label cache needs them. They are a
+                # prefix of each partition's requests, not of the batch: a poll gives its partitions one after
+                # the other, so the version's judged rows of the second follow its new rows of the first.
+                judged = self.windows[key].seq - 1
+                cuts = [0, *(np.flatnonzero(keep[1:] != keep[:-1]) + 1).tolist(), batch.requests]
+                for first, end in pairwise(cuts):
+                    run = batch.row_slice(first, end)
+                    if keep[first]:
+                        self._fill_windows(key, run, arrival=arrival, result=result)
+                    else:
+                        self.cache.add(run, judged, arrival=arrival)
+                return
+        self._fill_windows(key, batch, arrival=arrival, result=result)
+
+    def _fill_windows(self, key: ModelKey, batch: RowBatch, *, arrival: float, result: IngestResult) -> None:
+        """Add ``batch`` to the version's open window, closing each window it fills."""
         ws = self.window_settings
         while batch.requests:
             win = self.windows[key]

@@ -407,6 +407,24 @@ async def test_windows_still_queued_behind_a_judged_one_are_rebuilt_by_a_restart
     assert (window.seq, window.rows) == (4, 100)
 
 
+def test_a_replayed_poll_of_two_partitions_leaves_the_judged_rows_of_each_out_of_the_open_window() -> None:
+    traffic = requests(1_000, seed=1)  # 20 requests of 50 rows
+    # The version's traffic on two partitions, as a replay's poll gives it: partition 0's records, then 1's.
+    # On each, its first 5 requests were in windows judged before the restart.
+    polled = [(p, 0, i) for i, (p, _, _) in enumerate(traffic[:10])]
+    polled += [(p, 1, i) for i, (p, _, _) in enumerate(traffic[10:])]
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=100_000, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    monitor.live.add_reference(reference(), seq=2, starts={0: 5, 1: 5})
+
+    monitor.live.ingest(polled, arrival=0.0, replaying=True)
+
+    window = monitor.live.windows[("churn", 1)]
+    assert (window.seq, window.rows, window.first_offsets) == (2, 500, {0: 5, 1: 5})
+    assert monitor.live.cache.holds("churn", polled[10][0].rows[0].prediction_id)  # still held for labels
+
+
 async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
     class Labelled(Store):
         async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
