@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain
@@ -933,7 +933,7 @@ async def judge_closed_window(
         window.version,
         WindowState(
             next_seq=window.seq + 1,
-            starts=_starts_after(window, monitor.live),
+            starts=_starts_after(window, monitor.live, before=state.starts),
             consecutive=decision.state.consecutive,
             last_alert_at=decision.state.last_alert_at,
         ),
@@ -976,18 +976,20 @@ async def set_window_aside(window: ClosedWindow, *, monitor: Monitor, store: Mon
     if window.seq < state.next_seq:
         return
     state.next_seq = window.seq + 1
-    state.starts = _starts_after(window, monitor.live)
+    state.starts = _starts_after(window, monitor.live, before=state.starts)
     await store.save_window_state(window.model, window.version, state)
 
 
-def _starts_after(window: ClosedWindow, live: LiveState) -> dict[int, int]:
+def _starts_after(window: ClosedWindow, live: LiveState, *, before: Mapping[int, int]) -> dict[int, int]:
     """Where the version's traffic after ``window`` starts, per partition: replayed rows before it belong to
     windows already done.
 
     Right after the window on the partitions it read; on the others, where the first later window that read
     them starts: the windows closed behind it and still queued for judgement, then the open one. Taken from
     the open window alone, a restart before the queued ones were judged read their rows as done and dropped
-    them: they were never judged, and the open window's rows took their number."""
+    them: they were never judged, and the open window's rows took their number. On a partition none of them
+    read, where it started ``before`` (the version's traffic moved to other partitions, as when the topic
+    gains some): without it, a replay counted that partition's judged rows again."""
     key = (window.model, window.version)
     starts = dict(window.next_offsets)
     later = [w.first_offsets for w in live.closed if (w.model, w.version) == key and w.seq > window.seq]
@@ -996,6 +998,8 @@ def _starts_after(window: ClosedWindow, live: LiveState) -> dict[int, int]:
     for first_offsets in later:
         for partition, offset in first_offsets.items():
             starts.setdefault(partition, offset)
+    for partition, offset in before.items():
+        starts.setdefault(partition, offset)
     return starts
 
 

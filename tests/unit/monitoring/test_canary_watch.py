@@ -407,6 +407,33 @@ async def test_windows_still_queued_behind_a_judged_one_are_rebuilt_by_a_restart
     assert (window.seq, window.rows) == (4, 100)
 
 
+async def test_a_partition_the_version_left_keeps_its_start_so_a_restart_does_not_count_its_rows_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = LastingWindowStore(failing={})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: 1.0)  # no idle close: window 3 stays open
+    # 10 requests of 50 rows: the first 4 on partition 1 (window 1), then the version's traffic moved to
+    # partition 0 (the topic gained partitions): window 2, then window 3 open with 100 rows.
+    traffic = [(r, 1, i) for i, (r, _, _) in enumerate(requests(500, seed=1)[:4])]
+    traffic += [(r, 0, i) for i, (r, _, _) in enumerate(requests(500, seed=1)[4:])]
+    first = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    first.live.add_reference(reference())
+    first.live.ingest(traffic, arrival=0.0)
+    await Background(Runtime(), first, tick_s=1.0).once()  # type: ignore[arg-type]
+    assert store.recorded == [1, 2]
+    assert store.states[("churn", 1)].starts == {0: 4, 1: 4}
+
+    second = await restarted(store, traffic)
+
+    # Partition 1's rows were judged in window 1: not in the open window again, not closing a window of them.
+    assert not second.live.closed
+    window = second.live.windows[("churn", 1)]
+    assert (window.seq, window.rows, window.first_offsets) == (3, 100, {0: 4})
+
+
 def test_a_replayed_poll_of_two_partitions_leaves_the_judged_rows_of_each_out_of_the_open_window() -> None:
     traffic = requests(1_000, seed=1)  # 20 requests of 50 rows
     # The version's traffic on two partitions, as a replay's poll gives it: partition 0's records, then 1's.
