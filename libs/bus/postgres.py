@@ -333,12 +333,15 @@ class OutboxRelay:
                 if listener is None or listener.is_closed():
                     listener = await self.pool.acquire()
                     await listener.add_listener(outbox_channel(self.schema), self._on_notify)
+                # Cleared before the look, not after it: a NOTIFY of a row committed after the look's
+                # snapshot (during it, or the backlog's count) must cut the wait short, not be cleared with
+                # it, or that row waits the whole idle_s.
+                self._wake.clear()
                 sent = await self.flush_once()
                 delay = 0.2
                 if sent:
                     continue
                 await self.backlog()
-                self._wake.clear()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.idle_s)
             except asyncio.CancelledError:
