@@ -12,7 +12,7 @@ import enum
 import errno
 import hashlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -383,8 +383,9 @@ class Dispatcher:
         self.stopping = stopping
         # The last ``upcoming`` poll and its decoding, reused when that poll is dispatched.
         self._ahead: tuple[Sequence[Record], Decoded] | None = None
-        # Positions dead-lettered by a dispatch that then failed: when the transport reads the poll again,
-        # they are settled already (see ``dispatch``).
+        # Positions dead-lettered by a dispatch that then failed: when the transport reads them again, they
+        # are settled already (see ``dispatch``); forgotten once a poll holding them (or later offsets of
+        # their partition) settles, or their partition is revoked.
         self._dead_lettered: set[tuple[str, int, int]] = set()
 
     async def dispatch(self, records: Sequence[Record], *, upcoming: Sequence[Record] = ()) -> None:
@@ -414,9 +415,26 @@ class Dispatcher:
             elif len(deliveries) == 1 or not await self._dispatch_group(deliveries):
                 for d in deliveries:
                     await self._dispatch_one(d)
-        # Every record is settled: a later read of these offsets (another member's, after a rebalance) is a
-        # delivery like any other.
-        self._dead_lettered.clear()
+        if self._dead_lettered:
+            self._forget_settled(records)
+
+    def _forget_settled(self, records: Sequence[Record]) -> None:
+        """Forget the positions remembered as dead-lettered that this poll's records settled: in each of its
+        partitions, those up to its last offset there.
+
+        Not all of them: the transport may hand out another partition's records (fetched ahead) before it
+        reads again the partition it sought back, and that poll settling says nothing of the others."""
+        last: dict[tuple[str, int], int] = {}
+        for r in records:
+            where = (r.topic, r.partition)
+            last[where] = max(r.offset, last.get(where, -1))
+        self._dead_lettered = {p for p in self._dead_lettered if p[2] > last.get((p[0], p[1]), -1)}
+
+    def forget_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Forget what was remembered of these (topic, partition)s: the transport no longer reads them (a
+        rebalance moved them). Whoever reads them next reads them as any other delivery."""
+        gone = set(partitions)
+        self._dead_lettered = {p for p in self._dead_lettered if (p[0], p[1]) not in gone}
 
     def _without_dead_lettered(
         self, deliveries: list[Delivery], rejected: list[tuple[Record, MalformedEvent]]

@@ -573,10 +573,12 @@ class ConsumerRunner:
             await self.commit_settled()
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        partitions = list(partitions)
         for tp in partitions:
             self._settled.pop(tp, None)
             self._committed.pop(tp, None)
             self._next.pop(tp, None)
+        self.dispatcher.forget_partitions((self.kafka.logical(tp.topic), tp.partition) for tp in partitions)
 
 
 @dataclass(frozen=True)

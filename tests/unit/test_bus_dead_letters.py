@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -207,6 +208,31 @@ async def test_a_poll_read_again_after_a_failure_does_not_dead_letter_its_record
     assert sink.written == [(0, "not-json"), (1, "handler-failed")]
     assert attempts.count(13) == tried
     assert attempts[-1] == 14
+
+
+async def test_a_poll_read_again_after_another_partitions_does_not_dead_letter_its_records_twice() -> None:
+    sink, db = Sink(), Database()
+
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        return None
+
+    sub = Subscription(
+        consumer="counter", topics=["test.things"], handlers={ThingHappened: on_thing}, retry_backoff_s=0
+    )
+    d = Dispatcher(sub, registry=REGISTRY, begin=db.begin, dead_letters=sink)
+    poll = [record_of(thing(0), 0, value=b"not json"), record_of(thing(1), 1), record_of(thing(2), 2)]
+    # The malformed record is dead-lettered, then the group commit loses the database: the poll is not
+    # settled, and the runner seeks partition 0 back to read it again.
+    db.fail_next = 1
+    with pytest.raises(ConnectionResetError):
+        await d.dispatch(poll)
+    assert sink.written == [(0, "not-json")]
+
+    # Kafka hands out what it had fetched of another partition before partition 0's records come again.
+    await d.dispatch([replace(record_of(thing(7), 0), partition=1)])
+    await d.dispatch(list(poll))
+
+    assert sink.written == [(0, "not-json")]
 
 
 async def test_a_consumers_own_dead_letter_that_fails_again_is_left_not_written_again() -> None:

@@ -428,3 +428,25 @@ async def test_a_failed_batch_whose_partition_was_revoked_is_not_sought_and_the_
     assert settled is False
     assert consumer.positions == {tp(0): 1, tp(1): 0}  # only the partition still owned is read again
     assert runner._settled == {}
+
+
+async def test_a_revoked_partition_forgets_what_its_failed_poll_dead_lettered() -> None:
+    # Remembered by position, so that reading the failed poll again skips it; once the partition is gone, a
+    # record read there later (a topic deleted and created again hands out its offsets again) is a delivery.
+    key, _, headers = good(1)
+    consumer = FakeConsumer({tp(0): [[(key, b"not json", headers), good(1), good(2)]]})
+    store, dead = Store(), DeadLetterTopic()
+    runner = runner_on(consumer, store, dead)
+    poll = runner._poll(await consumer.getmany(max_records=10))
+    assert poll is not None
+    store.down = True
+    assert await runner._settle(poll) is False
+    assert dead_letters(dead) == [(0, 0, "not-json")]
+    store.down = False
+
+    runner.forget([tp(0)])  # what a rebalance's revocation does
+    later = runner._poll({tp(0): [Message(TOPIC, 0, 0, *good(9))]})
+    assert later is not None
+    assert await runner._settle(later) is True
+
+    assert handled(store) == [9]
