@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -129,9 +131,20 @@ def job_id_for(model: str, event_id: str) -> str:
     return f"job-{uuid.uuid5(uuid.NAMESPACE_URL, f'driftloop:{model}:{event_id}')}"
 
 
+OWN_JOB_ID = re.compile(r"job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""The job ids :func:`job_id_for` makes."""
+
+
 def run_id_for(job_id: str, attempt: int) -> str:
-    """One run id per attempt: the registry creates exactly one version per run id."""
-    return f"run-{job_id.removeprefix('job-')}-{attempt}"
+    """One run id per attempt: the registry creates exactly one version per run id.
+
+    A job id of another form (a request this service did not make) is named by its sha256: its own text
+    could be too long for a run id (a job id of up to ``ID_MAX_CHARS`` characters made one a few longer, which
+    no TrainingStarted could carry, and the runner retried that job's start for ever, every job behind it
+    waiting) or give another job's run id (``abc`` and ``job-abc`` both gave ``run-abc-1``)."""
+    if OWN_JOB_ID.fullmatch(job_id):
+        return f"run-{job_id.removeprefix('job-')}-{attempt}"
+    return f"run-{hashlib.sha256(job_id.encode()).hexdigest()}-{attempt}"
 
 
 def too_large_to_announce(signature: ModelSignature, size: int, limit: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from contracts.commands import REASON_MAX_CHARS, RetrainRequested
-from contracts.common import FeatureSpec, FeatureType, Stage, TrafficWindow
+from contracts.common import ID_MAX_CHARS, FeatureSpec, FeatureType, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, new_event
 from contracts.models import ModelStageChanged
@@ -306,6 +306,31 @@ async def test_a_foreign_request_dated_years_ahead_does_not_hold_the_daily_budge
     await harness.bus.drain()
     assert harness.events(TrainingSkipped) == []
     assert len(harness.events(TrainingRequested)) == 2
+
+
+async def test_a_foreign_request_with_the_longest_job_id_the_contract_takes_trains_to_completion(
+    harness: Harness,
+) -> None:
+    # Its run id was the job id and four characters more, which no TrainingStarted could carry: the runner
+    # retried the job's start for ever.
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    base = await harness.datasets.latest("churn-base")
+    assert base is not None
+    job_id = "job-" + "x" * (ID_MAX_CHARS - 4)
+    request = TrainingRequested(
+        job_id=job_id,
+        model="churn",
+        trigger=TrainingTrigger.MANUAL,
+        reason="hand-made",
+        datasets=[base.ref()],
+    )
+    await harness.bus.publish(new_event(request, source="/elsewhere"))
+    assert await harness.run_jobs() == 1
+
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.job_id == job_id
+    assert harness.jobs.rows[job_id].state is JobState.COMPLETED
 
 
 async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: Harness) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from contracts.common import ID_MAX_CHARS, PG_INTEGER_MAX
 from contracts.training import SkipReason, TrainingTrigger
 from libs.modelspec import RetrainPolicy
 from services.training.domain import PolicyState, Trigger, decide, job_id_for, run_id_for
@@ -87,3 +88,13 @@ def test_job_ids_are_stable_per_model_and_trigger_and_run_ids_per_attempt() -> N
     assert job_id_for("churn", "e1") != job_id_for("fraud", "e1")
     job = job_id_for("churn", "e1")
     assert run_id_for(job, 1) != run_id_for(job, 2)
+
+
+def test_run_ids_of_foreign_job_ids_are_distinct_and_fit_the_contract() -> None:
+    # A request this service did not make may name any job id the contract takes (up to ID_MAX_CHARS): its
+    # run ids must fit in a TrainingStarted too, and never be another job's.
+    longest = "job-" + "x" * (ID_MAX_CHARS - 4)
+    assert len(run_id_for(longest, PG_INTEGER_MAX)) <= ID_MAX_CHARS
+    assert run_id_for("abc", 1) != run_id_for("job-abc", 1)
+    own = job_id_for("churn", "evt-1")
+    assert run_id_for(own, 2) == f"run-{own.removeprefix('job-')}-2"
