@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from contracts.commands import RetrainRequested
-from contracts.common import EventRef, Stage, TrafficWindow
+from contracts.common import DatasetRef, EventRef, Stage, TrafficWindow
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import (
@@ -34,7 +34,6 @@ from libs.stage_order import take_in_order
 from services.training.domain import JobState, Trigger, decide, job_id_for
 from services.training.ports import (
     Clock,
-    DatasetRecord,
     Datasets,
     Job,
     Jobs,
@@ -160,15 +159,9 @@ async def request_retrain(
             retry_after_seconds=decision.retry_after_seconds,
         )
         return None
-    base: list[DatasetRecord] = []
-    for name in stored.spec.base_datasets:
-        found = await datasets.latest(name)
-        if found is None:
-            await skip(SkipReason.NO_DATASET, f"base dataset {name!r} has no version yet; upload it first")
-            return None
-        base.append(found)
-    if not base:
-        await skip(SkipReason.NO_DATASET, "the spec names no base datasets (base_datasets is empty)")
+    base, missing = await base_versions(stored.spec, datasets=datasets)
+    if missing is not None:
+        await skip(SkipReason.NO_DATASET, missing)
         return None
     request = TrainingRequested(
         job_id=job_id_for(model, cause.id),
@@ -176,7 +169,7 @@ async def request_retrain(
         trigger=trigger.kind,
         reason=reason,
         trigger_event=trigger_event,
-        datasets=[d.ref() for d in base],
+        datasets=base,
         traffic_window=window if window is not None and window.data is not None else None,
         parent_version=production_version,
     )
@@ -186,6 +179,20 @@ async def request_retrain(
     await publish(event)
     log.info("retrain requested", model=model, job_id=request.job_id, trigger=trigger.kind.value)
     return created
+
+
+async def base_versions(spec: ModelSpec, *, datasets: Datasets) -> tuple[list[DatasetRef], str | None]:
+    """The latest version of each of the spec's base datasets, pinned by hash, and None; or no versions and
+    why there is nothing to train on."""
+    pinned: list[DatasetRef] = []
+    for name in spec.base_datasets:
+        found = await datasets.latest(name)
+        if found is None:
+            return [], f"base dataset {name!r} has no version yet; upload it first"
+        pinned.append(found.ref())
+    if not pinned:
+        return [], "the spec names no base datasets (base_datasets is empty)"
+    return pinned, None
 
 
 def new_job(event: CloudEvent[TrainingRequested], stored: StoredSpec, *, created_at: datetime) -> Job:
@@ -321,6 +328,7 @@ async def on_training_requested(
     *,
     jobs: Jobs,
     specs: Specs,
+    datasets: Datasets,
     publish: Publish,
     source: str,
     clock: Clock,
@@ -331,12 +339,31 @@ async def on_training_requested(
     A request this service did not record itself is refused in the open: with no spec for its model it is
     dead-lettered; with another job of its model in flight it gets TrainingSkipped (one run per model). One
     naming a known job with another request than that job's is dead-lettered: taken for the known job, what
-    it asks for would silently never happen."""
+    it asks for would silently never happen. One naming no datasets (the contract: the ones the model's spec
+    names) has the latest version of each pinned in its job, as the policy pins them, or gets
+    TrainingSkipped (no-dataset) when one has none."""
     d = event.data
+
+    async def skip(why: SkipReason, message: str, **extra: Any) -> None:
+        skipped = TrainingSkipped(
+            model=d.model,
+            trigger=d.trigger,
+            trigger_event=EventRef(id=event.id, type=event.type),
+            reason=why,
+            message=message,
+            **extra,
+        )
+        log.info("training request skipped", model=d.model, job_id=d.job_id, reason=why.value, detail=message)
+        await publish(new_event(skipped, source=source, cause=event))
+
     existing = await jobs.get(d.job_id)
     if existing is not None:
         if differing := [
-            name for name in type(d).model_fields if getattr(existing.request, name) != getattr(d, name)
+            name
+            for name in type(d).model_fields
+            if getattr(existing.request, name) != getattr(d, name)
+            # No datasets mean the spec's, which the job pinned when this request (re-sent) created it.
+            and not (name == "datasets" and not d.datasets)
         ]:
             raise PermanentError(
                 f"job {d.job_id} is already the request of model {existing.request.model!r}; this "
@@ -348,6 +375,14 @@ async def on_training_requested(
     stored = await specs.get(d.model)
     if stored is None:
         raise PermanentError(f"training requested for model {d.model!r}, which has no spec (job {d.job_id})")
+    if not d.datasets:
+        # Pinned now, for every run of the job: left empty, no run could start (TrainingStarted names at least
+        # one dataset), and the runner retried the oldest job's start for ever, every job behind it waiting.
+        base, missing = await base_versions(stored.spec, datasets=datasets)
+        if missing is not None:
+            await skip(SkipReason.NO_DATASET, f"{missing}: {d.job_id} not run")
+            return
+        event = event.model_copy(update={"data": d.model_copy(update={"datasets": base})})
     # Created now, not at the event's time: a clock years ahead (or before 1970) in another producer's
     # envelope would otherwise count the job in the daily budget for years, or never.
     if (
@@ -356,16 +391,11 @@ async def on_training_requested(
     ):
         return
     in_flight = (await jobs.policy_state(d.model, clock())).in_flight_job_id
-    skipped = TrainingSkipped(
-        model=d.model,
-        trigger=d.trigger,
-        trigger_event=EventRef(id=event.id, type=event.type),
-        reason=SkipReason.IN_FLIGHT,
-        message=f"job {in_flight} of model {d.model!r} is in flight (one run per model): {d.job_id} not run",
+    await skip(
+        SkipReason.IN_FLIGHT,
+        f"job {in_flight} of model {d.model!r} is in flight (one run per model): {d.job_id} not run",
         in_flight_job_id=in_flight,
     )
-    log.info("training request skipped", model=d.model, job_id=d.job_id, in_flight=in_flight)
-    await publish(new_event(skipped, source=source, cause=event))
 
 
 async def on_model_stage_changed(

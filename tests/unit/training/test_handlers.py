@@ -308,6 +308,47 @@ async def test_a_foreign_request_dated_years_ahead_does_not_hold_the_daily_budge
     assert len(harness.events(TrainingRequested)) == 2
 
 
+async def test_a_foreign_request_naming_no_datasets_trains_on_the_latest_versions_its_spec_names(
+    harness: Harness,
+) -> None:
+    """The contract: no datasets mean the spec's. The job pins them (every run trains on the same versions);
+    left empty, no TrainingStarted could be made and the runner retried that job's start for ever, every job
+    behind it waiting. The same request re-sent under a new event id is the same job."""
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec())
+    base = await harness.datasets.latest("churn-base")
+    assert base is not None
+    request = TrainingRequested(
+        job_id="job-from-elsewhere", model="churn", trigger=TrainingTrigger.MANUAL, reason="hand-made"
+    )
+    await harness.bus.publish(new_event(request, source="/elsewhere"))
+    assert await harness.run_jobs() == 1
+    await harness.bus.publish(new_event(request, source="/elsewhere"))
+    assert await harness.run_jobs() == 0
+
+    [started] = harness.events(TrainingStarted)
+    assert started.data.datasets == [base.ref()]
+    [completed] = harness.events(TrainingCompleted)
+    assert completed.data.job_id == "job-from-elsewhere"
+    assert harness.bus.dead_letters == []
+
+
+async def test_a_foreign_request_naming_no_datasets_before_its_base_dataset_has_a_version_is_skipped(
+    harness: Harness,
+) -> None:
+    await register(harness, churn_spec())
+    request = TrainingRequested(
+        job_id="job-from-elsewhere", model="churn", trigger=TrainingTrigger.MANUAL, reason="hand-made"
+    )
+    await harness.bus.publish(new_event(request, source="/elsewhere"))
+    assert await harness.run_jobs() == 0
+
+    [skipped] = harness.events(TrainingSkipped)
+    assert skipped.data.reason is SkipReason.NO_DATASET
+    assert "base dataset 'churn-base' has no version yet" in skipped.data.message
+    assert "job-from-elsewhere" not in harness.jobs.rows
+
+
 async def test_a_foreign_request_with_the_longest_job_id_the_contract_takes_trains_to_completion(
     harness: Harness,
 ) -> None:
