@@ -553,6 +553,32 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""
 
 
+def errors_in_json(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (an OpenAPI document, changed in place) with every 4xx answer documented as what it is:
+    :class:`ErrorBody` in JSON. FastAPI documents a route's answers in the route's own media type, so the
+    refusals of a route that answers Markdown or HTML were documented as ``text/plain`` or ``text/html``; and
+    a status a route describes in words only (the registry's 404 of a command, an upload's 422) had no body,
+    which clients read for that status in place of the ``4XX`` range. A route that documents a JSON body for a
+    4xx keeps it."""
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.startswith("4"):
+                    given = response.get("content", {}).get("application/json", {})
+                    if "schema" not in given:
+                        given = {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                    response["content"] = {"application/json": given}
+    return document
+
+
+class ServiceApp(FastAPI):
+    """The app :func:`create_app` builds: FastAPI, with its OpenAPI document saying how errors are sent
+    (:func:`errors_in_json`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        return errors_in_json(super().openapi())
+
+
 def path_version(text: str, owner: str) -> int:
     """The version a URL path segment names, or 404 naming ``owner`` ("model 'churn'") and saying how a
     version is written: a path that writes no version names nothing, as a version that does not exist."""
@@ -770,7 +796,7 @@ def create_app(
     """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping and a body limit. The
     routes of ``hot`` are served ahead of FastAPI's router (:class:`HotRoutes`) and documented like the
     rest."""
-    app = FastAPI(
+    app = ServiceApp(
         title=title,
         description=description,
         version=PLATFORM_VERSION,

@@ -104,6 +104,57 @@ async def test_a_401_answer_has_the_documented_body(service: str) -> None:
     assert conforms(doc, path, "get", r) == []
 
 
+@pytest.mark.parametrize("service", list(SETTINGS))
+async def test_every_documented_refusal_is_an_error_body_in_json(service: str) -> None:
+    """Every 4xx answer is libs.http's error envelope in JSON, whatever the route's own answer is: a route
+    that answers Markdown or HTML had its refusals documented in that media type, and one that describes a
+    status of its own (the registry's 404 and 409 of a command, an upload's 422) documented it with no body
+    at all, which a client generated from the document reads for that status in place of the 4XX range."""
+    doc, _ = await answer(service, "GET", "/health/live")
+    wrong = []
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                content = response.get("content", {})
+                schema = content.get("application/json", {}).get("schema")
+                if status.startswith("4") and (list(content) != ["application/json"] or schema is None):
+                    wrong.append(f"{method.upper()} {path} {status}: {sorted(content)}")
+
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    ("service", "path", "url"),
+    [
+        ("registry", "/v1/models/{model}/versions/{version}/card", "/v1/models/m/versions/1/card"),
+        ("monitoring", "/v1/models/{model}/drift.html", "/v1/models/m/drift.html"),
+    ],
+)
+async def test_a_route_answering_text_documents_its_refusals_as_the_json_they_are(
+    service: str, path: str, url: str
+) -> None:
+    doc, r = await answer(service, "GET", url)
+    assert r.status_code == 401 and r.headers["content-type"] == "application/json", r.text
+    assert conforms(doc, path, "get", r) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/models/{model}/versions/{version}/promote", "404"),
+        ("/v1/models/{model}/versions/{version}/promote", "409"),
+        ("/v1/datasets", "422"),
+        ("/v1/datasets", "413"),
+    ],
+)
+async def test_a_status_a_route_describes_itself_keeps_the_error_body(path: str, status: str) -> None:
+    doc, _ = await answer("registry", "GET", "/health/live")
+    response = doc["paths"][path]["post"]["responses"][status]
+
+    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert response["description"] != "Successful Response"  # the route's own words stay
+
+
 async def test_feedback_that_is_not_json_is_a_documented_422() -> None:
     doc, r = await answer(
         "serving",
