@@ -212,7 +212,8 @@ def _message(cls: type[EventPayload], spec: TopicSpec) -> dict[str, Any]:
         "correlationId": {"$ref": "#/components/correlationIds/cascade"},
         "bindings": {
             "kafka": {
-                "key": {"type": "string", "description": spec.key},
+                # The key is the subject (CloudEvent.key): an event without one goes without a key.
+                "key": {"type": "string" if cls.subject_field else "null", "description": spec.key},
                 "bindingVersion": KAFKA_BINDING_VERSION,
             }
         },
@@ -288,10 +289,22 @@ def asyncapi_document() -> dict[str, Any]:
         "name": "DeadLetter",
         "title": "Dead letter",
         "summary": "A message some consumer could not decode or handle, kept unchanged with the reason.",
+        # Not the document's default (JSON): the value is the original's bytes, which need not be JSON (a
+        # not-json record's are not), or null (a tombstone's).
+        "contentType": "application/octet-stream",
         "headers": _DEAD_LETTER_HEADERS,
         "payload": {
             "description": "The original value, byte for byte (it may not be JSON); a prefix of it when "
             "dlq_truncated names value."
+        },
+        "bindings": {
+            "kafka": {
+                "key": {
+                    "description": "The original message's key, as it was (none if it had none); its first "
+                    "2,048 bytes when dlq_truncated names key."
+                },
+                "bindingVersion": KAFKA_BINDING_VERSION,
+            }
         },
     }
     return {

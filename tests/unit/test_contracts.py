@@ -601,6 +601,29 @@ def test_the_asyncapi_schema_check_finds_a_wrong_document() -> None:
     assert _asyncapi_problems(document) != []
 
 
+@pytest.mark.parametrize("cls", ALL_PAYLOADS, ids=lambda c: c.__name__)
+def test_each_asyncapi_message_gives_the_kafka_key_it_is_sent_with(cls: type[EventPayload]) -> None:
+    """The Kafka binding's key of each message says what the record's key is: the subject, as text, or no key
+    at all for an event without a subject (the audit checkpoints), which was documented as a string."""
+    messages = yaml.safe_load((generate.ROOT / generate.ASYNCAPI_FILE).read_text())["components"]["messages"]
+    key, _, _ = new_event(EXAMPLES[cls], source="/driftloop/test").to_kafka()
+
+    sent = key.decode() if key is not None else None
+    assert jsonschema_rs.is_valid(messages[cls.event_name]["bindings"]["kafka"]["key"], sent), sent
+
+
+def test_the_asyncapi_dead_letter_is_not_declared_json() -> None:
+    """A dead letter's value is the original's bytes, and the records dead-lettered as not-json are the ones
+    that are not: declared ``application/json`` (the document's default content type, which the DeadLetter
+    message took), a consumer generated from the document would fail on them. Its key is the original's."""
+    document = yaml.safe_load((generate.ROOT / generate.ASYNCAPI_FILE).read_text())
+    dead_letter = document["components"]["messages"]["DeadLetter"]
+
+    assert dead_letter.get("contentType", document["defaultContentType"]) == "application/octet-stream"
+    key = dead_letter["bindings"]["kafka"]["key"]
+    assert all(jsonschema_rs.is_valid(key, sent) for sent in ("churn", None)), key
+
+
 def test_the_asyncapi_operations_follow_the_topic_map() -> None:
     operations = yaml.safe_load((generate.ROOT / generate.ASYNCAPI_FILE).read_text())["operations"]
 
