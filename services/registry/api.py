@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from contracts.common import (
     VERSION_TEXT,
+    ArtifactFormat,
     DatasetName,
     ModelName,
     Stage,
@@ -85,6 +86,26 @@ def _runtime(request: Request) -> Runtime:
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: If-None-Match names the file's ETag (its SHA-256); no body."}
 }
+
+FILE_MEDIA_TYPES = {
+    ArtifactFormat.SKOPS: "application/octet-stream",
+    ArtifactFormat.PARQUET: "application/vnd.apache.parquet",
+    ArtifactFormat.CSV: "text/csv",
+    ArtifactFormat.JSON: "application/json",
+}
+"""The Content-Type a stored file is downloaded with, by its format."""
+
+
+def _sent_as(*media_types: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a download: its 200 in each media type it may be sent in (a streamed answer's
+    route has none of its own, and FastAPI documented its 200 with no body), and its 304."""
+    return {200: {"description": description, "content": {t: {} for t in media_types}}, **NOT_MODIFIED}
+
+
+class MarkdownResponse(PlainTextResponse):
+    """A model card in Markdown (``text/markdown; charset=utf-8``)."""
+
+    media_type = "text/markdown"
 
 
 def _artifacts(request: Request) -> StoreArtifacts:
@@ -267,7 +288,11 @@ async def get_version(request: Request, _: ViewerDep, model: ModelName, version:
     tags=["versions"],
     summary="Download the model (skops) or its reference profile (JSON), verified before the first byte.",
     response_class=StreamingResponse,
-    responses=NOT_MODIFIED,
+    responses=_sent_as(
+        FILE_MEDIA_TYPES[ArtifactFormat.SKOPS],
+        FILE_MEDIA_TYPES[ArtifactFormat.JSON],
+        description="The file: the model as skops (application/octet-stream), the profile as JSON.",
+    ),
 )
 async def download_artifact(
     request: Request,
@@ -280,9 +305,10 @@ async def download_artifact(
     async with _queries(request) as q:
         v = await _version(q, model, named)
     ref = v.artifact if kind == "model" else v.profile
-    suffix = "skops" if kind == "model" else "json"
-    media = "application/octet-stream" if kind == "model" else "application/json"
-    return await _stream(request, ref.key, media, f"{v.model}-v{v.version}-{kind}.{suffix}")
+    suffix = ArtifactFormat.SKOPS if kind == "model" else ArtifactFormat.JSON
+    return await _stream(
+        request, ref.key, FILE_MEDIA_TYPES[suffix], f"{v.model}-v{v.version}-{kind}.{suffix.value}"
+    )
 
 
 async def _stream(request: Request, key: str, media_type: str, filename: str) -> Response:
@@ -324,8 +350,8 @@ def _none_match(header: str | None, etag: str) -> bool:
     "/models/{model}/versions/{version}/card",
     tags=["versions"],
     summary="The model card, from lineage, validation reports and stage history.",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/markdown": {}, "text/html": {}}}},
+    response_class=MarkdownResponse,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
 )
 async def model_card(
     request: Request,
@@ -339,7 +365,7 @@ async def model_card(
         v = await _version(q, model, ref)
     if format == "html":
         return HTMLResponse(render_html(v))
-    return PlainTextResponse(render_markdown(v), media_type="text/markdown; charset=utf-8")
+    return MarkdownResponse(render_markdown(v))
 
 
 @router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
@@ -634,13 +660,11 @@ async def get_dataset(
     tags=["datasets"],
     summary="Download the dataset file, verified before the first byte.",
     response_class=StreamingResponse,
-    responses=NOT_MODIFIED,
+    responses=_sent_as(*FILE_MEDIA_TYPES.values(), description="The file, in its format."),
 )
 async def download_dataset(
     request: Request, _: ViewerDep, name: DatasetName, version: VersionPath
 ) -> Response:
     ds = await _dataset(request, name, path_version(version, f"dataset {name!r}"))
-    suffix = ds.artifact.format.value
-    media = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
-    kind = media.get(suffix, "application/octet-stream")
-    return await _stream(request, ds.sha256, kind, f"{name}-v{version}.{suffix}")
+    suffix = ds.artifact.format
+    return await _stream(request, ds.sha256, FILE_MEDIA_TYPES[suffix], f"{name}-v{version}.{suffix.value}")

@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from fastapi.responses import HTMLResponse
 
 from contracts.commands import REASON_MAX_CHARS
+from contracts.common import ArtifactFormat
 from libs.http import create_app
 from services.registry import api
 from services.registry.settings import RegistrySettings
@@ -382,3 +384,22 @@ async def test_an_upload_whose_text_field_is_not_utf8_is_422_naming_it(
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field
     assert r.json()["detail"].startswith(f"the form field {field!r} is not UTF-8 text (byte 0xe9"), r.text
+
+
+async def test_the_document_gives_the_media_types_files_and_cards_are_sent_in(
+    client: httpx.AsyncClient,
+) -> None:
+    """A download was documented with no body at all (a client generated from the document drops what it
+    gets), and the card as text/plain, which it is never sent as, beside Markdown and HTML."""
+    doc = (await client.get("/openapi.json")).json()
+
+    def sent_as(path: str) -> set[str]:
+        return set(doc["paths"][path]["get"]["responses"]["200"].get("content", {}))
+
+    assert sent_as("/v1/models/{model}/versions/{version}/artifact") == {
+        api.FILE_MEDIA_TYPES[ArtifactFormat.SKOPS],
+        api.FILE_MEDIA_TYPES[ArtifactFormat.JSON],
+    }
+    assert sent_as("/v1/datasets/{name}/versions/{version}/file") == set(api.FILE_MEDIA_TYPES.values())
+    card = {api.MarkdownResponse("").headers["content-type"], HTMLResponse("").headers["content-type"]}
+    assert sent_as("/v1/models/{model}/versions/{version}/card") == {t.split(";")[0] for t in card}
