@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -30,6 +31,7 @@ from libs.settings import ServiceSettings, settings_problems
 log = get_logger(__name__)
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
 
 
 def load_settings(settings_class: type[S]) -> S:
@@ -70,11 +72,31 @@ class Runtime:
     async def start(
         cls, settings: ServiceSettings, migrations: Sequence[Migration], *, connect_deadline_s: float = 60.0
     ) -> Runtime:
-        """Connect to Postgres (waiting up to ``connect_deadline_s``), migrate, and start the producer."""
-        pool = await _connect_with_deadline(settings, connect_deadline_s)
-        await apply_migrations(pool, settings.db_schema, [*bus_migrations(), *migrations])
-        publisher = KafkaPublisher(settings.kafka, client_id=f"driftloop-{settings.service}")
-        await publisher.start()
+        """Connect to Postgres, migrate, and start the producer, waiting up to ``connect_deadline_s`` for each
+        of Postgres and Kafka to answer."""
+        pool = await _until_reachable(
+            f"Postgres at {shown_dsn(settings.database_url)}",
+            lambda: create_pool(
+                settings.database_url,
+                schema=settings.db_schema,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+            ),
+            errors=(OSError, asyncpg.PostgresError),
+            deadline_s=connect_deadline_s,
+        )
+        try:
+            await apply_migrations(pool, settings.db_schema, [*bus_migrations(), *migrations])
+            publisher = KafkaPublisher(settings.kafka, client_id=f"driftloop-{settings.service}")
+            await _until_reachable(
+                f"Kafka at {settings.kafka.bootstrap}",
+                publisher.start,
+                errors=(KafkaError, OSError),
+                deadline_s=connect_deadline_s,
+            )
+        except BaseException:
+            await pool.close()
+            raise
         return cls(
             settings=settings,
             pool=pool,
@@ -119,26 +141,31 @@ class Runtime:
         await self.pool.close()
 
 
-async def _connect_with_deadline(settings: ServiceSettings, deadline_s: float) -> asyncpg.Pool:
+async def _until_reachable(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    errors: tuple[type[BaseException], ...],
+    deadline_s: float,
+) -> T:
+    """``attempt()`` until it succeeds, retrying ``errors`` (waiting 0.25 s, doubling up to 3 s) for
+    ``deadline_s``; then a RuntimeError naming what could not be reached. Services start in any order
+    (compose, the supervisor, a restarted host), so a dependency still coming up is waited for, Kafka as
+    Postgres: the producer's start raised at once and the service exited, restarted by its supervisor into
+    the same error until the broker was up."""
     loop = asyncio.get_running_loop()
     until = loop.time() + deadline_s
     delay = 0.25
     while True:
         try:
-            return await create_pool(
-                settings.database_url,
-                schema=settings.db_schema,
-                min_size=settings.db_pool_min,
-                max_size=settings.db_pool_max,
-            )
-        except (OSError, asyncpg.PostgresError) as exc:
+            return await attempt()
+        except errors as exc:
             if loop.time() > until:
                 raise RuntimeError(
-                    f"cannot reach Postgres at {shown_dsn(settings.database_url)} after {deadline_s:.0f}s: "
-                    f"{exc}. "
+                    f"cannot reach {what} after {deadline_s:.0f}s: {exc}. "
                     "Is it running? Try `driftloop infra status`."
                 ) from exc
-            log.warning("database not reachable yet, retrying", error=repr(exc))
+            log.warning("not reachable yet, retrying", what=what, error=repr(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
 

@@ -89,7 +89,11 @@ class KafkaPublisher:
 
     async def start(self) -> None:
         producer = self._new_producer()
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # a failed start leaves its client open; the caller may try again
+            raise
         self._producer = producer
 
     async def stop(self) -> None:
