@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from http import HTTPStatus
 from importlib import metadata
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import asyncpg
@@ -549,21 +549,39 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "the limit, 415 for a compressed body (a Content-Encoding other than identity), 400 for a body the "
         "client stopped sending.",
     },
+    503: {
+        "model": ErrorBody,
+        "description": "Postgres or the artifact store is unavailable for the moment (restarting, failing "
+        "over): nothing was done, and the same request may be sent again (`code`: unavailable).",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before sending the request again.",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    },
 }
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""
 
 
+class Readiness(BaseModel):
+    """The answer of ``/health/ready``, 200 or 503."""
+
+    status: Literal["ready", "not-ready"]
+    checks: dict[str, bool] = Field(description="Each dependency checked, and whether it answered.")
+
+
 def errors_in_json(document: dict[str, Any]) -> dict[str, Any]:
-    """``document`` (an OpenAPI document, changed in place) with every 4xx answer documented as what it is:
-    :class:`ErrorBody` in JSON. FastAPI documents a route's answers in the route's own media type, so the
-    refusals of a route that answers Markdown or HTML were documented as ``text/plain`` or ``text/html``; and
-    a status a route describes in words only (the registry's 404 of a command, an upload's 422) had no body,
-    which clients read for that status in place of the ``4XX`` range. A route that documents a JSON body for a
-    4xx keeps it."""
+    """``document`` (an OpenAPI document, changed in place) with every 4xx and 503 answer documented as
+    what it is: :class:`ErrorBody` in JSON. FastAPI documents a route's answers in the route's own media
+    type, so the refusals of a route that answers Markdown or HTML were documented as ``text/plain`` or
+    ``text/html``; and a status a route describes in words only (the registry's 404 of a command, an
+    upload's 422) had no body, which clients read for that status in place of the ``4XX`` range. A route
+    that documents a JSON body for one of them keeps it."""
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
             for status, response in operation.get("responses", {}).items():
-                if status.startswith("4"):
+                if status.startswith("4") or status == "503":
                     given = response.get("content", {}).get("application/json", {})
                     if "schema" not in given:
                         given = {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
@@ -898,7 +916,15 @@ def create_app(
     async def live() -> dict[str, str]:
         return {"status": "live"}
 
-    @app.get("/health/ready", tags=["health"], summary="The service can do its work.")
+    @app.get(
+        "/health/ready",
+        tags=["health"],
+        summary="The service can do its work.",
+        responses={
+            200: {"model": Readiness},
+            503: {"model": Readiness, "description": "Not ready: a dependency did not answer (`checks`)."},
+        },
+    )
     async def ready_check() -> JSONResponse:
         checks = await ready() if ready is not None else {}
         ok = all(checks.values())

@@ -67,7 +67,7 @@ from services.serving.domain import (
     tensors_from_json,
 )
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
-from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody
+from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody, ServerReady
 from services.serving.scoring import Predictor, PredictRequest, PredictResult
 
 REQUEST_SECONDS = Histogram(
@@ -224,7 +224,13 @@ async def server_live() -> Response:
 
 
 @router.get(
-    "/v2/health/ready", tags=["open inference protocol"], summary="Routing is loaded; the database answers."
+    "/v2/health/ready",
+    tags=["open inference protocol"],
+    summary="Routing is loaded; the database answers.",
+    responses={
+        200: {"model": ServerReady},
+        503: {"model": ServerReady, "description": "Not ready: no routing loaded, or the database away."},
+    },
 )
 async def server_ready(ctx: ContextDep) -> Response:
     checks = await ctx.ready()

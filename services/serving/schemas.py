@@ -130,3 +130,11 @@ class InferAnswer(BaseModel):
         description="`variant`, `request_id`, `prediction_ids` (one per row) and `classes`."
     )
     outputs: list[InferOutput]
+
+
+class ServerReady(BaseModel):
+    """The answer of ``/v2/health/ready``, 200 or 503 (the Open Inference Protocol's ServerReadyResponse, with
+    what was checked)."""
+
+    ready: bool
+    checks: dict[str, bool] = Field(description="Each dependency checked, and whether it answered.")

@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from openapi_spec_validator import validate as validate_openapi
 
-from libs.http import create_app
+from libs.http import BodyRoute, create_app
+from services.registry.settings import RegistrySettings
 
 ADMIN = {"Authorization": "Bearer dev-admin"}
 SETTINGS = {
@@ -217,3 +218,52 @@ async def test_a_version_written_another_way_is_a_documented_404_in_every_servic
     assert r.status_code == 404, r.text
     assert "a whole number from 1 to 2147483647" in r.json()["detail"], r.text
     assert conforms(doc, path, "get", r) == []
+
+
+@pytest.mark.parametrize("service", list(SETTINGS))
+async def test_every_operation_documents_the_503_of_an_outage_with_its_retry_after(service: str) -> None:
+    doc, _ = await answer(service, "GET", "/health/live")
+    missing = []
+    for path, operations in doc["paths"].items():
+        if not path.startswith(("/v1/", "/v2/")) or path.startswith("/v2/health/"):
+            continue
+        for method, operation in operations.items():
+            outage = operation["responses"].get("503", {})
+            if "Retry-After" not in outage.get("headers", {}) or list(outage.get("content", {})) != [
+                "application/json"
+            ]:
+                missing.append(f"{method.upper()} {path}")
+    assert missing == []
+
+
+async def test_an_outage_answer_has_the_documented_body_and_header() -> None:
+    """Postgres away (an OSError from the handler) is a 503 with Retry-After, as the document says."""
+    router = APIRouter(route_class=BodyRoute)
+
+    @router.get("/v1/things")
+    async def things() -> dict[str, str]:
+        raise ConnectionRefusedError("connection refused")
+
+    app = create_app(
+        RegistrySettings(env="test"), title="t", description="t", routers=[router], ready=_unready
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        doc = (await c.get("/openapi.json")).json()
+        r = await c.get("/v1/things")
+        not_ready = await c.get("/health/ready")
+
+    assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+    assert conforms(doc, "/v1/things", "get", r) == []
+    assert not_ready.status_code == 503
+    assert conforms(doc, "/health/ready", "get", not_ready) == []
+
+
+async def _unready() -> dict[str, bool]:
+    return {"database": False}
+
+
+async def test_the_oip_readiness_documents_its_503() -> None:
+    doc, _ = await answer("serving", "GET", "/health/live")
+    response = doc["paths"]["/v2/health/ready"]["get"]["responses"]["503"]
+    schema = {**response["content"]["application/json"]["schema"], "components": doc["components"]}
+    assert jsonschema_rs.is_valid(schema, {"ready": False, "checks": {"database": False}})
