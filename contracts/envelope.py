@@ -2,8 +2,11 @@
 
 Every message on every driftloop topic is one CloudEvent: the attributes travel as ``ce_*`` headers,
 ``content-type`` is ``application/json``, and the value is the JSON payload. Any CloudEvents SDK can read
-it. Payload classes subclass :class:`EventPayload`; their ``event_type`` names them on the wire and their
-``topic`` says where they are published.
+it. Consumers also read the binding's *structured* mode in the JSON event format (``content-type``
+``application/cloudevents+json``, the whole event in the value), which the binding says receivers should
+support and SDKs offer publishers (:func:`from_structured`). Payload classes subclass
+:class:`EventPayload`; their ``event_type`` names them on the wire and their ``topic`` says where they are
+published.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/json"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+"""The content type of a structured-mode record in the JSON event format (:func:`from_structured`)."""
 TYPE_PREFIX = "io.driftloop."
 DEFAULT_MAX_EVENT_BYTES = 1_000_000
 """Consumers refuse larger records (value and headers, see :func:`record_bytes`) as ``oversized``."""
@@ -394,6 +399,100 @@ def _text_headers(
     return size, hdr
 
 
+def is_structured(content_type: str | None) -> bool:
+    """Whether a record's ``content-type`` says structured mode: a CloudEvents format's media type
+    (``application/cloudevents``, ``+json`` or another format, or a batch), case-insensitive."""
+    return content_type is not None and content_type[:23].lower() == "application/cloudevents"
+
+
+def from_structured(value: bytes | None, headers: Mapping[str, str]) -> tuple[bytes, HeaderList]:
+    """The binary-mode record a structured-mode one stands for: each attribute of the CloudEvents JSON format
+    in ``value`` a ``ce_*`` header, ``datacontenttype`` the ``content-type``, ``data`` the value. Consumers
+    then read it as any other record, with the same checks and refusals (a structured event with no ``id``
+    is ``missing-attribute``, as a binary one without ``ce_id``). ``headers`` are the record's, as text.
+
+    Refused: another format or a batch (``not-json``; the binding's receivers need read only the JSON
+    format), a value that is not a JSON object or has binary data (``data_base64``) or none (``not-json``),
+    an attribute that is not a string, number or boolean, and ``ce_*`` headers beside a structured value
+    (``malformed``: which would be the event's?). A ``null`` attribute is absent (the JSON format's rule)."""
+    content_type = headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != STRUCTURED_CONTENT_TYPE:
+        raise NotJson(
+            f"content-type is {content_type!r}: of the CloudEvents structured formats consumers read the "
+            f"JSON format ({STRUCTURED_CONTENT_TYPE!r}), one event per record"
+        )
+    both = sorted(name for name in headers if name.startswith("ce_"))
+    if both:
+        raise MalformedEvent(
+            f"a structured-mode record ({STRUCTURED_CONTENT_TYPE}) has the binary mode's header {both[0]!r} "
+            "too: an event travels in one mode"
+        )
+    if value is None:
+        raise NotJson("the message has no value")
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise NotJson(f"value is not JSON: {exc}") from exc
+    if not isinstance(event, dict):
+        raise NotJson(
+            f"a structured-mode value is one event in the CloudEvents JSON format, a JSON object; got "
+            f"{type(event).__name__}"
+        )
+    missing = [name for name in ("specversion", "id", "source", "type") if event.get(name) is None]
+    if missing:
+        raise MissingAttribute(
+            f"attribute {missing[0]!r} is missing: not a CloudEvent in the JSON format "
+            f"({STRUCTURED_CONTENT_TYPE})"
+        )
+    if "data_base64" in event:
+        raise NotJson("the event's data is binary (data_base64), expected a JSON payload in 'data'")
+    if event.get("data") is None:
+        raise NotJson("the event has no data: its payload goes in 'data'")
+    data = event.pop("data")
+    pairs: HeaderList = []
+    for name, attribute in event.items():
+        text = _attribute_text(attribute)
+        if text is None and attribute is not None:
+            raise MalformedEvent(
+                f"attribute {name!r} is a JSON {type(attribute).__name__}: a CloudEvents attribute is a "
+                "string, a number or a boolean"
+            )
+        if text is not None:
+            pairs.append((_attribute_header(name), text.encode()))
+    return orjson.dumps(data), pairs
+
+
+def structured_headers(value: bytes | None) -> dict[str, str]:
+    """The headers, as text, a structured-mode value stands for in binary mode (:func:`from_structured`), as
+    far as it has them: none when it is no JSON object, and no attribute that is not a string, number or
+    boolean. For readers of what the bus took, such as the audit trail's indexed copies."""
+    try:
+        event = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(event, dict):
+        return {}
+    return {
+        _attribute_header(name): text
+        for name, attribute in event.items()
+        if name not in ("data", "data_base64") and (text := _attribute_text(attribute)) is not None
+    }
+
+
+def _attribute_text(attribute: Any) -> str | None:
+    """A JSON-format attribute's value as binary mode's header text; None for null (absent) and for what no
+    attribute can be (an object, an array, a fraction)."""
+    if isinstance(attribute, bool):
+        return "true" if attribute else "false"
+    if isinstance(attribute, str | int):
+        return str(attribute)
+    return None
+
+
+def _attribute_header(name: str) -> str:
+    return "content-type" if name == "datacontenttype" else f"ce_{name}"
+
+
 CE_TIME_FORM = (
     "an RFC 3339 date-time: date, 'T', time with seconds (a fraction optional), then 'Z' or a +hh:mm/-hh:mm "
     "offset, e.g. 2025-01-01T00:00:00Z or 2025-01-01T01:00:00.5+01:00 ('t' and 'z' may be lower case)"
@@ -532,6 +631,10 @@ class EventTypeRegistry:
             raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
         if present != len(hdr):
             _refuse_repeated_attributes(pairs)
+        if is_structured(hdr.get("content-type")):
+            # Its size is the record's, checked above: the same event in binary mode is a few bytes larger.
+            value, binary = from_structured(value, hdr)
+            return self.decode(value, binary, max_bytes=max_bytes + size, readers=readers)
         if size - value_bytes > MAX_ATTRIBUTE_CHARS:
             # Only headers longer than the bound together can hold an attribute longer than it.
             check_attributes(hdr)

@@ -446,6 +446,16 @@ when given, is `application/json` in any case (`Application/JSON; charset=UTF-8`
 case-insensitive, and JSON is UTF-8 whatever a `charset` says); another media type is dead-lettered as
 `not-json`.
 
+Publishers may also use the binding's structured mode, as CloudEvents SDKs offer it (`to_structured`):
+`content-type` `application/cloudevents+json` (any case, any parameters) and the whole event in the value
+in the CloudEvents JSON format, its payload in `data`. Consumers read it as the same event in binary mode,
+with the same checks and reasons (an `id` left out is `missing-attribute`, a `time` not RFC 3339
+`malformed`; a `null` attribute is absent), and the audit trail records the record as sent and indexes the
+event's attributes from its value. Refused: another structured format or a batch
+(`application/cloudevents-batch+json`), a value that is not one JSON object, binary data (`data_base64`)
+or none (all `not-json`), an attribute that is an object, an array or a fraction, and `ce_*` headers
+beside a structured value (`malformed`). The platform's own services publish in binary mode.
+
 Machine-readable: one JSON Schema per event in `contracts/schemas/`, every topic, message and service
 operation in `contracts/asyncapi.yaml` (AsyncAPI 3.0). The topic map is `contracts/topics.py`; the
 payloads are `contracts/<family>.py`, their shared value types `contracts/common.py`.

@@ -29,6 +29,7 @@ from contracts.envelope import (
     PayloadReader,
     check_attributes,
     record_bytes,
+    structured_headers,
 )
 from contracts.topics import DEAD_LETTER
 from libs.bus import metrics
@@ -675,11 +676,12 @@ class Dispatcher:
 
 def _delivered_type(record: Record) -> str:
     """The ``ce_type`` of a record that decoded (so it has exactly one, in UTF-8), as delivered: an upcast
-    event is recorded under its own type, so a redelivery after an upcaster is added is still a duplicate."""
+    event is recorded under its own type, so a redelivery after an upcaster is added is still a duplicate. An
+    event in structured mode has its type in its value (:func:`contracts.envelope.structured_headers`)."""
     for name, raw in record.headers:
         if name == "ce_type" and raw is not None:
             return raw.decode()
-    raise AssertionError("a decoded record has a ce_type header")
+    return structured_headers(record.value)["ce_type"]
 
 
 def _dead_lettered_by(record: Record, consumer: str) -> bool:

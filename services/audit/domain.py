@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from contracts.audit import AuditCheckpoint, checkpoint_signing_input
-from contracts.envelope import MalformedEvent, parse_event_time
+from contracts.envelope import MalformedEvent, is_structured, parse_event_time, structured_headers
 from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
 from libs.bus.core import Record
 from libs.errors import InvalidInput
@@ -173,6 +173,17 @@ class Attributes(NamedTuple):
             _index_text(_first_text(headers, "ce_actor")),
             _event_time(_first_text(headers, "ce_time")),
         )
+
+
+def attribute_headers(meta: Mapping[str, Any], value: bytes | None) -> Mapping[str, Any]:
+    """Where a record's CloudEvents attributes are, as ``ce_*`` names: its headers, or, for an event the bus
+    took in the Kafka binding's structured mode, the JSON event in its value
+    (:func:`contracts.envelope.structured_headers`). A structured record the bus refused is indexed by its
+    headers alone, as it was before consumers read that mode."""
+    headers: Mapping[str, Any] = meta["headers"]
+    if meta["kind"] == Kind.EVENT.value and is_structured(_first_text(headers, "content-type")):
+        return structured_headers(value)
+    return headers
 
 
 class Incoming(NamedTuple):
@@ -336,7 +347,7 @@ def unchained_rows(
                 headers = {name: raw.decode() for name, raw in r.headers if raw is not None}
             except UnicodeDecodeError:  # a binary value
                 headers = None
-        if headers is None or len(headers) != len(r.headers):
+        if headers is None or len(headers) != len(r.headers) or is_structured(headers.get("content-type")):
             meta, kind = record_meta(item, recorded_at=recorded_text, dead_letter_topic=dead_letter_topic)
             record = encode_record(meta, r.value)
             yield make(
@@ -348,7 +359,7 @@ def unchained_rows(
                     r.partition,
                     r.offset,
                     kind.value,
-                    *Attributes.of(meta["headers"]),
+                    *Attributes.of(attribute_headers(meta, r.value)),
                     recorded_at,
                     item.reuse,
                 ),
@@ -604,8 +615,11 @@ directly, never re-sent through an outbox, and they are most rows."""
 
 
 def event_id_of(record: Record) -> str | None:
-    """The record's CloudEvents id (its ``ce_id`` header) as the trail indexes it, if it has one."""
+    """The record's CloudEvents id (its ``ce_id`` header, or the ``id`` of an event in structured mode) as
+    the trail indexes it, if it has one."""
     event_id = _header_text(record, "ce_id")
+    if event_id is None and is_structured(_header_text(record, "content-type")):
+        event_id = structured_headers(record.value).get("ce_id")
     return None if event_id is None else _index_text(event_id)
 
 
@@ -805,7 +819,7 @@ def column_mismatch(row: StoredRow) -> str | None:
     if row.record is None:
         return "record"
     try:
-        meta, _ = decode_record(row.record)
+        meta, value = decode_record(row.record)
         kafka = meta["kafka"]
         expected = {
             "topic": kafka["topic"],
@@ -815,7 +829,7 @@ def column_mismatch(row: StoredRow) -> str | None:
             "kind": meta["kind"],
             "recorded_at": _parse_time(meta["recorded_at"]),
         }
-        derived = Attributes.of(meta["headers"])
+        derived = Attributes.of(attribute_headers(meta, value))
     except (ValueError, KeyError, TypeError):
         return "record"
     actual = {
@@ -964,7 +978,7 @@ def _check_meta(meta: Any) -> None:
 
 def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> dict[str, Any]:
     _check_meta(meta)
-    headers: dict[str, Any] = meta["headers"]
+    headers = attribute_headers(meta, value)
     kafka = meta["kafka"]
     data: Any = None
     raw_value: Any = None
@@ -976,6 +990,8 @@ def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> d
         else:
             if isinstance(data, (dict, list)) and _deeper_than(DATA_MAX_DEPTH, value, data):
                 data, raw_value = None, _text_or_base64(value)
+            elif headers is not meta["headers"] and isinstance(data, dict):
+                data = data.get("data")  # a structured event: its payload; its attributes are read apart
     view: dict[str, Any] = {
         "seq": row.seq,
         "row_hash": row.row_hash.hex() if row.row_hash is not None else None,
@@ -999,7 +1015,7 @@ def _record_view(row: StoredRow, meta: dict[str, Any], value: bytes | None) -> d
     if "reuse" in kafka:
         view["reuse"] = kafka["reuse"]
     if meta["kind"] != Kind.EVENT:
-        view["headers"] = headers
+        view["headers"] = meta["headers"]
         view["value"] = raw_value
     elif raw_value is not None:
         view["value"] = raw_value

@@ -12,11 +12,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Subscription, Transaction
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
+from libs.bus.metrics import DUPLICATES
 from libs.bus.postgres import bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
 from libs.settings import KafkaSettings
@@ -75,6 +77,45 @@ async def test_published_event_round_trips_and_any_cloudevents_sdk_reads_it(
     assert sdk.get_extension("actor") == "user:alice"
     assert sdk.get_specversion() == "1.0"
     assert sdk.get_data() == {"n": 42}
+
+
+async def test_an_event_a_cloudevents_sdk_publishes_in_structured_mode_is_handled_once(
+    kafka_bootstrap: str, database_url: str, publisher: KafkaPublisher
+) -> None:
+    topic, schema = unique("test.structured"), unique("t_structured")
+    await create_topics(kafka_bootstrap, topic)
+    tick = payload_on(topic)
+    sdk_event = SdkCloudEvent(
+        attributes={"id": "ext-7", "source": "/external/team", "type": tick.event_type(), "subject": "m"},
+        data={"n": 7},
+    )
+    message = ce_kafka.to_structured(sdk_event, JSONFormat())
+    sent = (topic, b"m", message.value, list(message.headers.items()))
+    await publisher.send_many([sent, sent])  # and a redelivery of it
+
+    pool = await create_pool(database_url, schema=schema)
+    await apply_migrations(pool, schema, bus_migrations())
+    handled: list[tuple[str, str, int]] = []
+
+    async def on_tick(event: CloudEvent[Any], tx: Transaction) -> None:
+        handled.append((event.id, event.source, event.data.n))
+
+    group = unique("g")
+    runner = ConsumerRunner(
+        Subscription(consumer=group, topics=[topic], handlers={tick: on_tick}),
+        kafka=KafkaSettings(bootstrap=kafka_bootstrap),
+        registry=EventTypeRegistry([tick]),
+        begin=pg_transactions(pool, schema),
+        dead_letters=KafkaDeadLetters(publisher),
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: _as_async(DUPLICATES.labels(group, topic)._value.get() == 1))
+    finally:
+        runner.stop()
+        await task
+        await pool.close()
+    assert handled == [("ext-7", "/external/team", 7)]
 
 
 async def test_crash_between_db_commit_and_offset_commit_still_gives_one_effect(

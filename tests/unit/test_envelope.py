@@ -227,7 +227,7 @@ def test_the_json_media_type_is_read_in_any_case(content_type: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "content_type", [b"application/avro", b"Application/Cloudevents+JSON", b"text/json", b"application/jsonx"]
+    "content_type", [b"application/avro", b"text/json", b"application/jsonx", b"application/cloudeventsjson"]
 )
 def test_another_media_type_in_any_case_is_refused_as_not_json(content_type: bytes) -> None:
     value, headers = _valid_message()
@@ -681,6 +681,113 @@ def test_a_message_written_by_the_cloudevents_sdk_decodes() -> None:
         "user:bob",
     )
     assert decoded.time == datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
+
+
+# --- structured mode ---------------------------------------------------------------------------------
+
+
+def _structured(**changes: Any) -> tuple[bytes, dict[str, bytes]]:
+    """TrainingCompleted in the Kafka binding's structured mode, written as an SDK writes it; ``changes``
+    replace (or, as None, drop) members of the JSON event."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": "ext-2",
+        "source": "/external/producer",
+        "type": TrainingCompleted.event_type(),
+        "subject": "churn",
+        "time": "2025-06-02T09:00:00Z",
+        "datacontenttype": "application/json",
+        "correlationid": "root-2",
+        "data": EXAMPLES[TrainingCompleted].model_dump(mode="json"),
+    }
+    for name, replaced in changes.items():
+        if replaced is None:
+            event.pop(name, None)
+        else:
+            event[name] = replaced
+    return orjson.dumps(event), {"content-type": b"application/cloudevents+json"}
+
+
+def test_a_structured_mode_message_written_by_the_cloudevents_sdk_decodes_as_its_binary_twin() -> None:
+    payload = EXAMPLES[TrainingCompleted]
+    attributes = {
+        "id": "ext-1",
+        "source": "/external/producer",
+        "type": TrainingCompleted.event_type(),
+        "subject": "churn",
+        "time": datetime(2025, 6, 2, 9, 0, tzinfo=UTC),
+        "datacontenttype": "application/json",
+        "correlationid": "root-1",
+        "actor": "user:bob",
+    }
+    sdk_event = SdkCloudEvent(attributes=attributes, data=payload.model_dump(mode="json"))
+    structured = ce_kafka.to_structured(sdk_event, JSONFormat())
+    binary = ce_kafka.to_binary(sdk_event, JSONFormat())
+
+    decoded = EVENT_TYPES.decode(structured.value, structured.headers)
+
+    assert structured.headers["content-type"] == b"application/cloudevents+json"
+    assert decoded == EVENT_TYPES.decode(binary.value, binary.headers)
+    assert (decoded.id, decoded.subject, decoded.correlationid, decoded.actor, decoded.data) == (
+        "ext-1",
+        "churn",
+        "root-1",
+        "user:bob",
+        payload,
+    )
+
+
+def test_a_structured_event_with_its_content_type_written_otherwise_and_null_attributes_decodes() -> None:
+    value, headers = _structured(subject=None, actor=None, causationid=None)
+    headers["content-type"] = b"Application/CloudEvents+JSON; charset=utf-8"
+
+    decoded = EVENT_TYPES.decode(value, headers)
+
+    assert (decoded.id, decoded.subject, decoded.actor) == ("ext-2", None, None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "content_type", "error", "message"),
+    [
+        ({}, b"application/cloudevents-batch+json", NotJson, "one event per record"),
+        ({}, b"application/cloudevents+avro", NotJson, "JSON format"),
+        ({"id": None}, None, MissingAttribute, "attribute 'id' is missing"),
+        ({"specversion": None}, None, MissingAttribute, "attribute 'specversion' is missing"),
+        ({"specversion": "0.3"}, None, MalformedEvent, "ce_specversion is '0.3'"),
+        ({"data": None}, None, NotJson, "no data"),
+        ({"data": None, "data_base64": "AAE="}, None, NotJson, "binary"),
+        ({"datacontenttype": "text/plain"}, None, NotJson, "content-type is 'text/plain'"),
+        ({"actor": {"name": "bob"}}, None, MalformedEvent, "attribute 'actor' is a JSON dict"),
+        ({"actor": "bob\nmallory"}, None, MalformedEvent, "control character"),
+        ({"time": "yesterday"}, None, MalformedEvent, "RFC 3339"),
+        ({"data": {"model": "churn"}}, None, SchemaInvalid, "TrainingCompleted payload is invalid"),
+    ],
+)
+def test_a_structured_event_is_refused_with_the_reason_its_binary_twin_would_get(
+    changes: dict[str, Any], content_type: bytes | None, error: type[MalformedEvent], message: str
+) -> None:
+    value, headers = _structured(**changes)
+    if content_type is not None:
+        headers["content-type"] = content_type
+
+    with pytest.raises(error, match=message) as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert type(caught.value) is error
+
+
+@pytest.mark.parametrize("value", [b"{not json", b"[1, 2]", None])
+def test_a_structured_value_that_is_no_json_event_is_refused_as_not_json(value: bytes | None) -> None:
+    with pytest.raises(NotJson):
+        EVENT_TYPES.decode(value, {"content-type": b"application/cloudevents+json"})
+
+
+def test_a_structured_value_with_binary_mode_headers_beside_it_is_refused() -> None:
+    value, headers = _structured()
+    headers["ce_id"] = b"other"
+
+    with pytest.raises(MalformedEvent, match="has the binary mode's header 'ce_id' too") as caught:
+        EVENT_TYPES.decode(value, headers)
+    assert caught.value.reason == "malformed"
 
 
 def test_fast_event_ids_are_distinct_random_version_4_uuids_and_a_forked_child_makes_its_own() -> None:

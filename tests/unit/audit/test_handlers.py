@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
@@ -76,6 +77,26 @@ async def test_a_resent_copy_of_a_recorded_event_at_a_new_position_adds_nothing(
     assert n == 1
     ids = [trail.rows[s].row.attributes.event_id for s in sorted(trail.rows)]
     assert len(ids) == len(set(ids)) == 4
+
+
+async def test_a_resent_copy_of_an_event_recorded_in_structured_mode_adds_nothing(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    event = example(DriftDetected)
+    key, value, headers = event.to_kafka()
+    body = {name[3:]: text.decode() for name, text in headers if name.startswith("ce_")}
+    body["data"] = orjson.loads(value)
+    structured = Record(
+        event.topic, 0, 0, key, orjson.dumps(body), (("content-type", b"application/cloudevents+json"),)
+    )
+    decoded = EVENT_TYPES.decode(structured.value, structured.headers)
+    await record(trail, signer, [Delivery(structured, decoded)])
+
+    n, _ = await record(trail, signer, [Delivery(replace(structured, offset=5), decoded)])
+
+    assert n == 0
+    [row] = [held.row for held in trail.rows.values()]
+    assert (row.attributes.event_id, row.attributes.event_type) == (event.id, event.type)
 
 
 async def test_a_copy_within_one_batch_is_kept_once(trail: FakeTrail, signer: Signer) -> None:

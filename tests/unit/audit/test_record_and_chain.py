@@ -32,6 +32,7 @@ from services.audit.domain import (
     column_mismatch,
     decode_record,
     encode_record,
+    event_view,
     kafka_content,
     new_positions,
     record_content,
@@ -308,3 +309,46 @@ def test_a_time_copy_made_before_the_trail_read_ce_time_as_the_bus_does_still_ve
     assert column_mismatch(replace(stored, attributes=old_copy)) is None
     moved = stored.attributes._replace(event_time=datetime(2025, 3, 1, 13, tzinfo=UTC))
     assert column_mismatch(replace(stored, attributes=moved)) == "event_time"
+
+
+def _stored(row: Any) -> StoredRow:
+    return StoredRow(
+        seq=row.seq,
+        record=row.record,
+        row_hash=row.row_hash,
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        kind=row.kind,
+        attributes=Attributes(*row[8:15]),
+        recorded_at=row.recorded_at,
+    )
+
+
+def test_an_event_taken_in_structured_mode_is_indexed_and_shown_as_its_binary_twin() -> None:
+    drift = example(DriftDetected, actor="user:alice")
+    key, value, headers = drift.to_kafka()
+    h = dict(headers)
+    event = {name[3:]: text.decode() for name, text in h.items() if name.startswith("ce_")}
+    event |= {"datacontenttype": "application/json", "data": orjson.loads(value)}
+    content_type = ("content-type", b"application/cloudevents+json")
+    structured = Record("mlops.monitoring", 0, 7, key, orjson.dumps(event), (content_type,))
+    binary = record_of(drift, offset=8)
+    refused = replace(structured, offset=9)
+    incoming = [Incoming(structured), Incoming(binary), Incoming(refused, NotJson("not JSON"), decoded=False)]
+
+    rows = chain_rows(
+        ChainHead(0, GENESIS), incoming, recorded_at=AT, sealer=Sealer(SEED), dead_letter_topic=DEAD_LETTER
+    )
+
+    assert rows[0][8:15] == rows[1][8:15]  # the same indexed copies
+    assert rows[0].event_id == drift.id and rows[0].correlation_id == drift.correlationid
+    assert rows[2].kind == "undecodable" and rows[2].event_id is None  # not taken by the bus: headers alone
+    assert [column_mismatch(_stored(row)) for row in rows] == [None, None, None]
+    forged = _stored(rows[0])
+    forged = replace(forged, attributes=forged.attributes._replace(actor="user:mallory"))
+    assert column_mismatch(forged) == "actor"
+    views = [event_view(_stored(row)) for row in rows[:2]]
+    for field in ("id", "type", "source", "subject", "time", "correlationid", "actor", "data"):
+        assert views[0][field] == views[1][field], field
+    assert views[0]["data"] == orjson.loads(value)
