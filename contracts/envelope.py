@@ -573,6 +573,19 @@ class EventTypeRegistry:
     def classes(self) -> list[type[EventPayload]]:
         return list(self._classes.values())
 
+    def wire_types(self) -> dict[str, type[EventPayload]]:
+        """Every ``ce_type`` this registry reads, current or upcast, with the payload class it is read as:
+        what a consumer may have recorded an event under (the inbox keeps the type as delivered)."""
+        types = dict(self._classes)
+        for old in self._upcasters:
+            ce_type, seen = old, set()
+            while ce_type in self._upcasters and ce_type not in seen:
+                seen.add(ce_type)
+                ce_type = self._upcasters[ce_type][1]
+            if ce_type in self._classes:
+                types[old] = self._classes[ce_type]
+        return types
+
     def resolve(
         self, ce_type: str, payload: dict[str, Any]
     ) -> tuple[str, type[EventPayload], dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""How every service runs: one runtime (pool, producer, bus), one HTTP server, its consumers and relay,
-all in one event loop, stopped gracefully on SIGTERM or SIGINT."""
+"""How every service runs: one runtime (pool, producer, bus), one HTTP server, its consumers, relay and bus
+retention, all in one event loop, stopped gracefully on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from pydantic_settings import SettingsError
 
 from contracts.envelope import EventTypeRegistry
 from contracts.registry import EVENT_TYPES
+from contracts.topics import TOPICS
 from libs.auth import TokenFileInvalid, read_token_file
 from libs.bus.core import Subscription, TransactionFactory
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
-from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
+from libs.bus.postgres import BusRetention, OutboxRelay, bus_migrations, pg_transactions
+from libs.bus.retention import inbox_classes, outbox_keep
 from libs.db import Migration, apply_migrations, create_pool, shown_dsn
 from libs.http_server import http_server
 from libs.logging import configure_logging, get_logger
@@ -127,6 +129,21 @@ class Runtime:
             max_record_bytes=self.publisher.max_record_bytes,
         )
 
+    def retention(self) -> BusRetention:
+        """The bus's retention on this service's inbox and outbox, as the settings ask."""
+        inbox = (
+            inbox_classes(TOPICS, self.registry.wire_types())
+            if self.settings.inbox_retention == "topics"
+            else []
+        )
+        return BusRetention(
+            self.pool,
+            self.settings.db_schema,
+            inbox=inbox,
+            outbox_keep=outbox_keep(self.settings.outbox_keep_sent_days),
+            interval_s=self.settings.bus_retention_interval_s,
+        )
+
     async def ready(self) -> dict[str, bool]:
         """Readiness: the database answers (the producer reconnects on its own)."""
         try:
@@ -210,6 +227,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     tune_collector()
     runners = [runtime.consumer(s) for s in parts.subscriptions]
     relay = runtime.relay() if parts.relay else None
+    retention = runtime.retention()
     server = http_server(parts.app, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -220,6 +238,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     tasks += [asyncio.create_task(r.run(), name=f"consumer:{r.sub.consumer}") for r in runners]
     if relay is not None:
         tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+    tasks.append(asyncio.create_task(retention.run(), name="bus-retention"))
     tasks += [asyncio.create_task(t(), name=getattr(t, "__name__", "task")) for t in parts.tasks]
     log.info("service started", port=settings.http_port, consumers=[r.sub.consumer for r in runners])
 
@@ -234,6 +253,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
         r.stop()
     if relay is not None:
         relay.stop()
+    retention.stop()
     for hook in parts.on_stop:
         await hook()
     _, pending = await asyncio.wait(tasks, timeout=15)

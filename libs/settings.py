@@ -203,6 +203,28 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="HTTP request bodies above this get 413; 1 or more."
     )
+    outbox_keep_sent_days: float = Field(
+        7.0,
+        ge=0,
+        description="Days an outbox row is kept once it is sent, counted from when it was written; 0 keeps "
+        "sent rows for ever. Nothing reads a sent row (the relay reads unsent ones, which are never "
+        "deleted): they are only there to look at.",
+    )
+    inbox_retention: Literal["topics", "forever"] = Field(
+        "topics",
+        description="topics: an inbox row is deleted once its event can no longer be delivered again, twice "
+        "its type's topic retention (contracts/topics.py) plus a day after it was handled; rows of types on "
+        "topics kept for ever, of unknown types or without a type stay. forever: every row stays (a cluster "
+        "whose topics keep records longer than contracts/topics.py says, or whose segment.ms is longer "
+        "than a topic's retention).",
+    )
+    bus_retention_interval_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds between two rounds of the bus's retention (inbox and outbox), above 0; the "
+        "first round runs as the service starts. A failed round is logged and counted, and tried again at "
+        "the next.",
+    )
     http_max_connections: int = Field(
         1000,
         ge=1,

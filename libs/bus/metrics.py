@@ -43,3 +43,15 @@ OUTBOX_RELAY_FAILURES = Counter(
     "with driftloop_bus_outbox_backlog, is a relay that publishes nothing.",
     ["schema"],
 )
+ROWS_PRUNED = Counter(
+    "driftloop_bus_rows_pruned_total",
+    "Rows the bus's retention deleted from a service's inbox (events whose records Kafka no longer holds) "
+    "or outbox (sent rows past outbox_keep_sent_days).",
+    ["schema", "table"],
+)
+PRUNING_FAILURES = Counter(
+    "driftloop_bus_pruning_failures_total",
+    "Rounds of a service's bus retention that failed (Postgres away, or anything else): logged as a warning "
+    "and tried again at the next round; the rows stay until then.",
+    ["schema"],
+)

@@ -1,10 +1,12 @@
-"""The bus's Postgres side: handler transactions with inbox and outbox, and the outbox relay."""
+"""The bus's Postgres side: handler transactions with inbox and outbox, the outbox relay, and the retention
+that deletes the rows of both once they are of no more use."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from libs.bus.core import (
     judge_claims,
 )
 from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
+from libs.bus.retention import InboxClass
 from libs.db import Migration, check_schema_name, migrations_in, notify_channel
 from libs.logging import get_logger
 
@@ -366,6 +369,130 @@ class OutboxRelay:
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+
+RETENTION_BATCH_ROWS = 10_000
+"""Rows :class:`BusRetention` deletes per statement at most, each statement its own short transaction: a
+first run over a table that grew for months deletes it a batch at a time, never holding its locks (or a
+transaction that VACUUM must wait for) long. About 10 ms a batch (bench: 3 million rows in 3.5 s)."""
+
+_EPOCH = datetime(1, 1, 1, tzinfo=UTC)
+
+# Each statement takes one batch of rows between a lower bound (where the previous complete round stopped)
+# and the cutoff: the BRIN index (bus migration 0004) reads only the page ranges holding such times, and the
+# lower bound keeps it from reading again the ranges earlier rounds emptied. ctid = ANY(ARRAY(...)) deletes
+# the rows the subquery found by their place (a TID scan), without looking them up again.
+_PRUNE_INBOX_SQL = """
+DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM inbox
+    WHERE processed_at >= $1 AND processed_at < $2 AND event_type = ANY($3::text[])
+    LIMIT $4
+))
+"""
+
+# Unsent rows are never deleted, whatever their age: the relay has yet to publish them.
+_PRUNE_OUTBOX_SQL = """
+DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM outbox
+    WHERE created_at >= $1 AND created_at < $2 AND sent_at IS NOT NULL
+    LIMIT $3
+))
+"""
+
+
+class BusRetention:
+    """Deletes the bus's rows that are of no more use, every ``interval_s``: inbox rows of events Kafka can no
+    longer deliver again (:mod:`libs.bus.retention`'s classes) and outbox rows sent more than
+    ``outbox_keep`` ago (None: kept for ever). One replica of a service prunes its schema at a time
+    (advisory lock); a failed round is logged, counted and tried again at the next one."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        *,
+        inbox: Sequence[InboxClass],
+        outbox_keep: timedelta | None,
+        interval_s: float = 600.0,
+        batch_rows: int = RETENTION_BATCH_ROWS,
+    ) -> None:
+        self.pool = pool
+        self.schema = check_schema_name(schema)
+        self.inbox = list(inbox)
+        self.outbox_keep = outbox_keep
+        self.interval_s = interval_s
+        self.batch_rows = batch_rows
+        # Per statement, the cutoff of its last complete round: no row it deletes is older any more (new
+        # rows are stamped now(), far later). Kept in memory: a restarted service's first round looks from
+        # the beginning again, once.
+        self._floors: dict[str, datetime] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    async def prune_once(self) -> dict[str, int]:
+        """One round: every row past its cutoff, a batch per transaction; returns the rows deleted per table.
+        Stops early (its floors kept where they were) if another replica is pruning, or on :meth:`stop`."""
+        deleted = {"inbox": 0, "outbox": 0}
+        async with self.pool.acquire() as conn:
+            # Postgres' clock, which stamped the rows; the oldest unsent row bounds where the outbox's next
+            # round may start, as it may be sent (and then deletable) after this round.
+            now, unsent = await conn.fetchrow(
+                "SELECT now(), (SELECT min(created_at) FROM outbox WHERE sent_at IS NULL)"
+            )
+        if self.outbox_keep is not None:
+            cutoff = now - self.outbox_keep
+            n = await self._prune("outbox", _PRUNE_OUTBOX_SQL, cutoff, min(cutoff, unsent or cutoff))
+            deleted["outbox"] += n
+        for cls in self.inbox:
+            cutoff = now - cls.keep
+            n = await self._prune(
+                f"inbox {cls.keep}", _PRUNE_INBOX_SQL, cutoff, cutoff, list(cls.event_types)
+            )
+            deleted["inbox"] += n
+        for table, n in deleted.items():
+            if n:
+                metrics.ROWS_PRUNED.labels(self.schema, table).inc(n)
+        if any(deleted.values()):
+            log.info("bus retention deleted rows", schema=self.schema, **deleted)
+        return deleted
+
+    async def _prune(self, name: str, sql: str, cutoff: datetime, next_floor: datetime, *args: Any) -> int:
+        """Delete a statement's rows below ``cutoff``, a batch per transaction, until a batch comes short;
+        then the statement's next round starts at ``next_floor``."""
+        floor = self._floors.get(name, _EPOCH)
+        total = 0
+        while not self._stopping:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", self._lock_name):
+                    return total
+                status = await conn.execute(sql, floor, cutoff, *args, self.batch_rows)
+            n = int(status.rpartition(" ")[2])
+            total += n
+            if n < self.batch_rows:
+                self._floors[name] = next_floor
+                break
+        return total
+
+    @property
+    def _lock_name(self) -> str:
+        return f"driftloop-retention-{self.schema}"
+
+    async def run(self) -> None:
+        """Prune now and every ``interval_s`` until stopped; a failed round waits for the next."""
+        while not self._stopping:
+            try:
+                await self.prune_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.PRUNING_FAILURES.labels(self.schema).inc()
+                log.warning("bus retention failed, trying again later", error=repr(exc), in_s=self.interval_s)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
 
     def stop(self) -> None:
         self._stopping = True

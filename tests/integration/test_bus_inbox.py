@@ -101,7 +101,7 @@ async def test_the_inbox_tells_another_type_from_a_redelivery_and_rows_without_a
     pool = await create_pool(database_url, schema=schema)
     try:
         migrations = bus_migrations()
-        assert [m.id for m in migrations[2:]] == ["bus/0003_inbox_event_type.sql"]
+        assert migrations[2].id == "bus/0003_inbox_event_type.sql"
         await apply_migrations(pool, schema, migrations[:2])
         value = b'{"model":"churn","model_version":7,"reason":"x"}'
         promote, rollback = "io.driftloop.PromoteRequested.v1", "io.driftloop.RollbackRequested.v1"
