@@ -338,7 +338,8 @@ class KafkaBroker:
 
     def start(self) -> bool:
         """Start the broker unless it already runs, and wait until it answers; True if started now."""
-        if self.running_pid() is not None:
+        if (running := self.running_pid()) is not None:
+            self._wait_running(running)
             return False
         self.preflight()
         self.ensure_jars()
@@ -377,7 +378,16 @@ class KafkaBroker:
         say(f"Kafka is ready on {self.bootstrap} (pid {process.pid}, {time.monotonic() - started:.1f}s)")
         return True
 
-    def _wait_ready(self, pid: int, log_start: int) -> None:
+    def _wait_running(self, pid: int) -> None:
+        """Wait until a broker that already runs answers: one whose start was cut short by SIGKILL (the
+        command that launched it gone, the broker still coming up) or that hangs. The topics are made on it
+        next, and aiokafka's bare KafkaConnectionError would be all the user saw, as a traceback."""
+        if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
+            return
+        say(f"Kafka (pid {pid}) runs but does not answer yet; waiting for it ...")
+        self._wait_ready(pid, log_start=0, launched=False)
+
+    def _wait_ready(self, pid: int, log_start: int, *, launched: bool = True) -> None:
         timeout = self.settings.ready_timeout_s
         deadline = time.monotonic() + timeout
         while True:
@@ -391,13 +401,20 @@ class KafkaBroker:
             # The client port opens only once the broker is unfenced; the metadata answer confirms it.
             if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
                 return
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and launched:
                 # start() stops it on the way out, as on any failure while it comes up.
                 raise StartFailed(
                     f"Kafka did not become ready within {timeout:.0f}s and was stopped. "
                     f"Last lines of {self.layout.kafka_log}:\n"
                     + log_tail(self.layout.kafka_log, since=log_start),
                     hint="on a busy machine raise DRIFTLOOP_LOCAL_READY_TIMEOUT_S; otherwise see the log.",
+                )
+            if time.monotonic() >= deadline:
+                # Not this command's to stop: it did not start it, and another command may be using it.
+                raise StartFailed(
+                    f"Kafka (pid {pid}) runs but did not answer within {timeout:.0f}s; it was left running. "
+                    f"Last lines of {self.layout.kafka_log}:\n" + log_tail(self.layout.kafka_log),
+                    hint="see the log; `driftloop infra down` stops it, then run the command again.",
                 )
             time.sleep(0.25)
 

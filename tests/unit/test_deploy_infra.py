@@ -21,6 +21,7 @@ import pytest
 
 from deploy.local import infra as infra_module
 from deploy.local.broker import MAIN_CLASS, KafkaBroker
+from deploy.local.errors import StartFailed
 from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
 from deploy.local.processes import command_args, exclusive, open_log, runs_exactly, wait_until
@@ -160,6 +161,23 @@ def test_up_creates_the_platform_topics_under_the_configured_prefix(
     infra.up()
 
     assert created == [("127.0.0.1:9", "team-a.")]
+
+
+def test_a_broker_of_ours_that_runs_but_does_not_answer_is_named_and_left_running(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a command SIGKILLed while its broker came up leaves: our broker's process, not answering yet.
+    monkeypatch.delenv("DRIFTLOOP_KAFKA_BOOTSTRAP", raising=False)
+    settings = settings_in(tmp_path).model_copy(update={"ready_timeout_s": 0.5})
+    infra = LocalInfra(settings)
+    broker = look_alike(processes, "java", "-cp", "libs/*", MAIN_CLASS, str(infra.layout.kafka_config))
+
+    with pytest.raises(StartFailed) as caught:  # not aiokafka's KafkaConnectionError, as a traceback
+        infra.up(("kafka",))
+
+    assert f"Kafka (pid {broker}) runs but did not answer" in caught.value.message
+    assert "infra down" in caught.value.hint
+    assert infra.broker.running_pid() == broker, "a broker this `up` did not start was stopped"
 
 
 # --- which processes are ours -------------------------------------------------------------------------
