@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,6 +237,18 @@ def delete_platform_topics(bootstrap: str, *, prefix: str) -> list[str]:
     return delete_topics(bootstrap, lambda topic: topic.startswith(prefix))
 
 
+def unreadable_jars(folder: Path) -> list[str]:
+    """The names of the jars in ``folder`` that are not readable zip files (truncated, an HTML page)."""
+    broken = []
+    for jar in sorted(folder.glob("*.jar")):
+        try:
+            with zipfile.ZipFile(jar):
+                pass
+        except (zipfile.BadZipFile, OSError):
+            broken.append(jar.name)
+    return broken
+
+
 class KafkaBroker:
     """The project's own broker: jars in .driftloop/kafka/libs, data, config and pid beside them."""
 
@@ -292,8 +305,10 @@ class KafkaBroker:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         started = time.monotonic()
+        # --strict-checksums: a download that does not match Maven Central's checksum (a proxy's error page
+        # served as the jar) fails here; by default Maven keeps it with a warning, which -q hides.
         command = [
-            "mvn", "-q", "-B", "-f", str(POM), f"-Dkafka.version={version}",
+            "mvn", "-q", "-B", "--strict-checksums", "-f", str(POM), f"-Dkafka.version={version}",
             "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
         ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -303,6 +318,16 @@ class KafkaBroker:
                 f"Maven could not fetch Kafka {version} (exit code {result.returncode}):\n{output}",
                 hint="check that Maven Central is reachable (proxy settings in ~/.m2/settings.xml) "
                 "and that the version exists.",
+            )
+        if broken := unreadable_jars(staging):
+            # Maven never checks its own repository again: what a download left damaged there before
+            # (without --strict-checksums, or by hand) is copied as it is, and would be stamped as good.
+            raise JarsDownloadFailed(
+                f"Maven fetched Kafka {version}, but {len(broken)} of the jars are not readable jar files "
+                f"(damaged in your Maven repository): {', '.join(broken)}",
+                hint="delete them from the Maven repository (~/.m2/repository unless settings.xml names "
+                f"another), e.g. `find ~/.m2/repository -name {broken[0]} -delete`, and run the command "
+                "again.",
             )
         (staging / VERSION_STAMP).write_text(version + "\n")
         shutil.rmtree(self.layout.kafka_libs, ignore_errors=True)

@@ -21,7 +21,7 @@ import pytest
 
 from deploy.local import infra as infra_module
 from deploy.local.broker import MAIN_CLASS, KafkaBroker
-from deploy.local.errors import StartFailed
+from deploy.local.errors import JarsDownloadFailed, StartFailed
 from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
 from deploy.local.processes import command_args, exclusive, open_log, runs_exactly, wait_until
@@ -247,6 +247,35 @@ def test_whole_arguments_match_never_parts_of_them(processes: list[subprocess.Po
     assert not runs_exactly(pid, ("kafka.Kafka", "/srv/dl/server.properties"), program="jav")
     assert not runs_exactly(pid, ("/srv/dl/server.properties", "kafka.Kafka"))
     assert not runs_exactly(2**22 + 1, ("kafka.Kafka",))  # no such process
+
+
+# --- the broker's jars ----------------------------------------------------------------------------------
+
+
+def test_a_damaged_jar_from_the_maven_repository_is_refused_not_stamped_as_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Maven copies what its repository holds without checking it again: here a proxy's error page, saved
+    # once as the jar.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    mvn = tools / "mvn"
+    mvn.write_text(
+        "#!/bin/sh\n"
+        'for arg; do case "$arg" in -DoutputDirectory=*) out="${arg#-DoutputDirectory=}";; esac; done\n'
+        'printf "<html>502 Bad Gateway</html>" > "$out/kafka_2.13-4.4.0.jar"\n'
+    )
+    mvn.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    settings = settings_in(tmp_path)
+    broker = KafkaBroker(settings, StateLayout.from_settings(settings))
+
+    with pytest.raises(JarsDownloadFailed) as caught:
+        broker.ensure_jars()
+
+    assert "kafka_2.13-4.4.0.jar" in caught.value.message
+    assert "find ~/.m2/repository -name kafka_2.13-4.4.0.jar -delete" in caught.value.hint
+    assert not broker.jars_present(), "the damaged jars were stamped as the broker's: never fetched again"
 
 
 # --- the cluster's files ------------------------------------------------------------------------------
