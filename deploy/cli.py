@@ -131,6 +131,12 @@ def cmd_infra_down(args: argparse.Namespace) -> int:
             say("nothing left behind by a command that has ended was running")
         return 0
     warn_users(infra.users(), INFRASTRUCTURE)
+    # An `up` that got ready has ended: its platform holds no lease, and would lose them unannounced.
+    if (supervisor := local_platform().supervisor_pid()) is not None:
+        say(
+            f"stopping Kafka and Postgres although this checkout's platform (supervisor pid {supervisor}) "
+            "runs on them: its services wait for them to come back; `driftloop down` stops both"
+        )
     stopped = infra.down()
     say(f"stopped: {', '.join(stopped)}" if stopped else "nothing of ours was running")
     return 0

@@ -467,6 +467,21 @@ def test_infra_down_stops_what_running_commands_use_and_names_them(
     ) in err
 
 
+def test_infra_down_names_the_platform_that_runs_on_what_it_stops(
+    infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An `up` that got ready has ended: its platform runs on, with no lease to name it.
+    platform = use_platform(monkeypatch, FakePlatform(running_before=True))
+    infra.local.up()
+
+    assert main(["infra", "down"]) == 0
+
+    assert infra.stopped == ["kafka", "postgres"] and platform.stops == 0
+    assert (
+        "stopping Kafka and Postgres although this checkout's platform (supervisor pid 4242) runs on them"
+    ) in capsys.readouterr().err
+
+
 def test_a_test_run_whose_infrastructure_was_stopped_under_it_says_nothing_of_stopping_or_leaving_it(
     infra: FakeInfra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
