@@ -23,6 +23,8 @@ from contracts.common import FEATURE_NAME_MAX_CHARS
 from libs.errors import InvalidInput, PayloadTooLarge, shown
 
 PARQUET_MAGIC = b"PAR1"
+PARQUET_MIN_BYTES = 12
+"""The magic, the footer's length and the magic again: no Parquet file is shorter."""
 INT64_MAX = 2**63 - 1
 # Rows decoded at a time: the rows read so far are counted against the limits after each batch.
 PARQUET_BATCH_ROWS = 65_536
@@ -89,11 +91,20 @@ def canonicalise(data: bytes, *, filename: str | None, limits: TableLimits) -> C
     if not data:
         raise InvalidInput("the uploaded file is empty", field="file")
     name = (filename or "").lower()
-    if data.startswith(PARQUET_MAGIC):
+    # A Parquet file starts and ends with its magic. The start alone is text a CSV can begin with too: a
+    # first column named PAR10_score was read as a damaged Parquet file and refused.
+    starts, ends = data.startswith(PARQUET_MAGIC), data.endswith(PARQUET_MAGIC)
+    if starts and ends and len(data) >= PARQUET_MIN_BYTES:
         frame, fmt = _read_parquet(data, limits), "parquet"
     elif name.endswith((".parquet", ".pq")):
         raise InvalidInput(
-            f"{filename} is named like Parquet but does not start with the Parquet magic bytes", field="file"
+            f"{filename} is named like Parquet but does not "
+            + (
+                "end with the Parquet magic bytes: is the upload cut short?"
+                if starts
+                else "start with the Parquet magic bytes"
+            ),
+            field="file",
         )
     else:
         frame, fmt = _read_csv(data, limits), "csv"

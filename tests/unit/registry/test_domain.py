@@ -235,7 +235,8 @@ def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
         (b"a,,c\n1,2,3\n", "column 2 of the header has no name"),
         (b"a,b\n1,2\n3,4,5\n", "line 3 has 3 fields but the header has 2 columns"),
         (b"a,b\n", "no rows"),
-        (b"PAR1 not really", "Parquet file cannot be read"),
+        # Starts and ends like Parquet (a CSV may only start so: it is read as a CSV then).
+        (b"PAR1 not really PAR1", "Parquet file cannot be read"),
     ],
 )
 def test_unreadable_csv_is_invalid_input_saying_why(data: bytes, message: str) -> None:
@@ -570,6 +571,22 @@ def test_a_parquet_column_of_an_unsupported_type_is_refused_before_any_page_is_d
 def test_file_named_parquet_without_the_magic_is_refused() -> None:
     with pytest.raises(InvalidInput, match="named like Parquet"):
         canonicalise(CSV, filename="x.parquet", limits=LIMITS)
+
+
+@pytest.mark.parametrize("filename", ["x.csv", None])
+def test_a_csv_whose_first_column_name_starts_with_the_parquet_magic_is_read_as_csv(
+    filename: str | None,
+) -> None:
+    # Sniffed by its first four bytes alone, it was read as a damaged Parquet file and refused (422).
+    dataset = canonicalise(b"PAR10_score,region\n0.5,eu\n", filename=filename, limits=LIMITS)
+    assert dataset.source_format == "csv"
+    assert dataset.columns == {"PAR10_score": "float64", "region": "string"}
+
+
+def test_a_truncated_parquet_file_is_refused_as_one() -> None:
+    data = parquet_table(pa.table({"a": [1, 2]}))
+    with pytest.raises(InvalidInput, match="named like Parquet but does not end with"):
+        canonicalise(data[:-20], filename="x.parquet", limits=LIMITS)
 
 
 # --- model cards ----------------------------------------------------------------------------------------
