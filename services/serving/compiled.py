@@ -212,7 +212,14 @@ def _fitted_numeric_centres(estimator: Any) -> dict[str, tuple[float, float]]:
             for _, part, cols in est.transformers_:
                 if not isinstance(part, str) and isinstance(cols, list | tuple):
                     walk(part, [str(c) for c in cols])
-        elif isinstance(est, StandardScaler) and names is not None and est.mean_ is not None:
+        # A scaler fitted with_std=False (or with neither) learned no spread: its scale_ is None, and its
+        # features get the wide sample, as features without a scaler do.
+        elif (
+            isinstance(est, StandardScaler)
+            and names is not None
+            and est.mean_ is not None
+            and est.scale_ is not None
+        ):
             for name, mean, scale in zip(names, est.mean_, est.scale_, strict=False):
                 found[name] = (float(mean), float(scale))
 

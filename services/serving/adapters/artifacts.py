@@ -32,13 +32,20 @@ NOT_COMPILED = Counter(
 def compile_or_explain(
     estimator: Any, signature: ModelSignature, *, enabled: bool, tolerance: float
 ) -> tuple[CompiledModel | None, str]:
-    """A verified compiled copy, or None and why the pipeline serves (CPU-bound: run it off the loop)."""
+    """A verified compiled copy, or None and why the pipeline serves (CPU-bound: run it off the loop).
+
+    Compiling is an optimisation of a model that loaded and is then warmed on its pipeline: whatever it
+    raises, the pipeline serves. Raised from here, an error of the compiler's own (a scaler fitted
+    with_std=False made it raise TypeError) failed the load, and a version its pipeline serves well was
+    never served: its rollout's event went to the dead-letter topic, retried as a handler failure."""
     if not enabled:
         return None, "compilation is off (DRIFTLOOP_SERVING_COMPILE_MODELS=false)"
     try:
         return compile_model(estimator, signature, tolerance=tolerance), ""
     except NotCompilable as exc:
         return None, str(exc)
+    except Exception as exc:
+        return None, f"compiling failed: {type(exc).__name__}: {exc}"
 
 
 class ArtifactModelLoader:

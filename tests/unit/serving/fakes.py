@@ -52,8 +52,9 @@ def churn_signature() -> ModelSignature:
     )
 
 
-def churn_pipeline(seed: int = 0, rows: int = 300) -> Pipeline:
-    """A fitted pipeline on synthetic data: imputers, scaler, one-hot (unseen levels ignored), logistic."""
+def churn_pipeline(seed: int = 0, rows: int = 300, *, with_std: bool = True) -> Pipeline:
+    """A fitted pipeline on synthetic data: imputers, scaler (centring only without ``with_std``), one-hot
+    (unseen levels ignored), logistic."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(
         {
@@ -63,7 +64,9 @@ def churn_pipeline(seed: int = 0, rows: int = 300) -> Pipeline:
         }
     )
     target = ((frame["tenure_months"] < 12) ^ (rng.random(rows) < 0.1)).astype(int)
-    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    numeric = Pipeline(
+        [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler(with_std=with_std))]
+    )
     categorical = Pipeline(
         [
             ("impute", SimpleImputer(strategy="most_frequent")),

@@ -14,6 +14,7 @@ from sklearn.pipeline import Pipeline
 
 from libs.artifacts import ArtifactStore, save_model
 from libs.modelspec import build_pipeline, spec_from_data
+from services.serving.adapters import artifacts
 from services.serving.adapters.artifacts import ArtifactModelLoader, compile_or_explain
 from services.serving.compiled import CompiledModel, NotCompilable, compile_model
 from services.serving.domain import columns_from_records
@@ -140,3 +141,28 @@ def test_a_non_finite_answer_of_the_compiled_copy_is_answered_by_the_pipeline_an
     before = _uncompiled()
     assert fast.predict(columns) == ServedModel("churn", 7, "k", SIGNATURE, PIPELINE).predict(columns)
     assert _uncompiled() == before + 1
+
+
+async def test_a_pipeline_whose_scaler_only_centres_loads_and_is_served(tmp_path: Path) -> None:
+    """A StandardScaler fitted with_std=False learned no spread (its scale_ is None): the verification
+    sample's reading of it raised TypeError, which failed the load of a model its pipeline serves well."""
+    centring = churn_pipeline(with_std=False)
+    store = ArtifactStore(str(tmp_path))
+    rec = VersionRecord("churn", 1, artifact_key=save_model(store, centring).sha256, signature=SIGNATURE)
+    served = await ArtifactModelLoader(store).load(rec)
+    assert served.engine == "onnxruntime", served.engine_note
+    columns = columns_from_records(SIGNATURE, _rows())
+    expected = ServedModel("churn", 1, "k", SIGNATURE, centring).predict(columns)
+    assert served.predict(columns).labels == expected.labels
+
+
+def test_whatever_compiling_raises_the_pipeline_serves_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling is an optimisation: an error of its own never makes a model that loads unservable."""
+
+    def failing(*args: Any, **kwargs: Any) -> CompiledModel:
+        raise TypeError("'NoneType' object is not iterable")
+
+    monkeypatch.setattr(artifacts, "compile_model", failing)
+    compiled, note = compile_or_explain(PIPELINE, SIGNATURE, enabled=True, tolerance=1e-5)
+    assert compiled is None
+    assert note == "compiling failed: TypeError: 'NoneType' object is not iterable"
