@@ -40,6 +40,9 @@ log = get_logger(__name__)
 
 MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="serving")
 
+ERROR_RATE_RETRY_S = 1.0
+"""How long an error-rate rollback that failed holds its rollout before a canary failure tries again."""
+
 
 class _NoLog:
     """The prediction log when switched off (benchmarks measure its cost this way)."""
@@ -109,11 +112,17 @@ async def build(rt: Runtime) -> ServiceParts:
                 )
                 tx.after_commit(tally.count)
         except Exception as exc:
-            breaches.discard(rollout_id)  # let the next failure try again
             log.error("error-rate rollback failed", model=model, rollout_id=rollout_id, error=repr(exc))
+            # The next failure over the threshold (CanaryStats reports each) tries again, once this attempt
+            # has held the rollout for a second: a database refusing connections at once would otherwise be
+            # asked, and logged, once per failing request.
+            await asyncio.sleep(ERROR_RATE_RETRY_S)
+            breaches.discard(rollout_id)
 
     def on_breach(model: str, rollout_id: str, message: str) -> None:
-        # At most one rollback attempt in flight per rollout on this replica; the task is kept referenced.
+        # Called at every canary failure over the threshold: at most one rollback attempt per rollout on
+        # this replica, in flight or done (a rollout rolled back, or no longer live, has nothing left to roll
+        # back); one that failed is let go above. The task is kept referenced.
         if rollout_id in breaches:
             return
         breaches.add(rollout_id)

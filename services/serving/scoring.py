@@ -99,7 +99,8 @@ class _StepCounts:
 
 
 ErrorBreach = Callable[[str, str, str], None]
-"""Called with (model, rollout id, message) when a canary's error rate is over the threshold."""
+"""Called with (model, rollout id, message) at each canary failure while the step's error rate is over the
+threshold; the receiver keeps one rollback attempt at a time, and makes another after one that failed."""
 
 
 @dataclass
@@ -117,20 +118,25 @@ class CanaryStats:
         c.requests += 1
 
     def failed(self, model: str, rollout_id: str, step: int) -> None:
+        """Count a canary failure; over the threshold, report the breach (logged once per step). Reported
+        again at every later failure: a rollback attempt that failed (the database away) is made again, where
+        a breach reported once left the failing canary its share of traffic for the rest of the step."""
         c = self.counts[(model, rollout_id, step)]
         c.requests += 1
         c.errors += 1
-        if not c.breached and error_rate_breached(
+        if not error_rate_breached(
             c.requests, c.errors, threshold=self.threshold, min_requests=self.min_requests
         ):
+            return
+        message = (
+            f"canary failed {c.errors} of {c.requests} requests on step {step} "
+            f"(threshold {self.threshold:.1%}) on this replica"
+        )
+        if not c.breached:
             c.breached = True
-            message = (
-                f"canary failed {c.errors} of {c.requests} requests on step {step} "
-                f"(threshold {self.threshold:.1%}) on this replica"
-            )
             log.warning("canary error rate breached", model=model, rollout_id=rollout_id, detail=message)
-            if self.on_breach is not None:
-                self.on_breach(model, rollout_id, message)
+        if self.on_breach is not None:
+            self.on_breach(model, rollout_id, message)
 
     def unflushed(self) -> list[tuple[str, str, int, int]]:
         """(model, rollout id, step, rows) not yet added to the persisted count; marks them flushed."""

@@ -36,3 +36,24 @@ def test_the_live_steps_are_those_of_the_rollouts_the_table_routes() -> None:
 
     table = RoutingTable({"churn": routing("churn", "r-1", 2), "fraud": routing("fraud", None, 0)})
     assert table.live_steps == {("churn", "r-1", 2)}
+
+
+def test_a_breach_is_reported_again_at_the_next_failure_so_a_failed_rollback_is_retried() -> None:
+    """The receiver (bootstrap) makes one rollback attempt at a time and forgets an attempt that failed (the
+    database away): reported once per step, a breach whose rollback failed was never tried again, and the
+    failing canary kept its share of traffic for the rest of the step."""
+    stats = CanaryStats(threshold=0.5, min_requests=3)
+    breaches: list[tuple[str, str, str]] = []
+    stats.on_breach = lambda *breach: breaches.append(breach)
+    stats.served("churn", "r-1", 0, rows=1)
+    stats.failed("churn", "r-1", 0)
+    assert breaches == []  # 1 of 2 requests, fewer than min_requests
+    stats.failed("churn", "r-1", 0)
+    stats.failed("churn", "r-1", 0)
+    assert [b[:2] for b in breaches] == [("churn", "r-1")] * 2
+    assert "failed 3 of 4" in breaches[-1][2]
+    # A step under the threshold reports nothing.
+    stats.served("churn", "r-1", 1, rows=1)
+    stats.served("churn", "r-1", 1, rows=1)
+    stats.failed("churn", "r-1", 1)
+    assert len(breaches) == 2
