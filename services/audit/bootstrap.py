@@ -23,7 +23,7 @@ from libs.service import Runtime, ServiceParts
 from services.audit import api, handlers
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
-from services.audit.domain import KeyRing, PartitionEnds, PreparedRows, Signer
+from services.audit.domain import KeyRing, PartitionEnds, PreparedRows, SealedHead, Signer
 from services.audit.settings import AuditSettings, decode_key
 
 log = get_logger(__name__)
@@ -127,6 +127,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
     role = settings.writer_role
     prepared = PreparedRows()
     ends = PartitionEnds()
+    sealed = SealedHead()
 
     async def record_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         await enter_writer_role(tx.conn, role)
@@ -141,6 +142,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
             checkpoint_every_rows=settings.checkpoint_every_rows,
             prepared=prepared,
             ends=ends,
+            sealed=sealed,
         )
 
     async def prepare_batch(deliveries: Sequence[Delivery]) -> None:

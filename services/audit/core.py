@@ -35,7 +35,7 @@ from services.audit.verification import (
     Problem,
     RecordScanner,
     VerifyReport,
-    first_bad_seal,
+    first_bad_seal_in,
     first_finding,
     rewritten_at,
     split_ranges,
@@ -267,13 +267,13 @@ async def verify_trail(
     checkpoint_finding = verdict.finding
     if sealer is not None and verdict.suspect_range is not None:
         lo, hi = verdict.suspect_range
-        bad = await _first_bad_seal(chain, lo, hi, sealer)
+        bad = await first_bad_seal_in(chain.seals(lo, hi), sealer)
         if bad is not None:
             checkpoint_finding = rewritten_at(bad, hi)
     tail_finding = None
     if sealer is not None and verdict.finding is None and checked_upto > verdict.covered_up_to:
         # No checkpoint vouches for these rows yet; only the seals show a chain recomputed here.
-        bad = await _first_bad_seal(chain, verdict.covered_up_to, checked_upto, sealer)
+        bad = await first_bad_seal_in(chain.seals(verdict.covered_up_to, checked_upto), sealer)
         if bad is not None:
             tail_finding = rewritten_at(bad, None)
     finding = first_finding([chain_finding, checkpoint_finding, tail_finding])
@@ -294,19 +294,6 @@ async def verify_trail(
         seals_checked=sealer is not None,
         elapsed_s=clock() - started,
     )
-
-
-async def _first_bad_seal(chain: ChainSource, after: int, upto: int, sealer: Sealer) -> int | None:
-    """The first row of after..upto whose seal does not match, read a batch at a time."""
-    batches = chain.seals(after, upto)
-    try:
-        async for batch in batches:
-            bad = first_bad_seal(batch, sealer)
-            if bad is not None:
-                return bad
-        return None
-    finally:
-        await batches.aclose()  # a batch left unread frees its connection at once
 
 
 def _unusable_start(seq: int, starts: Mapping[int, bytes]) -> Finding:

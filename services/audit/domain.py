@@ -538,6 +538,32 @@ class PartitionEnds:
         self._head = (head.seq, head.row_hash)
 
 
+class SealedHead:
+    """The head one writer left, when it knows every row since the newest checkpoint up to it bears this
+    trail's seal: rows it appended onto such a head itself, or rows whose seals it checked.
+
+    A checkpoint vouches for every row up to it, and verification checks the seals only of rows no
+    checkpoint vouches for: a checkpoint signed over rows rewritten in the database (their hashes
+    recomputed, which needs no key) would hide them for good. So a writer signs only once it knows the
+    rows since the newest checkpoint are sealed. Under a head it left, it knows; any other head read under
+    the chain lock (another writer, a rolled-back transaction, a restart, rows changed in the database)
+    is unknown, and the seals since the newest checkpoint are checked before the next checkpoint. A row
+    changed below a head left as it was breaks the chain at the head at the latest, which verification
+    finds without seals.
+    """
+
+    def __init__(self) -> None:
+        self._head: tuple[int, bytes] | None = None
+
+    def knows(self, head: ChainHead) -> bool:
+        """Whether ``head``, read under the chain lock, is one this writer left with its rows sealed."""
+        return self._head == (head.seq, head.row_hash)
+
+    def left(self, head: ChainHead) -> None:
+        """This writer left ``head`` with every row since the newest checkpoint known sealed."""
+        self._head = (head.seq, head.row_hash)
+
+
 KafkaContent = tuple[bytes, bytes]
 """What tells a record read at a Kafka position from another record at the same position: its key,
 timestamp, tombstone flag and headers (as the trail stores them, one line of JSON) and the SHA-256 of its

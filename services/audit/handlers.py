@@ -32,6 +32,7 @@ from services.audit.domain import (
     KafkaPosition,
     PartitionEnds,
     PreparedRows,
+    SealedHead,
     Signer,
     checkpoint_due,
     event_keys,
@@ -40,9 +41,17 @@ from services.audit.domain import (
     without_resent_copies,
 )
 from services.audit.ports import Clock, Publish, TrailWriter
+from services.audit.verification import first_bad_seal_in
 
 log = get_logger(__name__)
 
+CHECKPOINTS_REFUSED = Counter(
+    "driftloop_audit_checkpoints_refused_total",
+    "Checkpoints not signed because a row since the newest checkpoint does not bear this trail's seal: rows "
+    "changed in the database with their hashes recomputed, or a signing key rotated without the old key's "
+    "final checkpoint. The trail goes on; verification names the row. Any increase wants an operator's "
+    "look: docs/audit.md.",
+)
 POSITIONS_REUSED = Counter(
     "driftloop_audit_positions_reused_total",
     "Records read at a Kafka position the trail holds another record at (the topic was deleted and created "
@@ -64,12 +73,14 @@ async def on_records(
     checkpoint_every_rows: int,
     prepared: PreparedRows | None = None,
     ends: PartitionEnds | None = None,
+    sealed: SealedHead | None = None,
 ) -> int:
     """Append the records the trail does not hold yet, in delivery order; sign a checkpoint when due.
 
     Rows ``prepared`` for these records are used instead of making them again. ``ends``: what this writer
-    knows of the partitions' ends from its previous transactions (the same object each time). Returns how
-    many rows were appended.
+    knows of the partitions' ends from its previous transactions (the same object each time); ``sealed``:
+    the head it left with its rows known sealed, so a checkpoint need not check their seals again (without
+    it, every checkpoint does). Returns how many rows were appended.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     head = await trail.lock_head()
@@ -92,11 +103,38 @@ async def on_records(
     builder = ChainBuilder(
         head, recorded_at=clock(), sealer=signer.sealer, dead_letter_topic=dead_letter_topic
     )
+    known = sealed is not None and sealed.knows(head)
     await trail.append(builder.rows(fresh, prepared))
     ends.left(builder.head, fresh)
     if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
-        await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+        # The rows of this transaction are sealed: only those under the head it found are in question.
+        known = known or await _sealed_since_checkpoint(head, trail=trail, signer=signer)
+        if known:
+            await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+    if known and sealed is not None:
+        sealed.left(builder.head)
     return builder.head.seq - head.seq
+
+
+async def _sealed_since_checkpoint(head: ChainHead, *, trail: TrailWriter, signer: Signer) -> bool:
+    """Whether every row after the newest checkpoint up to ``head`` bears this trail's seal, so a checkpoint
+    may vouch for them; when one does not, the checkpoint is refused (logged and counted) and verification
+    names the row: a checkpoint over it would hide it, as the seals are checked only after the newest."""
+    bad = await first_bad_seal_in(trail.seals(head.checkpoint_seq, head.seq), signer.sealer)
+    if bad is None:
+        return True
+    CHECKPOINTS_REFUSED.inc()
+    log.error(
+        "checkpoint refused: a row since the newest checkpoint does not bear this trail's seal, so a "
+        "checkpoint over it would vouch for rows this key never wrote (rows changed in the database with "
+        "their hashes recomputed, or the signing key rotated without a final checkpoint of the old one); the "
+        "trail is still recorded, and driftloop audit verify names the row (docs/audit.md)",
+        first_unsealed_seq=bad,
+        checkpoint_seq=head.checkpoint_seq,
+        head_seq=head.seq,
+        key_id=signer.key_id,
+    )
+    return False
 
 
 async def _held(
@@ -151,9 +189,12 @@ async def prepare_records(
 async def seal_head(
     *, trail: TrailWriter, signer: Signer, publish: Publish, source: str, clock: Clock
 ) -> AuditCheckpoint | None:
-    """Sign a checkpoint of the head if rows were appended since the last one (timer and shutdown)."""
+    """Sign a checkpoint of the head if rows were appended since the last one (timer and shutdown), and
+    every one of them bears this trail's seal."""
     head = await trail.lock_head()
     if head.seq == 0 or head.seq <= head.checkpoint_seq:
+        return None
+    if not await _sealed_since_checkpoint(head, trail=trail, signer=signer):
         return None
     return await _sign(head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
 

@@ -53,6 +53,11 @@ class TrailWriter(Protocol):
         """Keep a signed checkpoint with the id of the event that announces it."""
         ...
 
+    def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        """(seq, row_hash, seal) of rows after..upto in order, in batches, in this transaction: what a
+        writer checks before a checkpoint vouches for rows it did not append itself."""
+        ...
+
 
 class TrailReader(Protocol):
     """Queries on the trail."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -313,6 +313,21 @@ def first_bad_seal(rows: Iterable[tuple[int, bytes, bytes]], sealer: Sealer) -> 
         if sealer.seal(row_hash) != seal:
             return seq
     return None
+
+
+async def first_bad_seal_in(
+    batches: AsyncGenerator[list[tuple[int, bytes, bytes]], None], sealer: Sealer
+) -> int | None:
+    """:func:`first_bad_seal` of rows read a batch at a time; a batch left unread is closed at once (it
+    frees its connection)."""
+    try:
+        async for batch in batches:
+            bad = first_bad_seal(batch, sealer)
+            if bad is not None:
+                return bad
+        return None
+    finally:
+        await batches.aclose()
 
 
 def rewritten_at(seq: int, checkpoint_seq: int | None) -> Finding:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -408,6 +408,22 @@ class PgTrail:
             event_id,
         )
 
+    async def seals(
+        self, after: int, upto: int, *, rows: int = SEAL_ROWS
+    ) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        """(seq, row_hash, seal) of rows after..upto, ``rows`` at a time, in this transaction."""
+        while after < upto:
+            batch = await self.conn.fetch(
+                "SELECT seq, row_hash, seal FROM trail WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                after,
+                upto,
+                rows,
+            )
+            if not batch:
+                return
+            yield [(r["seq"], r["row_hash"], r["seal"]) for r in batch]
+            after = batch[-1]["seq"]
+
     # -- reading --------------------------------------------------------------------------------------
 
     async def head(self) -> ChainHead:
@@ -583,19 +599,12 @@ class PgChain:
 
     async def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
         """(seq, row_hash, seal) of rows after..upto, ``seal_rows`` at a time, from one snapshot."""
-        async with reading(self.pool, self.role, snapshot=True) as trail:
-            while after < upto:
-                rows = await trail.conn.fetch(
-                    "SELECT seq, row_hash, seal FROM trail WHERE seq > $1 AND seq <= $2 "
-                    "ORDER BY seq LIMIT $3",
-                    after,
-                    upto,
-                    self.seal_rows,
-                )
-                if not rows:
-                    return
-                yield [(r["seq"], r["row_hash"], r["seal"]) for r in rows]
-                after = rows[-1]["seq"]
+        async with (
+            reading(self.pool, self.role, snapshot=True) as trail,
+            aclosing(trail.seals(after, upto, rows=self.seal_rows)) as batches,
+        ):
+            async for batch in batches:
+                yield batch
 
     async def newest_checkpoint(self) -> int:
         """The highest sequence of a checkpoint (0: none): the primary key's last entry."""

@@ -181,6 +181,18 @@ async def test_recomputed_tail_after_the_last_checkpoint_is_found_by_the_seals(f
     assert (report.first_bad_seq, report.problem) == (52, Problem.REWRITTEN)
 
 
+async def test_rows_rewritten_after_the_last_checkpoint_are_never_vouched_for_by_the_next_one(
+    filled: TrailDb,
+) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 52)
+    await filled.superuser(RECOMPUTE_FROM.format(start=52))
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]
+    assert await filled.record(more) == 10  # the trail goes on; the checkpoint due at 63 is refused
+    assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
+    report = await filled.verify()
+    assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
 async def test_doctored_indexed_column_is_found_by_the_full_verification(filled: TrailDb) -> None:
     await filled.superuser("UPDATE trail SET actor = 'user:mallory' WHERE seq = 12")
     assert (await filled.verify()).ok  # the chain covers the record, not its indexed copies

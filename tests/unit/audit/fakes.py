@@ -27,6 +27,7 @@ from services.audit.domain import (
     Kind,
     PartitionEnds,
     PreparedRows,
+    SealedHead,
     Signer,
     StoredRow,
     TrailRow,
@@ -136,6 +137,8 @@ class FakeTrail:
     """The sequence of every checkpoint a reader was handed, as a database would send them."""
     materialised: Materialised = field(default_factory=Materialised)
     seal_batch: int = 7
+    seal_reads: list[tuple[int, int]] = field(default_factory=list)
+    """The (after, upto) of every read of seals, by a verification or a writer about to sign."""
     after_head: Callable[[], Awaitable[None]] | None = None
     """Run once, right after the head is next read: the writer going on meanwhile."""
 
@@ -293,6 +296,7 @@ class FakeTrail:
         return scanner.finish()
 
     async def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:
+        self.seal_reads.append((after, upto))
         seqs = [s for s in sorted(self.rows) if after < s <= upto]
         for i in range(0, len(seqs), self.seal_batch):
             yield [(s, self.rows[s].row.row_hash, self.rows[s].seal) for s in seqs[i : i + self.seal_batch]]
@@ -416,6 +420,7 @@ async def record(
     every: int = 1000,
     prepared: PreparedRows | None = None,
     ends: PartitionEnds | None = None,
+    sealed: SealedHead | None = None,
 ) -> tuple[int, list[CloudEvent[Any]]]:
     """Record a poll through the audit handler; the count of new rows and the checkpoints published."""
     published: list[CloudEvent[Any]] = []
@@ -434,5 +439,6 @@ async def record(
         checkpoint_every_rows=every,
         prepared=prepared,
         ends=ends,
+        sealed=sealed,
     )
     return n, published

@@ -26,6 +26,7 @@ from services.audit.domain import (
     Kind,
     PartitionEnds,
     PreparedRows,
+    SealedHead,
     Signer,
     chain_hash,
     decode_record,
@@ -281,6 +282,25 @@ async def test_checkpoint_is_signed_and_published_every_n_rows(trail: FakeTrail,
     assert checkpoint.key_id == signer.key_id
     assert KeyRing([signer.public_raw]).check(checkpoint) is None
     assert trail.checkpoint_rows == [(checkpoint, event.id)]
+
+
+async def test_a_writer_reads_the_seals_before_a_checkpoint_only_under_a_head_it_did_not_leave(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    mine, theirs = SealedHead(), SealedHead()
+    polls = [[delivery(example(DriftDetected), offset=i) for i in range(k, k + 3)] for k in range(0, 18, 3)]
+    await record(trail, signer, polls[0], every=4, sealed=mine)
+    await record(trail, signer, polls[1], every=4, sealed=mine)  # a checkpoint at 6 over rows 1..3 it found
+    assert trail.seal_reads == [(0, 3)]
+    await record(trail, signer, polls[2], every=4, sealed=mine)
+    await record(trail, signer, polls[3], every=4, sealed=mine)  # at 12: every row since 6 is its own
+    assert trail.seal_reads == [(0, 3)]
+    await record(trail, signer, polls[4], every=4, sealed=theirs)  # another writer appends 13..15
+    await record(trail, signer, polls[5], every=4, sealed=mine)
+    assert trail.seal_reads == [(0, 3), (12, 15)]
+    assert [c.sequence for c, _ in trail.checkpoint_rows] == [6, 12, 18]
+    report = await verify_trail(trail, keys=KeyRing([signer.public_raw]), sealer=signer.sealer)
+    assert report.ok and report.covered_by_checkpoint == 18, report
 
 
 async def test_seal_head_signs_only_when_rows_arrived_since_the_last_checkpoint(

@@ -12,7 +12,7 @@ import pytest
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from libs.errors import NotFound
-from services.audit import core
+from services.audit import core, handlers
 from services.audit.core import CHECKPOINT_PAGE, verify_trail
 from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
 from services.audit.schemas import VerifyPublic
@@ -20,6 +20,7 @@ from services.audit.verification import LinkScanner, Problem, split_ranges
 from tests.unit.audit.fakes import (
     OTHER_SEED,
     SEED,
+    Clock,
     FakeArchive,
     FakeTrail,
     changed_payload,
@@ -147,6 +148,29 @@ async def test_recomputed_tail_after_the_last_checkpoint_is_found_by_the_seals()
     report = await verify(trail)
     assert (report.first_bad_seq, report.problem) == (52, Problem.REWRITTEN)
     assert "after the last checkpoint" in (report.detail or "")
+
+
+async def test_rows_rewritten_after_the_last_checkpoint_are_never_vouched_for_by_the_next_one() -> None:
+    trail = await filled()
+    trail.update_record(52, changed_payload(trail.rows[52].row.record))
+    trail.recompute_from(52)
+    # The writer goes on: ten more rows, a checkpoint due at 63, and a timed one and a clean stop's after.
+    more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS, ROWS + 10)]
+    await record(trail, SIGNER, more, every=EVERY)
+    assert (
+        await handlers.seal_head(
+            trail=trail, signer=SIGNER, publish=_ignore, source="/driftloop/audit", clock=Clock()
+        )
+        is None
+    )
+    assert max(c.sequence for c, _ in trail.checkpoint_rows) == 50  # neither vouches for row 52
+    report = await verify(trail)
+    assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+    assert "after the last checkpoint" in (report.detail or "")
+
+
+async def _ignore(event: Any) -> None:
+    return None
 
 
 async def test_checkpoint_forged_to_match_a_recomputed_chain_is_refused() -> None:
