@@ -308,9 +308,10 @@ def _cut_tail(
 
 
 def first_bad_seal(rows: Iterable[tuple[int, bytes, bytes]], sealer: Sealer) -> int | None:
-    """The first (seq, row_hash, seal) whose seal was not made with this trail's key for that hash."""
+    """The first (seq, row_hash, seal) whose seal was not made with this trail's key for that hash; a row
+    whose hash was nulled in the database has none."""
     for seq, row_hash, seal in rows:
-        if sealer.seal(row_hash) != seal:
+        if row_hash is None or sealer.seal(row_hash) != seal:
             return seq
     return None
 

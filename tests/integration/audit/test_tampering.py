@@ -268,6 +268,16 @@ async def test_a_verification_that_starts_after_a_nulled_row_hash_names_that_row
     assert report.detail is not None and "missing" not in report.detail
 
 
+async def test_a_row_hash_nulled_after_the_last_checkpoint_refuses_the_next_one_and_the_writer_goes_on(
+    filled: TrailDb, full: bool
+) -> None:
+    await filled.superuser(NULL_ROW_HASH.format(seq=52))
+    assert await filled.record([delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]) == 10
+    assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
+    report = await filled.verify(full=full)
+    assert (report.first_bad_seq, report.problem) == (52, Problem.MALFORMED_ROW)
+
+
 async def test_the_head_shows_a_nulled_row_hash_as_null(filled: TrailDb) -> None:
     await filled.superuser(NULL_ROW_HASH.format(seq=ROWS))
     async with reading(filled.pool, ROLE) as trail:

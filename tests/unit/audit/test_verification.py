@@ -169,6 +169,18 @@ async def test_rows_rewritten_after_the_last_checkpoint_are_never_vouched_for_by
     assert "after the last checkpoint" in (report.detail or "")
 
 
+async def test_a_row_hash_nulled_after_the_last_checkpoint_refuses_the_next_one_and_the_writer_goes_on() -> (
+    None
+):
+    trail = await filled()
+    trail.null_row_hash(52)
+    more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS, ROWS + 10)]
+    assert (await record(trail, SIGNER, more, every=EVERY))[0] == 10
+    assert max(c.sequence for c, _ in trail.checkpoint_rows) == 50
+    report = await verify(trail, full=True)  # the fake's links have no NULL; Postgres's are checked too
+    assert (report.first_bad_seq, report.problem) == (52, Problem.MALFORMED_ROW)
+
+
 async def _ignore(event: Any) -> None:
     return None
 
