@@ -554,6 +554,18 @@ class SealedHead:
 
     def __init__(self) -> None:
         self._head: tuple[int, bytes] | None = None
+        self._unsealed: tuple[int, int] | None = None
+
+    def unsealed(self, checkpoint_seq: int) -> int | None:
+        """The row found without its seal since the checkpoint at ``checkpoint_seq``, if this writer found
+        one: while that is still the newest checkpoint, every later one is refused without reading again."""
+        if self._unsealed is not None and self._unsealed[0] == checkpoint_seq:
+            return self._unsealed[1]
+        return None
+
+    def found_unsealed(self, checkpoint_seq: int, seq: int) -> None:
+        """Row ``seq``, after the checkpoint at ``checkpoint_seq``, does not bear the trail's seal."""
+        self._unsealed = (checkpoint_seq, seq)
 
     def knows(self, head: ChainHead) -> bool:
         """Whether ``head``, read under the chain lock, is one this writer left with its rows sealed."""

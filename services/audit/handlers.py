@@ -108,7 +108,7 @@ async def on_records(
     ends.left(builder.head, fresh)
     if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
         # The rows of this transaction are sealed: only those under the head it found are in question.
-        known = known or await _sealed_since_checkpoint(head, trail=trail, signer=signer)
+        known = known or await _sealed_since_checkpoint(head, trail=trail, signer=signer, sealed=sealed)
         if known:
             await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
     if known and sealed is not None:
@@ -116,14 +116,23 @@ async def on_records(
     return builder.head.seq - head.seq
 
 
-async def _sealed_since_checkpoint(head: ChainHead, *, trail: TrailWriter, signer: Signer) -> bool:
+async def _sealed_since_checkpoint(
+    head: ChainHead, *, trail: TrailWriter, signer: Signer, sealed: SealedHead | None = None
+) -> bool:
     """Whether every row after the newest checkpoint up to ``head`` bears this trail's seal, so a checkpoint
-    may vouch for them; when one does not, the checkpoint is refused (logged and counted) and verification
-    names the row: a checkpoint over it would hide it, as the seals are checked only after the newest."""
+    may vouch for them; when one does not, the checkpoint is refused (counted) and verification names the
+    row: a checkpoint over it would hide it, as the seals are checked only after the newest. A checkpoint
+    stays due on every later poll: a row ``sealed`` already knows of is not read again, nor logged again."""
+    bad = sealed.unsealed(head.checkpoint_seq) if sealed is not None else None
+    if bad is not None:
+        CHECKPOINTS_REFUSED.inc()
+        return False
     bad = await first_bad_seal_in(trail.seals(head.checkpoint_seq, head.seq), signer.sealer)
     if bad is None:
         return True
     CHECKPOINTS_REFUSED.inc()
+    if sealed is not None:
+        sealed.found_unsealed(head.checkpoint_seq, bad)
     log.error(
         "checkpoint refused: a row since the newest checkpoint does not bear this trail's seal, so a "
         "checkpoint over it would vouch for rows this key never wrote (rows changed in the database with "

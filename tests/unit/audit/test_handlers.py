@@ -303,6 +303,23 @@ async def test_a_writer_reads_the_seals_before_a_checkpoint_only_under_a_head_it
     assert report.ok and report.covered_by_checkpoint == 18, report
 
 
+async def test_a_writer_that_found_a_row_without_its_seal_refuses_each_later_checkpoint_without_reading(
+    trail: FakeTrail, signer: Signer
+) -> None:
+    polls = [[delivery(example(DriftDetected), offset=i) for i in range(k, k + 3)] for k in range(0, 15, 3)]
+    await record(trail, signer, polls[0], every=3)  # a checkpoint at 3
+    await record(trail, signer, polls[1], every=5)
+    trail.rows[5].seal = bytes(16)  # what rows rewritten in the database leave
+    mine = SealedHead()
+    trail.seal_reads.clear()
+    refused = REGISTRY.get_sample_value("driftloop_audit_checkpoints_refused_total") or 0.0
+    for poll in polls[2:]:
+        await record(trail, signer, poll, every=5, sealed=mine)
+    assert trail.seal_reads == [(3, 6)]  # read once, at the first checkpoint due
+    assert REGISTRY.get_sample_value("driftloop_audit_checkpoints_refused_total") == refused + 3
+    assert [c.sequence for c, _ in trail.checkpoint_rows] == [3]
+
+
 async def test_seal_head_signs_only_when_rows_arrived_since_the_last_checkpoint(
     trail: FakeTrail, signer: Signer
 ) -> None:
