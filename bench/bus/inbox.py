@@ -3,13 +3,14 @@
     deploy/local/driftloop infra up
     .venv/bin/python -m bench.bus.inbox [--rows 1000] [--rounds 60] [--legacy-rows 200000]
 
-Each round claims ``--rows`` fresh events (one poll's worth) in one transaction, in three schemas, in
+Each round claims ``--rows`` fresh events (one poll's worth) in one transaction, in four schemas, in
 alternating order so that all three see the same moments of this shared machine:
 
   raw       the same rows inserted into a table with no key at all: what writing them costs, no dedupe
   former    the inbox as bus migration 0001 made it, keyed on (consumer, event id), with its statement
   inbox     ``PgTransaction.claim`` on the current inbox, keyed on (consumer, event id, source), which
             also looks for a row stored before sources were (bus migration 0002)
+  ... before its BRIN index: the same inbox without bus migration 0004's retention index on processed_at
 
 Then the inbox twice more, holding ``--legacy-rows`` handled events: recorded with their source, and
 recorded before sources were, then migrated in place (an inbox upgraded in service). The difference
@@ -124,6 +125,7 @@ async def main(rows: int, rounds: int, legacy_rows: int) -> None:
         "raw": await schema_with("raw", raw_table),
         "former": await schema_with("former", migrated(1)),
         "inbox": await schema_with("current", migrated(len(bus_migrations()))),
+        "inbox before its BRIN index (0004)": await schema_with("nobrin", migrated(3)),
         full: await schema_with("full", filled(SOURCE)),
         upgraded: await schema_with("upgraded", filled(None)),
     }
@@ -131,6 +133,7 @@ async def main(rows: int, rounds: int, legacy_rows: int) -> None:
         "raw": raw,
         "former": former,
         "inbox": current(f"bench_inbox_current_{RUN}"),
+        "inbox before its BRIN index (0004)": current(f"bench_inbox_nobrin_{RUN}"),
         full: current(f"bench_inbox_full_{RUN}"),
         upgraded: current(f"bench_inbox_upgraded_{RUN}"),
     }
