@@ -30,6 +30,7 @@ from contracts.monitoring import (
 )
 from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
+from libs.metrics import Outputs, weighted
 from libs.profiles import (
     CategoricalProfile,
     NumericProfile,
@@ -1249,10 +1250,13 @@ def unscorable(rows: Sequence[LabelledRow], task: Task) -> int:
 
 
 def performance_metrics(
-    rows: Sequence[LabelledRow], task: Task, positive_class: str | None
+    rows: Sequence[LabelledRow], task: Task, classes: Sequence[Any] | None
 ) -> dict[str, float]:
-    """Accuracy / F1 / ROC AUC (classification) or RMSE / MAE (regression) over labelled rows. A regression
-    window with an error beyond a double has infinite RMSE and MAE: not measurable."""
+    """Accuracy / F1 / ROC AUC (classification, ``classes`` the signature's, the last one positive) or
+    RMSE / MAE (regression) over labelled rows. A regression window with an error beyond a double has
+    infinite RMSE and MAE: not measurable. F1 is training's (:mod:`libs.metrics`), the baseline it is
+    compared with: the positive class's of a binary model, undefined (left out) when no label and no
+    prediction is positive, and macro F1 over the classes present otherwise."""
     if not rows:
         return {}
     if task is Task.REGRESSION:
@@ -1260,29 +1264,39 @@ def performance_metrics(
         if not pred.size:
             return {}
         return _error_metrics(absolute_errors(pred, truth))
-    correct_, pred_pos, true_pos = _label_matches(rows, positive_class)
+    correct_ = np.array([same_label(r.prediction, r.label) for r in rows], dtype=bool)
     out = {"accuracy": float(correct_.mean())}
-    if positive_class is not None:
-        tp = float(np.sum(pred_pos & true_pos))
-        denom = float(pred_pos.sum() + true_pos.sum())
-        out["f1"] = 2 * tp / denom if denom else 0.0
+    if classes:
+        outputs = class_outputs(rows, classes)
+        f1 = float(weighted(outputs, "f1", np.ones(len(rows)))[0])
+        if math.isfinite(f1):
+            out["f1"] = f1
+        true_pos = outputs.y == len(classes) - 1
         scores = np.array([r.score if r.score is not None else np.nan for r in rows], dtype=float)
         if not np.isnan(scores).any() and 0 < true_pos.sum() < len(rows):
             out["roc_auc"] = _roc_auc(true_pos, scores)
     return out
 
 
-def _label_matches(
-    rows: Sequence[LabelledRow], positive_class: str | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: whether the prediction is right, and (empty without a positive class) whether the prediction
-    and the label are the positive class (:func:`same_label` throughout)."""
-    correct = np.array([same_label(r.prediction, r.label) for r in rows], dtype=bool)
-    if positive_class is None:
-        return correct, np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
-    pred_pos = np.array([same_label(r.prediction, positive_class) for r in rows], dtype=bool)
-    true_pos = np.array([same_label(r.label, positive_class) for r in rows], dtype=bool)
-    return correct, pred_pos, true_pos
+def class_outputs(rows: Sequence[LabelledRow], classes: Sequence[Any]) -> Outputs:
+    """Labelled rows encoded for :mod:`libs.metrics`: the index of the class each prediction and label names
+    (:func:`same_label`), -1 for none (a label outside the classes is a row of none of them there too)."""
+    by_text: dict[str, int] = {}
+    by_key: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        by_text.setdefault(str(c), i)
+        by_key.setdefault(category_key(c), i)
+
+    def index(value: Any) -> int:
+        found = by_text.get(str(value))
+        return found if found is not None else by_key.get(category_key(value), -1)
+
+    return Outputs(
+        Task.CLASSIFICATION,
+        y=np.array([index(r.label) for r in rows], dtype=np.int64),
+        pred=np.array([index(r.prediction) for r in rows], dtype=np.int64),
+        classes=tuple(classes),
+    )
 
 
 def _roc_auc(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -1338,7 +1352,7 @@ def degradations(
 def metric_standard_errors(
     rows: Sequence[LabelledRow],
     task: Task,
-    positive_class: str | None,
+    classes: Sequence[Any] | None,
     *,
     resamples: int = 200,
     seed: int = 0,
@@ -1361,16 +1375,20 @@ def metric_standard_errors(
     if n < 2:
         return {}
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    correct, pred_pos, true_pos = _label_matches(rows, positive_class)
+    correct = np.array([same_label(r.prediction, r.label) for r in rows], dtype=bool)
     out = {"accuracy": float(correct[idx].mean(axis=1).std())}
-    if positive_class is not None:
-        tp = (pred_pos[idx] & true_pos[idx]).sum(axis=1)
-        denom = pred_pos[idx].sum(axis=1) + true_pos[idx].sum(axis=1)
-        out["f1"] = float(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0).std())
-        positives = int(true_pos.sum())
+    if classes:
+        outputs = class_outputs(rows, classes)
+        # The same resamples as counts per row; one in which F1 is undefined says nothing of its spread.
+        counts = np.zeros((resamples, n))
+        np.add.at(counts, (np.arange(resamples)[:, None], idx), 1.0)
+        f1 = weighted(outputs, "f1", counts)
+        if np.isfinite(f1).any():
+            out["f1"] = float(np.nanstd(f1))
+        positives = int((outputs.y == len(classes) - 1).sum())
         if 0 < positives < n:
             # Hanley & McNeil (1982): the AUC's standard error from its value and the class counts.
-            auc = performance_metrics(rows, task, positive_class).get("roc_auc")
+            auc = performance_metrics(rows, task, classes).get("roc_auc")
             if auc is not None:
                 negatives = n - positives
                 q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)

@@ -714,7 +714,7 @@ async def check_performance(
                 version=version,
                 rows=skipped,
             )
-        metrics = performance_metrics(labelled, ref.task, ref.positive_class)
+        metrics = performance_metrics(labelled, ref.task, ref.signature.classes)
         state.next_seq += 1
         await store.mark_scored(model, version, [r.prediction_id for r in rows], seq)
         if unmeasurable := sorted(name for name, value in metrics.items() if not math.isfinite(value)):
@@ -733,7 +733,7 @@ async def check_performance(
             await store.save_performance_state(model, version, state)
             continue
         state.last_metrics = metrics
-        errors = metric_standard_errors(labelled, ref.task, ref.positive_class, seed=seq)
+        errors = metric_standard_errors(labelled, ref.task, ref.signature.classes, seed=seq)
         found = degradations(metrics, ref.baseline, policy.performance_tolerance, errors)
         start = min(epoch(r.predicted_at) for r in rows)
         end = max(epoch(r.predicted_at) for r in rows)

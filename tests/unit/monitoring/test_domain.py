@@ -594,7 +594,7 @@ def test_label_cache_returns_the_prediction_with_its_inputs() -> None:
 
 def test_performance_metrics_and_degradation_against_the_baseline() -> None:
     rows = [LabelledRow(1, 0.9, 1, False)] * 60 + [LabelledRow(1, 0.8, 0, False)] * 40
-    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, (0, 1))
     assert metrics["accuracy"] == pytest.approx(0.6)
     found = degradations(metrics, {"accuracy": 0.85}, 0.05)
     assert [d.metric for d in found] == ["accuracy"]
@@ -605,13 +605,13 @@ def test_a_label_sent_as_a_number_with_no_fraction_is_the_integer_class_it_names
     rows = [LabelledRow(1, 0.9, 1.0, False)] * 60 + [LabelledRow(0, 0.2, 0.0, False)] * 40
     as_integers = [LabelledRow(r.prediction, r.score, int(r.label), False) for r in rows]
 
-    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, (0, 1))
 
-    assert metrics == performance_metrics(as_integers, Task.CLASSIFICATION, "1")
+    assert metrics == performance_metrics(as_integers, Task.CLASSIFICATION, (0, 1))
     assert (metrics["accuracy"], metrics["f1"]) == (1.0, 1.0)
     assert degradations(metrics, {"accuracy": 0.85, "f1": 0.8}, 0.05) == []
-    assert metric_standard_errors(rows, Task.CLASSIFICATION, "1", seed=2) == metric_standard_errors(
-        as_integers, Task.CLASSIFICATION, "1", seed=2
+    assert metric_standard_errors(rows, Task.CLASSIFICATION, (0, 1), seed=2) == metric_standard_errors(
+        as_integers, Task.CLASSIFICATION, (0, 1), seed=2
     )
     # Text still names the class its text reads (as before), a boolean stays apart from 1, and a fraction is
     # no integer class.
@@ -620,7 +620,7 @@ def test_a_label_sent_as_a_number_with_no_fraction_is_the_integer_class_it_names
         LabelledRow(1, None, True, False),
         LabelledRow(1, None, 1.5, False),
     ]
-    assert performance_metrics(others, Task.CLASSIFICATION, "1")["accuracy"] == pytest.approx(1 / 3)
+    assert performance_metrics(others, Task.CLASSIFICATION, (0, 1))["accuracy"] == pytest.approx(1 / 3)
 
 
 def test_regression_metrics_leave_out_rows_whose_prediction_or_label_is_no_number() -> None:
@@ -683,16 +683,16 @@ def test_sampling_noise_of_a_healthy_model_is_not_a_degradation() -> None:
     alerts = 0
     for seed in range(200):
         rows = _window(0.80, 500, seed)
-        metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
-        errors = metric_standard_errors(rows, Task.CLASSIFICATION, "1", seed=seed)
+        metrics = performance_metrics(rows, Task.CLASSIFICATION, (0, 1))
+        errors = metric_standard_errors(rows, Task.CLASSIFICATION, (0, 1), seed=seed)
         alerts += bool(degradations(metrics, {"accuracy": 0.85}, 0.05, errors))
     assert alerts <= 10  # a one-sided 2-sigma rule: about 2.3 % expected
 
 
 def test_a_clearly_worse_model_is_a_degradation_despite_the_noise() -> None:
     rows = _window(0.65, 500, seed=1)
-    metrics = performance_metrics(rows, Task.CLASSIFICATION, "1")
-    errors = metric_standard_errors(rows, Task.CLASSIFICATION, "1")
+    metrics = performance_metrics(rows, Task.CLASSIFICATION, (0, 1))
+    errors = metric_standard_errors(rows, Task.CLASSIFICATION, (0, 1))
     assert [d.metric for d in degradations(metrics, {"accuracy": 0.85}, 0.05, errors)] == ["accuracy"]
 
 
