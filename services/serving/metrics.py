@@ -53,9 +53,9 @@ UNCOMPILED = Counter(
     ["model", "version"],
 )
 ENGINE = Gauge(
-    "driftloop_serving_model_engine",
+    "driftloop_serving_model_engine_info",
     "1 for what computes a loaded version's answers: onnxruntime (a verified compiled copy) or "
-    "scikit-learn (the pipeline itself).",
+    "scikit-learn (the pipeline itself). An info metric (its value is its labels), named as one.",
     ["model", "version", "engine"],
 )
 

@@ -198,7 +198,7 @@ def test_every_series_labelled_with_a_version_goes_with_it() -> None:
         metrics.UNCOMPILED.labels(MODEL, str(version)).inc()
         metrics.ENGINE.labels(MODEL, str(version), "scikit-learn").set(1)
     names = {name for name, _ in exported()}
-    assert {"driftloop_serving_model_errors_total", "driftloop_serving_model_engine"} <= names
+    assert {"driftloop_serving_model_errors_total", "driftloop_serving_model_engine_info"} <= names
 
     state.swap(RoutingTable({MODEL: routing(6)}))
     assert versions_exported() == {6}
