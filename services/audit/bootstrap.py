@@ -23,7 +23,15 @@ from libs.service import Runtime, ServiceParts
 from services.audit import api, handlers
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
-from services.audit.domain import KeyRing, PartitionEnds, PreparedRows, SealedHead, Signer
+from services.audit.domain import (
+    CheckpointTrust,
+    KeyRing,
+    PartitionEnds,
+    PreparedRows,
+    SealedHead,
+    Signer,
+    StoredCheckpoint,
+)
 from services.audit.settings import AuditSettings, decode_key
 
 log = get_logger(__name__)
@@ -53,21 +61,33 @@ def key_ring(settings: AuditSettings, signer: Signer) -> KeyRing:
     return KeyRing([signer.public_raw, *retired])
 
 
-async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile) -> int:
-    """Copy checkpoints the file does not have yet from the database; returns how many."""
+async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile, trust: CheckpointTrust) -> int:
+    """Copy the trusted checkpoints the file does not have yet from the database; returns how many."""
     async with reading(pool, role) as trail:
         checkpoints = await trail.checkpoints(after=archive.last_sequence())
-    return archive.append(checkpoints)
+        row_hashes = await trail.row_hashes([c.sequence for c in checkpoints])
+    stored = [StoredCheckpoint(c.sequence, c, row_hashes.get(c.sequence)) for c in checkpoints]
+    added = archive.append(handlers.trusted_to_archive(stored, trust))
+    trust.passed(archive.last_sequence())
+    return added
 
 
 class CheckpointKeeper:
     """Signs a checkpoint every ``every_s`` while rows arrive, and keeps the export file up to date."""
 
-    def __init__(self, rt: Runtime, settings: AuditSettings, signer: Signer, archive: CheckpointFile) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        settings: AuditSettings,
+        signer: Signer,
+        archive: CheckpointFile,
+        trust: CheckpointTrust,
+    ) -> None:
         self.rt = rt
         self.settings = settings
         self.signer = signer
         self.archive = archive
+        self.trust = trust
         self._stop = asyncio.Event()
 
     async def seal_now(self) -> None:
@@ -84,10 +104,11 @@ class CheckpointKeeper:
                 publish=tx.publish,
                 source=self.rt.source(),
                 clock=utc_now,
+                trust=self.trust,
             )
 
     async def _archive(self) -> None:
-        await sync_archive(self.rt.pool, self.settings.writer_role, self.archive)
+        await sync_archive(self.rt.pool, self.settings.writer_role, self.archive, self.trust)
 
     async def run(self) -> None:
         """Until stopped: copy checkpoints to the file every second, sign one every ``every_s``. The two are
@@ -121,13 +142,17 @@ class CheckpointKeeper:
             log.warning("final checkpoint failed", error=repr(exc))
 
 
-def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> Subscription:
+def trail_subscription(
+    settings: AuditSettings, signer: Signer, source: str, trust: CheckpointTrust | None = None
+) -> Subscription:
     """The trail's consumer: every record of the recorded topics, one transaction per poll in the writer
-    role; with ``look_ahead``, the next poll's rows are prepared while a poll's transaction is in flight."""
+    role; with ``look_ahead``, the next poll's rows are prepared while a poll's transaction is in flight.
+    ``trust``: which checkpoints it builds on (default: those of the keys the settings trust)."""
     role = settings.writer_role
     prepared = PreparedRows()
     ends = PartitionEnds()
     sealed = SealedHead()
+    trust = trust or CheckpointTrust(key_ring(settings, signer))
 
     async def record_batch(deliveries: Sequence[Delivery], tx: Transaction) -> None:
         await enter_writer_role(tx.conn, role)
@@ -143,6 +168,7 @@ def trail_subscription(settings: AuditSettings, signer: Signer, source: str) -> 
             prepared=prepared,
             ends=ends,
             sealed=sealed,
+            trust=trust,
         )
 
     async def prepare_batch(deliveries: Sequence[Delivery]) -> None:
@@ -170,10 +196,14 @@ async def build(rt: Runtime) -> ServiceParts:
     await prepare_writer_role(rt.pool, settings.db_schema, role)
     signer = Signer(signing_seed(settings))
     archive = CheckpointFile(settings.checkpoint_file, in_order=True)
-    await sync_archive(rt.pool, role, archive)
+    keys = key_ring(settings, signer)
+    # One judge of the database's checkpoints for the consumer, the timed checkpoint and the file: each
+    # untrusted one is logged once, and each trusted one checked once.
+    trust = CheckpointTrust(keys)
+    await sync_archive(rt.pool, role, archive, trust)
     topics = settings.recorded_topics()
-    subscription = trail_subscription(settings, signer, rt.source())
-    keeper = CheckpointKeeper(rt, settings, signer, archive)
+    subscription = trail_subscription(settings, signer, rt.source(), trust)
+    keeper = CheckpointKeeper(rt, settings, signer, archive, trust)
     app = create_app(
         settings,
         title="driftloop audit",
@@ -187,7 +217,7 @@ async def build(rt: Runtime) -> ServiceParts:
         settings=settings,
         pool=rt.pool,
         signer=signer,
-        keys=key_ring(settings, signer),
+        keys=keys,
         archive=archive,
         exports=api.export_slots(settings.export_concurrency),
         verifications=api.verify_slots(settings.verify_concurrency),

@@ -294,7 +294,8 @@ class TrailRow(NamedTuple):
 
 @dataclass(frozen=True)
 class ChainHead:
-    """The last row of the trail (seq 0 and the genesis hash when it is empty), and the newest checkpoint."""
+    """The last row of the trail (seq 0 and the genesis hash when it is empty), and the newest checkpoint a
+    writer builds on (one it trusts: :class:`CheckpointTrust`)."""
 
     seq: int = 0
     row_hash: bytes = GENESIS
@@ -812,6 +813,101 @@ class KeyRing:
         if checkpoint.row_count != checkpoint.sequence:
             return f"it claims {checkpoint.row_count} rows up to sequence {checkpoint.sequence}"
         return None
+
+
+class StoredCheckpoint(NamedTuple):
+    """A row of the checkpoints table: its sequence, the checkpoint (None: the row's columns are not one,
+    which only a row written in the database can be; ``why`` says what is wrong), and the trail's row hash
+    at its sequence (None: the trail has no such row, or its hash was nulled)."""
+
+    seq: int
+    checkpoint: AuditCheckpoint | None
+    row_hash: bytes | None
+    why: str | None = None
+
+
+def _identity(checkpoint: AuditCheckpoint | None, seq: int = 0) -> tuple[Any, ...]:
+    if checkpoint is None:
+        return (seq, None)
+    return (
+        checkpoint.sequence,
+        checkpoint.head_hash,
+        checkpoint.row_count,
+        checkpoint.signed_at,
+        checkpoint.key_id,
+        checkpoint.signature,
+    )
+
+
+class CheckpointTrust:
+    """Which checkpoints of the database one writer builds on: those signed over their own contents by a key
+    of ``keys`` (its own and the retired ones it is configured with) whose head hash is the trail's row
+    hash at their sequence.
+
+    A row of the checkpoints table is only a row: whoever can rewrite the trail's rows (the threat the trail
+    is built against) can insert one. A writer that took the newest row for a checkpoint stopped signing for
+    good under one forged far ahead, and, under one forged at the head, checked the seals only of the rows
+    after it before signing the next, so rows rewritten below it were vouched for (the forged row deleted
+    afterwards). A checkpoint found good is not checked again while it is read back as it was, so a writer
+    pays one signature check per checkpoint, not per transaction; the trusted one a writer fell back to under
+    an untrusted newest is remembered too, and confirmed by one read while that newest stays.
+    """
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
+        self._good: tuple[Any, ...] | None = None
+        self._fallback: tuple[tuple[Any, ...], int] | None = None
+        self._refused: set[tuple[Any, ...]] = set()
+
+    def distrust(self, stored: StoredCheckpoint) -> str | None:
+        """Why ``stored`` vouches for nothing here (a writer must not build on it, nor copy it to the
+        checkpoint file), None when it does."""
+        _, checkpoint, row_hash, unreadable = stored
+        if checkpoint is None:
+            return f"its row is not a checkpoint: {unreadable}"
+        identity = _identity(checkpoint)
+        if identity != self._good:
+            why = self.keys.check(checkpoint)
+            if why is not None:
+                return why
+        if row_hash is None:
+            return f"the trail has no row {checkpoint.sequence} (or its hash was nulled) for it to match"
+        if row_hash.hex() != checkpoint.head_hash:
+            return f"its head hash is not the hash of the trail's row {checkpoint.sequence}"
+        self._good = identity
+        return None
+
+    def signed(self, checkpoint: AuditCheckpoint) -> None:
+        """This writer kept ``checkpoint``, which it signed over a head read under the chain lock: the newest
+        it trusts, above any it fell back to."""
+        self._good = _identity(checkpoint)
+        if self._fallback is not None:
+            self._fallback = (self._fallback[0], checkpoint.sequence)
+
+    def fallback(self, newest: StoredCheckpoint) -> int | None:
+        """The sequence of the trusted checkpoint this writer fell back to when it met the untrusted
+        ``newest`` before (0: none), to be confirmed still there before it is built on; None when it has not
+        met ``newest``."""
+        if self._fallback is not None and self._fallback[0] == _identity(newest.checkpoint, newest.seq):
+            return self._fallback[1]
+        return None
+
+    def fell_back(self, newest: StoredCheckpoint, trusted_seq: int) -> None:
+        """Under the untrusted ``newest``, the newest trusted checkpoint is at ``trusted_seq`` (0: none)."""
+        self._fallback = (_identity(newest.checkpoint, newest.seq), trusted_seq)
+
+    def refused(self, stored: StoredCheckpoint) -> bool:
+        """Note an untrusted checkpoint not copied to the file; whether it is the first time (it is logged and
+        counted once, though read again on every copy while no newer trusted one passes it)."""
+        identity = _identity(stored.checkpoint, stored.seq)
+        if identity in self._refused:
+            return False
+        self._refused.add(identity)
+        return True
+
+    def passed(self, seq: int) -> None:
+        """The checkpoint file holds a checkpoint at ``seq``: those refused up to it are never read again."""
+        self._refused = {r for r in self._refused if r[0] > seq}
 
 
 def checkpoint_due(head_seq: int, last_checkpoint_seq: int, every_rows: int) -> bool:

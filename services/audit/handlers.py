@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 from prometheus_client import Counter
 
@@ -27,13 +28,16 @@ from libs.logging import get_logger
 from services.audit.domain import (
     ChainBuilder,
     ChainHead,
+    CheckpointTrust,
     HeldAt,
     Incoming,
     KafkaPosition,
+    KeyRing,
     PartitionEnds,
     PreparedRows,
     SealedHead,
     Signer,
+    StoredCheckpoint,
     checkpoint_due,
     event_keys,
     new_positions,
@@ -51,6 +55,15 @@ CHECKPOINTS_REFUSED = Counter(
     "changed in the database with their hashes recomputed, or a signing key rotated without the old key's "
     "final checkpoint. The trail goes on; verification names the row. Any increase wants an operator's "
     "look: docs/audit.md.",
+)
+CHECKPOINTS_UNTRUSTED = Counter(
+    "driftloop_audit_checkpoints_untrusted_total",
+    "Checkpoints in the database the audit service does not trust, by the step that met them (sign: the "
+    "newest checkpoint, which the writer would build on; archive: one to copy to the checkpoint file): not "
+    "signed over their contents by a trusted key, or not matching the trail's row at their sequence. Written "
+    "or changed in the database; neither built on nor copied. Any increase wants an operator's look: "
+    "docs/audit.md.",
+    ["step"],
 )
 POSITIONS_REUSED = Counter(
     "driftloop_audit_positions_reused_total",
@@ -74,16 +87,19 @@ async def on_records(
     prepared: PreparedRows | None = None,
     ends: PartitionEnds | None = None,
     sealed: SealedHead | None = None,
+    trust: CheckpointTrust | None = None,
 ) -> int:
     """Append the records the trail does not hold yet, in delivery order; sign a checkpoint when due.
 
     Rows ``prepared`` for these records are used instead of making them again. ``ends``: what this writer
     knows of the partitions' ends from its previous transactions (the same object each time); ``sealed``:
     the head it left with its rows known sealed, so a checkpoint need not check their seals again (without
-    it, every checkpoint does). Returns how many rows were appended.
+    it, every checkpoint does); ``trust``: which checkpoints of the database it builds on, by the keys it
+    trusts (without it, the signer's own key only). Returns how many rows were appended.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
-    head = await trail.lock_head()
+    trust = trust or CheckpointTrust(KeyRing([signer.public_raw]))
+    head = await lock_trusted_head(trail, trust)
     positions = [KafkaPosition(d.record.topic, d.record.partition, d.record.offset) for d in deliveries]
     if ends is None:
         ends = PartitionEnds()
@@ -110,10 +126,97 @@ async def on_records(
         # The rows of this transaction are sealed: only those under the head it found are in question.
         known = known or await _sealed_since_checkpoint(head, trail=trail, signer=signer, sealed=sealed)
         if known:
-            await _sign(builder.head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+            await _sign(
+                builder.head,
+                trail=trail,
+                signer=signer,
+                publish=publish,
+                source=source,
+                clock=clock,
+                trust=trust,
+            )
     if known and sealed is not None:
         sealed.left(builder.head)
     return builder.head.seq - head.seq
+
+
+FALLBACK_PAGE = 100
+"""Checkpoints one read brings back when a writer looks below an untrusted newest one for one it trusts."""
+
+
+async def lock_trusted_head(trail: TrailWriter, trust: CheckpointTrust) -> ChainHead:
+    """Take the chain lock and read the head, with the newest checkpoint ``trust`` lets this writer build on:
+    the newest the database holds, or, when that one is untrusted (logged and counted once), the newest
+    trusted one below it. Its sequence decides when the next checkpoint is due and from which row on the
+    seals are checked before it is signed, so an untrusted one must never stand for it: one forged far
+    ahead stopped every checkpoint, one forged at the head let the next vouch for rows rewritten below it."""
+    head, newest = await trail.lock_head()
+    if newest is None:
+        return head
+    why = trust.distrust(newest)
+    if why is None:
+        return replace(head, checkpoint_seq=newest.seq)
+    known = trust.fallback(newest)
+    if known is not None and (known == 0 or await _still_trusted(known, trail=trail, trust=trust)):
+        return replace(head, checkpoint_seq=known)
+    trusted_seq, passed = await _newest_trusted(newest.seq, trail=trail, trust=trust)
+    trust.fell_back(newest, trusted_seq)
+    if known is None:
+        CHECKPOINTS_UNTRUSTED.labels("sign").inc()
+        log.error(
+            "untrusted checkpoint: the newest checkpoint in the database is not signed over its contents "
+            "by a trusted key, or does not match the trail's row at its sequence (written or changed in the "
+            "database); the writer builds on the newest checkpoint it trusts instead, and checks the seals "
+            "of every row since that one before it signs; driftloop audit verify names it (docs/audit.md)",
+            checkpoint_seq=newest.seq,
+            why=why,
+            trusted_checkpoint_seq=trusted_seq,
+            untrusted_below=passed,
+            head_seq=head.seq,
+        )
+    return replace(head, checkpoint_seq=trusted_seq)
+
+
+async def _still_trusted(seq: int, *, trail: TrailWriter, trust: CheckpointTrust) -> bool:
+    """Whether the trusted checkpoint at ``seq``, fallen back to before, is still there and trusted."""
+    found = await trail.checkpoints_below(seq + 1, limit=1)
+    return bool(found) and found[0].seq == seq and trust.distrust(found[0]) is None
+
+
+async def _newest_trusted(below: int, *, trail: TrailWriter, trust: CheckpointTrust) -> tuple[int, int]:
+    """The sequence of the newest trusted checkpoint below ``below`` (0: none), and how many untrusted ones
+    were passed over on the way, read a page at a time."""
+    passed = 0
+    while True:
+        page = await trail.checkpoints_below(below, limit=FALLBACK_PAGE)
+        for stored in page:
+            if trust.distrust(stored) is None:
+                return stored.seq, passed
+            passed += 1
+        if len(page) < FALLBACK_PAGE:
+            return 0, passed
+        below = page[-1].seq
+
+
+def trusted_to_archive(stored: Sequence[StoredCheckpoint], trust: CheckpointTrust) -> list[AuditCheckpoint]:
+    """The checkpoints of ``stored`` the checkpoint file may take: the trusted ones. Each untrusted one is
+    logged and counted once: copied, one forged far ahead would end the file, which takes only checkpoints
+    newer than its newest."""
+    trusted = []
+    for s in stored:
+        why = trust.distrust(s)
+        if why is None and s.checkpoint is not None:
+            trusted.append(s.checkpoint)
+        elif trust.refused(s):
+            CHECKPOINTS_UNTRUSTED.labels("archive").inc()
+            log.error(
+                "untrusted checkpoint not copied to the checkpoint file: it is not signed over its contents "
+                "by a trusted key, or does not match the trail's row at its sequence (written or changed in "
+                "the database); driftloop audit verify names it (docs/audit.md)",
+                checkpoint_seq=s.seq,
+                why=why,
+            )
+    return trusted
 
 
 async def _sealed_since_checkpoint(
@@ -196,24 +299,49 @@ async def prepare_records(
 
 
 async def seal_head(
-    *, trail: TrailWriter, signer: Signer, publish: Publish, source: str, clock: Clock
+    *,
+    trail: TrailWriter,
+    signer: Signer,
+    publish: Publish,
+    source: str,
+    clock: Clock,
+    trust: CheckpointTrust | None = None,
 ) -> AuditCheckpoint | None:
-    """Sign a checkpoint of the head if rows were appended since the last one (timer and shutdown), and
-    every one of them bears this trail's seal."""
-    head = await trail.lock_head()
+    """Sign a checkpoint of the head if rows were appended since the last trusted one (timer and shutdown),
+    and every one of them bears this trail's seal."""
+    trust = trust or CheckpointTrust(KeyRing([signer.public_raw]))
+    head = await lock_trusted_head(trail, trust)
     if head.seq == 0 or head.seq <= head.checkpoint_seq:
         return None
     if not await _sealed_since_checkpoint(head, trail=trail, signer=signer):
         return None
-    return await _sign(head, trail=trail, signer=signer, publish=publish, source=source, clock=clock)
+    return await _sign(
+        head, trail=trail, signer=signer, publish=publish, source=source, clock=clock, trust=trust
+    )
 
 
 async def _sign(
-    head: ChainHead, *, trail: TrailWriter, signer: Signer, publish: Publish, source: str, clock: Clock
-) -> AuditCheckpoint:
+    head: ChainHead,
+    *,
+    trail: TrailWriter,
+    signer: Signer,
+    publish: Publish,
+    source: str,
+    clock: Clock,
+    trust: CheckpointTrust,
+) -> AuditCheckpoint | None:
     checkpoint = signer.checkpoint(head, signed_at=clock())
     event = new_event(checkpoint, source=source)
-    await trail.add_checkpoint(checkpoint, event.id)
+    if not await trail.add_checkpoint(checkpoint, event.id):
+        # The writer signs above the newest checkpoint it trusts: the row at this sequence is one it did not
+        # build on. A conflict would fail the transaction, and the consumer would retry it for ever.
+        log.error(
+            "checkpoint not kept: its sequence holds a checkpoint this writer did not sign (written in the "
+            "database); the next checkpoint is signed at a later head (docs/audit.md)",
+            sequence=head.seq,
+        )
+        return None
+    trust.signed(checkpoint)
     await publish(event)
     log.info("checkpoint signed", sequence=head.seq, head_hash=checkpoint.head_hash, key_id=signer.key_id)
     return checkpoint

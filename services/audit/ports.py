@@ -14,6 +14,7 @@ from services.audit.domain import (
     HeldAt,
     HeldEvent,
     KafkaPosition,
+    StoredCheckpoint,
     StoredRow,
     TrailRow,
 )
@@ -26,9 +27,15 @@ Clock = Callable[[], datetime]
 class TrailWriter(Protocol):
     """The append side of the trail, inside one transaction."""
 
-    async def lock_head(self) -> ChainHead:
-        """Wait until no other writer holds the chain, keep it until commit, and return its head (with
-        the newest checkpoint's sequence)."""
+    async def lock_head(self) -> tuple[ChainHead, StoredCheckpoint | None]:
+        """Wait until no other writer holds the chain, keep it until commit, and return its head and the
+        newest checkpoint the database holds (untrusted: the head's ``checkpoint_seq`` is left 0 for the
+        writer to set to the newest it trusts)."""
+        ...
+
+    async def checkpoints_below(self, seq: int, *, limit: int) -> list[StoredCheckpoint]:
+        """The newest ``limit`` checkpoints of a sequence below ``seq``, newest first, in this transaction:
+        where a writer looks for one it trusts when the newest is not."""
         ...
 
     async def partition_ends(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
@@ -49,8 +56,9 @@ class TrailWriter(Protocol):
         as they are taken, so the first can be on their way while the next are made."""
         ...
 
-    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
-        """Keep a signed checkpoint with the id of the event that announces it."""
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> bool:
+        """Keep a signed checkpoint with the id of the event that announces it; False (nothing kept) when its
+        sequence holds a checkpoint already, one this writer did not sign (written in the database)."""
         ...
 
     def seals(self, after: int, upto: int) -> AsyncGenerator[list[tuple[int, bytes, bytes]], None]:

@@ -65,10 +65,14 @@ class AuditSettings(ServiceSettings):
     trusted_public_keys: list[str] = Field(
         default_factory=list,
         description="Earlier signing keys' public keys (raw 32 bytes, base64), so checkpoints signed "
-        "before a key rotation still verify.",
+        "before a key rotation still verify, and the writer builds on the old key's final checkpoint "
+        "(docs/audit.md, Which checkpoints the service trusts).",
     )
     checkpoint_every_rows: int = Field(
-        10_000, ge=1, description="Sign a checkpoint once this many rows were appended since the last one."
+        10_000,
+        ge=1,
+        description="Sign a checkpoint once this many rows were appended since the last one the service "
+        "trusts.",
     )
     look_ahead: bool = Field(
         False,
@@ -81,8 +85,8 @@ class AuditSettings(ServiceSettings):
     )
     checkpoint_file: Path = Field(
         LOCAL_STATE / "audit" / "checkpoints.ndjson",
-        description="Every checkpoint is appended here too (one AuditCheckpoint JSON per line), so a copy "
-        "lives outside the database.",
+        description="Every checkpoint the service trusts is appended here too (one AuditCheckpoint JSON per "
+        "line), so a copy lives outside the database.",
     )
     query_max_limit: int = Field(
         1000,

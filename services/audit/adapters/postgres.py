@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from pydantic import ValidationError
 
 from contracts.audit import AuditCheckpoint
 from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
@@ -31,6 +32,7 @@ from services.audit.domain import (
     KafkaContent,
     KafkaPosition,
     Kind,
+    StoredCheckpoint,
     StoredRow,
     TrailRow,
     decode_record,
@@ -92,10 +94,18 @@ _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _NOT_PREDICTIONS = f"topic <> '{PREDICTIONS_TOPIC}'"
 PREDICTIONS_TYPE = PredictionsLogged.event_type()
 _HEAD_SQL = """
-SELECT t.seq, t.row_hash, (SELECT coalesce(max(seq), 0) FROM checkpoints) AS checkpoint_seq
+SELECT t.seq, t.row_hash, c.seq AS checkpoint_seq, c.head_hash, c.row_count, c.signed_at, c.key_id,
+    c.signature, c.trail_row_hash
 FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS t ON true
+LEFT JOIN LATERAL ({checkpoints} ORDER BY c.seq DESC LIMIT 1) AS c ON true
 """
+# A checkpoint with the trail's row hash at its sequence (NULL: no such row): what a writer judges it by.
+_STORED_CHECKPOINTS = """
+SELECT c.seq, c.head_hash, c.row_count, c.signed_at, c.key_id, c.signature, t.row_hash AS trail_row_hash
+FROM checkpoints c LEFT JOIN trail t ON t.seq = c.seq
+"""
+_HEAD_SQL = _HEAD_SQL.format(checkpoints=_STORED_CHECKPOINTS)
 _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 _COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
@@ -290,6 +300,16 @@ def _checkpoint(row: asyncpg.Record) -> AuditCheckpoint:
     )
 
 
+def _stored_checkpoint(row: asyncpg.Record) -> StoredCheckpoint:
+    """A row of the checkpoints table as a writer judges it: one whose columns are not a checkpoint (written
+    in the database) is an untrusted one, never an error that would fail the writer's transaction."""
+    try:
+        checkpoint = _checkpoint(row)
+    except ValidationError as exc:
+        return StoredCheckpoint(row["seq"], None, row["trail_row_hash"], str(exc))
+    return StoredCheckpoint(row["seq"], checkpoint, row["trail_row_hash"])
+
+
 class PgTrail:
     """The trail on one connection, inside the caller's transaction (already in the writer role)."""
 
@@ -298,8 +318,9 @@ class PgTrail:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    async def lock_head(self) -> ChainHead:
-        """Wait for the chain lock (one writer per schema, replicas included), then read the head.
+    async def lock_head(self) -> tuple[ChainHead, StoredCheckpoint | None]:
+        """Wait for the chain lock (one writer per schema, replicas included), then read the head and the
+        newest checkpoint (the primary key's last entry) with the row hash at its sequence.
 
         Two statements: a statement's snapshot is taken when it starts, so the head must be read by one
         that starts after the lock is held.
@@ -308,7 +329,15 @@ class PgTrail:
             "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
         )
         row = await self.conn.fetchrow(_HEAD_SQL)
-        return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS, row["checkpoint_seq"])
+        newest = None if row["checkpoint_seq"] is None else _stored_checkpoint(row)
+        return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS), newest
+
+    async def checkpoints_below(self, seq: int, *, limit: int) -> list[StoredCheckpoint]:
+        """A backward range scan of the primary key, each checkpoint with its row's hash."""
+        rows = await self.conn.fetch(
+            f"{_STORED_CHECKPOINTS} WHERE c.seq < $1 ORDER BY c.seq DESC LIMIT $2", seq, limit
+        )
+        return [_stored_checkpoint(r) for r in rows]
 
     async def partition_ends(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """One index probe per partition (the unique Kafka position)."""
@@ -394,11 +423,12 @@ class PgTrail:
             "trail", source=copy_data(rows), columns=COPY_COLUMNS, format="binary", where=ROW_AT_A_TIME
         )
 
-    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
-        """Keep a signed checkpoint."""
-        await self.conn.execute(
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> bool:
+        """Keep a signed checkpoint, unless its sequence holds one already (a row written in the database:
+        a conflict would fail the transaction, and the consumer would retry it for ever)."""
+        status = await self.conn.execute(
             """INSERT INTO checkpoints (seq, head_hash, row_count, signed_at, key_id, signature, event_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+               VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (seq) DO NOTHING""",
             checkpoint.sequence,
             checkpoint.head_hash,
             checkpoint.row_count,
@@ -407,6 +437,7 @@ class PgTrail:
             checkpoint.signature,
             event_id,
         )
+        return bool(status == "INSERT 0 1")
 
     async def seals(
         self, after: int, upto: int, *, rows: int = SEAL_ROWS
@@ -425,6 +456,15 @@ class PgTrail:
             after = batch[-1]["seq"]
 
     # -- reading --------------------------------------------------------------------------------------
+
+    async def row_hashes(self, seqs: Sequence[int]) -> dict[int, bytes]:
+        """Row hashes at these sequence numbers (absent rows left out, a nulled hash as None)."""
+        if not seqs:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT seq, row_hash FROM trail WHERE seq = ANY($1::bigint[])", list(seqs)
+        )
+        return {r["seq"]: r["row_hash"] for r in rows}
 
     async def head(self) -> ChainHead:
         """The last row."""
@@ -550,10 +590,7 @@ class PgChain:
         if not seqs:
             return {}
         async with reading(self.pool, self.role) as trail:
-            rows = await trail.conn.fetch(
-                "SELECT seq, row_hash FROM trail WHERE seq = ANY($1::bigint[])", list(seqs)
-            )
-        return {r["seq"]: r["row_hash"] for r in rows}
+            return await trail.row_hashes(seqs)
 
     async def scan_links(self, scanner: LinkScanner) -> Finding | None:
         """Stream the range's links with binary COPY: the database hashes each record, this process

@@ -19,7 +19,7 @@ from services.audit import handlers
 from services.audit.adapters.postgres import PgChain, PgTrail, enter_writer_role, prepare_writer_role
 from services.audit.bootstrap import MIGRATIONS
 from services.audit.core import verify_trail
-from services.audit.domain import KeyRing, PartitionEnds, Signer
+from services.audit.domain import CheckpointTrust, KeyRing, PartitionEnds, Signer
 from services.audit.verification import VerifyReport
 from tests.integration.kafka_tools import unique
 from tests.unit.audit.fakes import SEED, Clock, delivery, example
@@ -67,6 +67,10 @@ class TrailDb:
                 [delivery(e, offset=i + k) for k, e in enumerate(events[i : i + batch])], every=every
             )
         return events
+
+    def trust(self) -> CheckpointTrust:
+        """What the service trusts of the database's checkpoints: its own key's."""
+        return CheckpointTrust(KeyRing([self.signer.public_raw]))
 
     async def verify(self, *, sealed: bool = True, chain: PgChain | None = None, **kw: Any) -> VerifyReport:
         """Verify as the service does, in the writer role (through ``chain``, a PgChain of the pool). Without

@@ -93,7 +93,7 @@ async def test_tail_truncated_with_its_checkpoints_is_found_through_the_export_f
     filled: TrailDb, tmp_path: Path
 ) -> None:
     archive = CheckpointFile(tmp_path / "checkpoints.ndjson")
-    assert await sync_archive(filled.pool, ROLE, archive) == 5
+    assert await sync_archive(filled.pool, ROLE, archive, filled.trust()) == 5
     await filled.superuser("DELETE FROM trail WHERE seq >= 38; DELETE FROM checkpoints WHERE seq >= 38;")
     assert (await filled.verify()).ok  # the database alone no longer shows it
     report = await filled.verify(archives=[archive])
@@ -191,6 +191,60 @@ async def test_rows_rewritten_after_the_last_checkpoint_are_never_vouched_for_by
     assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
     report = await filled.verify()
     assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
+FORGED_CHECKPOINT = """
+INSERT INTO checkpoints (seq, head_hash, row_count, signed_at, key_id, signature, event_id)
+VALUES ($1, $2, $1, now(), $3, $4, 'inserted-in-the-database')
+"""
+# An Ed25519 signature's length in base64, over nothing this trail's key signed.
+FORGED_SIGNATURE = "A" * 86 + "=="
+
+
+async def test_a_checkpoint_forged_far_ahead_neither_stops_the_checkpoints_nor_reaches_the_file(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    await filled.superuser(FORGED_CHECKPOINT, 10**12, "ab" * 32, filled.signer.key_id, FORGED_SIGNATURE)
+    archive = CheckpointFile(tmp_path / "checkpoints.ndjson", in_order=True)
+    trust = filled.trust()
+    assert await sync_archive(filled.pool, ROLE, archive, trust) == 5
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]
+    assert await filled.record(more) == 10
+    assert await sync_archive(filled.pool, ROLE, archive, trust) == 1
+    assert [c.sequence for c in archive.read()] == [10, 20, 30, 40, 50, 63]
+    seqs = await filled.pool.fetch("SELECT seq FROM checkpoints ORDER BY seq")
+    assert [r["seq"] for r in seqs] == [10, 20, 30, 40, 50, 63, 10**12]
+    report = await filled.verify(archives=[archive])
+    assert (report.first_bad_seq, report.problem) == (10**12, Problem.BAD_CHECKPOINT)
+
+
+async def test_a_checkpoint_forged_at_the_head_and_deleted_after_the_next_one_hides_no_rewritten_row(
+    filled: TrailDb,
+) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 52)
+    await filled.superuser(RECOMPUTE_FROM.format(start=52))
+    head_hash = await filled.pool.fetchval("SELECT encode(row_hash, 'hex') FROM trail WHERE seq = $1", ROWS)
+    await filled.superuser(FORGED_CHECKPOINT, ROWS, head_hash, filled.signer.key_id, FORGED_SIGNATURE)
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]
+    assert await filled.record(more) == 10  # the checkpoint due at 63 is refused: row 52 has no seal
+    await filled.superuser("DELETE FROM checkpoints WHERE seq = $1", ROWS)
+    assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
+    report = await filled.verify()
+    assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
+async def test_a_checkpoint_row_that_is_no_checkpoint_at_the_writer_s_next_sequence_does_not_stop_it(
+    filled: TrailDb,
+) -> None:
+    await filled.superuser(FORGED_CHECKPOINT, 63, "not a hash", "", "not base64!")
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(12)]
+    assert await filled.record(more[:10]) == 10  # due at 63, which the row holds: signed later
+    assert await filled.record(more[10:]) == 2
+    seqs = await filled.pool.fetch("SELECT seq FROM checkpoints WHERE seq > 50 ORDER BY seq")
+    assert [r["seq"] for r in seqs] == [63, 65]
+    assert (
+        await filled.pool.fetchval("SELECT key_id FROM checkpoints WHERE seq = 65")
+    ) == filled.signer.key_id
 
 
 async def test_doctored_indexed_column_is_found_by_the_full_verification(filled: TrailDb) -> None:

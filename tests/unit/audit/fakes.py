@@ -19,7 +19,9 @@ from contracts.topics import DEAD_LETTER
 from libs.bus.core import Delivery, Record
 from services.audit import handlers
 from services.audit.domain import (
+    SEQ_MAX,
     ChainHead,
+    CheckpointTrust,
     EventQuery,
     HeldAt,
     HeldEvent,
@@ -29,6 +31,7 @@ from services.audit.domain import (
     PreparedRows,
     SealedHead,
     Signer,
+    StoredCheckpoint,
     StoredRow,
     TrailRow,
     chain_hash,
@@ -144,9 +147,20 @@ class FakeTrail:
 
     # -- TrailWriter ---------------------------------------------------------------------------------
 
-    async def lock_head(self) -> ChainHead:
+    async def lock_head(self) -> tuple[ChainHead, StoredCheckpoint | None]:
         self.locks += 1
-        return self._head()
+        head = self._head()
+        newest = await self.checkpoints_below(SEQ_MAX, limit=1)
+        return replace(head, checkpoint_seq=0), newest[0] if newest else None
+
+    async def checkpoints_below(self, seq: int, *, limit: int) -> list[StoredCheckpoint]:
+        below = sorted((c for c, _ in self.checkpoint_rows if c.sequence < seq), key=lambda c: -c.sequence)
+        return [
+            StoredCheckpoint(
+                c.sequence, c, self.rows[c.sequence].row.row_hash if c.sequence in self.rows else None
+            )
+            for c in below[:limit]
+        ]
 
     def _head(self) -> ChainHead:
         checkpoint_seq = max((c.sequence for c, _ in self.checkpoint_rows), default=0)
@@ -204,8 +218,11 @@ class FakeTrail:
                 r.seal,
             )
 
-    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> None:
+    async def add_checkpoint(self, checkpoint: AuditCheckpoint, event_id: str) -> bool:
+        if any(c.sequence == checkpoint.sequence for c, _ in self.checkpoint_rows):
+            return False  # the primary key's ON CONFLICT DO NOTHING
         self.checkpoint_rows.append((checkpoint, event_id))
+        return True
 
     # -- TrailReader ---------------------------------------------------------------------------------
 
@@ -331,6 +348,14 @@ class FakeTrail:
             prev = chain_hash(prev, s, stored.row.record)
             stored.row = replace(stored.row, row_hash=prev)
 
+    def insert_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """What `INSERT INTO checkpoints` does: any row, signed or not, at a sequence no row holds."""
+        assert all(c.sequence != checkpoint.sequence for c, _ in self.checkpoint_rows)
+        self.checkpoint_rows.append((checkpoint, "inserted-in-the-database"))
+
+    def delete_checkpoint(self, seq: int) -> None:
+        self.checkpoint_rows = [(c, e) for c, e in self.checkpoint_rows if c.sequence != seq]
+
     def drop_checkpoints_after(self, seq: int) -> None:
         self.checkpoint_rows = [(c, e) for c, e in self.checkpoint_rows if c.sequence <= seq]
 
@@ -421,6 +446,7 @@ async def record(
     prepared: PreparedRows | None = None,
     ends: PartitionEnds | None = None,
     sealed: SealedHead | None = None,
+    trust: CheckpointTrust | None = None,
 ) -> tuple[int, list[CloudEvent[Any]]]:
     """Record a poll through the audit handler; the count of new rows and the checkpoints published."""
     published: list[CloudEvent[Any]] = []
@@ -440,5 +466,6 @@ async def record(
         prepared=prepared,
         ends=ends,
         sealed=sealed,
+        trust=trust,
     )
     return n, published

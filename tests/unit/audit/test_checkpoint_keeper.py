@@ -19,7 +19,7 @@ class Keeper(CheckpointKeeper):
 
     def __init__(self, tmp_path: Path, *, seal_fails: bool) -> None:
         settings = AuditSettings(checkpoint_every_s=0.01, checkpoint_file=tmp_path / "checkpoints.ndjson")
-        super().__init__(rt=None, settings=settings, signer=None, archive=None)  # type: ignore[arg-type]
+        super().__init__(rt=None, settings=settings, signer=None, archive=None, trust=None)  # type: ignore[arg-type]
         self.seal_fails = seal_fails
         self.sealed = 0
         self.archived = 0

@@ -8,13 +8,14 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from libs.errors import NotFound
 from services.audit import core, handlers
 from services.audit.core import CHECKPOINT_PAGE, verify_trail
-from services.audit.domain import GENESIS, ChainHead, KeyRing, Signer
+from services.audit.domain import GENESIS, SEQ_MAX, ChainHead, CheckpointTrust, KeyRing, Signer
 from services.audit.schemas import VerifyPublic
 from services.audit.verification import LinkScanner, Problem, split_ranges
 from tests.unit.audit.fakes import (
@@ -183,6 +184,109 @@ async def test_a_row_hash_nulled_after_the_last_checkpoint_refuses_the_next_one_
 
 async def _ignore(event: Any) -> None:
     return None
+
+
+def untrusted(step: str) -> float:
+    return REGISTRY.get_sample_value("driftloop_audit_checkpoints_untrusted_total", {"step": step}) or 0.0
+
+
+def forged(seq: int, head_hash: bytes) -> AuditCheckpoint:
+    """A checkpoint row inserted in the database: this trail's key id, a signature of another key."""
+    made = Signer(OTHER_SEED).checkpoint(ChainHead(seq, head_hash), signed_at=datetime.now(UTC))
+    return made.model_copy(update={"key_id": SIGNER.key_id})
+
+
+async def seal_head(trail: FakeTrail, **kw: Any) -> AuditCheckpoint | None:
+    """The keeper's timed checkpoint (and a clean stop's)."""
+    return await handlers.seal_head(
+        trail=trail, signer=SIGNER, publish=_ignore, source="/driftloop/audit", clock=Clock(), **kw
+    )
+
+
+async def test_a_checkpoint_forged_far_ahead_does_not_stop_the_writer_signing() -> None:
+    trail = await filled()
+    trail.insert_checkpoint(forged(10**12, bytes(32)))
+    before = untrusted("sign")
+    trust = CheckpointTrust(KEYS)
+    for k in range(3):
+        more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS + 5 * k, ROWS + 5 * k + 5)]
+        assert (await record(trail, SIGNER, more, every=EVERY, trust=trust))[0] == 5
+    ours = sorted(c.sequence for c, _ in trail.checkpoint_rows if c.sequence < 10**12)
+    assert ours == [10, 20, 30, 40, 50, 63]
+    assert (await seal_head(trail, trust=trust)) is not None  # a timed one too, at 68
+    assert untrusted("sign") == before + 1  # logged and counted once, however many polls met it
+    report = await verify(trail)  # still named, as it was
+    assert (report.first_bad_seq, report.problem) == (10**12, Problem.BAD_CHECKPOINT)
+
+
+async def test_a_checkpoint_forged_at_the_head_lets_the_next_vouch_for_no_row_rewritten_below_it() -> None:
+    trail = await filled()
+    trail.update_record(52, changed_payload(trail.rows[52].row.record))
+    trail.recompute_from(52)
+    trail.insert_checkpoint(forged(ROWS, trail.rows[ROWS].row.row_hash))  # it matches the rewritten head
+    more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS, ROWS + 10)]
+    assert (await record(trail, SIGNER, more, every=EVERY))[0] == 10  # a checkpoint due at 63
+    assert await seal_head(trail) is None
+    trail.delete_checkpoint(ROWS)  # before the keeper copies it to the file
+    assert max(c.sequence for c, _ in trail.checkpoint_rows) == 50  # nothing vouches for row 52
+    report = await verify(trail)
+    assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
+async def test_a_checkpoint_due_at_a_sequence_a_forged_one_holds_is_signed_at_a_later_head() -> None:
+    trail = await filled()
+    trail.insert_checkpoint(forged(58, bytes(32)))
+    trail.insert_checkpoint(forged(60, bytes(32)))
+    polls = [[delivery(example(DriftDetected), offset=i) for i in range(k, k + 5)] for k in range(53, 75, 5)]
+    await record(trail, SIGNER, polls[0], every=EVERY)
+    _, published = await record(trail, SIGNER, polls[1], every=EVERY)  # due at 63: its sequence is free
+    assert [e.data.sequence for e in published] == [63]
+    trail.insert_checkpoint(forged(73, bytes(32)))
+    await record(trail, SIGNER, polls[2], every=EVERY)
+    _, published = await record(trail, SIGNER, polls[3], every=EVERY)  # due at 73, which a forged one holds
+    assert published == []
+    assert (await seal_head(trail)) is None  # nor at a timed checkpoint: the head is still 73
+    _, published = await record(trail, SIGNER, polls[4][:2], every=EVERY)
+    assert [e.data.sequence for e in published] == [75]
+    assert KEYS.check(published[0].data) is None
+
+
+async def test_a_writer_builds_on_a_checkpoint_of_a_retired_key_it_trusts() -> None:
+    new = Signer(OTHER_SEED)
+    for keys, signed in [([new.public_raw, SIGNER.public_raw], [(63, new.key_id)]), ([new.public_raw], [])]:
+        trail = await filled()  # the old key's checkpoints, up to a clean stop's at 53
+        assert await seal_head(trail) is not None
+        more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS, ROWS + 10)]
+        _, published = await record(trail, new, more, every=EVERY, trust=CheckpointTrust(KeyRing(keys)))
+        # Without the old key, its checkpoints vouch for nothing: the rows since the first are the old key's,
+        # whose seals the new key cannot check, and the checkpoint is refused.
+        assert [(e.data.sequence, e.data.key_id) for e in published] == signed
+
+
+async def test_the_file_takes_only_trusted_checkpoints_and_names_each_untrusted_one_once() -> None:
+    trail = await filled()
+    trail.insert_checkpoint(forged(10**12, bytes(32)))
+    trail.insert_checkpoint(forged(ROWS, trail.rows[ROWS].row.row_hash))
+    archive, trust, before = FakeArchive([]), CheckpointTrust(KEYS), untrusted("archive")
+
+    async def copy() -> int:
+        """What the keeper does every second: bootstrap.sync_archive on the fakes."""
+        stored = await trail.checkpoints_below(SEQ_MAX, limit=1000)
+        taken = handlers.trusted_to_archive(
+            [s for s in reversed(stored) if s.seq > archive.last_sequence()], trust
+        )
+        added = archive.append(taken)
+        trust.passed(archive.last_sequence())
+        return added
+
+    assert await copy() == 5
+    assert await copy() == 0
+    assert untrusted("archive") == before + 2
+    more = [delivery(example(DriftDetected), offset=i) for i in range(ROWS, ROWS + 10)]
+    await record(trail, SIGNER, more, every=EVERY, trust=trust)
+    assert await copy() == 1  # the writer's next one, at 63, reaches the file
+    assert [c.sequence for c in archive.checkpoints] == [10, 20, 30, 40, 50, 63]
+    assert untrusted("archive") == before + 2
 
 
 async def test_checkpoint_forged_to_match_a_recomputed_chain_is_refused() -> None:
