@@ -542,8 +542,8 @@ def _split_models(values: list[str]) -> list[str]:
             "again."
         },
         413: {
-            "description": "The file is larger than the upload limit, or its table has more rows or values "
-            "than the dataset limits."
+            "description": "The file is larger than the upload limit, or its table has more rows, values "
+            "or text than the dataset limits."
         },
         422: {
             "description": "The multipart body or the file cannot be read, or the name, models or "
@@ -588,6 +588,7 @@ async def upload_dataset(
         columns=settings.max_dataset_columns,
         rows=settings.max_dataset_rows,
         cells=settings.max_dataset_cells,
+        text_bytes=settings.max_dataset_text_bytes,
     )
     dataset = await asyncio.to_thread(canonicalise, data, filename=file.filename, limits=limits)
     rt = _runtime(request)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pandas.api import types as ptypes
 
@@ -28,6 +29,9 @@ PARQUET_MIN_BYTES = 12
 INT64_MAX = 2**63 - 1
 # Rows decoded at a time: the rows read so far are counted against the limits after each batch.
 PARQUET_BATCH_ROWS = 65_536
+# Parquet's text encoding whose values share a prefix with the one before: each can be as long as all the
+# page's text, so a few hundred bytes of it decode to 5,000 values of 20 KB each.
+DELTA_BYTE_ARRAY = "DELTA_BYTE_ARRAY"
 
 # Arrow integers and booleans become pandas' nullable types, which keep a missing value as NA: the default
 # (numpy) turns an integer column with a gap into float64 (losing precision above 2**53) and a boolean one
@@ -48,13 +52,17 @@ _NULLABLE_DTYPES: dict[pa.DataType, pd.api.extensions.ExtensionDtype] = {
 @dataclass(frozen=True)
 class TableLimits:
     """How large a table an upload may hold. A Parquet file compresses a table almost without bound (20
-    million equal integers fit in 91 KB), so its size says nothing of the memory it takes once read: rows
-    and cells (rows x columns) are checked from its metadata before any of it is decoded, and counted again
-    while it is decoded."""
+    million equal integers fit in 91 KB), so its size says nothing of the memory it takes once read: rows,
+    cells (rows x columns) and text are checked from its metadata before any of it is decoded, and counted
+    again while it is decoded."""
 
     columns: int
     rows: int
     cells: int
+    text_bytes: int
+    """Bytes of text (UTF-8, decoded) a Parquet file's text columns may hold together: rows and cells do not
+    bound the length of a value, and one string of 300 MB compresses to a few KB. (A CSV's text is at most
+    the file, which the upload limit bounds.)"""
 
     def check(self, rows: int, columns: int, *, at_least: bool = False) -> None:
         """422 for more columns than the limit, 413 for more rows or values (``at_least``: ``rows`` were
@@ -72,6 +80,19 @@ class TableLimits:
                 f"the file {has} {rows} rows x {columns} columns = {rows * columns} values; the limit is "
                 f"{self.cells} (split it, or raise max_dataset_cells)",
                 field="file",
+            )
+
+    def check_text(self, column: str, held: int, total: int) -> None:
+        """413 when the text columns hold more than ``text_bytes``: ``total`` bytes were decoded so far,
+        ``held`` of them in ``column``, the one that went over."""
+        if total > self.text_bytes:
+            raise PayloadTooLarge(
+                f"column {column!r} holds at least {held} bytes of text once decoded"
+                + (f" (the file's text columns at least {total})" if total != held else "")
+                + f"; the limit is {self.text_bytes} bytes of text (split the file, or raise "
+                "max_dataset_text_bytes)",
+                field="file",
+                column=column,
             )
 
 
@@ -354,8 +375,7 @@ def _parser_message(exc: Exception, columns: int) -> str:
 
 def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
     try:
-        file = pq.ParquetFile(io.BytesIO(data))
-        table = _decode_parquet(file, limits)
+        table = _decode_parquet(data, limits)
     except (pa.ArrowException, OSError) as exc:
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
     except UnicodeDecodeError as exc:
@@ -366,8 +386,7 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
         ) from exc
     names = table.column_names
     for index, field_ in enumerate(table.schema):
-        t = field_.type.value_type if pa.types.is_dictionary(field_.type) else field_.type
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if _is_text(field_.type):
             # Arrow reads a Parquet string as it is stored, UTF-8 or not, and fails only when the text is
             # turned into Python strings (an ArrowException far from here, so a 500).
             try:
@@ -415,10 +434,106 @@ def _check_column_types(schema: pa.Schema) -> None:
             )
 
 
-def _decode_parquet(file: pq.ParquetFile, limits: TableLimits) -> pa.Table:
+def _is_text(t: pa.DataType) -> bool:
+    """Whether a column of Arrow type ``t`` holds text (a dictionary of text too)."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+def _text_bytes(values: pa.Array) -> int:
+    """Bytes of text ``values`` hold once decoded, each value counted where it is: a dictionary's value once
+    per index that names it, without decoding them."""
+    if isinstance(values, pa.DictionaryArray):
+        lengths = pc.take(pc.binary_length(values.dictionary), values.indices)
+    else:
+        lengths = pc.binary_length(values)
+    return int(pc.sum(lengths, min_count=0).as_py())
+
+
+def _check_declared_text(meta: pq.FileMetaData, schema: pa.Schema, limits: TableLimits) -> None:
+    """413 before any page is read when the footer says the text columns' pages take more than the text limit
+    once decompressed (a 300 MB string compresses to a few KB); the column named is the largest."""
+    held = {
+        field_.name: sum(
+            meta.row_group(g).column(i).total_uncompressed_size for g in range(meta.num_row_groups)
+        )
+        for i, field_ in enumerate(schema)
+        if _is_text(field_.type)
+    }
+    total = sum(held.values())
+    if total > limits.text_bytes:
+        largest = max(held, key=held.__getitem__)
+        raise PayloadTooLarge(
+            f"the Parquet footer says column {largest!r} takes {held[largest]} bytes once decompressed"
+            + (f" (the file's text columns {total})" if total != held[largest] else "")
+            + f"; the limit is {limits.text_bytes} bytes of text (split the file, or raise "
+            "max_dataset_text_bytes)",
+            field="file",
+            column=largest,
+        )
+
+
+def _check_encoded_text(data: bytes, file: pq.ParquetFile, schema: pa.Schema, limits: TableLimits) -> None:
+    """413 before the table is decoded when its text columns whose values the footer does not count (a
+    dictionary's, once however many rows name it; DELTA_BYTE_ARRAY's, each sharing a prefix with the one
+    before) hold more than the text limit. A 429-byte file held 5,000 rows naming one 20 KB dictionary value,
+    and a 446-byte one 5,000 delta-encoded values of 20 KB: 100 MB each once decoded, the footers saying
+    20 KB."""
+    meta = file.metadata
+    dictionary: dict[int, list[str]] = {}
+    delta: dict[int, dict[str, int]] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for i, field_ in enumerate(schema):
+            chunk = group.column(i)
+            if not _is_text(field_.type) or not group.num_rows:
+                continue
+            # Arrow cannot read a DELTA_BYTE_ARRAY page as dictionary indices (not implemented).
+            if DELTA_BYTE_ARRAY in chunk.encodings:
+                delta.setdefault(g, {})[field_.name] = chunk.total_uncompressed_size
+            elif chunk.has_dictionary_page:
+                dictionary.setdefault(g, []).append(field_.name)
+    held: dict[str, int] = {}
+    total = 0
+
+    def count(batch: pa.RecordBatch) -> None:
+        nonlocal total
+        for name, values in zip(batch.schema.names, batch.columns, strict=True):
+            counted = _text_bytes(values)
+            held[name] = held.get(name, 0) + counted
+            total += counted
+            limits.check_text(name, held[name], total)
+
+    if dictionary:
+        # The indices and the dictionary, each row's value counted, none decoded. One batch per row group:
+        # in smaller ones Arrow hands each the dictionary of all the row group's values so far, and a column
+        # of distinct values took 20 times longer.
+        indices = pq.ParquetFile(
+            io.BytesIO(data),
+            metadata=meta,
+            read_dictionary=sorted({n for ns in dictionary.values() for n in ns}),
+        )
+        for g, names in dictionary.items():
+            for batch in indices.iter_batches(
+                batch_size=meta.row_group(g).num_rows, row_groups=[g], columns=names
+            ):
+                count(batch)
+    for g, chunks in delta.items():
+        # Each value can be as long as its page's text, which the footer bounds by its chunk's size (their
+        # sum checked against the limit already): batches of the limit over that sum in rows hold at most
+        # the limit. They are counted and dropped; the table is decoded afterwards in full-size batches.
+        rows = max(1, min(meta.row_group(g).num_rows, limits.text_bytes // max(sum(chunks.values()), 1)))
+        for batch in file.iter_batches(batch_size=rows, row_groups=[g], columns=list(chunks)):
+            count(batch)
+
+
+def _decode_parquet(data: bytes, limits: TableLimits) -> pa.Table:
     """The file's table, refused before any page is decompressed when its footer declares too large a
-    shape, a row count its row groups do not add up to, a column name the header rules refuse or a column
-    type the canonical form has none of; rows are counted again as they are decoded."""
+    shape, a row count its row groups do not add up to, a column name the header rules refuse, a column
+    type the canonical form has none of or more text than the limit; text the footer does not count
+    (dictionary- or delta-encoded) is counted before the table is decoded, and rows and text are counted
+    again as they are decoded."""
+    file = pq.ParquetFile(io.BytesIO(data))
     meta = file.metadata
     schema = file.schema_arrow
     columns = len(schema)
@@ -437,11 +552,23 @@ def _decode_parquet(file: pq.ParquetFile, limits: TableLimits) -> pa.Table:
     # before its type was refused.
     _check_header([str(n).strip() for n in schema.names])
     _check_column_types(schema)
+    # Nor do they bound the length of a value: a 9.6 KB file held two strings of 300 MB (2.7 GB to read),
+    # and files of about 430 bytes, dictionary- or delta-encoded, 5,000 strings of 20 KB.
+    _check_declared_text(meta, schema, limits)
+    _check_encoded_text(data, file, schema, limits)
+    text = [(i, field_.name) for i, field_ in enumerate(schema) if _is_text(field_.type)]
+    held = dict.fromkeys((name for _, name in text), 0)
+    total = 0
     batches = []
     read = 0
     for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS):
         read += batch.num_rows
         limits.check(read, columns, at_least=True)
+        for i, name in text:
+            counted = _text_bytes(batch.column(i))
+            held[name] += counted
+            total += counted
+            limits.check_text(name, held[name], total)
         batches.append(batch)
     if read != declared:
         raise InvalidInput(

@@ -44,6 +44,15 @@ class RegistrySettings(ServiceSettings):
         "fit in 91 KB), and 10 million values, about what a 64 MiB CSV of numbers holds, take some 300 MB to "
         "read and canonicalise.",
     )
+    max_dataset_text_bytes: int = Field(
+        64 * MIB,
+        ge=1,
+        description="Parquet dataset uploads whose text columns hold more bytes of text, decoded, get 413: "
+        "checked from the footer before any page is read, from a dictionary's indices before its values "
+        "are decoded, and counted as they are. Rows and values do not bound the length of a value (two "
+        "strings of 300 MB compress to 9.6 KB); the default is the most text a CSV upload can hold "
+        "(max_upload_bytes).",
+    )
 
     @model_validator(mode="after")
     def _body_limit_covers_uploads(self) -> RegistrySettings:

@@ -152,7 +152,7 @@ async def test_retrain_needs_a_version_or_a_dataset_naming_the_model(versions: F
 
 
 CSV = b"tenure_months,monthly_charges,plan,churned\n1,20.5,basic,0\n24,70.1,premium,1\n"
-LIMITS = TableLimits(columns=100, rows=1000, cells=10_000)
+LIMITS = TableLimits(columns=100, rows=1000, cells=10_000, text_bytes=1_000_000)
 
 
 async def upload(
@@ -257,7 +257,11 @@ async def test_an_upload_too_wide_for_its_event_is_refused_naming_the_limit_befo
     # that spoke of the event, after the file was stored.
     names = [f"sensor_{i:05d}_" + "reading" * 13 for i in range(10_000)]
     data = (",".join(names) + "\n" + ",".join("1" for _ in names) + "\n").encode()
-    wide = canonicalise(data, filename="wide.csv", limits=TableLimits(columns=20_000, rows=10, cells=100_000))
+    wide = canonicalise(
+        data,
+        filename="wide.csv",
+        limits=TableLimits(columns=20_000, rows=10, cells=100_000, text_bytes=10**6),
+    )
     datasets, artifacts, outbox = FakeDatasets(), FakeArtifacts(), SizedOutbox()
     with pytest.raises(InvalidInput) as caught:
         await core.upload_dataset(

@@ -7,6 +7,7 @@ import hashlib
 import html
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -46,7 +47,7 @@ from services.registry.schemas import (
     VersionPublic,
 )
 
-LIMITS = TableLimits(columns=10, rows=1000, cells=5000)
+LIMITS = TableLimits(columns=10, rows=1000, cells=5000, text_bytes=1_000_000)
 
 
 def test_every_stage_can_be_left_and_nothing_moves_to_candidate() -> None:
@@ -250,6 +251,19 @@ def parquet_table(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def parquet_table_encoded(table: pa.Table, encoding: str) -> bytes:
+    """``table`` as Parquet with every column in ``encoding``, no dictionary."""
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        use_dictionary=False,
+        column_encoding=dict.fromkeys(table.column_names, encoding),
+    )
+    return buf.getvalue()
+
+
 def test_parquet_value_pandas_cannot_hold_names_its_column() -> None:
     data = parquet_table(pa.table({"x": [1], "d": pa.array([10**8], type=pa.date32())}))  # year 275760
     with pytest.raises(InvalidInput) as caught:
@@ -371,7 +385,11 @@ def test_a_parquet_file_with_too_many_rows_is_refused_before_it_is_decoded() -> 
     data = parquet_table(pa.table({"x": pa.nulls(20_000_000, pa.int64()).fill_null(0)}))
     assert len(data) < 200_000
     with pytest.raises(PayloadTooLarge, match="the file has 20000000 rows; the limit is 5000000"):
-        canonicalise(data, filename="x.parquet", limits=TableLimits(columns=10, rows=5_000_000, cells=10**8))
+        canonicalise(
+            data,
+            filename="x.parquet",
+            limits=TableLimits(columns=10, rows=5_000_000, cells=10**8, text_bytes=10**8),
+        )
 
 
 def _zigzag_varint(value: int) -> bytes:
@@ -434,8 +452,10 @@ def test_rows_and_values_beyond_the_limits_are_payload_too_large(filename: str) 
         canonicalise(data, filename=filename, limits=LIMITS)
     assert caught.value.status == 413
     with pytest.raises(PayloadTooLarge, match="1001 rows x 2 columns = 2002 values; the limit is 2000"):
-        canonicalise(data, filename=filename, limits=TableLimits(columns=10, rows=5000, cells=2000))
-    assert canonicalise(data, filename=filename, limits=TableLimits(10, 1001, 2002)).row_count == 1001
+        canonicalise(
+            data, filename=filename, limits=TableLimits(columns=10, rows=5000, cells=2000, text_bytes=10**6)
+        )
+    assert canonicalise(data, filename=filename, limits=TableLimits(10, 1001, 2002, 10**6)).row_count == 1001
 
 
 def test_a_csv_is_refused_at_the_first_row_beyond_the_limits_not_after_the_rest() -> None:
@@ -447,7 +467,9 @@ def test_a_csv_is_refused_at_the_first_row_beyond_the_limits_not_after_the_rest(
     with pytest.raises(
         PayloadTooLarge, match="at least 1001 rows x 2 columns = 2002 values; the limit is 2000"
     ):
-        canonicalise(data, filename="x.csv", limits=TableLimits(columns=10, rows=5000, cells=2000))
+        canonicalise(
+            data, filename="x.csv", limits=TableLimits(columns=10, rows=5000, cells=2000, text_bytes=10**6)
+        )
 
 
 @pytest.mark.parametrize(
@@ -566,6 +588,105 @@ def test_a_parquet_column_of_an_unsupported_type_is_refused_before_any_page_is_d
     with pytest.raises(InvalidInput, match="column 'nested' has Parquet type") as caught:
         canonicalise(data, filename="x.parquet", limits=LIMITS)
     assert caught.value.extra["column"] == "nested"
+
+
+def _uncompressed(data: bytes, column: int) -> int:
+    """What the Parquet footer says a column's pages take once decompressed."""
+    meta = pq.read_metadata(io.BytesIO(data))
+    return sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+
+
+def _decoded_batches(monkeypatch: pytest.MonkeyPatch) -> list[pa.RecordBatch]:
+    """The batches the reader decodes from here on, recorded as they are handed over."""
+    batches: list[pa.RecordBatch] = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recorded(self: pq.ParquetFile, *args: object, **kwargs: object) -> Iterator[pa.RecordBatch]:
+        for batch in iter_batches(self, *args, **kwargs):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recorded)
+    return batches
+
+
+def test_parquet_text_longer_than_the_limit_is_refused_before_any_page_is_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rows and values do not bound a value's length: two strings of 300 MB compress to 9.6 KB, and the
+    # registry read and stored them (2.7 GB). The footer says what the pages take once decompressed.
+    data = parquet_table(pa.table({"id": [1, 2], "text": ["a" * 3_000_000, "b" * 3_000_000]}))
+    assert len(data) < 2_000
+
+    def decoded(*_: object, **__: object) -> None:
+        raise AssertionError("a page was decoded")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", decoded)
+    limits = replace(LIMITS, text_bytes=5_000_000)
+    with pytest.raises(PayloadTooLarge, match="the Parquet footer says column 'text' takes 6000") as caught:
+        canonicalise(data, filename="x.parquet", limits=limits)
+    assert "the limit is 5000000 bytes of text" in caught.value.message
+    assert "max_dataset_text_bytes" in caught.value.message
+    assert caught.value.extra["column"] == "text"
+
+
+def test_dictionary_encoded_parquet_text_is_counted_from_its_indices_before_it_is_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 5,000 rows naming one 20 KB dictionary value are a 429-byte file, 100 MB once decoded; the footer counts
+    # the value once. Here 5,000 rows of 2,000 bytes: 10 MB of text, the footer saying some 2 KB
+    # (its statistics, the longest and shortest value, make the file 8 KB).
+    data = parquet_table(pa.table({"text": ["x" * 2_000] * 5_000}))
+    assert len(data) < 10_000
+    assert _uncompressed(data, 0) < 10_000
+    batches = _decoded_batches(monkeypatch)
+    with pytest.raises(
+        PayloadTooLarge, match="column 'text' holds at least 10000000 bytes of text"
+    ) as caught:
+        canonicalise(data, filename="x.parquet", limits=replace(LIMITS, rows=5_000, text_bytes=1_000_000))
+    assert "the limit is 1000000 bytes of text" in caught.value.message
+    assert caught.value.extra["column"] == "text"
+    # Only indices were read: no value was decoded.
+    assert batches
+    assert all(pa.types.is_dictionary(b.schema.field("text").type) for b in batches)
+
+
+def test_delta_encoded_parquet_text_is_refused_a_small_batch_past_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # DELTA_BYTE_ARRAY values share a prefix with the one before: 5,000 values of 20 KB are a 446-byte file
+    # whose footer says 20 KB, and cannot be read as dictionary indices. Here 5,000 values of 2,000
+    # bytes.
+    data = parquet_table_encoded(pa.table({"text": ["x" * 2_000] * 5_000}), "DELTA_BYTE_ARRAY")
+    assert len(data) < 10_000
+    assert _uncompressed(data, 0) < 10_000
+    batches = _decoded_batches(monkeypatch)
+    with pytest.raises(PayloadTooLarge, match=r"column 'text' holds at least \d+ bytes of text once decoded"):
+        canonicalise(data, filename="x.parquet", limits=replace(LIMITS, rows=5_000, text_bytes=1_000_000))
+    # Each batch held at most the limit's worth of values, and the read stopped at the first one over it.
+    decoded = sum(b.num_rows for b in batches)
+    assert decoded < 5_000
+    assert decoded * 2_000 <= 2 * 1_000_000
+
+
+@pytest.mark.parametrize("encoding", [None, "DELTA_BYTE_ARRAY", "PLAIN"])
+def test_parquet_text_up_to_the_limit_is_read_whatever_its_encoding(encoding: str | None) -> None:
+    # Counted exactly: each row's value (a dictionary's once per row naming it, none for a missing value).
+    table = pa.table(
+        {
+            "plan": [f"plan-{i % 7}" for i in range(900)],
+            "note": [None if i % 3 else f"n{i:05d}" for i in range(900)],
+        }
+    )
+    text = 900 * 6 + 300 * 6
+    data = parquet_table(table) if encoding is None else parquet_table_encoded(table, encoding)
+    roomy = canonicalise(data, filename="x.parquet", limits=replace(LIMITS, text_bytes=10**9))
+    if encoding != "PLAIN":  # PLAIN pages take more than their text (a length before each value)
+        exact = canonicalise(data, filename="x.parquet", limits=replace(LIMITS, text_bytes=text))
+        assert exact.parquet == roomy.parquet
+    with pytest.raises(PayloadTooLarge, match="bytes of text"):
+        canonicalise(data, filename="x.parquet", limits=replace(LIMITS, text_bytes=text - 1))
+    assert roomy.parquet == canonicalise(parquet_table(table), filename="x.parquet", limits=LIMITS).parquet
 
 
 def test_file_named_parquet_without_the_magic_is_refused() -> None:
