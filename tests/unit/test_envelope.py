@@ -654,21 +654,22 @@ def test_the_legacy_cloudevents_sdk_api_reads_our_messages_too() -> None:
     assert read.get_data() == EXAMPLES[TrainingCompleted].model_dump(mode="json")
 
 
+SDK_ATTRIBUTES = {
+    "id": "ext-1",
+    "source": "/external/producer",
+    "type": TrainingCompleted.event_type(),
+    "subject": "churn",
+    "time": datetime(2025, 6, 2, 9, 0, tzinfo=UTC),
+    "datacontenttype": "application/json",
+    "correlationid": "root-1",
+    "actor": "user:bob",
+}
+"""A TrainingCompleted's attributes as another publisher gives them to a CloudEvents SDK."""
+
+
 def test_a_message_written_by_the_cloudevents_sdk_decodes() -> None:
     payload = EXAMPLES[TrainingCompleted]
-    sdk_event = SdkCloudEvent(
-        attributes={
-            "id": "ext-1",
-            "source": "/external/producer",
-            "type": TrainingCompleted.event_type(),
-            "subject": "churn",
-            "time": datetime(2025, 6, 2, 9, 0, tzinfo=UTC),
-            "datacontenttype": "application/json",
-            "correlationid": "root-1",
-            "actor": "user:bob",
-        },
-        data=payload.model_dump(mode="json"),
-    )
+    sdk_event = SdkCloudEvent(attributes=dict(SDK_ATTRIBUTES), data=payload.model_dump(mode="json"))
     message = ce_kafka.to_binary(sdk_event, JSONFormat())
 
     decoded = EVENT_TYPES.decode(message.value, message.headers)
@@ -710,17 +711,7 @@ def _structured(**changes: Any) -> tuple[bytes, dict[str, bytes]]:
 
 def test_a_structured_mode_message_written_by_the_cloudevents_sdk_decodes_as_its_binary_twin() -> None:
     payload = EXAMPLES[TrainingCompleted]
-    attributes = {
-        "id": "ext-1",
-        "source": "/external/producer",
-        "type": TrainingCompleted.event_type(),
-        "subject": "churn",
-        "time": datetime(2025, 6, 2, 9, 0, tzinfo=UTC),
-        "datacontenttype": "application/json",
-        "correlationid": "root-1",
-        "actor": "user:bob",
-    }
-    sdk_event = SdkCloudEvent(attributes=attributes, data=payload.model_dump(mode="json"))
+    sdk_event = SdkCloudEvent(attributes=dict(SDK_ATTRIBUTES), data=payload.model_dump(mode="json"))
     structured = ce_kafka.to_structured(sdk_event, JSONFormat())
     binary = ce_kafka.to_binary(sdk_event, JSONFormat())
 

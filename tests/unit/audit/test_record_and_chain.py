@@ -282,36 +282,8 @@ def test_the_trail_indexes_ce_time_exactly_when_the_bus_decodes_it(ce_time: str)
         assert decoded == dict(ACCEPTED)[ce_time]
 
 
-def test_a_time_copy_made_before_the_trail_read_ce_time_as_the_bus_does_still_verifies() -> None:
-    # Until then, the copy of "2025-03-01 12:00:00Z" (no RFC 3339: the bus refuses it now) was a time.
-    r = _with_time(record_of(example(DriftDetected)), "2025-03-01 12:00:00Z")
-    [row] = chain_rows(
-        ChainHead(0, GENESIS),
-        [Incoming(r)],
-        recorded_at=AT,
-        sealer=Sealer(SEED),
-        dead_letter_topic=DEAD_LETTER,
-    )
-    stored = StoredRow(
-        seq=row.seq,
-        record=row.record,
-        row_hash=row.row_hash,
-        topic=row.topic,
-        partition=row.partition,
-        offset=row.offset,
-        kind=row.kind,
-        attributes=Attributes(*row[8:15]),
-        recorded_at=row.recorded_at,
-    )
-    assert stored.attributes.event_time is None
-    assert column_mismatch(stored) is None
-    old_copy = stored.attributes._replace(event_time=datetime(2025, 3, 1, 12, tzinfo=UTC))
-    assert column_mismatch(replace(stored, attributes=old_copy)) is None
-    moved = stored.attributes._replace(event_time=datetime(2025, 3, 1, 13, tzinfo=UTC))
-    assert column_mismatch(replace(stored, attributes=moved)) == "event_time"
-
-
 def _stored(row: Any) -> StoredRow:
+    """A chained row as the trail reads it back."""
     return StoredRow(
         seq=row.seq,
         record=row.record,
@@ -323,6 +295,25 @@ def _stored(row: Any) -> StoredRow:
         attributes=Attributes(*row[8:15]),
         recorded_at=row.recorded_at,
     )
+
+
+def test_a_time_copy_made_before_the_trail_read_ce_time_as_the_bus_does_still_verifies() -> None:
+    # Until then, the copy of "2025-03-01 12:00:00Z" (no RFC 3339: the bus refuses it now) was a time.
+    r = _with_time(record_of(example(DriftDetected)), "2025-03-01 12:00:00Z")
+    [row] = chain_rows(
+        ChainHead(0, GENESIS),
+        [Incoming(r)],
+        recorded_at=AT,
+        sealer=Sealer(SEED),
+        dead_letter_topic=DEAD_LETTER,
+    )
+    stored = _stored(row)
+    assert stored.attributes.event_time is None
+    assert column_mismatch(stored) is None
+    old_copy = stored.attributes._replace(event_time=datetime(2025, 3, 1, 12, tzinfo=UTC))
+    assert column_mismatch(replace(stored, attributes=old_copy)) is None
+    moved = stored.attributes._replace(event_time=datetime(2025, 3, 1, 13, tzinfo=UTC))
+    assert column_mismatch(replace(stored, attributes=moved)) == "event_time"
 
 
 def test_an_event_taken_in_structured_mode_is_indexed_and_shown_as_its_binary_twin() -> None:
