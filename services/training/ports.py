@@ -189,6 +189,12 @@ class JobQueue(Protocol):
         """running -> requested, for a run whose process died while the attempt limit allows another."""
         ...
 
+    async def release(self, job_id: str, run_id: str) -> bool:
+        """running -> requested with the run's attempt given back (the next claim is that attempt again, with
+        the same run id), for a run its own service stopped: a stop is no lost worker. False when the run no
+        longer owns the job."""
+        ...
+
 
 class SpecStore(Protocol):
     """Where canonical specs are stored for other services to read."""

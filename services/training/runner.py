@@ -10,7 +10,8 @@ over stops the fit there, rather than let it hold its core until it ends. A fit 
 of recording it: the database failing meanwhile is waited out with the outcome in hand (heartbeats go on), and
 any other error completing the job fails it, naming the error (completion-error). The artifact store away
 fails no job either: before the fit the run waits and starts again; after it the runner writes the files the
-store refused (the fit process hands them over) once the store is back.
+store refused (the fit process hands them over) once the store is back. A run the service's own stop cuts
+short hands its job back with its attempt uncounted: a deploy is no lost worker.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ RUNS_LET_GO = Counter(
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
 
+class Stopped(Exception):
+    """The service stopping ended the run (its fit process killed with the pool, or a wait for the store cut
+    short): no worker was lost, and the job is handed back with its attempt uncounted."""
+
+
 class LostOwnership(Exception):
     """Another run took the job over (this one was presumed dead): its outcome must not be recorded."""
 
@@ -138,7 +144,8 @@ class JobRunner:
         self._wake.set()
 
     def stop(self) -> None:
-        """Finish the job in hand, then stop."""
+        """Stop after the job in hand: a run the stop cuts short (the pool closed under its fit) hands its job
+        back, its attempt uncounted, for the next runner to run at once."""
         self._stopping = True
         self._wake.set()
 
@@ -248,6 +255,7 @@ class JobRunner:
 
         # Beating until the outcome is recorded: a completion waiting for the database is not a lost run.
         heartbeats = asyncio.create_task(self._heartbeats(job, taken_over))
+        stopped = False
         try:
             raw = await self._fit(job, job_input, progress, taken_over)
             delay = self.retry_first_s
@@ -255,7 +263,7 @@ class JobRunner:
                 # The store is away before the fit: nothing is wrong with the job, nothing is fitted yet.
                 # The run keeps the job (heartbeats go on) and starts again once the store answers.
                 if self._stopping:
-                    return  # left running: resumed as a lost run by whoever runs next
+                    raise Stopped
                 if taken_over.is_set():
                     return  # another run has the job: nothing of this one's is recorded
                 STORE_WAITS.labels(phase="load").inc()
@@ -271,10 +279,14 @@ class JobRunner:
                 raw = await self._write_unwritten(raw)
             if raw is not None:
                 await self._record(job, raw, time.monotonic() - started)
+        except Stopped:
+            stopped = True
         finally:
             heartbeats.cancel()
             with suppress(asyncio.CancelledError):
                 await heartbeats
+        if stopped:  # once no heartbeat of this run can follow: the next claim takes its run id again
+            await self._release(job)
 
     async def _fit(
         self, job: Job, job_input: dict[str, Any], progress: Progress, taken_over: asyncio.Event
@@ -301,6 +313,11 @@ class JobRunner:
             try:
                 return fit.result()
             except Exception as exc:
+                if self._stopping:
+                    # The service's own stop closed the pool under the fit (SIGTERM: a deploy, a scale-down).
+                    # Taken for a lost worker, it cost the job an attempt, and on its last one failed it as
+                    # worker-lost.
+                    raise Stopped from exc
                 # The fit process died under us (killed, out of memory): another attempt, if allowed.
                 await self._lost(job, exc, time.monotonic() - started)
                 return None
@@ -319,11 +336,11 @@ class JobRunner:
             message=f"the run took longer than job_timeout_s={self.job_timeout_s:.0f}s and was stopped",
         ).model_dump(mode="json")
 
-    async def _write_unwritten(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+    async def _write_unwritten(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Write the files of a fitted run that the store refused (the fit kept, the keys already in the
-        outcome), waiting for the store as long as it takes; the outcome without them, or None when the
-        runner stops meanwhile (the job, left running, is then resumed as a lost run). An error of the
-        store that is no outage fails the run with artifact-store-error."""
+        outcome), waiting for the store as long as it takes; the outcome without them. Raises Stopped when
+        the runner stops meanwhile (the job is handed back). An error of the store that is no outage fails
+        the run with artifact-store-error."""
         unwritten: list[bytes] = raw.pop(UNWRITTEN)
         store = ArtifactStore(self.artifacts_url)  # one try per write: the waiting is done here
         delay = self.retry_first_s
@@ -340,7 +357,7 @@ class JobRunner:
                             f"{type(exc).__name__}: {exc}",
                         ).model_dump(mode="json")
                     if self._stopping:
-                        return None
+                        raise Stopped from exc
                     STORE_WAITS.labels(phase="write").inc()
                     log.warning(
                         "artifact store unavailable after the fit; the run's files wait for it, the fit kept",
@@ -422,6 +439,26 @@ class JobRunner:
             if not owned:
                 taken_over.set()
                 return
+
+    async def _release(self, job: Job) -> None:
+        """Hand the job of a run the stop cut short back to the queue, its attempt uncounted, so that the next
+        runner (another replica at once, or this service restarted) runs it. The database away at that moment
+        leaves it running: resumed, as a lost run, once its heartbeat is stale."""
+        assert job.run_id is not None
+        try:
+            async with self.begin() as tx:
+                released = await self.queue_on(tx.conn).release(job.job_id, job.run_id)
+        except Exception as exc:
+            log.warning(
+                "the job could not be handed back as the runner stops; it is resumed once its heartbeat is "
+                "stale, as a lost run",
+                error=repr(exc),
+            )
+            return
+        if released:
+            log.info(
+                "the runner stops: the job is handed back, its attempt not counted", attempt=job.attempts
+            )
 
     async def _lost(self, job: Job, exc: BaseException, duration: float) -> None:
         assert job.run_id is not None

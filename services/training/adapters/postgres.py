@@ -293,6 +293,15 @@ class PgJobs:
         )
         return bool(status.endswith(" 1"))
 
+    async def release(self, job_id: str, run_id: str) -> bool:
+        status = await self.conn.execute(
+            """UPDATE jobs SET state = 'requested', heartbeat_at = NULL, attempts = attempts - 1
+               WHERE job_id = $1 AND run_id = $2 AND state = 'running'""",
+            job_id,
+            run_id,
+        )
+        return bool(status.endswith(" 1"))
+
 
 def _envelope_json(envelope: RequestEnvelope) -> dict[str, Any]:
     return {

@@ -208,6 +208,13 @@ class FakeJobs:
         self._update(job_id, state=JobState.REQUESTED, heartbeat_at=None)
         return True
 
+    async def release(self, job_id: str, run_id: str) -> bool:
+        job = self.rows[job_id]
+        if job.run_id != run_id or job.state is not JobState.RUNNING:
+            return False
+        self._update(job_id, state=JobState.REQUESTED, heartbeat_at=None, attempts=job.attempts - 1)
+        return True
+
     def _update(self, job_id: str, **changes: Any) -> Job:
         self.rows[job_id] = dataclasses.replace(self.rows[job_id], **changes)
         return self.rows[job_id]
@@ -274,15 +281,22 @@ class Harness:
                 handlers={payload: bind(h) for payload, h in HANDLERS.items()},
             )
         )
-        self.runner = JobRunner(
+        self.artifacts = artifacts
+        self.max_attempts = max_attempts
+        self.runner = self.new_runner()
+
+    def new_runner(self) -> JobRunner:
+        """A job runner on these fakes and the in-process trainer: the harness's own, or a restarted
+        service's."""
+        return JobRunner(
             begin=self._begin,
             queue_on=lambda _conn: self.jobs,
             datasets_on=lambda _conn: self.datasets,
             trainer=self.trainer,
-            artifacts_url=artifacts,
+            artifacts_url=self.artifacts,
             source="/driftloop/training",
             code_version="test",
-            max_attempts=max_attempts,
+            max_attempts=self.max_attempts,
             progress_interval_s=0.0,
             max_event_bytes=self.bus.max_event_bytes,
         )

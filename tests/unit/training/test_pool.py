@@ -20,6 +20,7 @@ from contracts.training import FailureReason, TrainingCompleted, TrainingFailed,
 from services.training import worker
 from services.training.adapters import pool as pool_module
 from services.training.adapters.pool import ProcessPoolTrainer
+from services.training.domain import JobState
 from services.training.ports import FitProcessUnavailable
 from services.training.worker import run_training
 from tests.unit.training.data import churn_frame, churn_spec
@@ -565,3 +566,38 @@ async def test_a_fit_beyond_the_fit_processs_memory_limit_fails_as_fit_error_say
         "(fit_memory_limit_mb) (MemoryError"
     ), failed.data.message
     assert [e.data.attempt for e in h.events(TrainingStarted)] == [1]
+
+
+async def test_a_service_stopped_mid_fit_hands_its_job_back_uncounted_and_the_next_runner_completes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM (a deploy, a scale-down) closes the pool under the fit, as the service's stop does. Taken for a
+    # lost worker, each stop cost the job an attempt, and on its last one failed it as worker-lost: "the fit
+    # process died on attempt 1 of 1".
+    h, trainer, pid_file = await churn_job_held_in_its_fit(tmp_path, monkeypatch, max_attempts=1)
+    await h.bus.drain()
+    try:
+        running = asyncio.create_task(h.runner.run())
+
+        async def held_fit() -> int | None:
+            return written_pid(pid_file)
+
+        await eventually(held_fit, interval_s=0.02)
+        h.runner.stop()  # what training's on_stop does: the runner told, then the pool closed
+        await asyncio.to_thread(trainer.close)
+        await asyncio.wait_for(running, timeout=60.0)  # a bound, not a measure
+    finally:
+        trainer.close()
+    await h.bus.drain()
+    assert h.events(TrainingFailed) == []
+    [started] = h.events(TrainingStarted)
+    job = h.jobs.rows[started.data.job_id]
+    assert (job.state, job.attempts) == (JobState.REQUESTED, 0)  # handed back, runnable at once
+
+    assert await h.new_runner().run_once()  # the restarted service (or another replica)
+    await h.bus.drain()
+    assert h.events(TrainingFailed) == []
+    assert [e.data.attempt for e in h.events(TrainingStarted)] == [1, 1]
+    [completed] = h.events(TrainingCompleted)
+    assert completed.data.run_id == started.data.run_id  # the same attempt, so the same run id
+    assert h.jobs.rows[started.data.job_id].attempts == 1
