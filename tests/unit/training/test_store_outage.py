@@ -15,6 +15,7 @@ import pytest
 from contracts.training import TrainingCompleted, TrainingFailed, TrainingStarted
 from libs.artifacts import ArtifactStore
 from services.training.adapters.pool import ProcessPoolTrainer
+from services.training.domain import JobState
 from services.training.ports import Progress
 from services.training.runner import STORE_WAITS
 from services.training.worker import UNWRITTEN, run_training
@@ -59,6 +60,32 @@ async def test_a_store_away_longer_than_its_tries_before_the_fit_is_waited_for_a
     assert len(harness.trainer.runs) == 4
     assert flaky.reads[base.sha256] == 3 * ATTEMPTS + 1
     assert waits("load") - before == 3
+
+
+async def test_a_runner_stopped_while_it_waits_for_the_store_hands_its_job_back_uncounted(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left running, the job was resumed only once its heartbeat went stale, as a lost run: one attempt more.
+    await requested_job(harness)
+    [base] = [d for d in harness.datasets.rows.values() if d.name == "churn-base"]
+    flaky = FlakyStore(monkeypatch)
+    flaky.failing_reads[base.sha256] = 10**6  # away for as long as the test runs
+    harness.runner.retry_first_s = 0.01
+    before = waits("load")
+
+    async def waiting() -> bool:
+        return waits("load") > before
+
+    running = asyncio.create_task(harness.runner.run())
+    await eventually(waiting, interval_s=0.01)
+    harness.runner.stop()
+    await asyncio.wait_for(running, timeout=10.0)  # a bound, not a measure
+    await harness.bus.drain()
+
+    assert harness.events(TrainingFailed) == []
+    [started] = harness.events(TrainingStarted)
+    job = harness.jobs.rows[started.data.job_id]
+    assert (job.state, job.attempts) == (JobState.REQUESTED, 0)
 
 
 async def test_a_store_away_after_the_fit_is_waited_for_and_the_fit_kept(
