@@ -1,7 +1,8 @@
 """Training events: the retrain policy's decision, then the life of one training job.
 
 One job: TrainingRequested -> TrainingStarted -> (TrainingProgress ...) -> TrainingCompleted | TrainingFailed.
-A worker that dies mid-run and resumes publishes TrainingStarted again with a higher ``attempt``; a job
+A worker that dies mid-run and resumes publishes TrainingStarted again with a higher ``attempt``; a service
+stopped mid-run hands its job back, and the next start repeats its ``attempt`` and ``run_id``; a job
 completes or fails exactly once. A trigger the policy refuses gives TrainingSkipped and no job.
 """
 
