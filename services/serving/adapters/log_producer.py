@@ -17,9 +17,9 @@ Bounded, never silent: what the child has not read waits in the socket's buffer 
 in the loop's queue, up to ``handoff_bytes`` beyond the socket; beyond that an item is dropped and counted
 (``reason="buffer-full"``).
 The child's own queue is bounded too: when it is full it stops reading, and the backpressure reaches the
-hand-off. The child reports its sent / send-failed / unencodable counts every half second and the parent
-adds them to its /metrics; items lost with a crashed child are counted (``reason="producer-exited"``),
-items offered while no child runs as well (``reason="producer-down"``).
+hand-off. The child reports its sent / send-failed / unencodable / oversized counts every half second and
+the parent adds them to its /metrics; items lost with a crashed child are counted
+(``reason="producer-exited"``), items offered while no child runs as well (``reason="producer-down"``).
 
 The child dies with serving: it reads EOF on the socket when the parent is gone and asks the kernel for
 SIGTERM at its parent's death (``PR_SET_PDEATHSIG``); it is in serving's process group, which the
@@ -59,7 +59,7 @@ log = get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _REPORT_S = 0.5
-_COUNTS = ("sent", "send-failed", "unencodable")
+_COUNTS = ("sent", "send-failed", "unencodable", "oversized")
 _FLUSH_BYTES = 64 * 1024
 _RECEIVE_BYTES = 1 << 20
 _IDLE_POLLS = 20

@@ -36,7 +36,8 @@ log = get_logger(__name__)
 DROPPED = Counter(
     "driftloop_serving_prediction_log_dropped_total",
     "PredictionsLogged events not published, by reason: buffer-full (dropped newest), send-failed (not "
-    "acknowledged by the broker), unencodable, producer-down (offered while no producer process ran), "
+    "acknowledged by the broker), unencodable, oversized (a row larger than the event limit, which every "
+    "consumer would dead-letter), producer-down (offered while no producer process ran), "
     "producer-exited (handed to a producer process that died before reporting them).",
     ["reason"],
 )
@@ -458,7 +459,7 @@ class KafkaPredictionLog:
         self._producer: Any = None
         self._stopping = False
         # The same counts as the metrics, readable by the producer process that reports them to serving.
-        self.counts = {"sent": 0, "send-failed": 0, "unencodable": 0}
+        self.counts = {"sent": 0, "send-failed": 0, "unencodable": 0, "oversized": 0}
 
     def offer(self, item: LogItem) -> bool:
         """Queue an item; when the buffer is full, drop it and count it."""
@@ -527,14 +528,31 @@ class KafkaPredictionLog:
             await self._producer.stop()
 
     def encode(self, item: LogItem) -> list[Wire] | None:
-        """The item's records, or None (counted and logged) when it cannot be encoded."""
+        """The item's records, or None (counted and logged) when it cannot be encoded; a record still over
+        the event limit is left out and counted (``oversized``)."""
+        limit = self.kafka.max_event_bytes
         try:
-            return encode(item, source=self.source, max_bytes=self.kafka.max_event_bytes)
+            wires = encode(item, source=self.source, max_bytes=limit)
         except Exception as exc:
             DROPPED.labels("unencodable").inc()
             self.counts["unencodable"] += 1
             log.error("prediction log item cannot be encoded", model=item.model, error=repr(exc))
             return None
+        # Only a record of one row can be over (encode splits the others): every consumer would dead-letter
+        # it as oversized, after this log counted it as sent.
+        fitting = [wire for wire in wires if record_bytes(wire[2], wire[3]) <= limit]
+        if len(fitting) < len(wires):
+            over = len(wires) - len(fitting)
+            DROPPED.labels("oversized").inc(over)
+            self.counts["oversized"] += over
+            log.error(
+                "prediction log rows larger than the event limit left out",
+                model=item.model,
+                request_id=item.request_id,
+                events=over,
+                limit=limit,
+            )
+        return fitting
 
     async def _send(self, items: list[LogItem | list[Wire]]) -> None:
         producer = self._producer

@@ -36,7 +36,7 @@ from services.serving.adapters.prediction_log import (
     record_texts,
 )
 from services.serving.domain import LogItem, Scores, parse_json, read_json, rows_of
-from tests.unit.serving.test_prediction_log import VARIED, decode, dict_per_row, item, validated
+from tests.unit.serving.test_prediction_log import VARIED, decode, dict_per_row, item, one_row_over, validated
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -418,6 +418,32 @@ async def test_a_full_hand_off_drops_and_counts_and_every_accepted_item_is_accou
     lost = sum(after[r] - before[r] for r in ("send-failed", "unencodable", "producer-exited"))
     assert lost == accepted
     assert log.process is not None and log.process.returncode is not None
+
+
+async def test_a_row_the_producer_finds_larger_than_the_event_limit_is_counted_in_serving() -> None:
+    # Only the producer process encodes, so only its report can tell serving.
+    log = ProcessPredictionLog(
+        KafkaSettings(bootstrap="127.0.0.1:1", max_event_bytes=3_000),
+        source="/s",
+        buffer=10,
+        batch=2,
+        linger_ms=0,
+        handoff_bytes=1 << 20,
+        stop_timeout_s=1,
+    )
+    before = DROPPED.labels("oversized")._value.get()
+    running = asyncio.create_task(log.run())
+    await asyncio.wait_for(log.connected(), timeout=30)
+    assert log.offer(one_row_over(3_000))
+
+    async def oversized() -> bool:
+        return DROPPED.labels("oversized")._value.get() == before + 1
+
+    try:
+        assert await eventually(oversized, deadline_s=30)
+    finally:
+        await log.stop()
+        await asyncio.wait_for(running, timeout=30)
 
 
 PARENT = textwrap.dedent(

@@ -247,6 +247,39 @@ def test_an_unencodable_item_is_counted_not_raised() -> None:
     assert DROPPED.labels("unencodable")._value.get() == before + 1 and log.counts["unencodable"] == 1
 
 
+def one_row_over(limit: int, rows: int = 40) -> LogItem:
+    """An item whose third row alone, as an event, is larger than ``limit`` (a long category)."""
+    log_item = item(rows=rows)
+    assert log_item.raw_rows is not None
+    log_item.raw_rows[2] = log_item.raw_rows[2] | {"plan": "p" * limit}
+    return log_item
+
+
+async def test_a_row_larger_than_the_event_limit_alone_is_dropped_and_counted_not_sent() -> None:
+    # Every consumer dead-letters an event over the limit (monitoring and audit alike): sent, it would be
+    # counted as sent here and lost there. The rows that fit are still sent.
+    producer = FakeProducer()
+    log = KafkaPredictionLog(
+        KafkaSettings(max_event_bytes=3_000),
+        source="/s",
+        buffer=10,
+        batch=4,
+        linger_ms=0,
+        producer_factory=lambda: producer,
+    )
+    before, sent_before = DROPPED.labels("oversized")._value.get(), SENT._value.get()
+    task = asyncio.create_task(log.run())
+    log_item = one_row_over(3_000)
+    log.offer(log_item)
+    await log.stop()
+    await asyncio.wait_for(task, timeout=5)
+    assert DROPPED.labels("oversized")._value.get() == before + 1 and log.counts["oversized"] == 1
+    assert len(producer.sent) > 1 and SENT._value.get() == sent_before + len(producer.sent)
+    assert all(len(value) <= 3_000 for value in producer.sent)
+    ids = [r.prediction_id for v in producer.sent for r in PredictionsLogged.model_validate_json(v).rows]
+    assert ids == [pid for i, pid in enumerate(log_item.prediction_ids) if i != 2]
+
+
 def test_split_events_decode_to_the_validated_rows_in_order() -> None:
     log_item = VARIED["raw records with NaN, infinity, None, unicode and separators in strings"]()
     assert log_item.raw_rows is not None and log_item.scores.probabilities is not None
@@ -414,6 +447,13 @@ def test_the_help_of_the_dropped_counter_names_every_reason_it_is_counted_under(
         for source in (adapters / "prediction_log.py", adapters / "log_producer.py")
         for reason in re.findall(r'DROPPED\.labels\("([a-z-]+)"\)', source.read_text())
     }
-    assert reasons >= {"buffer-full", "send-failed", "unencodable", "producer-down", "producer-exited"}
+    assert reasons >= {
+        "buffer-full",
+        "send-failed",
+        "unencodable",
+        "oversized",
+        "producer-down",
+        "producer-exited",
+    }
     help_text = prediction_log.DROPPED._documentation
     assert [reason for reason in sorted(reasons) if reason not in help_text] == []
