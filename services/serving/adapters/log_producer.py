@@ -111,6 +111,7 @@ class ProcessPredictionLog:
         self._pending_bytes = 0
         self._flush_at: asyncio.TimerHandle | None = None
         self._reported = dict.fromkeys(_COUNTS, 0)
+        self._settled = 0
         self._stopping = False
         self._stopped = asyncio.Event()
         self._connected = asyncio.Event()
@@ -177,7 +178,7 @@ class ProcessPredictionLog:
             else:
                 await self._follow_until_stopped(reader)
                 code = await self._reap()
-                lost = self._written - sum(self._reported.values())
+                lost = self._written - self._settled
                 if self._stopping and lost <= 0:
                     return
                 if lost > 0:
@@ -230,6 +231,7 @@ class ProcessPredictionLog:
         self._written = 0
         self._pending, self._pending_bytes = [], 0
         self._reported = dict.fromkeys(_COUNTS, 0)
+        self._settled = 0
         BUFFERED.set(0)
         self._writer = writer
         self._transport = writer.transport
@@ -271,7 +273,9 @@ class ProcessPredictionLog:
                 if delta > 0:
                     (SENT if name == "sent" else DROPPED.labels(name)).inc(delta)
                     self._reported[name] = int(counts[name])
-            BUFFERED.set(max(0, self._written - sum(self._reported.values())))
+            # In items, as handed over: the counts are of events, several for an item over the event limit.
+            self._settled = int(counts["settled"])
+            BUFFERED.set(max(0, self._written - self._settled))
 
     async def _reap(self) -> int | None:
         process = self.process
@@ -361,6 +365,7 @@ async def _read(sock: socket.socket, received: bytes, sender: KafkaPredictionLog
                 item = unpack(frame, head)
             except Exception as exc:
                 sender.counts["unencodable"] += 1
+                sender.settled += 1
                 log.error("prediction log frame cannot be read", error=repr(exc))
                 continue
             # Encoded at once, and only the records wait in the queue: a decoded 100-row item is ~1,500
@@ -370,7 +375,8 @@ async def _read(sock: socket.socket, received: bytes, sender: KafkaPredictionLog
             # 40-60 us).
             wires = sender.encode(item)
             del item
-            if wires is None:
+            if not wires:
+                sender.settled += 1
                 continue
             # Waits while the queue is full: the socket fills up and serving's hand-off drops and counts.
             await sender.queue.put(wires)
@@ -384,7 +390,8 @@ async def _read(sock: socket.socket, received: bytes, sender: KafkaPredictionLog
 async def _report(sock: socket.socket, sender: KafkaPredictionLog) -> None:
     # The socket is gone when serving is: nobody to report to.
     with contextlib.suppress(OSError):
-        await asyncio.get_running_loop().sock_sendall(sock, orjson.dumps(sender.counts) + b"\n")
+        report = sender.counts | {"settled": sender.settled}
+        await asyncio.get_running_loop().sock_sendall(sock, orjson.dumps(report) + b"\n")
 
 
 async def produce(fd: int, parent: int) -> None:
@@ -429,7 +436,11 @@ async def produce(fd: int, parent: int) -> None:
     # Not wait_for: cancelling a sender whose producer cannot reach the broker can hang in its cleanup.
     await asyncio.wait([sending], timeout=config["stop_timeout_s"])
     if not sending.done():
-        left = sender.queue.qsize()
+        left = 0
+        while not sender.queue.empty():
+            wires = sender.queue.get_nowait()
+            left += len(wires) if isinstance(wires, list) else 1
+            sender.settled += 1
         sender.counts["send-failed"] += left
         log.error("prediction log not flushed in time", left=left)
     elif sending.exception() is not None:

@@ -460,6 +460,10 @@ class KafkaPredictionLog:
         self._stopping = False
         # The same counts as the metrics, readable by the producer process that reports them to serving.
         self.counts = {"sent": 0, "send-failed": 0, "unencodable": 0, "oversized": 0}
+        self.settled = 0
+        """Items done with: sent, failed, unencodable or left out. The counts are of events, and an item
+        over the event limit is several: the producer process reports this too, so that serving knows how
+        many of the items it handed over are still in flight (lost, should the process die)."""
 
     def offer(self, item: LogItem) -> bool:
         """Queue an item; when the buffer is full, drop it and count it."""
@@ -524,6 +528,7 @@ class KafkaPredictionLog:
                         break
                 BUFFERED.set(self.queue.qsize())
                 await self._send(items)
+                self.settled += len(items)
         finally:
             await self._producer.stop()
 

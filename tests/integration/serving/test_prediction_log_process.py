@@ -4,21 +4,25 @@ as the PredictionsLogged monitoring and audit read (full validation and the colu
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
 from contracts.predictions import TOPIC, PredictionColumns, PredictionsLogged, read_prediction_columns
 from contracts.registry import EVENT_TYPES
 from libs.settings import KafkaSettings
 from services.serving.adapters.log_producer import _IDLE_POLLS, ProcessPredictionLog
-from services.serving.adapters.prediction_log import SENT
+from services.serving.adapters.prediction_log import DROPPED, SENT, encode
 from services.serving.domain import LogItem
 from tests.integration.kafka_tools import create_topics, read_topic, unique
 from tests.unit.serving.test_log_producer import with_body
 from tests.unit.serving.test_prediction_log import item, validated
+from tests.waiting import eventually
 
 
 def split_request(n: int) -> list[LogItem]:
@@ -34,14 +38,18 @@ def split_request(n: int) -> list[LogItem]:
 
 
 async def started_log(
-    kafka_bootstrap: str, *, partitions: int = 1, **options: Any
+    kafka_bootstrap: str,
+    *,
+    partitions: int = 1,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    **options: Any,
 ) -> tuple[ProcessPredictionLog, asyncio.Task[None], str]:
     """A producer process on a topic namespace of its own, started and reading: (log, its run task, the
     prefix)."""
     prefix = f"{unique('plog')}."
     await create_topics(kafka_bootstrap, prefix + TOPIC, partitions=partitions)
     log = ProcessPredictionLog(
-        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix),
+        KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix, max_event_bytes=max_event_bytes),
         source="/test/serving",
         buffer=1_000,
         batch=50,
@@ -116,6 +124,46 @@ async def test_items_handed_over_after_the_producer_went_idle_are_sent_without_a
         assert len(records) == 10
         got = [EVENT_TYPES.decode(r.value, r.headers).data for r in records]
         assert got == [validated(i) for i in first + later]
+    finally:
+        await log.stop()
+        await asyncio.wait_for(running, timeout=30)
+
+
+async def test_items_a_killed_producer_was_handed_are_counted_though_earlier_requests_were_split(
+    kafka_bootstrap: str,
+) -> None:
+    # Serving hands over items, the producer sends events, and a request over the event limit is several
+    # of them: what a dead producer never settled must still be counted in items, not hidden by the
+    # extra events of the requests it did send.
+    limit = 3_000
+    log, running, _ = await started_log(kafka_bootstrap, linger_ms=10, max_event_bytes=limit)
+    try:
+        sent_before, exited_before = SENT._value.get(), DROPPED.labels("producer-exited")._value.get()
+        first = [item(rows=40) for _ in range(10)]
+        events = sum(len(encode(i, source="/test/serving", max_bytes=limit)) for i in first)
+        assert events > len(first)
+        assert all(log.offer(i) for i in first)
+
+        async def all_sent() -> bool:
+            return SENT._value.get() - sent_before == events
+
+        await eventually(all_sent)
+        assert log.process is not None
+        producer = log.process
+        os.kill(producer.pid, signal.SIGSTOP)  # alive, reading nothing, reporting nothing
+        later = [item(rows=40) for _ in range(5)]
+        assert all(log.offer(i) for i in later)
+
+        async def handed_over() -> bool:
+            return not log._pending
+
+        await eventually(handed_over)
+        os.kill(producer.pid, signal.SIGKILL)
+
+        async def counted() -> float | None:
+            return DROPPED.labels("producer-exited")._value.get() - exited_before or None
+
+        assert await eventually(counted) == len(later)
     finally:
         await log.stop()
         await asyncio.wait_for(running, timeout=30)
