@@ -358,6 +358,16 @@ class Unpacker:
 
     def __call__(self, frame: bytes | memoryview, head_bytes: int) -> LogItem:
         """The item of one frame (without its prefix); raises ValueError when it cannot be read."""
+        try:
+            return self._item(frame, head_bytes)
+        except Exception:
+            # The frame may have carried a new body and failed before it was kept: the next frame that
+            # reuses "the same" body would take an earlier request's, and log its records as its own.
+            # Forgotten, that frame is refused (and counted) instead.
+            self._body = self._texts = self._records = None
+            raise
+
+    def _item(self, frame: bytes | memoryview, head_bytes: int) -> LogItem:
         view = memoryview(frame)
         head = orjson.loads(view[:head_bytes])
         rows: int = head["rows"]

@@ -313,6 +313,26 @@ def test_a_frame_reusing_a_body_never_read_is_refused() -> None:
         handed_over(log_item, body_sent=True)
 
 
+def test_a_frame_reusing_the_body_of_a_frame_that_could_not_be_read_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The canary's frame says "the stable one's body": if the stable frame failed before its body was
+    # kept, the body still kept is an earlier request's, and its records would be logged as this one's.
+    monkeypatch.setattr(prediction_log, "COLUMNWISE_FROM_ROWS", 1)
+    unpack = Unpacker()
+    earlier = [{"tenure_months": 100 + i, "monthly_charges": 1.5, "plan": "basic"} for i in range(5)]
+    handed_over(with_body(item(rows=5), orjson.dumps({"records": earlier})), unpack)
+    records = [{"tenure_months": i, "monthly_charges": 10.5 * i, "plan": "basic"} for i in range(5)]
+    body = orjson.dumps({"records": records})
+    stable = as_scored(with_body(item(rows=3), body, [0, 2, 4]), "float64", [0, 2, 4])
+    stable.prediction_ids.append("churn:7:tok-5")  # its arrays no longer match its rows
+    canary = with_body(item(rows=2), body, [1, 3])
+    with pytest.raises(ValueError, match="for 4 rows"):
+        handed_over(stable, unpack)
+    with pytest.raises(ValueError, match="never read"):
+        handed_over(canary, unpack, body_sent=True)
+
+
 class Written:
     """A transport that keeps what is written to it."""
 
