@@ -67,6 +67,23 @@ END = FRAME.pack(0, 0)
 """The frame that ends a clean stop (a real frame always has a head)."""
 
 
+RESTART_DELAYS_S = (0.5, 5.0)
+"""The wait before the producer process is started again: the first, and the most it doubles to."""
+HEALTHY_RUN_S = 60.0
+"""A producer process that ran this long before it died is restarted after the first wait again."""
+
+
+def restart_delay(previous: float | None, *, ran_s: float) -> float:
+    """The wait before the next producer process, after one that ran ``ran_s``; ``previous`` is the wait
+    before that one (None: none yet). Doubled while processes die young, the first again after one that ran
+    a healthy while: it never came back down, so after a few crashes over serving's lifetime each restart
+    waited the most, and the items offered meanwhile were dropped (``producer-down``)."""
+    first, most = RESTART_DELAYS_S
+    if previous is None or ran_s >= HEALTHY_RUN_S:
+        return first
+    return min(previous * 2, most)
+
+
 class ProcessPredictionLog:
     """The serving side: ``offer`` queues an item and never waits; every few milliseconds (or sooner, when
     ``_FLUSH_BYTES`` wait) the queued items are packed into frames and written to the producer process's
@@ -169,8 +186,10 @@ class ProcessPredictionLog:
 
     async def run(self) -> None:
         """Run the producer process until stopped, restarting it if it dies; on stop, let it flush."""
-        delay = 0.5
+        loop = asyncio.get_running_loop()
+        delay: float | None = None
         while not self._stopping:
+            started = loop.time()
             try:
                 reader = await self._start()
             except Exception as exc:
@@ -187,9 +206,9 @@ class ProcessPredictionLog:
                     log.error("prediction log producer stopped before sending everything", lost=lost)
                     return
                 log.error("prediction log producer exited; starting another", code=code, lost=lost)
+            delay = restart_delay(delay, ran_s=loop.time() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), timeout=delay)
-            delay = min(delay * 2, 5.0)
 
     async def stop(self) -> None:
         """Stop taking items; the producer sends what it was handed and exits (``run`` then returns)."""

@@ -24,7 +24,7 @@ import pytest
 from contracts.predictions import PredictionColumns, read_prediction_columns, read_predictions_logged
 from libs.settings import KafkaSettings
 from services.serving.adapters import prediction_log
-from services.serving.adapters.log_producer import ProcessPredictionLog
+from services.serving.adapters.log_producer import ProcessPredictionLog, restart_delay
 from services.serving.adapters.prediction_log import (
     COLUMNWISE_FROM_ROWS,
     DROPPED,
@@ -538,3 +538,13 @@ def test_the_producer_process_does_not_load_the_models_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_producers_restart_wait_doubles_while_it_dies_young_and_starts_over_after_a_healthy_run() -> None:
+    waits: list[float] = []
+    delay: float | None = None
+    for ran_s in (0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 3_600.0, 0.1):
+        delay = restart_delay(delay, ran_s=ran_s)
+        waits.append(delay)
+
+    assert waits == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 0.5, 1.0]
