@@ -9,6 +9,12 @@ connections are accepted until the process runs out of file descriptors, when ev
 service opens fails with EMFILE (Postgres, Kafka, artifacts) and asyncio logs an error for every accept it
 retries. docs/operations.md, "Slow clients and connection limits", says what this module does instead.
 
+It speaks HTTP/1.1 only. uvicorn handed a request asking for a WebSocket to its websockets protocol, out of
+reach of all the above (a POST asking for one was never answered, its connection held for ever); and
+httptools reads what follows the headers of a request asking for any other protocol as that protocol's,
+never as the request's body, so the request was served without its body, and the body, coming in a later
+read, served as the next request: a request smuggled past whatever a proxy in front checked.
+
 The deadlines cost the request path no timer: a connection keeps the time its request must have arrived by
 (a float, set when a request starts and moved when its headers end and as its body comes), and the server's
 own tick (uvicorn wakes every 0.1 s anyway) closes the connections past theirs.
@@ -27,9 +33,12 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import Counter
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from libs.errors import shown
 from libs.http import error_body
 from libs.logging import get_logger
 from libs.settings import ServiceSettings
@@ -82,6 +91,24 @@ def _answer(status: int, message: str, *extra: bytes) -> bytes:
         *extra,
     ]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers (names in lower case) say a body follows them."""
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+        for name, value in headers
+    )
+
+
+async def _refuse_upgrade_with_body(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer to a request asking to switch protocols that has a body (the connection closes after it)."""
+    upgrade = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"upgrade"), "")
+    message = (
+        f"the request asks to switch to another protocol (Upgrade: {shown(upgrade)}) and has a body: this "
+        "server speaks HTTP/1.1 only and cannot read that body; send the request without the Upgrade header"
+    )
+    await JSONResponse(error_body(message, "bad-request"), status_code=400)(scope, receive, send)
 
 
 class ClientLimits:
@@ -239,7 +266,18 @@ class GuardedHttp(HttpToolsProtocol):
             self.deadline = self.loop.time() + self.limits.header_timeout_s
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
+        if self.parser.should_upgrade() and _declares_body(self.headers):
+            # httptools skips the body of a request asking to switch protocols (it is the other protocol's):
+            # it is refused rather than served without it, and the connection closed rather than the body
+            # read as the next request.
+            app, self.app = self.app, _refuse_upgrade_with_body
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            self.cycle.keep_alive = False  # also when uvicorn answered 503 in its stead
+        else:
+            super().on_headers_complete()
         self.phase = _BODY
         if self.deadline is not None:
             # From the headers' deadline: time the headers did not use is left to the body.
@@ -254,6 +292,11 @@ class GuardedHttp(HttpToolsProtocol):
         super().on_message_complete()
         self.phase = None
         self.deadline = None
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn warns of every request asking for an upgrade, and tells the operator to install a WebSocket
+        # library: a client's header is ignored as RFC 9110 (7.8) allows, nothing for the log.
+        pass
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -365,6 +408,7 @@ def http_server(app: Any, settings: ServiceSettings) -> HttpServer:
         # counts the connection asking among the open ones, which GuardedHttp keeps to max_connections.
         limit_concurrency=max_connections + 1,
         backlog=ACCEPT_BACKLOG,
+        ws="none",  # no service serves a WebSocket; a request asking for one is served as HTTP (GuardedHttp)
     )
     config.client_limits = ClientLimits(settings, max_connections)
     return HttpServer(config)

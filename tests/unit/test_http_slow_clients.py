@@ -21,7 +21,14 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from libs.http import BodyRoute, create_app
-from libs.http_server import ACCEPT_BACKLOG, FD_RESERVE, HttpServer, connection_room, http_server
+from libs.http_server import (
+    ACCEPT_BACKLOG,
+    FD_RESERVE,
+    GuardedHttp,
+    HttpServer,
+    connection_room,
+    http_server,
+)
 from libs.settings import ServiceSettings
 from tests.waiting import eventually
 
@@ -136,6 +143,14 @@ async def until_closed(
 
     await eventually(closed, deadline_s=10)
     return bytes(got)
+
+
+async def head_of(reader: asyncio.StreamReader) -> bytes | None:
+    """The status line and headers of the next answer, or None when they have not come yet."""
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.05)
+    except TimeoutError:
+        return None
 
 
 def dribble(writer: asyncio.StreamWriter, byte: bytes) -> Callable[[], Awaitable[None]]:
@@ -271,6 +286,60 @@ async def test_an_answer_left_unread_is_dropped_with_what_it_held(path: str) -> 
         writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         await eventually(lambda: _true(served.connections == 0 and served.tasks == 0))
     assert closed_count("send-timeout") == before + 1
+
+
+def asking_for(upgrade: str, body: bytes) -> bytes:
+    """A request asking to switch to another protocol, with ``body``."""
+    return (
+        f"POST /v1/model HTTP/1.1\r\nHost: t\r\nUpgrade: {upgrade}\r\nConnection: Upgrade\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize("upgrade", ["websocket", "h2c"])
+async def test_a_request_asking_for_an_upgrade_without_a_body_is_served_as_http(upgrade: str) -> None:
+    # No route is a WebSocket's: uvicorn's websockets protocol answered the handshake itself (403, 405 or
+    # 400 in plain text), outside every limit of this module.
+    async with serving() as served:
+        reader, writer = await served.connect()
+        writer.write(asking_for(upgrade, b"").replace(b"POST /v1/model", b"GET /health/live"))
+        head = await eventually(lambda: head_of(reader))
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert await reader.readuntil(b"}") == b'{"status":"live"}'
+        connections = served.server.server_state.connections
+        assert connections and all(isinstance(c, GuardedHttp) for c in connections)
+
+
+@pytest.mark.parametrize("upgrade", ["websocket", "h2c"])
+async def test_a_request_asking_for_an_upgrade_with_a_body_is_refused_and_closed(upgrade: str) -> None:
+    # httptools reads what follows such a request's headers as the other protocol's, never as its body.
+    # uvicorn's websockets protocol left it unanswered, its connection held for ever; otherwise the
+    # request was served without its body, the body dropped.
+    async with serving() as served:
+        reader, writer = await served.connect()
+        writer.write(asking_for(upgrade, b'{"name": "a"}'))
+        status, body = answer(await until_closed(reader))
+        assert status == 400 and body["code"] == "bad-request"
+        assert f"Upgrade: {upgrade!r}" in body["error"] and "without the Upgrade header" in body["error"]
+        await eventually(lambda: _true(served.connections == 0))
+
+
+async def test_the_body_of_a_request_asking_for_an_upgrade_is_never_served_as_a_request() -> None:
+    # The body of a request asking for h2c, coming in a later read, was served as the next request: a
+    # request smuggled past whatever a proxy in front of the service checked.
+    hidden = b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    async with serving() as served:
+        reader, writer = await served.connect()
+        request = asking_for("h2c", hidden)
+        writer.write(request[: -len(hidden)])
+        head = await eventually(lambda: head_of(reader))
+        writer.write(hidden)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        raw = head + await until_closed(reader)
+    status, _ = answer(raw)
+    assert status == 400
+    assert b'"live"' not in raw
 
 
 def test_connections_leave_room_for_the_pools_and_files_under_the_open_files_limit() -> None:
