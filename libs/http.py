@@ -433,7 +433,7 @@ class RequestLimits:
             await _refuse(send, 422, "invalid-input", not_utf8)
             return
         if scope["query_string"] and (repeated := _repeated_parameter(scope["query_string"])) is not None:
-            detail = f"the query gives {repeated!r} more than once; give each parameter once"
+            detail = f"the query gives {shown(repeated)} more than once; give each parameter once"
             await _refuse(send, 422, "invalid-input", detail)
             return
         headers = scope.get("headers") or []

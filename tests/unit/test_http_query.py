@@ -105,6 +105,14 @@ async def test_a_long_undeclared_parameter_is_quoted_short() -> None:
     assert len(r.json()["detail"]) < 200, r.text
 
 
+async def test_a_long_parameter_given_twice_is_quoted_short() -> None:
+    # Quoted whole, a name as long as the request line may be (hundreds of KiB) came back twice.
+    async with example_app() as c:
+        r = await c.get(f"/v1/items?{'x' * 5000}=1&{'x' * 5000}=2")
+    assert r.status_code == 422, r.text
+    assert "more than once" in r.json()["detail"] and len(r.json()["detail"]) < 200, r.text
+
+
 @pytest.mark.parametrize(("query", "status"), [("", 200), ("?", 200), ("?debug=1", 422)])
 async def test_a_hot_route_takes_no_query_parameter(query: str, status: int) -> None:
     async with example_app() as c:
