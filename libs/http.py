@@ -14,7 +14,7 @@ from contextlib import aclosing
 from http import HTTPStatus
 from importlib import metadata
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import asyncpg
 from fastapi import APIRouter, FastAPI, Path, Request
@@ -38,8 +38,8 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Match, Route
+from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.routing import Match, Route, Router, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.commands import REASON_MAX_CHARS, says_something
@@ -801,6 +801,29 @@ def _domain_answer(exc: DomainError) -> JSONResponse:
     )
 
 
+def _slash_redirect(router: Router) -> ASGIApp:
+    """What ``router`` does with a request no route matches: a 307 to the path with a slash less (or more)
+    when a route matches that, as Starlette's ``redirect_slashes`` did, else its 404. The Location names the
+    path and query alone, so the client stays on the host and scheme it used: Starlette built an absolute URL
+    from the request's Host header (any host a client chose came back) and its scheme as the server saw it
+    (``http`` behind a proxy ending TLS)."""
+
+    async def redirect_or_not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        path = get_route_path(scope)
+        if scope["type"] == "http" and path != "/":
+            full = scope["path"]
+            other = {**scope, "path": full.rstrip("/") if path.endswith("/") else full + "/"}
+            if any(route.matches(other)[0] is not Match.NONE for route in router.routes):
+                location = quote(other["path"])  # escaped again: "?", "#", CR, LF, what is not ASCII
+                if scope["query_string"]:
+                    location += "?" + scope["query_string"].decode("latin-1")
+                await RedirectResponse(location, status_code=307)(scope, receive, send)
+                return
+        await router.not_found(scope, receive, send)
+
+    return redirect_or_not_found
+
+
 def create_app(
     settings: ServiceSettings,
     *,
@@ -819,7 +842,9 @@ def create_app(
         description=description,
         version=PLATFORM_VERSION,
         lifespan=lifespan,
+        redirect_slashes=False,  # _slash_redirect does it, without a host
     )
+    app.router.default = _slash_redirect(app.router)
     app.router.route_class = BodyRoute  # the health routes below
     app.state.settings = settings
     app.state.tokens = TokenStore.load(settings.auth_tokens_file, dev=settings.env != "prod")
