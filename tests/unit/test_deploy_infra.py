@@ -16,11 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from deploy.local import infra as infra_module
-from deploy.local.broker import MAIN_CLASS, KafkaBroker
+from deploy.local.broker import MAIN_CLASS, POM, KafkaBroker
 from deploy.local.errors import JarsDownloadFailed, StartFailed
 from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
@@ -429,3 +430,12 @@ def test_a_lock_held_without_a_note_is_waited_for_naming_the_lock_file(
 
     assert entered.is_set()
     assert lock_file.read_text() == ""  # the note goes with the lock
+
+
+def test_the_broker_pom_is_well_formed_xml_that_maven_can_read() -> None:
+    # Maven refuses a POM that is not well-formed XML before it fetches anything: a comment holding
+    # "--strict-checksums" (XML forbids two dashes in a comment) broke every first `infra up`, while a
+    # machine with the jars already stamped never read the POM again.
+    root = ElementTree.parse(POM).getroot()
+
+    assert root.tag == "{http://maven.apache.org/POM/4.0.0}project"
