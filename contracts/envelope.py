@@ -401,8 +401,13 @@ def _text_headers(
 
 def is_structured(content_type: str | None) -> bool:
     """Whether a record's ``content-type`` says structured mode: a CloudEvents format's media type
-    (``application/cloudevents``, ``+json`` or another format, or a batch), case-insensitive."""
-    return content_type is not None and content_type[:23].lower() == "application/cloudevents"
+    (``application/cloudevents``, ``+json`` or another format, or a batch), case-insensitive. Every consumer
+    asks it of every record: the platform's own content type is answered by one comparison."""
+    return (
+        content_type is not None
+        and content_type != CONTENT_TYPE
+        and content_type[:23].lower() == "application/cloudevents"
+    )
 
 
 def from_structured(value: bytes | None, headers: Mapping[str, str]) -> tuple[bytes, HeaderList]:
