@@ -82,7 +82,10 @@ class PredictionsLogged(EventPayload):
     model_version: ModelVersion = Field(description="Version that answered.", examples=[7])
     variant: Variant = Field(description="Stable, canary or shadow.", examples=["canary"])
     rollout_id: Identifier | None = Field(
-        default=None, description="The live rollout, for canary and shadow rows.", examples=["r-91c2"]
+        default=None,
+        description="The live rollout, for the canary and shadow rows it routed; none for a request that "
+        "named the version.",
+        examples=["r-91c2"],
     )
     request_id: Identifier = Field(
         min_length=1, description="Id of the predict request.", examples=["req-7f3a9c"]

@@ -218,7 +218,8 @@ class Predictor:
 
     def predict(self, request: PredictRequest) -> PredictResult:
         """Answer every row; a failing canary call is answered by the stable version, and counted against the
-        canary when the stable version answers it."""
+        canary when the stable version answers it. A request naming a version is answered by that version
+        alone and is no traffic of the rollout: not counted as the canary's, logged without the rollout id."""
         check_row_count(request.rows, self.max_rows)
         routing = self.routing(request.model)  # one table for the whole request, even across a swap
         n = request.rows
@@ -356,15 +357,18 @@ class Predictor:
                 result.versions[i] = served.version
                 result.variants[i] = variant
         result.classes[served.version] = scores.classes
-        if variant is Variant.CANARY and routing.rollout_id is not None:
-            self.stats.served(routing.model, routing.rollout_id, routing.step_index, columns.rows)
+        # Only what the rollout routed is its traffic: a request naming the canary's version went there by the
+        # client's choice, and counted, one client could fill a step's samples and dilute its error rate.
+        rollout_id = routing.rollout_id if variant is not Variant.STABLE and request.version is None else None
+        if variant is Variant.CANARY and rollout_id is not None:
+            self.stats.served(routing.model, rollout_id, routing.step_index, columns.rows)
         keys = request.entity_keys
         self.prediction_log.offer(
             LogItem(
                 model=served.model,
                 version=served.version,
                 variant=variant,
-                rollout_id=routing.rollout_id if variant is not Variant.STABLE else None,
+                rollout_id=rollout_id,
                 request_id=result.request_id,
                 predicted_at=datetime.now(UTC),
                 latency_ms=latency_s * 1000.0,

@@ -583,6 +583,28 @@ async def test_oip_version_routes_and_errors_carry_an_error_field(service: Servi
     assert r.status_code == 422 and r.json()["feature"] == "plan" and "error" in r.json()
 
 
+@pytest.mark.parametrize("mode", [RolloutMode.CANARY, RolloutMode.SHADOW])
+async def test_a_request_naming_the_canary_version_is_no_sample_of_the_rollout(
+    service: Service, mode: RolloutMode
+) -> None:
+    # The rollout's weight did not send it there: counted, one client calling the version could fill a step's
+    # samples (and dilute its error rate), and the log would show it as the rollout's traffic.
+    service.route(served(1), served(2), weight=0.1, mode=mode)
+    for _ in range(3):
+        r = await service.client.post("/v2/models/churn/versions/2/infer", json=oip_body(), headers=PREDICT)
+        assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
+        assert r.json()["parameters"]["variant"] == "canary"
+    assert service.predictor.stats.counts == {}
+    logged = [(i.version, i.variant, i.rollout_id) for i in service.log.items]
+    assert logged == [(2, Variant.CANARY, None)] * 3
+
+    service.route(served(1), served(2), weight=1.0)  # routed canary traffic still counts
+    r = await service.client.post("/v2/models/churn/infer", json=oip_body(), headers=PREDICT)
+    assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
+    assert [(c.rows, c.requests) for c in service.predictor.stats.counts.values()] == [(2, 1)]
+    assert service.log.items[-1].rollout_id == "r-1"
+
+
 async def test_oip_metadata_and_health(service: Service) -> None:
     assert (await service.client.get("/v2/health/live")).json() == {"live": True}
     assert (await service.client.get("/v2/health/ready")).status_code == 200
