@@ -254,10 +254,10 @@ def judge_verdict(
     reason: str,
     now: datetime,
 ) -> Transition:
-    """Monitoring's verdict on a step: healthy advances (or promotes on the last step) once the step has
-    its samples and bake time; unhealthy rolls back at once. So does inconclusive (``None``): monitoring gives
-    one verdict per step, so nothing would ever decide a step it could not judge, and a canary is exposed
-    further only on evidence.
+    """Monitoring's verdict on a step: healthy advances once the step has its samples and bake time, or
+    promotes on the last step judged (in canary mode the one before 100 %, in shadow mode the last); unhealthy
+    rolls back at once. So does inconclusive (``None``): monitoring gives one verdict per step, so nothing
+    would ever decide a step it could not judge, and a canary is exposed further only on evidence.
 
     Verdicts for another rollout, another canary or another step are stale and ignored, and so are verdicts
     for a model serving never served (no rollout of it can have been judged).
@@ -301,8 +301,10 @@ def judge_verdict(
             "premature",
             f"step {step_index} baked {baked:.1f}s, it needs {live.bake_seconds:.1f}s",
         )
-    if live.is_last_step or live.steps[live.step_index + 1] >= 1.0:
-        # A step at 100 % leaves no stable traffic to judge the canary against: reaching it is promotion.
+    if live.is_last_step or (live.mode is RolloutMode.CANARY and live.steps[live.step_index + 1] >= 1.0):
+        # A canary at 100 % leaves no stable traffic to judge it against: reaching that step is promotion. A
+        # shadow candidate answers no client at any step, the stable version answers them all, so its step
+        # at 100 % is judged like the others and only its healthy verdict promotes.
         return promote(route, live.canary_version, now=now, manual=False)
     nxt = replace(live, step_index=live.step_index + 1, step_started_at=now, samples_seen=0)
     event = RolloutStepAdvanced(

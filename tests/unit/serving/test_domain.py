@@ -185,6 +185,24 @@ def test_healthy_verdict_before_the_full_traffic_step_promotes(clock: Clock) -> 
     assert t.route.stable_version == 2 and t.route.previous_stable_version == 1 and t.route.active is None
 
 
+def test_a_shadow_rollout_is_judged_on_its_full_shadow_step_before_it_promotes(clock: Clock) -> None:
+    # In shadow mode the stable version answers every request at every step, so a step at 100% (the
+    # candidate shadowing every row) has stable traffic to judge against: it is a step like the others.
+    policy = replace(POLICY, mode=RolloutMode.SHADOW)
+    route = domain.start_rollout(stable_route(), 2, policy, rollout_id="r-1", now=clock()).route
+    for weight in (0.5, 1.0):
+        clock.advance(11)
+        t = verdict(route, clock)
+        [advanced] = t.events
+        assert isinstance(advanced, RolloutStepAdvanced) and advanced.weight == weight
+        route = t.route
+    clock.advance(11)
+    t = verdict(route, clock)
+    [promoted] = t.events
+    assert isinstance(promoted, RolloutPromoted) and promoted.steps_completed == 3
+    assert t.route.stable_version == 2
+
+
 def test_unhealthy_verdict_rolls_back_at_once(clock: Clock) -> None:
     route = live_route(clock)
     t = verdict(route, clock, healthy=False, samples=0, reason="error rate 4% vs 0.2%")
