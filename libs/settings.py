@@ -197,8 +197,9 @@ class ServiceSettings(BaseSettings):
         20,
         ge=0,
         description="Retries of a handler that keeps raising an OSError or a timeout not known to be an "
-        "outage (it may be the handler's own), with the outage's delay (doubling up to 5 s: about 80 s at "
-        "the defaults), before its event is dead-lettered; 0 or more. An outage is retried without limit.",
+        "outage (it may be the handler's own; a statement timeout, SQLSTATE 57014, included), with the "
+        "outage's delay (doubling up to 5 s: about 80 s at the defaults), before its event is dead-lettered; "
+        "0 or more. An outage is retried without limit.",
     )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="HTTP request bodies above this get 413; 1 or more."

@@ -255,14 +255,20 @@ _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53"})
 _TRANSIENT_SQLSTATES = frozenset(
     {
         "25006",  # read_only_sql_transaction: a standby during failover
-        "55P03",  # lock_not_available: lock_timeout
-        "57014",  # query_canceled: statement_timeout, pg_cancel_backend
+        # lock_timeout: a wait for a lock that another transaction holds and releases when it ends; no input
+        # makes that wait last (no handler locks with NOWAIT, or from a second transaction of its own).
+        "55P03",  # lock_not_available
         "57P01",  # admin_shutdown
         "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now: starting up or shutting down
         "57P05",  # idle_session_timeout
     }
 )
+# SQLSTATEs that may be the database's (overloaded, an operator cancelling queries) or the event's own doing:
+# 57014, query_canceled (statement_timeout, pg_cancel_backend), is most often a handler's query that runs past
+# the timeout on every try for one huge or hostile event. Retried as an outage would hold its partition for
+# good; as :attr:`Transience.UNCERTAIN`, it is retried for a while, then dead-lettered.
+_UNCERTAIN_SQLSTATES = frozenset({"57014"})
 
 
 class Transience(enum.Enum):
@@ -273,7 +279,8 @@ class Transience(enum.Enum):
     :class:`~libs.errors.Outage`): retried without limit."""
     UNCERTAIN = "uncertain"
     """An OSError or a timeout that may be an outage or may be the handler's own doing (a wait of its own
-    that will never end, a disk error on one file): retried as an outage for a while, then dead-lettered."""
+    that will never end, a disk error on one file, a statement past Postgres' ``statement_timeout`` on every
+    try for one event): retried as an outage for a while, then dead-lettered."""
 
 
 # OSErrors about a path, not about a connection: the same call with the same input fails the same way.
@@ -285,7 +292,8 @@ def transience(exc: BaseException) -> Transience | None:
     """Whether ``exc`` may be the infrastructure's fault rather than the event's, and for how long it is worth
     retrying (None: it is the event's, or a bug; retried ``max_retries`` times, then dead-lettered).
 
-    Postgres errors are told apart by their SQLSTATE. An OSError about a path (FileNotFoundError,
+    Postgres errors are told apart by their SQLSTATE; a cancelled statement (57014: a statement timeout) is
+    uncertain, as a timeout of the handler's own is. An OSError about a path (FileNotFoundError,
     PermissionError, ...) or one that is also a ValueError (``io.UnsupportedOperation``, asyncpg's
     ``DataError`` for a query argument of the wrong type) says the input was wrong, not the world: None. Code
     that knows an OSError is an outage whatever its type (connecting to Postgres, the artifact store, the
@@ -296,8 +304,9 @@ def transience(exc: BaseException) -> Transience | None:
         return Transience.OUTAGE
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        infrastructure = state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
-        return Transience.OUTAGE if infrastructure else None
+        if state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES:
+            return Transience.OUTAGE
+        return Transience.UNCERTAIN if state in _UNCERTAIN_SQLSTATES else None
     if isinstance(exc, ValueError):
         return None
     if isinstance(exc, (asyncpg.InterfaceError, ConnectionError)):
@@ -351,8 +360,9 @@ class Subscription:
     retry_backoff_s: float = 0.2
     max_uncertain_retries: int = 20
     """Retries of an event whose handler keeps raising a :attr:`Transience.UNCERTAIN` error (an OSError or a
-    timeout of its own), with the outage's backoff (doubling from ``retry_backoff_s`` up to 5 s: about 80 s
-    at the defaults), before it is dead-lettered as ``handler-failed``. An outage is retried without limit.
+    timeout of its own, a statement timeout), with the outage's backoff (doubling from ``retry_backoff_s`` up
+    to 5 s: about 80 s at the defaults), before it is dead-lettered as ``handler-failed``. An outage is
+    retried without limit.
     Services set it, with ``max_retries`` and ``retry_backoff_s``, from their settings
     (``ServiceSettings.consumer_limits``: ``DRIFTLOOP_CONSUMER_MAX_UNCERTAIN_RETRIES``)."""
     max_event_bytes: int = 1_000_000
@@ -579,8 +589,9 @@ class Dispatcher:
                         await self._dead_letter(
                             record,
                             "handler-failed",
-                            f"{type(exc).__name__}: {exc} (on {uncertain} attempts in a row; an OSError or a "
-                            "timeout raised by a handler is retried for a while in case it is an outage)",
+                            f"{type(exc).__name__}: {exc} (on {uncertain} attempts in a row; an OSError, a "
+                            "timeout or a cancelled statement raised by a handler is retried for a while in "
+                            "case it is an outage)",
                         )
                         return
                 if kind is not None:

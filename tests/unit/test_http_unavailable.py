@@ -20,6 +20,8 @@ ERRORS: dict[str, Exception] = {
     "timeout": TimeoutError("timed out"),
     "postgres-restarting": asyncpg.CannotConnectNowError("the database system is starting up"),
     "postgres-admin-shutdown": asyncpg.AdminShutdownError("terminating connection"),
+    # The bus dead-letters an event after a while for it (it may be the event's); a request may be sent again.
+    "statement-timeout": asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
     "pool-closed": asyncpg.InterfaceError("pool is closed"),
     "unique-violation": asyncpg.UniqueViolationError("duplicate key"),
     "missing-file": FileNotFoundError(2, "No such file"),
@@ -50,7 +52,15 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 @pytest.mark.parametrize("lane", ["/v1", "/v2"])
 @pytest.mark.parametrize(
     "kind",
-    ["refused", "timeout", "postgres-restarting", "postgres-admin-shutdown", "pool-closed", "store-refusing"],
+    [
+        "refused",
+        "timeout",
+        "postgres-restarting",
+        "postgres-admin-shutdown",
+        "statement-timeout",
+        "pool-closed",
+        "store-refusing",
+    ],
 )
 async def test_an_unavailable_dependency_is_a_503_with_retry_after(
     client: httpx.AsyncClient, lane: str, kind: str
