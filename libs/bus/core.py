@@ -362,7 +362,7 @@ class Subscription:
     """Retries of an event whose handler keeps raising a :attr:`Transience.UNCERTAIN` error (an OSError or a
     timeout of its own, a statement timeout), with the outage's backoff (doubling from ``retry_backoff_s`` up
     to 5 s: about 80 s at the defaults), before it is dead-lettered as ``handler-failed``. An outage is
-    retried without limit.
+    retried without limit, and starts the count again.
     Services set it, with ``max_retries`` and ``retry_backoff_s``, from their settings
     (``ServiceSettings.consumer_limits``: ``DRIFTLOOP_CONSUMER_MAX_UNCERTAIN_RETRIES``)."""
     max_event_bytes: int = 1_000_000
@@ -576,7 +576,11 @@ class Dispatcher:
                 return
             except Exception as exc:
                 kind = transience(exc)
-                if kind is Transience.UNCERTAIN:
+                if kind is Transience.OUTAGE:
+                    # The infrastructure was failing: the uncertain errors before it (a statement timing out
+                    # on a database about to fail over) are no evidence against the event.
+                    uncertain = 0
+                elif kind is Transience.UNCERTAIN:
                     uncertain += 1
                     if uncertain > self.sub.max_uncertain_retries:
                         # It may have been an outage, but one that outlasted the bound is far likelier the

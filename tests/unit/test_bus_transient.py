@@ -168,12 +168,14 @@ def test_errors_of_the_infrastructure_are_outages(error: BaseException) -> None:
     assert transience(error) is Transience.OUTAGE
 
 
+STATEMENT_TIMEOUT = E.QueryCanceledError("canceling statement due to statement timeout")
+
 UNCERTAIN: dict[str, BaseException] = {
     "timeout": TimeoutError("timed out"),
     "io-error": OSError(errno.EIO, "Input/output error"),
     "no-errno": OSError("Multiple exceptions: [Errno 111] Connect call failed"),
     # 57014: a handler's query past statement_timeout, on every try for a huge or hostile event.
-    "statement-timeout": E.QueryCanceledError("canceling statement due to statement timeout"),
+    "statement-timeout": STATEMENT_TIMEOUT,
 }
 
 
@@ -183,16 +185,21 @@ def test_other_oserrors_and_timeouts_are_uncertain(error: BaseException) -> None
     assert is_transient(error)
 
 
-def failing(error: BaseException, times: int) -> tuple[list[int], Any]:
-    """A handler that raises ``error`` on its first ``times`` calls, then handles the event; and its calls."""
+def raising(errors: list[BaseException]) -> tuple[list[int], Any]:
+    """A handler that raises ``errors``, one a call in order, then handles the event; and its calls."""
     calls: list[int] = []
 
     async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
         calls.append(event.data.n)
-        if len(calls) <= times:
-            raise error
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
 
     return calls, on_thing
+
+
+def failing(error: BaseException, times: int) -> tuple[list[int], Any]:
+    """A handler that raises ``error`` on its first ``times`` calls, then handles the event; and its calls."""
+    return raising([error] * times)
 
 
 def subscription(handler: Any) -> Subscription:
@@ -206,15 +213,21 @@ def subscription(handler: Any) -> Subscription:
     )
 
 
-async def one_event_failing(error: BaseException, times: int) -> tuple[int, list[DeadLetter]]:
-    """One event through a handler that raises ``error`` ``times`` times: how often it was called, and the
+async def one_event_raising(errors: list[BaseException]) -> tuple[int, list[DeadLetter]]:
+    """One event through a handler that raises ``errors``, one a call: how often it was called, and the
     dead letters."""
     bus = InMemoryBus(REGISTRY)
-    calls, handler = failing(error, times)
+    calls, handler = raising(errors)
     bus.subscribe(subscription(handler))
     await bus.publish(thing(1))
     await bus.drain()
     return len(calls), bus.dead_letters
+
+
+async def one_event_failing(error: BaseException, times: int) -> tuple[int, list[DeadLetter]]:
+    """One event through a handler that raises ``error`` ``times`` times: how often it was called, and the
+    dead letters."""
+    return await one_event_raising([error] * times)
 
 
 @pytest.mark.parametrize("error", OF_THE_INPUT.values(), ids=OF_THE_INPUT.keys())
@@ -251,12 +264,24 @@ async def test_an_uncertain_error_that_outlasts_its_bound_is_dead_lettered_sayin
     assert calls == 6
 
 
+async def test_an_outage_between_uncertain_errors_starts_their_count_again() -> None:
+    # A database failing over times statements out, then drops connections, then times them out again while
+    # it warms up: 10 timeouts in all, more than the bound of 5, but never 6 in a row.
+    timeouts, lost = [STATEMENT_TIMEOUT] * 5, [OUTAGES["connection-lost"]] * 3
+
+    assert await one_event_raising(timeouts + lost + timeouts) == (14, [])
+
+
+async def test_an_outage_before_a_statement_that_always_times_out_does_not_spend_its_bound() -> None:
+    calls, [dead] = await one_event_raising([OUTAGES["connection-lost"]] * 8 + [STATEMENT_TIMEOUT] * 50)
+
+    assert dead.error.startswith(f"QueryCanceledError: {STATEMENT_TIMEOUT} (on 6 attempts in a row;")
+    assert calls == 8 + 6
+
+
 @pytest.mark.parametrize(
     "error",
-    [
-        TimeoutError("waiting for a lock of its own that never comes"),
-        E.QueryCanceledError("canceling statement due to statement timeout"),
-    ],
+    [TimeoutError("waiting for a lock of its own that never comes"), STATEMENT_TIMEOUT],
     ids=["timeout", "statement-timeout"],
 )
 async def test_one_event_timing_out_in_a_group_commit_holds_up_neither_the_poll_nor_its_partition(
