@@ -127,12 +127,14 @@ class Sink:
 
     def __init__(self) -> None:
         self.written: list[tuple[int, str]] = []
+        self.errors: list[str] = []
         self.down = False
 
     async def dead_letter(self, record: Record, *, consumer: str, reason: str, error: str) -> None:
         if self.down:
             raise ConnectionError("the broker is away")
         self.written.append((record.offset, reason))
+        self.errors.append(error)
 
 
 class Database:
