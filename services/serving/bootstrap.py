@@ -82,6 +82,7 @@ async def build(rt: Runtime) -> ServiceParts:
             handoff_bytes=settings.prediction_log_handoff_bytes,
             flush_s=settings.prediction_log_handoff_flush_ms / 1000,
             poll_s=settings.prediction_log_handoff_poll_ms / 1000,
+            stall_s=settings.prediction_log_stall_s,
             log_level=settings.log_level,
             log_json=settings.log_json,
         )

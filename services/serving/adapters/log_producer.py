@@ -20,6 +20,11 @@ The child's own queue is bounded too: when it is full it stops reading, and the 
 hand-off. The child reports its sent / send-failed / unencodable / oversized counts every half second and
 the parent adds them to its /metrics; items lost with a crashed child are counted
 (``reason="producer-exited"``), items offered while no child runs as well (``reason="producer-down"``).
+A child that is alive but sends no report for ``stall_s`` (stopped, deadlocked, its loop blocked) would
+never exit, and every item offered after its socket filled would be dropped as buffer-full until serving
+restarted: serving kills it (SIGKILL), counts what it was handed as lost (``reason="producer-stalled"``)
+and starts another as after a crash. The reports come from the child's main task, not from the sender, so
+a child whose sends wait on a slow broker keeps reporting and is left alone.
 
 The child dies with serving: it reads EOF on the socket when the parent is gone and asks the kernel for
 SIGTERM at its parent's death (``PR_SET_PDEATHSIG``); it is in serving's process group, which the
@@ -71,6 +76,10 @@ RESTART_DELAYS_S = (0.5, 5.0)
 """The wait before the producer process is started again: the first, and the most it doubles to."""
 HEALTHY_RUN_S = 60.0
 """A producer process that ran this long before it died is restarted after the first wait again."""
+FIRST_REPORT_S = 30.0
+"""How long a new producer process may take to send its first report (Python and the imports take about a
+second, several on a loaded host) before it counts as stalled; ``stall_s`` when that is longer. Held to
+``stall_s`` from its start, a slow start would be killed, and restarted, over and over."""
 
 
 def restart_delay(previous: float | None, *, ran_s: float) -> float:
@@ -101,6 +110,7 @@ class ProcessPredictionLog:
         flush_s: float = 0.005,
         poll_s: float = 0.005,
         stop_timeout_s: float = 8.0,
+        stall_s: float = 5.0,
         log_level: str = "INFO",
         log_json: bool = True,
     ) -> None:
@@ -119,6 +129,7 @@ class ProcessPredictionLog:
         self._flush_bytes = min(_FLUSH_BYTES, handoff_bytes // 4) if flush_s > 0 else 0
         self.flush_s = flush_s
         self.stop_timeout_s = stop_timeout_s
+        self.stall_s = stall_s
         self.process: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.WriteTransport | None = None
         self._writer: asyncio.StreamWriter | None = None  # closes its transport when collected: kept
@@ -129,6 +140,8 @@ class ProcessPredictionLog:
         self._flush_at: asyncio.TimerHandle | None = None
         self._reported = dict.fromkeys(_COUNTS, 0)
         self._settled = 0
+        self._reports = 0
+        self._stalled = False
         self._stopping = False
         self._stopped = asyncio.Event()
         self._connected = asyncio.Event()
@@ -185,7 +198,8 @@ class ProcessPredictionLog:
         transport.write(b"".join(pieces))
 
     async def run(self) -> None:
-        """Run the producer process until stopped, restarting it if it dies; on stop, let it flush."""
+        """Run the producer process until stopped, restarting it when it dies or stalls; on stop, let it
+        flush."""
         loop = asyncio.get_running_loop()
         delay: float | None = None
         while not self._stopping:
@@ -200,12 +214,19 @@ class ProcessPredictionLog:
                 lost = self._written - self._settled
                 if self._stopping and lost <= 0:
                     return
-                if lost > 0:
+                if lost > 0 and self._stalled:
+                    DROPPED.labels("producer-stalled").inc(lost)
+                elif lost > 0:
                     DROPPED.labels("producer-exited").inc(lost)
                 if self._stopping:
                     log.error("prediction log producer stopped before sending everything", lost=lost)
                     return
-                log.error("prediction log producer exited; starting another", code=code, lost=lost)
+                log.error(
+                    "prediction log producer exited; starting another",
+                    code=code,
+                    lost=lost,
+                    stalled=self._stalled,
+                )
             delay = restart_delay(delay, ran_s=loop.time() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), timeout=delay)
@@ -251,6 +272,8 @@ class ProcessPredictionLog:
         self._pending, self._pending_bytes = [], 0
         self._reported = dict.fromkeys(_COUNTS, 0)
         self._settled = 0
+        self._reports = 0
+        self._stalled = False
         BUFFERED.set(0)
         self._writer = writer
         self._transport = writer.transport
@@ -260,6 +283,7 @@ class ProcessPredictionLog:
         """Follow the producer until it exits, or, once stopped, until it had its time to flush."""
         following = asyncio.create_task(self._follow(reader))
         stopped = asyncio.create_task(self._stopped.wait())
+        watching = asyncio.create_task(self._watch())
         try:
             await asyncio.wait([following, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
@@ -269,8 +293,45 @@ class ProcessPredictionLog:
                 self.process.kill()
                 await asyncio.wait([following], timeout=2)
         finally:
+            watching.cancel()
             stopped.cancel()
             following.cancel()
+
+    async def _watch(self) -> None:
+        """Kill the producer when it sends no report for ``stall_s`` (``FIRST_REPORT_S`` before its first)
+        while it runs: alive but stuck, it would hold the hand-off full for ever. Its socket is closed at
+        once, so what is offered meanwhile counts as ``producer-down``, and ``run`` reaps it, counts what it
+        was handed as ``producer-stalled`` and starts another; the stop has its own bound (the child does
+        not report while it flushes).
+
+        Counted in this loop's own ticks of ``_REPORT_S`` without a report, not by the clock: when serving's
+        loop is held up (a model loading), the reports wait unread in the socket, and the tick that ends the
+        hold may come before they are read. Read by the clock, that hold would count against the child;
+        as ticks it is one."""
+        process = self.process
+        seen, missed = self._reports, 0
+        while not self._stopping:
+            await asyncio.sleep(_REPORT_S)
+            if self._reports != seen:
+                seen, missed = self._reports, 0
+                continue
+            missed += 1
+            allowed = self.stall_s if seen else max(self.stall_s, FIRST_REPORT_S)
+            if missed * _REPORT_S < allowed or self._stopping or process is None:
+                continue
+            log.error(
+                "prediction log producer stalled: no report; killing it and starting another",
+                pid=process.pid,
+                silent_s=missed * _REPORT_S,
+                stall_s=self.stall_s,
+            )
+            self._stalled = True
+            # SIGKILL: it is not answering, and a stopped process would hold a SIGTERM pending. A process
+            # that already ended is not signalled (Popen checks), so no other process can be hit.
+            process.kill()
+            if self._transport is not None:
+                self._transport.abort()  # the reader sees its end now (the kernel's may wait on the kill)
+            return
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:
         """Add the producer's reported counts to this process's metrics until it closes the socket."""
@@ -286,6 +347,7 @@ class ProcessPredictionLog:
                     self._transport = None
                 return
             counts = orjson.loads(line)
+            self._reports += 1
             self._connected.set()
             for name in _COUNTS:
                 delta = int(counts[name]) - self._reported[name]

@@ -38,7 +38,8 @@ DROPPED = Counter(
     "PredictionsLogged events not published, by reason: buffer-full (dropped newest), send-failed (not "
     "acknowledged by the broker), unencodable, oversized (a row larger than the event limit, which every "
     "consumer would dead-letter), producer-down (offered while no producer process ran), "
-    "producer-exited (handed to a producer process that died before reporting them).",
+    "producer-exited (handed to a producer process that died before reporting them), producer-stalled "
+    "(handed to a producer process that stopped reporting and was killed).",
     ["reason"],
 )
 SENT = Counter("driftloop_serving_prediction_log_sent_total", "PredictionsLogged events published.")

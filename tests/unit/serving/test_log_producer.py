@@ -24,7 +24,7 @@ import pytest
 from contracts.predictions import PredictionColumns, read_prediction_columns, read_predictions_logged
 from libs.settings import KafkaSettings
 from services.serving.adapters import prediction_log
-from services.serving.adapters.log_producer import ProcessPredictionLog, restart_delay
+from services.serving.adapters.log_producer import _REPORT_S, ProcessPredictionLog, restart_delay
 from services.serving.adapters.prediction_log import (
     COLUMNWISE_FROM_ROWS,
     DROPPED,
@@ -464,6 +464,88 @@ async def test_a_row_the_producer_finds_larger_than_the_event_limit_is_counted_i
     finally:
         await log.stop()
         await asyncio.wait_for(running, timeout=30)
+
+
+async def test_a_producer_that_stops_reporting_is_killed_and_replaced_and_what_it_held_is_counted() -> None:
+    # Alive but stuck (SIGSTOP stands for a deadlock or a blocked loop), it would never exit: before, the
+    # hand-off filled up and every later item was dropped as buffer-full until serving restarted.
+    log = ProcessPredictionLog(
+        NOWHERE,
+        source="/s",
+        buffer=100,
+        batch=2,
+        linger_ms=0,
+        handoff_bytes=1 << 20,
+        stall_s=1,
+        stop_timeout_s=1,
+    )
+    stalled_before = DROPPED.labels("producer-stalled")._value.get()
+    exited_before = DROPPED.labels("producer-exited")._value.get()
+    running = asyncio.create_task(log.run())
+    try:
+        await asyncio.wait_for(log.connected(), timeout=30)
+        assert log.process is not None
+        stuck = log.process
+        held = [item() for _ in range(5)]  # the broker is unreachable: the producer holds them
+        assert all(log.offer(i) for i in held)
+        os.kill(stuck.pid, signal.SIGSTOP)
+
+        async def replaced() -> bool:
+            return log.process is not stuck and log._connected.is_set()
+
+        await eventually(replaced, deadline_s=60)
+        assert stuck.returncode == -signal.SIGKILL  # killed and reaped: no orphan, one child at a time
+        assert gone(stuck.pid)
+        assert log.process is not None and log.process.poll() is None
+        assert DROPPED.labels("producer-stalled")._value.get() - stalled_before == len(held)
+        assert DROPPED.labels("producer-exited")._value.get() == exited_before
+        assert log.offer(item())  # the new producer takes items
+    finally:
+        await log.stop()
+        await asyncio.wait_for(running, timeout=30)
+
+
+async def test_a_producer_whose_sends_wait_on_a_slow_broker_keeps_reporting_and_is_not_replaced() -> None:
+    # A broker that takes connections and answers nothing: the producer's sender waits on it, its queue
+    # fills, it stops reading and the hand-off fills; its reports come from another task and go on.
+    stall_s = 2.0
+    with socket.create_server(("127.0.0.1", 0)) as broker:
+        port = broker.getsockname()[1]
+        log = ProcessPredictionLog(
+            KafkaSettings(bootstrap=f"127.0.0.1:{port}"),
+            source="/s",
+            buffer=1,
+            batch=1,
+            linger_ms=0,
+            handoff_bytes=64 * 1024,
+            stall_s=stall_s,
+            stop_timeout_s=1,
+        )
+        stalled_before = DROPPED.labels("producer-stalled")._value.get()
+        full_before = DROPPED.labels("buffer-full")._value.get()
+        running = asyncio.create_task(log.run())
+        try:
+            await asyncio.wait_for(log.connected(), timeout=30)
+            assert log.process is not None
+            busy = log.process
+
+            async def hand_off_full() -> bool:
+                log.offer(big_item())
+                return DROPPED.labels("buffer-full")._value.get() > full_before
+
+            await eventually(hand_off_full, deadline_s=30, interval_s=0.01)
+            reports = log._reports
+
+            async def reported_for_two_stall_periods_or_replaced() -> bool:
+                return log.process is not busy or log._reports - reports >= 2 * stall_s / _REPORT_S
+
+            await eventually(reported_for_two_stall_periods_or_replaced, deadline_s=60)
+            assert log.process is busy and busy.poll() is None
+            assert DROPPED.labels("producer-stalled")._value.get() == stalled_before
+            assert not log.offer(big_item())  # still busy: the hand-off is still full
+        finally:
+            await log.stop()
+            await asyncio.wait_for(running, timeout=30)
 
 
 PARENT = textwrap.dedent(

@@ -454,6 +454,7 @@ def test_the_help_of_the_dropped_counter_names_every_reason_it_is_counted_under(
         "oversized",
         "producer-down",
         "producer-exited",
+        "producer-stalled",
     }
     help_text = prediction_log.DROPPED._documentation
     assert [reason for reason in sorted(reasons) if reason not in help_text] == []
