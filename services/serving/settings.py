@@ -102,13 +102,14 @@ class ServingSettings(ServiceSettings):
         "write.",
     )
     prediction_log_stall_s: float = Field(
-        5.0,
+        10.0,
         ge=1.0,
         le=3600,
         description="A prediction-log producer process that sends serving no report for this long while it "
         "runs (it reports twice a second; the first report, after its start, may take 30 s) is stalled: "
         "killed, what it was handed counted as lost (producer-stalled) and another started; a producer "
-        "waiting on a slow broker still reports. At least 1 s, two reports.",
+        "waiting on a slow broker still reports. At least 1 s, two reports; 10 s leaves a child starved "
+        "of CPU on a saturated host (twenty reports late) alone.",
     )
     prediction_log_enabled: bool = Field(
         True, description="Publish PredictionsLogged; off only for benchmarks that measure its cost."

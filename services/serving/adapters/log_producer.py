@@ -110,7 +110,7 @@ class ProcessPredictionLog:
         flush_s: float = 0.005,
         poll_s: float = 0.005,
         stop_timeout_s: float = 8.0,
-        stall_s: float = 5.0,
+        stall_s: float = 10.0,
         log_level: str = "INFO",
         log_json: bool = True,
     ) -> None:
