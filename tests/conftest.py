@@ -27,6 +27,12 @@ from deploy.local.postgres import drop_schemas
 from libs.bus.kafka import KafkaPublisher
 from libs.settings import KafkaSettings
 from tests.integration.kafka_tools import made_by_this_session
+from tests.strict_outcomes import (  # noqa: F401  (hooks: under CI a test that did not run fails)
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_sessionstart,
+    pytest_terminal_summary,
+)
 
 TESTS = Path(__file__).resolve().parent
 LEVEL_MARKERS = {

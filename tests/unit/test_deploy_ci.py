@@ -16,11 +16,11 @@ import pytest
 
 from deploy.local.settings import PROJECT_ROOT
 
-# FAKE_TEST_EXIT: how `test` ends.
+# FAKE_TEST_EXIT: how `test` ends; FAKE_LOG.ci: the CI variable `test` ran with.
 DRIFTLOOP = """#!/bin/bash
 echo "$*" >>"$FAKE_LOG"
 case "$*" in
-  test) exit "$FAKE_TEST_EXIT" ;;
+  test) echo "${CI-unset}" >"$FAKE_LOG.ci"; exit "$FAKE_TEST_EXIT" ;;
 esac
 """
 
@@ -51,3 +51,11 @@ def test_ci_stops_what_ended_commands_left_running_however_the_tests_ended(
 
     assert done == ["check", "test", "infra down --left-behind"]
     assert code == test_exit
+
+
+def test_ci_runs_the_tests_with_ci_set_so_a_test_that_did_not_run_fails_them(tmp_path: Path) -> None:
+    # tests/strict_outcomes.py: under CI a skipped test, an expected failure or an unexpected pass fails the
+    # session; without the variable a skip in CI passed the job.
+    run_ci(tmp_path, test_exit=0)
+
+    assert (tmp_path / "log.ci").read_text() == "true\n"
