@@ -206,6 +206,19 @@ def verifying_app() -> tuple[FastAPI, api.Slots]:
     return app, slots
 
 
+def verifications_run(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replaces ``core.verify_trail`` (tested on its own in test_verification.py) by one that answers at once;
+    the arguments of each call it got, so a test shows what the route asked for, not only that it asked."""
+    calls: list[dict[str, Any]] = []
+
+    async def verify_trail(chain: object, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return types.SimpleNamespace(as_json=lambda: REPORT)
+
+    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    return calls
+
+
 async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -254,14 +267,7 @@ def test_verifications_may_not_take_every_connection_of_the_pool() -> None:
 async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    started = 0
-
-    async def verify_trail(*_: Any, **__: Any) -> Any:
-        nonlocal started
-        started += 1
-        return types.SimpleNamespace(as_json=lambda: REPORT)
-
-    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    calls = verifications_run(monkeypatch)
     app, slots = verifying_app()
     slots.held = 1  # every slot taken: a range checked after the slot would be a 429
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -269,20 +275,13 @@ async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
         r = await client.get("/v1/verify", params={"from_seq": 5, "to_seq": 3})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "to_seq must not be below from_seq"
-    assert started == 0
+    assert calls == []
 
 
 async def test_a_head_of_verify_is_answered_from_the_request_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     # Whether the chain holds is in the body (200 either way), and finding out reads the whole range: a HEAD
     # ran the whole verification for headers alone. It is refused as its GET would be (token, range, slots).
-    started = 0
-
-    async def verify_trail(*_: Any, **__: Any) -> Any:
-        nonlocal started
-        started += 1
-        return types.SimpleNamespace(as_json=lambda: REPORT)
-
-    monkeypatch.setattr(core, "verify_trail", verify_trail)
+    calls = verifications_run(monkeypatch)
     app, slots = verifying_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
@@ -293,11 +292,35 @@ async def test_a_head_of_verify_is_answered_from_the_request_alone(monkeypatch: 
             b"",
         )
         assert "content-length" not in head.headers
-        assert started == 0
+        assert calls == []
         empty = await client.head("/v1/verify", params={"from_seq": 5, "to_seq": 3})
         slots.held = 1
         busy = await client.head("/v1/verify")
         slots.held = 0
         got = await client.get("/v1/verify")
     assert (empty.status_code, busy.status_code, busy.headers["retry-after"]) == (422, 429, "5")
-    assert (got.json(), started) == (REPORT, 1)
+    assert (got.json(), len(calls)) == (REPORT, 1)
+
+
+async def test_a_verification_checks_the_range_and_the_depth_asked_with_the_parallelism_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The stand-in took any arguments: a route that dropped the range or `full` still passed every test here.
+    calls = verifications_run(monkeypatch)
+    app, _ = verifying_app()
+    audit = app.state.audit
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+        ranged = await client.get("/v1/verify", params={"from_seq": 3, "to_seq": 7, "full": "true"})
+        whole = await client.get("/v1/verify")
+    assert (ranged.status_code, whole.status_code) == (200, 200), (ranged.text, whole.text)
+    common = {
+        "keys": audit.keys,
+        "sealer": audit.signer.sealer,
+        "archives": [audit.archive],
+        "parallelism": audit.settings.verify_parallelism,
+    }
+    assert calls == [
+        {**common, "from_seq": 3, "to_seq": 7, "full": True},
+        {**common, "from_seq": 1, "to_seq": None, "full": False},
+    ]
