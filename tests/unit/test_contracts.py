@@ -122,6 +122,8 @@ def test_the_subject_field_is_a_field_of_the_payload(cls: type[EventPayload]) ->
     if cls.subject_field is not None:
         assert cls.subject_field in cls.model_fields
         assert EXAMPLES[cls].event_subject()
+    else:  # no subject field (AuditCheckpoint): the payload implies no subject (the case ran no check)
+        assert EXAMPLES[cls].event_subject() is None
 
 
 def test_past_tense_facts_and_imperative_requests() -> None:
