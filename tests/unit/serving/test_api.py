@@ -1215,6 +1215,7 @@ async def test_tritonclient_request_bodies_are_taken(service: Service) -> None:
     # The members and parameters tritonclient writes (its own request builder: JSON tensors, binary or JSON
     # outputs, a sequence, a priority, a timeout, custom parameters) are all ones the route takes.
     import tritonclient.http as triton  # a dev dependency (pyproject): missing is a failure, not a skip
+
     inputs = []
     for name, data, datatype in (
         ("tenure_months", np.array([3.0, 4.0]), "FP64"),
