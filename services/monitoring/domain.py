@@ -1843,6 +1843,9 @@ def _labelled_comparison(
     ), True
 
 
-def canary_variant(variant: str) -> bool:
-    """Rows that belong to the canary side of a rollout."""
-    return variant in (Variant.CANARY.value, Variant.SHADOW.value)
+def canary_evidence(variant: str, rollout_id: str | None, rollout: str) -> bool:
+    """Whether a request's rows are the canary side of rollout ``rollout``: its candidate's rows (canary or
+    shadow) that the rollout routed, which carry its id. A request naming the candidate's version is the
+    client's choice, not the rollout's traffic (serving logs it without a rollout id): counted, one client
+    calling the version could fill a step's samples and skew its verdict."""
+    return rollout_id == rollout and variant in (Variant.CANARY.value, Variant.SHADOW.value)

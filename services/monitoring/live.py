@@ -23,7 +23,7 @@ from services.monitoring.domain import (
     DriftWindow,
     ModelReference,
     RowBatch,
-    canary_variant,
+    canary_evidence,
     rows_of,
     split_point,
 )
@@ -592,7 +592,10 @@ class LiveState:
                 continue
             variants = batch.variant
             if batch.version == step.canary_version:
-                mask = np.array([canary_variant(v) for v in variants])
+                rollout = step.rollout_id
+                mask = np.array(
+                    [canary_evidence(v, r, rollout) for v, r in zip(variants, batch.rollout_id, strict=True)]
+                )
                 side = step.canary
             elif batch.version == step.stable_version:
                 mask = np.array([v == Variant.STABLE.value for v in variants])

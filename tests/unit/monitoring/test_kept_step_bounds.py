@@ -232,7 +232,11 @@ def test_a_collectors_latencies_are_bounded_by_requests_too(now: float) -> None:
     step = CanaryStep("r-9", "churn", 1, 2, 1, started_at=now, min_samples=10, bake_seconds=1.0)
     monitor.live.watch(step)
     reqs = [
-        (payload.model_copy(update={"model_version": 2, "variant": Variant.CANARY}), part, off)
+        (
+            payload.model_copy(update={"model_version": 2, "variant": Variant.CANARY, "rollout_id": "r-9"}),
+            part,
+            off,
+        )
         for payload, part, off in requests(1_200, seed=3, start=from_epoch(now + 1.0), per_request=1)
     ]
     monitor.live.ingest(reqs, arrival=now + 5.0)

@@ -269,10 +269,12 @@ def with_canary(monitor: Monitor) -> Monitor:
     return monitor
 
 
-def canary_traffic(n_rows: int, *, at: float) -> list[Any]:
-    """The canary's logged predictions (version 2, variant canary), dated ``at`` on, in partition 0."""
+def canary_traffic(n_rows: int, *, at: float, rollout_id: str | None = "r-1") -> list[Any]:
+    """The canary's logged predictions (version 2, variant canary) that rollout ``rollout_id`` routed (None:
+    requests naming the version), dated ``at`` on, in partition 0."""
+    routed = {"model_version": 2, "variant": Variant.CANARY, "rollout_id": rollout_id}
     return [
-        (payload.model_copy(update={"model_version": 2, "variant": Variant.CANARY}), part, off)
+        (payload.model_copy(update=routed), part, off)
         for payload, part, off in requests(n_rows, seed=7, start=from_epoch(at))
     ]
 

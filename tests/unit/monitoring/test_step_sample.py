@@ -30,8 +30,8 @@ Request = tuple[PredictionsLogged, int, int]
 
 
 def logged(version: int, variant: Variant, offset: int, scores: list[float], latency: float) -> Request:
-    """One request of the step, logged at partition 0 ``offset``, one second after the last: a row per score
-    (class 1's probability), whose predicted value names the row."""
+    """One request of the step that rollout r-1 routed, logged at partition 0 ``offset``, one second after the
+    last: a row per score (class 1's probability), whose predicted value names the row."""
     rows = [
         PredictionRecord(
             prediction_id=f"{variant.value}-{offset}-{i}",
@@ -44,6 +44,7 @@ def logged(version: int, variant: Variant, offset: int, scores: list[float], lat
         model="churn",
         model_version=version,
         variant=variant,
+        rollout_id=None if variant is Variant.STABLE else "r-1",
         request_id=f"{variant.value}-{offset}",
         predicted_at=from_epoch(STARTED_AT + 1.0 + offset),
         latency_ms=latency,
