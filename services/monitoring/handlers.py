@@ -1715,9 +1715,9 @@ async def _labelled_comparison(
     references: dict[tuple[str, int], ModelReference],
 ) -> LabelledComparison:
     since = from_epoch(step.started_at)
-    canary = await store.labelled_outcomes(step.model, step.canary_version, since)
+    canary = await store.labelled_outcomes(step.model, step.canary_version, since, rollout_id=step.rollout_id)
     stable = (
-        await store.labelled_outcomes(step.model, step.stable_version, since)
+        await store.labelled_outcomes(step.model, step.stable_version, since, rollout_id=None)
         if step.stable_version is not None
         else []
     )

@@ -368,9 +368,11 @@ class MonitoringStore(Protocol):
         ...
 
     async def labelled_outcomes(
-        self, model: str, version: int, since: datetime
+        self, model: str, version: int, since: datetime, *, rollout_id: str | None
     ) -> list[tuple[Any, Any, float | None]]:
-        """(prediction, label, score) of a version's labelled rows predicted since a time."""
+        """(prediction, label, score) of a version's labelled rows predicted since a time, of one side of a
+        rollout step: with ``rollout_id``, the canary or shadow rows that rollout routed; with None, the
+        version's stable rows."""
         ...
 
     async def labels_received_since(self, model: str, since: datetime) -> bool:

@@ -637,14 +637,20 @@ class PgMonitoringStore:
         return row is not None
 
     async def labelled_outcomes(
-        self, model: str, version: int, since: datetime
+        self, model: str, version: int, since: datetime, *, rollout_id: str | None
     ) -> list[tuple[Any, Any, float | None]]:
+        # The canary side is what the rollout routed, as in memory (domain.canary_evidence): a request naming
+        # the candidate's version has no rollout id, and counted, one client's calls with labels could decide
+        # the accuracy comparison.
         rows = await self.conn.fetch(
             """SELECT prediction, label, score FROM labelled
-               WHERE model = $1 AND version = $2 AND predicted_at >= $3""",
+               WHERE model = $1 AND version = $2 AND predicted_at >= $3
+                   AND CASE WHEN $4::text IS NULL THEN variant = 'stable'
+                       ELSE rollout_id = $4 AND variant IN ('canary', 'shadow') END""",
             model,
             version,
             since,
+            rollout_id,
         )
         return [(r["prediction"], r["label"], r["score"]) for r in rows]
 

@@ -760,14 +760,45 @@ async def test_a_shadow_prediction_and_the_stable_one_it_shadows_are_each_joined
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
         since = at - timedelta(minutes=1)
-        assert await store.labelled_outcomes("churn", 1, since) == [(1, 1, 0.7)]  # the canary comparison
-        assert await store.labelled_outcomes("churn", 2, since) == [(0, 1, 0.7)]
+        # The canary comparison: the stable side, and the shadow's rows its rollout routed.
+        assert await store.labelled_outcomes("churn", 1, since, rollout_id=None) == [(1, 1, 0.7)]
+        assert await store.labelled_outcomes("churn", 2, since, rollout_id="ro-1") == [(0, 1, 0.7)]
         assert await store.unscored("churn", 1, 10) == []
         assert [(r.version, r.variant) for r in await store.unscored("churn", 2, 10)] == [(2, "shadow")]
         assert await store.labelled_for("churn", 2, ["p-shadowed"]) == {"p-shadowed": 1}
         # The training history and the status count the label once, with the served prediction.
         assert [(r.version, r.variant) for r in await store.recent_labelled("churn", 10)] == [(1, "stable")]
         assert (await store.label_counts())["churn"] == {"labelled": 1, "late": 0}
+
+
+async def test_a_steps_labelled_canary_rows_are_those_its_rollout_routed(pool: asyncpg.Pool) -> None:
+    # A request naming the canary's version is logged with variant canary and no rollout id (docs/serving.md).
+    # Selected by version alone, one client's labelled calls to the version decided the step's accuracy
+    # comparison: here 3 of the canary's 5 labelled rows.
+    at = datetime.now(UTC)
+
+    def joined(pid: str, version: int, variant: str, rollout: str | None, label: int) -> LabelledRecord:
+        return LabelledRecord(pid, "churn", version, variant, rollout, at, 1, 0.7, label, at, False, {})
+
+    rows = [
+        joined("routed", 2, "canary", "ro-1", 1),
+        joined("shadowed", 2, "shadow", "ro-1", 1),
+        joined("named-1", 2, "canary", None, 0),
+        joined("named-2", 2, "canary", None, 0),
+        joined("earlier", 2, "canary", "ro-0", 0),  # routed by an earlier rollout of the version
+        joined("stable", 1, "stable", None, 1),
+        joined("stable-named", 1, "stable", None, 0),  # a request naming the stable version is stable traffic
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        await store.add_labelled(rows)
+        since = at - timedelta(minutes=1)
+        assert await store.labelled_outcomes("churn", 2, since, rollout_id="ro-1") == [(1, 1, 0.7)] * 2
+        assert sorted(await store.labelled_outcomes("churn", 1, since, rollout_id=None)) == [
+            (1, 0, 0.7),
+            (1, 1, 0.7),
+        ]
+        assert await store.labelled_outcomes("churn", 2, since, rollout_id=None) == []
 
 
 async def test_the_migration_keys_the_labels_joined_before_by_version_as_they_are(database_url: str) -> None:

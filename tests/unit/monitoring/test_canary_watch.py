@@ -454,7 +454,9 @@ def test_a_replayed_poll_of_two_partitions_leaves_the_judged_rows_of_each_out_of
 
 async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
     class Labelled(Store):
-        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        async def labelled_outcomes(
+            self, model: str, version: int, since: datetime, *, rollout_id: str | None
+        ) -> list[Any]:
             # a label stored before such labels were refused, then mean absolute errors of 0.52 (canary)
             # and 0.42 (stable)
             error = 0.5 if version == 2 else 0.4
@@ -492,7 +494,9 @@ async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_labe
 
 async def test_a_canary_whose_labels_come_as_numbers_with_no_fraction_is_judged_on_its_classes() -> None:
     class Labelled(Store):
-        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        async def labelled_outcomes(
+            self, model: str, version: int, since: datetime, *, rollout_id: str | None
+        ) -> list[Any]:
             # Every prediction right on both sides; the canary's labels come from a client that sends the
             # class 1 as 1.0 (a pandas column of integer codes with a gap).
             rows: list[tuple[Any, Any, None]] = [(i % 2, i % 2, None) for i in range(150)]
@@ -545,7 +549,9 @@ class TickStore(Store):
         if (call, key) in self.broken:
             raise self.broken[(call, key)]
 
-    async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+    async def labelled_outcomes(
+        self, model: str, version: int, since: datetime, *, rollout_id: str | None
+    ) -> list[Any]:
         self._outage("labelled_outcomes", model)
         return self.outcomes.get((model, version), [])
 
@@ -691,7 +697,9 @@ async def test_a_canary_step_set_aside_during_an_outage_is_counted_once_when_its
 class Unlabelled(Store):
     """A step's store with no labelled rows of the step's predictions yet."""
 
-    async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+    async def labelled_outcomes(
+        self, model: str, version: int, since: datetime, *, rollout_id: str | None
+    ) -> list[Any]:
         return []
 
 

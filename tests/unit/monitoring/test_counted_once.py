@@ -77,7 +77,9 @@ async def test_a_verdicts_unscorable_rows_are_counted_once_though_its_first_tick
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class Labelled(Store):
-        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        async def labelled_outcomes(
+            self, model: str, version: int, since: datetime, *, rollout_id: str | None
+        ) -> list[Any]:
             # One label of each side is no number (stored before such labels were refused).
             return [(1.0, "n/a", None)] + [(1.0, 1.0 + 0.01 * i, None) for i in range(150)]
 

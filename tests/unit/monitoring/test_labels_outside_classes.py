@@ -105,7 +105,9 @@ async def test_a_correction_to_a_class_is_no_longer_outside_the_classes(monitor:
 
 async def test_a_canary_judged_on_labels_mostly_outside_the_classes_says_so_in_its_verdict() -> None:
     class Labelled(Store):
-        async def labelled_outcomes(self, model: str, version: int, since: datetime) -> list[Any]:
+        async def labelled_outcomes(
+            self, model: str, version: int, since: datetime, *, rollout_id: str | None
+        ) -> list[Any]:
             # Stable's labels name the classes; the canary's came as "yes"/"no" (a feed encoded otherwise).
             if version == 2:
                 return [(i % 2, "yes" if i % 2 else "no", None) for i in range(150)]
