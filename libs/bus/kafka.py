@@ -281,6 +281,10 @@ MAX_POLL_RECORDS = 1000
 """Records a consumer takes per poll at most: a backlog is settled this many at a time (one transaction
 per poll for a batch handler)."""
 
+MAX_POLL_INTERVAL_MS = 300_000
+"""How long a consumer may go without calling ``getmany`` before aiokafka takes it for stuck: it leaves its
+group, which hands its partitions to the other members (aiokafka's default, Kafka's ``max.poll.interval.ms``)."""
+
 
 class ConsumerRunner:
     """Runs one subscription on Kafka: poll, dispatch, and commit offsets by hand.
@@ -312,12 +316,14 @@ class ConsumerRunner:
         max_records: int = MAX_POLL_RECORDS,
         poll_timeout_ms: int = 200,
         commit_interval_s: float = 0.2,
+        max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS,
     ) -> None:
         self.sub = subscription
         self.kafka = kafka
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
         self.commit_interval_s = commit_interval_s
+        self.max_poll_interval_ms = max_poll_interval_ms
         self._stopping = False
         self.dispatcher = Dispatcher(
             subscription,
@@ -344,6 +350,7 @@ class ConsumerRunner:
             group_id=self.sub.consumer,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            max_poll_interval_ms=self.max_poll_interval_ms,
             **self.kafka.consumer_options(),
         )
         self.consumer.subscribe(
