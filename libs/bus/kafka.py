@@ -283,7 +283,8 @@ per poll for a batch handler)."""
 
 MAX_POLL_INTERVAL_MS = 300_000
 """How long a consumer may go without calling ``getmany`` before aiokafka takes it for stuck: it leaves its
-group, which hands its partitions to the other members (aiokafka's default, Kafka's ``max.poll.interval.ms``)."""
+group, which hands its partitions to the other members (aiokafka's default, Kafka's ``max.poll.interval.ms``).
+The runner polls (its partitions paused) while a poll's handling lasts, so it never gets there."""
 
 
 class ConsumerRunner:
@@ -295,6 +296,13 @@ class ConsumerRunner:
     therefore re-delivers at most the last interval's events, and the inbox makes them no-ops. If settling
     fails for reasons outside the event (the database or the broker is away), the runner seeks back and
     reads the same records again.
+
+    A poll's handling may last (an outage is waited out without limit, an uncertain error retried for
+    minutes), and aiokafka has a member that does not call ``getmany`` for ``max_poll_interval_ms`` leave its
+    group: its partitions would go to another member, which would start the retries again, and come back when
+    it polls, a rebalance every interval for as long as the outage lasts. Once a handling has lasted half the
+    interval, the runner pauses every assigned partition and keeps polling, which takes no record and keeps
+    the member in its group, until the poll is settled (:meth:`_settle_in_group`).
 
     A fetched record aiokafka cannot parse (see :data:`UNREADABLE`) makes ``getmany`` raise and lose what it
     had read of that poll; the runner then reads again from the last record it received, one record at a
@@ -340,6 +348,8 @@ class ConsumerRunner:
         # reading resumes after a failed fetch.
         self._next: dict[TopicPartition, int] = {}
         self._commit_lock = asyncio.Lock()
+        # While a long handling is held (see _settle_in_group): a partition assigned meanwhile is paused too.
+        self._holding = False
 
     def stop(self) -> None:
         """Finish the batch in hand, commit, and leave the group."""
@@ -374,8 +384,10 @@ class ConsumerRunner:
                     continue
                 if self.sub.batch_prepare is not None:
                     ahead = await self._fetch(0)
-                if not await self._settle(current, ahead):
+                if not await self._settle_in_group(current, ahead):
                     ahead = None  # seeked back before it: it is read again
+                elif ahead is not None:
+                    ahead = self._still_assigned(ahead)
         finally:
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
@@ -559,6 +571,67 @@ class ConsumerRunner:
                 self._settled[tp] = messages[-1].offset + 1
         return True
 
+    async def _settle_in_group(self, current: _Poll, ahead: _Poll | None) -> bool:
+        """:meth:`_settle`, keeping the member in its group however long it takes: past half of
+        ``max_poll_interval_ms``, :meth:`_hold` polls with the partitions paused until it is done."""
+        settled = asyncio.Event()
+        holding: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.max_poll_interval_ms / 2000, lambda: holding.append(asyncio.create_task(self._hold(settled)))
+        )
+        try:
+            return await self._settle(current, ahead)
+        finally:
+            timer.cancel()
+            settled.set()
+            # Awaited, not cancelled: a getmany cancelled half-way leaves aiokafka counting a poll in progress
+            # (its fetch_context has no finally), and it would never again see this member stuck.
+            for task in holding:
+                await task
+
+    async def _hold(self, settled: asyncio.Event) -> None:
+        """Poll with every assigned partition paused until ``settled``: a poll on paused partitions returns
+        nothing, and tells aiokafka the member is alive. A partition assigned meanwhile is paused as well (by
+        the rebalance listener, and here before each poll): its records wait until the poll in hand is
+        settled, to be handled in order. What a poll returns all the same (a partition assigned while it
+        waited) is read again later. The partitions are resumed once the poll is settled."""
+        consumer = self.consumer
+        assert consumer is not None
+        log.warning(
+            "poll still in hand after half the poll interval, pausing partitions to stay in the group",
+            consumer=self.sub.consumer,
+            max_poll_interval_ms=self.max_poll_interval_ms,
+        )
+        self._holding = True
+        try:
+            while not settled.is_set():
+                consumer.pause(*consumer.assignment())
+                polled = await consumer.getmany(timeout_ms=self.poll_timeout_ms)
+                for tp, messages in polled.items():
+                    if messages:
+                        self._seek(tp, messages[0].offset)
+        finally:
+            self._holding = False
+            consumer.resume(*consumer.paused())
+
+    def hold_assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Pause newly assigned ``partitions`` if a poll's handling is being held (see :meth:`_hold`)."""
+        if self._holding and self.consumer is not None:
+            self.consumer.pause(*partitions)
+
+    def _still_assigned(self, poll: _Poll) -> _Poll | None:
+        """``poll`` without the partitions a rebalance took meanwhile (their new owner reads them from the
+        committed offset: handling them here too would race it), or ``poll`` itself if none was taken."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        if all(tp in assigned for tp in poll.batches):
+            return poll
+        batches = {tp: messages for tp, messages in poll.batches.items() if tp in assigned}
+        records = [
+            r for r in poll.records if TopicPartition(self.kafka.physical(r.topic), r.partition) in batches
+        ]
+        return _Poll(batches, records) if records else None
+
     async def commit_settled(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit the settled offsets not committed yet (of some partitions, or all)."""
         assert self.consumer is not None
@@ -601,7 +674,8 @@ class _Poll:
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
-    """Before partitions move to another member, commit what this member settled on them."""
+    """Before partitions move to another member, commit what this member settled on them; pause those it
+    gets while a long handling is held (:meth:`ConsumerRunner.hold_assigned`)."""
 
     def __init__(self, runner: ConsumerRunner) -> None:
         self.runner = runner
@@ -612,4 +686,4 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
         self.runner.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        return None
+        self.runner.hold_assigned(assigned)

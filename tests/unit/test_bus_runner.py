@@ -1,5 +1,6 @@
-"""The Kafka consumer runner on input aiokafka cannot parse, on records too large to copy whole, and when a
-rebalance takes a partition mid-batch: it settles every offset and never leaves ``run``.
+"""The Kafka consumer runner on input aiokafka cannot parse, on records too large to copy whole, when a
+rebalance takes a partition mid-batch, and on a poll whose handling outlasts half of ``max_poll_interval_ms``:
+it settles every offset, never leaves ``run``, and keeps polling (its partitions paused) while it handles.
 
 aiokafka is replaced by :class:`FakeConsumer`, which reproduces what aiokafka 0.14's fetcher does (read in
 ``.venv/.../aiokafka/consumer/fetcher.py``); the last test pins the one fact of it the runner builds on."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from contracts.envelope import CloudEvent
 from libs.bus import Subscription, Transaction
-from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
+from libs.bus.kafka import MAX_POLL_INTERVAL_MS, ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.settings import KafkaSettings
 from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
@@ -72,6 +73,12 @@ class FakeConsumer:
         self.fetched: set[TopicPartition] = set()
         self.getmany_errors = 0
         self.listener: Any = None
+        self.paused_partitions: set[TopicPartition] = set()
+        # Every getmany: the partitions paused when it was called, and those it returned records of.
+        self.polls: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
+        # Run as each getmany starts: what happens while it waits (a rebalance).
+        self.on_getmany: Callable[[], Awaitable[None]] = _nothing
+        self._polled = asyncio.Event()
 
     # -- the log --------------------------------------------------------------------------------------
 
@@ -108,11 +115,12 @@ class FakeConsumer:
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Message]]:
+        await self.on_getmany()
         await asyncio.sleep(0)
         left = max_records or 10_000
         out: dict[TopicPartition, list[Message]] = {}
         for p in sorted(partitions or self.assigned):
-            if p not in self.assigned or left == 0:
+            if p not in self.assigned or p in self.paused_partitions or left == 0:
                 continue
             self.fetched.add(p)
             got: list[Message] = []
@@ -129,9 +137,26 @@ class FakeConsumer:
                 self.positions[p] = got[-1].offset + 1
                 out[p] = got
                 left -= len(got)
+        self.polls.append((set(self.paused_partitions), set(out)))
+        self._polled.set()
+        self._polled = asyncio.Event()
         if not out:
             await asyncio.sleep(min(timeout_ms, 5) / 1000)
         return out
+
+    async def until_polled(self, enough: Callable[[], bool]) -> None:
+        """Return once ``enough()`` holds, checked after each getmany."""
+        while not enough():
+            await self._polled.wait()
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions.update(p for p in partitions if p in self.assigned)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions.difference_update(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return self.paused_partitions & self.assigned
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         if partition not in self.assigned:
@@ -156,6 +181,10 @@ class FakeConsumer:
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.committed_offsets.update(offsets)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class DeadLetterTopic(KafkaPublisher):
@@ -450,3 +479,129 @@ async def test_a_revoked_partition_forgets_what_its_failed_poll_dead_lettered() 
     assert await runner._settle(later) is True
 
     assert handled(store) == [9]
+
+
+# --- a poll handled for longer than half of max_poll_interval_ms ------------------------------------------
+
+
+def slow_runner(consumer: FakeConsumer, sub: Subscription) -> ConsumerRunner:
+    """A runner that holds a poll after 10 ms of handling, taking one record per poll."""
+    runner = ConsumerRunner(
+        sub,
+        kafka=KafkaSettings(),
+        registry=REGISTRY,
+        begin=Store().begin,
+        dead_letters=KafkaDeadLetters(DeadLetterTopic()),
+        max_records=1,
+        poll_timeout_ms=5,
+        commit_interval_s=0.01,
+        max_poll_interval_ms=20,
+    )
+    runner.consumer = consumer
+    return runner
+
+
+def held_polls(consumer: FakeConsumer, since: int) -> list[tuple[set[TopicPartition], set[TopicPartition]]]:
+    """The getmany calls since the ``since``-th made with every assigned partition paused."""
+    return [(paused, got) for paused, got in consumer.polls[since:] if paused and paused >= consumer.assigned]
+
+
+async def test_a_long_handling_polls_with_every_partition_paused_and_takes_no_record_until_it_is_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = FakeConsumer({tp(0): [[good(1)], [good(2)]], tp(1): [[good(3)]]})
+    order: list[int] = []
+    during: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
+
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        if event.data.n == 1:
+            # Handled until the runner has polled three times meanwhile (it must, or aiokafka drops it).
+            since = len(consumer.polls)
+            await consumer.until_polled(lambda: len(held_polls(consumer, since)) >= 3)
+            during.extend(consumer.polls[since:])
+        order.append(event.data.n)
+
+    runner = slow_runner(
+        consumer, Subscription(consumer="c", topics=[TOPIC], handlers={ThingHappened: on_thing})
+    )
+
+    await run_until(runner, lambda: len(order) == 3, monkeypatch)
+
+    assert order == [1, 2, 3]
+    assert all(got == set() for _, got in during), "a poll during the handling returned records"
+    assert consumer.paused() == set(), "the partitions were not resumed"
+
+
+@pytest.mark.parametrize("listener_told", [True, False], ids=["assigned-by-listener", "assigned-mid-poll"])
+async def test_a_partition_assigned_while_a_poll_is_held_is_read_after_it_from_its_first_record(
+    listener_told: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rebalance while a held poll waits gives this member partition 1. Its records wait for the poll in
+    # hand: the rebalance listener pauses it; if a poll returns its records all the same, they are read again
+    # later, none skipped.
+    consumer = FakeConsumer({tp(0): [[good(1)], [good(2)]], tp(1): [[good(10)], [good(11)]]})
+    consumer.assigned.discard(tp(1))
+    order: list[int] = []
+    during: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
+
+    async def rebalance() -> None:
+        if tp(1) not in consumer.assigned:
+            consumer.assigned.add(tp(1))
+            if listener_told:  # as aiokafka does, before the fetcher can fetch the partition
+                await consumer.listener.on_partitions_assigned({tp(1)})
+
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        if event.data.n == 1:
+            since = len(consumer.polls)
+            await consumer.until_polled(lambda: bool(held_polls(consumer, since)))
+            consumer.on_getmany = rebalance
+            await consumer.until_polled(lambda: len(held_polls(consumer, since)) >= 3)
+            during.extend(consumer.polls[since:])
+        order.append(event.data.n)
+
+    runner = slow_runner(
+        consumer, Subscription(consumer="c", topics=[TOPIC], handlers={ThingHappened: on_thing})
+    )
+
+    await run_until(runner, lambda: len(order) == 4, monkeypatch)
+
+    assert order[0] == 1
+    assert [n for n in order if n >= 10] == [10, 11]
+    assert [n for n in order if n < 10] == [1, 2]
+    if listener_told:  # paused at once: nothing fetched for nothing
+        assert all(got == set() for _, got in during)
+    else:
+        assert any(tp(1) in got for _, got in during), "the case meant: a poll that returned partition 1"
+
+
+async def test_a_poll_fetched_ahead_loses_the_partitions_a_rebalance_took_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The poll ahead holds partition 1; a rebalance takes it while the poll before is handled. Its new owner
+    # reads it from the committed offset: handling the records ahead here too would race it.
+    consumer = FakeConsumer({tp(0): [[good(1)]], tp(1): [[good(2)]]})
+    handled_now: list[int] = []
+    polls_at_revoke: list[int] = []
+
+    async def handle(deliveries: Sequence[Any], tx: Transaction) -> None:
+        handled_now.extend(d.event.data.n for d in deliveries)
+        if 1 in handled_now and not polls_at_revoke:
+            consumer.assigned.discard(tp(1))
+            await consumer.listener.on_partitions_revoked({tp(1)})
+            polls_at_revoke.append(len(consumer.polls))
+
+    async def prepare(deliveries: Sequence[Any]) -> None:
+        return None
+
+    runner = slow_runner(
+        consumer,
+        Subscription(consumer="c", topics=[TOPIC], batch_handler=handle, batch_prepare=prepare),
+    )
+    runner.max_poll_interval_ms = MAX_POLL_INTERVAL_MS  # this poll is not held
+
+    # Two polls after the revocation: a poll ahead still handed out is dispatched before the second.
+    await run_until(
+        runner, lambda: bool(polls_at_revoke) and len(consumer.polls) > polls_at_revoke[0] + 2, monkeypatch
+    )
+
+    assert handled_now == [1]
