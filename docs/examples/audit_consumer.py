@@ -431,8 +431,13 @@ def topic_checkpoints(bootstrap: str, topic: str) -> list[CheckpointCopy]:
     import asyncio
     import time
 
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.errors import KafkaError
+    try:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.errors import KafkaError
+    except ImportError:  # needed for --kafka only, so not among what every reader has installed
+        raise Unreadable(
+            "--kafka reads the audit topic with aiokafka, which this Python lacks: pip install aiokafka"
+        ) from None
 
     async def read() -> list[CheckpointCopy]:
         consumer = AIOKafkaConsumer(

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -235,6 +236,17 @@ async def test_a_missing_export_file_is_an_error(tmp_path: Path, capsys: pytest.
     status = consumer().main(["--export", str(tmp_path / "typo.ndjson"), "--public-key", PUBLIC_KEY])
     assert status == 1
     assert "error: [Errno 2] No such file or directory" in capsys.readouterr().err
+
+
+async def test_kafka_without_aiokafka_is_an_error_naming_the_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The consumer needs aiokafka only for --kafka, so a reader's Python may well lack it.
+    monkeypatch.setitem(sys.modules, "aiokafka", None)
+    assert verify(tmp_path, await export(1), "--kafka", "127.0.0.1:19092") == 1
+    assert "error: --kafka reads the audit topic with aiokafka, which this Python lacks" in (
+        capsys.readouterr().err
+    )
 
 
 class Refusing(http.server.BaseHTTPRequestHandler):
