@@ -1,4 +1,5 @@
-"""docker-compose.yml: the containers can write what they write, and nothing is open beyond this host.
+"""docker-compose.yml: the containers can write what they write, and nothing is open beyond this host; the
+image alone takes no development token.
 
 Read from the files themselves (no Docker engine here): each service's settings are loaded with the
 environment its container gets, the image's ENV lines plus the compose file's.
@@ -6,6 +7,7 @@ environment its container gets, the image's ENV lines plus the compose file's.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import re
@@ -16,6 +18,8 @@ import pytest
 import yaml
 
 from deploy.local.settings import PROJECT_ROOT
+from libs.auth import DEV_TOKENS, TokenStore
+from libs.http import create_app
 from libs.settings import ServiceSettings
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
@@ -41,6 +45,23 @@ def services() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def settings_of(
+    name: str, environment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> type[ServiceSettings]:
+    """The settings class of service ``name``, with ``environment`` as the container's whole environment."""
+    for variable in [v for v in os.environ if v.startswith("DRIFTLOOP_")]:  # the container has none
+        monkeypatch.delenv(variable)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, str(value))
+    module = importlib.import_module(f"services.{name}.settings")
+    (settings_class,) = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, ServiceSettings) and c.service == name
+    ]
+    return settings_class
+
+
 def test_every_service_of_the_platform_is_in_the_compose_file() -> None:
     assert sorted(name for name, _ in services()) == sorted(
         ["registry", "training", "validation", "serving", "monitoring", "audit"]
@@ -51,16 +72,7 @@ def test_every_service_of_the_platform_is_in_the_compose_file() -> None:
 def test_every_file_a_service_writes_is_on_the_data_volume(
     name: str, spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for variable in [v for v in os.environ if v.startswith("DRIFTLOOP_")]:  # the container has none
-        monkeypatch.delenv(variable)
-    for variable, value in {**image_env(), **spec.get("environment", {})}.items():
-        monkeypatch.setenv(variable, str(value))
-    module = importlib.import_module(f"services.{name}.settings")
-    (settings_class,) = [
-        c
-        for c in vars(module).values()
-        if isinstance(c, type) and issubclass(c, ServiceSettings) and c.service == name
-    ]
+    settings_class = settings_of(name, {**image_env(), **spec.get("environment", {})}, monkeypatch)
     settings = settings_class()
 
     written = {
@@ -77,3 +89,27 @@ def test_no_port_is_published_beyond_this_host() -> None:
     published = {name: port for name, spec in COMPOSE["services"].items() for port in spec.get("ports", [])}
     assert published, "the services' ports are published"
     assert {name: port for name, port in published.items() if not str(port).startswith("127.0.0.1:")} == {}
+
+
+def token_store(settings: ServiceSettings) -> TokenStore:
+    """The tokens the service's app takes with these settings."""
+    return create_app(settings, title="t", description="t").state.tokens
+
+
+@pytest.mark.parametrize(("name", "spec"), services(), ids=[name for name, _ in services()])
+def test_the_image_alone_takes_no_development_token(
+    name: str, spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image listens on every address (DRIFTLOOP_HTTP_HOST=0.0.0.0), so a container started from it
+    without the compose file (docker run -p 8101:8101, a cluster) is reached from other hosts: it must not
+    take the dev-* tokens, which anyone can read in libs/auth.py (dev-admin may do everything but predict).
+    It took them, as DRIFTLOOP_ENV defaulted to dev. The compose file, which publishes on 127.0.0.1 only,
+    still runs the services in development mode."""
+    environment: dict[str, Any] = {**image_env()}
+    if name == "audit":  # the signing key a deployment gives it (prod requires one)
+        environment["DRIFTLOOP_AUDIT_SIGNING_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    alone = settings_of(name, environment, monkeypatch)()
+    assert all(token_store(alone).authenticate(token) is None for token in DEV_TOKENS), alone.env
+
+    composed = settings_of(name, {**image_env(), **spec.get("environment", {})}, monkeypatch)()
+    assert token_store(composed).authenticate("dev-viewer") is not None, composed.env
