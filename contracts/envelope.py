@@ -14,8 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -154,34 +153,40 @@ def check_attributes(attributes: Mapping[str, str]) -> None:
 # --- the envelope ---------------------------------------------------------------------------------
 
 
-def new_event_id() -> str:
-    """A fresh event id: a random UUID (time-ordered ids are not needed; Kafka offsets give order)."""
-    return str(uuid.uuid4())
-
-
 class EventIds:
-    """Fresh event ids as :func:`new_event_id` makes them (random version-4 UUIDs, from the OS's random
-    source), for a loop that makes one per event: the randomness is read 256 ids at a time and formatted
-    without a ``UUID`` object, 0.8 µs an id instead of 2.7 (the prediction log's producer makes thousands a
-    second). Not locked: one per thread. A forked child starts with an empty buffer, so it never repeats its
-    parent's ids."""
+    """Fresh event ids: random version-4 UUIDs from the OS's random source, made 256 at a time (one read
+    of the randomness, formatted without a ``UUID`` object): 0.6 µs an id instead of ``str(uuid4())``'s
+    2.5, on every event the platform publishes. Safe to share between threads (an id is taken with one
+    ``popleft``, which is atomic; two threads refilling at once only add more ids). A forked child starts
+    with none ready, so it never repeats its parent's ids."""
 
     _BATCH = 256
 
     def __init__(self) -> None:
-        self._random = bytearray()
-        os.register_at_fork(after_in_child=self._random.clear)
+        self._ready: deque[str] = deque()
+        os.register_at_fork(after_in_child=self._ready.clear)
 
     def __call__(self) -> str:
-        if not self._random:
-            self._random += os.urandom(16 * self._BATCH)
-        h = self._random[-16:].hex()
-        del self._random[-16:]
+        while True:
+            try:
+                return self._ready.popleft()
+            except IndexError:
+                self._refill()
+
+    def _refill(self) -> None:
+        h = os.urandom(16 * self._BATCH).hex()
         # The version nibble is 4, the variant's two high bits 10 (RFC 9562): the rest stays random.
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+        self._ready.extend(
+            f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-{_VARIANT[h[i + 16]]}"
+            f"{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+            for i in range(0, len(h), 32)
+        )
 
 
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+new_event_id: Callable[[], str] = EventIds()
+"""A fresh event id: a random UUID (time-ordered ids are not needed; Kafka offsets give order)."""
 
 
 class CloudEvent(BaseModel, Generic[P]):
@@ -275,15 +280,23 @@ def new_event(
 
     ``correlation_id`` puts the event in that cascade instead: an event about a long-running process
     (a rollout) stays in the cascade that started the process, whatever caused it this time."""
+    # Built without validating: every service publishes through here, and validating what the types already
+    # say cost more than the rest of the event (3 µs). What the types do not say is checked here.
+    if not isinstance(payload, EventPayload):
+        raise TypeError(f"an event's payload is an EventPayload, not {type(payload).__name__}")
+    if not source:
+        raise ValueError("an event needs a source (CloudEvents requires a non-empty one)")
     eid = event_id or new_event_id()
     if subject is None:
         subject = payload.event_subject() or (cause.subject if cause else None)
-    # Not CloudEvent[P](...): subscripting a generic model per call costs more than the validation.
-    return CloudEvent(
+    return CloudEvent._trusted(
         id=eid,
         source=source,
         type=type(payload).event_type(),
+        time=datetime.now(UTC),
         subject=subject,
+        specversion=SPEC_VERSION,
+        datacontenttype=CONTENT_TYPE,
         correlationid=correlation_id or (cause.correlationid if cause else eid),
         causationid=cause.id if cause else None,
         actor=actor if actor is not None else (cause.actor if cause else None),

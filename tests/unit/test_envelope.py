@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,24 @@ def test_every_event_type_survives_a_kafka_round_trip(payload: EventPayload) -> 
     assert decoded.model_dump() == event.model_dump()
     assert decoded.topic == payload.topic
     assert key == event.key
+
+
+@pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
+def test_new_event_builds_what_validating_its_attributes_would(payload: EventPayload) -> None:
+    root = new_event(EXAMPLES[DriftDetected], source="/driftloop/monitoring", actor="user:alice")
+    for event in (new_event(payload, source="/driftloop/test"), new_event(payload, source="/s", cause=root)):
+        validated: CloudEvent[Any] = CloudEvent.model_validate({**event.__dict__})
+        assert event == validated and event.model_dump() == validated.model_dump()
+        assert event.time.tzinfo is UTC and event.specversion == "1.0"
+        with pytest.raises(ValidationError):
+            event.id = "changed"  # type: ignore[misc]  # frozen as a validated event is
+
+
+def test_new_event_refuses_an_empty_source_and_a_payload_that_is_no_event_payload() -> None:
+    with pytest.raises(ValueError, match="needs a source"):
+        new_event(EXAMPLES[DriftDetected], source="")
+    with pytest.raises(TypeError, match="EventPayload, not dict"):
+        new_event({"model": "churn"}, source="/driftloop/test")  # type: ignore[type-var]
 
 
 @pytest.mark.parametrize("payload", EXAMPLE_LIST, ids=IDS)
@@ -801,3 +820,21 @@ def test_fast_event_ids_are_distinct_random_version_4_uuids_and_a_forked_child_m
     child = {text[i : i + 36] for i in range(0, len(text), 36)}
     parent = {ids() for _ in range(300)}
     assert len(child) == 300 and not child & parent
+
+
+def test_event_ids_shared_by_threads_are_never_handed_out_twice() -> None:
+    ids = EventIds()
+    start = threading.Barrier(8)
+    made: list[list[str]] = [[] for _ in range(8)]
+
+    def take(mine: list[str]) -> None:
+        start.wait()
+        mine.extend(ids() for _ in range(5_000))
+
+    threads = [threading.Thread(target=take, args=(mine,)) for mine in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [made_id for mine in made for made_id in mine]
+    assert len(every) == 40_000 and len(set(every)) == 40_000

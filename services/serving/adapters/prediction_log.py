@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter, Gauge
 
-from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, EventIds, record_bytes
+from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, new_event_id, record_bytes
 from contracts.predictions import TOPIC, PredictionsLogged, Variant
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
@@ -50,7 +50,6 @@ Wire = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
 _EVENT_TYPE = PredictionsLogged.event_type().encode()
 _SPEC_VERSION = SPEC_VERSION.encode()
 _CONTENT_TYPE = CONTENT_TYPE.encode()
-_event_id = EventIds()  # encode runs on its process's event loop only
 _PARTITION_KEYS = 10_000
 
 
@@ -248,7 +247,7 @@ def encode(item: LogItem, *, source: str, max_bytes: int) -> list[Wire]:
             half = (first + end) // 2
             pending[:0] = [(first, half), (half, end)]
             continue
-        out.append((TOPIC, model, value, _headers(_event_id().encode(), source_bytes, ce_time, model)))
+        out.append((TOPIC, model, value, _headers(new_event_id().encode(), source_bytes, ce_time, model)))
     return out
 
 
