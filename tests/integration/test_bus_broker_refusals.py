@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
 from pydantic import Field
 
 from contracts.envelope import EventPayload, new_event
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Record
-from libs.bus.kafka import KafkaDeadLetters, KafkaPublisher
+from libs.bus.kafka import BATCHED_FROM, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import OutboxRelay, bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
 from libs.settings import KafkaSettings
@@ -59,8 +60,9 @@ async def test_a_dead_letter_the_broker_refuses_goes_without_its_value_and_later
     assert (dict(last.headers)["dlq_origin_offset"], last.value) == (b"8", b"not json")
 
 
+@pytest.mark.parametrize("rows", [3, 3 * BATCHED_FROM], ids=["sent-one-by-one", "sent-in-batches"])
 async def test_an_outbox_row_the_broker_refuses_is_set_aside_and_the_rows_behind_it_go_out(
-    kafka_bootstrap: str, database_url: str
+    kafka_bootstrap: str, database_url: str, rows: int
 ) -> None:
     prefix = unique("bushunt") + "."
     kafka = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
@@ -74,26 +76,28 @@ async def test_an_outbox_row_the_broker_refuses_is_set_aside_and_the_rows_behind
     await publisher.start()
     try:
         await apply_migrations(pool, schema, bus_migrations())
+        # The refused row second: the relay sends the rows as one send (in batches of its own from
+        # BATCHED_FROM rows on), then, refused, one by one.
         events = [
-            new_event(on_topic(n=1), source="/test"),
-            new_event(on_topic(n=2, pad="x" * 2 * TOPIC_LIMIT), source="/test"),
-            new_event(on_topic(n=3), source="/test"),
+            new_event(on_topic(n=n, pad="x" * 2 * TOPIC_LIMIT if n == 2 else ""), source="/test")
+            for n in range(1, rows + 1)
         ]
         async with pg_transactions(pool, schema)() as tx:
             for event in events:
                 await tx.publish(event)
         relay = OutboxRelay(pool, schema, publisher, max_record_bytes=publisher.max_record_bytes)
 
-        assert await relay.flush_once() == 3
+        assert await relay.flush_once() == rows
         assert await relay.backlog() == 0
     finally:
         await publisher.stop()
         await pool.close()
 
-    sent = await read_topic(kafka_bootstrap, kafka.physical(topic), expect=100, deadline_s=5)
+    sent = await read_topic(kafka_bootstrap, kafka.physical(topic), expect=10 * rows, deadline_s=5)
     ids = [dict(r.headers)["ce_id"].decode() for r in sent]
-    # The first row may go out twice (with the refused batch, then alone): consumers absorb the repeat.
-    assert sorted(set(ids)) == sorted([events[0].id, events[2].id]) and ids[-1] == events[2].id
+    # Rows may go out twice (with the refused batch, then alone): consumers absorb the repeat.
+    kept = [e.id for i, e in enumerate(events) if i != 1]
+    assert sorted(set(ids)) == sorted(kept) and ids[-1] == events[-1].id
     [dead] = await read_topic(kafka_bootstrap, kafka.physical(DEAD_LETTER), expect=1)
     h = dict(dead.headers)
     assert (h["ce_id"], h["dlq_reason"], h["dlq_consumer"]) == (

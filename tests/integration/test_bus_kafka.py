@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
@@ -17,8 +19,8 @@ from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
 from contracts.envelope import CloudEvent, EventTypeRegistry, new_event
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Subscription, Transaction
-from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
-from libs.bus.metrics import DUPLICATES
+from libs.bus.kafka import BATCHED_FROM, ConsumerRunner, KafkaDeadLetters, KafkaPublisher
+from libs.bus.metrics import DUPLICATES, PUBLISHED
 from libs.bus.postgres import bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
 from libs.settings import KafkaSettings
@@ -268,3 +270,29 @@ async def test_outbox_relay_killed_mid_batch_loses_nothing_and_duplicates_are_ab
     assert len(records) == total + 10  # ten records of the dying batch were published twice
     assert await fetchval(database_url, f"SELECT count(DISTINCT n) FROM {consumer_schema}.effects") == total
     assert await fetchval(database_url, f"SELECT count(*) FROM {consumer_schema}.effects") == total
+
+
+async def test_a_large_send_lands_in_the_partitions_send_would_choose_in_order_and_counted(
+    kafka_bootstrap: str, publisher: KafkaPublisher
+) -> None:
+    topic = unique("test.batched")
+    await create_topics(kafka_bootstrap, topic, partitions=3)
+    on_topic = payload_on(topic)
+    # Large enough for batches of their own (and several per partition); some records have no key.
+    keys = [f"model-{n % 7}".encode() if n % 5 else None for n in range(400)]
+    events = [new_event(on_topic(n=n), source="/test") for n in range(400)]
+    items = [(topic, key, e.to_kafka()[1], e.to_kafka()[2]) for key, e in zip(keys, events, strict=True)]
+    assert len(items) >= BATCHED_FROM
+    before = PUBLISHED.labels(topic)._value.get()
+
+    await publisher.send_many(items)
+
+    records = await read_topic(kafka_bootstrap, topic, expect=400)
+    assert sorted(json.loads(r.value)["n"] for r in records) == list(range(400))
+    for r in records:
+        if r.key is not None:  # aiokafka's send() chooses this partition for the key
+            assert r.partition == DefaultPartitioner()(r.key, [0, 1, 2], [0, 1, 2])
+    for partition in (0, 1, 2):
+        ns = [json.loads(r.value)["n"] for r in records if r.partition == partition]
+        assert ns == sorted(ns) and ns, f"partition {partition} out of order or empty"
+    assert PUBLISHED.labels(topic)._value.get() - before == 400
