@@ -2,7 +2,7 @@
 latency at a fixed rate, on the same broker in one run.
 
     deploy/local/driftloop infra up
-    .venv/bin/python -m bench.bus.run [--events 20000] [--rate 1000] [--seconds 10]
+    .venv/bin/python -m bench.bus.run [--events 20000] [--rate 1000] [--seconds 10] [--default-gc]
 
 The raw side does the least a correct consumer can: idempotent produce of the same bytes, a consumer
 group, a manual commit per poll. Our side adds what makes effects exactly-once: CloudEvents encoding
@@ -33,6 +33,7 @@ from libs.bus.core import Subscription, Transaction
 from libs.bus.kafka import ConsumerRunner, KafkaDeadLetters, KafkaPublisher
 from libs.bus.postgres import bus_migrations, pg_transactions
 from libs.db import apply_migrations, create_pool
+from libs.service import tune_collector
 from libs.settings import KafkaSettings
 
 BOOTSTRAP = os.environ.get("DRIFTLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
@@ -218,9 +219,19 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rate", type=int, default=1_000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="keep CPython's garbage-collector settings instead of a service process's (both sides)",
+    )
     args = parser.parse_args()
+    if not args.default_gc:
+        # Both sides run in this process, collected as every service's process is (libs.service).
+        tune_collector()
 
     print(f"driftloop bus benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, broker {BOOTSTRAP}")
+    collector = "CPython defaults" if args.default_gc else "as in a service (tune_collector)"
+    print(f"garbage collector: {collector}")
     try:
         await measure(args)
     finally:
