@@ -332,12 +332,39 @@ class ServiceSettings(BaseSettings):
         secrets: dict[str, SecretStr | None] = {}
         if self.kafka.security_protocol.startswith("SASL"):
             secrets["DRIFTLOOP_KAFKA_SASL_PASSWORD"] = self.kafka.sasl_password
-        # A URL without a password is fine (PGPASSWORD, a passfile, a client certificate); one with the
-        # compose file's password is not.
-        password = urlsplit(self.database_url).password
-        if password is not None:
-            secrets["the password in DRIFTLOOP_DATABASE_URL"] = SecretStr(unquote(password))
+        # The database password asyncpg will connect with, wherever it is given: none at all is fine (a
+        # passfile, a client certificate), the compose file's is not.
+        given = database_password(self.database_url)
+        if given is not None:
+            source, password = given
+            secrets[source] = SecretStr(password)
         return secrets
+
+
+def database_password(url: str) -> tuple[str, str] | None:
+    """The password asyncpg connects with for ``url``, and where it is given: None when neither the URL nor
+    PGPASSWORD gives one (asyncpg then reads a passfile, or the server asks for none: a client certificate).
+
+    asyncpg's order (``asyncpg.connect_utils._parse_connect_dsn_and_args``): the URL's user info, then its
+    last ``?password=``, then PGPASSWORD; an empty one in the URL counts as none. Checking the user info
+    alone let ``postgresql://user@host/db?password=driftloop``, or PGPASSWORD set to the compose file's
+    password, start in prod. A service file (``?service=``, PGSERVICE), which asyncpg reads between the
+    URL and PGPASSWORD, is not read here: a placeholder PGPASSWORD is refused even beside one."""
+    parts = urlsplit(url)
+    # asyncpg ends the user info at the first "@" (urllib at the last).
+    userinfo, at, _ = parts.netloc.partition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    if password:
+        return "the password in DRIFTLOOP_DATABASE_URL", unquote(password)
+    # parse_qs drops an empty ?password=, as it does for asyncpg, which parses the query with it.
+    in_query = parse_qs(parts.query).get("password")
+    if in_query:
+        return "the ?password= of DRIFTLOOP_DATABASE_URL", in_query[-1]
+    # An empty PGPASSWORD is none either: Postgres gives no role an empty password.
+    from_environment = os.environ.get("PGPASSWORD")
+    if from_environment:
+        return "PGPASSWORD (the database password when DRIFTLOOP_DATABASE_URL gives none)", from_environment
+    return None
 
 
 def check_database_url(url: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,13 @@ from libs.db import CHANNEL_MAX_BYTES, notify_channel, shown_dsn
 from libs.errors import Conflict, InvalidInput, NotFound, json_text
 from libs.http import BodyRoute, Text, create_app, error_body
 from libs.service import load_settings
-from libs.settings import MAX_EVENT_BYTES_LIMIT, KafkaSettings, ServiceSettings, settings_problems
+from libs.settings import (
+    MAX_EVENT_BYTES_LIMIT,
+    KafkaSettings,
+    ServiceSettings,
+    database_password,
+    settings_problems,
+)
 from tests.ports import free_port
 
 
@@ -77,17 +85,119 @@ def test_prod_refuses_a_placeholder_database_password(
     assert "postgres:5432" not in err
 
 
+# Each place asyncpg takes the database password from: the URL's user info, its ?password=, PGPASSWORD.
+PASSWORD_SOURCES = [
+    ("postgresql://driftloop:{}@postgres:5432/driftloop", None, "the password in DRIFTLOOP_DATABASE_URL"),
+    ("postgresql://driftloop@postgres:5432/driftloop?password={}", None, "the ?password= of"),
+    ("postgresql://driftloop@postgres:5432/driftloop", "{}", "PGPASSWORD"),
+]
+
+
+def given_password(
+    monkeypatch: pytest.MonkeyPatch, env: str, url: str, pgpassword: str | None, password: str
+) -> None:
+    """DRIFTLOOP_ENV, DRIFTLOOP_DATABASE_URL and PGPASSWORD (unset if None) with ``password`` put in."""
+    monkeypatch.setenv("DRIFTLOOP_ENV", env)
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url.format(password))
+    if pgpassword is None:
+        monkeypatch.delenv("PGPASSWORD", raising=False)
+    else:
+        monkeypatch.setenv("PGPASSWORD", pgpassword.format(password))
+
+
+@pytest.mark.parametrize(("url", "pgpassword", "source"), PASSWORD_SOURCES)
+def test_prod_refuses_a_placeholder_database_password_wherever_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    pgpassword: str | None,
+    source: str,
+) -> None:
+    given_password(monkeypatch, "prod", url, pgpassword, "changeme")
+    with pytest.raises(SystemExit):
+        load_settings(ExampleSettings)
+    err = capsys.readouterr().err
+    assert source in err
+    assert "placeholder" in err
+    assert "changeme" not in err  # neither the password nor the URL is shown
+    assert "postgres:5432" not in err
+
+
+@pytest.mark.parametrize(("url", "pgpassword", "source"), PASSWORD_SOURCES)
+@pytest.mark.parametrize(("env", "password"), [("dev", "driftloop"), ("prod", "s3cr3t-from-the-vault")])
+def test_a_database_password_is_taken_in_dev_or_when_real(
+    monkeypatch: pytest.MonkeyPatch, url: str, pgpassword: str | None, source: str, env: str, password: str
+) -> None:
+    given_password(monkeypatch, env, url, pgpassword, password)
+    assert ExampleSettings().env == env
+
+
 @pytest.mark.parametrize(
-    "url",
+    ("url", "pgpassword"),
     [
-        "postgresql://driftloop:s3cr3t-from-the-vault@postgres:5432/driftloop",
-        "postgresql://driftloop@postgres:5432/driftloop",  # the password from PGPASSWORD or a passfile
+        # asyncpg takes the URL's password first, then its ?password=, then PGPASSWORD.
+        ("postgresql://driftloop:s3cr3t-from-the-vault@postgres:5432/driftloop", "driftloop"),
+        ("postgresql://driftloop:s3cr3t-from-the-vault@postgres:5432/driftloop?password=driftloop", None),
+        ("postgresql://driftloop@postgres:5432/driftloop?password=s3cr3t-from-the-vault", "driftloop"),
+        # The last ?password= is the one asyncpg takes.
+        ("postgresql://driftloop@postgres/driftloop?password=driftloop&password=s3cr3t-from-the-vault", None),
+        # No password at all: a passfile or a client certificate; an empty PGPASSWORD authenticates nobody.
+        ("postgresql://driftloop@postgres:5432/driftloop", None),
+        ("postgresql://driftloop@postgres:5432/driftloop?sslmode=verify-full", ""),
     ],
 )
-def test_prod_takes_a_real_or_absent_database_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    monkeypatch.setenv("DRIFTLOOP_ENV", "prod")
-    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+def test_prod_takes_the_real_database_password_asyncpg_connects_with(
+    monkeypatch: pytest.MonkeyPatch, url: str, pgpassword: str | None
+) -> None:
+    given_password(monkeypatch, "prod", url, pgpassword, "")
     assert ExampleSettings().database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "pgpassword", "source"),
+    [
+        # An empty password in the URL is none for asyncpg, which goes on to the next place.
+        ("postgresql://driftloop:@postgres:5432/driftloop", "driftloop", "PGPASSWORD"),
+        ("postgresql://driftloop:@postgres:5432/driftloop?password=driftloop", None, "the ?password= of"),
+        ("postgresql://driftloop@postgres:5432/driftloop?password=", "driftloop", "PGPASSWORD"),
+        ("postgresql://driftloop@postgres/driftloop?password=s3cr3t&password=driftloop", None, "?password="),
+    ],
+)
+def test_prod_refuses_the_placeholder_asyncpg_would_connect_with(
+    monkeypatch: pytest.MonkeyPatch, url: str, pgpassword: str | None, source: str
+) -> None:
+    given_password(monkeypatch, "prod", url, pgpassword, "")
+    with pytest.raises(ValidationError, match=re.escape(source)):
+        ExampleSettings()
+
+
+@pytest.mark.parametrize(
+    ("url", "pgpassword"),
+    [
+        ("postgresql://u:userinfo@h/db?password=query", "environment"),
+        ("postgresql://u:@h/db?password=query", "environment"),
+        ("postgresql://u@h/db?password=&password=query&x=1", "environment"),
+        ("postgresql://u@h/db?password=", "environment"),
+        ("postgresql://u:%40t%25@h/db", None),
+        ("postgresql://u:at@sign@h/db", None),
+        ("postgresql://u@h/db", ""),
+        ("postgresql://u@h/db", None),
+    ],
+)
+def test_the_checked_database_password_is_the_one_asyncpg_connects_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, pgpassword: str | None
+) -> None:
+    # asyncpg's own parser (private: this pins its order, so that an upgrade that changes it fails here).
+    from asyncpg.connect_utils import _parse_connect_dsn_and_args
+
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-passfile"))
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    given_password(monkeypatch, "dev", url, pgpassword, "")
+    # Every argument but the URL unset, as libs.db.create_pool leaves them.
+    unset = dict.fromkeys(inspect.signature(_parse_connect_dsn_and_args).parameters)
+    _, params = _parse_connect_dsn_and_args(**{**unset, "dsn": url})
+    given = database_password(url)
+    assert (given[1] if given else None) == (params.password or None)
 
 
 @pytest.mark.parametrize(
