@@ -7,11 +7,14 @@ model, and an operator's token is never spread across client programs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -162,23 +165,62 @@ def issue_token(
     that is not a token file is left as it was (TokenFileInvalid). A name that cannot name the holder
     (:func:`token_name_problem`) is a ValueError, the file untouched. ``show`` gets the token once the file
     was read and before its hash is stored: whatever it raises (the token could not be shown) leaves the file
-    as it was, so no token grants a role that nobody has."""
+    as it was, so no token grants a role that nobody has. The file's lock (:func:`token_file_locked`) is held
+    from the read to the rename, so issuers running at once each add their token to what the others stored."""
     if why := token_name_problem(name):
         raise ValueError(f"the token's name {why}")
     token = f"dl_{secrets.token_urlsafe(32)}"
-    content = read_token_file(path, named_by=named_by)
-    if show is not None:
-        show(token)
-    content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
+    with token_file_locked(path, named_by=named_by):
+        content = read_token_file(path, named_by=named_by)
+        if show is not None:
+            show(token)
+        content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
+        _replace_token_file(path, content, named_by=named_by)
+    return token
+
+
+@contextlib.contextmanager
+def token_file_locked(path: Path, *, named_by: str) -> Iterator[None]:
+    """Hold the exclusive lock of the token file ``path`` (an flock on ``<path>.lock`` beside it, made 0600)
+    for the block, waiting for another holder. Every read-modify-write of the file holds it: two that ran
+    at once each read the same file and the second rename dropped the first's token, already shown to its
+    operator. Readers need not take it, as the file is only ever replaced whole. A lock file that cannot be
+    made or opened (its folder cannot be made, no permission) is a TokenFileInvalid naming it."""
+    lock = path.with_name(f"{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(content, indent=2))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise TokenFileInvalid(
+            f"the token file {path} ({named_by}) cannot be locked: {lock}: {exc.strerror}"
+        ) from exc
+    try:
+        # Closing the descriptor releases the lock, and the kernel does so for a writer that dies holding it.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace_token_file(path: Path, content: dict[str, Any], *, named_by: str) -> None:
+    """Write ``content`` to a temporary file of its own beside ``path`` (0600, as mkstemp makes it), synced,
+    and rename it over ``path``: a reader sees the old file or the new one, never a part, and a crash leaves
+    no file shorter than what was written. The name is unique, so a temporary file that a killed writer left
+    behind stops no later one; one that fails here is removed."""
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise TokenFileInvalid(f"the token file {path} ({named_by}) cannot be written: {exc}") from exc
-    return token
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(content, indent=2))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise TokenFileInvalid(f"the token file {path} ({named_by}) cannot be written: {exc}") from exc
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -1,0 +1,122 @@
+"""Issuing tokens at once: each `token issue` is a read-modify-write of one file, and none may lose another's
+token, which its operator has already been shown."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.auth import Principal, Role, TokenStore, issue_token
+
+Issued = list[tuple[str, str]] | str
+"""What an issuing process reports: the names and tokens it issued, or how it failed."""
+
+ISSUERS = 8
+TOKENS_EACH = 5
+
+# A safety net against a hang, not a measure: every wait below is released by the other side's event.
+STUCK_S = 60.0
+
+
+def issue_several(path: Path, issuer: int, start: Barrier, issued: Queue[Issued]) -> None:
+    """One issuing process: TOKENS_EACH tokens, begun together with the others; what it issued, or how it
+    failed, is its one item on ``issued``."""
+    start.wait()
+    names = [f"issuer-{issuer}-{n}" for n in range(TOKENS_EACH)]
+    try:
+        issued.put([(name, issue_token(path, name=name, role=Role.viewer)) for name in names])
+    except Exception as exc:  # the parent's to report: a child's traceback goes to no test output
+        issued.put(f"issuer {issuer}: {exc!r}")
+
+
+def test_issuers_running_at_once_all_keep_their_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(ISSUERS)
+    issued: Queue[Issued] = context.Queue()
+    issuers = [context.Process(target=issue_several, args=(path, i, start, issued)) for i in range(ISSUERS)]
+    for process in issuers:
+        process.start()
+    try:
+        results = [issued.get(timeout=STUCK_S) for _ in issuers]
+    finally:
+        for process in issuers:
+            process.join(timeout=STUCK_S)
+            if process.is_alive():
+                process.kill()
+
+    assert [failed for failed in results if isinstance(failed, str)] == []
+    tokens = [pair for result in results if not isinstance(result, str) for pair in result]
+    store = TokenStore.load(path, dev=False)
+    lost = [name for name, token in tokens if store.authenticate(token) != Principal(name, Role.viewer)]
+    assert len(tokens) == ISSUERS * TOKENS_EACH
+    assert lost == []
+    assert sorted(path.parent.iterdir()) == [path, path.with_name("tokens.json.lock")]  # no temporary left
+
+
+def test_an_issuer_that_reads_the_file_while_another_holds_it_waits_and_loses_no_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first issuer stops between reading the file and storing its token (its `show`); the second goes
+    # on until it has read the file too, or is about to wait for the file's lock, and only then does the
+    # first store its token. Without a lock both stored what they read plus their own, and the second's
+    # rename took the first's token away.
+    path = tmp_path / "tokens.json"
+    first_has_read = threading.Event()
+    second_under_way = threading.Event()
+    second_thread: list[threading.Thread] = []
+    real_flock = fcntl.flock
+
+    def flock(fd: Any, operation: int) -> None:
+        if threading.current_thread() in second_thread and operation & fcntl.LOCK_EX:
+            second_under_way.set()
+        real_flock(fd, operation)
+
+    def first_shows(token: str) -> None:
+        first_has_read.set()
+        assert second_under_way.wait(STUCK_S)
+
+    def second() -> str:
+        second_thread.append(threading.current_thread())
+        return issue_token(path, name="bob", role=Role.operator, show=lambda token: second_under_way.set())
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first_issued = pool.submit(issue_token, path, name="alice", role=Role.viewer, show=first_shows)
+        assert first_has_read.wait(STUCK_S)
+        second_issued = pool.submit(second)
+        alice, bob = first_issued.result(STUCK_S), second_issued.result(STUCK_S)
+
+    store = TokenStore.load(path, dev=False)
+    assert store.authenticate(alice) == Principal("alice", Role.viewer)
+    assert store.authenticate(bob) == Principal("bob", Role.operator)
+
+
+def test_the_lock_file_is_for_its_owner_alone(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+
+    issue_token(path, name="alice", role=Role.viewer)
+
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.with_name("tokens.json.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_temporary_file_a_crashed_issuer_left_does_not_stop_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    alice = issue_token(path, name="alice", role=Role.viewer)
+    # What the old fixed temporary name, or a killed issuer's, leaves behind: not ours to read or reuse.
+    (tmp_path / "tokens.tmp").mkdir()
+
+    bob = issue_token(path, name="bob", role=Role.viewer)
+
+    store = TokenStore.load(path, dev=False)
+    assert store.authenticate(alice) == Principal("alice", Role.viewer)
+    assert store.authenticate(bob) == Principal("bob", Role.viewer)
