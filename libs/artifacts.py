@@ -289,6 +289,18 @@ class ArtifactStore:
                 "restore it from a backup or retrain"
             )
 
+    def size(self, key: str) -> int:
+        """The stored file's size in bytes, from the store's metadata (a stat; nothing of the file is read);
+        :class:`ArtifactNotFound` when the store has no such file. One try: an OSError of the store is
+        raised as :class:`StoreUnavailable`, as by :meth:`stream`."""
+        path = self._path(key)
+        try:
+            return int(self.fs.size(path))
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"no artifact {key}") from None
+        except OSError as exc:
+            raise _unavailable(f"the size of {key}", exc) from exc
+
     def verify(self, key: str) -> int:
         """Hash the stored bytes; returns the size, or raises :class:`ArtifactCorrupted`."""
         return sum(len(c) for c in self.stream(key))

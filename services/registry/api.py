@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from contracts.common import (
     VERSION_TEXT,
     ArtifactFormat,
+    ArtifactRef,
     DatasetName,
     ModelName,
     Stage,
@@ -307,35 +308,56 @@ async def download_artifact(
     ref = v.artifact if kind == "model" else v.profile
     suffix = ArtifactFormat.SKOPS if kind == "model" else ArtifactFormat.JSON
     return await _stream(
-        request, ref.key, FILE_MEDIA_TYPES[suffix], f"{v.model}-v{v.version}-{kind}.{suffix.value}"
+        request, ref, FILE_MEDIA_TYPES[suffix], f"{v.model}-v{v.version}-{kind}.{suffix.value}"
     )
 
 
-async def _stream(request: Request, key: str, media_type: str, filename: str) -> Response:
+async def _stream(request: Request, ref: ArtifactRef, media_type: str, filename: str) -> Response:
+    """The stored file ``ref`` names, streamed once verified; for a HEAD, the same status and headers from
+    the record and a stat of the file, its content neither read nor hashed."""
+    key = ref.key
     etag = f'"{key}"'
     if _none_match(request.headers.get("if-none-match"), etag):
         # The file is named by its hash, so a client holding the tag holds these very bytes: 304, and nothing
         # read or hashed (RFC 9110, 13.1.2). A client that keeps what it downloaded asks again for nothing.
         return Response(status_code=304, headers={"ETag": etag})
     artifacts = _artifacts(request)
-    # The whole file is hashed before the response starts, so a client never receives bytes that were
-    # modified in the store; the stream checks the hash again at its end.
     try:
-        size = await artifacts.verify(key)
+        stored = await artifacts.size(key)
+        if stored != ref.size_bytes:
+            # Bytes of another length cannot hash to the key: refused from a stat, before anything is read,
+            # and a HEAD gives this answer as its GET does.
+            raise ArtifactIntegrityError(
+                f"artifact {key} is corrupted: the store holds {stored:,} bytes of it where "
+                f"{ref.size_bytes:,} were registered; restore it from a backup or retrain",
+                key=key,
+            )
+        if request.method == "HEAD":
+            # A HEAD sends no byte, so it has none to protect: hashing the whole file (seconds of disk and CPU
+            # for hundreds of MB) would buy headers the record and the stat give. A file altered but of the
+            # same length is found by the GET, which hashes it (docs/registry.md, Artifacts).
+            return StreamingResponse(iter(()), media_type=media_type, headers=_file_headers(ref, filename))
+        # The whole file is hashed before the response starts, so a client never receives bytes that were
+        # modified in the store; the stream checks the hash again at its end.
+        await artifacts.verify(key)
     except ArtifactNotFound as exc:
         raise NotFound(f"artifact {key} is not in the store: {exc}") from exc
     except ArtifactCorrupted as exc:
         raise ArtifactIntegrityError(str(exc), key=key) from exc
     return StreamingResponse(
-        artifacts.stream(key),
-        media_type=media_type,
-        headers={
-            "Content-Length": str(size),
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "ETag": etag,
-            "X-Content-SHA256": key,
-        },
+        artifacts.stream(key), media_type=media_type, headers=_file_headers(ref, filename)
     )
+
+
+def _file_headers(ref: ArtifactRef, filename: str) -> dict[str, str]:
+    """A download's headers, the same for its GET and its HEAD: its size as registered (the stored file's,
+    checked), its name, and its key as ETag."""
+    return {
+        "Content-Length": str(ref.size_bytes),
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "ETag": f'"{ref.key}"',
+        "X-Content-SHA256": ref.key,
+    }
 
 
 def _none_match(header: str | None, etag: str) -> bool:
@@ -668,4 +690,5 @@ async def download_dataset(
 ) -> Response:
     ds = await _dataset(request, name, path_version(version, f"dataset {name!r}"))
     suffix = ds.artifact.format
-    return await _stream(request, ds.sha256, FILE_MEDIA_TYPES[suffix], f"{name}-v{version}.{suffix.value}")
+    # ds.sha256 is ds.artifact.key (core.record_dataset refuses a dataset whose two differ).
+    return await _stream(request, ds.artifact, FILE_MEDIA_TYPES[suffix], f"{name}-v{version}.{suffix.value}")

@@ -166,6 +166,10 @@ class Artifacts(Protocol):
         """Verify the hash of a stored artifact; returns its size."""
         ...
 
+    async def size(self, key: str) -> int:
+        """The stored file's size, from the store's metadata: nothing of it is read or hashed."""
+        ...
+
     async def put(self, data: bytes) -> ArtifactRef:
         """Store bytes (as Parquet: the registry stores only canonical dataset files)."""
         ...

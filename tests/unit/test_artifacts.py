@@ -80,6 +80,21 @@ def test_missing_artifact_is_not_found(store: ArtifactStore) -> None:
         store.get("0" * 64)
 
 
+def test_the_size_of_an_artifact_comes_from_a_stat_with_nothing_of_it_read(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry answers a HEAD on a download from it: a file of hundreds of MB is not read for headers.
+    key = store.put(b"content").sha256
+
+    def opened(path: str, *args: object, **kwargs: object) -> object:
+        raise AssertionError(f"{path} was opened")
+
+    monkeypatch.setattr(store.fs, "open", opened)
+    assert store.size(key) == len(b"content")
+    with pytest.raises(ArtifactNotFound, match="no artifact"):
+        store.size("0" * 64)
+
+
 def test_artifact_modified_on_disk_is_refused_with_a_clear_error(store: ArtifactStore) -> None:
     stored = save_model(store, small_model())
     path = stored_path(store, stored.sha256)
@@ -182,7 +197,7 @@ def test_every_oserror_of_the_store_is_an_outage_even_one_about_its_files(
     assert transience(failed.value) is Transience.OUTAGE
 
 
-@pytest.mark.parametrize("read", ["get", "verify", "stream"])
+@pytest.mark.parametrize("read", ["get", "verify", "stream", "size"])
 def test_a_store_that_cannot_be_reached_is_an_outage_not_a_missing_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str
 ) -> None:

@@ -25,6 +25,9 @@ class StoreArtifacts:
     async def verify(self, key: str) -> int:
         return await asyncio.to_thread(self.store.verify, key)
 
+    async def size(self, key: str) -> int:
+        return await asyncio.to_thread(self.store.size, key)
+
     async def put(self, data: bytes) -> ArtifactRef:
         stored = await asyncio.to_thread(self.store.put, data)
         return ArtifactRef(

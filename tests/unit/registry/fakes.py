@@ -206,6 +206,11 @@ class FakeArtifacts:
     async def verify(self, key: str) -> int:
         return self._check(key)
 
+    async def size(self, key: str) -> int:
+        if key not in self.blobs:
+            raise ArtifactNotFound(f"no artifact {key}")
+        return len(self.blobs[key])
+
     async def put(self, data: bytes) -> ArtifactRef:
         key = hashlib.sha256(data).hexdigest()
         self.blobs[key] = data
