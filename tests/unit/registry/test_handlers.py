@@ -232,6 +232,25 @@ async def test_corrupted_artifact_is_not_registered(registry: Registry) -> None:
     assert "corrupted" in dead.error
 
 
+@pytest.mark.parametrize("kind", ["artifact", "profile"])
+async def test_a_run_announcing_another_size_than_the_store_holds_is_not_registered(
+    registry: Registry, kind: str
+) -> None:
+    # Its downloads would be refused: they check the stored file's length against the recorded one.
+    done = training_completed(registry.artifacts)
+    ref = getattr(done, kind)
+    done = done.model_copy(update={kind: ref.model_copy(update={"size_bytes": ref.size_bytes + 1})})
+    await registry.deliver(done)
+    assert registry.versions.versions == {}
+    assert registry.bus.events(of=ModelVersionRegistered) == []
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert (
+        f"is {ref.size_bytes:,} bytes in the store, not the {ref.size_bytes + 1:,} the event says"
+        in dead.error
+    )
+
+
 async def test_missing_artifact_is_retried_then_dead_lettered(registry: Registry) -> None:
     done = training_completed(registry.artifacts)
     del registry.artifacts.blobs[done.artifact.key]
