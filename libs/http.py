@@ -478,6 +478,65 @@ class RequestLimits:
         await _refuse(send, 413, "payload-too-large", detail)
 
 
+class TrustedHosts:
+    """Answers only requests whose Host header names one of ``allowed`` (any port; ``*.example.com`` any name
+    under example.com): another name gets 421 Misdirected Request (RFC 9110, 15.5.20: the request went to a
+    server that does not answer for that name), a request with no Host or with two gets 400 (RFC 9112, 3.2).
+
+    The dev-* tokens work outside prod, where the services listen on 127.0.0.1, and 127.0.0.1 is not only
+    reached by the developer's own clients: a web page whose own name (evil.example) is made to resolve to
+    127.0.0.1 once it is loaded (DNS rebinding) has the browser send it requests to evil.example:8101 as
+    same-origin ones, no CORS preflight, ``Authorization: Bearer dev-admin`` included, and read the answers.
+    The browser names evil.example in their Host header, so a service that answers only for its own names
+    answers none of them. 421 rather than 400: the request is well formed, only not for this server.
+
+    Starlette's TrustedHostMiddleware does the same, but answers in plain text ("Invalid host header"), not
+    in :func:`error_body`, and reads ``[::1]:8101`` as the host ``[``."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.names = frozenset(host for host in allowed if not host.startswith("*."))
+        self.suffixes = tuple(host[1:] for host in allowed if host.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        hosts = [value for key, value in scope["headers"] if key == b"host"]
+        if len(hosts) == 1:
+            name = _host_name(hosts[0])
+            if name in self.names or (name is not None and name.endswith(self.suffixes)):
+                await self.app(scope, receive, send)
+                return
+        if scope["type"] == "websocket":  # refused before it is accepted: the server answers 403
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if len(hosts) != 1:
+            detail = (
+                "the request has no Host header: name the service's host in one"
+                if not hosts
+                else "the request has more than one Host header: send one"
+            )
+            await _refuse(send, 400, "bad-request", detail)
+            return
+        detail = (
+            f"this service does not answer for the host {shown(hosts[0].decode('latin-1'))} (the request's "
+            "Host header): call it by a name it answers for (outside prod, unless set otherwise: localhost, "
+            "127.0.0.1 or [::1]), or add this one to DRIFTLOOP_ALLOWED_HOSTS"
+        )
+        await _refuse(send, 421, "misdirected-request", detail)
+
+
+_HOST = re.compile(rb"(\[[0-9a-fA-F:.]+\]|[^\[\]:]*)(?::[0-9]*)?")
+
+
+def _host_name(header: bytes) -> str | None:
+    """The host a Host header names, in lower case and without its port (``[::1]:8101`` is ``[::1]``), or
+    None when it is not of the form host[:port]."""
+    match = _HOST.fullmatch(header)
+    return match.group(1).decode("latin-1").lower() if match else None
+
+
 def _not_utf8(scope: Scope) -> str | None:
     """Why the request's path or query is not text, or None: its bytes, once their %-escapes are decoded,
     are not UTF-8 (a byte of Latin-1, an encoded lone surrogate). Without a %-escape or a byte above 127
@@ -553,7 +612,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Refused: 401 without a valid token, 403 for a role that may not, 404 for what does "
         "not exist, 405 for another method, 409 for a conflict with the current state, 413 for a body over "
         "the limit, 415 for a compressed body (a Content-Encoding other than identity), 400 for a body the "
-        "client stopped sending.",
+        "client stopped sending, 421 for a Host header naming a host the service does not answer for "
+        "(`allowed_hosts`).",
     },
     503: {
         "model": ErrorBody,
@@ -840,9 +900,9 @@ def create_app(
     ready: ReadyCheck | None = None,
     lifespan: Any = None,
 ) -> FastAPI:
-    """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping and a body limit. The
-    routes of ``hot`` are served ahead of FastAPI's router (:class:`HotRoutes`) and documented like the
-    rest."""
+    """A FastAPI app with /health/live, /health/ready, /metrics, typed-error mapping, a body limit and the
+    settings' Host check (:class:`TrustedHosts`). The routes of ``hot`` are served ahead of FastAPI's router
+    (:class:`HotRoutes`) and documented like the rest."""
     app = ServiceApp(
         title=title,
         description=description,
@@ -979,4 +1039,7 @@ def create_app(
     if hot_routes:
         app.add_middleware(HotRoutes, routes=hot_routes)
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)
+    trusted = settings.trusted_hosts()
+    if trusted is not None:  # outermost: a request for another host is answered nothing else
+        app.add_middleware(TrustedHosts, allowed=trusted)
     return app

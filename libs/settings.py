@@ -44,6 +44,18 @@ SECRET_NAME_WORDS = ("key", "password", "secret", "token", "url", "dsn")
 # A TCP port a service listens on (nothing here asks the system for an ephemeral one with 0).
 Port = Annotated[int, Field(ge=1, le=65_535)]
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+"""The names of this machine a client on it calls a service by (`driftloop up` listens on 127.0.0.1)."""
+
+COMPOSE_HOSTS = ("registry", "training", "validation", "serving", "monitoring", "audit")
+"""docker-compose.yml's service names: what another container on the compose network calls a service by (the
+healthchecks call 127.0.0.1 from inside the container)."""
+
+DEV_ALLOWED_HOSTS = (*LOCAL_HOSTS, *COMPOSE_HOSTS)
+"""The Host header names a service answers for outside prod, unless ``allowed_hosts`` says otherwise."""
+
+_ALLOWED_HOST = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+
 
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; TLS and SASL for a real cluster."""
@@ -264,6 +276,17 @@ class ServiceSettings(BaseSettings):
         "taken from it) before its connection is dropped, above 0. Without it a client that never reads "
         "held the unread answer in memory, or a streaming answer's task, for ever.",
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="The host names the HTTP API answers for, as a request's Host header names them (any "
+        "port); a request naming another gets 421, the health, readiness and metrics routes included. `*` "
+        "is any host, `*.example.com` any name under example.com; an IPv6 address is written in brackets "
+        '(`[::1]`). Unset: in prod any host (`["*"]`: behind an ingress or a proxy, which sets Host); in dev '
+        "and test localhost, 127.0.0.1, [::1] and docker-compose.yml's service names (registry, training, "
+        "validation, serving, monitoring, audit). There the dev-* tokens work, and a web page the developer "
+        "opens could otherwise call the services: its own name made to resolve to 127.0.0.1 (DNS "
+        "rebinding), the browser sends it the requests as the page's own, with that name as their Host.",
+    )
     http_max_header_bytes: int = Field(
         32 * 1024,
         ge=1024,
@@ -281,6 +304,13 @@ class ServiceSettings(BaseSettings):
             max_uncertain_retries=self.consumer_max_uncertain_retries,
             max_event_bytes=self.kafka.max_event_bytes,
         )
+
+    def trusted_hosts(self) -> tuple[str, ...] | None:
+        """The host names the HTTP API answers for (``allowed_hosts`` or the mode's default), None for any."""
+        hosts = self.allowed_hosts
+        if hosts is None:
+            hosts = ["*"] if self.env == "prod" else list(DEV_ALLOWED_HOSTS)
+        return None if "*" in hosts else tuple(hosts)
 
     @classmethod
     def settings_customise_sources(
@@ -307,6 +337,31 @@ class ServiceSettings(BaseSettings):
         # The message never repeats the URL: it may hold a password.
         check_database_url(url)
         return url
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _a_list(cls, hosts: object) -> object:
+        # pydantic-settings passes a value that is not JSON on as text ("localhost,api.example.com").
+        if isinstance(hosts, str):
+            raise ValueError('it must be a JSON list, e.g. ["localhost", "api.example.com"]')
+        return hosts
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        if not hosts:
+            raise ValueError('name at least one host, or ["*"] for any (unset: the mode\'s default)')
+        named = [host.strip().lower() for host in hosts]
+        for host in named:
+            if _ALLOWED_HOST.fullmatch(host) is None:
+                raise ValueError(
+                    f"{host!r} is not a host name: write a name (localhost, api.example.com), *.example.com "
+                    "for the names under it, * for any, an IPv4 address, or an IPv6 address in brackets "
+                    "([::1]); no scheme, port or path (any port is answered)"
+                )
+        return named
 
     @model_validator(mode="after")
     def _pool_min_within_max(self) -> ServiceSettings:

@@ -47,7 +47,11 @@ async def answer(app: FastAPI, method: str, path: str, token: str | None) -> tup
         sent.append(message)
 
     url = path.replace("{version}", "1").replace("{", "").replace("}", "")  # every other parameter: its name
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+    headers = [
+        (b"host", b"t"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(BODY)).encode()),
+    ]
     if token is not None:
         headers.append((b"authorization", f"Bearer {token}".encode()))
     scope = {

@@ -21,8 +21,9 @@ from tests.unit.test_openapi_errors import app_of
     ],
 )
 async def test_a_stray_slash_is_redirected_to_the_path_alone_whatever_the_host(
-    url: str, location: str
+    url: str, location: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("DRIFTLOOP_ALLOWED_HOSTS", '["*"]')  # as in prod: any Host reaches the routes
     transport = httpx.ASGITransport(app=app_of("registry"), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="https://t") as c:
         r = await c.get(url, headers={"Host": "evil.example"})

@@ -124,7 +124,7 @@ async def answer_to_a_body_cut_short(path: str) -> tuple[int, dict[str, Any]]:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "headers": [(b"host", b"t"), (b"content-type", b"application/json"), (b"content-length", b"100")],
         "client": ("127.0.0.1", 50000),
         "server": ("t", 80),
     }
