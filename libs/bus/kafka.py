@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import random
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -159,8 +160,8 @@ class KafkaPublisher:
             raise refused
         if not_submitted is not None:
             raise not_submitted
-        for topic, *_ in items:
-            metrics.PUBLISHED.labels(topic).inc()
+        for topic, count in Counter(topic for topic, *_ in items).items():
+            metrics.PUBLISHED.labels(topic).inc(count)
 
     async def _send_batches(
         self,
