@@ -120,6 +120,38 @@ async def raw_throughput(events: int) -> float:
     return events / elapsed
 
 
+async def raw_sides(events: int) -> tuple[float, float]:
+    """Publishing alone (every record acknowledged), then consuming the backlog alone (a fresh group, from
+    the first record it gets to the last it committed)."""
+    topic = f"bench.raw.{RUN}.{uuid.uuid4().hex[:6]}"
+    await create_topic(topic)
+    records = [make_event(payload_class(topic), n).to_kafka() for n in range(events)]
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    await producer.start()
+    start = time.perf_counter()
+    await asyncio.gather(*[await producer.send(topic, key=k, value=v, headers=h) for k, v, h in records])
+    published = events / (time.perf_counter() - start)
+    await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=BOOTSTRAP,
+        group_id=f"bench-raw-{uuid.uuid4().hex[:6]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    received, first = 0, 0.0
+    while received < events:
+        batch = await consumer.getmany(timeout_ms=200, max_records=500)
+        for tp, msgs in batch.items():
+            first = first or time.perf_counter()
+            received += len(msgs)
+            await consumer.commit({tp: msgs[-1].offset + 1})
+    consumed = events / (time.perf_counter() - first)
+    await consumer.stop()
+    return published, consumed
+
+
 # --- driftloop bus ---------------------------------------------------------------------------------
 
 
@@ -159,6 +191,37 @@ async def bus_throughput(events: int) -> float:
     await publisher.stop()
     await pool.close()
     return events / elapsed
+
+
+async def bus_sides(events: int) -> tuple[float, float]:
+    """:func:`raw_sides` through the bus: publishing as :func:`bus_throughput` does, then the runner on the
+    backlog (from the first event handled to the last)."""
+    topic = f"bench.bus.{RUN}.{uuid.uuid4().hex[:6]}"
+    pool, publisher, cls, schema = await bus_setup(topic)
+    start = time.perf_counter()
+    for lo in range(0, events, 1000):
+        batch = [make_event(cls, n) for n in range(lo, min(lo + 1000, events))]
+        await publisher.send_many([(e.topic, *e.to_kafka()) for e in batch])
+    published = events / (time.perf_counter() - start)
+    received, first = 0, 0.0
+    done = asyncio.Event()
+
+    async def on_tick(event: CloudEvent[Any], tx: Transaction) -> None:
+        nonlocal received, first
+        first = first or time.perf_counter()
+        received += 1
+        if received >= events:
+            done.set()
+
+    runner = make_runner(topic, schema, pool, publisher, cls, on_tick)
+    task = asyncio.create_task(runner.run())
+    await done.wait()
+    consumed = events / (time.perf_counter() - first)
+    runner.stop()
+    await task
+    await publisher.stop()
+    await pool.close()
+    return published, consumed
 
 
 def make_runner(
@@ -253,6 +316,14 @@ async def measure(args: argparse.Namespace) -> None:
     print(f"  raw aiokafka (produce + group consume + manual commit): {raw_best:>9,.0f} events/s")
     print(f"  driftloop bus (CloudEvents + inbox + handler + commit): {ours_best:>9,.0f} events/s")
     print(f"  ratio driftloop / raw: {ours_best / raw_best:.2f}   (target >= 0.6)")
+    # Each side alone shows which one the ratio is made of (not a target).
+    raw_alone = [await raw_sides(args.events) for _ in range(2)]
+    ours_alone = [await bus_sides(args.events) for _ in range(2)]
+    print(f"each side alone, {args.events} events, best of 2 (publish all, then consume the backlog):")
+    for i, side in enumerate(("publish", "consume")):
+        raw_side, our_side = max(r[i] for r in raw_alone), max(o[i] for o in ours_alone)
+        ratio = our_side / raw_side
+        print(f"  {side:<8} raw {raw_side:>9,.0f}/s   driftloop {our_side:>9,.0f}/s   ratio {ratio:.2f}")
     lat = await bus_latency(args.rate, args.seconds)
     print(f"latency at {args.rate} events/s for {args.seconds:.0f} s ({len(lat)} events received):")
     p50, p99 = pct(lat, 50), pct(lat, 99)
