@@ -82,19 +82,29 @@ async def wait_assigned(consumer: AIOKafkaConsumer) -> None:
 # --- raw aiokafka ---------------------------------------------------------------------------------
 
 
-async def raw_throughput(events: int) -> float:
-    topic = f"bench.raw.{RUN}.{uuid.uuid4().hex[:6]}"
-    await create_topic(topic)
-    cls = payload_class(topic)
-    records = [make_event(cls, n).to_kafka() for n in range(events)]  # encoded up front: raw sends bytes
-    consumer = AIOKafkaConsumer(
+def raw_consumer(topic: str) -> AIOKafkaConsumer:
+    """A consumer in a fresh group, committing by hand."""
+    return AIOKafkaConsumer(
         topic,
         bootstrap_servers=BOOTSTRAP,
         group_id=f"bench-raw-{uuid.uuid4().hex[:6]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+
+
+def raw_producer() -> AIOKafkaProducer:
+    """An idempotent producer, as the bus's (acks=all, linger 2 ms)."""
+    return AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+
+
+async def raw_throughput(events: int) -> float:
+    topic = f"bench.raw.{RUN}.{uuid.uuid4().hex[:6]}"
+    await create_topic(topic)
+    cls = payload_class(topic)
+    records = [make_event(cls, n).to_kafka() for n in range(events)]  # encoded up front: raw sends bytes
+    consumer = raw_consumer(topic)
+    producer = raw_producer()
     await consumer.start()
     await producer.start()
     await wait_assigned(consumer)
@@ -126,19 +136,13 @@ async def raw_sides(events: int) -> tuple[float, float]:
     topic = f"bench.raw.{RUN}.{uuid.uuid4().hex[:6]}"
     await create_topic(topic)
     records = [make_event(payload_class(topic), n).to_kafka() for n in range(events)]
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all", linger_ms=2)
+    producer = raw_producer()
     await producer.start()
     start = time.perf_counter()
     await asyncio.gather(*[await producer.send(topic, key=k, value=v, headers=h) for k, v, h in records])
     published = events / (time.perf_counter() - start)
     await producer.stop()
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=BOOTSTRAP,
-        group_id=f"bench-raw-{uuid.uuid4().hex[:6]}",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = raw_consumer(topic)
     await consumer.start()
     received, first = 0, 0.0
     while received < events:
