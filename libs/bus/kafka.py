@@ -70,8 +70,26 @@ BATCHED_FROM = 8
 ``send`` each: concurrent single sends then share the accumulator's open batch, where a batch of their own
 would wait for the partition's batch before it to be drained."""
 
-_KEY_HASHES = 10_000
-"""How many keys' hashes a publisher keeps (then starts again)."""
+
+class KeyPartitioner:
+    """The partition aiokafka's ``send`` chooses for a record (its default partitioner), for code that builds
+    its record batches itself: by the murmur2 hash of the key, any partition for a record without one. The
+    hash is pure Python (~3.5 µs), so each key's is kept (keys are model names: few, and reused), up to
+    ``max_keys`` of them, then it starts again."""
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        self.max_keys = max_keys
+        self._hashes: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes | None, partitions: Sequence[int]) -> int:
+        """The partition among ``partitions`` (all of the topic's, sorted) for ``key``."""
+        if key is None:
+            return random.choice(partitions)
+        if (hashed := self._hashes.get(key)) is None:
+            if len(self._hashes) >= self.max_keys:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return partitions[hashed % len(partitions)]
 
 
 class _NotSubmitted(Exception):
@@ -96,7 +114,7 @@ class KafkaPublisher:
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._renewing = asyncio.Lock()
-        self._key_hashes: dict[bytes, int] = {}
+        self._partition = KeyPartitioner()
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -170,9 +188,9 @@ class KafkaPublisher:
     ) -> tuple[list[asyncio.Future[Any]], BaseException | None]:
         """Submit ``items`` as whole record batches, built here per partition in order: what ``send`` does
         per record (a future, the accumulator, the partitioner's pure-Python murmur2) cost more than the
-        rest of a small event's publishing. Partitions are chosen as ``send`` chooses them. Returns the
-        batches' futures, and what stopped a submission (the futures submitted before it are still
-        answered)."""
+        rest of a small event's publishing. Partitions are chosen as ``send`` chooses them
+        (:class:`KeyPartitioner`). Returns the batches' futures, and what stopped a submission (the futures
+        submitted before it are still answered)."""
         batches: dict[TopicPartition, list[Any]] = {}
         partitions_of: dict[str, list[int]] = {}
         for topic, key, value, headers in items:
@@ -212,17 +230,6 @@ class KafkaPublisher:
             else:
                 futures += outcome
         return futures, failed
-
-    def _partition(self, key: bytes | None, partitions: list[int]) -> int:
-        """The partition ``send`` would choose (aiokafka's default partitioner): by the key's murmur2 hash,
-        kept per key (keys are model names: few, and reused), or any partition for a record without a key."""
-        if key is None:
-            return random.choice(partitions)
-        if (hashed := self._key_hashes.get(key)) is None:
-            if len(self._key_hashes) >= _KEY_HASHES:
-                self._key_hashes.clear()
-            hashed = self._key_hashes[key] = murmur2(key) & 0x7FFFFFFF
-        return partitions[hashed % len(partitions)]
 
     def _is_current(self, producer: AIOKafkaProducer) -> bool:
         return self._producer is producer

@@ -69,17 +69,18 @@ async def register_version(
     # The store must hold exactly what training announced, and the model must be loadable safely,
     # before any service is told the version exists.
     try:
-        sizes = {"model": await artifacts.check_model(done.artifact.key)}
-        sizes["profile"] = await artifacts.verify(done.profile.key)
+        model_bytes = await artifacts.check_model(done.artifact.key)
+        profile_bytes = await artifacts.verify(done.profile.key)
     except (ArtifactCorrupted, UntrustedArtifact) as exc:
         raise PermanentError(f"{done.model} run {done.run_id} is not registered: {exc}") from exc
     # A download is refused when the stored file's length is not the recorded one (api._stream, from a stat):
     # a record that misstates it would have the registry refuse a sound file.
-    for kind, ref in (("model", done.artifact), ("profile", done.profile)):
-        if sizes[kind] != ref.size_bytes:
+    checked = (("model", done.artifact, model_bytes), ("profile", done.profile, profile_bytes))
+    for kind, ref, stored in checked:
+        if stored != ref.size_bytes:
             raise PermanentError(
                 f"{done.model} run {done.run_id} is not registered: its {kind} {ref.key} is "
-                f"{sizes[kind]:,} bytes in the store, not the {ref.size_bytes:,} the event says"
+                f"{stored:,} bytes in the store, not the {ref.size_bytes:,} the event says"
             )
     number = await versions.register(done, Cause.of(event))
     await publish(

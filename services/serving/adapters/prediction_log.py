@@ -22,11 +22,11 @@ from typing import Any, cast
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter, Gauge
 
 from contracts.envelope import CONTENT_TYPE, SPEC_VERSION, new_event_id, record_bytes
 from contracts.predictions import TOPIC, PredictionsLogged, Variant
+from libs.bus.kafka import KeyPartitioner
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
 from services.serving.domain import FeatureColumns, LogItem, Scores, read_json, rows_of
@@ -50,7 +50,6 @@ Wire = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
 _EVENT_TYPE = PredictionsLogged.event_type().encode()
 _SPEC_VERSION = SPEC_VERSION.encode()
 _CONTENT_TYPE = CONTENT_TYPE.encode()
-_PARTITION_KEYS = 10_000
 
 
 # The record texts of a ``{"records": [...]}`` body: where the first record opens, where the last one
@@ -460,11 +459,7 @@ class KafkaPredictionLog:
         # Items, or items already encoded (the producer process encodes each as it reads it).
         self.queue: asyncio.Queue[LogItem | list[Wire]] = asyncio.Queue(maxsize=buffer)
         self._producer_factory = producer_factory
-        self._partitioner = DefaultPartitioner()
-        # The partition of each key (a model name) for the topic's current partitions: the default
-        # partitioner's murmur2 is pure Python, ~3.5 µs an event.
-        self._partitions: list[int] = []
-        self._partition_of: dict[bytes, int] = {}
+        self._partition = KeyPartitioner()
         self.yield_between_items = yield_between_items
         self._producer: Any = None
         self._stopping = False
@@ -576,8 +571,6 @@ class KafkaPredictionLog:
         # path (a future, the accumulator, the partitioner) was ~35 µs an event, the largest cost of a
         # small one. Partitions are chosen as send() does: the default partitioner on the key.
         partitions = sorted(await producer.partitions_for(topic))
-        if partitions != self._partitions or len(self._partition_of) > _PARTITION_KEYS:
-            self._partitions, self._partition_of = partitions, {}
         open_batches: dict[int, Any] = {}
         counts: dict[int, int] = {}
         submitted: list[tuple[Any, int]] = []
@@ -603,11 +596,7 @@ class KafkaPredictionLog:
                     continue
                 wires = encoded
             for _, key, value, headers in wires:
-                partition = self._partition_of.get(key) if key is not None else None
-                if partition is None:
-                    partition = self._partitioner(key, partitions, partitions)
-                    if key is not None:
-                        self._partition_of[key] = partition
+                partition = self._partition(key, partitions)
                 for attempt in range(2):
                     if partition not in open_batches:
                         open_batches[partition], counts[partition] = producer.create_batch(), 0
