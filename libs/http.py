@@ -754,12 +754,14 @@ class HotRoutes:
 
     Between uvicorn and an endpoint FastAPI and Starlette spent 120-160 µs of CPU per request on a 2-core
     test host (every route tried in turn, the request-response wrapper, the endpoint's parameters solved;
-    docs/benchmarks.md, Serving): more than the predict route's own work for one row. A hot route's endpoint
-    reads nothing but its path parameters and the ``Request`` (it checks its own token and reads its own
-    body) and returns a ``Response``, so none of that is needed. This middleware matches the path,
-    validates the path parameters against the endpoint's own annotations, calls the endpoint, and answers
-    an exception with the app's handler for it (an exception without one goes on to Starlette's 500, as
-    before).
+    docs/benchmarks.md, Serving): more than the predict route's own work for one row, and a quarter of the
+    registry's CPU for one version page. A hot route's endpoint reads nothing but its path parameters, the
+    ``Request`` (it reads its own body) and the callers that ``libs.auth.require`` checks (``ViewerDep``
+    and its kind), and returns a ``Response``, so none of that is needed. This middleware matches the path,
+    validates the path parameters against the endpoint's own annotations, checks the caller's token for
+    each role the route requires (:func:`libs.auth.authorize`, the check ``require`` makes), calls the
+    endpoint, and answers an exception with the app's handler for it (an exception without one goes on to
+    Starlette's 500, as before).
 
     Whatever it does not match in full (another path or method, a path parameter that does not validate)
     goes on to FastAPI untouched, so every answer and error is the one FastAPI would give. The routes stay
@@ -784,18 +786,20 @@ class HotRoutes:
 class _HotRoute:
     def __init__(self, route: APIRoute) -> None:
         d = route.dependant
+        # The role checks, in FastAPI's order (the router's, then the endpoint's): (parameter name, role).
+        self.checks = [(sub.name, role) for sub in d.dependencies for role in required_roles([sub.call])]
         if (
             d.query_params
             or d.header_params
             or d.cookie_params
             or d.body_params
-            or d.dependencies
+            or len(self.checks) != len(d.dependencies)
             or d.request_param_name is None
             or not inspect.iscoroutinefunction(route.endpoint)
         ):
             raise ValueError(
-                f"{route.path}: a hot route's endpoint is a coroutine that takes only path parameters and "
-                "the Request (no query, header, cookie or body parameters, no dependencies)"
+                f"{route.path}: a hot route's endpoint is a coroutine that takes only path parameters, the "
+                "Request and role checks (no query, header, cookie or body parameters, no other dependencies)"
             )
         hints = typing.get_type_hints(route.endpoint, include_extras=True)
         self.route = route
@@ -820,6 +824,10 @@ class _HotRoute:
             query = scope["query_string"]
             if query and (refusal := undeclared_query(query, frozenset(), self.route.path)) is not None:
                 raise refusal
+            for name, role in self.checks:
+                caller = await authorize(request, role)
+                if name is not None:
+                    params[name] = caller
             response = await self.route.endpoint(**params, **{self.request_name: request})
         except Exception as exc:
             handler = _exception_handler(request.app, exc)

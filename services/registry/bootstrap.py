@@ -66,6 +66,7 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         description="Model versions, stages and aliases, lineage, datasets, artifacts and model cards. "
         "Manual commands (promote, rollback, archive, retrain) become events on mlops.commands.",
         routers=[api.router],
+        hot=[api.hot_router],
         ready=rt.ready,
     )
     # Reads get a pool of their own whose connections are not reset on release: a read leaves no session

@@ -147,7 +147,7 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 router = APIRouter(route_class=BodyRoute)
-predict_router = APIRouter(route_class=BodyRoute)
+hot_router = APIRouter(route_class=BodyRoute)
 """The hot routes: served ahead of FastAPI's router (``libs.http.HotRoutes``), so their endpoints take only
 the path and the Request."""
 
@@ -451,7 +451,7 @@ _INFER_DOCS: dict[str, Any] = {
 }
 
 
-@predict_router.post(
+@hot_router.post(
     "/v2/models/{name}/infer", tags=["open inference protocol"], summary="Score tensors.", **_INFER_DOCS
 )
 async def infer(name: str, request: Request) -> Response:
@@ -460,7 +460,7 @@ async def infer(name: str, request: Request) -> Response:
     return await _infer(name, None, request, _context(request))
 
 
-@predict_router.post(
+@hot_router.post(
     "/v2/models/{name}/versions/{version}/infer",
     tags=["open inference protocol"],
     summary="Score tensors with one version.",
@@ -475,7 +475,7 @@ async def infer_version(name: str, version: VersionPath, request: Request) -> Re
 # --- simple JSON API ---------------------------------------------------------------------------------------
 
 
-@predict_router.post(
+@hot_router.post(
     "/v1/models/{name}/predict",
     tags=["predict"],
     summary="Score records: {records: [{feature: value}], entity_keys?: [key]}.",

@@ -211,7 +211,7 @@ async def build(rt: Runtime) -> ServiceParts:
         title="driftloop serving",
         description="Predictions (Open Inference Protocol v2 and a simple JSON API), progressive canary "
         "rollouts, prediction and feedback logging.",
-        hot=[api.predict_router],
+        hot=[api.hot_router],
         routers=[api.router],
         ready=ready,
     )

@@ -121,7 +121,7 @@ def token_routes() -> list[tuple[str, str, str]]:
     found = []
     for service in SETTINGS:
         api = importlib.import_module(f"services.{service}.api")
-        for router in (api.router, getattr(api, "predict_router", None)):
+        for router in (api.router, getattr(api, "hot_router", None)):
             for route in router.routes if router is not None else ():
                 if isinstance(route, APIRoute):
                     found += [(service, method, route.path) for method in sorted(route.methods or ())]

@@ -89,7 +89,7 @@ def service_routes() -> set[tuple[str, str, str]]:
     found = set()
     for service in SETTINGS:
         api = importlib.import_module(f"services.{service}.api")
-        for router in (api.router, getattr(api, "predict_router", None)):
+        for router in (api.router, getattr(api, "hot_router", None)):
             for route in router.routes if router is not None else ():
                 if isinstance(route, APIRoute):
                     found |= {(service, method, route.path) for method in route.methods or ()}

@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
@@ -546,6 +546,11 @@ def hot_router() -> APIRouter:
         via = "fastapi" if "fastapi_middleware_astack" in request.scope else "hot"
         return Response(f"{name}:{version + 1}:{len(body)}", headers={"x-via": via})
 
+    @router.get("/readers/{name}")
+    async def reader(name: str, who: ViewerDep, request: Request) -> Response:
+        via = "fastapi" if "fastapi_middleware_astack" in request.scope else "hot"
+        return Response(f"{name}:{who.actor}", headers={"x-via": via})
+
     return router
 
 
@@ -571,6 +576,19 @@ HOT_REQUESTS = [
     ("POST", "/items/churn/versions/7", b"bug"),  # no handler: Starlette's 500
     ("POST", "/items/churn/versions/7", b"x" * 2000),  # over the body limit: 413
     ("POST", "/items/churn%00/versions/7", b""),  # NUL in the path: 422
+    ("GET", "/readers/churn", b""),  # a role check without a token: 401
+    ("GET", "/readers/churn?x=1", b""),  # a query the route does not take: 422
+    ("HEAD", "/readers/churn", b""),  # FastAPI answers HEAD, its checks included
+]
+
+# (headers, expected status) of a route that requires the viewer role, served by the lane and by FastAPI.
+HOT_CALLERS = [
+    ([("Authorization", "Bearer dev-viewer")], 200),
+    ([("Authorization", "Bearer dev-admin")], 200),  # a role that includes viewer's
+    ([("Authorization", "Bearer dev-predict")], 403),
+    ([("Authorization", "Bearer nope")], 401),
+    ([("Authorization", "Basic dev-viewer")], 401),
+    ([("Authorization", "Bearer dev-viewer"), ("Authorization", "Bearer dev-admin")], 401),  # two
 ]
 
 
@@ -586,6 +604,25 @@ async def test_a_hot_route_answers_exactly_as_fastapi_does(
     # Only what the hot lane fully matches bypasses FastAPI; the rest is FastAPI's own answer.
     assert fast.headers.get("x-via") == ("hot" if slow.headers.get("x-via") else None)
     assert slow.headers.get("x-via") in (None, "fastapi")
+
+
+@pytest.mark.parametrize(("headers", "status"), HOT_CALLERS)
+async def test_a_hot_route_checks_the_callers_role_as_fastapi_does(
+    tmp_path: Path, headers: list[tuple[str, str]], status: int
+) -> None:
+    async with hot_app(tmp_path, hot=True) as hot, hot_app(tmp_path, hot=False) as plain:
+        fast = await hot.get("/readers/churn", headers=headers)
+        slow = await plain.get("/readers/churn", headers=headers)
+    assert fast.status_code == slow.status_code == status
+    assert (fast.content, fast.headers.get("www-authenticate")) == (
+        slow.content,
+        slow.headers.get("www-authenticate"),
+    )
+    assert (fast.headers.get("x-via"), slow.headers.get("x-via")) == (
+        ("hot", "fastapi") if status == 200 else (None, None)
+    )
+    if status == 200:
+        assert fast.text.startswith("churn:user:dev-")
 
 
 async def test_a_hot_route_is_served_by_the_lane_and_documented(tmp_path: Path) -> None:
@@ -604,7 +641,7 @@ def test_a_hot_route_must_take_only_its_path_and_the_request(tmp_path: Path) -> 
     ):
         router = APIRouter(route_class=BodyRoute)
         declare(router)
-        with pytest.raises(ValueError, match="only path parameters and the Request"):
+        with pytest.raises(ValueError, match="only path parameters, the Request and role checks"):
             create_app(settings, title="t", description="d", hot=[router]).build_middleware_stack()
 
 
@@ -612,8 +649,14 @@ async def _with_query(name: str, limit: int, request: Request) -> Response:
     return Response()
 
 
-async def _with_dependency(who: ViewerDep, request: Request) -> Response:
+async def _with_dependency(
+    settings: Annotated[ExampleSettings, Depends(_example_settings)], request: Request
+) -> Response:
     return Response()
+
+
+def _example_settings(request: Request) -> ExampleSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
 
 
 async def _without_request() -> Response:

@@ -32,7 +32,7 @@ def app_of(service: str) -> FastAPI:
     module, name = SETTINGS[service].split(":")
     settings = getattr(importlib.import_module(module), name)(env="test")
     api = importlib.import_module(f"services.{service}.api")
-    hot = [api.predict_router] if service == "serving" else []
+    hot = [api.hot_router] if hasattr(api, "hot_router") else []
     app = create_app(settings, title=service, description=service, routers=[api.router], hot=hot)
     if service == "serving":  # the routes' context; these requests are refused before they use it
         app.state.serving = types.SimpleNamespace(max_feedback_items=10_000)

@@ -40,7 +40,7 @@ class NoReads:
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = RegistrySettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
-    app = create_app(settings, title="registry", description="", routers=[api.router])
+    app = create_app(settings, title="registry", description="", routers=[api.router], hot=[api.hot_router])
     app.state.reads = NoReads()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://registry") as c:

@@ -141,7 +141,9 @@ class Registry:
         )
         self.refs = {MODEL_URL: done.artifact, PROFILE_URL: done.profile, DATASET_URL: file}
         settings = RegistrySettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
-        self.app = create_app(settings, title="registry", description="", routers=[api.router])
+        self.app = create_app(
+            settings, title="registry", description="", routers=[api.router], hot=[api.hot_router]
+        )
         self.app.state.reads = Records(version_row(done), dataset)
         self.app.state.artifacts = self.artifacts
 

@@ -152,7 +152,7 @@ async def service() -> AsyncIterator[Service]:
     async def ready() -> dict[str, bool]:
         return {"routing": state.synced.is_set()}
 
-    app = create_app(settings, title="t", description="t", hot=[api.predict_router], routers=[api.router])
+    app = create_app(settings, title="t", description="t", hot=[api.hot_router], routers=[api.router])
     api.mount(
         app,
         api.ServingContext(
