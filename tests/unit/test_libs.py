@@ -656,7 +656,7 @@ async def _with_dependency(
 
 
 def _example_settings(request: Request) -> ExampleSettings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 async def _without_request() -> Response:
