@@ -634,7 +634,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
     named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"
     try:
-        issue_token(path, name=args.name, role=Role(args.role), named_by=named_by, show=show_token)
+        issue_token(
+            path, name=args.name, role=Role(args.role), named_by=named_by, show=show_token, waiting=say
+        )
     except TokenFileInvalid as err:
         raise InfraError(
             str(err),

@@ -160,17 +160,19 @@ def issue_token(
     role: Role,
     named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE",
     show: Callable[[str], None] | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> str:
     """Create a token, store its hash in ``path`` and return the token (shown once, never stored); a file
     that is not a token file is left as it was (TokenFileInvalid). A name that cannot name the holder
     (:func:`token_name_problem`) is a ValueError, the file untouched. ``show`` gets the token once the file
     was read and before its hash is stored: whatever it raises (the token could not be shown) leaves the file
     as it was, so no token grants a role that nobody has. The file's lock (:func:`token_file_locked`) is held
-    from the read to the rename, so issuers running at once each add their token to what the others stored."""
+    from the read to the rename, so issuers running at once each add their token to what the others stored;
+    ``waiting`` gets one line saying so when another holds it."""
     if why := token_name_problem(name):
         raise ValueError(f"the token's name {why}")
     token = f"dl_{secrets.token_urlsafe(32)}"
-    with token_file_locked(path, named_by=named_by):
+    with token_file_locked(path, named_by=named_by, waiting=waiting):
         content = read_token_file(path, named_by=named_by)
         if show is not None:
             show(token)
@@ -180,12 +182,18 @@ def issue_token(
 
 
 @contextlib.contextmanager
-def token_file_locked(path: Path, *, named_by: str) -> Iterator[None]:
+def token_file_locked(
+    path: Path, *, named_by: str, waiting: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold the exclusive lock of the token file ``path`` (an flock on ``<path>.lock`` beside it, made 0600)
     for the block, waiting for another holder. Every read-modify-write of the file holds it: two that ran
     at once each read the same file and the second rename dropped the first's token, already shown to its
     operator. Readers need not take it, as the file is only ever replaced whole. A lock file that cannot be
-    made or opened (its folder cannot be made, no permission) is a TokenFileInvalid naming it."""
+    made or opened (its folder cannot be made, no permission) is a TokenFileInvalid naming it.
+
+    When another holds the lock, ``waiting`` gets one line naming the lock file and why before the wait:
+    the holder may be stuck printing its token to a pipe nobody reads, and a command blocked on it without
+    a word looked hung."""
     lock = path.with_name(f"{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +204,12 @@ def token_file_locked(path: Path, *, named_by: str) -> Iterator[None]:
         ) from exc
     try:
         # Closing the descriptor releases the lock, and the kernel does so for a writer that dies holding it.
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(f"waiting for {lock}: another `token issue` is writing {path} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

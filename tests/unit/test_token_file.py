@@ -1,10 +1,11 @@
 """Issuing tokens at once: each `token issue` is a read-modify-write of one file, and none may lose another's
-token, which its operator has already been shown."""
+token, which its operator has already been shown; and one that waits for another says so."""
 
 from __future__ import annotations
 
 import fcntl
 import multiprocessing
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from deploy import cli
+from deploy.cli import main
 from libs.auth import Principal, Role, TokenStore, issue_token
 
 Issued = list[tuple[str, str]] | str
@@ -120,3 +123,44 @@ def test_a_temporary_file_a_crashed_issuer_left_does_not_stop_the_next(tmp_path:
     store = TokenStore.load(path, dev=False)
     assert store.authenticate(alice) == Principal("alice", Role.viewer)
     assert store.authenticate(bob) == Principal("bob", Role.viewer)
+
+
+def test_an_issue_that_waits_for_another_says_what_it_waits_for_and_goes_on_once_it_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It blocked on the lock without a word: with the other issuer stuck printing to a pipe nobody reads,
+    # the command looked hung.
+    path = tmp_path / "tokens.json"
+    lock = path.with_name("tokens.json.lock")
+    said = threading.Event()
+    released = threading.Event()
+    said_while_held: list[bool] = []
+    real_say = cli.say
+
+    def say(message: str) -> None:
+        said_while_held.append(not released.is_set())
+        real_say(message)
+        said.set()
+
+    def other_issuer_finishes() -> None:
+        said.wait(STUCK_S)
+        os.close(held)  # releases its lock, as the other issuer's exit would
+        released.set()
+
+    monkeypatch.setattr(cli, "say", say)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another issuer, between reading the file and replacing it
+    other_issuer = threading.Thread(target=other_issuer_finishes)
+    other_issuer.start()
+    try:
+        status = main(["token", "issue", "alice", "--role", "viewer", "--file", str(path)])
+    finally:
+        other_issuer.join(STUCK_S)
+
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert said_while_held[0]
+    waiting = f"driftloop: waiting for {lock}: another `token issue` is writing {path} ..."
+    assert err.splitlines()[0] == waiting
+    assert [line for line in err.splitlines() if "waiting" in line] == [waiting]
+    assert TokenStore.load(path, dev=False).authenticate(out.strip()) == Principal("alice", Role.viewer)
