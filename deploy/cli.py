@@ -625,7 +625,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         args.usage_of.error(
             "a name (not blank) and a --role are required, e.g. `token issue billing-client --role predict`"
         )
-    from libs.auth import Role, TokenFileInvalid, issue_token, token_name_problem
+    from libs.auth import Role, TokenFileInvalid, TokenFileNotSynced, issue_token, token_name_problem
     from libs.settings import LOCAL_STATE
 
     if why := token_name_problem(args.name):
@@ -642,6 +642,12 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             str(err),
             hint="correct the file (it was left as it was: no token was added), or name another with --file "
             "or DRIFTLOOP_AUTH_TOKENS_FILE.",
+        ) from err
+    except TokenFileNotSynced as err:
+        raise InfraError(
+            str(err),
+            hint="look for a disk error in the system log; once the disk is sound, check that the file still "
+            "holds the token printed above, and issue another if not.",
         ) from err
     say(f"added a {args.role} token for {args.name!r} to {path}; services read the file when they start")
     return 0

@@ -8,6 +8,7 @@ model, and an operator's token is never spread across client programs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -119,6 +120,11 @@ class TokenFileInvalid(ValueError):
     or option that named it, and what is wrong."""
 
 
+class TokenFileNotSynced(Exception):
+    """The token file was replaced, the new token in it, but its folder could not be synced: a crash may yet
+    undo the rename. The message names the file, the setting or option that named it, and the error."""
+
+
 def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
     """The token file at ``path``, its rows checked (``{"tokens": []}`` when it does not exist);
     ``named_by`` is the setting or option the path came from, for the message of a TokenFileInvalid."""
@@ -217,9 +223,10 @@ def token_file_locked(
 
 def _replace_token_file(path: Path, content: dict[str, Any], *, named_by: str) -> None:
     """Write ``content`` to a temporary file of its own beside ``path`` (0600, as mkstemp makes it), synced,
-    and rename it over ``path``: a reader sees the old file or the new one, never a part, and a crash leaves
-    no file shorter than what was written. The name is unique, so a temporary file that a killed writer left
-    behind stops no later one; one that fails here is removed."""
+    and rename it over ``path``, then sync the folder: a reader sees the old file or the new one, never a
+    part, and a crash leaves no file shorter than what was written, nor undoes the rename (the new name is
+    in the folder, which is synced apart from the file). The name is unique, so a temporary file that a
+    killed writer left behind stops no later one; one that fails here is removed."""
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -234,6 +241,30 @@ def _replace_token_file(path: Path, content: dict[str, Any], *, named_by: str) -
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise TokenFileInvalid(f"the token file {path} ({named_by}) cannot be written: {exc}") from exc
+    try:
+        _sync_folder(path.parent)
+    except OSError as exc:
+        raise TokenFileNotSynced(
+            f"the token file {path} ({named_by}) holds the new token, but its folder could not be synced "
+            f"({exc.strerror}), so a crash may yet take the token out of it"
+        ) from exc
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync ``folder``, making the renames in it durable. As PostgreSQL's fsync_fname, a folder this user
+    may write but not read (EACCES) and a file system that cannot sync a folder (EINVAL, EBADF: some FUSE
+    and network ones) are passed over: there is nothing more to do."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 _bearer = HTTPBearer(auto_error=False)

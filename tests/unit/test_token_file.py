@@ -1,11 +1,14 @@
 """Issuing tokens at once: each `token issue` is a read-modify-write of one file, and none may lose another's
-token, which its operator has already been shown; and one that waits for another says so."""
+token, which its operator has already been shown; one that waits for another says so; and the file, once
+replaced, stays replaced through a crash."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import multiprocessing
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
@@ -17,7 +20,7 @@ import pytest
 
 from deploy import cli
 from deploy.cli import main
-from libs.auth import Principal, Role, TokenStore, issue_token
+from libs.auth import Principal, Role, TokenStore, hash_token, issue_token
 
 Issued = list[tuple[str, str]] | str
 """What an issuing process reports: the names and tokens it issued, or how it failed."""
@@ -163,4 +166,60 @@ def test_an_issue_that_waits_for_another_says_what_it_waits_for_and_goes_on_once
     waiting = f"driftloop: waiting for {lock}: another `token issue` is writing {path} ..."
     assert err.splitlines()[0] == waiting
     assert [line for line in err.splitlines() if "waiting" in line] == [waiting]
+    assert TokenStore.load(path, dev=False).authenticate(out.strip()) == Principal("alice", Role.viewer)
+
+
+def synced_folders(monkeypatch: pytest.MonkeyPatch, path: Path, fail: OSError | None = None) -> list[bool]:
+    """Record each fsync of a folder, as whether the token file already held the latest token shown (the
+    rename was done); raise ``fail`` instead of syncing one, if given."""
+    shown: list[str] = []
+    folders: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            assert os.path.samestat(os.fstat(fd), os.stat(path.parent))
+            folders.append(path.exists() and hash_token(shown[-1]) in path.read_text())
+            if fail is not None:
+                raise fail
+        real_fsync(fd)
+
+    def show_token(token: str) -> None:
+        shown.append(token)
+        real_show_token(token)
+
+    real_show_token = cli.show_token
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(cli, "show_token", show_token)
+    return folders
+
+
+def test_the_rename_is_made_durable_by_syncing_the_folder_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was synced before the rename, but not the folder that holds the new name: a crash could
+    # bring back the old file, without the token already shown.
+    path = tmp_path / "tokens.json"
+    folders = synced_folders(monkeypatch, path)
+
+    assert main(["token", "issue", "alice", "--role", "viewer", "--file", str(path)]) == 0
+
+    assert folders == [True]
+
+
+def test_a_folder_that_cannot_be_synced_is_an_error_saying_the_token_is_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.json"
+    synced_folders(monkeypatch, path, fail=OSError(errno.EIO, os.strerror(errno.EIO)))
+
+    status = main(["token", "issue", "alice", "--role", "viewer", "--file", str(path)])
+
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert (
+        f"driftloop: error: the token file {path} (--file) holds the new token, but its folder could not be "
+        "synced (Input/output error), so a crash may yet take the token out of it"
+    ) in err
+    assert "no token was added" not in err and "Traceback" not in err
     assert TokenStore.load(path, dev=False).authenticate(out.strip()) == Principal("alice", Role.viewer)
