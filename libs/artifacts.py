@@ -289,17 +289,21 @@ class ArtifactStore:
                 "restore it from a backup or retrain"
             )
 
-    def size(self, key: str) -> int:
+    def size(self, key: str) -> int | None:
         """The stored file's size in bytes, from the store's metadata (a stat; nothing of the file is read);
-        :class:`ArtifactNotFound` when the store has no such file. One try: an OSError of the store is
-        raised as :class:`StoreUnavailable`, as by :meth:`stream`."""
+        :class:`ArtifactNotFound` when the store has no such file. None when the store keeps no size for a
+        file it has (fsspec's ``size`` is None: an HTTP server that sends no Content-Length): only reading
+        the file tells its length then, and whether that is worth it is the caller's to decide (``int(None)``
+        raised a TypeError, which a download answered 500 and the bus retried as a handler's bug). One try:
+        an OSError of the store is raised as :class:`StoreUnavailable`, as by :meth:`stream`."""
         path = self._path(key)
         try:
-            return int(self.fs.size(path))
+            size = self.fs.size(path)
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact {key}") from None
         except OSError as exc:
             raise _unavailable(f"the size of {key}", exc) from exc
+        return None if size is None else int(size)
 
     def verify(self, key: str) -> int:
         """Hash the stored bytes; returns the size, or raises :class:`ArtifactCorrupted`."""

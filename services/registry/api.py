@@ -328,28 +328,37 @@ async def _stream(request: Request, ref: ArtifactRef, media_type: str, filename:
     artifacts = _artifacts(request)
     try:
         stored = await artifacts.size(key)
-        if stored != ref.size_bytes:
+        if stored is not None and stored != ref.size_bytes:
             # Bytes of another length cannot hash to the key: refused from a stat, before anything is read,
             # and a HEAD gives this answer as its GET does.
-            raise ArtifactIntegrityError(
-                f"artifact {key} is corrupted: the store holds {stored:,} bytes of it where "
-                f"{ref.size_bytes:,} were registered; restore it from a backup or retrain",
-                key=key,
-            )
+            raise _other_length(key, stored, ref.size_bytes)
         if request.method == "HEAD":
             # A HEAD sends no byte, so it has none to protect: hashing the whole file (seconds of disk and CPU
             # for hundreds of MB) would buy headers the record and the stat give. A file altered but of the
-            # same length is found by the GET, which hashes it (docs/registry.md, Artifacts).
+            # same length is found by the GET, which hashes it (docs/registry.md, Artifacts), and so is one of
+            # another length in a store that keeps no sizes (stored None): the HEAD answers from the record.
             return StreamingResponse(iter(()), media_type=media_type, headers=_file_headers(ref, filename))
         # The whole file is hashed before the response starts, so a client never receives bytes that were
         # modified in the store; the stream checks the hash again at its end.
-        await artifacts.verify(key)
+        verified = await artifacts.verify(key)
+        if verified != ref.size_bytes:
+            # Only where the store keeps no sizes: its Content-Length, the record's, would be false.
+            raise _other_length(key, verified, ref.size_bytes)
     except ArtifactNotFound as exc:
         raise NotFound(f"artifact {key} is not in the store: {exc}") from exc
     except ArtifactCorrupted as exc:
         raise ArtifactIntegrityError(str(exc), key=key) from exc
     return StreamingResponse(
         artifacts.stream(key), media_type=media_type, headers=_file_headers(ref, filename)
+    )
+
+
+def _other_length(key: str, stored: int, registered: int) -> ArtifactIntegrityError:
+    """The stored file is not the length its record says: no download of it can be right."""
+    return ArtifactIntegrityError(
+        f"artifact {key} is corrupted: the store holds {stored:,} bytes of it where "
+        f"{registered:,} were registered; restore it from a backup or retrain",
+        key=key,
     )
 
 

@@ -166,8 +166,9 @@ class Artifacts(Protocol):
         """Verify the hash of a stored artifact; returns its size."""
         ...
 
-    async def size(self, key: str) -> int:
-        """The stored file's size, from the store's metadata: nothing of it is read or hashed."""
+    async def size(self, key: str) -> int | None:
+        """The stored file's size, from the store's metadata: nothing of it is read or hashed; None when the
+        store keeps none (only a read would tell)."""
         ...
 
     async def put(self, data: bytes) -> ArtifactRef:

@@ -95,6 +95,26 @@ def test_the_size_of_an_artifact_comes_from_a_stat_with_nothing_of_it_read(
         store.size("0" * 64)
 
 
+def test_the_size_of_an_artifact_the_store_keeps_no_size_for_is_none_with_nothing_of_it_read(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some fsspec stores give no size (an HTTP server without Content-Length): int(None) was a TypeError.
+    key = store.put(b"content").sha256
+    info = store.fs.info
+
+    def sizeless(path: str, **kwargs: object) -> dict[str, object]:
+        return {**info(path, **kwargs), "size": None}
+
+    def opened(path: str, *args: object, **kwargs: object) -> object:
+        raise AssertionError(f"{path} was opened")
+
+    monkeypatch.setattr(store.fs, "info", sizeless)
+    monkeypatch.setattr(store.fs, "open", opened)
+    assert store.size(key) is None
+    with pytest.raises(ArtifactNotFound, match="no artifact"):
+        store.size("0" * 64)
+
+
 def test_artifact_modified_on_disk_is_refused_with_a_clear_error(store: ArtifactStore) -> None:
     stored = save_model(store, small_model())
     path = stored_path(store, stored.sha256)

@@ -25,7 +25,7 @@ class StoreArtifacts:
     async def verify(self, key: str) -> int:
         return await asyncio.to_thread(self.store.verify, key)
 
-    async def size(self, key: str) -> int:
+    async def size(self, key: str) -> int | None:
         return await asyncio.to_thread(self.store.size, key)
 
     async def put(self, data: bytes) -> ArtifactRef:

@@ -239,3 +239,42 @@ async def test_a_head_naming_the_files_etag_is_the_gets_304(registry: Registry, 
     got, head = await registry.get_and_head(url, {"If-None-Match": '"other"'})
     assert got.status_code == 200
     assert_answered_alike(got, head)
+
+
+@pytest.mark.parametrize("url", [MODEL_URL, DATASET_URL])
+async def test_in_a_store_that_keeps_no_sizes_a_head_answers_from_the_record_and_the_get_hashes(
+    registry: Registry, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some fsspec stores give no size (an HTTP server without Content-Length): the stat cannot tell a file of
+    # another length, so the HEAD answers from the record, reading nothing, and the GET finds it by the hash.
+    info = registry.store.fs.info
+    monkeypatch.setattr(registry.store.fs, "info", lambda path, **kw: {**info(path, **kw), "size": None})
+    got, head = await registry.get_and_head(url)
+    assert got.status_code == 200, got.text
+    assert got.content == registry.path_of(url).read_bytes()
+    assert_answered_alike(got, head)
+    path = registry.path_of(url)
+    path.write_bytes(path.read_bytes()[:-1])
+    registry.artifacts.reads.clear()
+    got, head = await registry.get_and_head(url)
+    assert got.status_code == 500 and got.json()["code"] == "artifact-corrupted", got.text
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(registry.refs[url].size_bytes)
+
+
+async def test_in_a_store_that_keeps_no_sizes_a_get_refuses_a_file_whose_record_misstates_its_length(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sound bytes, but a Content-Length from the record they would not fill: found once the GET read them.
+    info = registry.store.fs.info
+    monkeypatch.setattr(registry.store.fs, "info", lambda path, **kw: {**info(path, **kw), "size": None})
+    records = registry.app.state.reads
+    ref = registry.refs[DATASET_URL]
+    misstated = ref.model_copy(update={"size_bytes": ref.size_bytes + 1})
+    records.dataset = records.dataset.model_copy(update={"artifact": misstated})
+    transport = httpx.ASGITransport(app=registry.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://registry") as c:
+        got = await c.get(DATASET_URL, headers=VIEWER)
+    assert got.status_code == 500 and got.json()["code"] == "artifact-corrupted", got.text
+    expected = f"the store holds {ref.size_bytes:,} bytes of it where {ref.size_bytes + 1:,} were registered"
+    assert expected in got.json()["detail"]
