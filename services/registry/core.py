@@ -21,7 +21,7 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent, EventPayload, new_event
 from contracts.models import ModelStageChanged, ModelVersionRegistered, ModelVersionTagged
 from contracts.training import TrainingCompleted
-from libs.artifacts import ArtifactCorrupted, UntrustedArtifact
+from libs.artifacts import ArtifactCorrupted, ArtifactNotFound, UntrustedArtifact
 from libs.bus import PermanentError, bytes_over_limit
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.logging import get_logger
@@ -306,9 +306,12 @@ async def record_validation(
         log.info("validation passed for a version past the gate; report kept", stage=stage)
 
 
-async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Datasets, source: str) -> bool:
+async def record_dataset(
+    event: CloudEvent[DatasetRegistered], *, datasets: Datasets, artifacts: Artifacts, source: str
+) -> bool:
     """Record a dataset version another service registered; False when it was already recorded. One under
-    the registry's own source that it does not hold as that file was not published here, and is refused."""
+    the registry's own source that it does not hold as that file was not published here, and is refused, and
+    so is one whose file the store lacks or holds at another size (:func:`check_dataset_file`)."""
     ds = event.data
     if event.source == source:
         # The registry's own uploads were recorded in the transaction that published them, and are never
@@ -338,8 +341,41 @@ async def record_dataset(event: CloudEvent[DatasetRegistered], *, datasets: Data
                 f"{existing.sha256} (source {existing.source}); this event says {ds.sha256}"
             )
         return False
+    # Looked at only for a dataset new here: one recorded already is answered from its row, whatever the
+    # store holds now (its downloads say what became of the file).
+    await check_dataset_file(ds, artifacts)
     await datasets.add(ds, event_id=event.id, actor=event.actor)
     return True
+
+
+async def check_dataset_file(ds: DatasetRegistered, artifacts: Artifacts) -> None:
+    """Refuse (PermanentError) a dataset whose file the store lacks, or holds at another size than announced.
+
+    Its downloads would fail for ever on a fault of this event: they stat the file first and refuse one
+    missing (404) or of another length than recorded (500, api._stream). A stat is enough here: hashing the
+    file (a dataset may be gigabytes) would hold the poll's transaction and the name's lock for as long as
+    it reads, and every download hashes the file before its first byte anyway, so bytes altered at their
+    length are refused there, as store damage. A store that keeps no sizes (``size`` None) leaves only the
+    read: the file is hashed then, which gives its length and its integrity at once.
+    """
+    key, announced = ds.artifact.key, ds.artifact.size_bytes
+    refused = f"dataset {ds.name} version {ds.dataset_version} is not recorded"
+    try:
+        stored = await artifacts.size(key)
+        if stored is None:
+            stored = await artifacts.verify(key)
+    except ArtifactNotFound as exc:
+        raise PermanentError(
+            f"{refused}: the store holds no file {key}, where the event says {announced:,} bytes; send the "
+            "event again once the store holds its file"
+        ) from exc
+    except ArtifactCorrupted as exc:
+        raise PermanentError(f"{refused}: {exc}") from exc
+    if stored != announced:
+        raise PermanentError(
+            f"{refused}: its file {key} is {stored:,} bytes in the store, not the {announced:,} the event "
+            "says (its downloads would be refused)"
+        )
 
 
 # --- manual commands ------------------------------------------------------------------------------------

@@ -142,10 +142,16 @@ async def on_rollout_rolled_back(
 
 
 async def on_dataset_registered(
-    event: CloudEvent[DatasetRegistered], *, datasets: Datasets, source: str, **_: Any
+    event: CloudEvent[DatasetRegistered],
+    *,
+    datasets: Datasets,
+    artifacts: Artifacts,
+    source: str,
+    **_: Any,
 ) -> None:
-    """Record a dataset version another service registered (training's materialised sets)."""
-    await core.record_dataset(event, datasets=datasets, source=source)
+    """Record a dataset version another service registered (training's materialised sets), once the store is
+    seen to hold its file at the size it says."""
+    await core.record_dataset(event, datasets=datasets, artifacts=artifacts, source=source)
 
 
 async def on_archive_requested(

@@ -21,6 +21,7 @@ from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBac
 from contracts.validation import ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactCorrupted, UntrustedArtifact, load_model
 from services.registry import core
+from services.registry.adapters.artifacts import StoreArtifacts
 from services.registry.adapters.postgres import PgDatasets, PgVersions
 from tests.integration.kafka_tools import eventually, unique
 from tests.integration.registry.harness import AUTH, RunningRegistry, running_registry
@@ -655,7 +656,9 @@ async def test_an_upload_racing_a_dataset_registered_event_takes_the_next_versio
     async with registry.rt.begin() as tx:
         # Training's DatasetRegistered for version 1 is being recorded while an operator uploads.
         datasets = PgDatasets(tx.conn)
-        assert await core.record_dataset(event, datasets=datasets, source=registry.rt.source())
+        assert await core.record_dataset(
+            event, datasets=datasets, artifacts=StoreArtifacts(registry.store), source=registry.rt.source()
+        )
         upload = asyncio.create_task(upload_csv(registry, name))
         await waiting_on(tx.conn)
     r = await upload
@@ -716,6 +719,25 @@ async def test_an_upload_cannot_take_a_version_of_a_name_training_registers_its_
     rows = await registry.fetch("SELECT version, sha256, source FROM datasets WHERE name = $1", name)
     assert [tuple(r) for r in rows] == [(1, event.data.sha256, "training-set:job-1")]
     assert await registry.outbox(DatasetRegistered, name) == []
+
+
+@pytest.mark.parametrize("fault", ["none", "missing", "another size"])
+async def test_a_dataset_registered_whose_file_the_store_lacks_or_holds_at_another_size_is_rejected(
+    registry: RunningRegistry, fault: str
+) -> None:
+    # Recorded, every download of it would fail (404, or 500 from the stat) for a fault of this event.
+    name = f"{model_name()}-training"
+    registered = training_set(registry, name)
+    if fault == "missing":
+        registry.stored_path(registered.artifact.key).unlink()
+    elif fault == "another size":
+        wrong = registered.artifact.model_copy(update={"size_bytes": registered.artifact.size_bytes + 1})
+        registered = registered.model_copy(update={"artifact": wrong})
+    before = dead_lettered(registry, "rejected")
+    await settle(registry, new_event(registered, source="/driftloop/training"))
+    rows = await registry.fetch("SELECT version FROM datasets WHERE name = $1", name)
+    assert [r["version"] for r in rows] == ([1] if fault == "none" else [])
+    assert dead_lettered(registry, "rejected") == before + (fault != "none")
 
 
 async def test_model_card_in_markdown_and_html(registry: RunningRegistry) -> None:

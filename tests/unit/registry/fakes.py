@@ -182,13 +182,18 @@ class FakeDatasets:
 
 @dataclass
 class FakeArtifacts:
-    """:class:`services.registry.ports.Artifacts` in a dict; ``untrusted`` and ``corrupted`` keys fail."""
+    """:class:`services.registry.ports.Artifacts` in a dict; ``untrusted`` and ``corrupted`` keys fail, and
+    the store keeps no size for ``unsized`` ones (only a read tells); ``reads`` names the keys read or
+    stat'ed."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     untrusted: set[str] = field(default_factory=set)
     corrupted: set[str] = field(default_factory=set)
+    unsized: set[str] = field(default_factory=set)
+    reads: list[str] = field(default_factory=list)
 
     def _check(self, key: str) -> int:
+        self.reads.append(f"read {key}")
         if key in self.corrupted:
             raise ArtifactCorrupted(f"artifact {key} is corrupted")
         if key not in self.blobs:
@@ -206,10 +211,11 @@ class FakeArtifacts:
     async def verify(self, key: str) -> int:
         return self._check(key)
 
-    async def size(self, key: str) -> int:
+    async def size(self, key: str) -> int | None:
+        self.reads.append(f"stat {key}")
         if key not in self.blobs:
             raise ArtifactNotFound(f"no artifact {key}")
-        return len(self.blobs[key])
+        return None if key in self.unsized else len(self.blobs[key])
 
     async def put(self, data: bytes) -> ArtifactRef:
         key = hashlib.sha256(data).hexdigest()

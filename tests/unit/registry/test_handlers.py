@@ -520,8 +520,13 @@ async def test_an_archived_version_promoted_at_once_on_request_serves_again(regi
 # --- datasets and commands --------------------------------------------------------------------------------
 
 
-def dataset(version: int, sha_byte: str = "a", **kw: Any) -> DatasetRegistered:
+def dataset(
+    version: int, sha_byte: str = "a", *, store: FakeArtifacts | None = None, **kw: Any
+) -> DatasetRegistered:
+    """A dataset of one byte's file, put in ``store`` when given (the file another service stored)."""
     sha = sha_byte * 64
+    if store is not None:
+        store.blobs[sha] = b"x"
     return DatasetRegistered(
         name="churn-training",
         dataset_version=version,
@@ -535,9 +540,85 @@ def dataset(version: int, sha_byte: str = "a", **kw: Any) -> DatasetRegistered:
 
 
 async def test_dataset_registered_by_training_is_recorded_once(registry: Registry) -> None:
-    await registry.deliver(dataset(3, models=["churn"]), dataset(3, models=["churn"]))
+    registered = dataset(3, store=registry.artifacts, models=["churn"])
+    await registry.deliver(registered, registered)
     assert list(registry.datasets.rows) == [("churn-training", 3)]
     assert registry.datasets.rows[("churn-training", 3)].models == ["churn"]
+    # Its file was looked for once, by a stat: nothing of it read, and the second event answered from the row.
+    assert registry.artifacts.reads == [f"stat {registered.artifact.key}"]
+    assert registry.bus.dead_letters == []
+
+
+async def test_a_dataset_whose_file_the_store_lacks_is_dead_lettered_and_not_recorded(
+    registry: Registry,
+) -> None:
+    # Recorded, every download of it would be a 404, long after the event that was at fault.
+    registered = dataset(1)
+    await registry.deliver(registered)
+    assert registry.datasets.rows == {}
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert (
+        f"dataset churn-training version 1 is not recorded: the store holds no file {registered.artifact.key}"
+        in dead.error
+    )
+    assert "where the event says 1 bytes" in dead.error
+
+
+async def test_a_dataset_whose_file_the_store_holds_at_another_size_is_dead_lettered(
+    registry: Registry,
+) -> None:
+    # Recorded, every download of it would be refused (500): they check the stored length against the record.
+    registered = dataset(1, store=registry.artifacts)
+    registry.artifacts.blobs[registered.artifact.key] = b"xy"
+    await registry.deliver(registered)
+    assert registry.datasets.rows == {}
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert (
+        f"dataset churn-training version 1 is not recorded: its file {registered.artifact.key} is 2 bytes "
+        "in the store, not the 1 the event says"
+    ) in dead.error
+
+
+async def test_a_dataset_recorded_already_is_answered_from_its_row_whatever_the_store_holds_now(
+    registry: Registry,
+) -> None:
+    registered = dataset(1, store=registry.artifacts)
+    await registry.deliver(registered)
+    row = registry.datasets.rows[("churn-training", 1)]
+    del registry.artifacts.blobs[registered.artifact.key]
+    registry.artifacts.reads.clear()
+    await registry.deliver(registered)  # the same fact again, under a new event id
+    assert registry.datasets.rows == {("churn-training", 1): row}
+    assert registry.bus.dead_letters == []
+    assert registry.artifacts.reads == []
+
+
+@pytest.mark.parametrize("held", [b"x", b"xy", "corrupted"])
+async def test_a_dataset_in_a_store_that_keeps_no_sizes_is_checked_by_reading_its_file(
+    registry: Registry, held: bytes | str
+) -> None:
+    # Some fsspec stores give no size: the file is read (and hashed) then, the one way to know its length.
+    registered = dataset(1, store=registry.artifacts)
+    key = registered.artifact.key
+    registry.artifacts.unsized.add(key)
+    if held == "corrupted":
+        registry.artifacts.corrupted.add(key)
+    else:
+        assert isinstance(held, bytes)
+        registry.artifacts.blobs[key] = held
+    await registry.deliver(registered)
+    assert registry.artifacts.reads == [f"stat {key}", f"read {key}"]
+    if held == b"x":
+        assert list(registry.datasets.rows) == [("churn-training", 1)]
+        assert registry.bus.dead_letters == []
+        return
+    assert registry.datasets.rows == {}
+    [dead] = registry.bus.dead_letters
+    assert dead.reason == "rejected"
+    assert "dataset churn-training version 1 is not recorded: " in dead.error
+    assert ("is corrupted" if held == "corrupted" else "is 2 bytes in the store, not the 1") in dead.error
 
 
 async def test_datasets_the_registry_published_itself_are_skipped(registry: Registry) -> None:
@@ -569,7 +650,7 @@ async def test_a_dataset_under_the_registrys_source_that_it_does_not_hold_is_dea
 
 
 async def test_dataset_version_reused_with_other_content_is_dead_lettered(registry: Registry) -> None:
-    await registry.deliver(dataset(1, "a"), dataset(1, "b"))
+    await registry.deliver(dataset(1, "a", store=registry.artifacts), dataset(1, "b"))
     assert registry.datasets.rows[("churn-training", 1)].sha256 == "a" * 64
     [dead] = registry.bus.dead_letters
     assert "already registered with sha256" in dead.error
