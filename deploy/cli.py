@@ -613,6 +613,13 @@ def _token_issue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="who holds the token, e.g. a person or a client program")
     parser.add_argument("--role", choices=[r.value for r in Role], help="what the token may do (required)")
     parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="MODEL",
+        help="limit a predict token to this model (repeat for several; default: every model)",
+    )
+    parser.add_argument(
         "--file",
         type=Path,
         help="the token file (default: $DRIFTLOOP_AUTH_TOKENS_FILE, else .driftloop/tokens.json)",
@@ -625,17 +632,32 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         args.usage_of.error(
             "a name (not blank) and a --role are required, e.g. `token issue billing-client --role predict`"
         )
-    from libs.auth import Role, TokenFileInvalid, TokenFileNotSynced, issue_token, token_name_problem
+    from libs.auth import (
+        Role,
+        TokenFileInvalid,
+        TokenFileNotSynced,
+        issue_token,
+        token_models_problem,
+        token_name_problem,
+    )
     from libs.settings import LOCAL_STATE
 
     if why := token_name_problem(args.name):
         args.usage_of.error(f"the name {why}")
+    if args.models is not None and (why := token_models_problem(args.role, args.models)):
+        args.usage_of.error(f"--model: the token's models {why}")
 
     path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
     named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"
     try:
         issue_token(
-            path, name=args.name, role=Role(args.role), named_by=named_by, show=show_token, waiting=say
+            path,
+            name=args.name,
+            role=Role(args.role),
+            models=args.models,
+            named_by=named_by,
+            show=show_token,
+            waiting=say,
         )
     except TokenFileInvalid as err:
         raise InfraError(
@@ -649,7 +671,11 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             hint="look for a disk error in the system log; once the disk is sound, check that the file still "
             "holds the token printed above, and issue another if not.",
         ) from err
-    say(f"added a {args.role} token for {args.name!r} to {path}; services read the file when they start")
+    scope = f" (models: {', '.join(args.models)})" if args.models else ""
+    say(
+        f"added a {args.role} token for {args.name!r}{scope} to {path}; "
+        "services read the file when they start"
+    )
     return 0
 
 

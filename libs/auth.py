@@ -2,7 +2,8 @@
 
 Roles: ``viewer`` reads, ``operator`` also sends commands, ``admin`` may do everything but predict, and
 ``predict`` may only call prediction and feedback endpoints — so a leaked client token cannot move a
-model, and an operator's token is never spread across client programs.
+model, and an operator's token is never spread across client programs. A ``predict`` token may further be
+limited to named models (its ``models``), so that one client program's token cannot score another's model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -24,9 +26,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from contracts.common import unstorable_text
+from contracts.common import NAME_MAX_CHARS, NAME_PATTERN, unstorable_text
 from contracts.envelope import MAX_ATTRIBUTE_CHARS, attribute_text_problem
-from libs.errors import Forbidden, Unauthorized
+from libs.errors import Forbidden, Unauthorized, shown
 
 
 class Role(StrEnum):
@@ -59,15 +61,28 @@ TOKEN_NAME_MAX_CHARS = MAX_ATTRIBUTE_CHARS - len(ACTOR_PREFIX)
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling."""
+    """Who is calling. ``models`` is the scope of a predict token limited to those models; None is every
+    model (every other role's, and a predict token's without a scope)."""
 
     name: str
     role: Role
+    models: frozenset[str] | None = None
 
     @property
     def actor(self) -> str:
         """How the caller is named in the events the request causes."""
         return f"{ACTOR_PREFIX}{self.name}"
+
+    def check_model(self, model: str, where: str = "", **extra: Any) -> None:
+        """403 unless the token's scope holds ``model`` (any model when it has none); ``where`` starts the
+        message (a feedback item's ``[i]: ``) and ``extra`` adds to the answer. Checked before whether the
+        model exists, so a scoped client learns nothing of the models outside its scope."""
+        if self.models is not None and model not in self.models:
+            raise Forbidden(
+                f"{where}model {shown(model, NAME_MAX_CHARS)} is outside the scope of the token "
+                f"{self.name!r}, which may use only: {', '.join(sorted(self.models))}",
+                **extra,
+            )
 
 
 def token_name_problem(name: str) -> str | None:
@@ -85,12 +100,36 @@ def token_name_problem(name: str) -> str | None:
     return unstorable_text(name) or attribute_text_problem(name)
 
 
+_MODEL_NAME = re.compile(NAME_PATTERN)
+
+
+def token_models_problem(role: str, models: Any) -> str | None:
+    """Why ``models`` cannot be the scope of a token of ``role``, or None: only a predict token has a scope,
+    and it is a non-empty list of distinct model names (``contracts.common.NAME_PATTERN``). The message
+    continues "the token's models ..." or "a token whose models ..."."""
+    if role != Role.predict:
+        return f"are given, but its role is {role}: only a predict token may be limited to models"
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        return "must be a non-empty list of model names"
+    for model in models:
+        if not _MODEL_NAME.fullmatch(model):
+            return (
+                f"name {shown(model, NAME_MAX_CHARS)}, which is no model name (1 to {NAME_MAX_CHARS} "
+                "letters, digits, '.', '_' or '-', starting with a letter or digit)"
+            )
+    if len(set(models)) != len(models):
+        twice = next(m for i, m in enumerate(models) if m in models[:i])
+        return f"name {twice!r} twice"
+    return None
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 class TokenStore:
-    """Hashed tokens from a JSON file: ``{"tokens": [{"name", "role", "sha256"}]}``."""
+    """Hashed tokens from a JSON file: ``{"tokens": [{"name", "role", "sha256", "models"?}]}``; a predict
+    token's ``models`` limits it to those models, and is read once here, never per request."""
 
     def __init__(self, by_hash: dict[str, Principal]) -> None:
         self._by_hash = by_hash
@@ -99,7 +138,9 @@ class TokenStore:
     def load(cls, path: Path, *, dev: bool) -> TokenStore:
         """The tokens of ``path`` (none when it does not exist), plus the dev tokens when ``dev``."""
         by_hash = {
-            row["sha256"]: Principal(row["name"], Role(row["role"]))
+            row["sha256"]: Principal(
+                row["name"], Role(row["role"]), frozenset(row["models"]) if "models" in row else None
+            )
             for row in read_token_file(path, named_by="DRIFTLOOP_AUTH_TOKENS_FILE")["tokens"]
         }
         if dev:
@@ -156,6 +197,8 @@ def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
             )
         if why := token_name_problem(row["name"]):
             raise invalid(f"has a token (number {i + 1}) whose name {why}")
+        if "models" in row and (why := token_models_problem(row["role"], row["models"])):
+            raise invalid(f"has a token (number {i + 1}) whose models {why}")
     return content
 
 
@@ -164,25 +207,33 @@ def issue_token(
     *,
     name: str,
     role: Role,
+    models: list[str] | None = None,
     named_by: str = "DRIFTLOOP_AUTH_TOKENS_FILE",
     show: Callable[[str], None] | None = None,
     waiting: Callable[[str], None] | None = None,
 ) -> str:
     """Create a token, store its hash in ``path`` and return the token (shown once, never stored); a file
-    that is not a token file is left as it was (TokenFileInvalid). A name that cannot name the holder
-    (:func:`token_name_problem`) is a ValueError, the file untouched. ``show`` gets the token once the file
-    was read and before its hash is stored: whatever it raises (the token could not be shown) leaves the file
-    as it was, so no token grants a role that nobody has. The file's lock (:func:`token_file_locked`) is held
-    from the read to the rename, so issuers running at once each add their token to what the others stored;
-    ``waiting`` gets one line saying so when another holds it."""
+    that is not a token file is left as it was (TokenFileInvalid). ``models`` limits a predict token to
+    those models (None: every model). A name that cannot name the holder (:func:`token_name_problem`) or
+    models that cannot be its scope (:func:`token_models_problem`) are a ValueError, the file untouched.
+    ``show`` gets the token once the file was read and before its hash is stored: whatever it raises (the
+    token could not be shown) leaves the file as it was, so no token grants a role that nobody has. The
+    file's lock (:func:`token_file_locked`) is held from the read to the rename, so issuers running at once
+    each add their token to what the others stored; ``waiting`` gets one line saying so when another holds
+    it."""
     if why := token_name_problem(name):
         raise ValueError(f"the token's name {why}")
+    if models is not None and (why := token_models_problem(role, models)):
+        raise ValueError(f"the token's models {why}")
     token = f"dl_{secrets.token_urlsafe(32)}"
     with token_file_locked(path, named_by=named_by, waiting=waiting):
         content = read_token_file(path, named_by=named_by)
         if show is not None:
             show(token)
-        content["tokens"].append({"name": name, "role": role.value, "sha256": hash_token(token)})
+        row: dict[str, Any] = {"name": name, "role": role.value, "sha256": hash_token(token)}
+        if models is not None:
+            row["models"] = list(models)
+        content["tokens"].append(row)
         _replace_token_file(path, content, named_by=named_by)
     return token
 

@@ -108,6 +108,47 @@ def test_token_issue_prints_a_token_that_the_services_accept_in_prod(
     assert store.authenticate("dev-admin") is None
 
 
+def test_token_issue_limits_a_predict_token_to_the_models_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "tokens.json"
+    issue = ["token", "issue", "billing-client", "--role", "predict", "--file", str(tokens)]
+
+    assert main([*issue, "--model", "churn", "--model", "fraud"]) == 0
+
+    captured = capsys.readouterr()
+    store = TokenStore.load(tokens, dev=False)
+    assert store.authenticate(captured.out.strip()) == Principal(
+        "billing-client", Role.predict, frozenset({"churn", "fraud"})
+    )
+    assert "added a predict token for 'billing-client' (models: churn, fraud) to" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "why"),
+    [
+        (["--role", "viewer", "--model", "churn"], "its role is viewer: only a predict token may be limited"),
+        (
+            ["--role", "predict", "--model", "a/b"],
+            "--model: the token's models name 'a/b', which is no model",
+        ),
+        (["--role", "predict", "--model", "x", "--model", "x"], "--model: the token's models name 'x' twice"),
+    ],
+    ids=["another-role", "bad-name", "twice"],
+)
+def test_token_issue_refuses_models_that_cannot_limit_the_token(
+    arguments: list[str], why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens.json"
+
+    with pytest.raises(SystemExit) as caught:
+        main(["token", "issue", "client", *arguments, "--file", str(path)])
+
+    assert caught.value.code == 2
+    assert why in capsys.readouterr().err
+    assert not path.exists()
+
+
 @pytest.mark.parametrize(
     "content",
     ["not json", '{"x": 1}', "[]", '{"tokens": [{"name": "a", "role": "root", "sha256": "00"}]}', None],

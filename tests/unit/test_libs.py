@@ -26,7 +26,9 @@ from libs.auth import (
     Principal,
     Role,
     TokenFileInvalid,
+    TokenStore,
     ViewerDep,
+    hash_token,
     issue_token,
 )
 from libs.db import CHANNEL_MAX_BYTES, notify_channel, shown_dsn
@@ -402,6 +404,31 @@ async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) 
             f'{{"tokens": [{{"name": "{"x" * 600}", "role": "viewer", "sha256": "00"}}]}}',
             "has a token (number 1) whose name is 600 characters; at most 507",
         ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "models": []}]}',
+            "has a token (number 1) whose models must be a non-empty list of model names",
+        ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "models": "churn"}]}',
+            "has a token (number 1) whose models must be a non-empty list of model names",
+        ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "models": null}]}',
+            "has a token (number 1) whose models must be a non-empty list of model names",
+        ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "models": ["churn", "a:b"]}]}',
+            "has a token (number 1) whose models name 'a:b', which is no model name",
+        ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "models": ["churn", "churn"]}]}',
+            "has a token (number 1) whose models name 'churn' twice",
+        ),
+        (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00"},'
+            ' {"name": "b", "role": "viewer", "sha256": "01", "models": ["churn"]}]}',
+            "has a token (number 2) whose models are given, but its role is viewer: only a predict token may",
+        ),
     ],
 )
 def test_a_service_refuses_a_token_file_it_cannot_use_naming_file_and_setting(
@@ -414,6 +441,65 @@ def test_a_service_refuses_a_token_file_it_cannot_use_naming_file_and_setting(
         create_app(ExampleSettings(auth_tokens_file=path), title="t", description="d")
 
     assert str(caught.value).startswith(f"the token file {path} (DRIFTLOOP_AUTH_TOKENS_FILE) {why}")
+
+
+def test_a_predict_token_with_models_is_limited_to_them_and_one_without_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {
+                        "name": "billing-client",
+                        "role": "predict",
+                        "sha256": hash_token("b"),
+                        "models": ["churn"],
+                    },
+                    {
+                        "name": "fraud-client",
+                        "role": "predict",
+                        "sha256": hash_token("f"),
+                        "models": ["fraud", "x"],
+                    },
+                    {"name": "any-client", "role": "predict", "sha256": hash_token("a")},
+                ]
+            }
+        )
+    )
+
+    store = TokenStore.load(path, dev=False)
+
+    assert store.authenticate("b") == Principal("billing-client", Role.predict, frozenset({"churn"}))
+    assert store.authenticate("f") == Principal("fraud-client", Role.predict, frozenset({"fraud", "x"}))
+    assert store.authenticate("a") == Principal("any-client", Role.predict, None)
+
+
+@pytest.mark.parametrize(
+    ("role", "models", "why"),
+    [
+        (Role.predict, [], "the token's models must be a non-empty list of model names"),
+        (Role.predict, ["churn", "churn"], "the token's models name 'churn' twice"),
+        (Role.predict, [" churn"], "the token's models name ' churn', which is no model name"),
+        (Role.operator, ["churn"], "the token's models are given, but its role is operator"),
+    ],
+)
+def test_issue_token_refuses_models_that_cannot_be_a_scope_and_leaves_the_file(
+    role: Role, models: list[str], why: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.json"
+    with pytest.raises(ValueError, match=re.escape(why)):
+        issue_token(path, name="client", role=role, models=models)
+    assert not path.exists()
+
+
+def test_issue_token_stores_the_models_it_limits_the_token_to(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    token = issue_token(path, name="fraud-client", role=Role.predict, models=["fraud", "billing"])
+
+    [row] = json.loads(path.read_text())["tokens"]
+    assert row["models"] == ["fraud", "billing"]
+    principal = TokenStore.load(path, dev=False).authenticate(token)
+    assert principal == Principal("fraud-client", Role.predict, frozenset({"fraud", "billing"}))
 
 
 def test_the_longest_token_name_makes_an_actor_every_consumer_accepts() -> None:
