@@ -246,7 +246,8 @@ def _path_version(name: str, version: str) -> int:
 
 
 @router.get("/v2/models/{name}", tags=["open inference protocol"], summary="Model metadata.")
-async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response:
+async def model_metadata(name: str, ctx: ContextDep, caller: AnyTokenDep) -> Response:
+    caller.check_model(name)
     routing = ctx.predictor.routing(name)
     served = routing.default
     if served is None:
@@ -257,7 +258,8 @@ async def model_metadata(name: str, ctx: ContextDep, _: AnyTokenDep) -> Response
 @router.get(
     "/v2/models/{name}/versions/{version}", tags=["open inference protocol"], summary="Version metadata."
 )
-async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, _: AnyTokenDep) -> Response:
+async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, caller: AnyTokenDep) -> Response:
+    caller.check_model(name)
     number = _path_version(name, version)
     routing = ctx.predictor.routing(name)
     found = routing.by_version(number)
@@ -455,8 +457,8 @@ _INFER_DOCS: dict[str, Any] = {
     "/v2/models/{name}/infer", tags=["open inference protocol"], summary="Score tensors.", **_INFER_DOCS
 )
 async def infer(name: str, request: Request) -> Response:
-    """Needs a predict token (checked in the route, see :func:`_caller`)."""
-    _caller(request, Role.predict)
+    """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
+    _caller(request, Role.predict).check_model(name)
     return await _infer(name, None, request, _context(request))
 
 
@@ -467,8 +469,8 @@ async def infer(name: str, request: Request) -> Response:
     **_INFER_DOCS,
 )
 async def infer_version(name: str, version: VersionPath, request: Request) -> Response:
-    """Needs a predict token (checked in the route, see :func:`_caller`)."""
-    _caller(request, Role.predict)
+    """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
+    _caller(request, Role.predict).check_model(name)
     return await _infer(name, _path_version(name, version), request, _context(request))
 
 
@@ -483,9 +485,9 @@ async def infer_version(name: str, version: VersionPath, request: Request) -> Re
     responses={200: {"model": PredictAnswer, "description": "One prediction per record, in order."}},
 )
 async def predict(name: str, request: Request) -> Response:
-    """Needs a predict token (checked in the route, see :func:`_caller`)."""
+    """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
     started = time.perf_counter()
-    _caller(request, Role.predict)
+    _caller(request, Role.predict).check_model(name)
     ctx = _context(request)
     check_json_content_type(request, reason="not-json")
     raw = await request.body()
@@ -670,6 +672,9 @@ async def feedback(request: Request, ctx: ContextDep, principal: PredictDep) -> 
                 reason="invalid-feedback",
                 item=i,
             )
+        # The model the event will carry, and the one monitoring joins the label to: a scoped token labels
+        # only its own models' predictions (another system's id is labelled for the model it names).
+        principal.check_model(model, f"[{i}]: ", item=i)
         if model not in known:
             known[model] = model in ctx.state.table.models or await ctx.read_route(model) is not None
         if not known[model]:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +25,7 @@ from contracts.envelope import CloudEvent
 from contracts.feedback import GroundTruthReceived
 from contracts.predictions import Variant
 from contracts.rollouts import RolloutMode
+from libs.auth import Role, TokenStore, issue_token
 from libs.http import create_app
 from libs.modelspec import FLOAT32_MAX
 from services.serving import api, schemas
@@ -715,6 +717,82 @@ async def test_feedback_refusals(service: Service) -> None:
     r = await service.client.post("/v1/feedback", json={"prediction_id": "churn:1:x-0"}, headers=PREDICT)
     assert r.status_code == 422
     assert service.outbox.events == []
+
+
+# --- tokens limited to models ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scoped(service: Service, tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Headers of two predict tokens from a token file, one limited to churn and one to fraud and billing;
+    the dev tokens (unscoped) still work."""
+    path = tmp_path / "tokens.json"
+    tokens = {
+        "churn": issue_token(path, name="churn-client", role=Role.predict, models=["churn"]),
+        "fraud": issue_token(path, name="fraud-client", role=Role.predict, models=["fraud", "billing"]),
+    }
+    service.app.state.tokens = TokenStore.load(path, dev=True)
+    return {model: {"Authorization": f"Bearer {token}"} for model, token in tokens.items()}
+
+
+SCOPED_ROUTES = [
+    ("POST", "/v1/models/churn/predict", {"records": [record()]}),
+    ("POST", "/v2/models/churn/infer", oip_body()),
+    ("POST", "/v2/models/churn/versions/1/infer", oip_body()),
+    ("GET", "/v2/models/churn", None),
+    ("GET", "/v2/models/churn/versions/1", None),
+    ("HEAD", "/v2/models/churn", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), SCOPED_ROUTES)
+async def test_a_token_limited_to_a_model_uses_it_and_is_refused_another(
+    service: Service, scoped: dict[str, dict[str, str]], method: str, path: str, body: Any
+) -> None:
+    allowed = await service.client.request(method, path, json=body, headers=scoped["churn"])
+    refused = await service.client.request(method, path, json=body, headers=scoped["fraud"])
+    unscoped = await service.client.request(method, path, json=body, headers=PREDICT)
+
+    assert (allowed.status_code, unscoped.status_code) == (200, 200), (allowed.text, unscoped.text)
+    assert refused.status_code == 403
+    if method != "HEAD":
+        assert refused.json()["code"] == "forbidden"
+        assert refused.json()["detail"] == (
+            "model 'churn' is outside the scope of the token 'fraud-client', which may use only: "
+            "billing, fraud"
+        )
+    predicted = 2 if method == "POST" else 0  # the scoped and the unscoped token's
+    assert len(service.log.items) == predicted
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/nosuch/predict", "/v2/models/nosuch/infer", "/v2/models/nosuch/versions/01/infer"],
+)
+async def test_a_model_outside_the_scope_is_refused_before_anything_about_it_is_said(
+    service: Service, scoped: dict[str, dict[str, str]], path: str
+) -> None:
+    # Not 404 (no such model, no such version): a scoped client learns nothing of the models it may not use.
+    r = await service.client.post(path, content=b"not json", headers=scoped["churn"])
+    assert (r.status_code, r.json()["code"]) == (403, "forbidden"), r.text
+    assert "model 'nosuch' is outside the scope of the token 'churn-client'" in r.json()["detail"]
+
+
+async def test_feedback_with_a_scoped_token_is_refused_for_another_models_predictions(
+    service: Service, scoped: dict[str, dict[str, str]]
+) -> None:
+    ids = [p["prediction_id"] for p in (await predict(service, [record()])).json()["predictions"]]
+    items = [{"prediction_id": ids[0], "label": 1}, {"prediction_id": "ext-7", "model": "churn", "label": 0}]
+
+    refused = await service.client.post("/v1/feedback", json=items, headers=scoped["fraud"])
+    assert refused.status_code == 403
+    assert (refused.json()["code"], refused.json()["item"]) == ("forbidden", 0)
+    assert refused.json()["detail"].startswith("[0]: model 'churn' is outside the scope of the token")
+    assert service.outbox.events == []
+
+    accepted = await service.client.post("/v1/feedback", json=items, headers=scoped["churn"])
+    assert (accepted.status_code, accepted.json()["accepted"]) == (202, 2), accepted.text
+    assert {e.actor for e in service.outbox.events} == {"user:churn-client"}
 
 
 def hostile(i: int) -> str:
