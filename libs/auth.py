@@ -153,6 +153,8 @@ class TokenStore:
 
 
 TOKEN_ROW_FORM = '{"name": ..., "role": ..., "sha256": ...}'
+TOKEN_ROW_KEYS = frozenset({"name", "role", "sha256", "models"})
+"""Every key a token file's row may have (``models`` only on a predict token's)."""
 TOKEN_FILE_FORM = f'{{"tokens": [{TOKEN_ROW_FORM}]}}'
 
 
@@ -194,6 +196,13 @@ def read_token_file(path: Path, *, named_by: str) -> dict[str, Any]:
             raise invalid(
                 f"has a malformed token (number {i + 1}): each is {TOKEN_ROW_FORM}, the role one of "
                 f"{', '.join(Role)}"
+            )
+        if unknown := sorted(set(row) - TOKEN_ROW_KEYS):
+            # A key misspelt ("model" for "models") would be ignored, and the token it was meant to limit
+            # would use every model.
+            raise invalid(
+                f"has a token (number {i + 1}) with {', '.join(map(repr, unknown))}, which a token does not "
+                f"have: its keys are {', '.join(sorted(TOKEN_ROW_KEYS))}"
             )
         if why := token_name_problem(row["name"]):
             raise invalid(f"has a token (number {i + 1}) whose name {why}")

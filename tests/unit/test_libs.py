@@ -397,6 +397,11 @@ async def test_issued_tokens_work_and_dev_tokens_do_not_in_prod(tmp_path: Path) 
         ("[]", 'has no "tokens" list'),
         ('{"tokens": [{"name": "alice", "role": "operator"}]}', "has a malformed token (number 1)"),
         (
+            '{"tokens": [{"name": "a", "role": "predict", "sha256": "00", "model": ["churn"]}]}',
+            "has a token (number 1) with 'model', which a token does not have: its keys are models, name, "
+            "role, sha256",
+        ),
+        (
             '{"tokens": [{"name": "a\\u0000b", "role": "operator", "sha256": "00"}]}',
             "has a token (number 1) whose name holds a NUL character",
         ),
