@@ -1,9 +1,11 @@
 """Bearer tokens with roles. Tokens are stored only as sha256 hashes; one FastAPI dependency checks them.
 
-Roles: ``viewer`` reads, ``operator`` also sends commands, ``admin`` may do everything but predict, and
-``predict`` may only call prediction and feedback endpoints — so a leaked client token cannot move a
-model, and an operator's token is never spread across client programs. A ``predict`` token may further be
-limited to named models (its ``models``), so that one client program's token cannot score another's model.
+Roles: ``viewer`` reads, ``operator`` also sends commands, ``auditor`` reads what a viewer reads and the
+traffic data in the audit trail (the model's inputs, outputs and labels, often personal data), ``admin`` may
+do everything but predict, and ``predict`` may only call prediction and feedback endpoints — so a leaked
+client token cannot move a model, and an operator's token is never spread across client programs. A
+``predict`` token may further be limited to named models (its ``models``), so that one client program's
+token cannot score another's model.
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ class Role(StrEnum):
     operator = "operator"
     admin = "admin"
     predict = "predict"
+    auditor = "auditor"
 
 
 # Which roles satisfy a required role.
 GRANTS: dict[Role, frozenset[Role]] = {
-    Role.viewer: frozenset({Role.viewer, Role.operator, Role.admin}),
+    Role.viewer: frozenset({Role.viewer, Role.operator, Role.admin, Role.auditor}),
     Role.operator: frozenset({Role.operator, Role.admin}),
     Role.admin: frozenset({Role.admin}),
     Role.predict: frozenset({Role.predict}),
+    # Reading traffic data is an auditor's job, not an operator's: running the platform does not need it.
+    Role.auditor: frozenset({Role.auditor, Role.admin}),
 }
 
 # Known tokens in dev and test mode only, so the demo and the tests need no set-up; refused in prod.
@@ -52,6 +57,7 @@ DEV_TOKENS: dict[str, tuple[str, Role]] = {
     "dev-operator": ("dev-operator", Role.operator),
     "dev-admin": ("dev-admin", Role.admin),
     "dev-predict": ("dev-predict", Role.predict),
+    "dev-auditor": ("dev-auditor", Role.auditor),
 }
 
 ACTOR_PREFIX = "user:"
@@ -67,6 +73,10 @@ class Principal:
     name: str
     role: Role
     models: frozenset[str] | None = None
+
+    def grants(self, role: Role) -> bool:
+        """Whether the caller's role may do what ``role`` may (:data:`GRANTS`)."""
+        return self.role in GRANTS[role]
 
     @property
     def actor(self) -> str:
@@ -344,7 +354,7 @@ def _authorized(request: Request, credentials: HTTPAuthorizationCredentials | No
     principal = store.authenticate(credentials.credentials)
     if principal is None:
         raise Unauthorized("unknown or revoked token")
-    if principal.role not in GRANTS[role]:
+    if not principal.grants(role):
         raise Forbidden(f"role {principal.role.value!r} may not do this; it needs {role.value!r}")
     return principal
 
@@ -375,4 +385,5 @@ async def authorize(request: Request, role: Role) -> Principal:
 ViewerDep = Annotated[Principal, Depends(require(Role.viewer))]
 OperatorDep = Annotated[Principal, Depends(require(Role.operator))]
 AdminDep = Annotated[Principal, Depends(require(Role.admin))]
+AuditorDep = Annotated[Principal, Depends(require(Role.auditor))]
 PredictDep = Annotated[Principal, Depends(require(Role.predict))]

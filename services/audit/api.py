@@ -1,7 +1,9 @@
 """The audit service's HTTP API (viewer role): events, causal traces, verification, export, checkpoints.
 
 Every route reads the trail in the writer role, which may not change it, through the same core functions
-the `driftloop audit` commands use.
+the `driftloop audit` commands use. Traffic data (the payloads of predictions and labels, often personal
+data) is for auditors: a caller without the auditor role sees those events with their payload withheld, and
+may not export the trail, whose rows go out whole so that they can be re-hashed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
-from libs.auth import ViewerDep
+from libs.auth import AuditorDep, Principal, Role, ViewerDep
 from libs.errors import InvalidInput, TooManyRequests
 from libs.http import BodyRoute, ErrorBody, InDigits
 from services.audit import core
@@ -118,10 +120,15 @@ def _context(request: Request) -> AuditContext:
     return cast(AuditContext, request.app.state.audit)
 
 
+def _traffic_data(caller: Principal) -> bool:
+    """Whether the caller may read traffic rows' payloads (services.audit.domain.TRAFFIC_TOPICS)."""
+    return caller.grants(Role.auditor)
+
+
 @router.get("/events", response_model=AuditEventPage, summary="Query the trail.")
 async def list_events(
     request: Request,
-    _: ViewerDep,
+    caller: ViewerDep,
     model: Annotated[str | None, Query(description="Model name (the CloudEvents subject).")] = None,
     type: Annotated[
         str | None, Query(description="Event type: `io.driftloop.DriftDetected.v1` or `DriftDetected`.")
@@ -158,18 +165,20 @@ async def list_events(
         limit=limit,
     )
     async with reading(ctx.pool, ctx.role) as trail:
-        events, next_cursor = await core.query_events(trail, query, max_bytes=ctx.settings.query_max_bytes)
+        events, next_cursor = await core.query_events(
+            trail, query, max_bytes=ctx.settings.query_max_bytes, traffic_data=_traffic_data(caller)
+        )
     return {"events": events, "next_cursor": next_cursor}
 
 
 @router.get("/events/{seq}", response_model=AuditEventPublic, summary="One event by sequence number.")
 async def get_event(
-    request: Request, _: ViewerDep, seq: Annotated[int, InDigits, Path(ge=1, le=SEQ_MAX)]
+    request: Request, caller: ViewerDep, seq: Annotated[int, InDigits, Path(ge=1, le=SEQ_MAX)]
 ) -> dict[str, Any]:
     """The trail row ``seq``."""
     ctx = _context(request)
     async with reading(ctx.pool, ctx.role) as trail:
-        return await core.event_at(trail, seq)
+        return await core.event_at(trail, seq, traffic_data=_traffic_data(caller))
 
 
 @router.get(
@@ -180,7 +189,7 @@ async def get_event(
     summary="The causal tree of one cascade.",
 )
 async def get_trace(
-    request: Request, _: ViewerDep, correlation_id: Annotated[str, Path(min_length=1, max_length=512)]
+    request: Request, caller: ViewerDep, correlation_id: Annotated[str, Path(min_length=1, max_length=512)]
 ) -> dict[str, Any]:
     """Every event of one correlation id as a tree of causationid links: why something happened."""
     ctx = _context(request)
@@ -190,6 +199,7 @@ async def get_trace(
             correlation_id,
             max_events=ctx.settings.trace_max_events,
             max_bytes=ctx.settings.trace_max_bytes,
+            traffic_data=_traffic_data(caller),
         )
 
 
@@ -258,13 +268,14 @@ async def verify(
 )
 async def export(
     request: Request,
-    _: ViewerDep,
+    _: AuditorDep,
     from_seq: Annotated[int, InDigits, Query(ge=1, le=SEQ_MAX, description="First row.")] = 1,
     to_seq: Annotated[
         int | None, InDigits, Query(ge=1, le=SEQ_MAX, description="Last row (default: the end).")
     ] = None,
 ) -> StreamingResponse:
-    """A header line, then one line per row and one per checkpoint (see docs/audit.md)."""
+    """A header line, then one line per row and one per checkpoint (see docs/audit.md). Auditor role: the
+    rows go out whole, traffic data included, as a reader re-hashes them to verify the chain."""
     core.check_range(from_seq, to_seq)  # before a slot, a connection and a snapshot are taken
     ctx = _context(request)
     if request.method == "HEAD":

@@ -43,31 +43,33 @@ from services.audit.verification import (
 
 
 async def query_events(
-    trail: TrailReader, query: EventQuery, *, max_bytes: int
+    trail: TrailReader, query: EventQuery, *, max_bytes: int, traffic_data: bool = True
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of events and the cursor of the next page (None on the last page).
+    """One page of events and the cursor of the next page (None on the last page); without
+    ``traffic_data``, traffic rows' payloads withheld (the HTTP API's callers without the auditor role).
 
     At most ``query.limit`` events, and records of about ``max_bytes`` (the first event's whole, however
     large): a record can be near the broker's message size, and the page holds them all at once. A page
     the bytes ended early still has a cursor, which goes on right after its last event."""
     rows, budget_cut = await trail.find(query, budget=max_bytes)
-    views = [checked_view(row) for row in rows]
+    views = [checked_view(row, traffic_data=traffic_data) for row in rows]
     more = budget_cut or (bool(rows) and len(rows) == query.limit)
     return views, encode_cursor(query.newest_first, rows[-1].seq) if more else None
 
 
-async def event_at(trail: TrailReader, seq: int) -> dict[str, Any]:
-    """One event by sequence number, or 404."""
+async def event_at(trail: TrailReader, seq: int, *, traffic_data: bool = True) -> dict[str, Any]:
+    """One event by sequence number, or 404; without ``traffic_data``, a traffic row's payload withheld."""
     row = await trail.row(seq)
     if row is None:
         raise NotFound(f"the trail has no row {seq}")
-    return checked_view(row)
+    return checked_view(row, traffic_data=traffic_data)
 
 
 async def trace(
-    trail: TrailReader, correlation_id: str, *, max_events: int, max_bytes: int
+    trail: TrailReader, correlation_id: str, *, max_events: int, max_bytes: int, traffic_data: bool = True
 ) -> dict[str, Any]:
-    """The causal tree of one cascade, or 404 when the trail has none of its events.
+    """The causal tree of one cascade, or 404 when the trail has none of its events; without
+    ``traffic_data``, traffic rows' payloads withheld.
 
     At most ``max_events`` events, and records of about ``max_bytes`` (the first event's whole, however
     large): a cascade's events can each be near the broker's message size, and the tree holds them all at
@@ -92,7 +94,7 @@ async def trace(
             f"the records of the events up to seq {rows[-1].seq} reached {max_bytes} bytes "
             f"(DRIFTLOOP_AUDIT_TRACE_MAX_BYTES) and the cascade has more: {rest}",
         )
-    return causal_tree(correlation_id, rows[:max_events], truncation=cut)
+    return causal_tree(correlation_id, rows[:max_events], truncation=cut, traffic_data=traffic_data)
 
 
 CHECKPOINT_PAGE = 1000

@@ -33,8 +33,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from contracts.audit import AuditCheckpoint, checkpoint_signing_input
-from contracts.envelope import MalformedEvent, is_structured, parse_event_time, structured_headers
+from contracts.envelope import (
+    TYPE_PREFIX,
+    MalformedEvent,
+    is_structured,
+    parse_event_time,
+    structured_headers,
+)
+from contracts.feedback import TOPIC as FEEDBACK_TOPIC
 from contracts.predictions import TOPIC as PREDICTIONS_TOPIC
+from contracts.topics import TOPICS
 from libs.bus.core import Record
 from libs.errors import InvalidInput
 
@@ -1041,13 +1049,47 @@ def event_view(row: StoredRow) -> dict[str, Any]:
         return _unreadable_view(row, f"its record is not a record ({exc.__class__.__name__}: {exc})")
 
 
-def checked_view(row: StoredRow) -> dict[str, Any]:
+def checked_view(row: StoredRow, *, traffic_data: bool = True) -> dict[str, Any]:
     """:func:`event_view`, flagged ``integrity`` when an indexed copy disagrees with the hashed record: the
-    row was found (by a query or a trace) through a copy that no longer says what the record says."""
+    row was found (by a query or a trace) through a copy that no longer says what the record says. Without
+    ``traffic_data`` a traffic row's payload is withheld (:func:`withhold_traffic`)."""
     view = event_view(row)
     column = None if "unreadable" in view else column_mismatch(row)
     if column is not None:
         view["integrity"] = f"indexed column {column} does not match the hashed record"
+    return view if traffic_data else withhold_traffic(view)
+
+
+TRAFFIC_TOPICS = frozenset({PREDICTIONS_TOPIC, FEEDBACK_TOPIC})
+"""Topics whose events carry traffic data: each request's inputs and outputs (PredictionsLogged), labels
+(GroundTruthReceived), often personal data. The trail shows it to callers granted the auditor role only."""
+
+_TRAFFIC_EVENT_NAMES = frozenset(
+    event.event_name or event.__name__ for topic in TRAFFIC_TOPICS for event in TOPICS[topic].events
+)
+
+DATA_WITHHELD = "traffic data (inputs, outputs, labels) needs the auditor role"
+
+
+def carries_traffic(view: Mapping[str, Any]) -> bool:
+    """Whether a row's payload is traffic data: read from a traffic topic, a dead letter of a record read
+    from one (whose value is that record's), or any record whose type names a traffic event."""
+    topic = view["topic"]
+    if view["kind"] == Kind.DEAD_LETTER:
+        topic = _first_text(view.get("headers") or {}, "dlq_origin_topic")
+    name = (view["type"] or "").removeprefix(TYPE_PREFIX).rpartition(".v")[0]
+    return topic in TRAFFIC_TOPICS or name in _TRAFFIC_EVENT_NAMES
+
+
+def withhold_traffic(view: dict[str, Any]) -> dict[str, Any]:
+    """``view`` with a traffic row's payload (``data``, and ``value`` where the record has one) replaced by
+    null and ``data_withheld`` saying why; every other field, the hash included, as it was, so the reader
+    still sees that the event happened and where it sits in the chain."""
+    if carries_traffic(view):
+        view["data"] = None
+        if "value" in view:
+            view["value"] = None
+        view["data_withheld"] = DATA_WITHHELD
     return view
 
 
@@ -1196,7 +1238,7 @@ class TraceCut:
 
 
 def causal_tree(
-    correlation_id: str, rows: Sequence[StoredRow], *, truncation: TraceCut | None
+    correlation_id: str, rows: Sequence[StoredRow], *, truncation: TraceCut | None, traffic_data: bool = True
 ) -> dict[str, Any]:
     """The cascade of one correlation id as a tree built from causationid links, in trail order;
     ``truncation`` says why events of the cascade after ``rows`` were left out.
@@ -1211,7 +1253,7 @@ def causal_tree(
     order: list[TraceNode] = []
     dead: list[dict[str, Any]] = []
     for row in rows:
-        view = checked_view(row)
+        view = checked_view(row, traffic_data=traffic_data)
         if view["kind"] == Kind.DEAD_LETTER:
             dead.append(view)
             continue

@@ -40,7 +40,14 @@ class AuditEventPublic(BaseModel):
     causationid: str | None = Field(description="Id of the event that caused this one.")
     actor: str | None = Field(description="Who asked, for manual commands.")
     data: Any = Field(
-        description="The payload, when it is JSON nested at most 128 levels deep (else it is in `value`)."
+        description="The payload, when it is JSON nested at most 128 levels deep (else it is in `value`); "
+        "null when `data_withheld` is set."
+    )
+    data_withheld: str | None = Field(
+        default=None,
+        description="Set only on a traffic event (a prediction's inputs and outputs, a label: read from "
+        "mlops.predictions or mlops.feedback, or a dead letter of one) shown to a caller without the auditor "
+        "role: why `data` and `value` are null. Every other field, the hashes included, is as recorded.",
     )
     error: dict[str, str] | None = Field(description="Why the record is not a valid event (reason, detail).")
     headers: dict[str, Any] | None = Field(

@@ -1,5 +1,6 @@
 """Who may call each route of the six services, as one table (libs.auth: viewer reads, operator also sends
-commands, predict only predicts and sends feedback). Each route is asked by every development token and by
+commands, auditor also reads traffic data and exports the audit trail, predict only predicts and sends
+feedback). Each route is asked by every development token and by
 a caller without one, and those the route lets past its token check must be exactly those its role admits:
 a route added without a role, or with a weaker one than the table says (a viewer who may change state, a
 predict token that may read the audit trail or the registry's datasets), fails here. The token check comes
@@ -16,6 +17,7 @@ from fastapi.routing import APIRoute
 from tests.unit.test_openapi_errors import SETTINGS, app_of
 
 OPEN, ANY, VIEWER, OPERATOR, PREDICT = "open", "any token", "viewer", "operator", "predict"
+AUDITOR = "auditor"
 
 ROLES: dict[tuple[str, str, str], str] = {
     ("registry", "GET", "/v1/models"): VIEWER,
@@ -66,19 +68,20 @@ ROLES: dict[tuple[str, str, str], str] = {
     ("audit", "GET", "/v1/events/{seq}"): VIEWER,
     ("audit", "GET", "/v1/trace/{correlation_id:path}"): VIEWER,
     ("audit", "GET", "/v1/verify"): VIEWER,
-    ("audit", "GET", "/v1/export"): VIEWER,
+    ("audit", "GET", "/v1/export"): AUDITOR,
     ("audit", "GET", "/v1/checkpoints"): VIEWER,
     ("audit", "GET", "/v1/keys"): VIEWER,
     ("audit", "GET", "/v1/head"): VIEWER,
 }
 """Every route the services add to create_app's own (health and /metrics, open), and who may call it."""
 
-CALLERS = (None, "dev-viewer", "dev-operator", "dev-admin", "dev-predict")
+CALLERS = (None, "dev-viewer", "dev-operator", "dev-admin", "dev-predict", "dev-auditor")
 ADMITTED = {
     OPEN: set(CALLERS),
     ANY: set(CALLERS) - {None},
-    VIEWER: {"dev-viewer", "dev-operator", "dev-admin"},
+    VIEWER: {"dev-viewer", "dev-operator", "dev-admin", "dev-auditor"},
     OPERATOR: {"dev-operator", "dev-admin"},
+    AUDITOR: {"dev-auditor", "dev-admin"},
     PREDICT: {"dev-predict"},
 }
 """The callers each role lets past the token check (libs.auth.GRANTS; admin may do everything but predict)."""

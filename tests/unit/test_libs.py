@@ -372,6 +372,19 @@ async def test_roles_gate_reads_commands_and_predictions(tmp_path: Path) -> None
         assert (await client.post("/predict", headers=bearer("dev-predict"))).status_code == 200
 
 
+async def test_an_auditor_reads_as_a_viewer_and_may_neither_command_nor_predict(tmp_path: Path) -> None:
+    async with make_app(tmp_path) as client:
+        read = await client.get("/read", headers=bearer("dev-auditor"))
+        assert read.json() == {"actor": "user:dev-auditor"}
+        assert (await client.post("/command", headers=bearer("dev-auditor"))).status_code == 403
+        assert (await client.post("/predict", headers=bearer("dev-auditor"))).status_code == 403
+
+
+def test_traffic_data_is_granted_to_auditors_and_admins_only() -> None:
+    grants = {role for role in Role if Principal("p", role).grants(Role.auditor)}
+    assert grants == {Role.auditor, Role.admin}
+
+
 async def test_a_request_with_two_authorization_headers_is_401(tmp_path: Path) -> None:
     # The first was read and the second ignored: a viewer's and a bogus token read as the viewer.
     async with make_app(tmp_path) as client:

@@ -20,7 +20,7 @@ from services.audit import api, core
 from services.audit.settings import AuditSettings
 from tests.waiting import eventually
 
-VIEWER = {"Authorization": "Bearer dev-viewer"}
+AUDITOR = {"Authorization": "Bearer dev-auditor"}  # exports need the auditor role
 
 
 class Trail:
@@ -68,7 +68,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         exports=api.export_slots(settings.export_concurrency),
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as c:
         yield c
 
 
@@ -114,7 +114,7 @@ async def test_an_export_of_no_rows_is_refused_before_it_takes_a_slot_or_a_snaps
     slots.held = 2  # every slot taken: a range checked after the slot would be a 429
     app.state.audit = types.SimpleNamespace(settings=settings, pool=None, role="audit_writer", exports=slots)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as client:
         r = await client.get("/v1/export", params={"from_seq": 5, "to_seq": 3})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "to_seq must not be below from_seq"
@@ -152,7 +152,7 @@ async def test_a_head_of_the_export_is_refused_as_its_get_would_be(trail: Trail)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://audit") as anyone:
         unknown = await anyone.head("/v1/export")
-        client = httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER)
+        client = httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR)
         async with client:
             full = await client.head("/v1/export")
             empty = await client.head("/v1/export", params={"from_seq": 5, "to_seq": 3})
@@ -236,7 +236,7 @@ async def test_one_verification_more_than_allowed_is_429_and_its_slot_comes_back
     monkeypatch.setattr(core, "verify_trail", verify_trail)
     app, _ = verifying_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as client:
         held = asyncio.create_task(client.get("/v1/verify"))
 
         async def inside() -> bool:
@@ -271,7 +271,7 @@ async def test_a_verification_of_no_rows_is_refused_before_it_takes_a_slot(
     app, slots = verifying_app()
     slots.held = 1  # every slot taken: a range checked after the slot would be a 429
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as client:
         r = await client.get("/v1/verify", params={"from_seq": 5, "to_seq": 3})
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == "to_seq must not be below from_seq"
@@ -284,7 +284,7 @@ async def test_a_head_of_verify_is_answered_from_the_request_alone(monkeypatch: 
     calls = verifications_run(monkeypatch)
     app, slots = verifying_app()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as client:
         head = await client.head("/v1/verify", params={"full": "true"})
         assert (head.status_code, head.headers["content-type"], head.content) == (
             200,
@@ -310,7 +310,7 @@ async def test_a_verification_checks_the_range_and_the_depth_asked_with_the_para
     app, _ = verifying_app()
     audit = app.state.audit
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as client:
         ranged = await client.get("/v1/verify", params={"from_seq": 3, "to_seq": 7, "full": "true"})
         whole = await client.get("/v1/verify")
     assert (ranged.status_code, whole.status_code) == (200, 200), (ranged.text, whole.text)

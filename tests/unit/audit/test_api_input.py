@@ -13,7 +13,7 @@ from libs.http import create_app
 from services.audit import api
 from services.audit.settings import AuditSettings
 
-VIEWER = {"Authorization": "Bearer dev-viewer"}
+AUDITOR = {"Authorization": "Bearer dev-auditor"}  # the export needs the auditor role; the rest, a viewer
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, title="audit", description="audit", routers=[api.router])
     app.state.audit = types.SimpleNamespace(settings=settings)  # no pool: nothing here may read the trail
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=VIEWER) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://audit", headers=AUDITOR) as c:
         yield c
 
 
