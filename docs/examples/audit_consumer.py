@@ -4,9 +4,10 @@
 It needs nothing of driftloop: the Python standard library, ``cryptography`` for Ed25519, and ``aiokafka``
 only to read checkpoints from the ``mlops.audit`` topic. docs/audit.md is the contract it implements.
 
-    # from the running audit service (the viewer token), pinning the trail's public key
-    python docs/examples/audit_consumer.py --export http://127.0.0.1:8106/v1/export --token dev-viewer \
-        --public-key "$(curl -s -H 'Authorization: Bearer dev-viewer' http://127.0.0.1:8106/v1/keys \
+    # from the running audit service (an auditor's token: the export holds traffic data), pinning the
+    # trail's public key
+    python docs/examples/audit_consumer.py --export http://127.0.0.1:8106/v1/export --token dev-auditor \
+        --public-key "$(curl -s -H 'Authorization: Bearer dev-auditor' http://127.0.0.1:8106/v1/keys \
                         | python -c 'import json,sys; print(json.load(sys.stdin)[0]["public_key"])')"
 
     # from a saved export, with the checkpoints kept elsewhere (the file, or the audit topic)
@@ -507,7 +508,7 @@ def served_keys(export_url: str, token: str | None) -> Keys:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify a driftloop audit export as it is read.")
     parser.add_argument("--export", required=True, help="export URL, NDJSON file, or - for stdin")
-    parser.add_argument("--token", help="bearer token for an export URL (viewer role)")
+    parser.add_argument("--token", help="bearer token for an export URL (auditor role)")
     parser.add_argument(
         "--public-key", action="append", default=[], help="pinned Ed25519 public key (base64), repeatable"
     )

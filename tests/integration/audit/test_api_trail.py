@@ -25,6 +25,7 @@ from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import small_and_large
 
 VIEWER = {"Authorization": "Bearer dev-viewer"}
+AUDITOR = {"Authorization": "Bearer dev-auditor"}  # the export needs the auditor role
 
 
 class ReadWatched(CheckpointFile):
@@ -167,7 +168,7 @@ async def test_the_checkpoint_file_is_read_off_the_event_loop(
     archive.append(await PgChain(trail_db.pool, ROLE).checkpoints(after=0, upto=None))
     archive.read_on.clear()
 
-    export = await client.get("/v1/export")
+    export = await client.get("/v1/export", headers=AUDITOR)
     assert export.status_code == 200 and export.text.count('"checkpoint"') == 2
     verify = await client.get("/v1/verify")
     assert verify.status_code == 200 and verify.json()["ok"], verify.text

@@ -192,7 +192,8 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         keys = (await svc.get("/v1/keys")).json()
         public = keys[0]["public_key"]
         assert keys[0]["key_id"] == key_id_of(base64.b64decode(public))
-        export = await svc.get("/v1/export")
+        assert (await svc.get("/v1/export")).status_code == 403  # a viewer's token: traffic data is in it
+        export = await svc.get("/v1/export", token="dev-auditor")
         assert export.headers["content-type"].startswith("application/x-ndjson")
         saved = tmp_path / "trail.ndjson"
         saved.write_bytes(export.content)
@@ -202,7 +203,7 @@ async def test_trail_is_served_verified_exported_and_checked_by_an_outside_consu
         ok = run_consumer("--export", str(saved), "--public-key", public, "--print")
         assert ok.returncode == 0, ok.stderr
         assert "OK: 11 rows" in ok.stdout and "io.driftloop.RolloutPromoted.v1" in ok.stdout
-        streamed = run_consumer("--export", f"{svc.base_url}/v1/export", "--token", "dev-viewer")
+        streamed = run_consumer("--export", f"{svc.base_url}/v1/export", "--token", "dev-auditor")
         assert streamed.returncode == 0, streamed.stderr
 
         tampered = tmp_path / "tampered.ndjson"
