@@ -672,8 +672,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             "holds the token printed above, and issue another if not.",
         ) from err
     scope = f" (models: {', '.join(args.models)})" if args.models else ""
+    article = "an" if args.role[0] in "aeiou" else "a"
     say(
-        f"added a {args.role} token for {args.name!r}{scope} to {path}; "
+        f"added {article} {args.role} token for {args.name!r}{scope} to {path}; "
         "services read the file when they start"
     )
     return 0

@@ -1084,11 +1084,17 @@ def carries_traffic(view: Mapping[str, Any]) -> bool:
 def withhold_traffic(view: dict[str, Any]) -> dict[str, Any]:
     """``view`` with a traffic row's payload (``data``, and ``value`` where the record has one) replaced by
     null and ``data_withheld`` saying why; every other field, the hash included, as it was, so the reader
-    still sees that the event happened and where it sits in the chain."""
+    still sees that the event happened and where it sits in the chain. So are the texts that say why a
+    record was refused (the error's ``detail``, a dead letter's ``dlq_error`` header), which may quote it
+    (a value that did not validate, a handler's message): their reason stays."""
     if carries_traffic(view):
         view["data"] = None
         if "value" in view:
             view["value"] = None
+        if (error := view.get("error")) and "detail" in error:
+            view["error"] = {**error, "detail": DATA_WITHHELD}
+        if (headers := view.get("headers")) and "dlq_error" in headers:
+            view["headers"] = {**headers, "dlq_error": DATA_WITHHELD}
         view["data_withheld"] = DATA_WITHHELD
     return view
 

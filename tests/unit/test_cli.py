@@ -108,6 +108,15 @@ def test_token_issue_prints_a_token_that_the_services_accept_in_prod(
     assert store.authenticate("dev-admin") is None
 
 
+def test_token_issue_says_which_token_it_added(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokens = tmp_path / "tokens.json"
+    assert main(["token", "issue", "compliance", "--role", "auditor", "--file", str(tokens)]) == 0
+    assert main(["token", "issue", "bob", "--role", "viewer", "--file", str(tokens)]) == 0
+    said = capsys.readouterr().err
+    assert "added an auditor token for 'compliance' to" in said
+    assert "added a viewer token for 'bob' to" in said
+
+
 def test_token_issue_limits_a_predict_token_to_the_models_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

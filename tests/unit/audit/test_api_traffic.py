@@ -47,7 +47,12 @@ def traffic_cascade() -> tuple[str, list[Delivery]]:
         0,
         key,
         value,
-        (*headers, ("dlq_reason", b"handler-failed"), ("dlq_origin_topic", PREDICTIONS_TOPIC.encode())),
+        (
+            *headers,
+            ("dlq_reason", b"handler-failed"),
+            ("dlq_error", b"inputs[0].tenure: -3 is not a number of months"),  # quotes the record
+            ("dlq_origin_topic", PREDICTIONS_TOPIC.encode()),
+        ),
     )
     deliveries = [
         delivery(drift),
@@ -127,7 +132,11 @@ def trace_events(node: Any) -> list[dict[str, Any]]:
 
 
 def but_payload(view: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in view.items() if k not in ("data", "value", "data_withheld")}
+    """A view without its payload and the texts that may quote it (why it was refused)."""
+    kept = {k: v for k, v in view.items() if k not in ("data", "value", "data_withheld", "error", "headers")}
+    kept["error"] = view["error"] and {**view["error"], "detail": "-"}
+    kept["headers"] = view.get("headers") and {**view["headers"], "dlq_error": "-"}
+    return kept
 
 
 async def all_events(client: httpx.AsyncClient, token: str) -> dict[int, dict[str, Any]]:
@@ -147,6 +156,11 @@ async def test_traffic_data_is_withheld_from_callers_without_the_auditor_role(
         for view in (listed[seq], one):
             assert (view["data"], view["value"]) == (None, None)
             assert "needs the auditor role" in view["data_withheld"]
+            assert "not JSON" not in orjson.dumps(view).decode()  # why it was refused, quoting it
+            assert "tenure" not in orjson.dumps(view).decode()
+            if view["error"] is not None:
+                assert view["error"]["detail"] == view["data_withheld"]
+                assert view["error"]["reason"] == shown[seq]["error"]["reason"]
             # Everything but the payload as recorded: that it happened, and where it sits in the chain.
             assert but_payload(view) == but_payload(shown[seq])
     assert listed[DRIFT]["data"] == shown[DRIFT]["data"] is not None
