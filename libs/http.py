@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import email.message
 import inspect
+import ipaddress
 import json
 import re
 import types
@@ -61,7 +62,7 @@ from libs.errors import (
     shown,
 )
 from libs.logging import get_logger
-from libs.settings import ServiceSettings
+from libs.settings import ServiceSettings, allowed_network
 
 
 def _package_version() -> str:
@@ -490,13 +491,23 @@ class TrustedHosts:
     The browser names evil.example in their Host header, so a service that answers only for its own names
     answers none of them. 421 rather than 400: the request is well formed, only not for this server.
 
+    An entry may be an IP network (``10.0.0.0/8``, ``[fd00::/8]``): a platform's probes and scrapers call a
+    pod by its address (a Kubernetes probe, Prometheus), which is not known in advance. It answers a Host
+    that is an address of its own version inside it; ``[::ffff:10.1.2.3]`` is an IPv6 address, answered by
+    an IPv6 network (``[::ffff:10.0.0.0/104]``) and not by ``10.0.0.0/8``, as the entry ``10.1.2.3`` does
+    not answer it either. The networks are parsed here, once, and looked at last: a name answered by a name
+    costs a set lookup, and one that is no address literal never reaches them.
+
     Starlette's TrustedHostMiddleware does the same, but answers in plain text ("Invalid host header"), not
     in :func:`error_body`, and reads ``[::1]:8101`` as the host ``[``."""
 
     def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
         self.app = app
-        self.names = frozenset(host for host in allowed if not host.startswith("*."))
+        networks = [network for host in allowed if (network := allowed_network(host)) is not None]
+        self.names = frozenset(host for host in allowed if not host.startswith("*.") and "/" not in host)
         self.suffixes = tuple(host[1:] for host in allowed if host.startswith("*."))
+        self.v4_networks = tuple(n for n in networks if isinstance(n, ipaddress.IPv4Network))
+        self.v6_networks = tuple(n for n in networks if isinstance(n, ipaddress.IPv6Network))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -505,7 +516,9 @@ class TrustedHosts:
         hosts = [value for key, value in scope["headers"] if key == b"host"]
         if len(hosts) == 1:
             name = _host_name(hosts[0])
-            if name in self.names or (name is not None and name.endswith(self.suffixes)):
+            if name in self.names or (
+                name is not None and (name.endswith(self.suffixes) or self._in_networks(name))
+            ):
                 await self.app(scope, receive, send)
                 return
         if scope["type"] == "websocket":  # refused before it is accepted: the server answers 403
@@ -525,6 +538,27 @@ class TrustedHosts:
             "127.0.0.1 or [::1]), or add this one to DRIFTLOOP_ALLOWED_HOSTS"
         )
         await _refuse(send, 421, "misdirected-request", detail)
+
+    def _in_networks(self, name: str) -> bool:
+        """Whether ``name`` (as :func:`_host_name` gives it, answered by no name) is an IP address inside one
+        of the networks. Only a name in brackets or ending in a digit is parsed: a full domain name never ends
+        in one (a top-level domain has a letter, RFC 3696, 2), and a short one that does (``db-0``) costs a
+        failed parse on its way to a 421."""
+        if name.startswith("["):
+            if not self.v6_networks:
+                return False
+            try:
+                v6 = ipaddress.IPv6Address(name[1:-1])
+            except ValueError:
+                return False
+            return any(v6 in network for network in self.v6_networks)
+        if not self.v4_networks or not name[-1:].isdigit():
+            return False
+        try:
+            v4 = ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+        return any(v4 in network for network in self.v4_networks)
 
 
 _HOST = re.compile(rb"(\[[0-9a-fA-F:.]+\]|[^\[\]:]*)(?::[0-9]*)?")

@@ -6,6 +6,7 @@ broker and database URLs are set once for all services and still overridable per
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -54,7 +55,44 @@ healthchecks call 127.0.0.1 from inside the container)."""
 DEV_ALLOWED_HOSTS = (*LOCAL_HOSTS, *COMPOSE_HOSTS)
 """The Host header names a service answers for outside prod, unless ``allowed_hosts`` says otherwise."""
 
-_ALLOWED_HOST = re.compile(r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+_ALLOWED_HOST = re.compile(
+    r"\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]|[0-9]+(\.[0-9]+){3}/[0-9]+|\[[0-9a-f:.]+/[0-9]+\]"
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowed_network(entry: str, *, strict: bool = True) -> IPNetwork | None:
+    """The IP network an ``allowed_hosts`` entry names (``10.0.0.0/8``, an IPv6 one in brackets as IPv6
+    hosts are: ``[fd00::/8]``), or None for a host name or address. Strict, unless told otherwise: a network
+    with host bits set (``10.0.0.1/8``) raises ValueError, as it most likely names a host that was not meant
+    to stand for its whole network."""
+    if "/" not in entry:
+        return None
+    if entry.startswith("[") and entry.endswith("]"):
+        return ipaddress.IPv6Network(entry[1:-1], strict=strict)
+    return ipaddress.IPv4Network(entry, strict=strict)
+
+
+def _a_network_if_one(entry: str) -> None:
+    """Refuses an ``allowed_hosts`` entry written as a network that is none, saying why."""
+    try:
+        network = allowed_network(entry, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{entry!r} is not an IP network: write an IPv4 one as 10.0.0.0/8 (a prefix of 0 to 32), an IPv6 "
+            "one in brackets as [fd00::/8] (0 to 128)"
+        ) from None
+    if network is None:
+        return
+    try:
+        allowed_network(entry)
+    except ValueError:
+        written = f"[{network}]" if entry.startswith("[") else str(network)
+        raise ValueError(
+            f"{entry!r} has host bits set: write a network with its first address ({written}), or the "
+            "address alone, without a prefix, for that one host"
+        ) from None
 
 
 class KafkaSettings(BaseSettings):
@@ -281,11 +319,15 @@ class ServiceSettings(BaseSettings):
         description="The host names the HTTP API answers for, as a request's Host header names them (any "
         "port); a request naming another gets 421, the health, readiness and metrics routes included. `*` "
         "is any host, `*.example.com` any name under example.com; an IPv6 address is written in brackets "
-        '(`[::1]`). Unset: in prod any host (`["*"]`: behind an ingress or a proxy, which sets Host); in dev '
-        "and test localhost, 127.0.0.1, [::1] and docker-compose.yml's service names (registry, training, "
-        "validation, serving, monitoring, audit). There the dev-* tokens work, and a web page the developer "
-        "opens could otherwise call the services: its own name made to resolve to 127.0.0.1 (DNS "
-        "rebinding), the browser sends it the requests as the page's own, with that name as their Host.",
+        "(`[::1]`). An IP network in CIDR form, `10.0.0.0/8`, an IPv6 one in brackets `[fd00::/8]` (its "
+        "first address: `10.0.0.1/8` is refused; `0.0.0.0/0` is any IPv4 address), answers a Host that is "
+        "an address of its version inside it, such as a pod's IP that probes and Prometheus call it by; "
+        '`[::ffff:10.1.2.3]` is an IPv6 address, not inside `10.0.0.0/8`. Unset: in prod any host (`["*"]`:'
+        " behind an ingress or a proxy, which sets Host); in dev and test localhost, 127.0.0.1, [::1] and "
+        "docker-compose.yml's service names (registry, training, validation, serving, monitoring, audit). "
+        "There the dev-* tokens work, and a web page the developer opens could otherwise call the services:"
+        " its own name made to resolve to 127.0.0.1 (DNS rebinding), the browser sends it the requests as "
+        "the page's own, with that name as their Host.",
     )
     http_max_header_bytes: int = Field(
         32 * 1024,
@@ -358,9 +400,11 @@ class ServiceSettings(BaseSettings):
             if _ALLOWED_HOST.fullmatch(host) is None:
                 raise ValueError(
                     f"{host!r} is not a host name: write a name (localhost, api.example.com), *.example.com "
-                    "for the names under it, * for any, an IPv4 address, or an IPv6 address in brackets "
-                    "([::1]); no scheme, port or path (any port is answered)"
+                    "for the names under it, * for any, an IPv4 address or network (10.1.2.3, 10.0.0.0/8), "
+                    "or an IPv6 address or network in brackets ([::1], [fd00::/8]); no scheme, port or path "
+                    "(any port is answered)"
                 )
+            _a_network_if_one(host)
         return named
 
     @model_validator(mode="after")

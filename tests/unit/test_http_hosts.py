@@ -195,3 +195,94 @@ async def test_a_websocket_naming_another_host_is_closed_before_it_is_accepted()
 def test_a_host_list_that_is_not_one_is_refused_when_the_settings_load(value: object, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         ServiceSettings(allowed_hosts=value)
+
+
+NETWORKS = ["api.example.com", "10.0.0.0/8", "[fd00::/8]"]
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("10.1.2.3", 200),
+        ("10.1.2.3:8101", 200),
+        ("10.255.255.255:9090", 200),
+        ("11.1.2.3", 421),
+        ("9.255.255.255:8101", 421),
+        ("[fd00::1]", 200),
+        ("[FD12:3456::a]:8101", 200),
+        ("[fe80::1]", 421),
+        ("[fc00::1]:8101", 421),
+        ("api.example.com:443", 200),
+    ],
+)
+async def test_an_ip_address_inside_a_network_of_the_list_is_answered(host: str, status: int) -> None:
+    transport = httpx.ASGITransport(app=app_with(ServiceSettings(env="prod", allowed_hosts=NETWORKS)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as c:
+        for method, path in [("GET", "/health/ready"), ("GET", "/v1/plain"), ("POST", "/v2/hot/a")]:
+            r = await c.request(method, path, headers={"Host": host})
+            assert r.status_code == status, (method, path, r.text)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["10.1.2.3.nip.io", "10.1.2.3.", "10.1.2", "010.1.2.3", "10.1.2.300", "10.1.2.3.4", "1e10", "[10.1.2.3]"],
+)
+async def test_a_name_that_only_looks_like_an_address_is_not_in_a_network(host: str) -> None:
+    transport = httpx.ASGITransport(app=app_with(ServiceSettings(env="prod", allowed_hosts=NETWORKS)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.get("/health/live", headers={"Host": host})
+        assert r.status_code == 421, r.text
+
+
+@pytest.mark.parametrize(
+    ("allowed", "answered", "refused"),
+    [
+        (["0.0.0.0/0"], ["0.0.0.0", "10.1.2.3:8101", "255.255.255.255"], ["[::1]", "[::ffff:10.1.2.3]", "x"]),
+        (["[::/0]"], ["[::1]", "[fd00::1]:8101", "[::ffff:10.1.2.3]"], ["127.0.0.1", "10.1.2.3:8101", "x"]),
+        (["10.0.0.0/8"], ["10.1.2.3"], ["[::ffff:10.1.2.3]", "[::ffff:a01:203]", "[::a01:203]"]),
+        (["[::ffff:10.0.0.0/104]"], ["[::ffff:10.1.2.3]:8101", "[::ffff:a01:203]"], ["10.1.2.3", "11.1.2.3"]),
+    ],
+)
+async def test_a_network_answers_the_addresses_of_its_own_version(
+    allowed: list[str], answered: list[str], refused: list[str]
+) -> None:
+    """``/0`` is any address of its version, on purpose; an IPv4-mapped IPv6 address is an IPv6 address."""
+    transport = httpx.ASGITransport(app=app_with(ServiceSettings(env="prod", allowed_hosts=allowed)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        for host in answered:
+            assert (await c.get("/health/live", headers={"Host": host})).status_code == 200, host
+        for host in refused:
+            assert (await c.get("/health/live", headers={"Host": host})).status_code == 421, host
+
+
+def test_networks_load_as_written_in_lower_case() -> None:
+    hosts = ["10.0.0.0/8", "0.0.0.0/0", "[FD00::/8]", "[::/0]", "[::ffff:10.0.0.0/104]", "192.168.1.7/32"]
+    assert ServiceSettings(allowed_hosts=hosts).allowed_hosts == [host.lower() for host in hosts]
+
+
+NOT_A_NAME = (
+    r"is not a host name: .* an IPv4 address or network \(10.1.2.3, 10.0.0.0/8\), "
+    r"or an IPv6 address or network in brackets \(\[::1\], \[fd00::/8\]\)"
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (
+            "10.0.0.1/8",
+            r"'10.0.0.1/8' has host bits set: write a network with its first address \(10.0.0.0/8\)",
+        ),
+        ("[fd00::1/8]", r"'\[fd00::1/8\]' has host bits set: .* first address \(\[fd00::/8\]\)"),
+        ("10.0.0.0/33", "'10.0.0.0/33' is not an IP network"),
+        ("300.0.0.0/8", "'300.0.0.0/8' is not an IP network"),
+        ("[10.0.0.0/8]", r"'\[10.0.0.0/8\]' is not an IP network"),
+        ("[fd00::/129]", "is not an IP network"),
+        ("fd00::/8", rf"'fd00::/8' {NOT_A_NAME}"),
+        ("[fd00::]/8", rf"'\[fd00::\]/8' {NOT_A_NAME}"),
+        ("10.0.0.0/8:8101", rf"'10.0.0.0/8:8101' {NOT_A_NAME}"),
+    ],
+)
+def test_a_network_that_is_not_one_is_refused_when_the_settings_load(value: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ServiceSettings(allowed_hosts=["localhost", value])
