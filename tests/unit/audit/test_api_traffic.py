@@ -21,10 +21,10 @@ from contracts.predictions import PredictionsLogged
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Delivery, Record
 from libs.http import create_app
-from services.audit import api, handlers
+from services.audit import api
 from services.audit.domain import Signer
 from services.audit.settings import AuditSettings
-from tests.unit.audit.fakes import SEED, Clock, FakeArchive, FakeTrail, delivery, example
+from tests.unit.audit.fakes import SEED, FakeArchive, FakeTrail, delivery, example, record
 
 WITHHELD = ("dev-viewer", "dev-operator")
 SHOWN = ("dev-auditor", "dev-admin")
@@ -69,20 +69,8 @@ async def trail() -> tuple[str, FakeTrail]:
     trail = FakeTrail()
     correlation_id, deliveries = traffic_cascade()
 
-    async def publish(event: CloudEvent[Any]) -> None:
-        return None
-
     for one in deliveries:  # a row each, in this order
-        await handlers.on_records(
-            [one],
-            trail=trail,
-            signer=Signer(SEED),
-            publish=publish,
-            source="/driftloop/audit",
-            clock=Clock(),
-            dead_letter_topic=DEAD_LETTER,
-            checkpoint_every_rows=1000,
-        )
+        await record(trail, Signer(SEED), [one])
     return correlation_id, trail
 
 

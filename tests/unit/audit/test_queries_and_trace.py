@@ -19,7 +19,7 @@ from contracts.training import TrainingCompleted, TrainingRequested, TrainingSta
 from contracts.validation import ValidationPassed
 from libs.bus.core import Delivery, Record
 from libs.errors import InvalidInput, NotFound
-from services.audit import core, handlers
+from services.audit import core
 from services.audit.domain import (
     SEQ_MAX,
     EventQuery,
@@ -40,24 +40,13 @@ from tests.unit.audit.fakes import (
     dead_letters_of,
     delivery,
     example,
+    record,
     small_and_large,
 )
 
 
 async def store(trail: FakeTrail, deliveries: list[Delivery]) -> None:
-    async def publish(event: CloudEvent[Any]) -> None:
-        return None
-
-    await handlers.on_records(
-        deliveries,
-        trail=trail,
-        signer=Signer(SEED),
-        publish=publish,
-        source="/driftloop/audit",
-        clock=Clock(),
-        dead_letter_topic=DEAD_LETTER,
-        checkpoint_every_rows=1000,
-    )
+    await record(trail, Signer(SEED), deliveries)
 
 
 def cascade() -> list[CloudEvent[Any]]:
