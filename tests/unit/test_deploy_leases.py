@@ -37,10 +37,16 @@ if os.environ.get("CHILD"):
     Path(os.environ["CHILD"]).write_text(str(child.pid))
 if os.environ.get("FORK"):
     # A fork without exec (multiprocessing's fork start method, os.fork): the child gets every descriptor.
+    # It says so once os.fork has returned in it, its at-fork handlers run: killed before then, the command
+    # would leave a child that had not yet had the chance to let go (a race of the test, not of the leases).
+    ready, tell = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.write(tell, b"x")
         time.sleep(300)
         os._exit(0)
+    os.close(tell)
+    assert os.read(ready, 1) == b"x"
     Path(os.environ["FORK"]).write_text(str(pid))
 print("holding", flush=True)
 time.sleep(300)
