@@ -495,15 +495,17 @@ class TrustedHosts:
     pod by its address (a Kubernetes probe, Prometheus), which is not known in advance. It answers a Host
     that is an address of its own version inside it; ``[::ffff:10.1.2.3]`` is an IPv6 address, answered by
     an IPv6 network (``[::ffff:10.0.0.0/104]``) and not by ``10.0.0.0/8``, as the entry ``10.1.2.3`` does
-    not answer it either. The networks are parsed here, once, and looked at last: a name answered by a name
-    costs a set lookup, and one that is no address literal never reaches them.
+    not answer it either. An address entry (``127.0.0.1``, ``[::1]``) is also the network of that one address,
+    so a Host that writes it another way (``[0:0::1]``, ``[::0001]``) is answered too. The networks are parsed
+    here, once, and looked at last: a name answered by a name costs a set lookup, and one that is no address
+    literal never reaches them.
 
     Starlette's TrustedHostMiddleware does the same, but answers in plain text ("Invalid host header"), not
     in :func:`error_body`, and reads ``[::1]:8101`` as the host ``[``."""
 
     def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
         self.app = app
-        networks = [network for host in allowed if (network := allowed_network(host)) is not None]
+        networks = [network for host in allowed if (network := _network_of(host)) is not None]
         self.names = frozenset(host for host in allowed if not host.startswith("*.") and "/" not in host)
         self.suffixes = tuple(host[1:] for host in allowed if host.startswith("*."))
         self.v4_networks = tuple(n for n in networks if isinstance(n, ipaddress.IPv4Network))
@@ -562,6 +564,19 @@ class TrustedHosts:
 
 
 _HOST = re.compile(rb"(\[[0-9a-fA-F:.]+\]|[^\[\]:]*)(?::[0-9]*)?")
+
+
+def _network_of(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network an ``allowed_hosts`` entry answers by address: its own network, the one address of an
+    address entry, or None for a name."""
+    if (network := allowed_network(entry)) is not None:
+        return network
+    try:
+        if entry.startswith("[") and entry.endswith("]"):
+            return ipaddress.IPv6Network(entry[1:-1])
+        return ipaddress.IPv4Network(entry) if entry[-1:].isdigit() else None
+    except ValueError:  # a name such as db-0
+        return None
 
 
 def _host_name(header: bytes) -> str | None:

@@ -255,6 +255,29 @@ async def test_a_network_answers_the_addresses_of_its_own_version(
             assert (await c.get("/health/live", headers={"Host": host})).status_code == 421, host
 
 
+@pytest.mark.parametrize(
+    ("allowed", "answered", "refused"),
+    [
+        (None, ["[0:0::1]", "[::0001]:8101", "[0000:0000:0000:0000:0000:0000:0000:0001]"], ["[::2]", "[::]"]),
+        (["10.1.2.3"], ["10.1.2.3:8101"], ["10.1.2.4", "010.1.2.3", "10.1.2.03", "[::ffff:10.1.2.3]"]),
+        (["[::ffff:10.1.2.3]"], ["[::ffff:a01:203]", "[0::ffff:10.1.2.3]:8101"], ["10.1.2.3"]),
+        (["[FD00::1]"], ["[fd00::1]", "[fd00:0::1]:8101"], ["[fd00::2]"]),
+    ],
+)
+async def test_an_address_is_answered_however_the_host_writes_it(
+    allowed: list[str] | None, answered: list[str], refused: list[str]
+) -> None:
+    """An address entry (the dev default's ``[::1]`` among them) is compared as an address, not as text."""
+    settings = ServiceSettings(env="dev") if allowed is None else ServiceSettings(allowed_hosts=allowed)
+    transport = httpx.ASGITransport(app=app_with(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as c:
+        for host in answered:
+            for method, path in [("GET", "/health/live"), ("POST", "/v2/hot/a")]:
+                assert (await c.request(method, path, headers={"Host": host})).status_code == 200, host
+        for host in refused:
+            assert (await c.get("/health/live", headers={"Host": host})).status_code == 421, host
+
+
 def test_networks_load_as_written_in_lower_case() -> None:
     hosts = ["10.0.0.0/8", "0.0.0.0/0", "[FD00::/8]", "[::/0]", "[::ffff:10.0.0.0/104]", "192.168.1.7/32"]
     assert ServiceSettings(allowed_hosts=hosts).allowed_hosts == [host.lower() for host in hosts]
