@@ -10,6 +10,7 @@ import json
 import re
 import types
 import typing
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from http import HTTPStatus
@@ -35,12 +36,13 @@ from pydantic import (
     ValidationError,
 )
 from python_multipart.multipart import parse_options_header
+from starlette.convertors import FloatConvertor, IntegerConvertor, UUIDConvertor
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.responses import RedirectResponse, Response, StreamingResponse
-from starlette.routing import Match, Route, Router, get_route_path
+from starlette.routing import BaseRoute, Match, Route, Router, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.commands import REASON_MAX_CHARS, says_something
@@ -889,6 +891,37 @@ class _HotRoute:
         await response(scope, receive, send)
 
 
+_SAMPLE_PARAMETERS = {IntegerConvertor: "1", FloatConvertor: "1.5", UUIDConvertor: str(uuid.UUID(int=0))}
+
+
+def _sample_path(route: Route) -> str:
+    """A path that ``route`` matches: each path parameter a value its convertor takes."""
+    convertors = route.param_convertors.items()
+    return route.path_format.format_map(
+        {name: _SAMPLE_PARAMETERS.get(type(c), "x") for name, c in convertors}
+    )
+
+
+def _check_not_shadowed(earlier: Sequence[BaseRoute], hot: Sequence[APIRoute]) -> None:
+    """Refuses a hot route that one of the ``earlier`` routes (those FastAPI tries before it) may answer
+    instead: the lane, ahead of FastAPI's router, would serve a request that FastAPI gives to that route. The
+    check tries a path of each route on the other (``/health/{x}`` beside ``/health/live``), which catches a
+    literal path and a parameter's value alike. Hot routes among themselves keep their order, and the routes
+    of the other routers come after them."""
+    for route in hot:
+        for other in earlier:
+            if not isinstance(other, Route):
+                continue
+            if (other.methods is None or route.methods is None or route.methods & other.methods) and (
+                route.path_regex.match(_sample_path(other)) or other.path_regex.match(_sample_path(route))
+            ):
+                raise ValueError(
+                    f"the hot route {route.path} may answer requests for {other.path}, registered before "
+                    "it: FastAPI would route them to that one, the hot lane to this one (give the hot "
+                    "route a path of its own)"
+                )
+
+
 def _exception_handler(app: FastAPI, exc: Exception) -> Callable[..., Any] | None:
     """The handler Starlette's ExceptionMiddleware would call for ``exc``: by status code for an
     HTTPException, else by the nearest class (500 and ``Exception`` belong to ServerErrorMiddleware)."""
@@ -1080,6 +1113,8 @@ def create_app(
             {"status": "ready" if ok else "not-ready", "checks": checks}, status_code=200 if ok else 503
         )
 
+    hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]
+    _check_not_shadowed(app.router.routes, hot_routes)  # the hot routers are included first, below
     for router in (*hot, *routers):
         for route in router.routes:
             if isinstance(route, APIRoute) and not isinstance(route, BodyRoute):
@@ -1092,7 +1127,6 @@ def create_app(
     app.router.routes.append(
         Route("/metrics", endpoint=_PrometheusApp(), methods=["GET"], include_in_schema=False)
     )
-    hot_routes = [route for router in hot for route in router.routes if isinstance(route, APIRoute)]
     if hot_routes:
         app.add_middleware(HotRoutes, routes=hot_routes)
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes)

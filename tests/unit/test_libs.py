@@ -33,7 +33,7 @@ from libs.auth import (
 )
 from libs.db import CHANNEL_MAX_BYTES, notify_channel, shown_dsn
 from libs.errors import Conflict, InvalidInput, NotFound, json_text
-from libs.http import BodyRoute, Text, create_app, error_body
+from libs.http import BodyRoute, Text, _check_not_shadowed, create_app, error_body
 from libs.service import load_settings
 from libs.settings import (
     MAX_EVENT_BYTES_LIMIT,
@@ -747,6 +747,49 @@ def test_a_hot_route_must_take_only_its_path_and_the_request(tmp_path: Path) -> 
         declare(router)
         with pytest.raises(ValueError, match="only path parameters, the Request and role checks"):
             create_app(settings, title="t", description="d", hot=[router]).build_middleware_stack()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "refused"),
+    [
+        ("get", "/health/{probe}", True),  # /health/live and /health/ready are paths of it
+        ("get", "/health/{probe:int}", False),  # no health route's path is a number
+        ("post", "/health/{probe}", False),  # another method
+        ("get", "/healthy/{probe}", False),
+    ],
+)
+def test_a_hot_route_that_an_earlier_route_would_answer_is_refused(
+    tmp_path: Path, method: str, path: str, refused: bool
+) -> None:
+    """The lane runs ahead of FastAPI's router, so it would serve a request that FastAPI gives to a route
+    registered before the hot route (here the app's own health routes)."""
+    settings = ExampleSettings(auth_tokens_file=tmp_path / "tokens.json")
+    router = APIRouter(route_class=BodyRoute)
+    getattr(router, method)(path)(_probe)
+    if not refused:
+        create_app(settings, title="t", description="d", hot=[router]).build_middleware_stack()
+        return
+    with pytest.raises(
+        ValueError, match=r"the hot route /health/\{probe\} may answer requests for /health/live"
+    ):
+        create_app(settings, title="t", description="d", hot=[router])
+
+
+@pytest.mark.parametrize(("earlier", "shadowed"), [("/items/{name}", True), ("/items/{name:int}", False)])
+def test_a_literal_hot_path_that_an_earlier_parameter_takes_is_refused(earlier: str, shadowed: bool) -> None:
+    first, hot = APIRouter(route_class=BodyRoute), APIRouter(route_class=BodyRoute)
+    first.get(earlier)(_probe)
+    hot.get("/items/special")(_probe)
+    hot_routes = [route for route in hot.routes if isinstance(route, APIRoute)]
+    if not shadowed:
+        _check_not_shadowed(first.routes, hot_routes)
+        return
+    with pytest.raises(ValueError, match=r"may answer requests for /items/\{name\}, registered before it"):
+        _check_not_shadowed(first.routes, hot_routes)
+
+
+async def _probe(request: Request, probe: str = "") -> Response:
+    return Response(probe)
 
 
 async def _with_query(name: str, limit: int, request: Request) -> Response:
