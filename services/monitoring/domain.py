@@ -241,6 +241,10 @@ class RowBatch:
     request_at: np.ndarray  # epoch seconds per request
     partition: np.ndarray  # per request
     offset: np.ndarray  # per request
+    mismatch_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per numeric feature with ``type_mismatches``, the rows (indices) of its values that are no number: a
+    slice counts its own. Counted whole in a batch's first slice, a poll that closed a window mid-batch
+    reported the poll's mismatches in that window and none in the windows holding their rows."""
 
     @property
     def size(self) -> int:
@@ -255,12 +259,14 @@ class RowBatch:
         bounds = np.concatenate(([0], np.cumsum(self.request_rows)))
         a, b = int(bounds[first_request]), int(bounds[end_request])
         r = slice(first_request, end_request)
+        mismatch_rows = {k: v[(v >= a) & (v < b)] - a for k, v in self.mismatch_rows.items()}
+        mismatch_rows = {k: v for k, v in mismatch_rows.items() if v.size}
         return RowBatch(
             model=self.model,
             version=self.version,
             numeric={k: v[a:b] for k, v in self.numeric.items()},
             categorical={k: v[a:b] for k, v in self.categorical.items()},
-            type_mismatches=self.type_mismatches if first_request == 0 else {},
+            type_mismatches={k: int(v.size) for k, v in mismatch_rows.items()},
             prediction=self.prediction[a:b],
             score=self.score[a:b],
             prediction_ids=self.prediction_ids[a:b],
@@ -272,6 +278,7 @@ class RowBatch:
             request_at=self.request_at[r],
             partition=self.partition[r],
             offset=self.offset[r],
+            mismatch_rows=mismatch_rows,
         )
 
     def row_variants(self) -> np.ndarray:
@@ -281,9 +288,12 @@ class RowBatch:
         return np.repeat(np.asarray(self.rollout_id, dtype=object), self.request_rows)
 
 
-def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, int]:
-    """A numeric column as float64 (NaN for missing) and how many values are no number: text that does not
-    read as one, an infinity, or an integer beyond a double."""
+_NO_ROWS = np.empty(0, dtype=np.int64)
+
+
+def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric column as float64 (NaN for missing) and the rows of its values that are no number: text that
+    does not read as one, an infinity, or an integer beyond a double."""
     try:
         # numpy turns None into NaN and bools into 0/1 on its own, at C speed.
         column = np.array(values, dtype=np.float64)
@@ -296,22 +306,22 @@ def _as_float_column(values: Sequence[Any]) -> tuple[np.ndarray, int]:
         # mismatch instead of measured (an infinite Wasserstein distance: drift for a few such values).
         # Checked vectorised: this runs for every value consumed.
         if not np.isinf(column).any():
-            return column, 0
+            return column, _NO_ROWS
     out = np.full(len(values), np.nan)
-    bad = 0
+    bad: list[int] = []
     for i, v in enumerate(values):
         if v is None:
             continue
         try:
             x = float(v)
         except (TypeError, ValueError, OverflowError):  # not a number, or an integer beyond a double
-            bad += 1
+            bad.append(i)
             continue
         if math.isinf(x):
-            bad += 1
+            bad.append(i)
         else:
             out[i] = x
-    return out, bad
+    return out, np.array(bad, dtype=np.int64)
 
 
 def _feature_column(requests: Sequence[PredictionColumns], name: str) -> list[Any]:
@@ -335,12 +345,12 @@ def rows_of(
     as a validated PredictionsLogged (full validation's answer), which is turned into columns first."""
     cols = [p if type(p) is PredictionColumns else PredictionColumns.of(p) for p, _, _ in requests]  # type: ignore[arg-type]
     numeric: dict[str, np.ndarray] = {}
-    mismatches: dict[str, int] = {}
+    mismatch_rows: dict[str, np.ndarray] = {}
     for f in model.numeric:
         column, bad = _as_float_column(_feature_column(cols, f.name))
         numeric[f.name] = column
-        if bad:
-            mismatches[f.name] = bad
+        if bad.size:
+            mismatch_rows[f.name] = bad
     categorical = {f.name: list(_feature_column(cols, f.name)) for f in model.categorical}
     prediction = list(itertools.chain.from_iterable(c.predictions for c in cols))
     if model.positive_class is not None:
@@ -357,7 +367,7 @@ def rows_of(
         version=model.version,
         numeric=numeric,
         categorical=categorical,
-        type_mismatches=mismatches,
+        type_mismatches={k: int(v.size) for k, v in mismatch_rows.items()},
         prediction=prediction,
         score=score,
         prediction_ids=list(itertools.chain.from_iterable(c.prediction_ids for c in cols)),
@@ -369,6 +379,7 @@ def rows_of(
         request_at=request_at,
         partition=np.array([part for _, part, _ in requests], dtype=np.int64),
         offset=np.array([off for _, _, off in requests], dtype=np.int64),
+        mismatch_rows=mismatch_rows,
     )
 
 

@@ -845,6 +845,27 @@ def test_text_reading_as_infinity_in_a_numeric_feature_is_a_type_mismatch_not_dr
     assert (mismatch.feature, mismatch.count) == ("x0", 20)
 
 
+def test_type_mismatches_count_in_the_window_that_holds_their_rows() -> None:
+    # A poll closes windows mid-batch: its values that are no number were all counted in the window it closed
+    # first (here 50 of its 100 rows, none of them wrong), and the window holding them counted none.
+    ref = reference()
+    live = LiveState(
+        WindowSettings(rows=100, seconds=1e9, min_rows=10), PredictionCache(max_age_s=1e9, max_rows=10**9)
+    )
+    live.add_reference(ref)
+    reqs = requests(300, seed=5)  # six requests of 50 rows: three windows of 100
+    for r in reqs[5][0].rows[:30]:
+        r.inputs["x0"] = "not a number"
+    reqs[2][0].rows[7].inputs["x1"] = "n/a"
+
+    live.ingest(reqs, arrival=0.0)
+
+    assert [w.type_mismatches for w in live.closed] == [{}, {"x1": 1}, {"x0": 30}]
+    judged = judge_window(ref, live.closed[2], DriftPolicy())
+    [mismatch] = [q for q in judged.quality if q.kind == "type-mismatch"]
+    assert (mismatch.count, mismatch.share) == (30, 0.3)
+
+
 # --- ingestion from columns (monitoring's reader, contracts.predictions.read_prediction_columns) ------------
 
 
