@@ -729,7 +729,16 @@ def spec_from_data(data: Any, *, name: str | None = None) -> ModelSpec:
     if name is not None:
         given = data.get("name", name)
         if given != name:
-            raise SpecError(f"the spec names model {given!r} but was sent for {name!r}", field="name")
+            # Quoted short, and a value that is no text only by its type: YAML's aliases make a body of a few
+            # hundred bytes a list of a billion items, whose repr took minutes and gigabytes.
+            if isinstance(given, str):
+                raise SpecError(
+                    f"the spec names model {shown(given)} but was sent for {name!r}", field="name"
+                )
+            raise SpecError(
+                f"the spec's name is a {type(given).__name__}, not text: give {name!r} or leave it out",
+                field="name",
+            )
         data = {**data, "name": name}
     try:
         spec = ModelSpec.model_validate(data)

@@ -467,6 +467,28 @@ def test_spec_sent_for_another_model_is_refused() -> None:
         parse_spec(json.dumps(churn_spec_data()), content_type="application/json", name="fraud")
 
 
+def test_a_name_that_yaml_aliases_make_huge_is_refused_by_its_type_not_quoted_whole() -> None:
+    # Each level lists the one below ten times: 10**6 items from a body of a few hundred bytes (10**9 from
+    # three levels more, which the name's repr in the message took minutes and gigabytes to write).
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)
+    ]
+    body = "anchors:\n" + "".join(f"  {line}\n" for line in levels) + "name: *a5\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(body, content_type="application/yaml", name="churn")
+    assert caught.value.field == "name"
+    assert caught.value.message == "the spec's name is a list, not text: give 'churn' or leave it out"
+
+
+def test_a_long_name_of_another_model_is_quoted_short() -> None:
+    data = churn_spec_data("x" * 100_000)
+    with pytest.raises(SpecError) as caught:
+        parse_spec(json.dumps(data), content_type="application/json", name="churn")
+    assert caught.value.message == (
+        f"the spec names model {'x' * 40!r}… (100,000 characters) but was sent for 'churn'"
+    )
+
+
 def test_a_spec_that_is_not_utf8_text_is_refused_as_a_spec_error() -> None:
     with pytest.raises(SpecError, match="not UTF-8"):
         parse_spec(b"k\x0f\xf4]\x05", content_type="application/yaml", name="churn")
