@@ -1055,7 +1055,8 @@ def _concat(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
 
 def split(spec: ModelSpec, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A seeded holdout split, stratified by class when every class has at least two rows; both parts keep
-    the frame's row order."""
+    the frame's row order. Raises :class:`TrainingError` (dataset-too-small) when the rows left to fit hold
+    a single class."""
     labels = None
     if spec.task is Task.CLASSIFICATION:
         codes, classes = pd.factorize(frame[spec.target], sort=True)
@@ -1063,6 +1064,22 @@ def split(spec: ModelSpec, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
         if counts.min() >= 2 and len(counts) <= len(frame) * spec.holdout_fraction:
             labels = codes
     held = holdout_mask(len(frame), spec.holdout_fraction, spec.seed, labels)
+    if spec.task is Task.CLASSIFICATION and labels is None:
+        fitted = np.unique(codes[~held])
+        if fitted.size < 2:
+            # Unstratified (a class of one row), the split may hold out every row but one class's: a linear
+            # model then failed in scikit-learn's words, a tree was fitted into a model that knows one class.
+            gone = [category_key(c) for i, c in enumerate(classes) if i not in fitted]
+            raise TrainingError(
+                FailureReason.DATASET_TOO_SMALL,
+                f"the rows fitted (the training set but its holdout) hold only one class of "
+                f"{shown(spec.target)}, {shown(category_key(classes[fitted[0]]))}: the holdout split took "
+                "every row of "
+                + ", ".join(shown(c) for c in gone[:3])
+                + (f" and {len(gone) - 3:,} more" if len(gone) > 3 else "")
+                + "; a classifier needs at least two classes among the rows it is fitted on, and each "
+                "class at least two rows to keep one for the fit: add rows of the rarer classes",
+            )
     # Positions, not a boolean mask: one take per part, and a sorted take reads each column in order.
     train_rows = frame.take(np.flatnonzero(~held))
     holdout_rows = frame.take(np.flatnonzero(held))

@@ -37,6 +37,7 @@ from services.training.worker import (
     WEIGHT_COLUMN,
     TrainingError,
     assemble_training_set,
+    holdout_mask,
     read_frame,
     run_training,
     split,
@@ -611,6 +612,23 @@ def test_too_few_rows_or_a_single_class_fail_with_dataset_too_small() -> None:
     one_class = churn_frame(200).assign(churned=1)
     with pytest.raises(TrainingError, match="only one class"):
         assemble_training_set(spec, [one_class], _traffic(0))
+
+
+@pytest.mark.parametrize("estimator", ["logistic_regression", "random_forest"])
+def test_a_class_of_one_row_the_holdout_takes_fails_as_too_small_not_a_model_of_one_class(
+    tmp_path: Path, estimator: str
+) -> None:
+    spec = churn_spec(estimator=estimator, params={})
+    frame = churn_frame(200).assign(churned=0)
+    # The one row of class 1 where the seeded split holds a row out: the rows fitted are all of class 0.
+    frame.loc[int(np.flatnonzero(holdout_mask(200, spec.holdout_fraction, spec.seed))[0]), "churned"] = 1
+    outcome = run_on_bases(tmp_path, frame, spec=spec)
+    assert outcome["ok"] is False
+    assert outcome["reason"] == FailureReason.DATASET_TOO_SMALL.value
+    assert outcome["message"].startswith(
+        "the rows fitted (the training set but its holdout) hold only one class of 'churned', '0': the "
+        "holdout split took every row of '1'; a classifier needs at least two classes"
+    )
 
 
 def test_split_is_seeded_and_stratified() -> None:
