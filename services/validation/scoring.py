@@ -265,8 +265,8 @@ LEVEL_EXAMPLES = 3
 def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSignature) -> None:
     """Refuse (HoldoutMismatch, naming the feature and such values) a holdout whose categorical feature holds
     values of another type than the levels the candidate learned: numbers or booleans where it learned text,
-    text, booleans or fractions where it learned integers. None of them can be one of its levels (serving
-    answers 422 wrong-type); scikit-learn's encoder raised on numbers among text levels, which failed
+    text, booleans, fractions or infinities where it learned integers. None of them can be one of its levels
+    (serving answers 422 wrong-type); scikit-learn's encoder raised on numbers among text levels, which failed
     candidate-scores and blamed the model for the holdout, and took text among integer levels for unseen
     levels, scoring the candidate on inputs it was never given. Text levels that all read as numbers are left
     alone: the training column may have held numbers, which the signature keeps as text when they are no
@@ -282,7 +282,7 @@ def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSigna
             other = "a number or a boolean"
         elif all(isinstance(level, int) and not isinstance(level, bool) for level in levels):
             learned, fits = "integers", _is_integer
-            other = "text, a boolean or a fraction"
+            other = "text, a boolean, a fraction or an infinity"
         else:
             continue
         column = frame[feature.name]
@@ -297,7 +297,9 @@ def _categorical_features_hold_levels(frame: pd.DataFrame, signature: ModelSigna
             if pd.api.types.is_integer_dtype(present):
                 continue
             numbers = present.to_numpy(dtype=float)
-            if np.all(numbers == np.round(numbers)):
+            # Finite too: inf == round(inf), and an infinity let through made the candidate's encoder raise,
+            # failing candidate-scores for the holdout's value.
+            if np.all(np.isfinite(numbers) & (numbers == np.round(numbers))):
                 continue
         bad = [v for v in present.tolist() if not fits(v)]
         if not bad:

@@ -341,7 +341,7 @@ async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_th
     assert failed.data.checks[0].detail == (
         f"the holdout's categorical feature 'plan' holds {len(holdout):,} value(s) that are no integer (of "
         f"{len(holdout):,} rows), such as {shown}: the candidate learned its levels as integers (1, 2, 3), "
-        "which text, a boolean or a fraction is none of; write them as integers"
+        "which text, a boolean, a fraction or an infinity is none of; write them as integers"
     )
 
 
@@ -358,6 +358,34 @@ async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tm
     await register_with_holdout(gate, registered, change)
     assert gate.bus.dead_letters == []
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
+
+
+@pytest.mark.parametrize("infinity", [np.inf, -np.inf], ids=["inf", "-inf"])
+async def test_an_infinity_in_a_holdouts_categorical_feature_of_integer_levels_fails_the_holdout_check(
+    tmp_path: Path, infinity: float
+) -> None:
+    # A float column (integer codes with a gap, an uploaded CSV's `inf` kept) passed the check as whole
+    # numbers, since inf == round(inf): the candidate's encoder then raised on it and candidate-scores failed,
+    # blaming the model for the holdout.
+    gate = Gate(tmp_path)
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    registered = gate.train(churn_spec(), 1, frame)
+
+    def change(holdout: pd.DataFrame) -> None:
+        holdout["plan"] = holdout["plan"].astype(float)
+        holdout.loc[3, "plan"] = np.nan
+        holdout.loc[4, "plan"] = infinity
+
+    holdout = await register_with_holdout(gate, registered, change)
+    assert gate.bus.dead_letters == []
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.failed_checks == ["holdout-matches-signature"]
+    assert failed.data.checks[0].detail == (
+        f"the holdout's categorical feature 'plan' holds 1 value(s) that are no integer (of {len(holdout):,} "
+        f"rows), such as {infinity!r}: the candidate learned its levels as integers (1, 2, 3), which text, a "
+        "boolean, a fraction or an infinity is none of; write them as integers"
+    )
 
 
 class Overflowing:
