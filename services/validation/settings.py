@@ -30,7 +30,10 @@ class ValidationSettings(ServiceSettings):
         "shared machine does not fail a fast model.",
     )
     latency_batch_rows: int = Field(
-        1000, ge=1, description="Rows per timed prediction batch (the holdout's first rows)."
+        1000,
+        ge=1,
+        description="Rows per timed prediction batch (the holdout's first rows, repeated to fill the batch "
+        "when the holdout has fewer).",
     )
 
     @property

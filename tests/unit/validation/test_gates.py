@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from contracts.common import FeatureSpec, ModelSignature, Task
@@ -27,6 +28,7 @@ from services.validation.domain import (
     slice_checks,
     threshold_checks,
 )
+from services.validation.scoring import latency_ms_per_row
 
 SPEC = ValidationSpec.model_validate(
     {
@@ -185,6 +187,31 @@ def test_latency_over_budget_fails() -> None:
     assert latency_check(SPEC, measured(latency_ms_per_row=0.5)).passed
     slow = latency_check(SPEC, measured(latency_ms_per_row=2.5))
     assert not slow.passed and slow.name == "latency-per-row" and slow.threshold == 1.0
+
+
+class BatchRecorder:
+    """A classifier that answers 0.5 for every row and keeps the rows of every call it gets."""
+
+    classes_ = np.array([0, 1])
+
+    def __init__(self) -> None:
+        self.calls: list[list[float]] = []
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        self.calls.append(frame["x"].tolist())
+        return np.full((len(frame), 2), 0.5)
+
+
+@pytest.mark.parametrize("holdout_rows", [1, 3, 50, 80])
+def test_latency_is_timed_on_batches_of_batch_rows_whatever_the_holdouts_size(holdout_rows: int) -> None:
+    # A call's fixed cost over the rows of a holdout smaller than a batch: a model of 0.05 ms a row in batches
+    # measured 24 ms a row on one row, and failed the budget for the holdout's size.
+    model = BatchRecorder()
+    holdout = pd.DataFrame({"x": np.arange(holdout_rows, dtype=float)})
+    latency_ms_per_row(model, Task.CLASSIFICATION, holdout, repeats=3, batch_rows=50)
+    assert len(model.calls) == 1 + 3  # the warm-up call, then the timed ones
+    assert all(len(rows) == 50 for rows in model.calls)
+    assert all(set(rows) == set(range(min(holdout_rows, 50))) for rows in model.calls)
 
 
 def test_nan_outputs_and_constant_outputs_fail_sanity() -> None:
