@@ -468,7 +468,7 @@ class JobRunner:
             if next_attempt_allowed(job.attempts, self.max_attempts):
                 await queue.requeue(job.job_id, job.run_id)
                 return
-            message = (
+            message = cut_message(
                 f"no fit process could be started on attempt {job.attempts} of {self.max_attempts}: {exc}"
                 if isinstance(exc, FitProcessUnavailable)
                 else f"the fit process died on attempt {job.attempts} of {self.max_attempts}: {exc}"
@@ -479,6 +479,7 @@ class JobRunner:
                 await tx.publish(self._failed(job, FailureReason.WORKER_LOST, message, duration))
 
     async def _fail(self, job: Job, reason: FailureReason, message: str, duration: float) -> None:
+        message = cut_message(message)
         async with self.begin() as tx:
             if not await self.queue_on(tx.conn).fail(job.job_id, job.run_id, reason, message):
                 raise LostOwnership(job.job_id)
@@ -612,6 +613,20 @@ class JobRunner:
 
     def _event(self, job: Job, payload: Any) -> CloudEvent[Any]:
         return new_event(payload, source=self.source, cause=request_event(job))
+
+
+MESSAGE_MAX_CHARS = 10_000
+"""The longest failure message a TrainingFailed carries (and the job keeps)."""
+
+
+def cut_message(message: str) -> str:
+    """``message``, or its first :data:`MESSAGE_MAX_CHARS` characters and how long it was. A fit error's
+    message is its exception's text, which may quote what it read (every column, a value): one of megabytes
+    made the TrainingFailed larger than consumers take, so it was never published, and the job, left
+    running, was fitted again until it failed as worker-lost."""
+    if len(message) <= MESSAGE_MAX_CHARS:
+        return message
+    return f"{message[:MESSAGE_MAX_CHARS]}… (cut: {len(message):,} characters in all)"
 
 
 def request_event(job: Job) -> CloudEvent[TrainingRequested]:

@@ -1050,3 +1050,27 @@ async def test_each_failed_round_of_the_runner_loop_is_counted_and_the_loop_goes
     finally:
         harness.runner.stop()
         await asyncio.wait_for(running, timeout=10.0)
+
+
+async def test_a_failure_whose_message_is_longer_than_an_event_takes_fails_the_job_once_with_it_cut(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit error's message is the exception's text, which may quote what it read (a column list, a
+    value): one of megabytes made the TrainingFailed too large to publish, and the job, left running, was
+    fitted again until it failed as worker-lost."""
+    long = "ValueError: " + "columns [" + ", ".join(f"'c{i}'" for i in range(300_000)) + "] are missing"
+
+    async def fails(job_input: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return worker.TrainingFailure(reason=FailureReason.FIT_ERROR, message=long).model_dump(mode="json")
+
+    monkeypatch.setattr(harness.trainer, "train", fails)
+    await register(harness, churn_spec(validation={}))
+    await upload(harness, "churn-base", churn_frame(), models=["churn"])
+    assert await harness.run_jobs() == 1
+    [failed] = harness.events(TrainingFailed)
+    assert failed.data.reason is FailureReason.FIT_ERROR
+    message = failed.data.message
+    assert message.startswith(long[:1000]), message[:200]
+    assert message.endswith(f"(cut: {len(long):,} characters in all)") and len(message) < 20_000
+    [job] = harness.jobs.rows.values()
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
