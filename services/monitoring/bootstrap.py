@@ -53,6 +53,15 @@ WINDOWS_SET_ASIDE = Counter(
     ["model", "error"],
 )
 
+WINDOWS_TOO_FEW_ROWS = Counter(
+    "driftloop_monitoring_windows_too_few_rows_set_aside_total",
+    "Open windows with fewer than min_window_rows rows whose version got no traffic for label_wait_seconds "
+    "(a canary rolled back after a few predictions, a version replaced mid-window): closed, logged as a "
+    "warning and stored as done unjudged, so that they no longer hold a restart's replay back to their first "
+    "row.",
+    ["model"],
+)
+
 LABEL_JOINS_GIVEN_UP = Counter(
     "driftloop_monitoring_label_joins_given_up_total",
     "Label joins that failed with an error retrying cannot cure (not an outage): logged as errors, so the "
@@ -215,10 +224,15 @@ class Background:
         An outage (``is_transient``) leaves the window at the head of the queue for the next tick. Any other
         error would fail the same way on every tick and hold up every window, verdict and replay offset
         behind it, so that window is set aside: stored as done (unjudged), logged as an error, and counted.
+        A window closed with too few rows to judge (``ClosedWindow.too_few_rows``) is set aside as well.
         """
         live = self.monitor.live
         while live.closed:
             window = live.closed[0]
+            if window.too_few_rows:
+                await self.set_aside(window)
+                live.closed.popleft()
+                continue
             try:
                 async with self.rt.begin() as tx:
                     await handlers.judge_closed_window(
@@ -230,10 +244,11 @@ class Background:
                 await self.set_aside(window, exc)
             live.closed.popleft()
 
-    async def set_aside(self, window: ClosedWindow, exc: Exception) -> None:
-        """Store the window as done in a transaction of its own (the judgement's was rolled back), then log
-        and count it. An outage raises before the count: the window stays queued and is counted once, when
-        the next tick sets it aside again."""
+    async def set_aside(self, window: ClosedWindow, exc: Exception | None = None) -> None:
+        """Store the window as done in a transaction of its own (the judgement's, if any, was rolled back),
+        then log and count it: ``exc`` is what its judgement failed with, None for a window with too few rows
+        to judge. An outage raises before the count: the window stays queued and is counted once, when the
+        next tick sets it aside again."""
 
         async def store_as_done(tx: Transaction) -> bool:
             await handlers.set_window_aside(window, monitor=self.monitor, store=PgMonitoringStore(tx.conn))
@@ -243,6 +258,19 @@ class Background:
         stored = await self.settle(
             store_as_done, "window set aside but not stored as done: a restart may rebuild it", where
         )
+        if exc is None:
+            WINDOWS_TOO_FEW_ROWS.labels(window.model).inc()
+            log.warning(
+                "window set aside: too few rows to judge, and its version got no traffic since",
+                **where,
+                rows=window.size,
+                reason=f"fewer than min_window_rows ({self.monitor.live.window_settings.min_rows:,}) rows "
+                f"and no traffic for label_wait_seconds ({self.monitor.label_wait_seconds:,.0f} s)",
+                hint="a version no longer served (a canary rolled back, a version replaced); kept open, its "
+                "window would hold a restart's replay back to its first row",
+                stored_as_done=stored,
+            )
+            return
         WINDOWS_SET_ASIDE.labels(window.model, type(exc).__name__).inc()
         log.error(
             "window set aside: its judgement failed and retrying cannot help",

@@ -404,6 +404,9 @@ class ClosedWindow:
     predicted_at: np.ndarray
     first_offsets: dict[int, int]
     next_offsets: dict[int, int]
+    too_few_rows: bool = False
+    """Closed with fewer than ``min_window_rows`` rows because its version got no traffic for the label wait:
+    set aside unjudged, not judged (``LiveState.close_idle``)."""
 
     @property
     def size(self) -> int:
@@ -447,7 +450,7 @@ class DriftWindow:
             self.first_offsets.setdefault(p, o)
             self.next_offsets[p] = o + 1
 
-    def close(self) -> ClosedWindow:
+    def close(self, *, too_few_rows: bool = False) -> ClosedWindow:
         parts = self.parts
         first = parts[0]
         mismatches: Counter[str] = Counter()
@@ -468,6 +471,7 @@ class DriftWindow:
             predicted_at=np.concatenate([p.predicted_at for p in parts]),
             first_offsets=dict(self.first_offsets),
             next_offsets=dict(self.next_offsets),
+            too_few_rows=too_few_rows,
         )
 
 

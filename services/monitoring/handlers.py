@@ -1771,12 +1771,13 @@ def _verdict(step: CanaryStep, decision: CanaryDecision, now: float) -> CanaryVe
 async def housekeeping(
     now: float, *, monitor: Monitor, store: MonitoringStore, tally: Tally
 ) -> list[tuple[str, str]]:
-    """Close idle windows, forget expired predictions and labels, give up on rollout steps whose start never
-    came, record where a restart must replay from, and take changed policies. Canary verdicts are given apart,
-    one transaction per step (:func:`check_canary`). Returns the expired labels: a transaction that fails
-    leaves them waiting in memory, as they are in Postgres."""
+    """Close idle windows (those with too few rows to judge after the label wait, to be set aside), forget
+    expired predictions and labels, give up on rollout steps whose start never came, record where a restart
+    must replay from, and take changed policies. Canary verdicts are given apart, one transaction per step
+    (:func:`check_canary`). Returns the expired labels: a transaction that fails leaves them waiting in
+    memory, as they are in Postgres."""
     live = monitor.live
-    if live.close_idle(now):
+    if live.close_idle(now, set_aside_after=monitor.label_wait_seconds):
         monitor.on_windows_closed()
     live.cache.evict(now, joins_due=live.joins_due)
     live.forget_joined(now)

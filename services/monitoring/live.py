@@ -436,21 +436,33 @@ class LiveState:
             result.closed += 1
             batch = batch.row_slice(cut, batch.requests)
 
-    def _close(self, key: ModelKey) -> None:
+    def _close(self, key: ModelKey, *, too_few_rows: bool = False) -> None:
         win = self.windows[key]
         if win.rows:
-            self.closed.append(win.close())
+            self.closed.append(win.close(too_few_rows=too_few_rows))
         self.windows[key] = DriftWindow(win.model, win.version, win.seq + 1)
         self.window_starts.pop(key, None)
 
-    def close_idle(self, now: float) -> int:
-        """Close windows with enough rows that saw no traffic for ``seconds`` (wall clock)."""
+    def close_idle(self, now: float, *, set_aside_after: float) -> int:
+        """Close windows with enough rows that saw no traffic for ``seconds`` (wall clock), to be judged, and
+        those with fewer (one at least) that saw none for ``set_aside_after`` (the label wait), to be set
+        aside unjudged (``ClosedWindow.too_few_rows``).
+
+        Left open, the window of a version that gets no more traffic (a canary rolled back after a few
+        predictions, a version replaced mid-window) held the replay offsets at its first row for ever, and
+        every restart read the topic's whole retention. After the label wait its rows are, as a rule, no
+        longer held for labels either: the window is all that still holds the replay back."""
         ws = self.window_settings
         closed = 0
         for key, win in list(self.windows.items()):
-            if win.rows >= ws.min_rows and now - win.last_arrival >= ws.seconds:
+            idle = now - win.last_arrival
+            if win.rows >= ws.min_rows and idle >= ws.seconds:
                 self._close(key)
-                closed += 1
+            elif 0 < win.rows < ws.min_rows and idle >= set_aside_after:
+                self._close(key, too_few_rows=True)
+            else:
+                continue
+            closed += 1
         return closed
 
     # -- labels waiting for their prediction --------------------------------------------------------------

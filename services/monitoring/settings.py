@@ -40,7 +40,10 @@ class MonitoringSettings(ServiceSettings):
         "window's first one, or when no traffic came for this long (wall clock).",
     )
     min_window_rows: int = Field(
-        100, ge=1, description="A window closed by time is judged only with at least this many rows."
+        100,
+        ge=1,
+        description="A window closed by time is judged only with at least this many rows; one with fewer "
+        "whose version got no traffic for label_wait_seconds is set aside unjudged.",
     )
 
     # --- drift policy defaults ----------------------------------------------------------------------------
