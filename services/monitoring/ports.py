@@ -248,6 +248,29 @@ class MonitoringStore(Protocol):
         inputs are those of a served prediction's row, labelled too)."""
         ...
 
+    async def labelled_models(self) -> list[str]:
+        """The models that may have joined labels: those with a version registered."""
+        ...
+
+    async def export_horizon(self, model: str, rows: int) -> datetime | None:
+        """When the oldest of the ``rows`` rows :meth:`recent_labelled` reads for the model was received (a
+        row received before it is exported by no window); None when the model has fewer rows than that."""
+        ...
+
+    async def prunable_labels(
+        self, model: str, received_from: datetime, received_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        """(prediction id, received) of at most ``limit`` rows, received from ``received_from`` on, oldest
+        first, of the model's joined labels no query needs any more: every row of the id and model received
+        before ``received_before``, counted into a performance window, and predicted before the start of every
+        rollout step of the model watched or kept for its start."""
+        ...
+
+    async def prune_labels(self, model: str, prediction_ids: list[str], received_before: datetime) -> int:
+        """Delete the rows of these ids of the model that :meth:`prunable_labels` would still find, counting
+        their labels for ``label_counts`` and ``labels_outside_classes``; returns the rows deleted."""
+        ...
+
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         """Labelled rows of a version not yet in a performance window, oldest first."""
         ...

@@ -111,6 +111,18 @@ def _early_steps(rows: list[asyncpg.Record]) -> list[EarlyStep]:
     ]
 
 
+# A row of labelled (``o``) some query still needs, which keeps every row of its id and model: one not yet
+# counted into a performance window (unscored reads it), one received after the cutoff ($2: a join, a
+# correction, the restart's labels_joined_since, a window export), and one predicted since the start of a
+# rollout step of its model watched (labelled_outcomes compares them) or kept for its start (which watches
+# from that start). handlers.prune_labelled says why this is enough.
+_LABEL_NEEDED = """o.perf_seq IS NULL OR o.received_at >= $2
+    OR EXISTS (SELECT 1 FROM rollout_steps s WHERE s.state = 'watching' AND s.model = o.model
+               AND o.predicted_at >= to_timestamp(s.started_at))
+    OR EXISTS (SELECT 1 FROM early_steps e WHERE e.model = o.model
+               AND o.predicted_at >= to_timestamp(e.started_at))"""
+
+
 class PgMonitoringStore:
     """The monitoring schema's tables on one connection."""
 
@@ -321,6 +333,74 @@ class PgMonitoringStore:
         )
         return [_labelled(r) for r in rows]
 
+    async def labelled_models(self) -> list[str]:
+        # A label joins only a prediction of a registered version: no other model has rows in labelled.
+        rows = await self.conn.fetch("SELECT DISTINCT model FROM model_versions ORDER BY model")
+        return [r["model"] for r in rows]
+
+    async def export_horizon(self, model: str, rows: int) -> datetime | None:
+        # labelled_recent reads the model's rows newest first: the rows-th is where recent_labelled stops.
+        received: datetime | None = await self.conn.fetchval(
+            """SELECT received_at FROM labelled WHERE model = $1 AND variant <> 'shadow'
+               ORDER BY received_at DESC OFFSET $2 LIMIT 1""",
+            model,
+            rows - 1,
+        )
+        return received
+
+    async def prunable_labels(
+        self, model: str, received_from: datetime, received_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        # In labelled_recent's order from where the round's last batch stopped: a batch never reads again the
+        # index entries of the rows the batches before it deleted (dead until VACUUM), which made a first
+        # round over months of rows read them all again for every batch.
+        rows = await self.conn.fetch(
+            f"""SELECT l.prediction_id, l.received_at FROM labelled l
+               WHERE l.model = $1 AND l.received_at >= $4 AND l.received_at < $2 AND NOT EXISTS (
+                   SELECT 1 FROM labelled o
+                   WHERE o.prediction_id = l.prediction_id AND o.model = l.model AND ({_LABEL_NEEDED}))
+               ORDER BY l.received_at LIMIT $3""",
+            model,
+            received_before,
+            limit,
+            received_from,
+        )
+        return [(r["prediction_id"], r["received_at"]) for r in rows]
+
+    async def prune_labels(self, model: str, prediction_ids: list[str], received_before: datetime) -> int:
+        if not prediction_ids:
+            return 0
+        # Every row of an id goes together or none does (the condition is the pair's), so that the labels
+        # counted once per id here and in label_counts add up. Counted in the statement that deletes them, as
+        # unmatched labels are (_give_up_pending): the count needs no row.
+        deleted: int = await self.conn.fetchval(
+            f"""WITH gone AS (
+                   DELETE FROM labelled l
+                   WHERE l.model = $1 AND l.prediction_id = ANY($3::text[]) AND l.received_at < $2
+                       AND NOT EXISTS (
+                           SELECT 1 FROM labelled o
+                           WHERE o.prediction_id = l.prediction_id AND o.model = l.model
+                               AND ({_LABEL_NEEDED}))
+                   RETURNING l.prediction_id, l.version, l.late, l.outside_classes
+               ), counted AS (
+                   INSERT INTO labels_pruned (model, labelled, late)
+                   SELECT $1, count(DISTINCT prediction_id), count(DISTINCT prediction_id) FILTER (WHERE late)
+                   FROM gone HAVING count(*) > 0
+                   ON CONFLICT (model) DO UPDATE SET labelled = labels_pruned.labelled + excluded.labelled,
+                       late = labels_pruned.late + excluded.late
+               ), outside AS (
+                   INSERT INTO labels_outside_classes_pruned (model, version, labels)
+                   SELECT $1, version, count(*) FROM gone WHERE outside_classes GROUP BY version
+                   ON CONFLICT (model, version)
+                   DO UPDATE SET labels = labels_outside_classes_pruned.labels + excluded.labels
+               )
+               SELECT count(*) FROM gone""",
+            model,
+            received_before,
+            prediction_ids,
+        )
+        return deleted
+
     async def unscored(self, model: str, version: int, limit: int) -> list[LabelledRecord]:
         rows = await self.conn.fetch(
             """SELECT * FROM labelled WHERE model = $1 AND version = $2 AND perf_seq IS NULL
@@ -438,7 +518,11 @@ class PgMonitoringStore:
 
     async def labels_outside_classes(self) -> dict[tuple[str, int], int]:
         rows = await self.conn.fetch(
-            "SELECT model, version, count(*) AS n FROM labelled WHERE outside_classes GROUP BY model, version"
+            """SELECT model, version, sum(n)::bigint AS n FROM (
+                   SELECT model, version, count(*) AS n FROM labelled WHERE outside_classes
+                   GROUP BY model, version
+                   UNION ALL SELECT model, version, labels FROM labels_outside_classes_pruned
+               ) counted GROUP BY model, version"""
         )
         return {(r["model"], r["version"]): r["n"] for r in rows}
 
@@ -446,9 +530,13 @@ class PgMonitoringStore:
         out: dict[str, dict[str, int]] = {}
         for r in await self.conn.fetch(
             # Labels, not rows: a label that joined a stable prediction and its shadow's is one.
-            """SELECT model, count(DISTINCT prediction_id) AS n,
-                   count(DISTINCT prediction_id) FILTER (WHERE late) AS late
-               FROM labelled GROUP BY model"""
+            # The labels deleted by the retention are counted in labels_pruned, once per id as here.
+            """SELECT model, sum(n)::bigint AS n, sum(late)::bigint AS late FROM (
+                   SELECT model, count(DISTINCT prediction_id) AS n,
+                       count(DISTINCT prediction_id) FILTER (WHERE late) AS late
+                   FROM labelled GROUP BY model
+                   UNION ALL SELECT model, labelled, late FROM labels_pruned
+               ) counted GROUP BY model"""
         ):
             out.setdefault(r["model"], {}).update(labelled=r["n"], late=r["late"])
         for r in await self.conn.fetch(
