@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarte
 from libs.artifacts import ArtifactStore
 from libs.bus import Delivery, Subscription, Transaction
 from libs.bus.core import is_transient
+from libs.bus.postgres import RETENTION_BATCH_ROWS
 from libs.db import migrations_in
 from libs.http import create_app
 from libs.logging import get_logger
@@ -28,6 +30,7 @@ from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.adapters.replay import READERS, Request, replay_predictions
 from services.monitoring.domain import (
+    EARLIEST,
     CanaryPolicy,
     CanaryStep,
     ClosedWindow,
@@ -77,6 +80,18 @@ BACKGROUND_FAILURES = Counter(
     "else): logged, and the tick retried with back-off (up to 10 s), its work kept queued. A count that "
     "keeps rising is a stuck loop: no verdicts, label joins or expiries are made meanwhile.",
     ["task", "cause"],
+)
+
+LABELLED_ROWS_PRUNED = Counter(
+    "driftloop_monitoring_labelled_rows_pruned_total",
+    "Rows of joined labels (labelled, inputs included) the retention deleted: received more than "
+    "labelled_keep_days ago and needed by no query any more; /v1/status still counts their labels.",
+)
+
+LABELLED_PRUNING_FAILURES = Counter(
+    "driftloop_monitoring_labelled_pruning_failures_total",
+    "Batches of the joined labels' retention that failed (Postgres away, or anything else): logged as a "
+    "warning and the round tried again after bus_retention_interval_s; the rows stay until then.",
 )
 
 CANARY_STEPS_SET_ASIDE = Counter(
@@ -131,6 +146,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         performance_window_labels=settings.performance_window_labels,
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
+        labelled_keep_days=settings.labelled_keep_days,
         rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
         max_kept_steps=settings.max_kept_rollout_steps,
         max_pending_labels=settings.max_pending_labels,
@@ -205,12 +221,28 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
 
 class Background:
     """Judges closed windows and decides canary steps (one transaction each), and runs the housekeeping
-    every tick."""
+    every tick; and, every ``retention_interval_s`` (None: never), a round of the joined labels' retention,
+    a batch per tick."""
 
-    def __init__(self, rt: Runtime, monitor: Monitor, tick_s: float) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        monitor: Monitor,
+        tick_s: float,
+        *,
+        retention_interval_s: float | None = None,
+        retention_batch_rows: int = RETENTION_BATCH_ROWS,
+    ) -> None:
         self.rt = rt
         self.monitor = monitor
         self.tick_s = tick_s
+        self.retention_interval_s = retention_interval_s
+        self.retention_batch_rows = retention_batch_rows
+        self.retention_due = 0.0
+        """When the next round of the retention starts (``time.time()``); the first runs at the first tick."""
+        self.retention_round: list[tuple[str, datetime, datetime]] = []
+        """The models the round in progress has left: cutoff (plan_labelled_retention), next batch's start."""
+        self.retention_deleted = 0
         self.wake = asyncio.Event()
         self.stopping = False
         self.failed_task: str | None = None
@@ -437,6 +469,53 @@ class Background:
         # still are in Postgres.
         self.monitor.live.labels_settled(expired)
 
+    async def prune_labelled(self, now: float) -> None:
+        """One batch of the joined labels' retention, in a transaction of its own, when a round is due or in
+        progress: a batch per tick, so that a first round over a table that grew for months never holds the
+        tick's other work (or a lock) long. A failure is logged as a warning and counted, never raised: the
+        round is dropped and the next starts ``retention_interval_s`` later, the rows staying meanwhile."""
+        if self.retention_interval_s is None or (not self.retention_round and now < self.retention_due):
+            return
+        try:
+            if not self.retention_round:
+                async with self.rt.begin() as tx:
+                    plan = await handlers.plan_labelled_retention(
+                        monitor=self.monitor, store=PgMonitoringStore(tx.conn)
+                    )
+                self.retention_round = [(model, before, EARLIEST) for model, before in plan]
+                self.retention_deleted = 0
+            if self.retention_round:
+                model, received_before, received_from = self.retention_round[0]
+                async with self.rt.begin() as tx:
+                    deleted, next_from = await handlers.prune_labelled(
+                        model,
+                        received_before,
+                        received_from=received_from,
+                        monitor=self.monitor,
+                        store=PgMonitoringStore(tx.conn),
+                        limit=self.retention_batch_rows,
+                    )
+                LABELLED_ROWS_PRUNED.inc(deleted)
+                self.retention_deleted += deleted
+                if next_from is None:
+                    self.retention_round.pop(0)
+                else:
+                    self.retention_round[0] = (model, received_before, next_from)
+        except Exception as exc:
+            LABELLED_PRUNING_FAILURES.inc()
+            log.warning(
+                "labelled retention failed, trying again later",
+                error=repr(exc),
+                in_s=self.retention_interval_s,
+            )
+            self.retention_round = []
+            self.retention_due = now + self.retention_interval_s
+            return
+        if not self.retention_round:
+            if self.retention_deleted:
+                log.info("labelled retention deleted rows", rows=self.retention_deleted)
+            self.retention_due = now + self.retention_interval_s
+
     async def once(self) -> None:
         """One tick: each task in turn; the first that fails ends the tick (counted by its name)."""
         await self.task("judge_closed", self.judge_closed)
@@ -445,6 +524,7 @@ class Background:
         await self.task("decide_canaries", lambda: self.decide_canaries(now))
         await self.task("housekeeping", lambda: self.housekeeping(now))
         await self.task("judge_closed", self.judge_closed)
+        await self.prune_labelled(now)
 
     async def task(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run one task of a tick; a failure is counted by the task and its cause, then raised for
@@ -567,7 +647,9 @@ async def build(rt: Runtime) -> ServiceParts:
     artifacts = StoreArtifacts(ArtifactStore(settings.artifacts_url))
     monitor = make_monitor(settings, artifacts, rt.source())
     await restore(rt, monitor)
-    background = Background(rt, monitor, settings.tick_seconds)
+    background = Background(
+        rt, monitor, settings.tick_seconds, retention_interval_s=settings.bus_retention_interval_s
+    )
     app = create_app(
         settings,
         title="driftloop monitoring",

@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +56,32 @@ def epoch(ts: datetime) -> float:
 def from_epoch(seconds: float) -> datetime:
     """Aware UTC datetime from epoch seconds."""
     return datetime.fromtimestamp(seconds, UTC)
+
+
+# --- retention of joined labels -----------------------------------------------------------------------------
+
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+"""Before every row: where a round of the joined labels' retention starts."""
+
+LABELLED_MARGIN = timedelta(days=1)
+"""Added to how long a label may still be joined or corrected before its row may go: monitoring's clock (which
+holds predictions) and Postgres' (which stamps ``received_at``) differ, and a tick may come late."""
+
+
+def labelled_keep(keep_days: float, label_wait_s: float, max_clock_skew_s: float) -> timedelta | None:
+    """How long a joined label's row is kept at least, counted from when its label was received; None (0
+    days): for ever.
+
+    ``keep_days``, but never less than a label may still reach the row: a label joins a prediction held in
+    memory, and one is held at most ``label_wait_s`` after it was consumed (dated at most
+    ``max_clock_skew_s`` ahead of that), while the label it joined may have waited ``label_wait_s`` for it
+    before; so a correction, or a shadow's scoring joined to the label, comes at most twice the wait plus the
+    skew after the label was received. Deleted sooner, such a label would be stored again as a new one, and
+    counted twice."""
+    if keep_days <= 0:
+        return None
+    reachable = timedelta(seconds=2 * label_wait_s + max_clock_skew_s) + LABELLED_MARGIN
+    return max(timedelta(days=keep_days), reachable)
 
 
 # --- policy ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
 from services.monitoring.domain import (
+    EARLIEST,
     CanaryDecision,
     CanaryPolicy,
     CanaryStep,
@@ -57,6 +58,7 @@ from services.monitoring.domain import (
     in_cooldown,
     judge_canary,
     judge_window,
+    labelled_keep,
     labels_outside_classes_note,
     least_evidence,
     metric_standard_errors,
@@ -265,6 +267,8 @@ class Monitor:
     performance_window_labels: int = 200
     export_labelled_rows: int = 50_000
     label_wait_seconds: float = 86_400.0
+    labelled_keep_days: float = 30.0
+    """How long joined labels are kept at least (``MonitoringSettings.labelled_keep_days``; 0: for ever)."""
     rollout_start_wait_seconds: float = 86_400.0
     """How long a step that came before its rollout's start is kept for it."""
     max_kept_steps: int = 100
@@ -1814,6 +1818,75 @@ async def _give_up_too_many_waiting(
                 'driftloop_monitoring_labels_not_kept_total{reason="too-many-waiting"} counts them',
             )
     return given_up
+
+
+# --- retention of joined labels ------------------------------------------------------------------------
+
+
+async def plan_labelled_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:
+    """Per model, when the labels whose rows may go were received before (see :func:`prune_labelled`); none
+    when they are kept for ever. Rows of a model that has no more than ``export_labelled_rows`` are kept."""
+    live = monitor.live
+    keep = labelled_keep(monitor.labelled_keep_days, monitor.label_wait_seconds, live.cache.max_ahead_s)
+    if keep is None:
+        return []
+    cutoff = from_epoch(monitor.clock()) - keep
+    plan: list[tuple[str, datetime]] = []
+    for model in await store.labelled_models():
+        before = cutoff
+        if monitor.export_labelled_rows:
+            exported = await store.export_horizon(model, monitor.export_labelled_rows)
+            if exported is None:
+                continue
+            before = min(before, exported)
+        plan.append((model, before))
+    return plan
+
+
+async def prune_labelled(
+    model: str,
+    received_before: datetime,
+    *,
+    received_from: datetime = EARLIEST,
+    monitor: Monitor,
+    store: MonitoringStore,
+    limit: int,
+) -> tuple[int, datetime | None]:
+    """Delete one batch (up to ``limit`` rows, received from ``received_from`` on) of the model's joined
+    labels that no query needs any more; returns the rows deleted and where the round's next batch of the
+    model starts (None: the model's part of the round is done).
+
+    A label's rows (one per version it joined) go together, only when every one of them is:
+    - counted into a performance window (``perf_seq`` set): ``unscored`` reads only the others, and nothing
+      reads a scored row's window again;
+    - received before ``received_before``, which is at least :func:`labelled_keep` ago (no join, correction or
+      shadow's scoring can reach it any more, and the restart's ``labels_joined_since`` reads only those
+      received within the label wait; a drift window's export reads the labels of its own predictions, which
+      are held) and before the oldest of the model's ``export_labelled_rows`` most recent rows (window
+      exports read those for retraining);
+    - predicted before the start of every rollout step of its model that is watched (the canary's labelled
+      comparison reads a version's rows predicted since its step's start) or kept for its start (watched
+      from that start once it comes).
+    And none of them is held here for a label to come: its prediction in memory (a clock far ahead, restarts
+    replaying it), its label remembered as joined, or a label waiting for its id. /v1/status counts a deleted
+    label as before (``labels_pruned``), once per id as ``label_counts`` does; an id a client reuses after its
+    label was deleted is then counted again, as the new label it is."""
+    found = await store.prunable_labels(model, received_from, received_before, limit)
+    live = monitor.live
+    free = [
+        pid
+        for pid in dict.fromkeys(pid for pid, _ in found)
+        if not live.cache.holds(model, pid)
+        and (pid, model) not in live.labels_joined
+        and (pid, model) not in live.pending_labels
+    ]
+    deleted = await store.prune_labels(model, free, received_before)
+    # The next batch starts at the last row found (rows received at the same time may be left), past the rows
+    # left behind (held, or not yet scored: the next round looks at them again); a batch that deletes nothing
+    # and cannot move on would find the same rows again, and ends the model's part of the round.
+    if found and (deleted or (len(found) >= limit and found[-1][1] > received_from)):
+        return deleted, found[-1][1]
+    return deleted, None
 
 
 # --- policies ----------------------------------------------------------------------------------------------

@@ -143,6 +143,16 @@ class MonitoringSettings(ServiceSettings):
     export_labelled_rows: int = Field(
         50_000, ge=0, description="Recent labelled rows added to a window's exported data (for retraining)."
     )
+    labelled_keep_days: float = Field(
+        30.0,
+        ge=0,
+        description="Days a joined label (its row in `labelled`, inputs included) is kept once received; 0 "
+        "keeps them for ever. Past it a row is deleted only once no query needs it: counted into a "
+        "performance window, received more than twice label_wait_seconds plus max_clock_skew_seconds and a "
+        "day ago (no join or correction can reach it), not among the model's export_labelled_rows most "
+        "recent ones, and of no rollout step watched or kept; /v1/status keeps counting it. A round every "
+        'bus_retention_interval_s, a batch per tick (docs/monitoring.md, "Retention").',
+    )
 
     # --- canary analysis ------------------------------------------------------------------------------------
     canary_min_labelled: int = Field(

@@ -56,7 +56,7 @@ from libs.settings import KafkaSettings
 from services.monitoring import api
 from services.monitoring.adapters.postgres import PgMonitoringStore
 from services.monitoring.bootstrap import MIGRATIONS, make_monitor
-from services.monitoring.domain import from_epoch
+from services.monitoring.domain import EARLIEST, from_epoch
 from services.monitoring.handlers import (
     Tally,
     decide_watched_beyond_bound,
@@ -65,8 +65,10 @@ from services.monitoring.handlers import (
     on_rollout_finished,
     on_rollout_started,
     on_rollout_step_advanced,
+    plan_labelled_retention,
+    prune_labelled,
 )
-from services.monitoring.ports import LabelledRecord, PendingLabel, StoredStep
+from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
 from tests.ports import free_port
@@ -799,6 +801,115 @@ async def test_a_steps_labelled_canary_rows_are_those_its_rollout_routed(pool: a
             (1, 1, 0.7),
         ]
         assert await store.labelled_outcomes("churn", 2, since, rollout_id=None) == []
+
+
+async def test_the_retention_deletes_old_counted_labels_and_keeps_every_one_a_query_still_needs(
+    pool: asyncpg.Pool,
+) -> None:
+    # Nothing deleted from labelled: one row per label, inputs included, for as long as the platform ran.
+    monitor = make_monitor(MonitoringSettings(export_labelled_rows=2), artifacts=None, source="/test/m")
+    now = time.time()
+    monitor.clock = lambda: now
+
+    def ago(days: float) -> datetime:
+        return from_epoch(now - days * 86_400)
+
+    def joined(
+        pid: str, model: str, version: int, predicted: float, received: float, **kw: Any
+    ) -> LabelledRecord:
+        variant, rollout = kw.pop("variant", "stable"), kw.pop("rollout", None)
+        at = ago(predicted)
+        return LabelledRecord(
+            pid,
+            model,
+            version,
+            variant,
+            rollout,
+            at,
+            1,
+            0.7,
+            1,
+            at,
+            kw.pop("late", False),
+            {"tenure": 1.0},
+            ago(received),
+            kw.pop("outside", False),
+        )
+
+    rows = [
+        joined("p-old", "churn", 1, 40, 40, late=True, outside=True),  # scored, old: goes
+        joined("p-shadowed", "churn", 1, 41, 41),  # both versions' rows scored, old: both go
+        joined("p-shadowed", "churn", 2, 41, 41, variant="shadow", rollout="r-0"),
+        joined("p-unscored", "churn", 1, 42, 42),  # in no performance window yet
+        joined("p-half", "churn", 1, 43, 43),  # the shadow's row is in none yet: both stay
+        joined("p-half", "churn", 2, 43, 43, variant="shadow", rollout="r-0"),
+        joined("p-recent", "churn", 1, 10, 10),  # within labelled_keep_days
+        joined("p-canary", "churn", 2, 37, 36, variant="canary", rollout="r-1"),  # since a watched step began
+        joined("f-kept", "fraud", 1, 37, 36),  # since the start of a step kept for its rollout's start
+        joined("f-old", "fraud", 1, 40, 40),
+        joined("f-recent", "fraud", 1, 5, 5),
+        joined("l-1", "loan", 1, 42, 42),  # loan's oldest; the two newest are exported for retraining
+        joined("l-2", "loan", 1, 41, 41),
+        joined("l-3", "loan", 1, 40, 40),
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        store = PgMonitoringStore(conn)
+        for model in ("churn", "fraud", "loan"):
+            await conn.execute(
+                "INSERT INTO model_versions (model, version, signature, baseline, profile) "
+                "VALUES ($1, 1, $2, $2, $2), ($1, 2, $2, $2, $2)",
+                model,
+                {},
+            )
+        await store.add_labelled(rows)
+        await store.mark_scored("churn", 1, ["p-old", "p-shadowed", "p-half", "p-recent"], 1)
+        await store.mark_scored("churn", 2, ["p-shadowed", "p-canary"], 1)
+        await store.mark_scored("fraud", 1, ["f-kept", "f-old", "f-recent"], 1)
+        await store.mark_scored("loan", 1, ["l-1", "l-2", "l-3"], 1)
+        await store.save_step(
+            StoredStep("r-1", 0, "churn", 1, 2, now - 38 * 86_400, 10, 5.0, "e-1", "c-1", None)
+        )
+        await store.keep_early_step(
+            EarlyStep("r-2", 1, "fraud", 1, 2, now - 38 * 86_400, "e-2", "c-2", None, now - 60)
+        )
+        counts, outside = await store.label_counts(), await store.labels_outside_classes()
+    assert counts["churn"] == {"labelled": 6, "late": 1} and outside == {("churn", 1): 1}
+
+    deleted = 0
+    async with pool.acquire() as conn:
+        plan = await plan_labelled_retention(monitor=monitor, store=PgMonitoringStore(conn))
+    for model, received_before in plan:
+        received_from: datetime | None = EARLIEST
+        while received_from is not None:  # a batch a transaction; of one row here: an id's two rows go whole
+            async with pool.acquire() as conn, conn.transaction():
+                n, received_from = await prune_labelled(
+                    model,
+                    received_before,
+                    received_from=received_from,
+                    monitor=monitor,
+                    store=PgMonitoringStore(conn),
+                    limit=1,
+                )
+            deleted += n
+
+    async with pool.acquire() as conn:
+        left = await conn.fetch("SELECT prediction_id, version FROM labelled ORDER BY prediction_id, version")
+        store = PgMonitoringStore(conn)
+        assert deleted == 5
+        assert [(r["prediction_id"], r["version"]) for r in left] == [
+            ("f-kept", 1),
+            ("f-recent", 1),
+            ("l-2", 1),
+            ("l-3", 1),
+            ("p-canary", 2),
+            ("p-half", 1),
+            ("p-half", 2),
+            ("p-recent", 1),
+            ("p-unscored", 1),
+        ]
+        # The status counts every label joined, the deleted ones too, once per id.
+        assert await store.label_counts() == counts
+        assert await store.labels_outside_classes() == outside
 
 
 async def test_the_migration_keys_the_labels_joined_before_by_version_as_they_are(database_url: str) -> None:
