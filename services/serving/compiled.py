@@ -256,8 +256,20 @@ def verification_sample(
 
 
 def frame(signature: ModelSignature, columns: FeatureColumns) -> pd.DataFrame:
-    """The pipeline's input: one column per feature, in the signature's order."""
-    return pd.DataFrame(columns.columns, columns=[f.name for f in signature.features])
+    """The pipeline's input: one column per feature, in the signature's order.
+
+    A categorical column whose every value is missing goes as object, as a column holding text does, not as
+    the float64 column pandas makes of NaN alone: a one-hot encoder of text levels cannot compare floats
+    with them (a TypeError from its isnan), so a one-row request with a missing category was refused where
+    the same row beside a known level was answered. The look stops at a column's first value that is not
+    missing, its first in the common case (asking pandas for the frame's dtypes cost half again a frame)."""
+    x = pd.DataFrame(columns.columns, columns=[f.name for f in signature.features])
+    for spec in signature.features:
+        if spec.type is FeatureType.CATEGORICAL and all(
+            type(v) is float and v != v for v in columns.columns[spec.name]
+        ):
+            x[spec.name] = x[spec.name].astype(object)
+    return x
 
 
 def compile_model(

@@ -1064,6 +1064,29 @@ async def test_categories_of_the_levels_type_are_answered_and_logged_as_sent(
     assert r2.json()["outputs"][0]["data"] == [p["prediction"] for p in r.json()["predictions"]]
 
 
+@pytest.mark.parametrize("levels", ["text", "integers", "booleans"])
+async def test_a_request_whose_every_category_is_missing_is_answered_as_a_missing_one_beside_a_level(
+    service: Service, levels: str
+) -> None:
+    # Training's pipeline has no imputer before its one-hot encoder. An all-null column went to it as the
+    # float64 column pandas makes of NaN, which an encoder of text levels cannot compare with them: a
+    # one-row request with a missing category was refused (model-refused, counted as a model error), where
+    # the same row beside a known level was answered.
+    model = trained(levels)
+    service.route(model)
+    known = (model.signature.features[-1].categories or [])[0]
+    beside = await predict(service, [record(plan=None), record(plan=known)])
+    assert beside.status_code == 200, beside.text
+    errors = model_errors()
+    for rows in (1, 2):
+        alone = await predict(service, [record(plan=None)] * rows)
+        assert alone.status_code == 200, alone.text
+        assert [p["probabilities"] for p in alone.json()["predictions"]] == [
+            beside.json()["predictions"][0]["probabilities"]
+        ] * rows
+    assert model_errors() == errors
+
+
 class NaNModel:
     """An estimator that answers NaN probabilities, as float overflow inside a model can."""
 
