@@ -908,7 +908,11 @@ def _check_categorical(name: str, values: list[Any], levels: CategoryLevels | No
     # The common case, every value a known level of the levels' one type, checked at C speed: the levels are
     # storable by construction (they came through JSON and Postgres), so nothing else needs a look. Only a
     # string equals a string; 1, 1.0 and true equal each other, so numbers and booleans need their types too.
-    if kind is not None and known.issuperset(values) and (kind is str or set(map(type, values)) == {kind}):
+    try:
+        fits = kind is not None and known.issuperset(values)
+    except TypeError:  # an unhashable value (a list, an object): the loop refuses it, naming feature and row
+        fits = False
+    if fits and (kind is str or set(map(type, values)) == {kind}):
         return values, 0
     out = values
     unseen = 0

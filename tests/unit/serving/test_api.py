@@ -312,6 +312,11 @@ async def test_bad_feature_is_a_422_naming_it(service: Service) -> None:
     assert (
         r.status_code == 422 and r.json()["feature"] == "monthly_charges" and r.json()["reason"] == "missing"
     )
+    r = await predict(service, [record(), record(plan=["basic"])])
+    assert (r.status_code, r.json().get("feature"), r.json()["reason"]) == (422, "plan", "wrong-type"), r.text
+    assert r.json()["detail"] == (
+        "feature 'plan' (row 1): expected a category (string, integer or boolean), got a list"
+    )
 
 
 async def test_nan_is_missing_and_infinity_is_refused(service: Service) -> None:

@@ -495,6 +495,9 @@ def test_records_become_columns_with_null_and_nan_as_missing() -> None:
         ({**record(), "colour": "red"}, "colour", "unknown"),
         (record(tenure_months="12"), "tenure_months", "wrong-type"),
         (record(plan=1.5), "plan", "wrong-type"),
+        # Unhashable: the check of known levels raised TypeError, a 422 model-refused naming no feature.
+        (record(plan=["basic"]), "plan", "wrong-type"),
+        (record(plan={"level": "basic"}), "plan", "wrong-type"),
         (record(monthly_charges=float("inf")), "monthly_charges", "infinite"),
         (record(monthly_charges=float("-inf")), "monthly_charges", "infinite"),
     ],
