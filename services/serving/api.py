@@ -248,7 +248,7 @@ def _path_version(name: str, version: str) -> int:
 @router.get("/v2/models/{name}", tags=["open inference protocol"], summary="Model metadata.")
 async def model_metadata(name: str, ctx: ContextDep, caller: AnyTokenDep) -> Response:
     caller.check_model(name)
-    routing = ctx.predictor.routing(name)
+    routing = ctx.predictor.routing(name, caller.models)
     served = routing.default
     if served is None:
         raise NotFound(f"model {shown_model(name)} has no loaded version")
@@ -261,7 +261,7 @@ async def model_metadata(name: str, ctx: ContextDep, caller: AnyTokenDep) -> Res
 async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, caller: AnyTokenDep) -> Response:
     caller.check_model(name)
     number = _path_version(name, version)
-    routing = ctx.predictor.routing(name)
+    routing = ctx.predictor.routing(name, caller.models)
     found = routing.by_version(number)
     if found is None:
         raise NotFound(
@@ -297,14 +297,18 @@ async def version_ready(name: str, version: VersionPath, ctx: ContextDep) -> Res
     return _json({"name": name, "version": version, "ready": True})
 
 
-async def _infer(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:
+async def _infer(
+    name: str, version: int | None, request: Request, ctx: ContextDep, scope: frozenset[str] | None
+) -> Response:
     started = time.perf_counter()
-    response = await _infer_inner(name, version, request, ctx)
+    response = await _infer_inner(name, version, request, ctx, scope)
     REQUEST_SECONDS.labels(name, "v2").observe(time.perf_counter() - started)
     return response
 
 
-async def _infer_inner(name: str, version: int | None, request: Request, ctx: ContextDep) -> Response:
+async def _infer_inner(
+    name: str, version: int | None, request: Request, ctx: ContextDep, scope: frozenset[str] | None
+) -> Response:
     if request.headers.get("inference-header-content-length") is not None:
         raise InvalidInput(
             "the binary tensor extension is not supported: send JSON tensors (binary_data=False)",
@@ -322,7 +326,7 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
     outputs = body.get("outputs")
     wanted = _requested_outputs(outputs)
     if outputs and "predict_proba" in wanted:
-        _check_probabilities_given(ctx.predictor.routing(name), version)
+        _check_probabilities_given(ctx.predictor.routing(name, scope), version)
     result = ctx.predictor.predict(
         PredictRequest(
             model=name,
@@ -331,6 +335,7 @@ async def _infer_inner(name: str, version: int | None, request: Request, ctx: Co
             # One key (or one random draw) for the whole request: one version answers an OIP request.
             entity_keys=[key] * rows,
             version=version,
+            scope=scope,
         )
     )
     return _json(_infer_response(name, request_id, result, wanted))
@@ -458,8 +463,9 @@ _INFER_DOCS: dict[str, Any] = {
 )
 async def infer(name: str, request: Request) -> Response:
     """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
-    _caller(request, Role.predict).check_model(name)
-    return await _infer(name, None, request, _context(request))
+    caller = _caller(request, Role.predict)
+    caller.check_model(name)
+    return await _infer(name, None, request, _context(request), caller.models)
 
 
 @hot_router.post(
@@ -470,8 +476,9 @@ async def infer(name: str, request: Request) -> Response:
 )
 async def infer_version(name: str, version: VersionPath, request: Request) -> Response:
     """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
-    _caller(request, Role.predict).check_model(name)
-    return await _infer(name, _path_version(name, version), request, _context(request))
+    caller = _caller(request, Role.predict)
+    caller.check_model(name)
+    return await _infer(name, _path_version(name, version), request, _context(request), caller.models)
 
 
 # --- simple JSON API ---------------------------------------------------------------------------------------
@@ -487,7 +494,8 @@ async def infer_version(name: str, version: VersionPath, request: Request) -> Re
 async def predict(name: str, request: Request) -> Response:
     """Needs a predict token whose scope holds the model (checked in the route, see :func:`_caller`)."""
     started = time.perf_counter()
-    _caller(request, Role.predict).check_model(name)
+    caller = _caller(request, Role.predict)
+    caller.check_model(name)
     ctx = _context(request)
     check_json_content_type(request, reason="not-json")
     raw = await request.body()
@@ -519,6 +527,7 @@ async def predict(name: str, request: Request) -> Response:
             # strict JSON, it may cut their text out instead of reading them again.
             body=raw,
             body_records=len(records) if strict and len(body) == 1 else None,
+            scope=caller.models,
         )
     )
     response = _json({"model": name, "request_id": result.request_id, "predictions": _predictions(result)})

@@ -74,6 +74,8 @@ class PredictRequest:
     """The JSON body ``raw_rows`` were read from (its ``records``), when there is one."""
     body_records: int | None = None
     """How many records ``body`` holds when it is strict JSON with no member but ``records`` (LogItem)."""
+    scope: frozenset[str] | None = None
+    """The models the caller's token may use (None: every one): a 404 names no served model outside them."""
 
 
 @dataclass
@@ -204,11 +206,13 @@ class Predictor:
         self.rng = rng or random.Random()
         self.shadow_queue: asyncio.Queue[_ShadowJob] = asyncio.Queue(maxsize=shadow_buffer)
 
-    def routing(self, model: str) -> ModelRouting:
-        """The model's routing, or 404 naming the served models."""
+    def routing(self, model: str, scope: frozenset[str] | None = None) -> ModelRouting:
+        """The model's routing, or 404 naming the served models the caller may use (``scope``, the token's
+        models; None: every one): a client limited to some models learns nothing of the others."""
         routing = self.state.table.models.get(model)
         if routing is None:
-            served = sorted(self.state.table.models)
+            models = self.state.table.models
+            served = sorted(models if scope is None else scope.intersection(models))
             raise NotFound(
                 f"model {shown_model(model)} is not served here; served models: "
                 f"{', '.join(served) or 'none yet'}",
@@ -221,7 +225,7 @@ class Predictor:
         canary when the stable version answers it. A request naming a version is answered by that version
         alone and is no traffic of the rollout: not counted as the canary's, logged without the rollout id."""
         check_row_count(request.rows, self.max_rows)
-        routing = self.routing(request.model)  # one table for the whole request, even across a swap
+        routing = self.routing(request.model, request.scope)  # one table for the request, even across a swap
         n = request.rows
         token = secrets.token_hex(12)
         request_id = f"req-{token}"

@@ -783,6 +783,23 @@ async def test_a_model_outside_the_scope_is_refused_before_anything_about_it_is_
     assert "model 'nosuch' is outside the scope of the token 'churn-client'" in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"), [(m, p.replace("churn", "fraud"), b) for m, p, b in SCOPED_ROUTES]
+)
+async def test_a_model_in_the_scope_that_is_not_served_is_a_404_naming_no_model_outside_it(
+    service: Service, scoped: dict[str, dict[str, str]], method: str, path: str, body: Any
+) -> None:
+    # The 404 listed every served model, so a client limited to fraud and billing learnt that churn exists.
+    r = await service.client.request(method, path, json=body, headers=scoped["fraud"])
+    assert r.status_code == 404
+    if method != "HEAD":
+        assert (r.json()["code"], r.json()["models"]) == ("not-found", []), r.text
+        assert "churn" not in r.text
+    unscoped = await service.client.request(method, path, json=body, headers=PREDICT)
+    if method != "HEAD":
+        assert unscoped.json()["models"] == ["churn"], unscoped.text
+
+
 async def test_feedback_with_a_scoped_token_is_refused_for_another_models_predictions(
     service: Service, scoped: dict[str, dict[str, str]]
 ) -> None:
