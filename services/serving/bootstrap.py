@@ -142,6 +142,7 @@ async def build(rt: Runtime) -> ServiceParts:
         stats,
         max_rows=settings.max_rows_per_request,
         shadow_buffer=settings.shadow_buffer,
+        shadow_buffer_bytes=settings.shadow_buffer_bytes,
     )
 
     def bind(

@@ -117,6 +117,13 @@ class ServingSettings(ServiceSettings):
     shadow_buffer: int = Field(
         1_000, ge=1, description="Shadow scorings waiting; when full, new ones are dropped and counted."
     )
+    shadow_buffer_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="About the memory the shadow scorings waiting may hold (each its request's body and "
+        "rows, estimated from its length, rows and features); a scoring that would pass it is dropped and "
+        "counted, so that a slow candidate under large requests cannot take the replica's memory.",
+    )
     compile_models: bool = Field(
         True,
         description="Serve a verified ONNX Runtime copy of each model when it converts and agrees with the "

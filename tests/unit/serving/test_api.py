@@ -479,6 +479,65 @@ async def test_shadow_answers_with_the_stable_and_logs_the_candidate(service: Se
     )
 
 
+def shadow_dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("driftloop_serving_shadow_dropped_total", {"reason": reason}) or 0.0
+
+
+async def test_a_shadow_scoring_over_the_byte_bound_is_dropped_and_counted_while_the_answer_is_served(
+    service: Service,
+) -> None:
+    service.route(served(1), served(2), weight=1.0, mode=RolloutMode.SHADOW)
+    service.predictor.shadow_buffer_bytes = 10_000  # a one-row request's job fits, a 50-row one's does not
+    before = shadow_dropped("bytes-full")
+
+    r = await predict(service, [record(tenure_months=i) for i in range(50)])
+
+    assert r.status_code == 200, r.text
+    assert [p["variant"] for p in r.json()["predictions"]] == ["stable"] * 50
+    assert service.predictor.shadow_queue.empty() and service.predictor.shadow_bytes == 0
+    assert shadow_dropped("bytes-full") == before + 1
+    assert [i.variant for i in service.log.items] == [Variant.STABLE]  # the answer is logged all the same
+
+    assert (await predict(service, [record()])).status_code == 200
+    assert service.predictor.shadow_queue.qsize() == 1 and shadow_dropped("bytes-full") == before + 1
+
+
+async def test_a_scored_shadow_job_releases_its_bytes_for_the_next(service: Service) -> None:
+    service.route(served(1), served(2), weight=1.0, mode=RolloutMode.SHADOW)
+    records = [record(tenure_months=i) for i in range(20)]
+    await predict(service, records)
+    held = service.predictor.shadow_bytes
+    assert held > 0
+    service.predictor.shadow_buffer_bytes = held + held // 2  # room for one such job, not two
+    before = shadow_dropped("bytes-full")
+
+    await predict(service, records)
+    assert service.predictor.shadow_queue.qsize() == 1 and shadow_dropped("bytes-full") == before + 1
+
+    # The scorer's own loop, run until the queue is empty: the job is scored and its bytes go with it.
+    await service.predictor.run_shadow(service.predictor.shadow_queue.empty)
+    assert service.predictor.shadow_bytes == 0
+    assert [i.variant for i in service.log.items].count(Variant.SHADOW) == 1
+
+    await predict(service, records)
+    assert service.predictor.shadow_queue.qsize() == 1 and service.predictor.shadow_bytes == held
+    assert shadow_dropped("bytes-full") == before + 1
+
+
+async def test_a_shadow_scoring_past_the_job_bound_is_dropped_and_counted_as_queue_full(
+    service: Service,
+) -> None:
+    service.route(served(1), served(2), weight=1.0, mode=RolloutMode.SHADOW)
+    service.predictor.shadow_queue = asyncio.Queue(maxsize=1)
+    before = shadow_dropped("queue-full"), shadow_dropped("bytes-full")
+
+    answers = [await predict(service, [record()]) for _ in range(2)]
+
+    assert [r.status_code for r in answers] == [200, 200]
+    assert service.predictor.shadow_queue.qsize() == 1
+    assert (shadow_dropped("queue-full"), shadow_dropped("bytes-full")) == (before[0] + 1, before[1])
+
+
 async def test_what_serving_offers_the_log_reads_back_in_the_producer_as_offered(service: Service) -> None:
     """The hand-off carries the model's arrays and the ids' prefix, not the formatted values: the producer
     must rebuild from them the very events the offered items encode to."""
