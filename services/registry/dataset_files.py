@@ -399,7 +399,7 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
                     column=field_.name,
                 ) from exc
     try:
-        return table.to_pandas(types_mapper=_NULLABLE_DTYPES.get)
+        frame = table.to_pandas(types_mapper=_NULLABLE_DTYPES.get)
     except (pa.ArrowException, ValueError, OverflowError) as exc:
         # A value pandas has no room for (a date32 of 10^8 days is beyond year 9999): name its column.
         for name, column in zip(names, table.columns, strict=True):
@@ -410,6 +410,22 @@ def _read_parquet(data: bytes, limits: TableLimits) -> pd.DataFrame:
                     f"column {name!r} cannot be read: {column_exc}", field="file", column=name
                 ) from exc
         raise InvalidInput(f"the Parquet file cannot be read: {exc}", field="file") from exc
+    return _index_as_columns(frame, limits)
+
+
+def _index_as_columns(frame: pd.DataFrame, limits: TableLimits) -> pd.DataFrame:
+    """``frame`` with the levels of its index that have a name as its first columns, where ``to_csv`` writes
+    them. pandas writes ``df.set_index("customer_id")`` as a file whose customer_id column its metadata names
+    the index (or, for ids in equal steps, holds in its metadata alone), and the canonical form keeps no
+    index: the ids were dropped without a word, where the same table as CSV kept them. An index without a
+    name (row numbers) is not data, and is still dropped."""
+    named = [n for n in frame.index.names if n is not None]
+    if not named:
+        return frame
+    # A name held in the metadata alone has not been through the footer's checks.
+    _check_header([str(n).strip() for n in [*named, *frame.columns]])
+    limits.check(len(frame), len(named) + len(frame.columns))
+    return frame.reset_index(level=named)
 
 
 def _check_column_types(schema: pa.Schema) -> None:

@@ -199,6 +199,38 @@ def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("index", "ids"),
+    [
+        (["customer_id"], [7, 9, 4]),  # written as a column of the file
+        (["customer_id"], [7, 9, 11]),  # in equal steps: held in the metadata alone
+        (["region", "customer_id"], [7, 9, 4]),  # two levels
+    ],
+)
+def test_a_named_pandas_index_is_kept_as_a_column_as_in_csv(index: list[str], ids: list[int]) -> None:
+    # df.set_index("customer_id").to_parquet() stores the index as a column of the file, named in pandas'
+    # metadata; to_csv writes it as the first column. Both are the same table.
+    columns = {
+        "region": ["US", "EU", "EU"],
+        "customer_id": ids,
+        "x": [0.5, 1.5, 2.5],
+        "churned": [0, 1, 0],
+    }
+    frame = pd.DataFrame(columns).set_index(index)
+    from_csv = canonicalise(frame.to_csv().encode(), filename="d.csv", limits=LIMITS)
+    from_parquet = canonicalise(parquet_of(frame), filename="d.parquet", limits=LIMITS)
+    kept = [*index, *(c for c in columns if c not in index)]
+    assert list(from_parquet.columns) == list(from_csv.columns) == kept
+    assert from_parquet.parquet == from_csv.parquet
+
+
+def test_a_pandas_index_named_as_a_column_is_refused_naming_it() -> None:
+    frame = pd.DataFrame({"x": [1, 2, 3]}, index=pd.Index([5, 6, 9], name="x"))
+    with pytest.raises(InvalidInput) as caught:
+        canonicalise(parquet_of(frame), filename="d.parquet", limits=LIMITS)
+    assert "column 'x' appears twice" in caught.value.message
+
+
 def test_a_missing_integer_keeps_the_column_integer_and_hashes_as_in_csv() -> None:
     # 2**53 + 1 has no float64: a column read as float would store 9007199254740992.
     csv = b"customer_id,plan\n9007199254740993,basic\n,plus\n"
