@@ -46,6 +46,9 @@ _NULLABLE_DTYPES: dict[pa.DataType, pd.api.extensions.ExtensionDtype] = {
     pa.uint32(): pd.UInt32Dtype(),
     pa.uint64(): pd.UInt64Dtype(),
     pa.bool_(): pd.BooleanDtype(),
+    # A column missing in every row: pandas writes one of None only as Arrow's null type. The CSV reader
+    # makes the same column Int64, all missing.
+    pa.null(): pd.Int64Dtype(),
 }
 
 
@@ -430,11 +433,13 @@ def _index_as_columns(frame: pd.DataFrame, limits: TableLimits) -> pd.DataFrame:
 
 def _check_column_types(schema: pa.Schema) -> None:
     """422 naming the first column of a type the canonical form has no place for (a list, a struct, a map,
-    bytes, ...): only flat columns of numbers, booleans, text, dates and timestamps, one value per row."""
+    bytes, ...): only flat columns of numbers, booleans, text, dates and timestamps, one value per row (or
+    none: a column missing in every row)."""
     for field_ in schema:
         t = field_.type.value_type if pa.types.is_dictionary(field_.type) else field_.type
         if not (
             pa.types.is_integer(t)
+            or pa.types.is_null(t)
             or pa.types.is_floating(t)
             or pa.types.is_boolean(t)
             or pa.types.is_string(t)

@@ -231,6 +231,19 @@ def test_a_pandas_index_named_as_a_column_is_refused_naming_it() -> None:
     assert "column 'x' appears twice" in caught.value.message
 
 
+def test_a_column_missing_in_every_row_is_kept_and_hashes_as_in_csv() -> None:
+    # pandas writes a column of None only (a coupon no one used this month) as Arrow's null type.
+    csv = b"coupon,y\n,1\n,2\n"
+    frame = pd.DataFrame({"coupon": pd.Series([None, None], dtype=object), "y": [1, 2]})
+    table = pa.table({"coupon": pa.nulls(2), "y": [1, 2]})
+    assert pq.read_schema(io.BytesIO(parquet_of(frame))).field("coupon").type == pa.null()
+    from_csv = canonicalise(csv, filename="d.csv", limits=LIMITS)
+    for data in (parquet_of(frame), parquet_table(table)):
+        from_parquet = canonicalise(data, filename="d.parquet", limits=LIMITS)
+        assert from_parquet.columns == from_csv.columns == {"coupon": "Int64", "y": "int64"}
+        assert from_parquet.parquet == from_csv.parquet
+
+
 def test_a_missing_integer_keeps_the_column_integer_and_hashes_as_in_csv() -> None:
     # 2**53 + 1 has no float64: a column read as float would store 9007199254740992.
     csv = b"customer_id,plan\n9007199254740993,basic\n,plus\n"
