@@ -38,6 +38,13 @@ class RollbackReason(StrEnum):
     SUPERSEDED = "superseded"
 
 
+def _versions_differ(kept: int | None, moved: int | None, moved_name: str, kept_name: str) -> None:
+    """One version cannot be on both sides of a rollout (its consumers would reject or archive the version
+    that serves)."""
+    if kept is not None and kept == moved:
+        raise ValueError(f"{moved_name} must differ from {kept_name}")
+
+
 class RolloutStarted(EventPayload):
     """A rollout began: the canary version takes the first step's share of traffic."""
 
@@ -87,8 +94,7 @@ class RolloutStarted(EventPayload):
             raise ValueError("the last step must be 1.0 (all traffic)")
         if self.step_index >= len(self.steps) or self.steps[self.step_index] != self.weight:
             raise ValueError("weight must equal steps[step_index]")
-        if self.stable_version == self.canary_version:
-            raise ValueError("canary_version must differ from stable_version")
+        _versions_differ(self.stable_version, self.canary_version, "canary_version", "stable_version")
         return self
 
 
@@ -114,6 +120,13 @@ class RolloutStepAdvanced(EventPayload):
     )
     step_seconds: float = Field(ge=0, description="How long the step just passed lasted.", examples=[34.2])
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _versions_differ(self.stable_version, self.canary_version, "canary_version", "stable_version")
+        if self.weight <= self.previous_weight:
+            raise ValueError("weight must be larger than previous_weight (a step only ever grows the share)")
+        return self
+
 
 class RolloutPromoted(EventPayload):
     """The canary took all traffic: it is the model's production version now."""
@@ -135,6 +148,11 @@ class RolloutPromoted(EventPayload):
         ge=0, description="Time from RolloutStarted to promotion.", examples=[104.0]
     )
     manual: bool = Field(default=False, description="True when a PromoteRequested cut the rollout short.")
+
+    @model_validator(mode="after")
+    def _versions(self) -> Self:
+        _versions_differ(self.previous_version, self.model_version, "model_version", "previous_version")
+        return self
 
 
 class RolloutRolledBack(EventPayload):
@@ -169,3 +187,9 @@ class RolloutRolledBack(EventPayload):
         f"{COMPOSED_REASON_TEXT}.",
         examples=["canary error rate 4.1% vs stable 0.2% over 612 vs 5,480 requests"],
     )
+
+    @model_validator(mode="after")
+    def _versions(self) -> Self:
+        # The version rolled back is rejected: the one that serves everything from now on cannot be it.
+        _versions_differ(self.stable_version, self.canary_version, "canary_version", "stable_version")
+        return self

@@ -49,7 +49,7 @@ from contracts.models import ModelStageChanged, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, DriftDetected, PerformanceDegraded
 from contracts.predictions import PredictionsLogged
 from contracts.registry import ALL_PAYLOADS, EVENT_TYPES
-from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from contracts.topics import AUDIT, DEAD_LETTER, SERVICES, TOPICS
 from contracts.training import TrainingCompleted, TrainingRequested
 from contracts.validation import ValidationFailed, ValidationPassed
@@ -238,6 +238,10 @@ def _with(cls: type[EventPayload], **changes: Any) -> dict[str, Any]:
         (RolloutStarted, {"steps": [0.1, 0.5]}, "last step must be 1.0"),
         (RolloutStarted, {"weight": 0.5}, r"steps\[step_index\]"),
         (RolloutStarted, {"canary_version": 6}, "differ"),
+        (RolloutStepAdvanced, {"canary_version": 6}, "canary_version must differ from stable_version"),
+        (RolloutStepAdvanced, {"weight": 0.1}, "larger than previous_weight"),
+        (RolloutPromoted, {"model_version": 6}, "model_version must differ from previous_version"),
+        (RolloutRolledBack, {"canary_version": 7}, "canary_version must differ from stable_version"),
         (ValidationFailed, {"failed_checks": []}, "failed"),
         (ValidationPassed, {"failed_checks": ["roc_auc>=0.75"]}, "failed_checks"),
         (ModelStageChanged, {"to_stage": "canary"}, "not a change"),
@@ -250,6 +254,10 @@ def _with(cls: type[EventPayload], **changes: Any) -> dict[str, Any]:
         "steps-not-ending-at-all-traffic",
         "weight-not-the-current-step",
         "canary-equals-stable",
+        "step-canary-equals-stable",
+        "step-not-growing",
+        "promoted-equals-previous",
+        "rolled-back-equals-stable",
         "failed-without-failures",
         "passed-with-failures",
         "stage-unchanged",
