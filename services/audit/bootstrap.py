@@ -30,7 +30,6 @@ from services.audit.domain import (
     PreparedRows,
     SealedHead,
     Signer,
-    StoredCheckpoint,
 )
 from services.audit.settings import AuditSettings, decode_key
 
@@ -62,11 +61,11 @@ def key_ring(settings: AuditSettings, signer: Signer) -> KeyRing:
 
 
 async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile, trust: CheckpointTrust) -> int:
-    """Copy the trusted checkpoints the file does not have yet from the database; returns how many."""
+    """Copy the trusted checkpoints the file does not have yet from the database; returns how many. A row
+    that is not a checkpoint (written in the database) is an untrusted one, named once, never an error: this
+    runs as the service starts, and on every tick of the keeper."""
     async with reading(pool, role) as trail:
-        checkpoints = await trail.checkpoints(after=archive.last_sequence())
-        row_hashes = await trail.row_hashes([c.sequence for c in checkpoints])
-    stored = [StoredCheckpoint(c.sequence, c, row_hashes.get(c.sequence)) for c in checkpoints]
+        stored = await trail.checkpoints_above(archive.last_sequence())
     added = archive.append(handlers.trusted_to_archive(stored, trust))
     trust.passed(archive.last_sequence())
     return added

@@ -8,7 +8,7 @@ import time
 from bisect import bisect_right
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,6 +18,7 @@ from services.audit.domain import (
     GENESIS,
     EventQuery,
     KeyRing,
+    NotACheckpoint,
     Sealer,
     TraceCut,
     causal_tree,
@@ -102,21 +103,29 @@ CHECKPOINT_PAGE = 1000
 trail kept for years has a checkpoint every few thousand rows, a billion rows 100,000 or more, and they are
 read a page at a time alongside the rows, never all together."""
 
-ReadCheckpoints = Callable[[int, int], Awaitable[list[AuditCheckpoint]]]
+CheckpointRead = AuditCheckpoint | NotACheckpoint
+"""A checkpoint as a source gives it: the database's rows that are not checkpoints come as such, for a
+verification to name."""
+
+Read = TypeVar("Read", AuditCheckpoint, CheckpointRead)
+"""What a reader of checkpoints takes: checkpoints (an export), or rows that may not be ones (a
+verification)."""
+
+ReadCheckpoints = Callable[[int, int], Awaitable[Sequence[Read]]]
 """(after, page): the first ``page`` checkpoints of one source above ``after``, in sequence order (more when
 the last sequence has several, fewer only at the source's end)."""
 
 
 async def checkpoint_pages(
-    sources: Sequence[ReadCheckpoints], *, after: int, page: int = CHECKPOINT_PAGE
-) -> AsyncGenerator[list[AuditCheckpoint], None]:
+    sources: Sequence[ReadCheckpoints[Read]], *, after: int, page: int = CHECKPOINT_PAGE
+) -> AsyncGenerator[list[Read], None]:
     """The checkpoints of every source above ``after`` merged in sequence order, a page at a time, the same
     checkpoint (sequence and signature) once: at most a page per source is held at once.
 
     A page ends at the lowest sequence a source not yet at its end has read up to: what it holds above
     that comes in a later page, beside what the others hold there. On one sequence, the earlier source's
     checkpoints come first."""
-    held: list[list[AuditCheckpoint]] = [[] for _ in sources]
+    held: list[list[Read]] = [[] for _ in sources]
     read_to = [after] * len(sources)
     ended = [False] * len(sources)
     while True:
@@ -129,7 +138,7 @@ async def checkpoint_pages(
         if not any(held):
             return
         bound = min((read_to[i] for i in range(len(sources)) if not ended[i]), default=None)
-        taken: list[AuditCheckpoint] = []
+        taken: list[Read] = []
         for i, mine in enumerate(held):
             cut = len(mine) if bound is None else bisect_right([c.sequence for c in mine], bound)
             taken += mine[:cut]
@@ -141,17 +150,17 @@ async def checkpoint_pages(
 
 
 def _reads(
-    chain_read: Callable[..., Awaitable[list[AuditCheckpoint]]],
+    chain_read: Callable[..., Awaitable[Sequence[Read]]],
     database_upto: int | None,
     archives: Sequence[tuple[CheckpointArchive, int | None]],
-) -> list[ReadCheckpoints]:
+) -> list[ReadCheckpoints[Read]]:
     """The database's pages (``chain_read``), then each archive's, read in a thread: a file of years of
     checkpoints is searched on disk, and the trail's writer may share this event loop."""
 
-    def database(lo: int, n: int) -> Awaitable[list[AuditCheckpoint]]:
+    def database(lo: int, n: int) -> Awaitable[Sequence[Read]]:
         return chain_read(after=lo, upto=database_upto, page=n)
 
-    def archive_read(archive: CheckpointArchive, upto: int | None) -> ReadCheckpoints:
+    def archive_read(archive: CheckpointArchive, upto: int | None) -> ReadCheckpoints[AuditCheckpoint]:
         async def read(lo: int, n: int) -> list[AuditCheckpoint]:
             return await asyncio.to_thread(archive.read, after=lo, upto=upto, page=n)
 

@@ -794,6 +794,21 @@ class Signer:
         )
 
 
+class NotACheckpoint(NamedTuple):
+    """A row of the checkpoints table whose columns are not a checkpoint (written in the database), as a
+    verification reads it: it vouches for nothing, and is named ``bad-checkpoint`` at its sequence, as a
+    forged checkpoint is."""
+
+    sequence: int
+    why: str
+
+    @property
+    def signature(self) -> str:
+        """It has none: the merge of the checkpoint sources keeps it apart by its sequence (the database holds
+        one row per sequence)."""
+        return ""
+
+
 class KeyRing:
     """The public keys a verifier trusts, by key id."""
 
@@ -805,8 +820,10 @@ class KeyRing:
         """key id -> raw public key in base64."""
         return {key_id: base64.b64encode(raw).decode() for key_id, raw in self._raw.items()}
 
-    def check(self, checkpoint: AuditCheckpoint) -> str | None:
+    def check(self, checkpoint: AuditCheckpoint | NotACheckpoint) -> str | None:
         """None when the signature is good, else why not."""
+        if isinstance(checkpoint, NotACheckpoint):
+            return f"its row is not a checkpoint (written in the database): {checkpoint.why}"
         key = self.keys.get(checkpoint.key_id)
         if key is None:
             return (

@@ -14,6 +14,7 @@ from services.audit.domain import (
     HeldAt,
     HeldEvent,
     KafkaPosition,
+    NotACheckpoint,
     StoredCheckpoint,
     StoredRow,
     TrailRow,
@@ -132,9 +133,10 @@ class ChainSource(Protocol):
 
     async def checkpoints(
         self, *, after: int, upto: int | None, page: int | None = None
-    ) -> list[AuditCheckpoint]:
+    ) -> Sequence[AuditCheckpoint | NotACheckpoint]:
         """The checkpoints the database holds for rows ``after+1 .. upto`` (no ``upto``: every one after
-        ``after``, beyond the last row too), in sequence order; the first ``page`` of them when paged."""
+        ``after``, beyond the last row too), in sequence order; the first ``page`` of them when paged. A row
+        that is not a checkpoint comes as one that is not, for the verification to name."""
         ...
 
 

@@ -21,6 +21,7 @@ from services.audit.domain import (
     LINK_BYTES,
     SEQ_BYTES,
     KeyRing,
+    NotACheckpoint,
     Sealer,
     StoredRow,
     chain_hash,
@@ -237,14 +238,16 @@ class CheckpointChecker:
         self.covered = after
         self.finding: Finding | None = None
         self.suspect: tuple[int, int] | None = None
-        self._first_beyond: AuditCheckpoint | None = None
+        self._first_beyond: AuditCheckpoint | NotACheckpoint | None = None
         self._last_signed_beyond: AuditCheckpoint | None = None
 
-    def wanted(self, page: Iterable[AuditCheckpoint]) -> list[int]:
+    def wanted(self, page: Iterable[AuditCheckpoint | NotACheckpoint]) -> list[int]:
         """The sequences of ``page`` whose row hash :meth:`feed` needs."""
         return sorted({c.sequence for c in page if self.after < c.sequence <= self.checked_upto})
 
-    def feed(self, page: Iterable[AuditCheckpoint], stored_hash: Mapping[int, bytes]) -> bool:
+    def feed(
+        self, page: Iterable[AuditCheckpoint | NotACheckpoint], stored_hash: Mapping[int, bytes]
+    ) -> bool:
         """Check the next checkpoints (sequence order, each after the previous page's), ``stored_hash``
         holding the row hashes at :meth:`wanted`'s sequences; False once there is a finding (read no more)."""
         for cp in page:
@@ -256,12 +259,12 @@ class CheckpointChecker:
                 self.checked += 1
                 if self._first_beyond is None:
                     self._first_beyond = cp
-                if self.keys.check(cp) is None:
+                if isinstance(cp, AuditCheckpoint) and self.keys.check(cp) is None:
                     self._last_signed_beyond = cp
                 continue
             self.checked += 1
             bad_signature = self.keys.check(cp)
-            if bad_signature is not None:
+            if bad_signature is not None or isinstance(cp, NotACheckpoint):
                 self.finding = Finding(
                     cp.sequence, Problem.BAD_CHECKPOINT, f"the checkpoint at {cp.sequence}: {bad_signature}"
                 )
@@ -290,7 +293,11 @@ class CheckpointChecker:
 
 
 def _cut_tail(
-    first: AuditCheckpoint, last_signed: AuditCheckpoint | None, *, head_seq: int, keys: KeyRing
+    first: AuditCheckpoint | NotACheckpoint,
+    last_signed: AuditCheckpoint | None,
+    *,
+    head_seq: int,
+    keys: KeyRing,
 ) -> Finding:
     """What checkpoints beyond the trail's end say: the rows up to the highest one a trusted key signed
     (``last_signed``) are gone (the full extent known, not only up to the first), or, when none is, the

@@ -32,6 +32,7 @@ from services.audit.domain import (
     KafkaContent,
     KafkaPosition,
     Kind,
+    NotACheckpoint,
     StoredCheckpoint,
     StoredRow,
     TrailRow,
@@ -163,6 +164,9 @@ ORDER BY seq {order}
 """Rows matching ``where`` in seq ``order``, at most ``limit`` and as many as start before their records add
 up to ``budget`` bytes (the first always), each with ``budget_cut``: true on the last row taken when rows
 after it were left out for the budget."""
+
+_CHECKPOINTS_BETWEEN = "SELECT * FROM checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+"""The checkpoints of rows ``$1+1 .. $2`` in sequence order, the first ``$3`` (NULL: every one)."""
 
 _CASCADE = _BUDGETED.format(
     columns=_STORED, where=f"correlation_id = $1 AND {_NOT_PREDICTIONS}", order="ASC", limit="$2", budget="$3"
@@ -298,6 +302,21 @@ def _checkpoint(row: asyncpg.Record) -> AuditCheckpoint:
         key_id=row["key_id"],
         signature=row["signature"],
     )
+
+
+def _readable_checkpoint(row: asyncpg.Record) -> AuditCheckpoint | None:
+    """A row of the checkpoints table for a reader: None, with a warning, for one whose columns are not a
+    checkpoint (written in the database)."""
+    try:
+        return _checkpoint(row)
+    except ValidationError as exc:
+        log.warning(
+            "a row of the checkpoints table is not a checkpoint (written in the database), skipped: it "
+            "vouches for nothing (docs/audit.md)",
+            seq=row["seq"],
+            error=str(exc),
+        )
+        return None
 
 
 def _stored_checkpoint(row: asyncpg.Record) -> StoredCheckpoint:
@@ -530,17 +549,61 @@ class PgTrail:
         self, *, limit: int | None = None, after: int = 0, upto: int | None = None, page: int | None = None
     ) -> list[AuditCheckpoint]:
         """The newest ``limit`` checkpoints (newest first), or those of ``after+1 .. upto`` in sequence
-        order, the first ``page`` of them (an index range scan of the primary key)."""
-        if limit is None:
-            rows = await self.conn.fetch(
-                "SELECT * FROM checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-                after,
-                SEQ_MAX if upto is None else upto,
-                page,  # NULL: no limit
-            )
-        else:
-            rows = await self.conn.fetch("SELECT * FROM checkpoints ORDER BY seq DESC LIMIT $1", limit)
-        return [_checkpoint(r) for r in rows]
+        order, the first ``page`` of them (an index range scan of the primary key).
+
+        A row that is not a checkpoint (written in the database) is skipped with a warning, as a line of the
+        checkpoint file that is not one is: it vouches for nothing, and must fail none of these reads
+        (/v1/head, /v1/checkpoints, the export; a verification names it, :meth:`checkpoint_rows`). The rows
+        after it are read on, so that a page short of ``page`` still means the end of the range."""
+        newest_first = limit is not None
+        wanted = limit if newest_first else page
+        last = SEQ_MAX if upto is None else upto
+        found: list[AuditCheckpoint] = []
+        while True:
+            count = None if wanted is None else wanted - len(found)
+            if newest_first:
+                rows = await self.conn.fetch(
+                    "SELECT * FROM checkpoints WHERE seq <= $1 ORDER BY seq DESC LIMIT $2", last, count
+                )
+            else:
+                rows = await self.conn.fetch(
+                    _CHECKPOINTS_BETWEEN,
+                    after,
+                    last,
+                    count,  # NULL: no limit
+                )
+            found += [c for c in map(_readable_checkpoint, rows) if c is not None]
+            if count is None or len(rows) < count or len(found) == wanted:
+                return found
+            if newest_first:
+                last = rows[-1]["seq"] - 1
+            else:
+                after = rows[-1]["seq"]
+
+    async def checkpoint_rows(
+        self, *, after: int, upto: int | None, page: int | None
+    ) -> list[AuditCheckpoint | NotACheckpoint]:
+        """The rows of ``after+1 .. upto`` in sequence order, the first ``page`` of them, as a verification
+        reads them: a row that is not a checkpoint (written in the database) comes as one, to be named."""
+        rows = await self.conn.fetch(
+            _CHECKPOINTS_BETWEEN,
+            after,
+            SEQ_MAX if upto is None else upto,
+            page,  # NULL: no limit
+        )
+        read: list[AuditCheckpoint | NotACheckpoint] = []
+        for r in rows:
+            try:
+                read.append(_checkpoint(r))
+            except ValidationError as exc:
+                read.append(NotACheckpoint(r["seq"], str(exc)))
+        return read
+
+    async def checkpoints_above(self, seq: int) -> list[StoredCheckpoint]:
+        """Every checkpoint of a sequence above ``seq``, in sequence order, each with its row's hash, as a
+        writer judges them: a row that is not a checkpoint comes as an untrusted one."""
+        rows = await self.conn.fetch(f"{_STORED_CHECKPOINTS} WHERE c.seq > $1 ORDER BY c.seq", seq)
+        return [_stored_checkpoint(r) for r in rows]
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
         """(seq, record, row_hash) in batches (:meth:`rows_between`)."""
@@ -650,7 +713,8 @@ class PgChain:
 
     async def checkpoints(
         self, *, after: int, upto: int | None, page: int | None = None
-    ) -> list[AuditCheckpoint]:
-        """The database's checkpoints for rows ``after+1 .. upto``, the first ``page`` of them."""
+    ) -> list[AuditCheckpoint | NotACheckpoint]:
+        """The database's checkpoints for rows ``after+1 .. upto``, the first ``page`` of them, a row that is
+        not a checkpoint included as such."""
         async with reading(self.pool, self.role) as trail:
-            return await trail.checkpoints(after=after, upto=upto, page=page)
+            return await trail.checkpoint_rows(after=after, upto=upto, page=page)

@@ -18,7 +18,7 @@ from libs.bus.core import Delivery, Record
 from libs.http import create_app
 from services.audit import api
 from services.audit.adapters.files import CheckpointFile
-from services.audit.adapters.postgres import PgChain
+from services.audit.adapters.postgres import reading
 from services.audit.domain import DATA_MAX_DEPTH, KeyRing
 from services.audit.settings import AuditSettings
 from tests.integration.audit.conftest import ROLE, TrailDb
@@ -165,7 +165,8 @@ async def test_the_checkpoint_file_is_read_off_the_event_loop(
     # made a checkpoint) with the writer's event loop stopped.
     await trail_db.fill(12, every=5)
     archive: ReadWatched = client.app.state.audit.archive  # type: ignore[attr-defined]
-    archive.append(await PgChain(trail_db.pool, ROLE).checkpoints(after=0, upto=None))
+    async with reading(trail_db.pool, ROLE) as trail:
+        archive.append(await trail.checkpoints())
     archive.read_on.clear()
 
     export = await client.get("/v1/export", headers=AUDITOR)

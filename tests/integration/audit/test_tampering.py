@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
@@ -16,7 +17,7 @@ from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, PgTrail, reading
 from services.audit.bootstrap import sync_archive
-from services.audit.domain import EventQuery
+from services.audit.domain import EventQuery, NotACheckpoint
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
@@ -109,7 +110,7 @@ class CountedChain(PgChain):
 
     async def checkpoints(
         self, *, after: int = 0, upto: int | None = None, page: int | None = None
-    ) -> list[AuditCheckpoint]:
+    ) -> list[AuditCheckpoint | NotACheckpoint]:
         found = await super().checkpoints(after=after, upto=upto, page=page)
         self.checkpoints_read += [c.sequence for c in found]
         return found
@@ -245,6 +246,41 @@ async def test_a_checkpoint_row_that_is_no_checkpoint_at_the_writer_s_next_seque
     assert (
         await filled.pool.fetchval("SELECT key_id FROM checkpoints WHERE seq = 65")
     ) == filled.signer.key_id
+
+
+async def test_a_checkpoint_row_that_is_no_checkpoint_is_named_by_verify_and_fails_no_other_reader(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    for seq in (35, 10**12):  # between two checkpoints, and the newest
+        await filled.superuser(FORGED_CHECKPOINT, seq, "not a hash", "", "not base64!")
+    archive, trust = CheckpointFile(tmp_path / "checkpoints.ndjson", in_order=True), filled.trust()
+    before = untrusted("archive")
+    # What the service does as it starts, then every second: one such row stopped it at its start.
+    assert await sync_archive(filled.pool, ROLE, archive, trust) == 5
+    assert await sync_archive(filled.pool, ROLE, archive, trust) == 0
+    assert untrusted("archive") == before + 2  # each named once
+    assert [c.sequence for c in archive.read()] == [10, 20, 30, 40, 50]
+    # Verification names each, as it names a forged checkpoint (and the same read a row at a time).
+    for from_seq, seq in [(1, 35), (41, 10**12)]:
+        report = await filled.verify(archives=[archive], from_seq=from_seq)
+        assert (report.first_bad_seq, report.problem) == (seq, Problem.BAD_CHECKPOINT), report
+        assert f"the checkpoint at {seq}: its row is not a checkpoint" in (report.detail or "")
+    async with reading(filled.pool, ROLE, snapshot=True) as trail:
+        head = await core.head_view(trail)
+        newest = await trail.checkpoints(limit=2)
+        exports = [
+            b"".join([line async for line in core.export_lines(trail, checkpoint_page=page)])
+            for page in (1000, 1)
+        ]
+    assert HeadPublic.model_validate(head).last_checkpoint is not None
+    assert [head["last_checkpoint"].sequence, *(c.sequence for c in newest)] == [50, 50, 40]
+    for export in exports:  # the export carries the signed checkpoints alone
+        lines = [orjson.loads(line) for line in export.splitlines()]
+        assert [ln["checkpoint"]["sequence"] for ln in lines if "checkpoint" in ln] == [10, 20, 30, 40, 50]
+
+
+def untrusted(step: str) -> float:
+    return REGISTRY.get_sample_value("driftloop_audit_checkpoints_untrusted_total", {"step": step}) or 0.0
 
 
 async def test_doctored_indexed_column_is_found_by_the_full_verification(filled: TrailDb) -> None:
