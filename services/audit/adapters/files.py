@@ -59,6 +59,7 @@ class CheckpointFile:
         self.in_order = in_order
         self._searched = in_order  # its lines are known to be in sequence order
         self._last: int | None = None  # the newest sequence in the file, once read
+        self._read_at: FileStamp | None = None  # the file as it was when _last was read or written
 
     def read(
         self, *, after: int = 0, upto: int | None = None, page: int | None = None
@@ -120,11 +121,17 @@ class CheckpointFile:
         return lowest[-1] if len(lowest) == page else upto
 
     def last_sequence(self) -> int:
-        """The newest sequence in the file (0: none); read once, then kept as this object appends. In a
-        file ``in_order``, its last checkpoint, read from the end; in another, read through (one
-        checkpoint held at a time), which shows whether its lines are in order."""
-        if self._last is None:
+        """The newest sequence in the file (0: none); read once, then kept as this object appends, while the
+        file is as this object left it. In a file ``in_order``, its last checkpoint, read from the end; in
+        another, read through (one checkpoint held at a time), which shows whether its lines are in order.
+
+        A file changed by another hand (restored from a backup, a line moved out of it, removed) is read
+        again: kept at its old end, the service took only checkpoints past that end until it restarted."""
+        stamp = _stamp(self.path)
+        if self._last is None or stamp != self._read_at:
+            self._searched = self.in_order
             self._last = self._last_in_order() if self.in_order else self._read_through()
+            self._read_at = stamp
         return self._last
 
     def _read_through(self) -> int:
@@ -175,10 +182,24 @@ class CheckpointFile:
             for cp in newer:
                 os.write(fd, orjson.dumps(cp.model_dump(mode="json")) + b"\n")
             os.fsync(fd)
+            self._read_at = _stamp(self.path)
         finally:
             os.close(fd)
         self._last = newer[-1].sequence
         return len(newer)
+
+
+FileStamp = tuple[int, int, int, int]
+"""A file's device, inode, size and modification time (ns): another hand's change shows in one of them."""
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    """The file's :data:`FileStamp` (None: there is none)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _sequence_of(line: bytes) -> int | None:

@@ -92,6 +92,29 @@ def test_checkpoint_file_appends_only_newer_checkpoints(tmp_path: Path) -> None:
     assert archive.read() == cps
 
 
+def test_a_checkpoint_file_changed_under_the_service_is_caught_up_without_a_restart(tmp_path: Path) -> None:
+    # The service's file, restored from a backup or with a line moved out of it (docs/audit.md: a checkpoint
+    # forged far ahead that an older release copied) while the service runs: it was kept at its old end,
+    # taking only checkpoints past it, until a restart.
+    signer = Signer(bytes(range(32)))
+    path = tmp_path / "checkpoints.ndjson"
+    cps = [
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n % 60, tzinfo=UTC))
+        for n in (10, 20, 30, 40, 10**12)
+    ]
+    archive = CheckpointFile(path, in_order=True)
+    assert archive.append([cps[0], cps[4]]) == 2
+    path.write_bytes(path.read_bytes().splitlines(keepends=True)[0])  # the line far ahead moved out
+    assert archive.append(cps[:3]) == 2
+    assert [c.sequence for c in archive.read()] == [10, 20, 30]
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))  # yesterday's copy back
+    assert archive.last_sequence() == 20
+    assert archive.append(cps[:4]) == 2
+    assert [c.sequence for c in archive.read()] == [10, 20, 30, 40]
+    path.unlink()
+    assert archive.last_sequence() == 0
+
+
 def test_a_torn_last_line_costs_no_checkpoint_appended_after_it(tmp_path: Path) -> None:
     # A crash (or a full disk) in the middle of an append leaves a line without its newline: the next
     # checkpoint must start a line of its own, not be glued to the torn one and lost with it.
