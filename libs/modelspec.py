@@ -285,7 +285,8 @@ class ChampionRule(_SpecModel):
 
 
 class SliceRule(_SpecModel):
-    """Per-slice gate: every level of a categorical feature must meet a minimum on a metric."""
+    """Per-slice gate: every level of a categorical feature must meet a minimum on a metric (validation checks
+    at most its ``max_slice_levels`` levels with the most rows one by one, docs/validation.md)."""
 
     feature: str = Field(min_length=1, description="A categorical feature of the spec.")
     metric: str | None = Field(None, description="Metric per slice; default the champion metric.")

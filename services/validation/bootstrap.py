@@ -68,6 +68,7 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         ArtifactStore(settings.artifacts_url, attempts=STORE_ATTEMPTS),
         latency_repeats=settings.latency_repeats,
         latency_batch_rows=settings.latency_batch_rows,
+        max_slice_levels=settings.max_slice_levels,
     )
     app = create_app(
         settings,

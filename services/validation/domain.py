@@ -51,6 +51,16 @@ class SliceMeasure:
     value: float
 
 
+@dataclass(frozen=True)
+class SlicesLeftOut:
+    """The levels of the slice feature past ``max_slice_levels``, those with the fewest rows: not measured one
+    by one, so a feature of a million levels (an id, a postcode) costs no million checks."""
+
+    levels: int
+    rows: int
+    max_slice_levels: int
+
+
 ChampionProblem = Literal["missing", "corrupted", "untrusted", "unloadable"]
 
 
@@ -86,6 +96,8 @@ class Measured:
     slice_feature: str | None = None
     slice_metric: str | None = None
     slices: list[SliceMeasure] = field(default_factory=list)
+    slices_left_out: SlicesLeftOut | None = None
+    """Set when the holdout has more levels of the slice feature than ``max_slice_levels``."""
     unlabelled_rows: int = 0
     """Holdout rows left out of every check: their label is missing or no value of the target's type."""
     unusable_labels: tuple[str, ...] = ()
@@ -300,8 +312,15 @@ def champion_check(
     )
 
 
+def slice_levels_left_out_name(feature: str, metric: str) -> str:
+    """The name of the check summing up the levels not checked one by one: the feature followed by ``:``
+    where a level's check has ``=``, so no level, whatever its text, gives the same name."""
+    return f"slice:{feature}:other-levels:{metric}"
+
+
 def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
-    """One check per level of the slice feature; small or undefined slices are reported, not judged."""
+    """One check per level of the slice feature measured, and one for the levels left out past
+    ``max_slice_levels``; small or undefined slices and the levels left out are reported, not judged."""
     rule = spec.slices
     if rule is None or measured.slice_metric is None:
         return []
@@ -334,6 +353,17 @@ def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
                     f"on {s.rows} rows",
                 )
             )
+    if (out := measured.slices_left_out) is not None:
+        checked = len(measured.slices)
+        detail = (
+            f"reported, not judged: {out.levels:,} levels of {rule.feature} with {out.rows:,} rows in all "
+            f"are not checked one by one: the holdout has {checked + out.levels:,} levels, more than "
+            f"max_slice_levels {out.max_slice_levels:,}, and the {checked:,} with the most rows are checked. "
+            "A feature of that many levels (an id, a postcode) is seldom meant as slices: slice on a coarser "
+            "feature, or raise DRIFTLOOP_VALIDATION_MAX_SLICE_LEVELS"
+        )
+        name = slice_levels_left_out_name(rule.feature, metric)
+        checks.append(CheckResult(name=name, kind=CheckKind.SLICE, metric=metric, passed=True, detail=detail))
     return checks
 
 

@@ -29,6 +29,7 @@ from services.validation.domain import (
     ChampionComparison,
     Measured,
     SliceMeasure,
+    SlicesLeftOut,
     champion_metric,
     slice_metric,
 )
@@ -350,6 +351,7 @@ def measure(
     seed: int = 0,
     latency_repeats: int = 7,
     latency_batch_rows: int = 1000,
+    max_slice_levels: int = 10_000,
 ) -> Measured:
     """Everything the gate needs, measured on the same rows for candidate and champion: the holdout rows
     with a usable label (the others are left out of every check and counted)."""
@@ -428,6 +430,7 @@ def measure(
                 comparison = _compare(spec, metric_name, outputs, theirs, seed)
 
     slices: list[SliceMeasure] = []
+    slices_left_out: SlicesLeftOut | None = None
     feature = spec.slices.feature if spec.slices is not None else None
     slice_name = None
     if feature is not None and feature in holdout.columns:
@@ -436,13 +439,26 @@ def measure(
         # Each level measured on its own rows only: a metric over every row with the others masked out was
         # rows x levels of work (hours for millions of rows of thousands of stores).
         codes, names = pd.factorize(levels, sort=True)
+        sizes = np.bincount(codes, minlength=len(names))
+        checked = np.arange(len(names))
+        if len(names) > max_slice_levels:
+            # Cut before any metric is computed: the levels with the most rows, ties in text order (the names
+            # are sorted and the sort stable), reported back in text order.
+            checked = np.sort(np.argsort(-sizes, kind="stable")[:max_slice_levels])
+            slices_left_out = SlicesLeftOut(
+                levels=len(names) - len(checked),
+                rows=int(len(levels) - sizes[checked].sum()),
+                max_slice_levels=max_slice_levels,
+            )
         order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-        for code, level in enumerate(names):
+        bounds = np.concatenate(([0], np.cumsum(sizes)))
+        for code in checked:
             rows = order[bounds[code] : bounds[code + 1]]
             slices.append(
                 SliceMeasure(
-                    level=str(level), rows=int(rows.size), value=metric(outputs.of_rows(rows), slice_name)
+                    level=str(names[code]),
+                    rows=int(rows.size),
+                    value=metric(outputs.of_rows(rows), slice_name),
                 )
             )
 
@@ -470,6 +486,7 @@ def measure(
         slice_feature=feature,
         slice_metric=slice_name,
         slices=slices,
+        slices_left_out=slices_left_out,
         unlabelled_rows=unlabelled,
         unusable_labels=labels.unusable,
         unknown_labels=_unknown_labels(outputs, y),

@@ -10,7 +10,8 @@ from libs.settings import Port, ServiceSettings
 
 
 class ValidationSettings(ServiceSettings):
-    """Settings of validation: its schema and consumer group, and how latency is measured."""
+    """Settings of validation: its schema and consumer group, how latency is measured, and how many slices
+    are checked."""
 
     service: ClassVar[str] = "validation"
 
@@ -34,6 +35,14 @@ class ValidationSettings(ServiceSettings):
         ge=1,
         description="Rows per timed prediction batch (the holdout's first rows, repeated to fill the batch "
         "when the holdout has fewer).",
+    )
+    max_slice_levels: int = Field(
+        10_000,
+        ge=1,
+        description="Levels of the slice feature checked one by one, those with the most rows (ties in the "
+        "levels' text order); the holdout's other levels are summed up in one check, reported, not judged. "
+        "Without a bound a feature of a million levels (an id, a postcode) made a report larger than "
+        "Postgres stores, and its registration was dead-lettered.",
     )
 
     @property

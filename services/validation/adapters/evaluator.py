@@ -48,11 +48,17 @@ class StoreEvaluator:
     """Reads artifacts from the store and measures with scoring.measure."""
 
     def __init__(
-        self, store: ArtifactStore, *, latency_repeats: int = 7, latency_batch_rows: int = 1000
+        self,
+        store: ArtifactStore,
+        *,
+        latency_repeats: int = 7,
+        latency_batch_rows: int = 1000,
+        max_slice_levels: int = 10_000,
     ) -> None:
         self.store = store
         self.latency_repeats = latency_repeats
         self.latency_batch_rows = latency_batch_rows
+        self.max_slice_levels = max_slice_levels
 
     async def validation_spec(self, spec: ArtifactRef) -> ValidationSpec:
         try:
@@ -126,6 +132,7 @@ class StoreEvaluator:
                 seed=evaluation.seed,
                 latency_repeats=self.latency_repeats,
                 latency_batch_rows=self.latency_batch_rows,
+                max_slice_levels=self.max_slice_levels,
             )
         except HoldoutMismatch as exc:
             raise EvaluationError("holdout-matches-signature", str(exc)) from exc

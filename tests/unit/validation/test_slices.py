@@ -1,4 +1,5 @@
-"""Slices on long holdouts with many levels: each level is measured on its own rows only."""
+"""Slices on long holdouts with many levels: each level is measured on its own rows only, and at most
+``max_slice_levels`` of them are checked one by one."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pandas as pd
 import pytest
 
 from contracts.common import FeatureSpec, FeatureType, ModelSignature, Task
+from contracts.validation import CheckKind
 from libs.metrics import Outputs
 from libs.modelspec import SliceRule, ValidationSpec, build_pipeline, spec_from_data
 from services.training.worker import signature
 from services.validation import scoring
-from services.validation.domain import slice_checks
+from services.validation.domain import judge, slice_checks
 from services.validation.scoring import measure
 from tests.unit.training.data import churn_frame, churn_spec_data
 
@@ -120,3 +122,117 @@ def test_a_slice_without_a_positive_row_where_none_is_predicted_is_reported_not_
     premium = checks["slice:plan=premium:f1"]
     assert premium.passed and premium.value is None
     assert premium.detail.startswith("reported, not judged: f1 is undefined on these")
+
+
+# Rows per level: ties of 40 rows, a level named as the summary check's words, and small levels.
+LEVEL_ROWS = {"a": 5, "b": 40, "c": 40, "d": 12, "e": 60, "f": 40, "g": 3, "other-levels": 8}
+
+
+def levels_holdout() -> tuple[pd.DataFrame, ModelSignature]:
+    """A holdout with LEVEL_ROWS rows of each level of plan, both classes in each, and its signature."""
+    plan = [level for level, rows in LEVEL_ROWS.items() for _ in range(rows)]
+    holdout = pd.DataFrame({"x0": np.resize([1.0, -1.0], len(plan)), "plan": plan})
+    holdout["churned"] = ((holdout["x0"] > 0) & (holdout["plan"] != "premium")).astype("int64")
+    sig = ModelSignature(
+        features=[
+            FeatureSpec(name="x0", type=FeatureType.NUMERIC),
+            FeatureSpec(name="plan", type=FeatureType.CATEGORICAL, categories=["basic", "premium"]),
+        ],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+    return holdout, sig
+
+
+SLICES = ValidationSpec(slices=SliceRule(feature="plan", min_value=0.6, min_rows=10))
+
+
+class WrongOn(Perfect):
+    """Right on every row but those of one level, where its probabilities are upside down."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+
+    def predict_proba(self, frame: Any) -> Any:
+        proba = super().predict_proba(frame)
+        return np.where((frame["plan"] == self.level).to_numpy()[:, None], proba[:, ::-1], proba)
+
+
+def test_past_max_slice_levels_the_largest_levels_are_checked_and_the_others_summed_up_in_one_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One check per level: 200,000 levels made 200,000 checks and a 40 MB report, a million passed what
+    # Postgres stores in a jsonb and the registration was dead-lettered, the candidate never gated.
+    holdout, sig = levels_holdout()
+    scored: list[int] = []
+    scoring_metric = scoring.metric
+
+    def counted(outputs: Outputs, name: str, mask: Any = None) -> float:
+        scored.append(outputs.rows)
+        return scoring_metric(outputs, name, mask)
+
+    monkeypatch.setattr(scoring, "metric", counted)
+    measured = measure(
+        SLICES, candidate=Perfect(), signature=sig, holdout=holdout, latency_repeats=1, max_slice_levels=4
+    )
+    # The most rows first, the ties of 40 rows in text order; reported in text order. Only they are measured.
+    assert [(s.level, s.rows) for s in measured.slices] == [("b", 40), ("c", 40), ("e", 60), ("f", 40)]
+    assert sorted(scored) == [40, 40, 40, 60]
+    checks = slice_checks(SLICES, measured)
+    assert len({c.name for c in checks}) == len(checks) == 5
+    assert [c.name for c in checks[:4]] == [f"slice:plan={level}:roc_auc" for level in "bcef"]
+    summary = checks[4]
+    assert summary.name == "slice:plan:other-levels:roc_auc" and summary.kind is CheckKind.SLICE
+    assert summary.passed and summary.value is None and summary.threshold is None
+    assert summary.detail.startswith(
+        "reported, not judged: 4 levels of plan with 28 rows in all are not checked one by one: the holdout "
+        "has 8 levels, more than max_slice_levels 4,"
+    )
+    assert "DRIFTLOOP_VALIDATION_MAX_SLICE_LEVELS" in summary.detail
+
+
+def test_past_max_slice_levels_a_checked_slice_that_fails_still_fails_the_candidate() -> None:
+    holdout, sig = levels_holdout()
+
+    def failed(max_slice_levels: int) -> list[str]:
+        measured = measure(
+            SLICES,
+            candidate=WrongOn("e"),
+            signature=sig,
+            holdout=holdout,
+            latency_repeats=1,
+            max_slice_levels=max_slice_levels,
+        )
+        checks = judge(
+            SLICES,
+            task=Task.CLASSIFICATION,
+            n_classes=2,
+            measured=measured,
+            candidate=sig,
+            champion_signature=None,
+            champion_version=None,
+        )
+        # Latency is timed on this machine: not what this test is about.
+        return [c.name for c in checks if not c.passed and c.kind is not CheckKind.LATENCY]
+
+    assert failed(4) == failed(len(LEVEL_ROWS)) == ["slice:plan=e:roc_auc"]
+
+
+@pytest.mark.parametrize("max_slice_levels", [len(LEVEL_ROWS), len(LEVEL_ROWS) + 1])
+def test_at_or_under_max_slice_levels_every_level_is_checked_and_nothing_summed_up(
+    max_slice_levels: int,
+) -> None:
+    holdout, sig = levels_holdout()
+    measured = measure(
+        SLICES,
+        candidate=Perfect(),
+        signature=sig,
+        holdout=holdout,
+        latency_repeats=1,
+        max_slice_levels=max_slice_levels,
+    )
+    assert measured.slices_left_out is None
+    assert [(s.level, s.rows) for s in measured.slices] == sorted(LEVEL_ROWS.items())
+    checks = slice_checks(SLICES, measured)
+    assert [c.name for c in checks] == [f"slice:plan={level}:roc_auc" for level in sorted(LEVEL_ROWS)]
