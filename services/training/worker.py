@@ -680,24 +680,76 @@ def _load_spec(store: ArtifactStore, key: str) -> ModelSpec:
         raise TrainingError(FailureReason.INVALID_SPEC, f"the model spec cannot be read: {exc}") from exc
 
 
-def read_frame(data: bytes, fmt: ArtifactFormat, columns: list[str] | None = None) -> pd.DataFrame:
-    """A dataset file's rows; of a Parquet file that has all ``columns``, only those are decoded."""
+def read_frame(
+    data: bytes, fmt: ArtifactFormat, columns: list[str] | None = None, *, target: str | None = None
+) -> pd.DataFrame:
+    """A dataset file's rows in numpy's types (:func:`numpy_types`, which leaves ``target`` its nullable
+    integers and booleans); of a Parquet file that has all ``columns``, only those are decoded."""
     if fmt is ArtifactFormat.CSV:
-        return pd.read_csv(io.BytesIO(data))
+        return numpy_types(pd.read_csv(io.BytesIO(data)), target=target)
     if columns is not None:
         import pyarrow.parquet as pq
 
         if set(columns) <= set(pq.read_schema(io.BytesIO(data)).names):
-            return pd.read_parquet(io.BytesIO(data), columns=columns)
+            return numpy_types(pd.read_parquet(io.BytesIO(data), columns=columns), target=target)
     # Every column: a missing one is then reported with the file's other columns as hints.
-    return pd.read_parquet(io.BytesIO(data))
+    return numpy_types(pd.read_parquet(io.BytesIO(data)), target=target)
+
+
+def numpy_types(frame: pd.DataFrame, *, target: str | None = None) -> pd.DataFrame:
+    """``frame`` with each column of pandas' nullable types (``boolean``, ``Int64`` and the other
+    integers, ``Float64``, ``string``), of a pyarrow-backed type (``ArrowDtype``) or a ``category`` as the
+    same values in the type a file without pandas' metadata gives (the registry's files): booleans with a gap
+    as objects (True, False, None), text as ``str`` (NaN missing), integers with a gap and floats as float64
+    (NaN missing), a category as its values in their own such type.
+
+    pyarrow keeps these types in a Parquet file's pandas metadata, so a file another producer wrote with
+    pandas brings them back, while every later step (the encoder, the signature's levels, the reference
+    profile, the holdout's file) expects what numpy-typed data gives: a text feature of ``string`` with a gap
+    failed the fit ("Encoders require their input argument must be uniformly strings or numbers. Got
+    ['NAType', 'str']"), and a ``boolean`` one with a gap made the signature's levels ``[0, 1]`` while the
+    profile counted ``True``/``False``, so serving refused ``true`` for it. Only such columns are converted,
+    each in pyarrow's compiled code; a frame without one is returned as it is.
+
+    The ``target``'s nullable integers and booleans are left as they are: :func:`_plain_target` makes them
+    int64 and bool once the rows without a target are dropped, where integers with a gap as float64 would
+    make a classifier's classes the floats 0.0 and 1.0."""
+    converted = {}
+    for position, (name, dtype) in enumerate(frame.dtypes.items()):
+        # The nullable and pyarrow-backed types are those whose missing value is pd.NA (not the default
+        # text type, "str", whose missing value is NaN, nor a timestamp's NaT).
+        if not isinstance(dtype, pd.CategoricalDtype) and getattr(dtype, "na_value", None) is not pd.NA:
+            continue
+        if name == target and (pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype)):
+            continue
+        converted[position] = _as_numpy_typed(frame.iloc[:, position])
+    if not converted:
+        return frame
+    frame = frame.copy(deep=False)
+    for position, column in converted.items():
+        frame.isetitem(position, column)
+    return frame
+
+
+def _as_numpy_typed(column: pd.Series) -> pd.Series:
+    """One column's values as pyarrow turns them into pandas from a file without pandas' metadata."""
+    import pyarrow as pa
+
+    values = pa.array(column)  # an Array, or a pyarrow-backed column's own ChunkedArray
+    if pa.types.is_dictionary(values.type):  # a category: its values, not a category again
+        values = values.cast(values.type.value_type)
+    plain = values.to_pandas()
+    plain.index = column.index
+    return plain
 
 
 def _load_base(store: ArtifactStore, dataset: InputDataset, spec: ModelSpec) -> pd.DataFrame:
     label = f"{dataset.name} v{dataset.version}"
     needed = [*spec.feature_names, spec.target]
     try:
-        frame = store.get_parsed(dataset.sha256, lambda data: read_frame(data, dataset.format, needed))
+        frame = store.get_parsed(
+            dataset.sha256, lambda data: read_frame(data, dataset.format, needed, target=spec.target)
+        )
     except StoreUnavailable:
         raise  # the store's fault, not the dataset's: artifact-store-error
     except ArtifactError as exc:
@@ -965,12 +1017,12 @@ def _labels_within_float32(spec: ModelSpec, traffic: pd.DataFrame) -> pd.DataFra
 
 
 def _plain_target(rows: pd.DataFrame, target: str) -> pd.DataFrame:
-    """``rows`` (each with a target) with the target in numpy's type for its values: the registry's nullable
-    booleans and integers (a column with a gap) become bool and int64, and so does a column of booleans held
-    as objects (a CSV's, or a Parquet file's without pandas' types). scikit-learn took a nullable column's
-    classes as floats (0.0 and 1.0, not False and True, and an integer past 2**53 not itself), which the
-    holdout's booleans then did not meet in validation, and a boolean column of objects as no classes at all
-    ("Unknown label type: unknown")."""
+    """``rows`` (each with a target) with the target in numpy's type for its values: a file's nullable or
+    pyarrow-backed booleans and integers (:func:`numpy_types` leaves them to this) become bool and int64, and
+    so does a column of booleans held as objects (a CSV's, or a Parquet file's without pandas' types).
+    scikit-learn took a nullable column's classes as floats (0.0 and 1.0, not False and True, and an integer
+    past 2**53 not itself), which the holdout's booleans then did not meet in validation, and a boolean column
+    of objects as no classes at all ("Unknown label type: unknown")."""
     column = rows[target]
     numpy_dtype = getattr(column.dtype, "numpy_dtype", None)
     if (
