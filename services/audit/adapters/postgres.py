@@ -94,9 +94,11 @@ _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 # The partial indexes on type and correlation id leave the predictions topic out (see the migration).
 _NOT_PREDICTIONS = f"topic <> '{PREDICTIONS_TOPIC}'"
 PREDICTIONS_TYPE = PredictionsLogged.event_type()
+# The checkpoint's columns under their own names, as _stored_checkpoint reads them (``seq`` is the
+# checkpoint's): read under the head's sequence, every checkpoint failed its signature check.
 _HEAD_SQL = """
-SELECT t.seq, t.row_hash, c.seq AS checkpoint_seq, c.head_hash, c.row_count, c.signed_at, c.key_id,
-    c.signature, c.trail_row_hash
+SELECT t.seq AS head_seq, t.row_hash AS head_row_hash, c.seq, c.head_hash, c.row_count, c.signed_at,
+    c.key_id, c.signature, c.trail_row_hash
 FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (SELECT seq, row_hash FROM trail ORDER BY seq DESC LIMIT 1) AS t ON true
 LEFT JOIN LATERAL ({checkpoints} ORDER BY c.seq DESC LIMIT 1) AS c ON true
@@ -348,8 +350,8 @@ class PgTrail:
             "SELECT pg_advisory_xact_lock(hashtext('driftloop-audit-chain-' || current_schema()))"
         )
         row = await self.conn.fetchrow(_HEAD_SQL)
-        newest = None if row["checkpoint_seq"] is None else _stored_checkpoint(row)
-        return ChainHead(row["seq"] or 0, row["row_hash"] or GENESIS), newest
+        newest = None if row["seq"] is None else _stored_checkpoint(row)
+        return ChainHead(row["head_seq"] or 0, row["head_row_hash"] or GENESIS), newest
 
     async def checkpoints_below(self, seq: int, *, limit: int) -> list[StoredCheckpoint]:
         """A backward range scan of the primary key, each checkpoint with its row's hash."""

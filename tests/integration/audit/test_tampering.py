@@ -279,6 +279,23 @@ async def test_a_checkpoint_row_that_is_no_checkpoint_is_named_by_verify_and_fai
         assert [ln["checkpoint"]["sequence"] for ln in lines if "checkpoint" in ln] == [10, 20, 30, 40, 50]
 
 
+async def test_a_writer_past_its_newest_checkpoint_trusts_it(filled: TrailDb) -> None:
+    """The head's read gives the newest checkpoint under its own sequence: read under the head's (53, not
+    50), every checkpoint the writer signed failed its signature check, and each transaction past one logged
+    it as forged and fell back to a search below it."""
+    async with filled.pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        head, newest = await PgTrail(conn).lock_head()
+    assert head.seq == ROWS
+    assert newest is not None and newest.checkpoint is not None
+    assert (newest.seq, newest.checkpoint.sequence) == (50, 50)
+    assert filled.trust().distrust(newest) is None
+    before = untrusted("sign")
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(3)]
+    assert await filled.record(more) == 3
+    assert untrusted("sign") == before
+
+
 def untrusted(step: str) -> float:
     return REGISTRY.get_sample_value("driftloop_audit_checkpoints_untrusted_total", {"step": step}) or 0.0
 
