@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pandas.api import types as ptypes
 
 from contracts.common import FEATURE_NAME_MAX_CHARS
+from libs.csv_tables import MISSING_MARKERS, read_csv_table
 from libs.errors import InvalidInput, PayloadTooLarge, shown
 
 PARQUET_MAGIC = b"PAR1"
@@ -179,9 +180,8 @@ def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
             f"the CSV cannot be parsed near line {rows.line_num}: {exc}", field="file"
         ) from exc
     try:
-        frame = pd.read_csv(
-            io.StringIO(text), skipinitialspace=True, index_col=False, dtype_backend="numpy_nullable"
-        )
+        # "NA", "None", "null" are missing only in a column of numbers or booleans (libs.csv_tables).
+        frame = read_csv_table(text, skipinitialspace=True, index_col=False, dtype_backend="numpy_nullable")
     except pd.errors.ParserError as exc:
         raise InvalidInput(
             f"the CSV cannot be parsed: {_parser_message(exc, len(header))}", field="file"
@@ -255,10 +255,11 @@ _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 def _refuse_wide_integers(name: str, col: pd.Series) -> None:
     """A CSV column of integers, one of them beyond int64, is refused as Parquet's is. pandas reads it as
-    text instead (and a missing value in it as ''), which would store numbers as categories."""
+    text instead (and a missing value in it as '', and "NA" as written: a marker beside integers is missing
+    there, as in a column of numbers), which would store numbers as categories."""
     if not ptypes.is_string_dtype(col.dtype) and col.dtype != object:
         return
-    present = [v for v in col.tolist() if isinstance(v, str) and v.strip()]
+    present = [v for v in col.tolist() if isinstance(v, str) and v.strip() and v not in MISSING_MARKERS]
     if not present or not all(_INTEGER_TEXT.fullmatch(v.strip()) for v in present):
         return
     if any(_beyond_int64(v.strip()) for v in present):

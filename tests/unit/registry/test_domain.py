@@ -23,8 +23,9 @@ from contracts.common import VERSION_MAX, Stage
 from contracts.examples import EXAMPLES
 from contracts.models import TagKey
 from contracts.training import TrainingCompleted
+from libs.csv_tables import MISSING_MARKERS
 from libs.errors import InvalidInput, PayloadTooLarge
-from services.registry.dataset_files import TableLimits, canonicalise
+from services.registry.dataset_files import CanonicalDataset, TableLimits, canonicalise
 from services.registry.domain import (
     COMMAND_STAGES,
     TRANSITIONS,
@@ -263,6 +264,85 @@ def test_a_missing_boolean_keeps_the_column_boolean_and_hashes_as_in_csv() -> No
     from_parquet = canonicalise(parquet_table(table), filename="d.parquet", limits=LIMITS)
     assert from_parquet.columns == from_csv.columns == {"active": "boolean", "y": "int64"}
     assert from_parquet.parquet == from_csv.parquet
+
+
+def _stored(dataset: CanonicalDataset) -> dict[str, list[object]]:
+    return pq.read_table(io.BytesIO(dataset.parquet)).to_pydict()
+
+
+def test_na_none_and_null_in_a_text_column_are_kept_as_written() -> None:
+    # Namibia, North America, a plan named None: pandas' markers are text in a column of text.
+    csv = b"country,region,plan,note,y\nNA,NA,None,x,1\nUS,EU,null,NA,2\n,N/A,basic,1,3\n"
+    dataset = canonicalise(csv, filename="d.csv", limits=LIMITS)
+    assert dataset.columns == {
+        "country": "string",
+        "region": "string",
+        "plan": "string",
+        "note": "string",
+        "y": "int64",
+    }
+    assert _stored(dataset) == {
+        "country": ["NA", "US", None],  # an empty field is missing in every column
+        "region": ["NA", "EU", "N/A"],
+        "plan": ["None", "null", "basic"],
+        "note": ["x", "NA", "1"],
+        "y": [1, 2, 3],
+    }
+
+
+def test_missing_markers_in_a_numeric_column_are_gaps_stored_as_before() -> None:
+    # R writes a missing number as NA: the column stays numbers, stored as the same file with empty fields.
+    marked = b"tenure,charges,y\n1,20.5,1\nNA,N/A,2\nnull,NaN,3\n4,-nan,4\n5,#N/A,5\n"
+    empty = b"tenure,charges,y\n1,20.5,1\n,,2\n,,3\n4,,4\n5,,5\n"
+    table = pa.table(
+        {
+            "tenure": pa.array([1, None, None, 4, 5], pa.int64()),
+            "charges": pa.array([20.5, None, None, None, None]),
+            "y": [1, 2, 3, 4, 5],
+        }
+    )
+    from_marked = canonicalise(marked, filename="d.csv", limits=LIMITS)
+    assert from_marked.columns == {"tenure": "Int64", "charges": "float64", "y": "int64"}
+    assert from_marked.parquet == canonicalise(empty, filename="d.csv", limits=LIMITS).parquet
+    assert (
+        from_marked.parquet == canonicalise(parquet_table(table), filename="d.parquet", limits=LIMITS).parquet
+    )
+
+
+@pytest.mark.parametrize("marker", sorted(MISSING_MARKERS))
+def test_every_missing_marker_is_a_gap_in_a_numeric_column_as_pandas_reads_it(marker: str) -> None:
+    marked = canonicalise(f"x,y\n1.5,1\n{marker},2\n".encode(), filename="d.csv", limits=LIMITS)
+    assert marked.parquet == canonicalise(b"x,y\n1.5,1\n,2\n", filename="d.csv", limits=LIMITS).parquet
+    # The list is pandas' own: its default read takes each marker as missing.
+    assert pd.read_csv(io.StringIO(f"x\n1.5\n{marker}\n"))["x"].isna().tolist() == [False, True]
+
+
+def test_missing_markers_in_a_boolean_column_are_gaps() -> None:
+    csv = b"active,y\nTrue,1\nNA,2\nFalse,3\nnull,4\n"
+    dataset = canonicalise(csv, filename="d.csv", limits=LIMITS)
+    assert dataset.columns == {"active": "boolean", "y": "int64"}
+    assert _stored(dataset)["active"] == [True, None, False, None]
+    assert (
+        dataset.parquet
+        == canonicalise(b"active,y\nTrue,1\n,2\nFalse,3\n,4\n", filename="d.csv", limits=LIMITS).parquet
+    )
+
+
+def test_a_column_of_missing_markers_only_is_missing_in_every_row() -> None:
+    dataset = canonicalise(b"coupon,y\nNA,1\nnull,2\n,3\nNone,4\n", filename="d.csv", limits=LIMITS)
+    assert dataset.columns == {"coupon": "Int64", "y": "int64"}
+    assert (
+        dataset.parquet
+        == canonicalise(b"coupon,y\n,1\n,2\n,3\n,4\n", filename="d.csv", limits=LIMITS).parquet
+    )
+
+
+def test_numbers_beyond_float64_or_int64_beside_na_markers_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="1e400"):
+        canonicalise(b"x,y\nNA,1\n1e400,2\n", filename="d.csv", limits=LIMITS)
+    # pandas keeps a column of integers beyond int64 as written, "NA" too: the "NA" let the column through.
+    with pytest.raises(InvalidInput, match="above 9223372036854775807"):
+        canonicalise(b"x,y\nNA,1\n9223372036854775808,2\n", filename="d.csv", limits=LIMITS)
 
 
 def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
