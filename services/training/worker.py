@@ -37,6 +37,7 @@ from libs.artifacts import (
     frame_to_parquet,
     save_model,
 )
+from libs.csv_tables import read_csv_table
 from libs.errors import shown
 from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
@@ -684,9 +685,10 @@ def read_frame(
     data: bytes, fmt: ArtifactFormat, columns: list[str] | None = None, *, target: str | None = None
 ) -> pd.DataFrame:
     """A dataset file's rows in numpy's types (:func:`numpy_types`, which leaves ``target`` its nullable
-    integers and booleans); of a Parquet file that has all ``columns``, only those are decoded."""
+    integers and booleans; a CSV's "NA" missing in a numeric column only, as the registry reads an upload);
+    of a Parquet file that has all ``columns``, only those are decoded."""
     if fmt is ArtifactFormat.CSV:
-        return numpy_types(pd.read_csv(io.BytesIO(data)), target=target)
+        return numpy_types(read_csv_table(data), target=target)
     if columns is not None:
         import pyarrow.parquet as pq
 

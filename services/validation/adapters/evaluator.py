@@ -28,6 +28,7 @@ from libs.artifacts import (
     UntrustedArtifact,
     load_model,
 )
+from libs.csv_tables import read_csv_table
 from libs.modelspec import SpecError, ValidationSpec, load_canonical
 from services.validation.domain import ChampionProblem, ChampionUnloadable, Measured
 from services.validation.ports import Evaluation, EvaluationError
@@ -112,11 +113,7 @@ class StoreEvaluator:
                 "holdout-readable", f"the holdout {key[:12]} cannot be read: {exc}"
             ) from exc
         try:
-            holdout = (
-                pd.read_csv(io.BytesIO(data))
-                if fmt is ArtifactFormat.CSV
-                else pd.read_parquet(io.BytesIO(data))
-            )
+            holdout = read_csv_table(data) if fmt is ArtifactFormat.CSV else pd.read_parquet(io.BytesIO(data))
         except Exception as exc:  # whatever the reader makes of bytes that are not a table: the file's fault
             raise EvaluationError(
                 "holdout-readable", f"the holdout {key[:12]} is not a readable {fmt.value} file: {exc}"

@@ -756,6 +756,15 @@ def test_a_profile_that_is_not_finite_fails_the_job_naming_why(
     assert "not finite (mean = inf" in result["message"], result["message"]
 
 
+def test_a_csv_base_file_keeps_na_as_text_in_a_text_column_as_the_registry_does() -> None:
+    # A dataset another service registered as CSV: "NA" (Namibia) is a level, a number's NA a gap.
+    frame = read_frame(b"country,tenure,churned\nNA,1,0\nUS,NA,1\n,3,0\n", ArtifactFormat.CSV)
+    assert frame["country"].tolist()[:2] == ["NA", "US"]
+    assert frame["country"].isna().tolist() == [False, False, True]
+    assert frame["tenure"].dtype == "float64"
+    assert frame["tenure"].isna().tolist() == [False, True, False]
+
+
 def test_a_base_file_with_more_columns_trains_like_one_with_only_the_specs(tmp_path: Path) -> None:
     store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
     spec = churn_spec()
