@@ -319,6 +319,13 @@ async def test_a_holdouts_categorical_feature_of_text_levels_may_be_a_pandas_cat
     assert [e.data.model_version for e in gate.bus.events(of=ValidationPassed)] == [1]
 
 
+def trained_on_integer_plans(gate: Gate) -> ModelVersionRegistered:
+    """Version 1 of churn, trained with plan as the integer codes 1, 2 and 3."""
+    frame = churn_frame()
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
+    return gate.train(churn_spec(), 1, frame)
+
+
 async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_the_holdout_check(
     tmp_path: Path,
 ) -> None:
@@ -326,9 +333,7 @@ async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_th
     # encoder took for unseen levels: the candidate was scored as if it knew no plan at all, and its metrics
     # judged, with nothing said.
     gate = Gate(tmp_path)
-    frame = churn_frame()
-    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
-    registered = gate.train(churn_spec(), 1, frame)
+    registered = trained_on_integer_plans(gate)
 
     def change(holdout: pd.DataFrame) -> None:
         holdout["plan"] = holdout["plan"].map(str)
@@ -347,9 +352,7 @@ async def test_text_in_a_holdouts_categorical_feature_of_integer_levels_fails_th
 
 async def test_a_holdouts_categorical_feature_of_integer_levels_may_have_gaps(tmp_path: Path) -> None:
     gate = Gate(tmp_path)
-    frame = churn_frame()
-    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
-    registered = gate.train(churn_spec(), 1, frame)
+    registered = trained_on_integer_plans(gate)
 
     def change(holdout: pd.DataFrame) -> None:
         holdout["plan"] = holdout["plan"].astype(float)  # a gap makes a CSV's integer column floats
@@ -368,9 +371,7 @@ async def test_an_infinity_in_a_holdouts_categorical_feature_of_integer_levels_f
     # numbers, since inf == round(inf): the candidate's encoder then raised on it and candidate-scores failed,
     # blaming the model for the holdout.
     gate = Gate(tmp_path)
-    frame = churn_frame()
-    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "premium": 3})
-    registered = gate.train(churn_spec(), 1, frame)
+    registered = trained_on_integer_plans(gate)
 
     def change(holdout: pd.DataFrame) -> None:
         holdout["plan"] = holdout["plan"].astype(float)
