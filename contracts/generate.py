@@ -430,11 +430,12 @@ extensions `ce_correlationid` (root event of the cascade), `ce_causationid` (dir
 `ce_actor` (who asked) tie every cascade together. As CloudEvents say, `ce_source` and `ce_id` together
 identify an event (neither may be empty): a publisher keeps its ids unique among its own events, and
 another publisher's event with the same id is another event. Consumers skip a redelivery of one they
-handled and dead-letter the same source and id with a different value as `reused-event-id`. Each
-attribute header comes once (given twice, the record is dead-lettered as `malformed`). An attribute is
-CloudEvents `String` text: one holding a character CloudEvents leaves out of it (a control character,
-U+0000-U+001F or U+007F-U+009F, such as NUL, a tab or a newline; a Unicode noncharacter such as U+FFFE) is
-dead-lettered as `malformed`, naming the header, so no such text travels on into the events it causes.
+handled and dead-letter the same source and id with a different value, or with the same value under
+another type, as `reused-event-id`. Each attribute header comes once (given twice, the record is
+dead-lettered as `malformed`). An attribute is CloudEvents `String` text: one holding a character
+CloudEvents leaves out of it (a control character, U+0000-U+001F or U+007F-U+009F, such as NUL, a tab or a
+newline; a Unicode noncharacter such as U+FFFE) is dead-lettered as `malformed`, naming the header, so no
+such text travels on into the events it causes.
 `ce_time` is an RFC 3339 date-time (`2025-01-01T00:00:00Z`,
 `2025-01-01T01:00:00.5+01:00`; `t` and `z` may be lower case, the fraction has any number of digits and a
 leap second, `23:59:60` UTC, is read as `23:59:59.999999`); anything else (a space for the `T`, no seconds,
@@ -499,7 +500,9 @@ what it describes gets a defined answer instead of a failure:
   docs/validation.md). A consumer that needs every item reads it there, not from the event. Likewise
   `DataQualityIssue`: past `quality_issues_per_kind` features (10) with the same kind of finding in a
   window, one issue stands for them all (`feature` null, `features_total`), and the window's report lists
-  every finding;
+  every finding. `TrainingFailed` carries at most 10,000 characters of its `message` (an exception's text
+  may quote every column it read): training cuts a longer one, saying how long it was, and the job keeps
+  the same;
 - or the input that would make it is refused where it enters: a dataset upload whose `DatasetRegistered`
   would be too large (422), a drift policy larger than half the limit (422: `DriftPolicyChanged` carries it
   and the one it replaces), a trained model whose `TrainingCompleted` would be (the job fails as
