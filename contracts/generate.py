@@ -532,10 +532,13 @@ The audit service also records every topic but its own, the dead letters include
 
 ## Prediction logging
 
-Serving publishes one `PredictionsLogged` per predict request, carrying every row of it (a single-row
-request is a batch of one). There is no per-row event: per-row messages would multiply headers, ids,
-inbox rows and audit rows by the batch size on the busiest topic, and one shape gives consumers one
-code path. A request whose event would exceed the event size limit (1 MB) is split into several events.
+Serving publishes one `PredictionsLogged` per predict request and variant, carrying every row that variant
+answered (a single-row request is a batch of one; a request whose rows the rollout split between the stable
+version and the canary makes one event for each, and a shadow's scoring one more). There is no per-row
+event: per-row messages would multiply headers, ids, inbox rows and audit rows by the batch size on the
+busiest topic, and one shape gives consumers one code path. A request whose event would exceed the event
+size limit (1 MB) is split into several events; a row whose event alone exceeds it is left out of the log
+and counted (`oversized`, docs/serving.md, "The prediction log").
 """
 
 

@@ -73,7 +73,7 @@ class PredictionRecord(ContractModel):
 
 
 class PredictionsLogged(EventPayload):
-    """A model version answered one predict request; every row of it, with inputs and outputs."""
+    """A model version answered one predict request (the rows routed to it), with inputs and outputs."""
 
     event_name: ClassVar[str] = "PredictionsLogged"
     topic: ClassVar[str] = TOPIC

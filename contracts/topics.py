@@ -162,8 +162,8 @@ _TOPICS = (
     TopicSpec(
         name=predictions.TOPIC,
         partitions=6,
-        description="Every prediction served: one event per predict request, with every row's inputs and "
-        "outputs.",
+        description="Every prediction served: one event per predict request and variant, with every row's "
+        "inputs and outputs.",
         high_volume=True,
         retention_ms=7 * DAY_MS,
         routes=(Route(predictions.PredictionsLogged, (SERVING,), (MONITORING,)),),
