@@ -683,18 +683,26 @@ def _header_text(record: Record, name: str) -> str | None:
 
 HeldEvent = tuple[bytes, bytes]
 """What makes a record a re-sent copy of a row holding its (topic, event id): all of its headers (as the
-trail stores them, keys sorted) and its value. A relay that sends a batch again sends the very same
-headers; two consumers' dead letters of one event differ in their ``dlq_*`` headers, two publishers' events
-in ``ce_source``, two ids in their full ``ce_id`` (the index keeps 512 characters)."""
+trail stores them, keys sorted) and the SHA-256 of its value (of nothing for a tombstone). A relay that sends
+a batch again sends the very same headers; two consumers' dead letters of one event differ in their
+``dlq_*`` headers, two publishers' events in ``ce_source``, two ids in their full ``ce_id`` (the index keeps
+512 characters). The value goes by its digest, as in :data:`KafkaContent`: the database hashes a held one,
+so a look-up never brings back a record, which can be as large as the broker's largest message."""
 
 
-def held_event(meta: Mapping[str, Any], value: bytes | None) -> HeldEvent:
-    """The :data:`HeldEvent` of a stored record, from :func:`decode_record`."""
-    return orjson.dumps(meta["headers"], option=orjson.OPT_SORT_KEYS), value or b""
+def held_event(meta: Mapping[str, Any], value_digest: bytes) -> HeldEvent:
+    """The :data:`HeldEvent` of a stored record, from its meta and the SHA-256 of the bytes stored after it
+    (a tombstone's, whatever they are, count as none, as :func:`decode_record` reads them)."""
+    digest = _NO_VALUE_DIGEST if meta["kafka"]["tombstone"] else value_digest
+    return orjson.dumps(meta["headers"], option=orjson.OPT_SORT_KEYS), digest
+
+
+_NO_VALUE_DIGEST = hashlib.sha256(b"").digest()
 
 
 def _incoming_event(record: Record) -> HeldEvent:
-    return orjson.dumps(_headers_json(record.headers), option=orjson.OPT_SORT_KEYS), record.value or b""
+    headers = orjson.dumps(_headers_json(record.headers), option=orjson.OPT_SORT_KEYS)
+    return headers, hashlib.sha256(record.value or b"").digest()
 
 
 def event_keys(incoming: Sequence[Incoming]) -> list[tuple[str, str] | None]:

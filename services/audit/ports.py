@@ -49,7 +49,8 @@ class TrailWriter(Protocol):
         ...
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
-        """The source and value of each row already holding one of these (topic, event id) pairs."""
+        """The headers and the SHA-256 of the value of each row already holding one of these (topic, event id)
+        pairs."""
         ...
 
     async def append(self, rows: Iterable[TrailRow]) -> None:

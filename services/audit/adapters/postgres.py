@@ -36,7 +36,6 @@ from services.audit.domain import (
     StoredCheckpoint,
     StoredRow,
     TrailRow,
-    decode_record,
     held_event,
     kafka_content,
 )
@@ -109,6 +108,13 @@ SELECT c.seq, c.head_hash, c.row_count, c.signed_at, c.key_id, c.signature, t.ro
 FROM checkpoints c LEFT JOIN trail t ON t.seq = c.seq
 """
 _HEAD_SQL = _HEAD_SQL.format(checkpoints=_STORED_CHECKPOINTS)
+# A stored record's meta line and the SHA-256 of its value, split at the first LF in the database, so that
+# a look-up of what the trail holds never brings a value back (a record without an LF has no meta, and
+# holds nothing). _META_LINE_END goes after the trail's alias ``t`` in FROM.
+_META_AND_DIGEST = "substr(t.record, 1, n.at - 1) AS meta, sha256(substr(t.record, n.at + 1)) AS value_digest"
+_META_LINE_END = """CROSS JOIN LATERAL (
+    SELECT greatest(position(decode('0a', 'hex') IN t.record), 1) AS at
+) AS n"""
 _LINK_PREFIX = struct.pack("!hi", 1, 72)
 _COPY_TRAILER = b"\xff\xff"
 _COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
@@ -381,15 +387,10 @@ class PgTrail:
         if not positions:
             return {}
         rows = await self.conn.fetch(
-            """SELECT t.topic, t.kafka_partition, t.kafka_offset, t.kafka_reuse, t.seq,
-                      substr(t.record, 1, n.at - 1) AS meta,
-                      sha256(substr(t.record, n.at + 1)) AS value_digest
+            f"""SELECT t.topic, t.kafka_partition, t.kafka_offset, t.kafka_reuse, t.seq, {_META_AND_DIGEST}
                FROM unnest($1::text[], $2::int[], $3::bigint[]) AS g(topic, kafka_partition, kafka_offset)
                JOIN trail t USING (topic, kafka_partition, kafka_offset)
-               -- the meta line ends at the first LF (a record without one has no meta, and no content)
-               CROSS JOIN LATERAL (
-                   SELECT greatest(position(decode('0a', 'hex') IN t.record), 1) AS at
-               ) AS n""",
+               {_META_LINE_END}""",
             [p.topic for p in positions],
             [p.partition for p in positions],
             [p.offset for p in positions],
@@ -409,24 +410,28 @@ class PgTrail:
         return held
 
     async def held_events(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[HeldEvent]]:
-        """Headers and value of each row holding these (topic, event id) pairs, through the partial
-        event-id index. A row whose record cannot be read (changed in the database) holds no copy of
-        anything: it is left out, and verification names it."""
+        """Headers and the SHA-256 of the value of each row holding these (topic, event id) pairs, through the
+        partial event-id index. The database hashes the values (as :meth:`held_at` does): a record can be as
+        large as the broker's largest message, and the whole records of every row holding a re-sent id came
+        over the wire to be compared here. A row whose record cannot be read (changed in the database) holds
+        no copy of anything: it is left out, and verification names it."""
         if not keys:
             return {}
         wanted = set(keys)
         rows = await self.conn.fetch(
-            "SELECT topic, event_id, seq, record FROM trail "
-            f"WHERE event_id = ANY($1::text[]) AND {_NOT_PREDICTIONS}",
+            f"""SELECT t.topic, t.event_id, t.seq, {_META_AND_DIGEST}
+               FROM trail t {_META_LINE_END}
+               WHERE t.event_id = ANY($1::text[]) AND t.topic = ANY($2::text[]) AND {_NOT_PREDICTIONS}""",
             sorted({event_id for _, event_id in keys}),
+            sorted({topic for topic, _ in keys}),
         )
         held: dict[tuple[str, str], list[HeldEvent]] = {}
         for r in rows:
             key = (r["topic"], r["event_id"])
             if key not in wanted:
-                continue  # the same id on another topic: another event
+                continue  # the same id on another of the topics: another event
             try:
-                event = held_event(*decode_record(bytes(r["record"])))
+                event = held_event(orjson.loads(r["meta"]), bytes(r["value_digest"]))
             except Exception as exc:
                 log.warning("a trail row cannot be read; it holds no copy", seq=r["seq"], error=repr(exc))
                 continue

@@ -196,7 +196,9 @@ class FakeTrail:
         for s in self.rows.values():
             key = (s.row.topic, s.row.attributes.event_id)
             if key in wanted:
-                held.setdefault(key, []).append(held_event(*decode_record(s.row.record)))
+                meta, _ = decode_record(s.row.record)
+                value_digest = hashlib.sha256(s.row.record.partition(b"\n")[2]).digest()
+                held.setdefault(key, []).append(held_event(meta, value_digest))
         return held
 
     async def append(self, rows: Iterable[TrailRow]) -> None:
