@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -23,6 +23,7 @@ from libs.service import Runtime, ServiceParts
 from services.audit import api, handlers
 from services.audit.adapters.files import CheckpointFile, signing_seed
 from services.audit.adapters.postgres import PgTrail, enter_writer_role, prepare_writer_role, reading
+from services.audit.core import CHECKPOINT_PAGE, checkpoint_pages
 from services.audit.domain import (
     CheckpointTrust,
     KeyRing,
@@ -30,6 +31,7 @@ from services.audit.domain import (
     PreparedRows,
     SealedHead,
     Signer,
+    StoredCheckpoint,
 )
 from services.audit.settings import AuditSettings, decode_key
 
@@ -60,14 +62,34 @@ def key_ring(settings: AuditSettings, signer: Signer) -> KeyRing:
     return KeyRing([signer.public_raw, *retired])
 
 
-async def sync_archive(pool: asyncpg.Pool, role: str, archive: CheckpointFile, trust: CheckpointTrust) -> int:
+async def sync_archive(
+    pool: asyncpg.Pool,
+    role: str,
+    archive: CheckpointFile,
+    trust: CheckpointTrust,
+    *,
+    page: int = CHECKPOINT_PAGE,
+) -> int:
     """Copy the trusted checkpoints the file does not have yet from the database; returns how many. A row
     that is not a checkpoint (written in the database) is an untrusted one, named once, never an error: this
-    runs as the service starts, and on every tick of the keeper."""
-    async with reading(pool, role) as trail:
-        stored = await trail.checkpoints_above(archive.last_sequence())
-    added = archive.append(handlers.trusted_to_archive(stored, trust))
-    trust.passed(archive.last_sequence())
+    runs as the service starts, and on every tick of the keeper.
+
+    The checkpoints are read ``page`` at a time, each page appended before the next is read, as a
+    verification reads them: after an outage of the file, or with a new one, the file lacks every checkpoint
+    ever signed, and reading them all at once held them all (and their row hashes) in the starting service.
+    Each page is read in a transaction of its own: a checkpoint signed meanwhile is above those read, and
+    comes in a later page or on the next tick."""
+
+    async def above(after: int, n: int) -> list[StoredCheckpoint]:
+        async with reading(pool, role) as trail:
+            return await trail.checkpoints_above(after, page=n)
+
+    added = 0
+    # Pages follow the database's sequences, not the file's end: a page of untrusted ones leaves it as it was.
+    async with aclosing(checkpoint_pages([above], after=archive.last_sequence(), page=page)) as pages:
+        async for stored in pages:
+            added += archive.append(handlers.trusted_to_archive(stored, trust))
+            trust.passed(archive.last_sequence())
     return added
 
 

@@ -20,6 +20,7 @@ from services.audit.domain import (
     KeyRing,
     NotACheckpoint,
     Sealer,
+    StoredCheckpoint,
     TraceCut,
     causal_tree,
     check_indexed_filter,
@@ -99,7 +100,8 @@ async def trace(
 
 
 CHECKPOINT_PAGE = 1000
-"""Most checkpoints a verification or an export reads from one source (the database, a file) at once: a
+"""Most checkpoints a verification, an export or the copy to the checkpoint file reads from one source (the
+database, a file) at once: a
 trail kept for years has a checkpoint every few thousand rows, a billion rows 100,000 or more, and they are
 read a page at a time alongside the rows, never all together."""
 
@@ -107,9 +109,13 @@ CheckpointRead = AuditCheckpoint | NotACheckpoint
 """A checkpoint as a source gives it: the database's rows that are not checkpoints come as such, for a
 verification to name."""
 
-Read = TypeVar("Read", AuditCheckpoint, CheckpointRead)
-"""What a reader of checkpoints takes: checkpoints (an export), or rows that may not be ones (a
-verification)."""
+Read = TypeVar("Read", AuditCheckpoint, CheckpointRead, StoredCheckpoint)
+"""What a reader of checkpoints takes: checkpoints (an export), rows that may not be ones (a verification),
+or rows with the trail's row hash at their sequence, as a writer judges them (the copy to the checkpoint
+file, ``bootstrap.sync_archive``)."""
+
+Checked = TypeVar("Checked", AuditCheckpoint, CheckpointRead)
+"""What a verification or an export reads from the database and the files alike."""
 
 ReadCheckpoints = Callable[[int, int], Awaitable[Sequence[Read]]]
 """(after, page): the first ``page`` checkpoints of one source above ``after``, in sequence order (more when
@@ -150,14 +156,14 @@ async def checkpoint_pages(
 
 
 def _reads(
-    chain_read: Callable[..., Awaitable[Sequence[Read]]],
+    chain_read: Callable[..., Awaitable[Sequence[Checked]]],
     database_upto: int | None,
     archives: Sequence[tuple[CheckpointArchive, int | None]],
-) -> list[ReadCheckpoints[Read]]:
+) -> list[ReadCheckpoints[Checked]]:
     """The database's pages (``chain_read``), then each archive's, read in a thread: a file of years of
     checkpoints is searched on disk, and the trail's writer may share this event loop."""
 
-    def database(lo: int, n: int) -> Awaitable[Sequence[Read]]:
+    def database(lo: int, n: int) -> Awaitable[Sequence[Checked]]:
         return chain_read(after=lo, upto=database_upto, page=n)
 
     def archive_read(archive: CheckpointArchive, upto: int | None) -> ReadCheckpoints[AuditCheckpoint]:

@@ -858,6 +858,17 @@ class StoredCheckpoint(NamedTuple):
     row_hash: bytes | None
     why: str | None = None
 
+    @property
+    def sequence(self) -> int:
+        """Its sequence, under the name the pages of checkpoints go by (``core.checkpoint_pages``)."""
+        return self.seq
+
+    @property
+    def signature(self) -> str:
+        """The checkpoint's signature ("" for a row that is not one): the database holds one row per
+        sequence, so the merge of the pages keeps each apart by its sequence."""
+        return "" if self.checkpoint is None else self.checkpoint.signature
+
 
 def _identity(checkpoint: AuditCheckpoint | None, seq: int = 0) -> tuple[Any, ...]:
     if checkpoint is None:

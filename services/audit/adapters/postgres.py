@@ -606,10 +606,15 @@ class PgTrail:
                 read.append(NotACheckpoint(r["seq"], str(exc)))
         return read
 
-    async def checkpoints_above(self, seq: int) -> list[StoredCheckpoint]:
-        """Every checkpoint of a sequence above ``seq``, in sequence order, each with its row's hash, as a
-        writer judges them: a row that is not a checkpoint comes as an untrusted one."""
-        rows = await self.conn.fetch(f"{_STORED_CHECKPOINTS} WHERE c.seq > $1 ORDER BY c.seq", seq)
+    async def checkpoints_above(self, seq: int, *, page: int | None = None) -> list[StoredCheckpoint]:
+        """The checkpoints of a sequence above ``seq``, in sequence order, the first ``page`` of them (None:
+        every one), each with its row's hash, as a writer judges them: a row that is not a checkpoint comes
+        as an untrusted one."""
+        rows = await self.conn.fetch(
+            f"{_STORED_CHECKPOINTS} WHERE c.seq > $1 ORDER BY c.seq LIMIT $2",
+            seq,
+            page,  # NULL: no limit
+        )
         return [_stored_checkpoint(r) for r in rows]
 
     async def export_rows(self, after: int, upto: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:

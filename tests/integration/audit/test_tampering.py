@@ -4,6 +4,7 @@ first bad sequence number, by the fast and the full verification."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
@@ -277,6 +278,38 @@ async def test_a_checkpoint_row_that_is_no_checkpoint_is_named_by_verify_and_fai
     for export in exports:  # the export carries the signed checkpoints alone
         lines = [orjson.loads(line) for line in export.splitlines()]
         assert [ln["checkpoint"]["sequence"] for ln in lines if "checkpoint" in ln] == [10, 20, 30, 40, 50]
+
+
+class NotedFile(CheckpointFile):
+    """The service's checkpoint file, noting the sequences each append is handed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, in_order=True)
+        self.handed: list[list[int]] = []
+
+    def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
+        self.handed.append([c.sequence for c in checkpoints])
+        return super().append(checkpoints)
+
+
+async def test_the_file_takes_the_database_s_checkpoints_a_page_at_a_time(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    # A new file, or one back from a long outage, lacks every checkpoint ever signed: the service read them
+    # all at once as it started. A page of rows that are no checkpoints leaves the file's end where it was,
+    # and the pages go on after it.
+    await filled.superuser(FORGED_CHECKPOINT, 35, "not a hash", "", "not base64!")
+    archive, trust = NotedFile(tmp_path / "checkpoints.ndjson"), filled.trust()
+    before = untrusted("archive")
+    assert await sync_archive(filled.pool, ROLE, archive, trust, page=2) == 5
+    assert archive.handed == [[10, 20], [30], [40, 50]]
+    assert untrusted("archive") == before + 1
+    more = [delivery(example(DriftDetected), offset=ROWS + i) for i in range(10)]
+    assert await filled.record(more) == 10
+    assert await sync_archive(filled.pool, ROLE, archive, trust, page=2) == 1
+    assert archive.handed[3:] == [[63]]
+    assert [c.sequence for c in archive.read()] == [10, 20, 30, 40, 50, 63]
+    assert untrusted("archive") == before + 1
 
 
 async def test_a_writer_past_its_newest_checkpoint_trusts_it(filled: TrailDb) -> None:
