@@ -46,9 +46,14 @@ class ChampionComparison:
 class SliceMeasure:
     """One level of the slice feature: its rows and the metric on them."""
 
-    level: str
+    level: str | None
+    """The level's text; None for the rows where the feature has no value, a group of their own."""
     rows: int
     value: float
+    kind: str | None = None
+    """The level's type (``text``, ``integer``, ``number``, ``boolean``, or the Python type's name), set only
+    when another level of the holdout has the same text (the integer 1 and the text "1"): they are different
+    values to the model, and their checks need different names."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +323,19 @@ def slice_levels_left_out_name(feature: str, metric: str) -> str:
     return f"slice:{feature}:other-levels:{metric}"
 
 
+def slice_check_name(feature: str, level: SliceMeasure, metric: str) -> str:
+    """The name of one level's check: ``slice:<feature>=<text>:<metric>``. The rows without a value, and a
+    level whose text another level of another type shares, have the feature followed by ``:`` where a
+    plain level's check has ``=`` (``slice:<feature>:missing:<metric>``,
+    ``slice:<feature>:<kind>=<text>:<metric>``), so no level, whatever its text, takes their names, and
+    neither takes the name of the levels left out (:func:`slice_levels_left_out_name`)."""
+    if level.level is None:
+        return f"slice:{feature}:missing:{metric}"
+    if level.kind is not None:
+        return f"slice:{feature}:{level.kind}={level.level}:{metric}"
+    return f"slice:{feature}={level.level}:{metric}"
+
+
 def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
     """One check per level of the slice feature measured, and one for the levels left out past
     ``max_slice_levels``; small or undefined slices and the levels left out are reported, not judged."""
@@ -330,7 +348,7 @@ def slice_checks(spec: ValidationSpec, measured: Measured) -> list[CheckResult]:
     checks = []
     for s in measured.slices:
         value = _finite(s.value)
-        name = f"slice:{rule.feature}={s.level}:{metric}"
+        name = slice_check_name(rule.feature, s, metric)
         base = {"name": name, "kind": CheckKind.SLICE, "metric": metric, "value": value}
         if s.rows < rule.min_rows:
             detail = f"reported, not judged: {s.rows} rows < min_rows {rule.min_rows}"

@@ -25,6 +25,7 @@ from libs.metrics import (
     paired_bootstrap_difference,
 )
 from libs.modelspec import FLOAT32_MAX, ValidationSpec
+from libs.profiles import category_key
 from services.validation.domain import (
     ChampionComparison,
     Measured,
@@ -33,8 +34,6 @@ from services.validation.domain import (
     champion_metric,
     slice_metric,
 )
-
-MISSING_LEVEL = "__missing__"
 
 
 class HoldoutMismatch(ValueError):
@@ -435,30 +434,31 @@ def measure(
     slice_name = None
     if feature is not None and feature in holdout.columns:
         slice_name = slice_metric(spec, signature.task, n_classes)
-        levels = holdout[feature].astype(object).where(holdout[feature].notna(), MISSING_LEVEL).astype(str)
+        codes, names = slice_levels(holdout[feature])
         # Each level measured on its own rows only: a metric over every row with the others masked out was
         # rows x levels of work (hours for millions of rows of thousands of stores).
-        codes, names = pd.factorize(levels, sort=True)
         sizes = np.bincount(codes, minlength=len(names))
         checked = np.arange(len(names))
         if len(names) > max_slice_levels:
             # Cut before any metric is computed: the levels with the most rows, ties in text order (the names
-            # are sorted and the sort stable), reported back in text order.
+            # are sorted, the rows without a value last, and the sort stable), reported back in that order.
             checked = np.sort(np.argsort(-sizes, kind="stable")[:max_slice_levels])
             slices_left_out = SlicesLeftOut(
                 levels=len(names) - len(checked),
-                rows=int(len(levels) - sizes[checked].sum()),
+                rows=int(len(codes) - sizes[checked].sum()),
                 max_slice_levels=max_slice_levels,
             )
         order = np.argsort(codes, kind="stable")
         bounds = np.concatenate(([0], np.cumsum(sizes)))
         for code in checked:
             rows = order[bounds[code] : bounds[code + 1]]
+            level, level_kind = names[code]
             slices.append(
                 SliceMeasure(
-                    level=str(names[code]),
+                    level=level,
                     rows=int(rows.size),
                     value=metric(outputs.of_rows(rows), slice_name),
+                    kind=level_kind,
                 )
             )
 
@@ -492,6 +492,58 @@ def measure(
         unknown_labels=_unknown_labels(outputs, y),
         inputs_vary=inputs_vary,
     )
+
+
+_KINDS = {str: "text", int: "integer", float: "number", bool: "boolean"}
+
+
+def _level_of(value: Any) -> tuple[str, str]:
+    """A present value's level as (text, kind): the text categories are counted under
+    (:func:`~libs.profiles.category_key`) and its type; 1.0 is the integer 1 (JSON has one kind of number)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    kind = type(value)
+    if kind is float and value.is_integer():
+        kind = int
+    return category_key(value), _KINDS.get(kind, kind.__name__)
+
+
+def slice_levels(column: pd.Series) -> tuple[np.ndarray, list[tuple[str | None, str | None]]]:
+    """Each row's level of the slice feature (an index into the levels) and the levels, as (text, kind):
+    sorted by text, the rows without a value last as the level (None, None). Values are one level when they
+    are one value to the model's categories (the integer 1 and the float 1.0), two when their types differ
+    (the integer 1 and the text "1", the boolean True and the text "True"): such levels share their text
+    and keep their kind, which names their checks apart; every other level's kind is None."""
+    present = column.notna().to_numpy()
+    values = column[present]
+    keyed: list[tuple[str, str]] = []
+    if values.dtype == object and pd.api.types.infer_dtype(values, skipna=False) != "string":
+        # One type at a time: pandas takes values that compare equal for one (True and 1 and 1.0), which may
+        # be two levels; and a value that cannot be hashed (a list) by its text. Text alone, the common case,
+        # is factorized at once.
+        types = values.map(type)
+        codes = np.empty(len(values), dtype=np.intp)
+        for t in pd.unique(types):
+            mask = (types == t).to_numpy()
+            hashable = t.__hash__ is not None
+            found, distinct = pd.factorize(values[mask] if hashable else values[mask].map(str))
+            codes[mask] = found + len(keyed)
+            keyed.extend(_level_of(u) if hashable else (u, t.__name__) for u in distinct.tolist())
+    else:
+        codes, distinct = pd.factorize(values)
+        keyed.extend(_level_of(u) for u in distinct.tolist())
+    levels = sorted(set(keyed))
+    rank = {level: i for i, level in enumerate(levels)}
+    texts = pd.Series([text for text, _ in levels], dtype=object)
+    shared = set(texts[texts.duplicated()])
+    row_levels = np.full(len(column), len(levels), dtype=np.intp)  # the rows without a value: the last
+    row_levels[present] = np.array([rank[k] for k in keyed], dtype=np.intp)[codes]
+    named: list[tuple[str | None, str | None]] = [
+        (text, kind if text in shared else None) for text, kind in levels
+    ]
+    if not present.all():
+        named.append((None, None))
+    return row_levels, named
 
 
 UNUSABLE_OUTPUTS = f"NaN, infinite or beyond float32's range (magnitude at most {FLOAT32_MAX:.8g})"

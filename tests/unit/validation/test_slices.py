@@ -80,10 +80,9 @@ def test_slices_of_a_regressor_and_of_missing_levels_are_measured_on_their_rows(
         latency_repeats=1,
     )
     pred = model.predict(holdout.drop(columns=["churned"]))
-    levels = holdout["plan"].fillna(scoring.MISSING_LEVEL)
-    assert [s.level for s in measured.slices] == sorted(levels.unique())
+    assert [s.level for s in measured.slices] == [*sorted(holdout["plan"].dropna().unique()), None]
     for s in measured.slices:
-        rows = (levels == s.level).to_numpy()
+        rows = (holdout["plan"].isna() if s.level is None else holdout["plan"] == s.level).to_numpy()
         expected = mean_squared_error(holdout["churned"].to_numpy()[rows], pred[rows]) ** 0.5
         assert s.value == pytest.approx(expected, rel=1e-12)
         assert s.rows == rows.sum()
@@ -236,3 +235,69 @@ def test_at_or_under_max_slice_levels_every_level_is_checked_and_nothing_summed_
     assert [(s.level, s.rows) for s in measured.slices] == sorted(LEVEL_ROWS.items())
     checks = slice_checks(SLICES, measured)
     assert [c.name for c in checks] == [f"slice:plan={level}:roc_auc" for level in sorted(LEVEL_ROWS)]
+
+
+def test_missing_values_and_values_of_one_text_and_two_types_are_levels_of_their_own() -> None:
+    # The levels were the values' text with the missing rows spelled "__missing__": a real level of that
+    # text took the missing rows in, and the integer 1 and the text "1" (True and "True") were one slice,
+    # one check named for two groups of rows the model tells apart.
+    counts: list[tuple[object, int]] = [
+        ("__missing__", 12),
+        (None, 14),
+        (1, 10),
+        (1.0, 6),
+        ("1", 18),
+        (True, 20),
+        ("True", 22),
+        ("plain", 24),
+    ]
+    store = [value for value, rows in counts for _ in range(rows)]
+    holdout = pd.DataFrame({"x0": np.resize([1.0, -1.0], len(store)), "plan": "basic"})
+    holdout["store"] = pd.Series(store, dtype=object)
+    holdout["churned"] = (holdout["x0"] > 0).astype("int64")
+    sig = ModelSignature(
+        features=[
+            FeatureSpec(name="x0", type=FeatureType.NUMERIC),
+            FeatureSpec(name="plan", type=FeatureType.CATEGORICAL, categories=["basic", "premium"]),
+        ],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+    spec = ValidationSpec(slices=SliceRule(feature="store", min_value=0.6, min_rows=1))
+    measured = measure(spec, candidate=Perfect(), signature=sig, holdout=holdout, latency_repeats=1)
+    # In text order, the rows without a value last; 1.0 is the integer 1 (JSON has one kind of number).
+    assert [(s.level, s.kind, s.rows) for s in measured.slices] == [
+        ("1", "integer", 16),
+        ("1", "text", 18),
+        ("True", "boolean", 20),
+        ("True", "text", 22),
+        ("__missing__", None, 12),
+        ("plain", None, 24),
+        (None, None, 14),
+    ]
+    checks = slice_checks(spec, measured)
+    assert [c.name for c in checks] == [
+        "slice:store:integer=1:roc_auc",
+        "slice:store:text=1:roc_auc",
+        "slice:store:boolean=True:roc_auc",
+        "slice:store:text=True:roc_auc",
+        "slice:store=__missing__:roc_auc",
+        "slice:store=plain:roc_auc",
+        "slice:store:missing:roc_auc",
+    ]
+    assert all(c.passed and c.value == 1.0 for c in checks)
+
+
+def test_an_integer_column_with_a_gap_names_its_levels_as_integers() -> None:
+    # pandas reads integers with a gap as floats: the levels were named 1.0 and 2.0, where the signature,
+    # the profile and serving name them 1 and 2.
+    holdout, sig = levels_holdout()
+    holdout["store"] = pd.Series(np.resize([1, 2, None], len(holdout)), dtype=float)
+    spec = ValidationSpec(slices=SliceRule(feature="store", min_value=0.6, min_rows=1))
+    measured = measure(spec, candidate=Perfect(), signature=sig, holdout=holdout, latency_repeats=1)
+    assert [c.name for c in slice_checks(spec, measured)] == [
+        "slice:store=1:roc_auc",
+        "slice:store=2:roc_auc",
+        "slice:store:missing:roc_auc",
+    ]
