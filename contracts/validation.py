@@ -132,10 +132,12 @@ class _ValidationReport(EventPayload):
         description="Every check would pass the event size limit (a slice feature with thousands of "
         "levels), so `checks` holds part of them, in report order. Details longer than 1,000 characters are "
         "cut; then passed checks are left out (slices only reported, then passed slices, then the other "
-        "passed checks); then failed checks' details are cut to 200 characters; then failed checks are left "
-        "out, slices first, while `failed_checks` still names them; then their names go too. One failed "
-        "check always stays when any failed, so the outcome is the report's. The totals count every check, "
-        "and the stored report (validation's `GET /v1/reports/{report_id}`) has every check in full.",
+        "passed checks; the check summing up the slice levels left out, "
+        "`slice:<feature>:other-levels:<metric>`, excepted); then failed checks' details are cut to 200 "
+        "characters; then failed checks are left out, slices first, while `failed_checks` still names them; "
+        "then the slice summary; then the names of the failed checks left out. One failed check always stays "
+        "when any failed, so the outcome is the report's. The totals count every check, and the stored "
+        "report (validation's `GET /v1/reports/{report_id}`) has every check in full.",
     )
 
     @model_validator(mode="after")

@@ -323,6 +323,13 @@ def slice_levels_left_out_name(feature: str, metric: str) -> str:
     return f"slice:{feature}:other-levels:{metric}"
 
 
+def slice_summary_name(spec: ValidationSpec, measured: Measured) -> str | None:
+    """The name of the report's check summing up the slice levels left out, or None when it has none."""
+    if spec.slices is None or measured.slice_metric is None or measured.slices_left_out is None:
+        return None
+    return slice_levels_left_out_name(spec.slices.feature, measured.slice_metric)
+
+
 def slice_check_name(feature: str, level: SliceMeasure, metric: str) -> str:
     """The name of one level's check: ``slice:<feature>=<text>:<metric>``. The rows without a value, and a
     level whose text another level of another type shares, have the feature followed by ``:`` where a
@@ -582,6 +589,9 @@ class Carried:
 
     checks: list[CheckResult]
     failed_checks: list[str]
+    slice_summary: str | None = None
+    """The name of the check summing up the slice levels left out (:func:`slice_summary_name`), if the report
+    has one: the only word an event has of those levels, it is left out after every other check."""
 
 
 def _json_bytes(check: CheckResult) -> int:
@@ -608,9 +618,11 @@ def _shortened(check: CheckResult, chars: int) -> CheckResult:
     return check.model_copy(update={"detail": detail})
 
 
-def _leave_out_order(check: CheckResult) -> int:
+def _leave_out_order(check: CheckResult, slice_summary: str | None) -> int:
     """Which checks an event leaves out first: passed before failed, slices before the others, and among
-    passed slices those only reported before those judged."""
+    passed slices those only reported before those judged; the slice summary last."""
+    if check.name == slice_summary:
+        return 5
     if check.passed:
         if check.kind is CheckKind.SLICE:
             return 0 if check.threshold is None else 1
@@ -626,15 +638,20 @@ def cut_checks(carried: Carried, excess: int) -> Carried:
     2. passed checks are left out: slices only reported, then passed slices, then the other passed checks;
     3. failed checks' details longer than 200 characters are cut;
     4. failed checks are left out, slices first, their names staying in ``failed_checks``;
-    5. names of failed checks left out are dropped from ``failed_checks``.
+    5. the slice summary (``carried.slice_summary``) is left out;
+    6. names of failed checks left out are dropped from ``failed_checks``.
 
-    Within a step the last in report order goes first. One check always stays: when any failed, a failed one
-    (one that is no slice if there is one, else the smallest), named in ``failed_checks``; so the verdict is
-    the report's, whatever is cut. The stored report keeps every check in full. Nothing changes when
-    nothing more can be cut."""
+    The slice summary goes so late because it alone says how many levels were never checked one by one,
+    while a failed check left out stays named. Within a step the last in report order goes first. One check
+    always stays: when any failed, a failed one (one that is no slice if there is one, else the smallest),
+    named in ``failed_checks``; so the verdict is the report's, whatever is cut. The stored report keeps
+    every check in full. Nothing changes when nothing more can be cut."""
     shown = list(carried.checks)
     names = list(carried.failed_checks)
     freed = 0
+
+    def order(check: CheckResult) -> int:
+        return _leave_out_order(check, carried.slice_summary)
 
     def shorten(chars: int, *, failed_only: bool) -> None:
         nonlocal freed
@@ -650,14 +667,14 @@ def cut_checks(carried: Carried, excess: int) -> Carried:
     if failed:
         keep = min(failed, key=lambda i: (shown[i].kind is CheckKind.SLICE, _json_bytes(shown[i]), i))
     else:
-        keep = min(range(len(shown)), key=lambda i: (-_leave_out_order(shown[i]), i), default=-1)
+        keep = min(range(len(shown)), key=lambda i: (-order(shown[i]), i), default=-1)
     left_out: set[int] = set()
 
     def leave_out(orders: tuple[int, ...]) -> None:
         nonlocal freed
         candidates = sorted(
-            (i for i, c in enumerate(shown) if i != keep and _leave_out_order(c) in orders),
-            key=lambda i: (_leave_out_order(shown[i]), -i),
+            (i for i, c in enumerate(shown) if i != keep and order(c) in orders),
+            key=lambda i: (order(shown[i]), -i),
         )
         for i in candidates:
             if freed >= excess:
@@ -673,13 +690,19 @@ def cut_checks(carried: Carried, excess: int) -> Carried:
     if freed < excess:
         leave_out((3, 4))
     if freed < excess:
+        leave_out((5,))
+    if freed < excess:
         carried_names = {c.name for i, c in enumerate(shown) if i not in left_out}
         for j in reversed(range(len(names))):
             if freed >= excess:
                 break
             if names[j] not in carried_names:
                 freed += _name_bytes(names.pop(j))
-    return Carried(checks=[c for i, c in enumerate(shown) if i not in left_out], failed_checks=names)
+    return Carried(
+        checks=[c for i, c in enumerate(shown) if i not in left_out],
+        failed_checks=names,
+        slice_summary=carried.slice_summary,
+    )
 
 
 NAME_CHARS_IN_MESSAGES = 80

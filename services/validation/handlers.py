@@ -35,6 +35,7 @@ from services.validation.domain import (
     gates_of_another_task,
     judge,
     report_id_for,
+    slice_summary_name,
     too_large_to_announce,
 )
 from services.validation.ports import (
@@ -142,6 +143,7 @@ async def validate(
     )
     holdout_ref = d.lineage.holdout
     checks: list[CheckResult]
+    slice_summary: str | None = None
     unloadable: ChampionUnloadable | None = None
     try:
         spec = await evaluator.validation_spec(d.lineage.spec) if d.lineage.spec else ValidationSpec()
@@ -191,6 +193,7 @@ async def validate(
             champion_signature=champion.signature if champion else None,
             champion_version=champion_version,
         )
+        slice_summary = slice_summary_name(spec, measured)
     except EvaluationError as exc:
         checks = [failure(exc.check, exc.message)]
         unloadable = exc.champion_unloadable
@@ -215,7 +218,7 @@ async def validate(
     out = new_event(outcome, source=source, cause=event)
     # Thousands of slices, or a limit set low, pass what consumers accept: the event carries what matters
     # most and fits, the stored report every check. The verdict is the report's whatever is cut.
-    carried = Carried(checks=outcome.checks, failed_checks=outcome.failed_checks)
+    carried = Carried(checks=outcome.checks, failed_checks=outcome.failed_checks, slice_summary=slice_summary)
     while excess := bytes_over_limit(out, max_bytes=max_event_bytes):
         cut = cut_checks(carried, excess)
         if cut == carried:

@@ -18,6 +18,7 @@ from services.validation.domain import (
     ChampionComparison,
     Measured,
     SliceMeasure,
+    SlicesLeftOut,
     champion_check,
     cut_checks,
     failure,
@@ -303,7 +304,7 @@ def carried(checks: list[CheckResult]) -> Carried:
     return Carried(checks=checks, failed_checks=[c.name for c in checks if not c.passed])
 
 
-def four_slices() -> list[CheckResult]:
+def four_slices(slices_left_out: SlicesLeftOut | None = None) -> list[CheckResult]:
     slices = [
         SliceMeasure(level="a-reported", rows=5, value=0.9),
         SliceMeasure(level="b-failed", rows=100, value=0.5),
@@ -314,7 +315,9 @@ def four_slices() -> list[CheckResult]:
         SPEC,
         task=Task.CLASSIFICATION,
         n_classes=2,
-        measured=measured(slices=slices, slice_feature="plan", slice_metric="roc_auc"),
+        measured=measured(
+            slices=slices, slice_feature="plan", slice_metric="roc_auc", slices_left_out=slices_left_out
+        ),
         candidate=signature(),
         champion_signature=None,
         champion_version=None,
@@ -393,6 +396,29 @@ def test_failed_checks_keep_their_names_when_they_do_not_fit_and_keep_one_that_i
     assert [c.name for c in fewer.checks] == [failed[0], failed[1], failed[3]]
     fewest = cut_checks(carried(only_failed), excess=10**6)
     assert [c.name for c in fewest.checks] == ["roc_auc>=0.75"] and fewest.failed_checks == ["roc_auc>=0.75"]
+
+
+def test_an_oversized_reports_event_keeps_the_slice_summary_until_every_other_check_is_left_out() -> None:
+    # The summary, a passed slice only reported and the last slice in report order, was the first check an
+    # event left out: an event cut for thousands of slices never said that levels went unchecked.
+    left_out = SlicesLeftOut(levels=9_000, rows=20_000, max_slice_levels=4)
+    checks = four_slices(left_out)
+    summary = next(c for c in checks if c.name == "slice:plan:other-levels:roc_auc")
+    failed = [c.name for c in checks if not c.passed]
+    state = Carried(checks=checks, failed_checks=failed, slice_summary=summary.name)
+    cuts = []
+    while (cut := cut_checks(state, excess=1)) != state:
+        state = cut
+        cuts.append(cut)
+    # Every other check but the failed one kept goes first, its name staying; then the summary; then the
+    # names of the failed checks left out.
+    assert [c.name for c in cuts[-3].checks] == [failed[0], summary.name] and cuts[-3].failed_checks == failed
+    assert [c.name for c in cuts[-2].checks] == [failed[0]] and cuts[-2].failed_checks == failed
+    assert [c.name for c in state.checks] == failed[:1] and state.failed_checks == failed[:1]
+    # Nothing failed: the summary is the check that stays.
+    passed = [c.model_copy(update={"passed": True}) for c in checks]
+    least = cut_checks(Carried(checks=passed, failed_checks=[], slice_summary=summary.name), excess=10**6)
+    assert least.checks == [summary]
 
 
 @pytest.mark.parametrize("excess", [1, 100, 300, 1_000, 2_000, 3_000, 10**6])

@@ -21,11 +21,11 @@ from contracts.models import AppliedStageChange, ModelStageChanged, ModelVersion
 from contracts.registry import EVENT_TYPES
 from contracts.validation import CheckKind, ValidationFailed, ValidationPassed
 from libs.artifacts import ArtifactStore, save_model
-from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.bus import InMemoryBus, Subscription, Transaction, bytes_over_limit
 from libs.modelspec import ModelSpec, SliceRule, ValidationSpec, build_pipeline, spec_from_data
 from services.training.worker import run_training, signature
 from services.validation.adapters.evaluator import StoreEvaluator
-from services.validation.domain import ChampionUnloadable, Measured, SliceMeasure
+from services.validation.domain import ChampionUnloadable, Measured, SliceMeasure, SlicesLeftOut
 from services.validation.handlers import HANDLERS, report_for_version
 from services.validation.ports import Evaluation, Evaluator, Report, VersionRecord
 from tests.stage_changes import stage_change
@@ -571,6 +571,29 @@ async def test_a_report_failing_thousands_of_slices_names_every_failed_one_in_it
     shown = failed.data.checks
     assert all(not c.passed for c in shown) and 0 < len(shown) < 8_001
     assert shown[0].name == "roc_auc>=0.75"
+
+
+async def test_a_report_of_more_slice_levels_than_checked_says_so_in_its_cut_event(tmp_path: Path) -> None:
+    # The check summing up the levels left out was the first an event too large left out (a passed slice
+    # only reported, the last in report order): the event never said that levels went unchecked.
+    spec = FOUR_THRESHOLDS.model_copy(update={"slices": SliceRule(feature="store", min_value=0.6)})
+    measured = replace(
+        ROC_AUC_MISSES,
+        slice_feature="store",
+        slice_metric="roc_auc",
+        slices=[SliceMeasure(level=f"s-{i:05d}", rows=100, value=0.9) for i in range(8_000)],
+        slices_left_out=SlicesLeftOut(levels=30_000, rows=60_000, max_slice_levels=8_000),
+    )
+    gate = Gate(tmp_path, evaluator=MeasuredEvaluator(spec, measured))
+    await gate.register(registered())
+
+    assert gate.bus.dead_letters == []
+    report = await report_for_version("churn", 7, reports=gate.reports)
+    [failed] = gate.bus.events(of=ValidationFailed)
+    assert failed.data.checks_truncated and failed.data.checks_total == len(report.checks) == 8_011
+    summary = next(c for c in report.checks if c.name == "slice:store:other-levels:roc_auc")
+    assert summary in failed.data.checks and "30,000 levels of store" in summary.detail
+    assert bytes_over_limit(failed, max_bytes=1_000_000) == 0
 
 
 async def change_stage(
