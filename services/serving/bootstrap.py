@@ -32,6 +32,7 @@ from services.serving.adapters.postgres import (
 )
 from services.serving.adapters.prediction_log import KafkaPredictionLog
 from services.serving.domain import RolloutPolicy
+from services.serving.metrics import LOOP_FAILURES
 from services.serving.routing import RoutingState, RoutingSync
 from services.serving.scoring import CanaryStats, LogItem, Predictor
 from services.serving.settings import ServingSettings
@@ -42,6 +43,32 @@ MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="serving
 
 ERROR_RATE_RETRY_S = 1.0
 """How long an error-rate rollback that failed holds its rollout before a canary failure tries again."""
+
+
+async def flush_canary_samples(
+    stats: CanaryStats,
+    state: RoutingState,
+    save: Callable[[list[tuple[str, str, int, int]]], Awaitable[None]],
+    *,
+    every_s: float,
+    stopping: asyncio.Event,
+) -> None:
+    """Every ``every_s``, and once more when stopping: ``save`` the canary rows served since the last flush
+    (model, rollout id, step, rows) to their steps' counts. A flush that fails keeps its rows for the next
+    one and is counted: flushes that keep failing hold the canaries' steps short of their samples, and a
+    warning in the log alone could not be alerted on."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=every_s)
+        items = stats.unflushed()
+        if items:
+            try:
+                await save(items)
+            except Exception as exc:
+                stats.restore(items)
+                LOOP_FAILURES.labels("sample-flush").inc()
+                log.warning("canary sample count not saved, will retry", error=repr(exc))
+        stats.forget_ended(state.table.live_steps)
 
 
 class _NoLog:
@@ -189,17 +216,13 @@ async def build(rt: Runtime) -> ServiceParts:
         await predictor.run_shadow(stopping.is_set)
 
     async def flush_samples() -> None:
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=settings.samples_flush_s)
-            items = stats.unflushed()
-            if items:
-                try:
-                    await add_samples(rt.pool, items)
-                except Exception as exc:
-                    stats.restore(items)
-                    log.warning("canary sample count not saved, will retry", error=repr(exc))
-            stats.forget_ended(state.table.live_steps)
+        await flush_canary_samples(
+            stats,
+            state,
+            lambda items: add_samples(rt.pool, items),
+            every_s=settings.samples_flush_s,
+            stopping=stopping,
+        )
 
     async def stop() -> None:
         stopping.set()

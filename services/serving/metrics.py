@@ -1,5 +1,5 @@
 """Serving's series per model version, and their lifetime: a version's series exist while the version
-serves on this replica, and go with it.
+serves on this replica, and go with it; and the failures of the replica's two timer loops.
 
 Every routing swap (:meth:`services.serving.routing.RoutingState.swap`) calls :func:`keep_served`: each
 series whose model version the new table does not serve (promoted over, rolled back, replaced, its model
@@ -58,6 +58,18 @@ ENGINE = Gauge(
     "scikit-learn (the pipeline itself). An info metric (its value is its labels), named as one.",
     ["model", "version", "engine"],
 )
+
+LOOP_FAILURES = Counter(
+    "driftloop_serving_loop_failures_total",
+    "Rounds of a replica's timer loops that failed, by loop (routing-sync: the re-read of the routes, the "
+    "replica answering from the routing it last read meanwhile; sample-flush: the canary rows it served "
+    "added to the step's count, kept for the next flush meanwhile): logged as a warning and tried again. A "
+    "count that keeps rising is a replica on stale routing (a canary rolled back still taking its traffic "
+    "here), or a step whose samples stop growing.",
+    ["loop"],
+)
+for _loop in ("routing-sync", "sample-flush"):  # exported at 0 from the start: an alert reads the first rise
+    LOOP_FAILURES.labels(_loop)
 
 _PER_VERSION: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
     (REQUESTS, _BY_VARIANT),

@@ -24,7 +24,7 @@ from libs.errors import Unavailable
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
-from services.serving.metrics import UNCOMPILED, keep_served
+from services.serving.metrics import LOOP_FAILURES, UNCOMPILED, keep_served
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
@@ -358,6 +358,7 @@ class RoutingSync:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                LOOP_FAILURES.labels("routing-sync").inc()
                 log.warning("routing sync failed, retrying", error=repr(exc), delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
