@@ -72,6 +72,22 @@ def read_csv_table(source: str | bytes, **options: Any) -> pd.DataFrame:
     return frame
 
 
+def integer_column(source: str | bytes, name: str) -> pd.Series | None:
+    """Column ``name`` of a CSV that :func:`read_csv_table` read as numbers, as nullable integers (``Int64``)
+    when each of its fields is an integer or missing (empty, or a marker: missing in a column of numbers);
+    None when a field is written otherwise (``1.0``, ``1e3``). pandas reads integers with a gap as float64
+    (int64 has no missing value), which loses whether the file wrote ``1`` or ``1.0``; this read keeps it,
+    as the registry's read of an upload does."""
+    column = pd.read_csv(
+        _buffer(source),
+        usecols=[name],
+        keep_default_na=False,
+        na_values=["", *sorted(MISSING_MARKERS)],
+        dtype_backend="numpy_nullable",
+    ).iloc[:, 0]
+    return column if ptypes.is_integer_dtype(column.dtype) else None
+
+
 def _numbers_or_booleans(column: pd.Series) -> bool:
     """Whether pandas read ``column`` as numbers or booleans: a numeric dtype (booleans and a column missing
     in every row too), or, without a nullable dtype backend, objects that are booleans with gaps."""
