@@ -37,7 +37,7 @@ from libs.artifacts import (
     frame_to_parquet,
     save_model,
 )
-from libs.csv_tables import read_csv_table
+from libs.csv_tables import integer_column, read_csv_table
 from libs.errors import shown
 from libs.logging import get_logger
 from libs.metrics import Outputs, all_metrics, bool_label, model_outputs, number_label
@@ -685,17 +685,54 @@ def read_frame(
     data: bytes, fmt: ArtifactFormat, columns: list[str] | None = None, *, target: str | None = None
 ) -> pd.DataFrame:
     """A dataset file's rows in numpy's types (:func:`numpy_types`, which leaves ``target`` its nullable
-    integers and booleans; a CSV's "NA" missing in a numeric column only, as the registry reads an upload);
-    of a Parquet file that has all ``columns``, only those are decoded."""
+    integers and booleans, and :func:`integer_target`, which gives it them where the file holds integers
+    with a gap; a CSV's "NA" missing in a numeric column only, as the registry reads an upload); of a Parquet
+    file that has all ``columns``, only those are decoded."""
     if fmt is ArtifactFormat.CSV:
-        return numpy_types(read_csv_table(data), target=target)
-    if columns is not None:
+        frame = read_csv_table(data)
+    else:
+        frame = None
+        if columns is not None:
+            import pyarrow.parquet as pq
+
+            if set(columns) <= set(pq.read_schema(io.BytesIO(data)).names):
+                frame = pd.read_parquet(io.BytesIO(data), columns=columns)
+        if frame is None:
+            # Every column: a missing one is then reported with the file's other columns as hints.
+            frame = pd.read_parquet(io.BytesIO(data))
+    if target is not None:
+        frame = integer_target(frame, data, fmt, target)
+    return numpy_types(frame, target=target)
+
+
+def integer_target(frame: pd.DataFrame, data: bytes, fmt: ArtifactFormat, target: str) -> pd.DataFrame:
+    """``frame`` (read from ``data``) with its ``target`` as nullable integers where the file holds integers
+    with a gap there: a CSV column whose fields are all integers or missing, a Parquet integer column with
+    nulls (as the registry stores a CSV upload's). pandas reads them as float64 (int64 has no missing value),
+    and a classifier fitted on them after the rows without a target were dropped had the classes 3.0 and 7.0
+    where the same rows without a gap gave 3 and 7: serving answered 3.0 (FP64 in the Open Inference
+    Protocol), the signature and the model card listed floats. :func:`_plain_target` makes them int64 once
+    those rows are dropped. A target the file holds as floats (a Parquet double, a CSV's ``1.0``) stays
+    float, and a target without a gap is read as int64 already."""
+    read = frame[target] if target in frame.columns else None  # a DataFrame for a name the file has twice
+    if not isinstance(read, pd.Series) or read.dtype != np.float64 or not read.isna().any():
+        return frame
+    if fmt is ArtifactFormat.CSV:
+        column = integer_column(data, target)
+        if column is None:
+            return frame
+        values = column.array
+    else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if set(columns) <= set(pq.read_schema(io.BytesIO(data)).names):
-            return numpy_types(pd.read_parquet(io.BytesIO(data), columns=columns), target=target)
-    # Every column: a missing one is then reported with the file's other columns as hints.
-    return numpy_types(pd.read_parquet(io.BytesIO(data)), target=target)
+        file = pq.ParquetFile(io.BytesIO(data))
+        field = file.schema_arrow.get_field_index(target)  # -1 for a name the file has twice
+        if field < 0 or not pa.types.is_integer(file.schema_arrow.field(field).type):
+            return frame
+        # The column decoded again from the file: its integers past 2**53 are not those of its float64 read.
+        values = file.read(columns=[target]).column(0).to_pandas(types_mapper=pd.ArrowDtype).array
+    return frame.assign(**{target: values})
 
 
 def numpy_types(frame: pd.DataFrame, *, target: str | None = None) -> pd.DataFrame:
@@ -1020,11 +1057,12 @@ def _labels_within_float32(spec: ModelSpec, traffic: pd.DataFrame) -> pd.DataFra
 
 def _plain_target(rows: pd.DataFrame, target: str) -> pd.DataFrame:
     """``rows`` (each with a target) with the target in numpy's type for its values: a file's nullable or
-    pyarrow-backed booleans and integers (:func:`numpy_types` leaves them to this) become bool and int64, and
-    so does a column of booleans held as objects (a CSV's, or a Parquet file's without pandas' types).
-    scikit-learn took a nullable column's classes as floats (0.0 and 1.0, not False and True, and an integer
-    past 2**53 not itself), which the holdout's booleans then did not meet in validation, and a boolean column
-    of objects as no classes at all ("Unknown label type: unknown")."""
+    pyarrow-backed booleans and integers (:func:`numpy_types` leaves them to this, :func:`integer_target`
+    reads a file's integers with a gap as them) become bool and int64, and so does a column of booleans
+    held as objects (a CSV's, or a Parquet file's without pandas' types). scikit-learn took a nullable
+    column's classes as floats (0.0 and 1.0, not False and True, and an integer past 2**53 not itself), which
+    the holdout's booleans then did not meet in validation, and a boolean column of objects as no classes at
+    all ("Unknown label type: unknown")."""
     column = rows[target]
     numpy_dtype = getattr(column.dtype, "numpy_dtype", None)
     if (

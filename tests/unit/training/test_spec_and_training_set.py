@@ -765,6 +765,17 @@ def test_a_csv_base_file_keeps_na_as_text_in_a_text_column_as_the_registry_does(
     assert frame["tenure"].isna().tolist() == [False, True, False]
 
 
+def test_a_csv_target_of_integers_with_a_gap_is_read_as_integers_and_one_written_as_floats_is_not() -> None:
+    # pandas reads both as float64; a field written 3 or 3.0 tells which the file holds.
+    frame = read_frame(b"tenure,churned\n1,3\n,\n3,NA\n4,7\n", ArtifactFormat.CSV, target="churned")
+    assert frame["churned"].dtype == "Int64"
+    assert frame["churned"].tolist()[::3] == [3, 7]
+    assert frame["churned"].isna().tolist() == [False, True, True, False]
+    assert frame["tenure"].dtype == "float64"  # a feature is read as before
+    floats = read_frame(b"tenure,churned\n1,3.0\n2,\n4,7\n", ArtifactFormat.CSV, target="churned")
+    assert floats["churned"].dtype == "float64"
+
+
 def test_a_base_file_with_more_columns_trains_like_one_with_only_the_specs(tmp_path: Path) -> None:
     store, url = ArtifactStore(str(tmp_path)), str(tmp_path)
     spec = churn_spec()

@@ -1,6 +1,7 @@
 """Values of another type than the spec says: text in a numeric feature, of a base dataset or of a traffic
 window as monitoring writes it, fails the run naming the feature and such a value; a boolean target with a
-gap (the registry's nullable booleans, a CSV's objects) trains as booleans, and its holdout validates."""
+gap (the registry's nullable booleans, a CSV's objects) trains as booleans, and its holdout validates; an
+integer target with a gap (a CSV's blank cells, the registry's Parquet nulls) trains on integer classes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contracts.common import ArtifactFormat
 from contracts.training import FailureReason
 from libs.artifacts import ArtifactStore
 from libs.modelspec import spec_from_data
 from services.monitoring.export import window_frame
 from services.monitoring.ports import LabelledRecord
+from services.registry.dataset_files import TableLimits, canonicalise
 from services.training.worker import run_training
 from tests.unit.training.data import churn_frame, churn_spec, put_frame, regression_frame, run_on_bases
 
@@ -50,6 +53,27 @@ def monitoring_window(frame: pd.DataFrame, odd: dict[int, Any]) -> pd.DataFrame:
             )
         )
     return window_frame(None, {}, history, ["x0", "x1", "x2", "x3", "plan"])
+
+
+def run_on_file(
+    root: Path, data: bytes, fmt: ArtifactFormat, window: pd.DataFrame | None = None
+) -> dict[str, Any]:
+    """:func:`run_training` of the churn spec on one base dataset stored as ``data`` in ``fmt``, and the
+    traffic ``window`` when given."""
+    store = ArtifactStore(str(root))
+    spec = churn_spec()
+    return run_training(
+        {
+            "job_id": "job-file",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [
+                {"name": "churn-base", "version": 1, "sha256": store.put(data).sha256, "format": fmt.value}
+            ],
+            "window_key": None if window is None else put_frame(store, window).key,
+            "artifacts_url": str(root),
+        }
+    )
 
 
 def run_with_window(root: Path, window: pd.DataFrame) -> dict[str, Any]:
@@ -165,6 +189,76 @@ def test_a_nullable_target_takes_the_windows_labels(tmp_path: Path, dtype: str) 
     assert result["ok"] is True, result
     assert result["traffic_rows"] == 300
     assert result["signature"]["classes"] == ([False, True] if dtype == "boolean" else [0, 1])
+
+
+CODES = {0: 3, 1: 7}
+"""The churn frame's classes as integer codes that are not 0 and 1."""
+
+
+def coded(rows: pd.DataFrame, classes: dict[Any, Any] = CODES) -> pd.DataFrame:
+    """``rows`` with their target mapped by ``classes``; rows 3 and 10 (when there) without one."""
+    codes = rows["churned"].map(classes)
+    # Nullable integers: a CSV of them writes 3 and a blank cell, not 3.0.
+    frame = rows.assign(churned=codes.astype("Int64") if pd.api.types.is_integer_dtype(codes) else codes)
+    frame.loc[frame.index.isin([3, 10]), "churned"] = None
+    return frame
+
+
+def stored(frame: pd.DataFrame, stored_as: str) -> tuple[bytes, ArtifactFormat]:
+    """``frame`` as a CSV another service registered, or as the registry stores an upload of that CSV
+    (Parquet without pandas' types: integers with nulls)."""
+    csv = frame.to_csv(index=False).encode()
+    if stored_as == "csv":
+        return csv, ArtifactFormat.CSV
+    limits = TableLimits(columns=10, rows=10_000, cells=100_000, text_bytes=10**6)
+    return canonicalise(csv, filename="churn.csv", limits=limits).parquet, ArtifactFormat.PARQUET
+
+
+@pytest.mark.parametrize("stored_as", ["csv", "registry-parquet"])
+def test_integer_classes_with_a_gap_train_the_model_the_rows_without_one_train(
+    tmp_path: Path, stored_as: str
+) -> None:
+    # pandas reads integers with a gap as float64: the model had the classes 3.0 and 7.0, which serving
+    # answered (FP64 in the Open Inference Protocol) and the signature and model card listed.
+    with_gap = coded(churn_frame(600))
+    without = with_gap.dropna(subset=["churned"]).astype({"churned": "int64"})
+    gapped = run_on_file(tmp_path / "gap", *stored(with_gap, stored_as))
+    whole = run_on_file(tmp_path / "whole", *stored(without, stored_as))
+    assert gapped["ok"] is True, gapped
+    assert gapped["signature"]["classes"] == [3, 7]
+    assert all(type(c) is int for c in gapped["signature"]["classes"])
+    assert gapped["holdout"]["columns"]["churned"] == "int64"
+    # The same model: the same signature, metrics, holdout file and model file.
+    assert gapped["signature"] == whole["signature"]
+    assert gapped["metrics"] == whole["metrics"]
+    assert gapped["holdout"]["artifact"]["key"] == whole["holdout"]["artifact"]["key"]
+    assert gapped["artifact"]["key"] == whole["artifact"]["key"]
+
+
+@pytest.mark.parametrize("stored_as", ["csv", "registry-parquet"])
+def test_integer_classes_with_a_gap_take_the_windows_labels_as_integers(
+    tmp_path: Path, stored_as: str
+) -> None:
+    # Monitoring writes labels with a gap as floats (3.0): they are the classes 3 and 7 of the base data.
+    window = monitoring_window(coded(churn_frame(300, seed=1)).dropna(subset=["churned"]), {})
+    result = run_on_file(tmp_path, *stored(coded(churn_frame(600)), stored_as), window=window)
+    assert result["ok"] is True, result
+    assert result["traffic_rows"] == 298
+    assert result["signature"]["classes"] == [3, 7]
+    assert all(type(c) is int for c in result["signature"]["classes"])
+
+
+@pytest.mark.parametrize("stored_as", ["csv", "registry-parquet"])
+def test_classes_the_file_holds_as_floats_stay_floats(tmp_path: Path, stored_as: str) -> None:
+    # Written 1.0 and 2.0 (a CSV's text, a Parquet double): the file says floats, gaps or not.
+    result = run_on_file(tmp_path / "whole", *stored(coded(churn_frame(600), {0: 1.0, 1: 2.0}), stored_as))
+    assert result["ok"] is True, result
+    assert result["signature"]["classes"] == [1.0, 2.0]
+    assert all(type(c) is float for c in result["signature"]["classes"])
+    # Classes with a fraction are not made integers (0.5 is not 0): scikit-learn fits no such target.
+    halves = run_on_file(tmp_path / "halves", *stored(coded(churn_frame(600), {0: 0.5, 1: 1.5}), stored_as))
+    assert halves["ok"] is False
+    assert halves["reason"] == FailureReason.FIT_ERROR.value
 
 
 REGRESSION = spec_from_data(
