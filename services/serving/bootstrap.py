@@ -32,7 +32,7 @@ from services.serving.adapters.postgres import (
 )
 from services.serving.adapters.prediction_log import KafkaPredictionLog
 from services.serving.domain import RolloutPolicy
-from services.serving.metrics import LOOP_FAILURES
+from services.serving.metrics import ERROR_RATE_ROLLBACK_FAILURES, LOOP_FAILURES
 from services.serving.routing import RoutingState, RoutingSync
 from services.serving.scoring import CanaryStats, LogItem, Predictor
 from services.serving.settings import ServingSettings
@@ -69,6 +69,41 @@ async def flush_canary_samples(
                 LOOP_FAILURES.labels("sample-flush").inc()
                 log.warning("canary sample count not saved, will retry", error=repr(exc))
         stats.forget_ended(state.table.live_steps)
+
+
+class ErrorRateRollbacks:
+    """:class:`CanaryStats`' ``on_breach``, called at every canary failure over the threshold: rolls the
+    rollout back (``roll_back``: one transaction), with at most one attempt per rollout on this replica in
+    flight or done (a rollout rolled back, or no longer live, has nothing left to roll back). An attempt
+    that fails (Postgres away) is logged, counted (``driftloop_serving_error_rate_rollback_failures_total``)
+    and holds its rollout for ``retry_s`` before the next failure over the threshold tries again: a database
+    refusing connections at once would otherwise be asked, and logged, once per failing request. The ids
+    kept are one per rollout that breached, a few bytes each."""
+
+    def __init__(
+        self, roll_back: Callable[[str, str, str], Awaitable[None]], *, retry_s: float = ERROR_RATE_RETRY_S
+    ) -> None:
+        self._roll_back = roll_back
+        self._retry_s = retry_s
+        self._taken: set[str] = set()
+        self._attempts: set[asyncio.Task[None]] = set()  # kept referenced until done
+
+    def __call__(self, model: str, rollout_id: str, message: str) -> None:
+        if rollout_id in self._taken:
+            return
+        self._taken.add(rollout_id)
+        attempt = asyncio.create_task(self._attempt(model, rollout_id, message))
+        self._attempts.add(attempt)
+        attempt.add_done_callback(self._attempts.discard)
+
+    async def _attempt(self, model: str, rollout_id: str, message: str) -> None:
+        try:
+            await self._roll_back(model, rollout_id, message)
+        except Exception as exc:
+            ERROR_RATE_ROLLBACK_FAILURES.inc()
+            log.error("error-rate rollback failed", model=model, rollout_id=rollout_id, error=repr(exc))
+            await asyncio.sleep(self._retry_s)
+            self._taken.discard(rollout_id)
 
 
 class _NoLog:
@@ -121,47 +156,26 @@ async def build(rt: Runtime) -> ServiceParts:
             batch=settings.prediction_log_batch,
             linger_ms=settings.prediction_log_linger_ms,
         )
-    breaches: set[str] = set()
-    background: set[asyncio.Task[Any]] = set()
 
     async def roll_back_for_errors(model: str, rollout_id: str, message: str) -> None:
-        try:
-            async with rt.begin() as tx:
-                tally = handlers.Tally()
-                await handlers.roll_back_for_error_rate(
-                    model,
-                    rollout_id,
-                    message,
-                    versions=PgModelVersions(tx.conn),
-                    routes=PgRoutes(tx.conn, schema),
-                    publish=tx.publish,
-                    source=source,
-                    tally=tally,
-                )
-                tx.after_commit(tally.count)
-        except Exception as exc:
-            log.error("error-rate rollback failed", model=model, rollout_id=rollout_id, error=repr(exc))
-            # The next failure over the threshold (CanaryStats reports each) tries again, once this attempt
-            # has held the rollout for a second: a database refusing connections at once would otherwise be
-            # asked, and logged, once per failing request.
-            await asyncio.sleep(ERROR_RATE_RETRY_S)
-            breaches.discard(rollout_id)
-
-    def on_breach(model: str, rollout_id: str, message: str) -> None:
-        # Called at every canary failure over the threshold: at most one rollback attempt per rollout on
-        # this replica, in flight or done (a rollout rolled back, or no longer live, has nothing left to roll
-        # back); one that failed is let go above. The task is kept referenced.
-        if rollout_id in breaches:
-            return
-        breaches.add(rollout_id)
-        task = asyncio.create_task(roll_back_for_errors(model, rollout_id, message))
-        background.add(task)
-        task.add_done_callback(background.discard)
+        async with rt.begin() as tx:
+            tally = handlers.Tally()
+            await handlers.roll_back_for_error_rate(
+                model,
+                rollout_id,
+                message,
+                versions=PgModelVersions(tx.conn),
+                routes=PgRoutes(tx.conn, schema),
+                publish=tx.publish,
+                source=source,
+                tally=tally,
+            )
+            tx.after_commit(tally.count)
 
     stats = CanaryStats(
         threshold=settings.error_rate_threshold,
         min_requests=settings.error_rate_min_requests,
-        on_breach=on_breach,
+        on_breach=ErrorRateRollbacks(roll_back_for_errors),
     )
     predictor = Predictor(
         state,

@@ -1,5 +1,6 @@
 """Serving's series per model version, and their lifetime: a version's series exist while the version
-serves on this replica, and go with it; and the failures of the replica's two timer loops.
+serves on this replica, and go with it; and the failures of the replica's two timer loops and of its
+error-rate rollbacks.
 
 Every routing swap (:meth:`services.serving.routing.RoutingState.swap`) calls :func:`keep_served`: each
 series whose model version the new table does not serve (promoted over, rolled back, replaced, its model
@@ -70,6 +71,14 @@ LOOP_FAILURES = Counter(
 )
 for _loop in ("routing-sync", "sample-flush"):  # exported at 0 from the start: an alert reads the first rise
     LOOP_FAILURES.labels(_loop)
+
+ERROR_RATE_ROLLBACK_FAILURES = Counter(
+    "driftloop_serving_error_rate_rollback_failures_total",
+    "Rollbacks of a canary over ERROR_RATE_THRESHOLD that this replica could not make (Postgres away): "
+    'logged as "error-rate rollback failed"; the next canary failure over the threshold, a second later, '
+    "tries again. Meanwhile the failing canary keeps its share of the traffic (its callers answered by the "
+    "stable version): a count that keeps rising is a rollback that does not happen.",
+)
 
 _PER_VERSION: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
     (REQUESTS, _BY_VARIANT),
