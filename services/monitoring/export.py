@@ -1,8 +1,8 @@
 """Window data for training: the window's rows plus recent labelled history, as one Parquet file.
 
 Columns: every feature, ``prediction``, ``label`` (null where no ground truth arrived), ``prediction_id``,
-``predicted_at`` (UTC). A column of numbers stays numeric, of booleans boolean; any other column (mixed
-types, or an integer beyond 64 bits) is text. Pure: the handlers store the bytes.
+``predicted_at`` (UTC). A column of numbers stays numeric (integers with a gap too), of booleans boolean;
+any other column (mixed types, or an integer beyond 64 bits) is text. Pure: the handlers store the bytes.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ from services.monitoring.ports import LabelledRecord
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _uniform(values: Sequence[Any]) -> list[Any]:
+def _uniform(values: Sequence[Any]) -> list[Any] | pd.arrays.IntegerArray:
     """Parquet columns hold one type: numbers stay numbers, anything mixed becomes text (nulls kept). So does
-    a column with an integer beyond 64 bits (JSON allows any size; Parquet's widest integer is int64)."""
+    a column with an integer beyond 64 bits (JSON allows any size; Parquet's widest integer is int64).
+    Integers with a gap stay integers (nullable ``Int64``): pandas made them float64, and a model retrained on
+    a window whose integer class codes had a label missing learned the classes 0.0 and 1.0."""
     present = [v for v in values if v is not None]
     if all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in present):
-        if all(INT64_MIN <= v <= INT64_MAX for v in present if isinstance(v, int)):
+        integers = [int(v) for v in present if isinstance(v, numbers.Integral)]
+        if all(INT64_MIN <= v <= INT64_MAX for v in integers):
+            if present and len(integers) == len(present) and len(present) < len(values):
+                return pd.array(list(values), dtype="Int64")
             return list(values)
     elif all(isinstance(v, bool) for v in present):
         return list(values)

@@ -921,7 +921,9 @@ def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> p
     """The traffic window's rows (labelled or not), oldest first."""
     assert job.window_key is not None
     try:
-        window = read_frame(store.get(job.window_key), job.window_format)
+        # The labels as the target: integers with a gap stay integers (read_frame), or a model whose classes
+        # come from the window alone had the classes 3.0 and 7.0.
+        window = read_frame(store.get(job.window_key), job.window_format, target="label")
     except StoreUnavailable:
         raise  # the store's fault, not the window's: artifact-store-error
     except Exception as exc:

@@ -967,6 +967,25 @@ def test_an_integer_category_beyond_64_bits_is_exported_as_text_and_the_others_s
     assert table.schema.field("x0").type == "double"
 
 
+def test_integers_with_a_gap_are_exported_as_integers() -> None:
+    # pandas made them float64: a model retrained on the window learned the classes 0.0 and 1.0.
+    ref = reference()
+    reqs = requests(500, seed=3)
+    for payload, _, _ in reqs:  # an integer-coded category, logged without a value on some rows
+        for i, row in enumerate(payload.rows):
+            row.inputs["plan"] = None if i % 7 == 0 else i % 3
+    window = closed_window(ref, reqs, 500)
+    features = [f.name for f in ref.signature.features]
+    labels = {pid: i % 2 for i, pid in enumerate(window.prediction_ids) if i % 5}  # some labels not yet in
+
+    table = pq.read_table(io.BytesIO(frame_to_parquet(export.window_frame(window, labels, [], features))))
+
+    assert table.schema.field("label").type == "int64" and table.schema.field("plan").type == "int64"
+    assert table.column("label").null_count == 100 and set(table.column("label").to_pylist()) == {0, 1, None}
+    assert table.column("plan").to_pylist().count(None) == table.column("plan").null_count > 0
+    assert table.schema.field("x0").type == "double"
+
+
 def test_a_label_outside_the_classes_is_one_no_class_names_alike() -> None:
     from services.monitoring.domain import outside_classes
 

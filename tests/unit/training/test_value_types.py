@@ -46,7 +46,7 @@ def monitoring_window(frame: pd.DataFrame, odd: dict[int, Any]) -> pd.DataFrame:
                 predicted_at=at,
                 prediction=0,
                 score=None,
-                label=int(row["churned"]),
+                label=None if pd.isna(row["churned"]) else int(row["churned"]),
                 observed_at=at,
                 late=False,
                 inputs=inputs,
@@ -244,6 +244,17 @@ def test_integer_classes_with_a_gap_take_the_windows_labels_as_integers(
     result = run_on_file(tmp_path, *stored(coded(churn_frame(600)), stored_as), window=window)
     assert result["ok"] is True, result
     assert result["traffic_rows"] == 298
+    assert result["signature"]["classes"] == [3, 7]
+    assert all(type(c) is int for c in result["signature"]["classes"])
+
+
+def test_integer_classes_learned_from_the_window_alone_are_integers(tmp_path: Path) -> None:
+    # No base row labelled: the classes are the window's, whose labels with a gap monitoring wrote as floats.
+    unlabelled = coded(churn_frame(600)).assign(churned=pd.array([None] * 600, dtype="Int64"))
+    window = monitoring_window(coded(churn_frame(400, seed=1)), {})
+    result = run_on_file(tmp_path, *stored(unlabelled, "registry-parquet"), window=window)
+    assert result["ok"] is True, result
+    assert result["traffic_rows"] == 398
     assert result["signature"]["classes"] == [3, 7]
     assert all(type(c) is int for c in result["signature"]["classes"])
 
