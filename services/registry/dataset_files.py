@@ -147,9 +147,16 @@ def canonicalise(data: bytes, *, filename: str | None, limits: TableLimits) -> C
 # --- CSV ------------------------------------------------------------------------------------------------
 
 
+SKIP_INITIAL_SPACE = True
+"""How every read of a CSV upload splits its fields, pandas' and the checks' alike: the spaces after a comma
+are not the field's, so `1, "2,3"` is two fields. The checks kept them while pandas skipped them: ` "b"` was
+the name `"b"` to the checks and b to pandas (a header `b, "b"` passed the repeat check and was stored as b
+and b.1), and a row `1, "2,3"` was refused as three fields."""
+
+
 def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
     text = _decode(data)
-    rows = csv.reader(io.StringIO(text))
+    rows = csv.reader(io.StringIO(text), skipinitialspace=SKIP_INITIAL_SPACE)
     try:
         header = next(rows, [])
         _check_header([h.strip() for h in header])
@@ -181,7 +188,9 @@ def _read_csv(data: bytes, limits: TableLimits) -> pd.DataFrame:
         ) from exc
     try:
         # "NA", "None", "null" are missing only in a column of numbers or booleans (libs.csv_tables).
-        frame = read_csv_table(text, skipinitialspace=True, index_col=False, dtype_backend="numpy_nullable")
+        frame = read_csv_table(
+            text, skipinitialspace=SKIP_INITIAL_SPACE, index_col=False, dtype_backend="numpy_nullable"
+        )
     except pd.errors.ParserError as exc:
         raise InvalidInput(
             f"the CSV cannot be parsed: {_parser_message(exc, len(header))}", field="file"
@@ -223,7 +232,7 @@ def _refuse_floats_out_of_range(text: str, frame: pd.DataFrame) -> None:
         usecols=suspects,
         dtype=str,
         keep_default_na=False,
-        skipinitialspace=True,
+        skipinitialspace=SKIP_INITIAL_SPACE,
         index_col=False,
     )
     for index, texts in zip(suspects, (raw.iloc[:, i] for i in range(len(suspects))), strict=True):
@@ -289,9 +298,9 @@ def _decode(data: bytes) -> str:
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         line_no = data.count(b"\n", 0, exc.start) + 1
         prefix = data[line_start : exc.start].decode("utf-8", errors="replace")
-        index = len(next(csv.reader([prefix]), [""])) - 1
+        index = len(next(csv.reader([prefix], skipinitialspace=SKIP_INITIAL_SPACE), [""])) - 1
         header_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
-        header = [h.strip() for h in next(csv.reader([header_line]), [])]
+        header = [h.strip() for h in next(csv.reader([header_line], skipinitialspace=SKIP_INITIAL_SPACE), [])]
         where = f"column {shown(header[index])}" if index < len(header) and line_no > 1 else "the header"
         bad = data[exc.start : exc.start + 1].hex()
         raise InvalidInput(

@@ -353,6 +353,22 @@ def test_csv_that_is_not_utf8_names_the_column_and_line() -> None:
     assert "byte 0xe9 in column 'city' on line 3 is not valid UTF-8" in caught.value.message
 
 
+def test_a_quoted_field_after_a_space_is_read_as_one_field_by_every_check() -> None:
+    # pandas skips the spaces after a comma (skipinitialspace), so ` "b"` is the name b and ` "2,3"` one
+    # field; the checks read them with the spaces kept: `b, "b"` was stored as columns b and b.1, and a row
+    # `1, "2,3"` refused as three fields.
+    with pytest.raises(InvalidInput, match="column 'b' appears twice"):
+        canonicalise(b'b, "b"\n1,2\n', filename="x.csv", limits=LIMITS)
+    with pytest.raises(InvalidInput, match="differ only in what does not show"):
+        canonicalise('\u00e9, "e\u0301"\n1,2\n'.encode(), filename="x.csv", limits=LIMITS)
+    ds = canonicalise(b'id, "name"\n1, "Smith, J"\n', filename="x.csv", limits=LIMITS)
+    assert ds.columns == {"id": "int64", "name": "string"}
+    assert pq.read_table(io.BytesIO(ds.parquet)).to_pydict() == {"id": [1], "name": ["Smith, J"]}
+    with pytest.raises(InvalidInput) as caught:
+        canonicalise(b'a, b, c\n1, "2,3", caf\xe9\n', filename="x.csv", limits=LIMITS)
+    assert caught.value.extra == {"field": "file", "column": "c", "line": 2}
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
