@@ -572,8 +572,11 @@ async def upload_dataset(
         )
         return new_event(registered, source=source, actor=actor)
 
-    # The event lists every column: measured before the file is stored (the store's URI still to come).
-    unstored = ArtifactRef(key=sha256, uri="", format=ArtifactFormat.PARQUET, size_bytes=len(dataset.parquet))
+    # The event lists every column: measured before the file is stored, with the URI the store will give it
+    # (measured without, an event within the URI's length of the limit passed, and was refused once stored).
+    unstored = ArtifactRef(
+        key=sha256, uri=artifacts.uri(sha256), format=ArtifactFormat.PARQUET, size_bytes=len(dataset.parquet)
+    )
     if excess := bytes_over_limit(announcement(unstored), max_bytes=max_event_bytes):
         raise InvalidInput(
             too_wide_to_announce(dataset.columns, description, excess, max_event_bytes), field="file"

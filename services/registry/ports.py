@@ -175,6 +175,10 @@ class Artifacts(Protocol):
         """Store bytes (as Parquet: the registry stores only canonical dataset files)."""
         ...
 
+    def uri(self, key: str) -> str:
+        """The URI the store gives the file of ``key`` (its ArtifactRef's), stored or not; nothing is read."""
+        ...
+
     def stream(self, key: str) -> Iterator[bytes]:
         """The artifact's chunks; the hash is checked again at the end."""
         ...

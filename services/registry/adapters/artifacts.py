@@ -34,5 +34,8 @@ class StoreArtifacts:
             key=stored.sha256, uri=stored.uri, format=ArtifactFormat.PARQUET, size_bytes=stored.size
         )
 
+    def uri(self, key: str) -> str:
+        return self.store.uri(key)
+
     def stream(self, key: str) -> Iterator[bytes]:
         return self.store.stream(key)

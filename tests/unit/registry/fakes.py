@@ -220,9 +220,10 @@ class FakeArtifacts:
     async def put(self, data: bytes) -> ArtifactRef:
         key = hashlib.sha256(data).hexdigest()
         self.blobs[key] = data
-        return ArtifactRef(
-            key=key, uri=f"memory://{key}", format=ArtifactFormat.PARQUET, size_bytes=len(data)
-        )
+        return ArtifactRef(key=key, uri=self.uri(key), format=ArtifactFormat.PARQUET, size_bytes=len(data))
+
+    def uri(self, key: str) -> str:
+        return f"memory://{key}"
 
     def stream(self, key: str) -> Iterator[bytes]:
         self._check(key)

@@ -11,7 +11,7 @@ from contracts.commands import ArchiveRequested, PromoteRequested, RetrainReques
 from contracts.common import Stage
 from contracts.datasets import DatasetRegistered
 from contracts.envelope import CloudEvent
-from libs.bus.core import encode_outgoing
+from libs.bus.core import bytes_over_limit, encode_outgoing
 from libs.errors import Conflict, InvalidInput, NotFound
 from services.registry import core
 from services.registry.dataset_files import TableLimits, canonicalise
@@ -281,3 +281,44 @@ async def test_an_upload_too_wide_for_its_event_is_refused_naming_the_limit_befo
     assert "10,000 columns" in message and "1,000,000 bytes" in message, message
     assert caught.value.extra["field"] == "file"
     assert artifacts.blobs == {} and datasets.rows == {} and outbox.events == []
+
+
+async def test_an_upload_whose_event_passes_the_limit_only_with_the_files_uri_is_refused_before_it_is_stored(
+    versions: FakeVersions,
+) -> None:
+    # The event was measured with an empty URI, the stored file's (here memory://<64 hex>) added after: an
+    # upload whose DatasetRegistered fell within the URI's length of the limit passed the check, was stored,
+    # and was refused when published (413 speaking of the event).
+    dataset = canonicalise(CSV, filename="churn.csv", limits=LIMITS)
+
+    async def upload_under(limit: int, outbox: Outbox, artifacts: FakeArtifacts) -> None:
+        await core.upload_dataset(
+            "churn-base",
+            dataset,
+            models=[],
+            description=None,
+            actor="user:alice",
+            versions=versions,
+            datasets=FakeDatasets(),
+            artifacts=artifacts,
+            publish=outbox,
+            source=SOURCE,
+            max_event_bytes=limit,
+        )
+
+    measured = Outbox()
+    await upload_under(1_000_000, measured, FakeArtifacts())
+    size = bytes_over_limit(measured.events[0], max_bytes=0)
+    # A few bytes under the event's size (an event time of whole seconds is written 7 characters shorter).
+    limit = size - 8
+
+    class LimitedOutbox(Outbox):
+        async def __call__(self, event: CloudEvent[Any]) -> None:
+            encode_outgoing(event, max_bytes=limit)
+            await super().__call__(event)
+
+    artifacts, outbox = FakeArtifacts(), LimitedOutbox()
+    with pytest.raises(InvalidInput) as caught:
+        await upload_under(limit, outbox, artifacts)
+    assert f"consumers accept {limit:,} bytes" in caught.value.message
+    assert artifacts.blobs == {} and outbox.events == []
