@@ -1089,7 +1089,12 @@ def _conform_labels(
     the numbers 0 and 1; an integer or float target takes numbers and their text, exactly. A regression
     target of integers becomes float when a label has a fraction; a classification label that is no
     exact value of the target's type is no class. Rows whose label cannot be converted are dropped and
-    counted (logged); a text (or other) target keeps its labels as they are.
+    counted (logged). A text target keeps its text labels as they are and reads any other (a number or a
+    boolean: the window's label column holds numbers or booleans when every label in it is one) as its text,
+    as monitoring judges a label against a class (:func:`~libs.profiles.category_key`: 1 and 1.0 are "1",
+    True is "True"): joined as they were, text and numbers made the target of mixed types, and every retrain
+    on the window failed as fit-error in scikit-learn's words ("'<' not supported between instances of
+    'float' and 'str'"). Any other target keeps its labels as they are.
     """
     target = spec.target
     column = base_rows[target]
@@ -1102,6 +1107,8 @@ def _conform_labels(
         convert, dtype = bool_label, "bool"
     elif pd.api.types.is_integer_dtype(column) or pd.api.types.is_float_dtype(column):
         convert, dtype = number_label, "float64"
+    elif pd.api.types.is_string_dtype(column):
+        convert, dtype = _label_text, str(column.dtype)
     else:
         return base_rows, traffic
     converted = [convert(v) for v in traffic[target].tolist()]
@@ -1138,6 +1145,11 @@ def _conform_labels(
     kept = traffic[keep].copy()
     kept[target] = values.to_numpy()
     return base_rows, kept
+
+
+def _label_text(value: Any) -> str:
+    """A text target's label: text as it is, any other value as the class text monitoring judges it by."""
+    return value if isinstance(value, str) else category_key(value)
 
 
 def _concat(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:

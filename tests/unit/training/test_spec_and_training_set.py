@@ -540,6 +540,16 @@ def test_text_labels_of_a_boolean_target_keep_their_truth_and_the_unconvertible_
     assert combined["x0"].iloc[200:].tolist() == traffic["x0"].iloc[:6].tolist()
 
 
+def test_labels_of_a_text_target_that_are_no_text_are_read_as_the_text_monitoring_judges_them_by() -> None:
+    # A window's label column is of numbers or booleans when every label in it is one (docs/monitoring.md).
+    spec = churn_spec()
+    base = churn_frame(200).assign(churned=lambda f: f["churned"].map({0: "0", 1: "1"}))
+    traffic = churn_frame(5, seed=5).assign(churned=[1, 0.0, True, "1", "maybe"])
+    combined = assemble_training_set(spec, [base], traffic)
+    assert combined["churned"].iloc[200:].tolist() == ["1", "0", "True", "1", "maybe"]
+    assert {type(v) for v in combined["churned"].tolist()} == {str}
+
+
 def _price_spec() -> ModelSpec:
     return spec_from_data(
         {

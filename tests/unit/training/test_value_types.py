@@ -1,7 +1,8 @@
 """Values of another type than the spec says: text in a numeric feature, of a base dataset or of a traffic
 window as monitoring writes it, fails the run naming the feature and such a value; a boolean target with a
 gap (the registry's nullable booleans, a CSV's objects) trains as booleans, and its holdout validates; an
-integer target with a gap (a CSV's blank cells, the registry's Parquet nulls) trains on integer classes."""
+integer target with a gap (a CSV's blank cells, the registry's Parquet nulls) trains on integer classes; a
+text target reads a window's labels of numbers as their text."""
 
 from __future__ import annotations
 
@@ -270,6 +271,30 @@ def test_classes_the_file_holds_as_floats_stay_floats(tmp_path: Path, stored_as:
     halves = run_on_file(tmp_path / "halves", *stored(coded(churn_frame(600), {0: 0.5, 1: 1.5}), stored_as))
     assert halves["ok"] is False
     assert halves["reason"] == FailureReason.FIT_ERROR.value
+
+
+def test_a_text_target_reads_a_windows_numeric_labels_as_their_text(tmp_path: Path) -> None:
+    # Classes held as text ("0", "1"), labels sent as numbers: monitoring judges 1 the class "1" and writes a
+    # label column of numbers. Joined as they were, the target held text and numbers and every retrain on the
+    # window failed: "'<' not supported between instances of 'float' and 'str'".
+    store = ArtifactStore(str(tmp_path))
+    spec = churn_spec()
+    base = churn_frame(600).assign(churned=lambda f: f["churned"].astype(str))
+    window = monitoring_window(churn_frame(300, seed=1), {})
+    assert pd.api.types.is_numeric_dtype(window["label"])
+    result = run_training(
+        {
+            "job_id": "job-window",
+            "model": spec.name,
+            "spec_key": store.put(spec.canonical_json()).sha256,
+            "datasets": [{"name": "churn-base", "version": 1, "sha256": put_frame(store, base).key}],
+            "window_key": put_frame(store, window).key,
+            "artifacts_url": str(tmp_path),
+        }
+    )
+    assert result["ok"] is True, result
+    assert result["traffic_rows"] == 300
+    assert result["signature"]["classes"] == ["0", "1"]
 
 
 REGRESSION = spec_from_data(
