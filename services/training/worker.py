@@ -930,6 +930,18 @@ def _load_window(store: ArtifactStore, job: TrainingInput, spec: ModelSpec) -> p
         raise TrainingError(
             FailureReason.DATASET_UNAVAILABLE, f"the traffic window {job.window_key[:12]}: {exc}"
         ) from exc
+    absent = [name for name in spec.feature_names if name not in window.columns]
+    if absent and "label" in window.columns:
+        # Monitoring writes the features of the version it watched: a spec that adds one fails every retrain
+        # on traffic until a version with it serves, and "fix the spec or the dataset" named neither cause
+        # nor way out.
+        raise TrainingError(
+            FailureReason.UNKNOWN_FEATURE,
+            f"the traffic window has no column {shown(absent[0])}"
+            + (f" (nor {len(absent) - 1:,} more of the spec's features)" if len(absent) > 1 else "")
+            + ": it holds the features of the version that served it, and the spec names more; a retrain on "
+            "traffic needs a version serving them, so retrain on the base data (RetrainRequested) first",
+        )
     _require_columns(window, [*spec.feature_names, "label"], "the traffic window")
     window = numeric_features(spec, window, f"the traffic window {job.window_key[:12]}")
     if "predicted_at" in window.columns:

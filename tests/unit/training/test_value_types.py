@@ -111,6 +111,22 @@ def test_text_in_a_windows_numeric_feature_fails_the_run_naming_the_feature_and_
     assert "such as 'abc', 'n/a'" in message
 
 
+def test_a_window_without_a_feature_the_spec_added_fails_the_run_saying_why_and_what_to_do(
+    tmp_path: Path,
+) -> None:
+    # Monitoring writes the watched version's features; a spec that adds one failed every retrain on traffic
+    # with "spec names column 'x3' which is not a column of the traffic window; fix the spec or the dataset".
+    window = monitoring_window(churn_frame(300, seed=1), {}).drop(columns=["x3", "plan"])
+    result = run_with_window(tmp_path, window)
+    assert result["ok"] is False
+    assert result["reason"] == FailureReason.UNKNOWN_FEATURE.value
+    assert result["message"] == (
+        "the traffic window has no column 'x3' (nor 1 more of the spec's features): it holds the features of "
+        "the version that served it, and the spec names more; a retrain on traffic needs a version serving "
+        "them, so retrain on the base data (RetrainRequested) first"
+    )
+
+
 def test_a_windows_numeric_feature_written_as_text_trains_on_its_numbers(tmp_path: Path) -> None:
     # One integer past int64 makes monitoring write the column as text: every other value reads as a number.
     window = monitoring_window(churn_frame(300, seed=1), {4: 2**70})
