@@ -463,6 +463,17 @@ def _check_column_types(schema: pa.Schema) -> None:
                 field="file",
                 column=field_.name,
             )
+        if pa.types.is_timestamp(t) and t.tz is not None:
+            try:
+                pa.array([], type=t).to_pandas()
+            except pa.ArrowException as exc:
+                # Arrow's words blamed the server: "The zoneinfo module or pytz package must be installed."
+                raise InvalidInput(
+                    f"column {field_.name!r} holds timestamps in the time zone {t.tz!r}, which is not a time "
+                    "zone (an IANA name such as 'Europe/Paris' or 'UTC', or an offset such as '+02:00')",
+                    field="file",
+                    column=field_.name,
+                ) from exc
 
 
 def _is_text(t: pa.DataType) -> bool:

@@ -731,6 +731,30 @@ def test_a_parquet_column_of_an_unsupported_type_is_refused_before_any_page_is_d
     assert caught.value.extra["column"] == "nested"
 
 
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "utc"])
+def test_a_parquet_timestamp_in_no_known_time_zone_is_refused_naming_the_column_and_the_zone(
+    zone: str,
+) -> None:
+    # Arrow's words were "The zoneinfo module or pytz package must be installed.": the server's fault.
+    stamps = pa.array([0, 1], type=pa.timestamp("us", tz=zone))
+    data = parquet_table(pa.table({"ok": [1, 2], "seen_at": stamps}))
+    with pytest.raises(InvalidInput) as caught:
+        canonicalise(data, filename="x.parquet", limits=LIMITS)
+    assert str(caught.value) == (
+        f"column 'seen_at' holds timestamps in the time zone {zone!r}, which is not a time zone (an IANA "
+        "name such as 'Europe/Paris' or 'UTC', or an offset such as '+02:00')"
+    )
+    assert caught.value.extra["column"] == "seen_at"
+
+
+def test_parquet_timestamps_in_an_offset_or_a_named_zone_are_taken() -> None:
+    for zone in ("+02:00", "Europe/Paris", "UTC"):
+        stamps = pa.array([0, 1], type=pa.timestamp("us", tz=zone))
+        canonicalise(
+            parquet_table(pa.table({"ok": [1, 2], "seen_at": stamps})), filename="x.parquet", limits=LIMITS
+        )
+
+
 def _uncompressed(data: bytes, column: int) -> int:
     """What the Parquet footer says a column's pages take once decompressed."""
     meta = pq.read_metadata(io.BytesIO(data))
