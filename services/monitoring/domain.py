@@ -1679,13 +1679,18 @@ def _prediction_divergence(
         return stats.jensen_shannon(bin_counts(ss, bins), bin_counts(cs, bins)), "scores"
     canary, stable = step.canary.predictions(), step.stable.predictions()
     if canary and stable:
-        labels = sorted({str(v) for v in canary} | {str(v) for v in stable})
+        # Classes named as labels are matched (category_key): a stable version trained on the classes 3.0 and
+        # 7.0 (before 2026-12-02, integers with a gap) and its retrain on 3 and 7 predict the same classes,
+        # which by their text ("3.0", "3") diverged completely and rolled every such canary back.
+        stable_keys = [category_key(v) for v in stable]
+        canary_keys = [category_key(v) for v in canary]
+        labels = sorted({*stable_keys, *canary_keys})
         index = {c: i for i, c in enumerate(labels)}
         a, b = np.zeros(len(labels)), np.zeros(len(labels))
-        for v in stable:
-            a[index[str(v)]] += 1
-        for v in canary:
-            b[index[str(v)]] += 1
+        for key in stable_keys:
+            a[index[key]] += 1
+        for key in canary_keys:
+            b[index[key]] += 1
         return stats.jensen_shannon(a, b), "predicted classes"
     return None, ""
 

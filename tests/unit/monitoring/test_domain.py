@@ -712,6 +712,24 @@ def _step(canary_scores: np.ndarray, stable_scores: np.ndarray, *, stable_latenc
     return step
 
 
+def test_predicted_classes_named_alike_do_not_diverge() -> None:
+    # A stable version trained on the classes 3.0 and 7.0 (integers with a gap, before 2026-12-02) and its
+    # retrain on 3 and 7, neither with probabilities: the same classes, which by their text diverged
+    # completely (distance 0.83) and rolled the canary back.
+    step = CanaryStep("r-1", "churn", 1, 2, 0, 0.0, 100, 0.0)
+    rng = np.random.default_rng(4)
+    for side, classes in ((step.stable, [3.0, 7.0]), (step.canary, [3, 7])):
+        predictions = [classes[int(c)] for c in rng.uniform(size=1_000) > 0.7]
+        side.add(np.zeros(1_000), np.full(1_000, np.nan), predictions, np.full(100, 2.0), most=50_000)
+    decision = judge_canary(
+        step, task=Task.CLASSIFICATION, labelled=LabelledComparison(), policy=CanaryPolicy()
+    )
+    divergence = next(e for e in decision.evidence if e.name == "prediction_divergence")
+    assert divergence.detail.startswith("Jensen–Shannon distance of predicted classes")
+    assert divergence.passed is True
+    assert divergence.canary_value is not None and divergence.canary_value < 0.05
+
+
 def test_a_canary_clearly_worse_on_labels_is_unhealthy() -> None:
     rng = np.random.default_rng(1)
     step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
