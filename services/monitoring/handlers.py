@@ -1832,7 +1832,7 @@ async def plan_labelled_retention(*, monitor: Monitor, store: MonitoringStore) -
         return []
     cutoff = from_epoch(monitor.clock()) - keep
     plan: list[tuple[str, datetime]] = []
-    for model in await store.labelled_models():
+    for model in await store.registered_models():
         before = cutoff
         if monitor.export_labelled_rows:
             exported = await store.export_horizon(model, monitor.export_labelled_rows)

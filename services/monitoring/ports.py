@@ -221,6 +221,20 @@ class MonitoringStore(Protocol):
         """One judged window's report by its id (``TrafficWindow.id``); None when none was judged."""
         ...
 
+    async def prune_window_reports(
+        self, model: str, judged_from: datetime, judged_before: datetime, limit: int
+    ) -> tuple[int, datetime | None]:
+        """Delete at most ``limit`` of the model's window reports judged from ``judged_from`` on and before
+        ``judged_before``, oldest first, never the newest of a model version, remembering per version the
+        highest window deleted (:meth:`reports_pruned_through`); returns how many went and when the last of
+        them was judged (None when none went)."""
+        ...
+
+    async def reports_pruned_through(self, model: str, version: int) -> int | None:
+        """The highest window number of the model version whose report the retention deleted; None when it
+        deleted none."""
+        ...
+
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
         """Store joined labels, one per prediction, model and version (two models' predictions may share an
         id, and a shadow candidate's scoring has the id of the stable prediction it shadows). A label for a
@@ -248,8 +262,9 @@ class MonitoringStore(Protocol):
         inputs are those of a served prediction's row, labelled too)."""
         ...
 
-    async def labelled_models(self) -> list[str]:
-        """The models that may have joined labels: those with a version registered."""
+    async def registered_models(self) -> list[str]:
+        """The models with a version registered: the only ones that may have joined labels or window
+        reports."""
         ...
 
     async def export_horizon(self, model: str, rows: int) -> datetime | None:
@@ -418,6 +433,22 @@ class MonitoringStore(Protocol):
 
     async def recent_alerts(self, limit: int) -> list[dict[str, Any]]:
         """Most recent alerts, newest first."""
+        ...
+
+    async def alerted_models(self) -> list[str]:
+        """The models with an alert recorded."""
+        ...
+
+    async def alerts_horizon(self, model: str, keep: int) -> datetime | None:
+        """When the oldest of the model's ``keep`` newest alerts was recorded; None when it has fewer."""
+        ...
+
+    async def prune_alerts(
+        self, model: str, created_from: datetime, created_before: datetime, limit: int
+    ) -> tuple[int, datetime | None]:
+        """Delete at most ``limit`` of the model's alerts recorded from ``created_from`` on and before
+        ``created_before``, oldest first; returns how many went and when the last of them was recorded (None
+        when none went)."""
         ...
 
     async def replay_offsets(self, topic: str) -> dict[int, int]:

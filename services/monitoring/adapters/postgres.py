@@ -239,6 +239,48 @@ class PgMonitoringStore:
         )
         return report
 
+    async def prune_window_reports(
+        self, model: str, judged_from: datetime, judged_before: datetime, limit: int
+    ) -> tuple[int, datetime | None]:
+        # Oldest first through window_reports_latest, from where the round's last batch stopped: a batch never
+        # reads again the index entries of the rows the batches before it deleted (dead until VACUUM). A
+        # report stays while no later one of its version exists (a higher window number judged no earlier):
+        # so the newest in latest_reports' order (judged_at, seq) of every version, and of the model, stays.
+        # OFFSET 0 keeps the EXISTS a lookup per report through the primary key, and the scan stops after the
+        # batch; the batch's rows are deleted by their ctid, in an array. Joined instead (EXISTS, IN),
+        # Postgres read all of the model's reports, or all reports, for every batch.
+        row = await self.conn.fetchrow(
+            """WITH gone AS (
+                   DELETE FROM window_reports r
+                   WHERE r.ctid = ANY(ARRAY(
+                       SELECT o.ctid FROM window_reports o
+                       WHERE o.model = $1 AND o.judged_at >= $2 AND o.judged_at < $3 AND EXISTS (
+                           SELECT 1 FROM window_reports n
+                           WHERE n.model = o.model AND n.version = o.version AND n.seq > o.seq
+                               AND n.judged_at >= o.judged_at OFFSET 0)
+                       ORDER BY o.judged_at, o.seq LIMIT $4))
+                   RETURNING r.version, r.seq, r.judged_at
+               ), marked AS (
+                   INSERT INTO window_reports_pruned (model, version, seq)
+                   SELECT $1, version, max(seq) FROM gone GROUP BY version
+                   ON CONFLICT (model, version)
+                   DO UPDATE SET seq = greatest(window_reports_pruned.seq, excluded.seq)
+               )
+               SELECT count(*) AS n, max(judged_at) AS last FROM gone""",
+            model,
+            judged_from,
+            judged_before,
+            limit,
+        )
+        assert row is not None  # an aggregate without GROUP BY always returns a row
+        return row["n"], row["last"]
+
+    async def reports_pruned_through(self, model: str, version: int) -> int | None:
+        seq: int | None = await self.conn.fetchval(
+            "SELECT seq FROM window_reports_pruned WHERE model = $1 AND version = $2", model, version
+        )
+        return seq
+
     async def add_labelled(self, rows: list[LabelledRecord]) -> list[tuple[str, str]]:
         if not rows:
             return []
@@ -333,8 +375,9 @@ class PgMonitoringStore:
         )
         return [_labelled(r) for r in rows]
 
-    async def labelled_models(self) -> list[str]:
-        # A label joins only a prediction of a registered version: no other model has rows in labelled.
+    async def registered_models(self) -> list[str]:
+        # A label joins only a prediction of a registered version, and only a registered version's windows
+        # are judged: no other model has rows in labelled or window_reports.
         rows = await self.conn.fetch("SELECT DISTINCT model FROM model_versions ORDER BY model")
         return [r["model"] for r in rows]
 
@@ -790,6 +833,48 @@ class PgMonitoringStore:
             limit,
         )
         return [{**dict(r), "created_at": r["created_at"].astimezone(UTC).isoformat()} for r in rows]
+
+    async def alerted_models(self) -> list[str]:
+        # One index probe per model (alerts_by_model), where DISTINCT read every alert.
+        rows = await self.conn.fetch(
+            """WITH RECURSIVE m AS (
+                   SELECT min(model) AS model FROM alerts
+                   UNION ALL SELECT (SELECT min(model) FROM alerts WHERE model > m.model) FROM m
+                   WHERE m.model IS NOT NULL
+               )
+               SELECT model FROM m WHERE model IS NOT NULL"""
+        )
+        return [r["model"] for r in rows]
+
+    async def alerts_horizon(self, model: str, keep: int) -> datetime | None:
+        created: datetime | None = await self.conn.fetchval(
+            "SELECT created_at FROM alerts WHERE model = $1 ORDER BY created_at DESC OFFSET $2 LIMIT 1",
+            model,
+            keep - 1,
+        )
+        return created
+
+    async def prune_alerts(
+        self, model: str, created_from: datetime, created_before: datetime, limit: int
+    ) -> tuple[int, datetime | None]:
+        # Oldest first through alerts_by_model from where the round's last batch stopped, as window reports.
+        # The batch's ids as an array: as a join (IN), the delete read every alert to match them.
+        row = await self.conn.fetchrow(
+            """WITH gone AS (
+                   DELETE FROM alerts a WHERE a.event_id = ANY(ARRAY(
+                       SELECT o.event_id FROM alerts o
+                       WHERE o.model = $1 AND o.created_at >= $2 AND o.created_at < $3
+                       ORDER BY o.created_at LIMIT $4))
+                   RETURNING a.created_at
+               )
+               SELECT count(*) AS n, max(created_at) AS last FROM gone""",
+            model,
+            created_from,
+            created_before,
+            limit,
+        )
+        assert row is not None  # an aggregate without GROUP BY always returns a row
+        return row["n"], row["last"]
 
     async def replay_offsets(self, topic: str) -> dict[int, int]:
         rows = await self.conn.fetch("SELECT partition, offset_ FROM replay_offsets WHERE topic = $1", topic)

@@ -38,7 +38,7 @@ class Labelled:
         self.fails = False
         self.pruned: list[tuple[str, list[str]]] = []
 
-    async def labelled_models(self) -> list[str]:
+    async def registered_models(self) -> list[str]:
         return sorted(self.rows)
 
     async def export_horizon(self, model: str, rows: int) -> datetime | None:
