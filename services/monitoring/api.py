@@ -15,7 +15,7 @@ from libs.http import BodyRoute, InDigits, json_keys_once
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
-from services.monitoring.domain import DriftPolicy, from_epoch
+from services.monitoring.domain import STATUS_ALERTS_PER_MODEL, DriftPolicy, from_epoch, window_number
 from services.monitoring.handlers import Monitor
 from services.monitoring.ports import EarlyStep
 
@@ -72,7 +72,19 @@ async def drift_report(
 )
 async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: RuntimeDep) -> dict[str, Any]:
     async with rt.pool.acquire() as conn:
-        found = await PgMonitoringStore(conn).window_report(model, window_id)
+        store = PgMonitoringStore(conn)
+        found = await store.window_report(model, window_id)
+        number = window_number(model, window_id) if found is None else None
+        through = await store.reports_pruned_through(model, number[0]) if number is not None else None
+    pruned = number is not None and through is not None and number[1] <= through
+    if found is None and pruned:
+        # A DriftDetected or a grouped DataQualityIssue links here for as long as it is read: one read after
+        # the retention says why the link no longer answers, where "judged no window" would deny the alert.
+        raise NotFound(
+            f"monitoring no longer holds the report of window {window_id!r} of model {model!r}: a report is "
+            "deleted window_reports_keep_days after its window was judged (the newest of each model version "
+            "is kept), and this window is no later than the last one deleted"
+        )
     if found is None:
         raise NotFound(f"monitoring judged no window {window_id!r} of model {model!r}")
     return found
@@ -119,7 +131,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
                 "versions": {},
                 "labels": labels.get(model, {}),
                 "last_window": None,
-                "recent_alerts": [a for a in alerts if a["model"] == model][:10],
+                "recent_alerts": [a for a in alerts if a["model"] == model][:STATUS_ALERTS_PER_MODEL],
                 "rollouts": [
                     {
                         "rollout_id": s.rollout_id,

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import Counter
 
@@ -41,7 +42,7 @@ from services.monitoring.domain import (
 )
 from services.monitoring.handlers import Monitor
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
-from services.monitoring.ports import ProfileUnavailable
+from services.monitoring.ports import MonitoringStore, ProfileUnavailable
 from services.monitoring.settings import MonitoringSettings
 
 log = get_logger(__name__)
@@ -92,6 +93,30 @@ LABELLED_PRUNING_FAILURES = Counter(
     "driftloop_monitoring_labelled_pruning_failures_total",
     "Batches of the joined labels' retention that failed (Postgres away, or anything else): logged as a "
     "warning and the round tried again after bus_retention_interval_s; the rows stay until then.",
+)
+
+WINDOW_REPORTS_PRUNED = Counter(
+    "driftloop_monitoring_window_reports_pruned_total",
+    "Window reports (window_reports) the retention deleted: judged more than window_reports_keep_days ago "
+    "and not the newest of their model version; GET /v1/models/{model}/windows/{id} answers 404 for them.",
+)
+
+WINDOW_REPORTS_PRUNING_FAILURES = Counter(
+    "driftloop_monitoring_window_reports_pruning_failures_total",
+    "Batches of the window reports' retention that failed (Postgres away, or anything else): logged as a "
+    "warning and the round tried again after bus_retention_interval_s; the reports stay until then.",
+)
+
+ALERTS_PRUNED = Counter(
+    "driftloop_monitoring_alerts_pruned_total",
+    "Alerts (rows of alerts, what /v1/status lists) the retention deleted: recorded more than "
+    "window_reports_keep_days ago and not among their model's newest that /v1/status lists.",
+)
+
+ALERTS_PRUNING_FAILURES = Counter(
+    "driftloop_monitoring_alerts_pruning_failures_total",
+    "Batches of the alerts' retention that failed (Postgres away, or anything else): logged as a warning and "
+    "the round tried again after bus_retention_interval_s; the alerts stay until then.",
 )
 
 CANARY_STEPS_SET_ASIDE = Counter(
@@ -147,6 +172,7 @@ def make_monitor(settings: MonitoringSettings, artifacts: Any, source: str) -> M
         export_labelled_rows=settings.export_labelled_rows,
         label_wait_seconds=settings.label_wait_seconds,
         labelled_keep_days=settings.labelled_keep_days,
+        window_reports_keep_days=settings.window_reports_keep_days,
         rollout_start_wait_seconds=settings.rollout_start_wait_seconds,
         max_kept_steps=settings.max_kept_rollout_steps,
         max_pending_labels=settings.max_pending_labels,
@@ -219,10 +245,35 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         )
 
 
+class PlanRetention(Protocol):
+    """Per model, the cutoff of a round of a table's retention (handlers.plan_labelled_retention, ...)."""
+
+    async def __call__(self, *, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]: ...
+
+
+@dataclass
+class RetentionRound:
+    """A table's retention as the background runs it: a round every ``retention_interval_s``, model by model,
+    a batch per tick."""
+
+    name: str
+    """What the log lines call the table."""
+    plan: PlanRetention
+    prune: Callable[[str, datetime, datetime, MonitoringStore], Awaitable[tuple[int, datetime | None]]]
+    """One batch of a model: (model, cutoff, where it starts, store) -> (deleted, next batch's start)."""
+    pruned: Counter
+    failures: Counter
+    due: float = 0.0
+    """When the next round starts (``time.time()``); the first runs at the first tick."""
+    left: list[tuple[str, datetime, datetime]] = field(default_factory=list)
+    """The models the round in progress has left: cutoff, next batch's start."""
+    deleted: int = 0
+
+
 class Background:
     """Judges closed windows and decides canary steps (one transaction each), and runs the housekeeping
-    every tick; and, every ``retention_interval_s`` (None: never), a round of the joined labels' retention,
-    a batch per tick."""
+    every tick; and, every ``retention_interval_s`` (None: never), a round of the retention of joined labels,
+    one of window reports and one of alerts, a batch of each per tick."""
 
     def __init__(
         self,
@@ -238,11 +289,27 @@ class Background:
         self.tick_s = tick_s
         self.retention_interval_s = retention_interval_s
         self.retention_batch_rows = retention_batch_rows
-        self.retention_due = 0.0
-        """When the next round of the retention starts (``time.time()``); the first runs at the first tick."""
-        self.retention_round: list[tuple[str, datetime, datetime]] = []
-        """The models the round in progress has left: cutoff (plan_labelled_retention), next batch's start."""
-        self.retention_deleted = 0
+        self.labelled_retention = RetentionRound(
+            "labelled",
+            handlers.plan_labelled_retention,
+            self._prune_labelled,
+            LABELLED_ROWS_PRUNED,
+            LABELLED_PRUNING_FAILURES,
+        )
+        self.reports_retention = RetentionRound(
+            "window reports",
+            handlers.plan_report_retention,
+            self._prune_reports,
+            WINDOW_REPORTS_PRUNED,
+            WINDOW_REPORTS_PRUNING_FAILURES,
+        )
+        self.alerts_retention = RetentionRound(
+            "alerts",
+            handlers.plan_alert_retention,
+            self._prune_alerts,
+            ALERTS_PRUNED,
+            ALERTS_PRUNING_FAILURES,
+        )
         self.wake = asyncio.Event()
         self.stopping = False
         self.failed_task: str | None = None
@@ -470,51 +537,82 @@ class Background:
         self.monitor.live.labels_settled(expired)
 
     async def prune_labelled(self, now: float) -> None:
-        """One batch of the joined labels' retention, in a transaction of its own, when a round is due or in
-        progress: a batch per tick, so that a first round over a table that grew for months never holds the
-        tick's other work (or a lock) long. A failure is logged as a warning and counted, never raised: the
-        round is dropped and the next starts ``retention_interval_s`` later, the rows staying meanwhile."""
-        if self.retention_interval_s is None or (not self.retention_round and now < self.retention_due):
+        """One batch of the joined labels' retention, when a round is due or in progress."""
+        await self.retention_batch(self.labelled_retention, now)
+
+    async def prune_window_reports(self, now: float) -> None:
+        """One batch of the window reports' retention, when a round is due or in progress."""
+        await self.retention_batch(self.reports_retention, now)
+
+    async def prune_alerts(self, now: float) -> None:
+        """One batch of the alerts' retention, when a round is due or in progress."""
+        await self.retention_batch(self.alerts_retention, now)
+
+    async def _prune_labelled(
+        self, model: str, before: datetime, start: datetime, store: MonitoringStore
+    ) -> tuple[int, datetime | None]:
+        return await handlers.prune_labelled(
+            model,
+            before,
+            received_from=start,
+            monitor=self.monitor,
+            store=store,
+            limit=self.retention_batch_rows,
+        )
+
+    async def _prune_reports(
+        self, model: str, before: datetime, start: datetime, store: MonitoringStore
+    ) -> tuple[int, datetime | None]:
+        return await handlers.prune_window_reports(
+            model, before, judged_from=start, store=store, limit=self.retention_batch_rows
+        )
+
+    async def _prune_alerts(
+        self, model: str, before: datetime, start: datetime, store: MonitoringStore
+    ) -> tuple[int, datetime | None]:
+        return await handlers.prune_alerts(
+            model, before, created_from=start, store=store, limit=self.retention_batch_rows
+        )
+
+    async def retention_batch(self, retention: RetentionRound, now: float) -> None:
+        """One batch of a table's retention, in a transaction of its own, when a round is due or in progress:
+        a batch per tick, so that a first round over a table that grew for months never holds the tick's
+        other work (or a lock) long. A failure is logged as a warning and counted, never raised: the round is
+        dropped and the next starts ``retention_interval_s`` later, the rows staying meanwhile."""
+        if self.retention_interval_s is None or (not retention.left and now < retention.due):
             return
         try:
-            if not self.retention_round:
+            if not retention.left:
                 async with self.rt.begin() as tx:
-                    plan = await handlers.plan_labelled_retention(
-                        monitor=self.monitor, store=PgMonitoringStore(tx.conn)
-                    )
-                self.retention_round = [(model, before, EARLIEST) for model, before in plan]
-                self.retention_deleted = 0
-            if self.retention_round:
-                model, received_before, received_from = self.retention_round[0]
+                    plan = await retention.plan(monitor=self.monitor, store=PgMonitoringStore(tx.conn))
+                retention.left = [(model, before, EARLIEST) for model, before in plan]
+                retention.deleted = 0
+            if retention.left:
+                model, before, start = retention.left[0]
                 async with self.rt.begin() as tx:
-                    deleted, next_from = await handlers.prune_labelled(
-                        model,
-                        received_before,
-                        received_from=received_from,
-                        monitor=self.monitor,
-                        store=PgMonitoringStore(tx.conn),
-                        limit=self.retention_batch_rows,
+                    deleted, next_from = await retention.prune(
+                        model, before, start, PgMonitoringStore(tx.conn)
                     )
-                LABELLED_ROWS_PRUNED.inc(deleted)
-                self.retention_deleted += deleted
+                retention.pruned.inc(deleted)
+                retention.deleted += deleted
                 if next_from is None:
-                    self.retention_round.pop(0)
+                    retention.left.pop(0)
                 else:
-                    self.retention_round[0] = (model, received_before, next_from)
+                    retention.left[0] = (model, before, next_from)
         except Exception as exc:
-            LABELLED_PRUNING_FAILURES.inc()
+            retention.failures.inc()
             log.warning(
-                "labelled retention failed, trying again later",
+                f"{retention.name} retention failed, trying again later",
                 error=repr(exc),
                 in_s=self.retention_interval_s,
             )
-            self.retention_round = []
-            self.retention_due = now + self.retention_interval_s
+            retention.left = []
+            retention.due = now + self.retention_interval_s
             return
-        if not self.retention_round:
-            if self.retention_deleted:
-                log.info("labelled retention deleted rows", rows=self.retention_deleted)
-            self.retention_due = now + self.retention_interval_s
+        if not retention.left:
+            if retention.deleted:
+                log.info(f"{retention.name} retention deleted rows", rows=retention.deleted)
+            retention.due = now + self.retention_interval_s
 
     async def once(self) -> None:
         """One tick: each task in turn; the first that fails ends the tick (counted by its name)."""
@@ -525,6 +623,8 @@ class Background:
         await self.task("housekeeping", lambda: self.housekeeping(now))
         await self.task("judge_closed", self.judge_closed)
         await self.prune_labelled(now)
+        await self.prune_window_reports(now)
+        await self.prune_alerts(now)
 
     async def task(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run one task of a tick; a failure is counted by the task and its cause, then raised for

@@ -84,6 +84,10 @@ def labelled_keep(keep_days: float, label_wait_s: float, max_clock_skew_s: float
     return max(timedelta(days=keep_days), reachable)
 
 
+STATUS_ALERTS_PER_MODEL = 10
+"""Alerts ``GET /v1/status`` lists per model, newest first: the retention of alerts keeps them however old."""
+
+
 # --- policy ----------------------------------------------------------------------------------------------
 
 
@@ -441,6 +445,17 @@ class ClosedWindow:
     @property
     def window_id(self) -> str:
         return f"{self.model}:{self.version}:{self.seq:06d}"
+
+
+def window_number(model: str, window_id: str) -> tuple[int, int] | None:
+    """(version, seq) of one of the model's window ids (``ClosedWindow.window_id``); None for an id of
+    another shape or model."""
+    version, _, seq = window_id.removeprefix(f"{model}:").partition(":")
+    if not window_id.startswith(f"{model}:") or not all(
+        part.isascii() and part.isdigit() and len(part) <= 9 for part in (version, seq)
+    ):
+        return None
+    return int(version), int(seq)
 
 
 @dataclass

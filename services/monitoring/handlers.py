@@ -8,7 +8,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import chain
 from typing import Any
 
@@ -37,6 +37,7 @@ from libs.logging import get_logger
 from services.monitoring import export
 from services.monitoring.domain import (
     EARLIEST,
+    STATUS_ALERTS_PER_MODEL,
     CanaryDecision,
     CanaryPolicy,
     CanaryStep,
@@ -269,6 +270,8 @@ class Monitor:
     label_wait_seconds: float = 86_400.0
     labelled_keep_days: float = 30.0
     """How long joined labels are kept at least (``MonitoringSettings.labelled_keep_days``; 0: for ever)."""
+    window_reports_keep_days: float = 90.0
+    """How long window reports are kept (``MonitoringSettings.window_reports_keep_days``; 0: for ever)."""
     rollout_start_wait_seconds: float = 86_400.0
     """How long a step that came before its rollout's start is kept for it."""
     max_kept_steps: int = 100
@@ -1887,6 +1890,77 @@ async def prune_labelled(
     if found and (deleted or (len(found) >= limit and found[-1][1] > received_from)):
         return deleted, found[-1][1]
     return deleted, None
+
+
+# --- retention of window reports ---------------------------------------------------------------------------
+
+
+async def plan_report_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:
+    """Per model, when the window reports that may go were judged before (see
+    :func:`prune_window_reports`); none when they are kept for ever."""
+    if monitor.window_reports_keep_days <= 0:
+        return []
+    cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
+    return [(model, cutoff) for model in await store.registered_models()]
+
+
+async def prune_window_reports(
+    model: str,
+    judged_before: datetime,
+    *,
+    judged_from: datetime = EARLIEST,
+    store: MonitoringStore,
+    limit: int,
+) -> tuple[int, datetime | None]:
+    """Delete one batch (up to ``limit``, judged from ``judged_from`` on) of the model's window reports
+    judged before ``judged_before``; returns how many went and where the round's next batch of the model
+    starts (None: the model's part of the round is done).
+
+    Only ``GET /v1/models/{model}/windows/{id}`` (the report a DriftDetected or a grouped DataQualityIssue
+    links to), ``/drift`` and ``/drift.html`` (a model's latest) and ``/v1/status`` (its newest) read a
+    report: so the newest of every model version stays, however old, and an older one goes once past the
+    keep period. Nothing else needs one: a window judged before is recognised by ``window_state`` (a replay
+    judges it no second time), debouncing reads ``window_state`` too, and a canary step's verdict reads the
+    traffic and labels of its step, never a report."""
+    deleted, last = await store.prune_window_reports(model, judged_from, judged_before, limit)
+    # A full batch may have left rows judged at the same time as its last one: the next starts there.
+    return deleted, last if deleted >= limit else None
+
+
+async def plan_alert_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:
+    """Per model, when the alerts that may go were recorded before (see :func:`prune_alerts`): past the
+    window reports' keep period, and before the model's ``STATUS_ALERTS_PER_MODEL`` newest (a model with
+    fewer keeps them all); none when reports are kept for ever."""
+    if monitor.window_reports_keep_days <= 0:
+        return []
+    cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
+    plan: list[tuple[str, datetime]] = []
+    for model in await store.alerted_models():
+        # Alerts recorded later are newer still: the newest ones stay even if recorded during the round.
+        listed = await store.alerts_horizon(model, STATUS_ALERTS_PER_MODEL)
+        if listed is not None:
+            plan.append((model, min(cutoff, listed)))
+    return plan
+
+
+async def prune_alerts(
+    model: str,
+    created_before: datetime,
+    *,
+    created_from: datetime = EARLIEST,
+    store: MonitoringStore,
+    limit: int,
+) -> tuple[int, datetime | None]:
+    """Delete one batch (up to ``limit``, recorded from ``created_from`` on) of the model's alerts recorded
+    before ``created_before``; returns how many went and where the round's next batch of the model starts
+    (None: the model's part of the round is done).
+
+    Only ``GET /v1/status`` reads ``alerts``: the 200 newest, of which it lists each model's
+    ``STATUS_ALERTS_PER_MODEL`` newest, so those stay however old (a model whose alerts are all older than
+    the keep period lists the same ones as before). The alerts themselves were published as events, which
+    the audit keeps."""
+    deleted, last = await store.prune_alerts(model, created_from, created_before, limit)
+    return deleted, last if deleted >= limit else None
 
 
 # --- policies ----------------------------------------------------------------------------------------------

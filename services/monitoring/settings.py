@@ -153,6 +153,17 @@ class MonitoringSettings(ServiceSettings):
         "recent ones, and of no rollout step watched or kept; /v1/status keeps counting it. A round every "
         'bus_retention_interval_s, a batch per tick (docs/monitoring.md, "Retention").',
     )
+    window_reports_keep_days: float = Field(
+        90.0,
+        ge=0,
+        description="Days a judged window's report (its row in `window_reports`, about 850 bytes a feature) "
+        "is kept; 0 keeps them for ever. Past it GET /v1/models/{model}/windows/{id}, which a DriftDetected "
+        "and a grouped DataQualityIssue link to, answers 404 saying the report was deleted, and /drift lists "
+        "no older window; the newest report of every model version is kept however old (/v1/status and "
+        "the drift report show it). Alerts (what /v1/status lists) are kept as long, each model's 10 newest "
+        "however old. A round every bus_retention_interval_s, a batch per tick (docs/monitoring.md, "
+        '"Retention").',
+    )
 
     # --- canary analysis ------------------------------------------------------------------------------------
     canary_min_labelled: int = Field(

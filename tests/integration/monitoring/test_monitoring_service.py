@@ -47,9 +47,11 @@ from contracts.predictions import PredictionOutput, PredictionRecord, Prediction
 from contracts.registry import EVENT_TYPES
 from contracts.rollouts import RolloutMode, RolloutPromoted, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import ArtifactStore
+from libs.auth import Principal, Role
 from libs.bus import PermanentError
 from libs.bus.kafka import KafkaPublisher
 from libs.db import apply_migrations, create_pool
+from libs.errors import NotFound
 from libs.http import create_app
 from libs.profiles import build_profile
 from libs.settings import KafkaSettings
@@ -65,8 +67,12 @@ from services.monitoring.handlers import (
     on_rollout_finished,
     on_rollout_started,
     on_rollout_step_advanced,
+    plan_alert_retention,
     plan_labelled_retention,
+    plan_report_retention,
+    prune_alerts,
     prune_labelled,
+    prune_window_reports,
 )
 from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
@@ -910,6 +916,138 @@ async def test_the_retention_deletes_old_counted_labels_and_keeps_every_one_a_qu
         # The status counts every label joined, the deleted ones too, once per id.
         assert await store.label_counts() == counts
         assert await store.labels_outside_classes() == outside
+
+
+async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_each_versions_newest(
+    pool: asyncpg.Pool,
+) -> None:
+    # Nothing deleted from window_reports: a row per judged window, for as long as the platform ran.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/m")
+    now = time.time()
+    monitor.clock = lambda: now
+    reports = [  # (model, version, seq, judged days ago)
+        ("churn", 1, 1, 200),
+        ("churn", 1, 2, 150),
+        ("churn", 1, 3, 120),  # version 1's newest: kept however old
+        ("churn", 2, 1, 100),
+        ("churn", 2, 2, 100),  # judged at the same time as the one before, but later: that one goes
+        ("churn", 2, 3, 95),
+        ("churn", 2, 4, 10),  # within the keep period (90 days)
+        ("churn", 2, 5, 0),
+        ("fraud", 1, 1, 300),  # the model's only report
+    ]
+    async with pool.acquire() as conn:
+        for model in ("churn", "fraud"):
+            await conn.execute(
+                "INSERT INTO model_versions (model, version, signature, baseline, profile) "
+                "VALUES ($1, 1, $2, $2, $2), ($1, 2, $2, $2, $2)",
+                model,
+                {},
+            )
+        judged = from_epoch(now - 100 * 86_400)
+        for model, version, seq, days in reports:
+            at = judged if days == 100 else from_epoch(now - days * 86_400)
+            await conn.execute(
+                """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
+                       drift_share, alerted, report, judged_at)
+                   VALUES ($1, $2, $3, $4, $5, $5, 100, 0.1, false, $6, $5)""",
+                model,
+                version,
+                seq,
+                f"{model}:{version}:{seq:06d}",
+                at,
+                {"window": {"id": f"{model}:{version}:{seq:06d}"}},
+            )
+        plan = await plan_report_retention(monitor=monitor, store=PgMonitoringStore(conn))
+
+    batches: list[int] = []
+    for model, judged_before in plan:
+        judged_from: datetime | None = EARLIEST
+        while judged_from is not None:  # a batch a transaction, of two reports here
+            async with pool.acquire() as conn, conn.transaction():
+                n, judged_from = await prune_window_reports(
+                    model, judged_before, judged_from=judged_from, store=PgMonitoringStore(conn), limit=2
+                )
+            batches.append(n)
+
+    async with pool.acquire() as conn:
+        left = await conn.fetch("SELECT model, version, seq FROM window_reports ORDER BY model, version, seq")
+        store = PgMonitoringStore(conn)
+        assert batches == [2, 2, 1, 0]  # churn's five, two by two; fraud's none
+        assert [tuple(r) for r in left] == [
+            ("churn", 1, 3),
+            ("churn", 2, 4),
+            ("churn", 2, 5),
+            ("fraud", 1, 1),
+        ]
+        assert [r["window"]["id"] for r in await store.latest_reports("churn", 10)] == [
+            "churn:2:000005",
+            "churn:2:000004",
+            "churn:1:000003",
+        ]
+        assert await store.latest_reports("fraud", 1) == [{"window": {"id": "fraud:1:000001"}}]
+        assert await store.reports_pruned_through("churn", 1) == 2
+        assert await store.reports_pruned_through("churn", 2) == 3
+        assert await store.reports_pruned_through("fraud", 1) is None
+
+    # The report a DriftDetected links to says it was deleted; a window never judged is answered as before.
+    rt: Any = SimpleNamespace(pool=pool)
+    viewer = Principal("viewer", Role.viewer)
+    assert await api.window_report("churn", "churn:1:000003", viewer, rt) == {
+        "window": {"id": "churn:1:000003"}
+    }
+    with pytest.raises(NotFound, match="no longer holds the report of window 'churn:1:000002'"):
+        await api.window_report("churn", "churn:1:000002", viewer, rt)
+    with pytest.raises(NotFound, match="judged no window 'churn:1:000009'"):
+        await api.window_report("churn", "churn:1:000009", viewer, rt)
+    with pytest.raises(NotFound, match="judged no window 'fraud:1:000000'"):
+        await api.window_report("fraud", "fraud:1:000000", viewer, rt)
+
+
+async def test_the_retention_deletes_old_alerts_in_batches_and_keeps_those_the_status_lists(
+    pool: asyncpg.Pool,
+) -> None:
+    # Nothing deleted from alerts: a row per alert published, for as long as the platform ran.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/m")
+    now = time.time()
+    monitor.clock = lambda: now
+    alerts = [(f"c-{i:02d}", "churn", 200 - i) for i in range(13)]  # all old: churn's 10 newest stay
+    alerts += [(f"f-{i}", "fraud", 100 + i) for i in range(2)] + [
+        (f"f-new-{i}", "fraud", i) for i in range(10)
+    ]
+    alerts += [("l-0", "loan", 300)]  # fewer than the status lists
+    async with pool.acquire() as conn:
+        for event_id, model, days in alerts:
+            await conn.execute(
+                "INSERT INTO alerts (event_id, model, version, kind, summary, created_at) "
+                "VALUES ($1, $2, 1, 'DriftDetected', 's', $3)",
+                event_id,
+                model,
+                from_epoch(now - days * 86_400),
+            )
+        store = PgMonitoringStore(conn)
+        listed = [a["event_id"] for a in await store.recent_alerts(200) if a["model"] == "churn"][:10]
+        plan = await plan_alert_retention(monitor=monitor, store=store)
+    assert [model for model, _ in plan] == ["churn", "fraud"]  # loan keeps the one alert it has
+
+    batches: list[int] = []
+    for model, created_before in plan:
+        created_from: datetime | None = EARLIEST
+        while created_from is not None:  # a batch a transaction, of two alerts here
+            async with pool.acquire() as conn, conn.transaction():
+                n, created_from = await prune_alerts(
+                    model, created_before, created_from=created_from, store=PgMonitoringStore(conn), limit=2
+                )
+            batches.append(n)
+
+    async with pool.acquire() as conn:
+        left = await conn.fetch("SELECT event_id FROM alerts ORDER BY event_id")
+        store = PgMonitoringStore(conn)
+        assert batches == [2, 1, 2, 0]
+        assert [r["event_id"] for r in left] == sorted(
+            [f"c-{i:02d}" for i in range(3, 13)] + [f"f-new-{i}" for i in range(10)] + ["l-0"]
+        )
+        assert [a["event_id"] for a in await store.recent_alerts(200) if a["model"] == "churn"][:10] == listed
 
 
 async def test_the_migration_keys_the_labels_joined_before_by_version_as_they_are(database_url: str) -> None:

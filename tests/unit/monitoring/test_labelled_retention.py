@@ -165,7 +165,7 @@ async def test_a_round_deletes_a_batch_per_tick_and_starts_again_after_the_inter
     ]
     assert table.rows == {"churn": {}, "fraud": {}}
     assert counted("driftloop_monitoring_labelled_rows_pruned_total") - before == 6
-    assert background.retention_due == NOW + 5 + 600.0
+    assert background.labelled_retention.due == NOW + 5 + 600.0
 
     table.rows["churn"]["p-late"] = old
     await background.prune_labelled(NOW + 10)  # the next round is not due yet
