@@ -113,7 +113,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         store = PgMonitoringStore(conn)
         labels = await store.label_counts()
         outside = await store.labels_outside_classes()
-        alerts = await store.recent_alerts(200)
+        alerts = await store.recent_alerts(sorted(live.models), STATUS_ALERTS_PER_MODEL)
         steps = await store.watched_steps()
         kept = await store.kept_steps()
         given_up = await store.given_up_steps()
@@ -131,7 +131,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
                 "versions": {},
                 "labels": labels.get(model, {}),
                 "last_window": None,
-                "recent_alerts": [a for a in alerts if a["model"] == model][:STATUS_ALERTS_PER_MODEL],
+                "recent_alerts": alerts.get(model, []),
                 "rollouts": [
                     {
                         "rollout_id": s.rollout_id,

@@ -3,6 +3,7 @@ implement them in adapters/, fakes in the unit tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -431,8 +432,9 @@ class MonitoringStore(Protocol):
         """Remember a published alert for the status page."""
         ...
 
-    async def recent_alerts(self, limit: int) -> list[dict[str, Any]]:
-        """Most recent alerts, newest first."""
+    async def recent_alerts(self, models: Sequence[str], per_model: int) -> dict[str, list[dict[str, Any]]]:
+        """Each of ``models``' ``per_model`` most recent alerts, newest first (a model without one is left
+        out)."""
         ...
 
     async def alerted_models(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -826,13 +827,25 @@ class PgMonitoringStore:
             summary,
         )
 
-    async def recent_alerts(self, limit: int) -> list[dict[str, Any]]:
+    async def recent_alerts(self, models: Sequence[str], per_model: int) -> dict[str, list[dict[str, Any]]]:
+        # The newest of each model through alerts_by_model: the newest 200 of all models, filtered, left a
+        # model with a few older alerts none while another's flooded the table.
         rows = await self.conn.fetch(
-            "SELECT event_id, model, version, kind, summary, created_at FROM alerts ORDER BY created_at DESC "
-            "LIMIT $1",
-            limit,
+            """SELECT a.event_id, a.model, a.version, a.kind, a.summary, a.created_at
+               FROM unnest($1::text[]) AS m(model)
+               CROSS JOIN LATERAL (
+                   SELECT * FROM alerts WHERE alerts.model = m.model ORDER BY created_at DESC LIMIT $2
+               ) AS a
+               ORDER BY a.model, a.created_at DESC""",
+            list(models),
+            per_model,
         )
-        return [{**dict(r), "created_at": r["created_at"].astimezone(UTC).isoformat()} for r in rows]
+        alerts: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            alerts.setdefault(r["model"], []).append(
+                {**dict(r), "created_at": r["created_at"].astimezone(UTC).isoformat()}
+            )
+        return alerts
 
     async def alerted_models(self) -> list[str]:
         # One index probe per model (alerts_by_model), where DISTINCT read every alert.

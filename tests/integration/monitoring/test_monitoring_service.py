@@ -1026,7 +1026,7 @@ async def test_the_retention_deletes_old_alerts_in_batches_and_keeps_those_the_s
                 from_epoch(now - days * 86_400),
             )
         store = PgMonitoringStore(conn)
-        listed = [a["event_id"] for a in await store.recent_alerts(200) if a["model"] == "churn"][:10]
+        listed = [a["event_id"] for a in (await store.recent_alerts(["churn"], 10))["churn"]]
         plan = await plan_alert_retention(monitor=monitor, store=store)
     assert [model for model, _ in plan] == ["churn", "fraud"]  # loan keeps the one alert it has
 
@@ -1047,7 +1047,32 @@ async def test_the_retention_deletes_old_alerts_in_batches_and_keeps_those_the_s
         assert [r["event_id"] for r in left] == sorted(
             [f"c-{i:02d}" for i in range(3, 13)] + [f"f-new-{i}" for i in range(10)] + ["l-0"]
         )
-        assert [a["event_id"] for a in await store.recent_alerts(200) if a["model"] == "churn"][:10] == listed
+        assert [a["event_id"] for a in (await store.recent_alerts(["churn"], 10))["churn"]] == listed
+
+
+async def test_the_status_lists_each_models_newest_alerts_however_many_another_model_has(
+    pool: asyncpg.Pool,
+) -> None:
+    # The newest 200 alerts of all models, filtered per model: a model whose few alerts were older than
+    # another model's 200 newest listed none.
+    now = time.time()
+    alerts = [(f"f-{i:03d}", "fraud", i) for i in range(250)] + [
+        ("c-old", "churn", 1_000),
+        ("c-older", "churn", 2_000),
+    ]
+    async with pool.acquire() as conn:
+        for event_id, model, seconds in alerts:
+            await conn.execute(
+                "INSERT INTO alerts (event_id, model, version, kind, summary, created_at) "
+                "VALUES ($1, $2, 1, 'DriftDetected', 's', $3)",
+                event_id,
+                model,
+                from_epoch(now - seconds),
+            )
+        listed = await PgMonitoringStore(conn).recent_alerts(["churn", "fraud", "loan"], 10)
+    assert [a["event_id"] for a in listed["churn"]] == ["c-old", "c-older"]
+    assert [a["event_id"] for a in listed["fraud"]] == [f"f-{i:03d}" for i in range(10)]
+    assert "loan" not in listed
 
 
 async def test_the_migration_keys_the_labels_joined_before_by_version_as_they_are(database_url: str) -> None:
