@@ -132,6 +132,21 @@ async def test_chain_recomputed_without_the_key_is_found_at_its_first_row(full: 
     assert (report.first_bad_seq, report.problem, report.exact) == (17, Problem.REWRITTEN, True)
 
 
+@pytest.mark.parametrize("headers", [["ce_id"], "ce_id", None], ids=["list", "text", "null"])
+async def test_a_record_whose_headers_are_no_object_under_a_recomputed_chain_is_found_at_its_row(
+    full: bool, headers: Any
+) -> None:
+    # The full verification compares the indexed columns with the record; it read the headers of a record
+    # replaced in the database as an object, and failed (AttributeError: a 500, the CLI a traceback).
+    trail = await filled()
+    meta, _, value = trail.rows[17].row.record.partition(b"\n")
+    trail.update_record(17, orjson.dumps({**orjson.loads(meta), "headers": headers}) + b"\n" + value)
+    trail.recompute_from(17)
+    report = await verify(trail, full=full)
+    expected = Problem.COLUMN_MISMATCH if full else Problem.REWRITTEN
+    assert (report.first_bad_seq, report.problem, report.exact) == (17, expected, True), report
+
+
 async def test_recomputed_chain_without_the_seal_key_is_bounded_by_checkpoints() -> None:
     trail = await filled()
     trail.update_record(17, changed_payload(trail.rows[17].row.record))
