@@ -114,6 +114,13 @@ async def on_records(
         if len(firsts) < len(fresh):
             log.info("re-sent copies of recorded events skipped", skipped=len(fresh) - len(firsts))
         fresh = firsts
+    if prepared and len(fresh) < len(incoming):
+        # Only appended records take their prepared rows: a skipped one's would stay held, record and all,
+        # until the limit's worth of later rows pushed it out.
+        appended = {id(item.record) for item in fresh}
+        for item in incoming:
+            if id(item.record) not in appended:
+                prepared.take(item.record)
     if not fresh:
         return 0
     builder = ChainBuilder(

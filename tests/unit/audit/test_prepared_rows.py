@@ -131,6 +131,25 @@ async def test_a_prepared_poll_read_again_adds_nothing() -> None:
     await verified(trail)
 
 
+async def test_rows_prepared_for_records_the_trail_holds_already_are_let_go() -> None:
+    # A redelivered record or a re-sent copy is skipped, so its prepared row is never taken: it stayed held,
+    # record and all, until 20,000 later rows pushed it out.
+    trail = FakeTrail()
+    prepared = PreparedRows()
+    poll = [delivery(example(DriftDetected), offset=i) for i in range(3)]
+    await prepare(poll, prepared)
+    await record(trail, Signer(SEED), poll, every=4, prepared=prepared)
+    await prepare(poll, prepared)  # read again: every record held already
+    assert (await record(trail, Signer(SEED), poll, every=4, prepared=prepared))[0] == 0
+    assert len(prepared) == 0
+    resent = [delivery(e, offset=10 + i) for i, e in enumerate(d.event for d in poll if d.event)]
+    new = delivery(example(DriftDetected), offset=13)
+    await prepare([*resent, new], prepared)  # copies at new positions, and one new event
+    assert (await record(trail, Signer(SEED), [*resent, new], every=4, prepared=prepared))[0] == 1
+    assert len(prepared) == 0
+    await verified(trail)
+
+
 async def test_a_poll_prepared_in_part_is_made_whole_in_the_transaction() -> None:
     trail = FakeTrail()
     prepared = PreparedRows()
