@@ -114,6 +114,8 @@ class StoreEvaluator:
             ) from exc
         try:
             holdout = read_csv_table(data) if fmt is ArtifactFormat.CSV else pd.read_parquet(io.BytesIO(data))
+        except MemoryError:
+            raise  # the machine's as much as the file's (pyarrow's ArrowMemoryError too): the bus retries
         except Exception as exc:  # whatever the reader makes of bytes that are not a table: the file's fault
             raise EvaluationError(
                 "holdout-readable", f"the holdout {key[:12]} is not a readable {fmt.value} file: {exc}"
@@ -144,8 +146,17 @@ class StoreEvaluator:
             ) from exc
 
     def _model(self, ref: ArtifactRef, who: str) -> object:
-        """The ``who`` model (candidate or champion); raises ArtifactError when it cannot be loaded."""
-        return load_model(self.store, ref.key)
+        """The ``who`` model (candidate or champion); raises ArtifactError when it cannot be loaded, and the
+        MemoryError that loading it met, if any: the machine's as much as the artifact's, it goes to the bus,
+        which retries, then dead-letters the registration. libs.artifacts makes whatever skops raises the
+        artifact's fault, so a champion short of memory passed for unloadable (the comparison skipped, the
+        candidate judged on its absolute checks alone) and a candidate failed candidate-loads for good."""
+        try:
+            return load_model(self.store, ref.key)
+        except ArtifactError as exc:
+            if isinstance(exc.__cause__, MemoryError):
+                raise exc.__cause__ from None
+            raise
 
 
 def _problem(exc: ArtifactError) -> ChampionProblem:

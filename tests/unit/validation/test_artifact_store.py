@@ -5,6 +5,7 @@ once; a store that keeps failing judges nothing: the bus retries the event until
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,46 @@ async def test_a_store_that_keeps_failing_on_the_champion_judges_nothing_and_the
     comparison = next(c for c in passed.data.checks if c.name == "challenger-vs-champion:roc_auc")
     assert comparison.interval is not None and comparison.passed
     assert flaky.reads[champion.artifact.key] == 2 * ATTEMPTS + 1
+
+
+@pytest.mark.parametrize("artifact", ["champion", "candidate", "holdout"])
+async def test_running_out_of_memory_reading_an_artifact_judges_nothing(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch, artifact: str
+) -> None:
+    # A MemoryError is the machine's as much as the artifact's (docs/validation.md): it goes to the bus, which
+    # retries, then dead-letters the registration. Read as the artifact's fault, it failed holdout-readable or
+    # candidate-loads for good, and a champion's was taken for an unloadable champion: the comparison skipped,
+    # the candidate judged on its absolute checks alone and the champion counted as needing replacement.
+    import pandas as pd
+    import skops.io
+
+    champion = gate.train(churn_spec(), 1, churn_frame())
+    await gate.versions.record(champion)
+    await gate.promote("churn", 1)
+    candidate = gate.train(churn_spec(), 2, churn_frame(1500, seed=1))
+    model_bytes = (gate.store.get(champion.artifact.key), gate.store.get(candidate.artifact.key))
+    failing = {"champion": model_bytes[0], "candidate": model_bytes[1]}.get(artifact)
+    load = skops.io.load
+
+    def load_short_of_memory(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if file.getvalue() == failing:
+            raise MemoryError()
+        return load(file, *args, **kwargs)
+
+    def read_short_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError()
+
+    monkeypatch.setattr(skops.io, "load", load_short_of_memory)
+    if artifact == "holdout":
+        monkeypatch.setattr(pd, "read_parquet", read_short_of_memory)
+    await gate.register(candidate)
+    assert gate.bus.events(of=ValidationFailed) == []
+    assert gate.bus.events(of=ValidationPassed) == []
+    [dead] = gate.bus.dead_letters
+    assert dead.reason == "handler-failed"
+    assert "MemoryError" in dead.error
+    monkeypatch.undo()  # the machine has memory again: the dead letter replayed judges the candidate
+    await gate.register(candidate)
+    [passed] = gate.bus.events(of=ValidationPassed)
+    comparison = next(c for c in passed.data.checks if c.name == "challenger-vs-champion:roc_auc")
+    assert comparison.interval is not None
