@@ -333,6 +333,12 @@ class RoutingSync:
         # 100-row requests while the prediction log keeps their rows alive). Frozen, it walks only what
         # requests allocate. Freezing does not keep a model alive: once neither the table, the loader nor a
         # request holds it, its reference count frees it (tests/unit/serving/test_loaded_models.py).
+        # Collected first: freezing moves every tracked object, garbage included, where no collection looks
+        # again, so cycles waiting for the collector at a swap (a failed call's exception and traceback,
+        # holding its request's rows; an error-rate rollback's swap follows a run of them) were kept for the
+        # process's life, some more at every routing change. The collection walks only what is not frozen
+        # yet: the versions this swap loaded, and what requests hold.
+        gc.collect()
         gc.freeze()
         log.info(
             "routing updated",

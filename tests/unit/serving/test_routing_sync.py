@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from structlog.testing import capture_logs
 
 from contracts.commands import PromoteRequested
@@ -41,3 +44,30 @@ async def test_a_version_this_replica_failed_to_load_is_loaded_at_a_later_sync_w
     loader.broken.clear()
     await sync.sync_once()
     assert state.table.models["churn"].versions == [2]
+
+
+class _Cycle:
+    """Garbage only the cycle collector frees: it refers to itself, as a request's failed call does (its
+    exception's traceback holds the frame that holds the exception, and with it the request's rows)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_garbage_waiting_for_the_collector_at_a_routing_swap_is_still_collected() -> None:
+    """A swap freezes what is alive (gc.freeze) so full collections skip the loaded models. What was already
+    garbage then, waiting for the collector, must not be frozen with them: frozen, a collection never looks
+    at it again, and every routing change of months of rollouts would keep some for the process's life."""
+    world = World()
+    sync = RoutingSync(RoutingState(), FakeRoutingSource(world.routes, world.versions), FakeLoader())
+    await world.send(registered(1), passed(1))
+    gc.disable()  # the test's garbage waits for a collection, as between two of the collector's own runs
+    try:
+        garbage = _Cycle()
+        left = weakref.ref(garbage)
+        del garbage
+        assert await sync.sync_once() is True, "the routing swapped"
+        gc.collect()
+        assert left() is None, "frozen at the swap, the garbage is never collected"
+    finally:
+        gc.enable()
