@@ -79,6 +79,10 @@ class ArtifactModelLoader:
             if failed is not None and time.monotonic() - failed[0] < self.retry_failed_after_s:
                 raise ModelLoadError(failed[1])
             cached = self._estimators.get(key)
+            # Compiled by this call, not taken from the cache: the replica that decides a rollout loads the
+            # version in its handler and its routing sync asks again, which counted and logged one version
+            # served by its pipeline twice (and again at each command naming it).
+            compiled_here = cached is None
             if cached is None:
                 try:
                     estimator = await asyncio.to_thread(load_model, self.store, key)
@@ -117,7 +121,7 @@ class ArtifactModelLoader:
             self._estimators[key] = cached
             self._failed.pop(key, None)
             ENGINE.labels(record.model, str(record.version), served.engine).set(1)
-            if compiled is None and self.compile_models:
+            if compiled is None and self.compile_models and compiled_here:
                 NOT_COMPILED.inc()
                 log.warning(
                     "model served by its pipeline, not compiled",

@@ -166,3 +166,27 @@ def test_whatever_compiling_raises_the_pipeline_serves_saying_why(monkeypatch: p
     compiled, note = compile_or_explain(PIPELINE, SIGNATURE, enabled=True, tolerance=1e-5)
     assert compiled is None
     assert note == "compiling failed: TypeError: 'NoneType' object is not iterable"
+
+
+def _fallbacks() -> float:
+    return REGISTRY.get_sample_value("driftloop_serving_compile_fallbacks_total") or 0.0
+
+
+async def test_a_version_its_pipeline_serves_is_counted_once_however_often_it_is_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica that starts a rollout loads the version in its handler, and its routing sync asks the
+    loader again (the cached model): one version served by its pipeline, one fallback counted and logged."""
+
+    def refused(*args: Any, **kwargs: Any) -> CompiledModel:
+        raise NotCompilable("no converter")
+
+    monkeypatch.setattr(artifacts, "compile_model", refused)
+    store = ArtifactStore(str(tmp_path))
+    rec = VersionRecord("churn", 1, artifact_key=save_model(store, PIPELINE).sha256, signature=SIGNATURE)
+    loader = ArtifactModelLoader(store)
+    before = _fallbacks()
+    first = await loader.load(rec)
+    again = await loader.load(rec)
+    assert first.engine == again.engine == "scikit-learn" and again.engine_note == "no converter"
+    assert _fallbacks() == before + 1
