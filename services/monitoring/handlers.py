@@ -1956,9 +1956,8 @@ async def prune_alerts(
     (None: the model's part of the round is done).
 
     Only ``GET /v1/status`` reads ``alerts``: each model's ``STATUS_ALERTS_PER_MODEL`` newest, so those stay
-    however old (a model whose alerts are all older than
-    the keep period lists the same ones as before). The alerts themselves were published as events, which
-    the audit keeps."""
+    however old (a model whose alerts are all older than the keep period lists the same ones as before). The
+    alerts themselves were published as events, which the audit keeps."""
     deleted, last = await store.prune_alerts(model, created_from, created_before, limit)
     return deleted, last if deleted >= limit else None
 
