@@ -24,6 +24,7 @@ import httpx
 
 from deploy.local.errors import StartFailed
 from deploy.local.processes import (
+    MAX_LOG_BYTES,
     command_args,
     ensure_port_free,
     exclusive,
@@ -35,6 +36,7 @@ from deploy.local.processes import (
     runs_exactly,
     signal_process,
     terminate_all,
+    truncate_log,
     wait_until,
 )
 from deploy.local.settings import PROJECT_ROOT
@@ -43,6 +45,7 @@ SERVICES = ("registry", "training", "validation", "serving", "monitoring", "audi
 DEFAULT_PORT_BASE = 8101
 MAX_BACKOFF_S = 10.0
 HEALTHY_AFTER_S = 30.0  # a process that lived this long starts again from the shortest backoff
+LOG_CHECK_S = 10.0  # how often the supervisor looks at the size of the logs its processes are writing
 
 
 def service_ports(port_base: int = DEFAULT_PORT_BASE) -> dict[str, int]:
@@ -114,6 +117,7 @@ class Supervisor:
     services: Sequence[str] = SERVICES
     children: dict[str, Child] = field(default_factory=dict)
     stopping: bool = False
+    max_log_bytes: int = MAX_LOG_BYTES
 
     @property
     def logs(self) -> Path:
@@ -153,8 +157,12 @@ class Supervisor:
             self.children[name] = child = Child(name)
             self.start(child)
         self.write_state()
+        next_log_check = 0.0
         while not self.stopping:
             now = time.monotonic()
+            if now >= next_log_check:
+                self.bound_logs()
+                next_log_check = now + LOG_CHECK_S
             for child in self.children.values():
                 assert child.process is not None
                 code = child.process.poll()
@@ -174,6 +182,16 @@ class Supervisor:
                     self.start(child)
                     self.write_state()
             time.sleep(0.2)
+
+    def bound_logs(self) -> None:
+        """Keep the services' logs and the supervisor's own within ``max_log_bytes`` (one earlier generation
+        each) while they run: a log was rotated only when its process started again, and a platform left up
+        for months filled the disk with them."""
+        for log in [*(self.logs / f"{name}.log" for name in self.children), self.logs / "supervisor.log"]:
+            # A log that cannot be copied now (disk full) is tried again at the next check; it must not take
+            # the supervisor, and the platform, down.
+            with contextlib.suppress(OSError):
+                truncate_log(log, self.max_log_bytes)
 
     def _stop(self, *_: object) -> None:
         self.stopping = True

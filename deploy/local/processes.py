@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import shutil
 import signal
 import socket
 import time
@@ -305,7 +306,8 @@ def terminate(pid: int, *, timeout_s: float, first_signal: signal.Signals = sign
     return bool(terminate_all([pid], timeout_s=timeout_s, first_signal=first_signal))
 
 
-# A log over this size is moved to <name>.1 (replacing the one before) when its process starts again.
+# A log over this size is moved to <name>.1 (replacing the one before) when its process starts again, and
+# the platform's logs also while their processes run (truncate_log).
 MAX_LOG_BYTES = 20 * 1024 * 1024
 
 
@@ -314,6 +316,35 @@ def rotate_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size > max_bytes:
             path.replace(path.with_name(path.name + ".1"))
+
+
+def truncate_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> bool:
+    """Keep one earlier generation of a log its process is still writing: over ``max_bytes``, copy it to
+    ``<name>.1`` and empty it in place (logrotate's copytruncate); True if it did.
+
+    A service runs for months without starting again, so ``rotate_log`` alone let its log grow until the
+    disk was full. Moving the file would only rename what the process goes on writing through its open
+    descriptor; ``open_log`` opens every log for appending (O_APPEND), so once emptied the process's next
+    line starts it again, with no hole before it. Lines written between the end of the copy and the
+    truncation, a moment, are lost. A copy that fails (disk full) keeps the ``.1`` there was and empties
+    nothing."""
+    previous = path.with_name(path.name + ".1")
+    partial = path.with_name(path.name + ".1.partial")
+    try:
+        with path.open("rb") as log:
+            if os.fstat(log.fileno()).st_size <= max_bytes:
+                return False
+            with partial.open("wb") as copy:
+                shutil.copyfileobj(log, copy)  # up to the end as it is now, lines written meanwhile too
+        partial.replace(previous)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+    os.truncate(path, 0)
+    return True
 
 
 def open_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> IO[bytes]:

@@ -25,7 +25,14 @@ from deploy.local.broker import MAIN_CLASS, POM, KafkaBroker
 from deploy.local.errors import JarsDownloadFailed, StartFailed
 from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
-from deploy.local.processes import command_args, exclusive, open_log, runs_exactly, wait_until
+from deploy.local.processes import (
+    command_args,
+    exclusive,
+    open_log,
+    runs_exactly,
+    truncate_log,
+    wait_until,
+)
 from deploy.local.settings import LocalInfraSettings, StateLayout
 from tests.ports import free_port
 
@@ -355,6 +362,20 @@ def test_a_log_over_its_limit_is_rotated_when_its_process_starts_again(tmp_path:
         f.write(b"newest run\n")
     assert log.read_bytes() == b"newest run\n"
     assert (tmp_path / "logs" / "kafka.log.1").read_bytes() == b"old run\n" * 10 + b"new run\n"
+
+
+def test_a_log_that_cannot_be_copied_is_left_as_it_is(tmp_path: Path) -> None:
+    log = tmp_path / "serving.log"
+    log.write_bytes(b"running\n" * 10)
+    (tmp_path / "serving.log.1").write_text("the generation before\n")
+    (tmp_path / "serving.log.1.partial").mkdir()  # the copy cannot be written, as on a full disk
+
+    with pytest.raises(OSError):
+        truncate_log(log, max_bytes=50)
+
+    assert log.read_bytes() == b"running\n" * 10
+    assert (tmp_path / "serving.log.1").read_text() == "the generation before\n"
+    assert not truncate_log(log, max_bytes=1000)  # within its limit: nothing to do
 
 
 class SlowToStopPlatform:

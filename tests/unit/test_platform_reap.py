@@ -1,5 +1,6 @@
-"""The supervisor reaps what a killed service leaves behind in its process group, and nothing of the
-platform outlives it; `down` stops only what is really the platform's."""
+"""The supervisor reaps what a killed service leaves behind in its process group, nothing of the
+platform outlives it, and its logs stay bounded while it runs; `down` stops only what is really the
+platform's."""
 
 from __future__ import annotations
 
@@ -187,3 +188,40 @@ def test_waiting_for_readiness_ends_at_once_when_the_supervisor_is_gone(
     assert len(polls) == 1  # ended at the first look, not after polling until the deadline
     assert "the services' supervisor exited while they were starting" in caught.value.message
     assert "No module named 'services'" in caught.value.message
+
+
+# --- logs of a platform left running ------------------------------------------------------------------
+
+# A "service" that logs a numbered line every few milliseconds for as long as it runs.
+CHATTY_SERVICE = """
+import itertools, sys, time
+for n in itertools.count():
+    print(f"line {n}", flush=True)
+    time.sleep(0.002)
+"""
+
+
+def test_a_running_services_log_is_kept_within_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("deploy.platform.service_args", lambda name: ("-c", CHATTY_SERVICE))
+    monkeypatch.setattr("deploy.platform.LOG_CHECK_S", 0.05)
+    supervisor = Supervisor(tmp_path, dict(os.environ), ["chatty"], max_log_bytes=2000)
+    log, previous = tmp_path / "logs" / "chatty.log", tmp_path / "logs" / "chatty.log.1"
+    loop = threading.Thread(target=supervisor._supervise)
+    loop.start()
+    try:
+        # The service never starts again, yet its log is emptied in place once over the limit, its lines
+        # kept as the one earlier generation.
+        assert wait_until(previous.exists, timeout_s=30, interval_s=0.05)
+        child = supervisor.children["chatty"]
+        assert child.process is not None and child.process.poll() is None
+        assert child.restarts == 0
+        assert previous.read_text().startswith("line ")
+        assert previous.stat().st_size > 2000
+        # Its next lines start the log again (it appends), with no hole of NULs where the old ones were.
+        assert wait_until(lambda: log.read_bytes().startswith(b"line "), timeout_s=10, interval_s=0.01)
+    finally:
+        supervisor.stopping = True
+        loop.join(timeout=30)
+        supervisor.stop_children()
