@@ -1,5 +1,5 @@
-"""docker-compose.yml: the containers can write what they write, and nothing is open beyond this host; the
-image alone takes no development token.
+"""docker-compose.yml: the containers can write what they write, their logs are bounded, and nothing is open
+beyond this host; the image alone takes no development token.
 
 Read from the files themselves (no Docker engine here): each service's settings are loaded with the
 environment its container gets, the image's ENV lines plus the compose file's.
@@ -89,6 +89,17 @@ def test_no_port_is_published_beyond_this_host() -> None:
     published = {name: port for name, spec in COMPOSE["services"].items() for port in spec.get("ports", [])}
     assert published, "the services' ports are published"
     assert {name: port for name, port in published.items() if not str(port).startswith("127.0.0.1:")} == {}
+
+
+def test_every_containers_log_is_bounded() -> None:
+    # Docker's default json-file driver keeps a container's output without bound; these run for months.
+    unbounded = {
+        name: spec.get("logging")
+        for name, spec in COMPOSE["services"].items()
+        if spec.get("logging", {}).get("driver") != "json-file"
+        or not {"max-size", "max-file"} <= spec["logging"].get("options", {}).keys()
+    }
+    assert unbounded == {}
 
 
 def token_store(settings: ServiceSettings) -> TokenStore:
