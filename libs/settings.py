@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -223,7 +224,11 @@ class ServiceSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings(), description="Kafka connection.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     http_port: Port = Field(8100, description="Port the HTTP API binds to (1 to 65535).")
-    log_level: str = Field("INFO", description="Log level.")
+    log_level: str = Field(
+        "INFO",
+        description="Log level, in any case: DEBUG, INFO, WARNING, ERROR or CRITICAL (or WARN, FATAL, NOTSET,"
+        " as Python's logging names them); another name is refused when the settings load.",
+    )
     log_json: bool = Field(True, description="JSON logs (true) or console-friendly logs (false).")
     artifacts_url: str = Field(
         str(LOCAL_STATE / "artifacts"), description="Content-addressed artifact store: folder or fsspec URL."
@@ -379,6 +384,16 @@ class ServiceSettings(BaseSettings):
         # The message never repeats the URL: it may hold a password.
         check_database_url(url)
         return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _a_log_level(cls, level: str) -> str:
+        # Checked here, not when the logging is set up: an unknown name (verbose, trace) passed the settings
+        # and stopped the service at its first line with a traceback, again at every restart.
+        name = level.upper()
+        if name not in logging.getLevelNamesMapping():
+            raise ValueError("it must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL (in any case)")
+        return name
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -219,6 +219,9 @@ def test_the_checked_database_password_is_the_one_asyncpg_connects_with(
         ("DRIFTLOOP_KAFKA_MAX_EVENT_BYTES", "0"),  # every event would be dead-lettered
         # an event is one outbox row: past Postgres' 1 GB, its transaction was retried for ever
         ("DRIFTLOOP_KAFKA_MAX_EVENT_BYTES", str(2**30)),
+        # the service stopped at its first line with a traceback, and again at every restart
+        ("DRIFTLOOP_LOG_LEVEL", "verbose"),
+        ("DRIFTLOOP_LOG_LEVEL", "trace"),
         ("DRIFTLOOP_DATABASE_URL", "not a url"),
         ("DRIFTLOOP_DATABASE_URL", "mysql://driftloop@db/driftloop"),
         ("DRIFTLOOP_DATABASE_URL", "postgresql:///driftloop"),
@@ -233,6 +236,14 @@ def test_settings_refuse_values_no_service_can_run_with(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         ExampleSettings()
+
+
+@pytest.mark.parametrize(("given", "level"), [("debug", "DEBUG"), ("Warning", "WARNING"), ("WARN", "WARN")])
+def test_a_log_level_is_taken_in_any_case_as_logging_names_it(
+    given: str, level: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_LOG_LEVEL", given)
+    assert ExampleSettings().log_level == level
 
 
 def test_the_largest_event_size_gives_fetch_sizes_kafkas_protocol_carries() -> None:
@@ -931,6 +942,11 @@ def test_a_notify_channel_fits_postgres_whatever_the_schema_name() -> None:
             "DRIFTLOOP_AUTH_TOKENS_FILE",
             "{tmp}",
             "the token file {tmp} (DRIFTLOOP_AUTH_TOKENS_FILE) cannot be read",
+        ),
+        (
+            "DRIFTLOOP_LOG_LEVEL",
+            "verbose",
+            "DRIFTLOOP_LOG_LEVEL='verbose' is not valid: it must be one of DEBUG, INFO, WARNING, ERROR",
         ),
     ],
 )

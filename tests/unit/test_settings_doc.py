@@ -223,6 +223,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "trusted_public_keys": (json.dumps([KEY]), [KEY]),
     "rollout_steps": ("[0.25, 1.0]", [0.25, 1.0]),
     "fit_memory_limit_mb": ("8192", 8192),
+    "log_level": ("debug", "DEBUG"),
 }
 
 
