@@ -1048,6 +1048,20 @@ async def test_form_text_in_the_charset_its_content_type_names_is_read_in_it(tmp
     assert r.json()["detail"].startswith("the Content-Type names the charset 'no-such-charset'")
 
 
+@pytest.mark.parametrize("charset", ["rot13", "hex", "base64", "zlib"])
+async def test_a_form_charset_that_names_a_codec_of_no_text_is_422_naming_it(
+    tmp_path: Path, charset: str
+) -> None:
+    # Python finds these codecs, but bytes.decode refuses them with a LookupError, which FastAPI answered
+    # with 400 "There was an error parsing the body", naming nothing.
+    body, headers = multipart(b"cafe", charset=f"; charset={charset}")
+    transport = httpx.ASGITransport(app=form_app(tmp_path))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/upload", content=body, headers=headers)
+    assert r.status_code == 422 and r.json()["field"] == "content-type", r.text
+    assert r.json()["detail"].startswith(f"the Content-Type names the charset {charset!r}, which this")
+
+
 def test_an_app_refuses_a_form_route_that_would_read_text_as_latin1(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="/upload: its router needs route_class=BodyRoute"):
         form_app(tmp_path, route_class=APIRoute)
