@@ -176,10 +176,20 @@ class Supervisor:
                     child.next_start = now + child.backoff_s
                     self._note(f"{child.name} exited with {code}; restarting in {child.backoff_s:.1f}s")
                 elif now >= child.next_start:
-                    child.restarts += 1
                     child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+                    try:
+                        self.start(child)
+                    except OSError as exc:
+                        # A full process or file table, or a log that cannot be opened (disk full), passes:
+                        # tried again after the next pause. Raised, it ended the supervisor and every service
+                        # with it, for good.
+                        child.next_start = now + child.backoff_s
+                        self._note(
+                            f"{child.name} did not start ({exc}); trying again in {child.backoff_s:.1f}s"
+                        )
+                        continue
+                    child.restarts += 1
                     child.next_start = 0.0
-                    self.start(child)
                     self.write_state()
             time.sleep(0.2)
 
@@ -212,7 +222,6 @@ class Supervisor:
                 reap_group(c.process.pid)
 
     def write_state(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "supervisor": os.getpid(),
             "services": {
@@ -221,8 +230,14 @@ class Supervisor:
             },
         }
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_file)
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            # Disk full: `status` reads the pids of the last state written until the next write succeeds; the
+            # platform runs on (an error here ended the supervisor and every service with it).
+            self._note(f"the platform's state could not be written ({exc})")
 
     def _note(self, message: str) -> None:
         # A line that cannot be written (disk full) must not take the supervisor, and the platform, down.

@@ -48,12 +48,14 @@ def test_a_killed_service_leaves_no_helper_behind() -> None:
 
 
 class SleepingServices(Supervisor):
-    """The supervisor with `sleep` for services: "steady" runs, "crashy" exits, and its restart fails (as
-    a full process table or file table would make it)."""
+    """The supervisor with `sleep` for services: "steady" runs, "crashy" exits, and its restart fails with
+    ``fault`` (a fault of the supervisor's own)."""
+
+    fault: Exception = RuntimeError("a fault of the supervisor's own")
 
     def start(self, child: Child) -> None:
         if child.name == "crashy" and child.process is not None:
-            raise OSError(24, "Too many open files")
+            raise self.fault
         child.process = subprocess.Popen(
             ["sleep", "300"] if child.name == "steady" else ["true"], start_new_session=True
         )
@@ -63,13 +65,64 @@ class SleepingServices(Supervisor):
 def test_a_supervisor_that_dies_of_an_error_stops_its_services_first(tmp_path: Path) -> None:
     supervisor = SleepingServices(tmp_path, {}, ["steady", "crashy"])
 
-    with pytest.raises(OSError, match="Too many open files"):
+    with pytest.raises(RuntimeError, match="a fault of the supervisor's own"):
         supervisor.run()
 
     steady = supervisor.children["steady"].process
     assert steady is not None
     assert steady.poll() is not None, "the service outlived its supervisor"
     assert not (tmp_path / "platform" / "state.json").exists()
+
+
+class ShortOfProcesses(SleepingServices):
+    """ "crashy"'s first two restarts fail as a full process table makes them; the third runs it for good."""
+
+    attempts = 0
+
+    def start(self, child: Child) -> None:
+        if child.name == "crashy" and child.process is not None:
+            self.attempts += 1
+            if self.attempts <= 2:
+                raise OSError(11, "Resource temporarily unavailable")
+            child.process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            child.started_at = time.monotonic()
+            return
+        super().start(child)
+
+
+def test_a_restart_that_fails_is_tried_again_and_the_platform_runs_on(tmp_path: Path) -> None:
+    # Raised, the full process table ended the supervisor and every service with it, for good.
+    supervisor = ShortOfProcesses(tmp_path, {}, ["steady", "crashy"])
+    supervisor.logs.mkdir()  # where the services' logs are made (these services log nowhere)
+    loop = threading.Thread(target=supervisor._supervise)
+    loop.start()
+    try:
+
+        def restarted_once() -> bool:
+            crashy = supervisor.children.get("crashy")
+            return crashy is not None and crashy.restarts == 1
+
+        assert wait_until(restarted_once, timeout_s=30, interval_s=0.05)
+        assert loop.is_alive()
+        steady, restarted = supervisor.children["steady"].process, supervisor.children["crashy"].process
+        assert steady is not None and steady.poll() is None
+        assert restarted is not None and restarted.poll() is None
+        notes = (tmp_path / "logs" / "supervisor.log").read_text()
+        assert notes.count("crashy did not start (") == 2 and "Resource temporarily unavailable" in notes
+        state = json.loads((tmp_path / "platform" / "state.json").read_text())
+        assert state["services"]["crashy"] == {"pid": restarted.pid, "restarts": 1}
+    finally:
+        supervisor.stopping = True
+        loop.join(timeout=30)
+        supervisor.stop_children()
+
+
+def test_a_state_that_cannot_be_written_is_noted_and_the_supervisor_goes_on(tmp_path: Path) -> None:
+    supervisor = Supervisor(tmp_path, {}, [])
+    supervisor.logs.mkdir()
+    (tmp_path / "platform").write_text("")  # no folder can be made there, as on a full or read-only disk
+    supervisor.write_state()
+    assert "the platform's state could not be written (" in (supervisor.logs / "supervisor.log").read_text()
 
 
 def fake_service(processes: list[subprocess.Popen[bytes]], name: str) -> int:
