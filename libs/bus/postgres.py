@@ -241,6 +241,12 @@ FOR UPDATE OF outbox SKIP LOCKED
 """
 
 
+BACKLOG_COUNT_S = 5.0
+"""How often at most :class:`OutboxRelay` counts its backlog (``driftloop_bus_outbox_backlog``) while it keeps
+sending or keeps failing; an idle relay counts it each time it goes idle. A count reads an index entry per
+unsent row: a relay catching up on a large backlog spends its time sending it."""
+
+
 class OutboxRelay:
     """Publishes a service's outbox in order. One relay per schema works at a time (advisory lock), so
     per-model order survives several replicas; rows are claimed with FOR UPDATE SKIP LOCKED and marked
@@ -257,6 +263,7 @@ class OutboxRelay:
         batch_bytes: int = RELAY_BATCH_BYTES,
         idle_s: float = 1.0,
         max_record_bytes: int = DEFAULT_MAX_EVENT_BYTES + RECORD_HEADROOM_BYTES,
+        backlog_count_s: float = BACKLOG_COUNT_S,
     ) -> None:
         self.pool = pool
         self.schema = check_schema_name(schema)
@@ -265,8 +272,10 @@ class OutboxRelay:
         self.batch_bytes = batch_bytes
         self.idle_s = idle_s
         self.max_record_bytes = max_record_bytes
+        self.backlog_count_s = backlog_count_s
         self._wake = asyncio.Event()
         self._stopping = False
+        self._counted_at: float | None = None
 
     async def flush_once(self) -> int:
         """Publish up to one batch; returns how many rows were sent."""
@@ -325,7 +334,16 @@ class OutboxRelay:
         async with self.pool.acquire() as conn:
             n = int(await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
         metrics.OUTBOX_BACKLOG.labels(self.schema).set(n)
+        self._counted_at = asyncio.get_running_loop().time()
         return n
+
+    async def _count_backlog_when_due(self) -> None:
+        """:meth:`backlog`, if it was last counted (or tried) ``backlog_count_s`` ago or more."""
+        now = asyncio.get_running_loop().time()
+        if self._counted_at is not None and now - self._counted_at < self.backlog_count_s:
+            return
+        self._counted_at = now  # tried: a database that is away is not asked again at every retry
+        await self.backlog()
 
     async def run(self) -> None:
         """Relay until stopped; wakes on NOTIFY from committing transactions, or every ``idle_s``."""
@@ -343,6 +361,9 @@ class OutboxRelay:
                 sent = await self.flush_once()
                 delay = 0.2
                 if sent:
+                    # Counted while it keeps sending too, not only once idle: a relay falling behind (a slow
+                    # broker) showed the backlog it last had when idle, 0, until it caught up.
+                    await self._count_backlog_when_due()
                     continue
                 await self.backlog()
                 with suppress(TimeoutError):
@@ -355,6 +376,11 @@ class OutboxRelay:
                 if listener is not None:
                     await self._release(listener)
                     listener = None
+                # Kafka away, the database still answering: the rows pile up, and the gauge must say so (it
+                # held the count of the last idle round, 0, for as long as no round succeeded). With the
+                # database away too there is nothing to count; the failures' counter says why.
+                with suppress(Exception):
+                    await self._count_backlog_when_due()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if listener is not None:
