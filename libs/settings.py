@@ -262,9 +262,9 @@ class ServiceSettings(BaseSettings):
     outbox_keep_sent_days: float = Field(
         7.0,
         ge=0,
-        description="Days an outbox row is kept once it is sent, counted from when it was written; 0 keeps "
-        "sent rows for ever. Nothing reads a sent row (the relay reads unsent ones, which are never "
-        "deleted): they are only there to look at.",
+        description="Days an outbox row is kept once it is sent, counted from when it was written; 0 (or "
+        "36500, a hundred years, or more) keeps sent rows for ever. Nothing reads a sent row (the relay "
+        "reads unsent ones, which are never deleted): they are only there to look at.",
     )
     inbox_retention: Literal["topics", "forever"] = Field(
         "topics",

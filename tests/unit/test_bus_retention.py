@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from contracts.audit import AuditCheckpoint
@@ -138,3 +139,53 @@ def test_a_service_prunes_as_its_settings_say() -> None:
         inbox_retention="forever", outbox_keep_sent_days=0, bus_retention_interval_s=60
     ).retention()
     assert (kept.inbox, kept.outbox_keep, kept.interval_s) == ([], None, 60)
+
+
+class PruningConn:
+    """The retention's connection to a database that answers: it holds no row to delete."""
+
+    def __init__(self) -> None:
+        self.deletes: list[str] = []
+
+    async def fetchrow(self, sql: str) -> tuple[datetime, None]:
+        return datetime.now(UTC), None  # now(), and no unsent outbox row
+
+    async def fetchval(self, sql: str, *args: Any) -> bool:
+        return True  # the advisory lock
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.deletes.append("inbox" if "FROM inbox" in sql else "outbox")
+        return "DELETE 0"
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+
+
+class PruningPool:
+    def __init__(self) -> None:
+        self.conn = PruningConn()
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[PruningConn]:
+        yield self.conn
+
+
+@pytest.mark.parametrize("days", [1e6, 1e10])
+async def test_a_keep_longer_than_a_date_counts_back_keeps_sent_rows_for_ever_and_the_inbox_is_pruned(
+    days: float,
+) -> None:
+    # An operator's "keep them all": 1e10 days made the service crash as it started (timedelta's bound), 1e6
+    # days every round fail (a cutoff before year 1) before it reached the inbox, which then grew for ever.
+    retention = runtime(outbox_keep_sent_days=days).retention()
+    pool = PruningPool()
+    retention.pool = pool
+
+    assert await retention.prune_once() == {"inbox": 0, "outbox": 0}
+    assert pool.conn.deletes == ["inbox"] * len(retention.inbox)
+    assert retention.outbox_keep is None
+
+
+def test_sent_outbox_rows_are_kept_for_ever_from_a_hundred_years() -> None:
+    assert outbox_keep(36_500) is None
+    assert outbox_keep(36_499) == timedelta(days=36_499)
