@@ -62,13 +62,14 @@ def inbox_classes(
     return [InboxClass(keep, tuple(sorted(types))) for keep, types in sorted(by_keep.items())]
 
 
-OUTBOX_KEEP_FOR_EVER_DAYS = 36_500
-"""From this many days (100 years), a sent outbox row is kept for ever, as at 0: no row is that old, and a
-keep much longer cannot be counted back from today (a cutoff before year 1 made every round of the retention
-fail before it reached the inbox; past timedelta's bound, the service did not start)."""
+KEEP_FOR_EVER_DAYS = 36_500
+"""From this many days (100 years), a keep period of a retention (sent outbox rows, monitoring's joined labels
+and window reports) means for ever, as 0 does: no row is that old, and a keep much longer cannot be counted
+back from today (a cutoff before year 1 made every round of the outbox's retention fail before it reached the
+inbox; past timedelta's bound, the service did not start)."""
 
 
 def outbox_keep(days: float) -> timedelta | None:
     """How long a sent outbox row is kept (``outbox_keep_sent_days``); None (0 days, or
-    :data:`OUTBOX_KEEP_FOR_EVER_DAYS` or more): for ever."""
-    return timedelta(days=days) if 0 < days < OUTBOX_KEEP_FOR_EVER_DAYS else None
+    :data:`KEEP_FOR_EVER_DAYS` or more): for ever."""
+    return timedelta(days=days) if 0 < days < KEEP_FOR_EVER_DAYS else None

@@ -32,6 +32,7 @@ from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
+from libs.bus.retention import KEEP_FOR_EVER_DAYS
 from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
@@ -1897,8 +1898,9 @@ async def prune_labelled(
 
 async def plan_report_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:
     """Per model, when the window reports that may go were judged before (see
-    :func:`prune_window_reports`); none when they are kept for ever."""
-    if monitor.window_reports_keep_days <= 0:
+    :func:`prune_window_reports`); none when they are kept for ever (0 days, or
+    :data:`~libs.bus.retention.KEEP_FOR_EVER_DAYS` or more)."""
+    if not 0 < monitor.window_reports_keep_days < KEEP_FOR_EVER_DAYS:
         return []
     cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
     return [(model, cutoff) for model in await store.registered_models()]
@@ -1931,7 +1933,7 @@ async def plan_alert_retention(*, monitor: Monitor, store: MonitoringStore) -> l
     """Per model, when the alerts that may go were recorded before (see :func:`prune_alerts`): past the
     window reports' keep period, and before the model's ``STATUS_ALERTS_PER_MODEL`` newest (a model with
     fewer keeps them all); none when reports are kept for ever."""
-    if monitor.window_reports_keep_days <= 0:
+    if not 0 < monitor.window_reports_keep_days < KEEP_FOR_EVER_DAYS:
         return []
     cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
     plan: list[tuple[str, datetime]] = []

@@ -147,22 +147,23 @@ class MonitoringSettings(ServiceSettings):
         30.0,
         ge=0,
         description="Days a joined label (its row in `labelled`, inputs included) is kept once received; 0 "
-        "keeps them for ever. Past it a row is deleted only once no query needs it: counted into a "
-        "performance window, received more than twice label_wait_seconds plus max_clock_skew_seconds and a "
-        "day ago (no join or correction can reach it), not among the model's export_labelled_rows most "
-        "recent ones, and of no rollout step watched or kept; /v1/status keeps counting it. A round every "
-        'bus_retention_interval_s, a batch per tick (docs/monitoring.md, "Retention").',
+        "(or 36500, a hundred years, or more) keeps them for ever. Past it a row is deleted only once no "
+        "query needs it: counted into a performance window, received more than twice label_wait_seconds "
+        "plus max_clock_skew_seconds and a day ago (no join or correction can reach it), not among the "
+        "model's export_labelled_rows most recent ones, and of no rollout step watched or kept; /v1/status "
+        "keeps counting it. A round every bus_retention_interval_s, a batch per tick (docs/monitoring.md, "
+        '"Retention").',
     )
     window_reports_keep_days: float = Field(
         90.0,
         ge=0,
         description="Days a judged window's report (its row in `window_reports`, about 850 bytes a feature) "
-        "is kept; 0 keeps them for ever. Past it GET /v1/models/{model}/windows/{id}, which a DriftDetected "
-        "and a grouped DataQualityIssue link to, answers 404 saying the report was deleted, and /drift lists "
-        "no older window; the newest report of every model version is kept however old (/v1/status and "
-        "the drift report show it). Alerts (what /v1/status lists) are kept as long, each model's 10 newest "
-        "however old. A round every bus_retention_interval_s, a batch per tick (docs/monitoring.md, "
-        '"Retention").',
+        "is kept; 0 (or 36500, a hundred years, or more) keeps them for ever. Past it "
+        "GET /v1/models/{model}/windows/{id}, which a DriftDetected and a grouped DataQualityIssue link to, "
+        "answers 404 saying the report was deleted, and /drift lists no older window; the newest report of "
+        "every model version is kept however old (/v1/status and the drift report show it). Alerts (what "
+        "/v1/status lists) are kept as long, each model's 10 newest however old. A round every "
+        'bus_retention_interval_s, a batch per tick (docs/monitoring.md, "Retention").',
     )
 
     # --- canary analysis ------------------------------------------------------------------------------------

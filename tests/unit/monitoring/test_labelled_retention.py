@@ -90,6 +90,8 @@ def test_a_row_is_kept_the_keep_period_but_never_less_than_a_label_may_still_rea
     # most the skew ahead): a correction or a shadow's scoring may reach the row until then.
     assert labelled_keep(1, DAY, 300) == timedelta(days=2, seconds=300) + LABELLED_MARGIN
     assert labelled_keep(0, DAY, 300) is None
+    # A hundred years or more: for ever too (1e10 days was past timedelta's bound, an OverflowError).
+    assert labelled_keep(36_500, DAY, 300) is None and labelled_keep(1e10, DAY, 300) is None
 
 
 async def test_rows_go_only_past_the_keep_period_and_before_what_the_window_exports_read(

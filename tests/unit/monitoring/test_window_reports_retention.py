@@ -137,6 +137,18 @@ async def test_reports_are_kept_the_keep_period_and_for_ever_at_zero(monitor: Mo
     assert await plan_report_retention(monitor=monitor, store=cast(MonitoringStore, table)) == []
 
 
+@pytest.mark.parametrize("days", [36_500, 1e6, 1e10])
+async def test_a_keep_of_a_hundred_years_or_more_keeps_reports_and_alerts_for_ever(
+    monitor: Monitor, days: float
+) -> None:
+    # An operator's "keep everything": counted back from today, 1e6 days is before year 1 (OverflowError at
+    # every round), and 1e10 is past timedelta's bound.
+    table = Reports({"churn": {}}, {"churn": {"c-0": NOW - 400 * DAY}})
+    monitor.window_reports_keep_days = days
+    assert await plan_report_retention(monitor=monitor, store=cast(MonitoringStore, table)) == []
+    assert await plan_alert_retention(monitor=monitor, store=cast(MonitoringStore, table)) == []
+
+
 async def test_a_round_deletes_old_reports_but_the_newest_of_every_version(monitor: Monitor) -> None:
     # Nothing deleted window_reports: a row per judged window, for as long as the platform ran.
     old = NOW - 200 * DAY
