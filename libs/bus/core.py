@@ -269,6 +269,11 @@ _TRANSIENT_SQLSTATES = frozenset(
 # the timeout on every try for one huge or hostile event. Retried as an outage would hold its partition for
 # good; as :attr:`Transience.UNCERTAIN`, it is retried for a while, then dead-lettered.
 _UNCERTAIN_SQLSTATES = frozenset({"57014"})
+# So are the classes of the server's own failures: 58, system_error (58030 io_error: a disk failing under a
+# table) and XX, internal_error (XX001 data_corrupted, XX002 index_corrupted). They are the machine's as
+# likely as the event's: taken for the event's, a failing disk dead-lettered good events after three quick
+# retries.
+_UNCERTAIN_SQLSTATE_CLASSES = frozenset({"58", "XX"})
 
 
 class Transience(enum.Enum):
@@ -306,7 +311,8 @@ def transience(exc: BaseException) -> Transience | None:
         state = exc.sqlstate or ""
         if state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES:
             return Transience.OUTAGE
-        return Transience.UNCERTAIN if state in _UNCERTAIN_SQLSTATES else None
+        uncertain = state in _UNCERTAIN_SQLSTATES or state[:2] in _UNCERTAIN_SQLSTATE_CLASSES
+        return Transience.UNCERTAIN if uncertain else None
     if isinstance(exc, ValueError):
         return None
     if isinstance(exc, (asyncpg.InterfaceError, ConnectionError)):

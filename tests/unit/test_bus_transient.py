@@ -176,6 +176,12 @@ UNCERTAIN: dict[str, BaseException] = {
     "no-errno": OSError("Multiple exceptions: [Errno 111] Connect call failed"),
     # 57014: a handler's query past statement_timeout, on every try for a huge or hostile event.
     "statement-timeout": STATEMENT_TIMEOUT,
+    # The server's own failures: a disk failing under a table, a corrupted page or index, an internal error.
+    "postgres-io-error": E.PostgresIOError("could not read block 7 in file base/16384/16385: I/O error"),
+    "postgres-system-error": E.PostgresSystemError("could not open file"),
+    "data-corrupted": E.DataCorruptedError("invalid page in block 7 of relation base/16384/16385"),
+    "index-corrupted": E.IndexCorruptedError("index contains unexpected zero page"),
+    "internal-error": E.InternalServerError("unexpected chunk number 0 (expected 1) for toast value"),
 }
 
 
