@@ -387,10 +387,15 @@ class OutboxRelay:
             await self._release(listener)
 
     async def _release(self, conn: asyncpg.Connection) -> None:
+        # Released whatever the removal of the listener did (the pool's reset drops listeners too): skipped
+        # after a removal that failed on a live connection, its slot was lost to the pool for good.
         try:
             await conn.remove_listener(outbox_channel(self.schema), self._on_notify)
-            await self.pool.release(conn)
         except Exception as exc:  # the connection may be gone with the database
+            log.debug("listener removal failed", error=repr(exc))
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:
             log.debug("listener release failed", error=repr(exc))
 
     def _on_notify(self, *_: object) -> None:
