@@ -49,7 +49,7 @@ from contracts.common import (
 )
 from contracts.datasets import TRAINING_SET_SUFFIX
 from libs.errors import RepeatedKey, keys_once, shown
-from libs.metrics import METRICS, metrics_for
+from libs.metrics import METRICS, metrics_for, primary_metric
 
 # name -> (classifier, regressor) as import paths; None where the estimator has no such variant.
 ESTIMATORS: dict[str, tuple[str | None, str | None]] = {
@@ -447,6 +447,13 @@ class ModelSpec(_SpecModel):
                     "validation.slices.feature",
                     f"slices need a categorical feature; {rule.feature!r} is numeric",
                 )
+            if rule.min_value is not None:
+                # As a threshold is: a minimum of 75 on roc_auc failed every slice, and so rejected every
+                # candidate of the model, where the spec could have been refused when it was written.
+                metric = rule.metric or self.validation.champion.metric or primary_metric(self.task)
+                problem = _threshold_problem(metric, rule.min_value)
+                if problem is not None:
+                    raise _fail("invalid_threshold", "validation.slices.min_value", problem)
         return self
 
     def _check_estimator(self) -> None:

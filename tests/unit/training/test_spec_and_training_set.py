@@ -142,6 +142,17 @@ BIG = 10**20  # beyond the 64-bit integers of orjson (the canonical JSON) and as
             "validation.thresholds.log_loss",
             ["log_loss lies in [0, ∞)"],
         ),
+        # A slice's minimum too: on the slice metric, else the champion's, else the task's primary one.
+        (
+            {"validation": {"slices": {"feature": "plan", "min_value": 75}}},
+            "validation.slices.min_value",
+            ["roc_auc lies in [0, 1]", "a minimum of 75 is always or never met"],
+        ),
+        (
+            {"validation": {"slices": {"feature": "plan", "metric": "log_loss", "min_value": -1}}},
+            "validation.slices.min_value",
+            ["log_loss lies in [0, ∞)"],
+        ),
         # A window file's own columns, and the fit weights: the feature would be mistaken for them.
         (
             {"features": [{"name": "x0", "type": "numeric"}, {"name": "label", "type": "categorical"}]},
