@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import re
 from collections.abc import Callable
@@ -196,6 +195,10 @@ class ConsumerLimits(TypedDict):
     retry_backoff_s: float
     max_uncertain_retries: int
     max_event_bytes: int
+
+
+LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"})
+"""The log levels Python's logging names itself (``logging.getLevelNamesMapping()`` on its own)."""
 
 
 class ServiceSettings(BaseSettings):
@@ -390,8 +393,10 @@ class ServiceSettings(BaseSettings):
     def _a_log_level(cls, level: str) -> str:
         # Checked here, not when the logging is set up: an unknown name (verbose, trace) passed the settings
         # and stopped the service at its first line with a traceback, again at every restart.
+        # Python's own names, not getLevelNamesMapping(): that holds whatever a library imported before
+        # registered too (TRACE, under pytest), so whether a name passed hung on the order of imports.
         name = level.upper()
-        if name not in logging.getLevelNamesMapping():
+        if name not in LOG_LEVELS:
             raise ValueError("it must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL (in any case)")
         return name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 import subprocess
@@ -244,6 +245,15 @@ def test_a_log_level_is_taken_in_any_case_as_logging_names_it(
 ) -> None:
     monkeypatch.setenv("DRIFTLOOP_LOG_LEVEL", given)
     assert ExampleSettings().log_level == level
+
+
+def test_a_level_a_library_registered_is_refused_as_any_unknown_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checked against whatever logging knew then, "trace" passed once a library had named a level TRACE (one
+    # does under the whole test session), and failed in a service that had imported none.
+    monkeypatch.setitem(logging._nameToLevel, "TRACE", 5)
+    monkeypatch.setenv("DRIFTLOOP_LOG_LEVEL", "trace")
+    with pytest.raises(ValidationError, match="it must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL"):
+        ExampleSettings()
 
 
 def test_the_largest_event_size_gives_fetch_sizes_kafkas_protocol_carries() -> None:
