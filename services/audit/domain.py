@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -732,9 +733,11 @@ def without_resent_copies(
     letter) or in its value is not a copy; it is kept, and a query by that id shows both.
     """
     seen: dict[tuple[str, str], set[HeldEvent]] = {k: set(v) for k, v in held.items()}
+    # A record can be a copy only of one held or of another in this batch: only those are hashed.
+    in_batch = Counter(key for key in keys if key is not None)
     kept = []
     for item, key in zip(incoming, keys, strict=True):
-        if key is not None:
+        if key is not None and (key in seen or in_batch[key] > 1):
             events = seen.setdefault(key, set())
             event = _incoming_event(item.record)
             if event in events:
