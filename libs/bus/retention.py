@@ -69,7 +69,11 @@ back from today (a cutoff before year 1 made every round of the outbox's retenti
 inbox; past timedelta's bound, the service did not start)."""
 
 
-def outbox_keep(days: float) -> timedelta | None:
-    """How long a sent outbox row is kept (``outbox_keep_sent_days``); None (0 days, or
+def keep_period(days: float) -> timedelta | None:
+    """How long a retention keeps its rows, from its setting in days; None (0 days, or
     :data:`KEEP_FOR_EVER_DAYS` or more): for ever."""
     return timedelta(days=days) if 0 < days < KEEP_FOR_EVER_DAYS else None
+
+
+outbox_keep = keep_period
+"""How long a sent outbox row is kept (``outbox_keep_sent_days``)."""

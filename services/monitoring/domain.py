@@ -30,7 +30,7 @@ from contracts.monitoring import (
 )
 from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
-from libs.bus.retention import KEEP_FOR_EVER_DAYS
+from libs.bus.retention import keep_period
 from libs.metrics import Outputs, weighted
 from libs.profiles import (
     CategoricalProfile,
@@ -79,10 +79,11 @@ def labelled_keep(keep_days: float, label_wait_s: float, max_clock_skew_s: float
     before; so a correction, or a shadow's scoring joined to the label, comes at most twice the wait plus the
     skew after the label was received. Deleted sooner, such a label would be stored again as a new one, and
     counted twice. From :data:`~libs.bus.retention.KEEP_FOR_EVER_DAYS` days on, for ever too."""
-    if keep_days <= 0 or keep_days >= KEEP_FOR_EVER_DAYS:
+    keep = keep_period(keep_days)
+    if keep is None:
         return None
     reachable = timedelta(seconds=2 * label_wait_s + max_clock_skew_s) + LABELLED_MARGIN
-    return max(timedelta(days=keep_days), reachable)
+    return max(keep, reachable)
 
 
 STATUS_ALERTS_PER_MODEL = 10

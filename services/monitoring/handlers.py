@@ -8,7 +8,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from itertools import chain
 from typing import Any
 
@@ -32,7 +32,7 @@ from contracts.predictions import PredictionColumns, PredictionsLogged
 from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted, RolloutStepAdvanced
 from libs.artifacts import frame_to_parquet
 from libs.bus import Delivery, EventTooLarge, PermanentError, bytes_over_limit
-from libs.bus.retention import KEEP_FOR_EVER_DAYS
+from libs.bus.retention import keep_period
 from libs.errors import InvalidInput
 from libs.logging import get_logger
 from services.monitoring import export
@@ -1896,13 +1896,19 @@ async def prune_labelled(
 # --- retention of window reports ---------------------------------------------------------------------------
 
 
+def _reports_cutoff(monitor: Monitor) -> datetime | None:
+    """When the window reports (and alerts) that may go were made before; None when kept for ever."""
+    keep = keep_period(monitor.window_reports_keep_days)
+    return None if keep is None else from_epoch(monitor.clock()) - keep
+
+
 async def plan_report_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:
     """Per model, when the window reports that may go were judged before (see
     :func:`prune_window_reports`); none when they are kept for ever (0 days, or
     :data:`~libs.bus.retention.KEEP_FOR_EVER_DAYS` or more)."""
-    if not 0 < monitor.window_reports_keep_days < KEEP_FOR_EVER_DAYS:
+    cutoff = _reports_cutoff(monitor)
+    if cutoff is None:
         return []
-    cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
     return [(model, cutoff) for model in await store.registered_models()]
 
 
@@ -1933,9 +1939,9 @@ async def plan_alert_retention(*, monitor: Monitor, store: MonitoringStore) -> l
     """Per model, when the alerts that may go were recorded before (see :func:`prune_alerts`): past the
     window reports' keep period, and before the model's ``STATUS_ALERTS_PER_MODEL`` newest (a model with
     fewer keeps them all); none when reports are kept for ever."""
-    if not 0 < monitor.window_reports_keep_days < KEEP_FOR_EVER_DAYS:
+    cutoff = _reports_cutoff(monitor)
+    if cutoff is None:
         return []
-    cutoff = from_epoch(monitor.clock()) - timedelta(days=monitor.window_reports_keep_days)
     plan: list[tuple[str, datetime]] = []
     for model in await store.alerted_models():
         # Alerts recorded later are newer still: the newest ones stay even if recorded during the round.
