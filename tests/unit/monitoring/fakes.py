@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -47,3 +49,15 @@ class NoPolicies:
 async def publish_nothing(event: CloudEvent[Any]) -> None:
     """A handler's ``publish`` where the test expects nothing published (a rollout step watched)."""
     raise AssertionError(f"nothing should be published here, yet {event.type} was")
+
+
+class TableRuntime:
+    """A runtime whose ``begin()`` hands a fake table over as the transaction's store (the retention tests
+    patch ``PgMonitoringStore`` to take the connection as it is)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        yield type("Tx", (), {"conn": self.table})()

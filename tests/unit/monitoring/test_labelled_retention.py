@@ -4,10 +4,8 @@ finds is shown against Postgres (tests/integration/monitoring)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 import pytest
 from prometheus_client import REGISTRY
@@ -19,6 +17,7 @@ from services.monitoring.domain import LABELLED_MARGIN, from_epoch, labelled_kee
 from services.monitoring.handlers import Monitor, plan_labelled_retention, prune_labelled
 from services.monitoring.ports import MonitoringStore
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import TableRuntime
 from tests.unit.monitoring.test_domain import reference
 from tests.unit.monitoring.test_ingest_failures import logged
 
@@ -58,17 +57,6 @@ class Labelled:
         for pid in prediction_ids:
             del self.rows[model][pid]
         return len(prediction_ids)
-
-
-class Runtime:
-    """``begin()`` hands the table over as the transaction's store."""
-
-    def __init__(self, table: Labelled) -> None:
-        self.table = table
-
-    @asynccontextmanager
-    async def begin(self) -> AsyncIterator[Any]:
-        yield type("Tx", (), {"conn": self.table})()
 
 
 @pytest.fixture
@@ -148,7 +136,7 @@ async def test_a_round_deletes_a_batch_per_tick_and_starts_again_after_the_inter
     table = Labelled({"churn": {f"p-{i}": old + i for i in range(5)}, "fraud": {"f-0": old}})
     monitor.export_labelled_rows = 0
     background = Background(
-        Runtime(table),  # type: ignore[arg-type]
+        TableRuntime(table),  # type: ignore[arg-type]
         monitor,
         tick_s=1.0,
         retention_interval_s=600.0,
@@ -182,7 +170,7 @@ async def test_a_failed_batch_is_a_warning_counted_and_the_round_tried_again_aft
     old = NOW - 60 * DAY
     table = Labelled({"churn": {"p-0": old}})
     monitor.export_labelled_rows = 0
-    background = Background(Runtime(table), monitor, tick_s=1.0, retention_interval_s=600.0)  # type: ignore[arg-type]
+    background = Background(TableRuntime(table), monitor, tick_s=1.0, retention_interval_s=600.0)  # type: ignore[arg-type]
     failures = counted("driftloop_monitoring_labelled_pruning_failures_total")
 
     table.fails = True

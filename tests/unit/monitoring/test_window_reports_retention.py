@@ -4,8 +4,6 @@ window id names its report. Which rows SQL finds is shown against Postgres (test
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -24,6 +22,7 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import MonitoringStore
 from services.monitoring.settings import MonitoringSettings
+from tests.unit.monitoring.fakes import TableRuntime
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 DAY = 86_400.0
@@ -92,17 +91,6 @@ class Reports:
         return len(found), from_epoch(found[-1][0]) if found else None
 
 
-class Runtime:
-    """``begin()`` hands the table over as the transaction's store."""
-
-    def __init__(self, table: Reports) -> None:
-        self.table = table
-
-    @asynccontextmanager
-    async def begin(self) -> AsyncIterator[Any]:
-        yield type("Tx", (), {"conn": self.table})()
-
-
 @pytest.fixture
 def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
@@ -119,7 +107,7 @@ def background(table: Reports, monitor: Monitor, *, batch: int = 10_000) -> Back
     # The labelled retention of the same tick finds nothing: the fake has no labels.
     monitor.labelled_keep_days = 0
     return Background(
-        Runtime(table),  # type: ignore[arg-type]
+        TableRuntime(table),  # type: ignore[arg-type]
         monitor,
         tick_s=1.0,
         retention_interval_s=600.0,
