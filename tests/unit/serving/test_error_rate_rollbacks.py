@@ -45,11 +45,13 @@ async def test_a_rollback_that_fails_is_counted_and_the_next_breach_tries_again(
 
 
 async def test_one_attempt_per_rollout_in_flight_or_done() -> None:
-    release = asyncio.Event()
+    release, both_started = asyncio.Event(), asyncio.Event()
     calls: list[str] = []
 
     async def roll_back(model: str, rollout_id: str, message: str) -> None:
         calls.append(rollout_id)
+        if len(calls) == 2:
+            both_started.set()
         await release.wait()
 
     rollbacks = ErrorRateRollbacks(roll_back, retry_s=0)
@@ -57,7 +59,7 @@ async def test_one_attempt_per_rollout_in_flight_or_done() -> None:
     for _ in range(5):  # every failing canary request over the threshold reports the breach
         rollbacks("churn", "r-1", "breach")
     rollbacks("fraud", "r-2", "breach")
-    await asyncio.sleep(0)
+    await asyncio.wait_for(both_started.wait(), timeout=10)
     assert calls == ["r-1", "r-2"]  # in flight: no second attempt for r-1
 
     release.set()
