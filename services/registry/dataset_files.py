@@ -625,7 +625,9 @@ def _decode_parquet(data: bytes, limits: TableLimits) -> pa.Table:
 
 
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
-    """One representation per kind of column, whichever reader produced it."""
+    """One representation per kind of column, whichever reader produced it, and one per column name: without
+    the spaces around it, as a CSV's header is read (the header checks compared the names so already, so no
+    two names become one)."""
     out = {}
     for name in frame.columns:
         col = frame[name]
@@ -649,7 +651,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
             pass
         else:
             col = _as_strings(name, col)
-        out[str(name)] = col
+        out[str(name).strip()] = col
     return pd.DataFrame(out)
 
 

@@ -200,6 +200,21 @@ def test_the_same_table_as_csv_or_parquet_hashes_the_same() -> None:
     }
 
 
+def test_column_names_lose_their_surrounding_spaces_in_parquet_as_in_csv() -> None:
+    # A CSV header ` age ,plan` names age and plan; the same names in a Parquet file were stored with their
+    # spaces, so the same table hashed otherwise and a model's feature `age` was missing from it.
+    from_csv = canonicalise(b" age ,plan\n31,basic\n", filename="d.csv", limits=LIMITS)
+    frame = pd.DataFrame({" age ": [31], "plan": ["basic"]})
+    from_parquet = canonicalise(parquet_of(frame), filename="d.parquet", limits=LIMITS)
+    assert list(from_parquet.columns) == list(from_csv.columns) == ["age", "plan"]
+    assert from_parquet.parquet == from_csv.parquet
+    named = pd.DataFrame({"x": [1.5]}, index=pd.Index([7], name=" customer_id"))
+    assert list(canonicalise(parquet_of(named), filename="d.parquet", limits=LIMITS).columns) == [
+        "customer_id",
+        "x",
+    ]
+
+
 @pytest.mark.parametrize(
     ("index", "ids"),
     [
