@@ -332,8 +332,24 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class TransactionFailed(Outage):
-    """The consumer's own transaction (opening it, the inbox claim, the commit) failed with an OSError or a
-    timeout: none of that holds anything of the event, so it is an outage whatever the error's type."""
+    """The consumer's own transaction (opening it, the inbox claim, the commit) failed with an OSError, a
+    timeout or a stray CancelledError (:func:`being_cancelled`): none of that holds anything of the event, so
+    it is an outage whatever the error's type."""
+
+
+class HandlerCancelled(Exception):
+    """A handler raised :class:`asyncio.CancelledError` while its consumer was not being cancelled: it awaited
+    a task or a future that something else cancelled, or a library turned an inner cancellation into one.
+    That is the handler's failure, retried and dead-lettered (``handler-failed``) as any other; let through
+    as a CancelledError, it ended the consumer's task, and the service stopped consuming."""
+
+
+def being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (a shutdown, an ``asyncio.timeout`` around it):
+    then a CancelledError is a stop, to let through at once. One raised while it is not was raised by what
+    the task awaited, and is that code's failure (:class:`HandlerCancelled`)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass
@@ -506,10 +522,13 @@ class Dispatcher:
             self._ahead = (upcoming, decoded)
             if decoded[0]:
                 await prepare(decoded[0])
-        except asyncio.CancelledError:
-            settling.cancel()
-            await asyncio.gather(settling, return_exceptions=True)
-            raise
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                settling.cancel()
+                await asyncio.gather(settling, return_exceptions=True)
+                raise
+            # The preparation's own (it awaited something cancelled elsewhere): a failed preparation.
+            log.warning("preparing the next batch failed, its handler will do the work", error=repr(exc))
         except Exception as exc:
             log.warning("preparing the next batch failed, its handler will do the work", error=repr(exc))
         await settling
@@ -663,10 +682,29 @@ class Dispatcher:
                                 " with a different payload or type"
                             )
                 in_handler = True
-                await run(tx, fresh)
+                try:
+                    await run(tx, fresh)
+                except asyncio.CancelledError as exc:
+                    if being_cancelled():
+                        raise
+                    # Turned here, inside the transaction: it rolls back as for any failing handler.
+                    raise HandlerCancelled(
+                        f"the handler was cancelled ({_cancelled_error(exc)}) while its consumer was not: "
+                        "it raised CancelledError itself, or something it awaited was cancelled elsewhere"
+                    ) from exc
                 in_handler = False
-        except OSError as exc:  # TimeoutError (asyncio's too) is one
-            if in_handler or transience(exc) is Transience.OUTAGE:
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise
+            raise TransactionFailed(f"the consumer's transaction failed: {_cancelled_error(exc)}") from exc
+        except Exception as exc:
+            if being_cancelled():
+                # The consumer is being stopped and the handler (or a library under it) turned the
+                # cancellation into another error: still a stop, never the event's failure to retry or
+                # dead-letter.
+                raise asyncio.CancelledError() from exc
+            # An OSError (TimeoutError, asyncio's too, is one) outside the handler is the transaction's own.
+            if not isinstance(exc, OSError) or in_handler or transience(exc) is Transience.OUTAGE:
                 raise
             raise TransactionFailed(
                 f"the consumer's transaction failed: {type(exc).__name__}: {exc}"
@@ -714,6 +752,11 @@ def _dead_lettered_by(record: Record, consumer: str) -> bool:
         return False
     mark = consumer.encode()
     return any(name == "dlq_consumer" and value == mark for name, value in record.headers)
+
+
+def _cancelled_error(exc: asyncio.CancelledError) -> str:
+    """A CancelledError for a dead letter's error: its message, if whoever cancelled gave one."""
+    return f"CancelledError: {exc}" if str(exc) else "CancelledError"
 
 
 async def _noop() -> None:

@@ -36,6 +36,7 @@ from libs.bus.core import (
     Subscription,
     TransactionFactory,
     UnreadableRecord,
+    being_cancelled,
     encode_outgoing,
 )
 from libs.logging import get_logger
@@ -645,12 +646,16 @@ class ConsumerRunner:
         """Dispatch one poll's records (each partition in order) and mark their offsets settled.
 
         On failure nothing of this poll is settled: it and the poll ``ahead`` are read again after a
-        pause (returns False).
+        pause (returns False). A CancelledError is a failure too unless this task is being cancelled
+        (:func:`~libs.bus.core.being_cancelled`): one the dead-letter writer's client raised must not end
+        ``run``, and the consumer with it.
         """
         assert self.consumer is not None
         try:
             await self.dispatcher.dispatch(current.records, upcoming=ahead.records if ahead else ())
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and being_cancelled():
+                raise
             log.error("batch not settled, will re-read it", error=repr(exc))
             for tp, messages in current.batches.items():
                 self._seek(tp, messages[0].offset)
