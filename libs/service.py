@@ -244,9 +244,9 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
 
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    crashed = [t for t in done if t is not stopper and t.exception() is not None]
+    crashed = [t for t in done if t is not stopper]
     for t in crashed:
-        log.error("task crashed, stopping the service", task=t.get_name(), error=repr(t.exception()))
+        log.error("task ended, stopping the service", task=t.get_name(), error=why_ended(t))
     log.info("service stopping")
     server.should_exit = True
     for r in runners:
@@ -265,6 +265,17 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     log.info("service stopped")
     if crashed:
         raise SystemExit(1)
+
+
+def why_ended(task: asyncio.Task[Any]) -> str:
+    """Why a task of a service (a consumer, the relay, the HTTP server, a background loop) ended before the
+    service was asked to stop: each runs until then, so any ending is a crash. ``task.exception()`` raises
+    for a cancelled task, which ended ``serve`` with a traceback, skipping the orderly stop and the exit
+    status; a task that returned was taken for no crash, and the service stopped with status 0."""
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return repr(exc) if exc is not None else "returned"
 
 
 def run(settings: ServiceSettings, *, migrations: Sequence[Migration], build: Build) -> None:

@@ -1,0 +1,123 @@
+"""A service process stops, in order and with status 1, when any of its tasks ends before it was asked to
+stop (libs.service.serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+import libs.service
+from libs.service import Runtime, ServiceParts, serve
+from libs.settings import ServiceSettings
+
+
+class _Loop:
+    """The relay's and the retention's shape: runs until stopped."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class _Server:
+    """uvicorn's shape: serves until ``should_exit`` is set."""
+
+    def __init__(self) -> None:
+        self.exiting = asyncio.Event()
+
+    @property
+    def should_exit(self) -> bool:
+        return self.exiting.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self.exiting.set()
+
+    async def serve(self) -> None:
+        await self.exiting.wait()
+
+
+class _Runtime:
+    def __init__(self) -> None:
+        self.closed = False
+        self.relay_loop = _Loop()
+
+    def consumer(self, subscription: Any) -> Any:  # pragma: no cover - no subscriptions here
+        raise AssertionError(subscription)
+
+    def relay(self) -> _Loop:
+        return self.relay_loop
+
+    def retention(self) -> _Loop:
+        return _Loop()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def restored_collector() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch: pytest.MonkeyPatch, restored_collector: None) -> _Runtime:
+    runtime = _Runtime()
+
+    async def start(cls: type[Runtime], settings: ServiceSettings, migrations: Any) -> _Runtime:
+        return runtime
+
+    monkeypatch.setattr(Runtime, "start", classmethod(start))
+    monkeypatch.setattr(libs.service, "http_server", lambda app, settings: _Server())
+    return runtime
+
+
+async def _ends_by_returning() -> None:
+    return None
+
+
+async def _ends_cancelled() -> None:
+    # What a loop does when something it awaited was cancelled elsewhere and it lets that through.
+    never = asyncio.get_running_loop().create_future()
+    never.cancel()
+    await never
+
+
+async def _ends_by_raising() -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("task", [_ends_by_returning, _ends_cancelled, _ends_by_raising])
+async def test_a_task_that_ends_early_stops_the_service_in_order_with_status_1(
+    fake_runtime: _Runtime, task: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    stopped: list[bool] = []
+
+    async def on_stop() -> None:
+        stopped.append(True)
+
+    async def build(runtime: Any) -> ServiceParts:
+        return ServiceParts(app=FastAPI(), tasks=[task], on_stop=[on_stop])
+
+    with pytest.raises(SystemExit) as exited:
+        # Awaited here, not in a task: asyncio lets a SystemExit out of a task only through the event loop.
+        await serve(ServiceSettings(), migrations=[], build=build)
+    assert exited.value.code == 1
+    # The orderly stop ran: the hooks, the relay told to stop, the connections closed.
+    assert stopped == [True]
+    assert fake_runtime.relay_loop.stopped.is_set()
+    assert fake_runtime.closed
