@@ -29,6 +29,7 @@ from services.audit.domain import (
     KeyRing,
     PartitionEnds,
     PreparedRows,
+    RefusedHead,
     SealedHead,
     Signer,
     StoredCheckpoint,
@@ -109,6 +110,8 @@ class CheckpointKeeper:
         self.signer = signer
         self.archive = archive
         self.trust = trust
+        # The head its last checkpoint was refused at: an idle trail's timer meets it again every tick.
+        self.refused = RefusedHead()
         self._stop = asyncio.Event()
 
     async def seal_now(self) -> None:
@@ -126,6 +129,7 @@ class CheckpointKeeper:
                 source=self.rt.source(),
                 clock=utc_now,
                 trust=self.trust,
+                refused=self.refused,
             )
 
     async def _archive(self) -> None:

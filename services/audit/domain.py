@@ -586,6 +586,43 @@ class SealedHead:
         self._head = (head.seq, head.row_hash)
 
 
+class Refusal(StrEnum):
+    """Why a checkpoint of a head was not signed."""
+
+    UNSEALED = "unsealed"
+    """A row since the newest trusted checkpoint does not bear the trail's seal."""
+    TAKEN = "taken"
+    """Its sequence holds a checkpoint row this writer did not sign (written in the database)."""
+
+
+class RefusedHead:
+    """The head the timed checkpoint was last refused at, and why, so that the next tick does not try the
+    same checkpoint again.
+
+    With no row arriving, the timer meets the very head it was refused at every ``checkpoint_every_s``: the
+    seals since the checkpoint read again, found wanting again and logged again, or the same sequence,
+    held by a forged row, tried and logged again, for as long as the trail stayed idle. The refusal holds
+    while what it was decided on stays: the head (its sequence and row hash, which commits to every row
+    before it), the trusted checkpoint it builds on and the newest checkpoint row the database holds, as
+    read under the chain lock. Any of them moving (rows appended, a checkpoint signed, the forged row
+    deleted, the trail restored) makes the next tick try again. Remembering only ever refuses, so it can
+    never let a checkpoint through that a fresh attempt would refuse.
+    """
+
+    def __init__(self) -> None:
+        self._at: tuple[ChainHead, StoredCheckpoint | None] | None = None
+        self._why: Refusal | None = None
+
+    def at(self, head: ChainHead, newest: StoredCheckpoint | None) -> Refusal | None:
+        """Why a checkpoint of ``head``, under the database's ``newest`` checkpoint, was refused before; None
+        when it was not tried there."""
+        return self._why if self._at == (head, newest) else None
+
+    def refused(self, head: ChainHead, newest: StoredCheckpoint | None, why: Refusal) -> None:
+        """A checkpoint of ``head``, under the database's ``newest`` checkpoint, was refused for ``why``."""
+        self._at, self._why = (head, newest), why
+
+
 KafkaContent = tuple[bytes, bytes]
 """What tells a record read at a Kafka position from another record at the same position: its key,
 timestamp, tombstone flag and headers (as the trail stores them, one line of JSON) and the SHA-256 of its

@@ -35,6 +35,8 @@ from services.audit.domain import (
     KeyRing,
     PartitionEnds,
     PreparedRows,
+    Refusal,
+    RefusedHead,
     SealedHead,
     Signer,
     StoredCheckpoint,
@@ -158,6 +160,14 @@ async def lock_trusted_head(trail: TrailWriter, trust: CheckpointTrust) -> Chain
     seals are checked before it is signed, so an untrusted one must never stand for it: one forged far
     ahead stopped every checkpoint, one forged at the head let the next vouch for rows rewritten below it."""
     head, newest = await trail.lock_head()
+    return await _trusted_head(head, newest, trail=trail, trust=trust)
+
+
+async def _trusted_head(
+    head: ChainHead, newest: StoredCheckpoint | None, *, trail: TrailWriter, trust: CheckpointTrust
+) -> ChainHead:
+    """``head``, read under the chain lock, with the newest checkpoint ``trust`` lets this writer build on
+    (:func:`lock_trusted_head`); ``newest``: the newest the database holds."""
     if newest is None:
         return head
     why = trust.distrust(newest)
@@ -313,18 +323,35 @@ async def seal_head(
     source: str,
     clock: Clock,
     trust: CheckpointTrust | None = None,
+    refused: RefusedHead | None = None,
 ) -> AuditCheckpoint | None:
     """Sign a checkpoint of the head if rows were appended since the last trusted one (timer and shutdown),
-    and every one of them bears this trail's seal."""
+    and every one of them bears this trail's seal.
+
+    ``refused``: the keeper's memory of the head its last checkpoint was refused at (the same object each
+    tick). At that very head, under the same checkpoints, the checkpoint is refused again without reading
+    the seals or trying the sequence, and without a log line: logged once when found, the refusal is
+    counted on each tick as before (a row without its seal) and tried afresh once the head or the
+    checkpoints move. Without it, every call tries in full."""
     trust = trust or CheckpointTrust(KeyRing([signer.public_raw]))
-    head = await lock_trusted_head(trail, trust)
+    locked, newest = await trail.lock_head()
+    head = await _trusted_head(locked, newest, trail=trail, trust=trust)
     if head.seq == 0 or head.seq <= head.checkpoint_seq:
         return None
-    if not await _sealed_since_checkpoint(head, trail=trail, signer=signer):
+    if refused is not None and (why := refused.at(head, newest)) is not None:
+        if why is Refusal.UNSEALED:
+            CHECKPOINTS_REFUSED.inc()
         return None
-    return await _sign(
+    if not await _sealed_since_checkpoint(head, trail=trail, signer=signer):
+        if refused is not None:
+            refused.refused(head, newest, Refusal.UNSEALED)
+        return None
+    checkpoint = await _sign(
         head, trail=trail, signer=signer, publish=publish, source=source, clock=clock, trust=trust
     )
+    if checkpoint is None and refused is not None:
+        refused.refused(head, newest, Refusal.TAKEN)
+    return checkpoint
 
 
 async def _sign(

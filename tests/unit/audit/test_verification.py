@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
 from libs.errors import NotFound
 from services.audit import core, handlers
 from services.audit.core import CHECKPOINT_PAGE, verify_trail
-from services.audit.domain import GENESIS, SEQ_MAX, ChainHead, CheckpointTrust, KeyRing, Signer
+from services.audit.domain import GENESIS, SEQ_MAX, ChainHead, CheckpointTrust, KeyRing, RefusedHead, Signer
 from services.audit.schemas import VerifyPublic
 from services.audit.verification import LinkScanner, Problem, split_ranges
 from tests.unit.audit.fakes import (
@@ -264,6 +266,66 @@ async def test_a_checkpoint_due_at_a_sequence_a_forged_one_holds_is_signed_at_a_
     _, published = await record(trail, SIGNER, polls[4][:2], every=EVERY)
     assert [e.data.sequence for e in published] == [75]
     assert KEYS.check(published[0].data) is None
+
+
+def refused_total() -> float:
+    return REGISTRY.get_sample_value("driftloop_audit_checkpoints_refused_total") or 0.0
+
+
+def errors(logs: Sequence[Mapping[str, Any]], starting: str) -> int:
+    """How many error lines of the capture start with ``starting``."""
+    return sum(1 for e in logs if e["log_level"] == "error" and e["event"].startswith(starting))
+
+
+async def test_the_timed_checkpoint_reads_the_seals_and_logs_a_refusal_once_per_head() -> None:
+    # An idle trail with a row rewritten after the last checkpoint: the timer meets the same head every
+    # minute, and read every seal since the checkpoint, and logged the refusal, each time.
+    trail = await filled()
+    trail.update_record(52, changed_payload(trail.rows[52].row.record))
+    trail.recompute_from(52)
+    refused, before = RefusedHead(), refused_total()
+    trail.seal_reads.clear()
+    with capture_logs() as logs:
+        assert await seal_head(trail, refused=refused) is None
+        assert await seal_head(trail, refused=refused) is None
+    assert trail.seal_reads == [(50, 53)]
+    assert errors(logs, "checkpoint refused") == 1
+    assert refused_total() == before + 2  # still refused, and counted, on every tick
+    # A row arrives (no checkpoint due by rows): the next tick checks the seals up to the new head again.
+    await record(trail, SIGNER, [delivery(example(DriftDetected), offset=ROWS)], every=EVERY)
+    with capture_logs() as logs:
+        assert await seal_head(trail, refused=refused) is None
+        assert await seal_head(trail, refused=refused) is None
+    assert trail.seal_reads == [(50, 53), (50, 54)]
+    assert errors(logs, "checkpoint refused") == 1
+    assert max(c.sequence for c, _ in trail.checkpoint_rows) == 50  # nothing vouches for row 52
+    report = await verify(trail)
+    assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
+async def test_the_timed_checkpoint_tries_a_sequence_a_forged_row_holds_once_per_head() -> None:
+    trail = await filled()
+    trail.insert_checkpoint(forged(ROWS, bytes(32)))
+    refused, trust = RefusedHead(), CheckpointTrust(KEYS)
+    trail.seal_reads.clear()
+    with capture_logs() as logs:
+        assert await seal_head(trail, trust=trust, refused=refused) is None
+        assert await seal_head(trail, trust=trust, refused=refused) is None
+    assert trail.seal_reads == [(50, ROWS)]
+    assert errors(logs, "checkpoint not kept") == 1
+    await record(trail, SIGNER, [delivery(example(DriftDetected), offset=ROWS)], every=EVERY, trust=trust)
+    signed = await seal_head(trail, trust=trust, refused=refused)
+    assert signed is not None and signed.sequence == ROWS + 1
+
+
+async def test_the_timed_checkpoint_signs_at_the_same_head_once_the_forged_row_is_gone() -> None:
+    trail = await filled()
+    trail.insert_checkpoint(forged(ROWS, bytes(32)))
+    refused, trust = RefusedHead(), CheckpointTrust(KEYS)
+    assert await seal_head(trail, trust=trust, refused=refused) is None
+    trail.delete_checkpoint(ROWS)  # an operator removes it: no row arrives, the head stays
+    signed = await seal_head(trail, trust=trust, refused=refused)
+    assert signed is not None and signed.sequence == ROWS
 
 
 async def test_a_writer_builds_on_a_checkpoint_of_a_retired_key_it_trusts() -> None:
