@@ -6,20 +6,26 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import asyncpg
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from contracts.audit import AuditCheckpoint
 from contracts.monitoring import DriftDetected
+from libs.bus.postgres import pg_transactions
+from libs.service import Runtime
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, PgTrail, reading
-from services.audit.bootstrap import sync_archive
+from services.audit.bootstrap import CheckpointKeeper, sync_archive
 from services.audit.domain import EventQuery, NotACheckpoint
 from services.audit.schemas import AuditEventPublic, HeadPublic, TracePublic
+from services.audit.settings import AuditSettings
 from services.audit.verification import Problem
 from tests.integration.audit.conftest import ROLE, TrailDb
 from tests.unit.audit.fakes import PAGE_BYTES, TRACE_BYTES, delivery, example
@@ -233,6 +239,49 @@ async def test_a_checkpoint_forged_at_the_head_and_deleted_after_the_next_one_hi
     assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
     report = await filled.verify()
     assert (report.first_bad_seq, report.problem, report.exact) == (52, Problem.REWRITTEN, True)
+
+
+def keeper_of(db: TrailDb, tmp_path: Path) -> CheckpointKeeper:
+    """The service's checkpoint keeper on the test's schema: what its timer and its clean stop run."""
+    rt = SimpleNamespace(
+        pool=db.pool, begin=pg_transactions(db.pool, db.schema), source=lambda: "/driftloop/audit"
+    )
+    settings = AuditSettings(writer_role=ROLE, checkpoint_file=tmp_path / "checkpoints.ndjson")
+    archive = CheckpointFile(settings.checkpoint_file, in_order=True)
+    return CheckpointKeeper(cast(Runtime, rt), settings, db.signer, archive, db.trust())
+
+
+async def test_the_keeper_logs_a_refused_checkpoint_once_while_no_row_arrives(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    await filled.superuser(CHANGE_PAYLOAD, 52)
+    await filled.superuser(RECOMPUTE_FROM.format(start=52))
+    keeper = keeper_of(filled, tmp_path)
+    with capture_logs() as logs:
+        for _ in range(3):  # three ticks of an idle trail
+            await keeper.seal_now()
+    assert sum(1 for e in logs if e["event"].startswith("checkpoint refused")) == 1
+    assert await filled.record([delivery(example(DriftDetected), offset=ROWS)]) == 1
+    with capture_logs() as logs:
+        await keeper.seal_now()
+        await keeper.seal_now()
+    assert sum(1 for e in logs if e["event"].startswith("checkpoint refused")) == 1  # the head moved: once
+    assert await filled.pool.fetchval("SELECT max(seq) FROM checkpoints") == 50
+
+
+async def test_the_keeper_tries_a_sequence_a_forged_row_holds_once_per_head(
+    filled: TrailDb, tmp_path: Path
+) -> None:
+    await filled.superuser(FORGED_CHECKPOINT, ROWS, "ab" * 32, filled.signer.key_id, FORGED_SIGNATURE)
+    keeper = keeper_of(filled, tmp_path)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await keeper.seal_now()
+    assert sum(1 for e in logs if e["event"].startswith("checkpoint not kept")) == 1
+    await filled.superuser("DELETE FROM checkpoints WHERE seq = $1", ROWS)
+    await keeper.seal_now()  # the same head, the forged row gone: signed there
+    seqs = await filled.pool.fetch("SELECT seq, key_id FROM checkpoints WHERE seq > 50")
+    assert [(r["seq"], r["key_id"]) for r in seqs] == [(ROWS, filled.signer.key_id)]
 
 
 async def test_a_checkpoint_row_that_is_no_checkpoint_at_the_writer_s_next_sequence_does_not_stop_it(
