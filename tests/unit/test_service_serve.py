@@ -4,8 +4,7 @@ stop (libs.service.serve)."""
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -64,14 +63,6 @@ class _Runtime:
 
     async def close(self) -> None:
         self.closed = True
-
-
-@pytest.fixture
-def restored_collector() -> Iterator[None]:
-    threshold = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
 
 
 @pytest.fixture
