@@ -16,7 +16,6 @@ from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
@@ -66,17 +65,10 @@ from services.serving.domain import (
     tensor_rows,
     tensors_from_json,
 )
+from services.serving.metrics import REQUEST_SECONDS
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
 from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody, ServerReady
 from services.serving.scoring import Predictor, PredictRequest, PredictResult
-
-REQUEST_SECONDS = Histogram(
-    "driftloop_serving_request_seconds",
-    "Whole predict requests answered with predictions (reading, checking, scoring, answering), per model and "
-    "protocol; a refused request (4xx) is not timed.",
-    ["model", "protocol"],
-    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
 
 SERVER_NAME = "driftloop-serving"
 

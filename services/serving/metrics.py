@@ -1,12 +1,13 @@
-"""Serving's series per model version, and their lifetime: a version's series exist while the version
-serves on this replica, and go with it; and the failures of the replica's two timer loops and of its
-error-rate rollbacks.
+"""Serving's series per model version and per model, and their lifetime: a version's series exist while
+the version serves on this replica, and go with it, and a model's while the model does; and the failures
+of the replica's two timer loops and of its error-rate rollbacks.
 
 Every routing swap (:meth:`services.serving.routing.RoutingState.swap`) calls :func:`keep_served`: each
 series whose model version the new table does not serve (promoted over, rolled back, replaced, its model
-no longer served) is removed from the registry, with the handles this process cached for it. Otherwise
-automatic retraining (a new version per drift event) would grow /metrics, and this process, without bound,
-and dashboards would list versions long dead.
+no longer served) is removed from the registry, with the handles this process cached for it, and so is
+each series per model (whole requests timed, unseen categories) of a model the table no longer routes.
+Otherwise automatic retraining (a new version per drift event) would grow /metrics, and this process,
+without bound, and dashboards would list versions and models long dead.
 
 Removing a counter is what Prometheus expects of a labelled series that is gone for good: the scrape after
 it marks the series stale. What the version counted after the last scrape before its removal is not seen
@@ -17,7 +18,7 @@ as a counter reset.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -52,6 +53,18 @@ UNCOMPILED = Counter(
     "Requests to a compiled model that its estimator answered instead (a category sent as a number, or a "
     "non-finite output from the compiled copy's float32 arithmetic).",
     ["model", "version"],
+)
+REQUEST_SECONDS = Histogram(
+    "driftloop_serving_request_seconds",
+    "Whole predict requests answered with predictions (reading, checking, scoring, answering), per model and "
+    "protocol; a refused request (4xx) is not timed.",
+    ["model", "protocol"],
+    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+UNSEEN = Counter(
+    "driftloop_serving_unseen_categories_total",
+    "Categorical values the model did not see in training (allowed; the encoder ignores them).",
+    ["model", "feature"],
 )
 ENGINE = Gauge(
     "driftloop_serving_model_engine_info",
@@ -89,6 +102,11 @@ _PER_VERSION: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
     (ENGINE, ("model", "version", "engine")),
 )
 
+_PER_MODEL: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
+    (REQUEST_SECONDS, ("model", "protocol")),
+    (UNSEEN, ("model", "feature")),
+)
+
 _SERIES: dict[tuple[str, int, Variant], tuple[Any, Any, Any]] = {}
 
 
@@ -105,18 +123,31 @@ def request_series(model: str, version: int, variant: Variant) -> tuple[Any, Any
 
 
 def keep_served(served: Collection[tuple[str, int]]) -> None:
-    """Remove every per-version series, and every cached handle, of a (model, version) not in ``served``.
+    """Remove every per-version series, and every cached handle, of a (model, version) not in ``served``,
+    and every per-model series of a model none of ``served`` belongs to (archived, deleted, its versions
+    no longer on traffic).
 
     Runs once per routing swap, never per request. The series to remove are read from the registry itself,
-    so one created by any path (a load that never reached the table, a late shadow scoring) goes too."""
+    so one created by any path (a load that never reached the table, a late shadow scoring, a request that
+    took an older table and ended after its swap) goes too, at the first swap after it was created."""
     for key in [k for k in _SERIES if (k[0], k[1]) not in served]:
         # A handle kept for a removed series would count into a series no longer exported.
         del _SERIES[key]
     wanted = {(model, str(version)) for model, version in served}
-    for metric, names in _PER_VERSION:
+    _remove_series(_PER_VERSION, lambda labels: (labels[0], labels[1]) in wanted)
+    models = {model for model, _ in served}
+    _remove_series(_PER_MODEL, lambda labels: labels[0] in models)
+
+
+def _remove_series(
+    metrics: Sequence[tuple[MetricWrapperBase, tuple[str, ...]]], keep: Callable[[tuple[str, ...]], bool]
+) -> None:
+    """Remove each series of ``metrics`` (with the label names to read, in declaration order) whose label
+    values ``keep`` refuses."""
+    for metric, names in metrics:
         present = {
             tuple(sample.labels[n] for n in names) for family in metric.collect() for sample in family.samples
         }
         for labels in present:
-            if (labels[0], labels[1]) not in wanted:
+            if not keep(labels):
                 metric.remove(*labels)

@@ -32,16 +32,11 @@ from services.serving.domain import (
     shadowed_rows,
     shown_model,
 )
-from services.serving.metrics import MODEL_ERRORS, request_series
+from services.serving.metrics import MODEL_ERRORS, UNSEEN, request_series
 from services.serving.routing import ModelRouting, RoutingState, Scores, ServedModel
 
 log = get_logger(__name__)
 
-UNSEEN = Counter(
-    "driftloop_serving_unseen_categories_total",
-    "Categorical values the model did not see in training (allowed; the encoder ignores them).",
-    ["model", "feature"],
-)
 SHADOW_DROPPED = Counter(
     "driftloop_serving_shadow_dropped_total",
     "Shadow scorings dropped, by reason: queue-full (shadow_buffer scorings waiting), bytes-full (the "

@@ -231,3 +231,47 @@ async def test_a_shadow_scoring_left_over_from_a_finished_rollout_brings_no_seri
     state.swap(RoutingTable({MODEL: routing(1)}))  # the candidate was rolled back while the job waited
     predictor.score_shadow(job)
     assert versions_exported() == {1}
+
+
+def per_model_exported() -> dict[tuple[str, str], float]:
+    """(series name, model) -> value of every serving series labelled by model and not by version."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if model in (MODEL, OTHER) and "version" not in sample.labels and "le" not in sample.labels:
+                out[(sample.name, model)] = sample.value
+    return out
+
+
+OTHER = "still-served"
+
+
+def test_a_model_no_longer_routed_leaves_its_per_model_series() -> None:
+    """Archived or deleted, a model leaves the table: its whole-request timings and unseen categories go
+    with it, as its versions' series do; a model still served keeps its counts."""
+    other = ServedModel(OTHER, 1, "01" * 32, churn_signature(), PIPELINE)
+    still = ModelRouting(OTHER, other, None, None, 0.0, RolloutMode.CANARY, 0)
+    state = RoutingState()
+    predictor = Predictor(state, NoLog(), CanaryStats(threshold=0.5, min_requests=1000), max_rows=10)
+    state.swap(RoutingTable({MODEL: routing(1), OTHER: still}))
+    records = [record(plan="gold")]  # a category the model never saw: counted per model and feature
+    for model in (MODEL, OTHER):
+        predictor.predict(
+            PredictRequest(
+                model=model,
+                rows=1,
+                parse=lambda sig, idx: columns_from_records(sig, records),
+                entity_keys=[None],
+            )
+        )
+        metrics.REQUEST_SECONDS.labels(model, "v1").observe(0.002)
+    for model in (MODEL, OTHER):
+        assert per_model_exported()[("driftloop_serving_unseen_categories_total", model)] == 1
+        assert per_model_exported()[("driftloop_serving_request_seconds_count", model)] == 1
+
+    state.swap(RoutingTable({OTHER: still}))
+
+    assert {model for _, model in per_model_exported()} == {OTHER}
+    assert per_model_exported()[("driftloop_serving_unseen_categories_total", OTHER)] == 1
+    assert per_model_exported()[("driftloop_serving_request_seconds_count", OTHER)] == 1
