@@ -76,7 +76,8 @@ ENGINE = Gauge(
 LOOP_FAILURES = Counter(
     "driftloop_serving_loop_failures_total",
     "Rounds of a replica's timer loops that failed, by loop (routing-sync: the re-read of the routes, the "
-    "replica answering from the routing it last read meanwhile; sample-flush: the canary rows it served "
+    "replica answering from the routing it last read meanwhile, for every model or for those whose new "
+    "versions the store could not give; sample-flush: the canary rows it served "
     "added to the step's count, kept for the next flush meanwhile): logged as a warning and tried again. A "
     "count that keeps rising is a replica on stale routing (a canary rolled back still taking its traffic "
     "here), or a step whose samples stop growing.",

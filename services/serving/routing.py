@@ -203,18 +203,33 @@ class RoutingSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TableBuild:
+    """A table built for a snapshot, and the models it kept as the current table routes them."""
+
+    table: RoutingTable
+    held: Mapping[str, str] = field(default_factory=dict)
+    """Model -> the version and the error that kept it from its new routing (an infrastructure failure
+    loading one of its versions): it routes in ``table`` as it did before, or not at all if it did not."""
+
+
 async def build_table(
     snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]],
     loader: ModelLoader,
     current: RoutingTable,
     failing: Collection[tuple[str, int]] = (),
-) -> RoutingTable:
-    """A table for the persisted state; models are loaded and warmed before the table exists. An
-    infrastructure failure (the store unreachable or timing out: the loader raises it as it is, never as
-    :class:`ModelLoadError`) fails the whole build: the current table stays, and the sync retries with its
-    backoff, nothing remembered against the version. A version that cannot load (:class:`ModelLoadError`:
-    its artifact or warm-up at fault) is logged as an error, unless it is among the (model, version)
-    ``failing`` already (the sync tries those again at every re-read)."""
+) -> TableBuild:
+    """A table for the persisted state; models are loaded and warmed before the table exists.
+
+    A version that cannot load (:class:`ModelLoadError`: its artifact or warm-up at fault) serves nothing,
+    and its model routes without it; it is logged as an error, unless it is among the (model, version)
+    ``failing`` already (the sync tries those again at every re-read). Any other failure loading a version
+    (the store unreachable or timing out: the loader raises it as it is) is no fault of the version, and
+    only its model's: that model keeps its routing in ``current`` whole (never a new stable beside the old
+    canary, nor a rollout without its candidate), nothing is remembered against the version, and the
+    build goes on with the other models, whose changes (a promotion, a rollback) need not wait for the
+    store. The held models are returned for the sync to count, log and try again."""
+    held: dict[str, str] = {}
 
     async def served(record: VersionRecord | None) -> ServedModel | None:
         if record is None or not record.registered:
@@ -232,12 +247,20 @@ async def build_table(
                 "model version cannot be served", model=record.model, version=record.version, error=str(exc)
             )
             return None
+        except Exception as exc:
+            held[record.model] = f"version {record.version}: {exc!r}"
+            return None
 
     models: dict[str, ModelRouting] = {}
     for route, records in snapshot:
         stable = await served(records.get(route.stable_version)) if route.stable_version else None
         live = route.active
-        canary = await served(records.get(live.canary_version)) if live else None
+        canary = await served(records.get(live.canary_version)) if live and route.model not in held else None
+        if route.model in held:
+            previous = current.models.get(route.model)
+            if previous is not None:
+                models[route.model] = previous
+            continue
         if stable is None and canary is None:
             continue
         models[route.model] = ModelRouting(
@@ -249,7 +272,7 @@ async def build_table(
             mode=live.mode if live else RolloutMode.CANARY,
             step_index=live.step_index if live else 0,
         )
-    return RoutingTable(models)
+    return TableBuild(RoutingTable(models), held)
 
 
 def routing_key(snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]]) -> tuple[Any, ...]:
@@ -315,12 +338,23 @@ class RoutingSync:
         key = routing_key(snapshot)
         if key == self._last and self.state.synced.is_set():
             return False
-        table = await build_table(snapshot, self.loader, self.state.table, self._failing)
+        built = await build_table(snapshot, self.loader, self.state.table, self._failing)
+        table = built.table
+        if built.held:
+            # Counted as a round that failed whole is (the same loop, the same alert): a count that keeps
+            # rising is a replica where these models stay on stale routing.
+            LOOP_FAILURES.labels("routing-sync").inc()
+            log.warning(
+                "routing sync failed for some models, they keep their routing, retrying",
+                models=dict(built.held),
+            )
         # A version this replica could not load is tried again at the next sync (the loader holds off its
-        # retries for a while). Taken as done, the key would leave the replica without it until some other
-        # routing change came: with nothing of the model to serve once that version was promoted.
-        self._failing = unserved(snapshot, table)
-        self._last = None if self._failing else key
+        # retries for a while), and so is a model held back: both at the next notification or poll, with no
+        # other change needed. Taken as done, the key would leave the replica without them until some other
+        # routing change came: with nothing of the model to serve once that version was promoted. A held
+        # model's versions are not failing ones: a load error of theirs, once the store answers, is news.
+        self._failing = {(m, v) for m, v in unserved(snapshot, table) if m not in built.held}
+        self._last = None if self._failing or built.held else key
         if self.state.synced.is_set() and same_routing(table, self.state.table):
             return False  # a retry that loaded nothing new
         self.state.swap(table)

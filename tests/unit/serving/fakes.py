@@ -31,6 +31,7 @@ from contracts.models import AppliedStageChange, ModelVersionRegistered
 from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RolloutMode, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
+from libs.artifacts import StoreUnavailable
 from services.serving.domain import ModelRoute
 from services.serving.ports import ModelLoadError, VersionRecord
 from services.serving.routing import ServedModel
@@ -184,12 +185,14 @@ class FakeRoutingSource:
 class FakeLoader:
     """Loads any registered record with one shared estimator, except artifact keys listed as broken;
     ``held`` is the artifacts a real loader would still hold in memory. ``failing``: errors the next loads
-    raise, one each, as a store that is away does (an Outage, a timeout)."""
+    raise, one each, as a store that is away does (an Outage, a timeout). ``away``: artifact keys whose
+    every load fails as a store that cannot be reached for them does (StoreUnavailable)."""
 
     def __init__(self, estimator: Any = None) -> None:
         self.estimator = estimator if estimator is not None else churn_pipeline()
         self.broken: set[str] = set()
         self.failing: list[Exception] = []
+        self.away: set[str] = set()
         self.loaded: list[tuple[str, int]] = []
         self.held: set[str] = set()
 
@@ -198,6 +201,8 @@ class FakeLoader:
             raise ModelLoadError("not registered")
         if self.failing:
             raise self.failing.pop(0)
+        if record.artifact_key in self.away:
+            raise StoreUnavailable(f"artifact store unreachable reading {record.artifact_key[:8]}")
         if record.artifact_key in self.broken:
             raise ModelLoadError(f"artifact {record.artifact_key[:8]} is untrusted")
         self.loaded.append((record.model, record.version))

@@ -1,10 +1,12 @@
-"""A replica's routing follows the persisted routes, including a version it could not load at first."""
+"""A replica's routing follows the persisted routes, including a version it could not load at first, and
+a model whose version the store could not give it for a while."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from contracts.commands import PromoteRequested
@@ -44,6 +46,73 @@ async def test_a_version_this_replica_failed_to_load_is_loaded_at_a_later_sync_w
     loader.broken.clear()
     await sync.sync_once()
     assert state.table.models["churn"].versions == [2]
+
+
+def artifact(model: str, version: int) -> str:
+    """A version's own artifact key (the models' versions share none)."""
+    return f"{model[0].encode().hex()}{version:02x}" * 16
+
+
+def routing_sync_failures() -> float:
+    return REGISTRY.get_sample_value("driftloop_serving_loop_failures_total", {"loop": "routing-sync"}) or 0.0
+
+
+async def test_a_store_error_loading_one_model_holds_back_that_model_only_and_is_retried() -> None:
+    """The store cannot give this replica churn's new canary (timing out) while fraud starts a rollout too:
+    fraud's change goes through at once; churn keeps exactly what it served (not a rollout without its
+    canary), the round is logged and counted as failed, and the next sync, with no new event, loads it."""
+    world = World()
+    loader = FakeLoader()
+    state = RoutingState()
+    sync = RoutingSync(state, FakeRoutingSource(world.routes, world.versions), loader)
+    for model in ("churn", "fraud"):
+        await world.send(registered(1, model, key=artifact(model, 1)), passed(1, model))
+    await sync.sync_once()
+    before = state.table.models["churn"]
+    failures = routing_sync_failures()
+
+    loader.away.add(artifact("churn", 2))
+    with capture_logs() as logs:
+        for model in ("churn", "fraud"):
+            await world.send(registered(2, model, key=artifact(model, 2)), passed(2, model))
+        assert await sync.sync_once() is True, "fraud's rollout did not wait for churn's store error"
+        assert state.table.models["fraud"].versions == [1, 2]
+        assert state.table.models["fraud"].rollout_id is not None
+        assert state.table.models["churn"] is before, "churn serves what it served, whole"
+        assert await sync.sync_once() is False, "tried again, still away: the table stays"
+    warnings = [e for e in logs if e["event"].startswith("routing sync failed")]
+    assert [w["log_level"] for w in warnings] == ["warning", "warning"], "once per attempt"
+    assert "churn" in warnings[0]["models"] and "fraud" not in warnings[0]["models"]
+    assert routing_sync_failures() - failures == 2
+    assert not [e for e in logs if e["event"] == "model version cannot be served"], "not the version's fault"
+
+    loader.away.clear()
+    assert await sync.sync_once() is True, "retried without another routing change"
+    assert state.table.models["churn"].versions == [1, 2]
+    assert routing_sync_failures() - failures == 2
+
+
+async def test_a_model_whose_canary_the_store_cannot_give_a_starting_replica_is_not_half_routed() -> None:
+    """A replica starting while churn's canary cannot be read from the store: it had nothing of churn to
+    keep, so it serves none of it (not the stable version under a rollout whose canary it lacks) until the
+    store answers, and serves every other model meanwhile."""
+    world = World()
+    for model in ("churn", "fraud"):
+        await world.send(registered(1, model, key=artifact(model, 1)), passed(1, model))
+    await world.send(registered(2, key=artifact("churn", 2)), passed(2))
+    assert world.routes.rows["churn"].active is not None, "churn's v2 is live as a canary"
+    loader = FakeLoader()
+    loader.away.add(artifact("churn", 2))
+    state = RoutingState()
+    sync = RoutingSync(state, FakeRoutingSource(world.routes, world.versions), loader)
+
+    assert await sync.sync_once() is True
+    assert state.synced.is_set() and set(state.table.models) == {"fraud"}
+
+    loader.away.clear()
+    await sync.sync_once()
+    churn = state.table.models["churn"]
+    assert churn.versions == [1, 2] and churn.rollout_id == world.routes.rows["churn"].active.rollout_id
 
 
 class _Cycle:
