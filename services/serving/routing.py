@@ -157,6 +157,10 @@ class RoutingTable:
     """Every served model's routing; replaced whole, never changed in place."""
 
     models: Mapping[str, ModelRouting] = field(default_factory=dict)
+    held: frozenset[str] = frozenset()
+    """Models with no routing here because the store failed to give their versions (:class:`TableBuild`)
+    and none was served before: a request for one answers 503, to try again, not 404 as for an unknown
+    model (a replica starting while the store is away is ready for its other models)."""
 
     @property
     def served(self) -> set[tuple[str, int]]:
@@ -272,7 +276,7 @@ async def build_table(
             mode=live.mode if live else RolloutMode.CANARY,
             step_index=live.step_index if live else 0,
         )
-    return TableBuild(RoutingTable(models), held)
+    return TableBuild(RoutingTable(models, frozenset(held.keys() - models.keys())), held)
 
 
 def routing_key(snapshot: Sequence[tuple[ModelRoute, dict[int, VersionRecord]]]) -> tuple[Any, ...]:
@@ -297,8 +301,10 @@ def same_routing(a: RoutingTable, b: RoutingTable) -> bool:
     def shape(r: ModelRouting) -> tuple[Any, ...]:
         return (id(r.stable), id(r.canary), r.rollout_id, r.weight, r.mode, r.step_index)
 
-    return a.models.keys() == b.models.keys() and all(
-        shape(r) == shape(b.models[m]) for m, r in a.models.items()
+    return (
+        a.held == b.held
+        and a.models.keys() == b.models.keys()
+        and all(shape(r) == shape(b.models[m]) for m, r in a.models.items())
     )
 
 

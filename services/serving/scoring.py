@@ -236,6 +236,11 @@ class Predictor:
         models; None: every one): a client limited to some models learns nothing of the others."""
         routing = self.state.table.models.get(model)
         if routing is None:
+            if model in self.state.table.held and (scope is None or model in scope):
+                raise Unavailable(
+                    f"model {shown_model(model)} cannot be served yet: the artifact store did not give its "
+                    "version; this replica tries again at its next routing sync, retry shortly"
+                )
             models = self.state.table.models
             served = sorted(models if scope is None else scope.intersection(models))
             raise NotFound(

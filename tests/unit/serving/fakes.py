@@ -32,7 +32,7 @@ from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RolloutMode, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
 from libs.artifacts import StoreUnavailable
-from services.serving.domain import ModelRoute
+from services.serving.domain import LogItem, ModelRoute
 from services.serving.ports import ModelLoadError, VersionRecord
 from services.serving.routing import ServedModel
 
@@ -289,3 +289,10 @@ def rollout_never_started(model: str) -> RolloutStarted:
         min_samples=0,
         bake_seconds=0.0,
     )
+
+
+class NoLog:
+    """A prediction log that takes every item and keeps none."""
+
+    def offer(self, item: LogItem) -> bool:
+        return True

@@ -6,13 +6,16 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from contracts.commands import PromoteRequested
 from contracts.envelope import new_event
+from libs.errors import NotFound, Unavailable
 from services.serving.routing import RoutingState, RoutingSync
-from tests.unit.serving.fakes import FakeLoader, FakeRoutingSource, passed, registered
+from services.serving.scoring import CanaryStats, Predictor
+from tests.unit.serving.fakes import FakeLoader, FakeRoutingSource, NoLog, passed, registered
 from tests.unit.serving.test_handlers import World
 
 
@@ -108,9 +111,16 @@ async def test_a_model_whose_canary_the_store_cannot_give_a_starting_replica_is_
 
     assert await sync.sync_once() is True
     assert state.synced.is_set() and set(state.table.models) == {"fraud"}
+    # A request for churn is told to try again (503), not that no such model is served (404).
+    predictor = Predictor(state, NoLog(), CanaryStats(threshold=0.5, min_requests=1000), max_rows=10)
+    with pytest.raises(Unavailable, match="'churn' cannot be served yet"):
+        predictor.routing("churn")
+    with pytest.raises(NotFound, match="'churn' is not served here"):
+        predictor.routing("churn", scope=frozenset({"fraud"}))  # a token for fraud learns nothing of churn
 
     loader.away.clear()
     await sync.sync_once()
+    assert not state.table.held
     churn = state.table.models["churn"]
     assert churn.versions == [1, 2] and churn.rollout_id == world.routes.rows["churn"].active.rollout_id
 

@@ -23,9 +23,10 @@ from services.serving.adapters.artifacts import ArtifactModelLoader
 from services.serving.domain import columns_from_records
 from services.serving.metrics import request_series
 from services.serving.routing import ModelRouting, RoutingState, RoutingSync, RoutingTable, ServedModel
-from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictRequest
+from services.serving.scoring import CanaryStats, Predictor, PredictRequest
 from tests.unit.serving.fakes import (
     FakeRoutingSource,
+    NoLog,
     canary_verdict,
     churn_pipeline,
     churn_signature,
@@ -35,11 +36,6 @@ from tests.unit.serving.test_handlers import World, passed, registered
 
 MODEL = "retrained"
 PIPELINE = churn_pipeline()
-
-
-class NoLog:
-    def offer(self, item: LogItem) -> bool:
-        return True
 
 
 class Replica:
