@@ -12,7 +12,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -307,7 +307,7 @@ def terminate(pid: int, *, timeout_s: float, first_signal: signal.Signals = sign
 
 
 # A log over this size is moved to <name>.1 (replacing the one before) when its process starts again, and
-# the platform's logs also while their processes run (truncate_log).
+# the platform's logs also while their processes run (truncate_log); Kafka's log4j rolls kafka.log at it.
 MAX_LOG_BYTES = 20 * 1024 * 1024
 
 
@@ -355,13 +355,41 @@ def open_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> IO[bytes]:
 
 
 def log_tail(path: Path, lines: int = 30, since: int = 0) -> str:
-    """The last lines of a log file written after byte offset ``since``, for error messages."""
+    """The last lines of a log file written after byte offset ``since``, for error messages; a log now
+    shorter than ``since`` was rotated meanwhile (Kafka's log4j, at its size limit) and is read whole."""
     try:
         with path.open("rb") as log:
-            log.seek(since)
+            if since <= os.fstat(log.fileno()).st_size:
+                log.seek(since)
             return text_tail(log.read().decode(errors="replace"), lines)
     except OSError:
         return f"(no log at {path})"
+
+
+def log_sizes(paths: Iterable[Path]) -> dict[Path, int]:
+    """The size of each log that exists, taken before a start, for ``log_tails``."""
+    sizes: dict[Path, int] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            sizes[path] = path.stat().st_size
+    return sizes
+
+
+def log_tails(paths: Sequence[Path], since: Mapping[Path, int], lines: int = 30) -> str:
+    """``Last lines of <log>:`` and what each log got after its size in ``since`` (all of a log that is not
+    in it), for error messages; a log that got nothing is left out.
+
+    Kafka and Postgres write their own logs, which are rotated while they run, and a process that fails
+    before its logging is set up (a JVM that cannot start, a port Postgres cannot bind) says why on its
+    console, which is kept in another file: the reason is in either."""
+    parts = []
+    for path in paths:
+        tail = log_tail(path, lines, since.get(path, 0)) if path.exists() else ""
+        if tail.strip():
+            parts.append(f"Last lines of {path}:\n{tail}")
+    if not parts:
+        return "Nothing was logged in " + " or ".join(str(path) for path in paths) + "."
+    return "\n".join(parts)
 
 
 def text_tail(text: str, lines: int = 25) -> str:

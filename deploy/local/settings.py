@@ -101,6 +101,10 @@ class StateLayout:
         return self.logs / "kafka.log"
 
     @property
+    def kafka_console_log(self) -> Path:
+        return self.logs / "kafka.out"
+
+    @property
     def postgres(self) -> Path:
         return self.root / "postgres"
 
@@ -115,3 +119,7 @@ class StateLayout:
     @property
     def postgres_log(self) -> Path:
         return self.logs / "postgres.log"
+
+    @property
+    def postgres_log_dir(self) -> Path:
+        return self.logs / "postgres"

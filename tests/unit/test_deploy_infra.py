@@ -28,6 +28,7 @@ from deploy.local.postgres import LocalPostgres
 from deploy.local.processes import (
     command_args,
     exclusive,
+    log_tails,
     open_log,
     runs_exactly,
     truncate_log,
@@ -362,6 +363,19 @@ def test_a_log_over_its_limit_is_rotated_when_its_process_starts_again(tmp_path:
         f.write(b"newest run\n")
     assert log.read_bytes() == b"newest run\n"
     assert (tmp_path / "logs" / "kafka.log.1").read_bytes() == b"old run\n" * 10 + b"new run\n"
+
+
+def test_the_end_of_a_log_rotated_since_its_offset_is_shown_whole_and_an_empty_one_left_out(
+    tmp_path: Path,
+) -> None:
+    rotated, quiet = tmp_path / "kafka.log", tmp_path / "kafka.out"
+    rotated.write_text("after the rotation\n")
+    quiet.write_text("before the start\n")
+
+    tails = log_tails([rotated, quiet], {rotated: 5000, quiet: quiet.stat().st_size})
+
+    assert tails == f"Last lines of {rotated}:\nafter the rotation"
+    assert log_tails([quiet], {quiet: quiet.stat().st_size}) == f"Nothing was logged in {quiet}."
 
 
 def test_a_log_that_cannot_be_copied_is_left_as_it_is(tmp_path: Path) -> None:
