@@ -21,9 +21,11 @@ from deploy.local.console import say
 from deploy.local.errors import InfraError, JarsDownloadFailed, JavaMissing, MavenMissing, StartFailed
 from deploy.local.interrupts import DeferredSignals
 from deploy.local.processes import (
+    MAX_LOG_BYTES,
     ensure_port_free,
     find_process,
-    log_tail,
+    log_sizes,
+    log_tails,
     open_log,
     pid_alive,
     port_open,
@@ -44,19 +46,43 @@ TOPIC_ALREADY_EXISTS = 36
 UNKNOWN_TOPIC_OR_PARTITION = 3  # deleted meanwhile
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
-BROKER_LOG4J = """\
+
+def _log4j_value(text: str) -> str:
+    """A path as a log4j2 properties value: backslashes escaped for the properties reader, ``${`` for
+    log4j's lookups."""
+    return text.replace("\\", "\\\\").replace("${", "$${")
+
+
+def _broker_log4j(layout: StateLayout) -> str:
+    """The broker's log4j2 configuration: everything into logs/kafka.log, which log4j itself moves to
+    kafka.log.1 (replacing the one before) once it passes MAX_LOG_BYTES.
+
+    The broker runs for months without starting again, and its output used to go to the console, into a file
+    only a restart rotated. Log4j rolls its own file while it runs, as Kafka's operators expect of its
+    server.log; nothing goes to the console any more, where the JVM's own messages (one that cannot start,
+    an OutOfMemoryError ending it) still go (kafka.out, see KafkaBroker.start)."""
+    log = str(layout.kafka_log)
+    return f"""\
 status = error
-appender.out.type = Console
-appender.out.name = STDOUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = {_log4j_value(log)}
+appender.file.filePattern = {_log4j_value(log.replace("%", "%%"))}.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = {MAX_LOG_BYTES}
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 1
 rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = STDOUT
+rootLogger.appenderRef.file.ref = FILE
 logger.state.name = state.change.logger
 logger.state.level = WARN
 logger.request.name = kafka.request.logger
 logger.request.level = WARN
 """
+
 
 # Kafka's tools log INFO to stdout by default, which would mix with their output.
 TOOLS_LOG4J = """\
@@ -342,7 +368,7 @@ class KafkaBroker:
     def _write_config(self) -> None:
         self.layout.kafka.mkdir(parents=True, exist_ok=True)
         self.layout.kafka_config.write_text(_server_properties(self.settings, self.layout))
-        (self.layout.kafka / "log4j2.properties").write_text(BROKER_LOG4J)
+        (self.layout.kafka / "log4j2.properties").write_text(_broker_log4j(self.layout))
         (self.layout.kafka / "tools-log4j2.properties").write_text(TOOLS_LOG4J)
 
     def _format_storage(self, java: str) -> None:
@@ -380,20 +406,22 @@ class KafkaBroker:
             f"-Dlog4j2.configurationFile={self.layout.kafka / 'log4j2.properties'}",
             "-cp", self._classpath(), MAIN_CLASS, str(self.layout.kafka_config),
         ]  # fmt: skip
-        with open_log(self.layout.kafka_log) as log:
-            log_start = log.tell()
+        # log4j writes kafka.log; the console, what the JVM says outside log4j (a start that fails before
+        # log4j is set up, an OutOfMemoryError ending it), goes to kafka.out, rotated at each start.
+        with open_log(self.layout.kafka_console_log) as console:
+            since = log_sizes(self._logs)
             # Own session: the broker outlives this command and ignores the terminal's Ctrl-C.
             process = subprocess.Popen(
                 command,
                 cwd=self.layout.kafka,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:
             self.layout.kafka_pid.write_text(f"{process.pid}\n")
-            self._wait_ready(process.pid, log_start)
+            self._wait_ready(process.pid, since)
         except BaseException:
             # Launched is started: a failure or Ctrl-C while it comes up must not leave it running.
             with DeferredSignals("stopping the Kafka broker that was starting"):
@@ -410,17 +438,22 @@ class KafkaBroker:
         if port_open(self.settings.kafka_port) and broker_answers(self.bootstrap):
             return
         say(f"Kafka (pid {pid}) runs but does not answer yet; waiting for it ...")
-        self._wait_ready(pid, log_start=0, launched=False)
+        self._wait_ready(pid, since={}, launched=False)
 
-    def _wait_ready(self, pid: int, log_start: int, *, launched: bool = True) -> None:
+    @property
+    def _logs(self) -> tuple[Path, Path]:
+        return (self.layout.kafka_log, self.layout.kafka_console_log)
+
+    def _wait_ready(self, pid: int, since: dict[Path, int], *, launched: bool = True) -> None:
+        """Wait until the broker answers; ``since`` holds the logs' sizes before its start, so that a
+        failure shows what this start logged."""
         timeout = self.settings.ready_timeout_s
         deadline = time.monotonic() + timeout
         while True:
             if not pid_alive(pid):
                 self.layout.kafka_pid.unlink(missing_ok=True)
                 raise StartFailed(
-                    f"the Kafka broker exited while starting. Last lines of {self.layout.kafka_log}:\n"
-                    + log_tail(self.layout.kafka_log, since=log_start),
+                    "the Kafka broker exited while starting. " + log_tails(self._logs, since),
                     hint="fix the cause shown above and run the command again.",
                 )
             # The client port opens only once the broker is unfenced; the metadata answer confirms it.
@@ -430,15 +463,14 @@ class KafkaBroker:
                 # start() stops it on the way out, as on any failure while it comes up.
                 raise StartFailed(
                     f"Kafka did not become ready within {timeout:.0f}s and was stopped. "
-                    f"Last lines of {self.layout.kafka_log}:\n"
-                    + log_tail(self.layout.kafka_log, since=log_start),
+                    + log_tails(self._logs, since),
                     hint="on a busy machine raise DRIFTLOOP_LOCAL_READY_TIMEOUT_S; otherwise see the log.",
                 )
             if time.monotonic() >= deadline:
                 # Not this command's to stop: it did not start it, and another command may be using it.
                 raise StartFailed(
                     f"Kafka (pid {pid}) runs but did not answer within {timeout:.0f}s; it was left running. "
-                    f"Last lines of {self.layout.kafka_log}:\n" + log_tail(self.layout.kafka_log),
+                    + log_tails(self._logs, since),
                     hint="see the log; `driftloop infra down` stops it, then run the command again.",
                 )
             time.sleep(0.25)

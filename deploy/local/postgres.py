@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shlex
@@ -23,7 +24,8 @@ from deploy.local.processes import (
     command_args,
     command_line,
     ensure_port_free,
-    log_tail,
+    log_sizes,
+    log_tails,
     pid_alive,
     read_pid,
     rotate_log,
@@ -46,6 +48,21 @@ SERVER_OPTIONS = (
     "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
     "-c max_connections=200"
 )
+# The server's log: its logging collector writes one file per hour of the day into logs/postgres/, and on
+# the hour empties the one the same hour wrote the day before and writes it again, so the files hold the last
+# 24 hours (the ring Postgres's documentation describes). A size limit cannot bound them: a file rotated for
+# its size is written again under the same name, and appended to (log_truncate_on_rotation empties a file
+# only on a rotation by time), so it is off. pg_ctl's -l file, logs/postgres.log, keeps only what the server
+# says before its collector runs, and is rotated when it starts again.
+LOG_FILENAME = "postgres-%H.log"
+LOG_GLOB = "postgres-*.log"
+COLLECTOR_OPTIONS = (
+    f"-c logging_collector=on -c log_filename={LOG_FILENAME} -c log_rotation_age=1h -c log_rotation_size=0 "
+    "-c log_truncate_on_rotation=on"
+)
+# The collector empties a file only when the hour comes round while it runs: one written by a server that
+# was stopped before then would be appended to by every start at that hour, for ever.
+RING_SPAN_S = 23 * 3600
 
 
 async def _select_one(url: str, timeout_s: float) -> None:
@@ -255,14 +272,21 @@ class LocalPostgres:
         return ["runuser", "-u", user, "--", *command] if user else command
 
     def _prepare_dirs(self, user: str | None) -> None:
-        for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.logs):
+        log_dir = self.layout.postgres_log_dir
+        for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.logs, log_dir):
             path.mkdir(parents=True, exist_ok=True)
         rotate_log(self.layout.postgres_log)
         self.layout.postgres_log.touch()
+        self._drop_logs_of_a_day_before()
         if user is None:
             return
         account = pwd.getpwnam(user)
-        for path in (self.layout.postgres, self.layout.postgres_socket_dir, self.layout.postgres_log):
+        for path in (
+            self.layout.postgres,
+            self.layout.postgres_socket_dir,
+            self.layout.postgres_log,
+            log_dir,
+        ):
             os.chown(path, account.pw_uid, account.pw_gid)
         if self.layout.postgres_data.exists():
             os.chown(self.layout.postgres_data, account.pw_uid, account.pw_gid)
@@ -272,6 +296,28 @@ class LocalPostgres:
         for target in (self.layout.postgres, self.layout.postgres_log):
             for parent in target.parents:
                 self._open_to(parent, user, account.pw_uid, target)
+
+    def _server_logs(self) -> list[Path]:
+        """The collector's files, oldest first."""
+        found = []
+        for path in self.layout.postgres_log_dir.glob(LOG_GLOB):
+            with contextlib.suppress(OSError):
+                found.append((path.stat().st_mtime, path))
+        return [path for _, path in sorted(found)]
+
+    def _drop_logs_of_a_day_before(self) -> None:
+        """Remove the collector's files last written more than 23 hours ago: a server that had run meanwhile
+        would have emptied them, and one started at their hour again would append to them instead."""
+        now = time.time()
+        for path in self._server_logs():
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > RING_SPAN_S:
+                    path.unlink()
+
+    def _start_logs(self) -> list[Path]:
+        """Where a start says what went wrong: pg_ctl's -l file (what the server says before its collector
+        runs: a port it cannot bind, a bad setting) and the collector's newest file (what it says after)."""
+        return [self.layout.postgres_log, *self._server_logs()[-1:]]
 
     @staticmethod
     def _open_to(folder: Path, user: str, uid: int, target: Path) -> None:
@@ -304,7 +350,11 @@ class LocalPostgres:
     def _server_options(self) -> str:
         socket_dir = str(self.layout.postgres_socket_dir)
         sockets = socket_dir if len(socket_dir) <= MAX_SOCKET_DIR else ""
-        return f"-p {self.settings.postgres_port} -k {shlex.quote(sockets)} {SERVER_OPTIONS}"
+        log_dir = shlex.quote(str(self.layout.postgres_log_dir))
+        return (
+            f"-p {self.settings.postgres_port} -k {shlex.quote(sockets)} {SERVER_OPTIONS} "
+            f"-c log_directory={log_dir} {COLLECTOR_OPTIONS}"
+        )
 
     def start(self) -> bool:
         """Start the cluster unless it runs (making it on first use); True if started now."""
@@ -321,6 +371,7 @@ class LocalPostgres:
         self._discard_stale_pid_file()
         say(f"starting Postgres {bin_dir.parent.name} on {self.address} ...")
         started = time.monotonic()
+        since = log_sizes(self._start_logs())
         timeout = int(self.settings.ready_timeout_s)
         command = [
             str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(timeout), "-D", str(self.layout.postgres_data),
@@ -338,7 +389,7 @@ class LocalPostgres:
             if result.returncode != 0:
                 raise StartFailed(
                     f"Postgres did not start ({result.stdout.strip()} {result.stderr.strip()}). "
-                    f"Last lines of {self.layout.postgres_log}:\n{log_tail(self.layout.postgres_log)}",
+                    + log_tails(self._start_logs(), since),
                     hint="fix the cause shown above and run the command again.",
                 )
             self._ensure_database()
@@ -377,7 +428,7 @@ class LocalPostgres:
         except Exception as err:
             raise StartFailed(
                 f"Postgres runs but the `{DATABASE}` database could not be reached or created: {err}",
-                hint=f"see {self.layout.postgres_log}.",
+                hint=f"see the server's log in {self.layout.postgres_log_dir}.",
             ) from err
 
     def stop(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from deploy.local.errors import JarsDownloadFailed, StartFailed
 from deploy.local.infra import EVERYTHING, PLATFORM, LocalInfra
 from deploy.local.postgres import LocalPostgres
 from deploy.local.processes import (
+    MAX_LOG_BYTES,
     command_args,
     exclusive,
     log_tails,
@@ -189,6 +191,30 @@ def test_a_broker_of_ours_that_runs_but_does_not_answer_is_named_and_left_runnin
     assert infra.broker.running_pid() == broker, "a broker this `up` did not start was stopped"
 
 
+def test_a_broker_that_exits_while_starting_shows_what_it_logged_and_what_its_jvm_said(
+    tmp_path: Path,
+) -> None:
+    settings = settings_in(tmp_path)
+    broker = KafkaBroker(settings, StateLayout.from_settings(settings))
+    layout = broker.layout
+    layout.logs.mkdir(parents=True)
+    layout.kafka_log.write_text("[earlier] INFO the run before\n")
+    layout.kafka_console_log.write_text("")
+    since = {layout.kafka_log: layout.kafka_log.stat().st_size, layout.kafka_console_log: 0}
+    with layout.kafka_log.open("a") as log:
+        log.write("[now] ERROR Exiting Kafka due to fatal exception\n")
+    # Said before log4j is set up, or outside it: only the console has it.
+    layout.kafka_console_log.write_text("Error occurred during initialization of VM\n")
+
+    with pytest.raises(StartFailed) as caught:
+        broker._wait_ready(2**22 + 1, since)  # no such process: it exited
+
+    message = caught.value.message
+    assert f"Last lines of {layout.kafka_log}:\n[now] ERROR Exiting Kafka" in message
+    assert f"Last lines of {layout.kafka_console_log}:\nError occurred during initialization" in message
+    assert "the run before" not in message
+
+
 # --- which processes are ours -------------------------------------------------------------------------
 
 
@@ -344,6 +370,12 @@ def test_the_server_user_can_write_its_log_under_a_restrictive_umask(open_folder
     )
     assert append.returncode == 0, append.stderr
     assert log.read_text() == "started\n"
+    # Its logging collector makes its own files in logs/postgres/, as the server user.
+    ring = postgres.layout.postgres_log_dir / "postgres-00.log"
+    create = subprocess.run(
+        ["runuser", "-u", user, "--", "sh", "-c", f'echo running > "{ring}"'], capture_output=True, text=True
+    )
+    assert create.returncode == 0, create.stderr
 
 
 # --- logs ---------------------------------------------------------------------------------------------
@@ -363,6 +395,94 @@ def test_a_log_over_its_limit_is_rotated_when_its_process_starts_again(tmp_path:
         f.write(b"newest run\n")
     assert log.read_bytes() == b"newest run\n"
     assert (tmp_path / "logs" / "kafka.log.1").read_bytes() == b"old run\n" * 10 + b"new run\n"
+
+
+def log4j_properties(text: str) -> dict[str, str]:
+    """A log4j2 properties file as key -> value (no continuation lines: the broker's has none)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_the_broker_logs_into_a_file_log4j_rolls_at_the_size_limit_keeping_one_generation(
+    tmp_path: Path,
+) -> None:
+    # A broker runs for months: a log only rotated when it starts again filled the disk.
+    settings = settings_in(tmp_path)
+    broker = KafkaBroker(settings, StateLayout.from_settings(settings))
+    broker._write_config()
+
+    config = log4j_properties((broker.layout.kafka / "log4j2.properties").read_text())
+
+    appenders = {key.split(".")[1] for key in config if key.startswith("appender.")}
+    assert appenders == {"file"}, "something still logs to the console, which only a restart rotates"
+    assert config["appender.file.type"] == "RollingFile"
+    assert config["appender.file.fileName"] == str(broker.layout.kafka_log)
+    assert config["appender.file.filePattern"] == f"{broker.layout.kafka_log}.%i"
+    assert config["appender.file.policies.size.type"] == "SizeBasedTriggeringPolicy"
+    assert config["appender.file.policies.size.size"] == str(MAX_LOG_BYTES)
+    assert config["appender.file.strategy.max"] == "1"
+    assert config["rootLogger.appenderRef.file.ref"] == config["appender.file.name"]
+
+
+def test_a_state_folder_with_percent_or_dollar_signs_is_written_literally_in_the_broker_log4j(
+    tmp_path: Path,
+) -> None:
+    settings = settings_in(tmp_path / "100%d ${env:HOME}")
+    broker = KafkaBroker(settings, StateLayout.from_settings(settings))
+    broker._write_config()
+
+    config = log4j_properties((broker.layout.kafka / "log4j2.properties").read_text())
+
+    # %d would be a date in the rolled file's name, ${env:HOME} a lookup, in both.
+    folder = str(broker.layout.logs).replace("${", "$${")
+    assert config["appender.file.fileName"] == f"{folder}/kafka.log"
+    assert config["appender.file.filePattern"] == f"{folder.replace('%', '%%')}/kafka.log.%i"
+
+
+def server_settings(postgres: LocalPostgres) -> dict[str, str]:
+    """The ``-c name=value`` settings of the server's command line."""
+    words = shlex.split(postgres._server_options())
+    return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-c")
+
+
+def test_postgres_logs_through_its_collector_into_a_ring_of_hourly_files(tmp_path: Path) -> None:
+    # A cluster runs for months: pg_ctl's -l file was rotated only when it started again.
+    settings = settings_in(tmp_path)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+
+    options = server_settings(postgres)
+
+    assert options["logging_collector"] == "on"
+    assert options["log_directory"] == str(postgres.layout.postgres_log_dir)
+    assert options["log_filename"] == "postgres-%H.log"  # 24 names: a day of logs
+    assert options["log_rotation_age"] == "1h"
+    assert options["log_truncate_on_rotation"] == "on"  # the hour's file of the day before is emptied
+    # A rotation by size reopens the same name and appends to it (it never empties it): no bound, off.
+    assert options["log_rotation_size"] == "0"
+
+
+def test_a_collector_file_left_from_a_day_before_is_removed_when_postgres_starts_again(
+    tmp_path: Path,
+) -> None:
+    # The collector empties a file only when its hour comes round while the server runs: a cluster started
+    # at nine every morning and stopped before ten would append to postgres-09.log for ever.
+    settings = settings_in(tmp_path)
+    postgres = LocalPostgres(settings, StateLayout.from_settings(settings))
+    ring = postgres.layout.postgres_log_dir
+    ring.mkdir(parents=True)
+    stale, recent = ring / "postgres-09.log", ring / "postgres-08.log"
+    stale.write_text("yesterday at nine\n")
+    recent.write_text("an hour ago\n")
+    now = time.time()
+    os.utime(stale, (now - 24 * 3600, now - 24 * 3600))
+    os.utime(recent, (now - 3600, now - 3600))
+
+    postgres._prepare_dirs(None)
+
+    assert not stale.exists()
+    assert recent.read_text() == "an hour ago\n"
+    # A start that fails shows pg_ctl's file and the collector's newest.
+    assert postgres._start_logs() == [postgres.layout.postgres_log, recent]
 
 
 def test_the_end_of_a_log_rotated_since_its_offset_is_shown_whole_and_an_empty_one_left_out(

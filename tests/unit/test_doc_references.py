@@ -506,7 +506,7 @@ def test_a_file_the_checkout_lacks_is_found(tmp_path: Path) -> None:
 NOT_OURS = {
     "ArrowInvalid", "ColumnTransformer", "ConvergenceWarning", "DataError", "DescribeCluster",
     "GroupCoordinatorNotAvailableError", "InterfaceError", "JAVA_HOME", "NaN", "PG_VERSION",
-    "PR_SET_PDEATHSIG", "SASL_PLAINTEXT", "SASL_SSL", "SimpleImputer", "StandardScaler",
+    "PR_SET_PDEATHSIG", "RollingFile", "SASL_PLAINTEXT", "SASL_SSL", "SimpleImputer", "StandardScaler",
 }  # fmt: skip
 CONSTANT = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
 CLASS = re.compile(
