@@ -1,8 +1,9 @@
 """Window data for training: the window's rows plus recent labelled history, as one Parquet file.
 
 Columns: every feature, ``prediction``, ``label`` (null where no ground truth arrived), ``prediction_id``,
-``predicted_at`` (UTC). A column of numbers stays numeric (integers with a gap too), of booleans boolean;
-any other column (mixed types, or an integer beyond 64 bits) is text. Pure: the handlers store the bytes.
+``predicted_at`` (UTC): :data:`WINDOW_COLUMNS`, which a feature named like one of them gives way to. A column
+of numbers stays numeric (integers with a gap too), of booleans boolean; any other column (mixed types, or an
+integer beyond 64 bits) is text. Pure: the handlers store the bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from services.monitoring.domain import ClosedWindow, from_epoch
 from services.monitoring.ports import LabelledRecord
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+WINDOW_COLUMNS = ("prediction", "label", "prediction_id", "predicted_at")
+"""A window file's own columns, beside the features: what training reads the rows' outcomes and times from
+(``libs.modelspec.WINDOW_COLUMNS``, which a spec's features cannot be named since 2026-11-30)."""
 
 
 def _uniform(values: Sequence[Any]) -> list[Any] | pd.arrays.IntegerArray:
@@ -42,9 +47,16 @@ def window_frame(
     history: Sequence[LabelledRecord],
     features: Sequence[str],
 ) -> pd.DataFrame:
-    """The window's rows (labels joined where known), then labelled history not already in it."""
+    """The window's rows (labels joined where known), then labelled history not already in it.
+
+    A feature named like one of the file's own columns (a version registered from a spec made before specs
+    refused such names) is left out: the column keeps its meaning for training, which no spec can ask for
+    that feature now. Kept, its values and the column's went into one list, twice the rows long, and building
+    the frame failed: a window due a drift alert was set aside unjudged, and labels that completed a degraded
+    performance window failed their handler (retried, then dead-lettered), as did the version's later ones."""
+    features = [name for name in features if name not in WINDOW_COLUMNS]
     columns: dict[str, list[Any]] = {name: [] for name in features}
-    columns.update(prediction=[], label=[], prediction_id=[], predicted_at=[])
+    columns.update({name: [] for name in WINDOW_COLUMNS})
     seen: set[str] = set()
     if window is not None:
         for name in features:

@@ -47,6 +47,7 @@ from services.monitoring.domain import (
     rows_of,
 )
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
+from services.monitoring.ports import LabelledRecord
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PLAN_SHARES = {3: [0.5, 0.3, 0.2], 4: [0.4, 0.25, 0.2, 0.15]}
@@ -1002,6 +1003,55 @@ def test_integers_with_a_gap_are_exported_as_integers() -> None:
     assert table.column("label").null_count == 100 and set(table.column("label").to_pylist()) == {0, 1, None}
     assert table.column("plan").to_pylist().count(None) == table.column("plan").null_count > 0
     assert table.schema.field("x0").type == "double"
+
+
+def test_a_feature_named_as_a_window_column_gives_way_to_it_in_the_window_file() -> None:
+    # A version registered from a spec made before specs refused such names (its signature is valid by the
+    # contract) has a feature named `label`: its values and the labels went into one column, twice the
+    # rows long, and the frame could not be built, so its drift alerts and degraded label joins failed.
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x0": rng.normal(0, 1, 2_000), "label": rng.choice(["basic", "plus"], 2_000)})
+    profile = build_profile(
+        frame, [("x0", "numeric"), ("label", "categorical")], predictions=pd.Series(rng.uniform(0, 1, 2_000))
+    )
+    signature = ModelSignature(
+        features=[
+            FeatureSpec(name="x0", type=FeatureType.NUMERIC),
+            FeatureSpec(name="label", type=FeatureType.CATEGORICAL, categories=["basic", "plus"]),
+        ],
+        target="churned",
+        task=Task.CLASSIFICATION,
+        classes=[0, 1],
+    )
+    ref = ModelReference.build("churn", 1, signature, {"accuracy": 0.85}, profile)
+    reqs = requests(500, seed=5, n_numeric=1)
+    for payload, _, _ in reqs:
+        for row in payload.rows:
+            row.inputs["label"] = row.inputs.pop("plan")
+    window = closed_window(ref, reqs, 500)
+    labels = {pid: 1 for pid in window.prediction_ids[:10]}
+    earlier = LabelledRecord(
+        prediction_id="p-earlier",
+        model="churn",
+        version=1,
+        variant="stable",
+        rollout_id=None,
+        predicted_at=T0,
+        prediction=1,
+        score=0.7,
+        label=0,
+        observed_at=T0,
+        late=False,
+        inputs={"x0": 0.5, "label": "plus"},
+    )
+
+    table = export.window_frame(window, labels, [earlier], [f.name for f in signature.features])
+
+    assert list(table.columns) == ["x0", *export.WINDOW_COLUMNS]
+    assert len(table) == 501
+    # The ground truth (null where none came yet), not the feature's levels.
+    assert table["label"].fillna(-1).tolist() == [1] * 10 + [-1] * 490 + [0]
+    assert table["prediction_id"].iloc[-1] == "p-earlier"
 
 
 def test_a_label_outside_the_classes_is_one_no_class_names_alike() -> None:
