@@ -1,7 +1,8 @@
 """Window data for training: the window's rows plus recent labelled history, as one Parquet file.
 
 Columns: every feature, ``prediction``, ``label`` (null where no ground truth arrived), ``prediction_id``,
-``predicted_at`` (UTC): :data:`WINDOW_COLUMNS`, which a feature named like one of them gives way to. A column
+``predicted_at`` (UTC): :data:`libs.modelspec.WINDOW_COLUMNS` (which a spec's features cannot be named since
+2026-11-30), which a feature named like one of them gives way to. A column
 of numbers stays numeric (integers with a gap too), of booleans boolean; any other column (mixed types, or an
 integer beyond 64 bits) is text. Pure: the handlers store the bytes.
 """
@@ -14,14 +15,11 @@ from typing import Any
 
 import pandas as pd
 
+from libs.modelspec import WINDOW_COLUMNS
 from services.monitoring.domain import ClosedWindow, from_epoch
 from services.monitoring.ports import LabelledRecord
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-WINDOW_COLUMNS = ("prediction", "label", "prediction_id", "predicted_at")
-"""A window file's own columns, beside the features: what training reads the rows' outcomes and times from
-(``libs.modelspec.WINDOW_COLUMNS``, which a spec's features cannot be named since 2026-11-30)."""
 
 
 def _uniform(values: Sequence[Any]) -> list[Any] | pd.arrays.IntegerArray:

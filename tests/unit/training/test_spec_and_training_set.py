@@ -31,7 +31,6 @@ from libs.modelspec import (
     spec_from_data,
 )
 from libs.profiles import NumericProfile, ReferenceProfile
-from services.monitoring import export
 from services.monitoring.export import window_frame
 from services.training.worker import (
     PROFILE_MIN_WINDOW_ROWS,
@@ -445,7 +444,6 @@ def test_the_reference_profile_keeps_the_levels_the_model_keeps_and_folds_the_re
 def test_a_window_files_own_columns_are_the_reserved_ones() -> None:
     """Training reads monitoring's window files by these names: a feature named like one is refused."""
     assert set(window_frame(None, {}, [], ["x0"]).columns) - {"x0"} == set(WINDOW_COLUMNS)
-    assert export.WINDOW_COLUMNS == WINDOW_COLUMNS  # what a feature of an older signature gives way to
     assert set(WINDOW_COLUMNS) < RESERVED_FEATURE_NAMES
 
 
