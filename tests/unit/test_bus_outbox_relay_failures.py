@@ -1,6 +1,7 @@
 """The outbox relay's loop counts each failed round, so an operator can alert on a relay that publishes
 nothing (the log alone said only "retrying"), and its backlog while rounds fail or keep sending (the gauge
-was set only when the relay went idle, so it read 0 while the rows piled up)."""
+was set only when the relay went idle, so it read 0 while the rows piled up). A CancelledError its round
+raises while the relay is not being cancelled is such a failed round; a real cancellation ends it at once."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import pytest
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 
 from libs.bus.postgres import OutboxRelay
+from tests.unit.test_bus_cancelled import awaits_a_future_cancelled_elsewhere
 from tests.waiting import eventually
 
 
@@ -195,3 +198,80 @@ async def test_a_listener_that_cannot_be_removed_is_still_given_back_to_the_pool
     relay = OutboxRelay(pool, "listenerstuck", KafkaAway())
     await relay._release(cast(Any, pool))
     assert pool.released == 1
+
+
+class CancelledOnce:
+    """A broker client whose first send is cancelled by something else (its send future cancelled by another
+    task, as aiokafka's may be), while the relay's own task is not being cancelled; then it acknowledges."""
+
+    def __init__(self) -> None:
+        self.sends = 0
+
+    async def send_many(self, items: Sequence[Any]) -> None:
+        self.sends += 1
+        if self.sends == 1:
+            await awaits_a_future_cancelled_elsewhere()
+
+
+async def test_a_round_cancelled_by_what_it_awaited_is_a_failed_round_and_the_relay_goes_on() -> None:
+    # Let through as a stop, it ended the relay, and the service with it (status 1).
+    outbox = Outbox(unsent=2)
+    relay = OutboxRelay(outbox, "relaystraycancel", CancelledOnce())
+    before = relay_failures("relaystraycancel")
+
+    async def all_sent() -> bool:
+        return all(r["sent"] for r in outbox.rows)
+
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(all_sent, deadline_s=5.0, interval_s=0.02)
+        assert not running.done()
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, timeout=10.0)
+    assert relay_failures("relaystraycancel") - before == 1
+
+
+class Hangs:
+    """A broker that acknowledges nothing until ``released``; cancelled, its client lets the CancelledError
+    through (``error`` None) or raises ``error`` instead, as a library turning a cancellation into its own
+    error."""
+
+    def __init__(self, error: type[Exception] | None) -> None:
+        self.error = error
+        self.started = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def send_many(self, items: Sequence[Any]) -> None:
+        self.started.set()
+        try:
+            await self.released.wait()
+        except asyncio.CancelledError as exc:
+            if self.error is None:
+                raise
+            raise self.error("send aborted") from exc
+
+
+@pytest.mark.parametrize("error", [None, KafkaConnectionError], ids=["let-through", "turned-into-an-error"])
+async def test_cancelling_the_relay_ends_it_at_once_counting_no_failure(
+    error: type[Exception] | None,
+) -> None:
+    broker = Hangs(error)
+    relay = OutboxRelay(Outbox(unsent=1), "relaycancelled", broker)
+    before = relay_failures("relaycancelled")
+    running = asyncio.create_task(relay.run())
+    await broker.started.wait()
+
+    running.cancel()
+
+    async def ended() -> bool:
+        return running.done()
+
+    try:
+        await eventually(ended, deadline_s=5.0, interval_s=0.02)
+    finally:  # a relay that did not end must not outlive the test
+        relay.stop()
+        broker.released.set()
+        await asyncio.gather(running, return_exceptions=True)
+    assert running.cancelled()
+    assert relay_failures("relaycancelled") == before

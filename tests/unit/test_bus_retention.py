@@ -1,6 +1,7 @@
 """Which bus rows the retention deletes, and when: inbox rows twice their topic's retention plus a day after
 they were handled (never for topics kept for ever, unknown types or untyped rows), sent outbox rows after
-``outbox_keep_sent_days``; and its loop, which survives a database that is away."""
+``outbox_keep_sent_days``; and its loop, which survives a database that is away and a CancelledError its
+round did not ask for, and ends at once when cancelled."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from libs.bus.postgres import BusRetention
 from libs.bus.retention import INBOX_MARGIN, inbox_classes, inbox_keep, outbox_keep
 from libs.service import Runtime
 from libs.settings import ServiceSettings
+from tests.unit.test_bus_cancelled import awaits_a_future_cancelled_elsewhere
 from tests.waiting import eventually
 
 
@@ -189,3 +191,84 @@ async def test_a_keep_longer_than_a_date_counts_back_keeps_sent_rows_for_ever_an
 def test_sent_outbox_rows_are_kept_for_ever_from_a_hundred_years() -> None:
     assert outbox_keep(36_500) is None
     assert outbox_keep(36_499) == timedelta(days=36_499)
+
+
+class CancelledOncePool(PruningPool):
+    """A database that answers, whose first connection is cancelled by something else (asyncpg's connect
+    awaiting a future another task cancelled) while the retention's own task is not being cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[PruningConn]:
+        self.tries += 1
+        if self.tries == 1:
+            await awaits_a_future_cancelled_elsewhere()
+        yield self.conn
+
+
+async def test_a_round_cancelled_by_what_it_awaited_is_a_failed_round_and_the_next_one_tries_again() -> None:
+    # Let through as a stop, it ended the retention, and the service with it (status 1).
+    pool = CancelledOncePool()
+    retention = BusRetention(
+        pool, "retentionstraycancel", inbox=[], outbox_keep=timedelta(days=7), interval_s=0.01
+    )
+    before = failures("retentionstraycancel")
+
+    async def pruned() -> bool:
+        return pool.conn.deletes == ["outbox"]
+
+    running = asyncio.create_task(retention.run())
+    try:
+        await eventually(pruned, deadline_s=5.0, interval_s=0.01)
+        assert not running.done()
+    finally:
+        retention.stop()
+        await asyncio.wait_for(running, timeout=10.0)
+    assert failures("retentionstraycancel") - before == 1
+
+
+class HangingPool:
+    """A database that never hands out a connection; cancelled, the wait lets the CancelledError through
+    (``error`` None) or raises ``error`` instead, as a library turning a cancellation into its own error."""
+
+    def __init__(self, error: type[Exception] | None) -> None:
+        self.error = error
+        self.started = asyncio.Event()
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            if self.error is None:
+                raise
+            raise self.error("connection aborted") from exc
+        yield
+
+
+@pytest.mark.parametrize("error", [None, ConnectionResetError], ids=["let-through", "turned-into-an-error"])
+async def test_cancelling_the_retention_ends_it_at_once_counting_no_failure(
+    error: type[Exception] | None,
+) -> None:
+    pool = HangingPool(error)
+    retention = BusRetention(pool, "retentioncancelled", inbox=[], outbox_keep=None, interval_s=3600)
+    before = failures("retentioncancelled")
+    running = asyncio.create_task(retention.run())
+    await pool.started.wait()
+
+    running.cancel()
+
+    async def ended() -> bool:
+        return running.done()
+
+    try:
+        await eventually(ended, deadline_s=5.0, interval_s=0.02)
+    finally:  # a retention that did not end must not outlive the test
+        retention.stop()
+        await asyncio.gather(running, return_exceptions=True)
+    assert running.cancelled()
+    assert failures("retentioncancelled") == before
