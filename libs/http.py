@@ -352,7 +352,9 @@ class BodyRoute(APIRoute):
                 query = request.scope["query_string"]
                 if query and (refusal := undeclared_query(query, takes, path)) is not None:
                     raise refusal
-                return await handler(request)
+                response = await handler(request)
+                request.scope[_ANSWERED] = True
+                return response
 
             return declared
         roles = required_roles(_calls(self.dependant))
@@ -364,13 +366,20 @@ class BodyRoute(APIRoute):
             checked = _StrictBodyRequest(request.scope, request.receive)
             for role in roles:
                 await authorize(checked, role)
-            return await handler(checked)
+            response = await handler(checked)
+            request.scope[_ANSWERED] = True
+            return response
 
         return strict
 
 
 _HEAD = "driftloop.head"
 """The scope's mark of a HEAD request that :meth:`BodyRoute.handle` passes to FastAPI as a GET."""
+
+_ANSWERED = "driftloop.answered"
+"""The scope's mark of a request whose route (or hot route) has returned its answer: it has read all of the
+body it reads (no route here reads its body from the stream it answers with), and :class:`RequestLimits`
+no longer counts what is read after it."""
 
 
 async def _head_answer(response: Response) -> Response:
@@ -430,7 +439,11 @@ class RequestLimits:
     with one of two filters (FastAPI takes the last) would answer another question than the one asked; and
     a body with a Content-Encoding other than identity with 415 (RFC 9110, 15.5.16): nothing here decodes
     one, so a gzip body was read as its compressed bytes ("not UTF-8 (byte 0x8b ...)", or taken as they were
-    by a route reading bytes)."""
+    by a route reading bytes).
+
+    A body is limited as its route reads it, which is before the route returns its answer: a route that
+    reads none (a GET, audit's export) answers whole whatever body was sent, except one whose Content-Length
+    says it is over the limit, a 413 before any route runs."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -472,7 +485,10 @@ class RequestLimits:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                # Once the route has its answer, only that answer reads on: Starlette's StreamingResponse, to
+                # notice a client gone, dropping what it reads. A 413 raised there cut the stream short (or
+                # raced its 200), and uvicorn logged an error for the answer sent after the first.
+                if seen > self.max_bytes and _ANSWERED not in scope:
                     raise _TooLarge
             return message
 
@@ -885,6 +901,7 @@ class _HotRoute:
                 if name is not None:
                     params[name] = caller
             response = await self.route.endpoint(**params, **{self.request_name: request})
+            scope[_ANSWERED] = True
         except Exception as exc:
             handler = _exception_handler(request.app, exc)
             if handler is None:
