@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from deploy.local.broker import create_platform_topics, delete_platform_topics
+from deploy.local.settings import StateLayout
 from deploy.platform import Platform
 
 # Short windows and steps, so a whole cascade takes seconds; the same rules as production otherwise.
@@ -64,17 +65,13 @@ class Sandbox:
 
     @property
     def env(self) -> dict[str, str]:
-        state = self.state_dir
         return {
             **os.environ,
             "DRIFTLOOP_ENV": "test",
             "DRIFTLOOP_KAFKA_BOOTSTRAP": self.bootstrap,
             "DRIFTLOOP_KAFKA_TOPIC_PREFIX": self.prefix,
             "DRIFTLOOP_DATABASE_URL": self.database_url,
-            "DRIFTLOOP_ARTIFACTS_URL": str(state / "artifacts"),
-            "DRIFTLOOP_AUTH_TOKENS_FILE": str(state / "tokens.json"),
-            "DRIFTLOOP_AUDIT_SIGNING_KEY_FILE": str(state / "audit" / "signing.key"),
-            "DRIFTLOOP_AUDIT_CHECKPOINT_FILE": str(state / "audit" / "checkpoints.ndjson"),
+            **StateLayout(self.state_dir).service_files_env(),
             **self.settings,
         }
 

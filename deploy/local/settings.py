@@ -123,3 +123,31 @@ class StateLayout:
     @property
     def postgres_log_dir(self) -> Path:
         return self.logs / "postgres"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.root / "tokens.json"
+
+    @property
+    def audit_signing_key(self) -> Path:
+        return self.root / "audit" / "signing.key"
+
+    @property
+    def audit_checkpoints(self) -> Path:
+        return self.root / "audit" / "checkpoints.ndjson"
+
+    def service_files_env(self) -> dict[str, str]:
+        """The variables that put the services' own files here: the artifact store, the token file, and the
+        audit service's signing key and checkpoint copy. Their defaults (libs/settings.py,
+        services/audit/settings.py) are the checkout's .driftloop/ whatever the state folder, so without
+        these a second stack would share them with the default one."""
+        return {
+            "DRIFTLOOP_ARTIFACTS_URL": str(self.artifacts),
+            "DRIFTLOOP_AUTH_TOKENS_FILE": str(self.tokens_file),
+            "DRIFTLOOP_AUDIT_SIGNING_KEY_FILE": str(self.audit_signing_key),
+            "DRIFTLOOP_AUDIT_CHECKPOINT_FILE": str(self.audit_checkpoints),
+        }
