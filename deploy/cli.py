@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -52,12 +53,14 @@ from deploy.local.settings import PROJECT_ROOT, LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, supervised_state_dir
 from libs.output import StdoutConsole, discard_output, output_reader_gone, reader_gone
-from libs.settings import KafkaSettings, settings_problems
+from libs.settings import KafkaSettings, ServiceSettings, settings_problems
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
 # How long pytest may take to tear its session down (sandbox platforms, databases, topics) once it was
 # interrupted, before it is stopped without finishing.
 PYTEST_GRACE_S = 60.0
+
+S = TypeVar("S", bound=ServiceSettings)
 
 
 @dataclass(frozen=True)
@@ -219,14 +222,42 @@ LOCAL_PROFILE = {
 def platform_env(result: UpResult) -> dict[str, str]:
     """The services' environment: the broker and database `infra up` chose (it said which; a dead
     DRIFTLOOP_KAFKA_BOOTSTRAP left in the caller's environment must not win over them), then the
-    caller's settings, then the laptop profile. The variables a service reads before those two (its own
-    DRIFTLOOP_<SERVICE>_DATABASE_URL, a nested DRIFTLOOP_KAFKA__BOOTSTRAP) are left out, saying so."""
+    caller's settings, then the state folder's files and the laptop profile. The variables a service reads
+    before those two (its own DRIFTLOOP_<SERVICE>_DATABASE_URL, a nested DRIFTLOOP_KAFKA__BOOTSTRAP) are
+    left out, saying so."""
     chosen = result.client_env()
-    env = {**LOCAL_PROFILE, **os.environ, **chosen}
+    env = {**LOCAL_PROFILE, **state_files_env(), **os.environ, **chosen}
     for name in sorted(read_before(chosen) & env.keys()):
         say(f"ignoring {name}: the services use what `infra up` chose ({', '.join(chosen)})")
         del env[name]
     return env
+
+
+def state_files_env() -> dict[str, str]:
+    """The variables that put the services' files (artifacts, tokens.json, the audit key and checkpoints)
+    in the state folder, as the sandboxes' do: their defaults are the checkout's .driftloop/ whatever
+    DRIFTLOOP_LOCAL_STATE_DIR says, and a second stack would share them with the default one. One the caller
+    sets already, by its name or by one a service reads after it (DRIFTLOOP_CHECKPOINT_FILE, behind
+    DRIFTLOOP_AUDIT_CHECKPOINT_FILE), is left out: the caller's setting wins."""
+    files = StateLayout.from_settings(LocalInfraSettings()).service_files_env()
+    return {
+        name: value for name, value in files.items() if not ({name} | read_after([name])) & os.environ.keys()
+    }
+
+
+def platform_settings(cls: type[S]) -> S:
+    """``cls()`` as the platform `up` starts reads it: the caller's environment, and for a setting it leaves
+    unset the state folder's file (state_files_env), not the checkout's .driftloop/ of the default."""
+    from deploy.settings_doc import settings_of
+
+    files = state_files_env()
+    values: dict[str, Any] = {}
+    for setting in settings_of(cls):
+        if os.environ.keys() & set(setting.variables):
+            continue  # the caller's: the settings read it themselves
+        if ours := [files[name] for name in setting.variables if name in files]:
+            values[setting.name] = ours[0]
+    return cls(**values)
 
 
 def read_before(variables: Iterable[str]) -> set[str]:
@@ -240,6 +271,20 @@ def read_before(variables: Iterable[str]) -> set[str]:
         for name in variables
         if name in setting.variables
         for ahead in setting.variables[: setting.variables.index(name)]
+    }
+
+
+def read_after(variables: Iterable[str]) -> set[str]:
+    """The variables a service reads after any of ``variables`` for the same setting (they would lose)."""
+    from deploy.settings_doc import SERVICE_SETTINGS, settings_of
+
+    return {
+        behind
+        for cls in SERVICE_SETTINGS
+        for setting in settings_of(cls)
+        for name in variables
+        if name in setting.variables
+        for behind in setting.variables[setting.variables.index(name) + 1 :]
     }
 
 
@@ -547,6 +592,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             f"--to {args.to_seq} is below --from {args.from_seq}: the range would be reversed"
         )
     from services.audit import cli as audit
+    from services.audit.settings import AuditSettings
 
     return audit.verify(
         from_seq=args.from_seq,
@@ -555,6 +601,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         checkpoint_files=args.checkpoints,
         public_keys=args.public_key,
         as_json=args.json,
+        settings=platform_settings(AuditSettings),
     )
 
 
@@ -572,7 +619,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     from services.audit import cli as audit
     from services.audit.settings import AuditSettings
 
-    settings = AuditSettings()
+    settings = platform_settings(AuditSettings)
     if args.lines > settings.query_max_limit:
         args.usage_of.error(
             f"argument -n/--lines: must be {settings.query_max_limit} or less "
@@ -599,8 +646,9 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     if not args.correlation_id:
         args.usage_of.error("the correlation id of a cascade is required (GET /v1/events shows it)")
     from services.audit import cli as audit
+    from services.audit.settings import AuditSettings
 
-    return audit.trace(args.correlation_id, as_json=args.json)
+    return audit.trace(args.correlation_id, as_json=args.json, settings=platform_settings(AuditSettings))
 
 
 # --- tokens -----------------------------------------------------------------------------------------
@@ -622,7 +670,8 @@ def _token_issue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--file",
         type=Path,
-        help="the token file (default: $DRIFTLOOP_AUTH_TOKENS_FILE, else .driftloop/tokens.json)",
+        help="the token file (default: $DRIFTLOOP_AUTH_TOKENS_FILE, else tokens.json in the state folder, "
+        "$DRIFTLOOP_LOCAL_STATE_DIR or .driftloop/)",
     )
 
 
@@ -640,14 +689,17 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         token_models_problem,
         token_name_problem,
     )
-    from libs.settings import LOCAL_STATE
 
     if why := token_name_problem(args.name):
         args.usage_of.error(f"the name {why}")
     if args.models is not None and (why := token_models_problem(args.role, args.models)):
         args.usage_of.error(f"--model: the token's models {why}")
 
-    path = args.file or Path(os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE") or LOCAL_STATE / "tokens.json")
+    # The state folder's file is the one the services of `driftloop up` read (state_files_env).
+    path = args.file or Path(
+        os.environ.get("DRIFTLOOP_AUTH_TOKENS_FILE")
+        or StateLayout.from_settings(LocalInfraSettings()).tokens_file
+    )
     named_by = "--file" if args.file else "DRIFTLOOP_AUTH_TOKENS_FILE"
     try:
         issue_token(

@@ -756,6 +756,105 @@ def test_the_platform_lives_in_the_state_folder_the_leases_and_infrastructure_us
     assert platform.pid_file.is_relative_to(tmp_path / "elsewhere")
 
 
+# The variables that name the services' own files, the fallbacks included (docs/settings.md).
+SERVICE_FILE_VARIABLES = (
+    "DRIFTLOOP_ARTIFACTS_URL",
+    "DRIFTLOOP_AUTH_TOKENS_FILE",
+    "DRIFTLOOP_AUDIT_SIGNING_KEY_FILE",
+    "DRIFTLOOP_SIGNING_KEY_FILE",
+    "DRIFTLOOP_AUDIT_CHECKPOINT_FILE",
+    "DRIFTLOOP_CHECKPOINT_FILE",
+)
+
+
+@pytest.fixture
+def second_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A state folder of its own (a second stack beside the default one), with none of the services' files
+    named by the caller; its resolved path."""
+    monkeypatch.setenv("DRIFTLOOP_LOCAL_STATE_DIR", str(tmp_path / "second"))
+    for name in SERVICE_FILE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return (tmp_path / "second").resolve()
+
+
+def read_as_a_service(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> AuditSettings:
+    """The audit settings in ``env`` alone, as the process the supervisor starts with it reads them."""
+    with monkeypatch.context() as service:
+        for name in [n for n in os.environ if n.startswith("DRIFTLOOP_")]:
+            service.delenv(name)
+        for name, value in env.items():
+            service.setenv(name, value)
+        return AuditSettings()
+
+
+def test_the_services_of_a_second_stack_keep_their_files_in_its_state_folder(
+    second_stack: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the checkout's .driftloop/: two stacks would share one token file and one checkpoint file.
+    settings = read_as_a_service(monkeypatch, platform_env(CHOSEN))
+
+    assert settings.artifacts_url == str(second_stack / "artifacts")
+    assert settings.auth_tokens_file == second_stack / "tokens.json"
+    assert settings.signing_key_file == second_stack / "audit" / "signing.key"
+    assert settings.checkpoint_file == second_stack / "audit" / "checkpoints.ndjson"
+
+
+def test_the_callers_own_files_win_over_the_state_folders(
+    second_stack: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_ARTIFACTS_URL", "s3://bucket/driftloop")
+    # Read after DRIFTLOOP_AUDIT_CHECKPOINT_FILE: the state folder's must not be set ahead of it.
+    monkeypatch.setenv("DRIFTLOOP_CHECKPOINT_FILE", "/archive/checkpoints.ndjson")
+
+    env = platform_env(CHOSEN)
+    settings = read_as_a_service(monkeypatch, env)
+
+    assert env["DRIFTLOOP_ARTIFACTS_URL"] == settings.artifacts_url == "s3://bucket/driftloop"
+    assert settings.checkpoint_file == Path("/archive/checkpoints.ndjson")
+    assert settings.auth_tokens_file == second_stack / "tokens.json"  # what the caller left unset
+
+
+def test_token_issue_adds_to_the_token_file_of_the_state_folder(
+    second_stack: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "issue", "alice", "--role", "viewer"]) == 0
+
+    token = capsys.readouterr().out.strip()
+    store = TokenStore.load(second_stack / "tokens.json", dev=False)
+    assert store.authenticate(token) == Principal("alice", Role.viewer)
+
+
+@pytest.mark.parametrize(
+    ("variable", "path"),
+    [
+        ("DRIFTLOOP_AUDIT_SIGNING_KEY_FILE", Path("audit", "signing.key")),
+        ("DRIFTLOOP_AUDIT_CHECKPOINT_FILE", Path("audit", "checkpoints.ndjson")),
+    ],
+)
+def test_audit_verify_reads_the_key_and_checkpoints_of_the_state_folder(
+    variable: str, path: Path, second_stack: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (second_stack / path).mkdir(parents=True)  # a directory: the command says which file it read
+
+    assert main(["audit", "verify"]) == 1
+
+    err = capsys.readouterr().err
+    assert f"driftloop: error: {variable} {second_stack / path} cannot be read: Is a directory" in err
+
+
+def test_the_audit_commands_read_the_callers_files_over_the_state_folders(
+    second_stack: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_AUDIT_SIGNING_KEY_FILE", "/keys/audit.key")
+    monkeypatch.setenv("DRIFTLOOP_CHECKPOINT_FILE", "/archive/checkpoints.ndjson")
+
+    settings = cli.platform_settings(AuditSettings)
+
+    assert settings.signing_key_file == Path("/keys/audit.key")
+    assert settings.checkpoint_file == Path("/archive/checkpoints.ndjson")
+    assert settings.auth_tokens_file == second_stack / "tokens.json"
+
+
 async def test_audit_verify_of_an_empty_range_says_it_is_empty_not_rows_24_to_23() -> None:
     from contracts.monitoring import DriftDetected
     from services.audit.core import verify_trail
