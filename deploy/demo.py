@@ -199,7 +199,8 @@ async def run(platform: Platform, bootstrap: str, *, prefix: str = "") -> int:
     console.print(
         "\n[bold green]The loop closed twice with nobody in it.[/]"
         if ok
-        else "\n[bold red]The demo did not go as expected; see the lines above and .driftloop/logs/.[/]"
+        else "\n[bold red]The demo did not go as expected; see the lines above and "
+        f"{escape(str(platform.log.parent))}/.[/]"
     )
     return 0 if ok else 1
 
