@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,30 +262,26 @@ def platform_settings(cls: type[S]) -> S:
 
 def read_before(variables: Iterable[str]) -> set[str]:
     """The variables a service reads ahead of any of ``variables`` for the same setting (they would win)."""
-    from deploy.settings_doc import SERVICE_SETTINGS, settings_of
-
-    return {
-        ahead
-        for cls in SERVICE_SETTINGS
-        for setting in settings_of(cls)
-        for name in variables
-        if name in setting.variables
-        for ahead in setting.variables[: setting.variables.index(name)]
-    }
+    return {ahead for before, _ in _read_around(variables) for ahead in before}
 
 
 def read_after(variables: Iterable[str]) -> set[str]:
     """The variables a service reads after any of ``variables`` for the same setting (they would lose)."""
+    return {behind for _, after in _read_around(variables) for behind in after}
+
+
+def _read_around(variables: Iterable[str]) -> Iterator[tuple[Sequence[str], Sequence[str]]]:
+    """For each of ``variables`` and each service setting that reads it: the variables read before it and
+    after it for that setting."""
     from deploy.settings_doc import SERVICE_SETTINGS, settings_of
 
-    return {
-        behind
-        for cls in SERVICE_SETTINGS
-        for setting in settings_of(cls)
-        for name in variables
-        if name in setting.variables
-        for behind in setting.variables[setting.variables.index(name) + 1 :]
-    }
+    names = list(variables)
+    for cls in SERVICE_SETTINGS:
+        for setting in settings_of(cls):
+            for name in names:
+                if name in setting.variables:
+                    at = setting.variables.index(name)
+                    yield setting.variables[:at], setting.variables[at + 1 :]
 
 
 def print_services(platform: Platform) -> bool:
