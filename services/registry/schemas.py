@@ -165,7 +165,10 @@ class Page(_Public):
     """One page of a list, with the cursor of the next page."""
 
     items: list[Any] = Field(description="The page's items.")
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on a page holding fewer items than `limit` (a "
+        "full last page is followed by an empty one)."
+    )
 
 
 class ModelPage(Page):
