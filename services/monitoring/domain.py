@@ -54,8 +54,21 @@ def epoch(ts: datetime) -> float:
     return ts.timestamp()
 
 
+LATEST = datetime.max.replace(tzinfo=UTC)
+"""The last time an event may carry (9999-12-31T23:59:59.999999Z), a sentinel careless producers send."""
+
+_LATEST_S = epoch(LATEST)
+"""Its epoch seconds, rounded up to 10000-01-01 (a double holds about 30 µs there), as are the times of the
+last 16 µs of year 9999."""
+
+
 def from_epoch(seconds: float) -> datetime:
-    """Aware UTC datetime from epoch seconds."""
+    """Aware UTC datetime from epoch seconds. Those of the last microseconds of year 9999 (:data:`_LATEST_S`)
+    are read as :data:`LATEST`: turned back as they are, the first second of year 10000 raised ValueError, and
+    one prediction dated so (valid by the contract) set its whole drift window aside and failed its label's
+    join."""
+    if seconds == _LATEST_S:
+        return LATEST
     return datetime.fromtimestamp(seconds, UTC)
 
 
