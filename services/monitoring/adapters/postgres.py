@@ -906,11 +906,6 @@ class PgMonitoringStore:
         )
 
 
-def utc(ts: float) -> datetime:
-    """Epoch seconds as an aware UTC datetime."""
-    return datetime.fromtimestamp(ts, UTC)
-
-
 def _stored_policy(model: str, raw: Any) -> DriftPolicy | None:
     """A stored policy, or None (the defaults apply) when it breaks a rule added since it was set: one bad
     row must not stop the service from judging every model."""
