@@ -352,6 +352,19 @@ def being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def stop_if_being_cancelled(exc: BaseException) -> None:
+    """Let ``exc``, caught by a loop of the bus, through as a stop if the running task is being cancelled
+    (a shutdown), also when the code under it turned the cancellation into another error; otherwise return,
+    and the caller takes it as its work's failure, a CancelledError too: raised while the task is not being
+    cancelled (:func:`being_cancelled`), it came from something that was cancelled elsewhere (aiokafka,
+    asyncpg, a handler's own task), and let through it ended the loop."""
+    if not being_cancelled():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    raise asyncio.CancelledError() from exc
+
+
 @dataclass
 class Subscription:
     """A consumer group, the topics it reads, and what to do with each event type.
@@ -685,8 +698,7 @@ class Dispatcher:
                 try:
                     await run(tx, fresh)
                 except asyncio.CancelledError as exc:
-                    if being_cancelled():
-                        raise
+                    stop_if_being_cancelled(exc)
                     # Turned here, inside the transaction: it rolls back as for any failing handler.
                     raise HandlerCancelled(
                         f"the handler was cancelled ({_cancelled_error(exc)}) while its consumer was not: "
@@ -694,15 +706,12 @@ class Dispatcher:
                     ) from exc
                 in_handler = False
         except asyncio.CancelledError as exc:
-            if being_cancelled():
-                raise
+            stop_if_being_cancelled(exc)
             raise TransactionFailed(f"the consumer's transaction failed: {_cancelled_error(exc)}") from exc
         except Exception as exc:
-            if being_cancelled():
-                # The consumer is being stopped and the handler (or a library under it) turned the
-                # cancellation into another error: still a stop, never the event's failure to retry or
-                # dead-letter.
-                raise asyncio.CancelledError() from exc
+            # The consumer being stopped, with the cancellation turned into another error by the handler (or
+            # a library under it): still a stop, never the event's failure to retry or dead-letter.
+            stop_if_being_cancelled(exc)
             # An OSError (TimeoutError, asyncio's too, is one) outside the handler is the transaction's own.
             if not isinstance(exc, OSError) or in_handler or transience(exc) is Transience.OUTAGE:
                 raise

@@ -25,9 +25,9 @@ from libs.bus.core import (
     RawSender,
     Record,
     TransactionFactory,
-    being_cancelled,
     encode_outgoing,
     judge_claims,
+    stop_if_being_cancelled,
 )
 from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
 from libs.bus.retention import InboxClass
@@ -348,7 +348,8 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until stopped; wakes on NOTIFY from committing transactions, or every ``idle_s``. A failed
-        round, a stray CancelledError included (:func:`_stop_if_being_cancelled`), is counted and retried."""
+        round, a stray CancelledError included (:func:`~libs.bus.core.stop_if_being_cancelled`), is counted
+        and retried."""
         listener: asyncpg.Connection | None = None
         delay = 0.2
         while not self._stopping:
@@ -371,7 +372,7 @@ class OutboxRelay:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.idle_s)
             except (Exception, asyncio.CancelledError) as exc:
-                _stop_if_being_cancelled(exc)
+                stop_if_being_cancelled(exc)
                 metrics.OUTBOX_RELAY_FAILURES.labels(self.schema).inc()
                 log.warning("outbox relay error, retrying", error=repr(exc), delay_s=delay)
                 if listener is not None:
@@ -515,12 +516,12 @@ class BusRetention:
 
     async def run(self) -> None:
         """Prune now and every ``interval_s`` until stopped; a failed round, a stray CancelledError included
-        (:func:`_stop_if_being_cancelled`), waits for the next."""
+        (:func:`~libs.bus.core.stop_if_being_cancelled`), waits for the next."""
         while not self._stopping:
             try:
                 await self.prune_once()
             except (Exception, asyncio.CancelledError) as exc:
-                _stop_if_being_cancelled(exc)
+                stop_if_being_cancelled(exc)
                 metrics.PRUNING_FAILURES.labels(self.schema).inc()
                 log.warning("bus retention failed, trying again later", error=repr(exc), in_s=self.interval_s)
             with suppress(TimeoutError):
@@ -529,16 +530,3 @@ class BusRetention:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-
-
-def _stop_if_being_cancelled(exc: BaseException) -> None:
-    """Let a loop's failed round through as a stop if its task is being cancelled (a shutdown), also when the
-    code under it turned the cancellation into another error; otherwise the round failed, a CancelledError
-    too: raised while the task is not being cancelled (:func:`~libs.bus.core.being_cancelled`), it came from
-    something the round awaited that was cancelled elsewhere (aiokafka, asyncpg), and let through it ended
-    the loop, and the service with it."""
-    if not being_cancelled():
-        return
-    if isinstance(exc, asyncio.CancelledError):
-        raise exc
-    raise asyncio.CancelledError() from exc
