@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -109,6 +109,9 @@ InDigits = BeforeValidator(_in_digits)
 """Metadata for an ``int`` query or path parameter (``Annotated[int, InDigits, Query(...)]``): the number is
 written one way only. Pydantic's int reads ``010``, ``+10``, `` 10``, ``10.0`` and ``1_0`` too, the last as
 10, so ``/v1/events/1_0`` was the trail's row 10."""
+
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
+"""The ``cursor`` query parameter of a paged list (``libs.cursors``): absent for the first page."""
 
 
 def json_body(kind: Any, description: str) -> dict[str, Any]:

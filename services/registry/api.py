@@ -28,7 +28,7 @@ from contracts.models import TagKey
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
-from libs.http import BodyRoute, InDigits, Text, VersionPath, json_keys_once, path_version
+from libs.http import BodyRoute, Cursor, InDigits, Text, VersionPath, json_keys_once, path_version
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
@@ -134,7 +134,6 @@ async def _queries(request: Request) -> AsyncIterator[PgQueries]:
 Limit = Annotated[
     int, InDigits, Query(ge=1, le=PAGE_SIZE_MAX, description=f"Page size, at most {PAGE_SIZE_MAX}.")
 ]
-Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page.")]
 Prefix = Annotated[str | None, Query(description="Only names starting with this.")]
 StageFilter = Annotated[Stage | None, Query(description="Only versions in this stage.")]
 # The pattern documents what parse_tag_filter accepts (a key, not empty); its message stays the one refusing.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
 import re
 from collections.abc import Callable, Sequence
@@ -21,6 +19,8 @@ from contracts.datasets import (
     is_training_output,
 )
 from contracts.validation import ValidationFailed
+from libs import cursors
+from libs.cursors import cursor_not_valid, cursor_of_another_list, cursor_position
 from libs.errors import Conflict, InvalidInput
 from services.registry.schemas import VersionPublic
 
@@ -216,30 +216,11 @@ def encode_cursor(of: CursorList, position: Sequence[Any]) -> str:
     """An opaque cursor for the row after ``position`` (the sort key of the page's last row) in the list
     ``of``: the versions and the datasets lists are sorted by the same (name, number) key, so without the
     list's name one's cursor was read as the other's."""
-    return base64.urlsafe_b64encode(orjson.dumps([of, *position])).decode().rstrip("=")
-
-
-def _not_valid() -> InvalidInput:
-    return InvalidInput("cursor is not valid: pass the next_cursor of a previous page", field="cursor")
-
-
-def _other_list() -> InvalidInput:
-    return InvalidInput("cursor does not belong to this list: pass its own next_cursor", field="cursor")
+    return cursors.encode_cursor(of, position)
 
 
 def _position(cursor: str, of: CursorList, size: int) -> list[Any]:
-    try:
-        # validate=True: a character outside the URL-safe alphabet is an error, not skipped.
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        position = orjson.loads(raw)
-    except (binascii.Error, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
-        raise _not_valid() from exc
-    if not isinstance(position, list) or not position or position[0] not in CURSOR_LISTS:
-        # Not made by encode_cursor (or made before cursors named their list).
-        raise _not_valid()
-    if position[0] != of or len(position) != size + 1:
-        raise _other_list()
-    return position[1:]
+    return cursor_position(cursor, of, size, lists=CURSOR_LISTS)
 
 
 def decode_name_cursor(cursor: str) -> str:
@@ -247,9 +228,9 @@ def decode_name_cursor(cursor: str) -> str:
     list."""
     [name] = _position(cursor, "models", 1)
     if type(name) is not str:
-        raise _other_list()
+        raise cursor_of_another_list()
     if not is_name(name):
-        raise _not_valid()
+        raise cursor_not_valid()
     return name
 
 
@@ -258,11 +239,11 @@ def decode_version_cursor(cursor: str, of: Literal["versions", "datasets"]) -> t
     version); 422 when :func:`encode_cursor` did not make it for that list."""
     name, version = _position(cursor, of, 2)
     if type(name) is not str or type(version) is not int:
-        raise _other_list()
+        raise cursor_of_another_list()
     # Names and versions of the registry only: anything else could not be compared with a row in Postgres
     # (a NUL in text, a number beyond its integer).
     if not is_name(name) or not 1 <= version <= VERSION_MAX:
-        raise _not_valid()
+        raise cursor_not_valid()
     return name, version
 
 
@@ -271,7 +252,7 @@ def check_cursor_in_list(name: str, *, model: str | None = None, prefix: str | N
     versions, or a name outside the list's prefix. Such a cursor came from another list (or was made by
     hand): the list answered an empty last page for it, or its first page again."""
     if (model is not None and name != model) or (prefix is not None and not name.startswith(prefix)):
-        raise _other_list()
+        raise cursor_of_another_list()
 
 
 def parse_tag_filter(tag: str | None) -> tuple[str, str | None] | None:
