@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.common import ArtifactRef, ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import InvalidInput
-from libs.http import BodyRoute, InDigits
+from libs.http import BodyRoute, Cursor, InDigits
 from libs.modelspec import SpecError, parse_spec
 from services.training import handlers
 from services.training.adapters.postgres import PgJobs, PgSpecs
+from services.training.domain import decode_job_cursor
 from services.training.ports import Job, StoredSpec
 
 router = APIRouter(prefix="/v1", tags=["training"], route_class=BodyRoute)
@@ -154,16 +156,38 @@ async def get_job(job_id: str, request: Request, _: ViewerDep) -> JobPublic:
         return JobPublic.of(await handlers.job(job_id, jobs=PgJobs(conn, rt.settings.db_schema)))
 
 
+NEXT_PAGE_HEADERS = {
+    "Link": {
+        "description": 'The next page, as `<URL>; rel="next"` (RFC 8288): its `cursor` is the next_cursor. '
+        "Absent on a page holding fewer jobs than `limit`, the last (a full last page is followed by an "
+        "empty one without it).",
+        "schema": {"type": "string"},
+    }
+}
+
+
 @router.get(
-    "/models/{model}/jobs", summary="A model's training jobs, newest first.", response_model=list[JobPublic]
+    "/models/{model}/jobs",
+    summary="A model's training jobs, newest first, a page at a time.",
+    response_model=list[JobPublic],
+    responses={200: {"headers": NEXT_PAGE_HEADERS}},
 )
 async def list_jobs(
     model: ModelName,
     request: Request,
+    response: Response,
     _: ViewerDep,
     limit: Annotated[int, InDigits, Query(ge=1, le=200, description="At most this many jobs.")] = 50,
+    cursor: Cursor = None,
 ) -> list[JobPublic]:
+    # The list stays a bare array for the clients reading it so; the next page's cursor comes in a header.
+    after = decode_job_cursor(cursor, model) if cursor is not None else None
     rt = request.app.state.runtime
     async with rt.pool.acquire() as conn:
-        jobs = await PgJobs(conn, rt.settings.db_schema).for_model(model, limit=limit)
+        jobs, next_cursor = await handlers.job_page(
+            model, limit=limit, after=after, jobs=PgJobs(conn, rt.settings.db_schema)
+        )
+    if next_cursor is not None:
+        query = urlencode({"limit": limit, "cursor": next_cursor})
+        response.headers["Link"] = f'<{request.url.path}?{query}>; rel="next"'
     return [JobPublic.of(j) for j in jobs]

@@ -11,8 +11,15 @@ from enum import StrEnum
 
 import orjson
 
-from contracts.common import ModelSignature
+from contracts.common import ID_MAX_CHARS, ModelSignature
 from contracts.training import SkipReason, TrainingTrigger
+from libs.cursors import (
+    cursor_not_valid,
+    cursor_of_another_list,
+    cursor_position,
+    cursor_time,
+    encode_cursor,
+)
 from libs.errors import shown
 from libs.modelspec import CATEGORIES_KEPT_MAX, CATEGORY_KEPT_MAX_CHARS, RetrainPolicy
 
@@ -145,6 +152,36 @@ def run_id_for(job_id: str, attempt: int) -> str:
     if OWN_JOB_ID.fullmatch(job_id):
         return f"run-{job_id.removeprefix('job-')}-{attempt}"
     return f"run-{hashlib.sha256(job_id.encode()).hexdigest()}-{attempt}"
+
+
+JOBS_LIST = "jobs"
+"""The name inside the cursors of a model's job list (``GET /v1/models/{model}/jobs``)."""
+
+
+@dataclass(frozen=True)
+class JobPosition:
+    """A job's place in its model's list, newest first: (created_at, job_id) is unique, so a page goes on
+    from the last row of the one before, whatever was inserted meanwhile (an offset would skip or repeat)."""
+
+    created_at: datetime
+    job_id: str
+
+
+def job_cursor(model: str, position: JobPosition) -> str:
+    """The cursor of the page after ``position`` in ``model``'s job list."""
+    return encode_cursor(JOBS_LIST, [model, position.created_at, position.job_id])
+
+
+def decode_job_cursor(cursor: str, model: str) -> JobPosition:
+    """The position inside a cursor of ``model``'s job list; 422 for a cursor :func:`job_cursor` did not make
+    for it (another model's too: read as this one's, it would be a position among other rows)."""
+    name, created_at, job_id = cursor_position(cursor, JOBS_LIST, 3, lists=(JOBS_LIST,))
+    if type(name) is not str or type(job_id) is not str or name != model:
+        raise cursor_of_another_list()
+    # Only ids a job can have (contracts.common.JobId): a NUL could not be compared with a row in Postgres.
+    if not 1 <= len(job_id) <= ID_MAX_CHARS or "\x00" in job_id:
+        raise cursor_not_valid()
+    return JobPosition(cursor_time(created_at), job_id)
 
 
 def too_large_to_announce(signature: ModelSignature, size: int, limit: int) -> str:

@@ -31,7 +31,7 @@ from libs.errors import NotFound
 from libs.logging import get_logger
 from libs.modelspec import ModelSpec
 from libs.stage_order import take_in_order
-from services.training.domain import JobState, Trigger, decide, job_id_for
+from services.training.domain import JobPosition, JobState, Trigger, decide, job_cursor, job_id_for
 from services.training.ports import (
     Clock,
     Datasets,
@@ -98,6 +98,18 @@ async def job(job_id: str, *, jobs: Jobs) -> Job:
     if found is None:
         raise NotFound(f"no training job {job_id!r}")
     return found
+
+
+async def job_page(
+    model: str, *, limit: int, after: JobPosition | None, jobs: Jobs
+) -> tuple[list[Job], str | None]:
+    """A page of the model's jobs, newest first, and the cursor of the next one: None after a page holding
+    fewer than ``limit`` jobs (a full last page is followed by an empty one), as the registry's lists."""
+    page = await jobs.for_model(model, limit=limit, after=after)
+    if len(page) < limit:
+        return page, None
+    last = page[-1]
+    return page, job_cursor(model, JobPosition(last.created_at, last.job_id))
 
 
 async def request_retrain(

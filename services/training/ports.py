@@ -14,7 +14,7 @@ from contracts.envelope import CloudEvent
 from contracts.training import FailureReason, TrainingRequested
 from libs.modelspec import ModelSpec
 from libs.stage_order import StageChangesApplied
-from services.training.domain import JobState, PolicyState
+from services.training.domain import JobPosition, JobState, PolicyState
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 Clock = Callable[[], datetime]
@@ -160,8 +160,8 @@ class Jobs(Protocol):
         """One job, or None."""
         ...
 
-    async def for_model(self, model: str, *, limit: int) -> list[Job]:
-        """The model's newest jobs first."""
+    async def for_model(self, model: str, *, limit: int, after: JobPosition | None = None) -> list[Job]:
+        """The model's jobs newest first (by created_at, then job_id), those after ``after`` only."""
         ...
 
 

@@ -14,7 +14,7 @@ from contracts.training import FailureReason, TrainingRequested
 from libs.db import notify_channel
 from libs.modelspec import ModelSpec
 from libs.stage_order import PgStageChangesApplied
-from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
+from services.training.domain import BUDGET_WINDOW, JobPosition, JobState, PolicyState, run_id_for
 from services.training.ports import DatasetRecord, Job, RequestEnvelope, StoredSpec
 
 
@@ -224,10 +224,24 @@ class PgJobs:
         row = await self.conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
         return _job(row) if row else None
 
-    async def for_model(self, model: str, *, limit: int) -> list[Job]:
-        rows = await self.conn.fetch(
-            "SELECT * FROM jobs WHERE model = $1 ORDER BY created_at DESC, job_id LIMIT $2", model, limit
-        )
+    async def for_model(self, model: str, *, limit: int, after: JobPosition | None = None) -> list[Job]:
+        # Both orders descending, as the index jobs_by_model_paged is (migration 0003): the row comparison
+        # then reads the page from the cursor's position on, without sorting the model's jobs.
+        if after is None:
+            rows = await self.conn.fetch(
+                "SELECT * FROM jobs WHERE model = $1 ORDER BY created_at DESC, job_id DESC LIMIT $2",
+                model,
+                limit,
+            )
+        else:
+            rows = await self.conn.fetch(
+                """SELECT * FROM jobs WHERE model = $1 AND (created_at, job_id) < ($3, $4)
+                   ORDER BY created_at DESC, job_id DESC LIMIT $2""",
+                model,
+                limit,
+                after.created_at,
+                after.job_id,
+            )
         return [_job(r) for r in rows]
 
     # -- JobQueue -----------------------------------------------------------------------------------

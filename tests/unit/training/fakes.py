@@ -20,7 +20,7 @@ from libs.bus import InMemoryBus, Subscription, Transaction
 from libs.bus.core import encode_outgoing
 from libs.modelspec import ModelSpec
 from services.training.bootstrap import TOPICS
-from services.training.domain import BUDGET_WINDOW, JobState, PolicyState, run_id_for
+from services.training.domain import BUDGET_WINDOW, JobPosition, JobState, PolicyState, run_id_for
 from services.training.handlers import HANDLERS
 from services.training.ports import DatasetRecord, Job, Progress, StoredSpec
 from services.training.runner import JobRunner
@@ -156,8 +156,15 @@ class FakeJobs:
     async def get(self, job_id: str) -> Job | None:
         return self.rows.get(job_id)
 
-    async def for_model(self, model: str, *, limit: int) -> list[Job]:
-        return sorted((j for j in self.rows.values() if j.model == model), key=lambda j: j.created_at)[:limit]
+    async def for_model(self, model: str, *, limit: int, after: JobPosition | None = None) -> list[Job]:
+        listed = sorted(
+            (j for j in self.rows.values() if j.model == model),
+            key=lambda j: (j.created_at, j.job_id),
+            reverse=True,
+        )
+        if after is not None:
+            listed = [j for j in listed if (j.created_at, j.job_id) < (after.created_at, after.job_id)]
+        return listed[:limit]
 
     async def claim_next(self, *, stale_after_s: float) -> Job | None:
         for job in sorted(self.rows.values(), key=lambda j: j.created_at):
