@@ -4,6 +4,7 @@ per-model drift policy."""
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
@@ -11,11 +12,17 @@ from fastapi.responses import HTMLResponse
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import NotFound
-from libs.http import BodyRoute, InDigits, json_keys_once
+from libs.http import BodyRoute, Cursor, InDigits, json_keys_once
 from libs.service import Runtime
 from services.monitoring import handlers, report
 from services.monitoring.adapters.postgres import PgMonitoringStore
-from services.monitoring.domain import STATUS_ALERTS_PER_MODEL, DriftPolicy, from_epoch, window_number
+from services.monitoring.domain import (
+    STATUS_ALERTS_PER_MODEL,
+    DriftPolicy,
+    decode_report_cursor,
+    from_epoch,
+    window_number,
+)
 from services.monitoring.handlers import Monitor
 from services.monitoring.ports import EarlyStep
 
@@ -49,21 +56,31 @@ def _known(monitor: Monitor, model: str) -> None:
         raise NotFound(f"monitoring knows no model {model!r}: it needs a ModelVersionRegistered first")
 
 
-async def _reports(rt: Runtime, model: str, limit: int) -> list[dict[str, Any]]:
+async def _reports(
+    rt: Runtime, model: str, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    after = decode_report_cursor(cursor, model) if cursor is not None else None  # 422 before the database
     async with rt.pool.acquire() as conn:
-        return await PgMonitoringStore(conn).latest_reports(model, limit)
+        return await handlers.report_page(model, limit=limit, after=after, store=PgMonitoringStore(conn))
 
 
-@router.get("/models/{model}/drift", summary="The drift report of a model's latest windows (JSON).")
+Limit = Annotated[int, InDigits, Query(ge=1, le=100, description="At most this many windows.")]
+
+
+@router.get(
+    "/models/{model}/drift", summary="The drift report of a model's latest windows (JSON), a page at a time."
+)
 async def drift_report(
     model: ModelName,
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
-    limit: Annotated[int, InDigits, Query(ge=1, le=100)] = 10,
+    limit: Limit = 10,
+    cursor: Cursor = None,
 ) -> dict[str, Any]:
     _known(monitor, model)
-    return {"model": model, "windows": await _reports(rt, model, limit)}
+    windows, next_cursor = await _reports(rt, model, limit, cursor)
+    return {"model": model, "windows": windows, "next_cursor": next_cursor}
 
 
 @router.get(
@@ -97,13 +114,19 @@ async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: Runt
 )
 async def drift_page(
     model: ModelName,
+    request: Request,
     _: ViewerDep,
     rt: RuntimeDep,
     monitor: MonitorDep,
-    limit: Annotated[int, InDigits, Query(ge=1, le=100)] = 10,
+    limit: Limit = 10,
+    cursor: Cursor = None,
 ) -> HTMLResponse:
     _known(monitor, model)
-    return HTMLResponse(report.render(model, await _reports(rt, model, limit)))
+    windows, next_cursor = await _reports(rt, model, limit, cursor)
+    older = None
+    if next_cursor is not None:
+        older = f"{request.url.path}?{urlencode({'limit': limit, 'cursor': next_cursor})}"
+    return HTMLResponse(report.render(model, windows, older=older, first=cursor is None))
 
 
 @router.get("/status", summary="The current status of every model monitoring knows.")
@@ -121,7 +144,7 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
         for model in sorted(live.models):
             reports = await store.latest_reports(model, 1)
             if reports:
-                latest[model] = reports[0]
+                latest[model] = reports[0].report
     models: dict[str, Any] = {}
     for (model, version), ref in sorted(live.references.items()):
         window = live.windows.get((model, version))

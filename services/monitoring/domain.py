@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import pydantic_core
 
-from contracts.common import FeatureType, ModelSignature, Task
+from contracts.common import PG_INTEGER_MAX, VERSION_MAX, FeatureType, ModelSignature, Task
 from contracts.monitoring import (
     P_VALUE_TESTS,
     CanaryComparison,
@@ -31,6 +31,13 @@ from contracts.monitoring import (
 from contracts.monitoring import DriftPolicy as PolicyContract
 from contracts.predictions import PredictionColumns, PredictionsLogged, Variant
 from libs.bus.retention import keep_period
+from libs.cursors import (
+    cursor_not_valid,
+    cursor_of_another_list,
+    cursor_position,
+    cursor_time,
+    encode_cursor,
+)
 from libs.metrics import Outputs, weighted
 from libs.profiles import (
     CategoricalProfile,
@@ -471,6 +478,38 @@ def window_number(model: str, window_id: str) -> tuple[int, int] | None:
     ):
         return None
     return int(version), int(seq)
+
+
+DRIFT_LIST = "drift"
+"""The name inside the cursors of a model's drift windows (``GET /v1/models/{model}/drift`` and its page)."""
+
+
+@dataclass(frozen=True)
+class ReportPosition:
+    """A window report's place in its model's list, newest first: (judged_at, seq, version) is unique (two
+    versions' windows of one number can be judged in one transaction, at one ``now()``), so a page goes on
+    from the last row of the one before, whatever was judged meanwhile."""
+
+    judged_at: datetime
+    seq: int
+    version: int
+
+
+def report_cursor(model: str, position: ReportPosition) -> str:
+    """The cursor of the page after ``position`` in ``model``'s drift windows."""
+    return encode_cursor(DRIFT_LIST, [model, position.judged_at, position.seq, position.version])
+
+
+def decode_report_cursor(cursor: str, model: str) -> ReportPosition:
+    """The position inside a cursor of ``model``'s drift windows; 422 for a cursor :func:`report_cursor` did
+    not make for them (another model's too: read as this one's, it would be a position among other rows)."""
+    name, judged_at, seq, version = cursor_position(cursor, DRIFT_LIST, 4, lists=(DRIFT_LIST,))
+    if type(name) is not str or type(seq) is not int or type(version) is not int or name != model:
+        raise cursor_of_another_list()
+    # Numbers the table's integer columns can hold: a larger one could not be compared with a row.
+    if not 0 <= seq <= PG_INTEGER_MAX or not 1 <= version <= VERSION_MAX:
+        raise cursor_not_valid()
+    return ReportPosition(cursor_time(judged_at), seq, version)
 
 
 @dataclass

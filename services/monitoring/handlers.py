@@ -48,6 +48,7 @@ from services.monitoring.domain import (
     LabelledComparison,
     LabelledRow,
     ModelReference,
+    ReportPosition,
     WindowJudgement,
     absolute_errors,
     canary_ready,
@@ -69,6 +70,7 @@ from services.monitoring.domain import (
     quality_issues,
     regression_pairs,
     regression_value,
+    report_cursor,
     same_label,
     shown_classes,
     shown_metric,
@@ -1891,6 +1893,20 @@ async def prune_labelled(
     if found and (deleted or (len(found) >= limit and found[-1][1] > received_from)):
         return deleted, found[-1][1]
     return deleted, None
+
+
+# --- reading window reports ---------------------------------------------------------------------------------
+
+
+async def report_page(
+    model: str, *, limit: int, after: ReportPosition | None, store: MonitoringStore
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of the model's window reports, newest first, and the cursor of the next one: None after a page
+    holding fewer than ``limit`` reports (a full last page is followed by an empty one), as the registry's
+    lists."""
+    page = await store.latest_reports(model, limit, after=after)
+    next_cursor = report_cursor(model, page[-1].position) if len(page) == limit else None
+    return [judged.report for judged in page], next_cursor
 
 
 # --- retention of window reports ---------------------------------------------------------------------------

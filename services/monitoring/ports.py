@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from contracts.common import ArtifactRef, ModelSignature
 from libs.profiles import ReferenceProfile
-from services.monitoring.domain import DriftPolicy
+from services.monitoring.domain import DriftPolicy, ReportPosition
 
 
 @dataclass
@@ -169,6 +169,14 @@ class ReplayReport:
         }
 
 
+@dataclass(frozen=True)
+class JudgedReport:
+    """A window's report as stored, with its place in the model's list (for the next page's cursor)."""
+
+    position: ReportPosition
+    report: dict[str, Any]
+
+
 class MonitoringStore(Protocol):
     """Monitoring's tables, inside the caller's transaction."""
 
@@ -214,8 +222,11 @@ class MonitoringStore(Protocol):
         """Record a judged window; False when that window was judged before (a replay)."""
         ...
 
-    async def latest_reports(self, model: str, limit: int) -> list[dict[str, Any]]:
-        """The model's most recent window reports, newest first."""
+    async def latest_reports(
+        self, model: str, limit: int, *, after: ReportPosition | None = None
+    ) -> list[JudgedReport]:
+        """The model's most recent window reports, newest first (by judged_at, seq, version), those after
+        ``after`` only."""
         ...
 
     async def window_report(self, model: str, window_id: str) -> dict[str, Any] | None:

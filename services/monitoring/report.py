@@ -49,8 +49,10 @@ def _row(item: dict[str, Any]) -> str:
     )
 
 
-def render(model: str, reports: list[dict[str, Any]]) -> str:
-    """The latest window's report in full, and a list of earlier windows."""
+def render(model: str, reports: list[dict[str, Any]], *, older: str | None = None, first: bool = True) -> str:
+    """The page's first (latest) window's report in full, and a list of earlier windows; ``older``: the URL
+    of the next page, the windows judged before these (None on the last page); ``first``: the first page,
+    not one reached by a cursor."""
     head = (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>driftloop drift report: {escape(model)}</title><style>"
@@ -60,7 +62,9 @@ def render(model: str, reports: list[dict[str, Any]]) -> str:
         "height:12px;margin:0 4px 0 12px}</style></head><body>"
     )
     if not reports:
-        return head + f"<h1>{escape(model)}</h1><p>No window judged yet.</p></body></html>"
+        # The empty page after a full last one is not a model without windows.
+        empty = "No window judged yet." if first else "No window judged before the previous page's."
+        return head + f"<h1>{escape(model)}</h1><p>{empty}</p></body></html>"
     latest = reports[0]
     w = latest["window"]
     body = [
@@ -96,4 +100,6 @@ def render(model: str, reports: list[dict[str, Any]]) -> str:
                 f"<td>{'yes' if r['alerted'] else ''}</td></tr>"
             )
         body.append("</table>")
+    if older is not None:
+        body.append(f"<p><a href='{escape(older)}' rel='next'>Older windows</a></p>")
     return head + "".join(body) + "</body></html>"

@@ -21,8 +21,8 @@ from tests.unit.test_openapi_errors import ADMIN, answer, conforms
     [
         ("registry", "/v1/models", "/v1/models?stag=production", "cursor, limit, prefix, stage, tag"),
         ("audit", "/v1/events", "/v1/events?modle=churn", "actor, correlation_id, cursor, kind, limit"),
-        ("training", "/v1/models/{model}/jobs", "/v1/models/m/jobs?limt=5", "limit"),
-        ("monitoring", "/v1/models/{model}/drift", "/v1/models/m/drift?limt=5", "limit"),
+        ("training", "/v1/models/{model}/jobs", "/v1/models/m/jobs?limt=5", "cursor, limit"),
+        ("monitoring", "/v1/models/{model}/drift", "/v1/models/m/drift?limt=5", "cursor, limit"),
         (
             "validation",
             "/v1/models/{model}/versions/{version}/report",

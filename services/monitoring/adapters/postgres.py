@@ -11,10 +11,11 @@ from pydantic import ValidationError
 
 from contracts.common import NUL_STAND_IN, ArtifactRef, ModelSignature
 from libs.logging import get_logger
-from services.monitoring.domain import DriftPolicy
+from services.monitoring.domain import DriftPolicy, ReportPosition
 from services.monitoring.ports import (
     EarlyStep,
     JoinedLabel,
+    JudgedReport,
     LabelledRecord,
     PendingLabel,
     PerformanceState,
@@ -224,13 +225,32 @@ class PgMonitoringStore:
         )
         return bool(status.endswith(" 1"))
 
-    async def latest_reports(self, model: str, limit: int) -> list[dict[str, Any]]:
-        rows = await self.conn.fetch(
-            "SELECT report FROM window_reports WHERE model = $1 ORDER BY judged_at DESC, seq DESC LIMIT $2",
-            model,
-            limit,
-        )
-        return [r["report"] for r in rows]
+    async def latest_reports(
+        self, model: str, limit: int, *, after: ReportPosition | None = None
+    ) -> list[JudgedReport]:
+        # In the order of the index window_reports_paged (migration 0017): the row comparison reads a page
+        # from the cursor's position on, without sorting the model's reports.
+        if after is None:
+            rows = await self.conn.fetch(
+                """SELECT judged_at, seq, version, report FROM window_reports WHERE model = $1
+                   ORDER BY judged_at DESC, seq DESC, version DESC LIMIT $2""",
+                model,
+                limit,
+            )
+        else:
+            rows = await self.conn.fetch(
+                """SELECT judged_at, seq, version, report FROM window_reports
+                   WHERE model = $1 AND (judged_at, seq, version) < ($3, $4, $5)
+                   ORDER BY judged_at DESC, seq DESC, version DESC LIMIT $2""",
+                model,
+                limit,
+                after.judged_at,
+                after.seq,
+                after.version,
+            )
+        return [
+            JudgedReport(ReportPosition(r["judged_at"], r["seq"], r["version"]), r["report"]) for r in rows
+        ]
 
     async def window_report(self, model: str, window_id: str) -> dict[str, Any] | None:
         report: dict[str, Any] | None = await self.conn.fetchval(
@@ -243,10 +263,11 @@ class PgMonitoringStore:
     async def prune_window_reports(
         self, model: str, judged_from: datetime, judged_before: datetime, limit: int
     ) -> tuple[int, datetime | None]:
-        # Oldest first through window_reports_latest, from where the round's last batch stopped: a batch never
+        # Oldest first through window_reports_paged, from where the round's last batch stopped: a batch never
         # reads again the index entries of the rows the batches before it deleted (dead until VACUUM). A
         # report stays while no later one of its version exists (a higher window number judged no earlier):
-        # so the newest in latest_reports' order (judged_at, seq) of every version, and of the model, stays.
+        # so the newest in latest_reports' order (judged_at, seq, version) of every version, and of the model,
+        # stays.
         # OFFSET 0 keeps the EXISTS a lookup per report through the primary key, and the scan stops after the
         # batch; the batch's rows are deleted by their ctid, in an array. Joined instead (EXISTS, IN),
         # Postgres read all of the model's reports, or all reports, for every batch.

@@ -590,8 +590,8 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
 
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        [report] = await store.latest_reports("churn", 1)
-        plan = next(f for f in report["features"] if f["feature"] == "plan")
+        [judged] = await store.latest_reports("churn", 1)
+        plan = next(f for f in judged.report["features"] if f["feature"] == "plan")
         assert "basic\ufffd" in plan["histogram"]["labels"]
         [stored] = await store.recent_labelled("churn", 1)
         assert (stored.prediction, stored.label, stored.inputs) == (
@@ -980,12 +980,14 @@ async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_eac
             ("churn", 2, 5),
             ("fraud", 1, 1),
         ]
-        assert [r["window"]["id"] for r in await store.latest_reports("churn", 10)] == [
+        assert [r.report["window"]["id"] for r in await store.latest_reports("churn", 10)] == [
             "churn:2:000005",
             "churn:2:000004",
             "churn:1:000003",
         ]
-        assert await store.latest_reports("fraud", 1) == [{"window": {"id": "fraud:1:000001"}}]
+        assert [r.report for r in await store.latest_reports("fraud", 1)] == [
+            {"window": {"id": "fraud:1:000001"}}
+        ]
         assert await store.reports_pruned_through("churn", 1) == 2
         assert await store.reports_pruned_through("churn", 2) == 3
         assert await store.reports_pruned_through("fraud", 1) is None
@@ -1002,6 +1004,77 @@ async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_eac
         await api.window_report("churn", "churn:1:000009", viewer, rt)
     with pytest.raises(NotFound, match="judged no window 'fraud:1:000000'"):
         await api.window_report("fraud", "fraud:1:000000", viewer, rt)
+
+
+async def test_a_models_drift_windows_are_paged_newest_first_each_once_while_windows_are_judged(
+    pool: asyncpg.Pool,
+) -> None:
+    judged = datetime(2026, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)
+
+    async def judge(conn: asyncpg.Connection, model: str, version: int, seq: int, minutes: int) -> None:
+        await conn.execute(
+            """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
+                   drift_share, alerted, report, judged_at)
+               VALUES ($1, $2, $3, $4, $5, $5, 100, 0.1, false, $6, $5)""",
+            model,
+            version,
+            seq,
+            f"{model}:{version}:{seq:06d}",
+            judged + timedelta(minutes=minutes),
+            {"window": {"id": f"{model}:{version}:{seq:06d}"}},
+        )
+
+    async with pool.acquire() as conn:
+        for model in ("churn", "fraud"):
+            await conn.execute(
+                "INSERT INTO model_versions (model, version, signature, baseline, profile) "
+                "VALUES ($1, 1, $2, $2, $2), ($1, 2, $2, $2, $2)",
+                model,
+                {},
+            )
+        # Versions 1 and 2 close their window of one number in one transaction: one judged_at, one seq.
+        for seq in range(1, 4):
+            for version in (1, 2):
+                await judge(conn, "churn", version, seq, seq)
+        await judge(conn, "churn", 2, 4, 4)
+        await judge(conn, "fraud", 1, 1, 9)
+
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/m")
+    monitor.live.add_reference(reference())  # churn version 1: a model monitoring knows
+    rt: Any = SimpleNamespace(pool=pool)
+    viewer = Principal("viewer", Role.viewer)
+    seen: list[str] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        page = await api.drift_report("churn", viewer, rt, monitor, limit=2, cursor=cursor)
+        seen += [r["window"]["id"] for r in page["windows"]]
+        sizes.append(len(page["windows"]))
+        if len(sizes) == 1:  # judged meanwhile: newer than every window, on no later page
+            async with pool.acquire() as conn:
+                await judge(conn, "churn", 2, 5, 5)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [
+        "churn:2:000004",
+        "churn:2:000003",
+        "churn:1:000003",
+        "churn:2:000002",
+        "churn:1:000002",
+        "churn:2:000001",
+        "churn:1:000001",
+    ]
+    assert sizes == [2, 2, 2, 1]
+
+    # A full last page is followed by an empty one whose next_cursor is null; the status reads the newest.
+    full = await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=None)
+    assert len(full["windows"]) == 8 and full["next_cursor"] is not None
+    empty = await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=full["next_cursor"])
+    assert empty == {"model": "churn", "windows": [], "next_cursor": None}
+    async with pool.acquire() as conn:
+        [newest] = await PgMonitoringStore(conn).latest_reports("churn", 1)
+    assert newest.report == {"window": {"id": "churn:2:000005"}}
 
 
 async def test_the_retention_deletes_old_alerts_in_batches_and_keeps_those_the_status_lists(
