@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import signal
 import sys
@@ -49,3 +50,21 @@ def reader_gone() -> int:
     to say on stderr; the exit status to return."""
     discard_output()
     return READER_GONE
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""What a terminal acts on rather than prints: C0 and C1 controls (ESC starts a sequence that can clear the
+screen, move the cursor over lines printed before, set the clipboard), DEL, and the bidirectional marks and
+overrides that show text in another order than it has."""
+
+
+def terminal_text(text: str) -> str:
+    """Text a producer wrote, as a terminal may print it: each control character as its escape (``\\x1b``,
+    ``\\u202e``), so a header cannot drive the reader's terminal. rich takes some controls out of Text, but
+    passes ESC on."""
+    return _CONTROLS.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from rich.tree import Tree
 
 from libs.db import check_schema_name, create_pool, shown_dsn
 from libs.errors import DomainError
-from libs.output import StdoutConsole, output_reader_gone
+from libs.output import StdoutConsole, output_reader_gone, terminal_text
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -38,27 +37,9 @@ def _console() -> Console:
     return console if console.is_terminal else StdoutConsole(width=240)
 
 
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-"""What a terminal acts on rather than prints: C0 and C1 controls (ESC starts a sequence that can clear the
-screen, move the cursor over lines printed before, set the clipboard), DEL, and the bidirectional marks and
-overrides that show text in another order than it has."""
-
-
-def shown(text: str) -> str:
-    """Text a producer wrote, as a terminal may print it: each control character as its escape (``\\x1b``,
-    ``\\u202e``), so a header cannot drive the reader's terminal. rich takes some controls out of Text, but
-    passes ESC on."""
-    return _CONTROLS.sub(_escaped, text)
-
-
 def markup_text(text: str) -> str:
     """Text a producer wrote, inside rich markup: printed as it is (``[/]`` included), controls escaped."""
-    return escape(shown(text))
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match[0])
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    return escape(terminal_text(text))
 
 
 class TrailUnavailable(Exception):
@@ -274,13 +255,13 @@ def _table(events: Sequence[dict[str, Any]], *, header: bool = True) -> Table:
         event_type = (e["type"] or "-").removeprefix("io.driftloop.")
         table.add_row(
             Text(str(e["seq"])),
-            Text(shown((e["recorded_at"] or "-")[:23])),
+            Text(terminal_text((e["recorded_at"] or "-")[:23])),
             Text(e["kind"] or "unreadable", style="" if e["kind"] == "event" else "red"),
-            Text(shown(event_type)),
-            Text(shown(e["subject"] or "-")),
-            Text(shown(e["actor"] or "-")),
-            Text(shown((e["id"] or "-")[:13])),
-            Text(shown((e["causationid"] or "-")[:13])),
+            Text(terminal_text(event_type)),
+            Text(terminal_text(e["subject"] or "-")),
+            Text(terminal_text(e["actor"] or "-")),
+            Text(terminal_text((e["id"] or "-")[:13])),
+            Text(terminal_text((e["causationid"] or "-")[:13])),
         )
     return table
 
