@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import errno
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -17,15 +18,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from rich.table import Table
+from rich.text import Text
 
+from contracts.topics import DEAD_LETTER
 from deploy.local.broker import broker_answers, create_platform_topics
 from deploy.local.console import say
 from deploy.local.errors import InfraError, StartFailed
@@ -52,8 +56,11 @@ from deploy.local.processes import wait_until
 from deploy.local.settings import PROJECT_ROOT, LocalInfraSettings, StateLayout
 from deploy.local.status import ComponentStatus
 from deploy.platform import Platform, supervised_state_dir
-from libs.output import StdoutConsole, discard_output, output_reader_gone, reader_gone
+from libs.output import StdoutConsole, discard_output, output_reader_gone, reader_gone, terminal_text
 from libs.settings import KafkaSettings, ServiceSettings, settings_problems
+
+if TYPE_CHECKING:
+    from libs.bus.dead_letters import DeadLetterEntry, DeadLetterSelection, Replay, Skip
 
 LINT_TARGETS = ("contracts", "libs", "services", "deploy", "tests")
 # How long pytest may take to tear its session down (sandbox platforms, databases, topics) once it was
@@ -79,6 +86,7 @@ GROUPS: dict[tuple[str, ...], str] = {
     ("infra",): "the local Kafka broker and Postgres (no Docker needed)",
     ("audit",): "the tamper-evident audit trail, read from Postgres (the audit service need not run)",
     ("token",): "bearer tokens for the services' HTTP APIs (stored as sha256 hashes)",
+    ("deadletter",): "read the dead-letter topic, and replay dead letters to their topics (on the broker)",
 }
 
 
@@ -647,6 +655,219 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
     return audit.trace(args.correlation_id, as_json=args.json, settings=platform_settings(AuditSettings))
 
 
+# --- dead letters -----------------------------------------------------------------------------------
+# libs.bus.dead_letters reads and replays; here are the arguments and what is printed.
+
+
+def _position(text: str) -> tuple[int, int]:
+    """An argparse type: ``PARTITION:OFFSET`` on the dead-letter topic, two whole numbers, 0 or more."""
+    partition, colon, offset = text.partition(":")
+    if not colon or not partition.isdigit() or not offset.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"not a position: {text!r}; give PARTITION:OFFSET as `deadletter list` shows it, e.g. 0:17"
+        )
+    return int(partition), int(offset)
+
+
+def _time(text: str) -> datetime:
+    """An argparse type: an RFC 3339 date-time with its UTC offset, e.g. 2026-12-02T08:00:00Z."""
+    from contracts.envelope import MalformedEvent, parse_event_time
+
+    try:
+        return parse_event_time(text)
+    except MalformedEvent:
+        raise argparse.ArgumentTypeError(
+            f"not an RFC 3339 date-time: {text!r}; give one with its offset, e.g. 2026-12-02T08:00:00Z"
+        ) from None
+
+
+def _deadletter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The selection both `deadletter list` and `deadletter replay` take."""
+    parser.add_argument(
+        "--topic", action="append", type=_text, help="origin topic, e.g. mlops.models (repeat for several)"
+    )
+    parser.add_argument(
+        "--consumer", action="append", type=_text, help="the consumer that dead-lettered it, e.g. registry"
+    )
+    parser.add_argument(
+        "--reason", action="append", type=_text, help="dead-letter reason, e.g. handler-failed (repeatable)"
+    )
+    parser.add_argument(
+        "--type", action="append", type=_text, help="event type, e.g. TrainingCompleted or its full ce_type"
+    )
+    parser.add_argument("--since", type=_time, help="dead-lettered at or after this time (RFC 3339)")
+    parser.add_argument("--until", type=_time, help="dead-lettered before this time (RFC 3339)")
+    parser.add_argument(
+        "--after",
+        type=_position,
+        metavar="PARTITION:OFFSET",
+        help="go on after this dead letter (what an interrupted replay says): lower partitions are passed "
+        "over, higher ones read from their start",
+    )
+    parser.add_argument(
+        "--at",
+        action="append",
+        type=_position,
+        metavar="PARTITION:OFFSET",
+        help="only this dead letter (repeatable); replay takes a named one whatever its kind",
+    )
+
+
+def _deadletter_list_arguments(parser: argparse.ArgumentParser) -> None:
+    _deadletter_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the dead letters as a JSON array")
+
+
+def _deadletter_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    _deadletter_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true", help="show what would be replayed, send nothing")
+
+
+def _selection(args: argparse.Namespace) -> DeadLetterSelection:
+    from libs.bus.dead_letters import DeadLetterSelection
+
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        args.usage_of.error(f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()}")
+    return DeadLetterSelection(
+        topics=frozenset(args.topic or ()),
+        consumers=frozenset(args.consumer or ()),
+        reasons=frozenset(args.reason or ()),
+        event_types=frozenset(args.type or ()),
+        since=args.since,
+        until=args.until,
+        after=args.after,
+        named=frozenset(args.at or ()),
+    )
+
+
+def _on_broker(kafka: KafkaSettings, main: Coroutine[Any, Any, int]) -> int:
+    """Run a dead-letter command; what the broker says becomes an error the user can act on."""
+    from aiokafka.errors import KafkaError
+
+    from libs.bus.dead_letters import DeadLetterTopicMissing
+
+    try:
+        return asyncio.run(main)
+    except DeadLetterTopicMissing as exc:
+        raise InfraError(
+            str(exc),
+            hint="create the platform's topics (`driftloop infra topics`), or set "
+            "DRIFTLOOP_KAFKA_TOPIC_PREFIX to the prefix the platform runs under.",
+        ) from exc
+    except (KafkaError, TimeoutError) as exc:
+        raise InfraError(
+            f"Kafka at {kafka.bootstrap} did not answer: {exc!r}",
+            hint="is it running (`driftloop infra status`)? DRIFTLOOP_KAFKA_BOOTSTRAP names the broker.",
+        ) from exc
+
+
+def cmd_deadletter_list(args: argparse.Namespace) -> int:
+    """Print the selected dead letters: where each is, why, and where it came from."""
+    from libs.bus.dead_letters import read_dead_letters
+
+    selection = _selection(args)
+    kafka = KafkaSettings()
+
+    async def main() -> int:
+        entries = [entry async for entry in read_dead_letters(kafka, selection)]
+        if args.json:
+            print(json.dumps([entry.as_json() for entry in entries], indent=2, ensure_ascii=False))
+            return 0
+        if entries:
+            StdoutConsole(width=None if sys.stdout.isatty() else 240).print(_dead_letter_table(entries))
+        say(f"{len(entries)} dead letter{'' if len(entries) == 1 else 's'} on {kafka.physical(DEAD_LETTER)}")
+        return 0
+
+    return _on_broker(kafka, main())
+
+
+def _dead_letter_table(entries: Sequence[DeadLetterEntry]) -> Table:
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("at", "dead-lettered", "reason", "consumer", "origin", "type", "id", "note", "error"):
+        table.add_column(column)
+    for e in entries:
+        when = datetime.fromtimestamp(e.record.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
+        note = ", ".join(
+            ([f"cut: {'+'.join(e.truncated)}"] if e.truncated else [])
+            + (["tombstone"] if e.record.value is None else [])
+        )
+        # Text, never markup, and controls escaped: producers and handlers wrote these.
+        table.add_row(
+            *(
+                Text(terminal_text(cell))
+                for cell in (
+                    e.position,
+                    when.replace("+00:00", "Z"),
+                    e.reason or "-",
+                    e.consumer or "-",
+                    e.origin,
+                    (e.event_type or "-").removeprefix("io.driftloop."),
+                    (e.event_id or "-")[:13],
+                    note or "-",
+                    (e.error or "-")[:80],
+                )
+            )
+        )
+    return table
+
+
+def cmd_deadletter_replay(args: argparse.Namespace) -> int:
+    """Produce the selected dead letters' originals again to their topics; exit 1 if a send failed."""
+    from libs.bus.dead_letters import OriginRecords, Replay, read_dead_letters, replay
+    from libs.bus.kafka import KafkaPublisher
+
+    selection = _selection(args)
+    kafka = KafkaSettings()
+    verb = "would replay" if args.dry_run else "replayed"
+
+    def show(step: Replay | Skip) -> None:
+        e = step.entry
+        if isinstance(step, Replay):
+            origin = " (from its origin record)" if step.from_origin else ""
+            print(
+                terminal_text(
+                    f"{verb} {e.position} -> {step.topic}{origin}: {e.event_type or '?'} {e.event_id or '?'}"
+                )
+            )
+        else:
+            print(terminal_text(f"skipped {e.position} ({step.reason}): {step.detail}"))
+
+    async def main() -> int:
+        publisher = None if args.dry_run else KafkaPublisher(kafka, client_id="driftloop-deadletter-replay")
+        if publisher is not None:
+            await publisher.start()
+        try:
+            async with OriginRecords(kafka) as origin_of:
+                report = await replay(
+                    read_dead_letters(kafka, selection),
+                    named=bool(selection.named),
+                    origin_of=origin_of,
+                    sender=publisher,
+                    on_step=show,
+                )
+        finally:
+            if publisher is not None:
+                await publisher.stop()
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(report.skipped.items()))
+        total = sum(report.skipped.values())
+        say(f"{verb} {report.replayed}; skipped {total}" + (f" ({skipped})" if skipped else ""))
+        if report.failure is None:
+            return 0
+        last = report.last_replayed
+        raise InfraError(
+            report.failure,
+            hint=(
+                f"the last dead letter replayed was {last.position}: once the cause is fixed, go on with "
+                f"`--after {last.position}` and the same filters"
+                if last is not None
+                else "nothing was replayed: once the cause is fixed, run the same command again"
+            )
+            + " (a dead letter replayed twice is a duplicate to the consumers that handled it).",
+        )
+
+    return _on_broker(kafka, main())
+
+
 # --- tokens -----------------------------------------------------------------------------------------
 
 
@@ -790,6 +1011,18 @@ COMMANDS: list[Subcommand] = [
     Subcommand(("audit", "tail"), "the newest events of the trail", cmd_audit_tail, _audit_tail_arguments),
     Subcommand(
         ("audit", "trace"), "the causal tree of one correlation id", cmd_audit_trace, _audit_trace_arguments
+    ),
+    Subcommand(
+        ("deadletter", "list"),
+        "the dead letters on the broker, with why and where from (filters, --json)",
+        cmd_deadletter_list,
+        _deadletter_list_arguments,
+    ),
+    Subcommand(
+        ("deadletter", "replay"),
+        "produce chosen dead letters' originals to their topics again (--dry-run shows what)",
+        cmd_deadletter_replay,
+        _deadletter_replay_arguments,
     ),
     Subcommand(
         ("token", "issue"),

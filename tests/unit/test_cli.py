@@ -1195,3 +1195,28 @@ def test_audit_tail_count_above_the_query_limit_is_a_usage_error_naming_the_sett
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert f"argument -n/--lines: must be 1000 or less (DRIFTLOOP_AUDIT_QUERY_MAX_LIMIT), not {count}" in err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["--at", "7"], "argument --at: not a position: '7'; give PARTITION:OFFSET"),
+        (["--after", "0:-1"], "argument --after: not a position: '0:-1'"),
+        (["--since", "2026-12-02 08:00"], "argument --since: not an RFC 3339 date-time: '2026-12-02 08:00'"),
+        (["--until", "2026-12-02T08:00:00"], "argument --until: not an RFC 3339 date-time"),
+        (["--topic", ""], "argument --topic: is empty: give a value"),
+        (
+            ["--since", "2026-12-02T09:00:00Z", "--until", "2026-12-02T08:00:00Z"],
+            "--until 2026-12-02T08:00:00+00:00 is not after --since 2026-12-02T09:00:00+00:00",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["list", "replay"])
+def test_deadletter_commands_refuse_a_selection_they_cannot_read_as_a_usage_error(
+    command: str, arguments: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["deadletter", command, *arguments])
+
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
