@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from contracts.topics import DEAD_LETTER
@@ -235,8 +236,16 @@ class Skip:
     detail: str
 
 
-OriginReader = Callable[[str, int, int], Awaitable[Record]]
-"""Reads the record at (logical topic, partition, offset), or raises :class:`OriginUnavailable`."""
+class OriginReader(Protocol):
+    """The origin topics, as a replay needs them."""
+
+    async def __call__(self, topic: str, partition: int, offset: int) -> Record:
+        """The record at (logical topic, partition, offset), or :class:`OriginUnavailable` saying why not."""
+        ...
+
+    async def has_topic(self, topic: str) -> bool:
+        """Whether the (logical) topic exists: a send to one that does not would wait for it, then fail."""
+        ...
 
 
 def replayed_headers(headers: Headers, entry: DeadLetterEntry) -> list[tuple[str, bytes]]:
@@ -260,6 +269,8 @@ async def plan_replay(entry: DeadLetterEntry, *, named: bool, origin_of: OriginR
         )
     if entry.origin_topic == DEAD_LETTER:
         return Skip(entry, "dead-letter-topic", "its origin is the dead-letter topic itself")
+    if not await origin_of.has_topic(entry.origin_topic):
+        return Skip(entry, "no-topic", f"its topic {entry.origin_topic} does not exist (any more)")
     if not named and (kind := entry.kind) is not None:
         return Skip(
             entry, kind, f"{SKIPPED_UNLESS_NAMED[kind]}; name it (--at {entry.position}) to replay it"
@@ -370,16 +381,11 @@ async def read_dead_letters(
     """The selected dead letters, partition after partition, each in offset order, up to the end offsets the
     topic had when reading began. Raises :class:`DeadLetterTopicMissing`, or aiokafka's KafkaError when the
     broker cannot be reached."""
+    physical = kafka.physical(topic)
+    partitions = await _partitions(kafka, physical)
     consumer = _reader(kafka)
     await consumer.start()
     try:
-        physical = kafka.physical(topic)
-        if physical not in await consumer.topics():
-            raise DeadLetterTopicMissing(
-                f"the topic {physical} does not exist at {kafka.bootstrap}"
-                + (f" (topic prefix {kafka.topic_prefix!r})" if kafka.topic_prefix else "")
-            )
-        partitions = sorted(consumer.partitions_for_topic(physical) or ())
         tps = [TopicPartition(physical, p) for p in partitions]
         ends: Mapping[TopicPartition, int] = await consumer.end_offsets(tps)
         since: Mapping[TopicPartition, Any] = {}
@@ -404,6 +410,22 @@ async def read_dead_letters(
                     yield entry
     finally:
         await consumer.stop()
+
+
+async def _partitions(kafka: KafkaSettings, physical: str) -> list[int]:
+    """The partitions of ``physical``, sorted (:class:`DeadLetterTopicMissing` if it does not exist)."""
+    admin = AIOKafkaAdminClient(client_id="driftloop-deadletter", **kafka.client_options())
+    await admin.start()
+    try:
+        if physical not in await admin.list_topics():
+            raise DeadLetterTopicMissing(
+                f"the topic {physical} does not exist at {kafka.bootstrap}"
+                + (f" (topic prefix {kafka.topic_prefix!r})" if kafka.topic_prefix else "")
+            )
+        [described] = await admin.describe_topics([physical])
+    finally:
+        await admin.close()
+    return sorted(p["partition"] for p in described["partitions"])
 
 
 async def _read_partition(
@@ -438,6 +460,7 @@ class OriginRecords:
         self.kafka = kafka
         self.wait_s = wait_s
         self._consumer: AIOKafkaConsumer | None = None
+        self._topics: set[str] | None = None
 
     async def __aenter__(self) -> OriginRecords:
         self._consumer = _reader(self.kafka)
@@ -448,12 +471,18 @@ class OriginRecords:
         if self._consumer is not None:
             await self._consumer.stop()
 
+    async def has_topic(self, topic: str) -> bool:
+        assert self._consumer is not None, "OriginRecords is used as an async context manager"
+        if self._topics is None:
+            self._topics = set(await self._consumer.topics())
+        return self.kafka.physical(topic) in self._topics
+
     async def __call__(self, topic: str, partition: int, offset: int) -> Record:
         consumer = self._consumer
         assert consumer is not None, "OriginRecords is used as an async context manager"
         tp = TopicPartition(self.kafka.physical(topic), partition)
         where = f"({tp.topic} {partition}:{offset})"
-        if tp.topic not in await consumer.topics():
+        if not await self.has_topic(topic):
             raise OriginUnavailable(f"{where} cannot be read: the topic does not exist")
         consumer.assign([tp])
         begin = (await consumer.beginning_offsets([tp]))[tp]

@@ -63,9 +63,13 @@ def filed(
 class Origins:
     """The origin topics, by position; a position not held is gone."""
 
-    def __init__(self, *records: Record) -> None:
+    def __init__(self, *records: Record, topics: frozenset[str] = frozenset({"test.things"})) -> None:
         self.records = {(r.topic, r.partition, r.offset): r for r in records}
+        self.topics = topics
         self.asked: list[tuple[str, int, int]] = []
+
+    async def has_topic(self, topic: str) -> bool:
+        return topic in self.topics
 
     async def __call__(self, topic: str, partition: int, offset: int) -> Record:
         self.asked.append((topic, partition, offset))
@@ -246,12 +250,14 @@ async def test_a_truncated_dead_letter_whose_original_is_gone_or_another_is_not_
     assert hashlib.sha256(record.value or b"").hexdigest() in changed.detail
 
 
-async def test_a_record_without_an_origin_is_not_replayed() -> None:
+async def test_a_record_without_an_origin_or_whose_topic_is_gone_is_not_replayed() -> None:
     entry = DeadLetterEntry.of(Record(DEAD_LETTER, 0, 3, b"k", b"{}", (("ce_id", b"x"),)))
 
-    step = await plan_replay(entry, named=True, origin_of=Origins())
+    no_origin = await plan_replay(entry, named=True, origin_of=Origins())
+    no_topic = await plan_replay(filed(original()), named=True, origin_of=Origins(topics=frozenset()))
 
-    assert isinstance(step, Skip) and step.reason == "no-origin"
+    assert isinstance(no_origin, Skip) and no_origin.reason == "no-origin"
+    assert isinstance(no_topic, Skip) and no_topic.reason == "no-topic"
 
 
 # --- the replay ---------------------------------------------------------------------------------------
