@@ -216,6 +216,9 @@ _TOPICS = (
         notes=(
             "Operators read it (and may replay from it); no service acts on it automatically. The audit "
             "service records every dead letter in its trail (configurable).",
+            "`driftloop deadletter list` shows it and `driftloop deadletter replay` puts chosen dead letters "
+            "back on their topics: docs/operations.md, [Dead letters: reading and "
+            "replaying](operations.md#dead-letters-reading-and-replaying).",
         ),
     ),
 )
