@@ -1,5 +1,5 @@
 """docker-compose.yml: the containers can write what they write, their logs are bounded, and nothing is open
-beyond this host; the image alone takes no development token.
+beyond this host; the image alone takes no development token; Prometheus comes only when asked for.
 
 Read from the files themselves (no Docker engine here): each service's settings are loaded with the
 environment its container gets, the image's ENV lines plus the compose file's.
@@ -100,6 +100,19 @@ def test_every_containers_log_is_bounded() -> None:
         or not {"max-size", "max-file"} <= spec["logging"].get("options", {}).keys()
     }
     assert unbounded == {}
+
+
+def test_prometheus_is_opt_in_pinned_and_reads_deploy_prometheus() -> None:
+    """`docker compose up` starts what it did; `--profile observability` adds Prometheus, at a version of
+    Prometheus the rules were written for, with deploy/prometheus/ as its configuration folder."""
+    prometheus = COMPOSE["services"]["prometheus"]
+    source, target, mode = next(v for v in prometheus["volumes"] if v.startswith("./")).split(":")
+
+    assert prometheus["profiles"] == ["observability"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"]), "pin Prometheus's version"
+    assert (PROJECT_ROOT / source / "prometheus.yml").is_file() and mode == "ro"
+    assert f"--config.file={target}/prometheus.yml" in prometheus["command"]
+    assert [name for name, spec in COMPOSE["services"].items() if spec.get("profiles")] == ["prometheus"]
 
 
 def token_store(settings: ServiceSettings) -> TokenStore:
