@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Headers, RawSender, Record
-from libs.bus.kafka import TOO_LARGE, UNREADABLE
+from libs.bus.kafka import TOO_LARGE, UNREADABLE, record_of
 from libs.settings import KafkaSettings
 
 REPLAYED_FROM = "dlq_replayed_from"
@@ -358,18 +358,6 @@ async def replay(
 # --- Kafka ------------------------------------------------------------------------------------------
 
 
-def _record(kafka: KafkaSettings, message: Any) -> Record:
-    return Record(
-        topic=kafka.logical(message.topic),
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        headers=tuple(message.headers or ()),
-        timestamp_ms=message.timestamp,
-    )
-
-
 def _reader(kafka: KafkaSettings) -> AIOKafkaConsumer:
     """A consumer of no group: it commits nothing and moves no service's offsets."""
     return AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **kafka.consumer_options())
@@ -449,7 +437,7 @@ async def _read_partition(
         for message in messages:
             if message.offset >= end:
                 return
-            yield _record(kafka, message)
+            yield record_of(kafka, message)
 
 
 class OriginRecords:
@@ -501,5 +489,5 @@ class OriginRecords:
             for message in batch.get(tp, []):
                 if message.offset != offset:
                     raise OriginUnavailable(f"{where} is gone: the next record is at {message.offset}")
-                return _record(self.kafka, message)
+                return record_of(self.kafka, message)
         raise OriginUnavailable(f"{where} did not come within {self.wait_s:.0f}s")

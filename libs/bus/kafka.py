@@ -267,6 +267,19 @@ DEAD_LETTER_KEY_BYTES = 2048
 _TRUNCATED_PARTS = "key,value,headers"
 
 
+def record_of(kafka: KafkaSettings, message: Any) -> Record:
+    """An aiokafka ``ConsumerRecord`` as the bus's :class:`Record`, its topic by logical name."""
+    return Record(
+        topic=kafka.logical(message.topic),
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=tuple(message.headers or ()),
+        timestamp_ms=message.timestamp,
+    )
+
+
 def dead_letter_message(
     record: Record, *, consumer: str, reason: str, error: str, max_bytes: int
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
@@ -627,19 +640,7 @@ class ConsumerRunner:
             return None
         for tp, messages in batches.items():
             self._next[tp] = messages[-1].offset + 1
-        records = [
-            Record(
-                topic=self.kafka.logical(m.topic),
-                partition=m.partition,
-                offset=m.offset,
-                key=m.key,
-                value=m.value,
-                headers=tuple(m.headers or ()),
-                timestamp_ms=m.timestamp,
-            )
-            for messages in batches.values()
-            for m in messages
-        ]
+        records = [record_of(self.kafka, m) for messages in batches.values() for m in messages]
         return _Poll(batches, records)
 
     async def _settle(self, current: _Poll, ahead: _Poll | None = None) -> bool:

@@ -3,8 +3,10 @@ reading a topic back, and waiting by polling with a deadline (``eventually``, fr
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -13,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import Field
 
 from contracts.envelope import EventPayload
+from libs.db import Migration, apply_migrations, create_pool
 from tests.waiting import eventually as eventually  # where the integration tests import it from
 
 SESSION = uuid.uuid4().hex[:6]
@@ -77,6 +80,23 @@ async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def migrated_schema(
+    database_url: str, prefix: str, migrations: Sequence[Migration]
+) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
+    """A pool on a fresh schema (``unique(prefix)``) with a service's ``migrations`` applied, and the schema's
+    name; the schema is dropped and the pool closed afterwards."""
+    schema = unique(prefix)
+    migrated = await create_pool(database_url, schema=schema)
+    try:
+        await apply_migrations(migrated, schema, migrations)
+        yield migrated, schema
+    finally:
+        async with migrated.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await migrated.close()
 
 
 class Tick(EventPayload):

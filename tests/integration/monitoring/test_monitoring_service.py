@@ -76,7 +76,7 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
-from tests.integration.kafka_tools import create_topics, eventually, read_topic, unique
+from tests.integration.kafka_tools import create_topics, eventually, migrated_schema, read_topic, unique
 from tests.ports import free_port
 from tests.unit.monitoring.fakes import publish_nothing
 from tests.unit.monitoring.test_domain import reference
@@ -213,15 +213,8 @@ async def harness(process_env: dict[str, str]) -> AsyncIterator[Harness]:
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a schema of its own with monitoring's migrations applied, dropped afterwards."""
-    schema = unique("t_mon")
-    migrated = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(migrated, schema, MIGRATIONS)
+    async with migrated_schema(database_url, "t_mon", MIGRATIONS) as (migrated, _schema):
         yield migrated
-    finally:
-        async with migrated.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await migrated.close()
 
 
 @asynccontextmanager

@@ -33,7 +33,7 @@ from services.serving.adapters.postgres import (
 )
 from services.serving.bootstrap import MIGRATIONS
 from services.serving.domain import ModelRoute, RolloutPolicy
-from tests.integration.kafka_tools import eventually, unique
+from tests.integration.kafka_tools import eventually, migrated_schema, unique
 from tests.stage_changes import stage_change
 from tests.unit.serving.fakes import (
     FakeLoader,
@@ -50,15 +50,8 @@ POLICY = RolloutPolicy(steps=(0.1, 0.5, 1.0), min_samples=0, bake_seconds=0.0)
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, str]]:
     """A pool on a schema of its own with serving's migrations applied, dropped afterwards."""
-    schema = unique("t_serving")
-    migrated = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(migrated, schema, MIGRATIONS)
-        yield migrated, schema
-    finally:
-        async with migrated.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await migrated.close()
+    async with migrated_schema(database_url, "t_serving", MIGRATIONS) as migrated:
+        yield migrated
 
 
 async def handle(

@@ -14,7 +14,6 @@ import pytest
 
 from contracts.examples import EXAMPLES, SPEC_ARTIFACT
 from contracts.training import TrainingRequested
-from libs.db import apply_migrations, create_pool
 from libs.http import create_app
 from services.training import api
 from services.training.adapters.postgres import PgJobs
@@ -22,7 +21,7 @@ from services.training.bootstrap import MIGRATIONS
 from services.training.domain import JobState
 from services.training.ports import Job, RequestEnvelope
 from services.training.settings import TrainingSettings
-from tests.integration.kafka_tools import unique
+from tests.integration.kafka_tools import migrated_schema
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +31,8 @@ START = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a schema of its own with training's migrations applied, dropped afterwards."""
-    schema = unique("t_train")
-    migrated = await create_pool(database_url, schema=schema)
-    try:
-        await apply_migrations(migrated, schema, MIGRATIONS)
+    async with migrated_schema(database_url, "t_train", MIGRATIONS) as (migrated, _schema):
         yield migrated
-    finally:
-        async with migrated.acquire() as conn:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await migrated.close()
 
 
 async def add(pool: asyncpg.Pool, job: Job) -> None:
