@@ -2023,7 +2023,9 @@ async def set_policy(
             field="feature_tests",
         )
     _refuse_unknown_features(model, policy, monitor)
-    previous = await store.policy(model)
+    # Locked: two changes at once would otherwise both read the same policy, and one DriftPolicyChanged would
+    # name as replaced a policy the other had already replaced.
+    previous = await store.policy(model, lock=True)
     await store.save_policy(model, policy, actor)
     changed = DriftPolicyChanged(model=model, policy=policy, previous=previous)
     await publish(new_event(changed, source=monitor.source, actor=actor))

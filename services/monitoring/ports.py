@@ -192,8 +192,9 @@ class MonitoringStore(Protocol):
         """A registered model version as first recorded, or None."""
         ...
 
-    async def policy(self, model: str) -> DriftPolicy | None:
-        """The operator's policy for a model, if one was set."""
+    async def policy(self, model: str, *, lock: bool = False) -> DriftPolicy | None:
+        """The operator's policy for a model, if one was set; ``lock``: the model's policy is held to commit,
+        so another setter reads the policy this transaction leaves (also for a model with none yet)."""
         ...
 
     async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:

@@ -125,6 +125,11 @@ _LABEL_NEEDED = """o.perf_seq IS NULL OR o.received_at >= $2
                AND o.predicted_at >= to_timestamp(e.started_at))"""
 
 
+_LOCK_POLICY = (
+    "SELECT pg_advisory_xact_lock(hashtext('driftloop-monitoring-policy-' || current_schema() || '-' || $1))"
+)
+
+
 class PgMonitoringStore:
     """The monitoring schema's tables on one connection."""
 
@@ -153,7 +158,11 @@ class PgMonitoringStore:
         )
         return _stored_model(row) if row is not None else None
 
-    async def policy(self, model: str) -> DriftPolicy | None:
+    async def policy(self, model: str, *, lock: bool = False) -> DriftPolicy | None:
+        if lock:
+            # A lock named after the model, not the row's: a model with no policy yet has no row to lock, and
+            # two first settings at once would each name none as the policy they replace.
+            await self.conn.execute(_LOCK_POLICY, model)
         raw = await self.conn.fetchval("SELECT policy FROM policies WHERE model = $1", model)
         return _stored_policy(model, raw) if raw is not None else None
 

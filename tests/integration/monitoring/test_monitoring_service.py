@@ -73,6 +73,7 @@ from services.monitoring.handlers import (
     prune_alerts,
     prune_labelled,
     prune_window_reports,
+    set_policy,
 )
 from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
@@ -1942,3 +1943,46 @@ async def test_a_rollout_ending_while_housekeeping_gives_up_its_kept_step_leaves
         await ended
         assert await PgMonitoringStore(watcher).rollout_outcome("r-race") == "promoted"
         assert await PgMonitoringStore(watcher).given_up_steps() == []
+
+
+@pytest.mark.parametrize("before", [None, 0.2], ids=["first-policy", "policy-set"])
+async def test_two_policy_changes_at_once_each_name_the_policy_they_replace(
+    pool: asyncpg.Pool, before: float | None
+) -> None:
+    # Two operators PUT a model's policy at once, each request on a connection of its own. The second read
+    # the policy before the first committed, so both DriftPolicyChanged named the same policy as replaced,
+    # and the audit trail never showed the one the second really replaced (the first's).
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    changes: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        changes.append(event)
+
+    async def setting(conn: asyncpg.Connection, psi_threshold: float) -> None:
+        async with conn.transaction():
+            fields = {"psi_threshold": psi_threshold}
+            store = PgMonitoringStore(conn)
+            await set_policy("churn", fields, actor="user:op", monitor=monitor, store=store, publish=publish)
+
+    async with pool.acquire() as first, pool.acquire() as second, pool.acquire() as watcher:
+        if before is not None:
+            await setting(first, before)
+        async with first.transaction():
+            await setting(first, 0.3)
+            later = asyncio.create_task(setting(second, 0.4))
+            pid = second.get_server_pid()
+
+            async def waiting_for_a_lock() -> bool:
+                kind = await watcher.fetchval(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                return kind == "Lock"
+
+            await eventually(waiting_for_a_lock, deadline_s=10.0)
+        await later
+        stored = await PgMonitoringStore(watcher).policy("churn")
+
+    replaced = [c.data.previous.psi_threshold if c.data.previous else None for c in changes]
+    assert [c.data.policy.psi_threshold for c in changes] == [0.2, 0.3, 0.4][1 if before is None else 0 :]
+    assert replaced == ([] if before is None else [None]) + [before, 0.3]
+    assert stored is not None and stored.psi_threshold == 0.4

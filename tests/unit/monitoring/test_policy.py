@@ -151,7 +151,7 @@ class PolicyStore:
     def __init__(self) -> None:
         self.rows: dict[str, DriftPolicy] = {}
 
-    async def policy(self, model: str) -> DriftPolicy | None:
+    async def policy(self, model: str, *, lock: bool = False) -> DriftPolicy | None:
         return self.rows.get(model)
 
     async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
