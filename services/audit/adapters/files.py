@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import heapq
 import os
 from collections.abc import Iterator, Sequence
@@ -167,14 +168,22 @@ class CheckpointFile:
         return 0
 
     def append(self, checkpoints: Sequence[AuditCheckpoint]) -> int:
-        """Append those newer than the file's newest; one write per line, so lines never interleave."""
-        last = self.last_sequence()
-        newer = sorted((c for c in checkpoints if c.sequence > last), key=lambda c: c.sequence)
-        if not newer:
+        """Append those newer than the file's newest; one write per line, so lines never interleave.
+
+        The file's lock (an flock on it) is held from the read of its newest checkpoint to the last write:
+        replicas of the service with the same settings on one host (or a shared volume) append to one file,
+        and two that read its end at once each appended the same checkpoints, leaving the file's lines out
+        of sequence order, which its search relies on. Readers need not take it: lines are written whole."""
+        if not self._newer(checkpoints):
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            # Closing the descriptor releases the lock, and the kernel does so for a writer that dies.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            newer = self._newer(checkpoints)  # read again under the lock: another writer may have added them
+            if not newer:
+                return 0
             if _torn(fd):
                 # A write cut short (a crash, a full disk) left a line without its end: the torn line is
                 # skipped when read, and must not take the next checkpoint with it.
@@ -187,6 +196,11 @@ class CheckpointFile:
             os.close(fd)
         self._last = newer[-1].sequence
         return len(newer)
+
+    def _newer(self, checkpoints: Sequence[AuditCheckpoint]) -> list[AuditCheckpoint]:
+        """Those of ``checkpoints`` newer than the file's newest, in sequence order."""
+        last = self.last_sequence()
+        return sorted((c for c in checkpoints if c.sequence > last), key=lambda c: c.sequence)
 
 
 FileStamp = tuple[int, int, int, int]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import fcntl
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -137,6 +139,48 @@ def test_a_torn_last_line_costs_no_checkpoint_appended_after_it(tmp_path: Path) 
     with path.open("ab") as f:
         f.write(b"\n" + second.model_dump_json().encode()[:40])  # a torn line at the end, after a blank one
     assert CheckpointFile(path, in_order=True).last_sequence() == 20
+
+
+class AppendedToAtOnce(CheckpointFile):
+    """The service's file, appended to by another replica (``other``, the same file) the moment this one has
+    read where the file ends, when the file's lock lets another writer in then."""
+
+    def __init__(self, path: Path, other: CheckpointFile, pending: list[AuditCheckpoint]) -> None:
+        super().__init__(path, in_order=True)
+        self.other, self.pending = other, pending
+
+    def last_sequence(self) -> int:
+        last = super().last_sequence()
+        if self.pending and self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return last  # the other replica waits for this one's append
+            finally:
+                os.close(fd)
+            self.other.append(self.pending)
+            self.pending = []
+        return last
+
+
+def test_two_replicas_copying_the_same_checkpoints_at_once_write_each_once(tmp_path: Path) -> None:
+    # Replicas with the same settings on one host append to one checkpoint file. Both read its end, then both
+    # appended what the database had past it: every checkpoint twice, the lines out of sequence order.
+    signer = Signer(bytes(range(32)))
+    path = tmp_path / "checkpoints.ndjson"
+    cps = [
+        signer.checkpoint(ChainHead(n, bytes(32)), signed_at=datetime(2025, 1, 1, 0, 0, n, tzinfo=UTC))
+        for n in (10, 20, 30)
+    ]
+    CheckpointFile(path).append(cps[:1])
+    other = CheckpointFile(path, in_order=True)
+    archive = AppendedToAtOnce(path, other, cps)
+
+    archive.append(cps)
+
+    assert [c.sequence for c in CheckpointFile(path).read()] == [10, 20, 30]
+    assert archive.last_sequence() == other.last_sequence() == 30
 
 
 def test_the_writer_role_is_a_plain_identifier_to_its_last_character() -> None:
