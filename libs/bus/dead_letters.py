@@ -358,9 +358,15 @@ async def replay(
 # --- Kafka ------------------------------------------------------------------------------------------
 
 
-def _reader(kafka: KafkaSettings) -> AIOKafkaConsumer:
-    """A consumer of no group: it commits nothing and moves no service's offsets."""
-    return AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **kafka.consumer_options())
+async def _reader(kafka: KafkaSettings) -> AIOKafkaConsumer:
+    """A started consumer of no group: it commits nothing and moves no service's offsets."""
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **kafka.consumer_options())
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # a failed start leaves its client open (aiokafka warns "Unclosed" at exit)
+        raise
+    return consumer
 
 
 async def read_dead_letters(
@@ -371,8 +377,7 @@ async def read_dead_letters(
     broker cannot be reached."""
     physical = kafka.physical(topic)
     partitions = await _partitions(kafka, physical)
-    consumer = _reader(kafka)
-    await consumer.start()
+    consumer = await _reader(kafka)
     try:
         tps = [TopicPartition(physical, p) for p in partitions]
         ends: Mapping[TopicPartition, int] = await consumer.end_offsets(tps)
@@ -451,8 +456,7 @@ class OriginRecords:
         self._topics: set[str] | None = None
 
     async def __aenter__(self) -> OriginRecords:
-        self._consumer = _reader(self.kafka)
-        await self._consumer.start()
+        self._consumer = await _reader(self.kafka)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

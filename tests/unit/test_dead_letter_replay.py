@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from contracts.envelope import CloudEvent
@@ -20,6 +21,7 @@ from libs.bus.dead_letters import (
     REPLAYED_FROM,
     DeadLetterEntry,
     DeadLetterSelection,
+    OriginRecords,
     OriginUnavailable,
     Replay,
     Skip,
@@ -27,6 +29,7 @@ from libs.bus.dead_letters import (
     replay,
 )
 from libs.bus.kafka import dead_letter_message
+from libs.settings import KafkaSettings
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 
 LIMIT = 1_000_000 + 64 * 1024
@@ -340,3 +343,22 @@ async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often
 
     assert handled == [7]
     assert len(bus.dead_letters) == 1
+
+
+async def test_a_reader_whose_start_fails_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker away: the reader's and the origin records' consumers are stopped, not left open (aiokafka
+    warned "Unclosed AIOKafkaConsumer" at the command's exit)."""
+    stopped: list[AIOKafkaConsumer] = []
+
+    async def start(self: AIOKafkaConsumer) -> None:
+        raise KafkaConnectionError("Unable to bootstrap")
+
+    async def stop(self: AIOKafkaConsumer) -> None:
+        stopped.append(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", start)
+    monkeypatch.setattr(AIOKafkaConsumer, "stop", stop)
+    with pytest.raises(KafkaConnectionError):
+        async with OriginRecords(KafkaSettings(bootstrap="127.0.0.1:1")):
+            pass
+    assert len(stopped) == 1
