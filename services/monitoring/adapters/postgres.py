@@ -858,15 +858,17 @@ class PgMonitoringStore:
         )
 
     async def recent_alerts(self, models: Sequence[str], per_model: int) -> dict[str, list[dict[str, Any]]]:
-        # The newest of each model through alerts_by_model: the newest 200 of all models, filtered, left a
-        # model with a few older alerts none while another's flooded the table.
+        # The newest of each model through alerts_latest: the newest 200 of all models, filtered, left a
+        # model with a few older alerts none while another's flooded the table. Alerts written in one
+        # transaction share created_at: seq, the order they were written in, breaks the tie (migration 0018).
         rows = await self.conn.fetch(
             """SELECT a.event_id, a.model, a.version, a.kind, a.summary, a.created_at
                FROM unnest($1::text[]) AS m(model)
                CROSS JOIN LATERAL (
-                   SELECT * FROM alerts WHERE alerts.model = m.model ORDER BY created_at DESC LIMIT $2
+                   SELECT * FROM alerts WHERE alerts.model = m.model
+                   ORDER BY created_at DESC, seq DESC LIMIT $2
                ) AS a
-               ORDER BY a.model, a.created_at DESC""",
+               ORDER BY a.model, a.created_at DESC, a.seq DESC""",
             list(models),
             per_model,
         )
@@ -878,7 +880,7 @@ class PgMonitoringStore:
         return alerts
 
     async def alerted_models(self) -> list[str]:
-        # One index probe per model (alerts_by_model), where DISTINCT read every alert.
+        # One index probe per model (alerts_latest), where DISTINCT read every alert.
         rows = await self.conn.fetch(
             """WITH RECURSIVE m AS (
                    SELECT min(model) AS model FROM alerts
@@ -900,7 +902,7 @@ class PgMonitoringStore:
     async def prune_alerts(
         self, model: str, created_from: datetime, created_before: datetime, limit: int
     ) -> tuple[int, datetime | None]:
-        # Oldest first through alerts_by_model from where the round's last batch stopped, as window reports.
+        # Oldest first through alerts_latest from where the round's last batch stopped, as window reports.
         # The batch's ids as an array: as a join (IN), the delete read every alert to match them.
         row = await self.conn.fetchrow(
             """WITH gone AS (

@@ -1986,3 +1986,18 @@ async def test_two_policy_changes_at_once_each_name_the_policy_they_replace(
     assert [c.data.policy.psi_threshold for c in changes] == [0.2, 0.3, 0.4][1 if before is None else 0 :]
     assert replaced == ([] if before is None else [None]) + [before, 0.3]
     assert stored is not None and stored.psi_threshold == 0.4
+
+
+async def test_the_status_lists_alerts_written_in_one_transaction_newest_written_first(
+    pool: asyncpg.Pool,
+) -> None:
+    # One window's alerts are written in one transaction and share created_at: ordered by it alone, they came
+    # back in either order and the per-model limit cut between them as it happened to.
+    written = [f"a-{i}" for i in (3, 1, 4, 0, 2)]  # in no order of their ids
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            store = PgMonitoringStore(conn)
+            for event_id in written:
+                await store.record_alert(event_id, "churn", 1, "DataQualityIssue", "s")
+        listed = await PgMonitoringStore(conn).recent_alerts(["churn"], 3)
+    assert [a["event_id"] for a in listed["churn"]] == written[::-1][:3]
