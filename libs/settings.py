@@ -32,6 +32,18 @@ one Postgres message (1 GB, the largest it takes) with its key and headers (``li
 consumer's fetch may bring four times it (``consumer_options``), which Kafka's protocol carries as a 32-bit
 integer: at 512 MiB, 2**31, every fetch failed to encode."""
 
+SECONDS_MAX = 3_153_600_000.0
+"""The longest wait a setting in seconds that is counted in dates takes: a hundred years (36,500 days, where
+a retention's keep means for ever, ``libs.bus.retention.KEEP_FOR_EVER_DAYS``), far past any real use. Such a
+wait is counted back from now (or forward from an event's time) into a date, which Python holds from year 1 to
+9999 and Postgres from 4713 BC: monitoring's label wait of some 2,000 years put its cutoffs before year 1, and
+every tick failed with OverflowError."""
+
+CONSUMER_MAX_RETRIES_LIMIT = 1_000
+"""The largest ``consumer_max_retries``: the delay before retry n is the backoff times 2**(n - 1), which a
+float holds up to n = 1,024 (past it the retry raised OverflowError out of the consumer); a thousand retries
+wait longer than anything runs at any backoff but the smallest."""
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
 
@@ -242,8 +254,10 @@ class ServiceSettings(BaseSettings):
     consumer_max_retries: int = Field(
         3,
         ge=0,
+        le=CONSUMER_MAX_RETRIES_LIMIT,
         description="Retries of a failing handler before its event is dead-lettered (so 1 + this many "
-        "attempts), 0 or more.",
+        "attempts), 0 to 1,000: the delay doubles per retry, and past some 1,024 doublings it is no number a "
+        "float holds (the retry failed with OverflowError).",
     )
     consumer_retry_backoff_s: float = Field(
         0.2,

@@ -11,7 +11,7 @@ from contracts.models import ModelVersionRegistered
 from contracts.monitoring import JENSEN_SHANNON_MAX, CorrectionMethod
 from contracts.predictions import PredictionsLogged
 from contracts.rollouts import RolloutStarted
-from libs.settings import Port, ServiceSettings
+from libs.settings import SECONDS_MAX, Port, ServiceSettings
 
 
 class MonitoringSettings(ServiceSettings):
@@ -104,8 +104,10 @@ class MonitoringSettings(ServiceSettings):
     label_wait_seconds: float = Field(
         86_400.0,
         gt=0,
+        le=SECONDS_MAX,
         description="Predictions are kept this long for their labels; a label for an older one (or one "
-        "that waited this long for its prediction) is counted as unmatched.",
+        "that waited this long for its prediction) is counted as unmatched. At most 3,153,600,000 (a hundred "
+        "years): it is counted back from now into a date, which before year 1 failed every tick.",
     )
     max_cached_predictions: int = Field(
         500_000, ge=1_000, description="Upper bound of predictions kept in memory for label joins."
@@ -121,12 +123,14 @@ class MonitoringSettings(ServiceSettings):
     max_clock_skew_seconds: float = Field(
         300.0,
         ge=0,
+        le=SECONDS_MAX,
         description="A prediction dated further ahead of when monitoring consumed it (a serving replica's "
         "clock ahead) is kept for its label as if dated this far ahead, and counted "
         "(driftloop_monitoring_predictions_ahead_of_clock_total); its date is kept as sent. A rollout step "
         "(RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled it starts this "
         "far ahead (its time range and timeout), and is counted "
-        "(driftloop_monitoring_rollout_steps_ahead_of_clock_total).",
+        "(driftloop_monitoring_rollout_steps_ahead_of_clock_total). At most 3,153,600,000 (a hundred years): "
+        "with twice label_wait_seconds it is counted back from now into the joined labels' retention date.",
     )
     performance_window_labels: int = Field(
         500,
@@ -181,8 +185,10 @@ class MonitoringSettings(ServiceSettings):
     canary_label_grace_seconds: float = Field(
         60.0,
         ge=0,
+        le=SECONDS_MAX,
         description="When labels are flowing for a model, a verdict waits up to this long after the bake "
-        "time for enough canary labels.",
+        "time for enough canary labels. At most 3,153,600,000 (a hundred years): it is counted back from now "
+        "into a date.",
     )
     canary_latency_ratio: float = Field(
         1.5, ge=1, description="Canary p95 latency may be up to this times stable's (plus the slack)."
@@ -229,11 +235,13 @@ class MonitoringSettings(ServiceSettings):
     rollout_start_wait_seconds: float = Field(
         86_400.0,
         gt=0,
+        le=SECONDS_MAX,
         description="A RolloutStepAdvanced that comes before its rollout's RolloutStarted (events out of "
         "order) is kept this long for the start, which then watches the highest step kept (its canary's "
         "traffic collected meanwhile); past it the step is given up, logged as an error and counted "
         "(driftloop_monitoring_rollout_steps_never_watched_total), and a start that still comes watches it "
-        "from then on.",
+        "from then on. At most 3,153,600,000 (a hundred years): /v1/status dates when a kept step expires, "
+        "which past year 9999 failed the page.",
     )
 
     # --- plumbing -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from libs.settings import Port, ServiceSettings
+from libs.settings import SECONDS_MAX, Port, ServiceSettings
 
 
 class TrainingSettings(ServiceSettings):
@@ -28,8 +28,11 @@ class TrainingSettings(ServiceSettings):
     stale_after_s: float = Field(
         30.0,
         gt=0,
+        le=SECONDS_MAX,
         description="A running job whose heartbeat is older than this belongs to a dead worker: it is "
-        "resumed. More than twice heartbeat_interval_s.",
+        "resumed. More than twice heartbeat_interval_s, at most 3,153,600,000 (a hundred years): it is "
+        "counted back from now into a date in Postgres, which holds none before 4713 BC (some 6,700 years "
+        "back): past it every look for work failed.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Runs of one job before it fails for good (worker-lost) instead of resuming."

@@ -1,0 +1,128 @@
+"""Settings at their extremes: a value the settings accept never crashes a loop at run time, and one past the
+bound is refused as the service starts, naming its variable. Durations counted into dates are at most
+``SECONDS_MAX`` (a hundred years): monitoring's label wait of some 2,000 years put its cutoffs before year 1,
+and every tick failed; the consumers' retries are at most 1,000, whose doubled delay a float still holds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from contracts.envelope import CloudEvent
+from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.service import load_settings
+from libs.settings import CONSUMER_MAX_RETRIES_LIMIT, SECONDS_MAX, ServiceSettings
+from services.monitoring import api, bootstrap
+from services.monitoring.bootstrap import Background, make_monitor
+from services.monitoring.handlers import plan_labelled_retention
+from services.monitoring.ports import EarlyStep
+from services.monitoring.settings import MonitoringSettings
+from services.training.settings import TrainingSettings
+from tests.unit.monitoring.test_canary_watch import LastingWindowStore, Runtime
+from tests.unit.monitoring.test_domain import reference, requests
+from tests.unit.monitoring.test_labelled_retention import Labelled
+from tests.unit.test_bus import REGISTRY, ThingHappened, thing
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+
+PAST_THE_BOUND = [
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_LABEL_WAIT_SECONDS", "1e11"),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_MAX_CLOCK_SKEW_SECONDS", "1e11"),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_CANARY_LABEL_GRACE_SECONDS", "1e11"),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_ROLLOUT_START_WAIT_SECONDS", "1e11"),
+    (TrainingSettings, "DRIFTLOOP_TRAINING_STALE_AFTER_S", "1e11"),
+    (TrainingSettings, "DRIFTLOOP_CONSUMER_MAX_RETRIES", "1025"),
+]
+
+
+@pytest.mark.parametrize(("settings_class", "variable", "value"), PAST_THE_BOUND)
+def test_a_value_past_its_bound_stops_the_service_at_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    settings_class: type[ServiceSettings],
+    variable: str,
+    value: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(settings_class)
+    assert stopped.value.code == 2
+    refused = f"{variable}={value!r} is not valid: Input should be less than or equal to"
+    assert refused in capsys.readouterr().err
+
+
+@pytest.fixture
+def store(monkeypatch: pytest.MonkeyPatch) -> LastingWindowStore:
+    lasting = LastingWindowStore(failing={})
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: lasting)
+    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    return lasting
+
+
+def monitoring_at_the_bounds() -> MonitoringSettings:
+    return MonitoringSettings(
+        label_wait_seconds=SECONDS_MAX,
+        max_clock_skew_seconds=SECONDS_MAX,
+        canary_label_grace_seconds=SECONDS_MAX,
+        rollout_start_wait_seconds=SECONDS_MAX,
+        labelled_keep_days=30,
+    )
+
+
+async def test_monitorings_tick_runs_with_its_waits_at_their_bounds(store: LastingWindowStore) -> None:
+    monitor = make_monitor(monitoring_at_the_bounds(), artifacts=None, source="/test/monitoring")
+    monitor.live.add_reference(reference())
+    monitor.live.ingest(requests(50, seed=1), arrival=NOW)
+    background = Background(Runtime(), monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    await background.once()
+
+    assert background.failed_task is None
+
+
+async def test_the_joined_labels_retention_plans_with_the_waits_at_their_bounds() -> None:
+    monitor = make_monitor(monitoring_at_the_bounds(), artifacts=None, source="/t")
+    monitor.clock = lambda: NOW
+    exported = {"churn": datetime(2026, 1, 1, tzinfo=UTC)}  # the export's horizon, later than the cutoff
+    labelled = Labelled({"churn": {"p-1": NOW - 86_400}}, exported=exported)
+    plan = await plan_labelled_retention(monitor=monitor, store=labelled)  # type: ignore[arg-type]
+    # Kept three times 36,500 days (twice the wait plus the skew), counted back from now into 1727.
+    assert [(model, before.year) for model, before in plan] == [("churn", 1727)]
+
+
+def test_the_status_dates_a_kept_steps_expiry_with_the_start_wait_at_its_bound() -> None:
+    monitor = make_monitor(monitoring_at_the_bounds(), artifacts=None, source="/t")
+    step = EarlyStep("r-1", 1, "churn", 1, 2, NOW, "c", "c", None, received_at=NOW)
+    expires = datetime.fromisoformat(api._kept_public(step, monitor)["expires_at"])
+    assert expires - datetime.fromtimestamp(NOW, UTC) == timedelta(seconds=SECONDS_MAX)
+
+
+def test_training_looks_for_stale_jobs_with_a_date_that_exists_at_its_bound() -> None:
+    stale = timedelta(seconds=TrainingSettings(stale_after_s=SECONDS_MAX).stale_after_s)
+    # What claim_next sends Postgres (now() - $1::interval): a date after 4713 BC, and in Python's range too.
+    assert (datetime.fromtimestamp(NOW, UTC) - stale).year == 1926
+
+
+async def test_a_consumer_retries_as_many_times_as_its_bound_allows_then_dead_letters() -> None:
+    attempts: list[int] = []
+
+    async def failing(event: CloudEvent[ThingHappened], tx: Transaction) -> None:
+        attempts.append(event.data.n)
+        raise RuntimeError("unlucky")
+
+    bus = InMemoryBus(REGISTRY)
+    # The smallest backoff a float holds: a thousand doublings of it wait no time at all.
+    bus.subscribe(
+        Subscription(
+            consumer="c",
+            topics=["test.things"],
+            handlers={ThingHappened: failing},
+            max_retries=CONSUMER_MAX_RETRIES_LIMIT,
+            retry_backoff_s=5e-324,
+        )
+    )
+    await bus.publish(thing(1))
+    await bus.drain()
+    assert len(attempts) == 1 + CONSUMER_MAX_RETRIES_LIMIT
+    assert [dead.reason for dead in bus.dead_letters] == ["handler-failed"]
