@@ -39,11 +39,6 @@ wait is counted back from now (or forward from an event's time) into a date, whi
 9999 and Postgres from 4713 BC: monitoring's label wait of some 2,000 years put its cutoffs before year 1, and
 every tick failed with OverflowError."""
 
-CONSUMER_MAX_RETRIES_LIMIT = 1_000
-"""The largest ``consumer_max_retries``: the delay before retry n is the backoff times 2**(n - 1), which a
-float holds up to n = 1,024 (past it the retry raised OverflowError out of the consumer); a thousand retries
-wait longer than anything runs at any backoff but the smallest."""
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
 
@@ -254,16 +249,16 @@ class ServiceSettings(BaseSettings):
     consumer_max_retries: int = Field(
         3,
         ge=0,
-        le=CONSUMER_MAX_RETRIES_LIMIT,
         description="Retries of a failing handler before its event is dead-lettered (so 1 + this many "
-        "attempts), 0 to 1,000: the delay doubles per retry, and past some 1,024 doublings it is no number a "
-        "float holds (the retry failed with OverflowError).",
+        "attempts), 0 or more; the delay between them doubles from consumer_retry_backoff_s up to 5 s, so 20 "
+        "retries wait about 80 s at the defaults. The partition waits meanwhile.",
     )
     consumer_retry_backoff_s: float = Field(
         0.2,
         gt=0,
         description="First retry delay, above 0 (the outage retry loop waits this long first); "
-        "doubles per attempt.",
+        "doubles per attempt up to 5 s (until 2026-12-02 a failing handler's did not stop doubling: at 20 "
+        "retries the last waited some 29 hours).",
     )
     consumer_max_uncertain_retries: int = Field(
         20,

@@ -38,6 +38,13 @@ from libs.logging import get_logger, handling
 
 log = get_logger(__name__)
 
+RETRY_DELAY_MAX_S = 5.0
+"""The longest wait between two tries of one event, whatever failed: the delay doubles from the
+subscription's ``retry_backoff_s`` up to this. The consumer settles one poll at a time, so every record behind
+a retried event waits with it: a handler failure still there after a few doublings is seldom one a longer wait
+cures, and an outage that ends is noticed within this long. Uncapped, the handler's 20th retry waited
+0.2 * 2**19 s (some 29 hours) and the 1,025th was no number a float holds (OverflowError)."""
+
 Headers = tuple[tuple[str, bytes | None], ...]
 """A record's headers as Kafka gives them: a header's value may be null."""
 
@@ -393,6 +400,8 @@ class Subscription:
     raw: bool = False
     max_retries: int = 3
     retry_backoff_s: float = 0.2
+    """The first retry's delay, a handler's failure's as an outage's; it doubles per retry up to
+    :data:`RETRY_DELAY_MAX_S` (5 s)."""
     max_uncertain_retries: int = 20
     """Retries of an event whose handler keeps raising a :attr:`Transience.UNCERTAIN` error (an OSError or a
     timeout of its own, a statement timeout), with the outage's backoff (doubling from ``retry_backoff_s`` up
@@ -599,7 +608,9 @@ class Dispatcher:
     ) -> None:
         record = deliveries[0].record
         attempt = uncertain = 0
-        transient_delay = self.sub.retry_backoff_s
+        # Doubled as they are used, never raised to a power: a float that doubles past its range is inf, and
+        # min() makes it the cap, where backoff * 2**n raised OverflowError past n = 1,023.
+        transient_delay = handler_delay = self.sub.retry_backoff_s
         while True:
             try:
                 await self._attempt(deliveries, run)
@@ -648,7 +659,7 @@ class Dispatcher:
                     )
                     metrics.RETRIED.labels(self.sub.consumer, record.topic).inc()
                     await asyncio.sleep(transient_delay)
-                    transient_delay = min(transient_delay * 2, 5.0)
+                    transient_delay = min(transient_delay * 2, RETRY_DELAY_MAX_S)
                     continue
                 attempt += 1
                 if attempt > self.sub.max_retries:
@@ -656,8 +667,11 @@ class Dispatcher:
                     await self._dead_letter(record, "handler-failed", f"{type(exc).__name__}: {exc}")
                     return
                 metrics.RETRIED.labels(self.sub.consumer, record.topic).inc()
-                log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
-                await asyncio.sleep(self.sub.retry_backoff_s * 2 ** (attempt - 1))
+                log.warning(
+                    "handler failed, retrying", attempt=attempt, error=repr(exc), delay_s=handler_delay
+                )
+                await asyncio.sleep(handler_delay)
+                handler_delay = min(handler_delay * 2, RETRY_DELAY_MAX_S)
 
     async def _attempt(
         self, deliveries: list[Delivery], run: Callable[[Transaction, list[Delivery]], Awaitable[None]]

@@ -1,18 +1,20 @@
 """Settings at their extremes: a value the settings accept never crashes a loop at run time, and one past the
 bound is refused as the service starts, naming its variable. Durations counted into dates are at most
 ``SECONDS_MAX`` (a hundred years): monitoring's label wait of some 2,000 years put its cutoffs before year 1,
-and every tick failed; the consumers' retries are at most 1,000, whose doubled delay a float still holds."""
+and every tick failed. A failing handler's retry delay doubles up to 5 s (``RETRY_DELAY_MAX_S``), so any
+number of retries waits a number a float holds."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from contracts.envelope import CloudEvent
-from libs.bus import InMemoryBus, Subscription, Transaction
+from libs.bus import InMemoryBus, Subscription, Transaction, core
 from libs.service import load_settings
-from libs.settings import CONSUMER_MAX_RETRIES_LIMIT, SECONDS_MAX, ServiceSettings
+from libs.settings import SECONDS_MAX, ServiceSettings
 from services.monitoring import api, bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import plan_labelled_retention
@@ -32,7 +34,6 @@ PAST_THE_BOUND = [
     (MonitoringSettings, "DRIFTLOOP_MONITORING_CANARY_LABEL_GRACE_SECONDS", "1e11"),
     (MonitoringSettings, "DRIFTLOOP_MONITORING_ROLLOUT_START_WAIT_SECONDS", "1e11"),
     (TrainingSettings, "DRIFTLOOP_TRAINING_STALE_AFTER_S", "1e11"),
-    (TrainingSettings, "DRIFTLOOP_CONSUMER_MAX_RETRIES", "1025"),
 ]
 
 
@@ -104,7 +105,19 @@ def test_training_looks_for_stale_jobs_with_a_date_that_exists_at_its_bound() ->
     assert (datetime.fromtimestamp(NOW, UTC) - stale).year == 1926
 
 
-async def test_a_consumer_retries_as_many_times_as_its_bound_allows_then_dead_letters() -> None:
+async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however_many_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Uncapped, the 20th retry waited 0.2 * 2**19 s (29 hours, the partition held) and the 1,025th raised
+    # OverflowError out of the consumer: max_retries needs no bound now.
+    waited: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waited.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(core.asyncio, "sleep", sleep)
     attempts: list[int] = []
 
     async def failing(event: CloudEvent[ThingHappened], tx: Transaction) -> None:
@@ -112,17 +125,15 @@ async def test_a_consumer_retries_as_many_times_as_its_bound_allows_then_dead_le
         raise RuntimeError("unlucky")
 
     bus = InMemoryBus(REGISTRY)
-    # The smallest backoff a float holds: a thousand doublings of it wait no time at all.
+    limits = ServiceSettings(consumer_max_retries=1_100).consumer_limits()
     bus.subscribe(
-        Subscription(
-            consumer="c",
-            topics=["test.things"],
-            handlers={ThingHappened: failing},
-            max_retries=CONSUMER_MAX_RETRIES_LIMIT,
-            retry_backoff_s=5e-324,
-        )
+        Subscription(consumer="c", topics=["test.things"], handlers={ThingHappened: failing}, **limits)
     )
     await bus.publish(thing(1))
     await bus.drain()
-    assert len(attempts) == 1 + CONSUMER_MAX_RETRIES_LIMIT
+
+    assert len(attempts) == 1 + 1_100
     assert [dead.reason for dead in bus.dead_letters] == ["handler-failed"]
+    assert waited[:7] == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+    assert len(waited) == 1_100
+    assert max(waited) == 5.0
