@@ -615,7 +615,10 @@ async def upload_dataset(
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:
         raise PayloadTooLarge(f"{file.filename} is {file.size} bytes; the upload limit is {limit} bytes")
-    data = await file.read(limit + 1)
+    # As much as the part holds (starlette counts it as it spools), not the limit: a part over 1 MiB is
+    # spooled to disk, and a read of a file asks for all the memory it names at once, so a limit larger than
+    # the machine's memory failed every such upload with MemoryError. One byte more shows a file over it.
+    data = await file.read((limit if file.size is None else min(limit, file.size)) + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"{file.filename} is larger than the upload limit of {limit} bytes")
     limits = TableLimits(

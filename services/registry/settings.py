@@ -10,6 +10,11 @@ from libs.settings import Port, ServiceSettings
 
 MIB = 1024 * 1024
 
+UPLOAD_BYTES_MAX = 2**40
+"""The largest ``max_upload_bytes``, a terabyte: an upload is held in memory whole and decoded into a table
+there, so this is far past any machine's use. The limit is read with one byte more (to see a file over it),
+which past 2**63 - 2 no C read takes: every upload failed with a 500."""
+
 
 class RegistrySettings(ServiceSettings):
     """Settings of the registry (env prefix DRIFTLOOP_REGISTRY_, falling back to DRIFTLOOP_)."""
@@ -21,7 +26,12 @@ class RegistrySettings(ServiceSettings):
         "registry", description="Kafka consumer group of the registry's event handlers (and its inbox name)."
     )
     max_upload_bytes: int = Field(
-        64 * MIB, ge=1, description="Dataset uploads whose file is larger than this get 413; 1 or more."
+        64 * MIB,
+        ge=1,
+        le=UPLOAD_BYTES_MAX,
+        description="Dataset uploads whose file is larger than this get 413; 1 to 1,099,511,627,776 (a "
+        "terabyte, far past any real use: an upload is held in memory whole; past 2**63 - 2 every upload "
+        "failed with a 500).",
     )
     max_request_bytes: int = Field(
         65 * MIB,

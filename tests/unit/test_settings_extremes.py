@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import pytest
 
 from contracts.envelope import CloudEvent
 from libs.bus import InMemoryBus, Subscription, Transaction, core
+from libs.http import create_app
 from libs.service import load_settings
 from libs.settings import SECONDS_MAX, ServiceSettings
 from services.monitoring import api, bootstrap
@@ -20,10 +23,13 @@ from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import plan_labelled_retention
 from services.monitoring.ports import EarlyStep
 from services.monitoring.settings import MonitoringSettings
+from services.registry import api as registry_api
+from services.registry.settings import UPLOAD_BYTES_MAX, RegistrySettings
 from services.training.settings import TrainingSettings
 from tests.unit.monitoring.test_canary_watch import LastingWindowStore, Runtime
 from tests.unit.monitoring.test_domain import reference, requests
 from tests.unit.monitoring.test_labelled_retention import Labelled
+from tests.unit.registry.test_api import OPERATOR, NoReads
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
@@ -34,6 +40,7 @@ PAST_THE_BOUND = [
     (MonitoringSettings, "DRIFTLOOP_MONITORING_CANARY_LABEL_GRACE_SECONDS", "1e11"),
     (MonitoringSettings, "DRIFTLOOP_MONITORING_ROLLOUT_START_WAIT_SECONDS", "1e11"),
     (TrainingSettings, "DRIFTLOOP_TRAINING_STALE_AFTER_S", "1e11"),
+    (RegistrySettings, "DRIFTLOOP_REGISTRY_MAX_UPLOAD_BYTES", str(2**63 - 1)),
 ]
 
 
@@ -137,3 +144,26 @@ async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however
     assert waited[:7] == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
     assert len(waited) == 1_100
     assert max(waited) == 5.0
+
+
+async def test_the_registry_reads_an_upload_spooled_to_disk_with_its_limit_at_the_bound(
+    tmp_path: Path,
+) -> None:
+    # Read with the limit's size, a part over 1 MiB (spooled to a file) asked for a terabyte of memory:
+    # MemoryError, a 500. Past the check the file is decoded, and its header refused (422, no database here).
+    settings = RegistrySettings(
+        env="test", auth_tokens_file=tmp_path / "tokens.json", max_upload_bytes=UPLOAD_BYTES_MAX
+    )
+    app = create_app(settings, title="registry", description="", routers=[registry_api.router])
+    app.state.reads = NoReads()
+    body = ("a," + "x" * 300 + "\n" + "1,2\n" * 600_000).encode()  # 2.4 MB
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+        r = await client.post(
+            "/v1/datasets",
+            data={"name": "churn"},
+            files={"file": ("d.csv", body, "text/csv")},
+            headers=OPERATOR,
+        )
+    assert r.status_code == 422, r.text
+    assert "column 2 of the header" in r.json()["detail"]
