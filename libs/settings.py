@@ -322,7 +322,11 @@ class ServiceSettings(BaseSettings):
     http_body_min_bytes_per_s: int = Field(
         1000,
         ge=1,
-        description="The rate of body that earns a request one more second (http_body_timeout_s), 1 or more.",
+        le=10**12,
+        description="The rate of body that earns a request one more second (http_body_timeout_s), 1 to "
+        "1,000,000,000,000 (a terabyte a second, faster than any link: past it a body's time is "
+        "http_body_timeout_s alone either way; the server divides by it, and past about 1.8e308 that "
+        "stopped it at start with OverflowError).",
     )
     http_send_timeout_s: float = Field(
         60.0,

@@ -145,7 +145,13 @@ class MonitoringSettings(ServiceSettings):
         "above baseline * (1 + this * 4).",
     )
     export_labelled_rows: int = Field(
-        50_000, ge=0, description="Recent labelled rows added to a window's exported data (for retraining)."
+        50_000,
+        ge=0,
+        le=10_000_000,
+        description="Recent labelled rows added to a window's exported data (for retraining), 0 to "
+        "10,000,000: every export reads them into memory at once, inputs included (some KB each: ten million "
+        "is tens of GB, far past any real use), and the count is a Postgres bigint, which past 2**63 - 1 "
+        "failed every export.",
     )
     labelled_keep_days: float = Field(
         30.0,

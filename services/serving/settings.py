@@ -69,8 +69,11 @@ class ServingSettings(ServiceSettings):
     prediction_log_linger_ms: int = Field(
         100,
         ge=0,
+        le=60_000,
         description="Producer linger of the prediction log: fewer, larger produce requests; monitoring's "
-        "windows do not notice 100 ms.",
+        "windows do not notice 100 ms. At most 60,000 (a minute, far past any real use: while predictions "
+        "come slowly each waits this long to be sent; aiokafka divides it into seconds, which past about "
+        "1.8e311 stopped the producer with OverflowError).",
     )
     prediction_log_process: bool = Field(
         True,

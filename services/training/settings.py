@@ -61,11 +61,14 @@ class TrainingSettings(ServiceSettings):
     fit_memory_limit_mb: int | None = Field(
         None,
         gt=0,
+        le=2**30,
         description="Bound on the fit process's address space, in MiB (RLIMIT_AS); unset: none. A fit that "
         "outgrows it fails at once with fit-error, saying it ran out of memory, instead of being killed by "
         "the kernel's OOM killer (worker-lost, after every attempt, each taking the memory others need). "
         "It bounds virtual memory, which is more than the fit holds (libraries mapped, a reserve per "
-        "thread): set it well above a typical run's, a few GiB at least.",
+        "thread): set it well above a typical run's, a few GiB at least; at most 1,073,741,824 (a pebibyte, "
+        "more than a process can address: it is the bound in bytes setrlimit takes, a C long, which past "
+        "8,796,093,022,207 overflowed as each fit process started).",
     )
     overlap_fit: bool = Field(
         True,

@@ -7,6 +7,7 @@ number of retries waits a number a float holds."""
 from __future__ import annotations
 
 import asyncio
+import resource
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from contracts.envelope import CloudEvent
 from libs.bus import InMemoryBus, Subscription, Transaction, core
 from libs.http import create_app
+from libs.http_server import ClientLimits
 from libs.service import load_settings
 from libs.settings import SECONDS_MAX, ServiceSettings
 from services.monitoring import api, bootstrap
@@ -25,7 +27,10 @@ from services.monitoring.ports import EarlyStep
 from services.monitoring.settings import MonitoringSettings
 from services.registry import api as registry_api
 from services.registry.settings import UPLOAD_BYTES_MAX, RegistrySettings
+from services.serving.adapters.prediction_log import KafkaPredictionLog
+from services.serving.settings import ServingSettings
 from services.training.settings import TrainingSettings
+from services.training.worker import prepare_fit_process
 from tests.unit.monitoring.test_canary_watch import LastingWindowStore, Runtime
 from tests.unit.monitoring.test_domain import reference, requests
 from tests.unit.monitoring.test_labelled_retention import Labelled
@@ -41,6 +46,10 @@ PAST_THE_BOUND = [
     (MonitoringSettings, "DRIFTLOOP_MONITORING_ROLLOUT_START_WAIT_SECONDS", "1e11"),
     (TrainingSettings, "DRIFTLOOP_TRAINING_STALE_AFTER_S", "1e11"),
     (RegistrySettings, "DRIFTLOOP_REGISTRY_MAX_UPLOAD_BYTES", str(2**63 - 1)),
+    (ServingSettings, "DRIFTLOOP_SERVING_PREDICTION_LOG_LINGER_MS", "1" + "0" * 312),
+    (ServingSettings, "DRIFTLOOP_HTTP_BODY_MIN_BYTES_PER_S", "1" + "0" * 309),
+    (TrainingSettings, "DRIFTLOOP_TRAINING_FIT_MEMORY_LIMIT_MB", str(2**43)),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_EXPORT_LABELLED_ROWS", str(2**63)),
 ]
 
 
@@ -167,3 +176,26 @@ async def test_the_registry_reads_an_upload_spooled_to_disk_with_its_limit_at_th
         )
     assert r.status_code == 422, r.text
     assert "column 2 of the header" in r.json()["detail"]
+
+
+def test_the_http_server_sets_its_body_rate_at_the_bound() -> None:
+    limits = ClientLimits(ServiceSettings(http_body_min_bytes_per_s=10**12), max_connections=10)
+    assert limits.s_per_body_byte == 1e-12
+
+
+async def test_the_prediction_logs_producer_is_made_with_its_linger_at_the_bound() -> None:
+    settings = ServingSettings(prediction_log_linger_ms=60_000)
+    log = KafkaPredictionLog(settings.kafka, source="/t", buffer=10, batch=10, linger_ms=60_000)
+    producer = log._new_producer()  # as run() makes it; aiokafka divides the linger into seconds here
+    assert producer is not None
+
+
+def test_a_fit_process_takes_its_memory_limit_at_the_bound() -> None:
+    limit_mb = TrainingSettings(fit_memory_limit_mb=2**30).fit_memory_limit_mb
+    assert limit_mb is not None
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        prepare_fit_process(None, limit_mb * 2**20)  # as the fit pool's initializer is given it
+        assert resource.getrlimit(resource.RLIMIT_AS)[0] in (2**50, before[1])
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, before)
