@@ -84,9 +84,11 @@ class ServingSettings(ServiceSettings):
     prediction_log_handoff_bytes: int = Field(
         8 * 1024 * 1024,
         ge=64 * 1024,
+        le=2**31,
         description="Hand-off bytes the producer process has not read yet beyond its socket's buffer, "
         "which is asked for the same size (Linux caps it at twice net.core.wmem_max); when more wait, new "
-        "prediction-log items are dropped and counted.",
+        "prediction-log items are dropped and counted. At most 2,147,483,648 (2 GiB, far past any real use): "
+        "the socket's buffer is asked for as a C int, which from 4 GiB on failed the producer's start.",
     )
     prediction_log_handoff_flush_ms: float = Field(
         5.0,

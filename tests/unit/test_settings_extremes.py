@@ -48,6 +48,7 @@ PAST_THE_BOUND = [
     (RegistrySettings, "DRIFTLOOP_REGISTRY_MAX_UPLOAD_BYTES", str(2**63 - 1)),
     (ServingSettings, "DRIFTLOOP_SERVING_PREDICTION_LOG_LINGER_MS", "1" + "0" * 312),
     (ServingSettings, "DRIFTLOOP_HTTP_BODY_MIN_BYTES_PER_S", "1" + "0" * 309),
+    (ServingSettings, "DRIFTLOOP_SERVING_PREDICTION_LOG_HANDOFF_BYTES", str(2**32)),
     (TrainingSettings, "DRIFTLOOP_TRAINING_FIT_MEMORY_LIMIT_MB", str(2**43)),
     (MonitoringSettings, "DRIFTLOOP_MONITORING_EXPORT_LABELLED_ROWS", str(2**63)),
 ]
