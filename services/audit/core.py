@@ -184,6 +184,20 @@ def check_range(from_seq: int, to_seq: int | None) -> None:
         raise InvalidInput("to_seq must not be below from_seq", field="to_seq")
 
 
+async def _all_or_none(scans: Sequence[Awaitable[Any]]) -> None:
+    """Run the ranges' scans side by side; when one fails, stop the others before its error is raised. Each
+    holds a connection of the writer's pool, counted against it only while the verification's slot is held
+    (verify_concurrency x verify_parallelism): ``asyncio.gather`` left them reading after the first error,
+    after the slot came back, and every retry of the verification left as many more."""
+    tasks = [asyncio.ensure_future(scan) for scan in scans]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _archive_bounds(
     archives: Sequence[CheckpointArchive], to_seq: int | None
 ) -> list[tuple[CheckpointArchive, int]]:
@@ -257,8 +271,8 @@ async def verify_trail(
         scans.append(
             RecordScanner(after=lo, upto=hi, prev=prev) if full else LinkScanner(after=lo, upto=hi, prev=prev)
         )
-    await asyncio.gather(
-        *(chain.scan_rows(s) if isinstance(s, RecordScanner) else chain.scan_links(s) for s in scans)
+    await _all_or_none(
+        [chain.scan_rows(s) if isinstance(s, RecordScanner) else chain.scan_links(s) for s in scans]
     )
     for s in scans:
         findings.append(s.finding)

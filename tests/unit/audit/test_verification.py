@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from services.audit import core, handlers
 from services.audit.core import CHECKPOINT_PAGE, verify_trail
 from services.audit.domain import GENESIS, SEQ_MAX, ChainHead, CheckpointTrust, KeyRing, RefusedHead, Signer
 from services.audit.schemas import VerifyPublic
-from services.audit.verification import LinkScanner, Problem, split_ranges
+from services.audit.verification import Finding, LinkScanner, Problem, split_ranges
 from tests.unit.audit.fakes import (
     OTHER_SEED,
     SEED,
@@ -36,9 +37,9 @@ ROWS = 53
 EVERY = 10
 
 
-async def filled(rows: int = ROWS, every: int = EVERY) -> FakeTrail:
+async def filled(rows: int = ROWS, every: int = EVERY, *, trail: FakeTrail | None = None) -> FakeTrail:
     """A trail of ``rows`` events with a checkpoint every ``every`` rows, written in batches of 5."""
-    trail = FakeTrail()
+    trail = trail if trail is not None else FakeTrail()
     signer = Signer(SEED)
     batch = [delivery(example(DriftDetected), offset=i) for i in range(rows)]
     for i in range(0, rows, 5):
@@ -413,6 +414,43 @@ async def test_a_range_trusts_the_row_before_it_and_parallel_ranges_agree() -> N
     for parallelism in (1, 2, 4):
         report = await verify(trail, parallelism=parallelism)
         assert report.first_bad_seq == 33
+
+
+class _OneScanFails(FakeTrail):
+    """The first range's scan fails (its connection dropped, say) while the others are still reading."""
+
+    def __init__(self, others: int) -> None:
+        super().__init__()
+        self.others = others
+        self.reading = 0
+        self.all_reading = asyncio.Event()
+        self.read_on = asyncio.Event()
+
+    async def scan_links(self, scanner: LinkScanner) -> Finding | None:
+        if scanner.after == 0:
+            await self.all_reading.wait()
+            raise ConnectionError("connection to the database was lost")
+        self.reading += 1
+        if self.reading == self.others:
+            self.all_reading.set()
+        try:
+            await self.read_on.wait()
+            return await super().scan_links(scanner)
+        finally:
+            self.reading -= 1
+
+
+async def test_a_failed_range_stops_the_others_before_the_verification_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each range's scan holds a connection of the writer's pool: the other ranges were left reading after one
+    # failed, past the verification's end and its slot, and each retry left as many more.
+    monkeypatch.setattr(core, "split_ranges", lambda *a: split_ranges(*a, min_rows=1))
+    trail = _OneScanFails(others=3)
+    await filled(trail=trail)
+    with pytest.raises(ConnectionError):
+        await verify_trail(trail, keys=KEYS, sealer=SIGNER.sealer, parallelism=4)
+    assert trail.reading == 0
 
 
 async def test_a_range_that_starts_after_a_nulled_row_hash_names_that_row_malformed() -> None:
