@@ -13,6 +13,7 @@ in-flight items) and always visible in /metrics, never silent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import struct
 import uuid
@@ -504,6 +505,10 @@ class KafkaPredictionLog:
                 await producer.start()
                 self._producer = producer
             except Exception as exc:
+                # As KafkaPublisher.start: a failed start leaves its client to stop, one more at every try for
+                # as long as the broker is away.
+                with contextlib.suppress(Exception):
+                    await producer.stop()
                 if self._stopping:
                     return
                 log.warning("prediction log cannot reach Kafka yet", error=repr(exc))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from contracts.envelope import record_bytes
@@ -340,6 +341,40 @@ def log_with(producer: FakeProducer, buffer: int = 10) -> KafkaPredictionLog:
     return KafkaPredictionLog(
         KafkaSettings(), source="/s", buffer=buffer, batch=4, linger_ms=0, producer_factory=lambda: producer
     )
+
+
+class RefusingStart(FakeProducer):
+    """A producer whose start fails (the broker not up yet), as aiokafka's does: a client left to stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+
+    async def start(self) -> None:
+        raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 19092)]")
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_producer_whose_start_failed_is_stopped_before_the_next_try() -> None:
+    # Each try while the broker was away left its producer unstopped (aiokafka then reported an "Unclosed
+    # AIOKafkaProducer" error for each), one more every few seconds for as long as the broker was away.
+    refused, producer = RefusingStart(), FakeProducer()
+    producers = iter([refused, producer])
+    log = KafkaPredictionLog(
+        KafkaSettings(), source="/s", buffer=10, batch=4, linger_ms=0, producer_factory=producers.__next__
+    )
+    task = asyncio.create_task(log.run())
+    log.offer(item())
+
+    async def sent() -> bool:
+        return bool(producer.sent)
+
+    await eventually(sent, deadline_s=10, interval_s=0.05)
+    await log.stop()
+    await asyncio.wait_for(task, timeout=5)
+    assert refused.stopped
 
 
 async def test_full_buffer_drops_the_newest_and_counts_it() -> None:
