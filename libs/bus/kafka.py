@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import (
     CommitFailedError,
     CorruptRecordException,
+    IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -38,6 +39,7 @@ from libs.bus.core import (
     UnreadableRecord,
     being_cancelled,
     encode_outgoing,
+    stop_if_being_cancelled,
 )
 from libs.logging import get_logger
 from libs.settings import KafkaSettings
@@ -395,6 +397,12 @@ MAX_POLL_INTERVAL_MS = 300_000
 group, which hands its partitions to the other members (aiokafka's default, Kafka's ``max.poll.interval.ms``).
 The runner polls (its partitions paused) while a poll's handling lasts, so it never gets there."""
 
+LAG_INTERVAL_S = 15.0
+"""How often a consumer measures its lag (``driftloop_bus_consumer_lag``): Prometheus's scrape interval
+(deploy/prometheus/prometheus.yml), so each scrape sees a fresh value, at one small request to the broker
+per consumer per interval. A constant rather than a setting: nothing is gained by a different rhythm than
+the scrape's."""
+
 
 class ConsumerRunner:
     """Runs one subscription on Kafka: poll, dispatch, and commit offsets by hand.
@@ -420,6 +428,9 @@ class ConsumerRunner:
     record batch on every fetch, so the offsets after an unparsable record in its batch cannot be read
     either: each is dead-lettered the same way, one at a time, until the next batch. Nothing readable is
     skipped, and nothing escapes ``run``.
+
+    Every ``lag_interval_s`` a task of its own measures the lag of each assigned partition
+    (:meth:`report_lag`), so the gauge keeps moving while a handling lasts, which is when it matters.
     """
 
     def __init__(
@@ -434,6 +445,7 @@ class ConsumerRunner:
         poll_timeout_ms: int = 200,
         commit_interval_s: float = 0.2,
         max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS,
+        lag_interval_s: float = LAG_INTERVAL_S,
     ) -> None:
         self.sub = subscription
         self.kafka = kafka
@@ -441,6 +453,7 @@ class ConsumerRunner:
         self.poll_timeout_ms = poll_timeout_ms
         self.commit_interval_s = commit_interval_s
         self.max_poll_interval_ms = max_poll_interval_ms
+        self.lag_interval_s = lag_interval_s
         self._stopping = False
         self.dispatcher = Dispatcher(
             subscription,
@@ -456,6 +469,11 @@ class ConsumerRunner:
         # Per partition, the offset after the last record handed to the dispatcher (or sought to): where
         # reading resumes after a failed fetch.
         self._next: dict[TopicPartition, int] = {}
+        # Per partition, the offset of the first record handed to the dispatcher since it was assigned: its
+        # settled position until a record of it is settled (its lag counts the poll in hand).
+        self._first_handed: dict[TopicPartition, int] = {}
+        # The partitions whose lag series this runner set, to remove when they leave it.
+        self._lag_reported: set[TopicPartition] = set()
         self._commit_lock = asyncio.Lock()
         # While a long handling is held (see _settle_in_group): a partition assigned meanwhile is paused too.
         self._holding = False
@@ -477,6 +495,7 @@ class ConsumerRunner:
         )
         await self._start_with_retry()
         committer = asyncio.create_task(self._commit_periodically())
+        lag = asyncio.create_task(self._report_lag_periodically())
         # With a batch_prepare, the next poll (when already fetched) is taken before this one is settled,
         # so it can be prepared while this one's transaction is in flight.
         ahead: _Poll | None = None
@@ -499,7 +518,9 @@ class ConsumerRunner:
                     ahead = self._still_assigned(ahead)
         finally:
             committer.cancel()
-            await asyncio.gather(committer, return_exceptions=True)
+            lag.cancel()
+            await asyncio.gather(committer, lag, return_exceptions=True)
+            self._drop_lag(self._lag_reported)
             await self.commit_settled()
             await self.consumer.stop()
 
@@ -600,6 +621,7 @@ class ConsumerRunner:
             return None
         poll = poll or _Poll({}, [])
         for tp, placeholder in unreadable.items():
+            self._first_handed.setdefault(tp, placeholder.offset)
             poll.batches.setdefault(tp, []).append(placeholder)
             poll.records.append(placeholder)
             self._seek(tp, placeholder.offset + 1)
@@ -640,6 +662,7 @@ class ConsumerRunner:
             return None
         for tp, messages in batches.items():
             self._next[tp] = messages[-1].offset + 1
+            self._first_handed.setdefault(tp, messages[0].offset)
         records = [record_of(self.kafka, m) for messages in batches.values() for m in messages]
         return _Poll(batches, records)
 
@@ -757,12 +780,89 @@ class ConsumerRunner:
             await asyncio.sleep(self.commit_interval_s)
             await self.commit_settled()
 
+    async def _report_lag_periodically(self) -> None:
+        """:meth:`report_lag` every ``lag_interval_s``. A failed measurement is logged (a warning for the
+        first of a run of them, then at debug level) and leaves the gauge as it was; consuming goes on."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.lag_interval_s)
+            try:
+                await self.report_lag()
+            except (Exception, asyncio.CancelledError) as exc:
+                stop_if_being_cancelled(exc)
+                (log.debug if failing else log.warning)(
+                    "consumer lag not measured, trying again later",
+                    consumer=self.sub.consumer,
+                    error=repr(exc),
+                )
+                failing = True
+            else:
+                failing = False
+
+    async def report_lag(self) -> None:
+        """Set ``driftloop_bus_consumer_lag`` of each assigned partition: its end offset minus this runner's
+        settled position there, and remove the series of partitions no longer assigned.
+
+        The end offsets are asked of the broker (``end_offsets``, a ListOffsets request), not read from
+        ``highwater``: aiokafka's fetcher updates the high watermark only from fetch responses, and it fetches
+        no partition whose records wait in its buffer for ``getmany``, nor a paused one, which is every
+        partition for as long as a handling is held; ``highwater`` stands still exactly while the lag grows.
+        ``end_offsets`` reads no fetcher or position state: it sends its request through the client, which
+        matches each answer to its request by correlation id, as the fetcher's own ListOffsets (offset
+        resets) and fetches and the coordinator's heartbeats and commits already run concurrently with
+        ``getmany``; aiokafka bounds it by ``request_timeout_ms``."""
+        consumer = self.consumer
+        assert consumer is not None
+        assigned = consumer.assignment()
+        ends = await consumer.end_offsets(sorted(assigned)) if assigned else {}
+        # Read after the ends, so a backlog settled meanwhile is not counted as still there.
+        lags = {}
+        for tp, end in ends.items():
+            position = await self._settled_position(tp)
+            if position is not None:
+                lags[tp] = max(0, end - position)
+        # Assigned now, after the awaits: a partition revoked meanwhile is not set again. One set between its
+        # revocation and the new assignment (aiokafka replaces the assignment after the listener ran) is
+        # removed here, at the next measurement.
+        assigned = consumer.assignment()
+        self._drop_lag(self._lag_reported - assigned)
+        for tp, lag in lags.items():
+            if tp in assigned:
+                metrics.CONSUMER_LAG.labels(*self._lag_labels(tp)).set(lag)
+                self._lag_reported.add(tp)
+
+    async def _settled_position(self, tp: TopicPartition) -> int | None:
+        """The offset this runner would commit for ``tp``: after its last settled record; before any, the
+        first one it handed out; before that, the consumer's position (where it starts: the committed offset,
+        or the beginning). None if ``tp`` was revoked meanwhile."""
+        assert self.consumer is not None
+        if (settled := self._settled.get(tp)) is not None:
+            return settled
+        if (first := self._first_handed.get(tp)) is not None:
+            return first
+        try:
+            return await self.consumer.position(tp)
+        except IllegalStateError:
+            return None
+
+    def _drop_lag(self, partitions: Iterable[TopicPartition]) -> None:
+        """Remove the lag series of ``partitions``: another member may own them now, and reports them."""
+        for tp in list(partitions):
+            if tp in self._lag_reported:
+                self._lag_reported.discard(tp)
+                metrics.CONSUMER_LAG.remove(*self._lag_labels(tp))
+
+    def _lag_labels(self, tp: TopicPartition) -> tuple[str, str, str]:
+        return self.sub.consumer, self.kafka.logical(tp.topic), str(tp.partition)
+
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         partitions = list(partitions)
+        self._drop_lag(partitions)
         for tp in partitions:
             self._settled.pop(tp, None)
             self._committed.pop(tp, None)
             self._next.pop(tp, None)
+            self._first_handed.pop(tp, None)
         self.dispatcher.forget_partitions((self.kafka.logical(tp.topic), tp.partition) for tp in partitions)
 
 

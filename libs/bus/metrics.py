@@ -1,4 +1,4 @@
-"""Prometheus counters of the bus, labelled by consumer and topic."""
+"""Prometheus series of the bus, labelled by consumer and topic (or by schema for the outbox's)."""
 
 from prometheus_client import Counter, Gauge
 
@@ -21,6 +21,13 @@ DEAD_LETTERS_LEFT = Counter(
     "This consumer's own dead letters, read back from the dead-letter topic, that failed again: left there "
     "as they are instead of being written again (which would loop).",
     ["consumer", "topic"],
+)
+CONSUMER_LAG = Gauge(
+    "driftloop_bus_consumer_lag",
+    "Records on a partition after this consumer's settled position (what it reads and commits next): the "
+    "partition's end offset minus that position, for each partition assigned to this process, measured every "
+    "15 s, also while a handler runs. A partition's series leaves when it is revoked or the consumer stops.",
+    ["consumer", "topic", "partition"],
 )
 PUBLISHED = Counter("driftloop_bus_published_total", "Events published to Kafka.", ["topic"])
 OUTBOX_BACKLOG = Gauge("driftloop_bus_outbox_backlog", "Outbox rows not yet published.", ["schema"])

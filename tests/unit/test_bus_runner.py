@@ -1,6 +1,7 @@
 """The Kafka consumer runner on input aiokafka cannot parse, on records too large to copy whole, when a
 rebalance takes a partition mid-batch, and on a poll whose handling outlasts half of ``max_poll_interval_ms``:
 it settles every offset, never leaves ``run``, and keeps polling (its partitions paused) while it handles.
+Its lag gauge counts what is not settled, a poll in hand included, and leaves with the partition.
 
 aiokafka is replaced by :class:`FakeConsumer`, which reproduces what aiokafka 0.14's fetcher does (read in
 ``.venv/.../aiokafka/consumer/fetcher.py``); the last test pins the one fact of it the runner builds on."""
@@ -16,12 +17,25 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CorruptRecordException, IllegalStateError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from prometheus_client import REGISTRY as PROMETHEUS
+from structlog.testing import capture_logs
 
 from contracts.envelope import CloudEvent
 from libs.bus import Subscription, Transaction
-from libs.bus.kafka import MAX_POLL_INTERVAL_MS, ConsumerRunner, KafkaDeadLetters, KafkaPublisher
+from libs.bus.kafka import (
+    MAX_POLL_INTERVAL_MS,
+    ConsumerRunner,
+    KafkaDeadLetters,
+    KafkaPublisher,
+    _CommitOnRevoke,
+)
 from libs.settings import KafkaSettings
 from tests.unit.bus_fakes import NullTransaction
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
@@ -78,6 +92,7 @@ class FakeConsumer:
         self.polls: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
         # Run as each getmany starts: what happens while it waits (a rebalance).
         self.on_getmany: Callable[[], Awaitable[None]] = _nothing
+        self.end_offsets_error: Exception | None = None
         self._polled = asyncio.Event()
 
     # -- the log --------------------------------------------------------------------------------------
@@ -178,6 +193,11 @@ class FakeConsumer:
 
     def highwater(self, partition: TopicPartition) -> int | None:
         return self.end(partition) if partition in self.fetched else None
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.end_offsets_error is not None:
+            raise self.end_offsets_error
+        return {p: self.end(p) for p in partitions}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.committed_offsets.update(offsets)
@@ -605,3 +625,124 @@ async def test_a_poll_fetched_ahead_loses_the_partitions_a_rebalance_took_meanwh
     )
 
     assert handled_now == [1]
+
+
+# --- consumer lag ------------------------------------------------------------------------------------------
+
+
+def lag(consumer: str, partition: int) -> float | None:
+    """The lag series of ``consumer`` on a partition of the test topic (None: no such series)."""
+    return PROMETHEUS.get_sample_value(
+        "driftloop_bus_consumer_lag", {"consumer": consumer, "topic": TOPIC, "partition": str(partition)}
+    )
+
+
+def lag_runner(consumer: FakeConsumer, name: str, on_thing: Any = None) -> ConsumerRunner:
+    """A runner named ``name`` that measures its lag every 10 ms."""
+
+    async def count(event: CloudEvent[Any], tx: Transaction) -> None:
+        return None
+
+    runner = ConsumerRunner(
+        Subscription(consumer=name, topics=[TOPIC], handlers={ThingHappened: on_thing or count}),
+        kafka=KafkaSettings(),
+        registry=REGISTRY,
+        begin=Store().begin,
+        dead_letters=KafkaDeadLetters(DeadLetterTopic()),
+        poll_timeout_ms=5,
+        commit_interval_s=0.01,
+        lag_interval_s=0.01,
+    )
+    runner.consumer = consumer
+    return runner
+
+
+async def test_the_lag_is_the_end_offset_minus_the_settled_position_a_poll_in_hand_included() -> None:
+    consumer = FakeConsumer({tp(0): [[good(1), good(2), good(3)], [good(4), good(5)]], tp(1): [[good(6)]]})
+    consumer.positions[tp(1)] = 1  # where its committed offset has it start
+    runner = lag_runner(consumer, "lag-settled")
+
+    await runner.report_lag()
+    assert (lag("lag-settled", 0), lag("lag-settled", 1)) == (5, 0)
+
+    poll = runner._poll(await consumer.getmany(tp(0), max_records=3))
+    assert poll is not None
+    await runner.report_lag()
+    assert lag("lag-settled", 0) == 5, "the poll handed out but not settled is still behind"
+
+    assert await runner._settle(poll) is True
+    await runner.report_lag()
+    assert lag("lag-settled", 0) == 2
+
+
+async def test_a_revoked_partition_loses_its_lag_series() -> None:
+    consumer = FakeConsumer({tp(0): [[good(1)]], tp(1): [[good(2)]]})
+    runner = lag_runner(consumer, "lag-revoked")
+    consumer.listener = _CommitOnRevoke(runner)
+    await runner.report_lag()
+    assert (lag("lag-revoked", 0), lag("lag-revoked", 1)) == (1, 1)
+
+    consumer.assigned.discard(tp(1))
+    await consumer.listener.on_partitions_revoked({tp(1)})
+
+    assert (lag("lag-revoked", 0), lag("lag-revoked", 1)) == (1, None)
+
+
+async def test_a_partition_gone_without_a_revocation_loses_its_series_at_the_next_measurement() -> None:
+    # A partition revoked while a measurement awaited the broker: that measurement must not set it again.
+    consumer = FakeConsumer({tp(0): [[good(1)]], tp(1): [[good(2)]]})
+    runner = lag_runner(consumer, "lag-lost")
+    await runner.report_lag()
+    consumer.assigned.discard(tp(1))
+
+    await runner.report_lag()
+
+    assert (lag("lag-lost", 0), lag("lag-lost", 1)) == (1, None)
+
+
+async def test_the_lag_moves_while_a_handler_is_stuck_and_its_series_leave_when_the_consumer_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = FakeConsumer({tp(0): [[good(1)]]})
+    release = asyncio.Event()
+
+    async def stuck(event: CloudEvent[Any], tx: Transaction) -> None:
+        await release.wait()
+
+    runner = lag_runner(consumer, "lag-stuck", stuck)
+
+    seen: list[float | None] = []
+
+    def stuck_behind_then_released() -> bool:
+        now = lag("lag-stuck", 0)
+        if not seen or now != seen[-1]:
+            seen.append(now)
+        if now == 1 and consumer.end(tp(0)) == 1:
+            consumer.batches[tp(0)].append([good(2), good(3)])  # produced while the handler waits
+        elif now == 3 and not release.is_set():
+            assert runner._settled == {}, "the handler was not stuck"
+            release.set()
+        return release.is_set() and now == 0
+
+    await run_until(runner, stuck_behind_then_released, monkeypatch)
+
+    assert seen[:3] == [None, 1, 3] and seen[-1] == 0, seen
+    assert lag("lag-stuck", 0) is None, "the stopped consumer still reports a lag"
+
+
+async def test_a_lag_that_cannot_be_measured_is_warned_of_once_and_consuming_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = FakeConsumer({tp(0): [[good(1)], [good(2)]]})
+    consumer.end_offsets_error = KafkaTimeoutError("Failed to get offsets by times in 40000 ms")
+    runner = lag_runner(consumer, "lag-failing")
+
+    def levels() -> list[str]:
+        return [e["log_level"] for e in logs if e["event"] == "consumer lag not measured, trying again later"]
+
+    with capture_logs() as logs:
+        await run_until(runner, lambda: runner._settled.get(tp(0)) == 2 and len(levels()) >= 3, monkeypatch)
+
+    assert levels()[0] == "warning"
+    assert set(levels()[1:]) == {"debug"}
+    assert lag("lag-failing", 0) is None
