@@ -776,9 +776,18 @@ class ConsumerRunner:
                 log.warning("offset commit failed", error=repr(exc))
 
     async def _commit_periodically(self) -> None:
+        """:meth:`commit_settled` every ``commit_interval_s``. A round that fails with anything but the
+        broker's errors (which :meth:`commit_settled` logs itself), a stray CancelledError of the client's
+        included, is logged and the next round goes on: this task ending would leave the offsets
+        uncommitted until a revocation or the stop, with nothing to show for it, and a restart would read
+        back all of it."""
         while True:
             await asyncio.sleep(self.commit_interval_s)
-            await self.commit_settled()
+            try:
+                await self.commit_settled()
+            except (Exception, asyncio.CancelledError) as exc:
+                stop_if_being_cancelled(exc)
+                log.warning("offset commit failed", consumer=self.sub.consumer, error=repr(exc))
 
     async def _report_lag_periodically(self) -> None:
         """:meth:`report_lag` every ``lag_interval_s``. A failed measurement is logged (a warning for the

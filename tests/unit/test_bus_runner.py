@@ -746,3 +746,26 @@ async def test_a_lag_that_cannot_be_measured_is_warned_of_once_and_consuming_goe
     assert levels()[0] == "warning"
     assert set(levels()[1:]) == {"debug"}
     assert lag("lag-failing", 0) is None
+
+
+async def test_a_commit_round_that_fails_otherwise_than_kafka_is_logged_and_the_next_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stray CancelledError of the client (not this task's cancellation) ended the committer: offsets went
+    # uncommitted until a revocation or the stop, and nothing said so.
+    consumer = FakeConsumer({tp(0): [[good(1)], [good(2)]]})
+    commit = consumer.commit
+    failures = [asyncio.CancelledError(), RuntimeError("the client's own bug")]
+
+    async def failing_first(offsets: dict[TopicPartition, int]) -> None:
+        if failures:
+            raise failures.pop(0)
+        await commit(offsets)
+
+    consumer.commit = failing_first  # type: ignore[method-assign]
+    runner = lag_runner(consumer, "commit-failing")
+    with capture_logs() as logs:
+        await run_until(runner, lambda: consumer.committed_offsets.get(tp(0)) == 2, monkeypatch)
+    failed = [e for e in logs if e["event"] == "offset commit failed"]
+    assert [e["log_level"] for e in failed] == ["warning", "warning"]
+    assert failures == []
