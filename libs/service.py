@@ -254,8 +254,15 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     if relay is not None:
         relay.stop()
     retention.stop()
+    hooks_failed = False
     for hook in parts.on_stop:
-        await hook()
+        # Each hook on its own: one that fails must not skip the others, the tasks' own ends (offsets
+        # committed, the relay's last round) or the connections' close. The service then exits with status 1.
+        try:
+            await hook()
+        except Exception as exc:
+            log.error("stop hook failed", hook=getattr(hook, "__qualname__", repr(hook)), error=repr(exc))
+            hooks_failed = True
     _, pending = await asyncio.wait(tasks, timeout=15)
     for t in pending:
         t.cancel()
@@ -263,7 +270,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     stopper.cancel()
     await runtime.close()
     log.info("service stopped")
-    if crashed:
+    if crashed or hooks_failed:
         raise SystemExit(1)
 
 

@@ -4,6 +4,7 @@ stop (libs.service.serve)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -110,5 +111,32 @@ async def test_a_task_that_ends_early_stops_the_service_in_order_with_status_1(
     assert exited.value.code == 1
     # The orderly stop ran: the hooks, the relay told to stop, the connections closed.
     assert stopped == [True]
+    assert fake_runtime.relay_loop.stopped.is_set()
+    assert fake_runtime.closed
+
+
+async def test_a_stop_hook_that_fails_skips_neither_the_others_nor_the_stop(fake_runtime: _Runtime) -> None:
+    stopped: list[str] = []
+
+    async def failing() -> None:
+        stopped.append("failing")
+        raise RuntimeError("the hook's own bug")
+
+    async def after() -> None:
+        stopped.append("after")
+
+    async def build(runtime: Any) -> ServiceParts:
+        return ServiceParts(app=FastAPI(), on_stop=[failing, after])
+
+    async def ask_to_stop() -> None:
+        # Runs once serve waits on its tasks, its signal handlers in place.
+        signal.raise_signal(signal.SIGTERM)
+
+    stopping = asyncio.create_task(ask_to_stop())
+    with pytest.raises(SystemExit) as exited:
+        await serve(ServiceSettings(), migrations=[], build=build)
+    await stopping
+    assert exited.value.code == 1
+    assert stopped == ["failing", "after"]
     assert fake_runtime.relay_loop.stopped.is_set()
     assert fake_runtime.closed
