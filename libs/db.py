@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,66 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+def still_open(conn: asyncpg.Connection) -> bool:
+    """Whether a connection taken from a pool (a LISTEN connection, held for long) is still open. When the
+    server closes it (a Postgres restart, a failover, an idle session's timeout), asyncpg gives it back to its
+    pool by itself, and the caller's handle then raises InterfaceError ("released back to the pool") on
+    every call, ``is_closed()`` included: read as an error, that failed every later use of it for good."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+async def release_listener(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, channel: str, callback: Callable[..., Any]
+) -> None:
+    """Give a connection that LISTENs on ``channel`` back to ``pool``, whatever removing the listener does
+    (the pool's reset drops listeners too): skipped after a removal that failed on a live connection, or never
+    made for one the server closed (a Postgres restart), its slot was lost to the pool for good."""
+    try:
+        await conn.remove_listener(channel, callback)
+    except Exception as exc:  # the connection may be gone with the database
+        log.debug("listener removal failed", channel=channel, error=repr(exc))
+    try:
+        await pool.release(conn)
+    except Exception as exc:
+        log.debug("listener release failed", channel=channel, error=repr(exc))
+
+
+class Listening:
+    """A LISTEN on one channel, over a connection of a pool held for it, made again when the server closed
+    that connection (a Postgres restart, a failover): :meth:`ensure` before each use, or every so often."""
+
+    def __init__(self, pool: asyncpg.Pool, channel: str, callback: Callable[..., Any]) -> None:
+        self.pool = pool
+        self.channel = channel
+        self.callback = callback
+        self._conn: asyncpg.Connection | None = None
+
+    async def ensure(self) -> bool:
+        """Listen, if not listening already; True when it listens anew (notifications sent meanwhile were
+        missed: the caller looks for what they would have said). Raises what the pool raises (Postgres
+        away), listening on nothing until a later call succeeds."""
+        if self._conn is not None and still_open(self._conn):
+            return False
+        await self.close()
+        conn = await self.pool.acquire()
+        try:
+            await conn.add_listener(self.channel, self.callback)
+        except BaseException:
+            await release_listener(self.pool, conn, self.channel, self.callback)
+            raise
+        self._conn = conn
+        return True
+
+    async def close(self) -> None:
+        """Stop listening and give the connection back."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await release_listener(self.pool, conn, self.channel, self.callback)
 
 
 async def apply_migrations(pool: asyncpg.Pool, schema: str, migrations: Sequence[Migration]) -> list[str]:

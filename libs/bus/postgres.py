@@ -31,7 +31,7 @@ from libs.bus.core import (
 )
 from libs.bus.kafka import RECORD_HEADROOM_BYTES, TOO_LARGE, write_dead_letter
 from libs.bus.retention import InboxClass
-from libs.db import Migration, check_schema_name, migrations_in, notify_channel
+from libs.db import Listening, Migration, check_schema_name, migrations_in, notify_channel
 from libs.logging import get_logger
 
 log = get_logger(__name__)
@@ -350,13 +350,11 @@ class OutboxRelay:
         """Relay until stopped; wakes on NOTIFY from committing transactions, or every ``idle_s``. A failed
         round, a stray CancelledError included (:func:`~libs.bus.core.stop_if_being_cancelled`), is counted
         and retried."""
-        listener: asyncpg.Connection | None = None
+        listening = Listening(self.pool, outbox_channel(self.schema), self._on_notify)
         delay = 0.2
         while not self._stopping:
             try:
-                if listener is None or listener.is_closed():
-                    listener = await self.pool.acquire()
-                    await listener.add_listener(outbox_channel(self.schema), self._on_notify)
+                await listening.ensure()
                 # Cleared before the look, not after it: a NOTIFY of a row committed after the look's
                 # snapshot (during it, or the backlog's count) must cut the wait short, not be cleared with
                 # it, or that row waits the whole idle_s.
@@ -375,9 +373,7 @@ class OutboxRelay:
                 stop_if_being_cancelled(exc)
                 metrics.OUTBOX_RELAY_FAILURES.labels(self.schema).inc()
                 log.warning("outbox relay error, retrying", error=repr(exc), delay_s=delay)
-                if listener is not None:
-                    await self._release(listener)
-                    listener = None
+                await listening.close()
                 # Kafka away, the database still answering: the rows pile up, and the gauge must say so (it
                 # held the count of the last idle round, 0, for as long as no round succeeded). With the
                 # database away too there is nothing to count; the failures' counter says why.
@@ -385,20 +381,7 @@ class OutboxRelay:
                     await self._count_backlog_when_due()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        if listener is not None:
-            await self._release(listener)
-
-    async def _release(self, conn: asyncpg.Connection) -> None:
-        # Released whatever the removal of the listener did (the pool's reset drops listeners too): skipped
-        # after a removal that failed on a live connection, its slot was lost to the pool for good.
-        try:
-            await conn.remove_listener(outbox_channel(self.schema), self._on_notify)
-        except Exception as exc:  # the connection may be gone with the database
-            log.debug("listener removal failed", error=repr(exc))
-        try:
-            await self.pool.release(conn)
-        except Exception as exc:
-            log.debug("listener release failed", error=repr(exc))
+        await listening.close()
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()

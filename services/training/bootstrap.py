@@ -11,13 +11,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from contracts import commands, datasets, models, monitoring, training
 from contracts.envelope import CloudEvent
 from libs.artifacts import ArtifactStore
 from libs.bus import Handler, Subscription, Transaction
-from libs.db import migrations_in
+from libs.db import Listening, migrations_in
 from libs.http import create_app
 from libs.logging import get_logger
 from libs.modelspec import import_estimators
@@ -114,6 +112,7 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
     # later (validating a spec instantiates estimators), where it would stall the group heartbeat.
     await asyncio.to_thread(import_estimators)
     schema = settings.db_schema
+    listening = Listening(rt.pool, jobs_channel(schema), lambda *_: runner.wake())
     runner = JobRunner(
         begin=rt.begin,
         queue_on=lambda conn: PgJobs(conn, schema),
@@ -129,19 +128,16 @@ async def build(rt: Runtime, *, topics: Sequence[str] = TOPICS) -> ServiceParts:
         progress_interval_s=settings.progress_interval_s,
         poll_s=settings.runner_poll_s,
         max_event_bytes=settings.kafka.max_event_bytes,
+        # Waking on NOTIFY from dispatching transactions: a job starts as soon as its request commits.
+        listen=listening.ensure,
     )
 
     async def run_jobs() -> None:
-        # Waking on NOTIFY from dispatching transactions: a job starts as soon as its request commits.
-        listener: asyncpg.Connection = await rt.pool.acquire()
-        await listener.add_listener(jobs_channel(schema), lambda *_: runner.wake())
         try:
             await warming
             await runner.run()
         finally:
-            with suppress(Exception):
-                await listener.remove_listener(jobs_channel(schema), lambda *_: None)
-            await rt.pool.release(listener)
+            await listening.close()
 
     run_jobs.__name__ = "job-runner"
 

@@ -120,6 +120,7 @@ class JobRunner:
         poll_s: float = 5.0,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         retry_first_s: float = RETRY_FIRST_S,
+        listen: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.begin = begin
         self.queue_on = queue_on
@@ -136,6 +137,10 @@ class JobRunner:
         self.poll_s = poll_s
         self.max_event_bytes = max_event_bytes
         self.retry_first_s = retry_first_s
+        self.listen = listen
+        """Made sure of before each look for work: the LISTEN that wakes the runner when a job is dispatched
+        (``libs.db.Listening.ensure``), made again after Postgres closed its connection, which before left
+        the runner to find jobs by ``poll_s`` alone until it restarted."""
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -154,6 +159,10 @@ class JobRunner:
         delay = self.retry_first_s
         while not self._stopping:
             try:
+                if self.listen is not None:
+                    await (
+                        self.listen()
+                    )  # when it listens anew, what was dispatched meanwhile is looked for now
                 worked = await self.run_once()
                 delay = self.retry_first_s
             except asyncio.CancelledError:

@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 
 from libs.bus.postgres import OutboxRelay
+from libs.db import release_listener
 from tests.unit.test_bus_cancelled import awaits_a_future_cancelled_elsewhere
 from tests.waiting import eventually
 
@@ -195,8 +196,7 @@ class ListenerStuck(Outbox):
 async def test_a_listener_that_cannot_be_removed_is_still_given_back_to_the_pool() -> None:
     # Skipped after the removal failed, the connection's slot was lost to the pool for good.
     pool = ListenerStuck()
-    relay = OutboxRelay(pool, "listenerstuck", KafkaAway())
-    await relay._release(cast(Any, pool))
+    await release_listener(cast(Any, pool), cast(Any, pool), "outbox_listenerstuck", lambda *_: None)
     assert pool.released == 1
 
 

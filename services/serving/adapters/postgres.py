@@ -11,7 +11,7 @@ import asyncpg
 
 from contracts.common import ModelSignature
 from contracts.rollouts import RolloutMode
-from libs.db import notify_channel
+from libs.db import Listening, notify_channel
 from libs.logging import get_logger
 from libs.stage_order import PgStageChangesApplied
 from services.serving.domain import ModelRoute, Rollout, RolloutStatus
@@ -232,14 +232,16 @@ class PgRoutingSource:
         self.pool = pool
         self.channel = routes_channel(schema)
         self._changed = asyncio.Event()
-        self._listener: asyncpg.Connection | None = None
+        self._listening = Listening(pool, self.channel, self._on_notify)
         self._signatures: dict[tuple[str, int, str], ModelSignature] = {}
         """The signatures of the last snapshot, by (model, version, artifact key). Parsing them is most of
         a snapshot's work, on the event loop (1,000 models of 30 features: over 400 ms, every poll), and a
         version's signature never changes (a registration naming another is dead-lettered)."""
 
     async def snapshot(self) -> list[tuple[ModelRoute, dict[int, VersionRecord]]]:
-        await self._listen()
+        # Listening anew after the server closed the connection (a Postgres restart), where asyncpg took it
+        # back into the pool and every snapshot failed on it from then on: the routing was never read again.
+        await self._listening.ensure()
         # Clear before reading: a change committed during the read wakes the next wait at once.
         self._changed.clear()
         async with self.pool.acquire() as conn:
@@ -263,18 +265,8 @@ class PgRoutingSource:
         with suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
 
-    async def _listen(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            return
-        self._listener = await self.pool.acquire()
-        await self._listener.add_listener(self.channel, self._on_notify)
-
     def _on_notify(self, *_: object) -> None:
         self._changed.set()
 
     async def close(self) -> None:
-        if self._listener is not None:
-            with suppress(Exception):
-                await self._listener.remove_listener(self.channel, self._on_notify)
-                await self.pool.release(self._listener)
-            self._listener = None
+        await self._listening.close()

@@ -288,6 +288,36 @@ async def test_a_routing_snapshot_parses_only_the_signatures_the_last_one_did_no
         await source.close()
 
 
+async def test_the_routing_is_read_again_after_the_server_closed_the_listening_connection(
+    pool: tuple[asyncpg.Pool, str], database_url: str
+) -> None:
+    """A Postgres restart closes the routing source's LISTEN connection, and asyncpg takes it back into its
+    pool: every snapshot after it failed on the closed handle ("released back to the pool"), and the replica
+    never read its routing again. The next snapshot now listens on a new one, however many restarts."""
+    _, schema = pool
+    small = await create_pool(database_url, schema=schema, min_size=1, max_size=2)  # the listener, a read
+    source = PgRoutingSource(small, schema)
+    killer = await asyncpg.connect(database_url)
+
+    async def listening_after_a_snapshot() -> int | None:
+        await source.snapshot()
+        pid: int | None = await killer.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE query = 'LISTEN \"' || $1 || '\"'", source.channel
+        )
+        return pid
+
+    try:
+        for _ in range(3):  # more restarts than the pool has connections
+            # Until the client has seen its connection closed, a snapshot still takes it for listening.
+            pid = await eventually(listening_after_a_snapshot, deadline_s=10.0)
+            await killer.execute("SELECT pg_terminate_backend($1)", pid)
+        await eventually(listening_after_a_snapshot, deadline_s=10.0)
+    finally:
+        await killer.close()
+        await source.close()
+        await small.close()
+
+
 async def test_a_production_change_whose_load_fails_on_an_outage_is_taken_when_retried_on_postgres(
     pool: tuple[asyncpg.Pool, str],
 ) -> None:

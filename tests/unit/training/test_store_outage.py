@@ -185,3 +185,31 @@ async def test_files_a_fit_process_could_not_write_cross_to_the_runner_and_are_w
     holdout = completed.data.lineage.holdout.sha256
     for key in (completed.data.artifact.key, completed.data.profile.key, holdout):
         assert harness.store.get(key)
+
+
+async def test_the_runner_listens_again_before_each_look_and_a_failure_to_is_retried(
+    harness: Harness,
+) -> None:
+    # The LISTEN that wakes the runner was made once, at start: after Postgres closed its connection the
+    # runner found jobs by its poll alone until it restarted. Now it is made sure of before each look; made
+    # anew, the runner looks at once, and a failure to listen (Postgres away) is retried as any round's.
+    calls: list[str] = []
+
+    async def listen() -> bool:
+        calls.append("listen")
+        if len(calls) == 1:
+            raise ConnectionRefusedError("the database is away")
+        return len(calls) == 2
+
+    harness.runner.listen = listen
+    harness.runner.retry_first_s = 0.01
+    await requested_job(harness)
+
+    async def started() -> bool:
+        return bool(harness.events(TrainingStarted))
+
+    running = asyncio.create_task(harness.runner.run())
+    await eventually(started, interval_s=0.01)
+    harness.runner.stop()
+    await asyncio.wait_for(running, timeout=10.0)  # a bound, not a measure
+    assert calls[:2] == ["listen", "listen"]
