@@ -99,6 +99,17 @@ async def migrated_schema(
         await migrated.close()
 
 
+async def waits_on_a_lock(watcher: asyncpg.Connection, pid: int) -> None:
+    """Return once the backend ``pid`` waits on a lock (another transaction holds it), as read from
+    ``pg_stat_activity`` on ``watcher``: a test that races two transactions lets the first commit then."""
+
+    async def waiting() -> bool:
+        kind = await watcher.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid)
+        return kind == "Lock"
+
+    await eventually(waiting, deadline_s=10.0)
+
+
 class Tick(EventPayload):
     """A numbered test event."""
 

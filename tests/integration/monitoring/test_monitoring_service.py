@@ -77,7 +77,14 @@ from services.monitoring.handlers import (
 )
 from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
 from services.monitoring.settings import MonitoringSettings
-from tests.integration.kafka_tools import create_topics, eventually, migrated_schema, read_topic, unique
+from tests.integration.kafka_tools import (
+    create_topics,
+    eventually,
+    migrated_schema,
+    read_topic,
+    unique,
+    waits_on_a_lock,
+)
 from tests.ports import free_port
 from tests.unit.monitoring.fakes import publish_nothing
 from tests.unit.monitoring.test_domain import reference
@@ -1933,13 +1940,7 @@ async def test_a_rollout_ending_while_housekeeping_gives_up_its_kept_step_leaves
             ended = asyncio.create_task(ending(consumer))
             pid = consumer.get_server_pid()
 
-            async def waiting_for_a_lock() -> bool:
-                kind = await watcher.fetchval(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
-                )
-                return kind == "Lock"
-
-            await eventually(waiting_for_a_lock, deadline_s=10.0)
+            await waits_on_a_lock(watcher, pid)
         await ended
         assert await PgMonitoringStore(watcher).rollout_outcome("r-race") == "promoted"
         assert await PgMonitoringStore(watcher).given_up_steps() == []
@@ -1972,13 +1973,7 @@ async def test_two_policy_changes_at_once_each_name_the_policy_they_replace(
             later = asyncio.create_task(setting(second, 0.4))
             pid = second.get_server_pid()
 
-            async def waiting_for_a_lock() -> bool:
-                kind = await watcher.fetchval(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
-                )
-                return kind == "Lock"
-
-            await eventually(waiting_for_a_lock, deadline_s=10.0)
+            await waits_on_a_lock(watcher, pid)
         await later
         stored = await PgMonitoringStore(watcher).policy("churn")
 

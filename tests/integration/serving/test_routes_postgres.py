@@ -33,7 +33,7 @@ from services.serving.adapters.postgres import (
 )
 from services.serving.bootstrap import MIGRATIONS
 from services.serving.domain import ModelRoute, RolloutPolicy
-from tests.integration.kafka_tools import eventually, migrated_schema, unique
+from tests.integration.kafka_tools import eventually, migrated_schema, unique, waits_on_a_lock
 from tests.stage_changes import stage_change
 from tests.unit.serving.fakes import (
     FakeLoader,
@@ -134,12 +134,8 @@ async def test_deciders_for_a_new_model_take_turns(pool: tuple[asyncpg.Pool, str
         waiting = asyncio.create_task(lock_second())
         pid = second.get_server_pid()
 
-        async def blocked() -> bool:
-            async with pg.acquire() as conn:
-                kind = await conn.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid)
-            return kind == "Lock"
-
-        await eventually(blocked, deadline_s=10)
+        async with pg.acquire() as watcher:
+            await waits_on_a_lock(watcher, pid)
         await PgRoutes(first, schema).save(ModelRoute("new", stable_version=1), now=datetime.now(UTC))
         await tx.commit()
         assert (await asyncio.wait_for(waiting, 10)).stable_version == 1
