@@ -253,6 +253,23 @@ async def test_every_cascade_completes_and_the_trail_holds_every_record_once_des
             "a service restarted by itself"
         )
 
+    # Serving answers from the routing it decided: each model's replica holds the stable version and canary
+    # its route has. A replica whose LISTEN connection the Postgres restart closed never read its routing
+    # again (until 2026-12-02), and went on serving what it had.
+    async def replica_follows_its_routes() -> bool:
+        for m in models:
+            route = await client.route(m)
+            if route is None:
+                return False
+            rollout = route["rollout"]
+            canary = rollout["canary_version"] if rollout and rollout["status"] == "active" else None
+            here = route["this_replica"] or {}
+            if (here.get("stable_version"), here.get("canary_version")) != (route["stable_version"], canary):
+                return False
+        return True
+
+    await poll(replica_follows_its_routes, deadline_s=30, interval_s=0.5, what="serving to follow its routes")
+
     # Every event on the audited topics is in the trail exactly once; the chain verifies.
     on_topics, ends = await read_topics(sandbox.bootstrap, sandbox.prefix)
     published = on_topics.events()
