@@ -160,9 +160,10 @@ class JobRunner:
         while not self._stopping:
             try:
                 if self.listen is not None:
-                    await (
-                        self.listen()
-                    )  # when it listens anew, what was dispatched meanwhile is looked for now
+                    await self.listen()  # listening anew, what was dispatched meanwhile is found by this look
+                # Cleared before the look, not after it: a job dispatched during a look that found nothing
+                # (its NOTIFY came meanwhile) must cut the wait short, not be cleared with it and wait poll_s.
+                self._wake.clear()
                 worked = await self.run_once()
                 delay = self.retry_first_s
             except asyncio.CancelledError:
@@ -175,7 +176,6 @@ class JobRunner:
                 continue
             if worked:
                 continue
-            self._wake.clear()
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
 

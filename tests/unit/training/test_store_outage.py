@@ -213,3 +213,29 @@ async def test_the_runner_listens_again_before_each_look_and_a_failure_to_is_ret
     harness.runner.stop()
     await asyncio.wait_for(running, timeout=10.0)  # a bound, not a measure
     assert calls[:2] == ["listen", "listen"]
+
+
+async def test_a_job_dispatched_during_a_look_that_found_none_is_looked_for_at_once(harness: Harness) -> None:
+    # The wake-up was cleared after the look: a NOTIFY that came during a look finding nothing was cleared
+    # with it, and its job waited runner_poll_s.
+    runner = harness.runner
+    runner.poll_s = 3600.0
+    looks: list[int] = []
+
+    async def look() -> bool:
+        looks.append(len(looks))
+        if len(looks) == 1:
+            runner.wake()  # a job dispatched while this look ran, after it read the queue
+        return False
+
+    runner.run_once = look  # type: ignore[method-assign]
+
+    async def looked_again() -> bool:
+        return len(looks) >= 2
+
+    running = asyncio.create_task(runner.run())
+    try:
+        await eventually(looked_again, deadline_s=10.0, interval_s=0.01)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(running, timeout=10.0)  # a bound, not a measure
