@@ -148,21 +148,28 @@ def groupings(expr: promql_parser.Expr) -> list[tuple[list[str], list[promql_par
     return found
 
 
-def wrong_series(path: Path, labels: dict[str, tuple[str, ...]], scraped: set[str]) -> list[str]:
-    """`alert: what` for each series a rule's expression reads that the code does not export, each label it
+def expressions(path: Path = ALERTS) -> list[tuple[str, str]]:
+    """(alert, expression) of every rule of a rule file."""
+    return [(rule["alert"], rule["expr"]) for rule in rules(path)]
+
+
+def wrong_series(
+    named_exprs: list[tuple[str, str]], labels: dict[str, tuple[str, ...]], scraped: set[str]
+) -> list[str]:
+    """`name: what` for each series an expression reads that the code does not export, each label it
     matches a series on that the series lacks, and each label it groups or matches by that none of the
-    series under it has."""
+    series under it has. Shared with test_deploy_grafana.py, whose names are the dashboard's panels."""
     wrong = []
-    for rule in rules(path):
-        expr = promql_parser.parse(rule["expr"])
+    for where, text in named_exprs:
+        expr = promql_parser.parse(text)
         for selector in selectors(expr):
             name = selector.name or ""
             if name not in labels and name not in PROMETHEUS_SERIES:
-                wrong.append(f"{rule['alert']}: {name or selector} (no such series)")
+                wrong.append(f"{where}: {name or selector} (no such series)")
                 continue
             have = labels_of(name, labels, scraped)
             wrong += [
-                f"{rule['alert']}: {name}{{{matcher.name}}}"
+                f"{where}: {name}{{{matcher.name}}}"
                 for matcher in selector.matchers.matchers
                 if matcher.name not in have
             ]
@@ -173,7 +180,7 @@ def wrong_series(path: Path, labels: dict[str, tuple[str, ...]], scraped: set[st
                 for selector in selectors(part)
                 for label in labels_of(selector.name or "", labels, scraped)
             }
-            wrong += [f"{rule['alert']}: by {label}" for label in named if label not in have]
+            wrong += [f"{where}: by {label}" for label in named if label not in have]
     return wrong
 
 
@@ -184,7 +191,7 @@ def test_every_series_and_label_the_alerts_read_is_exported() -> None:
     assert len(set(named)) > 20, "the scan found too few names to prove anything"
     assert [name for name in named if name not in exported_series() | set(labels)] == []
     assert wrong_labels([ALERTS], labels) == []  # `series{label}` in the descriptions
-    assert wrong_series(ALERTS, labels, target_labels()) == []
+    assert wrong_series(expressions(), labels, target_labels()) == []
 
 
 def test_a_series_or_label_the_code_lacks_is_found(tmp_path: Path) -> None:
@@ -199,7 +206,7 @@ def test_a_series_or_label_the_code_lacks_is_found(tmp_path: Path) -> None:
     )
     labels: dict[str, tuple[str, ...]] = {"driftloop_x_total": ("model",), "driftloop_y_bucket": ("model",)}
 
-    assert wrong_series(tmp_path / "alerts.yml", labels, {"job", "instance", "service"}) == [
+    assert wrong_series(expressions(tmp_path / "alerts.yml"), labels, {"job", "instance", "service"}) == [
         "Made: driftloop_made_up_total (no such series)",
         "Label: driftloop_x_total{reason}",
         "By: by reason",
