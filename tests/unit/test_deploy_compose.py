@@ -1,5 +1,5 @@
 """docker-compose.yml: the containers can write what they write, their logs are bounded, and nothing is open
-beyond this host; the image alone takes no development token; Prometheus comes only when asked for.
+beyond this host; the image alone takes no development token; Prometheus and Grafana come only when asked for.
 
 Read from the files themselves (no Docker engine here): each service's settings are loaded with the
 environment its container gets, the image's ENV lines plus the compose file's.
@@ -112,7 +112,31 @@ def test_prometheus_is_opt_in_pinned_and_reads_deploy_prometheus() -> None:
     assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"]), "pin Prometheus's version"
     assert (PROJECT_ROOT / source / "prometheus.yml").is_file() and mode == "ro"
     assert f"--config.file={target}/prometheus.yml" in prometheus["command"]
-    assert [name for name, spec in COMPOSE["services"].items() if spec.get("profiles")] == ["prometheus"]
+    assert [name for name, spec in COMPOSE["services"].items() if spec.get("profiles")] == [
+        "prometheus",
+        "grafana",
+    ]
+
+
+def test_grafana_is_opt_in_pinned_and_reads_deploy_grafana() -> None:
+    """Grafana comes with Prometheus (`--profile observability`), at a pinned version, with deploy/grafana/'s
+    provisioning and dashboard mounted read-only, healthy once its API answers, and signed in to only with
+    the admin password of the environment (its default is for development) or as an anonymous viewer."""
+    grafana = COMPOSE["services"]["grafana"]
+    mounted = [v.split(":") for v in grafana["volumes"] if v.startswith("./")]
+    environment = grafana["environment"]
+
+    assert grafana["profiles"] == ["observability"]
+    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", grafana["image"]), "pin Grafana's version"
+    assert mounted and all(
+        source.startswith("./deploy/grafana/") and (PROJECT_ROOT / source).is_dir() and mode == "ro"
+        for source, _, mode in mounted
+    ), mounted
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    assert "http://127.0.0.1:3000/api/health" in grafana["healthcheck"]["test"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:-[^}]+\}", environment["GF_SECURITY_ADMIN_PASSWORD"])
+    assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer", "an anonymous visitor may only look"
 
 
 def token_store(settings: ServiceSettings) -> TokenStore:
