@@ -704,6 +704,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 """The error answers of every route, documented once for all (a route adds its own where it says more)."""
 
+FILE_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary"}
+"""The OpenAPI schema of an answer that is a file (a download, the audit trail's export), in whatever media
+type it is sent: bytes a generated client hands over as they come, where an empty schema left it ``Any``."""
+
+
+class Liveness(BaseModel):
+    """The answer of ``/health/live``."""
+
+    status: Literal["live"]
+
 
 class Readiness(BaseModel):
     """The answer of ``/health/ready``, 200 or 503."""
@@ -1119,8 +1129,8 @@ def create_app(
         )
 
     @app.get("/health/live", tags=["health"], summary="The process is up.")
-    async def live() -> dict[str, str]:
-        return {"status": "live"}
+    async def live() -> Liveness:
+        return Liveness(status="live")
 
     @app.get(
         "/health/ready",

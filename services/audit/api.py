@@ -20,7 +20,7 @@ from pydantic import WithJsonSchema
 
 from libs.auth import AuditorDep, Principal, Role, ViewerDep
 from libs.errors import InvalidInput, TooManyRequests
-from libs.http import BodyRoute, ErrorBody, InDigits
+from libs.http import FILE_SCHEMA, BodyRoute, ErrorBody, InDigits
 from services.audit import core
 from services.audit.adapters.files import CheckpointFile
 from services.audit.adapters.postgres import PgChain, reading
@@ -257,7 +257,7 @@ async def verify(
     summary="The trail as NDJSON, with the signed checkpoints in place.",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/x-ndjson": {}}},
+        200: {"content": {"application/x-ndjson": {"schema": FILE_SCHEMA}}},
         429: {
             "model": ErrorBody,
             "description": "As many exports as DRIFTLOOP_AUDIT_EXPORT_CONCURRENCY are streaming already: try "

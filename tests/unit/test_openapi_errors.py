@@ -55,9 +55,19 @@ def documented(doc: dict[str, Any], path: str, method: str, status: int) -> dict
     return {**response["content"]["application/json"]["schema"], "components": doc["components"]}
 
 
+def _schema_of(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` itself, or the component it refers to."""
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].removeprefix("#/components/schemas/")]
+    return schema
+
+
 def conforms(doc: dict[str, Any], path: str, method: str, r: httpx.Response) -> list[str]:
+    """What in ``r``'s JSON body the document's schema for it refuses; a schema naming no properties (which
+    any object would pass) fails at once."""
     schema = documented(doc, path, method, r.status_code)
     assert schema is not None, f"{method.upper()} {path}: {r.status_code} is not documented"
+    assert _schema_of(doc, schema).get("properties"), f"{method.upper()} {path}: {schema} names nothing"
     return [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(r.json())]
 
 
