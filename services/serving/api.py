@@ -67,7 +67,21 @@ from services.serving.domain import (
 )
 from services.serving.metrics import REQUEST_SECONDS
 from services.serving.routing import ModelRouting, RoutingState, ServedModel
-from services.serving.schemas import InferAnswer, InferBody, PredictAnswer, PredictBody, ServerReady
+from services.serving.schemas import (
+    CommandAccepted,
+    InferAnswer,
+    InferBody,
+    ModelMetadata,
+    ModelReady,
+    ModelRoutePublic,
+    ModelRoutes,
+    PredictAnswer,
+    PredictBody,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    VersionReady,
+)
 from services.serving.scoring import Predictor, PredictRequest, PredictResult
 
 SERVER_NAME = "driftloop-serving"
@@ -205,12 +219,22 @@ def _metadata(routing: ModelRouting, served: ServedModel) -> dict[str, Any]:
     }
 
 
-@router.get("/v2", tags=["open inference protocol"], summary="Server metadata.")
+@router.get(
+    "/v2",
+    tags=["open inference protocol"],
+    summary="Server metadata.",
+    responses={200: {"model": ServerMetadata, "description": "The server's name, version and extensions."}},
+)
 async def server_metadata() -> Response:
     return _json({"name": SERVER_NAME, "version": PLATFORM_VERSION, "extensions": []})
 
 
-@router.get("/v2/health/live", tags=["open inference protocol"], summary="The server is up.")
+@router.get(
+    "/v2/health/live",
+    tags=["open inference protocol"],
+    summary="The server is up.",
+    responses={200: {"model": ServerLive, "description": "Live."}},
+)
 async def server_live() -> Response:
     return _json({"live": True})
 
@@ -237,7 +261,12 @@ def _path_version(name: str, version: str) -> int:
     return number if number is not None else path_version(version, f"model {shown_model(name)}")
 
 
-@router.get("/v2/models/{name}", tags=["open inference protocol"], summary="Model metadata.")
+@router.get(
+    "/v2/models/{name}",
+    tags=["open inference protocol"],
+    summary="Model metadata.",
+    responses={200: {"model": ModelMetadata, "description": "The model's inputs, outputs and versions."}},
+)
 async def model_metadata(name: str, ctx: ContextDep, caller: AnyTokenDep) -> Response:
     caller.check_model(name)
     routing = ctx.predictor.routing(name, caller.models)
@@ -248,7 +277,10 @@ async def model_metadata(name: str, ctx: ContextDep, caller: AnyTokenDep) -> Res
 
 
 @router.get(
-    "/v2/models/{name}/versions/{version}", tags=["open inference protocol"], summary="Version metadata."
+    "/v2/models/{name}/versions/{version}",
+    tags=["open inference protocol"],
+    summary="Version metadata.",
+    responses={200: {"model": ModelMetadata, "description": "The version's inputs and outputs."}},
 )
 async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, caller: AnyTokenDep) -> Response:
     caller.check_model(name)
@@ -262,7 +294,12 @@ async def version_metadata(name: str, version: VersionPath, ctx: ContextDep, cal
     return _json({**_metadata(routing, found[0]), "versions": [version]})
 
 
-@router.get("/v2/models/{name}/ready", tags=["open inference protocol"], summary="The model can answer.")
+@router.get(
+    "/v2/models/{name}/ready",
+    tags=["open inference protocol"],
+    summary="The model can answer.",
+    responses={200: {"model": ModelReady, "description": "Ready; a model that is not is a 404."}},
+)
 async def model_ready(name: str, ctx: ContextDep) -> Response:
     routing = ctx.state.table.models.get(name)
     if routing is None or routing.default is None:
@@ -276,6 +313,7 @@ async def model_ready(name: str, ctx: ContextDep) -> Response:
     "/v2/models/{name}/versions/{version}/ready",
     tags=["open inference protocol"],
     summary="The version can answer.",
+    responses={200: {"model": VersionReady, "description": "Ready; a version that is not is a 404."}},
 )
 async def version_ready(name: str, version: VersionPath, ctx: ContextDep) -> Response:
     number = parse_version(version)
@@ -766,14 +804,24 @@ def _route_public(route: ModelRoute, routing: ModelRouting | None) -> dict[str, 
     }
 
 
-@router.get("/v1/models", tags=["rollouts"], summary="Every model's routing state.")
+@router.get(
+    "/v1/models",
+    tags=["rollouts"],
+    summary="Every model's routing state.",
+    responses={200: {"model": ModelRoutes, "description": "Every model serving knows."}},
+)
 async def list_models(ctx: ContextDep, _: ViewerDep) -> Response:
     routes = await ctx.read_routes()
     table = ctx.state.table.models
     return _json({"models": [_route_public(r, table.get(r.model)) for r in routes]})
 
 
-@router.get("/v1/models/{name}", tags=["rollouts"], summary="One model's routing state.")
+@router.get(
+    "/v1/models/{name}",
+    tags=["rollouts"],
+    summary="One model's routing state.",
+    responses={200: {"model": ModelRoutePublic, "description": "The routing state, and this replica's."}},
+)
 async def get_model(name: str, ctx: ContextDep, _: ViewerDep) -> Response:
     route = await ctx.read_route(name)
     if route is None:
@@ -813,6 +861,11 @@ class PromoteCreate(BaseModel):
     reason: Reason = Field(description="Why, for the audit trail (not only white space).")
 
 
+_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": CommandAccepted, "description": "Published; its handler acts on it."}
+}
+
+
 async def _accepted(ctx: ServingContext, event: CloudEvent[Any]) -> Response:
     async with ctx.begin() as tx:
         await tx.publish(event)
@@ -834,6 +887,7 @@ async def _accepted(ctx: ServingContext, event: CloudEvent[Any]) -> Response:
     summary="Roll back the canary or production.",
     status_code=202,
     dependencies=[Depends(json_keys_once)],
+    responses=_ACCEPTED,
 )
 async def request_rollback(
     name: str, body: RollbackCreate, ctx: ContextDep, principal: OperatorDep
@@ -892,6 +946,7 @@ async def request_rollback(
     summary="Promote a version now.",
     status_code=202,
     dependencies=[Depends(json_keys_once)],
+    responses=_ACCEPTED,
 )
 async def request_promote(
     name: str, body: PromoteCreate, ctx: ContextDep, principal: OperatorDep

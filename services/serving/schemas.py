@@ -1,19 +1,22 @@
-"""The predict routes' request and response bodies, for the OpenAPI document.
+"""Serving's request and response bodies, for the OpenAPI document.
 
-The routes read their bodies with orjson and check them against the model's signature themselves
-(services/serving/api.py explains why), so these models are never used to parse a request: they say what
-the routes accept and answer, for people, client generators and the HTTP fuzz test. The unit tests check
-that the routes' real answers validate against them.
+The routes read their bodies with orjson and check them against the model's signature themselves, and build
+their answers with orjson too (services/serving/api.py explains why), so these models are never used to parse
+a request or to check an answer: they say what the routes accept and answer, for people, client generators
+and the HTTP fuzz test. The unit tests check that the routes' real answers validate against the document.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.common import Label
+from contracts.common import Label, Task
 from contracts.predictions import Variant
+from contracts.rollouts import RolloutMode
+from services.serving.domain import RolloutStatus
 
 FeatureValue = float | int | str | bool | None
 
@@ -138,3 +141,119 @@ class ServerReady(BaseModel):
 
     ready: bool
     checks: dict[str, bool] = Field(description="Each dependency checked, and whether it answered.")
+
+
+class ServerMetadata(BaseModel):
+    """The answer of ``GET /v2`` (the Open Inference Protocol's ServerMetadataResponse)."""
+
+    name: str = Field(description="The server's name.", examples=["driftloop-serving"])
+    version: str = Field(description="The platform's version.")
+    extensions: list[str] = Field(description="Protocol extensions supported: none.")
+
+
+class ServerLive(BaseModel):
+    """The answer of ``/v2/health/live`` (the Open Inference Protocol's ServerLiveResponse)."""
+
+    live: bool
+
+
+class MetadataTensor(BaseModel):
+    """An input or output of a model, as its metadata lists it."""
+
+    name: str = Field(description="The feature's name, or the output: predict, predict_proba.")
+    datatype: Datatype = Field(description="Open Inference Protocol datatype.")
+    shape: list[int] = Field(description="-1: any number of rows.", examples=[[-1], [-1, 2]])
+
+
+class ModelMetadataParameters(BaseModel):
+    task: Task
+    classes: list[Label] | None = Field(
+        description="The class labels, in the order of predict_proba's columns (classifiers)."
+    )
+    rollout_id: str | None = Field(description="The live rollout, if any.")
+    canary_weight: float = Field(description="The canary's share of traffic now.")
+    engine: str = Field(description="What computes the answers: onnxruntime or scikit-learn.")
+    engine_note: str | None = Field(description="Why scikit-learn serves, when no compiled copy does.")
+
+
+class ModelMetadata(BaseModel):
+    """The answer of ``GET /v2/models/{name}`` and ``.../versions/{version}`` (the Open Inference Protocol's
+    MetadataModelResponse)."""
+
+    name: str
+    versions: list[str] = Field(description="The versions serving (the version asked, for a version's).")
+    platform: str = Field(examples=["scikit-learn"])
+    inputs: list[MetadataTensor] = Field(description="One per feature of the signature, in its order.")
+    outputs: list[MetadataTensor]
+    parameters: ModelMetadataParameters
+
+
+class ModelReady(BaseModel):
+    """The answer of ``GET /v2/models/{name}/ready`` when the model can answer. The protocol leaves the body
+    unspecified (the status says it); a model that cannot answer is a 404 with the error body and
+    ``ready: false``."""
+
+    name: str
+    ready: bool
+
+
+class VersionReady(ModelReady):
+    """The answer of ``GET /v2/models/{name}/versions/{version}/ready`` when the version can answer."""
+
+    version: str = Field(description="As the path gives it.")
+
+
+class RolloutPublic(BaseModel):
+    rollout_id: str
+    status: RolloutStatus
+    canary_version: int
+    stable_version: int | None
+    mode: RolloutMode
+    steps: list[float] = Field(description="The canary's share of traffic at each step.")
+    step_index: int
+    weight: float = Field(description="The canary's share now: 0 once rolled back, 1 once promoted.")
+    min_samples: int
+    bake_seconds: float
+    samples_seen: int
+    started_at: datetime
+    step_started_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+
+
+class ReplicaRouting(BaseModel):
+    """What the replica that answered serves now (it follows the routing state within moments)."""
+
+    stable_version: int | None
+    canary_version: int | None
+    rollout_id: str | None
+    weight: float
+    mode: RolloutMode
+
+
+class ModelRoutePublic(BaseModel):
+    """A model's routing state: ``GET /v1/models/{name}``."""
+
+    model: str
+    stable_version: int | None
+    previous_stable_version: int | None
+    decided_at: datetime | None
+    rollout: RolloutPublic | None = Field(description="The latest rollout, live or finished.")
+    this_replica: ReplicaRouting | None = Field(description="None while this replica has no routing for it.")
+
+
+class ModelRoutes(BaseModel):
+    """Every model's routing state: ``GET /v1/models``."""
+
+    models: list[ModelRoutePublic]
+
+
+class CommandAccepted(BaseModel):
+    """A rollout command published (``POST /v1/models/{name}/rollback``, ``.../promote``): its handler acts
+    on it, against the routing state when it arrives."""
+
+    accepted: bool
+    command: Literal["RollbackRequested", "PromoteRequested"]
+    event_id: str = Field(description="The command's event.")
+    model_version: int = Field(description="The version rolled back or promoted.")
+    actor: str | None = Field(description="Who asked.")

@@ -30,12 +30,13 @@ from libs.http import create_app
 from libs.modelspec import FLOAT32_MAX
 from services.serving import api, schemas
 from services.serving.adapters.prediction_log import COLUMNWISE_FROM_ROWS, FRAME, Unpacker, encode, pack
-from services.serving.domain import ModelRoute, Rollout, parse_prediction_id
+from services.serving.domain import ModelRoute, Rollout, RolloutStatus, parse_prediction_id
 from services.serving.routing import ModelRouting, RoutingState, RoutingTable, ServedModel
 from services.serving.scoring import CanaryStats, LogItem, Predictor, PredictResult
 from services.serving.settings import ServingSettings
 from tests.unit import metrics_lint
 from tests.unit.serving.fakes import Clock, churn_pipeline, churn_signature, record
+from tests.unit.test_openapi_errors import conforms
 
 PREDICT = {"Authorization": "Bearer dev-predict"}
 VIEWER = {"Authorization": "Bearer dev-viewer"}
@@ -698,6 +699,60 @@ async def test_oip_metadata_and_health(service: Service) -> None:
     assert [o["name"] for o in meta["outputs"]] == ["predict", "predict_proba"] and meta["versions"] == ["1"]
     # These tests serve the pipeline itself (no compiled copy): the metadata says so.
     assert meta["parameters"]["engine"] == "scikit-learn"
+
+
+async def test_the_metadata_routing_and_command_answers_are_what_the_document_says(service: Service) -> None:
+    # Built with orjson, not through a response model: the document's schemas are checked here instead.
+    doc = service.app.openapi()
+    asked = [
+        ("get", "/v2", "/v2", {}),
+        ("get", "/v2/health/live", "/v2/health/live", {}),
+        ("get", "/v2/models/{name}", "/v2/models/churn", PREDICT),
+        ("get", "/v2/models/{name}/versions/{version}", "/v2/models/churn/versions/1", PREDICT),
+        ("get", "/v2/models/{name}/ready", "/v2/models/churn/ready", {}),
+        ("get", "/v2/models/{name}/versions/{version}/ready", "/v2/models/churn/versions/1/ready", {}),
+        ("get", "/v1/models", "/v1/models", VIEWER),
+        ("get", "/v1/models/{name}", "/v1/models/churn", VIEWER),
+    ]
+    answers = []
+    service.route(served(1))  # no rollout
+    for method, path, url, headers in asked:
+        answers.append((method, path, await service.client.request(method, url, headers=headers)))
+    service.route(served(1), served(2), weight=0.5)  # a live canary
+    for method, path, url, headers in asked:
+        answers.append((method, path, await service.client.request(method, url, headers=headers)))
+    for command in ("rollback", "promote"):
+        service.route(served(1), served(2), weight=0.5)
+        r = await service.client.post(f"/v1/models/churn/{command}", json={"reason": "x"}, headers=OPERATOR)
+        answers.append(("post", f"/v1/models/{{name}}/{command}", r))
+    service.routes["churn"] = replace(service.routes["churn"], rollout=ended_rollout())
+    answers.append(("get", "/v1/models/{name}", await service.client.get("/v1/models/churn", headers=VIEWER)))
+
+    wrong = []
+    for method, path, r in answers:
+        assert r.status_code in (200, 202), f"{method} {path}: {r.text}"
+        wrong += [f"{method.upper()} {path}: {e}" for e in conforms(doc, path, method, r)]
+    assert wrong == []
+    assert answers[-1][2].json()["rollout"]["ended_at"] is not None
+
+
+def ended_rollout() -> Rollout:
+    clock = Clock()
+    return Rollout(
+        rollout_id="r-0",
+        canary_version=2,
+        stable_version=1,
+        mode=RolloutMode.SHADOW,
+        steps=(1.0,),
+        step_index=0,
+        min_samples=10,
+        bake_seconds=1,
+        started_at=clock(),
+        step_started_at=clock(),
+        status=RolloutStatus.ROLLED_BACK,
+        ended_at=clock(),
+        end_reason="error rate",
+    )
 
 
 @pytest.mark.parametrize(
