@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, cast
 import asyncpg
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
 
 from contracts.common import (
     VERSION_TEXT,
@@ -28,7 +29,17 @@ from contracts.models import TagKey
 from libs.artifacts import ArtifactCorrupted, ArtifactNotFound
 from libs.auth import OperatorDep, ViewerDep
 from libs.errors import Conflict, DomainError, InvalidInput, NotFound, PayloadTooLarge, shown
-from libs.http import BodyRoute, Cursor, InDigits, Text, VersionPath, json_keys_once, path_version
+from libs.http import (
+    FILE_SCHEMA,
+    BodyRoute,
+    Cursor,
+    InDigits,
+    Text,
+    VersionPath,
+    json_keys_once,
+    path_version,
+)
+from libs.profiles import ReferenceProfile
 from libs.service import Runtime
 from services.registry import core
 from services.registry.adapters.artifacts import StoreArtifacts
@@ -59,6 +70,7 @@ from services.registry.schemas import (
     RetrainCreate,
     RollbackCreate,
     TagCreate,
+    TagPublic,
     VersionPage,
     VersionPublic,
 )
@@ -101,10 +113,16 @@ FILE_MEDIA_TYPES = {
 """The Content-Type a stored file is downloaded with, by its format."""
 
 
-def _sent_as(*media_types: str, description: str) -> dict[int | str, dict[str, Any]]:
-    """The ``responses`` of a download: its 200 in each media type it may be sent in (a streamed answer's
-    route has none of its own, and FastAPI documented its 200 with no body), and its 304."""
-    return {200: {"description": description, "content": {t: {} for t in media_types}}, **NOT_MODIFIED}
+def _sent_as(
+    *media_types: str, description: str, json: type[BaseModel] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a download: its 200 in each media type it may be sent in, as a file (a streamed
+    answer's route has none of its own, and FastAPI documented its 200 with no body), and its 304. A JSON
+    file whose structure is known (a reference profile) is documented as that model, so clients read it; one
+    that is not (a dataset registered in JSON elsewhere) is a file like the others."""
+    content = {t: {"schema": FILE_SCHEMA} for t in media_types if json is None or t != "application/json"}
+    model = {} if json is None else {"model": json}
+    return {200: {"description": description, "content": content, **model}, **NOT_MODIFIED}
 
 
 class MarkdownResponse(PlainTextResponse):
@@ -296,6 +314,7 @@ async def get_version(request: Request, _: ViewerDep, model: ModelName, version:
         FILE_MEDIA_TYPES[ArtifactFormat.SKOPS],
         FILE_MEDIA_TYPES[ArtifactFormat.JSON],
         description="The file: the model as skops (application/octet-stream), the profile as JSON.",
+        json=ReferenceProfile,
     ),
 )
 async def download_artifact(
@@ -405,7 +424,7 @@ async def model_card(
 @router.put("/models/{model}/versions/{version}/tags/{key}", tags=["versions"], summary="Set a tag.")
 async def set_tag(
     request: Request, who: OperatorDep, model: ModelName, version: VersionPath, key: TagKey, body: TagCreate
-) -> dict[str, str]:
+) -> TagPublic:
     number = path_version(version, f"model {model!r}")
     rt = _runtime(request)
     async with rt.begin() as tx:
@@ -419,7 +438,7 @@ async def set_tag(
             publish=tx.publish,
             source=rt.source(),
         )
-    return {"key": key, "value": body.value}
+    return TagPublic(key=key, value=body.value)
 
 
 @router.delete(
@@ -570,7 +589,7 @@ def _split_models(values: list[str]) -> list[str]:
     description="Stored as canonical Parquet under its sha256 and announced with DatasetRegistered. The same "
     "content as an existing version of the name answers 200 with that version.",
     responses={
-        200: {"description": "The same content is already a version of this name."},
+        200: {"model": DatasetUploaded, "description": "The same content is already a version of this name."},
         409: {
             "description": "Another writer registered a version of this name while it was stored; upload "
             "again."

@@ -224,3 +224,10 @@ class TagCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     value: Text = Field(max_length=TAG_VALUE_MAX_CHARS, description="Tag value.")
+
+
+class TagPublic(_Public):
+    """A tag as set."""
+
+    key: str = Field(description="Tag key.")
+    value: str = Field(description="Tag value.")

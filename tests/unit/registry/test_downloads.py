@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 
 from contracts.common import ArtifactFormat, ArtifactRef
@@ -24,10 +25,12 @@ from contracts.examples import EXAMPLES
 from contracts.training import TrainingCompleted
 from libs.artifacts import ArtifactStore
 from libs.http import create_app
+from libs.profiles import build_profile
 from services.registry import api
 from services.registry.adapters.artifacts import StoreArtifacts
 from services.registry.schemas import DatasetPublic
 from services.registry.settings import RegistrySettings
+from tests.unit.test_openapi_errors import conforms
 
 VIEWER = {"Authorization": "Bearer dev-viewer"}
 MODEL_URL = "/v1/models/churn/versions/1/artifact"
@@ -35,6 +38,11 @@ PROFILE_URL = MODEL_URL + "?kind=profile"
 DATASET_URL = "/v1/datasets/churn-base/versions/1/file"
 # What a HEAD has to say as its GET does; the Date and such a server adds are not the app's.
 SAME = ("content-type", "content-length", "content-disposition", "etag", "x-content-sha256")
+PROFILE = build_profile(
+    pd.DataFrame({"tenure": [1.0, 2.0, 3.0], "plan": ["basic", "plus", "basic"]}),
+    [("tenure", "numeric"), ("plan", "categorical")],
+    predictions=pd.Series([0.1, 0.7, 0.4]),
+)
 
 
 class CountedArtifacts(StoreArtifacts):
@@ -120,7 +128,7 @@ class Registry:
             update={
                 "model": "churn",
                 "artifact": put(b"PK model bytes " * 1000, ArtifactFormat.SKOPS),
-                "profile": put(b'{"features": {}}', ArtifactFormat.JSON),
+                "profile": put(PROFILE.to_bytes(), ArtifactFormat.JSON),
             }
         )
         file = put(b"tenure,churned\n1,0\n2,1\n", ArtifactFormat.CSV)
@@ -186,6 +194,30 @@ async def test_a_head_on_a_download_gives_the_gets_headers_without_reading_the_f
     assert_answered_alike(got, head)
     assert head.headers["content-length"] == str(ref.size_bytes)
     assert head.headers["etag"] == f'"{ref.key}"'
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        (MODEL_URL, "/v1/models/{model}/versions/{version}/artifact"),
+        (PROFILE_URL, "/v1/models/{model}/versions/{version}/artifact"),
+        (DATASET_URL, "/v1/datasets/{name}/versions/{version}/file"),
+    ],
+)
+async def test_a_download_is_sent_as_a_media_type_the_document_names(
+    registry: Registry, url: str, path: str
+) -> None:
+    """A file is documented as one in each media type it may come in; the profile, JSON of a known
+    structure, as that structure."""
+    got, _ = await registry.get_and_head(url)
+    assert got.status_code == 200, got.text
+    content = registry.app.openapi()["paths"][path]["get"]["responses"]["200"]["content"]
+    media_type = got.headers["content-type"].partition(";")[0]
+    assert media_type in content
+    if media_type == "application/json":
+        assert conforms(registry.app.openapi(), path, "get", got) == []
+    else:
+        assert content[media_type]["schema"] == {"type": "string", "format": "binary"}
 
 
 @pytest.mark.parametrize("url", [MODEL_URL, DATASET_URL])
