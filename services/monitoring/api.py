@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
+from pydantic import TypeAdapter
 
 from contracts.common import ModelName
 from libs.auth import OperatorDep, ViewerDep
@@ -25,6 +26,7 @@ from services.monitoring.domain import (
 )
 from services.monitoring.handlers import Monitor
 from services.monitoring.ports import EarlyStep
+from services.monitoring.schemas import DriftPage, MonitoringStatus, WindowReport
 
 router = APIRouter(prefix="/v1", tags=["monitoring"], route_class=BodyRoute)
 
@@ -51,6 +53,17 @@ class PolicyUpdate(DriftPolicy):
     """A new drift policy for one model (every field optional; omitted ones take the service defaults)."""
 
 
+_ANSWER = TypeAdapter(dict[str, Any])
+
+
+def _json(answer: dict[str, Any]) -> Response:
+    """``answer`` in JSON, byte for byte as FastAPI wrote it when these routes returned ``dict[str, Any]``
+    (pydantic's serialiser: a non-finite number is null). The routes are documented by models (``responses``,
+    services/monitoring/schemas.py) that answers are not validated against: as the response model, one would
+    drop whatever a stored report holds that it does not name."""
+    return Response(_ANSWER.dump_json(answer), media_type="application/json")
+
+
 def _known(monitor: Monitor, model: str) -> None:
     if model not in monitor.live.models:
         raise NotFound(f"monitoring knows no model {model!r}: it needs a ModelVersionRegistered first")
@@ -68,7 +81,11 @@ Limit = Annotated[int, InDigits, Query(ge=1, le=100, description="At most this m
 
 
 @router.get(
-    "/models/{model}/drift", summary="The drift report of a model's latest windows (JSON), a page at a time."
+    "/models/{model}/drift",
+    summary="The drift report of a model's latest windows (JSON), a page at a time.",
+    responses={
+        200: {"model": DriftPage, "description": "The newest windows first, and the next page's cursor."}
+    },
 )
 async def drift_report(
     model: ModelName,
@@ -77,17 +94,18 @@ async def drift_report(
     monitor: MonitorDep,
     limit: Limit = 10,
     cursor: Cursor = None,
-) -> dict[str, Any]:
+) -> Response:
     _known(monitor, model)
     windows, next_cursor = await _reports(rt, model, limit, cursor)
-    return {"model": model, "windows": windows, "next_cursor": next_cursor}
+    return _json({"model": model, "windows": windows, "next_cursor": next_cursor})
 
 
 @router.get(
     "/models/{model}/windows/{window_id}",
     summary="One judged window's full report (JSON): every feature's evidence, as DriftDetected names it.",
+    responses={200: {"model": WindowReport, "description": "The window's report, as stored when judged."}},
 )
-async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: RuntimeDep) -> dict[str, Any]:
+async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: RuntimeDep) -> Response:
     async with rt.pool.acquire() as conn:
         store = PgMonitoringStore(conn)
         found = await store.window_report(model, window_id)
@@ -104,7 +122,7 @@ async def window_report(model: ModelName, window_id: str, _: ViewerDep, rt: Runt
         )
     if found is None:
         raise NotFound(f"monitoring judged no window {window_id!r} of model {model!r}")
-    return found
+    return _json(found)
 
 
 @router.get(
@@ -129,8 +147,12 @@ async def drift_page(
     return HTMLResponse(report.render(model, windows, older=older, first=cursor is None))
 
 
-@router.get("/status", summary="The current status of every model monitoring knows.")
-async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str, Any]:
+@router.get(
+    "/status",
+    summary="The current status of every model monitoring knows.",
+    responses={200: {"model": MonitoringStatus, "description": "Per model, and what is held back."}},
+)
+async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> Response:
     live = monitor.live
     async with rt.pool.acquire() as conn:
         store = PgMonitoringStore(conn)
@@ -183,18 +205,20 @@ async def status(_: ViewerDep, rt: RuntimeDep, monitor: MonitorDep) -> dict[str,
                 "alerted": r["alerted"],
             }
     unknown, skipped = live.skipped_rows()
-    return {
-        "models": models,
-        "unknown": unknown,
-        "unknown_rows_not_listed": live.unknown_rows_not_listed,
-        "skipped_before_registration": skipped,
-        "windows_waiting_for_judgement": len(live.closed),
-        "cached_predictions": live.cache.rows,
-        "labels_waiting_for_prediction": len(live.pending_labels),
-        "rollout_steps_kept": [_kept_public(s, monitor) for s in kept],
-        "rollout_steps_given_up": [_given_up_public(s) for s in given_up],
-        "replay": monitor.replay.public() if monitor.replay is not None else None,
-    }
+    return _json(
+        {
+            "models": models,
+            "unknown": unknown,
+            "unknown_rows_not_listed": live.unknown_rows_not_listed,
+            "skipped_before_registration": skipped,
+            "windows_waiting_for_judgement": len(live.closed),
+            "cached_predictions": live.cache.rows,
+            "labels_waiting_for_prediction": len(live.pending_labels),
+            "rollout_steps_kept": [_kept_public(s, monitor) for s in kept],
+            "rollout_steps_given_up": [_given_up_public(s) for s in given_up],
+            "replay": monitor.replay.public() if monitor.replay is not None else None,
+        }
+    )
 
 
 def _early_public(step: EarlyStep) -> dict[str, Any]:

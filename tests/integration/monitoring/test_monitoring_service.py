@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from fastapi import Response
 from pydantic import ValidationError
 
 from contracts.common import (
@@ -919,6 +920,11 @@ async def test_the_retention_deletes_old_counted_labels_and_keeps_every_one_a_qu
         assert await store.labels_outside_classes() == outside
 
 
+def answered(response: Response) -> Any:
+    """The JSON a route's response holds (monitoring's JSON routes answer a ``Response``)."""
+    return json.loads(bytes(response.body))
+
+
 async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_each_versions_newest(
     pool: asyncpg.Pool,
 ) -> None:
@@ -996,7 +1002,7 @@ async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_eac
     # The report a DriftDetected links to says it was deleted; a window never judged is answered as before.
     rt: Any = SimpleNamespace(pool=pool)
     viewer = Principal("viewer", Role.viewer)
-    assert await api.window_report("churn", "churn:1:000003", viewer, rt) == {
+    assert answered(await api.window_report("churn", "churn:1:000003", viewer, rt)) == {
         "window": {"id": "churn:1:000003"}
     }
     with pytest.raises(NotFound, match="no longer holds the report of window 'churn:1:000002'"):
@@ -1048,7 +1054,7 @@ async def test_a_models_drift_windows_are_paged_newest_first_each_once_while_win
     sizes: list[int] = []
     cursor: str | None = None
     while True:
-        page = await api.drift_report("churn", viewer, rt, monitor, limit=2, cursor=cursor)
+        page = answered(await api.drift_report("churn", viewer, rt, monitor, limit=2, cursor=cursor))
         seen += [r["window"]["id"] for r in page["windows"]]
         sizes.append(len(page["windows"]))
         if len(sizes) == 1:  # judged meanwhile: newer than every window, on no later page
@@ -1069,9 +1075,11 @@ async def test_a_models_drift_windows_are_paged_newest_first_each_once_while_win
     assert sizes == [2, 2, 2, 1]
 
     # A full last page is followed by an empty one whose next_cursor is null; the status reads the newest.
-    full = await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=None)
+    full = answered(await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=None))
     assert len(full["windows"]) == 8 and full["next_cursor"] is not None
-    empty = await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=full["next_cursor"])
+    empty = answered(
+        await api.drift_report("churn", viewer, rt, monitor, limit=8, cursor=full["next_cursor"])
+    )
     assert empty == {"model": "churn", "windows": [], "next_cursor": None}
     async with pool.acquire() as conn:
         [newest] = await PgMonitoringStore(conn).latest_reports("churn", 1)
