@@ -277,3 +277,37 @@ async def test_the_oip_readiness_documents_its_503() -> None:
     response = doc["paths"]["/v2/health/ready"]["get"]["responses"]["503"]
     schema = {**response["content"]["application/json"]["schema"], "components": doc["components"]}
     assert jsonschema_rs.is_valid(schema, {"ready": False, "checks": {"database": False}})
+
+
+NO_BODY = {"204", "304"}
+
+
+@pytest.mark.parametrize("service", list(SETTINGS))
+async def test_every_success_answer_documents_what_it_holds(service: str) -> None:
+    """A generated client reads a 2xx answer as the document says: one documented with no schema, an empty
+    one or an object without properties (FastAPI's ``dict[str, Any]``) is ``Any`` to it, though the route
+    answers a fixed structure. So every 2xx in JSON names its properties, text is a string, and any other
+    media type (a file download, the audit export) is a file: ``format: binary``."""
+    doc, _ = await answer(service, "GET", "/health/live")
+    vague = []
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if not status.startswith("2") or status in NO_BODY:
+                    continue
+                where = f"{method.upper()} {path} {status}"
+                content = response.get("content", {})
+                if not content:
+                    vague.append(f"{where}: no content")
+                for media_type, described in content.items():
+                    schema = _schema_of(doc, described.get("schema", {}))
+                    if media_type == "application/json":
+                        if not schema or (schema.get("type") == "object" and not schema.get("properties")):
+                            vague.append(f"{where} {media_type}: {schema}")
+                    elif media_type.startswith("text/"):
+                        if schema.get("type") != "string":
+                            vague.append(f"{where} {media_type}: {schema}")
+                    elif schema != {"type": "string", "format": "binary"}:
+                        vague.append(f"{where} {media_type}: {schema}")
+
+    assert vague == []
