@@ -152,8 +152,8 @@ class SkippedRows(BaseModel):
     rows_skipped: int
 
 
-class StepKept(BaseModel):
-    """A rollout step whose event came before its rollout's start, kept for it."""
+class _EarlyStep(BaseModel):
+    """A rollout step whose event came before its rollout's start."""
 
     rollout_id: str
     model: str
@@ -161,21 +161,20 @@ class StepKept(BaseModel):
     stable_version: int | None
     canary_version: int
     kept_at: datetime
+
+
+class StepKept(_EarlyStep):
+    """A rollout step whose event came before its rollout's start, kept for it."""
+
     started_at: datetime
     expires_at: datetime = Field(description="When it is given up if the start has not come.")
     canary_samples: int
     stable_samples: int
 
 
-class StepGivenUp(BaseModel):
+class StepGivenUp(_EarlyStep):
     """A rollout's highest step given up for want of its start."""
 
-    rollout_id: str
-    model: str
-    step_index: int
-    stable_version: int | None
-    canary_version: int
-    kept_at: datetime
     given_up_at: datetime | None
 
 

@@ -920,6 +920,21 @@ async def test_the_retention_deletes_old_counted_labels_and_keeps_every_one_a_qu
         assert await store.labels_outside_classes() == outside
 
 
+async def judged_report(conn: asyncpg.Connection, model: str, version: int, seq: int, at: datetime) -> None:
+    """A window report row as judging writes one, judged (and its window dated) at ``at``."""
+    await conn.execute(
+        """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
+               drift_share, alerted, report, judged_at)
+           VALUES ($1, $2, $3, $4, $5, $5, 100, 0.1, false, $6, $5)""",
+        model,
+        version,
+        seq,
+        f"{model}:{version}:{seq:06d}",
+        at,
+        {"window": {"id": f"{model}:{version}:{seq:06d}"}},
+    )
+
+
 def answered(response: Response) -> Any:
     """The JSON a route's response holds (monitoring's JSON routes answer a ``Response``)."""
     return json.loads(bytes(response.body))
@@ -954,17 +969,7 @@ async def test_the_retention_deletes_old_window_reports_in_batches_and_keeps_eac
         judged = from_epoch(now - 100 * 86_400)
         for model, version, seq, days in reports:
             at = judged if days == 100 else from_epoch(now - days * 86_400)
-            await conn.execute(
-                """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
-                       drift_share, alerted, report, judged_at)
-                   VALUES ($1, $2, $3, $4, $5, $5, 100, 0.1, false, $6, $5)""",
-                model,
-                version,
-                seq,
-                f"{model}:{version}:{seq:06d}",
-                at,
-                {"window": {"id": f"{model}:{version}:{seq:06d}"}},
-            )
+            await judged_report(conn, model, version, seq, at)
         plan = await plan_report_retention(monitor=monitor, store=PgMonitoringStore(conn))
 
     batches: list[int] = []
@@ -1019,17 +1024,7 @@ async def test_a_models_drift_windows_are_paged_newest_first_each_once_while_win
     judged = datetime(2026, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)
 
     async def judge(conn: asyncpg.Connection, model: str, version: int, seq: int, minutes: int) -> None:
-        await conn.execute(
-            """INSERT INTO window_reports (model, version, seq, window_id, start_at, end_at, size,
-                   drift_share, alerted, report, judged_at)
-               VALUES ($1, $2, $3, $4, $5, $5, 100, 0.1, false, $6, $5)""",
-            model,
-            version,
-            seq,
-            f"{model}:{version}:{seq:06d}",
-            judged + timedelta(minutes=minutes),
-            {"window": {"id": f"{model}:{version}:{seq:06d}"}},
-        )
+        await judged_report(conn, model, version, seq, judged + timedelta(minutes=minutes))
 
     async with pool.acquire() as conn:
         for model in ("churn", "fraud"):
