@@ -334,9 +334,15 @@ class Background:
                 continue
             try:
                 async with self.rt.begin() as tx:
+                    tally = handlers.Tally()
                     await handlers.judge_closed_window(
-                        window, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+                        window,
+                        monitor=self.monitor,
+                        store=PgMonitoringStore(tx.conn),
+                        publish=tx.publish,
+                        tally=tally,
                     )
+                    tx.after_commit(tally.count)
             except Exception as exc:
                 if is_transient(exc):
                     raise
@@ -502,9 +508,18 @@ class Background:
         counted once, when the next tick sets it aside again."""
 
         async def give_verdict(tx: Transaction) -> bool:
-            return await handlers.set_step_aside(
-                step, now, exc, monitor=self.monitor, store=PgMonitoringStore(tx.conn), publish=tx.publish
+            tally = handlers.Tally()
+            given = await handlers.set_step_aside(
+                step,
+                now,
+                exc,
+                monitor=self.monitor,
+                store=PgMonitoringStore(tx.conn),
+                publish=tx.publish,
+                tally=tally,
             )
+            tx.after_commit(tally.count)
+            return given
 
         where = {"rollout_id": step.rollout_id, "step": step.step_index, "model": step.model}
         given = await self.settle(

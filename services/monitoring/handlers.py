@@ -174,6 +174,33 @@ TOO_MANY_WAITING = "too-many-waiting"
 TOO_MANY_WAITING_WARNING_EVERY_S = 60.0
 """At most one warning this often about waiting labels given up past ``max_pending_labels``."""
 
+WINDOWS_JUDGED = Counter(
+    "driftloop_monitoring_windows_judged_total",
+    "Drift windows judged, by outcome: alerted (a DriftDetected raised), held-back (features drifted but the "
+    "debounce held the alert back: not yet consecutive_windows in a row, under share_threshold, or within "
+    "the cooldown), no-drift. Counted once the judgement commits; windows set aside unjudged are counted in "
+    "driftloop_monitoring_windows_set_aside_total and driftloop_monitoring_windows_too_few_rows_set_aside_total.",
+    ["model", "outcome"],
+)
+ALERTED = "alerted"
+HELD_BACK = "held-back"
+NO_DRIFT = "no-drift"
+
+ALERTS_RAISED = Counter(
+    "driftloop_monitoring_alerts_raised_total",
+    "Alerts published, by kind (DriftDetected, DataQualityIssue, PerformanceDegraded), counted once the "
+    "transaction that publishes them commits.",
+    ["model", "kind"],
+)
+
+CANARY_VERDICTS = Counter(
+    "driftloop_monitoring_canary_verdicts_total",
+    "Canary verdicts given (one per rollout step), by verdict: healthy, unhealthy, inconclusive (a timeout, "
+    "a step set aside or not watched included). Counted once the verdict commits. A model with no version "
+    "registered is counted as model _unregistered.",
+    ["model", "verdict"],
+)
+
 STEPS_NOT_WATCHED = Counter(
     "driftloop_monitoring_rollout_steps_decided_unwatched_total",
     "Rollout steps given their one verdict, inconclusive, at once and never watched, because "
@@ -787,6 +814,7 @@ async def check_performance(
             if note:
                 summary = f"{summary}; {note}"
             await store.record_alert(event.id, model, version, "PerformanceDegraded", summary)
+            tally.add(ALERTS_RAISED, model, "PerformanceDegraded")
             log.info(
                 "performance degraded",
                 model=model,
@@ -822,11 +850,12 @@ async def _export(
 
 
 async def judge_closed_window(
-    window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore, publish: Publish
+    window: ClosedWindow, *, monitor: Monitor, store: MonitoringStore, publish: Publish, tally: Tally
 ) -> WindowJudgement | None:
     """Judge one closed window, debounce, and publish DriftDetected / DataQualityIssue when due.
 
-    Runs in its own transaction; a window judged before (seen again after a replay) changes nothing.
+    Runs in its own transaction; a window judged before (seen again after a replay) changes nothing, and
+    counts nothing.
     """
     key = (window.model, window.version)
     ref = monitor.live.references.get(key)
@@ -891,6 +920,7 @@ async def judge_closed_window(
             "DriftDetected",
             f"{len(decision.debounced)} of {len(evidence)} features drifted: {_names(decision.debounced)}",
         )
+        tally.add(ALERTS_RAISED, window.model, "DriftDetected")
         log.info(
             "drift detected",
             model=window.model,
@@ -926,6 +956,7 @@ async def judge_closed_window(
         await store.record_alert(
             issue_event.id, window.model, window.version, "DataQualityIssue", issue.message
         )
+        tally.add(ALERTS_RAISED, window.model, "DataQualityIssue")
     report = window_report(
         judgement, decision.debounced, decision.share, decision.alert, decision.state.consecutive
     )
@@ -948,7 +979,15 @@ async def judge_closed_window(
             last_alert_at=decision.state.last_alert_at,
         ),
     )
+    tally.add(WINDOWS_JUDGED, window.model, _window_outcome(judgement, decision.alert))
     return judgement
+
+
+def _window_outcome(judgement: WindowJudgement, alerted: bool) -> str:
+    """The ``outcome`` label of a judged window (:data:`WINDOWS_JUDGED`)."""
+    if alerted:
+        return ALERTED
+    return HELD_BACK if any(f.drifted for f in judgement.features if f.tested) else NO_DRIFT
 
 
 def _evidence_too_large(
@@ -1266,6 +1305,7 @@ async def _watch_within_bound(
         monitor=monitor,
         store=store,
         publish=publish,
+        tally=tally,
         logged=False,
     )
     tally.add(STEPS_NOT_WATCHED, series_model(step.model, monitor))
@@ -1314,6 +1354,7 @@ async def decide_watched_beyond_bound(
             monitor=monitor,
             store=store,
             publish=publish,
+            tally=tally,
             logged=False,
         )
         tally.add(STEPS_NOT_WATCHED, series_model(stored.model, monitor))
@@ -1582,7 +1623,7 @@ async def check_canary(
     decision = await _decide(step, now, monitor=monitor, store=store, tally=tally)
     if decision is None:
         return False
-    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish)
+    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish, tally=tally)
     return True
 
 
@@ -1594,6 +1635,7 @@ async def set_step_aside(
     monitor: Monitor,
     store: MonitoringStore,
     publish: Publish,
+    tally: Tally,
 ) -> bool:
     """Give a step whose decision failed for good (not an outage) its one verdict: inconclusive, saying it
     could not be judged. Serving rolls an inconclusive canary back; without a verdict the rollout would wait
@@ -1610,7 +1652,7 @@ async def set_step_aside(
         f"could not be judged: the step's analysis failed with {type(error).__name__} "
         "(monitoring logged the error)",
     )
-    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish)
+    await _give_verdict(step, meta, decision, now, monitor=monitor, store=store, publish=publish, tally=tally)
     return True
 
 
@@ -1629,11 +1671,12 @@ async def _give_verdict(
     monitor: Monitor,
     store: MonitoringStore,
     publish: Publish,
+    tally: Tally,
     logged: bool = True,
 ) -> None:
-    """Record the step as decided and publish its verdict, caused by the step's event; nothing when another
-    replica decided it first. ``logged``: False for a verdict whose caller logs steps like it at most once a
-    minute (a flood of made-up rollouts would log a line each)."""
+    """Record the step as decided and publish its verdict, caused by the step's event, counted once
+    committed; nothing when another replica decided it first. ``logged``: False for a verdict whose caller
+    logs steps like it at most once a minute (a flood of made-up rollouts would log a line each)."""
     verdict = _verdict(step, decision, now)
     event = new_event(verdict, source=monitor.source).model_copy(
         update={"correlationid": meta.correlation_id, "causationid": meta.cause_id, "actor": meta.actor}
@@ -1650,6 +1693,7 @@ async def _give_verdict(
         "CanaryVerdict",
         f"{decision.verdict.value}: {decision.reason}",
     )
+    tally.add(CANARY_VERDICTS, series_model(step.model, monitor), decision.verdict.value)
     if not logged:
         return
     log.info(

@@ -586,7 +586,7 @@ async def test_nul_in_a_category_or_a_label_is_stored_as_the_replacement_charact
 
     async with pool.acquire() as conn, conn.transaction():
         store = PgMonitoringStore(conn)
-        assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish)
+        assert await judge_closed_window(window, monitor=monitor, store=store, publish=publish, tally=Tally())
         assert await store.add_labelled([joined]) == []  # new: nothing corrected
         await store.add_pending([PendingLabel("p-waiting", "churn", "no\x00", at)])
 

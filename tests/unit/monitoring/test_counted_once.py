@@ -6,7 +6,8 @@ verdict's unscorable rows once per failed tick. They are counted when the transa
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,12 +15,17 @@ from prometheus_client import REGISTRY
 
 from contracts.envelope import new_event
 from contracts.feedback import GroundTruthReceived
+from contracts.monitoring import DriftDetected
+from libs.artifacts import ArtifactStore
 from services.monitoring import bootstrap
+from services.monitoring.adapters.artifacts import StoreArtifacts
 from services.monitoring.bootstrap import Background, make_monitor, subscriptions
+from services.monitoring.domain import DriftPolicy
 from services.monitoring.ports import StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import Runtime, Store, monitor_watching, watched
-from tests.unit.monitoring.test_domain import reference, regression_reference
+from tests.unit.monitoring.test_domain import T0, reference, regression_reference, requests
+from tests.unit.monitoring.test_wide_models import ReportStore
 from tests.unit.monitoring.test_pending_labels import (
     Tables,
     TablesBus,
@@ -93,6 +99,7 @@ async def test_a_verdicts_unscorable_rows_are_counted_once_though_its_first_tick
     rt = Runtime()
     background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
     before = sample("driftloop_monitoring_unscorable_labels_total", model="churn")
+    verdicts = {v: verdict_count(v) for v in ("healthy", "unhealthy", "inconclusive")}
 
     rt.commit_fails = True  # the verdict's transaction fails (Postgres away): decided again next tick
     with pytest.raises(ConnectionError):
@@ -104,3 +111,48 @@ async def test_a_verdicts_unscorable_rows_are_counted_once_though_its_first_tick
     [verdict] = rt.published
     assert verdict.data.step_index == 0
     assert sample("driftloop_monitoring_unscorable_labels_total", model="churn") == before + 2  # one a side
+    # The verdict is counted once, by its own verdict, though the step was decided twice.
+    assert {v: verdict_count(v) - n for v, n in verdicts.items()} == {
+        v: float(v == verdict.data.verdict.value) for v in verdicts
+    }
+
+
+def verdict_count(verdict: str) -> float:
+    return sample("driftloop_monitoring_canary_verdicts_total", model="churn", verdict=verdict)
+
+
+def judged(outcome: str) -> float:
+    return sample("driftloop_monitoring_windows_judged_total", model="churn", outcome=outcome)
+
+
+async def test_windows_judged_and_their_alerts_are_counted_once_though_the_first_tick_failed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    store = ReportStore()
+    monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=200, min_window_rows=10),
+        StoreArtifacts(ArtifactStore(str(tmp_path))),
+        "/test/monitoring",
+    )
+    monitor.policies["churn"] = DriftPolicy(consecutive_windows=1)
+    monitor.live.add_reference(reference())
+    # Two windows: x0 moved by three standard deviations in the first (it alerts), as trained in the second.
+    shifted = requests(200, seed=1, shift=3.0)
+    after = [(e, p, o + len(shifted)) for e, p, o in requests(200, seed=2, start=T0 + timedelta(minutes=5))]
+    monitor.live.ingest(shifted + after, arrival=0.0)
+    outcomes = {o: judged(o) for o in ("alerted", "held-back", "no-drift")}
+    alerts = sample("driftloop_monitoring_alerts_raised_total", model="churn", kind="DriftDetected")
+    rt = Runtime()
+    background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
+
+    rt.commit_fails = True  # the first window's transaction fails (Postgres away): judged again next tick
+    with pytest.raises(ConnectionError):
+        await background.once()
+    rt.commit_fails = False
+    await background.once()
+
+    assert not monitor.live.closed
+    assert len([e for e in rt.published if isinstance(e.data, DriftDetected)]) == 1
+    assert {o: judged(o) - n for o, n in outcomes.items()} == {"alerted": 1, "held-back": 0, "no-drift": 1}
+    assert sample("driftloop_monitoring_alerts_raised_total", model="churn", kind="DriftDetected") == alerts + 1

@@ -28,7 +28,7 @@ from libs.profiles import build_profile
 from services.monitoring import bootstrap
 from services.monitoring.bootstrap import Background
 from services.monitoring.domain import DriftPolicy, ModelReference
-from services.monitoring.handlers import Monitor, judge_closed_window
+from services.monitoring.handlers import Monitor, Tally, judge_closed_window
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import set_aside_count
 from tests.unit.monitoring.test_wide_models import Outbox, ReportStore, logged_request, wide_monitor
@@ -123,7 +123,7 @@ async def test_a_window_whose_only_drifted_feature_cannot_be_announced_is_set_as
 
     async with Outbox(LIMIT).begin() as tx:
         with pytest.raises(EventTooLarge, match=r"the name of feature 'qqqq\S*' takes 12,000 bytes"):
-            await judge_closed_window(window, monitor=monitor, store=store, publish=tx.publish)  # type: ignore[arg-type]
+            await judge_closed_window(window, monitor=monitor, store=store, publish=tx.publish, tally=Tally())  # type: ignore[arg-type]
 
     # In the service: the window is set aside (counted, logged), and the windows after it go on.
     outbox = Outbox(LIMIT)
