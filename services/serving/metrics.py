@@ -9,6 +9,10 @@ each series per model (whole requests timed, unseen categories) of a model the t
 Otherwise automatic retraining (a new version per drift event) would grow /metrics, and this process,
 without bound, and dashboards would list versions and models long dead.
 
+The swap also sets the gauges of each live rollout this replica routes (its canary's weight and its step,
+by model and mode) from the table it now holds, and removes a model's once its rollout ends (promoted,
+rolled back, replaced): :func:`show_rollouts`. Nothing of this runs per request.
+
 Removing a counter is what Prometheus expects of a labelled series that is gone for good: the scrape after
 it marks the series stale. What the version counted after the last scrape before its removal is not seen
 (at most one scrape interval's worth, for a version that no longer takes traffic). A version that serves
@@ -18,7 +22,7 @@ as a counter reset.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,6 +75,20 @@ ENGINE = Gauge(
     "1 for what computes a loaded version's answers: onnxruntime (a verified compiled copy) or "
     "scikit-learn (the pipeline itself). An info metric (its value is its labels), named as one.",
     ["model", "version", "engine"],
+)
+
+CANARY_WEIGHT = Gauge(
+    "driftloop_serving_canary_weight",
+    "The live rollout's canary weight as this replica routes it, by model and mode: the share of the "
+    "model's requests the candidate answers (canary) or also scores (shadow), from 0 to 1. Present only "
+    "while a rollout of the model is live: it leaves /metrics once the rollout is promoted or rolled back.",
+    ["model", "mode"],
+)
+ROLLOUT_STEP = Gauge(
+    "driftloop_serving_rollout_step",
+    "The live rollout's step as this replica routes it, by model and mode (0 for the first); present only "
+    "while a rollout of the model is live.",
+    ["model", "mode"],
 )
 
 LOOP_FAILURES = Counter(
@@ -138,6 +156,18 @@ def keep_served(served: Collection[tuple[str, int]]) -> None:
     _remove_series(_PER_VERSION, lambda labels: (labels[0], labels[1]) in wanted)
     models = {model for model, _ in served}
     _remove_series(_PER_MODEL, lambda labels: labels[0] in models)
+
+
+def show_rollouts(live: Mapping[str, tuple[str, float, int]]) -> None:
+    """Set the gauges of each live rollout, model -> (mode, weight, step index), and remove those of every
+    other model (its rollout promoted, rolled back, or no longer routed here). Runs once per routing swap."""
+    for model, (mode, weight, step) in live.items():
+        CANARY_WEIGHT.labels(model, mode).set(weight)
+        ROLLOUT_STEP.labels(model, mode).set(step)
+    wanted = {(model, mode) for model, (mode, _, _) in live.items()}
+    _remove_series(
+        ((CANARY_WEIGHT, ("model", "mode")), (ROLLOUT_STEP, ("model", "mode"))), wanted.__contains__
+    )
 
 
 def _remove_series(

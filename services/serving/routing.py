@@ -24,7 +24,7 @@ from libs.errors import Unavailable
 from libs.logging import get_logger
 from services.serving.compiled import ONNX, SKLEARN, CompiledModel, frame
 from services.serving.domain import MISSING, FeatureColumns, ModelRoute, RouteView, Scores
-from services.serving.metrics import LOOP_FAILURES, UNCOMPILED, keep_served
+from services.serving.metrics import LOOP_FAILURES, UNCOMPILED, keep_served, show_rollouts
 from services.serving.ports import ModelLoader, ModelLoadError, VersionRecord
 
 log = get_logger(__name__)
@@ -173,6 +173,15 @@ class RoutingTable:
         return {(m, r.rollout_id, r.step_index) for m, r in self.models.items() if r.rollout_id is not None}
 
     @property
+    def rollouts(self) -> dict[str, tuple[str, float, int]]:
+        """Model -> (mode, canary weight, step index) of every live rollout the table routes."""
+        return {
+            m: (r.mode.value, r.weight, r.step_index)
+            for m, r in self.models.items()
+            if r.rollout_id is not None
+        }
+
+    @property
     def artifact_keys(self) -> set[str]:
         """The artifact of every model the table serves, stable or candidate."""
         return {m.artifact_key for r in self.models.values() for m in (r.stable, r.canary) if m is not None}
@@ -193,6 +202,7 @@ class RoutingState:
         # Here, not per request: no request runs between the assignment and this (both on the event loop),
         # and no version this table serves loses a series.
         keep_served(table.served)
+        show_rollouts(table.rollouts)
 
 
 class RoutingSource(Protocol):

@@ -271,3 +271,42 @@ def test_a_model_no_longer_routed_leaves_its_per_model_series() -> None:
     assert {model for _, model in per_model_exported()} == {OTHER}
     assert per_model_exported()[("driftloop_serving_unseen_categories_total", OTHER)] == 1
     assert per_model_exported()[("driftloop_serving_request_seconds_count", OTHER)] == 1
+
+
+def rollout_gauges() -> dict[tuple[str, str], float]:
+    """(series name, mode) -> value of MODEL's live-rollout gauges."""
+    out: dict[tuple[str, str], float] = {}
+    for name in ("driftloop_serving_canary_weight", "driftloop_serving_rollout_step"):
+        for mode in RolloutMode:
+            value = REGISTRY.get_sample_value(name, {"model": MODEL, "mode": mode.value})
+            if value is not None:
+                out[(name, mode.value)] = value
+    return out
+
+
+async def test_a_live_rollouts_weight_and_step_are_shown_until_it_ends(world: Retraining) -> None:
+    replica = Replica(world)
+    await world.release(1)  # the first version is promoted at once: no rollout
+    await replica.follow()
+    assert rollout_gauges() == {}
+
+    await world.release(2)  # a canary at its first step
+    await replica.follow()
+    route = world.routes.rows[MODEL]
+    assert route.rollout is not None
+    assert rollout_gauges() == {
+        ("driftloop_serving_canary_weight", "canary"): route.rollout.steps[0],
+        ("driftloop_serving_rollout_step", "canary"): 0,
+    }
+
+    await world.send(new_event(PromoteRequested(model=MODEL, model_version=2, reason="ok"), source="/x"))
+    await replica.follow()
+    assert rollout_gauges() == {}, "the rollout was promoted"
+
+    await world.release(3)
+    await replica.follow()
+    assert ("driftloop_serving_canary_weight", "canary") in rollout_gauges()
+    started = world.rollouts(RolloutStarted)[-1].data
+    await world.send(canary_verdict(started, 0, Verdict.UNHEALTHY))
+    await replica.follow()
+    assert rollout_gauges() == {}, "the rollout was rolled back"
