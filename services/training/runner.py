@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from contracts.common import ArtifactFormat, DatasetRef, Lineage, ModelSignature
 from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX, DatasetRegistered
@@ -81,6 +81,37 @@ RUNS_LET_GO = Counter(
     "run; its fit is stopped'. A count that keeps rising is stale_after_s too short for this machine's "
     "pauses.",
 )
+
+JOBS = Counter(
+    "driftloop_training_jobs_total",
+    "Training jobs finished, by model and outcome: completed, or the reason it failed (invalid-spec, "
+    "fit-error, timeout, worker-lost, ...: contracts.training.FailureReason). Counted once the outcome "
+    "commits, however often recording it was tried.",
+    ["model", "outcome"],
+)
+JOB_SECONDS = Histogram(
+    "driftloop_training_job_duration_seconds",
+    "How long the run that finished a training job took, its fit and any waits for the artifact store "
+    "included, by model and outcome (completed, failed); a job failed for a worker lost too often before "
+    "its run is not timed.",
+    ["model", "outcome"],
+    buckets=(0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0),
+)
+COMPLETED = "completed"
+FAILED = "failed"
+
+
+def count_outcome(tx: Transaction, model: str, outcome: str, duration: float | None) -> None:
+    """Count a job's outcome (``completed`` or a failure's reason) once ``tx`` commits: recording it may be
+    tried again after an outage, and a rolled-back try must count nothing."""
+
+    def count() -> None:
+        JOBS.labels(model, outcome).inc()
+        if duration is not None:
+            JOB_SECONDS.labels(model, COMPLETED if outcome == COMPLETED else FAILED).observe(duration)
+
+    tx.after_commit(count)
+
 
 Begin = Callable[[], AbstractAsyncContextManager[Transaction]]
 
@@ -191,6 +222,7 @@ class JobRunner:
                     job.job_id, job.run_id, FailureReason.WORKER_LOST, self._lost_message(job)
                 )
                 await tx.publish(self._failed(job, FailureReason.WORKER_LOST, self._lost_message(job), None))
+                count_outcome(tx, job.model, FailureReason.WORKER_LOST.value, None)
                 log.error("job failed: worker lost too often", job_id=job.job_id, attempts=job.attempts - 1)
                 return True
             job_input = await self._input(job, self.datasets_on(tx.conn))
@@ -486,6 +518,7 @@ class JobRunner:
             )
             if await queue.fail(job.job_id, job.run_id, FailureReason.WORKER_LOST, message):
                 await tx.publish(self._failed(job, FailureReason.WORKER_LOST, message, duration))
+                count_outcome(tx, job.model, FailureReason.WORKER_LOST.value, duration)
 
     async def _fail(self, job: Job, reason: FailureReason, message: str, duration: float) -> None:
         message = cut_message(message)
@@ -493,6 +526,7 @@ class JobRunner:
             if not await self.queue_on(tx.conn).fail(job.job_id, job.run_id, reason, message):
                 raise LostOwnership(job.job_id)
             await tx.publish(self._failed(job, reason, message, duration))
+            count_outcome(tx, job.model, reason.value, duration)
         log.warning("training failed", reason=reason.value, detail=message)
 
     async def _complete(self, job: Job, result: TrainingResult, duration: float) -> None:
@@ -553,6 +587,7 @@ class JobRunner:
                 if event is not None:
                     await tx.publish(event)
             await tx.publish(announced)
+            count_outcome(tx, job.model, COMPLETED, duration)
         log.info(
             "training completed",
             metrics=result.metrics,
