@@ -67,6 +67,18 @@ CHAMPIONS_UNLOADABLE = Counter(
     ["model", "reason"],
 )
 
+VALIDATIONS = Counter(
+    "driftloop_validation_validations_total",
+    "Candidates judged, by model and outcome (passed: ValidationPassed, failed: ValidationFailed). Counted "
+    "once the report commits, however many times the candidate's registration was delivered.",
+    ["model", "outcome"],
+)
+
+
+def _validated(model: str, passed: bool) -> None:
+    """Count a judged candidate; called once its report is committed."""
+    VALIDATIONS.labels(model, "passed" if passed else "failed").inc()
+
 
 def _champion_unloadable(
     registered: ModelVersionRegistered, champion: int, artifact: ArtifactRef, problem: ChampionUnloadable
@@ -249,6 +261,7 @@ async def validate(
     )
     await reports.save(stored)
     await publish(out)
+    after_commit(partial(_validated, d.model, not failed))
     if unloadable is not None and champion is not None:
         # Once committed: a delivery retried, or dead-lettered (its report too large) and replayed, counted
         # once per run before, and an alert on the counter saw candidates that were never judged.
