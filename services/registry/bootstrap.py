@@ -19,6 +19,7 @@ from services.registry import api
 from services.registry.adapters.artifacts import StoreArtifacts
 from services.registry.adapters.postgres import PgDatasets, PgVersions
 from services.registry.handlers import HANDLERS, RegistryHandler
+from services.registry.metrics import counting
 
 MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="registry")
 
@@ -39,7 +40,7 @@ def subscription(
                 versions=PgVersions(tx.conn),
                 datasets=PgDatasets(tx.conn),
                 artifacts=artifacts,
-                publish=tx.publish,
+                publish=counting(tx),
                 source=source,
             )
 

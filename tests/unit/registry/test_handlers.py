@@ -27,6 +27,7 @@ from contracts.validation import CheckKind, CheckResult, ValidationFailed, Valid
 from libs.bus import InMemoryBus, Subscription, Transaction
 from services.registry.bootstrap import TOPICS
 from services.registry.handlers import HANDLERS, RegistryHandler
+from services.registry.metrics import counting
 from tests.unit.registry.fakes import (
     FakeArtifacts,
     FakeDatasets,
@@ -78,7 +79,7 @@ class Registry:
                 versions=self.versions,
                 datasets=self.datasets,
                 artifacts=self.artifacts,
-                publish=tx.publish,
+                publish=counting(tx),
                 source=SOURCE,
             )
 
