@@ -128,6 +128,7 @@ class CheckpointKeeper:
                 publish=tx.publish,
                 source=self.rt.source(),
                 clock=utc_now,
+                after_commit=tx.after_commit,
                 trust=self.trust,
                 refused=self.refused,
             )
@@ -190,6 +191,7 @@ def trail_subscription(
             clock=utc_now,
             dead_letter_topic=DEAD_LETTER,
             checkpoint_every_rows=settings.checkpoint_every_rows,
+            after_commit=tx.after_commit,
             prepared=prepared,
             ends=ends,
             sealed=sealed,

@@ -16,10 +16,12 @@ the lock, and the redelivery and re-sent-copy checks decide in the transaction w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import collections
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from contracts.audit import AuditCheckpoint
 from contracts.envelope import new_event
@@ -46,7 +48,7 @@ from services.audit.domain import (
     unchained_rows,
     without_resent_copies,
 )
-from services.audit.ports import Clock, Publish, TrailWriter
+from services.audit.ports import AfterCommit, Clock, Publish, TrailWriter
 from services.audit.verification import first_bad_seal_in
 
 log = get_logger(__name__)
@@ -75,6 +77,35 @@ POSITIONS_REUSED = Counter(
     ["topic"],
 )
 
+ROWS_APPENDED = Counter(
+    "driftloop_audit_rows_appended_total",
+    "Rows appended to the trail, by the topic of their record (an event, an undecodable record or a dead "
+    "letter, each once): redeliveries and re-sent copies add none. Counted once the poll's transaction "
+    "commits.",
+    ["topic"],
+)
+CHECKPOINTS_SIGNED = Counter(
+    "driftloop_audit_checkpoints_signed_total",
+    "Checkpoints signed and published, by trigger (rows: checkpoint_every_rows rows appended since the last "
+    "one, by the consumer; timer: the checkpoint keeper's timed or final one). Counted once committed.",
+    ["trigger"],
+)
+for _trigger in ("rows", "timer"):  # exported at 0 from the start: a dashboard reads the first rise
+    CHECKPOINTS_SIGNED.labels(_trigger)
+HEAD_SEQUENCE = Gauge(
+    "driftloop_audit_head_sequence",
+    "The sequence of the trail's head (its number of rows) as this replica last committed or read it under "
+    "the chain lock: by the consumer's appends and the checkpoint keeper's timed look (every "
+    "checkpoint_every_s). 0 until either has run since the start.",
+)
+
+
+def _appended(topics: collections.Counter[str], head: int) -> None:
+    """Count the rows a committed poll appended, and show the head it left."""
+    for topic, rows in topics.items():
+        ROWS_APPENDED.labels(topic).inc(rows)
+    HEAD_SEQUENCE.set(head)
+
 
 async def on_records(
     deliveries: Sequence[Delivery],
@@ -86,6 +117,7 @@ async def on_records(
     clock: Clock,
     dead_letter_topic: str,
     checkpoint_every_rows: int,
+    after_commit: AfterCommit,
     prepared: PreparedRows | None = None,
     ends: PartitionEnds | None = None,
     sealed: SealedHead | None = None,
@@ -97,7 +129,8 @@ async def on_records(
     knows of the partitions' ends from its previous transactions (the same object each time); ``sealed``:
     the head it left with its rows known sealed, so a checkpoint need not check their seals again (without
     it, every checkpoint does); ``trust``: which checkpoints of the database it builds on, by the keys it
-    trusts (without it, the signer's own key only). Returns how many rows were appended.
+    trusts (without it, the signer's own key only). Returns how many rows were appended; they, the head and
+    a checkpoint signed are counted through ``after_commit``.
     """
     incoming = [Incoming(d.record, d.error, d.event is not None) for d in deliveries]
     trust = trust or CheckpointTrust(KeyRing([signer.public_raw]))
@@ -131,6 +164,9 @@ async def on_records(
     known = sealed is not None and sealed.knows(head)
     await trail.append(builder.rows(fresh, prepared))
     ends.left(builder.head, fresh)
+    after_commit(
+        partial(_appended, collections.Counter(item.record.topic for item in fresh), builder.head.seq)
+    )
     if checkpoint_due(builder.head.seq, head.checkpoint_seq, checkpoint_every_rows):
         # The rows of this transaction are sealed: only those under the head it found are in question.
         known = known or await _sealed_since_checkpoint(head, trail=trail, signer=signer, sealed=sealed)
@@ -143,6 +179,7 @@ async def on_records(
                 source=source,
                 clock=clock,
                 trust=trust,
+                counted=partial(after_commit, CHECKPOINTS_SIGNED.labels("rows").inc),
             )
     if known and sealed is not None:
         sealed.left(builder.head)
@@ -322,6 +359,7 @@ async def seal_head(
     publish: Publish,
     source: str,
     clock: Clock,
+    after_commit: AfterCommit,
     trust: CheckpointTrust | None = None,
     refused: RefusedHead | None = None,
 ) -> AuditCheckpoint | None:
@@ -332,9 +370,11 @@ async def seal_head(
     tick). At that very head, under the same checkpoints, the checkpoint is refused again without reading
     the seals or trying the sequence, and without a log line: logged once when found, the refusal is
     counted on each tick as before (a row without its seal) and tried afresh once the head or the
-    checkpoints move. Without it, every call tries in full."""
+    checkpoints move. Without it, every call tries in full. The head read, and a checkpoint signed, are
+    shown through ``after_commit``."""
     trust = trust or CheckpointTrust(KeyRing([signer.public_raw]))
     locked, newest = await trail.lock_head()
+    after_commit(partial(HEAD_SEQUENCE.set, locked.seq))
     head = await _trusted_head(locked, newest, trail=trail, trust=trust)
     if head.seq == 0 or head.seq <= head.checkpoint_seq:
         return None
@@ -347,7 +387,14 @@ async def seal_head(
             refused.refused(head, newest, Refusal.UNSEALED)
         return None
     checkpoint = await _sign(
-        head, trail=trail, signer=signer, publish=publish, source=source, clock=clock, trust=trust
+        head,
+        trail=trail,
+        signer=signer,
+        publish=publish,
+        source=source,
+        clock=clock,
+        trust=trust,
+        counted=partial(after_commit, CHECKPOINTS_SIGNED.labels("timer").inc),
     )
     if checkpoint is None and refused is not None:
         refused.refused(head, newest, Refusal.TAKEN)
@@ -363,7 +410,10 @@ async def _sign(
     source: str,
     clock: Clock,
     trust: CheckpointTrust,
+    counted: Callable[[], None],
 ) -> AuditCheckpoint | None:
+    """Sign and publish a checkpoint of ``head``; ``counted`` once it is kept (None when its sequence holds
+    one this writer did not sign)."""
     checkpoint = signer.checkpoint(head, signed_at=clock())
     event = new_event(checkpoint, source=source)
     if not await trail.add_checkpoint(checkpoint, event.id):
@@ -377,6 +427,7 @@ async def _sign(
         return None
     trust.signed(checkpoint)
     await publish(event)
+    counted()
     log.info("checkpoint signed", sequence=head.seq, head_hash=checkpoint.head_hash, key_id=signer.key_id)
     return checkpoint
 

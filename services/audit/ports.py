@@ -23,6 +23,10 @@ from services.audit.verification import Finding, LinkScanner, RecordScanner
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
 Clock = Callable[[], datetime]
+AfterCommit = Callable[[Callable[[], None]], None]
+"""Call a callback once the transaction has committed, never if it rolls back
+(:meth:`libs.bus.Transaction.after_commit`): for the counts and the head gauge, which must follow only what
+the trail holds, though a poll's handler may run more than once for it."""
 
 
 class TrailWriter(Protocol):

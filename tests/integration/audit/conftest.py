@@ -56,6 +56,7 @@ class TrailDb:
                 clock=Clock(),
                 dead_letter_topic=DEAD_LETTER,
                 checkpoint_every_rows=every,
+                after_commit=tx.after_commit,
                 ends=ends,
             )
 

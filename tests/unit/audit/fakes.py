@@ -450,8 +450,10 @@ async def record(
     sealed: SealedHead | None = None,
     trust: CheckpointTrust | None = None,
 ) -> tuple[int, list[CloudEvent[Any]]]:
-    """Record a poll through the audit handler; the count of new rows and the checkpoints published."""
+    """Record a poll through the audit handler, committed; the count of new rows and the checkpoints
+    published."""
     published: list[CloudEvent[Any]] = []
+    committed: list[Callable[[], None]] = []
 
     async def publish(event: CloudEvent[Any]) -> None:
         published.append(event)
@@ -465,9 +467,12 @@ async def record(
         clock=Clock(),
         dead_letter_topic=DEAD_LETTER,
         checkpoint_every_rows=every,
+        after_commit=committed.append,
         prepared=prepared,
         ends=ends,
         sealed=sealed,
         trust=trust,
     )
+    for callback in committed:
+        callback()
     return n, published

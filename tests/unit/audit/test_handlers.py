@@ -332,6 +332,7 @@ async def test_seal_head_signs_only_when_rows_arrived_since_the_last_checkpoint(
         "publish": publish,
         "source": "/a",
         "clock": Clock(),
+        "after_commit": lambda callback: callback(),
     }
     assert await handlers.seal_head(**kw) is None  # empty trail
     await record(trail, signer, [delivery(example(DriftDetected))])
@@ -354,6 +355,7 @@ async def test_on_the_bus_undecodable_records_are_kept_not_dead_lettered(signer:
             clock=Clock(),
             dead_letter_topic=DEAD_LETTER,
             checkpoint_every_rows=3,
+            after_commit=tx.after_commit,
         )
 
     bus.subscribe(

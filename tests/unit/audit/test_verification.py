@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -178,7 +178,12 @@ async def test_rows_rewritten_after_the_last_checkpoint_are_never_vouched_for_by
     await record(trail, SIGNER, more, every=EVERY)
     assert (
         await handlers.seal_head(
-            trail=trail, signer=SIGNER, publish=_ignore, source="/driftloop/audit", clock=Clock()
+            trail=trail,
+            signer=SIGNER,
+            publish=_ignore,
+            source="/driftloop/audit",
+            clock=Clock(),
+            after_commit=_committed,
         )
         is None
     )
@@ -204,6 +209,10 @@ async def _ignore(event: Any) -> None:
     return None
 
 
+def _committed(callback: Callable[[], None]) -> None:
+    callback()
+
+
 def untrusted(step: str) -> float:
     return REGISTRY.get_sample_value("driftloop_audit_checkpoints_untrusted_total", {"step": step}) or 0.0
 
@@ -217,7 +226,13 @@ def forged(seq: int, head_hash: bytes) -> AuditCheckpoint:
 async def seal_head(trail: FakeTrail, **kw: Any) -> AuditCheckpoint | None:
     """The keeper's timed checkpoint (and a clean stop's)."""
     return await handlers.seal_head(
-        trail=trail, signer=SIGNER, publish=_ignore, source="/driftloop/audit", clock=Clock(), **kw
+        trail=trail,
+        signer=SIGNER,
+        publish=_ignore,
+        source="/driftloop/audit",
+        clock=Clock(),
+        after_commit=_committed,
+        **kw,
     )
 
 
