@@ -179,7 +179,8 @@ WINDOWS_JUDGED = Counter(
     "Drift windows judged, by outcome: alerted (a DriftDetected raised), held-back (features drifted but the "
     "debounce held the alert back: not yet consecutive_windows in a row, under share_threshold, or within "
     "the cooldown), no-drift. Counted once the judgement commits; windows set aside unjudged are counted in "
-    "driftloop_monitoring_windows_set_aside_total and driftloop_monitoring_windows_too_few_rows_set_aside_total.",
+    "driftloop_monitoring_windows_set_aside_total and "
+    "driftloop_monitoring_windows_too_few_rows_set_aside_total.",
     ["model", "outcome"],
 )
 ALERTED = "alerted"

@@ -25,7 +25,6 @@ from services.monitoring.ports import StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_canary_watch import Runtime, Store, monitor_watching, watched
 from tests.unit.monitoring.test_domain import T0, reference, regression_reference, requests
-from tests.unit.monitoring.test_wide_models import ReportStore
 from tests.unit.monitoring.test_pending_labels import (
     Tables,
     TablesBus,
@@ -33,6 +32,7 @@ from tests.unit.monitoring.test_pending_labels import (
     corrections,
     send_label,
 )
+from tests.unit.monitoring.test_wide_models import ReportStore
 
 
 def sample(name: str, **labels: str) -> float:
@@ -121,6 +121,10 @@ def verdict_count(verdict: str) -> float:
     return sample("driftloop_monitoring_canary_verdicts_total", model="churn", verdict=verdict)
 
 
+def drift_alerts() -> float:
+    return sample("driftloop_monitoring_alerts_raised_total", model="churn", kind="DriftDetected")
+
+
 def judged(outcome: str) -> float:
     return sample("driftloop_monitoring_windows_judged_total", model="churn", outcome=outcome)
 
@@ -142,7 +146,7 @@ async def test_windows_judged_and_their_alerts_are_counted_once_though_the_first
     after = [(e, p, o + len(shifted)) for e, p, o in requests(200, seed=2, start=T0 + timedelta(minutes=5))]
     monitor.live.ingest(shifted + after, arrival=0.0)
     outcomes = {o: judged(o) for o in ("alerted", "held-back", "no-drift")}
-    alerts = sample("driftloop_monitoring_alerts_raised_total", model="churn", kind="DriftDetected")
+    alerts = drift_alerts()
     rt = Runtime()
     background = Background(rt, monitor, tick_s=1.0)  # type: ignore[arg-type]
 
@@ -155,4 +159,4 @@ async def test_windows_judged_and_their_alerts_are_counted_once_though_the_first
     assert not monitor.live.closed
     assert len([e for e in rt.published if isinstance(e.data, DriftDetected)]) == 1
     assert {o: judged(o) - n for o, n in outcomes.items()} == {"alerted": 1, "held-back": 0, "no-drift": 1}
-    assert sample("driftloop_monitoring_alerts_raised_total", model="churn", kind="DriftDetected") == alerts + 1
+    assert drift_alerts() == alerts + 1
