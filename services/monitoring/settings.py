@@ -183,10 +183,19 @@ class MonitoringSettings(ServiceSettings):
         description="Labelled rows per variant needed before labelled accuracy counts in a verdict.",
     )
     canary_alpha: float = Field(
-        0.01, gt=0, lt=1, description="Significance of 'canary worse than stable' (one-sided tests)."
+        0.01,
+        gt=0,
+        lt=1,
+        description="Significance of 'canary worse than stable by more than canary_margin' (one-sided "
+        "tests).",
     )
     canary_margin: float = Field(
-        0.02, ge=0, description="A canary is worse only if its accuracy is lower by more than this too."
+        0.02,
+        ge=0,
+        description="How much worse a canary may be: unhealthy only when the labelled test shows its "
+        "accuracy lower by more than this (MAE higher by more than this share), at canary_alpha. Until "
+        "2026-12-02 the tests asked whether the canary was worse at all, and this bounded only the measured "
+        "gap.",
     )
     canary_label_grace_seconds: float = Field(
         60.0,

@@ -261,24 +261,33 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
 # --- comparisons for canary analysis -------------------------------------------------------------------
 
 
-def two_proportion_worse(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
-    """One-sided two-proportion z-test that rate b is lower than rate a: (z, p-value)."""
+def two_proportion_worse(
+    successes_a: int, n_a: int, successes_b: int, n_b: int, *, margin: float = 0.0
+) -> tuple[float, float]:
+    """One-sided z-test that rate b is lower than rate a by more than ``margin``: (z, p-value).
+
+    The null hypothesis is a - b <= margin (b at most ``margin`` worse), so a small p-value is evidence
+    that b is worse by more than the margin, not merely worse: a candidate a little worse, within the
+    margin, is not failed by chance in one of its samples (the non-inferiority test of clinical trials,
+    with the unpooled Wald standard error, since the null does not make the rates equal). With both
+    rates at 0 or 1 there is no spread: p is 0 when b is lower by more than the margin, else 1."""
     if n_a == 0 or n_b == 0:
         return 0.0, 1.0
     pa, pb = successes_a / n_a, successes_b / n_b
-    pooled = (successes_a + successes_b) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    se = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
     if se == 0:
-        return 0.0, 1.0 if pb >= pa else 0.0
-    z = (pa - pb) / se
+        return 0.0, 0.0 if pa - pb > margin else 1.0
+    z = (pa - pb - margin) / se
     return z, float(sps.norm.sf(z))
 
 
-def welch_greater(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """One-sided Welch t-test that the mean of b is greater than the mean of a: (t, p-value)."""
+def welch_greater(a: np.ndarray, b: np.ndarray, *, ratio: float = 1.0) -> tuple[float, float]:
+    """One-sided Welch t-test that the mean of b is greater than ``ratio`` times the mean of a: (t,
+    p-value). A ratio above 1 is a relative margin: b must be worse than a by more than it (a scaled by the
+    ratio, its variance with it)."""
     if a.size < 2 or b.size < 2:
         return 0.0, 1.0
-    result = sps.ttest_ind(b, a, equal_var=False, alternative="greater")
+    result = sps.ttest_ind(b, a * ratio, equal_var=False, alternative="greater")
     t, p = float(result.statistic), float(result.pvalue)
     if not math.isfinite(p):
         return 0.0, 1.0

@@ -1082,3 +1082,30 @@ def test_a_canary_verdict_on_labels_mostly_outside_the_classes_says_so() -> None
     labelled.canary_outside = 20
     reason = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy()).reason
     assert reason == "canary failed: accuracy"
+
+
+def test_a_canary_worse_within_the_margin_is_not_failed_by_its_sample() -> None:
+    # The demo's retrained candidate on 2026-12-02: 0.005 below stable at its first step, 0.031 at its
+    # second by chance (p=0.0075 that it was worse at all), and rolled back. Only a gap shown beyond the
+    # margin fails.
+    rng = np.random.default_rng(6)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    labelled = LabelledComparison(stable_correct=1759, stable_n=2283, canary_correct=1763, canary_n=2383)
+    decision = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy())
+    accuracy = next(e for e in decision.evidence if e.name == "accuracy")
+    assert accuracy.passed is True and decision.verdict is Verdict.HEALTHY
+    strict = judge_canary(step, task=Task.CLASSIFICATION, labelled=labelled, policy=CanaryPolicy(margin=0.0))
+    assert strict.verdict is Verdict.UNHEALTHY and strict.reason == "canary failed: accuracy"
+
+
+def test_a_regression_canary_worse_within_the_margin_passes_and_beyond_it_fails() -> None:
+    rng = np.random.default_rng(7)
+    step = _step(rng.uniform(size=500), rng.uniform(size=2_000))
+    stable = rng.uniform(0.0, 1.0, 3_000)
+    for factor, passed in ((1.01, True), (1.10, False)):
+        canary = stable * factor
+        labelled = LabelledComparison(
+            stable_n=3_000, canary_n=3_000, stable_abs_errors=stable, canary_abs_errors=canary
+        )
+        decision = judge_canary(step, task=Task.REGRESSION, labelled=labelled, policy=CanaryPolicy())
+        assert next(e for e in decision.evidence if e.name == "mae").passed is passed, factor

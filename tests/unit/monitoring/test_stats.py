@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
-from scipy.stats import chi2_contingency, ks_2samp, wasserstein_distance
+from scipy.stats import chi2_contingency, ks_2samp, norm, ttest_ind, wasserstein_distance
 
 from services.monitoring import stats
 
@@ -112,3 +112,33 @@ def test_two_proportion_test_finds_a_clearly_worse_rate() -> None:
     assert p < 1e-6
     _, p_same = stats.two_proportion_worse(170, 200, 168, 200)
     assert p_same > 0.3
+
+
+def test_the_two_proportion_test_with_a_margin_asks_whether_the_gap_is_beyond_it() -> None:
+    # The demo's retrained candidate at its second step (2026-12-02): 0.740 against 0.770. Worse, but not
+    # shown worse by more than 0.02: the margin is the null's, not a second look at the measured gap.
+    _, p_worse_at_all = stats.two_proportion_worse(1759, 2283, 1763, 2383)
+    _, p_beyond_margin = stats.two_proportion_worse(1759, 2283, 1763, 2383, margin=0.02)
+    assert p_worse_at_all < 0.01 < 0.15 < p_beyond_margin
+    z, p = stats.two_proportion_worse(1759, 2283, 1763, 2383, margin=0.02)
+    pa, pb = 1759 / 2283, 1763 / 2383
+    se = np.sqrt(pa * (1 - pa) / 2283 + pb * (1 - pb) / 2383)
+    assert z == pytest.approx((pa - pb - 0.02) / se)
+    assert p == pytest.approx(float(norm.sf(z)))
+    _, p_far = stats.two_proportion_worse(170, 200, 110, 200, margin=0.02)  # 0.30 worse
+    assert p_far < 1e-6
+
+
+def test_the_two_proportion_test_without_spread_decides_by_the_gap() -> None:
+    assert stats.two_proportion_worse(200, 200, 190, 190, margin=0.02)[1] == 1.0  # both perfect
+    assert stats.two_proportion_worse(200, 200, 0, 190, margin=0.02)[1] == 0.0  # all right, all wrong
+
+
+def test_the_welch_test_with_a_ratio_asks_whether_b_is_worse_by_more_than_it() -> None:
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0.0, 1.0, 2_000)
+    b = a * 1.01 + rng.normal(0, 0.01, 2_000)  # 1% worse
+    assert stats.welch_greater(a, b, ratio=1.02)[1] > 0.5
+    assert stats.welch_greater(a, b * 1.5, ratio=1.02)[1] < 1e-6
+    expected = ttest_ind(b, a * 1.02, equal_var=False, alternative="greater")
+    assert stats.welch_greater(a, b, ratio=1.02)[1] == pytest.approx(expected.pvalue)
