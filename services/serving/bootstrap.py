@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from services.serving.adapters.postgres import (
     read_routes,
 )
 from services.serving.adapters.prediction_log import KafkaPredictionLog
-from services.serving.domain import RolloutPolicy
+from services.serving.domain import RolloutPolicy, SampleFlush
 from services.serving.metrics import ERROR_RATE_ROLLBACK_FAILURES, LOOP_FAILURES
 from services.serving.routing import RoutingState, RoutingSync
 from services.serving.scoring import CanaryStats, LogItem, Predictor
@@ -48,26 +49,40 @@ ERROR_RATE_RETRY_S = 1.0
 async def flush_canary_samples(
     stats: CanaryStats,
     state: RoutingState,
-    save: Callable[[list[tuple[str, str, int, int]]], Awaitable[None]],
+    save: Callable[[SampleFlush], Awaitable[None]],
     *,
+    replica: str,
     every_s: float,
     stopping: asyncio.Event,
 ) -> None:
     """Every ``every_s``, and once more when stopping: ``save`` the canary rows served since the last flush
-    (model, rollout id, step, rows) to their steps' counts. A flush that fails keeps its rows for the next
-    one and is counted: flushes that keep failing hold the canaries' steps short of their samples, and a
-    warning in the log alone could not be alerted on."""
+    (model, rollout id, step, rows) to their steps' counts, as a :class:`SampleFlush` numbered after the
+    last one under ``replica`` (unique to this start of the process). A flush that fails is counted
+    (flushes that keep failing hold the canaries' steps short of their samples, and a warning in the log
+    alone could not be alerted on) and saved again, the same, at the next round, before the rows served
+    since are taken: its commit may have gone through with only the answer lost, and ``save`` adds nothing
+    for a flush whose token it has recorded, where rows given back would be added twice."""
+    sequence = 0
+    pending: SampleFlush | None = None
+
+    async def attempt(flush: SampleFlush) -> SampleFlush | None:
+        """None once ``flush`` is saved; ``flush`` again when the save failed."""
+        try:
+            await save(flush)
+        except Exception as exc:
+            LOOP_FAILURES.labels("sample-flush").inc()
+            log.warning("canary sample count not saved, will retry", sequence=flush.sequence, error=repr(exc))
+            return flush
+        return None
+
     while not stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=every_s)
-        items = stats.unflushed()
-        if items:
-            try:
-                await save(items)
-            except Exception as exc:
-                stats.restore(items)
-                LOOP_FAILURES.labels("sample-flush").inc()
-                log.warning("canary sample count not saved, will retry", error=repr(exc))
+        if pending is not None:
+            pending = await attempt(pending)
+        if pending is None and (items := stats.unflushed()):
+            sequence += 1
+            pending = await attempt(SampleFlush(replica, sequence, tuple(items)))
         stats.forget_ended(state.table.live_steps)
 
 
@@ -119,6 +134,9 @@ async def build(rt: Runtime) -> ServiceParts:
     assert isinstance(settings, ServingSettings)
     schema = settings.db_schema
     instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    # The canary sample flushes' token: a restarted process (the same INSTANCE_ID, or pid 1 in the same
+    # container) numbers its flushes from 1 again, which the last number kept for the name would refuse.
+    replica = f"{instance}/{secrets.token_hex(4)}"
     store = ArtifactStore(settings.artifacts_url)
     loader = ArtifactModelLoader(
         store, compile_models=settings.compile_models, compile_tolerance=settings.compile_tolerance
@@ -233,7 +251,8 @@ async def build(rt: Runtime) -> ServiceParts:
         await flush_canary_samples(
             stats,
             state,
-            lambda items: add_samples(rt.pool, items),
+            lambda flush: add_samples(rt.pool, flush),
+            replica=replica,
             every_s=settings.samples_flush_s,
             stopping=stopping,
         )
@@ -266,7 +285,13 @@ async def build(rt: Runtime) -> ServiceParts:
         max_feedback_items=settings.max_rows_per_request,
     )
     api.mount(app, ctx)
-    log.info("serving built", instance=instance, schema=schema, consumer_group=settings.consumer_group)
+    log.info(
+        "serving built",
+        instance=instance,
+        replica=replica,
+        schema=schema,
+        consumer_group=settings.consumer_group,
+    )
     return ServiceParts(
         app=app,
         subscriptions=[subscription],

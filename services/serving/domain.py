@@ -129,6 +129,19 @@ class ModelRoute:
 
 
 @dataclass(frozen=True)
+class SampleFlush:
+    """One flush of the canary rows a replica served, (model, rollout id, step, rows) each, under its token
+    (``replica``, ``sequence``): the save records the token in the transaction that adds the rows, so a flush
+    saved again after its commit went through (the answer lost) adds nothing. ``replica`` is chosen anew at
+    each start of the process; ``sequence`` counts its flushes from 1, and a flush is saved again, the same,
+    until it is known saved, before any newer one is taken."""
+
+    replica: str
+    sequence: int
+    items: tuple[tuple[str, str, int, int], ...]
+
+
+@dataclass(frozen=True)
 class Ignored:
     """Why an event changed nothing; ``code`` labels the metric, ``detail`` is for the log."""
 

@@ -95,8 +95,8 @@ LOOP_FAILURES = Counter(
     "driftloop_serving_loop_failures_total",
     "Rounds of a replica's timer loops that failed, by loop (routing-sync: the re-read of the routes, the "
     "replica answering from the routing it last read meanwhile, for every model or for those whose new "
-    "versions the store could not give; sample-flush: the canary rows it served "
-    "added to the step's count, kept for the next flush meanwhile): logged as a warning and tried again. A "
+    "versions the store could not give; sample-flush: the canary rows it served added to the step's count, "
+    "the flush saved again, the same, meanwhile): logged as a warning and tried again. A "
     "count that keeps rising is a replica on stale routing (a canary rolled back still taking its traffic "
     "here), or a step whose samples stop growing.",
     ["loop"],

@@ -141,7 +141,10 @@ class CanaryStats:
             self.on_breach(model, rollout_id, message)
 
     def unflushed(self) -> list[tuple[str, str, int, int]]:
-        """(model, rollout id, step, rows) not yet added to the persisted count; marks them flushed."""
+        """(model, rollout id, step, rows) not yet taken for a flush; marks them taken. The flush that takes
+        them is saved again until it is known saved, never given back
+        (:class:`~services.serving.domain.SampleFlush`): given back after a commit whose answer was lost,
+        they were added twice."""
         out = []
         for (model, rid, step), c in self.counts.items():
             if c.rows > c.flushed_rows:
@@ -155,11 +158,6 @@ class CanaryStats:
         A request still on the older table may count in an ended step again; that entry goes next time."""
         for key in [k for k, c in self.counts.items() if k not in live and c.rows == c.flushed_rows]:
             del self.counts[key]
-
-    def restore(self, items: Sequence[tuple[str, str, int, int]]) -> None:
-        """Put back rows whose flush failed, so they are added next time."""
-        for model, rid, step, n in items:
-            self.counts[(model, rid, step)].flushed_rows -= n
 
 
 _JOB_BYTES, _FEATURE_BYTES, _ROW_BYTES, _VALUE_BYTES = 1024, 200, 160, 40

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import suppress
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -14,7 +14,7 @@ from contracts.rollouts import RolloutMode
 from libs.db import Listening, notify_channel
 from libs.logging import get_logger
 from libs.stage_order import PgStageChangesApplied
-from services.serving.domain import ModelRoute, Rollout, RolloutStatus
+from services.serving.domain import ModelRoute, Rollout, RolloutStatus, SampleFlush
 from services.serving.ports import VersionRecord
 
 log = get_logger(__name__)
@@ -215,13 +215,36 @@ async def read_routes(pool: asyncpg.Pool) -> list[ModelRoute]:
     return [_route(r) for r in rows]
 
 
-async def add_samples(pool: asyncpg.Pool, items: list[tuple[str, str, int, int]]) -> None:
-    """Add canary rows served by this replica to the live step's count (ignored once the step moved on)."""
-    async with pool.acquire() as conn:
+SAMPLE_FLUSHES_KEPT = timedelta(days=1)
+"""How long the token of a replica's last canary sample flush is kept after it was written: a replica retries
+a failed flush every ``SAMPLES_FLUSH_S``, and each start of a process writes under a name of its own, so the
+rows of replicas long stopped would otherwise pile up. A flush saved again after this long (its replica away
+from Postgres for a day) would be added again."""
+
+
+async def add_samples(pool: asyncpg.Pool, flush: SampleFlush) -> None:
+    """Add canary rows served by a replica to the live step's count (ignored once the step moved on), in one
+    transaction that records the flush's token as the replica's last: a flush whose token is recorded (its
+    commit went through, the answer lost) adds nothing. The steps are updated in the order of their keys, so
+    two replicas' flushes never wait on each other's rows the wrong way round."""
+    async with pool.acquire() as conn, conn.transaction():
+        newer = await conn.fetchval(
+            """INSERT INTO canary_sample_flushes (replica, sequence) VALUES ($1, $2)
+               ON CONFLICT (replica) DO UPDATE SET sequence = EXCLUDED.sequence, saved_at = now()
+                 WHERE canary_sample_flushes.sequence < EXCLUDED.sequence
+               RETURNING sequence""",
+            flush.replica,
+            flush.sequence,
+        )
+        if newer is None:
+            return
         await conn.executemany(
             """UPDATE model_routes SET samples_seen = samples_seen + $4
                WHERE model = $1 AND rollout_id = $2 AND step_index = $3 AND status = 'active'""",
-            items,
+            sorted(flush.items),
+        )
+        await conn.execute(
+            "DELETE FROM canary_sample_flushes WHERE saved_at < now() - $1::interval", SAMPLE_FLUSHES_KEPT
         )
 
 

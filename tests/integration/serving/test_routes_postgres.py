@@ -28,11 +28,12 @@ from services.serving.adapters.postgres import (
     PgModelVersions,
     PgRoutes,
     PgRoutingSource,
+    add_samples,
     read_route,
     read_routes,
 )
 from services.serving.bootstrap import MIGRATIONS
-from services.serving.domain import ModelRoute, RolloutPolicy
+from services.serving.domain import ModelRoute, RolloutPolicy, SampleFlush
 from tests.integration.kafka_tools import eventually, migrated_schema, unique, waits_on_a_lock
 from tests.stage_changes import stage_change
 from tests.unit.serving.fakes import (
@@ -164,6 +165,47 @@ async def test_the_migration_removes_routes_with_no_version_and_keeps_the_rest(d
         async with pg.acquire() as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await pg.close()
+
+
+async def test_a_canary_sample_flush_saved_again_adds_nothing_on_postgres(
+    pool: tuple[asyncpg.Pool, str],
+) -> None:
+    """A flush whose commit went through but whose answer was lost is saved again under the same token: its
+    step counts its rows once. The replica's next flush adds, and so does a new start of the process,
+    numbering from 1 again under a name of its own; a token not written for a day is deleted."""
+    pg, _ = pool
+    for version in (1, 2):
+        await handle(pool, registered(version))
+        await handle(pool, passed(version))
+    route = await read_route(pg, "churn")
+    assert route is not None and route.active is not None
+    rollout_id = route.active.rollout_id
+
+    async def samples_seen() -> int:
+        r = await read_route(pg, "churn")
+        assert r is not None and r.active is not None
+        return r.active.samples_seen
+
+    first = SampleFlush("serving-0/1a2b", 1, (("churn", rollout_id, 0, 3),))
+    await add_samples(pg, first)
+    await add_samples(pg, first)
+    assert await samples_seen() == 3
+    await add_samples(pg, SampleFlush("serving-0/1a2b", 2, (("churn", rollout_id, 0, 2),)))
+    await add_samples(pg, first)
+    assert await samples_seen() == 5
+    await add_samples(pg, SampleFlush("serving-0/3c4d", 1, (("churn", rollout_id, 0, 4),)))
+    assert await samples_seen() == 9
+
+    async with pg.acquire() as conn:
+        await conn.execute(
+            "UPDATE canary_sample_flushes SET saved_at = now() - interval '2 days' WHERE replica = $1",
+            "serving-0/1a2b",
+        )
+    await add_samples(pg, SampleFlush("serving-0/3c4d", 2, (("churn", rollout_id, 0, 1),)))
+    assert await samples_seen() == 10
+    async with pg.acquire() as conn:
+        kept = await conn.fetch("SELECT replica, sequence FROM canary_sample_flushes")
+    assert [tuple(r) for r in kept] == [("serving-0/3c4d", 2)]
 
 
 async def test_the_read_api_skips_a_route_with_no_version(pool: tuple[asyncpg.Pool, str]) -> None:

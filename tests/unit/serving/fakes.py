@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from contracts.monitoring import CanaryVerdict, Verdict
 from contracts.rollouts import RolloutMode, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationPassed
 from libs.artifacts import StoreUnavailable
-from services.serving.domain import LogItem, ModelRoute
+from services.serving.domain import LogItem, ModelRoute, SampleFlush
 from services.serving.ports import ModelLoadError, VersionRecord
 from services.serving.routing import ServedModel
 
@@ -159,6 +160,29 @@ class FakeRoutes:
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         self.rows[route.model] = route
         self.saves += 1
+
+
+class FakeSampleCounts:
+    """Canary sample counts per (model, rollout id, step), saved by the rule of the Postgres store
+    (``services.serving.adapters.postgres.add_samples``): a flush numbered no later than the last one
+    recorded for its replica adds nothing. ``answers_lost``: the next saves whose commit goes through and
+    whose answer is lost (a timeout), one each; ``flushes``: every flush ``save`` was called with."""
+
+    def __init__(self) -> None:
+        self.samples: Counter[tuple[str, str, int]] = Counter()
+        self.last: dict[str, int] = {}
+        self.flushes: list[SampleFlush] = []
+        self.answers_lost = 0
+
+    async def save(self, flush: SampleFlush) -> None:
+        self.flushes.append(flush)
+        if flush.sequence > self.last.get(flush.replica, 0):
+            self.last[flush.replica] = flush.sequence
+            for model, rollout_id, step, rows in flush.items:
+                self.samples[(model, rollout_id, step)] += rows
+        if self.answers_lost:
+            self.answers_lost -= 1
+            raise TimeoutError("committed, but the answer did not come")
 
 
 class FakeRoutingSource:

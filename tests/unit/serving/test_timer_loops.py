@@ -9,7 +9,7 @@ import asyncio
 from prometheus_client import REGISTRY
 
 from services.serving.bootstrap import flush_canary_samples
-from services.serving.domain import ModelRoute
+from services.serving.domain import ModelRoute, SampleFlush
 from services.serving.ports import VersionRecord
 from services.serving.routing import RoutingState, RoutingSync
 from services.serving.scoring import CanaryStats
@@ -17,6 +17,7 @@ from tests.unit.serving.fakes import (
     FakeLoader,
     FakeRoutes,
     FakeRoutingSource,
+    FakeSampleCounts,
     FakeVersions,
     passed,
     registered,
@@ -63,20 +64,19 @@ async def test_a_failed_routing_sync_is_counted_and_the_next_try_syncs() -> None
     assert state.synced.is_set() and state.table.models["churn"].versions == [1]
 
 
-class SampleCountsAwayOnce:
-    """Saves canary sample counts, failing the first time (Postgres restarting); stops the flush once it
-    has saved some."""
+class SampleCountsAwayOnce(FakeSampleCounts):
+    """Canary sample counts, refusing the first save (Postgres restarting: nothing committed); stops the
+    flush once it has saved some."""
 
     def __init__(self, stopping: asyncio.Event) -> None:
+        super().__init__()
         self.stopping = stopping
-        self.calls = 0
-        self.saved: list[tuple[str, str, int, int]] = []
 
-    async def __call__(self, items: list[tuple[str, str, int, int]]) -> None:
-        self.calls += 1
-        if self.calls == 1:
+    async def save(self, flush: SampleFlush) -> None:
+        if not self.flushes:
+            self.flushes.append(flush)
             raise ConnectionRefusedError("connection refused")
-        self.saved += items
+        await super().save(flush)
         self.stopping.set()
 
 
@@ -84,13 +84,58 @@ async def test_a_failed_sample_flush_is_counted_and_the_next_flush_saves_its_row
     stats = CanaryStats(threshold=0.5, min_requests=3)
     stats.served("churn", "r-1", 0, rows=3)
     stopping = asyncio.Event()
-    save = SampleCountsAwayOnce(stopping)
+    counts = SampleCountsAwayOnce(stopping)
     before = loop_failures("sample-flush")
 
     await asyncio.wait_for(
-        flush_canary_samples(stats, RoutingState(), save, every_s=0.01, stopping=stopping), timeout=30
+        flush_canary_samples(
+            stats, RoutingState(), counts.save, replica="serving-0/1a2b", every_s=0.01, stopping=stopping
+        ),
+        timeout=30,
     )
 
     assert loop_failures("sample-flush") - before == 1
-    assert save.calls == 2
-    assert save.saved == [("churn", "r-1", 0, 3)], "the rows of the failed flush, saved once by the next"
+    assert [f.sequence for f in counts.flushes] == [1, 1]
+    assert counts.samples == {("churn", "r-1", 0): 3}, "the rows of the failed flush, saved once by the next"
+
+
+class AnswerLostOnce(FakeSampleCounts):
+    """Canary sample counts whose first save commits and loses its answer (the connection dropped after
+    COMMIT), while the replica serves 2 more canary rows; stops the flush once those are saved."""
+
+    def __init__(self, stats: CanaryStats, stopping: asyncio.Event) -> None:
+        super().__init__()
+        self.stats = stats
+        self.stopping = stopping
+        self.answers_lost = 1
+
+    async def save(self, flush: SampleFlush) -> None:
+        if not self.flushes:
+            self.stats.served("churn", "r-1", 0, rows=2)
+        await super().save(flush)
+        if self.samples[("churn", "r-1", 0)] >= 5:
+            self.stopping.set()
+
+
+async def test_a_sample_flush_whose_answer_was_lost_counts_its_rows_once() -> None:
+    """The flush is saved again under its token, which the store recorded with the rows it added: where the
+    rows were given back and added again, the step reached its minimum samples early."""
+    stats = CanaryStats(threshold=0.5, min_requests=3)
+    stats.served("churn", "r-1", 0, rows=3)
+    stopping = asyncio.Event()
+    counts = AnswerLostOnce(stats, stopping)
+    before = loop_failures("sample-flush")
+
+    await asyncio.wait_for(
+        flush_canary_samples(
+            stats, RoutingState(), counts.save, replica="serving-0/1a2b", every_s=0.01, stopping=stopping
+        ),
+        timeout=30,
+    )
+
+    assert loop_failures("sample-flush") - before == 1
+    first, again, rows_since = counts.flushes
+    assert again == first == SampleFlush("serving-0/1a2b", 1, (("churn", "r-1", 0, 3),))
+    assert rows_since == SampleFlush("serving-0/1a2b", 2, (("churn", "r-1", 0, 2),))
+    assert counts.samples == {("churn", "r-1", 0): 5}
+    assert stats.unflushed() == []
