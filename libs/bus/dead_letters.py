@@ -45,6 +45,10 @@ SKIPPED_UNLESS_NAMED = {
 }
 """Dead letters ``replay`` passes over unless the operator names them (``named``), by kind, with why."""
 
+BROKER_ERRORS = (TimeoutError, KafkaError, OSError)
+"""What a broker that stopped answering raises, to a read or a send: a replay stops at it, saying how far
+it got."""
+
 IDLE_TIMEOUT_S = 30.0
 """How long reading waits for a record that is there (below the end offset) before giving up: the broker
 stopped answering."""
@@ -322,7 +326,9 @@ async def replay(
 ) -> ReplayReport:
     """Replay ``entries`` in order, each sent and acknowledged before the next (so a failure says exactly
     how far it got, and a key's replays keep their order); ``sender`` None is a dry run. Stops at the first
-    send that fails, with ``failure`` set; a record too large for the producer is skipped (``too-large``)."""
+    broker error (:data:`BROKER_ERRORS`), whether reading the dead letters, reading an origin record or
+    sending, with ``failure`` set: ``last_replayed`` is then where to go on from. A record too large for the
+    producer is skipped (``too-large``)."""
     report = ReplayReport()
 
     async def each() -> AsyncIterator[DeadLetterEntry]:
@@ -333,8 +339,24 @@ async def replay(
             for entry in entries:
                 yield entry
 
-    async for entry in each():
-        step = await plan_replay(entry, named=named, origin_of=origin_of)
+    reading = each()
+    read: DeadLetterEntry | None = None
+    while True:
+        try:
+            entry = await anext(reading, None)
+        except BROKER_ERRORS as exc:
+            where = f"after {read.position}" if read is not None else "from the start"
+            report.failure = f"reading the dead letters {where} failed: {exc!r}"
+            return report
+        if entry is None:
+            return report
+        read = entry
+        try:
+            step = await plan_replay(entry, named=named, origin_of=origin_of)
+        except BROKER_ERRORS as exc:
+            report.failure = f"reading the original of {entry.position} ({entry.origin}) failed: {exc!r}"
+            on_step(Skip(entry, "failed", report.failure))
+            return report
         if isinstance(step, Replay) and sender is not None:
             try:
                 await sender.send_many([(step.topic, step.key, step.value, step.headers)])
@@ -342,7 +364,7 @@ async def replay(
                 step = Skip(
                     entry, "too-large", f"the producer or the broker refuses it as too large: {exc!r}"
                 )
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except BROKER_ERRORS as exc:
                 report.failure = f"replaying {entry.position} to {step.topic} failed: {exc!r}"
                 on_step(Skip(entry, "failed", report.failure))
                 return report
@@ -352,7 +374,6 @@ async def replay(
             report.replayed += 1
             report.last_replayed = entry
         on_step(step)
-    return report
 
 
 # --- Kafka ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ unreadable, not-json, truncated ones whose original is gone or changed) or stops
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -301,6 +301,43 @@ async def test_a_send_that_fails_stops_the_replay_saying_the_last_one_replayed()
     assert (report.replayed, dict(report.skipped)) == (2, {"too-large": 1})
     assert report.last_replayed is entries[2]
     assert report.failure is not None and report.failure.startswith("replaying 1:3 to test.things failed")
+
+
+class BrokerGone(Origins):
+    """Origin topics whose broker stops answering: reading a record fails as aiokafka's consumer does."""
+
+    async def __call__(self, topic: str, partition: int, offset: int) -> Record:
+        raise KafkaConnectionError("broker gone")
+
+
+async def test_an_origin_record_the_broker_fails_to_read_stops_the_replay_saying_the_last_one_replayed() -> (
+    None
+):
+    truncated = original(3, value=b'{"n": 3, "pad": "' + b"x" * 5000 + b'"}')
+    entries = [filed(original(n), at=n) for n in range(3)] + [filed(truncated, at=3, max_bytes=2000)]
+    steps: list[Replay | Skip] = []
+
+    report = await replay(entries, named=False, origin_of=BrokerGone(), sender=Sender(), on_step=steps.append)
+
+    assert (report.replayed, report.last_replayed) == (3, entries[2])
+    assert report.failure is not None
+    assert report.failure.startswith("reading the original of 1:3 (test.things 2:3) failed: KafkaConnection")
+    assert isinstance(steps[-1], Skip) and steps[-1].reason == "failed"
+
+
+async def test_a_dead_letter_the_broker_fails_to_read_stops_the_replay_saying_the_last_one_replayed() -> None:
+    entries = [filed(original(n), at=n) for n in range(2)]
+
+    async def reading() -> AsyncIterator[DeadLetterEntry]:
+        for entry in entries:
+            yield entry
+        raise TimeoutError("no record of mlops.deadletter partition 1 came in 30s")
+
+    report = await replay(reading(), named=False, origin_of=Origins(), sender=Sender())
+
+    assert (report.replayed, report.last_replayed) == (2, entries[1])
+    assert report.failure is not None
+    assert report.failure.startswith("reading the dead letters after 1:1 failed: TimeoutError")
 
 
 async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often_it_is_replayed() -> None:
