@@ -29,6 +29,16 @@ STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 TYPE_PREFIX = "io.driftloop."
 DEFAULT_MAX_EVENT_BYTES = 1_000_000
 """Consumers refuse larger records (value and headers, see :func:`record_bytes`) as ``oversized``."""
+REPLAYED_FROM = "dlq_replayed_from"
+"""The header an operator's replay of a dead letter adds to the original (``driftloop deadletter replay``,
+``libs.bus.dead_letters``): ``<partition>:<offset>`` of the dead letter it was replayed from. The size limit
+leaves it out (:func:`uncounted_bytes`), so an event that was within the limit when it was published is
+within it when it is replayed; the producer sends it within the room it keeps above the limit for the
+dead-letter headers."""
+REPLAYED_FROM_MAX_VALUE_BYTES = 32
+"""The longest :data:`REPLAYED_FROM` value the size limit leaves out: a position's two numbers (a partition
+of at most 10 digits, an offset of at most 19) and the colon take at most 30 bytes. A longer one is counted,
+so the header cannot carry more than a position past the limit."""
 MAX_ATTRIBUTE_CHARS = 512
 """The longest CloudEvents attribute (id, source, type, time, subject, correlation id, causation id, actor)
 a consumer accepts. Attributes travel into every event a cascade causes (the correlation id, the actor) and
@@ -132,10 +142,27 @@ class SchemaInvalid(MalformedEvent):
 
 
 def record_bytes(value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> int:
-    """What the event size limit counts: the value, and each header's name and value."""
-    return (len(value) if value is not None else 0) + sum(
-        len(name) + (len(raw) if raw is not None else 0) for name, raw in headers
+    """What the event size limit counts: the value, and each header's name and value, but a replay's
+    :data:`REPLAYED_FROM` header (:func:`uncounted_bytes`)."""
+    headers = headers if isinstance(headers, (list, tuple)) else list(headers)
+    return (
+        (len(value) if value is not None else 0)
+        + sum(len(name) + (len(raw) if raw is not None else 0) for name, raw in headers)
+        - uncounted_bytes(headers)
     )
+
+
+def uncounted_bytes(headers: Iterable[tuple[str, bytes | None]]) -> int:
+    """The bytes of ``headers`` the size limit leaves out: the name and value of the first
+    :data:`REPLAYED_FROM` header, if its value is a position's length (:data:`REPLAYED_FROM_MAX_VALUE_BYTES`
+    at most), else none. A replay adds that header to an event that was within the limit; counted, the
+    event came back ``oversized``."""
+    for name, raw in headers:
+        if name == REPLAYED_FROM:
+            return (
+                len(name) + len(raw) if raw is not None and len(raw) <= REPLAYED_FROM_MAX_VALUE_BYTES else 0
+            )
+    return 0
 
 
 def check_attributes(attributes: Mapping[str, str]) -> None:
@@ -405,7 +432,7 @@ def _text_headers(
                 binary = (k, exc)
             continue
     # Too big is the more useful verdict, whatever the bytes are.
-    if size > max_bytes:
+    if size > max_bytes and (size := size - uncounted_bytes(pairs)) > max_bytes:
         raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
     if binary is not None:
         raise MissingAttribute(f"header {binary[0]!r} is not UTF-8: {binary[1]}") from binary[1]
@@ -659,7 +686,8 @@ class EventTypeRegistry:
         except UnicodeDecodeError:
             size, hdr = _text_headers(value, pairs, max_bytes)
             present = sum(1 for _ in pairs)  # the loop above stopped short of counting them all
-        if size > max_bytes:
+        # A replay's header is not counted (record_bytes), looked for only when the size is over the limit.
+        if size > max_bytes and (size := size - uncounted_bytes(pairs)) > max_bytes:
             raise OversizedEvent(f"value and headers are {size} bytes, the limit is {max_bytes}")
         if present != len(hdr):
             _refuse_repeated_attributes(pairs)

@@ -27,15 +27,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from contracts.envelope import REPLAYED_FROM
 from contracts.topics import DEAD_LETTER
 from libs.bus.core import Headers, RawSender, Record
 from libs.bus.kafka import TOO_LARGE, UNREADABLE, record_of
 from libs.settings import KafkaSettings
-
-REPLAYED_FROM = "dlq_replayed_from"
-"""The header a replayed record carries: ``<partition>:<offset>`` of the dead letter it was replayed from.
-A ``dlq_*`` header, so a replay that is dead-lettered again does not carry it into its new dead letter (the
-writer drops every ``dlq_*`` header of the original), while the audit trail records it with the replay."""
 
 SKIPPED_UNLESS_NAMED = {
     "tombstone": "a tombstone (no value): consumers refuse it as not-json",
@@ -253,8 +249,13 @@ class OriginReader(Protocol):
 
 
 def replayed_headers(headers: Headers, entry: DeadLetterEntry) -> list[tuple[str, bytes]]:
-    """The original's headers without the ``dlq_*`` ones, plus :data:`REPLAYED_FROM`. Consumers decode only
-    the ``ce_*`` and ``content-type`` headers; any other passes through them (and into the audit trail)."""
+    """The original's headers without the ``dlq_*`` ones, plus :data:`~contracts.envelope.REPLAYED_FROM`
+    (``<partition>:<offset>`` of the dead letter). Consumers decode only the ``ce_*`` and ``content-type``
+    headers; any other passes through them (and into the audit trail). It is a ``dlq_*`` header, so a replay
+    dead-lettered again does not carry it into its new dead letter (the writer drops every ``dlq_*`` header
+    of the original). The size limit leaves it out, so an original that was within ``max_event_bytes`` is
+    still within it; the producer sends it within its headroom above the limit
+    (:data:`~libs.bus.kafka.RECORD_HEADROOM_BYTES`)."""
     kept = [(name, raw) for name, raw in headers if not name.startswith("dlq_")]
     # A null header value goes out null, as it came in (aiokafka's producer takes it).
     return [*kept, (REPLAYED_FROM, entry.position.encode())]  # type: ignore[list-item]

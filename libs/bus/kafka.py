@@ -48,8 +48,9 @@ log = get_logger(__name__)
 
 RECORD_HEADROOM_BYTES = 64 * 1024
 """What the producer sends above ``max_event_bytes``: room for the dead-letter headers and the record's
-framing, so a dead letter of any event a consumer accepted goes out whole. The broker's (and the dead-letter
-topic's) message size limit must be at least ``max_event_bytes`` plus this."""
+framing, so a dead letter of any event a consumer accepted goes out whole, and so does a replay of one (the
+original plus its ``dlq_replayed_from`` header, which consumers do not count either). The broker's (and the
+dead-letter topic's) message size limit must be at least ``max_event_bytes`` plus this."""
 
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 """What aiokafka raises when a record is too large for the producer's limit or the broker's: retrying the

@@ -209,10 +209,11 @@ async def _nothing() -> None:
 
 class DeadLetterTopic(KafkaPublisher):
     """The runner's producer, keeping what it sends; it refuses records as aiokafka's producer does, by
-    aiokafka's own size estimate, and, with ``broker_limit``, as a broker with a smaller limit would."""
+    aiokafka's own size estimate (its limit: ``kafka``'s ``max_event_bytes`` plus the headroom), and, with
+    ``broker_limit``, as a broker with a smaller limit would."""
 
-    def __init__(self, broker_limit: int | None = None) -> None:
-        super().__init__(KafkaSettings())
+    def __init__(self, broker_limit: int | None = None, *, kafka: KafkaSettings | None = None) -> None:
+        super().__init__(kafka or KafkaSettings())
         self.broker_limit = broker_limit
         self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, bytes]]] = []
 

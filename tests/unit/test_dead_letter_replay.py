@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
-from contracts.envelope import CloudEvent
+from contracts.envelope import CloudEvent, record_bytes
 from contracts.topics import DEAD_LETTER
 from libs.bus import InMemoryBus, Record, Subscription, Transaction
 from libs.bus.core import UnreadableRecord
@@ -31,6 +31,7 @@ from libs.bus.dead_letters import (
 from libs.bus.kafka import dead_letter_message
 from libs.settings import KafkaSettings
 from tests.unit.test_bus import REGISTRY, ThingHappened, thing
+from tests.unit.test_bus_runner import DeadLetterTopic
 
 LIMIT = 1_000_000 + 64 * 1024
 
@@ -378,6 +379,58 @@ async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often
         await bus.drain()
         assert report.replayed == 1
 
+    assert handled == [7]
+    assert len(bus.dead_letters) == 1
+
+
+async def test_an_event_at_the_size_limit_is_sent_and_handled_when_its_dead_letter_is_replayed() -> None:
+    """The replay's dlq_replayed_from header is not counted by consumers, and is within the producer's
+    headroom: an event exactly at max_event_bytes comes back whole, not oversized."""
+    event = thing(7)
+    _, value, headers = event.to_kafka()
+    limit = record_bytes(value, headers)
+    bus = InMemoryBus(REGISTRY, max_event_bytes=limit)
+    handled: list[int] = []
+    broken = True
+
+    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
+        if broken:
+            raise RuntimeError("a bug")
+        handled.append(event.data.n)
+
+    bus.subscribe(
+        Subscription(
+            consumer="counter",
+            topics=["test.things"],
+            handlers={ThingHappened: on_thing},
+            max_retries=0,
+            retry_backoff_s=0,
+            max_event_bytes=limit,
+        )
+    )
+    await bus.publish(event)
+    await bus.drain()
+    [dead] = bus.dead_letters
+    entry = filed(dead.record, reason=dead.reason, consumer=dead.consumer, partition=11, at=9_876_543_210)
+
+    class ProducerToBus(DeadLetterTopic):
+        """Refuses records as aiokafka's producer does, puts the ones it sends on the bus."""
+
+        async def send_many(
+            self, items: Sequence[tuple[str, bytes | None, bytes | None, Sequence[tuple[str, bytes | None]]]]
+        ) -> None:
+            await super().send_many(items)
+            for topic, key, value, headers in items:
+                bus.append_raw(topic, key, value, headers)  # type: ignore[arg-type]
+
+    producer = ProducerToBus(kafka=KafkaSettings(max_event_bytes=limit))
+    broken = False
+    report = await replay([entry], named=False, origin_of=Origins(), sender=producer)
+    await bus.drain()
+
+    assert (report.replayed, dict(report.skipped), report.failure) == (1, {}, None)
+    [(_, _, _, sent_headers)] = producer.sent
+    assert sent_headers[REPLAYED_FROM] == b"11:9876543210"
     assert handled == [7]
     assert len(bus.dead_letters) == 1
 

@@ -24,6 +24,7 @@ from contracts.datasets import DatasetRegistered
 from contracts.envelope import (
     BOUNDED_ATTRIBUTES,
     MAX_ATTRIBUTE_CHARS,
+    REPLAYED_FROM,
     CloudEvent,
     EventIds,
     EventPayload,
@@ -348,6 +349,22 @@ def test_headers_count_toward_the_size_limit() -> None:
         EVENT_TYPES.decode(value, headers, max_bytes=limit + 100 + len("x-padding")).id
         == headers["ce_id"].decode()
     )
+
+
+@pytest.mark.parametrize("other", [{}, {"traceparent": b"\xff\x00"}], ids=["utf8", "binary-header"])
+def test_a_replays_position_header_is_not_counted_toward_the_size_limit(other: dict[str, bytes]) -> None:
+    value, headers = _valid_message()
+    headers.update(other)
+    limit = record_bytes(value, list(headers.items()))
+    replayed = {**headers, REPLAYED_FROM: b"2147483647:9223372036854775807"}
+    padded = {**headers, REPLAYED_FROM: b"0:" + b"9" * 100}
+
+    assert record_bytes(value, list(replayed.items())) == limit
+    assert EVENT_TYPES.decode(value, replayed, max_bytes=limit).id == headers["ce_id"].decode()
+    with pytest.raises(OversizedEvent, match=f"are {limit + len(REPLAYED_FROM) + 102} bytes"):
+        EVENT_TYPES.decode(value, padded, max_bytes=limit)
+    with pytest.raises(OversizedEvent, match=f"are {limit} bytes, the limit is {limit - 1}"):
+        EVENT_TYPES.decode(value, replayed, max_bytes=limit - 1)
 
 
 def test_a_huge_header_is_oversized_even_when_it_is_not_utf8() -> None:
