@@ -94,6 +94,13 @@ async def sync_archive(
     return added
 
 
+async def show_stored_head(pool: asyncpg.Pool, role: str) -> None:
+    """Show the trail's head on its gauge as the service starts, before it answers ready (GET /v1/head's
+    read, outside the chain lock: the consumer and the keeper, which move the gauge, have not started)."""
+    async with reading(pool, role) as trail:
+        await handlers.show_head(trail)
+
+
 class CheckpointKeeper:
     """Signs a checkpoint every ``every_s`` while rows arrive, and keeps the export file up to date."""
 
@@ -228,6 +235,7 @@ async def build(rt: Runtime) -> ServiceParts:
     # untrusted one is logged once, and each trusted one checked once.
     trust = CheckpointTrust(keys)
     await sync_archive(rt.pool, role, archive, trust)
+    await show_stored_head(rt.pool, role)
     topics = settings.recorded_topics()
     subscription = trail_subscription(settings, signer, rt.source(), trust)
     keeper = CheckpointKeeper(rt, settings, signer, archive, trust)

@@ -48,7 +48,7 @@ from services.audit.domain import (
     unchained_rows,
     without_resent_copies,
 )
-from services.audit.ports import AfterCommit, Clock, Publish, TrailWriter
+from services.audit.ports import AfterCommit, Clock, Publish, TrailReader, TrailWriter
 from services.audit.verification import first_bad_seal_in
 
 log = get_logger(__name__)
@@ -94,9 +94,9 @@ for _trigger in ("rows", "timer"):  # exported at 0 from the start: a dashboard 
     CHECKPOINTS_SIGNED.labels(_trigger)
 HEAD_SEQUENCE = Gauge(
     "driftloop_audit_head_sequence",
-    "The sequence of the trail's head (its number of rows) as this replica last committed or read it under "
-    "the chain lock: by the consumer's appends and the checkpoint keeper's timed look (every "
-    "checkpoint_every_s). 0 until either has run since the start.",
+    "The sequence of the trail's head (its number of rows) as this replica last committed or read it: as it "
+    "starts (before it answers ready), by the consumer's appends and by the checkpoint keeper's timed look "
+    "under the chain lock (every checkpoint_every_s).",
 )
 
 
@@ -105,6 +105,12 @@ def _appended(topics: collections.Counter[str], head: int) -> None:
     for topic, rows in topics.items():
         ROWS_APPENDED.labels(topic).inc(rows)
     HEAD_SEQUENCE.set(head)
+
+
+async def show_head(trail: TrailReader) -> None:
+    """Show the head the trail holds, as the service starts: the gauge read 0 after a restart until the
+    first append or the keeper's first timed look, which on an idle trail is ``checkpoint_every_s`` away."""
+    HEAD_SEQUENCE.set((await trail.head()).seq)
 
 
 async def on_records(

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 import pytest
 from asyncpg.connection import LoggedQuery
+from prometheus_client import REGISTRY
 
 from contracts.envelope import NotJson
 from contracts.monitoring import DriftDetected
@@ -20,8 +21,9 @@ from contracts.predictions import PredictionsLogged
 from contracts.topics import DEAD_LETTER
 from contracts.training import TrainingRequested
 from libs.bus.core import Delivery, Record
-from services.audit import core
+from services.audit import core, handlers
 from services.audit.adapters.postgres import READ_BYTES, PgChain, PgTrail, reading
+from services.audit.bootstrap import show_stored_head
 from services.audit.domain import (
     GENESIS,
     ChainBuilder,
@@ -69,6 +71,15 @@ async def test_verify_and_get_head_agree_on_the_head_of_an_empty_trail_and_of_an
         report = await trail_db.verify(from_seq=rows + 1)
         assert report.ok and report.head_hash == head["row_hash"], (report, head)
     assert head["row_hash"] != "0" * 64
+
+
+async def test_a_starting_service_shows_the_stored_head_on_its_gauge(trail_db: TrailDb) -> None:
+    # What build() does before the service answers ready: a restart showed 0 until the first append or the
+    # keeper's first timed look.
+    await trail_db.fill(7)
+    handlers.HEAD_SEQUENCE.set(0)  # a new process: its gauge starts at 0
+    await show_stored_head(trail_db.pool, ROLE)
+    assert REGISTRY.get_sample_value("driftloop_audit_head_sequence") == 7
 
 
 async def test_redelivered_records_add_nothing_and_a_position_is_unique(trail_db: TrailDb) -> None:

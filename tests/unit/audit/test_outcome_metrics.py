@@ -111,3 +111,17 @@ async def test_checkpoints_are_counted_by_what_triggered_them() -> None:
     assert sample("driftloop_audit_checkpoints_signed_total", trigger="timer") == by_timer + 1
     assert sample("driftloop_audit_checkpoints_signed_total", trigger="rows") == by_rows + 1
     assert sample("driftloop_audit_head_sequence") == 5
+
+
+async def test_a_restarted_replica_shows_the_stored_head_before_any_append_or_timed_look() -> None:
+    # The gauge read 0 after a restart until the first append or the keeper's first timed look, which on an
+    # idle trail is checkpoint_every_s away: a dashboard saw the trail emptied at every deploy.
+    trail = FakeTrail()
+    committed: list[Callable[[], None]] = []
+    await append(trail, [delivery(example(DriftDetected), offset=i) for i in range(4)], committed)
+    commit(committed)
+    handlers.HEAD_SEQUENCE.set(0)  # a new process: its gauge starts at 0
+
+    await handlers.show_head(trail)  # as the service starts (bootstrap.show_stored_head)
+
+    assert sample("driftloop_audit_head_sequence") == 4
