@@ -278,7 +278,7 @@ async def put_policy(
     model: ModelName, body: PolicyUpdate, who: OperatorDep, rt: RuntimeDep, monitor: MonitorDep
 ) -> PolicyPublic:
     async with rt.begin() as tx:
-        policy = await handlers.set_policy(
+        stored = await handlers.set_policy(
             model,
             body.model_dump(exclude_unset=True),
             actor=who.actor,
@@ -286,5 +286,6 @@ async def put_policy(
             store=PgMonitoringStore(tx.conn),
             publish=tx.publish,
         )
-    monitor.policies[model] = policy
-    return PolicyPublic.model_validate(policy.model_dump())
+    # Not in force if a PUT that took the model's lock after this one has already put its own.
+    monitor.hold_policy(model, stored)
+    return PolicyPublic.model_validate(stored.policy.model_dump())

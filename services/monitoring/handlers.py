@@ -88,6 +88,7 @@ from services.monitoring.ports import (
     ProfileUnavailable,
     ReplayReport,
     StoredModel,
+    StoredPolicy,
     StoredStep,
     WindowState,
 )
@@ -321,6 +322,8 @@ class Monitor:
     replay offsets are saved under this name, where a restart looks them up."""
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
+    policy_versions: dict[str, int] = field(default_factory=dict)
+    """The stored version of each policy in ``policies`` taken from the store (see :meth:`hold_policy`)."""
     policies_fingerprint: str | None = None
     replay: ReplayReport | None = None
     """What the restart's replay of the predictions topic read and missed; None when none ran."""
@@ -349,6 +352,17 @@ class Monitor:
     def policy(self, model: str) -> DriftPolicy:
         """The model's policy, or the defaults."""
         return self.policies.get(model, self.defaults)
+
+    def hold_policy(self, model: str, stored: StoredPolicy) -> bool:
+        """Put in force a policy set through this replica, once committed, unless a later setting of the model
+        is held already; whether it was put. Two settings at once commit in turn (the model's policy lock),
+        but their requests may go on in either order: the first's policy replaced the second's until the next
+        tick's reload. A later setting a tick took from the store is kept the same way."""
+        if stored.version <= self.policy_versions.get(model, 0):
+            return False
+        self.policies[model] = stored.policy
+        self.policy_versions[model] = stored.version
+        return True
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -2051,10 +2065,11 @@ async def set_policy(
     monitor: Monitor,
     store: MonitoringStore,
     publish: Publish,
-) -> DriftPolicy:
+) -> StoredPolicy:
     """An operator sets a model's drift policy (omitted fields take the service defaults): stored with who
-    set it and published as DriftPolicyChanged for the audit trail, in the caller's transaction. The caller
-    puts it in force here once committed; every other replica takes it at its next tick."""
+    set it and published as DriftPolicyChanged for the audit trail, in the caller's transaction. Returns it
+    with its stored version, which the caller puts in force here once committed (:meth:`Monitor.hold_policy`);
+    every other replica takes it at its next tick."""
     policy = DriftPolicy.model_validate({**monitor.defaults.model_dump(), **fields})
     # DriftPolicyChanged carries the policy and the one it replaces: a policy over half of what consumers
     # accept could be set once and then never changed (every later change too large to announce).
@@ -2071,10 +2086,10 @@ async def set_policy(
     # Locked: two changes at once would otherwise both read the same policy, and one DriftPolicyChanged would
     # name as replaced a policy the other had already replaced.
     previous = await store.policy(model, lock=True)
-    await store.save_policy(model, policy, actor)
+    version = await store.save_policy(model, policy, actor)
     changed = DriftPolicyChanged(model=model, policy=policy, previous=previous)
     await publish(new_event(changed, source=monitor.source, actor=actor))
-    return policy
+    return StoredPolicy(policy, version)
 
 
 FEATURES_LISTED = 10
@@ -2118,7 +2133,9 @@ async def refresh_policies(*, monitor: Monitor, store: MonitoringStore) -> None:
     """Take the stored policies when any changed since the last look (set through another replica)."""
     fingerprint = await store.policies_fingerprint()
     if fingerprint != monitor.policies_fingerprint:
-        monitor.policies = await store.policies()
+        stored = await store.policies()
+        monitor.policies = {model: s.policy for model, s in stored.items()}
+        monitor.policy_versions = {model: s.version for model, s in stored.items()}
         monitor.policies_fingerprint = fingerprint
 
 

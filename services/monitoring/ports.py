@@ -24,6 +24,15 @@ class StoredModel:
     profile: ArtifactRef
 
 
+@dataclass(frozen=True)
+class StoredPolicy:
+    """A model's policy as stored, and its version: one more at each setting, numbered under the model's
+    policy lock, so of two settings the later committed has the higher version."""
+
+    policy: DriftPolicy
+    version: int
+
+
 @dataclass
 class WindowState:
     """A model version's open window number and first offsets, and its debounce state."""
@@ -197,12 +206,12 @@ class MonitoringStore(Protocol):
         so another setter reads the policy this transaction leaves (also for a model with none yet)."""
         ...
 
-    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
-        """Set a model's policy."""
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> int:
+        """Set a model's policy; returns its version (1 for the first, one more than the replaced one's)."""
         ...
 
-    async def policies(self) -> dict[str, DriftPolicy]:
-        """Every policy an operator set, by model."""
+    async def policies(self) -> dict[str, StoredPolicy]:
+        """Every policy an operator set, with its version, by model."""
         ...
 
     async def policies_fingerprint(self) -> str:

@@ -20,6 +20,7 @@ from services.monitoring.ports import (
     PendingLabel,
     PerformanceState,
     StoredModel,
+    StoredPolicy,
     StoredStep,
     WindowState,
 )
@@ -166,19 +167,26 @@ class PgMonitoringStore:
         raw = await self.conn.fetchval("SELECT policy FROM policies WHERE model = $1", model)
         return _stored_policy(model, raw) if raw is not None else None
 
-    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
-        await self.conn.execute(
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> int:
+        version = await self.conn.fetchval(
             """INSERT INTO policies (model, policy, updated_by) VALUES ($1, $2, $3)
-               ON CONFLICT (model) DO UPDATE SET policy = $2, updated_by = $3, updated_at = now()""",
+               ON CONFLICT (model) DO UPDATE SET policy = $2, updated_by = $3, updated_at = now(),
+                   version = policies.version + 1
+               RETURNING version""",
             model,
             policy.model_dump(mode="json"),
             actor,
         )
+        return int(version)
 
-    async def policies(self) -> dict[str, DriftPolicy]:
-        rows = await self.conn.fetch("SELECT model, policy FROM policies")
-        found = {r["model"]: _stored_policy(r["model"], r["policy"]) for r in rows}
-        return {model: policy for model, policy in found.items() if policy is not None}
+    async def policies(self) -> dict[str, StoredPolicy]:
+        rows = await self.conn.fetch("SELECT model, policy, version FROM policies")
+        found = {r["model"]: (_stored_policy(r["model"], r["policy"]), r["version"]) for r in rows}
+        return {
+            model: StoredPolicy(policy, version)
+            for model, (policy, version) in found.items()
+            if policy is not None
+        }
 
     async def policies_fingerprint(self) -> str:
         # updated_at is the setting transaction's start: it differs between any two settings of a policy.

@@ -76,7 +76,7 @@ from services.monitoring.handlers import (
     prune_window_reports,
     set_policy,
 )
-from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredStep
+from services.monitoring.ports import EarlyStep, LabelledRecord, PendingLabel, StoredPolicy, StoredStep
 from services.monitoring.settings import MonitoringSettings
 from tests.integration.kafka_tools import (
     create_topics,
@@ -1962,28 +1962,37 @@ async def test_two_policy_changes_at_once_each_name_the_policy_they_replace(
     async def publish(event: CloudEvent[Any]) -> None:
         changes.append(event)
 
-    async def setting(conn: asyncpg.Connection, psi_threshold: float) -> None:
+    async def setting(conn: asyncpg.Connection, psi_threshold: float) -> StoredPolicy:
         async with conn.transaction():
             fields = {"psi_threshold": psi_threshold}
             store = PgMonitoringStore(conn)
-            await set_policy("churn", fields, actor="user:op", monitor=monitor, store=store, publish=publish)
+            return await set_policy(
+                "churn", fields, actor="user:op", monitor=monitor, store=store, publish=publish
+            )
 
     async with pool.acquire() as first, pool.acquire() as second, pool.acquire() as watcher:
         if before is not None:
             await setting(first, before)
         async with first.transaction():
-            await setting(first, 0.3)
+            set_first = await setting(first, 0.3)
             later = asyncio.create_task(setting(second, 0.4))
             pid = second.get_server_pid()
 
             await waits_on_a_lock(watcher, pid)
-        await later
+        set_second = await later
         stored = await PgMonitoringStore(watcher).policy("churn")
+        reloaded = await PgMonitoringStore(watcher).policies()
 
     replaced = [c.data.previous.psi_threshold if c.data.previous else None for c in changes]
     assert [c.data.policy.psi_threshold for c in changes] == [0.2, 0.3, 0.4][1 if before is None else 0 :]
     assert replaced == ([] if before is None else [None]) + [before, 0.3]
     assert stored is not None and stored.psi_threshold == 0.4
+    # Numbered in the order they committed: put in force in the other order, as the two requests may go on
+    # after their commits, the later setting stays (the first's replaced it until the next tick's reload).
+    assert set_second.version == set_first.version + 1 == (2 if before is None else 3)
+    assert reloaded["churn"] == set_second
+    assert monitor.hold_policy("churn", set_second) and not monitor.hold_policy("churn", set_first)
+    assert monitor.policy("churn").psi_threshold == 0.4
 
 
 async def test_the_status_lists_alerts_written_in_one_transaction_newest_written_first(

@@ -3,8 +3,10 @@ can use; anything else is refused with a 422 that names the field, before Postgr
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from services.monitoring import api
 from services.monitoring.adapters.postgres import _stored_policy
 from services.monitoring.bootstrap import make_monitor
 from services.monitoring.domain import DriftPolicy
-from services.monitoring.handlers import Monitor, set_policy
+from services.monitoring.handlers import Monitor, refresh_policies, set_policy
+from services.monitoring.ports import StoredPolicy
 from services.monitoring.settings import MonitoringSettings
 from tests.unit.monitoring.test_domain import reference
 
@@ -150,12 +153,15 @@ class PolicyStore:
 
     def __init__(self) -> None:
         self.rows: dict[str, DriftPolicy] = {}
+        self.versions: dict[str, int] = {}
 
     async def policy(self, model: str, *, lock: bool = False) -> DriftPolicy | None:
         return self.rows.get(model)
 
-    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> None:
+    async def save_policy(self, model: str, policy: DriftPolicy, actor: str) -> int:
         self.rows[model] = policy
+        self.versions[model] = self.versions.get(model, 0) + 1
+        return self.versions[model]
 
 
 def per_feature(n: int, threshold: float) -> dict[str, Any]:
@@ -175,7 +181,7 @@ class Operator:
         self.store = PolicyStore()
         self.published: list[Any] = []
 
-    async def put(self, model: str, fields: dict[str, Any]) -> DriftPolicy:
+    async def put(self, model: str, fields: dict[str, Any]) -> StoredPolicy:
         async def publish(event: Any) -> None:
             encode_outgoing(event, max_bytes=self.monitor.max_event_bytes)
             self.published.append(event)
@@ -311,3 +317,98 @@ async def test_a_policy_naming_a_key_twice_is_422_not_its_last_value(
     assert r.json()["detail"] == (
         f"the JSON body names the key {key!r} more than once in one object; give each key once"
     )
+
+
+class LockedPolicies(PolicyStore):
+    """A PolicyStore whose ``policy(lock=True)`` takes the model's lock, held until the transaction ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = asyncio.Lock()
+
+    async def policy(self, model: str, *, lock: bool = False) -> DriftPolicy | None:
+        if lock:
+            await self.lock.acquire()
+        return self.rows.get(model)
+
+
+class FirstGoesOnLast:
+    """A runtime on a :class:`LockedPolicies` whose first transaction, once committed, waits to be let go on:
+    the first PUT's request resumes after the second's committed, as on a busy event loop (the connection's
+    release after the commit is a round trip of its own)."""
+
+    def __init__(self, table: LockedPolicies) -> None:
+        self.table = table
+        self.begun = 0
+        self.first_committed = asyncio.Event()
+        self.first_goes_on = asyncio.Event()
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Any]:
+        self.begun += 1
+        first = self.begun == 1
+
+        async def publish(event: Any) -> None:
+            return None
+
+        yield type("Tx", (), {"conn": self.table, "publish": staticmethod(publish)})()
+        if self.table.lock.locked():  # the commit ends the transaction-scoped lock
+            self.table.lock.release()
+        if first:
+            self.first_committed.set()
+            await self.first_goes_on.wait()
+
+
+async def test_of_two_policies_put_at_once_the_one_set_last_stays_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first PUT committed, then the second took the lock, committed and put its policy in force; the
+    # first's request went on last and put its own, older policy in force until the next tick's reload.
+    settings = MonitoringSettings(env="test", auth_tokens_file=tmp_path / "tokens.json")
+    app = create_app(settings, title="monitoring", description="", routers=[api.router])
+    monitor = make_monitor(settings, artifacts=None, source="/test/monitoring")
+    table = LockedPolicies()
+    runtime = FirstGoesOnLast(table)
+    app.state.runtime, app.state.monitor = runtime, monitor
+    monkeypatch.setattr(api, "PgMonitoringStore", lambda conn: conn)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://monitoring", headers={"Authorization": "Bearer dev-operator"}
+    ) as client:
+        first = asyncio.create_task(client.put("/v1/models/churn/policy", json={"psi_threshold": 0.3}))
+        await asyncio.wait_for(runtime.first_committed.wait(), timeout=30)
+        second = await client.put("/v1/models/churn/policy", json={"psi_threshold": 0.4})
+        runtime.first_goes_on.set()
+        first_answer = await asyncio.wait_for(first, timeout=30)
+
+    assert (first_answer.status_code, second.status_code) == (200, 200), (first_answer.text, second.text)
+    assert first_answer.json()["psi_threshold"] == 0.3  # each PUT answers the policy it set
+    assert table.rows["churn"].psi_threshold == 0.4 and table.versions["churn"] == 2
+    assert monitor.policy("churn") == table.rows["churn"]
+
+
+class StoredPolicies:
+    """The policies a tick reloads, as another replica left them."""
+
+    def __init__(self, policies: dict[str, StoredPolicy]) -> None:
+        self.stored = policies
+
+    async def policies_fingerprint(self) -> str:
+        return repr(sorted((m, s.version) for m, s in self.stored.items()))
+
+    async def policies(self) -> dict[str, StoredPolicy]:
+        return self.stored
+
+
+async def test_a_setting_put_in_force_after_a_tick_took_a_later_one_does_not_undo_it() -> None:
+    # A PUT here committed version 2; another replica's PUT committed version 3, which this replica's tick
+    # took; the first request went on only then. Its older policy stood until a policy changed again: the
+    # fingerprint the tick keeps was already the one of version 3.
+    monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/test/monitoring")
+    later = StoredPolicy(DriftPolicy(psi_threshold=0.4), 3)
+    await refresh_policies(monitor=monitor, store=StoredPolicies({"churn": later}))  # type: ignore[arg-type]
+
+    assert not monitor.hold_policy("churn", StoredPolicy(DriftPolicy(psi_threshold=0.3), 2))
+    assert monitor.policy("churn") == later.policy
+    assert monitor.hold_policy("churn", StoredPolicy(DriftPolicy(psi_threshold=0.5), 4))
+    assert monitor.policy("churn").psi_threshold == 0.5
