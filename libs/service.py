@@ -4,6 +4,7 @@ retention, all in one event loop, stopped gracefully on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import sys
@@ -154,8 +155,12 @@ class Runtime:
             return {"database": False}
 
     async def close(self) -> None:
-        await self.publisher.stop()
-        await self.pool.close()
+        """Stop the producer, then close the pool: in the reverse of the order :meth:`start` opened them, the
+        pool even when stopping the producer fails."""
+        try:
+            await self.publisher.stop()
+        finally:
+            await self.pool.close()
 
 
 async def _until_reachable(
@@ -222,24 +227,31 @@ Build = Callable[[Runtime], Awaitable[ServiceParts]]
 async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], build: Build) -> None:
     """Run a service until SIGTERM/SIGINT; then stop taking requests, finish the batches in hand, exit."""
     configure_logging(settings.service, level=settings.log_level, json=settings.log_json)
-    runtime = await Runtime.start(settings, migrations)
-    parts = await build(runtime)
-    tune_collector()
-    runners = [runtime.consumer(s) for s in parts.subscriptions]
-    relay = runtime.relay() if parts.relay else None
-    retention = runtime.retention()
-    server = http_server(parts.app, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # Until the tasks run, a step that fails (a build that raises) closes what the start opened, in reverse
+    # order, and its own error is the one raised: the pool and the producer were left open, unclosed warnings
+    # and leaked connections in tests and in-process harnesses. Once the tasks run, the orderly stop below
+    # closes them, after the tasks' own ends.
+    async with contextlib.AsyncExitStack() as opened:
+        runtime = await Runtime.start(settings, migrations)
+        opened.push_async_callback(_close_after_failure, "runtime", runtime.close)
+        parts = await build(runtime)
+        tune_collector()
+        runners = [runtime.consumer(s) for s in parts.subscriptions]
+        relay = runtime.relay() if parts.relay else None
+        retention = runtime.retention()
+        server = http_server(parts.app, settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
 
-    tasks = [asyncio.create_task(server.serve(), name="http")]
-    tasks += [asyncio.create_task(r.run(), name=f"consumer:{r.sub.consumer}") for r in runners]
-    if relay is not None:
-        tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
-    tasks.append(asyncio.create_task(retention.run(), name="bus-retention"))
-    tasks += [asyncio.create_task(t(), name=getattr(t, "__name__", "task")) for t in parts.tasks]
+        tasks = [asyncio.create_task(server.serve(), name="http")]
+        tasks += [asyncio.create_task(r.run(), name=f"consumer:{r.sub.consumer}") for r in runners]
+        if relay is not None:
+            tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+        tasks.append(asyncio.create_task(retention.run(), name="bus-retention"))
+        tasks += [asyncio.create_task(t(), name=getattr(t, "__name__", "task")) for t in parts.tasks]
+        opened.pop_all()
     log.info("service started", port=settings.http_port, consumers=[r.sub.consumer for r in runners])
 
     stopper = asyncio.create_task(stop.wait())
@@ -272,6 +284,15 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     log.info("service stopped")
     if crashed or hooks_failed:
         raise SystemExit(1)
+
+
+async def _close_after_failure(what: str, close: Callable[[], Awaitable[None]]) -> None:
+    """``close()`` as a start that failed unwinds; a failure of its own is logged, not raised, so the error
+    that stopped the start is the one reported, and the exit status the one it gives."""
+    try:
+        await close()
+    except Exception as exc:
+        log.error("closing after a failed start failed too", what=what, error=repr(exc))
 
 
 def why_ended(task: asyncio.Task[Any]) -> str:

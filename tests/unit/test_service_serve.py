@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 import libs.service
+from contracts.registry import EVENT_TYPES
 from libs.service import Runtime, ServiceParts, serve
 from libs.settings import ServiceSettings
 
@@ -140,3 +141,83 @@ async def test_a_stop_hook_that_fails_skips_neither_the_others_nor_the_stop(fake
     assert stopped == ["failing", "after"]
     assert fake_runtime.relay_loop.stopped.is_set()
     assert fake_runtime.closed
+
+
+class _Pool:
+    def __init__(self, closed: list[str]) -> None:
+        self.closed = closed
+
+    async def close(self) -> None:
+        self.closed.append("pool")
+
+
+class _Producer:
+    def __init__(self, closed: list[str], *, failing: bool = False) -> None:
+        self.closed = closed
+        self.failing = failing
+
+    async def stop(self) -> None:
+        self.closed.append("producer")
+        if self.failing:
+            raise OSError("the broker went away as the producer stopped")
+
+
+class _StoreUnreadable(Exception):
+    """What a build raises in these tests: a store it reads at start it could not read."""
+
+
+def _starts_with(monkeypatch: pytest.MonkeyPatch, pool: _Pool, producer: _Producer) -> None:
+    """``Runtime.start`` opening these fakes: the pool first, the producer second, as it does."""
+
+    async def start(cls: type[Runtime], settings: ServiceSettings, migrations: Any) -> Runtime:
+        return Runtime(
+            settings=settings,
+            pool=pool,
+            publisher=producer,  # type: ignore[arg-type]
+            dead_letters=None,  # type: ignore[arg-type]
+            begin=None,  # type: ignore[arg-type]
+            registry=EVENT_TYPES,
+        )
+
+    monkeypatch.setattr(Runtime, "start", classmethod(start))
+
+
+async def _build_that_raises(runtime: Any) -> ServiceParts:
+    raise _StoreUnreadable("the reference profiles could not be read")
+
+
+async def test_a_build_that_raises_stops_the_producer_then_closes_the_pool_and_raises_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed: list[str] = []
+    _starts_with(monkeypatch, _Pool(closed), _Producer(closed))
+
+    with pytest.raises(_StoreUnreadable, match="the reference profiles could not be read"):
+        await serve(ServiceSettings(), migrations=[], build=_build_that_raises)
+    assert closed == ["producer", "pool"]
+
+
+async def test_a_producer_that_fails_to_stop_after_a_failed_build_leaves_neither_the_pool_nor_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed: list[str] = []
+    _starts_with(monkeypatch, _Pool(closed), _Producer(closed, failing=True))
+
+    with pytest.raises(_StoreUnreadable):
+        await serve(ServiceSettings(), migrations=[], build=_build_that_raises)
+    assert closed == ["producer", "pool"]
+
+
+async def test_a_build_that_exits_keeps_its_exit_status_and_still_closes_what_was_opened(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed: list[str] = []
+    _starts_with(monkeypatch, _Pool(closed), _Producer(closed))
+
+    async def build(runtime: Any) -> ServiceParts:
+        raise SystemExit(2)
+
+    with pytest.raises(SystemExit) as exited:
+        await serve(ServiceSettings(), migrations=[], build=build)
+    assert exited.value.code == 2
+    assert closed == ["producer", "pool"]
