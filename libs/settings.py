@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from contracts.envelope import DEFAULT_MAX_EVENT_BYTES
+from libs.bus.core import RETRY_DELAY_MAX_S
 
 MAX_EVENT_BYTES_LIMIT = 256 * 2**20
 """The largest ``max_event_bytes``. An event published in a transaction is one outbox row, which must fit in
@@ -38,6 +39,18 @@ a retention's keep means for ever, ``libs.bus.retention.KEEP_FOR_EVER_DAYS``), f
 wait is counted back from now (or forward from an event's time) into a date, which Python holds from year 1 to
 9999 and Postgres from 4713 BC: monitoring's label wait of some 2,000 years put its cutoffs before year 1, and
 every tick failed with OverflowError."""
+
+INTERVAL_MAX_S = 86_400.0
+"""The longest interval of a service's periodic work (a retention round, a safety-net poll, a flush, a tick, a
+heartbeat): a day, far past any real use. Each is waited for on the event loop, which takes any float: 1e300
+was accepted, and the work then never came again in the process's life (after the first round, for those that
+run one at start)."""
+
+POSTGRES_CONNECTIONS_MAX = 262_143
+"""The largest connection pool a setting asks for: the most connections a Postgres server takes
+(``max_connections`` is at most 2**18 - 1, its MAX_BACKENDS), so a larger pool could never fill. asyncpg makes
+a slot for every connection of a pool's maximum as the pool is created, before it connects: two million took
+8 s and 280 MB, a billion would take an hour and some 140 GB; this bound, a third of a second and 35 MB."""
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_STATE = PROJECT_ROOT / ".driftloop"
@@ -230,7 +243,14 @@ class ServiceSettings(BaseSettings):
         description="Minimum connections in the pool, 1 or more (the first is how a service waits "
         "for its database at start); at most db_pool_max.",
     )
-    db_pool_max: int = Field(8, ge=1, description="Maximum connections in the pool, 1 or more.")
+    db_pool_max: int = Field(
+        8,
+        ge=1,
+        le=POSTGRES_CONNECTIONS_MAX,
+        description="Maximum connections in the pool, 1 to 262,143 (the most a Postgres server takes: "
+        "asyncpg makes a slot for each as the pool is created, before it connects, and two million took 8 s "
+        "and 280 MB of memory).",
+    )
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings(), description="Kafka connection.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
     http_port: Port = Field(8100, description="Port the HTTP API binds to (1 to 65535).")
@@ -256,9 +276,13 @@ class ServiceSettings(BaseSettings):
     consumer_retry_backoff_s: float = Field(
         0.2,
         gt=0,
-        description="First retry delay, above 0 (the outage retry loop waits this long first); "
-        "doubles per attempt up to 5 s (until 2026-12-02 a failing handler's did not stop doubling: at 20 "
-        "retries the last waited some 29 hours).",
+        le=RETRY_DELAY_MAX_S,
+        description="First retry delay, above 0 and at most 5 s (the outage retry loop waits this long "
+        "first); doubles per attempt up to 5 s (until 2026-12-02 a failing handler's did not stop doubling: "
+        "at 20 retries the last waited some 29 hours). 5 s is where the doubling stops (RETRY_DELAY_MAX_S, "
+        "libs/bus/core.py), which did not hold the first delay: a larger one was accepted and the first "
+        "retry, of a handler's failure or an outage, waited that long with the partition held (at 1e9, 31 "
+        "years).",
     )
     consumer_max_uncertain_retries: int = Field(
         20,
@@ -289,9 +313,10 @@ class ServiceSettings(BaseSettings):
     bus_retention_interval_s: float = Field(
         600.0,
         gt=0,
-        description="Seconds between two rounds of the bus's retention (inbox and outbox), above 0; the "
-        "first round runs as the service starts. A failed round is logged and counted, and tried again at "
-        "the next.",
+        le=INTERVAL_MAX_S,
+        description="Seconds between two rounds of the bus's retention (inbox and outbox), above 0 and at "
+        "most 86,400 (a day: 1e300 was accepted, and no round came after the first); the first round runs as "
+        "the service starts. A failed round is logged and counted, and tried again at the next.",
     )
     http_max_connections: int = Field(
         1000,

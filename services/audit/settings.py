@@ -11,7 +11,7 @@ from typing import ClassVar
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from contracts.topics import DEAD_LETTER, TOPICS
-from libs.settings import LOCAL_STATE, Port, ServiceSettings
+from libs.settings import INTERVAL_MAX_S, LOCAL_STATE, Port, ServiceSettings
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 TRACE_EVENTS_MAX = 100_000
@@ -81,7 +81,11 @@ class AuditSettings(ServiceSettings):
         "themselves; it costs CPU per row (docs/benchmarks.md, Audit), so it is off by default.",
     )
     checkpoint_every_s: float = Field(
-        60.0, gt=0, description="Sign a checkpoint at least this often while rows keep arriving."
+        60.0,
+        gt=0,
+        le=INTERVAL_MAX_S,
+        description="Sign a checkpoint at least this often while rows keep arriving; at most 86,400 (a day: "
+        "1e300 was accepted, and the timer never signed one).",
     )
     checkpoint_file: Path = Field(
         LOCAL_STATE / "audit" / "checkpoints.ndjson",

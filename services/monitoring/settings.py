@@ -11,7 +11,18 @@ from contracts.models import ModelVersionRegistered
 from contracts.monitoring import JENSEN_SHANNON_MAX, CorrectionMethod
 from contracts.predictions import PredictionsLogged
 from contracts.rollouts import RolloutStarted
-from libs.settings import SECONDS_MAX, Port, ServiceSettings
+from libs.settings import INTERVAL_MAX_S, SECONDS_MAX, Port, ServiceSettings
+
+LABELLED_ROWS_MAX = 10_000_000
+"""The most labelled rows a setting has read into memory at once (a performance window, an export's recent
+rows), inputs included: some KB each, so ten million is tens of GB, far past any real use. Each is a count
+Postgres takes as a bigint (a LIMIT, an OFFSET), which past 2**63 - 1 failed every read."""
+
+ROLLOUT_STEPS_MAX = 10_000
+"""The most rollout steps monitoring collects traffic for at once, watched or kept for their start: each holds
+up to ``canary_step_max_rows`` rows of each variant (some 2.6 MB at the default), so ten thousand is tens of
+GB, far past any real use. Each bound is a count Postgres takes as a bigint (an OFFSET, a LIMIT), which past
+2**63 - 1 failed every restart, or every step that came before its start."""
 
 
 class MonitoringSettings(ServiceSettings):
@@ -135,8 +146,11 @@ class MonitoringSettings(ServiceSettings):
     performance_window_labels: int = Field(
         500,
         ge=10,
-        description="Labelled rows per performance window (per model version); a PerformanceDegraded "
-        "also needs `consecutive_windows` degraded windows in a row, so sampling noise is not an alert.",
+        le=LABELLED_ROWS_MAX,
+        description="Labelled rows per performance window (per model version); a PerformanceDegraded also "
+        "needs `consecutive_windows` degraded windows in a row, so sampling noise is not an alert. 10 to "
+        "10,000,000: a window's rows are read into memory at once, inputs included, and their count is a "
+        "Postgres bigint, which past 2**63 - 1 failed every label join.",
     )
     performance_tolerance: float = Field(
         0.05,
@@ -147,7 +161,7 @@ class MonitoringSettings(ServiceSettings):
     export_labelled_rows: int = Field(
         50_000,
         ge=0,
-        le=10_000_000,
+        le=LABELLED_ROWS_MAX,
         description="Recent labelled rows added to a window's exported data (for retraining), 0 to "
         "10,000,000: every export reads them into memory at once, inputs included (some KB each: ten million "
         "is tens of GB, far past any real use), and the count is a Postgres bigint, which past 2**63 - 1 "
@@ -229,23 +243,28 @@ class MonitoringSettings(ServiceSettings):
     max_watched_rollout_steps: int = Field(
         100,
         ge=1,
+        le=ROLLOUT_STEPS_MAX,
         description="At most this many rollouts have a step watched at once (each collecting its canary's "
         "and stable's traffic, up to canary_step_max_rows per variant, until its verdict); the step of a "
         "RolloutStarted or RolloutStepAdvanced that would watch one more (a rollout's step after a healthy "
         "verdict excepted) is not watched but given its one verdict at once, inconclusive, saying why "
-        "(serving rolls the canary back), logged as an error at "
-        "most once a minute and counted (driftloop_monitoring_rollout_steps_decided_unwatched_total). A "
-        "restart watches the first started up to this many and gives the others the same verdict (counted "
-        "the same way, logged once).",
+        "(serving rolls the canary back), logged as an error at most once a minute and counted "
+        "(driftloop_monitoring_rollout_steps_decided_unwatched_total). A restart watches the first started "
+        "up to this many and gives the others the same verdict (counted the same way, logged once). 1 to "
+        "10,000: the steps' traffic is held in memory, and past 2**63 - 1 (a Postgres bigint) every restart "
+        "failed.",
     )
     max_kept_rollout_steps: int = Field(
         100,
         ge=1,
+        le=ROLLOUT_STEPS_MAX,
         description="At most this many RolloutStepAdvanced events that came before their rollout's "
         "RolloutStarted are kept for it at once (each collecting its canary's traffic, up to "
         "canary_step_max_rows per variant); keeping one more gives up the one kept longest at once, as "
         "rollout_start_wait_seconds would later: logged as an error and counted "
-        "(driftloop_monitoring_rollout_steps_never_watched_total, reason too-many-kept).",
+        "(driftloop_monitoring_rollout_steps_never_watched_total, reason too-many-kept). 1 to 10,000: the "
+        "steps' traffic is held in memory, and past 2**63 - 1 (a Postgres bigint) every step that came "
+        "before its start failed.",
     )
     rollout_start_wait_seconds: float = Field(
         86_400.0,
@@ -261,7 +280,11 @@ class MonitoringSettings(ServiceSettings):
 
     # --- plumbing -----------------------------------------------------------------------------------------
     tick_seconds: float = Field(
-        1.0, gt=0, description="How often time-driven work runs (idle windows, bake times, timeouts)."
+        1.0,
+        gt=0,
+        le=INTERVAL_MAX_S,
+        description="How often time-driven work runs (idle windows, bake times, timeouts); at most 86,400 (a "
+        "day: 1e300 was accepted, and that work then ran only when traffic woke it).",
     )
     replay_on_start: bool = Field(
         True, description="Rebuild in-memory windows and label joins by re-reading predictions at start."

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from libs.settings import Port, ServiceSettings
+from libs.settings import POSTGRES_CONNECTIONS_MAX, Port, ServiceSettings
 
 MIB = 1024 * 1024
 
@@ -40,7 +40,11 @@ class RegistrySettings(ServiceSettings):
         "so the upload limit is the one that speaks.",
     )
     read_pool_max: int = Field(
-        4, ge=1, description="Connections of the HTTP API's read pool (besides db_pool_max), 1 or more."
+        4,
+        ge=1,
+        le=POSTGRES_CONNECTIONS_MAX,
+        description="Connections of the HTTP API's read pool (besides db_pool_max), 1 to 262,143 (the most a "
+        "Postgres server takes; asyncpg makes a slot for each as the pool is created).",
     )
     max_dataset_columns: int = Field(2000, ge=1, description="Dataset uploads with more columns get 422.")
     max_dataset_rows: int = Field(

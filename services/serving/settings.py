@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from contracts.rollouts import RolloutMode
-from libs.settings import Port, ServiceSettings
+from libs.settings import INTERVAL_MAX_S, Port, ServiceSettings
 
 
 class ServingSettings(ServiceSettings):
@@ -144,10 +144,17 @@ class ServingSettings(ServiceSettings):
     routing_poll_s: float = Field(
         2.0,
         gt=0,
-        description="How often a replica re-reads the routing state without a notification (safety net).",
+        le=INTERVAL_MAX_S,
+        description="How often a replica re-reads the routing state without a notification (safety net); at "
+        "most 86,400 (a day: 1e300 was accepted, and a lost notification was never made up for).",
     )
     samples_flush_s: float = Field(
-        1.0, gt=0, description="How often a replica adds the canary rows it served to the rollout's count."
+        1.0,
+        gt=0,
+        le=INTERVAL_MAX_S,
+        description="How often a replica adds the canary rows it served to the rollout's count; at most "
+        "86,400 (a day: 1e300 was accepted, and the count, which a step needs to advance, was only added as "
+        "the replica stopped).",
     )
 
     @field_validator("rollout_steps")

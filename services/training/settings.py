@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from libs.settings import SECONDS_MAX, Port, ServiceSettings
+from libs.settings import INTERVAL_MAX_S, SECONDS_MAX, Port, ServiceSettings
 
 
 class TrainingSettings(ServiceSettings):
@@ -23,7 +23,12 @@ class TrainingSettings(ServiceSettings):
         "training", description="Kafka consumer group: one replica of the group handles each event."
     )
     heartbeat_interval_s: float = Field(
-        2.0, gt=0, description="How often a running job's heartbeat is written while its fit runs."
+        2.0,
+        gt=0,
+        le=INTERVAL_MAX_S,
+        description="How often a running job's heartbeat is written while its fit runs; at most 86,400 (a "
+        "day, far past any real use: at 50 years, the most stale_after_s let through, a run another replica "
+        "had taken over kept fitting to its end).",
     )
     stale_after_s: float = Field(
         30.0,
@@ -39,13 +44,19 @@ class TrainingSettings(ServiceSettings):
     )
     job_timeout_s: float = Field(3600.0, gt=0, description="A run longer than this fails with timeout.")
     progress_interval_s: float = Field(
-        5.0, gt=0, description="At most one TrainingProgress per job in this many seconds."
+        5.0,
+        gt=0,
+        le=INTERVAL_MAX_S,
+        description="At most one TrainingProgress per job in this many seconds; at most 86,400 (a day: "
+        "1e300 was accepted, and a job sent none after its first).",
     )
     runner_poll_s: float = Field(
         5.0,
         gt=0,
-        description="How often the job runner looks for work without a notification (safety net, and "
-        "how soon stale jobs are noticed).",
+        le=INTERVAL_MAX_S,
+        description="How often the job runner looks for work without a notification (safety net, and how "
+        "soon stale jobs are noticed); at most 86,400 (a day: 1e300 was accepted, and a dead worker's job, "
+        "or one whose notification was lost, waited for the next notification).",
     )
     start_method: Literal["forkserver", "spawn"] = Field(
         "forkserver", description="How the fit process is started (never fork: the service has threads)."

@@ -8,6 +8,11 @@ from pydantic import Field
 
 from libs.settings import Port, ServiceSettings
 
+LATENCY_BATCH_ROWS_MAX = 1_000_000
+"""The largest ``latency_batch_rows``: the batch is made in memory, the holdout's rows repeated to fill it,
+and predicted ``latency_repeats`` times; a million rows of a wide holdout is already GBs. At 10**12 every
+validation of a holdout with fewer rows failed with MemoryError as the batch was made."""
+
 
 class ValidationSettings(ServiceSettings):
     """Settings of validation: its schema and consumer group, how latency is measured, and how many slices
@@ -33,8 +38,10 @@ class ValidationSettings(ServiceSettings):
     latency_batch_rows: int = Field(
         1000,
         ge=1,
+        le=LATENCY_BATCH_ROWS_MAX,
         description="Rows per timed prediction batch (the holdout's first rows, repeated to fill the batch "
-        "when the holdout has fewer).",
+        "when the holdout has fewer), 1 to 1,000,000: the batch is made in memory, and at 10**12 every "
+        "validation of a smaller holdout failed with MemoryError as it was made.",
     )
     max_slice_levels: int = Field(
         10_000,

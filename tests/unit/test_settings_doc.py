@@ -224,6 +224,8 @@ VALID: dict[str, tuple[str, Any]] = {
     "rollout_steps": ("[0.25, 1.0]", [0.25, 1.0]),
     "fit_memory_limit_mb": ("8192", 8192),
     "log_level": ("debug", "DEBUG"),
+    # Below half of stale_after_s's default (30 s): the midpoint of its bounds is not.
+    "heartbeat_interval_s": ("3.0", 3.0),
 }
 
 

@@ -2,7 +2,10 @@
 bound is refused as the service starts, naming its variable. Durations counted into dates are at most
 ``SECONDS_MAX`` (a hundred years): monitoring's label wait of some 2,000 years put its cutoffs before year 1,
 and every tick failed. A failing handler's retry delay doubles up to 5 s (``RETRY_DELAY_MAX_S``), so any
-number of retries waits a number a float holds."""
+number of retries waits a number a float holds, and its first delay is at most that too. An interval of
+periodic work is at most a day (``INTERVAL_MAX_S``): 1e300 was accepted, and the work never came again. A pool
+asks for at most the connections a Postgres server takes (``POSTGRES_CONNECTIONS_MAX``), and a count Postgres
+takes as a bigint is bounded far below 2**63."""
 
 from __future__ import annotations
 
@@ -16,21 +19,24 @@ import pytest
 
 from contracts.envelope import CloudEvent
 from libs.bus import InMemoryBus, Subscription, Transaction, core
+from libs.bus.core import RETRY_DELAY_MAX_S
 from libs.http import create_app
 from libs.http_server import ClientLimits
 from libs.service import load_settings
-from libs.settings import SECONDS_MAX, ServiceSettings
+from libs.settings import INTERVAL_MAX_S, POSTGRES_CONNECTIONS_MAX, SECONDS_MAX, ServiceSettings
+from services.audit.settings import AuditSettings
 from services.monitoring import api, bootstrap
 from services.monitoring.bootstrap import Background, make_monitor
 from services.monitoring.handlers import plan_labelled_retention
 from services.monitoring.ports import EarlyStep
-from services.monitoring.settings import MonitoringSettings
+from services.monitoring.settings import LABELLED_ROWS_MAX, ROLLOUT_STEPS_MAX, MonitoringSettings
 from services.registry import api as registry_api
 from services.registry.settings import UPLOAD_BYTES_MAX, RegistrySettings
 from services.serving.adapters.prediction_log import KafkaPredictionLog
 from services.serving.settings import ServingSettings
 from services.training.settings import TrainingSettings
 from services.training.worker import prepare_fit_process
+from services.validation.settings import LATENCY_BATCH_ROWS_MAX, ValidationSettings
 from tests.unit.monitoring.test_canary_watch import LastingWindowStore, Runtime
 from tests.unit.monitoring.test_domain import reference, requests
 from tests.unit.monitoring.test_labelled_retention import Labelled
@@ -51,6 +57,21 @@ PAST_THE_BOUND = [
     (ServingSettings, "DRIFTLOOP_SERVING_PREDICTION_LOG_HANDOFF_BYTES", str(2**32)),
     (TrainingSettings, "DRIFTLOOP_TRAINING_FIT_MEMORY_LIMIT_MB", str(2**43)),
     (MonitoringSettings, "DRIFTLOOP_MONITORING_EXPORT_LABELLED_ROWS", str(2**63)),
+    (ServingSettings, "DRIFTLOOP_CONSUMER_RETRY_BACKOFF_S", "1e9"),
+    (ServingSettings, "DRIFTLOOP_DB_POOL_MAX", str(10**9)),
+    (RegistrySettings, "DRIFTLOOP_REGISTRY_READ_POOL_MAX", str(10**9)),
+    (ServingSettings, "DRIFTLOOP_BUS_RETENTION_INTERVAL_S", "1e300"),
+    (AuditSettings, "DRIFTLOOP_AUDIT_CHECKPOINT_EVERY_S", "1e300"),
+    (ServingSettings, "DRIFTLOOP_SERVING_ROUTING_POLL_S", "1e300"),
+    (ServingSettings, "DRIFTLOOP_SERVING_SAMPLES_FLUSH_S", "1e300"),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_TICK_SECONDS", "1e300"),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_PERFORMANCE_WINDOW_LABELS", str(2**63)),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_MAX_WATCHED_ROLLOUT_STEPS", str(2**63)),
+    (MonitoringSettings, "DRIFTLOOP_MONITORING_MAX_KEPT_ROLLOUT_STEPS", str(2**63)),
+    (TrainingSettings, "DRIFTLOOP_TRAINING_HEARTBEAT_INTERVAL_S", "1e9"),
+    (TrainingSettings, "DRIFTLOOP_TRAINING_PROGRESS_INTERVAL_S", "1e300"),
+    (TrainingSettings, "DRIFTLOOP_TRAINING_RUNNER_POLL_S", "1e300"),
+    (ValidationSettings, "DRIFTLOOP_VALIDATION_LATENCY_BATCH_ROWS", str(10**12)),
 ]
 
 
@@ -68,6 +89,43 @@ def test_a_value_past_its_bound_stops_the_service_at_start_naming_the_variable(
     assert stopped.value.code == 2
     refused = f"{variable}={value!r} is not valid: Input should be less than or equal to"
     assert refused in capsys.readouterr().err
+
+
+AT_THE_BOUND = [
+    (ServingSettings, "consumer_retry_backoff_s", RETRY_DELAY_MAX_S, {}),
+    (ServingSettings, "db_pool_max", POSTGRES_CONNECTIONS_MAX, {}),
+    (RegistrySettings, "read_pool_max", POSTGRES_CONNECTIONS_MAX, {}),
+    (ServingSettings, "bus_retention_interval_s", INTERVAL_MAX_S, {}),
+    (AuditSettings, "checkpoint_every_s", INTERVAL_MAX_S, {}),
+    (ServingSettings, "routing_poll_s", INTERVAL_MAX_S, {}),
+    (ServingSettings, "samples_flush_s", INTERVAL_MAX_S, {}),
+    (MonitoringSettings, "tick_seconds", INTERVAL_MAX_S, {}),
+    (MonitoringSettings, "performance_window_labels", LABELLED_ROWS_MAX, {}),
+    (MonitoringSettings, "max_watched_rollout_steps", ROLLOUT_STEPS_MAX, {}),
+    (MonitoringSettings, "max_kept_rollout_steps", ROLLOUT_STEPS_MAX, {}),
+    # A heartbeat's stale time must be more than twice it.
+    (TrainingSettings, "heartbeat_interval_s", INTERVAL_MAX_S, {"stale_after_s": 2 * INTERVAL_MAX_S + 1}),
+    (TrainingSettings, "progress_interval_s", INTERVAL_MAX_S, {}),
+    (TrainingSettings, "runner_poll_s", INTERVAL_MAX_S, {}),
+    (ValidationSettings, "latency_batch_rows", LATENCY_BATCH_ROWS_MAX, {}),
+]
+
+
+@pytest.mark.parametrize(("settings_class", "field", "bound", "beside"), AT_THE_BOUND)
+def test_a_setting_at_its_documented_bound_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+    settings_class: type[ServiceSettings],
+    field: str,
+    bound: float,
+    beside: dict[str, float],
+) -> None:
+    for name, value in {field: bound, **beside}.items():
+        monkeypatch.setenv(f"DRIFTLOOP_{settings_class.service.upper()}_{name.upper()}", str(value))
+    settings = settings_class()
+    assert getattr(settings, field) == bound
+    # The bound the description states, as the settings' documentation shows it.
+    description = settings_class.model_fields[field].description or ""
+    assert f"{bound:,.0f}" in description
 
 
 @pytest.fixture
@@ -154,6 +212,35 @@ async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however
     assert waited[:7] == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
     assert len(waited) == 1_100
     assert max(waited) == 5.0
+
+
+async def test_at_the_backoffs_bound_every_retry_of_a_failing_handler_waits_five_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waited: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waited.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(core.asyncio, "sleep", sleep)
+
+    async def failing(event: CloudEvent[ThingHappened], tx: Transaction) -> None:
+        raise RuntimeError("unlucky")
+
+    bus = InMemoryBus(REGISTRY)
+    limits = ServiceSettings(
+        consumer_max_retries=3, consumer_retry_backoff_s=RETRY_DELAY_MAX_S
+    ).consumer_limits()
+    bus.subscribe(
+        Subscription(consumer="c", topics=["test.things"], handlers={ThingHappened: failing}, **limits)
+    )
+    await bus.publish(thing(1))
+    await bus.drain()
+
+    assert waited == [5.0, 5.0, 5.0]
+    assert [dead.reason for dead in bus.dead_letters] == ["handler-failed"]
 
 
 async def test_the_registry_reads_an_upload_spooled_to_disk_with_its_limit_at_the_bound(
