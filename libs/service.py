@@ -31,6 +31,10 @@ from libs.http_server import http_server
 from libs.logging import configure_logging, get_logger
 from libs.settings import ServiceSettings, settings_problems
 
+ABANDON_GRACE_S = 10.0
+"""How long a start that failed waits for the pool to close before it terminates it
+(:meth:`Runtime.close_after_failure`)."""
+
 log = get_logger(__name__)
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -162,6 +166,19 @@ class Runtime:
         finally:
             await self.pool.close()
 
+    async def close_after_failure(self, *, grace_s: float = ABANDON_GRACE_S) -> None:
+        """:meth:`close` for a start that failed: a pool connection the build took and still holds (a LISTEN
+        connection, a lock's session) would keep ``pool.close()`` waiting for ever, and the process that
+        should exit with the build's error would hang instead; after ``grace_s`` the pool is terminated."""
+        try:
+            await self.publisher.stop()
+        finally:
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=grace_s)
+            except TimeoutError:
+                log.error("the pool did not close after a failed start; terminating it", grace_s=grace_s)
+                self.pool.terminate()
+
 
 async def _until_reachable(
     what: str,
@@ -233,7 +250,7 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     # closes them, after the tasks' own ends.
     async with contextlib.AsyncExitStack() as opened:
         runtime = await Runtime.start(settings, migrations)
-        opened.push_async_callback(_close_after_failure, "runtime", runtime.close)
+        opened.push_async_callback(_close_after_failure, "runtime", runtime.close_after_failure)
         parts = await build(runtime)
         tune_collector()
         runners = [runtime.consumer(s) for s in parts.subscriptions]

@@ -66,6 +66,9 @@ class _Runtime:
     async def close(self) -> None:
         self.closed = True
 
+    async def close_after_failure(self) -> None:
+        self.closed = True
+
 
 @pytest.fixture
 def fake_runtime(monkeypatch: pytest.MonkeyPatch, restored_collector: None) -> _Runtime:
@@ -144,11 +147,18 @@ async def test_a_stop_hook_that_fails_skips_neither_the_others_nor_the_stop(fake
 
 
 class _Pool:
-    def __init__(self, closed: list[str]) -> None:
+    def __init__(self, closed: list[str], *, held: bool = False) -> None:
         self.closed = closed
+        self.held = held
+        """A connection the build took is still out: ``close`` waits for it, as asyncpg's does."""
 
     async def close(self) -> None:
+        if self.held:
+            await asyncio.Event().wait()  # never released
         self.closed.append("pool")
+
+    def terminate(self) -> None:
+        self.closed.append("pool terminated")
 
 
 class _Producer:
@@ -221,3 +231,16 @@ async def test_a_build_that_exits_keeps_its_exit_status_and_still_closes_what_wa
         await serve(ServiceSettings(), migrations=[], build=build)
     assert exited.value.code == 2
     assert closed == ["producer", "pool"]
+
+
+async def test_a_build_that_raises_holding_a_pool_connection_exits_with_its_error_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pool.close() waits for every connection to come back: one the build took (a LISTEN) never does.
+    closed: list[str] = []
+    _starts_with(monkeypatch, _Pool(closed, held=True), _Producer(closed))
+    monkeypatch.setattr(Runtime.close_after_failure, "__kwdefaults__", {"grace_s": 0.01})
+
+    with pytest.raises(_StoreUnreadable):
+        await asyncio.wait_for(serve(ServiceSettings(), migrations=[], build=_build_that_raises), timeout=30)
+    assert closed == ["producer", "pool terminated"]
