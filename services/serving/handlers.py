@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter
@@ -44,12 +44,7 @@ TRANSITIONS = Counter(
 )
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
-Clock = Callable[[], datetime]
 NewId = Callable[[], str]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_rollout_id() -> str:
@@ -167,7 +162,6 @@ async def _start_if_ready(
     publish: Publish,
     source: str,
     policy: RolloutPolicy,
-    clock: Clock,
     new_id: NewId,
     tally: Tally,
 ) -> None:
@@ -189,7 +183,7 @@ async def _start_if_ready(
         )
         return
     route = await routes.lock(record.model)
-    now = clock()
+    now = await routes.now()
     rollout_id = new_id()
     t = domain.start_rollout(
         route,
@@ -248,7 +242,6 @@ async def on_model_version_registered(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Record where the version's artifact is and its signature; start its rollout if it already passed.
@@ -288,7 +281,6 @@ async def on_model_version_registered(
         publish=publish,
         source=source,
         policy=policy,
-        clock=clock,
         new_id=new_id,
         tally=tally,
     )
@@ -314,7 +306,6 @@ async def on_validation_passed(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """A validated version starts its rollout (or waits for its registration, which may come later)."""
@@ -329,7 +320,6 @@ async def on_validation_passed(
         publish=publish,
         source=source,
         policy=policy,
-        clock=clock,
         new_id=new_id,
         tally=tally,
     )
@@ -345,13 +335,12 @@ async def on_canary_verdict(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Advance, promote or roll back on monitoring's verdict; stale verdicts are ignored and counted."""
     d = event.data
     route = await routes.lock(d.model)
-    now = clock()
+    now = await routes.now()
     healthy = {Verdict.HEALTHY: True, Verdict.UNHEALTHY: False}.get(d.verdict)
     t = domain.judge_verdict(
         route,
@@ -389,7 +378,6 @@ async def on_rollback_requested(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Take the named version off traffic: the live canary at once, or production back to an earlier one."""
@@ -402,7 +390,7 @@ async def on_rollback_requested(
             f"model {d.model!r} has no version serving: serving never served it, so it has nothing to roll "
             f"back (version {d.model_version})"
         )
-    now = clock()
+    now = await routes.now()
     live = route.active
     message = f"manual rollback by {event.actor or 'unknown'}: {d.reason}"
     if live is not None and live.canary_version == d.model_version:
@@ -514,13 +502,12 @@ async def on_promote_requested(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Give the named version all traffic now: the live canary as it stands, or any registered version."""
     d = event.data
     route = await routes.lock(d.model)
-    now = clock()
+    now = await routes.now()
     live = route.active
     if d.model_version != route.stable_version:
         _refuse_stale("PromoteRequested", route, event, tally)
@@ -568,7 +555,6 @@ async def on_model_stage_changed(
     source: str,
     policy: RolloutPolicy,
     tally: Tally,
-    clock: Clock = utcnow,
     new_id: NewId = new_rollout_id,
 ) -> None:
     """Mirror the registry's stage; a version moved to production there (a manual change) becomes stable.
@@ -621,7 +607,7 @@ async def on_model_stage_changed(
         tally.ignored("ModelStageChanged", "unknown-version")
         log.warning("production version is unknown to serving", model=d.model, version=d.model_version)
         return
-    now = clock()
+    now = await routes.now()
     following_serving = d.caused_by is not None and d.caused_by.type in _SERVING_DECISIONS
     t = domain.production_changed(route, d.model_version, now=now, following_serving=following_serving)
     if t.ignored is not None:
@@ -663,11 +649,10 @@ async def roll_back_for_error_rate(
     publish: Publish,
     source: str,
     tally: Tally,
-    clock: Clock = utcnow,
 ) -> bool:
     """Serving saw the canary fail too often: roll that rollout back (no-op if it is no longer live)."""
     route = await routes.lock(model)
-    now = clock()
+    now = await routes.now()
     t = domain.rollback(
         route, reason=RollbackReason.ERROR_RATE, message=message, now=now, rollout_id=rollout_id
     )

@@ -65,6 +65,14 @@ class Routes(Protocol):
         (stored by ``save`` only: an event that changes nothing leaves no trace of the model)."""
         ...
 
+    async def now(self) -> datetime:
+        """When a decision on a locked route is made: the store's clock (Postgres'), which every replica
+        reads alike. A step's bake time runs from one decision to the next, often taken by two replicas:
+        timed on each one's own clock, a replica behind the one that started the step (or a clock stepped
+        back) took the step's one healthy verdict for premature and ignored it, and the rollout stayed on
+        that step."""
+        ...
+
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         """Store the route (creating the model's row if new) and notify every replica (at commit)."""
         ...

@@ -32,7 +32,7 @@ from services.serving import handlers as serving
 from services.serving.domain import RolloutPolicy
 from tests.unit.registry.fakes import FakeArtifacts, FakeDatasets, training_completed
 from tests.unit.registry.fakes import FakeVersions as RegistryVersions
-from tests.unit.serving.fakes import Clock, FakeLoader, FakeRoutes, passed
+from tests.unit.serving.fakes import FakeLoader, FakeRoutes, passed
 from tests.unit.serving.fakes import FakeVersions as ServingVersions
 
 MODEL = "churn"
@@ -47,7 +47,6 @@ class Platform:
         self.bus = InMemoryBus(EVENT_TYPES)
         self.serving_versions, self.routes, self.loader = ServingVersions(), FakeRoutes(), FakeLoader()
         self.registry_versions, self.artifacts = RegistryVersions(), FakeArtifacts()
-        self.clock = Clock()
         ids = iter(f"r-{i}" for i in range(1, 100))
         # A failed transaction leaves the fakes as they were, as a rolled-back one leaves Postgres.
         bus_begin = self.bus._begin
@@ -75,7 +74,6 @@ class Platform:
                     loader=self.loader,
                     source="/driftloop/serving",
                     policy=RolloutPolicy(steps=(0.1, 1.0), min_samples=1, bake_seconds=0.0),
-                    clock=self.clock,
                     new_id=lambda: next(ids),
                 )
 

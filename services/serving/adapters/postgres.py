@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -159,6 +159,11 @@ class PgRoutes:
             await self.conn.execute(_LOCK_NEW_ROUTE, model)
             row = await self.conn.fetchrow(_LOCK_ROUTE, model)
         return _route(row) if row is not None else ModelRoute(model)
+
+    async def now(self) -> datetime:
+        # clock_timestamp(), not now(): read after the lock, which may have waited for another replica's
+        # decision on the model, and a consumer transaction may span several events of one poll.
+        return cast(datetime, await self.conn.fetchval("SELECT clock_timestamp()"))
 
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         r = route.rollout

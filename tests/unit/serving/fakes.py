@@ -148,14 +148,19 @@ class FakeVersions:
 
 
 class FakeRoutes:
-    """Routes in a dict; ``saves`` counts writes (each would notify every replica)."""
+    """Routes in a dict; ``saves`` counts writes (each would notify every replica). ``clock``: the store's,
+    which times every decision (Postgres' for PgRoutes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         self.rows: dict[str, ModelRoute] = {}
         self.saves = 0
+        self.clock = clock or Clock()
 
     async def lock(self, model: str) -> ModelRoute:
         return self.rows.get(model) or ModelRoute(model)
+
+    async def now(self) -> datetime:
+        return self.clock()
 
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         self.rows[route.model] = route

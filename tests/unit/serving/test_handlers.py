@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -50,9 +51,9 @@ class World:
         """``limits``: the subscription's retry settings, when not the defaults."""
         self.bus = InMemoryBus(EVENT_TYPES)
         self.versions = FakeVersions()
-        self.routes = FakeRoutes()
-        self.loader = FakeLoader()
         self.clock = Clock()
+        self.routes = FakeRoutes(self.clock)
+        self.loader = FakeLoader()
         self.ids = iter(f"r-{i}" for i in range(1, 100))
 
         def bind(handler: Any) -> Any:
@@ -66,7 +67,6 @@ class World:
                     loader=self.loader,
                     source="/driftloop/serving",
                     policy=POLICY,
-                    clock=self.clock,
                     new_id=lambda: next(self.ids),
                 )
 
@@ -143,6 +143,24 @@ async def test_healthy_verdicts_walk_the_steps_then_promote(world: World) -> Non
     promoted = world.rollouts(RolloutPromoted)[-1].data
     assert promoted.model_version == 2 and promoted.previous_version == 1
     assert world.route.stable_version == 2 and world.route.active is None
+
+
+async def test_a_step_is_timed_on_the_routes_clock_whichever_replica_decides(world: World) -> None:
+    # The routes' clock (Postgres') an hour behind this host's. Timed on the clock of the replica that
+    # handled each event, a step started by one replica and judged by another whose clock is behind (or
+    # after a clock stepped back) had not baked yet: its one healthy verdict was ignored as premature, and
+    # the rollout stayed on that step.
+    world.clock.now = datetime.now(UTC) - timedelta(hours=1)
+    await world.send(registered(2), passed(2))
+    started = world.rollouts(RolloutStarted)[-1].data
+    live = world.route.active
+    assert live is not None and live.step_started_at == world.route.decided_at == world.clock.now
+    world.clock.advance(6)  # the bake time (5 s) passed on the routes' clock
+    await world.send(canary_verdict(started, 0, Verdict.HEALTHY))
+    [advanced] = world.rollouts(RolloutStepAdvanced)
+    assert advanced.data.step_seconds == 6.0
+    live = world.route.active
+    assert live is not None and live.step_index == 1 and live.step_started_at == world.clock.now
 
 
 async def test_unhealthy_verdict_rolls_back_and_rejects_the_version(world: World) -> None:
