@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 from collections.abc import Sequence
 from contextlib import suppress
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,6 @@ MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="trainin
 
 TOPICS: tuple[str, ...] = (datasets.TOPIC, monitoring.TOPIC, commands.TOPIC, training.TOPIC, models.TOPIC)
 """What training reads; on each topic it handles only the types in HANDLERS and skips the rest."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def code_version() -> str:
@@ -80,7 +75,6 @@ def subscription(
                 spec_store=spec_store,
                 publish=tx.publish,
                 source=source,
-                clock=utc_now,
             )
 
         return run

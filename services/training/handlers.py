@@ -33,7 +33,6 @@ from libs.modelspec import ModelSpec
 from libs.stage_order import take_in_order
 from services.training.domain import JobPosition, JobState, Trigger, decide, job_cursor, job_id_for
 from services.training.ports import (
-    Clock,
     Datasets,
     Job,
     Jobs,
@@ -126,7 +125,6 @@ async def request_retrain(
     production: ProductionVersions,
     publish: Publish,
     source: str,
-    clock: Clock,
     **_: Any,
 ) -> Job | None:
     """Apply the retrain policy to a trigger: create a job and publish TrainingRequested, or publish
@@ -160,7 +158,7 @@ async def request_retrain(
             "a canary is judged by its rollout, not retrained",
         )
         return None
-    now = clock()
+    now = await jobs.now()
     decision = decide(stored.spec.retrain, await jobs.policy_state(model, now), trigger, now)
     if not decision.accepted:
         assert decision.reason is not None
@@ -343,7 +341,6 @@ async def on_training_requested(
     datasets: Datasets,
     publish: Publish,
     source: str,
-    clock: Clock,
     **_: Any,
 ) -> None:
     """Hand the job to the job runner (recording it first if this store has not seen it).
@@ -397,12 +394,10 @@ async def on_training_requested(
         event = event.model_copy(update={"data": d.model_copy(update={"datasets": base})})
     # Created now, not at the event's time: a clock years ahead (or before 1970) in another producer's
     # envelope would otherwise count the job in the daily budget for years, or never.
-    if (
-        await jobs.dispatch(new_job(event, stored, created_at=clock()))
-        or await jobs.get(d.job_id) is not None
-    ):
+    now = await jobs.now()
+    if await jobs.dispatch(new_job(event, stored, created_at=now)) or await jobs.get(d.job_id) is not None:
         return
-    in_flight = (await jobs.policy_state(d.model, clock())).in_flight_job_id
+    in_flight = (await jobs.policy_state(d.model, now)).in_flight_job_id
     await skip(
         SkipReason.IN_FLIGHT,
         f"job {in_flight} of model {d.model!r} is in flight (one run per model): {d.job_id} not run",
@@ -436,4 +431,4 @@ HANDLERS: dict[type[EventPayload], TrainingHandler] = {
     ModelStageChanged: on_model_stage_changed,
 }
 """Event type -> handler. Every handler receives the same ports (specs, datasets, jobs, production,
-publish, source, clock) and takes what it needs."""
+publish, source) and takes what it needs."""

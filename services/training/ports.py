@@ -17,7 +17,6 @@ from libs.stage_order import StageChangesApplied
 from services.training.domain import JobPosition, JobState, PolicyState
 
 Publish = Callable[[CloudEvent[Any]], Awaitable[None]]
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)
@@ -143,8 +142,16 @@ class ProductionVersions(StageChangesApplied, Protocol):
 class Jobs(Protocol):
     """Training jobs and their state."""
 
+    async def now(self) -> datetime:
+        """The jobs' clock (Postgres'), which stamps when a job finishes: a job's creation and the policy's
+        cooldown and daily budget are timed on it too. Timed on the clock of the replica taking a trigger,
+        one an hour ahead of the database's skipped a 30-minute cooldown at once, and one behind held it
+        longer by as much."""
+        ...
+
     async def policy_state(self, model: str, now: datetime) -> PolicyState:
-        """What the retrain policy needs: the job in flight, the last completion, the last 24 h."""
+        """What the retrain policy needs at ``now`` (:meth:`now`): the job in flight, the last completion,
+        the 24 h before ``now``."""
         ...
 
     async def create(self, job: Job) -> None:

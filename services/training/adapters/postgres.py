@@ -4,7 +4,7 @@ handler's changes and the events it emits commit together."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -161,6 +161,10 @@ class PgJobs:
         self.schema = schema
 
     # -- Jobs ---------------------------------------------------------------------------------------
+
+    async def now(self) -> datetime:
+        # clock_timestamp(), not now(): a consumer transaction may span several events of one poll.
+        return cast(datetime, await self.conn.fetchval("SELECT clock_timestamp()"))
 
     async def policy_state(self, model: str, now: datetime) -> PolicyState:
         row = await self.conn.fetchrow(

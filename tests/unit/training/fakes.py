@@ -117,12 +117,16 @@ class FakeProduction:
 
 @dataclass
 class FakeJobs:
-    """Jobs and JobQueue in memory; ``stale`` marks running jobs as presumed dead."""
+    """Jobs and JobQueue in memory; ``stale`` marks running jobs as presumed dead. ``clock``: the store's,
+    as Postgres' is PgJobs'."""
 
     clock: FakeClock
     rows: dict[str, Job] = field(default_factory=dict)
     dispatched: list[str] = field(default_factory=list)
     stale: set[str] = field(default_factory=set)
+
+    async def now(self) -> datetime:
+        return self.clock()
 
     async def policy_state(self, model: str, now: datetime) -> PolicyState:
         mine = [j for j in self.rows.values() if j.model == model]
@@ -317,7 +321,6 @@ class Harness:
             "spec_store": self.spec_store,
             "publish": publish,
             "source": "/driftloop/training",
-            "clock": self.clock,
         }
 
     @asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from libs.modelspec import ModelSpec
 from libs.profiles import ReferenceProfile
 from services.training import worker
 from services.training.domain import JobState
-from services.training.handlers import current_spec, register_spec
+from services.training.handlers import HANDLERS, current_spec, register_spec
 from services.training.ports import FitProcessUnavailable
 from tests.stage_changes import stage_change
 from tests.unit.training.data import churn_frame, churn_spec, churn_spec_data, put_frame, traffic_window
@@ -387,6 +387,34 @@ async def test_drift_within_cooldown_is_skipped_and_accepted_after_it(harness: H
     await harness.bus.publish(drift(harness, "churn"))
     await harness.bus.drain()
     assert len(harness.events(TrainingRequested)) == 2
+
+
+@pytest.mark.parametrize("replica_skew_s", [3600.0, -3600.0])
+async def test_the_cooldown_is_timed_on_the_jobs_clock_whatever_the_replicas_clock_says(
+    harness: Harness, replica_skew_s: float
+) -> None:
+    # Postgres stamps when a run finished. Timed on the clock of the replica taking the next trigger, one an
+    # hour ahead of the database's skipped the 30-minute cooldown at once, and one an hour behind held it 90
+    # minutes ("last run finished -3540 s ago").
+    await upload(harness, "churn-base", churn_frame())
+    await register(harness, churn_spec(retrain={"cooldown_seconds": 1800, "daily_budget": 10}))
+    await harness.bus.publish(drift(harness, "churn"))
+    assert await harness.run_jobs() == 1
+    harness.clock.advance(60)
+    published: list[CloudEvent[Any]] = []
+
+    async def publish(event: CloudEvent[Any]) -> None:
+        published.append(event)
+
+    def replica_clock() -> datetime:
+        return harness.clock() + timedelta(seconds=replica_skew_s)
+
+    await HANDLERS[DriftDetected](
+        drift(harness, "churn"), **{**harness.ports(publish), "clock": replica_clock}
+    )
+    [skipped] = [e.data for e in published if isinstance(e.data, TrainingSkipped)]
+    assert skipped.reason is SkipReason.COOLDOWN and skipped.retry_after_seconds == 1740.0
+    assert "last run finished 60 s ago" in skipped.message
 
 
 async def test_trigger_for_a_model_without_spec_is_skipped_as_unknown_model(harness: Harness) -> None:
