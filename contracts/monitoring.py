@@ -92,7 +92,9 @@ class FeatureDrift(ContractModel):
         examples=[0.00012],
     )
     threshold: float = Field(
-        description="Drift when p_value < threshold (tests) or statistic >= threshold (distances).",
+        description="Drift when p_value < threshold (tests) or statistic >= threshold (distances). For "
+        "jensen_shannon and psi that reached the policy's threshold, it is that threshold counted from the "
+        "distance sampling alone gives a window of this size (docs/monitoring.md).",
         examples=[0.05],
     )
     drifted: bool = Field(description="Verdict for this window, before debouncing.")
@@ -381,9 +383,12 @@ class DriftPolicy(ContractModel):
         0.1,
         gt=0,
         le=JENSEN_SHANNON_MAX,
-        description="Jensen–Shannon distance drift threshold (the distance is at most √ln 2 ≈ 0.8326).",
+        description="Jensen–Shannon distance drift threshold, counted from the distance sampling alone gives "
+        "a window of its size (the distance is at most √ln 2 ≈ 0.8326).",
     )
-    psi_threshold: float = Field(0.1, gt=0, description="PSI drift threshold.")
+    psi_threshold: float = Field(
+        0.1, gt=0, description="PSI drift threshold, counted from the PSI sampling alone gives a window."
+    )
     share_threshold: float = Field(
         0.1, ge=0, le=1, description="Share of tested features that must have drifted for a DriftDetected."
     )

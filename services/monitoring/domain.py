@@ -845,6 +845,7 @@ def judge_feature(
     hist: Histogram | None = None
     unseen = 0
     statistic, p_value = 0.0, None
+    binned_reference: np.ndarray | None = None  # what a binned distance compared the window with
     if ref.compared_as_categories and test in (DriftTest.CHI2, DriftTest.JENSEN_SHANNON, DriftTest.PSI):
         if counted is None:
             distinct, freq = np.unique(np.asarray(present, dtype=float), return_counts=True)
@@ -856,9 +857,9 @@ def judge_feature(
             if test is DriftTest.CHI2:
                 statistic, p_value = stats.chi_square(ref_counts, cur_counts)
             elif test is DriftTest.PSI:
-                statistic = stats.psi(ref_counts, cur_counts)
+                statistic, binned_reference = stats.psi(ref_counts, cur_counts), ref_counts
             else:
-                statistic = stats.jensen_shannon(ref_counts, cur_counts)
+                statistic, binned_reference = stats.jensen_shannon(ref_counts, cur_counts), ref_counts
         hist = _category_histogram(labels, ref_counts, cur_counts)
     else:
         assert ref.edges is not None and ref.histogram is not None
@@ -872,14 +873,21 @@ def judge_feature(
                 assert ref.grid is not None
                 statistic = stats.wasserstein_normed(ref.grid, cur)
             elif test is DriftTest.PSI:
-                statistic = stats.psi(ref.histogram, cur_bins)
+                statistic, binned_reference = stats.psi(ref.histogram, cur_bins), ref.histogram
             else:
-                statistic = stats.jensen_shannon(ref.histogram, cur_bins)
+                statistic, binned_reference = stats.jensen_shannon(ref.histogram, cur_bins), ref.histogram
         hist = _numeric_histogram(ref.edges, ref.histogram, cur_bins)
     if n and (math.isnan(statistic) or (p_value is not None and math.isnan(p_value))):
         # A test that gives no number measured nothing (NaN >= threshold is False, and the statistic would
         # be published as 0).
         return untested_result(f"{test.value} gave no number for this window", hist, unseen)
+    if binned_reference is not None and statistic >= threshold:
+        # Two samples of one population are not at distance 0: the threshold counts from the distance
+        # sampling alone gives a window of this size (only computed when it matters: it can only raise it).
+        raise_threshold = (
+            stats.psi_threshold_at if test is DriftTest.PSI else stats.jensen_shannon_threshold_at
+        )
+        threshold = raise_threshold(threshold, binned_reference, n)
     # Tests on the sample (KS, Wasserstein, and categories of a low-cardinality numeric) see the sample;
     # binned tests and categorical frequencies see every reference row.
     uses_sample = ref.sample is not None and (
@@ -1732,9 +1740,18 @@ def _p95(values: np.ndarray) -> float | None:
     return float(np.percentile(values, 95)) if values.size else None
 
 
-def _prediction_divergence(
-    step: CanaryStep, task: Task, edges: np.ndarray | None
-) -> tuple[float | None, str]:
+@dataclass(frozen=True)
+class _Divergence:
+    """The Jensen–Shannon distance of canary and stable predictions, what was compared, and the stable counts
+    and canary values it was measured on (for the distance sampling alone gives)."""
+
+    distance: float
+    what: str
+    stable_counts: np.ndarray
+    canary_n: int
+
+
+def _prediction_divergence(step: CanaryStep, task: Task, edges: np.ndarray | None) -> _Divergence | None:
     cs, ss = step.canary.scores(), step.stable.scores()
     if cs.size and ss.size and not np.isnan(cs).all() and not np.isnan(ss).all():
         cs, ss = cs[~np.isnan(cs)], ss[~np.isnan(ss)]
@@ -1745,7 +1762,10 @@ def _prediction_divergence(
             with np.errstate(over="ignore", invalid="ignore"):
                 bins = np.quantile(ss, np.linspace(0, 1, 11)[1:-1])
         bins = np.unique(bins[np.isfinite(bins)])
-        return stats.jensen_shannon(bin_counts(ss, bins), bin_counts(cs, bins)), "scores"
+        stable_counts = bin_counts(ss, bins)
+        return _Divergence(
+            stats.jensen_shannon(stable_counts, bin_counts(cs, bins)), "scores", stable_counts, cs.size
+        )
     canary, stable = step.canary.predictions(), step.stable.predictions()
     if canary and stable:
         # Classes named as labels are matched (category_key): a stable version trained on the classes 3.0 and
@@ -1760,8 +1780,8 @@ def _prediction_divergence(
             a[index[key]] += 1
         for key in canary_keys:
             b[index[key]] += 1
-        return stats.jensen_shannon(a, b), "predicted classes"
-    return None, ""
+        return _Divergence(stats.jensen_shannon(a, b), "predicted classes", a, len(canary_keys))
+    return None
 
 
 def judge_canary(
@@ -1832,17 +1852,26 @@ def judge_canary(
                     f"(x {policy.latency_ratio} + {policy.latency_slack_ms} ms) is beyond a double",
                 )
             )
-    divergence, what = _prediction_divergence(step, task, score_edges)
+    divergence = _prediction_divergence(step, task, score_edges)
     if divergence is not None:
+        limit, floor_note = policy.divergence_threshold, ""
+        if divergence.distance > limit:
+            # Two samples of equal models are not at distance 0, the fewer values the farther: the limit
+            # counts from the distance sampling alone gives samples of these sizes.
+            limit = stats.jensen_shannon_threshold_at(limit, divergence.stable_counts, divergence.canary_n)
+            floor_note = (
+                f", raised from {policy.divergence_threshold} by what {divergence.canary_n} canary values "
+                "measure by chance"
+            )
         evidence.append(
             CanaryComparison(
                 name="prediction_divergence",
                 stable_value=0.0,
-                canary_value=round(divergence, 6),
-                threshold=policy.divergence_threshold,
-                passed=divergence <= policy.divergence_threshold,
-                detail=f"Jensen–Shannon distance of {what}: {divergence:.3f} "
-                f"(limit {policy.divergence_threshold})",
+                canary_value=round(divergence.distance, 6),
+                threshold=round(limit, 6),
+                passed=divergence.distance <= limit,
+                detail=f"Jensen–Shannon distance of {divergence.what}: {divergence.distance:.3f} "
+                f"(limit {limit:.3g}{floor_note})",
             )
         )
     outcome, measurable = _labelled_comparison(task, labelled, policy)

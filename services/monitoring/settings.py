@@ -74,10 +74,16 @@ class MonitoringSettings(ServiceSettings):
         0.1,
         gt=0,
         le=JENSEN_SHANNON_MAX,
-        description="Drift when Jensen–Shannon distance >= this (the distance is at most √ln 2 ≈ 0.8326).",
+        description="Drift when the Jensen–Shannon distance reaches this counted from what sampling alone "
+        "measures at the window's size: sqrt(this² + the floor), docs/monitoring.md (the distance is at most "
+        "√ln 2 ≈ 0.8326). Until 2026-12-02 this alone, and a feature of a few hundred levels drifted in "
+        "every window.",
     )
     psi_threshold: float = Field(
-        0.1, gt=0, description="Drift when PSI >= this (only when chosen by policy)."
+        0.1,
+        gt=0,
+        description="Drift when PSI reaches this plus what sampling alone measures at the window's size "
+        "(only when chosen by policy).",
     )
     share_threshold: float = Field(
         0.1,
@@ -224,7 +230,10 @@ class MonitoringSettings(ServiceSettings):
     )
     canary_latency_slack_ms: float = Field(5.0, ge=0, description="Absolute slack on the p95 latency check.")
     canary_divergence_threshold: float = Field(
-        0.35, gt=0, description="Largest Jensen–Shannon distance between canary and stable predictions."
+        0.35,
+        gt=0,
+        description="Largest Jensen–Shannon distance between canary and stable predictions, counted from "
+        "what equal models' samples of the step's sizes measure by chance: sqrt(this² + the floor).",
     )
     canary_timeout_seconds: float = Field(
         600.0, gt=0, description="A step whose canary did not get min_samples by then is inconclusive."

@@ -1109,3 +1109,63 @@ def test_a_regression_canary_worse_within_the_margin_passes_and_beyond_it_fails(
         )
         decision = judge_canary(step, task=Task.REGRESSION, labelled=labelled, policy=CanaryPolicy())
         assert next(e for e in decision.evidence if e.name == "mae").passed is passed, factor
+
+
+def test_a_feature_of_many_levels_does_not_drift_by_the_sampling_of_its_windows() -> None:
+    # 300 equally frequent levels (a city, a product): a window of 2,000 unshifted values measures a
+    # Jensen–Shannon distance of 0.15 from its reference by sampling alone, and drifted in every window,
+    # every one a DriftDetected once two came in a row. The threshold now counts from that floor.
+    rng = np.random.default_rng(12)
+    levels = [f"city-{i:03d}" for i in range(300)]
+    reference = pd.DataFrame({"city": rng.choice(levels, 16_000)})
+    profile = build_profile(reference, [("city", "categorical")])
+    ref = ModelReference.build(
+        "m",
+        1,
+        ModelSignature(
+            features=[FeatureSpec(name="city", type=FeatureType.CATEGORICAL, categories=levels)],
+            target="y",
+            task=Task.CLASSIFICATION,
+            classes=[0, 1],
+        ),
+        {},
+        profile,
+    ).features[0]
+    calm = judge_feature(ref, rng.choice(levels, 2_000).tolist(), DriftPolicy())
+    assert calm.test is DriftTest.JENSEN_SHANNON and calm.statistic > 0.14
+    assert not calm.drifted and calm.threshold > calm.statistic
+    # A new level in 15% of the rows still drifts, against the same raised threshold.
+    shifted = rng.choice(levels, 2_000).tolist()
+    shifted[:300] = ["city-new"] * 300
+    found = judge_feature(ref, shifted, DriftPolicy())
+    assert found.drifted and found.threshold == pytest.approx(calm.threshold)
+
+
+def test_an_equal_canary_with_few_predictions_does_not_diverge_by_chance() -> None:
+    # 50 equally likely classes, 50 canary predictions against 450 stable ones, the same model: a
+    # Jensen–Shannon distance near 0.5 by chance alone (0.49 here), over the limit of 0.35 in 99% of such
+    # steps.
+    rng = np.random.default_rng(13)
+    step = CanaryStep("r-1", "churn", 1, 2, 0, 0.0, 50, 0.0)
+    for side, n, classes in ((step.stable, 450, 50), (step.canary, 50, 50)):
+        side.add(
+            np.zeros(n), np.full(n, np.nan), rng.integers(0, classes, n).tolist(), np.ones(n), most=50_000
+        )
+    decision = judge_canary(
+        step, task=Task.CLASSIFICATION, labelled=LabelledComparison(), policy=CanaryPolicy()
+    )
+    divergence = next(e for e in decision.evidence if e.name == "prediction_divergence")
+    assert divergence.canary_value is not None and divergence.canary_value > 0.35
+    assert divergence.passed is True and "raised from 0.35" in divergence.detail
+    # One predicting other classes than stable's diverges past the raised limit.
+    other = CanaryStep("r-1", "churn", 1, 2, 0, 0.0, 50, 0.0)
+    other.stable.add(
+        np.zeros(450), np.full(450, np.nan), rng.integers(0, 50, 450).tolist(), np.ones(450), most=50_000
+    )
+    other.canary.add(
+        np.zeros(50), np.full(50, np.nan), rng.integers(0, 5, 50).tolist(), np.ones(50), most=50_000
+    )
+    decision = judge_canary(
+        other, task=Task.CLASSIFICATION, labelled=LabelledComparison(), policy=CanaryPolicy()
+    )
+    assert next(e for e in decision.evidence if e.name == "prediction_divergence").passed is False

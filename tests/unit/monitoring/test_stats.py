@@ -142,3 +142,18 @@ def test_the_welch_test_with_a_ratio_asks_whether_b_is_worse_by_more_than_it() -
     assert stats.welch_greater(a, b * 1.5, ratio=1.02)[1] < 1e-6
     expected = ttest_ind(b, a * 1.02, equal_var=False, alternative="greater")
     assert stats.welch_greater(a, b, ratio=1.02)[1] == pytest.approx(expected.pvalue)
+
+
+def test_the_threshold_of_a_binned_distance_counts_from_what_sampling_alone_measures() -> None:
+    # 300 equally frequent levels, 16,000 reference rows, windows of 2,000: two samples of one population
+    # are a Jensen–Shannon divergence of about (K - 1) / 8 * (1/n + 1/m) apart, a distance of 0.146, so a
+    # threshold of 0.1 counts from there; PSI's floor is about (K - 1) * (1/n + 1/m).
+    reference = np.full(300, 16_000 / 300)
+    floor = 299 / 8 * (1 / 2_000 + 1 / 16_000)
+    raised = stats.jensen_shannon_threshold_at(0.1, reference, 2_000)
+    assert raised == pytest.approx(math.sqrt(0.1**2 + floor), rel=0.02)
+    assert raised == stats.jensen_shannon_threshold_at(0.1, reference, 2_000)  # seeded: one answer
+    # (more where a window leaves levels empty: each is PSI's smoothed share of 1e-4)
+    assert 0.1 + 8 * floor < stats.psi_threshold_at(0.1, reference, 2_000) < 0.1 + 10 * floor
+    # A few levels, a large window: the floor is nothing next to the threshold.
+    assert stats.jensen_shannon_threshold_at(0.1, np.array([8_000.0, 5_000, 3_000]), 5_000) < 0.1006
