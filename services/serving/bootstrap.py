@@ -193,6 +193,7 @@ async def build(rt: Runtime) -> ServiceParts:
     stats = CanaryStats(
         threshold=settings.error_rate_threshold,
         min_requests=settings.error_rate_min_requests,
+        alpha=settings.error_rate_alpha,
         on_breach=ErrorRateRollbacks(roll_back_for_errors),
     )
     predictor = Predictor(

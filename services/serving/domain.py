@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 import orjson
+from scipy import stats as sps
 
 from contracts.common import (
     FEATURE_NAME_MAX_CHARS,
@@ -557,9 +558,21 @@ def production_changed(
     return Transition(changed)
 
 
-def error_rate_breached(requests: int, errors: int, *, threshold: float, min_requests: int) -> bool:
-    """Whether a canary's failed share of requests on a step is over the threshold, with enough requests."""
-    return requests >= min_requests and errors > threshold * requests
+def error_rate_breached(
+    requests: int, errors: int, *, threshold: float, min_requests: int, alpha: float
+) -> bool:
+    """Whether a canary's failures on a step show, at ``alpha``, that it fails more than ``threshold`` of its
+    requests (with at least ``min_requests``): a one-sided exact binomial test whose null is a rate of
+    ``threshold``, p = P(Binomial(requests, threshold) >= errors).
+
+    The threshold is the null's, not a bound on the measured share: the share of a few requests is noisy,
+    and it is looked at after every failure. Until 2026-12-02 a breach was a measured share over the
+    threshold, so 2 failures in the first 20 to 39 requests rolled back a canary failing 1% of them in one
+    step in twenty (5.0-5.5%; one failing 2% in one in five), now in none of 4,000 steps of 100 or 1,000
+    requests (docs/serving.md); a canary failing every request is still caught at ``min_requests``."""
+    if requests < min_requests or errors <= threshold * requests:
+        return False
+    return float(sps.binom.sf(errors - 1, requests, threshold)) < alpha
 
 
 # --- routing -----------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class CanaryStats:
 
     threshold: float
     min_requests: int
+    alpha: float = 0.01
     on_breach: ErrorBreach | None = None
     counts: dict[tuple[str, str, int], _StepCounts] = field(default_factory=lambda: defaultdict(_StepCounts))
 
@@ -127,12 +128,12 @@ class CanaryStats:
         c.requests += 1
         c.errors += 1
         if not error_rate_breached(
-            c.requests, c.errors, threshold=self.threshold, min_requests=self.min_requests
+            c.requests, c.errors, threshold=self.threshold, min_requests=self.min_requests, alpha=self.alpha
         ):
             return
         message = (
-            f"canary failed {c.errors} of {c.requests} requests on step {step} "
-            f"(threshold {self.threshold:.1%}) on this replica"
+            f"canary failed {c.errors} of {c.requests} requests on step {step} on this replica: more than "
+            f"the threshold of {self.threshold:.1%} at significance {self.alpha:g}"
         )
         if not c.breached:
             c.breached = True

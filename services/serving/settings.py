@@ -55,10 +55,19 @@ class ServingSettings(ServiceSettings):
         0.05,
         gt=0,
         le=1,
-        description="A canary failing more than this share of its requests on a step is rolled back.",
+        description="A canary whose failures on a step show it failing more than this share of its requests "
+        "(one-sided binomial test at error_rate_alpha, after each failure) is rolled back. Until 2026-12-02 "
+        "a measured share over it did, and a canary failing 1% of its requests was rolled back in one step "
+        "in twenty.",
     )
     error_rate_min_requests: int = Field(
         20, ge=1, description="Canary requests on a step before its error rate is judged."
+    )
+    error_rate_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Significance of 'the canary fails more than error_rate_threshold of its requests'.",
     )
     prediction_log_buffer: int = Field(
         10_000,

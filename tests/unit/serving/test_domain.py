@@ -363,10 +363,25 @@ def test_a_registry_change_following_an_earlier_decision_of_serving_changes_noth
 
 @pytest.mark.parametrize(
     ("requests", "errors", "breached"),
-    [(19, 19, False), (20, 1, False), (20, 2, True), (100, 5, False), (100, 6, True)],
+    # p = P(Binomial(requests, 0.05) >= errors): 0.26 for 2 of 20, 0.016 for 4, 0.0026 for 5; 0.38 for 6 of
+    # 100, 0.011 for 11, 0.0043 for 12. Until 2026-12-02 2 of 20 and 6 of 100 were breaches.
+    [
+        (19, 19, False),
+        (20, 1, False),
+        (20, 2, False),
+        (20, 4, False),
+        (20, 5, True),
+        (100, 6, False),
+        (100, 11, False),
+        (100, 12, True),
+    ],
 )
-def test_error_rate_breach_needs_enough_requests(requests: int, errors: int, breached: bool) -> None:
-    assert domain.error_rate_breached(requests, errors, threshold=0.05, min_requests=20) is breached
+def test_error_rate_breach_needs_enough_requests_and_evidence(
+    requests: int, errors: int, breached: bool
+) -> None:
+    assert (
+        domain.error_rate_breached(requests, errors, threshold=0.05, min_requests=20, alpha=0.01) is breached
+    )
 
 
 def test_every_decision_records_its_time_and_a_step_advance_does_not(clock: Clock) -> None:
