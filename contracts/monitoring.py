@@ -88,7 +88,9 @@ class FeatureDrift(ContractModel):
         ge=0,
         le=1,
         description="p-value after correction for many features; null for distances (psi, wasserstein, "
-        "jensen_shannon), which are judged by their threshold.",
+        "jensen_shannon), which are judged by their threshold. A chi2 on a sparse table (Cochran's rule) "
+        "whose asymptotic p-value would count as drift has a Monte Carlo p-value instead "
+        "(docs/monitoring.md).",
         examples=[0.00012],
     )
     threshold: float = Field(

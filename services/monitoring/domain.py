@@ -633,6 +633,8 @@ class FeatureResult:
     drifted: bool = False
     p_adjusted: float | None = None
     untested: str | None = None  # why the window could not be compared with the reference
+    # Tables drawn for a Monte Carlo p-value (chi-square on a sparse table); None: the test's distribution.
+    p_draws: int | None = None
 
     @property
     def tested(self) -> bool:
@@ -803,9 +805,10 @@ def _untestable(ref: FeatureReference, test: DriftTest) -> str | None:
 
 
 def judge_feature(
-    ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy
+    ref: FeatureReference, values: np.ndarray | list[Any], policy: DriftPolicy, *, family: int = 1
 ) -> FeatureResult:
-    """Compare one feature's window values with its reference (before correction)."""
+    """Compare one feature's window values with its reference (before correction); ``family``: at most how
+    many p-values are corrected together with this one (:func:`strictest_bar`)."""
     counted: dict[str, int] | None = None
     foreign: dict[str, int] = {}
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
@@ -845,6 +848,7 @@ def judge_feature(
     hist: Histogram | None = None
     unseen = 0
     statistic, p_value = 0.0, None
+    p_draws: int | None = None
     binned_reference: np.ndarray | None = None  # what a binned distance compared the window with
     if ref.compared_as_categories and test in (DriftTest.CHI2, DriftTest.JENSEN_SHANNON, DriftTest.PSI):
         if counted is None:
@@ -856,6 +860,11 @@ def judge_feature(
         if n:
             if test is DriftTest.CHI2:
                 statistic, p_value = stats.chi_square(ref_counts, cur_counts)
+                # The asymptotic p-value of a sparse table is too small; it can only matter when it would
+                # count as drift (below the threshold uncorrected: no correction lowers a p-value).
+                if p_value < threshold and stats.chi_square_sparse(ref_counts, cur_counts):
+                    p_draws = stats.monte_carlo_draws(strictest_bar(policy, threshold, family))
+                    p_value = stats.chi_square_monte_carlo(ref_counts, cur_counts, p_draws)
             elif test is DriftTest.PSI:
                 statistic, binned_reference = stats.psi(ref_counts, cur_counts), ref_counts
             else:
@@ -907,6 +916,7 @@ def judge_feature(
         n_missing=n_missing,
         histogram=hist,
         unseen=unseen,
+        p_draws=p_draws,
     )
     if test not in P_VALUE_TESTS:
         result.drifted = n > 0 and statistic >= threshold
@@ -938,6 +948,15 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def strictest_bar(policy: DriftPolicy, threshold: float, family: int) -> float:
+    """The smallest value a raw p-value may have to stay below to drift, corrected in a family of at most
+    ``family`` p-values: ``threshold / family`` with Bonferroni and with Benjamini–Hochberg (the bar of its
+    first rank), the threshold itself uncorrected. A Monte Carlo p-value's resolution is chosen from it."""
+    if policy.correction is CorrectionMethod.NONE:
+        return threshold
+    return threshold / max(family, 1)
+
+
 def correct(results: list[FeatureResult], policy: DriftPolicy) -> None:
     """Adjust the p-values of the p-value tests as one family and set their verdicts (in place)."""
     tested = [r for r in results if r.test in P_VALUE_TESTS and r.p_value is not None and r.tested]
@@ -962,7 +981,7 @@ def judge_window(model: ModelReference, window: ClosedWindow, policy: DriftPolic
         values: np.ndarray | list[Any] = (
             window.numeric[ref.name] if ref.kind is FeatureType.NUMERIC else window.categorical[ref.name]
         )
-        results.append(judge_feature(ref, values, policy))
+        results.append(judge_feature(ref, values, policy, family=len(model.features)))
     correct(results, policy)
     prediction = None
     if model.prediction is not None:

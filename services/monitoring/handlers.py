@@ -1080,6 +1080,7 @@ def window_report(
     def feature(r: Any, count: int) -> dict[str, Any]:
         item = r.evidence(count).model_dump(mode="json")
         item["p_value_raw"] = r.p_value
+        item["p_value_draws"] = r.p_draws
         item["untested"] = r.untested
         item["histogram"] = r.histogram.as_dict() if r.histogram else None
         return item

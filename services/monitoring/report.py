@@ -34,6 +34,8 @@ def _svg(histogram: dict[str, Any] | None) -> str:
 
 def _row(item: dict[str, Any]) -> str:
     p = item.get("p_value")
+    draws = item.get("p_value_draws")
+    shown_p = "" if p is None else f"{p:.3g}" + (f" (Monte Carlo, {draws:,} tables)" if draws else "")
     verdict = "drifted" if item.get("drifted") else "ok"
     untested = item.get("untested")
     statistic = f"not tested: {escape(untested)}" if untested else f"{item['statistic']:.4g}"
@@ -42,7 +44,7 @@ def _row(item: dict[str, Any]) -> str:
     return (
         f"<tr class='{verdict}'><td>{escape(item['feature'])}</td><td>{escape(item['feature_type'])}</td>"
         f"<td>{escape(item['test'])}</td><td>{statistic}</td>"
-        f"<td>{'' if p is None else f'{p:.3g}'}</td><td>{item['threshold']:.3g}</td>"
+        f"<td>{shown_p}</td><td>{item['threshold']:.3g}</td>"
         f"<td>{verdict}</td><td>{item.get('consecutive_windows', 0)}</td>"
         f"<td>{item['n_current']}</td><td>{item['n_reference']}</td><td>{item['n_missing']}</td>"
         f"<td>{_svg(item.get('histogram'))}</td></tr>"

@@ -55,6 +55,11 @@ class FeatureReport(_Report):
     n_reference: int | None = None
     n_missing: int | None = None
     p_value_raw: float | None = Field(default=None, description="Before the correction.")
+    p_value_draws: int | None = Field(
+        default=None,
+        description="Tables drawn for a Monte Carlo p-value (chi-square on a sparse table whose asymptotic "
+        "p-value would count as drift); null: the test's own distribution gave it.",
+    )
     untested: str | None = Field(default=None, description="Why the window could not be tested, if so.")
     histogram: Histogram | None = None
 

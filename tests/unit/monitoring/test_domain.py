@@ -46,6 +46,7 @@ from services.monitoring.domain import (
     performance_metrics,
     rows_of,
 )
+from services.monitoring.handlers import window_report
 from services.monitoring.live import LiveState, PredictionCache, WindowSettings
 from services.monitoring.ports import LabelledRecord
 
@@ -257,6 +258,53 @@ def _customers(rows: int, seed: int, *, share_ids: float) -> list[str]:
         f"id-{seed}-{i}" if d < share_ids else ("basic" if d < share_ids + (1 - share_ids) * 0.6 else "plus")
         for i, d in enumerate(draws)
     ]
+
+
+CITY_SHARES = 1 / np.arange(1, 301) / np.sum(1 / np.arange(1, 301))
+"""300 levels of Zipf shares: most of them rare."""
+CITY_REFERENCE = np.random.default_rng(0).multinomial(4_000, CITY_SHARES)
+
+
+def sparse_city_window(city: list[str]) -> tuple[ModelReference, Any]:
+    """A model of 7 features (the demo's count: Bonferroni at 0.05/7), six numeric and ``city``, profiled from
+    4,000 rows (``CITY_REFERENCE`` of each level), and a window whose ``city`` values are these."""
+    rng = np.random.default_rng(1)
+    numeric = [f"x{i}" for i in range(6)]
+    levels = [f"city-{i:03d}" for i in range(300)]
+    frame = pd.DataFrame({name: rng.normal(0, 1, 4_000) for name in numeric})
+    frame["city"] = np.repeat(levels, CITY_REFERENCE)
+    inputs = [{**{name: float(rng.normal()) for name in numeric}, "city": c} for c in city]
+    kinds = {name: FeatureType.NUMERIC for name in numeric} | {"city": FeatureType.CATEGORICAL}
+    return feature_window(frame, kinds, inputs)
+
+
+def test_an_unshifted_window_of_a_sparse_table_does_not_drift_on_its_asymptotic_p_value() -> None:
+    # 100 rows of the reference's own shares over 300 levels: most expected counts are below 1, where the
+    # chi-square distribution is no guide. The asymptotic p-value (4e-6) is drift at 0.05/7; the p-value of
+    # 1,399 tables drawn with the table's margins (a tenth of the bar's resolution) is about 0.02: no drift.
+    counts = np.random.default_rng(3).multinomial(100, CITY_SHARES)
+    city = np.repeat([f"city-{i:03d}" for i in range(300)], counts).tolist()
+    ref, window = sparse_city_window(city)
+    judged = next(r for r in judge_window(ref, window, DriftPolicy()).features if r.name == "city")
+    assert judged.test is DriftTest.CHI2
+    assert not judged.drifted
+    statistic, asymptotic = stats.chi_square(CITY_REFERENCE.astype(float), counts.astype(float))
+    assert asymptotic * 7 < 1e-4 and judged.statistic == pytest.approx(statistic)  # the statistic published
+    assert judged.p_draws == 1_399 and 0.015 < judged.p_value < 0.04  # type: ignore[operator]
+    assert judged.p_adjusted == pytest.approx(judged.p_value * 7)  # type: ignore[operator]
+
+
+def test_a_brand_new_level_in_15_of_100_rows_still_drifts_on_a_sparse_table() -> None:
+    counts = np.random.default_rng(4).multinomial(85, CITY_SHARES)
+    city = np.repeat([f"city-{i:03d}" for i in range(300)], counts).tolist() + ["city-new"] * 15
+    ref, window = sparse_city_window(city)
+    judgement = judge_window(ref, window, DriftPolicy())
+    judged = next(r for r in judgement.features if r.name == "city")
+    assert judged.drifted and judged.unseen == 15 + counts[CITY_REFERENCE == 0].sum()  # and rare levels
+    # No table drawn under the null is as extreme: the smallest p-value, well below 0.05 / 7.
+    assert judged.p_draws == 1_399 and judged.p_value == 1 / 1_400
+    [item] = [f for f in window_report(judgement, [], 0.0, False, {})["features"] if f["feature"] == "city"]
+    assert item["p_value_draws"] == 1_399 and item["p_value_raw"] == 1 / 1_400
 
 
 def test_levels_the_model_does_not_keep_are_one_bin_of_the_reference_and_of_the_window() -> None:

@@ -161,3 +161,32 @@ def test_the_page_links_the_older_windows_and_an_empty_later_page_says_it_is_one
     assert "Older windows" not in report.render("churn", [window])
     assert "No window judged yet." in report.render("churn", [])
     assert "No window judged before the previous page's." in report.render("churn", [], first=False)
+
+
+def test_the_page_says_which_p_value_was_drawn_by_monte_carlo() -> None:
+    feature = {
+        "feature": "city",
+        "feature_type": "categorical",
+        "test": "chi2",
+        "statistic": 810.2,
+        "p_value": 0.005,
+        "p_value_draws": 1_399,
+        "threshold": 0.05,
+        "drifted": True,
+        "n_current": 100,
+        "n_reference": 4_000,
+        "n_missing": 0,
+    }
+    window: dict[str, Any] = {
+        "model_version": 1,
+        "window": {"id": "churn:1:000001", "size": 100, "start": AT, "end": AT},
+        "correction": "bonferroni",
+        "alpha": 0.05,
+        "drift_share": 1.0,
+        "debounced_share": 0.0,
+        "alerted": False,
+        "features": [feature, {**feature, "feature": "plan", "p_value_draws": None}],
+    }
+    page = report.render("churn", [window])
+    assert "<td>0.005 (Monte Carlo, 1,399 tables)</td>" in page
+    assert page.count("Monte Carlo") == 1  # plan's p-value came from the test's own distribution

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -98,6 +99,64 @@ def test_chi_square_is_the_test_of_homogeneity_and_takes_new_categories() -> Non
     expected = chi2_contingency(np.vstack([ref, cur]), correction=False)
     assert stat == pytest.approx(expected.statistic)
     assert p == pytest.approx(expected.pvalue)
+
+
+def _exact_conditional_p(ref: np.ndarray, cur: np.ndarray) -> float:
+    """P(statistic >= observed) over every table with these margins: the current row is multivariate
+    hypergeometric (the pooled rows drawn without replacement), and with both margins fixed the statistic
+    grows with sum(x_j**2 / c_j) alone."""
+    columns = (ref + cur).astype(int)
+    size, total = int(cur.sum()), int(columns.sum())
+    observed = float(np.sum(cur * cur / columns))
+    p = 0.0
+    c = columns.tolist()
+    for x in itertools.product(*(range(min(n, size) + 1) for n in c)):
+        if sum(x) == size and sum(v * v / n for v, n in zip(x, c, strict=True)) >= observed - 1e-12:
+            p += math.prod(math.comb(n, v) for n, v in zip(c, x, strict=True))
+    return p / math.comb(total, size)
+
+
+def test_the_monte_carlo_chi_square_p_value_is_the_exact_conditional_one_to_its_resolution() -> None:
+    # Expected counts of 0.2 to 5.5 in the window's row: the asymptotic p-value (0.042) is too small. The
+    # exact p-value of the test conditional on the margins, summed over every table that has them, is 0.0758.
+    ref, cur = np.array([30.0, 12, 5, 2, 1, 0, 0]), np.array([3.0, 2, 1, 1, 0, 1, 1])
+    assert stats.chi_square_sparse(ref, cur)
+    exact = _exact_conditional_p(ref, cur)
+    assert exact == pytest.approx(0.0758, abs=1e-4)
+    assert stats.chi_square(ref, cur)[1] < 0.05 < exact
+    p = stats.chi_square_monte_carlo(ref, cur, 19_999)
+    assert abs(p - exact) < 4 * math.sqrt(exact * (1 - exact) / 20_000)
+    # Seeded: the same counts give the same p-value, whichever row is the window's.
+    assert stats.chi_square_monte_carlo(ref, cur, 19_999) == p
+    assert stats.chi_square_monte_carlo(cur, ref, 19_999) == p
+
+
+def test_a_table_far_from_the_null_gets_the_smallest_monte_carlo_p_value() -> None:
+    # A level the reference never had in 15 of 100 rows: no table drawn under the null is as extreme.
+    rng = np.random.default_rng(0)
+    shares = 1 / np.arange(1, 301)
+    ref = np.append(rng.multinomial(4_000, shares / shares.sum()), 0).astype(float)
+    cur = np.append(rng.multinomial(85, shares / shares.sum()), 15).astype(float)
+    assert stats.chi_square_sparse(ref, cur)
+    assert stats.chi_square_monte_carlo(ref, cur, 1_399) == 1 / 1_400
+
+
+def test_a_table_is_sparse_when_more_than_a_fifth_of_its_expected_counts_are_below_5_or_one_below_1() -> None:
+    # Rows of 1,000 and 100: a column of 22 expects 20 and 2.
+    assert not stats.chi_square_sparse(np.array([500.0, 300, 200]), np.array([50.0, 30, 20]))
+    # 2 of 10 expected counts below 5 (a fifth, none below 1): not sparse; 3 of 12: sparse.
+    assert not stats.chi_square_sparse(np.array([400.0, 300, 260, 20, 20]), np.array([40.0, 30, 26, 2, 2]))
+    assert stats.chi_square_sparse(np.array([400.0, 280, 260, 20, 20, 20]), np.array([40.0, 28, 26, 2, 2, 2]))
+    # A level in 5 of 1,100 rows expects 0.45 in the window's row.
+    assert stats.chi_square_sparse(np.array([500.0, 300, 200, 0]), np.array([45.0, 35, 15, 5]))
+
+
+def test_monte_carlo_draws_resolve_a_tenth_of_the_bar_up_to_the_cap() -> None:
+    bar = 0.05 / 7  # Bonferroni over the demo's 7 features
+    assert stats.monte_carlo_draws(bar) == 1_399
+    assert bar / 10 >= 1 / (1_399 + 1)  # the smallest p-value
+    assert stats.monte_carlo_draws(0.05) == 199
+    assert stats.monte_carlo_draws(0.05 / 1_000) == stats.MONTE_CARLO_DRAWS_MAX == 10_000
 
 
 def test_benjamini_hochberg_adjusts_like_the_step_up_rule() -> None:
