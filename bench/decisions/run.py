@@ -184,9 +184,16 @@ def divergence(rng: np.random.Generator, draws: int) -> list[Rate]:
 
     out = []
     for nc, ns in ((20, 180), (50, 450), (200, 1_800)):
-        b, a = rates(lambda nc=nc, ns=ns: _scored_step(rng.beta(2, 5, nc), rng.beta(2, 5, ns), None))
+
+        def equal(nc: int = nc, ns: int = ns) -> CanaryStep:
+            return _scored_step(rng.beta(2, 5, nc), rng.beta(2, 5, ns), None)
+
+        def shifted(nc: int = nc, ns: int = ns) -> CanaryStep:
+            return _scored_step(rng.beta(5, 2, nc), rng.beta(2, 5, ns), None)
+
+        b, a = rates(equal)
         out.append(Rate("divergence", f"equal scores, {nc}/{ns} predictions", b, a, draws))
-        b, a = rates(lambda nc=nc, ns=ns: _scored_step(rng.beta(5, 2, nc), rng.beta(2, 5, ns), None))
+        b, a = rates(shifted)
         out.append(Rate("divergence", f"Beta(5,2) canary scores, {nc}/{ns}", b, a, draws))
     for k in (10, 50):
         nc, ns = 50, 450
