@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
-from contracts.envelope import CloudEvent, record_bytes
+from contracts.envelope import DEFAULT_MAX_EVENT_BYTES, CloudEvent, record_bytes
 from contracts.topics import DEAD_LETTER
 from libs.bus import InMemoryBus, Record, Subscription, Transaction
 from libs.bus.core import UnreadableRecord
@@ -341,25 +341,34 @@ async def test_a_dead_letter_the_broker_fails_to_read_stops_the_replay_saying_th
     assert report.failure.startswith("reading the dead letters after 1:1 failed: TimeoutError")
 
 
-async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often_it_is_replayed() -> None:
-    bus = InMemoryBus(REGISTRY)
-    handled: list[int] = []
-    broken = True
+class BuggyCounter:
+    """An in-memory bus whose consumer "counter" dead-letters every ThingHappened (no retries) while
+    ``broken``, and counts the ``n`` of each it handles once fixed."""
 
-    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
-        if broken:
-            raise RuntimeError("a bug")
-        handled.append(event.data.n)
-
-    bus.subscribe(
-        Subscription(
-            consumer="counter",
-            topics=["test.things"],
-            handlers={ThingHappened: on_thing},
-            max_retries=0,
-            retry_backoff_s=0,
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.broken = True
+        self.handled: list[int] = []
+        self.bus = InMemoryBus(REGISTRY, max_event_bytes=max_event_bytes)
+        self.bus.subscribe(
+            Subscription(
+                consumer="counter",
+                topics=["test.things"],
+                handlers={ThingHappened: self.on_thing},
+                max_retries=0,
+                retry_backoff_s=0,
+                max_event_bytes=max_event_bytes,
+            )
         )
-    )
+
+    async def on_thing(self, event: CloudEvent[Any], tx: Transaction) -> None:
+        if self.broken:
+            raise RuntimeError("a bug")
+        self.handled.append(event.data.n)
+
+
+async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often_it_is_replayed() -> None:
+    counter = BuggyCounter()
+    bus, handled = counter.bus, counter.handled
     await bus.publish(thing(7))
     await bus.drain()
     [dead] = bus.dead_letters
@@ -373,7 +382,7 @@ async def test_a_fixed_handler_handles_a_replayed_dead_letter_once_however_often
             for topic, key, value, headers in items:
                 bus.append_raw(topic, key, value, headers)
 
-    broken = False
+    counter.broken = False
     for _ in range(2):
         report = await replay([entry], named=False, origin_of=Origins(), sender=ToBus())
         await bus.drain()
@@ -389,25 +398,8 @@ async def test_an_event_at_the_size_limit_is_sent_and_handled_when_its_dead_lett
     event = thing(7)
     _, value, headers = event.to_kafka()
     limit = record_bytes(value, headers)
-    bus = InMemoryBus(REGISTRY, max_event_bytes=limit)
-    handled: list[int] = []
-    broken = True
-
-    async def on_thing(event: CloudEvent[Any], tx: Transaction) -> None:
-        if broken:
-            raise RuntimeError("a bug")
-        handled.append(event.data.n)
-
-    bus.subscribe(
-        Subscription(
-            consumer="counter",
-            topics=["test.things"],
-            handlers={ThingHappened: on_thing},
-            max_retries=0,
-            retry_backoff_s=0,
-            max_event_bytes=limit,
-        )
-    )
+    counter = BuggyCounter(max_event_bytes=limit)
+    bus, handled = counter.bus, counter.handled
     await bus.publish(event)
     await bus.drain()
     [dead] = bus.dead_letters
@@ -424,7 +416,7 @@ async def test_an_event_at_the_size_limit_is_sent_and_handled_when_its_dead_lett
                 bus.append_raw(topic, key, value, headers)  # type: ignore[arg-type]
 
     producer = ProducerToBus(kafka=KafkaSettings(max_event_bytes=limit))
-    broken = False
+    counter.broken = False
     report = await replay([entry], named=False, origin_of=Origins(), sender=producer)
     await bus.drain()
 

@@ -180,11 +180,8 @@ def test_training_looks_for_stale_jobs_with_a_date_that_exists_at_its_bound() ->
     assert (datetime.fromtimestamp(NOW, UTC) - stale).year == 1926
 
 
-async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however_many_retries(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Uncapped, the 20th retry waited 0.2 * 2**19 s (29 hours, the partition held) and the 1,025th raised
-    # OverflowError out of the consumer: max_retries needs no bound now.
+def recorded_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The delays the bus's consumers sleep from now on, each slept as 0."""
     waited: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -193,6 +190,15 @@ async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however
         await real_sleep(0)
 
     monkeypatch.setattr(core.asyncio, "sleep", sleep)
+    return waited
+
+
+async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however_many_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Uncapped, the 20th retry waited 0.2 * 2**19 s (29 hours, the partition held) and the 1,025th raised
+    # OverflowError out of the consumer: max_retries needs no bound now.
+    waited = recorded_sleeps(monkeypatch)
     attempts: list[int] = []
 
     async def failing(event: CloudEvent[ThingHappened], tx: Transaction) -> None:
@@ -217,14 +223,7 @@ async def test_a_failing_handlers_retry_delay_doubles_up_to_five_seconds_however
 async def test_at_the_backoffs_bound_every_retry_of_a_failing_handler_waits_five_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    waited: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(delay: float) -> None:
-        waited.append(delay)
-        await real_sleep(0)
-
-    monkeypatch.setattr(core.asyncio, "sleep", sleep)
+    waited = recorded_sleeps(monkeypatch)
 
     async def failing(event: CloudEvent[ThingHappened], tx: Transaction) -> None:
         raise RuntimeError("unlucky")
