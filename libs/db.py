@@ -12,8 +12,9 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -123,6 +124,13 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+async def database_time(conn: asyncpg.Connection) -> datetime:
+    """Postgres' clock, for times that replicas on other hosts compare (a step's bake time, a cooldown): one
+    clock for all, whatever each host's says. ``clock_timestamp()``, not ``now()``: the transaction may have
+    waited on a lock for another replica's decision, or span several events of one poll."""
+    return cast(datetime, await conn.fetchval("SELECT clock_timestamp()"))
 
 
 def still_open(conn: asyncpg.Connection) -> bool:

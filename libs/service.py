@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -33,7 +34,7 @@ from libs.settings import ServiceSettings, settings_problems
 
 ABANDON_GRACE_S = 10.0
 """How long a start that failed waits for the pool to close before it terminates it
-(:meth:`Runtime.close_after_failure`)."""
+(:meth:`Runtime.close`)."""
 
 log = get_logger(__name__)
 
@@ -158,26 +159,23 @@ class Runtime:
         except Exception:
             return {"database": False}
 
-    async def close(self) -> None:
+    async def close(self, *, grace_s: float | None = None) -> None:
         """Stop the producer, then close the pool: in the reverse of the order :meth:`start` opened them, the
-        pool even when stopping the producer fails."""
-        try:
-            await self.publisher.stop()
-        finally:
-            await self.pool.close()
-
-    async def close_after_failure(self, *, grace_s: float = ABANDON_GRACE_S) -> None:
-        """:meth:`close` for a start that failed: a pool connection the build took and still holds (a LISTEN
+        pool even when stopping the producer fails. With ``grace_s`` (a start that failed), the pool is
+        terminated if it has not closed by then: a connection the build took and still holds (a LISTEN
         connection, a lock's session) would keep ``pool.close()`` waiting for ever, and the process that
-        should exit with the build's error would hang instead; after ``grace_s`` the pool is terminated."""
+        should exit with the build's error would hang instead."""
         try:
             await self.publisher.stop()
         finally:
-            try:
-                await asyncio.wait_for(self.pool.close(), timeout=grace_s)
-            except TimeoutError:
-                log.error("the pool did not close after a failed start; terminating it", grace_s=grace_s)
-                self.pool.terminate()
+            if grace_s is None:
+                await self.pool.close()
+            else:
+                try:
+                    await asyncio.wait_for(self.pool.close(), timeout=grace_s)
+                except TimeoutError:
+                    log.error("the pool did not close after a failed start; terminating it", grace_s=grace_s)
+                    self.pool.terminate()
 
 
 async def _until_reachable(
@@ -250,7 +248,9 @@ async def serve(settings: ServiceSettings, *, migrations: Sequence[Migration], b
     # closes them, after the tasks' own ends.
     async with contextlib.AsyncExitStack() as opened:
         runtime = await Runtime.start(settings, migrations)
-        opened.push_async_callback(_close_after_failure, "runtime", runtime.close_after_failure)
+        opened.push_async_callback(
+            _close_after_failure, "runtime", partial(runtime.close, grace_s=ABANDON_GRACE_S)
+        )
         parts = await build(runtime)
         tune_collector()
         runners = [runtime.consumer(s) for s in parts.subscriptions]

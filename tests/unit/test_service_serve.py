@@ -63,10 +63,7 @@ class _Runtime:
     def retention(self) -> _Loop:
         return _Loop()
 
-    async def close(self) -> None:
-        self.closed = True
-
-    async def close_after_failure(self) -> None:
+    async def close(self, *, grace_s: float | None = None) -> None:
         self.closed = True
 
 
@@ -239,7 +236,7 @@ async def test_a_build_that_raises_holding_a_pool_connection_exits_with_its_erro
     # pool.close() waits for every connection to come back: one the build took (a LISTEN) never does.
     closed: list[str] = []
     _starts_with(monkeypatch, _Pool(closed, held=True), _Producer(closed))
-    monkeypatch.setattr(Runtime.close_after_failure, "__kwdefaults__", {"grace_s": 0.01})
+    monkeypatch.setattr(libs.service, "ABANDON_GRACE_S", 0.01)
 
     with pytest.raises(_StoreUnreadable):
         await asyncio.wait_for(serve(ServiceSettings(), migrations=[], build=_build_that_raises), timeout=30)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 
 from contracts.common import ModelSignature
 from contracts.rollouts import RolloutMode
-from libs.db import Listening, notify_channel
+from libs.db import Listening, database_time, notify_channel
 from libs.logging import get_logger
 from libs.stage_order import PgStageChangesApplied
 from services.serving.domain import ModelRoute, Rollout, RolloutStatus, SampleFlush
@@ -161,9 +161,7 @@ class PgRoutes:
         return _route(row) if row is not None else ModelRoute(model)
 
     async def now(self) -> datetime:
-        # clock_timestamp(), not now(): read after the lock, which may have waited for another replica's
-        # decision on the model, and a consumer transaction may span several events of one poll.
-        return cast(datetime, await self.conn.fetchval("SELECT clock_timestamp()"))
+        return await database_time(self.conn)  # read after the lock, which may have waited
 
     async def save(self, route: ModelRoute, *, now: datetime) -> None:
         r = route.rollout

@@ -4,14 +4,14 @@ handler's changes and the events it emits commit together."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 
 from contracts.common import ArtifactRef
 from contracts.datasets import DatasetRegistered
 from contracts.training import FailureReason, TrainingRequested
-from libs.db import notify_channel
+from libs.db import database_time, notify_channel
 from libs.modelspec import ModelSpec
 from libs.stage_order import PgStageChangesApplied
 from services.training.domain import BUDGET_WINDOW, JobPosition, JobState, PolicyState, run_id_for
@@ -163,8 +163,7 @@ class PgJobs:
     # -- Jobs ---------------------------------------------------------------------------------------
 
     async def now(self) -> datetime:
-        # clock_timestamp(), not now(): a consumer transaction may span several events of one poll.
-        return cast(datetime, await self.conn.fetchval("SELECT clock_timestamp()"))
+        return await database_time(self.conn)
 
     async def policy_state(self, model: str, now: datetime) -> PolicyState:
         row = await self.conn.fetchrow(
