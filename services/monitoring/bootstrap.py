@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from prometheus_client import Counter
 
@@ -47,6 +46,8 @@ from services.monitoring.settings import MonitoringSettings
 
 log = get_logger(__name__)
 
+T = TypeVar("T")
+
 MIGRATIONS = migrations_in(Path(__file__).parent / "migrations", source="monitoring")
 
 WINDOWS_SET_ASIDE = Counter(
@@ -77,9 +78,9 @@ LABEL_JOINS_GIVEN_UP = Counter(
 BACKGROUND_FAILURES = Counter(
     "driftloop_monitoring_background_failures_total",
     "Ticks of monitoring's background loop that failed, by the task that failed (judge_closed, join_due, "
-    "decide_canaries, housekeeping) and its cause (outage: the database or the broker away; error: anything "
-    "else): logged, and the tick retried with back-off (up to 10 s), its work kept queued. A count that "
-    "keeps rising is a stuck loop: no verdicts, label joins or expiries are made meanwhile.",
+    "read_clock, decide_canaries, housekeeping) and its cause (outage: the database or the broker away; "
+    "error: anything else): logged, and the tick retried with back-off (up to 10 s), its work kept queued. "
+    "A count that keeps rising is a stuck loop: no verdicts, label joins or expiries are made meanwhile.",
     ["task", "cause"],
 )
 
@@ -188,6 +189,9 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
     Postgres; decide the watched steps beyond ``max_watched_rollout_steps``."""
     async with rt.begin() as tx:
         store = PgMonitoringStore(tx.conn)
+        # Before anything is timed: the steps, labels and predictions restored are timed on Postgres' clock,
+        # whichever host ran the process before this one.
+        monitor.learn_clock(await store.now())
         tally = handlers.Tally()
         tx.after_commit(tally.count)
         models = await store.models()
@@ -205,7 +209,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         # consumers start (serving rolls their canaries back): the Background's first tick would also do, but
         # it runs only after the replay, and meanwhile they would count against the bound.
         await handlers.decide_watched_beyond_bound(
-            monitor.clock(), monitor=monitor, store=store, publish=tx.publish, tally=tally
+            monitor.now(), monitor=monitor, store=store, publish=tx.publish, tally=tally
         )
         for step in await store.watched_steps():
             monitor.live.watch(handlers.canary_step(step))
@@ -215,7 +219,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         monitor.live.pending_labels = await store.pending_labels()
         # Labels joined within the label wait: predictions of their id and model consumed from now on (or
         # replayed, and not joined before the stop) are joined with them too.
-        since = time.time() - monitor.label_wait_seconds
+        since = monitor.now() - monitor.label_wait_seconds
         monitor.live.remember_joined(
             (
                 ((pid, model), epoch(received) + monitor.label_wait_seconds, shadowed)
@@ -226,7 +230,7 @@ async def restore(rt: Runtime, monitor: Monitor) -> None:
         replay_from = await store.replay_offsets(monitor.predictions_topic)
     settings = cast(MonitoringSettings, rt.settings)
     if settings.replay_on_start and replay_from:
-        now = time.time()
+        now = monitor.now()
 
         def feed(requests: Sequence[Request]) -> None:
             result = monitor.live.ingest(requests, arrival=now, replaying=True)
@@ -264,7 +268,7 @@ class RetentionRound:
     pruned: Counter
     failures: Counter
     due: float = 0.0
-    """When the next round starts (``time.time()``); the first runs at the first tick."""
+    """When the next round starts (``Monitor.now``); the first runs at the first tick."""
     left: list[tuple[str, datetime, datetime]] = field(default_factory=list)
     """The models the round in progress has left: cutoff, next batch's start."""
     deleted: int = 0
@@ -633,7 +637,7 @@ class Background:
         """One tick: each task in turn; the first that fails ends the tick (counted by its name)."""
         await self.task("judge_closed", self.judge_closed)
         await self.task("join_due", self.join_due)
-        now = time.time()
+        now = await self.task("read_clock", self.read_clock)
         await self.task("decide_canaries", lambda: self.decide_canaries(now))
         await self.task("housekeeping", lambda: self.housekeeping(now))
         await self.task("judge_closed", self.judge_closed)
@@ -641,11 +645,17 @@ class Background:
         await self.prune_window_reports(now)
         await self.prune_alerts(now)
 
-    async def task(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
-        """Run one task of a tick; a failure is counted by the task and its cause, then raised for
-        :meth:`run` to retry the tick."""
+    async def read_clock(self) -> float:
+        """Postgres' clock, read once a tick, what the tick decides by; the handlers between ticks take it as
+        this host's clock plus the offset learned here (``Monitor.now``)."""
+        async with self.rt.begin() as tx:
+            return self.monitor.learn_clock(await PgMonitoringStore(tx.conn).now())
+
+    async def task(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run one task of a tick, giving what it returns; a failure is counted by the task and its cause,
+        then raised for :meth:`run` to retry the tick."""
         try:
-            await work()
+            return await work()
         except Exception as exc:
             BACKGROUND_FAILURES.labels(name, "outage" if is_transient(exc) else "error").inc()
             self.failed_task = name

@@ -1669,8 +1669,8 @@ class CanaryStep:
     min_samples: int
     bake_seconds: float
     learned_at: float | None = None
-    """When monitoring handled the step's event, on its own clock; None for a step stored before it was kept
-    (bakes from ``started_at``)."""
+    """When monitoring handled the step's event, on monitoring's clock (Postgres', ``Monitor.now``); None for
+    a step stored before it was kept (bakes from ``started_at``)."""
     canary: VariantTraffic = field(default_factory=VariantTraffic)
     stable: VariantTraffic = field(default_factory=VariantTraffic)
     first_offsets: dict[int, int] = field(default_factory=dict)

@@ -321,6 +321,10 @@ class Monitor:
     """The topic the live consumer reads predictions from (``MonitoringSettings.predictions_topic``): its
     replay offsets are saved under this name, where a restart looks them up."""
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
+    """This host's clock (epoch seconds). Monitoring decides by Postgres' clock (:meth:`now`), this one plus
+    the offset the background learns each tick."""
+    clock_offset: float = 0.0
+    """How far Postgres' clock is ahead of ``clock`` (seconds; negative: behind), as last read."""
     policies: dict[str, DriftPolicy] = field(default_factory=dict)
     policy_versions: dict[str, int] = field(default_factory=dict)
     """The stored version of each policy in ``policies`` taken from the store (see :meth:`hold_policy`)."""
@@ -335,19 +339,35 @@ class Monitor:
     outside_classes_warned: Warned[tuple[str, int]] = field(
         default_factory=lambda: Warned(every_s=OUTSIDE_CLASSES_WARNING_EVERY_S)
     )
-    """When labels outside a model version's classes were last logged (``clock`` time)."""
+    """When labels outside a model version's classes were last logged (:meth:`now` time)."""
     unknown_label_models_warned: Warned[str] = field(default_factory=Warned)
     """Models with no version registered whose labels were logged (once per model remembered)."""
     too_many_waiting_warned: Warned[str] = field(
         default_factory=lambda: Warned(every_s=TOO_MANY_WAITING_WARNING_EVERY_S)
     )
-    """When waiting labels given up past ``max_pending_labels`` were last logged (``clock`` time)."""
+    """When waiting labels given up past ``max_pending_labels`` were last logged (:meth:`now` time)."""
     steps_not_watched_warned: Warned[str] = field(
         default_factory=lambda: Warned(every_s=STEPS_NOT_WATCHED_WARNING_EVERY_S)
     )
-    """When rollout steps decided unwatched past ``max_watched_steps`` were last logged (``clock`` time)."""
+    """When rollout steps decided unwatched past ``max_watched_steps`` were last logged (:meth:`now` time)."""
     on_windows_closed: Callable[[], None] = field(default=lambda: None)
     on_joins_due: Callable[[], None] = field(default=lambda: None)
+
+    def now(self) -> float:
+        """Postgres' clock (epoch seconds), as this host's plus the offset last read, without a query: what
+        monitoring decides by (a step's bake time, timeout and label grace, expiries, retention). Serving
+        times a step's bake time, and Postgres stamps the labels, on Postgres' clock: on this host's, a
+        process restarted on a host ahead (the step learned of by the one before), or a clock stepped forward,
+        gave a step its one verdict before its bake time passed there (ignored as premature), and a clock more
+        than ``canary_label_grace_seconds`` ahead judged steps without waiting for the labels coming."""
+        return self.clock() + self.clock_offset
+
+    def learn_clock(self, database_now: datetime) -> float:
+        """Take Postgres' clock as read now (``MonitoringStore.now``, once a tick); returns it as epoch
+        seconds, the tick's ``now``."""
+        at = epoch(database_now)
+        self.clock_offset = at - self.clock()
+        return at
 
     def policy(self, model: str) -> DriftPolicy:
         """The model's policy, or the defaults."""
@@ -438,7 +458,7 @@ async def on_predictions_logged(
         if d.event is not None and isinstance(d.event.data, PredictionColumns | PredictionsLogged)
     ]
     live = monitor.live
-    result = live.ingest(requests, arrival=monitor.clock())
+    result = live.ingest(requests, arrival=monitor.now())
     for model in live.unknown_models_to_log(result.newly_unknown):
         versions = sorted({v for m, v in chain(live.unknown, result.unknown) if m == model})
         log.warning(
@@ -553,7 +573,7 @@ async def join_pending(
 def _forget_at(received_at: datetime | None, monitor: Monitor) -> float:
     """When memory forgets a joined label received then (None: now): ``label_wait_seconds`` later, as a
     label waiting for its prediction is given up."""
-    received = monitor.clock() if received_at is None else epoch(received_at)
+    received = monitor.now() if received_at is None else epoch(received_at)
     return received + monitor.label_wait_seconds
 
 
@@ -593,7 +613,7 @@ def _mark_outside_classes(rows: list[LabelledRecord], monitor: Monitor, tally: T
             row.outside_classes = outside_classes(row.label, ref.signature.classes)
             if row.outside_classes:
                 found.setdefault((row.model, row.version), []).append(row)
-    now = monitor.clock()
+    now = monitor.now()
     for (model, version), outside in sorted(found.items()):
         tally.add(LABELS_OUTSIDE_CLASSES, model, str(version), amount=len(outside))
         if not monitor.outside_classes_warned.due((model, version), now):
@@ -1145,7 +1165,7 @@ async def on_rollout_started(
         # Its kept step was given up (rollout_start_wait_seconds passed) and nothing higher came since:
         # serving is on that step or past it, and the start's own step would get a verdict serving ignores as
         # stale. Its traffic before now was not collected, so its time range runs from now.
-        step = _started_after_given_up(given_up, p, now=monitor.clock())
+        step = _started_after_given_up(given_up, p, now=monitor.now())
         tally.add(STEPS_STARTED_AFTER_GIVEN_UP, series_model(p.model, monitor))
         log.warning(
             "rollout started after its step was given up: watching that step from now on",
@@ -1153,7 +1173,7 @@ async def on_rollout_started(
             model=p.model,
             step=step.step_index,
             start_step=p.step_index,
-            given_up_seconds_ago=round(monitor.clock() - (given_up.given_up_at or monitor.clock()), 1),
+            given_up_seconds_ago=round(monitor.now() - (given_up.given_up_at or monitor.now()), 1),
             event_id=event.id,
             hint="the start came after rollout_start_wait_seconds; the step's traffic before the start is "
             "not counted toward it; driftloop_monitoring_rollout_steps_started_after_given_up_total counts "
@@ -1212,7 +1232,7 @@ def _step_in_force(
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
-        learned_at=monitor.clock(),
+        learned_at=monitor.now(),
     )
 
 
@@ -1317,7 +1337,7 @@ async def _watch_within_bound(
         canary_step(step),
         step,
         decision,
-        monitor.clock(),
+        monitor.now(),
         monitor=monitor,
         store=store,
         publish=publish,
@@ -1332,7 +1352,7 @@ async def _watch_within_bound(
         # each.
         monitor.live.unwatch(step.rollout_id)
         monitor.live.take_kept(step.rollout_id)
-        if monitor.steps_not_watched_warned.due(STEPS_NOT_WATCHED_LOG, monitor.clock()):
+        if monitor.steps_not_watched_warned.due(STEPS_NOT_WATCHED_LOG, monitor.now()):
             log.error(
                 STEPS_NOT_WATCHED_LOG,
                 rollout_id=step.rollout_id,
@@ -1409,7 +1429,7 @@ async def _keep_for_start(
         cause_id=event.id,
         correlation_id=event.correlationid,
         actor=event.actor,
-        received_at=monitor.clock(),
+        received_at=monitor.now(),
     )
     kept = await store.keep_early_step(early)
     if kept:
@@ -1480,7 +1500,7 @@ def _step_start(
     handled it than ``max_clock_skew_seconds``, as a prediction is held for its label. Dated years ahead, its
     time range (from its start on) took none of the canary's traffic and its timeout never came: the rollout
     waited for ever for its one verdict."""
-    started, now = epoch(event.time), monitor.clock()
+    started, now = epoch(event.time), monitor.now()
     latest = now + monitor.live.cache.max_ahead_s
     if started <= latest:
         return started
@@ -1582,7 +1602,7 @@ def _report_never_started(
                 canary_version=early.canary_version,
                 event_id=early.cause_id,
                 reason=reason,
-                kept_seconds=round(monitor.clock() - early.received_at, 1),
+                kept_seconds=round(monitor.now() - early.received_at, 1),
                 rollout_start_wait_seconds=monitor.rollout_start_wait_seconds,
                 max_kept_rollout_steps=monitor.max_kept_steps,
                 hint="serving's rollout waits for a verdict: roll it back or promote it by hand; "
@@ -1896,7 +1916,7 @@ async def plan_labelled_retention(*, monitor: Monitor, store: MonitoringStore) -
     keep = labelled_keep(monitor.labelled_keep_days, monitor.label_wait_seconds, live.cache.max_ahead_s)
     if keep is None:
         return []
-    cutoff = from_epoch(monitor.clock()) - keep
+    cutoff = from_epoch(monitor.now()) - keep
     plan: list[tuple[str, datetime]] = []
     for model in await store.registered_models():
         before = cutoff
@@ -1975,7 +1995,7 @@ async def report_page(
 def _reports_cutoff(monitor: Monitor) -> datetime | None:
     """When the window reports (and alerts) that may go were made before; None when kept for ever."""
     keep = keep_period(monitor.window_reports_keep_days)
-    return None if keep is None else from_epoch(monitor.clock()) - keep
+    return None if keep is None else from_epoch(monitor.now()) - keep
 
 
 async def plan_report_retention(*, monitor: Monitor, store: MonitoringStore) -> list[tuple[str, datetime]]:

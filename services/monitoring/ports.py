@@ -189,6 +189,13 @@ class JudgedReport:
 class MonitoringStore(Protocol):
     """Monitoring's tables, inside the caller's transaction."""
 
+    async def now(self) -> datetime:
+        """Postgres' clock, which stamps when labels are received and when serving starts a step's bake time:
+        monitoring decides by it (read once per tick, see ``Monitor.now``). Timed on this host's clock, a step
+        baked from when a process on another host learned of it, or across a clock stepped forward, got its
+        one verdict before serving's bake time passed, which serving ignores as premature."""
+        ...
+
     async def save_model(self, model: StoredModel) -> bool:
         """Record a model version; False when it was known already."""
         ...

@@ -132,7 +132,7 @@ def test_a_setting_at_its_documented_bound_is_accepted(
 def store(monkeypatch: pytest.MonkeyPatch) -> LastingWindowStore:
     lasting = LastingWindowStore(failing={})
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: lasting)
-    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monkeypatch.setattr("time.time", lambda: NOW)
     return lasting
 
 

@@ -10,6 +10,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from contracts.common import NUL_STAND_IN, ArtifactRef, ModelSignature
+from libs.db import database_time
 from libs.logging import get_logger
 from services.monitoring.domain import DriftPolicy, ReportPosition
 from services.monitoring.ports import (
@@ -136,6 +137,9 @@ class PgMonitoringStore:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+
+    async def now(self) -> datetime:
+        return await database_time(self.conn)
 
     async def save_model(self, model: StoredModel) -> bool:
         status = await self.conn.execute(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from contracts.envelope import CloudEvent
@@ -13,7 +14,11 @@ from contracts.envelope import CloudEvent
 class NoPolicies:
     """The MonitoringStore calls a housekeeping tick, a restore or a rollout's start makes about policies,
     registered models, labels joined lately and rollout steps kept for their start, answered as by a store
-    that has none: the part of a fake store no test here is about."""
+    that has none, and Postgres' clock, as this host's (``time.time``, which a test may set): the part of a
+    fake store no test here is about."""
+
+    async def now(self) -> datetime:
+        return datetime.fromtimestamp(time.time(), UTC)
 
     async def policies_fingerprint(self) -> str:
         return ""

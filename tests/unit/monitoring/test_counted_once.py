@@ -92,7 +92,7 @@ async def test_a_verdicts_unscorable_rows_are_counted_once_though_its_first_tick
     step: StoredStep = dataclasses.replace(watched(started_at=0.0), min_samples=10)
     store = Labelled([step])
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: store)
-    monkeypatch.setattr(bootstrap.time, "time", lambda: 60.0)  # past the bake time, not the timeout
+    monkeypatch.setattr("time.time", lambda: 60.0)  # past the bake time, not the timeout
     monitor = monitor_watching(step)
     monitor.live.add_reference(regression_reference("churn", 2))
     monitor.live.steps["r-1"].canary.rows = 500

@@ -30,7 +30,7 @@ class Clock:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
         self.now = now
-        monkeypatch.setattr(bootstrap.time, "time", lambda: self.now)
+        monkeypatch.setattr("time.time", lambda: self.now)
 
 
 @pytest.fixture

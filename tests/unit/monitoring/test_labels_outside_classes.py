@@ -42,7 +42,7 @@ class Clock:
 @pytest.fixture
 def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
-    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monkeypatch.setattr("time.time", lambda: NOW)
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
     monitor.live.add_reference(reference())  # churn version 1, classes 0 and 1
     monitor.clock = Clock()

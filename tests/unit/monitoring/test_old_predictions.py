@@ -36,7 +36,7 @@ LATE = (PREDICTED_AT + timedelta(days=2)).timestamp()  # monitoring's clock: two
 @pytest.fixture
 def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
-    monkeypatch.setattr(bootstrap.time, "time", lambda: LATE)
+    monkeypatch.setattr("time.time", lambda: LATE)
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
     monitor.live.add_reference(reference())
     return monitor

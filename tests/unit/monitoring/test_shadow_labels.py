@@ -105,7 +105,7 @@ def joined(tables: Tables) -> dict[tuple[str, int], tuple[str, Any, Any]]:
 def monitor(monkeypatch: pytest.MonkeyPatch) -> Monitor:
     """Monitoring with churn's stable version 1 and its candidate version 2 registered."""
     monkeypatch.setattr(bootstrap, "PgMonitoringStore", lambda conn: conn)
-    monkeypatch.setattr(bootstrap.time, "time", lambda: NOW)
+    monkeypatch.setattr("time.time", lambda: NOW)
     monitor = make_monitor(MonitoringSettings(), artifacts=None, source="/t")
     monitor.live.add_reference(reference())
     monitor.live.add_reference(replace(reference(), version=CANDIDATE))

@@ -239,7 +239,7 @@ async def test_a_tick_runs_both_retentions(monitor: Monitor, monkeypatch: pytest
     async def nothing(*_: Any) -> None:
         return None
 
-    for task in ("judge_closed", "join_due", "decide_canaries", "housekeeping"):
+    for task in ("judge_closed", "join_due", "read_clock", "decide_canaries", "housekeeping"):
         monkeypatch.setattr(worker, task, nothing)
 
     async def batch(retention: Any, now: float) -> None:
