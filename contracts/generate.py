@@ -539,6 +539,14 @@ event: per-row messages would multiply headers, ids, inbox rows and audit rows b
 busiest topic, and one shape gives consumers one code path. A request whose event would exceed the event
 size limit (1 MB) is split into several events; a row whose event alone exceeds it is left out of the log
 and counted (`oversized`, docs/serving.md, "The prediction log").
+
+`predicted_at` is the answering replica's clock. Monitoring takes a request dated more than
+`max_clock_skew_seconds` (300) ahead of when it consumed it (on Postgres' clock) as if dated that far ahead:
+for its drift window's boundaries and time range, the rollout step it counts toward and how long it is held
+for its labels. It is not refused: the request was answered, and its rows are in the window file and the
+joined labels with their date as sent. Such rows are counted in
+`driftloop_monitoring_predictions_ahead_of_clock_total` (by model), with a warning naming the model
+(docs/monitoring.md, "Windows").
 """
 
 

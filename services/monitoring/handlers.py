@@ -128,8 +128,9 @@ LABELS_OUTSIDE_CLASSES = Counter(
 PREDICTIONS_AHEAD = Counter(
     "driftloop_monitoring_predictions_ahead_of_clock_total",
     "Predictions dated further ahead of when monitoring consumed them than max_clock_skew_seconds (a serving "
-    "replica's clock ahead): kept for their labels as if dated that far ahead, so that they leave the label "
-    "cache, and let the replay offsets move on, in time; their dates are kept as sent.",
+    "replica's clock ahead): windowed, counted toward rollout steps and kept for their labels as if dated "
+    "that far ahead, so that their window closes by time, and they leave the label cache, and let the replay "
+    "offsets move on, in time; their dates are kept as sent (window file, joined labels).",
     ["model"],
 )
 
@@ -473,8 +474,8 @@ async def on_predictions_logged(
         PREDICTIONS_AHEAD.labels(model).inc(rows)
         if monitor.ahead_of_clock_warned.due(model):
             log.warning(
-                "predictions dated ahead of monitoring's clock: held for their labels as if dated "
-                "max_clock_skew_seconds ahead",
+                "predictions dated ahead of monitoring's clock: windowed and held for their labels as if "
+                "dated max_clock_skew_seconds ahead",
                 model=model,
                 rows=rows,
                 max_clock_skew_seconds=live.cache.max_ahead_s,

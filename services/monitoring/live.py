@@ -7,6 +7,7 @@ state still depends on (:meth:`LiveState.hold_offsets`), which the service store
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -367,8 +368,15 @@ class LiveState:
                 continue
             result.rows += batch.size
             latest = arrival + self.cache.max_ahead_s
-            if not replaying and (ahead := int((batch.predicted_at > latest).sum())):
-                result.ahead[batch.model] += ahead
+            if (batch.request_at > latest).any():
+                if not replaying:
+                    result.ahead[batch.model] += int((batch.predicted_at > latest).sum())
+                # Windowed (its boundaries and time range) and counted toward rollout steps as if dated that
+                # far ahead: a window closes by event time, window_seconds after its first request, and one
+                # opened by a request dated a year ahead (a serving replica's broken clock, a hand-published
+                # event) took every request of its version until window_rows, its time range a year long.
+                # The rows keep their date as sent (``predicted_at``: the window file, the joined labels).
+                batch = dataclasses.replace(batch, request_at=np.minimum(batch.request_at, latest))
             if not replaying and (past := int((batch.predicted_at < arrival - self.cache.max_age_s).sum())):
                 result.past[batch.model] += past
             self._to_windows(key, batch, arrival=arrival, replaying=replaying, result=result)

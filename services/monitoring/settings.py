@@ -141,8 +141,9 @@ class MonitoringSettings(ServiceSettings):
         300.0,
         ge=0,
         le=SECONDS_MAX,
-        description="A prediction dated further ahead of when monitoring consumed it (a serving replica's "
-        "clock ahead) is kept for its label as if dated this far ahead, and counted "
+        description="A prediction dated further ahead of when monitoring consumed it (on Postgres' clock; a "
+        "serving replica's clock ahead) is windowed (its window's boundaries and time range), counted toward "
+        "rollout steps and kept for its label as if dated this far ahead, and counted "
         "(driftloop_monitoring_predictions_ahead_of_clock_total); its date is kept as sent. A rollout step "
         "(RolloutStarted, RolloutStepAdvanced) dated further ahead of when monitoring handled it starts this "
         "far ahead (its time range and timeout), and is counted "

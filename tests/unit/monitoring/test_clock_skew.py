@@ -97,3 +97,30 @@ async def test_predictions_within_the_skew_allowed_are_held_by_their_own_date() 
     assert monitor.live.cache.rows == 100  # held the label wait from its own date
     monitor.live.cache.evict(NOW + 121 + WAIT + 1)
     assert monitor.live.cache.rows == 0
+
+
+async def test_a_prediction_dated_a_year_ahead_is_windowed_as_if_dated_the_skew_allowed_ahead() -> None:
+    # Windows close by event time, window_seconds after their first request. A request dated a year ahead (a
+    # serving replica's broken clock, a hand-published event) opened a window that no request on time could
+    # close by time: it took every request of its version until window_rows (or an idle spell), and its
+    # time range, the DriftDetected's, ran a year ahead. It is windowed as if dated max_clock_skew_seconds
+    # ahead of when it came (Postgres' clock), and counted as before; its rows keep their date.
+    settings = MonitoringSettings(label_wait_seconds=WAIT, window_rows=5_000, min_window_rows=10)
+    monitor = make_monitor(settings, artifacts=None, source="/t")
+    monitor.live.add_reference(reference())
+    monitor.clock = lambda: NOW
+    skew, window_s, year = monitor.live.cache.max_ahead_s, settings.window_seconds, 365 * 86_400.0
+    before = ahead_total("churn")
+
+    await consume(monitor, dated(year, seed=1, first_offset=0))  # two requests, a year ahead
+    await consume(monitor, dated(0, seed=2, first_offset=2))  # on time
+    assert not monitor.live.closed
+    # A request on time, past the window's time from the first one's date as allowed (NOW + skew), closes it.
+    monitor.clock = lambda: NOW + skew + window_s
+    await consume(monitor, dated(skew + window_s, seed=3, first_offset=4))
+
+    [closed] = monitor.live.closed
+    assert closed.size == 200
+    assert (closed.start, closed.end) == (NOW, NOW + skew)  # not a year ahead
+    assert float(closed.predicted_at.max()) == NOW + year + 1  # the rows keep their date as sent
+    assert ahead_total("churn") == before + 100

@@ -137,7 +137,8 @@ def live(window_rows: int = 500) -> LiveState:
 def closed_window(ref: ModelReference, reqs: list[tuple[PredictionsLogged, int, int]], rows: int) -> Any:
     state = live(rows)
     state.add_reference(ref)
-    state.ingest(reqs, arrival=0.0)
+    # Consumed as answered: windowed by their own dates, however far ahead of other windows.
+    state.ingest(reqs, arrival=max(p.predicted_at for p, _, _ in reqs).timestamp())
     assert state.closed, "the window should have closed"
     return state.closed[0]
 
@@ -593,8 +594,8 @@ def test_a_window_spans_its_earliest_to_its_latest_event_time_when_requests_come
         (p.model_copy(update={"predicted_at": moved[i]}) if i in moved else p, part, off)
         for i, (p, part, off) in enumerate(reqs)
     ]
-    state.ingest(reqs[:2], arrival=0.0)
-    state.ingest(reqs[2:], arrival=0.0)
+    state.ingest(reqs[:2], arrival=T0.timestamp())
+    state.ingest(reqs[2:], arrival=T0.timestamp())
     [window] = state.closed
     assert (window.start, window.end) == (
         (T0 - timedelta(seconds=1)).timestamp(),

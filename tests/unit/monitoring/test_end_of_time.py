@@ -89,7 +89,8 @@ async def test_a_window_with_a_prediction_dated_at_the_end_of_year_9999_is_judge
     assert set_aside_count("late", "ValueError") == before  # judged, not set aside
     [drift] = [e.data for e in outbox.published if isinstance(e.data, DriftDetected)]
     assert drift.window.start == T0 + timedelta(seconds=1)
-    assert drift.window.end.year == 9999
+    # Windowed as if dated max_clock_skew_seconds ahead of when it came (its row keeps its date).
+    assert drift.window.end == T0 + timedelta(seconds=SETTINGS.max_clock_skew_seconds)
 
 
 def test_a_label_joins_a_prediction_dated_at_the_end_of_year_9999(

@@ -105,7 +105,8 @@ async def judge(
     per_window: list[list[DataQualityIssue]] = []
     for batch in batches:
         before = len(issues(outbox))
-        monitor.live.ingest(batch, arrival=0.0)
+        # Consumed as answered: windowed by their own dates, however far ahead of the others.
+        monitor.live.ingest(batch, arrival=max(p.predicted_at for p, _, _ in batch).timestamp())
         await background.once()
         per_window.append(issues(outbox)[before:])
     return store, per_window
