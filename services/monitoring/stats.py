@@ -118,8 +118,16 @@ class WassersteinGrid:
     @classmethod
     def from_sample(cls, sample_sorted: np.ndarray, bins: int = 4096) -> WassersteinGrid:
         lo, hi = float(sample_sorted[0]), float(sample_sorted[-1])
-        if hi <= lo:
-            hi = lo + 1.0
+        if not (hi - lo) / bins > 0:
+            # A constant sample (or one spread over less than a double can split into bins) gets a range of
+            # its own, at least a unit and an ulp a bin: a bin's width of 0 made every window value inside
+            # the range a negative bin, and the window raised. lo + 1.0 is lo itself from 2**53 up, and
+            # (hi - lo) / bins is 0 across a few subnormals. Widened away from the double's limit.
+            span = max(1.0, math.ulp(lo) * bins)
+            if math.isfinite(lo + span):
+                hi = lo + span
+            else:
+                lo = hi - span
         edges = np.linspace(lo, hi, bins + 1)
         cdf = np.searchsorted(sample_sorted, edges, side="right") / sample_sorted.size
         return cls(lo, hi, bins, cdf, float(np.std(sample_sorted)))

@@ -474,6 +474,18 @@ def test_a_reference_spanning_more_than_a_double_is_untested_by_wasserstein_not_
     assert (issue.kind, issue.feature, issue.count) == ("out-of-range", "x", 2_000)
 
 
+def test_a_feature_constant_beyond_2_to_the_53_judged_by_wasserstein_is_judged_not_raised() -> None:
+    # A column constant in training at a nanosecond timestamp, its policy naming `wasserstein`: the
+    # reference's grid had bins of width 0 (1.7e18 + 1.0 is 1.7e18), and judging a window of that value
+    # raised, so the window, every feature of it, was set aside unjudged.
+    frame = pd.DataFrame({"ts": np.full(2_000, 1.7e18)})
+    ref, window = one_feature_window(frame, FeatureType.NUMERIC, [{"ts": 1.7e18}] * 300)
+    judgement = judge_window(ref, window, DriftPolicy(feature_tests={"ts": DriftTest.WASSERSTEIN}))
+    [ts] = judgement.features
+    assert ts.test is DriftTest.WASSERSTEIN and ts.untested is None
+    assert ts.statistic == 0.0 and not ts.drifted
+
+
 def test_a_prediction_drift_beyond_a_double_is_drift_whose_evidence_says_the_largest_double() -> None:
     """A regression model whose predictions (0 to 0.01 in training) jump to 1.7e308 (serving refuses only
     non-finite outputs): the normalised Wasserstein distance is beyond a double. It is drift, and the

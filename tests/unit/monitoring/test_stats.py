@@ -60,6 +60,20 @@ def test_wasserstein_of_a_constant_reference_and_the_same_constant_is_zero() -> 
     assert stats.wasserstein_normed(grid, ref) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "reference",
+    [np.full(1_000, 2.0**53), np.full(1_000, -1e18), np.arange(7) * 5e-324],
+    ids=["constant-at-2**53", "constant-at--1e18", "seven-subnormals"],
+)
+def test_wasserstein_of_a_reference_too_narrow_for_its_bins_is_measured(reference: np.ndarray) -> None:
+    # From 2**53 up lo + 1.0 is lo, and across a few subnormals (hi - lo) / 4096 is 0: the grid's bins had
+    # no width, every window value inside the range fell in a negative bin, and np.bincount raised.
+    grid = stats.WassersteinGrid.from_sample(np.sort(reference))
+    assert stats.wasserstein_normed(grid, reference) == 0.0
+    below = reference[0] - 4_096.0  # outside the range the distance is exact
+    assert stats.wasserstein_normed(grid, np.full(10, below)) == pytest.approx(4_096.0 / 0.001)
+
+
 @pytest.mark.parametrize("far", [1e306, 1.7e308, -1.7e308])
 def test_wasserstein_of_values_near_the_double_limits_is_their_true_distance(far: float) -> None:
     """A regression model's predictions are bounded by nothing but a double: summed one by one, their
