@@ -427,7 +427,9 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     if m == 0:
         return p_values
     order = np.argsort(p_values)
-    ranked = p_values[order] * m / np.arange(1, m + 1)
+    # m / rank first, as R's p.adjust: a factor of at least 1 never rounds a p-value down (p * m / m could,
+    # and 43 p-values of exactly 0.05 came out just below α = 0.05: drift).
+    ranked = p_values[order] * (m / np.arange(1, m + 1))
     adjusted_sorted = np.minimum.accumulate(ranked[::-1])[::-1]
     out = np.empty(m)
     out[order] = np.minimum(adjusted_sorted, 1.0)
