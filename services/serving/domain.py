@@ -20,7 +20,6 @@ from types import MappingProxyType
 from typing import Any, cast
 
 import orjson
-from scipy import stats as sps
 
 from contracts.common import (
     FEATURE_NAME_MAX_CHARS,
@@ -572,6 +571,10 @@ def error_rate_breached(
     requests (docs/serving.md); a canary failing every request is still caught at ``min_requests``."""
     if requests < min_requests or errors <= threshold * requests:
         return False
+    # Imported here, not with the module: the prediction log's producer process imports this module for
+    # LogItem, and scipy.stats took seconds of its every start (a restart drops what is offered meanwhile).
+    from scipy import stats as sps
+
     return float(sps.binom.sf(errors - 1, requests, threshold)) < alpha
 
 
