@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import termios
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,8 +350,12 @@ def test_a_terminal_closing_under_its_shell_lets_pytest_clean_up(tmp_path: Path,
         os.close(side)
         os.write(terminal, typed)
         output = b""
-        while "session set up" not in run.events and select.select([terminal], [], [], 30)[0]:
-            output += os.read(terminal, 65536)  # read, so nothing blocks on a full terminal
+        deadline = time.monotonic() + 30
+        # Looked at often: pytest writes nothing once the session is set up, so a wait for its output alone
+        # lasted the whole 30 s.
+        while "session set up" not in run.events and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.05)[0]:
+                output += os.read(terminal, 65536)  # read, so nothing blocks on a full terminal
         assert "session set up" in run.events, output.decode(errors="replace")
         job = [shell.pid, *descendants(shell.pid)]
     finally:
