@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import deploy.cli as cli
-import deploy.demo
 from deploy.local import infra as infra_module
 from deploy.local.infra import LocalInfra
 from deploy.local.settings import LocalInfraSettings
@@ -108,7 +107,10 @@ async def demo_run(platform, bootstrap, **_):
     return 0
 
 
-deploy.demo.run = demo_run
+if sys.argv[3] == "demo":  # as the CLI, which loads the demo (pandas and friends) only to run it
+    import deploy.demo
+
+    deploy.demo.run = demo_run
 infra_module.create_platform_topics = lambda *args, **kwargs: []
 cli.LocalInfra = local_infra
 cli.local_platform = FakePlatform
@@ -125,8 +127,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from deploy.platform import Platform
 
 EVENTS = Path(os.environ["EVENTS"])
 
@@ -147,6 +147,8 @@ def sandbox():
     signal.signal(signal.SIGINT, interrupted)
     state = os.environ.get("SANDBOX_STATE")
     if state:  # a platform supervisor, as the e2e and chaos sandboxes start (here with no services)
+        from deploy.platform import Platform  # only here: every session's start would pay for it
+
         Platform(Path(state), services=()).start(dict(os.environ))
     service = os.environ.get("SERVICE_PID_FILE")
     if service:  # a process as a test starts a service: a session of its own, no handler for SIGHUP

@@ -29,7 +29,6 @@ import asyncio, os, subprocess, sys
 from pathlib import Path
 
 import deploy.cli as cli
-import deploy.demo
 from deploy.local import infra as infra_module
 from deploy.local.infra import LocalInfra
 from deploy.local.processes import pid_alive, read_pid, terminate
@@ -97,7 +96,10 @@ async def demo_run(platform, bootstrap, **_):
 infra_module.create_platform_topics = lambda *args, **kwargs: []
 cli.LocalInfra = local_infra
 cli.local_platform = lambda: Platform(STATE / "platform", services=())
-deploy.demo.run = demo_run
+if sys.argv[2] == "demo":  # as the CLI, which loads the demo (pandas and friends) only to run it
+    import deploy.demo
+
+    deploy.demo.run = demo_run
 sys.exit(cli.main(sys.argv[2:]))
 """
 
