@@ -263,8 +263,17 @@ def fit_held_first(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
     return run_training(raw, overlap)
 
 
+# How long a pool whose fork server the test stopped waits for the report that cannot come: the default 2 s
+# is a living server's margin (it reports in milliseconds); here it would only be the test's time.
+STOPPED_SERVER_GRACE_S = 0.5
+
+
 async def churn_job_held_in_its_fit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, max_attempts: int = 3
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    max_attempts: int = 3,
+    report_grace_s: float = 2.0,
 ) -> tuple[Harness, ProcessPoolTrainer, Path]:
     """A harness whose runner fits in a forkserver pool, its first fit held until killed (``fit_held_first``:
     the fit process's id in the returned file), the churn model's first job requested; the caller closes the
@@ -272,7 +281,7 @@ async def churn_job_held_in_its_fit(
     monkeypatch.setattr(pool_module, "run_training", fit_held_first)
     artifacts = tmp_path / "artifacts"
     h = Harness(str(artifacts), max_attempts=max_attempts)
-    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1, report_grace_s=report_grace_s)
     h.runner.trainer = trainer
     await register(h, churn_spec())
     await upload(h, "churn-base", churn_frame(), models=["churn"])
@@ -285,33 +294,41 @@ async def run_with_the_fit_killed(
     """Run a retrain whose fit process is killed (SIGKILL, as by the OOM killer), by default while its fork
     server is stopped (SIGSTOP: it can neither fork nor report a child's end); the harness, the fit process's
     id and the fork server's."""
-    h, trainer, pid_file = await churn_job_held_in_its_fit(tmp_path, monkeypatch, max_attempts=max_attempts)
+    h, trainer, pid_file = await churn_job_held_in_its_fit(
+        tmp_path,
+        monkeypatch,
+        max_attempts=max_attempts,
+        report_grace_s=STOPPED_SERVER_GRACE_S if stop_the_fork_server else 2.0,
+    )
     # Far below the default hour, so that a runner that notices the fit's end only when its time is up
     # fails the test (as timeout) rather than hang it; the outcome is what is checked, never the time taken.
     h.runner.job_timeout_s = 120.0
-    await trainer.warm_up()
-    server = fork_server()
+    stopped: list[int] = []
 
     async def held_fit() -> int | None:
         return written_pid(pid_file)
 
-    async def stop_the_fork_server_and_kill_the_fit() -> int:
-        fit = await eventually(held_fit, interval_s=0.02)
+    async def stop_the_fork_server_and_kill_the_fit() -> tuple[int, int]:
+        # Not warmed up first (that imported scikit-learn in a process the test kills unused): this wait takes
+        # in the fork server's start, hence a bound as loose as the runs' own.
+        fit = await eventually(held_fit, deadline_s=120, interval_s=0.02)
+        server = fork_server()  # the one that forked the held fit
         if stop_the_fork_server:
+            stopped.append(server)
             os.kill(server, signal.SIGSTOP)
         os.kill(fit, signal.SIGKILL)
-        return fit
+        return fit, server
 
     killing = asyncio.create_task(stop_the_fork_server_and_kill_the_fit())
     try:
         await h.run_jobs()
-        fit = await killing
+        fit, server = await killing
     finally:
         killing.cancel()
         trainer.close()
-        if stop_the_fork_server:
+        for server_stopped in stopped:
             with suppress(OSError):  # a stopped server left behind would hold the pool's threads at exit
-                os.kill(server, signal.SIGKILL)
+                os.kill(server_stopped, signal.SIGKILL)
     return h, fit, server
 
 
@@ -347,7 +364,9 @@ async def test_a_fit_process_that_died_idle_while_the_fork_server_is_stopped_cos
     # Its pool never learns of the end (the fork server would say it): the next run was handed to a process
     # that is gone, and waited for it until the job's time was up.
     monkeypatch.setattr(pool_module, "run_training", quick_fit)
-    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1)
+    trainer = ProcessPoolTrainer(
+        "forkserver", poll_s=0.02, retry_pause_s=0.1, report_grace_s=STOPPED_SERVER_GRACE_S
+    )
     server: int | None = None
     try:
         first = await trainer.train({"job_id": "j1"}, progress)
@@ -417,7 +436,13 @@ async def test_a_run_timed_out_under_a_stopped_fork_server_costs_the_next_run_no
     # up (two minutes by default) before it got a new server.
     monkeypatch.setattr(pool_module, "run_training", fit_held_then_quick)
     # A start that waits for the stopped server fails the test (the bound above) rather than pass late.
-    trainer = ProcessPoolTrainer("forkserver", poll_s=0.02, retry_pause_s=0.1, start_timeout_s=600)
+    trainer = ProcessPoolTrainer(
+        "forkserver",
+        poll_s=0.02,
+        retry_pause_s=0.1,
+        start_timeout_s=600,
+        report_grace_s=STOPPED_SERVER_GRACE_S,
+    )
     server: int | None = None
     try:
         fit, server, second = await timed_out_run_then_another(
