@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import importlib
 import io
 import platform
 import resource
@@ -236,14 +237,22 @@ def out_of_memory(exc: MemoryError) -> str:
     )
 
 
+FIT_MODULES = (
+    "pyarrow.parquet",
+    "sklearn.ensemble",
+    "sklearn.linear_model",
+    "sklearn.model_selection",
+    "skops.io",
+)
+"""What a fit imports beyond this module (seconds of it, scikit-learn's above all). The fork server imports
+them once (its preload, :class:`~services.training.adapters.pool.ProcessPoolTrainer`), so every fit process
+forked from it starts with them; :func:`warm_up` imports them where there is no fork server."""
+
+
 def warm_up() -> str:
     """Import what a fit needs, so the first job does not pay for it."""
-    import pyarrow.parquet  # noqa: F401
-    import sklearn.ensemble
-    import sklearn.linear_model
-    import sklearn.model_selection  # noqa: F401
-    import skops.io  # noqa: F401
-
+    for module in FIT_MODULES:
+        importlib.import_module(module)
     _versions()
     return "ready"
 

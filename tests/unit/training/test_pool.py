@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing.forkserver
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -130,6 +131,28 @@ async def test_a_fit_process_that_died_while_idle_costs_the_next_run_nothing(
         second = await trainer.train({"job_id": "j2"}, progress)
 
         assert second["ok"] and second["pid"] != first["pid"]
+    finally:
+        trainer.close()
+
+
+def what_a_fit_imports_found_loaded(raw: dict[str, Any], overlap: bool = True) -> dict[str, Any]:
+    """Stands in for run_training in the fit process: which of what a fit imports were loaded before it ran
+    (this module loads none of them)."""
+    return {"ok": True, "loaded": [name for name in worker.FIT_MODULES if name in sys.modules]}
+
+
+async def test_a_fit_process_starts_with_scikit_learn_imported_by_the_fork_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fork server's preload held the worker module only, which does not import scikit-learn: each fit
+    # process (the first, and each one replaced after a crash or a timeout) imported it again, seconds.
+    monkeypatch.setattr(pool_module, "run_training", what_a_fit_imports_found_loaded)
+    trainer = ProcessPoolTrainer("forkserver", poll_s=0.01)
+
+    try:
+        answer = await trainer.train({"job_id": "j1"}, progress)
+
+        assert answer["loaded"] == list(worker.FIT_MODULES)
     finally:
         trainer.close()
 
