@@ -272,7 +272,11 @@ class LiveState:
         self.models: set[str] = set()
         """The models of ``references`` (a version of each registered)."""
         self.windows: dict[ModelKey, DriftWindow] = {}
-        # Where each open window starts (from Postgres): replayed rows before it belong to judged windows.
+        # Where each version's traffic after its windows done (judged or set aside) starts, per partition
+        # (from Postgres): a replayed row before it belongs to a window done. Kept for the whole replay:
+        # dropped as the first window rebuilt closed, the judged rows of a partition the replay read later (a
+        # poll gives its partitions one after the other) were counted again in the next window, and judged
+        # again.
         self.window_starts: dict[ModelKey, dict[int, int]] = {}
         self.closed: deque[ClosedWindow] = deque()
         self.steps: dict[str, CanaryStep] = {}
@@ -449,7 +453,6 @@ class LiveState:
         if win.rows:
             self.closed.append(win.close(too_few_rows=too_few_rows))
         self.windows[key] = DriftWindow(win.model, win.version, win.seq + 1)
-        self.window_starts.pop(key, None)
 
     def close_idle(self, now: float, *, set_aside_after: float) -> int:
         """Close windows with enough rows that saw no traffic for ``seconds`` (wall clock), to be judged, and

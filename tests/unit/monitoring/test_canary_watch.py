@@ -454,6 +454,29 @@ def test_a_replayed_poll_of_two_partitions_leaves_the_judged_rows_of_each_out_of
     assert monitor.live.cache.holds("churn", polled[10][0].rows[0].prediction_id)  # still held for labels
 
 
+def test_a_replay_that_closes_a_rebuilt_window_leaves_out_the_judged_rows_of_a_partition_read_later() -> None:
+    traffic = requests(250, seed=1)  # 5 requests of 50 rows
+    # Before the stop: window 1 (partition 0's first two requests) judged, window 2 (partition 1's two)
+    # closed and queued for judgement, window 3 open with partition 0's third request. The replay reads from
+    # where the label cache held, and its first polls bring partition 1 only: window 2 closes again before
+    # partition 0's judged rows come.
+    on_0 = [(p, 0, i) for i, (p, _, _) in enumerate(traffic[:2] + traffic[4:])]
+    on_1 = [(p, 1, i) for i, (p, _, _) in enumerate(traffic[2:4])]
+    monitor = make_monitor(
+        MonitoringSettings(window_rows=100, min_window_rows=10), artifacts=None, source="/test/monitoring"
+    )
+    monitor.live.add_reference(reference(), seq=2, starts={0: 2, 1: 0})
+
+    monitor.live.ingest(on_1, arrival=0.0, replaying=True)
+    monitor.live.ingest(on_0, arrival=0.0, replaying=True)
+
+    # Window 1's rows are not counted again (before: in a window 3 of their own, the open one numbered 4).
+    assert [(w.seq, w.size, w.first_offsets) for w in monitor.live.closed] == [(2, 100, {1: 0})]
+    window = monitor.live.windows[("churn", 1)]
+    assert (window.seq, window.rows, window.first_offsets) == (3, 50, {0: 2})
+    assert monitor.live.cache.holds("churn", on_0[0][0].rows[0].prediction_id)  # still held for labels
+
+
 async def test_a_regression_canary_is_judged_on_its_numeric_labels_when_one_label_is_text() -> None:
     class Labelled(Store):
         async def labelled_outcomes(
