@@ -645,8 +645,11 @@ class LiveState:
                 result.step_rows_not_kept[step.model] += side.rows_not_kept - sampled_out
                 if full:
                     result.steps_full.append(step)
+            # The least, not the first counted: a poll is ingested version by version, so the stable version's
+            # rows of a partition can come before the canary's earlier ones there.
+            firsts = step.first_offsets
             for p, o in zip(batch.partition[mask].tolist(), batch.offset[mask].tolist(), strict=True):
-                step.first_offsets.setdefault(p, o)
+                firsts[p] = min(firsts.get(p, o), o)
 
     # -- restart support --------------------------------------------------------------------------------
 

@@ -119,3 +119,28 @@ async def test_a_restart_replays_only_the_routed_rows_into_the_step(monkeypatch:
     await bootstrap.restore(ReplayRuntime(store), restarted)  # type: ignore[arg-type]
     assert store.offsets[first.predictions_topic] == {0: 0}
     assert (restarted.live.steps["r-1"].canary.rows, restarted.live.steps["r-1"].canary.requests) == (150, 3)
+
+
+def test_a_restart_replays_from_a_steps_first_canary_row_though_a_later_stable_row_came_first() -> None:
+    # A poll gives each partition's records in order, but is ingested version by version, in the order each
+    # version first comes in it: the stable version's requests (partition 0 at offset 5, partition 1 at 4),
+    # then the canary's (partition 1 at 3). Offset 4, the first the step counted on partition 1, was taken
+    # as where its rows start there: the replay started after the canary's row, and a restart never counted
+    # it toward the step.
+    live, step = watched_step()
+    stable_0, stable_1, canary_1 = (
+        logged(1, Variant.STABLE, 5, [0.5], 2.0),
+        logged(1, Variant.STABLE, 4, [0.5], 2.0),
+        logged(2, Variant.CANARY, 3, [0.5], 2.0),
+    )
+    live.ingest(
+        [stable_0, (canary_1[0], 1, canary_1[2]), (stable_1[0], 1, stable_1[2])], arrival=STARTED_AT + 10.0
+    )
+    assert (step.canary.rows, step.stable.rows) == (1, 2)
+    # Its windows judged and its predictions no longer held for labels: only the step holds the replay back.
+    live.close_idle(STARTED_AT + 10.0, set_aside_after=0.0)
+    live.closed.clear()
+    live.cache.max_rows = 0
+    live.cache.evict(STARTED_AT + 10.0)
+
+    assert live.hold_offsets() == {0: 5, 1: 3}
