@@ -34,7 +34,7 @@ from contracts.datasets import HOLDOUT_SUFFIX, TRAINING_SET_SUFFIX
 from contracts.envelope import CloudEvent, EventPayload
 from contracts.examples import EXAMPLES
 from contracts.models import ModelStageChanged
-from contracts.rollouts import RollbackReason, RolloutPromoted, RolloutRolledBack, RolloutStarted
+from contracts.rollouts import RolloutPromoted, RolloutRolledBack, RolloutStarted
 from contracts.validation import CheckKind, CheckResult, ValidationFailed, ValidationPassed
 from libs.bus import PermanentError
 from libs.errors import Conflict, InvalidInput, NotFound
@@ -66,6 +66,7 @@ from services.registry.domain import (
 )
 from services.registry.handlers import HANDLERS
 from services.training.handlers import on_model_stage_changed as training_follows
+from tests.unit.registry import test_handlers as handler_events
 from tests.unit.registry.fakes import (
     FakeArtifacts,
     FakeDatasets,
@@ -523,16 +524,7 @@ def failed(version: int, report_id: str) -> ValidationFailed:
 
 
 def started(version: int, stable: int | None) -> RolloutStarted:
-    return RolloutStarted(
-        rollout_id=f"r-{version}",
-        model=MODEL,
-        stable_version=stable,
-        canary_version=version,
-        steps=[0.1, 1.0],
-        weight=0.1,
-        min_samples=10,
-        bake_seconds=1,
-    )
+    return handler_events.started(MODEL, version, stable)
 
 
 def promoted(version: int, previous: int | None, *, manual: bool = False) -> RolloutPromoted:
@@ -548,16 +540,7 @@ def promoted(version: int, previous: int | None, *, manual: bool = False) -> Rol
 
 
 def rolled_back(version: int, stable: int | None) -> RolloutRolledBack:
-    return RolloutRolledBack(
-        rollout_id=f"r-{version}",
-        model=MODEL,
-        stable_version=stable,
-        canary_version=version,
-        step_index=0,
-        weight=0.1,
-        reason=RollbackReason.UNHEALTHY_VERDICT,
-        message="canary error rate 4% vs 0.2%",
-    )
+    return handler_events.rolled_back(MODEL, version, stable)
 
 
 def archive_requested(version: int) -> ArchiveRequested:
